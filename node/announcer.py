@@ -1,0 +1,60 @@
+"""Publishes this node's ServerInfo for each hosted block, signed, on a fixed period (a background thread)."""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+import hivemind
+from hivemind.utils import get_dht_time
+
+from nectar.wire.announce import MODELS_KEY, ServerInfo, ServerState, block_key
+
+logger = logging.getLogger(__name__)
+
+
+def announce(dht: hivemind.DHT, model_id: str, num_model_blocks: int, info: ServerInfo, *, expiration: float) -> bool:
+    subkey = dht.peer_id.to_bytes()
+    expires = get_dht_time() + expiration
+    keys = [block_key(model_id, index) for index in range(info.start, info.end)] + [MODELS_KEY]
+    values = [info.to_dict()] * (info.end - info.start) + [{model_id: num_model_blocks}]
+    results = dht.store(keys=keys, values=values, expiration_time=expires, subkeys=[subkey] * len(keys))
+    ok = all(results.values()) if isinstance(results, dict) else bool(results)
+    if not ok:
+        logger.warning(f"Some announcements were not stored: {results}")
+    return ok
+
+
+class Announcer(threading.Thread):
+    """Calls ``make_info()`` and announces it every ``period`` seconds until stopped."""
+
+    def __init__(self, dht, model_id: str, num_model_blocks: int, make_info: Callable[[], ServerInfo], *,
+                 period: float):
+        super().__init__(name="nectar-announcer", daemon=True)
+        self.dht, self.model_id, self.num_model_blocks = dht, model_id, num_model_blocks
+        self.make_info, self.period = make_info, period
+        self.stop_event = threading.Event()
+        self.wake_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                announce(self.dht, self.model_id, self.num_model_blocks, self.make_info(),
+                         expiration=max(3 * self.period, 15))
+            except Exception:
+                logger.warning("Announcement failed (will retry)", exc_info=True)
+            self.wake_event.wait(self.period)
+            self.wake_event.clear()
+
+    def announce_now(self) -> None:
+        self.wake_event.set()
+
+    def stop(self, final_info: ServerInfo | None = None) -> None:
+        self.stop_event.set()
+        self.wake_event.set()
+        if final_info is not None:
+            final_info.state = int(ServerState.OFFLINE)
+            try:
+                announce(self.dht, self.model_id, self.num_model_blocks, final_info, expiration=self.period)
+            except Exception:
+                logger.debug("Could not announce OFFLINE", exc_info=True)

@@ -1,0 +1,56 @@
+"""Inputs of recent sessions, kept so the ledger can spot-check any step after the fact.
+
+A step's output depends on every input of its session so far, so the log keeps each session's inputs in order;
+``history(session, step)`` returns them concatenated up to that step. Bounded by bytes and age.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+
+import torch
+
+
+class AuditLog:
+    def __init__(self, *, max_bytes: int, retention_s: float):
+        self.max_bytes, self.retention_s = max_bytes, retention_s
+        self._sessions: OrderedDict[bytes, dict] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def record(self, session_id: bytes, step: int, position: int, inputs: torch.Tensor, start: int, end: int) -> None:
+        with self._lock:
+            entry = self._sessions.get(session_id)
+            if entry is None:
+                entry = self._sessions[session_id] = {"steps": {}, "span": (start, end), "touched": time.time()}
+            previous = entry["steps"].get(step)
+            if previous is not None:
+                self._bytes -= previous[1].numel() * previous[1].element_size()
+            entry["steps"][step] = (position, inputs.detach().cpu().clone())
+            entry["touched"] = time.time()
+            self._sessions.move_to_end(session_id)
+            self._bytes += inputs.numel() * inputs.element_size()
+            self._evict()
+
+    def _evict(self) -> None:
+        deadline = time.time() - self.retention_s
+        while self._sessions and (
+            self._bytes > self.max_bytes or next(iter(self._sessions.values()))["touched"] < deadline
+        ):
+            _, entry = self._sessions.popitem(last=False)
+            self._bytes -= sum(t.numel() * t.element_size() for _, t in entry["steps"].values())
+
+    def history(self, session_id: bytes, step: int) -> tuple[torch.Tensor, tuple[int, int]] | None:
+        """The session's input sequence [B, L, H] as it stood after ``step`` (rollbacks applied), and its span."""
+        with self._lock:
+            entry = self._sessions.get(session_id)
+            if entry is None or step not in entry["steps"]:
+                return None
+            sequence = None
+            for s in sorted(entry["steps"]):
+                if s > step:
+                    break
+                position, tensor = entry["steps"][s]
+                sequence = tensor if sequence is None else torch.cat([sequence[:, :position], tensor], dim=1)
+            return sequence, entry["span"]

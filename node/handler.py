@@ -1,0 +1,314 @@
+"""The node's RPC servicer: inference streams with a server-side KV cache, forward, backward, info and audit.
+
+Every request is validated before it reaches the compute thread; a bad request ends only its own stream with an
+``ErrorCode``-prefixed message, and the node keeps serving everyone else.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import AsyncIterator, Callable, Optional
+
+import torch
+from hivemind.p2p import P2P, P2PContext
+from hivemind.proto import runtime_pb2
+
+from nectar.node.audit import AuditLog
+from nectar.node.backend import SpanBackend
+from nectar.node.config import NodeConfig
+from nectar.node.memory_cache import MemoryCache
+from nectar.node.payments import NoPaymentPolicy, PaymentPolicy
+from nectar.node.receipts import CreditLedger, ReceiptSigner
+from nectar.node.task_pool import ComputeThread, Priority
+from nectar.wire import receipts as schema
+from nectar.wire.protocol import (
+    MAX_BATCH_SIZE, MAX_TOKENS_PER_REQUEST, RPC_AUDIT, RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO,
+    ErrorCode, NodeRPCError, make_response, parse_module_uid, unpack_metadata, unpack_tensors,
+)
+from nectar.wire.transport import serve_stream
+
+logger = logging.getLogger(__name__)
+
+
+class NodeHandler:
+    """Serves one ``SpanBackend`` over P2P. Created by ``nectar.node.server.Server``."""
+
+    def __init__(
+        self,
+        backend: SpanBackend,
+        *,
+        config: NodeConfig,
+        model_id: str,
+        compute: ComputeThread,
+        memory: MemoryCache,
+        signer: ReceiptSigner,
+        credit: CreditLedger,
+        audit: AuditLog,
+        payments: PaymentPolicy | None = None,
+        info_provider: Callable[[], dict] = dict,
+    ):
+        self.backend, self.config, self.model_id = backend, config, model_id
+        self.compute, self.memory, self.signer, self.credit, self.audit = compute, memory, signer, credit, audit
+        self.payments = payments or NoPaymentPolicy()
+        self.info_provider = info_provider
+        self.active_sessions = 0
+
+    async def add_handlers(self, p2p: P2P) -> None:
+        for name, handler in [
+            (RPC_INFO, self.rpc_info),
+            (RPC_INFERENCE, self.rpc_inference),
+            (RPC_FORWARD, self.rpc_forward),
+            (RPC_BACKWARD, self.rpc_backward),
+            (RPC_AUDIT, self.rpc_audit),
+        ]:
+            await serve_stream(p2p, name, handler)
+
+    # ---- validation -------------------------------------------------------------------------------------------
+
+    def _check_span(self, uid: str) -> tuple[int, int]:
+        model_id, start, end = parse_module_uid(uid)
+        if model_id != self.model_id:
+            raise NodeRPCError(ErrorCode.WRONG_SPAN, f"this node serves model {self.model_id!r}, not {model_id!r}")
+        if not (self.backend.start <= start < end <= self.backend.end):
+            raise NodeRPCError(
+                ErrorCode.WRONG_SPAN,
+                f"blocks {start}:{end} requested, this node hosts {self.backend.start}:{self.backend.end}",
+            )
+        return start, end
+
+    def _check_hidden(self, tensor: torch.Tensor, *, batch_size: Optional[int] = None, what="hidden_states"):
+        if tensor.ndim != 3 or tensor.shape[-1] != self.backend.hidden_size:
+            raise NodeRPCError(
+                ErrorCode.BAD_REQUEST,
+                f"{what} must have shape [batch, tokens, {self.backend.hidden_size}], got {list(tensor.shape)}",
+            )
+        if not tensor.is_floating_point():
+            raise NodeRPCError(ErrorCode.BAD_REQUEST, f"{what} must be a floating-point tensor, got {tensor.dtype}")
+        if tensor.shape[0] < 1 or tensor.shape[1] < 1:
+            raise NodeRPCError(ErrorCode.BAD_REQUEST, f"{what} is empty: shape {list(tensor.shape)}")
+        if tensor.shape[0] > MAX_BATCH_SIZE or tensor.shape[0] * tensor.shape[1] > MAX_TOKENS_PER_REQUEST:
+            raise NodeRPCError(
+                ErrorCode.TOO_LARGE,
+                f"{what} has {tensor.shape[0]}x{tensor.shape[1]} tokens; limits are batch {MAX_BATCH_SIZE} and "
+                f"{MAX_TOKENS_PER_REQUEST} tokens per request: split it into smaller requests",
+            )
+        if batch_size is not None and tensor.shape[0] != batch_size:
+            raise NodeRPCError(
+                ErrorCode.BAD_REQUEST, f"{what} batch is {tensor.shape[0]}, the session was opened for {batch_size}"
+            )
+        if not torch.isfinite(tensor).all():
+            raise NodeRPCError(ErrorCode.BAD_REQUEST, f"{what} contains NaN or infinity")
+
+    def _check_prompts(self, prompts: Optional[torch.Tensor], hidden: torch.Tensor, start: int, end: int):
+        if prompts is None:
+            return
+        expected = (end - start, hidden.shape[0])
+        if prompts.ndim != 4 or tuple(prompts.shape[:2]) != expected or prompts.shape[-1] != hidden.shape[-1]:
+            raise NodeRPCError(
+                ErrorCode.BAD_REQUEST,
+                f"prompts must have shape [{end - start}, {hidden.shape[0]}, prefix, {hidden.shape[-1]}], "
+                f"got {list(prompts.shape)}",
+            )
+
+    @staticmethod
+    def _session_id(metadata: dict) -> bytes:
+        session_id = metadata.get("session_id")
+        if not isinstance(session_id, bytes) or not (1 <= len(session_id) <= 32):
+            raise NodeRPCError(ErrorCode.BAD_REQUEST, "session_id must be 1 to 32 bytes")
+        return session_id.rjust(32, b"\0")
+
+    @staticmethod
+    def _int(metadata: dict, name: str, low: int, high: int, default=None) -> int:
+        value = metadata.get(name, default)
+        if not isinstance(value, int) or isinstance(value, bool) or not (low <= value <= high):
+            raise NodeRPCError(ErrorCode.BAD_REQUEST, f"{name} must be an integer in [{low}, {high}], got {value!r}")
+        return value
+
+    def _client(self, metadata: dict) -> str:
+        client = metadata.get("client", "0x" + "00" * 20)
+        try:
+            return schema.Voucher(client=client, node=self.signer.address, channel_id=0, cumulative_amount=0).client
+        except Exception:
+            raise NodeRPCError(ErrorCode.BAD_REQUEST, f"client must be an Ethereum address, got {client!r}")
+
+    def _maybe_corrupt(self, outputs: torch.Tensor) -> torch.Tensor:
+        # Testing aid: a dishonest node, so spot checks can be shown to catch one.
+        if self.config.corrupt_rate > 0 and random.random() < self.config.corrupt_rate:
+            return outputs + torch.randn_like(outputs) * outputs.abs().mean().clamp_min(1e-3)
+        return outputs
+
+    def _settle_voucher(self, metadata: dict, client: str) -> None:
+        if "voucher" in metadata:
+            signed = self.credit.accept_voucher(metadata["voucher"], client)
+            if signed is not None:
+                self.payments.on_voucher(signed)
+
+    def _sign(self, **kwargs) -> dict:
+        signed, fingerprint = self.signer.sign(**kwargs)
+        self.credit.charge(kwargs["client"], signed.receipt.amount)
+        self.payments.on_receipt(signed, fingerprint)
+        return {"receipt": signed.to_json(), "fingerprint": fingerprint}
+
+    # ---- RPCs -------------------------------------------------------------------------------------------------
+
+    async def rpc_info(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
+        async for _ in requests:
+            yield make_response([], self.info_provider())
+            return
+
+    async def _next(self, iterator, timeout: float):
+        try:
+            return await asyncio.wait_for(iterator.__anext__(), timeout)
+        except StopAsyncIteration:
+            return None
+        except asyncio.TimeoutError:
+            raise NodeRPCError(
+                ErrorCode.SESSION_EXPIRED,
+                f"no request for {timeout:.0f}s, the session's cache was freed; open a new session and replay",
+            )
+
+    async def rpc_inference(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
+        iterator = requests.__aiter__()
+        request = await self._next(iterator, self.config.session_timeout)
+        if request is None:
+            return
+        metadata = unpack_metadata(request.metadata)
+        if metadata.get("type") != "open":
+            raise NodeRPCError(
+                ErrorCode.UNKNOWN_SESSION,
+                "this stream has no open session; send {'type': 'open', ...} first (sessions live in one stream)",
+            )
+        start, end = self._check_span(request.uid)
+        session_id = self._session_id(metadata)
+        batch_size = self._int(metadata, "batch_size", 1, MAX_BATCH_SIZE, default=1)
+        max_length = self._int(metadata, "max_length", 1, MAX_TOKENS_PER_REQUEST)
+        client = self._client(metadata)
+        nbytes = self.backend.cache_bytes_per_token(start, end, batch_size) * max_length
+
+        with self.memory.reserve(nbytes):
+            caches = await self.compute.submit(
+                lambda: self.backend.new_caches(start, end, batch_size, max_length), Priority.INFERENCE
+            )
+            self.active_sessions += 1
+            try:
+                length = 0
+                while True:
+                    if request.tensors:
+                        response, length = await self._inference_step(
+                            request, metadata, session_id=session_id, start=start, end=end, caches=caches,
+                            batch_size=batch_size, max_length=max_length, length=length, client=client,
+                        )
+                        yield response
+                    elif metadata.get("type") == "open":
+                        yield make_response([], {"type": "opened", "cache_tokens_left": self.memory.tokens_left})
+                    request = await self._next(iterator, self.config.session_timeout)
+                    if request is None:
+                        return
+                    metadata = unpack_metadata(request.metadata)
+                    if metadata.get("type") != "step" or self._session_id(metadata) != session_id:
+                        raise NodeRPCError(
+                            ErrorCode.UNKNOWN_SESSION,
+                            f"step names session {metadata.get('session_id')!r}, this stream serves another",
+                        )
+            finally:
+                self.active_sessions -= 1
+                del caches
+
+    async def _inference_step(self, request, metadata, *, session_id, start, end, caches, batch_size, max_length,
+                              length, client):
+        tensors = unpack_tensors(request.tensors)
+        if not 1 <= len(tensors) <= 2:
+            raise NodeRPCError(ErrorCode.BAD_REQUEST, "a step carries hidden_states and optionally prompts")
+        hidden, prompts = tensors[0], (tensors[1] if len(tensors) > 1 else None)
+        self._check_hidden(hidden, batch_size=batch_size)
+        self._check_prompts(prompts, hidden, start, end)
+        step = self._int(metadata, "step", 0, 2**63 - 1)
+        position = self._int(metadata, "position", 0, length, default=length)
+        if position + hidden.shape[1] > max_length:
+            raise NodeRPCError(
+                ErrorCode.TOO_LARGE,
+                f"tokens {position}..{position + hidden.shape[1]} exceed the session's max_length {max_length}",
+            )
+        self._settle_voucher(metadata, client)
+        tokens = hidden.shape[0] * hidden.shape[1]
+        self.credit.check_credit(client, tokens * self.signer.price_for(start, end))
+
+        outputs = await self.compute.submit(
+            lambda: self.backend.inference_step(hidden, caches, start=start, end=end, position=position,
+                                                prompts=prompts),
+            Priority.INFERENCE,
+        )
+        outputs = self._maybe_corrupt(outputs)
+        self.audit.record(session_id, step, position, hidden, start, end)
+        reply = self._sign(session_id=session_id, step=step, kind=schema.ReceiptKind.INFERENCE, start=start, end=end,
+                           client=client, tokens=tokens, inputs=hidden, outputs=outputs)
+        reply["cache_tokens_left"] = self.memory.tokens_left
+        return make_response([outputs], reply), position + hidden.shape[1]
+
+    async def _single_request(self, requests) -> tuple[runtime_pb2.ExpertRequest, dict]:
+        request = await self._next(requests.__aiter__(), self.config.step_timeout)
+        if request is None:
+            raise NodeRPCError(ErrorCode.BAD_REQUEST, "empty request stream")
+        return request, unpack_metadata(request.metadata)
+
+    async def rpc_forward(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
+        request, metadata = await self._single_request(requests)
+        start, end = self._check_span(request.uid)
+        tensors = unpack_tensors(request.tensors)
+        if not 1 <= len(tensors) <= 2:
+            raise NodeRPCError(ErrorCode.BAD_REQUEST, "forward takes hidden_states and optionally prompts")
+        hidden, prompts = tensors[0], (tensors[1] if len(tensors) > 1 else None)
+        self._check_hidden(hidden)
+        self._check_prompts(prompts, hidden, start, end)
+        client = self._client(metadata)
+        self._settle_voucher(metadata, client)
+        tokens = hidden.shape[0] * hidden.shape[1]
+        self.credit.check_credit(client, tokens * self.signer.price_for(start, end))
+        outputs = await self.compute.submit(
+            lambda: self.backend.forward(hidden, start=start, end=end, prompts=prompts), Priority.FORWARD
+        )
+        reply = self._sign(session_id=self._session_id(metadata) if "session_id" in metadata else b"\0" * 32,
+                           step=self._int(metadata, "step", 0, 2**63 - 1, default=0), kind=schema.ReceiptKind.FORWARD,
+                           start=start, end=end, client=client, tokens=tokens, inputs=hidden, outputs=outputs)
+        yield make_response([outputs], reply)
+
+    async def rpc_backward(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
+        request, metadata = await self._single_request(requests)
+        start, end = self._check_span(request.uid)
+        tensors = unpack_tensors(request.tensors)
+        if not 2 <= len(tensors) <= 3:
+            raise NodeRPCError(ErrorCode.BAD_REQUEST, "backward takes hidden_states, grad_outputs and maybe prompts")
+        hidden, grad_outputs = tensors[0], tensors[1]
+        prompts = tensors[2] if len(tensors) > 2 else None
+        self._check_hidden(hidden)
+        self._check_hidden(grad_outputs, batch_size=hidden.shape[0], what="grad_outputs")
+        if grad_outputs.shape != hidden.shape:
+            raise NodeRPCError(ErrorCode.BAD_REQUEST, f"grad_outputs {list(grad_outputs.shape)} must match "
+                                                      f"hidden_states {list(hidden.shape)}")
+        self._check_prompts(prompts, hidden, start, end)
+        client = self._client(metadata)
+        self._settle_voucher(metadata, client)
+        tokens = hidden.shape[0] * hidden.shape[1]
+        self.credit.check_credit(client, tokens * self.signer.price_for(start, end))
+        grad_inputs, grad_prompts = await self.compute.submit(
+            lambda: self.backend.backward(hidden, grad_outputs, start=start, end=end, prompts=prompts),
+            Priority.BACKWARD,
+        )
+        reply = self._sign(session_id=self._session_id(metadata) if "session_id" in metadata else b"\0" * 32,
+                           step=self._int(metadata, "step", 0, 2**63 - 1, default=0), kind=schema.ReceiptKind.BACKWARD,
+                           start=start, end=end, client=client, tokens=tokens, inputs=grad_outputs,
+                           outputs=grad_inputs)
+        yield make_response([grad_inputs] + ([grad_prompts] if grad_prompts is not None else []), reply)
+
+    async def rpc_audit(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
+        """Returns a session's inputs up to a step, for spot checks by the ledger."""
+        request, metadata = await self._single_request(requests)
+        session_id = self._session_id(metadata)
+        step = self._int(metadata, "step", 0, 2**63 - 1)
+        found = self.audit.history(session_id, step)
+        if found is None:
+            raise NodeRPCError(ErrorCode.UNKNOWN_SESSION, f"no audit record for this session at step {step} "
+                                                          "(expired or never served here)")
+        inputs, (start, end) = found
+        yield make_response([inputs], {"start": start, "end": end})

@@ -1,0 +1,229 @@
+"""The node orchestrator: keys, DHT, span selection and loading, RPC handler, announcements and re-balancing."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import hivemind
+import torch
+
+from nectar.models import get_family, load_config, model_id_of, resolve_model
+from nectar.node.announcer import Announcer
+from nectar.node.audit import AuditLog
+from nectar.node.backend import SpanBackend
+from nectar.node.block_selection import block_throughputs, choose_best_start, should_move
+from nectar.node.config import NodeConfig
+from nectar.node.handler import NodeHandler
+from nectar.node.memory_cache import MemoryCache
+from nectar.node.payments import NoPaymentPolicy, PaymentPolicy
+from nectar.node.receipts import CreditLedger, ReceiptSigner
+from nectar.node.task_pool import ComputeThread
+from nectar.paths import nectar_home
+from nectar.wire import receipts as schema
+from nectar.wire.announce import (
+    PROTOCOL_VERSION, AnnouncementValidator, ServerInfo, ServerState, block_key, parse_block_records,
+)
+from nectar.wire.identity import load_or_create_eth_key, load_or_create_p2p_identity
+from nectar.wire.protocol import SUPPORTED_DTYPES
+
+logger = logging.getLogger(__name__)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> str:
+    return "float16" if device.startswith("cuda") else "float32"
+
+
+def create_dht(*, host: str, port: int, initial_peers, identity_path: Optional[Path], private_key,
+               announce_host: Optional[str] = None, client_mode: bool = False) -> hivemind.DHT:
+    kwargs = {}
+    if announce_host:
+        kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"] if port else None
+    return hivemind.DHT(
+        initial_peers=list(initial_peers),
+        host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+        identity_path=str(identity_path) if identity_path else None,
+        check_if_identity_free=False,
+        record_validators=[AnnouncementValidator(private_key)],
+        client_mode=client_mode,
+        num_workers=4,
+        start=True,
+        **{k: v for k, v in kwargs.items() if v},
+    )
+
+
+def visible_addresses(dht: hivemind.DHT) -> list[str]:
+    return [str(addr) for addr in dht.get_visible_maddrs()]
+
+
+class Server:
+    """Runs one node until ``stop()``; see ``NodeConfig`` for settings. ``start()`` returns once it serves."""
+
+    def __init__(self, config: NodeConfig, *, payments: PaymentPolicy | None = None):
+        self.config = config
+        self.model_path = resolve_model(config.model)
+        self.model_id = model_id_of(config.model)
+        self.model_config = load_config(self.model_path)
+        self.num_model_blocks = get_family(self.model_config).num_blocks(self.model_config)
+        self.device = config.device or default_device()
+        dtype_name = config.dtype or default_dtype(self.device)
+        if dtype_name not in SUPPORTED_DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(SUPPORTED_DTYPES)}, got {dtype_name!r}")
+        self.dtype_name, self.dtype = dtype_name, SUPPORTED_DTYPES[dtype_name]
+        self.key_dir = Path(config.key_dir or nectar_home() / "nodes" / config.public_name)
+        self.p2p_key = load_or_create_p2p_identity(self.key_dir / "p2p.key")
+        self.eth_key = load_or_create_eth_key(self.key_dir / "eth.json")
+        self.payments = payments
+        self.stop_event = threading.Event()
+        self.loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self.loop.run_forever, name="nectar-p2p", daemon=True)
+        self.dht: Optional[hivemind.DHT] = None
+        self.handler: Optional[NodeHandler] = None
+        self.announcer: Optional[Announcer] = None
+
+    # ---- lifecycle --------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        config = self.config
+        self.dht = create_dht(host=config.host, port=config.port, initial_peers=config.initial_peers,
+                              identity_path=self.key_dir / "p2p.key", private_key=self.p2p_key,
+                              announce_host=config.announce_host)
+        self.addresses = visible_addresses(self.dht)
+        domain = schema.default_domain()
+        self.signer = ReceiptSigner(private_key=self.eth_key, model_id=self.model_id,
+                                    price_per_token=config.price_per_token, domain=domain)
+        self.credit = CreditLedger(node_address=self.signer.address, credit_limit=config.credit_limit, domain=domain)
+        if self.payments is None:
+            self.payments = self._payment_policy()
+        start, end = self._choose_span()
+        self.compute = ComputeThread(num_threads=config.num_threads)
+        self._load(start, end)
+        self._loop_thread.start()
+        asyncio.run_coroutine_threadsafe(self._serve(), self.loop).result(timeout=60)
+        self.announcer = Announcer(self.dht, self.model_id, self.num_model_blocks, self.server_info,
+                                   period=config.announce_period)
+        self.announcer.start()
+        self._rebalancer = threading.Thread(target=self._rebalance_loop, name="nectar-rebalance", daemon=True)
+        self._rebalancer.start()
+        logger.info(f"Serving {self.model_id} blocks {self.backend.start}:{self.backend.end} as {self.dht.peer_id}, "
+                    f"receipts signed by {self.signer.address}")
+
+    def _payment_policy(self) -> PaymentPolicy:
+        if not self.config.ledger_url:
+            return NoPaymentPolicy()
+        from nectar.ledger.node_policy import LedgerPaymentPolicy  # optional: only nodes that report to a ledger
+
+        return LedgerPaymentPolicy(self.config.ledger_url)
+
+    async def _serve(self) -> None:
+        self.p2p = await self.dht.replicate_p2p()
+        await self.handler.add_handlers(self.p2p)
+
+    def _load(self, start: int, end: int) -> None:
+        backend = SpanBackend(self.model_path, start, end, dtype=self.dtype, device=self.device)
+        if self.config.throughput is not None:
+            inference_rps = forward_rps = float(self.config.throughput)
+        else:
+            inference_rps, forward_rps = backend.measure()
+        hidden_bytes = backend.hidden_size * 4  # activations travel as float32
+        self.network_rps = self.config.bandwidth_mbps * 1e6 / 8 / hidden_bytes
+        self.inference_rps, self.forward_rps = inference_rps, forward_rps
+        per_block = inference_rps * (end - start) if self.config.throughput is None else inference_rps
+        self.throughput = min(per_block, self.network_rps)
+        memory = MemoryCache(self.config.cache_memory_bytes, backend.cache_bytes_per_token(start, end, 1))
+        audit = AuditLog(max_bytes=self.config.audit_memory_bytes, retention_s=self.config.audit_retention_s)
+        if self.handler is None:
+            self.handler = NodeHandler(backend, config=self.config, model_id=self.model_id, compute=self.compute,
+                                       memory=memory, signer=self.signer, credit=self.credit, audit=audit,
+                                       payments=self.payments, info_provider=self.rpc_info)
+        else:
+            self.handler.backend, self.handler.memory = backend, memory
+        self.backend = backend
+
+    def server_info(self, state: ServerState = ServerState.ONLINE) -> ServerInfo:
+        return ServerInfo(
+            state=int(state), start=self.backend.start, end=self.backend.end, throughput=self.throughput,
+            inference_rps=self.inference_rps, forward_rps=self.forward_rps, network_rps=self.network_rps,
+            dtype=self.dtype_name, cache_tokens_left=self.handler.memory.tokens_left,
+            price_per_token=self.config.price_per_token, eth_address=self.signer.address,
+            public_name=self.config.public_name,
+        )
+
+    def rpc_info(self) -> dict:
+        info = self.server_info().to_dict()
+        info.update(model=self.model_id, num_model_blocks=self.num_model_blocks, version=PROTOCOL_VERSION,
+                    active_sessions=self.handler.active_sessions)
+        return info
+
+    def stop(self) -> None:
+        if self.stop_event.is_set():
+            return
+        self.stop_event.set()
+        if self.announcer is not None:
+            self.announcer.stop(self.server_info(ServerState.OFFLINE))
+        if self.payments is not None:
+            self.payments.shutdown()
+        if self.dht is not None:
+            self.dht.shutdown()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+    def wait(self) -> None:
+        while not self.stop_event.wait(1.0):
+            pass
+
+    # ---- span choice ------------------------------------------------------------------------------------------
+
+    def _swarm_spans(self) -> list[tuple[int, int, float]]:
+        """(start, end, throughput) of every other online node."""
+        keys = [block_key(self.model_id, i) for i in range(self.num_model_blocks)]
+        records = self.dht.get_many(keys, latest=True)
+        by_block = parse_block_records(self.model_id, range(self.num_model_blocks), records)
+        spans = {}
+        for servers in by_block.values():
+            for peer_id, info in servers.items():
+                if peer_id != self.dht.peer_id and info.state != ServerState.OFFLINE:
+                    spans[peer_id] = (info.start, info.end, info.throughput)
+        return list(spans.values())
+
+    def _span_length(self) -> int:
+        return min(self.config.num_blocks or self.num_model_blocks, self.num_model_blocks)
+
+    def _choose_span(self) -> tuple[int, int]:
+        if self.config.blocks is not None:
+            start, end = self.config.blocks
+            if not (0 <= start < end <= self.num_model_blocks):
+                raise ValueError(f"--blocks {start}:{end} is outside the model's {self.num_model_blocks} blocks")
+            return start, end
+        length = self._span_length()
+        start = choose_best_start(block_throughputs(self.num_model_blocks, self._swarm_spans()), length)
+        logger.info(f"Chose blocks {start}:{start + length} (the least-served part of the swarm)")
+        return start, start + length
+
+    def _rebalance_loop(self) -> None:
+        if self.config.blocks is not None:
+            return  # the operator chose the span
+        while not self.stop_event.wait(self.config.rebalance_period * random.uniform(0.8, 1.2)):
+            try:
+                others = block_throughputs(self.num_model_blocks, self._swarm_spans())
+                better = should_move(others, current_start=self.backend.start, length=self._span_length(),
+                                     own_throughput=self.throughput, balance_quality=self.config.balance_quality)
+                if better is None or self.handler.active_sessions > 0:
+                    continue
+                logger.info(f"Re-balancing: moving from blocks {self.backend.start}:{self.backend.end} "
+                            f"to {better}:{better + self._span_length()}")
+                from nectar.node.announcer import announce
+
+                announce(self.dht, self.model_id, self.num_model_blocks, self.server_info(ServerState.OFFLINE),
+                         expiration=self.config.announce_period)
+                self._load(better, better + self._span_length())
+                self.announcer.announce_now()
+            except Exception:
+                logger.warning("Re-balancing check failed (will retry)", exc_info=True)

@@ -1,0 +1,116 @@
+"""The node RPC protocol: method names, message metadata, tensor packing and the errors a node can return.
+
+Node (``nectar.node.handler``) and client (``nectar.client``) both import this module and nothing of each other.
+All calls use hivemind's ``runtime_pb2.ExpertRequest``/``ExpertResponse``: tensors in ``tensors``, everything else
+in ``metadata`` (msgpack). Streams carry no size limit, so forward/backward are stream RPCs too.
+
+Inference stream (``rpc_inference``), one long-lived stream per hop and session:
+  request 1   metadata {"type": "open", "session_id", "max_length", "batch_size", "client", ...} (+ optional step)
+  request k   metadata {"type": "step", "session_id", "step", "position", "voucher"?}
+              tensors  [hidden_states [B, T, H]] (+ [prompts [n_blocks, B, P, H]] on the first step)
+  response k  metadata {"receipt"?, "cache_tokens_left"} tensors [hidden_states [B, T, H]]
+  error       an RPC error whose text starts with one of ``ErrorCode`` (e.g. "cache_full: ...")
+"""
+from __future__ import annotations
+
+import enum
+from typing import Any, Iterable, Sequence
+
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.proto import runtime_pb2
+from hivemind.utils import MSGPackSerializer
+
+# Upper bounds a node enforces before touching a tensor (clear errors, never an OOM).
+MAX_BATCH_SIZE = 64
+MAX_TOKENS_PER_REQUEST = 8192
+MAX_METADATA_BYTES = 64 * 1024
+
+SUPPORTED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ErrorCode(str, enum.Enum):
+    BAD_REQUEST = "bad_request"  # malformed message, wrong shape or dtype: fix the request
+    TOO_LARGE = "too_large"  # over the node's limits: split the request
+    CACHE_FULL = "cache_full"  # not enough KV-cache memory now: try another node or later
+    UNKNOWN_SESSION = "unknown_session"  # step for a session this stream did not open
+    SESSION_EXPIRED = "session_expired"  # idle too long: open a new session and replay history
+    CREDIT_LIMIT = "credit_limit"  # unpaid work above the node's limit: send a voucher
+    WRONG_SPAN = "wrong_span"  # the node does not host the requested blocks (any more)
+    INTERNAL = "internal"
+
+
+class NodeRPCError(Exception):
+    """An error a node reports to one client; the text begins with the error code so clients can react."""
+
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+
+    @staticmethod
+    def code_of(error: BaseException) -> ErrorCode | None:
+        text = str(error)
+        for code in ErrorCode:
+            if code.value + ":" in text:
+                return code
+        return None
+
+
+def module_uid(model_id: str, start: int, end: int) -> str:
+    """The uid a request names: which model and which blocks [start, end) of it."""
+    return f"{model_id}[{start}:{end}]"
+
+
+def parse_module_uid(uid: str) -> tuple[str, int, int]:
+    try:
+        model_id, span = uid.rsplit("[", 1)
+        start, end = span.rstrip("]").split(":")
+        return model_id, int(start), int(end)
+    except Exception:
+        raise NodeRPCError(ErrorCode.BAD_REQUEST, f"malformed module uid {uid!r}; expected 'model[start:end]'")
+
+
+def pack_tensors(tensors: Iterable[torch.Tensor]) -> list[runtime_pb2.Tensor]:
+    return [serialize_torch_tensor(t.detach().contiguous()) for t in tensors]
+
+
+def unpack_tensors(serialized: Sequence[runtime_pb2.Tensor]) -> list[torch.Tensor]:
+    try:
+        return [deserialize_torch_tensor(t) for t in serialized]
+    except Exception as e:
+        raise NodeRPCError(ErrorCode.BAD_REQUEST, f"could not decode a tensor ({type(e).__name__}: {e})")
+
+
+def pack_metadata(metadata: dict[str, Any]) -> bytes:
+    return MSGPackSerializer.dumps(metadata)
+
+
+def unpack_metadata(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        return {}
+    if len(raw) > MAX_METADATA_BYTES:
+        raise NodeRPCError(ErrorCode.TOO_LARGE, f"metadata is {len(raw)} bytes, the limit is {MAX_METADATA_BYTES}")
+    try:
+        metadata = MSGPackSerializer.loads(raw)
+    except Exception:
+        raise NodeRPCError(ErrorCode.BAD_REQUEST, "metadata is not valid msgpack")
+    if not isinstance(metadata, dict):
+        raise NodeRPCError(ErrorCode.BAD_REQUEST, "metadata must be a msgpack map")
+    return metadata
+
+
+def make_request(uid: str, tensors: Sequence[torch.Tensor], metadata: dict[str, Any]) -> runtime_pb2.ExpertRequest:
+    return runtime_pb2.ExpertRequest(uid=uid, tensors=pack_tensors(tensors), metadata=pack_metadata(metadata))
+
+
+def make_response(tensors: Sequence[torch.Tensor], metadata: dict[str, Any]) -> runtime_pb2.ExpertResponse:
+    return runtime_pb2.ExpertResponse(tensors=pack_tensors(tensors), metadata=pack_metadata(metadata))
+
+
+# Stream handler names on the P2P daemon (every RPC is a stream: no message-size cap, one framing, clear errors).
+RPC_INFO = "nectar1.info"
+RPC_INFERENCE = "nectar1.inference"
+RPC_FORWARD = "nectar1.forward"
+RPC_BACKWARD = "nectar1.backward"
+RPC_AUDIT = "nectar1.audit"

@@ -1,0 +1,99 @@
+"""Stream RPC framing on top of hivemind's P2P daemon, with errors a client can read.
+
+hivemind's own protobuf stream handler drops the connection silently when a peer sends bytes that are not a valid
+message; Nectar answers such a peer with a ``bad_request`` error instead, then closes only that stream.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import closing, suppress
+from typing import AsyncIterator, Awaitable, Callable
+
+from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.proto import runtime_pb2
+from hivemind.proto.p2pd_pb2 import RPCError
+
+from nectar.wire.protocol import ErrorCode, NodeRPCError
+
+logger = logging.getLogger(__name__)
+
+StreamHandler = Callable[[AsyncIterator[runtime_pb2.ExpertRequest], P2PContext], AsyncIterator[runtime_pb2.ExpertResponse]]
+
+
+async def serve_stream(p2p: P2P, name: str, handler: StreamHandler, *, max_prefetch: int = 8) -> None:
+    """Registers ``handler`` as the stream RPC ``name``; one task per incoming stream."""
+
+    async def handle_stream(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        context = P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=stream_info.peer_id)
+        requests: asyncio.Queue = asyncio.Queue(max_prefetch)
+
+        async def iterate_requests():
+            while True:
+                item = await requests.get()
+                if item is None:
+                    return
+                if isinstance(item, NodeRPCError):
+                    raise item
+                yield item
+
+        async def process() -> None:
+            try:
+                async for response in handler(iterate_requests(), context):
+                    await P2P.send_protobuf(response, writer)
+            except NodeRPCError as e:
+                with suppress(Exception):
+                    await P2P.send_protobuf(RPCError(message=str(e)), writer)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            except Exception as e:
+                logger.warning(f"{name} failed for {stream_info.peer_id}", exc_info=True)
+                with suppress(Exception):
+                    await P2P.send_protobuf(RPCError(message=f"{ErrorCode.INTERNAL.value}: {e}"), writer)
+
+        with closing(writer):
+            processing = asyncio.create_task(process())
+            try:
+                while not processing.done():
+                    receiving = asyncio.create_task(P2P.receive_protobuf(runtime_pb2.ExpertRequest, reader))
+                    await asyncio.wait({processing, receiving}, return_when=asyncio.FIRST_COMPLETED)
+                    if processing.done():
+                        receiving.cancel()
+                        break
+                    try:
+                        request, _ = receiving.result()
+                    except asyncio.IncompleteReadError:
+                        break  # the caller closed or died
+                    except Exception as e:  # garbage on the wire: tell the caller, then stop reading it
+                        await requests.put(NodeRPCError(ErrorCode.BAD_REQUEST, f"unreadable message ({e})"))
+                        await asyncio.wait_for(asyncio.shield(processing), timeout=5)
+                        break
+                    await requests.put(request)  # None marks the caller's end of stream
+                await processing
+            except Exception:
+                logger.debug(f"{name}: stream from {stream_info.peer_id} ended abnormally", exc_info=True)
+            finally:
+                processing.cancel()
+
+    await p2p.add_binary_stream_handler(name, handle_stream)
+
+
+async def call_stream(
+    p2p: P2P, peer_id: PeerID, name: str, requests: AsyncIterator[runtime_pb2.ExpertRequest]
+) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+    """Opens the stream RPC ``name`` at ``peer_id``; remote errors surface as ``P2PHandlerError`` with the text."""
+    return await p2p.iterate_protobuf_handler(peer_id, name, requests, runtime_pb2.ExpertResponse)
+
+
+async def call_once(p2p: P2P, peer_id: PeerID, name: str, request: runtime_pb2.ExpertRequest,
+                    *, timeout: float | None = None) -> runtime_pb2.ExpertResponse:
+    async def one():
+        yield request
+
+    async def run():
+        responses = await call_stream(p2p, peer_id, name, one())
+        async for response in responses:
+            return response
+        raise ConnectionError(f"{peer_id} closed {name} without answering")
+
+    return await asyncio.wait_for(run(), timeout)
