@@ -1,0 +1,261 @@
+// SPDX-License-Identifier: Apache-2.0
+pragma solidity ^0.8.24;
+
+import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
+import {IERC20Permit} from "@openzeppelin/contracts/token/ERC20/extensions/IERC20Permit.sol";
+import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
+import {Ownable} from "@openzeppelin/contracts/access/Ownable.sol";
+
+/// @notice The credits vault. Clients deposit credits and may withdraw only after an unlock delay, so settlement can
+///         still collect for work already done; the Settlement contract moves client balances to payee earnings.
+/// @dev Invariant: credits.balanceOf(this) == sum(client balances) + sum(unwithdrawn earnings).
+/// @author Nectar
+contract Escrow is Ownable {
+    using SafeERC20 for IERC20;
+
+    /*//////////////////////////////////////////////////////////////
+                                 ERRORS
+    //////////////////////////////////////////////////////////////*/
+
+    /// @dev Fires when an amount that must be positive is zero.
+    error ZeroAmount();
+
+    /// @dev Fires when a client asks to withdraw more than its balance.
+    error InsufficientBalance(uint256 requested, uint256 available);
+
+    /// @dev Fires when `withdraw` is called without a pending withdrawal request.
+    error NoPendingWithdrawal();
+
+    /// @dev Fires when `withdraw` is called before the request's unlock time.
+    error WithdrawalLocked(uint256 unlockAt);
+
+    /// @dev Fires when `withdrawEarnings` finds nothing to pay.
+    error NoEarnings();
+
+    /// @dev Fires when someone other than the Settlement contract calls `applySettlement`.
+    error NotSettlement();
+
+    /// @dev Fires when the owner tries to set the Settlement contract a second time (or to zero).
+    error SettlementAlreadySet();
+
+    /// @dev Fires when a settlement's debits and credits do not add up to the same total.
+    error UnbalancedSettlement(uint256 debited, uint256 credited);
+
+    /// @dev Fires when an amount does not fit the 128-bit accounting fields.
+    error AmountTooLarge();
+
+    /*//////////////////////////////////////////////////////////////
+                                 EVENTS
+    //////////////////////////////////////////////////////////////*/
+
+    /// @dev Emitted when `client`'s escrow grows by `amount`, to `balance`.
+    event Deposited(address indexed client, uint256 amount, uint256 balance);
+
+    /// @dev Emitted when `client` asks to withdraw `amount`, available from `unlockAt`.
+    event WithdrawalRequested(address indexed client, uint256 amount, uint256 unlockAt);
+
+    /// @dev Emitted when `client` takes `amount` out of escrow.
+    event Withdrawn(address indexed client, uint256 amount);
+
+    /// @dev Emitted when settlement charges `client`'s escrow `amount`, leaving `balance`.
+    event Charged(address indexed client, uint256 amount, uint256 balance);
+
+    /// @dev Emitted when settlement credits `payee` (a node or the fee recipient) with `amount`.
+    event EarningsCredited(address indexed payee, uint256 amount);
+
+    /// @dev Emitted when `payee` withdraws `amount` of earnings.
+    event EarningsWithdrawn(address indexed payee, uint256 amount);
+
+    /// @dev Emitted once, when the owner wires the Settlement contract.
+    event SettlementSet(address indexed settlement);
+
+    /*//////////////////////////////////////////////////////////////
+                                 STORAGE
+    //////////////////////////////////////////////////////////////*/
+
+    /// @dev One slot per client: settlement touches only this slot.
+    struct ClientAccount {
+        uint128 balance; // credits available to settlement
+        uint128 pending; // amount of the open withdrawal request (still spendable until withdrawn)
+    }
+
+    /// @dev Earnings are kept as two running totals so the slot never returns to zero after the first credit:
+    ///      re-crediting a payee after a withdrawal costs a nonzero->nonzero write, not a fresh 20k one.
+    struct PayeeAccount {
+        uint128 credited;
+        uint128 withdrawn;
+    }
+
+    /// @dev A client debit computed by Settlement.
+    struct Debit {
+        address client;
+        uint256 amount;
+    }
+
+    /// @dev A payee credit computed by Settlement.
+    struct Credit {
+        address payee;
+        uint256 amount;
+    }
+
+    IERC20 public immutable credits;
+
+    /// @notice Seconds between a withdrawal request and the moment it can be executed.
+    uint256 public immutable unlockDelay;
+
+    /// @notice The only contract allowed to move client balances to payees.
+    address public settlement;
+
+    mapping(address client => ClientAccount) internal _clients;
+    mapping(address client => uint256) public unlockAt;
+    mapping(address payee => PayeeAccount) internal _payees;
+
+    /*//////////////////////////////////////////////////////////////
+                               CONSTRUCTOR
+    //////////////////////////////////////////////////////////////*/
+
+    constructor(IERC20 credits_, uint256 unlockDelay_, address owner_) Ownable(owner_) {
+        credits = credits_;
+        unlockDelay = unlockDelay_;
+    }
+
+    /*//////////////////////////////////////////////////////////////
+                                INTERNAL
+    //////////////////////////////////////////////////////////////*/
+
+    function _toU128(uint256 value) internal pure returns (uint128) {
+        if (value > type(uint128).max) revert AmountTooLarge();
+        return uint128(value);
+    }
+
+    function _deposit(address client, uint256 amount) internal {
+        if (amount == 0) revert ZeroAmount();
+        credits.safeTransferFrom(msg.sender, address(this), amount);
+        ClientAccount storage account = _clients[client];
+        uint128 balance = _toU128(account.balance + amount);
+        account.balance = balance;
+        emit Deposited(client, amount, balance);
+    }
+
+    /*//////////////////////////////////////////////////////////////
+                              PUBLIC WRITES
+    //////////////////////////////////////////////////////////////*/
+
+    /// @notice Wires the Settlement contract, once.
+    /// @dev Owner only; reverts with `SettlementAlreadySet` if already wired or `settlement_` is zero.
+    function setSettlement(address settlement_) external onlyOwner {
+        if (settlement != address(0) || settlement_ == address(0)) revert SettlementAlreadySet();
+        settlement = settlement_;
+        emit SettlementSet(settlement_);
+    }
+
+    /// @notice Deposits `amount` credits (pre-approved) into the caller's escrow.
+    /// @dev Reverts with `ZeroAmount` for zero.
+    function deposit(uint256 amount) external {
+        _deposit(msg.sender, amount);
+    }
+
+    /// @notice Deposits `amount` credits from the caller into `client`'s escrow (top-ups by a third party).
+    /// @dev Reverts with `ZeroAmount` for zero.
+    function depositFor(address client, uint256 amount) external {
+        _deposit(client, amount);
+    }
+
+    /// @notice Deposits with an EIP-2612 permit instead of a prior approve, in one transaction.
+    /// @dev A permit that fails (e.g. front-run and already used) is ignored; the transfer then needs an allowance.
+    function depositWithPermit(uint256 amount, uint256 deadline, uint8 v, bytes32 r, bytes32 s) external {
+        try IERC20Permit(address(credits)).permit(msg.sender, address(this), amount, deadline, v, r, s) {} catch {}
+        _deposit(msg.sender, amount);
+    }
+
+    /// @notice Asks to withdraw `amount`; executable with `withdraw` after `unlockDelay`. Replaces any open request.
+    /// @dev The amount stays spendable by settlement until withdrawn. Reverts with `ZeroAmount` or
+    ///      `InsufficientBalance`.
+    function requestWithdrawal(uint256 amount) external {
+        if (amount == 0) revert ZeroAmount();
+        ClientAccount storage account = _clients[msg.sender];
+        if (amount > account.balance) revert InsufficientBalance(amount, account.balance);
+        account.pending = uint128(amount); // safe: amount <= balance, a uint128
+        uint256 at = block.timestamp + unlockDelay;
+        unlockAt[msg.sender] = at;
+        emit WithdrawalRequested(msg.sender, amount, at);
+    }
+
+    /// @notice Executes the caller's withdrawal request: pays min(requested, current balance).
+    /// @dev Reverts with `NoPendingWithdrawal` or `WithdrawalLocked(unlockAt)`.
+    function withdraw() external returns (uint256 amount) {
+        ClientAccount storage account = _clients[msg.sender];
+        amount = account.pending;
+        if (amount == 0) revert NoPendingWithdrawal();
+        uint256 at = unlockAt[msg.sender];
+        if (block.timestamp < at) revert WithdrawalLocked(at);
+        if (amount > account.balance) amount = account.balance; // settlement spent part of it meanwhile
+        account.pending = 0;
+        unchecked {
+            account.balance -= uint128(amount); // safe: amount <= balance just above
+        }
+        delete unlockAt[msg.sender];
+        if (amount > 0) credits.safeTransfer(msg.sender, amount);
+        emit Withdrawn(msg.sender, amount);
+    }
+
+    /// @notice Pays the caller (a node, or the fee recipient) all its settled earnings.
+    /// @dev Reverts with `NoEarnings` when there is nothing to pay.
+    function withdrawEarnings() external returns (uint256 amount) {
+        PayeeAccount storage account = _payees[msg.sender];
+        amount = account.credited - account.withdrawn;
+        if (amount == 0) revert NoEarnings();
+        account.withdrawn = account.credited;
+        credits.safeTransfer(msg.sender, amount);
+        emit EarningsWithdrawn(msg.sender, amount);
+    }
+
+    /// @notice Moves settled amounts from clients to payees. Called by Settlement once per batch.
+    /// @dev Settlement only (`NotSettlement`); the debits must cover the credits exactly (`UnbalancedSettlement`)
+    ///      and each debit must fit the client's balance (`InsufficientBalance`).
+    function applySettlement(Debit[] calldata debits, Credit[] calldata credits_) external {
+        if (msg.sender != settlement) revert NotSettlement();
+        uint256 debited;
+        for (uint256 i; i < debits.length; ++i) {
+            Debit calldata d = debits[i];
+            ClientAccount storage account = _clients[d.client];
+            uint256 balance = account.balance;
+            if (d.amount > balance) revert InsufficientBalance(d.amount, balance);
+            unchecked {
+                balance -= d.amount; // safe: checked just above
+            }
+            account.balance = uint128(balance);
+            debited += d.amount;
+            emit Charged(d.client, d.amount, balance);
+        }
+        uint256 credited;
+        for (uint256 i; i < credits_.length; ++i) {
+            Credit calldata c = credits_[i];
+            PayeeAccount storage account = _payees[c.payee];
+            account.credited = _toU128(account.credited + c.amount);
+            credited += c.amount;
+            emit EarningsCredited(c.payee, c.amount);
+        }
+        if (debited != credited) revert UnbalancedSettlement(debited, credited);
+    }
+
+    /*//////////////////////////////////////////////////////////////
+                              PUBLIC READS
+    //////////////////////////////////////////////////////////////*/
+
+    /// @notice Credits in `client`'s escrow, available to settlement (includes any pending withdrawal).
+    function balanceOf(address client) external view returns (uint256) {
+        return _clients[client].balance;
+    }
+
+    /// @notice The open withdrawal request of `client`: amount and unlock time (zeros when none).
+    function pendingWithdrawal(address client) external view returns (uint256 amount, uint256 at) {
+        return (_clients[client].pending, unlockAt[client]);
+    }
+
+    /// @notice Settled, not yet withdrawn earnings of `payee`.
+    function earningsOf(address payee) external view returns (uint256) {
+        PayeeAccount storage account = _payees[payee];
+        return account.credited - account.withdrawn;
+    }
+}

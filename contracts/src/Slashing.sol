@@ -1,0 +1,248 @@
+// SPDX-License-Identifier: Apache-2.0
+pragma solidity ^0.8.24;
+
+import {Ownable} from "@openzeppelin/contracts/access/Ownable.sol";
+import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
+import {NodeRegistry} from "./NodeRegistry.sol";
+import {Settlement} from "./Settlement.sol";
+import {Receipt} from "./lib/NectarTypes.sol";
+
+/// @notice Slashes node stake in two ways. (a) Trustless double-sign proofs: two receipts signed by the same node for
+///         the same (session, step) with different output commitments; part of the slash rewards the reporter.
+///         (b) Failed spot checks attested by `threshold` registered verifiers; the slash can be finalized by anyone
+///         once `disputeWindow` has passed, unless the owner (the arbiter) dismissed the case meanwhile.
+/// @author Nectar
+contract Slashing is Ownable {
+    /*//////////////////////////////////////////////////////////////
+                                 ERRORS
+    //////////////////////////////////////////////////////////////*/
+
+    /// @dev Fires when the two receipts are not by one node for one (session, step) with different outputs.
+    error ReceiptsDoNotConflict();
+
+    /// @dev Fires when a receipt's signature does not recover to the receipt's node.
+    error InvalidReceiptSignature();
+
+    /// @dev Fires when a double-sign at this (node, session, step) was already slashed.
+    error EvidenceAlreadyUsed();
+
+    /// @dev Fires when a caller that is not a registered verifier attests.
+    error NotVerifier();
+
+    /// @dev Fires when a verifier attests the same case twice.
+    error AlreadyAttested();
+
+    /// @dev Fires when a case is finalized before `threshold` verifiers attested it.
+    error CaseNotReady();
+
+    /// @dev Fires when a case is finalized before its dispute window ends.
+    error DisputeWindowOpen(uint256 readyAt);
+
+    /// @dev Fires when a case was already slashed or dismissed.
+    error CaseClosed();
+
+    /// @dev Fires when a threshold of zero or basis points above 10,000 are configured.
+    error BadParameter();
+
+    /// @dev Fires when the evidence is empty.
+    error EmptyEvidence();
+
+    /*//////////////////////////////////////////////////////////////
+                                 EVENTS
+    //////////////////////////////////////////////////////////////*/
+
+    /// @dev Emitted when a double-sign by `node` at (`sessionId`, `step`) is slashed `amount`, `reward` to `reporter`.
+    event DoubleSignSlashed(
+        address indexed node, address indexed reporter, bytes32 sessionId, uint64 step, uint256 amount, uint256 reward
+    );
+
+    /// @dev Emitted when `verifier` attests a failed spot check of `node` (case `caseId`, `attestations` so far).
+    event SpotCheckAttested(
+        bytes32 indexed caseId, address indexed node, address indexed verifier, uint256 attestations, bytes evidence
+    );
+
+    /// @dev Emitted when a case reaches the threshold; it can be finalized from `readyAt`.
+    event SpotCheckCaseReady(bytes32 indexed caseId, address indexed node, uint256 readyAt);
+
+    /// @dev Emitted when the owner dismisses a case during its dispute window.
+    event SpotCheckDismissed(bytes32 indexed caseId, address indexed node);
+
+    /// @dev Emitted when a spot-check case is finalized and `node` loses `amount`.
+    event SpotCheckSlashed(bytes32 indexed caseId, address indexed node, uint256 amount);
+
+    /// @dev Emitted when the owner adds or removes a verifier.
+    event VerifierUpdated(address indexed verifier, bool allowed);
+
+    /// @dev Emitted when the owner changes the number of attestations a case needs.
+    event ThresholdUpdated(uint256 threshold);
+
+    /*//////////////////////////////////////////////////////////////
+                                 STORAGE
+    //////////////////////////////////////////////////////////////*/
+
+    struct Case {
+        address node;
+        uint32 attestations;
+        uint64 readyAt; // zero until the threshold is reached
+        bool closed;
+    }
+
+    /// @dev Slash parameters, fixed at deployment.
+    struct Params {
+        uint256 doubleSignSlashBps; // share of slashable stake taken for a double-sign
+        uint256 reporterRewardBps; // share of a double-sign slash paid to the reporter
+        uint256 spotCheckSlashBps; // share of slashable stake taken for a failed spot check
+        uint256 disputeWindow; // seconds between reaching the threshold and finalization
+    }
+
+    NodeRegistry public immutable registry;
+    Settlement public immutable settlement;
+    uint256 public immutable doubleSignSlashBps;
+    uint256 public immutable reporterRewardBps;
+    uint256 public immutable spotCheckSlashBps;
+    uint256 public immutable disputeWindow;
+
+    /// @notice Attestations a spot-check case needs (k of the n verifiers).
+    uint256 public threshold;
+
+    mapping(address => bool) public isVerifier;
+    mapping(bytes32 doubleSignKey => bool) public evidenceUsed;
+    mapping(bytes32 caseId => Case) internal _cases;
+    mapping(bytes32 caseId => mapping(address verifier => bool)) public hasAttested;
+
+    /*//////////////////////////////////////////////////////////////
+                               CONSTRUCTOR
+    //////////////////////////////////////////////////////////////*/
+
+    constructor(NodeRegistry registry_, Settlement settlement_, address owner_, uint256 threshold_, Params memory p)
+        Ownable(owner_)
+    {
+        if (p.doubleSignSlashBps > 10_000 || p.reporterRewardBps > 10_000 || p.spotCheckSlashBps > 10_000) {
+            revert BadParameter();
+        }
+        registry = registry_;
+        settlement = settlement_;
+        doubleSignSlashBps = p.doubleSignSlashBps;
+        reporterRewardBps = p.reporterRewardBps;
+        spotCheckSlashBps = p.spotCheckSlashBps;
+        disputeWindow = p.disputeWindow;
+        _setThreshold(threshold_);
+    }
+
+    /*//////////////////////////////////////////////////////////////
+                                INTERNAL
+    //////////////////////////////////////////////////////////////*/
+
+    function _setThreshold(uint256 k) internal {
+        if (k == 0) revert BadParameter();
+        threshold = k;
+        emit ThresholdUpdated(k);
+    }
+
+    function _signedByNode(Receipt calldata r, bytes calldata signature) internal view returns (bool) {
+        (address signer, ECDSA.RecoverError err,) = ECDSA.tryRecover(settlement.receiptDigest(r), signature);
+        return err == ECDSA.RecoverError.NoError && signer == r.node;
+    }
+
+    /*//////////////////////////////////////////////////////////////
+                              PUBLIC WRITES
+    //////////////////////////////////////////////////////////////*/
+
+    /// @notice Proves a double-sign: receipts `a` and `b` by one node, same (sessionId, step), different
+    ///         outputCommitment, each with the node's 65-byte EIP-712 signature. Slashes `doubleSignSlashBps` of the
+    ///         node's slashable stake and pays `reporterRewardBps` of that to the caller.
+    /// @dev Reverts with `ReceiptsDoNotConflict`, `InvalidReceiptSignature` or `EvidenceAlreadyUsed`.
+    function slashDoubleSign(Receipt calldata a, bytes calldata sigA, Receipt calldata b, bytes calldata sigB)
+        external
+        returns (uint256 slashed)
+    {
+        if (
+            a.node != b.node || a.node == address(0) || a.sessionId != b.sessionId || a.step != b.step
+                || a.outputCommitment == b.outputCommitment
+        ) revert ReceiptsDoNotConflict();
+        if (!_signedByNode(a, sigA) || !_signedByNode(b, sigB)) revert InvalidReceiptSignature();
+        bytes32 key = keccak256(abi.encode(a.node, a.sessionId, a.step));
+        if (evidenceUsed[key]) revert EvidenceAlreadyUsed();
+        evidenceUsed[key] = true;
+        uint256 amount = registry.slashableOf(a.node) * doubleSignSlashBps / 10_000;
+        uint256 reward = amount * reporterRewardBps / 10_000;
+        slashed = registry.slash(a.node, amount, msg.sender, reward);
+        emit DoubleSignSlashed(a.node, msg.sender, a.sessionId, a.step, slashed, reward);
+    }
+
+    /// @notice A verifier attests that `node` failed the spot check described by `evidence` (opaque bytes: the
+    ///         ledger's re-execution record). The case is keyed by (node, keccak256(evidence)).
+    /// @dev Verifiers only (`NotVerifier`); reverts with `EmptyEvidence`, `AlreadyAttested` or `CaseClosed`.
+    function attestSpotCheckFailure(address node, bytes calldata evidence) external returns (bytes32 id) {
+        if (!isVerifier[msg.sender]) revert NotVerifier();
+        if (evidence.length == 0) revert EmptyEvidence();
+        id = caseId(node, evidence);
+        Case storage c = _cases[id];
+        if (c.closed) revert CaseClosed();
+        if (hasAttested[id][msg.sender]) revert AlreadyAttested();
+        hasAttested[id][msg.sender] = true;
+        c.node = node;
+        uint32 count = ++c.attestations;
+        emit SpotCheckAttested(id, node, msg.sender, count, evidence);
+        if (c.readyAt == 0 && count >= threshold) {
+            uint256 readyAt = block.timestamp + disputeWindow;
+            c.readyAt = uint64(readyAt);
+            emit SpotCheckCaseReady(id, node, readyAt);
+        }
+    }
+
+    /// @notice Slashes `spotCheckSlashBps` of the node's stake for case `id`, once its dispute window has passed.
+    ///         Anyone may call it; the slash goes to the treasury.
+    /// @dev Reverts with `CaseNotReady`, `DisputeWindowOpen(readyAt)` or `CaseClosed`.
+    function finalizeSlash(bytes32 id) external returns (uint256 slashed) {
+        Case storage c = _cases[id];
+        if (c.closed) revert CaseClosed();
+        if (c.readyAt == 0) revert CaseNotReady();
+        if (block.timestamp < c.readyAt) revert DisputeWindowOpen(c.readyAt);
+        c.closed = true;
+        uint256 amount = registry.slashableOf(c.node) * spotCheckSlashBps / 10_000;
+        slashed = registry.slash(c.node, amount, address(0), 0);
+        emit SpotCheckSlashed(id, c.node, slashed);
+    }
+
+    /// @notice The arbiter throws out case `id` (e.g. the node proved the verifiers wrong) before it is finalized.
+    /// @dev Owner only; reverts with `CaseClosed`.
+    function dismissCase(bytes32 id) external onlyOwner {
+        Case storage c = _cases[id];
+        if (c.closed) revert CaseClosed();
+        c.closed = true;
+        emit SpotCheckDismissed(id, c.node);
+    }
+
+    /// @notice Adds or removes a spot-check verifier.
+    /// @dev Owner only.
+    function setVerifier(address verifier, bool allowed) external onlyOwner {
+        isVerifier[verifier] = allowed;
+        emit VerifierUpdated(verifier, allowed);
+    }
+
+    /// @notice Sets k, the attestations a case needs.
+    /// @dev Owner only; reverts with `BadParameter` for zero.
+    function setThreshold(uint256 k) external onlyOwner {
+        _setThreshold(k);
+    }
+
+    /*//////////////////////////////////////////////////////////////
+                              PUBLIC READS
+    //////////////////////////////////////////////////////////////*/
+
+    /// @notice The id of the spot-check case of `node` with `evidence`.
+    function caseId(address node, bytes calldata evidence) public pure returns (bytes32) {
+        return keccak256(abi.encode(node, keccak256(evidence)));
+    }
+
+    /// @notice State of case `id`: node, attestations, readyAt (0 until threshold), closed.
+    function caseInfo(bytes32 id)
+        external
+        view
+        returns (address node, uint256 attestations, uint256 readyAt, bool closed)
+    {
+        Case storage c = _cases[id];
+        return (c.node, c.attestations, c.readyAt, c.closed);
+    }
+}
