@@ -1,0 +1,40 @@
+"""Which transformers classes serve each Llama-architecture ``model_type``, and where their tensors live."""
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# model_type -> class-name prefix in transformers.models.<model_type>.modeling_<model_type>
+VARIANT_PREFIXES = {"llama": "Llama", "mistral": "Mistral"}
+SLIDING_WINDOW_TYPES = frozenset({"mistral"})  # their config.sliding_window is honoured by transformers' masks
+
+BLOCK_PREFIXES = ("model.layers.{index}.", "layers.{index}.")  # CausalLM checkpoints, then bare-model ones
+HEAD_SOURCES = {
+    "word_embeddings.weight": ("model.embed_tokens.weight", "embed_tokens.weight"),
+    "final_norm.weight": ("model.norm.weight", "norm.weight"),
+    "lm_head.weight": ("lm_head.weight",),
+}
+
+
+@dataclass(frozen=True)
+class LlamaVariant:
+    """The decoder layer, rotary embedding and RMSNorm classes of one model_type."""
+
+    decoder_layer: type[nn.Module]
+    rotary_embedding: type[nn.Module]
+    rms_norm: type[nn.Module]
+
+
+def variant_for(model_type: str) -> LlamaVariant:
+    prefix = VARIANT_PREFIXES[model_type]
+    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    return LlamaVariant(
+        decoder_layer=getattr(module, f"{prefix}DecoderLayer"),
+        rotary_embedding=getattr(module, f"{prefix}RotaryEmbedding"),
+        rms_norm=getattr(module, f"{prefix}RMSNorm"),
+    )

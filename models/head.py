@@ -1,0 +1,100 @@
+"""``ClientHead``: what a client keeps locally (embeddings, final norm, LM head), loaded without any block."""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from nectar.models.checkpoint import Checkpoint
+from nectar.models.errors import CheckpointError
+from nectar.models.family import HeadModules
+from nectar.models.registry import get_family
+
+logger = logging.getLogger(__name__)
+
+
+class ClientHead(nn.Module):
+    """Turns token ids into the first block's input and the last block's output into logits; used by the client.
+
+    Build with ``load_client_head``. Weights are frozen; gradients still flow through ``embed``/``logits`` inputs.
+    """
+
+    def __init__(self, *, config: PretrainedConfig, modules: HeadModules):
+        super().__init__()
+        self.config = config
+        self.word_embeddings = modules.word_embeddings
+        self.embed_norm = modules.embed_norm
+        self.final_norm = modules.final_norm
+        self.lm_head = modules.lm_head
+        self.requires_grad_(False)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.word_embeddings.embedding_dim
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm_head.out_features
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.word_embeddings.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.word_embeddings.weight.device
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` token ids -> ``[B, T, H]`` input of block 0."""
+        input_ids = input_ids.to(self.device)
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.word_embeddings.num_embeddings):
+            raise ValueError(f"token ids must be in [0, {self.word_embeddings.num_embeddings}), got {input_ids.min()}"
+                             f"..{input_ids.max()}")
+        hidden_states = self.word_embeddings(input_ids)
+        return self.embed_norm(hidden_states) if self.embed_norm is not None else hidden_states
+
+    def norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The final norm alone (the model's last hidden state as transformers reports it)."""
+        return self.final_norm(hidden_states.to(device=self.device, dtype=self.dtype))
+
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``[B, T, H]`` output of the last block -> ``[B, T, vocab]`` logits."""
+        return self.lm_head(self.norm(hidden_states))
+
+
+def load_client_head(
+    path_or_name: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> ClientHead:
+    """Load embeddings, final norm and LM head of a model (built-in name or checkpoint folder), no blocks."""
+    from nectar.models.resolve import load_config, resolve_model
+
+    path = resolve_model(path_or_name)
+    config = load_config(path)
+    family = get_family(config)
+    family.prepare_config(config)
+    checkpoint = Checkpoint(path)
+    with torch.device("meta"):
+        modules = family.build_head(config)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    chosen: dict[str, str] = {}
+    for name, candidates in modules.sources.items():
+        if name == "lm_head.weight" and tied:
+            continue  # tied checkpoints often omit it; transformers ties it to the embeddings either way
+        key = checkpoint.first_present(candidates)
+        if key is None:
+            raise CheckpointError(f"{checkpoint.path} has no tensor for {name} (looked for {', '.join(candidates)})")
+        chosen[name] = key
+    tensors = checkpoint.load(list(chosen.values()), dtype=dtype, device=device)
+    state = {name: tensors[key] for name, key in chosen.items()}
+    if tied:
+        state["lm_head.weight"] = state["word_embeddings.weight"]
+    head = ClientHead(config=config, modules=modules)
+    head.load_state_dict(state, strict=True, assign=True)
+    if tied:
+        head.lm_head.weight = head.word_embeddings.weight  # one Parameter, as transformers ties them
+    head.requires_grad_(False)
+    logger.info("Loaded client head of %s (%s, tied=%s)", path, dtype, tied)
+    return head.to(device).eval()

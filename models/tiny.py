@@ -1,0 +1,61 @@
+"""Tiny random-weight checkpoints (Llama with GQA, Mistral, BLOOM) for tests and local demos; no hub needed."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, BloomConfig, LlamaConfig, MistralConfig, PretrainedConfig
+
+logger = logging.getLogger(__name__)
+
+
+def tiny_config(
+    kind: str = "llama",
+    *,
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    vocab_size: int = 1000,
+    tie_word_embeddings: bool | None = None,
+) -> PretrainedConfig:
+    """A small config of ``kind`` ("llama" with 4 query / 2 key-value heads, "mistral" with a sliding window, "bloom")."""
+    if kind in ("llama", "mistral"):
+        common = dict(
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,  # GQA
+            vocab_size=vocab_size,
+            max_position_embeddings=512,
+            initializer_range=0.1,  # larger than the default so random logits are far from ties
+            tie_word_embeddings=bool(tie_word_embeddings),
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+        return LlamaConfig(**common) if kind == "llama" else MistralConfig(sliding_window=6, **common)
+    if kind == "bloom":
+        return BloomConfig(
+            hidden_size=hidden_size,
+            n_layer=num_layers,
+            n_head=4,
+            vocab_size=vocab_size,
+            initializer_range=0.1,
+            tie_word_embeddings=True if tie_word_embeddings is None else tie_word_embeddings,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    raise ValueError(f"unknown tiny model kind {kind!r}: use 'llama', 'mistral' or 'bloom'")
+
+
+def save_tiny_checkpoint(path: str | os.PathLike, kind: str = "llama", *, seed: int = 0, **config_kwargs) -> Path:
+    """Write a random-weight ``kind`` model to ``path`` with ``save_pretrained`` (config.json + model.safetensors)."""
+    path = Path(path)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, **config_kwargs), dtype=torch.float32)
+    model.save_pretrained(str(path))
+    logger.debug("Saved tiny %s checkpoint to %s", kind, path)
+    return path
