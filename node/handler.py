@@ -200,12 +200,17 @@ class NodeHandler:
                             batch_size=batch_size, max_length=max_length, length=length, client=client,
                         )
                         yield response
-                    elif metadata.get("type") == "open":
+                    elif metadata.get("type") == "open":  # an open without a first step gets an ack
                         yield make_response([], {"type": "opened", "cache_tokens_left": self.memory.tokens_left})
                     request = await self._next(iterator, self.config.session_timeout)
                     if request is None:
                         return
                     metadata = unpack_metadata(request.metadata)
+                    if metadata.get("type") == "pay" and self._session_id(metadata) == session_id:
+                        self._settle_voucher(metadata, client)  # the client's last voucher before it leaves
+                        request.ClearField("tensors")
+                        metadata["type"] = "paid"
+                        continue
                     if metadata.get("type") != "step" or self._session_id(metadata) != session_id:
                         raise NodeRPCError(
                             ErrorCode.UNKNOWN_SESSION,

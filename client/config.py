@@ -1,0 +1,22 @@
+"""Client settings in one dataclass (Petals' ClientConfig shape)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+
+@dataclass
+class ClientConfig:
+    initial_peers: Sequence[str] = ()  # multiaddrs of swarm peers (or NECTAR_INITIAL_PEERS)
+    request_timeout: float = 60.0  # s, one forward/backward RPC
+    step_timeout: float = 60.0  # s, one inference step at one hop
+    connect_timeout: float = 10.0  # s, opening a session at one hop
+    max_retries: int = 8  # route failures tolerated per step before giving up
+    min_backoff: float = 0.5  # s, first ban of a failing peer
+    max_backoff: float = 60.0  # s, longest ban of a failing peer
+    update_period: float = 30.0  # s, how stale the cached swarm view may get
+    hop_cost: float = 0.005  # s, assumed latency of one hop, for route costs
+    private_key: Optional[str] = None  # hex Ethereum key that signs vouchers; None = a fresh throwaway key
+    max_unpaid_steps: int = 0  # steps a node may wait for a voucher; 0 = pay after every receipt
+    verify_receipts: bool = True  # check each receipt's signer, commitments and amount
+    show_route: bool = False  # log the route chosen for each session

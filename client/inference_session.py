@@ -1,0 +1,247 @@
+"""Inference through a chain of nodes with server-side KV caches, surviving node failures mid-generation.
+
+Each hop keeps the inputs it was sent, step by step. When a hop fails (a dead node, a timeout, an error, a bad
+output or a dishonest receipt), the client bans the peer, routes the same blocks through other nodes and replays
+that history to them in the original steps. Replaying the same chunks makes the replacement's KV cache identical to
+the lost one, so greedy generation continues token for token as if nothing happened (Petals issue #587).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from nectar.client.config import ClientConfig
+from nectar.client.payments import ReceiptError, Wallet
+from nectar.client.routing import RemoteSequenceManager, RemoteSpan
+from nectar.client.runtime import ClientRuntime
+from nectar.wire.protocol import RPC_INFERENCE, ErrorCode, NodeRPCError, make_request, module_uid, unpack_metadata
+from nectar.wire.protocol import unpack_tensors
+from nectar.wire.transport import call_stream
+
+logger = logging.getLogger(__name__)
+
+
+class HopFailed(Exception):
+    def __init__(self, span: RemoteSpan, reason: str):
+        super().__init__(f"{span}: {reason}")
+        self.span, self.reason = span, reason
+
+
+class _HopStream:
+    """One open inference stream to one node (lives on the runtime's loop)."""
+
+    def __init__(self, runtime: ClientRuntime, span: RemoteSpan, model_id: str):
+        self.runtime, self.span, self.model_id = runtime, span, model_id
+        self.uid = module_uid(model_id, span.start, span.end)
+        self.queue: Optional[asyncio.Queue] = None
+        self.responses = None
+
+    async def open(self, metadata: dict, timeout: float) -> dict:
+        self.queue = asyncio.Queue()
+
+        async def requests():
+            while True:
+                item = await self.queue.get()
+                if item is None:
+                    return
+                yield item
+
+        self.responses = (await asyncio.wait_for(
+            call_stream(self.runtime.p2p, self.span.peer_id, RPC_INFERENCE, requests()), timeout)).__aiter__()
+        self.queue.put_nowait(make_request(self.uid, [], metadata))
+        response = await asyncio.wait_for(self.responses.__anext__(), timeout)
+        return unpack_metadata(response.metadata)
+
+    async def step(self, tensors: list[torch.Tensor], metadata: dict, timeout: float):
+        self.queue.put_nowait(make_request(self.uid, tensors, metadata))
+        response = await asyncio.wait_for(self.responses.__anext__(), timeout)
+        return unpack_tensors(response.tensors), unpack_metadata(response.metadata)
+
+    def send_nowait(self, metadata: dict) -> None:
+        if self.queue is not None:
+            self.queue.put_nowait(make_request(self.uid, [], metadata))
+
+    def close(self) -> None:
+        if self.queue is not None:
+            self.queue.put_nowait(None)
+
+
+@dataclass
+class _Hop:
+    span: RemoteSpan
+    stream: _HopStream
+    history: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (step, position, inputs)
+
+
+class InferenceSession:
+    """A generation session over the whole model's blocks; ``step(hidden)`` returns the last block's output.
+
+    :param max_length: total tokens (prompt + generated, prefix included) the session may hold
+    """
+
+    def __init__(self, manager: RemoteSequenceManager, runtime: ClientRuntime, wallet: Wallet, *, max_length: int,
+                 batch_size: int = 1, config: ClientConfig):
+        self.manager, self.runtime, self.wallet, self.config = manager, runtime, wallet, config
+        self.max_length, self.batch_size = max_length, batch_size
+        self.session_id = os.urandom(16)
+        self.position = 0
+        self.step_index = 0
+        self.prompts: Optional[torch.Tensor] = None
+        self.hops: list[_Hop] = []
+        self.failovers = 0
+        self._closed = False
+        self.hops = self._open_route(0, manager.num_blocks)
+
+    # ---- hops -------------------------------------------------------------------------------------------------
+
+    def _open_route(self, start: int, end: int) -> list[_Hop]:
+        errors = []
+        for attempt in range(self.config.max_retries + 1):
+            route = self.manager.make_inference_route(start, end, cache_tokens=self.max_length * self.batch_size)
+            hops = []
+            try:
+                for span in route:
+                    hops.append(self._open_hop(span))
+                return hops
+            except HopFailed as e:
+                errors.append(str(e))
+                self.manager.ban(e.span.peer_id, e.reason)
+                for hop in hops:
+                    hop.stream.close()
+        raise RuntimeError(f"Could not open an inference route for blocks {start}:{end}: {'; '.join(errors[-3:])}")
+
+    def _open_hop(self, span: RemoteSpan) -> _Hop:
+        stream = _HopStream(self.runtime, span, self.manager.model_id)
+        metadata = {"type": "open", "session_id": self.session_id, "max_length": self.max_length,
+                    "batch_size": self.batch_size, "client": self.wallet.address}
+        try:
+            self.runtime.run(stream.open(metadata, self.config.connect_timeout), timeout=self.config.connect_timeout + 5)
+        except Exception as e:
+            stream.close()
+            raise HopFailed(span, f"could not open a session: {_describe(e)}")
+        return _Hop(span, stream)
+
+    def _run_hop(self, hop: _Hop, inputs: torch.Tensor, *, step: int, position: int) -> torch.Tensor:
+        span = hop.span
+        tensors = [inputs]
+        if position == 0 and self.prompts is not None:
+            tensors.append(self.prompts[span.start : span.end])
+        metadata = {"type": "step", "session_id": self.session_id, "step": step, "position": position}
+        voucher = self.wallet.voucher_for(span.info.eth_address)
+        if voucher is not None:
+            metadata["voucher"] = voucher
+        try:
+            outputs, reply = self.runtime.run(hop.stream.step(tensors, metadata, self.config.step_timeout),
+                                              timeout=self.config.step_timeout + 5)
+        except Exception as e:
+            raise HopFailed(span, _describe(e))
+        if len(outputs) != 1 or outputs[0].shape != inputs.shape or not torch.isfinite(outputs[0]).all():
+            raise HopFailed(span, f"returned a malformed output {[list(o.shape) for o in outputs]}")
+        output = outputs[0]
+        if "receipt" in reply:
+            try:
+                self.wallet.check_receipt(
+                    reply["receipt"], node_address=span.info.eth_address, price_per_block=span.info.price_per_token,
+                    start=span.start, end=span.end, inputs=inputs, outputs=output, session_id=self.session_id,
+                    verify=self.config.verify_receipts,
+                )
+            except ReceiptError as e:
+                raise HopFailed(span, f"dishonest receipt: {e}")
+        elif self.config.verify_receipts:
+            raise HopFailed(span, "answered without a receipt")
+        hop.history.append((step, position, inputs))
+        self.manager.mark_ok(span.peer_id)
+        return output
+
+    def _replace(self, index: int) -> None:
+        """Routes hop ``index``'s blocks through other nodes and replays its history to them."""
+        old = self.hops[index]
+        old.stream.close()
+        self.failovers += 1
+        for attempt in range(self.config.max_retries + 1):
+            new_hops = self._open_route(old.span.start, old.span.end)
+            try:
+                for step, position, inputs in old.history:
+                    x = inputs
+                    for hop in new_hops:
+                        x = self._run_hop(hop, x, step=step, position=position)
+                self.hops[index : index + 1] = new_hops
+                logger.info(f"Failover: blocks {old.span.start}:{old.span.end} moved from {old.span} to {new_hops}, "
+                            f"replayed {len(old.history)} steps")
+                return
+            except HopFailed as e:
+                self.manager.ban(e.span.peer_id, e.reason)
+                for hop in new_hops:
+                    hop.stream.close()
+        raise RuntimeError(f"Could not replace the route for blocks {old.span.start}:{old.span.end}")
+
+    # ---- public API -------------------------------------------------------------------------------------------
+
+    def step(self, hidden_states: torch.Tensor, prompts: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Sends [B, T, H] new positions through every block; returns the output hidden states [B, T, H]."""
+        if self._closed:
+            raise RuntimeError("This inference session is closed; open a new one")
+        if hidden_states.ndim != 3 or hidden_states.shape[0] != self.batch_size:
+            raise ValueError(f"hidden_states must be [batch={self.batch_size}, tokens, hidden], "
+                             f"got {list(hidden_states.shape)}")
+        if self.position + hidden_states.shape[1] > self.max_length:
+            raise ValueError(f"Session max_length {self.max_length} exceeded: at {self.position}, adding "
+                             f"{hidden_states.shape[1]}. Open the session with a larger max_length.")
+        if prompts is not None:
+            if self.position != 0:
+                raise ValueError("prompts can only be sent with the first step")
+            self.prompts = prompts.detach().float()
+        step, position = self.step_index, self.position
+        x = hidden_states.detach().float().cpu()
+        index, failures = 0, 0
+        while index < len(self.hops):
+            try:
+                x = self._run_hop(self.hops[index], x, step=step, position=position)
+                index += 1
+            except HopFailed as e:
+                failures += 1
+                self.manager.ban(e.span.peer_id, e.reason)
+                if failures > self.config.max_retries:
+                    raise RuntimeError(f"Inference failed after {failures} attempts; last error: {e}")
+                self._replace(index)
+                # x is still the input of hop `index`, whose replacement now holds the history: retry it
+        self.position += hidden_states.shape[1]
+        self.step_index += 1
+        return x
+
+    @property
+    def route(self) -> list[RemoteSpan]:
+        return [hop.span for hop in self.hops]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for hop in self.hops:
+            voucher = self.wallet.voucher_for(hop.span.info.eth_address)
+            try:
+                if voucher is not None:  # settle the last step before leaving
+                    self.runtime.loop.call_soon_threadsafe(
+                        hop.stream.send_nowait, {"type": "pay", "session_id": self.session_id, "voucher": voucher})
+                self.runtime.loop.call_soon_threadsafe(hop.stream.close)
+            except RuntimeError:
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, (asyncio.TimeoutError, TimeoutError)):
+        return "timed out"
+    text = str(error) or type(error).__name__
+    code = NodeRPCError.code_of(error)
+    return f"{code.value}: {text.split(code.value + ':', 1)[1].strip()}" if code else text

@@ -1,0 +1,228 @@
+"""``DistributedModelForCausalLM``: embeddings, final norm and LM head run locally, every block runs in the swarm."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+from transformers import GenerationConfig
+
+from nectar.client.config import ClientConfig
+from nectar.client.generation import SamplingParams, StopStringMatcher, choose_next_tokens
+from nectar.client.inference_session import InferenceSession
+from nectar.client.payments import Wallet
+from nectar.client.remote_sequential import RemoteCaller, RemoteSequential
+from nectar.client.routing import PeerScorer, RemoteSequenceManager
+from nectar.client.runtime import ClientRuntime
+from nectar.models import get_family, load_client_head, load_config, model_id_of, resolve_model
+
+logger = logging.getLogger(__name__)
+
+TUNING_MODES = (None, "ptune", "deep_ptune")
+
+
+class DistributedModelForCausalLM(torch.nn.Module):
+    """A causal LM whose transformer blocks are served by the swarm. Build it with ``from_pretrained``.
+
+    Trainable parts for prompt tuning: ``prompt_embeddings`` (a soft prefix of ``pre_seq_len`` tokens) and, in
+    ``deep_ptune`` mode, ``intermediate_prompt_embeddings`` (a prefix added before every block).
+    """
+
+    def __init__(self, model_path: Path, model_id: str, *, config: ClientConfig, runtime: ClientRuntime,
+                 wallet: Wallet, scorer: PeerScorer | None = None, tuning_mode: str | None = None,
+                 pre_seq_len: int = 0, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if tuning_mode not in TUNING_MODES:
+            raise ValueError(f"tuning_mode must be one of {TUNING_MODES}, got {tuning_mode!r}")
+        if tuning_mode and pre_seq_len <= 0:
+            raise ValueError("prompt tuning needs pre_seq_len > 0")
+        self.model_path, self.model_id, self.client_config = Path(model_path), model_id, config
+        self.config = load_config(model_path)
+        self.num_blocks = get_family(self.config).num_blocks(self.config)
+        self.runtime, self.wallet = runtime, wallet
+        self.head = load_client_head(model_path, dtype=dtype)
+        self.head.requires_grad_(False)
+        self.sequence_manager = RemoteSequenceManager(runtime.dht, model_id, self.num_blocks, config=config,
+                                                      scorer=scorer)
+        self.transformer = RemoteSequential(RemoteCaller(self.sequence_manager, runtime, wallet, config))
+        self.tuning_mode, self.pre_seq_len = tuning_mode, pre_seq_len if tuning_mode else 0
+        hidden = self.head.embedding_dim
+        if tuning_mode:
+            self.prompt_embeddings = torch.nn.Parameter(torch.randn(pre_seq_len, hidden) * 0.02)
+        if tuning_mode == "deep_ptune":
+            self.intermediate_prompt_embeddings = torch.nn.Parameter(torch.zeros(self.num_blocks, pre_seq_len, hidden))
+        try:
+            self.generation_config = GenerationConfig.from_pretrained(model_path)
+        except Exception:
+            self.generation_config = GenerationConfig()
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike = "smollm2-135m", *, initial_peers: Sequence[str] | None = None,
+                        config: ClientConfig | None = None, private_key: str | None = None,
+                        scorer: PeerScorer | None = None, tuning_mode: str | None = None, pre_seq_len: int = 0,
+                        dtype: torch.dtype = torch.float32) -> "DistributedModelForCausalLM":
+        """:param model: built-in name (``nectar models``) or a local Hugging Face checkpoint directory
+        :param initial_peers: multiaddrs of swarm peers; defaults to ``config.initial_peers`` or NECTAR_INITIAL_PEERS
+        :param private_key: Ethereum key that signs vouchers (default: ``config.private_key`` or a throwaway key)"""
+        config = config or ClientConfig()
+        peers = list(initial_peers or config.initial_peers or os.environ.get("NECTAR_INITIAL_PEERS", "").split())
+        config = replace(config, initial_peers=tuple(peers))
+        path = resolve_model(str(model))
+        runtime = ClientRuntime(peers)
+        wallet = Wallet(private_key or config.private_key)
+        return cls(path, model_id_of(str(model)), config=config, runtime=runtime, wallet=wallet, scorer=scorer,
+                   tuning_mode=tuning_mode, pre_seq_len=pre_seq_len, dtype=dtype)
+
+    # ---- prompts ----------------------------------------------------------------------------------------------
+
+    def _prefix(self, batch_size: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(input prefix [B, P, H], per-block prompts [n_blocks, B, P, H]) for the current tuning mode."""
+        if not self.tuning_mode:
+            return None, None
+        prefix = self.prompt_embeddings.unsqueeze(0).expand(batch_size, -1, -1)
+        deep = None
+        if self.tuning_mode == "deep_ptune":
+            deep = self.intermediate_prompt_embeddings.unsqueeze(1).expand(-1, batch_size, -1, -1)
+        return prefix, deep
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().cpu() for name, p in self.named_parameters() if p.requires_grad}
+
+    def save_prompts(self, path: str | os.PathLike) -> None:
+        torch.save({"tuning_mode": self.tuning_mode, "pre_seq_len": self.pre_seq_len, "model": self.model_id,
+                    "state": self.trainable_state()}, path)
+
+    def load_prompts(self, path: str | os.PathLike) -> None:
+        data = torch.load(path, map_location="cpu")
+        if (data["tuning_mode"], data["pre_seq_len"]) != (self.tuning_mode, self.pre_seq_len):
+            raise ValueError(f"{path} holds {data['tuning_mode']} prompts of length {data['pre_seq_len']}; build the "
+                             f"model with tuning_mode={data['tuning_mode']!r}, pre_seq_len={data['pre_seq_len']}")
+        with torch.no_grad():
+            for name, value in data["state"].items():
+                getattr(self, name).copy_(value)
+
+    # ---- training path ----------------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None):
+        """Returns (loss or None, logits [B, T, vocab]); differentiable w.r.t. the prompts."""
+        embeds = self.head.embed(input_ids)
+        prefix, deep = self._prefix(input_ids.shape[0])
+        if prefix is not None:
+            embeds = torch.cat([prefix.to(embeds.dtype), embeds], dim=1)
+        hidden = self.transformer(embeds, deep)
+        logits = self.head.logits(hidden[:, self.pre_seq_len :])
+        loss = None
+        if labels is not None:
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
+        return loss, logits
+
+    # ---- generation -------------------------------------------------------------------------------------------
+
+    def inference_session(self, *, max_length: int, batch_size: int = 1) -> InferenceSession:
+        """Opens a session with server-side caches for ``max_length`` tokens (prompt tuning prefix included)."""
+        return InferenceSession(self.sequence_manager, self.runtime, self.wallet, max_length=max_length,
+                                batch_size=batch_size, config=self.client_config)
+
+    def _sampling_params(self, *, max_new_tokens, max_length, prompt_length, do_sample, temperature, top_k, top_p,
+                         repetition_penalty, eos_token_id, pad_token_id, stop_strings) -> SamplingParams:
+        g = self.generation_config
+        if max_new_tokens is None:
+            max_new_tokens = (max_length - prompt_length) if max_length is not None else (
+                g.max_new_tokens or max(0, (g.max_length or 20) - prompt_length))
+        eos = eos_token_id if eos_token_id is not None else g.eos_token_id
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens,
+            do_sample=bool(g.do_sample if do_sample is None else do_sample),
+            temperature=temperature if temperature is not None else (g.temperature or 1.0),
+            top_k=top_k if top_k is not None else (g.top_k if do_sample is None else None),
+            top_p=top_p if top_p is not None else (g.top_p if do_sample is None else None),
+            repetition_penalty=repetition_penalty if repetition_penalty is not None else g.repetition_penalty,
+            eos_token_ids=eos_ids,
+            pad_token_id=pad_token_id if pad_token_id is not None else (g.pad_token_id or (eos_ids[0] if eos_ids else 0)),
+            stop_strings=[stop_strings] if isinstance(stop_strings, str) else list(stop_strings or []),
+        )
+        params.validate()
+        return params
+
+    def stream_generate(self, input_ids: torch.Tensor, *, attention_mask: Optional[torch.Tensor] = None,
+                        max_new_tokens: Optional[int] = None, max_length: Optional[int] = None,
+                        do_sample: Optional[bool] = None, temperature: Optional[float] = None,
+                        top_k: Optional[int] = None, top_p: Optional[float] = None,
+                        repetition_penalty: Optional[float] = None, stop_strings=None, tokenizer=None,
+                        eos_token_id=None, pad_token_id=None, seed: Optional[int] = None,
+                        session: Optional[InferenceSession] = None) -> Iterator[torch.Tensor]:
+        """Yields the next token ids [B] one step at a time (finished rows repeat ``pad_token_id``)."""
+        input_ids = torch.as_tensor(input_ids)
+        if input_ids.ndim == 1:
+            input_ids = input_ids.unsqueeze(0)
+        if attention_mask is not None and not bool(torch.as_tensor(attention_mask).all()):
+            raise ValueError("Padded batches are not supported: pass prompts of equal length (or one at a time)")
+        batch_size, prompt_length = input_ids.shape
+        params = self._sampling_params(
+            max_new_tokens=max_new_tokens, max_length=max_length, prompt_length=prompt_length, do_sample=do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, stop_strings=stop_strings)
+        if params.max_new_tokens == 0:
+            return
+        processors = params.processors()
+        stop_matcher = StopStringMatcher(tokenizer, params.stop_strings, prompt_length)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        own_session = session is None
+        if own_session:
+            session = self.inference_session(max_length=self.pre_seq_len + prompt_length + params.max_new_tokens,
+                                             batch_size=batch_size)
+        try:
+            with torch.no_grad():
+                sequences = input_ids
+                unfinished = torch.ones(batch_size, dtype=torch.bool)
+                embeds = self.head.embed(input_ids)
+                prefix, deep = self._prefix(batch_size)
+                if prefix is not None and session.position == 0:
+                    embeds = torch.cat([prefix.to(embeds.dtype), embeds], dim=1)
+                hidden = session.step(embeds, prompts=deep if session.position == 0 else None)
+                for _ in range(params.max_new_tokens):
+                    logits = self.head.logits(hidden[:, -1:])[:, -1]
+                    next_tokens = choose_next_tokens(logits, sequences, params, processors, generator)
+                    next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, params.pad_token_id))
+                    sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
+                    yield next_tokens
+                    if params.eos_token_ids:
+                        unfinished &= ~torch.isin(next_tokens, torch.tensor(params.eos_token_ids))
+                    unfinished &= ~stop_matcher(sequences)
+                    if not unfinished.any() or sequences.shape[1] - prompt_length >= params.max_new_tokens:
+                        return
+                    hidden = session.step(self.head.embed(next_tokens[:, None]))
+        finally:
+            if own_session:
+                session.close()
+
+    def generate(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None, *,
+                 streamer=None, **kwargs) -> torch.LongTensor:
+        """Like ``transformers``' ``generate()``: returns prompt + new tokens [B, T + new].
+
+        Supports max_new_tokens/max_length, do_sample, temperature, top_k, top_p, repetition_penalty,
+        stop_strings (with tokenizer=...), eos_token_id, pad_token_id, seed, a ``streamer`` with put()/end()
+        (e.g. ``transformers.TextStreamer``) and an open ``session`` to continue a conversation."""
+        if input_ids is None:
+            raise ValueError("generate() needs input_ids (tokenize your prompt first)")
+        input_ids = torch.as_tensor(input_ids)
+        if input_ids.ndim == 1:
+            input_ids = input_ids.unsqueeze(0)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        sequences = input_ids
+        for next_tokens in self.stream_generate(input_ids, attention_mask=attention_mask, **kwargs):
+            sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
+            if streamer is not None:
+                streamer.put(next_tokens.cpu())
+        if streamer is not None:
+            streamer.end()
+        return sequences
+
+    def shutdown(self) -> None:
+        self.runtime.shutdown()

@@ -1,0 +1,82 @@
+"""The client's wallet: checks every receipt it receives and pays each node with a cumulative voucher."""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from typing import Optional
+
+import torch
+from eth_account import Account
+
+from nectar.wire import receipts as schema
+
+logger = logging.getLogger(__name__)
+
+
+class ReceiptError(Exception):
+    """A node returned a receipt that does not match the work it did: the client treats the node as faulty."""
+
+
+class Wallet:
+    """Signs vouchers for one client key. ``channel_id`` is fresh per wallet, so cumulative amounts restart at 0."""
+
+    def __init__(self, private_key: Optional[str] = None, *, domain: dict | None = None):
+        self.private_key = private_key or Account.create().key.hex()
+        self.address = schema.address_of(self.private_key)
+        self.domain = domain if domain is not None else schema.default_domain()
+        self.channel_id = random.getrandbits(63)
+        self._owed: dict[str, int] = {}
+        self.receipts: list[schema.SignedReceipt] = []
+        self._lock = threading.Lock()
+
+    def check_receipt(self, data: dict, *, node_address: str, price_per_block: int, start: int, end: int,
+                      inputs: torch.Tensor, outputs: torch.Tensor, session_id: bytes | None = None,
+                      verify: bool = True) -> schema.SignedReceipt:
+        try:
+            signed = schema.SignedReceipt.from_json(data)
+        except Exception as e:
+            raise ReceiptError(f"malformed receipt: {e}")
+        receipt = signed.receipt
+        if verify:
+            signer = schema.recover_receipt_signer(signed, self.domain)
+            problems = []
+            if signer.lower() != node_address.lower():
+                problems.append(f"signed by {signer}, the node announced {node_address}")
+            if (receipt.block_start, receipt.block_end) != (start, end):
+                problems.append(f"span {receipt.block_start}:{receipt.block_end} != requested {start}:{end}")
+            if receipt.client.lower() != self.address.lower():
+                problems.append("receipt names another client")
+            if receipt.price != price_per_block * (end - start) or receipt.amount != receipt.tokens * receipt.price:
+                problems.append(f"price {receipt.price} / amount {receipt.amount} differ from the announced price")
+            if receipt.tokens != inputs.shape[0] * inputs.shape[1]:
+                problems.append(f"charges {receipt.tokens} tokens for {inputs.shape[0] * inputs.shape[1]}")
+            if receipt.input_commitment != schema.commit_tensor(inputs):
+                problems.append("input commitment does not match what was sent")
+            if receipt.output_commitment != schema.commit_tensor(outputs):
+                problems.append("output commitment does not match what was received")
+            if session_id is not None and receipt.session_id != session_id.rjust(32, b"\0"):
+                problems.append("receipt names another session")
+            if problems:
+                raise ReceiptError("; ".join(problems))
+        with self._lock:
+            self._owed[receipt.node] = self._owed.get(receipt.node, 0) + receipt.amount
+            self.receipts.append(signed)
+        return signed
+
+    def owed(self, node_address: str) -> int:
+        return self._owed.get(schema.Voucher(client=self.address, node=node_address, channel_id=0,
+                                             cumulative_amount=0).node, 0)
+
+    def voucher_for(self, node_address: str) -> Optional[dict]:
+        """A voucher covering everything received from this node so far (None if nothing is owed)."""
+        amount = self.owed(node_address)
+        if amount <= 0:
+            return None
+        voucher = schema.Voucher(client=self.address, node=node_address, channel_id=self.channel_id,
+                                 cumulative_amount=amount)
+        return schema.sign_voucher(voucher, self.private_key, self.domain).to_json()
+
+    @property
+    def total_paid(self) -> int:
+        return sum(self._owed.values())

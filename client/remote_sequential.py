@@ -1,0 +1,154 @@
+"""Forward and backward through the swarm, as a differentiable function (for prompt tuning and fine-tuning).
+
+Autograd sees one op: forward sends the hidden states hop by hop through the forward RPC and keeps each hop's
+input; backward walks the same hops in reverse through the backward RPC (nodes recompute their activations, so
+they keep no training state). A failed hop is retried on another route for the same blocks.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+
+from nectar.client.config import ClientConfig
+from nectar.client.payments import ReceiptError, Wallet
+from nectar.client.routing import RemoteSequenceManager, RemoteSpan
+from nectar.client.runtime import ClientRuntime
+from nectar.wire.protocol import RPC_BACKWARD, RPC_FORWARD, make_request, module_uid, unpack_metadata, unpack_tensors
+from nectar.wire.transport import call_once
+
+logger = logging.getLogger(__name__)
+
+
+class RemoteCaller:
+    """Unary forward/backward calls to single hops, with receipts checked and vouchers attached."""
+
+    def __init__(self, manager: RemoteSequenceManager, runtime: ClientRuntime, wallet: Wallet, config: ClientConfig):
+        self.manager, self.runtime, self.wallet, self.config = manager, runtime, wallet, config
+        self.session_id = os.urandom(16)
+        self.step = 0
+
+    def call(self, method: str, span: RemoteSpan, tensors: list[torch.Tensor], *, receipt_inputs: torch.Tensor):
+        metadata = {"client": self.wallet.address, "session_id": self.session_id, "step": self.step}
+        self.step += 1
+        voucher = self.wallet.voucher_for(span.info.eth_address)
+        if voucher is not None:
+            metadata["voucher"] = voucher
+        request = make_request(module_uid(self.manager.model_id, span.start, span.end), tensors, metadata)
+        response = self.runtime.run(
+            call_once(self.runtime.p2p, span.peer_id, method, request, timeout=self.config.request_timeout),
+            timeout=self.config.request_timeout + 5,
+        )
+        outputs, reply = unpack_tensors(response.tensors), unpack_metadata(response.metadata)
+        if not outputs or not all(torch.isfinite(o).all() for o in outputs):
+            raise ValueError(f"{span} returned a malformed output")
+        if "receipt" in reply or self.config.verify_receipts:
+            self.wallet.check_receipt(
+                reply.get("receipt", {}), node_address=span.info.eth_address,
+                price_per_block=span.info.price_per_token, start=span.start, end=span.end, inputs=receipt_inputs,
+                outputs=outputs[0], verify=self.config.verify_receipts,
+            )
+        return outputs
+
+    def with_retries(self, function, start: int, end: int):
+        last_error = None
+        for attempt in range(self.config.max_retries + 1):
+            route = self.manager.make_training_route(start, end)
+            try:
+                return function(route)
+            except Exception as e:  # a hop failed: avoid it and route again
+                last_error = e
+                failed = getattr(e, "span", None) or route[0]
+                self.manager.ban(failed.peer_id, f"{type(e).__name__}: {e}")
+        raise RuntimeError(f"Forward/backward through blocks {start}:{end} failed: {last_error}")
+
+
+class _HopError(Exception):
+    def __init__(self, span, error):
+        super().__init__(f"{span}: {error}")
+        self.span = span
+
+
+def _remote_forward(caller: RemoteCaller, hidden: torch.Tensor, prompts: Optional[torch.Tensor]):
+    """Returns (output, [(span, hop input)]) over a fresh training route."""
+
+    def run(route):
+        x, saved = hidden, []
+        for span in route:
+            tensors = [x] + ([prompts[span.start : span.end]] if prompts is not None else [])
+            try:
+                (y,) = caller.call(RPC_FORWARD, span, tensors, receipt_inputs=x)[:1]
+            except (ReceiptError, Exception) as e:
+                raise _HopError(span, e)
+            saved.append((span, x))
+            x = y
+        return x, saved
+
+    return caller.with_retries(run, 0, caller.manager.num_blocks)
+
+
+def _remote_backward(caller: RemoteCaller, saved, grad_output: torch.Tensor, prompts: Optional[torch.Tensor]):
+    grad = grad_output
+    grad_prompts = torch.zeros_like(prompts) if prompts is not None else None
+    for span, x in reversed(saved):
+        tensors = [x, grad] + ([prompts[span.start : span.end]] if prompts is not None else [])
+        try:
+            outputs = caller.call(RPC_BACKWARD, span, tensors, receipt_inputs=grad)
+        except Exception as e:
+            # the span's node is gone: recompute this part of the chain on another route, then backprop there
+            caller.manager.ban(span.peer_id, str(e))
+            outputs = _backward_with_new_route(caller, span, x, grad, prompts)
+        grad = outputs[0]
+        if grad_prompts is not None:
+            grad_prompts[span.start : span.end] += outputs[1]
+    return grad, grad_prompts
+
+
+def _backward_with_new_route(caller, span, x, grad, prompts):
+    def run(route):
+        inputs, current = [], x
+        for hop in route:
+            tensors = [current] + ([prompts[hop.start : hop.end]] if prompts is not None else [])
+            inputs.append(current)
+            current = caller.call(RPC_FORWARD, hop, tensors, receipt_inputs=current)[0]
+        g, grads_prompts = grad, []
+        for hop, hop_input in zip(reversed(route), reversed(inputs)):
+            tensors = [hop_input, g] + ([prompts[hop.start : hop.end]] if prompts is not None else [])
+            out = caller.call(RPC_BACKWARD, hop, tensors, receipt_inputs=g)
+            g = out[0]
+            grads_prompts.append(out[1] if prompts is not None else None)
+        merged = torch.cat(grads_prompts[::-1], dim=0) if prompts is not None else None
+        return [g] + ([merged] if merged is not None else [])
+
+    return caller.with_retries(run, span.start, span.end)
+
+
+class _RemoteSequentialFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, prompts: Optional[torch.Tensor], caller: RemoteCaller):
+        output, saved = _remote_forward(caller, hidden.detach().float().cpu(),
+                                        prompts.detach().float().cpu() if prompts is not None else None)
+        ctx.caller, ctx.saved_hops = caller, saved
+        ctx.save_for_backward(prompts if prompts is not None else torch.empty(0))
+        ctx.has_prompts = prompts is not None
+        return output.to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (prompts,) = ctx.saved_tensors
+        prompts = prompts.detach().float().cpu() if ctx.has_prompts else None
+        grad_hidden, grad_prompts = _remote_backward(ctx.caller, ctx.saved_hops, grad_output.float().cpu(), prompts)
+        return grad_hidden, grad_prompts, None
+
+
+class RemoteSequential(torch.nn.Module):
+    """All of a model's transformer blocks, run remotely; ``forward(hidden, prompts=None)`` is differentiable."""
+
+    def __init__(self, caller: RemoteCaller):
+        super().__init__()
+        self.caller = caller
+
+    def forward(self, hidden_states: torch.Tensor, prompts: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return _RemoteSequentialFunction.apply(hidden_states, prompts, self.caller)
