@@ -1,0 +1,394 @@
+// SPDX-License-Identifier: Apache-2.0
+pragma solidity ^0.8.24;
+
+import {Ownable} from "@openzeppelin/contracts/access/Ownable.sol";
+import {Escrow} from "../src/Escrow.sol";
+import {Settlement} from "../src/Settlement.sol";
+import {Receipt} from "../src/lib/NectarTypes.sol";
+import {NectarFixture} from "./utils/NectarFixture.sol";
+
+contract SettlementTest is NectarFixture {
+    event BatchSettled(address indexed submitter, uint256 vouchers, uint256 gross, uint256 fee);
+    event Charged(address indexed client, uint256 amount, uint256 balance);
+    event EarningsCredited(address indexed payee, uint256 amount);
+    event EpochRootCommitted(uint64 indexed epoch, bytes32 root, uint32 count, address indexed committer);
+
+    uint256 internal constant SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141;
+
+    function setUp() public override {
+        super.setUp();
+        _deposit(client, 100 ether);
+        _deposit(client2, 100 ether);
+    }
+
+    /*//////////////////////////////////////////////////////////////
+                                 SETTLE
+    //////////////////////////////////////////////////////////////*/
+
+    function test_SettleOneVoucher() public {
+        (address[] memory nodes, Settlement.ClientVouchers[] memory groups) = _single(CLIENT_PK, node, 7, 2 ether);
+        vm.expectEmit(address(escrow));
+        emit Charged(client, 2 ether, 98 ether);
+        vm.expectEmit(address(escrow));
+        emit EarningsCredited(node, 2 ether - _fee(2 ether));
+        vm.expectEmit(address(escrow));
+        emit EarningsCredited(treasury, _fee(2 ether));
+        vm.expectEmit(address(settlement));
+        emit BatchSettled(address(this), 1, 2 ether, _fee(2 ether));
+        uint256 gross = settlement.settle(nodes, groups);
+        assertEq(gross, 2 ether, "gross");
+        assertEq(settlement.paid(client, node, 7), 2 ether, "paid");
+        assertEq(escrow.balanceOf(client), 98 ether, "client escrow");
+        assertEq(escrow.earningsOf(node), 2 ether - _fee(2 ether), "node earnings");
+        assertEq(escrow.earningsOf(treasury), _fee(2 ether), "fee");
+    }
+
+    function test_SettlePaysOnlyTheCumulativeDifference() public {
+        _settleOne(CLIENT_PK, node, 1, 3 ether);
+        _settleOne(CLIENT_PK, node, 1, 5 ether);
+        assertEq(settlement.paid(client, node, 1), 5 ether, "paid");
+        assertEq(escrow.balanceOf(client), 95 ether, "charged 5 in total");
+        assertEq(escrow.earningsOf(node), 5 ether - _fee(3 ether) - _fee(2 ether), "node got 5 less fees");
+    }
+
+    function test_ChannelsAreIndependent() public {
+        _settleOne(CLIENT_PK, node, 1, 3 ether);
+        _settleOne(CLIENT_PK, node, 2, 1 ether);
+        _settleOne(CLIENT_PK, node2, 1, 1 ether);
+        assertEq(settlement.paid(client, node, 1), 3 ether, "channel 1");
+        assertEq(settlement.paid(client, node, 2), 1 ether, "channel 2");
+        assertEq(settlement.paid(client, node2, 1), 1 ether, "other node");
+        assertEq(escrow.balanceOf(client), 95 ether, "all charged");
+    }
+
+    function test_SettleBatchOfTwoClientsAndTwoNodes() public {
+        address[] memory nodes = new address[](2);
+        nodes[0] = node;
+        nodes[1] = node2;
+        Settlement.ClientVouchers[] memory groups = new Settlement.ClientVouchers[](2);
+        groups[0].client = client;
+        groups[0].vouchers = new Settlement.SignedVoucher[](2);
+        groups[0].vouchers[0] = _voucher(CLIENT_PK, node, 0, 1, 1 ether);
+        groups[0].vouchers[1] = _voucher(CLIENT_PK, node2, 1, 1, 2 ether);
+        groups[1].client = client2;
+        groups[1].vouchers = new Settlement.SignedVoucher[](2);
+        groups[1].vouchers[0] = _voucher(CLIENT2_PK, node, 0, 9, 3 ether);
+        groups[1].vouchers[1] = _voucher(CLIENT2_PK, node2, 1, 9, 4 ether);
+        vm.prank(node); // anyone may submit, e.g. a node while the ledger is down
+        assertEq(settlement.settle(nodes, groups), 10 ether, "gross");
+        assertEq(escrow.balanceOf(client), 97 ether, "client charged");
+        assertEq(escrow.balanceOf(client2), 93 ether, "client2 charged");
+        assertEq(escrow.earningsOf(node), 4 ether - _fee(4 ether), "node");
+        assertEq(escrow.earningsOf(node2), 6 ether - _fee(6 ether), "node2");
+        assertEq(escrow.earningsOf(treasury), _fee(4 ether) + _fee(6 ether), "fees");
+    }
+
+    function testFuzz_SettleAmounts(uint256 deposit, uint256 first, uint256 second) public {
+        deposit = bound(deposit, 1, type(uint128).max / 4);
+        first = bound(first, 1, deposit);
+        second = bound(second, first + 1, deposit + 1);
+        _deposit(node2, deposit); // a fresh client: node2's key is as good as any
+        _settleOne(NODE2_PK, node, 3, uint128(first));
+        assertEq(escrow.balanceOf(node2), deposit - first, "after first");
+        if (second > deposit) {
+            (address[] memory nodes, Settlement.ClientVouchers[] memory groups) =
+                _single(NODE2_PK, node, 3, uint128(second));
+            vm.expectRevert(abi.encodeWithSelector(Settlement.InsufficientEscrow.selector, 0));
+            settlement.settle(nodes, groups);
+            return;
+        }
+        _settleOne(NODE2_PK, node, 3, uint128(second));
+        assertEq(escrow.balanceOf(node2), deposit - second, "after second");
+        assertEq(escrow.earningsOf(node) + escrow.earningsOf(treasury), second, "conserved");
+    }
+
+    function test_RevertWhen_Replay() public {
+        (address[] memory nodes, Settlement.ClientVouchers[] memory groups) = _single(CLIENT_PK, node, 1, 1 ether);
+        settlement.settle(nodes, groups);
+        vm.expectRevert(abi.encodeWithSelector(Settlement.VoucherReplay.selector, 0));
+        settlement.settle(nodes, groups);
+    }
+
+    function testFuzz_RevertWhen_CumulativeNotAbovePaid(uint256 lower) public {
+        _settleOne(CLIENT_PK, node, 1, 5 ether);
+        lower = bound(lower, 0, 5 ether);
+        (address[] memory nodes, Settlement.ClientVouchers[] memory groups) =
+            _single(CLIENT_PK, node, 1, uint128(lower));
+        vm.expectRevert(abi.encodeWithSelector(Settlement.VoucherReplay.selector, 0));
+        settlement.settle(nodes, groups);
+    }
+
+    function test_RevertWhen_DuplicateInsideBatch() public {
+        (address[] memory nodes, Settlement.ClientVouchers[] memory groups) = _single(CLIENT_PK, node, 1, 1 ether);
+        Settlement.SignedVoucher memory v = groups[0].vouchers[0];
+        groups[0].vouchers = new Settlement.SignedVoucher[](2);
+        groups[0].vouchers[0] = v;
+        groups[0].vouchers[1] = v;
+        vm.expectRevert(abi.encodeWithSelector(Settlement.VoucherReplay.selector, 1));
+        settlement.settle(nodes, groups);
+    }
+
+    function test_RevertWhen_SignedByAnotherKey() public {
+        (address[] memory nodes, Settlement.ClientVouchers[] memory groups) = _single(CLIENT2_PK, node, 1, 1 ether);
+        groups[0].client = client; // claims client's escrow with client2's signature
+        vm.expectRevert(abi.encodeWithSelector(Settlement.InvalidSignature.selector, 0));
+        settlement.settle(nodes, groups);
+    }
+
+    function test_RevertWhen_AmountTampered() public {
+        (address[] memory nodes, Settlement.ClientVouchers[] memory groups) = _single(CLIENT_PK, node, 1, 1 ether);
+        groups[0].vouchers[0].packed = _pack(0, 1, 2 ether);
+        vm.expectRevert(abi.encodeWithSelector(Settlement.InvalidSignature.selector, 0));
+        settlement.settle(nodes, groups);
+    }
+
+    function test_RevertWhen_NodeSwapped() public {
+        (address[] memory nodes, Settlement.ClientVouchers[] memory groups) = _single(CLIENT_PK, node, 1, 1 ether);
+        nodes[0] = node2; // redirect the payment
+        vm.expectRevert(abi.encodeWithSelector(Settlement.InvalidSignature.selector, 0));
+        settlement.settle(nodes, groups);
+    }
+
+    function test_RevertWhen_ParityFlipped() public {
+        // EIP-2098 leaves no room for a high s, so flipping the parity bit is the one malleation left: it
+        // recovers some other key, never the client.
+        (address[] memory nodes, Settlement.ClientVouchers[] memory groups) = _single(CLIENT_PK, node, 1, 1 ether);
+        groups[0].vouchers[0].vs ^= bytes32(uint256(1) << 255);
+        vm.expectRevert(abi.encodeWithSelector(Settlement.InvalidSignature.selector, 0));
+        settlement.settle(nodes, groups);
+    }
+
+    function testFuzz_RevertWhen_RandomSignature(bytes32 r, bytes32 vs) public {
+        (address[] memory nodes, Settlement.ClientVouchers[] memory groups) = _single(CLIENT_PK, node, 1, 1 ether);
+        vm.assume(r != groups[0].vouchers[0].r);
+        groups[0].vouchers[0].r = r;
+        groups[0].vouchers[0].vs = vs;
+        vm.expectRevert(abi.encodeWithSelector(Settlement.InvalidSignature.selector, 0));
+        settlement.settle(nodes, groups);
+    }
+
+    function testFuzz_RevertWhen_WrongSigner(uint256 pk) public {
+        pk = bound(pk, 1, SECP256K1_N - 1);
+        vm.assume(pk != CLIENT_PK);
+        (address[] memory nodes, Settlement.ClientVouchers[] memory groups) = _single(pk, node, 1, 1 ether);
+        groups[0].client = client;
+        vm.expectRevert(abi.encodeWithSelector(Settlement.InvalidSignature.selector, 0));
+        settlement.settle(nodes, groups);
+    }
+
+    function test_RevertWhen_ZeroClientAndGarbageSignature() public {
+        (address[] memory nodes, Settlement.ClientVouchers[] memory groups) = _single(CLIENT_PK, node, 1, 1 ether);
+        groups[0].client = address(0);
+        groups[0].vouchers[0].r = bytes32(0);
+        groups[0].vouchers[0].vs = bytes32(0);
+        vm.expectRevert(abi.encodeWithSelector(Settlement.InvalidSignature.selector, 0));
+        settlement.settle(nodes, groups);
+    }
+
+    function test_RevertWhen_OverSpend() public {
+        (address[] memory nodes, Settlement.ClientVouchers[] memory groups) =
+            _single(CLIENT_PK, node, 1, 100 ether + 1);
+        vm.expectRevert(abi.encodeWithSelector(Settlement.InsufficientEscrow.selector, 0));
+        settlement.settle(nodes, groups);
+    }
+
+    function test_RevertWhen_OverSpendAcrossVouchers() public {
+        address[] memory nodes = new address[](1);
+        nodes[0] = node;
+        Settlement.ClientVouchers[] memory groups = new Settlement.ClientVouchers[](1);
+        groups[0].client = client;
+        groups[0].vouchers = new Settlement.SignedVoucher[](2);
+        groups[0].vouchers[0] = _voucher(CLIENT_PK, node, 0, 1, 60 ether);
+        groups[0].vouchers[1] = _voucher(CLIENT_PK, node, 0, 2, 60 ether);
+        vm.expectRevert(abi.encodeWithSelector(Settlement.InsufficientEscrow.selector, 1));
+        settlement.settle(nodes, groups);
+    }
+
+    function test_RevertWhen_BadNodeIndex() public {
+        (address[] memory nodes, Settlement.ClientVouchers[] memory groups) = _single(CLIENT_PK, node, 1, 1 ether);
+        groups[0].vouchers[0].packed = _pack(1, 1, 1 ether);
+        vm.expectRevert(abi.encodeWithSelector(Settlement.BadNodeIndex.selector, 0));
+        settlement.settle(nodes, groups);
+    }
+
+    function testFuzz_RevertWhen_GarbageInNodeIndexBits(uint256 high) public {
+        high = bound(high, 1, type(uint64).max);
+        (address[] memory nodes, Settlement.ClientVouchers[] memory groups) = _single(CLIENT_PK, node, 1, 1 ether);
+        groups[0].vouchers[0].packed |= high << 192;
+        vm.expectRevert(abi.encodeWithSelector(Settlement.BadNodeIndex.selector, 0));
+        settlement.settle(nodes, groups);
+    }
+
+    function test_RevertWhen_EmptyBatch() public {
+        address[] memory nodes = new address[](0);
+        Settlement.ClientVouchers[] memory groups = new Settlement.ClientVouchers[](0);
+        vm.expectRevert(Settlement.EmptyBatch.selector);
+        settlement.settle(nodes, groups);
+    }
+
+    function test_ZeroFeeCreditsNodeFully() public {
+        vm.prank(owner);
+        settlement.setFee(treasury, 0);
+        _settleOne(CLIENT_PK, node, 1, 1 ether);
+        assertEq(escrow.earningsOf(node), 1 ether, "no fee");
+    }
+
+    /*//////////////////////////////////////////////////////////////
+                                 ADMIN
+    //////////////////////////////////////////////////////////////*/
+
+    function test_RevertWhen_FeeTooHigh() public {
+        uint16 tooHigh = settlement.MAX_FEE_BPS() + 1;
+        vm.expectRevert(Settlement.BadFee.selector);
+        vm.prank(owner);
+        settlement.setFee(treasury, tooHigh);
+    }
+
+    function test_RevertWhen_FeeRecipientZero() public {
+        vm.expectRevert(Settlement.BadFee.selector);
+        vm.prank(owner);
+        settlement.setFee(address(0), 10);
+    }
+
+    function test_RevertWhen_SetFeeByNonOwner() public {
+        vm.expectRevert(abi.encodeWithSelector(Ownable.OwnableUnauthorizedAccount.selector, client));
+        vm.prank(client);
+        settlement.setFee(client, 0);
+    }
+
+    function test_RevertWhen_SetRootCommitterByNonOwner() public {
+        vm.expectRevert(abi.encodeWithSelector(Ownable.OwnableUnauthorizedAccount.selector, client));
+        vm.prank(client);
+        settlement.setRootCommitter(client, true);
+    }
+
+    /*//////////////////////////////////////////////////////////////
+                              EIP-712 HASHES
+    //////////////////////////////////////////////////////////////*/
+
+    function test_DomainSeparatorIsNectarV1() public view {
+        bytes32 expected = keccak256(
+            abi.encode(
+                keccak256("EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"),
+                keccak256("Nectar"),
+                keccak256("1"),
+                block.chainid,
+                address(settlement)
+            )
+        );
+        assertEq(settlement.domainSeparator(), expected, "domain");
+    }
+
+    function test_VoucherDigestMatchesProtocolString() public view {
+        bytes32 structHash = keccak256(
+            abi.encode(
+                keccak256("Voucher(address client,address node,uint64 channelId,uint128 cumulativeAmount)"),
+                client,
+                node,
+                uint64(5),
+                uint128(9)
+            )
+        );
+        bytes32 expected = keccak256(abi.encodePacked("\x19\x01", settlement.domainSeparator(), structHash));
+        assertEq(settlement.voucherDigest(client, node, 5, 9), expected, "voucher digest");
+    }
+
+    function test_ReceiptLeafIsHashOfStructHash() public view {
+        Receipt memory r = _receipt(node, keccak256("s"), 3, keccak256("out"));
+        bytes32 structHash = keccak256(
+            bytes.concat(
+                abi.encode(
+                    keccak256(
+                        "Receipt(bytes32 sessionId,uint64 step,uint8 kind,bytes32 modelId,uint16 blockStart,"
+                        "uint16 blockEnd,address node,address client,uint32 tokens,uint128 price,uint128 amount,"
+                        "bytes32 inputCommitment,bytes32 outputCommitment,bytes32 fingerprint,uint64 timestamp)"
+                    ),
+                    r.sessionId,
+                    r.step,
+                    r.kind,
+                    r.modelId,
+                    r.blockStart,
+                    r.blockEnd
+                ),
+                abi.encode(r.node, r.client, r.tokens, r.price, r.amount, r.inputCommitment),
+                abi.encode(r.outputCommitment, r.fingerprint, r.timestamp)
+            )
+        );
+        assertEq(settlement.receiptLeaf(r), keccak256(abi.encode(structHash)), "leaf");
+        bytes32 digest = keccak256(abi.encodePacked("\x19\x01", settlement.domainSeparator(), structHash));
+        assertEq(settlement.receiptDigest(r), digest, "digest");
+    }
+
+    /*//////////////////////////////////////////////////////////////
+                               EPOCH ROOTS
+    //////////////////////////////////////////////////////////////*/
+
+    function _hashPair(bytes32 a, bytes32 b) internal pure returns (bytes32) {
+        return a < b ? keccak256(abi.encodePacked(a, b)) : keccak256(abi.encodePacked(b, a));
+    }
+
+    /// @dev Three sorted leaves: (l0, l1) pair up, l2 is promoted unchanged (docs/protocol.md).
+    function _tree() internal pure returns (bytes32[3] memory leaves, bytes32 root) {
+        leaves = [keccak256("a"), keccak256("b"), keccak256("c")];
+        // sort ascending
+        for (uint256 i; i < 3; ++i) {
+            for (uint256 j = i + 1; j < 3; ++j) {
+                if (leaves[j] < leaves[i]) (leaves[i], leaves[j]) = (leaves[j], leaves[i]);
+            }
+        }
+        root = _hashPair(_hashPair(leaves[0], leaves[1]), leaves[2]);
+    }
+
+    function test_CommitAndProveInclusion() public {
+        (bytes32[3] memory leaves, bytes32 root) = _tree();
+        vm.expectEmit(address(settlement));
+        emit EpochRootCommitted(4, root, 3, ledger);
+        vm.prank(ledger);
+        settlement.commitEpochRoot(4, root, 3);
+        (bytes32 stored, uint32 count, uint64 at) = settlement.epochRoot(4);
+        assertEq(stored, root, "root");
+        assertEq(uint256(count), 3, "count");
+        assertEq(uint256(at), block.timestamp, "time");
+
+        bytes32[] memory proof = new bytes32[](2);
+        proof[0] = leaves[1];
+        proof[1] = leaves[2];
+        assertTrue(settlement.verifyInclusion(4, leaves[0], proof), "leaf 0");
+        bytes32[] memory promoted = new bytes32[](1);
+        promoted[0] = _hashPair(leaves[0], leaves[1]);
+        assertTrue(settlement.verifyInclusion(4, leaves[2], promoted), "promoted leaf 2");
+        assertFalse(settlement.verifyInclusion(4, keccak256("d"), proof), "foreign leaf");
+        assertFalse(settlement.verifyInclusion(5, leaves[0], proof), "uncommitted epoch");
+    }
+
+    function test_RevertWhen_CommitByStranger() public {
+        vm.expectRevert(Settlement.NotRootCommitter.selector);
+        vm.prank(client);
+        settlement.commitEpochRoot(1, keccak256("r"), 1);
+    }
+
+    function test_RevertWhen_CommitTwice() public {
+        vm.startPrank(ledger);
+        settlement.commitEpochRoot(1, keccak256("r"), 1);
+        vm.expectRevert(abi.encodeWithSelector(Settlement.EpochAlreadyCommitted.selector, 1));
+        settlement.commitEpochRoot(1, keccak256("other"), 1);
+        vm.stopPrank();
+    }
+
+    function test_RevertWhen_CommitEmptyRoot() public {
+        vm.startPrank(ledger);
+        vm.expectRevert(Settlement.EmptyRoot.selector);
+        settlement.commitEpochRoot(1, bytes32(0), 1);
+        vm.expectRevert(Settlement.EmptyRoot.selector);
+        settlement.commitEpochRoot(1, keccak256("r"), 0);
+        vm.stopPrank();
+    }
+
+    function test_RevokedCommitterCannotCommit() public {
+        vm.prank(owner);
+        settlement.setRootCommitter(ledger, false);
+        vm.expectRevert(Settlement.NotRootCommitter.selector);
+        vm.prank(ledger);
+        settlement.commitEpochRoot(1, keccak256("r"), 1);
+    }
+}

@@ -1,0 +1,177 @@
+// SPDX-License-Identifier: Apache-2.0
+pragma solidity ^0.8.24;
+
+import {Test} from "./Test.sol";
+import {Credits} from "../../src/Credits.sol";
+import {Escrow} from "../../src/Escrow.sol";
+import {NodeRegistry} from "../../src/NodeRegistry.sol";
+import {Settlement} from "../../src/Settlement.sol";
+import {Slashing} from "../../src/Slashing.sol";
+import {Receipt} from "../../src/lib/NectarTypes.sol";
+
+/// @notice Deploys and wires the whole contract set the way the devnet does, with helpers to sign vouchers and
+///         receipts and to build settle batches. Shared by every contract's tests.
+/// @author Nectar
+abstract contract NectarFixture is Test {
+    uint256 internal constant FAUCET_CAP = 1_000_000 ether;
+    uint256 internal constant UNLOCK_DELAY = 1 days;
+    uint256 internal constant MIN_STAKE = 100 ether;
+    uint256 internal constant UNBOND_DELAY = 7 days;
+    uint16 internal constant FEE_BPS = 100;
+    uint256 internal constant DISPUTE_WINDOW = 1 days;
+    uint256 internal constant DOUBLE_SIGN_BPS = 5_000;
+    uint256 internal constant REPORTER_BPS = 1_000;
+    uint256 internal constant SPOT_CHECK_BPS = 1_000;
+
+    uint256 internal constant CLIENT_PK = 0xC11E;
+    uint256 internal constant CLIENT2_PK = 0xC22E;
+    uint256 internal constant NODE_PK = 0xA0DE;
+    uint256 internal constant NODE2_PK = 0xB0DE;
+
+    address internal owner = address(0x0A11);
+    address internal treasury = address(0x7EA5);
+    address internal ledger = address(0x1ED6);
+    address internal verifier = address(0x7E41);
+
+    address internal client;
+    address internal client2;
+    address internal node;
+    address internal node2;
+
+    Credits internal credits;
+    Escrow internal escrow;
+    NodeRegistry internal registry;
+    Settlement internal settlement;
+    Slashing internal slashing;
+
+    function setUp() public virtual {
+        client = vm.addr(CLIENT_PK);
+        client2 = vm.addr(CLIENT2_PK);
+        node = vm.addr(NODE_PK);
+        node2 = vm.addr(NODE2_PK);
+
+        credits = new Credits(owner, FAUCET_CAP);
+        escrow = new Escrow(credits, UNLOCK_DELAY, owner);
+        registry = new NodeRegistry(credits, MIN_STAKE, UNBOND_DELAY, treasury, owner);
+        settlement = new Settlement(escrow, owner, treasury, FEE_BPS);
+        slashing = new Slashing(
+            registry,
+            settlement,
+            owner,
+            1,
+            Slashing.Params({
+                doubleSignSlashBps: DOUBLE_SIGN_BPS,
+                reporterRewardBps: REPORTER_BPS,
+                spotCheckSlashBps: SPOT_CHECK_BPS,
+                disputeWindow: DISPUTE_WINDOW
+            })
+        );
+        vm.startPrank(owner);
+        escrow.setSettlement(address(settlement));
+        registry.setSlasher(address(slashing));
+        settlement.setRootCommitter(ledger, true);
+        slashing.setVerifier(verifier, true);
+        vm.stopPrank();
+    }
+
+    /*//////////////////////////////////////////////////////////////
+                                 FUNDS
+    //////////////////////////////////////////////////////////////*/
+
+    function _mint(address to, uint256 amount) internal {
+        vm.prank(owner);
+        credits.mint(to, amount);
+    }
+
+    function _deposit(address who, uint256 amount) internal {
+        _mint(who, amount);
+        vm.startPrank(who);
+        credits.approve(address(escrow), amount);
+        escrow.deposit(amount);
+        vm.stopPrank();
+    }
+
+    function _register(address who, uint256 stake) internal {
+        _mint(who, stake);
+        vm.startPrank(who);
+        credits.approve(address(registry), stake);
+        registry.register("12D3KooWNectarTestPeer", stake);
+        vm.stopPrank();
+    }
+
+    /// @dev The protocol fee Settlement takes from `gross` paid to one node.
+    function _fee(uint256 gross) internal pure returns (uint256) {
+        return gross * uint256(FEE_BPS) / 10_000;
+    }
+
+    /*//////////////////////////////////////////////////////////////
+                                VOUCHERS
+    //////////////////////////////////////////////////////////////*/
+
+    function _pack(uint256 nodeIndex, uint64 channelId, uint128 cumulative) internal pure returns (uint256) {
+        return nodeIndex << 192 | uint256(channelId) << 128 | cumulative;
+    }
+
+    function _voucher(uint256 clientPk, address to, uint256 nodeIndex, uint64 channelId, uint128 cumulative)
+        internal
+        view
+        returns (Settlement.SignedVoucher memory v)
+    {
+        bytes32 digest = settlement.voucherDigest(vm.addr(clientPk), to, channelId, cumulative);
+        (v.r, v.vs) = vm.signCompact(clientPk, digest);
+        v.packed = _pack(nodeIndex, channelId, cumulative);
+    }
+
+    /// @dev A batch of one voucher from `clientPk` to `to`.
+    function _single(uint256 clientPk, address to, uint64 channelId, uint128 cumulative)
+        internal
+        view
+        returns (address[] memory nodes, Settlement.ClientVouchers[] memory groups)
+    {
+        nodes = new address[](1);
+        nodes[0] = to;
+        groups = new Settlement.ClientVouchers[](1);
+        groups[0].client = vm.addr(clientPk);
+        groups[0].vouchers = new Settlement.SignedVoucher[](1);
+        groups[0].vouchers[0] = _voucher(clientPk, to, 0, channelId, cumulative);
+    }
+
+    function _settleOne(uint256 clientPk, address to, uint64 channelId, uint128 cumulative) internal {
+        (address[] memory nodes, Settlement.ClientVouchers[] memory groups) =
+            _single(clientPk, to, channelId, cumulative);
+        settlement.settle(nodes, groups);
+    }
+
+    /*//////////////////////////////////////////////////////////////
+                                RECEIPTS
+    //////////////////////////////////////////////////////////////*/
+
+    function _receipt(address by, bytes32 sessionId, uint64 step, bytes32 output)
+        internal
+        view
+        returns (Receipt memory r)
+    {
+        r = Receipt({
+            sessionId: sessionId,
+            step: step,
+            kind: 0,
+            modelId: keccak256("tiny-llama"),
+            blockStart: 0,
+            blockEnd: 4,
+            node: by,
+            client: client,
+            tokens: 7,
+            price: 1e12,
+            amount: 7e12,
+            inputCommitment: keccak256("input"),
+            outputCommitment: output,
+            fingerprint: keccak256("fingerprint"),
+            timestamp: uint64(block.timestamp)
+        });
+    }
+
+    function _signReceipt(uint256 pk, Receipt memory r) internal view returns (bytes memory) {
+        (uint8 v, bytes32 rr, bytes32 s) = vm.sign(pk, settlement.receiptDigest(r));
+        return abi.encodePacked(rr, s, v);
+    }
+}
