@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from functools import partial
 from typing import Callable
 
 import hivemind
@@ -18,11 +19,18 @@ def announce(dht: hivemind.DHT, model_id: str, num_model_blocks: int, info: Serv
     expires = get_dht_time() + expiration
     keys = [block_key(model_id, index) for index in range(info.start, info.end)] + [MODELS_KEY]
     values = [info.to_dict()] * (info.end - info.start) + [{model_id: num_model_blocks}]
-    results = dht.store(keys=keys, values=values, expiration_time=expires, subkeys=[subkey] * len(keys))
+    results = dht.run_coroutine(partial(_store_many, keys=keys, subkeys=[subkey] * len(keys), values=values,
+                                        expiration_time=expires))
     ok = all(results.values()) if isinstance(results, dict) else bool(results)
     if not ok:
         logger.warning(f"Some announcements were not stored: {results}")
     return ok
+
+
+async def _store_many(dht, node, *, keys, subkeys, values, expiration_time):
+    # runs inside the DHT process: one batched store instead of a round trip per block
+    return await node.store_many(keys=keys, subkeys=subkeys, values=values, expiration_time=expiration_time,
+                                 num_workers=8)
 
 
 class Announcer(threading.Thread):

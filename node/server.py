@@ -26,7 +26,7 @@ from nectar.node.task_pool import ComputeThread
 from nectar.paths import nectar_home
 from nectar.wire import receipts as schema
 from nectar.wire.announce import (
-    PROTOCOL_VERSION, AnnouncementValidator, ServerInfo, ServerState, block_key, parse_block_records,
+    PROTOCOL_VERSION, AnnouncementValidator, ServerInfo, ServerState, block_key, fetch_records, parse_block_records,
 )
 from nectar.wire.identity import load_or_create_eth_key, load_or_create_p2p_identity
 from nectar.wire.protocol import SUPPORTED_DTYPES
@@ -184,7 +184,7 @@ class Server:
     def _swarm_spans(self) -> list[tuple[int, int, float]]:
         """(start, end, throughput) of every other online node."""
         keys = [block_key(self.model_id, i) for i in range(self.num_model_blocks)]
-        records = self.dht.get_many(keys, latest=True)
+        records = fetch_records(self.dht, keys)
         by_block = parse_block_records(self.model_id, range(self.num_model_blocks), records)
         spans = {}
         for servers in by_block.values():

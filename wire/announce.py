@@ -162,3 +162,16 @@ def parse_block_records(
                     servers[peer_id] = info
         result[index] = servers
     return result
+
+
+async def _get_many(dht, node, *, keys, latest: bool):
+    # runs inside the DHT process: one batched lookup for all blocks
+    expiration = float("inf") if latest else None
+    return await node.get_many(keys, sufficient_expiration_time=expiration, num_workers=8)
+
+
+def fetch_records(dht, keys: Sequence[str], *, latest: bool = True) -> dict[Any, Any]:
+    """``{key: ValueWithExpiration | None}`` for many keys in one DHT round."""
+    from functools import partial
+
+    return dht.run_coroutine(partial(_get_many, keys=list(keys), latest=latest))

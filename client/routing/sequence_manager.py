@@ -18,7 +18,7 @@ from hivemind.p2p import PeerID
 from nectar.client.config import ClientConfig
 from nectar.client.routing.scoring import NoScorer, PeerScorer
 from nectar.client.routing.spans import RemoteSpan
-from nectar.wire.announce import ServerInfo, ServerState, block_key, parse_block_records
+from nectar.wire.announce import ServerInfo, ServerState, block_key, fetch_records, parse_block_records
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class RemoteSequenceManager:
         if not force and time.monotonic() - self._updated < self.config.update_period:
             return
         keys = [block_key(self.model_id, i) for i in range(self.num_blocks)]
-        records = self.dht.get_many(keys, latest=True)
+        records = fetch_records(self.dht, keys)
         servers = parse_block_records(self.model_id, range(self.num_blocks), records)
         with self._lock:
             self._servers, self._updated = servers, time.monotonic()
