@@ -162,6 +162,7 @@ def _convert(model: BuiltinModel, target: Path, *, progress: bool) -> None:
             bar.set_postfix_str(stages[4])
             marker = {"name": model.name, "format_version": FORMAT_VERSION, "source": f"{model.package}:{model.gguf_file}"}
             (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2))
+            _make_readable(staging)
             if target.exists():  # an incomplete cache from an older layout: replace it whole
                 shutil.rmtree(target)
             os.rename(staging, target)
@@ -170,6 +171,13 @@ def _convert(model: BuiltinModel, target: Path, *, progress: bool) -> None:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     logger.info("Converted %s in %.1fs", model.name, time.perf_counter() - began)
+
+
+def _make_readable(folder: Path) -> None:
+    # mkdtemp (and safetensors' temp files) are owner-only; a shared cache should be readable like any model folder.
+    folder.chmod(0o755)
+    for child in folder.iterdir():
+        child.chmod(0o644)
 
 
 def _remove_leftovers(name: str) -> None:

@@ -95,7 +95,8 @@ class BlockSpan(nn.Module):
         self._check_cache(cache, hidden_states.shape[0])
         step = AttentionStep(cache.length, hidden_states.shape[1])
         writer = cache.writer(step.query_length)
-        with torch.no_grad():
+        # A cache allocated under inference_mode can only be written under it; any other cache just needs no autograd.
+        with torch.inference_mode() if cache.buffer.is_inference() else torch.no_grad():
             output = self._run(hidden_states, step, writer, prompts)
         cache.length = step.key_length
         return output
