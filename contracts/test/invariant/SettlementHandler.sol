@@ -1,0 +1,140 @@
+// SPDX-License-Identifier: Apache-2.0
+pragma solidity ^0.8.24;
+
+import {Vm} from "../utils/Vm.sol";
+import {Credits} from "../../src/Credits.sol";
+import {Escrow} from "../../src/Escrow.sol";
+import {Settlement} from "../../src/Settlement.sol";
+
+/// @notice Drives Escrow and Settlement with random deposits, withdrawals, settlements (and replays of settled
+///         vouchers) for the invariant tests, keeping ghost totals to check against.
+/// @author Nectar
+contract SettlementHandler {
+    Vm internal constant vm = Vm(address(uint160(uint256(keccak256("hevm cheat code")))));
+
+    Credits public immutable credits;
+    Escrow public immutable escrow;
+    Settlement public immutable settlement;
+    address public immutable owner;
+
+    uint256[3] internal clientKeys = [uint256(0xC1), 0xC2, 0xC3];
+    address[3] public clients;
+    address[3] public nodes;
+    address public treasury;
+
+    // Ghosts
+    uint256 public ghostDeposited;
+    uint256 public ghostWithdrawn;
+    uint256 public ghostSettled;
+    uint256 public ghostEarningsWithdrawn;
+    uint256 public ghostReplayPaid; // replays that went through: must stay zero
+    mapping(bytes32 => uint256) public ghostCumulative; // last cumulative settled per channel
+    bytes32[] public channelKeys;
+    mapping(bytes32 => bool) internal _knownChannel;
+
+    // The last settled voucher, replayed by `replay`.
+    address[] internal _lastNodes;
+    Settlement.ClientVouchers[] internal _lastGroups;
+    bool internal _hasLast;
+
+    constructor(Credits credits_, Escrow escrow_, Settlement settlement_, address owner_, address treasury_) {
+        credits = credits_;
+        escrow = escrow_;
+        settlement = settlement_;
+        owner = owner_;
+        treasury = treasury_;
+        for (uint256 i; i < 3; ++i) {
+            clients[i] = vm.addr(clientKeys[i]);
+            nodes[i] = address(uint160(0xD0 + i));
+        }
+    }
+
+    function _bound(uint256 x, uint256 min, uint256 max) internal pure returns (uint256) {
+        return min + (x % (max - min + 1));
+    }
+
+    function channelCount() external view returns (uint256) {
+        return channelKeys.length;
+    }
+
+    /*//////////////////////////////////////////////////////////////
+                                 ACTIONS
+    //////////////////////////////////////////////////////////////*/
+
+    function deposit(uint256 who, uint256 amount) external {
+        address c = clients[who % 3];
+        amount = _bound(amount, 1, 1_000 ether);
+        vm.prank(owner);
+        credits.mint(c, amount);
+        vm.startPrank(c);
+        credits.approve(address(escrow), amount);
+        escrow.deposit(amount);
+        vm.stopPrank();
+        ghostDeposited += amount;
+    }
+
+    function requestWithdrawal(uint256 who, uint256 amount) external {
+        address c = clients[who % 3];
+        uint256 balance = escrow.balanceOf(c);
+        if (balance == 0) return;
+        vm.prank(c);
+        escrow.requestWithdrawal(_bound(amount, 1, balance));
+    }
+
+    function withdraw(uint256 who) external {
+        address c = clients[who % 3];
+        (uint256 pending, uint256 at) = escrow.pendingWithdrawal(c);
+        if (pending == 0) return;
+        if (block.timestamp < at) vm.warp(at);
+        vm.prank(c);
+        ghostWithdrawn += escrow.withdraw();
+    }
+
+    function settle(uint256 who, uint256 to, uint256 channel, uint256 amount) external {
+        uint256 k = who % 3;
+        address c = clients[k];
+        uint256 available = escrow.balanceOf(c);
+        if (available == 0) return;
+        address n = nodes[to % 3];
+        uint64 channelId = uint64(channel % 4);
+        bytes32 key = keccak256(abi.encode(c, n, channelId));
+        uint256 delta = _bound(amount, 1, available);
+        uint128 cumulative = uint128(ghostCumulative[key] + delta);
+
+        delete _lastNodes;
+        delete _lastGroups;
+        _lastNodes.push(n);
+        Settlement.ClientVouchers storage group = _lastGroups.push();
+        group.client = c;
+        (bytes32 r, bytes32 vs) = vm.signCompact(clientKeys[k], settlement.voucherDigest(c, n, channelId, cumulative));
+        group.vouchers.push(Settlement.SignedVoucher(uint256(channelId) << 128 | cumulative, r, vs));
+        settlement.settle(_lastNodes, _lastGroups);
+        _hasLast = true;
+
+        ghostSettled += delta;
+        ghostCumulative[key] = cumulative;
+        if (!_knownChannel[key]) {
+            _knownChannel[key] = true;
+            channelKeys.push(key);
+        }
+    }
+
+    /// @dev Resubmits the last settled batch; any success is a double payment.
+    function replay() external {
+        if (!_hasLast) return;
+        try settlement.settle(_lastNodes, _lastGroups) returns (uint256 gross) {
+            ghostReplayPaid += gross;
+        } catch {}
+    }
+
+    function withdrawEarnings(uint256 who) external {
+        address payee = who % 4 == 3 ? treasury : nodes[who % 4];
+        if (escrow.earningsOf(payee) == 0) return;
+        vm.prank(payee);
+        ghostEarningsWithdrawn += escrow.withdrawEarnings();
+    }
+
+    function warp(uint256 seconds_) external {
+        vm.warp(block.timestamp + _bound(seconds_, 1, 2 days));
+    }
+}

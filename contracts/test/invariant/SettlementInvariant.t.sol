@@ -1,0 +1,77 @@
+// SPDX-License-Identifier: Apache-2.0
+pragma solidity ^0.8.24;
+
+import {NectarFixture} from "../utils/NectarFixture.sol";
+import {SettlementHandler} from "./SettlementHandler.sol";
+
+/// @notice Escrow solvency and no-double-pay, under random deposits, withdrawals, settlements and replays.
+contract SettlementInvariantTest is NectarFixture {
+    SettlementHandler internal handler;
+
+    function setUp() public override {
+        super.setUp();
+        handler = new SettlementHandler(credits, escrow, settlement, owner, treasury);
+        targetContract(address(handler));
+        bytes4[] memory selectors = new bytes4[](7);
+        selectors[0] = SettlementHandler.deposit.selector;
+        selectors[1] = SettlementHandler.requestWithdrawal.selector;
+        selectors[2] = SettlementHandler.withdraw.selector;
+        selectors[3] = SettlementHandler.settle.selector;
+        selectors[4] = SettlementHandler.replay.selector;
+        selectors[5] = SettlementHandler.withdrawEarnings.selector;
+        selectors[6] = SettlementHandler.warp.selector;
+        targetSelector(FuzzSelector({addr: address(handler), selectors: selectors}));
+    }
+
+    function _clientBalances() internal view returns (uint256 sum) {
+        for (uint256 i; i < 3; ++i) {
+            sum += escrow.balanceOf(handler.clients(i));
+        }
+    }
+
+    function _earnings() internal view returns (uint256 sum) {
+        for (uint256 i; i < 3; ++i) {
+            sum += escrow.earningsOf(handler.nodes(i));
+        }
+        sum += escrow.earningsOf(treasury);
+    }
+
+    /// @dev The vault holds exactly what clients own plus what payees earned and did not withdraw.
+    function invariant_EscrowIsSolvent() public view {
+        assertEq(credits.balanceOf(address(escrow)), _clientBalances() + _earnings(), "escrow token balance");
+    }
+
+    /// @dev Client balances are deposits minus withdrawals minus settled payments, to the wei.
+    function invariant_ClientAccounting() public view {
+        assertEq(
+            _clientBalances(),
+            handler.ghostDeposited() - handler.ghostWithdrawn() - handler.ghostSettled(),
+            "client balances"
+        );
+        assertEq(_earnings() + handler.ghostEarningsWithdrawn(), handler.ghostSettled(), "earnings");
+    }
+
+    /// @dev No voucher pays twice: replays never went through, and each channel's paid total is its last voucher.
+    function invariant_NoVoucherPaysTwice() public view {
+        assertEq(handler.ghostReplayPaid(), 0, "replay paid");
+        uint256 sum;
+        for (uint256 i; i < handler.channelCount(); ++i) {
+            sum += handler.ghostCumulative(handler.channelKeys(i));
+        }
+        assertEq(sum, handler.ghostSettled(), "sum of channel totals equals what clients paid");
+    }
+
+    /// @dev Paid totals on chain match the handler's record for every channel touched.
+    function invariant_PaidMatchesLastVoucher() public view {
+        for (uint256 c; c < 3; ++c) {
+            for (uint256 n; n < 3; ++n) {
+                for (uint64 ch; ch < 4; ++ch) {
+                    address cl = handler.clients(c);
+                    address nd = handler.nodes(n);
+                    bytes32 key = keccak256(abi.encode(cl, nd, ch));
+                    assertEq(settlement.paid(cl, nd, ch), handler.ghostCumulative(key), "paid per channel");
+                }
+            }
+        }
+    }
+}
