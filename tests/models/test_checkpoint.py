@@ -1,0 +1,102 @@
+"""Spans and heads read only their own tensors: sharded checkpoints with the other shards deleted still load."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nectar.models import Checkpoint, CheckpointError, MissingCheckpointFileError, load_client_head, load_span
+
+BLOCK_PREFIXES = {"llama": "model.layers.", "mistral": "model.layers.", "bloom": "transformer.h."}
+
+
+def shard_per_block(source: Path, target: Path, block_prefix: str) -> dict[str, str]:
+    """Rewrite a single-file checkpoint as one shard per block plus a shard for the rest, with an index."""
+    shutil.copytree(source, target)
+    single = target / "model.safetensors"
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(single), framework="pt") as handle:
+        for key in handle.keys():
+            if key.startswith(block_prefix):
+                shard = f"block-{int(key[len(block_prefix):].split('.')[0]):02d}.safetensors"
+            else:
+                shard = "rest.safetensors"
+            groups.setdefault(shard, {})[key] = handle.get_tensor(key)
+    single.unlink()
+    weight_map = {}
+    for shard, tensors in groups.items():
+        save_file(tensors, str(target / shard), metadata={"format": "pt"})
+        weight_map.update({key: shard for key in tensors})
+    (target / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return weight_map
+
+
+@pytest.fixture
+def sharded(kind, tiny_paths, tmp_path):
+    return tmp_path / "sharded", shard_per_block(tiny_paths[kind], tmp_path / "sharded", BLOCK_PREFIXES[kind])
+
+
+def test_span_loads_with_other_blocks_shards_deleted(kind, tiny_paths, sharded):
+    folder, weight_map = sharded
+    expected = load_span(tiny_paths[kind], 1, 3)
+    for shard in {"rest.safetensors", "block-00.safetensors", "block-03.safetensors"}:
+        (folder / shard).unlink()
+    span = load_span(folder, 1, 3)
+    hidden = torch.randn(1, 5, 64)
+    assert torch.equal(span(hidden), expected(hidden))
+
+
+def test_head_loads_with_every_block_shard_deleted(kind, tiny_paths, sharded):
+    folder, _ = sharded
+    for shard in folder.glob("block-*.safetensors"):
+        shard.unlink()
+    head, expected = load_client_head(folder), load_client_head(tiny_paths[kind])
+    ids = torch.tensor([[3, 4, 5]])
+    assert torch.equal(head.logits(head.embed(ids)), expected.logits(expected.embed(ids)))
+
+
+def test_checkpoint_reads_only_requested_tensors(kind, tiny_paths):
+    checkpoint = Checkpoint(tiny_paths[kind])
+    prefix = BLOCK_PREFIXES[kind] + "2."
+    keys = [key for key in checkpoint.keys() if key.startswith(prefix)]
+    tensors = checkpoint.load(keys, dtype=torch.float16)
+    assert sorted(tensors) == sorted(keys) == sorted(checkpoint.loaded_keys)
+    assert all(tensor.dtype == torch.float16 for tensor in tensors.values())
+
+
+def test_missing_shard_error_names_the_file(kind, sharded):
+    folder, _ = sharded
+    (folder / "block-02.safetensors").unlink()
+    load_span(folder, 0, 2)  # blocks 0-1 do not need it
+    with pytest.raises(MissingCheckpointFileError, match="block-02.safetensors") as caught:
+        load_span(folder, 1, 3)
+    assert caught.value.filename.endswith("block-02.safetensors")
+
+
+def test_folder_without_weights_names_the_expected_files(tmp_path, tiny_paths):
+    shutil.copy(tiny_paths["llama"] / "config.json", tmp_path / "config.json")
+    with pytest.raises(MissingCheckpointFileError, match="model.safetensors"):
+        load_span(tmp_path, 0, 1)
+    with pytest.raises(MissingCheckpointFileError, match="model.safetensors"):
+        load_client_head(tmp_path)
+
+
+def test_malformed_index_is_a_clear_error(tmp_path, tiny_paths):
+    shutil.copy(tiny_paths["llama"] / "config.json", tmp_path / "config.json")
+    (tmp_path / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not a valid safetensors index"):
+        load_span(tmp_path, 0, 1)
+
+
+def test_block_missing_from_checkpoint_is_a_clear_error(kind, sharded):
+    folder, weight_map = sharded
+    prefix = BLOCK_PREFIXES[kind] + "3."
+    index = {key: shard for key, shard in weight_map.items() if not key.startswith(prefix)}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+    with pytest.raises(CheckpointError, match="no tensors for block 3"):
+        load_span(folder, 2, 4)

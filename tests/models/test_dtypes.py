@@ -1,0 +1,40 @@
+"""float16 / bfloat16 spans and heads: right dtypes everywhere, outputs close to float32."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nectar.models import load_client_head, load_span
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_span_tracks_float32(kind, tiny_paths, dtype):
+    path = tiny_paths[kind]
+    reference, span = load_span(path, 0, 4), load_span(path, 0, 4, dtype=dtype)
+    assert span.dtype == dtype and all(p.dtype == dtype for p in span.parameters())
+    hidden = load_client_head(path).embed(torch.randint(3, 1000, (2, 8)))
+    expected = reference(hidden)
+    full = span(hidden)
+    assert full.dtype == dtype
+    scale = expected.abs().max().item()
+    tolerance = (0.02 if dtype == torch.float16 else 0.08) * scale
+    assert (full.float() - expected).abs().max().item() < tolerance
+    # incremental decoding in half precision agrees with its own full forward
+    cache = span.new_cache(2, 8)
+    assert cache.dtype == dtype and cache.nbytes == span.cache_bytes_per_token(2) * 8
+    assert span.cache_bytes_per_token() * 2 == reference.cache_bytes_per_token()
+    steps = torch.cat([span(hidden[:, :5], cache=cache)] + [span(hidden[:, i : i + 1], cache=cache) for i in (5, 6, 7)], 1)
+    assert (steps.float() - full.float()).abs().max().item() < tolerance
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_head(kind, tiny_paths, dtype):
+    path = tiny_paths[kind]
+    head, reference = load_client_head(path, dtype=dtype), load_client_head(path)
+    ids = torch.randint(3, 1000, (1, 6))
+    embedded = head.embed(ids)
+    assert embedded.dtype == dtype
+    logits = head.logits(embedded)
+    expected = reference.logits(reference.embed(ids))
+    assert logits.dtype == dtype and logits.shape == expected.shape
+    assert (logits.float() - expected).abs().max().item() < 0.05 * expected.abs().max().item()
