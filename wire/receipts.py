@@ -84,9 +84,16 @@ def _check_bytes32(name: str, value: bytes) -> None:
         raise ValueError(f"{name} must be 32 bytes, got {value!r:.80}")
 
 
+@lru_cache(maxsize=65536)
+def _checksum_cached(value: str) -> str:
+    return to_checksum_address(value)
+
+
 def _checksum(name: str, value: str) -> str:
+    if not isinstance(value, str) or len(value) != 42:
+        raise ValueError(f"{name} must be a 20-byte hex address, got {value!r:.80}")
     try:
-        return to_checksum_address(value)
+        return _checksum_cached(value)
     except Exception:
         raise ValueError(f"{name} must be a 20-byte hex address, got {value!r:.80}") from None
 

@@ -1,0 +1,1 @@
+"""Ledger core: settings (``config``) and the database engine (``db``)."""

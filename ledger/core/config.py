@@ -1,0 +1,84 @@
+"""The ledger's one Settings object (environment variables prefixed ``NECTAR_LEDGER_``, or a ``.env`` file)."""
+from __future__ import annotations
+
+import logging
+import secrets
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from nectar.paths import deployment_path, nectar_home
+
+logger = logging.getLogger(__name__)
+
+# Anvil's well-known account #0 key: fine on a devnet, a stolen key anywhere else.
+DEVNET_OPERATOR_KEY = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
+DEVNET_SPOT_CHECK_SECRET = "nectar-devnet-spot-check-secret"
+DEVNET_ADMIN_TOKEN = "nectar-devnet-admin"
+
+
+def _default_database_url() -> str:
+    return f"sqlite:///{nectar_home() / 'ledger.db'}"
+
+
+def _default_broker_url() -> str:
+    return f"sqla+sqlite:///{nectar_home() / 'ledger-broker.db'}"
+
+
+class Settings(BaseSettings):
+    """Everything the ledger service and its worker read; built once per process (``get_settings``)."""
+
+    model_config = SettingsConfigDict(env_prefix="NECTAR_LEDGER_", env_file=".env", extra="ignore")
+
+    environment: Literal["devnet", "production"] = "devnet"  # production refuses the devnet secrets below
+    database_url: str = Field(default_factory=_default_database_url)
+    broker_url: str = Field(default_factory=_default_broker_url)  # redis://... in production
+    result_backend: str | None = None  # task results are not needed; set for debugging
+    broker_polling_interval: float = 0.2  # seconds; only for the SQLAlchemy (SQLite) broker
+    deployment_path: Path = Field(default_factory=deployment_path)
+
+    host: str = "127.0.0.1"
+    port: int = 8700
+    admin_token: str = DEVNET_ADMIN_TOKEN  # bearer token for POST /v1/epochs/close
+    max_batch: int = 5000  # receipts or vouchers per POST
+    max_body_bytes: int = 32 * 1024 * 1024
+
+    operator_key: str = DEVNET_OPERATOR_KEY  # commits roots, settles vouchers, attests spot-check failures
+    epoch_seconds: float = 60.0  # beat closes an epoch this often
+    settle_batch_size: int = 100  # vouchers per settle() transaction
+    epoch_lease_seconds: float = 120.0  # a crashed worker's claim on an epoch expires after this
+    fee_bps: int = 100  # protocol fee in basis points, as the Settlement contract charges (informational here)
+    credit_limit: int = 10**16  # credit wei of unpaid work a node grants a client (nodes read it from /v1/config)
+
+    spot_check_fraction: float = 0.02  # q: share of an epoch's receipts re-executed after it closes
+    spot_check_secret: str = DEVNET_SPOT_CHECK_SECRET  # mixed with the epoch root so nodes cannot predict picks
+    spot_check_reputation_penalty: float = 0.5  # each failed spot check multiplies a node's score by this
+    reference_stake: int = 10**18  # stake (wei) that earns the full stake component of reputation
+    audit_source: str | None = None  # "module:factory" building the spot checks' AuditSource (node RPC, lead's)
+    models_dir: Path | None = None  # where the local verifier finds converted models (``nectar models``)
+
+    crash_point: str | None = None  # testing only: a stage name at which the worker pauses so a test can kill it
+
+    @model_validator(mode="after")
+    def _reject_default_secrets(self) -> "Settings":
+        if self.environment != "devnet":
+            for name, default in (("operator_key", DEVNET_OPERATOR_KEY), ("spot_check_secret", DEVNET_SPOT_CHECK_SECRET),
+                                  ("admin_token", DEVNET_ADMIN_TOKEN)):  # fmt: skip
+                if getattr(self, name) == default:
+                    raise ValueError(
+                        f"NECTAR_LEDGER_{name.upper()} is the public devnet default; set a secret value "
+                        f"(e.g. {secrets.token_hex(16)!r}) or run with NECTAR_LEDGER_ENVIRONMENT=devnet"
+                    )
+            if self.crash_point:
+                raise ValueError("NECTAR_LEDGER_CRASH_POINT is for tests on a devnet only")
+        if not 0.0 <= self.spot_check_fraction <= 1.0:
+            raise ValueError("NECTAR_LEDGER_SPOT_CHECK_FRACTION must be within [0, 1]")
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

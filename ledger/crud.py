@@ -1,0 +1,420 @@
+"""Database operations of the ledger: keyword-only functions that take a session and never commit it themselves."""
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import timedelta
+
+from sqlalchemy import and_, func, or_, select, tuple_, update
+from sqlalchemy.orm import Session
+
+from nectar.ledger.intake import CheckedReceipt, Reason
+from nectar.ledger.models import (
+    Conflict,
+    Epoch,
+    EpochStatus,
+    Node,
+    Receipt,
+    Settlement,
+    SettlementItem,
+    SettlementStatus,
+    SpotCheck,
+    Voucher,
+    utcnow,
+)
+from nectar.wire.merkle import merkle_root
+from nectar.wire.receipts import SignedReceipt, SignedVoucher
+from nectar.wire.receipts import Receipt as WireReceipt
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------- nodes
+def _touch_nodes(session: Session, *, addresses: Sequence[str]) -> dict[str, Node]:
+    addresses = sorted(set(addresses))
+    found = {n.address: n for n in session.scalars(select(Node).where(Node.address.in_(addresses)))}
+    for address in addresses:
+        if address not in found:
+            found[address] = Node(address=address, earned_amount=0, settled_amount=0, stake=0, receipts_count=0,
+                                  conflicts=0, spot_passed=0, spot_failed=0, slashes=0, uptime_ok=0, uptime_checks=0,
+                                  successes=0, failures=0)  # fmt: skip
+            session.add(found[address])
+    return found
+
+
+def get_node(session: Session, *, address: str) -> Node | None:
+    return session.get(Node, address)
+
+
+def list_nodes(session: Session) -> list[Node]:
+    return list(session.scalars(select(Node).order_by(Node.address)))
+
+
+# ---------------------------------------------------------------------------------------------------- receipts
+def _row_to_signed(row: Receipt) -> SignedReceipt:
+    return SignedReceipt(
+        WireReceipt(
+            session_id=row.session_id, step=row.step, kind=row.kind, model_id=row.model_id,
+            block_start=row.block_start, block_end=row.block_end, node=row.node, client=row.client,
+            tokens=row.tokens, price=row.price, amount=row.amount, input_commitment=row.input_commitment,
+            output_commitment=row.output_commitment, fingerprint=row.fingerprint_hash, timestamp=row.timestamp,
+        ),
+        row.signature,
+    )  # fmt: skip
+
+
+signed_receipt_of = _row_to_signed
+
+
+def store_receipts(session: Session, *, checked: Sequence[CheckedReceipt]) -> list[tuple[str, str | None, str]]:
+    """Classify receipts that passed the stateless checks against what is stored, and insert the new ones.
+
+    Returns per item (status, reason, message), status in accepted / duplicate / rejected. A conflict (same work, a
+    different output) is rejected and kept as slashing evidence; an identical resubmission is a duplicate (counted once).
+    """
+    results: list[tuple[str, str | None, str]] = [("", None, "")] * len(checked)
+    pending = [(i, c) for i, c in enumerate(checked) if c.reason is None]
+    for i, c in enumerate(checked):
+        if c.reason is not None:
+            results[i] = ("rejected", c.reason, c.message)
+    if not pending:
+        return results
+
+    by_leaf = {
+        row.leaf: row
+        for row in session.scalars(select(Receipt).where(Receipt.leaf.in_([c.leaf for _, c in pending])))
+    }
+    pairs = sorted({(c.signed.receipt.session_id, c.signed.receipt.node) for _, c in pending})
+    by_key: dict[tuple, Receipt] = {}
+    for start in range(0, len(pairs), 500):
+        chunk = pairs[start : start + 500]
+        rows = session.scalars(select(Receipt).where(tuple_(Receipt.session_id, Receipt.node).in_(chunk)))
+        for row in rows:
+            by_key[(row.session_id, row.node, row.kind, row.step, row.block_start, row.block_end)] = row
+
+    new_rows: list[Receipt] = []
+    totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for i, c in pending:
+        r = c.signed.receipt
+        if c.leaf in by_leaf:
+            results[i] = ("duplicate", None, "already stored (not counted twice)")
+            continue
+        existing = by_key.get(r.key)
+        if existing is not None:
+            if existing.output_commitment != r.output_commitment:
+                results[i] = ("rejected", Reason.CONFLICT,
+                              "conflicts with a stored receipt for the same work (different output); kept as evidence")  # fmt: skip
+                if existing.id is None:
+                    session.flush()
+                _record_conflict(session, existing=existing, other=c.signed)
+            else:
+                results[i] = ("rejected", Reason.REPLAY, "this work is already receipted with different metadata")
+            continue
+        row = Receipt(
+            leaf=c.leaf, session_id=r.session_id, step=r.step, kind=r.kind, model_id=r.model_id,
+            block_start=r.block_start, block_end=r.block_end, node=r.node, client=r.client, tokens=r.tokens,
+            price=r.price, amount=r.amount, input_commitment=r.input_commitment,
+            output_commitment=r.output_commitment, fingerprint_hash=r.fingerprint, fingerprint=c.fingerprint,
+            timestamp=r.timestamp, signature=c.signed.signature,
+        )  # fmt: skip
+        new_rows.append(row)
+        by_leaf[c.leaf] = row
+        by_key[r.key] = row
+        totals[r.node][0] += 1
+        totals[r.node][1] += r.amount
+        results[i] = ("accepted", None, "")
+    session.add_all(new_rows)
+    nodes = _touch_nodes(session, addresses=list(totals))
+    now = utcnow()
+    for address, (count, amount) in totals.items():
+        node = nodes[address]
+        node.receipts_count = (node.receipts_count or 0) + count
+        node.earned_amount = (node.earned_amount or 0) + amount
+        node.last_seen = now
+    session.flush()
+    return results
+
+
+def _record_conflict(session: Session, *, existing: Receipt, other: SignedReceipt) -> None:
+    from nectar.wire.receipts import receipt_leaf
+
+    other_leaf = receipt_leaf(other.receipt)
+    if session.scalar(select(Conflict.id).where(Conflict.receipt_id == existing.id, Conflict.other_leaf == other_leaf)):
+        return
+    session.add(Conflict(node=existing.node, receipt_id=existing.id, other_leaf=other_leaf,
+                         other_receipt=json.dumps(other.to_json()), status="pending"))  # fmt: skip
+    node = _touch_nodes(session, addresses=[existing.node])[existing.node]
+    node.conflicts = (node.conflicts or 0) + 1
+    logger.warning(f"Node {existing.node} signed two receipts for the same work; kept as slashing evidence")
+
+
+def list_receipts(session: Session, *, node: str | None = None, epoch: int | None = None, limit: int = 100,
+                  offset: int = 0) -> list[Receipt]:  # fmt: skip
+    query = select(Receipt).order_by(Receipt.id).limit(limit).offset(offset)
+    if node:
+        query = query.where(Receipt.node == node)
+    if epoch is not None:
+        query = query.where(Receipt.epoch_number == epoch)
+    return list(session.scalars(query))
+
+
+def count_receipts(session: Session, *, node: str | None = None) -> int:
+    query = select(func.count(Receipt.id))
+    return session.scalar(query.where(Receipt.node == node) if node else query) or 0
+
+
+def session_receipts(session: Session, *, session_id: bytes, node: str, kind: int, block_start: int,
+                     block_end: int) -> list[Receipt]:  # fmt: skip
+    """All stored receipts of one node's span in one session, in step order (the spot checks' input history)."""
+    rows = session.scalars(
+        select(Receipt).where(Receipt.session_id == session_id, Receipt.node == node, Receipt.kind == kind,
+                              Receipt.block_start == block_start, Receipt.block_end == block_end)  # fmt: skip
+    )
+    return sorted(rows, key=lambda row: row.step)
+
+
+def list_conflicts(session: Session, *, status: str | None = None, node: str | None = None) -> list[Conflict]:
+    query = select(Conflict).order_by(Conflict.id)
+    if status:
+        query = query.where(Conflict.status == status)
+    if node:
+        query = query.where(Conflict.node == node)
+    return list(session.scalars(query))
+
+
+# ---------------------------------------------------------------------------------------------------- vouchers
+def store_vouchers(session: Session, *, vouchers: Sequence[SignedVoucher]) -> list[tuple[str, str | None, str]]:
+    """Keep the highest voucher per channel. Lower than stored: a stale replay (rejected); equal: a duplicate."""
+    results: list[tuple[str, str | None, str]] = []
+    for signed in vouchers:
+        v = signed.voucher
+        row = session.scalar(
+            select(Voucher).where(Voucher.client == v.client, Voucher.node == v.node, Voucher.channel_id == v.channel_id)
+        )
+        if row is None:
+            session.add(Voucher(client=v.client, node=v.node, channel_id=v.channel_id, settled_amount=0,
+                                cumulative_amount=v.cumulative_amount, signature=signed.signature))  # fmt: skip
+            session.flush()
+            results.append(("accepted", None, ""))
+        elif v.cumulative_amount > row.cumulative_amount:
+            row.cumulative_amount, row.signature = v.cumulative_amount, signed.signature
+            results.append(("accepted", None, ""))
+        elif v.cumulative_amount == row.cumulative_amount:
+            results.append(("duplicate", None, "this cumulative amount is already stored"))
+        else:
+            results.append(("rejected", Reason.STALE_VOUCHER,
+                            f"cumulative amount {v.cumulative_amount} is below the stored {row.cumulative_amount}"))  # fmt: skip
+    _touch_nodes(session, addresses=[s.voucher.node for s in vouchers])
+    session.flush()
+    return results
+
+
+def list_vouchers(session: Session, *, node: str | None = None, client: str | None = None) -> list[Voucher]:
+    query = select(Voucher).order_by(Voucher.id)
+    if node:
+        query = query.where(Voucher.node == node)
+    if client:
+        query = query.where(Voucher.client == client)
+    return list(session.scalars(query))
+
+
+# ---------------------------------------------------------------------------------------------------- epochs
+def current_epoch(session: Session) -> Epoch:
+    epoch = session.scalar(select(Epoch).where(Epoch.status == EpochStatus.COLLECTING).order_by(Epoch.number.desc()))
+    if epoch is None:
+        last = session.scalar(select(func.max(Epoch.number))) or 0
+        epoch = Epoch(number=last + 1, status=EpochStatus.COLLECTING, receipt_count=0, total_amount=0)
+        session.add(epoch)
+        session.flush()
+    return epoch
+
+
+def has_unsettled_vouchers(session: Session) -> bool:
+    rows = session.execute(select(Voucher.cumulative_amount, Voucher.settled_amount)).all()
+    return any(cumulative > settled for cumulative, settled in rows)
+
+
+def close_epoch(session: Session, *, allow_empty: bool = False) -> Epoch | None:
+    """Freeze the collecting epoch: assign it every unassigned receipt (atomically), compute its root, open the next.
+
+    Returns the closed epoch, or None when there was nothing to close (no receipt and no voucher to settle).
+    """
+    epoch = session.scalar(
+        select(Epoch).where(Epoch.number == current_epoch(session).number).with_for_update()
+    )
+    if epoch.status != EpochStatus.COLLECTING:  # closed by someone else since we looked
+        return None
+    unassigned = session.scalar(select(func.count(Receipt.id)).where(Receipt.epoch_number.is_(None))) or 0
+    if not unassigned and not allow_empty and not has_unsettled_vouchers(session):
+        return None
+    session.execute(update(Receipt).where(Receipt.epoch_number.is_(None)).values(epoch_number=epoch.number))
+    rows = session.execute(select(Receipt.leaf, Receipt.amount).where(Receipt.epoch_number == epoch.number)).all()
+    epoch.root = merkle_root([leaf for leaf, _ in rows])
+    epoch.receipt_count = len(rows)
+    epoch.total_amount = sum(amount for _, amount in rows)
+    epoch.status, epoch.closed_at = EpochStatus.CLOSED, utcnow()
+    session.add(Epoch(number=epoch.number + 1, status=EpochStatus.COLLECTING, receipt_count=0, total_amount=0))
+    session.flush()
+    logger.info(f"Closed epoch {epoch.number}: {epoch.receipt_count} receipts, root 0x{epoch.root.hex()}")
+    return epoch
+
+
+def unfinished_epochs(session: Session) -> list[Epoch]:
+    return list(session.scalars(
+        select(Epoch).where(Epoch.status.in_([EpochStatus.CLOSED, EpochStatus.ROOT_COMMITTED])).order_by(Epoch.number)
+    ))  # fmt: skip
+
+
+def list_epochs(session: Session, *, limit: int = 50) -> list[Epoch]:
+    return list(session.scalars(select(Epoch).order_by(Epoch.number.desc()).limit(limit)))
+
+
+def epoch_leaves(session: Session, *, epoch: int) -> list[bytes]:
+    return list(session.scalars(select(Receipt.leaf).where(Receipt.epoch_number == epoch)))
+
+
+def acquire_epoch_lease(session: Session, *, epoch: int, owner: str, seconds: float) -> bool:
+    """Claim an epoch for one worker; a crashed worker's claim lapses after ``seconds``."""
+    now = utcnow()
+    result = session.execute(
+        update(Epoch)
+        .where(Epoch.number == epoch,
+               or_(Epoch.lease_owner.is_(None), Epoch.lease_owner == owner, Epoch.lease_until < now))  # fmt: skip
+        .values(lease_owner=owner, lease_until=now + timedelta(seconds=seconds))
+    )
+    return result.rowcount == 1
+
+
+def release_epoch_lease(session: Session, *, epoch: int, owner: str) -> None:
+    session.execute(
+        update(Epoch).where(Epoch.number == epoch, Epoch.lease_owner == owner).values(lease_owner=None, lease_until=None)
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- settlements
+def prepare_settlements(session: Session, *, epoch: int, batch_size: int) -> list[Settlement]:
+    """Fix (once) which vouchers this epoch settles: every channel whose latest voucher is above what was paid."""
+    existing = list(session.scalars(select(Settlement).where(Settlement.epoch_number == epoch).order_by(Settlement.batch_index)))
+    if existing:
+        return existing
+    busy = select(SettlementItem.voucher_id).join(Settlement).where(
+        Settlement.status.in_([SettlementStatus.PREPARED, SettlementStatus.SENT]), SettlementItem.status == "pending"
+    )
+    candidates = [
+        v for v in session.scalars(select(Voucher).where(Voucher.id.not_in(busy)).order_by(Voucher.id))
+        if v.cumulative_amount > v.settled_amount
+    ]
+    batches = []
+    for index, start in enumerate(range(0, len(candidates), batch_size)):
+        settlement = Settlement(epoch_number=epoch, batch_index=index, status=SettlementStatus.PREPARED, attempts=0)
+        session.add(settlement)
+        session.flush()
+        for v in candidates[start : start + batch_size]:
+            session.add(SettlementItem(settlement_id=settlement.id, voucher_id=v.id, client=v.client, node=v.node,
+                                       channel_id=v.channel_id, cumulative_amount=v.cumulative_amount,
+                                       signature=v.signature, paid_before=v.settled_amount, status="pending"))  # fmt: skip
+        batches.append(settlement)
+    session.flush()
+    return batches
+
+
+def settlement_items(session: Session, *, settlement_id: int) -> list[SettlementItem]:
+    return list(session.scalars(select(SettlementItem).where(SettlementItem.settlement_id == settlement_id).order_by(SettlementItem.id)))
+
+
+def mark_item_paid(session: Session, *, item: SettlementItem, paid_on_chain: int) -> None:
+    """Record that the chain has paid this voucher (``paid_on_chain`` >= its cumulative amount)."""
+    if item.status == "paid":
+        return
+    item.status = "paid"
+    voucher = session.get(Voucher, item.voucher_id)
+    newly = max(0, min(paid_on_chain, item.cumulative_amount) - max(item.paid_before, 0))
+    if voucher.settled_amount < item.cumulative_amount:
+        voucher.settled_amount = item.cumulative_amount
+    node = _touch_nodes(session, addresses=[item.node])[item.node]
+    node.settled_amount = (node.settled_amount or 0) + newly
+
+
+def list_settlements(session: Session, *, epoch: int | None = None, node: str | None = None) -> list[Settlement]:
+    query = select(Settlement).order_by(Settlement.id)
+    if epoch is not None:
+        query = query.where(Settlement.epoch_number == epoch)
+    if node:
+        query = query.where(Settlement.id.in_(select(SettlementItem.settlement_id).where(SettlementItem.node == node)))
+    return list(session.scalars(query))
+
+
+def node_settlement_items(session: Session, *, node: str, limit: int = 100) -> list[tuple[SettlementItem, Settlement]]:
+    rows = session.execute(
+        select(SettlementItem, Settlement).join(Settlement).where(SettlementItem.node == node)
+        .order_by(SettlementItem.id.desc()).limit(limit)
+    ).all()  # fmt: skip
+    return [(item, settlement) for item, settlement in rows]
+
+
+# ---------------------------------------------------------------------------------------------------- spot checks
+def record_spot_check(session: Session, *, receipt: Receipt, status: str, executions: int, detail: str,
+                      attest_tx_hash: str | None = None) -> SpotCheck:  # fmt: skip
+    check = session.scalar(select(SpotCheck).where(SpotCheck.receipt_id == receipt.id))
+    if check is None:
+        check = SpotCheck(receipt_id=receipt.id, epoch_number=receipt.epoch_number, node=receipt.node, executions=0)
+        session.add(check)
+    first_verdict = check.status in (None, "pending", "error") and status in ("passed", "failed")
+    check.status, check.executions, check.detail = status, executions, detail
+    check.attest_tx_hash = attest_tx_hash or check.attest_tx_hash
+    check.finished_at = utcnow()
+    if first_verdict:
+        node = _touch_nodes(session, addresses=[receipt.node])[receipt.node]
+        if status == "passed":
+            node.spot_passed = (node.spot_passed or 0) + 1
+        else:
+            node.spot_failed = (node.spot_failed or 0) + 1
+    session.flush()
+    return check
+
+
+def spot_checks_of(session: Session, *, epoch: int | None = None, node: str | None = None) -> list[SpotCheck]:
+    query = select(SpotCheck).order_by(SpotCheck.id)
+    if epoch is not None:
+        query = query.where(SpotCheck.epoch_number == epoch)
+    if node:
+        query = query.where(SpotCheck.node == node)
+    return list(session.scalars(query))
+
+
+# ---------------------------------------------------------------------------------------------------- reputation inputs
+def record_report(session: Session, *, node: str, online: bool | None = None, success: bool | None = None,
+                  latency_ms: float | None = None, throughput: float | None = None, alpha: float = 0.2) -> Node:  # fmt: skip
+    row = _touch_nodes(session, addresses=[node])[node]
+    if online is not None:
+        row.uptime_checks = (row.uptime_checks or 0) + 1
+        row.uptime_ok = (row.uptime_ok or 0) + int(online)
+    if success is not None:
+        row.successes = (row.successes or 0) + int(success)
+        row.failures = (row.failures or 0) + int(not success)
+    if latency_ms is not None:
+        row.latency_ms = latency_ms if row.latency_ms is None else (1 - alpha) * row.latency_ms + alpha * latency_ms
+    if throughput is not None:
+        row.throughput = throughput if row.throughput is None else (1 - alpha) * row.throughput + alpha * throughput
+    session.flush()
+    return row
+
+
+def is_paying_client(session: Session, *, client: str, node: str) -> bool:
+    return session.scalar(select(Voucher.id).where(and_(Voucher.client == client, Voucher.node == node))) is not None
+
+
+def record_slash(session: Session, *, node: str) -> None:
+    row = _touch_nodes(session, addresses=[node])[node]
+    row.slashes = (row.slashes or 0) + 1
+
+
+def set_stake(session: Session, *, node: str, stake: int) -> None:
+    _touch_nodes(session, addresses=[node])[node].stake = stake
+
+
+def epoch_of(session: Session, *, number: int) -> Epoch | None:
+    return session.get(Epoch, number)
+

@@ -1,0 +1,44 @@
+"""FastAPI dependencies: the services built once at startup, fetched from app state."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Header, HTTPException, Request
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from nectar.ledger.core.config import Settings
+from nectar.ledger.domain import DomainProvider
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LedgerState:
+    settings: Settings
+    engine: Engine
+    domains: DomainProvider
+    celery: object | None = None  # producer-only Celery app, built on first use
+
+
+def get_state(request: Request) -> LedgerState:
+    return request.app.state.ledger
+
+
+def get_session(state: Annotated[LedgerState, Depends(get_state)]) -> Iterator[Session]:
+    with Session(state.engine, expire_on_commit=False) as session:
+        with session.begin():
+            yield session
+
+
+def require_admin(state: Annotated[LedgerState, Depends(get_state)], authorization: str | None = Header(default=None)):
+    if authorization != f"Bearer {state.settings.admin_token}":
+        raise HTTPException(401, "admin endpoint: send 'Authorization: Bearer <NECTAR_LEDGER_ADMIN_TOKEN>'")
+
+
+StateDep = Annotated[LedgerState, Depends(get_state)]
+SessionDep = Annotated[Session, Depends(get_session)]
+AdminDep = Annotated[None, Depends(require_admin)]

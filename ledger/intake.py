@@ -1,0 +1,94 @@
+"""Checks a submitted receipt or voucher on its own (no database): parsing, signature, signer, amount, fingerprint.
+
+The HTTP routes call these before ``crud`` classifies what is left against stored state (replays, conflicts).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from nectar.wire.receipts import (
+    InvalidSignature,
+    SignedReceipt,
+    SignedVoucher,
+    fingerprint_hash,
+    keccak256,
+    receipt_struct_hash,
+    recover_digest_signer,
+    recover_voucher_signer,
+)
+from nectar.wire.receipts import _typed_digest  # shares one struct hash between the signature and the leaf
+
+logger = logging.getLogger(__name__)
+
+
+class Malformed(ValueError):
+    """A submission that does not parse; the route answers 422 with the item's index and this message."""
+
+
+class Reason:
+    BAD_SIGNATURE = "bad_signature"
+    WRONG_SIGNER = "wrong_signer"
+    WRONG_AMOUNT = "wrong_amount"
+    BAD_FINGERPRINT = "bad_fingerprint"
+    REPLAY = "replay"
+    CONFLICT = "conflict"
+    STALE_VOUCHER = "stale_voucher"
+
+
+@dataclass
+class CheckedReceipt:
+    signed: SignedReceipt
+    fingerprint: bytes | None
+    leaf: bytes
+    reason: str | None = None  # None: passed the stateless checks
+    message: str = ""
+
+
+def parse_receipt_item(item) -> tuple[SignedReceipt, bytes]:
+    try:
+        signed = SignedReceipt.from_json(item)
+        raw_fp = item.get("fingerprintBytes")
+        if not isinstance(raw_fp, str):
+            raise ValueError("fingerprintBytes (hex of the activation fingerprint, '0x' if none) is required")
+        return signed, bytes.fromhex(raw_fp[2:] if raw_fp.startswith("0x") else raw_fp)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise Malformed(str(e)) from None
+
+
+def check_receipt(signed: SignedReceipt, fingerprint: bytes | None, domain: dict) -> CheckedReceipt:
+    receipt = signed.receipt
+    struct_hash = receipt_struct_hash(receipt)
+    checked = CheckedReceipt(signed, fingerprint, keccak256(struct_hash))
+    try:
+        signer = recover_digest_signer(_typed_digest(domain, struct_hash), signed.signature)
+    except InvalidSignature as e:
+        checked.reason, checked.message = Reason.BAD_SIGNATURE, str(e)
+        return checked
+    if signer != receipt.node:
+        checked.reason = Reason.WRONG_SIGNER
+        checked.message = f"signed by {signer}, not by the receipt's node {receipt.node} (forged or wrong domain)"
+    elif receipt.amount != receipt.tokens * receipt.price:
+        checked.reason = Reason.WRONG_AMOUNT
+        checked.message = f"amount {receipt.amount} != tokens {receipt.tokens} * price {receipt.price}"
+    elif fingerprint_hash(fingerprint) != receipt.fingerprint:
+        checked.reason = Reason.BAD_FINGERPRINT
+        checked.message = "fingerprintBytes do not hash to the receipt's fingerprint"
+    return checked
+
+
+def parse_voucher_item(item) -> SignedVoucher:
+    try:
+        return SignedVoucher.from_json(item)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise Malformed(str(e)) from None
+
+
+def check_voucher(signed: SignedVoucher, domain: dict) -> tuple[str | None, str]:
+    try:
+        signer = recover_voucher_signer(signed, domain)
+    except InvalidSignature as e:
+        return Reason.BAD_SIGNATURE, str(e)
+    if signer != signed.voucher.client:
+        return Reason.WRONG_SIGNER, f"signed by {signer}, not by the voucher's client {signed.voucher.client}"
+    return None, ""

@@ -1,0 +1,1 @@
+"""HTTP routes of the ledger: thin handlers over ``intake``, ``crud`` and ``reputation``."""

@@ -1,0 +1,25 @@
+"""Liveness plus the public parameters nodes and clients need (domain, credit limit, fee)."""
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter
+from sqlalchemy import text
+
+from nectar.ledger.deps import SessionDep, StateDep
+
+logger = logging.getLogger(__name__)
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health")
+def health(session: SessionDep) -> dict:
+    session.execute(text("SELECT 1"))
+    return {"status": "ok"}
+
+
+@router.get("/v1/config")
+def config(state: StateDep) -> dict:
+    s = state.settings
+    return {"domain": state.domains.get(), "credit_limit": str(s.credit_limit), "fee_bps": s.fee_bps,
+            "epoch_seconds": s.epoch_seconds, "spot_check_fraction": s.spot_check_fraction}  # fmt: skip

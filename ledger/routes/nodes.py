@@ -1,0 +1,83 @@
+"""Node views, reputation and client reports."""
+from __future__ import annotations
+
+import logging
+import time
+
+from eth_account import Account
+from eth_account.messages import encode_defunct
+from eth_utils import is_address, to_checksum_address
+from fastapi import APIRouter, HTTPException
+
+from nectar.ledger import crud
+from nectar.ledger.deps import SessionDep, StateDep
+from nectar.ledger.reputation import rank, score_node
+from nectar.ledger.schemas import ReportIn, report_message
+
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1", tags=["nodes"])
+
+REPORT_MAX_AGE_S = 600
+
+
+def _address(value: str) -> str:
+    if not is_address(value):
+        raise HTTPException(422, f"{value!r} is not an Ethereum address (0x + 40 hex digits)")
+    return to_checksum_address(value)
+
+
+@router.get("/nodes/{address}")
+def node_view(address: str, session: SessionDep, state: StateDep, limit: int = 50) -> dict:
+    address = _address(address)
+    node = crud.get_node(session, address=address)
+    if node is None:
+        raise HTTPException(404, f"the ledger has never seen node {address}")
+    score = score_node(node, reference_stake=state.settings.reference_stake,
+                       spot_fail_factor=state.settings.spot_check_reputation_penalty)  # fmt: skip
+    receipts = crud.list_receipts(session, node=address, limit=min(limit, 500))
+    settlements = crud.node_settlement_items(session, node=address, limit=min(limit, 500))
+    return {
+        "address": address,
+        "receipts_count": node.receipts_count,
+        "earned": str(node.earned_amount),
+        "settled": str(node.settled_amount),
+        "conflicts": [{"id": c.id, "status": c.status, "slash_tx_hash": c.slash_tx_hash}
+                      for c in crud.list_conflicts(session, node=address)],  # fmt: skip
+        "recent_receipts": [
+            {"leaf": "0x" + r.leaf.hex(), "session_id": "0x" + r.session_id.hex(), "step": r.step, "kind": r.kind,
+             "client": r.client, "amount": str(r.amount), "epoch": r.epoch_number} for r in receipts
+        ],  # fmt: skip
+        "settlements": [
+            {"epoch": s.epoch_number, "client": i.client, "channel_id": i.channel_id,
+             "cumulative_amount": str(i.cumulative_amount), "status": i.status, "tx_hash": s.tx_hash}
+            for i, s in settlements
+        ],  # fmt: skip
+        "spot_checks": {"passed": node.spot_passed, "failed": node.spot_failed},
+        "reputation": score.to_json(),
+    }
+
+
+@router.get("/reputation")
+def reputation(session: SessionDep, state: StateDep) -> dict:
+    scores = rank(crud.list_nodes(session), reference_stake=state.settings.reference_stake,
+                  spot_fail_factor=state.settings.spot_check_reputation_penalty)  # fmt: skip
+    return {"nodes": [s.to_json() for s in scores], "generated_at": int(time.time())}
+
+
+@router.post("/reports")
+def report(body: ReportIn, session: SessionDep) -> dict:
+    """A paying client's measurement of a node (signed, so only the node's customers move its reputation)."""
+    node, reporter = _address(body.node), _address(body.reporter)
+    if abs(time.time() - body.timestamp) > REPORT_MAX_AGE_S:
+        raise HTTPException(422, "report timestamp is more than 10 minutes off; sign a fresh report")
+    try:
+        signer = Account.recover_message(encode_defunct(text=report_message(body)), signature=body.signature)
+    except Exception as e:
+        raise HTTPException(422, f"malformed report signature ({e})") from None
+    if signer != reporter:
+        raise HTTPException(403, f"report signed by {signer}, not by the reporter {reporter}")
+    if not crud.is_paying_client(session, client=reporter, node=node):
+        raise HTTPException(403, "only clients that have sent this node a voucher may report on it")
+    crud.record_report(session, node=node, online=body.online, success=body.success, latency_ms=body.latency_ms,
+                       throughput=body.throughput)  # fmt: skip
+    return {"status": "recorded"}

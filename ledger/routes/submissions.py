@@ -1,0 +1,80 @@
+"""POST /v1/receipts and /v1/vouchers: per-item verdicts; any malformed item makes the whole request a 422."""
+from __future__ import annotations
+
+import logging
+import time
+
+from fastapi import APIRouter, HTTPException
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+from nectar.ledger import crud
+from nectar.ledger.deps import StateDep
+from nectar.ledger.intake import Malformed, check_receipt, check_voucher, parse_receipt_item, parse_voucher_item
+from nectar.ledger.schemas import BatchResult, ItemResult, ReceiptBatch, VoucherBatch
+
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1", tags=["submissions"])
+
+
+def _parse_all(items: list, parse) -> list:
+    parsed, errors = [], []
+    for index, item in enumerate(items):
+        try:
+            parsed.append(parse(item))
+        except Malformed as e:
+            errors.append({"index": index, "error": str(e)})
+    if errors:
+        raise HTTPException(422, {"message": "malformed items; nothing from this request was stored", "items": errors})
+    return parsed
+
+
+def _with_retries(state, work):
+    """Two submitters inserting the same work race on a unique key: retry so the loser sees the winner's rows."""
+    for attempt in range(5):
+        try:
+            with Session(state.engine, expire_on_commit=False) as session, session.begin():
+                return work(session)
+        except (IntegrityError, OperationalError) as e:
+            if attempt == 4:
+                raise HTTPException(503, f"database busy, retry the request ({type(e).__name__})") from None
+            time.sleep(0.05 * (attempt + 1))
+
+
+def _summarise(verdicts, leaves=None) -> BatchResult:
+    results = [
+        ItemResult(index=i, status=status, reason=reason, message=message,
+                   leaf=None if leaves is None else "0x" + leaves[i].hex())  # fmt: skip
+        for i, (status, reason, message) in enumerate(verdicts)
+    ]
+    count = lambda s: sum(r.status == s for r in results)  # noqa: E731
+    return BatchResult(accepted=count("accepted"), duplicates=count("duplicate"), rejected=count("rejected"),
+                       results=results)  # fmt: skip
+
+
+@router.post("/receipts", response_model=BatchResult)
+def submit_receipts(batch: ReceiptBatch, state: StateDep) -> BatchResult:
+    if len(batch.receipts) > state.settings.max_batch:
+        raise HTTPException(413, f"at most {state.settings.max_batch} receipts per request; split the batch")
+    parsed = _parse_all(batch.receipts, parse_receipt_item)
+    domain = state.domains.get()
+    checked = [check_receipt(signed, fingerprint, domain) for signed, fingerprint in parsed]
+    verdicts = _with_retries(state, lambda session: crud.store_receipts(session, checked=checked))
+    result = _summarise(verdicts, [c.leaf for c in checked])
+    if result.rejected:
+        reasons = sorted({r.reason for r in result.results if r.reason})
+        logger.info(f"Receipts: {result.accepted} accepted, {result.duplicates} duplicate, {result.rejected} rejected {reasons}")
+    return result
+
+
+@router.post("/vouchers", response_model=BatchResult)
+def submit_vouchers(batch: VoucherBatch, state: StateDep) -> BatchResult:
+    if len(batch.vouchers) > state.settings.max_batch:
+        raise HTTPException(413, f"at most {state.settings.max_batch} vouchers per request; split the batch")
+    parsed = _parse_all(batch.vouchers, parse_voucher_item)
+    domain = state.domains.get()
+    checks = [check_voucher(signed, domain) for signed in parsed]
+    good = [signed for signed, (reason, _) in zip(parsed, checks) if reason is None]
+    stored = iter(_with_retries(state, lambda session: crud.store_vouchers(session, vouchers=good)) if good else [])
+    verdicts = [("rejected", reason, message) if reason else next(stored) for reason, message in checks]
+    return _summarise(verdicts)

@@ -1,0 +1,35 @@
+"""The ledger's FastAPI app: ``create_app(settings)`` migrates the database and mounts the routers."""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from nectar.ledger.core.config import Settings, get_settings
+from nectar.ledger.core.db import get_engine, run_migrations
+from nectar.ledger.deps import LedgerState
+from nectar.ledger.domain import DomainProvider
+from nectar.ledger.routes import epochs, health, nodes, submissions
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, *, migrate: bool = True) -> FastAPI:
+    settings = settings or get_settings()
+    if migrate:
+        run_migrations(settings.database_url)
+    app = FastAPI(title="Nectar ledger", version="1")
+    app.state.ledger = LedgerState(settings=settings, engine=get_engine(settings.database_url),
+                                   domains=DomainProvider(settings.deployment_path))  # fmt: skip
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
+            return JSONResponse({"detail": f"body over {settings.max_body_bytes} bytes; send smaller batches"}, 413)
+        return await call_next(request)
+
+    for router in (health.router, submissions.router, nodes.router, epochs.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,218 @@
+"""Moves closed epochs to ``settled`` on chain: commit the receipts root, then settle vouchers in batches.
+
+Each step first asks the chain whether it already happened (``epoch_root``, ``paid``), so a worker killed anywhere
+and restarted neither skips nor repeats a payment. Called by the Celery tasks (``tasks.py``) and by tests directly.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+
+from sqlalchemy import Engine
+
+from nectar.ledger import crud
+from nectar.ledger.core.config import Settings
+from nectar.ledger.core.db import session_scope
+from nectar.ledger.models import Epoch, EpochStatus, Settlement, SettlementStatus, utcnow
+
+logger = logging.getLogger(__name__)
+
+
+def crash_point(settings: Settings, name: str) -> None:
+    """Testing hook: at the configured stage, leave a marker file and stall so a test can kill -9 the worker here."""
+    if settings.crash_point != name:
+        return
+    marker = Path(os.environ.get("NECTAR_LEDGER_CRASH_MARKER", "/tmp/nectar-ledger-crash")) .with_suffix(f".{name}")
+    marker.write_text(str(os.getpid()))
+    logger.warning(f"Stalling at crash point {name!r} (pid {os.getpid()}) until killed")
+    while True:
+        time.sleep(1)
+
+
+def _chain_error_name(error: Exception) -> str:
+    return getattr(error, "name", None) or getattr(error, "error_name", None) or type(error).__name__
+
+
+class EpochSettler:
+    """Drives every unfinished epoch through closed -> root_committed -> settled.
+
+    :param settings: the ledger settings (operator key, batch size, lease length, crash point)
+    :param engine: the ledger database
+    :param chain: a ``nectar.chain.Chain`` (or anything with the same methods)
+    """
+
+    def __init__(self, settings: Settings, engine: Engine, chain):
+        self.settings, self.engine, self.chain = settings, engine, chain
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    def run(self, *, close: bool = True) -> list[int]:
+        """Close the collecting epoch (if asked and there is anything in it), then advance every unfinished epoch."""
+        if close:
+            with session_scope(self.engine) as session:
+                crud.close_epoch(session)
+        advanced = []
+        with session_scope(self.engine) as session:
+            numbers = [e.number for e in crud.unfinished_epochs(session)]
+        for number in numbers:  # in order: a later epoch never settles a channel before an earlier one
+            if not self._claim(number):
+                logger.info(f"Epoch {number} is being processed by another worker; leaving it")
+                break
+            try:
+                finished = self._advance(number)
+            finally:
+                with session_scope(self.engine) as session:
+                    crud.release_epoch_lease(session, epoch=number, owner=self.owner)
+            advanced.append(number)
+            if not finished:
+                break
+        return advanced
+
+    def _claim(self, number: int) -> bool:
+        with session_scope(self.engine) as session:
+            return crud.acquire_epoch_lease(session, epoch=number, owner=self.owner,
+                                            seconds=self.settings.epoch_lease_seconds)  # fmt: skip
+
+    def _advance(self, number: int) -> bool:
+        with session_scope(self.engine) as session:
+            epoch = session.get(Epoch, number)
+            status, root, count = epoch.status, epoch.root, epoch.receipt_count
+        if status == EpochStatus.CLOSED:
+            self._commit_root(number, root, count)
+        return self._settle(number)
+
+    def _commit_root(self, number: int, root: bytes, count: int) -> None:
+        on_chain = bytes(self.chain.epoch_root(number))
+        tx_hash = None
+        if on_chain == root:
+            logger.info(f"Epoch {number}: root already on chain (an earlier run committed it)")
+        elif any(on_chain):
+            raise RuntimeError(
+                f"Epoch {number} has a different root on chain (0x{on_chain.hex()}) than in the ledger database "
+                f"(0x{root.hex()}): the database does not belong to this deployment; point the ledger at its own DB"
+            )
+        else:
+            crash_point(self.settings, "before_commit_root")
+            result = self.chain.commit_epoch_root(self.settings.operator_key, number, root, count)
+            tx_hash = _tx_hash_hex(result)
+            crash_point(self.settings, "after_commit_root")
+            logger.info(f"Epoch {number}: root 0x{root.hex()} committed over {count} receipts (tx {tx_hash})")
+        with session_scope(self.engine) as session:
+            epoch = session.get(Epoch, number)
+            epoch.status = EpochStatus.ROOT_COMMITTED
+            epoch.root_tx_hash = tx_hash or epoch.root_tx_hash
+            epoch.spot_seed = None
+
+    def _settle(self, number: int) -> bool:
+        with session_scope(self.engine) as session:
+            batches = [s.id for s in crud.prepare_settlements(session, epoch=number, batch_size=self.settings.settle_batch_size)]
+        for batch_id in batches:
+            self._settle_batch(batch_id)
+            self._claim(number)  # renew the lease between transactions
+        with session_scope(self.engine) as session:
+            statuses = [s.status for s in crud.list_settlements(session, epoch=number)]
+            if all(s in (SettlementStatus.CONFIRMED, SettlementStatus.FAILED) for s in statuses):
+                epoch = session.get(Epoch, number)
+                epoch.status, epoch.settled_at = EpochStatus.SETTLED, utcnow()
+                logger.info(f"Epoch {number} settled in {len(statuses)} transaction(s)")
+                return True
+        return False
+
+    def _unpaid_items(self, batch_id: int) -> list:
+        """Items of the batch the chain has not paid yet; those it has are recorded as paid (crash recovery)."""
+        with session_scope(self.engine) as session:
+            items = [i for i in crud.settlement_items(session, settlement_id=batch_id) if i.status == "pending"]
+            unpaid = []
+            for item in items:
+                paid = int(self.chain.paid(item.client, item.node, item.channel_id))
+                if paid >= item.cumulative_amount:
+                    crud.mark_item_paid(session, item=item, paid_on_chain=paid)
+                else:
+                    unpaid.append(item)
+            return unpaid
+
+    def _settle_batch(self, batch_id: int) -> None:
+        with session_scope(self.engine) as session:
+            settlement = session.get(Settlement, batch_id)
+            if settlement.status in (SettlementStatus.CONFIRMED, SettlementStatus.FAILED):
+                return
+        unpaid = self._unpaid_items(batch_id)
+        if unpaid:
+            with session_scope(self.engine) as session:  # recorded before sending: a restart re-checks chain.paid
+                settlement = session.get(Settlement, batch_id)
+                settlement.status, settlement.attempts = SettlementStatus.SENT, settlement.attempts + 1
+            crash_point(self.settings, "before_settle")
+            pairs = [(_voucher_message(item), bytes(item.signature)) for item in unpaid]
+            try:
+                result = self.chain.settle(self.settings.operator_key, pairs)
+            except Exception as e:
+                if not _is_revert(e):
+                    raise  # connection trouble: the task retries later; chain.paid decides what is still due
+                logger.warning(f"Settlement batch {batch_id} reverted ({_chain_error_name(e)}); settling items one by one")
+                self._settle_individually(batch_id, unpaid)
+                return
+            crash_point(self.settings, "after_settle")
+            self._record_result(batch_id, result)
+        self._confirm(batch_id)
+
+    def _confirm(self, batch_id: int, errors: list[str] | None = None) -> None:
+        still_unpaid = [i for i in self._unpaid_items(batch_id) if errors is None or i.status != "skipped"]
+        with session_scope(self.engine) as session:
+            settlement = session.get(Settlement, batch_id)
+            if still_unpaid:
+                settlement.last_error = f"{len(still_unpaid)} voucher(s) not paid after the transaction; will retry"
+            else:
+                settlement.status = SettlementStatus.FAILED if errors else SettlementStatus.CONFIRMED
+                settlement.last_error = "\n".join(errors) if errors else None
+        if still_unpaid:
+            raise RuntimeError(f"Settlement batch {batch_id}: {len(still_unpaid)} voucher(s) unpaid after sending")
+
+    def _record_result(self, batch_id: int, result) -> None:
+        with session_scope(self.engine) as session:
+            settlement = session.get(Settlement, batch_id)
+            settlement.tx_hash = _tx_hash_hex(result)
+            settlement.gas_used = getattr(result, "gas_used", None)
+            settlement.block_number = getattr(result, "block_number", None)
+        logger.info(f"Settlement batch {batch_id}: tx {_tx_hash_hex(result)}, gas {getattr(result, 'gas_used', '?')}")
+
+    def _settle_individually(self, batch_id: int, items: list) -> None:
+        errors = []
+        for item in items:
+            try:
+                result = self.chain.settle(self.settings.operator_key, [(_voucher_message(item), bytes(item.signature))])
+                self._record_result(batch_id, result)
+            except Exception as e:
+                if not _is_revert(e):
+                    raise
+                errors.append(f"{item.client}->{item.node}#{item.channel_id}: {_chain_error_name(e)}: {e}")
+                with session_scope(self.engine) as session:
+                    crud_item = session.get(type(item), item.id)
+                    crud_item.status = "skipped"
+        self._confirm(batch_id, errors)
+        for error in errors:
+            logger.error(f"Voucher not settled (the client must top up escrow or send a valid voucher): {error}")
+
+
+def _voucher_message(item) -> dict:
+    return {"client": item.client, "node": item.node, "channelId": int(item.channel_id),
+            "cumulativeAmount": int(item.cumulative_amount)}  # fmt: skip
+
+
+def _tx_hash_hex(result) -> str | None:
+    tx_hash = getattr(result, "tx_hash", None)
+    if tx_hash is None:
+        return None
+    if isinstance(tx_hash, (bytes, bytearray)):
+        return "0x" + bytes(tx_hash).hex()
+    return str(tx_hash) if str(tx_hash).startswith("0x") else "0x" + str(tx_hash)
+
+
+def _is_revert(error: Exception) -> bool:
+    try:
+        from nectar.chain import ChainError
+    except ImportError:  # pragma: no cover - chain package not installed
+        return False
+    return isinstance(error, ChainError)

@@ -1,0 +1,260 @@
+"""Spot checks: re-execute a secret random fraction q of an epoch's steps and catch nodes that return wrong outputs.
+
+Picks are made after the epoch closes, from keccak(epoch root || ledger secret): a node signing a receipt knows
+neither. For each pick the ``AuditSource`` supplies the step's input history (its last positions must hash to the
+receipt's input commitment), a ``Verifier`` recomputes the span, and fingerprints are compared with the dtype's
+tolerance. A disagreement goes to a third execution: only when it sides with the verifier against the node is the
+node reported on chain (``attest_spot_check_failure``) and its reputation cut. A third execution that sides with the
+node clears it, so an honest node is never accused on a single verifier's word.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from sqlalchemy import Engine, select
+
+from nectar.ledger import crud
+from nectar.ledger.core.config import Settings
+from nectar.ledger.core.db import session_scope
+from nectar.ledger.models import Epoch, Receipt, SpotCheck, utcnow
+from nectar.wire.receipts import (
+    Receipt as WireReceipt,
+)
+from nectar.wire.receipts import (
+    ReceiptKind,
+    activation_fingerprint,
+    commit_tensor,
+    fingerprints_match,
+    keccak256,
+    model_id_hash,
+    parse_fingerprint,
+)
+
+logger = logging.getLogger(__name__)
+
+CHECKABLE_KINDS = (ReceiptKind.INFERENCE, ReceiptKind.FORWARD)  # a backward step needs its gradients: not sampled
+
+
+class AuditSource(ABC):
+    """Where the inputs of a past step come from (the lead's implementation asks the node over RPC)."""
+
+    @abstractmethod
+    def input_history(self, receipt: WireReceipt) -> torch.Tensor | None:
+        """[B, L, H] inputs of the receipt's session at its node up to and including its step, as the span saw them
+        (rollbacks applied). The last ``tokens // B`` positions are the step's own input. None if unavailable."""
+
+
+class Verifier(ABC):
+    """Recomputes a span's output for a step from its full input history."""
+
+    name: str = "verifier"
+
+    @abstractmethod
+    def execute(self, receipt: WireReceipt, history: torch.Tensor) -> torch.Tensor:
+        """The span's outputs for the step's positions (the last ``tokens // B`` of ``history``): [B, T, H]."""
+
+
+class LocalVerifier(Verifier):
+    """Loads the receipt's span locally (``nectar.models.load_span``) and runs a full causal forward.
+
+    :param models: model name as announced on the DHT -> built-in name or checkpoint folder
+    :param load_span: the span loader (``nectar.models.load_span`` by default)
+    :param dtype: dtype to compute in (the nodes' dtype, so the tolerance is the right one)
+    """
+
+    def __init__(self, models: Mapping[str, str | Path], *, name: str = "local", load_span: Callable | None = None,
+                 dtype: torch.dtype = torch.float32, max_cached_spans: int = 8):  # fmt: skip
+        if load_span is None:
+            from nectar.models import load_span
+        self.name, self.load_span, self.dtype, self.max_cached = name, load_span, dtype, max_cached_spans
+        self.paths = {model_id_hash(model_name): path for model_name, path in models.items()}
+        self._spans: dict[tuple, torch.nn.Module] = {}
+
+    def _span(self, model_id: bytes, start: int, end: int):
+        key = (model_id, start, end)
+        if key not in self._spans:
+            if model_id not in self.paths:
+                raise LookupError(f"verifier {self.name} does not host model 0x{model_id.hex()}")
+            if len(self._spans) >= self.max_cached:
+                self._spans.pop(next(iter(self._spans)))
+            self._spans[key] = self.load_span(self.paths[model_id], start, end, dtype=self.dtype)
+        return self._spans[key]
+
+    def execute(self, receipt: WireReceipt, history: torch.Tensor) -> torch.Tensor:
+        span = self._span(receipt.model_id, receipt.block_start, receipt.block_end)
+        positions = step_positions(receipt, history)
+        with torch.no_grad():
+            return span(history.to(self.dtype))[:, -positions:]
+
+
+def step_positions(receipt: WireReceipt, history: torch.Tensor) -> int:
+    batch = history.shape[0]
+    if batch == 0 or receipt.tokens % batch or not 0 < receipt.tokens // batch <= history.shape[1]:
+        raise ValueError(f"history {tuple(history.shape)} does not fit a step of {receipt.tokens} tokens")
+    return receipt.tokens // batch
+
+
+def is_picked(seed: bytes, leaf: bytes, fraction: float) -> bool:
+    """Whether a receipt is checked: keccak(seed || leaf) below fraction * 2**256."""
+    return int.from_bytes(keccak256(seed + leaf), "big") < int(fraction * (1 << 256))
+
+
+def epoch_seed(root: bytes, secret: str) -> bytes:
+    return keccak256(b"nectar-spot-check" + root + secret.encode())
+
+
+@dataclass
+class EpochCheckReport:
+    epoch: int
+    checked: int = 0
+    passed: int = 0
+    failed: int = 0
+    inconclusive: int = 0
+    failed_nodes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Verdict:
+    status: str  # passed / failed / inconclusive
+    executions: int
+    detail: str
+
+
+class SpotChecker:
+    """Picks and runs an epoch's spot checks; reports cheaters on chain.
+
+    :param verifiers: at least two independent verifiers (the second is the tie-breaking third execution)
+    :param audit: the source of step inputs
+    :param chain: for ``attest_spot_check_failure`` (None: record only, for offline runs)
+    """
+
+    def __init__(self, *, settings: Settings, engine: Engine, verifiers: Sequence[Verifier], audit: AuditSource,
+                 chain=None):  # fmt: skip
+        if len(verifiers) < 2:
+            raise ValueError("spot checks need two verifiers: the second breaks ties on a disagreement")
+        self.settings, self.engine, self.verifiers, self.audit, self.chain = settings, engine, verifiers, audit, chain
+
+    def pick(self, number: int) -> int:
+        """Fix this epoch's picks once (pending SpotCheck rows); returns how many."""
+        with session_scope(self.engine) as session:
+            epoch = session.get(Epoch, number)
+            if epoch is None or epoch.root is None:
+                raise ValueError(f"epoch {number} is not closed yet; spot checks are picked after it closes")
+            if epoch.spot_seed is not None:
+                return 0
+            seed = epoch_seed(epoch.root, self.settings.spot_check_secret)
+            rows = session.execute(
+                select(Receipt.id, Receipt.leaf, Receipt.node, Receipt.kind).where(Receipt.epoch_number == number)
+            ).all()
+            picked = 0
+            for receipt_id, leaf, node, kind in rows:
+                if kind in CHECKABLE_KINDS and is_picked(seed, leaf, self.settings.spot_check_fraction):
+                    session.add(SpotCheck(receipt_id=receipt_id, epoch_number=number, node=node, status="pending",
+                                          executions=0))  # fmt: skip
+                    picked += 1
+            epoch.spot_seed = seed
+        logger.info(f"Epoch {number}: {picked} of {len(rows)} receipts picked for spot checks")
+        return picked
+
+    def check_epoch(self, number: int) -> EpochCheckReport:
+        self.pick(number)
+        report = EpochCheckReport(epoch=number)
+        with session_scope(self.engine) as session:
+            pending = [c.receipt_id for c in crud.spot_checks_of(session, epoch=number) if c.status == "pending"]
+        for index, receipt_id in enumerate(pending):
+            verdict = self.check_receipt(receipt_id)
+            report.checked += 1
+            setattr(report, verdict.status, getattr(report, verdict.status) + 1)
+            if (index + 1) % 20 == 0:
+                logger.info(f"Epoch {number}: {index + 1}/{len(pending)} spot checks done")
+        with session_scope(self.engine) as session:
+            report.failed_nodes = sorted({c.node for c in crud.spot_checks_of(session, epoch=number) if c.status == "failed"})
+        return report
+
+    def check_receipt(self, receipt_id: int) -> Verdict:
+        with session_scope(self.engine) as session:
+            row = session.get(Receipt, receipt_id)
+            signed, stored_fp = crud.signed_receipt_of(row), row.fingerprint
+        verdict = self._judge(signed.receipt, stored_fp)
+        tx_hash = None
+        if verdict.status == "failed":
+            tx_hash = self._report_on_chain(signed, stored_fp, verdict)
+        with session_scope(self.engine) as session:
+            crud.record_spot_check(session, receipt=session.get(Receipt, receipt_id), status=verdict.status,
+                                   executions=verdict.executions, detail=verdict.detail, attest_tx_hash=tx_hash)  # fmt: skip
+        log = logger.warning if verdict.status == "failed" else logger.debug
+        log(f"Spot check of receipt {receipt_id} (node {signed.receipt.node}): {verdict.status}: {verdict.detail}")
+        return verdict
+
+    def _judge(self, receipt: WireReceipt, claimed: bytes | None) -> Verdict:
+        if not claimed:
+            return Verdict("inconclusive", 0, "the node did not submit fingerprint bytes for this step")
+        try:
+            parse_fingerprint(claimed)
+            history = self.audit.input_history(receipt)
+        except Exception as e:
+            return Verdict("inconclusive", 0, f"audit source failed: {type(e).__name__}: {e}")
+        if history is None:
+            return Verdict("inconclusive", 0, "the step's inputs are no longer available")
+        try:
+            positions = step_positions(receipt, history)
+        except ValueError as e:
+            return Verdict("inconclusive", 0, str(e))
+        if commit_tensor(history[:, -positions:]) != receipt.input_commitment:
+            return Verdict("inconclusive", 0, "audited inputs do not hash to the receipt's input commitment")
+        dtype = history.dtype
+        fingerprints = []
+        for executions, verifier in enumerate(self.verifiers[:2], start=1):
+            try:
+                output = verifier.execute(receipt, history)
+            except Exception as e:
+                return Verdict("inconclusive", executions, f"verifier {verifier.name} failed: {type(e).__name__}: {e}")
+            fingerprints.append(activation_fingerprint(output))
+            if fingerprints_match(fingerprints[-1], claimed, dtype=dtype):
+                note = "" if executions == 1 else f"; verifier {self.verifiers[0].name} disagreed and was overruled"
+                return Verdict("passed", executions + 1, f"recomputation matches the node's output{note}")
+        if fingerprints_match(fingerprints[0], fingerprints[1], dtype=dtype):
+            return Verdict("failed", 3, "two independent recomputations agree with each other and not with the node")
+        return Verdict("inconclusive", 3, "all three executions disagree; no one is accused")
+
+    def _report_on_chain(self, signed, claimed: bytes, verdict: Verdict) -> str | None:
+        if self.chain is None:
+            return None
+        evidence = {"receipt": signed.receipt.to_message(), "signature": signed.signature, "fingerprint": claimed,
+                    "detail": verdict.detail}  # fmt: skip
+        try:
+            result = self.chain.attest_spot_check_failure(self.settings.operator_key, signed.receipt.node, evidence)
+        except Exception as e:  # recorded as failed either way; the attestation can be retried from the evidence
+            logger.error(f"Could not attest the spot-check failure of {signed.receipt.node} on chain: {e}")
+            return None
+        tx_hash = getattr(result, "tx_hash", None)
+        return tx_hash if isinstance(tx_hash, str) or tx_hash is None else "0x" + bytes(tx_hash).hex()
+
+
+def load_audit_source(settings: Settings) -> AuditSource | None:
+    """The AuditSource named by ``NECTAR_LEDGER_AUDIT_SOURCE`` ("module:factory", called with settings)."""
+    if not settings.audit_source:
+        return None
+    module_name, _, attribute = settings.audit_source.partition(":")
+    return getattr(importlib.import_module(module_name), attribute)(settings)
+
+
+def local_verifiers(settings: Settings) -> list[Verifier]:
+    """Two local verifiers over the models in ``models_dir`` (each folder name is the model name)."""
+    root = settings.models_dir
+    models = {p.name: p for p in Path(root).iterdir() if p.is_dir()} if root else {}
+    if not models:
+        from nectar.models import list_models
+
+        models = {m.name: m.name for m in list_models() if getattr(m, "converted", True)}
+    return [LocalVerifier(models, name="local-a"), LocalVerifier(models, name="local-b")]
+
+
+__all__ = ["AuditSource", "Verifier", "LocalVerifier", "SpotChecker", "EpochCheckReport", "Verdict", "is_picked",
+           "epoch_seed", "load_audit_source", "local_verifiers", "utcnow"]  # fmt: skip

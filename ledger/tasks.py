@@ -1,0 +1,128 @@
+"""Celery tasks of the ledger. Each is idempotent: it re-reads the database and the chain, so a redelivery is safe."""
+from __future__ import annotations
+
+import json
+import logging
+from functools import lru_cache
+
+from celery import shared_task
+
+from nectar.ledger import crud
+from nectar.ledger.core.config import get_settings
+from nectar.ledger.core.db import get_engine, session_scope
+from nectar.ledger.models import Epoch
+from nectar.ledger.settlement import EpochSettler
+from nectar.ledger.worker import (
+    ADVANCE_EPOCHS_TASK,
+    CLOSE_EPOCH_TASK,
+    REFRESH_STAKES_TASK,
+    SLASH_CONFLICTS_TASK,
+    SPOT_CHECK_TASK,
+)
+from nectar.wire.receipts import SignedReceipt
+
+logger = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=1)
+def _chain():
+    from nectar.chain import Chain
+
+    settings = get_settings()
+    if not settings.deployment_path.exists():
+        raise RuntimeError(f"no deployment file at {settings.deployment_path}: start `nectar devnet` (or deploy) first")
+    return Chain.from_deployment(settings.deployment_path)
+
+
+def _engine():
+    return get_engine(get_settings().database_url)
+
+
+def _run_settler(close: bool) -> list[int]:
+    settings = get_settings()
+    settler = EpochSettler(settings, _engine(), _chain())
+    try:
+        return settler.run(close=close)
+    except Exception as e:
+        with session_scope(_engine()) as session:
+            for epoch in crud.unfinished_epochs(session):
+                epoch.last_error = f"{type(e).__name__}: {e}"
+                break
+        raise
+
+
+@shared_task(name=CLOSE_EPOCH_TASK, acks_late=True)
+def close_epoch() -> list[int]:
+    """Beat: close the collecting epoch (if anything is in it) and push every unfinished epoch forward."""
+    return _run_settler(close=True)
+
+
+@shared_task(name=ADVANCE_EPOCHS_TASK, acks_late=True)
+def advance_epochs() -> list[int]:
+    """Push closed epochs forward without closing a new one (enqueued by ``POST /v1/epochs/close``)."""
+    return _run_settler(close=False)
+
+
+@shared_task(name=SLASH_CONFLICTS_TASK, acks_late=True)
+def slash_conflicts() -> int:
+    """Submit stored double-sign evidence on chain; a conflict already slashed on chain is marked done."""
+    settings, engine, chain = get_settings(), _engine(), _chain()
+    with session_scope(engine) as session:
+        pending = [(c.id, c.receipt_id, c.other_receipt, c.node) for c in crud.list_conflicts(session, status="pending")]
+    done = 0
+    for conflict_id, receipt_id, other_json, node in pending:
+        with session_scope(engine) as session:
+            from nectar.ledger.models import Receipt
+
+            first = crud.signed_receipt_of(session.get(Receipt, receipt_id))
+        second = SignedReceipt.from_json(json.loads(other_json))
+        status, tx_hash, error = "slashed", None, None
+        try:
+            result = chain.slash_double_sign(settings.operator_key, first.receipt.to_message(), first.signature,
+                                             second.receipt.to_message(), second.signature)  # fmt: skip
+            tx_hash = getattr(result, "tx_hash", None)
+        except Exception as e:
+            name = getattr(e, "name", "") or str(e)
+            if "Already" not in name:
+                status, error = "failed", f"{type(e).__name__}: {e}"
+                logger.error(f"Slashing {node} for conflict {conflict_id} failed: {error}")
+        with session_scope(engine) as session:
+            from nectar.ledger.models import Conflict
+
+            conflict = session.get(Conflict, conflict_id)
+            conflict.status, conflict.last_error = status, error
+            conflict.slash_tx_hash = tx_hash if isinstance(tx_hash, str) or tx_hash is None else "0x" + bytes(tx_hash).hex()
+            if status == "slashed":
+                crud.record_slash(session, node=node)
+                done += 1
+    return done
+
+
+@shared_task(name=SPOT_CHECK_TASK, acks_late=True)
+def spot_check_epochs() -> int:
+    """Re-execute a secret random fraction of every committed epoch's receipts (needs an audit source configured)."""
+    from nectar.ledger.spot_check import SpotChecker, load_audit_source, local_verifiers
+
+    settings = get_settings()
+    audit = load_audit_source(settings)
+    if audit is None:
+        return 0
+    checker = SpotChecker(settings=settings, engine=_engine(), verifiers=local_verifiers(settings), audit=audit,
+                          chain=_chain())  # fmt: skip
+    with session_scope(_engine()) as session:
+        numbers = [e.number for e in crud.list_epochs(session, limit=20) if e.status in ("root_committed", "settled")
+                   and e.spot_seed is None]  # fmt: skip
+    return sum(checker.check_epoch(number).checked for number in sorted(numbers))
+
+
+@shared_task(name=REFRESH_STAKES_TASK, acks_late=True)
+def refresh_stakes() -> int:
+    chain = _chain()
+    with session_scope(_engine()) as session:
+        nodes = crud.list_nodes(session)
+        for node in nodes:
+            crud.set_stake(session, node=node.address, stake=int(chain.stake_of(node.address)))
+    return len(nodes)
+
+
+__all__ = ["close_epoch", "advance_epochs", "slash_conflicts", "spot_check_epochs", "refresh_stakes", "Epoch"]

@@ -1,0 +1,175 @@
+"""The ledger's HTTP API on SQLite and PostgreSQL: accepted, duplicate, forged, replayed, conflicting, malformed."""
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+
+from nectar.ledger.core.db import get_engine, session_scope
+from nectar.ledger import crud
+from nectar.wire import receipts as R
+from nectar.wire.merkle import merkle_root, verify_proof, merkle_proof
+from tests.ledger.utils import Party, make_receipt, make_voucher, receipt_item
+
+NODE, CLIENT = Party(), Party()
+
+
+def post(api, items):
+    response = api.post("/v1/receipts", json={"receipts": items})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def node_view(api, node=NODE):
+    response = api.get(f"/v1/nodes/{node.address}")
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_accepts_valid_receipts_and_counts_them_once(api):
+    items = [make_receipt(NODE, CLIENT, step=i, price=7) for i in range(5)]
+    result = post(api, [receipt_item(*i) for i in items])
+    assert result["accepted"] == 5 and result["rejected"] == 0
+    before = node_view(api)
+    assert before["receipts_count"] == 5 and int(before["earned"]) == 5 * 4 * 7
+    again = post(api, [receipt_item(*i) for i in items])  # a node retrying after a timeout
+    assert again["duplicates"] == 5 and again["accepted"] == 0
+    after = node_view(api)
+    assert after["receipts_count"] == 5 and after["earned"] == before["earned"]
+
+
+def test_forgeries_are_rejected_with_reasons(api):
+    mallory = Party()
+    good, fp = make_receipt(NODE, CLIENT)
+    # signed by someone else, claiming to be NODE
+    forged = R.sign_receipt(good.receipt, mallory.key, R.default_domain())
+    # content changed after signing
+    tampered = R.SignedReceipt(R.Receipt(**{**good.receipt.__dict__, "tokens": 400, "amount": 400 * 1000}), good.signature)
+    # garbage signature bytes
+    garbage = R.SignedReceipt(good.receipt, b"\x00" * 64 + b"\x1b")  # r = s = 0
+    # amount != tokens * price, properly signed
+    wrong_amount = make_receipt(NODE, CLIENT, amount=1)
+    # signed for another chain
+    other_domain = make_receipt(NODE, CLIENT, domain=R.make_domain(1, R.ZERO_ADDRESS))
+    # fingerprint bytes that are not the committed ones
+    swapped_fp = (good, R.activation_fingerprint(torch.randn(1, 4, 16)))
+    result = post(api, [receipt_item(forged, fp), receipt_item(tampered, fp), receipt_item(garbage, fp),
+                        receipt_item(*wrong_amount), receipt_item(*other_domain), receipt_item(*swapped_fp)])  # fmt: skip
+    reasons = [r["reason"] for r in result["results"]]
+    assert reasons == ["wrong_signer", "wrong_signer", "bad_signature", "wrong_amount", "wrong_signer", "bad_fingerprint"]
+    assert result["accepted"] == 0 and all(r["message"] for r in result["results"])
+
+
+def test_conflicting_receipt_is_rejected_and_kept_as_evidence(api, settings):
+    session_id = os.urandom(32)
+    first = make_receipt(NODE, CLIENT, session_id=session_id, step=3)
+    second = make_receipt(NODE, CLIENT, session_id=session_id, step=3)  # same work, a different output
+    same_output_other_time = R.sign_receipt(
+        R.Receipt(**{**first[0].receipt.__dict__, "timestamp": first[0].receipt.timestamp + 5}), NODE.key, R.default_domain()
+    )
+    assert post(api, [receipt_item(*first)])["accepted"] == 1
+    result = post(api, [receipt_item(*second), receipt_item(same_output_other_time, first[1])])
+    assert [r["reason"] for r in result["results"]] == ["conflict", "replay"]
+    post(api, [receipt_item(*second)])  # resubmitting the evidence does not duplicate it
+    with session_scope(get_engine(settings.database_url)) as session:
+        conflicts = crud.list_conflicts(session, node=NODE.address)
+        assert len(conflicts) == 1 and conflicts[0].status == "pending"
+        stored = crud.signed_receipt_of(session.get(crud.Receipt, conflicts[0].receipt_id))
+        assert stored == first[0] and R.recover_receipt_signer(stored, R.default_domain()) == NODE.address
+    assert len(node_view(api)["conflicts"]) == 1
+
+
+def test_malformed_batches_get_422_and_store_nothing(api):
+    count = node_view(api)["receipts_count"]
+    good = receipt_item(*make_receipt(NODE, CLIENT))
+    cases = [
+        {"receipts": [good, {**good, "signature": "0xzz"}]},
+        {"receipts": [good, {**good, "receipt": {**good["receipt"], "sessionId": "0x12"}}]},
+        {"receipts": [good, {k: v for k, v in good.items() if k != "fingerprintBytes"}]},
+        {"receipts": [good, {**good, "receipt": {**good["receipt"], "tokens": -1}}]},
+        {"receipts": "not a list"},
+        {"receipts": []},
+        {},
+    ]
+    for body in cases:
+        response = api.post("/v1/receipts", json=body)
+        assert response.status_code == 422, (body, response.text)
+    response = api.post("/v1/receipts", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    detail = api.post("/v1/receipts", json=cases[0]).json()["detail"]
+    assert detail["items"][0]["index"] == 1 and "nothing" in detail["message"]
+    assert node_view(api)["receipts_count"] == count
+    assert api.get("/v1/nodes/0x1234").status_code == 422
+    assert api.get(f"/v1/nodes/{Party().address}").status_code == 404
+
+
+def test_vouchers_keep_the_highest_and_reject_stale_and_forged(api):
+    client, node = Party(), Party()
+    results = [api.post("/v1/vouchers", json={"vouchers": [make_voucher(client, node, a).to_json()]}).json()
+               for a in (100, 250, 250, 200)]  # fmt: skip
+    assert [r["results"][0]["status"] for r in results] == ["accepted", "accepted", "duplicate", "rejected"]
+    assert results[3]["results"][0]["reason"] == "stale_voucher"
+    forged = R.sign_voucher(R.Voucher(client.address, node.address, 1, 10**9), Party().key, R.default_domain())
+    result = api.post("/v1/vouchers", json={"vouchers": [forged.to_json()]}).json()
+    assert result["results"][0]["reason"] == "wrong_signer"
+    assert api.post("/v1/vouchers", json={"vouchers": [{"voucher": {}, "signature": "0x"}]}).status_code == 422
+    with session_scope(get_engine(api.app.state.ledger.settings.database_url)) as session:
+        [stored] = crud.list_vouchers(session, client=client.address)
+        assert stored.cumulative_amount == 250 and stored.settled_amount == 0
+
+
+def test_concurrent_submissions_store_each_receipt_once(api):
+    node = Party()
+    items = [receipt_item(*make_receipt(node, CLIENT, step=i)) for i in range(60)]
+    verdicts = []
+
+    def submit(chunk):
+        verdicts.extend(r["status"] for r in post(api, chunk)["results"])
+
+    threads = [threading.Thread(target=submit, args=(items[i % 3 * 20 :][:40],)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert verdicts.count("accepted") == 60 and set(verdicts) <= {"accepted", "duplicate"}
+    assert node_view(api, node)["receipts_count"] == 60
+
+
+def test_close_epoch_freezes_receipts_under_a_verifiable_root(api, settings):
+    headers = {"Authorization": f"Bearer {settings.admin_token}"}
+    assert api.post("/v1/epochs/close").status_code == 401
+    post(api, [receipt_item(*make_receipt(NODE, CLIENT, step=100 + i)) for i in range(3)])
+    closed = api.post("/v1/epochs/close", headers=headers).json()["closed"]
+    assert closed["status"] == "closed" and closed["receipt_count"] >= 3
+    with session_scope(get_engine(settings.database_url)) as session:
+        leaves = crud.epoch_leaves(session, epoch=closed["number"])
+        assert len(leaves) == closed["receipt_count"]
+        assert "0x" + merkle_root(leaves).hex() == closed["root"]
+        assert verify_proof(merkle_root(leaves), leaves[1], merkle_proof(leaves, 1))
+    # a receipt arriving now goes to the next epoch; closing again with nothing new closes nothing
+    later = post(api, [receipt_item(*make_receipt(NODE, CLIENT, step=999))])
+    assert later["accepted"] == 1
+    epochs = api.get("/v1/epochs").json()
+    assert epochs[0]["number"] == closed["number"] + 1 and epochs[0]["status"] == "collecting"
+
+
+def test_reputation_and_reports(api):
+    node, client = Party(), Party()
+    post(api, [receipt_item(*make_receipt(node, client))])
+    from nectar.ledger.client import LedgerClient
+
+    ledger = LedgerClient("http://testserver")
+    ledger._http = api  # the TestClient speaks the same httpx API
+    try:
+        ledger.report(private_key=client.key, node=node.address, success=True, latency_ms=50)
+        raise AssertionError("a client that never paid this node must not move its reputation")
+    except Exception as e:
+        assert "403" in str(e)
+    api.post("/v1/vouchers", json={"vouchers": [make_voucher(client, node, 10).to_json()]})
+    before = {n["address"]: n for n in ledger.reputation()}[node.address]
+    for _ in range(5):
+        ledger.report(private_key=client.key, node=node.address, success=True, online=True, latency_ms=40, throughput=200)
+    after = {n["address"]: n for n in ledger.reputation()}[node.address]
+    assert after["score"] > before["score"] and after["new"] is True
+    assert after["components"]["success"] > 0.8
