@@ -1,0 +1,176 @@
+"""Spot checks on real span computations: a node corrupting 10% of its outputs is caught, honest nodes never are."""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+from nectar.ledger import crud
+from nectar.ledger.core.config import Settings
+from nectar.ledger.core.db import get_engine, run_migrations, session_scope
+from nectar.ledger.intake import check_receipt
+from nectar.ledger.spot_check import AuditSource, LocalVerifier, SpotChecker, Verifier, epoch_seed, is_picked
+from nectar.models import load_span
+from nectar.models.tiny import save_tiny_checkpoint
+from nectar.wire import receipts as R
+from tests.ledger.utils import Party
+
+MODEL = "tiny-audit-llama"
+SESSIONS, DECODE_STEPS, PREFILL = 12, 5, 6
+
+
+class MemoryAudit(AuditSource):
+    """What the node's audit RPC serves, kept in process: each session's inputs in order per node."""
+
+    def __init__(self):
+        self.inputs: dict[tuple, list[torch.Tensor]] = {}
+
+    def record(self, node: str, session_id: bytes, step: int, hidden: torch.Tensor):
+        self.inputs.setdefault((node, session_id), []).append((step, hidden.clone()))
+
+    def input_history(self, receipt):
+        steps = self.inputs.get((receipt.node, receipt.session_id), [])
+        parts = [t for s, t in steps if s <= receipt.step]
+        return torch.cat(parts, dim=1) if parts else None
+
+
+class SimulatedNode:
+    """Serves inference steps of blocks [start, end) with a KV cache, signs receipts; may corrupt some outputs."""
+
+    def __init__(self, path, start, end, *, cheat_rate=0.0, seed=0):
+        self.party, self.span = Party(), load_span(path, start, end)
+        self.start, self.end, self.cheat_rate, self.rng = start, end, cheat_rate, random.Random(seed)
+
+    def serve_session(self, client, audit, inputs_per_step, session_id):
+        cache = self.span.new_cache(1, 64)
+        signed = []
+        for step, hidden in enumerate(inputs_per_step):
+            audit.record(self.party.address, session_id, step, hidden)
+            output = self.span(hidden, cache=cache)
+            if self.rng.random() < self.cheat_rate:  # skip the work: return a perturbed guess
+                output = output + 0.05 * output.abs().amax() * torch.randn_like(output)
+            fp = R.activation_fingerprint(output)
+            receipt = R.Receipt(
+                session_id=session_id, step=step, kind=0, model_id=R.model_id_hash(MODEL), block_start=self.start,
+                block_end=self.end, node=self.party.address, client=client.address, tokens=hidden.shape[1], price=3,
+                amount=3 * hidden.shape[1], input_commitment=R.commit_tensor(hidden),
+                output_commitment=R.commit_tensor(output), fingerprint=R.fingerprint_hash(fp), timestamp=1,
+            )  # fmt: skip
+            item = R.sign_receipt(receipt, self.party.key, R.default_domain())
+            signed.append((item, fp, output))
+        return signed
+
+
+class BrokenVerifier(Verifier):
+    """A faulty verifier (bad hardware): its outputs are off, which must not get an honest node accused."""
+
+    name = "broken"
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def execute(self, receipt, history):
+        out = self.inner.execute(receipt, history)
+        return out + 0.1 * out.abs().amax() * torch.randn_like(out)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("spot")
+    path = save_tiny_checkpoint(root / MODEL, "llama", num_layers=4, hidden_size=64)
+    settings = Settings(database_url=f"sqlite:///{root / 'ledger.db'}", spot_check_fraction=1.0,
+                        deployment_path=root / "none.json")  # fmt: skip
+    run_migrations(settings.database_url)
+    engine = get_engine(settings.database_url)
+    audit, client = MemoryAudit(), Party()
+    honest_a, honest_b = SimulatedNode(path, 0, 2, seed=1), SimulatedNode(path, 2, 4, seed=2)
+    cheater = SimulatedNode(path, 0, 2, cheat_rate=0.10, seed=3)
+    torch.manual_seed(0)
+    corrupted_leaves, all_items = set(), []
+    with torch.no_grad():
+        for _ in range(SESSIONS):
+            steps = [torch.randn(1, PREFILL, 64)] + [torch.randn(1, 1, 64) for _ in range(DECODE_STEPS)]
+            session_id = os.urandom(32)
+            first_hop = honest_a.serve_session(client, audit, steps, session_id)
+            all_items += first_hop
+            # the second hop's inputs are the first hop's outputs: receipts chain by commitment
+            all_items += honest_b.serve_session(client, audit, [out for _, _, out in first_hop], session_id)
+            all_items += cheater.serve_session(client, audit, steps, os.urandom(32))
+        # which of the cheater's steps were corrupted: recompute honestly from the same inputs
+        honest_ref = load_span(path, 0, 2)
+        for item, fp, out in all_items:
+            if item.receipt.node != cheater.party.address:
+                continue
+            history = audit.input_history(item.receipt)
+            expected = honest_ref(history)[:, -item.receipt.tokens :]
+            if not torch.allclose(expected, out, atol=1e-4, rtol=1e-4):
+                corrupted_leaves.add(R.receipt_leaf(item.receipt))
+    with session_scope(engine) as session:
+        checked = [check_receipt(item, fp, R.default_domain()) for item, fp, _ in all_items]
+        verdicts = crud.store_receipts(session, checked=checked)
+        assert all(v[0] == "accepted" for v in verdicts)
+        epoch = crud.close_epoch(session)
+    verifiers = [LocalVerifier({MODEL: path}, name="a"), LocalVerifier({MODEL: path}, name="b")]
+    return dict(settings=settings, engine=engine, audit=audit, verifiers=verifiers, epoch=epoch.number,
+                honest=[honest_a.party.address, honest_b.party.address], cheater=cheater.party.address,
+                corrupted=corrupted_leaves, path=path, items=all_items)  # fmt: skip
+
+
+def test_chained_commitments_across_hops(world):
+    items = world["items"]
+    by_session = {}
+    for item, _, _ in items:
+        by_session.setdefault((item.receipt.session_id, item.receipt.step), []).append(item.receipt)
+    chained = sum(
+        1 for receipts in by_session.values() for a in receipts for b in receipts
+        if a.block_end == b.block_start and a.output_commitment == b.input_commitment
+    )  # fmt: skip
+    assert chained == SESSIONS * (DECODE_STEPS + 1)
+
+
+def test_cheater_caught_and_honest_nodes_never_accused(world):
+    checker = SpotChecker(settings=world["settings"], engine=world["engine"], verifiers=world["verifiers"],
+                          audit=world["audit"])  # fmt: skip
+    report = checker.check_epoch(world["epoch"])
+    with session_scope(world["engine"]) as session:
+        checks = crud.spot_checks_of(session, epoch=world["epoch"])
+        leaf_of = {c.receipt_id: session.get(crud.Receipt, c.receipt_id).leaf for c in checks}
+        honest_checks = [c for c in checks if c.node in world["honest"]]
+        cheater_checks = [c for c in checks if c.node == world["cheater"]]
+        caught = {leaf_of[c.receipt_id] for c in cheater_checks if c.status == "failed"}
+        false_accusations = [c for c in honest_checks if c.status != "passed"]
+        cheater_row = crud.get_node(session, address=world["cheater"])
+        honest_rows = [crud.get_node(session, address=a) for a in world["honest"]]
+    print(f"\nspot checks: {len(checks)} run; honest nodes {len(honest_checks)} checks, "
+          f"{len(false_accusations)} accused; cheater corrupted {len(world['corrupted'])} of {len(cheater_checks)} "
+          f"steps, {len(caught)} caught")  # fmt: skip
+    assert report.checked == len(checks) == 3 * SESSIONS * (DECODE_STEPS + 1)
+    assert not false_accusations
+    assert world["corrupted"] and caught == world["corrupted"]  # every corrupted step, and only those
+    assert report.failed_nodes == [world["cheater"]]
+    assert cheater_row.spot_failed == len(caught) and all(r.spot_failed == 0 for r in honest_rows)
+    from nectar.ledger.reputation import score_node
+
+    cheater_score = score_node(cheater_row, reference_stake=1).score
+    assert all(score_node(r, reference_stake=1).score > 10 * cheater_score for r in honest_rows)
+
+
+def test_a_faulty_verifier_does_not_get_an_honest_node_accused(world):
+    broken = BrokenVerifier(world["verifiers"][0])
+    checker = SpotChecker(settings=world["settings"], engine=world["engine"], audit=world["audit"],
+                          verifiers=[broken, world["verifiers"][1]])  # fmt: skip
+    with session_scope(world["engine"]) as session:
+        ids = [c.receipt_id for c in crud.spot_checks_of(session, epoch=world["epoch"]) if c.node in world["honest"]][:10]
+    verdicts = [checker.check_receipt(i) for i in ids]
+    assert all(v.status == "passed" and v.executions == 3 and "overruled" in v.detail for v in verdicts)
+
+
+def test_picks_are_a_fraction_q_and_depend_on_the_secret():
+    root, leaves = os.urandom(32), [os.urandom(32) for _ in range(20000)]
+    seed_a, seed_b = epoch_seed(root, "secret-a"), epoch_seed(root, "secret-b")
+    picked_a = {leaf for leaf in leaves if is_picked(seed_a, leaf, 0.05)}
+    picked_b = {leaf for leaf in leaves if is_picked(seed_b, leaf, 0.05)}
+    assert 800 < len(picked_a) < 1200 and 800 < len(picked_b) < 1200
+    assert len(picked_a & picked_b) < 150  # independent draws overlap ~q^2 * n = 50
