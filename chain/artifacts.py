@@ -1,0 +1,78 @@
+"""Forge's build output and the npm-installed Foundry tools: where they are and how to read them.
+
+ABIs and bytecode are always read from ``contracts/out/<File>.sol/<Contract>.json`` (forge's artifacts), never copied.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# The contracts the devnet deploys, in deployment order (file stem == contract name).
+CONTRACT_NAMES = ("Credits", "Escrow", "NodeRegistry", "Settlement", "Slashing")
+
+
+def repo_root() -> Path:
+    """The repository holding foundry.toml (chain/ lives at its top level)."""
+    return Path(os.environ.get("NECTAR_REPO_ROOT", Path(__file__).resolve().parents[1]))
+
+
+def out_dir() -> Path:
+    return Path(os.environ.get("NECTAR_CONTRACTS_OUT", repo_root() / "contracts" / "out"))
+
+
+def tool_path(name: str) -> str:
+    """Path of ``anvil``, ``forge`` or ``cast``: the npm install under node_modules/.bin first, then $PATH."""
+    local = repo_root() / "node_modules" / ".bin" / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise FileNotFoundError(
+        f"{name} not found in {local.parent} or on PATH: run scripts/setup.d/20-foundry.sh (npm ci) first"
+    )
+
+
+@dataclass(frozen=True)
+class Artifact:
+    name: str
+    abi: list[dict]
+    bytecode: str  # 0x-prefixed creation code
+
+
+@lru_cache(maxsize=None)
+def _load(path: Path, mtime: float) -> Artifact:  # mtime in the key: a rebuild invalidates the cache
+    data = json.loads(path.read_text())
+    return Artifact(name=path.stem, abi=data["abi"], bytecode=data["bytecode"]["object"])
+
+
+def load_artifact(name: str) -> Artifact:
+    path = out_dir() / f"{name}.sol" / f"{name}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no forge artifact at {path}: run `forge build` at {repo_root()} first")
+    return _load(path, path.stat().st_mtime)
+
+
+def artifacts_present() -> bool:
+    return all((out_dir() / f"{n}.sol" / f"{n}.json").exists() for n in CONTRACT_NAMES)
+
+
+def build_contracts(*, force: bool = False) -> None:
+    """Runs ``forge build`` (fast when up to date; solcjs makes a cold build take a few seconds to a minute)."""
+    if artifacts_present() and not force:
+        return
+    logger.info("building contracts with forge (solcjs) ...")
+    result = subprocess.run(
+        [tool_path("forge"), "build"], cwd=repo_root(), capture_output=True, text=True, timeout=600
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"forge build failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    logger.info("contracts built into %s", out_dir())

@@ -1,0 +1,334 @@
+"""``Chain``: every contract call the rest of Nectar makes (deposits, staking, settlement, epoch roots, slashing,
+and the event queries the ledger and API watch)."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from eth_account import Account
+from web3 import Web3
+
+from .deployment import Deployment, load_deployment
+from .encoding import (
+    as_bytes32,
+    as_signature,
+    decode_settle_batch,
+    encode_settle_batch,
+    receipt_tuple,
+    voucher_fields,
+)
+from .errors import ChainError, ErrorDecoder
+from .tx import EventDecoder, Transactor, TxResult
+
+logger = logging.getLogger(__name__)
+
+ZERO32 = bytes(32)
+_PERMIT_TYPES = {
+    "Permit": [
+        {"name": "owner", "type": "address"},
+        {"name": "spender", "type": "address"},
+        {"name": "value", "type": "uint256"},
+        {"name": "nonce", "type": "uint256"},
+        {"name": "deadline", "type": "uint256"},
+    ]
+}
+
+
+def _address(value: str) -> str:
+    return Web3.to_checksum_address(value)
+
+
+def _key_address(private_key: str | bytes) -> str:
+    return Account.from_key(private_key).address
+
+
+class Chain:
+    """A connection to one Nectar deployment. Writes take the sender's private key (kept local, transactions are
+    signed here); reads are free. Reverts raise ``ChainError`` whose message starts with the custom error's name.
+
+    :param deployment: where the contracts are (see ``load_deployment``)
+    :param rpc_url: overrides the deployment's RPC URL (e.g. another host's view of the same chain)
+    """
+
+    def __init__(self, deployment: Deployment, *, rpc_url: str | None = None, timeout: float = 60.0):
+        self.deployment = deployment
+        self.rpc_url = rpc_url or deployment.rpc_url
+        self.w3 = Web3(Web3.HTTPProvider(self.rpc_url, request_kwargs={"timeout": timeout}))
+        self.chain_id = deployment.chain_id
+        self.contracts = {
+            name: self.w3.eth.contract(address=_address(info["address"]), abi=info["abi"])
+            for name, info in deployment.contracts.items()
+        }
+        self._tx = Transactor(
+            self.w3,
+            chain_id=self.chain_id,
+            errors=ErrorDecoder(info["abi"] for info in deployment.contracts.values()),
+            events=EventDecoder(self.contracts),
+        )
+        self.credits = self.contracts["Credits"]
+        self.escrow = self.contracts["Escrow"]
+        self.registry = self.contracts["NodeRegistry"]
+        self.settlement = self.contracts["Settlement"]
+        self.slashing = self.contracts["Slashing"]
+
+    @classmethod
+    def from_deployment(cls, path: Path | str | None = None, **kwargs: Any) -> "Chain":
+        return cls(load_deployment(path), **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Chain(chain_id={self.chain_id}, rpc_url={self.rpc_url!r})"
+
+    # ------------------------------------------------------------------ basics
+
+    def address_of(self, name: str) -> str:
+        return self.deployment.address_of(name)
+
+    def eip712_domain(self) -> dict[str, Any]:
+        """The domain receipts and vouchers are signed under."""
+        return {"name": "Nectar", "version": "1", "chainId": self.chain_id,
+                "verifyingContract": self.address_of("Settlement")}  # fmt: skip
+
+    def block_number(self) -> int:
+        return self.w3.eth.block_number
+
+    def is_connected(self) -> bool:
+        try:
+            return self.w3.eth.chain_id == self.chain_id
+        except Exception:  # connection refused, timeout: the caller only wants a yes/no
+            return False
+
+    def default_key(self, role: str = "deployer") -> str:
+        """Private key of the first devnet demo account with ``role`` (devnets only)."""
+        accounts = self.deployment.accounts_with_role(role)
+        if not accounts:
+            raise ChainError(f"the deployment lists no {role!r} account; pass a private key explicitly")
+        return accounts[0]["privateKey"]
+
+    def advance_time(self, seconds: int) -> None:
+        """Devnet only: moves the chain clock forward and mines a block (unlock delays, dispute windows)."""
+        self.w3.provider.make_request("evm_increaseTime", [int(seconds)])
+        self.w3.provider.make_request("evm_mine", [])
+
+    def eth_balance(self, address: str) -> int:
+        return self.w3.eth.get_balance(_address(address))
+
+    def send_eth(self, private_key: str, to: str, value: int) -> TxResult:
+        return self._tx.send_value(private_key, to, value)
+
+    # ------------------------------------------------------------------ credits
+
+    def faucet(self, to: str, amount: int, *, private_key: str | None = None) -> TxResult:
+        """Mints devnet credits to ``to`` (sent from ``private_key`` or the deployer demo account)."""
+        key = private_key or self.default_key()
+        return self._tx.send(key, self.credits.functions.faucet(_address(to), int(amount)), context="faucet")
+
+    def credit_balance(self, address: str) -> int:
+        return self.credits.functions.balanceOf(_address(address)).call()
+
+    def approve(self, private_key: str, spender: str, amount: int) -> TxResult:
+        fn = self.credits.functions.approve(_address(spender), int(amount))
+        return self._tx.send(private_key, fn, context="approve")
+
+    def _permit(self, private_key: str, spender: str, amount: int, deadline: int):
+        owner = _key_address(private_key)
+        message = {
+            "types": _PERMIT_TYPES,
+            "primaryType": "Permit",
+            "domain": {"name": "Nectar Credits", "version": "1", "chainId": self.chain_id,
+                       "verifyingContract": self.address_of("Credits")},  # fmt: skip
+            "message": {"owner": owner, "spender": _address(spender), "value": int(amount),
+                        "nonce": self.credits.functions.nonces(owner).call(), "deadline": deadline},  # fmt: skip
+        }
+        return Account.sign_typed_data(private_key, full_message=message)
+
+    # ------------------------------------------------------------------ escrow
+
+    def deposit(self, private_key: str, amount: int) -> TxResult:
+        """Deposits ``amount`` credits into the sender's escrow in one transaction (EIP-2612 permit + deposit)."""
+        deadline = self.w3.eth.get_block("latest")["timestamp"] + 3600
+        sig = self._permit(private_key, self.address_of("Escrow"), amount, deadline)
+        fn = self.escrow.functions.depositWithPermit(int(amount), deadline, sig.v, sig.r.to_bytes(32, "big"),
+                                                     sig.s.to_bytes(32, "big"))  # fmt: skip
+        return self._tx.send(private_key, fn, context="deposit")
+
+    def request_withdrawal(self, private_key: str, amount: int) -> TxResult:
+        fn = self.escrow.functions.requestWithdrawal(int(amount))
+        return self._tx.send(private_key, fn, context="request_withdrawal")
+
+    def withdraw(self, private_key: str) -> TxResult:
+        return self._tx.send(private_key, self.escrow.functions.withdraw(), context="withdraw")
+
+    def escrow_balance(self, client: str) -> int:
+        return self.escrow.functions.balanceOf(_address(client)).call()
+
+    def pending_withdrawal(self, client: str) -> tuple[int, int]:
+        """(amount, unlock timestamp) of the client's open withdrawal request; zeros if none."""
+        amount, unlock_at = self.escrow.functions.pendingWithdrawal(_address(client)).call()
+        return amount, unlock_at
+
+    # ------------------------------------------------------------------ node registry
+
+    def register_node(self, private_key: str, peer_id: str, stake: int) -> TxResult:
+        """Approves (if needed) and registers the sender as a node with its P2P peer id and ``stake`` credits."""
+        registry = self.address_of("NodeRegistry")
+        owner = _key_address(private_key)
+        if self.credits.functions.allowance(owner, registry).call() < stake:
+            self.approve(private_key, registry, stake)
+        fn = self.registry.functions.register(peer_id, int(stake))
+        return self._tx.send(private_key, fn, context="register_node")
+
+    def add_stake(self, private_key: str, amount: int) -> TxResult:
+        registry = self.address_of("NodeRegistry")
+        if self.credits.functions.allowance(_key_address(private_key), registry).call() < amount:
+            self.approve(private_key, registry, amount)
+        return self._tx.send(private_key, self.registry.functions.addStake(int(amount)), context="add_stake")
+
+    def request_unbond(self, private_key: str, amount: int) -> TxResult:
+        fn = self.registry.functions.requestUnbond(int(amount))
+        return self._tx.send(private_key, fn, context="request_unbond")
+
+    def unbond(self, private_key: str) -> TxResult:
+        return self._tx.send(private_key, self.registry.functions.unbond(), context="unbond")
+
+    def stake_of(self, node: str) -> int:
+        """Bonded (active) stake."""
+        return self.registry.functions.stakeOf(_address(node)).call()
+
+    def node_info(self, node: str) -> dict[str, Any]:
+        registered, peer_id, bonded, unbonding, unlock_at = self.registry.functions.nodeInfo(_address(node)).call()
+        return {"registered": registered, "peerId": peer_id, "bonded": bonded, "unbonding": unbonding,
+                "unlockAt": unlock_at}  # fmt: skip
+
+    def registered_nodes(self) -> list[dict[str, Any]]:
+        """Every node that ever registered, with its current info."""
+        count = self.registry.functions.nodeCount().call()
+        nodes = [self.registry.functions.nodeList(i).call() for i in range(count)]
+        return [{"node": n, **self.node_info(n)} for n in nodes]
+
+    # ------------------------------------------------------------------ settlement
+
+    def settle(self, private_key: str, vouchers: Sequence[tuple[Any, Any]]) -> TxResult:
+        """Settles (voucher, 65-byte signature) pairs in one transaction. Vouchers are protocol dicts (client, node,
+        channelId, cumulativeAmount) or nectar.wire Vouchers. The batch is all-or-nothing: a bad voucher raises
+        ``ChainError`` (VoucherReplay, InvalidSignature, InsufficientEscrow) whose ``error_args["voucher"]`` is its
+        index in ``vouchers``."""
+        batch = encode_settle_batch(vouchers)
+        fn = self.settlement.functions.settle(batch.nodes, batch.groups)
+        try:
+            return self._tx.send(private_key, fn, context=f"settle({len(vouchers)} vouchers)")
+        except ChainError as exc:
+            position = exc.error_args.get("index")
+            if isinstance(position, int) and position < len(batch.order):
+                exc.error_args["voucher"] = batch.order[position]
+                exc.args = (f"{exc.args[0]} (voucher {batch.order[position]} of the list given)",)
+            raise
+
+    def paid(self, client: str, node: str, channel_id: int) -> int:
+        """Cumulative amount already settled on a channel."""
+        return self.settlement.functions.paid(_address(client), _address(node), int(channel_id)).call()
+
+    def node_balance(self, node: str) -> int:
+        """Settled, unwithdrawn earnings of a node (or of the fee recipient)."""
+        return self.escrow.functions.earningsOf(_address(node)).call()
+
+    def withdraw_earnings(self, private_key: str) -> TxResult:
+        return self._tx.send(private_key, self.escrow.functions.withdrawEarnings(), context="withdraw_earnings")
+
+    def voucher_digest(self, voucher: Any) -> bytes:
+        """The EIP-712 digest as the contract computes it (cross-check for off-chain signers)."""
+        v = voucher_fields(voucher)
+        return bytes(self.settlement.functions.voucherDigest(v.client, v.node, v.channel_id,
+                                                             v.cumulative_amount).call())  # fmt: skip
+
+    def receipt_digest(self, receipt: Any) -> bytes:
+        return bytes(self.settlement.functions.receiptDigest(receipt_tuple(receipt)).call())
+
+    def receipt_leaf(self, receipt: Any) -> bytes:
+        return bytes(self.settlement.functions.receiptLeaf(receipt_tuple(receipt)).call())
+
+    # ------------------------------------------------------------------ epoch roots
+
+    def commit_epoch_root(self, private_key: str, epoch: int, root: bytes, count: int) -> TxResult:
+        fn = self.settlement.functions.commitEpochRoot(int(epoch), as_bytes32(root), int(count))
+        return self._tx.send(private_key, fn, context=f"commit_epoch_root({epoch})")
+
+    def epoch_root(self, epoch: int) -> bytes:
+        """The committed root of ``epoch``; 32 zero bytes when none was committed."""
+        root, _count, _at = self.settlement.functions.epochRoot(int(epoch)).call()
+        return bytes(root)
+
+    def epoch_info(self, epoch: int) -> dict[str, Any]:
+        root, count, at = self.settlement.functions.epochRoot(int(epoch)).call()
+        return {"root": bytes(root), "count": count, "committedAt": at}
+
+    def verify_inclusion(self, epoch: int, leaf: bytes, proof: Sequence[bytes]) -> bool:
+        fn = self.settlement.functions.verifyInclusion(int(epoch), as_bytes32(leaf), [as_bytes32(p) for p in proof])
+        return bool(fn.call())
+
+    # ------------------------------------------------------------------ slashing
+
+    def slash_double_sign(self, private_key: str, receipt_a: Any, sig_a: bytes, receipt_b: Any,
+                          sig_b: bytes) -> TxResult:  # fmt: skip
+        """Proves two conflicting receipts signed by one node; the sender gets the reporter reward."""
+        fn = self.slashing.functions.slashDoubleSign(receipt_tuple(receipt_a), as_signature(sig_a),
+                                                     receipt_tuple(receipt_b), as_signature(sig_b))  # fmt: skip
+        return self._tx.send(private_key, fn, context="slash_double_sign")
+
+    def spot_check_case_id(self, node: str, evidence: bytes) -> bytes:
+        return bytes(self.slashing.functions.caseId(_address(node), bytes(evidence)).call())
+
+    def attest_spot_check_failure(self, private_key: str, node: str, evidence: bytes) -> TxResult:
+        """A registered verifier attests a failed spot check; k attestations open the dispute window."""
+        fn = self.slashing.functions.attestSpotCheckFailure(_address(node), bytes(evidence))
+        return self._tx.send(private_key, fn, context="attest_spot_check_failure")
+
+    def finalize_slash(self, private_key: str, node: str | None = None, evidence: bytes | None = None, *,
+                       case_id: bytes | None = None) -> TxResult:  # fmt: skip
+        """Slashes for a spot-check case once its dispute window passed: give (node, evidence) or ``case_id``."""
+        if case_id is None:
+            if node is None or evidence is None:
+                raise ValueError("finalize_slash needs (node, evidence) or case_id")
+            case_id = self.spot_check_case_id(node, evidence)
+        fn = self.slashing.functions.finalizeSlash(as_bytes32(case_id))
+        return self._tx.send(private_key, fn, context="finalize_slash")
+
+    def spot_check_case(self, case_id: bytes) -> dict[str, Any]:
+        node, attestations, ready_at, closed = self.slashing.functions.caseInfo(as_bytes32(case_id)).call()
+        return {"node": node, "attestations": attestations, "readyAt": ready_at, "closed": closed}
+
+    # ------------------------------------------------------------------ events
+
+    def events(self, contract: str, event: str, *, from_block: int = 0, to_block: int | str = "latest",
+               filters: dict[str, Any] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+        """Decoded logs of one event, oldest first: ``[{"event", "args", "blockNumber", "txHash", "logIndex"}]``."""
+        handle = getattr(self.contracts[contract].events, event)
+        logs = handle().get_logs(from_block=from_block, to_block=to_block, argument_filters=filters)
+        return [{"contract": contract, "event": event, "args": dict(log["args"]), "blockNumber": log["blockNumber"],
+                 "txHash": "0x" + bytes(log["transactionHash"]).hex(), "logIndex": log["logIndex"]}
+                for log in logs]  # fmt: skip
+
+    def deposits_since(self, block: int, *, client: str | None = None) -> list[dict[str, Any]]:
+        """Escrow deposits from ``block`` on: ``[{"client", "amount", "balance", "blockNumber", "txHash", ...}]``."""
+        filters = {"client": _address(client)} if client else None
+        return [{**e["args"], "blockNumber": e["blockNumber"], "txHash": e["txHash"], "logIndex": e["logIndex"]}
+                for e in self.events("Escrow", "Deposited", from_block=block, filters=filters)]  # fmt: skip
+
+    def settlements_since(self, block: int) -> list[dict[str, Any]]:
+        """Settled batches from ``block`` on, each with its vouchers decoded from the transaction's calldata
+        (a batch is all-or-nothing, so every voucher of a mined batch was paid)."""
+        out = []
+        for e in self.events("Settlement", "BatchSettled", from_block=block):
+            tx = self.w3.eth.get_transaction(e["txHash"])
+            _fn, args = self.settlement.decode_function_input(tx["input"])
+            out.append({**e["args"], "blockNumber": e["blockNumber"], "txHash": e["txHash"],
+                        "vouchers": decode_settle_batch(args["nodes"], args["groups"])})  # fmt: skip
+        return out
+
+    def wait_for_block(self, number: int, *, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.w3.eth.block_number < number:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"block {number} not reached within {timeout}s")
+            time.sleep(0.1)

@@ -1,0 +1,116 @@
+"""Deploys the contract set from forge's artifacts with web3.py, wires it, and funds the devnet's demo accounts."""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from eth_account import Account
+from web3 import Web3
+
+from .accounts import DevAccount
+from .artifacts import CONTRACT_NAMES, load_artifact
+from .deployment import Deployment
+
+logger = logging.getLogger(__name__)
+
+ETHER = 10**18
+
+
+@dataclass(frozen=True)
+class DeployParams:
+    """Contract parameters; the defaults suit a devnet (short delays, open faucet, 1-of-n verifiers)."""
+
+    faucet_cap: int = 1_000_000 * ETHER  # credits one faucet call may mint; 0 disables it
+    unlock_delay: int = 3600  # seconds between a client's withdrawal request and the withdrawal
+    min_stake: int = 100 * ETHER  # smallest node stake
+    unbond_delay: int = 86_400  # seconds a node waits to take stake back
+    fee_bps: int = 100  # protocol fee on settled amounts (1%)
+    verifier_threshold: int = 1  # k of the n verifiers needed to open a spot-check slash
+    dispute_window: int = 3600  # seconds between k attestations and the slash
+    double_sign_slash_bps: int = 5_000  # share of stake taken for a proven double-sign
+    reporter_reward_bps: int = 1_000  # share of that slash paid to the reporter
+    spot_check_slash_bps: int = 1_000  # share of stake taken for a failed spot check
+    demo_credits: int = 100_000 * ETHER  # credits minted to each demo client and node
+
+
+class _Deployer:
+    def __init__(self, w3: Web3, private_key: str, chain_id: int):
+        self.w3 = w3
+        self.account = Account.from_key(private_key)
+        self.chain_id = chain_id
+        self.nonce = w3.eth.get_transaction_count(self.account.address, "pending")
+        self.pending: list[bytes] = []
+
+    def _send(self, tx: dict[str, Any]) -> bytes:
+        tx = {**tx, "from": self.account.address, "nonce": self.nonce, "chainId": self.chain_id}
+        tx.setdefault("gas", int(self.w3.eth.estimate_gas(tx) * 1.2))
+        if "maxFeePerGas" not in tx:
+            tx.setdefault("gasPrice", self.w3.eth.gas_price)
+        self.nonce += 1
+        tx_hash = self.w3.eth.send_raw_transaction(self.account.sign_transaction(tx).raw_transaction)
+        self.pending.append(tx_hash)
+        return tx_hash
+
+    def deploy(self, name: str, *args: Any) -> str:
+        artifact = load_artifact(name)
+        factory = self.w3.eth.contract(abi=artifact.abi, bytecode=artifact.bytecode)
+        tx_hash = self._send(factory.constructor(*args).build_transaction({"from": self.account.address,
+                                                                          "nonce": self.nonce}))  # fmt: skip
+        receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=60)
+        if receipt["status"] != 1:
+            raise RuntimeError(f"deploying {name} reverted (tx 0x{bytes(tx_hash).hex()})")
+        logger.info("deployed %s at %s", name, receipt["contractAddress"])
+        return receipt["contractAddress"]
+
+    def call(self, contract: Any, fn_name: str, *args: Any) -> None:
+        fn = getattr(contract.functions, fn_name)(*args)
+        self._send(fn.build_transaction({"from": self.account.address, "nonce": self.nonce}))
+
+    def wait_all(self) -> None:
+        for tx_hash in self.pending:
+            receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=60)
+            if receipt["status"] != 1:
+                raise RuntimeError(f"set-up transaction 0x{bytes(tx_hash).hex()} reverted")
+        self.pending.clear()
+
+
+def deploy_contracts(w3: Web3, *, rpc_url: str, accounts: tuple[DevAccount, ...],
+                     params: DeployParams = DeployParams()) -> Deployment:  # fmt: skip
+    """Deploys Credits, Escrow, NodeRegistry, Settlement and Slashing, wires them, gives the ledger/verifier roles
+    and mints credits to the demo nodes and clients. Returns the Deployment (not yet saved)."""
+    role = {a.role: a for a in reversed(accounts)}  # first account of each role wins
+    deployer, ledger, verifier, treasury = role["deployer"], role["ledger"], role["verifier"], role["treasury"]
+    chain_id = w3.eth.chain_id
+    d = _Deployer(w3, deployer.private_key, chain_id)
+    start_block = w3.eth.block_number
+    owner = deployer.address
+
+    credits = d.deploy("Credits", owner, params.faucet_cap)
+    escrow = d.deploy("Escrow", credits, params.unlock_delay, owner)
+    registry = d.deploy("NodeRegistry", credits, params.min_stake, params.unbond_delay, treasury.address, owner)
+    settlement = d.deploy("Settlement", escrow, owner, treasury.address, params.fee_bps)
+    slashing = d.deploy("Slashing", registry, settlement, owner, params.verifier_threshold,
+                        (params.double_sign_slash_bps, params.reporter_reward_bps, params.spot_check_slash_bps,
+                         params.dispute_window))  # fmt: skip
+    addresses = dict(zip(CONTRACT_NAMES, (credits, escrow, registry, settlement, slashing)))
+    contracts = {n: w3.eth.contract(address=a, abi=load_artifact(n).abi) for n, a in addresses.items()}
+
+    d.call(contracts["Escrow"], "setSettlement", settlement)
+    d.call(contracts["NodeRegistry"], "setSlasher", slashing)
+    d.call(contracts["Settlement"], "setRootCommitter", ledger.address, True)
+    d.call(contracts["Slashing"], "setVerifier", verifier.address, True)
+    for account in accounts:
+        if account.role in ("node", "client"):
+            d.call(contracts["Credits"], "mint", account.address, params.demo_credits)
+    d.wait_all()
+    logger.info("contracts wired; %d demo accounts funded", sum(a.role in ("node", "client") for a in accounts))
+
+    return Deployment(
+        chain_id=chain_id,
+        rpc_url=rpc_url,
+        contracts={n: {"address": a, "abi": load_artifact(n).abi} for n, a in addresses.items()},
+        accounts=[a.to_json() for a in accounts],
+        params=asdict(params),
+        deployed_at_block=start_block + 1,
+    )

@@ -1,0 +1,170 @@
+"""Calldata encoding for Settlement and Slashing: vouchers grouped per client with EIP-2098 compact signatures,
+and receipts as the contract's struct tuple. Pure functions, no web3."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from eth_utils import to_checksum_address
+
+SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+
+VOUCHER_KEYS = (("client", "client"), ("node", "node"), ("channelId", "channel_id"),
+                ("cumulativeAmount", "cumulative_amount"))  # fmt: skip
+
+RECEIPT_FIELDS = (
+    ("sessionId", "session_id", "bytes32"),
+    ("step", "step", "uint"),
+    ("kind", "kind", "uint"),
+    ("modelId", "model_id", "bytes32"),
+    ("blockStart", "block_start", "uint"),
+    ("blockEnd", "block_end", "uint"),
+    ("node", "node", "address"),
+    ("client", "client", "address"),
+    ("tokens", "tokens", "uint"),
+    ("price", "price", "uint"),
+    ("amount", "amount", "uint"),
+    ("inputCommitment", "input_commitment", "bytes32"),
+    ("outputCommitment", "output_commitment", "bytes32"),
+    ("fingerprint", "fingerprint", "bytes32"),
+    ("timestamp", "timestamp", "uint"),
+)
+
+
+def _message(obj: Any) -> Mapping[str, Any]:
+    """Accepts a protocol dict (camelCase or snake_case keys) or an object with ``to_message()`` (nectar.wire)."""
+    if hasattr(obj, "to_message"):
+        return obj.to_message()
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"expected a dict or a wire object, got {type(obj).__name__}")
+    return obj
+
+
+def _field(message: Mapping[str, Any], camel: str, snake: str) -> Any:
+    if camel in message:
+        return message[camel]
+    if snake in message:
+        return message[snake]
+    raise ValueError(f"missing field {camel!r}")
+
+
+def as_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected an integer, got a bool")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        return int(value, 0)
+    raise ValueError(f"expected an integer, got {value!r}")
+
+
+def as_bytes32(value: Any) -> bytes:
+    raw = bytes.fromhex(value.removeprefix("0x")) if isinstance(value, str) else bytes(value)
+    if len(raw) != 32:
+        raise ValueError(f"expected 32 bytes, got {len(raw)}")
+    return raw
+
+
+def as_signature(value: Any) -> bytes:
+    raw = bytes.fromhex(value.removeprefix("0x")) if isinstance(value, str) else bytes(value)
+    if len(raw) != 65:
+        raise ValueError(f"expected a 65-byte r||s||v signature, got {len(raw)} bytes")
+    return raw
+
+
+@dataclass(frozen=True)
+class VoucherFields:
+    client: str
+    node: str
+    channel_id: int
+    cumulative_amount: int
+
+
+def voucher_fields(voucher: Any) -> VoucherFields:
+    m = _message(voucher)
+    v = VoucherFields(
+        client=to_checksum_address(_field(m, "client", "client")),
+        node=to_checksum_address(_field(m, "node", "node")),
+        channel_id=as_int(_field(m, "channelId", "channel_id")),
+        cumulative_amount=as_int(_field(m, "cumulativeAmount", "cumulative_amount")),
+    )
+    if not 0 <= v.channel_id < 2**64:
+        raise ValueError(f"channelId {v.channel_id} does not fit uint64")
+    if not 0 <= v.cumulative_amount < 2**128:
+        raise ValueError(f"cumulativeAmount {v.cumulative_amount} does not fit uint128")
+    return v
+
+
+def compact_signature(signature: Any) -> tuple[bytes, bytes]:
+    """65-byte r||s||v -> EIP-2098 (r, vs). High-s signatures are refused: the chain rejects them too."""
+    sig = as_signature(signature)
+    r, s, v = sig[:32], int.from_bytes(sig[32:64], "big"), sig[64]
+    if v >= 27:
+        v -= 27
+    if v not in (0, 1):
+        raise ValueError(f"signature v must be 27/28 (or 0/1), got {sig[64]}")
+    if s == 0 or s > SECP256K1_N // 2:
+        raise ValueError("signature has a zero or high s (malleable); sign with a standard library")
+    return r, (v << 255 | s).to_bytes(32, "big")
+
+
+@dataclass(frozen=True)
+class SettleBatch:
+    """Arguments of ``Settlement.settle`` plus, per batch position, the caller's original voucher index."""
+
+    nodes: list[str]
+    groups: list[tuple[str, list[tuple[int, bytes, bytes]]]]
+    order: list[int]  # order[batch_position] = index in the caller's list
+
+
+def encode_settle_batch(vouchers: Sequence[tuple[Any, Any]]) -> SettleBatch:
+    """Groups (voucher, 65-byte signature) pairs per client and lists each node once, as ``settle`` expects."""
+    if not vouchers:
+        raise ValueError("settle needs at least one voucher")
+    node_index: dict[str, int] = {}
+    by_client: dict[str, list[tuple[int, tuple[int, bytes, bytes]]]] = {}
+    for i, (voucher, signature) in enumerate(vouchers):
+        try:
+            v = voucher_fields(voucher)
+            r, vs = compact_signature(signature)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"voucher {i}: {exc}") from exc
+        idx = node_index.setdefault(v.node, len(node_index))
+        if idx >= 2**16:
+            raise ValueError("a batch may name at most 65,536 distinct nodes")
+        packed = idx << 192 | v.channel_id << 128 | v.cumulative_amount
+        by_client.setdefault(v.client, []).append((i, (packed, r, vs)))
+    groups, order = [], []
+    for client, items in by_client.items():
+        groups.append((client, [item for _, item in items]))
+        order.extend(i for i, _ in items)
+    return SettleBatch(nodes=list(node_index), groups=groups, order=order)
+
+
+def decode_settle_batch(nodes: Sequence[str], groups: Sequence[Any]) -> list[dict[str, Any]]:
+    """The vouchers inside ``settle`` calldata (as decoded by web3), for indexers reading settlements from chain."""
+    out = []
+    for client, items in groups:
+        for packed, _r, _vs in items:
+            out.append({
+                "client": to_checksum_address(client),
+                "node": to_checksum_address(nodes[packed >> 192]),
+                "channelId": (packed >> 128) & (2**64 - 1),
+                "cumulativeAmount": packed & (2**128 - 1),
+            })  # fmt: skip
+    return out
+
+
+def receipt_tuple(receipt: Any) -> tuple:
+    """A receipt (protocol dict, JSON form, or nectar.wire Receipt) as the contract's ``Receipt`` struct tuple."""
+    m = _message(receipt)
+    out = []
+    for camel, snake, kind in RECEIPT_FIELDS:
+        value = _field(m, camel, snake)
+        if kind == "bytes32":
+            out.append(as_bytes32(value))
+        elif kind == "address":
+            out.append(to_checksum_address(value))
+        else:
+            out.append(as_int(value))
+    return tuple(out)
