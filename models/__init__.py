@@ -59,3 +59,7 @@ __all__ = [
     "resolve_model",
     "supported_model_types",
 ]
+
+# Register the built-in families now: their transformers imports are the slow part of a first load, and paying it at
+# import keeps `load_span` itself fast and predictable.
+from nectar.models import families as _families  # noqa: E402,F401
