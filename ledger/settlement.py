@@ -89,6 +89,8 @@ class EpochSettler:
         tx_hash = None
         if on_chain == root:
             logger.info(f"Epoch {number}: root already on chain (an earlier run committed it)")
+        elif count == 0:  # the contract refuses empty roots; an epoch of vouchers only just settles
+            logger.info(f"Epoch {number}: no receipts, no root to commit")
         elif any(on_chain):
             raise RuntimeError(
                 f"Epoch {number} has a different root on chain (0x{on_chain.hex()}) than in the ledger database "
@@ -96,7 +98,7 @@ class EpochSettler:
             )
         else:
             crash_point(self.settings, "before_commit_root")
-            result = self.chain.commit_epoch_root(self.settings.operator_key, number, root, count)
+            result = self.chain.commit_epoch_root(self.settings.key_for("ledger"), number, root, count)
             tx_hash = _tx_hash_hex(result)
             crash_point(self.settings, "after_commit_root")
             logger.info(f"Epoch {number}: root 0x{root.hex()} committed over {count} receipts (tx {tx_hash})")
@@ -147,7 +149,7 @@ class EpochSettler:
             crash_point(self.settings, "before_settle")
             pairs = [(_voucher_message(item), bytes(item.signature)) for item in unpaid]
             try:
-                result = self.chain.settle(self.settings.operator_key, pairs)
+                result = self.chain.settle(self.settings.key_for("ledger"), pairs)
             except Exception as e:
                 if not _is_revert(e):
                     raise  # connection trouble: the task retries later; chain.paid decides what is still due
@@ -182,7 +184,7 @@ class EpochSettler:
         errors = []
         for item in items:
             try:
-                result = self.chain.settle(self.settings.operator_key, [(_voucher_message(item), bytes(item.signature))])
+                result = self.chain.settle(self.settings.key_for("ledger"), [(_voucher_message(item), bytes(item.signature))])
                 self._record_result(batch_id, result)
             except Exception as e:
                 if not _is_revert(e):

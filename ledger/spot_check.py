@@ -34,6 +34,7 @@ from nectar.wire.receipts import (
     keccak256,
     model_id_hash,
     parse_fingerprint,
+    receipt_leaf,
 )
 
 logger = logging.getLogger(__name__)
@@ -226,10 +227,10 @@ class SpotChecker:
     def _report_on_chain(self, signed, claimed: bytes, verdict: Verdict) -> str | None:
         if self.chain is None:
             return None
-        evidence = {"receipt": signed.receipt.to_message(), "signature": signed.signature, "fingerprint": claimed,
-                    "detail": verdict.detail}  # fmt: skip
+        # Evidence is the receipt's leaf: identical for every verifier, so their attestations meet in one case.
+        evidence = receipt_leaf(signed.receipt)
         try:
-            result = self.chain.attest_spot_check_failure(self.settings.operator_key, signed.receipt.node, evidence)
+            result = self.chain.attest_spot_check_failure(self.settings.key_for("verifier"), signed.receipt.node, evidence)
         except Exception as e:  # recorded as failed either way; the attestation can be retried from the evidence
             logger.error(f"Could not attest the spot-check failure of {signed.receipt.node} on chain: {e}")
             return None

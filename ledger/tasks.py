@@ -78,11 +78,11 @@ def slash_conflicts() -> int:
         second = SignedReceipt.from_json(json.loads(other_json))
         status, tx_hash, error = "slashed", None, None
         try:
-            result = chain.slash_double_sign(settings.operator_key, first.receipt.to_message(), first.signature,
+            result = chain.slash_double_sign(settings.key_for("ledger"), first.receipt.to_message(), first.signature,
                                              second.receipt.to_message(), second.signature)  # fmt: skip
             tx_hash = getattr(result, "tx_hash", None)
         except Exception as e:
-            name = getattr(e, "name", "") or str(e)
+            name = getattr(e, "error_name", None) or str(e)
             if "Already" not in name:
                 status, error = "failed", f"{type(e).__name__}: {e}"
                 logger.error(f"Slashing {node} for conflict {conflict_id} failed: {error}")

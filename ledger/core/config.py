@@ -14,8 +14,6 @@ from nectar.paths import deployment_path, nectar_home
 
 logger = logging.getLogger(__name__)
 
-# Anvil's well-known account #0 key: fine on a devnet, a stolen key anywhere else.
-DEVNET_OPERATOR_KEY = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
 DEVNET_SPOT_CHECK_SECRET = "nectar-devnet-spot-check-secret"
 DEVNET_ADMIN_TOKEN = "nectar-devnet-admin"
 
@@ -46,7 +44,8 @@ class Settings(BaseSettings):
     max_batch: int = 5000  # receipts or vouchers per POST
     max_body_bytes: int = 32 * 1024 * 1024
 
-    operator_key: str = DEVNET_OPERATOR_KEY  # commits roots, settles vouchers, attests spot-check failures
+    operator_key: str | None = None  # commits roots, settles; devnet default: the deployment's "ledger" account
+    verifier_key: str | None = None  # attests spot-check failures; devnet default: the "verifier" account
     epoch_seconds: float = 60.0  # beat closes an epoch this often
     settle_batch_size: int = 100  # vouchers per settle() transaction
     epoch_lease_seconds: float = 120.0  # a crashed worker's claim on an epoch expires after this
@@ -65,8 +64,15 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _reject_default_secrets(self) -> "Settings":
         if self.environment != "devnet":
-            for name, default in (("operator_key", DEVNET_OPERATOR_KEY), ("spot_check_secret", DEVNET_SPOT_CHECK_SECRET),
-                                  ("admin_token", DEVNET_ADMIN_TOKEN)):  # fmt: skip
+            from nectar.chain.accounts import dev_accounts
+
+            public_keys = {a.private_key.lower() for a in dev_accounts()}
+            for name in ("operator_key", "verifier_key"):
+                value = getattr(self, name)
+                if not value or value.lower() in public_keys:
+                    raise ValueError(f"NECTAR_LEDGER_{name.upper()} must be set to a private key of your own in "
+                                     f"production (the devnet accounts' keys are public)")  # fmt: skip
+            for name, default in (("spot_check_secret", DEVNET_SPOT_CHECK_SECRET), ("admin_token", DEVNET_ADMIN_TOKEN)):
                 if getattr(self, name) == default:
                     raise ValueError(
                         f"NECTAR_LEDGER_{name.upper()} is the public devnet default; set a secret value "
@@ -77,6 +83,24 @@ class Settings(BaseSettings):
         if not 0.0 <= self.spot_check_fraction <= 1.0:
             raise ValueError("NECTAR_LEDGER_SPOT_CHECK_FRACTION must be within [0, 1]")
         return self
+
+
+    def key_for(self, role: str) -> str:
+        """The operator ("ledger") or verifier key; on a devnet, the deployment's demo account with that role."""
+        explicit = self.operator_key if role == "ledger" else self.verifier_key
+        if explicit:
+            return explicit
+        import json
+
+        try:
+            accounts = json.loads(self.deployment_path.read_text()).get("accounts", [])
+        except (OSError, ValueError) as e:
+            raise RuntimeError(f"no {role} key: set NECTAR_LEDGER_{'OPERATOR' if role == 'ledger' else 'VERIFIER'}_KEY "
+                               f"or start `nectar devnet` (deployment file {self.deployment_path}: {e})") from None
+        for account in accounts:
+            if account.get("role") == role:
+                return account["privateKey"]
+        raise RuntimeError(f"the deployment file lists no {role!r} account; set the key explicitly")
 
 
 @lru_cache(maxsize=1)
