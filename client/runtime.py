@@ -34,7 +34,23 @@ class ClientRuntime:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def shutdown(self) -> None:
+        """Closes the P2P replica and the DHT, then stops the loop (idempotent)."""
+        if not self.loop.is_running():
+            return
+        try:
+            self.run(self._close_p2p(), timeout=10)
+        except Exception:
+            logger.debug("P2P replica did not close cleanly", exc_info=True)
         try:
             self.dht.shutdown()
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=5)
+
+    async def _close_p2p(self) -> None:
+        await self.p2p.shutdown()
+        current = asyncio.current_task()
+        pending = [t for t in asyncio.all_tasks() if t is not current]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)

@@ -54,11 +54,14 @@ async def serve_stream(p2p: P2P, name: str, handler: StreamHandler, *, max_prefe
         with closing(writer):
             processing = asyncio.create_task(process())
             try:
-                while not processing.done():
+                while True:
                     receiving = asyncio.create_task(P2P.receive_protobuf(runtime_pb2.ExpertRequest, reader))
                     await asyncio.wait({processing, receiving}, return_when=asyncio.FIRST_COMPLETED)
-                    if processing.done():
-                        receiving.cancel()
+                    if not receiving.done():
+                        # the handler answered first: let the caller finish sending (its end-of-stream marker)
+                        # before closing, or its writer would hit a broken pipe
+                        with suppress(Exception):
+                            await asyncio.wait_for(receiving, 2)
                         break
                     try:
                         request, _ = receiving.result()
@@ -66,8 +69,13 @@ async def serve_stream(p2p: P2P, name: str, handler: StreamHandler, *, max_prefe
                         break  # the caller closed or died
                     except Exception as e:  # garbage on the wire: tell the caller, then stop reading it
                         await requests.put(NodeRPCError(ErrorCode.BAD_REQUEST, f"unreadable message ({e})"))
-                        await asyncio.wait_for(asyncio.shield(processing), timeout=5)
+                        with suppress(Exception):
+                            await asyncio.wait_for(asyncio.shield(processing), timeout=5)
                         break
+                    if processing.done():
+                        if request is None:
+                            break
+                        continue  # late messages after the answer are ignored
                     await requests.put(request)  # None marks the caller's end of stream
                 await processing
             except Exception:

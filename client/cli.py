@@ -1,0 +1,161 @@
+"""``nectar swarm``, ``nectar generate`` and ``nectar chat``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="built-in model name or local checkpoint directory")
+    parser.add_argument("--initial-peers", nargs="*", default=None, metavar="MULTIADDR",
+                        help="swarm peers (default: NECTAR_INITIAL_PEERS)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+
+
+def _peers(args) -> list[str]:
+    peers = list(args.initial_peers or os.environ.get("NECTAR_INITIAL_PEERS", "").replace(",", " ").split())
+    if not peers:
+        raise SystemExit("No swarm to join: pass --initial-peers MULTIADDR (printed by `nectar dht`/`nectar node`) "
+                         "or set NECTAR_INITIAL_PEERS")
+    return peers
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hivemind").setLevel(logging.ERROR)
+
+
+def swarm_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="nectar swarm", description="Show who hosts which blocks of a model.")
+    _common(parser)
+    args = parser.parse_args(argv)
+    _logging(args.verbose)
+    import hivemind
+
+    from nectar.models import get_family, load_config, model_id_of, resolve_model
+    from nectar.wire.announce import AnnouncementValidator, ServerState, block_key, fetch_records, parse_block_records
+
+    model_id = model_id_of(args.model)
+    config = load_config(resolve_model(args.model))
+    num_blocks = get_family(config).num_blocks(config)
+    dht = hivemind.DHT(initial_peers=_peers(args), client_mode=True, start=True,
+                       record_validators=[AnnouncementValidator(None)])
+    try:
+        records = fetch_records(dht, [block_key(model_id, i) for i in range(num_blocks)])
+        by_block = parse_block_records(model_id, range(num_blocks), records)
+    finally:
+        dht.shutdown()
+    nodes = {}
+    for servers in by_block.values():
+        for peer_id, info in servers.items():
+            nodes[peer_id] = info
+    print(f"{model_id}: {num_blocks} blocks, {len(nodes)} node(s)")
+    print(f"{'node':<14} {'peer':<12} {'blocks':<9} {'state':<8} {'tok/s/blk':>10} {'cache left':>11} "
+          f"{'price':>7}  address")
+    for peer_id, info in sorted(nodes.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+        print(f"{info.public_name[:14]:<14} {str(peer_id)[-10:]:<12} {f'{info.start}:{info.end}':<9} "
+              f"{ServerState(info.state).name:<8} {info.throughput:>10.1f} {info.cache_tokens_left:>11} "
+              f"{info.price_per_token:>7}  {info.eth_address}")
+    missing = [i for i, s in by_block.items() if not any(x.state == ServerState.ONLINE for x in s.values())]
+    if missing:
+        print(f"Blocks with no online node: {missing}")
+    return 0
+
+
+def _sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=None, help="sample with this temperature")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=None)
+    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def _sampling_kwargs(args) -> dict:
+    do_sample = args.temperature is not None or args.top_k is not None or args.top_p is not None
+    return dict(max_new_tokens=args.max_new_tokens, do_sample=do_sample, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                stop_strings=args.stop, seed=args.seed)
+
+
+def generate_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="nectar generate", description="Generate text through the swarm.")
+    parser.add_argument("prompt")
+    _common(parser)
+    _sampling_args(parser)
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    args = parser.parse_args(argv)
+    _logging(args.verbose)
+    from nectar.client import DistributedModelForCausalLM
+    from nectar.models import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(args.model))
+    model = DistributedModelForCausalLM.from_pretrained(args.model, initial_peers=_peers(args))
+    try:
+        if args.chat:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                                 add_generation_prompt=True)
+        else:
+            text = args.prompt
+        input_ids = tokenizer(text, return_tensors="pt", add_special_tokens=not args.chat)["input_ids"]
+        began, count = time.perf_counter(), 0
+        sys.stdout.write(args.prompt if not args.chat else "")
+        generated = []
+        printed = ""
+        for token in model.stream_generate(input_ids, tokenizer=tokenizer, **_sampling_kwargs(args)):
+            generated.append(int(token[0]))
+            count += 1
+            text_now = tokenizer.decode(generated, skip_special_tokens=True)
+            sys.stdout.write(text_now[len(printed):])
+            sys.stdout.flush()
+            printed = text_now
+        elapsed = time.perf_counter() - began
+        print(f"\n[{count} tokens in {elapsed:.2f}s, {count / max(elapsed, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    finally:
+        model.shutdown()
+    return 0
+
+
+def chat_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="nectar chat", description="Chat with a model served by the swarm.")
+    _common(parser)
+    _sampling_args(parser)
+    parser.add_argument("--system", default=None, help="system prompt")
+    args = parser.parse_args(argv)
+    _logging(args.verbose)
+    from nectar.client import DistributedModelForCausalLM
+    from nectar.models import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(args.model))
+    model = DistributedModelForCausalLM.from_pretrained(args.model, initial_peers=_peers(args))
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("Chatting through the swarm. Empty line or Ctrl-D to quit.")
+    try:
+        while True:
+            try:
+                user = input("you> ").strip()
+            except EOFError:
+                break
+            if not user:
+                break
+            messages.append({"role": "user", "content": user})
+            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            input_ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            sys.stdout.write("assistant> ")
+            generated, printed = [], ""
+            for token in model.stream_generate(input_ids, tokenizer=tokenizer, **_sampling_kwargs(args)):
+                generated.append(int(token[0]))
+                text_now = tokenizer.decode(generated, skip_special_tokens=True)
+                sys.stdout.write(text_now[len(printed):])
+                sys.stdout.flush()
+                printed = text_now
+            print()
+            messages.append({"role": "assistant", "content": printed})
+    finally:
+        model.shutdown()
+    return 0

@@ -1,0 +1,157 @@
+"""Starts a swarm of real processes on 127.0.0.1 (a bootstrap peer and nodes): used by tests, benchmarks and
+``nectar demo``. Each process is ``python -m nectar.cli ...``, exactly what an operator would run."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+logger = logging.getLogger(__name__)
+
+ADDRESS_RE = re.compile(r"^(/ip4/\S+/p2p/\S+)$")
+
+
+@dataclass
+class SwarmProcess:
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+    address: str = ""
+    eth_address: str = ""
+    lines: list[str] = field(default_factory=list)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class LocalSwarm:
+    """A context manager; ``add_node`` returns once the node serves (its address line has been printed).
+
+    :param workdir: where logs and keys go (a temp dir by default)
+    """
+
+    def __init__(self, *, workdir: Optional[Path] = None, env: Optional[dict] = None, start_timeout: float = 120):
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="nectar-swarm-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        self.env.setdefault("NECTAR_HOME", str(self.workdir / "home"))
+        self.start_timeout = start_timeout
+        self.bootstrap: Optional[SwarmProcess] = None
+        self.nodes: list[SwarmProcess] = []
+
+    @property
+    def initial_peers(self) -> list[str]:
+        return [self.bootstrap.address] if self.bootstrap else []
+
+    def _spawn(self, name: str, args: Sequence[str]) -> SwarmProcess:
+        log_path = self.workdir / f"{name}.log"
+        log_file = open(log_path, "w")
+        process = subprocess.Popen([sys.executable, "-m", "nectar.cli", *args], stdout=subprocess.PIPE,
+                                   stderr=log_file, env=self.env, text=True, start_new_session=True)
+        proc = SwarmProcess(name, process, log_path)
+        ready = threading.Event()
+
+        def read_stdout():
+            for line in process.stdout:
+                line = line.rstrip("\n")
+                proc.lines.append(line)
+                with open(log_path, "a") as f:
+                    f.write(line + "\n")
+                if not proc.eth_address:
+                    match = re.search(r"receipts signed by (0x[0-9a-fA-F]{40})", line)
+                    if match:
+                        proc.eth_address = match.group(1)
+                if not proc.address and ADDRESS_RE.match(line):
+                    proc.address = line
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=read_stdout, daemon=True).start()
+        if not ready.wait(self.start_timeout) or not proc.address:
+            tail = proc.log()[-3000:]
+            self._kill(proc)
+            raise RuntimeError(f"{name} did not start within {self.start_timeout}s; its log:\n{tail}")
+        return proc
+
+    def start_bootstrap(self) -> SwarmProcess:
+        self.bootstrap = self._spawn("dht", ["dht", "--host", "127.0.0.1"])
+        return self.bootstrap
+
+    def add_node(self, model: str, *, blocks: Optional[tuple[int, int]] = None, name: Optional[str] = None,
+                 extra_args: Sequence[str] = ()) -> SwarmProcess:
+        if self.bootstrap is None:
+            self.start_bootstrap()
+        name = name or f"node{len(self.nodes)}"
+        args = ["node", "--model", model, "--host", "127.0.0.1", "--name", name,
+                "--key-dir", str(self.workdir / "keys" / name), "--initial-peers", *self.initial_peers]
+        if blocks is not None:
+            args += ["--blocks", f"{blocks[0]}:{blocks[1]}"]
+        node = self._spawn(name, [*args, *extra_args])
+        self.nodes.append(node)
+        return node
+
+    @staticmethod
+    def _kill(proc: SwarmProcess, sig=signal.SIGKILL) -> None:
+        if proc.alive():
+            try:
+                os.killpg(proc.process.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.process.pid, signal.SIGKILL)
+
+    def kill(self, node: SwarmProcess) -> None:
+        """Kills a node abruptly (SIGKILL): no goodbye announcement, like a crashed machine."""
+        self._kill(node)
+
+    def stop(self, node: SwarmProcess) -> None:
+        self._kill(node, signal.SIGTERM)
+
+    def wait_for_blocks(self, model: str, num_blocks: int, *, timeout: float = 60, min_nodes: int = 1) -> None:
+        """Waits until every block of ``model`` is announced ONLINE by at least ``min_nodes`` nodes."""
+        import hivemind
+
+        from nectar.models import model_id_of
+        from nectar.wire.announce import AnnouncementValidator, ServerState, block_key, fetch_records
+        from nectar.wire.announce import parse_block_records
+
+        model_id = model_id_of(model)
+        dht = hivemind.DHT(initial_peers=self.initial_peers, client_mode=True, start=True,
+                           record_validators=[AnnouncementValidator(None)])
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                records = fetch_records(dht, [block_key(model_id, i) for i in range(num_blocks)])
+                by_block = parse_block_records(model_id, range(num_blocks), records)
+                counts = [sum(i.state == ServerState.ONLINE for i in s.values()) for s in by_block.values()]
+                if min(counts) >= min_nodes:
+                    return
+                time.sleep(0.5)
+            raise TimeoutError(f"blocks of {model_id} not all served by {min_nodes} node(s) within {timeout}s: "
+                               f"{counts}")
+        finally:
+            dht.shutdown()
+
+    def close(self) -> None:
+        for proc in self.nodes + ([self.bootstrap] if self.bootstrap else []):
+            self._kill(proc, signal.SIGTERM)
+
+    def __enter__(self) -> "LocalSwarm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
