@@ -1,0 +1,110 @@
+"""Gas per settled voucher in a batch of 100, measured on a real Anvil with real transactions.
+
+Whole-transaction gas (21k intrinsic + calldata + execution) divided by the vouchers in the batch, for several
+shapes of batch, first-ever vouchers (fresh channel slots) and then warm channels (the same channels, settled again
+with higher cumulative amounts, as in the next epoch). Also prints forge's gas report for Settlement.settle.
+
+    python benchmarks/gas/settle_gas.py [--batch 100] [--no-forge]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+
+from eth_account import Account
+
+from nectar.chain import Chain, free_port, start_devnet
+from nectar.chain.artifacts import repo_root, tool_path
+from nectar.chain.encoding import encode_settle_batch
+
+logger = logging.getLogger(__name__)
+
+ETHER = 10**18
+TARGET = 10_000
+
+VOUCHER_TYPES = {"Voucher": [{"name": "client", "type": "address"}, {"name": "node", "type": "address"},
+                             {"name": "channelId", "type": "uint64"}, {"name": "cumulativeAmount", "type": "uint128"}]}  # fmt: skip
+
+
+def sign_voucher(chain: Chain, key: str, voucher: dict) -> bytes:
+    message = {"types": VOUCHER_TYPES, "primaryType": "Voucher", "domain": chain.eip712_domain(), "message": voucher}
+    return bytes(Account.sign_typed_data(key, full_message=message).signature)
+
+
+def calldata_gas(data: bytes) -> tuple[int, int]:
+    zeros = data.count(0)
+    return len(data), zeros * 4 + (len(data) - zeros) * 16
+
+
+def fund_clients(chain: Chain, count: int, funder: str) -> list:
+    clients = [Account.create() for _ in range(count)]
+    for c in clients:
+        chain.send_eth(funder, c.address, 10 * ETHER)
+        chain.faucet(c.address, 10_000 * ETHER)
+        chain.deposit(c.key.hex(), 10_000 * ETHER)
+    return clients
+
+
+def run_scenario(chain: Chain, *, clients: int, nodes: int, batch: int, submitter: str, funder: str) -> list[dict]:
+    payers = fund_clients(chain, clients, funder)
+    payees = [Account.create().address for _ in range(nodes)]
+    per_pair = max(1, batch // (clients * nodes))
+    channels = [(c, n, ch) for c in payers for n in payees for ch in range(per_pair)][:batch]
+    rows = []
+    for phase, amount in (("first-ever vouchers", 1), ("warm channels", 2)):
+        signed = []
+        for c, n, ch in channels:
+            v = {"client": c.address, "node": n, "channelId": 1000 + ch, "cumulativeAmount": amount * 10**15 + ch}
+            signed.append((v, sign_voucher(chain, c.key.hex(), v)))
+        enc = encode_settle_batch(signed)
+        data = bytes.fromhex(chain.settlement.encode_abi("settle", [enc.nodes, enc.groups])[2:])
+        size, cd_gas = calldata_gas(data)
+        result = chain.settle(submitter, signed)
+        rows.append({"shape": f"{clients} client(s) x {nodes} node(s)", "phase": phase, "vouchers": len(signed),
+                     "tx_gas": result.gas_used, "per_voucher": result.gas_used / len(signed),
+                     "calldata_bytes": size, "calldata_gas": cd_gas})  # fmt: skip
+    return rows
+
+
+def forge_gas_report() -> str:
+    cmd = [tool_path("forge"), "test", "--gas-report", "--match-contract", "SettlementGasTest"]
+    out = subprocess.run(cmd, cwd=repo_root(), capture_output=True, text=True, timeout=900)
+    lines = [l for l in out.stdout.splitlines() if "settle" in l or "Function Name" in l or "Settlement" in l]
+    return "\n".join(lines) if out.returncode == 0 else out.stdout[-3000:] + out.stderr[-2000:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--no-forge", action="store_true", help="skip forge's gas report")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    shapes = [(10, 10), (1, 5), (4, 5), (100, 1), (1, 100)]
+    rows = []
+    with start_devnet(port=free_port(), state_dir=tempfile.mkdtemp(prefix="nectar-gas-")) as devnet:
+        chain = devnet.chain()
+        ledger = chain.default_key("ledger")
+        funder = chain.default_key("deployer")
+        for clients, nodes in shapes:
+            t0 = time.monotonic()
+            rows += run_scenario(chain, clients=clients, nodes=nodes, batch=args.batch, submitter=ledger,
+                                 funder=funder)  # fmt: skip
+            print(f"  measured {clients}x{nodes} in {time.monotonic() - t0:.1f}s", file=sys.stderr)
+    print(f"\nSettlement.settle on Anvil: whole transaction gas / vouchers (batch of {args.batch}); target <= {TARGET}")
+    print(f"{'batch shape':<26}{'phase':<22}{'tx gas':>10}{'gas/voucher':>13}{'calldata B':>12}{'calldata gas':>14}  target")
+    for r in rows:
+        ok = "met" if r["per_voucher"] <= TARGET else "missed"
+        print(f"{r['shape']:<26}{r['phase']:<22}{r['tx_gas']:>10}{r['per_voucher']:>13.0f}{r['calldata_bytes']:>12}"
+              f"{r['calldata_gas']:>14}  {ok}")  # fmt: skip
+    if not args.no_forge:
+        print("\nforge gas report (SettlementGasTest, execution only: no intrinsic or calldata gas):")
+        print(forge_gas_report())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
