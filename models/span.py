@@ -49,7 +49,7 @@ class BlockSpan(nn.Module):
         self.runner = runner
         self.start, self.end = start, end
         self.dtype = dtype
-        self.device = torch.device(device)
+        self.device = _concrete_device(device)
         self.kv_layout = family.kv_layout(config)
         self.requires_grad_(False)
 
@@ -140,6 +140,11 @@ class BlockSpan(nn.Module):
 
     def extra_repr(self) -> str:
         return f"family={self.family.name}, blocks=[{self.start}, {self.end}), dtype={self.dtype}, device={self.device}"
+
+
+def _concrete_device(device: torch.device | str) -> torch.device:
+    """"cuda" -> "cuda:0": the form tensors report, so device comparisons hold."""
+    return torch.empty(0, device=device).device
 
 
 def _add_prompt(hidden_states: torch.Tensor, prompt: torch.Tensor, step: AttentionStep) -> torch.Tensor:
