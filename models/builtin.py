@@ -160,7 +160,8 @@ def _convert(model: BuiltinModel, target: Path, *, progress: bool) -> None:
             tokenizer.save_pretrained(str(staging))
             bar.update()
             bar.set_postfix_str(stages[4])
-            marker = {"name": model.name, "format_version": FORMAT_VERSION, "source": f"{model.package}:{model.gguf_file}"}
+            source = f"{model.package}:{model.gguf_file}"
+            marker = {"name": model.name, "format_version": FORMAT_VERSION, "source": source}
             (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2))
             _make_readable(staging)
             if target.exists():  # an incomplete cache from an older layout: replace it whole

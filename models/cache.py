@@ -77,7 +77,9 @@ class SpanCache:
     def crop(self, length: int) -> None:
         """Forget everything past ``length`` tokens, e.g. to replay a step after a failure downstream."""
         if not 0 <= length <= self.length:
-            raise CacheError(f"cannot crop a cache of {self.length} tokens to {length}: use 0 <= length <= {self.length}")
+            raise CacheError(
+                f"cannot crop a cache of {self.length} tokens to {length}: use 0 <= length <= {self.length}"
+            )
         self.length = length  # stale entries past `length` are never read and get overwritten by the next step
 
     def writer(self, query_length: int) -> CacheWriter:
@@ -97,7 +99,7 @@ class SpanCache:
 
 
 class CacheWriter:
-    """Transformers-compatible cache for one step: ``update`` writes at ``[start, start + T)`` and returns all keys so far.
+    """Transformers-compatible cache for one step: ``update`` writes at ``[start, start + T)``, returns all keys so far.
 
     Only lives for one ``BlockSpan.forward``; the owning ``SpanCache.length`` advances after every block ran.
     """

@@ -49,7 +49,9 @@ class BlockRunner(nn.Module, ABC):
         """Per-step tensors every block needs (position embeddings / alibi, the attention mask)."""
 
     @abstractmethod
-    def run_block(self, block: nn.Module, hidden_states: torch.Tensor, inputs: dict[str, Any], cache: Any) -> torch.Tensor:
+    def run_block(
+        self, block: nn.Module, hidden_states: torch.Tensor, inputs: dict[str, Any], cache: Any
+    ) -> torch.Tensor:
         """One block's forward; ``cache`` is a transformers-style object with ``update(k, v, layer_idx)`` or None."""
 
 

@@ -1,4 +1,4 @@
-"""Turns what a user typed (a built-in name or a folder) into a checkpoint folder, its config, tokenizer and DHT name."""
+"""Turns a built-in name or a folder into a checkpoint folder, its config, its tokenizer and its DHT name."""
 from __future__ import annotations
 
 import json
@@ -46,7 +46,7 @@ def resolve_model(name_or_path: str | os.PathLike, *, progress: bool = True) -> 
 
 
 def model_id_of(path_or_name: str | os.PathLike) -> str:
-    """The model name announced on the DHT: the built-in name, else the config's ``_name_or_path``, else the folder name."""
+    """The name announced on the DHT: the built-in name, else the config's ``_name_or_path``, else the folder name."""
     text = os.fspath(path_or_name)
     if text in BUILTIN_MODELS:
         return text

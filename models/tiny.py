@@ -19,7 +19,7 @@ def tiny_config(
     vocab_size: int = 1000,
     tie_word_embeddings: bool | None = None,
 ) -> PretrainedConfig:
-    """A small config of ``kind`` ("llama" with 4 query / 2 key-value heads, "mistral" with a sliding window, "bloom")."""
+    """A small config: "llama" (4 query / 2 key-value heads), "mistral" (plus a sliding window) or "bloom"."""
     if kind in ("llama", "mistral"):
         common = dict(
             hidden_size=hidden_size,

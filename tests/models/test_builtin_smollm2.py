@@ -41,7 +41,9 @@ def home(tmp_path_factory):
 
 def spawn(code: str, home) -> subprocess.Popen:
     env = {**os.environ, "NECTAR_HOME": str(home)}
-    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def test_killed_conversion_leaves_no_cache(home):

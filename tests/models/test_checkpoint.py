@@ -100,3 +100,35 @@ def test_block_missing_from_checkpoint_is_a_clear_error(kind, sharded):
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
     with pytest.raises(CheckpointError, match="no tensors for block 3"):
         load_span(folder, 2, 4)
+
+
+def test_bare_model_checkpoint_without_base_prefix(tiny_paths, tmp_path):
+    """BLOOM checkpoints saved from BloomModel name tensors `h.0...`, `word_embeddings...` (no `transformer.`)."""
+    source = tiny_paths["bloom"]
+    shutil.copytree(source, tmp_path / "bare")
+    with safe_open(str(source / "model.safetensors"), framework="pt") as handle:
+        tensors = {key.removeprefix("transformer."): handle.get_tensor(key) for key in handle.keys()}
+    assert "h.0.input_layernorm.weight" in tensors
+    save_file(tensors, str(tmp_path / "bare" / "model.safetensors"), metadata={"format": "pt"})
+    hidden = torch.randn(1, 4, 64)
+    assert torch.equal(load_span(tmp_path / "bare", 0, 4)(hidden), load_span(source, 0, 4)(hidden))
+    ids = torch.tensor([[7, 8, 9]])
+    head, expected = load_client_head(tmp_path / "bare"), load_client_head(source)
+    assert torch.equal(head.logits(head.embed(ids)), expected.logits(expected.embed(ids)))
+
+
+def test_tied_llama_head_matches_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from nectar.models.tiny import save_tiny_checkpoint
+
+    path = save_tiny_checkpoint(tmp_path / "tied", "llama", tie_word_embeddings=True)
+    assert "lm_head.weight" not in Checkpoint(path)  # transformers does not store the tied copy
+    head = load_client_head(path)
+    assert head.lm_head.weight is head.word_embeddings.weight
+    model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    ids = torch.tensor([[3, 14, 15, 92]])
+    with torch.no_grad():
+        expected = model(ids).logits
+    output = load_span(path, 0, 4)(head.embed(ids))
+    torch.testing.assert_close(head.logits(output), expected, atol=1e-4, rtol=0)

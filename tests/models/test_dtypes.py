@@ -23,7 +23,8 @@ def test_half_precision_span_tracks_float32(kind, tiny_paths, dtype):
     cache = span.new_cache(2, 8)
     assert cache.dtype == dtype and cache.nbytes == span.cache_bytes_per_token(2) * 8
     assert span.cache_bytes_per_token() * 2 == reference.cache_bytes_per_token()
-    steps = torch.cat([span(hidden[:, :5], cache=cache)] + [span(hidden[:, i : i + 1], cache=cache) for i in (5, 6, 7)], 1)
+    pieces = [span(hidden[:, :5], cache=cache)] + [span(hidden[:, i : i + 1], cache=cache) for i in (5, 6, 7)]
+    steps = torch.cat(pieces, 1)
     assert (steps.float() - full.float()).abs().max().item() < tolerance
 
 

@@ -36,6 +36,8 @@ class BloomRunner(BlockRunner):
             "attention_mask": mask,
         }
 
-    def run_block(self, block: nn.Module, hidden_states: torch.Tensor, inputs: dict[str, Any], cache: Any) -> torch.Tensor:
+    def run_block(
+        self, block: nn.Module, hidden_states: torch.Tensor, inputs: dict[str, Any], cache: Any
+    ) -> torch.Tensor:
         output = block(hidden_states, layer_past=cache, use_cache=cache is not None, **inputs)
         return output[0] if isinstance(output, tuple) else output

@@ -49,6 +49,8 @@ class LlamaRunner(BlockRunner):
             "attention_mask": mask,
         }
 
-    def run_block(self, block: nn.Module, hidden_states: torch.Tensor, inputs: dict[str, Any], cache: Any) -> torch.Tensor:
+    def run_block(
+        self, block: nn.Module, hidden_states: torch.Tensor, inputs: dict[str, Any], cache: Any
+    ) -> torch.Tensor:
         output = block(hidden_states, use_cache=cache is not None, **{self.cache_kwarg: cache}, **inputs)
         return output[0] if isinstance(output, tuple) else output
