@@ -1,0 +1,174 @@
+"""Bad input never hurts a node: every malformed request gets a clear error and the node keeps serving others."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
+from nectar.client import ClientConfig, DistributedModelForCausalLM
+from nectar.node.local_swarm import LocalSwarm
+from nectar.wire.protocol import RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, make_request, module_uid, pack_metadata
+from nectar.wire.transport import call_once, call_stream
+
+pytestmark = pytest.mark.slow
+HIDDEN = 64
+
+
+@pytest.fixture(scope="module")
+def swarm(tiny_llama, tmp_path_factory):
+    with LocalSwarm(workdir=tmp_path_factory.mktemp("swarm")) as swarm:
+        swarm.add_node(tiny_llama, blocks=(0, 4), name="solo",
+                       extra_args=["--throughput", "100", "--session-timeout", "3", "--cache-mb", "1"])
+        swarm.wait_for_blocks(tiny_llama, 4)
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+def model(swarm, tiny_llama):
+    model = DistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=swarm.initial_peers,
+                                                        config=ClientConfig(max_retries=0, step_timeout=10))
+    yield model
+    model.shutdown()
+
+
+@pytest.fixture(scope="module")
+def peer(swarm) -> PeerID:
+    return PeerID.from_base58(swarm.nodes[0].address.rsplit("/", 1)[-1])
+
+
+def _error_of(model, coro) -> str:
+    with pytest.raises(Exception) as info:
+        model.runtime.run(coro, timeout=30)
+    return str(info.value)
+
+
+def _forward(model, peer, tensors, uid="tiny-llama[0:4]", metadata=None):
+    request = make_request(uid, tensors, metadata or {})
+    return call_once(model.runtime.p2p, peer, RPC_FORWARD, request, timeout=20)
+
+
+async def _inference(model, peer, messages, *, pause: float = 0.0):
+    async def requests():
+        for message in messages:
+            yield message
+            await asyncio.sleep(pause)
+
+    replies = []
+    async for response in await call_stream(model.runtime.p2p, peer, RPC_INFERENCE, requests()):
+        replies.append(response)
+    return replies
+
+
+def _still_serves(model):
+    out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 6)
+
+
+@pytest.mark.parametrize("tensors, code, words", [
+    ([torch.randn(1, 3, HIDDEN + 1)], "bad_request", "shape"),
+    ([torch.randn(3, HIDDEN)], "bad_request", "shape"),
+    ([torch.randint(0, 5, (1, 3, HIDDEN))], "bad_request", "floating-point"),
+    ([torch.full((1, 2, HIDDEN), float("nan"))], "bad_request", "NaN"),
+    ([torch.randn(65, 1, HIDDEN)], "too_large", "limits"),
+    ([torch.randn(1, 8193, HIDDEN)], "too_large", "split"),
+    ([torch.randn(1, 3, HIDDEN), torch.randn(1, 1, 3, HIDDEN)], "bad_request", "prompts must have shape"),
+    ([], "bad_request", "hidden_states"),
+])
+def test_malformed_forward_gets_clear_error(model, peer, tensors, code, words):
+    text = _error_of(model, _forward(model, peer, tensors))
+    assert code in text and words in text
+    _still_serves(model)
+
+
+def test_wrong_span_and_garbage_uid(model, peer):
+    assert "wrong_span" in _error_of(model, _forward(model, peer, [torch.randn(1, 2, HIDDEN)], uid="tiny-llama[2:9]"))
+    assert "wrong_span" in _error_of(model, _forward(model, peer, [torch.randn(1, 2, HIDDEN)], uid="other[0:4]"))
+    assert "malformed module uid" in _error_of(model, _forward(model, peer, [torch.randn(1, 2, HIDDEN)], uid="???"))
+    _still_serves(model)
+
+
+def test_backward_shape_mismatch(model, peer):
+    request = make_request("tiny-llama[0:4]", [torch.randn(1, 3, HIDDEN), torch.randn(1, 4, HIDDEN)], {})
+    text = _error_of(model, call_once(model.runtime.p2p, peer, RPC_BACKWARD, request, timeout=20))
+    assert "bad_request" in text and "grad_outputs" in text
+
+
+def test_unknown_session(model, peer):
+    step = make_request("tiny-llama[0:4]", [torch.randn(1, 1, HIDDEN)],
+                        {"type": "step", "session_id": b"never-opened", "step": 0, "position": 0})
+    assert "unknown_session" in _error_of(model, _inference(model, peer, [step]))
+    opened = make_request("tiny-llama[0:4]", [], {"type": "open", "session_id": b"s1", "max_length": 8})
+    other = make_request("tiny-llama[0:4]", [torch.randn(1, 1, HIDDEN)],
+                         {"type": "step", "session_id": b"s2", "step": 0, "position": 0})
+    assert "unknown_session" in _error_of(model, _inference(model, peer, [opened, other]))
+    _still_serves(model)
+
+
+def test_session_expires_when_idle(model, peer):
+    opened = make_request("tiny-llama[0:4]", [], {"type": "open", "session_id": b"idle", "max_length": 8})
+    step = make_request("tiny-llama[0:4]", [torch.randn(1, 1, HIDDEN)],
+                        {"type": "step", "session_id": b"idle", "step": 0, "position": 0})
+    text = _error_of(model, _inference(model, peer, [opened, step], pause=4.5))
+    assert "session_expired" in text and "replay" in text
+    _still_serves(model)
+
+
+def test_cache_full_and_position_checks(model, peer):
+    # 1 MiB budget; 8192 tokens x 64 sequences cannot fit
+    huge = make_request("tiny-llama[0:4]", [], {"type": "open", "session_id": b"big", "max_length": 8192,
+                                                  "batch_size": 64})
+    text = _error_of(model, _inference(model, peer, [huge]))
+    assert "cache_full" in text and "MiB" in text
+    opened = make_request("tiny-llama[0:4]", [], {"type": "open", "session_id": b"pos", "max_length": 4})
+    too_far = make_request("tiny-llama[0:4]", [torch.randn(1, 5, HIDDEN)],
+                           {"type": "step", "session_id": b"pos", "step": 0, "position": 0})
+    assert "max_length" in _error_of(model, _inference(model, peer, [opened, too_far]))
+    gap = make_request("tiny-llama[0:4]", [torch.randn(1, 1, HIDDEN)],
+                       {"type": "step", "session_id": b"pos", "step": 0, "position": 3})
+    assert "position" in _error_of(model, _inference(model, peer, [opened, gap]))
+    _still_serves(model)
+
+
+def test_garbage_bytes_get_an_error(model, peer):
+    async def send_garbage():
+        _, reader, writer = await model.runtime.p2p.call_binary_stream_handler(peer, RPC_INFERENCE)
+        writer.write(b"\x07this is not a protobuf message at all" * 10)
+        await writer.drain()
+        response, error = await asyncio.wait_for(P2P.receive_protobuf(runtime_pb2.ExpertResponse, reader), 10)
+        writer.close()
+        return error.message if error is not None else None
+
+    message = model.runtime.run(send_garbage(), timeout=30)
+    assert message is not None and "bad_request" in message and "unreadable" in message
+
+    async def send_bad_metadata():
+        request = runtime_pb2.ExpertRequest(uid="tiny-llama[0:4]", metadata=b"\xc1\xc1 not msgpack")
+        return await _inference(model, peer, [request])
+
+    assert "metadata" in _error_of(model, send_bad_metadata())
+    _still_serves(model)
+
+
+def test_concurrent_clients_are_isolated_from_a_bad_one(model, peer, tiny_llama, swarm):
+    """A client spamming bad requests does not disturb a good client's generation."""
+    import threading
+
+    errors = []
+
+    def spam():
+        for _ in range(20):
+            try:
+                model.runtime.run(_forward(model, peer, [torch.randn(1, 2, HIDDEN + 3)]), timeout=20)
+            except Exception as e:
+                errors.append(str(e))
+
+    thread = threading.Thread(target=spam)
+    thread.start()
+    for _ in range(3):
+        _still_serves(model)
+    thread.join()
+    assert len(errors) == 20 and all("bad_request" in e for e in errors)
