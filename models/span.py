@@ -132,7 +132,7 @@ class BlockSpan(nn.Module):
     def _check_cache(self, cache: SpanCache, batch_size: int) -> None:
         expected = (self.num_blocks, 2, cache.batch_size, self.kv_layout.num_heads, cache.max_length)
         if tuple(cache.buffer.shape[:5]) != expected or cache.buffer.shape[5] != self.kv_layout.head_dim:
-            raise CacheError(f"{cache} was not made by this span's new_cache() ({self})")
+            raise CacheError(f"{cache} was not made by this span's new_cache() ({self.extra_repr()})")
         if cache.dtype != self.dtype or cache.device != self.device:
             raise CacheError(f"cache is {cache.dtype} on {cache.device}, span is {self.dtype} on {self.device}")
         if batch_size != cache.batch_size:
