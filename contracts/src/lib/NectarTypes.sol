@@ -44,6 +44,57 @@ library NectarTypes {
         return keccak256(bytes.concat(head, tail));
     }
 
+    /// @dev The EIP-712 digest of a voucher under `domain`: keccak256("\x19\x01" ++ domain ++ hashStruct(voucher)).
+    ///      Settlement calls this once per voucher, so it hashes in scratch memory past the free memory pointer
+    ///      instead of allocating with abi.encode (about 500 gas less per voucher; `test_VoucherDigestMatchesProtocolString`
+    ///      and every signature test pin it to the plain `hashVoucher` encoding).
+    function voucherDigest(bytes32 domain, address client, address node, uint64 channelId, uint128 cumulativeAmount)
+        internal
+        pure
+        returns (bytes32 digest)
+    {
+        bytes32 typehash = VOUCHER_TYPEHASH;
+        assembly ("memory-safe") {
+            let m := mload(0x40) // never allocated: the words below are dead once hashed
+            mstore(m, typehash)
+            mstore(add(m, 0x20), and(client, 0xffffffffffffffffffffffffffffffffffffffff))
+            mstore(add(m, 0x40), and(node, 0xffffffffffffffffffffffffffffffffffffffff))
+            mstore(add(m, 0x60), and(channelId, 0xffffffffffffffff))
+            mstore(add(m, 0x80), and(cumulativeAmount, 0xffffffffffffffffffffffffffffffff))
+            let structHash := keccak256(m, 0xa0)
+            mstore(m, hex"1901")
+            mstore(add(m, 0x02), domain)
+            mstore(add(m, 0x22), structHash)
+            digest := keccak256(m, 0x42)
+        }
+    }
+
+    /// @dev keccak256(abi.encode(client, node, channelId)), the storage key of a channel, without allocating.
+    function channelKey(address client, address node, uint64 channelId) internal pure returns (bytes32 key) {
+        assembly ("memory-safe") {
+            let m := mload(0x40)
+            mstore(m, and(client, 0xffffffffffffffffffffffffffffffffffffffff))
+            mstore(add(m, 0x20), and(node, 0xffffffffffffffffffffffffffffffffffffffff))
+            mstore(add(m, 0x40), and(channelId, 0xffffffffffffffff))
+            key := keccak256(m, 0x60)
+        }
+    }
+
+    /// @dev ecrecover through the precompile directly: the builtin's generated wrapper costs ~150 gas more per call
+    ///      and settlement recovers once per voucher. Returns address(0) when recovery fails.
+    function ecrecoverCompact(bytes32 digest, uint256 v, bytes32 r, uint256 s) internal view returns (address signer) {
+        assembly ("memory-safe") {
+            let m := mload(0x40) // scratch, not allocated
+            mstore(m, digest)
+            mstore(add(m, 0x20), v)
+            mstore(add(m, 0x40), r)
+            mstore(add(m, 0x60), s)
+            mstore(0x00, 0) // the precompile writes nothing on failure
+            pop(staticcall(gas(), 0x01, m, 0x80, 0x00, 0x20))
+            signer := mload(0x00)
+        }
+    }
+
     /// @dev hashStruct(voucher).
     function hashVoucher(address client, address node, uint64 channelId, uint128 cumulativeAmount)
         internal
