@@ -144,8 +144,10 @@ def encode_settle_batch(vouchers: Sequence[tuple[Any, Any]]) -> SettleBatch:
 def decode_settle_batch(nodes: Sequence[str], groups: Sequence[Any]) -> list[dict[str, Any]]:
     """The vouchers inside ``settle`` calldata (as decoded by web3), for indexers reading settlements from chain."""
     out = []
-    for client, items in groups:
-        for packed, _r, _vs in items:
+    for group in groups:
+        client, items = (group["client"], group["vouchers"]) if isinstance(group, Mapping) else group
+        for item in items:
+            packed = item["packed"] if isinstance(item, Mapping) else item[0]
             out.append({
                 "client": to_checksum_address(client),
                 "node": to_checksum_address(nodes[packed >> 192]),
