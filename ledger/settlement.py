@@ -48,6 +48,7 @@ class EpochSettler:
     def __init__(self, settings: Settings, engine: Engine, chain):
         self.settings, self.engine, self.chain = settings, engine, chain
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.blocked = False  # set when another worker's (possibly dead) lease held an epoch: retry after it lapses
 
     def run(self, *, close: bool = True) -> list[int]:
         """Close the collecting epoch (if asked and there is anything in it), then advance every unfinished epoch."""
@@ -59,7 +60,8 @@ class EpochSettler:
             numbers = [e.number for e in crud.unfinished_epochs(session)]
         for number in numbers:  # in order: a later epoch never settles a channel before an earlier one
             if not self._claim(number):
-                logger.info(f"Epoch {number} is being processed by another worker; leaving it")
+                logger.info(f"Epoch {number} is leased by another worker (or a crashed one); retrying after the lease")
+                self.blocked = True
                 break
             try:
                 finished = self._advance(number)

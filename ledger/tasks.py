@@ -6,6 +6,7 @@ import logging
 from functools import lru_cache
 
 from celery import shared_task
+from celery.exceptions import Retry
 
 from nectar.ledger import crud
 from nectar.ledger.core.config import get_settings
@@ -38,11 +39,16 @@ def _engine():
     return get_engine(get_settings().database_url)
 
 
-def _run_settler(close: bool) -> list[int]:
+def _run_settler(task, close: bool) -> list[int]:
     settings = get_settings()
     settler = EpochSettler(settings, _engine(), _chain())
     try:
-        return settler.run(close=close)
+        done = settler.run(close=close)
+        if settler.blocked:  # a killed worker's lease: come back when it has lapsed instead of waiting for beat
+            raise task.retry(countdown=settings.epoch_lease_seconds + 1, max_retries=20)
+        return done
+    except Retry:
+        raise
     except Exception as e:
         with session_scope(_engine()) as session:
             for epoch in crud.unfinished_epochs(session):
@@ -51,16 +57,16 @@ def _run_settler(close: bool) -> list[int]:
         raise
 
 
-@shared_task(name=CLOSE_EPOCH_TASK, acks_late=True)
-def close_epoch() -> list[int]:
+@shared_task(name=CLOSE_EPOCH_TASK, acks_late=True, bind=True)
+def close_epoch(self) -> list[int]:
     """Beat: close the collecting epoch (if anything is in it) and push every unfinished epoch forward."""
-    return _run_settler(close=True)
+    return _run_settler(self, close=True)
 
 
-@shared_task(name=ADVANCE_EPOCHS_TASK, acks_late=True)
-def advance_epochs() -> list[int]:
+@shared_task(name=ADVANCE_EPOCHS_TASK, acks_late=True, bind=True)
+def advance_epochs(self) -> list[int]:
     """Push closed epochs forward without closing a new one (enqueued by ``POST /v1/epochs/close``)."""
-    return _run_settler(close=False)
+    return _run_settler(self, close=False)
 
 
 @shared_task(name=SLASH_CONFLICTS_TASK, acks_late=True)
