@@ -51,7 +51,11 @@ class DistributedModelForCausalLM(torch.nn.Module):
         self.tuning_mode, self.pre_seq_len = tuning_mode, pre_seq_len if tuning_mode else 0
         hidden = self.head.embedding_dim
         if tuning_mode:
-            self.prompt_embeddings = torch.nn.Parameter(torch.randn(pre_seq_len, hidden) * 0.02)
+            # start from real token embeddings: a prefix on the embedding manifold trains faster than noise
+            token_ids = torch.randint(0, self.head.vocab_size, (pre_seq_len,), generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                initial = self.head.embed(token_ids[None])[0].float().clone()
+            self.prompt_embeddings = torch.nn.Parameter(initial)
         if tuning_mode == "deep_ptune":
             self.intermediate_prompt_embeddings = torch.nn.Parameter(torch.zeros(self.num_blocks, pre_seq_len, hidden))
         try:
