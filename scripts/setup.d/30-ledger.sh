@@ -39,6 +39,4 @@ for db in test root; do
     || psql -h 127.0.0.1 -U postgres -d postgres -qc "create database \"$db\""
 done
 
-# Python packages the ledger uses beyond pyproject's list (psutil: tests reap and inspect worker processes)
-python -c "import psutil" 2>/dev/null || pip install -q "psutil>=5.9"
 echo "[30-ledger] redis and postgresql ready"
