@@ -1,0 +1,145 @@
+"""The API gateway's one Settings object (environment variables prefixed ``NECTAR_API_``, or a ``.env`` file)."""
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from decimal import Decimal
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+from nectar.paths import deployment_path, nectar_home
+
+logger = logging.getLogger(__name__)
+
+DEVNET_ADMIN_TOKEN = "nectar-devnet-api-admin"
+MICRO = 10**6  # account balances are kept in micro-credits (1e-6 credit) so they fit a 64-bit integer column
+WEI_PER_CREDIT = 10**18
+WEI_PER_MICRO = WEI_PER_CREDIT // MICRO
+
+
+def _default_database_url() -> str:
+    return f"sqlite:///{nectar_home() / 'api.db'}"
+
+
+def _default_broker_url() -> str:
+    return f"sqla+sqlite:///{nectar_home() / 'api-broker.db'}"
+
+
+def _split_words(value):
+    """Lists from the environment may be JSON or space/comma separated (like NECTAR_INITIAL_PEERS)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [word for word in text.replace(",", " ").split() if word]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything the API process and its fine-tuning worker read; built once per process (``get_settings``)."""
+
+    model_config = SettingsConfigDict(env_prefix="NECTAR_API_", env_file=".env", extra="ignore")
+
+    environment: Literal["devnet", "production"] = "devnet"  # production refuses the public devnet secrets
+    host: str = "127.0.0.1"
+    port: int = 8800
+    public_url: str | None = None  # how users reach the API (shown in examples); default http://host:port
+
+    database_url: str = Field(default_factory=_default_database_url)
+    broker_url: str = Field(default_factory=_default_broker_url)  # redis://... in production
+    broker_polling_interval: float = 0.2  # seconds; only for the SQLAlchemy (SQLite) broker
+    deployment_path: Path = Field(default_factory=deployment_path)
+    ledger_url: str | None = None  # the ledger service (node receipts, earnings, settlements, reputation)
+
+    # the swarm
+    models: Annotated[list[str], NoDecode] = ["smollm2-135m"]  # built-in names or checkpoint folders to serve
+    initial_peers: Annotated[list[str], NoDecode] = []  # default: NECTAR_INITIAL_PEERS
+    private_key: str | None = None  # the gateway's wallet (signs vouchers, owns the escrow); devnet: a demo client
+    step_timeout: float = 30.0  # s, one inference step at one hop
+    max_concurrent_generations: int = 1  # generations running at once per served model (others queue)
+    tuned_cache_size: int = 4  # fine-tuned prompt sets kept loaded
+
+    # pricing and credit
+    price_per_token: int = 10  # micro-credits charged per prompt or completion token
+    faucet_credits: Decimal = Decimal(10)  # credits one devnet faucet call adds to an account
+    deposit_poll_seconds: float = 5.0  # how often the chain is scanned for deposits to the gateway's escrow
+    deposit_confirmations: int = 0  # blocks to wait before crediting a deposit (0 on a devnet)
+    hold_timeout_seconds: float = 3600.0  # a hold left by a crashed request is released after this
+
+    # requests
+    admin_token: str = DEVNET_ADMIN_TOKEN  # bearer token for /v1/admin/* (and account creation without signup)
+    allow_signup: bool = True  # anyone may POST /v1/accounts (devnet); otherwise only with the admin token
+    rate_limit_per_minute: int = 600  # default per-key request limit
+    rate_limit_url: str | None = None  # redis://... shares limits across API processes; default: in-process
+    default_max_tokens: int = 256  # chat completions without max_tokens
+    max_request_bytes: int = 1 * 1024 * 1024
+    max_prompts: int = 16  # prompts x n per completion request
+
+    # fine-tuning
+    max_file_bytes: int = 2 * 1024 * 1024
+    max_training_examples: int = 5000
+    fine_tune_pre_seq_len: int = 8  # soft-prompt tokens learned per job (default)
+    fine_tune_learning_rate: float = 0.05  # Adam learning rate at learning_rate_multiplier=1
+    fine_tune_max_steps: int = 2000
+
+    @field_validator("models", "initial_peers", mode="before")
+    @classmethod
+    def _lists(cls, value):
+        return _split_words(value)
+
+    @model_validator(mode="after")
+    def _reject_default_secrets(self) -> "Settings":
+        if self.environment != "devnet":
+            if self.admin_token == DEVNET_ADMIN_TOKEN:
+                raise ValueError(f"NECTAR_API_ADMIN_TOKEN is the public devnet default; set a secret value (e.g. "
+                                 f"{secrets.token_hex(16)!r}) or run with NECTAR_API_ENVIRONMENT=devnet")
+            from nectar.chain.accounts import dev_accounts
+
+            public = {a.private_key.lower() for a in dev_accounts()}
+            if not self.private_key or self.private_key.lower() in public:
+                raise ValueError("NECTAR_API_PRIVATE_KEY must be the gateway's own key in production "
+                                 "(the devnet accounts' keys are public)")
+        if self.price_per_token < 0:
+            raise ValueError("NECTAR_API_PRICE_PER_TOKEN must be >= 0 (micro-credits per token)")
+        if self.max_concurrent_generations < 1:
+            raise ValueError("NECTAR_API_MAX_CONCURRENT_GENERATIONS must be >= 1")
+        return self
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    def gateway_key(self) -> str | None:
+        """The gateway's wallet key; on a devnet without one, the deployment's first demo client account."""
+        if self.private_key:
+            return self.private_key
+        if self.environment != "devnet":
+            return None
+        try:
+            accounts = json.loads(self.deployment_path.read_text()).get("accounts", [])
+        except (OSError, ValueError):
+            return None
+        clients = [a for a in accounts if a.get("role") == "client"]
+        return clients[0]["privateKey"] if clients else None
+
+
+def credits_to_micro(credits: Decimal | int | str) -> int:
+    return int(Decimal(str(credits)) * MICRO)
+
+
+def micro_to_credits(micro: int) -> str:
+    """A decimal string with six places (``"12.345678"``)."""
+    sign = "-" if micro < 0 else ""
+    whole, frac = divmod(abs(int(micro)), MICRO)
+    return f"{sign}{whole}.{frac:06d}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,207 @@
+"""The gateway's side of the swarm: one ``DistributedModelForCausalLM`` per served model, shared by all requests.
+
+Generation is synchronous and CPU-bound, so it runs in a small thread pool per model (``max_concurrent_generations``
+workers; further requests queue) and streams token ids back to the event loop through an asyncio queue. Every
+variant of a model (its fine-tuned soft prompts) shares the base model's swarm runtime and wallet, so the gateway has
+one DHT peer and one voucher channel per node, and pays every node from its own escrow.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from nectar.api.protocol import GenerationParams
+from nectar.client import ClientConfig, DistributedModelForCausalLM
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Trained soft prompts to generate with (a fine-tuned model)."""
+
+    name: str
+    tuning_mode: str
+    pre_seq_len: int
+    prompts: bytes  # what DistributedModelForCausalLM.save_prompts wrote
+
+
+class GenerationCancelled(Exception):
+    """The request went away before its generation started."""
+
+
+class SwarmModel:
+    """One served base model: its client, tokenizer and generation workers. Built once at startup.
+
+    :param name_or_path: built-in model name or checkpoint folder
+    :param initial_peers: multiaddrs of the swarm
+    :param private_key: the gateway's wallet key (vouchers to nodes are signed with it)
+    :param client_config: timeouts and retries of the swarm client
+    :param max_concurrent: generations running at once (further requests queue)
+    :param tuned_cache_size: fine-tuned prompt sets kept loaded
+    """
+
+    def __init__(self, name_or_path: str, *, initial_peers: Sequence[str], private_key: str | None,
+                 client_config: ClientConfig, max_concurrent: int = 1, tuned_cache_size: int = 4):
+        from nectar.models import load_config, load_tokenizer, model_id_of, resolve_model
+
+        self.path = resolve_model(name_or_path)
+        self.name = model_id_of(name_or_path)
+        self.tokenizer = load_tokenizer(self.path)
+        config = load_config(self.path)
+        self.max_model_len = int(getattr(config, "max_position_embeddings", 2048))
+        self.model = DistributedModelForCausalLM.from_pretrained(
+            name_or_path, initial_peers=list(initial_peers), private_key=private_key, config=client_config)
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self._executor = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix=f"gen-{self.name[:12]}")
+        self._tuned: OrderedDict[tuple, DistributedModelForCausalLM] = OrderedDict()
+        self._tuned_lock = threading.Lock()
+        self._tuned_cache_size = tuned_cache_size
+        logger.info(f"Serving {self.name} ({self.path}), context {self.max_model_len} tokens, wallet "
+                    f"{self.model.wallet.address}")
+
+    # ---- tokens ------------------------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """The chat template applied to ``messages`` with the assistant's turn opened, as token ids."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    # ---- variants ----------------------------------------------------------------------------------------------
+
+    def variant(self, prompts: PromptSet | None) -> DistributedModelForCausalLM:
+        """The base model, or a copy with trained soft prompts that shares its runtime, wallet and client head."""
+        if prompts is None:
+            return self.model
+        key = (prompts.name, prompts.tuning_mode, prompts.pre_seq_len, hash(prompts.prompts))
+        with self._tuned_lock:
+            if key in self._tuned:
+                self._tuned.move_to_end(key)
+                return self._tuned[key]
+        base = self.model
+        tuned = DistributedModelForCausalLM(base.model_path, base.model_id, config=base.client_config,
+                                            runtime=base.runtime, wallet=base.wallet, tuning_mode=prompts.tuning_mode,
+                                            pre_seq_len=prompts.pre_seq_len)  # fmt: skip
+        tuned.load_prompts(io.BytesIO(prompts.prompts))
+        tuned.requires_grad_(False)
+        with self._tuned_lock:
+            self._tuned[key] = tuned
+            while len(self._tuned) > self._tuned_cache_size:
+                self._tuned.popitem(last=False)
+        return tuned
+
+    # ---- generation --------------------------------------------------------------------------------------------
+
+    async def stream(self, prompt_ids: list[int], params: GenerationParams, *,
+                     prompts: PromptSet | None = None) -> AsyncIterator[list[int]]:
+        """Yields, per generation step, the next token id of each of the ``params.n`` rows.
+
+        Closing the iterator (the client went away, or every choice finished) stops the generation after the
+        current step and closes its swarm session."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+
+        def put(item) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def work() -> None:
+            try:
+                if stop.is_set():
+                    raise GenerationCancelled()
+                model = self.variant(prompts)
+                input_ids = torch.tensor([prompt_ids] * params.n, dtype=torch.long)
+                steps = model.stream_generate(
+                    input_ids, max_new_tokens=params.max_new_tokens, do_sample=params.do_sample,
+                    temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                    repetition_penalty=params.repetition_penalty, stop_strings=params.stop or None,
+                    tokenizer=self.tokenizer if params.stop else None, seed=params.seed,
+                    eos_token_id=self.eos_token_ids or None)  # fmt: skip
+                try:
+                    for next_ids in steps:
+                        put(("tokens", next_ids.tolist()))
+                        if stop.is_set():
+                            break
+                finally:
+                    steps.close()  # closes the inference session at every node
+                put(("done", None))
+            except BaseException as e:  # noqa: BLE001 - handed to the awaiting request
+                put(("error", e))
+
+        self._executor.submit(work)
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == "tokens":
+                    yield value
+                elif kind == "done":
+                    return
+                else:
+                    raise value
+        finally:
+            stop.set()
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.model.shutdown()
+
+
+class Engine:
+    """Every served model by name. ``get(name)`` or None."""
+
+    def __init__(self, models: Sequence[SwarmModel]):
+        self.models = {m.name: m for m in models}
+
+    @classmethod
+    def start(cls, names: Sequence[str], *, initial_peers: Sequence[str], private_key: str | None,
+              step_timeout: float = 30.0, max_concurrent: int = 1, tuned_cache_size: int = 4) -> "Engine":
+        if not initial_peers:
+            raise ValueError("No swarm to serve from: pass --initial-peers MULTIADDR (printed by `nectar dht` or "
+                             "`nectar node`) or set NECTAR_INITIAL_PEERS / NECTAR_API_INITIAL_PEERS")
+        config = ClientConfig(initial_peers=tuple(initial_peers), step_timeout=step_timeout,
+                              connect_timeout=min(10.0, step_timeout), private_key=private_key)  # fmt: skip
+        built: list[SwarmModel] = []
+        try:
+            for name in names:
+                built.append(SwarmModel(name, initial_peers=initial_peers, private_key=private_key,
+                                        client_config=config, max_concurrent=max_concurrent,
+                                        tuned_cache_size=tuned_cache_size))  # fmt: skip
+        except BaseException:
+            for model in built:
+                model.shutdown()
+            raise
+        return cls(built)
+
+    def get(self, name: str) -> SwarmModel | None:
+        return self.models.get(name)
+
+    @property
+    def wallet_address(self) -> str | None:
+        for model in self.models.values():
+            return model.model.wallet.address
+        return None
+
+    def shutdown(self) -> None:
+        for model in self.models.values():
+            try:
+                model.shutdown()
+            except Exception:  # keep shutting the others down
+                logger.warning(f"Could not shut {model.name} down cleanly", exc_info=True)

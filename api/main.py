@@ -1,0 +1,161 @@
+"""Builds the API gateway's FastAPI app: ``create_app(settings)``.
+
+Startup migrates the database, joins the swarm (one client per served model), and starts two background loops: the
+chain scan that credits deposits and records settlements, and the sweep that returns holds left by crashed requests.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.staticfiles import StaticFiles
+
+from nectar.api.billing import Billing
+from nectar.api.chain_watch import ChainUnavailable, ChainWatcher
+from nectar.api.core.config import Settings, get_settings
+from nectar.api.core.db import get_engine, run_migrations
+from nectar.api.deps import ApiState
+from nectar.api.engine import Engine
+from nectar.api.errors import ApiError, install_error_handlers
+from nectar.api.protocol import ChatCompletionStreamResponse, CompletionStreamResponse
+from nectar.api.ratelimit import make_rate_limiter
+from nectar.api.routes import api_router
+from nectar.api.routes.monitor import STATIC_DIR
+from nectar.api.serving.accounts import AccountService
+from nectar.api.serving.base import ServingContext
+from nectar.api.serving.chat import OpenAIServingChat
+from nectar.api.serving.completions import OpenAIServingCompletion
+from nectar.api.serving.fine_tuning import OpenAIServingFiles, OpenAIServingFineTuning
+from nectar.api.serving.market import MarketService
+from nectar.api.serving.models import OpenAIServingModels
+
+logger = logging.getLogger(__name__)
+
+HOLD_SWEEP_SECONDS = 60.0
+STREAM_MODELS = (CompletionStreamResponse, ChatCompletionStreamResponse)
+DESCRIPTION = """An OpenAI-compatible API over the Nectar swarm, paid for with credits.
+
+Create an account (`POST /v1/accounts`), fund it (an escrow deposit from your linked address, or the devnet faucet),
+then use any OpenAI client with `base_url=<this server>/v1` and your key. The swarm monitor is at `/monitor`."""
+
+
+def build_state(settings: Settings, swarm: Engine) -> ApiState:
+    db = get_engine(settings.database_url)
+    billing = Billing(db, price_per_token=settings.price_per_token, hold_timeout=settings.hold_timeout_seconds)
+    context = ServingContext(settings=settings, db=db, swarm=swarm, billing=billing)
+    watcher = ChainWatcher(settings, db, gateway_key=settings.gateway_key())
+    ledger = None
+    if settings.ledger_url:
+        from nectar.ledger import LedgerClient
+
+        ledger = LedgerClient(settings.ledger_url, timeout=10.0)
+    return ApiState(
+        settings=settings, context=context, limiter=make_rate_limiter(settings.rate_limit_url), watcher=watcher,
+        completions=OpenAIServingCompletion(context), chat=OpenAIServingChat(context),
+        models=OpenAIServingModels(context), files=OpenAIServingFiles(context),
+        fine_tuning=OpenAIServingFineTuning(context), accounts=AccountService(context, watcher),
+        market=MarketService(context, ledger=ledger, watcher=watcher),
+    )  # fmt: skip
+
+
+async def _every(seconds: float, work, what: str) -> None:
+    quiet = False
+    while True:
+        try:
+            await work()
+            quiet = False
+        except ChainUnavailable as e:  # expected without a devnet: say it once
+            if not quiet:
+                logger.info(f"{what}: {e}")
+                quiet = True
+        except Exception:
+            logger.exception(f"{what} failed; retrying in {seconds:.0f}s")
+        await asyncio.sleep(seconds)
+
+
+def create_app(settings: Settings | None = None, *, swarm: Engine | None = None) -> FastAPI:
+    """:param settings: default: from the environment (``NECTAR_API_*``)
+    :param swarm: an already started Engine (tests); default: started from settings at startup"""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await anyio.to_thread.run_sync(run_migrations, settings.database_url)
+        engine = swarm
+        if engine is None:
+            peers = settings.initial_peers or _env_peers()
+            engine = await anyio.to_thread.run_sync(lambda: Engine.start(
+                settings.models, initial_peers=peers, private_key=settings.gateway_key(),
+                step_timeout=settings.step_timeout, max_concurrent=settings.max_concurrent_generations,
+                tuned_cache_size=settings.tuned_cache_size))  # fmt: skip
+        state = build_state(settings, engine)
+        app.state.api = state
+        tasks = [
+            asyncio.create_task(_every(settings.deposit_poll_seconds,
+                                       lambda: anyio.to_thread.run_sync(state.watcher.scan), "Chain scan")),
+            asyncio.create_task(_every(HOLD_SWEEP_SECONDS, state.context.billing.release_stale, "Hold sweep")),
+        ]  # fmt: skip
+        logger.info(f"Nectar API ready on {settings.base_url} serving {', '.join(engine.models)}; gateway wallet "
+                    f"{engine.wallet_address}; {settings.price_per_token} micro-credits per token")
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if swarm is None:
+                await anyio.to_thread.run_sync(engine.shutdown)
+
+    app = FastAPI(title="Nectar API", version="1", description=DESCRIPTION, lifespan=lifespan)
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        limit = settings.max_file_bytes + 64 * 1024 if request.url.path == "/v1/files" else settings.max_request_bytes
+        if length is not None and length.isdigit() and int(length) > limit:
+            return ApiError(413, f"The body has {length} bytes; at most {limit} are accepted here",
+                            code="body_too_large").response()  # fmt: skip
+        return await call_next(request)
+
+    app.include_router(api_router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.openapi = lambda: _openapi(app)
+    return app
+
+
+def _env_peers() -> list[str]:
+    import os
+
+    return [p for p in os.environ.get("NECTAR_INITIAL_PEERS", "").replace(",", " ").split() if p]
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema, with its generic validation-error model replaced by ours (every error is ErrorResponse)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    ours = {"$ref": "#/components/schemas/ErrorResponse"}
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            answer = operation.get("responses", {}).get("422")
+            if answer and "HTTPValidationError" in str(answer):
+                operation["responses"]["422"] = {"description": "Malformed request: the message and ``param`` "
+                                                 "name the field.", "content": {"application/json": {"schema": ours}}}
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    for model in STREAM_MODELS:  # referenced by the text/event-stream answers
+        found = model.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
+        for name, definition in found.pop("$defs", {}).items():
+            components.setdefault(name, definition)
+        components[model.__name__] = found
+    for name, definition in components.items():
+        if name.startswith("Body_") and "description" not in definition:  # FastAPI's multipart form models
+            definition["description"] = "Multipart form: the file and its purpose."
+    app.openapi_schema = schema
+    return schema

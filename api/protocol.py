@@ -1,0 +1,463 @@
+"""OpenAI wire schemas (requests, responses, stream chunks, errors) as Pydantic models.
+
+Every model derives from ``OpenAIBaseModel``, which accepts fields it does not know (clients send newer or vendor
+fields) but logs them, so a silently ignored option shows up in the API's log. Requests translate themselves to the
+swarm's generation parameters with ``to_generation_params()``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+logger = logging.getLogger(__name__)
+
+MAX_STOP_SEQUENCES = 4
+_WARNED: set[tuple[str, str]] = set()  # (model, field) pairs already logged
+
+
+class OpenAIBaseModel(BaseModel):
+    """Base of every wire schema: unknown fields are accepted and logged (once per model and field name)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _log_unknown_fields(cls, data, handler):
+        result = handler(data)
+        if isinstance(data, dict) and result.model_extra:
+            for name in result.model_extra:
+                if (cls.__name__, name) not in _WARNED:
+                    _WARNED.add((cls.__name__, name))
+                    logger.warning(f"{cls.__name__}: ignoring unknown field {name!r}")
+        return result
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+class ErrorInfo(OpenAIBaseModel):
+    """What went wrong, in OpenAI's format."""
+
+    message: str = Field(description="A human-readable explanation, saying what to do next.")
+    type: str = Field(description="Error class: invalid_request_error, authentication_error, insufficient_credits, "
+                                  "rate_limit_error, not_found_error, service_unavailable or server_error.")
+    param: str | None = Field(default=None, description="The request field at fault, as a dotted path.")
+    code: str | None = Field(default=None, description="A machine-readable error code.")
+
+
+class ErrorResponse(OpenAIBaseModel):
+    """The body of every 4xx/5xx answer."""
+
+    error: ErrorInfo = Field(description="The error.")
+
+
+# ---------------------------------------------------------------------------------------------------- usage, models
+class UsageInfo(OpenAIBaseModel):
+    """Tokens a request used; the account is charged ``total_tokens`` times the price per token."""
+
+    prompt_tokens: int = Field(description="Tokens of the prompt (counted once, whatever ``n`` is).")
+    completion_tokens: int = Field(description="Tokens generated, over all choices.")
+    total_tokens: int = Field(description="prompt_tokens + completion_tokens.")
+    cost: str | None = Field(default=None, description="Credits charged for the request (decimal string).")
+
+
+class ModelCard(OpenAIBaseModel):
+    """A model the gateway serves: a swarm model or one of the caller's fine-tuned models."""
+
+    id: str = Field(description="The name to pass as ``model``.")
+    object: Literal["model"] = Field(default="model", description="Always ``model``.")
+    created: int = Field(default_factory=lambda: int(time.time()), description="Unix time.")
+    owned_by: str = Field(default="nectar", description="``nectar`` (swarm models) or the owning account.")
+    root: str | None = Field(default=None, description="The swarm model a fine-tuned model is based on.")
+    max_model_len: int | None = Field(default=None, description="Context length in tokens.")
+
+
+class ModelList(OpenAIBaseModel):
+    """The models available to the caller."""
+
+    object: Literal["list"] = Field(default="list", description="Always ``list``.")
+    data: list[ModelCard] = Field(description="The models.")
+
+
+# ---------------------------------------------------------------------------------------------------- generation
+@dataclass
+class GenerationParams:
+    """Internal, swarm-side parameters of one generation (what ``DistributedModelForCausalLM.generate`` takes)."""
+
+    max_new_tokens: int
+    do_sample: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    n: int = 1
+
+
+class StreamOptions(OpenAIBaseModel):
+    """Options of a streamed answer."""
+
+    include_usage: bool = Field(default=False, description="Send a last chunk with the request's usage.")
+
+
+StopField = Union[str, list[str], None]
+
+
+class _SamplingFields(OpenAIBaseModel):
+    """Sampling parameters shared by completions and chat completions."""
+
+    temperature: float | None = Field(default=None, ge=0, le=2, description="0 = greedy; default 1.")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling mass; default 1.")
+    n: int = Field(default=1, ge=1, le=8, description="Choices to generate for each prompt.")
+    stream: bool = Field(default=False, description="Answer with server-sent events, one per token.")
+    stream_options: StreamOptions | None = Field(default=None, description="Options of a streamed answer.")
+    stop: StopField = Field(default=None, description="Up to 4 strings that end generation (not included).")
+    seed: int | None = Field(default=None, description="Seed for sampling, for reproducible samples.")
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2, description="Only 0 is supported; see "
+                                                                          "repetition_penalty.")
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2, description="Only 0 is supported; see "
+                                                                           "repetition_penalty.")
+    logit_bias: dict[str, float] | None = Field(default=None, description="Not supported (must be empty).")
+    user: str | None = Field(default=None, description="An end-user id, for the caller's own records.")
+    top_k: int | None = Field(default=None, ge=0, description="Nectar extension: keep the k likeliest tokens.")
+    repetition_penalty: float | None = Field(default=None, gt=0, description="Nectar extension: >1 discourages "
+                                                                              "repeating tokens.")
+
+    def stop_list(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [s for s in stops if s]
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, message) for a requested feature the swarm cannot honour, or None."""
+        if len(self.stop_list()) > MAX_STOP_SEQUENCES:
+            return "stop", f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed"
+        if self.presence_penalty or self.frequency_penalty:
+            name = "presence_penalty" if self.presence_penalty else "frequency_penalty"
+            return name, f"{name} is not supported; use repetition_penalty (e.g. 1.1) instead"
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported"
+        return None
+
+    def to_generation_params(self, max_new_tokens: int) -> GenerationParams:
+        temperature = 1.0 if self.temperature is None else self.temperature
+        do_sample = temperature > 0
+        return GenerationParams(
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature if do_sample else None,
+            top_p=self.top_p if do_sample else None, top_k=self.top_k if do_sample else None,
+            repetition_penalty=self.repetition_penalty, stop=self.stop_list(), seed=self.seed, n=self.n,
+        )  # fmt: skip
+
+
+class CompletionRequest(_SamplingFields):
+    """``POST /v1/completions``: continue a text prompt."""
+
+    model: str = Field(description="A name from ``GET /v1/models``.")
+    prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
+        description="A string, a list of strings, token ids, or a list of token-id lists.")
+    max_tokens: int | None = Field(default=16, ge=0, description="Tokens to generate at most per choice.")
+    echo: bool = Field(default=False, description="Prepend the prompt to each choice's text.")
+    logprobs: int | None = Field(default=None, ge=0, le=5, description="Not supported (must be null).")
+    best_of: int | None = Field(default=None, ge=1, description="Only null or equal to n is supported.")
+    suffix: str | None = Field(default=None, description="Not supported (must be null).")
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.logprobs is not None:
+            return "logprobs", "logprobs are not supported by the swarm"
+        if self.best_of not in (None, self.n):
+            return "best_of", "best_of is not supported (use n)"
+        if self.suffix:
+            return "suffix", "suffix (insertion) is not supported"
+        return super().unsupported()
+
+
+class TextContentPart(OpenAIBaseModel):
+    """A piece of text in a message's content list."""
+
+    type: Literal["text"] = Field(description="Only ``text`` parts are supported.")
+    text: str = Field(description="The text.")
+
+
+class ChatMessage(OpenAIBaseModel):
+    """One message of a conversation."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(description="Who speaks.")
+    content: Union[str, list[TextContentPart], None] = Field(default=None, description="Text, or text parts.")
+    name: str | None = Field(default=None, description="Optional speaker name.")
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """``POST /v1/chat/completions``: answer a conversation, formatted with the model's chat template."""
+
+    model: str = Field(description="A name from ``GET /v1/models``.")
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
+    max_tokens: int | None = Field(default=None, ge=1, description="Tokens to generate at most (deprecated name).")
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="Tokens to generate at most.")
+    logprobs: bool | None = Field(default=None, description="Not supported (must be false).")
+    top_logprobs: int | None = Field(default=None, description="Not supported (must be null).")
+    tools: list[dict[str, Any]] | None = Field(default=None, description="Not supported (must be empty).")
+    tool_choice: Any = Field(default=None, description="Not supported.")
+    response_format: dict[str, Any] | None = Field(default=None, description="Only {\"type\": \"text\"}.")
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.logprobs or self.top_logprobs:
+            return "logprobs", "logprobs are not supported by the swarm"
+        if self.tools:
+            return "tools", "tool calls are not supported"
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            return "response_format", "only response_format {\"type\": \"text\"} is supported"
+        return super().unsupported()
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class CompletionChoice(OpenAIBaseModel):
+    """One generated continuation."""
+
+    index: int = Field(description="Position among the request's choices (prompt index * n + sample index).")
+    text: str = Field(description="The generated text (after the prompt, unless echo).")
+    logprobs: None = Field(default=None, description="Always null.")
+    finish_reason: FinishReason | None = Field(description="``stop`` (end of text or a stop string) or ``length``.")
+
+
+class CompletionResponse(OpenAIBaseModel):
+    """The answer of ``POST /v1/completions``."""
+
+    id: str = Field(default_factory=lambda: random_id("cmpl"), description="Request id.")
+    object: Literal["text_completion"] = Field(default="text_completion", description="Always ``text_completion``.")
+    created: int = Field(default_factory=lambda: int(time.time()), description="Unix time.")
+    model: str = Field(description="The model that answered.")
+    choices: list[CompletionChoice] = Field(description="The continuations.")
+    usage: UsageInfo = Field(description="Tokens used and credits charged.")
+    system_fingerprint: str | None = Field(default=None, description="Always null.")
+
+
+class CompletionStreamChoice(OpenAIBaseModel):
+    """New text of one choice in a streamed completion."""
+
+    index: int = Field(description="Which choice this text belongs to.")
+    text: str = Field(description="Text since the previous chunk.")
+    logprobs: None = Field(default=None, description="Always null.")
+    finish_reason: FinishReason | None = Field(default=None, description="Set on the choice's last chunk.")
+
+
+class CompletionStreamResponse(OpenAIBaseModel):
+    """One server-sent event of a streamed completion."""
+
+    id: str = Field(description="Request id (the same on every chunk).")
+    object: Literal["text_completion"] = Field(default="text_completion", description="Always ``text_completion``.")
+    created: int = Field(description="Unix time.")
+    model: str = Field(description="The model that answers.")
+    choices: list[CompletionStreamChoice] = Field(description="New text per choice (empty on the usage chunk).")
+    usage: UsageInfo | None = Field(default=None, description="On the last chunk if stream_options.include_usage.")
+
+
+class AssistantMessage(OpenAIBaseModel):
+    """The model's reply."""
+
+    role: Literal["assistant"] = Field(default="assistant", description="Always ``assistant``.")
+    content: str = Field(description="The reply text.")
+
+
+class ChatCompletionChoice(OpenAIBaseModel):
+    """One generated reply."""
+
+    index: int = Field(description="Which of the n replies this is.")
+    message: AssistantMessage = Field(description="The reply.")
+    logprobs: None = Field(default=None, description="Always null.")
+    finish_reason: FinishReason | None = Field(description="``stop`` or ``length``.")
+
+
+class ChatCompletionResponse(OpenAIBaseModel):
+    """The answer of ``POST /v1/chat/completions``."""
+
+    id: str = Field(default_factory=lambda: random_id("chatcmpl"), description="Request id.")
+    object: Literal["chat.completion"] = Field(default="chat.completion", description="Always ``chat.completion``.")
+    created: int = Field(default_factory=lambda: int(time.time()), description="Unix time.")
+    model: str = Field(description="The model that answered.")
+    choices: list[ChatCompletionChoice] = Field(description="The replies.")
+    usage: UsageInfo = Field(description="Tokens used and credits charged.")
+    system_fingerprint: str | None = Field(default=None, description="Always null.")
+
+
+class DeltaMessage(OpenAIBaseModel):
+    """What a streamed chunk adds to a reply."""
+
+    role: Literal["assistant"] | None = Field(default=None, description="Set on each reply's first chunk.")
+    content: str | None = Field(default=None, description="Text since the previous chunk.")
+
+
+class ChatCompletionStreamChoice(OpenAIBaseModel):
+    """New text of one reply in a streamed chat completion."""
+
+    index: int = Field(description="Which reply this belongs to.")
+    delta: DeltaMessage = Field(description="The new part.")
+    logprobs: None = Field(default=None, description="Always null.")
+    finish_reason: FinishReason | None = Field(default=None, description="Set on the reply's last chunk.")
+
+
+class ChatCompletionStreamResponse(OpenAIBaseModel):
+    """One server-sent event of a streamed chat completion."""
+
+    id: str = Field(description="Request id (the same on every chunk).")
+    object: Literal["chat.completion.chunk"] = Field(default="chat.completion.chunk",
+                                                     description="Always ``chat.completion.chunk``.")
+    created: int = Field(description="Unix time.")
+    model: str = Field(description="The model that answers.")
+    choices: list[ChatCompletionStreamChoice] = Field(description="New text per reply (empty on the usage chunk).")
+    usage: UsageInfo | None = Field(default=None, description="On the last chunk if stream_options.include_usage.")
+
+
+# ---------------------------------------------------------------------------------------------------- files
+class FileObject(OpenAIBaseModel):
+    """An uploaded file."""
+
+    id: str = Field(description="File id, e.g. ``file-...``.")
+    object: Literal["file"] = Field(default="file", description="Always ``file``.")
+    bytes: int = Field(description="Size in bytes.")
+    created_at: int = Field(description="Unix time of the upload.")
+    filename: str = Field(description="Name given at upload.")
+    purpose: str = Field(description="``fine-tune`` (the only purpose used here).")
+    status: Literal["processed"] = Field(default="processed", description="Always ``processed``.")
+    status_details: str | None = Field(default=None, description="Always null.")
+
+
+class FileList(OpenAIBaseModel):
+    """The caller's files, newest first."""
+
+    object: Literal["list"] = Field(default="list", description="Always ``list``.")
+    data: list[FileObject] = Field(description="The files.")
+    has_more: bool = Field(default=False, description="Always false.")
+
+
+class FileDeleted(OpenAIBaseModel):
+    """Confirmation of a deletion."""
+
+    id: str = Field(description="The deleted file's id.")
+    object: Literal["file"] = Field(default="file", description="Always ``file``.")
+    deleted: bool = Field(description="True.")
+
+
+# ---------------------------------------------------------------------------------------------------- fine-tuning
+class Hyperparameters(OpenAIBaseModel):
+    """Training settings of a prompt-tuning job (``auto`` picks the gateway's default)."""
+
+    n_epochs: Union[int, Literal["auto"]] = Field(default="auto", description="Passes over the training file "
+                                                                              "(auto: 3).")
+    batch_size: Union[int, Literal["auto"]] = Field(default="auto", description="Examples per step (auto: 4).")
+    learning_rate_multiplier: Union[float, Literal["auto"]] = Field(
+        default="auto", description="Scales the gateway's base learning rate (auto: 1).")
+    pre_seq_len: Union[int, Literal["auto"]] = Field(default="auto", description="Nectar: soft-prompt tokens "
+                                                                                 "learned (auto: the gateway's).")
+    tuning_mode: Literal["ptune", "deep_ptune"] = Field(default="ptune", description="Nectar: ``ptune`` (input "
+                                                        "prefix) or ``deep_ptune`` (a prefix before every block).")
+
+
+class FineTuningJobCreate(OpenAIBaseModel):
+    """``POST /v1/fine_tuning/jobs``: prompt-tune a swarm model on an uploaded JSONL file."""
+
+    model: str = Field(description="A swarm model from ``GET /v1/models`` (not a fine-tuned one).")
+    training_file: str = Field(description="Id of a ``fine-tune`` file: JSONL of {\"prompt\", \"completion\"} or "
+                                           "{\"messages\": [...]} examples.")
+    hyperparameters: Hyperparameters | None = Field(default=None, description="Training settings.")
+    suffix: str | None = Field(default=None, max_length=40, pattern=r"^[A-Za-z0-9_.-]*$",
+                               description="Up to 40 characters added to the fine-tuned model's name.")
+    validation_file: str | None = Field(default=None, description="Not supported (must be null).")
+    seed: int | None = Field(default=None, description="Seed of the prompt initialisation and example order.")
+
+
+class FineTuningError(OpenAIBaseModel):
+    """Why a job failed."""
+
+    code: str = Field(description="Machine-readable code.")
+    message: str = Field(description="What happened and what to do.")
+    param: str | None = Field(default=None, description="The request field at fault, if any.")
+
+
+class FineTuningJobHyperparameters(OpenAIBaseModel):
+    """The settings a job runs with (``auto`` resolved)."""
+
+    n_epochs: int = Field(description="Passes over the training file.")
+    batch_size: int = Field(description="Examples per step.")
+    learning_rate_multiplier: float = Field(description="Scale of the base learning rate.")
+    pre_seq_len: int = Field(description="Soft-prompt tokens learned.")
+    tuning_mode: str = Field(description="``ptune`` or ``deep_ptune``.")
+
+
+class FineTuningJob(OpenAIBaseModel):
+    """A prompt-tuning job and its progress."""
+
+    id: str = Field(description="Job id, ``ftjob-...``.")
+    object: Literal["fine_tuning.job"] = Field(default="fine_tuning.job", description="Always ``fine_tuning.job``.")
+    created_at: int = Field(description="Unix time of creation.")
+    finished_at: int | None = Field(default=None, description="Unix time it ended.")
+    model: str = Field(description="The base model.")
+    fine_tuned_model: str | None = Field(default=None, description="Name to use as ``model`` once succeeded.")
+    organization_id: str = Field(description="The owning account, ``acct-<id>``.")
+    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"] = Field(
+        description="Where the job is.")
+    hyperparameters: FineTuningJobHyperparameters = Field(description="The settings it runs with.")
+    training_file: str = Field(description="The training file's id.")
+    validation_file: str | None = Field(default=None, description="Always null.")
+    result_files: list[str] = Field(default_factory=list, description="Always empty: results are the model.")
+    trained_tokens: int | None = Field(default=None, description="Tokens processed so far (what is charged).")
+    error: FineTuningError | None = Field(default=None, description="Why it failed.")
+    seed: int = Field(description="The seed used.")
+    estimated_finish: int | None = Field(default=None, description="Unix time it should finish, while running.")
+    integrations: list[Any] | None = Field(default=None, description="Always null.")
+    step: int = Field(default=0, description="Nectar: optimizer steps done.")
+    total_steps: int = Field(default=0, description="Nectar: optimizer steps planned.")
+    loss: float | None = Field(default=None, description="Nectar: training loss of the last step.")
+
+
+class FineTuningJobList(OpenAIBaseModel):
+    """The caller's jobs, newest first."""
+
+    object: Literal["list"] = Field(default="list", description="Always ``list``.")
+    data: list[FineTuningJob] = Field(description="The jobs.")
+    has_more: bool = Field(description="Whether older jobs exist (page with ``after``).")
+
+
+class FineTuningJobEvent(OpenAIBaseModel):
+    """A status message or a training-step metric of a job."""
+
+    id: str = Field(description="Event id, ``ftevent-<n>``.")
+    object: Literal["fine_tuning.job.event"] = Field(default="fine_tuning.job.event",
+                                                     description="Always ``fine_tuning.job.event``.")
+    created_at: int = Field(description="Unix time.")
+    level: Literal["info", "warn", "error"] = Field(description="Severity.")
+    message: str = Field(description="What happened.")
+    data: dict[str, Any] | None = Field(default=None, description="Step metrics (step, total_steps, train_loss).")
+    type: Literal["message", "metrics"] = Field(description="``metrics`` for per-step progress.")
+
+
+class FineTuningJobEventList(OpenAIBaseModel):
+    """A job's events, newest first."""
+
+    object: Literal["list"] = Field(default="list", description="Always ``list``.")
+    data: list[FineTuningJobEvent] = Field(description="The events.")
+    has_more: bool = Field(description="Whether older events exist (page with ``after``).")
+
+
+class ModelDeleted(OpenAIBaseModel):
+    """Confirmation that a fine-tuned model was deleted."""
+
+    id: str = Field(description="The model name.")
+    object: Literal["model"] = Field(default="model", description="Always ``model``.")
+    deleted: bool = Field(description="True.")

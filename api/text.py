@@ -1,0 +1,77 @@
+"""Turning generated token ids into OpenAI choice text: incremental decoding, stop strings and finish reasons.
+
+A choice never emits text that could still turn out to be the start of a stop string, nor a half-decoded UTF-8
+character, so streamed text always equals the final text and never contains the stop string (OpenAI semantics).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+logger = logging.getLogger(__name__)
+
+REPLACEMENT_CHAR = "\ufffd"  # what the tokenizer decodes an incomplete multi-byte character to
+
+
+def _held_suffix(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of some stop string."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
+
+
+class ChoiceText:
+    """The text of one choice as tokens arrive: ``add(token) -> new text to emit``.
+
+    :param tokenizer: a transformers tokenizer (decodes with special tokens skipped)
+    :param stops: stop strings; generation of this choice ends at the first one, which is not emitted
+    :param eos_token_ids: tokens that end the choice (counted as completion tokens, never emitted)
+    """
+
+    def __init__(self, tokenizer, *, stops: Sequence[str] = (), eos_token_ids: Sequence[int] = ()):
+        self.tokenizer, self.stops, self.eos = tokenizer, [s for s in stops if s], set(eos_token_ids)
+        self.tokens: list[int] = []  # text tokens (eos excluded)
+        self.num_tokens = 0  # completion tokens, eos included
+        self.text = ""  # final text so far (the stop string cut off once seen)
+        self.emitted = 0  # characters of ``text`` already returned by add()
+        self.finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def add(self, token_id: int) -> str:
+        if self.finished:
+            return ""
+        self.num_tokens += 1
+        if token_id in self.eos:
+            self.finish_reason = "stop"
+            return self._flush(len(self.text))
+        self.tokens.append(int(token_id))
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.finish_reason = text[:cut], "stop"
+            return self._flush(len(self.text))
+        self.text = text
+        safe = len(text) - _held_suffix(text, self.stops)
+        while safe > self.emitted and text[safe - 1] == REPLACEMENT_CHAR:
+            safe -= 1
+        return self._flush(safe)
+
+    def finish(self, reason: str = "length") -> str:
+        """Ends the choice (the token budget ran out); returns any text held back so far."""
+        if self.finished:
+            return ""
+        self.finish_reason = reason
+        return self._flush(len(self.text))
+
+    def _flush(self, upto: int) -> str:
+        upto = max(upto, self.emitted)
+        delta = self.text[self.emitted : upto]
+        self.emitted = upto
+        return delta

@@ -1,0 +1,131 @@
+"""Builders for API tests: a tiny chat checkpoint, PostgreSQL databases, `nectar api` / `nectar api worker`
+subprocesses, and waiting helpers."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import psycopg2
+
+POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+REDIS_URL = "redis://127.0.0.1:6379"
+
+
+def make_chat_checkpoint(path: Path, *, seed: int = 0) -> Path:
+    """A tiny random Llama whose vocabulary is SmolLM2's, with SmolLM2's tokenizer and chat template next to it:
+    real text and a real chat template at tiny-model speed."""
+    from nectar.models import load_tokenizer, resolve_model
+    from nectar.models.tiny import save_tiny_checkpoint
+
+    tokenizer = load_tokenizer(resolve_model("smollm2-135m"))
+    save_tiny_checkpoint(path, "llama", seed=seed, vocab_size=len(tokenizer))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fresh_postgres_url(prefix: str) -> tuple[str, callable]:
+    """A new empty PostgreSQL database; returns its URL and a function that drops it."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    conn = psycopg2.connect(POSTGRES_ADMIN)
+    conn.autocommit = True
+    conn.cursor().execute(f'CREATE DATABASE "{name}"')
+    conn.close()
+
+    def drop():
+        c = psycopg2.connect(POSTGRES_ADMIN)
+        c.autocommit = True
+        c.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        c.close()
+
+    return f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}", drop
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+class NectarProcess:
+    """`python -m nectar.cli <args>` in its own process group, logging to a file."""
+
+    def __init__(self, args: list[str], *, env: dict, log_path: Path):
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "nectar.cli", *args], env={**os.environ, **env},
+                                        stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.alive():
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        self._log.close()
+
+
+class ApiServer(NectarProcess):
+    """`nectar api` on a free port; ``url`` is its base (without /v1)."""
+
+    def __init__(self, *, env: dict, log_path: Path, port: int | None = None, timeout: float = 120):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(["api", "--port", str(self.port), "--log-level", "info"], env=env, log_path=log_path)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"nectar api exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise TimeoutError(f"nectar api did not answer within {timeout}s:\n{self.log()[-4000:]}")
+
+
+class ApiWorker(NectarProcess):
+    """`nectar api worker`; returns once Celery says it is ready."""
+
+    def __init__(self, *, env: dict, log_path: Path, timeout: float = 90):
+        super().__init__(["api", "worker", "--log-level", "INFO"], env=env, log_path=log_path)
+        wait_for(lambda: "ready" in self.log() or not self.alive(), timeout, "the API worker to start")
+        if not self.alive():
+            raise RuntimeError(f"nectar api worker exited:\n{self.log()[-4000:]}")
+
+
+def api_env(*, home: Path, database_url: str, broker_url: str, model: str, peers: list[str], **extra) -> dict:
+    env = {
+        "NECTAR_HOME": str(home), "NECTAR_DEPLOYMENT": str(home / "deployment.json"),
+        "NECTAR_API_DEPLOYMENT_PATH": str(home / "deployment.json"), "NECTAR_API_DATABASE_URL": database_url,
+        "NECTAR_API_BROKER_URL": broker_url, "NECTAR_API_MODELS": model, "NECTAR_API_INITIAL_PEERS": " ".join(peers),
+        "NECTAR_API_DEPOSIT_POLL_SECONDS": "0.5", "PYTHONUNBUFFERED": "1",
+    }  # fmt: skip
+    env.update({f"NECTAR_API_{k.upper()}": str(v) for k, v in extra.items()})
+    return env
