@@ -1,0 +1,103 @@
+"""Fast unit tests of the node's pure parts: block selection, KV-cache budget, credit, audit log, validator."""
+from __future__ import annotations
+
+import pytest
+import torch
+from eth_account import Account
+
+from nectar.node.audit import AuditLog
+from nectar.node.block_selection import block_throughputs, choose_best_start, should_move
+from nectar.node.memory_cache import MemoryCache
+from nectar.node.receipts import CreditLedger, ReceiptSigner
+from nectar.wire import receipts as schema
+from nectar.wire.protocol import ErrorCode, NodeRPCError, parse_module_uid
+
+
+def test_block_throughputs_and_best_start():
+    totals = block_throughputs(6, [(0, 3, 10.0), (2, 4, 5.0)])
+    assert totals == [10, 10, 15, 5, 0, 0]
+    assert choose_best_start(totals, 2) == 4  # the unserved tail
+    assert choose_best_start([5, 5, 5, 5], 2) == 0  # ties: lowest total, then earliest
+
+
+def test_should_move_only_when_the_swarm_gains_enough():
+    # others serve 0:2 well and nothing at 2:4; a node sitting on 0:2 should move to 2:4
+    assert should_move([10, 10, 0, 0], current_start=0, length=2, own_throughput=10, balance_quality=0.75) == 2
+    # already where it is needed: stay
+    assert should_move([10, 10, 0, 0], current_start=2, length=2, own_throughput=10, balance_quality=0.75) is None
+    # a small gain is not worth a reload
+    assert should_move([10, 10, 9, 9], current_start=0, length=2, own_throughput=1, balance_quality=0.75) is None
+
+
+def test_memory_cache_reserves_and_refuses_clearly():
+    cache = MemoryCache(1000, bytes_per_token=10)
+    with cache.reserve(600):
+        assert cache.tokens_left == 40
+        with pytest.raises(NodeRPCError) as error:
+            with cache.reserve(500):
+                pass
+        assert error.value.code == ErrorCode.CACHE_FULL and "MiB" in str(error.value)
+    assert cache.used_bytes == 0 and cache.tokens_left == 100
+
+
+def test_credit_ledger_limits_unpaid_work_and_accepts_only_valid_vouchers():
+    node, client, stranger = Account.create(), Account.create(), Account.create()
+    domain = schema.make_domain(31337, "0x" + "11" * 20)
+    credit = CreditLedger(node_address=node.address, credit_limit=100, domain=domain)
+    credit.charge(client.address, 90)
+    credit.check_credit(client.address, 10)
+    with pytest.raises(NodeRPCError) as error:
+        credit.check_credit(client.address, 11)
+    assert error.value.code == ErrorCode.CREDIT_LIMIT and "voucher" in str(error.value)
+
+    def voucher(signer, amount, node_address=node.address, channel=1):
+        v = schema.Voucher(client=client.address, node=node_address, channel_id=channel, cumulative_amount=amount)
+        return schema.sign_voucher(v, signer.key.hex(), domain).to_json()
+
+    with pytest.raises(NodeRPCError, match="signature"):
+        credit.accept_voucher(voucher(stranger, 90), client.address)  # forged by someone else
+    with pytest.raises(NodeRPCError, match="voucher is for node"):
+        credit.accept_voucher(voucher(client, 90, node_address=stranger.address), client.address)
+    with pytest.raises(NodeRPCError, match="malformed"):
+        credit.accept_voucher({"voucher": {"client": "nope"}}, client.address)
+    assert credit.accept_voucher(voucher(client, 90), client.address) is not None
+    assert credit.accept_voucher(voucher(client, 90), client.address) is None  # replay pays nothing new
+    assert credit.unpaid(client.address) == 0
+    credit.check_credit(client.address, 100)
+
+
+def test_receipts_signed_by_the_node_verify_and_chain():
+    key = Account.create()
+    signer = ReceiptSigner(private_key=key.key.hex(), model_id="m", price_per_token=3,
+                           domain=schema.make_domain(31337, "0x" + "22" * 20))
+    x, y = torch.randn(1, 2, 8), torch.randn(1, 2, 8)
+    signed, fingerprint = signer.sign(session_id=b"\0" * 32, step=0, kind=schema.ReceiptKind.INFERENCE, start=2,
+                                      end=5, client=key.address, tokens=2, inputs=x, outputs=y)
+    assert schema.recover_receipt_signer(signed, signer.domain) == key.address
+    receipt = signed.receipt
+    assert receipt.price == 9 and receipt.amount == 18
+    assert receipt.input_commitment == schema.commit_tensor(x) and receipt.output_commitment == schema.commit_tensor(y)
+    assert receipt.fingerprint == schema.fingerprint_hash(fingerprint)
+
+
+def test_audit_log_replays_rollbacks_and_evicts():
+    log = AuditLog(max_bytes=10**6, retention_s=60)
+    a, b, c, c2 = (torch.full((1, n, 2), float(v)) for v, n in [(1, 3), (2, 1), (3, 1), (4, 2)])
+    log.record(b"s", 0, 0, a, 0, 2)
+    log.record(b"s", 1, 3, b, 0, 2)
+    log.record(b"s", 2, 4, c, 0, 2)
+    log.record(b"s", 3, 3, c2, 0, 2)  # rolled back to position 3 and replaced
+    history, span = log.history(b"s", 3)
+    assert span == (0, 2) and history[0, :, 0].tolist() == [1, 1, 1, 4, 4]
+    assert log.history(b"s", 2)[0][0, :, 0].tolist() == [1, 1, 1, 2, 3]
+    assert log.history(b"unknown", 0) is None
+    small = AuditLog(max_bytes=100, retention_s=60)
+    small.record(b"x", 0, 0, torch.zeros(1, 10, 2), 0, 1)  # 80 bytes
+    small.record(b"y", 0, 0, torch.zeros(1, 10, 2), 0, 1)  # evicts x
+    assert small.history(b"x", 0) is None and small.history(b"y", 0) is not None
+
+
+def test_module_uid_parsing():
+    assert parse_module_uid("smollm2-135m[3:9]") == ("smollm2-135m", 3, 9)
+    with pytest.raises(NodeRPCError):
+        parse_module_uid("garbage")
