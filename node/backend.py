@@ -13,6 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from nectar.models import load_config, load_span
+from nectar.node.batching import InferenceTask, LlamaBatchRunner
+from nectar.node.training_cache import TrainingGraphCache
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +22,8 @@ logger = logging.getLogger(__name__)
 class SpanBackend:
     """Holds blocks [start, end) of a model and runs inference steps, forward and backward through sub-spans."""
 
-    def __init__(self, model_path: Path, start: int, end: int, *, dtype: torch.dtype, device: str, show_progress=True):
+    def __init__(self, model_path: Path, start: int, end: int, *, dtype: torch.dtype, device: str, show_progress=True,
+                 training_cache_bytes: int = 1024**3):
         self.model_path, self.start, self.end = Path(model_path), start, end
         self.dtype, self.device = dtype, torch.device(device)
         self.config = load_config(model_path)
@@ -33,6 +36,8 @@ class SpanBackend:
             block.requires_grad_(False)
             block.eval()
         self.hidden_size = self.blocks[0].hidden_size
+        self.batch_runner = LlamaBatchRunner(self.blocks) if LlamaBatchRunner.supports(self.blocks) else None
+        self.graphs = TrainingGraphCache(max_bytes=training_cache_bytes)
         logger.info(f"Loaded blocks {start}:{end} in {time.perf_counter() - began:.2f}s ({dtype}, {device})")
 
     def _local(self, start: int, end: int) -> list:
@@ -51,28 +56,55 @@ class SpanBackend:
             hidden = block(hidden, cache=caches[i] if caches is not None else None, prompts=block_prompts)
         return hidden
 
+    def inference_task(self, hidden, caches, *, start: int, end: int, position: int, prompts=None) -> InferenceTask:
+        """One session's step, for the compute thread to batch with other sessions' steps."""
+        return InferenceTask(self, hidden, caches, start, end, position, prompts)
+
     def inference_step(self, hidden, caches, *, start: int, end: int, position: int, prompts=None) -> torch.Tensor:
+        return self.run_inference([self.inference_task(hidden, caches, start=start, end=end, position=position,
+                                                       prompts=prompts)])[0]
+
+    def run_inference(self, tasks) -> list[torch.Tensor]:
+        """Steps of one or more sessions through the same blocks; returns each one's output on the CPU."""
         with torch.inference_mode():
-            for cache in caches:
-                if cache.length > position:
-                    cache.crop(position)  # the client rolled back (retry or replay): forget the tokens after it
-            return self._run_blocks(hidden, start, end, caches, prompts if position == 0 else None).cpu()
+            for task in tasks:
+                for cache in task.caches:
+                    if cache.length > task.position:
+                        cache.crop(task.position)  # the client rolled back (retry or replay): forget what follows
+            if self.batch_runner is not None and all(task.batch_key is not None for task in tasks):
+                outputs = self.batch_runner.run(tasks, tasks[0].start - self.start)
+            else:
+                outputs = [self._run_blocks(task.hidden, task.start, task.end, task.caches,
+                                            task.prompts if task.position == 0 else None) for task in tasks]
+            return [output.cpu() for output in outputs]
 
     def forward(self, hidden, *, start: int, end: int, prompts=None) -> torch.Tensor:
-        with torch.inference_mode():
-            return self._run_blocks(hidden, start, end, None, prompts).cpu()
+        """A stateless forward. Its autograd graph is kept for a while, so the backward that usually follows (same
+        inputs) skips the recomputation (``TrainingGraphCache``)."""
+        with torch.enable_grad(), self.graphs.measure() as saved_bytes:
+            inputs = self._grad_inputs(hidden, prompts)
+            output = self._run_blocks(inputs[0], start, end, None, inputs[1] if len(inputs) > 1 else None)
+        self.graphs.put(key=(start, end), hidden=hidden, prompts=prompts, inputs=inputs, output=output,
+                        nbytes=saved_bytes[0])
+        return output.detach().cpu()
 
     def backward(self, hidden, grad_output, *, start: int, end: int, prompts=None):
-        """Recomputes the forward with autograd and returns (grad wrt hidden, grad wrt prompts or None)."""
+        """Returns (grad wrt hidden, grad wrt prompts or None); reuses the forward's graph when it is still kept."""
+        kept = self.graphs.pop(key=(start, end), hidden=hidden, prompts=prompts)
         with torch.enable_grad():
-            hidden = hidden.to(self.device, self.dtype).detach().requires_grad_(True)
-            inputs = [hidden]
-            if prompts is not None:
-                prompts = prompts.to(self.device, self.dtype).detach().requires_grad_(True)
-                inputs.append(prompts)
-            output = self._run_blocks(hidden, start, end, None, prompts)
+            if kept is not None:
+                inputs, output = kept
+            else:
+                inputs = self._grad_inputs(hidden, prompts)
+                output = self._run_blocks(inputs[0], start, end, None, inputs[1] if len(inputs) > 1 else None)
             grads = torch.autograd.grad(output, inputs, grad_outputs=grad_output.to(output.device, output.dtype))
         return grads[0].cpu(), (grads[1].cpu() if prompts is not None else None)
+
+    def _grad_inputs(self, hidden, prompts) -> list[torch.Tensor]:
+        inputs = [hidden.to(self.device, self.dtype).detach().requires_grad_(True)]
+        if prompts is not None:
+            inputs.append(prompts.to(self.device, self.dtype).detach().requires_grad_(True))
+        return inputs
 
     def measure(self, *, steps: int = 8, prefill_tokens: int = 64) -> tuple[float, float]:
         """Returns (decode steps/s, forward tokens/s) through the whole span."""

@@ -239,9 +239,8 @@ class NodeHandler:
         tokens = hidden.shape[0] * hidden.shape[1]
         self.credit.check_credit(client, tokens * self.signer.price_for(start, end))
 
-        outputs = await self.compute.submit(
-            lambda: self.backend.inference_step(hidden, caches, start=start, end=end, position=position,
-                                                prompts=prompts),
+        outputs = await self.compute.submit(  # a batchable task: concurrent sessions share one forward
+            self.backend.inference_task(hidden, caches, start=start, end=end, position=position, prompts=prompts),
             Priority.INFERENCE,
         )
         outputs = self._maybe_corrupt(outputs)

@@ -1,17 +1,23 @@
-"""One compute thread per node, fed by priority: inference steps first, then forward, then backward.
+"""One compute thread per node: inference steps first (batched across sessions), then forward, then backward.
 
-Running every torch call on one thread keeps CPU nodes from oversubscribing cores and gives a single place where
-concurrent sessions can later be batched into one forward.
+Running every torch call on one thread keeps CPU nodes from oversubscribing cores and is where concurrent sessions
+meet: each round, the thread takes every pending inference step (oldest first, up to a token budget) and runs the
+steps that can share a forward as one batch (``InferenceTask.batch_key``, see ``batching``). Sessions send one step
+at a time, so taking all pending steps in arrival order gives every session one step per round (fair); a long
+prefill beyond the budget waits for the next round instead of delaying everyone's decode. Training work (forward,
+then backward) runs only when no inference is pending, unless it has waited ``training_max_wait`` seconds, so a busy
+inference node still makes progress on training requests.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
-import itertools
 import logging
-import queue
 import threading
-from typing import Any, Callable
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -22,15 +28,77 @@ class Priority(enum.IntEnum):
     BACKWARD = 2
 
 
-class ComputeThread:
-    """Runs submitted callables one at a time, lowest priority value first, FIFO within a priority."""
+@dataclass
+class _Work:
+    function: Callable[[], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    submitted: float = field(default_factory=time.monotonic)
 
-    def __init__(self, name: str = "nectar-compute", num_threads: int | None = None):
-        self._queue: queue.PriorityQueue = queue.PriorityQueue()
-        self._counter = itertools.count()
+    @property
+    def batch_key(self) -> Optional[tuple]:
+        key = getattr(self.function, "batch_key", None)
+        return None if key is None else (type(self.function), key)
+
+    @property
+    def tokens(self) -> int:
+        return getattr(self.function, "tokens", 1)
+
+
+@dataclass
+class ComputeStats:
+    """Counters an operator (or a test) can read: how much batching actually happened."""
+
+    batches: int = 0  # forwards run for inference steps
+    steps: int = 0  # inference steps served
+    max_batch: int = 0  # most steps ever run in one forward
+    training: int = 0  # forward/backward requests served
+
+    @property
+    def mean_batch(self) -> float:
+        return self.steps / self.batches if self.batches else 0.0
+
+
+class ComputeThread:
+    """Runs submitted work on one thread: batched inference first, then forward, then backward (FIFO within each).
+
+    :param num_threads: torch intra-op threads for this thread's work (None = torch's default)
+    :param max_batch_tokens: most new tokens one inference round takes (one task always fits)
+    :param training_max_wait: seconds a forward/backward may wait behind inference before it runs anyway
+    """
+
+    def __init__(self, name: str = "nectar-compute", num_threads: int | None = None, *,
+                 max_batch_tokens: int = 4096, training_max_wait: float = 1.0):
+        self.max_batch_tokens, self.training_max_wait = max_batch_tokens, training_max_wait
+        self._queues: dict[Priority, collections.deque[_Work]] = {p: collections.deque() for p in Priority}
+        self._condition = threading.Condition()
+        self._stopped = False
         self._num_threads = num_threads
+        self.stats = ComputeStats()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+
+    # ---- called from event loops ------------------------------------------------------------------------------
+
+    def submit(self, function: Callable[[], Any], priority: Priority) -> asyncio.Future:
+        """Queues ``function`` (a callable, or a batchable task such as ``InferenceTask``); await the result."""
+        loop = asyncio.get_running_loop()
+        work = _Work(function, loop, loop.create_future())
+        with self._condition:
+            self._queues[Priority(priority)].append(work)
+            self._condition.notify()
+        return work.future
+
+    def shutdown(self) -> None:
+        with self._condition:
+            self._stopped = True
+            self._condition.notify()
+
+    @property
+    def pending(self) -> int:
+        return sum(len(queue) for queue in self._queues.values())
+
+    # ---- the compute thread -----------------------------------------------------------------------------------
 
     def _run(self) -> None:
         import torch
@@ -38,27 +106,88 @@ class ComputeThread:
         if self._num_threads:
             torch.set_num_threads(self._num_threads)
         while True:
-            _, _, item = self._queue.get()
-            if item is None:
-                return
-            function, loop, future = item
-            if future.cancelled():
+            with self._condition:
+                while not self._stopped and not any(self._queues.values()):
+                    self._condition.wait()
+                if self._stopped:
+                    return
+                training = self._training_due()
+                if training is not None:
+                    self.stats.training += 1
+                    batch = [training]
+                else:
+                    batch = self._take_inference_round()
+            if len(batch) == 1 and batch[0].batch_key is None:
+                self._run_one(batch[0])
+            else:
+                self._run_round(batch)
+
+    def _training_due(self) -> Optional[_Work]:
+        """The training item to run now, if any (caller holds the lock)."""
+        inference = self._queues[Priority.INFERENCE]
+        for priority in (Priority.FORWARD, Priority.BACKWARD):
+            queue = self._queues[priority]
+            if queue and (not inference or time.monotonic() - queue[0].submitted >= self.training_max_wait):
+                return queue.popleft()
+        return None
+
+    def _take_inference_round(self) -> list[_Work]:
+        queue = self._queues[Priority.INFERENCE]
+        taken = [queue.popleft()]
+        tokens = taken[0].tokens
+        while queue and tokens + queue[0].tokens <= self.max_batch_tokens:
+            work = queue.popleft()
+            taken.append(work)
+            tokens += work.tokens
+        return taken
+
+    def _run_one(self, work: _Work) -> None:
+        if work.future.cancelled():
+            return
+        try:
+            result = work.function()
+        except BaseException as e:  # delivered to the awaiting coroutine
+            _deliver(work, error=e)
+        else:
+            _deliver(work, result=result)
+
+    def _run_round(self, works: list[_Work]) -> None:
+        groups: dict[Any, list[_Work]] = {}
+        for work in works:
+            if work.future.cancelled():
+                continue
+            key = work.batch_key
+            groups.setdefault(key if key is not None else ("alone", id(work)), []).append(work)
+        for key, members in groups.items():
+            self.stats.batches += 1
+            self.stats.steps += len(members)
+            if len(members) > self.stats.max_batch:
+                self.stats.max_batch = len(members)
+                if len(members) > 1:
+                    logger.info(f"Batched {len(members)} inference steps into one forward (a new high)")
+            if len(members) == 1:
+                self._run_one(members[0])
                 continue
             try:
-                result = function()
-            except BaseException as e:  # delivered to the awaiting coroutine
-                loop.call_soon_threadsafe(_set_exception, future, e)
-            else:
-                loop.call_soon_threadsafe(_set_result, future, result)
+                results = members[0].function.run_batch([work.function for work in members])
+            except BaseException:
+                # one bad step must not fail the others: run each alone, so only its own session sees the error
+                logger.debug("Batched step failed, retrying its steps one by one", exc_info=True)
+                for work in members:
+                    self._run_one(work)
+                continue
+            for work, result in zip(members, results):
+                _deliver(work, result=result)
 
-    def submit(self, function: Callable[[], Any], priority: Priority) -> asyncio.Future:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._queue.put((int(priority), next(self._counter), (function, loop, future)))
-        return future
 
-    def shutdown(self) -> None:
-        self._queue.put((-1, -1, None))
+def _deliver(work: _Work, *, result: Any = None, error: BaseException | None = None) -> None:
+    try:
+        if error is not None:
+            work.loop.call_soon_threadsafe(_set_exception, work.future, error)
+        else:
+            work.loop.call_soon_threadsafe(_set_result, work.future, result)
+    except RuntimeError:  # the loop is closed: nobody waits for this result any more
+        pass
 
 
 def _set_result(future: asyncio.Future, result: Any) -> None:

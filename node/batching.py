@@ -1,0 +1,220 @@
+"""Continuous batching of inference steps: many sessions' new tokens go through a span in one forward.
+
+``InferenceTask`` is what the handler submits for one session's step; the compute thread (``task_pool``) gathers
+the tasks that are pending at once and hands each group to ``SpanBackend.run_inference``. Sessions keep their own
+``SpanCache`` (their own slots): a batch may mix prefills and decodes at any lengths and positions.
+
+``LlamaBatchRunner`` is the lean batched forward for Llama-architecture blocks: every token of every session goes
+through one fused QKV, output, gate/up and down projection per block (rows stacked), RoPE at each row's absolute
+position, and attention per session against its own cache (a view, no copy). It reproduces transformers' decoder
+layer operation for operation (same RMSNorm casts, rotary table, SDPA call), so a batched step equals the
+unbatched one to float32 rounding (tests/speed). Other families, prompt-tuned first steps and sliding windows take
+the generic path (``BlockSpan.forward``, one session at a time).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nectar.models.attention import AttentionStep
+from nectar.models.errors import CacheError
+
+if TYPE_CHECKING:
+    from nectar.node.backend import SpanBackend
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class InferenceTask:
+    """One session's step, as the handler submits it: [B, T, H] new tokens at ``position`` through [start, end).
+
+    Callable on its own (an unbatched step); the compute thread batches tasks whose ``batch_key`` is equal.
+    """
+
+    backend: "SpanBackend"
+    hidden: torch.Tensor
+    caches: list
+    start: int
+    end: int
+    position: int
+    prompts: Optional[torch.Tensor] = None
+
+    @property
+    def tokens(self) -> int:
+        return self.hidden.shape[0] * self.hidden.shape[1]
+
+    @property
+    def batch_key(self) -> Optional[tuple]:
+        """Tasks with equal keys may share a forward; None = run alone (deep prompts on the first step)."""
+        if self.prompts is not None and self.position == 0:
+            return None
+        return id(self.backend), self.start, self.end
+
+    def __call__(self) -> torch.Tensor:
+        return self.backend.run_inference([self])[0]
+
+    @staticmethod
+    def run_batch(tasks: Sequence["InferenceTask"]) -> list[torch.Tensor]:
+        return tasks[0].backend.run_inference(tasks)
+
+
+class LlamaBatchRunner:
+    """Batched inference through a node's Llama blocks (one single-block ``BlockSpan`` per block).
+
+    Built by ``SpanBackend`` when ``supports`` says the blocks qualify. Fuses each block's Q/K/V and gate/up weights
+    into one matrix; the modules' own parameters become views of it, so the generic path (forward/backward with
+    autograd) keeps working and no memory is duplicated.
+    """
+
+    def __init__(self, spans: Sequence[nn.Module]):
+        self.spans = list(spans)
+        first = self.spans[0]
+        attention = first.blocks[0].self_attn
+        self.head_dim = attention.head_dim
+        self.num_heads = first.config.num_attention_heads
+        self.num_kv_heads = getattr(first.config, "num_key_value_heads", None) or self.num_heads
+        self.scaling = attention.scaling
+        self.rotary = first.runner.rotary
+        self.layers = [_FusedLlamaLayer(span.blocks[0]) for span in self.spans]
+
+    @staticmethod
+    def supports(spans: Sequence[nn.Module]) -> bool:
+        for span in spans:
+            if span.family.name != "llama" or span.num_blocks != 1 or span.runner.sliding_window is not None:
+                return False
+            block = span.blocks[0]
+            if not all(hasattr(block, name) for name in ("self_attn", "mlp", "input_layernorm",
+                                                           "post_attention_layernorm")):
+                return False
+        return True
+
+    @torch.inference_mode()
+    def run(self, tasks: Sequence[InferenceTask], first_block: int) -> list[torch.Tensor]:
+        """Runs every task through blocks [start, end) (local indices from ``first_block``); returns [B, T, H] each."""
+        device, dtype = self.spans[0].device, self.spans[0].dtype
+        hidden_size = self.spans[0].hidden_size
+        lengths = [task.caches[0].length for task in tasks]
+        for task, length in zip(tasks, lengths):
+            if length + task.hidden.shape[1] > task.caches[0].max_length:
+                raise CacheError(f"step needs {length + task.hidden.shape[1]} cached tokens, the session holds "
+                                 f"{task.caches[0].max_length}")
+        rows = [task.hidden.to(device, dtype).reshape(-1, hidden_size) for task in tasks]
+        x = rows[0] if len(rows) == 1 else torch.cat(rows)
+        positions = torch.cat([
+            torch.arange(length, length + task.hidden.shape[1], device=device).repeat(task.hidden.shape[0])
+            for task, length in zip(tasks, lengths)
+        ])
+        cos, sin = self.rotary(x[None], positions[None])
+        cos, sin = cos[0, :, None], sin[0, :, None]  # [N, 1, head_dim], broadcast over heads
+        groups = []
+        offset = 0
+        for task, length in zip(tasks, lengths):
+            batch, tokens = task.hidden.shape[:2]
+            step = AttentionStep(length, tokens)
+            mask = None
+            if step.needs_mask():
+                mask = step.causal_mask(dtype=dtype, device=device)
+            groups.append((offset, offset + batch * tokens, batch, tokens, length, mask))
+            offset += batch * tokens
+        num_blocks = tasks[0].end - tasks[0].start
+        for local in range(num_blocks):
+            layer = self.layers[first_block + local]
+            caches = [task.caches[local] for task in tasks]
+            x = self._block(layer, x, cos, sin, groups, caches)
+        for task, (_, _, _, tokens, length, _) in zip(tasks, groups):
+            for cache in task.caches:
+                cache.length = length + tokens
+        return [x[begin:end].view(batch, tokens, hidden_size)
+                for begin, end, batch, tokens, _, _ in groups]
+
+    def _block(self, layer: "_FusedLlamaLayer", x, cos, sin, groups, caches) -> torch.Tensor:
+        n, heads, kv_heads, dim = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = F.linear(layer.input_norm(x), layer.qkv_weight, layer.qkv_bias)
+        qk = qkv[:, : (heads + kv_heads) * dim].view(n, heads + kv_heads, dim)
+        qk = qk * cos + _rotate_half(qk) * sin
+        q, k = qk[:, :heads], qk[:, heads:]
+        v = qkv[:, (heads + kv_heads) * dim :].view(n, kv_heads, dim)
+        outputs = []
+        for (begin, end, batch, tokens, length, mask), cache in zip(groups, caches):
+            buffer = cache.buffer[0]  # [key/value, batch, kv_heads, max_length, head_dim]
+            buffer[0, :, :, length : length + tokens].copy_(k[begin:end].view(batch, tokens, kv_heads, dim).transpose(1, 2))
+            buffer[1, :, :, length : length + tokens].copy_(v[begin:end].view(batch, tokens, kv_heads, dim).transpose(1, 2))
+            keys, values = buffer[0, :, :, : length + tokens], buffer[1, :, :, : length + tokens]
+            query = q[begin:end].view(batch, tokens, heads, dim).transpose(1, 2)
+            outputs.append(self._attention(query, keys, values, mask, tokens))
+        attention = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        x = x + F.linear(attention, layer.o_weight, layer.o_bias)
+        gate_up = F.linear(layer.post_norm(x), layer.gate_up_weight, layer.gate_up_bias)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return x + F.linear(layer.act(gate) * up, layer.down_weight, layer.down_bias)
+
+    def _attention(self, query, keys, values, mask, tokens) -> torch.Tensor:
+        """SDPA as transformers calls it for this step (GQA natively without a mask, repeated heads with one)."""
+        batch = query.shape[0]
+        groups = self.num_heads // self.num_kv_heads
+        kwargs = {}
+        if groups > 1:
+            if mask is None:
+                kwargs["enable_gqa"] = True
+            else:
+                keys = keys.repeat_interleave(groups, dim=1)
+                values = values.repeat_interleave(groups, dim=1)
+        is_causal = mask is None and tokens > 1
+        if is_causal and keys.shape[2] > tokens:
+            keys, values = keys[:, :, :tokens], values[:, :, :tokens]
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=is_causal,
+                                             scale=self.scaling, **kwargs)
+        return out.transpose(1, 2).reshape(batch * tokens, self.num_heads * self.head_dim)
+
+
+class _FusedLlamaLayer:
+    """One decoder layer's weights, fused for the batched path (the module's parameters become views of these)."""
+
+    def __init__(self, block: nn.Module):
+        attention, mlp = block.self_attn, block.mlp
+        self.qkv_weight, self.qkv_bias = _fuse(attention, ("q_proj", "k_proj", "v_proj"))
+        self.gate_up_weight, self.gate_up_bias = _fuse(mlp, ("gate_proj", "up_proj"))
+        self.o_weight, self.o_bias = attention.o_proj.weight, attention.o_proj.bias
+        self.down_weight, self.down_bias = mlp.down_proj.weight, mlp.down_proj.bias
+        self.act = mlp.act_fn
+        self.input_norm = _RMSNorm(block.input_layernorm)
+        self.post_norm = _RMSNorm(block.post_attention_layernorm)
+
+
+def _fuse(module: nn.Module, names: tuple[str, ...]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    linears = [getattr(module, name) for name in names]
+    with torch.no_grad():
+        weight = torch.cat([linear.weight for linear in linears])
+        bias = torch.cat([linear.bias for linear in linears]) if linears[0].bias is not None else None
+    offset = 0
+    for linear in linears:
+        rows = linear.weight.shape[0]
+        linear.weight = nn.Parameter(weight[offset : offset + rows], requires_grad=False)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias[offset : offset + rows], requires_grad=False)
+        offset += rows
+    return weight, bias
+
+
+class _RMSNorm:
+    """transformers' LlamaRMSNorm: normalise in float32, cast back, then scale."""
+
+    def __init__(self, norm: nn.Module):
+        self.weight = norm.weight
+        self.eps = norm.variance_epsilon
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        upcast = x.to(torch.float32)
+        normed = upcast * torch.rsqrt(upcast.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
