@@ -217,7 +217,7 @@ class Chain:
         batch = encode_settle_batch(vouchers)
         fn = self.settlement.functions.settle(batch.nodes, batch.groups)
         try:
-            return self._tx.send(private_key, fn, context=f"settle({len(vouchers)} vouchers)")
+            return self._tx.send(private_key, fn, context=f"settle({len(vouchers)} vouchers)", access_list=True)
         except ChainError as exc:
             position = exc.error_args.get("index")
             if isinstance(position, int) and position < len(batch.order):

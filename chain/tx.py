@@ -87,7 +87,13 @@ class Transactor:
         except (ContractCustomError, ContractLogicError, ContractPanicError, Web3RPCError) as exc:
             self._raise_from(exc, context)
 
-    def send(self, private_key: str | bytes, fn: Any, *, context: str, gas: int | None = None) -> TxResult:
+    def send(self, private_key: str | bytes, fn: Any, *, context: str, gas: int | None = None,
+             access_list: bool = False) -> TxResult:  # fmt: skip
+        """Signs and sends ``fn`` from ``private_key``'s account and waits for it to be mined.
+
+        :param access_list: attach an EIP-2930 access list from ``eth_createAccessList``: pre-declared storage
+            slots cost 100 gas less each, which pays off for transactions touching many cold slots (settle)
+        """
         account = Account.from_key(private_key)
         with self._lock:
             params: dict[str, Any] = {
@@ -101,6 +107,9 @@ class Transactor:
                 else:
                     params["gas"] = gas
                 tx = fn.build_transaction(params)
+                if access_list:
+                    found = self.w3.eth.create_access_list({k: tx[k] for k in ("from", "to", "data")})
+                    tx["accessList"] = found["accessList"]
             except (ContractCustomError, ContractLogicError, ContractPanicError, Web3RPCError) as exc:
                 self._raise_from(exc, context)
             signed = account.sign_transaction(tx)

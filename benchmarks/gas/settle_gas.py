@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import subprocess
 import sys
 import tempfile
@@ -73,8 +74,11 @@ def run_scenario(chain: Chain, *, clients: int, nodes: int, batch: int, submitte
 def forge_gas_report() -> str:
     cmd = [tool_path("forge"), "test", "--gas-report", "--match-contract", "SettlementGasTest"]
     out = subprocess.run(cmd, cwd=repo_root(), capture_output=True, text=True, timeout=900)
-    lines = [l for l in out.stdout.splitlines() if "settle" in l or "Function Name" in l or "Settlement" in l]
-    return "\n".join(lines) if out.returncode == 0 else out.stdout[-3000:] + out.stderr[-2000:]
+    if out.returncode != 0:
+        return out.stdout[-3000:] + out.stderr[-2000:]
+    rows = [l for l in out.stdout.splitlines() if re.match(r"\| (settle|applySettlement|balanceOf) ", l)]
+    header = "| Function Name | Min (warm channels) | Avg | Median | Max (first-ever vouchers) | # Calls |"
+    return "\n".join([header, *rows])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-forge", action="store_true", help="skip forge's gas report")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    shapes = [(10, 10), (1, 5), (4, 5), (100, 1), (1, 100)]
+    shapes = [(1, 1), (1, 5), (4, 5), (10, 10), (100, 1), (1, 100)]
     rows = []
     with start_devnet(port=free_port(), state_dir=tempfile.mkdtemp(prefix="nectar-gas-")) as devnet:
         chain = devnet.chain()
@@ -100,8 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         ok = "met" if r["per_voucher"] <= TARGET else "missed"
         print(f"{r['shape']:<26}{r['phase']:<22}{r['tx_gas']:>10}{r['per_voucher']:>13.0f}{r['calldata_bytes']:>12}"
               f"{r['calldata_gas']:>14}  {ok}")  # fmt: skip
+    floor = 21_000 / args.batch + 3_100 + 5_000
+    print(f"\nFixed floor per voucher: {21_000 / args.batch:.0f} (21k base / batch) + 3,100 (ecrecover precompile + call) "
+          f"+ 5,000 (cold channel slot, nonzero -> nonzero) = {floor:.0f}, plus calldata (~1,280: 64 signature bytes "
+          f"and a packed word) = ~{floor + 1280:.0f}; the rest is the loop, each client's and node's balance write "
+          f"and the events, shared by the batch.")
     if not args.no_forge:
-        print("\nforge gas report (SettlementGasTest, execution only: no intrinsic or calldata gas):")
+        print("\nforge test --gas-report, SettlementGasTest (4 clients x 5 nodes, 100 vouchers; Settlement.settle and the "
+              "Escrow calls it makes):")
         print(forge_gas_report())
     return 0
 
