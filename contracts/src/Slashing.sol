@@ -8,22 +8,23 @@ import {Settlement} from "./Settlement.sol";
 import {Receipt} from "./lib/NectarTypes.sol";
 
 /// @notice Slashes node stake in two ways. (a) Trustless double-sign proofs: two receipts signed by the same node for
-///         the same (session, step) with different output commitments; part of the slash rewards the reporter.
-///         (b) Failed spot checks attested by `threshold` registered verifiers; the slash can be finalized by anyone
-///         once `disputeWindow` has passed, unless the owner (the arbiter) dismissed the case meanwhile.
+///         the same (session, step), kind and block span, with different output commitments; part of the slash
+///         rewards the reporter. (b) Failed spot checks attested by `threshold` registered verifiers; anyone can
+///         finalize the slash once `disputeWindow` has passed, unless the owner (the arbiter) dismissed the case.
 /// @author Nectar
 contract Slashing is Ownable {
     /*//////////////////////////////////////////////////////////////
                                  ERRORS
     //////////////////////////////////////////////////////////////*/
 
-    /// @dev Fires when the two receipts are not by one node for one (session, step) with different outputs.
+    /// @dev Fires when the two receipts are not by one node for the same work (session, step, kind, block span)
+    ///      with different outputs.
     error ReceiptsDoNotConflict();
 
     /// @dev Fires when a receipt's signature does not recover to the receipt's node.
     error InvalidReceiptSignature();
 
-    /// @dev Fires when a double-sign at this (node, session, step) was already slashed.
+    /// @dev Fires when a double-sign of this work (node, session, step, kind, span) was already slashed.
     error EvidenceAlreadyUsed();
 
     /// @dev Fires when a caller that is not a registered verifier attests.
@@ -148,20 +149,23 @@ contract Slashing is Ownable {
                               PUBLIC WRITES
     //////////////////////////////////////////////////////////////*/
 
-    /// @notice Proves a double-sign: receipts `a` and `b` by one node, same (sessionId, step), different
-    ///         outputCommitment, each with the node's 65-byte EIP-712 signature. Slashes `doubleSignSlashBps` of the
+    /// @notice Proves a double-sign: receipts `a` and `b` by one node for the same work (sessionId, step, kind,
+    ///         blockStart, blockEnd) with different outputCommitment, each with the node's 65-byte EIP-712 signature. Slashes `doubleSignSlashBps` of the
     ///         node's slashable stake and pays `reporterRewardBps` of that to the caller.
     /// @dev Reverts with `ReceiptsDoNotConflict`, `InvalidReceiptSignature` or `EvidenceAlreadyUsed`.
     function slashDoubleSign(Receipt calldata a, bytes calldata sigA, Receipt calldata b, bytes calldata sigB)
         external
         returns (uint256 slashed)
     {
+        // Same work means the whole receipt key of nectar.wire: a forward and a backward pass at one step, or two
+        // spans, legitimately differ.
         if (
             a.node != b.node || a.node == address(0) || a.sessionId != b.sessionId || a.step != b.step
+                || a.kind != b.kind || a.blockStart != b.blockStart || a.blockEnd != b.blockEnd
                 || a.outputCommitment == b.outputCommitment
         ) revert ReceiptsDoNotConflict();
         if (!_signedByNode(a, sigA) || !_signedByNode(b, sigB)) revert InvalidReceiptSignature();
-        bytes32 key = keccak256(abi.encode(a.node, a.sessionId, a.step));
+        bytes32 key = keccak256(abi.encode(a.node, a.sessionId, a.step, a.kind, a.blockStart, a.blockEnd));
         if (evidenceUsed[key]) revert EvidenceAlreadyUsed();
         evidenceUsed[key] = true;
         uint256 amount = registry.slashableOf(a.node) * doubleSignSlashBps / 10_000;

@@ -75,6 +75,24 @@ contract SlashingTest is NectarFixture {
         slashing.slashDoubleSign(a, sigA, b, sigB);
     }
 
+    function test_RevertWhen_DifferentKind() public {
+        // a forward and a backward pass at the same step legitimately differ
+        (Receipt memory a, bytes memory sigA, Receipt memory b,) = _conflict();
+        b.kind = 2;
+        bytes memory sigB = _signReceipt(NODE_PK, b);
+        vm.expectRevert(Slashing.ReceiptsDoNotConflict.selector);
+        slashing.slashDoubleSign(a, sigA, b, sigB);
+    }
+
+    function test_RevertWhen_DifferentSpan() public {
+        (Receipt memory a, bytes memory sigA, Receipt memory b,) = _conflict();
+        b.blockStart = 4;
+        b.blockEnd = 8;
+        bytes memory sigB = _signReceipt(NODE_PK, b);
+        vm.expectRevert(Slashing.ReceiptsDoNotConflict.selector);
+        slashing.slashDoubleSign(a, sigA, b, sigB);
+    }
+
     function test_RevertWhen_DifferentNodes() public {
         (Receipt memory a, bytes memory sigA, Receipt memory b,) = _conflict();
         b.node = node2;
