@@ -125,6 +125,7 @@ contract Escrow is Ownable {
 
     function _toU128(uint256 value) internal pure returns (uint128) {
         if (value > type(uint128).max) revert AmountTooLarge();
+        // forge-lint: disable-next-line(unsafe-typecast) -- checked just above
         return uint128(value);
     }
 
@@ -175,6 +176,7 @@ contract Escrow is Ownable {
         if (amount == 0) revert ZeroAmount();
         ClientAccount storage account = _clients[msg.sender];
         if (amount > account.balance) revert InsufficientBalance(amount, account.balance);
+        // forge-lint: disable-next-line(unsafe-typecast)
         account.pending = uint128(amount); // safe: amount <= balance, a uint128
         uint256 at = block.timestamp + unlockDelay;
         unlockAt[msg.sender] = at;
@@ -188,10 +190,12 @@ contract Escrow is Ownable {
         amount = account.pending;
         if (amount == 0) revert NoPendingWithdrawal();
         uint256 at = unlockAt[msg.sender];
+        // forge-lint: disable-next-line(block-timestamp) -- unlock delays are hours, far above any validator skew
         if (block.timestamp < at) revert WithdrawalLocked(at);
         if (amount > account.balance) amount = account.balance; // settlement spent part of it meanwhile
         account.pending = 0;
         unchecked {
+            // forge-lint: disable-next-line(unsafe-typecast)
             account.balance -= uint128(amount); // safe: amount <= balance just above
         }
         delete unlockAt[msg.sender];
@@ -224,6 +228,7 @@ contract Escrow is Ownable {
             unchecked {
                 balance -= d.amount; // safe: checked just above
             }
+            // forge-lint: disable-next-line(unsafe-typecast) -- balance <= the uint128 it was read from
             account.balance = uint128(balance);
             debited += d.amount;
             emit Charged(d.client, d.amount, balance);

@@ -186,10 +186,13 @@ contract NodeRegistry is Ownable {
         if (amount == 0) revert ZeroAmount();
         if (amount > n.bonded) revert InsufficientStake(amount, n.bonded);
         unchecked {
+            // forge-lint: disable-next-line(unsafe-typecast)
             n.bonded -= uint128(amount); // safe: amount <= bonded just above
         }
+        // forge-lint: disable-next-line(unsafe-typecast) -- amount <= bonded, a uint128
         n.unbonding += uint128(amount);
         uint256 at = block.timestamp + unbondDelay;
+        // forge-lint: disable-next-line(unsafe-typecast) -- timestamps fit 64 bits
         n.unlockAt = uint64(at);
         emit UnbondRequested(msg.sender, amount, at);
     }
@@ -200,6 +203,7 @@ contract NodeRegistry is Ownable {
         Node storage n = _registered(msg.sender);
         amount = n.unbonding;
         if (amount == 0) revert NothingUnbonding();
+        // forge-lint: disable-next-line(block-timestamp) -- unbond delays are days, far above any validator skew
         if (block.timestamp < n.unlockAt) revert UnbondLocked(n.unlockAt);
         n.unbonding = 0;
         credits.safeTransfer(msg.sender, amount);
@@ -216,7 +220,9 @@ contract NodeRegistry is Ownable {
         uint256 fromBonded = amount < n.bonded ? amount : n.bonded;
         uint256 fromUnbonding = amount - fromBonded < n.unbonding ? amount - fromBonded : n.unbonding;
         unchecked {
+            // forge-lint: disable-next-line(unsafe-typecast)
             n.bonded -= uint128(fromBonded); // safe: fromBonded <= bonded
+            // forge-lint: disable-next-line(unsafe-typecast)
             n.unbonding -= uint128(fromUnbonding); // safe: fromUnbonding <= unbonding
         }
         slashed = fromBonded + fromUnbonding;

@@ -96,7 +96,6 @@ contract Settlement is EIP712, Ownable {
     uint256 private constant FAIL_REPLAY = 3;
     uint256 private constant FAIL_ESCROW = 4;
 
-
     Escrow public immutable escrow;
 
     /// @notice Receives the protocol fee as escrow earnings.

@@ -190,6 +190,7 @@ contract Slashing is Ownable {
         emit SpotCheckAttested(id, node, msg.sender, count, evidence);
         if (c.readyAt == 0 && count >= threshold) {
             uint256 readyAt = block.timestamp + disputeWindow;
+            // forge-lint: disable-next-line(unsafe-typecast) -- timestamps fit 64 bits
             c.readyAt = uint64(readyAt);
             emit SpotCheckCaseReady(id, node, readyAt);
         }
@@ -202,6 +203,7 @@ contract Slashing is Ownable {
         Case storage c = _cases[id];
         if (c.closed) revert CaseClosed();
         if (c.readyAt == 0) revert CaseNotReady();
+        // forge-lint: disable-next-line(block-timestamp) -- dispute windows are hours, far above any validator skew
         if (block.timestamp < c.readyAt) revert DisputeWindowOpen(c.readyAt);
         c.closed = true;
         uint256 amount = registry.slashableOf(c.node) * spotCheckSlashBps / 10_000;

@@ -186,8 +186,7 @@ contract SettlementTest is NectarFixture {
     }
 
     function test_RevertWhen_OverSpend() public {
-        (address[] memory nodes, Settlement.ClientVouchers[] memory groups) =
-            _single(CLIENT_PK, node, 1, 100 ether + 1);
+        (address[] memory nodes, Settlement.ClientVouchers[] memory groups) = _single(CLIENT_PK, node, 1, 100 ether + 1);
         vm.expectRevert(abi.encodeWithSelector(Settlement.InsufficientEscrow.selector, 0));
         settlement.settle(nodes, groups);
     }

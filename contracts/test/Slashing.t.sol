@@ -26,7 +26,11 @@ contract SlashingTest is NectarFixture {
                                DOUBLE SIGN
     //////////////////////////////////////////////////////////////*/
 
-    function _conflict() internal view returns (Receipt memory a, bytes memory sigA, Receipt memory b, bytes memory sigB) {
+    function _conflict()
+        internal
+        view
+        returns (Receipt memory a, bytes memory sigA, Receipt memory b, bytes memory sigB)
+    {
         a = _receipt(node, SESSION, 12, keccak256("out-1"));
         b = _receipt(node, SESSION, 12, keccak256("out-2"));
         sigA = _signReceipt(NODE_PK, a);
@@ -232,9 +236,7 @@ contract SlashingTest is NectarFixture {
             settlement,
             owner,
             1,
-            Slashing.Params({
-                doubleSignSlashBps: 10_001, reporterRewardBps: 0, spotCheckSlashBps: 0, disputeWindow: 0
-            })
+            Slashing.Params({doubleSignSlashBps: 10_001, reporterRewardBps: 0, spotCheckSlashBps: 0, disputeWindow: 0})
         );
     }
 }

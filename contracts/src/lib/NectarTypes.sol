@@ -35,9 +35,8 @@ library NectarTypes {
     /// @dev hashStruct(receipt). Encoded in two halves: one abi.encode of 16 values is too deep for the legacy
     ///      pipeline, and concatenating two abi.encode results is byte-identical (every value takes one word).
     function hash(Receipt calldata r) internal pure returns (bytes32) {
-        bytes memory head = abi.encode(
-            RECEIPT_TYPEHASH, r.sessionId, r.step, r.kind, r.modelId, r.blockStart, r.blockEnd, r.node
-        );
+        bytes memory head =
+            abi.encode(RECEIPT_TYPEHASH, r.sessionId, r.step, r.kind, r.modelId, r.blockStart, r.blockEnd, r.node);
         bytes memory tail = abi.encode(
             r.client, r.tokens, r.price, r.amount, r.inputCommitment, r.outputCommitment, r.fingerprint, r.timestamp
         );
