@@ -114,6 +114,9 @@ contract Escrow is Ownable {
                                CONSTRUCTOR
     //////////////////////////////////////////////////////////////*/
 
+    /// @param credits_ The Credits token held in escrow.
+    /// @param unlockDelay_ Seconds between a withdrawal request and the withdrawal.
+    /// @param owner_ Wires the Settlement contract once (`setSettlement`).
     constructor(IERC20 credits_, uint256 unlockDelay_, address owner_) Ownable(owner_) {
         credits = credits_;
         unlockDelay = unlockDelay_;

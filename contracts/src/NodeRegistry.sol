@@ -108,6 +108,11 @@ contract NodeRegistry is Ownable {
                                CONSTRUCTOR
     //////////////////////////////////////////////////////////////*/
 
+    /// @param credits_ The token stakes are bonded in.
+    /// @param minStake_ Smallest stake to register with.
+    /// @param unbondDelay_ Seconds between `requestUnbond` and `unbond`.
+    /// @param treasury_ Receives slashed stake beyond reporter rewards.
+    /// @param owner_ Wires the Slashing contract once (`setSlasher`).
     constructor(IERC20 credits_, uint256 minStake_, uint256 unbondDelay_, address treasury_, address owner_)
         Ownable(owner_)
     {

@@ -120,6 +120,10 @@ contract Settlement is EIP712, Ownable {
                                CONSTRUCTOR
     //////////////////////////////////////////////////////////////*/
 
+    /// @param escrow_ The vault whose client balances vouchers draw on (it must name this contract as settlement).
+    /// @param owner_ Sets fees and root committers.
+    /// @param feeRecipient_ Receives the protocol fee as escrow earnings.
+    /// @param feeBps_ Protocol fee in basis points, at most `MAX_FEE_BPS`.
     constructor(Escrow escrow_, address owner_, address feeRecipient_, uint16 feeBps_)
         EIP712("Nectar", "1")
         Ownable(owner_)

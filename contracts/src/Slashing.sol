@@ -115,6 +115,11 @@ contract Slashing is Ownable {
                                CONSTRUCTOR
     //////////////////////////////////////////////////////////////*/
 
+    /// @param registry_ The stake registry (it must name this contract as slasher).
+    /// @param settlement_ Source of the EIP-712 receipt digest (one domain for receipts and vouchers).
+    /// @param owner_ Manages verifiers and the threshold; arbiter of disputes.
+    /// @param threshold_ k: attestations a spot-check case needs.
+    /// @param p Slash shares and the dispute window.
     constructor(NodeRegistry registry_, Settlement settlement_, address owner_, uint256 threshold_, Params memory p)
         Ownable(owner_)
     {
