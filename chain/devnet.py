@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import signal
 import socket
 import subprocess
@@ -37,8 +38,9 @@ class DevnetHandle:
     """A running Anvil with the contracts deployed. ``deployment`` is what was written to ``deployment_path``."""
 
     def __init__(self, process: subprocess.Popen, *, rpc_url: str, deployment: Deployment, deployment_path: Path,
-                 log_path: Path):  # fmt: skip
+                 log_path: Path, temp_dir: Path | None = None):  # fmt: skip
         self.process = process
+        self._temp_dir = temp_dir  # created by start_devnet for the log; removed on stop
         self.rpc_url = rpc_url
         self.deployment = deployment
         self.deployment_path = deployment_path
@@ -66,6 +68,8 @@ class DevnetHandle:
                 self.deployment_path.unlink()
         except OSError as exc:
             logger.warning("could not remove %s: %s", self.deployment_path, exc)
+        if self._temp_dir is not None:
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
         logger.info("devnet on %s stopped", self.rpc_url)
 
     def _wrote_current_file(self) -> bool:
@@ -114,12 +118,13 @@ def start_devnet(*, port: int = 8545, state_dir: Path | str | None = None, deplo
     :param block_time: seconds per block; default: a block per transaction (instant mining)
     """
     build_contracts()
+    temp_dir = None
     if state_dir is not None:
         state = Path(state_dir)
         state.mkdir(parents=True, exist_ok=True)
         target = Path(deployment_path) if deployment_path else state / "deployment.json"
     else:
-        state = Path(tempfile.mkdtemp(prefix="nectar-devnet-"))
+        state = temp_dir = Path(tempfile.mkdtemp(prefix="nectar-devnet-"))
         target = Path(deployment_path) if deployment_path else default_deployment_path()
     log_path = state / "anvil.log"
     rpc_url = f"http://{HOST}:{port}"
@@ -139,7 +144,10 @@ def start_devnet(*, port: int = 8545, state_dir: Path | str | None = None, deplo
     except BaseException:
         process.terminate()
         process.wait(timeout=10)
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)
         raise
     logger.info("devnet ready on %s; deployment at %s", rpc_url, target)
-    return DevnetHandle(process, rpc_url=rpc_url, deployment=deployment, deployment_path=target, log_path=log_path)
+    return DevnetHandle(process, rpc_url=rpc_url, deployment=deployment, deployment_path=target, log_path=log_path,
+                        temp_dir=temp_dir)  # fmt: skip
 
