@@ -14,7 +14,8 @@ logger = logging.getLogger(__name__)
 def devnet_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="nectar devnet", description=__doc__)
     parser.add_argument("--port", type=int, default=8545, help="RPC port on 127.0.0.1 (default 8545)")
-    parser.add_argument("--state-dir", default=None, help="folder for anvil.log (and deployment.json if no --deployment)")
+    parser.add_argument("--state-dir", default=None,
+                        help="folder for anvil.log (and deployment.json if no --deployment)")  # fmt: skip
     parser.add_argument("--deployment", default=None, help="where to write the deployment file "
                         "(default: $NECTAR_DEPLOYMENT or ~/.nectar/deployment.json)")  # fmt: skip
     parser.add_argument("--block-time", type=float, default=None, help="seconds per block (default: instant mining)")

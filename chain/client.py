@@ -72,6 +72,9 @@ class Chain:
         self.registry = self.contracts["NodeRegistry"]
         self.settlement = self.contracts["Settlement"]
         self.slashing = self.contracts["Slashing"]
+        # The Receipt struct's fields, in order, as the compiled contract declares them.
+        self._receipt_fields = next(item["inputs"][0]["components"] for item in deployment.abi_of("Settlement")
+                                    if item.get("name") == "receiptDigest")  # fmt: skip
 
     @classmethod
     def from_deployment(cls, path: Path | str | None = None, **kwargs: Any) -> "Chain":
@@ -242,11 +245,14 @@ class Chain:
         return bytes(self.settlement.functions.voucherDigest(v.client, v.node, v.channel_id,
                                                              v.cumulative_amount).call())  # fmt: skip
 
+    def _receipt(self, receipt: Any) -> tuple:
+        return receipt_tuple(receipt, self._receipt_fields)
+
     def receipt_digest(self, receipt: Any) -> bytes:
-        return bytes(self.settlement.functions.receiptDigest(receipt_tuple(receipt)).call())
+        return bytes(self.settlement.functions.receiptDigest(self._receipt(receipt)).call())
 
     def receipt_leaf(self, receipt: Any) -> bytes:
-        return bytes(self.settlement.functions.receiptLeaf(receipt_tuple(receipt)).call())
+        return bytes(self.settlement.functions.receiptLeaf(self._receipt(receipt)).call())
 
     # ------------------------------------------------------------------ epoch roots
 
@@ -272,8 +278,8 @@ class Chain:
     def slash_double_sign(self, private_key: str, receipt_a: Any, sig_a: bytes, receipt_b: Any,
                           sig_b: bytes) -> TxResult:  # fmt: skip
         """Proves two conflicting receipts signed by one node; the sender gets the reporter reward."""
-        fn = self.slashing.functions.slashDoubleSign(receipt_tuple(receipt_a), as_signature(sig_a),
-                                                     receipt_tuple(receipt_b), as_signature(sig_b))  # fmt: skip
+        a, b = self._receipt(receipt_a), self._receipt(receipt_b)
+        fn = self.slashing.functions.slashDoubleSign(a, as_signature(sig_a), b, as_signature(sig_b))
         return self._tx.send(private_key, fn, context="slash_double_sign")
 
     def spot_check_case_id(self, node: str, evidence: bytes) -> bytes:

@@ -79,7 +79,8 @@ class Deployment:
                 path=path,
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"malformed deployment file {path}: {exc!r}; restart `nectar devnet` to rewrite it") from exc
+            raise ValueError(f"malformed deployment file {path}: {exc!r}; restart `nectar devnet` to rewrite it") \
+                from exc
 
     def save(self, path: Path | str | None = None) -> Path:
         """Writes the file atomically (readers never see half a file)."""

@@ -94,7 +94,9 @@ def _wait_for_rpc(process: subprocess.Popen, rpc_url: str, log_path: Path, timeo
     while time.monotonic() < deadline:
         if process.poll() is not None:
             tail = log_path.read_text()[-2000:] if log_path.exists() else ""
-            raise RuntimeError(f"anvil exited with code {process.returncode} (port in use? pick another --port):\n{tail}")
+            raise RuntimeError(
+                f"anvil exited with code {process.returncode} (port in use? pick another --port):\n{tail}"
+            )
         if "Listening on" in log_path.read_text(errors="replace"):
             try:
                 if w3.eth.chain_id == DEVNET_CHAIN_ID:

@@ -2,33 +2,13 @@
 and receipts as the contract's struct tuple. Pure functions, no web3."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from eth_utils import to_checksum_address
 
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
-
-VOUCHER_KEYS = (("client", "client"), ("node", "node"), ("channelId", "channel_id"),
-                ("cumulativeAmount", "cumulative_amount"))  # fmt: skip
-
-RECEIPT_FIELDS = (
-    ("sessionId", "session_id", "bytes32"),
-    ("step", "step", "uint"),
-    ("kind", "kind", "uint"),
-    ("modelId", "model_id", "bytes32"),
-    ("blockStart", "block_start", "uint"),
-    ("blockEnd", "block_end", "uint"),
-    ("node", "node", "address"),
-    ("client", "client", "address"),
-    ("tokens", "tokens", "uint"),
-    ("price", "price", "uint"),
-    ("amount", "amount", "uint"),
-    ("inputCommitment", "input_commitment", "bytes32"),
-    ("outputCommitment", "output_commitment", "bytes32"),
-    ("fingerprint", "fingerprint", "bytes32"),
-    ("timestamp", "timestamp", "uint"),
-)
 
 
 def _message(obj: Any) -> Mapping[str, Any]:
@@ -157,16 +137,27 @@ def decode_settle_batch(nodes: Sequence[str], groups: Sequence[Any]) -> list[dic
     return out
 
 
-def receipt_tuple(receipt: Any) -> tuple:
-    """A receipt (protocol dict, JSON form, or nectar.wire Receipt) as the contract's ``Receipt`` struct tuple."""
+def _snake(camel: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", camel).lower()
+
+
+def receipt_tuple(receipt: Any, components: Sequence[Mapping[str, Any]]) -> tuple:
+    """A receipt (protocol dict, its JSON form, or a nectar.wire Receipt) as the contract's ``Receipt`` tuple.
+
+    :param components: the struct's ABI components (name and type, in order), read from the forge artifact: the field
+        list has one home (docs/protocol.md, nectar.wire.receipts, the contract), never a copy here
+    """
     m = _message(receipt)
     out = []
-    for camel, snake, kind in RECEIPT_FIELDS:
-        value = _field(m, camel, snake)
+    for component in components:
+        camel, kind = component["name"], component["type"]
+        value = _field(m, camel, _snake(camel))
         if kind == "bytes32":
             out.append(as_bytes32(value))
         elif kind == "address":
             out.append(to_checksum_address(value))
-        else:
+        elif kind.startswith("uint"):
             out.append(as_int(value))
+        else:
+            raise ValueError(f"unexpected receipt field type {kind} for {camel}")
     return tuple(out)

@@ -19,6 +19,7 @@ import time
 from eth_account import Account
 
 from nectar.chain import Chain, free_port, start_devnet
+from nectar.wire import receipts as wire
 from nectar.chain.artifacts import repo_root, tool_path
 from nectar.chain.encoding import encode_settle_batch
 
@@ -26,15 +27,6 @@ logger = logging.getLogger(__name__)
 
 ETHER = 10**18
 TARGET = 10_000
-
-VOUCHER_TYPES = {"Voucher": [{"name": "client", "type": "address"}, {"name": "node", "type": "address"},
-                             {"name": "channelId", "type": "uint64"}, {"name": "cumulativeAmount", "type": "uint128"}]}  # fmt: skip
-
-
-def sign_voucher(chain: Chain, key: str, voucher: dict) -> bytes:
-    message = {"types": VOUCHER_TYPES, "primaryType": "Voucher", "domain": chain.eip712_domain(), "message": voucher}
-    return bytes(Account.sign_typed_data(key, full_message=message).signature)
-
 
 def calldata_gas(data: bytes) -> tuple[int, int]:
     zeros = data.count(0)
@@ -57,10 +49,11 @@ def run_scenario(chain: Chain, *, clients: int, nodes: int, batch: int, submitte
     channels = [(c, n, ch) for c in payers for n in payees for ch in range(per_pair)][:batch]
     rows = []
     for phase, amount in (("first-ever vouchers", 1), ("warm channels", 2)):
-        signed = []
+        domain = chain.eip712_domain()
+        signed = []  # signed as the client SDK and the ledger do, through nectar.wire
         for c, n, ch in channels:
-            v = {"client": c.address, "node": n, "channelId": 1000 + ch, "cumulativeAmount": amount * 10**15 + ch}
-            signed.append((v, sign_voucher(chain, c.key.hex(), v)))
+            v = wire.Voucher(c.address, n, 1000 + ch, amount * 10**15 + ch)
+            signed.append((v, wire.sign_voucher(v, c.key, domain).signature))
         enc = encode_settle_batch(signed)
         data = bytes.fromhex(chain.settlement.encode_abi("settle", [enc.nodes, enc.groups])[2:])
         size, cd_gas = calldata_gas(data)
@@ -99,19 +92,20 @@ def main(argv: list[str] | None = None) -> int:
                                  funder=funder)  # fmt: skip
             print(f"  measured {clients}x{nodes} in {time.monotonic() - t0:.1f}s", file=sys.stderr)
     print(f"\nSettlement.settle on Anvil: whole transaction gas / vouchers (batch of {args.batch}); target <= {TARGET}")
-    print(f"{'batch shape':<26}{'phase':<22}{'tx gas':>10}{'gas/voucher':>13}{'calldata B':>12}{'calldata gas':>14}  target")
+    columns = ("tx gas", 10), ("gas/voucher", 13), ("calldata B", 12), ("calldata gas", 14)
+    print(f"{'batch shape':<26}{'phase':<22}" + "".join(f"{name:>{width}}" for name, width in columns) + "  target")
     for r in rows:
         ok = "met" if r["per_voucher"] <= TARGET else "missed"
         print(f"{r['shape']:<26}{r['phase']:<22}{r['tx_gas']:>10}{r['per_voucher']:>13.0f}{r['calldata_bytes']:>12}"
               f"{r['calldata_gas']:>14}  {ok}")  # fmt: skip
     floor = 21_000 / args.batch + 3_100 + 5_000
-    print(f"\nFixed floor per voucher: {21_000 / args.batch:.0f} (21k base / batch) + 3,100 (ecrecover precompile + call) "
-          f"+ 5,000 (cold channel slot, nonzero -> nonzero) = {floor:.0f}, plus calldata (~1,280: 64 signature bytes "
-          f"and a packed word) = ~{floor + 1280:.0f}; the rest is the loop, each client's and node's balance write "
-          f"and the events, shared by the batch.")
+    print(f"\nFixed floor per voucher: {21_000 / args.batch:.0f} (21k base / batch) + 3,100 (ecrecover precompile "
+          f"+ call) + 5,000 (cold channel slot, nonzero -> nonzero) = {floor:.0f}, plus calldata (~1,280: 64 "
+          f"signature bytes and a packed word) = ~{floor + 1280:.0f}; the rest is the loop, each client's and node's "
+          f"balance write and the events, shared by the batch.")
     if not args.no_forge:
-        print("\nforge test --gas-report, SettlementGasTest (4 clients x 5 nodes, 100 vouchers; Settlement.settle and the "
-              "Escrow calls it makes):")
+        print("\nforge test --gas-report, SettlementGasTest (4 clients x 5 nodes, 100 vouchers; Settlement.settle "
+              "and the Escrow calls it makes):")
         print(forge_gas_report())
     return 0
 
