@@ -26,6 +26,8 @@ API::
     chain.slash_double_sign(private_key, receipt_a, sig_a, receipt_b, sig_b)
     chain.attest_spot_check_failure(private_key, node, evidence)
     chain.finalize_slash(private_key, node, evidence)   # or case_id=...; after the dispute window
+    chain.dismiss_case(private_key, case_id); chain.set_verifier(key, addr); chain.set_verifier_threshold(key, k)
+    chain.set_root_committer(key, addr); chain.set_peer_id(private_key, peer_id)   # owner / node administration
     chain.deposits_since(block) -> [{"client", "amount", "balance", "blockNumber", "txHash", "logIndex"}]
     chain.settlements_since(block) -> [{"submitter", "vouchers": [voucher dicts], "gross", "fee", ...}]
     chain.events(contract, event, from_block=..., filters=...)   # any other event

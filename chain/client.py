@@ -188,6 +188,9 @@ class Chain:
             self.approve(private_key, registry, amount)
         return self._tx.send(private_key, self.registry.functions.addStake(int(amount)), context="add_stake")
 
+    def set_peer_id(self, private_key: str, peer_id: str) -> TxResult:
+        return self._tx.send(private_key, self.registry.functions.setPeerId(peer_id), context="set_peer_id")
+
     def request_unbond(self, private_key: str, amount: int) -> TxResult:
         fn = self.registry.functions.requestUnbond(int(amount))
         return self._tx.send(private_key, fn, context="request_unbond")
@@ -299,6 +302,28 @@ class Chain:
             case_id = self.spot_check_case_id(node, evidence)
         fn = self.slashing.functions.finalizeSlash(as_bytes32(case_id))
         return self._tx.send(private_key, fn, context="finalize_slash")
+
+    def dismiss_case(self, private_key: str, case_id: bytes) -> TxResult:
+        """The arbiter (Slashing's owner) throws out a spot-check case during its dispute window."""
+        fn = self.slashing.functions.dismissCase(as_bytes32(case_id))
+        return self._tx.send(private_key, fn, context="dismiss_case")
+
+    def set_verifier(self, private_key: str, verifier: str, allowed: bool = True) -> TxResult:
+        """Owner only: adds or removes a spot-check verifier."""
+        fn = self.slashing.functions.setVerifier(_address(verifier), bool(allowed))
+        return self._tx.send(private_key, fn, context="set_verifier")
+
+    def set_verifier_threshold(self, private_key: str, k: int) -> TxResult:
+        """Owner only: k, the attestations a spot-check case needs."""
+        return self._tx.send(private_key, self.slashing.functions.setThreshold(int(k)), context="set_threshold")
+
+    def verifier_threshold(self) -> int:
+        return self.slashing.functions.threshold().call()
+
+    def set_root_committer(self, private_key: str, committer: str, allowed: bool = True) -> TxResult:
+        """Owner only: grants or revokes the right to commit epoch roots."""
+        fn = self.settlement.functions.setRootCommitter(_address(committer), bool(allowed))
+        return self._tx.send(private_key, fn, context="set_root_committer")
 
     def spot_check_case(self, case_id: bytes) -> dict[str, Any]:
         node, attestations, ready_at, closed = self.slashing.functions.caseInfo(as_bytes32(case_id)).call()

@@ -119,3 +119,34 @@ def test_spot_check_slash_after_dispute_window(chain, roles):
     assert chain.credit_balance(treasury) == before + slashed
     with pytest.raises(ChainError, match=r"^CaseClosed"):
         chain.finalize_slash(verifier, node["address"], evidence)
+
+
+def test_k_of_n_verifiers_and_dismissal(chain, roles):
+    owner, verifier = roles["deployer"][0]["privateKey"], roles["verifier"][0]["privateKey"]
+    second = roles["treasury"][0]  # any funded account can be made a verifier
+    node = roles["node"][1]["address"]
+    chain.set_verifier(owner, second["address"])
+    chain.set_verifier_threshold(owner, 2)
+    try:
+        evidence = b"second opinion needed"
+        chain.attest_spot_check_failure(verifier, node, evidence)
+        case_id = chain.spot_check_case_id(node, evidence)
+        assert chain.spot_check_case(case_id)["readyAt"] == 0  # 1 of 2
+        with pytest.raises(ChainError, match=r"^CaseNotReady"):
+            chain.finalize_slash(verifier, case_id=case_id)
+        with pytest.raises(ChainError, match=r"^AlreadyAttested"):
+            chain.attest_spot_check_failure(verifier, node, evidence)
+        chain.attest_spot_check_failure(second["privateKey"], node, evidence)
+        assert chain.spot_check_case(case_id)["readyAt"] > 0  # 2 of 2: the dispute window runs
+
+        stake = chain.stake_of(node)
+        with pytest.raises(ChainError, match=r"^OwnableUnauthorizedAccount"):
+            chain.dismiss_case(verifier, case_id)
+        chain.dismiss_case(owner, case_id)  # the arbiter sides with the node
+        chain.advance_time(chain.deployment.params["dispute_window"])
+        with pytest.raises(ChainError, match=r"^CaseClosed"):
+            chain.finalize_slash(verifier, case_id=case_id)
+        assert chain.stake_of(node) == stake
+    finally:
+        chain.set_verifier_threshold(owner, 1)
+        chain.set_verifier(owner, second["address"], False)
