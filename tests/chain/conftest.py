@@ -6,9 +6,19 @@ import pytest
 from nectar.chain import Chain, free_port, start_devnet
 
 
+def _start(state_dir):
+    # free_port() can race with another process taking the port before anvil binds it: try a few.
+    for attempt in range(3):
+        try:
+            return start_devnet(port=free_port(), state_dir=state_dir)
+        except RuntimeError:
+            if attempt == 2:
+                raise
+
+
 @pytest.fixture(scope="module")
 def devnet(tmp_path_factory):
-    handle = start_devnet(port=free_port(), state_dir=tmp_path_factory.mktemp("devnet"))
+    handle = _start(tmp_path_factory.mktemp("devnet"))
     yield handle
     handle.stop()
 
