@@ -171,15 +171,15 @@ contract Settlement is EIP712, Ownable {
     ) internal returns (uint256 spent, uint256 failure, uint256 failedAt) {
         bytes32 typehash = NectarTypes.VOUCHER_TYPEHASH;
         assembly ("memory-safe") {
-            // Scratch layout from m: [0x000, 0x0a0) hashStruct input; [0x0c0, 0x102) "\x19\x01" ++ domain ++
-            // structHash; [0x120, 0x1a0) ecrecover input; [0x1a0, 0x200) channel key input; [0x200, 0x2e0) inputs
-            // and results kept in memory, so the loop touches no Solidity variable (they are out of stack reach).
+            // Scratch layout from m: [0x000, 0x0a0) hashStruct input, whose words 1..3 are also the channel key's
+            // abi.encode(client, node, channelId); [0x0c0, 0x102) "\x19\x01" ++ domain ++ structHash;
+            // [0x120, 0x1a0) ecrecover input; [0x200, 0x2e0) inputs and results kept in memory, so the loop
+            // touches no Solidity variable (they are out of the stack's reach).
             let m := mload(0x40)
             mstore(m, typehash)
             mstore(add(m, 0x20), client)
             mstore(add(m, 0xc0), hex"1901")
             mstore(add(m, 0xc2), domain)
-            mstore(add(m, 0x1a0), client)
             mstore(add(m, 0x200), nodes.offset)
             mstore(add(m, 0x220), nodes.length)
             mstore(add(m, 0x240), nodeGross)
@@ -202,10 +202,8 @@ contract Settlement is EIP712, Ownable {
                         break
                     }
                     mstore(add(m, 0x40), node)
-                    mstore(add(m, 0x1c0), node)
                 }
                 mstore(add(m, 0x60), and(shr(128, calldataload(v)), 0xffffffffffffffff)) // channelId
-                mstore(add(m, 0x1e0), mload(add(m, 0x60)))
                 mstore(add(m, 0x80), and(calldataload(v), 0xffffffffffffffffffffffffffffffff)) // cumulative
                 mstore(add(m, 0xe2), keccak256(m, 0xa0)) // structHash
                 mstore(add(m, 0x120), keccak256(add(m, 0xc0), 0x42)) // digest
@@ -226,7 +224,7 @@ contract Settlement is EIP712, Ownable {
                     }
                 }
                 // _channels[keccak256(abi.encode(client, node, channelId))].paid: must rise; the rise is paid
-                mstore(0x00, keccak256(add(m, 0x1a0), 0x60))
+                mstore(0x00, keccak256(add(m, 0x20), 0x60))
                 mstore(0x20, mload(add(m, 0x280)))
                 let slot := keccak256(0x00, 0x40)
                 let already := sload(slot)
