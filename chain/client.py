@@ -24,7 +24,6 @@ from .tx import EventDecoder, Transactor, TxResult
 
 logger = logging.getLogger(__name__)
 
-ZERO32 = bytes(32)
 _PERMIT_TYPES = {
     "Permit": [
         {"name": "owner", "type": "address"},
