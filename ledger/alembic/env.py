@@ -23,7 +23,9 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     section = config.get_section(config.config_ini_section) or {}
     section["sqlalchemy.url"] = database_url()
-    connectable = engine_from_config(section, prefix="sqlalchemy.", poolclass=pool.NullPool)
+    # a busy SQLite file (the service or worker writing) makes DDL wait instead of failing at once
+    extra = {"connect_args": {"timeout": 30}} if section["sqlalchemy.url"].startswith("sqlite") else {}
+    connectable = engine_from_config(section, prefix="sqlalchemy.", poolclass=pool.NullPool, **extra)
     with connectable.connect() as connection:
         context.configure(connection=connection, target_metadata=target_metadata, compare_type=True,
                           render_as_batch=connection.dialect.name == "sqlite")  # fmt: skip

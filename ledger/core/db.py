@@ -55,9 +55,8 @@ def session_scope(engine: Engine) -> Iterator[Session]:
 
 
 def run_migrations(database_url: str) -> None:
-    """Bring the schema to the latest Alembic revision (called on start by the service and the worker)."""
-    from alembic import command
+    """Bring the schema to the latest Alembic revision (called on start by the service and the worker, which may
+    start together: the upgrade holds a lock, see ``nectar.ledger.migrations``)."""
+    from nectar.ledger.migrations import upgrade_to_head
 
-    from nectar.ledger.migrations import alembic_config
-
-    command.upgrade(alembic_config(database_url), "head")
+    upgrade_to_head(database_url)
