@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -28,9 +29,19 @@ def out_dir() -> Path:
     return Path(os.environ.get("NECTAR_CONTRACTS_OUT", repo_root() / "contracts" / "out"))
 
 
+_NPM_PLATFORMS = {("linux", "x86_64"): "linux-amd64", ("linux", "aarch64"): "linux-arm64",
+                  ("darwin", "x86_64"): "darwin-amd64", ("darwin", "arm64"): "darwin-arm64"}  # fmt: skip
+
+
 def tool_path(name: str) -> str:
-    """Path of ``anvil``, ``forge`` or ``cast``: the npm install under node_modules/.bin first, then $PATH."""
-    local = repo_root() / "node_modules" / ".bin" / name
+    """Path of ``anvil``, ``forge`` or ``cast`` from the npm install, else from $PATH. The platform binary is used
+    directly rather than npm's node wrapper: one process to signal and stop, no node at run time."""
+    modules = repo_root() / "node_modules"
+    platform = _NPM_PLATFORMS.get((sys.platform, os.uname().machine))
+    binary = modules / "@foundry-rs" / f"{name}-{platform}" / "bin" / name
+    if platform and binary.exists():
+        return str(binary)
+    local = modules / ".bin" / name
     if local.exists():
         return str(local)
     found = shutil.which(name)
