@@ -45,9 +45,10 @@ def create_celery(settings: Settings | None = None) -> Celery:
         task_acks_late=True,  # a job whose worker dies is redelivered; the task restarts it from its saved state
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        # a training job can run long: keep the redelivery timeout of the Redis transport above it
-        broker_transport_options={"visibility_timeout": 6 * 3600},
     )
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        # a training job can run long: keep the Redis transport's redelivery timeout above it
+        app.conf.broker_transport_options = {"visibility_timeout": 6 * 3600}
     app.conf.nectar_settings = settings
     return app
 
