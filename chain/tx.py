@@ -18,6 +18,8 @@ from .errors import ChainError, ErrorDecoder, revert_data
 logger = logging.getLogger(__name__)
 
 _GAS_MARGIN = 1.2  # estimate_gas is exact on Anvil; the margin absorbs state drift between estimate and inclusion
+_NONCE_RETRIES = 5
+_NONCE_CLASHES = ("nonce too low", "already known", "already imported", "replacement transaction underpriced")
 
 
 @dataclass
@@ -112,8 +114,7 @@ class Transactor:
                     tx["accessList"] = found["accessList"]
             except (ContractCustomError, ContractLogicError, ContractPanicError, Web3RPCError) as exc:
                 self._raise_from(exc, context)
-            signed = account.sign_transaction(tx)
-            tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
+            tx_hash = self._broadcast(account, tx)
         receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=120)
         if receipt["status"] != 1:
             self._explain_failure(tx, receipt["blockNumber"], context)
@@ -121,6 +122,21 @@ class Transactor:
         result = TxResult("0x" + bytes(tx_hash).hex(), receipt["gasUsed"], receipt["blockNumber"], events)
         logger.debug("%s: tx %s gas %d", context, result.tx_hash, result.gas_used)
         return result
+
+    def _broadcast(self, account: Any, tx: dict[str, Any]) -> bytes:
+        """Signs and sends ``tx``; when another process using the same key took the nonce first (the ledger's
+        service and its worker share one), takes the next free nonce and sends again."""
+        for attempt in range(_NONCE_RETRIES):
+            try:
+                return self.w3.eth.send_raw_transaction(account.sign_transaction(tx).raw_transaction)
+            except Web3RPCError as exc:
+                if attempt == _NONCE_RETRIES - 1 or not any(s in str(exc).lower() for s in _NONCE_CLASHES):
+                    raise
+                nonce = self.w3.eth.get_transaction_count(account.address, "pending")
+                logger.info("nonce %d of %s was taken (%s); resending with %d", tx["nonce"], account.address, exc,
+                            max(nonce, tx["nonce"] + 1))  # fmt: skip
+                tx = {**tx, "nonce": max(nonce, tx["nonce"] + 1)}
+        raise AssertionError("unreachable")
 
     def _explain_failure(self, tx: dict, block: int, context: str) -> None:
         """Replays a mined, failed transaction as a call at its block to recover the revert reason."""
@@ -144,7 +160,7 @@ class Transactor:
                 "nonce": self.w3.eth.get_transaction_count(account.address, "pending"),
                 "chainId": self.chain_id,
             }
-            tx_hash = self.w3.eth.send_raw_transaction(account.sign_transaction(tx).raw_transaction)
+            tx_hash = self._broadcast(account, tx)
         receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=120)
         return TxResult("0x" + bytes(tx_hash).hex(), receipt["gasUsed"], receipt["blockNumber"], [])
 
