@@ -4,8 +4,8 @@ pragma solidity ^0.8.24;
 import {Settlement} from "../src/Settlement.sol";
 import {NectarFixture} from "./utils/NectarFixture.sol";
 
-/// @notice Batches of 100 vouchers for `forge test --gas-report` and `forge snapshot` (execution gas only: the
-///         whole-transaction figure, with calldata and the 21k base, comes from benchmarks/gas/settle_gas.py).
+/// @notice Batches of 100 vouchers for `forge test --gas-report` and `forge snapshot`. The reference figures are
+///         real transactions on Anvil (benchmarks/gas/settle_gas.py); these track regressions between commits.
 contract SettlementGasTest is NectarFixture {
     uint256 internal constant BATCH = 100;
     uint256 internal constant CLIENTS = 4;
