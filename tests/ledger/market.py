@@ -1,0 +1,117 @@
+"""The whole market for tests, as ``nectar demo`` runs it: a devnet (Anvil + contracts), ``nectar ledger`` and
+``nectar worker`` (SQLite database and broker), and a LocalSwarm of priced ``nectar node`` processes serving a tiny
+random Llama, each node signing with a devnet node account (its key dir's eth.json)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+from nectar.ledger import crud
+from nectar.ledger.core.db import get_engine, session_scope
+from nectar.models.tiny import save_tiny_checkpoint
+from nectar.node.local_swarm import LocalSwarm, SwarmProcess
+from nectar.wire.receipts import receipt_leaf
+from tests.ledger.harness import LedgerDeployment
+from tests.ledger.utils import Party, wait_for
+
+NUM_BLOCKS = 4
+
+
+class SwarmMarket:
+    """:param home: working folder (logs of every process land here)
+    :param price: credit wei per token per block every node asks"""
+
+    def __init__(self, home: Path, *, price: int, model_name: str = "tiny-market-llama"):
+        self.home, self.price = home, price
+        self.deployment = LedgerDeployment(home, database_url=f"sqlite:///{home / 'ledger.db'}",
+                                           broker_url=f"sqla+sqlite:///{home / 'broker.db'}")  # fmt: skip
+        self.chain = self.deployment.chain
+        self.model_path = save_tiny_checkpoint(home / model_name, "llama", num_layers=NUM_BLOCKS, hidden_size=64)
+        self.model_name = model_name
+        self.swarm = LocalSwarm(workdir=home / "swarm", env={"NECTAR_DEPLOYMENT": str(self.deployment.deployment_path)})
+        self.engine = get_engine(self.deployment.database_url)
+        accounts = self.chain.deployment.accounts
+        self.node_keys = [a["privateKey"] for a in accounts if a["role"] == "node"]
+        self.clients = self.deployment.clients
+
+    @property
+    def url(self) -> str:
+        return self.deployment.url
+
+    def add_node(self, name: str, blocks: tuple[int, int], *, account: int | None = None,
+                 extra_args: tuple[str, ...] = ()) -> SwarmProcess:  # fmt: skip
+        """A node on devnet node account ``account`` (None: a fresh key the node makes itself, unknown to anyone)."""
+        if account is not None:
+            key_dir = self.swarm.workdir / "keys" / name
+            key_dir.mkdir(parents=True, exist_ok=True)
+            party = Party(self.node_keys[account])
+            (key_dir / "eth.json").write_text(json.dumps({"address": party.address, "private_key": self.node_keys[account]}))
+        args = ["--price", str(self.price), "--ledger-url", self.url, "--throughput", "100", "--num-threads", "1",
+                "--announce-period", "3", "--dtype", "float32", *extra_args]  # fmt: skip
+        return self.swarm.add_node(str(self.model_path), blocks=blocks, name=name, extra_args=args)
+
+    def wait_for_swarm(self, min_nodes: int = 1) -> None:
+        self.swarm.wait_for_blocks(str(self.model_path), NUM_BLOCKS, timeout=120, min_nodes=min_nodes)
+
+    def client_model(self, client: Party, **kwargs):
+        from nectar.client import ClientConfig, DistributedModelForCausalLM
+
+        key = "0x" + bytes(client.key).hex()
+        return DistributedModelForCausalLM.from_pretrained(str(self.model_path), initial_peers=self.swarm.initial_peers,
+                                                           private_key=key, config=ClientConfig(), **kwargs)
+
+    # ---- what reached the ledger ------------------------------------------------------------------------------
+
+    def stored_leaves(self, client: str) -> set[bytes]:
+        with session_scope(self.engine) as session:
+            return {r.leaf for r in crud.list_receipts(session, limit=1_000_000) if r.client == client}
+
+    def stored_vouchers(self, client: str) -> dict[str, int]:
+        """node -> highest cumulative amount the ledger holds from ``client``."""
+        with session_scope(self.engine) as session:
+            return {v.node: v.cumulative_amount for v in crud.list_vouchers(session, client=client)}
+
+    def wait_for_payments(self, wallet, timeout: float = 90) -> None:
+        """Nodes forward receipts and vouchers from a background thread: wait until the ledger has all of them."""
+        leaves = {receipt_leaf(r.receipt) for r in wallet.receipts}
+        owed = Counter()
+        for r in wallet.receipts:
+            owed[r.receipt.node] += r.receipt.amount
+        wait_for(lambda: leaves <= self.stored_leaves(wallet.address) and
+                 all(self.stored_vouchers(wallet.address).get(n, 0) >= a for n, a in owed.items()),
+                 timeout, f"the nodes to forward {len(leaves)} receipts and vouchers for {dict(owed)}")  # fmt: skip
+
+    def close_and_settle(self) -> dict:
+        closed = self.deployment.close_epoch()["closed"]
+        assert closed is not None, "nothing to close: the nodes' receipts did not reach the ledger"
+        return self.deployment.wait_settled(closed["number"])
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM every swarm process at once (each takes seconds to leave the DHT), SIGKILL what is left."""
+        processes = [p.process for p in self.swarm.nodes + ([self.swarm.bootstrap] if self.swarm.bootstrap else [])]
+        for process in processes:
+            _signal_group(process, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for process in processes:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(process, signal.SIGKILL)
+                process.wait(10)
+        self.deployment.stop()
+        self.engine.dispose()
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+__all__ = ["SwarmMarket", "NUM_BLOCKS", "time"]
