@@ -129,3 +129,35 @@ def api_env(*, home: Path, database_url: str, broker_url: str, model: str, peers
     }  # fmt: skip
     env.update({f"NECTAR_API_{k.upper()}": str(v) for k, v in extra.items()})
     return env
+
+
+def funded_wallet(chain, *, credits: int = 100):
+    """A fresh Ethereum account with devnet ETH for gas and ``credits`` Credits (nothing from earlier test runs)."""
+    from eth_account import Account
+
+    account = Account.create()
+    chain.send_eth(chain.default_key(), account.address, 10**18)
+    chain.faucet(account.address, credits * 10**18)
+    return account
+
+
+def deposit_for(chain, account, beneficiary: str, amount: int) -> str:
+    """``Escrow.depositFor(beneficiary, amount)`` sent by ``account`` (after approving the escrow); the tx hash."""
+    w3 = chain.w3
+    chain.approve(account.key, chain.address_of("Escrow"), amount)
+    call = chain.escrow.functions.depositFor(beneficiary, amount)
+    tx = call.build_transaction({"from": account.address, "chainId": chain.chain_id,
+                                 "nonce": w3.eth.get_transaction_count(account.address, "pending")})  # fmt: skip
+    sent = w3.eth.send_raw_transaction(account.sign_transaction(tx).raw_transaction)
+    receipt = w3.eth.wait_for_transaction_receipt(sent, timeout=30)
+    assert receipt["status"] == 1, receipt
+    return "0x" + bytes(sent).hex()
+
+
+def link_signature(account, account_id: int) -> str:
+    from eth_account.messages import encode_defunct
+
+    from nectar.api.schemas import link_message
+
+    signed = account.sign_message(encode_defunct(text=link_message(account_id, account.address)))
+    return "0x" + bytes(signed.signature).hex()
