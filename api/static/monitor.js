@@ -124,8 +124,10 @@ function drawChart(stats) {
     ctx.fillText(fmt(points[0].t), pad.l, H - 8);
     ctx.fillText(fmt(points[points.length - 1].t), W - pad.r - 40, H - 8);
   }
+  const settledText = stats.total_settled_credits === 0 ? "0" : stats.total_settled_credits >= 0.001
+    ? stats.total_settled_credits.toFixed(6) : stats.total_settled_credits.toExponential(3);
   document.getElementById("totals").textContent =
-    `${stats.total_tokens} tokens served and ${stats.total_settled_credits.toFixed(6)} credits settled in the last ` +
+    `${stats.total_tokens} tokens served and ${settledText} credits settled in the last ` +
     `${Math.round((points.length * stats.bucket_seconds) / 60)} minutes`;
 }
 
