@@ -50,7 +50,7 @@ class SwarmModel:
     """
 
     def __init__(self, name_or_path: str, *, initial_peers: Sequence[str], private_key: str | None,
-                 client_config: ClientConfig, max_concurrent: int = 1, tuned_cache_size: int = 4):
+                 client_config: ClientConfig, max_concurrent: int = 1, tuned_cache_size: int = 4, scorer=None):
         from nectar.models import load_config, load_tokenizer, model_id_of, resolve_model
 
         self.path = resolve_model(name_or_path)
@@ -59,7 +59,8 @@ class SwarmModel:
         config = load_config(self.path)
         self.max_model_len = int(getattr(config, "max_position_embeddings", 2048))
         self.model = DistributedModelForCausalLM.from_pretrained(
-            name_or_path, initial_peers=list(initial_peers), private_key=private_key, config=client_config)
+            name_or_path, initial_peers=list(initial_peers), private_key=private_key, config=client_config,
+            scorer=scorer)
         eos = self.model.generation_config.eos_token_id
         if eos is None:
             eos = self.tokenizer.eos_token_id
@@ -99,7 +100,8 @@ class SwarmModel:
         base = self.model
         tuned = DistributedModelForCausalLM(base.model_path, base.model_id, config=base.client_config,
                                             runtime=base.runtime, wallet=base.wallet, tuning_mode=prompts.tuning_mode,
-                                            pre_seq_len=prompts.pre_seq_len)  # fmt: skip
+                                            pre_seq_len=prompts.pre_seq_len,
+                                            scorer=base.sequence_manager.scorer)  # fmt: skip
         tuned.load_prompts(io.BytesIO(prompts.prompts))
         tuned.requires_grad_(False)
         with self._tuned_lock:
@@ -167,28 +169,34 @@ class SwarmModel:
 class Engine:
     """Every served model by name. ``get(name)`` or None."""
 
-    def __init__(self, models: Sequence[SwarmModel]):
+    def __init__(self, models: Sequence[SwarmModel], *, scorer=None):
         self.models = {m.name: m for m in models}
+        self.scorer = scorer
 
     @classmethod
     def start(cls, names: Sequence[str], *, initial_peers: Sequence[str], private_key: str | None,
-              step_timeout: float = 30.0, max_concurrent: int = 1, tuned_cache_size: int = 4) -> "Engine":
+              step_timeout: float = 30.0, max_concurrent: int = 1, tuned_cache_size: int = 4,
+              ledger_url: str | None = None) -> "Engine":
+        """Joins the swarm for every model; with a ledger, routes prefer reputable, cheap nodes."""
         if not initial_peers:
             raise ValueError("No swarm to serve from: pass --initial-peers MULTIADDR (printed by `nectar dht` or "
                              "`nectar node`) or set NECTAR_INITIAL_PEERS / NECTAR_API_INITIAL_PEERS")
         config = ClientConfig(initial_peers=tuple(initial_peers), step_timeout=step_timeout,
                               connect_timeout=min(10.0, step_timeout), private_key=private_key)  # fmt: skip
+        scorer = make_scorer(ledger_url)
         built: list[SwarmModel] = []
         try:
             for name in names:
                 built.append(SwarmModel(name, initial_peers=initial_peers, private_key=private_key,
                                         client_config=config, max_concurrent=max_concurrent,
-                                        tuned_cache_size=tuned_cache_size))  # fmt: skip
+                                        tuned_cache_size=tuned_cache_size, scorer=scorer))  # fmt: skip
         except BaseException:
             for model in built:
                 model.shutdown()
+            if scorer is not None:
+                scorer.close()
             raise
-        return cls(built)
+        return cls(built, scorer=scorer)
 
     def get(self, name: str) -> SwarmModel | None:
         return self.models.get(name)
@@ -205,3 +213,17 @@ class Engine:
                 model.shutdown()
             except Exception:  # keep shutting the others down
                 logger.warning(f"Could not shut {model.name} down cleanly", exc_info=True)
+        if self.scorer is not None:
+            self.scorer.close()
+
+
+def make_scorer(ledger_url: str | None):
+    """The client's reputation-and-price route scorer over the ledger, or None (speed alone) without a ledger."""
+    if not ledger_url:
+        return None
+    try:
+        from nectar.client.routing.reputation import ReputationScorer
+    except ImportError:  # an older client without the scorer: route by speed
+        logger.warning("This client has no ReputationScorer; routing by speed alone")
+        return None
+    return ReputationScorer(ledger_url, refresh_period=30.0)

@@ -91,7 +91,7 @@ def create_app(settings: Settings | None = None, *, swarm: Engine | None = None)
             engine = await anyio.to_thread.run_sync(lambda: Engine.start(
                 settings.models, initial_peers=peers, private_key=settings.gateway_key(),
                 step_timeout=settings.step_timeout, max_concurrent=settings.max_concurrent_generations,
-                tuned_cache_size=settings.tuned_cache_size))  # fmt: skip
+                tuned_cache_size=settings.tuned_cache_size, ledger_url=settings.ledger_url))  # fmt: skip
         state = build_state(settings, engine)
         app.state.api = state
         tasks = [

@@ -74,9 +74,10 @@ def fine_tune(job_id: str) -> str:
         file = crud.get_file(session, account_id=job.account_id, file_id=job.training_file)
         content, model_name, account_id = file.content, job.model, job.account_id
         hyper, suffix = json.loads(job.hyperparameters), job.suffix
-    model = None
+    model = scorer = None
     trained = 0
     try:
+        from nectar.api.engine import make_scorer
         from nectar.client import ClientConfig, DistributedModelForCausalLM
         from nectar.models import load_tokenizer, resolve_model
 
@@ -85,7 +86,8 @@ def fine_tune(job_id: str) -> str:
         model = DistributedModelForCausalLM.from_pretrained(
             path, initial_peers=settings.initial_peers, private_key=settings.gateway_key(),
             config=ClientConfig(step_timeout=settings.step_timeout, request_timeout=max(60.0, settings.step_timeout)),
-            tuning_mode=hyper["tuning_mode"], pre_seq_len=hyper["pre_seq_len"])  # fmt: skip
+            tuning_mode=hyper["tuning_mode"], pre_seq_len=hyper["pre_seq_len"],
+            scorer=(scorer := make_scorer(settings.ledger_url)))  # fmt: skip
         eos = model.generation_config.eos_token_id
         eos = eos[0] if isinstance(eos, list) else eos
         max_length = int(getattr(model.config, "max_position_embeddings", 2048)) - hyper["pre_seq_len"]
@@ -140,3 +142,5 @@ def fine_tune(job_id: str) -> str:
     finally:
         if model is not None:
             model.shutdown()
+        if scorer is not None:
+            scorer.close()
