@@ -135,24 +135,23 @@ class LlamaBatchRunner:
 
     def _block(self, layer: "_FusedLlamaLayer", x, cos, sin, groups, caches) -> torch.Tensor:
         n, heads, kv_heads, dim = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = F.linear(layer.input_norm(x), layer.qkv_weight, layer.qkv_bias)
-        qk = qkv[:, : (heads + kv_heads) * dim].view(n, heads + kv_heads, dim)
-        qk = qk * cos + _rotate_half(qk) * sin
-        q, k = qk[:, :heads], qk[:, heads:]
-        v = qkv[:, (heads + kv_heads) * dim :].view(n, kv_heads, dim)
+        qkv = _linear(layer.input_norm(x), layer.qkv_weight, layer.qkv_bias).view(n, heads + 2 * kv_heads, dim)
+        qk = qkv[:, : heads + kv_heads]
+        qk.copy_(qk * cos + _rotate_half(qk) * sin)  # RoPE in place: keys and values now sit side by side
+        q, kv = qkv[:, :heads], qkv[:, heads:]
         outputs = []
         for (begin, end, batch, tokens, length, mask), cache in zip(groups, caches):
             buffer = cache.buffer[0]  # [key/value, batch, kv_heads, max_length, head_dim]
-            buffer[0, :, :, length : length + tokens].copy_(k[begin:end].view(batch, tokens, kv_heads, dim).transpose(1, 2))
-            buffer[1, :, :, length : length + tokens].copy_(v[begin:end].view(batch, tokens, kv_heads, dim).transpose(1, 2))
+            new_kv = kv[begin:end].view(batch, tokens, 2, kv_heads, dim).permute(2, 0, 3, 1, 4)
+            buffer[:, :, :, length : length + tokens].copy_(new_kv)  # keys and values in one copy
             keys, values = buffer[0, :, :, : length + tokens], buffer[1, :, :, : length + tokens]
             query = q[begin:end].view(batch, tokens, heads, dim).transpose(1, 2)
             outputs.append(self._attention(query, keys, values, mask, tokens))
         attention = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-        x = x + F.linear(attention, layer.o_weight, layer.o_bias)
-        gate_up = F.linear(layer.post_norm(x), layer.gate_up_weight, layer.gate_up_bias)
+        x = x + _linear(attention, layer.o_weight, layer.o_bias)
+        gate_up = _linear(layer.post_norm(x), layer.gate_up_weight, layer.gate_up_bias)
         gate, up = gate_up.chunk(2, dim=-1)
-        return x + F.linear(layer.act(gate) * up, layer.down_weight, layer.down_bias)
+        return x + _linear(layer.act(gate) * up, layer.down_weight, layer.down_bias)
 
     def _attention(self, query, keys, values, mask, tokens) -> torch.Tensor:
         """SDPA as transformers calls it for this step (GQA natively without a mask, repeated heads with one)."""
@@ -174,32 +173,45 @@ class LlamaBatchRunner:
 
 
 class _FusedLlamaLayer:
-    """One decoder layer's weights, fused for the batched path (the module's parameters become views of these)."""
+    """One decoder layer's weights, fused for the batched path (the module's parameters become views of these).
+
+    Matrices are stored [in, out] (``x @ w``): MKL runs the small-batch products that batching produces 1.3-1.6x
+    faster in this layout than with PyTorch's usual [out, in] weights, and single rows just as fast.
+    """
 
     def __init__(self, block: nn.Module):
         attention, mlp = block.self_attn, block.mlp
         self.qkv_weight, self.qkv_bias = _fuse(attention, ("q_proj", "k_proj", "v_proj"))
         self.gate_up_weight, self.gate_up_bias = _fuse(mlp, ("gate_proj", "up_proj"))
-        self.o_weight, self.o_bias = attention.o_proj.weight, attention.o_proj.bias
-        self.down_weight, self.down_bias = mlp.down_proj.weight, mlp.down_proj.bias
+        self.o_weight, self.o_bias = _transposed(attention.o_proj), attention.o_proj.bias
+        self.down_weight, self.down_bias = _transposed(mlp.down_proj), mlp.down_proj.bias
         self.act = mlp.act_fn
         self.input_norm = _RMSNorm(block.input_layernorm)
         self.post_norm = _RMSNorm(block.post_attention_layernorm)
 
 
 def _fuse(module: nn.Module, names: tuple[str, ...]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One [in, out] matrix for several linears; each linear's weight becomes a transposed view of its columns."""
     linears = [getattr(module, name) for name in names]
     with torch.no_grad():
-        weight = torch.cat([linear.weight for linear in linears])
+        weight = torch.cat([linear.weight for linear in linears]).t().contiguous()
         bias = torch.cat([linear.bias for linear in linears]) if linears[0].bias is not None else None
     offset = 0
     for linear in linears:
         rows = linear.weight.shape[0]
-        linear.weight = nn.Parameter(weight[offset : offset + rows], requires_grad=False)
+        linear.weight = nn.Parameter(weight[:, offset : offset + rows].t(), requires_grad=False)
         if bias is not None:
             linear.bias = nn.Parameter(bias[offset : offset + rows], requires_grad=False)
         offset += rows
     return weight, bias
+
+
+def _transposed(linear: nn.Linear) -> torch.Tensor:
+    """The weight as a contiguous [in, out] matrix; the module keeps a [out, in] view of it."""
+    with torch.no_grad():
+        weight = linear.weight.t().contiguous()
+    linear.weight = nn.Parameter(weight.t(), requires_grad=False)
+    return weight
 
 
 class _RMSNorm:
@@ -213,6 +225,11 @@ class _RMSNorm:
         upcast = x.to(torch.float32)
         normed = upcast * torch.rsqrt(upcast.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x @ weight (+ bias)`` with weight stored [in, out]."""
+    return torch.addmm(bias, x, weight) if bias is not None else x @ weight
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,143 @@
+"""Single-session greedy decode: Nectar through 1, 2 and 3 nodes vs local transformers ``generate()``.
+
+Same checkpoint, dtype (float32), device (CPU) and torch threads everywhere; 16-token prompt, 64 new tokens.
+Decode tokens/s counts the 63 gaps between new tokens (the first token is prefill). The per-token overhead of a route
+is its median gap minus the local median gap.
+
+Local runs happen in a child process, once with OpenMP's default wait policy and once with PASSIVE (what nodes use),
+and the faster counts as the baseline. On a shared machine, local and swarm runs alternate, and each side's best
+run is compared.
+
+    python benchmarks/bench_decode.py --model tiny --nodes 1 2 3 --threads 1
+"""
+from __future__ import annotations
+
+import common  # noqa: F401  (sets the OpenMP wait policy before torch loads)
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import torch
+
+from common import (
+    NEW_TOKENS, NUM_LAYERS, DecodeTiming, TokenClock, base_parser, best, checkpoint, distributed_model, emit,
+    even_spans, local_swarm, log, prompt_ids, set_threads,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def local_decode(path, *, repeats: int, dtype=torch.float32, device: str = "cpu"):
+    """transformers ``generate()`` in this process: (timings, tokens)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    model.generation_config.eos_token_id = None
+    input_ids = prompt_ids().to(device)
+    timings, tokens = [], None
+    with torch.inference_mode():
+        model.generate(input_ids, max_new_tokens=4, do_sample=False)  # warm-up
+        for _ in range(repeats):
+            clock = TokenClock()
+            tokens = model.generate(input_ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                    do_sample=False, streamer=clock)
+            timings.append(DecodeTiming.from_clock(clock))
+    return timings, tokens.cpu()
+
+
+def local_in_child(model: str, *, threads: int, repeats: int, policy: str):
+    """Runs ``local_decode`` in a fresh process with OMP_WAIT_POLICY=policy ("" = OpenMP's default)."""
+    env = dict(os.environ)
+    env.pop("OMP_WAIT_POLICY", None)
+    if policy:
+        env["OMP_WAIT_POLICY"] = policy
+    else:
+        env["OMP_WAIT_POLICY"] = ""  # common.py keeps an explicit (empty) choice: the library default
+    out = subprocess.run([sys.executable, __file__, "--local-worker", "--model", model, "--threads", str(threads),
+                          "--repeats", str(repeats)], env=env, capture_output=True, text=True, check=True)
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    return [DecodeTiming(t["first"], t["gaps"]) for t in data["timings"]], torch.tensor(data["tokens"])
+
+
+def swarm_decode(model, *, repeats: int):
+    input_ids = prompt_ids()
+    timings, tokens = [], None
+    for _ in range(repeats):
+        clock = TokenClock()
+        tokens = model.generate(input_ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=[],
+                                streamer=clock)
+        timings.append(DecodeTiming.from_clock(clock))
+    return timings, tokens
+
+
+def main() -> None:
+    parser = base_parser(__doc__)
+    parser.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 3], help="route lengths to measure")
+    parser.add_argument("--node-args", default="", help="extra arguments for every node (quoted)")
+    parser.add_argument("--local-worker", action="store_true", help=argparse_hidden())
+    args = parser.parse_args()
+    set_threads(args.threads)
+    path = checkpoint(args.model)
+    if args.local_worker:
+        timings, tokens = local_decode(path, repeats=args.repeats)
+        print(json.dumps({"timings": [{"first": t.first_token_s, "gaps": t.gaps_s} for t in timings],
+                          "tokens": tokens.tolist()}))
+        return
+
+    local_runs, local_tokens, policies = [], None, {}
+    figures = {"model": args.model, "threads": args.threads}
+    results = {}
+    for num_nodes in args.nodes:
+        spans = even_spans(NUM_LAYERS, num_nodes)
+        log(f"{num_nodes} node(s): spans {spans}")
+        with local_swarm(path, spans, threads=args.threads, extra_args=args.node_args.split()) as swarm:
+            model = distributed_model(path, swarm)
+            try:
+                model.generate(prompt_ids(), max_new_tokens=4, do_sample=False, eos_token_id=[])  # warm-up
+                runs = []
+                for repeat in range(args.repeats):  # alternate: the machine's load hits both sides alike
+                    for policy in ("", "PASSIVE"):
+                        timings, local_tokens = local_in_child(args.model, threads=args.threads, repeats=1,
+                                                               policy=policy)
+                        local_runs += timings
+                        policies.setdefault(policy or "default", []).extend(timings)
+                    timings, tokens = swarm_decode(model, repeats=1)
+                    runs += timings
+                    log(f"  repeat {repeat}: local {best(local_runs[-2:]).decode_tps:.1f} tok/s, "
+                        f"nectar {timings[0].decode_tps:.1f} tok/s")
+            finally:
+                model.shutdown()
+        results[num_nodes] = (runs, tokens)
+
+    local_best = best(local_runs)
+    figures["local"] = {"decode_tps": local_best.decode_tps, "median_ms": local_best.median_ms,
+                        "by_wait_policy_tps": {p: best(t).decode_tps for p, t in policies.items()}}
+    rows = [("local transformers", f"{local_best.decode_tps:8.1f} tok/s  median {local_best.median_ms:6.2f} ms/token"
+             f"  (best of {len(local_runs)}; OpenMP default {best(policies['default']).decode_tps:.1f}, "
+             f"PASSIVE {best(policies['PASSIVE']).decode_tps:.1f})")]
+    for num_nodes, (runs, tokens) in results.items():
+        top = best(runs)
+        ratio = top.decode_tps / local_best.decode_tps
+        overhead = top.median_ms - local_best.median_ms
+        same = tokens.tolist() == local_tokens.tolist()
+        figures[f"nodes{num_nodes}"] = {"decode_tps": top.decode_tps, "median_ms": top.median_ms, "ratio": ratio,
+                                        "overhead_ms": overhead, "same_tokens": same,
+                                        "runs_tps": [t.decode_tps for t in runs]}
+        rows.append((f"nectar, {num_nodes} node(s)",
+                     f"{top.decode_tps:8.1f} tok/s  median {top.median_ms:6.2f} ms/token  {ratio:5.2f}x local  "
+                     f"overhead {overhead:+.2f} ms/token  same tokens: {'yes' if same else 'NO'}"))
+    emit(f"Single-session decode, {args.model}, float32 CPU, {args.threads} thread(s), 16+64 tokens", rows,
+         figures, args.json)
+
+
+def argparse_hidden():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    main()

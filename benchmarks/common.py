@@ -1,0 +1,252 @@
+"""Shared pieces of the speed benchmarks: the two random Llama checkpoints, thread settings, swarms, timing.
+
+Every benchmark script imports this module from its own folder (``python benchmarks/bench_*.py``).
+
+Threads: on a CPU box, every process that computes (local transformers, each node, the client's LM head) gets the
+same ``--threads`` torch intra-op threads, so comparisons are like for like. Nodes of one route never compute at the
+same time for a single session (the route is a pipeline), so each may use all cores. OpenMP worker threads spin for a
+while after each parallel region, stealing cores from the next process in the route: nodes and the client therefore
+run with ``OMP_WAIT_POLICY=PASSIVE`` (workers sleep at once), which cost nothing measurable on compute here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+
+# before torch loads libgomp (see the module docstring); a caller's explicit choice wins
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+logger = logging.getLogger(__name__)
+
+PROMPT_TOKENS = 16
+NEW_TOKENS = 64
+VOCAB = 32000
+NUM_LAYERS = 8
+
+# hidden, intermediate (the Llama 2 ratio, rounded to 32), attention heads
+SIZES = {
+    "tiny": dict(hidden_size=512, intermediate_size=1376, num_attention_heads=8),
+    "mid": dict(hidden_size=2048, intermediate_size=5504, num_attention_heads=16),
+    # the GPU run: Llama-2-7B's shape (32 layers of hidden 4096), random float16 weights
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_hidden_layers=32),
+}
+
+
+def bench_dir() -> Path:
+    path = Path(os.environ.get("NECTAR_BENCH_DIR", Path.home() / ".cache" / "nectar-bench"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def llama_config(size: str):
+    from transformers import LlamaConfig
+
+    spec = dict(SIZES[size])
+    spec.setdefault("num_hidden_layers", NUM_LAYERS)
+    return LlamaConfig(
+        vocab_size=VOCAB,
+        num_key_value_heads=spec["num_attention_heads"],
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        **spec,
+    )
+
+
+def checkpoint(size: str, *, dtype: str = "float32", seed: int = 0) -> Path:
+    """A random-weight Llama checkpoint of ``size`` (built once, then reused from ``bench_dir()``).
+
+    Saved as safetensors shards plus an index (what Nectar and Petals 2.2 both read from a local folder).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = bench_dir() / f"llama-{size}-{dtype}"
+    if (path / "model.safetensors.index.json").exists() or (path / "model.safetensors").exists():
+        return path
+    log(f"building the random {size} checkpoint at {path}")
+    torch.manual_seed(seed)
+    config = llama_config(size)
+    torch_dtype = getattr(torch, dtype)
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    tmp = path.with_suffix(".tmp")
+    model.save_pretrained(str(tmp), max_shard_size="500MB")
+    _write_legacy_config(tmp / "config.json", config, dtype)
+    tmp.rename(path)
+    return path
+
+
+def _write_legacy_config(config_path: Path, config, dtype: str) -> None:
+    """Adds the keys older transformers (Petals pins 4.34) read, next to the ones transformers 5 wrote."""
+    data = json.loads(config_path.read_text())
+    data.setdefault("torch_dtype", dtype)
+    data.setdefault("rope_theta", 10000.0)
+    data.setdefault("rope_scaling", None)
+    config_path.write_text(json.dumps(data, indent=2))
+
+
+def set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def node_env(threads: int) -> dict:
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE",
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def even_spans(num_blocks: int, num_nodes: int) -> list[tuple[int, int]]:
+    bounds = [round(i * num_blocks / num_nodes) for i in range(num_nodes + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(num_nodes)]
+
+
+@contextmanager
+def local_swarm(model_path: Path, spans: Sequence[tuple[int, int]], *, threads: int,
+                extra_args: Sequence[str] = (), device: Optional[str] = None, dtype: Optional[str] = None,
+                env: Optional[dict] = None) -> Iterator:
+    """A bootstrap peer plus one node process per span, on 127.0.0.1 (nectar.node.local_swarm)."""
+    from nectar.node.local_swarm import LocalSwarm
+
+    args = ["--throughput", "1", "--num-threads", str(threads), "--announce-period", "5", "--cache-mb", "4096",
+            *extra_args]
+    if device:
+        args += ["--device", device]
+    if dtype:
+        args += ["--dtype", dtype]
+    with LocalSwarm(env={**node_env(threads), **(env or {})}, start_timeout=600) as swarm:
+        for i, span in enumerate(spans):
+            swarm.add_node(str(model_path), blocks=span, name=f"bench{i}", extra_args=args)
+        swarm.wait_for_blocks(str(model_path), spans[-1][1], timeout=120)
+        yield swarm
+
+
+def distributed_model(model_path: Path, swarm, *, dtype=None, **kwargs):
+    import torch
+
+    from nectar.client import ClientConfig, DistributedModelForCausalLM
+
+    config = ClientConfig(step_timeout=120, request_timeout=300, connect_timeout=30)
+    return DistributedModelForCausalLM.from_pretrained(str(model_path), initial_peers=swarm.initial_peers,
+                                                       config=config, dtype=dtype or torch.float32, **kwargs)
+
+
+def prompt_ids(batch: int = 1, length: int = PROMPT_TOKENS, seed: int = 0):
+    import torch
+
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+class TokenClock:
+    """A ``generate()`` streamer that timestamps each new token (the first ``put`` is the prompt)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._seen_prompt = False
+
+    def put(self, value) -> None:
+        if not self._seen_prompt:
+            self._seen_prompt = True
+            self.start = time.perf_counter()
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+@dataclass
+class DecodeTiming:
+    """Tokens of one generation: time to the first token (prefill) and the gaps between later tokens (decode)."""
+
+    first_token_s: float
+    gaps_s: list[float]
+
+    @property
+    def decode_tps(self) -> float:
+        return len(self.gaps_s) / sum(self.gaps_s)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.gaps_s) * 1e3
+
+    @property
+    def total_tps(self) -> float:
+        return (len(self.gaps_s) + 1) / (self.first_token_s + sum(self.gaps_s))
+
+    @classmethod
+    def from_clock(cls, clock: TokenClock) -> "DecodeTiming":
+        times = clock.times
+        return cls(times[0] - clock.start, [b - a for a, b in zip(times, times[1:])])
+
+
+def best(timings: list[DecodeTiming]) -> DecodeTiming:
+    """The run with the highest decode rate (the machine is shared: slower runs measure the neighbours)."""
+    return max(timings, key=lambda t: t.decode_tps)
+
+
+def median_timing(timings: list[DecodeTiming]) -> DecodeTiming:
+    ordered = sorted(timings, key=lambda t: t.decode_tps)
+    return ordered[len(ordered) // 2]
+
+
+def machine_line() -> str:
+    import torch
+
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except Exception:
+        cpu = platform.processor() or "unknown cpu"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.node()} | {os.cpu_count()} cores ({cpu}) | {gpu} | torch {torch.__version__} | "
+            f"python {platform.python_version()} | {time.strftime('%Y-%m-%d %H:%M %Z')}")
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except Exception:
+        return "?"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", choices=sorted(SIZES), default="tiny", help="which random checkpoint")
+    parser.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)),
+                        help="torch threads of every computing process (local, each node, the client)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (the best is reported)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    return parser
+
+
+def emit(title: str, rows: list[tuple[str, str]], figures: dict, json_path: Optional[Path]) -> None:
+    """Prints a result table (figures and ratios) and optionally saves the raw figures."""
+    width = max(len(name) for name, _ in rows) + 2
+    print(f"\n== {title}")
+    print(f"   machine: {machine_line()} | commit {git_commit()}")
+    for name, value in rows:
+        print(f"   {name:<{width}} {value}")
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"title": title, "machine": machine_line(), "figures": figures}, indent=2))
