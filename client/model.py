@@ -46,7 +46,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
         self.head = load_client_head(model_path, dtype=dtype)
         self.head.requires_grad_(False)
         self.sequence_manager = RemoteSequenceManager(runtime.dht, model_id, self.num_blocks, config=config,
-                                                      scorer=scorer)
+                                                      scorer=scorer, runtime=runtime)
         self.transformer = RemoteSequential(RemoteCaller(self.sequence_manager, runtime, wallet, config))
         self.tuning_mode, self.pre_seq_len = tuning_mode, pre_seq_len if tuning_mode else 0
         hidden = self.head.embedding_dim

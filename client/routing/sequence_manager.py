@@ -1,7 +1,7 @@
 """The client's view of the swarm and its route finding.
 
-Inference routes minimise total time: a shortest path over block boundaries where a hop costs a fixed latency plus
-its blocks' compute time, times the scorer's factor, and hops without enough free KV cache are skipped.
+Inference routes minimise total time: a shortest path over block boundaries where a hop costs its measured round
+trip plus its blocks' compute time, times the scorer's factor, and hops without enough free KV cache are skipped.
 Forward/backward routes are drawn at random in proportion to throughput, which spreads training load.
 """
 from __future__ import annotations
@@ -38,9 +38,11 @@ class RemoteSequenceManager:
     """Knows which peers host which blocks of one model; thread-safe."""
 
     def __init__(self, dht, model_id: str, num_blocks: int, *, config: ClientConfig,
-                 scorer: PeerScorer | None = None):
+                 scorer: PeerScorer | None = None, runtime=None):
         self.dht, self.model_id, self.num_blocks, self.config = dht, model_id, num_blocks, config
         self.scorer = scorer or NoScorer()
+        self.runtime = runtime  # a ClientRuntime: lets the manager measure round trips to peers
+        self._latency: dict[PeerID, float] = {}
         self._servers: dict[int, dict[PeerID, ServerInfo]] = {}
         self._updated = 0.0
         self._banned_until: dict[PeerID, float] = {}
@@ -57,6 +59,39 @@ class RemoteSequenceManager:
         servers = parse_block_records(self.model_id, range(self.num_blocks), records)
         with self._lock:
             self._servers, self._updated = servers, time.monotonic()
+        self._measure_latencies({peer for block in servers.values() for peer in block})
+
+    def _measure_latencies(self, peers) -> None:
+        """Round-trip times to peers not measured yet (one info RPC each, concurrently, bounded by 2 s)."""
+        new = [peer for peer in peers if peer not in self._latency]
+        if self.runtime is None or not new:
+            return
+        import asyncio
+
+        from nectar.wire.protocol import RPC_INFO, make_request
+        from nectar.wire.transport import call_once
+
+        async def ping(peer):
+            began = time.perf_counter()
+            try:
+                await call_once(self.runtime.p2p, peer, RPC_INFO, make_request("", [], {}), timeout=2)
+                return peer, time.perf_counter() - began
+            except Exception:
+                return peer, None
+
+        async def ping_all():
+            return await asyncio.gather(*(ping(peer) for peer in new))
+
+        try:
+            for peer, rtt in self.runtime.run(ping_all(), timeout=5):
+                if rtt is not None:
+                    self._latency[peer] = rtt
+        except Exception:
+            logger.debug("Latency measurement failed", exc_info=True)
+
+    def latency(self, peer_id: PeerID) -> float:
+        """Measured round trip to ``peer_id`` in seconds (the configured hop cost if unknown)."""
+        return self._latency.get(peer_id, self.config.hop_cost)
 
     def servers(self) -> dict[int, dict[PeerID, ServerInfo]]:
         self.update()
@@ -94,7 +129,7 @@ class RemoteSequenceManager:
 
     def _hop_cost(self, peer_id: PeerID, info: ServerInfo, blocks: int) -> float:
         compute = blocks / max(info.throughput, 1e-9)
-        return (self.config.hop_cost + compute) * self.scorer.cost_factor(peer_id, info)
+        return (self.latency(peer_id) + compute) * self.scorer.cost_factor(peer_id, info)
 
     def make_inference_route(self, start: int = 0, end: Optional[int] = None, *, cache_tokens: int = 0,
                              exclude: tuple = ()) -> list[RemoteSpan]:
