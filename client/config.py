@@ -15,8 +15,8 @@ class ClientConfig:
     min_backoff: float = 0.5  # s, first ban of a failing peer
     max_backoff: float = 60.0  # s, longest ban of a failing peer
     update_period: float = 30.0  # s, how stale the cached swarm view may get
-    hop_cost: float = 0.005  # s, assumed latency of one hop, for route costs
+    hop_cost: float = 0.005  # s, latency assumed for a hop until its round trip is measured
     private_key: Optional[str] = None  # hex Ethereum key that signs vouchers; None = a fresh throwaway key
-    max_unpaid_steps: int = 0  # steps a node may wait for a voucher; 0 = pay after every receipt
     verify_receipts: bool = True  # check each receipt's signer, commitments and amount
     show_route: bool = False  # log the route chosen for each session
+    ledger_url: Optional[str] = None  # `nectar ledger` whose reputation scores routing reads (ReputationScorer)

@@ -119,13 +119,13 @@ def store_receipts(session: Session, *, checked: Sequence[CheckedReceipt]) -> li
             output_commitment=r.output_commitment, fingerprint_hash=r.fingerprint, fingerprint=c.fingerprint,
             timestamp=r.timestamp, signature=c.signed.signature,
         )  # fmt: skip
+        session.add(row)  # now, so a later item of this batch that conflicts with it can flush it and cite its id
         new_rows.append(row)
         by_leaf[c.leaf] = row
         by_key[r.key] = row
         totals[r.node][0] += 1
         totals[r.node][1] += r.amount
         results[i] = ("accepted", None, "")
-    session.add_all(new_rows)
     nodes = _touch_nodes(session, addresses=list(totals))
     now = utcnow()
     for address, (count, amount) in totals.items():
@@ -356,7 +356,7 @@ def node_settlement_items(session: Session, *, node: str, limit: int = 100) -> l
 
 # ---------------------------------------------------------------------------------------------------- spot checks
 def record_spot_check(session: Session, *, receipt: Receipt, status: str, executions: int, detail: str,
-                      attest_tx_hash: str | None = None) -> SpotCheck:  # fmt: skip
+                      attest_tx_hash: str | None = None, slash_status: str | None = None) -> SpotCheck:  # fmt: skip
     check = session.scalar(select(SpotCheck).where(SpotCheck.receipt_id == receipt.id))
     if check is None:
         check = SpotCheck(receipt_id=receipt.id, epoch_number=receipt.epoch_number, node=receipt.node, executions=0)
@@ -364,6 +364,7 @@ def record_spot_check(session: Session, *, receipt: Receipt, status: str, execut
     first_verdict = check.status in (None, "pending", "error") and status in ("passed", "failed")
     check.status, check.executions, check.detail = status, executions, detail
     check.attest_tx_hash = attest_tx_hash or check.attest_tx_hash
+    check.slash_status = slash_status or check.slash_status
     check.finished_at = utcnow()
     if first_verdict:
         node = _touch_nodes(session, addresses=[receipt.node])[receipt.node]
@@ -373,6 +374,16 @@ def record_spot_check(session: Session, *, receipt: Receipt, status: str, execut
             node.spot_failed = (node.spot_failed or 0) + 1
     session.flush()
     return check
+
+
+def spot_checks_to_slash(session: Session) -> list[tuple[SpotCheck, bytes]]:
+    """Failed spot checks whose attestation must be (re)sent or whose slash is not final yet, with the evidence."""
+    rows = session.execute(
+        select(SpotCheck, Receipt.leaf).join(Receipt, Receipt.id == SpotCheck.receipt_id)
+        .where(SpotCheck.status == "failed", SpotCheck.slash_status.in_(["unattested", "attested"]))
+        .order_by(SpotCheck.id)
+    ).all()  # fmt: skip
+    return [(check, leaf) for check, leaf in rows]
 
 
 def spot_checks_of(session: Session, *, epoch: int | None = None, node: str | None = None) -> list[SpotCheck]:

@@ -34,6 +34,7 @@ class Reason:
     REPLAY = "replay"
     CONFLICT = "conflict"
     STALE_VOUCHER = "stale_voucher"
+    UNSTORABLE = "unstorable"  # the database refused this one item (a ledger bug: it is logged with the item)
 
 
 @dataclass

@@ -195,6 +195,9 @@ class SpotCheck(Base):
     executions: Mapped[int] = mapped_column(Integer, default=0)
     detail: Mapped[str | None] = mapped_column(Text)
     attest_tx_hash: Mapped[str | None] = mapped_column(String(66))
+    # failed checks only: unattested (retry the attestation) / attested (dispute window running) / slashed / closed
+    slash_status: Mapped[str | None] = mapped_column(String(20), index=True)
+    slash_tx_hash: Mapped[str | None] = mapped_column(String(66))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 

@@ -136,10 +136,11 @@ class SpotChecker:
     """
 
     def __init__(self, *, settings: Settings, engine: Engine, verifiers: Sequence[Verifier], audit: AuditSource,
-                 chain=None):  # fmt: skip
+                 chain=None, skip_clients: Sequence[str] = ()):  # fmt: skip
         if len(verifiers) < 2:
             raise ValueError("spot checks need two verifiers: the second breaks ties on a disagreement")
         self.settings, self.engine, self.verifiers, self.audit, self.chain = settings, engine, verifiers, audit, chain
+        self.skip_clients = {c.lower() for c in skip_clients}  # the verifiers' own re-executions are not audited
 
     def pick(self, number: int) -> int:
         """Fix this epoch's picks once (pending SpotCheck rows); returns how many."""
@@ -151,10 +152,13 @@ class SpotChecker:
                 return 0
             seed = epoch_seed(epoch.root, self.settings.spot_check_secret)
             rows = session.execute(
-                select(Receipt.id, Receipt.leaf, Receipt.node, Receipt.kind).where(Receipt.epoch_number == number)
-            ).all()
+                select(Receipt.id, Receipt.leaf, Receipt.node, Receipt.kind, Receipt.client)
+                .where(Receipt.epoch_number == number)
+            ).all()  # fmt: skip
             picked = 0
-            for receipt_id, leaf, node, kind in rows:
+            for receipt_id, leaf, node, kind, client in rows:
+                if client.lower() in self.skip_clients:
+                    continue
                 if kind in CHECKABLE_KINDS and is_picked(seed, leaf, self.settings.spot_check_fraction):
                     session.add(SpotCheck(receipt_id=receipt_id, epoch_number=number, node=node, status="pending",
                                           executions=0))  # fmt: skip
@@ -183,12 +187,13 @@ class SpotChecker:
             row = session.get(Receipt, receipt_id)
             signed, stored_fp = crud.signed_receipt_of(row), row.fingerprint
         verdict = self._judge(signed.receipt, stored_fp)
-        tx_hash = None
+        tx_hash, slash_status = None, None
         if verdict.status == "failed":
-            tx_hash = self._report_on_chain(signed, stored_fp, verdict)
+            tx_hash, slash_status = self._report_on_chain(signed, stored_fp, verdict)
         with session_scope(self.engine) as session:
             crud.record_spot_check(session, receipt=session.get(Receipt, receipt_id), status=verdict.status,
-                                   executions=verdict.executions, detail=verdict.detail, attest_tx_hash=tx_hash)  # fmt: skip
+                                   executions=verdict.executions, detail=verdict.detail, attest_tx_hash=tx_hash,
+                                   slash_status=slash_status)  # fmt: skip
         log = logger.warning if verdict.status == "failed" else logger.debug
         log(f"Spot check of receipt {receipt_id} (node {signed.receipt.node}): {verdict.status}: {verdict.detail}")
         return verdict
@@ -224,26 +229,35 @@ class SpotChecker:
             return Verdict("failed", 3, "two independent recomputations agree with each other and not with the node")
         return Verdict("inconclusive", 3, "all three executions disagree; no one is accused")
 
-    def _report_on_chain(self, signed, claimed: bytes, verdict: Verdict) -> str | None:
+    def _report_on_chain(self, signed, claimed: bytes, verdict: Verdict) -> tuple[str | None, str | None]:
+        """(attestation tx hash, slash status); an attestation that could not be sent is retried by
+        ``slashing.finalize_spot_check_slashes``."""
         if self.chain is None:
-            return None
-        # Evidence is the receipt's leaf: identical for every verifier, so their attestations meet in one case.
-        evidence = receipt_leaf(signed.receipt)
-        try:
-            result = self.chain.attest_spot_check_failure(self.settings.key_for("verifier"), signed.receipt.node, evidence)
-        except Exception as e:  # recorded as failed either way; the attestation can be retried from the evidence
-            logger.error(f"Could not attest the spot-check failure of {signed.receipt.node} on chain: {e}")
-            return None
-        tx_hash = getattr(result, "tx_hash", None)
-        return tx_hash if isinstance(tx_hash, str) or tx_hash is None else "0x" + bytes(tx_hash).hex()
+            return None, None
+        from nectar.ledger.slashing import attest
+
+        return attest(self.chain, self.settings, node=signed.receipt.node, leaf=receipt_leaf(signed.receipt))
+
+
+AUDIT_SOURCES = {"swarm": "nectar.ledger.swarm_audit:audit_from_settings"}  # short names
 
 
 def load_audit_source(settings: Settings) -> AuditSource | None:
-    """The AuditSource named by ``NECTAR_LEDGER_AUDIT_SOURCE`` ("module:factory", called with settings)."""
+    """The AuditSource named by ``NECTAR_LEDGER_AUDIT_SOURCE`` ("swarm" or "module:factory", called with settings)."""
     if not settings.audit_source:
         return None
-    module_name, _, attribute = settings.audit_source.partition(":")
+    module_name, _, attribute = AUDIT_SOURCES.get(settings.audit_source, settings.audit_source).partition(":")
     return getattr(importlib.import_module(module_name), attribute)(settings)
+
+
+def make_verifiers(settings: Settings) -> list[Verifier]:
+    """The two verifiers ``NECTAR_LEDGER_SPOT_CHECK_VERIFIER`` asks for; swarm verifiers fall back to local spans
+    only when ``models_dir`` is set (a swarm-only ledger need not hold any model)."""
+    if settings.spot_check_verifier == "swarm":
+        from nectar.ledger.swarm_audit import swarm_verifiers
+
+        return swarm_verifiers(settings, fallback=local_verifiers(settings) if settings.models_dir else None)
+    return local_verifiers(settings)
 
 
 def local_verifiers(settings: Settings) -> list[Verifier]:
@@ -258,4 +272,4 @@ def local_verifiers(settings: Settings) -> list[Verifier]:
 
 
 __all__ = ["AuditSource", "Verifier", "LocalVerifier", "SpotChecker", "EpochCheckReport", "Verdict", "is_picked",
-           "epoch_seed", "load_audit_source", "local_verifiers", "utcnow"]  # fmt: skip
+           "epoch_seed", "load_audit_source", "local_verifiers", "make_verifiers", "utcnow"]  # fmt: skip

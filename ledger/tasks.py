@@ -16,6 +16,7 @@ from nectar.ledger.settlement import EpochSettler
 from nectar.ledger.worker import (
     ADVANCE_EPOCHS_TASK,
     CLOSE_EPOCH_TASK,
+    FINALIZE_SLASHES_TASK,
     REFRESH_STAKES_TASK,
     SLASH_CONFLICTS_TASK,
     SPOT_CHECK_TASK,
@@ -44,6 +45,8 @@ def _run_settler(task, close: bool) -> list[int]:
     settler = EpochSettler(settings, _engine(), _chain())
     try:
         done = settler.run(close=close)
+        if done and settings.audit_source:  # spot checks pick from the committed root: run them now, not at beat
+            spot_check_epochs.delay()
         if settler.blocked:  # a killed worker's lease: come back when it has lapsed instead of waiting for beat
             raise task.retry(countdown=settings.epoch_lease_seconds + 1, max_retries=20)
         return done
@@ -107,18 +110,27 @@ def slash_conflicts() -> int:
 @shared_task(name=SPOT_CHECK_TASK, acks_late=True)
 def spot_check_epochs() -> int:
     """Re-execute a secret random fraction of every committed epoch's receipts (needs an audit source configured)."""
-    from nectar.ledger.spot_check import SpotChecker, load_audit_source, local_verifiers
+    from nectar.ledger.spot_check import SpotChecker, load_audit_source, make_verifiers
+    from nectar.wire.receipts import address_of
 
     settings = get_settings()
     audit = load_audit_source(settings)
     if audit is None:
         return 0
-    checker = SpotChecker(settings=settings, engine=_engine(), verifiers=local_verifiers(settings), audit=audit,
-                          chain=_chain())  # fmt: skip
+    checker = SpotChecker(settings=settings, engine=_engine(), verifiers=make_verifiers(settings), audit=audit,
+                          chain=_chain(), skip_clients=[address_of(settings.key_for("verifier"))])  # fmt: skip
     with session_scope(_engine()) as session:
         numbers = [e.number for e in crud.list_epochs(session, limit=20) if e.status in ("root_committed", "settled")
                    and e.spot_seed is None]  # fmt: skip
     return sum(checker.check_epoch(number).checked for number in sorted(numbers))
+
+
+@shared_task(name=FINALIZE_SLASHES_TASK, acks_late=True)
+def finalize_slashes() -> int:
+    """Re-send missing spot-check attestations and slash the cases whose dispute window has passed."""
+    from nectar.ledger.slashing import finalize_spot_check_slashes
+
+    return finalize_spot_check_slashes(get_settings(), _engine(), _chain()).slashed
 
 
 @shared_task(name=REFRESH_STAKES_TASK, acks_late=True)
@@ -131,4 +143,5 @@ def refresh_stakes() -> int:
     return len(nodes)
 
 
-__all__ = ["close_epoch", "advance_epochs", "slash_conflicts", "spot_check_epochs", "refresh_stakes", "Epoch"]
+__all__ = ["close_epoch", "advance_epochs", "slash_conflicts", "spot_check_epochs", "finalize_slashes", "refresh_stakes",
+           "Epoch"]

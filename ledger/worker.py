@@ -16,6 +16,7 @@ ADVANCE_EPOCHS_TASK = "nectar.ledger.advance_epochs"
 SLASH_CONFLICTS_TASK = "nectar.ledger.slash_conflicts"
 SPOT_CHECK_TASK = "nectar.ledger.spot_check_epochs"
 REFRESH_STAKES_TASK = "nectar.ledger.refresh_stakes"
+FINALIZE_SLASHES_TASK = "nectar.ledger.finalize_slashes"
 
 
 def _configure_transport(settings: Settings) -> None:
@@ -53,6 +54,7 @@ def create_celery(settings: Settings | None = None) -> Celery:
             "slash-conflicts": {"task": SLASH_CONFLICTS_TASK, "schedule": every},
             "spot-checks": {"task": SPOT_CHECK_TASK, "schedule": every},
             "refresh-stakes": {"task": REFRESH_STAKES_TASK, "schedule": timedelta(minutes=5)},
+            "finalize-slashes": {"task": FINALIZE_SLASHES_TASK, "schedule": timedelta(seconds=settings.slash_poll_seconds)},
         },
     )
     app.conf.nectar_settings = settings

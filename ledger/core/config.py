@@ -56,7 +56,12 @@ class Settings(BaseSettings):
     spot_check_secret: str = DEVNET_SPOT_CHECK_SECRET  # mixed with the epoch root so nodes cannot predict picks
     spot_check_reputation_penalty: float = 0.5  # each failed spot check multiplies a node's score by this
     reference_stake: int = 10**18  # stake (wei) that earns the full stake component of reputation
-    audit_source: str | None = None  # "module:factory" building the spot checks' AuditSource (node RPC, lead's)
+    audit_source: str | None = None  # "swarm" (nodes' audit RPC) or "module:factory" building the AuditSource
+    spot_check_verifier: Literal["local", "swarm"] = "local"  # who re-executes: local spans, or other nodes (RPC)
+    swarm_initial_peers: str = ""  # multiaddrs (space/comma separated) the ledger joins the swarm with; default
+    # NECTAR_INITIAL_PEERS
+    spot_check_rpc_timeout: float = 30.0  # seconds per audit or re-execution RPC
+    slash_poll_seconds: float = 60.0  # beat: how often attested spot-check cases are finalized once their window ends
     models_dir: Path | None = None  # where the local verifier finds converted models (``nectar models``)
 
     crash_point: str | None = None  # testing only: a stage name at which the worker pauses so a test can kill it

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from nectar.ledger import crud
 from nectar.ledger.deps import StateDep
-from nectar.ledger.intake import Malformed, check_receipt, check_voucher, parse_receipt_item, parse_voucher_item
+from nectar.ledger.intake import Malformed, Reason, check_receipt, check_voucher, parse_receipt_item, parse_voucher_item
 from nectar.ledger.schemas import BatchResult, ItemResult, ReceiptBatch, VoucherBatch
 
 logger = logging.getLogger(__name__)
@@ -29,6 +29,10 @@ def _parse_all(items: list, parse) -> list:
     return parsed
 
 
+class _Unstorable(Exception):
+    """The database kept refusing the batch with an integrity error: not a race, some item cannot be stored."""
+
+
 def _with_retries(state, work):
     """Two submitters inserting the same work race on a unique key: retry so the loser sees the winner's rows."""
     for attempt in range(5):
@@ -37,8 +41,24 @@ def _with_retries(state, work):
                 return work(session)
         except (IntegrityError, OperationalError) as e:
             if attempt == 4:
+                if isinstance(e, IntegrityError):
+                    raise _Unstorable(str(e)) from None
                 raise HTTPException(503, f"database busy, retry the request ({type(e).__name__})") from None
             time.sleep(0.05 * (attempt + 1))
+
+
+def _store_receipts_one_by_one(state, checked) -> list:
+    """A batch the database refuses as a whole is stored item by item, so one bad item cannot block a node's queue
+    (nodes retry a failed POST forever) and everything else in it is still stored."""
+    verdicts = []
+    for c in checked:
+        try:
+            verdicts += _with_retries(state, lambda session: crud.store_receipts(session, checked=[c]))
+        except _Unstorable as e:
+            logger.error(f"Receipt 0x{c.leaf.hex()} of node {c.signed.receipt.node} could not be stored: {e}")
+            verdicts.append(("rejected", Reason.UNSTORABLE, "the ledger could not store this receipt (logged there); "
+                             "do not resend it"))  # fmt: skip
+    return verdicts
 
 
 def _summarise(verdicts, leaves=None) -> BatchResult:
@@ -59,7 +79,10 @@ def submit_receipts(batch: ReceiptBatch, state: StateDep) -> BatchResult:
     parsed = _parse_all(batch.receipts, parse_receipt_item)
     domain = state.domains.get()
     checked = [check_receipt(signed, fingerprint, domain) for signed, fingerprint in parsed]
-    verdicts = _with_retries(state, lambda session: crud.store_receipts(session, checked=checked))
+    try:
+        verdicts = _with_retries(state, lambda session: crud.store_receipts(session, checked=checked))
+    except _Unstorable:
+        verdicts = _store_receipts_one_by_one(state, checked)
     result = _summarise(verdicts, [c.leaf for c in checked])
     if result.rejected:
         reasons = sorted({r.reason for r in result.results if r.reason})
@@ -75,6 +98,9 @@ def submit_vouchers(batch: VoucherBatch, state: StateDep) -> BatchResult:
     domain = state.domains.get()
     checks = [check_voucher(signed, domain) for signed in parsed]
     good = [signed for signed, (reason, _) in zip(parsed, checks) if reason is None]
-    stored = iter(_with_retries(state, lambda session: crud.store_vouchers(session, vouchers=good)) if good else [])
+    try:
+        stored = iter(_with_retries(state, lambda session: crud.store_vouchers(session, vouchers=good)) if good else [])
+    except _Unstorable as e:
+        raise HTTPException(500, f"the ledger could not store this voucher batch ({e}); send the vouchers one by one") from None
     verdicts = [("rejected", reason, message) if reason else next(stored) for reason, message in checks]
     return _summarise(verdicts)

@@ -91,7 +91,7 @@ class SwarmMarket:
         assert closed is not None, "nothing to close: the nodes' receipts did not reach the ledger"
         return self.deployment.wait_settled(closed["number"])
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM every swarm process at once (each takes seconds to leave the DHT), SIGKILL what is left."""
         processes = [p.process for p in self.swarm.nodes + ([self.swarm.bootstrap] if self.swarm.bootstrap else [])]
         for process in processes:

@@ -80,6 +80,32 @@ def test_conflicting_receipt_is_rejected_and_kept_as_evidence(api, settings):
     assert len(node_view(api)["conflicts"]) == 1
 
 
+def test_a_conflict_inside_one_batch_is_kept_as_evidence_and_the_rest_is_stored(api, settings):
+    """Both receipts of a double-sign in the same POST (as a node's background flush sends them): the first is
+    stored, the second is evidence, and the batch's other receipts are stored too (it once failed as a whole)."""
+    node = Party()
+    session_id = os.urandom(32)
+    first = make_receipt(node, CLIENT, session_id=session_id, step=0, kind=1)
+    second = make_receipt(node, CLIENT, session_id=session_id, step=0, kind=1)
+    others = [make_receipt(node, CLIENT, step=i) for i in range(3)]
+    result = post(api, [receipt_item(*first), receipt_item(*second)] + [receipt_item(*o) for o in others])
+    assert [r["status"] for r in result["results"]] == ["accepted", "rejected"] + ["accepted"] * 3
+    assert result["results"][1]["reason"] == "conflict"
+    with session_scope(get_engine(settings.database_url)) as session:
+        conflicts = crud.list_conflicts(session, node=node.address)
+        assert len(conflicts) == 1
+        assert crud.signed_receipt_of(session.get(crud.Receipt, conflicts[0].receipt_id)) == first[0]
+    assert node_view(api, node)["receipts_count"] == 4
+    # and in one transaction too (no per-item fallback needed)
+    from nectar.ledger.intake import check_receipt
+
+    pair = [make_receipt(node, CLIENT, session_id=os.urandom(32), step=0, kind=1) for _ in range(2)]
+    pair[1] = make_receipt(node, CLIENT, session_id=pair[0][0].receipt.session_id, step=0, kind=1)
+    with session_scope(get_engine(settings.database_url)) as session:
+        verdicts = crud.store_receipts(session, checked=[check_receipt(s, fp, R.default_domain()) for s, fp in pair])
+    assert [v[0] for v in verdicts] == ["accepted", "rejected"]
+
+
 def test_malformed_batches_get_422_and_store_nothing(api):
     count = node_view(api)["receipts_count"]
     good = receipt_item(*make_receipt(NODE, CLIENT))

@@ -1,0 +1,150 @@
+"""Spot checks against the live swarm: a step's inputs come from the node that served it (its audit RPC), and the
+step is re-run by OTHER nodes serving the same blocks (their forward RPC).
+
+Select with ``NECTAR_LEDGER_AUDIT_SOURCE=swarm`` (``RpcAuditSource``) and ``NECTAR_LEDGER_SPOT_CHECK_VERIFIER=swarm``
+(``SwarmVerifier``), plus ``NECTAR_LEDGER_SWARM_INITIAL_PEERS``. The verifiers' forward calls name the verifier
+account as their client, and the spot checks skip receipts of that client (re-executions are not audited in turn).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+
+import torch
+
+from nectar.ledger.core.config import Settings
+from nectar.ledger.spot_check import AuditSource, Verifier, step_positions
+from nectar.ledger.swarm import NodeEntry, SwarmView
+from nectar.wire.protocol import (
+    RPC_AUDIT,
+    ErrorCode,
+    NodeRPCError,
+    RPC_FORWARD,
+    make_request,
+    module_uid,
+    unpack_metadata,
+    unpack_tensors,
+)
+from nectar.wire.receipts import Receipt, address_of, keccak256, receipt_leaf
+
+logger = logging.getLogger(__name__)
+
+
+class RpcAuditSource(AuditSource):
+    """Asks the node that signed a receipt for the step's input history over ``RPC_AUDIT``.
+
+    :param swarm: the ledger's swarm view (finds the node's peer id from its announced Ethereum address)
+    :param timeout: seconds per audit RPC
+    """
+
+    def __init__(self, swarm: SwarmView, *, timeout: float = 30.0):
+        self.swarm, self.timeout = swarm, timeout
+
+    def input_history(self, receipt: Receipt) -> torch.Tensor | None:
+        model = self.swarm.model_name(receipt.model_id)
+        if model is None:
+            logger.info(f"No node announces model 0x{receipt.model_id.hex()}; cannot audit its receipts now")
+            return None
+        entry = self.swarm.peer_of(receipt.node, model)
+        if entry is None:
+            logger.info(f"Node {receipt.node} is not announced in the swarm now; its step cannot be audited")
+            return None
+        request = make_request(module_uid(model, receipt.block_start, receipt.block_end), [],
+                               {"session_id": bytes(receipt.session_id), "step": int(receipt.step)})  # fmt: skip
+        try:
+            response = self.swarm.call(entry.peer_id, RPC_AUDIT, request, timeout=self.timeout)
+        except Exception as e:
+            if NodeRPCError.code_of(e) == ErrorCode.UNKNOWN_SESSION:
+                return None  # expired from the node's audit log, or never served there
+            raise
+        tensors, reply = unpack_tensors(response.tensors), unpack_metadata(response.metadata)
+        if len(tensors) != 1 or (reply.get("start"), reply.get("end")) != (receipt.block_start, receipt.block_end):
+            raise ValueError(f"node {receipt.node} answered the audit with span {reply.get('start')}:{reply.get('end')}"
+                             f" and {len(tensors)} tensors; the receipt is for {receipt.block_start}:{receipt.block_end}")
+        return tensors[0]
+
+
+class SwarmVerifier(Verifier):
+    """Re-runs a step on another node serving the same blocks (forward RPC over the whole input history).
+
+    Candidates are ordered per receipt by keccak(leaf || peer id), so checks spread over the swarm and verifiers of
+    different ``rank`` pick different nodes for the same receipt; the receipt's own node is never a candidate.
+
+    :param swarm: the ledger's swarm view
+    :param rank: 0 for the first execution, 1 for the tie-break (a different node than rank 0)
+    :param client: address named as the client of the re-executions (the verifier account)
+    :param fallback: used when fewer than ``rank + 1`` other nodes serve the span (e.g. a ``LocalVerifier``)
+    """
+
+    def __init__(self, swarm: SwarmView, *, rank: int, client: str, timeout: float = 30.0,
+                 fallback: Verifier | None = None):  # fmt: skip
+        self.swarm, self.rank, self.client, self.timeout, self.fallback = swarm, rank, client, timeout, fallback
+        self.name = f"swarm-{rank}"
+        self.executed_by: list[str] = []  # eth addresses (or the fallback's name) per execution, for reports
+
+    def candidates(self, receipt: Receipt, model: str) -> list[NodeEntry]:
+        leaf = receipt_leaf(receipt)
+        others = [e for e in self.swarm.serving(model, receipt.block_start, receipt.block_end)
+                  if e.info.eth_address.lower() != receipt.node.lower()]  # fmt: skip
+        return sorted(others, key=lambda e: keccak256(leaf + e.peer_id.to_bytes()))
+
+    def execute(self, receipt: Receipt, history: torch.Tensor) -> torch.Tensor:
+        positions = step_positions(receipt, history)
+        model = self.swarm.model_name(receipt.model_id)
+        candidates = self.candidates(receipt, model) if model else []
+        if len(candidates) <= self.rank:
+            if self.fallback is None:
+                raise LookupError(f"no {self.rank + 1} other node(s) serve blocks {receipt.block_start}:"
+                                  f"{receipt.block_end} of 0x{receipt.model_id.hex()[:16]}; start another node or "
+                                  f"configure a local verifier")  # fmt: skip
+            self.executed_by.append(self.fallback.name)
+            return self.fallback.execute(receipt, history)
+        entry = candidates[self.rank]
+        # a fresh session id per re-execution: the node signs a receipt for it, and two receipts for the same
+        # (session, step) would read as a double-sign
+        metadata = {"client": self.client, "session_id": os.urandom(16), "step": 0}
+        request = make_request(module_uid(model, receipt.block_start, receipt.block_end), [history], metadata)
+        response = self.swarm.call(entry.peer_id, RPC_FORWARD, request, timeout=self.timeout)
+        outputs = unpack_tensors(response.tensors)
+        if not outputs or tuple(outputs[0].shape) != tuple(history.shape):
+            raise ValueError(f"node {entry.info.eth_address} returned {[tuple(o.shape) for o in outputs]} for a "
+                             f"forward of {tuple(history.shape)}")
+        self.executed_by.append(entry.info.eth_address)
+        return outputs[0][:, -positions:]
+
+
+def initial_peers_of(settings: Settings) -> list[str]:
+    text = settings.swarm_initial_peers or os.environ.get("NECTAR_INITIAL_PEERS", "")
+    return [p for p in text.replace(",", " ").split() if p]
+
+
+@lru_cache(maxsize=4)
+def _shared_view(initial_peers: tuple[str, ...]) -> SwarmView:
+    return SwarmView(initial_peers)  # one DHT peer per process, reused by every spot-check task
+
+
+def swarm_view(settings: Settings) -> SwarmView:
+    return _shared_view(tuple(initial_peers_of(settings)))
+
+
+def audit_from_settings(settings: Settings) -> RpcAuditSource:
+    """Factory for ``NECTAR_LEDGER_AUDIT_SOURCE`` (``swarm`` is short for this)."""
+    return RpcAuditSource(swarm_view(settings), timeout=settings.spot_check_rpc_timeout)
+
+
+def verifier_client(settings: Settings) -> str:
+    """The address re-executions are billed to (the verifier account); their receipts are not spot-checked."""
+    return address_of(settings.key_for("verifier"))
+
+
+def swarm_verifiers(settings: Settings, fallback: list[Verifier] | None = None) -> list[Verifier]:
+    """Two swarm verifiers (first execution and tie-break on different nodes), each with a local fallback."""
+    fallback = fallback or [None, None]
+    client = verifier_client(settings)
+    return [SwarmVerifier(swarm_view(settings), rank=rank, client=client, timeout=settings.spot_check_rpc_timeout,
+                          fallback=fallback[rank]) for rank in (0, 1)]  # fmt: skip
+
+
+__all__ = ["RpcAuditSource", "SwarmVerifier", "audit_from_settings", "swarm_verifiers",
+           "swarm_view", "verifier_client", "initial_peers_of"]  # fmt: skip

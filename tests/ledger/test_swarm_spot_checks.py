@@ -1,0 +1,206 @@
+"""Spot checks over the live swarm, slashing on chain, and reputation in routing.
+
+Three staked nodes serve the same blocks of a tiny Llama; one of them (``--corrupt-rate 0.1``) corrupts a tenth of its
+outputs. Clients generate through all three; the epoch closes and the worker spot-checks every receipt (q = 1): the
+inputs come from each node's audit RPC, the step is re-run on the OTHER nodes' forward RPC. Every corrupted step is
+caught and attested on chain, honest nodes are never accused, and after the dispute window (chain time advanced) the
+worker's slash round slashes the cheater's stake. Then a client routing with ``ReputationScorer`` sends the cheater
+(almost) no traffic while a brand-new node still gets some.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from hivemind.p2p import PeerID
+
+from nectar.client.routing import PeerScorer, ReputationScorer
+from nectar.ledger import crud
+from nectar.ledger.core.db import session_scope
+from nectar.ledger.models import Epoch, Receipt
+from nectar.ledger.spot_check import LocalVerifier
+from nectar.ledger.swarm import SwarmView
+from nectar.ledger.swarm_audit import RpcAuditSource
+from nectar.wire.announce import ServerInfo
+from nectar.wire.receipts import activation_fingerprint, fingerprints_match, receipt_leaf
+from tests.ledger.market import SwarmMarket
+from tests.ledger.utils import wait_for
+
+pytestmark = pytest.mark.slow
+PRICE = 10**12
+SESSIONS_PER_NODE, NEW_TOKENS = 8, 10  # 80 inference steps per node: P(no corrupted step at 10%) = 0.9**80 < 0.03%
+
+
+class Prefer(PeerScorer):
+    """Test routing: send the next sessions to one chosen node (so every node gets customers)."""
+
+    def __init__(self):
+        self.target = None
+
+    def cost_factor(self, peer_id: PeerID, info: ServerInfo) -> float:
+        return 0.01 if info.eth_address == self.target else 1.0
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+@pytest.fixture(scope="module")
+def market(tmp_path_factory, contracts_snapshot, monkeypatch_module):
+    home = tmp_path_factory.mktemp("market-audit")
+    market = SwarmMarket(home, price=PRICE, model_name="tiny-audit-swarm-llama")
+    models = []
+    try:
+        monkeypatch_module.setenv("NECTAR_DEPLOYMENT", str(market.deployment.deployment_path))
+        market.deployment.start_ledger()
+        market.honest = [market.add_node("honest-a", (0, 4), account=0), market.add_node("honest-b", (0, 4), account=1)]
+        market.cheater = market.add_node("cheater", (0, 4), account=2, extra_args=("--corrupt-rate", "0.1"))
+        market.wait_for_swarm(min_nodes=3)
+        min_stake = market.chain.deployment.params["min_stake"]
+        for index, node in enumerate(market.honest + [market.cheater]):
+            market.chain.register_node(market.node_keys[index], node.address.rsplit("/", 1)[1], min_stake)
+        market.deployment.start_worker(audit_source="swarm", spot_check_verifier="swarm", spot_check_fraction=1.0,
+                                       swarm_initial_peers=market.swarm.initial_peers[0], slash_poll_seconds=1)  # fmt: skip
+        for client in market.clients[:2]:
+            market.chain.deposit(client.key, 10**18)
+        market.models = models
+        yield market
+    finally:
+        for model in models:
+            model.shutdown()
+        market.stop()
+
+
+def spot_check_rows(market, epoch: int) -> list[dict]:
+    with session_scope(market.engine) as session:
+        return [{"node": c.node, "status": c.status, "leaf": session.get(Receipt, c.receipt_id).leaf,
+                 "slash_status": c.slash_status, "attest_tx": c.attest_tx_hash, "detail": c.detail,
+                 "receipt_id": c.receipt_id} for c in crud.spot_checks_of(session, epoch=epoch)]  # fmt: skip
+
+
+def corrupted_steps(market, receipts) -> set[bytes]:
+    """Ground truth, independent of the worker: fetch each cheater step's inputs over the audit RPC and recompute the
+    span locally; the leaves whose claimed output does not match."""
+    view = SwarmView(market.swarm.initial_peers)
+    try:
+        audit, local = RpcAuditSource(view), LocalVerifier({market.model_name: market.model_path}, name="truth")
+        found = set()
+        for signed, fingerprint in receipts:
+            history = audit.input_history(signed.receipt)
+            assert history is not None, "the cheater's audit log lost a step"
+            if not fingerprints_match(activation_fingerprint(local.execute(signed.receipt, history)), fingerprint,
+                                      dtype=history.dtype):  # fmt: skip
+                found.add(receipt_leaf(signed.receipt))
+        return found
+    finally:
+        view.shutdown()
+
+
+def test_spot_checks_over_the_swarm_catch_the_cheater_and_never_accuse_honest_nodes(market):
+    prefer, wallets = Prefer(), []
+    generator = torch.Generator().manual_seed(0)
+    for client in market.clients[:2]:
+        model = market.client_model(client, scorer=prefer)
+        market.models.append(model)
+        wallets.append(model.wallet)
+    for round_index in range(SESSIONS_PER_NODE):
+        for index, node in enumerate(market.honest + [market.cheater]):
+            prefer.target = node.eth_address
+            model = market.models[(round_index + index) % 2]
+            model.generate(torch.randint(3, 1000, (1, 5), generator=generator), max_new_tokens=NEW_TOKENS)
+    per_node = Counter(r.receipt.node for w in wallets for r in w.receipts)
+    assert set(per_node.values()) == {SESSIONS_PER_NODE * NEW_TOKENS}, per_node
+    for wallet in wallets:
+        market.wait_for_payments(wallet)
+
+    epoch = market.close_and_settle()
+    number = epoch["number"]
+
+    def done():
+        with session_scope(market.engine) as session:
+            seeded = session.get(Epoch, number).spot_seed is not None
+        rows = spot_check_rows(market, number)
+        return rows if seeded and rows and all(r["status"] != "pending" for r in rows) else None
+
+    rows = wait_for(done, 600, f"the spot checks of epoch {number} (see {market.home}/worker.log)", interval=2)
+    cheater, honest = market.cheater.eth_address, {n.eth_address for n in market.honest}
+    assert len(rows) == sum(per_node.values()) == epoch["receipt_count"]  # q = 1: every customer step checked
+    honest_rows = [r for r in rows if r["node"] in honest]
+    cheater_rows = [r for r in rows if r["node"] == cheater]
+    accused = [r for r in honest_rows if r["status"] != "passed"]
+    caught = {r["leaf"] for r in cheater_rows if r["status"] == "failed"}
+    with session_scope(market.engine) as session:
+        cheater_receipts = [(crud.signed_receipt_of(r), r.fingerprint) for r in crud.list_receipts(session, node=cheater,
+                            epoch=number, limit=10_000)]  # fmt: skip
+    truth = corrupted_steps(market, cheater_receipts)
+    overruled = sum("overruled" in (r["detail"] or "") for r in rows)
+    print(f"\nswarm spot checks, epoch {number}: {len(rows)} checked; honest nodes {len(honest_rows)} checks, "
+          f"{len(accused)} accused; cheater {len(cheater_rows)} checks, {len(truth)} corrupted, {len(caught)} caught, "
+          f"{sum(r['status'] == 'passed' for r in cheater_rows)} passed; {overruled} first-verifier disagreements "
+          f"overruled")  # fmt: skip
+    assert not accused, accused[:3]
+    assert truth and caught == truth  # every corrupted step, and only those
+    assert all(r["status"] == "passed" for r in cheater_rows if r["leaf"] not in truth)
+    failed = [r for r in cheater_rows if r["status"] == "failed"]
+    assert all(r["attest_tx"] and r["slash_status"] == "attested" for r in failed)
+    for r in failed:  # each failure is an open case on chain, waiting for its dispute window
+        case = market.chain.spot_check_case(market.chain.spot_check_case_id(cheater, r["leaf"]))
+        assert case["attestations"] == 1 and case["readyAt"] > 0 and not case["closed"]
+    market.caught, market.epoch_number = caught, number
+
+
+def test_after_the_dispute_window_the_cheaters_stake_is_slashed_on_chain(market):
+    cheater = market.cheater.eth_address
+    honest = [n.eth_address for n in market.honest]
+    stake_before = {a: market.chain.stake_of(a) for a in honest + [cheater]}
+    assert market.chain.stake_of(cheater) == market.chain.deployment.params["min_stake"]
+    window = market.chain.deployment.params["dispute_window"]
+    market.chain.advance_time(window + 1)
+
+    def slashed():
+        return all(r["slash_status"] == "slashed" for r in spot_check_rows(market, market.epoch_number) if r["node"] == cheater
+                   and r["status"] == "failed")  # fmt: skip
+
+    wait_for(slashed, 120, f"the worker's slash round to finalize every case (see {market.home}/worker.log)")
+    events = market.chain.events("Slashing", "SpotCheckSlashed", filters={"node": cheater})
+    assert len(events) == len(market.caught)
+    slashed_total = sum(e["args"]["amount"] for e in events)
+    assert 0 < slashed_total and market.chain.stake_of(cheater) == stake_before[cheater] - slashed_total
+    assert all(market.chain.stake_of(a) == stake_before[a] for a in honest)
+    reputation = {n["address"]: n for n in market.deployment.http().get("/v1/reputation").json()["nodes"]}
+    assert reputation[cheater]["slashes"] == reputation[cheater]["spot_failed"] == len(market.caught)
+    assert all(reputation[a]["spot_failed"] == 0 and reputation[a]["slashes"] == 0 for a in honest)
+    assert reputation[cheater]["score"] < 0.01 < min(reputation[a]["score"] for a in honest)
+    print(f"\nslashed {cheater}: {len(events)} cases, stake {stake_before[cheater]} -> "
+          f"{market.chain.stake_of(cheater)}; scores: cheater {reputation[cheater]['score']}, honest "
+          f"{[reputation[a]['score'] for a in honest]}")  # fmt: skip
+
+
+def test_reputation_routing_starves_the_cheater_and_keeps_traffic_for_a_new_node(market):
+    newcomer = market.add_node("newcomer", (0, 4))  # a fresh key: the ledger has never seen it
+    market.wait_for_swarm(min_nodes=4)
+    scorer = ReputationScorer(market.url, exploration=0.3, seed=0)
+    try:
+        assert scorer.reputation(market.cheater.eth_address).penalized and scorer.is_new(newcomer.eth_address)
+        model = market.client_model(market.clients[2], scorer=scorer)
+        market.models.append(model)
+        sessions = 40
+        for index in range(sessions):
+            model.generate(torch.randint(3, 1000, (1, 4), generator=torch.Generator().manual_seed(index)),
+                           max_new_tokens=2)  # fmt: skip
+        nodes_of_session: dict[bytes, set] = {}
+        for r in model.wallet.receipts:
+            nodes_of_session.setdefault(r.receipt.session_id, set()).add(r.receipt.node)
+        by_node = Counter(node for nodes in nodes_of_session.values() for node in nodes)  # sessions each node served
+    finally:
+        scorer.close()
+    names = {n.eth_address: n.name for n in market.swarm.nodes}
+    print(f"\nreputation routing over {sessions} sessions, sessions served: "
+          + ", ".join(f"{names[a]} {c}" for a, c in by_node.most_common()))
+    assert len(nodes_of_session) == sessions
+    assert by_node[market.cheater.eth_address] == 0
+    assert by_node[newcomer.eth_address] >= 1
+    assert sum(by_node[n.eth_address] for n in market.honest) > sessions // 2
