@@ -8,7 +8,11 @@ Files:
 - ``service.py``      the FastAPI app; ``routes/``: submissions, nodes/reputation, epochs, health; ``deps.py``
 - ``settlement.py``   ``EpochSettler``: closed -> root_committed -> settled, crash-safe against the chain
 - ``worker.py``       the Celery app from Settings (beat schedule, task names); ``tasks.py``: the tasks
+- ``migrations.py``   Alembic config and the lock that serializes upgrades (service and worker start together)
 - ``spot_check.py``   post-hoc re-execution of a random fraction of steps; ``reputation.py``: node scores
+- ``swarm.py``        the ledger's own DHT peer (node address -> peer, who serves what, RPC calls)
+- ``swarm_audit.py``  ``RpcAuditSource`` (nodes' audit RPC) and ``SwarmVerifier`` (re-execution on other nodes)
+- ``slashing.py``     attest failed spot checks on chain, finalize slashes after the dispute window
 - ``client.py``       ``LedgerClient`` (HTTP); ``node_policy.py``: ``LedgerPaymentPolicy`` for nodes
 - ``cli.py``          ``nectar ledger`` and ``nectar worker``
 """
