@@ -20,10 +20,14 @@ logger = logging.getLogger(__name__)
 
 
 class SpanBackend:
-    """Holds blocks [start, end) of a model and runs inference steps, forward and backward through sub-spans."""
+    """Holds blocks [start, end) of a model and runs inference steps, forward and backward through sub-spans.
+
+    :param batching: run inference steps through ``LlamaBatchRunner`` where the family allows (else one by one)
+    :param training_cache_bytes: activations kept between a forward and its backward (``TrainingGraphCache``)
+    """
 
     def __init__(self, model_path: Path, start: int, end: int, *, dtype: torch.dtype, device: str, show_progress=True,
-                 training_cache_bytes: int = 1024**3):
+                 batching: bool = True, training_cache_bytes: int = 1024**3):
         self.model_path, self.start, self.end = Path(model_path), start, end
         self.dtype, self.device = dtype, torch.device(device)
         self.config = load_config(model_path)
@@ -36,7 +40,7 @@ class SpanBackend:
             block.requires_grad_(False)
             block.eval()
         self.hidden_size = self.blocks[0].hidden_size
-        self.batch_runner = LlamaBatchRunner(self.blocks) if LlamaBatchRunner.supports(self.blocks) else None
+        self.batch_runner = LlamaBatchRunner(self.blocks) if batching and LlamaBatchRunner.supports(self.blocks) else None
         self.graphs = TrainingGraphCache(max_bytes=training_cache_bytes)
         logger.info(f"Loaded blocks {start}:{end} in {time.perf_counter() - began:.2f}s ({dtype}, {device})")
 

@@ -1,0 +1,178 @@
+"""Batched inference steps (node/batching.py) equal unbatched ones, and forward graphs serve the matching backward.
+
+The reference is a backend built with ``batching=False``: transformers' own decoder layers, one session at a time,
+with untouched weights.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nectar.node.backend import SpanBackend
+
+TOLERANCE = 1e-5  # float32
+
+
+def _backend(path: str, *, batching: bool, start: int = 0, end: int = 4, **kwargs) -> SpanBackend:
+    return SpanBackend(path, start, end, dtype=torch.float32, device="cpu", show_progress=False, batching=batching,
+                       **kwargs)
+
+
+class _Session:
+    def __init__(self, batched: SpanBackend, plain: SpanBackend, *, batch_size: int, start: int, end: int,
+                 max_length: int = 40):
+        self.start, self.end, self.position = start, end, 0
+        self.batched_caches = batched.new_caches(start, end, batch_size, max_length)
+        self.plain_caches = plain.new_caches(start, end, batch_size, max_length)
+        self.batch_size = batch_size
+
+
+def _round(batched, plain, sessions, hidden_by_session, *, positions=None, prompts=None) -> float:
+    """One step of every session: batched in one call vs one by one; returns the largest difference."""
+    positions = positions or [s.position for s in sessions]
+    prompts = prompts or [None] * len(sessions)
+    tasks = [batched.inference_task(h, s.batched_caches, start=s.start, end=s.end, position=p, prompts=pr)
+             for s, h, p, pr in zip(sessions, hidden_by_session, positions, prompts)]
+    outputs = batched.run_inference(tasks)
+    worst = 0.0
+    for session, hidden, position, prompt, output in zip(sessions, hidden_by_session, positions, prompts, outputs):
+        expected = plain.inference_step(hidden, session.plain_caches, start=session.start, end=session.end,
+                                        position=position, prompts=prompt)
+        assert output.shape == expected.shape == hidden.shape
+        worst = max(worst, (output - expected).abs().max().item())
+        session.position = position + hidden.shape[1]
+    return worst
+
+
+def test_batched_steps_equal_unbatched_at_mixed_lengths_and_positions(tiny_llama):
+    batched, plain = _backend(tiny_llama, batching=True), _backend(tiny_llama, batching=False)
+    assert batched.batch_runner is not None and plain.batch_runner is None
+    hidden = batched.hidden_size
+    torch.manual_seed(0)
+    sessions = [_Session(batched, plain, batch_size=b, start=0, end=4) for b in (1, 2, 1, 3)]
+    # each row: one round; each entry: new tokens of that session (prefills and decodes mixed in one forward)
+    schedule = [(5, 3, 1, 7), (1, 1, 1, 2), (1, 4, 1, 1), (2, 1, 6, 1), (1, 1, 1, 1), (1, 1, 1, 1)]
+    worst = 0.0
+    for tokens in schedule:
+        inputs = [torch.randn(s.batch_size, t, hidden) for s, t in zip(sessions, tokens)]
+        worst = max(worst, _round(batched, plain, sessions, inputs))
+    # a replay: two sessions roll back (a client retrying after a failure downstream) while the others go on
+    inputs = [torch.randn(s.batch_size, t, hidden) for s, t in zip(sessions, (3, 1, 2, 1))]
+    positions = [2, sessions[1].position, 1, sessions[3].position]
+    worst = max(worst, _round(batched, plain, sessions, inputs, positions=positions))
+    assert worst <= TOLERANCE, worst
+
+
+def test_batched_sub_spans_and_prompted_first_steps(tiny_llama):
+    batched, plain = _backend(tiny_llama, batching=True), _backend(tiny_llama, batching=False)
+    hidden = batched.hidden_size
+    torch.manual_seed(1)
+    # a client may ask for any sub-span of what a node hosts; sessions of one sub-span batch together
+    sessions = [_Session(batched, plain, batch_size=1, start=1, end=3) for _ in range(3)]
+    worst = 0.0
+    for tokens in [(4, 1, 2), (1, 1, 1), (1, 3, 1)]:
+        worst = max(worst, _round(batched, plain, sessions, [torch.randn(1, t, hidden) for t in tokens]))
+    # deep prompts ride on a session's first step (run alone), its later steps batch with the rest
+    prompted = [_Session(batched, plain, batch_size=2, start=0, end=4) for _ in range(2)]
+    prompts = [torch.randn(4, 2, 3, hidden) * 0.5, torch.randn(4, 1, 2, hidden) * 0.5]
+    worst = max(worst, _round(batched, plain, prompted, [torch.randn(2, 5, hidden) for _ in prompted],
+                              prompts=prompts))
+    for _ in range(3):
+        worst = max(worst, _round(batched, plain, prompted, [torch.randn(2, 1, hidden) for _ in prompted]))
+    assert worst <= TOLERANCE, worst
+
+
+def test_batched_steps_match_a_full_causal_forward(tiny_llama):
+    """Independent of the generic cache path: steps through the cache equal one stateless forward of the sequence."""
+    backend = _backend(tiny_llama, batching=True)
+    torch.manual_seed(2)
+    sequences = [torch.randn(1, 9, backend.hidden_size), torch.randn(2, 6, backend.hidden_size)]
+    caches = [backend.new_caches(0, 4, s.shape[0], 16) for s in sequences]
+    outputs = [[], []]
+    for begin, end in [(0, 4), (4, 5), (5, 6)]:
+        tasks = [backend.inference_task(s[:, begin:end], c, start=0, end=4, position=begin)
+                 for s, c in zip(sequences, caches)]
+        for index, output in enumerate(backend.run_inference(tasks)):
+            outputs[index].append(output)
+    for sequence, pieces in zip(sequences, outputs):
+        expected = backend.forward(sequence[:, :6], start=0, end=4)
+        torch.testing.assert_close(torch.cat(pieces, dim=1), expected, atol=TOLERANCE, rtol=0)
+
+
+def test_sliding_window_models_take_the_generic_path(tiny_mistral):
+    backend = _backend(tiny_mistral, batching=True)
+    assert backend.batch_runner is None  # windowed attention is not in the batched path
+    plain = _backend(tiny_mistral, batching=False)
+    sessions = [_Session(backend, plain, batch_size=1, start=0, end=4) for _ in range(2)]
+    worst = 0.0
+    for tokens in [(8, 3), (1, 1), (1, 5)]:
+        worst = max(worst, _round(backend, plain, sessions, [torch.randn(1, t, backend.hidden_size) for t in tokens]))
+    assert worst <= TOLERANCE
+
+
+def test_a_step_past_max_length_changes_no_cache(tiny_llama):
+    backend = _backend(tiny_llama, batching=True)
+    small, big = backend.new_caches(0, 4, 1, 4), backend.new_caches(0, 4, 1, 16)
+    hidden = torch.randn(1, 6, backend.hidden_size)
+    with pytest.raises(Exception, match="cached tokens"):
+        backend.run_inference([backend.inference_task(hidden, small, start=0, end=4, position=0),
+                               backend.inference_task(hidden, big, start=0, end=4, position=0)])
+    assert small[0].length == 0 and big[0].length == 0  # nothing half-applied
+    backend.run_inference([backend.inference_task(hidden, big, start=0, end=4, position=0)])
+    assert big[0].length == 6
+
+
+# ---- forward graphs kept for the backward --------------------------------------------------------------------
+
+
+def test_backward_reuses_the_forward_graph_and_matches_recomputation(tiny_llama):
+    backend = _backend(tiny_llama, batching=True)
+    torch.manual_seed(3)
+    hidden = torch.randn(2, 7, backend.hidden_size)
+    grad = torch.randn_like(hidden)
+    prompts = torch.randn(4, 2, 3, backend.hidden_size) * 0.1
+    for deep in (None, prompts):
+        backend.forward(hidden, start=0, end=4, prompts=deep)
+        assert backend.graphs.nbytes > 0
+        hits = backend.graphs.hits
+        reused = backend.backward(hidden, grad, start=0, end=4, prompts=deep)
+        assert backend.graphs.hits == hits + 1 and backend.graphs.nbytes == 0
+        recomputed = backend.backward(hidden, grad, start=0, end=4, prompts=deep)  # nothing kept: recomputes
+        assert backend.graphs.misses >= 1
+        torch.testing.assert_close(reused[0], recomputed[0], atol=0, rtol=0)
+        if deep is not None:
+            torch.testing.assert_close(reused[1], recomputed[1], atol=0, rtol=0)
+
+
+def test_backward_with_other_inputs_never_uses_a_kept_graph(tiny_llama):
+    backend = _backend(tiny_llama, batching=True)
+    hidden = torch.randn(1, 5, backend.hidden_size)
+    backend.forward(hidden, start=0, end=4)
+    other = hidden.clone()
+    other[0, 0, 0] += 1e-3
+    grad = torch.randn_like(hidden)
+    expected = _backend(tiny_llama, batching=False).backward(other, grad, start=0, end=4)
+    got = backend.backward(other, grad, start=0, end=4)
+    assert backend.graphs.hits == 0
+    torch.testing.assert_close(got[0], expected[0], atol=TOLERANCE, rtol=0)
+    backend.backward(hidden, grad, start=1, end=4)  # a different sub-span is another graph too
+    assert backend.graphs.hits == 0
+
+
+def test_kept_graphs_stay_within_their_byte_budget(tiny_llama):
+    probe = _backend(tiny_llama, batching=True)
+    probe.forward(torch.randn(1, 8, probe.hidden_size), start=0, end=4)
+    one_graph = probe.graphs.nbytes
+    backend = _backend(tiny_llama, batching=True, training_cache_bytes=int(one_graph * 2.5))
+    inputs = [torch.randn(1, 8, backend.hidden_size) for _ in range(4)]
+    for hidden in inputs:
+        backend.forward(hidden, start=0, end=4)
+        assert backend.graphs.nbytes <= int(one_graph * 2.5)
+    grad = torch.randn_like(inputs[0])
+    backend.backward(inputs[0], grad, start=0, end=4)  # the oldest was evicted
+    assert backend.graphs.hits == 0
+    backend.backward(inputs[-1], grad, start=0, end=4)
+    assert backend.graphs.hits == 1
+    disabled = _backend(tiny_llama, batching=True, training_cache_bytes=0)
+    disabled.forward(inputs[0], start=0, end=4)
+    assert disabled.graphs.nbytes == 0

@@ -1,0 +1,148 @@
+"""The compute thread's scheduler (node/task_pool.py): batching rounds, priorities, fairness, failure isolation."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from nectar.node.task_pool import ComputeThread, Priority
+
+
+class _Step:
+    """A batchable stand-in for ``InferenceTask``: records which batches it ran in."""
+
+    runs: list = []
+
+    def __init__(self, name: str, key=("span", 0, 4), tokens: int = 1, fail: bool = False):
+        self.name, self.batch_key, self.tokens, self.fail = name, key, tokens, fail
+
+    def __call__(self):
+        _Step.runs.append((self.name,))
+        if self.fail:
+            raise ValueError(f"{self.name} is malformed")
+        return self.name
+
+    @staticmethod
+    def run_batch(steps):
+        _Step.runs.append(tuple(step.name for step in steps))
+        if any(step.fail for step in steps):
+            raise ValueError("one step in the batch is malformed")
+        return [step.name for step in steps]
+
+
+@pytest.fixture
+def compute():
+    _Step.runs = []
+    thread = ComputeThread(max_batch_tokens=8, training_max_wait=0.2)
+    yield thread
+    thread.shutdown()
+
+
+def _blocked(compute: ComputeThread) -> tuple[threading.Event, asyncio.Future]:
+    """Occupies the compute thread until the event is set, so later submissions pile up."""
+    gate = threading.Event()
+    return gate, compute.submit(gate.wait, Priority.INFERENCE)
+
+
+def test_pending_steps_share_one_forward_per_key(compute):
+    async def scenario():
+        gate, blocker = _blocked(compute)
+        await asyncio.sleep(0.05)
+        futures = [compute.submit(_Step(f"a{i}"), Priority.INFERENCE) for i in range(4)]
+        futures += [compute.submit(_Step(f"b{i}", key=("span", 1, 3)), Priority.INFERENCE) for i in range(2)]
+        gate.set()
+        return await asyncio.gather(blocker, *futures)
+
+    results = asyncio.run(scenario())
+    assert results[1:] == ["a0", "a1", "a2", "a3", "b0", "b1"]
+    assert ("a0", "a1", "a2", "a3") in _Step.runs and ("b0", "b1") in _Step.runs
+    assert compute.stats.max_batch == 4 and compute.stats.steps >= 6
+
+
+def test_a_round_stops_at_the_token_budget_in_arrival_order(compute):
+    async def scenario():
+        gate, blocker = _blocked(compute)
+        await asyncio.sleep(0.05)
+        # a 6-token prefill between decodes: the budget (8 tokens) splits the rounds, order is kept
+        steps = [_Step("d0", tokens=1), _Step("d1", tokens=1), _Step("p", tokens=6), _Step("d2", tokens=1),
+                 _Step("d3", tokens=1)]
+        futures = [compute.submit(step, Priority.INFERENCE) for step in steps]
+        gate.set()
+        await asyncio.gather(blocker, *futures)
+
+    asyncio.run(scenario())
+    assert _Step.runs == [("d0", "d1", "p"), ("d2", "d3")]
+
+
+def test_inference_runs_ahead_of_forward_and_backward(compute):
+    order = []
+
+    def record(name):
+        return lambda: order.append(name)
+
+    async def scenario():
+        gate, blocker = _blocked(compute)
+        await asyncio.sleep(0.05)
+        futures = [compute.submit(record("backward"), Priority.BACKWARD),
+                   compute.submit(record("forward"), Priority.FORWARD),
+                   compute.submit(record("inference"), Priority.INFERENCE)]
+        gate.set()
+        await asyncio.gather(blocker, *futures)
+
+    asyncio.run(scenario())
+    assert order == ["inference", "forward", "backward"]
+
+
+def test_training_is_not_starved_by_a_busy_inference_queue(compute):
+    async def scenario():
+        stop = asyncio.Event()
+
+        async def inference_client(index: int) -> int:
+            served = 0
+            while not stop.is_set():
+                await compute.submit(lambda: time.sleep(0.01), Priority.INFERENCE)
+                served += 1
+            return served
+
+        clients = [asyncio.create_task(inference_client(i)) for i in range(3)]
+        await asyncio.sleep(0.05)  # the inference queue is never empty from here on
+        began = time.monotonic()
+        await compute.submit(lambda: None, Priority.BACKWARD)
+        waited = time.monotonic() - began
+        stop.set()
+        return waited, await asyncio.gather(*clients)
+
+    waited, served = asyncio.run(scenario())
+    assert waited < 2.0  # ran after about training_max_wait (0.2 s), not after inference dried up
+    assert all(count > 3 for count in served)  # and inference kept flowing meanwhile
+
+
+def test_a_failing_step_fails_alone(compute):
+    async def scenario():
+        gate, blocker = _blocked(compute)
+        await asyncio.sleep(0.05)
+        futures = [compute.submit(_Step("ok0"), Priority.INFERENCE),
+                   compute.submit(_Step("bad", fail=True), Priority.INFERENCE),
+                   compute.submit(_Step("ok1"), Priority.INFERENCE)]
+        gate.set()
+        return await asyncio.gather(blocker, *futures, return_exceptions=True)
+
+    _, ok0, bad, ok1 = asyncio.run(scenario())
+    assert (ok0, ok1) == ("ok0", "ok1")
+    assert isinstance(bad, ValueError) and "bad is malformed" in str(bad)
+
+
+def test_cancelled_steps_are_skipped(compute):
+    async def scenario():
+        gate, blocker = _blocked(compute)
+        await asyncio.sleep(0.05)
+        gone = compute.submit(_Step("gone"), Priority.INFERENCE)
+        kept = compute.submit(_Step("kept"), Priority.INFERENCE)
+        gone.cancel()  # its client closed the stream while the step waited
+        gate.set()
+        return await asyncio.gather(blocker, kept)
+
+    assert asyncio.run(scenario())[1] == "kept"
+    assert all("gone" not in run for run in _Step.runs)
