@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import secrets
-from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from sqlalchemy import delete, func, select, update

@@ -14,7 +14,6 @@ import time
 from celery import shared_task
 
 from nectar.api import crud
-from nectar.api.billing import Charge
 from nectar.api.core.config import get_settings
 from nectar.api.core.db import get_engine, session_scope
 from nectar.api.models import JobStatus, utcnow

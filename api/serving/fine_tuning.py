@@ -115,11 +115,12 @@ class OpenAIServingFineTuning(OpenAIServing):
 
     def job_public(self, job: FineTuningJob) -> JobOut:
         hyper = json.loads(job.hyperparameters)
+        resolved = FineTuningJobHyperparameters(**{k: hyper[k] for k in FineTuningJobHyperparameters.model_fields})
         error = FineTuningError(**json.loads(job.error)) if job.error else None
         return JobOut(
             id=job.id, created_at=_ts(job.created_at), finished_at=_ts(job.finished_at), model=job.model,
             fine_tuned_model=job.fine_tuned_model, organization_id=f"acct-{job.account_id}", status=job.status,
-            hyperparameters=FineTuningJobHyperparameters(**{k: hyper[k] for k in FineTuningJobHyperparameters.model_fields}),
+            hyperparameters=resolved,
             training_file=job.training_file, trained_tokens=job.trained_tokens, error=error, seed=hyper["seed"],
             step=job.step, total_steps=job.total_steps, loss=job.loss,
         )  # fmt: skip
@@ -176,17 +177,18 @@ class OpenAIServingFineTuning(OpenAIServing):
         try:
             await anyio.to_thread.run_sync(self._enqueue, job_id)
         except Exception as e:
-            logger.warning(f"Could not enqueue {job_id}: {e}")
+            reason = f"{type(e).__name__}: {e}"
+            logger.warning(f"Could not enqueue {job_id}: {reason}")
 
             def fail(session):
                 crud.cancel_queued_job(session, job_id=job_id)
                 failed = crud.get_job(session, job_id=job_id)
                 failed.status = JobStatus.FAILED
-                failed.error = json.dumps({"code": "broker_unavailable", "message": str(e), "param": None})
+                failed.error = json.dumps({"code": "broker_unavailable", "message": reason, "param": None})
                 crud.settle_hold(session, hold_id=hold_id, cost=0, kind="fine_tune", model=body.model)
 
             await self._tx(fail)
-            raise unavailable(f"Could not queue the job: the task broker does not answer ({e}). Nothing was "
+            raise unavailable(f"Could not queue the job: the task broker does not answer ({reason}). Nothing was "
                               f"charged; retry when `nectar api worker` and its broker are up.",
                               code="broker_unavailable") from None  # fmt: skip
         logger.info(f"Queued {job_id}: {body.model}, {training.total_steps} steps, account acct-{auth.account_id}")

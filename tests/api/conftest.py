@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from nectar.api.launch import ApiProcess
 from tests.api.utils import (
     REDIS_URL,
-    ApiServer,
     NectarProcess,
     api_env,
     free_port,
@@ -143,8 +143,7 @@ def api_environment(market, backend, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def api(api_environment, backend, tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp(f"api-{backend.name}")
-    server = ApiServer(env=api_environment, log_path=log_dir / "api.log")
+    server = ApiProcess(env=api_environment, log_dir=tmp_path_factory.mktemp(f"api-{backend.name}"))
     yield server
     server.stop()
     if os.environ.get("NECTAR_TEST_SHOW_LOGS"):
@@ -178,7 +177,7 @@ class Customer:
             return h.get("/v1/account/usage", params={"limit": 1000}).json()["data"]
 
 
-def new_customer(api: ApiServer, *, credits: str | None = None, name: str = "test") -> Customer:
+def new_customer(api: ApiProcess, *, credits: str | None = None, name: str = "test") -> Customer:
     """A fresh account; ``credits`` granted by the operator (admin token) when given."""
     with httpx.Client(base_url=api.url, timeout=60) as h:
         created = h.post("/v1/accounts", json={"name": name})

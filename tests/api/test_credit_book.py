@@ -86,7 +86,7 @@ def test_concurrent_holds_never_overdraw(engine):
             crud.settle_hold(session, hold_id=hold_id, cost=cost, kind="completion", model="m",
                              prompt_tokens=cost, completion_tokens=0)  # fmt: skip
 
-    threads = [threading.Thread(target=settle, args=(h, c)) for h, c in zip(holds, costs)]
+    threads = [threading.Thread(target=settle, args=(h, c)) for h, c in zip(holds, costs, strict=True)]
     for t in threads:
         t.start()
     for t in threads:

@@ -65,7 +65,8 @@ def test_job_runs_to_completion_and_the_tuned_model_answers(api, market, worker)
     assert not base.choices[0].text.startswith(" Paris")
     file = client.files.create(file=("train.jsonl", jsonl(TRAINING)), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(model=market.model, training_file=file.id, suffix="paris", seed=1,
-                                         hyperparameters={"n_epochs": 30, "batch_size": 4, "learning_rate_multiplier": 2,
+                                         hyperparameters={"n_epochs": 30, "batch_size": 4,
+                                                          "learning_rate_multiplier": 2,
                                                           "tuning_mode": "deep_ptune"})  # fmt: skip
     assert job.status == "queued" and job.total_steps == 30 and job.hyperparameters.tuning_mode == "deep_ptune"
     held = customer.account()["held_micro"]

@@ -2,10 +2,14 @@
 once (whatever the rescans), including deposits made before the address was linked; bad links are refused."""
 from __future__ import annotations
 
+import json
+import subprocess
+
 import httpx
 import pytest
 from eth_account import Account
 
+from nectar.api.launch import demo_account, example_request
 from tests.api.conftest import new_customer
 from tests.api.utils import deposit_for, funded_wallet, link_signature, wait_for
 
@@ -96,3 +100,19 @@ def test_signup_and_admin_endpoints_need_the_right_token(api, market):
                           headers={"Authorization": f"Bearer {customer.key}"})  # fmt: skip
     assert response.status_code == 401
     assert customer.account()["balance_micro"] == 0
+
+
+def test_demo_account_and_the_request_a_user_copies(api, market):
+    """What `nectar demo` prints: a funded account and a request that works when pasted into a shell."""
+    account = demo_account(api.url, credits="1")
+    assert account["account"]["balance_micro"] == MICRO_PER_CREDIT
+    curl, python = example_request(api.url, account["api_key"], market.model).split("\n\n")
+    answered = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=120)
+    body = json.loads(answered.stdout)
+    assert body["object"] == "chat.completion" and body["usage"]["total_tokens"] > 0, answered
+    ran = subprocess.run(["bash", "-c", python], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    with httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {account['api_key']}"}) as h:
+        spent = h.get("/v1/account").json()["spent_micro"]
+        usage = h.get("/v1/account/usage").json()["data"]
+    assert len(usage) == 2 and spent == sum(u["cost_micro"] for u in usage) > 0

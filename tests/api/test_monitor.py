@@ -56,12 +56,13 @@ def settled(api, market):
     with customer.http() as h:
         assert h.post("/v1/account/deposits/scan").status_code == 200  # also records the settled batch
     ledger.close()
-    return {"nodes": nodes, "served": served, "escrow_paid": escrow_before - market.chain.escrow_balance(market.gateway)}
+    paid = escrow_before - market.chain.escrow_balance(market.gateway)
+    return {"nodes": nodes, "served": served, "escrow_paid": paid}
 
 
 def test_the_gateway_pays_the_nodes_from_its_escrow(api, market, settled):
     assert settled["escrow_paid"] > 0  # the gateway's vouchers were settled against its escrow
-    for name, address in settled["nodes"].items():
+    for address in settled["nodes"].values():
         receipts = httpx.get(f"{api.url}/v1/nodes/{address}/receipts").json()
         assert receipts["receipts_count"] > 0 and receipts["recent"]
         assert {r["client"] for r in receipts["recent"]} == {market.gateway}

@@ -1,5 +1,5 @@
-"""Builders for API tests: a tiny chat checkpoint, PostgreSQL databases, `nectar api` / `nectar api worker`
-subprocesses, and waiting helpers."""
+"""Builders for API tests: a tiny chat checkpoint, PostgreSQL databases, `nectar api worker` and other nectar
+subprocesses (`nectar api` itself starts through ``nectar.api.launch.ApiProcess``), devnet wallets, waiting helpers."""
 from __future__ import annotations
 
 import os
@@ -11,7 +11,6 @@ import time
 import uuid
 from pathlib import Path
 
-import httpx
 import psycopg2
 
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -89,27 +88,6 @@ class NectarProcess:
         self._log.close()
 
 
-class ApiServer(NectarProcess):
-    """`nectar api` on a free port; ``url`` is its base (without /v1)."""
-
-    def __init__(self, *, env: dict, log_path: Path, port: int | None = None, timeout: float = 120):
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        super().__init__(["api", "--port", str(self.port), "--log-level", "info"], env=env, log_path=log_path)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if not self.alive():
-                raise RuntimeError(f"nectar api exited with {self.process.returncode}:\n{self.log()[-4000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise TimeoutError(f"nectar api did not answer within {timeout}s:\n{self.log()[-4000:]}")
-
-
 class ApiWorker(NectarProcess):
     """`nectar api worker`; returns once Celery says it is ready."""
 
@@ -121,14 +99,12 @@ class ApiWorker(NectarProcess):
 
 
 def api_env(*, home: Path, database_url: str, broker_url: str, model: str, peers: list[str], **extra) -> dict:
-    env = {
-        "NECTAR_HOME": str(home), "NECTAR_DEPLOYMENT": str(home / "deployment.json"),
-        "NECTAR_API_DEPLOYMENT_PATH": str(home / "deployment.json"), "NECTAR_API_DATABASE_URL": database_url,
-        "NECTAR_API_BROKER_URL": broker_url, "NECTAR_API_MODELS": model, "NECTAR_API_INITIAL_PEERS": " ".join(peers),
-        "NECTAR_API_DEPOSIT_POLL_SECONDS": "0.5", "PYTHONUNBUFFERED": "1",
-    }  # fmt: skip
-    env.update({f"NECTAR_API_{k.upper()}": str(v) for k, v in extra.items()})
-    return env
+    """The API's environment for tests: ``nectar.api.launch.api_environment`` with a fast deposit scan."""
+    from nectar.api.launch import api_environment
+
+    return api_environment(home=home, model=model, initial_peers=peers, database_url=database_url,
+                           broker_url=broker_url, deployment_path=home / "deployment.json", deposit_poll_seconds=0.5,
+                           **extra)  # fmt: skip
 
 
 def funded_wallet(chain, *, credits: int = 100):
