@@ -141,11 +141,19 @@ class SwarmView:
                 time.sleep(0.2 * (attempt + 1))
         raise AssertionError("unreachable")
 
+    async def _close(self) -> None:
+        await self._dht.shutdown()
+        current = asyncio.current_task()
+        pending = [t for t in asyncio.all_tasks() if t is not current]  # DHT refresh timers and the like
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
     def shutdown(self) -> None:
         if not self._loop.is_running():
             return
         try:
-            self.run(self._dht.shutdown(), timeout=10)
+            self.run(self._close(), timeout=10)
         except Exception:
             logger.debug("The ledger's DHT peer did not shut down cleanly", exc_info=True)
         finally:

@@ -119,9 +119,23 @@ def initial_peers_of(settings: Settings) -> list[str]:
     return [p for p in text.replace(",", " ").split() if p]
 
 
+_VIEWS: list[SwarmView] = []
+
+
 @lru_cache(maxsize=4)
 def _shared_view(initial_peers: tuple[str, ...]) -> SwarmView:
-    return SwarmView(initial_peers)  # one DHT peer per process, reused by every spot-check task
+    view = SwarmView(initial_peers)  # one DHT peer per process, reused by every spot-check task
+    _VIEWS.append(view)
+    return view
+
+
+def close_views() -> None:
+    """Leave the swarm (called when a worker process shuts down: a live DHT peer would hold its exit up)."""
+    if _shared_view.cache_info().currsize:
+        for view in list(_VIEWS):
+            view.shutdown()
+        _VIEWS.clear()
+        _shared_view.cache_clear()
 
 
 def swarm_view(settings: Settings) -> SwarmView:
@@ -147,4 +161,4 @@ def swarm_verifiers(settings: Settings, fallback: list[Verifier] | None = None) 
 
 
 __all__ = ["RpcAuditSource", "SwarmVerifier", "audit_from_settings", "swarm_verifiers",
-           "swarm_view", "verifier_client", "initial_peers_of"]  # fmt: skip
+           "swarm_view", "close_views", "verifier_client", "initial_peers_of"]  # fmt: skip

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from functools import lru_cache
 
 from celery import shared_task
 from celery.exceptions import Retry
+from celery.signals import worker_process_shutdown
 
 from nectar.ledger import crud
 from nectar.ledger.core.config import get_settings
@@ -24,6 +26,14 @@ from nectar.ledger.worker import (
 from nectar.wire.receipts import SignedReceipt
 
 logger = logging.getLogger(__name__)
+
+
+@worker_process_shutdown.connect
+def _leave_swarm(**_) -> None:
+    """A pool process that joined the swarm for spot checks leaves it, or its DHT peer would hold the exit up."""
+    module = sys.modules.get("nectar.ledger.swarm_audit")
+    if module is not None:
+        module.close_views()
 
 
 @lru_cache(maxsize=1)
