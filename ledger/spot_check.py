@@ -214,6 +214,10 @@ class SpotChecker:
             return Verdict("inconclusive", 0, str(e))
         if commit_tensor(history[:, -positions:]) != receipt.input_commitment:
             return Verdict("inconclusive", 0, "audited inputs do not hash to the receipt's input commitment")
+        if self._prefix_consistent(receipt, history) is False:
+            logger.warning(f"Node {receipt.node} answered an audit with a history its own receipts contradict")
+            return Verdict("inconclusive", 0, "the audited history contradicts the node's earlier receipts of this "
+                                              "session (a fabricated prefix)")
         dtype = history.dtype
         fingerprints = []
         for executions, verifier in enumerate(self.verifiers[:2], start=1):
@@ -228,6 +232,29 @@ class SpotChecker:
         if fingerprints_match(fingerprints[0], fingerprints[1], dtype=dtype):
             return Verdict("failed", 3, "two independent recomputations agree with each other and not with the node")
         return Verdict("inconclusive", 3, "all three executions disagree; no one is accused")
+
+    def _prefix_consistent(self, receipt: WireReceipt, history: torch.Tensor) -> bool | None:
+        """Whether each earlier step's slice of the audited history hashes to that step's signed input commitment,
+        so a node cannot make up the context a step is judged in. None when it cannot tell (a rollback, a missing
+        receipt, a single-shot forward)."""
+        if receipt.kind != ReceiptKind.INFERENCE:
+            return None
+        with session_scope(self.engine) as session:
+            rows = crud.session_receipts(session, session_id=receipt.session_id, node=receipt.node, kind=receipt.kind,
+                                         block_start=receipt.block_start, block_end=receipt.block_end)  # fmt: skip
+            segments = [(r.step, r.tokens, r.input_commitment) for r in rows if r.step <= receipt.step]
+        batch = history.shape[0]
+        if [step for step, _, _ in segments] != list(range(receipt.step + 1)) or any(t % batch for _, t, _ in segments):
+            return None
+        if sum(tokens // batch for _, tokens, _ in segments) != history.shape[1]:
+            return None  # positions were rolled back (or the node kept more): the plain concatenation does not apply
+        offset = 0
+        for _, tokens, commitment in segments:
+            length = tokens // batch
+            if commit_tensor(history[:, offset : offset + length]) != commitment:
+                return False
+            offset += length
+        return True
 
     def _report_on_chain(self, signed, claimed: bytes, verdict: Verdict) -> tuple[str | None, str | None]:
         """(attestation tx hash, slash status); an attestation that could not be sent is retried by

@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from sqlalchemy import select
 
 from nectar.ledger import crud
 from nectar.ledger.core.config import Settings
@@ -174,3 +175,30 @@ def test_picks_are_a_fraction_q_and_depend_on_the_secret():
     picked_b = {leaf for leaf in leaves if is_picked(seed_b, leaf, 0.05)}
     assert 800 < len(picked_a) < 1200 and 800 < len(picked_b) < 1200
     assert len(picked_a & picked_b) < 150  # independent draws overlap ~q^2 * n = 50
+
+
+class FabricatingAudit(AuditSource):
+    """A node answering audits with a made-up context: the step's own inputs are real, everything before is not."""
+
+    def __init__(self, inner: MemoryAudit):
+        self.inner = inner
+
+    def input_history(self, receipt):
+        history = self.inner.input_history(receipt)
+        positions = receipt.tokens // history.shape[0]
+        fake = torch.randn_like(history[:, :-positions])
+        return torch.cat([fake, history[:, -positions:]], dim=1)
+
+
+def test_a_fabricated_history_prefix_is_refused(world):
+    items = [item for item, _, _ in world["items"] if item.receipt.node == world["honest"][0] and item.receipt.step >= 2]
+    receipt = items[0].receipt
+    with session_scope(world["engine"]) as session:
+        stored_fp = session.scalar(select(crud.Receipt.fingerprint).where(crud.Receipt.leaf == R.receipt_leaf(receipt)))
+    honest = SpotChecker(settings=world["settings"], engine=world["engine"], verifiers=world["verifiers"],
+                         audit=world["audit"])  # fmt: skip
+    assert honest._prefix_consistent(receipt, world["audit"].input_history(receipt)) is True
+    lying = SpotChecker(settings=world["settings"], engine=world["engine"], verifiers=world["verifiers"],
+                        audit=FabricatingAudit(world["audit"]))  # fmt: skip
+    verdict = lying._judge(receipt, stored_fp)
+    assert verdict.status == "inconclusive" and "fabricated" in verdict.detail
