@@ -133,8 +133,11 @@ def settle_hold(session: Session, *, hold_id: int, cost: int, kind: str, model: 
 
 
 def release_stale_holds(session: Session, *, older_than: timedelta) -> int:
-    """Return holds left by crashed requests to their accounts (uncharged: the work's result was never delivered)."""
-    stale = list(session.scalars(select(Hold).where(Hold.created_at < utcnow() - older_than)))
+    """Return holds left by crashed requests to their accounts (uncharged: the work's result was never delivered).
+    Holds of fine-tuning jobs still queued or running are kept: the worker settles them however long they take."""
+    active_jobs = select(FineTuningJob.id).where(FineTuningJob.status.in_(["queued", "running"]))
+    stale = list(session.scalars(select(Hold).where(Hold.created_at < utcnow() - older_than,
+                                                    Hold.reference.not_in(active_jobs))))  # fmt: skip
     released = 0
     for hold in stale:
         if session.execute(delete(Hold).where(Hold.id == hold.id)).rowcount == 1:

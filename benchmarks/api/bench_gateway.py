@@ -3,8 +3,8 @@
 A swarm of two nodes serves a tiny Llama with SmolLM2's tokenizer (or ``--model smollm2-135m`` for the real one).
 Printed, all from this run:
 
-1. decode tokens/s of the client SDK called directly, and through the gateway (openai client): the gateway's
-   overhead as a ratio;
+1. generated tokens/s (prefill included) of the client SDK called directly and, interleaved with it, through the
+   gateway (openai client): the gateway's overhead as a ratio;
 2. streaming: time to first token and total time;
 3. a load test: C concurrent clients on ONE account, R requests each, with 1 and with 4 generation workers: requests/s,
    tokens/s, p50/p95 latency, and the book check (balance change == sum of usage x price, nothing held, never < 0).
@@ -130,12 +130,7 @@ def main() -> None:
 
         sdk = DistributedModelForCausalLM.from_pretrained(model, initial_peers=swarm.initial_peers)
         sdk.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up: routes, caches
-        began = time.perf_counter()
-        for _ in range(args.runs):
-            sdk.generate(ids, max_new_tokens=args.tokens, do_sample=False, eos_token_id=-1)
-        sdk_tps = args.runs * args.tokens / (time.perf_counter() - began)
-        sdk.shutdown()
-
+        sdk_time = sdk_tokens = api_time = api_tokens = 0.0
         loads = {}
         for workers in (1, 4):
             env = api_environment(home=work / f"api-{workers}", model=model, initial_peers=swarm.initial_peers,
@@ -145,12 +140,17 @@ def main() -> None:
                     key, _ = funded_key(api.url, "10")
                     client = OpenAI(base_url=f"{api.url}/v1", api_key=key, max_retries=0)
                     client.completions.create(model=name, prompt=prompt, max_tokens=4, temperature=0)
-                    began, produced = time.perf_counter(), 0
-                    for _ in range(args.runs):
-                        # ignore_eos is not an OpenAI option: count what was produced instead
-                        produced += client.completions.create(model=name, prompt=prompt, max_tokens=args.tokens,
-                                                              temperature=0).usage.completion_tokens
-                    api_tps = produced / (time.perf_counter() - began)
+                    for _ in range(args.runs):  # interleaved, so both see the same load on this machine
+                        began = time.perf_counter()
+                        sdk.generate(ids, max_new_tokens=args.tokens, do_sample=False, eos_token_id=-1)
+                        sdk_time, sdk_tokens = sdk_time + time.perf_counter() - began, sdk_tokens + args.tokens
+                        began = time.perf_counter()
+                        # OpenAI has no ignore_eos: count what was produced
+                        api_tokens += client.completions.create(model=name, prompt=prompt, max_tokens=args.tokens,
+                                                                temperature=0).usage.completion_tokens
+                        api_time += time.perf_counter() - began
+                    sdk_tps, api_tps = sdk_tokens / sdk_time, api_tokens / api_time
+                    sdk.shutdown()
                     began = time.perf_counter()
                     stream = client.completions.create(model=name, prompt=prompt, max_tokens=args.tokens,
                                                        temperature=0, stream=True)  # fmt: skip
@@ -162,8 +162,8 @@ def main() -> None:
                 loads[workers] = load_test(api.url, name, clients=args.clients, requests=args.requests,
                                            tokens=args.tokens)  # fmt: skip
 
-    print(f"\n[bench] decode through the SDK directly: {sdk_tps:.1f} tokens/s")
-    print(f"[bench] decode through the gateway:       {api_tps:.1f} tokens/s "
+    print(f"\n[bench] generation through the SDK directly: {sdk_tps:.1f} tokens/s")
+    print(f"[bench] generation through the gateway:       {api_tps:.1f} tokens/s "
           f"(gateway/SDK = {api_tps / sdk_tps:.2f})")
     print(f"[bench] streaming: first token after {first * 1000:.0f} ms, {args.tokens} tokens in "
           f"{stream_total * 1000:.0f} ms")

@@ -147,3 +147,20 @@ def test_keys_are_stored_hashed(engine):
     with session_scope(engine) as session:
         assert crud.key_by_plaintext(session, key=plaintext).account_id == account_id
         assert crud.key_by_plaintext(session, key=plaintext + "x") is None
+
+
+def test_the_sweep_keeps_the_holds_of_running_jobs(engine):
+    account_id = new_account(engine, 1000)
+    with session_scope(engine) as session:
+        file = crud.create_file(session, account_id=account_id, filename="f.jsonl", purpose="fine-tune", content=b"{}")
+        job_id = crud.new_job_id()
+        hold = crud.place_hold(session, account_id=account_id, amount=300, reference=job_id)
+        crud.create_job(session, job_id=job_id, account_id=account_id, model="m", training_file=file.id,
+                        hyperparameters={}, suffix=None, total_steps=10, hold_id=hold.id)  # fmt: skip
+        crud.claim_job(session, job_id=job_id)
+    with session_scope(engine) as session:
+        crud.release_stale_holds(session, older_than=timedelta(seconds=-1))
+    assert balances(engine, account_id) == (700, 300)  # a long job keeps its hold
+    with session_scope(engine) as session:
+        crud.settle_hold(session, hold_id=hold.id, cost=120, kind="fine_tune", model="m", prompt_tokens=12)
+    assert balances(engine, account_id) == (880, 0)

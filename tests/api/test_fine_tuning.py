@@ -87,6 +87,10 @@ def test_job_runs_to_completion_and_the_tuned_model_answers(api, market, worker)
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model=done.fine_tuned_model, prompt=prompt, max_tokens=3, temperature=0, stream=True))
     assert streamed == tuned.choices[0].text
+    question = [{"role": "user", "content": "France's capital city?"}]
+    chat = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=3, temperature=0, messages=question)
+    base_chat = client.chat.completions.create(model=market.model, max_tokens=3, temperature=0, messages=question)
+    assert chat.choices[0].message.content != base_chat.choices[0].message.content  # the soft prompt is in effect
     usage = {u["reference"]: u for u in customer.usage()}
     assert usage[job.id]["kind"] == "fine_tune" and usage[job.id]["cost_micro"] == done.trained_tokens * PRICE
     account = customer.account()

@@ -3,6 +3,7 @@ completions, chat, streaming, stop strings, n; usage counted and debited exactly
 load test of concurrent requests on one account that must never overdraw nor lose a charge."""
 from __future__ import annotations
 
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from tests.api.conftest import new_customer
+from tests.api.utils import wait_for
 
 pytestmark = pytest.mark.slow
 PRICE = 10  # micro-credits per token, the gateway's default
@@ -266,3 +268,29 @@ def test_concurrent_requests_never_overdraw_and_lose_no_charge(api, market, toke
     assert len(usage) == len(paid) and sum(u["cost_micro"] for u in usage) == sum(paid) * PRICE
     assert seen and all(balance >= 0 and held >= 0 for balance, held in seen)
     assert max(held for _, held in seen) <= initial
+
+
+def test_a_client_that_leaves_mid_stream_pays_for_what_was_generated(api, market):
+    customer = new_customer(api, credits="1")
+    body = {"model": market.model, "prompt": "A very long story:", "max_tokens": 300, "temperature": 0.8, "seed": 3,
+            "stream": True}  # fmt: skip
+    with customer.http() as h:
+        with h.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            events = (line for line in response.iter_lines() if line.startswith("data: {"))
+            received = [json.loads(next(events)[6:]) for _ in range(3)]
+        # leaving the block drops the connection mid-generation
+    assert all(chunk["object"] == "text_completion" for chunk in received)
+    wait_for(lambda: customer.account()["held_micro"] == 0, 60, "the stream's hold to be settled")
+    [usage] = customer.usage()
+    assert 3 <= usage["completion_tokens"] < 300  # generation stopped soon after the client left
+    assert usage["cost_micro"] == (usage["prompt_tokens"] + usage["completion_tokens"]) * PRICE
+    assert customer.account()["balance_micro"] == 10**6 - usage["cost_micro"]
+
+
+def test_an_oversized_body_gets_413(api, market):
+    customer = new_customer(api, credits="1")
+    with customer.http() as h:
+        response = h.post("/v1/completions", json={"model": market.model, "prompt": "x" * (2 * 1024 * 1024)})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+    assert customer.account()["requests"] == 0
