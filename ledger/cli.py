@@ -52,7 +52,11 @@ def worker_main(argv: list[str]) -> int:
     _common(parser)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--no-beat", action="store_true", help="do not embed beat (when another process runs it)")
+    parser.add_argument("--initial-peers", nargs="*", metavar="MULTIADDR",
+                        help="swarm peers for spot checks over the swarm (NECTAR_LEDGER_AUDIT_SOURCE=swarm)")
     args = parser.parse_args(argv)
+    if args.initial_peers:
+        os.environ["NECTAR_LEDGER_SWARM_INITIAL_PEERS"] = " ".join(args.initial_peers)
     _apply(args)
     from nectar.ledger.core.config import get_settings
     from nectar.ledger.core.db import run_migrations
@@ -63,6 +67,13 @@ def worker_main(argv: list[str]) -> int:
     except ValueError as e:
         print(f"nectar worker: bad settings: {e}")
         return 2
+    if settings.audit_source == "swarm" or settings.spot_check_verifier == "swarm":
+        from nectar.ledger.swarm_audit import initial_peers_of
+
+        if not initial_peers_of(settings):
+            print("nectar worker: spot checks over the swarm need its address: pass --initial-peers MULTIADDR "
+                  "(or set NECTAR_LEDGER_SWARM_INITIAL_PEERS)")
+            return 2
     run_migrations(settings.database_url)
     app = create_celery(settings)
     worker_argv = ["worker", f"--concurrency={args.concurrency}", f"--loglevel={args.log_level}", "--pool=prefork",

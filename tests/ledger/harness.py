@@ -42,10 +42,17 @@ class LedgerDeployment:
         wait_http(f"{self.url}/health", process=self.ledger)
 
     def start_worker(self, **settings) -> None:
-        self.worker = start_nectar("worker", ["--log-level", "INFO"], self.env(**settings), self.home / "worker.log")
-        wait_for(lambda: "ready" in (self.home / "worker.log").read_text(errors="ignore") or self.worker.poll() is not None,
-                 60, "the worker to start")  # fmt: skip
-        assert self.worker.poll() is None, (self.home / "worker.log").read_text()[-3000:]
+        log = self.home / "worker.log"
+        offset = log.stat().st_size if log.exists() else 0  # the log is appended to: a restart must not see old lines
+
+        def started() -> bool:
+            with open(log, "rb") as f:
+                f.seek(offset)
+                return b"ready" in f.read() or self.worker.poll() is not None
+
+        self.worker = start_nectar("worker", ["--log-level", "INFO"], self.env(**settings), log)
+        wait_for(started, 120, "the worker to start")
+        assert self.worker.poll() is None, log.read_text()[-3000:]
 
     @staticmethod
     def kill9(process) -> None:
