@@ -29,6 +29,13 @@ def database_url(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def monkeypatch_module():
+    """Environment changes that last for one test module (its market's deployment file, say)."""
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+@pytest.fixture(scope="module")
 def ledger_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("nectar-home")
     old = {k: os.environ.get(k) for k in ("NECTAR_HOME", "NECTAR_DEPLOYMENT")}

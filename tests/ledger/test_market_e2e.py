@@ -38,12 +38,6 @@ def market(tmp_path_factory, contracts_snapshot, monkeypatch_module):
         market.stop()
 
 
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
-
-
 def balances(market) -> tuple[dict[str, int], int, int]:
     chain = market.chain
     nodes = {n.eth_address: chain.node_balance(n.eth_address) for n in market.swarm.nodes}

@@ -43,12 +43,6 @@ class Prefer(PeerScorer):
 
 
 @pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
-
-
-@pytest.fixture(scope="module")
 def market(tmp_path_factory, contracts_snapshot, monkeypatch_module):
     home = tmp_path_factory.mktemp("market-audit")
     market = SwarmMarket(home, price=PRICE, model_name="tiny-audit-swarm-llama")
