@@ -33,6 +33,9 @@ def _apply(args) -> None:
         value = getattr(args, flag, None)
         if value is not None:
             os.environ[f"NECTAR_API_{env}"] = " ".join(value) if isinstance(value, list) else str(value)
+    if getattr(args, "deployment", None):
+        # the client's wallet signs vouchers under the domain of nectar.paths.deployment_path(): keep them one file
+        os.environ["NECTAR_DEPLOYMENT"] = str(args.deployment)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("hivemind", "asyncio", "httpx", "urllib3", "web3", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -63,6 +66,10 @@ def api_main(argv: list[str]) -> int:
     settings = _settings("nectar api")
     if settings is None:
         return 2
+    if not (settings.initial_peers or os.environ.get("NECTAR_INITIAL_PEERS", "").strip()):
+        print("nectar api: no swarm to serve from: pass --initial-peers MULTIADDR (printed by `nectar dht` or "
+              "`nectar node`) or set NECTAR_INITIAL_PEERS", file=sys.stderr)
+        return 2
     import uvicorn
 
     from nectar.api.main import create_app
@@ -89,9 +96,11 @@ def worker_main(argv: list[str]) -> int:
     settings = _settings("nectar api worker")
     if settings is None:
         return 2
+    from nectar.api.core.config import align_deployment
     from nectar.api.core.db import run_migrations
     from nectar.api.worker import QUEUE, create_celery
 
+    align_deployment(settings)
     run_migrations(settings.database_url)
     app = create_celery(settings)
     app.worker_main(["worker", f"--concurrency={args.concurrency}", f"--loglevel={args.log_level}", "--pool=threads",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from contextlib import asynccontextmanager
 
 import anyio
@@ -16,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 
 from nectar.api.billing import Billing
 from nectar.api.chain_watch import ChainUnavailable, ChainWatcher
-from nectar.api.core.config import Settings, get_settings
+from nectar.api.core.config import Settings, align_deployment, get_settings
 from nectar.api.core.db import get_engine, run_migrations
 from nectar.api.deps import ApiState
 from nectar.api.engine import Engine
@@ -87,6 +88,7 @@ def create_app(settings: Settings | None = None, *, swarm: Engine | None = None)
         await anyio.to_thread.run_sync(run_migrations, settings.database_url)
         engine = swarm
         if engine is None:
+            align_deployment(settings)
             peers = settings.initial_peers or _env_peers()
             engine = await anyio.to_thread.run_sync(lambda: Engine.start(
                 settings.models, initial_peers=peers, private_key=settings.gateway_key(),
@@ -129,9 +131,8 @@ def create_app(settings: Settings | None = None, *, swarm: Engine | None = None)
 
 
 def _env_peers() -> list[str]:
-    import os
-
     return [p for p in os.environ.get("NECTAR_INITIAL_PEERS", "").replace(",", " ").split() if p]
+
 
 
 def _openapi(app: FastAPI) -> dict:

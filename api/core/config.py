@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 from decimal import Decimal
 from functools import lru_cache
@@ -138,6 +139,14 @@ def micro_to_credits(micro: int) -> str:
     sign = "-" if micro < 0 else ""
     whole, frac = divmod(abs(int(micro)), MICRO)
     return f"{sign}{whole}.{frac:06d}"
+
+
+def align_deployment(settings: Settings) -> None:
+    """The client's wallet signs vouchers under the EIP-712 domain of ``nectar.paths.deployment_path()``
+    (``NECTAR_DEPLOYMENT``); point it at the file these settings name, so gateway, nodes and chain share one domain."""
+    if Path(settings.deployment_path).resolve() != Path(deployment_path()).resolve():
+        logger.info(f"Using deployment {settings.deployment_path} for vouchers too (NECTAR_DEPLOYMENT)")
+        os.environ["NECTAR_DEPLOYMENT"] = str(settings.deployment_path)
 
 
 @lru_cache(maxsize=1)
