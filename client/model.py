@@ -75,6 +75,10 @@ class DistributedModelForCausalLM(torch.nn.Module):
         peers = list(initial_peers or config.initial_peers or os.environ.get("NECTAR_INITIAL_PEERS", "").split())
         config = replace(config, initial_peers=tuple(peers))
         path = resolve_model(str(model))
+        if scorer is None and config.ledger_url:
+            from nectar.client.routing.reputation import ReputationScorer
+
+            scorer = ReputationScorer.from_config(config)  # reputation and price from the ledger steer routes
         runtime = ClientRuntime(peers)
         wallet = Wallet(private_key or config.private_key)
         return cls(path, model_id_of(str(model)), config=config, runtime=runtime, wallet=wallet, scorer=scorer,

@@ -19,11 +19,15 @@ class AuditLog:
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def record(self, session_id: bytes, step: int, position: int, inputs: torch.Tensor, start: int, end: int) -> None:
+    def record(self, session_id: bytes, step: int, position: int, inputs: torch.Tensor, start: int, end: int,
+               *, prompts: torch.Tensor | None = None) -> None:
         with self._lock:
             entry = self._sessions.get(session_id)
             if entry is None:
-                entry = self._sessions[session_id] = {"steps": {}, "span": (start, end), "touched": time.time()}
+                entry = self._sessions[session_id] = {"steps": {}, "span": (start, end), "touched": time.time(),
+                                                      "prompts": None}
+            if prompts is not None:
+                entry["prompts"] = prompts.detach().cpu().clone()
             previous = entry["steps"].get(step)
             if previous is not None:
                 self._bytes -= previous[1].numel() * previous[1].element_size()
@@ -41,8 +45,9 @@ class AuditLog:
             _, entry = self._sessions.popitem(last=False)
             self._bytes -= sum(t.numel() * t.element_size() for _, t in entry["steps"].values())
 
-    def history(self, session_id: bytes, step: int) -> tuple[torch.Tensor, tuple[int, int]] | None:
-        """The session's input sequence [B, L, H] as it stood after ``step`` (rollbacks applied), and its span."""
+    def history(self, session_id: bytes, step: int):
+        """(the session's input sequence [B, L, H] as it stood after ``step`` (rollbacks applied), its span, the
+        deep prompts sent with its first step or None), or None if unknown."""
         with self._lock:
             entry = self._sessions.get(session_id)
             if entry is None or step not in entry["steps"]:
@@ -53,4 +58,4 @@ class AuditLog:
                     break
                 position, tensor = entry["steps"][s]
                 sequence = tensor if sequence is None else torch.cat([sequence[:, :position], tensor], dim=1)
-            return sequence, entry["span"]
+            return sequence, entry["span"], entry["prompts"]

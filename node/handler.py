@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 from typing import AsyncIterator, Callable, Optional
 
@@ -117,6 +118,11 @@ class NodeHandler:
         if not isinstance(session_id, bytes) or not (1 <= len(session_id) <= 32):
             raise NodeRPCError(ErrorCode.BAD_REQUEST, "session_id must be 1 to 32 bytes")
         return session_id.rjust(32, b"\0")
+
+    def _call_session_id(self, metadata: dict) -> bytes:
+        # A forward/backward call without a session gets a fresh id: two such receipts must never share
+        # (session, step), or they would look like a double-sign and an honest node could be slashed.
+        return self._session_id(metadata) if "session_id" in metadata else os.urandom(32)
 
     @staticmethod
     def _int(metadata: dict, name: str, low: int, high: int, default=None) -> int:
@@ -244,7 +250,7 @@ class NodeHandler:
             Priority.INFERENCE,
         )
         outputs = self._maybe_corrupt(outputs)
-        self.audit.record(session_id, step, position, hidden, start, end)
+        self.audit.record(session_id, step, position, hidden, start, end, prompts=prompts if position == 0 else None)
         reply = self._sign(session_id=session_id, step=step, kind=schema.ReceiptKind.INFERENCE, start=start, end=end,
                            client=client, tokens=tokens, inputs=hidden, outputs=outputs)
         reply["cache_tokens_left"] = self.memory.tokens_left
@@ -272,7 +278,7 @@ class NodeHandler:
         outputs = await self.compute.submit(
             lambda: self.backend.forward(hidden, start=start, end=end, prompts=prompts), Priority.FORWARD
         )
-        reply = self._sign(session_id=self._session_id(metadata) if "session_id" in metadata else b"\0" * 32,
+        reply = self._sign(session_id=self._call_session_id(metadata),
                            step=self._int(metadata, "step", 0, 2**63 - 1, default=0), kind=schema.ReceiptKind.FORWARD,
                            start=start, end=end, client=client, tokens=tokens, inputs=hidden, outputs=outputs)
         yield make_response([outputs], reply)
@@ -299,7 +305,7 @@ class NodeHandler:
             lambda: self.backend.backward(hidden, grad_outputs, start=start, end=end, prompts=prompts),
             Priority.BACKWARD,
         )
-        reply = self._sign(session_id=self._session_id(metadata) if "session_id" in metadata else b"\0" * 32,
+        reply = self._sign(session_id=self._call_session_id(metadata),
                            step=self._int(metadata, "step", 0, 2**63 - 1, default=0), kind=schema.ReceiptKind.BACKWARD,
                            start=start, end=end, client=client, tokens=tokens, inputs=grad_outputs,
                            outputs=grad_inputs)
@@ -314,5 +320,6 @@ class NodeHandler:
         if found is None:
             raise NodeRPCError(ErrorCode.UNKNOWN_SESSION, f"no audit record for this session at step {step} "
                                                           "(expired or never served here)")
-        inputs, (start, end) = found
-        yield make_response([inputs], {"start": start, "end": end})
+        inputs, (start, end), prompts = found
+        # deep prompts of the first step are part of the computation: a verifier must add them too
+        yield make_response([inputs] + ([prompts] if prompts is not None else []), {"start": start, "end": end})

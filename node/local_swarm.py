@@ -104,15 +104,25 @@ class LocalSwarm:
 
     @staticmethod
     def _kill(proc: SwarmProcess, sig=signal.SIGKILL) -> None:
+        """SIGKILL takes the whole process group down at once; SIGTERM goes to the main process only, so it can say
+        goodbye through its own DHT and P2P daemons before they stop (the group is reaped afterwards)."""
         if proc.alive():
             try:
-                os.killpg(proc.process.pid, sig)
+                if sig == signal.SIGKILL:
+                    os.killpg(proc.process.pid, sig)
+                else:
+                    proc.process.send_signal(sig)
             except ProcessLookupError:
                 pass
             try:
-                proc.process.wait(10)
+                proc.process.wait(15)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.process.pid, signal.SIGKILL)
+                pass
+        try:
+            os.killpg(proc.process.pid, signal.SIGKILL)  # leftovers of the group, e.g. p2pd daemons
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.process.wait()
 
     def kill(self, node: SwarmProcess) -> None:
         """Kills a node abruptly (SIGKILL): no goodbye announcement, like a crashed machine."""
@@ -147,8 +157,14 @@ class LocalSwarm:
             dht.shutdown()
 
     def close(self) -> None:
-        for proc in self.nodes + ([self.bootstrap] if self.bootstrap else []):
-            self._kill(proc, signal.SIGTERM)
+        """Stops every process at once (each says goodbye on its own), the bootstrap peer last."""
+        threads = [threading.Thread(target=self._kill, args=(proc, signal.SIGTERM)) for proc in self.nodes]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if self.bootstrap is not None:
+            self._kill(self.bootstrap, signal.SIGTERM)
 
     def __enter__(self) -> "LocalSwarm":
         return self

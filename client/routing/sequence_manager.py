@@ -127,6 +127,11 @@ class RemoteSequenceManager:
 
     # ---- routes -----------------------------------------------------------------------------------------------
 
+    def _begin_route(self) -> None:
+        begin = getattr(self.scorer, "begin_route", None)  # scorers that explore draw anew per route
+        if begin is not None:
+            begin()
+
     def _hop_cost(self, peer_id: PeerID, info: ServerInfo, blocks: int) -> float:
         compute = blocks / max(info.throughput, 1e-9)
         return (self.latency(peer_id) + compute) * self.scorer.cost_factor(peer_id, info)
@@ -134,6 +139,7 @@ class RemoteSequenceManager:
     def make_inference_route(self, start: int = 0, end: Optional[int] = None, *, cache_tokens: int = 0,
                              exclude: tuple = ()) -> list[RemoteSpan]:
         end = self.num_blocks if end is None else end
+        self._begin_route()
         for attempt in range(2):
             candidates = {p: i for p, i in self._candidates(start, end).items() if p not in exclude}
             usable = {p: i for p, i in candidates.items() if i.cache_tokens_left >= cache_tokens} or candidates
@@ -176,6 +182,7 @@ class RemoteSequenceManager:
     def make_training_route(self, start: int = 0, end: Optional[int] = None) -> list[RemoteSpan]:
         """Throughput-proportional random choice, hop by hop, each hop as long as its server allows."""
         end = self.num_blocks if end is None else end
+        self._begin_route()
         candidates = self._candidates(start, end)
         route, block = [], start
         while block < end:

@@ -87,10 +87,12 @@ def test_audit_log_replays_rollbacks_and_evicts():
     log.record(b"s", 1, 3, b, 0, 2)
     log.record(b"s", 2, 4, c, 0, 2)
     log.record(b"s", 3, 3, c2, 0, 2)  # rolled back to position 3 and replaced
-    history, span = log.history(b"s", 3)
-    assert span == (0, 2) and history[0, :, 0].tolist() == [1, 1, 1, 4, 4]
+    history, span, prompts = log.history(b"s", 3)
+    assert span == (0, 2) and prompts is None and history[0, :, 0].tolist() == [1, 1, 1, 4, 4]
     assert log.history(b"s", 2)[0][0, :, 0].tolist() == [1, 1, 1, 2, 3]
     assert log.history(b"unknown", 0) is None
+    log.record(b"p", 0, 0, a, 0, 2, prompts=torch.ones(2, 1, 1, 2))
+    assert log.history(b"p", 0)[2].shape == (2, 1, 1, 2)  # deep prompts travel with the audit
     small = AuditLog(max_bytes=100, retention_s=60)
     small.record(b"x", 0, 0, torch.zeros(1, 10, 2), 0, 1)  # 80 bytes
     small.record(b"y", 0, 0, torch.zeros(1, 10, 2), 0, 1)  # evicts x
