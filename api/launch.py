@@ -153,5 +153,6 @@ def example_request(url: str, api_key: str, model: str) -> str:
     return (f"curl {url}/v1/chat/completions -H 'Authorization: Bearer {api_key}' "
             f"-H 'Content-Type: application/json' -d {shlex.quote(body)}\n\n"
             f"python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='{api_key}'); "
-            f"print(c.chat.completions.create(model='{model}', messages=[{{'role': 'user', 'content': 'Hi!'}}])"
+            f"print(c.chat.completions.create(model='{model}', max_tokens=32, "
+            f"messages=[{{'role': 'user', 'content': 'Hi!'}}])"
             f".choices[0].message.content)\"")

@@ -251,6 +251,7 @@ def test_concurrent_requests_never_overdraw_and_lose_no_charge(api, market, toke
             results = list(pool.map(one, range(40)))
         paid = [tokens for tokens in results if tokens is not None]
         assert len(paid) >= 12 and len(paid) < 40  # 12 fit at once; the rest wait for refunds or get 402
+        first_wave = len(paid)
         # drain: keep asking until nothing fits any more
         for i in range(200):
             tokens = one(100 + i)
@@ -268,6 +269,8 @@ def test_concurrent_requests_never_overdraw_and_lose_no_charge(api, market, toke
     assert len(usage) == len(paid) and sum(u["cost_micro"] for u in usage) == sum(paid) * PRICE
     assert seen and all(balance >= 0 and held >= 0 for balance, held in seen)
     assert max(held for _, held in seen) <= initial
+    print(f"load test: 40 concurrent -> {first_wave} served, {40 - first_wave} got 402; {len(paid)} served in all; "
+          f"{initial - account['balance_micro']} of {initial} micro-credits charged, {len(seen)} balance samples >= 0")
 
 
 def test_a_client_that_leaves_mid_stream_pays_for_what_was_generated(api, market):

@@ -89,3 +89,19 @@ def _refs(node):
     elif isinstance(node, list):
         for item in node:
             yield from _refs(item)
+
+
+def test_the_cli_says_what_is_missing(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NECTAR_API_", "NECTAR_INITIAL_PEERS"))}
+    env["NECTAR_HOME"] = str(tmp_path)
+    ran = subprocess.run([sys.executable, "-m", "nectar.cli", "api", "--port", "1"], env=env, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert ran.returncode == 2 and "--initial-peers" in ran.stderr
+    production = subprocess.run([sys.executable, "-m", "nectar.cli", "api", "--initial-peers", "/ip4/127.0.0.1"],
+                                env={**env, "NECTAR_API_ENVIRONMENT": "production"}, capture_output=True, text=True,
+                                timeout=120)  # fmt: skip
+    assert production.returncode == 2 and "NECTAR_API_ADMIN_TOKEN" in production.stderr
