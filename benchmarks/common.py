@@ -68,10 +68,11 @@ def llama_config(size: str):
     )
 
 
-def checkpoint(size: str, *, dtype: str = "float32", seed: int = 0) -> Path:
+def checkpoint(size: str, *, dtype: str = "float32", seed: int = 0, device: str = "cpu") -> Path:
     """A random-weight Llama checkpoint of ``size`` (built once, then reused from ``bench_dir()``).
 
     Saved as safetensors shards plus an index (what Nectar and Petals 2.2 both read from a local folder).
+    :param device: where to draw the random weights (a GPU draws a 7B model in seconds)
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -83,10 +84,11 @@ def checkpoint(size: str, *, dtype: str = "float32", seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = llama_config(size)
     torch_dtype = getattr(torch, dtype)
-    with torch.device("cpu"):
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     tmp = path.with_suffix(".tmp")
-    model.save_pretrained(str(tmp), max_shard_size="500MB")
+    model.save_pretrained(str(tmp), max_shard_size="2GB" if size not in ("tiny", "mid") else "500MB")
+    del model
     _write_legacy_config(tmp / "config.json", config, dtype)
     tmp.rename(path)
     return path
@@ -161,6 +163,10 @@ class TokenClock:
         self._seen_prompt = False
 
     def put(self, value) -> None:
+        if getattr(value, "is_cuda", False):
+            import torch
+
+            torch.cuda.synchronize()  # time the token, not the kernel launches
         if not self._seen_prompt:
             self._seen_prompt = True
             self.start = time.perf_counter()

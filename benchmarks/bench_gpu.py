@@ -1,0 +1,106 @@
+"""The GPU run: a Llama-2-7B-shaped model (random float16 weights) split over 2 nodes on one GPU.
+
+Measures, in one run on one GPU:
+  1. single-session greedy decode (16-token prompt, 64 new tokens) through local transformers ``generate()``;
+  2. the same through Nectar: 2 node processes (blocks 0:16 and 16:32) on that GPU, the client's embeddings and LM
+     head on that GPU too (as a GPU client would run them);
+  3. aggregate decode tokens/s of 1 and 16 concurrent sessions through the same 2-node route.
+Runs unattended and prints every figure (see benchmarks/gpu/run_gpu.sh for the device command).
+
+    python benchmarks/bench_gpu.py --model llama2-7b --device cuda --dtype float16
+"""
+from __future__ import annotations
+
+import common  # noqa: F401  (sets the OpenMP wait policy before torch loads)
+
+import gc
+import logging
+import time
+
+import torch
+
+from bench_concurrency import run_sessions
+from bench_decode import local_decode, swarm_decode
+from common import (
+    DecodeTiming, base_parser, best, checkpoint, distributed_model, emit, even_spans, local_swarm, log,
+    median_timing, prompt_ids, set_threads,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def head_on(model, device: str):
+    """Keeps the client's embeddings and LM head on ``device``; logits come back to the CPU for the sampler."""
+    head = model.head.to(device)
+    logits = head.logits
+    head.logits = lambda hidden: logits(hidden).float().cpu()
+    return model
+
+
+def main() -> None:
+    parser = base_parser(__doc__)
+    parser.set_defaults(model="llama2-7b", threads=4)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--sessions", type=int, nargs="+", default=[1, 16])
+    args = parser.parse_args()
+    set_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    began = time.perf_counter()
+    path = checkpoint(args.model, dtype=args.dtype, device=args.device)
+    log(f"checkpoint ready in {time.perf_counter() - began:.0f}s: {path}")
+    num_blocks = common.llama_config(args.model).num_hidden_layers
+
+    log("local transformers generate()")
+    local, local_tokens = local_decode(path, repeats=args.repeats, dtype=dtype, device=args.device)
+    gc.collect()
+    torch.cuda.empty_cache() if args.device.startswith("cuda") else None
+    local_best = best(local)
+
+    spans = even_spans(num_blocks, args.nodes)
+    log(f"Nectar: {args.nodes} nodes {spans} on {args.device}")
+    concurrency = {}
+    with local_swarm(path, spans, threads=args.threads, device=args.device, dtype=args.dtype,
+                     extra_args=["--cache-mb", "16384"]) as swarm:
+        model = head_on(distributed_model(path, swarm, dtype=dtype), args.device)
+        try:
+            model.generate(prompt_ids(), max_new_tokens=4, do_sample=False, eos_token_id=[])
+            runs, tokens = swarm_decode(model, repeats=args.repeats)
+            run_sessions(model, 2, steps=4)  # warm-up of the batched path
+            for num_sessions in args.sessions:
+                result = run_sessions(model, num_sessions)
+                concurrency[num_sessions] = result
+                log(f"  {num_sessions} sessions: {result['aggregate_tps']:.1f} tok/s")
+        finally:
+            model.shutdown()
+    top = best(runs)
+    ratio = top.decode_tps / local_best.decode_tps
+    overhead = top.median_ms - local_best.median_ms
+    gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device
+    figures = {
+        "model": args.model, "device": gpu, "dtype": args.dtype, "nodes": args.nodes,
+        "local": {"decode_tps": local_best.decode_tps, "median_ms": local_best.median_ms,
+                  "runs_tps": [t.decode_tps for t in local]},
+        "nectar": {"decode_tps": top.decode_tps, "median_ms": top.median_ms, "ratio": ratio, "overhead_ms": overhead,
+                   "median_run_tps": median_timing(runs).decode_tps, "runs_tps": [t.decode_tps for t in runs],
+                   "same_tokens": tokens.tolist() == local_tokens.tolist()},
+        "concurrency": concurrency,
+    }
+    base = concurrency[args.sessions[0]]["aggregate_tps"]
+    rows = [
+        ("local transformers", f"{local_best.decode_tps:8.1f} tok/s  median {local_best.median_ms:6.2f} ms/token"),
+        (f"nectar, {args.nodes} nodes", f"{top.decode_tps:8.1f} tok/s  median {top.median_ms:6.2f} ms/token  "
+                                        f"{ratio:5.2f}x local  overhead {overhead:+.2f} ms/token"),
+        ("same greedy tokens", str(figures["nectar"]["same_tokens"])),
+    ]
+    for num_sessions, result in concurrency.items():
+        rows.append((f"{num_sessions} concurrent session(s)",
+                     f"{result['aggregate_tps']:8.1f} tok/s aggregate  {result['aggregate_tps'] / base:5.2f}x "
+                     f"{args.sessions[0]} session  median step {result['median_step_ms']:6.1f} ms"))
+    emit(f"GPU: {args.model} {args.dtype} on {gpu}, {args.nodes} nodes on one GPU, 16+64 tokens", rows, figures,
+         args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Downloads (here, with PyPI access) the wheels Nectar's node and client need on a CUDA PyTorch machine that has no
+# internet, into .whl/ at the repository root (ignored by git). The GPU image already has torch, transformers,
+# numpy, scipy, msgpack, uvloop, protobuf, PyYAML, ...; these are the rest (Python 3.12, x86-64 manylinux).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+dest=.whl
+mkdir -p "$dest"
+platform=(--python-version 3.12 --implementation cp --abi cp312 --platform manylinux_2_28_x86_64
+          --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+          --platform manylinux1_x86_64 --platform manylinux_2_5_x86_64 --platform any)
+binary=(
+  hivemind==1.1.12 grpcio==1.85.3 grpcio-tools==1.85.1 cryptography==48.0.0 cffi==2.0.0 pycparser==3.0
+  configargparse==1.9.0 base58==2.1.1 netaddr==1.3.0 mmh3==5.3.1 morphys==1.0 py-cid==0.5.0
+  py-multibase==2.0.0 py-multicodec==1.0.0 py-multihash==3.0.0 blake3==1.0.11
+  eth-account==0.14.0 eth-abi==6.0.0 eth-hash==0.8.0 eth-keyfile==0.10.0 eth-keys==0.8.0 eth-rlp==3.0.0
+  eth-typing==6.0.0 eth-utils==6.0.0 hexbytes==2.0.0 rlp==5.0.0 bitarray==3.12.3 ckzg==2.1.8 cytoolz==1.2.0
+  parsimonious==0.10.0 py-ecc==8.0.0 coincurve==21.0.0 pycryptodome==3.24.1
+  pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2
+)
+for spec in "${binary[@]}"; do
+  python -m pip download -q --no-deps --only-binary=:all: "${platform[@]}" -d "$dest" "$spec"
+done
+# pure-Python packages PyPI has only as source: build their (universal) wheels here
+for spec in prefetch-generator==1.0.3 varint==1.0.2 python-baseconv==1.2.2; do
+  python -m pip wheel -q --no-deps -w "$dest" "$spec"
+done
+du -sh "$dest"
