@@ -1,8 +1,9 @@
 """``nectar demo``: the whole market on one machine, on embedded defaults, nothing installed by hand.
 
 A devnet (Anvil + contracts), the ledger service and its Celery worker (SQLite database and broker), a swarm of two
-nodes splitting the built-in model, and a client that deposits credits, generates text and pays with vouchers.
-Then an epoch closes and settles on chain, and the demo prints what each party paid and earned.
+nodes splitting the built-in model, the paid OpenAI-compatible API, and a client that deposits credits, generates text
+and pays with vouchers. Then an epoch closes and settles on chain, and the demo prints what each party paid and
+earned, and a request to the API that a user can copy (``--keep-running`` leaves everything up for it).
 """
 from __future__ import annotations
 
@@ -65,11 +66,13 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
+    from nectar.api.launch import ApiProcess, api_environment, demo_account, example_request
     from nectar.chain import Chain, free_port, start_devnet
     from nectar.client import ClientConfig, DistributedModelForCausalLM
     from nectar.ledger.client import LedgerClient
-    from nectar.models import get_family, load_config, load_tokenizer, resolve_model
+    from nectar.models import get_family, load_config, load_tokenizer, model_id_of, resolve_model
     from nectar.node.local_swarm import LocalSwarm
+    from nectar.paths import nectar_home
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="nectar-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -94,8 +97,7 @@ def main(argv: list[str]) -> int:
     ledger_port = free_port()
     ledger_url = f"http://127.0.0.1:{ledger_port}"
     processes = []
-    swarm = None
-    model = None
+    swarm = api = model = None
     try:
         print("[demo] starting the ledger service and its Celery worker (SQLite) ...", flush=True)
         processes.append(_spawn(["ledger", "--port", str(ledger_port)], workdir / "ledger.log", env))
@@ -117,6 +119,17 @@ def main(argv: list[str]) -> int:
         swarm.wait_for_blocks(args.model, num_blocks)
         for node in swarm.nodes:
             print(f"         {node.name} {node.address}")
+
+        print("[demo] starting the paid OpenAI-compatible API and its fine-tuning worker ...", flush=True)
+        gateway_key = accounts["client"][1]["privateKey"]  # the gateway pays nodes from its own escrow
+        if chain.escrow_balance(accounts["client"][1]["address"]) < DEPOSIT:
+            chain.deposit(gateway_key, DEPOSIT)
+        api = ApiProcess(env=api_environment(
+            home=nectar_home(), model=args.model, initial_peers=swarm.initial_peers, ledger_url=ledger_url,
+            deployment_path=deployment_path, private_key=gateway_key,
+            database_url=f"sqlite:///{workdir / 'api.db'}", broker_url=f"sqla+sqlite:///{workdir / 'api-broker.db'}",
+        ), log_dir=workdir, worker=True)
+        api_account = demo_account(api.url, credits="10")
 
         client = accounts["client"][0]
         escrow_before = chain.escrow_balance(client["address"])
@@ -165,14 +178,26 @@ def main(argv: list[str]) -> int:
         ok = escrow_before - escrow_after == charged
         print(f"[demo] {'OK' if ok else 'MISMATCH'}: the client was charged exactly what its receipts add up to"
               if ok else f"[demo] MISMATCH: charged {charged}, escrow fell by {escrow_before - escrow_after}")
+        import httpx
+
+        reply = httpx.post(f"{api.url}/v1/chat/completions", timeout=120,
+                           headers={"Authorization": f"Bearer {api_account['api_key']}"},
+                           json={"model": model_id_of(args.model), "max_tokens": 16, "temperature": 0,
+                                 "messages": [{"role": "user", "content": "What is the capital of France?"}]}).json()
+        print(f"[demo] the paid API answered: {reply['choices'][0]['message']['content']!r} "
+              f"(usage {reply['usage']['total_tokens']} tokens, debited from the API account)")
+        print(f"[demo] the paid API is at {api.url}/v1 (swarm monitor: {api.url}/monitor); with --keep-running, try:")
+        print(example_request(api.url, api_account["api_key"], model_id_of(args.model)))
         if args.keep_running:
-            print(f"[demo] market is up: ledger {ledger_url}, swarm {swarm.initial_peers[0]}, "
+            print(f"[demo] market is up: API {api.url}, ledger {ledger_url}, swarm {swarm.initial_peers[0]}, "
                   f"chain {chain.w3.provider.endpoint_uri}. Ctrl-C to stop.")
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
         return 0 if ok else 1
     finally:
         if model is not None:
             model.shutdown()
+        if api is not None:
+            api.stop()
         if swarm is not None:
             swarm.close()
         for process in processes:

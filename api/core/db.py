@@ -36,5 +36,7 @@ def run_migrations(database_url: str) -> None:
     from alembic import command
 
     from nectar.api.migrations import alembic_config
+    from nectar.ledger.migrations import migration_lock
 
-    command.upgrade(alembic_config(database_url), "head")
+    with migration_lock(database_url):  # the API and its worker start together: one migrates, the other waits
+        command.upgrade(alembic_config(database_url), "head")
