@@ -6,29 +6,12 @@ The engine comes from the ledger's ``make_engine`` (one home for the SQLite prag
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
-from functools import lru_cache
 
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session
-
-from nectar.ledger.core.db import make_engine
+from nectar.ledger.core.db import get_engine, session_scope  # one engine cache and transaction scope for both
 
 logger = logging.getLogger(__name__)
 
-
-@lru_cache(maxsize=8)
-def get_engine(database_url: str) -> Engine:
-    return make_engine(database_url)
-
-
-@contextmanager
-def session_scope(engine: Engine) -> Iterator[Session]:
-    """One transaction: committed on success, rolled back on error."""
-    with Session(engine, expire_on_commit=False) as session:
-        with session.begin():
-            yield session
+__all__ = ["get_engine", "run_migrations", "session_scope"]
 
 
 def run_migrations(database_url: str) -> None:
