@@ -1,0 +1,195 @@
+"""Where one inference hop's time goes: client -> node -> client, split into its stages (median and mean, in us).
+
+Starts a bootstrap peer, one node in a child process with timing hooks (its own process, as in production), and a
+client with timing hooks in this process; runs single-token steps of one session and matches the two sides' clock
+readings by step number (both read CLOCK_MONOTONIC). Stages:
+
+  client main -> loop      the calling thread hands the step to the client's event loop thread
+  loop -> node recv        serialising the request, both P2P daemons, the node reading it
+  recv -> handler          the node's stream task picks the request up
+  handler -> compute       unpacking and checks in the handler, then the hand-off to the compute thread
+  compute                  the forward through the span (one batch)
+  compute -> handler exit  result back on the node's loop, receipt signed, response built
+  exit -> sent             writing the response to the node's P2P daemon
+  sent -> client loop      both P2P daemons back, the client reading it
+  loop -> main + checks    back to the calling thread, output and receipt checks
+
+    python benchmarks/profile_hop.py --model tiny --steps 300
+"""
+from __future__ import annotations
+
+import common  # noqa: F401  (sets the OpenMP wait policy before torch loads)
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+now = time.perf_counter_ns  # CLOCK_MONOTONIC on Linux: comparable across processes
+
+
+def serve(args) -> None:
+    """The node side: a real Server with hooks around receive, handler step, compute and send."""
+    from hivemind.p2p import P2P
+
+    from nectar.node import backend as backend_module
+    from nectar.node import handler as handler_module
+    from nectar.node.config import NodeConfig
+    from nectar.node.server import Server
+
+    steps: dict = {}
+    computes: list = []
+    last_receive = [0]
+    sending = [None]
+    receive, send = P2P.receive_protobuf, P2P.send_protobuf
+
+    async def timed_receive(*a, **k):
+        result = await receive(*a, **k)
+        last_receive[0] = now()
+        return result
+
+    async def timed_send(*a, **k):
+        result = await send(*a, **k)
+        if sending[0] is not None:
+            steps[sending[0]]["sent"], sending[0] = now(), None
+        return result
+
+    P2P.receive_protobuf, P2P.send_protobuf = staticmethod(timed_receive), staticmethod(timed_send)
+    step_function = handler_module.NodeHandler._inference_step
+
+    async def timed_step(self, request, metadata, **kwargs):
+        record = steps.setdefault(metadata.get("step"), {})
+        record["recv"], record["enter"] = last_receive[0], now()
+        result = await step_function(self, request, metadata, **kwargs)
+        record["exit"] = now()
+        sending[0] = metadata.get("step")
+        return result
+
+    handler_module.NodeHandler._inference_step = timed_step
+    run_inference = backend_module.SpanBackend.run_inference
+
+    def timed_run(self, tasks):
+        began = now()
+        result = run_inference(self, tasks)
+        computes.append((began, now()))
+        return result
+
+    backend_module.SpanBackend.run_inference = timed_run
+    config = NodeConfig(model=str(args.path), blocks=(0, args.blocks), host="127.0.0.1", initial_peers=[args.peers],
+                        throughput=1.0, num_threads=args.threads, key_dir=Path(tempfile.mkdtemp()),
+                        public_name="profiled", announce_period=2)
+    server = Server(config)
+    server.start()
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    print("ready", flush=True)
+    done.wait()
+    Path(args.out).write_text(json.dumps({"steps": {str(k): v for k, v in steps.items()}, "computes": computes}))
+    os._exit(0)
+
+
+def profile(args) -> None:
+    import torch
+
+    from common import distributed_model, local_swarm, set_threads
+    from nectar.client import inference_session as session_module
+    from nectar.node.local_swarm import LocalSwarm
+
+    set_threads(args.threads)
+    client: dict = {}
+    hop_step = session_module._HopStream.step
+
+    async def timed_hop_step(self, tensors, metadata, timeout):
+        record = client.setdefault(metadata["step"], {})
+        record["loop_enter"] = now()
+        result = await hop_step(self, tensors, metadata, timeout)
+        record["loop_got"] = now()
+        return result
+
+    session_module._HopStream.step = timed_hop_step
+    run_hop = session_module.InferenceSession._run_hop
+
+    def timed_run_hop(self, hop, inputs, *, step, position):
+        record = client.setdefault(step, {})
+        record["start"] = now()
+        result = run_hop(self, hop, inputs, step=step, position=position)
+        record["end"] = now()
+        return result
+
+    session_module.InferenceSession._run_hop = timed_run_hop
+    out = Path(tempfile.mkdtemp()) / "node.json"
+    with LocalSwarm() as swarm:
+        swarm.start_bootstrap()
+        child = subprocess.Popen([sys.executable, __file__, "--serve", "--model", args.model, "--path", str(args.path),
+                                  "--blocks", str(args.blocks), "--threads", str(args.threads), "--peers",
+                                  swarm.initial_peers[0], "--out", str(out)], stdout=subprocess.PIPE, text=True,
+                                 env={**os.environ, **common.node_env(args.threads)})
+        try:
+            assert child.stdout.readline().strip() == "ready", "the profiled node did not start"
+            swarm.wait_for_blocks(str(args.path), args.blocks)
+            model = distributed_model(args.path, swarm)
+            hidden = model.head.embedding_dim
+            session = model.inference_session(max_length=args.steps + 20)
+            session.step(torch.randn(1, 16, hidden))
+            for _ in range(args.steps):
+                session.step(torch.randn(1, 1, hidden))
+            session.close()
+            model.shutdown()
+        finally:
+            child.send_signal(signal.SIGTERM)
+            child.wait(60)
+    node = json.loads(out.read_text())
+    rows = []
+    for step, record in client.items():
+        theirs = node["steps"].get(str(step))
+        if step < 10 or not theirs or "sent" not in theirs:
+            continue
+        compute = next(((a, b) for a, b in node["computes"] if theirs["enter"] <= a <= theirs["exit"]), None)
+        if compute is None:
+            continue
+        rows.append({
+            "client main -> loop": record["loop_enter"] - record["start"],
+            "loop -> node recv": theirs["recv"] - record["loop_enter"],
+            "recv -> handler": theirs["enter"] - theirs["recv"],
+            "handler -> compute": compute[0] - theirs["enter"],
+            "compute": compute[1] - compute[0],
+            "compute -> handler exit": theirs["exit"] - compute[1],
+            "exit -> sent": theirs["sent"] - theirs["exit"],
+            "sent -> client loop": record["loop_got"] - theirs["sent"],
+            "loop -> main + checks": record["end"] - record["loop_got"],
+            "whole hop": record["end"] - record["start"],
+        })
+    print(f"\n== One hop, {args.model} blocks 0:{args.blocks}, {len(rows)} single-token steps, {args.threads} thread(s)")
+    print(f"   machine: {common.machine_line()} | commit {common.git_commit()}")
+    for stage in rows[0]:
+        values = [row[stage] / 1e3 for row in rows]
+        print(f"   {stage:<26} median {statistics.median(values):8.0f} us   mean {statistics.mean(values):8.0f} us")
+    overhead = [(row["whole hop"] - row["compute"]) / 1e3 for row in rows]
+    print(f"   {'hop minus compute':<26} median {statistics.median(overhead):8.0f} us   "
+          f"mean {statistics.mean(overhead):8.0f} us")
+
+
+def main() -> None:
+    parser = common.base_parser(__doc__)
+    parser.add_argument("--blocks", type=int, default=common.NUM_LAYERS, help="the profiled node hosts blocks 0:N (all)")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--serve", action="store_true", help=common.argparse.SUPPRESS)
+    parser.add_argument("--path", type=Path, help=common.argparse.SUPPRESS)
+    parser.add_argument("--peers", help=common.argparse.SUPPRESS)
+    parser.add_argument("--out", help=common.argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args)
+        return
+    args.path = common.checkpoint(args.model)
+    profile(args)
+
+
+if __name__ == "__main__":
+    main()
