@@ -8,12 +8,11 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
-import psycopg2
+from tests.ledger.utils import fresh_postgres_url  # one home for throwaway test databases
 
-POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
 REDIS_URL = "redis://127.0.0.1:6379"
 
 
@@ -29,27 +28,11 @@ def make_chat_checkpoint(path: Path, *, seed: int = 0) -> Path:
     return path
 
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def fresh_postgres_url(prefix: str) -> tuple[str, callable]:
-    """A new empty PostgreSQL database; returns its URL and a function that drops it."""
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    conn = psycopg2.connect(POSTGRES_ADMIN)
-    conn.autocommit = True
-    conn.cursor().execute(f'CREATE DATABASE "{name}"')
-    conn.close()
-
-    def drop():
-        c = psycopg2.connect(POSTGRES_ADMIN)
-        c.autocommit = True
-        c.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        c.close()
-
-    return f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}", drop
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
