@@ -4,9 +4,9 @@ Same checkpoint, dtype (float32), device (CPU) and torch threads everywhere; 16-
 Decode tokens/s counts the 63 gaps between new tokens (the first token is prefill). The per-token overhead of a route
 is its median gap minus the local median gap.
 
-Local runs happen in a child process, once with OpenMP's default wait policy and once with PASSIVE (what nodes use),
-and the faster counts as the baseline. On a shared machine, local and swarm runs alternate, and each side's best
-run is compared.
+Local runs happen in a child process, alternately with OpenMP's default wait policy and with PASSIVE (what nodes use),
+and each is followed by a Nectar run, so both sides get the same number of runs under the same load. On a shared
+machine, each side's best run is compared (the medians of the runs are printed too).
 
     python benchmarks/bench_decode.py --model tiny --nodes 1 2 3 --threads 1
 """
@@ -24,7 +24,7 @@ import torch
 
 from common import (
     NEW_TOKENS, NUM_LAYERS, DecodeTiming, TokenClock, base_parser, best, checkpoint, distributed_model, emit,
-    even_spans, local_swarm, log, prompt_ids, set_threads,
+    even_spans, local_swarm, log, median_timing, prompt_ids, set_threads,
 )
 
 logger = logging.getLogger(__name__)
@@ -97,20 +97,21 @@ def main() -> None:
             model = distributed_model(path, swarm)
             try:
                 model.generate(prompt_ids(), max_new_tokens=4, do_sample=False, eos_token_id=[])  # warm-up
-                runs = []
+                runs, paired = [], []
                 for repeat in range(args.repeats):  # alternate: the machine's load hits both sides alike
-                    for policy in ("", "PASSIVE"):
+                    for policy in ("", "PASSIVE"):  # each local run is followed by one Nectar run: equal samples
                         timings, local_tokens = local_in_child(args.model, threads=args.threads, repeats=1,
                                                                policy=policy)
                         local_runs += timings
+                        paired += timings
                         policies.setdefault(policy or "default", []).extend(timings)
-                    timings, tokens = swarm_decode(model, repeats=1)
-                    runs += timings
-                    log(f"  repeat {repeat}: local {best(local_runs[-2:]).decode_tps:.1f} tok/s, "
-                        f"nectar {timings[0].decode_tps:.1f} tok/s")
+                        timings, tokens = swarm_decode(model, repeats=1)
+                        runs += timings
+                        log(f"  repeat {repeat}: local ({policy or 'default'}) {local_runs[-1].decode_tps:.1f} tok/s, "
+                            f"nectar {timings[0].decode_tps:.1f} tok/s")
             finally:
                 model.shutdown()
-        results[num_nodes] = (runs, tokens)
+        results[num_nodes] = (runs, tokens, paired)
 
     local_best = best(local_runs)
     figures["local"] = {"decode_tps": local_best.decode_tps, "median_ms": local_best.median_ms,
@@ -118,17 +119,21 @@ def main() -> None:
     rows = [("local transformers", f"{local_best.decode_tps:8.1f} tok/s  median {local_best.median_ms:6.2f} ms/token"
              f"  (best of {len(local_runs)}; OpenMP default {best(policies['default']).decode_tps:.1f}, "
              f"PASSIVE {best(policies['PASSIVE']).decode_tps:.1f})")]
-    for num_nodes, (runs, tokens) in results.items():
-        top = best(runs)
-        ratio = top.decode_tps / local_best.decode_tps
-        overhead = top.median_ms - local_best.median_ms
+    for num_nodes, (runs, tokens, paired) in results.items():
+        top, local_top = best(runs), best(paired)  # against the local runs interleaved with these
+        ratio = top.decode_tps / local_top.decode_tps
+        overhead = top.median_ms - local_top.median_ms
+        median_ratio = median_timing(runs).decode_tps / median_timing(paired).decode_tps
         same = tokens.tolist() == local_tokens.tolist()
         figures[f"nodes{num_nodes}"] = {"decode_tps": top.decode_tps, "median_ms": top.median_ms, "ratio": ratio,
-                                        "overhead_ms": overhead, "same_tokens": same,
-                                        "runs_tps": [t.decode_tps for t in runs]}
+                                        "overhead_ms": overhead, "same_tokens": same, "median_run_ratio": median_ratio,
+                                        "paired_local_tps": local_top.decode_tps,
+                                        "runs_tps": [t.decode_tps for t in runs],
+                                        "paired_local_runs_tps": [t.decode_tps for t in paired]}
         rows.append((f"nectar, {num_nodes} node(s)",
-                     f"{top.decode_tps:8.1f} tok/s  median {top.median_ms:6.2f} ms/token  {ratio:5.2f}x local  "
-                     f"overhead {overhead:+.2f} ms/token  same tokens: {'yes' if same else 'NO'}"))
+                     f"{top.decode_tps:8.1f} tok/s  median {top.median_ms:6.2f} ms/token  {ratio:5.2f}x local "
+                     f"({local_top.decode_tps:.1f} tok/s in the same runs)  overhead {overhead:+.2f} ms/token  "
+                     f"median-run ratio {median_ratio:.2f}x  same tokens: {'yes' if same else 'NO'}"))
     emit(f"Single-session decode, {args.model}, float32 CPU, {args.threads} thread(s), 16+64 tokens", rows,
          figures, args.json)
 

@@ -83,7 +83,7 @@ def serve(args) -> None:
     backend_module.SpanBackend.run_inference = timed_run
     config = NodeConfig(model=str(args.path), blocks=(0, args.blocks), host="127.0.0.1", initial_peers=[args.peers],
                         throughput=1.0, num_threads=args.threads, key_dir=Path(tempfile.mkdtemp()),
-                        public_name="profiled", announce_period=2)
+                        public_name="profiled", announce_period=2, device=args.device, dtype=args.dtype)
     server = Server(config)
     server.start()
     done = threading.Event()
@@ -128,7 +128,8 @@ def profile(args) -> None:
         swarm.start_bootstrap()
         child = subprocess.Popen([sys.executable, __file__, "--serve", "--model", args.model, "--path", str(args.path),
                                   "--blocks", str(args.blocks), "--threads", str(args.threads), "--peers",
-                                  swarm.initial_peers[0], "--out", str(out)], stdout=subprocess.PIPE, text=True,
+                                  swarm.initial_peers[0], "--out", str(out), "--device", args.device or "",
+                                  "--dtype", args.dtype or ""], stdout=subprocess.PIPE, text=True,
                                  env={**os.environ, **common.node_env(args.threads)})
         try:
             assert child.stdout.readline().strip() == "ready", "the profiled node did not start"
@@ -137,8 +138,15 @@ def profile(args) -> None:
             hidden = model.head.embedding_dim
             session = model.inference_session(max_length=args.steps + 20)
             session.step(torch.randn(1, 16, hidden))
+            spy = None
+            if args.spy:  # sample the node's threads while it serves the steps below
+                spy = subprocess.Popen(["py-spy", "record", "--pid", str(child.pid), "--duration", "8", "--rate", "250",
+                                        "--format", "raw", "--threads", "--output", args.spy],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for _ in range(args.steps):
                 session.step(torch.randn(1, 1, hidden))
+            if spy is not None:
+                spy.wait()
             session.close()
             model.shutdown()
         finally:
@@ -177,17 +185,23 @@ def profile(args) -> None:
 
 def main() -> None:
     parser = common.base_parser(__doc__)
-    parser.add_argument("--blocks", type=int, default=common.NUM_LAYERS, help="the profiled node hosts blocks 0:N (all)")
+    parser.add_argument("--blocks", type=int, default=None, help="the profiled node hosts blocks 0:N (default: all)")
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--device", default=None, help="the node's device (default: cuda if available)")
+    parser.add_argument("--spy", default=None, help="also record a py-spy profile of the node to this file")
+    parser.add_argument("--dtype", default=None, help="the node's dtype (default: float32 on CPU, float16 on CUDA)")
     parser.add_argument("--serve", action="store_true", help=common.argparse.SUPPRESS)
     parser.add_argument("--path", type=Path, help=common.argparse.SUPPRESS)
     parser.add_argument("--peers", help=common.argparse.SUPPRESS)
     parser.add_argument("--out", help=common.argparse.SUPPRESS)
     args = parser.parse_args()
+    args.device, args.dtype = args.device or None, args.dtype or None
     if args.serve:
         serve(args)
         return
-    args.path = common.checkpoint(args.model)
+    args.blocks = args.blocks or common.llama_config(args.model).num_hidden_layers
+    args.path = common.checkpoint(args.model, dtype="float16" if args.model == "llama2-7b" else "float32",
+                                  device="cuda" if args.model == "llama2-7b" else "cpu")
     profile(args)
 
 

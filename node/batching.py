@@ -13,6 +13,7 @@ the generic path (``BlockSpan.forward``, one session at a time).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nectar.models.attention import AttentionStep
 from nectar.models.errors import CacheError
@@ -82,6 +84,7 @@ class LlamaBatchRunner:
         self.scaling = attention.scaling
         self.rotary = first.runner.rotary
         self.layers = [_FusedLlamaLayer(span.blocks[0]) for span in self.spans]
+        self.on_gpu = first.device.type == "cuda"
 
     @staticmethod
     def supports(spans: Sequence[nn.Module]) -> bool:
@@ -123,10 +126,11 @@ class LlamaBatchRunner:
             groups.append((offset, offset + batch * tokens, batch, tokens, length, mask))
             offset += batch * tokens
         num_blocks = tasks[0].end - tasks[0].start
-        for local in range(num_blocks):
-            layer = self.layers[first_block + local]
-            caches = [task.caches[local] for task in tasks]
-            x = self._block(layer, x, cos, sin, groups, caches)
+        with _attention_backends(self.on_gpu):
+            for local in range(num_blocks):
+                layer = self.layers[first_block + local]
+                caches = [task.caches[local] for task in tasks]
+                x = self._block(layer, x, cos, sin, groups, caches)
         for task, (_, _, _, tokens, length, _) in zip(tasks, groups):
             for cache in task.caches:
                 cache.length = length + tokens
@@ -165,11 +169,19 @@ class LlamaBatchRunner:
                 keys = keys.repeat_interleave(groups, dim=1)
                 values = values.repeat_interleave(groups, dim=1)
         is_causal = mask is None and tokens > 1
-        if is_causal and keys.shape[2] > tokens:
-            keys, values = keys[:, :, :tokens], values[:, :, :tokens]
+        if self.on_gpu:  # GPU kernels run 3x faster on packed keys than on views into the longer cache buffer
+            keys, values = keys.contiguous(), values.contiguous()
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=is_causal,
                                              scale=self.scaling, **kwargs)
         return out.transpose(1, 2).reshape(batch * tokens, self.num_heads * self.head_dim)
+
+
+def _attention_backends(on_gpu: bool):
+    """On GPUs, SDPA without cuDNN: cuDNN builds a new plan for every key length, which a decode step changes each
+    time (measured on an H100: 60 ms per call instead of 0.14 ms, benchmarks/gpu/sdpa_probe.py)."""
+    if not on_gpu:
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 class _FusedLlamaLayer:

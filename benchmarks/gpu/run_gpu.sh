@@ -20,5 +20,5 @@ export NECTAR_BENCH_DIR="${NECTAR_BENCH_DIR:-/root/.cache/nectar-bench}"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.log"
 python3 -c "import torch, transformers, hivemind; print('torch', torch.__version__, 'transformers', transformers.__version__, 'hivemind', hivemind.__version__)" | tee -a "$out/gpu.log"
-python3 benchmarks/bench_gpu.py --model llama2-7b --device cuda --dtype float16 --repeats 3 --sessions 1 16 \
+python3 benchmarks/bench_gpu.py --model llama2-7b --device cuda --dtype float16 --repeats 5 --sessions 1 16 \
   --json "$out/gpu.json" 2>&1 | grep -v -i "warning" | tee -a "$out/gpu.log"
