@@ -85,6 +85,11 @@ class LlamaBatchRunner:
         self.rotary = first.runner.rotary
         self.layers = [_FusedLlamaLayer(span.blocks[0]) for span in self.spans]
         self.on_gpu = first.device.type == "cuda"
+        self.graphs = None
+        if self.on_gpu:
+            from nectar.node.graphs import GraphedDecoder
+
+            self.graphs = GraphedDecoder(self)
 
     @staticmethod
     def supports(spans: Sequence[nn.Module]) -> bool:
@@ -100,6 +105,12 @@ class LlamaBatchRunner:
     @torch.inference_mode()
     def run(self, tasks: Sequence[InferenceTask], first_block: int) -> list[torch.Tensor]:
         """Runs every task through blocks [start, end) (local indices from ``first_block``); returns [B, T, H] each."""
+        if len(tasks) == 1 and self.graphs is not None and self.graphs.applies(tasks[0]):
+            try:
+                return [self.graphs.run(tasks[0], first_block)]
+            except Exception:
+                logger.warning("CUDA graph decode failed; continuing without graphs", exc_info=True)
+                self.graphs = None
         device, dtype = self.spans[0].device, self.spans[0].dtype
         hidden_size = self.spans[0].hidden_size
         lengths = [task.caches[0].length for task in tasks]

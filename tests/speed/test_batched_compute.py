@@ -176,3 +176,40 @@ def test_kept_graphs_stay_within_their_byte_budget(tiny_llama):
     disabled = _backend(tiny_llama, batching=True, training_cache_bytes=0)
     disabled.forward(inputs[0], start=0, end=4)
     assert disabled.graphs.nbytes == 0
+
+
+def test_static_decode_steps_equal_the_eager_path(tiny_llama):
+    """The graph-safe decode step (node/graphs.py; recorded as a CUDA graph on GPUs) run eagerly on the CPU."""
+    from nectar.node.graphs import GraphedDecoder
+
+    batched, plain = _backend(tiny_llama, batching=True), _backend(tiny_llama, batching=False)
+    static = GraphedDecoder(batched.batch_runner, capture=False)
+    torch.manual_seed(4)
+    hidden = batched.hidden_size
+    sessions = [_Session(batched, plain, batch_size=1, start=s, end=e) for s, e in ((0, 4), (1, 3))]
+    worst = 0.0
+    for session, prefill in zip(sessions, (5, 3)):
+        x = torch.randn(1, prefill, hidden)
+        batched.run_inference([batched.inference_task(x, session.batched_caches, start=session.start,
+                                                      end=session.end, position=0)])
+        plain.inference_step(x, session.plain_caches, start=session.start, end=session.end, position=0)
+        session.position = prefill
+    for step in range(8):
+        for session in sessions:
+            if step == 5:  # a replay from an earlier position reuses the same recorded step
+                session.position -= 2
+                for caches in (session.batched_caches, session.plain_caches):
+                    for cache in caches:
+                        cache.crop(session.position)
+            x = torch.randn(1, 1, hidden)
+            task = batched.inference_task(x, session.batched_caches, start=session.start, end=session.end,
+                                          position=session.position)
+            assert static.applies(task)
+            got = static.run(task, session.start - batched.start)
+            expected = plain.inference_step(x, session.plain_caches, start=session.start, end=session.end,
+                                            position=session.position)
+            worst = max(worst, (got - expected).abs().max().item())
+            session.position += 1
+            assert session.batched_caches[0].length == session.position
+    assert worst <= TOLERANCE, worst
+    assert len(static._graphs) == 2  # one recorded step per session
