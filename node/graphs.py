@@ -51,7 +51,6 @@ class GraphedDecoder:
         self.device, self.dtype, self.hidden_size = first.device, first.dtype, first.hidden_size
         self.max_positions = int(getattr(first.config, "max_position_embeddings", 0) or 0)
         self._graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # first SpanCache -> {span: _Graph}
-        self._pool = torch.cuda.graph_pool_handle() if capture else None
         self.enabled = self.max_positions > 0 and getattr(runner.rotary, "rope_type", "default") == "default"
         if self.enabled:
             with torch.inference_mode():
@@ -99,7 +98,7 @@ class GraphedDecoder:
             self._step(static_input, position, buffers, first_block)  # warm-up: kernel choice, workspaces
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool), self._backends(True):
+        with torch.cuda.graph(graph), self._backends(True):  # a private pool: a shared one breaks once a graph dies
             output = self._step(static_input, position, buffers, first_block)
         graph.replay()  # the capture recorded the step; run it (it rewrites the same keys/values as the warm-up)
         logger.debug(f"Captured a decode graph for blocks {first_block}:{first_block + len(caches)}")
