@@ -2,8 +2,8 @@
 
 Petals runs in its own virtual environment (benchmarks/petals/setup_venv.sh, created on first use) with its own
 processes: a bootstrap DHT and one server per span (``--block_indices``, ``--dht_prefix``, ``--throughput 1``, float32
-on CPU, the same torch threads and OpenMP wait policy as Nectar's nodes). Both swarms run side by side; Petals'
-client measurements run in a child process of that environment, Nectar's in this one, and each side's best run
+on CPU, the same torch threads and OpenMP wait policy as Nectar's nodes). One swarm runs at a time (Petals first, its
+client in a child process of its environment; then Nectar's swarm and client in this one), and each side's best run
 counts. Local transformers (5.x here, 4.34.1 in the Petals environment) is measured in both for reference.
 
     python benchmarks/bench_petals.py --model tiny
@@ -90,6 +90,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="petals-bench-"))
     figures: dict = {"model": args.model, "threads": args.threads, "nodes": args.nodes}
 
+    # one swarm at a time: idle servers of one system must not take CPU from the other's measurements
     with ExitStack() as stack:
         _, address = stack.enter_context(
             petals_process(python, ["dht"], name="dht", env=env, workdir=workdir, wait_for="/p2p/"))
@@ -100,31 +101,29 @@ def main() -> None:
                          "--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--identity_path", str(workdir / f"id{i}.key")],
                 name=f"server{i}", env=env, workdir=workdir))
         log(f"Petals: DHT at {address}, {args.nodes} servers loading {spans} (logs in {workdir})")
-        with local_swarm(path, spans, threads=args.threads) as swarm:
-            log("Petals client measurements (its own environment)")
-            out = subprocess.run([str(python), str(HERE / "petals" / "run_petals.py"), "bench", "--model", str(path),
-                                  "--peers", address, "--prefix", prefix, "--threads", str(args.threads),
-                                  "--repeats", str(args.repeats)], env=env, capture_output=True, text=True,
-                                 timeout=3600)
-            if out.returncode != 0:
-                raise RuntimeError(f"Petals client failed:\n{out.stderr[-3000:]}")
-            petals = json.loads(out.stdout.strip().splitlines()[-1])
-            log("Nectar client measurements")
-            model = distributed_model(path, swarm)
+        out = subprocess.run([str(python), str(HERE / "petals" / "run_petals.py"), "bench", "--model", str(path),
+                              "--peers", address, "--prefix", prefix, "--threads", str(args.threads),
+                              "--repeats", str(args.repeats)], env=env, capture_output=True, text=True, timeout=3600)
+        if out.returncode != 0:
+            raise RuntimeError(f"Petals client failed:\n{out.stderr[-3000:]}")
+        petals = json.loads(out.stdout.strip().splitlines()[-1])
+    log("Nectar swarm and client measurements")
+    with local_swarm(path, spans, threads=args.threads) as swarm:
+        model = distributed_model(path, swarm)
+        try:
+            model.generate(prompt_ids(), max_new_tokens=4, do_sample=False, eos_token_id=[])
+            nectar_runs, nectar_tokens = swarm_decode(model, repeats=args.repeats)
+        finally:
+            model.shutdown()
+        tune_s = None
+        if not args.no_tuning:
+            runner = SwarmRunner(path, swarm)
             try:
-                model.generate(prompt_ids(), max_new_tokens=4, do_sample=False, eos_token_id=[])
-                nectar_runs, nectar_tokens = swarm_decode(model, repeats=args.repeats)
+                tune_s = min(timed(runner.tune_step, 1) for _ in range(args.repeats))
             finally:
-                model.shutdown()
-            tune_s = None
-            if not args.no_tuning:
-                runner = SwarmRunner(path, swarm)
-                try:
-                    tune_s = min(timed(runner.tune_step, 1) for _ in range(args.repeats))
-                finally:
-                    runner.close()
-        local_runs, local_tokens = local_in_child(args.model, threads=args.threads, repeats=args.repeats,
-                                                  policy="PASSIVE")
+                runner.close()
+    local_runs, local_tokens = local_in_child(args.model, threads=args.threads, repeats=args.repeats,
+                                              policy="PASSIVE")
 
     petals_runs = [DecodeTiming(t["first"], t["gaps"]) for t in petals["petals_decode"]]
     petals_local = [DecodeTiming(t["first"], t["gaps"]) for t in petals["local_decode"]]
