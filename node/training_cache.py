@@ -12,7 +12,6 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -50,24 +49,6 @@ class TrainingGraphCache:
     @property
     def nbytes(self) -> int:
         return self._bytes
-
-    @staticmethod
-    @contextmanager
-    def measure():
-        """Counts the bytes of activations autograd saves inside the block (weights excluded: they need no grad)."""
-        counter = [0]
-        seen: set = set()
-
-        def pack(tensor: torch.Tensor):
-            if tensor.requires_grad or tensor.grad_fn is not None:
-                key = (tensor.untyped_storage().data_ptr(), tensor.dtype)
-                if key not in seen:
-                    seen.add(key)
-                    counter[0] += tensor.untyped_storage().nbytes()
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            yield counter
 
     def put(self, *, key: tuple, hidden: torch.Tensor, prompts: Optional[torch.Tensor], inputs: list,
             output: torch.Tensor, nbytes: int) -> None:
