@@ -82,9 +82,13 @@ class SpanBackend:
                                             task.prompts if task.position == 0 else None) for task in tasks]
             return [output.cpu() for output in outputs]
 
-    def forward(self, hidden, *, start: int, end: int, prompts=None) -> torch.Tensor:
+    def forward(self, hidden, *, start: int, end: int, prompts=None, keep_graph: bool = True) -> torch.Tensor:
         """A stateless forward. Its autograd graph is kept for a while, so the backward that usually follows (same
-        inputs) skips the recomputation (``TrainingGraphCache``)."""
+        inputs) skips the recomputation (``TrainingGraphCache``); a caller that will not call backward (request
+        metadata ``"backward": false``) gets a plain inference forward instead, without the kept activations' cost."""
+        if not keep_graph:
+            with torch.inference_mode():
+                return self._run_blocks(hidden, start, end, None, prompts).cpu()
         with torch.enable_grad():
             inputs = self._grad_inputs(hidden, prompts)
             output = self._run_blocks(inputs[0], start, end, None, inputs[1] if len(inputs) > 1 else None)

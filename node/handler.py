@@ -276,7 +276,9 @@ class NodeHandler:
         tokens = hidden.shape[0] * hidden.shape[1]
         self.credit.check_credit(client, tokens * self.signer.price_for(start, end))
         outputs = await self.compute.submit(
-            lambda: self.backend.forward(hidden, start=start, end=end, prompts=prompts), Priority.FORWARD
+            lambda: self.backend.forward(hidden, start=start, end=end, prompts=prompts,
+                                         keep_graph=metadata.get("backward", True) is not False),  # see backend
+            Priority.FORWARD,
         )
         reply = self._sign(session_id=self._call_session_id(metadata),
                            step=self._int(metadata, "step", 0, 2**63 - 1, default=0), kind=schema.ReceiptKind.FORWARD,

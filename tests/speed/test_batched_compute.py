@@ -213,3 +213,12 @@ def test_static_decode_steps_equal_the_eager_path(tiny_llama):
             assert session.batched_caches[0].length == session.position
     assert worst <= TOLERANCE, worst
     assert len(static._graphs) == 2  # one recorded step per session
+
+
+def test_a_forward_without_backward_keeps_no_graph(tiny_llama):
+    backend = _backend(tiny_llama, batching=True)
+    hidden = torch.randn(2, 6, backend.hidden_size)
+    kept = backend.forward(hidden, start=0, end=4)
+    plain = backend.forward(hidden, start=0, end=4, keep_graph=False)  # request metadata {"backward": false}
+    assert backend.graphs.nbytes > 0 and len(backend.graphs._entries) == 1
+    torch.testing.assert_close(plain, kept, atol=0, rtol=0)
