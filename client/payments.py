@@ -18,14 +18,43 @@ class ReceiptError(Exception):
     """A node returned a receipt that does not match the work it did: the client treats the node as faulty."""
 
 
-class Wallet:
-    """Signs vouchers for one client key. ``channel_id`` is fresh per wallet, so cumulative amounts restart at 0."""
+class _ChannelAllocator:
+    """Fresh channel ids, two per storage slot: on chain, channels ``2k`` and ``2k + 1`` of one (client, node) share a
+    slot, and settling both in one batch costs one slot write instead of two (docs/protocol.md). So the wallets one
+    process opens for the same key (workers, concurrent sessions) take the two halves of a pair before a new pair
+    is drawn; a random 62-bit pair keeps channels of separate processes and restarts apart."""
 
-    def __init__(self, private_key: Optional[str] = None, *, domain: dict | None = None):
+    def __init__(self):
+        self._half_open: dict[str, int] = {}  # client address -> the free odd id of its last pair
+        self._lock = threading.Lock()
+
+    def allocate(self, client: str) -> int:
+        with self._lock:
+            odd = self._half_open.pop(client, None)
+            if odd is not None:
+                return odd
+            even = random.getrandbits(62) << 1
+            self._half_open[client] = even | 1
+            return even
+
+
+_channels = _ChannelAllocator()
+
+
+class Wallet:
+    """Signs vouchers for one client key. ``channel_id`` is fresh per wallet, so cumulative amounts restart at 0;
+    wallets of the same key in one process get the two channels of a slot pair (see ``_ChannelAllocator``).
+
+    :param channel_id: a channel of the caller's choosing, e.g. ``base + worker`` for several processes paying from one
+        key; it must never have been used by this key before (the chain would take its vouchers for replays)
+    """
+
+    def __init__(self, private_key: Optional[str] = None, *, domain: dict | None = None,
+                 channel_id: Optional[int] = None):
         self.private_key = private_key or Account.create().key.hex()
         self.address = schema.address_of(self.private_key)
         self.domain = domain if domain is not None else schema.default_domain()
-        self.channel_id = random.getrandbits(63)
+        self.channel_id = _channels.allocate(self.address) if channel_id is None else channel_id
         self._owed: dict[str, int] = {}
         self.receipts: list[schema.SignedReceipt] = []
         self._lock = threading.Lock()

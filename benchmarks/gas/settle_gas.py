@@ -4,7 +4,12 @@ Whole-transaction gas (21k intrinsic + calldata + execution) divided by the vouc
 shapes of batch, first-ever vouchers (fresh channel slots) and then warm channels (the same channels, settled again
 with higher cumulative amounts, as in the next epoch). Also prints forge's gas report for Settlement.settle.
 
-    python benchmarks/gas/settle_gas.py [--batch 100] [--no-forge]
+A shape is clients x nodes x wallets: each client runs that many wallets (workers, concurrent sessions; one channel
+each, allocated by ``nectar.client.payments.Wallet`` as the SDK does), and every wallet pays every node of its
+client. Two wallets of one key share a storage slot per node (channels 2k and 2k+1), so shapes with one wallet per
+client pay a whole slot per voucher and shapes with two or more share them.
+
+    python benchmarks/gas/settle_gas.py [--no-forge] [--only 10x5x2]
 """
 from __future__ import annotations
 
@@ -22,11 +27,16 @@ from nectar.chain import Chain, free_port, start_devnet
 from nectar.wire import receipts as wire
 from nectar.chain.artifacts import repo_root, tool_path
 from nectar.chain.encoding import encode_settle_batch
+from nectar.client.payments import Wallet
 
 logger = logging.getLogger(__name__)
 
 ETHER = 10**18
 TARGET = 10_000
+BATCH = 100
+# clients x nodes x wallets per client (each wallet pays every node of its client): 100 vouchers each
+SHAPES = [(1, 1, 100), (1, 5, 20), (4, 5, 5), (5, 10, 2), (10, 5, 2), (50, 1, 2), (1, 50, 2),
+          (10, 10, 1), (100, 1, 1), (1, 100, 1)]  # fmt: skip
 
 def calldata_gas(data: bytes) -> tuple[int, int]:
     zeros = data.count(0)
@@ -42,23 +52,24 @@ def fund_clients(chain: Chain, count: int, funder: str) -> list:
     return clients
 
 
-def run_scenario(chain: Chain, *, clients: int, nodes: int, batch: int, submitter: str, funder: str) -> list[dict]:
+def run_scenario(chain: Chain, *, clients: int, nodes: int, wallets: int, submitter: str, funder: str) -> list[dict]:
     payers = fund_clients(chain, clients, funder)
     payees = [Account.create().address for _ in range(nodes)]
-    per_pair = max(1, batch // (clients * nodes))
-    channels = [(c, n, ch) for c in payers for n in payees for ch in range(per_pair)][:batch]
+    domain = chain.eip712_domain()
+    # channel ids as the SDK allocates them: the wallets of one key take the two halves of a slot pair in turn
+    channels = [(c, n, w.channel_id) for c in payers for w in (Wallet(c.key.hex(), domain=domain) for _ in range(wallets))
+                for n in payees]  # fmt: skip
     rows = []
     for phase, amount in (("first-ever vouchers", 1), ("warm channels", 2)):
-        domain = chain.eip712_domain()
         signed = []  # signed as the client SDK and the ledger do, through nectar.wire
-        for c, n, ch in channels:
-            v = wire.Voucher(c.address, n, 1000 + ch, amount * 10**15 + ch)
+        for i, (c, n, ch) in enumerate(channels):
+            v = wire.Voucher(c.address, n, ch, amount * 10**15 + i)
             signed.append((v, wire.sign_voucher(v, c.key, domain).signature))
         enc = encode_settle_batch(signed)
         data = bytes.fromhex(chain.settlement.encode_abi("settle", [enc.nodes, enc.groups])[2:])
         size, cd_gas = calldata_gas(data)
         result = chain.settle(submitter, signed)
-        rows.append({"shape": f"{clients} client(s) x {nodes} node(s)", "phase": phase, "vouchers": len(signed),
+        rows.append({"shape": f"{clients} x {nodes} x {wallets}", "phase": phase, "vouchers": len(signed),
                      "tx_gas": result.gas_used, "per_voucher": result.gas_used / len(signed),
                      "calldata_bytes": size, "calldata_gas": cd_gas})  # fmt: skip
     return rows
@@ -76,33 +87,35 @@ def forge_gas_report() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--no-forge", action="store_true", help="skip forge's gas report")
+    parser.add_argument("--only", help="run one shape, e.g. 10x5x2")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    shapes = [(1, 1), (1, 5), (4, 5), (10, 10), (100, 1), (1, 100)]
+    shapes = SHAPES if not args.only else [tuple(int(x) for x in args.only.split("x"))]
     rows = []
     with start_devnet(port=free_port(), state_dir=tempfile.mkdtemp(prefix="nectar-gas-")) as devnet:
         chain = devnet.chain()
         ledger = chain.default_key("ledger")
         funder = chain.default_key("deployer")
-        for clients, nodes in shapes:
+        for clients, nodes, wallets in shapes:
             t0 = time.monotonic()
-            rows += run_scenario(chain, clients=clients, nodes=nodes, batch=args.batch, submitter=ledger,
+            rows += run_scenario(chain, clients=clients, nodes=nodes, wallets=wallets, submitter=ledger,
                                  funder=funder)  # fmt: skip
-            print(f"  measured {clients}x{nodes} in {time.monotonic() - t0:.1f}s", file=sys.stderr)
-    print(f"\nSettlement.settle on Anvil: whole transaction gas / vouchers (batch of {args.batch}); target <= {TARGET}")
+            print(f"  measured {clients}x{nodes}x{wallets} in {time.monotonic() - t0:.1f}s", file=sys.stderr)
+    print(f"\nSettlement.settle on Anvil: whole transaction gas / vouchers (batches of {BATCH}); target <= {TARGET}")
     columns = ("tx gas", 10), ("gas/voucher", 13), ("calldata B", 12), ("calldata gas", 14)
-    print(f"{'batch shape':<26}{'phase':<22}" + "".join(f"{name:>{width}}" for name, width in columns) + "  target")
+    print(f"{'clients x nodes x wallets':<27}{'phase':<22}" + "".join(f"{name:>{width}}" for name, width in columns)
+          + "  target")  # fmt: skip
     for r in rows:
         ok = "met" if r["per_voucher"] <= TARGET else "missed"
-        print(f"{r['shape']:<26}{r['phase']:<22}{r['tx_gas']:>10}{r['per_voucher']:>13.0f}{r['calldata_bytes']:>12}"
+        print(f"{r['shape']:<27}{r['phase']:<22}{r['tx_gas']:>10}{r['per_voucher']:>13.0f}{r['calldata_bytes']:>12}"
               f"{r['calldata_gas']:>14}  {ok}")  # fmt: skip
-    floor = 21_000 / args.batch + 3_100 + 5_000
-    print(f"\nFixed floor per voucher: {21_000 / args.batch:.0f} (21k base / batch) + 3,100 (ecrecover precompile "
-          f"+ call) + 5,000 (cold channel slot, nonzero -> nonzero) = {floor:.0f}, plus calldata (~1,280: 64 "
-          f"signature bytes and a packed word) = ~{floor + 1280:.0f}; the rest is the loop, each client's and node's "
-          f"balance write and the events, shared by the batch.")
+    base = 21_000 / BATCH
+    print(f"\nFixed floor per voucher: {base:.0f} (21k base / batch) + ~1,300 calldata (64 signature bytes and a "
+          f"packed word) + 3,100 (ecrecover precompile + call) = ~{base + 4_400:.0f}, plus the channel slot: 5,000 "
+          f"(cold, nonzero -> nonzero) when the voucher writes its slot pair alone, ~2,600 each when both channels "
+          f"of a pair settle together. The rest is the loop (~600) and, shared by the batch, each client's and "
+          f"node's balance write and event (~7-10k each).")
     if not args.no_forge:
         print("\nforge test --gas-report, SettlementGasTest (4 clients x 5 nodes, 100 vouchers; Settlement.settle "
               "and the Escrow calls it makes):")

@@ -106,13 +106,12 @@ contract Settlement is EIP712, Ownable {
 
     mapping(address => bool) public isRootCommitter;
 
-    /// @dev A struct so settlement computes the slot once for the read and the write.
-    struct Channel {
-        uint256 paid; // cumulative amount settled so far
-    }
-
-    /// @dev keccak256(abi.encode(client, node, channelId)) => channel.
-    mapping(bytes32 channelKey => Channel) internal _channels;
+    /// @dev Paid totals of channel pairs: the channels `2k` and `2k + 1` of one (client, node) share a slot,
+    ///      `lane1 << 128 | lane0`, lane = channelId & 1 (Permit2-style packing). Settling both in one batch
+    ///      costs one cold slot write instead of two (~4,800 gas less). The key holds client and node, so only
+    ///      that client's vouchers for that node can touch either lane.
+    ///      keccak256(abi.encode(client, node, channelId >> 1)) => lanes.
+    mapping(bytes32 pairKey => uint256 lanes) internal _channelPairs;
 
     mapping(uint64 epoch => EpochRoot) internal _epochs;
 
@@ -150,13 +149,16 @@ contract Settlement is EIP712, Ownable {
     ///          address node = nodes[nodeIndex];                        // clean address, else FAIL_NODE_INDEX
     ///          bytes32 digest = _hashTypedDataV4(NectarTypes.hashVoucher(client, node, channelId, cumulative));
     ///          require(ecrecover(digest, 27 + (vs >> 255), r, s) == client && s <= n / 2);  // FAIL_SIGNATURE
-    ///          Channel storage c = _channels[keccak256(abi.encode(client, node, channelId))];
-    ///          require(cumulative > c.paid);                           // FAIL_REPLAY
-    ///          spent += cumulative - c.paid; require(spent <= available);  // FAIL_ESCROW
-    ///          c.paid = cumulative; nodeGross[nodeIndex] += cumulative - old paid;
+    ///          uint256 lanes = _channelPairs[keccak256(abi.encode(client, node, channelId >> 1))];
+    ///          uint256 shift = (channelId & 1) * 128;                 // this channel's lane
+    ///          uint256 paid_ = uint128(lanes >> shift);
+    ///          require(cumulative > paid_);                           // FAIL_REPLAY
+    ///          spent += cumulative - paid_; require(spent <= available);  // FAIL_ESCROW
+    ///          lanes = lanes & ~(type(uint128).max << shift) | cumulative << shift;  // the other lane kept
+    ///          nodeGross[nodeIndex] += cumulative - paid_;
     ///
     ///      It is assembly because it is the whole cost of a batch beyond the two fixed costs (ecrecover, 3,100 gas,
-    ///      and the channel slot, 5,000 gas): that Solidity spent ~1,200 gas more per voucher on call plumbing and
+    ///      and the channel pair's slot, 5,000 gas for the first lane written in a batch, 200 for the second): that Solidity spent ~1,200 gas more per voucher on call plumbing and
     ///      checks (see the .gas-snapshot history in benchmarks/gas). It stops at the first bad voucher and returns
     ///      the failure code and position; `_settleClient` turns them into the custom error.
     ///      Memory: only the scratch words and the region past the free memory pointer, which it never allocates.
@@ -184,7 +186,7 @@ contract Settlement is EIP712, Ownable {
             mstore(add(m, 0x220), nodes.length)
             mstore(add(m, 0x240), nodeGross)
             mstore(add(m, 0x260), available)
-            mstore(add(m, 0x280), _channels.slot)
+            mstore(add(m, 0x280), _channelPairs.slot)
             mstore(add(m, 0x2a0), 0) // spent
             mstore(add(m, 0x2c0), 0) // failure code << 128 | position
             let base := vouchers.offset // Solidity checked the array lies inside calldata
@@ -223,11 +225,15 @@ contract Settlement is EIP712, Ownable {
                         break
                     }
                 }
-                // _channels[keccak256(abi.encode(client, node, channelId))].paid: must rise; the rise is paid
+                // _channelPairs[keccak256(abi.encode(client, node, channelId >> 1))], lane channelId & 1: must
+                // rise; the rise is paid. Word 3 of the hashStruct input is already hashed, so it takes the pair.
+                let shift := shl(7, and(mload(add(m, 0x60)), 1))
+                mstore(add(m, 0x60), shr(1, mload(add(m, 0x60))))
                 mstore(0x00, keccak256(add(m, 0x20), 0x60))
                 mstore(0x20, mload(add(m, 0x280)))
                 let slot := keccak256(0x00, 0x40)
-                let already := sload(slot)
+                let lanes := sload(slot)
+                let already := and(shr(shift, lanes), 0xffffffffffffffffffffffffffffffff)
                 let cumulative := mload(add(m, 0x80))
                 if iszero(gt(cumulative, already)) {
                     mstore(add(m, 0x2c0), or(shl(128, 3), i))
@@ -240,7 +246,8 @@ contract Settlement is EIP712, Ownable {
                     break
                 }
                 mstore(add(m, 0x2a0), spentSoFar)
-                sstore(slot, cumulative)
+                // cumulative < 2^128 and above this lane's value: adding the rise in place leaves the other lane
+                sstore(slot, add(lanes, shl(shift, delta)))
                 let cell := add(add(mload(add(m, 0x240)), 0x20), shl(5, nodeIndex))
                 mstore(cell, add(mload(cell), delta))
             }
@@ -352,7 +359,9 @@ contract Settlement is EIP712, Ownable {
 
     /// @notice Cumulative amount already settled on channel (client, node, channelId).
     function paid(address client, address node, uint64 channelId) external view returns (uint256) {
-        return _channels[NectarTypes.channelKey(client, node, channelId)].paid;
+        uint256 lanes = _channelPairs[NectarTypes.pairKey(client, node, channelId >> 1)];
+        // forge-lint: disable-next-line(unsafe-typecast) -- keeps the low 128 bits: the lane
+        return uint128(lanes >> ((channelId & 1) * 128));
     }
 
     /// @notice The committed root of `epoch`, its receipt count and commit time (zeros if none).

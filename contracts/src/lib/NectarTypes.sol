@@ -82,13 +82,14 @@ library NectarTypes {
         }
     }
 
-    /// @dev keccak256(abi.encode(client, node, channelId)), the storage key of a channel, without allocating.
-    function channelKey(address client, address node, uint64 channelId) internal pure returns (bytes32 key) {
+    /// @dev keccak256(abi.encode(client, node, pair)), the storage key of the channel pair `pair` = channelId >> 1
+    ///      (channels 2k and 2k + 1 share one slot, see Settlement), without allocating.
+    function pairKey(address client, address node, uint64 pair) internal pure returns (bytes32 key) {
         assembly ("memory-safe") {
             let m := mload(0x40)
             mstore(m, and(client, 0xffffffffffffffffffffffffffffffffffffffff))
             mstore(add(m, 0x20), and(node, 0xffffffffffffffffffffffffffffffffffffffff))
-            mstore(add(m, 0x40), and(channelId, 0xffffffffffffffff))
+            mstore(add(m, 0x40), and(pair, 0xffffffffffffffff))
             key := keccak256(m, 0x60)
         }
     }
