@@ -25,7 +25,8 @@ contract SettlementGasTest is NectarFixture {
         }
     }
 
-    /// @dev 4 clients x 5 nodes x 5 channels each: every voucher a distinct channel.
+    /// @dev 4 clients x 5 nodes x 5 channels each (a client's 5 wallets, channel ids 0..4, each paying every node):
+    ///      every voucher a distinct channel; channels 0/1 and 2/3 of a (client, node) share a slot, 4 is alone.
     function _batch(uint128 amount) internal view returns (Settlement.ClientVouchers[] memory groups) {
         groups = new Settlement.ClientVouchers[](CLIENTS);
         uint256 perClient = BATCH / CLIENTS;
@@ -34,7 +35,8 @@ contract SettlementGasTest is NectarFixture {
             groups[c].vouchers = new Settlement.SignedVoucher[](perClient);
             for (uint256 i; i < perClient; ++i) {
                 uint256 n = i % NODES;
-                groups[c].vouchers[i] = _voucher(clientKeys[c], nodeList[n], n, uint64(i), amount + uint128(i));
+                groups[c].vouchers[i] =
+                    _voucher(clientKeys[c], nodeList[n], n, uint64(i / NODES), amount + uint128(i));
             }
         }
     }

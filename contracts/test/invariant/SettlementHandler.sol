@@ -119,6 +119,41 @@ contract SettlementHandler {
         }
     }
 
+    /// @dev Settles both channels of one slot pair (2p, 2p + 1) of a (client, node) in one batch, in random order.
+    function settlePair(uint256 who, uint256 to, uint256 pair, uint256 amount0, uint256 amount1) external {
+        uint256 k = who % 3;
+        uint256 available = escrow.balanceOf(clients[k]);
+        if (available < 2) return;
+        address n = nodes[to % 3];
+        uint64 first = uint64(pair % 2) << 1 | uint64((pair >> 8) % 2); // the lane settled first varies too
+        uint256 delta0 = _bound(amount0, 1, available / 2);
+        uint256 delta1 = _bound(amount1, 1, available / 2);
+
+        delete _lastNodes;
+        delete _lastGroups;
+        _lastNodes.push(n);
+        _lastGroups.push().client = clients[k];
+        _addVoucher(k, n, first, delta0);
+        _addVoucher(k, n, first ^ 1, delta1);
+        settlement.settle(_lastNodes, _lastGroups);
+        _hasLast = true;
+        ghostSettled += delta0 + delta1;
+    }
+
+    /// @dev Appends a voucher raising channel (client k, n, channelId) by `delta` to the last group.
+    function _addVoucher(uint256 k, address n, uint64 channelId, uint256 delta) internal {
+        address c = clients[k];
+        bytes32 key = keccak256(abi.encode(c, n, channelId));
+        uint128 cumulative = uint128(ghostCumulative[key] + delta);
+        (bytes32 r, bytes32 vs) = vm.signCompact(clientKeys[k], settlement.voucherDigest(c, n, channelId, cumulative));
+        _lastGroups[0].vouchers.push(Settlement.SignedVoucher(uint256(channelId) << 128 | cumulative, r, vs));
+        ghostCumulative[key] = cumulative;
+        if (!_knownChannel[key]) {
+            _knownChannel[key] = true;
+            channelKeys.push(key);
+        }
+    }
+
     /// @dev Resubmits the last settled batch; any success is a double payment.
     function replay() external {
         if (!_hasLast) return;

@@ -4,7 +4,8 @@ pragma solidity ^0.8.24;
 import {NectarFixture} from "../utils/NectarFixture.sol";
 import {SettlementHandler} from "./SettlementHandler.sol";
 
-/// @notice Escrow solvency and no-double-pay, under random deposits, withdrawals, settlements and replays.
+/// @notice Escrow solvency and no-double-pay, under random deposits, withdrawals, settlements (single channels and
+///         both channels of a shared slot pair: ids 0..3 are two pairs per client and node) and replays.
 contract SettlementInvariantTest is NectarFixture {
     SettlementHandler internal handler;
 
@@ -12,7 +13,7 @@ contract SettlementInvariantTest is NectarFixture {
         super.setUp();
         handler = new SettlementHandler(credits, escrow, settlement, owner, treasury);
         targetContract(address(handler));
-        bytes4[] memory selectors = new bytes4[](7);
+        bytes4[] memory selectors = new bytes4[](8);
         selectors[0] = SettlementHandler.deposit.selector;
         selectors[1] = SettlementHandler.requestWithdrawal.selector;
         selectors[2] = SettlementHandler.withdraw.selector;
@@ -20,6 +21,7 @@ contract SettlementInvariantTest is NectarFixture {
         selectors[4] = SettlementHandler.replay.selector;
         selectors[5] = SettlementHandler.withdrawEarnings.selector;
         selectors[6] = SettlementHandler.warp.selector;
+        selectors[7] = SettlementHandler.settlePair.selector; // both lanes of a shared slot in one batch
         targetSelector(FuzzSelector({addr: address(handler), selectors: selectors}));
     }
 
