@@ -1,0 +1,73 @@
+"""Channel pairs on a real Anvil: the wallets one process opens for a key get channels 2k and 2k+1, which share one
+storage slot of Settlement; both settle in one transaction, each keeps its own paid total, and replays are caught
+per channel."""
+from __future__ import annotations
+
+import pytest
+from eth_account import Account
+
+from nectar.chain import ChainError
+from nectar.chain.encoding import encode_settle_batch
+from nectar.client.payments import Wallet
+from nectar.wire import receipts as wire
+
+ETHER = 10**18
+
+
+@pytest.fixture(scope="module")
+def payer(chain, roles):
+    """A fresh client key with 100 credits in escrow, and two wallets of it."""
+    deployer = roles["deployer"][0]["privateKey"]
+    account = Account.create()
+    chain.send_eth(deployer, account.address, 10 * ETHER)
+    chain.faucet(account.address, 1_000 * ETHER)
+    chain.deposit(account.key.hex(), 100 * ETHER)
+    domain = chain.eip712_domain()
+    wallets = [Wallet(account.key.hex(), domain=domain) for _ in range(2)]
+    return {"key": account.key.hex(), "address": account.address, "wallets": wallets, "domain": domain}
+
+
+def _signed(payer, node: str, channel_id: int, amount: int):
+    v = wire.Voucher(payer["address"], node, channel_id, amount)
+    return v, wire.sign_voucher(v, payer["key"], payer["domain"]).signature
+
+
+def _settlement_slots(chain, sender: str, signed) -> set[str]:
+    """Storage keys of Settlement that ``settle(signed)`` touches, from eth_createAccessList."""
+    batch = encode_settle_batch(signed)
+    data = chain.settlement.encode_abi("settle", [batch.nodes, batch.groups])
+    found = chain.w3.eth.create_access_list({"from": sender, "to": chain.settlement.address, "data": data})
+    return {key.hex() if isinstance(key, bytes) else key for entry in found["accessList"]
+            if entry["address"].lower() == chain.settlement.address.lower() for key in entry["storageKeys"]}  # fmt: skip
+
+
+def test_wallets_of_one_key_take_both_channels_of_a_pair(payer):
+    first, second = payer["wallets"]
+    assert first.channel_id % 2 == 0 and second.channel_id == first.channel_id + 1
+    other = Wallet(Account.create().key.hex())  # another key draws its own pair
+    assert other.channel_id >> 1 != first.channel_id >> 1
+
+
+def test_pair_shares_one_slot_and_keeps_two_totals(chain, roles, payer):
+    ledger = roles["ledger"][0]["privateKey"]
+    sender = Account.from_key(ledger).address
+    node = Account.create().address
+    lane0, lane1 = (w.channel_id for w in payer["wallets"])
+    both = [_signed(payer, node, lane0, 3 * ETHER), _signed(payer, node, lane1, 1 * ETHER)]
+    assert _settlement_slots(chain, sender, both) == _settlement_slots(chain, sender, both[:1])
+    apart = [both[0], _signed(payer, node, lane0 + 2, 1 * ETHER)]  # the next pair: a slot of its own
+    assert len(_settlement_slots(chain, sender, apart)) == len(_settlement_slots(chain, sender, both)) + 1
+
+    chain.settle(ledger, both)
+    assert chain.paid(payer["address"], node, lane0) == 3 * ETHER
+    assert chain.paid(payer["address"], node, lane1) == 1 * ETHER
+    assert chain.escrow_balance(payer["address"]) == 96 * ETHER
+
+    # lane 1 rises past lane 0; lane 0's own last voucher stays a replay, reported at its place in the list
+    chain.settle(ledger, [_signed(payer, node, lane1, 5 * ETHER)])
+    with pytest.raises(ChainError, match="VoucherReplay") as info:
+        chain.settle(ledger, [_signed(payer, node, lane1, 6 * ETHER), _signed(payer, node, lane0, 3 * ETHER)])
+    assert info.value.error_args["voucher"] == 1
+    assert chain.paid(payer["address"], node, lane0) == 3 * ETHER
+    assert chain.paid(payer["address"], node, lane1) == 5 * ETHER
+    assert chain.escrow_balance(payer["address"]) == 92 * ETHER  # nothing lost to the rejected batch
