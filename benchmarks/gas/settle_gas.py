@@ -57,8 +57,10 @@ def run_scenario(chain: Chain, *, clients: int, nodes: int, wallets: int, submit
     payees = [Account.create().address for _ in range(nodes)]
     domain = chain.eip712_domain()
     # channel ids as the SDK allocates them: the wallets of one key take the two halves of a slot pair in turn
-    channels = [(c, n, w.channel_id) for c in payers for w in (Wallet(c.key.hex(), domain=domain) for _ in range(wallets))
-                for n in payees]  # fmt: skip
+    channels = []
+    for c in payers:
+        for wallet in [Wallet(c.key.hex(), domain=domain) for _ in range(wallets)]:
+            channels += [(c, n, wallet.channel_id) for n in payees]
     rows = []
     for phase, amount in (("first-ever vouchers", 1), ("warm channels", 2)):
         signed = []  # signed as the client SDK and the ledger do, through nectar.wire
@@ -111,14 +113,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['shape']:<27}{r['phase']:<22}{r['tx_gas']:>10}{r['per_voucher']:>13.0f}{r['calldata_bytes']:>12}"
               f"{r['calldata_gas']:>14}  {ok}")  # fmt: skip
     base = 21_000 / BATCH
-    print(f"\nFixed floor per voucher: {base:.0f} (21k base / batch) + ~1,300 calldata (64 signature bytes and a "
-          f"packed word) + 3,100 (ecrecover precompile + call) = ~{base + 4_400:.0f}, plus the channel slot: 5,000 "
-          f"(cold, nonzero -> nonzero) when the voucher writes its slot pair alone, ~2,600 each when both channels "
-          f"of a pair settle together. The rest is the loop (~600) and, shared by the batch, each client's and "
-          f"node's balance write and event (~7-10k each).")
+    print(f"\nPer voucher: {base:.0f} (21k base / batch) + ~1,350 calldata (64 signature bytes and a packed word) + "
+          f"3,100 (ecrecover precompile + call) + the channel slot (~5,000 cold nonzero write incl. its access-list "
+          f"entry for a channel settled alone, ~2,550 each when both channels of a pair settle together) + ~1,000 "
+          f"loop and plumbing; per client in the batch ~11,500 and per node ~8,900 (balance write, event, calldata). "
+          f"See contracts/README.md.")
     if not args.no_forge:
-        print("\nforge test --gas-report, SettlementGasTest (4 clients x 5 nodes, 100 vouchers; Settlement.settle "
-              "and the Escrow calls it makes):")
+        print("\nforge test --gas-report, SettlementGasTest (4 clients x 5 nodes x 5 channels, 100 vouchers; "
+              "Settlement.settle and the Escrow calls it makes):")
         print(forge_gas_report())
     return 0
 
