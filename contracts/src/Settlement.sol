@@ -12,7 +12,8 @@ import {NectarTypes, Receipt} from "./lib/NectarTypes.sol";
 ///         Its EIP-712 domain {name: "Nectar", version: "1"} is the one receipts and vouchers are signed under.
 /// @dev Calldata is grouped for gas: a batch lists its node addresses once, then one group per client; each voucher
 ///      is three words: `packed = nodeIndex << 192 | channelId << 128 | cumulativeAmount` and an EIP-2098 compact
-///      signature (r, vs). Each client's escrow and each node's earnings are written once per batch (in Escrow).
+///      signature (r, vs). Each client's escrow and each node's earnings are written once per batch (in Escrow),
+///      and the channels 2k and 2k + 1 of a (client, node) share one storage slot (see `_channelPairs`).
 ///      A batch is all-or-nothing: an invalid voucher reverts it with its position, so the submitter can drop that
 ///      voucher and resubmit.
 /// @author Nectar
@@ -158,9 +159,10 @@ contract Settlement is EIP712, Ownable {
     ///          nodeGross[nodeIndex] += cumulative - paid_;
     ///
     ///      It is assembly because it is the whole cost of a batch beyond the two fixed costs (ecrecover, 3,100 gas,
-    ///      and the channel pair's slot, 5,000 gas for the first lane written in a batch, 200 for the second): that Solidity spent ~1,200 gas more per voucher on call plumbing and
-    ///      checks (see the .gas-snapshot history in benchmarks/gas). It stops at the first bad voucher and returns
-    ///      the failure code and position; `_settleClient` turns them into the custom error.
+    ///      and the pair's slot: 5,000 for the first lane a batch writes, 200 for the second): that Solidity spent
+    ///      ~1,200 gas more per voucher on call plumbing and checks (see the .gas-snapshot history in benchmarks/gas).
+    ///      It stops at the first bad voucher and returns the failure code and position; `_settleClient` turns them
+    ///      into the custom error.
     ///      Memory: only the scratch words and the region past the free memory pointer, which it never allocates.
     ///      No overflow: each delta is below 2^128 and a batch has far fewer than 2^128 vouchers.
     function _settleVouchers(
@@ -173,8 +175,8 @@ contract Settlement is EIP712, Ownable {
     ) internal returns (uint256 spent, uint256 failure, uint256 failedAt) {
         bytes32 typehash = NectarTypes.VOUCHER_TYPEHASH;
         assembly ("memory-safe") {
-            // Scratch layout from m: [0x000, 0x0a0) hashStruct input, whose words 1..3 are also the channel key's
-            // abi.encode(client, node, channelId); [0x0c0, 0x102) "\x19\x01" ++ domain ++ structHash;
+            // Scratch layout from m: [0x000, 0x0a0) hashStruct input, whose words 1..3 then become the pair key's
+            // abi.encode(client, node, channelId >> 1); [0x0c0, 0x102) "\x19\x01" ++ domain ++ structHash;
             // [0x120, 0x1a0) ecrecover input; [0x200, 0x2e0) inputs and results kept in memory, so the loop
             // touches no Solidity variable (they are out of the stack's reach).
             let m := mload(0x40)

@@ -35,8 +35,7 @@ contract SettlementGasTest is NectarFixture {
             groups[c].vouchers = new Settlement.SignedVoucher[](perClient);
             for (uint256 i; i < perClient; ++i) {
                 uint256 n = i % NODES;
-                groups[c].vouchers[i] =
-                    _voucher(clientKeys[c], nodeList[n], n, uint64(i / NODES), amount + uint128(i));
+                groups[c].vouchers[i] = _voucher(clientKeys[c], nodeList[n], n, uint64(i / NODES), amount + uint128(i));
             }
         }
     }

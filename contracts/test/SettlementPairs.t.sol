@@ -140,9 +140,8 @@ contract SettlementPairsTest is NectarFixture {
         }
         assertEq(settlement.paid(payer, node, id0), first0, "lane 0 first");
         assertEq(settlement.paid(payer, node, id1), first1, "lane 1 first");
-        (address[] memory nodes2, Settlement.ClientVouchers[] memory groups2) = _group(
-            NODE2_PK, node, _two(id0, id1), _amounts(uint128(first0 + rise0), uint128(first1 + rise1))
-        );
+        (address[] memory nodes2, Settlement.ClientVouchers[] memory groups2) =
+            _group(NODE2_PK, node, _two(id0, id1), _amounts(uint128(first0 + rise0), uint128(first1 + rise1)));
         assertEq(settlement.settle(nodes2, groups2), rise0 + rise1, "pays the rises only");
         assertEq(settlement.paid(payer, node, id0), first0 + rise0, "lane 0 raised");
         assertEq(settlement.paid(payer, node, id1), first1 + rise1, "lane 1 raised");
