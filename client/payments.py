@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 from typing import Optional
@@ -28,6 +29,11 @@ class _ChannelAllocator:
         self._half_open: dict[str, int] = {}  # client address -> the free odd id of its last pair
         self._lock = threading.Lock()
 
+    def forget(self) -> None:
+        """Drops the half-used pairs: a forked child (prefork workers) must not take the odd id its siblings get."""
+        self._half_open = {}
+        self._lock = threading.Lock()
+
     def allocate(self, client: str) -> int:
         with self._lock:
             odd = self._half_open.pop(client, None)
@@ -39,6 +45,8 @@ class _ChannelAllocator:
 
 
 _channels = _ChannelAllocator()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_channels.forget)
 
 
 class Wallet:

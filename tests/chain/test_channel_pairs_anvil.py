@@ -3,6 +3,8 @@ storage slot of Settlement; both settle in one transaction, each keeps its own p
 per channel."""
 from __future__ import annotations
 
+import os
+
 import pytest
 from eth_account import Account
 
@@ -46,6 +48,21 @@ def test_wallets_of_one_key_take_both_channels_of_a_pair(payer):
     assert first.channel_id % 2 == 0 and second.channel_id == first.channel_id + 1
     other = Wallet(Account.create().key.hex())  # another key draws its own pair
     assert other.channel_id >> 1 != first.channel_id >> 1
+
+
+def test_forked_child_draws_its_own_pair():
+    """A prefork worker must not take the odd half its parent left open (a sibling would take it too)."""
+    key = Account.create().key.hex()
+    parent = Wallet(key)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child only reports its channel id
+        os.write(write, str(Wallet(key).channel_id).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = int(os.read(read, 64))
+    assert child >> 1 != parent.channel_id >> 1
+    assert Wallet(key).channel_id == parent.channel_id + 1  # the parent still fills its own pair
 
 
 def test_pair_shares_one_slot_and_keeps_two_totals(chain, roles, payer):
