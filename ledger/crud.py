@@ -306,6 +306,9 @@ def prepare_settlements(session: Session, *, epoch: int, batch_size: int) -> lis
         v for v in session.scalars(select(Voucher).where(Voucher.id.not_in(busy)).order_by(Voucher.id))
         if v.cumulative_amount > v.settled_amount
     ]
+    # one client's vouchers together (its escrow is written once per batch), channel pairs 2k/2k+1 of a
+    # (client, node) side by side (they share one storage slot on chain: one cold write for both)
+    candidates.sort(key=lambda v: (v.client.lower(), v.node.lower(), int(v.channel_id), v.id))
     batches = []
     for index, start in enumerate(range(0, len(candidates), batch_size)):
         settlement = Settlement(epoch_number=epoch, batch_index=index, status=SettlementStatus.PREPARED, attempts=0)
