@@ -5,13 +5,13 @@ client with timing hooks in this process; runs single-token steps of one session
 readings by step number (both read CLOCK_MONOTONIC). Stages:
 
   client main -> loop      the calling thread hands the step to the client's event loop thread
-  loop -> node recv        serialising the request, both P2P daemons, the node reading it
+  loop -> node recv        serialising the request, the transport (direct TCP, or both P2P daemons), the node reading it
   recv -> handler          the node's stream task picks the request up
   handler -> compute       unpacking and checks in the handler, then the hand-off to the compute thread
   compute                  the forward through the span (one batch)
   compute -> handler exit  result back on the node's loop, receipt signed, response built
   exit -> sent             writing the response to the node's P2P daemon
-  sent -> client loop      both P2P daemons back, the client reading it
+  sent -> client loop      the transport back, the client reading it
   loop -> main + checks    back to the calling thread, output and receipt checks
 
     python benchmarks/profile_hop.py --model tiny --steps 300
@@ -83,7 +83,8 @@ def serve(args) -> None:
     backend_module.SpanBackend.run_inference = timed_run
     config = NodeConfig(model=str(args.path), blocks=(0, args.blocks), host="127.0.0.1", initial_peers=[args.peers],
                         throughput=1.0, num_threads=args.threads, key_dir=Path(tempfile.mkdtemp()),
-                        public_name="profiled", announce_period=2, device=args.device, dtype=args.dtype)
+                        public_name="profiled", announce_period=2, device=args.device, dtype=args.dtype,
+                        direct_port=None if args.p2p else 0)
     server = Server(config)
     server.start()
     done = threading.Event()
@@ -129,7 +130,7 @@ def profile(args) -> None:
         child = subprocess.Popen([sys.executable, __file__, "--serve", "--model", args.model, "--path", str(args.path),
                                   "--blocks", str(args.blocks), "--threads", str(args.threads), "--peers",
                                   swarm.initial_peers[0], "--out", str(out), "--device", args.device or "",
-                                  "--dtype", args.dtype or ""], stdout=subprocess.PIPE, text=True,
+                                  "--dtype", args.dtype or ""] + (["--p2p"] if args.p2p else []), stdout=subprocess.PIPE, text=True,
                                  env={**os.environ, **common.node_env(args.threads)})
         try:
             assert child.stdout.readline().strip() == "ready", "the profiled node did not start"
@@ -187,6 +188,7 @@ def main() -> None:
     parser = common.base_parser(__doc__)
     parser.add_argument("--blocks", type=int, default=None, help="the profiled node hosts blocks 0:N (default: all)")
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--p2p", action="store_true", help="no direct TCP lane: every message through the P2P daemons")
     parser.add_argument("--device", default=None, help="the node's device (default: cuda if available)")
     parser.add_argument("--spy", default=None, help="also record a py-spy profile of the node to this file")
     parser.add_argument("--dtype", default=None, help="the node's dtype (default: float32 on CPU, float16 on CUDA)")

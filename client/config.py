@@ -17,6 +17,7 @@ class ClientConfig:
     update_period: float = 30.0  # s, how stale the cached swarm view may get
     hop_cost: float = 0.005  # s, latency assumed for a hop until its round trip is measured
     private_key: Optional[str] = None  # hex Ethereum key that signs vouchers; None = a fresh throwaway key
+    direct: bool = True  # use a node's announced direct TCP lane when it answers (else its P2P address)
     verify_receipts: bool = True  # check each receipt's signer, commitments and amount
     show_route: bool = False  # log the route chosen for each session
     ledger_url: Optional[str] = None  # `nectar ledger` whose reputation scores routing reads (ReputationScorer)

@@ -21,7 +21,7 @@ from nectar.client.routing import RemoteSequenceManager, RemoteSpan
 from nectar.client.runtime import ClientRuntime
 from nectar.wire.protocol import RPC_INFERENCE, ErrorCode, NodeRPCError, make_request, module_uid, unpack_metadata
 from nectar.wire.protocol import unpack_tensors
-from nectar.wire.transport import call_stream
+from nectar.client.streams import open_stream
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +35,8 @@ class HopFailed(Exception):
 class _HopStream:
     """One open inference stream to one node (lives on the runtime's loop)."""
 
-    def __init__(self, runtime: ClientRuntime, span: RemoteSpan, model_id: str):
-        self.runtime, self.span, self.model_id = runtime, span, model_id
+    def __init__(self, runtime: ClientRuntime, span: RemoteSpan, model_id: str, *, direct: bool = True):
+        self.runtime, self.span, self.model_id, self.direct = runtime, span, model_id, direct
         self.uid = module_uid(model_id, span.start, span.end)
         self.queue: Optional[asyncio.Queue] = None
         self.responses = None
@@ -52,7 +52,8 @@ class _HopStream:
                 yield item
 
         self.responses = (await asyncio.wait_for(
-            call_stream(self.runtime.p2p, self.span.peer_id, RPC_INFERENCE, requests()), timeout)).__aiter__()
+            open_stream(self.runtime.p2p, self.span.peer_id, self.span.info, RPC_INFERENCE, requests(),
+                        direct=self.direct), timeout)).__aiter__()
         self.queue.put_nowait(make_request(self.uid, [], metadata))
         response = await asyncio.wait_for(self.responses.__anext__(), timeout)
         return unpack_metadata(response.metadata)
@@ -116,7 +117,7 @@ class InferenceSession:
         raise RuntimeError(f"Could not open an inference route for blocks {start}:{end}: {'; '.join(errors[-3:])}")
 
     def _open_hop(self, span: RemoteSpan) -> _Hop:
-        stream = _HopStream(self.runtime, span, self.manager.model_id)
+        stream = _HopStream(self.runtime, span, self.manager.model_id, direct=self.config.direct)
         metadata = {"type": "open", "session_id": self.session_id, "max_length": self.max_length,
                     "batch_size": self.batch_size, "client": self.wallet.address}
         try:

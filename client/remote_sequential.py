@@ -17,7 +17,7 @@ from nectar.client.payments import ReceiptError, Wallet
 from nectar.client.routing import RemoteSequenceManager, RemoteSpan
 from nectar.client.runtime import ClientRuntime
 from nectar.wire.protocol import RPC_BACKWARD, RPC_FORWARD, make_request, module_uid, unpack_metadata, unpack_tensors
-from nectar.wire.transport import call_once
+from nectar.client.streams import call_unary
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ class RemoteCaller:
             metadata["voucher"] = voucher
         request = make_request(module_uid(self.manager.model_id, span.start, span.end), tensors, metadata)
         response = self.runtime.run(
-            call_once(self.runtime.p2p, span.peer_id, method, request, timeout=self.config.request_timeout),
+            call_unary(self.runtime.p2p, span.peer_id, span.info, method, request, direct=self.config.direct,
+                       timeout=self.config.request_timeout),
             timeout=self.config.request_timeout + 5,
         )
         outputs, reply = unpack_tensors(response.tensors), unpack_metadata(response.metadata)

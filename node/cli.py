@@ -86,6 +86,9 @@ def node_main(argv: list[str]) -> int:
     parser.add_argument("--blocks", type=parse_blocks, default=None, help="blocks to host, START:END (half-open)")
     parser.add_argument("--num-blocks", type=int, default=None, help="span length when choosing automatically")
     _add_network_args(parser)
+    parser.add_argument("--direct-port", type=int, default=None,
+                        help="also serve on this plain TCP port (0 = any free port) for clients that can reach it: "
+                             "skips the P2P daemons (faster), unencrypted, so for loopback or a trusted LAN")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                         help="default: float32 on CPU, float16 on CUDA")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
@@ -108,7 +111,7 @@ def node_main(argv: list[str]) -> int:
 
     config = NodeConfig(
         model=args.model, blocks=args.blocks, num_blocks=args.num_blocks, host=args.host, port=args.port,
-        announce_host=args.announce_host, initial_peers=initial_peers_from(args.initial_peers), dtype=args.dtype,
+        announce_host=args.announce_host, direct_port=args.direct_port, initial_peers=initial_peers_from(args.initial_peers), dtype=args.dtype,
         device=args.device, num_threads=args.num_threads, cache_memory_bytes=int(args.cache_mb * 2**20),
         session_timeout=args.session_timeout, announce_period=args.announce_period,
         rebalance_period=args.rebalance_period, throughput=args.throughput, price_per_token=args.price,

@@ -14,6 +14,7 @@ class NodeConfig:
     host: str = "0.0.0.0"  # address to listen on (127.0.0.1 for a local swarm)
     port: int = 0  # TCP port; 0 = any free port
     announce_host: Optional[str] = None  # address to announce if different from host
+    direct_port: Optional[int] = None  # also serve RPCs on this plain TCP port (0 = any; loopback/LAN); None = off
     initial_peers: Sequence[str] = ()  # multiaddrs of swarm peers; empty = start a new swarm
     dtype: Optional[str] = None  # float32 | float16 | bfloat16; None = float32 on CPU, float16 on CUDA
     device: Optional[str] = None  # cpu | cuda | cuda:N; None = cuda if available

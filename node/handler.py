@@ -55,14 +55,13 @@ class NodeHandler:
         self.info_provider = info_provider
         self.active_sessions = 0
 
+    def handlers(self) -> dict:
+        """RPC name -> stream handler: served over P2P and, where enabled, over the direct TCP lane."""
+        return {RPC_INFO: self.rpc_info, RPC_INFERENCE: self.rpc_inference, RPC_FORWARD: self.rpc_forward,
+                RPC_BACKWARD: self.rpc_backward, RPC_AUDIT: self.rpc_audit}
+
     async def add_handlers(self, p2p: P2P) -> None:
-        for name, handler in [
-            (RPC_INFO, self.rpc_info),
-            (RPC_INFERENCE, self.rpc_inference),
-            (RPC_FORWARD, self.rpc_forward),
-            (RPC_BACKWARD, self.rpc_backward),
-            (RPC_AUDIT, self.rpc_audit),
-        ]:
+        for name, handler in self.handlers().items():
             await serve_stream(p2p, name, handler)
 
     # ---- validation -------------------------------------------------------------------------------------------

@@ -42,12 +42,14 @@ class LocalSwarm:
     :param workdir: where logs and keys go (a temp dir by default)
     """
 
-    def __init__(self, *, workdir: Optional[Path] = None, env: Optional[dict] = None, start_timeout: float = 120):
+    def __init__(self, *, workdir: Optional[Path] = None, env: Optional[dict] = None, start_timeout: float = 120,
+                 direct: bool = True):
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="nectar-swarm-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self.env.setdefault("NECTAR_HOME", str(self.workdir / "home"))
         self.start_timeout = start_timeout
+        self.direct = direct  # nodes also listen on a loopback TCP lane (nectar.wire.direct)
         self.bootstrap: Optional[SwarmProcess] = None
         self.nodes: list[SwarmProcess] = []
 
@@ -98,6 +100,8 @@ class LocalSwarm:
                 "--key-dir", str(self.workdir / "keys" / name), "--initial-peers", *self.initial_peers]
         if blocks is not None:
             args += ["--blocks", f"{blocks[0]}:{blocks[1]}"]
+        if self.direct:
+            args += ["--direct-port", "0"]
         node = self._spawn(name, [*args, *extra_args])
         self.nodes.append(node)
         return node

@@ -28,6 +28,7 @@ from nectar.wire import receipts as schema
 from nectar.wire.announce import (
     PROTOCOL_VERSION, AnnouncementValidator, ServerInfo, ServerState, block_key, fetch_records, parse_block_records,
 )
+from nectar.wire.direct import DirectServer
 from nectar.wire.identity import load_or_create_eth_key, load_or_create_p2p_identity
 from nectar.wire.protocol import SUPPORTED_DTYPES
 
@@ -88,6 +89,8 @@ class Server:
         self.dht: Optional[hivemind.DHT] = None
         self.handler: Optional[NodeHandler] = None
         self.announcer: Optional[Announcer] = None
+        self.direct: Optional[DirectServer] = None
+        self.direct_address = ""  # HOST:PORT once the direct lane listens
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
 
@@ -126,6 +129,24 @@ class Server:
     async def _serve(self) -> None:
         self.p2p = await self.dht.replicate_p2p()
         await self.handler.add_handlers(self.p2p)
+        if self.config.direct_port is not None:
+            self.direct = DirectServer(self.handler.handlers(), local_id=self.p2p.peer_id)
+            port = await self.direct.start(self.config.host, self.config.direct_port)
+            self.direct_address = f"{self._direct_host()}:{port}"
+            logger.info(f"Direct TCP lane on {self.direct_address}")
+
+    def _direct_host(self) -> str:
+        """The address clients should dial for the direct lane: the announced one, else the bound one, else the
+        first IPv4 address the P2P daemon reports."""
+        if self.config.announce_host:
+            return self.config.announce_host
+        if self.config.host not in ("0.0.0.0", "::", ""):
+            return self.config.host
+        for address in self.addresses:
+            parts = address.split("/")
+            if len(parts) > 2 and parts[1] == "ip4":
+                return parts[2]
+        return "127.0.0.1"
 
     def _load(self, start: int, end: int) -> None:
         backend = SpanBackend(self.model_path, start, end, dtype=self.dtype, device=self.device)
@@ -154,7 +175,7 @@ class Server:
             inference_rps=self.inference_rps, forward_rps=self.forward_rps, network_rps=self.network_rps,
             dtype=self.dtype_name, cache_tokens_left=self.handler.memory.tokens_left,
             price_per_token=self.config.price_per_token, eth_address=self.signer.address,
-            public_name=self.config.public_name,
+            public_name=self.config.public_name, direct_address=self.direct_address,
         )
 
     def rpc_info(self) -> dict:
@@ -171,6 +192,11 @@ class Server:
             self.announcer.stop(self.server_info(ServerState.OFFLINE))
         if self.payments is not None:
             self.payments.shutdown()
+        if self.direct is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(self.direct.close(), self.loop).result(timeout=10)
+            except Exception:
+                logger.debug("The direct lane did not close cleanly", exc_info=True)
         if self.dht is not None:
             self.dht.shutdown()
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -54,6 +54,7 @@ class ServerInfo:
     price_per_token: int  # credit wei per token per block
     eth_address: str
     public_name: str = ""
+    direct_address: str = ""  # HOST:PORT of the node's plaintext TCP lane (nectar.wire.direct); "" = P2P only
     version: str = PROTOCOL_VERSION
     timestamp: float = field(default_factory=time.time)
 

@@ -23,9 +23,20 @@ StreamHandler = Callable[[AsyncIterator[runtime_pb2.ExpertRequest], P2PContext],
 
 async def serve_stream(p2p: P2P, name: str, handler: StreamHandler, *, max_prefetch: int = 8) -> None:
     """Registers ``handler`` as the stream RPC ``name``; one task per incoming stream."""
+    handle = stream_handler(name, handler, local_id=p2p.peer_id, max_prefetch=max_prefetch)
 
     async def handle_stream(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        context = P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=stream_info.peer_id)
+        await handle(stream_info.peer_id, reader, writer)
+
+    await p2p.add_binary_stream_handler(name, handle_stream)
+
+
+def stream_handler(name: str, handler: StreamHandler, *, local_id, max_prefetch: int = 8):
+    """``handler`` as a coroutine over one byte stream (P2P daemon stream or direct TCP connection), framed as
+    hivemind frames protobuf streams: a marker byte, an 8-byte length, the message."""
+
+    async def handle_stream(remote_id, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        context = P2PContext(handle_name=name, local_id=local_id, remote_id=remote_id)
         requests: asyncio.Queue = asyncio.Queue(max_prefetch)
 
         async def iterate_requests():
@@ -47,7 +58,7 @@ async def serve_stream(p2p: P2P, name: str, handler: StreamHandler, *, max_prefe
             except (ConnectionError, asyncio.IncompleteReadError):
                 pass
             except Exception as e:
-                logger.warning(f"{name} failed for {stream_info.peer_id}", exc_info=True)
+                logger.warning(f"{name} failed for {remote_id}", exc_info=True)
                 with suppress(Exception):
                     await P2P.send_protobuf(RPCError(message=f"{ErrorCode.INTERNAL.value}: {e}"), writer)
 
@@ -79,11 +90,11 @@ async def serve_stream(p2p: P2P, name: str, handler: StreamHandler, *, max_prefe
                     await requests.put(request)  # None marks the caller's end of stream
                 await processing
             except Exception:
-                logger.debug(f"{name}: stream from {stream_info.peer_id} ended abnormally", exc_info=True)
+                logger.debug(f"{name}: stream from {remote_id} ended abnormally", exc_info=True)
             finally:
                 processing.cancel()
 
-    await p2p.add_binary_stream_handler(name, handle_stream)
+    return handle_stream
 
 
 async def call_stream(

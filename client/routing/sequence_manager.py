@@ -59,22 +59,24 @@ class RemoteSequenceManager:
         servers = parse_block_records(self.model_id, range(self.num_blocks), records)
         with self._lock:
             self._servers, self._updated = servers, time.monotonic()
-        self._measure_latencies({peer for block in servers.values() for peer in block})
+        self._measure_latencies({peer: info for block in servers.values() for peer, info in block.items()})
 
-    def _measure_latencies(self, peers) -> None:
-        """Round-trip times to peers not measured yet (one info RPC each, concurrently, bounded by 2 s)."""
+    def _measure_latencies(self, peers: dict) -> None:
+        """Round-trip times to peers not measured yet (one info RPC each on the lane steps will use, concurrently,
+        bounded by 2 s)."""
         new = [peer for peer in peers if peer not in self._latency]
         if self.runtime is None or not new:
             return
         import asyncio
 
+        from nectar.client.streams import call_unary
         from nectar.wire.protocol import RPC_INFO, make_request
-        from nectar.wire.transport import call_once
 
         async def ping(peer):
             began = time.perf_counter()
             try:
-                await call_once(self.runtime.p2p, peer, RPC_INFO, make_request("", [], {}), timeout=2)
+                await call_unary(self.runtime.p2p, peer, peers[peer], RPC_INFO, make_request("", [], {}),
+                                 direct=self.config.direct, timeout=2)
                 return peer, time.perf_counter() - began
             except Exception:
                 return peer, None
