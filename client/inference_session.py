@@ -30,6 +30,7 @@ class HopFailed(Exception):
     def __init__(self, span: RemoteSpan, reason: str):
         super().__init__(f"{span}: {reason}")
         self.span, self.reason = span, reason
+        self.index, self.inputs = None, None  # set by InferenceSession._run_hops
 
 
 class _HopStream:
@@ -77,6 +78,9 @@ class _Hop:
     span: RemoteSpan
     stream: _HopStream
     history: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (step, position, inputs)
+    unchecked: list[tuple[dict, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (reply, in, out)
+    voucher: Optional[dict] = None  # signed after the last receipt check, sent with the next step
+    fault: Optional[str] = None  # a receipt that failed its check after the step had returned
 
 
 class InferenceSession:
@@ -127,36 +131,74 @@ class InferenceSession:
             raise HopFailed(span, f"could not open a session: {_describe(e)}")
         return _Hop(span, stream)
 
-    def _run_hop(self, hop: _Hop, inputs: torch.Tensor, *, step: int, position: int) -> torch.Tensor:
+    async def _hop_step(self, hop: _Hop, inputs: torch.Tensor, *, step: int, position: int) -> torch.Tensor:
+        """One step at one hop, on the runtime's loop. The output's shape and values are checked here; its receipt
+        is checked after the whole step returned (``_check_receipts``), off the token's critical path."""
         span = hop.span
+        if hop.fault is not None:
+            raise HopFailed(span, hop.fault)
         tensors = [inputs]
         if position == 0 and self.prompts is not None:
             tensors.append(self.prompts[span.start : span.end])
         metadata = {"type": "step", "session_id": self.session_id, "step": step, "position": position}
-        voucher = self.wallet.voucher_for(span.info.eth_address)
+        voucher, hop.voucher = hop.voucher, None
+        if voucher is None and not hop.unchecked:
+            voucher = self.wallet.voucher_for(span.info.eth_address)
         if voucher is not None:
             metadata["voucher"] = voucher
         try:
-            outputs, reply = self.runtime.run(hop.stream.step(tensors, metadata, self.config.step_timeout),
-                                              timeout=self.config.step_timeout + 5)
+            outputs, reply = await hop.stream.step(tensors, metadata, self.config.step_timeout)
         except Exception as e:
             raise HopFailed(span, _describe(e))
         if len(outputs) != 1 or outputs[0].shape != inputs.shape or not torch.isfinite(outputs[0]).all():
             raise HopFailed(span, f"returned a malformed output {[list(o.shape) for o in outputs]}")
-        output = outputs[0]
-        if "receipt" in reply:
-            try:
-                self.wallet.check_receipt(
-                    reply["receipt"], node_address=span.info.eth_address, price_per_block=span.info.price_per_token,
-                    start=span.start, end=span.end, inputs=inputs, outputs=output, session_id=self.session_id,
-                    verify=self.config.verify_receipts,
-                )
-            except ReceiptError as e:
-                raise HopFailed(span, f"dishonest receipt: {e}")
-        elif self.config.verify_receipts:
+        if "receipt" not in reply and self.config.verify_receipts:
             raise HopFailed(span, "answered without a receipt")
         hop.history.append((step, position, inputs))
-        self.manager.mark_ok(span.peer_id)
+        if "receipt" in reply:
+            hop.unchecked.append((reply["receipt"], inputs, outputs[0]))
+        return outputs[0]
+
+    def _check_receipts(self, hops: list[_Hop]) -> None:
+        """Checks the receipts of the steps just returned and signs each node's next voucher (on the loop, while
+        the caller computes the next token). A bad receipt makes that hop's next step fail over."""
+        for hop in hops:
+            span, pending, hop.unchecked = hop.span, hop.unchecked, []
+            for receipt, inputs, output in pending:
+                try:
+                    self.wallet.check_receipt(
+                        receipt, node_address=span.info.eth_address, price_per_block=span.info.price_per_token,
+                        start=span.start, end=span.end, inputs=inputs, outputs=output, session_id=self.session_id,
+                        verify=self.config.verify_receipts,
+                    )
+                except ReceiptError as e:
+                    hop.fault = hop.fault or f"dishonest receipt: {e}"
+                except Exception as e:  # never let a check crash the loop: treat the hop as faulty
+                    logger.warning(f"Checking a receipt from {span} failed", exc_info=True)
+                    hop.fault = hop.fault or f"unreadable receipt: {e}"
+            if pending and hop.fault is None:
+                hop.voucher = self.wallet.voucher_for(span.info.eth_address)
+                self.manager.mark_ok(span.peer_id)
+
+    async def _run_hops(self, x: torch.Tensor, index: int, *, step: int, position: int):
+        """Runs hops ``index..`` in one coroutine (no thread switch between hops); on failure raises HopFailed
+        carrying the failed hop's index and input."""
+        while index < len(self.hops):
+            try:
+                x = await self._hop_step(self.hops[index], x, step=step, position=position)
+            except HopFailed as e:
+                e.index, e.inputs = index, x
+                raise
+            index += 1
+        return x
+
+    def _run_hop(self, hop: _Hop, inputs: torch.Tensor, *, step: int, position: int) -> torch.Tensor:
+        """One hop with its receipt checked before returning (replays during failover)."""
+        output = self.runtime.run(self._hop_step(hop, inputs, step=step, position=position),
+                                  timeout=self.config.step_timeout + 5)
+        self._check_receipts([hop])
+        if hop.fault is not None:
+            raise HopFailed(hop.span, hop.fault)
         return output
 
     def _replace(self, index: int) -> None:
@@ -200,19 +242,22 @@ class InferenceSession:
         step, position = self.step_index, self.position
         x = hidden_states.detach().float().cpu()
         index, failures = 0, 0
-        while index < len(self.hops):
+        while True:
             try:
-                x = self._run_hop(self.hops[index], x, step=step, position=position)
-                index += 1
+                x = self.runtime.run(self._run_hops(x, index, step=step, position=position),
+                                     timeout=len(self.hops) * (self.config.step_timeout + 5))
+                break
             except HopFailed as e:
                 failures += 1
                 self.manager.ban(e.span.peer_id, e.reason)
                 if failures > self.config.max_retries:
                     raise RuntimeError(f"Inference failed after {failures} attempts; last error: {e}")
+                index, x = e.index, e.inputs
                 self._replace(index)
-                # x is still the input of hop `index`, whose replacement now holds the history: retry it
+                # x is the input of hop `index`, whose replacement now holds the history: retry it
         self.position += hidden_states.shape[1]
         self.step_index += 1
+        self.runtime.loop.call_soon_threadsafe(self._check_receipts, list(self.hops))
         return x
 
     @property
@@ -223,6 +268,10 @@ class InferenceSession:
         if self._closed:
             return
         self._closed = True
+        try:  # the last step's receipts: the closing vouchers pay for them
+            self.runtime.run(self._check_all(), timeout=30)
+        except Exception:
+            logger.debug("Could not check the last receipts", exc_info=True)
         for hop in self.hops:
             voucher = self.wallet.voucher_for(hop.span.info.eth_address)
             try:
@@ -232,6 +281,9 @@ class InferenceSession:
                 self.runtime.loop.call_soon_threadsafe(hop.stream.close)
             except RuntimeError:
                 pass
+
+    async def _check_all(self) -> None:
+        self._check_receipts(self.hops)
 
     def __enter__(self):
         return self
