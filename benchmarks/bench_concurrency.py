@@ -69,6 +69,17 @@ def run_sessions(model, num_sessions: int, *, steps: int = NEW_TOKENS) -> dict:
             "aggregate_tps": num_sessions * steps / elapsed, "median_step_ms": statistics.median(latencies) * 1e3}
 
 
+def compute_counters(model) -> dict:
+    """The node's compute counters (rounds and steps so far), from its info RPC."""
+    from nectar.client.streams import call_unary
+    from nectar.wire.protocol import RPC_INFO, make_request, unpack_metadata
+
+    (peer, info), = {p: i for block in model.sequence_manager.servers().values() for p, i in block.items()}.items()
+    response = model.runtime.run(call_unary(model.runtime.p2p, peer, info, RPC_INFO, make_request("", [], {}),
+                                            timeout=30), timeout=40)
+    return unpack_metadata(response.metadata)["compute"]
+
+
 def largest_batch(swarm) -> int:
     """The most steps the node ran in one forward, from its log ("Batched N inference steps ...")."""
     found = [int(m) for m in re.findall(r"Batched (\d+) inference steps", swarm.nodes[0].log())]
@@ -88,9 +99,13 @@ def main() -> None:
             run_sessions(model, 1, steps=4)  # warm-up: route, connections
             for repeat in range(args.repeats):  # alternate sizes, so the machine's load hits each alike
                 for num_sessions in args.sessions:
+                    before = compute_counters(model)
                     result = run_sessions(model, num_sessions)
+                    after = compute_counters(model)
+                    rounds = after["inference_rounds"] - before["inference_rounds"]
+                    result["mean_batch"] = (after["inference_steps"] - before["inference_steps"]) / max(rounds, 1)
                     log(f"  repeat {repeat}: {num_sessions:3d} sessions {result['aggregate_tps']:8.1f} tok/s, "
-                        f"median step {result['median_step_ms']:.1f} ms")
+                        f"median step {result['median_step_ms']:.1f} ms, {result['mean_batch']:.1f} steps per forward")
                     if result["aggregate_tps"] > results.get(num_sessions, {}).get("aggregate_tps", 0):
                         results[num_sessions] = result
         finally:
@@ -101,7 +116,8 @@ def main() -> None:
     for num_sessions, result in results.items():
         rows.append((f"{num_sessions} session(s)",
                      f"{result['aggregate_tps']:8.1f} tok/s aggregate  {result['aggregate_tps'] / base:5.2f}x "
-                     f"{args.sessions[0]} session  median step {result['median_step_ms']:6.1f} ms"))
+                     f"{args.sessions[0]} session  median step {result['median_step_ms']:6.1f} ms  "
+                     f"{result['mean_batch']:5.1f} steps per forward"))
     rows.append(("node compute", f"largest batch: {biggest} steps in one forward"))
     emit(f"Concurrent sessions on one node, {args.model}, float32 CPU, {args.threads} thread(s), "
          f"{PROMPT_TOKENS}+{NEW_TOKENS} tokens each", rows, {"results": results, "largest_batch": biggest}, args.json)

@@ -154,6 +154,9 @@ class LlamaBatchRunner:
         qk = qkv[:, : heads + kv_heads]
         qk.copy_(qk * cos + _rotate_half(qk) * sin)  # RoPE in place: keys and values now sit side by side
         q, kv = qkv[:, :heads], qkv[:, heads:]
+        if len(groups) > 1 and all(g[2] == 1 and g[3] == 1 for g in groups):
+            attention = self._decode_attention(q, kv, groups, caches)
+            return self._mlp(layer, x, attention)
         outputs = []
         for (begin, end, batch, tokens, length, mask), cache in zip(groups, caches):
             buffer = cache.buffer[0]  # [key/value, batch, kv_heads, max_length, head_dim]
@@ -163,10 +166,40 @@ class LlamaBatchRunner:
             query = q[begin:end].view(batch, tokens, heads, dim).transpose(1, 2)
             outputs.append(self._attention(query, keys, values, mask, tokens))
         attention = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return self._mlp(layer, x, attention)
+
+    @staticmethod
+    def _mlp(layer: "_FusedLlamaLayer", x, attention) -> torch.Tensor:
         x = x + _linear(attention, layer.o_weight, layer.o_bias)
         gate_up = _linear(layer.post_norm(x), layer.gate_up_weight, layer.gate_up_bias)
         gate, up = gate_up.chunk(2, dim=-1)
         return x + _linear(layer.act(gate) * up, layer.down_weight, layer.down_bias)
+
+    def _decode_attention(self, q, kv, groups, caches) -> torch.Tensor:
+        """One new token for each of n sessions: a single masked SDPA over their caches padded to the longest.
+
+        Per session only the cache write and a gather stay; the per-session SDPA calls (about ten small ops each,
+        which dominate a batched decode round on CPU and in kernel launches on GPUs) become one.
+        """
+        n, heads, kv_heads, dim = q.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        new_kv = kv.view(n, 2, kv_heads, dim)
+        keys, values, lengths = [], [], []
+        for index, ((_, _, _, _, length, _), cache) in enumerate(zip(groups, caches)):
+            buffer = cache.buffer[0]  # [key/value, batch, kv_heads, max_length, head_dim]
+            buffer[:, 0, :, length].copy_(new_kv[index])
+            keys.append(buffer[0, 0, :, : length + 1].transpose(0, 1))  # [L, kv_heads, dim] views
+            values.append(buffer[1, 0, :, : length + 1].transpose(0, 1))
+            lengths.append(length + 1)
+        keys = nn.utils.rnn.pad_sequence(keys, batch_first=True).transpose(1, 2)  # [n, kv_heads, L, dim]
+        values = nn.utils.rnn.pad_sequence(values, batch_first=True).transpose(1, 2)
+        valid = torch.arange(keys.shape[2], device=q.device)[None, :] < torch.tensor(lengths, device=q.device)[:, None]
+        mask = valid[:, None, None, :]  # [n, 1, 1, L]: attend to each session own tokens only
+        if heads != kv_heads:
+            keys = keys.repeat_interleave(heads // kv_heads, dim=1)
+            values = values.repeat_interleave(heads // kv_heads, dim=1)
+        query = q.view(n, 1, heads, dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=self.scaling)
+        return out.transpose(1, 2).reshape(n, heads * dim)
 
     def _attention(self, query, keys, values, mask, tokens) -> torch.Tensor:
         """SDPA as transformers calls it for this step (GQA natively without a mask, repeated heads with one)."""

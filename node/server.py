@@ -180,8 +180,11 @@ class Server:
 
     def rpc_info(self) -> dict:
         info = self.server_info().to_dict()
+        stats = self.compute.stats
         info.update(model=self.model_id, num_model_blocks=self.num_model_blocks, version=PROTOCOL_VERSION,
-                    active_sessions=self.handler.active_sessions)
+                    active_sessions=self.handler.active_sessions,
+                    compute={"inference_rounds": stats.batches, "inference_steps": stats.steps,
+                             "max_batch": stats.max_batch, "training_requests": stats.training})
         return info
 
     def stop(self) -> None:

@@ -68,8 +68,11 @@ class ComputeThread:
     """
 
     def __init__(self, name: str = "nectar-compute", num_threads: int | None = None, *,
-                 max_batch_tokens: int = 4096, training_max_wait: float = 1.0):
+                 max_batch_tokens: int = 4096, training_max_wait: float = 1.0, gather_share: float = 0.5,
+                 max_gather_wait: float = 0.05):
         self.max_batch_tokens, self.training_max_wait = max_batch_tokens, training_max_wait
+        self.gather_share, self.max_gather_wait = gather_share, max_gather_wait
+        self._last_round_size, self._last_round_s = 1, 0.0
         self._queues: dict[Priority, collections.deque[_Work]] = {p: collections.deque() for p in Priority}
         self._condition = threading.Condition()
         self._stopped = False
@@ -116,11 +119,15 @@ class ComputeThread:
                     self.stats.training += 1
                     batch = [training]
                 else:
+                    self._gather_inference()
                     batch = self._take_inference_round()
+            began = time.perf_counter()
             if len(batch) == 1 and batch[0].batch_key is None:
                 self._run_one(batch[0])
             else:
                 self._run_round(batch)
+            if training is None:
+                self._last_round_size, self._last_round_s = len(batch), time.perf_counter() - began
 
     def _training_due(self) -> Optional[_Work]:
         """The training item to run now, if any (caller holds the lock)."""
@@ -130,6 +137,24 @@ class ComputeThread:
             if queue and (not inference or time.monotonic() - queue[0].submitted >= self.training_max_wait):
                 return queue.popleft()
         return None
+
+    def _gather_inference(self) -> None:
+        """Waits briefly for the sessions of the last round to send their next steps (caller holds the lock).
+
+        Replies to a round reach clients one after another, so the first next step arrives while most are still on
+        their way; starting at once would split the sessions into rounds that each pay for reading all weights.
+        The wait ends when as many steps are pending as the last round ran, or after ``gather_share`` of that
+        round's compute time (at most ``max_gather_wait``), so a session that went quiet costs little.
+        """
+        queue = self._queues[Priority.INFERENCE]
+        if self._last_round_size <= 1 or len(queue) >= self._last_round_size:
+            return
+        deadline = time.monotonic() + min(self.max_gather_wait, self.gather_share * self._last_round_s)
+        while not self._stopped and len(queue) < self._last_round_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._condition.wait(remaining)
 
     def _take_inference_round(self) -> list[_Work]:
         queue = self._queues[Priority.INFERENCE]

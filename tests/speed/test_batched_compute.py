@@ -63,6 +63,19 @@ def test_batched_steps_equal_unbatched_at_mixed_lengths_and_positions(tiny_llama
     assert worst <= TOLERANCE, worst
 
 
+def test_single_token_rounds_share_one_padded_attention(tiny_llama):
+    """Decode rounds (every session one new token, batch 1) take the padded single-SDPA path: still exact."""
+    batched, plain = _backend(tiny_llama, batching=True), _backend(tiny_llama, batching=False)
+    hidden = batched.hidden_size
+    torch.manual_seed(1)
+    sessions = [_Session(batched, plain, batch_size=1, start=0, end=4) for _ in range(5)]
+    worst = _round(batched, plain, sessions, [torch.randn(1, t, hidden) for t in (5, 3, 9, 1, 2)])
+    for _ in range(4):  # caches of five different lengths, padded to the longest in each round
+        worst = max(worst, _round(batched, plain, sessions, [torch.randn(1, 1, hidden) for _ in sessions]))
+    assert [s.position for s in sessions] == [9, 7, 13, 5, 6]
+    assert worst <= TOLERANCE, worst
+
+
 def test_batched_sub_spans_and_prompted_first_steps(tiny_llama):
     batched, plain = _backend(tiny_llama, batching=True), _backend(tiny_llama, batching=False)
     hidden = batched.hidden_size
