@@ -1,7 +1,8 @@
 """Aggregate decode tokens/s of 1, 4, 16 and 64 concurrent inference sessions on one node (all 8 blocks).
 
 Each session opens its own stream, sends a 16-token prefill, then 64 single-token steps, from its own client thread
-(one client process, like a gateway serving many users). Clients send hidden states (embeddings of random tokens):
+(one client process, like a gateway serving many users; or, with ``--client-processes P``, spread over P
+processes, like separate users' machines, so the clients' Python work is not serialised by one GIL). Clients send hidden states (embeddings of random tokens):
 the LM head runs on client machines in a real deployment, so the figure is what the node serves. Aggregate tokens/s
 counts decode steps of all sessions between the moment every prefill is done and the last session's last step.
 The node batches concurrent steps into one forward (node/batching.py); its compute counters are printed too.
@@ -20,7 +21,7 @@ import time
 
 import torch
 
-from common import NEW_TOKENS, PROMPT_TOKENS, base_parser, checkpoint, distributed_model, emit, local_swarm, log
+from common import NEW_TOKENS, PROMPT_TOKENS, VOCAB, base_parser, checkpoint, distributed_model, emit, local_swarm, log
 from common import set_threads
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,86 @@ def run_sessions(model, num_sessions: int, *, steps: int = NEW_TOKENS) -> dict:
             "aggregate_tps": num_sessions * steps / elapsed, "median_step_ms": statistics.median(latencies) * 1e3}
 
 
+def _client_process(path: str, initial_peers: list, session_indices: list, steps: int, threads: int,
+                    barrier, results) -> None:
+    """One load-generating client process (like one user's machine): its own DHT client, sessions and GIL."""
+    import torch
+
+    from nectar.client import ClientConfig, DistributedModelForCausalLM
+
+    set_threads(threads)
+    config = ClientConfig(step_timeout=120, request_timeout=300, connect_timeout=30)
+    model = DistributedModelForCausalLM.from_pretrained(path, initial_peers=initial_peers, config=config,
+                                                        dtype=torch.float32)
+    try:
+        hidden = model.head.embedding_dim
+        inputs = {}
+        for index in session_indices:  # the same inputs whichever process a session lands in
+            generator = torch.Generator().manual_seed(1000 + index)
+            inputs[index] = (model.head.embed(torch.randint(3, VOCAB, (1, PROMPT_TOKENS), generator=generator)),
+                             model.head.embed(torch.randint(3, VOCAB, (1, steps), generator=generator)))
+        sessions = {i: model.inference_session(max_length=PROMPT_TOKENS + steps + 1) for i in session_indices}
+        for index, session in sessions.items():
+            session.step(inputs[index][0])
+        latencies, finished, errors = [], [], []
+
+        def client(index: int) -> None:
+            try:
+                session, tokens = sessions[index], inputs[index][1]
+                for t in range(steps):
+                    began = time.perf_counter()
+                    session.step(tokens[:, t : t + 1].view(1, 1, hidden))
+                    latencies.append(time.perf_counter() - began)
+                finished.append(time.perf_counter())  # CLOCK_MONOTONIC: comparable across processes
+            except BaseException as e:
+                errors.append(repr(e))
+
+        threads_ = [threading.Thread(target=client, args=(i,), daemon=True) for i in session_indices]
+        barrier.wait(timeout=600)
+        for thread in threads_:
+            thread.start()
+        for thread in threads_:
+            thread.join()
+        for session in sessions.values():
+            session.close()
+        results.put({"latencies": latencies, "finished": finished, "errors": errors})
+    except BaseException as e:
+        results.put({"latencies": [], "finished": [], "errors": [repr(e)]})
+        barrier.abort()
+    finally:
+        model.shutdown()
+
+
+def run_sessions_in_processes(path, swarm, num_sessions: int, *, processes: int, threads: int,
+                              steps: int = NEW_TOKENS) -> dict:
+    """``num_sessions`` sessions spread over ``processes`` client processes (threads inside each): the clients'
+    own Python work then runs in parallel, as separate users' machines would, instead of behind one GIL."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    processes = max(1, min(processes, num_sessions))
+    barrier, results = context.Barrier(processes + 1), context.Queue()
+    workers = [context.Process(target=_client_process, daemon=False,  # its DHT runs a child process
+                               args=(str(path), swarm.initial_peers, list(range(p, num_sessions, processes)), steps,
+                                     threads, barrier, results))
+               for p in range(processes)]
+    for worker in workers:
+        worker.start()
+    barrier.wait(timeout=600)
+    began = time.perf_counter()
+    reports = [results.get(timeout=1200) for _ in workers]
+    for worker in workers:
+        worker.join(60)
+    errors = [e for r in reports for e in r["errors"]]
+    if errors:
+        raise RuntimeError(f"{len(errors)} session(s) failed; first: {errors[0]}")
+    elapsed = max(t for r in reports for t in r["finished"]) - began
+    latencies = [t for r in reports for t in r["latencies"]]
+    return {"sessions": num_sessions, "tokens": num_sessions * steps, "seconds": elapsed,
+            "aggregate_tps": num_sessions * steps / elapsed, "median_step_ms": statistics.median(latencies) * 1e3,
+            "client_processes": processes}
+
+
 def compute_counters(model) -> dict:
     """The node's compute counters (rounds and steps so far), from its info RPC."""
     from nectar.client.streams import call_unary
@@ -89,6 +170,8 @@ def largest_batch(swarm) -> int:
 def main() -> None:
     parser = base_parser(__doc__)
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--client-processes", type=int, default=0,
+                        help="spread the sessions over this many client processes (0 = one process, threads only)")
     args = parser.parse_args()
     set_threads(args.threads)
     path = checkpoint(args.model)
@@ -100,7 +183,11 @@ def main() -> None:
             for repeat in range(args.repeats):  # alternate sizes, so the machine's load hits each alike
                 for num_sessions in args.sessions:
                     before = compute_counters(model)
-                    result = run_sessions(model, num_sessions)
+                    if args.client_processes:
+                        result = run_sessions_in_processes(path, swarm, num_sessions, threads=args.threads,
+                                                           processes=args.client_processes)
+                    else:
+                        result = run_sessions(model, num_sessions)
                     after = compute_counters(model)
                     rounds = after["inference_rounds"] - before["inference_rounds"]
                     result["mean_batch"] = (after["inference_steps"] - before["inference_steps"]) / max(rounds, 1)

@@ -4,7 +4,8 @@ Measures, in one run on one GPU:
   1. single-session greedy decode (16-token prompt, 64 new tokens) through local transformers ``generate()``;
   2. the same through Nectar: 2 node processes (blocks 0:16 and 16:32) on that GPU, the client's embeddings and LM
      head on that GPU too (as a GPU client would run them);
-  3. aggregate decode tokens/s of 1 and 16 concurrent sessions through the same 2-node route.
+  3. aggregate decode tokens/s of 1 and 16 concurrent sessions through the same 2-node route, from 8 client
+     processes (separate users; one process's GIL would otherwise be the bottleneck, see bench_concurrency.py).
 Runs unattended and prints every figure (see benchmarks/gpu/run_gpu.sh for the device command).
 
     python benchmarks/bench_gpu.py --model llama2-7b --device cuda --dtype float16
@@ -19,7 +20,7 @@ import time
 
 import torch
 
-from bench_concurrency import run_sessions
+from bench_concurrency import run_sessions, run_sessions_in_processes
 from bench_decode import local_decode, swarm_decode
 from common import (
     DecodeTiming, base_parser, best, checkpoint, distributed_model, emit, even_spans, local_swarm, log,
@@ -44,6 +45,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--node-args", default="", help="extra arguments for every node (quoted)")
+    parser.add_argument("--client-processes", type=int, default=8,
+                        help="load-generating client processes for the concurrent sessions (0 = threads of this one)")
     args = parser.parse_args()
     set_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -62,14 +66,18 @@ def main() -> None:
     log(f"Nectar: {args.nodes} nodes {spans} on {args.device}")
     concurrency = {}
     with local_swarm(path, spans, threads=args.threads, device=args.device, dtype=args.dtype,
-                     extra_args=["--cache-mb", "16384"]) as swarm:
+                     extra_args=["--cache-mb", "16384", *args.node_args.split()]) as swarm:
         model = head_on(distributed_model(path, swarm, dtype=dtype), args.device)
         try:
             model.generate(prompt_ids(), max_new_tokens=4, do_sample=False, eos_token_id=[])
             runs, tokens = swarm_decode(model, repeats=args.repeats)
             run_sessions(model, 2, steps=4)  # warm-up of the batched path
             for num_sessions in args.sessions:
-                result = run_sessions(model, num_sessions)
+                if args.client_processes:
+                    result = run_sessions_in_processes(path, swarm, num_sessions, threads=args.threads,
+                                                       processes=args.client_processes)
+                else:
+                    result = run_sessions(model, num_sessions)
                 concurrency[num_sessions] = result
                 log(f"  {num_sessions} sessions: {result['aggregate_tps']:.1f} tok/s")
         finally:

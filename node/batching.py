@@ -136,27 +136,32 @@ class LlamaBatchRunner:
                 mask = step.causal_mask(dtype=dtype, device=device)
             groups.append((offset, offset + batch * tokens, batch, tokens, length, mask))
             offset += batch * tokens
+        decode_mask = None
+        if len(groups) > 1 and all(g[2] == 1 and g[3] == 1 for g in groups):
+            # a decode round: one padded attention per block; positions (on the device) are the cache lengths,
+            # so the mask needs no host-to-device copy (which would stall a GPU once per block)
+            longest = max(lengths) + 1
+            decode_mask = (torch.arange(longest, device=device)[None, :] <= positions[:, None])[:, None, None, :]
         num_blocks = tasks[0].end - tasks[0].start
         with _attention_backends(self.on_gpu):
             for local in range(num_blocks):
                 layer = self.layers[first_block + local]
                 caches = [task.caches[local] for task in tasks]
-                x = self._block(layer, x, cos, sin, groups, caches)
+                x = self._block(layer, x, cos, sin, groups, caches, decode_mask)
         for task, (_, _, _, tokens, length, _) in zip(tasks, groups):
             for cache in task.caches:
                 cache.length = length + tokens
         return [x[begin:end].view(batch, tokens, hidden_size)
                 for begin, end, batch, tokens, _, _ in groups]
 
-    def _block(self, layer: "_FusedLlamaLayer", x, cos, sin, groups, caches) -> torch.Tensor:
+    def _block(self, layer: "_FusedLlamaLayer", x, cos, sin, groups, caches, decode_mask=None) -> torch.Tensor:
         n, heads, kv_heads, dim = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = _linear(layer.input_norm(x), layer.qkv_weight, layer.qkv_bias).view(n, heads + 2 * kv_heads, dim)
         qk = qkv[:, : heads + kv_heads]
         qk.copy_(qk * cos + _rotate_half(qk) * sin)  # RoPE in place: keys and values now sit side by side
         q, kv = qkv[:, :heads], qkv[:, heads:]
-        if len(groups) > 1 and all(g[2] == 1 and g[3] == 1 for g in groups):
-            attention = self._decode_attention(q, kv, groups, caches)
-            return self._mlp(layer, x, attention)
+        if decode_mask is not None:
+            return self._mlp(layer, x, self._decode_attention(q, kv, groups, caches, decode_mask))
         outputs = []
         for (begin, end, batch, tokens, length, mask), cache in zip(groups, caches):
             buffer = cache.buffer[0]  # [key/value, batch, kv_heads, max_length, head_dim]
@@ -175,7 +180,7 @@ class LlamaBatchRunner:
         gate, up = gate_up.chunk(2, dim=-1)
         return x + _linear(layer.act(gate) * up, layer.down_weight, layer.down_bias)
 
-    def _decode_attention(self, q, kv, groups, caches) -> torch.Tensor:
+    def _decode_attention(self, q, kv, groups, caches, mask) -> torch.Tensor:
         """One new token for each of n sessions: a single masked SDPA over their caches padded to the longest.
 
         Per session only the cache write and a gather stay; the per-session SDPA calls (about ten small ops each,
@@ -183,17 +188,15 @@ class LlamaBatchRunner:
         """
         n, heads, kv_heads, dim = q.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         new_kv = kv.view(n, 2, kv_heads, dim)
-        keys, values, lengths = [], [], []
+        keys, values = [], []
         for index, ((_, _, _, _, length, _), cache) in enumerate(zip(groups, caches)):
             buffer = cache.buffer[0]  # [key/value, batch, kv_heads, max_length, head_dim]
             buffer[:, 0, :, length].copy_(new_kv[index])
             keys.append(buffer[0, 0, :, : length + 1].transpose(0, 1))  # [L, kv_heads, dim] views
             values.append(buffer[1, 0, :, : length + 1].transpose(0, 1))
-            lengths.append(length + 1)
-        keys = nn.utils.rnn.pad_sequence(keys, batch_first=True).transpose(1, 2)  # [n, kv_heads, L, dim]
+        # [n, kv_heads, L, dim]; ``mask`` [n, 1, 1, L] lets each session attend to its own tokens only
+        keys = nn.utils.rnn.pad_sequence(keys, batch_first=True).transpose(1, 2)
         values = nn.utils.rnn.pad_sequence(values, batch_first=True).transpose(1, 2)
-        valid = torch.arange(keys.shape[2], device=q.device)[None, :] < torch.tensor(lengths, device=q.device)[:, None]
-        mask = valid[:, None, None, :]  # [n, 1, 1, L]: attend to each session own tokens only
         if heads != kv_heads:
             keys = keys.repeat_interleave(heads // kv_heads, dim=1)
             values = values.repeat_interleave(heads // kv_heads, dim=1)

@@ -94,6 +94,9 @@ def node_main(argv: list[str]) -> int:
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     parser.add_argument("--num-threads", type=int, default=None, help="torch threads for compute")
     parser.add_argument("--cache-mb", type=float, default=512, help="KV-cache budget in MiB across all sessions")
+    parser.add_argument("--batch-wait", type=float, default=0.0,
+                        help="share of the last round's compute time a decode round waits for more sessions' steps "
+                             "(0 = start at once; try 0.5 on a node that serves many sessions alone)")
     parser.add_argument("--session-timeout", type=float, default=120, help="idle seconds before a session expires")
     parser.add_argument("--announce-period", type=float, default=10)
     parser.add_argument("--rebalance-period", type=float, default=60)
@@ -113,7 +116,7 @@ def node_main(argv: list[str]) -> int:
         model=args.model, blocks=args.blocks, num_blocks=args.num_blocks, host=args.host, port=args.port,
         announce_host=args.announce_host, direct_port=args.direct_port, initial_peers=initial_peers_from(args.initial_peers), dtype=args.dtype,
         device=args.device, num_threads=args.num_threads, cache_memory_bytes=int(args.cache_mb * 2**20),
-        session_timeout=args.session_timeout, announce_period=args.announce_period,
+        session_timeout=args.session_timeout, batch_wait=args.batch_wait, announce_period=args.announce_period,
         rebalance_period=args.rebalance_period, throughput=args.throughput, price_per_token=args.price,
         credit_limit=args.credit_limit, key_dir=args.key_dir, public_name=args.name, ledger_url=args.ledger_url,
         corrupt_rate=args.corrupt_rate,

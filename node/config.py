@@ -21,6 +21,7 @@ class NodeConfig:
     num_threads: Optional[int] = None  # torch intra-op threads for compute; None = torch default
     cache_memory_bytes: int = 512 * 1024**2  # KV-cache budget across all sessions
     session_timeout: float = 120.0  # seconds an inference session may stay idle before its cache is freed
+    batch_wait: float = 0.0  # share of the last round's compute time a decode round waits for its sessions' next steps
     step_timeout: float = 300.0  # seconds a forward/backward request may wait in the queue
     announce_period: float = 10.0  # seconds between DHT announcements
     rebalance_period: float = 60.0  # seconds between checks whether another span would serve the swarm better

@@ -107,7 +107,7 @@ class Server:
         if self.payments is None:
             self.payments = self._payment_policy()
         start, end = self._choose_span()
-        self.compute = ComputeThread(num_threads=config.num_threads)
+        self.compute = ComputeThread(num_threads=config.num_threads, gather_share=config.batch_wait)
         self._load(start, end)
         self._loop_thread.start()
         asyncio.run_coroutine_threadsafe(self._serve(), self.loop).result(timeout=60)

@@ -68,7 +68,7 @@ class ComputeThread:
     """
 
     def __init__(self, name: str = "nectar-compute", num_threads: int | None = None, *,
-                 max_batch_tokens: int = 4096, training_max_wait: float = 1.0, gather_share: float = 0.5,
+                 max_batch_tokens: int = 4096, training_max_wait: float = 1.0, gather_share: float = 0.0,
                  max_gather_wait: float = 0.05):
         self.max_batch_tokens, self.training_max_wait = max_batch_tokens, training_max_wait
         self.gather_share, self.max_gather_wait = gather_share, max_gather_wait
@@ -144,10 +144,11 @@ class ComputeThread:
         Replies to a round reach clients one after another, so the first next step arrives while most are still on
         their way; starting at once would split the sessions into rounds that each pay for reading all weights.
         The wait ends when as many steps are pending as the last round ran, or after ``gather_share`` of that
-        round's compute time (at most ``max_gather_wait``), so a session that went quiet costs little.
+        round's compute time (at most ``max_gather_wait``), so a session that went quiet costs little. Off by default
+        (``--batch-wait``): on a route of several nodes, rounds that split let the nodes work as a pipeline.
         """
         queue = self._queues[Priority.INFERENCE]
-        if self._last_round_size <= 1 or len(queue) >= self._last_round_size:
+        if self.gather_share <= 0 or self._last_round_size <= 1 or len(queue) >= self._last_round_size:
             return
         deadline = time.monotonic() + min(self.max_gather_wait, self.gather_share * self._last_round_s)
         while not self._stopped and len(queue) < self._last_round_size:
