@@ -1,6 +1,7 @@
 """Prefill (forward) tokens/s and prompt-tuning steps/s: Nectar through N nodes vs local transformers.
 
-Prefill: a batch of 4 x 128 tokens through the embeddings, all blocks, and the LM head on the last position.
+Prefill: a batch of 4 x 128 tokens through the embeddings, all blocks, and the LM head on the last position (locally
+one ``model(...)`` call; through Nectar the first step of an inference session, as generation runs it).
 Prompt tuning ("ptune"): a trainable 16-token soft prefix before 4 x 64 tokens; one step is forward, cross-entropy
 on every real token's logits, backward to the prefix and an Adam update. The model's weights are frozen on both sides
 (local transformers too), as prompt tuning does. Same checkpoint, float32, CPU and torch threads everywhere.
@@ -78,8 +79,10 @@ class SwarmRunner:
         self.tune_ids = prompt_ids(*TUNE_SHAPE, seed=2)
 
     def prefill(self) -> None:
-        with torch.no_grad():
-            hidden = self.plain.transformer(self.plain.head.embed(self.prefill_ids))
+        """Through an inference session (what generation's prefill uses): the nodes fill their KV caches."""
+        batch, length = self.prefill_ids.shape
+        with torch.no_grad(), self.plain.inference_session(max_length=length, batch_size=batch) as session:
+            hidden = session.step(self.plain.head.embed(self.prefill_ids))
             self.plain.head.logits(hidden[:, -1:])
 
     def tune_step(self) -> float:
