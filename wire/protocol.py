@@ -2,7 +2,9 @@
 
 Node (``nectar.node.handler``) and client (``nectar.client``) both import this module and nothing of each other.
 All calls use hivemind's ``runtime_pb2.ExpertRequest``/``ExpertResponse``: tensors in ``tensors``, everything else
-in ``metadata`` (msgpack). Streams carry no size limit, so forward/backward are stream RPCs too.
+in ``metadata`` (msgpack). Streams carry no size limit, so forward/backward are stream RPCs too. They travel over the
+P2P daemons (``nectar.wire.transport``) or, where a node announces one, its direct TCP lane (``nectar.wire.direct``),
+in the same framing.
 
 Inference stream (``rpc_inference``), one long-lived stream per hop and session:
   request 1   metadata {"type": "open", "session_id", "max_length", "batch_size", "client", ...} (+ optional step)
