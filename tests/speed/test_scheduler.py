@@ -146,3 +146,38 @@ def test_cancelled_steps_are_skipped(compute):
 
     assert asyncio.run(scenario())[1] == "kept"
     assert all("gone" not in run for run in _Step.runs)
+
+
+class _SlowStep(_Step):
+    """A step whose batch takes a while, so a round has a compute time to scale the gather window by."""
+
+    @staticmethod
+    def run_batch(steps):
+        time.sleep(0.2)
+        return _Step.run_batch(steps)
+
+
+@pytest.mark.parametrize("gather_share, expected_round", [(0.0, ("c0",)), (1.0, ("c0", "c1", "c2"))])
+def test_batch_wait_gathers_the_last_rounds_sessions(gather_share, expected_round):
+    """With --batch-wait, a round waits (up to a share of the last round's time) until as many steps are pending
+    as the last round ran; without it, the round starts with the first step that arrives."""
+    _Step.runs = []
+    compute = ComputeThread(gather_share=gather_share, max_gather_wait=1.0)
+
+    async def scenario():
+        gate, blocker = _blocked(compute)
+        await asyncio.sleep(0.05)
+        first = [compute.submit(_SlowStep(f"r{i}"), Priority.INFERENCE) for i in range(3)]
+        gate.set()
+        await asyncio.gather(blocker, *first)  # a round of 3 steps that took 0.2 s
+        late = [compute.submit(_SlowStep("c0"), Priority.INFERENCE)]
+        await asyncio.sleep(0.03)  # the other two sessions' next steps come a little later
+        late += [compute.submit(_SlowStep(f"c{i}"), Priority.INFERENCE) for i in (1, 2)]
+        return await asyncio.gather(*late)
+
+    try:
+        assert asyncio.run(scenario()) == ["c0", "c1", "c2"]
+    finally:
+        compute.shutdown()
+    rounds = [r for r in _Step.runs if r and r[0].startswith("c")]
+    assert rounds[0] == expected_round
