@@ -12,7 +12,7 @@ readings by step number (both read CLOCK_MONOTONIC). Stages:
   compute -> handler exit  result back on the node's loop, receipt signed, response built
   exit -> sent             writing the response to the node's P2P daemon
   sent -> client loop      the transport back, the client reading it
-  loop -> main + checks    back to the calling thread, output and receipt checks
+  loop -> main             the output's checks, back to the calling thread (receipts are checked after the step)
 
     python benchmarks/profile_hop.py --model tiny --steps 300
 """
@@ -114,16 +114,16 @@ def profile(args) -> None:
         return result
 
     session_module._HopStream.step = timed_hop_step
-    run_hop = session_module.InferenceSession._run_hop
+    session_step = session_module.InferenceSession.step
 
-    def timed_run_hop(self, hop, inputs, *, step, position):
-        record = client.setdefault(step, {})
+    def timed_session_step(self, hidden_states, prompts=None):  # the route has one hop: the session's step is it
+        record = client.setdefault(self.step_index, {})
         record["start"] = now()
-        result = run_hop(self, hop, inputs, step=step, position=position)
+        result = session_step(self, hidden_states, prompts)
         record["end"] = now()
         return result
 
-    session_module.InferenceSession._run_hop = timed_run_hop
+    session_module.InferenceSession.step = timed_session_step
     out = Path(tempfile.mkdtemp()) / "node.json"
     with LocalSwarm() as swarm:
         swarm.start_bootstrap()
@@ -171,7 +171,7 @@ def profile(args) -> None:
             "compute -> handler exit": theirs["exit"] - compute[1],
             "exit -> sent": theirs["sent"] - theirs["exit"],
             "sent -> client loop": record["loop_got"] - theirs["sent"],
-            "loop -> main + checks": record["end"] - record["loop_got"],
+            "loop -> main": record["end"] - record["loop_got"],
             "whole hop": record["end"] - record["start"],
         })
     print(f"\n== One hop, {args.model} blocks 0:{args.blocks}, {len(rows)} single-token steps, {args.threads} thread(s)")

@@ -153,7 +153,7 @@ class _SlowStep(_Step):
 
     @staticmethod
     def run_batch(steps):
-        time.sleep(0.2)
+        time.sleep(0.4)
         return _Step.run_batch(steps)
 
 
@@ -169,9 +169,9 @@ def test_batch_wait_gathers_the_last_rounds_sessions(gather_share, expected_roun
         await asyncio.sleep(0.05)
         first = [compute.submit(_SlowStep(f"r{i}"), Priority.INFERENCE) for i in range(3)]
         gate.set()
-        await asyncio.gather(blocker, *first)  # a round of 3 steps that took 0.2 s
+        await asyncio.gather(blocker, *first)  # a round of 3 steps that took 0.4 s
         late = [compute.submit(_SlowStep("c0"), Priority.INFERENCE)]
-        await asyncio.sleep(0.03)  # the other two sessions' next steps come a little later
+        await asyncio.sleep(0.15)  # the other two sessions' next steps come later, within the 0.4 s window
         late += [compute.submit(_SlowStep(f"c{i}"), Priority.INFERENCE) for i in (1, 2)]
         return await asyncio.gather(*late)
 
