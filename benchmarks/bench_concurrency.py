@@ -27,54 +27,61 @@ from common import set_threads
 logger = logging.getLogger(__name__)
 
 
-def run_sessions(model, num_sessions: int, *, steps: int = NEW_TOKENS) -> dict:
-    hidden = model.head.embedding_dim
-    sessions = [model.inference_session(max_length=PROMPT_TOKENS + steps + 1) for _ in range(num_sessions)]
-    generator = torch.Generator().manual_seed(num_sessions)
-    prompts = [model.head.embed(torch.randint(3, 32000, (1, PROMPT_TOKENS), generator=generator))
-               for _ in range(num_sessions)]
-    tokens = [model.head.embed(torch.randint(3, 32000, (1, steps, 1), generator=generator)[0]).view(1, steps, hidden)
-              for _ in range(num_sessions)]
-    ready = threading.Barrier(num_sessions + 1)
-    latencies: list[float] = []
-    errors: list[BaseException] = []
-    finished: list[float] = []
+def _drive(model, indices, steps: int, start) -> dict:
+    """Opens one session per index (inputs seeded by the index, so a session gets the same ones in any process),
+    sends each its prefill, calls ``start()`` (where all drivers meet), then steps every session from its own thread.
+    Returns the step latencies, each session's finish time (CLOCK_MONOTONIC: comparable across processes) and errors.
+    """
+    sessions, tokens = {}, {}
+    for index in indices:
+        generator = torch.Generator().manual_seed(1000 + index)
+        prompt = model.head.embed(torch.randint(3, VOCAB, (1, PROMPT_TOKENS), generator=generator))
+        tokens[index] = model.head.embed(torch.randint(3, VOCAB, (1, steps), generator=generator))
+        sessions[index] = model.inference_session(max_length=PROMPT_TOKENS + steps + 1)
+        sessions[index].step(prompt)
+    latencies, finished, errors = [], [], []
 
     def client(index: int) -> None:
-        session = sessions[index]
         try:
-            session.step(prompts[index])
-            ready.wait()
             for t in range(steps):
                 began = time.perf_counter()
-                session.step(tokens[index][:, t : t + 1])
+                sessions[index].step(tokens[index][:, t : t + 1])
                 latencies.append(time.perf_counter() - began)
             finished.append(time.perf_counter())
-        except BaseException as e:  # reported below; a broken barrier must not hang the others
-            errors.append(e)
-            ready.abort()
+        except BaseException as e:  # reported by the caller
+            errors.append(repr(e))
 
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(num_sessions)]
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in sessions]
+    start()
     for thread in threads:
         thread.start()
-    ready.wait()
-    began = time.perf_counter()
     for thread in threads:
         thread.join()
-    for session in sessions:
+    for session in sessions.values():
         session.close()
+    return {"latencies": latencies, "finished": finished, "errors": errors}
+
+
+def _summary(num_sessions: int, steps: int, began: float, reports: list[dict]) -> dict:
+    errors = [e for r in reports for e in r["errors"]]
     if errors:
-        raise RuntimeError(f"{len(errors)} session(s) failed; first: {errors[0]!r}")
-    elapsed = max(finished) - began
+        raise RuntimeError(f"{len(errors)} session(s) failed; first: {errors[0]}")
+    elapsed = max(t for r in reports for t in r["finished"]) - began
+    latencies = [t for r in reports for t in r["latencies"]]
     return {"sessions": num_sessions, "tokens": num_sessions * steps, "seconds": elapsed,
             "aggregate_tps": num_sessions * steps / elapsed, "median_step_ms": statistics.median(latencies) * 1e3}
+
+
+def run_sessions(model, num_sessions: int, *, steps: int = NEW_TOKENS) -> dict:
+    """``num_sessions`` sessions from threads of this process (one client, like a gateway serving many users)."""
+    began = []
+    report = _drive(model, range(num_sessions), steps, start=lambda: began.append(time.perf_counter()))
+    return _summary(num_sessions, steps, began[0], [report])
 
 
 def _client_process(path: str, initial_peers: list, session_indices: list, steps: int, threads: int,
                     barrier, results) -> None:
     """One load-generating client process (like one user's machine): its own DHT client, sessions and GIL."""
-    import torch
-
     from nectar.client import ClientConfig, DistributedModelForCausalLM
 
     set_threads(threads)
@@ -82,37 +89,7 @@ def _client_process(path: str, initial_peers: list, session_indices: list, steps
     model = DistributedModelForCausalLM.from_pretrained(path, initial_peers=initial_peers, config=config,
                                                         dtype=torch.float32)
     try:
-        hidden = model.head.embedding_dim
-        inputs = {}
-        for index in session_indices:  # the same inputs whichever process a session lands in
-            generator = torch.Generator().manual_seed(1000 + index)
-            inputs[index] = (model.head.embed(torch.randint(3, VOCAB, (1, PROMPT_TOKENS), generator=generator)),
-                             model.head.embed(torch.randint(3, VOCAB, (1, steps), generator=generator)))
-        sessions = {i: model.inference_session(max_length=PROMPT_TOKENS + steps + 1) for i in session_indices}
-        for index, session in sessions.items():
-            session.step(inputs[index][0])
-        latencies, finished, errors = [], [], []
-
-        def client(index: int) -> None:
-            try:
-                session, tokens = sessions[index], inputs[index][1]
-                for t in range(steps):
-                    began = time.perf_counter()
-                    session.step(tokens[:, t : t + 1].view(1, 1, hidden))
-                    latencies.append(time.perf_counter() - began)
-                finished.append(time.perf_counter())  # CLOCK_MONOTONIC: comparable across processes
-            except BaseException as e:
-                errors.append(repr(e))
-
-        threads_ = [threading.Thread(target=client, args=(i,), daemon=True) for i in session_indices]
-        barrier.wait(timeout=600)
-        for thread in threads_:
-            thread.start()
-        for thread in threads_:
-            thread.join()
-        for session in sessions.values():
-            session.close()
-        results.put({"latencies": latencies, "finished": finished, "errors": errors})
+        results.put(_drive(model, session_indices, steps, start=lambda: barrier.wait(timeout=600)))
     except BaseException as e:
         results.put({"latencies": [], "finished": [], "errors": [repr(e)]})
         barrier.abort()
@@ -140,14 +117,7 @@ def run_sessions_in_processes(path, swarm, num_sessions: int, *, processes: int,
     reports = [results.get(timeout=1200) for _ in workers]
     for worker in workers:
         worker.join(60)
-    errors = [e for r in reports for e in r["errors"]]
-    if errors:
-        raise RuntimeError(f"{len(errors)} session(s) failed; first: {errors[0]}")
-    elapsed = max(t for r in reports for t in r["finished"]) - began
-    latencies = [t for r in reports for t in r["latencies"]]
-    return {"sessions": num_sessions, "tokens": num_sessions * steps, "seconds": elapsed,
-            "aggregate_tps": num_sessions * steps / elapsed, "median_step_ms": statistics.median(latencies) * 1e3,
-            "client_processes": processes}
+    return {**_summary(num_sessions, steps, began, reports), "client_processes": processes}
 
 
 def compute_counters(model) -> dict:
