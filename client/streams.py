@@ -1,7 +1,6 @@
 """Opening RPC streams to a node: its direct TCP lane when it announces one and it answers, else P2P."""
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import AsyncIterator
 
@@ -10,7 +9,7 @@ from hivemind.proto import runtime_pb2
 
 from nectar.wire.announce import ServerInfo
 from nectar.wire.direct import call_stream_direct
-from nectar.wire.transport import call_stream
+from nectar.wire.transport import call_stream, first_response
 
 logger = logging.getLogger(__name__)
 
@@ -30,13 +29,5 @@ async def call_unary(p2p: P2P, peer_id: PeerID, info: ServerInfo | None, name: s
                      request: runtime_pb2.ExpertRequest, *, direct: bool = True,
                      timeout: float | None = None) -> runtime_pb2.ExpertResponse:
     """One request, one response (forward, backward, info), on the fastest lane."""
-
-    async def one():
-        yield request
-
-    async def run():
-        async for response in await open_stream(p2p, peer_id, info, name, one(), direct=direct):
-            return response
-        raise ConnectionError(f"{peer_id} closed {name} without answering")
-
-    return await asyncio.wait_for(run(), timeout)
+    return await first_response(lambda requests: open_stream(p2p, peer_id, info, name, requests, direct=direct),
+                                request, peer=peer_id, name=name, timeout=timeout)

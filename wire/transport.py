@@ -106,13 +106,21 @@ async def call_stream(
 
 async def call_once(p2p: P2P, peer_id: PeerID, name: str, request: runtime_pb2.ExpertRequest,
                     *, timeout: float | None = None) -> runtime_pb2.ExpertResponse:
+    return await first_response(lambda requests: call_stream(p2p, peer_id, name, requests), request,
+                                peer=peer_id, name=name, timeout=timeout)
+
+
+async def first_response(open_stream: Callable[[AsyncIterator], Awaitable[AsyncIterator]],
+                         request: runtime_pb2.ExpertRequest, *, peer, name: str,
+                         timeout: float | None = None) -> runtime_pb2.ExpertResponse:
+    """Sends one request on a stream ``open_stream(requests)`` opens (any transport); returns the first answer."""
+
     async def one():
         yield request
 
     async def run():
-        responses = await call_stream(p2p, peer_id, name, one())
-        async for response in responses:
+        async for response in await open_stream(one()):
             return response
-        raise ConnectionError(f"{peer_id} closed {name} without answering")
+        raise ConnectionError(f"{peer} closed {name} without answering")
 
     return await asyncio.wait_for(run(), timeout)
