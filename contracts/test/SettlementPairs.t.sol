@@ -15,22 +15,6 @@ contract SettlementPairsTest is NectarFixture {
         _deposit(client2, 100 ether);
     }
 
-    /// @dev One group of `client` paying `to` on each of `channelIds` the matching `amounts`.
-    function _group(uint256 clientPk, address to, uint64[] memory channelIds, uint128[] memory amounts)
-        internal
-        view
-        returns (address[] memory nodes, Settlement.ClientVouchers[] memory groups)
-    {
-        nodes = new address[](1);
-        nodes[0] = to;
-        groups = new Settlement.ClientVouchers[](1);
-        groups[0].client = vm.addr(clientPk);
-        groups[0].vouchers = new Settlement.SignedVoucher[](channelIds.length);
-        for (uint256 i; i < channelIds.length; ++i) {
-            groups[0].vouchers[i] = _voucher(clientPk, to, 0, channelIds[i], amounts[i]);
-        }
-    }
-
     function _two(uint64 a, uint64 b) internal pure returns (uint64[] memory ids) {
         ids = new uint64[](2);
         (ids[0], ids[1]) = (a, b);

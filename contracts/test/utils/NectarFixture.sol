@@ -128,12 +128,27 @@ abstract contract NectarFixture is Test {
         view
         returns (address[] memory nodes, Settlement.ClientVouchers[] memory groups)
     {
+        uint64[] memory channelIds = new uint64[](1);
+        channelIds[0] = channelId;
+        uint128[] memory amounts = new uint128[](1);
+        amounts[0] = cumulative;
+        return _group(clientPk, to, channelIds, amounts);
+    }
+
+    /// @dev One group of `client` paying `to` on each of `channelIds` the matching `amounts`.
+    function _group(uint256 clientPk, address to, uint64[] memory channelIds, uint128[] memory amounts)
+        internal
+        view
+        returns (address[] memory nodes, Settlement.ClientVouchers[] memory groups)
+    {
         nodes = new address[](1);
         nodes[0] = to;
         groups = new Settlement.ClientVouchers[](1);
         groups[0].client = vm.addr(clientPk);
-        groups[0].vouchers = new Settlement.SignedVoucher[](1);
-        groups[0].vouchers[0] = _voucher(clientPk, to, 0, channelId, cumulative);
+        groups[0].vouchers = new Settlement.SignedVoucher[](channelIds.length);
+        for (uint256 i; i < channelIds.length; ++i) {
+            groups[0].vouchers[i] = _voucher(clientPk, to, 0, channelIds[i], amounts[i]);
+        }
     }
 
     function _settleOne(uint256 clientPk, address to, uint64 channelId, uint128 cumulative) internal {
