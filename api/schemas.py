@@ -256,6 +256,7 @@ class NodeSettlement(BaseModel):
 
     epoch: int = Field(description="Epoch that settled it.")
     client: str = Field(description="The paying client.")
+    partner: str | None = Field(default=None, description="The node whose channel shares the voucher's storage slot.")
     channel_id: int = Field(description="Voucher channel.")
     cumulative_amount: str = Field(description="Cumulative credit wei of the voucher.")
     status: str = Field(description="``pending``, ``paid`` or ``skipped``.")

@@ -20,7 +20,7 @@ API::
     chain.register_node(private_key, peer_id, stake); chain.stake_of(node); chain.node_info(node)
     chain.add_stake(private_key, amount); chain.request_unbond(private_key, amount); chain.unbond(private_key)
     chain.settle(private_key, [(voucher_dict, sig65), ...]) -> TxResult          # one transaction, all-or-nothing
-    chain.paid(client, node, channel_id); chain.node_balance(node); chain.withdraw_earnings(private_key)
+    chain.paid(client, node, channel_id[, partner]); chain.node_balance(node); chain.withdraw_earnings(private_key)
     chain.commit_epoch_root(private_key, epoch, root, count); chain.epoch_root(epoch) -> bytes (zeros if none)
     chain.verify_inclusion(epoch, leaf, proof) -> bool
     chain.slash_double_sign(private_key, receipt_a, sig_a, receipt_b, sig_b)

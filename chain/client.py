@@ -230,9 +230,10 @@ class Chain:
                 exc.args = (f"{exc.args[0]} (voucher {batch.order[position]} of the list given)",)
             raise
 
-    def paid(self, client: str, node: str, channel_id: int) -> int:
-        """Cumulative amount already settled on a channel."""
-        return self.settlement.functions.paid(_address(client), _address(node), int(channel_id)).call()
+    def paid(self, client: str, node: str, channel_id: int, partner: str | None = None) -> int:
+        """Cumulative amount already settled on a channel (``partner`` None: the node itself, as in vouchers)."""
+        return self.settlement.functions.paid(_address(client), _address(node), _address(partner or node),
+                                              int(channel_id)).call()  # fmt: skip
 
     def node_balance(self, node: str) -> int:
         """Settled, unwithdrawn earnings of a node (or of the fee recipient)."""
@@ -244,7 +245,7 @@ class Chain:
     def voucher_digest(self, voucher: Any) -> bytes:
         """The EIP-712 digest as the contract computes it (cross-check for off-chain signers)."""
         v = voucher_fields(voucher)
-        return bytes(self.settlement.functions.voucherDigest(v.client, v.node, v.channel_id,
+        return bytes(self.settlement.functions.voucherDigest(v.client, v.node, v.partner, v.channel_id,
                                                              v.cumulative_amount).call())  # fmt: skip
 
     def _receipt(self, receipt: Any) -> tuple:

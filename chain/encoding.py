@@ -56,15 +56,18 @@ def as_signature(value: Any) -> bytes:
 class VoucherFields:
     client: str
     node: str
+    partner: str
     channel_id: int
     cumulative_amount: int
 
 
 def voucher_fields(voucher: Any) -> VoucherFields:
     m = _message(voucher)
+    node = to_checksum_address(_field(m, "node", "node"))
     v = VoucherFields(
         client=to_checksum_address(_field(m, "client", "client")),
-        node=to_checksum_address(_field(m, "node", "node")),
+        node=node,
+        partner=to_checksum_address(m.get("partner") or node),
         channel_id=as_int(_field(m, "channelId", "channel_id")),
         cumulative_amount=as_int(_field(m, "cumulativeAmount", "cumulative_amount")),
     )
@@ -98,7 +101,8 @@ class SettleBatch:
 
 
 def encode_settle_batch(vouchers: Sequence[tuple[Any, Any]]) -> SettleBatch:
-    """Groups (voucher, 65-byte signature) pairs per client and lists each node once, as ``settle`` expects."""
+    """Groups (voucher, 65-byte signature) pairs per client and lists each node (and partner) once, as ``settle``
+    expects."""
     if not vouchers:
         raise ValueError("settle needs at least one voucher")
     node_index: dict[str, int] = {}
@@ -110,9 +114,10 @@ def encode_settle_batch(vouchers: Sequence[tuple[Any, Any]]) -> SettleBatch:
         except (ValueError, TypeError) as exc:
             raise ValueError(f"voucher {i}: {exc}") from exc
         idx = node_index.setdefault(v.node, len(node_index))
-        if idx >= 2**16:
+        partner_idx = node_index.setdefault(v.partner, len(node_index))
+        if max(idx, partner_idx) >= 2**16:
             raise ValueError("a batch may name at most 65,536 distinct nodes")
-        packed = idx << 192 | v.channel_id << 128 | v.cumulative_amount
+        packed = idx << 224 | partner_idx << 192 | v.channel_id << 128 | v.cumulative_amount
         by_client.setdefault(v.client, []).append((i, (packed, r, vs)))
     groups, order = [], []
     for client, items in by_client.items():
@@ -130,7 +135,8 @@ def decode_settle_batch(nodes: Sequence[str], groups: Sequence[Any]) -> list[dic
             packed = item["packed"] if isinstance(item, Mapping) else item[0]
             out.append({
                 "client": to_checksum_address(client),
-                "node": to_checksum_address(nodes[packed >> 192]),
+                "node": to_checksum_address(nodes[packed >> 224]),
+                "partner": to_checksum_address(nodes[(packed >> 192) & (2**32 - 1)]),
                 "channelId": (packed >> 128) & (2**64 - 1),
                 "cumulativeAmount": packed & (2**128 - 1),
             })  # fmt: skip

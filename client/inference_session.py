@@ -112,6 +112,7 @@ class InferenceSession:
             try:
                 for span in route:
                     hops.append(self._open_hop(span))
+                self.wallet.pair([span.info.eth_address for span in route])
                 return hops
             except HopFailed as e:
                 errors.append(str(e))

@@ -57,6 +57,7 @@ class RemoteCaller:
         last_error = None
         for attempt in range(self.config.max_retries + 1):
             route = self.manager.make_training_route(start, end)
+            self.wallet.pair([span.info.eth_address for span in route])
             try:
                 return function(route)
             except Exception as e:  # a hop failed: avoid it and route again

@@ -191,10 +191,11 @@ def store_vouchers(session: Session, *, vouchers: Sequence[SignedVoucher]) -> li
     for signed in vouchers:
         v = signed.voucher
         row = session.scalar(
-            select(Voucher).where(Voucher.client == v.client, Voucher.node == v.node, Voucher.channel_id == v.channel_id)
+            select(Voucher).where(Voucher.client == v.client, Voucher.node == v.node, Voucher.partner == v.partner,
+                                  Voucher.channel_id == v.channel_id)  # fmt: skip
         )
         if row is None:
-            session.add(Voucher(client=v.client, node=v.node, channel_id=v.channel_id, settled_amount=0,
+            session.add(Voucher(client=v.client, node=v.node, partner=v.partner, channel_id=v.channel_id, settled_amount=0,
                                 cumulative_amount=v.cumulative_amount, signature=signed.signature))  # fmt: skip
             session.flush()
             results.append(("accepted", None, ""))
@@ -306,9 +307,9 @@ def prepare_settlements(session: Session, *, epoch: int, batch_size: int) -> lis
         v for v in session.scalars(select(Voucher).where(Voucher.id.not_in(busy)).order_by(Voucher.id))
         if v.cumulative_amount > v.settled_amount
     ]
-    # one client's vouchers together (its escrow is written once per batch), channel pairs 2k/2k+1 of a
-    # (client, node) side by side (they share one storage slot on chain: one cold write for both)
-    candidates.sort(key=lambda v: (v.client.lower(), v.node.lower(), int(v.channel_id), v.id))
+    # one client's vouchers together (its escrow is written once per batch), the two channels of a storage slot side
+    # by side (one cold write for both)
+    candidates.sort(key=lambda v: (v.client.lower(), *_slot_of(v), v.id))
     batches = []
     for index, start in enumerate(range(0, len(candidates), batch_size)):
         settlement = Settlement(epoch_number=epoch, batch_index=index, status=SettlementStatus.PREPARED, attempts=0)
@@ -316,11 +317,19 @@ def prepare_settlements(session: Session, *, epoch: int, batch_size: int) -> lis
         session.flush()
         for v in candidates[start : start + batch_size]:
             session.add(SettlementItem(settlement_id=settlement.id, voucher_id=v.id, client=v.client, node=v.node,
-                                       channel_id=v.channel_id, cumulative_amount=v.cumulative_amount,
+                                       partner=v.partner, channel_id=v.channel_id, cumulative_amount=v.cumulative_amount,
                                        signature=v.signature, paid_before=v.settled_amount, status="pending"))  # fmt: skip
         batches.append(settlement)
     session.flush()
     return batches
+
+
+def _slot_of(v: Voucher) -> tuple[str, str, int]:
+    """The storage slot a channel shares on chain (NectarTypes.channelSlot): its two nodes and the pair number."""
+    node, partner, channel = v.node.lower(), v.partner.lower(), int(v.channel_id)
+    if node == partner:
+        return node, node, channel >> 1
+    return min(node, partner), max(node, partner), channel
 
 
 def settlement_items(session: Session, *, settlement_id: int) -> list[SettlementItem]:

@@ -103,14 +103,16 @@ class Conflict(Base):
 
 
 class Voucher(Base):
-    """The latest voucher per (client, node, channel); ``settled_amount`` is what the chain has paid on it."""
+    """The latest voucher per channel (client, node, partner, channel id); ``settled_amount`` is what the chain has
+    paid on it."""
 
     __tablename__ = "vouchers"
-    __table_args__ = (UniqueConstraint("client", "node", "channel_id", name="uq_vouchers_channel"),)
+    __table_args__ = (UniqueConstraint("client", "node", "partner", "channel_id", name="uq_vouchers_channel"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     client: Mapped[str] = mapped_column(String(42))
     node: Mapped[str] = mapped_column(String(42), index=True)
+    partner: Mapped[str] = mapped_column(String(42))  # the node whose channel shares the slot (often the node)
     channel_id: Mapped[int] = mapped_column(UInt)
     cumulative_amount: Mapped[int] = mapped_column(UInt)
     signature: Mapped[bytes] = mapped_column(LargeBinary(65))
@@ -152,6 +154,7 @@ class SettlementItem(Base):
     voucher_id: Mapped[int] = mapped_column(ForeignKey("vouchers.id"))
     client: Mapped[str] = mapped_column(String(42))
     node: Mapped[str] = mapped_column(String(42), index=True)
+    partner: Mapped[str] = mapped_column(String(42))
     channel_id: Mapped[int] = mapped_column(UInt)
     cumulative_amount: Mapped[int] = mapped_column(UInt)
     signature: Mapped[bytes] = mapped_column(LargeBinary(65))

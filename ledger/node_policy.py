@@ -52,7 +52,7 @@ class LedgerPaymentPolicy(PaymentPolicy):
 
     def on_voucher(self, signed_voucher) -> None:
         v = signed_voucher.voucher
-        key = (v.client, v.node, v.channel_id)
+        key = v.channel
         with self._lock:
             current = self._vouchers.get(key)
             if current is None or current.voucher.cumulative_amount < v.cumulative_amount:

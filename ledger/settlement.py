@@ -131,7 +131,7 @@ class EpochSettler:
             items = [i for i in crud.settlement_items(session, settlement_id=batch_id) if i.status == "pending"]
             unpaid = []
             for item in items:
-                paid = int(self.chain.paid(item.client, item.node, item.channel_id))
+                paid = int(self.chain.paid(item.client, item.node, item.channel_id, item.partner))
                 if paid >= item.cumulative_amount:
                     crud.mark_item_paid(session, item=item, paid_on_chain=paid)
                 else:
@@ -201,7 +201,7 @@ class EpochSettler:
 
 
 def _voucher_message(item) -> dict:
-    return {"client": item.client, "node": item.node, "channelId": int(item.channel_id),
+    return {"client": item.client, "node": item.node, "partner": item.partner, "channelId": int(item.channel_id),
             "cumulativeAmount": int(item.cumulative_amount)}  # fmt: skip
 
 

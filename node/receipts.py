@@ -76,12 +76,12 @@ class CreditLedger:
         self.credit_limit = credit_limit
         self.domain = domain
         self._charged: dict[str, int] = defaultdict(int)
-        self._paid: dict[tuple[str, int], int] = {}
-        self._best_voucher: dict[tuple[str, int], schema.SignedVoucher] = {}
+        self._paid: dict[tuple[str, str, int], int] = {}  # (client, partner, channel id) -> cumulative paid
+        self._best_voucher: dict[tuple[str, str, int], schema.SignedVoucher] = {}
         self._lock = threading.Lock()
 
     def unpaid(self, client: str) -> int:
-        paid = sum(v for (c, _), v in self._paid.items() if c == client)
+        paid = sum(v for (c, *_), v in self._paid.items() if c == client)
         return self._charged[client] - paid
 
     def check_credit(self, client: str, cost: int) -> None:
@@ -108,7 +108,7 @@ class CreditLedger:
             raise NodeRPCError(ErrorCode.BAD_REQUEST, "voucher signature does not match the session's client")
         if voucher.node.lower() != self.node_address.lower():
             raise NodeRPCError(ErrorCode.BAD_REQUEST, f"voucher is for node {voucher.node}, not {self.node_address}")
-        key = (voucher.client, voucher.channel_id)
+        key = (voucher.client, voucher.partner, voucher.channel_id)  # the partner is part of the channel
         with self._lock:
             if voucher.cumulative_amount <= self._paid.get(key, 0):
                 return None  # stale or repeated: harmless, nothing new paid

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from enum import IntEnum
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import coincurve
 import torch
@@ -37,7 +37,7 @@ RECEIPT_TYPE = (
     "address node,address client,uint32 tokens,uint128 price,uint128 amount,bytes32 inputCommitment,"
     "bytes32 outputCommitment,bytes32 fingerprint,uint64 timestamp)"
 )
-VOUCHER_TYPE = "Voucher(address client,address node,uint64 channelId,uint128 cumulativeAmount)"
+VOUCHER_TYPE = "Voucher(address client,address node,address partner,uint64 channelId,uint128 cumulativeAmount)"
 DOMAIN_TYPE = "EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
 
 
@@ -215,26 +215,40 @@ class Receipt:
 
 @dataclass(frozen=True)
 class Voucher:
-    """A client's promise to pay a node ``cumulative_amount`` in total on one channel (later vouchers supersede)."""
+    """A client's promise to pay a node ``cumulative_amount`` in total on one channel (later vouchers supersede).
+
+    A channel is (client, node, partner, channel_id). ``partner`` names the channel that shares its storage slot on
+    chain: another node of the client's route with the same channel id, or the node itself (the default), whose
+    channel ``channel_id ^ 1`` then shares the slot. Settling both channels of a slot in one batch saves ~2,400 gas
+    per voucher (docs/protocol.md).
+    """
 
     client: str
     node: str
     channel_id: int
     cumulative_amount: int
+    partner: Optional[str] = None  # None: the node itself
 
     def __post_init__(self):
         _check_uint("channel_id", self.channel_id, 64)
         _check_uint("cumulative_amount", self.cumulative_amount, 128)
         object.__setattr__(self, "client", _checksum("client", self.client))
         object.__setattr__(self, "node", _checksum("node", self.node))
+        object.__setattr__(self, "partner", self.node if self.partner is None else _checksum("partner", self.partner))
+
+    @property
+    def channel(self) -> tuple[str, str, str, int]:
+        """The channel this voucher pays on: (client, node, partner, channel id)."""
+        return self.client, self.node, self.partner, self.channel_id
 
     def to_message(self) -> dict:
-        return {"client": self.client, "node": self.node, "channelId": self.channel_id,
+        return {"client": self.client, "node": self.node, "partner": self.partner, "channelId": self.channel_id,
                 "cumulativeAmount": self.cumulative_amount}  # fmt: skip
 
     @classmethod
     def from_message(cls, message: dict) -> "Voucher":
-        return cls(message["client"], message["node"], message["channelId"], message["cumulativeAmount"])
+        return cls(message["client"], message["node"], message["channelId"], message["cumulativeAmount"],
+                   message.get("partner"))  # fmt: skip
 
     def to_json(self) -> dict:
         return {**self.to_message(), "cumulativeAmount": str(self.cumulative_amount)}
@@ -243,11 +257,11 @@ class Voucher:
     def from_json(cls, data: dict) -> "Voucher":
         if not isinstance(data, dict):
             raise ValueError("a voucher must be a JSON object")
-        missing = [k for k in ("client", "node", "channelId", "cumulativeAmount") if k not in data]
+        missing = [k for k in ("client", "node", "partner", "channelId", "cumulativeAmount") if k not in data]
         if missing:
             raise ValueError(f"voucher is missing fields: {', '.join(missing)}")
         return cls(data["client"], data["node"], _as_int("channelId", data["channelId"]),
-                   _as_int("cumulativeAmount", data["cumulativeAmount"]))  # fmt: skip
+                   _as_int("cumulativeAmount", data["cumulativeAmount"]), data["partner"])  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -355,7 +369,7 @@ def receipt_struct_hash(receipt: Receipt) -> bytes:
 def voucher_struct_hash(voucher: Voucher) -> bytes:
     v = voucher
     return keccak256(
-        VOUCHER_TYPEHASH + _address_word(v.client) + _address_word(v.node)
+        VOUCHER_TYPEHASH + _address_word(v.client) + _address_word(v.node) + _address_word(v.partner)
         + v.channel_id.to_bytes(32, "big") + v.cumulative_amount.to_bytes(32, "big")
     )  # fmt: skip
 

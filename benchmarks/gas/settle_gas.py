@@ -60,12 +60,13 @@ def run_scenario(chain: Chain, *, clients: int, nodes: int, wallets: int, submit
     channels = []
     for c in payers:
         for wallet in [Wallet(c.key.hex(), domain=domain) for _ in range(wallets)]:
-            channels += [(c, n, wallet.channel_id) for n in payees]
+            wallet.pair(payees)  # as a session pairs the nodes of its route
+            channels += [(c, n, wallet.partner_of(n), wallet.channel_id) for n in payees]
     rows = []
     for phase, amount in (("first-ever vouchers", 1), ("warm channels", 2)):
         signed = []  # signed as the client SDK and the ledger do, through nectar.wire
-        for i, (c, n, ch) in enumerate(channels):
-            v = wire.Voucher(c.address, n, ch, amount * 10**15 + i)
+        for i, (c, n, partner, ch) in enumerate(channels):
+            v = wire.Voucher(c.address, n, ch, amount * 10**15 + i, partner)
             signed.append((v, wire.sign_voucher(v, c.key, domain).signature))
         enc = encode_settle_batch(signed)
         data = bytes.fromhex(chain.settlement.encode_abi("settle", [enc.nodes, enc.groups])[2:])

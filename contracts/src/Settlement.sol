@@ -11,9 +11,9 @@ import {NectarTypes, Receipt} from "./lib/NectarTypes.sol";
 ///         roots of receipts. Anyone may submit a batch: the ledger normally, a node itself when the ledger is down.
 ///         Its EIP-712 domain {name: "Nectar", version: "1"} is the one receipts and vouchers are signed under.
 /// @dev Calldata is grouped for gas: a batch lists its node addresses once, then one group per client; each voucher
-///      is three words: `packed = nodeIndex << 192 | channelId << 128 | cumulativeAmount` and an EIP-2098 compact
-///      signature (r, vs). Each client's escrow and each node's earnings are written once per batch (in Escrow),
-///      and the channels 2k and 2k + 1 of a (client, node) share one storage slot (see `_channelPairs`).
+///      is three words: `packed = nodeIndex << 224 | partnerIndex << 192 | channelId << 128 | cumulativeAmount`
+///      and an EIP-2098 compact signature (r, vs). Each client's escrow and each node's earnings are written once per
+///      batch (in Escrow), and two channels share each storage slot (see `_channelPairs`).
 ///      A batch is all-or-nothing: an invalid voucher reverts it with its position, so the submitter can drop that
 ///      voucher and resubmit.
 /// @author Nectar
@@ -107,12 +107,13 @@ contract Settlement is EIP712, Ownable {
 
     mapping(address => bool) public isRootCommitter;
 
-    /// @dev Paid totals of channel pairs: the channels `2k` and `2k + 1` of one (client, node) share a slot,
-    ///      `lane1 << 128 | lane0`, lane = channelId & 1 (Permit2-style packing). Settling both in one batch
-    ///      costs one cold slot write instead of two (~4,800 gas less). The key holds client and node, so only
-    ///      that client's vouchers for that node can touch either lane.
-    ///      keccak256(abi.encode(client, node, channelId >> 1)) => lanes.
-    mapping(bytes32 pairKey => uint256 lanes) internal _channelPairs;
+    /// @dev Paid totals of channel pairs, two 128-bit lanes per slot, `lane1 << 128 | lane0` (Permit2-style
+    ///      packing): a client's channels to the two nodes of a pair (voucher `partner` = the other node), or its
+    ///      channels 2k and 2k + 1 to one node (`partner` = the node). Settling both lanes in one batch costs one
+    ///      cold slot write instead of two (~2,400 gas less per voucher). The key holds the client and both nodes
+    ///      and the signed voucher names its partner, so only that client's vouchers for that node and partner can
+    ///      touch a lane. NectarTypes.channelSlot(client, node, partner, channelId) => (key, lane offset).
+    mapping(bytes32 slotKey => uint256 lanes) internal _channelPairs;
 
     mapping(uint64 epoch => EpochRoot) internal _epochs;
 
@@ -146,16 +147,15 @@ contract Settlement is EIP712, Ownable {
     /// @dev Settles `vouchers` of `client` (whose escrow holds `available`): for each, in order, what this
     ///      Solidity would do:
     ///
-    ///          uint256 nodeIndex = packed >> 192;                      // else fail FAIL_NODE_INDEX
-    ///          address node = nodes[nodeIndex];                        // clean address, else FAIL_NODE_INDEX
-    ///          bytes32 digest = _hashTypedDataV4(NectarTypes.hashVoucher(client, node, channelId, cumulative));
+    ///          address node = nodes[packed >> 224];                  // clean address, else FAIL_NODE_INDEX
+    ///          address partner = nodes[packed >> 192 & 0xffffffff];  // the same
+    ///          bytes32 digest = _hashTypedDataV4(NectarTypes.hashVoucher(client, node, partner, channelId, cumulative));
     ///          require(ecrecover(digest, 27 + (vs >> 255), r, s) == client && s <= n / 2);  // FAIL_SIGNATURE
-    ///          uint256 lanes = _channelPairs[keccak256(abi.encode(client, node, channelId >> 1))];
-    ///          uint256 shift = (channelId & 1) * 128;                 // this channel's lane
-    ///          uint256 paid_ = uint128(lanes >> shift);
+    ///          (bytes32 key, uint256 shift) = NectarTypes.channelSlot(client, node, partner, channelId);
+    ///          uint256 paid_ = uint128(_channelPairs[key] >> shift);  // this channel's lane
     ///          require(cumulative > paid_);                           // FAIL_REPLAY
     ///          spent += cumulative - paid_; require(spent <= available);  // FAIL_ESCROW
-    ///          lanes = lanes & ~(type(uint128).max << shift) | cumulative << shift;  // the other lane kept
+    ///          _channelPairs[key] += (cumulative - paid_) << shift;     // the other lane kept
     ///          nodeGross[nodeIndex] += cumulative - paid_;
     ///
     ///      It is assembly because it is the whole cost of a batch beyond the two fixed costs (ecrecover, 3,100 gas,
@@ -175,15 +175,15 @@ contract Settlement is EIP712, Ownable {
     ) internal returns (uint256 spent, uint256 failure, uint256 failedAt) {
         bytes32 typehash = NectarTypes.VOUCHER_TYPEHASH;
         assembly ("memory-safe") {
-            // Scratch layout from m: [0x000, 0x0a0) hashStruct input, whose words 1..3 then become the pair key's
-            // abi.encode(client, node, channelId >> 1); [0x0c0, 0x102) "\x19\x01" ++ domain ++ structHash;
-            // [0x120, 0x1a0) ecrecover input; [0x200, 0x2e0) inputs and results kept in memory, so the loop
-            // touches no Solidity variable (they are out of the stack's reach).
+            // Scratch layout from m: [0x000, 0x0c0) hashStruct input, whose words 1..4 then become the slot key's
+            // abi.encode(client, lo, hi, k); [0x0e0, 0x122) "\x19\x01" ++ domain ++ structHash; [0x140, 0x1c0)
+            // ecrecover input; [0x200, 0x2e0) inputs and results kept in memory, so the loop touches no Solidity
+            // variable (they are out of the stack's reach).
             let m := mload(0x40)
             mstore(m, typehash)
             mstore(add(m, 0x20), client)
-            mstore(add(m, 0xc0), hex"1901")
-            mstore(add(m, 0xc2), domain)
+            mstore(add(m, 0xe0), hex"1901")
+            mstore(add(m, 0xe2), domain)
             mstore(add(m, 0x200), nodes.offset)
             mstore(add(m, 0x220), nodes.length)
             mstore(add(m, 0x240), nodeGross)
@@ -194,49 +194,70 @@ contract Settlement is EIP712, Ownable {
             let base := vouchers.offset // Solidity checked the array lies inside calldata
             for { let i := 0 } lt(i, vouchers.length) { i := add(i, 1) } {
                 let v := add(base, mul(i, 0x60))
-                let nodeIndex := shr(192, calldataload(v))
-                // node = nodes[nodeIndex], in range and a clean address
+                // node = nodes[word >> 224], partner = nodes[word >> 192 & 0xffffffff]: in range, clean addresses
                 {
+                    let count := mload(add(m, 0x220))
+                    let nodeIndex := shr(224, calldataload(v))
+                    let partnerIndex := and(shr(192, calldataload(v)), 0xffffffff)
                     let node := 0
-                    if lt(nodeIndex, mload(add(m, 0x220))) {
-                        node := calldataload(add(mload(add(m, 0x200)), shl(5, nodeIndex)))
+                    if lt(nodeIndex, count) { node := calldataload(add(mload(add(m, 0x200)), shl(5, nodeIndex))) }
+                    let partner := node
+                    if iszero(eq(partnerIndex, nodeIndex)) {
+                        partner := 0
+                        if lt(partnerIndex, count) { partner := calldataload(add(mload(add(m, 0x200)), shl(5, partnerIndex))) }
                     }
-                    if or(iszero(node), shr(160, node)) {
+                    if or(or(iszero(node), shr(160, node)), or(iszero(partner), shr(160, partner))) {
                         mstore(add(m, 0x2c0), or(shl(128, 1), i))
                         break
                     }
                     mstore(add(m, 0x40), node)
+                    mstore(add(m, 0x60), partner)
                 }
-                mstore(add(m, 0x60), and(shr(128, calldataload(v)), 0xffffffffffffffff)) // channelId
-                mstore(add(m, 0x80), and(calldataload(v), 0xffffffffffffffffffffffffffffffff)) // cumulative
-                mstore(add(m, 0xe2), keccak256(m, 0xa0)) // structHash
-                mstore(add(m, 0x120), keccak256(add(m, 0xc0), 0x42)) // digest
+                mstore(add(m, 0x80), and(shr(128, calldataload(v)), 0xffffffffffffffff)) // channelId
+                mstore(add(m, 0xa0), and(calldataload(v), 0xffffffffffffffffffffffffffffffff)) // cumulative
+                mstore(add(m, 0x102), keccak256(m, 0xc0)) // structHash
+                mstore(add(m, 0x140), keccak256(add(m, 0xe0), 0x42)) // digest
                 // signer == client, with s = low 255 bits of vs, s <= n/2 (EIP-2), v = 27 + top bit of vs
                 {
                     let vs := calldataload(add(v, 0x40))
                     let s := and(vs, 0x7fffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff)
                     mstore(0x00, 0) // the precompile returns nothing when recovery fails
                     if iszero(gt(s, 0x7fffffffffffffffffffffffffffffff5d576e7357a4501ddfe92f46681b20a0)) {
-                        mstore(add(m, 0x140), add(shr(255, vs), 27))
-                        mstore(add(m, 0x160), calldataload(add(v, 0x20)))
-                        mstore(add(m, 0x180), s)
-                        pop(staticcall(gas(), 0x01, add(m, 0x120), 0x80, 0x00, 0x20))
+                        mstore(add(m, 0x160), add(shr(255, vs), 27))
+                        mstore(add(m, 0x180), calldataload(add(v, 0x20)))
+                        mstore(add(m, 0x1a0), s)
+                        pop(staticcall(gas(), 0x01, add(m, 0x140), 0x80, 0x00, 0x20))
                     }
                     if iszero(eq(mload(0x00), mload(add(m, 0x20)))) {
                         mstore(add(m, 0x2c0), or(shl(128, 2), i))
                         break
                     }
                 }
-                // _channelPairs[keccak256(abi.encode(client, node, channelId >> 1))], lane channelId & 1: must
-                // rise; the rise is paid. Word 3 of the hashStruct input is already hashed, so it takes the pair.
-                let shift := shl(7, and(mload(add(m, 0x60)), 1))
-                mstore(add(m, 0x60), shr(1, mload(add(m, 0x60))))
-                mstore(0x00, keccak256(add(m, 0x20), 0x60))
+                // The channel's slot and lane (NectarTypes.channelSlot), over the already hashed words 1..4: the
+                // lane must rise; the rise is paid.
+                let shift := 0
+                {
+                    let node := mload(add(m, 0x40))
+                    let partner := mload(add(m, 0x60))
+                    switch eq(node, partner)
+                    case 1 {
+                        shift := shl(7, and(shr(128, calldataload(v)), 1))
+                        mstore(add(m, 0x80), and(shr(129, calldataload(v)), 0x7fffffffffffffff))
+                    }
+                    default {
+                        let hiIsNode := gt(node, partner)
+                        let swap := mul(hiIsNode, xor(node, partner))
+                        mstore(add(m, 0x40), xor(node, swap)) // lo
+                        mstore(add(m, 0x60), xor(partner, swap)) // hi
+                        shift := shl(7, hiIsNode)
+                    }
+                }
+                mstore(0x00, keccak256(add(m, 0x20), 0x80))
                 mstore(0x20, mload(add(m, 0x280)))
                 let slot := keccak256(0x00, 0x40)
                 let lanes := sload(slot)
                 let already := and(shr(shift, lanes), 0xffffffffffffffffffffffffffffffff)
-                let cumulative := mload(add(m, 0x80))
+                let cumulative := mload(add(m, 0xa0))
                 if iszero(gt(cumulative, already)) {
                     mstore(add(m, 0x2c0), or(shl(128, 3), i))
                     break
@@ -250,7 +271,7 @@ contract Settlement is EIP712, Ownable {
                 mstore(add(m, 0x2a0), spentSoFar)
                 // cumulative < 2^128 and above this lane's value: adding the rise in place leaves the other lane
                 sstore(slot, add(lanes, shl(shift, delta)))
-                let cell := add(add(mload(add(m, 0x240)), 0x20), shl(5, nodeIndex))
+                let cell := add(add(mload(add(m, 0x240)), 0x20), shl(5, shr(224, calldataload(v))))
                 mstore(cell, add(mload(cell), delta))
             }
             spent := mload(add(m, 0x2a0))
@@ -359,11 +380,12 @@ contract Settlement is EIP712, Ownable {
                               PUBLIC READS
     //////////////////////////////////////////////////////////////*/
 
-    /// @notice Cumulative amount already settled on channel (client, node, channelId).
-    function paid(address client, address node, uint64 channelId) external view returns (uint256) {
-        uint256 lanes = _channelPairs[NectarTypes.pairKey(client, node, channelId >> 1)];
+    /// @notice Cumulative amount already settled on channel (client, node, partner, channelId); `partner` is the
+    ///         node itself for a channel that shares its slot with the same node's channel `channelId ^ 1`.
+    function paid(address client, address node, address partner, uint64 channelId) external view returns (uint256) {
+        (bytes32 key, uint256 shift) = NectarTypes.channelSlot(client, node, partner, channelId);
         // forge-lint: disable-next-line(unsafe-typecast) -- keeps the low 128 bits: the lane
-        return uint128(lanes >> ((channelId & 1) * 128));
+        return uint128(_channelPairs[key] >> shift);
     }
 
     /// @notice The committed root of `epoch`, its receipt count and commit time (zeros if none).
@@ -384,12 +406,12 @@ contract Settlement is EIP712, Ownable {
     }
 
     /// @notice The EIP-712 digest a client signs for a voucher.
-    function voucherDigest(address client, address node, uint64 channelId, uint128 cumulativeAmount)
+    function voucherDigest(address client, address node, address partner, uint64 channelId, uint128 cumulativeAmount)
         external
         view
         returns (bytes32)
     {
-        return _hashTypedDataV4(NectarTypes.hashVoucher(client, node, channelId, cumulativeAmount));
+        return _hashTypedDataV4(NectarTypes.hashVoucher(client, node, partner, channelId, cumulativeAmount));
     }
 
     /// @notice The EIP-712 digest a node signs for a receipt.

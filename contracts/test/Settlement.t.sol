@@ -37,7 +37,7 @@ contract SettlementTest is NectarFixture {
         emit BatchSettled(address(this), 1, 2 ether, _fee(2 ether));
         uint256 gross = settlement.settle(nodes, groups);
         assertEq(gross, 2 ether, "gross");
-        assertEq(settlement.paid(client, node, 7), 2 ether, "paid");
+        assertEq(settlement.paid(client, node, node, 7), 2 ether, "paid");
         assertEq(escrow.balanceOf(client), 98 ether, "client escrow");
         assertEq(escrow.earningsOf(node), 2 ether - _fee(2 ether), "node earnings");
         assertEq(escrow.earningsOf(treasury), _fee(2 ether), "fee");
@@ -46,7 +46,7 @@ contract SettlementTest is NectarFixture {
     function test_SettlePaysOnlyTheCumulativeDifference() public {
         _settleOne(CLIENT_PK, node, 1, 3 ether);
         _settleOne(CLIENT_PK, node, 1, 5 ether);
-        assertEq(settlement.paid(client, node, 1), 5 ether, "paid");
+        assertEq(settlement.paid(client, node, node, 1), 5 ether, "paid");
         assertEq(escrow.balanceOf(client), 95 ether, "charged 5 in total");
         assertEq(escrow.earningsOf(node), 5 ether - _fee(3 ether) - _fee(2 ether), "node got 5 less fees");
     }
@@ -55,9 +55,9 @@ contract SettlementTest is NectarFixture {
         _settleOne(CLIENT_PK, node, 1, 3 ether);
         _settleOne(CLIENT_PK, node, 2, 1 ether);
         _settleOne(CLIENT_PK, node2, 1, 1 ether);
-        assertEq(settlement.paid(client, node, 1), 3 ether, "channel 1");
-        assertEq(settlement.paid(client, node, 2), 1 ether, "channel 2");
-        assertEq(settlement.paid(client, node2, 1), 1 ether, "other node");
+        assertEq(settlement.paid(client, node, node, 1), 3 ether, "channel 1");
+        assertEq(settlement.paid(client, node, node, 2), 1 ether, "channel 2");
+        assertEq(settlement.paid(client, node2, node2, 1), 1 ether, "other node");
         assertEq(escrow.balanceOf(client), 95 ether, "all charged");
     }
 
@@ -281,15 +281,18 @@ contract SettlementTest is NectarFixture {
     function test_VoucherDigestMatchesProtocolString() public view {
         bytes32 structHash = keccak256(
             abi.encode(
-                keccak256("Voucher(address client,address node,uint64 channelId,uint128 cumulativeAmount)"),
+                keccak256(
+                    "Voucher(address client,address node,address partner,uint64 channelId,uint128 cumulativeAmount)"
+                ),
                 client,
                 node,
+                node2,
                 uint64(5),
                 uint128(9)
             )
         );
         bytes32 expected = keccak256(abi.encodePacked("\x19\x01", settlement.domainSeparator(), structHash));
-        assertEq(settlement.voucherDigest(client, node, 5, 9), expected, "voucher digest");
+        assertEq(settlement.voucherDigest(client, node, node2, 5, 9), expected, "voucher digest");
     }
 
     function test_ReceiptLeafIsHashOfStructHash() public view {

@@ -48,7 +48,7 @@ def node_view(address: str, session: SessionDep, state: StateDep, limit: int = 5
              "client": r.client, "amount": str(r.amount), "epoch": r.epoch_number} for r in receipts
         ],  # fmt: skip
         "settlements": [
-            {"epoch": s.epoch_number, "client": i.client, "channel_id": i.channel_id,
+            {"epoch": s.epoch_number, "client": i.client, "partner": i.partner, "channel_id": i.channel_id,
              "cumulative_amount": str(i.cumulative_amount), "status": i.status, "tx_hash": s.tx_hash}
             for i, s in settlements
         ],  # fmt: skip

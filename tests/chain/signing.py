@@ -7,6 +7,7 @@ VOUCHER_TYPES = {
     "Voucher": [
         {"name": "client", "type": "address"},
         {"name": "node", "type": "address"},
+        {"name": "partner", "type": "address"},
         {"name": "channelId", "type": "uint64"},
         {"name": "cumulativeAmount", "type": "uint128"},
     ]
@@ -30,5 +31,7 @@ def sign_receipt(domain: dict, private_key: str, receipt: dict) -> bytes:
     return bytes(Account.sign_typed_data(private_key, full_message=message).signature)
 
 
-def voucher(client: str, node: str, channel_id: int, cumulative: int) -> dict:
-    return {"client": client, "node": node, "channelId": channel_id, "cumulativeAmount": cumulative}
+def voucher(client: str, node: str, channel_id: int, cumulative: int, partner: str | None = None) -> dict:
+    """A voucher message; ``partner`` defaults to the node itself (its channel pairs with ``channel_id ^ 1``)."""
+    return {"client": client, "node": node, "partner": partner or node, "channelId": channel_id,
+            "cumulativeAmount": cumulative}  # fmt: skip

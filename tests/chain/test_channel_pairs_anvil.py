@@ -1,6 +1,6 @@
 """Channel pairs on a real Anvil: the wallets one process opens for a key get channels 2k and 2k+1, which share one
-storage slot of Settlement; both settle in one transaction, each keeps its own paid total, and replays are caught
-per channel."""
+storage slot of Settlement, and one wallet's channels to the two nodes of a route share one too; both settle in one
+transaction, each keeps its own paid total, and replays are caught per channel."""
 from __future__ import annotations
 
 import os
@@ -29,8 +29,8 @@ def payer(chain, roles):
     return {"key": account.key.hex(), "address": account.address, "wallets": wallets, "domain": domain}
 
 
-def _signed(payer, node: str, channel_id: int, amount: int):
-    v = wire.Voucher(payer["address"], node, channel_id, amount)
+def _signed(payer, node: str, channel_id: int, amount: int, partner: str | None = None):
+    v = wire.Voucher(payer["address"], node, channel_id, amount, partner)
     return v, wire.sign_voucher(v, payer["key"], payer["domain"]).signature
 
 
@@ -88,3 +88,36 @@ def test_pair_shares_one_slot_and_keeps_two_totals(chain, roles, payer):
     assert chain.paid(payer["address"], node, lane0) == 3 * ETHER
     assert chain.paid(payer["address"], node, lane1) == 5 * ETHER
     assert chain.escrow_balance(payer["address"]) == 92 * ETHER  # nothing lost to the rejected batch
+
+
+def test_wallet_pairs_the_nodes_of_a_route():
+    wallet = Wallet(Account.create().key.hex())
+    a, b, c, d = (Account.create().address for _ in range(4))
+    wallet.pair([a, b, c])
+    assert (wallet.partner_of(a), wallet.partner_of(b)) == (b, a)
+    assert wallet.partner_of(c) == c  # left alone: pairs with itself from its first voucher on
+    wallet.pair([c, d, a])  # c already has its partner (part of its channel), a too: d stays alone
+    assert (wallet.partner_of(c), wallet.partner_of(d), wallet.partner_of(a)) == (c, d, b)
+
+
+def test_route_pair_shares_one_slot_and_pays_each_node(chain, roles, payer):
+    ledger = roles["ledger"][0]["privateKey"]
+    sender = Account.from_key(ledger).address
+    wallet = payer["wallets"][0]
+    first, second = Account.create().address, Account.create().address
+    wallet.pair([first, second])
+    channel = wallet.channel_id + 10  # a fresh id of this key
+    route = [_signed(payer, first, channel, 2 * ETHER, wallet.partner_of(first)),
+             _signed(payer, second, channel, 1 * ETHER, wallet.partner_of(second))]  # fmt: skip
+    assert _settlement_slots(chain, sender, route) == _settlement_slots(chain, sender, route[:1])
+    unpaired = [route[0], _signed(payer, second, channel, 1 * ETHER)]  # second's own channel: a slot of its own
+    assert len(_settlement_slots(chain, sender, unpaired)) == len(_settlement_slots(chain, sender, route)) + 1
+
+    before = chain.escrow_balance(payer["address"])
+    chain.settle(ledger, route)
+    assert chain.paid(payer["address"], first, channel, second) == 2 * ETHER
+    assert chain.paid(payer["address"], second, channel, first) == 1 * ETHER
+    assert chain.paid(payer["address"], second, channel) == 0  # second's own channel of that id is untouched
+    assert chain.escrow_balance(payer["address"]) == before - 3 * ETHER
+    with pytest.raises(ChainError, match="VoucherReplay"):
+        chain.settle(ledger, route[1:])

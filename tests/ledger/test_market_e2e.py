@@ -91,7 +91,9 @@ def test_a_paid_generation_settles_on_chain_to_the_wei(market):
     assert result["charged"] == wallet.total_paid == result["escrow_fell"]
     for node, amount in gross.items():
         assert result["earned"][node] == amount - amount * fee_bps // 10_000
-        assert market.chain.paid(wallet.address, node, wallet.channel_id) == amount
+        assert market.chain.paid(wallet.address, node, wallet.channel_id, wallet.partner_of(node)) == amount
+    first, second = gross  # the route's two nodes: the wallet paired their channels into one storage slot
+    assert (wallet.partner_of(first), wallet.partner_of(second)) == (second, first)
     assert result["fee"] == sum(a * fee_bps // 10_000 for a in gross.values()) > 0
     assert sum(result["earned"].values()) + result["fee"] == wallet.total_paid
     print(f"\ne2e epoch {epoch['number']}: {len(receipts)} receipts, client charged {wallet.total_paid} wei, "
@@ -113,4 +115,4 @@ def test_cumulative_vouchers_settle_only_the_increment_in_the_next_epoch(market)
     for r in wallet.receipts:
         cumulative[r.receipt.node] += r.receipt.amount
     for node, amount in cumulative.items():  # the channel's cumulative voucher is what the chain has paid in total
-        assert market.chain.paid(wallet.address, node, wallet.channel_id) == amount
+        assert market.chain.paid(wallet.address, node, wallet.channel_id, wallet.partner_of(node)) == amount

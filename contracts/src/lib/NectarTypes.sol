@@ -30,7 +30,7 @@ library NectarTypes {
     );
 
     bytes32 internal constant VOUCHER_TYPEHASH =
-        keccak256("Voucher(address client,address node,uint64 channelId,uint128 cumulativeAmount)");
+        keccak256("Voucher(address client,address node,address partner,uint64 channelId,uint128 cumulativeAmount)");
 
     /// @dev hashStruct(receipt). Encoded in two halves: one abi.encode of 16 values is too deep for the legacy
     ///      pipeline, and concatenating two abi.encode results is byte-identical (every value takes one word).
@@ -43,63 +43,51 @@ library NectarTypes {
         return keccak256(bytes.concat(head, tail));
     }
 
-    /// @dev The signer of a voucher under EIP-712 `domain`, from its settle-calldata form: `packed` holds the
-    ///      channel id (bits 128..191) and cumulative amount (bits 0..127), (r, vs) is an EIP-2098 signature.
-    ///      Returns address(0) for a high s (EIP-2) or a failed recovery.
-    ///      Settlement calls this once per voucher, so it hashes in scratch memory and calls the ecrecover
-    ///      precompile directly instead of abi.encode + ecrecover (about 900 gas less per voucher, see
-    ///      benchmarks/gas). Tests sign over `hashVoucher` + OpenZeppelin's EIP712, pinning the two paths together.
-    function voucherSigner(bytes32 domain, address client, address node, uint256 packed, bytes32 r, bytes32 vs)
+    /// @dev Where channel (client, node, partner, channelId) keeps its paid total: the storage key and the lane's
+    ///      bit offset in that slot. Two channels share each slot (Settlement's `_channelPairs`):
+    ///      - partner == node: channels 2k and 2k + 1 of one (client, node), key abi.encode(client, node, node, k),
+    ///        lane channelId & 1;
+    ///      - partner != node: the channels of one client to two nodes, e.g. two hops of a route, with the same
+    ///        channel id, key abi.encode(client, lo, hi, channelId) with (lo, hi) = the two nodes sorted, lane 0 for
+    ///        lo and 1 for hi.
+    ///      The signed voucher names the partner, so a lane is only ever reached by its own (client, node, partner,
+    ///      channelId), and keys of the two kinds differ (lo == hi only in the first).
+    function channelSlot(address client, address node, address partner, uint64 channelId)
         internal
-        view
-        returns (address signer)
+        pure
+        returns (bytes32 key, uint256 shift)
     {
-        bytes32 typehash = VOUCHER_TYPEHASH;
-        assembly ("memory-safe") {
-            let m := mload(0x40) // scratch past the free memory pointer: never allocated, dead after this block
-            mstore(m, typehash)
-            mstore(add(m, 0x20), and(client, 0xffffffffffffffffffffffffffffffffffffffff))
-            mstore(add(m, 0x40), and(node, 0xffffffffffffffffffffffffffffffffffffffff))
-            mstore(add(m, 0x60), and(shr(128, packed), 0xffffffffffffffff))
-            mstore(add(m, 0x80), and(packed, 0xffffffffffffffffffffffffffffffff))
-            let structHash := keccak256(m, 0xa0)
-            mstore(m, hex"1901")
-            mstore(add(m, 0x02), domain)
-            mstore(add(m, 0x22), structHash)
-            let digest := keccak256(m, 0x42)
-
-            let s := and(vs, 0x7fffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff)
-            // EIP-2: only s <= n/2 is accepted (the other half are malleated copies)
-            if iszero(gt(s, 0x7fffffffffffffffffffffffffffffff5d576e7357a4501ddfe92f46681b20a0)) {
-                mstore(m, digest)
-                mstore(add(m, 0x20), add(shr(255, vs), 27))
-                mstore(add(m, 0x40), r)
-                mstore(add(m, 0x60), s)
-                mstore(0x00, 0) // the precompile returns nothing when recovery fails
-                pop(staticcall(gas(), 0x01, m, 0x80, 0x00, 0x20))
-                signer := mload(0x00)
-            }
-        }
-    }
-
-    /// @dev keccak256(abi.encode(client, node, pair)), the storage key of the channel pair `pair` = channelId >> 1
-    ///      (channels 2k and 2k + 1 share one slot, see Settlement), without allocating.
-    function pairKey(address client, address node, uint64 pair) internal pure returns (bytes32 key) {
         assembly ("memory-safe") {
             let m := mload(0x40)
-            mstore(m, and(client, 0xffffffffffffffffffffffffffffffffffffffff))
-            mstore(add(m, 0x20), and(node, 0xffffffffffffffffffffffffffffffffffffffff))
-            mstore(add(m, 0x40), and(pair, 0xffffffffffffffff))
-            key := keccak256(m, 0x60)
+            client := and(client, 0xffffffffffffffffffffffffffffffffffffffff)
+            node := and(node, 0xffffffffffffffffffffffffffffffffffffffff)
+            partner := and(partner, 0xffffffffffffffffffffffffffffffffffffffff)
+            channelId := and(channelId, 0xffffffffffffffff)
+            mstore(m, client)
+            switch eq(node, partner)
+            case 1 {
+                mstore(add(m, 0x20), node)
+                mstore(add(m, 0x40), node)
+                mstore(add(m, 0x60), shr(1, channelId))
+                shift := shl(7, and(channelId, 1))
+            }
+            default {
+                let hiIsNode := gt(node, partner)
+                mstore(add(m, 0x20), xor(node, mul(hiIsNode, xor(node, partner)))) // lo: partner when node is hi
+                mstore(add(m, 0x40), xor(partner, mul(hiIsNode, xor(node, partner)))) // hi: node when node is hi
+                mstore(add(m, 0x60), channelId)
+                shift := shl(7, hiIsNode)
+            }
+            key := keccak256(m, 0x80)
         }
     }
 
     /// @dev hashStruct(voucher).
-    function hashVoucher(address client, address node, uint64 channelId, uint128 cumulativeAmount)
+    function hashVoucher(address client, address node, address partner, uint64 channelId, uint128 cumulativeAmount)
         internal
         pure
         returns (bytes32)
     {
-        return keccak256(abi.encode(VOUCHER_TYPEHASH, client, node, channelId, cumulativeAmount));
+        return keccak256(abi.encode(VOUCHER_TYPEHASH, client, node, partner, channelId, cumulativeAmount));
     }
 }

@@ -97,7 +97,7 @@ contract SettlementHandler {
         if (available == 0) return;
         address n = nodes[to % 3];
         uint64 channelId = uint64(channel % 4);
-        bytes32 key = keccak256(abi.encode(c, n, channelId));
+        bytes32 key = keccak256(abi.encode(c, n, n, channelId));
         uint256 delta = _bound(amount, 1, available);
         uint128 cumulative = uint128(ghostCumulative[key] + delta);
 
@@ -106,7 +106,7 @@ contract SettlementHandler {
         _lastNodes.push(n);
         Settlement.ClientVouchers storage group = _lastGroups.push();
         group.client = c;
-        (bytes32 r, bytes32 vs) = vm.signCompact(clientKeys[k], settlement.voucherDigest(c, n, channelId, cumulative));
+        (bytes32 r, bytes32 vs) = vm.signCompact(clientKeys[k], settlement.voucherDigest(c, n, n, channelId, cumulative));
         group.vouchers.push(Settlement.SignedVoucher(uint256(channelId) << 128 | cumulative, r, vs));
         settlement.settle(_lastNodes, _lastGroups);
         _hasLast = true;
@@ -133,20 +133,42 @@ contract SettlementHandler {
         delete _lastGroups;
         _lastNodes.push(n);
         _lastGroups.push().client = clients[k];
-        _addVoucher(k, n, first, delta0);
-        _addVoucher(k, n, first ^ 1, delta1);
+        _addVoucher(k, 0, 0, first, delta0);
+        _addVoucher(k, 0, 0, first ^ 1, delta1);
         settlement.settle(_lastNodes, _lastGroups);
         _hasLast = true;
-        ghostSettled += delta0 + delta1;
     }
 
-    /// @dev Appends a voucher raising channel (client k, n, channelId) by `delta` to the last group.
-    function _addVoucher(uint256 k, address n, uint64 channelId, uint256 delta) internal {
-        address c = clients[k];
-        bytes32 key = keccak256(abi.encode(c, n, channelId));
+    /// @dev Settles a client's channels to two different nodes that name each other as partners (two hops of a
+    ///      route: one slot, a lane each), in random order, in one batch.
+    function settleRoutePair(uint256 who, uint256 to, uint256 channel, uint256 amount0, uint256 amount1) external {
+        uint256 k = who % 3;
+        uint256 available = escrow.balanceOf(clients[k]);
+        if (available < 2) return;
+        uint64 channelId = uint64(channel % 4);
+        delete _lastNodes;
+        delete _lastGroups;
+        _lastNodes.push(nodes[to % 3]);
+        _lastNodes.push(nodes[(to + 1) % 3]);
+        _lastGroups.push().client = clients[k];
+        uint256 first = (to >> 8) % 2;
+        _addVoucher(k, first, 1 - first, channelId, _bound(amount0, 1, available / 2));
+        _addVoucher(k, 1 - first, first, channelId, _bound(amount1, 1, available / 2));
+        settlement.settle(_lastNodes, _lastGroups);
+        _hasLast = true;
+    }
+
+    /// @dev Appends a voucher raising channel (client k, _lastNodes[ni], partner _lastNodes[pi], channelId) by
+    ///      `delta` to the last group.
+    function _addVoucher(uint256 k, uint256 ni, uint256 pi, uint64 channelId, uint256 delta) internal {
+        bytes32 key = keccak256(abi.encode(clients[k], _lastNodes[ni], _lastNodes[pi], channelId));
         uint128 cumulative = uint128(ghostCumulative[key] + delta);
-        (bytes32 r, bytes32 vs) = vm.signCompact(clientKeys[k], settlement.voucherDigest(c, n, channelId, cumulative));
-        _lastGroups[0].vouchers.push(Settlement.SignedVoucher(uint256(channelId) << 128 | cumulative, r, vs));
+        bytes32 digest = settlement.voucherDigest(clients[k], _lastNodes[ni], _lastNodes[pi], channelId, cumulative);
+        (bytes32 r, bytes32 vs) = vm.signCompact(clientKeys[k], digest);
+        _lastGroups[0].vouchers.push(
+            Settlement.SignedVoucher(ni << 224 | pi << 192 | uint256(channelId) << 128 | cumulative, r, vs)
+        );
+        ghostSettled += delta;
         ghostCumulative[key] = cumulative;
         if (!_knownChannel[key]) {
             _knownChannel[key] = true;

@@ -5,7 +5,8 @@ import {NectarFixture} from "../utils/NectarFixture.sol";
 import {SettlementHandler} from "./SettlementHandler.sol";
 
 /// @notice Escrow solvency and no-double-pay, under random deposits, withdrawals, settlements (single channels and
-///         both channels of a shared slot pair: ids 0..3 are two pairs per client and node) and replays.
+///         both channels of a shared slot pair: ids 0..3 are two pairs per client and node; a client's channels to
+///         two nodes that share a slot) and replays.
 contract SettlementInvariantTest is NectarFixture {
     SettlementHandler internal handler;
 
@@ -13,7 +14,7 @@ contract SettlementInvariantTest is NectarFixture {
         super.setUp();
         handler = new SettlementHandler(credits, escrow, settlement, owner, treasury);
         targetContract(address(handler));
-        bytes4[] memory selectors = new bytes4[](8);
+        bytes4[] memory selectors = new bytes4[](9);
         selectors[0] = SettlementHandler.deposit.selector;
         selectors[1] = SettlementHandler.requestWithdrawal.selector;
         selectors[2] = SettlementHandler.withdraw.selector;
@@ -22,6 +23,7 @@ contract SettlementInvariantTest is NectarFixture {
         selectors[5] = SettlementHandler.withdrawEarnings.selector;
         selectors[6] = SettlementHandler.warp.selector;
         selectors[7] = SettlementHandler.settlePair.selector; // both lanes of a shared slot in one batch
+        selectors[8] = SettlementHandler.settleRoutePair.selector; // a slot shared by two nodes' channels
         targetSelector(FuzzSelector({addr: address(handler), selectors: selectors}));
     }
 
@@ -67,11 +69,14 @@ contract SettlementInvariantTest is NectarFixture {
     function invariant_PaidMatchesLastVoucher() public view {
         for (uint256 c; c < 3; ++c) {
             for (uint256 n; n < 3; ++n) {
-                for (uint64 ch; ch < 4; ++ch) {
-                    address cl = handler.clients(c);
-                    address nd = handler.nodes(n);
-                    bytes32 key = keccak256(abi.encode(cl, nd, ch));
-                    assertEq(settlement.paid(cl, nd, ch), handler.ghostCumulative(key), "paid per channel");
+                for (uint256 p; p < 3; ++p) {
+                    for (uint64 ch; ch < 4; ++ch) {
+                        address cl = handler.clients(c);
+                        address nd = handler.nodes(n);
+                        address partner = handler.nodes(p);
+                        bytes32 key = keccak256(abi.encode(cl, nd, partner, ch));
+                        assertEq(settlement.paid(cl, nd, partner, ch), handler.ghostCumulative(key), "paid per channel");
+                    }
                 }
             }
         }

@@ -108,18 +108,41 @@ abstract contract NectarFixture is Test {
                                 VOUCHERS
     //////////////////////////////////////////////////////////////*/
 
+    /// @dev A voucher's settle word for a channel whose partner is its own node (same list position).
     function _pack(uint256 nodeIndex, uint64 channelId, uint128 cumulative) internal pure returns (uint256) {
-        return nodeIndex << 192 | uint256(channelId) << 128 | cumulative;
+        return _packPair(nodeIndex, nodeIndex, channelId, cumulative);
     }
 
+    function _packPair(uint256 nodeIndex, uint256 partnerIndex, uint64 channelId, uint128 cumulative)
+        internal
+        pure
+        returns (uint256)
+    {
+        return nodeIndex << 224 | partnerIndex << 192 | uint256(channelId) << 128 | cumulative;
+    }
+
+    /// @dev A voucher from `clientPk` to `to` on a channel that shares its slot with `to`'s channel `channelId ^ 1`.
     function _voucher(uint256 clientPk, address to, uint256 nodeIndex, uint64 channelId, uint128 cumulative)
         internal
         view
         returns (Settlement.SignedVoucher memory v)
     {
-        bytes32 digest = settlement.voucherDigest(vm.addr(clientPk), to, channelId, cumulative);
+        return _pairedVoucher(clientPk, to, to, nodeIndex, nodeIndex, channelId, cumulative);
+    }
+
+    /// @dev A voucher from `clientPk` to `to` naming `partner` (at `partnerIndex` of the batch's node list).
+    function _pairedVoucher(
+        uint256 clientPk,
+        address to,
+        address partner,
+        uint256 nodeIndex,
+        uint256 partnerIndex,
+        uint64 channelId,
+        uint128 cumulative
+    ) internal view returns (Settlement.SignedVoucher memory v) {
+        bytes32 digest = settlement.voucherDigest(vm.addr(clientPk), to, partner, channelId, cumulative);
         (v.r, v.vs) = vm.signCompact(clientPk, digest);
-        v.packed = _pack(nodeIndex, channelId, cumulative);
+        v.packed = _packPair(nodeIndex, partnerIndex, channelId, cumulative);
     }
 
     /// @dev A batch of one voucher from `clientPk` to `to`.
