@@ -6,8 +6,8 @@ with higher cumulative amounts, as in the next epoch). Also prints forge's gas r
 
 A shape is clients x nodes x wallets: each client runs that many wallets (workers, concurrent sessions; one channel
 each, allocated by ``nectar.client.payments.Wallet`` as the SDK does), and every wallet pays every node of its
-client. Two wallets of one key share a storage slot per node (channels 2k and 2k+1), so shapes with one wallet per
-client pay a whole slot per voucher and shapes with two or more share them.
+client, its nodes paired by ``Wallet.pair`` as a session pairs the hops of its route. Two channels share each
+storage slot: a wallet's channels to two paired nodes, or two wallets' channels 2k and 2k+1 to one node.
 
     python benchmarks/gas/settle_gas.py [--no-forge] [--only 10x5x2]
 """
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     base = 21_000 / BATCH
     print(f"\nPer voucher: {base:.0f} (21k base / batch) + ~1,350 calldata (64 signature bytes and a packed word) + "
           f"3,100 (ecrecover precompile + call) + the channel slot (~5,000 cold nonzero write incl. its access-list "
-          f"entry for a channel settled alone, ~2,550 each when both channels of a pair settle together) + ~1,000 "
+          f"entry for a channel settled alone, ~2,550 each when both channels of a slot settle together) + ~1,200 "
           f"loop and plumbing; per client in the batch ~11,500 and per node ~8,900 (balance write, event, calldata). "
           f"See contracts/README.md.")
     if not args.no_forge:
