@@ -186,28 +186,29 @@ contract Settlement is EIP712, Ownable {
             mstore(add(m, 0xe2), domain)
             mstore(add(m, 0x200), nodes.offset)
             mstore(add(m, 0x220), nodes.length)
-            mstore(add(m, 0x240), nodeGross)
+            mstore(add(m, 0x240), add(nodeGross, 0x20)) // the array's first element
             mstore(add(m, 0x260), available)
-            mstore(add(m, 0x280), _channelPairs.slot)
+            mstore(add(m, 0x280), _channelPairs.slot) // also kept at scratch 0x20 through the loop
             mstore(add(m, 0x2a0), 0) // spent
             mstore(add(m, 0x2c0), 0) // failure code << 128 | position
             let base := vouchers.offset // Solidity checked the array lies inside calldata
-            for { let i := 0 } lt(i, vouchers.length) { i := add(i, 1) } {
-                let v := add(base, mul(i, 0x60))
-                // node = nodes[word >> 224], partner = nodes[word >> 192 & 0xffffffff]: in range, clean addresses
+            mstore(0x20, _channelPairs.slot) // the mapping's slot: word 2 of every slot-key hash below
+            let end := add(base, mul(vouchers.length, 0x60))
+            for { let v := base } lt(v, end) { v := add(v, 0x60) } {
+                // node = nodes[packed >> 224], partner = nodes[packed >> 192 & 0xffffffff]: both in range, both
+                // nonzero clean addresses
                 {
                     let count := mload(add(m, 0x220))
                     let nodeIndex := shr(224, calldataload(v))
                     let partnerIndex := and(shr(192, calldataload(v)), 0xffffffff)
-                    let node := 0
-                    if lt(nodeIndex, count) { node := calldataload(add(mload(add(m, 0x200)), shl(5, nodeIndex))) }
-                    let partner := node
-                    if iszero(eq(partnerIndex, nodeIndex)) {
-                        partner := 0
-                        if lt(partnerIndex, count) { partner := calldataload(add(mload(add(m, 0x200)), shl(5, partnerIndex))) }
+                    if iszero(and(lt(nodeIndex, count), lt(partnerIndex, count))) {
+                        mstore(add(m, 0x2c0), or(shl(128, 1), div(sub(v, base), 0x60)))
+                        break
                     }
-                    if or(or(iszero(node), shr(160, node)), or(iszero(partner), shr(160, partner))) {
-                        mstore(add(m, 0x2c0), or(shl(128, 1), i))
+                    let node := calldataload(add(mload(add(m, 0x200)), shl(5, nodeIndex)))
+                    let partner := calldataload(add(mload(add(m, 0x200)), shl(5, partnerIndex)))
+                    if or(or(iszero(node), iszero(partner)), shr(160, or(node, partner))) {
+                        mstore(add(m, 0x2c0), or(shl(128, 1), div(sub(v, base), 0x60)))
                         break
                     }
                     mstore(add(m, 0x40), node)
@@ -229,49 +230,51 @@ contract Settlement is EIP712, Ownable {
                         pop(staticcall(gas(), 0x01, add(m, 0x140), 0x80, 0x00, 0x20))
                     }
                     if iszero(eq(mload(0x00), mload(add(m, 0x20)))) {
-                        mstore(add(m, 0x2c0), or(shl(128, 2), i))
+                        mstore(add(m, 0x2c0), or(shl(128, 2), div(sub(v, base), 0x60)))
                         break
                     }
                 }
                 // The channel's slot and lane (NectarTypes.channelSlot), over the already hashed words 1..4: the
                 // lane must rise; the rise is paid.
+                // Words 1..3 already read (client, node, partner): a self pair rewrites word 4, a route pair whose
+                // node is the higher address swaps words 2 and 3.
                 let shift := 0
                 {
                     let node := mload(add(m, 0x40))
                     let partner := mload(add(m, 0x60))
                     switch eq(node, partner)
                     case 1 {
-                        shift := shl(7, and(shr(128, calldataload(v)), 1))
-                        mstore(add(m, 0x80), and(shr(129, calldataload(v)), 0x7fffffffffffffff))
+                        let channelId := mload(add(m, 0x80))
+                        shift := shl(7, and(channelId, 1))
+                        mstore(add(m, 0x80), shr(1, channelId))
                     }
                     default {
-                        let hiIsNode := gt(node, partner)
-                        let swap := mul(hiIsNode, xor(node, partner))
-                        mstore(add(m, 0x40), xor(node, swap)) // lo
-                        mstore(add(m, 0x60), xor(partner, swap)) // hi
-                        shift := shl(7, hiIsNode)
+                        if gt(node, partner) {
+                            mstore(add(m, 0x40), partner)
+                            mstore(add(m, 0x60), node)
+                            shift := 128
+                        }
                     }
                 }
                 mstore(0x00, keccak256(add(m, 0x20), 0x80))
-                mstore(0x20, mload(add(m, 0x280)))
                 let slot := keccak256(0x00, 0x40)
                 let lanes := sload(slot)
                 let already := and(shr(shift, lanes), 0xffffffffffffffffffffffffffffffff)
                 let cumulative := mload(add(m, 0xa0))
                 if iszero(gt(cumulative, already)) {
-                    mstore(add(m, 0x2c0), or(shl(128, 3), i))
+                    mstore(add(m, 0x2c0), or(shl(128, 3), div(sub(v, base), 0x60)))
                     break
                 }
                 let delta := sub(cumulative, already)
                 let spentSoFar := add(mload(add(m, 0x2a0)), delta)
                 if gt(spentSoFar, mload(add(m, 0x260))) {
-                    mstore(add(m, 0x2c0), or(shl(128, 4), i))
+                    mstore(add(m, 0x2c0), or(shl(128, 4), div(sub(v, base), 0x60)))
                     break
                 }
                 mstore(add(m, 0x2a0), spentSoFar)
                 // cumulative < 2^128 and above this lane's value: adding the rise in place leaves the other lane
                 sstore(slot, add(lanes, shl(shift, delta)))
-                let cell := add(add(mload(add(m, 0x240)), 0x20), shl(5, shr(224, calldataload(v))))
+                let cell := add(mload(add(m, 0x240)), shl(5, shr(224, calldataload(v))))
                 mstore(cell, add(mload(cell), delta))
             }
             spent := mload(add(m, 0x2a0))
