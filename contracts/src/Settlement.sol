@@ -178,7 +178,8 @@ contract Settlement is EIP712, Ownable {
             // Scratch layout from m: [0x000, 0x0c0) hashStruct input, whose words 1..4 then become the slot key's
             // abi.encode(client, lo, hi, k); [0x0e0, 0x122) "\x19\x01" ++ domain ++ structHash; [0x140, 0x1c0)
             // ecrecover input; [0x200, 0x2e0) inputs and results kept in memory, so the loop touches no Solidity
-            // variable (they are out of the stack's reach).
+            // variable (they are out of the stack's reach). Scratch 0x00: the recovered signer, then the slot key;
+            // 0x20: the mapping's slot, for the whole loop.
             let m := mload(0x40)
             mstore(m, typehash)
             mstore(add(m, 0x20), client)
@@ -188,7 +189,6 @@ contract Settlement is EIP712, Ownable {
             mstore(add(m, 0x220), nodes.length)
             mstore(add(m, 0x240), add(nodeGross, 0x20)) // the array's first element
             mstore(add(m, 0x260), available)
-            mstore(add(m, 0x280), _channelPairs.slot) // also kept at scratch 0x20 through the loop
             mstore(add(m, 0x2a0), 0) // spent
             mstore(add(m, 0x2c0), 0) // failure code << 128 | position
             let base := vouchers.offset // Solidity checked the array lies inside calldata
