@@ -91,11 +91,16 @@ contract Settlement is EIP712, Ownable {
 
     uint16 public constant MAX_FEE_BPS = 1_000;
 
-    // Failure codes of the per-voucher loop in `_settleClient`.
-    uint256 private constant FAIL_NODE_INDEX = 1;
-    uint256 private constant FAIL_SIGNATURE = 2;
-    uint256 private constant FAIL_REPLAY = 3;
-    uint256 private constant FAIL_ESCROW = 4;
+    // `settle` lays memory out by hand from 0x80 (nothing is live there when it starts) and moves the free memory
+    // pointer past it, so the voucher loop reads and writes fixed addresses (one PUSH instead of DUP + ADD each):
+    //   0x080 typehash | 0x0a0 client | 0x0c0 node | 0x0e0 partner | 0x100 channelId | 0x120 cumulative
+    //       (hashStruct input; then 0x0a0..0x120 is the slot key's abi.encode(client, lo, hi, k))
+    //   0x140 0x1901 (its last 2 bytes start the digest preimage at 0x15e) | 0x160 domain | 0x180 structHash
+    //   0x1a0 digest | 0x1c0 v | 0x1e0 r | 0x200 s (ecrecover input)
+    //   0x220 the client's available escrow | 0x240 batch position of the group's first voucher
+    //   0x260 nodes.offset | 0x280 nodes.length | 0x2a0 nodeGross (memory pointer)
+    // Scratch 0x00 takes the recovered signer, then the slot key; 0x20 holds the mapping's slot during a loop.
+    uint256 private constant _SCRATCH_END = 0x2c0;
 
     Escrow public immutable escrow;
 
@@ -144,187 +149,134 @@ contract Settlement is EIP712, Ownable {
         emit FeeUpdated(recipient, bps);
     }
 
-    /// @dev Settles `vouchers` of `client` (whose escrow holds `available`): for each, in order, what this
-    ///      Solidity would do:
+    /// @dev Settles the `vouchers` of the client at 0x0a0 (escrow at 0x220, see the layout above): for each, in
+    ///      order, what this Solidity would do:
     ///
-    ///          address node = nodes[packed >> 224];                  // clean address, else FAIL_NODE_INDEX
+    ///          address node = nodes[packed >> 224];                  // clean address, else BadNodeIndex
     ///          address partner = nodes[packed >> 192 & 0xffffffff];  // the same
     ///          bytes32 digest = _hashTypedDataV4(NectarTypes.hashVoucher(client, node, partner, channelId, cumulative));
-    ///          require(ecrecover(digest, 27 + (vs >> 255), r, s) == client && s <= n / 2);  // FAIL_SIGNATURE
+    ///          require(ecrecover(digest, 27 + (vs >> 255), r, s) == client && s <= n / 2);  // InvalidSignature
     ///          (bytes32 key, uint256 shift) = NectarTypes.channelSlot(client, node, partner, channelId);
     ///          uint256 paid_ = uint128(_channelPairs[key] >> shift);  // this channel's lane
-    ///          require(cumulative > paid_);                           // FAIL_REPLAY
-    ///          spent += cumulative - paid_; require(spent <= available);  // FAIL_ESCROW
+    ///          require(cumulative > paid_);                           // VoucherReplay
+    ///          spent += cumulative - paid_; require(spent <= available);  // InsufficientEscrow
     ///          _channelPairs[key] += (cumulative - paid_) << shift;     // the other lane kept
     ///          nodeGross[nodeIndex] += cumulative - paid_;
     ///
-    ///      It is assembly because it is the whole cost of a batch beyond the two fixed costs (ecrecover, 3,100 gas,
-    ///      and the pair's slot: 5,000 for the first lane a batch writes, 200 for the second): that Solidity spent
-    ///      ~1,200 gas more per voucher on call plumbing and checks (see the .gas-snapshot history in benchmarks/gas).
-    ///      It stops at the first bad voucher and returns the failure code and position; `_settleClient` turns them
-    ///      into the custom error.
-    ///      Memory: only the scratch words and the region past the free memory pointer, which it never allocates.
+    ///      It is assembly because it is the whole cost of a batch beyond the fixed costs (ecrecover, 3,100 gas, and
+    ///      the slot: 5,000 for the first lane a batch writes, 200 for the second): that Solidity spent ~1,200 gas
+    ///      more per voucher on call plumbing and checks (see the .gas-snapshot history in benchmarks/gas). A bad
+    ///      voucher reverts the batch with its position.
     ///      No overflow: each delta is below 2^128 and a batch has far fewer than 2^128 vouchers.
-    function _settleVouchers(
-        bytes32 domain,
-        address client,
-        uint256 available,
-        SignedVoucher[] calldata vouchers,
-        address[] calldata nodes,
-        uint256[] memory nodeGross
-    ) internal returns (uint256 spent, uint256 failure, uint256 failedAt) {
-        bytes32 typehash = NectarTypes.VOUCHER_TYPEHASH;
-        assembly ("memory-safe") {
-            // Scratch layout from m: [0x000, 0x0c0) hashStruct input, whose words 1..4 then become the slot key's
-            // abi.encode(client, lo, hi, k); [0x0e0, 0x122) "\x19\x01" ++ domain ++ structHash; [0x140, 0x1c0)
-            // ecrecover input; [0x200, 0x2e0) inputs and results kept in memory, so the loop touches no Solidity
-            // variable (they are out of the stack's reach). Scratch 0x00: the recovered signer, then the slot key;
-            // 0x20: the mapping's slot, for the whole loop.
-            let m := mload(0x40)
-            mstore(m, typehash)
-            mstore(add(m, 0x20), client)
-            mstore(add(m, 0xe0), hex"1901")
-            mstore(add(m, 0xe2), domain)
-            mstore(add(m, 0x200), nodes.offset)
-            mstore(add(m, 0x220), nodes.length)
-            mstore(add(m, 0x240), add(nodeGross, 0x20)) // the array's first element
-            mstore(add(m, 0x260), available)
-            mstore(add(m, 0x2a0), 0) // spent
-            mstore(add(m, 0x2c0), 0) // failure code << 128 | position
-            let base := vouchers.offset // Solidity checked the array lies inside calldata
-            mstore(0x20, _channelPairs.slot) // the mapping's slot: word 2 of every slot-key hash below
-            let end := add(base, mul(vouchers.length, 0x60))
-            for { let v := base } lt(v, end) { v := add(v, 0x60) } {
-                // node = nodes[packed >> 224], partner = nodes[packed >> 192 & 0xffffffff]: both in range, both
-                // nonzero clean addresses
-                {
-                    let count := mload(add(m, 0x220))
-                    let nodeIndex := shr(224, calldataload(v))
-                    let partnerIndex := and(shr(192, calldataload(v)), 0xffffffff)
-                    if iszero(and(lt(nodeIndex, count), lt(partnerIndex, count))) {
-                        mstore(add(m, 0x2c0), or(shl(128, 1), div(sub(v, base), 0x60)))
-                        break
-                    }
-                    let node := calldataload(add(mload(add(m, 0x200)), shl(5, nodeIndex)))
-                    let partner := calldataload(add(mload(add(m, 0x200)), shl(5, partnerIndex)))
-                    if or(or(iszero(node), iszero(partner)), shr(160, or(node, partner))) {
-                        mstore(add(m, 0x2c0), or(shl(128, 1), div(sub(v, base), 0x60)))
-                        break
-                    }
-                    mstore(add(m, 0x40), node)
-                    mstore(add(m, 0x60), partner)
-                }
-                mstore(add(m, 0x80), and(shr(128, calldataload(v)), 0xffffffffffffffff)) // channelId
-                mstore(add(m, 0xa0), and(calldataload(v), 0xffffffffffffffffffffffffffffffff)) // cumulative
-                mstore(add(m, 0x102), keccak256(m, 0xc0)) // structHash
-                mstore(add(m, 0x140), keccak256(add(m, 0xe0), 0x42)) // digest
+    function _settleVouchers(SignedVoucher[] calldata vouchers) internal returns (uint256 spent) {
+        assembly {
+            function fail(selector, v, first) {
+                mstore(0x00, shl(224, selector))
+                mstore(0x04, add(mload(0x240), div(sub(v, first), 0x60)))
+                revert(0x00, 0x24)
+            }
+            mstore(0x20, _channelPairs.slot) // word 2 of every slot-key hash below
+            let nodesAt := mload(0x260)
+            let nodeCount := mload(0x280)
+            let first := vouchers.offset // Solidity checked the array lies inside calldata
+            for { let v := first } lt(v, add(first, mul(vouchers.length, 0x60))) { v := add(v, 0x60) } {
+                let node := shr(224, calldataload(v))
+                let partner := and(shr(192, calldataload(v)), 0xffffffff)
+                if iszero(and(lt(node, nodeCount), lt(partner, nodeCount))) { fail(0x11413f72, v, first) }
+                node := calldataload(add(nodesAt, shl(5, node)))
+                partner := calldataload(add(nodesAt, shl(5, partner)))
+                if or(or(iszero(node), iszero(partner)), shr(160, or(node, partner))) { fail(0x11413f72, v, first) }
+                mstore(0xc0, node)
+                mstore(0xe0, partner)
+                let channelId := and(shr(128, calldataload(v)), 0xffffffffffffffff)
+                mstore(0x100, channelId)
+                mstore(0x120, and(calldataload(v), 0xffffffffffffffffffffffffffffffff)) // cumulative
+                mstore(0x180, keccak256(0x80, 0xc0)) // structHash
+                mstore(0x1a0, keccak256(0x15e, 0x42)) // digest
                 // signer == client, with s = low 255 bits of vs, s <= n/2 (EIP-2), v = 27 + top bit of vs
                 {
                     let vs := calldataload(add(v, 0x40))
                     let s := and(vs, 0x7fffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff)
+                    if gt(s, 0x7fffffffffffffffffffffffffffffff5d576e7357a4501ddfe92f46681b20a0) {
+                        fail(0x52bf9848, v, first)
+                    }
+                    mstore(0x1c0, add(shr(255, vs), 27))
+                    mstore(0x1e0, calldataload(add(v, 0x20)))
+                    mstore(0x200, s)
                     mstore(0x00, 0) // the precompile returns nothing when recovery fails
-                    if iszero(gt(s, 0x7fffffffffffffffffffffffffffffff5d576e7357a4501ddfe92f46681b20a0)) {
-                        mstore(add(m, 0x160), add(shr(255, vs), 27))
-                        mstore(add(m, 0x180), calldataload(add(v, 0x20)))
-                        mstore(add(m, 0x1a0), s)
-                        pop(staticcall(gas(), 0x01, add(m, 0x140), 0x80, 0x00, 0x20))
-                    }
-                    if iszero(eq(mload(0x00), mload(add(m, 0x20)))) {
-                        mstore(add(m, 0x2c0), or(shl(128, 2), div(sub(v, base), 0x60)))
-                        break
-                    }
+                    pop(staticcall(gas(), 0x01, 0x1a0, 0x80, 0x00, 0x20))
+                    if iszero(eq(mload(0x00), mload(0xa0))) { fail(0x52bf9848, v, first) }
                 }
-                // The channel's slot and lane (NectarTypes.channelSlot), over the already hashed words 1..4: the
-                // lane must rise; the rise is paid.
-                // Words 1..3 already read (client, node, partner): a self pair rewrites word 4, a route pair whose
-                // node is the higher address swaps words 2 and 3.
+                // The slot key (NectarTypes.channelSlot) over words 0x0a0..0x120 as hashed: a self pair rewrites
+                // the channel word, a route pair whose node is the higher address swaps the two nodes.
                 let shift := 0
-                {
-                    let node := mload(add(m, 0x40))
-                    let partner := mload(add(m, 0x60))
-                    switch eq(node, partner)
-                    case 1 {
-                        let channelId := mload(add(m, 0x80))
-                        shift := shl(7, and(channelId, 1))
-                        mstore(add(m, 0x80), shr(1, channelId))
-                    }
-                    default {
-                        if gt(node, partner) {
-                            mstore(add(m, 0x40), partner)
-                            mstore(add(m, 0x60), node)
-                            shift := 128
-                        }
+                switch eq(node, partner)
+                case 1 {
+                    shift := shl(7, and(channelId, 1))
+                    mstore(0x100, shr(1, channelId))
+                }
+                default {
+                    if gt(node, partner) {
+                        mstore(0xc0, partner)
+                        mstore(0xe0, node)
+                        shift := 128
                     }
                 }
-                mstore(0x00, keccak256(add(m, 0x20), 0x80))
-                let slot := keccak256(0x00, 0x40)
+                mstore(0x00, keccak256(0xa0, 0x80))
+                let slot := keccak256(0x00, 0x40) // 0x20: the mapping's slot
                 let lanes := sload(slot)
-                let already := and(shr(shift, lanes), 0xffffffffffffffffffffffffffffffff)
-                let cumulative := mload(add(m, 0xa0))
-                if iszero(gt(cumulative, already)) {
-                    mstore(add(m, 0x2c0), or(shl(128, 3), div(sub(v, base), 0x60)))
-                    break
-                }
-                let delta := sub(cumulative, already)
-                let spentSoFar := add(mload(add(m, 0x2a0)), delta)
-                if gt(spentSoFar, mload(add(m, 0x260))) {
-                    mstore(add(m, 0x2c0), or(shl(128, 4), div(sub(v, base), 0x60)))
-                    break
-                }
-                mstore(add(m, 0x2a0), spentSoFar)
+                let delta := sub(mload(0x120), and(shr(shift, lanes), 0xffffffffffffffffffffffffffffffff))
+                // the lane must rise: a cumulative at or below it wraps the subtraction past 2^128
+                if or(iszero(delta), shr(128, delta)) { fail(0x731b1513, v, first) }
+                spent := add(spent, delta)
+                if gt(spent, mload(0x220)) { fail(0x186aa8cd, v, first) }
                 // cumulative < 2^128 and above this lane's value: adding the rise in place leaves the other lane
                 sstore(slot, add(lanes, shl(shift, delta)))
-                let cell := add(mload(add(m, 0x240)), shl(5, shr(224, calldataload(v))))
+                let cell := add(add(mload(0x2a0), 0x20), shl(5, shr(224, calldataload(v))))
                 mstore(cell, add(mload(cell), delta))
             }
-            spent := mload(add(m, 0x2a0))
-            failure := shr(128, mload(add(m, 0x2c0)))
-            failedAt := and(mload(add(m, 0x2c0)), 0xffffffffffffffffffffffffffffffff)
         }
     }
 
     /// @dev Settles one client's vouchers; returns what the client owes in total. `index` is the batch position of
     ///      the group's first voucher, for error reporting.
-    function _settleClient(
-        bytes32 domain,
-        ClientVouchers calldata group,
-        address[] calldata nodes,
-        uint256[] memory nodeGross,
-        uint256 index
-    ) internal returns (uint256 spent) {
+    function _settleClient(ClientVouchers calldata group, uint256 index) internal returns (uint256 spent) {
         address client = group.client;
         if (client == address(0)) revert InvalidSignature(index);
         uint256 available = escrow.balanceOf(client);
-        uint256 failure;
-        uint256 at;
-        (spent, failure, at) = _settleVouchers(domain, client, available, group.vouchers, nodes, nodeGross);
-        if (failure == FAIL_NODE_INDEX) revert BadNodeIndex(index + at);
-        if (failure == FAIL_SIGNATURE) revert InvalidSignature(index + at);
-        if (failure == FAIL_REPLAY) revert VoucherReplay(index + at);
-        if (failure == FAIL_ESCROW) revert InsufficientEscrow(index + at);
+        assembly {
+            mstore(0xa0, client)
+            mstore(0x220, available)
+            mstore(0x240, index)
+        }
+        return _settleVouchers(group.vouchers);
     }
 
-    /// @dev Turns per-node gross amounts into escrow credits: each node's net plus one credit for the summed fee.
+    /// @dev Turns per-node gross amounts into escrow credits, `[payee, amount, ...]` (Escrow.applySettlement):
+    ///      each paid node's net, then the summed fee to the fee recipient.
     function _credits(address[] calldata nodes, uint256[] memory nodeGross)
         internal
         view
-        returns (Escrow.Credit[] memory credits, uint256 fee)
+        returns (uint256[] memory credits, uint256 fee)
     {
-        uint256 paidNodes;
-        for (uint256 n; n < nodes.length; ++n) {
-            if (nodeGross[n] != 0) ++paidNodes;
-        }
-        credits = new Escrow.Credit[](paidNodes + 1);
+        credits = new uint256[](2 * nodes.length + 2);
         uint256 bps = feeBps;
         uint256 j;
         for (uint256 n; n < nodes.length; ++n) {
             uint256 gross = nodeGross[n];
-            if (gross == 0) continue;
+            if (gross == 0) continue; // a partner listed only for its address
             uint256 nodeFee = gross * bps / 10_000;
             fee += nodeFee;
-            credits[j++] = Escrow.Credit(nodes[n], gross - nodeFee);
+            credits[j] = uint160(nodes[n]);
+            credits[j + 1] = gross - nodeFee;
+            j += 2;
         }
-        credits[j] = Escrow.Credit(feeRecipient, fee);
+        credits[j] = uint160(feeRecipient);
+        credits[j + 1] = fee;
+        j += 2;
+        assembly ("memory-safe") {
+            mstore(credits, j) // shrink to the entries written (the tail stays allocated, unused)
+        }
     }
 
     /*//////////////////////////////////////////////////////////////
@@ -339,18 +291,32 @@ contract Settlement is EIP712, Ownable {
     /// @param groups One group per client.
     /// @return gross Total credits moved out of client escrow.
     function settle(address[] calldata nodes, ClientVouchers[] calldata groups) external returns (uint256 gross) {
+        assembly {
+            mstore(0x40, _SCRATCH_END) // reserve [0x80, _SCRATCH_END): nothing in memory is live yet
+        }
         bytes32 domain = _domainSeparatorV4();
+        bytes32 typehash = NectarTypes.VOUCHER_TYPEHASH;
         uint256[] memory nodeGross = new uint256[](nodes.length);
-        Escrow.Debit[] memory debits = new Escrow.Debit[](groups.length);
+        assembly {
+            mstore(0x80, typehash)
+            mstore(0x140, 0x1901)
+            mstore(0x160, domain)
+            mstore(0x260, nodes.offset)
+            mstore(0x280, nodes.length)
+            mstore(0x2a0, nodeGross)
+        }
+        uint256[] memory debits = new uint256[](2 * groups.length); // [client, amount, ...]
         uint256 index;
         for (uint256 g; g < groups.length; ++g) {
-            uint256 spent = _settleClient(domain, groups[g], nodes, nodeGross, index);
-            debits[g] = Escrow.Debit(groups[g].client, spent);
+            ClientVouchers calldata group = groups[g];
+            uint256 spent = _settleClient(group, index);
+            debits[2 * g] = uint160(group.client);
+            debits[2 * g + 1] = spent;
             gross += spent;
-            index += groups[g].vouchers.length;
+            index += group.vouchers.length;
         }
         if (gross == 0) revert EmptyBatch();
-        (Escrow.Credit[] memory credits, uint256 fee) = _credits(nodes, nodeGross);
+        (uint256[] memory credits, uint256 fee) = _credits(nodes, nodeGross);
         escrow.applySettlement(debits, credits);
         emit BatchSettled(msg.sender, index, gross, fee);
     }

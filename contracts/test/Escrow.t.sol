@@ -171,10 +171,15 @@ contract EscrowTest is NectarFixture {
         escrow.withdrawEarnings();
     }
 
+    /// @dev A one-account list for `applySettlement`: [account, amount].
+    function _entry(address account, uint256 amount) internal pure returns (uint256[] memory list) {
+        list = new uint256[](2);
+        (list[0], list[1]) = (uint160(account), amount);
+    }
+
     function test_RevertWhen_ApplySettlementNotSettlement() public {
-        Escrow.Debit[] memory debits = new Escrow.Debit[](0);
-        Escrow.Credit[] memory credited = new Escrow.Credit[](1);
-        credited[0] = Escrow.Credit(node, 1 ether);
+        uint256[] memory debits = new uint256[](0);
+        uint256[] memory credited = _entry(node, 1 ether);
         vm.expectRevert(Escrow.NotSettlement.selector);
         vm.prank(node);
         escrow.applySettlement(debits, credited);
@@ -182,10 +187,8 @@ contract EscrowTest is NectarFixture {
 
     function test_RevertWhen_ApplySettlementUnbalanced() public {
         _deposit(client, 2 ether);
-        Escrow.Debit[] memory debits = new Escrow.Debit[](1);
-        debits[0] = Escrow.Debit(client, 1 ether);
-        Escrow.Credit[] memory credited = new Escrow.Credit[](1);
-        credited[0] = Escrow.Credit(node, 2 ether);
+        uint256[] memory debits = _entry(client, 1 ether);
+        uint256[] memory credited = _entry(node, 2 ether);
         vm.expectRevert(abi.encodeWithSelector(Escrow.UnbalancedSettlement.selector, 1 ether, 2 ether));
         vm.prank(address(settlement));
         escrow.applySettlement(debits, credited);
@@ -193,10 +196,8 @@ contract EscrowTest is NectarFixture {
 
     function test_RevertWhen_ApplySettlementOverdraws() public {
         _deposit(client, 1 ether);
-        Escrow.Debit[] memory debits = new Escrow.Debit[](1);
-        debits[0] = Escrow.Debit(client, 2 ether);
-        Escrow.Credit[] memory credited = new Escrow.Credit[](1);
-        credited[0] = Escrow.Credit(node, 2 ether);
+        uint256[] memory debits = _entry(client, 2 ether);
+        uint256[] memory credited = _entry(node, 2 ether);
         vm.expectRevert(abi.encodeWithSelector(Escrow.InsufficientBalance.selector, 2 ether, 1 ether));
         vm.prank(address(settlement));
         escrow.applySettlement(debits, credited);
