@@ -91,6 +91,39 @@ def test_upgrade_from_the_first_revision_keeps_rows(tmp_path):
     engine.dispose()
 
 
+def test_voucher_partner_migration_keeps_channels_and_keys_them_by_partner(fresh_url):
+    """0003: existing vouchers become self-partnered channels; afterwards one (client, node, channel id) may hold a
+    channel per partner, and each of those channels stays unique."""
+    from alembic import command
+    from sqlalchemy.exc import IntegrityError
+
+    from nectar.ledger.core.db import run_migrations
+
+    client, node, other = "0x" + "11" * 20, "0x" + "22" * 20, "0x" + "33" * 20
+
+    def insert(connection, signature: bytes, partner: str | None = None) -> None:
+        columns, values = ("partner, ", ":partner, ") if partner else ("", "")
+        connection.execute(text(f"INSERT INTO vouchers (client, node, {columns}channel_id, cumulative_amount, "
+                                f"signature, settled_amount, updated_at) VALUES (:client, :node, {values}'7', '5', "
+                                f":signature, '0', '2026-01-01')"),
+                           {"client": client, "node": node, "partner": partner, "signature": signature})  # fmt: skip
+
+    command.upgrade(alembic_config(fresh_url), "0002")
+    engine = create_engine(fresh_url)
+    try:
+        with engine.begin() as connection:
+            insert(connection, b"\1" * 65)
+        run_migrations(fresh_url)
+        with engine.begin() as connection:
+            assert [tuple(r) for r in connection.execute(text("SELECT node, partner FROM vouchers"))] == [(node, node)]
+            insert(connection, b"\2" * 65, partner=other)  # the same channel id, paired with another node
+        with pytest.raises(IntegrityError):
+            with engine.begin() as connection:
+                insert(connection, b"\3" * 65, partner=other)
+    finally:
+        engine.dispose()
+
+
 def test_ledger_and_worker_started_together_on_a_fresh_sqlite_database(tmp_path):
     env = {"NECTAR_HOME": str(tmp_path), "NECTAR_LEDGER_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
            "NECTAR_LEDGER_BROKER_URL": f"sqla+sqlite:///{tmp_path / 'broker.db'}",
