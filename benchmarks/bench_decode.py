@@ -8,7 +8,10 @@ Local runs happen in a child process, alternately with OpenMP's default wait pol
 and each is followed by a Nectar run, so both sides get the same number of runs under the same load. On a shared
 machine, each side's best run is compared (the medians of the runs are printed too).
 
-    python benchmarks/bench_decode.py --model tiny --nodes 1 2 3 --threads 1
+With ``--push``, a second client on the same swarm runs with server-to-server push (``ClientConfig.push``) and
+its runs are interleaved with the relay client's and the local ones: local, relay, push, local, relay, push, ...
+
+    python benchmarks/bench_decode.py --model tiny --nodes 1 2 3 --threads 1 [--push]
 """
 from __future__ import annotations
 
@@ -77,6 +80,7 @@ def main() -> None:
     parser = base_parser(__doc__)
     parser.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 3], help="route lengths to measure")
     parser.add_argument("--node-args", default="", help="extra arguments for every node (quoted)")
+    parser.add_argument("--push", action="store_true", help="also measure server-to-server push, interleaved")
     parser.add_argument("--local-worker", action="store_true", help=argparse_hidden())
     args = parser.parse_args()
     set_threads(args.threads)
@@ -94,24 +98,32 @@ def main() -> None:
         spans = even_spans(NUM_LAYERS, num_nodes)
         log(f"{num_nodes} node(s): spans {spans}")
         with local_swarm(path, spans, threads=args.threads, extra_args=args.node_args.split()) as swarm:
-            model = distributed_model(path, swarm)
+            modes = ["relay"] + (["push"] if args.push and num_nodes > 1 else [])
+            models = {}
             try:
-                model.generate(prompt_ids(), max_new_tokens=4, do_sample=False, eos_token_id=[])  # warm-up
-                runs, paired = [], []
-                for repeat in range(args.repeats):  # alternate: the machine's load hits both sides alike
-                    for policy in ("", "PASSIVE"):  # each local run is followed by one Nectar run: equal samples
+                for mode in modes:
+                    models[mode] = distributed_model(path, swarm, push=mode == "push")
+                    models[mode].generate(prompt_ids(), max_new_tokens=4, do_sample=False, eos_token_id=[])  # warm-up
+                runs, tokens, paired = {mode: [] for mode in modes}, {}, []
+                for repeat in range(args.repeats):  # alternate: the machine's load hits every side alike
+                    for policy in ("", "PASSIVE"):  # each local run is followed by one run per mode: equal samples
                         timings, local_tokens = local_in_child(args.model, threads=args.threads, repeats=1,
                                                                policy=policy)
                         local_runs += timings
                         paired += timings
                         policies.setdefault(policy or "default", []).extend(timings)
-                        timings, tokens = swarm_decode(model, repeats=1)
-                        runs += timings
+                        measured = []
+                        for mode in modes:
+                            timings, tokens[mode] = swarm_decode(models[mode], repeats=1)
+                            runs[mode] += timings
+                            measured.append(f"{mode} {timings[0].decode_tps:.1f}")
                         log(f"  repeat {repeat}: local ({policy or 'default'}) {local_runs[-1].decode_tps:.1f} tok/s, "
-                            f"nectar {timings[0].decode_tps:.1f} tok/s")
+                            f"nectar {', '.join(measured)} tok/s")
             finally:
-                model.shutdown()
-        results[num_nodes] = (runs, tokens, paired)
+                for model in models.values():
+                    model.shutdown()
+        for mode in modes:
+            results[(num_nodes, mode)] = (runs[mode], tokens[mode], paired)
 
     local_best = best(local_runs)
     figures["local"] = {"decode_tps": local_best.decode_tps, "median_ms": local_best.median_ms,
@@ -119,18 +131,18 @@ def main() -> None:
     rows = [("local transformers", f"{local_best.decode_tps:8.1f} tok/s  median {local_best.median_ms:6.2f} ms/token"
              f"  (best of {len(local_runs)}; OpenMP default {best(policies['default']).decode_tps:.1f}, "
              f"PASSIVE {best(policies['PASSIVE']).decode_tps:.1f})")]
-    for num_nodes, (runs, tokens, paired) in results.items():
+    for (num_nodes, mode), (runs, tokens, paired) in results.items():
         top, local_top = best(runs), best(paired)  # against the local runs interleaved with these
         ratio = top.decode_tps / local_top.decode_tps
         overhead = top.median_ms - local_top.median_ms
         median_ratio = median_timing(runs).decode_tps / median_timing(paired).decode_tps
         same = tokens.tolist() == local_tokens.tolist()
-        figures[f"nodes{num_nodes}"] = {"decode_tps": top.decode_tps, "median_ms": top.median_ms, "ratio": ratio,
+        figures[f"nodes{num_nodes}" + ("_push" if mode == "push" else "")] = {"decode_tps": top.decode_tps, "median_ms": top.median_ms, "ratio": ratio,
                                         "overhead_ms": overhead, "same_tokens": same, "median_run_ratio": median_ratio,
                                         "paired_local_tps": local_top.decode_tps,
                                         "runs_tps": [t.decode_tps for t in runs],
                                         "paired_local_runs_tps": [t.decode_tps for t in paired]}
-        rows.append((f"nectar, {num_nodes} node(s)",
+        rows.append((f"nectar, {num_nodes} node(s)" + (", push" if mode == "push" else ""),
                      f"{top.decode_tps:8.1f} tok/s  median {top.median_ms:6.2f} ms/token  {ratio:5.2f}x local "
                      f"({local_top.decode_tps:.1f} tok/s in the same runs)  overhead {overhead:+.2f} ms/token  "
                      f"median-run ratio {median_ratio:.2f}x  same tokens: {'yes' if same else 'NO'}"))

@@ -139,12 +139,12 @@ def local_swarm(model_path: Path, spans: Sequence[tuple[int, int]], *, threads: 
         yield swarm
 
 
-def distributed_model(model_path: Path, swarm, *, dtype=None, **kwargs):
+def distributed_model(model_path: Path, swarm, *, dtype=None, push: bool = False, **kwargs):
     import torch
 
     from nectar.client import ClientConfig, DistributedModelForCausalLM
 
-    config = ClientConfig(step_timeout=120, request_timeout=300, connect_timeout=30)
+    config = ClientConfig(step_timeout=120, request_timeout=300, connect_timeout=30, push=push)
     return DistributedModelForCausalLM.from_pretrained(str(model_path), initial_peers=swarm.initial_peers,
                                                        config=config, dtype=dtype or torch.float32, **kwargs)
 

@@ -18,6 +18,8 @@ class ClientConfig:
     hop_cost: float = 0.005  # s, latency assumed for a hop until its round trip is measured
     private_key: Optional[str] = None  # hex Ethereum key that signs vouchers; None = a fresh throwaway key
     direct: bool = True  # use a node's announced direct TCP lane when it answers (else its P2P address)
+    push: bool = False  # each hop pushes its output straight to the next hop's direct lane (issue 6); else relay
+    push_timeout: float = 1.0  # s a pushed hop may take to answer after the previous hop did before the client relays
     verify_receipts: bool = True  # check each receipt's signer, commitments and amount
     show_route: bool = False  # log the route chosen for each session
     ledger_url: Optional[str] = None  # `nectar ledger` whose reputation scores routing reads (ReputationScorer)

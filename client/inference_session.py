@@ -4,6 +4,10 @@ Each hop keeps the inputs it was sent, step by step. When a hop fails (a dead no
 output or a dishonest receipt), the client bans the peer, routes the same blocks through other nodes and replays
 that history to them in the original steps. Replaying the same chunks makes the replacement's KV cache identical to
 the lost one, so greedy generation continues token for token as if nothing happened (Petals issue #587).
+
+With ``ClientConfig.push``, a step is sent to every hop at once and each hop pushes its output straight to the next
+one (``nectar.node.push``); the client still gets every hop's output and receipt, so history, checks and failover
+stay as they are. A push that does not come makes the client relay that step, as without push.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ class HopFailed(Exception):
         super().__init__(f"{span}: {reason}")
         self.span, self.reason = span, reason
         self.index, self.inputs = None, None  # set by InferenceSession._run_hops
+        self.burned = False  # a later hop may have computed this step from a push: retry under a new step number
 
 
 class _HopStream:
@@ -60,8 +65,14 @@ class _HopStream:
         return unpack_metadata(response.metadata)
 
     async def step(self, tensors: list[torch.Tensor], metadata: dict, timeout: float):
+        self.send(tensors, metadata)
+        return await asyncio.wait_for(self.receive(), timeout)
+
+    def send(self, tensors: list[torch.Tensor], metadata: dict) -> None:
         self.queue.put_nowait(make_request(self.uid, tensors, metadata))
-        response = await asyncio.wait_for(self.responses.__anext__(), timeout)
+
+    async def receive(self):
+        response = await self.responses.__anext__()
         return unpack_tensors(response.tensors), unpack_metadata(response.metadata)
 
     def send_nowait(self, metadata: dict) -> None:
@@ -81,6 +92,8 @@ class _Hop:
     unchecked: list[tuple[dict, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (reply, in, out)
     voucher: Optional[dict] = None  # signed after the last receipt check, sent with the next step
     fault: Optional[str] = None  # a receipt that failed its check after the step had returned
+    push_token: bytes = field(default_factory=lambda: os.urandom(16))  # the previous hop shows it to push here
+    pending: Optional[asyncio.Task] = None  # the answer to a step sent ahead (push mode)
 
 
 class InferenceSession:
@@ -99,6 +112,7 @@ class InferenceSession:
         self.prompts: Optional[torch.Tensor] = None
         self.hops: list[_Hop] = []
         self.failovers = 0
+        self.pushed_steps, self.push_fallbacks = 0, 0  # steps served by push / relayed after a missing push
         self._closed = False
         self.hops = self._open_route(0, manager.num_blocks)
 
@@ -123,14 +137,17 @@ class InferenceSession:
 
     def _open_hop(self, span: RemoteSpan) -> _Hop:
         stream = _HopStream(self.runtime, span, self.manager.model_id, direct=self.config.direct)
+        hop = _Hop(span, stream)
         metadata = {"type": "open", "session_id": self.session_id, "max_length": self.max_length,
                     "batch_size": self.batch_size, "client": self.wallet.address}
+        if self.config.push:
+            metadata["push_token"] = hop.push_token
         try:
             self.runtime.run(stream.open(metadata, self.config.connect_timeout), timeout=self.config.connect_timeout + 5)
         except Exception as e:
             stream.close()
             raise HopFailed(span, f"could not open a session: {_describe(e)}")
-        return _Hop(span, stream)
+        return hop
 
     async def _hop_step(self, hop: _Hop, inputs: torch.Tensor, *, step: int, position: int) -> torch.Tensor:
         """One step at one hop, on the runtime's loop. The output's shape and values are checked here; its receipt
@@ -141,16 +158,26 @@ class InferenceSession:
         tensors = [inputs]
         if position == 0 and self.prompts is not None:
             tensors.append(self.prompts[span.start : span.end])
+        try:
+            outputs, reply = await hop.stream.step(tensors, self._step_metadata(hop, step, position),
+                                                   self.config.step_timeout)
+        except Exception as e:
+            raise HopFailed(span, _describe(e))
+        return self._accept(hop, inputs, outputs, reply, step=step, position=position)
+
+    def _step_metadata(self, hop: _Hop, step: int, position: int) -> dict:
         metadata = {"type": "step", "session_id": self.session_id, "step": step, "position": position}
         voucher, hop.voucher = hop.voucher, None
         if voucher is None and not hop.unchecked:
-            voucher = self.wallet.voucher_for(span.info.eth_address)
+            voucher = self.wallet.voucher_for(hop.span.info.eth_address)
         if voucher is not None:
             metadata["voucher"] = voucher
-        try:
-            outputs, reply = await hop.stream.step(tensors, metadata, self.config.step_timeout)
-        except Exception as e:
-            raise HopFailed(span, _describe(e))
+        return metadata
+
+    def _accept(self, hop: _Hop, inputs: torch.Tensor, outputs: list[torch.Tensor], reply: dict, *, step: int,
+                position: int) -> torch.Tensor:
+        """Checks a hop's output and keeps its input for replay and its receipt for ``_check_receipts``."""
+        span = hop.span
         if len(outputs) != 1 or outputs[0].shape != inputs.shape or not torch.isfinite(outputs[0]).all():
             raise HopFailed(span, f"returned a malformed output {[list(o.shape) for o in outputs]}")
         if "receipt" not in reply and self.config.verify_receipts:
@@ -192,6 +219,72 @@ class InferenceSession:
                 raise
             index += 1
         return x
+
+    def _can_push(self, position: int) -> bool:
+        """Push needs a direct lane at every hop that receives one, and no deep prompts to hand out (they travel
+        with the first step's tensors)."""
+        return (self.config.push and len(self.hops) > 1 and all(hop.span.info.direct_address for hop in self.hops[1:])
+                and not (position == 0 and self.prompts is not None) and all(hop.fault is None for hop in self.hops))
+
+    async def _push_hops(self, x: torch.Tensor, *, step: int, position: int) -> torch.Tensor:
+        """Sends the step to every hop at once: the first gets ``x``, each later one its input pushed by the hop
+        before it. Answers are taken in route order, so each hop's input (the previous output) is known when its
+        output and receipt are checked. From a hop whose push did not come, the step is relayed as without push."""
+        hops = self.hops
+        for i, hop in enumerate(hops):
+            metadata = self._step_metadata(hop, step, position)
+            if i + 1 < len(hops):
+                metadata["push_to"] = {"address": hops[i + 1].span.info.direct_address, "token": hops[i + 1].push_token}
+            if i > 0:
+                metadata["pushed"] = True
+            hop.stream.send([x] if i == 0 else [], metadata)
+            hop.pending = asyncio.ensure_future(hop.stream.receive())
+        for i, hop in enumerate(hops):
+            try:
+                if i > 0:
+                    await self._await_push(hop, step)
+                outputs, reply = await asyncio.wait_for(hop.pending, self.config.step_timeout)
+                hop.pending = None
+                if reply.get("push_missing"):
+                    await self._cancel_pushes(hops[i + 1 :], step)  # nothing came to them either: hop i never ran
+                    self.push_fallbacks += 1
+                    logger.debug(f"No push reached {hop.span} at step {step}; relaying from there")
+                    return await self._run_hops(x, i, step=step, position=position)
+                x_next = self._accept(hop, x, outputs, reply, step=step, position=position)
+            except Exception as e:
+                hop.pending = None
+                failure = e if isinstance(e, HopFailed) else HopFailed(hop.span, _describe(e))
+                failure.index, failure.inputs = i, x
+                failure.burned = await self._cancel_pushes(hops[i + 1 :], step)
+                raise failure
+            x = x_next
+        self.pushed_steps += 1
+        return x
+
+    async def _await_push(self, hop: _Hop, step: int) -> None:
+        """Gives the push ``push_timeout`` (counted from the previous hop's answer), then cancels it: a hop that
+        got its push meanwhile answers anyway, one still waiting answers ``push_missing``."""
+        done, _ = await asyncio.wait({hop.pending}, timeout=self.config.push_timeout)
+        if not done:
+            hop.stream.send([], {"type": "cancel", "session_id": self.session_id, "step": step})
+
+    async def _cancel_pushes(self, hops: list[_Hop], step: int) -> bool:
+        """Cancels steps still waiting for a push and drains their answers; True if any hop computed the step
+        anyway (its receipt for this step number exists, so a retry must not reuse the number)."""
+        computed = False
+        for hop in hops:
+            if hop.pending is not None and not hop.pending.done():
+                hop.stream.send([], {"type": "cancel", "session_id": self.session_id, "step": step})
+        for hop in hops:
+            if hop.pending is None:
+                continue
+            try:
+                outputs, reply = await asyncio.wait_for(hop.pending, self.config.step_timeout)
+                computed = computed or bool(outputs)
+            except Exception as e:  # its stream is gone: the next step fails over from it
+                hop.fault = hop.fault or f"failed while its push was cancelled: {_describe(e)}"
+            hop.pending = None
+        return computed
 
     def _run_hop(self, hop: _Hop, inputs: torch.Tensor, *, step: int, position: int) -> torch.Tensor:
         """One hop with its receipt checked before returning (replays during failover)."""
@@ -245,14 +338,21 @@ class InferenceSession:
         index, failures = 0, 0
         while True:
             try:
-                x = self.runtime.run(self._run_hops(x, index, step=step, position=position),
-                                     timeout=len(self.hops) * (self.config.step_timeout + 5))
+                if index == 0 and self._can_push(position):
+                    run = self._push_hops(x, step=step, position=position)
+                else:
+                    run = self._run_hops(x, index, step=step, position=position)
+                x = self.runtime.run(run, timeout=len(self.hops) * (self.config.step_timeout
+                                                                    + self.config.push_timeout + 5))
                 break
             except HopFailed as e:
                 failures += 1
                 self.manager.ban(e.span.peer_id, e.reason)
                 if failures > self.config.max_retries:
                     raise RuntimeError(f"Inference failed after {failures} attempts; last error: {e}")
+                if e.burned:  # a receipt for (session, step) may exist at a later hop: never sign the number twice
+                    self.step_index += 1
+                    step = self.step_index
                 index, x = e.index, e.inputs
                 self._replace(index)
                 # x is the input of hop `index`, whose replacement now holds the history: retry it

@@ -20,13 +20,15 @@ from nectar.node.backend import SpanBackend
 from nectar.node.config import NodeConfig
 from nectar.node.memory_cache import MemoryCache
 from nectar.node.payments import NoPaymentPolicy, PaymentPolicy
+from nectar.node.push import PushInbox, PushLink
 from nectar.node.receipts import CreditLedger, ReceiptSigner
 from nectar.node.task_pool import ComputeThread, Priority
 from nectar.wire import receipts as schema
 from nectar.wire.protocol import (
-    MAX_BATCH_SIZE, MAX_TOKENS_PER_REQUEST, RPC_AUDIT, RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO,
-    ErrorCode, NodeRPCError, make_response, parse_module_uid, unpack_metadata, unpack_tensors,
+    MAX_BATCH_SIZE, MAX_TOKENS_PER_REQUEST, RPC_AUDIT, RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PUSH,
+    ErrorCode, NodeRPCError, make_response, pack_metadata, parse_module_uid, unpack_metadata, unpack_tensors,
 )
+from nectar.wire.direct import parse_address
 from nectar.wire.transport import serve_stream
 
 logger = logging.getLogger(__name__)
@@ -54,11 +56,13 @@ class NodeHandler:
         self.payments = payments or NoPaymentPolicy()
         self.info_provider = info_provider
         self.active_sessions = 0
+        self.inbox = PushInbox()  # sessions here that accept hidden states pushed by the previous hop
+        self.pushes_sent = 0
 
     def handlers(self) -> dict:
         """RPC name -> stream handler: served over P2P and, where enabled, over the direct TCP lane."""
         return {RPC_INFO: self.rpc_info, RPC_INFERENCE: self.rpc_inference, RPC_FORWARD: self.rpc_forward,
-                RPC_BACKWARD: self.rpc_backward, RPC_AUDIT: self.rpc_audit}
+                RPC_BACKWARD: self.rpc_backward, RPC_AUDIT: self.rpc_audit, RPC_PUSH: self.rpc_push}
 
     async def add_handlers(self, p2p: P2P) -> None:
         for name, handler in self.handlers().items():
@@ -174,8 +178,8 @@ class NodeHandler:
             )
 
     async def rpc_inference(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
-        iterator = requests.__aiter__()
-        request = await self._next(iterator, self.config.session_timeout)
+        reader = _Requests(requests)
+        request = await reader.next(self.config.session_timeout)
         if request is None:
             return
         metadata = unpack_metadata(request.metadata)
@@ -189,6 +193,7 @@ class NodeHandler:
         batch_size = self._int(metadata, "batch_size", 1, MAX_BATCH_SIZE, default=1)
         max_length = self._int(metadata, "max_length", 1, MAX_TOKENS_PER_REQUEST)
         client = self._client(metadata)
+        token = self._push_token(metadata)
         nbytes = self.backend.cache_bytes_per_token(start, end, batch_size) * max_length
 
         with self.memory.reserve(nbytes):
@@ -196,24 +201,36 @@ class NodeHandler:
                 lambda: self.backend.new_caches(start, end, batch_size, max_length), Priority.INFERENCE
             )
             self.active_sessions += 1
+            slot = self.inbox.open(session_id, token, batch_size) if token is not None else None
+            link: Optional[PushLink] = None  # this session's stream to the next hop (one at a time)
             try:
                 length = 0
                 while True:
-                    if request.tensors:
+                    tensors = unpack_tensors(request.tensors) if request.tensors else None
+                    if metadata.get("pushed") is True and tensors is None:
+                        tensors = await self._await_push(slot, metadata, reader)
+                        if tensors is None:  # the client gave up on this push: it relays the step instead
+                            yield make_response([], {"push_missing": True})
+                    if tensors is not None:
+                        target = self._push_target(metadata)
                         response, length = await self._inference_step(
-                            request, metadata, session_id=session_id, start=start, end=end, caches=caches,
+                            tensors, metadata, session_id=session_id, start=start, end=end, caches=caches,
                             batch_size=batch_size, max_length=max_length, length=length, client=client,
                         )
-                        yield response
+                        yield response  # the client first: push failures must never cost it its answer
+                        if target is not None:
+                            link = PushLink.reuse(link, target[0])
+                            await self._push(link, target[1], metadata["step"], session_id, response)
                     elif metadata.get("type") == "open":  # an open without a first step gets an ack
                         yield make_response([], {"type": "opened", "cache_tokens_left": self.memory.tokens_left})
-                    request = await self._next(iterator, self.config.session_timeout)
+                    request = await reader.next(self.config.session_timeout)
                     if request is None:
                         return
                     metadata = unpack_metadata(request.metadata)
-                    if metadata.get("type") == "pay" and self._session_id(metadata) == session_id:
-                        self._settle_voucher(metadata, client)  # the client's last voucher before it leaves
-                        request.ClearField("tensors")
+                    if metadata.get("type") in ("pay", "cancel") and self._session_id(metadata) == session_id:
+                        if metadata["type"] == "pay":
+                            self._settle_voucher(metadata, client)  # the client's last voucher before it leaves
+                        request.ClearField("tensors")  # a cancel that came after its push was served: nothing to do
                         metadata["type"] = "paid"
                         continue
                     if metadata.get("type") != "step" or self._session_id(metadata) != session_id:
@@ -223,11 +240,69 @@ class NodeHandler:
                         )
             finally:
                 self.active_sessions -= 1
+                reader.close()
+                if slot is not None:
+                    self.inbox.close(session_id, slot)
+                if link is not None:
+                    link.close()
                 del caches
 
-    async def _inference_step(self, request, metadata, *, session_id, start, end, caches, batch_size, max_length,
+    def _push_token(self, metadata: dict) -> Optional[bytes]:
+        token = metadata.get("push_token")
+        if token is not None and (not isinstance(token, bytes) or not 16 <= len(token) <= 32):
+            raise NodeRPCError(ErrorCode.BAD_REQUEST, "push_token must be 16 to 32 random bytes")
+        return token
+
+    async def _await_push(self, slot, metadata: dict, reader: "_Requests") -> Optional[list[torch.Tensor]]:
+        """The pushed input of this step, or None once the client cancels (it relays the step instead)."""
+        if slot is None:
+            raise NodeRPCError(ErrorCode.BAD_REQUEST, "a pushed step needs a push_token in the session's open")
+        step = self._int(metadata, "step", 0, 2**63 - 1)
+        slot.forget_until(step)
+        arrived, client_spoke = slot.future(step), reader.pending()
+        await asyncio.wait({arrived, client_spoke}, timeout=self.config.session_timeout,
+                           return_when=asyncio.FIRST_COMPLETED)
+        if arrived.done() and not arrived.cancelled():
+            del slot.arrived[step]
+            return [arrived.result()]
+        if client_spoke.done():
+            cancel = await reader.next(0)
+            cancel_meta = unpack_metadata(cancel.metadata) if cancel is not None else {}
+            if cancel is None or cancel_meta.get("type") != "cancel" or cancel_meta.get("step") != step:
+                raise NodeRPCError(ErrorCode.BAD_REQUEST,
+                                   f"step {step} waits for its push; send {{'type': 'cancel', 'step': {step}}} "
+                                   "before anything else on this stream")
+        return None
+
+    @staticmethod
+    def _push_target(metadata: dict) -> Optional[tuple[str, bytes]]:
+        """(next hop's direct address, its push token) if this step's output goes there too."""
+        target = metadata.get("push_to")
+        if target is None:
+            return None
+        address, token = (target.get("address"), target.get("token")) if isinstance(target, dict) else (None, None)
+        try:
+            parse_address(address)
+        except (ValueError, AttributeError):
+            raise NodeRPCError(ErrorCode.BAD_REQUEST, f"push_to.address must be HOST:PORT, got {address!r}")
+        if not isinstance(token, bytes):
+            raise NodeRPCError(ErrorCode.BAD_REQUEST, "push_to.token must be the next hop's push token (bytes)")
+        return address, token
+
+    async def _push(self, link: PushLink, token: bytes, step: int, session_id: bytes, response) -> None:
+        """Sends this step's output to the next hop; a failure is logged and left to the client's push timeout."""
+        push = runtime_pb2.ExpertRequest(tensors=response.tensors, metadata=pack_metadata(
+            {"session_id": session_id, "step": step, "token": token}))
+        try:
+            await link.send(push)
+            self.pushes_sent += 1
+        except Exception as e:
+            logger.debug(f"Push to {link.address} failed ({type(e).__name__}: {e}); the client will relay",
+                         exc_info=True)
+            link.close()
+
+    async def _inference_step(self, tensors, metadata, *, session_id, start, end, caches, batch_size, max_length,
                               length, client):
-        tensors = unpack_tensors(request.tensors)
         if not 1 <= len(tensors) <= 2:
             raise NodeRPCError(ErrorCode.BAD_REQUEST, "a step carries hidden_states and optionally prompts")
         hidden, prompts = tensors[0], (tensors[1] if len(tensors) > 1 else None)
@@ -324,3 +399,56 @@ class NodeHandler:
         inputs, (start, end), prompts = found
         # deep prompts of the first step are part of the computation: a verifier must add them too
         yield make_response([inputs] + ([prompts] if prompts is not None else []), {"start": start, "end": end})
+
+    async def rpc_push(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
+        """Hidden states the previous hop of a session pushes here (see ``nectar.node.push``); one ack each."""
+        async for request in requests:
+            metadata = unpack_metadata(request.metadata)
+            session_id = self._session_id(metadata)
+            token = metadata.get("token")
+            if not isinstance(token, bytes):
+                raise NodeRPCError(ErrorCode.BAD_REQUEST, "a push names its session's push token (bytes)")
+            slot = self.inbox.find(session_id, token)
+            step = self._int(metadata, "step", 0, 2**63 - 1)
+            tensors = unpack_tensors(request.tensors)
+            if len(tensors) != 1:
+                raise NodeRPCError(ErrorCode.BAD_REQUEST, f"a push carries one hidden_states tensor, got {len(tensors)}")
+            self._check_hidden(tensors[0], batch_size=slot.batch_size)
+            self.inbox.deliver(slot, step, tensors[0])
+            yield make_response([], {"ok": True})
+
+
+class _Requests:
+    """An inference stream's requests, readable while the handler also waits for something else (a push): the
+    pending read survives that wait, so no request is lost."""
+
+    def __init__(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]):
+        self._iterator = requests.__aiter__()
+        self._pending: Optional[asyncio.Task] = None
+
+    async def _read(self):
+        try:
+            return await self._iterator.__anext__()
+        except StopAsyncIteration:
+            return None
+
+    def pending(self) -> asyncio.Task:
+        if self._pending is None:
+            self._pending = asyncio.create_task(self._read())
+        return self._pending
+
+    async def next(self, timeout: float):
+        task = self.pending()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout if timeout > 0 else None)
+        except asyncio.TimeoutError:
+            raise NodeRPCError(
+                ErrorCode.SESSION_EXPIRED,
+                f"no request for {timeout:.0f}s, the session's cache was freed; open a new session and replay",
+            )
+        self._pending = None
+        return task.result()
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()

@@ -184,7 +184,8 @@ class Server:
         info.update(model=self.model_id, num_model_blocks=self.num_model_blocks, version=PROTOCOL_VERSION,
                     active_sessions=self.handler.active_sessions,
                     compute={"inference_rounds": stats.batches, "inference_steps": stats.steps,
-                             "max_batch": stats.max_batch, "training_requests": stats.training})
+                             "max_batch": stats.max_batch, "training_requests": stats.training},
+                    push={"sent": self.handler.pushes_sent, "received": self.handler.inbox.received})
         return info
 
     def stop(self) -> None:

@@ -12,6 +12,13 @@ Inference stream (``rpc_inference``), one long-lived stream per hop and session:
               tensors  [hidden_states [B, T, H]] (+ [prompts [n_blocks, B, P, H]] on the first step)
   response k  metadata {"receipt"?, "cache_tokens_left"} tensors [hidden_states [B, T, H]]
   error       an RPC error whose text starts with one of ``ErrorCode`` (e.g. "cache_full: ...")
+
+Push mode (``nectar.node.push``, opt-in by the client): the open may carry "push_token" (16-32 random bytes); a
+step may carry "push_to": {"address": next hop's direct lane, "token": its push token}, and the next hop's step then
+carries "pushed": true and no tensors. The sender answers its client first, then sends ``rpc_push`` requests
+(metadata {"session_id", "step", "token"}, tensors [hidden_states]; each acked with {"ok": true}) to the next hop,
+which steps on the pushed tensor. A client that gave up on a push sends {"type": "cancel", "session_id", "step"};
+the waiting step then answers {"push_missing": true} without tensors, and the client relays that step instead.
 """
 from __future__ import annotations
 
@@ -116,3 +123,4 @@ RPC_INFERENCE = "nectar1.inference"
 RPC_FORWARD = "nectar1.forward"
 RPC_BACKWARD = "nectar1.backward"
 RPC_AUDIT = "nectar1.audit"
+RPC_PUSH = "nectar1.push"

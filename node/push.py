@@ -1,0 +1,145 @@
+"""Server-to-server push of hidden states: a hop sends its step's output straight to the next hop (issue 6).
+
+Without push, every step goes client -> A -> client -> B -> client. With push, the client sends A its step (naming
+B's direct address and B's push token) and B a step whose input "arrives by push"; A answers the client as usual,
+then pushes its output to B's ``rpc_push``, so the token's critical path is client -> A -> B -> client.
+
+``PushInbox`` (receiving side) holds the sessions open on this node that accept pushes, each behind a random token
+only the client and the previous hop know. ``PushLink`` (sending side) is one session's stream to the next hop's
+push RPC over the direct TCP lane.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from hivemind.p2p import P2P
+from hivemind.proto import runtime_pb2
+from hivemind.utils import MSGPackSerializer
+
+from nectar.wire.direct import parse_address
+from nectar.wire.protocol import RPC_PUSH, ErrorCode, NodeRPCError
+
+logger = logging.getLogger(__name__)
+
+MAX_EARLY_PUSHES = 8  # pushes a session holds for steps it has not asked for yet (bounds a flood)
+CONNECT_TIMEOUT = 5.0  # s to reach the next hop's direct lane before a step reports a failed push
+
+
+@dataclass
+class PushSlot:
+    """One inference session's mailbox: pushed hidden states by step, until the session's step takes them."""
+
+    token: bytes
+    batch_size: int
+    arrived: dict[int, asyncio.Future] = field(default_factory=dict)
+
+    def future(self, step: int) -> asyncio.Future:
+        if step not in self.arrived:
+            self.arrived[step] = asyncio.get_running_loop().create_future()
+        return self.arrived[step]
+
+    def forget_until(self, step: int) -> None:
+        """Drops pushes of steps before ``step`` (the client fell back to relaying them)."""
+        for old in [s for s in self.arrived if s < step]:
+            del self.arrived[old]
+
+
+class PushInbox:
+    """Sessions on this node that accept pushes, keyed by session id; used by ``NodeHandler`` on its loop."""
+
+    def __init__(self):
+        self._sessions: dict[bytes, list[PushSlot]] = {}
+        self.received = 0  # pushes delivered to a session (exposed in the info RPC)
+
+    def open(self, session_id: bytes, token: bytes, batch_size: int) -> PushSlot:
+        slot = PushSlot(token, batch_size)
+        self._sessions.setdefault(session_id, []).append(slot)
+        return slot
+
+    def close(self, session_id: bytes, slot: PushSlot) -> None:
+        slots = self._sessions.get(session_id, [])
+        if slot in slots:
+            slots.remove(slot)
+        if not slots:
+            self._sessions.pop(session_id, None)
+        for future in slot.arrived.values():
+            future.cancel()
+
+    def find(self, session_id: bytes, token: bytes) -> PushSlot:
+        slots = self._sessions.get(session_id)
+        if not slots:
+            raise NodeRPCError(ErrorCode.UNKNOWN_SESSION, "no open inference session here accepts pushes for this "
+                                                          "session_id (closed, expired or never opened)")
+        for slot in slots:
+            if hmac.compare_digest(slot.token, token):
+                return slot
+        raise NodeRPCError(ErrorCode.BAD_REQUEST, "push token does not match the session's; only the hop the client "
+                                                  "named may push")
+
+    def deliver(self, slot: PushSlot, step: int, hidden: torch.Tensor) -> None:
+        future = slot.arrived.get(step)
+        if future is None and len(slot.arrived) >= MAX_EARLY_PUSHES:
+            raise NodeRPCError(ErrorCode.TOO_LARGE, f"{MAX_EARLY_PUSHES} pushes already wait for their steps")
+        future = slot.future(step)
+        if future.done():
+            raise NodeRPCError(ErrorCode.BAD_REQUEST, f"step {step} was already pushed")
+        future.set_result(hidden)
+        self.received += 1
+
+
+class PushLink:
+    """A stream from this node to the next hop's ``rpc_push`` on its direct lane, opened on the first push of a
+    session and reused for its later steps; the next hop's acks are read (and errors logged) in the background."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self.writer: Optional[asyncio.StreamWriter] = None
+        self.error: Optional[str] = None  # the last error the next hop reported, if any
+        self._reading: Optional[asyncio.Task] = None
+
+    @classmethod
+    def reuse(cls, link: Optional["PushLink"], address: str) -> "PushLink":
+        """``link`` if it goes to ``address``, else a new link there (the first push, or a failover moved the next
+        hop); a session keeps one link, so a client cannot make a node hold many connections."""
+        if link is not None and link.address == address:
+            return link
+        if link is not None:
+            link.close()
+        return cls(address)
+
+    async def send(self, request: runtime_pb2.ExpertRequest) -> None:
+        if self.writer is None or self.writer.is_closing():
+            await self._connect()
+        await P2P.send_protobuf(request, self.writer)
+
+    async def _connect(self) -> None:
+        host, port = parse_address(self.address)
+        reader, self.writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
+        await P2P.send_raw_data(MSGPackSerializer.dumps({"rpc": RPC_PUSH}), self.writer)
+        self._reading = asyncio.create_task(self._read_acks(reader, self.writer))
+
+    async def _read_acks(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                _, error = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, reader)
+                if error is not None:
+                    self.error = error.message
+                    logger.warning(f"Push to {self.address} refused: {error.message}")
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            with suppress(Exception):
+                self.writer.close()
+        if self._reading is not None:
+            self._reading.cancel()
