@@ -137,11 +137,11 @@ def main() -> None:
         overhead = top.median_ms - local_top.median_ms
         median_ratio = median_timing(runs).decode_tps / median_timing(paired).decode_tps
         same = tokens.tolist() == local_tokens.tolist()
-        figures[f"nodes{num_nodes}" + ("_push" if mode == "push" else "")] = {"decode_tps": top.decode_tps, "median_ms": top.median_ms, "ratio": ratio,
-                                        "overhead_ms": overhead, "same_tokens": same, "median_run_ratio": median_ratio,
-                                        "paired_local_tps": local_top.decode_tps,
-                                        "runs_tps": [t.decode_tps for t in runs],
-                                        "paired_local_runs_tps": [t.decode_tps for t in paired]}
+        key = f"nodes{num_nodes}" + ("_push" if mode == "push" else "")
+        figures[key] = {"decode_tps": top.decode_tps, "median_ms": top.median_ms, "ratio": ratio,
+                        "overhead_ms": overhead, "same_tokens": same, "median_run_ratio": median_ratio,
+                        "paired_local_tps": local_top.decode_tps, "runs_tps": [t.decode_tps for t in runs],
+                        "paired_local_runs_tps": [t.decode_tps for t in paired]}
         rows.append((f"nectar, {num_nodes} node(s)" + (", push" if mode == "push" else ""),
                      f"{top.decode_tps:8.1f} tok/s  median {top.median_ms:6.2f} ms/token  {ratio:5.2f}x local "
                      f"({local_top.decode_tps:.1f} tok/s in the same runs)  overhead {overhead:+.2f} ms/token  "

@@ -20,6 +20,7 @@ class ClientConfig:
     direct: bool = True  # use a node's announced direct TCP lane when it answers (else its P2P address)
     push: bool = False  # each hop pushes its output straight to the next hop's direct lane (issue 6); else relay
     push_timeout: float = 1.0  # s a pushed hop may take to answer after the previous hop did before the client relays
+    push_misses: int = 3  # consecutive steps relayed for a missing push before a session stops asking for pushes
     verify_receipts: bool = True  # check each receipt's signer, commitments and amount
     show_route: bool = False  # log the route chosen for each session
     ledger_url: Optional[str] = None  # `nectar ledger` whose reputation scores routing reads (ReputationScorer)

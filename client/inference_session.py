@@ -113,6 +113,7 @@ class InferenceSession:
         self.hops: list[_Hop] = []
         self.failovers = 0
         self.pushed_steps, self.push_fallbacks = 0, 0  # steps served by push / relayed after a missing push
+        self._push_misses = 0  # consecutive fallbacks: pushes that never come (a firewall) cost push_timeout each
         self._closed = False
         self.hops = self._open_route(0, manager.num_blocks)
 
@@ -223,7 +224,8 @@ class InferenceSession:
     def _can_push(self, position: int) -> bool:
         """Push needs a direct lane at every hop that receives one, and no deep prompts to hand out (they travel
         with the first step's tensors)."""
-        return (self.config.push and len(self.hops) > 1 and all(hop.span.info.direct_address for hop in self.hops[1:])
+        return (self.config.push and self._push_misses < self.config.push_misses and len(self.hops) > 1
+                and all(hop.span.info.direct_address for hop in self.hops[1:])
                 and not (position == 0 and self.prompts is not None) and all(hop.fault is None for hop in self.hops))
 
     async def _push_hops(self, x: torch.Tensor, *, step: int, position: int) -> torch.Tensor:
@@ -239,6 +241,8 @@ class InferenceSession:
                 metadata["pushed"] = True
             hop.stream.send([x] if i == 0 else [], metadata)
             hop.pending = asyncio.ensure_future(hop.stream.receive())
+            if i == 0:
+                await asyncio.sleep(0)  # the first hop's request leaves before the others are serialized
         for i, hop in enumerate(hops):
             try:
                 if i > 0:
@@ -248,6 +252,7 @@ class InferenceSession:
                 if reply.get("push_missing"):
                     await self._cancel_pushes(hops[i + 1 :], step)  # nothing came to them either: hop i never ran
                     self.push_fallbacks += 1
+                    self._push_misses += 1
                     logger.debug(f"No push reached {hop.span} at step {step}; relaying from there")
                     return await self._run_hops(x, i, step=step, position=position)
                 x_next = self._accept(hop, x, outputs, reply, step=step, position=position)
@@ -259,6 +264,7 @@ class InferenceSession:
                 raise failure
             x = x_next
         self.pushed_steps += 1
+        self._push_misses = 0
         return x
 
     async def _await_push(self, hop: _Hop, step: int) -> None:

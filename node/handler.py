@@ -6,6 +6,7 @@ Every request is validated before it reaches the compute thread; a bad request e
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
@@ -26,7 +27,8 @@ from nectar.node.task_pool import ComputeThread, Priority
 from nectar.wire import receipts as schema
 from nectar.wire.protocol import (
     MAX_BATCH_SIZE, MAX_TOKENS_PER_REQUEST, RPC_AUDIT, RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PUSH,
-    ErrorCode, NodeRPCError, make_response, pack_metadata, parse_module_uid, unpack_metadata, unpack_tensors,
+    ErrorCode, NodeRPCError, make_response, pack_metadata, pack_tensors, parse_module_uid, unpack_metadata,
+    unpack_tensors,
 )
 from nectar.wire.direct import parse_address
 from nectar.wire.transport import serve_stream
@@ -212,15 +214,15 @@ class NodeHandler:
                         if tensors is None:  # the client gave up on this push: it relays the step instead
                             yield make_response([], {"push_missing": True})
                     if tensors is not None:
-                        target = self._push_target(metadata)
-                        response, length = await self._inference_step(
-                            tensors, metadata, session_id=session_id, start=start, end=end, caches=caches,
-                            batch_size=batch_size, max_length=max_length, length=length, client=client,
-                        )
-                        yield response  # the client first: push failures must never cost it its answer
+                        target, push = self._push_target(metadata), None
                         if target is not None:
                             link = PushLink.reuse(link, target[0])
-                            await self._push(link, target[1], metadata["step"], session_id, response)
+                            push = functools.partial(self._push, link, target[1], metadata["step"], session_id)
+                        response, length = await self._inference_step(
+                            tensors, metadata, session_id=session_id, start=start, end=end, caches=caches,
+                            batch_size=batch_size, max_length=max_length, length=length, client=client, push=push,
+                        )
+                        yield response
                     elif metadata.get("type") == "open":  # an open without a first step gets an ack
                         yield make_response([], {"type": "opened", "cache_tokens_left": self.memory.tokens_left})
                     request = await reader.next(self.config.session_timeout)
@@ -289,9 +291,9 @@ class NodeHandler:
             raise NodeRPCError(ErrorCode.BAD_REQUEST, "push_to.token must be the next hop's push token (bytes)")
         return address, token
 
-    async def _push(self, link: PushLink, token: bytes, step: int, session_id: bytes, response) -> None:
+    async def _push(self, link: PushLink, token: bytes, step: int, session_id: bytes, packed) -> None:
         """Sends this step's output to the next hop; a failure is logged and left to the client's push timeout."""
-        push = runtime_pb2.ExpertRequest(tensors=response.tensors, metadata=pack_metadata(
+        push = runtime_pb2.ExpertRequest(tensors=packed, metadata=pack_metadata(
             {"session_id": session_id, "step": step, "token": token}))
         try:
             await link.send(push)
@@ -302,7 +304,7 @@ class NodeHandler:
             link.close()
 
     async def _inference_step(self, tensors, metadata, *, session_id, start, end, caches, batch_size, max_length,
-                              length, client):
+                              length, client, push=None):
         if not 1 <= len(tensors) <= 2:
             raise NodeRPCError(ErrorCode.BAD_REQUEST, "a step carries hidden_states and optionally prompts")
         hidden, prompts = tensors[0], (tensors[1] if len(tensors) > 1 else None)
@@ -324,11 +326,14 @@ class NodeHandler:
             Priority.INFERENCE,
         )
         outputs = self._maybe_corrupt(outputs)
+        packed = pack_tensors([outputs])
+        if push is not None:  # before the receipt and the reply: the next hop computes while this node signs
+            await push(packed)
         self.audit.record(session_id, step, position, hidden, start, end, prompts=prompts if position == 0 else None)
         reply = self._sign(session_id=session_id, step=step, kind=schema.ReceiptKind.INFERENCE, start=start, end=end,
                            client=client, tokens=tokens, inputs=hidden, outputs=outputs)
         reply["cache_tokens_left"] = self.memory.tokens_left
-        return make_response([outputs], reply), position + hidden.shape[1]
+        return runtime_pb2.ExpertResponse(tensors=packed, metadata=pack_metadata(reply)), position + hidden.shape[1]
 
     async def _single_request(self, requests) -> tuple[runtime_pb2.ExpertRequest, dict]:
         request = await self._next(requests.__aiter__(), self.config.step_timeout)
@@ -412,7 +417,7 @@ class NodeHandler:
             step = self._int(metadata, "step", 0, 2**63 - 1)
             tensors = unpack_tensors(request.tensors)
             if len(tensors) != 1:
-                raise NodeRPCError(ErrorCode.BAD_REQUEST, f"a push carries one hidden_states tensor, got {len(tensors)}")
+                raise NodeRPCError(ErrorCode.BAD_REQUEST, f"a push carries 1 hidden_states tensor, not {len(tensors)}")
             self._check_hidden(tensors[0], batch_size=slot.batch_size)
             self.inbox.deliver(slot, step, tensors[0])
             yield make_response([], {"ok": True})

@@ -1,8 +1,11 @@
 """Server-to-server push of hidden states: a hop sends its step's output straight to the next hop (issue 6).
 
 Without push, every step goes client -> A -> client -> B -> client. With push, the client sends A its step (naming
-B's direct address and B's push token) and B a step whose input "arrives by push"; A answers the client as usual,
-then pushes its output to B's ``rpc_push``, so the token's critical path is client -> A -> B -> client.
+B's direct address and B's push token) and B a step whose input "arrives by push"; A pushes its output to B's
+``rpc_push`` as soon as it is computed, then signs its receipt and answers the client as usual, so the token's
+critical path is client -> A -> B -> client (pushing before the receipt measured ~0.5 ms/token faster on "tiny"
+than answering first). If A's answer then never reaches the client, B may have computed a step the client cannot
+check: the client retries it under a new step number, so no node signs two receipts for one (session, step).
 
 ``PushInbox`` (receiving side) holds the sessions open on this node that accept pushes, each behind a random token
 only the client and the previous hop know. ``PushLink`` (sending side) is one session's stream to the next hop's
@@ -28,7 +31,7 @@ from nectar.wire.protocol import RPC_PUSH, ErrorCode, NodeRPCError
 logger = logging.getLogger(__name__)
 
 MAX_EARLY_PUSHES = 8  # pushes a session holds for steps it has not asked for yet (bounds a flood)
-CONNECT_TIMEOUT = 5.0  # s to reach the next hop's direct lane before a step reports a failed push
+CONNECT_TIMEOUT = 2.0  # s to reach the next hop's direct lane; a step's answer waits for it once per session
 
 
 @dataclass
@@ -101,6 +104,7 @@ class PushLink:
         self.address = address
         self.writer: Optional[asyncio.StreamWriter] = None
         self.error: Optional[str] = None  # the last error the next hop reported, if any
+        self.unreachable: Optional[str] = None  # set when connecting failed: not retried, the client relays
         self._reading: Optional[asyncio.Task] = None
 
     @classmethod
@@ -114,8 +118,14 @@ class PushLink:
         return cls(address)
 
     async def send(self, request: runtime_pb2.ExpertRequest) -> None:
+        if self.unreachable is not None:
+            raise ConnectionError(f"{self.address} was unreachable: {self.unreachable}")
         if self.writer is None or self.writer.is_closing():
-            await self._connect()
+            try:
+                await self._connect()
+            except (OSError, asyncio.TimeoutError) as e:
+                self.unreachable = f"{type(e).__name__}: {e}"
+                raise
         await P2P.send_protobuf(request, self.writer)
 
     async def _connect(self) -> None:

@@ -15,10 +15,11 @@ Inference stream (``rpc_inference``), one long-lived stream per hop and session:
 
 Push mode (``nectar.node.push``, opt-in by the client): the open may carry "push_token" (16-32 random bytes); a
 step may carry "push_to": {"address": next hop's direct lane, "token": its push token}, and the next hop's step then
-carries "pushed": true and no tensors. The sender answers its client first, then sends ``rpc_push`` requests
-(metadata {"session_id", "step", "token"}, tensors [hidden_states]; each acked with {"ok": true}) to the next hop,
-which steps on the pushed tensor. A client that gave up on a push sends {"type": "cancel", "session_id", "step"};
-the waiting step then answers {"push_missing": true} without tensors, and the client relays that step instead.
+carries "pushed": true and no tensors. As soon as its output is computed, the sender sends it to the next hop's
+``rpc_push`` (metadata {"session_id", "step", "token"}, tensors [hidden_states]; each acked with {"ok": true}), then
+answers its client as usual; the next hop steps on the pushed tensor. A client that gave up on a push sends
+{"type": "cancel", "session_id", "step"}; the waiting step then answers {"push_missing": true} without tensors, and
+the client relays that step instead.
 """
 from __future__ import annotations
 
