@@ -125,6 +125,19 @@ def test_bad_pushes_get_clear_errors_and_the_node_keeps_serving(model, expected)
     assert model.generate(PROMPT, max_new_tokens=8, do_sample=False).tolist() == expected.tolist()
 
 
+def test_a_malformed_push_target_is_refused(model, expected):
+    session = model.inference_session(max_length=16)
+    try:
+        first = session.hops[0]
+        metadata = {"type": "step", "session_id": session.session_id, "step": 0, "position": 0,
+                    "push_to": {"address": "no port", "token": os.urandom(16)}}
+        with pytest.raises(Exception, match="bad_request.*HOST:PORT"):
+            model.runtime.run(first.stream.step([torch.zeros(1, 1, model.config.hidden_size)], metadata, 10), 20)
+    finally:
+        session.close()
+    assert model.generate(PROMPT, max_new_tokens=8, do_sample=False).tolist() == expected.tolist()
+
+
 def test_a_missing_push_falls_back_to_relay(model, expected):
     session = InferenceSession(model.sequence_manager, model.runtime, model.wallet, max_length=PROMPT.shape[1] + 8,
                                config=dataclasses.replace(model.client_config, push_timeout=0.2))
