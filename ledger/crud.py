@@ -102,6 +102,11 @@ def store_receipts(session: Session, *, checked: Sequence[CheckedReceipt]) -> li
             results[i] = ("duplicate", None, "already stored (not counted twice)")
             continue
         existing = by_key.get(r.key)
+        if existing is not None and existing.leaf == c.leaf:
+            # stored by a concurrent submitter between the leaf and key queries (READ COMMITTED: each query sees
+            # the latest commits), so the leaf query missed it: the same receipt, not a replay
+            results[i] = ("duplicate", None, "already stored (not counted twice)")
+            continue
         if existing is not None:
             if existing.output_commitment != r.output_commitment:
                 results[i] = ("rejected", Reason.CONFLICT,
