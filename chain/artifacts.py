@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 # The contracts the devnet deploys, in deployment order (file stem == contract name).
 CONTRACT_NAMES = ("Credits", "Escrow", "NodeRegistry", "Settlement", "Slashing")
+ABSTRACT_NAMES = ("Escrow",)  # ABI only: the vault is Settlement's base, deployed as part of it
 
 
 def repo_root() -> Path:

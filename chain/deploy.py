@@ -77,7 +77,7 @@ class _Deployer:
 
 def deploy_contracts(w3: Web3, *, rpc_url: str, accounts: tuple[DevAccount, ...],
                      params: DeployParams = DeployParams()) -> Deployment:  # fmt: skip
-    """Deploys Credits, Escrow, NodeRegistry, Settlement and Slashing, wires them, gives the ledger/verifier roles
+    """Deploys Credits, NodeRegistry, Settlement (which is also the Escrow vault) and Slashing, wires them, gives the ledger/verifier roles
     and mints credits to the demo nodes and clients. Returns the Deployment (not yet saved)."""
     role = {a.role: a for a in reversed(accounts)}  # first account of each role wins
     deployer, ledger, verifier, treasury = role["deployer"], role["ledger"], role["verifier"], role["treasury"]
@@ -87,16 +87,15 @@ def deploy_contracts(w3: Web3, *, rpc_url: str, accounts: tuple[DevAccount, ...]
     owner = deployer.address
 
     credits = d.deploy("Credits", owner, params.faucet_cap)
-    escrow = d.deploy("Escrow", credits, params.unlock_delay, owner)
     registry = d.deploy("NodeRegistry", credits, params.min_stake, params.unbond_delay, treasury.address, owner)
-    settlement = d.deploy("Settlement", escrow, owner, treasury.address, params.fee_bps)
+    settlement = d.deploy("Settlement", credits, params.unlock_delay, owner, treasury.address, params.fee_bps)
+    escrow = settlement  # Settlement is the vault too (Escrow is its base): one address, two ABIs
     slashing = d.deploy("Slashing", registry, settlement, owner, params.verifier_threshold,
                         (params.double_sign_slash_bps, params.reporter_reward_bps, params.spot_check_slash_bps,
                          params.dispute_window))  # fmt: skip
     addresses = dict(zip(CONTRACT_NAMES, (credits, escrow, registry, settlement, slashing)))
     contracts = {n: w3.eth.contract(address=a, abi=load_artifact(n).abi) for n, a in addresses.items()}
 
-    d.call(contracts["Escrow"], "setSettlement", settlement)
     d.call(contracts["NodeRegistry"], "setSlasher", slashing)
     d.call(contracts["Settlement"], "setRootCommitter", ledger.address, True)
     d.call(contracts["Slashing"], "setVerifier", verifier.address, True)

@@ -7,10 +7,13 @@ import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol
 import {Ownable} from "@openzeppelin/contracts/access/Ownable.sol";
 
 /// @notice The credits vault. Clients deposit credits and may withdraw only after an unlock delay, so settlement can
-///         still collect for work already done; the Settlement contract moves client balances to payee earnings.
-/// @dev Invariant: credits.balanceOf(this) == sum(client balances) + sum(unwithdrawn earnings).
+///         still collect for work already done; payees (nodes, the fee recipient) withdraw what settlement credited.
+/// @dev Settlement inherits the vault and moves balances to earnings itself: keeping the balances in the contract
+///      that settles saves a cross-contract call, its ABI encoding and a second loop per batch (~580 gas per voucher
+///      at 10 clients x 10 nodes, benchmarks/gas). Invariant: credits.balanceOf(this) == sum(client balances) +
+///      sum(unwithdrawn earnings).
 /// @author Nectar
-contract Escrow is Ownable {
+abstract contract Escrow is Ownable {
     using SafeERC20 for IERC20;
 
     /*//////////////////////////////////////////////////////////////
@@ -31,15 +34,6 @@ contract Escrow is Ownable {
 
     /// @dev Fires when `withdrawEarnings` finds nothing to pay.
     error NoEarnings();
-
-    /// @dev Fires when someone other than the Settlement contract calls `applySettlement`.
-    error NotSettlement();
-
-    /// @dev Fires when the owner tries to set the Settlement contract a second time (or to zero).
-    error SettlementAlreadySet();
-
-    /// @dev Fires when a settlement's debits and credits do not add up to the same total.
-    error UnbalancedSettlement(uint256 debited, uint256 credited);
 
     /// @dev Fires when an amount does not fit the 128-bit accounting fields.
     error AmountTooLarge();
@@ -66,9 +60,6 @@ contract Escrow is Ownable {
     /// @dev Emitted when `payee` withdraws `amount` of earnings.
     event EarningsWithdrawn(address indexed payee, uint256 amount);
 
-    /// @dev Emitted once, when the owner wires the Settlement contract.
-    event SettlementSet(address indexed settlement);
-
     /*//////////////////////////////////////////////////////////////
                                  STORAGE
     //////////////////////////////////////////////////////////////*/
@@ -91,8 +82,6 @@ contract Escrow is Ownable {
     /// @notice Seconds between a withdrawal request and the moment it can be executed.
     uint256 public immutable unlockDelay;
 
-    /// @notice The only contract allowed to move client balances to payees.
-    address public settlement;
 
     mapping(address client => ClientAccount) internal _clients;
     mapping(address client => uint256) public unlockAt;
@@ -104,7 +93,7 @@ contract Escrow is Ownable {
 
     /// @param credits_ The Credits token held in escrow.
     /// @param unlockDelay_ Seconds between a withdrawal request and the withdrawal.
-    /// @param owner_ Wires the Settlement contract once (`setSettlement`).
+    /// @param owner_ The contract's owner (Settlement: fees and root committers).
     constructor(IERC20 credits_, uint256 unlockDelay_, address owner_) Ownable(owner_) {
         credits = credits_;
         unlockDelay = unlockDelay_;
@@ -129,17 +118,16 @@ contract Escrow is Ownable {
         emit Deposited(client, amount, balance);
     }
 
+    /// @dev Adds settled `amount` to `payee`'s earnings.
+    function _credit(address payee, uint256 amount) internal {
+        PayeeAccount storage account = _payees[payee];
+        account.credited = _toU128(account.credited + amount);
+        emit EarningsCredited(payee, amount);
+    }
+
     /*//////////////////////////////////////////////////////////////
                               PUBLIC WRITES
     //////////////////////////////////////////////////////////////*/
-
-    /// @notice Wires the Settlement contract, once.
-    /// @dev Owner only; reverts with `SettlementAlreadySet` if already wired or `settlement_` is zero.
-    function setSettlement(address settlement_) external onlyOwner {
-        if (settlement != address(0) || settlement_ == address(0)) revert SettlementAlreadySet();
-        settlement = settlement_;
-        emit SettlementSet(settlement_);
-    }
 
     /// @notice Deposits `amount` credits (pre-approved) into the caller's escrow.
     /// @dev Reverts with `ZeroAmount` for zero.
@@ -203,40 +191,6 @@ contract Escrow is Ownable {
         account.withdrawn = account.credited;
         credits.safeTransfer(msg.sender, amount);
         emit EarningsWithdrawn(msg.sender, amount);
-    }
-
-    /// @notice Moves settled amounts from clients to payees. Called by Settlement once per batch.
-    /// @dev Settlement only (`NotSettlement`). Both lists are flat `[account, amount, account, amount, ...]` (one
-    ///      array of words, not an array of structs: ~300 gas less per account to build, encode and read). The
-    ///      debits must cover the credits exactly (`UnbalancedSettlement`) and each debit must fit the client's
-    ///      balance (`InsufficientBalance`).
-    function applySettlement(uint256[] calldata debits, uint256[] calldata credits_) external {
-        if (msg.sender != settlement) revert NotSettlement();
-        uint256 debited;
-        for (uint256 i = 1; i < debits.length; i += 2) {
-            address client = address(uint160(debits[i - 1]));
-            uint256 amount = debits[i];
-            ClientAccount storage account = _clients[client];
-            uint256 balance = account.balance;
-            if (amount > balance) revert InsufficientBalance(amount, balance);
-            unchecked {
-                balance -= amount; // safe: checked just above
-            }
-            // forge-lint: disable-next-line(unsafe-typecast) -- balance <= the uint128 it was read from
-            account.balance = uint128(balance);
-            debited += amount;
-            emit Charged(client, amount, balance);
-        }
-        uint256 credited;
-        for (uint256 i = 1; i < credits_.length; i += 2) {
-            address payee = address(uint160(credits_[i - 1]));
-            uint256 amount = credits_[i];
-            PayeeAccount storage account = _payees[payee];
-            account.credited = _toU128(account.credited + amount);
-            credited += amount;
-            emit EarningsCredited(payee, amount);
-        }
-        if (debited != credited) revert UnbalancedSettlement(debited, credited);
     }
 
     /*//////////////////////////////////////////////////////////////

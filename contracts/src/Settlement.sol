@@ -1,23 +1,24 @@
 // SPDX-License-Identifier: Apache-2.0
 pragma solidity ^0.8.24;
 
-import {Ownable} from "@openzeppelin/contracts/access/Ownable.sol";
+import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 import {MerkleProof} from "@openzeppelin/contracts/utils/cryptography/MerkleProof.sol";
 import {Escrow} from "./Escrow.sol";
 import {NectarTypes, Receipt} from "./lib/NectarTypes.sol";
 
-/// @notice Batch settlement of EIP-712 cumulative vouchers (client -> node, per channel) and the per-epoch Merkle
-///         roots of receipts. Anyone may submit a batch: the ledger normally, a node itself when the ledger is down.
-///         Its EIP-712 domain {name: "Nectar", version: "1"} is the one receipts and vouchers are signed under.
+/// @notice The credits vault (Escrow: deposits, delayed withdrawals, earnings) with batch settlement of EIP-712
+///         cumulative vouchers (client -> node, per channel) and the per-epoch Merkle roots of receipts. Anyone may
+///         submit a batch: the ledger normally, a node itself when the ledger is down. Its EIP-712 domain
+///         {name: "Nectar", version: "1"} is the one receipts and vouchers are signed under.
 /// @dev Calldata is grouped for gas: a batch lists its node addresses once, then one group per client; each voucher
 ///      is three words: `packed = nodeIndex << 224 | partnerIndex << 192 | channelId << 128 | cumulativeAmount`
 ///      and an EIP-2098 compact signature (r, vs). Each client's escrow and each node's earnings are written once per
-///      batch (in Escrow), and two channels share each storage slot (see `_channelPairs`).
+///      batch, and two channels share each storage slot (see `_channelPairs`).
 ///      A batch is all-or-nothing: an invalid voucher reverts it with its position, so the submitter can drop that
 ///      voucher and resubmit.
 /// @author Nectar
-contract Settlement is EIP712, Ownable {
+contract Settlement is Escrow, EIP712 {
     /*//////////////////////////////////////////////////////////////
                                  ERRORS
     //////////////////////////////////////////////////////////////*/
@@ -102,8 +103,6 @@ contract Settlement is EIP712, Ownable {
     // Scratch 0x00 takes the recovered signer, then the slot key; 0x20 holds the mapping's slot during a loop.
     uint256 private constant _SCRATCH_END = 0x2c0;
 
-    Escrow public immutable escrow;
-
     /// @notice Receives the protocol fee as escrow earnings.
     address public feeRecipient;
 
@@ -126,15 +125,15 @@ contract Settlement is EIP712, Ownable {
                                CONSTRUCTOR
     //////////////////////////////////////////////////////////////*/
 
-    /// @param escrow_ The vault whose client balances vouchers draw on (it must name this contract as settlement).
+    /// @param credits_ The Credits token held in escrow.
+    /// @param unlockDelay_ Seconds between a client's withdrawal request and the withdrawal.
     /// @param owner_ Sets fees and root committers.
     /// @param feeRecipient_ Receives the protocol fee as escrow earnings.
     /// @param feeBps_ Protocol fee in basis points, at most `MAX_FEE_BPS`.
-    constructor(Escrow escrow_, address owner_, address feeRecipient_, uint16 feeBps_)
+    constructor(IERC20 credits_, uint256 unlockDelay_, address owner_, address feeRecipient_, uint16 feeBps_)
+        Escrow(credits_, unlockDelay_, owner_)
         EIP712("Nectar", "1")
-        Ownable(owner_)
     {
-        escrow = escrow_;
         _setFee(feeRecipient_, feeBps_);
     }
 
@@ -238,45 +237,38 @@ contract Settlement is EIP712, Ownable {
         }
     }
 
-    /// @dev Settles one client's vouchers; returns what the client owes in total. `index` is the batch position of
-    ///      the group's first voucher, for error reporting.
+    /// @dev Charges one client's group: its vouchers' rises come out of its escrow balance (one read and one write
+    ///      per group). `index` is the batch position of the group's first voucher, for error reporting.
     function _settleClient(ClientVouchers calldata group, uint256 index) internal returns (uint256 spent) {
         address client = group.client;
         if (client == address(0)) revert InvalidSignature(index);
-        uint256 available = escrow.balanceOf(client);
+        ClientAccount storage account = _clients[client];
+        uint256 available = account.balance;
         assembly {
             mstore(0xa0, client)
             mstore(0x220, available)
             mstore(0x240, index)
         }
-        return _settleVouchers(group.vouchers);
+        spent = _settleVouchers(group.vouchers);
+        unchecked {
+            available -= spent; // the loop kept spent <= available
+        }
+        // forge-lint: disable-next-line(unsafe-typecast) -- at most the uint128 it was read from
+        account.balance = uint128(available);
+        emit Charged(client, spent, available);
     }
 
-    /// @dev Turns per-node gross amounts into escrow credits, `[payee, amount, ...]` (Escrow.applySettlement):
-    ///      each paid node's net, then the summed fee to the fee recipient.
-    function _credits(address[] calldata nodes, uint256[] memory nodeGross)
-        internal
-        view
-        returns (uint256[] memory credits, uint256 fee)
-    {
-        credits = new uint256[](2 * nodes.length + 2);
+    /// @dev Credits each paid node its gross minus the protocol fee, then the summed fee to the fee recipient.
+    function _creditNodes(address[] calldata nodes, uint256[] memory nodeGross) internal returns (uint256 fee) {
         uint256 bps = feeBps;
-        uint256 j;
         for (uint256 n; n < nodes.length; ++n) {
             uint256 gross = nodeGross[n];
             if (gross == 0) continue; // a partner listed only for its address
             uint256 nodeFee = gross * bps / 10_000;
             fee += nodeFee;
-            credits[j] = uint160(nodes[n]);
-            credits[j + 1] = gross - nodeFee;
-            j += 2;
+            _credit(nodes[n], gross - nodeFee);
         }
-        credits[j] = uint160(feeRecipient);
-        credits[j + 1] = fee;
-        j += 2;
-        assembly ("memory-safe") {
-            mstore(credits, j) // shrink to the entries written (the tail stays allocated, unused)
-        }
+        _credit(feeRecipient, fee);
     }
 
     /*//////////////////////////////////////////////////////////////
@@ -305,19 +297,14 @@ contract Settlement is EIP712, Ownable {
             mstore(0x280, nodes.length)
             mstore(0x2a0, nodeGross)
         }
-        uint256[] memory debits = new uint256[](2 * groups.length); // [client, amount, ...]
         uint256 index;
         for (uint256 g; g < groups.length; ++g) {
             ClientVouchers calldata group = groups[g];
-            uint256 spent = _settleClient(group, index);
-            debits[2 * g] = uint160(group.client);
-            debits[2 * g + 1] = spent;
-            gross += spent;
+            gross += _settleClient(group, index);
             index += group.vouchers.length;
         }
         if (gross == 0) revert EmptyBatch();
-        (uint256[] memory credits, uint256 fee) = _credits(nodes, nodeGross);
-        escrow.applySettlement(debits, credits);
+        uint256 fee = _creditNodes(nodes, nodeGross);
         emit BatchSettled(msg.sender, index, gross, fee);
     }
 

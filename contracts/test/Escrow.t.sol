@@ -170,49 +170,4 @@ contract EscrowTest is NectarFixture {
         vm.prank(node);
         escrow.withdrawEarnings();
     }
-
-    /// @dev A one-account list for `applySettlement`: [account, amount].
-    function _entry(address account, uint256 amount) internal pure returns (uint256[] memory list) {
-        list = new uint256[](2);
-        (list[0], list[1]) = (uint160(account), amount);
-    }
-
-    function test_RevertWhen_ApplySettlementNotSettlement() public {
-        uint256[] memory debits = new uint256[](0);
-        uint256[] memory credited = _entry(node, 1 ether);
-        vm.expectRevert(Escrow.NotSettlement.selector);
-        vm.prank(node);
-        escrow.applySettlement(debits, credited);
-    }
-
-    function test_RevertWhen_ApplySettlementUnbalanced() public {
-        _deposit(client, 2 ether);
-        uint256[] memory debits = _entry(client, 1 ether);
-        uint256[] memory credited = _entry(node, 2 ether);
-        vm.expectRevert(abi.encodeWithSelector(Escrow.UnbalancedSettlement.selector, 1 ether, 2 ether));
-        vm.prank(address(settlement));
-        escrow.applySettlement(debits, credited);
-    }
-
-    function test_RevertWhen_ApplySettlementOverdraws() public {
-        _deposit(client, 1 ether);
-        uint256[] memory debits = _entry(client, 2 ether);
-        uint256[] memory credited = _entry(node, 2 ether);
-        vm.expectRevert(abi.encodeWithSelector(Escrow.InsufficientBalance.selector, 2 ether, 1 ether));
-        vm.prank(address(settlement));
-        escrow.applySettlement(debits, credited);
-    }
-
-    function test_RevertWhen_SettlementSetTwice() public {
-        vm.expectRevert(Escrow.SettlementAlreadySet.selector);
-        vm.prank(owner);
-        escrow.setSettlement(address(0xBEEF));
-    }
-
-    function test_RevertWhen_SettlementSetByNonOwner() public {
-        Escrow fresh = new Escrow(credits, UNLOCK_DELAY, owner);
-        vm.expectRevert(abi.encodeWithSelector(Ownable.OwnableUnauthorizedAccount.selector, client));
-        vm.prank(client);
-        fresh.setSettlement(address(settlement));
-    }
 }

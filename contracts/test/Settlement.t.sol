@@ -203,6 +203,28 @@ contract SettlementTest is NectarFixture {
         settlement.settle(nodes, groups);
     }
 
+    function test_RevertWhen_OverSpendAcrossTwoGroupsOfOneClient() public {
+        // a client listed twice: the second group sees the balance the first one left (one account, written per group)
+        address[] memory nodes = new address[](1);
+        nodes[0] = node;
+        Settlement.ClientVouchers[] memory groups = new Settlement.ClientVouchers[](2);
+        for (uint256 g; g < 2; ++g) {
+            groups[g].client = client;
+            groups[g].vouchers = new Settlement.SignedVoucher[](1);
+            groups[g].vouchers[0] = _voucher(CLIENT_PK, node, 0, uint64(1 + g), 60 ether);
+        }
+        vm.expectRevert(abi.encodeWithSelector(Settlement.InsufficientEscrow.selector, 1));
+        settlement.settle(nodes, groups);
+        groups[1].vouchers[0] = _voucher(CLIENT_PK, node, 0, 2, 40 ether); // exactly what is left
+        assertEq(settlement.settle(nodes, groups), 100 ether, "both groups charged");
+        assertEq(escrow.balanceOf(client), 0, "balance spent exactly");
+        assertEq(
+            credits.balanceOf(address(escrow)),
+            escrow.balanceOf(client2) + escrow.earningsOf(node) + escrow.earningsOf(treasury),
+            "vault"
+        );
+    }
+
     function test_RevertWhen_BadNodeIndex() public {
         (address[] memory nodes, Settlement.ClientVouchers[] memory groups) = _single(CLIENT_PK, node, 1, 1 ether);
         groups[0].vouchers[0].packed = _pack(1, 1, 1 ether);

@@ -66,14 +66,14 @@ def api(settings):
 
 def _complete_artifacts(out) -> dict | None:
     """{name: mtime} when every deployed contract's artifact is fully written (forge rewrites them in place)."""
-    from nectar.chain.artifacts import CONTRACT_NAMES
+    from nectar.chain.artifacts import ABSTRACT_NAMES, CONTRACT_NAMES
 
     mtimes = {}
     for name in CONTRACT_NAMES:
         path = out / f"{name}.sol" / f"{name}.json"
         try:
             data = json.loads(path.read_text())
-            if not data["bytecode"]["object"].removeprefix("0x"):
+            if name not in ABSTRACT_NAMES and not data["bytecode"]["object"].removeprefix("0x"):
                 return None
             mtimes[name] = path.stat().st_mtime
         except (OSError, ValueError, KeyError, TypeError):

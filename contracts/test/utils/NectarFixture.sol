@@ -51,9 +51,9 @@ abstract contract NectarFixture is Test {
         node2 = vm.addr(NODE2_PK);
 
         credits = new Credits(owner, FAUCET_CAP);
-        escrow = new Escrow(credits, UNLOCK_DELAY, owner);
         registry = new NodeRegistry(credits, MIN_STAKE, UNBOND_DELAY, treasury, owner);
-        settlement = new Settlement(escrow, owner, treasury, FEE_BPS);
+        settlement = new Settlement(credits, UNLOCK_DELAY, owner, treasury, FEE_BPS);
+        escrow = settlement; // the vault is Settlement's base: one contract holds the credits
         slashing = new Slashing(
             registry,
             settlement,
@@ -67,7 +67,6 @@ abstract contract NectarFixture is Test {
             })
         );
         vm.startPrank(owner);
-        escrow.setSettlement(address(settlement));
         registry.setSlasher(address(slashing));
         settlement.setRootCommitter(ledger, true);
         slashing.setVerifier(verifier, true);
