@@ -10,7 +10,7 @@ import functools
 import logging
 import os
 import random
-from typing import AsyncIterator, Callable, Optional
+from typing import AsyncIterator, Awaitable, Callable, Optional
 
 import torch
 from hivemind.p2p import P2P, P2PContext
@@ -52,6 +52,7 @@ class NodeHandler:
         audit: AuditLog,
         payments: PaymentPolicy | None = None,
         info_provider: Callable[[], dict] = dict,
+        push_allowed: Optional[Callable[[str, int], Awaitable[bool]]] = None,
     ):
         self.backend, self.config, self.model_id = backend, config, model_id
         self.compute, self.memory, self.signer, self.credit, self.audit = compute, memory, signer, credit, audit
@@ -60,6 +61,9 @@ class NodeHandler:
         self.active_sessions = 0
         self.inbox = PushInbox()  # sessions here that accept hidden states pushed by the previous hop
         self.pushes_sent = 0
+        # (address, block) -> whether a node serving `block` announces that direct lane: a node pushes only to
+        # announced lanes, so a client cannot point it at any host and port (None: no check, e.g. unit tests)
+        self.push_allowed = push_allowed
 
     def handlers(self) -> dict:
         """RPC name -> stream handler: served over P2P and, where enabled, over the direct TCP lane."""
@@ -215,6 +219,11 @@ class NodeHandler:
                             yield make_response([], {"push_missing": True})
                     if tensors is not None:
                         target, push = self._push_target(metadata), None
+                        if target is not None and (link is None or link.address != target[0]):
+                            if self.push_allowed is not None and not await self.push_allowed(target[0], end):
+                                logger.warning(f"Not pushing to {target[0]}: no node serving block {end} announces "
+                                               "that direct lane (the client relays the step)")
+                                target = None
                         if target is not None:
                             link = PushLink.reuse(link, target[0])
                             push = functools.partial(self._push, link, target[1], metadata["step"], session_id)

@@ -91,6 +91,7 @@ class Server:
         self.announcer: Optional[Announcer] = None
         self.direct: Optional[DirectServer] = None
         self.direct_address = ""  # HOST:PORT once the direct lane listens
+        self._lanes: dict[int, tuple[float, set[str]]] = {}  # block -> (looked up at, announced direct lanes)
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
 
@@ -164,7 +165,8 @@ class Server:
         if self.handler is None:
             self.handler = NodeHandler(backend, config=self.config, model_id=self.model_id, compute=self.compute,
                                        memory=memory, signer=self.signer, credit=self.credit, audit=audit,
-                                       payments=self.payments, info_provider=self.rpc_info)
+                                       payments=self.payments, info_provider=self.rpc_info,
+                                       push_allowed=self.announces_lane)
         else:
             self.handler.backend, self.handler.memory = backend, memory
         self.backend = backend
@@ -208,6 +210,19 @@ class Server:
     def wait(self) -> None:
         while not self.stop_event.wait(1.0):
             pass
+
+    async def announces_lane(self, address: str, block: int) -> bool:
+        """Whether an online node serving ``block`` announces the direct lane ``address`` (push targets only).
+        Looked up in the DHT at most once per 10 s per block, or again when an address is not found."""
+        looked_up, lanes = self._lanes.get(block, (0.0, set()))
+        if address not in lanes and time.monotonic() - looked_up > 1.0 or time.monotonic() - looked_up > 10.0:
+            records = await asyncio.get_running_loop().run_in_executor(
+                None, fetch_records, self.dht, [block_key(self.model_id, block)])
+            servers = parse_block_records(self.model_id, [block], records).get(block, {})
+            lanes = {info.direct_address for info in servers.values()
+                     if info.state != ServerState.OFFLINE and info.direct_address}  # fmt: skip
+            self._lanes[block] = (time.monotonic(), lanes)
+        return address in lanes
 
     # ---- span choice ------------------------------------------------------------------------------------------
 

@@ -139,15 +139,22 @@ def test_a_malformed_push_target_is_refused(model, expected):
 
 
 def test_a_missing_push_falls_back_to_relay(model, expected):
+    """The first hop is told to push to a listening port no node announces: it must not connect there (a client
+    cannot aim a node at any host), so the pushes go missing and the client relays."""
     session = InferenceSession(model.sequence_manager, model.runtime, model.wallet, max_length=PROMPT.shape[1] + 8,
                                config=dataclasses.replace(model.client_config, push_timeout=0.2))
     second = session.hops[1]
-    with socket.socket() as probe:  # the first hop is told to push to a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{probe.getsockname()[1]}"
-    second.span = dataclasses.replace(second.span, info=dataclasses.replace(second.span.info, direct_address=dead))
-    with session:
-        tokens = model.generate(PROMPT, max_new_tokens=8, do_sample=False, session=session)
+    with socket.socket() as stranger:
+        stranger.bind(("127.0.0.1", 0))
+        stranger.listen()
+        stranger.settimeout(0)
+        address = f"127.0.0.1:{stranger.getsockname()[1]}"
+        second.span = dataclasses.replace(second.span,
+                                          info=dataclasses.replace(second.span.info, direct_address=address))
+        with session:
+            tokens = model.generate(PROMPT, max_new_tokens=8, do_sample=False, session=session)
+        with pytest.raises(BlockingIOError):
+            stranger.accept()  # nobody connected
     assert tokens.tolist() == expected.tolist()
     # after push_misses relayed steps in a row, the session stops asking for pushes
     assert session.push_fallbacks == model.client_config.push_misses == 3
