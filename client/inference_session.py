@@ -272,7 +272,11 @@ class InferenceSession:
         got its push meanwhile answers anyway, one still waiting answers ``push_missing``."""
         done, _ = await asyncio.wait({hop.pending}, timeout=self.config.push_timeout)
         if not done:
-            hop.stream.send([], {"type": "cancel", "session_id": self.session_id, "step": step})
+            self._cancel(hop, step)
+
+    def _cancel(self, hop: _Hop, step: int) -> None:
+        """Tells a hop waiting for this step's push to stop waiting (it answers ``push_missing`` unless it ran)."""
+        hop.stream.send([], {"type": "cancel", "session_id": self.session_id, "step": step})
 
     async def _cancel_pushes(self, hops: list[_Hop], step: int) -> bool:
         """Cancels steps still waiting for a push and drains their answers; True if any hop computed the step
@@ -280,7 +284,7 @@ class InferenceSession:
         computed = False
         for hop in hops:
             if hop.pending is not None and not hop.pending.done():
-                hop.stream.send([], {"type": "cancel", "session_id": self.session_id, "step": step})
+                self._cancel(hop, step)
         for hop in hops:
             if hop.pending is None:
                 continue

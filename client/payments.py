@@ -102,33 +102,32 @@ class Wallet:
             self.receipts.append(signed)
         return signed
 
-    def _node(self, node_address: str) -> str:
-        return schema.Voucher(client=self.address, node=node_address, channel_id=0, cumulative_amount=0).node
-
     def owed(self, node_address: str) -> int:
-        return self._owed.get(self._node(node_address), 0)
+        return self._owed.get(schema.checksum_address(node_address, "node"), 0)
 
     def pair(self, route: Sequence[str]) -> None:
         """Pairs the nodes of a route that have no partner yet, neighbours first: a pair's two channels share one
         storage slot on chain, so settling them costs ~2,400 gas less per voucher. A node keeps its partner (part of
         its channel) for the wallet's life; a node left alone partners with itself."""
         with self._lock:
-            free = list(dict.fromkeys(n for n in map(self._node, route) if n not in self._partners))
+            nodes = (schema.checksum_address(n, "node") for n in route)
+            free = list(dict.fromkeys(n for n in nodes if n not in self._partners))
             for a, b in zip(free[0::2], free[1::2]):
                 self._partners[a], self._partners[b] = b, a
 
     def partner_of(self, node_address: str) -> str:
-        node = self._node(node_address)
+        node = schema.checksum_address(node_address, "node")
         with self._lock:
             return self._partners.setdefault(node, node)
 
     def voucher_for(self, node_address: str) -> Optional[dict]:
         """A voucher covering everything received from this node so far (None if nothing is owed)."""
-        amount = self.owed(node_address)
+        node = schema.checksum_address(node_address, "node")
+        amount = self._owed.get(node, 0)
         if amount <= 0:
             return None
-        voucher = schema.Voucher(client=self.address, node=node_address, channel_id=self.channel_id,
-                                 cumulative_amount=amount, partner=self.partner_of(node_address))
+        voucher = schema.Voucher(client=self.address, node=node, channel_id=self.channel_id,
+                                 cumulative_amount=amount, partner=self.partner_of(node))
         return schema.sign_voucher(voucher, self.private_key, self.domain).to_json()
 
     @property

@@ -25,7 +25,7 @@ from nectar.ledger.models import (
     utcnow,
 )
 from nectar.wire.merkle import merkle_root
-from nectar.wire.receipts import SignedReceipt, SignedVoucher
+from nectar.wire.receipts import SignedReceipt, SignedVoucher, channel_slot
 from nectar.wire.receipts import Receipt as WireReceipt
 
 logger = logging.getLogger(__name__)
@@ -314,7 +314,7 @@ def prepare_settlements(session: Session, *, epoch: int, batch_size: int) -> lis
     ]
     # one client's vouchers together (its escrow is written once per batch), the two channels of a storage slot side
     # by side (one cold write for both)
-    candidates.sort(key=lambda v: (v.client.lower(), *_slot_of(v), v.id))
+    candidates.sort(key=lambda v: (v.client.lower(), *channel_slot(v.node, v.partner, int(v.channel_id)), v.id))
     batches = []
     for index, start in enumerate(range(0, len(candidates), batch_size)):
         settlement = Settlement(epoch_number=epoch, batch_index=index, status=SettlementStatus.PREPARED, attempts=0)
@@ -327,14 +327,6 @@ def prepare_settlements(session: Session, *, epoch: int, batch_size: int) -> lis
         batches.append(settlement)
     session.flush()
     return batches
-
-
-def _slot_of(v: Voucher) -> tuple[str, str, int]:
-    """The storage slot a channel shares on chain (NectarTypes.channelSlot): its two nodes and the pair number."""
-    node, partner, channel = v.node.lower(), v.partner.lower(), int(v.channel_id)
-    if node == partner:
-        return node, node, channel >> 1
-    return min(node, partner), max(node, partner), channel
 
 
 def settlement_items(session: Session, *, settlement_id: int) -> list[SettlementItem]:

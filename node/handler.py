@@ -143,8 +143,8 @@ class NodeHandler:
     def _client(self, metadata: dict) -> str:
         client = metadata.get("client", "0x" + "00" * 20)
         try:
-            return schema.Voucher(client=client, node=self.signer.address, channel_id=0, cumulative_amount=0).client
-        except Exception:
+            return schema.checksum_address(client, "client")
+        except ValueError:
             raise NodeRPCError(ErrorCode.BAD_REQUEST, f"client must be an Ethereum address, got {client!r}")
 
     def _maybe_corrupt(self, outputs: torch.Tensor) -> torch.Tensor:
@@ -171,17 +171,6 @@ class NodeHandler:
         async for _ in requests:
             yield make_response([], self.info_provider())
             return
-
-    async def _next(self, iterator, timeout: float):
-        try:
-            return await asyncio.wait_for(iterator.__anext__(), timeout)
-        except StopAsyncIteration:
-            return None
-        except asyncio.TimeoutError:
-            raise NodeRPCError(
-                ErrorCode.SESSION_EXPIRED,
-                f"no request for {timeout:.0f}s, the session's cache was freed; open a new session and replay",
-            )
 
     async def rpc_inference(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
         reader = _Requests(requests)
@@ -345,7 +334,7 @@ class NodeHandler:
         return runtime_pb2.ExpertResponse(tensors=packed, metadata=pack_metadata(reply)), position + hidden.shape[1]
 
     async def _single_request(self, requests) -> tuple[runtime_pb2.ExpertRequest, dict]:
-        request = await self._next(requests.__aiter__(), self.config.step_timeout)
+        request = await _Requests(requests).next(self.config.step_timeout)
         if request is None:
             raise NodeRPCError(ErrorCode.BAD_REQUEST, "empty request stream")
         return request, unpack_metadata(request.metadata)

@@ -215,7 +215,8 @@ class Server:
         """Whether an online node serving ``block`` announces the direct lane ``address`` (push targets only).
         Looked up in the DHT at most once per 10 s per block, or again when an address is not found."""
         looked_up, lanes = self._lanes.get(block, (0.0, set()))
-        if address not in lanes and time.monotonic() - looked_up > 1.0 or time.monotonic() - looked_up > 10.0:
+        age = time.monotonic() - looked_up
+        if age > 10.0 or (address not in lanes and age > 1.0):
             records = await asyncio.get_running_loop().run_in_executor(
                 None, fetch_records, self.dht, [block_key(self.model_id, block)])
             servers = parse_block_records(self.model_id, [block], records).get(block, {})

@@ -89,7 +89,8 @@ def _checksum_cached(value: str) -> str:
     return to_checksum_address(value)
 
 
-def _checksum(name: str, value: str) -> str:
+def checksum_address(value: str, name: str = "address") -> str:
+    """``value`` as an EIP-55 checksummed address; a ValueError naming ``name`` if it is not one."""
     if not isinstance(value, str) or len(value) != 42:
         raise ValueError(f"{name} must be a 20-byte hex address, got {value!r:.80}")
     try:
@@ -172,8 +173,8 @@ class Receipt:
         object.__setattr__(self, "kind", int(self.kind))
         if self.block_start >= self.block_end:
             raise ValueError(f"block span [{self.block_start}, {self.block_end}) is empty")
-        object.__setattr__(self, "node", _checksum("node", self.node))
-        object.__setattr__(self, "client", _checksum("client", self.client))
+        object.__setattr__(self, "node", checksum_address(self.node, "node"))
+        object.__setattr__(self, "client", checksum_address(self.client, "client"))
 
     @property
     def key(self) -> tuple:
@@ -232,9 +233,10 @@ class Voucher:
     def __post_init__(self):
         _check_uint("channel_id", self.channel_id, 64)
         _check_uint("cumulative_amount", self.cumulative_amount, 128)
-        object.__setattr__(self, "client", _checksum("client", self.client))
-        object.__setattr__(self, "node", _checksum("node", self.node))
-        object.__setattr__(self, "partner", self.node if self.partner is None else _checksum("partner", self.partner))
+        object.__setattr__(self, "client", checksum_address(self.client, "client"))
+        object.__setattr__(self, "node", checksum_address(self.node, "node"))
+        partner = self.node if self.partner is None else checksum_address(self.partner, "partner")
+        object.__setattr__(self, "partner", partner)
 
     @property
     def channel(self) -> tuple[str, str, str, int]:
@@ -364,6 +366,15 @@ def receipt_struct_hash(receipt: Receipt) -> bytes:
             r.timestamp.to_bytes(32, "big"),
         ))
     )  # fmt: skip
+
+
+def channel_slot(node: str, partner: str, channel_id: int) -> tuple[str, str, int]:
+    """The storage slot a channel shares on chain (Settlement, NectarTypes.channelSlot) as (lo, hi, k): channels
+    2k and 2k + 1 of one node when ``partner == node``, else the channels with this id to the two nodes, sorted."""
+    node, partner = node.lower(), partner.lower()
+    if node == partner:
+        return node, node, channel_id >> 1
+    return min(node, partner), max(node, partner), channel_id
 
 
 def voucher_struct_hash(voucher: Voucher) -> bytes:
@@ -574,4 +585,5 @@ __all__ = [
     "recover_voucher_signer", "receipt_struct_hash", "receipt_digest", "voucher_struct_hash", "voucher_digest",
     "receipt_leaf", "model_id_hash", "commit_tensor", "activation_fingerprint", "parse_fingerprint",
     "fingerprints_match", "fingerprint_hash", "address_of", "keccak256", "EIP712_TYPES", "full_typed_message",
+    "checksum_address", "channel_slot",
 ]  # fmt: skip

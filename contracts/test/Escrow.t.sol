@@ -1,7 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 pragma solidity ^0.8.24;
 
-import {Ownable} from "@openzeppelin/contracts/access/Ownable.sol";
 import {Escrow} from "../src/Escrow.sol";
 import {NectarFixture} from "./utils/NectarFixture.sol";
 

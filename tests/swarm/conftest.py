@@ -4,12 +4,23 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nectar.client import ClientConfig, DistributedModelForCausalLM
 from nectar.models.tiny import save_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> str:
     return str(save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llama", "llama", seed=0))
+
+
+@pytest.fixture(scope="module")
+def model(swarm, tiny_llama):
+    """A client of the module's ``swarm`` (each module starts its own) that fails fast: no retries, 10 s steps.
+    Modules that need another client define their own ``model``."""
+    model = DistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=swarm.initial_peers,
+                                                        config=ClientConfig(max_retries=0, step_timeout=10))
+    yield model
+    model.shutdown()
 
 
 @pytest.fixture(scope="session")

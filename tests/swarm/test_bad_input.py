@@ -9,7 +9,6 @@ import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
-from nectar.client import ClientConfig, DistributedModelForCausalLM
 from nectar.node.local_swarm import LocalSwarm
 from nectar.wire.protocol import RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, make_request, module_uid, pack_metadata
 from nectar.wire.transport import call_once, call_stream
@@ -25,14 +24,6 @@ def swarm(tiny_llama, tmp_path_factory):
                        extra_args=["--throughput", "100", "--session-timeout", "3", "--cache-mb", "1"])
         swarm.wait_for_blocks(tiny_llama, 4)
         yield swarm
-
-
-@pytest.fixture(scope="module")
-def model(swarm, tiny_llama):
-    model = DistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=swarm.initial_peers,
-                                                        config=ClientConfig(max_retries=0, step_timeout=10))
-    yield model
-    model.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -31,14 +31,6 @@ def swarm(tiny_llama, tmp_path_factory):
         yield swarm
 
 
-@pytest.fixture(scope="module")
-def model(swarm, tiny_llama):
-    model = DistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=swarm.initial_peers,
-                                                        config=ClientConfig(max_retries=0, step_timeout=10))
-    yield model
-    model.shutdown()
-
-
 def _spans(model):
     servers = model.sequence_manager.servers()
     return {peer: info for block in servers.values() for peer, info in block.items()}
