@@ -5,7 +5,8 @@ Measures, in one run on one GPU:
   2. the same through Nectar: 2 node processes (blocks 0:16 and 16:32) on that GPU, the client's embeddings and LM
      head on that GPU too (as a GPU client would run them);
   3. aggregate decode tokens/s of 1 and 16 concurrent sessions through the same 2-node route, from 8 client
-     processes (separate users; one process's GIL would otherwise be the bottleneck, see bench_concurrency.py).
+     processes (separate users; one process's GIL would otherwise be the bottleneck, see bench_concurrency.py);
+  4. the same on one node hosting all 32 blocks (the issue's "16 concurrent sessions on one node").
 Runs unattended and prints every figure (see benchmarks/gpu/run_gpu.sh for the device command).
 
     python benchmarks/bench_gpu.py --model llama2-7b --device cuda --dtype float16
@@ -14,13 +15,14 @@ from __future__ import annotations
 
 import common  # noqa: F401  (sets the OpenMP wait policy before torch loads)
 
+import argparse
 import gc
 import logging
 import time
 
 import torch
 
-from bench_concurrency import run_sessions, run_sessions_in_processes
+from bench_concurrency import compute_counters, run_sessions, run_sessions_in_processes
 from bench_decode import local_decode, swarm_decode
 from common import (
     DecodeTiming, base_parser, best, checkpoint, distributed_model, emit, even_spans, local_swarm, log,
@@ -38,6 +40,28 @@ def head_on(model, device: str):
     return model
 
 
+def concurrent_sessions(model, path, swarm, args) -> dict:
+    """Aggregate tokens/s of each count of concurrent sessions through ``swarm``."""
+    run_sessions(model, 2, steps=4)  # warm-up of the batched path
+    results = {}
+    before = compute_counters(model) if len(swarm.nodes) == 1 else {}
+    for num_sessions in args.sessions:
+        if args.client_processes:
+            result = run_sessions_in_processes(path, swarm, num_sessions, threads=args.threads,
+                                               processes=args.client_processes)
+        else:
+            result = run_sessions(model, num_sessions)
+        if len(swarm.nodes) == 1:  # the node's own counters: how many steps shared a forward, how many replayed
+            counters = compute_counters(model)
+            result.update({k: counters[k] - before.get(k, 0) for k in counters if k != "max_batch"})
+            before = counters
+        results[num_sessions] = result
+        log(f"  {num_sessions} sessions: {result['aggregate_tps']:.1f} tok/s"
+            + (f", {result['inference_steps'] / max(result['inference_rounds'], 1):.1f} steps per forward, "
+               f"{result.get('graph_rounds', 0)} graph rounds" if 'inference_rounds' in result else ""))
+    return results
+
+
 def main() -> None:
     parser = base_parser(__doc__)
     parser.set_defaults(model="llama2-7b", threads=4)
@@ -46,6 +70,8 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--node-args", default="", help="extra arguments for every node (quoted)")
+    parser.add_argument("--one-node", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure the concurrent sessions on one node hosting every block")
     parser.add_argument("--client-processes", type=int, default=8,
                         help="load-generating client processes for the concurrent sessions (0 = threads of this one)")
     args = parser.parse_args()
@@ -71,17 +97,19 @@ def main() -> None:
         try:
             model.generate(prompt_ids(), max_new_tokens=4, do_sample=False, eos_token_id=[])
             runs, tokens = swarm_decode(model, repeats=args.repeats)
-            run_sessions(model, 2, steps=4)  # warm-up of the batched path
-            for num_sessions in args.sessions:
-                if args.client_processes:
-                    result = run_sessions_in_processes(path, swarm, num_sessions, threads=args.threads,
-                                                       processes=args.client_processes)
-                else:
-                    result = run_sessions(model, num_sessions)
-                concurrency[num_sessions] = result
-                log(f"  {num_sessions} sessions: {result['aggregate_tps']:.1f} tok/s")
+            concurrency = concurrent_sessions(model, path, swarm, args)
         finally:
             model.shutdown()
+    one_node = {}
+    if args.one_node:
+        log(f"Nectar: 1 node (0, {num_blocks}) on {args.device}, concurrent sessions")
+        with local_swarm(path, [(0, num_blocks)], threads=args.threads, device=args.device, dtype=args.dtype,
+                         extra_args=["--cache-mb", "16384", *args.node_args.split()]) as swarm:
+            model = head_on(distributed_model(path, swarm, dtype=dtype), args.device)
+            try:
+                one_node = concurrent_sessions(model, path, swarm, args)
+            finally:
+                model.shutdown()
     top = best(runs)
     ratio = top.decode_tps / local_best.decode_tps
     overhead = top.median_ms - local_best.median_ms
@@ -93,19 +121,20 @@ def main() -> None:
         "nectar": {"decode_tps": top.decode_tps, "median_ms": top.median_ms, "ratio": ratio, "overhead_ms": overhead,
                    "median_run_tps": median_timing(runs).decode_tps, "runs_tps": [t.decode_tps for t in runs],
                    "same_tokens": tokens.tolist() == local_tokens.tolist()},
-        "concurrency": concurrency,
+        "concurrency": concurrency, "concurrency_one_node": one_node,
     }
-    base = concurrency[args.sessions[0]]["aggregate_tps"]
     rows = [
         ("local transformers", f"{local_best.decode_tps:8.1f} tok/s  median {local_best.median_ms:6.2f} ms/token"),
         (f"nectar, {args.nodes} nodes", f"{top.decode_tps:8.1f} tok/s  median {top.median_ms:6.2f} ms/token  "
                                         f"{ratio:5.2f}x local  overhead {overhead:+.2f} ms/token"),
         ("same greedy tokens", str(figures["nectar"]["same_tokens"])),
     ]
-    for num_sessions, result in concurrency.items():
-        rows.append((f"{num_sessions} concurrent session(s)",
-                     f"{result['aggregate_tps']:8.1f} tok/s aggregate  {result['aggregate_tps'] / base:5.2f}x "
-                     f"{args.sessions[0]} session  median step {result['median_step_ms']:6.1f} ms"))
+    for where, results in ((f"{args.nodes} nodes", concurrency), ("1 node", one_node)):
+        for num_sessions, result in results.items():
+            base = results[args.sessions[0]]["aggregate_tps"]
+            rows.append((f"{num_sessions} concurrent session(s), {where}",
+                         f"{result['aggregate_tps']:8.1f} tok/s aggregate  {result['aggregate_tps'] / base:5.2f}x "
+                         f"{args.sessions[0]} session  median step {result['median_step_ms']:6.1f} ms"))
     emit(f"GPU: {args.model} {args.dtype} on {gpu}, {args.nodes} nodes on one GPU, 16+64 tokens", rows, figures,
          args.json)
 

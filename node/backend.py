@@ -80,6 +80,10 @@ class SpanBackend:
             else:
                 outputs = [self._run_blocks(task.hidden, task.start, task.end, task.caches,
                                             task.prompts if task.position == 0 else None) for task in tasks]
+            if len(outputs) > 1 and self.device.type != "cpu":  # one device-to-host copy (and sync) per round
+                rows = torch.cat([output.reshape(-1, self.hidden_size) for output in outputs]).cpu()
+                return [chunk.view(output.shape) for chunk, output in
+                        zip(rows.split([output.shape[0] * output.shape[1] for output in outputs]), outputs)]
             return [output.cpu() for output in outputs]
 
     def forward(self, hidden, *, start: int, end: int, prompts=None, keep_graph: bool = True) -> torch.Tensor:

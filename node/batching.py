@@ -105,12 +105,14 @@ class LlamaBatchRunner:
     @torch.inference_mode()
     def run(self, tasks: Sequence[InferenceTask], first_block: int) -> list[torch.Tensor]:
         """Runs every task through blocks [start, end) (local indices from ``first_block``); returns [B, T, H] each."""
-        if len(tasks) == 1 and self.graphs is not None and self.graphs.applies(tasks[0]):
+        if self.graphs is not None and self.graphs.applies(tasks):
             try:
-                return [self.graphs.run(tasks[0], first_block)]
+                outputs = self.graphs.run(tasks, first_block)
             except Exception:
                 logger.warning("CUDA graph decode failed; continuing without graphs", exc_info=True)
-                self.graphs = None
+                self.graphs, outputs = None, None
+            if outputs is not None:
+                return outputs
         device, dtype = self.spans[0].device, self.spans[0].dtype
         hidden_size = self.spans[0].hidden_size
         lengths = [task.caches[0].length for task in tasks]

@@ -1,22 +1,25 @@
-"""CUDA graphs for single-token decode steps: one session's step through a node's blocks as one graph replay.
+"""CUDA graphs for decode rounds: one or many sessions' single-token steps through a node's blocks as one replay.
 
-A decode step of one session launches ~45 small kernels per block; on a GPU the CPU cannot launch them as fast as
-the GPU runs them, so a 16-block span costs ~10 ms of launches for ~3 ms of GPU work. ``GraphedDecoder`` captures
-the step once per session (and sub-span) with shapes that do not change from step to step: the position is a
-device tensor, RoPE comes from a precomputed table, keys/values are written with ``index_copy_`` and attention
-covers the session's whole preallocated cache under a mask of the positions not yet written. Later steps copy the
-input in, set the position and replay.
+A decode step launches ~45 small kernels per block, and a batched round adds a few per session per block; on a GPU
+the CPU cannot launch them as fast as the GPU runs them (a 16-block span: ~10 ms of launches for one session's
+~3 ms of GPU work, and more for a batch). ``GraphedDecoder`` records a round once per *composition* (the sessions
+in it, and the sub-span) with shapes that do not change from step to step: positions are a device tensor, RoPE
+comes from a precomputed table, keys/values are written with ``index_copy_`` and each session attends over its
+whole preallocated cache under a mask of the positions not yet written. Later rounds of the same sessions copy the
+inputs in, set the positions and replay.
 
-Used by ``LlamaBatchRunner`` on CUDA devices for steps of one row and one token; everything else (prefills,
-batches of several sessions, deep prompts) takes the eager path, which writes the same cache layout, so a session
-may alternate freely. ``capture=False`` runs the same static step eagerly (how the CPU tests check it).
+A composition is recorded once it has come back ``record_after`` times among recent rounds: continuous batching
+repeats the same sessions round after round, while one-off mixes stay on the eager path (which writes the same
+cache layout, so a session may alternate freely). Graphs are kept in a small LRU and dropped once any of their
+sessions' caches is gone. ``capture=False`` runs the same static step eagerly (how the CPU tests check it).
 """
 from __future__ import annotations
 
+import collections
 import logging
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,106 +33,161 @@ logger = logging.getLogger(__name__)
 @dataclass
 class _Graph:
     graph: Optional["torch.cuda.CUDAGraph"]
-    input: torch.Tensor  # [1, hidden]
-    position: torch.Tensor  # [1] int64
-    output: Optional[torch.Tensor]  # [1, hidden], written by the replay
+    sessions: tuple  # weakrefs to each session's first SpanCache, in the graph's row order
+    input: torch.Tensor  # [n, hidden]
+    positions: torch.Tensor  # [n] int64: where each session's token goes
+    output: Optional[torch.Tensor]  # [n, hidden], written by the replay
+
+    def matches(self, caches: Sequence) -> bool:
+        return all(ref() is cache for ref, cache in zip(self.sessions, caches))
 
 
 class GraphedDecoder:
-    """Captures and replays single-token steps; holds no reference to a session's cache (graphs die with it).
+    """Records and replays decode rounds; holds only weak references to sessions' caches.
 
     :param runner: the batched runner whose fused weights and attention settings the graphs use
     :param capture: record CUDA graphs (False: run the static step eagerly, e.g. on a CPU)
+    :param max_graphs: recorded rounds kept (least recently used dropped first)
+    :param record_after: sightings of a composition, among the last ``window`` rounds, before it is recorded
+    :param max_sessions: the largest round recorded
     """
 
-    def __init__(self, runner: "LlamaBatchRunner", *, capture: bool = True):
+    def __init__(self, runner: "LlamaBatchRunner", *, capture: bool = True, max_graphs: int = 64,
+                 record_after: int = 3, window: int = 256, max_sessions: int = 64):
         from nectar.node.batching import _attention_backends
 
         self.runner, self.capture = runner, capture
+        self.max_graphs, self.record_after, self.window, self.max_sessions = max_graphs, record_after, window, max_sessions
         self._backends = _attention_backends
         first = runner.spans[0]
         self.device, self.dtype, self.hidden_size = first.device, first.dtype, first.hidden_size
         self.max_positions = int(getattr(first.config, "max_position_embeddings", 0) or 0)
-        self._graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # first SpanCache -> {span: _Graph}
+        self._graphs: collections.OrderedDict[tuple, _Graph] = collections.OrderedDict()
+        self._sightings: collections.OrderedDict[tuple, int] = collections.OrderedDict()
+        self._gone: list[tuple] = []  # keys of graphs whose session ended (appended from any thread)
         self.enabled = self.max_positions > 0 and getattr(runner.rotary, "rope_type", "default") == "default"
         if self.enabled:
             with torch.inference_mode():
                 positions = torch.arange(self.max_positions, device=self.device)
                 cos, sin = runner.rotary(torch.zeros(1, 1, device=self.device, dtype=self.dtype), positions[None])
             self.cos_table, self.sin_table = cos[0], sin[0]  # [max_positions, head_dim]
-        self.replays = 0
+        self.replays = self.recorded = 0
 
-    def applies(self, task: "InferenceTask") -> bool:
-        cache = task.caches[0]
-        return (self.enabled and tuple(task.hidden.shape[:2]) == (1, 1) and task.batch_key is not None
-                and cache.length + 1 <= cache.max_length and cache.max_length <= self.max_positions)
+    def applies(self, tasks: Sequence["InferenceTask"]) -> bool:
+        """Whether these steps could run as a recorded round: one row and one token each, room in every cache."""
+        if not self.enabled or not 1 <= len(tasks) <= self.max_sessions:
+            return False
+        for task in tasks:
+            cache = task.caches[0]
+            if (tuple(task.hidden.shape[:2]) != (1, 1) or task.batch_key is None or cache.batch_size != 1
+                    or not cache.length + 1 <= cache.max_length <= self.max_positions):
+                return False
+        return True
 
     @torch.inference_mode()
-    def run(self, task: "InferenceTask", first_block: int) -> torch.Tensor:
-        """The step's output [1, 1, hidden]; advances the session's caches by one token."""
-        caches = task.caches
-        span = (first_block, len(caches))
-        per_session = self._graphs.setdefault(caches[0], {})
-        entry = per_session.get(span)
-        length = caches[0].length
+    def run(self, tasks: Sequence["InferenceTask"], first_block: int) -> Optional[list[torch.Tensor]]:
+        """Each task's output [1, 1, hidden] (advancing its caches by one token), or None: not recorded (yet), the
+        caller runs the round eagerly."""
+        while self._gone:  # drop them here, on the compute thread, where graphs replay
+            self._graphs.pop(self._gone.pop(), None)
+        order = sorted(range(len(tasks)), key=lambda i: id(tasks[i].caches[0]))
+        ordered = [tasks[i] for i in order]
+        key = (first_block, len(tasks[0].caches), *(id(task.caches[0]) for task in ordered))
+        entry = self._graphs.get(key)
+        if entry is not None and not entry.matches([task.caches[0] for task in ordered]):
+            del self._graphs[key]  # a session died and another cache took its id: record afresh
+            entry = None
         if entry is None:
-            entry = per_session[span] = self._record(caches, first_block, task.hidden, length)
+            if not self._seen_enough(key):
+                return None
+            entry = self._record(ordered, first_block, key)
+            self._graphs[key] = entry
+            while len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+            self._sightings.pop(key, None)
         else:
-            entry.input.copy_(task.hidden.reshape(1, -1))
-            entry.position.fill_(length)
-            if entry.graph is not None:
-                entry.graph.replay()
-            else:
-                entry.output = self._step(entry.input, entry.position, [c.buffer[0] for c in caches], first_block)
+            self._graphs.move_to_end(key)
+        lengths = [task.caches[0].length for task in ordered]
+        entry.input.copy_(torch.cat([task.hidden.reshape(1, -1) for task in ordered]))
+        entry.positions.copy_(torch.tensor(lengths))
+        if entry.graph is not None:
+            entry.graph.replay()
+        else:
+            entry.output = self._step(entry.input, entry.positions, [task.caches for task in ordered], first_block)
         self.replays += 1
-        for cache in caches:
-            cache.length = length + 1
-        return entry.output.view(1, 1, self.hidden_size)
+        for task, length in zip(ordered, lengths):
+            for cache in task.caches:
+                cache.length = length + 1
+        outputs = [None] * len(tasks)
+        for row, index in enumerate(order):
+            outputs[index] = entry.output[row : row + 1].view(1, 1, self.hidden_size)
+        return outputs
 
-    def _record(self, caches, first_block: int, hidden: torch.Tensor, length: int) -> _Graph:
-        static_input = hidden.reshape(1, -1).to(self.device, self.dtype).clone()
-        position = torch.full((1,), length, dtype=torch.long, device=self.device)
-        buffers = [cache.buffer[0] for cache in caches]
+    def _seen_enough(self, key: tuple) -> bool:
+        count = self._sightings.pop(key, 0) + 1
+        self._sightings[key] = count
+        while len(self._sightings) > self.window:
+            self._sightings.popitem(last=False)
+        return count >= self.record_after
+
+    def _record(self, tasks: Sequence["InferenceTask"], first_block: int, key: tuple) -> _Graph:
+        n = len(tasks)
+        static_input = torch.zeros(n, self.hidden_size, device=self.device, dtype=self.dtype)
+        positions = torch.zeros(n, dtype=torch.long, device=self.device)
+        sessions = tuple(weakref.ref(task.caches[0], lambda _, key=key: self._gone.append(key)) for task in tasks)
+        caches = [task.caches for task in tasks]
+        self.recorded += 1
         if not self.capture:
-            return _Graph(None, static_input, position, self._step(static_input, position, buffers, first_block))
+            return _Graph(None, sessions, static_input, positions, None)
+        # the warm-up and the capture write keys/values at these positions; the replay that follows rewrites them
+        positions.copy_(torch.tensor([task.caches[0].length for task in tasks]))
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), self._backends(True):
-            self._step(static_input, position, buffers, first_block)  # warm-up: kernel choice, workspaces
+            self._step(static_input, positions, caches, first_block)  # warm-up: kernel choice, workspaces
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), self._backends(True):  # a private pool: a shared one breaks once a graph dies
-            output = self._step(static_input, position, buffers, first_block)
-        graph.replay()  # the capture recorded the step; run it (it rewrites the same keys/values as the warm-up)
-        logger.debug(f"Captured a decode graph for blocks {first_block}:{first_block + len(caches)}")
-        return _Graph(graph, static_input, position, output)
+            output = self._step(static_input, positions, caches, first_block)
+        logger.debug(f"Recorded a decode round of {n} session(s) for blocks {first_block}:{first_block + len(caches[0])}")
+        return _Graph(graph, sessions, static_input, positions, output)
 
-    def _step(self, x: torch.Tensor, position: torch.Tensor, buffers: list, first_block: int) -> torch.Tensor:
-        """One token through the blocks with position-independent shapes (graph-safe: no host syncs)."""
-        runner = self.runner
-        heads, kv_heads, dim = runner.num_heads, runner.num_kv_heads, runner.head_dim
-        max_length = buffers[0].shape[3]
-        cos = self.cos_table.index_select(0, position)[:, None]  # [1, 1, head_dim]
-        sin = self.sin_table.index_select(0, position)[:, None]
-        key_positions = torch.arange(max_length, device=self.device)
-        mask = torch.zeros(1, 1, 1, max_length, dtype=self.dtype, device=self.device)
-        mask.masked_fill_(key_positions > position, torch.finfo(self.dtype).min)
-        groups = heads // kv_heads
+    def _step(self, x: torch.Tensor, positions: torch.Tensor, caches: list, first_block: int) -> torch.Tensor:
+        """One token of each session through the blocks, with position-independent shapes (graph-safe: no host
+        syncs). ``x`` [n, hidden], ``positions`` [n], ``caches[i]`` session i's SpanCaches (one per block)."""
         from nectar.node.batching import _linear, _rotate_half
 
-        for local, buffer in enumerate(buffers):  # buffer: [key/value, 1, kv_heads, max_length, head_dim]
+        runner = self.runner
+        n, heads, kv_heads, dim = x.shape[0], runner.num_heads, runner.num_kv_heads, runner.head_dim
+        groups = heads // kv_heads
+        cos = self.cos_table.index_select(0, positions)[:, None]  # [n, 1, head_dim]
+        sin = self.sin_table.index_select(0, positions)[:, None]
+        masks, where = [], []
+        for index, session in enumerate(caches):  # each session sees its own cache up to its position
+            position = positions[index : index + 1]
+            max_length = session[0].max_length
+            mask = torch.zeros(1, 1, 1, max_length, dtype=self.dtype, device=self.device)
+            mask.masked_fill_(torch.arange(max_length, device=self.device) > position, torch.finfo(self.dtype).min)
+            masks.append(mask)
+            where.append(position)
+        for local in range(len(caches[0])):
             layer = runner.layers[first_block + local]
-            qkv = _linear(layer.input_norm(x), layer.qkv_weight, layer.qkv_bias).view(1, heads + 2 * kv_heads, dim)
+            qkv = _linear(layer.input_norm(x), layer.qkv_weight, layer.qkv_bias).view(n, heads + 2 * kv_heads, dim)
             qk = qkv[:, : heads + kv_heads]
             qk.copy_(qk * cos + _rotate_half(qk) * sin)
-            new_kv = qkv[:, heads:].view(1, 1, 2, kv_heads, dim).permute(2, 0, 3, 1, 4)  # [2, 1, kv_heads, 1, dim]
-            buffer.index_copy_(3, position, new_kv)
-            keys, values = buffer[0], buffer[1]
-            if groups > 1:
-                keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-            query = qkv[:, :heads].view(1, 1, heads, dim).transpose(1, 2)
-            attention = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=runner.scaling)
-            x = x + _linear(attention.transpose(1, 2).reshape(1, heads * dim), layer.o_weight, layer.o_bias)
+            outputs = []
+            for index, session in enumerate(caches):
+                buffer = session[local].buffer[0]  # [key/value, 1, kv_heads, max_length, head_dim]
+                new_kv = qkv[index : index + 1, heads:].view(1, 1, 2, kv_heads, dim).permute(2, 0, 3, 1, 4)
+                buffer.index_copy_(3, where[index], new_kv)
+                keys, values = buffer[0], buffer[1]
+                if groups > 1:
+                    keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+                query = qkv[index : index + 1, :heads].view(1, 1, heads, dim).transpose(1, 2)
+                outputs.append(F.scaled_dot_product_attention(query, keys, values, attn_mask=masks[index],
+                                                              scale=runner.scaling))
+            attention = outputs[0] if n == 1 else torch.cat(outputs)  # [n, heads, 1, dim]
+            x = x + _linear(attention.transpose(1, 2).reshape(n, heads * dim), layer.o_weight, layer.o_bias)
             gate, up = _linear(layer.post_norm(x), layer.gate_up_weight, layer.gate_up_bias).chunk(2, dim=-1)
             x = x + _linear(layer.act(gate) * up, layer.down_weight, layer.down_bias)
         return x

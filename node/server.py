@@ -186,9 +186,15 @@ class Server:
         info.update(model=self.model_id, num_model_blocks=self.num_model_blocks, version=PROTOCOL_VERSION,
                     active_sessions=self.handler.active_sessions,
                     compute={"inference_rounds": stats.batches, "inference_steps": stats.steps,
-                             "max_batch": stats.max_batch, "training_requests": stats.training},
+                             "max_batch": stats.max_batch, "training_requests": stats.training,
+                             **self._graph_counters()},
                     push={"sent": self.handler.pushes_sent, "received": self.handler.inbox.received})
         return info
+
+    def _graph_counters(self) -> dict:
+        runner = self.backend.batch_runner
+        graphs = runner.graphs if runner is not None else None
+        return {"graph_rounds": graphs.replays, "graphs_recorded": graphs.recorded} if graphs is not None else {}
 
     def stop(self) -> None:
         if self.stop_event.is_set():

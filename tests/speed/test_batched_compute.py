@@ -191,41 +191,41 @@ def test_kept_graphs_stay_within_their_byte_budget(tiny_llama):
     assert disabled.graphs.nbytes == 0
 
 
-def test_static_decode_steps_equal_the_eager_path(tiny_llama):
-    """The graph-safe decode step (node/graphs.py; recorded as a CUDA graph on GPUs) run eagerly on the CPU."""
+def test_recorded_decode_rounds_equal_one_by_one_steps(tiny_llama):
+    """The graph-safe decode round (node/graphs.py; recorded as a CUDA graph on GPUs) run eagerly on the CPU: rounds
+    of several sessions (different cache sizes, a sub-span, a rollback, one leaving) equal unbatched steps."""
+    import gc
+
     from nectar.node.graphs import GraphedDecoder
 
     batched, plain = _backend(tiny_llama, batching=True), _backend(tiny_llama, batching=False)
-    static = GraphedDecoder(batched.batch_runner, capture=False)
+    static = batched.batch_runner.graphs = GraphedDecoder(batched.batch_runner, capture=False, record_after=2)
     torch.manual_seed(4)
     hidden = batched.hidden_size
-    sessions = [_Session(batched, plain, batch_size=1, start=s, end=e) for s, e in ((0, 4), (1, 3))]
+    full = [_Session(batched, plain, batch_size=1, start=0, end=4, max_length=m) for m in (40, 24, 31)]
+    sub = [_Session(batched, plain, batch_size=1, start=1, end=3)]
+    for index, prefill in enumerate((5, 3, 7, 2)):
+        _round(batched, plain, [(full + sub)[index]], [torch.randn(1, prefill, hidden)])
     worst = 0.0
-    for session, prefill in zip(sessions, (5, 3)):
-        x = torch.randn(1, prefill, hidden)
-        batched.run_inference([batched.inference_task(x, session.batched_caches, start=session.start,
-                                                      end=session.end, position=0)])
-        plain.inference_step(x, session.plain_caches, start=session.start, end=session.end, position=0)
-        session.position = prefill
-    for step in range(8):
-        for session in sessions:
-            if step == 5:  # a replay from an earlier position reuses the same recorded step
-                session.position -= 2
-                for caches in (session.batched_caches, session.plain_caches):
-                    for cache in caches:
-                        cache.crop(session.position)
-            x = torch.randn(1, 1, hidden)
-            task = batched.inference_task(x, session.batched_caches, start=session.start, end=session.end,
-                                          position=session.position)
-            assert static.applies(task)
-            got = static.run(task, session.start - batched.start)
-            expected = plain.inference_step(x, session.plain_caches, start=session.start, end=session.end,
-                                            position=session.position)
-            worst = max(worst, (got - expected).abs().max().item())
-            session.position += 1
-            assert session.batched_caches[0].length == session.position
+    for step in range(6):
+        if step == 4:  # a client rolls back two tokens (retry or replay): the same recorded round serves it
+            rolled = full[1]
+            rolled.position -= 2
+            for cache in rolled.batched_caches + rolled.plain_caches:
+                cache.crop(rolled.position)
+        for group in (full, sub):
+            replays = static.replays
+            worst = max(worst, _round(batched, plain, group, [torch.randn(1, 1, hidden) for _ in group]))
+            assert static.replays == replays + (step >= 1)  # recorded on its second sighting, replayed from then on
+    assert len(static._graphs) == 2 and static.recorded == 2  # one per composition: three sessions, and the sub-span
+    for step in range(3):  # one session leaves: the two others are a new composition
+        worst = max(worst, _round(batched, plain, full[:2], [torch.randn(1, 1, hidden) for _ in range(2)]))
+    assert static.recorded == 3
     assert worst <= TOLERANCE, worst
-    assert len(static._graphs) == 2  # one recorded step per session
+    del full[2], sub[0]  # their caches die, and the graphs that used them go with them
+    gc.collect()
+    _round(batched, plain, full[:2], [torch.randn(1, 1, hidden) for _ in range(2)])
+    assert len(static._graphs) == 1
 
 
 def test_a_forward_without_backward_keeps_no_graph(tiny_llama):

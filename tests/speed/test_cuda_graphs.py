@@ -1,0 +1,46 @@
+"""Recorded CUDA-graph decode rounds on a real GPU equal eager one-by-one steps (node/graphs.py).
+
+Needs a CUDA device: run on the `device` machine (benchmarks/gpu/run_gpu.sh runs it before the benchmark). On a CPU
+the same rounds are checked with graphs run eagerly (test_batched_compute.py).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nectar.node.backend import SpanBackend
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the device machine)")
+
+
+def _backend(path: str, *, batching: bool) -> SpanBackend:
+    return SpanBackend(path, 0, 4, dtype=torch.float32, device="cuda", show_progress=False, batching=batching)
+
+
+def test_graph_rounds_on_the_gpu_equal_eager_steps(tiny_llama):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    graphed, plain = _backend(tiny_llama, batching=True), _backend(tiny_llama, batching=False)
+    decoder = graphed.batch_runner.graphs
+    assert decoder is not None and decoder.capture
+    torch.manual_seed(0)
+    hidden = graphed.hidden_size
+    sessions = []
+    for max_length, prefill in ((40, 5), (24, 3), (31, 7)):
+        caches = (graphed.new_caches(0, 4, 1, max_length), plain.new_caches(0, 4, 1, max_length))
+        x = torch.randn(1, prefill, hidden)
+        graphed.inference_step(x, caches[0], start=0, end=4, position=0)
+        plain.inference_step(x, caches[1], start=0, end=4, position=0)
+        sessions.append([caches, prefill])
+    worst = 0.0
+    for step in range(10):
+        for group in (sessions, sessions[:1]):  # a round of three, then one session alone: two compositions
+            xs = [torch.randn(1, 1, hidden) for _ in group]
+            tasks = [graphed.inference_task(x, caches[0], start=0, end=4, position=position)
+                     for x, (caches, position) in zip(xs, group)]
+            outputs = graphed.run_inference(tasks)
+            for x, output, session in zip(xs, outputs, group):
+                expected = plain.inference_step(x, session[0][1], start=0, end=4, position=session[1])
+                worst = max(worst, (output - expected).abs().max().item())
+                session[1] += 1
+    assert decoder.recorded == 2 and decoder.replays >= 2 * (10 - decoder.record_after + 1)
+    assert worst <= 1e-4, worst
