@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--node-args", default="", help="extra arguments for every node (quoted)")
     parser.add_argument("--one-node", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure the concurrent sessions on one node hosting every block")
+    parser.add_argument("--one-node-only", action="store_true", help="only the concurrent sessions on one node")
     parser.add_argument("--client-processes", type=int, default=8,
                         help="load-generating client processes for the concurrent sessions (0 = threads of this one)")
     args = parser.parse_args()
@@ -82,6 +83,20 @@ def main() -> None:
     log(f"checkpoint ready in {time.perf_counter() - began:.0f}s: {path}")
     num_blocks = common.llama_config(args.model).num_hidden_layers
 
+    if args.one_node_only:
+        with local_swarm(path, [(0, num_blocks)], threads=args.threads, device=args.device, dtype=args.dtype,
+                         extra_args=["--cache-mb", "16384", *args.node_args.split()]) as swarm:
+            model = head_on(distributed_model(path, swarm, dtype=dtype), args.device)
+            try:
+                results = concurrent_sessions(model, path, swarm, args)
+            finally:
+                model.shutdown()
+        base = results[args.sessions[0]]["aggregate_tps"]
+        emit(f"GPU: {args.model} {args.dtype}, concurrent sessions on one node",
+             [(f"{n} session(s)", f"{r['aggregate_tps']:8.1f} tok/s  {r['aggregate_tps'] / base:5.2f}x  median step "
+                                  f"{r['median_step_ms']:6.1f} ms") for n, r in results.items()],
+             {"concurrency_one_node": results}, args.json)
+        return
     log("local transformers generate()")
     local, local_tokens = local_decode(path, repeats=args.repeats, dtype=dtype, device=args.device)
     gc.collect()
