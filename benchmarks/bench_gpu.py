@@ -62,6 +62,17 @@ def concurrent_sessions(model, path, swarm, args) -> dict:
     return results
 
 
+def sessions_on_one_node(path, num_blocks: int, args) -> dict:
+    log(f"Nectar: 1 node (0, {num_blocks}) on {args.device}, concurrent sessions")
+    with local_swarm(path, [(0, num_blocks)], threads=args.threads, device=args.device, dtype=args.dtype,
+                     extra_args=["--cache-mb", "16384", *args.node_args.split()]) as swarm:
+        model = head_on(distributed_model(path, swarm, dtype=getattr(torch, args.dtype)), args.device)
+        try:
+            return concurrent_sessions(model, path, swarm, args)
+        finally:
+            model.shutdown()
+
+
 def main() -> None:
     parser = base_parser(__doc__)
     parser.set_defaults(model="llama2-7b", threads=4)
@@ -84,13 +95,7 @@ def main() -> None:
     num_blocks = common.llama_config(args.model).num_hidden_layers
 
     if args.one_node_only:
-        with local_swarm(path, [(0, num_blocks)], threads=args.threads, device=args.device, dtype=args.dtype,
-                         extra_args=["--cache-mb", "16384", *args.node_args.split()]) as swarm:
-            model = head_on(distributed_model(path, swarm, dtype=dtype), args.device)
-            try:
-                results = concurrent_sessions(model, path, swarm, args)
-            finally:
-                model.shutdown()
+        results = sessions_on_one_node(path, num_blocks, args)
         base = results[args.sessions[0]]["aggregate_tps"]
         emit(f"GPU: {args.model} {args.dtype}, concurrent sessions on one node",
              [(f"{n} session(s)", f"{r['aggregate_tps']:8.1f} tok/s  {r['aggregate_tps'] / base:5.2f}x  median step "
@@ -115,16 +120,7 @@ def main() -> None:
             concurrency = concurrent_sessions(model, path, swarm, args)
         finally:
             model.shutdown()
-    one_node = {}
-    if args.one_node:
-        log(f"Nectar: 1 node (0, {num_blocks}) on {args.device}, concurrent sessions")
-        with local_swarm(path, [(0, num_blocks)], threads=args.threads, device=args.device, dtype=args.dtype,
-                         extra_args=["--cache-mb", "16384", *args.node_args.split()]) as swarm:
-            model = head_on(distributed_model(path, swarm, dtype=dtype), args.device)
-            try:
-                one_node = concurrent_sessions(model, path, swarm, args)
-            finally:
-                model.shutdown()
+    one_node = sessions_on_one_node(path, num_blocks, args) if args.one_node else {}
     top = best(runs)
     ratio = top.decode_tps / local_best.decode_tps
     overhead = top.median_ms - local_best.median_ms
