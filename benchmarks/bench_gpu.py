@@ -56,10 +56,17 @@ def concurrent_sessions(model, path, swarm, args) -> dict:
             result.update({k: counters[k] - before.get(k, 0) for k in counters if k != "max_batch"})
             before = counters
         results[num_sessions] = result
-        log(f"  {num_sessions} sessions: {result['aggregate_tps']:.1f} tok/s"
-            + (f", {result['inference_steps'] / max(result['inference_rounds'], 1):.1f} steps per forward, "
-               f"{result.get('graph_rounds', 0)} graph rounds" if 'inference_rounds' in result else ""))
+        log(f"  {num_sessions} sessions: {result['aggregate_tps']:.1f} tok/s" + (_node_time(result) if len(swarm.nodes) == 1 else ""))
     return results
+
+
+def _node_time(result: dict) -> str:
+    """Where the node's time went, per round and per step, from its counters."""
+    rounds, steps = max(result["inference_rounds"], 1), max(result["inference_steps"], 1)
+    return (f"; {steps / rounds:.1f} steps per forward, {result.get('graph_rounds', 0)} of {rounds} rounds replayed "
+            f"as graphs; per round: compute {1e3 * result['inference_seconds'] / rounds:.1f} ms, gathering "
+            f"{1e3 * result['gather_seconds'] / rounds:.1f} ms; per step: event loop "
+            f"{1e3 * result['step_handling_seconds'] / steps:.2f} ms")
 
 
 def sessions_on_one_node(path, num_blocks: int, args) -> dict:

@@ -10,6 +10,7 @@ import functools
 import logging
 import os
 import random
+import time
 from typing import AsyncIterator, Awaitable, Callable, Optional
 
 import torch
@@ -59,6 +60,7 @@ class NodeHandler:
         self.payments = payments or NoPaymentPolicy()
         self.info_provider = info_provider
         self.active_sessions = 0
+        self.step_seconds = 0.0  # event-loop time of inference steps outside compute (checks, receipts, packing)
         self.inbox = PushInbox()  # sessions here that accept hidden states pushed by the previous hop
         self.pushes_sent = 0
         # (address, block) -> whether a node serving `block` announces that direct lane: a node pushes only to
@@ -303,6 +305,7 @@ class NodeHandler:
 
     async def _inference_step(self, tensors, metadata, *, session_id, start, end, caches, batch_size, max_length,
                               length, client, push=None):
+        began = time.perf_counter()
         if not 1 <= len(tensors) <= 2:
             raise NodeRPCError(ErrorCode.BAD_REQUEST, "a step carries hidden_states and optionally prompts")
         hidden, prompts = tensors[0], (tensors[1] if len(tensors) > 1 else None)
@@ -319,10 +322,10 @@ class NodeHandler:
         tokens = hidden.shape[0] * hidden.shape[1]
         self.credit.check_credit(client, tokens * self.signer.price_for(start, end))
 
-        outputs = await self.compute.submit(  # a batchable task: concurrent sessions share one forward
-            self.backend.inference_task(hidden, caches, start=start, end=end, position=position, prompts=prompts),
-            Priority.INFERENCE,
-        )
+        task = self.backend.inference_task(hidden, caches, start=start, end=end, position=position, prompts=prompts)
+        self.step_seconds += time.perf_counter() - began
+        outputs = await self.compute.submit(task, Priority.INFERENCE)  # batchable: sessions share one forward
+        began = time.perf_counter()
         outputs = self._maybe_corrupt(outputs)
         packed = pack_tensors([outputs])
         if push is not None:  # before the receipt and the reply: the next hop computes while this node signs
@@ -331,7 +334,9 @@ class NodeHandler:
         reply = self._sign(session_id=session_id, step=step, kind=schema.ReceiptKind.INFERENCE, start=start, end=end,
                            client=client, tokens=tokens, inputs=hidden, outputs=outputs)
         reply["cache_tokens_left"] = self.memory.tokens_left
-        return runtime_pb2.ExpertResponse(tensors=packed, metadata=pack_metadata(reply)), position + hidden.shape[1]
+        response = runtime_pb2.ExpertResponse(tensors=packed, metadata=pack_metadata(reply))
+        self.step_seconds += time.perf_counter() - began
+        return response, position + hidden.shape[1]
 
     async def _single_request(self, requests) -> tuple[runtime_pb2.ExpertRequest, dict]:
         request = await _Requests(requests).next(self.config.step_timeout)

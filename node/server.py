@@ -187,6 +187,8 @@ class Server:
                     active_sessions=self.handler.active_sessions,
                     compute={"inference_rounds": stats.batches, "inference_steps": stats.steps,
                              "max_batch": stats.max_batch, "training_requests": stats.training,
+                             "inference_seconds": stats.inference_seconds, "gather_seconds": stats.gather_seconds,
+                             "step_handling_seconds": self.handler.step_seconds,
                              **self._graph_counters()},
                     push={"sent": self.handler.pushes_sent, "received": self.handler.inbox.received})
         return info

@@ -53,6 +53,8 @@ class ComputeStats:
     steps: int = 0  # inference steps served
     max_batch: int = 0  # most steps ever run in one forward
     training: int = 0  # forward/backward requests served
+    inference_seconds: float = 0.0  # spent computing inference rounds
+    gather_seconds: float = 0.0  # spent waiting for a round's sessions (``gather_share``)
 
     @property
     def mean_batch(self) -> float:
@@ -119,7 +121,9 @@ class ComputeThread:
                     self.stats.training += 1
                     batch = [training]
                 else:
+                    waited = time.perf_counter()
                     self._gather_inference()
+                    self.stats.gather_seconds += time.perf_counter() - waited
                     batch = self._take_inference_round()
             began = time.perf_counter()
             if len(batch) == 1 and batch[0].batch_key is None:
@@ -128,6 +132,7 @@ class ComputeThread:
                 self._run_round(batch)
             if training is None:
                 self._last_round_size, self._last_round_s = len(batch), time.perf_counter() - began
+                self.stats.inference_seconds += self._last_round_s
 
     def _training_due(self) -> Optional[_Work]:
         """The training item to run now, if any (caller holds the lock)."""
