@@ -52,6 +52,10 @@ class InferenceTask:
         return self.hidden.shape[0] * self.hidden.shape[1]
 
     @property
+    def session(self) -> int:
+        return id(self.caches[0])
+
+    @property
     def batch_key(self) -> Optional[tuple]:
         """Tasks with equal keys may share a forward; None = run alone (deep prompts on the first step)."""
         if self.prompts is not None and self.position == 0:

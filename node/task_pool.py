@@ -44,6 +44,11 @@ class _Work:
     def tokens(self) -> int:
         return getattr(self.function, "tokens", 1)
 
+    @property
+    def session(self) -> int:
+        """Which session this work steps (an ``InferenceTask``'s), so rounds can be told apart."""
+        return getattr(self.function, "session", id(self))
+
 
 @dataclass
 class ComputeStats:
@@ -74,7 +79,8 @@ class ComputeThread:
                  max_gather_wait: float = 0.05):
         self.max_batch_tokens, self.training_max_wait = max_batch_tokens, training_max_wait
         self.gather_share, self.max_gather_wait = gather_share, max_gather_wait
-        self._last_round_size, self._last_round_s = 1, 0.0
+        self._last_round_s = 0.0
+        self._round_sessions: list[set] = [set(), set()]  # sessions of the last two rounds
         self._last_spread = 0.0  # how long the last gathering took to bring every session back
         self._queues: dict[Priority, collections.deque[_Work]] = {p: collections.deque() for p in Priority}
         self._condition = threading.Condition()
@@ -132,7 +138,8 @@ class ComputeThread:
             else:
                 self._run_round(batch)
             if training is None:
-                self._last_round_size, self._last_round_s = len(batch), time.perf_counter() - began
+                self._last_round_s = time.perf_counter() - began
+                self._round_sessions = [self._round_sessions[1], {work.session for work in batch}]
                 self.stats.inference_seconds += self._last_round_s
 
     def _training_due(self) -> Optional[_Work]:
@@ -149,20 +156,21 @@ class ComputeThread:
 
         Replies to a round reach clients one after another, so the first next step arrives while most are still on
         their way; starting at once would split the sessions into rounds that each pay for reading all weights.
-        The wait ends when as many steps are pending as the last round ran, or after ``gather_share`` of that
-        round's compute time or 1.25 times what the last gathering took, whichever is longer (at most
-        ``max_gather_wait``), so a session that went quiet costs little. The second bound matters where rounds are
+        The wait ends when as many steps are pending as the last two rounds had sessions (so rounds that split come
+        back together), or after ``gather_share`` of the last round's compute time or 1.25 times what the last
+        gathering took, whichever is longer (at most ``max_gather_wait``), so a session that went quiet costs little. The second bound matters where rounds are
         cheap (a recorded GPU round), and replies still take a while to reach every session: rounds that split would
         also change their mix of sessions, which the recorded rounds are keyed by. Off by default (``--batch-wait``):
         on a route of several nodes, rounds that split let the nodes work as a pipeline.
         """
         queue = self._queues[Priority.INFERENCE]
-        if self.gather_share <= 0 or self._last_round_size <= 1 or len(queue) >= self._last_round_size:
+        expected = len(self._round_sessions[0] | self._round_sessions[1])
+        if self.gather_share <= 0 or expected <= 1 or len(queue) >= expected:
             return
         began = time.monotonic()
         deadline = began + min(self.max_gather_wait,
                                max(self.gather_share * self._last_round_s, 1.25 * self._last_spread))
-        while not self._stopped and len(queue) < self._last_round_size:
+        while not self._stopped and len(queue) < expected:
             remaining = deadline - time.monotonic()
             if remaining <= 0:  # someone left, or replies now take longer: allow more next time
                 self._last_spread = min(self.max_gather_wait, 2 * max(self._last_spread, 1e-3))
