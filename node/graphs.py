@@ -6,7 +6,8 @@ the CPU cannot launch them as fast as the GPU runs them (a 16-block span: ~10 ms
 in it, and the sub-span) with shapes that do not change from step to step: positions are a device tensor, RoPE
 comes from a precomputed table, keys/values are written with ``index_copy_`` and each session attends over its
 whole preallocated cache under a mask of the positions not yet written. Later rounds of the same sessions copy the
-inputs in, set the positions and replay.
+inputs in, set the positions and replay. A round of only some of a recorded round's sessions (one finished its
+turn late, or rounds split) replays it too, the absent rows computing a throwaway token.
 
 A composition is recorded once it has come back ``record_after`` times among recent rounds: continuous batching
 repeats the same sessions round after round, while one-off mixes stay on the eager path (which writes the same
@@ -32,14 +33,17 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Graph:
+    key: tuple
     graph: Optional["torch.cuda.CUDAGraph"]
-    sessions: tuple  # weakrefs to each session's first SpanCache, in the graph's row order
+    sessions: tuple  # per row: weakrefs to that session's SpanCaches (one per block)
     input: torch.Tensor  # [n, hidden]
     positions: torch.Tensor  # [n] int64: where each session's token goes
     output: Optional[torch.Tensor]  # [n, hidden], written by the replay
 
-    def matches(self, caches: Sequence) -> bool:
-        return all(ref() is cache for ref, cache in zip(self.sessions, caches))
+    def live_sessions(self) -> Optional[list[list]]:
+        """Each row's SpanCaches, or None once any of them is gone."""
+        sessions = [[ref() for ref in refs] for refs in self.sessions]
+        return None if any(cache is None for caches in sessions for cache in caches) else sessions
 
 
 class GraphedDecoder:
@@ -53,7 +57,7 @@ class GraphedDecoder:
     """
 
     def __init__(self, runner: "LlamaBatchRunner", *, capture: bool = True, max_graphs: int = 64,
-                 record_after: int = 3, window: int = 256, max_sessions: int = 64):
+                 record_after: int = 2, window: int = 256, max_sessions: int = 64):
         from nectar.node.batching import _attention_backends
 
         self.runner, self.capture = runner, capture
@@ -87,41 +91,56 @@ class GraphedDecoder:
     @torch.inference_mode()
     def run(self, tasks: Sequence["InferenceTask"], first_block: int) -> Optional[list[torch.Tensor]]:
         """Each task's output [1, 1, hidden] (advancing its caches by one token), or None: not recorded (yet), the
-        caller runs the round eagerly."""
+        caller runs the round eagerly.
+
+        A round of some of a recorded round's sessions replays that one: the absent sessions' rows compute a token
+        of zeros at their next position, which their own next step overwrites before anything reads it."""
         while self._gone:  # drop them here, on the compute thread, where graphs replay
             self._graphs.pop(self._gone.pop(), None)
-        order = sorted(range(len(tasks)), key=lambda i: id(tasks[i].caches[0]))
-        ordered = [tasks[i] for i in order]
-        key = (first_block, len(tasks[0].caches), *(id(task.caches[0]) for task in ordered))
-        entry = self._graphs.get(key)
-        if entry is not None and not entry.matches([task.caches[0] for task in ordered]):
-            del self._graphs[key]  # a session died and another cache took its id: record afresh
-            entry = None
+        by_id = {id(task.caches[0]): task for task in tasks}
+        span = (first_block, len(tasks[0].caches))
+        key = (*span, *sorted(by_id))
+        entry = self._graphs.get(key) or self._superset(span, by_id)
         if entry is None:
             if not self._seen_enough(key):
                 return None
-            entry = self._record(ordered, first_block, key)
-            self._graphs[key] = entry
+            entry = self._graphs[key] = self._record([by_id[i] for i in key[2:]], first_block, key)
             while len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)
             self._sightings.pop(key, None)
-        else:
-            self._graphs.move_to_end(key)
-        lengths = [task.caches[0].length for task in ordered]
-        entry.input.copy_(torch.cat([task.hidden.reshape(1, -1) for task in ordered]))
+        sessions = entry.live_sessions()
+        if sessions is None:  # a session ended while this round was being formed
+            self._graphs.pop(entry.key, None)
+            return None
+        rows = {id(caches[0]): row for row, caches in enumerate(sessions)}
+        lengths = [caches[0].length for caches in sessions]
+        if any(id(caches[0]) not in by_id and length >= caches[0].max_length
+               for caches, length in zip(sessions, lengths)):
+            return None  # an absent session's cache is full: no spare position to write
+        self._graphs.move_to_end(entry.key)
+        inputs = torch.zeros(len(rows), self.hidden_size)
+        for session_id, task in by_id.items():
+            inputs[rows[session_id]] = task.hidden.reshape(-1)
+        entry.input.copy_(inputs)
         entry.positions.copy_(torch.tensor(lengths))
         if entry.graph is not None:
             entry.graph.replay()
         else:
-            entry.output = self._step(entry.input, entry.positions, [task.caches for task in ordered], first_block)
+            entry.output = self._step(entry.input, entry.positions, sessions, first_block)
         self.replays += 1
-        for task, length in zip(ordered, lengths):
+        outputs = []
+        for task in tasks:
+            row = rows[id(task.caches[0])]
             for cache in task.caches:
-                cache.length = length + 1
-        outputs = [None] * len(tasks)
-        for row, index in enumerate(order):
-            outputs[index] = entry.output[row : row + 1].view(1, 1, self.hidden_size)
+                cache.length = lengths[row] + 1
+            outputs.append(entry.output[row : row + 1].view(1, 1, self.hidden_size))
         return outputs
+
+    def _superset(self, span: tuple, by_id: dict) -> Optional[_Graph]:
+        """The smallest recorded round of this sub-span that has every one of these sessions, if any."""
+        wanted = set(by_id)
+        found = [entry for key, entry in self._graphs.items() if key[:2] == span and wanted <= set(key[2:])]
+        return min(found, key=lambda entry: len(entry.sessions), default=None)
 
     def _seen_enough(self, key: tuple) -> bool:
         count = self._sightings.pop(key, 0) + 1
@@ -134,11 +153,12 @@ class GraphedDecoder:
         n = len(tasks)
         static_input = torch.zeros(n, self.hidden_size, device=self.device, dtype=self.dtype)
         positions = torch.zeros(n, dtype=torch.long, device=self.device)
-        sessions = tuple(weakref.ref(task.caches[0], lambda _, key=key: self._gone.append(key)) for task in tasks)
+        gone = lambda _, key=key: self._gone.append(key)  # noqa: E731  (a weakref callback)
+        sessions = tuple(tuple(weakref.ref(cache, gone) for cache in task.caches) for task in tasks)
         caches = [task.caches for task in tasks]
         self.recorded += 1
         if not self.capture:
-            return _Graph(None, sessions, static_input, positions, None)
+            return _Graph(key, None, sessions, static_input, positions, None)
         # the warm-up and the capture write keys/values at these positions; the replay that follows rewrites them
         positions.copy_(torch.tensor([task.caches[0].length for task in tasks]))
         stream = torch.cuda.Stream()
@@ -150,7 +170,7 @@ class GraphedDecoder:
         with torch.cuda.graph(graph), self._backends(True):  # a private pool: a shared one breaks once a graph dies
             output = self._step(static_input, positions, caches, first_block)
         logger.debug(f"Recorded a decode round of {n} session(s) for blocks {first_block}:{first_block + len(caches[0])}")
-        return _Graph(graph, sessions, static_input, positions, output)
+        return _Graph(key, graph, sessions, static_input, positions, output)
 
     def _step(self, x: torch.Tensor, positions: torch.Tensor, caches: list, first_block: int) -> torch.Tensor:
         """One token of each session through the blocks, with position-independent shapes (graph-safe: no host
