@@ -9,8 +9,9 @@ whole preallocated cache under a mask of the positions not yet written. Later ro
 inputs in, set the positions and replay. A round of only some of a recorded round's sessions (one finished its
 turn late, or rounds split) replays it too, the absent rows computing a throwaway token.
 
-A composition is recorded once it has come back ``record_after`` times among recent rounds: continuous batching
-repeats the same sessions round after round, while one-off mixes stay on the eager path (which writes the same
+A session alone is recorded at its first decode step; a mix of sessions once it has come back ``record_after``
+times among recent rounds: continuous batching repeats the same sessions round after round, while one-off mixes
+stay on the eager path (which writes the same
 cache layout, so a session may alternate freely). Graphs are kept in a small LRU and dropped once any of their
 sessions' caches is gone. ``capture=False`` runs the same static step eagerly (how the CPU tests check it).
 """
@@ -102,7 +103,7 @@ class GraphedDecoder:
         key = (*span, *sorted(by_id))
         entry = self._graphs.get(key) or self._superset(span, by_id)
         if entry is None:
-            if not self._seen_enough(key):
+            if len(by_id) > 1 and not self._seen_enough(key):  # a lone session's steps always repeat
                 return None
             entry = self._graphs[key] = self._record([by_id[i] for i in key[2:]], first_block, key)
             while len(self._graphs) > self.max_graphs:

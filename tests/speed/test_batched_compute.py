@@ -208,17 +208,19 @@ def test_recorded_decode_rounds_equal_one_by_one_steps(tiny_llama):
     for index, prefill in enumerate((5, 3, 7, 2)):
         _round(batched, plain, [(full + sub)[index]], [torch.randn(1, prefill, hidden)])
 
-    def rounds(groups, count: int, replayed: int) -> float:
+    def rounds(groups, count: int, replayed) -> float:
+        """``count`` rounds of each group; ``replayed``: whether each group's rounds replay (one per group, or all)"""
         worst = 0.0
         for _ in range(count):
-            for group in groups:
+            for group, replays_it in zip(groups, replayed if isinstance(replayed, tuple) else [replayed] * 9):
                 replays = static.replays
                 worst = max(worst, _round(batched, plain, group, [torch.randn(1, 1, hidden) for _ in group]))
-                assert static.replays - replays == replayed
+                assert static.replays - replays == replays_it
         return worst
 
-    worst = rounds([full, sub], 1, replayed=0)  # first sightings: eager
-    worst = max(worst, rounds([full, sub], 3, replayed=1))  # recorded on the second sighting, then replayed
+    # three sessions: eager at first sight, recorded at the second; a lone session (the sub-span) at once
+    worst = rounds([full, sub], 1, replayed=(0, 1))
+    worst = max(worst, rounds([full, sub], 3, replayed=1))
     rolled = full[1]  # a client rolls back two tokens (retry or replay): the same recorded round serves it
     rolled.position -= 2
     for cache in rolled.batched_caches + rolled.plain_caches:
