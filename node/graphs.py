@@ -9,9 +9,10 @@ whole preallocated cache under a mask of the positions not yet written. Later ro
 inputs in, set the positions and replay. A round of only some of a recorded round's sessions (one finished its
 turn late, or rounds split) replays it too, the absent rows computing a throwaway token.
 
-A session alone is recorded at its first decode step; a mix of sessions once it has come back ``record_after``
-times among recent rounds: continuous batching repeats the same sessions round after round, while one-off mixes
-stay on the eager path (which writes the same
+A session alone is recorded at its first decode step. A round of several sessions without a recording is
+recorded for every session active lately (in the last few rounds), once that set has come back ``record_after``
+times among recent rounds: continuous batching repeats the same sessions round after round (whichever way its
+rounds split), while one-off mixes stay on the eager path (which writes the same
 cache layout, so a session may alternate freely). Graphs are kept in a small LRU and dropped once any of their
 sessions' caches is gone. ``capture=False`` runs the same static step eagerly (how the CPU tests check it).
 """
@@ -55,14 +56,17 @@ class GraphedDecoder:
     :param max_graphs: recorded rounds kept (least recently used dropped first)
     :param record_after: sightings of a composition, among the last ``window`` rounds, before it is recorded
     :param max_sessions: the largest round recorded
+    :param active_rounds: a session seen in this many last rounds counts as active: a new round is recorded for all
+        active sessions of its sub-span, so rounds of any mix of them replay it
     """
 
     def __init__(self, runner: "LlamaBatchRunner", *, capture: bool = True, max_graphs: int = 64,
-                 record_after: int = 2, window: int = 256, max_sessions: int = 64):
+                 record_after: int = 2, window: int = 256, max_sessions: int = 64, active_rounds: int = 4):
         from nectar.node.batching import _attention_backends
 
         self.runner, self.capture = runner, capture
         self.max_graphs, self.record_after, self.window, self.max_sessions = max_graphs, record_after, window, max_sessions
+        self.active_rounds = active_rounds
         self._backends = _attention_backends
         first = runner.spans[0]
         self.device, self.dtype, self.hidden_size = first.device, first.dtype, first.hidden_size
@@ -70,6 +74,9 @@ class GraphedDecoder:
         self._graphs: collections.OrderedDict[tuple, _Graph] = collections.OrderedDict()
         self._sightings: collections.OrderedDict[tuple, int] = collections.OrderedDict()
         self._gone: list[tuple] = []  # keys of graphs whose session ended (appended from any thread)
+        # id of a session's first SpanCache -> (round last seen, sub-span, weakrefs to its SpanCaches)
+        self._active: collections.OrderedDict[int, tuple] = collections.OrderedDict()
+        self._rounds = 0
         self.enabled = self.max_positions > 0 and getattr(runner.rotary, "rope_type", "default") == "default"
         if self.enabled:
             with torch.inference_mode():
@@ -101,11 +108,17 @@ class GraphedDecoder:
         by_id = {id(task.caches[0]): task for task in tasks}
         span = (first_block, len(tasks[0].caches))
         key = (*span, *sorted(by_id))
+        self._rounds += 1
+        for session_id, task in by_id.items():
+            self._active[session_id] = (self._rounds, span, tuple(weakref.ref(cache) for cache in task.caches))
+            self._active.move_to_end(session_id)
         entry = self._graphs.get(key) or self._superset(span, by_id)
         if entry is None:
-            if len(by_id) > 1 and not self._seen_enough(key):  # a lone session's steps always repeat
+            members = self._active_sessions(span, by_id)  # record for everyone active, so later mixes replay it
+            key = (*span, *sorted(members))
+            if len(members) > 1 and not self._seen_enough(key):  # a lone session's steps always repeat
                 return None
-            entry = self._graphs[key] = self._record([by_id[i] for i in key[2:]], first_block, key)
+            entry = self._graphs[key] = self._record([members[i] for i in key[2:]], first_block, key)
             while len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)
             self._sightings.pop(key, None)
@@ -137,6 +150,23 @@ class GraphedDecoder:
             outputs.append(entry.output[row : row + 1].view(1, 1, self.hidden_size))
         return outputs
 
+    def _active_sessions(self, span: tuple, by_id: dict) -> dict[int, list]:
+        """This round's sessions plus those of this sub-span seen in the last ``active_rounds`` rounds that are
+        still alive and have room for a token: id -> SpanCaches (at most ``max_sessions``)."""
+        members = {session_id: task.caches for session_id, task in by_id.items()}
+        for session_id, (seen, session_span, refs) in reversed(self._active.items()):
+            if self._rounds - seen >= self.active_rounds:
+                break  # older ones follow (the dict is ordered by last sighting)
+            if len(members) >= self.max_sessions:
+                break
+            caches = [ref() for ref in refs]
+            if (session_span == span and session_id not in members and all(c is not None for c in caches)
+                    and caches[0].length < caches[0].max_length):
+                members[session_id] = caches
+        while self._active and self._rounds - next(iter(self._active.values()))[0] >= self.active_rounds:
+            self._active.popitem(last=False)
+        return members
+
     def _superset(self, span: tuple, by_id: dict) -> Optional[_Graph]:
         """The smallest recorded round of this sub-span that has every one of these sessions, if any."""
         wanted = set(by_id)
@@ -150,18 +180,18 @@ class GraphedDecoder:
             self._sightings.popitem(last=False)
         return count >= self.record_after
 
-    def _record(self, tasks: Sequence["InferenceTask"], first_block: int, key: tuple) -> _Graph:
-        n = len(tasks)
+    def _record(self, caches: list[list], first_block: int, key: tuple) -> _Graph:
+        """Records a round of these sessions (each one's SpanCaches, one per block)."""
+        n = len(caches)
         static_input = torch.zeros(n, self.hidden_size, device=self.device, dtype=self.dtype)
         positions = torch.zeros(n, dtype=torch.long, device=self.device)
         gone = lambda _, key=key: self._gone.append(key)  # noqa: E731  (a weakref callback)
-        sessions = tuple(tuple(weakref.ref(cache, gone) for cache in task.caches) for task in tasks)
-        caches = [task.caches for task in tasks]
+        sessions = tuple(tuple(weakref.ref(cache, gone) for cache in session) for session in caches)
         self.recorded += 1
         if not self.capture:
             return _Graph(key, None, sessions, static_input, positions, None)
         # the warm-up and the capture write keys/values at these positions; the replay that follows rewrites them
-        positions.copy_(torch.tensor([task.caches[0].length for task in tasks]))
+        positions.copy_(torch.tensor([session[0].length for session in caches]))
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), self._backends(True):

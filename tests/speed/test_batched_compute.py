@@ -239,6 +239,29 @@ def test_recorded_decode_rounds_equal_one_by_one_steps(tiny_llama):
     assert len(static._graphs) == 1
 
 
+def test_rounds_that_split_replay_one_recording_of_every_active_session(tiny_llama):
+    """Sessions that never share a round (rounds split [A, B], [C], [A, B], ...) still get one recorded round: it is
+    recorded for every session active lately, and each split round replays it."""
+    from nectar.node.graphs import GraphedDecoder
+
+    batched, plain = _backend(tiny_llama, batching=True), _backend(tiny_llama, batching=False)
+    static = batched.batch_runner.graphs = GraphedDecoder(batched.batch_runner, capture=False)
+    torch.manual_seed(5)
+    hidden = batched.hidden_size
+    sessions = [_Session(batched, plain, batch_size=1, start=0, end=4) for _ in range(3)]
+    for session, prefill in zip(sessions, (4, 6, 2)):
+        _round(batched, plain, [session], [torch.randn(1, prefill, hidden)])
+    worst, replayed = 0.0, []
+    for _ in range(5):
+        for group in (sessions[:2], sessions[2:]):
+            replays = static.replays
+            worst = max(worst, _round(batched, plain, group, [torch.randn(1, 1, hidden) for _ in group]))
+            replayed.append(static.replays - replays)
+    assert replayed == [0, 0] + [1] * 8  # two eager rounds; then one recording of A, B and C serves both halves
+    assert static.recorded == 1 and len(next(iter(static._graphs.values())).sessions) == 3
+    assert worst <= TOLERANCE, worst
+
+
 def test_a_forward_without_backward_keeps_no_graph(tiny_llama):
     backend = _backend(tiny_llama, batching=True)
     hidden = torch.randn(2, 6, backend.hidden_size)
