@@ -33,7 +33,7 @@ def test_graph_rounds_on_the_gpu_equal_eager_steps(tiny_llama):
         sessions.append([caches, prefill])
     worst = 0.0
     for step in range(10):
-        for group in (sessions, sessions[:1]):  # a round of three, then one session alone: two compositions
+        for group in (sessions, sessions[:1]):  # a round of three, then one session alone
             xs = [torch.randn(1, 1, hidden) for _ in group]
             tasks = [graphed.inference_task(x, caches[0], start=0, end=4, position=position)
                      for x, (caches, position) in zip(xs, group)]
@@ -42,5 +42,6 @@ def test_graph_rounds_on_the_gpu_equal_eager_steps(tiny_llama):
                 expected = plain.inference_step(x, session[0][1], start=0, end=4, position=session[1])
                 worst = max(worst, (output - expected).abs().max().item())
                 session[1] += 1
-    assert decoder.recorded == 2 and decoder.replays == 2 * 10 - 1  # the three's first round ran eagerly
+    # the three's first round ran eagerly; the lone session's first round recorded all three (active lately)
+    assert decoder.recorded == 1 and decoder.replays == 2 * 10 - 1
     assert worst <= 1e-4, worst
