@@ -11,14 +11,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.log"
 python3 -c "import torch, transformers, hivemind; print('torch', torch.__version__, 'transformers', transformers.__version__, 'hivemind', hivemind.__version__)" | tee -a "$out/gpu.log"
-python3 -m pip install -q --no-index --find-links .whl pytest pytest-timeout py-spy 2>&1 | grep -v "^WARNING" || true
+python3 -m pip install -q --no-index --find-links .whl pytest pytest-timeout 2>&1 | grep -v "^WARNING" || true
 # the CUDA-graph decode rounds against eager steps, on this GPU
 python3 -m pytest -q -p no:cacheprovider tests/speed/test_cuda_graphs.py 2>&1 | tail -3 | tee -a "$out/gpu.log" || true
-if [[ "${SPY:-0}" == 1 ]]; then  # a py-spy profile of the node serving the one-node concurrent sessions
-  (until grep -q "Nectar: 1 node" "$out/gpu.log" 2>/dev/null; do sleep 2; done; sleep "${SPY_DELAY:-30}"
-   py-spy record --pid "$(pgrep -of 'nectar.cli node')" --duration "${SPY_SECONDS:-45}" --rate 100 --format raw \
-     --threads --nonblocking --output "$out/node_spy.raw" >/dev/null 2>&1) &
-fi
 python3 benchmarks/bench_gpu.py --model llama2-7b --device cuda --dtype float16 --repeats 5 --sessions 1 16 \
-  --json "$out/gpu.json" "$@" 2>&1 | grep -v -i "warning" | tee -a "$out/gpu.log"
-wait  # for the profile, if any
+  --json "$out/gpu.json" "$@" 2>&1 | grep --line-buffered -v -i "warning" | tee -a "$out/gpu.log"
