@@ -140,13 +140,14 @@ def largest_batch(swarm) -> int:
 def main() -> None:
     parser = base_parser(__doc__)
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--node-args", default="", help="extra arguments for the node (quoted), e.g. \"--batch-wait 0.5\"")
     parser.add_argument("--client-processes", type=int, default=0,
                         help="spread the sessions over this many client processes (0 = one process, threads only)")
     args = parser.parse_args()
     set_threads(args.threads)
     path = checkpoint(args.model)
     results = {}
-    with local_swarm(path, [(0, 8)], threads=args.threads) as swarm:
+    with local_swarm(path, [(0, 8)], threads=args.threads, extra_args=args.node_args.split()) as swarm:
         model = distributed_model(path, swarm)
         try:
             run_sessions(model, 1, steps=4)  # warm-up: route, connections
