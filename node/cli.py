@@ -95,8 +95,9 @@ def node_main(argv: list[str]) -> int:
     parser.add_argument("--num-threads", type=int, default=None, help="torch threads for compute")
     parser.add_argument("--cache-mb", type=float, default=512, help="KV-cache budget in MiB across all sessions")
     parser.add_argument("--batch-wait", type=float, default=0.0,
-                        help="share of the last round's compute time a decode round waits for more sessions' steps "
-                             "(0 = start at once; try 0.5 on a node that serves many sessions alone)")
+                        help="let a decode round wait for the last rounds' sessions: up to this share of the last "
+                             "round's compute time, or 1.25x the last wait (at most 50 ms); 0 = start at once. Try 0.5 "
+                             "on a node that serves many sessions alone, above all on a GPU")
     parser.add_argument("--session-timeout", type=float, default=120, help="idle seconds before a session expires")
     parser.add_argument("--announce-period", type=float, default=10)
     parser.add_argument("--rebalance-period", type=float, default=60)
