@@ -131,6 +131,15 @@ def compute_counters(model) -> dict:
     return unpack_metadata(response.metadata)["compute"]
 
 
+def node_time(result: dict) -> str:
+    """Where the node's time went, per round and per step, from its counters."""
+    rounds, steps = max(result["inference_rounds"], 1), max(result["inference_steps"], 1)
+    return (f"; {steps / rounds:.1f} steps per forward, {result.get('graph_rounds', 0)} of {rounds} rounds replayed "
+            f"as graphs; per round: compute {1e3 * result['inference_seconds'] / rounds:.1f} ms, gathering "
+            f"{1e3 * result['gather_seconds'] / rounds:.1f} ms; per step: event loop "
+            f"{1e3 * result['step_handling_seconds'] / steps:.2f} ms")
+
+
 def largest_batch(swarm) -> int:
     """The most steps the node ran in one forward, from its log ("Batched N inference steps ...")."""
     found = [int(m) for m in re.findall(r"Batched (\d+) inference steps", swarm.nodes[0].log())]
@@ -160,10 +169,10 @@ def main() -> None:
                     else:
                         result = run_sessions(model, num_sessions)
                     after = compute_counters(model)
-                    rounds = after["inference_rounds"] - before["inference_rounds"]
-                    result["mean_batch"] = (after["inference_steps"] - before["inference_steps"]) / max(rounds, 1)
+                    result.update({k: after[k] - before.get(k, 0) for k in after if k != "max_batch"})
+                    result["mean_batch"] = result["inference_steps"] / max(result["inference_rounds"], 1)
                     log(f"  repeat {repeat}: {num_sessions:3d} sessions {result['aggregate_tps']:8.1f} tok/s, "
-                        f"median step {result['median_step_ms']:.1f} ms, {result['mean_batch']:.1f} steps per forward")
+                        f"median step {result['median_step_ms']:.1f} ms{node_time(result)}")
                     if result["aggregate_tps"] > results.get(num_sessions, {}).get("aggregate_tps", 0):
                         results[num_sessions] = result
         finally:

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from bench_concurrency import compute_counters, run_sessions, run_sessions_in_processes
+from bench_concurrency import compute_counters, node_time, run_sessions, run_sessions_in_processes
 from bench_decode import local_decode, swarm_decode
 from common import (
     DecodeTiming, base_parser, best, checkpoint, distributed_model, emit, even_spans, local_swarm, log,
@@ -56,17 +56,9 @@ def concurrent_sessions(model, path, swarm, args) -> dict:
             result.update({k: counters[k] - before.get(k, 0) for k in counters if k != "max_batch"})
             before = counters
         results[num_sessions] = result
-        log(f"  {num_sessions} sessions: {result['aggregate_tps']:.1f} tok/s" + (_node_time(result) if len(swarm.nodes) == 1 else ""))
+        log(f"  {num_sessions} sessions: {result['aggregate_tps']:.1f} tok/s"
+            + (node_time(result) if len(swarm.nodes) == 1 else ""))
     return results
-
-
-def _node_time(result: dict) -> str:
-    """Where the node's time went, per round and per step, from its counters."""
-    rounds, steps = max(result["inference_rounds"], 1), max(result["inference_steps"], 1)
-    return (f"; {steps / rounds:.1f} steps per forward, {result.get('graph_rounds', 0)} of {rounds} rounds replayed "
-            f"as graphs; per round: compute {1e3 * result['inference_seconds'] / rounds:.1f} ms, gathering "
-            f"{1e3 * result['gather_seconds'] / rounds:.1f} ms; per step: event loop "
-            f"{1e3 * result['step_handling_seconds'] / steps:.2f} ms")
 
 
 def sessions_on_one_node(path, num_blocks: int, args) -> dict:
