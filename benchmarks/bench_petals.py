@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="the Petals virtual environment")
     parser.add_argument("--nodes", type=int, default=2, help="servers in each swarm")
     parser.add_argument("--no-tuning", action="store_true", help="skip prompt tuning (decode only)")
+    parser.add_argument("--push", action="store_true", help="Nectar's client with server-to-server push")
     args = parser.parse_args()
     set_threads(args.threads)
     path = checkpoint(args.model)
@@ -88,7 +89,7 @@ def main() -> None:
     env = {**os.environ, **node_env(args.threads), "PYTHONUNBUFFERED": "1"}
     env.pop("PYTHONPATH", None)
     workdir = Path(tempfile.mkdtemp(prefix="petals-bench-"))
-    figures: dict = {"model": args.model, "threads": args.threads, "nodes": args.nodes}
+    figures: dict = {"model": args.model, "threads": args.threads, "nodes": args.nodes, "push": args.push}
 
     # one swarm at a time: idle servers of one system must not take CPU from the other's measurements
     with ExitStack() as stack:
@@ -109,7 +110,7 @@ def main() -> None:
         petals = json.loads(out.stdout.strip().splitlines()[-1])
     log("Nectar swarm and client measurements")
     with local_swarm(path, spans, threads=args.threads) as swarm:
-        model = distributed_model(path, swarm)
+        model = distributed_model(path, swarm, push=args.push)
         try:
             model.generate(prompt_ids(), max_new_tokens=4, do_sample=False, eos_token_id=[])
             nectar_runs, nectar_tokens = swarm_decode(model, repeats=args.repeats)

@@ -158,10 +158,10 @@ class ComputeThread:
         their way; starting at once would split the sessions into rounds that each pay for reading all weights.
         The wait ends when as many steps are pending as the last two rounds had sessions (so rounds that split come
         back together), or after ``gather_share`` of the last round's compute time or 1.25 times what the last
-        gathering took, whichever is longer (at most ``max_gather_wait``), so a session that went quiet costs little. The second bound matters where rounds are
-        cheap (a recorded GPU round), and replies still take a while to reach every session: rounds that split would
-        also change their mix of sessions, which the recorded rounds are keyed by. Off by default (``--batch-wait``):
-        on a route of several nodes, rounds that split let the nodes work as a pipeline.
+        gathering took, whichever is longer (at most ``max_gather_wait``), so a session that went quiet costs little.
+        The second bound matters where rounds are cheap (a recorded GPU round) while replies still take a while to
+        reach every session. Off by default (``--batch-wait``): on a route of several nodes, rounds that split let the
+        nodes work as a pipeline.
         """
         queue = self._queues[Priority.INFERENCE]
         expected = len(self._round_sessions[0] | self._round_sessions[1])
