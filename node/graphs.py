@@ -65,8 +65,8 @@ class GraphedDecoder:
         from nectar.node.batching import _attention_backends
 
         self.runner, self.capture = runner, capture
-        self.max_graphs, self.record_after, self.window, self.max_sessions = max_graphs, record_after, window, max_sessions
-        self.active_rounds = active_rounds
+        self.max_graphs, self.record_after, self.window = max_graphs, record_after, window
+        self.max_sessions, self.active_rounds = max_sessions, active_rounds
         self._backends = _attention_backends
         first = runner.spans[0]
         self.device, self.dtype, self.hidden_size = first.device, first.dtype, first.hidden_size
@@ -200,7 +200,7 @@ class GraphedDecoder:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), self._backends(True):  # a private pool: a shared one breaks once a graph dies
             output = self._step(static_input, positions, caches, first_block)
-        logger.debug(f"Recorded a decode round of {n} session(s) for blocks {first_block}:{first_block + len(caches[0])}")
+        logger.debug(f"Recorded a decode round of {n} session(s), blocks {first_block}:{first_block + len(caches[0])}")
         return _Graph(key, graph, sessions, static_input, positions, output)
 
     def _step(self, x: torch.Tensor, positions: torch.Tensor, caches: list, first_block: int) -> torch.Tensor:
