@@ -110,8 +110,9 @@ class GraphedDecoder:
         key = (*span, *sorted(by_id))
         self._rounds += 1
         for session_id, task in by_id.items():
-            self._active[session_id] = (self._rounds, span, tuple(weakref.ref(cache) for cache in task.caches))
-            self._active.move_to_end(session_id)
+            known = self._active.pop(session_id, None)
+            refs = known[2] if known is not None and known[2][0]() is task.caches[0] else None
+            self._active[session_id] = (self._rounds, span, refs or tuple(weakref.ref(c) for c in task.caches))
         entry = self._graphs.get(key) or self._superset(span, by_id)
         if entry is None:
             members = self._active_sessions(span, by_id)  # record for everyone active, so later mixes replay it
@@ -213,14 +214,13 @@ class GraphedDecoder:
         groups = heads // kv_heads
         cos = self.cos_table.index_select(0, positions)[:, None]  # [n, 1, head_dim]
         sin = self.sin_table.index_select(0, positions)[:, None]
-        masks, where = [], []
-        for index, session in enumerate(caches):  # each session sees its own cache up to its position
-            position = positions[index : index + 1]
+        where = [positions[index : index + 1] for index in range(n)]
+        masks = []
+        for position, session in zip(where, caches):  # each session sees its own cache up to its position
             max_length = session[0].max_length
             mask = torch.zeros(1, 1, 1, max_length, dtype=self.dtype, device=self.device)
             mask.masked_fill_(torch.arange(max_length, device=self.device) > position, torch.finfo(self.dtype).min)
             masks.append(mask)
-            where.append(position)
         for local in range(len(caches[0])):
             layer = runner.layers[first_block + local]
             qkv = _linear(layer.input_norm(x), layer.qkv_weight, layer.qkv_bias).view(n, heads + 2 * kv_heads, dim)
