@@ -131,6 +131,19 @@ def compute_counters(model) -> dict:
     return unpack_metadata(response.metadata)["compute"]
 
 
+def counters_since(before: dict, after: dict) -> dict:
+    """The node's counters accumulated between two ``compute_counters`` readings (max_batch is not a sum)."""
+    return {k: after[k] - before.get(k, 0) for k in after if k != "max_batch"}
+
+
+def concurrency_rows(results: dict, name: str = "session(s)") -> list[tuple[str, str]]:
+    """One summary row per session count, against the first count measured."""
+    base_sessions, base = next(iter(results.items()))
+    return [(f"{n} {name}", f"{r['aggregate_tps']:8.1f} tok/s aggregate  "
+                            f"{r['aggregate_tps'] / base['aggregate_tps']:5.2f}x {base_sessions} session  "
+                            f"median step {r['median_step_ms']:6.1f} ms") for n, r in results.items()]
+
+
 def node_time(result: dict) -> str:
     """Where the node's time went, per round and per step, from its counters."""
     rounds, steps = max(result["inference_rounds"], 1), max(result["inference_steps"], 1)
@@ -169,7 +182,7 @@ def main() -> None:
                     else:
                         result = run_sessions(model, num_sessions)
                     after = compute_counters(model)
-                    result.update({k: after[k] - before.get(k, 0) for k in after if k != "max_batch"})
+                    result.update(counters_since(before, after))
                     result["mean_batch"] = result["inference_steps"] / max(result["inference_rounds"], 1)
                     log(f"  repeat {repeat}: {num_sessions:3d} sessions {result['aggregate_tps']:8.1f} tok/s, "
                         f"median step {result['median_step_ms']:.1f} ms{node_time(result)}")

@@ -22,7 +22,9 @@ import time
 
 import torch
 
-from bench_concurrency import compute_counters, node_time, run_sessions, run_sessions_in_processes
+from bench_concurrency import (
+    compute_counters, concurrency_rows, counters_since, node_time, run_sessions, run_sessions_in_processes,
+)
 from bench_decode import local_decode, swarm_decode
 from common import (
     DecodeTiming, base_parser, best, checkpoint, distributed_model, emit, even_spans, local_swarm, log,
@@ -53,7 +55,7 @@ def concurrent_sessions(model, path, swarm, args) -> dict:
             result = run_sessions(model, num_sessions)
         if len(swarm.nodes) == 1:  # the node's own counters: how many steps shared a forward, how many replayed
             counters = compute_counters(model)
-            result.update({k: counters[k] - before.get(k, 0) for k in counters if k != "max_batch"})
+            result.update(counters_since(before, counters))
             before = counters
         results[num_sessions] = result
         log(f"  {num_sessions} sessions: {result['aggregate_tps']:.1f} tok/s"
@@ -95,10 +97,7 @@ def main() -> None:
 
     if args.one_node_only:
         results = sessions_on_one_node(path, num_blocks, args)
-        base = results[args.sessions[0]]["aggregate_tps"]
-        emit(f"GPU: {args.model} {args.dtype}, concurrent sessions on one node",
-             [(f"{n} session(s)", f"{r['aggregate_tps']:8.1f} tok/s  {r['aggregate_tps'] / base:5.2f}x  median step "
-                                  f"{r['median_step_ms']:6.1f} ms") for n, r in results.items()],
+        emit(f"GPU: {args.model} {args.dtype}, concurrent sessions on one node", concurrency_rows(results),
              {"concurrency_one_node": results}, args.json)
         return
     log("local transformers generate()")
@@ -140,11 +139,7 @@ def main() -> None:
         ("same greedy tokens", str(figures["nectar"]["same_tokens"])),
     ]
     for where, results in ((f"{args.nodes} nodes", concurrency), ("1 node", one_node)):
-        for num_sessions, result in results.items():
-            base = results[args.sessions[0]]["aggregate_tps"]
-            rows.append((f"{num_sessions} concurrent session(s), {where}",
-                         f"{result['aggregate_tps']:8.1f} tok/s aggregate  {result['aggregate_tps'] / base:5.2f}x "
-                         f"{args.sessions[0]} session  median step {result['median_step_ms']:6.1f} ms"))
+        rows += concurrency_rows(results, f"concurrent session(s), {where}") if results else []
     emit(f"GPU: {args.model} {args.dtype} on {gpu}, {args.nodes} nodes on one GPU, 16+64 tokens", rows, figures,
          args.json)
 
