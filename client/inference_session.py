@@ -94,6 +94,7 @@ class _Hop:
     fault: Optional[str] = None  # a receipt that failed its check after the step had returned
     push_token: bytes = field(default_factory=lambda: os.urandom(16))  # the previous hop shows it to push here
     pending: Optional[asyncio.Task] = None  # the answer to a step sent ahead (push mode)
+    receipt: Optional[asyncio.Task] = None  # the last step's receipt, which the node sends after its output
 
 
 class InferenceSession:
@@ -140,7 +141,7 @@ class InferenceSession:
         stream = _HopStream(self.runtime, span, self.manager.model_id, direct=self.config.direct)
         hop = _Hop(span, stream)
         metadata = {"type": "open", "session_id": self.session_id, "max_length": self.max_length,
-                    "batch_size": self.batch_size, "client": self.wallet.address}
+                    "batch_size": self.batch_size, "client": self.wallet.address, "receipts": "separate"}
         if self.config.push:
             metadata["push_token"] = hop.push_token
         try:
@@ -154,6 +155,7 @@ class InferenceSession:
         """One step at one hop, on the runtime's loop. The output's shape and values are checked here; its receipt
         is checked after the whole step returned (``_check_receipts``), off the token's critical path."""
         span = hop.span
+        await self._take_receipt(hop)
         if hop.fault is not None:
             raise HopFailed(span, hop.fault)
         tensors = [inputs]
@@ -181,12 +183,35 @@ class InferenceSession:
         span = hop.span
         if len(outputs) != 1 or outputs[0].shape != inputs.shape or not torch.isfinite(outputs[0]).all():
             raise HopFailed(span, f"returned a malformed output {[list(o.shape) for o in outputs]}")
-        if "receipt" not in reply and self.config.verify_receipts:
+        follows = reply.get("receipt_follows") is True
+        if "receipt" not in reply and not follows and self.config.verify_receipts:
             raise HopFailed(span, "answered without a receipt")
         hop.history.append((step, position, inputs))
         if "receipt" in reply:
             hop.unchecked.append((reply["receipt"], inputs, outputs[0]))
+        elif follows:  # read while the caller computes the next token; checked as soon as it comes
+            hop.receipt = asyncio.ensure_future(self._receive_receipt(hop, step, inputs, outputs[0]))
         return outputs[0]
+
+    async def _receive_receipt(self, hop: _Hop, step: int, inputs: torch.Tensor, output: torch.Tensor) -> None:
+        try:
+            _, message = await asyncio.wait_for(hop.stream.receive(), self.config.step_timeout)
+        except Exception as e:
+            hop.fault = hop.fault or f"sent no receipt for step {step}: {_describe(e)}"
+            return
+        if message.get("type") != "receipt" or message.get("step") != step or "receipt" not in message:
+            if self.config.verify_receipts:
+                hop.fault = hop.fault or f"sent {message.get('type')!r} where the receipt of step {step} was due"
+            return
+        hop.unchecked.append((message["receipt"], inputs, output))
+        self._check_receipts([hop])
+
+    async def _take_receipt(self, hop: _Hop) -> None:
+        """Waits for the receipt of the hop's last step (it left right after the output): the stream's next message
+        is then the answer to what the client sends now."""
+        if hop.receipt is not None:
+            receipt, hop.receipt = hop.receipt, None
+            await receipt
 
     def _check_receipts(self, hops: list[_Hop]) -> None:
         """Checks the receipts of the steps just returned and signs each node's next voucher (on the loop, while
@@ -233,6 +258,10 @@ class InferenceSession:
         before it. Answers are taken in route order, so each hop's input (the previous output) is known when its
         output and receipt are checked. From a hop whose push did not come, the step is relayed as without push."""
         hops = self.hops
+        for hop in hops:
+            await self._take_receipt(hop)
+        if any(hop.fault is not None for hop in hops):  # a late receipt failed its check: fail over as relayed
+            return await self._run_hops(x, 0, step=step, position=position)
         for i, hop in enumerate(hops):
             metadata = self._step_metadata(hop, step, position)
             if i + 1 < len(hops):
@@ -291,6 +320,8 @@ class InferenceSession:
             try:
                 outputs, reply = await asyncio.wait_for(hop.pending, self.config.step_timeout)
                 computed = computed or bool(outputs)
+                if reply.get("receipt_follows") is True:  # a step computed anyway: its receipt is not used
+                    await asyncio.wait_for(hop.stream.receive(), self.config.step_timeout)
             except Exception as e:  # its stream is gone: the next step fails over from it
                 hop.fault = hop.fault or f"failed while its push was cancelled: {_describe(e)}"
             hop.pending = None
@@ -298,9 +329,14 @@ class InferenceSession:
 
     def _run_hop(self, hop: _Hop, inputs: torch.Tensor, *, step: int, position: int) -> torch.Tensor:
         """One hop with its receipt checked before returning (replays during failover)."""
-        output = self.runtime.run(self._hop_step(hop, inputs, step=step, position=position),
-                                  timeout=self.config.step_timeout + 5)
-        self._check_receipts([hop])
+
+        async def step_with_receipt() -> torch.Tensor:
+            output = await self._hop_step(hop, inputs, step=step, position=position)
+            await self._take_receipt(hop)
+            self._check_receipts([hop])
+            return output
+
+        output = self.runtime.run(step_with_receipt(), timeout=2 * self.config.step_timeout + 5)
         if hop.fault is not None:
             raise HopFailed(hop.span, hop.fault)
         return output
@@ -394,6 +430,8 @@ class InferenceSession:
                 pass
 
     async def _check_all(self) -> None:
+        for hop in self.hops:
+            await self._take_receipt(hop)
         self._check_receipts(self.hops)
 
     def __enter__(self):

@@ -191,6 +191,9 @@ class NodeHandler:
         max_length = self._int(metadata, "max_length", 1, MAX_TOKENS_PER_REQUEST)
         client = self._client(metadata)
         token = self._push_token(metadata)
+        # "separate": each step's receipt comes as a message of its own right after the output, so the outputs of
+        # a batched round all leave before any of them is signed (signing is most of a step's event-loop time)
+        separate_receipts = metadata.get("receipts") == "separate"
         nbytes = self.backend.cache_bytes_per_token(start, end, batch_size) * max_length
 
         with self.memory.reserve(nbytes):
@@ -218,11 +221,15 @@ class NodeHandler:
                         if target is not None:
                             link = PushLink.reuse(link, target[0])
                             push = functools.partial(self._push, link, target[1], metadata["step"], session_id)
-                        response, length = await self._inference_step(
+                        response, length, receipt = await self._inference_step(
                             tensors, metadata, session_id=session_id, start=start, end=end, caches=caches,
                             batch_size=batch_size, max_length=max_length, length=length, client=client, push=push,
+                            separate_receipt=separate_receipts,
                         )
                         yield response
+                        if receipt is not None:
+                            await asyncio.sleep(0)  # the other outputs of this round leave first
+                            yield receipt()
                     elif metadata.get("type") == "open":  # an open without a first step gets an ack
                         yield make_response([], {"type": "opened", "cache_tokens_left": self.memory.tokens_left})
                     request = await reader.next(self.config.session_timeout)
@@ -304,7 +311,9 @@ class NodeHandler:
             link.close()
 
     async def _inference_step(self, tensors, metadata, *, session_id, start, end, caches, batch_size, max_length,
-                              length, client, push=None):
+                              length, client, push=None, separate_receipt=False):
+        """(response, new cache length, None) or, with ``separate_receipt``, (the output without its receipt, new
+        length, a callable that signs and returns the receipt's own message)."""
         began = time.perf_counter()
         if not 1 <= len(tensors) <= 2:
             raise NodeRPCError(ErrorCode.BAD_REQUEST, "a step carries hidden_states and optionally prompts")
@@ -331,12 +340,26 @@ class NodeHandler:
         if push is not None:  # before the receipt and the reply: the next hop computes while this node signs
             await push(packed)
         self.audit.record(session_id, step, position, hidden, start, end, prompts=prompts if position == 0 else None)
-        reply = self._sign(session_id=session_id, step=step, kind=schema.ReceiptKind.INFERENCE, start=start, end=end,
-                           client=client, tokens=tokens, inputs=hidden, outputs=outputs)
-        reply["cache_tokens_left"] = self.memory.tokens_left
-        response = runtime_pb2.ExpertResponse(tensors=packed, metadata=pack_metadata(reply))
+        new_length = position + hidden.shape[1]
+
+        def receipt() -> dict:
+            return self._sign(session_id=session_id, step=step, kind=schema.ReceiptKind.INFERENCE, start=start,
+                              end=end, client=client, tokens=tokens, inputs=hidden, outputs=outputs)
+
+        if not separate_receipt:
+            reply = {**receipt(), "cache_tokens_left": self.memory.tokens_left}
+            self.step_seconds += time.perf_counter() - began
+            return runtime_pb2.ExpertResponse(tensors=packed, metadata=pack_metadata(reply)), new_length, None
+
+        def receipt_message() -> runtime_pb2.ExpertResponse:
+            began = time.perf_counter()
+            message = runtime_pb2.ExpertResponse(metadata=pack_metadata({"type": "receipt", "step": step, **receipt()}))
+            self.step_seconds += time.perf_counter() - began
+            return message
+
+        reply = {"receipt_follows": True, "cache_tokens_left": self.memory.tokens_left}
         self.step_seconds += time.perf_counter() - began
-        return response, position + hidden.shape[1]
+        return runtime_pb2.ExpertResponse(tensors=packed, metadata=pack_metadata(reply)), new_length, receipt_message
 
     async def _single_request(self, requests) -> tuple[runtime_pb2.ExpertRequest, dict]:
         request = await _Requests(requests).next(self.config.step_timeout)

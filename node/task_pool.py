@@ -223,8 +223,7 @@ class ComputeThread:
                 for work in members:
                     self._run_one(work)
                 continue
-            for work, result in zip(members, results):
-                _deliver(work, result=result)
+            _deliver_all(members, results)
 
 
 def _deliver(work: _Work, *, result: Any = None, error: BaseException | None = None) -> None:
@@ -235,6 +234,26 @@ def _deliver(work: _Work, *, result: Any = None, error: BaseException | None = N
             work.loop.call_soon_threadsafe(_set_result, work.future, result)
     except RuntimeError:  # the loop is closed: nobody waits for this result any more
         pass
+
+
+def _deliver_all(works: list[_Work], results: list) -> None:
+    """A round's results in one loop callback: every waiting step wakes in the same loop pass, so each can send its
+    output before any of them signs its receipt."""
+    by_loop: dict[asyncio.AbstractEventLoop, tuple[list, list]] = {}
+    for work, result in zip(works, results):
+        futures, values = by_loop.setdefault(work.loop, ([], []))
+        futures.append(work.future)
+        values.append(result)
+    for loop, (futures, values) in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_set_results, futures, values)
+        except RuntimeError:  # the loop is closed: nobody waits for these results any more
+            pass
+
+
+def _set_results(futures: list[asyncio.Future], results: list) -> None:
+    for future, result in zip(futures, results):
+        _set_result(future, result)
 
 
 def _set_result(future: asyncio.Future, result: Any) -> None:

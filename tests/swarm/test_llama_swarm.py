@@ -108,6 +108,42 @@ def test_sampling_options_and_receipts(model):
     assert len(model.wallet.receipts) - paid_before == 40
 
 
+def _inference_replies(model, span, metadata: dict, hidden: torch.Tensor) -> list:
+    """A raw inference stream to one node: open with a first step, then end the stream; every reply it sent."""
+    from nectar.wire.protocol import unpack_metadata, unpack_tensors
+
+    uid = module_uid(model.sequence_manager.model_id, span.start, span.end)
+    opening = {"type": "open", "session_id": b"raw-receipts", "max_length": 8, "client": model.wallet.address,
+               **metadata, "step": 0}
+
+    async def exchange():
+        async def requests():
+            yield make_request(uid, [hidden], opening)
+            await asyncio.sleep(0.5)  # the stream stays open until both replies have come
+
+        stream = await call_stream(model.runtime.p2p, span.peer_id, RPC_INFERENCE, requests())
+        return [(unpack_tensors(r.tensors), unpack_metadata(r.metadata)) async for r in stream]
+
+    return model.runtime.run(exchange(), timeout=30)
+
+
+def test_receipt_follows_the_output_as_its_own_message(model):
+    from nectar.wire import receipts as schema
+
+    span = _span(model, "a", 0, 2)
+    hidden = torch.randn(1, 3, model.head.embedding_dim)
+    (outputs, first), (after, second) = _inference_replies(model, span, {"receipts": "separate"}, hidden)
+    assert first.get("receipt_follows") is True and "receipt" not in first and len(outputs) == 1
+    assert after == [] and second["type"] == "receipt" and second["step"] == 0
+    signed = schema.SignedReceipt.from_json(second["receipt"])
+    assert schema.recover_receipt_signer(signed, schema.default_domain()).lower() == span.info.eth_address.lower()
+    assert signed.receipt.output_commitment == schema.commit_tensor(outputs[0])
+    assert signed.receipt.input_commitment == schema.commit_tensor(hidden)
+    # without the option, the receipt rides in the output's own reply (older clients, raw callers)
+    (inline_outputs, inline), = _inference_replies(model, span, {}, hidden)
+    assert "receipt" in inline and torch.allclose(inline_outputs[0], outputs[0])
+
+
 def test_failover_mid_generation_gives_identical_output(swarm, model, reference):
     input_ids = torch.randint(3, 1000, (1, 6), generator=torch.Generator().manual_seed(42))
     expected = reference.generate(input_ids, max_new_tokens=30, do_sample=False, eos_token_id=None)
