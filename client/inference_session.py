@@ -155,15 +155,14 @@ class InferenceSession:
         """One step at one hop, on the runtime's loop. The output's shape and values are checked here; its receipt
         is checked after the whole step returned (``_check_receipts``), off the token's critical path."""
         span = hop.span
-        await self._take_receipt(hop)
         if hop.fault is not None:
             raise HopFailed(span, hop.fault)
         tensors = [inputs]
         if position == 0 and self.prompts is not None:
             tensors.append(self.prompts[span.start : span.end])
         try:
-            outputs, reply = await hop.stream.step(tensors, self._step_metadata(hop, step, position),
-                                                   self.config.step_timeout)
+            hop.stream.send(tensors, self._step_metadata(hop, step, position))
+            outputs, reply = await asyncio.wait_for(self._receive_answer(hop), self.config.step_timeout)
         except Exception as e:
             raise HopFailed(span, _describe(e))
         return self._accept(hop, inputs, outputs, reply, step=step, position=position)
@@ -207,11 +206,16 @@ class InferenceSession:
         self._check_receipts([hop])
 
     async def _take_receipt(self, hop: _Hop) -> None:
-        """Waits for the receipt of the hop's last step (it left right after the output): the stream's next message
-        is then the answer to what the client sends now."""
+        """Waits for the receipt of the hop's last step (it left right after the output)."""
         if hop.receipt is not None:
             receipt, hop.receipt = hop.receipt, None
             await receipt
+
+    async def _receive_answer(self, hop: _Hop):
+        """The answer to the request just sent, which comes after the receipt of the hop's previous step. (The
+        request leaves first: writing to a node that died fails at once, where a read may wait for a timeout.)"""
+        await self._take_receipt(hop)
+        return await hop.stream.receive()
 
     def _check_receipts(self, hops: list[_Hop]) -> None:
         """Checks the receipts of the steps just returned and signs each node's next voucher (on the loop, while
@@ -258,10 +262,6 @@ class InferenceSession:
         before it. Answers are taken in route order, so each hop's input (the previous output) is known when its
         output and receipt are checked. From a hop whose push did not come, the step is relayed as without push."""
         hops = self.hops
-        for hop in hops:
-            await self._take_receipt(hop)
-        if any(hop.fault is not None for hop in hops):  # a late receipt failed its check: fail over as relayed
-            return await self._run_hops(x, 0, step=step, position=position)
         for i, hop in enumerate(hops):
             metadata = self._step_metadata(hop, step, position)
             if i + 1 < len(hops):
@@ -269,7 +269,7 @@ class InferenceSession:
             if i > 0:
                 metadata["pushed"] = True
             hop.stream.send([x] if i == 0 else [], metadata)
-            hop.pending = asyncio.ensure_future(hop.stream.receive())
+            hop.pending = asyncio.ensure_future(self._receive_answer(hop))
             if i == 0:
                 await asyncio.sleep(0)  # the first hop's request leaves before the others are serialized
         for i, hop in enumerate(hops):
@@ -430,8 +430,9 @@ class InferenceSession:
                 pass
 
     async def _check_all(self) -> None:
-        for hop in self.hops:
-            await self._take_receipt(hop)
+        receipts = [hop.receipt for hop in self.hops if hop.receipt is not None]
+        if receipts:  # they left right after the outputs; a node that died since must not hold up the close
+            await asyncio.wait(receipts, timeout=min(5.0, self.config.step_timeout))
         self._check_receipts(self.hops)
 
     def __enter__(self):

@@ -327,7 +327,8 @@ class NodeHandler:
                 ErrorCode.TOO_LARGE,
                 f"tokens {position}..{position + hidden.shape[1]} exceed the session's max_length {max_length}",
             )
-        self._settle_voucher(metadata, client)
+        if not separate_receipt:
+            self._settle_voucher(metadata, client)
         tokens = hidden.shape[0] * hidden.shape[1]
         self.credit.check_credit(client, tokens * self.signer.price_for(start, end))
 
@@ -353,6 +354,9 @@ class NodeHandler:
 
         def receipt_message() -> runtime_pb2.ExpertResponse:
             began = time.perf_counter()
+            # the voucher, too, is checked once the output is out (the credit check above used the last one): a
+            # bad voucher then ends the stream here, and the client fails over from this node
+            self._settle_voucher(metadata, client)
             message = runtime_pb2.ExpertResponse(metadata=pack_metadata({"type": "receipt", "step": step, **receipt()}))
             self.step_seconds += time.perf_counter() - began
             return message

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from Crypto.Hash import keccak as _keccak_mod
+from nectar.wire.receipts import keccak256
 
 logger = logging.getLogger(__name__)
 
@@ -15,7 +15,7 @@ EMPTY_ROOT = bytes(32)
 
 
 def _hash_pair(a: bytes, b: bytes) -> bytes:
-    return _keccak_mod.new(data=a + b if a <= b else b + a, digest_bits=256).digest()
+    return keccak256(a + b if a <= b else b + a)
 
 
 def _check(leaves: Sequence[bytes]) -> list[bytes]:

@@ -15,7 +15,7 @@ binary=(
   py-multibase==2.0.0 py-multicodec==1.0.0 py-multihash==3.0.0 blake3==1.0.11
   eth-account==0.14.0 eth-abi==6.0.0 eth-hash==0.8.0 eth-keyfile==0.10.0 eth-keys==0.8.0 eth-rlp==3.0.0
   eth-typing==6.0.0 eth-utils==6.0.0 hexbytes==2.0.0 rlp==5.0.0 bitarray==3.12.3 ckzg==2.1.8 cytoolz==1.2.0
-  parsimonious==0.10.0 py-ecc==8.0.0 coincurve==21.0.0 pycryptodome==3.24.1
+  parsimonious==0.10.0 py-ecc==8.0.0 coincurve==21.0.0 pycryptodome==3.24.1 safe-pysha3==1.0.7
   pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2
   py-spy==0.4.3 pytest==8.4.2 pluggy==1.6.0 iniconfig==2.1.0 pytest-timeout==2.4.0  # profiles, CUDA tests
 )
