@@ -27,6 +27,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 
 from nectar.wire.direct import parse_address
+from nectar.wire.transport import send_data, send_message
 from nectar.wire.protocol import RPC_PUSH, ErrorCode, NodeRPCError
 
 logger = logging.getLogger(__name__)
@@ -127,12 +128,12 @@ class PushLink:
             except (OSError, asyncio.TimeoutError) as e:
                 self.unreachable = f"{type(e).__name__}: {e}"
                 raise
-        await P2P.send_protobuf(request, self.writer)
+        await send_message(request, self.writer)
 
     async def _connect(self) -> None:
         host, port = parse_address(self.address)
         reader, self.writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
-        await P2P.send_raw_data(MSGPackSerializer.dumps({"rpc": RPC_PUSH}), self.writer)
+        await send_data(MSGPackSerializer.dumps({"rpc": RPC_PUSH}), self.writer)
         self._reading = asyncio.create_task(self._read_acks(reader, self.writer))
 
     async def _read_acks(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -22,7 +22,7 @@ from hivemind.proto.p2pd_pb2 import RPCError
 from hivemind.utils import MSGPackSerializer
 
 from nectar.wire.protocol import ErrorCode
-from nectar.wire.transport import StreamHandler, stream_handler
+from nectar.wire.transport import StreamHandler, send_data, send_message, stream_handler
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +60,12 @@ class DirectServer:
             name = await asyncio.wait_for(self._read_hello(reader), HELLO_TIMEOUT)
         except Exception as e:
             with closing(writer), suppress(Exception):
-                await P2P.send_protobuf(RPCError(message=f"{ErrorCode.BAD_REQUEST.value}: {e}"), writer)
+                await send_message(RPCError(message=f"{ErrorCode.BAD_REQUEST.value}: {e}"), writer)
             return
         handle = self.handlers.get(name)
         if handle is None:
             with closing(writer), suppress(Exception):
-                await P2P.send_protobuf(RPCError(message=f"{ErrorCode.BAD_REQUEST.value}: unknown RPC {name!r}; "
+                await send_message(RPCError(message=f"{ErrorCode.BAD_REQUEST.value}: unknown RPC {name!r}; "
                                                          f"this node serves {sorted(self.handlers)}"), writer)
             return
         await handle(remote_id, reader, writer)
@@ -93,12 +93,12 @@ async def call_stream_direct(address: str, name: str, requests: AsyncIterator[ru
     """Opens the stream RPC ``name`` at a node's direct address (what ``transport.call_stream`` does over P2P)."""
     host, port = parse_address(address)
     reader, writer = await asyncio.open_connection(host, port)
-    await P2P.send_raw_data(MSGPackSerializer.dumps({"rpc": name}), writer)
+    await send_data(MSGPackSerializer.dumps({"rpc": name}), writer)
 
     async def write_requests() -> None:
         async for request in requests:
-            await P2P.send_protobuf(request, writer)
-        await P2P.send_protobuf(P2P.END_OF_STREAM, writer)
+            await send_message(request, writer)
+        await send_message(P2P.END_OF_STREAM, writer)
 
     async def read_responses() -> AsyncIterator[runtime_pb2.ExpertResponse]:
         with closing(writer):

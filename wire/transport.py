@@ -18,6 +18,21 @@ from nectar.wire.protocol import ErrorCode, NodeRPCError
 
 logger = logging.getLogger(__name__)
 
+async def send_message(message, writer: asyncio.StreamWriter) -> None:
+    """One protobuf message (or ``RPCError``) in hivemind's stream framing, as a single write: hivemind's
+    ``P2P.send_protobuf`` writes marker, length and body separately, three send() calls per message."""
+    marker = P2P.ERROR_MARKER if isinstance(message, RPCError) else P2P.MESSAGE_MARKER
+    body = message.SerializeToString()
+    writer.write(b"".join((marker, len(body).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER), body)))
+    await writer.drain()
+
+
+async def send_data(data: bytes, writer: asyncio.StreamWriter) -> None:
+    """Raw bytes with their length header, as a single write (see ``send_message``)."""
+    writer.write(len(data).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + data)
+    await writer.drain()
+
+
 StreamHandler = Callable[[AsyncIterator[runtime_pb2.ExpertRequest], P2PContext], AsyncIterator[runtime_pb2.ExpertResponse]]
 
 
@@ -51,16 +66,16 @@ def stream_handler(name: str, handler: StreamHandler, *, local_id, max_prefetch:
         async def process() -> None:
             try:
                 async for response in handler(iterate_requests(), context):
-                    await P2P.send_protobuf(response, writer)
+                    await send_message(response, writer)
             except NodeRPCError as e:
                 with suppress(Exception):
-                    await P2P.send_protobuf(RPCError(message=str(e)), writer)
+                    await send_message(RPCError(message=str(e)), writer)
             except (ConnectionError, asyncio.IncompleteReadError):
                 pass
             except Exception as e:
                 logger.warning(f"{name} failed for {remote_id}", exc_info=True)
                 with suppress(Exception):
-                    await P2P.send_protobuf(RPCError(message=f"{ErrorCode.INTERNAL.value}: {e}"), writer)
+                    await send_message(RPCError(message=f"{ErrorCode.INTERNAL.value}: {e}"), writer)
 
         with closing(writer):
             processing = asyncio.create_task(process())
