@@ -111,8 +111,10 @@ async def call_stream_direct(address: str, name: str, requests: AsyncIterator[ru
                     if error is not None:
                         raise DirectCallError(f"{name} at {address} failed: {error.message}")
                     yield response
-                with suppress(ConnectionError):
-                    await writing
+                if writing.done():  # a write that failed for another reason than the node going away
+                    with suppress(ConnectionError, asyncio.CancelledError):
+                        writing.result()
+                # else: the node ended the stream (or died) while the caller may still send: nothing to wait for
             finally:
                 writing.cancel()
 
