@@ -347,23 +347,19 @@ class NodeHandler:
             return self._sign(session_id=session_id, step=step, kind=schema.ReceiptKind.INFERENCE, start=start,
                               end=end, client=client, tokens=tokens, inputs=hidden, outputs=outputs)
 
-        if not separate_receipt:
-            reply = {**receipt(), "cache_tokens_left": self.memory.tokens_left}
-            self.step_seconds += time.perf_counter() - began
-            return runtime_pb2.ExpertResponse(tensors=packed, metadata=pack_metadata(reply)), new_length, None
-
         def receipt_message() -> runtime_pb2.ExpertResponse:
             began = time.perf_counter()
             # the voucher, too, is checked once the output is out (the credit check above used the last one): a
             # bad voucher then ends the stream here, and the client fails over from this node
             self._settle_voucher(metadata, client)
-            message = runtime_pb2.ExpertResponse(metadata=pack_metadata({"type": "receipt", "step": step, **receipt()}))
+            message = make_response([], {"type": "receipt", "step": step, **receipt()})
             self.step_seconds += time.perf_counter() - began
             return message
 
-        reply = {"receipt_follows": True, "cache_tokens_left": self.memory.tokens_left}
+        reply, follow_up = ({"receipt_follows": True}, receipt_message) if separate_receipt else (receipt(), None)
+        reply["cache_tokens_left"] = self.memory.tokens_left
         self.step_seconds += time.perf_counter() - began
-        return runtime_pb2.ExpertResponse(tensors=packed, metadata=pack_metadata(reply)), new_length, receipt_message
+        return runtime_pb2.ExpertResponse(tensors=packed, metadata=pack_metadata(reply)), new_length, follow_up
 
     async def _single_request(self, requests) -> tuple[runtime_pb2.ExpertRequest, dict]:
         request = await _Requests(requests).next(self.config.step_timeout)

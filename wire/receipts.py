@@ -21,14 +21,8 @@ from typing import Any, Optional
 
 import coincurve
 import torch
-try:  # safe-pysha3's C keccak: ~2 us a call where pycryptodome's wrapper costs ~12 (a node hashes ~8 per step)
-    from sha3 import keccak_256 as _keccak_256
-except ImportError:  # pragma: no cover  (a machine without the wheel)
-    from Crypto.Hash import keccak as _keccak_mod
-
-    def _keccak_256(data: bytes = b""):
-        return _keccak_mod.new(data=data, digest_bits=256)
 from eth_utils import to_checksum_address
+from sha3 import keccak_256 as _keccak_256  # safe-pysha3: ~2 us a call, pycryptodome's wrapper ~12 (~8 per step)
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,9 @@ from nectar.wire.protocol import ErrorCode, NodeRPCError
 
 logger = logging.getLogger(__name__)
 
-async def send_message(message, writer: asyncio.StreamWriter) -> None:
+
+async def send_message(message: runtime_pb2.ExpertResponse | runtime_pb2.ExpertRequest | RPCError,
+                       writer: asyncio.StreamWriter) -> None:
     """One protobuf message (or ``RPCError``) in hivemind's stream framing, as a single write: hivemind's
     ``P2P.send_protobuf`` writes marker, length and body separately, three send() calls per message."""
     marker = P2P.ERROR_MARKER if isinstance(message, RPCError) else P2P.MESSAGE_MARKER
