@@ -11,8 +11,10 @@ import logging
 import os
 import random
 import time
-from typing import AsyncIterator, Awaitable, Callable, Optional
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Optional
 
+import numpy as np
 import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
@@ -32,6 +34,7 @@ from nectar.wire.protocol import (
     unpack_tensors,
 )
 from nectar.wire.direct import parse_address
+from nectar.wire.request_stream import RequestStream, RequestTimeout
 from nectar.wire.transport import serve_stream
 
 logger = logging.getLogger(__name__)
@@ -109,7 +112,7 @@ class NodeHandler:
             raise NodeRPCError(
                 ErrorCode.BAD_REQUEST, f"{what} batch is {tensor.shape[0]}, the session was opened for {batch_size}"
             )
-        if not torch.isfinite(tensor).all():
+        if not _all_finite(tensor):
             raise NodeRPCError(ErrorCode.BAD_REQUEST, f"{what} contains NaN or infinity")
 
     def _check_prompts(self, prompts: Optional[torch.Tensor], hidden: torch.Tensor, start: int, end: int):
@@ -169,12 +172,12 @@ class NodeHandler:
 
     # ---- RPCs -------------------------------------------------------------------------------------------------
 
-    async def rpc_info(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
+    async def rpc_info(self, requests: RequestStream, context: P2PContext):
         async for _ in requests:
             yield make_response([], self.info_provider())
             return
 
-    async def rpc_inference(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
+    async def rpc_inference(self, requests: RequestStream, context: P2PContext):
         reader = _Requests(requests)
         request = await reader.next(self.config.session_timeout)
         if request is None:
@@ -191,8 +194,9 @@ class NodeHandler:
         max_length = self._int(metadata, "max_length", 1, MAX_TOKENS_PER_REQUEST)
         client = self._client(metadata)
         token = self._push_token(metadata)
-        # "separate": each step's receipt comes as a message of its own right after the output, so the outputs of
-        # a batched round all leave before any of them is signed (signing is most of a step's event-loop time)
+        # "separate": each step's receipt is a message of its own, signed while the session's next step computes
+        # (or once the stream goes quiet): signing is most of a step's event-loop time, and a node serving many
+        # sessions would otherwise sign between a round's outputs and its sessions' next requests
         separate_receipts = metadata.get("receipts") == "separate"
         nbytes = self.backend.cache_bytes_per_token(start, end, batch_size) * max_length
 
@@ -203,53 +207,72 @@ class NodeHandler:
             self.active_sessions += 1
             slot = self.inbox.open(session_id, token, batch_size) if token is not None else None
             link: Optional[PushLink] = None  # this session's stream to the next hop (one at a time)
+            receipt: Optional[Callable[[], runtime_pb2.ExpertResponse]] = None  # the last step's, not yet sent
             try:
                 length = 0
                 while True:
-                    tensors = unpack_tensors(request.tensors) if request.tensors else None
-                    if metadata.get("pushed") is True and tensors is None:
-                        tensors = await self._await_push(slot, metadata, reader)
-                        if tensors is None:  # the client gave up on this push: it relays the step instead
-                            yield make_response([], {"push_missing": True})
-                    if tensors is not None:
-                        target, push = self._push_target(metadata), None
-                        if target is not None and (link is None or link.address != target[0]):
-                            if self.push_allowed is not None and not await self.push_allowed(target[0], end):
-                                logger.warning(f"Not pushing to {target[0]}: no node serving block {end} announces "
-                                               "that direct lane (the client relays the step)")
-                                target = None
-                        if target is not None:
-                            link = PushLink.reuse(link, target[0])
-                            push = functools.partial(self._push, link, target[1], metadata["step"], session_id)
-                        response, length, receipt = await self._inference_step(
-                            tensors, metadata, session_id=session_id, start=start, end=end, caches=caches,
-                            batch_size=batch_size, max_length=max_length, length=length, client=client, push=push,
-                            separate_receipt=separate_receipts,
-                        )
-                        yield response
-                        if receipt is not None:
-                            await asyncio.sleep(0)  # the other outputs of this round leave first
+                    try:
+                        tensors = unpack_tensors(request.tensors) if request.tensors else None
+                        if metadata.get("pushed") is True and tensors is None:
+                            if receipt is not None:  # the push may take a while: this receipt need not
+                                yield receipt()
+                                receipt = None
+                            tensors = await self._await_push(slot, metadata, reader)
+                            if tensors is None:  # the client gave up on this push: it relays the step instead
+                                yield make_response([], {"push_missing": True})
+                        if tensors is not None:
+                            target, push = self._push_target(metadata), None
+                            if target is not None and (link is None or link.address != target[0]):
+                                if self.push_allowed is not None and not await self.push_allowed(target[0], end):
+                                    logger.warning(f"Not pushing to {target[0]}: no node serving block {end} "
+                                                   "announces that direct lane (the client relays the step)")
+                                    target = None
+                            if target is not None:
+                                link = PushLink.reuse(link, target[0])
+                                push = functools.partial(self._push, link, target[1], metadata["step"], session_id)
+                            step = self._submit_step(
+                                tensors, metadata, start=start, end=end, caches=caches, batch_size=batch_size,
+                                max_length=max_length, length=length, client=client,
+                                separate_receipt=separate_receipts)
+                            if receipt is not None:  # sign the last step's receipt while this one computes
+                                await step.started
+                                yield receipt()
+                                receipt = None
+                            response, length, receipt = await self._finish_step(step, session_id=session_id,
+                                                                                push=push)
+                            yield response
+                        elif metadata.get("type") == "open":  # an open without a first step gets an ack
+                            yield make_response([], {"type": "opened", "cache_tokens_left": self.memory.tokens_left})
+                        if receipt is None:
+                            request = await reader.next(self.config.session_timeout)
+                        else:  # the next step usually comes soon, and its round signs this receipt
+                            request = await reader.next(self.config.receipt_delay, quiet=_QUIET)
+                            if request is _QUIET or request is None:  # the client waits (or left): sign it now
+                                yield receipt()
+                                receipt = None
+                                if request is _QUIET:
+                                    request = await reader.next(self.config.session_timeout)
+                        if request is None:
+                            return
+                        metadata = unpack_metadata(request.metadata)
+                        if metadata.get("type") in ("pay", "cancel") and self._session_id(metadata) == session_id:
+                            if metadata["type"] == "pay":
+                                self._settle_voucher(metadata, client)  # the client's last voucher before it leaves
+                            request.ClearField("tensors")  # a cancel that came after its push was served
+                            metadata["type"] = "paid"
+                            continue
+                        if metadata.get("type") != "step" or self._session_id(metadata) != session_id:
+                            raise NodeRPCError(
+                                ErrorCode.UNKNOWN_SESSION,
+                                f"step names session {metadata.get('session_id')!r}, this stream serves another",
+                            )
+                    except NodeRPCError:
+                        if receipt is not None:  # work done before a bad request is still signed for
                             yield receipt()
-                    elif metadata.get("type") == "open":  # an open without a first step gets an ack
-                        yield make_response([], {"type": "opened", "cache_tokens_left": self.memory.tokens_left})
-                    request = await reader.next(self.config.session_timeout)
-                    if request is None:
-                        return
-                    metadata = unpack_metadata(request.metadata)
-                    if metadata.get("type") in ("pay", "cancel") and self._session_id(metadata) == session_id:
-                        if metadata["type"] == "pay":
-                            self._settle_voucher(metadata, client)  # the client's last voucher before it leaves
-                        request.ClearField("tensors")  # a cancel that came after its push was served: nothing to do
-                        metadata["type"] = "paid"
-                        continue
-                    if metadata.get("type") != "step" or self._session_id(metadata) != session_id:
-                        raise NodeRPCError(
-                            ErrorCode.UNKNOWN_SESSION,
-                            f"step names session {metadata.get('session_id')!r}, this stream serves another",
-                        )
+                            receipt = None
+                        raise
             finally:
                 self.active_sessions -= 1
-                reader.close()
                 if slot is not None:
                     self.inbox.close(session_id, slot)
                 if link is not None:
@@ -268,7 +291,7 @@ class NodeHandler:
             raise NodeRPCError(ErrorCode.BAD_REQUEST, "a pushed step needs a push_token in the session's open")
         step = self._int(metadata, "step", 0, 2**63 - 1)
         slot.forget_until(step)
-        arrived, client_spoke = slot.future(step), reader.pending()
+        arrived, client_spoke = slot.future(step), reader.readable()
         await asyncio.wait({arrived, client_spoke}, timeout=self.config.session_timeout,
                            return_when=asyncio.FIRST_COMPLETED)
         if arrived.done() and not arrived.cancelled():
@@ -310,10 +333,9 @@ class NodeHandler:
                          exc_info=True)
             link.close()
 
-    async def _inference_step(self, tensors, metadata, *, session_id, start, end, caches, batch_size, max_length,
-                              length, client, push=None, separate_receipt=False):
-        """(response, new cache length, None) or, with ``separate_receipt``, (the output without its receipt, new
-        length, a callable that signs and returns the receipt's own message)."""
+    def _submit_step(self, tensors, metadata, *, start, end, caches, batch_size, max_length, length, client,
+                     separate_receipt) -> "_Step":
+        """Checks a step and queues it on the compute thread (it shares a forward with other sessions' steps)."""
         began = time.perf_counter()
         if not 1 <= len(tensors) <= 2:
             raise NodeRPCError(ErrorCode.BAD_REQUEST, "a step carries hidden_states and optionally prompts")
@@ -331,32 +353,41 @@ class NodeHandler:
             self._settle_voucher(metadata, client)
         tokens = hidden.shape[0] * hidden.shape[1]
         self.credit.check_credit(client, tokens * self.signer.price_for(start, end))
-
         task = self.backend.inference_task(hidden, caches, start=start, end=end, position=position, prompts=prompts)
+        started = asyncio.get_running_loop().create_future()
+        output = self.compute.submit(task, Priority.INFERENCE, started=started)
         self.step_seconds += time.perf_counter() - began
-        outputs = await self.compute.submit(task, Priority.INFERENCE)  # batchable: sessions share one forward
+        return _Step(output, started, hidden, prompts, metadata, step, position, start, end, client, tokens,
+                     separate_receipt)
+
+    async def _finish_step(self, step: "_Step", *, session_id: bytes, push=None):
+        """(response, new cache length, None) or, for a separate receipt, (the output without its receipt, new
+        length, a callable that signs and returns the receipt's own message)."""
+        outputs = await step.output
         began = time.perf_counter()
         outputs = self._maybe_corrupt(outputs)
         packed = pack_tensors([outputs])
         if push is not None:  # before the receipt and the reply: the next hop computes while this node signs
             await push(packed)
-        self.audit.record(session_id, step, position, hidden, start, end, prompts=prompts if position == 0 else None)
-        new_length = position + hidden.shape[1]
+        self.audit.record(session_id, step.step, step.position, step.hidden, step.start, step.end,
+                          prompts=step.prompts if step.position == 0 else None)
+        new_length = step.position + step.hidden.shape[1]
 
         def receipt() -> dict:
-            return self._sign(session_id=session_id, step=step, kind=schema.ReceiptKind.INFERENCE, start=start,
-                              end=end, client=client, tokens=tokens, inputs=hidden, outputs=outputs)
+            return self._sign(session_id=session_id, step=step.step, kind=schema.ReceiptKind.INFERENCE,
+                              start=step.start, end=step.end, client=step.client, tokens=step.tokens,
+                              inputs=step.hidden, outputs=outputs)
 
         def receipt_message() -> runtime_pb2.ExpertResponse:
             began = time.perf_counter()
-            # the voucher, too, is checked once the output is out (the credit check above used the last one): a
-            # bad voucher then ends the stream here, and the client fails over from this node
-            self._settle_voucher(metadata, client)
-            message = make_response([], {"type": "receipt", "step": step, **receipt()})
+            # the voucher, too, is checked once the output is out (the credit check used the last one): a bad
+            # voucher then ends the stream here, and the client fails over from this node
+            self._settle_voucher(step.metadata, step.client)
+            message = make_response([], {"type": "receipt", "step": step.step, **receipt()})
             self.step_seconds += time.perf_counter() - began
             return message
 
-        reply, follow_up = ({"receipt_follows": True}, receipt_message) if separate_receipt else (receipt(), None)
+        reply, follow_up = ({"receipt_follows": True}, receipt_message) if step.separate_receipt else (receipt(), None)
         reply["cache_tokens_left"] = self.memory.tokens_left
         self.step_seconds += time.perf_counter() - began
         return runtime_pb2.ExpertResponse(tensors=packed, metadata=pack_metadata(reply)), new_length, follow_up
@@ -367,7 +398,7 @@ class NodeHandler:
             raise NodeRPCError(ErrorCode.BAD_REQUEST, "empty request stream")
         return request, unpack_metadata(request.metadata)
 
-    async def rpc_forward(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
+    async def rpc_forward(self, requests: RequestStream, context: P2PContext):
         request, metadata = await self._single_request(requests)
         start, end = self._check_span(request.uid)
         tensors = unpack_tensors(request.tensors)
@@ -390,7 +421,7 @@ class NodeHandler:
                            start=start, end=end, client=client, tokens=tokens, inputs=hidden, outputs=outputs)
         yield make_response([outputs], reply)
 
-    async def rpc_backward(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
+    async def rpc_backward(self, requests: RequestStream, context: P2PContext):
         request, metadata = await self._single_request(requests)
         start, end = self._check_span(request.uid)
         tensors = unpack_tensors(request.tensors)
@@ -418,7 +449,7 @@ class NodeHandler:
                            outputs=grad_inputs)
         yield make_response([grad_inputs] + ([grad_prompts] if grad_prompts is not None else []), reply)
 
-    async def rpc_audit(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
+    async def rpc_audit(self, requests: RequestStream, context: P2PContext):
         """Returns a session's inputs up to a step, for spot checks by the ledger."""
         request, metadata = await self._single_request(requests)
         session_id = self._session_id(metadata)
@@ -431,7 +462,7 @@ class NodeHandler:
         # deep prompts of the first step are part of the computation: a verifier must add them too
         yield make_response([inputs] + ([prompts] if prompts is not None else []), {"start": start, "end": end})
 
-    async def rpc_push(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
+    async def rpc_push(self, requests: RequestStream, context: P2PContext):
         """Hidden states the previous hop of a session pushes here (see ``nectar.node.push``); one ack each."""
         async for request in requests:
             metadata = unpack_metadata(request.metadata)
@@ -449,37 +480,52 @@ class NodeHandler:
             yield make_response([], {"ok": True})
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    # numpy where it can: a torch op on the event loop costs several times more while the compute thread runs
+    if tensor.dtype in (torch.float32, torch.float16, torch.float64) and tensor.device.type == "cpu":
+        return bool(np.isfinite(tensor.numpy()).all())
+    return bool(torch.isfinite(tensor).all())
+
+
+@dataclass
+class _Step:
+    """An inference step on its way through the compute thread."""
+
+    output: asyncio.Future
+    started: asyncio.Future  # its round began
+    hidden: torch.Tensor
+    prompts: Optional[torch.Tensor]
+    metadata: dict
+    step: int
+    position: int
+    start: int
+    end: int
+    client: str
+    tokens: int
+    separate_receipt: bool
+
+
+_QUIET = object()  # ``_Requests.next``: no request came in time, the stream is still open
+
+
 class _Requests:
-    """An inference stream's requests, readable while the handler also waits for something else (a push): the
-    pending read survives that wait, so no request is lost."""
+    """A stream's requests with the node's timeouts: a session idle for too long expires."""
 
-    def __init__(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]):
-        self._iterator = requests.__aiter__()
-        self._pending: Optional[asyncio.Task] = None
+    def __init__(self, stream: RequestStream):
+        self.stream = stream
 
-    async def _read(self):
+    async def next(self, timeout: float, *, quiet=None):
+        """The next request, None at the end of the stream; ``quiet`` (if given) instead of expiring."""
         try:
-            return await self._iterator.__anext__()
-        except StopAsyncIteration:
-            return None
-
-    def pending(self) -> asyncio.Task:
-        if self._pending is None:
-            self._pending = asyncio.create_task(self._read())
-        return self._pending
-
-    async def next(self, timeout: float):
-        task = self.pending()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), timeout if timeout > 0 else None)
-        except asyncio.TimeoutError:
+            return await self.stream.next(timeout if timeout > 0 else None)
+        except RequestTimeout:
+            if quiet is not None:
+                return quiet
             raise NodeRPCError(
                 ErrorCode.SESSION_EXPIRED,
                 f"no request for {timeout:.0f}s, the session's cache was freed; open a new session and replay",
             )
-        self._pending = None
-        return task.result()
 
-    def close(self) -> None:
-        if self._pending is not None:
-            self._pending.cancel()
+    def readable(self) -> asyncio.Future:
+        """Done once a request is queued (nothing is taken)."""
+        return self.stream.readable()

@@ -33,6 +33,7 @@ class _Work:
     function: Callable[[], Any]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
+    started: Optional[asyncio.Future] = None  # resolved when the round with this work begins
     submitted: float = field(default_factory=time.monotonic)
 
     @property
@@ -92,10 +93,14 @@ class ComputeThread:
 
     # ---- called from event loops ------------------------------------------------------------------------------
 
-    def submit(self, function: Callable[[], Any], priority: Priority) -> asyncio.Future:
-        """Queues ``function`` (a callable, or a batchable task such as ``InferenceTask``); await the result."""
+    def submit(self, function: Callable[[], Any], priority: Priority, *,
+               started: Optional[asyncio.Future] = None) -> asyncio.Future:
+        """Queues ``function`` (a callable, or a batchable task such as ``InferenceTask``); await the result.
+
+        ``started`` (a future of the caller's loop) is resolved as the compute thread begins the round that runs
+        this work, always before the result: the caller may do its own deferred work while the round computes."""
         loop = asyncio.get_running_loop()
-        work = _Work(function, loop, loop.create_future())
+        work = _Work(function, loop, loop.create_future(), started)
         with self._condition:
             self._queues[Priority(priority)].append(work)
             self._condition.notify()
@@ -132,6 +137,7 @@ class ComputeThread:
                     self._gather_inference()
                     self.stats.gather_seconds += time.perf_counter() - waited
                     batch = self._take_inference_round()
+            _notify_started(batch)
             began = time.perf_counter()
             if len(batch) == 1 and batch[0].batch_key is None:
                 self._run_one(batch[0])
@@ -224,6 +230,19 @@ class ComputeThread:
                     self._run_one(work)
                 continue
             _deliver_all(members, results)
+
+
+def _notify_started(works: list[_Work]) -> None:
+    """One loop callback per loop for the round's works that asked to know when it begins."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for work in works:
+        if work.started is not None:
+            by_loop.setdefault(work.loop, []).append(work.started)
+    for loop, futures in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_set_results, futures, [None] * len(futures))
+        except RuntimeError:  # the loop is closed
+            pass
 
 
 def _deliver(work: _Work, *, result: Any = None, error: BaseException | None = None) -> None:

@@ -15,6 +15,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.proto.p2pd_pb2 import RPCError
 
 from nectar.wire.protocol import ErrorCode, NodeRPCError
+from nectar.wire.request_stream import RequestStream
 
 logger = logging.getLogger(__name__)
 
@@ -54,20 +55,11 @@ def stream_handler(name: str, handler: StreamHandler, *, local_id, max_prefetch:
 
     async def handle_stream(remote_id, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         context = P2PContext(handle_name=name, local_id=local_id, remote_id=remote_id)
-        requests: asyncio.Queue = asyncio.Queue(max_prefetch)
-
-        async def iterate_requests():
-            while True:
-                item = await requests.get()
-                if item is None:
-                    return
-                if isinstance(item, NodeRPCError):
-                    raise item
-                yield item
+        requests = RequestStream(max_prefetch)
 
         async def process() -> None:
             try:
-                async for response in handler(iterate_requests(), context):
+                async for response in handler(requests, context):
                     await send_message(response, writer)
             except NodeRPCError as e:
                 with suppress(Exception):
@@ -79,39 +71,47 @@ def stream_handler(name: str, handler: StreamHandler, *, local_id, max_prefetch:
                 with suppress(Exception):
                     await send_message(RPCError(message=f"{ErrorCode.INTERNAL.value}: {e}"), writer)
 
+        async def receive() -> None:
+            """Queues the caller's requests as they come: one reader for the stream's life, not a task per message."""
+            while True:
+                try:
+                    request, _ = await P2P.receive_protobuf(runtime_pb2.ExpertRequest, reader)
+                except asyncio.IncompleteReadError:
+                    await requests.put(None)  # the caller closed or died
+                    return
+                except Exception as e:  # garbage on the wire: tell the caller, then stop reading it
+                    await requests.put(NodeRPCError(ErrorCode.BAD_REQUEST, f"unreadable message ({e})"))
+                    return
+                await requests.put(request)  # None marks the caller's end of stream
+                if request is None:
+                    return
+
         with closing(writer):
             processing = asyncio.create_task(process())
+            receiving = asyncio.create_task(receive())
             try:
-                while True:
-                    receiving = asyncio.create_task(P2P.receive_protobuf(runtime_pb2.ExpertRequest, reader))
-                    await asyncio.wait({processing, receiving}, return_when=asyncio.FIRST_COMPLETED)
-                    if not receiving.done():
-                        # the handler answered first: let the caller finish sending (its end-of-stream marker)
-                        # before closing, or its writer would hit a broken pipe
-                        with suppress(Exception):
-                            await asyncio.wait_for(receiving, 2)
-                        break
-                    try:
-                        request, _ = receiving.result()
-                    except asyncio.IncompleteReadError:
-                        break  # the caller closed or died
-                    except Exception as e:  # garbage on the wire: tell the caller, then stop reading it
-                        await requests.put(NodeRPCError(ErrorCode.BAD_REQUEST, f"unreadable message ({e})"))
-                        with suppress(Exception):
-                            await asyncio.wait_for(asyncio.shield(processing), timeout=5)
-                        break
-                    if processing.done():
-                        if request is None:
-                            break
-                        continue  # late messages after the answer are ignored
-                    await requests.put(request)  # None marks the caller's end of stream
                 await processing
+                if not receiving.done():
+                    # the handler answered first: let the caller finish sending (its end-of-stream marker) before
+                    # closing, or its writer would hit a broken pipe; late messages are ignored
+                    with suppress(Exception):
+                        await asyncio.wait_for(_drain(requests, receiving), 2)
             except Exception:
                 logger.debug(f"{name}: stream from {remote_id} ended abnormally", exc_info=True)
             finally:
                 processing.cancel()
+                receiving.cancel()
 
     return handle_stream
+
+
+async def _drain(requests: RequestStream, receiving: asyncio.Task) -> None:
+    """Takes (and drops) what the caller still sends until it ends its stream."""
+    while not receiving.done():
+        with suppress(Exception):
+            if await requests.next() is None:
+                break
+    await receiving
 
 
 async def call_stream(

@@ -1,0 +1,101 @@
+"""The requests of one incoming RPC stream, as its connection's reader queues them for the handler.
+
+A handler iterates them (``async for``) or asks for the next one with a timeout (``next``). Unlike ``asyncio.Queue``
+behind ``wait_for``, waiting costs no task, no shield and no extra future per request; a timeout never loses a
+request, and ``readable`` tells when one has come without taking it (the node waits for a push or its client,
+whichever speaks first).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import Any, Optional
+
+
+class RequestTimeout(Exception):
+    """No request came within the timeout (the stream is still open; call ``next`` again to keep waiting)."""
+
+
+class RequestStream:
+    """Requests queued by one reader, taken by one handler. ``None`` ends the stream; an exception put in the queue
+    is raised to the handler where the request would have been.
+
+    :param max_prefetch: requests read ahead of the handler before the reader waits (back-pressure on the caller)
+    """
+
+    def __init__(self, max_prefetch: int = 8):
+        self.max_prefetch = max_prefetch
+        self._items: collections.deque = collections.deque()
+        self._readable: Optional[asyncio.Future] = None  # resolved when an item arrives
+        self._space: Optional[asyncio.Future] = None  # resolved when the handler takes an item
+        self._ended = False
+
+    # ---- the reader's side -------------------------------------------------------------------------------------
+
+    async def put(self, item: Any) -> None:
+        """Queues a request (``None``: the caller ended the stream; an exception: raised to the handler)."""
+        while len(self._items) >= self.max_prefetch:
+            if self._space is None or self._space.done():
+                self._space = asyncio.get_running_loop().create_future()
+            await self._space
+        self._items.append(item)
+        if self._readable is not None and not self._readable.done():
+            self._readable.set_result(None)
+
+    # ---- the handler's side ------------------------------------------------------------------------------------
+
+    def readable(self) -> asyncio.Future:
+        """A future that is done once a request (or the end of the stream) is queued; it takes nothing."""
+        if self._items or self._ended:
+            future = asyncio.get_running_loop().create_future()
+            future.set_result(None)
+            return future
+        if self._readable is None or self._readable.done():
+            self._readable = asyncio.get_running_loop().create_future()
+        return self._readable
+
+    async def next(self, timeout: Optional[float] = None):
+        """The next request, or None once the caller ended the stream; ``RequestTimeout`` after ``timeout`` s."""
+        if not self._items and not self._ended:
+            readable = self.readable()
+            if timeout is None:
+                await readable
+            else:
+                loop = asyncio.get_running_loop()
+                timer = loop.call_later(timeout, _expire, readable)
+                try:
+                    await readable
+                except RequestTimeout:
+                    if not self._items:
+                        raise
+                finally:
+                    timer.cancel()
+        return self._take()
+
+    def _take(self):
+        if not self._items:
+            return None  # ended
+        item = self._items.popleft()
+        if self._space is not None and not self._space.done():
+            self._space.set_result(None)
+        if item is None:
+            self._ended = True
+            return None
+        if isinstance(item, BaseException):
+            self._ended = True
+            raise item
+        return item
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        item = await self.next()
+        if item is None:
+            raise StopAsyncIteration
+        return item
+
+
+def _expire(readable: asyncio.Future) -> None:
+    if not readable.done():
+        readable.set_exception(RequestTimeout())
