@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from nectar.models import load_config, load_span
 from nectar.node.batching import InferenceTask, LlamaBatchRunner
+from nectar.node.task_pool import announce_round_started
 from nectar.node.training_cache import TrainingGraphCache
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class SpanBackend:
             else:
                 outputs = [self._run_blocks(task.hidden, task.start, task.end, task.caches,
                                             task.prompts if task.position == 0 else None) for task in tasks]
+            announce_round_started()  # the kernels are queued: the copy below waits for them
             if len(outputs) > 1 and self.device.type != "cpu":  # one device-to-host copy (and sync) per round
                 rows = torch.cat([output.reshape(-1, self.hidden_size) for output in outputs]).cpu()
                 return [chunk.view(output.shape) for chunk, output in

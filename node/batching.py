@@ -62,6 +62,11 @@ class InferenceTask:
             return None
         return id(self.backend), self.start, self.end
 
+    @property
+    def announces_start(self) -> bool:
+        """On an accelerator the backend says when the round's kernels are queued (``announce_round_started``)."""
+        return self.backend.device.type != "cpu"
+
     def __call__(self) -> torch.Tensor:
         return self.backend.run_inference([self])[0]
 

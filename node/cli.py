@@ -99,6 +99,9 @@ def node_main(argv: list[str]) -> int:
                              "round's compute time, or 1.25x the last wait (at most 50 ms); 0 = start at once. Try 0.5 "
                              "on a node that serves many sessions alone, above all on a GPU")
     parser.add_argument("--session-timeout", type=float, default=120, help="idle seconds before a session expires")
+    parser.add_argument("--switch-interval", type=float, default=0.5,
+                        help="ms a busy thread may hold the GIL while another waits (Python's default is 5): the "
+                             "compute thread takes it back between torch ops while the event loop signs receipts")
     parser.add_argument("--announce-period", type=float, default=10)
     parser.add_argument("--rebalance-period", type=float, default=60)
     parser.add_argument("--throughput", type=float, default=None, help="announce this tokens/s instead of measuring")
@@ -110,6 +113,7 @@ def node_main(argv: list[str]) -> int:
     parser.add_argument("--corrupt-rate", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: a cheating node
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    sys.setswitchinterval(args.switch_interval / 1000)
     from nectar.node.config import NodeConfig
     from nectar.node.server import Server
 

@@ -84,6 +84,7 @@ class GraphedDecoder:
                 cos, sin = runner.rotary(torch.zeros(1, 1, device=self.device, dtype=self.dtype), positions[None])
             self.cos_table, self.sin_table = cos[0], sin[0]  # [max_positions, head_dim]
         self.replays = self.recorded = 0
+        self._zero_row = torch.zeros(1, self.hidden_size, dtype=self.dtype)  # an absent session's input
 
     def applies(self, tasks: Sequence["InferenceTask"]) -> bool:
         """Whether these steps could run as a recorded round: one row and one token each, room in every cache."""
@@ -133,10 +134,10 @@ class GraphedDecoder:
                for caches, length in zip(sessions, lengths)):
             return None  # an absent session's cache is full: no spare position to write
         self._graphs.move_to_end(entry.key)
-        inputs = torch.zeros(len(rows), self.hidden_size)
-        for session_id, task in by_id.items():
-            inputs[rows[session_id]] = task.hidden.reshape(-1)
-        entry.input.copy_(inputs)
+        # one host tensor each for inputs and positions, one copy each (few torch calls: each may wait for the GIL)
+        hidden = [by_id[id(caches[0])].hidden.reshape(1, -1) if id(caches[0]) in by_id else self._zero_row
+                  for caches in sessions]
+        entry.input.copy_(hidden[0] if len(hidden) == 1 else torch.cat(hidden))
         entry.positions.copy_(torch.tensor(lengths))
         if entry.graph is not None:
             entry.graph.replay()

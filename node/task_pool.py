@@ -67,6 +67,17 @@ class ComputeStats:
         return self.steps / self.batches if self.batches else 0.0
 
 
+_round = threading.local()  # the compute thread's current round
+
+
+def announce_round_started() -> None:
+    """Called by a round's work on the compute thread once its device work is queued (``announces_start``): the
+    loop may then use the CPU for the round's deferred work without holding up the launches."""
+    announce = getattr(_round, "announce", None)
+    if announce is not None:
+        announce()
+
+
 class ComputeThread:
     """Runs submitted work on one thread: batched inference first, then forward, then backward (FIFO within each).
 
@@ -137,12 +148,21 @@ class ComputeThread:
                     self._gather_inference()
                     self.stats.gather_seconds += time.perf_counter() - waited
                     batch = self._take_inference_round()
-            _notify_started(batch)
+            unannounced = [batch]
+
+            def announce() -> None:
+                if unannounced:
+                    _notify_started(unannounced.pop())
+
+            _round.announce = announce
+            if not getattr(batch[0].function, "announces_start", False):
+                announce()
             began = time.perf_counter()
             if len(batch) == 1 and batch[0].batch_key is None:
                 self._run_one(batch[0])
             else:
                 self._run_round(batch)
+            announce()  # before the results, whatever the work did
             if training is None:
                 self._last_round_s = time.perf_counter() - began
                 self._round_sessions = [self._round_sessions[1], {work.session for work in batch}]
