@@ -327,13 +327,16 @@ class InferenceSession:
             hop.pending = None
         return computed
 
-    def _run_hop(self, hop: _Hop, inputs: torch.Tensor, *, step: int, position: int) -> torch.Tensor:
-        """One hop with its receipt checked before returning (replays during failover)."""
+    def _run_hop(self, hop: _Hop, inputs: torch.Tensor, *, step: int, position: int, last: bool) -> torch.Tensor:
+        """One hop of a replay (failover). Each answer comes after the hop's previous receipt, which is checked as
+        it comes; the ``last`` step also waits for its own (a node signs it while the next step computes, or once
+        the stream goes quiet)."""
 
         async def step_with_receipt() -> torch.Tensor:
             output = await self._hop_step(hop, inputs, step=step, position=position)
-            await self._take_receipt(hop)
-            self._check_receipts([hop])
+            if last:
+                await self._take_receipt(hop)
+                self._check_receipts([hop])
             return output
 
         output = self.runtime.run(step_with_receipt(), timeout=2 * self.config.step_timeout + 5)
@@ -349,10 +352,10 @@ class InferenceSession:
         for attempt in range(self.config.max_retries + 1):
             new_hops = self._open_route(old.span.start, old.span.end)
             try:
-                for step, position, inputs in old.history:
+                for i, (step, position, inputs) in enumerate(old.history):
                     x = inputs
                     for hop in new_hops:
-                        x = self._run_hop(hop, x, step=step, position=position)
+                        x = self._run_hop(hop, x, step=step, position=position, last=i == len(old.history) - 1)
                 self.hops[index : index + 1] = new_hops
                 logger.info(f"Failover: blocks {old.span.start}:{old.span.end} moved from {old.span} to {new_hops}, "
                             f"replayed {len(old.history)} steps")

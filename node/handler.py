@@ -26,6 +26,7 @@ from nectar.node.memory_cache import MemoryCache
 from nectar.node.payments import NoPaymentPolicy, PaymentPolicy
 from nectar.node.push import PushInbox, PushLink
 from nectar.node.receipts import CreditLedger, ReceiptSigner
+from nectar.node import trace
 from nectar.node.task_pool import ComputeThread, Priority
 from nectar.wire import receipts as schema
 from nectar.wire.protocol import (
@@ -241,19 +242,22 @@ class NodeHandler:
                             response, length, receipt = await self._finish_step(step, session_id=session_id,
                                                                                 push=push)
                             yield response
+                            trace.event("sent", id(caches))
                         elif metadata.get("type") == "open":  # an open without a first step gets an ack
                             yield make_response([], {"type": "opened", "cache_tokens_left": self.memory.tokens_left})
                         if receipt is None:
                             request = await reader.next(self.config.session_timeout)
                         else:  # the next step usually comes soon, and its round signs this receipt
-                            request = await reader.next(self.config.receipt_delay, quiet=_QUIET)
+                            request = await self._next_or_quiet(reader)
                             if request is _QUIET or request is None:  # the client waits (or left): sign it now
+                                trace.event("quiet_receipt", id(caches))
                                 yield receipt()
                                 receipt = None
                                 if request is _QUIET:
                                     request = await reader.next(self.config.session_timeout)
                         if request is None:
                             return
+                        trace.event("taken", id(caches))
                         metadata = unpack_metadata(request.metadata)
                         if metadata.get("type") in ("pay", "cancel") and self._session_id(metadata) == session_id:
                             if metadata["type"] == "pay":
@@ -278,6 +282,16 @@ class NodeHandler:
                 if link is not None:
                     link.close()
                 del caches
+
+    async def _next_or_quiet(self, reader: "_Requests"):
+        """The next request, or ``_QUIET`` once the stream has been quiet for ``receipt_delay`` s while the compute
+        thread is not gathering other sessions' steps (signing then would hold up their requests), or for at most
+        five times that in any case."""
+        for _ in range(5):
+            request = await reader.next(self.config.receipt_delay, quiet=_QUIET)
+            if request is not _QUIET or not self.compute.gathering:
+                return request
+        return request
 
     def _push_token(self, metadata: dict) -> Optional[bytes]:
         token = metadata.get("push_token")
@@ -356,6 +370,7 @@ class NodeHandler:
         task = self.backend.inference_task(hidden, caches, start=start, end=end, position=position, prompts=prompts)
         started = asyncio.get_running_loop().create_future()
         output = self.compute.submit(task, Priority.INFERENCE, started=started)
+        trace.event("submitted", id(caches))
         self.step_seconds += time.perf_counter() - began
         return _Step(output, started, hidden, prompts, metadata, step, position, start, end, client, tokens,
                      separate_receipt)

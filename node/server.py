@@ -32,6 +32,8 @@ from nectar.wire.direct import DirectServer
 from nectar.wire.identity import load_or_create_eth_key, load_or_create_p2p_identity
 from nectar.wire.protocol import SUPPORTED_DTYPES
 
+from nectar.node import trace
+
 logger = logging.getLogger(__name__)
 
 
@@ -214,6 +216,7 @@ class Server:
         if self.dht is not None:
             self.dht.shutdown()
         self.loop.call_soon_threadsafe(self.loop.stop)
+        trace.dump()
 
     def wait(self) -> None:
         while not self.stop_event.wait(1.0):

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from nectar.node import trace
+
 logger = logging.getLogger(__name__)
 
 
@@ -94,6 +96,7 @@ class ComputeThread:
         self._last_round_s = 0.0
         self._round_sessions: list[set] = [set(), set()]  # sessions of the last two rounds
         self._last_spread = 0.0  # how long the last gathering took to bring every session back
+        self._gathering = False  # waiting for a round's sessions (read by the event loop, see ``gathering``)
         self._queues: dict[Priority, collections.deque[_Work]] = {p: collections.deque() for p in Priority}
         self._condition = threading.Condition()
         self._stopped = False
@@ -121,6 +124,11 @@ class ComputeThread:
         with self._condition:
             self._stopped = True
             self._condition.notify()
+
+    @property
+    def gathering(self) -> bool:
+        """Whether inference steps wait for a round: queued, or being gathered for the next one."""
+        return self._gathering or bool(self._queues[Priority.INFERENCE])
 
     @property
     def pending(self) -> int:
@@ -158,11 +166,13 @@ class ComputeThread:
             if not getattr(batch[0].function, "announces_start", False):
                 announce()
             began = time.perf_counter()
+            trace.event("round", value=len(batch))
             if len(batch) == 1 and batch[0].batch_key is None:
                 self._run_one(batch[0])
             else:
                 self._run_round(batch)
             announce()  # before the results, whatever the work did
+            trace.event("round_end", value=len(batch))
             if training is None:
                 self._last_round_s = time.perf_counter() - began
                 self._round_sessions = [self._round_sessions[1], {work.session for work in batch}]
@@ -196,13 +206,17 @@ class ComputeThread:
         began = time.monotonic()
         deadline = began + min(self.max_gather_wait,
                                max(self.gather_share * self._last_round_s, 1.25 * self._last_spread))
-        while not self._stopped and len(queue) < expected:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:  # someone left, or replies now take longer: allow more next time
-                self._last_spread = min(self.max_gather_wait, 2 * max(self._last_spread, 1e-3))
-                return
-            self._condition.wait(remaining)
-        self._last_spread = time.monotonic() - began
+        self._gathering = True
+        try:
+            while not self._stopped and len(queue) < expected:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:  # someone left, or replies now take longer: allow more next time
+                    self._last_spread = min(self.max_gather_wait, 2 * max(self._last_spread, 1e-3))
+                    return
+                self._condition.wait(remaining)
+            self._last_spread = time.monotonic() - began
+        finally:
+            self._gathering = False
 
     def _take_inference_round(self) -> list[_Work]:
         queue = self._queues[Priority.INFERENCE]
