@@ -41,6 +41,7 @@ class _Graph:
     input: torch.Tensor  # [n, hidden]
     positions: torch.Tensor  # [n] int64: where each session's token goes
     output: Optional[torch.Tensor]  # [n, hidden], written by the replay
+    pools: Optional[list] = None  # per block, the sessions' keys/values in one tensor [n, 2, kv_heads, L, dim]
 
     def live_sessions(self) -> Optional[list[list]]:
         """Each row's SpanCaches, or None once any of them is gone."""
@@ -142,7 +143,7 @@ class GraphedDecoder:
         if entry.graph is not None:
             entry.graph.replay()
         else:
-            entry.output = self._step(entry.input, entry.positions, sessions, first_block)
+            entry.output = self._step(entry.input, entry.positions, sessions, first_block, entry.pools)
         self.replays += 1
         outputs = []
         for task in tasks:
@@ -189,25 +190,45 @@ class GraphedDecoder:
         positions = torch.zeros(n, dtype=torch.long, device=self.device)
         gone = lambda _, key=key: self._gone.append(key)  # noqa: E731  (a weakref callback)
         sessions = tuple(tuple(weakref.ref(cache, gone) for cache in session) for session in caches)
+        pools = self._pool(caches) if n > 1 and len({session[0].max_length for session in caches}) == 1 else None
         self.recorded += 1
         if not self.capture:
-            return _Graph(key, None, sessions, static_input, positions, None)
+            return _Graph(key, None, sessions, static_input, positions, None, pools)
         # the warm-up and the capture write keys/values at these positions; the replay that follows rewrites them
         positions.copy_(torch.tensor([session[0].length for session in caches]))
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), self._backends(True):
-            self._step(static_input, positions, caches, first_block)  # warm-up: kernel choice, workspaces
+            self._step(static_input, positions, caches, first_block, pools)  # warm-up: kernel choice, workspaces
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), self._backends(True):  # a private pool: a shared one breaks once a graph dies
-            output = self._step(static_input, positions, caches, first_block)
-        logger.debug(f"Recorded a decode round of {n} session(s), blocks {first_block}:{first_block + len(caches[0])}")
-        return _Graph(key, graph, sessions, static_input, positions, output)
+            output = self._step(static_input, positions, caches, first_block, pools)
+        logger.debug(f"Recorded a decode round of {n} session(s), blocks {first_block}:{first_block + len(caches[0])}"
+                     + (" over pooled caches" if pools else ""))
+        return _Graph(key, graph, sessions, static_input, positions, output, pools)
 
-    def _step(self, x: torch.Tensor, positions: torch.Tensor, caches: list, first_block: int) -> torch.Tensor:
+    def _pool(self, caches: list[list]) -> list[torch.Tensor]:
+        """Moves these sessions' caches (same max_length) into one tensor per block, each session's buffer becoming
+        a view of its row, so a round writes every session's new key/value in one kernel and attends in one call
+        (per-session writes and attention calls were most of a recorded round's kernels). Graphs recorded over the
+        old buffers are dropped: their memory is freed."""
+        moved = {id(session[0]) for session in caches}
+        for key in [key for key in self._graphs if moved & set(key[2:])]:
+            del self._graphs[key]
+        pools = []
+        for local in range(len(caches[0])):
+            pool = torch.stack([session[local].buffer for session in caches])  # [n, 1 block, 2, 1 row, h, L, d]
+            for row, session in enumerate(caches):
+                session[local].buffer = pool[row]
+            pools.append(pool.view(len(caches), *pool.shape[2:3], *pool.shape[4:]))
+        return pools
+
+    def _step(self, x: torch.Tensor, positions: torch.Tensor, caches: list, first_block: int,
+              pools: Optional[list] = None) -> torch.Tensor:
         """One token of each session through the blocks, with position-independent shapes (graph-safe: no host
-        syncs). ``x`` [n, hidden], ``positions`` [n], ``caches[i]`` session i's SpanCaches (one per block)."""
+        syncs). ``x`` [n, hidden], ``positions`` [n], ``caches[i]`` session i's SpanCaches (one per block);
+        ``pools``: the same caches as one tensor per block (``_pool``)."""
         from nectar.node.batching import _linear, _rotate_half
 
         runner = self.runner
@@ -215,6 +236,8 @@ class GraphedDecoder:
         groups = heads // kv_heads
         cos = self.cos_table.index_select(0, positions)[:, None]  # [n, 1, head_dim]
         sin = self.sin_table.index_select(0, positions)[:, None]
+        if pools is not None:
+            return self._pooled_step(x, positions, pools, first_block, cos, sin)
         where = [positions[index : index + 1] for index in range(n)]
         masks = []
         for position, session in zip(where, caches):  # each session sees its own cache up to its position
@@ -240,6 +263,34 @@ class GraphedDecoder:
                                                               scale=runner.scaling))
             attention = outputs[0] if n == 1 else torch.cat(outputs)  # [n, heads, 1, dim]
             x = x + _linear(attention.transpose(1, 2).reshape(n, heads * dim), layer.o_weight, layer.o_bias)
+            gate, up = _linear(layer.post_norm(x), layer.gate_up_weight, layer.gate_up_bias).chunk(2, dim=-1)
+            x = x + _linear(layer.act(gate) * up, layer.down_weight, layer.down_bias)
+        return x
+
+    def _pooled_step(self, x, positions, pools, first_block, cos, sin) -> torch.Tensor:
+        """``_step`` over pooled caches: per block one write of all new keys/values and one attention call."""
+        from nectar.node.batching import _linear, _rotate_half
+
+        runner = self.runner
+        n, heads, kv_heads, dim = x.shape[0], runner.num_heads, runner.num_kv_heads, runner.head_dim
+        max_length = pools[0].shape[3]
+        rows = torch.arange(n, device=self.device)
+        mask = torch.zeros(n, 1, 1, max_length, dtype=self.dtype, device=self.device)  # each row up to its position
+        mask.masked_fill_((torch.arange(max_length, device=self.device) > positions[:, None])[:, None, None, :],
+                          torch.finfo(self.dtype).min)
+        for local, pool in enumerate(pools):  # pool [n, key/value, kv_heads, max_length, head_dim]
+            layer = runner.layers[first_block + local]
+            qkv = _linear(layer.input_norm(x), layer.qkv_weight, layer.qkv_bias).view(n, heads + 2 * kv_heads, dim)
+            qk = qkv[:, : heads + kv_heads]
+            qk.copy_(qk * cos + _rotate_half(qk) * sin)
+            pool[rows, :, :, positions] = qkv[:, heads:].view(n, 2, kv_heads, dim)
+            keys, values = pool[:, 0], pool[:, 1]
+            if heads != kv_heads:
+                keys = keys.repeat_interleave(heads // kv_heads, dim=1)
+                values = values.repeat_interleave(heads // kv_heads, dim=1)
+            query = qkv[:, :heads].unsqueeze(2)  # [n, heads, 1, head_dim]
+            attention = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=runner.scaling)
+            x = x + _linear(attention.reshape(n, heads * dim), layer.o_weight, layer.o_bias)
             gate, up = _linear(layer.post_norm(x), layer.gate_up_weight, layer.gate_up_bias).chunk(2, dim=-1)
             x = x + _linear(layer.act(gate) * up, layer.down_weight, layer.down_bias)
         return x

@@ -259,6 +259,41 @@ def test_rounds_that_split_replay_one_recording_of_every_active_session(tiny_lla
             replayed.append(static.replays - replays)
     assert replayed == [0, 0] + [1] * 8  # two eager rounds; then one recording of A, B and C serves both halves
     assert static.recorded == 1 and len(next(iter(static._graphs.values())).sessions) == 3
+    assert next(iter(static._graphs.values())).pools is not None  # equal cache sizes: one key/value tensor per block
+    assert worst <= TOLERANCE, worst
+
+
+def test_pooled_caches_stay_the_sessions_own(tiny_llama):
+    """A recorded round of sessions with equal cache sizes moves their caches into one tensor per block
+    (``GraphedDecoder._pool``): the eager path (a prefill after a rollback), a lone session's own recording and a
+    later pool of other sessions keep reading and writing the same keys/values, and the lone session's earlier
+    recording over its old buffer is dropped."""
+    from nectar.node.graphs import GraphedDecoder
+
+    batched, plain = _backend(tiny_llama, batching=True), _backend(tiny_llama, batching=False)
+    static = batched.batch_runner.graphs = GraphedDecoder(batched.batch_runner, capture=False, record_after=1)
+    torch.manual_seed(6)
+    hidden = batched.hidden_size
+    a, b, c = (_Session(batched, plain, batch_size=1, start=0, end=4) for _ in range(3))
+    worst = 0.0
+    for session, prefill in ((a, 3), (b, 5), (c, 2)):
+        worst = max(worst, _round(batched, plain, [session], [torch.randn(1, prefill, hidden)]))
+    worst = max(worst, _round(batched, plain, [a], [torch.randn(1, 1, hidden)]))  # a alone: its own recording
+    alone = set(static._graphs)
+    for _ in range(3):  # a and b: pooled (a's recording over its old buffer goes)
+        worst = max(worst, _round(batched, plain, [a, b], [torch.randn(1, 1, hidden) for _ in range(2)]))
+    assert not alone & set(static._graphs)
+    pool = next(entry for entry in static._graphs.values() if entry.pools is not None).pools[0]
+    assert a.batched_caches[0].buffer.data_ptr() in {row.data_ptr() for row in pool}
+    a.position -= 2  # a rolls back and sends three tokens: the eager path writes into the pool's row
+    for cache in a.batched_caches + a.plain_caches:
+        cache.crop(a.position)
+    worst = max(worst, _round(batched, plain, [a, b], [torch.randn(1, 3, hidden), torch.randn(1, 1, hidden)]))
+    for _ in range(3):  # then b and c: pooled again, out of the first pool
+        worst = max(worst, _round(batched, plain, [a, b], [torch.randn(1, 1, hidden) for _ in range(2)]))
+        worst = max(worst, _round(batched, plain, [b, c], [torch.randn(1, 1, hidden) for _ in range(2)]))
+        worst = max(worst, _round(batched, plain, [a], [torch.randn(1, 1, hidden)]))
+    assert static.replays > 6
     assert worst <= TOLERANCE, worst
 
 

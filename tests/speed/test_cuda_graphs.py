@@ -17,7 +17,8 @@ def _backend(path: str, *, batching: bool) -> SpanBackend:
     return SpanBackend(path, 0, 4, dtype=torch.float32, device="cuda", show_progress=False, batching=batching)
 
 
-def test_graph_rounds_on_the_gpu_equal_eager_steps(tiny_llama):
+@pytest.mark.parametrize("max_lengths", [(40, 24, 31), (40, 40, 40)], ids=["own-caches", "pooled-caches"])
+def test_graph_rounds_on_the_gpu_equal_eager_steps(tiny_llama, max_lengths):
     torch.backends.cuda.matmul.allow_tf32 = False
     graphed, plain = _backend(tiny_llama, batching=True), _backend(tiny_llama, batching=False)
     decoder = graphed.batch_runner.graphs
@@ -25,7 +26,7 @@ def test_graph_rounds_on_the_gpu_equal_eager_steps(tiny_llama):
     torch.manual_seed(0)
     hidden = graphed.hidden_size
     sessions = []
-    for max_length, prefill in ((40, 5), (24, 3), (31, 7)):
+    for max_length, prefill in zip(max_lengths, (5, 3, 7)):
         caches = (graphed.new_caches(0, 4, 1, max_length), plain.new_caches(0, 4, 1, max_length))
         x = torch.randn(1, prefill, hidden)
         graphed.inference_step(x, caches[0], start=0, end=4, position=0)
@@ -44,4 +45,6 @@ def test_graph_rounds_on_the_gpu_equal_eager_steps(tiny_llama):
                 session[1] += 1
     # the three's first round ran eagerly; the lone session's first round recorded all three (active lately)
     assert decoder.recorded == 1 and decoder.replays == 2 * 10 - 1
+    pooled = next(iter(decoder._graphs.values())).pools is not None  # equal cache sizes: one tensor per block
+    assert pooled == (len(set(max_lengths)) == 1)
     assert worst <= 1e-4, worst
