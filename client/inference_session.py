@@ -206,7 +206,8 @@ class InferenceSession:
         self._check_receipts([hop])
 
     async def _take_receipt(self, hop: _Hop) -> None:
-        """Waits for the receipt of the hop's last step (it left right after the output)."""
+        """Waits for the receipt of the hop's last step (the node signs it while the next step computes, or once the
+        stream is quiet)."""
         if hop.receipt is not None:
             receipt, hop.receipt = hop.receipt, None
             await receipt
@@ -434,7 +435,7 @@ class InferenceSession:
 
     async def _check_all(self) -> None:
         receipts = [hop.receipt for hop in self.hops if hop.receipt is not None]
-        if receipts:  # they left right after the outputs; a node that died since must not hold up the close
+        if receipts:  # a node signs them once the stream is quiet; one that died must not hold up the close
             await asyncio.wait(receipts, timeout=min(5.0, self.config.step_timeout))
         self._check_receipts(self.hops)
 
