@@ -19,6 +19,7 @@ import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
+from nectar.node import trace
 from nectar.node.audit import AuditLog
 from nectar.node.backend import SpanBackend
 from nectar.node.config import NodeConfig
@@ -26,7 +27,6 @@ from nectar.node.memory_cache import MemoryCache
 from nectar.node.payments import NoPaymentPolicy, PaymentPolicy
 from nectar.node.push import PushInbox, PushLink
 from nectar.node.receipts import CreditLedger, ReceiptSigner
-from nectar.node import trace
 from nectar.node.task_pool import ComputeThread, Priority
 from nectar.wire import receipts as schema
 from nectar.wire.protocol import (

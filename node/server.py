@@ -13,6 +13,7 @@ import hivemind
 import torch
 
 from nectar.models import get_family, load_config, model_id_of, resolve_model
+from nectar.node import trace
 from nectar.node.announcer import Announcer
 from nectar.node.audit import AuditLog
 from nectar.node.backend import SpanBackend
@@ -32,7 +33,6 @@ from nectar.wire.direct import DirectServer
 from nectar.wire.identity import load_or_create_eth_key, load_or_create_p2p_identity
 from nectar.wire.protocol import SUPPORTED_DTYPES
 
-from nectar.node import trace
 
 logger = logging.getLogger(__name__)
 
