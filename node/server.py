@@ -33,7 +33,6 @@ from nectar.wire.direct import DirectServer
 from nectar.wire.identity import load_or_create_eth_key, load_or_create_p2p_identity
 from nectar.wire.protocol import SUPPORTED_DTYPES
 
-
 logger = logging.getLogger(__name__)
 
 
