@@ -144,6 +144,40 @@ def test_receipt_follows_the_output_as_its_own_message(model):
     assert "receipt" in inline and torch.allclose(inline_outputs[0], outputs[0])
 
 
+def test_a_receipt_comes_while_the_next_step_computes_or_once_the_stream_is_quiet(model):
+    """Receipt N is signed while step N+1 computes, so it comes between output N and output N+1; the last one comes
+    once the stream has been quiet for a moment, or as the client ends the stream."""
+    from nectar.wire.protocol import unpack_metadata
+
+    span = _span(model, "a", 0, 2)
+    uid = module_uid(model.sequence_manager.model_id, span.start, span.end)
+    hidden = [torch.randn(1, 3, model.head.embedding_dim), torch.randn(1, 1, model.head.embedding_dim)]
+
+    async def exchange(session_id: bytes, hold_open: bool) -> list:
+        outputs = asyncio.Queue()
+
+        async def requests():
+            yield make_request(uid, [hidden[0]], {"type": "open", "session_id": session_id, "max_length": 8,
+                                                   "client": model.wallet.address, "receipts": "separate", "step": 0})
+            await outputs.get()  # step 1 leaves only once output 0 is here, as a client's next token would
+            yield make_request(uid, [hidden[1]], {"type": "step", "session_id": session_id, "step": 1})
+            await outputs.get()
+            if hold_open:
+                await asyncio.sleep(0.5)
+
+        replies = []
+        async for response in await call_stream(model.runtime.p2p, span.peer_id, RPC_INFERENCE, requests()):
+            metadata = unpack_metadata(response.metadata)
+            replies.append(("output" if response.tensors else metadata.get("type"), metadata.get("step")))
+            if response.tensors:
+                outputs.put_nowait(None)
+        return replies
+
+    for session_id, hold_open in ((b"receipt-order-open", True), (b"receipt-order-ended", False)):
+        replies = model.runtime.run(exchange(session_id, hold_open), timeout=30)
+        assert replies == [("output", None), ("receipt", 0), ("output", None), ("receipt", 1)], (hold_open, replies)
+
+
 def test_failover_mid_generation_gives_identical_output(swarm, model, reference):
     input_ids = torch.randint(3, 1000, (1, 6), generator=torch.Generator().manual_seed(42))
     expected = reference.generate(input_ids, max_new_tokens=30, do_sample=False, eos_token_id=None)
