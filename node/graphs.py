@@ -212,7 +212,9 @@ class GraphedDecoder:
         """Moves these sessions' caches (same max_length) into one tensor per block, each session's buffer becoming
         a view of its row, so a round writes every session's new key/value in one kernel and attends in one call
         (per-session writes and attention calls were most of a recorded round's kernels). Graphs recorded over the
-        old buffers are dropped: their memory is freed."""
+        old buffers are dropped: their memory is freed. A pool's memory goes once none of its rows is a live
+        session's cache (sessions are moved out by the next pool that takes them, or end); moving briefly holds
+        both copies of the moved caches."""
         moved = {id(session[0]) for session in caches}
         for key in [key for key in self._graphs if moved & set(key[2:])]:
             del self._graphs[key]
