@@ -7,7 +7,9 @@ in it, and the sub-span) with shapes that do not change from step to step: posit
 comes from a precomputed table, keys/values are written with ``index_copy_`` and each session attends over its
 whole preallocated cache under a mask of the positions not yet written. Later rounds of the same sessions copy the
 inputs in, set the positions and replay. A round of only some of a recorded round's sessions (one finished its
-turn late, or rounds split) replays it too, the absent rows computing a throwaway token.
+turn late, or rounds split) replays it too, the absent rows computing a throwaway token. Sessions with equal
+cache sizes share one key/value tensor per block in their recording (``_pool``): all their writes, and their
+attention, are one call each per block.
 
 A session alone is recorded at its first decode step. A round of several sessions without a recording is
 recorded for every session active lately (in the last few rounds), once that set has come back ``record_after``
