@@ -259,9 +259,13 @@ class NodeHandler:
                             return
                         trace.event("taken", id(caches))
                         metadata = unpack_metadata(request.metadata)
-                        if metadata.get("type") in ("pay", "cancel") and self._session_id(metadata) == session_id:
-                            if metadata["type"] == "pay":
+                        kind = metadata.get("type")
+                        if kind in ("pay", "cancel", "flush") and self._session_id(metadata) == session_id:
+                            if kind == "pay":
                                 self._settle_voucher(metadata, client)  # the client's last voucher before it leaves
+                            if kind == "flush" and receipt is not None:  # the client waits for it: no next step
+                                yield receipt()
+                                receipt = None
                             request.ClearField("tensors")  # a cancel that came after its push was served
                             metadata["type"] = "paid"
                             continue

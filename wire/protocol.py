@@ -11,6 +11,9 @@ Inference stream (``rpc_inference``), one long-lived stream per hop and session:
   request k   metadata {"type": "step", "session_id", "step", "position", "voucher"?}
               tensors  [hidden_states [B, T, H]] (+ [prompts [n_blocks, B, P, H]] on the first step)
   response k  metadata {"receipt"?, "cache_tokens_left"} tensors [hidden_states [B, T, H]]
+              (with "receipts": "separate" in the open: {"receipt_follows": true, ...}, and receipt k comes as a
+              message of its own, {"type": "receipt", "step", "receipt", "fingerprint"}, before response k+1)
+  also        {"type": "pay", "session_id", "voucher"}; {"type": "flush", "session_id"} (the pending receipt now)
   error       an RPC error whose text starts with one of ``ErrorCode`` (e.g. "cache_full: ...")
 
 Push mode (``nectar.node.push``, opt-in by the client): the open may carry "push_token" (16-32 random bytes); a

@@ -146,7 +146,7 @@ def test_receipt_follows_the_output_as_its_own_message(model):
 
 def test_a_receipt_comes_while_the_next_step_computes_or_once_the_stream_is_quiet(model):
     """Receipt N is signed while step N+1 computes, so it comes between output N and output N+1; the last one comes
-    once the stream has been quiet for a moment, or as the client ends the stream."""
+    when the client asks for it (flush), or as the client ends the stream."""
     from nectar.wire.protocol import unpack_metadata
 
     span = _span(model, "a", 0, 2)
@@ -163,6 +163,7 @@ def test_a_receipt_comes_while_the_next_step_computes_or_once_the_stream_is_quie
             yield make_request(uid, [hidden[1]], {"type": "step", "session_id": session_id, "step": 1})
             await outputs.get()
             if hold_open:
+                yield make_request(uid, [], {"type": "flush", "session_id": session_id})  # receipt 1 now
                 await asyncio.sleep(0.5)
 
         replies = []
