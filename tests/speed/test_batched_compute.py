@@ -200,7 +200,7 @@ def test_recorded_decode_rounds_equal_one_by_one_steps(tiny_llama):
     from nectar.node.graphs import GraphedDecoder
 
     batched, plain = _backend(tiny_llama, batching=True), _backend(tiny_llama, batching=False)
-    static = batched.batch_runner.graphs = GraphedDecoder(batched.batch_runner, capture=False)
+    static = batched.batch_runner.graphs = GraphedDecoder(batched.batch_runner, capture=False, record_after=2)
     torch.manual_seed(4)
     hidden = batched.hidden_size
     full = [_Session(batched, plain, batch_size=1, start=0, end=4, max_length=m) for m in (40, 24, 31)]
@@ -245,7 +245,7 @@ def test_rounds_that_split_replay_one_recording_of_every_active_session(tiny_lla
     from nectar.node.graphs import GraphedDecoder
 
     batched, plain = _backend(tiny_llama, batching=True), _backend(tiny_llama, batching=False)
-    static = batched.batch_runner.graphs = GraphedDecoder(batched.batch_runner, capture=False)
+    static = batched.batch_runner.graphs = GraphedDecoder(batched.batch_runner, capture=False, record_after=2)
     torch.manual_seed(5)
     hidden = batched.hidden_size
     sessions = [_Session(batched, plain, batch_size=1, start=0, end=4) for _ in range(3)]
@@ -271,7 +271,7 @@ def test_pooled_caches_stay_the_sessions_own(tiny_llama):
     from nectar.node.graphs import GraphedDecoder
 
     batched, plain = _backend(tiny_llama, batching=True), _backend(tiny_llama, batching=False)
-    static = batched.batch_runner.graphs = GraphedDecoder(batched.batch_runner, capture=False, record_after=1)
+    static = batched.batch_runner.graphs = GraphedDecoder(batched.batch_runner, capture=False)  # record at once
     torch.manual_seed(6)
     hidden = batched.hidden_size
     a, b, c = (_Session(batched, plain, batch_size=1, start=0, end=4) for _ in range(3))
@@ -279,9 +279,10 @@ def test_pooled_caches_stay_the_sessions_own(tiny_llama):
     for session, prefill in ((a, 3), (b, 5), (c, 2)):
         worst = max(worst, _round(batched, plain, [session], [torch.randn(1, prefill, hidden)]))
     worst = max(worst, _round(batched, plain, [a], [torch.randn(1, 1, hidden)]))  # a alone: its own recording
-    alone = set(static._graphs)
-    for _ in range(3):  # a and b: pooled (a's recording over its old buffer goes)
+    alone, replays = set(static._graphs), static.replays
+    for _ in range(3):  # a and b: recorded at first sight, pooled (a's recording over its old buffer goes)
         worst = max(worst, _round(batched, plain, [a, b], [torch.randn(1, 1, hidden) for _ in range(2)]))
+    assert static.replays - replays == 3
     assert not alone & set(static._graphs)
     pool = next(entry for entry in static._graphs.values() if entry.pools is not None).pools[0]
     assert a.batched_caches[0].buffer.data_ptr() in {row.data_ptr() for row in pool}
