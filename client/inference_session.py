@@ -208,8 +208,7 @@ class InferenceSession:
     def _flush(self, hop: _Hop) -> None:
         """Asks a hop for the receipt of its last step now (a node otherwise signs it while the next step computes,
         or once the stream has been quiet for a moment)."""
-        if hop.receipt is not None:
-            hop.stream.send_nowait({"type": "flush", "session_id": self.session_id})
+        hop.stream.send_nowait({"type": "flush", "session_id": self.session_id})
 
     async def _take_receipt(self, hop: _Hop) -> None:
         """Waits for the receipt of the hop's last step (the node signs it while the next step computes, or once the
@@ -328,7 +327,7 @@ class InferenceSession:
                 outputs, reply = await asyncio.wait_for(hop.pending, self.config.step_timeout)
                 computed = computed or bool(outputs)
                 if reply.get("receipt_follows") is True:  # a step computed anyway: its receipt is not used
-                    hop.stream.send_nowait({"type": "flush", "session_id": self.session_id})
+                    self._flush(hop)
                     await asyncio.wait_for(hop.stream.receive(), self.config.step_timeout)
             except Exception as e:  # its stream is gone: the next step fails over from it
                 hop.fault = hop.fault or f"failed while its push was cancelled: {_describe(e)}"
@@ -343,7 +342,8 @@ class InferenceSession:
         async def step_with_receipt() -> torch.Tensor:
             output = await self._hop_step(hop, inputs, step=step, position=position)
             if last:
-                self._flush(hop)
+                if hop.receipt is not None:
+                    self._flush(hop)
                 await self._take_receipt(hop)
                 self._check_receipts([hop])
             return output
@@ -442,9 +442,10 @@ class InferenceSession:
                 pass
 
     async def _check_all(self) -> None:
-        receipts = [hop.receipt for hop in self.hops if hop.receipt is not None]
-        for hop in self.hops:
+        waiting = [hop for hop in self.hops if hop.receipt is not None]
+        for hop in waiting:
             self._flush(hop)
+        receipts = [hop.receipt for hop in waiting]
         if receipts:  # flushed just now; a node that died must not hold up the close
             await asyncio.wait(receipts, timeout=min(5.0, self.config.step_timeout))
         self._check_receipts(self.hops)

@@ -16,8 +16,9 @@ recorded for every session active lately (in the last few rounds), once that set
 among recent rounds (once, by default): continuous batching repeats the same sessions round after round (whichever
 way its rounds split), and recording a round costs about what running it eagerly does (an eager round of 14
 sessions through 32 blocks took 103 ms on an H100, the recording of 16 108 ms, a replay 9.4 ms). Rounds that are
-not recorded take the eager path, which writes the same cache layout, so a session may alternate freely. Graphs are kept in a small LRU and dropped once any of their
-sessions' caches is gone. ``capture=False`` runs the same static step eagerly (how the CPU tests check it).
+not recorded take the eager path, which writes the same cache layout, so a session may alternate freely. Graphs
+are kept in a small LRU and dropped once any of their sessions' caches is gone. ``capture=False`` runs the same
+static step eagerly (how the CPU tests check it).
 """
 from __future__ import annotations
 
@@ -238,11 +239,26 @@ class GraphedDecoder:
 
         runner = self.runner
         n, heads, kv_heads, dim = x.shape[0], runner.num_heads, runner.num_kv_heads, runner.head_dim
-        groups = heads // kv_heads
         cos = self.cos_table.index_select(0, positions)[:, None]  # [n, 1, head_dim]
         sin = self.sin_table.index_select(0, positions)[:, None]
-        if pools is not None:
-            return self._pooled_step(x, positions, pools, first_block, cos, sin)
+        attend = self._pooled_attention(positions, pools) if pools is not None else self._own_attention(positions,
+                                                                                                        caches)
+        for local in range(len(caches[0])):
+            layer = runner.layers[first_block + local]
+            qkv = _linear(layer.input_norm(x), layer.qkv_weight, layer.qkv_bias).view(n, heads + 2 * kv_heads, dim)
+            qk = qkv[:, : heads + kv_heads]
+            qk.copy_(qk * cos + _rotate_half(qk) * sin)
+            x = x + _linear(attend(local, qkv), layer.o_weight, layer.o_bias)
+            gate, up = _linear(layer.post_norm(x), layer.gate_up_weight, layer.gate_up_bias).chunk(2, dim=-1)
+            x = x + _linear(layer.act(gate) * up, layer.down_weight, layer.down_bias)
+        return x
+
+    def _own_attention(self, positions: torch.Tensor, caches: list):
+        """``attend(block, qkv)`` -> [n, heads * head_dim] over each session's own buffer: one write and one
+        attention call per session and block."""
+        runner = self.runner
+        n, heads, kv_heads, dim = positions.shape[0], runner.num_heads, runner.num_kv_heads, runner.head_dim
+        groups = heads // kv_heads
         where = [positions[index : index + 1] for index in range(n)]
         masks = []
         for position, session in zip(where, caches):  # each session sees its own cache up to its position
@@ -250,11 +266,8 @@ class GraphedDecoder:
             mask = torch.zeros(1, 1, 1, max_length, dtype=self.dtype, device=self.device)
             mask.masked_fill_(torch.arange(max_length, device=self.device) > position, torch.finfo(self.dtype).min)
             masks.append(mask)
-        for local in range(len(caches[0])):
-            layer = runner.layers[first_block + local]
-            qkv = _linear(layer.input_norm(x), layer.qkv_weight, layer.qkv_bias).view(n, heads + 2 * kv_heads, dim)
-            qk = qkv[:, : heads + kv_heads]
-            qk.copy_(qk * cos + _rotate_half(qk) * sin)
+
+        def attend(local: int, qkv: torch.Tensor) -> torch.Tensor:
             outputs = []
             for index, session in enumerate(caches):
                 buffer = session[local].buffer[0]  # [key/value, 1, kv_heads, max_length, head_dim]
@@ -267,27 +280,23 @@ class GraphedDecoder:
                 outputs.append(F.scaled_dot_product_attention(query, keys, values, attn_mask=masks[index],
                                                               scale=runner.scaling))
             attention = outputs[0] if n == 1 else torch.cat(outputs)  # [n, heads, 1, dim]
-            x = x + _linear(attention.transpose(1, 2).reshape(n, heads * dim), layer.o_weight, layer.o_bias)
-            gate, up = _linear(layer.post_norm(x), layer.gate_up_weight, layer.gate_up_bias).chunk(2, dim=-1)
-            x = x + _linear(layer.act(gate) * up, layer.down_weight, layer.down_bias)
-        return x
+            return attention.transpose(1, 2).reshape(n, heads * dim)
 
-    def _pooled_step(self, x, positions, pools, first_block, cos, sin) -> torch.Tensor:
-        """``_step`` over pooled caches: per block one write of all new keys/values and one attention call."""
-        from nectar.node.batching import _linear, _rotate_half
+        return attend
 
+    def _pooled_attention(self, positions: torch.Tensor, pools: list):
+        """``attend(block, qkv)`` -> [n, heads * head_dim] over pooled caches: one write of all new keys/values and
+        one attention call per block."""
         runner = self.runner
-        n, heads, kv_heads, dim = x.shape[0], runner.num_heads, runner.num_kv_heads, runner.head_dim
+        n, heads, kv_heads, dim = positions.shape[0], runner.num_heads, runner.num_kv_heads, runner.head_dim
         max_length = pools[0].shape[3]
         rows = torch.arange(n, device=self.device)
         mask = torch.zeros(n, 1, 1, max_length, dtype=self.dtype, device=self.device)  # each row up to its position
         mask.masked_fill_((torch.arange(max_length, device=self.device) > positions[:, None])[:, None, None, :],
                           torch.finfo(self.dtype).min)
-        for local, pool in enumerate(pools):  # pool [n, key/value, kv_heads, max_length, head_dim]
-            layer = runner.layers[first_block + local]
-            qkv = _linear(layer.input_norm(x), layer.qkv_weight, layer.qkv_bias).view(n, heads + 2 * kv_heads, dim)
-            qk = qkv[:, : heads + kv_heads]
-            qk.copy_(qk * cos + _rotate_half(qk) * sin)
+
+        def attend(local: int, qkv: torch.Tensor) -> torch.Tensor:
+            pool = pools[local]  # [n, key/value, kv_heads, max_length, head_dim]
             pool[rows, :, :, positions] = qkv[:, heads:].view(n, 2, kv_heads, dim)
             keys, values = pool[:, 0], pool[:, 1]
             if heads != kv_heads:
@@ -295,7 +304,6 @@ class GraphedDecoder:
                 values = values.repeat_interleave(heads // kv_heads, dim=1)
             query = qkv[:, :heads].unsqueeze(2)  # [n, heads, 1, head_dim]
             attention = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=runner.scaling)
-            x = x + _linear(attention.reshape(n, heads * dim), layer.o_weight, layer.o_bias)
-            gate, up = _linear(layer.post_norm(x), layer.gate_up_weight, layer.gate_up_bias).chunk(2, dim=-1)
-            x = x + _linear(layer.act(gate) * up, layer.down_weight, layer.down_bias)
-        return x
+            return attention.reshape(n, heads * dim)
+
+        return attend

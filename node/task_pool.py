@@ -69,15 +69,16 @@ class ComputeStats:
         return self.steps / self.batches if self.batches else 0.0
 
 
-_round = threading.local()  # the compute thread's current round
+_round = threading.local()  # the compute thread's current round, until it is announced
 
 
 def announce_round_started() -> None:
     """Called by a round's work on the compute thread once its device work is queued (``announces_start``): the
-    loop may then use the CPU for the round's deferred work without holding up the launches."""
-    announce = getattr(_round, "announce", None)
-    if announce is not None:
-        announce()
+    loop may then use the CPU for the round's deferred work without holding up the launches. Once per round."""
+    works = getattr(_round, "unannounced", None)
+    if works:
+        _round.unannounced = None
+        _notify_started(works)
 
 
 class ComputeThread:
@@ -156,22 +157,16 @@ class ComputeThread:
                     self._gather_inference()
                     self.stats.gather_seconds += time.perf_counter() - waited
                     batch = self._take_inference_round()
-            unannounced = [batch]
-
-            def announce() -> None:
-                if unannounced:
-                    _notify_started(unannounced.pop())
-
-            _round.announce = announce
+            _round.unannounced = batch
             if not getattr(batch[0].function, "announces_start", False):
-                announce()
+                announce_round_started()
             began = time.perf_counter()
             trace.event("round", value=len(batch))
             if len(batch) == 1 and batch[0].batch_key is None:
                 self._run_one(batch[0])
             else:
                 self._run_round(batch)
-            announce()  # before the results, whatever the work did
+            announce_round_started()  # before the results, whatever the work did
             trace.event("round_end", value=len(batch))
             if training is None:
                 self._last_round_s = time.perf_counter() - began
@@ -267,16 +262,8 @@ class ComputeThread:
 
 
 def _notify_started(works: list[_Work]) -> None:
-    """One loop callback per loop for the round's works that asked to know when it begins."""
-    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-    for work in works:
-        if work.started is not None:
-            by_loop.setdefault(work.loop, []).append(work.started)
-    for loop, futures in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_set_results, futures, [None] * len(futures))
-        except RuntimeError:  # the loop is closed
-            pass
+    """Resolves the ``started`` futures of the round's works that asked to know when it begins."""
+    _resolve([(work.loop, work.started, None) for work in works if work.started is not None])
 
 
 def _deliver(work: _Work, *, result: Any = None, error: BaseException | None = None) -> None:
@@ -292,15 +279,20 @@ def _deliver(work: _Work, *, result: Any = None, error: BaseException | None = N
 def _deliver_all(works: list[_Work], results: list) -> None:
     """A round's results in one loop callback: every waiting step wakes in the same loop pass, so each can send its
     output before any of them signs its receipt."""
+    _resolve([(work.loop, work.future, result) for work, result in zip(works, results)])
+
+
+def _resolve(items: list[tuple[asyncio.AbstractEventLoop, asyncio.Future, Any]]) -> None:
+    """Sets each (loop, future, value)'s future to its value, with one callback per loop."""
     by_loop: dict[asyncio.AbstractEventLoop, tuple[list, list]] = {}
-    for work, result in zip(works, results):
-        futures, values = by_loop.setdefault(work.loop, ([], []))
-        futures.append(work.future)
-        values.append(result)
+    for loop, future, value in items:
+        futures, values = by_loop.setdefault(loop, ([], []))
+        futures.append(future)
+        values.append(value)
     for loop, (futures, values) in by_loop.items():
         try:
             loop.call_soon_threadsafe(_set_results, futures, values)
-        except RuntimeError:  # the loop is closed: nobody waits for these results any more
+        except RuntimeError:  # the loop is closed: nobody waits for these any more
             pass
 
 
