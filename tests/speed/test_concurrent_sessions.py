@@ -2,8 +2,10 @@
 
 One node (its own process, on 127.0.0.1) hosts all 4 blocks of a tiny Llama with GQA. Several client threads run
 sessions in lock step (a barrier before each step, so their steps reach the node together) with different prompt
-lengths, batch sizes and a mid-session replay. Every output must equal an unbatched local computation within 1e-5,
-and the node's log must show that steps were really batched.
+lengths, batch sizes and a mid-session replay. The node gathers each round's sessions (``--batch-wait``): without it,
+batching depends on steps arriving while a round computes, which a tiny model's sub-millisecond rounds make a matter
+of luck on a loaded machine. Every output must equal an unbatched local computation within 1e-5, and the node's log
+must show that steps were really batched.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ TOLERANCE = 1e-5
 def swarm(tiny_llama, tmp_path_factory):
     with LocalSwarm(workdir=tmp_path_factory.mktemp("speed-swarm")) as swarm:
         swarm.add_node(tiny_llama, blocks=(0, 4), name="batcher",
-                       extra_args=["--throughput", "100", "--announce-period", "2", "--num-threads", "1"])
+                       extra_args=["--throughput", "100", "--announce-period", "2", "--num-threads", "1",
+                                   "--batch-wait", "1"])
         swarm.wait_for_blocks(tiny_llama, 4)
         yield swarm
 
