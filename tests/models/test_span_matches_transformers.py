@@ -158,3 +158,20 @@ def test_gradients_flow_to_inputs_and_prompts_but_not_weights(kind, tiny_paths):
     span(hidden, prompts=prompts).pow(2).sum().backward()
     assert hidden.grad is not None and hidden.grad.abs().sum() > 0
     assert prompts.grad is not None and prompts.grad.abs().sum() > 0
+
+
+def test_the_head_is_read_in_out_on_cpu_and_keeps_its_logits(setup):
+    """On CPU the LM head's matrix is stored [in, out] (one row times the head streams faster); the module still sees
+    an [out, in] weight, logits equal the reference model's, and a tied embedding reads the same memory."""
+    path, model, head = setup
+    weight = head.lm_head.weight
+    assert weight.shape == (model.config.vocab_size, model.config.hidden_size) and weight.t().is_contiguous()
+    if getattr(model.config, "tie_word_embeddings", False):
+        assert head.word_embeddings.weight.data_ptr() == weight.data_ptr()
+    ids = input_ids(2, 7)
+    with torch.no_grad():
+        expected = model(ids).logits
+        hidden = model.model(ids).last_hidden_state if hasattr(model, "model") else model.transformer(ids)[0]
+        # the reference's last hidden state is already normed: through the head's matrix alone
+        close(head.lm_head(hidden), expected)
+        close(head.word_embeddings(ids[:, -1:]), model.get_input_embeddings()(ids[:, -1:]))

@@ -1,0 +1,81 @@
+"""The client's LM head in [in, out] memory (what ``load_client_head`` does on CPU) against the usual [out, in].
+
+One swarm, two clients on it: one as loaded, one whose head matrix is copied back into nn.Linear's usual layout.
+Their generations alternate (new, usual, new, usual, ...), so both see the same machine; each run's median gap
+between tokens and the head's own time are printed, then the ratio of the best runs.
+
+    python benchmarks/bench_head_layout.py --model tiny --threads 1 [--push]
+"""
+from __future__ import annotations
+
+import common  # noqa: F401  (sets the OpenMP wait policy before torch loads)
+
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from common import (
+    NEW_TOKENS, NUM_LAYERS, DecodeTiming, TokenClock, base_parser, checkpoint, distributed_model, emit, even_spans,
+    local_swarm, prompt_ids, set_threads,
+)
+
+
+def timed_head(model) -> list[float]:
+    """Wraps the head's ``logits`` to record each call's seconds into the returned list."""
+    seconds, logits = [], model.head.logits
+
+    def timed(hidden):
+        began = time.perf_counter()
+        result = logits(hidden)
+        seconds.append(time.perf_counter() - began)
+        return result
+
+    model.head.logits = timed
+    return seconds
+
+
+def main() -> None:
+    parser = base_parser(__doc__)
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--push", action="store_true", help="server-to-server push")
+    args = parser.parse_args()
+    set_threads(args.threads)
+    path = checkpoint(args.model)
+    with local_swarm(path, even_spans(NUM_LAYERS, args.nodes), threads=args.threads) as swarm:
+        clients = {"in-out": distributed_model(path, swarm, push=args.push),
+                   "usual": distributed_model(path, swarm, push=args.push)}
+        usual = clients["usual"].head
+        usual.lm_head.weight = nn.Parameter(usual.lm_head.weight.detach().contiguous(), requires_grad=False)
+        head_seconds = {name: timed_head(model) for name, model in clients.items()}
+        runs, tokens = {name: [] for name in clients}, {}
+        try:
+            for model in clients.values():
+                model.generate(prompt_ids(), max_new_tokens=4, do_sample=False, eos_token_id=[])  # warm-up
+            for _ in range(max(args.repeats, 2)):
+                for name, model in clients.items():
+                    clock = TokenClock()
+                    tokens[name] = model.generate(prompt_ids(), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                                  eos_token_id=[], streamer=clock)
+                    runs[name].append(DecodeTiming.from_clock(clock))
+        finally:
+            for model in clients.values():
+                model.shutdown()
+    best = {name: max(timings, key=lambda t: t.decode_tps) for name, timings in runs.items()}
+    head_ms = {name: statistics.median(seconds) * 1e3 for name, seconds in head_seconds.items()}
+    ratio = best["in-out"].decode_tps / best["usual"].decode_tps
+    figures = {"model": args.model, "threads": args.threads, "nodes": args.nodes, "push": args.push, "ratio": ratio,
+               "same_tokens": torch.equal(tokens["in-out"], tokens["usual"]),
+               **{name: {"decode_tps": best[name].decode_tps, "head_ms": head_ms[name],
+                         "run_medians_ms": [t.median_ms for t in runs[name]]} for name in clients}}
+    rows = [(f"head {name}", f"{best[name].decode_tps:.1f} tok/s (best run), runs' median gaps "
+                             f"{', '.join(f'{t.median_ms:.1f}' for t in runs[name])} ms; head {head_ms[name]:.2f} ms")
+            for name in clients]
+    rows += [("in-out / usual", f"{ratio:.3f}x decode, same tokens: {figures['same_tokens']}")]
+    emit(f"client LM head layout, {args.model}, {args.nodes} nodes{', push' if args.push else ''}, "
+         f"{args.threads} thread(s)", rows, figures, args.json)
+
+
+if __name__ == "__main__":
+    main()
