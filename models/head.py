@@ -107,9 +107,10 @@ def _lay_out_lm_head_in_out(head: ClientHead, *, tied: bool) -> None:
     """Stores the LM head's matrix [in, out] in memory; the module keeps an [out, in] view, so nothing else changes.
 
     A decode step multiplies one row by the whole head, the largest matrix a client reads; CPU BLAS streams it
-    1.7-2.6x faster in this layout (measured on a 2-core AMD EPYC VM: 32000x512 5.5 -> 2.1 ms, 49152x576 9.5 -> 5.6 ms,
-    32000x2048 13.3 -> 11.7 ms; ``benchmarks/roofline.py`` prints both layouts). A tied embedding reads its rows from
-    the same memory: a strided lookup of a few tokens costs microseconds.
+    1.1-2.6x faster in this layout (measured on a 2-core AMD EPYC VM: 32000x512 5.5 -> 2.1 ms, 49152x576 9.5 -> 5.6 ms,
+    32000x2048 13.3 -> 11.7 ms; ``benchmarks/roofline.py`` prints both layouts). 4 to 16 rows at once (batched
+    generation, training) ran 0.8-1.4x as fast: decode's single row is what a client repeats. A tied embedding reads
+    its rows from the same memory: a strided lookup of a few tokens costs microseconds.
     """
     with torch.no_grad():
         in_out = head.lm_head.weight.detach().t().contiguous()
