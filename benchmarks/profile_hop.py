@@ -9,10 +9,11 @@ readings by step number (both read CLOCK_MONOTONIC). Stages:
   recv -> handler          the node's stream task picks the request up
   handler -> compute       unpacking and checks in the handler, then the hand-off to the compute thread
   compute                  the forward through the span (one batch)
-  compute -> handler exit  result back on the node's loop, receipt signed, response built
+  compute -> handler exit  result back on the node's loop, response built (the step's receipt follows, signed
+                           while the next step computes or once the stream goes quiet)
   exit -> sent             writing the response to the node's P2P daemon
-  sent -> client loop      the transport back, the client reading it
-  loop -> main             the output's checks, back to the calling thread (receipts are checked after the step)
+  sent -> client loop      the transport back, the client reading it and checking the output
+  loop -> main             back to the calling thread (receipts are checked after the step)
 
     python benchmarks/profile_hop.py --model tiny --steps 300
 """
@@ -47,7 +48,9 @@ def serve(args) -> None:
     computes: list = []
     last_receive = [0]
     sending = [None]
-    receive, send = P2P.receive_protobuf, P2P.send_protobuf
+    from nectar.wire import transport as transport_module
+
+    receive, send = P2P.receive_protobuf, transport_module.send_message
 
     async def timed_receive(*a, **k):
         result = await receive(*a, **k)
@@ -60,18 +63,22 @@ def serve(args) -> None:
             steps[sending[0]]["sent"], sending[0] = now(), None
         return result
 
-    P2P.receive_protobuf, P2P.send_protobuf = staticmethod(timed_receive), staticmethod(timed_send)
-    step_function = handler_module.NodeHandler._inference_step
+    P2P.receive_protobuf, transport_module.send_message = staticmethod(timed_receive), timed_send
+    submit_step, finish_step = handler_module.NodeHandler._submit_step, handler_module.NodeHandler._finish_step
 
-    async def timed_step(self, request, metadata, **kwargs):
+    def timed_submit(self, tensors, metadata, **kwargs):
         record = steps.setdefault(metadata.get("step"), {})
         record["recv"], record["enter"] = last_receive[0], now()
-        result = await step_function(self, request, metadata, **kwargs)
-        record["exit"] = now()
-        sending[0] = metadata.get("step")
+        return submit_step(self, tensors, metadata, **kwargs)
+
+    async def timed_finish(self, step, **kwargs):
+        result = await finish_step(self, step, **kwargs)
+        steps.setdefault(step.step, {})["exit"] = now()
+        sending[0] = step.step
         return result
 
-    handler_module.NodeHandler._inference_step = timed_step
+    handler_module.NodeHandler._submit_step = timed_submit
+    handler_module.NodeHandler._finish_step = timed_finish
     run_inference = backend_module.SpanBackend.run_inference
 
     def timed_run(self, tasks):
@@ -104,16 +111,16 @@ def profile(args) -> None:
 
     set_threads(args.threads)
     client: dict = {}
-    hop_step = session_module._HopStream.step
+    hop_step = session_module.InferenceSession._hop_step
 
-    async def timed_hop_step(self, tensors, metadata, timeout):
-        record = client.setdefault(metadata["step"], {})
+    async def timed_hop_step(self, hop, inputs, *, step, position):
+        record = client.setdefault(step, {})
         record["loop_enter"] = now()
-        result = await hop_step(self, tensors, metadata, timeout)
+        result = await hop_step(self, hop, inputs, step=step, position=position)
         record["loop_got"] = now()
         return result
 
-    session_module._HopStream.step = timed_hop_step
+    session_module.InferenceSession._hop_step = timed_hop_step
     session_step = session_module.InferenceSession.step
 
     def timed_session_step(self, hidden_states, prompts=None):  # the route has one hop: the session's step is it
