@@ -17,8 +17,9 @@ for that many rows (no LM head: clients run it) are the floor of such a round. W
 ``bench_concurrency.py --json`` file with a 1-session run), it prints the most the aggregate rate of ``rows``
 sessions could be over one session's measured rate.
 
-    python benchmarks/roofline.py --model tiny --threads 1 --petals-json benchmarks/results/petals_tiny_push.json
-    python benchmarks/roofline.py --model mid --threads 2 --concurrency-json benchmarks/results/concurrency_mid.json
+    python benchmarks/roofline.py --model tiny --threads 1 \
+        --petals-json benchmarks/results/petals_tiny_push_head-in-out_run2.json
+    python benchmarks/roofline.py --model mid --threads 2 --concurrency-json benchmarks/results/concurrency_mid_epyc.json
 """
 from __future__ import annotations
 
