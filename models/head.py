@@ -11,6 +11,7 @@ from transformers import PretrainedConfig
 from nectar.models.checkpoint import Checkpoint
 from nectar.models.errors import CheckpointError
 from nectar.models.family import HeadModules
+from nectar.models.layout import store_in_out
 from nectar.models.registry import get_family
 
 logger = logging.getLogger(__name__)
@@ -97,24 +98,10 @@ def load_client_head(
         head.lm_head.weight = head.word_embeddings.weight  # one Parameter, as transformers ties them
     head.requires_grad_(False)
     head = head.to(device).eval()
-    if head.device.type == "cpu":
-        _lay_out_lm_head_in_out(head, tied=tied)
+    if head.device.type == "cpu":  # decode's one row times the head, a client's largest read, is faster [in, out]
+        store_in_out(head.lm_head)
+        if tied:
+            head.word_embeddings.weight = head.lm_head.weight  # a strided lookup of a few rows costs microseconds
     logger.info("Loaded client head of %s (%s, tied=%s)", path, dtype, tied)
     return head
 
-
-def _lay_out_lm_head_in_out(head: ClientHead, *, tied: bool) -> None:
-    """Stores the LM head's matrix [in, out] in memory; the module keeps an [out, in] view, so nothing else changes.
-
-    A decode step multiplies one row by the whole head, the largest matrix a client reads; CPU BLAS streams it
-    1.1-2.6x faster in this layout (measured on a 2-core AMD EPYC VM: 32000x512 5.5 -> 2.1 ms, 49152x576 9.5 -> 5.6 ms,
-    32000x2048 13.3 -> 11.7 ms; ``benchmarks/roofline.py`` prints both layouts). 4 to 16 rows at once (batched
-    generation, training) ran 0.8-1.4x as fast: decode's single row is what a client repeats. A tied embedding reads
-    its rows from the same memory: a strided lookup of a few tokens costs microseconds.
-    """
-    with torch.no_grad():
-        in_out = head.lm_head.weight.detach().t().contiguous()
-    weight = nn.Parameter(in_out.t(), requires_grad=False)
-    head.lm_head.weight = weight
-    if tied:
-        head.word_embeddings.weight = weight

@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nectar.models.attention import AttentionStep
 from nectar.models.errors import CacheError
+from nectar.models.layout import store_in_out
 
 if TYPE_CHECKING:
     from nectar.node.backend import SpanBackend
@@ -253,8 +254,8 @@ class _FusedLlamaLayer:
         attention, mlp = block.self_attn, block.mlp
         self.qkv_weight, self.qkv_bias = _fuse(attention, ("q_proj", "k_proj", "v_proj"))
         self.gate_up_weight, self.gate_up_bias = _fuse(mlp, ("gate_proj", "up_proj"))
-        self.o_weight, self.o_bias = _transposed(attention.o_proj), attention.o_proj.bias
-        self.down_weight, self.down_bias = _transposed(mlp.down_proj), mlp.down_proj.bias
+        self.o_weight, self.o_bias = store_in_out(attention.o_proj), attention.o_proj.bias
+        self.down_weight, self.down_bias = store_in_out(mlp.down_proj), mlp.down_proj.bias
         self.act = mlp.act_fn
         self.input_norm = _RMSNorm(block.input_layernorm)
         self.post_norm = _RMSNorm(block.post_attention_layernorm)
@@ -274,14 +275,6 @@ def _fuse(module: nn.Module, names: tuple[str, ...]) -> tuple[torch.Tensor, Opti
             linear.bias = nn.Parameter(bias[offset : offset + rows], requires_grad=False)
         offset += rows
     return weight, bias
-
-
-def _transposed(linear: nn.Linear) -> torch.Tensor:
-    """The weight as a contiguous [in, out] matrix; the module keeps a [out, in] view of it."""
-    with torch.no_grad():
-        weight = linear.weight.t().contiguous()
-    linear.weight = nn.Parameter(weight.t(), requires_grad=False)
-    return weight
 
 
 class _RMSNorm:
