@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from bench_decode import local_in_child, swarm_decode
-from bench_training import SwarmRunner, timed
+from bench_training import SwarmRunner
 from common import (
     NUM_LAYERS, DecodeTiming, base_parser, best, checkpoint, distributed_model, emit, even_spans, local_swarm, log,
-    node_env, prompt_ids, set_threads,
+    node_env, prompt_ids, set_threads, timed,
 )
 
 logger = logging.getLogger(__name__)

@@ -13,29 +13,17 @@ from __future__ import annotations
 import common  # noqa: F401  (sets the OpenMP wait policy before torch loads)
 
 import logging
-import time
 
 import torch
 
 from common import NUM_LAYERS, base_parser, checkpoint, distributed_model, emit, even_spans, local_swarm, log
-from common import prompt_ids, set_threads
+from common import prompt_ids, set_threads, timed
 
 logger = logging.getLogger(__name__)
 
 PREFILL_SHAPE = (4, 128)
 TUNE_SHAPE = (4, 64)
 PREFIX = 16
-
-
-def timed(function, repeats: int) -> float:
-    """Best wall time of ``repeats`` calls after one warm-up."""
-    function()
-    best = float("inf")
-    for _ in range(repeats):
-        began = time.perf_counter()
-        function()
-        best = min(best, time.perf_counter() - began)
-    return best
 
 
 class LocalRunner:

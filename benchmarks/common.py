@@ -202,6 +202,17 @@ class DecodeTiming:
         return cls(times[0] - clock.start, [b - a for a, b in zip(times, times[1:])])
 
 
+def timed(function, repeats: int) -> float:
+    """Best wall time of ``repeats`` calls after one warm-up."""
+    function()
+    best = float("inf")
+    for _ in range(repeats):
+        began = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - began)
+    return best
+
+
 def best(timings: list[DecodeTiming]) -> DecodeTiming:
     """The run with the highest decode rate (the machine is shared: slower runs measure the neighbours)."""
     return max(timings, key=lambda t: t.decode_tps)

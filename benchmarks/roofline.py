@@ -27,23 +27,12 @@ import common  # noqa: F401  (sets the OpenMP wait policy before torch loads)
 
 import json
 import statistics
-import time
 
 import torch
 
 from common import (
-    NEW_TOKENS, DecodeTiming, TokenClock, base_parser, checkpoint, emit, log, prompt_ids, set_threads,
+    NEW_TOKENS, DecodeTiming, TokenClock, base_parser, checkpoint, emit, log, prompt_ids, set_threads, timed,
 )
-
-
-def best_seconds(run, repeats: int) -> float:
-    run()  # warm-up: pages in, caches the kernels
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - began)
-    return min(times)
 
 
 def main() -> None:
@@ -65,16 +54,16 @@ def main() -> None:
 
     with torch.inference_mode():
         vectors = [torch.randn(1, weight.shape[1]) for weight in weights]
-        sum_s = best_seconds(lambda: [weight.sum() for weight in weights], repeats)
+        sum_s = timed(lambda: [weight.sum() for weight in weights], repeats)
         # the floor is the faster of the two memory layouts ([out, in] as nn.Linear keeps it, [in, out])
         in_out = [weight.t().contiguous() for weight in weights]
-        gemv_usual_s = best_seconds(lambda: [x @ w.t() for x, w in zip(vectors, weights)], repeats)
-        gemv_in_out_s = best_seconds(lambda: [x @ w for x, w in zip(vectors, in_out)], repeats)
+        gemv_usual_s = timed(lambda: [x @ w.t() for x, w in zip(vectors, weights)], repeats)
+        gemv_in_out_s = timed(lambda: [x @ w for x, w in zip(vectors, in_out)], repeats)
         gemv_s = min(gemv_usual_s, gemv_in_out_s)
         blocks = [w for w, weight in zip(in_out, weights) if weight is not model.lm_head.weight]  # as nodes keep them
         one_row, many_rows = ([torch.randn(count, weight.shape[0]) for weight in blocks] for count in (1, args.rows))
-        blocks_one_s = best_seconds(lambda: [x @ w for x, w in zip(one_row, blocks)], repeats)
-        blocks_many_s = best_seconds(lambda: [x @ w for x, w in zip(many_rows, blocks)], repeats)
+        blocks_one_s = timed(lambda: [x @ w for x, w in zip(one_row, blocks)], repeats)
+        blocks_many_s = timed(lambda: [x @ w for x, w in zip(many_rows, blocks)], repeats)
 
         model.generation_config.eos_token_id = None
         input_ids = prompt_ids()
