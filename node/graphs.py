@@ -253,6 +253,13 @@ class GraphedDecoder:
             x = x + _linear(layer.act(gate) * up, layer.down_weight, layer.down_bias)
         return x
 
+    def _mask(self, positions: torch.Tensor, max_length: int) -> torch.Tensor:
+        """[k, 1, 1, max_length] for ``positions`` [k]: each row sees its cache up to its own position (built on the
+        device, so it records into a graph without a host sync)."""
+        mask = torch.zeros(positions.shape[0], 1, 1, max_length, dtype=self.dtype, device=self.device)
+        later = torch.arange(max_length, device=self.device) > positions[:, None]
+        return mask.masked_fill_(later[:, None, None, :], torch.finfo(self.dtype).min)
+
     def _own_attention(self, positions: torch.Tensor, caches: list):
         """``attend(block, qkv)`` -> [n, heads * head_dim] over each session's own buffer: one write and one
         attention call per session and block."""
@@ -260,12 +267,7 @@ class GraphedDecoder:
         n, heads, kv_heads, dim = positions.shape[0], runner.num_heads, runner.num_kv_heads, runner.head_dim
         groups = heads // kv_heads
         where = [positions[index : index + 1] for index in range(n)]
-        masks = []
-        for position, session in zip(where, caches):  # each session sees its own cache up to its position
-            max_length = session[0].max_length
-            mask = torch.zeros(1, 1, 1, max_length, dtype=self.dtype, device=self.device)
-            mask.masked_fill_(torch.arange(max_length, device=self.device) > position, torch.finfo(self.dtype).min)
-            masks.append(mask)
+        masks = [self._mask(position, session[0].max_length) for position, session in zip(where, caches)]
 
         def attend(local: int, qkv: torch.Tensor) -> torch.Tensor:
             outputs = []
@@ -291,9 +293,7 @@ class GraphedDecoder:
         n, heads, kv_heads, dim = positions.shape[0], runner.num_heads, runner.num_kv_heads, runner.head_dim
         max_length = pools[0].shape[3]
         rows = torch.arange(n, device=self.device)
-        mask = torch.zeros(n, 1, 1, max_length, dtype=self.dtype, device=self.device)  # each row up to its position
-        mask.masked_fill_((torch.arange(max_length, device=self.device) > positions[:, None])[:, None, None, :],
-                          torch.finfo(self.dtype).min)
+        mask = self._mask(positions, max_length)
 
         def attend(local: int, qkv: torch.Tensor) -> torch.Tensor:
             pool = pools[local]  # [n, key/value, kv_heads, max_length, head_dim]
