@@ -104,9 +104,9 @@ def _write_legacy_config(config_path: Path, config, dtype: str) -> None:
 
 
 def set_threads(threads: int) -> None:
-    import torch
+    from nectar.models.cpu_blas import use_threads
 
-    torch.set_num_threads(threads)
+    use_threads(threads)  # PyTorch's and numpy's BLAS (the client head may use either)
 
 
 def node_env(threads: int) -> dict:

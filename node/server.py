@@ -13,6 +13,7 @@ import hivemind
 import torch
 
 from nectar.models import get_family, load_config, model_id_of, resolve_model
+from nectar.models.cpu_blas import use_threads
 from nectar.node import trace
 from nectar.node.announcer import Announcer
 from nectar.node.audit import AuditLog
@@ -110,6 +111,7 @@ class Server:
             self.payments = self._payment_policy()
         start, end = self._choose_span()
         self.compute = ComputeThread(num_threads=config.num_threads, gather_share=config.batch_wait)
+        use_threads(config.num_threads)  # loading times the CPU's matmul libraries with the compute thread's count
         self._load(start, end)
         self._loop_thread.start()
         asyncio.run_coroutine_threadsafe(self._serve(), self.loop).result(timeout=60)

@@ -138,10 +138,9 @@ class ComputeThread:
     # ---- the compute thread -----------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        import torch
+        from nectar.models.cpu_blas import use_threads
 
-        if self._num_threads:
-            torch.set_num_threads(self._num_threads)
+        use_threads(self._num_threads)  # per thread for PyTorch's OpenMP pool, so set here
         while True:
             with self._condition:
                 while not self._stopped and not any(self._queues.values()):
