@@ -16,9 +16,11 @@ import time
 import torch
 from torch import nn
 
+from nectar.models.cpu_blas import CpuMatmul
+
 from common import (
-    NEW_TOKENS, NUM_LAYERS, DecodeTiming, TokenClock, base_parser, checkpoint, distributed_model, emit, even_spans,
-    local_swarm, prompt_ids, set_threads,
+    NUM_LAYERS, alternating_decode, base_parser, checkpoint, distributed_model, emit, even_spans, local_swarm,
+    set_threads,
 )
 
 
@@ -46,19 +48,12 @@ def main() -> None:
     with local_swarm(path, even_spans(NUM_LAYERS, args.nodes), threads=args.threads) as swarm:
         clients = {"in-out": distributed_model(path, swarm, push=args.push),
                    "usual": distributed_model(path, swarm, push=args.push)}
+        clients["in-out"].head.matmul = CpuMatmul()  # PyTorch's BLAS on both sides: the layout alone differs
         usual = clients["usual"].head
         usual.lm_head.weight = nn.Parameter(usual.lm_head.weight.detach().contiguous(), requires_grad=False)
         head_seconds = {name: timed_head(model) for name, model in clients.items()}
-        runs, tokens = {name: [] for name in clients}, {}
         try:
-            for model in clients.values():
-                model.generate(prompt_ids(), max_new_tokens=4, do_sample=False, eos_token_id=[])  # warm-up
-            for _ in range(max(args.repeats, 2)):
-                for name, model in clients.items():
-                    clock = TokenClock()
-                    tokens[name] = model.generate(prompt_ids(), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                                  eos_token_id=[], streamer=clock)
-                    runs[name].append(DecodeTiming.from_clock(clock))
+            runs, tokens = alternating_decode(clients, max(args.repeats, 2))
         finally:
             for model in clients.values():
                 model.shutdown()

@@ -213,6 +213,23 @@ def timed(function, repeats: int) -> float:
     return best
 
 
+def alternating_decode(clients: dict, repeats: int) -> tuple[dict, dict]:
+    """Greedy generations of each client in turn (a, b, a, b, ...), so all see the same moments of a noisy machine.
+
+    Returns ({name: [DecodeTiming per run]}, {name: the last run's tokens}); one short warm-up each first.
+    """
+    runs, tokens = {name: [] for name in clients}, {}
+    for model in clients.values():
+        model.generate(prompt_ids(), max_new_tokens=4, do_sample=False, eos_token_id=[])
+    for _ in range(repeats):
+        for name, model in clients.items():
+            clock = TokenClock()
+            tokens[name] = model.generate(prompt_ids(), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=[],
+                                          streamer=clock)
+            runs[name].append(DecodeTiming.from_clock(clock))
+    return runs, tokens
+
+
 def best(timings: list[DecodeTiming]) -> DecodeTiming:
     """The run with the highest decode rate (the machine is shared: slower runs measure the neighbours)."""
     return max(timings, key=lambda t: t.decode_tps)
