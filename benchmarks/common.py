@@ -6,7 +6,8 @@ Threads: on a CPU box, every process that computes (local transformers, each nod
 same ``--threads`` torch intra-op threads, so comparisons are like for like. Nodes of one route never compute at the
 same time for a single session (the route is a pipeline), so each may use all cores. OpenMP worker threads spin for a
 while after each parallel region, stealing cores from the next process in the route: nodes and the client therefore
-run with ``OMP_WAIT_POLICY=PASSIVE`` (workers sleep at once), which cost nothing measurable on compute here.
+run with ``OMP_WAIT_POLICY=PASSIVE`` (workers sleep at once), which cost nothing measurable on compute here. numpy's
+OpenBLAS has the same habit: importing ``nectar`` sets ``OPENBLAS_THREAD_TIMEOUT`` (see ``core/__init__.py``).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import os
 
 # before torch loads libgomp (see the module docstring); a caller's explicit choice wins
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import nectar  # noqa: E402,F401  (sets OpenBLAS's thread timeout before numpy loads)
 import platform
 import statistics
 import subprocess

@@ -11,4 +11,11 @@ Package map (each subpackage lives in its own top-level folder, see setup.py):
 - ``nectar.api``     the paid OpenAI-compatible API and the swarm monitor
 """
 
+import os
+
+# numpy's OpenBLAS (used for some CPU products, nectar.models.cpu_blas) keeps its worker threads spinning ~0.1 s after
+# each call; in a swarm on one machine they steal the cores of the next process on the route (measured: 2-thread nodes
+# at half speed). Read once when numpy loads, so set on importing nectar; an explicit setting wins.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
 __version__ = "0.1.0"
