@@ -1,11 +1,12 @@
 """Float32 products with [in, out] weights on CPU through whichever BLAS is faster on this machine.
 
-PyTorch's CPU wheels multiply through MKL; numpy's wheels carry OpenBLAS. On AMD CPUs MKL takes a generic path, and
-numpy's OpenBLAS streamed a decode step's weights 1.2-1.5x as fast (one row through tiny's 8 blocks with 1 thread:
+PyTorch's CPU wheels multiply through MKL; numpy's wheels carry OpenBLAS. On a 2-core AMD EPYC VM, numpy's OpenBLAS
+streamed a decode step's weights 1.2-1.5x as fast (one row through tiny's 8 blocks with 1 thread:
 5.2 vs 6.6 ms, 19.5 vs 15.3 GB/s; with 2 threads 1.3-1.9x for 1 to 64 rows), while MKL was faster for 2-3 rows on
 one thread. Which library wins depends on the CPU, the thread count and the number of rows, so ``CpuMatmul.calibrate``
 times both on the caller's own matrices at load and picks per row count. The two agree to float32 rounding (summation
 order only). ``NECTAR_CPU_BLAS=torch`` or ``=openblas`` skips the measurement and uses one library for every product.
+OpenBLAS's threads follow ``use_threads``; importing ``nectar`` stops its idle threads from spinning (core/__init__.py).
 """
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ class CpuMatmul:
         return plan
 
     def describe(self) -> str:
-        """E.g. "OpenBLAS for 1, 4-64 rows; PyTorch for 2 rows", with OpenBLAS's measured speed-up per bucket."""
+        """E.g. "OpenBLAS for rows 1, <=64; PyTorch for rows <=2, ... (OpenBLAS speed-up 1: 1.29x, ...)"."""
         def rows(buckets):
             return ", ".join(f"<={b}" if b > 1 else "1" for b in buckets) or "none"
 
