@@ -173,8 +173,7 @@ class LlamaBatchRunner:
     def _block(self, layer: "_FusedLlamaLayer", x, cos, sin, groups, caches, decode_mask=None) -> torch.Tensor:
         n, heads, kv_heads, dim = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.matmul(layer.input_norm(x), layer.qkv_weight, layer.qkv_bias).view(n, heads + 2 * kv_heads, dim)
-        qk = qkv[:, : heads + kv_heads]
-        qk.copy_(qk * cos + _rotate_half(qk) * sin)  # RoPE in place: keys and values now sit side by side
+        _rope_in_place(qkv[:, : heads + kv_heads], cos, sin)  # keys and values now sit side by side
         q, kv = qkv[:, :heads], qkv[:, heads:]
         if decode_mask is not None:
             return self._mlp(layer, x, self._decode_attention(q, kv, groups, caches, decode_mask))
@@ -190,10 +189,10 @@ class LlamaBatchRunner:
         return self._mlp(layer, x, attention)
 
     def _mlp(self, layer: "_FusedLlamaLayer", x, attention) -> torch.Tensor:
-        x = x + self.matmul(attention, layer.o_weight, layer.o_bias)
+        x = self.matmul(attention, layer.o_weight, layer.o_bias).add_(x)  # the residual, into the fresh product
         gate_up = self.matmul(layer.post_norm(x), layer.gate_up_weight, layer.gate_up_bias)
         gate, up = gate_up.chunk(2, dim=-1)
-        return x + self.matmul(layer.act(gate) * up, layer.down_weight, layer.down_bias)
+        return self.matmul(layer.act(gate).mul_(up), layer.down_weight, layer.down_bias).add_(x)
 
     def _decode_attention(self, q, kv, groups, caches, mask) -> torch.Tensor:
         """One new token for each of n sessions: a single masked SDPA over their caches padded to the longest.
@@ -259,7 +258,8 @@ class _FusedLlamaLayer:
         self.gate_up_weight, self.gate_up_bias = _fuse(mlp, ("gate_proj", "up_proj"))
         self.o_weight, self.o_bias = store_in_out(attention.o_proj), attention.o_proj.bias
         self.down_weight, self.down_bias = store_in_out(mlp.down_proj), mlp.down_proj.bias
-        self.act = mlp.act_fn
+        # transformers' SiLU module only calls F.silu: called directly, a step skips a module call per block
+        self.act = F.silu if type(mlp.act_fn).__name__ in ("SiLU", "SiLUActivation") else mlp.act_fn
         self.input_norm = _RMSNorm(block.input_layernorm)
         self.post_norm = _RMSNorm(block.post_attention_layernorm)
 
@@ -291,11 +291,20 @@ class _RMSNorm:
     def __init__(self, norm: nn.Module):
         self.weight = norm.weight
         self.eps = norm.variance_epsilon
+        self.shape = tuple(norm.weight.shape)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.shape, self.weight, self.eps)  # one kernel; no casts to round in float32
         upcast = x.to(torch.float32)
         normed = upcast * torch.rsqrt(upcast.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
+
+
+def _rope_in_place(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """``qk = qk * cos + rotate_half(qk) * sin`` (transformers' RoPE) with one temporary instead of four."""
+    rotated = _rotate_half(qk)
+    qk.mul_(cos).addcmul_(rotated, sin)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

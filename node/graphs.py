@@ -235,7 +235,7 @@ class GraphedDecoder:
         """One token of each session through the blocks, with position-independent shapes (graph-safe: no host
         syncs). ``x`` [n, hidden], ``positions`` [n], ``caches[i]`` session i's SpanCaches (one per block);
         ``pools``: the same caches as one tensor per block (``_pool``)."""
-        from nectar.node.batching import _rotate_half
+        from nectar.node.batching import _rope_in_place
 
         runner = self.runner
         linear = runner.matmul
@@ -247,8 +247,7 @@ class GraphedDecoder:
         for local in range(len(caches[0])):
             layer = runner.layers[first_block + local]
             qkv = linear(layer.input_norm(x), layer.qkv_weight, layer.qkv_bias).view(n, heads + 2 * kv_heads, dim)
-            qk = qkv[:, : heads + kv_heads]
-            qk.copy_(qk * cos + _rotate_half(qk) * sin)
+            _rope_in_place(qkv[:, : heads + kv_heads], cos, sin)
             x = x + linear(attend(local, qkv), layer.o_weight, layer.o_bias)
             gate, up = linear(layer.post_norm(x), layer.gate_up_weight, layer.gate_up_bias).chunk(2, dim=-1)
             x = x + linear(layer.act(gate) * up, layer.down_weight, layer.down_bias)
