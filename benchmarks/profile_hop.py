@@ -99,6 +99,7 @@ def serve(args) -> None:
     print("ready", flush=True)
     done.wait()
     Path(args.out).write_text(json.dumps({"steps": {str(k): v for k, v in steps.items()}, "computes": computes}))
+    server.stop()  # its DHT process and P2P daemon would outlive os._exit
     os._exit(0)
 
 
