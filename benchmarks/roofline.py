@@ -5,8 +5,8 @@ A batch-1 decode step reads every weight matrix once (the embedding is one row),
 
 - the bytes one token reads (every ``nn.Linear`` of the checkpoint, the LM head included);
 - the read bandwidth of a plain reduction over those same weights (``sum``), and of the batch-1 matrix-vector
-  products alone (the decode's matmuls, no attention, norms or Python) with the weights in either memory layout,
-  each the best of ``--repeats``;
+  products alone (the decode's matmuls, no attention, norms or Python) with the weights in either memory layout
+  and, [in, out], through numpy's OpenBLAS too (nodes pick the faster library), each the best of ``--repeats``;
 - local transformers ``generate()`` on the same checkpoint, for comparison.
 
 With ``--petals-json`` (a ``bench_petals.py --json`` file), it also prints what a given multiple of Petals' decode
@@ -30,6 +30,7 @@ import statistics
 
 import torch
 
+from nectar.models.cpu_blas import ROW_BUCKETS, CpuMatmul
 from common import (
     NEW_TOKENS, DecodeTiming, TokenClock, base_parser, checkpoint, emit, log, prompt_ids, set_threads, timed,
 )
@@ -52,6 +53,7 @@ def main() -> None:
     nbytes = sum(weight.numel() * weight.element_size() for weight in weights)
     log(f"{len(weights)} weight matrices, {nbytes / 1e6:.1f} MB read per token")
 
+    torch_blas, openblas = CpuMatmul(), CpuMatmul(ROW_BUCKETS)
     with torch.inference_mode():
         vectors = [torch.randn(1, weight.shape[1]) for weight in weights]
         sum_s = timed(lambda: [weight.sum() for weight in weights], repeats)
@@ -59,11 +61,14 @@ def main() -> None:
         in_out = [weight.t().contiguous() for weight in weights]
         gemv_usual_s = timed(lambda: [x @ w.t() for x, w in zip(vectors, weights)], repeats)
         gemv_in_out_s = timed(lambda: [x @ w for x, w in zip(vectors, in_out)], repeats)
-        gemv_s = min(gemv_usual_s, gemv_in_out_s)
+        gemv_openblas_s = timed(lambda: [openblas(x, w) for x, w in zip(vectors, in_out)], repeats)
+        gemv_s = min(gemv_usual_s, gemv_in_out_s, gemv_openblas_s)
         blocks = [w for w, weight in zip(in_out, weights) if weight is not model.lm_head.weight]  # as nodes keep them
         one_row, many_rows = ([torch.randn(count, weight.shape[0]) for weight in blocks] for count in (1, args.rows))
-        blocks_one_s = timed(lambda: [x @ w for x, w in zip(one_row, blocks)], repeats)
-        blocks_many_s = timed(lambda: [x @ w for x, w in zip(many_rows, blocks)], repeats)
+        # nodes take the faster of the two libraries for each row count (nectar.models.cpu_blas)
+        blocks_one_s, blocks_many_s = (
+            min(timed(lambda: [matmul(x, w) for x, w in zip(rows, blocks)], repeats) for matmul in (torch_blas, openblas))
+            for rows in (one_row, many_rows))
 
         model.generation_config.eos_token_id = None
         input_ids = prompt_ids()
@@ -81,6 +86,7 @@ def main() -> None:
         "sum_gbps": nbytes / sum_s / 1e9, "sum_floor_ms": sum_s * 1e3,
         "gemv_gbps": nbytes / gemv_s / 1e9, "gemv_floor_ms": gemv_s * 1e3,
         "gemv_out_in_ms": gemv_usual_s * 1e3, "gemv_in_out_ms": gemv_in_out_s * 1e3,
+        "gemv_in_out_openblas_ms": gemv_openblas_s * 1e3,
         "local_median_ms": local_ms, "local_gbps": nbytes / local_ms / 1e6,
     }
     table = [
@@ -88,7 +94,8 @@ def main() -> None:
         ("reduction over the weights", f"{sum_s * 1e3:.2f} ms: {figures['sum_gbps']:.1f} GB/s"),
         ("batch-1 matmuls alone", f"{gemv_s * 1e3:.2f} ms: {figures['gemv_gbps']:.1f} GB/s "
                                   f"(floor {1 / gemv_s:.1f} tok/s; weights [out, in] {gemv_usual_s * 1e3:.2f} ms, "
-                                  f"[in, out] {gemv_in_out_s * 1e3:.2f} ms)"),
+                                  f"[in, out] {gemv_in_out_s * 1e3:.2f} ms, [in, out] through numpy's OpenBLAS "
+                                  f"{gemv_openblas_s * 1e3:.2f} ms)"),
         ("local transformers decode", f"{local_ms:.2f} ms/token (median of the best run): "
                                       f"{figures['local_gbps']:.1f} GB/s, {gemv_s * 1e3 / local_ms:.2f} of it "
                                       "is the matmuls' floor"),
