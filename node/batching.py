@@ -24,8 +24,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nectar.models.attention import AttentionStep
-from nectar.models.errors import CacheError
 from nectar.models.cpu_blas import CpuMatmul
+from nectar.models.errors import CacheError
 from nectar.models.layout import store_in_out
 
 if TYPE_CHECKING:
