@@ -28,7 +28,7 @@ def swarm(tiny_llama, tmp_path_factory):
     with LocalSwarm(workdir=tmp_path_factory.mktemp("speed-swarm")) as swarm:
         swarm.add_node(tiny_llama, blocks=(0, 4), name="batcher",
                        extra_args=["--throughput", "100", "--announce-period", "2", "--num-threads", "1",
-                                   "--batch-wait", "1"])
+                                   "--batch-wait", "1", "--device", "cpu", "--dtype", "float32"])  # as the reference
         swarm.wait_for_blocks(tiny_llama, 4)
         yield swarm
 
