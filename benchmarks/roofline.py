@@ -65,10 +65,12 @@ def main() -> None:
         gemv_s = min(gemv_usual_s, gemv_in_out_s, gemv_openblas_s)
         blocks = [w for w, weight in zip(in_out, weights) if weight is not model.lm_head.weight]  # as nodes keep them
         one_row, many_rows = ([torch.randn(count, weight.shape[0]) for weight in blocks] for count in (1, args.rows))
-        # nodes take the faster of the two libraries for each row count (nectar.models.cpu_blas)
-        blocks_one_s, blocks_many_s = (
-            min(timed(lambda: [matmul(x, w) for x, w in zip(rows, blocks)], repeats) for matmul in (torch_blas, openblas))
-            for rows in (one_row, many_rows))
+
+        def blocks_s(rows) -> float:  # nodes take the faster library for each row count (nectar.models.cpu_blas)
+            return min(timed(lambda: [matmul(x, w) for x, w in zip(rows, blocks)], repeats)
+                       for matmul in (torch_blas, openblas))
+
+        blocks_one_s, blocks_many_s = blocks_s(one_row), blocks_s(many_rows)
 
         model.generation_config.eos_token_id = None
         input_ids = prompt_ids()

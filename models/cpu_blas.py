@@ -73,12 +73,13 @@ class CpuMatmul:
             return cls(())
         began = time.perf_counter()
         chosen, gains = [], {}
+        libraries = (("torch", cls(())), ("openblas", cls(ROW_BUCKETS)))
         with torch.inference_mode():
             for count in rows:
                 inputs = [torch.randn(count, matrix.shape[0]) for matrix in timed]
                 seconds = {"torch": [], "openblas": []}
                 for _ in range(repeats):  # alternating, so both see the same moments of a noisy machine
-                    for name, matmul in (("torch", cls(())), ("openblas", cls(ROW_BUCKETS))):
+                    for name, matmul in libraries:
                         start = time.perf_counter()
                         for x, matrix in zip(inputs, timed):
                             matmul(x, matrix)

@@ -171,9 +171,8 @@ class LlamaBatchRunner:
                 for begin, end, batch, tokens, _, _ in groups]
 
     def _block(self, layer: "_FusedLlamaLayer", x, cos, sin, groups, caches, decode_mask=None) -> torch.Tensor:
-        n, heads, kv_heads, dim = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.matmul(layer.input_norm(x), layer.qkv_weight, layer.qkv_bias).view(n, heads + 2 * kv_heads, dim)
-        _rope_in_place(qkv[:, : heads + kv_heads], cos, sin)  # keys and values now sit side by side
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self._qkv(layer, x, cos, sin)
         q, kv = qkv[:, :heads], qkv[:, heads:]
         if decode_mask is not None:
             return self._mlp(layer, x, self._decode_attention(q, kv, groups, caches, decode_mask))
@@ -188,7 +187,15 @@ class LlamaBatchRunner:
         attention = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         return self._mlp(layer, x, attention)
 
+    def _qkv(self, layer: "_FusedLlamaLayer", x, cos, sin) -> torch.Tensor:
+        """[n, heads + 2 * kv_heads, head_dim]: queries and keys rotated (RoPE), then values, side by side."""
+        n, heads, kv_heads = x.shape[0], self.num_heads, self.num_kv_heads
+        qkv = self.matmul(layer.input_norm(x), layer.qkv_weight, layer.qkv_bias).view(n, heads + 2 * kv_heads, -1)
+        _rope_in_place(qkv[:, : heads + kv_heads], cos, sin)
+        return qkv
+
     def _mlp(self, layer: "_FusedLlamaLayer", x, attention) -> torch.Tensor:
+        """The attention's output projection and residual, then the MLP and its residual."""
         x = self.matmul(attention, layer.o_weight, layer.o_bias).add_(x)  # the residual, into the fresh product
         gate_up = self.matmul(layer.post_norm(x), layer.gate_up_weight, layer.gate_up_bias)
         gate, up = gate_up.chunk(2, dim=-1)
@@ -292,9 +299,10 @@ class _RMSNorm:
         self.weight = norm.weight
         self.eps = norm.variance_epsilon
         self.shape = tuple(norm.weight.shape)
+        self.fused = norm.weight.dtype == torch.float32
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+        if self.fused and x.dtype == torch.float32:
             return F.rms_norm(x, self.shape, self.weight, self.eps)  # one kernel; no casts to round in float32
         upcast = x.to(torch.float32)
         normed = upcast * torch.rsqrt(upcast.pow(2).mean(-1, keepdim=True) + self.eps)

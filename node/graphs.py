@@ -235,22 +235,14 @@ class GraphedDecoder:
         """One token of each session through the blocks, with position-independent shapes (graph-safe: no host
         syncs). ``x`` [n, hidden], ``positions`` [n], ``caches[i]`` session i's SpanCaches (one per block);
         ``pools``: the same caches as one tensor per block (``_pool``)."""
-        from nectar.node.batching import _rope_in_place
-
         runner = self.runner
-        linear = runner.matmul
-        n, heads, kv_heads, dim = x.shape[0], runner.num_heads, runner.num_kv_heads, runner.head_dim
         cos = self.cos_table.index_select(0, positions)[:, None]  # [n, 1, head_dim]
         sin = self.sin_table.index_select(0, positions)[:, None]
         attend = self._pooled_attention(positions, pools) if pools is not None else self._own_attention(positions,
                                                                                                         caches)
         for local in range(len(caches[0])):
             layer = runner.layers[first_block + local]
-            qkv = linear(layer.input_norm(x), layer.qkv_weight, layer.qkv_bias).view(n, heads + 2 * kv_heads, dim)
-            _rope_in_place(qkv[:, : heads + kv_heads], cos, sin)
-            x = x + linear(attend(local, qkv), layer.o_weight, layer.o_bias)
-            gate, up = linear(layer.post_norm(x), layer.gate_up_weight, layer.gate_up_bias).chunk(2, dim=-1)
-            x = x + linear(layer.act(gate) * up, layer.down_weight, layer.down_bias)
+            x = runner._mlp(layer, x, attend(local, runner._qkv(layer, x, cos, sin)))
         return x
 
     def _mask(self, positions: torch.Tensor, max_length: int) -> torch.Tensor:
