@@ -178,6 +178,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
         if params.max_new_tokens == 0:
             return
         processors = params.processors()
+        greedy = not params.do_sample and not processors  # the largest logit alone decides: no logits needed
         stop_matcher = StopStringMatcher(tokenizer, params.stop_strings, prompt_length)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         own_session = session is None
@@ -194,8 +195,11 @@ class DistributedModelForCausalLM(torch.nn.Module):
                     embeds = torch.cat([prefix.to(embeds.dtype), embeds], dim=1)
                 hidden = session.step(embeds, prompts=deep if session.position == 0 else None)
                 for _ in range(params.max_new_tokens):
-                    logits = self.head.logits(hidden[:, -1:])[:, -1]
-                    next_tokens = choose_next_tokens(logits, sequences, params, processors, generator)
+                    if greedy:
+                        next_tokens = self.head.greedy_tokens(hidden[:, -1:])
+                    else:
+                        logits = self.head.logits(hidden[:, -1:])[:, -1]
+                        next_tokens = choose_next_tokens(logits, sequences, params, processors, generator)
                     next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, params.pad_token_id))
                     sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
                     yield next_tokens

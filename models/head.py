@@ -12,6 +12,7 @@ from nectar.models.checkpoint import Checkpoint
 from nectar.models.cpu_blas import CpuMatmul
 from nectar.models.errors import CheckpointError
 from nectar.models.family import HeadModules
+from nectar.models.greedy_head import LowPrecisionArgmax, choose_greedy_argmax
 from nectar.models.layout import store_in_out
 from nectar.models.registry import get_family
 
@@ -34,6 +35,7 @@ class ClientHead(nn.Module):
         self.final_norm = modules.final_norm
         self.lm_head = modules.lm_head
         self.matmul = CpuMatmul()  # ``load_client_head`` calibrates it on CPU
+        self.greedy_argmax: LowPrecisionArgmax | None = None  # ``load_client_head`` sets it where it is faster
         self.requires_grad_(False)
 
     @property
@@ -74,6 +76,16 @@ class ClientHead(nn.Module):
             return self.matmul(rows, in_out, self.lm_head.bias).view(*normed.shape[:-1], -1)
         return self.lm_head(normed)
 
+    def greedy_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``[B, 1, H]`` output of the last block -> ``[B]`` ids of the largest logits (greedy decoding's choice)."""
+        if self.greedy_argmax is not None and hidden_states.shape[0] == 1 and not torch.is_grad_enabled():
+            normed = self.norm(hidden_states).reshape(1, -1)
+            return self.greedy_argmax(normed, full_logits=self._float32_logits)
+        return self.logits(hidden_states)[:, -1].argmax(dim=-1)
+
+    def _float32_logits(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.matmul(rows, self.lm_head.weight.t(), self.lm_head.bias)
+
 
 def load_client_head(
     path_or_name: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
@@ -112,6 +124,8 @@ def load_client_head(
         if tied:
             head.word_embeddings.weight = head.lm_head.weight  # a strided lookup of a few rows costs microseconds
         head.matmul = CpuMatmul.calibrate([matrix], rows=HEAD_ROWS)
+        head.greedy_argmax = choose_greedy_argmax(matrix, head.lm_head.bias, full_logits=head._float32_logits,
+                                                  final_norm=head.final_norm)
     logger.info("Loaded client head of %s (%s, tied=%s)", path, dtype, tied)
     return head
 

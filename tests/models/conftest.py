@@ -52,7 +52,7 @@ def _greedy_generate(head: ClientHead, spans: list[BlockSpan], input_ids: torch.
     with torch.no_grad():
         for _ in range(max_new_tokens):
             hidden = _run_spans(spans, head.embed(step_input), caches)
-            next_token = head.logits(hidden[:, -1:]).argmax(-1)
+            next_token = head.greedy_tokens(hidden[:, -1:])[:, None]  # as generate() picks greedy tokens
             tokens = torch.cat([tokens, next_token], dim=1)
             step_input = next_token
     return tokens

@@ -96,6 +96,23 @@ def test_generation_equals_local_transformers(model, reference):
         batch, max_new_tokens=8, do_sample=False, eos_token_id=None).tolist()
 
 
+def test_greedy_generation_through_the_bfloat16_check_equals_local_transformers(model, reference):
+    from nectar.models.greedy_head import LowPrecisionArgmax
+
+    head, rows_checked = model.head, []
+    argmax = LowPrecisionArgmax(head.lm_head.weight.t(), head.lm_head.bias)  # forced: a head this small skips it
+    head.greedy_argmax = lambda rows, **kwargs: rows_checked.append(len(rows)) or argmax(rows, **kwargs)
+    try:
+        for seed in range(3):
+            input_ids = torch.randint(3, 1000, (1, 6), generator=torch.Generator().manual_seed(10 + seed))
+            ours = model.generate(input_ids, max_new_tokens=24, do_sample=False)
+            theirs = reference.generate(input_ids, max_new_tokens=24, do_sample=False, eos_token_id=None)
+            assert ours.tolist() == theirs[:, : ours.shape[1]].tolist()
+    finally:
+        head.greedy_argmax = None
+    assert len(rows_checked) == 3 * 24
+
+
 def test_sampling_options_and_receipts(model):
     input_ids = torch.randint(3, 1000, (1, 4))
     paid_before = len(model.wallet.receipts)
