@@ -11,7 +11,6 @@ from __future__ import annotations
 import common  # noqa: F401  (sets the OpenMP wait policy before torch loads)
 
 import statistics
-import time
 
 import torch
 from torch import nn
@@ -20,22 +19,8 @@ from nectar.models.cpu_blas import CpuMatmul
 
 from common import (
     NUM_LAYERS, alternating_decode, base_parser, checkpoint, distributed_model, emit, even_spans, local_swarm,
-    set_threads,
+    set_threads, timed_head,
 )
-
-
-def timed_head(model) -> list[float]:
-    """Wraps the head's ``logits`` to record each call's seconds into the returned list."""
-    seconds, logits = [], model.head.logits
-
-    def timed(hidden):
-        began = time.perf_counter()
-        result = logits(hidden)
-        seconds.append(time.perf_counter() - began)
-        return result
-
-    model.head.logits = timed
-    return seconds
 
 
 def main() -> None:
@@ -49,6 +34,8 @@ def main() -> None:
         clients = {"in-out": distributed_model(path, swarm, push=args.push),
                    "usual": distributed_model(path, swarm, push=args.push)}
         clients["in-out"].head.matmul = CpuMatmul()  # PyTorch's BLAS on both sides: the layout alone differs
+        for model in clients.values():
+            model.head.greedy_argmax = None  # float32 logits on both sides (bench_greedy_head.py measures the check)
         usual = clients["usual"].head
         usual.lm_head.weight = nn.Parameter(usual.lm_head.weight.detach().contiguous(), requires_grad=False)
         head_seconds = {name: timed_head(model) for name, model in clients.items()}

@@ -215,6 +215,21 @@ def timed(function, repeats: int) -> float:
     return best
 
 
+def timed_head(model) -> list[float]:
+    """Wraps the client head's greedy choice (``greedy_tokens``: the LM head and its argmax) to record each call's
+    seconds into the returned list."""
+    seconds, greedy_tokens = [], model.head.greedy_tokens
+
+    def timed(hidden):
+        began = time.perf_counter()
+        result = greedy_tokens(hidden)
+        seconds.append(time.perf_counter() - began)
+        return result
+
+    model.head.greedy_tokens = timed
+    return seconds
+
+
 def alternating_decode(clients: dict, repeats: int) -> tuple[dict, dict]:
     """Greedy generations of each client in turn (a, b, a, b, ...), so all see the same moments of a noisy machine.
 
