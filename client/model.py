@@ -179,6 +179,8 @@ class DistributedModelForCausalLM(torch.nn.Module):
             return
         processors = params.processors()
         greedy = not params.do_sample and not processors  # the largest logit alone decides: no logits needed
+        stops = bool(params.eos_token_ids or params.stop_strings)
+        eos_ids = torch.tensor(params.eos_token_ids)
         stop_matcher = StopStringMatcher(tokenizer, params.stop_strings, prompt_length)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         own_session = session is None
@@ -200,13 +202,17 @@ class DistributedModelForCausalLM(torch.nn.Module):
                     else:
                         logits = self.head.logits(hidden[:, -1:])[:, -1]
                         next_tokens = choose_next_tokens(logits, sequences, params, processors, generator)
-                    next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, params.pad_token_id))
+                    if stops:
+                        next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, params.pad_token_id))
                     sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
                     yield next_tokens
-                    if params.eos_token_ids:
-                        unfinished &= ~torch.isin(next_tokens, torch.tensor(params.eos_token_ids))
-                    unfinished &= ~stop_matcher(sequences)
-                    if not unfinished.any() or sequences.shape[1] - prompt_length >= params.max_new_tokens:
+                    if stops:  # each small op costs a step tens of microseconds: none where nothing can stop a row
+                        if params.eos_token_ids:
+                            unfinished &= ~torch.isin(next_tokens, eos_ids)
+                        unfinished &= ~stop_matcher(sequences)
+                        if not unfinished.any():
+                            return
+                    if sequences.shape[1] - prompt_length >= params.max_new_tokens:
                         return
                     hidden = session.step(self.head.embed(next_tokens[:, None]))
         finally:

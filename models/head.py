@@ -57,9 +57,10 @@ class ClientHead(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[B, T]`` token ids -> ``[B, T, H]`` input of block 0."""
         input_ids = input_ids.to(self.device)
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.word_embeddings.num_embeddings):
-            raise ValueError(f"token ids must be in [0, {self.word_embeddings.num_embeddings}), got {input_ids.min()}"
-                             f"..{input_ids.max()}")
+        if input_ids.numel():
+            low, high = (int(bound) for bound in torch.aminmax(input_ids))
+            if low < 0 or high >= self.word_embeddings.num_embeddings:
+                raise ValueError(f"token ids must be in [0, {self.word_embeddings.num_embeddings}), got {low}..{high}")
         hidden_states = self.word_embeddings(input_ids)
         return self.embed_norm(hidden_states) if self.embed_norm is not None else hidden_states
 
