@@ -99,6 +99,7 @@ class LlamaBatchRunner:
         self.matmul = CpuMatmul()  # PyTorch's products; on CPU in float32, the faster BLAS per row count
         if first.device.type == "cpu" and first.dtype == torch.float32:
             self.matmul = CpuMatmul.calibrate([w for layer in self.layers for w in layer.matrices])
+        self.cos_table, self.signed_sin_table = _rotary_tables(self.rotary, first)
         self.graphs = None
         if self.on_gpu:
             from nectar.node.graphs import GraphedDecoder
@@ -140,8 +141,8 @@ class LlamaBatchRunner:
             torch.arange(length, length + task.hidden.shape[1], device=device).repeat(task.hidden.shape[0])
             for task, length in zip(tasks, lengths)
         ])
-        cos, sin = self.rotary(x[None], positions[None])
-        cos, sin = cos[0, :, None], sin[0, :, None]  # [N, 1, head_dim], broadcast over heads
+        end = max(length + task.hidden.shape[1] for task, length in zip(tasks, lengths))
+        cos, sin = self.rotary_at(x, positions, end)
         groups = []
         offset = 0
         for task, length in zip(tasks, lengths):
@@ -169,6 +170,15 @@ class LlamaBatchRunner:
                 cache.length = length + tokens
         return [x[begin:end].view(batch, tokens, hidden_size)
                 for begin, end, batch, tokens, _, _ in groups]
+
+    def rotary_at(self, x: torch.Tensor, positions: torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin) [N, 1, head_dim] for ``positions`` [N] (all below ``end``), broadcast over heads: rows of
+        the tables built at load where they reach, else from the rotary module (``_rope_in_place`` takes them)."""
+        if self.cos_table is not None and end <= len(self.cos_table):
+            cos, signed_sin = self.cos_table.index_select(0, positions), self.signed_sin_table.index_select(0, positions)
+            return cos[:, None], signed_sin[:, None]
+        cos, sin = self.rotary(x[None], positions[None])
+        return cos[0, :, None], _signed_sin(sin[0, :, None])
 
     def _block(self, layer: "_FusedLlamaLayer", x, cos, sin, groups, caches, decode_mask=None) -> torch.Tensor:
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
@@ -309,12 +319,32 @@ class _RMSNorm:
         return self.weight * normed.to(x.dtype)
 
 
-def _rope_in_place(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """``qk = qk * cos + rotate_half(qk) * sin`` (transformers' RoPE) with one temporary instead of four."""
-    rotated = _rotate_half(qk)
-    qk.mul_(cos).addcmul_(rotated, sin)
+def _rope_in_place(qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
+    """``qk = qk * cos + rotate_half(qk) * sin`` (transformers' RoPE) in three ops: ``rotate_half(x) * sin`` is
+    ``roll(x, half) * signed_sin``, the first half of sin negated (``_signed_sin``), with the same rounding."""
+    rolled = qk.roll(qk.shape[-1] // 2, dims=-1)
+    qk.mul_(cos).addcmul_(rolled, signed_sin)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+MAX_ROTARY_TABLE_BYTES = 64 << 20
+
+
+def _rotary_tables(rotary: nn.Module, span: nn.Module) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(cos, signed sin) [max_positions, head_dim] of a rotary embedding whose frequencies do not change with the
+    sequence ("default" RoPE), computed once: a step then indexes rows instead of running the module's dozen small
+    ops. (None, None) for other rotary types, or where the tables would exceed ``MAX_ROTARY_TABLE_BYTES``."""
+    max_positions = int(getattr(span.config, "max_position_embeddings", 0) or 0)
+    head_dim = span.blocks[0].self_attn.head_dim
+    itemsize = torch.finfo(span.dtype).bits // 8 if span.dtype.is_floating_point else 4
+    if (getattr(rotary, "rope_type", "default") != "default" or max_positions <= 0
+            or 2 * max_positions * head_dim * itemsize > MAX_ROTARY_TABLE_BYTES):
+        return None, None
+    with torch.inference_mode():
+        positions = torch.arange(max_positions, device=span.device)
+        cos, sin = rotary(torch.zeros(1, 1, device=span.device, dtype=span.dtype), positions[None])
+    return cos[0], _signed_sin(sin[0])

@@ -82,12 +82,7 @@ class GraphedDecoder:
         # id of a session's first SpanCache -> (round last seen, sub-span, weakrefs to its SpanCaches)
         self._active: collections.OrderedDict[int, tuple] = collections.OrderedDict()
         self._rounds = 0
-        self.enabled = self.max_positions > 0 and getattr(runner.rotary, "rope_type", "default") == "default"
-        if self.enabled:
-            with torch.inference_mode():
-                positions = torch.arange(self.max_positions, device=self.device)
-                cos, sin = runner.rotary(torch.zeros(1, 1, device=self.device, dtype=self.dtype), positions[None])
-            self.cos_table, self.sin_table = cos[0], sin[0]  # [max_positions, head_dim]
+        self.enabled = runner.cos_table is not None  # positions index the runner's rotary tables inside a graph
         self.replays = self.recorded = 0
         self._zero_row = torch.zeros(1, self.hidden_size, dtype=self.dtype)  # an absent session's input
 
@@ -236,8 +231,8 @@ class GraphedDecoder:
         syncs). ``x`` [n, hidden], ``positions`` [n], ``caches[i]`` session i's SpanCaches (one per block);
         ``pools``: the same caches as one tensor per block (``_pool``)."""
         runner = self.runner
-        cos = self.cos_table.index_select(0, positions)[:, None]  # [n, 1, head_dim]
-        sin = self.sin_table.index_select(0, positions)[:, None]
+        cos = runner.cos_table.index_select(0, positions)[:, None]  # [n, 1, head_dim]
+        sin = runner.signed_sin_table.index_select(0, positions)[:, None]
         attend = self._pooled_attention(positions, pools) if pools is not None else self._own_attention(positions,
                                                                                                         caches)
         for local in range(len(caches[0])):
