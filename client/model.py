@@ -203,7 +203,8 @@ class DistributedModelForCausalLM(torch.nn.Module):
                         logits = self.head.logits(hidden[:, -1:])[:, -1]
                         next_tokens = choose_next_tokens(logits, sequences, params, processors, generator)
                     if stops:
-                        next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, params.pad_token_id))
+                        padding = torch.full_like(next_tokens, params.pad_token_id)
+                        next_tokens = torch.where(unfinished, next_tokens, padding)
                     sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
                     yield next_tokens
                     if stops:  # each small op costs a step tens of microseconds: none where nothing can stop a row

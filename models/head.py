@@ -78,11 +78,11 @@ class ClientHead(nn.Module):
         return self.lm_head(normed)
 
     def greedy_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """``[B, 1, H]`` output of the last block -> ``[B]`` ids of the largest logits (greedy decoding's choice)."""
+        """``[B, T, H]`` output of the last block -> ``[B]`` ids of the largest logits at the last position (greedy
+        decoding's choice); one row goes through ``greedy_argmax`` where the client chose it at load."""
         if self.greedy_argmax is not None and hidden_states.shape[0] == 1 and not torch.is_grad_enabled():
-            normed = self.norm(hidden_states).reshape(1, -1)
-            return self.greedy_argmax(normed, full_logits=self._float32_logits)
-        return self.logits(hidden_states)[:, -1].argmax(dim=-1)
+            return self.greedy_argmax(self.norm(hidden_states[:, -1]), full_logits=self._float32_logits)
+        return self.logits(hidden_states[:, -1:])[:, -1].argmax(dim=-1)
 
     def _float32_logits(self, rows: torch.Tensor) -> torch.Tensor:
         return self.matmul(rows, self.lm_head.weight.t(), self.lm_head.bias)

@@ -175,8 +175,9 @@ class LlamaBatchRunner:
         """(cos, signed sin) [N, 1, head_dim] for ``positions`` [N] (all below ``end``), broadcast over heads: rows of
         the tables built at load where they reach, else from the rotary module (``_rope_in_place`` takes them)."""
         if self.cos_table is not None and end <= len(self.cos_table):
-            cos, signed_sin = self.cos_table.index_select(0, positions), self.signed_sin_table.index_select(0, positions)
-            return cos[:, None], signed_sin[:, None]
+            cos = self.cos_table.index_select(0, positions)[:, None]
+            signed_sin = self.signed_sin_table.index_select(0, positions)[:, None]
+            return cos, signed_sin
         cos, sin = self.rotary(x[None], positions[None])
         return cos[0, :, None], _signed_sin(sin[0, :, None])
 
@@ -337,12 +338,13 @@ MAX_ROTARY_TABLE_BYTES = 64 << 20
 def _rotary_tables(rotary: nn.Module, span: nn.Module) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(cos, signed sin) [max_positions, head_dim] of a rotary embedding whose frequencies do not change with the
     sequence ("default" RoPE), computed once: a step then indexes rows instead of running the module's dozen small
-    ops. (None, None) for other rotary types, or where the tables would exceed ``MAX_ROTARY_TABLE_BYTES``."""
+    ops. (None, None) for other rotary types, or on a CPU where the tables would exceed ``MAX_ROTARY_TABLE_BYTES``
+    (a GPU's recorded rounds need them: they index positions inside the graph)."""
     max_positions = int(getattr(span.config, "max_position_embeddings", 0) or 0)
     head_dim = span.blocks[0].self_attn.head_dim
     itemsize = torch.finfo(span.dtype).bits // 8 if span.dtype.is_floating_point else 4
-    if (getattr(rotary, "rope_type", "default") != "default" or max_positions <= 0
-            or 2 * max_positions * head_dim * itemsize > MAX_ROTARY_TABLE_BYTES):
+    too_large = span.device.type == "cpu" and 2 * max_positions * head_dim * itemsize > MAX_ROTARY_TABLE_BYTES
+    if getattr(rotary, "rope_type", "default") != "default" or max_positions <= 0 or too_large:
         return None, None
     with torch.inference_mode():
         positions = torch.arange(max_positions, device=span.device)

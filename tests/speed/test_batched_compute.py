@@ -63,6 +63,25 @@ def test_batched_steps_equal_unbatched_at_mixed_lengths_and_positions(tiny_llama
     assert worst <= TOLERANCE, worst
 
 
+def test_rotary_rows_from_the_tables_equal_the_rotary_module(tiny_llama):
+    batched, plain = _backend(tiny_llama, batching=True), _backend(tiny_llama, batching=False)
+    runner = batched.batch_runner
+    assert runner.cos_table is not None and len(runner.cos_table) == runner.spans[0].config.max_position_embeddings
+    positions = torch.tensor([0, 5, 17, len(runner.cos_table) - 1])
+    x = torch.zeros(len(positions), batched.hidden_size)
+    from_tables = runner.rotary_at(x, positions, end=len(runner.cos_table))
+    from_module = runner.rotary_at(x, positions, end=len(runner.cos_table) + 1)  # past the tables: the module
+    for table_rows, module_rows in zip(from_tables, from_module):
+        torch.testing.assert_close(table_rows, module_rows, rtol=0, atol=1e-6)
+    # a whole session decoded without the tables (as a rotary type they do not cover) matches the plain path too
+    runner.cos_table = runner.signed_sin_table = None
+    torch.manual_seed(3)
+    session = _Session(batched, plain, batch_size=1, start=0, end=4)
+    worst = max(_round(batched, plain, [session], [torch.randn(1, tokens, batched.hidden_size)])
+                for tokens in (4, 1, 1, 1))
+    assert worst <= TOLERANCE, worst
+
+
 def test_single_token_rounds_share_one_padded_attention(tiny_llama):
     """Decode rounds (every session one new token, batch 1) take the padded single-SDPA path: still exact."""
     batched, plain = _backend(tiny_llama, batching=True), _backend(tiny_llama, batching=False)
