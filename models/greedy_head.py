@@ -30,6 +30,7 @@ MIN_HEAD_WEIGHTS = 1 << 22  # smaller heads (16 MB) are read fast enough that th
 BF16_ROUNDING = 2.0 ** -9  # relative error of rounding a float32 to bfloat16 (8 significant bits)
 OUTPUT_ROUNDING = 2.0 ** -7  # the bfloat16 product's result is rounded too: 2^-9 of it, bounded with margin
 TINY = 1e-30  # bfloat16 subnormals lose relative precision; their absolute error is far below this
+NORM_CHUNK = 8192  # vocabulary rows measured at a time when the bound is set up
 MIN_GAIN = 1.2  # the bfloat16 route must be this much faster, measured with cold caches, to be chosen
 
 
@@ -42,11 +43,15 @@ class LowPrecisionArgmax:
             raise ValueError(f"the greedy head's check needs a float32 CPU head, got {in_out.dtype} on {in_out.device}")
         self.in_out, self.bias = in_out, bias
         self.low = in_out.to(torch.bfloat16)  # [hidden, vocab], half the bytes
-        largest_row = float(in_out.norm(dim=0).max())
-        largest_error = float((in_out - self.low.float()).norm(dim=0).max())
+        largest_row = largest_error = 0.0
+        for begin in range(0, in_out.shape[1], NORM_CHUNK):  # in slices: no full-size float32 temporary
+            rows, low = in_out[:, begin : begin + NORM_CHUNK], self.low[:, begin : begin + NORM_CHUNK]
+            largest_row = max(largest_row, float(rows.norm(dim=0).max()))
+            largest_error = max(largest_error, float((rows - low.float()).norm(dim=0).max()))
         accumulation = 4 * in_out.shape[0] * 2.0 ** -24  # float32 sums of both products (n * 2^-24 each), doubled
         # |float32 logit - bfloat16 logit| <= |x|_2 * per_norm + |bfloat16 logit| * OUTPUT_ROUNDING (module docstring)
-        self.bias_term = float(bias.abs().max()) * OUTPUT_ROUNDING if bias is not None else 0.0  # |product| <= |logit| + |bias|
+        # the output rounding applies to the product, and |product| <= |logit| + |bias|
+        self.bias_term = float(bias.abs().max()) * OUTPUT_ROUNDING if bias is not None else 0.0
         self.per_norm = (BF16_ROUNDING * largest_row + (1 + BF16_ROUNDING) * largest_error
                          + accumulation * largest_row) * (1 + 1e-3)  # 0.1%: the bound's own float math
 
@@ -65,7 +70,8 @@ class LowPrecisionArgmax:
             if not (math.isfinite(best) and math.isfinite(norm)):
                 tokens.append(int(full_logits(rows[n : n + 1])[0].argmax()))
                 continue
-            ids = (approx[n] >= candidate_threshold(best, norm * self.per_norm + self.bias_term + TINY)).nonzero().squeeze(1)
+            threshold = candidate_threshold(best, norm * self.per_norm + self.bias_term + TINY)
+            ids = (approx[n] >= threshold).nonzero().squeeze(1)
             if len(ids) > MAX_CANDIDATES:
                 tokens.append(int(full_logits(rows[n : n + 1])[0].argmax()))
                 continue
