@@ -11,16 +11,9 @@ from __future__ import annotations
 
 import common  # noqa: F401  (sets the OpenMP wait policy before torch loads)
 
-import statistics
-
-import torch
-
 from nectar.models.greedy_head import LowPrecisionArgmax
 
-from common import (
-    NUM_LAYERS, alternating_decode, base_parser, checkpoint, distributed_model, emit, even_spans, local_swarm,
-    set_threads, timed_head,
-)
+from common import base_parser, compare_client_heads, emit, set_threads
 
 
 def main() -> None:
@@ -30,33 +23,20 @@ def main() -> None:
     parser.add_argument("--force", action="store_true", help="use the check even where the load-time timing did not")
     args = parser.parse_args()
     set_threads(args.threads)
-    path = checkpoint(args.model)
-    with local_swarm(path, even_spans(NUM_LAYERS, args.nodes), threads=args.threads) as swarm:
-        clients = {"bf16-check": distributed_model(path, swarm, push=args.push),
-                   "float32": distributed_model(path, swarm, push=args.push)}
+    chosen_at_load = False
+
+    def check_against_float32(clients: dict) -> None:
+        nonlocal chosen_at_load
         checked = clients["bf16-check"].head
         chosen_at_load = checked.greedy_argmax is not None
-        if args.force and not chosen_at_load:
+        if args.force and checked.greedy_argmax is None:
             checked.greedy_argmax = LowPrecisionArgmax(checked.lm_head.weight.t(), checked.lm_head.bias)
         clients["float32"].head.greedy_argmax = None
-        head_seconds = {name: timed_head(model) for name, model in clients.items()}
-        try:
-            runs, tokens = alternating_decode(clients, max(args.repeats, 2))
-        finally:
-            for model in clients.values():
-                model.shutdown()
-    best = {name: max(timings, key=lambda t: t.decode_tps) for name, timings in runs.items()}
-    head_ms = {name: statistics.median(seconds) * 1e3 for name, seconds in head_seconds.items()}
-    ratio = best["bf16-check"].decode_tps / best["float32"].decode_tps
-    figures = {"model": args.model, "threads": args.threads, "nodes": args.nodes, "push": args.push, "ratio": ratio,
-               "chosen_at_load": chosen_at_load, "same_tokens": torch.equal(tokens["bf16-check"], tokens["float32"]),
-               **{name: {"decode_tps": best[name].decode_tps, "head_ms": head_ms[name],
-                         "run_medians_ms": [t.median_ms for t in runs[name]]} for name in clients}}
-    rows = [(name, f"{best[name].decode_tps:.1f} tok/s (best run), runs' median gaps "
-                   f"{', '.join(f'{t.median_ms:.1f}' for t in runs[name])} ms; head {head_ms[name]:.2f} ms")
-            for name in clients]
-    rows += [("check / float32", f"{ratio:.3f}x decode, same tokens: {figures['same_tokens']}, "
-                                 f"chosen at load: {chosen_at_load}")]
+
+    figures, rows = compare_client_heads(args, ("bf16-check", "float32"), check_against_float32)
+    figures["chosen_at_load"] = chosen_at_load
+    rows += [("check / float32", f"{figures['ratio']:.3f}x decode, same tokens: {figures['same_tokens']}, "
+                                 f"chosen at load: {figures['chosen_at_load']}")]
     emit(f"greedy head, {args.model}, {args.nodes} nodes{', push' if args.push else ''}, {args.threads} thread(s)",
          rows, figures, args.json)
 

@@ -27,7 +27,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -245,6 +245,35 @@ def alternating_decode(clients: dict, repeats: int) -> tuple[dict, dict]:
                                           streamer=clock)
             runs[name].append(DecodeTiming.from_clock(clock))
     return runs, tokens
+
+
+def compare_client_heads(args, names: tuple[str, str], prepare: Callable[[dict], None]) -> tuple[dict, list]:
+    """One swarm of ``args.nodes`` nodes and two clients of it, named ``names`` (new, baseline); ``prepare(clients)``
+    sets up their heads. Their generations alternate (``alternating_decode``). Returns (figures, rows): each client's
+    best rate, runs' median gaps and head time (``timed_head``), the new/baseline ratio and whether both chose the
+    same tokens."""
+    path = checkpoint(args.model)
+    with local_swarm(path, even_spans(NUM_LAYERS, args.nodes), threads=args.threads) as swarm:
+        clients = {name: distributed_model(path, swarm, push=args.push) for name in names}
+        prepare(clients)
+        head_seconds = {name: timed_head(model) for name, model in clients.items()}
+        try:
+            runs, tokens = alternating_decode(clients, max(args.repeats, 2))
+        finally:
+            for model in clients.values():
+                model.shutdown()
+    fastest = {name: best(timings) for name, timings in runs.items()}
+    head_ms = {name: statistics.median(seconds) * 1e3 for name, seconds in head_seconds.items()}
+    new, baseline = names
+    figures = {"model": args.model, "threads": args.threads, "nodes": args.nodes, "push": args.push,
+               "ratio": fastest[new].decode_tps / fastest[baseline].decode_tps,
+               "same_tokens": tokens[new].tolist() == tokens[baseline].tolist(),
+               **{name: {"decode_tps": fastest[name].decode_tps, "head_ms": head_ms[name],
+                         "run_medians_ms": [t.median_ms for t in runs[name]]} for name in names}}
+    rows = [(name, f"{fastest[name].decode_tps:.1f} tok/s (best run), runs' median gaps "
+                   f"{', '.join(f'{t.median_ms:.1f}' for t in runs[name])} ms; head {head_ms[name]:.2f} ms")
+            for name in names]
+    return figures, rows
 
 
 def best(timings: list[DecodeTiming]) -> DecodeTiming:

@@ -74,7 +74,7 @@ class ClientHead(nn.Module):
         in_out = self.lm_head.weight.t()
         if in_out.is_contiguous() and not (torch.is_grad_enabled() and normed.requires_grad):
             rows = normed.reshape(-1, normed.shape[-1])  # stored [in, out] on CPU: through the faster BLAS
-            return self.matmul(rows, in_out, self.lm_head.bias).view(*normed.shape[:-1], -1)
+            return self._float32_logits(rows).view(*normed.shape[:-1], -1)
         return self.lm_head(normed)
 
     def greedy_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -85,6 +85,7 @@ class ClientHead(nn.Module):
         return self.logits(hidden_states[:, -1:])[:, -1].argmax(dim=-1)
 
     def _float32_logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """[N, H] normed rows -> [N, vocab], with the head stored [in, out] (on CPU, see ``load_client_head``)."""
         return self.matmul(rows, self.lm_head.weight.t(), self.lm_head.bias)
 
 
