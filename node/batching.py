@@ -342,8 +342,8 @@ def _rotary_tables(rotary: nn.Module, span: nn.Module) -> tuple[Optional[torch.T
     (a GPU's recorded rounds need them: they index positions inside the graph)."""
     max_positions = int(getattr(span.config, "max_position_embeddings", 0) or 0)
     head_dim = span.blocks[0].self_attn.head_dim
-    itemsize = torch.finfo(span.dtype).bits // 8 if span.dtype.is_floating_point else 4
-    too_large = span.device.type == "cpu" and 2 * max_positions * head_dim * itemsize > MAX_ROTARY_TABLE_BYTES
+    table_bytes = 2 * max_positions * head_dim * span.dtype.itemsize
+    too_large = span.device.type == "cpu" and table_bytes > MAX_ROTARY_TABLE_BYTES
     if getattr(rotary, "rope_type", "default") != "default" or max_positions <= 0 or too_large:
         return None, None
     with torch.inference_mode():

@@ -75,7 +75,6 @@ class GraphedDecoder:
         self._backends = _attention_backends
         first = runner.spans[0]
         self.device, self.dtype, self.hidden_size = first.device, first.dtype, first.hidden_size
-        self.max_positions = int(getattr(first.config, "max_position_embeddings", 0) or 0)
         self._graphs: collections.OrderedDict[tuple, _Graph] = collections.OrderedDict()
         self._sightings: collections.OrderedDict[tuple, int] = collections.OrderedDict()
         self._gone: list[tuple] = []  # keys of graphs whose session ended (appended from any thread)
@@ -83,6 +82,7 @@ class GraphedDecoder:
         self._active: collections.OrderedDict[int, tuple] = collections.OrderedDict()
         self._rounds = 0
         self.enabled = runner.cos_table is not None  # positions index the runner's rotary tables inside a graph
+        self.max_positions = len(runner.cos_table) if self.enabled else 0
         self.replays = self.recorded = 0
         self._zero_row = torch.zeros(1, self.hidden_size, dtype=self.dtype)  # an absent session's input
 
