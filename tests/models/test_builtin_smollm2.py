@@ -133,10 +133,10 @@ def test_first_blocks_match_transformers(path, gguf_model):
     torch.testing.assert_close(span(states[0]), states[2], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("greedy_head", ["off", "bf16"])
+@pytest.mark.parametrize("greedy_head", ["off", "bf16", "int8"])
 def test_greedy_generation_matches_transformers_on_the_gguf(path, gguf_model, greedy_generate, greedy_head,
                                                             monkeypatch):
-    monkeypatch.setenv("NECTAR_GREEDY_HEAD", greedy_head)  # float32 logits, or a bfloat16 pass checked in float32
+    monkeypatch.setenv("NECTAR_GREEDY_HEAD", greedy_head)  # float32 logits, or a low-precision pass checked in float32
     tokenizer = load_tokenizer(NAME)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     ids = torch.tensor([tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]])
@@ -144,7 +144,7 @@ def test_greedy_generation_matches_transformers_on_the_gguf(path, gguf_model, gr
         expected = gguf_model.generate(ids, do_sample=False, max_new_tokens=6, min_new_tokens=6)
     spans = [load_span(NAME, 0, 15), load_span(NAME, 15, 30)]
     head = load_client_head(NAME)
-    assert (head.greedy_argmax is not None) == (greedy_head == "bf16")
+    assert (head.greedy_argmax.format if head.greedy_argmax else "off") == greedy_head
     generated = greedy_generate(head, spans, ids, 6)
     assert torch.equal(generated, expected), (tokenizer.decode(generated[0]), tokenizer.decode(expected[0]))
     print(f"\n[smollm2-135m] generated: {tokenizer.decode(generated[0, ids.shape[1]:])!r}")

@@ -96,11 +96,13 @@ def test_generation_equals_local_transformers(model, reference):
         batch, max_new_tokens=8, do_sample=False, eos_token_id=None).tolist()
 
 
-def test_greedy_generation_through_the_bfloat16_check_equals_local_transformers(model, reference):
+@pytest.mark.parametrize("format", ["bf16", "int8"])
+def test_greedy_generation_through_the_low_precision_check_equals_local_transformers(model, reference, format):
     from nectar.models.greedy_head import LowPrecisionArgmax
 
     head, rows_checked = model.head, []
-    argmax = LowPrecisionArgmax(head.lm_head.weight.t(), head.lm_head.bias)  # forced: a head this small skips it
+    # forced: a head this small skips the check
+    argmax = LowPrecisionArgmax(head.lm_head.weight.t(), head.lm_head.bias, format=format)
     head.greedy_argmax = lambda rows, **kwargs: rows_checked.append(len(rows)) or argmax(rows, **kwargs)
     try:
         for seed in range(3):
