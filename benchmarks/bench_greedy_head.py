@@ -1,9 +1,9 @@
 """Greedy tokens from a low-precision pass plus a float32 check (``models/greedy_head.py``) against float32 logits.
 
 One swarm, two clients on it: one whose head checks a bfloat16 or int8 pass (``--force bf16|int8``, else as its
-load-time measurement chose), one that computes every float32 logit. Their generations alternate (check, float32, check, ...),
-so both see the same machine; each run's median gap between tokens and the head's own time (final norm, LM head and
-argmax) are printed, then the ratio of the best runs and whether both chose the same tokens.
+load-time measurement chose), one that computes every float32 logit. Their generations alternate (check, float32,
+check, ...), so both see the same machine; each run's median gap between tokens and the head's own time (final
+norm, LM head and argmax) are printed, then the ratio of the best runs and whether both chose the same tokens.
 
     python benchmarks/bench_greedy_head.py --model tiny --threads 1 [--push] [--force int8]
 """

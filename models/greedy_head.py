@@ -116,8 +116,8 @@ class LowPrecisionArgmax:
             if not (math.isfinite(best) and math.isfinite(norm)):
                 tokens.append(int(full_logits(rows[n : n + 1])[0].argmax()))
                 continue
-            ids = (approx[n] >= candidate_threshold(best, norm * self.per_norm + self.bias_term + TINY)).nonzero()
-            ids = ids.squeeze(1)
+            threshold = candidate_threshold(best, norm * self.per_norm + self.bias_term + TINY)
+            ids = (approx[n] >= threshold).nonzero().squeeze(1)
             if len(ids) > MAX_CANDIDATES and self.refine_rows is not None and len(ids) <= MAX_REFINED:
                 ids = self._refine(rows[n], norm, ids)
             if len(ids) > MAX_CANDIDATES:
