@@ -2,9 +2,11 @@
 
 Petals runs in its own virtual environment (benchmarks/petals/setup_venv.sh, created on first use) with its own
 processes: a bootstrap DHT and one server per span (``--block_indices``, ``--dht_prefix``, ``--throughput 1``, float32
-on CPU, the same torch threads and OpenMP wait policy as Nectar's nodes). One swarm runs at a time (Petals first, its
-client in a child process of its environment; then Nectar's swarm and client in this one), and each side's best run
-counts. Local transformers (5.x here, 4.34.1 in the Petals environment) is measured in both for reference.
+on CPU, the same torch threads and OpenMP wait policy as Nectar's nodes), and its client in a child process of that
+environment (``run_petals.py client``). Both swarms stay up and their runs alternate (Petals, Nectar, Nectar, Petals,
+...), so a machine that drifts between faster and slower spells weighs on both alike; each side's best run counts.
+The idle swarm's CPU time during the other's runs is printed too (its share of the wall time). Prompt-tuning steps
+alternate the same way. Local transformers (5.x here, 4.34.1 in the Petals environment) is measured for reference.
 
     python benchmarks/bench_petals.py --model tiny
 """
@@ -22,7 +24,9 @@ import threading
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Callable
 
+import psutil
 import torch
 
 from bench_decode import local_in_child, swarm_decode
@@ -74,6 +78,71 @@ def petals_process(python: Path, args: list[str], *, name: str, env: dict, workd
                 os.killpg(process.pid, 9)
 
 
+class PetalsClient:
+    """``run_petals.py client`` in the Petals environment: one JSON request line in, one JSON answer line out."""
+
+    def __init__(self, python: Path, args: list[str], *, env: dict, workdir: Path, timeout: float = 900):
+        self.log_path = workdir / "client.log"
+        self.process = subprocess.Popen([str(python), str(HERE / "petals" / "run_petals.py"), "client", *args],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=open(self.log_path, "w"), text=True, env=env, start_new_session=True)
+        self.ready = self._answer(timeout)
+
+    def ask(self, request: dict, timeout: float = 900) -> dict:
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        return self._answer(timeout)
+
+    def _answer(self, timeout: float) -> dict:
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.append(self.process.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if not lines or not lines[0].strip():
+            raise RuntimeError(f"the Petals client gave no answer; see {self.log_path}")
+        answer = json.loads(lines[0])
+        if "error" in answer:
+            raise RuntimeError(f"the Petals client: {answer['error']}")
+        return answer
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            os.killpg(self.process.pid, 15)
+            self.process.wait(15)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU time of these processes and all their descendants (p2pd daemons included)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            for process in [root, *root.children(recursive=True)]:
+                times = process.cpu_times()
+                total += times.user + times.system
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
+def alternate(sides: dict[str, Callable[[], object]], idle_pids: dict[str, list[int]], rounds: int
+              ) -> tuple[dict[str, list], dict[str, float]]:
+    """Runs each side once per round, the order flipping every round; returns each side's results and the largest
+    share of a run's wall time that the other side's idle processes spent on the CPU during it."""
+    names = list(sides)
+    results: dict[str, list] = {name: [] for name in names}
+    idle_share = {name: 0.0 for name in names}
+    for round_index in range(rounds):
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            others = [pid for other, pids in idle_pids.items() if other != name for pid in pids]
+            cpu_before, began = cpu_seconds(others), time.perf_counter()
+            results[name].append(sides[name]())
+            share = (cpu_seconds(others) - cpu_before) / (time.perf_counter() - began)
+            idle_share[name] = max(idle_share[name], share)
+    return results, idle_share
+
+
 def main() -> None:
     parser = base_parser(__doc__)
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="the Petals virtual environment")
@@ -89,76 +158,96 @@ def main() -> None:
     env = {**os.environ, **node_env(args.threads), "PYTHONUNBUFFERED": "1"}
     env.pop("PYTHONPATH", None)
     workdir = Path(tempfile.mkdtemp(prefix="petals-bench-"))
-    figures: dict = {"model": args.model, "threads": args.threads, "nodes": args.nodes, "push": args.push}
+    figures: dict = {"model": args.model, "threads": args.threads, "nodes": args.nodes, "push": args.push,
+                     "protocol": "alternating"}
 
-    # one swarm at a time: idle servers of one system must not take CPU from the other's measurements
     with ExitStack() as stack:
-        _, address = stack.enter_context(
+        petals_servers = []
+        dht, address = stack.enter_context(
             petals_process(python, ["dht"], name="dht", env=env, workdir=workdir, wait_for="/p2p/"))
         for i, (start, end) in enumerate(spans):
-            stack.enter_context(petals_process(
+            server, _ = stack.enter_context(petals_process(
                 python, ["server", "--", str(path), "--block_indices", f"{start}:{end}", "--initial_peers", address,
                          "--dht_prefix", prefix, "--throughput", "1", "--torch_dtype", "float32", "--device", "cpu",
                          "--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--identity_path", str(workdir / f"id{i}.key")],
                 name=f"server{i}", env=env, workdir=workdir))
+            petals_servers.append(server.pid)
         log(f"Petals: DHT at {address}, {args.nodes} servers loading {spans} (logs in {workdir})")
-        out = subprocess.run([str(python), str(HERE / "petals" / "run_petals.py"), "bench", "--model", str(path),
-                              "--peers", address, "--prefix", prefix, "--threads", str(args.threads),
-                              "--repeats", str(args.repeats)], env=env, capture_output=True, text=True, timeout=3600)
-        if out.returncode != 0:
-            raise RuntimeError(f"Petals client failed:\n{out.stderr[-3000:]}")
-        petals = json.loads(out.stdout.strip().splitlines()[-1])
-    log("Nectar swarm and client measurements")
-    with local_swarm(path, spans, threads=args.threads) as swarm:
+        petals = PetalsClient(python, ["--model", str(path), "--peers", address, "--prefix", prefix,
+                                       "--threads", str(args.threads)], env=env, workdir=workdir)
+        stack.callback(petals.close)
+        swarm = stack.enter_context(local_swarm(path, spans, threads=args.threads))
+        log("both swarms up: their runs alternate")
         model = distributed_model(path, swarm, push=args.push)
-        try:
-            model.generate(prompt_ids(), max_new_tokens=4, do_sample=False, eos_token_id=[])
-            nectar_runs, nectar_tokens = swarm_decode(model, repeats=args.repeats)
-        finally:
-            model.shutdown()
-        tune_s = None
+        stack.callback(model.shutdown)
+        model.generate(prompt_ids(), max_new_tokens=4, do_sample=False, eos_token_id=[])
+        idle_pids = {"petals": [dht.pid, *petals_servers, petals.process.pid],
+                     "nectar": [peer.process.pid for peer in [*swarm.nodes, swarm.bootstrap] if peer is not None]}
+
+        def petals_decode():
+            answer = petals.ask({"decode": 1})
+            return DecodeTiming(answer["timings"][0]["first"], answer["timings"][0]["gaps"]), answer["tokens"]
+
+        def nectar_decode():
+            runs, tokens = swarm_decode(model, repeats=1)
+            return runs[0], tokens.tolist()
+
+        decodes, idle_share = alternate({"nectar": nectar_decode, "petals": petals_decode}, idle_pids, args.repeats)
+        for name, runs in decodes.items():
+            log(f"{name} decode runs: " + ", ".join(f"{run.decode_tps:.1f}" for run, _ in runs) + " tok/s")
+        tunes = {}
         if not args.no_tuning:
             runner = SwarmRunner(path, swarm)
-            try:
-                tune_s = min(timed(runner.tune_step, 1) for _ in range(args.repeats))
-            finally:
-                runner.close()
+            stack.callback(runner.close)
+            runner.tune_step()  # warm-up
+            tunes, _ = alternate({"nectar": lambda: timed(runner.tune_step, 1),
+                                  "petals": lambda: petals.ask({"tune": 1})["tune_s"][0]}, idle_pids, args.repeats)
+        petals_local = petals.ask({"local": args.repeats})
     local_runs, local_tokens = local_in_child(args.model, threads=args.threads, repeats=args.repeats,
                                               policy="PASSIVE")
 
-    petals_runs = [DecodeTiming(t["first"], t["gaps"]) for t in petals["petals_decode"]]
-    petals_local = [DecodeTiming(t["first"], t["gaps"]) for t in petals["local_decode"]]
-    ours, theirs, here, there = best(nectar_runs), best(petals_runs), best(local_runs), best(petals_local)
+    nectar_tokens, petals_tokens = decodes["nectar"][-1][1], decodes["petals"][-1][1]
+    ours, theirs = best([run for run, _ in decodes["nectar"]]), best([run for run, _ in decodes["petals"]])
+    here = best(local_runs)
+    there = best([DecodeTiming(t["first"], t["gaps"]) for t in petals_local["timings"]])
     figures.update(
-        nectar={"decode_tps": ours.decode_tps, "median_ms": ours.median_ms, "tune_steps_s": 1 / tune_s if tune_s else None},
+        nectar={"decode_tps": ours.decode_tps, "median_ms": ours.median_ms,
+                "runs_tps": [run.decode_tps for run, _ in decodes["nectar"]],
+                "tune_steps_s": 1 / min(tunes["nectar"]) if tunes else None},
         petals={"decode_tps": theirs.decode_tps, "median_ms": theirs.median_ms,
-                "tune_steps_s": 1 / min(petals["petals_tune_s"]) if petals.get("petals_tune_s") else None},
+                "runs_tps": [run.decode_tps for run, _ in decodes["petals"]],
+                "tune_steps_s": 1 / min(tunes["petals"]) if tunes else None},
+        idle_cpu_share={"petals_during_nectar": idle_share["nectar"], "nectar_during_petals": idle_share["petals"]},
         local_transformers5={"decode_tps": here.decode_tps}, local_transformers434={"decode_tps": there.decode_tps},
-        same_tokens={"nectar_vs_petals": nectar_tokens.tolist() == petals["petals_tokens"],
-                     "nectar_vs_local": nectar_tokens.tolist() == local_tokens.tolist()},
+        same_tokens={"nectar_vs_petals": nectar_tokens == petals_tokens,
+                     "nectar_vs_local": nectar_tokens == local_tokens.tolist()},
+        all_runs_same_tokens=all(tokens == nectar_tokens for side in decodes.values() for _, tokens in side),
     )
     figures["decode_ratio"] = ours.decode_tps / theirs.decode_tps
-    # the two swarms run one after the other: each over the local transformers of its own phase cancels a machine
-    # that got slower or faster in between
-    figures["decode_ratio_vs_phase_local"] = ((ours.decode_tps / here.decode_tps)
-                                              / (theirs.decode_tps / there.decode_tps))
     rows = [
-        ("nectar decode", f"{ours.decode_tps:8.1f} tok/s  median {ours.median_ms:6.2f} ms/token"),
-        ("petals decode", f"{theirs.decode_tps:8.1f} tok/s  median {theirs.median_ms:6.2f} ms/token"),
-        ("nectar / petals", f"{figures['decode_ratio']:8.2f}x decode; each over its phase's local transformers: "
-                            f"{ours.decode_tps / here.decode_tps:.2f}x / {theirs.decode_tps / there.decode_tps:.2f}x = "
-                            f"{figures['decode_ratio_vs_phase_local']:.2f}x"),
-        ("local transformers", f"{here.decode_tps:8.1f} tok/s ({petals['versions']['transformers']} in Petals' env: "
+        ("nectar decode", f"{ours.decode_tps:8.1f} tok/s  median {ours.median_ms:6.2f} ms/token  (runs: "
+                          + ", ".join(f"{tps:.1f}" for tps in figures["nectar"]["runs_tps"]) + ")"),
+        ("petals decode", f"{theirs.decode_tps:8.1f} tok/s  median {theirs.median_ms:6.2f} ms/token  (runs: "
+                          + ", ".join(f"{tps:.1f}" for tps in figures["petals"]["runs_tps"]) + ")"),
+        ("nectar / petals", f"{figures['decode_ratio']:8.2f}x decode (best runs, alternating)"),
+        ("idle swarm's CPU", f"petals during nectar's runs {idle_share['nectar']:.1%} of a core at most, "
+                             f"nectar during petals' {idle_share['petals']:.1%}"),
+        ("local transformers", f"{here.decode_tps:8.1f} tok/s ({petals_local_version(petals)} in Petals' env: "
                                f"{there.decode_tps:.1f} tok/s)"),
         ("same greedy tokens", f"nectar = petals: {figures['same_tokens']['nectar_vs_petals']}, "
-                               f"nectar = local: {figures['same_tokens']['nectar_vs_local']}"),
+                               f"nectar = local: {figures['same_tokens']['nectar_vs_local']}, "
+                               f"every run alike: {figures['all_runs_same_tokens']}"),
     ]
-    if figures["nectar"]["tune_steps_s"] and figures["petals"]["tune_steps_s"]:
+    if tunes:
         figures["tune_ratio"] = figures["nectar"]["tune_steps_s"] / figures["petals"]["tune_steps_s"]
         rows.append(("prompt tuning", f"nectar {figures['nectar']['tune_steps_s']:.3f} steps/s, petals "
                                       f"{figures['petals']['tune_steps_s']:.3f} steps/s: {figures['tune_ratio']:.2f}x"))
     emit(f"Nectar vs Petals 2.2.0.post1, {args.model}, {args.nodes} nodes, float32 CPU, {args.threads} thread(s)",
          rows, figures, args.json)
+
+
+def petals_local_version(petals: PetalsClient) -> str:
+    return petals.ready["versions"]["transformers"]
 
 
 if __name__ == "__main__":

@@ -3,11 +3,13 @@
     python run_petals.py check                      # patches, imports petals, prints versions
     python run_petals.py dht                        # a bootstrap DHT peer on 127.0.0.1; prints its address
     python run_petals.py server -- <petals run_server arguments>
-    python run_petals.py bench --model PATH --peers ADDR --prefix P --threads T --repeats R
+    python run_petals.py client --model PATH --peers ADDR --prefix P --threads T
 
-``bench`` prints one JSON line: single-session greedy decode (16-token prompt, 64 new tokens) through the Petals
-swarm and through this environment's local transformers, and prompt-tuning step times (same workload as
-benchmarks/bench_training.py).
+``client`` loads a Petals model and its prompt-tuning twin once, prints ``{"ready": true, ...}``, then answers one
+JSON line per JSON request line on stdin, so another process can interleave Petals' runs with its own:
+``{"decode": N}``: N single-session greedy decodes (16-token prompt, 64 new tokens) through the Petals swarm;
+``{"tune": N}``: N prompt-tuning steps (the workload of benchmarks/bench_training.py); ``{"local": N}``: N decodes
+with this environment's local transformers.
 """
 from __future__ import annotations
 
@@ -104,19 +106,20 @@ def _prompt(batch: int = 1, length: int = PROMPT_TOKENS, seed: int = 0):
     return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def _decode(model, repeats: int) -> tuple[list[dict], list]:
+def _decode(model, repeats: int, *, warm_up: bool = True) -> tuple[list[dict], list]:
     import torch
 
     ids = _prompt()
     timings, tokens = [], None
     with torch.inference_mode():
-        model.generate(ids, max_new_tokens=4, do_sample=False)
+        if warm_up:
+            model.generate(ids, max_new_tokens=4, do_sample=False)
         for _ in range(repeats):
             clock = TokenClock()
             tokens = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
                                     streamer=clock)
             timings.append(clock.timing())
-    return timings, tokens.tolist()
+    return timings, tokens.tolist() if tokens is not None else None
 
 
 def _wait_until_served(model, timeout: float = 600) -> None:
@@ -133,61 +136,77 @@ def _wait_until_served(model, timeout: float = 600) -> None:
             time.sleep(5)
 
 
-def _tune_steps(model, repeats: int) -> list[float]:
-    import torch
-
-    ids = _prompt(*TUNE_SHAPE, seed=2)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    times = []
-    for _ in range(repeats + 1):  # the first is a warm-up
-        began = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        times.append(time.perf_counter() - began)
-    return times[1:]
-
-
-def bench(args) -> None:
+def client(args) -> None:
+    """Serves timed runs on request (one JSON line in, one out) until stdin closes."""
     patch()
     set_threads(args.threads)
     import torch
+    import transformers
     from petals import AutoDistributedModelForCausalLM
     from transformers import AutoModelForCausalLM
 
-    result = {}
     common = dict(initial_peers=[args.peers], dht_prefix=args.prefix, torch_dtype=torch.float32)
     model = AutoDistributedModelForCausalLM.from_pretrained(args.model, **common)
     model.generation_config.eos_token_id = None
     _wait_until_served(model)
-    result["petals_decode"], result["petals_tokens"] = _decode(model, args.repeats)
+    _decode(model, 0)  # warm-up
     tuned = AutoDistributedModelForCausalLM.from_pretrained(args.model, tuning_mode="ptune", pre_seq_len=PREFIX,
                                                             **common)
-    result["petals_tune_s"] = _tune_steps(tuned, args.repeats)
-    local = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32).eval()
-    local.generation_config.eos_token_id = None
-    result["local_decode"], result["local_tokens"] = _decode(local, args.repeats)
-    import transformers
+    tuning = _Tuning(tuned)
+    print(json.dumps({"ready": True, "versions": {"transformers": transformers.__version__,
+                                                  "torch": torch.__version__}}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        if "decode" in request:
+            timings, tokens = _decode(model, request["decode"], warm_up=False)
+            answer = {"timings": timings, "tokens": tokens}
+        elif "tune" in request:
+            answer = {"tune_s": [tuning.step() for _ in range(request["tune"])]}
+        elif "local" in request:
+            local = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32).eval()
+            local.generation_config.eos_token_id = None
+            timings, tokens = _decode(local, request["local"])
+            answer = {"timings": timings, "tokens": tokens}
+        else:
+            answer = {"error": f"unknown request {request!r}"}
+        print(json.dumps(answer), flush=True)
 
-    result["versions"] = {"transformers": transformers.__version__, "torch": torch.__version__}
-    print(json.dumps(result), flush=True)
+
+class _Tuning:
+    """Prompt-tuning steps one at a time (the first call also runs a warm-up step)."""
+
+    def __init__(self, model):
+        import torch
+
+        self.model, self.ids = model, _prompt(*TUNE_SHAPE, seed=2)
+        self.optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        self.warm = False
+
+    def step(self) -> float:
+        if not self.warm:
+            self.warm = True
+            self.step()
+        began = time.perf_counter()
+        loss = self.model(input_ids=self.ids, labels=self.ids).loss
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        return time.perf_counter() - began
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["check", "dht", "server", "bench"])
+    parser.add_argument("command", choices=["check", "dht", "server", "client"])
     parser.add_argument("--model")
     parser.add_argument("--peers")
     parser.add_argument("--prefix")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
     if len(sys.argv) > 1 and sys.argv[1] == "server":
         server(sys.argv[3:] if len(sys.argv) > 2 and sys.argv[2] == "--" else sys.argv[2:])
         return
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    {"check": check, "dht": dht, "bench": lambda: bench(args)}[args.command]()
+    {"check": check, "dht": dht, "client": lambda: client(args)}[args.command]()
 
 
 if __name__ == "__main__":
