@@ -17,6 +17,7 @@ import common  # noqa: F401  (sets the OpenMP wait policy before torch loads)
 import json
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -224,12 +225,15 @@ def main() -> None:
         all_runs_same_tokens=all(tokens == nectar_tokens for side in decodes.values() for _, tokens in side),
     )
     figures["decode_ratio"] = ours.decode_tps / theirs.decode_tps
+    figures["median_run_ratio"] = (statistics.median(figures["nectar"]["runs_tps"])
+                                   / statistics.median(figures["petals"]["runs_tps"]))
     rows = [
         ("nectar decode", f"{ours.decode_tps:8.1f} tok/s  median {ours.median_ms:6.2f} ms/token  (runs: "
                           + ", ".join(f"{tps:.1f}" for tps in figures["nectar"]["runs_tps"]) + ")"),
         ("petals decode", f"{theirs.decode_tps:8.1f} tok/s  median {theirs.median_ms:6.2f} ms/token  (runs: "
                           + ", ".join(f"{tps:.1f}" for tps in figures["petals"]["runs_tps"]) + ")"),
-        ("nectar / petals", f"{figures['decode_ratio']:8.2f}x decode (best runs, alternating)"),
+        ("nectar / petals", f"{figures['decode_ratio']:8.2f}x decode (best runs, alternating); median runs "
+                            f"{figures['median_run_ratio']:.2f}x"),
         ("idle swarm's CPU", f"petals during nectar's runs {idle_share['nectar']:.1%} of a core at most, "
                              f"nectar during petals' {idle_share['petals']:.1%}"),
         ("local transformers", f"{here.decode_tps:8.1f} tok/s ({petals_local_version(petals)} in Petals' env: "
