@@ -96,10 +96,17 @@ class PetalsClient:
 
     def _answer(self, timeout: float) -> dict:
         lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.append(self.process.stdout.readline()), daemon=True)
+
+        def read() -> None:  # the answer is the next JSON line; anything a library printed is skipped
+            for line in self.process.stdout:
+                if line.startswith("{"):
+                    lines.append(line)
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
         reader.start()
         reader.join(timeout)
-        if not lines or not lines[0].strip():
+        if not lines:
             raise RuntimeError(f"the Petals client gave no answer; see {self.log_path}")
         answer = json.loads(lines[0])
         if "error" in answer:
