@@ -190,11 +190,15 @@ def choose_greedy_argmax(in_out: torch.Tensor, bias: Optional[torch.Tensor],
         rows = final_norm(torch.randn(4, in_out.shape[0], generator=torch.Generator().manual_seed(0)))
         exact = full_logits(rows)
         for name, argmax in list(candidates.items()):
-            if not bound_holds(argmax, rows, exact):  # a kernel that does not compute what the bound assumes
+            try:
+                problem = None if bound_holds(argmax, rows, exact) else "broke its error bound"
+            except (RuntimeError, NotImplementedError) as e:  # a PyTorch build without the kernel
+                problem = f"failed ({e})"
+            if problem is not None:  # a kernel that does not compute what the bound assumes, or none at all
                 if choice == name:
-                    raise RuntimeError(f"the {name} greedy head broke its error bound on this machine; "
+                    raise RuntimeError(f"the {name} greedy head {problem} on this machine; "
                                        f"set NECTAR_GREEDY_HEAD=auto or off")
-                logger.warning("Greedy head: the %s pass broke its error bound on this machine; not using it", name)
+                logger.warning("Greedy head: the %s pass %s on this machine; not using it", name, problem)
                 del candidates[name]
     if choice in FORMATS:
         return candidates[choice]

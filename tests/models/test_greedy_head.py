@@ -153,6 +153,27 @@ def test_auto_measures_both_routes_on_a_large_head(monkeypatch, caplog):
     assert chosen is None or chosen.format in FORMATS
 
 
+def test_auto_drops_a_pass_whose_kernel_fails(monkeypatch, caplog):
+    monkeypatch.setenv("NECTAR_GREEDY_HEAD", "auto")
+    matrix = torch.randn(512, 16384) * 0.02
+    honest = LowPrecisionArgmax.approximate
+
+    def no_int8_kernel(self, rows):  # as a PyTorch build without the int8 CPU kernel would
+        if self.format == "int8":
+            raise NotImplementedError("_weight_int8pack_mm is not implemented for this backend")
+        return honest(self, rows)
+
+    monkeypatch.setattr(LowPrecisionArgmax, "approximate", no_int8_kernel)
+    with caplog.at_level("INFO", logger="nectar.models.greedy_head"):
+        chosen = choose_greedy_argmax(matrix, None, full_logits=lambda rows: rows @ matrix,
+                                      final_norm=lambda rows: torch.nn.functional.rms_norm(rows, (512,)))
+    assert "the int8 pass failed (_weight_int8pack_mm is not implemented" in caplog.text
+    assert chosen is None or chosen.format == "bf16"
+    monkeypatch.setenv("NECTAR_GREEDY_HEAD", "int8")
+    with pytest.raises(RuntimeError, match="int8 greedy head failed.*NECTAR_GREEDY_HEAD=auto or off"):
+        choose_greedy_argmax(matrix, None, full_logits=lambda rows: rows @ matrix, final_norm=lambda rows: rows)
+
+
 def test_auto_drops_a_pass_that_breaks_its_bound(monkeypatch, caplog):
     monkeypatch.setenv("NECTAR_GREEDY_HEAD", "auto")
     matrix = torch.randn(512, 16384) * 0.02
