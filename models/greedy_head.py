@@ -69,7 +69,7 @@ class LowPrecisionArgmax:
         largest_row = largest_error = largest_bf16_error = 0.0
         for begin in range(0, vocab, NORM_CHUNK):  # in slices: no full-size float32 temporary
             rows = in_out[:, begin : begin + NORM_CHUNK]
-            rounded = rows.to(torch.bfloat16)
+            rounded = self.low[:, begin : begin + NORM_CHUNK] if format == "bf16" else rows.to(torch.bfloat16)
             largest_row = max(largest_row, float(rows.norm(dim=0).max()))
             largest_bf16_error = max(largest_bf16_error, float((rows - rounded.float()).norm(dim=0).max()))
             if format == "int8":
@@ -132,11 +132,18 @@ class LowPrecisionArgmax:
     def _refine(self, row: torch.Tensor, norm: float, ids: torch.Tensor) -> torch.Tensor:
         """The candidates ``ids`` that can still win under the bfloat16 bound (the float32 argmax is among ``ids``,
         so the best of them bounds it from below)."""
-        approx = (self.refine_rows.index_select(0, ids) @ row.to(torch.bfloat16)).float()
-        if self.bias is not None:
-            approx += self.bias[ids]
+        approx = self.refined_logits(row[None], ids)[0]
         threshold = candidate_threshold(float(approx.max()), norm * self.refine_per_norm + self.bias_term + TINY)
         return ids[approx >= threshold]
+
+    def refined_logits(self, rows: torch.Tensor, ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[N, hidden] rows -> [N, len(ids)] (every vocabulary row without ``ids``) logits from the int8 pass's
+        bfloat16 rows, bias included."""
+        weights = self.refine_rows if ids is None else self.refine_rows.index_select(0, ids)
+        approx = (rows.to(torch.bfloat16) @ weights.t()).float()
+        if self.bias is not None:
+            approx += self.bias if ids is None else self.bias[ids]
+        return approx
 
     def float32_logits(self, rows: torch.Tensor) -> torch.Tensor:
         logits = rows @ self.in_out
@@ -230,8 +237,7 @@ def bound_holds(argmax: LowPrecisionArgmax, rows: torch.Tensor, exact: torch.Ten
     within its bound of the float32 logit ``exact``."""
     passes = [(argmax.approximate(rows), argmax.per_norm)]
     if argmax.refine_rows is not None:
-        refined = (rows.to(torch.bfloat16) @ argmax.refine_rows.t()).float()
-        passes.append((refined.add_(argmax.bias) if argmax.bias is not None else refined, argmax.refine_per_norm))
+        passes.append((argmax.refined_logits(rows), argmax.refine_per_norm))
     norms = rows.norm(dim=1, keepdim=True)
     return all(bool(((approx - exact).abs() <= norms * per_norm + argmax.bias_term + TINY
                      + approx.abs() * OUTPUT_ROUNDING).all()) for approx, per_norm in passes)
