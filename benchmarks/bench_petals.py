@@ -48,13 +48,28 @@ def ensure_venv(venv: Path) -> Path:
     return venv / "bin" / "python"
 
 
+def start_petals(python: Path, args: list[str], *, log_path: Path, env: dict, stdin=None) -> subprocess.Popen:
+    """``run_petals.py <args>`` in its own process group (so ``stop_petals`` ends its children too), stderr to
+    ``log_path``, stdout read by the caller."""
+    return subprocess.Popen([str(python), str(HERE / "petals" / "run_petals.py"), *args], stdin=stdin,
+                            stdout=subprocess.PIPE, stderr=open(log_path, "w"), text=True, env=env,
+                            start_new_session=True)
+
+
+def stop_petals(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, 15)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+
+
 @contextmanager
 def petals_process(python: Path, args: list[str], *, name: str, env: dict, workdir: Path, wait_for: str = ""):
-    """Starts ``run_petals.py <args>`` in its own process group; yields (process, first line matching wait_for)."""
+    """Starts ``run_petals.py <args>``; yields (process, first line matching wait_for)."""
     log_path = workdir / f"{name}.log"
-    log_file = open(log_path, "w")
-    process = subprocess.Popen([str(python), str(HERE / "petals" / "run_petals.py"), *args], stdout=subprocess.PIPE,
-                               stderr=log_file, text=True, env=env, start_new_session=True)
+    process = start_petals(python, args, log_path=log_path, env=env)
     found: list[str] = []
     ready = threading.Event()
 
@@ -71,12 +86,7 @@ def petals_process(python: Path, args: list[str], *, name: str, env: dict, workd
             raise RuntimeError(f"Petals {name} did not start; see {log_path}")
         yield process, (found[0] if found else "")
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, 15)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, 9)
+        stop_petals(process)
 
 
 class PetalsClient:
@@ -84,9 +94,8 @@ class PetalsClient:
 
     def __init__(self, python: Path, args: list[str], *, env: dict, workdir: Path, timeout: float = 900):
         self.log_path = workdir / "client.log"
-        self.process = subprocess.Popen([str(python), str(HERE / "petals" / "run_petals.py"), "client", *args],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=open(self.log_path, "w"), text=True, env=env, start_new_session=True)
+        self.process = start_petals(python, ["client", *args], log_path=self.log_path, env=env,
+                                    stdin=subprocess.PIPE)
         self.ready = self._answer(timeout)
 
     def ask(self, request: dict, timeout: float = 900) -> dict:
@@ -114,10 +123,7 @@ class PetalsClient:
         return answer
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            os.killpg(self.process.pid, 15)
-            self.process.wait(15)
+        stop_petals(self.process)
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -243,8 +249,8 @@ def main() -> None:
                             f"{figures['median_run_ratio']:.2f}x"),
         ("idle swarm's CPU", f"petals during nectar's runs {idle_share['nectar']:.1%} of a core at most, "
                              f"nectar during petals' {idle_share['petals']:.1%}"),
-        ("local transformers", f"{here.decode_tps:8.1f} tok/s ({petals_local_version(petals)} in Petals' env: "
-                               f"{there.decode_tps:.1f} tok/s)"),
+        ("local transformers", f"{here.decode_tps:8.1f} tok/s ({petals.ready['versions']['transformers']} in "
+                               f"Petals' env: {there.decode_tps:.1f} tok/s)"),
         ("same greedy tokens", f"nectar = petals: {figures['same_tokens']['nectar_vs_petals']}, "
                                f"nectar = local: {figures['same_tokens']['nectar_vs_local']}, "
                                f"every run alike: {figures['all_runs_same_tokens']}"),
@@ -255,10 +261,6 @@ def main() -> None:
                                       f"{figures['petals']['tune_steps_s']:.3f} steps/s: {figures['tune_ratio']:.2f}x"))
     emit(f"Nectar vs Petals 2.2.0.post1, {args.model}, {args.nodes} nodes, float32 CPU, {args.threads} thread(s)",
          rows, figures, args.json)
-
-
-def petals_local_version(petals: PetalsClient) -> str:
-    return petals.ready["versions"]["transformers"]
 
 
 if __name__ == "__main__":
