@@ -9,6 +9,7 @@ from typing import Any, Coroutine
 import hivemind
 
 from nectar.wire.announce import AnnouncementValidator
+from nectar.wire.event_loop import new_event_loop
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ class ClientRuntime:
                              "`nectar node`) or set NECTAR_INITIAL_PEERS")
         self.dht = hivemind.DHT(initial_peers=list(initial_peers), client_mode=True, start=True,
                                 record_validators=[AnnouncementValidator(None)], num_workers=4)
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="nectar-client-loop", daemon=True)
         self._thread.start()
         self.p2p = self.run(self.dht.replicate_p2p())

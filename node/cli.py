@@ -102,6 +102,9 @@ def node_main(argv: list[str]) -> int:
     parser.add_argument("--switch-interval", type=float, default=0.5,
                         help="ms a busy thread may hold the GIL while another waits (Python's default is 5): the "
                              "compute thread takes it back between torch ops while the event loop signs receipts")
+    parser.add_argument("--receipt-signer", choices=["process", "loop"], default="process",
+                        help="where receipts are signed: a child process (default; keeps the event loop free for "
+                             "other sessions' steps) or the event loop itself (one process less)")
     parser.add_argument("--announce-period", type=float, default=10)
     parser.add_argument("--rebalance-period", type=float, default=60)
     parser.add_argument("--throughput", type=float, default=None, help="announce this tokens/s instead of measuring")
@@ -124,7 +127,7 @@ def node_main(argv: list[str]) -> int:
         session_timeout=args.session_timeout, batch_wait=args.batch_wait, announce_period=args.announce_period,
         rebalance_period=args.rebalance_period, throughput=args.throughput, price_per_token=args.price,
         credit_limit=args.credit_limit, key_dir=args.key_dir, public_name=args.name, ledger_url=args.ledger_url,
-        corrupt_rate=args.corrupt_rate,
+        corrupt_rate=args.corrupt_rate, receipt_signer=args.receipt_signer,
     )
     try:
         server = Server(config)

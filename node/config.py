@@ -23,6 +23,7 @@ class NodeConfig:
     session_timeout: float = 120.0  # seconds an inference session may stay idle before its cache is freed
     batch_wait: float = 0.0  # share of the last round's compute time a decode round waits for its sessions' next steps
     receipt_delay: float = 0.01  # quiet seconds after which a separate receipt is signed without a next step
+    receipt_signer: str = "process"  # process: a child process signs receipts; loop: the event loop signs them
     step_timeout: float = 300.0  # seconds a forward/backward request may wait in the queue
     announce_period: float = 10.0  # seconds between DHT announcements
     rebalance_period: float = 60.0  # seconds between checks whether another span would serve the swarm better

@@ -27,6 +27,7 @@ from nectar.node.memory_cache import MemoryCache
 from nectar.node.payments import NoPaymentPolicy, PaymentPolicy
 from nectar.node.push import PushInbox, PushLink
 from nectar.node.receipts import CreditLedger, ReceiptSigner
+from nectar.node.signing import InlineSigning, PendingReceipt, SigningWorker
 from nectar.node.task_pool import ComputeThread, Priority
 from nectar.wire import receipts as schema
 from nectar.wire.protocol import (
@@ -58,10 +59,12 @@ class NodeHandler:
         payments: PaymentPolicy | None = None,
         info_provider: Callable[[], dict] = dict,
         push_allowed: Optional[Callable[[str, int], Awaitable[bool]]] = None,
+        signing: InlineSigning | SigningWorker | None = None,
     ):
         self.backend, self.config, self.model_id = backend, config, model_id
         self.compute, self.memory, self.signer, self.credit, self.audit = compute, memory, signer, credit, audit
         self.payments = payments or NoPaymentPolicy()
+        self.signing = signing or InlineSigning(signer)
         self.info_provider = info_provider
         self.active_sessions = 0
         self.step_seconds = 0.0  # event-loop time of inference steps outside compute (checks, receipts, packing)
@@ -165,11 +168,14 @@ class NodeHandler:
             if signed is not None:
                 self.payments.on_voucher(signed)
 
-    def _sign(self, **kwargs) -> dict:
-        signed, fingerprint = self.signer.sign(**kwargs)
-        self.credit.charge(kwargs["client"], signed.receipt.amount)
+    async def _sign(self, **fields) -> dict:
+        return await self._receipt_reply(self.signing.submit(**fields), fields["client"])
+
+    async def _receipt_reply(self, pending: PendingReceipt, client: str) -> dict:
+        signed, fingerprint, receipt_json = await pending.result()
+        self.credit.charge(client, signed.receipt.amount)
         self.payments.on_receipt(signed, fingerprint)
-        return {"receipt": signed.to_json(), "fingerprint": fingerprint}
+        return {"receipt": receipt_json, "fingerprint": fingerprint}
 
     # ---- RPCs -------------------------------------------------------------------------------------------------
 
@@ -208,7 +214,7 @@ class NodeHandler:
             self.active_sessions += 1
             slot = self.inbox.open(session_id, token, batch_size) if token is not None else None
             link: Optional[PushLink] = None  # this session's stream to the next hop (one at a time)
-            receipt: Optional[Callable[[], runtime_pb2.ExpertResponse]] = None  # the last step's, not yet sent
+            receipt: Optional[Callable[[], Awaitable[runtime_pb2.ExpertResponse]]] = None  # the last step's, unsent
             try:
                 length = 0
                 while True:
@@ -216,7 +222,7 @@ class NodeHandler:
                         tensors = unpack_tensors(request.tensors) if request.tensors else None
                         if metadata.get("pushed") is True and tensors is None:
                             if receipt is not None:  # the push may take a while: this receipt need not
-                                yield receipt()
+                                yield await receipt()
                                 receipt = None
                             tensors = await self._await_push(slot, metadata, reader)
                             if tensors is None:  # the client gave up on this push: it relays the step instead
@@ -237,7 +243,7 @@ class NodeHandler:
                                 separate_receipt=separate_receipts)
                             if receipt is not None:  # sign the last step's receipt while this one computes
                                 await step.started
-                                yield receipt()
+                                yield await receipt()
                                 receipt = None
                             response, length, receipt = await self._finish_step(step, session_id=session_id,
                                                                                 push=push)
@@ -251,7 +257,7 @@ class NodeHandler:
                             request = await self._next_or_quiet(reader)
                             if request is _QUIET or request is None:  # the client waits (or left): sign it now
                                 trace.event("quiet_receipt", id(caches))
-                                yield receipt()
+                                yield await receipt()
                                 receipt = None
                                 if request is _QUIET:
                                     request = await reader.next(self.config.session_timeout)
@@ -264,7 +270,7 @@ class NodeHandler:
                             if kind == "pay":
                                 self._settle_voucher(metadata, client)  # the client's last voucher before it leaves
                             if kind == "flush" and receipt is not None:  # the client waits for it: no next step
-                                yield receipt()
+                                yield await receipt()
                                 receipt = None
                             request.ClearField("tensors")  # a cancel that came after its push was served
                             metadata["type"] = "paid"
@@ -276,7 +282,7 @@ class NodeHandler:
                             )
                     except NodeRPCError:
                         if receipt is not None:  # work done before a bad request is still signed for
-                            yield receipt()
+                            yield await receipt()
                             receipt = None
                         raise
             finally:
@@ -392,21 +398,29 @@ class NodeHandler:
                           prompts=step.prompts if step.position == 0 else None)
         new_length = step.position + step.hidden.shape[1]
 
-        def receipt() -> dict:
-            return self._sign(session_id=session_id, step=step.step, kind=schema.ReceiptKind.INFERENCE,
-                              start=step.start, end=step.end, client=step.client, tokens=step.tokens,
-                              inputs=step.hidden, outputs=outputs)
+        # a signing process starts on it now; on the loop, it is signed when awaited
+        pending = self.signing.submit(session_id=session_id, step=step.step, kind=schema.ReceiptKind.INFERENCE,
+                                      start=step.start, end=step.end, client=step.client, tokens=step.tokens,
+                                      inputs=step.hidden, outputs=outputs)
 
-        def receipt_message() -> runtime_pb2.ExpertResponse:
+        async def receipt_message() -> runtime_pb2.ExpertResponse:
             began = time.perf_counter()
             # the voucher, too, is checked once the output is out (the credit check used the last one): a bad
             # voucher then ends the stream here, and the client fails over from this node
             self._settle_voucher(step.metadata, step.client)
-            message = make_response([], {"type": "receipt", "step": step.step, **receipt()})
+            waited = time.perf_counter()
+            reply = await self._receipt_reply(pending, step.client)
+            began += time.perf_counter() - waited - pending.loop_seconds  # waiting for the signing process is not
+            message = make_response([], {"type": "receipt", "step": step.step, **reply})  # the loop's own work
             self.step_seconds += time.perf_counter() - began
             return message
 
-        reply, follow_up = ({"receipt_follows": True}, receipt_message) if step.separate_receipt else (receipt(), None)
+        if step.separate_receipt:
+            reply, follow_up = {"receipt_follows": True}, receipt_message
+        else:
+            waited = time.perf_counter()
+            reply, follow_up = await self._receipt_reply(pending, step.client), None
+            began += time.perf_counter() - waited - pending.loop_seconds
         reply["cache_tokens_left"] = self.memory.tokens_left
         self.step_seconds += time.perf_counter() - began
         return runtime_pb2.ExpertResponse(tensors=packed, metadata=pack_metadata(reply)), new_length, follow_up
@@ -435,7 +449,7 @@ class NodeHandler:
                                          keep_graph=metadata.get("backward", True) is not False),  # see backend
             Priority.FORWARD,
         )
-        reply = self._sign(session_id=self._call_session_id(metadata),
+        reply = await self._sign(session_id=self._call_session_id(metadata),
                            step=self._int(metadata, "step", 0, 2**63 - 1, default=0), kind=schema.ReceiptKind.FORWARD,
                            start=start, end=end, client=client, tokens=tokens, inputs=hidden, outputs=outputs)
         yield make_response([outputs], reply)
@@ -462,7 +476,7 @@ class NodeHandler:
             lambda: self.backend.backward(hidden, grad_outputs, start=start, end=end, prompts=prompts),
             Priority.BACKWARD,
         )
-        reply = self._sign(session_id=self._call_session_id(metadata),
+        reply = await self._sign(session_id=self._call_session_id(metadata),
                            step=self._int(metadata, "step", 0, 2**63 - 1, default=0), kind=schema.ReceiptKind.BACKWARD,
                            start=start, end=end, client=client, tokens=tokens, inputs=grad_outputs,
                            outputs=grad_inputs)

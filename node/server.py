@@ -24,6 +24,7 @@ from nectar.node.handler import NodeHandler
 from nectar.node.memory_cache import MemoryCache
 from nectar.node.payments import NoPaymentPolicy, PaymentPolicy
 from nectar.node.receipts import CreditLedger, ReceiptSigner
+from nectar.node.signing import InlineSigning, SigningWorker
 from nectar.node.task_pool import ComputeThread
 from nectar.paths import nectar_home
 from nectar.wire import receipts as schema
@@ -31,6 +32,7 @@ from nectar.wire.announce import (
     PROTOCOL_VERSION, AnnouncementValidator, ServerInfo, ServerState, block_key, fetch_records, parse_block_records,
 )
 from nectar.wire.direct import DirectServer
+from nectar.wire.event_loop import new_event_loop
 from nectar.wire.identity import load_or_create_eth_key, load_or_create_p2p_identity
 from nectar.wire.protocol import SUPPORTED_DTYPES
 
@@ -86,12 +88,13 @@ class Server:
         self.eth_key = load_or_create_eth_key(self.key_dir / "eth.json")
         self.payments = payments
         self.stop_event = threading.Event()
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()
         self._loop_thread = threading.Thread(target=self.loop.run_forever, name="nectar-p2p", daemon=True)
         self.dht: Optional[hivemind.DHT] = None
         self.handler: Optional[NodeHandler] = None
         self.announcer: Optional[Announcer] = None
         self.direct: Optional[DirectServer] = None
+        self.signing: InlineSigning | SigningWorker | None = None
         self.direct_address = ""  # HOST:PORT once the direct lane listens
         self._lanes: dict[int, tuple[float, set[str]]] = {}  # block -> (looked up at, announced direct lanes)
 
@@ -107,6 +110,13 @@ class Server:
         self.signer = ReceiptSigner(private_key=self.eth_key, model_id=self.model_id,
                                     price_per_token=config.price_per_token, domain=domain)
         self.credit = CreditLedger(node_address=self.signer.address, credit_limit=config.credit_limit, domain=domain)
+        if config.receipt_signer not in ("process", "loop"):
+            raise ValueError(f"receipt_signer must be 'process' or 'loop', got {config.receipt_signer!r}")
+        if config.receipt_signer == "process":
+            self.signing = SigningWorker(self.signer)
+            self.signing.spawn()  # the child imports torch while the model loads
+        else:
+            self.signing = InlineSigning(self.signer)
         if self.payments is None:
             self.payments = self._payment_policy()
         start, end = self._choose_span()
@@ -131,6 +141,8 @@ class Server:
         return LedgerPaymentPolicy(self.config.ledger_url)
 
     async def _serve(self) -> None:
+        if isinstance(self.signing, SigningWorker):
+            await self.signing.connect()
         self.p2p = await self.dht.replicate_p2p()
         await self.handler.add_handlers(self.p2p)
         if self.config.direct_port is not None:
@@ -169,7 +181,7 @@ class Server:
             self.handler = NodeHandler(backend, config=self.config, model_id=self.model_id, compute=self.compute,
                                        memory=memory, signer=self.signer, credit=self.credit, audit=audit,
                                        payments=self.payments, info_provider=self.rpc_info,
-                                       push_allowed=self.announces_lane)
+                                       push_allowed=self.announces_lane, signing=self.signing)
         else:
             self.handler.backend, self.handler.memory = backend, memory
         self.backend = backend
@@ -192,9 +204,14 @@ class Server:
                              "max_batch": stats.max_batch, "training_requests": stats.training,
                              "inference_seconds": stats.inference_seconds, "gather_seconds": stats.gather_seconds,
                              "step_handling_seconds": self.handler.step_seconds,
+                             "loop_cpu_seconds": self._loop_cpu_seconds(),
                              **self._graph_counters()},
                     push={"sent": self.handler.pushes_sent, "received": self.handler.inbox.received})
         return info
+
+    def _loop_cpu_seconds(self) -> float:
+        """CPU time of the event-loop thread so far: all its network, handler and signing work."""
+        return time.clock_gettime(time.pthread_getcpuclockid(self._loop_thread.ident))
 
     def _graph_counters(self) -> dict:
         runner = self.backend.batch_runner
@@ -214,6 +231,13 @@ class Server:
                 asyncio.run_coroutine_threadsafe(self.direct.close(), self.loop).result(timeout=10)
             except Exception:
                 logger.debug("The direct lane did not close cleanly", exc_info=True)
+        if self.signing is not None and self._loop_thread.is_alive():
+            try:
+                asyncio.run_coroutine_threadsafe(self.signing.close(), self.loop).result(timeout=10)
+            except Exception:
+                logger.debug("The signing process did not stop cleanly", exc_info=True)
+        elif isinstance(self.signing, SigningWorker):  # the node failed before its loop ran
+            self.signing.kill()
         if self.dht is not None:
             self.dht.shutdown()
         self.loop.call_soon_threadsafe(self.loop.stop)

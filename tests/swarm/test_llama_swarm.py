@@ -31,7 +31,7 @@ def swarm(tiny_llama, tmp_path_factory):
         swarm.add_node(tiny_llama, blocks=(0, 2), name="a",
                        extra_args=NODE_ARGS + ["--session-timeout", "4", "--cache-mb", "16"])
         swarm.add_node(tiny_llama, blocks=(2, 4), name="b", extra_args=NODE_ARGS)
-        swarm.add_node(tiny_llama, blocks=(2, 4), name="c", extra_args=NODE_ARGS)
+        swarm.add_node(tiny_llama, blocks=(2, 4), name="c", extra_args=NODE_ARGS + ["--receipt-signer", "loop"])
         swarm.wait_for_blocks(tiny_llama, 4, min_nodes=1)
         swarm.wait_for_blocks(tiny_llama, 4, min_nodes=1)
         yield swarm

@@ -1,0 +1,237 @@
+"""Where a node signs its receipts: in a child process (the default), or on its event loop.
+
+A receipt costs 0.2-0.3 ms of CPU: two tensor commitments, the activation fingerprint and an ECDSA signature. On a
+node that batches many sessions, that was most of each step's event-loop time, and the loop takes every session's
+next step one after another while the accelerator waits for the round. ``SigningWorker`` runs
+``ReceiptSigner.sign`` in a child process, which shares no GIL with the loop: the loop pickles the step's fields
+and its two tensors' bytes (tens of microseconds), and the receipt comes back while the loop serves other steps. If
+the child dies, the node signs on its loop from then on and says so in its log.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from typing import Callable, Optional
+
+import torch
+
+from nectar.node.receipts import ReceiptSigner
+from nectar.wire import receipts as schema
+
+logger = logging.getLogger(__name__)
+
+_FRAME = struct.Struct("<I")
+START_TIMEOUT = 120.0  # s for the child to import torch and answer (a loaded 2-core machine is slow)
+
+Signed = tuple[schema.SignedReceipt, bytes, dict]  # the receipt, its fingerprint bytes, its JSON for the wire
+
+
+class SignerUnavailable(RuntimeError):
+    """The signing process is gone; the receipt is signed on the event loop instead."""
+
+
+class PendingReceipt:
+    """A receipt being signed: ``await result()`` gives (signed receipt, fingerprint, its JSON)."""
+
+    def __init__(self, sign_here: Callable[[], tuple[schema.SignedReceipt, bytes]],
+                 future: Optional[asyncio.Future] = None):
+        self._sign_here, self._future = sign_here, future
+        self.loop_seconds = 0.0  # event-loop time spent signing it (none when the child signed it)
+
+    async def result(self) -> Signed:
+        if self._future is not None:
+            try:
+                return await self._future
+            except SignerUnavailable:
+                pass
+        began = time.perf_counter()
+        signed, fingerprint = self._sign_here()
+        self.loop_seconds = time.perf_counter() - began
+        return signed, fingerprint, signed.to_json()
+
+
+class InlineSigning:
+    """Signs on the event loop when the receipt is awaited (``--receipt-signer loop``)."""
+
+    def __init__(self, signer: ReceiptSigner):
+        self.signer = signer
+
+    def submit(self, **fields) -> PendingReceipt:
+        return PendingReceipt(lambda: self.signer.sign(**fields))
+
+    async def close(self) -> None:
+        pass
+
+
+class SigningWorker:
+    """Signs in a child process. ``spawn()`` from any thread (early: the child imports torch meanwhile), then
+    ``await connect()`` and ``submit()`` on the event loop."""
+
+    def __init__(self, signer: ReceiptSigner):
+        self.signer = signer
+        self.failed: Optional[str] = None  # why receipts are signed on the loop now
+        self._process: Optional[subprocess.Popen] = None
+        self._socket: Optional[socket.socket] = None
+        self._writer: Optional[asyncio.StreamWriter] = None
+        self._reading: Optional[asyncio.Task] = None
+        self._pending: dict[int, asyncio.Future] = {}
+        self._next_job = 0
+
+    def spawn(self) -> None:
+        self._socket, child = socket.socketpair()
+        try:
+            self._process = subprocess.Popen([sys.executable, "-m", "nectar.node.signing", str(child.fileno())],
+                                             pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
+        finally:
+            child.close()
+
+    async def connect(self, timeout: float = START_TIMEOUT) -> None:
+        """Hands the child its key (never on its command line) and waits until it signs."""
+        reader, self._writer = await asyncio.open_connection(sock=self._socket)
+        signer = self.signer
+        self._write(pickle.dumps((signer.private_key, signer.model_id, signer.price_per_token, signer.domain)))
+        try:
+            address = pickle.loads(await asyncio.wait_for(_read_frame(reader), timeout))
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, OSError) as e:
+            self._give_up(f"the signing process did not start ({type(e).__name__}); check the node's log above")
+            return
+        if address != signer.address:
+            self._give_up(f"the signing process signs as {address}, not {signer.address}")
+            return
+        self._reading = asyncio.create_task(self._read_results(reader))
+
+    def submit(self, **fields) -> PendingReceipt:
+        sign_here = lambda: self.signer.sign(**fields)  # noqa: E731  (the fallback, if the child is gone)
+        if self.failed is not None or self._reading is None:
+            return PendingReceipt(sign_here)
+        job = self._next_job
+        self._next_job += 1
+        step = {name: value for name, value in fields.items() if name not in ("inputs", "outputs")}
+        self._write(pickle.dumps((job, step, _tensor_bytes(fields["inputs"]), _tensor_bytes(fields["outputs"]))))
+        future = asyncio.get_running_loop().create_future()
+        self._pending[job] = future
+        return PendingReceipt(sign_here, future)
+
+    async def close(self) -> None:
+        if self._reading is not None:
+            self._reading.cancel()
+        if self._writer is not None:
+            self._writer.close()  # the child exits when it reads the end of its socket
+        elif self._socket is not None:
+            self._socket.close()
+        if self._process is not None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self._process.wait, 5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+
+    def kill(self) -> None:
+        """Stops the child from any thread, when no event loop runs any more."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+        if self._socket is not None:
+            self._socket.close()
+
+    def _write(self, payload: bytes) -> None:
+        self._writer.write(_FRAME.pack(len(payload)) + payload)
+
+    async def _read_results(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                job, result, error = pickle.loads(await _read_frame(reader))
+                future = self._pending.pop(job, None)
+                if future is None or future.done():
+                    continue
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(result)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            code = self._process.poll() if self._process is not None else None
+            self._give_up(f"the signing process stopped (exit code {code}, {type(e).__name__})")
+
+    def _give_up(self, why: str) -> None:
+        self.failed = why
+        logger.warning(f"Receipts are signed on the node's event loop from now on: {why}")
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(SignerUnavailable(why))
+                future.exception()  # retrieved: a step whose stream ended may never await it
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> bytes:
+    size, = _FRAME.unpack(await reader.readexactly(_FRAME.size))
+    return await reader.readexactly(size)
+
+
+def _tensor_bytes(t: torch.Tensor) -> tuple[str, tuple, bytes]:
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return str(t.dtype).removeprefix("torch."), tuple(t.shape), flat.view(torch.uint8).numpy().tobytes()
+
+
+def _tensor_from(dtype: str, shape: tuple, data: bytes) -> torch.Tensor:
+    if not data:
+        return torch.empty(shape, dtype=getattr(torch, dtype))
+    return torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype)).reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------------- the child
+def _recv_exactly(sock: socket.socket, size: int) -> Optional[bytes]:
+    chunks, left = [], size
+    while left:
+        chunk = sock.recv(left)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _recv_frame(sock: socket.socket) -> Optional[bytes]:
+    header = _recv_exactly(sock, _FRAME.size)
+    return None if header is None else _recv_exactly(sock, _FRAME.unpack(header)[0])
+
+
+def _send_frame(sock: socket.socket, payload: bytes) -> None:
+    sock.sendall(_FRAME.pack(len(payload)) + payload)
+
+
+def _answer(job: int, fields: dict, inputs: tuple, outputs: tuple, signer: ReceiptSigner) -> bytes:
+    try:
+        signed, fingerprint = signer.sign(**fields, inputs=_tensor_from(*inputs), outputs=_tensor_from(*outputs))
+        return pickle.dumps((job, (signed, fingerprint, signed.to_json()), None))
+    except Exception as e:
+        try:
+            return pickle.dumps((job, None, e))
+        except Exception:
+            return pickle.dumps((job, None, RuntimeError(f"{type(e).__name__}: {e}")))
+
+
+def serve(fd: int) -> None:
+    """The child's loop: a key, then one job per frame, until the node closes its end."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the node; the child ends with its socket
+    torch.set_num_threads(1)
+    sock = socket.socket(fileno=fd)
+    first = _recv_frame(sock)
+    if first is None:
+        return
+    private_key, model_id, price_per_token, domain = pickle.loads(first)
+    signer = ReceiptSigner(private_key=private_key, model_id=model_id, price_per_token=price_per_token, domain=domain)
+    _send_frame(sock, pickle.dumps(signer.address))
+    while (frame := _recv_frame(sock)) is not None:
+        _send_frame(sock, _answer(*pickle.loads(frame), signer))
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]))
