@@ -91,7 +91,7 @@ def serve(args) -> None:
     config = NodeConfig(model=str(args.path), blocks=(0, args.blocks), host="127.0.0.1", initial_peers=[args.peers],
                         throughput=1.0, num_threads=args.threads, key_dir=Path(tempfile.mkdtemp()),
                         public_name="profiled", announce_period=2, device=args.device, dtype=args.dtype,
-                        direct_port=None if args.p2p else 0)
+                        direct_port=None if args.p2p else 0, receipt_signer=args.receipt_signer)
     server = Server(config)
     server.start()
     done = threading.Event()
@@ -138,7 +138,7 @@ def profile(args) -> None:
         child = subprocess.Popen([sys.executable, __file__, "--serve", "--model", args.model, "--path", str(args.path),
                                   "--blocks", str(args.blocks), "--threads", str(args.threads), "--peers",
                                   swarm.initial_peers[0], "--out", str(out), "--device", args.device or "",
-                                  "--dtype", args.dtype or ""] + (["--p2p"] if args.p2p else []), stdout=subprocess.PIPE, text=True,
+                                  "--dtype", args.dtype or "", "--receipt-signer", args.receipt_signer] + (["--p2p"] if args.p2p else []), stdout=subprocess.PIPE, text=True,
                                  env={**os.environ, **common.node_env(args.threads)})
         try:
             assert child.stdout.readline().strip() == "ready", "the profiled node did not start"
@@ -198,6 +198,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--p2p", action="store_true", help="no direct TCP lane: every message through the P2P daemons")
     parser.add_argument("--device", default=None, help="the node's device (default: cuda if available)")
+    parser.add_argument("--receipt-signer", choices=["process", "loop"], default="process",
+                        help="where the profiled node signs its receipts (the node's --receipt-signer)")
     parser.add_argument("--spy", default=None, help="also record a py-spy profile of the node to this file")
     parser.add_argument("--dtype", default=None, help="the node's dtype (default: float32 on CPU, float16 on CUDA)")
     parser.add_argument("--serve", action="store_true", help=common.argparse.SUPPRESS)

@@ -10,7 +10,9 @@ the child dies, the node signs on its loop from then on and says so in its log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import pickle
 import signal
 import socket
@@ -18,7 +20,7 @@ import struct
 import subprocess
 import sys
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -38,21 +40,28 @@ class SignerUnavailable(RuntimeError):
 
 
 class PendingReceipt:
-    """A receipt being signed: ``await result()`` gives (signed receipt, fingerprint, its JSON)."""
+    """A step's receipt: ``start()`` hands it to the signing process (if any), ``await result()`` gives (signed
+    receipt, fingerprint, its JSON), signing it on the loop where no process took it."""
 
-    def __init__(self, sign_here: Callable[[], tuple[schema.SignedReceipt, bytes]],
-                 future: Optional[asyncio.Future] = None):
-        self._sign_here, self._future = sign_here, future
+    def __init__(self, signer: ReceiptSigner, fields: dict, worker: Optional["SigningWorker"] = None):
+        self._signer, self._fields, self._worker = signer, fields, worker
+        self._future: Optional[asyncio.Future] = None
         self.loop_seconds = 0.0  # event-loop time spent signing it (none when the child signed it)
 
+    def start(self) -> "PendingReceipt":
+        if self._worker is not None and self._future is None:
+            self._future = self._worker.send(self._fields)
+        return self
+
     async def result(self) -> Signed:
+        self.start()
         if self._future is not None:
             try:
                 return await self._future
             except SignerUnavailable:
                 pass
         began = time.perf_counter()
-        signed, fingerprint = self._sign_here()
+        signed, fingerprint = self._signer.sign(**self._fields)
         self.loop_seconds = time.perf_counter() - began
         return signed, fingerprint, signed.to_json()
 
@@ -63,8 +72,8 @@ class InlineSigning:
     def __init__(self, signer: ReceiptSigner):
         self.signer = signer
 
-    def submit(self, **fields) -> PendingReceipt:
-        return PendingReceipt(lambda: self.signer.sign(**fields))
+    def prepare(self, **fields) -> PendingReceipt:
+        return PendingReceipt(self.signer, fields)
 
     async def close(self) -> None:
         pass
@@ -107,17 +116,22 @@ class SigningWorker:
             return
         self._reading = asyncio.create_task(self._read_results(reader))
 
-    def submit(self, **fields) -> PendingReceipt:
-        sign_here = lambda: self.signer.sign(**fields)  # noqa: E731  (the fallback, if the child is gone)
+    def prepare(self, **fields) -> PendingReceipt:
+        """A receipt for these fields, sent to the child by its ``start()`` (after the step's output is out: the
+        hand-over costs the loop some CPU, and waking the child can take the core for a moment)."""
+        return PendingReceipt(self.signer, fields, self)
+
+    def send(self, fields: dict) -> Optional[asyncio.Future]:
+        """Hands a job to the child; None where the child is gone (the caller signs itself)."""
         if self.failed is not None or self._reading is None:
-            return PendingReceipt(sign_here)
+            return None
         job = self._next_job
         self._next_job += 1
         step = {name: value for name, value in fields.items() if name not in ("inputs", "outputs")}
         self._write(pickle.dumps((job, step, _tensor_bytes(fields["inputs"]), _tensor_bytes(fields["outputs"]))))
         future = asyncio.get_running_loop().create_future()
         self._pending[job] = future
-        return PendingReceipt(sign_here, future)
+        return future
 
     async def close(self) -> None:
         if self._reading is not None:
@@ -221,6 +235,8 @@ def _answer(job: int, fields: dict, inputs: tuple, outputs: tuple, signer: Recei
 def serve(fd: int) -> None:
     """The child's loop: a key, then one job per frame, until the node closes its end."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the node; the child ends with its socket
+    with contextlib.suppress(AttributeError, OSError):  # Linux: a job's arrival must not preempt the node's threads
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     torch.set_num_threads(1)
     sock = socket.socket(fileno=fd)
     first = _recv_frame(sock)

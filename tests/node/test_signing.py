@@ -49,14 +49,14 @@ def test_the_child_signs_what_the_node_would_sign_itself(signer):
                (torch.randn(1, 2, 64), torch.randn(1, 64, 2).transpose(1, 2))]  # outputs not contiguous
 
     async def body(worker):
-        pending = [worker.submit(**_fields(step, i, o)) for step, (i, o) in enumerate(tensors)]  # all in flight
+        pending = [worker.prepare(**_fields(step, i, o)).start() for step, (i, o) in enumerate(tensors)]  # all at once
         return [await p.result() for p in pending], [p.loop_seconds for p in pending], worker.failed
 
     results, loop_seconds, failed = asyncio.run(_with_worker(signer, body))
     assert failed is None and loop_seconds == [0.0] * len(tensors)  # none fell back to the loop
     inline = InlineSigning(signer)
     for step, ((inputs, outputs), (signed, fingerprint, wire)) in enumerate(zip(tensors, results)):
-        expected, expected_fingerprint, _ = asyncio.run(inline.submit(**_fields(step, inputs, outputs)).result())
+        expected, expected_fingerprint, _ = asyncio.run(inline.prepare(**_fields(step, inputs, outputs)).result())
         assert _without_timestamp(signed) == _without_timestamp(expected)
         assert fingerprint == expected_fingerprint
         assert wire == signed.to_json()
@@ -68,8 +68,8 @@ def test_an_error_in_the_child_reaches_the_caller_and_the_child_keeps_signing(si
     x = torch.randn(1, 1, 16)
 
     async def body(worker):
-        bad = worker.submit(**_fields(0, x, x, client="0xnot-an-address"))
-        good = worker.submit(**_fields(1, x, x))
+        bad = worker.prepare(**_fields(0, x, x, client="0xnot-an-address")).start()
+        good = worker.prepare(**_fields(1, x, x)).start()
         with pytest.raises(ValueError, match="client"):
             await bad.result()
         signed, _, _ = await good.result()
@@ -83,14 +83,14 @@ def test_once_the_child_dies_receipts_are_signed_on_the_loop(signer, caplog):
     x = torch.randn(1, 2, 16)
 
     async def body(worker):
-        first, _, _ = await worker.submit(**_fields(0, x, x)).result()
+        first, _, _ = await worker.prepare(**_fields(0, x, x)).result()
         worker._process.kill()
-        in_flight = worker.submit(**_fields(1, x, x))  # may be sent before the loop sees the child's end
+        in_flight = worker.prepare(**_fields(1, x, x)).start()  # may be sent before the loop sees the child's end
         for _ in range(200):
             if worker.failed is not None:
                 break
             await asyncio.sleep(0.01)
-        later = worker.submit(**_fields(2, x, x))
+        later = worker.prepare(**_fields(2, x, x))
         return first, await in_flight.result(), await later.result(), later.loop_seconds, worker.failed
 
     with caplog.at_level(logging.WARNING, logger="nectar.node.signing"):
