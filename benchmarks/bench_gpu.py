@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--one-node", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure the concurrent sessions on one node hosting every block")
     parser.add_argument("--one-node-only", action="store_true", help="only the concurrent sessions on one node")
-    parser.add_argument("--client-processes", type=int, default=8,
+    parser.add_argument("--client-processes", type=int, default=16,
                         help="load-generating client processes for the concurrent sessions (0 = threads of this one)")
     args = parser.parse_args()
     set_threads(args.threads)

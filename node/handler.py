@@ -214,7 +214,7 @@ class NodeHandler:
             self.active_sessions += 1
             slot = self.inbox.open(session_id, token, batch_size) if token is not None else None
             link: Optional[PushLink] = None  # this session's stream to the next hop (one at a time)
-            receipt: Optional[_FollowingReceipt] = None  # the last step's, not sent yet
+            receipt: Optional[Callable[[], Awaitable[runtime_pb2.ExpertResponse]]] = None  # the last step's, unsent
             try:
                 length = 0
                 while True:
@@ -222,7 +222,7 @@ class NodeHandler:
                         tensors = unpack_tensors(request.tensors) if request.tensors else None
                         if metadata.get("pushed") is True and tensors is None:
                             if receipt is not None:  # the push may take a while: this receipt need not
-                                yield await receipt.message()
+                                yield await receipt()
                                 receipt = None
                             tensors = await self._await_push(slot, metadata, reader)
                             if tensors is None:  # the client gave up on this push: it relays the step instead
@@ -243,13 +243,11 @@ class NodeHandler:
                                 separate_receipt=separate_receipts)
                             if receipt is not None:  # sign the last step's receipt while this one computes
                                 await step.started
-                                yield await receipt.message()
+                                yield await receipt()
                                 receipt = None
                             response, length, receipt = await self._finish_step(step, session_id=session_id,
                                                                                 push=push)
                             yield response
-                            if receipt is not None:  # the output is out: a signing process may take it now
-                                receipt.pending.start()
                             trace.event("sent", id(caches))
                         elif metadata.get("type") == "open":  # an open without a first step gets an ack
                             yield make_response([], {"type": "opened", "cache_tokens_left": self.memory.tokens_left})
@@ -259,7 +257,7 @@ class NodeHandler:
                             request = await self._next_or_quiet(reader)
                             if request is _QUIET or request is None:  # the client waits (or left): sign it now
                                 trace.event("quiet_receipt", id(caches))
-                                yield await receipt.message()
+                                yield await receipt()
                                 receipt = None
                                 if request is _QUIET:
                                     request = await reader.next(self.config.session_timeout)
@@ -272,7 +270,7 @@ class NodeHandler:
                             if kind == "pay":
                                 self._settle_voucher(metadata, client)  # the client's last voucher before it leaves
                             if kind == "flush" and receipt is not None:  # the client waits for it: no next step
-                                yield await receipt.message()
+                                yield await receipt()
                                 receipt = None
                             request.ClearField("tensors")  # a cancel that came after its push was served
                             metadata["type"] = "paid"
@@ -284,7 +282,7 @@ class NodeHandler:
                             )
                     except NodeRPCError:
                         if receipt is not None:  # work done before a bad request is still signed for
-                            yield await receipt.message()
+                            yield await receipt()
                             receipt = None
                         raise
             finally:
@@ -389,7 +387,11 @@ class NodeHandler:
 
     async def _finish_step(self, step: "_Step", *, session_id: bytes, push=None):
         """(response, new cache length, None) or, for a separate receipt, (the output without its receipt, new
-        length, the receipt to sign and send as its own message)."""
+        length, a coroutine function that signs the receipt and returns its own message).
+
+        A separate receipt is signed (or handed to the signing process) only when the session's next step starts
+        computing, or the stream goes quiet: between a round's end and the next round's start, the event loop's
+        time goes to sending outputs and taking next steps, one session after another."""
         outputs = await step.output
         began = time.perf_counter()
         outputs = self._maybe_corrupt(outputs)
@@ -417,7 +419,7 @@ class NodeHandler:
             return message
 
         if step.separate_receipt:
-            reply, follow_up = {"receipt_follows": True}, _FollowingReceipt(pending, receipt_message)
+            reply, follow_up = {"receipt_follows": True}, receipt_message
         else:
             waited = time.perf_counter()
             reply, follow_up = await self._receipt_reply(pending, step.client), None
@@ -537,15 +539,6 @@ class _Step:
     client: str
     tokens: int
     separate_receipt: bool
-
-
-@dataclass
-class _FollowingReceipt:
-    """A step's receipt that goes as its own message: ``pending.start()`` once the output is out, then
-    ``message()`` (signed by then, where a signing process took it) when the stream has room for it."""
-
-    pending: PendingReceipt
-    message: Callable[[], Awaitable[runtime_pb2.ExpertResponse]]
 
 
 _QUIET = object()  # ``_Requests.next``: no request came in time, the stream is still open

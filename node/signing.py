@@ -46,11 +46,14 @@ class PendingReceipt:
     def __init__(self, signer: ReceiptSigner, fields: dict, worker: Optional["SigningWorker"] = None):
         self._signer, self._fields, self._worker = signer, fields, worker
         self._future: Optional[asyncio.Future] = None
-        self.loop_seconds = 0.0  # event-loop time spent signing it (none when the child signed it)
+        self.loop_seconds = 0.0  # event-loop time spent on it: handing it over, or signing it
+        self.signed_here = False  # signed on the loop (no signing process, or it was gone)
 
     def start(self) -> "PendingReceipt":
         if self._worker is not None and self._future is None:
+            began = time.perf_counter()
             self._future = self._worker.send(self._fields)
+            self.loop_seconds += time.perf_counter() - began
         return self
 
     async def result(self) -> Signed:
@@ -62,7 +65,8 @@ class PendingReceipt:
                 pass
         began = time.perf_counter()
         signed, fingerprint = self._signer.sign(**self._fields)
-        self.loop_seconds = time.perf_counter() - began
+        self.loop_seconds += time.perf_counter() - began
+        self.signed_here = True
         return signed, fingerprint, signed.to_json()
 
 
@@ -117,8 +121,8 @@ class SigningWorker:
         self._reading = asyncio.create_task(self._read_results(reader))
 
     def prepare(self, **fields) -> PendingReceipt:
-        """A receipt for these fields, sent to the child by its ``start()`` (after the step's output is out: the
-        hand-over costs the loop some CPU, and waking the child can take the core for a moment)."""
+        """A receipt for these fields, handed to the child by its ``start()`` or ``result()``: the caller picks the
+        moment (the hand-over costs the loop some CPU, and waking the child can take a busy core for a moment)."""
         return PendingReceipt(self.signer, fields, self)
 
     def send(self, fields: dict) -> Optional[asyncio.Future]:

@@ -50,10 +50,10 @@ def test_the_child_signs_what_the_node_would_sign_itself(signer):
 
     async def body(worker):
         pending = [worker.prepare(**_fields(step, i, o)).start() for step, (i, o) in enumerate(tensors)]  # all at once
-        return [await p.result() for p in pending], [p.loop_seconds for p in pending], worker.failed
+        return [await p.result() for p in pending], [p.signed_here for p in pending], worker.failed
 
-    results, loop_seconds, failed = asyncio.run(_with_worker(signer, body))
-    assert failed is None and loop_seconds == [0.0] * len(tensors)  # none fell back to the loop
+    results, signed_here, failed = asyncio.run(_with_worker(signer, body))
+    assert failed is None and not any(signed_here)  # none fell back to the loop
     inline = InlineSigning(signer)
     for step, ((inputs, outputs), (signed, fingerprint, wire)) in enumerate(zip(tensors, results)):
         expected, expected_fingerprint, _ = asyncio.run(inline.prepare(**_fields(step, inputs, outputs)).result())
@@ -91,11 +91,11 @@ def test_once_the_child_dies_receipts_are_signed_on_the_loop(signer, caplog):
                 break
             await asyncio.sleep(0.01)
         later = worker.prepare(**_fields(2, x, x))
-        return first, await in_flight.result(), await later.result(), later.loop_seconds, worker.failed
+        return first, await in_flight.result(), await later.result(), later.signed_here, worker.failed
 
     with caplog.at_level(logging.WARNING, logger="nectar.node.signing"):
-        first, (second, _, _), (third, _, _), loop_seconds, failed = asyncio.run(_with_worker(signer, body))
-    assert failed is not None and "stopped" in failed and loop_seconds > 0
+        first, (second, _, _), (third, _, _), signed_here, failed = asyncio.run(_with_worker(signer, body))
+    assert failed is not None and "stopped" in failed and signed_here
     assert "signed on the node's event loop" in caplog.text
     assert [r.receipt.step for r in (first, second, third)] == [0, 1, 2]
     for signed in (first, second, third):
