@@ -27,10 +27,11 @@ the client relays that step instead.
 from __future__ import annotations
 
 import enum
+import math
 from typing import Any, Iterable, Sequence
 
 import torch
-from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.compression import deserialize_torch_tensor
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 
@@ -84,13 +85,49 @@ def parse_module_uid(uid: str) -> tuple[str, int, int]:
         raise NodeRPCError(ErrorCode.BAD_REQUEST, f"malformed module uid {uid!r}; expected 'model[start:end]'")
 
 
+# Tensors travel as hivemind's uncompressed ``runtime_pb2.Tensor`` (raw little-endian bytes, shape, dtype name); these
+# functions build and read it directly, in half the time of hivemind's serializer (every hop of every step packs and
+# unpacks one). The bytes are the ones hivemind writes, except bfloat16: two bytes an element, not widened to
+# float32; hivemind reads both, and so does ``unpack_tensor``. Compressed tensors still go through hivemind.
+_NONE = runtime_pb2.CompressionType.NONE
+_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in (
+    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16, torch.int8,
+    torch.uint8, torch.bool)}
+
+
+def pack_tensor(tensor: torch.Tensor) -> runtime_pb2.Tensor:
+    tensor = tensor.detach().to("cpu").contiguous()
+    buffer = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+    return runtime_pb2.Tensor(compression=_NONE, buffer=buffer, size=tensor.shape,
+                              dtype=str(tensor.dtype).removeprefix("torch."))
+
+
+def unpack_tensor(message: runtime_pb2.Tensor) -> torch.Tensor:
+    if message.compression != _NONE:
+        return deserialize_torch_tensor(message)
+    dtype = _DTYPES.get(message.dtype)
+    if dtype is None:
+        raise ValueError(f"unsupported dtype {message.dtype!r}")
+    shape = tuple(message.size)
+    numel = math.prod(shape)
+    if dtype == torch.bfloat16 and numel and len(message.buffer) == 4 * numel:  # hivemind's legacy bfloat16: float32
+        tensor = torch.frombuffer(bytearray(message.buffer), dtype=torch.float32).to(torch.bfloat16)
+    elif len(message.buffer) != numel * dtype.itemsize:
+        raise ValueError(f"{len(message.buffer)} bytes cannot hold a {message.dtype} tensor of shape {list(shape)}")
+    elif numel == 0:
+        tensor = torch.empty(0, dtype=dtype)
+    else:
+        tensor = torch.frombuffer(bytearray(message.buffer), dtype=dtype)  # a copy: the message's bytes are read-only
+    return tensor.reshape(shape).requires_grad_(message.requires_grad)
+
+
 def pack_tensors(tensors: Iterable[torch.Tensor]) -> list[runtime_pb2.Tensor]:
-    return [serialize_torch_tensor(t.detach().contiguous()) for t in tensors]
+    return [pack_tensor(t) for t in tensors]
 
 
 def unpack_tensors(serialized: Sequence[runtime_pb2.Tensor]) -> list[torch.Tensor]:
     try:
-        return [deserialize_torch_tensor(t) for t in serialized]
+        return [unpack_tensor(t) for t in serialized]
     except Exception as e:
         raise NodeRPCError(ErrorCode.BAD_REQUEST, f"could not decode a tensor ({type(e).__name__}: {e})")
 
