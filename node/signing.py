@@ -30,7 +30,7 @@ from nectar.wire import receipts as schema
 logger = logging.getLogger(__name__)
 
 _FRAME = struct.Struct("<I")
-START_TIMEOUT = 120.0  # s for the child to import torch and answer (a loaded 2-core machine is slow)
+START_TIMEOUT = 45.0  # s for the child to import torch and answer (within the node's 60 s to start serving)
 
 Signed = tuple[schema.SignedReceipt, bytes, dict]  # the receipt, its fingerprint bytes, its JSON for the wire
 
@@ -85,7 +85,7 @@ class InlineSigning:
 
 class SigningWorker:
     """Signs in a child process. ``spawn()`` from any thread (early: the child imports torch meanwhile), then
-    ``await connect()`` and ``submit()`` on the event loop."""
+    ``await connect()`` and ``prepare()`` on the event loop."""
 
     def __init__(self, signer: ReceiptSigner):
         self.signer = signer

@@ -102,3 +102,28 @@ def test_the_node_keeps_serving_after_concurrent_sessions(model):
     ids = torch.randint(3, 1000, (1, 5))
     first = model.generate(ids, max_new_tokens=6, do_sample=False)
     assert first.tolist() == model.generate(ids, max_new_tokens=6, do_sample=False).tolist()
+
+
+def _compute_counters(model) -> dict:
+    from nectar.client.streams import call_unary
+    from nectar.wire.protocol import RPC_INFO, make_request, unpack_metadata
+
+    model.sequence_manager.update(force=True)
+    (peer, info), = {p: i for block in model.sequence_manager.servers().values() for p, i in block.items()}.items()
+    response = model.runtime.run(call_unary(model.runtime.p2p, peer, info, RPC_INFO, make_request("", [], {}),
+                                            timeout=20), timeout=30)
+    return unpack_metadata(response.metadata)["compute"]
+
+
+def test_info_counts_steps_and_loop_time_and_a_child_process_signs(swarm, model):
+    import psutil
+
+    before = _compute_counters(model)
+    model.generate(torch.randint(3, 1000, (1, 4)), max_new_tokens=5, do_sample=False)
+    after = _compute_counters(model)
+    assert after["inference_steps"] - before["inference_steps"] >= 5  # a prefill and four decodes at least
+    assert after["loop_cpu_seconds"] > before["loop_cpu_seconds"] > 0
+    node = psutil.Process(swarm.nodes[0].process.pid)
+    signers = [p for p in node.children(recursive=True) if "nectar.node.signing" in " ".join(p.cmdline())]
+    assert len(signers) == 1 and signers[0].is_running()
+    assert "signed on the node's event loop" not in swarm.nodes[0].log()  # the child signed every receipt
