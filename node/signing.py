@@ -175,8 +175,17 @@ class SigningWorker:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            code = self._process.poll() if self._process is not None else None
-            self._give_up(f"the signing process stopped (exit code {code}, {type(e).__name__})")
+            self._give_up(f"the signing process stopped (exit code {await self._reap()}, {type(e).__name__})")
+
+    async def _reap(self) -> Optional[int]:
+        """The child's exit code once it is gone (it closed its socket, so it is exiting); no zombie is left."""
+        if self._process is None:
+            return None
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self._process.wait, 5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            return await asyncio.get_running_loop().run_in_executor(None, self._process.wait)
 
     def _give_up(self, why: str) -> None:
         self.failed = why

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 
 import pytest
 import torch
@@ -127,3 +128,22 @@ def test_info_counts_steps_and_loop_time_and_a_child_process_signs(swarm, model)
     signers = [p for p in node.children(recursive=True) if "nectar.node.signing" in " ".join(p.cmdline())]
     assert len(signers) == 1 and signers[0].is_running()
     assert "signed on the node's event loop" not in swarm.nodes[0].log()  # the child signed every receipt
+
+
+def test_the_node_signs_on_its_loop_once_its_signing_child_dies(swarm, model):
+    import psutil
+
+    node = psutil.Process(swarm.nodes[0].process.pid)
+    signer, = [p for p in node.children(recursive=True) if "nectar.node.signing" in " ".join(p.cmdline())]
+    signer.kill()
+    for _ in range(100):  # the node notices at once, on its event loop, and reaps its child
+        if not signer.is_running():
+            break
+        time.sleep(0.1)
+    assert not signer.is_running()
+    ids = torch.randint(3, 1000, (1, 4))
+    before = len(model.wallet.receipts)
+    first = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert first.tolist() == model.generate(ids, max_new_tokens=6, do_sample=False).tolist()
+    assert len(model.wallet.receipts) - before == 12  # every step of both generations, each receipt verified
+    assert "signed on the node's event loop from now on: the signing process stopped" in swarm.nodes[0].log()
