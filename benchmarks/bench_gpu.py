@@ -4,8 +4,9 @@ Measures, in one run on one GPU:
   1. single-session greedy decode (16-token prompt, 64 new tokens) through local transformers ``generate()``;
   2. the same through Nectar: 2 node processes (blocks 0:16 and 16:32) on that GPU, the client's embeddings and LM
      head on that GPU too (as a GPU client would run them);
-  3. aggregate decode tokens/s of 1 and 16 concurrent sessions through the same 2-node route, from 8 client
-     processes (separate users; one process's GIL would otherwise be the bottleneck, see bench_concurrency.py);
+  3. aggregate decode tokens/s of 1 and 16 concurrent sessions through the same 2-node route, one client process
+     per session, up to 16 (separate users; one process's GIL would otherwise be the bottleneck, see
+     bench_concurrency.py);
   4. the same on one node hosting all 32 blocks (the issue's "16 concurrent sessions on one node").
 Runs unattended and prints every figure (see benchmarks/gpu/run_gpu.sh for the device command).
 
