@@ -19,6 +19,8 @@ from nectar.wire.request_stream import RequestStream
 
 logger = logging.getLogger(__name__)
 
+CALLER_CLOSE_TIMEOUT = 10.0  # s a finished stream waits for the caller's end of stream before closing
+
 
 async def send_message(message: runtime_pb2.ExpertResponse | runtime_pb2.ExpertRequest | RPCError,
                        writer: asyncio.StreamWriter) -> None:
@@ -92,10 +94,12 @@ def stream_handler(name: str, handler: StreamHandler, *, local_id, max_prefetch:
             try:
                 await processing
                 if not receiving.done():
-                    # the handler answered first: let the caller finish sending (its end-of-stream marker) before
-                    # closing, or its writer would hit a broken pipe; late messages are ignored
+                    # the handler answered first (or failed): let the caller finish sending (its end-of-stream
+                    # marker) before closing, or its writer would hit a broken pipe and a P2P daemon may reset the
+                    # stream before the answer is read (suspected in a rare "closed without answering" under load,
+                    # with a 2 s wait); late messages are ignored
                     with suppress(Exception):
-                        await asyncio.wait_for(_drain(requests, receiving), 2)
+                        await asyncio.wait_for(_drain(requests, receiving), CALLER_CLOSE_TIMEOUT)
             except Exception:
                 logger.debug(f"{name}: stream from {remote_id} ended abnormally", exc_info=True)
             finally:
