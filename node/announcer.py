@@ -13,14 +13,19 @@ from nectar.wire.announce import MODELS_KEY, ServerInfo, ServerState, block_key
 
 logger = logging.getLogger(__name__)
 
+FINAL_ANNOUNCE_TIMEOUT = 5.0  # s a stopping node spends telling the swarm it is going offline
 
-def announce(dht: hivemind.DHT, model_id: str, num_model_blocks: int, info: ServerInfo, *, expiration: float) -> bool:
+
+def announce(dht: hivemind.DHT, model_id: str, num_model_blocks: int, info: ServerInfo, *, expiration: float,
+             timeout: float = 60.0) -> bool:
+    """Stores ``info`` under each hosted block; raises TimeoutError after ``timeout`` s (a DHT process that died never
+    answers, and a node stopping must not wait for it forever)."""
     subkey = dht.peer_id.to_bytes()
     expires = get_dht_time() + expiration
     keys = [block_key(model_id, index) for index in range(info.start, info.end)] + [MODELS_KEY]
     values = [info.to_dict()] * (info.end - info.start) + [{model_id: num_model_blocks}]
     results = dht.run_coroutine(partial(_store_many, keys=keys, subkeys=[subkey] * len(keys), values=values,
-                                        expiration_time=expires))
+                                        expiration_time=expires), return_future=True).result(timeout)
     ok = all(results.values()) if isinstance(results, dict) else bool(results)
     if not ok:
         logger.warning(f"Some announcements were not stored: {results}")
@@ -63,6 +68,7 @@ class Announcer(threading.Thread):
         if final_info is not None:
             final_info.state = int(ServerState.OFFLINE)
             try:
-                announce(self.dht, self.model_id, self.num_model_blocks, final_info, expiration=self.period)
+                announce(self.dht, self.model_id, self.num_model_blocks, final_info, expiration=self.period,
+                         timeout=FINAL_ANNOUNCE_TIMEOUT)
             except Exception:
                 logger.debug("Could not announce OFFLINE", exc_info=True)

@@ -94,3 +94,18 @@ def test_forged_announcements_are_refused_and_ignored(swarm, tmp_path):
     finally:
         rogue.shutdown()
         raw.shutdown()
+
+
+def test_a_node_whose_dht_process_died_still_stops_on_sigterm(swarm, tiny_llama):
+    import os
+    import signal
+
+    import psutil
+
+    node = swarm.add_node(tiny_llama, blocks=(0, 2), name="orphaned", extra_args=["--throughput", "100"])
+    main = psutil.Process(node.process.pid)
+    dht_process, = [p for p in main.children() if p.cmdline() == main.cmdline()]  # hivemind forks the DHT
+    dht_process.kill()
+    os.kill(node.process.pid, signal.SIGTERM)
+    # its OFFLINE announcement gives up after a few seconds instead of waiting for the dead DHT forever
+    assert node.process.wait(timeout=30) is not None
