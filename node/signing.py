@@ -23,9 +23,11 @@ import time
 from typing import Optional
 
 import torch
+from hivemind.proto import runtime_pb2
 
 from nectar.node.receipts import ReceiptSigner
 from nectar.wire import receipts as schema
+from nectar.wire.protocol import pack_tensor, unpack_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +134,8 @@ class SigningWorker:
         job = self._next_job
         self._next_job += 1
         step = {name: value for name, value in fields.items() if name not in ("inputs", "outputs")}
-        self._write(pickle.dumps((job, step, _tensor_bytes(fields["inputs"]), _tensor_bytes(fields["outputs"]))))
+        tensors = [pack_tensor(fields[name]).SerializeToString() for name in ("inputs", "outputs")]
+        self._write(pickle.dumps((job, step, *tensors)))
         future = asyncio.get_running_loop().create_future()
         self._pending[job] = future
         return future
@@ -202,17 +205,6 @@ async def _read_frame(reader: asyncio.StreamReader) -> bytes:
     return await reader.readexactly(size)
 
 
-def _tensor_bytes(t: torch.Tensor) -> tuple[str, tuple, bytes]:
-    flat = t.detach().to("cpu").contiguous().reshape(-1)
-    return str(t.dtype).removeprefix("torch."), tuple(t.shape), flat.view(torch.uint8).numpy().tobytes()
-
-
-def _tensor_from(dtype: str, shape: tuple, data: bytes) -> torch.Tensor:
-    if not data:
-        return torch.empty(shape, dtype=getattr(torch, dtype))
-    return torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype)).reshape(shape)
-
-
 # ---------------------------------------------------------------------------------------------------- the child
 def _recv_exactly(sock: socket.socket, size: int) -> Optional[bytes]:
     chunks, left = [], size
@@ -234,9 +226,13 @@ def _send_frame(sock: socket.socket, payload: bytes) -> None:
     sock.sendall(_FRAME.pack(len(payload)) + payload)
 
 
-def _answer(job: int, fields: dict, inputs: tuple, outputs: tuple, signer: ReceiptSigner) -> bytes:
+def _unpacked(message: bytes) -> torch.Tensor:
+    return unpack_tensor(runtime_pb2.Tensor.FromString(message))
+
+
+def _answer(job: int, fields: dict, inputs: bytes, outputs: bytes, signer: ReceiptSigner) -> bytes:
     try:
-        signed, fingerprint = signer.sign(**fields, inputs=_tensor_from(*inputs), outputs=_tensor_from(*outputs))
+        signed, fingerprint = signer.sign(**fields, inputs=_unpacked(inputs), outputs=_unpacked(outputs))
         return pickle.dumps((job, (signed, fingerprint, signed.to_json()), None))
     except Exception as e:
         try:
