@@ -168,6 +168,8 @@ class LlamaBatchRunner:
         for task, (_, _, _, tokens, length, _) in zip(tasks, groups):
             for cache in task.caches:
                 cache.length = length + tokens
+        if self.graphs is not None:
+            self.graphs.note_sessions(tasks, first_block)
         return [x[begin:end].view(batch, tokens, hidden_size)
                 for begin, end, batch, tokens, _, _ in groups]
 
