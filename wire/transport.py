@@ -2,6 +2,9 @@
 
 hivemind's own protobuf stream handler drops the connection silently when a peer sends bytes that are not a valid
 message; Nectar answers such a peer with a ``bad_request`` error instead, then closes only that stream.
+
+A node ends a stream after its caller has: when the handler is done it waits for the caller's end-of-stream marker,
+then for the caller to close its side (``CALLER_LINGER``; callers that read until the node closes get it then).
 """
 from __future__ import annotations
 
