@@ -12,13 +12,13 @@ cache sizes share one key/value tensor per block in their recording (``_pool``):
 attention, are one call each per block.
 
 A session alone is recorded at its first decode step. A round of several sessions without a recording is
-recorded for every session active lately (in the last few rounds, its prefill included), once that set has come
-``record_after`` times among recent rounds (once, by default): continuous batching repeats the same sessions round after round (whichever
-way its rounds split), and recording a round costs about what running it eagerly does (an eager round of 14
-sessions through 32 blocks took 103 ms on an H100, the recording of 16 108 ms, a replay 9.4 ms). Rounds that are
-not recorded take the eager path, which writes the same cache layout, so a session may alternate freely. Graphs
-are kept in a small LRU and dropped once any of their sessions' caches is gone. ``capture=False`` runs the same
-static step eagerly (how the CPU tests check it).
+recorded for every session active lately (in the last few rounds, a prefill included), once that set has come
+``record_after`` times among recent rounds (once, by default): continuous batching repeats the same sessions round
+after round (whichever way its rounds split), and recording a round costs about what running it eagerly does (an
+eager round of 14 sessions through 32 blocks took 103 ms on an H100, the recording of 16 108 ms, a replay 9.4 ms).
+Rounds that are not recorded take the eager path, which writes the same cache layout, so a session may alternate
+freely. Graphs are kept in a small LRU and dropped once any of their sessions' caches is gone. ``capture=False``
+runs the same static step eagerly (how the CPU tests check it).
 """
 from __future__ import annotations
 
