@@ -10,7 +10,8 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from nectar.node.local_swarm import LocalSwarm
-from nectar.wire.protocol import RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, make_request, module_uid, pack_metadata
+from nectar.wire.protocol import (RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, make_request, module_uid, pack_metadata,
+                                   unpack_metadata)
 from nectar.wire.transport import call_once, call_stream
 
 pytestmark = pytest.mark.slow
@@ -163,6 +164,20 @@ def test_concurrent_clients_are_isolated_from_a_bad_one(model, peer, tiny_llama,
         _still_serves(model)
     thread.join()
     assert len(errors) == 20 and all("bad_request" in e for e in errors)
+
+
+def test_a_caller_that_reads_until_the_node_closes_gets_the_close(model, peer):
+    """The node closes after its caller, but a caller that ends its requests and then reads until the node closes
+    (hivemind's way of reading a stream to its end) gets every answer and the close within ``CALLER_LINGER``, not
+    after ``CALLER_CLOSE_TIMEOUT``."""
+    from nectar.wire.transport import CALLER_CLOSE_TIMEOUT, CALLER_LINGER
+
+    opened = make_request("tiny-llama[0:4]", [], {"type": "open", "session_id": b"read-to-end", "max_length": 8})
+    began = time.monotonic()
+    replies = model.runtime.run(_inference(model, peer, [opened]), timeout=30)
+    elapsed = time.monotonic() - began
+    assert [unpack_metadata(reply.metadata)["type"] for reply in replies] == ["opened"]
+    assert elapsed < min(CALLER_CLOSE_TIMEOUT, CALLER_LINGER + 5), elapsed
 
 
 def _spin(seconds: float) -> None:
