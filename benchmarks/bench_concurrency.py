@@ -148,7 +148,8 @@ def node_time(result: dict) -> str:
     """Where the node's time went, per round and per step, from its counters."""
     rounds, steps = max(result["inference_rounds"], 1), max(result["inference_steps"], 1)
     return (f"; {steps / rounds:.1f} steps per forward, {result.get('graph_rounds', 0)} of {rounds} rounds replayed "
-            f"as graphs ({result.get('graphs_recorded', 0)} recorded); per round: compute {1e3 * result['inference_seconds'] / rounds:.1f} ms, gathering "
+            f"as graphs ({result.get('graphs_recorded', 0)} recorded); per round: compute "
+            f"{1e3 * result['inference_seconds'] / rounds:.1f} ms, gathering "
             f"{1e3 * result['gather_seconds'] / rounds:.1f} ms; per step: event loop "
             f"{1e3 * result['step_handling_seconds'] / steps:.2f} ms in handlers, "
             f"{1e3 * result['loop_cpu_seconds'] / steps:.2f} ms of its CPU")

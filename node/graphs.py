@@ -90,12 +90,13 @@ class GraphedDecoder:
         """Whether these steps could run as a recorded round: one row and one token each, room in every cache."""
         if not self.enabled or not 1 <= len(tasks) <= self.max_sessions:
             return False
-        for task in tasks:
-            cache = task.caches[0]
-            if (tuple(task.hidden.shape[:2]) != (1, 1) or task.batch_key is None or cache.batch_size != 1
-                    or not cache.length + 1 <= cache.max_length <= self.max_positions):
-                return False
-        return True
+        return all(tuple(task.hidden.shape[:2]) == (1, 1) and task.caches[0].length < task.caches[0].max_length
+                   and self._graphable(task) for task in tasks)
+
+    def _graphable(self, task: "InferenceTask") -> bool:
+        """Whether the task's session could ever be in a recorded round: one row, batchable, positions in the table."""
+        cache = task.caches[0]
+        return cache.batch_size == 1 and task.batch_key is not None and cache.max_length <= self.max_positions
 
     @torch.inference_mode()
     def run(self, tasks: Sequence["InferenceTask"], first_block: int) -> Optional[list[torch.Tensor]]:
@@ -157,10 +158,8 @@ class GraphedDecoder:
         if not self.enabled:
             return
         span = (first_block, len(tasks[0].caches))
-        for task in tasks:
-            cache = task.caches[0]
-            if cache.batch_size == 1 and task.batch_key is not None and cache.max_length <= self.max_positions:
-                self._see(task, span)
+        for task in filter(self._graphable, tasks):
+            self._see(task, span)
 
     def _see(self, task: "InferenceTask", span: tuple) -> None:
         """Marks the task's session as seen in the current round, most recent last."""

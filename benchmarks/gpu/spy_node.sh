@@ -20,9 +20,11 @@ for _ in $(seq 1 300); do  # the node starts once the checkpoint is built
   if [ -n "$node" ] && grep -q "1 sessions:" "$out/spy.log"; then break; fi
   sleep 1
 done
-py-spy record --pid "$node" --threads --native --rate 500 --duration "${SPY_SECONDS:-60}" --format raw \
-  --output "$out/node.raw" > "$out/spy_record.log" 2>&1 || py-spy record --pid "$node" --threads --rate 500 \
-  --duration "${SPY_SECONDS:-60}" --format raw --output "$out/node.raw" >> "$out/spy_record.log" 2>&1 || true
+record() {  # native frames where the machine allows unwinding them, Python frames only otherwise
+  py-spy record --pid "$node" --threads --rate 500 --duration "${SPY_SECONDS:-60}" --format raw \
+    --output "$out/node.raw" "$@" >> "$out/spy_record.log" 2>&1
+}
+record --native || record || true
 wait "$bench" || true
 grep -v -i warning "$out/spy.log" | tail -20
 python3 benchmarks/spy_summary.py "$out/node.raw" > "$out/node.txt" && head -150 "$out/node.txt"
