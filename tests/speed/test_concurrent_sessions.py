@@ -116,25 +116,26 @@ def _compute_counters(model) -> dict:
     return unpack_metadata(response.metadata)["compute"]
 
 
-def test_info_counts_steps_and_loop_time_and_a_child_process_signs(swarm, model):
+def _signing_children(swarm) -> list:
     import psutil
 
+    node = psutil.Process(swarm.nodes[0].process.pid)
+    return [p for p in node.children(recursive=True) if "nectar.node.signing" in " ".join(p.cmdline())]
+
+
+def test_info_counts_steps_and_loop_time_and_a_child_process_signs(swarm, model):
     before = _compute_counters(model)
     model.generate(torch.randint(3, 1000, (1, 4)), max_new_tokens=5, do_sample=False)
     after = _compute_counters(model)
     assert after["inference_steps"] - before["inference_steps"] >= 5  # a prefill and four decodes at least
     assert after["loop_cpu_seconds"] > before["loop_cpu_seconds"] > 0
-    node = psutil.Process(swarm.nodes[0].process.pid)
-    signers = [p for p in node.children(recursive=True) if "nectar.node.signing" in " ".join(p.cmdline())]
+    signers = _signing_children(swarm)
     assert len(signers) == 1 and signers[0].is_running()
     assert "signed on the node's event loop" not in swarm.nodes[0].log()  # the child signed every receipt
 
 
 def test_the_node_signs_on_its_loop_once_its_signing_child_dies(swarm, model):
-    import psutil
-
-    node = psutil.Process(swarm.nodes[0].process.pid)
-    signer, = [p for p in node.children(recursive=True) if "nectar.node.signing" in " ".join(p.cmdline())]
+    signer, = _signing_children(swarm)
     signer.kill()
     for _ in range(100):  # the node notices at once, on its event loop, and reaps its child
         if not signer.is_running():
