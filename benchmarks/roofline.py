@@ -53,7 +53,7 @@ def main() -> None:
     nbytes = sum(weight.numel() * weight.element_size() for weight in weights)
     log(f"{len(weights)} weight matrices, {nbytes / 1e6:.1f} MB read per token")
 
-    torch_blas, openblas = CpuMatmul(), CpuMatmul(ROW_BUCKETS)
+    torch_blas, openblas = CpuMatmul(), CpuMatmul.everywhere("openblas")
     with torch.inference_mode():
         vectors = [torch.randn(1, weight.shape[1]) for weight in weights]
         sum_s = timed(lambda: [weight.sum() for weight in weights], repeats)

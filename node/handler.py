@@ -351,6 +351,7 @@ class NodeHandler:
             {"session_id": session_id, "step": step, "token": token}))
         try:
             await link.send(push)
+            trace.event("push_sent", step)
             self.pushes_sent += 1
         except Exception as e:
             logger.debug(f"Push to {link.address} failed ({type(e).__name__}: {e}); the client will relay",
@@ -513,6 +514,7 @@ class NodeHandler:
                 raise NodeRPCError(ErrorCode.BAD_REQUEST, f"a push carries 1 hidden_states tensor, not {len(tensors)}")
             self._check_hidden(tensors[0], batch_size=slot.batch_size)
             self.inbox.deliver(slot, step, tensors[0])
+            trace.event("push_in", step)
             yield make_response([], {"ok": True})
 
 

@@ -1,6 +1,6 @@
 """Optional timeline of a node's inference rounds, for finding where a round's time goes (benchmarks only).
 
-With ``NECTAR_TRACE=/path/file.jsonl`` in a node's environment, the compute thread records each round's start and
+With ``NECTAR_TRACE=/path/file.jsonl`` in a node's environment (``{pid}`` in it becomes the node's process id), the compute thread records each round's start and
 end and the event loop each step's request taken, step submitted and output sent (monotonic seconds), and the node
 writes them to that file as it stops. Off (one global check per event) otherwise.
 """
@@ -10,7 +10,7 @@ import json
 import os
 import time
 
-PATH = os.environ.get("NECTAR_TRACE") or None
+PATH = (os.environ.get("NECTAR_TRACE") or "").replace("{pid}", str(os.getpid())) or None  # one file per node
 _events: list[tuple] = []
 _LIMIT = 2_000_000
 
