@@ -60,12 +60,13 @@ def step_times(path, blocks: int, repeats: int, baseline: str) -> dict:
 
     backend = SpanBackend(path, 0, blocks, dtype=torch.float32, device="cpu", show_progress=False)
     runner, hidden = backend.batch_runner, backend.blocks[0].hidden_size
-    plans = {"calibrated": runner.matmul,
-             "baseline": baseline_plan([w for layer in runner.layers for w in layer.matrices], baseline)}
+    plans = {"calibrated": (runner.matmul, runner.native),  # the products' plan and the C decode layer (or None)
+             "baseline": (baseline_plan([w for layer in runner.layers for w in layer.matrices], baseline),
+                          None if baseline == "no-native" else runner.native)}
     medians = {name: [] for name in plans}
     for _ in range(repeats):
-        for name, plan in plans.items():
-            runner.matmul = plan
+        for name, (plan, decoder) in plans.items():
+            runner.matmul, runner.native = plan, decoder
             caches = backend.new_caches(0, blocks, 1, 128)
             backend.inference_step(torch.randn(1, 16, hidden), caches, start=0, end=blocks, position=0)
             seconds = []
@@ -74,7 +75,8 @@ def step_times(path, blocks: int, repeats: int, baseline: str) -> dict:
                 backend.inference_step(torch.randn(1, 1, hidden), caches, start=0, end=blocks, position=position)
                 seconds.append(time.perf_counter() - began)
             medians[name].append(statistics.median(seconds[5:]))
-    return {name: statistics.median(values) for name, values in medians.items()} | {"plan": plans["calibrated"]}
+    return {name: statistics.median(values) for name, values in medians.items()} | {"plan": plans["calibrated"][0],
+                                                                                     "c_layer": plans["calibrated"][1] is not None}
 
 
 def main() -> None:
@@ -99,22 +101,27 @@ def main() -> None:
         head_plan = clients["calibrated"].head.matmul.describe()
         node_plans = [next((line.split("CPU matmuls: ", 1)[1] for line in node.log().splitlines()
                             if "CPU matmuls: " in line), "?") for node in swarms["calibrated"].nodes]
+        node_decoders = [next((line.split("decode step through ", 1)[1] for line in node.log().splitlines()
+                               if "decode step through " in line), "C layer not built")
+                         for node in swarms["calibrated"].nodes]
         runs, tokens = alternating_decode(clients, max(args.repeats, 2))
     fastest = {name: best(timings) for name, timings in runs.items()}
     ratio = fastest["calibrated"].decode_tps / fastest["baseline"].decode_tps
     same = torch.equal(tokens["calibrated"], tokens["baseline"])
     figures = {"model": args.model, "threads": args.threads, "nodes": args.nodes, "push": args.push,
                "baseline": args.baseline, "ratio": ratio,
-               "same_tokens": same, "client_head": head_plan, "nodes_plans": node_plans,
-               "step": {"blocks": args.step_blocks, "calibrated_ms": step["calibrated"] * 1e3,
+               "same_tokens": same, "client_head": head_plan, "nodes_plans": node_plans, "nodes_decode": node_decoders,
+               "step": {"blocks": args.step_blocks, "c_layer": step["c_layer"], "calibrated_ms": step["calibrated"] * 1e3,
                         "baseline_ms": step["baseline"] * 1e3, "ratio": step_ratio, "plan": step["plan"].describe()},
                **{name: {"decode_tps": fastest[name].decode_tps, "run_medians_ms": [t.median_ms for t in runs[name]]}
                   for name in clients}}
     rows = [(f"step, {args.step_blocks} blocks", f"calibrated {step['calibrated'] * 1e3:.2f} ms, {args.baseline} "
-                                             f"{step['baseline'] * 1e3:.2f} ms: {step_ratio:.3f}x ({step['plan'].describe()})")]
+                                             f"{step['baseline'] * 1e3:.2f} ms: {step_ratio:.3f}x (C decode layer: {step['c_layer']}; "
+                                             f"{step['plan'].describe()})")]
     rows += [(name, f"{fastest[name].decode_tps:.1f} tok/s (best run), runs' median gaps "
                    f"{', '.join(f'{t.median_ms:.1f}' for t in runs[name])} ms") for name in clients]
     rows += [(f"node {i}", plan) for i, plan in enumerate(node_plans)]
+    rows += [(f"node {i} decode", choice) for i, choice in enumerate(node_decoders)]
     rows += [("client head", head_plan),
              (f"calibrated / {args.baseline}", f"{ratio:.3f}x decode, same tokens: {same}")]
     emit(f"CPU matmul library per row count vs {args.baseline}, {args.model}, {args.nodes} nodes{', push' if args.push else ''}, "

@@ -1,7 +1,7 @@
 """Float32 products with [in, out] weights on CPU through whichever library is fastest on this machine.
 
 PyTorch's CPU wheels multiply through MKL; numpy's wheels carry OpenBLAS; ``nectar.models.native`` compiles a small
-kernel that reads the weights in one sequential stream (``native/matmul.c``). On a 2-core AMD EPYC VM, one row
+kernel that reads the weights in one sequential stream (``native/kernels.c``). On a 2-core AMD EPYC VM, one row
 through tiny's 8 blocks with 1 thread took 6.6 ms with MKL, 5.2-5.9 ms with OpenBLAS and 4.3 ms with the kernel;
 OpenBLAS with 2 threads was 1.3-1.9x MKL for 1 to 64 rows, while MKL won 2-3 rows on one thread. Which library wins
 depends on the CPU, the thread count and the number of rows, so ``CpuMatmul.calibrate`` times them on the caller's
@@ -51,8 +51,8 @@ def _bucket(rows: int) -> int:
 
 
 def native_kernel() -> Optional[ctypes.CDLL]:
-    """``native/matmul.c`` compiled for this machine, with its argument types set, or None."""
-    library = native.load("matmul")
+    """``native/kernels.c`` compiled for this machine, with its argument types set, or None."""
+    library = native.load("kernels")
     if library is not None and library.nectar_matmul_f32.argtypes is None:
         library.nectar_matmul_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
         library.nectar_matmul_f32.restype = None

@@ -18,8 +18,10 @@ def tiny_config(
     hidden_size: int = 64,
     vocab_size: int = 1000,
     tie_word_embeddings: bool | None = None,
+    **extra,
 ) -> PretrainedConfig:
-    """A small config: "llama" (4 query / 2 key-value heads), "mistral" (plus a sliding window) or "bloom"."""
+    """A small config: "llama" (4 query / 2 key-value heads), "mistral" (plus a sliding window) or "bloom";
+    ``extra`` sets further fields of the llama/mistral config (e.g. ``attention_bias=True``)."""
     if kind in ("llama", "mistral"):
         common = dict(
             hidden_size=hidden_size,
@@ -34,7 +36,7 @@ def tiny_config(
             bos_token_id=1,
             eos_token_id=2,
             pad_token_id=0,
-        )
+        ) | extra
         return LlamaConfig(**common) if kind == "llama" else MistralConfig(sliding_window=6, **common)
     if kind == "bloom":
         return BloomConfig(

@@ -93,7 +93,7 @@ def _compile(compiler: str, flags: list[str], source: Path, library: Path) -> Op
     handle, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
     os.close(handle)
     try:
-        done = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-std=c11", "-o", partial, str(source)],
+        done = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-std=c11", "-o", partial, str(source), "-lm"],
                               capture_output=True, text=True, timeout=COMPILE_TIMEOUT)
         if done.returncode != 0:
             return done.stderr.strip()[-2000:] or f"exit status {done.returncode}"

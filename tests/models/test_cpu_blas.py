@@ -43,13 +43,13 @@ def test_the_kernel_is_compiled_once_into_the_cache_and_reused(tmp_path, monkeyp
     monkeypatch.setenv("NECTAR_KERNEL_CACHE", str(tmp_path))
     native.load.cache_clear()
     try:
-        assert native.load("matmul") is not None
-        built = list(tmp_path.glob("matmul-*.so"))
+        assert native.load("kernels") is not None
+        built = list(tmp_path.glob("kernels-*.so"))
         assert len(built) == 1
         stamp = built[0].stat().st_mtime_ns
         native.load.cache_clear()
-        assert native.load("matmul") is not None
-        assert [p.stat().st_mtime_ns for p in tmp_path.glob("matmul-*.so")] == [stamp]  # not rebuilt
+        assert native.load("kernels") is not None
+        assert [p.stat().st_mtime_ns for p in tmp_path.glob("kernels-*.so")] == [stamp]  # not rebuilt
         assert not list(tmp_path.glob("*.so.*")) and len(list(tmp_path.iterdir())) == 1  # no temporary left
     finally:
         native.load.cache_clear()
