@@ -6,7 +6,8 @@ A batch-1 decode step reads every weight matrix once (the embedding is one row),
 - the bytes one token reads (every ``nn.Linear`` of the checkpoint, the LM head included);
 - the read bandwidth of a plain reduction over those same weights (``sum``), and of the batch-1 matrix-vector
   products alone (the decode's matmuls, no attention, norms or Python) with the weights in either memory layout
-  and, [in, out], through numpy's OpenBLAS too (nodes pick the faster library), each the best of ``--repeats``;
+  and, [in, out], through numpy's OpenBLAS and nectar's C kernel too (nodes pick the fastest), each the best of
+  ``--repeats``;
 - local transformers ``generate()`` on the same checkpoint, for comparison.
 
 With ``--petals-json`` (a ``bench_petals.py --json`` file), it also prints what a given multiple of Petals' decode
@@ -30,7 +31,7 @@ import statistics
 
 import torch
 
-from nectar.models.cpu_blas import ROW_BUCKETS, CpuMatmul
+from nectar.models.cpu_blas import NATIVE_MAX_ROWS, CpuMatmul, native_kernel
 from common import (
     NEW_TOKENS, DecodeTiming, TokenClock, base_parser, checkpoint, emit, log, prompt_ids, set_threads, timed,
 )
@@ -54,6 +55,7 @@ def main() -> None:
     log(f"{len(weights)} weight matrices, {nbytes / 1e6:.1f} MB read per token")
 
     torch_blas, openblas = CpuMatmul(), CpuMatmul.everywhere("openblas")
+    native = CpuMatmul.everywhere("native") if native_kernel() is not None else None  # nectar's one-pass C kernel
     with torch.inference_mode():
         vectors = [torch.randn(1, weight.shape[1]) for weight in weights]
         sum_s = timed(lambda: [weight.sum() for weight in weights], repeats)
@@ -62,13 +64,15 @@ def main() -> None:
         gemv_usual_s = timed(lambda: [x @ w.t() for x, w in zip(vectors, weights)], repeats)
         gemv_in_out_s = timed(lambda: [x @ w for x, w in zip(vectors, in_out)], repeats)
         gemv_openblas_s = timed(lambda: [openblas(x, w) for x, w in zip(vectors, in_out)], repeats)
-        gemv_s = min(gemv_usual_s, gemv_in_out_s, gemv_openblas_s)
+        gemv_native_s = (timed(lambda: [native(x, w) for x, w in zip(vectors, in_out)], repeats)
+                         if native is not None else float("inf"))
+        gemv_s = min(gemv_usual_s, gemv_in_out_s, gemv_openblas_s, gemv_native_s)
         blocks = [w for w, weight in zip(in_out, weights) if weight is not model.lm_head.weight]  # as nodes keep them
         one_row, many_rows = ([torch.randn(count, weight.shape[0]) for weight in blocks] for count in (1, args.rows))
 
         def blocks_s(rows) -> float:  # nodes take the faster library for each row count (nectar.models.cpu_blas)
-            return min(timed(lambda: [matmul(x, w) for x, w in zip(rows, blocks)], repeats)
-                       for matmul in (torch_blas, openblas))
+            libraries = [torch_blas, openblas] + ([native] if native and len(rows[0]) <= NATIVE_MAX_ROWS else [])
+            return min(timed(lambda: [matmul(x, w) for x, w in zip(rows, blocks)], repeats) for matmul in libraries)
 
         blocks_one_s, blocks_many_s = blocks_s(one_row), blocks_s(many_rows)
 
@@ -88,7 +92,7 @@ def main() -> None:
         "sum_gbps": nbytes / sum_s / 1e9, "sum_floor_ms": sum_s * 1e3,
         "gemv_gbps": nbytes / gemv_s / 1e9, "gemv_floor_ms": gemv_s * 1e3,
         "gemv_out_in_ms": gemv_usual_s * 1e3, "gemv_in_out_ms": gemv_in_out_s * 1e3,
-        "gemv_in_out_openblas_ms": gemv_openblas_s * 1e3,
+        "gemv_in_out_openblas_ms": gemv_openblas_s * 1e3, "gemv_in_out_native_ms": gemv_native_s * 1e3,
         "local_median_ms": local_ms, "local_gbps": nbytes / local_ms / 1e6,
     }
     table = [
@@ -97,7 +101,8 @@ def main() -> None:
         ("batch-1 matmuls alone", f"{gemv_s * 1e3:.2f} ms: {figures['gemv_gbps']:.1f} GB/s "
                                   f"(floor {1 / gemv_s:.1f} tok/s; weights [out, in] {gemv_usual_s * 1e3:.2f} ms, "
                                   f"[in, out] {gemv_in_out_s * 1e3:.2f} ms, [in, out] through numpy's OpenBLAS "
-                                  f"{gemv_openblas_s * 1e3:.2f} ms)"),
+                                  f"{gemv_openblas_s * 1e3:.2f} ms, through nectar's C kernel "
+                                  f"{gemv_native_s * 1e3:.2f} ms)"),
         ("local transformers decode", f"{local_ms:.2f} ms/token (median of the best run): "
                                       f"{figures['local_gbps']:.1f} GB/s, {gemv_s * 1e3 / local_ms:.2f} of it "
                                       "is the matmuls' floor"),
