@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nectar.models import load_client_head
+from nectar.models import load_client_head, native
 from nectar.models.greedy_head import (
     FORMATS, MAX_CANDIDATES, OUTPUT_ROUNDING, LowPrecisionArgmax, bound_holds, candidate_threshold,
     choose_greedy_argmax,
@@ -52,6 +52,35 @@ def test_it_returns_float32_argmax_for_every_row(head_matrix, with_bias, format)
     rows = normed_rows(300, seed=3)
     exact = rows @ head_matrix + (bias if with_bias else 0)
     assert torch.equal(argmax(rows), exact.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_the_c_int8_pass_agrees_with_pytorchs_kernel_and_is_tighter(head_matrix, with_bias):
+    bias = torch.randn(VOCAB, generator=torch.Generator().manual_seed(5)) if with_bias else None
+    argmax = LowPrecisionArgmax(head_matrix, bias, format="int8")
+    assert argmax.int8_logits is not None, "the CI machine has gcc: the C pass must build"
+    rows = normed_rows(100, seed=8)
+    exact = rows @ head_matrix + (bias if with_bias else 0)
+    through_c = argmax.approximate(rows)
+    argmax.int8_logits = None  # PyTorch's weight-only int8 kernel
+    through_pytorch = argmax.approximate(rows)
+    # PyTorch rounds x and the sum to bfloat16; the C pass does neither, so it sits closer to the float32 logits
+    assert (through_c - through_pytorch).abs().max() <= (through_pytorch.abs() * OUTPUT_ROUNDING).max() + 1e-3
+    assert (through_c - exact).abs().mean() < (through_pytorch - exact).abs().mean()
+    argmax.int8_logits = LowPrecisionArgmax(head_matrix, bias, format="int8").int8_logits
+    assert bound_holds(argmax, rows, exact) and torch.equal(argmax(rows), exact.argmax(dim=-1))
+
+
+def test_without_c_kernels_the_int8_pass_uses_pytorchs_kernel(head_matrix, monkeypatch):
+    monkeypatch.setenv("NECTAR_NATIVE", "off")
+    native.load.cache_clear()
+    try:
+        argmax = LowPrecisionArgmax(head_matrix, format="int8")
+        assert argmax.int8_logits is None
+        rows = normed_rows(50, seed=9)
+        assert torch.equal(argmax(rows), (rows @ head_matrix).argmax(dim=-1))
+    finally:
+        native.load.cache_clear()
 
 
 def test_int8_candidates_past_the_limit_are_narrowed_by_bfloat16_rows():
