@@ -51,12 +51,8 @@ def _bucket(rows: int) -> int:
 
 
 def native_kernel() -> Optional[ctypes.CDLL]:
-    """``native/kernels.c`` compiled for this machine, with its argument types set, or None."""
-    library = native.load("kernels")
-    if library is not None and library.nectar_matmul_f32.argtypes is None:
-        library.nectar_matmul_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
-        library.nectar_matmul_f32.restype = None
-    return library
+    """``native/kernels.c`` compiled for this machine (its functions typed), or None."""
+    return native.load("kernels")
 
 
 def native_matmul(x: torch.Tensor, matrix: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -22,7 +22,6 @@ with cold caches.
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import os
@@ -191,12 +190,7 @@ def _int8_kernel():
     from nectar.models.cpu_blas import native_kernel
 
     library = native_kernel()
-    if library is None:
-        return None
-    kernel = library.nectar_int8_logits
-    if kernel.argtypes is None:
-        kernel.argtypes, kernel.restype = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 2, None
-    return kernel
+    return library.nectar_int8_logits if library is not None else None
 
 
 def int8_supported(hidden: int) -> bool:

@@ -33,15 +33,6 @@ logger = logging.getLogger(__name__)
 MIN_GAIN = 1.03  # the C layer must be this much faster than the PyTorch path, both timed at load
 TIMED_STEPS = 16  # per route, alternating; the first two of each warm up
 
-_ARGTYPES = (
-    [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float]  # x, hidden, norms, eps
-    + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long]  # qkv, heads, kv heads, dim
-    + [ctypes.c_void_p] * 4 + [ctypes.c_long]  # o, gate_up, intermediate
-    + [ctypes.c_void_p] * 4  # down, cos, signed sin
-    + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_float]  # cache
-    + [ctypes.c_void_p]  # scratch
-)
-
 
 def _address(tensor: Optional[torch.Tensor]) -> Optional[int]:
     return tensor.data_ptr() if tensor is not None else None
@@ -53,8 +44,6 @@ class NativeDecoder:
     def __init__(self, runner: "LlamaBatchRunner", kernel: ctypes.CDLL):
         self.runner = runner
         self.decode = kernel.nectar_llama_decode_f32
-        if self.decode.argtypes is None:
-            self.decode.argtypes, self.decode.restype = _ARGTYPES, None
         self.layers = [self._layer_arguments(layer) for layer in runner.layers]
         self.intermediate = runner.layers[0].down_weight.shape[0]
 

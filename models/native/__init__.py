@@ -2,7 +2,7 @@
 
 Each kernel is one C file beside this module. ``load(name)`` compiles it with the system's C compiler
 (``-O3 -march=native``) into a cache folder keyed by the source, the compiler, its flags and this CPU, and loads it
-with ctypes; later processes reuse the file. Without a compiler (or with ``NECTAR_NATIVE=off``) it returns None
+with ctypes, its functions typed from ``SIGNATURES``; later processes reuse the file. Without a compiler (or with ``NECTAR_NATIVE=off``) it returns None
 and callers keep their PyTorch path, so a kernel is only ever an optional speed-up.
 """
 from __future__ import annotations
@@ -22,6 +22,21 @@ from typing import Optional
 logger = logging.getLogger(__name__)
 
 SOURCES = Path(__file__).parent
+_POINTER, _LONG, _FLOAT = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
+SIGNATURES = {  # library -> function -> argument types (every function returns nothing)
+    "kernels": {
+        "nectar_matmul_f32": [_POINTER] * 4 + [_LONG] * 3,  # x, w, bias, y, rows, n_in, n_out
+        "nectar_int8_logits": [_POINTER] * 5 + [_LONG] * 2,  # x, q, scales, bias, out, vocab, hidden
+        "nectar_llama_decode_f32": (
+            [_POINTER, _LONG, _POINTER, _POINTER, _FLOAT]  # x, hidden, norms, eps
+            + [_POINTER, _POINTER, _LONG, _LONG, _LONG]  # qkv, heads, kv heads, head dim
+            + [_POINTER] * 4 + [_LONG]  # o, gate_up, intermediate
+            + [_POINTER] * 4  # down, cos, signed sin
+            + [_POINTER, _POINTER, _LONG, _LONG, _LONG, _FLOAT]  # keys, values, strides, length, scale
+            + [_POINTER]  # scratch
+        ),
+    },
+}
 FLAG_SETS = (["-O3", "-march=native"], ["-O3"])  # -march=native is unknown to some compilers (e.g. on arm64 macOS)
 COMPILE_TIMEOUT = 120  # s
 
@@ -78,12 +93,20 @@ def load(name: str) -> Optional[ctypes.CDLL]:
                 errors.append(f"{compiler} {' '.join(flags)}: {error}")
                 continue
         try:
-            return ctypes.CDLL(str(library))
-        except OSError as e:
+            return _typed(ctypes.CDLL(str(library)), name)
+        except (OSError, AttributeError) as e:
             errors.append(f"loading {library}: {e}")
     logger.warning("The native %s kernel could not be built, so PyTorch computes instead (set NECTAR_NATIVE=off to "
                    "silence this):\n%s", name, "\n".join(errors))
     return None
+
+
+def _typed(library: ctypes.CDLL, name: str) -> ctypes.CDLL:
+    """Sets the argument types of ``library``'s functions (an AttributeError if one is missing)."""
+    for function, argtypes in SIGNATURES.get(name, {}).items():
+        entry = getattr(library, function)
+        entry.argtypes, entry.restype = argtypes, None
+    return library
 
 
 def _compile(compiler: str, flags: list[str], source: Path, library: Path) -> Optional[str]:

@@ -55,19 +55,9 @@ void nectar_matmul_f32(const float *x, const float *w, const float *bias, float 
     matmul(x, w, bias, y, rows, n_in, n_out, 0);
 }
 
-/* out = weight * (x / sqrt(mean(x^2) + eps)), as transformers' LlamaRMSNorm computes it in float32 */
-static void rms_norm(const float *x, const float *weight, float eps, float *out, long n) {
-    float lanes[8] = {0};
-    long i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int l = 0; l < 8; l++)
-            lanes[l] += x[i + l] * x[i + l];
-    float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-    for (; i < n; i++)
-        sum += x[i] * x[i];
-    const float inverse = 1.0f / sqrtf(sum / (float)n + eps);
-    for (i = 0; i < n; i++)
-        out[i] = weight[i] * (x[i] * inverse);
+/* the pairwise sum of 8 accumulator lanes */
+static float sum_lanes(const float lanes[8]) {
+    return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
 }
 
 static float dot(const float *a, const float *b, long n) {
@@ -76,10 +66,17 @@ static float dot(const float *a, const float *b, long n) {
     for (; i + 8 <= n; i += 8)
         for (int l = 0; l < 8; l++)
             lanes[l] += a[i + l] * b[i + l];
-    float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+    float sum = sum_lanes(lanes);
     for (; i < n; i++)
         sum += a[i] * b[i];
     return sum;
+}
+
+/* out = weight * (x / sqrt(mean(x^2) + eps)), as transformers' LlamaRMSNorm computes it in float32 */
+static void rms_norm(const float *x, const float *weight, float eps, float *out, long n) {
+    const float inverse = 1.0f / sqrtf(dot(x, x, n) / (float)n + eps);
+    for (long i = 0; i < n; i++)
+        out[i] = weight[i] * (x[i] * inverse);
 }
 
 /* x = x * cos + rotate_half(x) * sin, with signed_sin the first half of sin negated (rotate_half is a roll) */
@@ -177,7 +174,7 @@ void nectar_int8_logits(const float *restrict x, const signed char *restrict q, 
         }
         float lanes[8];
         _mm256_storeu_ps(lanes, _mm256_add_ps(acc0, acc1));
-        sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+        sum = sum_lanes(lanes);
 #endif
         for (; i < hidden; i++)
             sum += x[i] * (float)row[i];
