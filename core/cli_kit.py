@@ -164,22 +164,22 @@ def add_options(parser: argparse.ArgumentParser, cls, names: Iterable[str], *,
     for name in names:
         option = options[name]
         kwargs = {"dest": name, **_argparse_kwargs(option)}
+        kwargs["default"] = None if settings or option.default is dataclasses.MISSING else option.default
         extra = dict(overrides.get(name, {}))
         flags = extra.pop("flags", [option.flag])
         help_text = extra.pop("help", option.help) or ""
+        kwargs.update(extra)
+        if "choices" not in kwargs and kwargs.get("action") is None:
+            kwargs.setdefault("metavar", flags[-1].lstrip("-").upper().replace("-", "_"))
         if help_text is not argparse.SUPPRESS:
             if settings:
                 shown = option.default_text if option.default is not dataclasses.MISSING else None
                 tail = f"default: {shown}; " if shown and shown != "none" and "default" not in help_text else ""
                 help_text = f"{help_text} ({tail}env {option.env})".strip()
-            elif option.default not in (None, dataclasses.MISSING, False) and "default" not in help_text:
-                help_text = f"{help_text} (default: {option.default_text})".strip()
+            elif kwargs["default"] is not None and kwargs["default"] is not False and "default" not in help_text:
+                help_text = f"{help_text} (default: {_show(kwargs['default'])})".strip()
             help_text = help_text.replace("%", "%%")
-        kwargs["default"] = None if settings or option.default is dataclasses.MISSING else option.default
-        if kwargs.get("action") is argparse.BooleanOptionalAction and settings:
-            kwargs["default"] = None
-        kwargs.update(help=help_text, **extra)
-        parser.add_argument(*flags, **kwargs)
+        parser.add_argument(*flags, help=help_text, **kwargs)
 
 
 def config_values(args: argparse.Namespace, names: Iterable[str], *, given_only: bool = False) -> dict:
