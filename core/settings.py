@@ -36,7 +36,15 @@ _PATHS = ("home", "deployment", "kernel_cache", "repo_root", "contracts_out")
 
 
 class SettingsError(ValueError):
-    """A variable with a value Nectar cannot use; the message names it and the values it takes."""
+    """Variables with values Nectar cannot use; the message names each and the values it takes (``args[1]``: the
+    problems one by one)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _explain(problems: list[str]) -> str:
+    return "; ".join(problems) + " (set each to one of these, or unset it for the default)"
 
 
 def _one_of(choices: tuple[str, ...]) -> str:
@@ -91,17 +99,17 @@ class RuntimeSettings:
                 object.__setattr__(self, name, Path(value))
         if isinstance(self.initial_peers, str):
             object.__setattr__(self, "initial_peers", _split_peers(self.initial_peers))
-        for name, choices in _CHOICES.items():
-            value = getattr(self, name)
-            if value is not None and value not in choices:
-                raise SettingsError(f"{env_name(name)} must be {_one_of(choices)}, got {value!r} "
-                                    f"(set one of these, or unset it for the default)")
+        problems = [f"{env_name(name)} must be {_one_of(choices)}, got {getattr(self, name)!r}"
+                    for name, choices in _CHOICES.items() if getattr(self, name) not in (None, *choices)]
+        if problems:
+            raise SettingsError(_explain(problems), problems)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "RuntimeSettings":
         """The settings ``env`` (usually ``os.environ``) asks for; unset or empty variables keep their defaults.
-        Raises ``SettingsError`` naming the first variable with a value it cannot use."""
+        Raises ``SettingsError`` naming every variable with a value it cannot use."""
         values: dict = {}
+        problems: list[str] = []
         for f in dataclasses.fields(cls):
             text = (env.get(env_name(f.name)) or "").strip()
             if not text:
@@ -110,17 +118,23 @@ class RuntimeSettings:
                 text = text.upper() if f.name == "log_level" else text.lower()
                 values[f.name] = _ALIASES.get(f.name, {}).get(text, text)
             elif f.name == "native":
-                if text.lower() not in _TRUE + _FALSE:
-                    raise SettingsError(f"NECTAR_NATIVE must be auto, on or off (or 1/0, true/false, yes/no), got "
-                                        f"{text!r} (set one of these, or unset it for the default)")
-                values[f.name] = text.lower() in _TRUE
+                if text.lower() in _TRUE + _FALSE:
+                    values[f.name] = text.lower() in _TRUE
+                else:
+                    problems.append(f"NECTAR_NATIVE must be auto, on or off (or 1/0, true/false, yes/no), got {text!r}")
             elif f.name == "initial_peers":
                 values[f.name] = _split_peers(text)
             else:
                 values[f.name] = text
         if "kernel_cache" not in values and (env.get("XDG_CACHE_HOME") or "").strip():
             values["kernel_cache"] = Path(env["XDG_CACHE_HOME"].strip()) / "nectar" / "kernels"
-        return cls(**values)
+        try:
+            settings = cls(**values)
+        except SettingsError as error:
+            problems = [*error.args[1], *problems]
+        if problems:
+            raise SettingsError(_explain(problems), problems)
+        return settings
 
     @staticmethod
     def env_var(name: str) -> str:

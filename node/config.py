@@ -45,4 +45,4 @@ class NodeConfig:
     audit_retention_s: float = 900.0  # how long a session's inputs are kept for spot checks
     audit_memory_bytes: int = 256 * 1024**2  # memory budget for those inputs (the oldest go first)
     corrupt_rate: float = 0.0  # testing only: share of outputs this node corrupts (a cheating node for spot checks)
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # free-form values for experiments (no flag); nectar itself reads none
