@@ -142,6 +142,11 @@ class RuntimeSettings:
         return env_name(name)
 
     @property
+    def trace_path(self) -> Optional[Path]:
+        """``trace`` for this process (``{pid}`` replaced by its id), or None when tracing is off."""
+        return Path(self.trace.replace("{pid}", str(os.getpid()))) if self.trace else None
+
+    @property
     def deployment_path(self) -> Path:
         """The deployment file: ``deployment``, else ``home/deployment.json``."""
         return self.deployment if self.deployment is not None else self.home / "deployment.json"

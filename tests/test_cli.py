@@ -22,7 +22,8 @@ from nectar.cli_kit import log_level_of
     (["api"], "nectar api serve"),
     (["api", "worker"], "nectar api worker"),
     (["node"], "nectar node"), (["dht"], "nectar dht"), (["generate"], "nectar generate"), (["chat"], "nectar chat"),
-    (["swarm"], "nectar swarm"), (["devnet"], "nectar devnet"), (["models"], "nectar models"), (["demo"], "nectar demo"),
+    (["swarm"], "nectar swarm"), (["devnet"], "nectar devnet"), (["models"], "nectar models"),
+    (["demo"], "nectar demo"),
 ])  # fmt: skip
 def test_every_command_and_old_spelling_answers_help(argv, prog, capsys):
     with pytest.raises(SystemExit) as caught:

@@ -38,7 +38,8 @@ def test_every_variable_is_parsed(tmp_path):
     assert parsed.native is False and parsed.native_decode == "on" and parsed.compiler == "/usr/bin/my-cc"
     assert parsed.kernel_cache == tmp_path / "xdg" / "nectar" / "kernels"  # XDG's cache folder when not set itself
     assert RuntimeSettings.from_env({**env, "NECTAR_KERNEL_CACHE": str(tmp_path / "k")}).kernel_cache == tmp_path / "k"
-    assert parsed.trace == "/tmp/trace-{pid}.jsonl" and parsed.repo_root == tmp_path / "repo"
+    assert parsed.trace == "/tmp/trace-{pid}.jsonl" and parsed.trace_path == Path(f"/tmp/trace-{os.getpid()}.jsonl")
+    assert RuntimeSettings().trace_path is None and parsed.repo_root == tmp_path / "repo"
     assert parsed.contracts_out == tmp_path / "out"
     for on in ("auto", "ON", "1", "true", "yes"):
         assert RuntimeSettings.from_env({"NECTAR_NATIVE": on}).native is True
