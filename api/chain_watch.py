@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 
 from nectar.api import crud
 from nectar.api.core.config import WEI_PER_CREDIT, WEI_PER_MICRO, Settings
-from nectar.api.core.db import session_scope
+from nectar.service.db import session_scope
 from nectar.api.models import Deposit
 
 logger = logging.getLogger(__name__)

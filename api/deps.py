@@ -12,7 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from nectar.api import crud
 from nectar.api.chain_watch import ChainWatcher
 from nectar.api.core.config import Settings
-from nectar.api.core.db import session_scope
+from nectar.service.db import session_scope
 from nectar.api.errors import ApiError
 from nectar.api.ratelimit import RateLimiter
 from nectar.api.serving.accounts import AccountService

@@ -17,8 +17,9 @@ from fastapi.staticfiles import StaticFiles
 
 from nectar.api.billing import Billing
 from nectar.api.chain_watch import ChainUnavailable, ChainWatcher
-from nectar.api.core.config import Settings, align_deployment, get_settings
-from nectar.api.core.db import get_engine, run_migrations
+from nectar.api.core.config import Settings, get_settings
+from nectar.service.db import get_engine
+from nectar.api.migrations import run_migrations
 from nectar.api.deps import ApiState
 from nectar.api.engine import Engine
 from nectar.api.errors import ApiError, install_error_handlers
@@ -88,7 +89,6 @@ def create_app(settings: Settings | None = None, *, swarm: Engine | None = None)
         await anyio.to_thread.run_sync(run_migrations, settings.database_url)
         engine = swarm
         if engine is None:
-            align_deployment(settings)
             peers = settings.initial_peers or _env_peers()
             engine = await anyio.to_thread.run_sync(lambda: Engine.start(
                 settings.models, initial_peers=peers, private_key=settings.gateway_key(),

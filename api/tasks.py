@@ -15,7 +15,7 @@ from celery import shared_task
 
 from nectar.api import crud
 from nectar.api.core.config import get_settings
-from nectar.api.core.db import get_engine, session_scope
+from nectar.service.db import get_engine, session_scope
 from nectar.api.models import JobStatus, utcnow
 from nectar.api.training import PromptTuner, StepReport
 from nectar.api.training_data import TrainingFileError, parse_jsonl, plan, tokenize

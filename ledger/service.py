@@ -7,9 +7,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from nectar.ledger.core.config import Settings, get_settings
-from nectar.ledger.core.db import get_engine, run_migrations
+from nectar.service.db import get_engine
+from nectar.ledger.migrations import run_migrations
 from nectar.ledger.deps import LedgerState
-from nectar.ledger.domain import DomainProvider
+from nectar.service.domain import DomainProvider
 from nectar.ledger.routes import epochs, health, nodes, submissions
 
 logger = logging.getLogger(__name__)

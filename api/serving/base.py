@@ -13,7 +13,7 @@ from sqlalchemy import Engine as DbEngine
 from nectar.api import crud
 from nectar.api.billing import Billing, Charge
 from nectar.api.core.config import Settings, micro_to_credits
-from nectar.api.core.db import session_scope
+from nectar.service.db import session_scope
 from nectar.api.engine import Engine, PromptSet, SwarmModel
 from nectar.api.errors import ApiError, bad_request, not_found, unavailable
 from nectar.api.protocol import ErrorInfo, ErrorResponse, GenerationParams, UsageInfo

@@ -13,7 +13,7 @@ import secrets
 import anyio
 
 from nectar.api import crud
-from nectar.api.core.db import session_scope
+from nectar.service.db import session_scope
 from nectar.api.errors import ApiError, bad_request, not_found, unavailable
 from nectar.api.models import FineTuningEvent, FineTuningJob, JobStatus
 from nectar.api.protocol import (

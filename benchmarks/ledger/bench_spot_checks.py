@@ -23,7 +23,7 @@ from nectar.client import ClientConfig, DistributedModelForCausalLM  # noqa: E40
 from nectar.client.routing import PeerScorer  # noqa: E402
 from nectar.ledger import crud  # noqa: E402
 from nectar.ledger.core.config import Settings  # noqa: E402
-from nectar.ledger.core.db import get_engine, session_scope  # noqa: E402
+from nectar.service.db import get_engine, session_scope  # noqa: E402
 from nectar.ledger.spot_check import LocalVerifier, SpotChecker  # noqa: E402
 from nectar.ledger.swarm import SwarmView  # noqa: E402
 from nectar.ledger.swarm_audit import RpcAuditSource, SwarmVerifier  # noqa: E402

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from nectar.ledger import crud
-from nectar.ledger.core.db import get_engine, session_scope
+from nectar.service.db import get_engine, session_scope
 from nectar.models.tiny import save_tiny_checkpoint
 from nectar.node.local_swarm import LocalSwarm, SwarmProcess
 from nectar.wire.receipts import receipt_leaf

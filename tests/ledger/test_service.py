@@ -6,7 +6,7 @@ import threading
 
 import torch
 
-from nectar.ledger.core.db import get_engine, session_scope
+from nectar.service.db import get_engine, session_scope
 from nectar.ledger import crud
 from nectar.wire import receipts as R
 from nectar.wire.merkle import merkle_root, verify_proof, merkle_proof

@@ -10,7 +10,8 @@ from sqlalchemy import select
 
 from nectar.ledger import crud
 from nectar.ledger.core.config import Settings
-from nectar.ledger.core.db import get_engine, run_migrations, session_scope
+from nectar.service.db import get_engine, session_scope
+from nectar.ledger.migrations import run_migrations
 from nectar.ledger.intake import check_receipt
 from nectar.ledger.spot_check import AuditSource, LocalVerifier, SpotChecker, Verifier, epoch_seed, is_picked
 from nectar.models import load_span

@@ -17,7 +17,7 @@ from hivemind.p2p import PeerID
 
 from nectar.client.routing import PeerScorer, ReputationScorer
 from nectar.ledger import crud
-from nectar.ledger.core.db import session_scope
+from nectar.service.db import session_scope
 from nectar.ledger.models import Epoch, Receipt
 from nectar.ledger.spot_check import LocalVerifier
 from nectar.ledger.swarm import SwarmView
