@@ -18,11 +18,10 @@ from fastapi.staticfiles import StaticFiles
 from nectar.api.billing import Billing
 from nectar.api.chain_watch import ChainUnavailable, ChainWatcher
 from nectar.api.core.config import Settings, get_settings
-from nectar.service.db import get_engine
-from nectar.api.migrations import run_migrations
 from nectar.api.deps import ApiState
 from nectar.api.engine import Engine
 from nectar.api.errors import ApiError, install_error_handlers
+from nectar.api.migrations import run_migrations
 from nectar.api.protocol import ChatCompletionStreamResponse, CompletionStreamResponse
 from nectar.api.ratelimit import make_rate_limiter
 from nectar.api.routes import api_router
@@ -34,6 +33,7 @@ from nectar.api.serving.completions import OpenAIServingCompletion
 from nectar.api.serving.fine_tuning import OpenAIServingFiles, OpenAIServingFineTuning
 from nectar.api.serving.market import MarketService
 from nectar.api.serving.models import OpenAIServingModels
+from nectar.service.db import get_engine
 
 logger = logging.getLogger(__name__)
 

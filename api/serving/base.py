@@ -11,9 +11,9 @@ from sqlalchemy import Engine as DbEngine
 from nectar.api import crud
 from nectar.api.billing import Billing
 from nectar.api.core.config import Settings
-from nectar.service.db import session_scope
 from nectar.api.engine import Engine, PromptSet, SwarmModel
 from nectar.api.errors import bad_request, not_found, unavailable
+from nectar.service.db import session_scope
 
 logger = logging.getLogger(__name__)
 
