@@ -7,7 +7,7 @@ from pathlib import Path
 
 from nectar.service.migrations import Migrations
 
-MIGRATIONS = Migrations(Path(__file__).resolve().parent, version_table="alembic_version_api", table_prefix="api_")
+MIGRATIONS = Migrations(Path(__file__).resolve().parent, version_table="alembic_version_api")
 
 
 def run_migrations(database_url: str) -> None:

@@ -37,7 +37,6 @@ class Migrations:
 
     package_dir: Path
     version_table: str = "alembic_version"  # its own name lets two histories share one database
-    table_prefix: str = ""  # the tables this history owns; autogenerate leaves other reflected tables alone
 
     def config(self, database_url: str) -> Config:
         config = Config(str(self.package_dir / "alembic.ini"))
@@ -52,10 +51,11 @@ class Migrations:
         with migration_lock(database_url, timeout=timeout):
             command.upgrade(self.config(database_url), revision)
 
-    def owns(self, obj, name, type_, reflected, compare_to) -> bool:
-        """Alembic's ``include_object``: a table found in the database but not in the models is this history's
-        (to drop) only if it carries its prefix; a shared database also holds the other service's tables."""
-        return not (type_ == "table" and reflected and compare_to is None and not name.startswith(self.table_prefix))
+    @staticmethod
+    def owns(obj, name, type_, reflected, compare_to) -> bool:
+        """Alembic's ``include_object``: autogenerate leaves alone a table found in the database but not in the
+        models, as a shared database also holds the other service's tables (write a drop by hand)."""
+        return not (type_ == "table" and reflected and compare_to is None)
 
 
 def run_env(migrations: Migrations, metadata: MetaData, default_url: Callable[[], str]) -> None:
