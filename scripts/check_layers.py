@@ -13,7 +13,8 @@ resolved, and ``importlib.import_module("nectar....")`` with a literal name), an
        client -> wire, models
        node   -> wire, models
        chain  -> wire
-       models, wire, service -> nothing of ours
+       service -> chain, wire
+       models, wire -> nothing of ours
 
    ``nectar`` itself (``core/``: ``cli.py``, ``demo.py`` and the other composition-root modules) may import
    anything, and nothing may import it, except the foundation modules ``FOUNDATION`` (``nectar.paths``,
@@ -68,7 +69,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "chain": frozenset({"wire"}),
     "models": frozenset(),
     "wire": frozenset(),
-    "service": frozenset(),
+    "service": frozenset({"chain", "wire"}),  # the services' settings resolve devnet keys and signing domains
 }
 
 
