@@ -10,14 +10,19 @@ import asyncio
 import enum
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import AsyncIterator, Awaitable, Callable, Optional
 
 import torch
+from hivemind.proto import runtime_pb2
 
 from nectar.client.routing import RemoteSpan
 from nectar.client.streams import open_stream
 from nectar.wire.protocol import RPC_INFERENCE, ErrorCode, NodeRPCError, make_request, module_uid, unpack_metadata
 from nectar.wire.protocol import unpack_tensors
+
+
+Connect = Optional[Callable[[RemoteSpan, AsyncIterator[runtime_pb2.ExpertRequest]],
+                            Awaitable[AsyncIterator[runtime_pb2.ExpertResponse]]]]
 
 
 class StreamState(enum.Enum):
@@ -59,8 +64,11 @@ class HopStream:
     """One inference stream to one node, for one session (lives on the runtime's loop). Requests are queued and
     leave in order; replies are read in order with ``receive``."""
 
-    def __init__(self, runtime, span: RemoteSpan, model_id: str, *, direct: bool = True):
+    def __init__(self, runtime, span: RemoteSpan, model_id: str, *, direct: bool = True, connect: Connect = None):
+        """:param connect: opens the stream given the requests (default: the node's direct lane or P2P, through
+            ``runtime``; tests connect in-memory nodes)"""
         self.runtime, self.span, self.model_id, self.direct = runtime, span, model_id, direct
+        self.connect = connect or self._connect
         self.uid = module_uid(model_id, span.start, span.end)
         self.state = StreamState.NEW
         self.session_id: Optional[bytes] = None
@@ -83,12 +91,15 @@ class HopStream:
                     return
                 yield item
 
-        self.responses = (await asyncio.wait_for(
-            open_stream(self.runtime.p2p, self.span.peer_id, self.span.info, RPC_INFERENCE, requests(),
-                        direct=self.direct), timeout)).__aiter__()
+        self.responses = (await asyncio.wait_for(self.connect(self.span, requests()), timeout)).__aiter__()
         self.queue.put_nowait(make_request(self.uid, [], metadata))
         response = await asyncio.wait_for(self.responses.__anext__(), timeout)
         return unpack_metadata(response.metadata)
+
+    async def _connect(self, span: RemoteSpan, requests: AsyncIterator[runtime_pb2.ExpertRequest]
+                       ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        return await open_stream(self.runtime.p2p, span.peer_id, span.info, RPC_INFERENCE, requests,
+                                 direct=self.direct)
 
     def send_step(self, tensors: list[torch.Tensor], *, step: int, position: int, voucher: Optional[dict] = None,
                   push_to: Optional[tuple[str, bytes]] = None, pushed: bool = False) -> None:
