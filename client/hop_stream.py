@@ -54,7 +54,8 @@ class Reply:
         return bool(self.metadata.get("push_missing"))
 
     def is_receipt_for(self, step: int) -> bool:
-        return self.metadata.get("type") == "receipt" and self.metadata.get("step") == step and "receipt" in self.metadata
+        metadata = self.metadata
+        return metadata.get("type") == "receipt" and metadata.get("step") == step and "receipt" in metadata
 
     def describe(self) -> str:
         return repr(self.metadata.get("type"))

@@ -46,7 +46,8 @@ class InferenceSession:
     """
 
     def __init__(self, manager: RemoteSequenceManager, runtime: ClientRuntime, wallet: Wallet, *, max_length: int,
-                 batch_size: int = 1, config: ClientConfig, streams: Optional[Callable[[RemoteSpan], HopStream]] = None):
+                 batch_size: int = 1, config: ClientConfig,
+                 streams: Optional[Callable[[RemoteSpan], HopStream]] = None):
         self.manager, self.runtime, self.wallet, self.config = manager, runtime, wallet, config
         self.max_length, self.batch_size = max_length, batch_size
         self._streams = streams or (lambda span: HopStream(runtime, span, manager.model_id, direct=config.direct))

@@ -316,7 +316,7 @@ def test_a_step_runs_through_every_hop_and_each_receipt_is_checked_and_paid(runt
     assert len(session.wallet.receipts) == 12 and manager.ok == {first.peer_id, second.peer_id}
     # the close pays for everything, the last step included
     for node in (first, second):
-        _eventually(lambda: node.vouchers)
+        _eventually(lambda node=node: node.vouchers)
         assert int(node.vouchers[-1]["voucher"]["cumulativeAmount"]) == session.wallet.owed(node.info.eth_address) > 0
     with pytest.raises(SessionClosedError, match="closed"):
         session.step(chunks[1])
