@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from nectar.api.billing import Charge
 from nectar.api.core.config import micro_to_credits
-from nectar.api.errors import ApiError, unavailable
+from nectar.api.errors import ApiError, from_client_error
 from nectar.api.protocol import ErrorInfo, ErrorResponse, GenerationParams, UsageInfo, random_id
 from nectar.api.serving.base import Auth, OpenAIServing, Target
 from nectar.api.text import ChoiceText
@@ -195,8 +195,7 @@ class GenerationServing(OpenAIServing):
                 raise
             except Exception as e:
                 logger.warning(f"Generation on {target.name} failed: {type(e).__name__}: {e}")
-                raise unavailable(f"The swarm could not finish this generation ({type(e).__name__}: {e}). "
-                                  f"Retry shortly; only tokens already delivered are charged.") from e
+                raise from_client_error(e) from e
             finally:
                 await steps.aclose()
         for row, choice in enumerate(choices):
