@@ -99,7 +99,7 @@ def worker_main(argv: list[str]) -> int:
     settings = _settings(args, (), "nectar api worker")
     if settings is None:
         return 2
-    from nectar.api.core.db import run_migrations
+    from nectar.api.migrations import run_migrations
     from nectar.api.worker import QUEUE, create_celery
 
     run_migrations(settings.database_url)

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nectar: unknown command {argv[0]!r}. Known: {', '.join(known)}", file=sys.stderr)
         return 2
     name, rest = found
-    from nectar.settings import SettingsError, RuntimeSettings, configured
+    from nectar.settings import RuntimeSettings, SettingsError, configured
 
     try:
         settings = RuntimeSettings.from_env(os.environ)  # the one read of NECTAR_* for this command

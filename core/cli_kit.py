@@ -17,10 +17,11 @@ import textwrap
 import tokenize
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Optional
+from typing import Any, Literal
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -37,7 +38,7 @@ class Option:
     default: Any  # the default value; dataclasses.MISSING where computed (default_factory)
     default_text: str  # the default as the docs show it
     help: str  # the field's comment or description
-    env: Optional[str] = None  # the environment variable that sets it (pydantic settings, RuntimeSettings)
+    env: str | None = None  # the environment variable that sets it (pydantic settings, RuntimeSettings)
 
     @property
     def flag(self) -> str:
@@ -50,8 +51,17 @@ def _is_settings(cls) -> bool:
 
 @cache
 def field_comments(cls) -> dict[str, str]:
-    """``{field: comment}`` from the class source: the comment ending a field's line, and any comment-only lines right
+    """``{field: comment}`` from the source of ``cls`` and its nectar base classes (a subclass's comment wins; a field
+    redeclared without one keeps the base's): the comment ending a field's line, and any comment-only lines right
     below it (no blank line between)."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is cls or klass.__module__.split(".")[0] == "nectar":
+            comments.update({k: v for k, v in _own_comments(klass).items() if v or k not in comments})
+    return comments
+
+
+def _own_comments(cls) -> dict[str, str]:
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):  # no source (frozen app, REPL class): help stays empty
@@ -152,7 +162,7 @@ def _argparse_kwargs(option: Option) -> dict:
 
 
 def add_options(parser: argparse.ArgumentParser, cls, names: Iterable[str], *,
-                overrides: Optional[Mapping[str, dict]] = None) -> None:
+                overrides: Mapping[str, dict] | None = None) -> None:
     """Adds ``--field-name`` options for ``names`` of ``cls``, with the field's help and type.
 
     On a dataclass the option's default is the field's, so the parsed values build the config as they stand
@@ -189,7 +199,7 @@ def config_values(args: argparse.Namespace, names: Iterable[str], *, given_only:
 
 
 def add_logging_options(parser: argparse.ArgumentParser, *, default: str = "INFO",
-                        verbose: Optional[str] = None) -> None:
+                        verbose: str | None = None) -> None:
     """``--log-level`` (and ``-v/--verbose`` = ``verbose``'s level, where the command had it); see ``setup_logging``."""
     parser.add_argument("--log-level", default=None, type=str.upper, choices=LOG_LEVELS, metavar="LEVEL",
                         help=f"{', '.join(LOG_LEVELS[:4])} (default: {default}, or NECTAR_LOG_LEVEL)")

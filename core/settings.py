@@ -16,10 +16,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Optional
 
 __all__ = ["RuntimeSettings", "SettingsError", "configure", "configured", "current", "reset"]
 
@@ -68,11 +68,11 @@ class RuntimeSettings:
 
     home: Path = field(default_factory=_default_home, metadata={"default_text": "~/.nectar"})  # folder for node keys,
     # converted models, the SQLite databases and the deployment file
-    deployment: Optional[Path] = None  # deployment file of `nectar devnet` (contracts, ABIs, EIP-712 domain);
+    deployment: Path | None = None  # deployment file of `nectar devnet` (contracts, ABIs, EIP-712 domain);
     # none = HOME/deployment.json
     initial_peers: tuple[str, ...] = ()  # multiaddrs of swarm peers (space or comma separated) used where a command
     # or client is given none
-    log_level: Optional[str] = None  # DEBUG, INFO, WARNING or ERROR for every command; none = each command's own
+    log_level: str | None = None  # DEBUG, INFO, WARNING or ERROR for every command; none = each command's own
     # (--log-level and -v win)
     event_loop: str = "auto"  # the node's and client's event loop: auto (uvloop where installed), uvloop or asyncio
     cpu_blas: str = "auto"  # CPU matrix products: auto (timed per row count at start), torch (MKL), openblas or
@@ -84,13 +84,13 @@ class RuntimeSettings:
     # or off
     kernel_cache: Path = field(default_factory=_default_kernel_cache, metadata={"default_text": _KERNELS})  # folder
     # of the compiled C kernels, shared by the processes of a machine
-    compiler: Optional[str] = field(default=None, metadata={"env": "CC"})  # C compiler for the kernels; none = cc,
+    compiler: str | None = field(default=None, metadata={"env": "CC"})  # C compiler for the kernels; none = cc,
     # gcc or clang from PATH
-    trace: Optional[str] = None  # a node writes its round timeline to this JSON-lines file as it stops ({pid}
+    trace: str | None = None  # a node writes its round timeline to this JSON-lines file as it stops ({pid}
     # becomes its process id); none = off
-    repo_root: Optional[Path] = None  # the checkout holding foundry.toml and node_modules; none = the one nectar
+    repo_root: Path | None = None  # the checkout holding foundry.toml and node_modules; none = the one nectar
     # runs from
-    contracts_out: Optional[Path] = None  # forge's build output (ABIs, bytecode); none = REPO_ROOT/contracts/out
+    contracts_out: Path | None = None  # forge's build output (ABIs, bytecode); none = REPO_ROOT/contracts/out
 
     def __post_init__(self) -> None:
         for name in _PATHS:
@@ -105,7 +105,7 @@ class RuntimeSettings:
             raise SettingsError(_explain(problems), problems)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "RuntimeSettings":
+    def from_env(cls, env: Mapping[str, str]) -> RuntimeSettings:
         """The settings ``env`` (usually ``os.environ``) asks for; unset or empty variables keep their defaults.
         Raises ``SettingsError`` naming every variable with a value it cannot use."""
         values: dict = {}
@@ -142,7 +142,7 @@ class RuntimeSettings:
         return env_name(name)
 
     @property
-    def trace_path(self) -> Optional[Path]:
+    def trace_path(self) -> Path | None:
         """``trace`` for this process (``{pid}`` replaced by its id), or None when tracing is off."""
         return Path(self.trace.replace("{pid}", str(os.getpid()))) if self.trace else None
 
@@ -165,8 +165,8 @@ def _split_peers(text: str) -> tuple[str, ...]:
 _FIELDS = {f.name: f for f in dataclasses.fields(RuntimeSettings)}
 _WATCHED = tuple(env_name(name) for name in _FIELDS) + ("XDG_CACHE_HOME", "HOME")  # what a lazy default depends on
 _lock = threading.Lock()
-_pinned: Optional[RuntimeSettings] = None  # set by configure(): the entry point's settings
-_lazy: Optional[tuple[tuple, RuntimeSettings]] = None  # (the variables it was read from, the settings)
+_pinned: RuntimeSettings | None = None  # set by configure(): the entry point's settings
+_lazy: tuple[tuple, RuntimeSettings] | None = None  # (the variables it was read from, the settings)
 
 
 def current() -> RuntimeSettings:
@@ -183,7 +183,7 @@ def current() -> RuntimeSettings:
     return cached[1]
 
 
-def configure(settings: Optional[RuntimeSettings] = None, **changes) -> RuntimeSettings:
+def configure(settings: RuntimeSettings | None = None, **changes) -> RuntimeSettings:
     """Sets this process's settings: ``settings`` (default: ``current()``) with ``changes`` (field=value) applied.
     Entry points call it once; ``configure(deployment=path)`` replaces writing ``NECTAR_DEPLOYMENT``."""
     global _pinned
@@ -194,7 +194,7 @@ def configure(settings: Optional[RuntimeSettings] = None, **changes) -> RuntimeS
 
 
 @contextmanager
-def configured(settings: Optional[RuntimeSettings] = None, **changes) -> Iterator[RuntimeSettings]:
+def configured(settings: RuntimeSettings | None = None, **changes) -> Iterator[RuntimeSettings]:
     """``configure`` for the duration of a block (a command's run, a test), then back to what was there before."""
     global _pinned
     previous = _pinned

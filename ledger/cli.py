@@ -85,7 +85,7 @@ def worker_main(argv: list[str]) -> int:
     settings = _settings(args, WORKER, "nectar worker")
     if settings is None:
         return 2
-    from nectar.ledger.core.db import run_migrations
+    from nectar.ledger.migrations import run_migrations
     from nectar.ledger.worker import create_celery
 
     if settings.audit_source == "swarm" or settings.spot_check_verifier == "swarm":
