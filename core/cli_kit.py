@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import collections.abc
 import dataclasses
 import inspect
 import io
@@ -152,11 +153,9 @@ def _argparse_kwargs(option: Option) -> dict:
         return {"choices": list(typing.get_args(kind))}
     if kind is bool:
         return {"action": argparse.BooleanOptionalAction}
-    if origin in (list, tuple, typing.Sequence) or kind in (list, tuple):
+    if origin in (list, tuple, collections.abc.Sequence) or kind in (list, tuple):
         return {"nargs": "+"}
-    if kind in (int, float, Path):
-        return {"type": kind}
-    if callable(kind) and kind is not str and kind is not typing.Any:
+    if isinstance(kind, type) and kind is not str:  # int, float, Path, Decimal...
         return {"type": kind}
     return {}
 

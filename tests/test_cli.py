@@ -55,9 +55,11 @@ def test_the_node_command_line_defaults_are_nodeconfig_defaults(monkeypatch):
     built = node_config(node_parser().parse_args([]))
     assert dataclasses.replace(built, initial_peers=tuple(built.initial_peers)) == NodeConfig()
     flagged = node_config(node_parser().parse_args(["--price", "7", "--name", "n1", "--blocks", "2:5", "--cache-mb",
-                                                    "1.5", "--dtype", "bfloat16", "--batch-wait", "0.5"]))
+                                                    "1.5", "--dtype", "bfloat16", "--batch-wait", "0.5",
+                                                    "--initial-peers", "/ip4/1/p2p/A", "/ip4/2/p2p/B"]))
     assert (flagged.price_per_token, flagged.public_name, flagged.blocks) == (7, "n1", (2, 5))
     assert flagged.cache_memory_bytes == int(1.5 * 2**20) and flagged.dtype == "bfloat16" and flagged.batch_wait == 0.5
+    assert list(flagged.initial_peers) == ["/ip4/1/p2p/A", "/ip4/2/p2p/B"]
 
 
 def test_the_client_command_line_defaults_are_clientconfig_defaults():
@@ -65,6 +67,7 @@ def test_the_client_command_line_defaults_are_clientconfig_defaults():
     from nectar.client.config import ClientConfig
 
     assert client_config(generate_parser().parse_args(["hi"])) == ClientConfig()
+    assert generate_parser().parse_args(["hi", "--initial-peers", "/ip4/1/p2p/A"]).initial_peers == ["/ip4/1/p2p/A"]
     flagged = client_config(generate_parser().parse_args(["hi", "--no-direct", "--push", "--step-timeout", "5",
                                                           "--ledger-url", "http://l"]))  # fmt: skip
     assert (flagged.direct, flagged.push, flagged.step_timeout, flagged.ledger_url) == (False, True, 5.0, "http://l")
