@@ -96,7 +96,8 @@ def test_configure_pins_the_settings_and_configured_restores_them(monkeypatch, t
 def test_nothing_is_read_at_import_and_a_bad_value_fails_where_it_is_used():
     env = {**os.environ, "NECTAR_CPU_BLAS": "fast", "NECTAR_EVENT_LOOP": "trio"}
     code = ("import nectar, nectar.paths, nectar.models, nectar.models.cpu_blas, nectar.models.greedy_head, "
-            "nectar.models.native, nectar.wire.event_loop, nectar.chain.artifacts, nectar.client, nectar.cli\n"
+            "nectar.models.native, nectar.wire.event_loop, nectar.chain.artifacts, nectar.client, nectar.cli, "
+            "nectar.node.server, nectar.ledger.service, nectar.api.main\n"
             "import torch\n"
             "from nectar.models.cpu_blas import CpuMatmul\n"
             "try:\n"
