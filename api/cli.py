@@ -1,4 +1,9 @@
-"""``nectar api`` (the HTTP gateway, uvicorn) and ``nectar api worker`` (its Celery worker for fine-tuning jobs)."""
+"""``nectar api serve`` (the HTTP gateway, uvicorn) and ``nectar api worker`` (its Celery worker for fine-tuning jobs).
+
+``nectar api`` is the older spelling of ``nectar api serve``. Options are fields of the API's ``Settings``: a flag
+given wins over its ``NECTAR_API_*`` variable, which wins over the ``.env`` file and the default; the command builds
+one ``Settings`` and hands it to the app or worker it starts.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,64 +11,66 @@ import logging
 import os
 import sys
 
+from nectar.cli_kit import add_logging_options, add_options, config_values, setup_logging
+
 logger = logging.getLogger(__name__)
 
-# flag -> NECTAR_API_* variable (Settings reads the environment, so flags become variables before it is built)
-FLAGS = {
-    "models": "MODELS", "initial_peers": "INITIAL_PEERS", "database_url": "DATABASE_URL", "broker_url": "BROKER_URL",
-    "deployment": "DEPLOYMENT_PATH", "ledger_url": "LEDGER_URL", "private_key": "PRIVATE_KEY",
-    "price_per_token": "PRICE_PER_TOKEN", "host": "HOST", "port": "PORT",
-}  # fmt: skip
+COMMON = ("models", "initial_peers", "database_url", "broker_url", "deployment_path", "private_key")
+SERVE = ("host", "port", "ledger_url", "price_per_token")
+OPTIONS = {  # Settings fields whose flag, shape or help differ from what the field gives
+    "models": dict(help="built-in names or checkpoint folders to serve"),
+    "initial_peers": dict(metavar="MULTIADDR", help="swarm peers (default: NECTAR_INITIAL_PEERS)"),
+    "database_url": dict(help="SQLAlchemy URL (default: SQLite under NECTAR_HOME)"),
+    "broker_url": dict(help="Celery broker (default: SQLite under NECTAR_HOME; redis://... in prod)"),
+    "deployment_path": dict(flags=["--deployment"], help="deployment file written by `nectar devnet`"),
+    "private_key": dict(help="the gateway's wallet key (default on a devnet: a demo client)"),
+    "host": dict(help="address to listen on"),
+    "port": dict(help="TCP port"),
+    "ledger_url": dict(help="the ledger service, for node receipts, earnings and reputation"),
+    "price_per_token": dict(help="micro-credits charged per token"),
+}
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", nargs="+", help="built-in names or checkpoint folders to serve "
-                                                    "(default: smollm2-135m)")
-    parser.add_argument("--initial-peers", nargs="+", metavar="MULTIADDR",
-                        help="swarm peers (default: NECTAR_INITIAL_PEERS)")
-    parser.add_argument("--database-url", help="SQLAlchemy URL (default: SQLite under NECTAR_HOME)")
-    parser.add_argument("--broker-url", help="Celery broker (default: SQLite under NECTAR_HOME; redis://... in prod)")
-    parser.add_argument("--deployment", help="deployment file written by `nectar devnet`")
-    parser.add_argument("--private-key", help="the gateway's wallet key (default on a devnet: a demo client)")
-    parser.add_argument("--log-level", default="INFO")
+def _parser(prog: str, description: str, fields: tuple[str, ...]) -> argparse.ArgumentParser:
+    from nectar.api.core.config import Settings
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_options(parser, Settings, COMMON + fields, overrides=OPTIONS)
+    add_logging_options(parser, default="INFO")
+    return parser
 
 
-def _apply(args) -> None:
-    for flag, env in FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            os.environ[f"NECTAR_API_{env}"] = " ".join(value) if isinstance(value, list) else str(value)
-    if getattr(args, "deployment", None):
-        # the client's wallet signs vouchers under the domain of nectar.paths.deployment_path(): keep them one file
-        os.environ["NECTAR_DEPLOYMENT"] = str(args.deployment)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("hivemind", "asyncio", "httpx", "urllib3", "web3", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _settings(prog: str):
-    from nectar.api.core.config import get_settings
+def _settings(args: argparse.Namespace, fields: tuple[str, ...], prog: str):
+    """The API Settings (flags given, then NECTAR_API_* / .env, then defaults), or None (reported) if invalid. The
+    gateway's wallet signs vouchers under the EIP-712 domain of the runtime settings' deployment file: it is pointed at
+    the file these settings name, so gateway, nodes and chain share one domain."""
+    from nectar.api.core.config import Settings
+    from nectar.settings import configure
 
     try:
-        return get_settings()
+        settings = Settings(**config_values(args, COMMON + fields, given_only=True))
     except ValueError as e:
         print(f"{prog}: bad settings: {e}", file=sys.stderr)
         return None
+    configure(deployment=settings.deployment_path)
+    return settings
 
 
-def api_main(argv: list[str]) -> int:
-    if argv and argv[0] == "worker":
-        return worker_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="nectar api", description="Run the paid OpenAI-compatible API gateway. "
-                                     "`nectar api worker` runs its fine-tuning worker.")  # fmt: skip
-    _common(parser)
-    parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port (default 8800)")
-    parser.add_argument("--ledger-url", help="the ledger service, for node receipts, earnings and reputation")
-    parser.add_argument("--price-per-token", type=int, help="micro-credits charged per token (default 10)")
-    args = parser.parse_args(argv)
-    _apply(args)
-    settings = _settings("nectar api")
+def serve_parser() -> argparse.ArgumentParser:
+    return _parser("nectar api serve", "Run the paid OpenAI-compatible API gateway. "
+                   "`nectar api worker` runs its fine-tuning worker.", SERVE)  # fmt: skip
+
+
+def worker_parser() -> argparse.ArgumentParser:
+    parser = _parser("nectar api worker", "Run the API's Celery worker (fine-tuning jobs), on queue nectar-api.", ())
+    parser.add_argument("--concurrency", type=int, default=1, help="jobs trained at once (threads; default: 1)")
+    return parser
+
+
+def serve_main(argv: list[str]) -> int:
+    args = serve_parser().parse_args(argv)
+    level = setup_logging(args)
+    settings = _settings(args, SERVE, "nectar api")
     if settings is None:
         return 2
     if not (settings.initial_peers or os.environ.get("NECTAR_INITIAL_PEERS", "").strip()):
@@ -78,7 +85,7 @@ def api_main(argv: list[str]) -> int:
     print(f"Nectar API on {settings.base_url}/v1 (monitor: {settings.base_url}/monitor, docs: "
           f"{settings.base_url}/docs)", flush=True)
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level.lower(),
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=level.lower(),
                     timeout_graceful_shutdown=10)  # fmt: skip
     except ValueError as e:  # no peers, unknown model: say what to do instead of a traceback
         print(f"nectar api: {e}", file=sys.stderr)
@@ -87,20 +94,16 @@ def api_main(argv: list[str]) -> int:
 
 
 def worker_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="nectar api worker", description="Run the API's Celery worker "
-                                     "(fine-tuning jobs), on queue nectar-api.")  # fmt: skip
-    _common(parser)
-    parser.add_argument("--concurrency", type=int, default=1, help="jobs trained at once (threads)")
-    args = parser.parse_args(argv)
-    _apply(args)
-    settings = _settings("nectar api worker")
+    args = worker_parser().parse_args(argv)
+    level = setup_logging(args)
+    settings = _settings(args, (), "nectar api worker")
     if settings is None:
         return 2
     from nectar.api.migrations import run_migrations
     from nectar.api.worker import QUEUE, create_celery
 
     run_migrations(settings.database_url)
-    app = create_celery(settings)
-    app.worker_main(["worker", f"--concurrency={args.concurrency}", f"--loglevel={args.log_level}", "--pool=threads",
+    app = create_celery(settings)  # the tasks read these settings from the app (nectar.api.tasks._settings)
+    app.worker_main(["worker", f"--concurrency={args.concurrency}", f"--loglevel={level}", "--pool=threads",
                      f"--queues={QUEUE}", "--without-gossip", "--without-mingle", "--hostname=nectar-api@%h"])
     return 0

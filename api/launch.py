@@ -1,4 +1,4 @@
-"""Starting the API as part of a local market (``nectar demo``, benchmarks, tests): ``nectar api`` and
+"""Starting the API as part of a local market (``nectar demo``, benchmarks, tests): ``nectar api serve`` and
 ``nectar api worker`` as subprocesses, a funded demo account, and a request a user can copy.
 
     env = api_environment(home=workdir, model="smollm2-135m", initial_peers=swarm.initial_peers,
@@ -55,7 +55,7 @@ def api_environment(*, home: Path, model: str, initial_peers: list[str], databas
 
 
 class ApiProcess:
-    """``nectar api`` on a free port (and ``nectar api worker`` if ``worker``); returns once both are ready.
+    """``nectar api serve`` on a free port (and ``nectar api worker`` if ``worker``); returns once both are ready.
 
     :param env: variables from ``api_environment`` (added to this process's environment)
     :param log_dir: where ``api.log`` and ``api-worker.log`` go
@@ -72,7 +72,7 @@ class ApiProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **env}
         self.worker_process: subprocess.Popen | None = None
-        self.process = self._spawn(["api", "--port", str(self.port)], self.log_dir / "api.log")
+        self.process = self._spawn(["api", "serve", "--port", str(self.port)], self.log_dir / "api.log")
         try:
             self._wait(lambda: _answers(f"{self.url}/health"), self.process, self.log_dir / "api.log", start_timeout,
                        "nectar api")  # fmt: skip

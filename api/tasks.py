@@ -11,10 +11,10 @@ import json
 import logging
 import time
 
-from celery import shared_task
+from celery import current_app, shared_task
 
 from nectar.api import crud
-from nectar.api.core.config import get_settings
+from nectar.api.core.config import Settings, get_settings
 from nectar.api.models import JobStatus, utcnow
 from nectar.api.training import PromptTuner, StepReport
 from nectar.api.training_data import TrainingFileError, parse_jsonl, plan, tokenize
@@ -26,11 +26,17 @@ logger = logging.getLogger(__name__)
 EVENT_EVERY_SECONDS = 1.0  # metric events at most this often (and always on the last step)
 
 
+def _settings() -> Settings:
+    """The Settings the worker was built with (``create_celery``: the command's flags and environment, read once),
+    else this process's environment (a task run outside a worker)."""
+    return current_app.conf.get("nectar_settings") or get_settings()
+
+
 def _model_path(served_name: str) -> str:
     """The --models entry whose DHT name is ``served_name`` (the worker serves from the same settings as the API)."""
     from nectar.models import model_id_of
 
-    settings = get_settings()
+    settings = _settings()
     for entry in settings.models:
         try:
             if model_id_of(entry) == served_name:
@@ -50,7 +56,7 @@ def _finish(engine, job_id: str, *, status: str, trained_tokens: int, charge: bo
             job.fine_tuned_model = tuned["name"]
         if job.hold_id is not None:
             tokens = trained_tokens if charge else 0
-            crud.settle_hold(session, hold_id=job.hold_id, cost=tokens * get_settings().price_per_token,
+            crud.settle_hold(session, hold_id=job.hold_id, cost=tokens * _settings().price_per_token,
                              kind="fine_tune", model=job.model, prompt_tokens=tokens)  # fmt: skip
         job.status, job.finished_at, job.trained_tokens = status, utcnow(), trained_tokens
         job.error = json.dumps(error) if error else None
@@ -59,7 +65,7 @@ def _finish(engine, job_id: str, *, status: str, trained_tokens: int, charge: bo
 
 @shared_task(name=FINE_TUNE_TASK, acks_late=True)
 def fine_tune(job_id: str) -> str:
-    settings = get_settings()
+    settings = _settings()
     engine = get_engine(settings.database_url)
     with session_scope(engine) as session:
         job = crud.claim_job(session, job_id=job_id)

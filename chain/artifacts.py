@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from nectar.settings import current
+
 logger = logging.getLogger(__name__)
 
 # The contracts the devnet deploys, in deployment order (file stem == contract name).
@@ -22,12 +24,13 @@ ABSTRACT_NAMES = ("Escrow",)  # ABI only: the vault is Settlement's base, deploy
 
 
 def repo_root() -> Path:
-    """The repository holding foundry.toml (chain/ lives at its top level)."""
-    return Path(os.environ.get("NECTAR_REPO_ROOT", Path(__file__).resolve().parents[1]))
+    """The repository holding foundry.toml (chain/ lives at its top level), or ``NECTAR_REPO_ROOT``."""
+    return current().repo_root or Path(__file__).resolve().parents[1]
 
 
 def out_dir() -> Path:
-    return Path(os.environ.get("NECTAR_CONTRACTS_OUT", repo_root() / "contracts" / "out"))
+    """Forge's build output: ``NECTAR_CONTRACTS_OUT``, else ``contracts/out`` of the repository."""
+    return current().contracts_out or repo_root() / "contracts" / "out"
 
 
 _NPM_PLATFORMS = {("linux", "x86_64"): "linux-amd64", ("linux", "aarch64"): "linux-arm64",

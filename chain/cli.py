@@ -6,6 +6,8 @@ import logging
 import signal
 import threading
 
+from nectar.cli_kit import add_logging_options, setup_logging
+
 from .devnet import start_devnet
 
 logger = logging.getLogger(__name__)
@@ -19,8 +21,9 @@ def devnet_main(argv: list[str]) -> int:
     parser.add_argument("--deployment", default=None, help="where to write the deployment file "
                         "(default: $NECTAR_DEPLOYMENT or ~/.nectar/deployment.json)")  # fmt: skip
     parser.add_argument("--block-time", type=float, default=None, help="seconds per block (default: instant mining)")
+    add_logging_options(parser, default="INFO")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args)
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

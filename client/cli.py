@@ -2,17 +2,26 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
 
+from nectar.cli_kit import add_logging_options, add_options, config_values, options_of, setup_logging
+from nectar.client.config import ClientConfig
+
+PEERS = {"initial_peers": dict(nargs="*", default=None, metavar="MULTIADDR")}  # None: NECTAR_INITIAL_PEERS
+CLIENT_OPTIONS = [name for name in options_of(ClientConfig) if name != "initial_peers"]  # generate and chat
+
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="built-in model name or local checkpoint directory")
-    parser.add_argument("--initial-peers", nargs="*", default=None, metavar="MULTIADDR",
-                        help="swarm peers (default: NECTAR_INITIAL_PEERS)")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    add_options(parser, ClientConfig, ["initial_peers"], overrides=PEERS)
+    add_logging_options(parser, default="WARNING", verbose="INFO")
+
+
+def client_config(args: argparse.Namespace) -> ClientConfig:
+    """The ClientConfig of `nectar generate` / `nectar chat` (peers are passed apart: ``_peers``)."""
+    return ClientConfig(**config_values(args, CLIENT_OPTIONS))
 
 
 def _peers(args) -> list[str]:
@@ -23,17 +32,11 @@ def _peers(args) -> list[str]:
     return peers
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("hivemind").setLevel(logging.ERROR)
-
-
 def swarm_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="nectar swarm", description="Show who hosts which blocks of a model.")
     _common(parser)
     args = parser.parse_args(argv)
-    _logging(args.verbose)
+    setup_logging(args, libraries="ERROR")
     import hivemind
 
     from nectar.models import get_family, load_config, model_id_of, resolve_model
@@ -83,19 +86,25 @@ def _sampling_kwargs(args) -> dict:
                 stop_strings=args.stop, seed=args.seed)
 
 
-def generate_main(argv: list[str]) -> int:
+def generate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nectar generate", description="Generate text through the swarm.")
     parser.add_argument("prompt")
     _common(parser)
+    add_options(parser, ClientConfig, CLIENT_OPTIONS)
     _sampling_args(parser)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    args = parser.parse_args(argv)
-    _logging(args.verbose)
+    return parser
+
+
+def generate_main(argv: list[str]) -> int:
+    args = generate_parser().parse_args(argv)
+    setup_logging(args, libraries="ERROR")
     from nectar.client import DistributedModelForCausalLM
     from nectar.models import load_tokenizer, resolve_model
 
     tokenizer = load_tokenizer(resolve_model(args.model))
-    model = DistributedModelForCausalLM.from_pretrained(args.model, initial_peers=_peers(args))
+    model = DistributedModelForCausalLM.from_pretrained(args.model, initial_peers=_peers(args),
+                                                        config=client_config(args))
     try:
         if args.chat:
             text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
@@ -121,18 +130,24 @@ def generate_main(argv: list[str]) -> int:
     return 0
 
 
-def chat_main(argv: list[str]) -> int:
+def chat_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nectar chat", description="Chat with a model served by the swarm.")
     _common(parser)
+    add_options(parser, ClientConfig, CLIENT_OPTIONS)
     _sampling_args(parser)
     parser.add_argument("--system", default=None, help="system prompt")
-    args = parser.parse_args(argv)
-    _logging(args.verbose)
+    return parser
+
+
+def chat_main(argv: list[str]) -> int:
+    args = chat_parser().parse_args(argv)
+    setup_logging(args, libraries="ERROR")
     from nectar.client import DistributedModelForCausalLM
     from nectar.models import load_tokenizer, resolve_model
 
     tokenizer = load_tokenizer(resolve_model(args.model))
-    model = DistributedModelForCausalLM.from_pretrained(args.model, initial_peers=_peers(args))
+    model = DistributedModelForCausalLM.from_pretrained(args.model, initial_peers=_peers(args),
+                                                        config=client_config(args))
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("Chatting through the swarm. Empty line or Ctrl-D to quit.")
     try:

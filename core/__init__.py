@@ -15,7 +15,9 @@ import os
 
 # numpy's OpenBLAS (used for some CPU products, nectar.models.cpu_blas) keeps its worker threads spinning ~0.1 s after
 # each call; in a swarm on one machine they steal the cores of the next process on the route (measured: 2-thread nodes
-# at half speed). Read once when numpy loads, so set on importing nectar; an explicit setting wins.
+# at half speed). Not a Nectar setting (those are nectar.settings, never read at import): OpenBLAS reads its own
+# environment once, when numpy loads, and offers no other channel, so this is set here, before any nectar module can
+# import numpy, for library users too (not only the `nectar` command). An explicit setting wins; children inherit it.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 __version__ = "0.1.0"

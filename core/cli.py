@@ -1,5 +1,11 @@
-"""The ``nectar`` command: a thin dispatcher; each subcommand lives with the package it drives."""
+"""The ``nectar`` command: a thin dispatcher; each subcommand lives with the package it drives.
+
+It reads the runtime settings (``nectar.settings``) once, before the subcommand runs, so a bad ``NECTAR_*`` value is
+reported up front. ``nectar ledger serve|worker`` and ``nectar api serve|worker`` are groups; ``nectar ledger``,
+``nectar api`` (= serve) and ``nectar worker`` (= ledger worker) are the older spellings, kept.
+"""
 import importlib
+import os
 import sys
 
 # name -> (module, function, one-line help). Modules are imported lazily so `nectar --help` stays fast.
@@ -12,17 +18,33 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "generate": ("nectar.client.cli", "generate_main", "generate text through the swarm"),
     "chat": ("nectar.client.cli", "chat_main", "chat interactively through the swarm"),
     "devnet": ("nectar.chain.cli", "devnet_main", "start Anvil, deploy the contracts, fund demo accounts"),
-    "ledger": ("nectar.ledger.cli", "ledger_main", "run the ledger service"),
-    "worker": ("nectar.ledger.cli", "worker_main", "run the ledger's Celery worker (with beat)"),
-    "api": ("nectar.api.cli", "api_main", "run the paid OpenAI-compatible API"),
+    "ledger serve": ("nectar.ledger.cli", "serve_main", "run the ledger's HTTP service"),
+    "ledger worker": ("nectar.ledger.cli", "worker_main", "run the ledger's Celery worker (with beat)"),
+    "api serve": ("nectar.api.cli", "serve_main", "run the paid OpenAI-compatible API"),
+    "api worker": ("nectar.api.cli", "worker_main", "run the API's fine-tuning worker"),
 }
+GROUP_DEFAULTS = {"ledger": "serve", "api": "serve"}  # `nectar ledger --port 1` = `nectar ledger serve --port 1`
+ALIASES = {"worker": "ledger worker"}  # the spelling from before the groups
 
 
 def print_help() -> None:
     print("usage: nectar <command> [options]\n\ncommands:")
     for name, (_, _, help_text) in COMMANDS.items():
-        print(f"  {name:<10} {help_text}")
-    print("\nRun `nectar <command> --help` for the options of one command.")
+        print(f"  {name:<14} {help_text}")
+    print("\n`nectar ledger` and `nectar api` alone mean `... serve`; `nectar worker` means `nectar ledger worker`.")
+    print("Run `nectar <command> --help` for the options of one command; docs/configuration.md lists every setting.")
+
+
+def resolve(argv: list[str]) -> tuple[str, list[str]] | None:
+    """(command name in COMMANDS, its arguments) for a command line, or None if unknown."""
+    name, rest = argv[0], argv[1:]
+    if name in ALIASES:
+        return ALIASES[name], rest
+    if name in GROUP_DEFAULTS:
+        if rest and f"{name} {rest[0]}" in COMMANDS:
+            return f"{name} {rest[0]}", rest[1:]
+        return f"{name} {GROUP_DEFAULTS[name]}", rest
+    return (name, rest) if name in COMMANDS else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,13 +52,23 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print_help()
         return 0
-    name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        print(f"nectar: unknown command {name!r}. Known: {', '.join(COMMANDS)}", file=sys.stderr)
+    found = resolve(argv)
+    if found is None:
+        known = sorted({name.split()[0] for name in COMMANDS} | set(ALIASES))
+        print(f"nectar: unknown command {argv[0]!r}. Known: {', '.join(known)}", file=sys.stderr)
+        return 2
+    name, rest = found
+    from nectar.settings import RuntimeSettings, SettingsError, configured
+
+    try:
+        settings = RuntimeSettings.from_env(os.environ)  # the one read of NECTAR_* for this command
+    except SettingsError as error:
+        print(f"nectar {name}: {error}", file=sys.stderr)
         return 2
     module_name, function_name, _ = COMMANDS[name]
-    function = getattr(importlib.import_module(module_name), function_name)
-    return int(function(rest) or 0)
+    with configured(settings):
+        function = getattr(importlib.import_module(module_name), function_name)
+        return int(function(rest) or 0)
 
 
 if __name__ == "__main__":

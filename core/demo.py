@@ -18,6 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from nectar.cli_kit import add_logging_options, setup_logging
+from nectar.settings import configure
+
 logger = logging.getLogger(__name__)
 
 PRICE_PER_TOKEN = 10**12  # credit wei per token per block: a 30-block model costs 3e13 wei = 0.00003 credits/token
@@ -63,8 +66,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--workdir", default=None, help="logs, keys, database (default: a temp dir)")
     parser.add_argument("--keep-running", action="store_true", help="leave the market up until Ctrl-C")
+    add_logging_options(parser, default="WARNING")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    setup_logging(args)
 
     from nectar.api.launch import ApiProcess, api_environment, demo_account, example_request
     from nectar.chain import Chain, free_port, start_devnet
@@ -92,17 +96,17 @@ def main(argv: list[str]) -> int:
     env = {**os.environ, "NECTAR_DEPLOYMENT": str(deployment_path),
            "NECTAR_LEDGER_DATABASE_URL": f"sqlite:///{workdir / 'ledger.db'}",
            "NECTAR_LEDGER_BROKER_URL": f"sqla+sqlite:///{workdir / 'broker.db'}",
-           "NECTAR_LEDGER_EPOCH_SECONDS": "3600"}  # the demo closes its epoch by hand
-    os.environ["NECTAR_DEPLOYMENT"] = str(deployment_path)
+           "NECTAR_LEDGER_EPOCH_SECONDS": "3600"}  # the demo closes its epoch by hand; for the child processes
+    configure(deployment=deployment_path)  # this process's client signs vouchers under the devnet's EIP-712 domain
     ledger_port = free_port()
     ledger_url = f"http://127.0.0.1:{ledger_port}"
     processes = []
     swarm = api = model = None
     try:
         print("[demo] starting the ledger service and its Celery worker (SQLite) ...", flush=True)
-        processes.append(_spawn(["ledger", "--port", str(ledger_port)], workdir / "ledger.log", env))
+        processes.append(_spawn(["ledger", "serve", "--port", str(ledger_port)], workdir / "ledger.log", env))
         _wait_http(f"{ledger_url}/health")  # the ledger migrates the database first, then the worker may start
-        processes.append(_spawn(["worker"], workdir / "worker.log", env))
+        processes.append(_spawn(["ledger", "worker"], workdir / "worker.log", env))
 
         print(f"[demo] starting a swarm: a bootstrap peer and 2 nodes serving {num_blocks} blocks of {args.model} ...",
               flush=True)

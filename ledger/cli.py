@@ -1,82 +1,103 @@
-"""``nectar ledger`` (the HTTP service) and ``nectar worker`` (Celery worker with beat embedded)."""
+"""``nectar ledger serve`` (the HTTP service) and ``nectar ledger worker`` (Celery worker with beat embedded).
+
+``nectar ledger`` and ``nectar worker`` are the same commands' older spellings. Options are fields of the ledger's
+``Settings``: a flag given wins over its ``NECTAR_LEDGER_*`` variable, which wins over the ``.env`` file and the
+default; the command builds one ``Settings`` and hands it to the service or worker it starts.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
-import os
+import sys
+
+from nectar.cli_kit import add_logging_options, add_options, config_values, setup_logging
 
 logger = logging.getLogger(__name__)
 
-
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--database-url", help="SQLAlchemy URL (default: SQLite under NECTAR_HOME)")
-    parser.add_argument("--broker-url", help="Celery broker (default: SQLite under NECTAR_HOME; redis://... in prod)")
-    parser.add_argument("--deployment", help="deployment file written by `nectar devnet`")
-    parser.add_argument("--log-level", default="INFO")
-
-
-def _apply(args) -> None:
-    # Settings reads the environment, so flags become variables before the first get_settings() call
-    for flag, env in (("database_url", "DATABASE_URL"), ("broker_url", "BROKER_URL"), ("deployment", "DEPLOYMENT_PATH")):
-        if getattr(args, flag, None):
-            os.environ[f"NECTAR_LEDGER_{env}"] = str(getattr(args, flag))
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+COMMON = ("database_url", "broker_url", "deployment_path")
+SERVE = ("host", "port")
+WORKER = ("swarm_initial_peers",)
+OPTIONS = {  # Settings fields whose flag or help differ from what the field gives
+    "database_url": dict(help="SQLAlchemy URL (default: SQLite under NECTAR_HOME)"),
+    "broker_url": dict(help="Celery broker (default: SQLite under NECTAR_HOME; redis://... in prod)"),
+    "deployment_path": dict(flags=["--deployment"], help="deployment file written by `nectar devnet`"),
+    "host": dict(help="address to listen on"),
+    "port": dict(help="TCP port"),
+    "swarm_initial_peers": dict(flags=["--initial-peers"], nargs="*", metavar="MULTIADDR",
+                                help="swarm peers for spot checks over the swarm (NECTAR_LEDGER_AUDIT_SOURCE=swarm)"),
+}
 
 
-def ledger_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="nectar ledger", description="Run the ledger's HTTP service.")
-    _common(parser)
-    parser.add_argument("--host")
-    parser.add_argument("--port", type=int)
-    args = parser.parse_args(argv)
-    _apply(args)
+def _parser(prog: str, description: str, fields: tuple[str, ...]) -> argparse.ArgumentParser:
+    from nectar.ledger.core.config import Settings
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_options(parser, Settings, COMMON + fields, overrides=OPTIONS)
+    add_logging_options(parser, default="INFO")
+    return parser
+
+
+def _settings(args: argparse.Namespace, fields: tuple[str, ...], prog: str):
+    """The ledger Settings: flags given, then NECTAR_LEDGER_* / .env, then defaults; None (reported) if invalid."""
+    from nectar.ledger.core.config import Settings
+
+    values = config_values(args, COMMON + fields, given_only=True)
+    peers = values.pop("swarm_initial_peers", None)
+    if peers:  # `--initial-peers` with no address leaves the variable in charge
+        values["swarm_initial_peers"] = " ".join(peers)
+    try:
+        return Settings(**values)
+    except ValueError as e:
+        print(f"{prog}: bad settings: {e}", file=sys.stderr)
+        return None
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    return _parser("nectar ledger serve", "Run the ledger's HTTP service (`nectar ledger worker`: its worker).", SERVE)
+
+
+def worker_parser() -> argparse.ArgumentParser:
+    parser = _parser("nectar ledger worker", "Run the ledger's Celery worker with beat.", WORKER)
+    parser.add_argument("--concurrency", type=int, default=1, help="worker processes (default: 1)")
+    parser.add_argument("--no-beat", action="store_true", help="do not embed beat (when another process runs it)")
+    return parser
+
+
+def serve_main(argv: list[str]) -> int:
+    args = serve_parser().parse_args(argv)
+    level = setup_logging(args)
+    settings = _settings(args, SERVE, "nectar ledger")
+    if settings is None:
+        return 2
     import uvicorn
 
-    from nectar.ledger.core.config import get_settings
     from nectar.ledger.service import create_app
 
-    try:
-        settings = get_settings()
-    except ValueError as e:
-        print(f"nectar ledger: bad settings: {e}")
-        return 2
     app = create_app(settings)
-    host, port = args.host or settings.host, args.port or settings.port
-    logger.info(f"Ledger on http://{host}:{port} (database {settings.database_url.split('@')[-1]})")
-    uvicorn.run(app, host=host, port=port, log_level=args.log_level.lower())
+    logger.info(f"Ledger on http://{settings.host}:{settings.port} (database {settings.database_url.split('@')[-1]})")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=level.lower())
     return 0
 
 
 def worker_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="nectar worker", description="Run the ledger's Celery worker with beat.")
-    _common(parser)
-    parser.add_argument("--concurrency", type=int, default=1)
-    parser.add_argument("--no-beat", action="store_true", help="do not embed beat (when another process runs it)")
-    parser.add_argument("--initial-peers", nargs="*", metavar="MULTIADDR",
-                        help="swarm peers for spot checks over the swarm (NECTAR_LEDGER_AUDIT_SOURCE=swarm)")
-    args = parser.parse_args(argv)
-    if args.initial_peers:
-        os.environ["NECTAR_LEDGER_SWARM_INITIAL_PEERS"] = " ".join(args.initial_peers)
-    _apply(args)
-    from nectar.ledger.core.config import get_settings
+    args = worker_parser().parse_args(argv)
+    level = setup_logging(args)
+    settings = _settings(args, WORKER, "nectar worker")
+    if settings is None:
+        return 2
     from nectar.ledger.migrations import run_migrations
     from nectar.ledger.worker import create_celery
 
-    try:
-        settings = get_settings()
-    except ValueError as e:
-        print(f"nectar worker: bad settings: {e}")
-        return 2
     if settings.audit_source == "swarm" or settings.spot_check_verifier == "swarm":
         from nectar.ledger.swarm_audit import initial_peers_of
 
         if not initial_peers_of(settings):
             print("nectar worker: spot checks over the swarm need its address: pass --initial-peers MULTIADDR "
-                  "(or set NECTAR_LEDGER_SWARM_INITIAL_PEERS)")
+                  "(or set NECTAR_LEDGER_SWARM_INITIAL_PEERS)", file=sys.stderr)
             return 2
     run_migrations(settings.database_url)
-    app = create_celery(settings)
-    worker_argv = ["worker", f"--concurrency={args.concurrency}", f"--loglevel={args.log_level}", "--pool=prefork",
+    app = create_celery(settings)  # the tasks read these settings from the app (nectar.ledger.tasks._settings)
+    worker_argv = ["worker", f"--concurrency={args.concurrency}", f"--loglevel={level}", "--pool=prefork",
                    "--without-gossip", "--without-mingle"]  # fmt: skip
     if not args.no_beat:
         worker_argv.append("--beat")

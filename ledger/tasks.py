@@ -6,12 +6,12 @@ import logging
 import sys
 from functools import lru_cache
 
-from celery import shared_task
+from celery import current_app, shared_task
 from celery.exceptions import Retry
 from celery.signals import worker_process_shutdown
 
 from nectar.ledger import crud
-from nectar.ledger.core.config import get_settings
+from nectar.ledger.core.config import Settings, get_settings
 from nectar.ledger.models import Epoch
 from nectar.ledger.settlement import EpochSettler
 from nectar.ledger.worker import (
@@ -28,6 +28,12 @@ from nectar.wire.receipts import SignedReceipt
 logger = logging.getLogger(__name__)
 
 
+def _settings() -> Settings:
+    """The Settings the worker was built with (``create_celery``: the command's flags and environment, read once),
+    else this process's environment (a task run outside a worker)."""
+    return current_app.conf.get("nectar_settings") or get_settings()
+
+
 @worker_process_shutdown.connect
 def _leave_swarm(**_) -> None:
     """A pool process that joined the swarm for spot checks leaves it, or its DHT peer would hold the exit up."""
@@ -40,18 +46,18 @@ def _leave_swarm(**_) -> None:
 def _chain():
     from nectar.chain import Chain
 
-    settings = get_settings()
+    settings = _settings()
     if not settings.deployment_path.exists():
         raise RuntimeError(f"no deployment file at {settings.deployment_path}: start `nectar devnet` (or deploy) first")
     return Chain.from_deployment(settings.deployment_path)
 
 
 def _engine():
-    return get_engine(get_settings().database_url)
+    return get_engine(_settings().database_url)
 
 
 def _run_settler(task, close: bool) -> list[int]:
-    settings = get_settings()
+    settings = _settings()
     settler = EpochSettler(settings, _engine(), _chain())
     try:
         done = settler.run(close=close)
@@ -85,7 +91,7 @@ def advance_epochs(self) -> list[int]:
 @shared_task(name=SLASH_CONFLICTS_TASK, acks_late=True)
 def slash_conflicts() -> int:
     """Submit stored double-sign evidence on chain; a conflict already slashed on chain is marked done."""
-    settings, engine, chain = get_settings(), _engine(), _chain()
+    settings, engine, chain = _settings(), _engine(), _chain()
     with session_scope(engine) as session:
         pending = [(c.id, c.receipt_id, c.other_receipt, c.node) for c in crud.list_conflicts(session, status="pending")]
     done = 0
@@ -123,7 +129,7 @@ def spot_check_epochs() -> int:
     from nectar.ledger.spot_check import SpotChecker, load_audit_source, make_verifiers
     from nectar.wire.receipts import address_of
 
-    settings = get_settings()
+    settings = _settings()
     audit = load_audit_source(settings)
     if audit is None:
         return 0
@@ -140,7 +146,7 @@ def finalize_slashes() -> int:
     """Re-send missing spot-check attestations and slash the cases whose dispute window has passed."""
     from nectar.ledger.slashing import finalize_spot_check_slashes
 
-    return finalize_spot_check_slashes(get_settings(), _engine(), _chain()).slashed
+    return finalize_spot_check_slashes(_settings(), _engine(), _chain()).slashed
 
 
 @shared_task(name=REFRESH_STAKES_TASK, acks_late=True)

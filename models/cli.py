@@ -5,6 +5,7 @@ import argparse
 import logging
 import sys
 
+from nectar.cli_kit import add_logging_options, setup_logging
 from nectar.models.builtin import BUILTIN_MODELS, list_models, models_dir
 from nectar.models.errors import ModelError
 from nectar.models.registry import supported_model_types
@@ -19,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--convert", metavar="NAME", choices=sorted(BUILTIN_MODELS), help="convert this built-in model now"
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    add_logging_options(parser, default="WARNING", verbose="INFO")
     return parser
 
 
@@ -39,7 +40,7 @@ def print_models() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    setup_logging(args)
     if args.convert:
         from nectar.models.resolve import resolve_model
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import time
 from typing import Mapping, Optional, Sequence
 
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from nectar.models import native
+from nectar.settings import current
 
 logger = logging.getLogger(__name__)
 
@@ -105,13 +105,9 @@ class CpuMatmul:
                   repeats: int = 3) -> "CpuMatmul":
         """Times each library on ``matrices`` ([in, out], float32, CPU) for each of the ``rows`` buckets (the others
         use PyTorch), with the threads set (``use_threads``) for the caller; honours ``NECTAR_CPU_BLAS``."""
-        choice = os.environ.get("NECTAR_CPU_BLAS", "auto").lower()
-        if choice == "mkl":
-            choice = "torch"
+        choice = current().cpu_blas  # NECTAR_CPU_BLAS, validated by nectar.settings (mkl = torch)
         if choice in LIBRARIES:
             return cls.everywhere(choice)
-        if choice != "auto":
-            raise ValueError(f"NECTAR_CPU_BLAS must be auto, torch, openblas or native, got {choice!r}")
         timed = _calibration_set(matrices)
         if not timed:
             return cls()

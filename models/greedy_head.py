@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+
+from nectar.settings import current
 
 logger = logging.getLogger(__name__)
 
@@ -208,9 +209,7 @@ def choose_greedy_argmax(in_out: torch.Tensor, bias: Optional[torch.Tensor],
     Times every route on a normed random row with cold caches (in a decode step, the blocks' weights stream through
     the cache between two uses of the head); ``NECTAR_GREEDY_HEAD=bf16``, ``=int8`` or ``=off`` skips the
     measurement."""
-    choice = os.environ.get("NECTAR_GREEDY_HEAD", "auto").lower()
-    if choice not in ("auto", "off", *FORMATS):
-        raise ValueError(f"NECTAR_GREEDY_HEAD must be auto, bf16, int8 or off, got {choice!r}")
+    choice = current().greedy_head  # NECTAR_GREEDY_HEAD, validated by nectar.settings
     if choice == "off" or in_out.dtype != torch.float32 or in_out.device.type != "cpu":
         return None
     if choice == "auto" and in_out.numel() < MIN_HEAD_WEIGHTS:

@@ -7,18 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
+
+from nectar.settings import current
 
 logger = logging.getLogger(__name__)
 
-CHOICES = ("auto", "uvloop", "asyncio")
-
 
 def loop_kind() -> str:
-    """``uvloop`` or ``asyncio``: what ``new_event_loop`` builds under the current environment."""
-    choice = os.environ.get("NECTAR_EVENT_LOOP", "auto").lower()
-    if choice not in CHOICES:
-        raise ValueError(f"NECTAR_EVENT_LOOP must be one of {', '.join(CHOICES)}, got {choice!r}")
+    """``uvloop`` or ``asyncio``: what ``new_event_loop`` builds under the current settings (``NECTAR_EVENT_LOOP``)."""
+    choice = current().event_loop
     if choice == "asyncio":
         return "asyncio"
     try:

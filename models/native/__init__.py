@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from nectar.settings import current
+
 logger = logging.getLogger(__name__)
 
 SOURCES = Path(__file__).parent
@@ -42,17 +44,15 @@ COMPILE_TIMEOUT = 120  # s
 
 
 def cache_folder() -> Path:
-    if os.environ.get("NECTAR_KERNEL_CACHE"):
-        return Path(os.environ["NECTAR_KERNEL_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nectar" / "kernels"
+    return current().kernel_cache  # NECTAR_KERNEL_CACHE, else under XDG_CACHE_HOME
 
 
 def enabled() -> bool:
-    return os.environ.get("NECTAR_NATIVE", "auto").lower() not in ("off", "0", "false", "no")
+    return current().native  # NECTAR_NATIVE
 
 
 def _compiler() -> Optional[str]:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    return current().compiler or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
 def _cpu_signature() -> str:

@@ -44,5 +44,5 @@ def test_uvloop_by_default_and_asyncio_on_request(monkeypatch):
 
 def test_an_unknown_choice_says_what_is_allowed(monkeypatch):
     monkeypatch.setenv("NECTAR_EVENT_LOOP", "trio")
-    with pytest.raises(ValueError, match="auto, uvloop, asyncio"):
+    with pytest.raises(ValueError, match="NECTAR_EVENT_LOOP must be auto, uvloop or asyncio"):
         new_event_loop()
