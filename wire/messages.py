@@ -13,7 +13,7 @@ reads the uid of the open only. Decoding is on the per-step path, so these are p
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from typing import Any, ClassVar, Optional, Sequence, Union
 
 import torch
@@ -31,6 +31,24 @@ ZERO_ADDRESS = "0x" + "00" * 20
 _MISSING = object()
 
 Packed = Sequence[runtime_pb2.Tensor]  # tensors already packed (a node packs an output once for push and reply)
+
+
+def message(cls):
+    """``@dataclass(frozen=True)`` with a faster ``__init__``: the generated frozen one sets each field through
+    ``object.__setattr__`` (2 us for a ``Step``, more than all the checks of its decode), this one writes the
+    instance's ``__dict__`` (0.5 us). Instances stay frozen: assigning a field raises ``FrozenInstanceError``."""
+    cls = dataclass(frozen=True)(cls)
+    params, lines, namespace = [], [], {}
+    for field in fields(cls):
+        if field.default is MISSING:
+            params.append(field.name)
+        else:
+            namespace[f"_default_{field.name}"] = field.default
+            params.append(f"{field.name}=_default_{field.name}")
+        lines.append(f"    _values[{field.name!r}] = {field.name}\n")
+    exec(f"def __init__(self, {', '.join(params)}):\n    _values = self.__dict__\n{''.join(lines)}", namespace)
+    cls.__init__ = namespace["__init__"]
+    return cls
 
 
 # ---- field checks (each raises the error the node answers) --------------------------------------------------------
@@ -81,7 +99,7 @@ def _put(metadata: dict, name: str, value: Any) -> None:
 # ---- inference stream: requests -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class PushTarget:
     """Where a step's output goes too: the next hop's direct lane and the push token of its session there."""
 
@@ -103,7 +121,7 @@ class PushTarget:
         return cls(address, token)
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Step:
     """{"type": "step", "session_id", "step", "position"?, "voucher"?, "push_to"?, "pushed"?}, tensors [hidden
     [B, T, H]] (+ [prompts [n_blocks, B, P, H]] on the first step), or none with ``pushed`` (the input comes by push).
@@ -124,17 +142,18 @@ class Step:
     TYPE: ClassVar[str] = "step"
 
     def metadata(self) -> dict:
-        metadata = {"type": "step", "session_id": self.session_id, "step": self.step}
-        self._add_fields(metadata)
-        return metadata
+        return self._add_fields({"type": "step", "session_id": self.session_id, "step": self.step})
 
-    def _add_fields(self, metadata: dict) -> None:
-        _put(metadata, "position", self.position)
-        _put(metadata, "voucher", self.voucher)
+    def _add_fields(self, metadata: dict) -> dict:
+        if self.position is not None:
+            metadata["position"] = self.position
+        if self.voucher is not None:
+            metadata["voucher"] = self.voucher
         if self.push_to is not None:
             metadata["push_to"] = self.push_to.to_wire()
         if self.pushed:
             metadata["pushed"] = True
+        return metadata
 
     def tensors(self) -> list[torch.Tensor]:
         if self.hidden is None:
@@ -142,8 +161,14 @@ class Step:
         return [self.hidden] if self.prompts is None else [self.hidden, self.prompts]
 
     def to_request(self, uid: str = "") -> runtime_pb2.ExpertRequest:
-        return runtime_pb2.ExpertRequest(uid=uid, tensors=pack_tensors(self.tensors()),
-                                         metadata=pack_metadata(self.metadata()))
+        metadata = {"type": "step", "session_id": self.session_id, "step": self.step}
+        if self.position is not None:
+            metadata["position"] = self.position
+        if self.voucher is not None or self.push_to is not None or self.pushed:
+            self._add_fields(metadata)
+        hidden, prompts = self.hidden, self.prompts
+        tensors = () if hidden is None else (hidden,) if prompts is None else (hidden, prompts)
+        return runtime_pb2.ExpertRequest(uid=uid, tensors=pack_tensors(tensors), metadata=pack_metadata(metadata))
 
     @classmethod
     def decode(cls, request: runtime_pb2.ExpertRequest, metadata: Optional[dict] = None) -> "Step":
@@ -153,16 +178,18 @@ class Step:
 
     @classmethod
     def _from(cls, request: runtime_pb2.ExpertRequest, metadata: dict, session_id: bytes) -> "Step":
-        step = _int(metadata, "step", 0, MAX_STEP)
-        position = metadata.get("position")
-        if position is not None:
-            position = _int(metadata, "position", 0, MAX_STEP)
+        step, position = metadata.get("step"), metadata.get("position")  # checked inline: this is per step
+        if step.__class__ is not int or not 0 <= step <= MAX_STEP:
+            _int(metadata, "step", 0, MAX_STEP)
+        if position is not None and (position.__class__ is not int or not 0 <= position <= MAX_STEP):
+            _int(metadata, "position", 0, MAX_STEP)
         target = metadata.get("push_to")
         push_to = PushTarget.decode(target) if target is not None else None
         pushed = metadata.get("pushed") is True
         hidden = prompts = None
-        if request.tensors:
-            tensors = unpack_tensors(request.tensors)
+        packed = request.tensors
+        if packed:
+            tensors = unpack_tensors(packed)
             if not 1 <= len(tensors) <= 2:
                 raise _bad("a step carries hidden_states and optionally prompts")
             hidden = tensors[0]
@@ -173,7 +200,7 @@ class Step:
         return cls(session_id, step, position, hidden, prompts, metadata.get("voucher"), push_to, pushed)
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Open:
     """The first request of an inference stream: {"type": "open", "session_id", "max_length", "batch_size",
     "client", "receipts"?, "push_token"?} (+ a first step's fields and tensors in the same message).
@@ -228,7 +255,7 @@ class Open:
                    token, first)
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Pay:
     """{"type": "pay", "session_id", "voucher"}: the client's last voucher before it leaves."""
 
@@ -248,7 +275,7 @@ class Pay:
         return cls(_session_id(metadata), metadata.get("voucher"))
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Flush:
     """{"type": "flush", "session_id"}: send the last step's receipt now (the client waits for it)."""
 
@@ -266,7 +293,7 @@ class Flush:
         return cls(_session_id(metadata))
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Cancel:
     """{"type": "cancel", "session_id", "step"}: stop waiting for this step's push; the client relays the step."""
 
@@ -294,6 +321,8 @@ def decode_inference_request(request: runtime_pb2.ExpertRequest) -> InferenceReq
     no session this stream serves: ``unknown_session``."""
     metadata = unpack_metadata(request.metadata)
     kind = metadata.get("type")
+    if kind == "step":  # the per-step path first
+        return Step._from(request, metadata, _session_id(metadata))
     cls = _STREAM_REQUESTS.get(kind) if kind.__class__ is str else None
     if cls is None:
         raise NodeRPCError(ErrorCode.UNKNOWN_SESSION, f"a {kind!r} message names session "
@@ -304,7 +333,7 @@ def decode_inference_request(request: runtime_pb2.ExpertRequest) -> InferenceReq
 # ---- inference stream: replies ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Opened:
     """{"type": "opened", "cache_tokens_left"}: the answer to an open without a first step."""
 
@@ -319,7 +348,7 @@ class Opened:
         return cls(metadata.get("cache_tokens_left"))
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class StepReply:
     """A step's output: tensors [output [B, T, H]], metadata {"receipt", "fingerprint", "cache_tokens_left"}, or
     with separate receipts {"receipt_follows": true, "cache_tokens_left"} (a ``ReceiptMessage`` comes later)."""
@@ -350,7 +379,7 @@ class StepReply:
                    metadata.get("receipt_follows") is True, metadata.get("cache_tokens_left"))
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class ReceiptMessage:
     """{"type": "receipt", "step", "receipt", "fingerprint"}: a step's receipt, sent after its output (separate
     receipts) and before the next step's output."""
@@ -368,7 +397,7 @@ class ReceiptMessage:
         return cls(metadata.get("step"), metadata.get("receipt"), metadata.get("fingerprint"))
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class PushMissing:
     """{"push_missing": true}: the step's push never came and the client cancelled it; relay the step instead."""
 
@@ -385,9 +414,15 @@ InferenceReply = Union[Opened, StepReply, ReceiptMessage, PushMissing]
 
 def decode_inference_reply(response: runtime_pb2.ExpertResponse) -> InferenceReply:
     """What a node sent on an inference stream (a ``ValueError`` for a step answer without exactly one tensor)."""
-    metadata = unpack_metadata(response.metadata)
-    tensors = unpack_tensors(response.tensors) if response.tensors else []
+    metadata, packed = unpack_metadata(response.metadata), response.tensors
     kind = metadata.get("type")
+    if kind is None and packed:  # a step's output, the per-step path: read inline
+        tensors = unpack_tensors(packed)
+        if len(tensors) == 1:
+            get = metadata.get
+            return StepReply(tensors[0], get("receipt"), get("fingerprint"), get("receipt_follows") is True,
+                             get("cache_tokens_left"))
+    tensors = unpack_tensors(packed) if packed else []
     if kind == "receipt":
         return ReceiptMessage._from(metadata, tensors)
     if kind == "opened":
@@ -400,7 +435,7 @@ def decode_inference_reply(response: runtime_pb2.ExpertResponse) -> InferenceRep
 # ---- push (node to node) ------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Push:
     """``rpc_push``: {"session_id", "step", "token"}, tensors [hidden_states]: a hop's output for the next hop."""
 
@@ -431,7 +466,7 @@ class Push:
         return cls(session_id, step, token, tensors[0])
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class PushAck:
     """{"ok": true}: one per push received."""
 
@@ -458,7 +493,7 @@ def _call_fields(metadata: dict) -> tuple[str, Optional[bytes], int, Any]:
     return client, session_id, _int(metadata, "step", 0, MAX_STEP, default=0), metadata.get("voucher")
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class ForwardCall:
     """``rpc_forward``: tensors [hidden [B, T, H]] (+ [prompts]), metadata {"client", "session_id"?, "step"?,
     "voucher"?, "backward"?}.
@@ -495,7 +530,7 @@ class ForwardCall:
                    voucher, metadata.get("backward", True) is not False)
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class BackwardCall:
     """``rpc_backward``: tensors [hidden, grad_outputs] (+ [prompts]), metadata as ``ForwardCall``'s."""
 
@@ -526,7 +561,7 @@ class BackwardCall:
                    session_id, step, voucher)
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class ForwardReply:
     """The forward's output with its receipt: tensors [output], metadata {"receipt", "fingerprint"}."""
 
@@ -546,7 +581,7 @@ class ForwardReply:
         return cls(tensors[0], metadata.get("receipt"), metadata.get("fingerprint"))
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class BackwardReply:
     """tensors [grad_inputs] (+ [grad_prompts] where the call had prompts), metadata {"receipt", "fingerprint"}."""
 
@@ -573,7 +608,7 @@ class BackwardReply:
         return [self.grad_inputs] + ([self.grad_prompts] if self.grad_prompts is not None else [])
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class AuditCall:
     """``rpc_audit``: {"session_id", "step"}: a session's inputs up to a step, for the ledger's spot checks."""
 
@@ -593,7 +628,7 @@ class AuditCall:
         return cls(request.uid, _session_id(metadata), _int(metadata, "step", 0, MAX_STEP))
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class AuditReply:
     """tensors [inputs [B, L, H]] (+ [the first step's deep prompts]), metadata {"start", "end"}."""
 
@@ -615,7 +650,7 @@ class AuditReply:
         return cls(tensors[0], metadata.get("start"), metadata.get("end"), tensors[1] if len(tensors) > 1 else None)
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class InfoCall:
     """``rpc_info``: an empty request."""
 
@@ -627,7 +662,7 @@ class InfoCall:
         return runtime_pb2.ExpertRequest(uid=self.uid, metadata=pack_metadata({}))
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class InfoReply:
     """The node's announcement and counters (``ServerInfo.to_dict()`` plus model, version, compute, push...)."""
 
