@@ -4,12 +4,11 @@ Node (``nectar.node.handler``) and client (``nectar.client``) both import this m
 All calls use hivemind's ``runtime_pb2.ExpertRequest``/``ExpertResponse``: tensors in ``tensors``, everything else
 in ``metadata`` (msgpack). Streams carry no size limit, so forward/backward are stream RPCs too. They travel over the
 P2P daemons (``nectar.wire.transport``) or, where a node announces one, its direct TCP lane (``nectar.wire.direct``),
-in the same framing.
+in the same framing. Each message below is a dataclass of ``nectar.wire.messages`` (which encodes and checks it);
+``nectar.wire.stubs`` makes the typed calls.
 
 Inference stream (``rpc_inference``), one long-lived stream per hop and session:
   request 1   metadata {"type": "open", "session_id", "max_length", "batch_size", "client", ...} (+ optional step)
-  (each message is a dataclass of ``nectar.wire.messages``: Open, Step, Pay, Flush, Cancel; Opened, StepReply,
-  ReceiptMessage, PushMissing; typed calls in ``nectar.wire.stubs``)
   request k   metadata {"type": "step", "session_id", "step", "position", "voucher"?}
               tensors  [hidden_states [B, T, H]] (+ [prompts [n_blocks, B, P, H]] on the first step)
   response k  metadata {"receipt"?, "cache_tokens_left"} tensors [hidden_states [B, T, H]]
