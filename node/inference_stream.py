@@ -22,14 +22,14 @@ import asyncio
 import enum
 import functools
 import logging
-from typing import TYPE_CHECKING, AsyncIterator, Optional
+from typing import AsyncIterator, Awaitable, Callable, Optional, Protocol
 
 import torch
 from hivemind.proto import runtime_pb2
 
 from nectar.node import trace
-from nectar.node.push import PushLink, PushSlot
-from nectar.node.steps import FollowUp, InferenceWork
+from nectar.node.push import PushInbox, PushLink, PushSlot
+from nectar.node.steps import FollowUp, InferenceWork, NodeSteps
 from nectar.node.task_pool import Priority
 from nectar.wire.messages import (
     Cancel, Flush, Open, Opened, Pay, Push, PushMissing, Step, decode_inference_request,
@@ -37,10 +37,17 @@ from nectar.wire.messages import (
 from nectar.wire.protocol import ErrorCode, NodeRPCError
 from nectar.wire.request_stream import RequestStream, RequestTimeout
 
-if TYPE_CHECKING:
-    from nectar.node.handler import NodeHandler
-
 logger = logging.getLogger(__name__)
+
+
+class StreamHost(Protocol):
+    """What a stream needs of its node (``NodeHandler``), and the counters it keeps there."""
+
+    steps: NodeSteps
+    inbox: PushInbox
+    push_allowed: Optional[Callable[[str, int], Awaitable[bool]]]  # (address, block) -> may this node push there
+    active_sessions: int
+    pushes_sent: int
 
 
 class State(enum.Enum):
@@ -52,13 +59,13 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-_QUIET = object()  # ``_next_request``: no request came in time, the stream is still open
+_QUIET = object()  # ``_next_or_quiet``: no request came in time, the stream is still open
 
 
 class InferenceStream:
     """Serves one ``rpc_inference`` stream: ``async for response in InferenceStream(node, requests).run()``."""
 
-    def __init__(self, node: "NodeHandler", requests: RequestStream):
+    def __init__(self, node: StreamHost, requests: RequestStream):
         self.node, self.steps, self.requests = node, node.steps, requests
         self.config = node.steps.config
         self.state = State.OPENING
