@@ -174,8 +174,9 @@ class InferenceStream:
         if step.hidden is None:
             self.waiting, self.state = step, State.AWAITING_PUSH
             return await self._take_receipt() if self.receipt is not None else None
-        await self._submit(step, step.hidden, step.prompts)
-        return None
+        push = await self._push_to(step) if step.push_to is not None else None
+        self._submit(step, step.hidden, step.prompts, push)
+        return await self._computing()
 
     async def _awaiting_push(self) -> Optional[runtime_pb2.ExpertResponse]:
         """AWAITING_PUSH -> COMPUTING once the input arrives, or -> IDLE with ``push_missing`` once the client
@@ -190,8 +191,9 @@ class InferenceStream:
         self.waiting = None
         if arrived.done() and not arrived.cancelled():
             del slot.arrived[step.step]
-            await self._submit(step, arrived.result(), None)
-            return None
+            push = await self._push_to(step) if step.push_to is not None else None
+            self._submit(step, arrived.result(), None, push)
+            return await self._computing()
         if client_spoke.done():
             await self._take_cancel(step.step)
         self.state = State.IDLE
@@ -207,18 +209,21 @@ class InferenceStream:
             raise NodeRPCError(ErrorCode.BAD_REQUEST, f"step {step} waits for its push; send {{'type': 'cancel', "
                                                       f"'step': {step}}} before anything else on this stream")
 
-    async def _submit(self, step: Step, hidden: torch.Tensor, prompts: Optional[torch.Tensor]) -> None:
-        """-> COMPUTING: the step goes to the compute thread (after its push target is checked)."""
-        target, push = step.push_to, None
-        if target is not None and (self.link is None or self.link.address != target.address):
+    async def _push_to(self, step: Step) -> Optional[Callable[[list], Awaitable[None]]]:
+        """Sends the step's output to the next hop too, if it names one that announces that direct lane (a node
+        pushes only to announced lanes, so a client cannot point it at any host and port)."""
+        target = step.push_to
+        if self.link is None or self.link.address != target.address:
             allowed = self.node.push_allowed
             if allowed is not None and not await allowed(target.address, self.end):
                 logger.warning(f"Not pushing to {target.address}: no node serving block {self.end} "
                                "announces that direct lane (the client relays the step)")
-                target = None
-        if target is not None:
-            self.link = PushLink.reuse(self.link, target.address)
-            push = functools.partial(self._push, self.link, target.token, step.step)
+                return None
+        self.link = PushLink.reuse(self.link, target.address)
+        return functools.partial(self._push, self.link, target.token, step.step)
+
+    def _submit(self, step: Step, hidden: torch.Tensor, prompts: Optional[torch.Tensor], push) -> None:
+        """-> COMPUTING: the step goes to the compute thread."""
         opening = self.open
         self.work = self.steps.submit_inference(
             step, hidden, prompts, caches=self.caches, start=self.start, end=self.end,
@@ -243,12 +248,12 @@ class InferenceStream:
 
     # ---- helpers ----------------------------------------------------------------------------------------------
 
-    async def _take_receipt(self) -> runtime_pb2.ExpertResponse:
-        """Signs the last step's receipt; its message."""
+    def _take_receipt(self) -> Awaitable[runtime_pb2.ExpertResponse]:
+        """Signs the last step's receipt (await it for its message)."""
         receipt, self.receipt = self.receipt, None
         if self.state is State.RECEIPT_PENDING:
             self.state = State.IDLE
-        return await receipt()
+        return receipt()
 
     async def _push(self, link: PushLink, token: bytes, step: int, packed) -> None:
         """Sends this step's output to the next hop; a failure is logged and left to the client's push timeout."""
