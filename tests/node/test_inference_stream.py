@@ -22,7 +22,7 @@ from nectar.node.receipts import CreditLedger, ReceiptSigner
 from nectar.wire import receipts as schema
 from nectar.wire.messages import (
     AuditCall, AuditReply, BackwardCall, BackwardReply, Cancel, Flush, ForwardCall, ForwardReply, Open, Opened, Pay,
-    Push, PushAck, PushMissing, PushTarget, ReceiptMessage, Step, StepReply, decode_inference_reply,
+    Push, PushMissing, PushTarget, ReceiptMessage, Step, StepReply, decode_inference_reply,
 )
 from nectar.wire.protocol import ErrorCode, NodeRPCError, unpack_metadata
 from nectar.wire.request_stream import RequestStream

@@ -89,7 +89,8 @@ def test_requests_decode_to_what_was_encoded_with_the_session_id_padded():
     x = torch.randn(1, 2, 8)
     opened = Open.decode(Open(UID, SID, max_length=16, client=CLIENT, separate_receipts=True,
                               first_step=Step(SID, 0, hidden=x)).to_request())
-    assert opened.session_id == SID.rjust(32, b"\0") and opened.client.lower() == CLIENT and opened.client != CLIENT and opened.separate_receipts
+    assert opened.session_id == SID.rjust(32, b"\0") and opened.separate_receipts
+    assert opened.client.lower() == CLIENT and opened.client != CLIENT  # checksummed
     assert opened.first_step.step == 0 and torch.equal(opened.first_step.hidden, x) and opened.batch_size == 1
     step = decode_inference_request(Step(SID, 1, hidden=x, push_to=PushTarget("h:1", b"t" * 16)).to_request(UID))
     assert isinstance(step, Step) and step.position is None and step.push_to == PushTarget("h:1", b"t" * 16)
