@@ -40,7 +40,7 @@ def serve(args) -> None:
     from hivemind.p2p import P2P
 
     from nectar.node import backend as backend_module
-    from nectar.node import handler as handler_module
+    from nectar.node import steps as steps_module
     from nectar.node.config import NodeConfig
     from nectar.node.server import Server
 
@@ -64,21 +64,21 @@ def serve(args) -> None:
         return result
 
     P2P.receive_protobuf, transport_module.send_message = staticmethod(timed_receive), timed_send
-    submit_step, finish_step = handler_module.NodeHandler._submit_step, handler_module.NodeHandler._finish_step
+    submit_step, finish_step = steps_module.NodeSteps.submit_inference, steps_module.NodeSteps.finish_inference
 
-    def timed_submit(self, tensors, metadata, **kwargs):
-        record = steps.setdefault(metadata.get("step"), {})
+    def timed_submit(self, message, *args, **kwargs):
+        record = steps.setdefault(message.step, {})
         record["recv"], record["enter"] = last_receive[0], now()
-        return submit_step(self, tensors, metadata, **kwargs)
+        return submit_step(self, message, *args, **kwargs)
 
-    async def timed_finish(self, step, **kwargs):
-        result = await finish_step(self, step, **kwargs)
-        steps.setdefault(step.step, {})["exit"] = now()
-        sending[0] = step.step
+    async def timed_finish(self, work, **kwargs):
+        result = await finish_step(self, work, **kwargs)
+        steps.setdefault(work.step, {})["exit"] = now()
+        sending[0] = work.step
         return result
 
-    handler_module.NodeHandler._submit_step = timed_submit
-    handler_module.NodeHandler._finish_step = timed_finish
+    steps_module.NodeSteps.submit_inference = timed_submit
+    steps_module.NodeSteps.finish_inference = timed_finish
     run_inference = backend_module.SpanBackend.run_inference
 
     def timed_run(self, tasks):

@@ -16,8 +16,9 @@ from nectar.client.config import ClientConfig
 from nectar.client.payments import ReceiptError, Wallet
 from nectar.client.routing import RemoteSequenceManager, RemoteSpan
 from nectar.client.runtime import ClientRuntime
-from nectar.wire.protocol import RPC_BACKWARD, RPC_FORWARD, make_request, module_uid, unpack_metadata, unpack_tensors
-from nectar.client.streams import call_unary
+from nectar.wire.messages import BackwardCall, ForwardCall
+from nectar.wire.protocol import RPC_BACKWARD, RPC_FORWARD, module_uid
+from nectar.wire.stubs import call_backward, call_forward
 
 logger = logging.getLogger(__name__)
 
@@ -31,23 +32,29 @@ class RemoteCaller:
         self.step = 0
 
     def call(self, method: str, span: RemoteSpan, tensors: list[torch.Tensor], *, receipt_inputs: torch.Tensor):
-        metadata = {"client": self.wallet.address, "session_id": self.session_id, "step": self.step}
+        """``method``: RPC_FORWARD (tensors [hidden] (+ [prompts])) or RPC_BACKWARD ([hidden, grad] (+ [prompts]));
+        returns the node's output tensors once its receipt is checked."""
+        uid = module_uid(self.manager.model_id, span.start, span.end)
+        fields = dict(client=self.wallet.address, session_id=self.session_id, step=self.step,
+                      voucher=self.wallet.voucher_for(span.info.eth_address))
         self.step += 1
-        voucher = self.wallet.voucher_for(span.info.eth_address)
-        if voucher is not None:
-            metadata["voucher"] = voucher
-        request = make_request(module_uid(self.manager.model_id, span.start, span.end), tensors, metadata)
-        response = self.runtime.run(
-            call_unary(self.runtime.p2p, span.peer_id, span.info, method, request, direct=self.config.direct,
-                       timeout=self.config.request_timeout),
-            timeout=self.config.request_timeout + 5,
-        )
-        outputs, reply = unpack_tensors(response.tensors), unpack_metadata(response.metadata)
-        if not outputs or not all(torch.isfinite(o).all() for o in outputs):
+        p2p, options = self.runtime.p2p, dict(direct=self.config.direct, timeout=self.config.request_timeout)
+        if method == RPC_FORWARD:
+            hidden, prompts = tensors[0], (tensors[1] if len(tensors) > 1 else None)
+            call = call_forward(p2p, span.peer_id, span.info, ForwardCall(uid, hidden, prompts, **fields), **options)
+        elif method == RPC_BACKWARD:
+            prompts = tensors[2] if len(tensors) > 2 else None
+            call = call_backward(p2p, span.peer_id, span.info,
+                                 BackwardCall(uid, tensors[0], tensors[1], prompts, **fields), **options)
+        else:
+            raise ValueError(f"RemoteCaller calls {RPC_FORWARD} or {RPC_BACKWARD}, not {method!r}")
+        reply = self.runtime.run(call, timeout=self.config.request_timeout + 5)
+        outputs = [reply.output] if method == RPC_FORWARD else reply.tensors
+        if not all(torch.isfinite(o).all() for o in outputs):
             raise ValueError(f"{span} returned a malformed output")
-        if "receipt" in reply or self.config.verify_receipts:
+        if reply.receipt is not None or self.config.verify_receipts:
             self.wallet.check_receipt(
-                reply.get("receipt", {}), node_address=span.info.eth_address,
+                reply.receipt or {}, node_address=span.info.eth_address,
                 price_per_block=span.info.price_per_token, start=span.start, end=span.end, inputs=receipt_inputs,
                 outputs=outputs[0], verify=self.config.verify_receipts,
             )

@@ -16,23 +16,15 @@ import torch
 from nectar.ledger.core.config import Settings
 from nectar.ledger.spot_check import AuditSource, Verifier, step_positions
 from nectar.ledger.swarm import NodeEntry, SwarmView
-from nectar.wire.protocol import (
-    RPC_AUDIT,
-    ErrorCode,
-    NodeRPCError,
-    RPC_FORWARD,
-    make_request,
-    module_uid,
-    unpack_metadata,
-    unpack_tensors,
-)
+from nectar.wire.messages import AuditCall, AuditReply, ForwardCall, ForwardReply
+from nectar.wire.protocol import ErrorCode, NodeRPCError, module_uid
 from nectar.wire.receipts import Receipt, address_of, keccak256, receipt_leaf
 
 logger = logging.getLogger(__name__)
 
 
 class RpcAuditSource(AuditSource):
-    """Asks the node that signed a receipt for the step's input history over ``RPC_AUDIT``.
+    """Asks the node that signed a receipt for the step's input history over the audit RPC (``AuditCall``).
 
     :param swarm: the ledger's swarm view (finds the node's peer id from its announced Ethereum address)
     :param timeout: seconds per audit RPC
@@ -50,19 +42,20 @@ class RpcAuditSource(AuditSource):
         if entry is None:
             logger.info(f"Node {receipt.node} is not announced in the swarm now; its step cannot be audited")
             return None
-        request = make_request(module_uid(model, receipt.block_start, receipt.block_end), [],
-                               {"session_id": bytes(receipt.session_id), "step": int(receipt.step)})  # fmt: skip
+        call = AuditCall(module_uid(model, receipt.block_start, receipt.block_end), bytes(receipt.session_id),
+                         int(receipt.step))
         try:
-            response = self.swarm.call(entry.peer_id, RPC_AUDIT, request, timeout=self.timeout)
+            response = self.swarm.call(entry.peer_id, call.rpc, call.to_request(), timeout=self.timeout)
         except Exception as e:
             if NodeRPCError.code_of(e) == ErrorCode.UNKNOWN_SESSION:
                 return None  # expired from the node's audit log, or never served there
             raise
-        tensors, reply = unpack_tensors(response.tensors), unpack_metadata(response.metadata)
-        if len(tensors) != 1 or (reply.get("start"), reply.get("end")) != (receipt.block_start, receipt.block_end):
-            raise ValueError(f"node {receipt.node} answered the audit with span {reply.get('start')}:{reply.get('end')}"
-                             f" and {len(tensors)} tensors; the receipt is for {receipt.block_start}:{receipt.block_end}")
-        return tensors[0]
+        reply = AuditReply.decode(response)  # a ValueError if it carries no inputs
+        if reply.prompts is not None or (reply.start, reply.end) != (receipt.block_start, receipt.block_end):
+            raise ValueError(f"node {receipt.node} answered the audit with span {reply.start}:{reply.end}"
+                             f"{' and deep prompts' if reply.prompts is not None else ''}; the receipt is for "
+                             f"{receipt.block_start}:{receipt.block_end} without prompts")
+        return reply.inputs
 
 
 class SwarmVerifier(Verifier):
@@ -103,15 +96,15 @@ class SwarmVerifier(Verifier):
         entry = candidates[self.rank]
         # a fresh session id per re-execution: the node signs a receipt for it, and two receipts for the same
         # (session, step) would read as a double-sign
-        metadata = {"client": self.client, "session_id": os.urandom(16), "step": 0}
-        request = make_request(module_uid(model, receipt.block_start, receipt.block_end), [history], metadata)
-        response = self.swarm.call(entry.peer_id, RPC_FORWARD, request, timeout=self.timeout)
-        outputs = unpack_tensors(response.tensors)
-        if not outputs or tuple(outputs[0].shape) != tuple(history.shape):
-            raise ValueError(f"node {entry.info.eth_address} returned {[tuple(o.shape) for o in outputs]} for a "
+        call = ForwardCall(module_uid(model, receipt.block_start, receipt.block_end), history, client=self.client,
+                           session_id=os.urandom(16), step=0)
+        response = self.swarm.call(entry.peer_id, call.rpc, call.to_request(), timeout=self.timeout)
+        output = ForwardReply.decode(response).output  # a ValueError unless it carries one tensor
+        if tuple(output.shape) != tuple(history.shape):
+            raise ValueError(f"node {entry.info.eth_address} returned {tuple(output.shape)} for a "
                              f"forward of {tuple(history.shape)}")
         self.executed_by.append(entry.info.eth_address)
-        return outputs[0][:, -positions:]
+        return output[:, -positions:]
 
 
 def initial_peers_of(settings: Settings) -> list[str]:

@@ -24,10 +24,9 @@ from typing import Optional
 import torch
 from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
-from hivemind.utils import MSGPackSerializer
 
-from nectar.wire.direct import parse_address
-from nectar.wire.transport import send_data, send_message
+from nectar.wire.direct import parse_address, send_hello
+from nectar.wire.transport import send_message
 from nectar.wire.protocol import RPC_PUSH, ErrorCode, NodeRPCError
 
 logger = logging.getLogger(__name__)
@@ -133,7 +132,7 @@ class PushLink:
     async def _connect(self) -> None:
         host, port = parse_address(self.address)
         reader, self.writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
-        await send_data(MSGPackSerializer.dumps({"rpc": RPC_PUSH}), self.writer)
+        await send_hello(RPC_PUSH, self.writer)
         self._reading = asyncio.create_task(self._read_acks(reader, self.writer))
 
     async def _read_acks(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -88,12 +88,17 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+async def send_hello(name: str, writer: asyncio.StreamWriter) -> None:
+    """The frame that opens a connection to a node's direct lane: which RPC the stream is for."""
+    await send_data(MSGPackSerializer.dumps({"rpc": name}), writer)
+
+
 async def call_stream_direct(address: str, name: str, requests: AsyncIterator[runtime_pb2.ExpertRequest]
                              ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
     """Opens the stream RPC ``name`` at a node's direct address (what ``transport.call_stream`` does over P2P)."""
     host, port = parse_address(address)
     reader, writer = await asyncio.open_connection(host, port)
-    await send_data(MSGPackSerializer.dumps({"rpc": name}), writer)
+    await send_hello(name, writer)
 
     async def write_requests() -> None:
         async for request in requests:

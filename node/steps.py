@@ -1,0 +1,266 @@
+"""What every unit of a node's work goes through: check, submit to the compute thread, finish, sign and charge.
+
+Inference steps (``nectar.node.inference_stream``), forward and backward calls share it. A request's own fields are
+checked on decode (``nectar.wire.messages``); the checks here need the node: its span, hidden size, cache and
+credit.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Optional
+
+import numpy as np
+import torch
+from hivemind.proto import runtime_pb2
+
+from nectar.node import trace
+from nectar.node.audit import AuditLog
+from nectar.node.backend import SpanBackend
+from nectar.node.config import NodeConfig
+from nectar.node.memory_cache import MemoryCache
+from nectar.node.payments import PaymentPolicy
+from nectar.node.receipts import CreditLedger, ReceiptSigner
+from nectar.node.signing import InlineSigning, PendingReceipt, SigningWorker
+from nectar.node.task_pool import ComputeThread, Priority
+from nectar.wire import receipts as schema
+from nectar.wire.messages import BackwardCall, BackwardReply, ForwardCall, ForwardReply, ReceiptMessage, Step, StepReply
+from nectar.wire.protocol import (
+    MAX_BATCH_SIZE, MAX_TOKENS_PER_REQUEST, ErrorCode, NodeRPCError, pack_tensors, parse_module_uid,
+)
+
+FollowUp = Callable[[], Awaitable[runtime_pb2.ExpertResponse]]  # signs a step's separate receipt: its message
+
+
+@dataclass
+class InferenceWork:
+    """An inference step on its way through the compute thread."""
+
+    output: asyncio.Future
+    started: asyncio.Future  # its round began
+    hidden: torch.Tensor
+    prompts: Optional[torch.Tensor]
+    voucher: Optional[dict]
+    step: int
+    position: int
+    start: int
+    end: int
+    client: str
+    tokens: int
+    separate_receipt: bool
+
+
+class NodeSteps:
+    """A node's parts that work goes through, and the checks, submission, signing and charging they share.
+    ``backend`` and ``memory`` are replaced when the node moves to another span."""
+
+    def __init__(self, backend: SpanBackend, *, config: NodeConfig, model_id: str, compute: ComputeThread,
+                 memory: MemoryCache, signer: ReceiptSigner, credit: CreditLedger, audit: AuditLog,
+                 payments: PaymentPolicy, signing: InlineSigning | SigningWorker):
+        self.backend, self.config, self.model_id = backend, config, model_id
+        self.compute, self.memory, self.signer, self.credit, self.audit = compute, memory, signer, credit, audit
+        self.payments, self.signing = payments, signing
+        self.step_seconds = 0.0  # event-loop time of inference steps outside compute (checks, receipts, packing)
+
+    # ---- checks -----------------------------------------------------------------------------------------------
+
+    def check_span(self, uid: str) -> tuple[int, int]:
+        model_id, start, end = parse_module_uid(uid)
+        if model_id != self.model_id:
+            raise NodeRPCError(ErrorCode.WRONG_SPAN, f"this node serves model {self.model_id!r}, not {model_id!r}")
+        if not (self.backend.start <= start < end <= self.backend.end):
+            raise NodeRPCError(
+                ErrorCode.WRONG_SPAN,
+                f"blocks {start}:{end} requested, this node hosts {self.backend.start}:{self.backend.end}",
+            )
+        return start, end
+
+    def check_hidden(self, tensor: torch.Tensor, *, batch_size: Optional[int] = None, what="hidden_states") -> None:
+        if tensor.ndim != 3 or tensor.shape[-1] != self.backend.hidden_size:
+            raise NodeRPCError(
+                ErrorCode.BAD_REQUEST,
+                f"{what} must have shape [batch, tokens, {self.backend.hidden_size}], got {list(tensor.shape)}",
+            )
+        if not tensor.is_floating_point():
+            raise NodeRPCError(ErrorCode.BAD_REQUEST, f"{what} must be a floating-point tensor, got {tensor.dtype}")
+        if tensor.shape[0] < 1 or tensor.shape[1] < 1:
+            raise NodeRPCError(ErrorCode.BAD_REQUEST, f"{what} is empty: shape {list(tensor.shape)}")
+        if tensor.shape[0] > MAX_BATCH_SIZE or tensor.shape[0] * tensor.shape[1] > MAX_TOKENS_PER_REQUEST:
+            raise NodeRPCError(
+                ErrorCode.TOO_LARGE,
+                f"{what} has {tensor.shape[0]}x{tensor.shape[1]} tokens; limits are batch {MAX_BATCH_SIZE} and "
+                f"{MAX_TOKENS_PER_REQUEST} tokens per request: split it into smaller requests",
+            )
+        if batch_size is not None and tensor.shape[0] != batch_size:
+            raise NodeRPCError(
+                ErrorCode.BAD_REQUEST, f"{what} batch is {tensor.shape[0]}, the session was opened for {batch_size}"
+            )
+        if not _all_finite(tensor):
+            raise NodeRPCError(ErrorCode.BAD_REQUEST, f"{what} contains NaN or infinity")
+
+    @staticmethod
+    def check_prompts(prompts: Optional[torch.Tensor], hidden: torch.Tensor, start: int, end: int) -> None:
+        if prompts is None:
+            return
+        expected = (end - start, hidden.shape[0])
+        if prompts.ndim != 4 or tuple(prompts.shape[:2]) != expected or prompts.shape[-1] != hidden.shape[-1]:
+            raise NodeRPCError(
+                ErrorCode.BAD_REQUEST,
+                f"prompts must have shape [{end - start}, {hidden.shape[0]}, prefix, {hidden.shape[-1]}], "
+                f"got {list(prompts.shape)}",
+            )
+
+    def check_credit(self, client: str, tokens: int, start: int, end: int) -> None:
+        self.credit.check_credit(client, tokens * self.signer.price_for(start, end))
+
+    # ---- payment ----------------------------------------------------------------------------------------------
+
+    def settle_voucher(self, voucher: Optional[dict], client: str) -> None:
+        if voucher is not None:
+            signed = self.credit.accept_voucher(voucher, client)
+            if signed is not None:
+                self.payments.on_voucher(signed)
+
+    async def receipt_of(self, pending: PendingReceipt, client: str) -> tuple[dict, bytes]:
+        """(the receipt's JSON, its fingerprint) once signed; the client is charged for it."""
+        signed, fingerprint, receipt_json = await pending.result()
+        self.credit.charge(client, signed.receipt.amount)
+        self.payments.on_receipt(signed, fingerprint)
+        return receipt_json, fingerprint
+
+    async def sign(self, **fields) -> tuple[dict, bytes]:
+        return await self.receipt_of(self.signing.prepare(**fields), fields["client"])
+
+    def maybe_corrupt(self, outputs: torch.Tensor) -> torch.Tensor:
+        # Testing aid: a dishonest node, so spot checks can be shown to catch one.
+        if self.config.corrupt_rate > 0 and random.random() < self.config.corrupt_rate:
+            return outputs + torch.randn_like(outputs) * outputs.abs().mean().clamp_min(1e-3)
+        return outputs
+
+    # ---- inference steps --------------------------------------------------------------------------------------
+
+    def submit_inference(self, message: Step, hidden: torch.Tensor, prompts: Optional[torch.Tensor], *, caches,
+                         start: int, end: int, batch_size: int, max_length: int, length: int, client: str,
+                         separate_receipt: bool) -> InferenceWork:
+        """Checks a step against the session and queues it on the compute thread (it shares a forward with other
+        sessions' steps)."""
+        began = time.perf_counter()
+        self.check_hidden(hidden, batch_size=batch_size)
+        self.check_prompts(prompts, hidden, start, end)
+        position = length if message.position is None else message.position
+        if position > length:
+            raise NodeRPCError(ErrorCode.BAD_REQUEST, f"position must be an integer in [0, {length}], got {position}")
+        if position + hidden.shape[1] > max_length:
+            raise NodeRPCError(
+                ErrorCode.TOO_LARGE,
+                f"tokens {position}..{position + hidden.shape[1]} exceed the session's max_length {max_length}",
+            )
+        if not separate_receipt:
+            self.settle_voucher(message.voucher, client)
+        tokens = hidden.shape[0] * hidden.shape[1]
+        self.check_credit(client, tokens, start, end)
+        task = self.backend.inference_task(hidden, caches, start=start, end=end, position=position, prompts=prompts)
+        started = asyncio.get_running_loop().create_future()
+        output = self.compute.submit(task, Priority.INFERENCE, started=started)
+        trace.event("submitted", id(caches))
+        self.step_seconds += time.perf_counter() - began
+        return InferenceWork(output, started, hidden, prompts, message.voucher, message.step, position, start, end,
+                             client, tokens, separate_receipt)
+
+    async def finish_inference(self, work: InferenceWork, *, session_id: bytes,
+                               push: Optional[Callable[[list], Awaitable[None]]] = None
+                               ) -> tuple[runtime_pb2.ExpertResponse, int, Optional[FollowUp]]:
+        """(the step's reply, new cache length, None) or, for a separate receipt, (the output without its receipt,
+        new length, a coroutine function that signs the receipt and returns its own message).
+
+        A separate receipt is signed (or handed to the signing process) only when the session's next step starts
+        computing, or the stream goes quiet: between a round's end and the next round's start, the event loop's
+        time goes to sending outputs and taking next steps, one session after another."""
+        outputs = await work.output
+        began = time.perf_counter()
+        outputs = self.maybe_corrupt(outputs)
+        packed = pack_tensors([outputs])
+        if push is not None:  # before the receipt and the reply: the next hop computes while this node signs
+            await push(packed)
+        self.audit.record(session_id, work.step, work.position, work.hidden, work.start, work.end,
+                          prompts=work.prompts if work.position == 0 else None)
+        new_length = work.position + work.hidden.shape[1]
+
+        pending = self.signing.prepare(session_id=session_id, step=work.step, kind=schema.ReceiptKind.INFERENCE,
+                                       start=work.start, end=work.end, client=work.client, tokens=work.tokens,
+                                       inputs=work.hidden, outputs=outputs)
+
+        async def receipt_message() -> runtime_pb2.ExpertResponse:
+            began = time.perf_counter()
+            # the voucher, too, is checked once the output is out (the credit check used the last one): a bad
+            # voucher then ends the stream here, and the client fails over from this node
+            self.settle_voucher(work.voucher, work.client)
+            waited = time.perf_counter()
+            receipt, fingerprint = await self.receipt_of(pending, work.client)
+            began += time.perf_counter() - waited - pending.loop_seconds  # waiting for the signing process is not
+            message = ReceiptMessage(work.step, receipt, fingerprint).to_response()  # the loop's own work
+            self.step_seconds += time.perf_counter() - began
+            return message
+
+        if work.separate_receipt:
+            reply, follow_up = StepReply(outputs, receipt_follows=True, cache_tokens_left=self.memory.tokens_left), \
+                receipt_message
+        else:
+            waited = time.perf_counter()
+            receipt, fingerprint = await self.receipt_of(pending, work.client)
+            began += time.perf_counter() - waited - pending.loop_seconds
+            reply = StepReply(outputs, receipt, fingerprint, cache_tokens_left=self.memory.tokens_left)
+            follow_up = None
+        response = reply.to_response(packed)
+        self.step_seconds += time.perf_counter() - began
+        return response, new_length, follow_up
+
+    # ---- forward and backward ---------------------------------------------------------------------------------
+
+    async def forward(self, call: ForwardCall) -> ForwardReply:
+        start, end = self.check_span(call.uid)
+        hidden, prompts = call.hidden, call.prompts
+        self.check_hidden(hidden)
+        self.check_prompts(prompts, hidden, start, end)
+        self.settle_voucher(call.voucher, call.client)
+        tokens = hidden.shape[0] * hidden.shape[1]
+        self.check_credit(call.client, tokens, start, end)
+        outputs = await self.compute.submit(
+            lambda: self.backend.forward(hidden, start=start, end=end, prompts=prompts, keep_graph=call.backward),
+            Priority.FORWARD,
+        )
+        receipt, fingerprint = await self.sign(
+            session_id=call.session_id or os.urandom(32), step=call.step, kind=schema.ReceiptKind.FORWARD,
+            start=start, end=end, client=call.client, tokens=tokens, inputs=hidden, outputs=outputs)
+        return ForwardReply(outputs, receipt, fingerprint)
+
+    async def backward(self, call: BackwardCall) -> BackwardReply:
+        start, end = self.check_span(call.uid)
+        hidden, grad_outputs, prompts = call.hidden, call.grad_outputs, call.prompts
+        self.check_hidden(hidden)
+        self.check_hidden(grad_outputs, batch_size=hidden.shape[0], what="grad_outputs")
+        if grad_outputs.shape != hidden.shape:
+            raise NodeRPCError(ErrorCode.BAD_REQUEST, f"grad_outputs {list(grad_outputs.shape)} must match "
+                                                      f"hidden_states {list(hidden.shape)}")
+        self.check_prompts(prompts, hidden, start, end)
+        self.settle_voucher(call.voucher, call.client)
+        tokens = hidden.shape[0] * hidden.shape[1]
+        self.check_credit(call.client, tokens, start, end)
+        grad_inputs, grad_prompts = await self.compute.submit(
+            lambda: self.backend.backward(hidden, grad_outputs, start=start, end=end, prompts=prompts),
+            Priority.BACKWARD,
+        )
+        receipt, fingerprint = await self.sign(
+            session_id=call.session_id or os.urandom(32), step=call.step, kind=schema.ReceiptKind.BACKWARD,
+            start=start, end=end, client=call.client, tokens=tokens, inputs=grad_outputs, outputs=grad_inputs)
+        return BackwardReply(grad_inputs, grad_prompts, receipt, fingerprint)
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    # numpy where it can: a torch op on the event loop costs several times more while the compute thread runs
+    if tensor.dtype in (torch.float32, torch.float16, torch.float64) and tensor.device.type == "cpu":
+        return bool(np.isfinite(tensor.numpy()).all())
+    return bool(torch.isfinite(tensor).all())

@@ -1,0 +1,607 @@
+"""The node's inference stream state machine (node/inference_stream.py), forward/backward/audit/push RPCs, in memory.
+
+A real ``NodeHandler`` with a real receipt signer, credit ledger, KV-cache budget and audit log, fed requests from
+an in-memory ``RequestStream``; the backend and compute thread are fakes that return inputs * 2 at once (or hold a
+round until the test starts it). Every test runs in milliseconds.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+import torch
+from eth_account import Account
+
+from nectar.node.audit import AuditLog
+from nectar.node.config import NodeConfig
+from nectar.node.handler import NodeHandler
+from nectar.node.memory_cache import MemoryCache
+from nectar.node.receipts import CreditLedger, ReceiptSigner
+from nectar.wire import receipts as schema
+from nectar.wire.messages import (
+    AuditCall, AuditReply, BackwardCall, BackwardReply, Cancel, Flush, ForwardCall, ForwardReply, Open, Opened, Pay,
+    Push, PushMissing, PushTarget, ReceiptMessage, Step, StepReply, decode_inference_reply,
+)
+from nectar.wire.protocol import ErrorCode, NodeRPCError, unpack_metadata
+from nectar.wire.request_stream import RequestStream
+
+MODEL, HIDDEN = "fake-model", 8
+UID = f"{MODEL}[0:4]"
+DOMAIN = schema.make_domain(31337, "0x" + "22" * 20)
+PRICE = 1  # per token per block
+
+
+class FakeBackend:
+    """Four blocks whose output is the input times two."""
+
+    start, end, hidden_size = 0, 4, HIDDEN
+
+    def cache_bytes_per_token(self, start, end, batch_size=1):
+        return 16 * (end - start) * batch_size
+
+    def new_caches(self, start, end, batch_size, max_length):
+        return [object()]
+
+    def inference_task(self, hidden, caches, *, start, end, position, prompts=None):
+        return lambda: hidden * 2
+
+    def forward(self, hidden, *, start, end, prompts=None, keep_graph=True):
+        return hidden * 2
+
+    def backward(self, hidden, grad_outputs, *, start, end, prompts=None):
+        return grad_outputs * 2, (torch.zeros_like(prompts) if prompts is not None else None)
+
+
+class FakeCompute:
+    """Runs work at once on the caller's loop; with ``hold``, inference rounds wait for ``begin()`` and
+    ``finish()``, so a test can see what the node sends while a round computes."""
+
+    def __init__(self):
+        self.gathering = False
+        self.hold = False
+        self.held: list = []
+
+    def submit(self, function, priority, *, started=None):
+        future = asyncio.get_running_loop().create_future()
+        if self.hold and started is not None:
+            self.held.append((function, future, started))
+        else:
+            self._run(function, future, started)
+        return future
+
+    @staticmethod
+    def _run(function, future, started):
+        if started is not None and not started.done():
+            started.set_result(None)
+        try:
+            future.set_result(function())
+        except Exception as e:
+            future.set_exception(e)
+
+    def begin(self):
+        for _, _, started in self.held:
+            started.set_result(None)
+
+    def finish(self):
+        held, self.held = self.held, []
+        for function, future, started in held:
+            self._run(function, future, started)
+
+
+def make_node(memory_bytes: int = 1 << 20, credit_limit: int = 10**9, **config) -> NodeHandler:
+    signer = ReceiptSigner(private_key=Account.create().key.hex(), model_id=MODEL, price_per_token=PRICE,
+                           domain=DOMAIN)
+    config = NodeConfig(**{"session_timeout": 5.0, "receipt_delay": 0.01, **config})
+    return NodeHandler(FakeBackend(), config=config, model_id=MODEL, compute=FakeCompute(),
+                       memory=MemoryCache(memory_bytes, FakeBackend().cache_bytes_per_token(0, 4)), signer=signer,
+                       credit=CreditLedger(node_address=signer.address, credit_limit=credit_limit, domain=DOMAIN),
+                       audit=AuditLog(max_bytes=10**6, retention_s=60))
+
+
+END = "end of stream"
+
+
+class Conversation:
+    """One inference stream to ``node``: ``send`` requests, ``receive`` decoded replies (or the error raised)."""
+
+    def __init__(self, node: NodeHandler):
+        self.node, self.requests, self.replies = node, RequestStream(), asyncio.Queue()
+        self.task = asyncio.ensure_future(self._serve())
+
+    async def _serve(self):
+        try:
+            async for response in self.node.rpc_inference(self.requests, None):
+                await self.replies.put(decode_inference_reply(response))
+        except NodeRPCError as e:
+            await self.replies.put(e)
+        await self.replies.put(END)
+
+    async def send(self, message, uid: str = UID):
+        await self.requests.put(message.to_request() if isinstance(message, Open) else message.to_request(uid))
+
+    async def end(self):
+        await self.requests.put(None)
+
+    async def receive(self, timeout: float = 2.0):
+        return await asyncio.wait_for(self.replies.get(), timeout)
+
+    def nothing_yet(self) -> bool:
+        return self.replies.empty()
+
+    async def error(self) -> NodeRPCError:
+        reply = await self.receive()
+        assert isinstance(reply, NodeRPCError), reply
+        assert await self.receive() == END
+        return reply
+
+
+def run(scenario, timeout: float = 10.0):
+    async def bounded():
+        return await asyncio.wait_for(scenario(), timeout)
+
+    return asyncio.run(bounded())
+
+
+def hidden(tokens: int = 1, batch: int = 1) -> torch.Tensor:
+    return torch.randn(batch, tokens, HIDDEN)
+
+
+def session_id() -> bytes:
+    return os.urandom(16)
+
+
+def check_receipt(node: NodeHandler, receipt: dict, inputs: torch.Tensor, output: torch.Tensor, step: int):
+    signed = schema.SignedReceipt.from_json(receipt)
+    assert schema.recover_receipt_signer(signed, DOMAIN) == node.steps.signer.address
+    assert signed.receipt.step == step
+    assert signed.receipt.input_commitment == schema.commit_tensor(inputs)
+    assert signed.receipt.output_commitment == schema.commit_tensor(output)
+
+
+def assert_released(node: NodeHandler):
+    assert node.active_sessions == 0 and node.memory.used_bytes == 0 and not node.inbox._sessions
+
+
+# ---- the inference stream -----------------------------------------------------------------------------------------
+
+
+def test_open_without_a_step_is_acked_and_the_end_releases_everything():
+    node = make_node()
+
+    async def scenario():
+        talk = Conversation(node)
+        await talk.send(Open(UID, session_id(), max_length=8, push_token=os.urandom(16)))
+        opened = await talk.receive()
+        assert isinstance(opened, Opened) and opened.cache_tokens_left == node.memory.tokens_left
+        assert node.active_sessions == 1 and node.memory.used_bytes == 16 * 4 * 8
+        await talk.end()
+        assert await talk.receive() == END
+
+    run(scenario)
+    assert_released(node)
+
+
+def test_inline_receipts_ride_with_each_output_and_charge_the_client():
+    node, client = make_node(), Account.create().address
+    sid = session_id()
+
+    async def scenario():
+        talk = Conversation(node)
+        await talk.send(Open(UID, sid, max_length=8, client=client))
+        assert isinstance(await talk.receive(), Opened)
+        for step, tokens in enumerate((3, 1)):
+            x = hidden(tokens)
+            await talk.send(Step(sid, step, position=3 * step, hidden=x))
+            reply = await talk.receive()
+            assert isinstance(reply, StepReply) and not reply.receipt_follows
+            assert torch.equal(reply.output, x * 2) and reply.fingerprint is not None
+            check_receipt(node, reply.receipt, x, reply.output, step)
+        await talk.end()
+        assert await talk.receive() == END
+
+    run(scenario)
+    assert node.steps.credit.unpaid(client) == 4 * 4 * PRICE  # 4 tokens through 4 blocks
+    history, span, _ = node.steps.audit.history(sid.rjust(32, b"\0"), 1)
+    assert span == (0, 4) and history.shape == (1, 4, HIDDEN)
+    assert_released(node)
+
+
+def test_an_open_may_carry_the_first_step():
+    node = make_node()
+
+    async def scenario():
+        talk = Conversation(node)
+        sid, x = session_id(), hidden(2)
+        await talk.send(Open(UID, sid, max_length=8, first_step=Step(sid, 0, hidden=x)))
+        reply = await talk.receive()
+        assert isinstance(reply, StepReply) and torch.equal(reply.output, x * 2)
+        await talk.end()
+        assert await talk.receive() == END
+
+    run(scenario)
+
+
+def test_a_separate_receipt_is_signed_once_the_next_steps_round_has_begun():
+    node = make_node(receipt_delay=10.0)  # never quiet: only the next round (or a flush) brings the receipt
+    sid, x0, x1 = session_id(), hidden(3), hidden(1)
+
+    async def scenario():
+        talk = Conversation(node)
+        await talk.send(Open(UID, sid, max_length=8, separate_receipts=True))
+        assert isinstance(await talk.receive(), Opened)
+        await talk.send(Step(sid, 0, position=0, hidden=x0))
+        first = await talk.receive()
+        assert isinstance(first, StepReply) and first.receipt_follows and first.receipt is None
+        node.steps.compute.hold = True
+        await talk.send(Step(sid, 1, hidden=x1))  # position omitted: after the cache's 3 tokens
+        await asyncio.sleep(0.05)
+        assert talk.nothing_yet()  # receipt 0 waits for step 1's round
+        node.steps.compute.begin()
+        receipt = await talk.receive()
+        assert isinstance(receipt, ReceiptMessage) and receipt.step == 0
+        check_receipt(node, receipt.receipt, x0, first.output, 0)
+        assert talk.nothing_yet()  # step 1 still computes
+        node.steps.compute.finish()
+        second = await talk.receive()
+        assert isinstance(second, StepReply) and second.receipt_follows and torch.equal(second.output, x1 * 2)
+        await talk.send(Flush(sid))  # the client waits for receipt 1: no next step
+        receipt = await talk.receive(timeout=1.0)
+        assert isinstance(receipt, ReceiptMessage) and receipt.step == 1
+        check_receipt(node, receipt.receipt, x1, second.output, 1)
+        await talk.end()
+        assert await talk.receive() == END
+
+    run(scenario)
+    history, _, _ = node.steps.audit.history(sid.rjust(32, b"\0"), 1)
+    assert torch.equal(history, torch.cat([x0, x1], dim=1))
+    assert_released(node)
+
+
+def test_a_quiet_stream_gets_its_receipt_after_receipt_delay_longer_while_the_compute_thread_gathers():
+    node = make_node(receipt_delay=0.02)
+    sid = session_id()
+
+    async def scenario():
+        talk = Conversation(node)
+        await talk.send(Open(UID, sid, max_length=8, separate_receipts=True))
+        await talk.receive()
+        waits = []
+        for step, gathering in enumerate((False, True)):
+            node.steps.compute.gathering = gathering
+            await talk.send(Step(sid, step, hidden=hidden()))
+            assert isinstance(await talk.receive(), StepReply)
+            began = time.monotonic()
+            receipt = await talk.receive()
+            waits.append(time.monotonic() - began)
+            assert isinstance(receipt, ReceiptMessage) and receipt.step == step
+        await talk.end()
+        assert await talk.receive() == END
+        return waits
+
+    quiet, gathering = run(scenario)
+    assert 0.015 < quiet < 0.08  # one receipt_delay
+    assert gathering > 0.09  # five receipt_delays: signing now would hold up the round being gathered
+
+
+def test_the_last_receipt_comes_as_the_client_ends_the_stream():
+    node = make_node(receipt_delay=10.0)
+    sid = session_id()
+
+    async def scenario():
+        talk = Conversation(node)
+        await talk.send(Open(UID, sid, max_length=8, separate_receipts=True))
+        await talk.receive()
+        await talk.send(Step(sid, 0, hidden=hidden()))
+        await talk.receive()
+        await talk.end()
+        receipt = await talk.receive(timeout=1.0)
+        assert isinstance(receipt, ReceiptMessage) and receipt.step == 0
+        assert await talk.receive() == END
+
+    run(scenario)
+    assert_released(node)
+
+
+def _voucher(client, node: NodeHandler, amount: int) -> dict:
+    voucher = schema.Voucher(client=client.address, node=node.steps.signer.address, channel_id=1,
+                             cumulative_amount=amount)
+    return schema.sign_voucher(voucher, client.key.hex(), DOMAIN).to_json()
+
+
+def test_pay_settles_the_client_debt():
+    node, client = make_node(), Account.create()
+    sid = session_id()
+
+    async def scenario():
+        talk = Conversation(node)
+        await talk.send(Open(UID, sid, max_length=8, client=client.address))
+        await talk.receive()
+        await talk.send(Step(sid, 0, hidden=hidden(2)))
+        await talk.receive()
+        assert node.steps.credit.unpaid(client.address) == 2 * 4 * PRICE
+        await talk.send(Pay(sid, _voucher(client, node, 2 * 4 * PRICE)))
+        await talk.end()
+        assert await talk.receive() == END  # a pay gets no answer
+
+    run(scenario)
+    assert node.steps.credit.unpaid(client.address) == 0
+
+
+def test_a_steps_voucher_is_settled_before_its_credit_check_inline_and_once_its_output_is_out_when_separate():
+    node, client = make_node(credit_limit=8), Account.create()
+    sid = session_id()
+
+    async def scenario():
+        talk = Conversation(node)
+        await talk.send(Open(UID, sid, max_length=8, client=client.address))
+        await talk.receive()
+        await talk.send(Step(sid, 0, hidden=hidden(2)))  # 8 credit wei: at the limit
+        await talk.receive()
+        # inline receipts: the voucher pays for step 0 before step 1's credit check
+        await talk.send(Step(sid, 1, hidden=hidden(2), voucher=_voucher(client, node, 8)))
+        assert isinstance(await talk.receive(), StepReply)
+        await talk.send(Step(sid, 2, hidden=hidden(1)))  # 8 unpaid + 4 > 8
+        assert (await talk.error()).code == ErrorCode.CREDIT_LIMIT
+
+        talk = Conversation(node)  # separate receipts: a bad voucher ends the stream after the step's output
+        other = session_id()
+        await talk.send(Open(UID, other, max_length=8, client=Account.create().address, separate_receipts=True))
+        await talk.receive()
+        await talk.send(Step(other, 0, hidden=hidden(1), voucher={"not": "a voucher"}))
+        assert isinstance(await talk.receive(), StepReply)
+        error = await talk.error()
+        assert error.code == ErrorCode.BAD_REQUEST and "malformed voucher" in str(error)
+
+    run(scenario)
+    assert_released(node)
+
+
+def test_work_before_a_bad_request_is_still_signed_for():
+    node = make_node(receipt_delay=10.0)
+    sid, x = session_id(), hidden()
+
+    async def scenario():
+        talk = Conversation(node)
+        await talk.send(Open(UID, sid, max_length=8, separate_receipts=True))
+        await talk.receive()
+        await talk.send(Step(sid, 0, hidden=x))
+        output = await talk.receive()
+        await talk.send(Step(sid, 1, hidden=torch.randn(1, 1, HIDDEN + 1)))
+        receipt = await talk.receive()
+        assert isinstance(receipt, ReceiptMessage) and receipt.step == 0
+        check_receipt(node, receipt.receipt, x, output.output, 0)
+        error = await talk.error()
+        assert error.code == ErrorCode.BAD_REQUEST and "shape" in str(error)
+
+    run(scenario)
+    assert_released(node)
+
+
+def test_a_step_for_another_session_or_before_any_open_is_unknown():
+    node = make_node()
+
+    async def scenario():
+        talk = Conversation(node)
+        await talk.send(Step(session_id(), 0, hidden=hidden()))
+        error = await talk.error()
+        assert error.code == ErrorCode.UNKNOWN_SESSION and "open" in str(error)
+
+        talk = Conversation(node)
+        await talk.send(Open(UID, b"s1", max_length=8))
+        await talk.receive()
+        await talk.send(Step(b"s2", 0, position=0, hidden=hidden()))
+        assert (await talk.error()).code == ErrorCode.UNKNOWN_SESSION
+
+        talk = Conversation(node)
+        await talk.send(Open(UID, b"s1", max_length=8))
+        await talk.receive()
+        await talk.send(Open(UID, b"s1", max_length=8))  # a second open on one stream
+        assert (await talk.error()).code == ErrorCode.UNKNOWN_SESSION
+
+    run(scenario)
+    assert_released(node)
+
+
+def test_an_idle_session_expires_and_frees_its_cache():
+    node = make_node(session_timeout=0.05)
+
+    async def scenario():
+        talk = Conversation(node)
+        await talk.send(Open(UID, session_id(), max_length=8))
+        await talk.receive()
+        error = await talk.error()
+        assert error.code == ErrorCode.SESSION_EXPIRED and "replay" in str(error)
+
+    run(scenario)
+    assert_released(node)
+
+
+def test_max_length_position_cache_and_span_limits():
+    node = make_node(memory_bytes=16 * 4 * 100)
+    sid = session_id()
+
+    async def scenario():
+        talk = Conversation(node)
+        await talk.send(Open(UID, sid, max_length=4))
+        await talk.receive()
+        await talk.send(Step(sid, 0, position=0, hidden=hidden(5)))
+        error = await talk.error()
+        assert error.code == ErrorCode.TOO_LARGE and "max_length" in str(error)
+
+        talk = Conversation(node)
+        await talk.send(Open(UID, sid, max_length=4))
+        await talk.receive()
+        await talk.send(Step(sid, 0, position=2, hidden=hidden(1)))  # a gap: the cache holds 0 tokens
+        error = await talk.error()
+        assert error.code == ErrorCode.BAD_REQUEST and "position" in str(error)
+
+        talk = Conversation(node)
+        await talk.send(Open(UID, sid, max_length=101))
+        error = await talk.error()
+        assert error.code == ErrorCode.CACHE_FULL and "MiB" in str(error)
+
+        talk = Conversation(node)
+        await talk.send(Open(f"{MODEL}[2:9]", sid, max_length=4))
+        assert (await talk.error()).code == ErrorCode.WRONG_SPAN
+
+        talk = Conversation(node)
+        await talk.send(Open(UID, sid, max_length=4, batch_size=2))
+        await talk.receive()
+        await talk.send(Step(sid, 0, hidden=hidden(1, batch=1)))
+        error = await talk.error()
+        assert error.code == ErrorCode.BAD_REQUEST and "batch" in str(error)
+
+    run(scenario)
+    assert_released(node)
+
+
+# ---- push ---------------------------------------------------------------------------------------------------------
+
+
+async def _push(node: NodeHandler, push: Push):
+    requests = RequestStream()
+    await requests.put(push.to_request())
+    await requests.put(None)
+    return [unpack_metadata(r.metadata) async for r in node.rpc_push(requests, None)]
+
+
+def test_a_pushed_step_computes_on_the_pushed_input_and_a_cancelled_one_answers_push_missing():
+    node = make_node()
+    sid, token, x = session_id(), os.urandom(16), hidden()
+
+    async def scenario():
+        talk = Conversation(node)
+        await talk.send(Open(UID, sid, max_length=8, push_token=token))
+        await talk.receive()
+        await talk.send(Step(sid, 0, pushed=True))
+        await asyncio.sleep(0.02)
+        assert talk.nothing_yet()  # waits for the push
+        assert await _push(node, Push(sid, 0, token, x)) == [{"ok": True}]
+        reply = await talk.receive()
+        assert isinstance(reply, StepReply) and torch.equal(reply.output, x * 2)
+
+        await talk.send(Step(sid, 1, pushed=True))  # the push never comes: the client cancels and relays
+        await talk.send(Cancel(sid, 1))
+        assert isinstance(await talk.receive(), PushMissing)
+        await talk.send(Step(sid, 2, hidden=x))
+        assert isinstance(await talk.receive(), StepReply)
+        await talk.send(Cancel(sid, 1))  # a late cancel of a served step is ignored
+        await talk.end()
+        assert await talk.receive() == END
+
+        with pytest.raises(NodeRPCError) as error:  # the session is gone: nothing accepts its pushes
+            await _push(node, Push(sid, 3, token, x))
+        assert error.value.code == ErrorCode.UNKNOWN_SESSION
+
+    run(scenario)
+    assert_released(node)
+
+
+def test_push_errors():
+    node = make_node()
+    sid, token = session_id(), os.urandom(16)
+
+    async def scenario():
+        talk = Conversation(node)
+        await talk.send(Open(UID, sid, max_length=8, push_token=token))
+        await talk.receive()
+        with pytest.raises(NodeRPCError) as error:
+            await _push(node, Push(sid, 0, os.urandom(16), hidden()))
+        assert error.value.code == ErrorCode.BAD_REQUEST and "token" in str(error.value)
+        with pytest.raises(NodeRPCError) as error:
+            await _push(node, Push(sid, 0, token, torch.randn(2, 1, HIDDEN)))  # the session's batch is 1
+        assert error.value.code == ErrorCode.BAD_REQUEST
+        await talk.send(Step(sid, 0, pushed=True))
+        await talk.send(Step(sid, 1, hidden=hidden()))  # not the cancel the waiting step needs
+        error = await talk.error()
+        assert error.code == ErrorCode.BAD_REQUEST and "cancel" in str(error)
+
+        talk = Conversation(node)  # no push token in the open: a pushed step cannot be served
+        await talk.send(Open(UID, sid, max_length=8))
+        await talk.receive()
+        await talk.send(Step(sid, 0, pushed=True))
+        error = await talk.error()
+        assert error.code == ErrorCode.BAD_REQUEST and "push_token" in str(error)
+
+    run(scenario)
+    assert_released(node)
+
+
+def test_a_hop_pushes_its_output_to_the_next_hops_direct_lane():
+    from nectar.wire.direct import DirectServer
+
+    first, second = make_node(), make_node()
+    sid, token, x = session_id(), os.urandom(16), hidden()
+
+    async def scenario():
+        server = DirectServer(second.handlers(), local_id="second")
+        port = await server.start("127.0.0.1")
+        try:
+            to_second = Conversation(second)
+            await to_second.send(Open(UID, sid, max_length=8, push_token=token))
+            await to_second.receive()
+            await to_second.send(Step(sid, 0, pushed=True))
+            to_first = Conversation(first)
+            await to_first.send(Open(UID, sid, max_length=8))
+            await to_first.receive()
+            target = PushTarget(f"127.0.0.1:{port}", token)
+            await to_first.send(Step(sid, 0, hidden=x, push_to=target))
+            assert torch.equal((await to_first.receive()).output, x * 2)
+            assert torch.equal((await to_second.receive()).output, x * 4)
+            assert first.pushes_sent == 1 and second.inbox.received == 1
+            await to_first.end()
+            await to_second.end()
+            assert await to_first.receive() == END and await to_second.receive() == END
+        finally:
+            await server.close()
+
+    run(scenario)
+    assert_released(first)
+    assert_released(second)
+
+
+# ---- forward, backward, audit -------------------------------------------------------------------------------------
+
+
+async def _call(rpc, request):
+    requests = RequestStream()
+    await requests.put(request)
+    await requests.put(None)
+    return [response async for response in rpc(requests, None)]
+
+
+def test_forward_backward_and_audit_calls():
+    node, client = make_node(), Account.create().address
+    x, grad = hidden(3), hidden(3)
+
+    async def scenario():
+        (response,) = await _call(node.rpc_forward, ForwardCall(UID, x, client=client, step=5).to_request())
+        reply = ForwardReply.decode(response)
+        assert torch.equal(reply.output, x * 2)
+        signed = schema.SignedReceipt.from_json(reply.receipt)
+        assert signed.receipt.kind == int(schema.ReceiptKind.FORWARD) and signed.receipt.step == 5
+        assert signed.receipt.session_id != bytes(32)  # a call without a session gets a fresh one
+
+        (response,) = await _call(node.rpc_backward, BackwardCall(UID, x, grad, client=client).to_request())
+        reply = BackwardReply.decode(response)
+        assert torch.equal(reply.grad_inputs, grad * 2) and reply.grad_prompts is None
+        with pytest.raises(NodeRPCError, match="grad_outputs"):
+            await _call(node.rpc_backward, BackwardCall(UID, x, hidden(4)).to_request())
+
+        sid = session_id()
+        talk = Conversation(node)
+        await talk.send(Open(UID, sid, max_length=8, first_step=Step(sid, 0, hidden=x)))
+        await talk.receive()
+        await talk.end()
+        await talk.receive()
+        (response,) = await _call(node.rpc_audit, AuditCall(UID, sid, 0).to_request())
+        audit = AuditReply.decode(response)
+        assert torch.equal(audit.inputs, x) and (audit.start, audit.end) == (0, 4) and audit.prompts is None
+        with pytest.raises(NodeRPCError) as error:
+            await _call(node.rpc_audit, AuditCall(UID, sid, 1).to_request())
+        assert error.value.code == ErrorCode.UNKNOWN_SESSION
+
+    run(scenario)
+    assert node.steps.credit.unpaid(client) == 2 * 3 * 4 * PRICE

@@ -1,0 +1,684 @@
+"""The node RPC protocol's messages, one frozen dataclass each (the wire layout is in ``nectar.wire.protocol``).
+
+Requests have ``to_request()`` (the exact metadata and tensors clients have always sent) and a ``decode(request)``
+that checks everything that needs no backend (types, ranges, tensor counts) and raises ``NodeRPCError`` with the
+``ErrorCode`` the node answers; a decoded ``session_id`` is padded to 32 bytes, as receipts carry it. Checks that
+need the node (span, hidden size, cache length, credit) stay in ``nectar.node.steps``.
+
+Replies have ``to_response()`` and a lenient ``decode(response)``: a client judges a reply itself (receipt checks,
+output shapes), so a reply decodes whatever an older or odd node sends where the client used to tolerate it.
+
+Stream messages (``Step``, ``Pay``, ``Flush``, ``Cancel``) take the stream's uid in ``to_request(uid)``: the node
+reads the uid of the open only. Decoding is on the per-step path, so these are plain slotted dataclasses.
+"""
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, ClassVar, Optional, Sequence, Union
+
+import torch
+from hivemind.proto import runtime_pb2
+
+from nectar.wire import receipts as schema
+from nectar.wire.direct import parse_address
+from nectar.wire.protocol import (
+    MAX_BATCH_SIZE, MAX_TOKENS_PER_REQUEST, RPC_AUDIT, RPC_BACKWARD, RPC_FORWARD, RPC_INFO, RPC_PUSH, ErrorCode,
+    NodeRPCError, pack_metadata, pack_tensors, unpack_metadata, unpack_tensors,
+)
+
+MAX_STEP = 2**63 - 1
+ZERO_ADDRESS = "0x" + "00" * 20
+_MISSING = object()
+
+Packed = Sequence[runtime_pb2.Tensor]  # tensors already packed (a node packs an output once for push and reply)
+
+
+def message(cls):
+    """``@dataclass(frozen=True)`` with a faster ``__init__``: the generated frozen one sets each field through
+    ``object.__setattr__`` (2 us for a ``Step``, more than all the checks of its decode), this one writes the
+    instance's ``__dict__`` (0.5 us). Instances stay frozen: assigning a field raises ``FrozenInstanceError``."""
+    cls = dataclass(frozen=True)(cls)
+    params, lines, namespace = [], [], {}
+    for field in fields(cls):
+        if field.default is MISSING:
+            params.append(field.name)
+        else:
+            namespace[f"_default_{field.name}"] = field.default
+            params.append(f"{field.name}=_default_{field.name}")
+        lines.append(f"    _values[{field.name!r}] = {field.name}\n")
+    exec(f"def __init__(self, {', '.join(params)}):\n    _values = self.__dict__\n{''.join(lines)}", namespace)
+    cls.__init__ = namespace["__init__"]
+    return cls
+
+
+# ---- field checks (each raises the error the node answers) --------------------------------------------------------
+
+
+def _bad(message: str) -> NodeRPCError:
+    return NodeRPCError(ErrorCode.BAD_REQUEST, message)
+
+
+def _session_id(metadata: dict) -> bytes:
+    session_id = metadata.get("session_id")
+    if not isinstance(session_id, bytes) or not (1 <= len(session_id) <= 32):
+        raise _bad("session_id must be 1 to 32 bytes")
+    return session_id.rjust(32, b"\0")
+
+
+def _int(metadata: dict, name: str, low: int, high: int, default: Any = None) -> int:
+    value = metadata.get(name, default)
+    if value.__class__ is not int or not (low <= value <= high):  # a bool is no integer here
+        raise _bad(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def _client(metadata: dict) -> str:
+    client = metadata.get("client", ZERO_ADDRESS)
+    try:
+        return schema.checksum_address(client, "client")
+    except ValueError:
+        raise _bad(f"client must be an Ethereum address, got {client!r}")
+
+
+def _push_token(metadata: dict) -> Optional[bytes]:
+    token = metadata.get("push_token")
+    if token is not None and (not isinstance(token, bytes) or not 16 <= len(token) <= 32):
+        raise _bad("push_token must be 16 to 32 random bytes")
+    return token
+
+
+def _tensors(request: runtime_pb2.ExpertRequest) -> list[torch.Tensor]:
+    return unpack_tensors(request.tensors) if request.tensors else []
+
+
+def _put(metadata: dict, name: str, value: Any) -> None:
+    if value is not None:
+        metadata[name] = value
+
+
+# ---- inference stream: requests -----------------------------------------------------------------------------------
+
+
+@message
+class PushTarget:
+    """Where a step's output goes too: the next hop's direct lane and the push token of its session there."""
+
+    address: str
+    token: bytes
+
+    def to_wire(self) -> dict:
+        return {"address": self.address, "token": self.token}
+
+    @classmethod
+    def decode(cls, target: Any) -> "PushTarget":
+        address, token = (target.get("address"), target.get("token")) if isinstance(target, dict) else (None, None)
+        try:
+            parse_address(address)
+        except (ValueError, AttributeError):
+            raise _bad(f"push_to.address must be HOST:PORT, got {address!r}")
+        if not isinstance(token, bytes):
+            raise _bad("push_to.token must be the next hop's push token (bytes)")
+        return cls(address, token)
+
+
+@message
+class Step:
+    """{"type": "step", "session_id", "step", "position"?, "voucher"?, "push_to"?, "pushed"?}, tensors [hidden
+    [B, T, H]] (+ [prompts [n_blocks, B, P, H]] on the first step), or none with ``pushed`` (the input comes by push).
+
+    :param position: where the tokens go in the cache; None: after the last step's (the node's cache length)
+    :param voucher: a signed voucher (JSON), verified by the node's credit ledger once the step's output is out
+    """
+
+    session_id: bytes
+    step: int
+    position: Optional[int] = None
+    hidden: Optional[torch.Tensor] = None
+    prompts: Optional[torch.Tensor] = None
+    voucher: Optional[dict] = None
+    push_to: Optional[PushTarget] = None
+    pushed: bool = False
+
+    TYPE: ClassVar[str] = "step"
+
+    def metadata(self) -> dict:
+        return self._add_fields({"type": "step", "session_id": self.session_id, "step": self.step})
+
+    def _add_fields(self, metadata: dict) -> dict:
+        if self.position is not None:
+            metadata["position"] = self.position
+        if self.voucher is not None:
+            metadata["voucher"] = self.voucher
+        if self.push_to is not None:
+            metadata["push_to"] = self.push_to.to_wire()
+        if self.pushed:
+            metadata["pushed"] = True
+        return metadata
+
+    def tensors(self) -> list[torch.Tensor]:
+        if self.hidden is None:
+            return []
+        return [self.hidden] if self.prompts is None else [self.hidden, self.prompts]
+
+    def to_request(self, uid: str = "") -> runtime_pb2.ExpertRequest:
+        metadata = {"type": "step", "session_id": self.session_id, "step": self.step}
+        if self.position is not None:
+            metadata["position"] = self.position
+        if self.voucher is not None or self.push_to is not None or self.pushed:
+            self._add_fields(metadata)
+        hidden, prompts = self.hidden, self.prompts
+        tensors = () if hidden is None else (hidden,) if prompts is None else (hidden, prompts)
+        return runtime_pb2.ExpertRequest(uid=uid, tensors=pack_tensors(tensors), metadata=pack_metadata(metadata))
+
+    @classmethod
+    def decode(cls, request: runtime_pb2.ExpertRequest, metadata: Optional[dict] = None) -> "Step":
+        if metadata is None:
+            metadata = unpack_metadata(request.metadata)
+        return cls._from(request, metadata, _session_id(metadata))
+
+    @classmethod
+    def _from(cls, request: runtime_pb2.ExpertRequest, metadata: dict, session_id: bytes) -> "Step":
+        step, position = metadata.get("step"), metadata.get("position")  # checked inline: this is per step
+        if step.__class__ is not int or not 0 <= step <= MAX_STEP:
+            _int(metadata, "step", 0, MAX_STEP)
+        if position is not None and (position.__class__ is not int or not 0 <= position <= MAX_STEP):
+            _int(metadata, "position", 0, MAX_STEP)
+        target = metadata.get("push_to")
+        push_to = PushTarget.decode(target) if target is not None else None
+        pushed = metadata.get("pushed") is True
+        hidden = prompts = None
+        packed = request.tensors
+        if packed:
+            tensors = unpack_tensors(packed)
+            if not 1 <= len(tensors) <= 2:
+                raise _bad("a step carries hidden_states and optionally prompts")
+            hidden = tensors[0]
+            if len(tensors) == 2:
+                prompts = tensors[1]
+        elif not pushed:
+            raise _bad("a step carries hidden_states (or says 'pushed': true and comes after a push_token open)")
+        return cls(session_id, step, position, hidden, prompts, metadata.get("voucher"), push_to, pushed)
+
+
+@message
+class Open:
+    """The first request of an inference stream: {"type": "open", "session_id", "max_length", "batch_size",
+    "client", "receipts"?, "push_token"?} (+ a first step's fields and tensors in the same message).
+
+    :param separate_receipts: each step's receipt comes as a message of its own (``ReceiptMessage``), signed while
+        the session's next step computes or once the stream goes quiet
+    :param push_token: 16-32 random bytes; the hop before this one shows it to push inputs here
+    """
+
+    uid: str
+    session_id: bytes
+    max_length: int
+    batch_size: int = 1
+    client: str = ZERO_ADDRESS
+    separate_receipts: bool = False
+    push_token: Optional[bytes] = None
+    first_step: Optional[Step] = None
+
+    def metadata(self) -> dict:
+        metadata = {"type": "open", "session_id": self.session_id, "max_length": self.max_length,
+                    "batch_size": self.batch_size, "client": self.client}
+        if self.separate_receipts:
+            metadata["receipts"] = "separate"
+        _put(metadata, "push_token", self.push_token)
+        if self.first_step is not None:
+            metadata["step"] = self.first_step.step
+            self.first_step._add_fields(metadata)
+        return metadata
+
+    def to_request(self) -> runtime_pb2.ExpertRequest:
+        tensors = self.first_step.tensors() if self.first_step is not None else []
+        return runtime_pb2.ExpertRequest(uid=self.uid, tensors=pack_tensors(tensors),
+                                         metadata=pack_metadata(self.metadata()))
+
+    @classmethod
+    def decode(cls, request: runtime_pb2.ExpertRequest) -> "Open":
+        metadata = unpack_metadata(request.metadata)
+        if metadata.get("type") != "open":
+            raise NodeRPCError(
+                ErrorCode.UNKNOWN_SESSION,
+                "this stream has no open session; send {'type': 'open', ...} first (sessions live in one stream)",
+            )
+        session_id = _session_id(metadata)
+        batch_size = _int(metadata, "batch_size", 1, MAX_BATCH_SIZE, default=1)
+        max_length = _int(metadata, "max_length", 1, MAX_TOKENS_PER_REQUEST)
+        client = _client(metadata)
+        token = _push_token(metadata)
+        first = None
+        if request.tensors or metadata.get("pushed") is True:  # the open carries its session's first step
+            first = Step._from(request, metadata, session_id)
+        return cls(request.uid, session_id, max_length, batch_size, client, metadata.get("receipts") == "separate",
+                   token, first)
+
+
+@message
+class Pay:
+    """{"type": "pay", "session_id", "voucher"}: the client's last voucher before it leaves."""
+
+    session_id: bytes
+    voucher: Optional[dict] = None
+
+    TYPE: ClassVar[str] = "pay"
+
+    def to_request(self, uid: str = "") -> runtime_pb2.ExpertRequest:
+        metadata = {"type": "pay", "session_id": self.session_id}
+        _put(metadata, "voucher", self.voucher)
+        return runtime_pb2.ExpertRequest(uid=uid, metadata=pack_metadata(metadata))
+
+    @classmethod
+    def decode(cls, request: runtime_pb2.ExpertRequest, metadata: Optional[dict] = None) -> "Pay":
+        metadata = unpack_metadata(request.metadata) if metadata is None else metadata
+        return cls(_session_id(metadata), metadata.get("voucher"))
+
+
+@message
+class Flush:
+    """{"type": "flush", "session_id"}: send the last step's receipt now (the client waits for it)."""
+
+    session_id: bytes
+
+    TYPE: ClassVar[str] = "flush"
+
+    def to_request(self, uid: str = "") -> runtime_pb2.ExpertRequest:
+        return runtime_pb2.ExpertRequest(uid=uid, metadata=pack_metadata({"type": "flush",
+                                                                          "session_id": self.session_id}))
+
+    @classmethod
+    def decode(cls, request: runtime_pb2.ExpertRequest, metadata: Optional[dict] = None) -> "Flush":
+        metadata = unpack_metadata(request.metadata) if metadata is None else metadata
+        return cls(_session_id(metadata))
+
+
+@message
+class Cancel:
+    """{"type": "cancel", "session_id", "step"}: stop waiting for this step's push; the client relays the step."""
+
+    session_id: bytes
+    step: Any  # checked against the waiting step by the node; any other value is "not a cancel of this step"
+
+    TYPE: ClassVar[str] = "cancel"
+
+    def to_request(self, uid: str = "") -> runtime_pb2.ExpertRequest:
+        return runtime_pb2.ExpertRequest(uid=uid, metadata=pack_metadata(
+            {"type": "cancel", "session_id": self.session_id, "step": self.step}))
+
+    @classmethod
+    def decode(cls, request: runtime_pb2.ExpertRequest, metadata: Optional[dict] = None) -> "Cancel":
+        metadata = unpack_metadata(request.metadata) if metadata is None else metadata
+        return cls(_session_id(metadata), metadata.get("step"))
+
+
+InferenceRequest = Union[Step, Pay, Flush, Cancel]
+_STREAM_REQUESTS = {cls.TYPE: cls for cls in (Step, Pay, Flush, Cancel)}
+
+
+def decode_inference_request(request: runtime_pb2.ExpertRequest) -> InferenceRequest:
+    """A request after the open on an inference stream. A message of another type (a second open, say) belongs to
+    no session this stream serves: ``unknown_session``."""
+    metadata = unpack_metadata(request.metadata)
+    kind = metadata.get("type")
+    if kind == "step":  # the per-step path first
+        return Step._from(request, metadata, _session_id(metadata))
+    cls = _STREAM_REQUESTS.get(kind) if kind.__class__ is str else None
+    if cls is None:
+        raise NodeRPCError(ErrorCode.UNKNOWN_SESSION, f"a {kind!r} message names session "
+                                                      f"{metadata.get('session_id')!r}, this stream serves another")
+    return cls.decode(request, metadata)
+
+
+# ---- inference stream: replies ------------------------------------------------------------------------------------
+
+
+@message
+class Opened:
+    """{"type": "opened", "cache_tokens_left"}: the answer to an open without a first step."""
+
+    cache_tokens_left: Optional[int] = None
+
+    def to_response(self) -> runtime_pb2.ExpertResponse:
+        return runtime_pb2.ExpertResponse(metadata=pack_metadata({"type": "opened",
+                                                                  "cache_tokens_left": self.cache_tokens_left}))
+
+    @classmethod
+    def _from(cls, metadata: dict, tensors: list) -> "Opened":
+        return cls(metadata.get("cache_tokens_left"))
+
+
+@message
+class StepReply:
+    """A step's output: tensors [output [B, T, H]], metadata {"receipt", "fingerprint", "cache_tokens_left"}, or
+    with separate receipts {"receipt_follows": true, "cache_tokens_left"} (a ``ReceiptMessage`` comes later)."""
+
+    output: torch.Tensor
+    receipt: Optional[dict] = None
+    fingerprint: Optional[bytes] = None
+    receipt_follows: bool = False
+    cache_tokens_left: Optional[int] = None
+
+    def to_response(self, packed: Optional[Packed] = None) -> runtime_pb2.ExpertResponse:
+        """``packed``: the output, packed already (it is not packed again)."""
+        if self.receipt_follows:
+            metadata = {"receipt_follows": True}
+        else:
+            metadata = {}
+            _put(metadata, "receipt", self.receipt)
+            _put(metadata, "fingerprint", self.fingerprint)
+        metadata["cache_tokens_left"] = self.cache_tokens_left
+        return runtime_pb2.ExpertResponse(tensors=packed if packed is not None else pack_tensors([self.output]),
+                                          metadata=pack_metadata(metadata))
+
+    @classmethod
+    def _from(cls, metadata: dict, tensors: list) -> "StepReply":
+        if len(tensors) != 1:
+            raise ValueError(f"a step's answer carries one output tensor, this one {len(tensors)}")
+        return cls(tensors[0], metadata.get("receipt"), metadata.get("fingerprint"),
+                   metadata.get("receipt_follows") is True, metadata.get("cache_tokens_left"))
+
+
+@message
+class ReceiptMessage:
+    """{"type": "receipt", "step", "receipt", "fingerprint"}: a step's receipt, sent after its output (separate
+    receipts) and before the next step's output."""
+
+    step: Any
+    receipt: Optional[dict]
+    fingerprint: Optional[bytes] = None
+
+    def to_response(self) -> runtime_pb2.ExpertResponse:
+        return runtime_pb2.ExpertResponse(metadata=pack_metadata(
+            {"type": "receipt", "step": self.step, "receipt": self.receipt, "fingerprint": self.fingerprint}))
+
+    @classmethod
+    def _from(cls, metadata: dict, tensors: list) -> "ReceiptMessage":
+        return cls(metadata.get("step"), metadata.get("receipt"), metadata.get("fingerprint"))
+
+
+@message
+class PushMissing:
+    """{"push_missing": true}: the step's push never came and the client cancelled it; relay the step instead."""
+
+    def to_response(self) -> runtime_pb2.ExpertResponse:
+        return runtime_pb2.ExpertResponse(metadata=pack_metadata({"push_missing": True}))
+
+    @classmethod
+    def _from(cls, metadata: dict, tensors: list) -> "PushMissing":
+        return cls()
+
+
+InferenceReply = Union[Opened, StepReply, ReceiptMessage, PushMissing]
+
+
+def decode_inference_reply(response: runtime_pb2.ExpertResponse) -> InferenceReply:
+    """What a node sent on an inference stream (a ``ValueError`` for a step answer without exactly one tensor)."""
+    metadata, packed = unpack_metadata(response.metadata), response.tensors
+    kind = metadata.get("type")
+    if kind is None and packed:  # a step's output, the per-step path: read inline
+        tensors = unpack_tensors(packed)
+        if len(tensors) == 1:
+            get = metadata.get
+            return StepReply(tensors[0], get("receipt"), get("fingerprint"), get("receipt_follows") is True,
+                             get("cache_tokens_left"))
+    tensors = unpack_tensors(packed) if packed else []
+    if kind == "receipt":
+        return ReceiptMessage._from(metadata, tensors)
+    if kind == "opened":
+        return Opened._from(metadata, tensors)
+    if metadata.get("push_missing"):
+        return PushMissing()
+    return StepReply._from(metadata, tensors)
+
+
+# ---- push (node to node) ------------------------------------------------------------------------------------------
+
+
+@message
+class Push:
+    """``rpc_push``: {"session_id", "step", "token"}, tensors [hidden_states]: a hop's output for the next hop."""
+
+    session_id: bytes
+    step: int
+    token: bytes
+    hidden: Optional[torch.Tensor] = None
+
+    rpc: ClassVar[str] = RPC_PUSH
+
+    def to_request(self, packed: Optional[Packed] = None) -> runtime_pb2.ExpertRequest:
+        """``packed``: the hidden states, packed already (the node's output as it also goes to its client)."""
+        tensors = packed if packed is not None else pack_tensors([self.hidden])
+        return runtime_pb2.ExpertRequest(tensors=tensors, metadata=pack_metadata(
+            {"session_id": self.session_id, "step": self.step, "token": self.token}))
+
+    @classmethod
+    def decode(cls, request: runtime_pb2.ExpertRequest) -> "Push":
+        metadata = unpack_metadata(request.metadata)
+        session_id = _session_id(metadata)
+        token = metadata.get("token")
+        if not isinstance(token, bytes):
+            raise _bad("a push names its session's push token (bytes)")
+        step = _int(metadata, "step", 0, MAX_STEP)
+        tensors = unpack_tensors(request.tensors)
+        if len(tensors) != 1:
+            raise _bad(f"a push carries 1 hidden_states tensor, not {len(tensors)}")
+        return cls(session_id, step, token, tensors[0])
+
+
+@message
+class PushAck:
+    """{"ok": true}: one per push received."""
+
+    def to_response(self) -> runtime_pb2.ExpertResponse:
+        return runtime_pb2.ExpertResponse(metadata=pack_metadata({"ok": True}))
+
+
+# ---- unary calls --------------------------------------------------------------------------------------------------
+
+
+def _call_metadata(client: str, session_id: Optional[bytes], step: Optional[int], voucher: Optional[dict]) -> dict:
+    metadata = {"client": client}
+    _put(metadata, "session_id", session_id)
+    _put(metadata, "step", step)
+    _put(metadata, "voucher", voucher)
+    return metadata
+
+
+def _call_fields(metadata: dict) -> tuple[str, Optional[bytes], int, Any]:
+    client = _client(metadata)
+    # a call without a session gets a fresh id from the node (None here): two such receipts must never share
+    # (session, step), or they would look like a double-sign and an honest node could be slashed
+    session_id = _session_id(metadata) if "session_id" in metadata else None
+    return client, session_id, _int(metadata, "step", 0, MAX_STEP, default=0), metadata.get("voucher")
+
+
+@message
+class ForwardCall:
+    """``rpc_forward``: tensors [hidden [B, T, H]] (+ [prompts]), metadata {"client", "session_id"?, "step"?,
+    "voucher"?, "backward"?}.
+
+    :param backward: False: no backward will follow, so the node runs a plain forward (no kept activations)
+    """
+
+    uid: str
+    hidden: torch.Tensor
+    prompts: Optional[torch.Tensor] = None
+    client: str = ZERO_ADDRESS
+    session_id: Optional[bytes] = None
+    step: Optional[int] = None
+    voucher: Optional[dict] = None
+    backward: bool = True
+
+    rpc: ClassVar[str] = RPC_FORWARD
+
+    def to_request(self) -> runtime_pb2.ExpertRequest:
+        metadata = _call_metadata(self.client, self.session_id, self.step, self.voucher)
+        if not self.backward:
+            metadata["backward"] = False
+        tensors = [self.hidden] + ([self.prompts] if self.prompts is not None else [])
+        return runtime_pb2.ExpertRequest(uid=self.uid, tensors=pack_tensors(tensors), metadata=pack_metadata(metadata))
+
+    @classmethod
+    def decode(cls, request: runtime_pb2.ExpertRequest) -> "ForwardCall":
+        metadata = unpack_metadata(request.metadata)
+        tensors = unpack_tensors(request.tensors)
+        if not 1 <= len(tensors) <= 2:
+            raise _bad("forward takes hidden_states and optionally prompts")
+        client, session_id, step, voucher = _call_fields(metadata)
+        return cls(request.uid, tensors[0], tensors[1] if len(tensors) > 1 else None, client, session_id, step,
+                   voucher, metadata.get("backward", True) is not False)
+
+
+@message
+class BackwardCall:
+    """``rpc_backward``: tensors [hidden, grad_outputs] (+ [prompts]), metadata as ``ForwardCall``'s."""
+
+    uid: str
+    hidden: torch.Tensor
+    grad_outputs: torch.Tensor
+    prompts: Optional[torch.Tensor] = None
+    client: str = ZERO_ADDRESS
+    session_id: Optional[bytes] = None
+    step: Optional[int] = None
+    voucher: Optional[dict] = None
+
+    rpc: ClassVar[str] = RPC_BACKWARD
+
+    def to_request(self) -> runtime_pb2.ExpertRequest:
+        metadata = _call_metadata(self.client, self.session_id, self.step, self.voucher)
+        tensors = [self.hidden, self.grad_outputs] + ([self.prompts] if self.prompts is not None else [])
+        return runtime_pb2.ExpertRequest(uid=self.uid, tensors=pack_tensors(tensors), metadata=pack_metadata(metadata))
+
+    @classmethod
+    def decode(cls, request: runtime_pb2.ExpertRequest) -> "BackwardCall":
+        metadata = unpack_metadata(request.metadata)
+        tensors = unpack_tensors(request.tensors)
+        if not 2 <= len(tensors) <= 3:
+            raise _bad("backward takes hidden_states, grad_outputs and maybe prompts")
+        client, session_id, step, voucher = _call_fields(metadata)
+        return cls(request.uid, tensors[0], tensors[1], tensors[2] if len(tensors) > 2 else None, client,
+                   session_id, step, voucher)
+
+
+@message
+class ForwardReply:
+    """The forward's output with its receipt: tensors [output], metadata {"receipt", "fingerprint"}."""
+
+    output: torch.Tensor
+    receipt: Optional[dict] = None
+    fingerprint: Optional[bytes] = None
+
+    def to_response(self) -> runtime_pb2.ExpertResponse:
+        return runtime_pb2.ExpertResponse(tensors=pack_tensors([self.output]), metadata=pack_metadata(
+            {"receipt": self.receipt, "fingerprint": self.fingerprint}))
+
+    @classmethod
+    def decode(cls, response: runtime_pb2.ExpertResponse) -> "ForwardReply":
+        tensors, metadata = unpack_tensors(response.tensors), unpack_metadata(response.metadata)
+        if len(tensors) != 1:
+            raise ValueError(f"a forward's answer carries one output tensor, this one {len(tensors)}")
+        return cls(tensors[0], metadata.get("receipt"), metadata.get("fingerprint"))
+
+
+@message
+class BackwardReply:
+    """tensors [grad_inputs] (+ [grad_prompts] where the call had prompts), metadata {"receipt", "fingerprint"}."""
+
+    grad_inputs: torch.Tensor
+    grad_prompts: Optional[torch.Tensor] = None
+    receipt: Optional[dict] = None
+    fingerprint: Optional[bytes] = None
+
+    def to_response(self) -> runtime_pb2.ExpertResponse:
+        tensors = [self.grad_inputs] + ([self.grad_prompts] if self.grad_prompts is not None else [])
+        return runtime_pb2.ExpertResponse(tensors=pack_tensors(tensors), metadata=pack_metadata(
+            {"receipt": self.receipt, "fingerprint": self.fingerprint}))
+
+    @classmethod
+    def decode(cls, response: runtime_pb2.ExpertResponse) -> "BackwardReply":
+        tensors, metadata = unpack_tensors(response.tensors), unpack_metadata(response.metadata)
+        if not 1 <= len(tensors) <= 2:
+            raise ValueError(f"a backward's answer carries 1 or 2 tensors, this one {len(tensors)}")
+        return cls(tensors[0], tensors[1] if len(tensors) > 1 else None, metadata.get("receipt"),
+                   metadata.get("fingerprint"))
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.grad_inputs] + ([self.grad_prompts] if self.grad_prompts is not None else [])
+
+
+@message
+class AuditCall:
+    """``rpc_audit``: {"session_id", "step"}: a session's inputs up to a step, for the ledger's spot checks."""
+
+    uid: str
+    session_id: bytes
+    step: int
+
+    rpc: ClassVar[str] = RPC_AUDIT
+
+    def to_request(self) -> runtime_pb2.ExpertRequest:
+        return runtime_pb2.ExpertRequest(uid=self.uid, metadata=pack_metadata(
+            {"session_id": self.session_id, "step": self.step}))
+
+    @classmethod
+    def decode(cls, request: runtime_pb2.ExpertRequest) -> "AuditCall":
+        metadata = unpack_metadata(request.metadata)
+        return cls(request.uid, _session_id(metadata), _int(metadata, "step", 0, MAX_STEP))
+
+
+@message
+class AuditReply:
+    """tensors [inputs [B, L, H]] (+ [the first step's deep prompts]), metadata {"start", "end"}."""
+
+    inputs: torch.Tensor
+    start: Any
+    end: Any
+    prompts: Optional[torch.Tensor] = None
+
+    def to_response(self) -> runtime_pb2.ExpertResponse:
+        tensors = [self.inputs] + ([self.prompts] if self.prompts is not None else [])
+        return runtime_pb2.ExpertResponse(tensors=pack_tensors(tensors),
+                                          metadata=pack_metadata({"start": self.start, "end": self.end}))
+
+    @classmethod
+    def decode(cls, response: runtime_pb2.ExpertResponse) -> "AuditReply":
+        tensors, metadata = unpack_tensors(response.tensors), unpack_metadata(response.metadata)
+        if not 1 <= len(tensors) <= 2:
+            raise ValueError(f"an audit answer carries 1 or 2 tensors, this one {len(tensors)}")
+        return cls(tensors[0], metadata.get("start"), metadata.get("end"), tensors[1] if len(tensors) > 1 else None)
+
+
+@message
+class InfoCall:
+    """``rpc_info``: an empty request."""
+
+    uid: str = ""
+
+    rpc: ClassVar[str] = RPC_INFO
+
+    def to_request(self) -> runtime_pb2.ExpertRequest:
+        return runtime_pb2.ExpertRequest(uid=self.uid, metadata=pack_metadata({}))
+
+
+@message
+class InfoReply:
+    """The node's announcement and counters (``ServerInfo.to_dict()`` plus model, version, compute, push...)."""
+
+    info: dict
+
+    def to_response(self) -> runtime_pb2.ExpertResponse:
+        return runtime_pb2.ExpertResponse(metadata=pack_metadata(self.info))
+
+    @classmethod
+    def decode(cls, response: runtime_pb2.ExpertResponse) -> "InfoReply":
+        return cls(unpack_metadata(response.metadata))
+
+
+__all__ = [
+    "AuditCall", "AuditReply", "BackwardCall", "BackwardReply", "Cancel", "Flush", "ForwardCall", "ForwardReply",
+    "InferenceReply", "InferenceRequest", "InfoCall", "InfoReply", "MAX_STEP", "Open", "Opened", "Pay", "Push",
+    "PushAck", "PushMissing", "PushTarget", "ReceiptMessage", "Step", "StepReply", "ZERO_ADDRESS",
+    "decode_inference_reply", "decode_inference_request",
+]
