@@ -1,7 +1,7 @@
 """One hop of an inference session: the open stream to its node, and what the session keeps about the hop.
 
-``HopStream`` is the only client module that builds inference requests and reads their replies (the message shapes
-are in ``nectar.wire.protocol``); a typed stub for the stream replaces its insides without the session changing.
+``HopStream`` is the only client module that sends inference requests and reads their replies, as the typed
+messages of ``nectar.wire.messages``.
 ``Hop`` is the session's record of one hop: its state, the inputs it was sent (for replay) and its receipts.
 """
 from __future__ import annotations
@@ -16,9 +16,12 @@ import torch
 from hivemind.proto import runtime_pb2
 
 from nectar.client.routing import RemoteSpan
-from nectar.client.streams import open_stream
-from nectar.wire.protocol import RPC_INFERENCE, ErrorCode, NodeRPCError, make_request, module_uid, unpack_metadata
-from nectar.wire.protocol import unpack_tensors
+from nectar.wire.messages import (
+    Cancel, Flush, InferenceReply, Open, Opened, Pay, PushMissing, PushTarget, ReceiptMessage, Step, StepReply,
+    decode_inference_reply,
+)
+from nectar.wire.protocol import RPC_INFERENCE, ErrorCode, NodeRPCError, module_uid
+from nectar.wire.stubs import open_stream
 
 
 Connect = Optional[Callable[[RemoteSpan, AsyncIterator[runtime_pb2.ExpertRequest]],
@@ -32,33 +35,38 @@ class StreamState(enum.Enum):
 
 
 class Reply:
-    """A message the node sent on the stream: a step's answer, a receipt of its own, or an open's ack."""
+    """A message the node sent on the stream (``nectar.wire.messages``): a step's answer (``StepReply``), a receipt
+    of its own (``ReceiptMessage``), an open's ack (``Opened``) or ``PushMissing``."""
 
-    __slots__ = ("outputs", "metadata")
+    __slots__ = ("message",)
 
-    def __init__(self, outputs: list[torch.Tensor], metadata: dict):
-        self.outputs, self.metadata = outputs, metadata
+    def __init__(self, message: InferenceReply):
+        self.message = message
+
+    @property
+    def outputs(self) -> list[torch.Tensor]:
+        return [self.message.output] if isinstance(self.message, StepReply) else []
 
     @property
     def receipt(self) -> Optional[dict]:
-        return self.metadata.get("receipt")
+        return getattr(self.message, "receipt", None)
 
     @property
     def receipt_follows(self) -> bool:
         """The receipt of this step comes as a message of its own, before the answer to the next request."""
-        return self.metadata.get("receipt_follows") is True
+        return isinstance(self.message, StepReply) and self.message.receipt_follows
 
     @property
     def push_missing(self) -> bool:
         """A pushed step that the client cancelled before its push came: the node did not compute it."""
-        return bool(self.metadata.get("push_missing"))
+        return isinstance(self.message, PushMissing)
 
     def is_receipt_for(self, step: int) -> bool:
-        metadata = self.metadata
-        return metadata.get("type") == "receipt" and metadata.get("step") == step and "receipt" in metadata
+        message = self.message
+        return isinstance(message, ReceiptMessage) and message.step == step and message.receipt is not None
 
     def describe(self) -> str:
-        return repr(self.metadata.get("type"))
+        return type(self.message).__name__
 
 
 class HopStream:
@@ -77,12 +85,10 @@ class HopStream:
         self.responses = None
 
     async def open(self, *, session_id: bytes, max_length: int, batch_size: int, client: str,
-                   push_token: Optional[bytes], timeout: float) -> dict:
+                   push_token: Optional[bytes], timeout: float) -> Opened:
         """Opens the stream and the node's session (its KV cache); returns the node's ack."""
-        metadata = {"type": "open", "session_id": session_id, "max_length": max_length, "batch_size": batch_size,
-                    "client": client, "receipts": "separate"}
-        if push_token is not None:
-            metadata["push_token"] = push_token
+        opening = Open(self.uid, session_id, max_length, batch_size, client, separate_receipts=True,
+                       push_token=push_token)
         self.session_id, self.queue, self.state = session_id, asyncio.Queue(), StreamState.OPEN
 
         async def requests():
@@ -93,9 +99,11 @@ class HopStream:
                 yield item
 
         self.responses = (await asyncio.wait_for(self.connect(self.span, requests()), timeout)).__aiter__()
-        self.queue.put_nowait(make_request(self.uid, [], metadata))
-        response = await asyncio.wait_for(self.responses.__anext__(), timeout)
-        return unpack_metadata(response.metadata)
+        self.queue.put_nowait(opening.to_request())
+        reply = decode_inference_reply(await asyncio.wait_for(self.responses.__anext__(), timeout))
+        if not isinstance(reply, Opened):
+            raise ValueError(f"{self.span} answered an open with {type(reply).__name__}, not Opened")
+        return reply
 
     async def _connect(self, span: RemoteSpan, requests: AsyncIterator[runtime_pb2.ExpertRequest]
                        ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
@@ -106,14 +114,9 @@ class HopStream:
                   push_to: Optional[tuple[str, bytes]] = None, pushed: bool = False) -> None:
         """Queues one step: ``tensors`` are its inputs (none when ``pushed``: the previous hop pushes them);
         ``push_to`` is (next hop's direct address, its push token) where this hop pushes its output."""
-        metadata = {"type": "step", "session_id": self.session_id, "step": step, "position": position}
-        if voucher is not None:
-            metadata["voucher"] = voucher
-        if push_to is not None:
-            metadata["push_to"] = {"address": push_to[0], "token": push_to[1]}
-        if pushed:
-            metadata["pushed"] = True
-        self._send(tensors, metadata)
+        hidden, prompts = (tensors + [None, None])[:2]
+        self._send(Step(self.session_id, step, position, hidden, prompts, voucher,
+                        PushTarget(*push_to) if push_to is not None else None, pushed))
 
     async def step(self, tensors: list[torch.Tensor], *, step: int, position: int, timeout: float,
                    **options) -> Reply:
@@ -123,34 +126,33 @@ class HopStream:
 
     def cancel(self, step: int) -> None:
         """Tells the node to stop waiting for this step's push (it answers ``push_missing`` unless it ran)."""
-        self._send([], {"type": "cancel", "session_id": self.session_id, "step": step})
+        self._send(Cancel(self.session_id, step))
 
     def flush(self) -> None:
         """Asks for the receipt of the last step now (a node otherwise signs it while the next step computes, or
         once the stream has been quiet for a moment)."""
-        self._send_if_open({"type": "flush", "session_id": self.session_id})
+        self._send_if_open(Flush(self.session_id))
 
     def pay(self, voucher: dict) -> None:
         """Settles what the session owes before it leaves."""
-        self._send_if_open({"type": "pay", "session_id": self.session_id, "voucher": voucher})
+        self._send_if_open(Pay(self.session_id, voucher))
 
     async def receive(self) -> Reply:
-        response = await self.responses.__anext__()
-        return Reply(unpack_tensors(response.tensors), unpack_metadata(response.metadata))
+        return Reply(decode_inference_reply(await self.responses.__anext__()))
 
     def close(self) -> None:
         if self.state is StreamState.OPEN:
             self.queue.put_nowait(None)
         self.state = StreamState.CLOSED
 
-    def _send(self, tensors: list[torch.Tensor], metadata: dict) -> None:
+    def _send(self, message: Step | Cancel | Flush | Pay) -> None:
         if self.state is not StreamState.OPEN:
             raise ConnectionError(f"the stream to {self.span} is {self.state.value}")
-        self.queue.put_nowait(make_request(self.uid, tensors, metadata))
+        self.queue.put_nowait(message.to_request(self.uid))
 
-    def _send_if_open(self, metadata: dict) -> None:
+    def _send_if_open(self, message: Flush | Pay) -> None:
         if self.state is StreamState.OPEN:
-            self.queue.put_nowait(make_request(self.uid, [], metadata))
+            self.queue.put_nowait(message.to_request(self.uid))
 
 
 # ---- the session's record of a hop -----------------------------------------------------------------------------

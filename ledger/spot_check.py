@@ -9,7 +9,6 @@ node clears it, so an honest node is never accused on a single verifier's word.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -266,37 +265,5 @@ class SpotChecker:
         return attest(self.chain, self.settings, node=signed.receipt.node, leaf=receipt_leaf(signed.receipt))
 
 
-AUDIT_SOURCES = {"swarm": "nectar.ledger.swarm_audit:audit_from_settings"}  # short names
-
-
-def load_audit_source(settings: Settings) -> AuditSource | None:
-    """The AuditSource named by ``NECTAR_LEDGER_AUDIT_SOURCE`` ("swarm" or "module:factory", called with settings)."""
-    if not settings.audit_source:
-        return None
-    module_name, _, attribute = AUDIT_SOURCES.get(settings.audit_source, settings.audit_source).partition(":")
-    return getattr(importlib.import_module(module_name), attribute)(settings)
-
-
-def make_verifiers(settings: Settings) -> list[Verifier]:
-    """The two verifiers ``NECTAR_LEDGER_SPOT_CHECK_VERIFIER`` asks for; swarm verifiers fall back to local spans
-    only when ``models_dir`` is set (a swarm-only ledger need not hold any model)."""
-    if settings.spot_check_verifier == "swarm":
-        from nectar.ledger.swarm_audit import swarm_verifiers
-
-        return swarm_verifiers(settings, fallback=local_verifiers(settings) if settings.models_dir else None)
-    return local_verifiers(settings)
-
-
-def local_verifiers(settings: Settings) -> list[Verifier]:
-    """Two local verifiers over the models in ``models_dir`` (each folder name is the model name)."""
-    root = settings.models_dir
-    models = {p.name: p for p in Path(root).iterdir() if p.is_dir()} if root else {}
-    if not models:
-        from nectar.models import list_models
-
-        models = {m.name: m.name for m in list_models() if getattr(m, "converted", True)}
-    return [LocalVerifier(models, name="local-a"), LocalVerifier(models, name="local-b")]
-
-
 __all__ = ["AuditSource", "Verifier", "LocalVerifier", "SpotChecker", "EpochCheckReport", "Verdict", "is_picked",
-           "epoch_seed", "load_audit_source", "local_verifiers", "make_verifiers", "utcnow"]  # fmt: skip
+           "epoch_seed", "utcnow"]  # fmt: skip

@@ -126,7 +126,8 @@ def slash_conflicts() -> int:
 @shared_task(name=SPOT_CHECK_TASK, acks_late=True)
 def spot_check_epochs() -> int:
     """Re-execute a secret random fraction of every committed epoch's receipts (needs an audit source configured)."""
-    from nectar.ledger.spot_check import SpotChecker, load_audit_source, make_verifiers
+    from nectar.ledger.spot_check import SpotChecker
+    from nectar.ledger.verifiers import load_audit_source, make_verifiers
     from nectar.wire.receipts import address_of
 
     settings = _settings()
