@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nectar.models import load_config, load_span
-from nectar.node.batching import InferenceTask, LlamaBatchRunner
+from nectar.models.families.llama.batching import InferenceTask, LlamaBatchRunner
 from nectar.node.task_pool import announce_round_started
 from nectar.node.training_cache import TrainingGraphCache
 

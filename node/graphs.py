@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from nectar.node.batching import InferenceTask, LlamaBatchRunner
+    from nectar.models.families.llama.batching import InferenceTask, LlamaBatchRunner
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class GraphedDecoder:
 
     def __init__(self, runner: "LlamaBatchRunner", *, capture: bool = True, max_graphs: int = 64,
                  record_after: int = 1, window: int = 256, max_sessions: int = 64, active_rounds: int = 4):
-        from nectar.node.batching import _attention_backends
+        from nectar.models.families.llama.batching import _attention_backends
 
         self.runner, self.capture = runner, capture
         self.max_graphs, self.record_after, self.window = max_graphs, record_after, window

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from nectar.models.cpu_blas import native_kernel
 
 if TYPE_CHECKING:
-    from nectar.node.batching import InferenceTask, LlamaBatchRunner, _FusedLlamaLayer
+    from nectar.models.families.llama.batching import InferenceTask, LlamaBatchRunner, _FusedLlamaLayer
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class NativeDecoder:
     @torch.inference_mode()
     def time_against_pytorch(self) -> tuple[float, float]:
         """Median seconds of one decode step through every layer, (C layer, PyTorch path), steps alternating."""
-        from nectar.node.batching import InferenceTask
+        from nectar.models.families.llama.batching import InferenceTask
 
         runner = self.runner
         hidden_size = runner.spans[0].hidden_size

@@ -27,7 +27,7 @@ from nectar.models.attention import AttentionStep
 from nectar.models.cpu_blas import CpuMatmul
 from nectar.models.errors import CacheError
 from nectar.models.layout import store_in_out
-from nectar.node.native_decode import NativeDecoder
+from nectar.models.families.llama.native_decode import NativeDecoder
 
 if TYPE_CHECKING:
     from nectar.node.backend import SpanBackend
