@@ -1,5 +1,5 @@
-"""One session's decode step in C (node/native_decode.py) equals transformers' decoder layers, and is used only
-where it applies.
+"""One session's decode step in C (models/families/llama/native_decode.py) equals transformers' decoder layers, and
+is used only where it applies.
 
 The reference is a backend built with ``batching=False``: transformers' own layers with untouched weights.
 """
