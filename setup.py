@@ -12,6 +12,7 @@ FOLDERS = {
     "nectar.ledger": "ledger",
     "nectar.chain": "chain",
     "nectar.api": "api",
+    "nectar.service": "service",
 }
 
 

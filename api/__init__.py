@@ -11,5 +11,6 @@
 - ``worker.py``        the Celery app (queue ``nectar-api``); ``tasks.py``: the fine-tuning task; ``training.py``
                        + ``training_data.py``: the prompt-tuning loop and the JSONL format
 - ``static/``          the swarm monitor page (HTML + JS + CSS, no build step)
-- ``core/``            Settings (``NECTAR_API_*``) and the database engine; ``cli.py``: ``nectar api [worker]``
+- ``core/``            Settings (``NECTAR_API_*``); ``migrations.py``: ``run_migrations``; engine, sessions and
+                       Celery come from ``nectar.service``; ``cli.py``: ``nectar api [worker]``
 """

@@ -15,8 +15,8 @@ from sqlalchemy import Engine
 
 from nectar.api import crud
 from nectar.api.core.config import micro_to_credits
-from nectar.api.core.db import session_scope
 from nectar.api.errors import ApiError
+from nectar.service.db import session_scope
 
 logger = logging.getLogger(__name__)
 

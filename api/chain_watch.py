@@ -19,8 +19,8 @@ from sqlalchemy import Engine
 
 from nectar.api import crud
 from nectar.api.core.config import WEI_PER_CREDIT, WEI_PER_MICRO, Settings
-from nectar.api.core.db import session_scope
 from nectar.api.models import Deposit
+from nectar.service.db import session_scope
 
 logger = logging.getLogger(__name__)
 

@@ -96,11 +96,9 @@ def worker_main(argv: list[str]) -> int:
     settings = _settings("nectar api worker")
     if settings is None:
         return 2
-    from nectar.api.core.config import align_deployment
-    from nectar.api.core.db import run_migrations
+    from nectar.api.migrations import run_migrations
     from nectar.api.worker import QUEUE, create_celery
 
-    align_deployment(settings)
     run_migrations(settings.database_url)
     app = create_celery(settings)
     app.worker_main(["worker", f"--concurrency={args.concurrency}", f"--loglevel={args.log_level}", "--pool=threads",

@@ -12,7 +12,6 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from nectar.api import crud
 from nectar.api.chain_watch import ChainWatcher
 from nectar.api.core.config import Settings
-from nectar.api.core.db import session_scope
 from nectar.api.errors import ApiError
 from nectar.api.ratelimit import RateLimiter
 from nectar.api.serving.accounts import AccountService
@@ -22,6 +21,7 @@ from nectar.api.serving.completions import OpenAIServingCompletion
 from nectar.api.serving.fine_tuning import OpenAIServingFiles, OpenAIServingFineTuning
 from nectar.api.serving.market import MarketService
 from nectar.api.serving.models import OpenAIServingModels
+from nectar.service.db import session_scope
 
 logger = logging.getLogger(__name__)
 

@@ -10,6 +10,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nectar.api.protocol import ErrorInfo, ErrorResponse
+from nectar.client.errors import InferenceFailedError, PaymentRequiredError
+from nectar.wire.protocol import ErrorCode
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,20 @@ def not_found(message: str, *, param: str | None = None, code: str = "not_found"
 
 def unavailable(message: str, *, code: str = "swarm_unavailable") -> ApiError:
     return ApiError(503, message, code=code)
+
+
+def from_client_error(error: Exception) -> ApiError:
+    """What the swarm's failure means for the caller: the request itself (400), unpaid work at the nodes (402, the
+    gateway's own funding), or no route now (503, retry shortly: only tokens already delivered are charged)."""
+    what = f"{type(error).__name__}: {error}"
+    if isinstance(error, PaymentRequiredError):
+        return ApiError(402, f"The nodes refused to work on credit ({what}). The gateway's escrow needs funds; "
+                             "tell the operator.", code="nodes_unpaid")
+    if isinstance(error, InferenceFailedError) and error.code in (ErrorCode.BAD_REQUEST, ErrorCode.TOO_LARGE):
+        return bad_request(f"The nodes refused this request ({what}): shorten it or lower n / max_tokens.",
+                           code=error.code.value)
+    return unavailable(f"The swarm could not finish this generation ({what}). Retry shortly; only tokens already "
+                       "delivered are charged.")
 
 
 def _field_path(location) -> str:

@@ -17,11 +17,11 @@ from fastapi.staticfiles import StaticFiles
 
 from nectar.api.billing import Billing
 from nectar.api.chain_watch import ChainUnavailable, ChainWatcher
-from nectar.api.core.config import Settings, align_deployment, get_settings
-from nectar.api.core.db import get_engine, run_migrations
+from nectar.api.core.config import Settings, get_settings
 from nectar.api.deps import ApiState
 from nectar.api.engine import Engine
 from nectar.api.errors import ApiError, install_error_handlers
+from nectar.api.migrations import run_migrations
 from nectar.api.protocol import ChatCompletionStreamResponse, CompletionStreamResponse
 from nectar.api.ratelimit import make_rate_limiter
 from nectar.api.routes import api_router
@@ -33,6 +33,7 @@ from nectar.api.serving.completions import OpenAIServingCompletion
 from nectar.api.serving.fine_tuning import OpenAIServingFiles, OpenAIServingFineTuning
 from nectar.api.serving.market import MarketService
 from nectar.api.serving.models import OpenAIServingModels
+from nectar.service.db import get_engine
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,6 @@ def create_app(settings: Settings | None = None, *, swarm: Engine | None = None)
         await anyio.to_thread.run_sync(run_migrations, settings.database_url)
         engine = swarm
         if engine is None:
-            align_deployment(settings)
             peers = settings.initial_peers or _env_peers()
             engine = await anyio.to_thread.run_sync(lambda: Engine.start(
                 settings.models, initial_peers=peers, private_key=settings.gateway_key(),

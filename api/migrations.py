@@ -1,20 +1,15 @@
-"""Programmatic access to the API's Alembic migrations. Its version table is ``alembic_version_api``, so the API's
-tables can live in the same database as the ledger's without the two migration histories colliding."""
+"""The API's Alembic history (``alembic/``). Its version table is ``alembic_version_api`` and its tables start with
+``api_``, so they can live in the same database as the ledger's without the two histories colliding. The API and its
+worker call ``run_migrations`` on start; ``nectar.service.migrations`` serializes them."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-from alembic.config import Config
+from nectar.service.migrations import Migrations
 
-logger = logging.getLogger(__name__)
-
-PACKAGE_DIR = Path(__file__).resolve().parent
-VERSION_TABLE = "alembic_version_api"
+MIGRATIONS = Migrations(Path(__file__).resolve().parent, version_table="alembic_version_api")
 
 
-def alembic_config(database_url: str) -> Config:
-    config = Config(str(PACKAGE_DIR / "alembic.ini"))
-    config.set_main_option("script_location", str(PACKAGE_DIR / "alembic"))
-    config.attributes["database_url"] = database_url
-    return config
+def run_migrations(database_url: str) -> None:
+    """Bring the API's tables to the latest revision."""
+    MIGRATIONS.upgrade(database_url)

@@ -28,7 +28,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 logger = logging.getLogger(__name__)
 
-from nectar.ledger.core.columns import NAMING_CONVENTION, UInt, utcnow  # re-exported for migrations and crud
+from nectar.service.columns import NAMING_CONVENTION, UInt, utcnow  # re-exported for migrations and crud
 
 
 class Base(DeclarativeBase):

@@ -15,11 +15,11 @@ from celery import shared_task
 
 from nectar.api import crud
 from nectar.api.core.config import get_settings
-from nectar.api.core.db import get_engine, session_scope
 from nectar.api.models import JobStatus, utcnow
 from nectar.api.training import PromptTuner, StepReport
 from nectar.api.training_data import TrainingFileError, parse_jsonl, plan, tokenize
 from nectar.api.worker import FINE_TUNE_TASK
+from nectar.service.db import get_engine, session_scope
 
 logger = logging.getLogger(__name__)
 

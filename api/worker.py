@@ -12,45 +12,24 @@ import logging
 from celery import Celery
 
 from nectar.api.core.config import Settings, get_settings
+from nectar.service import celery_app
 
 logger = logging.getLogger(__name__)
 
 QUEUE = "nectar-api"
 FINE_TUNE_TASK = "nectar.api.fine_tune"
 TASK_MODULES = ["nectar.api.tasks"]
-
-
-def _configure(app: Celery, settings: Settings) -> None:
-    if settings.broker_url.startswith("sqla+"):
-        # kombu reads polling_interval from the Transport class for this transport, not from broker options
-        from kombu.transport.sqlalchemy import Transport
-
-        Transport.polling_interval = settings.broker_polling_interval
-    app.conf.update(task_default_queue=QUEUE, broker_connection_retry_on_startup=True, task_ignore_result=True)
+JOB_VISIBILITY_SECONDS = 6 * 3600  # a training job can run long: Redis must not redeliver it meanwhile
 
 
 def producer_app(settings: Settings) -> Celery:
     """An app that can only send tasks (no task code imported)."""
-    app = Celery("nectar-api-producer", broker=settings.broker_url)
-    _configure(app, settings)
-    app.conf.broker_connection_timeout = 5
-    return app
+    return celery_app.producer_app("nectar-api", settings, queue=QUEUE)
 
 
 def create_celery(settings: Settings | None = None) -> Celery:
-    settings = settings or get_settings()
-    app = Celery("nectar-api", broker=settings.broker_url, include=TASK_MODULES)
-    _configure(app, settings)
-    app.conf.update(
-        task_acks_late=True,  # a job whose worker dies is redelivered; the task restarts it from its saved state
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-    )
-    if settings.broker_url.startswith(("redis://", "rediss://")):
-        # a training job can run long: keep the Redis transport's redelivery timeout above it
-        app.conf.broker_transport_options = {"visibility_timeout": 6 * 3600}
-    app.conf.nectar_settings = settings
-    return app
+    return celery_app.worker_app("nectar-api", settings or get_settings(), include=TASK_MODULES, queue=QUEUE,
+                                 visibility_timeout=JOB_VISIBILITY_SECONDS)  # fmt: skip
 
 
 def __getattr__(name: str):

@@ -163,7 +163,7 @@ def largest_batch(swarm) -> int:
 
 
 def main() -> None:
-    parser = base_parser(__doc__)
+    parser = base_parser(__doc__, results_group="concurrency")
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--node-args", default="", help='extra arguments for the node (quoted): "--batch-wait 0.5"')
     parser.add_argument("--client-processes", type=int, default=0,

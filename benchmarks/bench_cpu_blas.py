@@ -80,7 +80,7 @@ def step_times(path, blocks: int, repeats: int, baseline: str) -> dict:
 
 
 def main() -> None:
-    parser = base_parser(__doc__)
+    parser = base_parser(__doc__, results_group="cpu_blas")
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--push", action="store_true", help="server-to-server push")
     parser.add_argument("--step-blocks", type=int, default=NUM_LAYERS // 2, help="blocks of the in-process step")

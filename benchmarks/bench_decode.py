@@ -77,7 +77,7 @@ def swarm_decode(model, *, repeats: int):
 
 
 def main() -> None:
-    parser = base_parser(__doc__)
+    parser = base_parser(__doc__, results_group="decode")
     parser.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 3], help="route lengths to measure")
     parser.add_argument("--node-args", default="", help="extra arguments for every node (quoted)")
     parser.add_argument("--push", action="store_true", help="also measure server-to-server push, interleaved")

@@ -76,7 +76,7 @@ def sessions_on_one_node(path, num_blocks: int, args) -> dict:
 
 
 def main() -> None:
-    parser = base_parser(__doc__)
+    parser = base_parser(__doc__, results_group="gpu")
     parser.set_defaults(model="llama2-7b", threads=4)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="float16")

@@ -17,7 +17,7 @@ from common import base_parser, compare_client_heads, emit, set_threads
 
 
 def main() -> None:
-    parser = base_parser(__doc__)
+    parser = base_parser(__doc__, results_group="greedy_head")
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--push", action="store_true", help="server-to-server push")
     parser.add_argument("--force", choices=FORMATS, help="this pass, whatever the load-time timing chose")

@@ -26,7 +26,7 @@ def usual_layout(clients: dict) -> None:
 
 
 def main() -> None:
-    parser = base_parser(__doc__)
+    parser = base_parser(__doc__, results_group="head_layout")
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--push", action="store_true", help="server-to-server push")
     args = parser.parse_args()

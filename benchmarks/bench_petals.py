@@ -158,7 +158,7 @@ def alternate(sides: dict[str, Callable[[], object]], idle_pids: dict[str, list[
 
 
 def main() -> None:
-    parser = base_parser(__doc__)
+    parser = base_parser(__doc__, results_group="petals")
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="the Petals virtual environment")
     parser.add_argument("--nodes", type=int, default=2, help="servers in each swarm")
     parser.add_argument("--no-tuning", action="store_true", help="skip prompt tuning (decode only)")

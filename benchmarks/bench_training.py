@@ -86,7 +86,7 @@ class SwarmRunner:
 
 
 def main() -> None:
-    parser = base_parser(__doc__)
+    parser = base_parser(__doc__, results_group="training")
     parser.add_argument("--nodes", type=int, nargs="+", default=[2], help="route lengths to measure")
     args = parser.parse_args()
     set_threads(args.threads)

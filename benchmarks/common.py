@@ -310,13 +310,24 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def results_path(value: str, group: str) -> Path:
+    """A bare file name lands in ``benchmarks/results/<group>/`` (one folder per benchmark); a path is kept."""
+    path = Path(value)
+    return RESULTS_DIR / group / path if len(path.parts) == 1 else path
+
+
+def base_parser(description: str, *, results_group: str) -> argparse.ArgumentParser:
+    """The options every benchmark shares; ``results_group`` names its folder under ``benchmarks/results/``."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", choices=sorted(SIZES), default="tiny", help="which random checkpoint")
     parser.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)),
                         help="torch threads of every computing process (local, each node, the client)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (the best is reported)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--json", type=lambda value: results_path(value, results_group), default=None,
+                        help=f"also write the figures to this JSON file (a bare name goes to results/{results_group}/)")
     return parser
 
 

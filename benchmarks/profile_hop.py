@@ -193,7 +193,7 @@ def profile(args) -> None:
 
 
 def main() -> None:
-    parser = common.base_parser(__doc__)
+    parser = common.base_parser(__doc__, results_group="profile_hop")
     parser.add_argument("--blocks", type=int, default=None, help="the profiled node hosts blocks 0:N (default: all)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--p2p", action="store_true", help="no direct TCP lane: every message through the P2P daemons")

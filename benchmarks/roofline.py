@@ -19,8 +19,9 @@ for that many rows (no LM head: clients run it) are the floor of such a round. W
 sessions could be over one session's measured rate.
 
     python benchmarks/roofline.py --model tiny --threads 1 \
-        --petals-json benchmarks/results/petals_tiny_push_head-in-out_run2.json
-    python benchmarks/roofline.py --model mid --threads 2 --concurrency-json benchmarks/results/concurrency_mid_epyc.json
+        --petals-json benchmarks/results/petals/petals_tiny_push_head-in-out_run2.json
+    python benchmarks/roofline.py --model mid --threads 2 \
+        --concurrency-json benchmarks/results/concurrency/concurrency_mid_epyc.json
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from common import (
 
 
 def main() -> None:
-    parser = base_parser(__doc__)
+    parser = base_parser(__doc__, results_group="roofline")
     parser.add_argument("--petals-json", default=None, help="a bench_petals.py --json result on this checkpoint")
     parser.add_argument("--multiple", type=float, default=2.5, help="the multiple of Petals' decode rate to test")
     parser.add_argument("--rows", type=int, default=16, help="sessions in a batched round")

@@ -59,7 +59,7 @@ def worker_main(argv: list[str]) -> int:
         os.environ["NECTAR_LEDGER_SWARM_INITIAL_PEERS"] = " ".join(args.initial_peers)
     _apply(args)
     from nectar.ledger.core.config import get_settings
-    from nectar.ledger.core.db import run_migrations
+    from nectar.ledger.migrations import run_migrations
     from nectar.ledger.worker import create_celery
 
     try:

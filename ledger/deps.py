@@ -11,7 +11,8 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from nectar.ledger.core.config import Settings
-from nectar.ledger.domain import DomainProvider
+from nectar.service.db import session_scope
+from nectar.service.domain import DomainProvider
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +30,8 @@ def get_state(request: Request) -> LedgerState:
 
 
 def get_session(state: Annotated[LedgerState, Depends(get_state)]) -> Iterator[Session]:
-    with Session(state.engine, expire_on_commit=False) as session:
-        with session.begin():
-            yield session
+    with session_scope(state.engine) as session:
+        yield session
 
 
 def require_admin(state: Annotated[LedgerState, Depends(get_state)], authorization: str | None = Header(default=None)):

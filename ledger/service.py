@@ -7,10 +7,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from nectar.ledger.core.config import Settings, get_settings
-from nectar.ledger.core.db import get_engine, run_migrations
 from nectar.ledger.deps import LedgerState
-from nectar.ledger.domain import DomainProvider
+from nectar.ledger.migrations import run_migrations
 from nectar.ledger.routes import epochs, health, nodes, submissions
+from nectar.service.db import get_engine
+from nectar.service.domain import DomainProvider
 
 logger = logging.getLogger(__name__)
 

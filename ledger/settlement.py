@@ -16,8 +16,8 @@ from sqlalchemy import Engine
 
 from nectar.ledger import crud
 from nectar.ledger.core.config import Settings
-from nectar.ledger.core.db import session_scope
 from nectar.ledger.models import Epoch, EpochStatus, Settlement, SettlementStatus, utcnow
+from nectar.service.db import session_scope
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from sqlalchemy import Engine
 
 from nectar.ledger import crud
 from nectar.ledger.core.config import Settings
-from nectar.ledger.core.db import session_scope
 from nectar.ledger.models import SpotCheck
+from nectar.service.db import session_scope
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from sqlalchemy import Engine, select
 
 from nectar.ledger import crud
 from nectar.ledger.core.config import Settings
-from nectar.ledger.core.db import session_scope
 from nectar.ledger.models import Epoch, Receipt, SpotCheck, utcnow
+from nectar.service.db import session_scope
 from nectar.wire.receipts import (
     Receipt as WireReceipt,
 )

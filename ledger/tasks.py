@@ -12,7 +12,6 @@ from celery.signals import worker_process_shutdown
 
 from nectar.ledger import crud
 from nectar.ledger.core.config import get_settings
-from nectar.ledger.core.db import get_engine, session_scope
 from nectar.ledger.models import Epoch
 from nectar.ledger.settlement import EpochSettler
 from nectar.ledger.worker import (
@@ -23,6 +22,7 @@ from nectar.ledger.worker import (
     SLASH_CONFLICTS_TASK,
     SPOT_CHECK_TASK,
 )
+from nectar.service.db import get_engine, session_scope
 from nectar.wire.receipts import SignedReceipt
 
 logger = logging.getLogger(__name__)

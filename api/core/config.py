@@ -3,17 +3,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import secrets
 from decimal import Decimal
 from functools import lru_cache
-from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 
-from nectar.paths import deployment_path, nectar_home
+from nectar.service.settings import ServiceSettings, home_sqlite_url
 
 logger = logging.getLogger(__name__)
 
@@ -21,14 +18,6 @@ DEVNET_ADMIN_TOKEN = "nectar-devnet-api-admin"
 MICRO = 10**6  # account balances are kept in micro-credits (1e-6 credit) so they fit a 64-bit integer column
 WEI_PER_CREDIT = 10**18
 WEI_PER_MICRO = WEI_PER_CREDIT // MICRO
-
-
-def _default_database_url() -> str:
-    return f"sqlite:///{nectar_home() / 'api.db'}"
-
-
-def _default_broker_url() -> str:
-    return f"sqla+sqlite:///{nectar_home() / 'api-broker.db'}"
 
 
 def _split_words(value):
@@ -41,20 +30,20 @@ def _split_words(value):
     return value
 
 
-class Settings(BaseSettings):
+class Settings(ServiceSettings):
     """Everything the API process and its fine-tuning worker read; built once per process (``get_settings``)."""
 
     model_config = SettingsConfigDict(env_prefix="NECTAR_API_", env_file=".env", extra="ignore")
+    DEVNET_SECRETS: ClassVar[dict[str, str]] = {"admin_token": DEVNET_ADMIN_TOKEN}
+    OWN_KEYS: ClassVar[tuple[str, ...]] = ("private_key",)
 
-    environment: Literal["devnet", "production"] = "devnet"  # production refuses the public devnet secrets
-    host: str = "127.0.0.1"
+    # the shared fields (ServiceSettings), with the API's defaults
     port: int = 8800
-    public_url: str | None = None  # how users reach the API (shown in examples); default http://host:port
+    database_url: str = Field(default_factory=lambda: home_sqlite_url("api.db"))
+    broker_url: str = Field(default_factory=lambda: home_sqlite_url("api-broker.db", scheme="sqla+sqlite"))
+    admin_token: str = DEVNET_ADMIN_TOKEN  # bearer token for /v1/admin/* (and account creation without signup)
 
-    database_url: str = Field(default_factory=_default_database_url)
-    broker_url: str = Field(default_factory=_default_broker_url)  # redis://... in production
-    broker_polling_interval: float = 0.2  # seconds; only for the SQLAlchemy (SQLite) broker
-    deployment_path: Path = Field(default_factory=deployment_path)
+    public_url: str | None = None  # how users reach the API (shown in examples); default http://host:port
     ledger_url: str | None = None  # the ledger service (node receipts, earnings, settlements, reputation)
 
     # the swarm
@@ -73,7 +62,6 @@ class Settings(BaseSettings):
     hold_timeout_seconds: float = 3600.0  # a hold left by a crashed request is released after this
 
     # requests
-    admin_token: str = DEVNET_ADMIN_TOKEN  # bearer token for /v1/admin/* (and account creation without signup)
     allow_signup: bool = True  # anyone may POST /v1/accounts (devnet); otherwise only with the admin token
     rate_limit_per_minute: int = 600  # default per-key request limit
     rate_limit_url: str | None = None  # redis://... shares limits across API processes; default: in-process
@@ -94,17 +82,7 @@ class Settings(BaseSettings):
         return _split_words(value)
 
     @model_validator(mode="after")
-    def _reject_default_secrets(self) -> "Settings":
-        if self.environment != "devnet":
-            if self.admin_token == DEVNET_ADMIN_TOKEN:
-                raise ValueError(f"NECTAR_API_ADMIN_TOKEN is the public devnet default; set a secret value (e.g. "
-                                 f"{secrets.token_hex(16)!r}) or run with NECTAR_API_ENVIRONMENT=devnet")
-            from nectar.chain.accounts import dev_accounts
-
-            public = {a.private_key.lower() for a in dev_accounts()}
-            if not self.private_key or self.private_key.lower() in public:
-                raise ValueError("NECTAR_API_PRIVATE_KEY must be the gateway's own key in production "
-                                 "(the devnet accounts' keys are public)")
+    def _check_ranges(self) -> "Settings":
         if self.price_per_token < 0:
             raise ValueError("NECTAR_API_PRICE_PER_TOKEN must be >= 0 (micro-credits per token)")
         if self.max_concurrent_generations < 1:
@@ -122,11 +100,9 @@ class Settings(BaseSettings):
         if self.environment != "devnet":
             return None
         try:
-            accounts = json.loads(self.deployment_path.read_text()).get("accounts", [])
+            return self.deployment_account_key("client")
         except (OSError, ValueError):
             return None
-        clients = [a for a in accounts if a.get("role") == "client"]
-        return clients[0]["privateKey"] if clients else None
 
 
 def credits_to_micro(credits: Decimal | int | str) -> int:
@@ -138,14 +114,6 @@ def micro_to_credits(micro: int) -> str:
     sign = "-" if micro < 0 else ""
     whole, frac = divmod(abs(int(micro)), MICRO)
     return f"{sign}{whole}.{frac:06d}"
-
-
-def align_deployment(settings: Settings) -> None:
-    """The client's wallet signs vouchers under the EIP-712 domain of ``nectar.paths.deployment_path()``
-    (``NECTAR_DEPLOYMENT``); point it at the file these settings name, so gateway, nodes and chain share one domain."""
-    if Path(settings.deployment_path).resolve() != Path(deployment_path()).resolve():
-        logger.info(f"Using deployment {settings.deployment_path} for vouchers too (NECTAR_DEPLOYMENT)")
-        os.environ["NECTAR_DEPLOYMENT"] = str(settings.deployment_path)
 
 
 @lru_cache(maxsize=1)

@@ -14,7 +14,7 @@ from nectar.api.protocol import (
     CompletionResponse,
 )
 from nectar.api.routes.responses import errors, sse_200
-from nectar.api.serving.base import PrimedStream
+from nectar.api.serving.generation import PrimedStream
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["inference"])

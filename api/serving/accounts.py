@@ -11,7 +11,6 @@ from eth_utils import to_checksum_address
 from nectar.api import crud
 from nectar.api.chain_watch import ChainUnavailable, ChainWatcher
 from nectar.api.core.config import credits_to_micro, micro_to_credits
-from nectar.api.core.db import session_scope
 from nectar.api.errors import ApiError, not_found, unavailable
 from nectar.api.models import Account, ApiKey, Deposit, Usage
 from nectar.api.schemas import (
@@ -33,6 +32,7 @@ from nectar.api.schemas import (
     link_message,
 )
 from nectar.api.serving.base import Auth, ServingContext
+from nectar.service.db import session_scope
 
 logger = logging.getLogger(__name__)
 

@@ -1,23 +1,19 @@
-"""``OpenAIServing``: what completions and chat share: model-name checks, context-length checks, the metered
-generation loop (hold, swarm stream, choice text, settlement) and the error builders."""
+"""``OpenAIServing``: what the serving classes share: the context built at startup, the caller, model-name and
+context-length checks. The metered generation flow of completions and chat is ``generation.py``."""
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import anyio
 from sqlalchemy import Engine as DbEngine
 
 from nectar.api import crud
-from nectar.api.billing import Billing, Charge
-from nectar.api.core.config import Settings, micro_to_credits
-from nectar.api.core.db import session_scope
+from nectar.api.billing import Billing
+from nectar.api.core.config import Settings
 from nectar.api.engine import Engine, PromptSet, SwarmModel
-from nectar.api.errors import ApiError, bad_request, not_found, unavailable
-from nectar.api.protocol import ErrorInfo, ErrorResponse, GenerationParams, UsageInfo
-from nectar.api.text import ChoiceText
+from nectar.api.errors import bad_request, not_found, unavailable
+from nectar.service.db import session_scope
 
 logger = logging.getLogger(__name__)
 
@@ -51,39 +47,6 @@ class Target:
     @property
     def prefix_tokens(self) -> int:
         return self.prompts.pre_seq_len if self.prompts else 0
-
-
-def sse(payload) -> str:
-    """One server-sent event holding a JSON payload (a Pydantic model or a dict)."""
-    data = payload.model_dump_json() if hasattr(payload, "model_dump_json") else json.dumps(payload)
-    return f"data: {data}\n\n"
-
-
-SSE_DONE = "data: [DONE]\n\n"
-
-
-class PrimedStream:
-    """An SSE body whose first event has already been produced, so errors before it became HTTP errors and the
-    generator's cleanup (the settlement) is armed before the response starts."""
-
-    def __init__(self, first: str, rest: AsyncIterator[str]):
-        self.first, self.rest = first, rest
-
-    async def __aiter__(self):
-        try:
-            yield self.first
-            async for item in self.rest:
-                yield item
-        finally:
-            await self.rest.aclose()
-
-
-async def prime(stream: AsyncIterator[str]) -> PrimedStream:
-    try:
-        first = await stream.__anext__()
-    except StopAsyncIteration:
-        first = SSE_DONE
-    return PrimedStream(first, stream)
 
 
 class OpenAIServing:
@@ -131,55 +94,3 @@ class OpenAIServing:
         problem = request.unsupported()
         if problem is not None:
             raise bad_request(problem[1], param=problem[0], code="unsupported_parameter")
-
-    def usage(self, charge: Charge) -> UsageInfo:
-        return UsageInfo(prompt_tokens=charge.prompt_tokens, completion_tokens=charge.completion_tokens,
-                         total_tokens=charge.total_tokens,
-                         cost=micro_to_credits(self.billing.cost(charge.total_tokens)))  # fmt: skip
-
-    # ---- generation --------------------------------------------------------------------------------------------
-
-    async def run_choices(self, target: Target, prompt_ids: list[int], params: GenerationParams, *, first_index: int,
-                          charge: Charge) -> AsyncIterator[tuple[int, str, str | None]]:
-        """Yields (choice index, new text, finish reason or None) as the swarm generates, counting tokens into
-        ``charge``: the prompt once, every generated token of a choice until it finishes."""
-        choices = [ChoiceText(target.model.tokenizer, stops=params.stop, eos_token_ids=target.model.eos_token_ids)
-                   for _ in range(params.n)]  # fmt: skip
-        charge.prompt_tokens += len(prompt_ids)
-        if params.max_new_tokens > 0:
-            steps = target.model.stream(prompt_ids, params, prompts=target.prompts)
-            try:
-                async for step in steps:
-                    for row, token in enumerate(step):
-                        choice = choices[row]
-                        if choice.finished:
-                            continue
-                        charge.completion_tokens += 1
-                        delta = choice.add(token)
-                        if delta or choice.finished:
-                            yield first_index + row, delta, choice.finish_reason
-                    if all(choice.finished for choice in choices):
-                        break
-            except ApiError:
-                raise
-            except Exception as e:
-                logger.warning(f"Generation on {target.name} failed: {type(e).__name__}: {e}")
-                raise unavailable(f"The swarm could not finish this generation ({type(e).__name__}: {e}). "
-                                  f"Retry shortly; only tokens already delivered are charged.") from e
-            finally:
-                await steps.aclose()
-        for row, choice in enumerate(choices):
-            if not choice.finished:
-                yield first_index + row, choice.finish("length"), "length"
-
-    @staticmethod
-    def stream_error(error: ApiError) -> str:
-        """The SSE event that reports a failure after the stream has started (HTTP status is already sent)."""
-        return sse(ErrorResponse(error=ErrorInfo(**error.body.error.model_dump())))
-
-    async def settle(self, *, hold_id: int, charge: Charge, kind: str, target: Target, auth: Auth) -> None:
-        try:
-            await self.billing.settle(hold_id=hold_id, charge=charge, kind=kind, model=target.name,
-                                      key_id=auth.key_id)  # fmt: skip
-        except Exception:  # the hold stays; the stale-hold sweeper returns it, and the log tells the operator
-            logger.exception(f"Could not settle hold {hold_id} ({charge})")

@@ -2,28 +2,33 @@
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import AsyncIterator
+from collections.abc import Iterable
 
-from nectar.api.billing import Charge
-from nectar.api.errors import ApiError, bad_request
+from nectar.api.errors import bad_request
 from nectar.api.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
     CompletionStreamChoice,
     CompletionStreamResponse,
-    random_id,
+    UsageInfo,
 )
-from nectar.api.serving.base import SSE_DONE, Auth, OpenAIServing, PrimedStream, Target, prime, sse
+from nectar.api.serving.base import Auth, Target
+from nectar.api.serving.generation import Generation, GenerationServing, PrimedStream, sse
 
 logger = logging.getLogger(__name__)
 
 
-class OpenAIServingCompletion(OpenAIServing):
+class OpenAIServingCompletion(GenerationServing):
     """Text completions over the swarm; each prompt is one swarm session with ``n`` rows."""
 
-    def _prompts(self, request: CompletionRequest, target: Target) -> tuple[list[list[int]], list[str]]:
+    kind, id_prefix, what = "completion", "cmpl", "this completion"
+    stream_response = CompletionStreamResponse
+
+    async def create_completion(self, request: CompletionRequest, auth: Auth) -> CompletionResponse | PrimedStream:
+        return await self.generate(request, auth)
+
+    def build_prompts(self, request: CompletionRequest, target: Target) -> tuple[list[list[int]], list[str]]:
         """(token ids, text) per prompt."""
         prompt = request.prompt
         if isinstance(prompt, str):
@@ -54,73 +59,22 @@ class OpenAIServingCompletion(OpenAIServing):
                 raise bad_request(f"prompt {index} has no tokens", param="prompt")
         return ids, texts
 
-    async def create_completion(self, request: CompletionRequest, auth: Auth) -> CompletionResponse | PrimedStream:
-        self.check_supported(request)
-        target = await self.resolve_model(request.model, auth)
-        prompt_ids, prompt_texts = self._prompts(request, target)
-        max_new = request.max_tokens if request.max_tokens is not None else 16
-        for ids in prompt_ids:
-            self.check_length(target, len(ids), max_new)
-        params = request.to_generation_params(max_new)
-        request_id = random_id("cmpl")
-        worst = sum(len(ids) for ids in prompt_ids) + len(prompt_ids) * request.n * max_new
-        hold_id = await self.billing.reserve(account_id=auth.account_id, tokens=worst, reference=request_id,
-                                             what="this completion")  # fmt: skip
-        if request.stream:
-            return await prime(self._stream(request, target, prompt_ids, prompt_texts, params, request_id, hold_id,
-                                            auth))  # fmt: skip
-        charge = Charge(0, 0)
-        texts = [""] * (len(prompt_ids) * request.n)
-        reasons: list[str | None] = [None] * len(texts)
-        try:
-            for p, ids in enumerate(prompt_ids):
-                async for index, delta, reason in self.run_choices(target, ids, params, first_index=p * request.n,
-                                                                   charge=charge):  # fmt: skip
-                    texts[index] += delta
-                    reasons[index] = reason or reasons[index]
-        except BaseException:
-            charge = Charge(0, 0)  # nothing was delivered: nothing is charged
-            raise
-        finally:
-            await self.settle(hold_id=hold_id, charge=charge, kind="completion", target=target, auth=auth)
-        choices = [
-            CompletionChoice(index=i, text=(prompt_texts[i // request.n] if request.echo else "") + text,
-                             finish_reason=reasons[i])
-            for i, text in enumerate(texts)
-        ]  # fmt: skip
-        return CompletionResponse(id=request_id, model=target.name, choices=choices, usage=self.usage(charge))
+    def max_new_tokens(self, request: CompletionRequest, target: Target, prompts: list[list[int]]) -> int:
+        return request.max_tokens if request.max_tokens is not None else 16
 
-    async def _stream(self, request: CompletionRequest, target: Target, prompt_ids: list[list[int]],
-                      prompt_texts: list[str], params, request_id: str, hold_id: int,
-                      auth: Auth) -> AsyncIterator[str]:
-        created, charge = int(time.time()), Charge(0, 0)
+    def response(self, job: Generation, texts: list[str], reasons: list[str | None],
+                 usage: UsageInfo) -> CompletionResponse:
+        n, echo = job.request.n, job.request.echo
+        choices = [CompletionChoice(index=i, text=(job.texts[i // n] if echo else "") + text, finish_reason=reasons[i])
+                   for i, text in enumerate(texts)]  # fmt: skip
+        return CompletionResponse(id=job.id, model=job.target.name, choices=choices, usage=usage)
 
-        def chunk(index: int, text: str, reason: str | None = None) -> str:
-            return sse(CompletionStreamResponse(id=request_id, created=created, model=target.name, choices=[
-                CompletionStreamChoice(index=index, text=text, finish_reason=reason)]))  # fmt: skip
+    def prompt_events(self, job: Generation, prompt: int) -> Iterable[str]:
+        if job.request.echo:
+            n = job.request.n
+            for j in range(n):
+                yield self.choice_event(job, prompt * n + j, job.texts[prompt], None, True)
 
-        started = False
-        try:
-            try:
-                for p, ids in enumerate(prompt_ids):
-                    if request.echo:
-                        for j in range(request.n):
-                            started = True
-                            yield chunk(p * request.n + j, prompt_texts[p])
-                    async for index, delta, reason in self.run_choices(target, ids, params, first_index=p * request.n,
-                                                                       charge=charge):  # fmt: skip
-                        started = True
-                        yield chunk(index, delta, reason)
-            except ApiError as error:
-                if not started:  # nothing delivered yet: an HTTP error, and no charge
-                    charge = Charge(0, 0)
-                    raise
-                yield self.stream_error(error)
-                yield SSE_DONE
-                return
-            if request.stream_options and request.stream_options.include_usage:
-                yield sse(CompletionStreamResponse(id=request_id, created=created, model=target.name, choices=[],
-                                                   usage=self.usage(charge)))  # fmt: skip
-            yield SSE_DONE
-        finally:
-            await self.settle(hold_id=hold_id, charge=charge, kind="completion", target=target, auth=auth)
+    def choice_event(self, job: Generation, index: int, text: str, reason: str | None, first: bool) -> str:
+        return sse(CompletionStreamResponse(id=job.id, created=job.created, model=job.target.name, choices=[
+            CompletionStreamChoice(index=index, text=text, finish_reason=reason)]))  # fmt: skip

@@ -13,7 +13,6 @@ import secrets
 import anyio
 
 from nectar.api import crud
-from nectar.api.core.db import session_scope
 from nectar.api.errors import ApiError, bad_request, not_found, unavailable
 from nectar.api.models import FineTuningEvent, FineTuningJob, JobStatus
 from nectar.api.protocol import (
@@ -32,6 +31,7 @@ from nectar.api.protocol import (
 from nectar.api.serving.base import Auth, OpenAIServing, ServingContext
 from nectar.api.training_data import TrainingFileError, parse_jsonl, plan, tokenize
 from nectar.api.worker import FINE_TUNE_TASK, producer_app
+from nectar.service.db import session_scope
 
 logger = logging.getLogger(__name__)
 

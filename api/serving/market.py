@@ -11,7 +11,6 @@ import anyio
 from nectar.api import crud
 from nectar.api.chain_watch import ChainWatcher
 from nectar.api.core.config import WEI_PER_CREDIT
-from nectar.api.core.db import session_scope
 from nectar.api.errors import ApiError, not_found, unavailable
 from nectar.api.schemas import (
     MarketStats,
@@ -27,6 +26,7 @@ from nectar.api.schemas import (
     SwarmView,
 )
 from nectar.api.serving.base import ServingContext
+from nectar.service.db import session_scope
 
 logger = logging.getLogger(__name__)
 

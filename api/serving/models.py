@@ -7,10 +7,10 @@ import logging
 import anyio
 
 from nectar.api import crud
-from nectar.api.core.db import session_scope
 from nectar.api.errors import not_found
 from nectar.api.protocol import ModelCard, ModelDeleted, ModelList
 from nectar.api.serving.base import Auth, OpenAIServing
+from nectar.service.db import session_scope
 
 logger = logging.getLogger(__name__)
 

@@ -23,12 +23,12 @@ from nectar.client import ClientConfig, DistributedModelForCausalLM  # noqa: E40
 from nectar.client.routing import PeerScorer  # noqa: E402
 from nectar.ledger import crud  # noqa: E402
 from nectar.ledger.core.config import Settings  # noqa: E402
-from nectar.ledger.core.db import get_engine, session_scope  # noqa: E402
 from nectar.ledger.spot_check import LocalVerifier, SpotChecker  # noqa: E402
 from nectar.ledger.swarm import SwarmView  # noqa: E402
 from nectar.ledger.swarm_audit import RpcAuditSource, SwarmVerifier  # noqa: E402
 from nectar.models.tiny import save_tiny_checkpoint  # noqa: E402
 from nectar.node.local_swarm import LocalSwarm  # noqa: E402
+from nectar.service.db import get_engine, session_scope  # noqa: E402
 from tests.ledger.utils import free_port, start_nectar, wait_for, wait_http  # noqa: E402
 
 VERIFIER_CLIENT = "0x" + "ab" * 20

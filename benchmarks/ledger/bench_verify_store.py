@@ -14,8 +14,9 @@ from pathlib import Path
 from eth_account import Account
 
 from nectar.ledger import crud
-from nectar.ledger.core.db import get_engine, run_migrations, session_scope
 from nectar.ledger.intake import check_receipt, parse_receipt_item
+from nectar.ledger.migrations import run_migrations
+from nectar.service.db import get_engine, session_scope
 from nectar.wire import receipts as R
 
 

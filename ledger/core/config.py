@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import logging
-import secrets
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from nectar.paths import deployment_path, nectar_home
+from nectar.service.settings import ServiceSettings, home_sqlite_url
 
 logger = logging.getLogger(__name__)
 
@@ -18,29 +17,21 @@ DEVNET_SPOT_CHECK_SECRET = "nectar-devnet-spot-check-secret"
 DEVNET_ADMIN_TOKEN = "nectar-devnet-admin"
 
 
-def _default_database_url() -> str:
-    return f"sqlite:///{nectar_home() / 'ledger.db'}"
-
-
-def _default_broker_url() -> str:
-    return f"sqla+sqlite:///{nectar_home() / 'ledger-broker.db'}"
-
-
-class Settings(BaseSettings):
+class Settings(ServiceSettings):
     """Everything the ledger service and its worker read; built once per process (``get_settings``)."""
 
     model_config = SettingsConfigDict(env_prefix="NECTAR_LEDGER_", env_file=".env", extra="ignore")
+    DEVNET_SECRETS: ClassVar[dict[str, str]] = {"spot_check_secret": DEVNET_SPOT_CHECK_SECRET,
+                                                "admin_token": DEVNET_ADMIN_TOKEN}  # fmt: skip
+    OWN_KEYS: ClassVar[tuple[str, ...]] = ("operator_key", "verifier_key")
 
-    environment: Literal["devnet", "production"] = "devnet"  # production refuses the devnet secrets below
-    database_url: str = Field(default_factory=_default_database_url)
-    broker_url: str = Field(default_factory=_default_broker_url)  # redis://... in production
-    result_backend: str | None = None  # task results are not needed; set for debugging
-    broker_polling_interval: float = 0.2  # seconds; only for the SQLAlchemy (SQLite) broker
-    deployment_path: Path = Field(default_factory=deployment_path)
-
-    host: str = "127.0.0.1"
+    # the shared fields (ServiceSettings), with the ledger's defaults
     port: int = 8700
+    database_url: str = Field(default_factory=lambda: home_sqlite_url("ledger.db"))
+    broker_url: str = Field(default_factory=lambda: home_sqlite_url("ledger-broker.db", scheme="sqla+sqlite"))
     admin_token: str = DEVNET_ADMIN_TOKEN  # bearer token for POST /v1/epochs/close
+
+    result_backend: str | None = None  # task results are not needed; set for debugging
     max_batch: int = 5000  # receipts or vouchers per POST
     max_body_bytes: int = 32 * 1024 * 1024
 
@@ -67,45 +58,26 @@ class Settings(BaseSettings):
     crash_point: str | None = None  # testing only: a stage name at which the worker pauses so a test can kill it
 
     @model_validator(mode="after")
-    def _reject_default_secrets(self) -> "Settings":
-        if self.environment != "devnet":
-            from nectar.chain.accounts import dev_accounts
-
-            public_keys = {a.private_key.lower() for a in dev_accounts()}
-            for name in ("operator_key", "verifier_key"):
-                value = getattr(self, name)
-                if not value or value.lower() in public_keys:
-                    raise ValueError(f"NECTAR_LEDGER_{name.upper()} must be set to a private key of your own in "
-                                     f"production (the devnet accounts' keys are public)")  # fmt: skip
-            for name, default in (("spot_check_secret", DEVNET_SPOT_CHECK_SECRET), ("admin_token", DEVNET_ADMIN_TOKEN)):
-                if getattr(self, name) == default:
-                    raise ValueError(
-                        f"NECTAR_LEDGER_{name.upper()} is the public devnet default; set a secret value "
-                        f"(e.g. {secrets.token_hex(16)!r}) or run with NECTAR_LEDGER_ENVIRONMENT=devnet"
-                    )
-            if self.crash_point:
-                raise ValueError("NECTAR_LEDGER_CRASH_POINT is for tests on a devnet only")
+    def _check_ranges(self) -> "Settings":
+        if self.environment != "devnet" and self.crash_point:
+            raise ValueError("NECTAR_LEDGER_CRASH_POINT is for tests on a devnet only")
         if not 0.0 <= self.spot_check_fraction <= 1.0:
             raise ValueError("NECTAR_LEDGER_SPOT_CHECK_FRACTION must be within [0, 1]")
         return self
-
 
     def key_for(self, role: str) -> str:
         """The operator ("ledger") or verifier key; on a devnet, the deployment's demo account with that role."""
         explicit = self.operator_key if role == "ledger" else self.verifier_key
         if explicit:
             return explicit
-        import json
-
         try:
-            accounts = json.loads(self.deployment_path.read_text()).get("accounts", [])
+            key = self.deployment_account_key(role)
         except (OSError, ValueError) as e:
             raise RuntimeError(f"no {role} key: set NECTAR_LEDGER_{'OPERATOR' if role == 'ledger' else 'VERIFIER'}_KEY "
                                f"or start `nectar devnet` (deployment file {self.deployment_path}: {e})") from None
-        for account in accounts:
-            if account.get("role") == role:
-                return account["privateKey"]
-        raise RuntimeError(f"the deployment file lists no {role!r} account; set the key explicitly")
+        if key is None:
+            raise RuntimeError(f"the deployment file lists no {role!r} account; set the key explicitly")
+        return key
 
 
 @lru_cache(maxsize=1)

@@ -125,7 +125,7 @@ def backend(request, tmp_path_factory):
 
     redis.Redis.from_url(broker).flushdb()
     yield Backend("postgres", url, broker, broker)
-    from nectar.api.core.db import get_engine
+    from nectar.service.db import get_engine
 
     get_engine(url).dispose()
     drop()

@@ -12,8 +12,9 @@ from sqlalchemy import text, update
 from sqlalchemy.exc import IntegrityError
 
 from nectar.api import crud
-from nectar.api.core.db import get_engine, run_migrations, session_scope
+from nectar.api.migrations import run_migrations
 from nectar.api.models import Account, Base
+from nectar.service.db import get_engine, session_scope
 from tests.api.utils import fresh_postgres_url
 
 

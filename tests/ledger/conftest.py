@@ -22,7 +22,7 @@ def database_url(request, tmp_path_factory):
         return
     url, drop = fresh_postgres_url("ledger_test")
     yield url
-    from nectar.ledger.core.db import get_engine
+    from nectar.service.db import get_engine
 
     get_engine(url).dispose()
     drop()

@@ -15,7 +15,7 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect, text
 
-from nectar.ledger.migrations import alembic_config
+from nectar.ledger.migrations import MIGRATIONS
 from nectar.ledger.models import Base
 from tests.ledger.utils import free_port, fresh_postgres_url, start_nectar, wait_for, wait_http
 
@@ -24,11 +24,11 @@ PROCESSES = 4
 
 
 def head_revision() -> str:
-    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    return ScriptDirectory.from_config(MIGRATIONS.config("sqlite://")).get_current_head()
 
 
 def _migrate_at_barrier(url: str, barrier, errors) -> None:
-    from nectar.ledger.core.db import run_migrations
+    from nectar.ledger.migrations import run_migrations
 
     barrier.wait()
     try:
@@ -75,10 +75,10 @@ def test_concurrent_upgrades_of_a_fresh_database_all_succeed(fresh_url):
 def test_upgrade_from_the_first_revision_keeps_rows(tmp_path):
     from alembic import command
 
-    from nectar.ledger.core.db import run_migrations
+    from nectar.ledger.migrations import run_migrations
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
-    command.upgrade(alembic_config(url), "0001")
+    command.upgrade(MIGRATIONS.config(url), "0001")
     engine = create_engine(url)
     with engine.begin() as connection:
         connection.execute(text("INSERT INTO epochs (number, status, opened_at, receipt_count, total_amount) "
@@ -97,7 +97,7 @@ def test_voucher_partner_migration_keeps_channels_and_keys_them_by_partner(fresh
     from alembic import command
     from sqlalchemy.exc import IntegrityError
 
-    from nectar.ledger.core.db import run_migrations
+    from nectar.ledger.migrations import run_migrations
 
     client, node, other = "0x" + "11" * 20, "0x" + "22" * 20, "0x" + "33" * 20
 
@@ -108,7 +108,7 @@ def test_voucher_partner_migration_keeps_channels_and_keys_them_by_partner(fresh
                                 f":signature, '0', '2026-01-01')"),
                            {"client": client, "node": node, "partner": partner, "signature": signature})  # fmt: skip
 
-    command.upgrade(alembic_config(fresh_url), "0002")
+    command.upgrade(MIGRATIONS.config(fresh_url), "0002")
     engine = create_engine(fresh_url)
     try:
         with engine.begin() as connection:
@@ -151,7 +151,7 @@ def test_a_built_wheel_ships_the_migrations_and_they_run_from_it(tmp_path):
     source.mkdir()
     for name in ("setup.py", "pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
-    for folder in ("core", "wire", "models", "node", "client", "ledger", "chain", "api"):
+    for folder in ("core", "wire", "models", "node", "client", "ledger", "chain", "api", "service"):
         shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                             "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=600)  # fmt: skip
@@ -165,8 +165,9 @@ def test_a_built_wheel_ships_the_migrations_and_they_run_from_it(tmp_path):
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     database = tmp_path / "from-wheel.db"
-    script = ("import nectar.ledger.migrations as m, sys; assert m.__file__.startswith(sys.argv[1]), m.__file__; "
-              "from nectar.ledger.core.db import run_migrations; run_migrations(sys.argv[2])")  # fmt: skip
+    script = ("import sys, nectar.ledger.migrations as m, nectar.service.migrations as s; "
+              "assert all(x.__file__.startswith(sys.argv[1]) for x in (m, s)), (m.__file__, s.__file__); "
+              "m.run_migrations(sys.argv[2])")  # fmt: skip
     ran = subprocess.run([sys.executable, "-c", script, str(site), f"sqlite:///{database}"], cwd=tmp_path,
                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
                          capture_output=True, text=True, timeout=300)  # fmt: skip

@@ -14,7 +14,7 @@ from nectar.client.routing import ReputationScorer
 from nectar.client.routing.reputation import NEUTRAL_SCORE
 from nectar.ledger import crud
 from nectar.ledger.core.config import Settings
-from nectar.ledger.core.db import get_engine, session_scope
+from nectar.service.db import get_engine, session_scope
 from nectar.wire.announce import ServerInfo, ServerState
 from nectar.wire.identity import peer_id_of
 from tests.ledger.utils import Party, free_port, make_receipt, receipt_item, wait_for

@@ -6,8 +6,8 @@ import threading
 
 import torch
 
-from nectar.ledger.core.db import get_engine, session_scope
 from nectar.ledger import crud
+from nectar.service.db import get_engine, session_scope
 from nectar.wire import receipts as R
 from nectar.wire.merkle import merkle_root, verify_proof, merkle_proof
 from tests.ledger.utils import Party, make_receipt, make_voucher, receipt_item

@@ -10,11 +10,12 @@ from sqlalchemy import select
 
 from nectar.ledger import crud
 from nectar.ledger.core.config import Settings
-from nectar.ledger.core.db import get_engine, run_migrations, session_scope
 from nectar.ledger.intake import check_receipt
+from nectar.ledger.migrations import run_migrations
 from nectar.ledger.spot_check import AuditSource, LocalVerifier, SpotChecker, Verifier, epoch_seed, is_picked
 from nectar.models import load_span
 from nectar.models.tiny import save_tiny_checkpoint
+from nectar.service.db import get_engine, session_scope
 from nectar.wire import receipts as R
 from tests.ledger.utils import Party
 

@@ -17,11 +17,11 @@ from hivemind.p2p import PeerID
 
 from nectar.client.routing import PeerScorer, ReputationScorer
 from nectar.ledger import crud
-from nectar.ledger.core.db import session_scope
 from nectar.ledger.models import Epoch, Receipt
 from nectar.ledger.spot_check import LocalVerifier
 from nectar.ledger.swarm import SwarmView
 from nectar.ledger.swarm_audit import RpcAuditSource
+from nectar.service.db import session_scope
 from nectar.wire.announce import ServerInfo
 from nectar.wire.receipts import activation_fingerprint, fingerprints_match, receipt_leaf
 from tests.ledger.market import SwarmMarket

@@ -129,10 +129,10 @@ def test_a_malformed_push_target_is_refused(model, expected):
     session = model.inference_session(max_length=16)
     try:
         first = session.hops[0]
-        metadata = {"type": "step", "session_id": session.session_id, "step": 0, "position": 0,
-                    "push_to": {"address": "no port", "token": os.urandom(16)}}
+        step = first.stream.step([torch.zeros(1, 1, model.config.hidden_size)], step=0, position=0,
+                                 push_to=("no port", os.urandom(16)), timeout=10)
         with pytest.raises(Exception, match="bad_request.*HOST:PORT"):
-            model.runtime.run(first.stream.step([torch.zeros(1, 1, model.config.hidden_size)], metadata, 10), 20)
+            model.runtime.run(step, 20)
     finally:
         session.close()
     assert model.generate(PROMPT, max_new_tokens=8, do_sample=False).tolist() == expected.tolist()

@@ -1,4 +1,5 @@
-"""The database engine and sessions. SQLite (default) gets WAL and a busy timeout so the API and worker can share it."""
+"""The database engine and sessions. SQLite (default) gets WAL and a busy timeout so a service and its worker can
+share one file."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +8,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +40,8 @@ def make_engine(database_url: str) -> Engine:
 
 @lru_cache(maxsize=8)
 def get_engine(database_url: str) -> Engine:
+    """One engine per URL and process (two services on one database share its pool)."""
     return make_engine(database_url)
-
-
-def session_factory(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
 
 
 @contextmanager
@@ -52,11 +50,3 @@ def session_scope(engine: Engine) -> Iterator[Session]:
     with Session(engine, expire_on_commit=False) as session:
         with session.begin():
             yield session
-
-
-def run_migrations(database_url: str) -> None:
-    """Bring the schema to the latest Alembic revision (called on start by the service and the worker, which may
-    start together: the upgrade holds a lock, see ``nectar.ledger.migrations``)."""
-    from nectar.ledger.migrations import upgrade_to_head
-
-    upgrade_to_head(database_url)

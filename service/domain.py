@@ -1,4 +1,5 @@
-"""The EIP-712 domain the ledger verifies against, re-read when the deployment file changes (a devnet restart)."""
+"""The EIP-712 domain of a deployment file (the ledger verifies against it, the gateway signs under it), re-read when
+the file changes (a devnet restart)."""
 from __future__ import annotations
 
 import json

@@ -1,0 +1,220 @@
+"""``GenerationServing``: the metered generation flow completions and chat share. It holds the worst case on the
+account, runs every prompt's ``n`` choices on the swarm, and settles exactly what was delivered, whole or streamed
+(SSE). Subclasses only build the prompts and format the answers."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from nectar.api.billing import Charge
+from nectar.api.core.config import micro_to_credits
+from nectar.api.errors import ApiError, from_client_error
+from nectar.api.protocol import ErrorInfo, ErrorResponse, GenerationParams, UsageInfo, random_id
+from nectar.api.serving.base import Auth, OpenAIServing, Target
+from nectar.api.text import ChoiceText
+
+logger = logging.getLogger(__name__)
+
+
+def sse(payload) -> str:
+    """One server-sent event holding a JSON payload (a Pydantic model or a dict)."""
+    data = payload.model_dump_json() if hasattr(payload, "model_dump_json") else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class PrimedStream:
+    """An SSE body whose first event has already been produced, so errors before it became HTTP errors and the
+    generator's cleanup (the settlement) is armed before the response starts."""
+
+    def __init__(self, first: str, rest: AsyncIterator[str]):
+        self.first, self.rest = first, rest
+
+    async def __aiter__(self):
+        try:
+            yield self.first
+            async for item in self.rest:
+                yield item
+        finally:
+            await self.rest.aclose()
+
+
+async def prime(stream: AsyncIterator[str]) -> PrimedStream:
+    try:
+        first = await stream.__anext__()
+    except StopAsyncIteration:
+        first = SSE_DONE
+    return PrimedStream(first, stream)
+
+
+@dataclass
+class Generation:
+    """One request being served: what it asked for and the hold that pays for it."""
+
+    request: Any  # CompletionRequest or ChatCompletionRequest
+    target: Target
+    prompts: list[list[int]]  # token ids; each prompt runs request.n choices, numbered prompt * n + row
+    texts: list[str]  # the prompts as text, where the answer echoes them (completions); else empty
+    params: GenerationParams
+    id: str
+    hold_id: int
+    auth: Auth
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+class GenerationServing(OpenAIServing):
+    """Reserve, run, settle: a request is charged ``usage.total_tokens`` of what was delivered, and nothing if it
+    failed before delivering anything."""
+
+    kind: ClassVar[str]  # the usage record's kind
+    id_prefix: ClassVar[str]  # of the response id
+    what: ClassVar[str]  # names the request in an insufficient-credit error
+    stream_response: ClassVar[type]  # the chunk model, for the final usage chunk
+
+    # ---- what subclasses provide --------------------------------------------------------------------------------
+
+    def build_prompts(self, request, target: Target) -> tuple[list[list[int]], list[str]]:
+        """(token ids per prompt, their texts if the answer needs them); raises ApiError for a bad request."""
+        raise NotImplementedError
+
+    def max_new_tokens(self, request, target: Target, prompts: list[list[int]]) -> int:
+        raise NotImplementedError
+
+    def response(self, job: Generation, texts: list[str], reasons: list[str | None], usage: UsageInfo):
+        """The whole answer, from each choice's text and finish reason."""
+        raise NotImplementedError
+
+    def prompt_events(self, job: Generation, prompt: int) -> Iterable[str]:
+        """SSE events sent before a prompt's choices are generated (completions' echo)."""
+        return ()
+
+    def choice_event(self, job: Generation, index: int, text: str, reason: str | None, first: bool) -> str:
+        """The SSE event(s) of new text of choice ``index`` (``first``: its first event)."""
+        raise NotImplementedError
+
+    # ---- the flow -----------------------------------------------------------------------------------------------
+
+    async def generate(self, request, auth: Auth):
+        """A response, or a PrimedStream of SSE events if ``request.stream``."""
+        self.check_supported(request)
+        target = await self.resolve_model(request.model, auth)
+        prompts, texts = self.build_prompts(request, target)
+        max_new = self.max_new_tokens(request, target, prompts)
+        for ids in prompts:
+            self.check_length(target, len(ids), max_new)
+        params = request.to_generation_params(max_new)
+        request_id = random_id(self.id_prefix)
+        worst = sum(len(ids) for ids in prompts) + len(prompts) * request.n * max_new
+        hold_id = await self.billing.reserve(account_id=auth.account_id, tokens=worst, reference=request_id,
+                                             what=self.what)  # fmt: skip
+        job = Generation(request, target, prompts, texts, params, request_id, hold_id, auth)
+        if request.stream:
+            return await prime(self._stream(job))
+        return await self._whole(job)
+
+    async def _whole(self, job: Generation):
+        charge = Charge(0, 0)
+        texts = [""] * (len(job.prompts) * job.request.n)
+        reasons: list[str | None] = [None] * len(texts)
+        try:
+            async for index, delta, reason in self._choices(job, charge):
+                texts[index] += delta
+                reasons[index] = reason or reasons[index]
+        except BaseException:
+            charge = Charge(0, 0)  # nothing was delivered: nothing is charged
+            raise
+        finally:
+            await self.settle(job, charge)
+        return self.response(job, texts, reasons, self.usage(charge))
+
+    async def _stream(self, job: Generation) -> AsyncIterator[str]:
+        charge, opened = Charge(0, 0), set()
+        started = False
+        try:
+            try:
+                for p, ids in enumerate(job.prompts):
+                    for event in self.prompt_events(job, p):
+                        started = True
+                        yield event
+                    async for index, text, reason in self._run(job, p, ids, charge):
+                        first = index not in opened
+                        opened.add(index)
+                        started = True
+                        yield self.choice_event(job, index, text, reason, first)
+            except ApiError as error:
+                if not started:  # nothing delivered yet: an HTTP error, and no charge
+                    charge = Charge(0, 0)
+                    raise
+                yield self.stream_error(error)
+                yield SSE_DONE
+                return
+            options = job.request.stream_options
+            if options and options.include_usage:
+                yield sse(self.stream_response(id=job.id, created=job.created, model=job.target.name, choices=[],
+                                               usage=self.usage(charge)))  # fmt: skip
+            yield SSE_DONE
+        finally:
+            await self.settle(job, charge)
+
+    async def _choices(self, job: Generation, charge: Charge) -> AsyncIterator[tuple[int, str, str | None]]:
+        for p, ids in enumerate(job.prompts):
+            async for item in self._run(job, p, ids, charge):
+                yield item
+
+    def _run(self, job: Generation, prompt: int, ids: list[int], charge: Charge):
+        return self.run_choices(job.target, ids, job.params, first_index=prompt * job.request.n, charge=charge)
+
+    async def run_choices(self, target: Target, prompt_ids: list[int], params: GenerationParams, *, first_index: int,
+                          charge: Charge) -> AsyncIterator[tuple[int, str, str | None]]:
+        """Yields (choice index, new text, finish reason or None) as the swarm generates, counting tokens into
+        ``charge``: the prompt once, every generated token of a choice until it finishes."""
+        choices = [ChoiceText(target.model.tokenizer, stops=params.stop, eos_token_ids=target.model.eos_token_ids)
+                   for _ in range(params.n)]  # fmt: skip
+        charge.prompt_tokens += len(prompt_ids)
+        if params.max_new_tokens > 0:
+            steps = target.model.stream(prompt_ids, params, prompts=target.prompts)
+            try:
+                async for step in steps:
+                    for row, token in enumerate(step):
+                        choice = choices[row]
+                        if choice.finished:
+                            continue
+                        charge.completion_tokens += 1
+                        delta = choice.add(token)
+                        if delta or choice.finished:
+                            yield first_index + row, delta, choice.finish_reason
+                    if all(choice.finished for choice in choices):
+                        break
+            except ApiError:
+                raise
+            except Exception as e:
+                logger.warning(f"Generation on {target.name} failed: {type(e).__name__}: {e}")
+                raise from_client_error(e) from e
+            finally:
+                await steps.aclose()
+        for row, choice in enumerate(choices):
+            if not choice.finished:
+                yield first_index + row, choice.finish("length"), "length"
+
+    def usage(self, charge: Charge) -> UsageInfo:
+        return UsageInfo(prompt_tokens=charge.prompt_tokens, completion_tokens=charge.completion_tokens,
+                         total_tokens=charge.total_tokens,
+                         cost=micro_to_credits(self.billing.cost(charge.total_tokens)))  # fmt: skip
+
+    @staticmethod
+    def stream_error(error: ApiError) -> str:
+        """The SSE event that reports a failure after the stream has started (HTTP status is already sent)."""
+        return sse(ErrorResponse(error=ErrorInfo(**error.body.error.model_dump())))
+
+    async def settle(self, job: Generation, charge: Charge) -> None:
+        try:
+            await self.billing.settle(hold_id=job.hold_id, charge=charge, kind=self.kind, model=job.target.name,
+                                      key_id=job.auth.key_id)  # fmt: skip
+        except Exception:  # the hold stays; the stale-hold sweeper returns it, and the log tells the operator
+            logger.exception(f"Could not settle hold {job.hold_id} ({charge})")

@@ -1,0 +1,230 @@
+"""One hop of an inference session: the open stream to its node, and what the session keeps about the hop.
+
+``HopStream`` is the only client module that builds inference requests and reads their replies (the message shapes
+are in ``nectar.wire.protocol``); a typed stub for the stream replaces its insides without the session changing.
+``Hop`` is the session's record of one hop: its state, the inputs it was sent (for replay) and its receipts.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable, Optional
+
+import torch
+from hivemind.proto import runtime_pb2
+
+from nectar.client.routing import RemoteSpan
+from nectar.client.streams import open_stream
+from nectar.wire.protocol import RPC_INFERENCE, ErrorCode, NodeRPCError, make_request, module_uid, unpack_metadata
+from nectar.wire.protocol import unpack_tensors
+
+
+Connect = Optional[Callable[[RemoteSpan, AsyncIterator[runtime_pb2.ExpertRequest]],
+                            Awaitable[AsyncIterator[runtime_pb2.ExpertResponse]]]]
+
+
+class StreamState(enum.Enum):
+    NEW = "new"  # nothing sent yet
+    OPEN = "open"  # the stream's request iterator is live: requests may be queued
+    CLOSED = "closed"  # the request iterator has ended (the node then ends the stream)
+
+
+class Reply:
+    """A message the node sent on the stream: a step's answer, a receipt of its own, or an open's ack."""
+
+    __slots__ = ("outputs", "metadata")
+
+    def __init__(self, outputs: list[torch.Tensor], metadata: dict):
+        self.outputs, self.metadata = outputs, metadata
+
+    @property
+    def receipt(self) -> Optional[dict]:
+        return self.metadata.get("receipt")
+
+    @property
+    def receipt_follows(self) -> bool:
+        """The receipt of this step comes as a message of its own, before the answer to the next request."""
+        return self.metadata.get("receipt_follows") is True
+
+    @property
+    def push_missing(self) -> bool:
+        """A pushed step that the client cancelled before its push came: the node did not compute it."""
+        return bool(self.metadata.get("push_missing"))
+
+    def is_receipt_for(self, step: int) -> bool:
+        metadata = self.metadata
+        return metadata.get("type") == "receipt" and metadata.get("step") == step and "receipt" in metadata
+
+    def describe(self) -> str:
+        return repr(self.metadata.get("type"))
+
+
+class HopStream:
+    """One inference stream to one node, for one session (lives on the runtime's loop). Requests are queued and
+    leave in order; replies are read in order with ``receive``."""
+
+    def __init__(self, runtime, span: RemoteSpan, model_id: str, *, direct: bool = True, connect: Connect = None):
+        """:param connect: opens the stream given the requests (default: the node's direct lane or P2P, through
+            ``runtime``; tests connect in-memory nodes)"""
+        self.runtime, self.span, self.model_id, self.direct = runtime, span, model_id, direct
+        self.connect = connect or self._connect
+        self.uid = module_uid(model_id, span.start, span.end)
+        self.state = StreamState.NEW
+        self.session_id: Optional[bytes] = None
+        self.queue: Optional[asyncio.Queue] = None
+        self.responses = None
+
+    async def open(self, *, session_id: bytes, max_length: int, batch_size: int, client: str,
+                   push_token: Optional[bytes], timeout: float) -> dict:
+        """Opens the stream and the node's session (its KV cache); returns the node's ack."""
+        metadata = {"type": "open", "session_id": session_id, "max_length": max_length, "batch_size": batch_size,
+                    "client": client, "receipts": "separate"}
+        if push_token is not None:
+            metadata["push_token"] = push_token
+        self.session_id, self.queue, self.state = session_id, asyncio.Queue(), StreamState.OPEN
+
+        async def requests():
+            while True:
+                item = await self.queue.get()
+                if item is None:
+                    return
+                yield item
+
+        self.responses = (await asyncio.wait_for(self.connect(self.span, requests()), timeout)).__aiter__()
+        self.queue.put_nowait(make_request(self.uid, [], metadata))
+        response = await asyncio.wait_for(self.responses.__anext__(), timeout)
+        return unpack_metadata(response.metadata)
+
+    async def _connect(self, span: RemoteSpan, requests: AsyncIterator[runtime_pb2.ExpertRequest]
+                       ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        return await open_stream(self.runtime.p2p, span.peer_id, span.info, RPC_INFERENCE, requests,
+                                 direct=self.direct)
+
+    def send_step(self, tensors: list[torch.Tensor], *, step: int, position: int, voucher: Optional[dict] = None,
+                  push_to: Optional[tuple[str, bytes]] = None, pushed: bool = False) -> None:
+        """Queues one step: ``tensors`` are its inputs (none when ``pushed``: the previous hop pushes them);
+        ``push_to`` is (next hop's direct address, its push token) where this hop pushes its output."""
+        metadata = {"type": "step", "session_id": self.session_id, "step": step, "position": position}
+        if voucher is not None:
+            metadata["voucher"] = voucher
+        if push_to is not None:
+            metadata["push_to"] = {"address": push_to[0], "token": push_to[1]}
+        if pushed:
+            metadata["pushed"] = True
+        self._send(tensors, metadata)
+
+    async def step(self, tensors: list[torch.Tensor], *, step: int, position: int, timeout: float,
+                   **options) -> Reply:
+        """Sends one step and waits for its answer (options as ``send_step``)."""
+        self.send_step(tensors, step=step, position=position, **options)
+        return await asyncio.wait_for(self.receive(), timeout)
+
+    def cancel(self, step: int) -> None:
+        """Tells the node to stop waiting for this step's push (it answers ``push_missing`` unless it ran)."""
+        self._send([], {"type": "cancel", "session_id": self.session_id, "step": step})
+
+    def flush(self) -> None:
+        """Asks for the receipt of the last step now (a node otherwise signs it while the next step computes, or
+        once the stream has been quiet for a moment)."""
+        self._send_if_open({"type": "flush", "session_id": self.session_id})
+
+    def pay(self, voucher: dict) -> None:
+        """Settles what the session owes before it leaves."""
+        self._send_if_open({"type": "pay", "session_id": self.session_id, "voucher": voucher})
+
+    async def receive(self) -> Reply:
+        response = await self.responses.__anext__()
+        return Reply(unpack_tensors(response.tensors), unpack_metadata(response.metadata))
+
+    def close(self) -> None:
+        if self.state is StreamState.OPEN:
+            self.queue.put_nowait(None)
+        self.state = StreamState.CLOSED
+
+    def _send(self, tensors: list[torch.Tensor], metadata: dict) -> None:
+        if self.state is not StreamState.OPEN:
+            raise ConnectionError(f"the stream to {self.span} is {self.state.value}")
+        self.queue.put_nowait(make_request(self.uid, tensors, metadata))
+
+    def _send_if_open(self, metadata: dict) -> None:
+        if self.state is StreamState.OPEN:
+            self.queue.put_nowait(make_request(self.uid, [], metadata))
+
+
+# ---- the session's record of a hop -----------------------------------------------------------------------------
+
+
+class HopState(enum.Enum):
+    OPEN = "open"  # steps go through it
+    FAILED = "failed"  # it misbehaved (dead, an error, a bad output or receipt): its next step fails over
+    CLOSED = "closed"  # replaced after a failure, or the session closed
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Why a hop failed: the ban's reason, and what the session reports if no other node does better."""
+
+    reason: str
+    code: Optional[ErrorCode] = None  # the node answered with this error
+    receipt: bool = False  # the node's receipt failed the client's checks (or never came)
+
+    @classmethod
+    def of(cls, error: BaseException, prefix: str = "") -> "Fault":
+        timed_out = isinstance(error, (asyncio.TimeoutError, TimeoutError))
+        return cls(prefix + describe(error), code=None if timed_out else NodeRPCError.code_of(error))
+
+
+class HopFailed(Exception):
+    """One hop could not do its part of a step; the session bans its node and fails over."""
+
+    def __init__(self, span: RemoteSpan, fault: Fault | str):
+        fault = fault if isinstance(fault, Fault) else Fault(fault)
+        super().__init__(f"{span}: {fault.reason}")
+        self.span, self.fault = span, fault
+        self.index: Optional[int] = None  # which hop of the route, and the input it was given (set by the session)
+        self.inputs: Optional[torch.Tensor] = None
+        self.burned = False  # a later hop may have computed this step from a push: retry under a new step number
+
+    @property
+    def reason(self) -> str:
+        return self.fault.reason
+
+
+@dataclass
+class Hop:
+    span: RemoteSpan
+    stream: HopStream
+    state: HopState = HopState.OPEN
+    fault: Optional[Fault] = None  # set with FAILED: the first thing that went wrong
+    history: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (step, position, inputs)
+    unchecked: list[tuple[dict, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (receipt, in, out)
+    voucher: Optional[dict] = None  # signed after the last receipt check, sent with the next step
+    push_token: bytes = field(default_factory=lambda: os.urandom(16))  # the previous hop shows it to push here
+    pending: Optional[asyncio.Task] = None  # the answer to a step sent ahead (push mode)
+    receipt: Optional[asyncio.Task] = None  # the last step's receipt, which the node sends after its output
+
+    def fail(self, fault: Fault) -> None:
+        """OPEN -> FAILED. The first fault is kept (a closed hop records one too: it must not be paid or marked ok)."""
+        if self.fault is None:
+            self.fault = fault
+        if self.state is HopState.OPEN:
+            self.state = HopState.FAILED
+
+    def check(self) -> None:
+        """Raises HopFailed unless the hop can take a step."""
+        if self.state is not HopState.OPEN:
+            raise HopFailed(self.span, self.fault or Fault(f"the hop is {self.state.value}"))
+
+    def close(self) -> None:
+        self.state = HopState.CLOSED
+        self.stream.close()
+
+
+def describe(error: BaseException) -> str:
+    if isinstance(error, (asyncio.TimeoutError, TimeoutError)):
+        return "timed out"
+    text = str(error) or type(error).__name__
+    code = NodeRPCError.code_of(error)
+    return f"{code.value}: {text.split(code.value + ':', 1)[1].strip()}" if code else text

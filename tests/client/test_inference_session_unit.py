@@ -1,0 +1,456 @@
+"""The inference session's state machine against in-memory nodes: no processes, no sockets, milliseconds a test.
+
+Each fake node speaks the inference stream's protocol (open, steps with receipts that follow, flush, pay, pushes
+and cancels) over an in-memory request/response stream, and computes a toy causal model whose output depends on
+its KV cache, so a replacement that was not replayed exactly would answer differently.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Optional
+
+import pytest
+import torch
+from hivemind.p2p import PeerID
+
+from nectar.client import InferenceFailedError, InferenceSession, PaymentRequiredError, ReceiptRejectedError
+from nectar.client import RouteUnavailableError, SessionClosedError
+from nectar.client.config import ClientConfig
+from nectar.client.hop_stream import HopStream
+from nectar.client.payments import Wallet
+from nectar.client.routing import MissingBlocksError, RemoteSpan
+from nectar.node.receipts import ReceiptSigner
+from nectar.wire import receipts as schema
+from nectar.wire.announce import ServerInfo, ServerState
+from nectar.wire.protocol import ErrorCode, make_response, unpack_metadata, unpack_tensors
+
+BLOCKS, HIDDEN, MODEL = 4, 8, "toy"
+DOMAIN = schema.make_domain(31337, "0x" + "42" * 20)
+
+
+def block(index: int, hidden: torch.Tensor, cache: dict[int, torch.Tensor], position: int) -> torch.Tensor:
+    """Block ``index`` of the toy model: each position adds a share of the mean input over the positions so far.
+    ``cache`` (position -> input) is updated in place; a step sent again at its position overwrites it, as a KV
+    cache would."""
+    out = hidden.clone()
+    for t in range(hidden.shape[1]):
+        cache[position + t] = hidden[:, t].clone()
+        total = sum(cache[p] for p in range(position + t + 1))
+        out[:, t] += 0.1 * (index + 1) * total / (position + t + 1)
+    return out
+
+
+def run_blocks(chunks: list[torch.Tensor], blocks: range) -> list[torch.Tensor]:
+    """The toy model's ``blocks`` run locally, chunk after chunk."""
+    caches = {b: {} for b in blocks}
+    outputs, position = [], 0
+    for x in chunks:
+        length = x.shape[1]
+        for b in blocks:
+            x = block(b, x, caches[b], position)
+        outputs.append(x)
+        position += length
+    return outputs
+
+
+def reference(chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+    return run_blocks(chunks, range(BLOCKS))
+
+
+class Network:
+    """The in-memory swarm: nodes by peer id and direct address."""
+
+    def __init__(self):
+        self.nodes: dict[PeerID, FakeNode] = {}
+
+    def add(self, node: "FakeNode") -> "FakeNode":
+        self.nodes[node.peer_id] = node
+        node.network = self
+        return node
+
+    def by_address(self, address: str) -> Optional["FakeNode"]:
+        return next((n for n in self.nodes.values() if n.info.direct_address == address), None)
+
+    async def connect(self, span: RemoteSpan, requests):
+        """The node serves the stream in a task of its own, as a remote one would: it reads requests whether or
+        not the client reads replies."""
+        node = self.nodes[span.peer_id]
+        if node.dead:
+            raise ConnectionRefusedError(f"{node.name} is down")
+        replies: asyncio.Queue = asyncio.Queue()
+
+        async def serve():
+            try:
+                async for reply in node.serve(span, requests):
+                    replies.put_nowait(reply)
+                replies.put_nowait(None)
+            except Exception as e:  # the client reads it as the stream's error
+                replies.put_nowait(e)
+
+        async def read():
+            while (reply := await replies.get()) is not None:
+                if isinstance(reply, Exception):
+                    raise reply
+                yield reply
+
+        node.tasks.append(asyncio.ensure_future(serve()))
+        return read()
+
+
+class FakeNode:
+    """A node serving blocks [start, end) of the toy model over in-memory streams.
+
+    :param dies_at: the step number at which its streams break (and it stays down)
+    :param dies_after_push_at: the same, once it computed that step and pushed its output to the next hop
+    :param bad_receipt_at: step numbers whose receipts commit to another output
+    :param error: an ErrorCode it answers every step with
+    :param pushes: whether it pushes its outputs to the next hop when asked
+    """
+
+    count = 0
+
+    def __init__(self, name: str, start: int, end: int, *, dies_at: int | None = None,
+                 dies_after_push_at: int | None = None, bad_receipt_at: tuple[int, ...] = (),
+                 error: ErrorCode | None = None, pushes: bool = True):
+        FakeNode.count += 1
+        self.name, self.start, self.end = name, start, end
+        self.peer_id = PeerID(b"\x00\x24\x08\x01\x12\x20" + bytes([FakeNode.count]) * 32)
+        self.key = "0x" + (bytes([FakeNode.count]) * 32).hex()
+        self.signer = ReceiptSigner(private_key=self.key, model_id=MODEL, price_per_token=1, domain=DOMAIN)
+        self.info = ServerInfo(state=int(ServerState.ONLINE), start=start, end=end, throughput=100, inference_rps=100,
+                               forward_rps=100, network_rps=1e9, dtype="float32", cache_tokens_left=10**6,
+                               price_per_token=1, eth_address=self.signer.address, public_name=name,
+                               direct_address=f"10.0.0.{FakeNode.count}:1")
+        self.dies_at, self.dies_after_push_at = dies_at, dies_after_push_at
+        self.bad_receipt_at, self.error, self.pushes = bad_receipt_at, error, pushes
+        self.dead = False
+        self.steps: list[tuple[int, int, torch.Tensor]] = []  # (step, position, input) of every step computed
+        self.pushed_steps: list[int] = []  # steps computed on a pushed input
+        self.vouchers: list[dict] = []
+        self.inbox: dict[bytes, tuple[bytes, dict[int, asyncio.Future]]] = {}  # session -> (push token, pushes)
+        self.network: Network | None = None
+        self.tasks: list[asyncio.Task] = []
+
+    def _slot(self, session_id: bytes, step: int) -> asyncio.Future:
+        return self.inbox[session_id][1].setdefault(step, asyncio.get_running_loop().create_future())
+
+    def deliver(self, session_id: bytes, step: int, token: bytes, hidden: torch.Tensor) -> None:
+        if session_id in self.inbox and self.inbox[session_id][0] == token:
+            self._slot(session_id, step).set_result(hidden.clone())
+
+    async def serve(self, span: RemoteSpan, requests):
+        requests = requests.__aiter__()
+        opening = unpack_metadata((await requests.__anext__()).metadata)
+        assert opening["type"] == "open" and opening["receipts"] == "separate"
+        session_id, client = opening["session_id"], opening["client"]
+        if "push_token" in opening:
+            self.inbox[session_id] = (opening["push_token"], {})
+        yield make_response([], {"type": "opened"})
+        caches = {b: {} for b in range(span.start, span.end)}
+        receipt = None  # the last step's receipt message, sent before the next answer or on a flush
+        following = asyncio.ensure_future(anext(requests, None))
+        while True:
+            request = await following
+            if request is None:
+                if receipt is not None:
+                    yield receipt
+                return
+            following = asyncio.ensure_future(anext(requests, None))
+            metadata = unpack_metadata(request.metadata)
+            if metadata["type"] == "flush" and receipt is not None:
+                yield receipt
+                receipt = None
+            if metadata["type"] == "pay":
+                self.vouchers.append(metadata["voucher"])
+            if metadata["type"] != "step":
+                continue
+            step, position = metadata["step"], metadata["position"]
+            if self.dead or step == self.dies_at:
+                self.dead = True
+                raise ConnectionResetError(f"{self.name} died")
+            if self.error is not None:
+                raise RuntimeError(f"{self.error.value}: {self.name} refuses this step")
+            if metadata.get("pushed"):
+                if receipt is not None:
+                    yield receipt
+                    receipt = None
+                pushed = self._slot(session_id, step)
+                await asyncio.wait({pushed, following}, return_when=asyncio.FIRST_COMPLETED)
+                if not pushed.done():  # the client spoke first: it must be the cancel of this step
+                    cancel = unpack_metadata((await following).metadata)
+                    assert (cancel["type"], cancel["step"]) == ("cancel", step)
+                    following = asyncio.ensure_future(anext(requests, None))
+                    yield make_response([], {"push_missing": True})
+                    continue
+                hidden = pushed.result()
+                self.pushed_steps.append(step)
+            else:
+                hidden = unpack_tensors(request.tensors)[0]
+            self.steps.append((step, position, hidden))
+            out = hidden
+            for b in range(span.start, span.end):
+                out = block(b, out, caches[b], position)
+            target = metadata.get("push_to")
+            if target is not None and self.pushes:
+                self.network.by_address(target["address"]).deliver(session_id, step, target["token"], out)
+                if step == self.dies_after_push_at:
+                    self.dead = True
+                    raise ConnectionResetError(f"{self.name} died")
+            if receipt is not None:
+                yield receipt
+            yield make_response([out], {"receipt_follows": True})
+            committed = out + 1 if step in self.bad_receipt_at else out
+            signed, _ = self.signer.sign(session_id=session_id.rjust(32, b"\0"), step=step,
+                                         kind=schema.ReceiptKind.INFERENCE, start=span.start, end=span.end,
+                                         client=client, tokens=hidden.shape[0] * hidden.shape[1], inputs=hidden,
+                                         outputs=committed)
+            receipt = make_response([], {"type": "receipt", "step": step, "receipt": signed.to_json()})
+
+
+class FakeManager:
+    """Routes through the first unbanned node (in the order given) serving each next block."""
+
+    model_id, num_blocks = MODEL, BLOCKS
+
+    def __init__(self, network: Network):
+        self.network = network
+        self.bans: list[tuple[PeerID, str]] = []
+        self.ok: set[PeerID] = set()
+
+    def make_inference_route(self, start: int, end: int, *, cache_tokens: int = 0) -> list[RemoteSpan]:
+        banned = {peer for peer, _ in self.bans}
+        route, at = [], start
+        while at < end:
+            node = next((n for n in self.network.nodes.values()
+                         if n.start <= at < n.end and n.peer_id not in banned), None)
+            if node is None:
+                raise MissingBlocksError(list(range(at, end)), MODEL)
+            route.append(RemoteSpan(node.peer_id, at, min(end, node.end), node.info))
+            at = min(end, node.end)
+        return route
+
+    def ban(self, peer_id: PeerID, reason: str = "") -> None:
+        self.bans.append((peer_id, reason))
+
+    def mark_ok(self, peer_id: PeerID) -> None:
+        self.ok.add(peer_id)
+
+
+class LoopRuntime:
+    """The part of ClientRuntime a session uses: an event loop in a thread."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        async def cancel_all():
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        self.run(cancel_all(), 5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture
+def runtime():
+    runtime = LoopRuntime()
+    yield runtime
+    runtime.stop()
+
+
+def _session(runtime, network: Network, *, max_length: int = 32, **config) -> tuple[InferenceSession, FakeManager]:
+    manager = FakeManager(network)
+    config = ClientConfig(**{"step_timeout": 2.0, "connect_timeout": 2.0, "max_retries": 3, **config})
+    session = InferenceSession(manager, runtime, Wallet(domain=DOMAIN), max_length=max_length, config=config,
+                               streams=lambda span: HopStream(runtime, span, MODEL, connect=network.connect))
+    return session, manager
+
+
+def _chunks(steps: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(1, 5, HIDDEN, generator=generator)] + [
+        torch.randn(1, 1, HIDDEN, generator=generator) for _ in range(steps - 1)]
+
+
+def _generate(session: InferenceSession, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [session.step(x) for x in chunks]
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _eventually(condition, timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def _history(node: FakeNode, steps: int | None = None) -> list[tuple[int, int, list]]:
+    return [(step, position, x.tolist()) for step, position, x in node.steps[:steps]]
+
+
+def test_a_step_runs_through_every_hop_and_each_receipt_is_checked_and_paid(runtime):
+    network = Network()
+    first, second = network.add(FakeNode("a", 0, 2)), network.add(FakeNode("b", 2, 4))
+    session, manager = _session(runtime, network)
+    chunks = _chunks(6)
+    with session:
+        outputs = _generate(session, chunks)
+    assert _same(outputs, reference(chunks))
+    assert [(s.start, s.end) for s in session.route] == [(0, 2), (2, 4)] and session.failovers == 0
+    assert [(step, position) for step, position, _ in second.steps] == [(0, 0)] + [(i, 4 + i) for i in range(1, 6)]
+    assert all(torch.equal(x, y) for (_, _, x), y in zip(second.steps, run_blocks(chunks, range(2))))
+    assert len(session.wallet.receipts) == 12 and manager.ok == {first.peer_id, second.peer_id}
+    # the close pays for everything, the last step included
+    for node in (first, second):
+        _eventually(lambda node=node: node.vouchers)
+        assert int(node.vouchers[-1]["voucher"]["cumulativeAmount"]) == session.wallet.owed(node.info.eth_address) > 0
+    with pytest.raises(SessionClosedError, match="closed"):
+        session.step(chunks[1])
+
+
+def test_a_hop_that_dies_is_replaced_and_its_history_replayed_in_the_original_steps(runtime):
+    network = Network()
+    network.add(FakeNode("a", 0, 2))
+    victim = network.add(FakeNode("b", 2, 4, dies_at=3))
+    spare = network.add(FakeNode("spare", 2, 4))
+    session, manager = _session(runtime, network)
+    chunks = _chunks(7)
+    with session:
+        outputs = _generate(session, chunks)
+    assert _same(outputs, reference(chunks))  # greedy decoding would pick the same tokens
+    assert session.failovers == 1 and [s.peer_id for s in session.route][1] == spare.peer_id
+    assert [peer for peer, _ in manager.bans] == [victim.peer_id]
+    assert _history(spare, 3) == _history(victim)  # steps 0-2 replayed: same numbers, positions and inputs
+    assert [step for step, _, _ in spare.steps] == list(range(7))
+
+
+def test_a_dishonest_receipt_fails_the_hop_over_and_bans_its_node(runtime):
+    network = Network()
+    network.add(FakeNode("a", 0, 2))
+    liar = network.add(FakeNode("b", 2, 4, bad_receipt_at=(1,)))
+    spare = network.add(FakeNode("spare", 2, 4))
+    session, manager = _session(runtime, network)
+    chunks = _chunks(6)
+    with session:
+        outputs = _generate(session, chunks)
+    assert _same(outputs, reference(chunks))
+    assert session.failovers == 1 and session.route[1].peer_id == spare.peer_id
+    assert [peer for peer, _ in manager.bans] == [liar.peer_id]
+    assert "dishonest receipt" in manager.bans[0][1] and "output commitment" in manager.bans[0][1]
+    # the liar's step-1 receipt was refused; the spare replayed from step 0 and signed for every step it did
+    paid = [(r.receipt.node, r.receipt.step) for r in session.wallet.receipts if r.receipt.block_start == 2]
+    assert (liar.info.eth_address, 1) not in paid and [s for n, s in paid if n == spare.info.eth_address] == list(range(
+        len(spare.steps)))
+    assert _history(spare, len(liar.steps)) == _history(liar)  # replayed all it had accepted from the liar
+
+
+def test_push_mode_pushes_and_relays_a_step_whose_push_went_missing(runtime):
+    network = Network()
+    first = network.add(FakeNode("a", 0, 2))
+    second = network.add(FakeNode("b", 2, 4))
+    session, _ = _session(runtime, network, push=True, push_timeout=0.05)
+    chunks = _chunks(5)
+    outputs = _generate(session, chunks[:3])
+    assert session.pushed_steps == 3 and second.pushed_steps == [0, 1, 2]
+    first.pushes = False  # a firewall between the nodes, say
+    outputs += _generate(session, chunks[3:])
+    session.close()
+    assert _same(outputs, reference(chunks))
+    assert session.push_fallbacks == 2 and session.pushed_steps == 3 and session.failovers == 0
+    assert [step for step, _, _ in second.steps] == list(range(5))  # the relayed steps kept their numbers
+    assert len(session.wallet.receipts) == 10
+
+
+def test_push_mode_stops_asking_after_push_misses_steps_in_a_row(runtime):
+    network = Network()
+    network.add(FakeNode("a", 0, 2, pushes=False))
+    second = network.add(FakeNode("b", 2, 4))
+    session, _ = _session(runtime, network, push=True, push_timeout=0.02, push_misses=2)
+    chunks = _chunks(6)
+    with session:
+        outputs = _generate(session, chunks)
+    assert _same(outputs, reference(chunks))
+    assert session.push_fallbacks == 2 and session.pushed_steps == 0 and second.pushed_steps == []
+
+
+@pytest.mark.parametrize("pushed_first", [False, True])
+def test_a_hop_failing_in_push_mode_fails_over_and_burns_a_step_number_a_later_hop_used(runtime, pushed_first):
+    network = Network()
+    network.add(FakeNode("a", 0, 1))
+    death = {"dies_after_push_at": 2} if pushed_first else {"dies_at": 2}
+    victim = network.add(FakeNode("b", 1, 2, **death))
+    last = network.add(FakeNode("c", 2, 4))
+    spare = network.add(FakeNode("spare", 1, 2))
+    session, manager = _session(runtime, network, push=True, push_timeout=0.5)
+    chunks = _chunks(5)
+    with session:
+        outputs = _generate(session, chunks)
+    assert _same(outputs, reference(chunks))
+    assert session.failovers == 1 and [peer for peer, _ in manager.bans] == [victim.peer_id]
+    assert _history(spare, 2) == _history(victim)[:2]  # steps 0 and 1 replayed as they were
+    if pushed_first:  # c computed step 2 from b's push: its receipt exists, so the retry is step 3 (same position)
+        assert [step for step, _, _ in spare.steps] == [0, 1, 3, 4, 5] and session.step_index == 6
+        assert [(s, p) for s, p, _ in last.steps] == [(0, 0), (1, 5), (2, 6), (3, 6), (4, 7), (5, 8)]
+    else:  # b died before c saw anything: the retry keeps number 2
+        assert [step for step, _, _ in spare.steps] == [0, 1, 2, 3, 4] and session.step_index == 5
+    assert session.pushed_steps == 4  # every step but the failed one; push resumes on the new route
+
+
+def test_node_errors_raise_named_errors_once_every_retry_failed(runtime):
+    network = Network()
+    network.add(FakeNode("a", 0, 4, error=ErrorCode.TOO_LARGE))
+    network.add(FakeNode("b", 0, 4, error=ErrorCode.TOO_LARGE))
+    session, manager = _session(runtime, network, max_retries=1)
+    with pytest.raises(InferenceFailedError, match="too_large") as error:
+        session.step(_chunks(1)[0])
+    assert error.value.code is ErrorCode.TOO_LARGE and isinstance(error.value, RuntimeError)
+    assert len(manager.bans) == 2
+
+    network = Network()
+    network.add(FakeNode("a", 0, 4, error=ErrorCode.CREDIT_LIMIT))
+    session, _ = _session(runtime, network, max_retries=0)
+    with pytest.raises(PaymentRequiredError, match="credit_limit") as error:
+        session.step(_chunks(1)[0])
+    assert error.value.code is ErrorCode.CREDIT_LIMIT
+
+
+def test_dead_or_missing_nodes_raise_route_unavailable_with_the_blocks(runtime):
+    network = Network()
+    network.add(FakeNode("a", 0, 2))
+    with pytest.raises(RouteUnavailableError, match="No online node serves blocks 2, 3") as error:
+        _session(runtime, network)
+    assert error.value.blocks == [2, 3] and isinstance(error.value.__cause__, MissingBlocksError)
+
+    network = Network()
+    network.add(FakeNode("a", 0, 4, dies_at=0))
+    network.add(FakeNode("b", 0, 4, dies_at=0))
+    session, _ = _session(runtime, network, max_retries=1)
+    with pytest.raises(RouteUnavailableError, match="blocks 0:4") as error:
+        session.step(_chunks(1)[0])
+    assert (error.value.start, error.value.end) == (0, 4)
+
+
+def test_a_receipt_rejected_on_the_last_retry_raises_receipt_rejected(runtime):
+    network = Network()
+    network.add(FakeNode("a", 0, 4, bad_receipt_at=(0,)))
+    session, manager = _session(runtime, network, max_retries=0)
+    chunks = _chunks(3)
+    session.step(chunks[0])
+    session.step(chunks[1])  # step 0's receipt comes before this answer: the hop fails from the next step on
+    with pytest.raises(ReceiptRejectedError, match="dishonest receipt"):
+        session.step(chunks[2])
+    assert "dishonest receipt" in manager.bans[0][1]
