@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ContextManager, Optional, Sequence
 
 import torch
 
@@ -26,7 +26,7 @@ class SpanStep:
     start: int
     end: int
     position: int
-    prompts: Optional[torch.Tensor] = None
+    prompts: torch.Tensor | None = None
 
     @property
     def tokens(self) -> int:
@@ -60,13 +60,13 @@ class BatchRunner(ABC):
         return type(self).__name__
 
     def static_step(self, x: torch.Tensor, positions: torch.Tensor, caches: list, first_block: int,
-                    pools: Optional[list] = None) -> torch.Tensor:
+                    pools: list | None = None) -> torch.Tensor:
         """One token of each of n sessions: ``x`` [n, hidden], ``positions`` [n] (a device tensor: each session's
         cache length), ``caches[i]`` session i's SpanCaches (one per block); ``pools``: per block, the same sessions'
         keys/values moved into one tensor [n, 2, kv_heads, max_length, head_dim] (each SpanCache's buffer a view of
         its row). Writes the new keys/values; leaves the caches' lengths to the caller. Returns [n, hidden]."""
         raise NotImplementedError(f"{type(self).__name__} has no static step: set static_positions = 0")
 
-    def kernels(self) -> ContextManager:
+    def kernels(self) -> contextlib.AbstractContextManager:
         """The kernel choices (e.g. attention backends) a recorded step runs under, as ``run`` uses them."""
         return contextlib.nullcontext()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import ContextManager, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,7 @@ class FusedLlamaBlocks(BatchRunner):
         """A graph-safe step indexes the RoPE tables inside the graph: only where they exist."""
         return len(self.cos_table) if self.cos_table is not None else 0
 
-    def kernels(self) -> ContextManager:
+    def kernels(self) -> contextlib.AbstractContextManager:
         return attention_backends(self.on_gpu)
 
     def rotary_at(self, x: torch.Tensor, positions: torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,14 +66,14 @@ class FusedLlamaBlocks(BatchRunner):
         cos, sin = self.rotary(x[None], positions[None])
         return cos[0, :, None], signed_sin(sin[0, :, None])
 
-    def qkv(self, layer: "FusedLayer", x, cos, sin) -> torch.Tensor:
+    def qkv(self, layer: FusedLayer, x, cos, sin) -> torch.Tensor:
         """[n, heads + 2 * kv_heads, head_dim]: queries and keys rotated (RoPE), then values, side by side."""
         n, heads, kv_heads = x.shape[0], self.num_heads, self.num_kv_heads
         qkv = self.matmul(layer.input_norm(x), layer.qkv_weight, layer.qkv_bias).view(n, heads + 2 * kv_heads, -1)
         rope_in_place(qkv[:, : heads + kv_heads], cos, sin)
         return qkv
 
-    def mlp(self, layer: "FusedLayer", x, attention) -> torch.Tensor:
+    def mlp(self, layer: FusedLayer, x, attention) -> torch.Tensor:
         """The attention's output projection and residual, then the MLP and its residual."""
         x = self.matmul(attention, layer.o_weight, layer.o_bias).add_(x)  # the residual, into the fresh product
         gate_up = self.matmul(layer.post_norm(x), layer.gate_up_weight, layer.gate_up_bias)
@@ -113,7 +113,7 @@ class FusedLayer:
         return [self.qkv_weight, self.o_weight, self.gate_up_weight, self.down_weight]
 
 
-def _fuse(module: nn.Module, names: tuple[str, ...]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _fuse(module: nn.Module, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One [in, out] matrix for several linears; each linear's weight becomes a transposed view of its columns."""
     linears = [getattr(module, name) for name in names]
     with torch.no_grad():
@@ -158,7 +158,7 @@ def signed_sin(sin: torch.Tensor) -> torch.Tensor:
     return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
-def rotary_tables(rotary: nn.Module, span: nn.Module) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+def rotary_tables(rotary: nn.Module, span: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(cos, signed sin) [max_positions, head_dim] of a rotary embedding whose frequencies do not change with the
     sequence ("default" RoPE), computed once: a step then indexes rows instead of running the module's dozen small
     ops. (None, None) for other rotary types, or on a CPU where the tables would exceed ``MAX_ROTARY_TABLE_BYTES``

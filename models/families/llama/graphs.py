@@ -7,8 +7,6 @@ positions not yet written. No host syncs, so it records as is.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -16,7 +14,7 @@ from nectar.models.families.llama.fused import FusedLlamaBlocks
 
 
 def static_decode_step(blocks: FusedLlamaBlocks, x: torch.Tensor, positions: torch.Tensor, caches: list,
-                       first_block: int, pools: Optional[list] = None) -> torch.Tensor:
+                       first_block: int, pools: list | None = None) -> torch.Tensor:
     """``BatchRunner.static_step`` for Llama blocks: ``x`` [n, hidden], ``positions`` [n], ``caches[i]`` session
     i's SpanCaches (one per block); ``pools``: the same caches as one tensor per block."""
     cos = blocks.cos_table.index_select(0, positions)[:, None]  # [n, 1, head_dim]
