@@ -4,13 +4,14 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 
 from nectar.models.attention import AttentionStep
+from nectar.models.fast_path import BatchRunner
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,12 @@ class ModelFamily(ABC):
     @abstractmethod
     def build_head(self, config: PretrainedConfig) -> HeadModules:
         """Embeddings, final norm and LM head (with their checkpoint key candidates) for the client."""
+
+    def batch_runner(self, spans: Sequence[nn.Module]) -> Optional[BatchRunner]:
+        """This family's fast path for a node's inference steps through ``spans`` (one single-block ``BlockSpan``
+        per block, in order), or None: the node runs steps through ``BlockSpan.forward``, one session at a time.
+        Called once at load; may time its routes then. Default: None."""
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, model_types={self.model_types!r})"

@@ -1,29 +1,70 @@
 """The span a node hosts: one ``BlockSpan`` per block, so a request may use any contiguous sub-span.
 
 Pure compute, called on the compute thread only (see ``task_pool``); shapes are validated by the handler first.
+
+``InferenceTask`` is what the handler submits for one session's step; the compute thread gathers the tasks that are
+pending at once and hands each group to ``SpanBackend.run_inference``, which runs them through the model family's
+fast path (``ModelFamily.batch_runner``: several sessions' tokens in one forward, decode rounds replayed as CUDA
+graphs on GPUs, ``graphs``) or, for a family without one, through ``BlockSpan.forward`` one session at a time.
 """
 from __future__ import annotations
 
 import logging
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from nectar.models import load_config, load_span
-from nectar.node.batching import InferenceTask, LlamaBatchRunner
+from nectar.models.fast_path import BatchRunner, SpanStep
+from nectar.node.graphs import GraphedDecoder
 from nectar.node.task_pool import announce_round_started
 from nectar.node.training_cache import TrainingGraphCache
 
 logger = logging.getLogger(__name__)
 
 
+class InferenceTask(SpanStep):
+    """One session's step, as the handler submits it (a ``SpanStep`` of ``backend``'s blocks).
+
+    Callable on its own (an unbatched step); the compute thread batches tasks whose ``batch_key`` is equal.
+    """
+
+    def __init__(self, backend: "SpanBackend", hidden: torch.Tensor, caches: list, start: int, end: int,
+                 position: int, prompts: Optional[torch.Tensor] = None):
+        super().__init__(hidden, caches, start, end, position, prompts)
+        self.backend = backend
+
+    @property
+    def session(self) -> int:
+        return id(self.caches[0])
+
+    @property
+    def batch_key(self) -> Optional[tuple]:
+        """Tasks with equal keys may share a forward; None = run alone (deep prompts on the first step)."""
+        if not self.batchable:
+            return None
+        return id(self.backend), self.start, self.end
+
+    @property
+    def announces_start(self) -> bool:
+        """On an accelerator the backend says when the round's kernels are queued (``announce_round_started``)."""
+        return self.backend.device.type != "cpu"
+
+    def __call__(self) -> torch.Tensor:
+        return self.backend.run_inference([self])[0]
+
+    @staticmethod
+    def run_batch(tasks: Sequence["InferenceTask"]) -> list[torch.Tensor]:
+        return tasks[0].backend.run_inference(tasks)
+
+
 class SpanBackend:
     """Holds blocks [start, end) of a model and runs inference steps, forward and backward through sub-spans.
 
-    :param batching: run inference steps through ``LlamaBatchRunner`` where the family allows (else one by one)
+    :param batching: run inference steps through the family's ``batch_runner`` where it has one (else one by one)
     :param training_cache_bytes: activations kept between a forward and its backward (``TrainingGraphCache``)
     """
 
@@ -41,9 +82,23 @@ class SpanBackend:
             block.requires_grad_(False)
             block.eval()
         self.hidden_size = self.blocks[0].hidden_size
-        self.batch_runner = LlamaBatchRunner(self.blocks) if batching and LlamaBatchRunner.supports(self.blocks) else None
+        family = self.blocks[0].family
+        self.batch_runner: Optional[BatchRunner] = family.batch_runner(self.blocks) if batching else None
+        # recorded decode rounds on GPUs (the runner's static step); eager rounds elsewhere
+        self.decode_graphs: Optional[GraphedDecoder] = None
+        if self.batch_runner is not None and self.device.type == "cuda":
+            self.decode_graphs = GraphedDecoder(self.batch_runner)
         self.graphs = TrainingGraphCache(max_bytes=training_cache_bytes)
         logger.info(f"Loaded blocks {start}:{end} in {time.perf_counter() - began:.2f}s ({dtype}, {device})")
+        logger.info(f"Inference steps of {family.name} blocks: {self._describe_path(batching)}")
+
+    def _describe_path(self, batching: bool) -> str:
+        if self.batch_runner is None:
+            why = "batching is off" if not batching else f"the {self.config.model_type} blocks have no fast path"
+            return f"generic path, one session at a time through BlockSpan.forward ({why})"
+        graphs = self.decode_graphs
+        recorded = ", decode rounds recorded as CUDA graphs" if graphs is not None and graphs.enabled else ""
+        return f"{self.batch_runner.describe()}{recorded}"
 
     def _local(self, start: int, end: int) -> list:
         return self.blocks[start - self.start : end - self.start]
@@ -77,7 +132,7 @@ class SpanBackend:
                     if cache.length > task.position:
                         cache.crop(task.position)  # the client rolled back (retry or replay): forget what follows
             if self.batch_runner is not None and all(task.batch_key is not None for task in tasks):
-                outputs = self.batch_runner.run(tasks, tasks[0].start - self.start)
+                outputs = self._run_batched(tasks, tasks[0].start - self.start)
             else:
                 outputs = [self._run_blocks(task.hidden, task.start, task.end, task.caches,
                                             task.prompts if task.position == 0 else None) for task in tasks]
@@ -87,6 +142,22 @@ class SpanBackend:
                 return [chunk.view(output.shape) for chunk, output in
                         zip(rows.split([output.shape[0] * output.shape[1] for output in outputs]), outputs)]
             return [output.cpu() for output in outputs]
+
+    def _run_batched(self, tasks, first_block: int) -> list[torch.Tensor]:
+        """Through the family's runner: a recorded round where one applies (``GraphedDecoder``), else eagerly."""
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.applies(tasks):
+            try:
+                outputs = graphs.run(tasks, first_block)
+            except Exception:
+                logger.warning("CUDA graph decode failed; continuing without graphs", exc_info=True)
+                self.decode_graphs, outputs = None, None
+            if outputs is not None:
+                return outputs
+        outputs = self.batch_runner.run(tasks, first_block)
+        if self.decode_graphs is not None:
+            self.decode_graphs.note_sessions(tasks, first_block)
+        return outputs
 
     def forward(self, hidden, *, start: int, end: int, prompts=None, keep_graph: bool = True) -> torch.Tensor:
         """A stateless forward. Its autograd graph is kept for a while, so the backward that usually follows (same

@@ -3,13 +3,12 @@
 A decode step launches ~45 small kernels per block, and a batched round adds a few per session per block; on a GPU
 the CPU cannot launch them as fast as the GPU runs them (a 16-block span: ~10 ms of launches for one session's
 ~3 ms of GPU work, and more for a batch). ``GraphedDecoder`` records a round once per *composition* (the sessions
-in it, and the sub-span) with shapes that do not change from step to step: positions are a device tensor, RoPE
-comes from a precomputed table, keys/values are written with ``index_copy_`` and each session attends over its
-whole preallocated cache under a mask of the positions not yet written. Later rounds of the same sessions copy the
-inputs in, set the positions and replay. A round of only some of a recorded round's sessions (one finished its
-turn late, or rounds split) replays it too, the absent rows computing a throwaway token. Sessions with equal
-cache sizes share one key/value tensor per block in their recording (``_pool``): all their writes, and their
-attention, are one call each per block.
+in it, and the sub-span) through the family runner's ``static_step`` (``nectar.models.fast_path.BatchRunner``),
+whose shapes do not change from step to step: positions are a device tensor and each session attends over its whole
+preallocated cache. Later rounds of the same sessions copy the inputs in, set the positions and replay. A round of
+only some of a recorded round's sessions (one finished its turn late, or rounds split) replays it too, the absent
+rows computing a throwaway token. Sessions with equal cache sizes share one key/value tensor per block in their
+recording (``_pool``): all their writes, and their attention, are one call each per block.
 
 A session alone is recorded at its first decode step. A round of several sessions without a recording is
 recorded for every session active lately (in the last few rounds, a prefill included), once that set has come
@@ -26,13 +25,11 @@ import collections
 import logging
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from nectar.node.batching import InferenceTask, LlamaBatchRunner
+from nectar.models.fast_path import BatchRunner, SpanStep
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +53,7 @@ class _Graph:
 class GraphedDecoder:
     """Records and replays decode rounds; holds only weak references to sessions' caches.
 
-    :param runner: the batched runner whose fused weights and attention settings the graphs use
+    :param runner: the family's batched runner, whose ``static_step`` the graphs record
     :param capture: record CUDA graphs (False: run the static step eagerly, e.g. on a CPU)
     :param max_graphs: recorded rounds kept (least recently used dropped first)
     :param record_after: sightings of a composition, among the last ``window`` rounds, before it is recorded
@@ -65,41 +62,37 @@ class GraphedDecoder:
         active sessions of its sub-span, so rounds of any mix of them replay it
     """
 
-    def __init__(self, runner: "LlamaBatchRunner", *, capture: bool = True, max_graphs: int = 64,
+    def __init__(self, runner: BatchRunner, *, capture: bool = True, max_graphs: int = 64,
                  record_after: int = 1, window: int = 256, max_sessions: int = 64, active_rounds: int = 4):
-        from nectar.node.batching import _attention_backends
-
         self.runner, self.capture = runner, capture
         self.max_graphs, self.record_after, self.window = max_graphs, record_after, window
         self.max_sessions, self.active_rounds = max_sessions, active_rounds
-        self._backends = _attention_backends
-        first = runner.spans[0]
-        self.device, self.dtype, self.hidden_size = first.device, first.dtype, first.hidden_size
+        self.device, self.dtype, self.hidden_size = runner.device, runner.dtype, runner.hidden_size
         self._graphs: collections.OrderedDict[tuple, _Graph] = collections.OrderedDict()
         self._sightings: collections.OrderedDict[tuple, int] = collections.OrderedDict()
         self._gone: list[tuple] = []  # keys of graphs whose session ended (appended from any thread)
         # id of a session's first SpanCache -> (round last seen, sub-span, weakrefs to its SpanCaches)
         self._active: collections.OrderedDict[int, tuple] = collections.OrderedDict()
         self._rounds = 0
-        self.enabled = runner.cos_table is not None  # positions index the runner's rotary tables inside a graph
-        self.max_positions = len(runner.cos_table) if self.enabled else 0
+        self.max_positions = runner.static_positions
+        self.enabled = self.max_positions > 0  # a runner without a static step records nothing
         self.replays = self.recorded = 0
         self._zero_row = torch.zeros(1, self.hidden_size, dtype=self.dtype)  # an absent session's input
 
-    def applies(self, tasks: Sequence["InferenceTask"]) -> bool:
+    def applies(self, tasks: Sequence[SpanStep]) -> bool:
         """Whether these steps could run as a recorded round: one row and one token each, room in every cache."""
         if not self.enabled or not 1 <= len(tasks) <= self.max_sessions:
             return False
         return all(tuple(task.hidden.shape[:2]) == (1, 1) and task.caches[0].length < task.caches[0].max_length
                    and self._graphable(task) for task in tasks)
 
-    def _graphable(self, task: "InferenceTask") -> bool:
+    def _graphable(self, task: SpanStep) -> bool:
         """Whether the task's session could ever be in a recorded round: one row, batchable, positions in the table."""
         cache = task.caches[0]
-        return cache.batch_size == 1 and task.batch_key is not None and cache.max_length <= self.max_positions
+        return cache.batch_size == 1 and task.batchable and cache.max_length <= self.max_positions
 
     @torch.inference_mode()
-    def run(self, tasks: Sequence["InferenceTask"], first_block: int) -> Optional[list[torch.Tensor]]:
+    def run(self, tasks: Sequence[SpanStep], first_block: int) -> Optional[list[torch.Tensor]]:
         """Each task's output [1, 1, hidden] (advancing its caches by one token), or None: not recorded (yet), the
         caller runs the round eagerly.
 
@@ -141,7 +134,7 @@ class GraphedDecoder:
         if entry.graph is not None:
             entry.graph.replay()
         else:
-            entry.output = self._step(entry.input, entry.positions, sessions, first_block, entry.pools)
+            entry.output = self.runner.static_step(entry.input, entry.positions, sessions, first_block, entry.pools)
         self.replays += 1
         outputs = []
         for task in tasks:
@@ -151,7 +144,7 @@ class GraphedDecoder:
             outputs.append(entry.output[row : row + 1].view(1, 1, self.hidden_size))
         return outputs
 
-    def note_sessions(self, tasks: Sequence["InferenceTask"], first_block: int) -> None:
+    def note_sessions(self, tasks: Sequence[SpanStep], first_block: int) -> None:
         """Counts the sessions of a round run eagerly (a prefill, most often) as active: sessions that open together
         then share the recording of their first decode round, instead of one recording per group of arrivals (three
         per run of 16 sessions before, at 60-110 ms each on an H100)."""
@@ -161,7 +154,7 @@ class GraphedDecoder:
         for task in filter(self._graphable, tasks):
             self._see(task, span)
 
-    def _see(self, task: "InferenceTask", span: tuple) -> None:
+    def _see(self, task: SpanStep, span: tuple) -> None:
         """Marks the task's session as seen in the current round, most recent last."""
         session_id = id(task.caches[0])
         known = self._active.pop(session_id, None)
@@ -213,12 +206,12 @@ class GraphedDecoder:
         positions.copy_(torch.tensor([session[0].length for session in caches]))
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), self._backends(True):
-            self._step(static_input, positions, caches, first_block, pools)  # warm-up: kernel choice, workspaces
+        with torch.cuda.stream(stream), self.runner.kernels():
+            self.runner.static_step(static_input, positions, caches, first_block, pools)  # warm-up: kernel choice
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), self._backends(True):  # a private pool: a shared one breaks once a graph dies
-            output = self._step(static_input, positions, caches, first_block, pools)
+        with torch.cuda.graph(graph), self.runner.kernels():  # a private pool: a shared one breaks once a graph dies
+            output = self.runner.static_step(static_input, positions, caches, first_block, pools)
         logger.debug(f"Recorded a decode round of {n} session(s), blocks {first_block}:{first_block + len(caches[0])}"
                      + (" over pooled caches" if pools else ""))
         return _Graph(key, graph, sessions, static_input, positions, output, pools)
@@ -240,73 +233,3 @@ class GraphedDecoder:
                 session[local].buffer = pool[row]
             pools.append(pool.view(len(caches), *pool.shape[2:3], *pool.shape[4:]))
         return pools
-
-    def _step(self, x: torch.Tensor, positions: torch.Tensor, caches: list, first_block: int,
-              pools: Optional[list] = None) -> torch.Tensor:
-        """One token of each session through the blocks, with position-independent shapes (graph-safe: no host
-        syncs). ``x`` [n, hidden], ``positions`` [n], ``caches[i]`` session i's SpanCaches (one per block);
-        ``pools``: the same caches as one tensor per block (``_pool``)."""
-        runner = self.runner
-        cos = runner.cos_table.index_select(0, positions)[:, None]  # [n, 1, head_dim]
-        sin = runner.signed_sin_table.index_select(0, positions)[:, None]
-        attend = self._pooled_attention(positions, pools) if pools is not None else self._own_attention(positions,
-                                                                                                        caches)
-        for local in range(len(caches[0])):
-            layer = runner.layers[first_block + local]
-            x = runner._mlp(layer, x, attend(local, runner._qkv(layer, x, cos, sin)))
-        return x
-
-    def _mask(self, positions: torch.Tensor, max_length: int) -> torch.Tensor:
-        """[k, 1, 1, max_length] for ``positions`` [k]: each row sees its cache up to its own position (built on the
-        device, so it records into a graph without a host sync)."""
-        mask = torch.zeros(positions.shape[0], 1, 1, max_length, dtype=self.dtype, device=self.device)
-        later = torch.arange(max_length, device=self.device) > positions[:, None]
-        return mask.masked_fill_(later[:, None, None, :], torch.finfo(self.dtype).min)
-
-    def _own_attention(self, positions: torch.Tensor, caches: list):
-        """``attend(block, qkv)`` -> [n, heads * head_dim] over each session's own buffer: one write and one
-        attention call per session and block."""
-        runner = self.runner
-        n, heads, kv_heads, dim = positions.shape[0], runner.num_heads, runner.num_kv_heads, runner.head_dim
-        groups = heads // kv_heads
-        where = [positions[index : index + 1] for index in range(n)]
-        masks = [self._mask(position, session[0].max_length) for position, session in zip(where, caches)]
-
-        def attend(local: int, qkv: torch.Tensor) -> torch.Tensor:
-            outputs = []
-            for index, session in enumerate(caches):
-                buffer = session[local].buffer[0]  # [key/value, 1, kv_heads, max_length, head_dim]
-                new_kv = qkv[index : index + 1, heads:].view(1, 1, 2, kv_heads, dim).permute(2, 0, 3, 1, 4)
-                buffer.index_copy_(3, where[index], new_kv)
-                keys, values = buffer[0], buffer[1]
-                if groups > 1:
-                    keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-                query = qkv[index : index + 1, :heads].view(1, 1, heads, dim).transpose(1, 2)
-                outputs.append(F.scaled_dot_product_attention(query, keys, values, attn_mask=masks[index],
-                                                              scale=runner.scaling))
-            attention = outputs[0] if n == 1 else torch.cat(outputs)  # [n, heads, 1, dim]
-            return attention.transpose(1, 2).reshape(n, heads * dim)
-
-        return attend
-
-    def _pooled_attention(self, positions: torch.Tensor, pools: list):
-        """``attend(block, qkv)`` -> [n, heads * head_dim] over pooled caches: one write of all new keys/values and
-        one attention call per block."""
-        runner = self.runner
-        n, heads, kv_heads, dim = positions.shape[0], runner.num_heads, runner.num_kv_heads, runner.head_dim
-        max_length = pools[0].shape[3]
-        rows = torch.arange(n, device=self.device)
-        mask = self._mask(positions, max_length)
-
-        def attend(local: int, qkv: torch.Tensor) -> torch.Tensor:
-            pool = pools[local]  # [n, key/value, kv_heads, max_length, head_dim]
-            pool[rows, :, :, positions] = qkv[:, heads:].view(n, 2, kv_heads, dim)
-            keys, values = pool[:, 0], pool[:, 1]
-            if heads != kv_heads:
-                keys = keys.repeat_interleave(heads // kv_heads, dim=1)
-                values = values.repeat_interleave(heads // kv_heads, dim=1)
-            query = qkv[:, :heads].unsqueeze(2)  # [n, heads, 1, head_dim]
-            attention = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=runner.scaling)
-            return attention.reshape(n, heads * dim)
-
-        return attend

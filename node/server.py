@@ -214,8 +214,7 @@ class Server:
         return time.clock_gettime(time.pthread_getcpuclockid(self._loop_thread.ident))
 
     def _graph_counters(self) -> dict:
-        runner = self.backend.batch_runner
-        graphs = runner.graphs if runner is not None else None
+        graphs = self.backend.decode_graphs
         return {"graph_rounds": graphs.replays, "graphs_recorded": graphs.recorded} if graphs is not None else {}
 
     def stop(self) -> None:

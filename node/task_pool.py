@@ -2,7 +2,7 @@
 
 Running every torch call on one thread keeps CPU nodes from oversubscribing cores and is where concurrent sessions
 meet: each round, the thread takes every pending inference step (oldest first, up to a token budget) and runs the
-steps that can share a forward as one batch (``InferenceTask.batch_key``, see ``batching``). Sessions send one step
+steps that can share a forward as one batch (``InferenceTask.batch_key``, see ``backend``). Sessions send one step
 at a time, so taking all pending steps in arrival order gives every session one step per round (fair); a long
 prefill beyond the budget waits for the next round instead of delaying everyone's decode. Training work (forward,
 then backward) runs only when no inference is pending, unless it has waited ``training_max_wait`` seconds, so a busy

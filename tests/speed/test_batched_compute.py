@@ -1,13 +1,18 @@
-"""Batched inference steps (node/batching.py) equal unbatched ones, and forward graphs serve the matching backward.
+"""Batched inference steps (models/families/llama/batching.py) equal unbatched ones, and forward graphs serve the
+matching backward.
 
 The reference is a backend built with ``batching=False``: transformers' own decoder layers, one session at a time,
 with untouched weights.
 """
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
+from nectar.models.fast_path import BatchRunner
+from nectar.models.tiny import save_tiny_checkpoint
 from nectar.node.backend import SpanBackend
 
 TOLERANCE = 1e-5  # float32
@@ -131,6 +136,24 @@ def test_batched_steps_match_a_full_causal_forward(tiny_llama):
         torch.testing.assert_close(torch.cat(pieces, dim=1), expected, atol=TOLERANCE, rtol=0)
 
 
+def test_each_family_chooses_its_path_and_the_node_logs_it(tiny_llama, tmp_path, caplog):
+    """The node asks the family for its fast path (``ModelFamily.batch_runner``): Llama has one, BLOOM has none and
+    takes the generic path, whose rounds still give each session its own output; the node logs which it chose."""
+    bloom = str(save_tiny_checkpoint(tmp_path / "bloom", "bloom", seed=1))
+    with caplog.at_level(logging.INFO, logger="nectar.node.backend"):
+        llama_backend, bloom_backend = _backend(tiny_llama, batching=True), _backend(bloom, batching=True)
+    assert isinstance(llama_backend.batch_runner, BatchRunner) and bloom_backend.batch_runner is None
+    assert "Inference steps of llama blocks: batched Llama runner" in caplog.text
+    assert "Inference steps of bloom blocks: generic path" in caplog.text
+    torch.manual_seed(8)
+    plain = _backend(bloom, batching=False)
+    sessions = [_Session(bloom_backend, plain, batch_size=b, start=0, end=4) for b in (1, 2)]
+    hidden = bloom_backend.hidden_size
+    for tokens in ((4, 2), (1, 1)):  # prefills, then a decode round
+        inputs = [torch.randn(s.batch_size, t, hidden) for s, t in zip(sessions, tokens)]
+        assert _round(bloom_backend, plain, sessions, inputs) <= TOLERANCE
+
+
 def test_sliding_window_models_take_the_generic_path(tiny_mistral):
     backend = _backend(tiny_mistral, batching=True)
     assert backend.batch_runner is None  # windowed attention is not in the batched path
@@ -211,15 +234,15 @@ def test_kept_graphs_stay_within_their_byte_budget(tiny_llama):
 
 
 def test_recorded_decode_rounds_equal_one_by_one_steps(tiny_llama):
-    """The graph-safe decode round (node/graphs.py; recorded as a CUDA graph on GPUs) run eagerly on the CPU: rounds
-    of several sessions (different cache sizes, a sub-span, a rollback, rounds of only some of the sessions, one
-    leaving) equal unbatched steps."""
+    """The graph-safe decode round (node/graphs.py over models/families/llama/graphs.py; recorded as a CUDA graph on
+    GPUs) run eagerly on the CPU: rounds of several sessions (different cache sizes, a sub-span, a rollback, rounds of
+    only some of the sessions, one leaving) equal unbatched steps."""
     import gc
 
     from nectar.node.graphs import GraphedDecoder
 
     batched, plain = _backend(tiny_llama, batching=True), _backend(tiny_llama, batching=False)
-    static = batched.batch_runner.graphs = GraphedDecoder(batched.batch_runner, capture=False, record_after=2)
+    static = batched.decode_graphs = GraphedDecoder(batched.batch_runner, capture=False, record_after=2)
     torch.manual_seed(4)
     hidden = batched.hidden_size
     full = [_Session(batched, plain, batch_size=1, start=0, end=4, max_length=m) for m in (40, 24, 31)]
@@ -264,7 +287,7 @@ def test_rounds_that_split_replay_one_recording_of_every_active_session(tiny_lla
     from nectar.node.graphs import GraphedDecoder
 
     batched, plain = _backend(tiny_llama, batching=True), _backend(tiny_llama, batching=False)
-    static = batched.batch_runner.graphs = GraphedDecoder(batched.batch_runner, capture=False, record_after=2)
+    static = batched.decode_graphs = GraphedDecoder(batched.batch_runner, capture=False, record_after=2)
     torch.manual_seed(5)
     hidden = batched.hidden_size
     sessions = [_Session(batched, plain, batch_size=1, start=0, end=4) for _ in range(3)]
@@ -291,7 +314,7 @@ def test_sessions_that_open_together_share_their_first_recording(tiny_llama):
     from nectar.node.graphs import GraphedDecoder
 
     batched, plain = _backend(tiny_llama, batching=True), _backend(tiny_llama, batching=False)
-    static = batched.batch_runner.graphs = GraphedDecoder(batched.batch_runner, capture=False)  # record at once
+    static = batched.decode_graphs = GraphedDecoder(batched.batch_runner, capture=False)  # record at once
     torch.manual_seed(7)
     hidden = batched.hidden_size
     sessions = [_Session(batched, plain, batch_size=1, start=0, end=4) for _ in range(4)]
@@ -314,7 +337,7 @@ def test_pooled_caches_stay_the_sessions_own(tiny_llama):
     from nectar.node.graphs import GraphedDecoder
 
     batched, plain = _backend(tiny_llama, batching=True), _backend(tiny_llama, batching=False)
-    static = batched.batch_runner.graphs = GraphedDecoder(batched.batch_runner, capture=False)  # record at once
+    static = batched.decode_graphs = GraphedDecoder(batched.batch_runner, capture=False)  # record at once
     torch.manual_seed(6)
     hidden = batched.hidden_size
     a, b, c = (_Session(batched, plain, batch_size=1, start=0, end=4) for _ in range(3))

@@ -1,4 +1,5 @@
-"""Recorded CUDA-graph decode rounds on a real GPU equal eager one-by-one steps (node/graphs.py).
+"""Recorded CUDA-graph decode rounds on a real GPU equal eager one-by-one steps (node/graphs.py over
+models/families/llama/graphs.py).
 
 Needs a CUDA device: run on the `device` machine (benchmarks/gpu/run_gpu.sh runs it before the benchmark). On a CPU
 the same rounds are checked with graphs run eagerly (test_batched_compute.py).
@@ -21,7 +22,7 @@ def _backend(path: str, *, batching: bool) -> SpanBackend:
 def test_graph_rounds_on_the_gpu_equal_eager_steps(tiny_llama, max_lengths):
     torch.backends.cuda.matmul.allow_tf32 = False
     graphed, plain = _backend(tiny_llama, batching=True), _backend(tiny_llama, batching=False)
-    decoder = graphed.batch_runner.graphs
+    decoder = graphed.decode_graphs
     assert decoder is not None and decoder.capture
     torch.manual_seed(0)
     hidden = graphed.hidden_size

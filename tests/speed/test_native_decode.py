@@ -1,5 +1,5 @@
-"""One session's decode step in C (node/native_decode.py) equals transformers' decoder layers, and is used only
-where it applies.
+"""One session's decode step in C (models/families/llama/native_decode.py) equals transformers' decoder layers, and
+is used only where it applies.
 
 The reference is a backend built with ``batching=False``: transformers' own layers with untouched weights.
 """
@@ -117,7 +117,7 @@ def test_a_step_past_max_length_changes_no_cache(tiny_llama, monkeypatch):
 
 def test_the_c_layer_is_timed_at_load_and_can_be_turned_off(tiny_llama, monkeypatch, caplog):
     monkeypatch.delenv("NECTAR_NATIVE_DECODE", raising=False)
-    with caplog.at_level(logging.INFO, logger="nectar.node.native_decode"):
+    with caplog.at_level(logging.INFO, logger="nectar.models.families.llama.native_decode"):
         _backend(tiny_llama)
     assert "One session's decode step through 4 blocks: C layer" in caplog.text and " chosen" in caplog.text
     monkeypatch.setenv("NECTAR_NATIVE_DECODE", "off")

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import logging
+from typing import Optional, Sequence
 
 from torch import nn
 from transformers import PretrainedConfig
 
+from nectar.models.families.llama.batching import LlamaBatchRunner
 from nectar.models.families.llama.block import LlamaRunner, cache_keyword
 from nectar.models.families.llama.config import (
     BLOCK_PREFIXES,
@@ -15,6 +17,7 @@ from nectar.models.families.llama.config import (
     variant_for,
 )
 from nectar.models.family import BlockRunner, HeadModules, KVLayout, ModelFamily
+from nectar.models.fast_path import BatchRunner
 
 logger = logging.getLogger(__name__)
 
@@ -59,3 +62,7 @@ class LlamaFamily(ModelFamily):
             lm_head=nn.Linear(config.hidden_size, config.vocab_size, bias=False),
             sources=dict(HEAD_SOURCES),
         )
+
+    def batch_runner(self, spans: Sequence[nn.Module]) -> Optional[BatchRunner]:
+        """Fused, batched steps (``batching.py``) unless a block has a sliding window or is not a standard layer."""
+        return LlamaBatchRunner(spans) if LlamaBatchRunner.supports(spans) else None

@@ -18,15 +18,14 @@ import logging
 import os
 import statistics
 import time
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from nectar.models.cpu_blas import native_kernel
-
-if TYPE_CHECKING:
-    from nectar.node.batching import InferenceTask, LlamaBatchRunner, _FusedLlamaLayer
+from nectar.models.families.llama.fused import FusedLayer, FusedLlamaBlocks
+from nectar.models.fast_path import SpanStep
 
 logger = logging.getLogger(__name__)
 
@@ -39,16 +38,19 @@ def _address(tensor: Optional[torch.Tensor]) -> Optional[int]:
 
 
 class NativeDecoder:
-    """Runs single-token, single-sequence steps of a ``LlamaBatchRunner``'s layers through the C layer."""
+    """Runs single-token, single-sequence steps of a ``LlamaBatchRunner``'s layers through the C layer.
 
-    def __init__(self, runner: "LlamaBatchRunner", kernel: ctypes.CDLL):
+    :param runner: the blocks; its ``run`` is the PyTorch path the C layer is timed against
+    """
+
+    def __init__(self, runner: FusedLlamaBlocks, kernel: ctypes.CDLL):
         self.runner = runner
         self.decode = kernel.nectar_llama_decode_f32
         self.layers = [self._layer_arguments(layer) for layer in runner.layers]
         self.intermediate = runner.layers[0].down_weight.shape[0]
 
     @classmethod
-    def build(cls, runner: "LlamaBatchRunner") -> Optional["NativeDecoder"]:
+    def build(cls, runner: FusedLlamaBlocks) -> Optional["NativeDecoder"]:
         """A decoder where the blocks qualify and it measured faster than the PyTorch path (see the module), else
         None. ``runner`` must be usable without it (its ``native`` is None meanwhile)."""
         choice = os.environ.get("NECTAR_NATIVE_DECODE", "auto").lower()
@@ -78,8 +80,6 @@ class NativeDecoder:
     @torch.inference_mode()
     def time_against_pytorch(self) -> tuple[float, float]:
         """Median seconds of one decode step through every layer, (C layer, PyTorch path), steps alternating."""
-        from nectar.node.batching import InferenceTask
-
         runner = self.runner
         hidden_size = runner.spans[0].hidden_size
         seconds = {"native": [], "pytorch": []}
@@ -88,7 +88,7 @@ class NativeDecoder:
         for position in range(TIMED_STEPS):
             hidden = torch.randn(1, 1, hidden_size, generator=generator)
             for route, times in seconds.items():
-                task = InferenceTask(None, hidden, caches[route], 0, len(runner.layers), position)
+                task = SpanStep(hidden, caches[route], 0, len(runner.layers), position)
                 began = time.perf_counter()
                 if route == "native":
                     self.run(task, 0)
@@ -98,13 +98,13 @@ class NativeDecoder:
         return statistics.median(seconds["native"][2:]), statistics.median(seconds["pytorch"][2:])
 
     @staticmethod
-    def _layer_arguments(layer: "_FusedLlamaLayer") -> tuple:
+    def _layer_arguments(layer: FusedLayer) -> tuple:
         return (_address(layer.input_norm.weight), _address(layer.post_norm.weight), layer.input_norm.eps,
                 _address(layer.qkv_weight), _address(layer.qkv_bias), _address(layer.o_weight), _address(layer.o_bias),
                 _address(layer.gate_up_weight), _address(layer.gate_up_bias), _address(layer.down_weight),
                 _address(layer.down_bias))
 
-    def applies(self, tasks: Sequence["InferenceTask"]) -> bool:
+    def applies(self, tasks: Sequence[SpanStep]) -> bool:
         """One session's one new token, at a position the RoPE tables hold, with contiguous float32 caches."""
         if len(tasks) != 1:
             return False
@@ -117,7 +117,7 @@ class NativeDecoder:
         return all(cache.buffer.dtype == torch.float32 and cache.buffer.is_contiguous() and cache.buffer.shape[2] == 1
                    for cache in task.caches)
 
-    def run(self, task: "InferenceTask", first_block: int) -> torch.Tensor:
+    def run(self, task: SpanStep, first_block: int) -> torch.Tensor:
         """[1, 1, hidden] output of the task's blocks; appends the token to each block's cache."""
         runner = self.runner
         hidden_size = task.hidden.shape[-1]

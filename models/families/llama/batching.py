@@ -1,0 +1,167 @@
+"""Batched inference through a node's Llama blocks: many sessions' new tokens go through the blocks in one forward.
+
+Every token of every session goes through one fused QKV, output, gate/up and down projection per block (rows
+stacked), RoPE at each row's absolute position, and attention per session against its own cache (a view, no copy).
+Sessions keep their own ``SpanCache`` (their own slots): a batch may mix prefills and decodes at any lengths and
+positions. It reproduces transformers' decoder layer operation for operation (``fused.py``), so a batched step
+equals the unbatched one to float32 rounding (tests/speed). Prompt-tuned first steps and sliding windows take the
+generic path (``BlockSpan.forward``, one session at a time).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nectar.models.attention import AttentionStep
+from nectar.models.errors import CacheError
+from nectar.models.families.llama.fused import FusedLayer, FusedLlamaBlocks, attention_backends
+from nectar.models.families.llama.graphs import static_decode_step
+from nectar.models.families.llama.native_decode import NativeDecoder
+from nectar.models.fast_path import SpanStep
+
+logger = logging.getLogger(__name__)
+
+
+class LlamaBatchRunner(FusedLlamaBlocks):
+    """Batched inference through a node's Llama blocks (one single-block ``BlockSpan`` per block), built by
+    ``LlamaFamily.batch_runner`` when ``supports`` says the blocks qualify.
+
+    Routes: one session's single-token step through the C decode layer where it measured faster at load (CPU,
+    ``native_decode.py``); otherwise the batched eager forward (``run``). ``static_step`` is the graph-safe decode
+    step the node records as CUDA graphs.
+    """
+
+    def __init__(self, spans: Sequence[nn.Module]):
+        super().__init__(spans)
+        self.native: Optional[NativeDecoder] = None
+        self.native = NativeDecoder.build(self)  # one session's decode step in C on CPUs, where it measured faster
+
+    def describe(self) -> str:
+        route = "the C layer" if self.native is not None else "PyTorch"
+        return f"batched Llama runner (fused projections; one session's decode step through {route})"
+
+    @staticmethod
+    def supports(spans: Sequence[nn.Module]) -> bool:
+        for span in spans:
+            if span.family.name != "llama" or span.num_blocks != 1 or span.runner.sliding_window is not None:
+                return False
+            block = span.blocks[0]
+            if not all(hasattr(block, name) for name in ("self_attn", "mlp", "input_layernorm",
+                                                           "post_attention_layernorm")):
+                return False
+        return True
+
+    @torch.inference_mode()
+    def run(self, tasks: Sequence[SpanStep], first_block: int) -> list[torch.Tensor]:
+        """Runs every task through blocks [start, end) (local indices from ``first_block``); returns [B, T, H] each."""
+        device, dtype = self.spans[0].device, self.spans[0].dtype
+        hidden_size = self.spans[0].hidden_size
+        lengths = [task.caches[0].length for task in tasks]
+        for task, length in zip(tasks, lengths):
+            if length + task.hidden.shape[1] > task.caches[0].max_length:
+                raise CacheError(f"step needs {length + task.hidden.shape[1]} cached tokens, the session holds "
+                                 f"{task.caches[0].max_length}")
+        if self.native is not None and self.native.applies(tasks):
+            return [self.native.run(tasks[0], first_block)]
+        rows = [task.hidden.to(device, dtype).reshape(-1, hidden_size) for task in tasks]
+        x = rows[0] if len(rows) == 1 else torch.cat(rows)
+        positions = torch.cat([
+            torch.arange(length, length + task.hidden.shape[1], device=device).repeat(task.hidden.shape[0])
+            for task, length in zip(tasks, lengths)
+        ])
+        end = max(length + task.hidden.shape[1] for task, length in zip(tasks, lengths))
+        cos, sin = self.rotary_at(x, positions, end)
+        groups = []
+        offset = 0
+        for task, length in zip(tasks, lengths):
+            batch, tokens = task.hidden.shape[:2]
+            step = AttentionStep(length, tokens)
+            mask = None
+            if step.needs_mask():
+                mask = step.causal_mask(dtype=dtype, device=device)
+            groups.append((offset, offset + batch * tokens, batch, tokens, length, mask))
+            offset += batch * tokens
+        decode_mask = None
+        if len(groups) > 1 and all(g[2] == 1 and g[3] == 1 for g in groups):
+            # a decode round: one padded attention per block; positions (on the device) are the cache lengths,
+            # so the mask needs no host-to-device copy (which would stall a GPU once per block)
+            longest = max(lengths) + 1
+            decode_mask = (torch.arange(longest, device=device)[None, :] <= positions[:, None])[:, None, None, :]
+        num_blocks = tasks[0].end - tasks[0].start
+        with attention_backends(self.on_gpu):
+            for local in range(num_blocks):
+                layer = self.layers[first_block + local]
+                caches = [task.caches[local] for task in tasks]
+                x = self._block(layer, x, cos, sin, groups, caches, decode_mask)
+        for task, (_, _, _, tokens, length, _) in zip(tasks, groups):
+            for cache in task.caches:
+                cache.length = length + tokens
+        return [x[begin:end].view(batch, tokens, hidden_size)
+                for begin, end, batch, tokens, _, _ in groups]
+
+    def _block(self, layer: FusedLayer, x, cos, sin, groups, caches, decode_mask=None) -> torch.Tensor:
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv(layer, x, cos, sin)
+        q, kv = qkv[:, :heads], qkv[:, heads:]
+        if decode_mask is not None:
+            return self.mlp(layer, x, self._decode_attention(q, kv, groups, caches, decode_mask))
+        outputs = []
+        for (begin, end, batch, tokens, length, mask), cache in zip(groups, caches):
+            buffer = cache.buffer[0]  # [key/value, batch, kv_heads, max_length, head_dim]
+            new_kv = kv[begin:end].view(batch, tokens, 2, kv_heads, dim).permute(2, 0, 3, 1, 4)
+            buffer[:, :, :, length : length + tokens].copy_(new_kv)  # keys and values in one copy
+            keys, values = buffer[0, :, :, : length + tokens], buffer[1, :, :, : length + tokens]
+            query = q[begin:end].view(batch, tokens, heads, dim).transpose(1, 2)
+            outputs.append(self._attention(query, keys, values, mask, tokens))
+        attention = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return self.mlp(layer, x, attention)
+
+    def _decode_attention(self, q, kv, groups, caches, mask) -> torch.Tensor:
+        """One new token for each of n sessions: a single masked SDPA over their caches padded to the longest.
+
+        Per session only the cache write and a gather stay; the per-session SDPA calls (about ten small ops each,
+        which dominate a batched decode round on CPU and in kernel launches on GPUs) become one.
+        """
+        n, heads, kv_heads, dim = q.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        new_kv = kv.view(n, 2, kv_heads, dim)
+        keys, values = [], []
+        for index, ((_, _, _, _, length, _), cache) in enumerate(zip(groups, caches)):
+            buffer = cache.buffer[0]  # [key/value, batch, kv_heads, max_length, head_dim]
+            buffer[:, 0, :, length].copy_(new_kv[index])
+            keys.append(buffer[0, 0, :, : length + 1].transpose(0, 1))  # [L, kv_heads, dim] views
+            values.append(buffer[1, 0, :, : length + 1].transpose(0, 1))
+        # [n, kv_heads, L, dim]; ``mask`` [n, 1, 1, L] lets each session attend to its own tokens only
+        keys = nn.utils.rnn.pad_sequence(keys, batch_first=True).transpose(1, 2)
+        values = nn.utils.rnn.pad_sequence(values, batch_first=True).transpose(1, 2)
+        if heads != kv_heads:
+            keys = keys.repeat_interleave(heads // kv_heads, dim=1)
+            values = values.repeat_interleave(heads // kv_heads, dim=1)
+        query = q.view(n, 1, heads, dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=self.scaling)
+        return out.transpose(1, 2).reshape(n, heads * dim)
+
+    def _attention(self, query, keys, values, mask, tokens) -> torch.Tensor:
+        """SDPA as transformers calls it for this step (GQA natively without a mask, repeated heads with one)."""
+        batch = query.shape[0]
+        groups = self.num_heads // self.num_kv_heads
+        kwargs = {}
+        if groups > 1:
+            if mask is None:
+                kwargs["enable_gqa"] = True
+            else:
+                keys = keys.repeat_interleave(groups, dim=1)
+                values = values.repeat_interleave(groups, dim=1)
+        is_causal = mask is None and tokens > 1
+        if self.on_gpu:  # GPU kernels run 3x faster on packed keys than on views into the longer cache buffer
+            keys, values = keys.contiguous(), values.contiguous()
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=is_causal,
+                                             scale=self.scaling, **kwargs)
+        return out.transpose(1, 2).reshape(batch * tokens, self.num_heads * self.head_dim)
+
+    def static_step(self, x: torch.Tensor, positions: torch.Tensor, caches: list, first_block: int,
+                    pools: Optional[list] = None) -> torch.Tensor:
+        return static_decode_step(self, x, positions, caches, first_block, pools)

@@ -1,0 +1,83 @@
+"""The graph-safe decode step of Llama blocks: one token of each session, shapes independent of the positions.
+
+The node records it as a CUDA graph per round composition and replays it (``nectar.node.graphs``): positions are a
+device tensor, RoPE rows come from the precomputed tables, keys/values are written with ``index_copy_`` (or one
+indexed write into pooled caches) and each session attends over its whole preallocated cache under a mask of the
+positions not yet written. No host syncs, so it records as is.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nectar.models.families.llama.fused import FusedLlamaBlocks
+
+
+def static_decode_step(blocks: FusedLlamaBlocks, x: torch.Tensor, positions: torch.Tensor, caches: list,
+                       first_block: int, pools: list | None = None) -> torch.Tensor:
+    """``BatchRunner.static_step`` for Llama blocks: ``x`` [n, hidden], ``positions`` [n], ``caches[i]`` session
+    i's SpanCaches (one per block); ``pools``: the same caches as one tensor per block."""
+    cos = blocks.cos_table.index_select(0, positions)[:, None]  # [n, 1, head_dim]
+    sin = blocks.signed_sin_table.index_select(0, positions)[:, None]
+    attend = _pooled_attention(blocks, positions, pools) if pools is not None else _own_attention(blocks, positions,
+                                                                                                   caches)
+    for local in range(len(caches[0])):
+        layer = blocks.layers[first_block + local]
+        x = blocks.mlp(layer, x, attend(local, blocks.qkv(layer, x, cos, sin)))
+    return x
+
+
+def _mask(blocks: FusedLlamaBlocks, positions: torch.Tensor, max_length: int) -> torch.Tensor:
+    """[k, 1, 1, max_length] for ``positions`` [k]: each row sees its cache up to its own position (built on the
+    device, so it records into a graph without a host sync)."""
+    mask = torch.zeros(positions.shape[0], 1, 1, max_length, dtype=blocks.dtype, device=blocks.device)
+    later = torch.arange(max_length, device=blocks.device) > positions[:, None]
+    return mask.masked_fill_(later[:, None, None, :], torch.finfo(blocks.dtype).min)
+
+
+def _own_attention(blocks: FusedLlamaBlocks, positions: torch.Tensor, caches: list):
+    """``attend(block, qkv)`` -> [n, heads * head_dim] over each session's own buffer: one write and one
+    attention call per session and block."""
+    n, heads, kv_heads, dim = positions.shape[0], blocks.num_heads, blocks.num_kv_heads, blocks.head_dim
+    groups = heads // kv_heads
+    where = [positions[index : index + 1] for index in range(n)]
+    masks = [_mask(blocks, position, session[0].max_length) for position, session in zip(where, caches)]
+
+    def attend(local: int, qkv: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for index, session in enumerate(caches):
+            buffer = session[local].buffer[0]  # [key/value, 1, kv_heads, max_length, head_dim]
+            new_kv = qkv[index : index + 1, heads:].view(1, 1, 2, kv_heads, dim).permute(2, 0, 3, 1, 4)
+            buffer.index_copy_(3, where[index], new_kv)
+            keys, values = buffer[0], buffer[1]
+            if groups > 1:
+                keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+            query = qkv[index : index + 1, :heads].view(1, 1, heads, dim).transpose(1, 2)
+            outputs.append(F.scaled_dot_product_attention(query, keys, values, attn_mask=masks[index],
+                                                          scale=blocks.scaling))
+        attention = outputs[0] if n == 1 else torch.cat(outputs)  # [n, heads, 1, dim]
+        return attention.transpose(1, 2).reshape(n, heads * dim)
+
+    return attend
+
+
+def _pooled_attention(blocks: FusedLlamaBlocks, positions: torch.Tensor, pools: list):
+    """``attend(block, qkv)`` -> [n, heads * head_dim] over pooled caches: one write of all new keys/values and
+    one attention call per block."""
+    n, heads, kv_heads, dim = positions.shape[0], blocks.num_heads, blocks.num_kv_heads, blocks.head_dim
+    max_length = pools[0].shape[3]
+    rows = torch.arange(n, device=blocks.device)
+    mask = _mask(blocks, positions, max_length)
+
+    def attend(local: int, qkv: torch.Tensor) -> torch.Tensor:
+        pool = pools[local]  # [n, key/value, kv_heads, max_length, head_dim]
+        pool[rows, :, :, positions] = qkv[:, heads:].view(n, 2, kv_heads, dim)
+        keys, values = pool[:, 0], pool[:, 1]
+        if heads != kv_heads:
+            keys = keys.repeat_interleave(heads // kv_heads, dim=1)
+            values = values.repeat_interleave(heads // kv_heads, dim=1)
+        query = qkv[:, :heads].unsqueeze(2)  # [n, heads, 1, head_dim]
+        attention = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=blocks.scaling)
+        return attention.reshape(n, heads * dim)
+
+    return attend
