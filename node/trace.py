@@ -7,12 +7,20 @@ writes them to that file as it stops. Off (one global check per event) otherwise
 from __future__ import annotations
 
 import json
-import os
 import time
 
-PATH = (os.environ.get("NECTAR_TRACE") or "").replace("{pid}", str(os.getpid())) or None  # one file per node
+from nectar.settings import current
+
+PATH: str | None = None  # set by start(): one global check per event while tracing is off
 _events: list[tuple] = []
 _LIMIT = 2_000_000
+
+
+def start() -> None:
+    """Turns tracing on where the settings name a file (``{pid}`` in it becomes this process's id)."""
+    global PATH
+    path = current().trace_path
+    PATH = str(path) if path is not None else None
 
 
 def event(kind: str, key: int = 0, value: int = 0) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import statistics
 import time
 from typing import Optional, Sequence
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from nectar.models.cpu_blas import native_kernel
 from nectar.models.families.llama.fused import FusedLayer, FusedLlamaBlocks
 from nectar.models.fast_path import SpanStep
+from nectar.settings import current
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +53,7 @@ class NativeDecoder:
     def build(cls, runner: FusedLlamaBlocks) -> Optional["NativeDecoder"]:
         """A decoder where the blocks qualify and it measured faster than the PyTorch path (see the module), else
         None. ``runner`` must be usable without it (its ``native`` is None meanwhile)."""
-        choice = os.environ.get("NECTAR_NATIVE_DECODE", "auto").lower()
-        if choice not in ("auto", "on", "off"):
-            raise ValueError(f"NECTAR_NATIVE_DECODE must be auto, on or off, got {choice!r}")
+        choice = current().native_decode  # auto, on or off (checked by the settings)
         first = runner.spans[0]
         if choice == "off" or first.device.type != "cpu" or first.dtype != torch.float32 or runner.cos_table is None:
             return None
