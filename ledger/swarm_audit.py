@@ -26,7 +26,8 @@ from nectar.wire.protocol import (
     unpack_metadata,
     unpack_tensors,
 )
-from nectar.wire.receipts import Receipt, address_of, keccak256, receipt_leaf
+from nectar.wire.eip712 import address_of, receipt_leaf
+from nectar.wire.receipts import Receipt, keccak256
 
 logger = logging.getLogger(__name__)
 

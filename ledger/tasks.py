@@ -121,7 +121,7 @@ def slash_conflicts() -> int:
 def spot_check_epochs() -> int:
     """Re-execute a secret random fraction of every committed epoch's receipts (needs an audit source configured)."""
     from nectar.ledger.spot_check import SpotChecker, load_audit_source, make_verifiers
-    from nectar.wire.receipts import address_of
+    from nectar.wire.eip712 import address_of
 
     settings = get_settings()
     audit = load_audit_source(settings)

@@ -12,7 +12,7 @@ from nectar.node.local_swarm import LocalSwarm
 from nectar.wire.announce import (
     AnnouncementValidator, ServerInfo, ServerState, block_key, fetch_records, parse_block_records,
 )
-from nectar.wire.identity import load_or_create_p2p_identity
+from nectar.node.identity import load_or_create_p2p_identity
 
 pytestmark = pytest.mark.slow
 
