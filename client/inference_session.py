@@ -22,7 +22,7 @@ import torch
 from nectar.client.config import ClientConfig
 from nectar.client.payments import ReceiptError, Wallet
 from nectar.client.routing import RemoteSequenceManager, RemoteSpan
-from nectar.client.runtime import ClientRuntime
+from nectar.wire.dht import ClientRuntime
 from nectar.wire.protocol import RPC_INFERENCE, ErrorCode, NodeRPCError, make_request, module_uid, unpack_metadata
 from nectar.wire.protocol import unpack_tensors
 from nectar.client.streams import open_stream

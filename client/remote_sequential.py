@@ -15,7 +15,7 @@ import torch
 from nectar.client.config import ClientConfig
 from nectar.client.payments import ReceiptError, Wallet
 from nectar.client.routing import RemoteSequenceManager, RemoteSpan
-from nectar.client.runtime import ClientRuntime
+from nectar.wire.dht import ClientRuntime
 from nectar.wire.protocol import RPC_BACKWARD, RPC_FORWARD, make_request, module_uid, unpack_metadata, unpack_tensors
 from nectar.client.streams import call_unary
 

@@ -185,7 +185,7 @@ def test_close_epoch_freezes_receipts_under_a_verifiable_root(api, settings):
 def test_reputation_and_reports(api):
     node, client = Party(), Party()
     post(api, [receipt_item(*make_receipt(node, client))])
-    from nectar.ledger.client import LedgerClient
+    from nectar.wire.ledger_api import LedgerClient
 
     ledger = LedgerClient("http://testserver")
     ledger._http = api  # the TestClient speaks the same httpx API

@@ -62,7 +62,7 @@ def test_malleable_and_malformed_signatures_rejected():
     account = Account.create()
     signed = eip712.sign_receipt(make_receipt(node=account.address), account.key, DOMAIN)
     r, s, v = signed.signature[:32], int.from_bytes(signed.signature[32:64], "big"), signed.signature[64]
-    high_s = r + (R._SECP256K1_N - s).to_bytes(32, "big") + bytes([55 - v])
+    high_s = r + (eip712._SECP256K1_N - s).to_bytes(32, "big") + bytes([55 - v])
     with pytest.raises(eip712.InvalidSignature, match="malleable"):
         eip712.recover_receipt_signer(R.SignedReceipt(signed.receipt, high_s), DOMAIN)
     with pytest.raises(eip712.InvalidSignature, match="65 bytes"):
