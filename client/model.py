@@ -68,7 +68,8 @@ class DistributedModelForCausalLM(torch.nn.Module):
     def from_pretrained(cls, model: str | os.PathLike = "smollm2-135m", *, initial_peers: Sequence[str] | None = None,
                         config: ClientConfig | None = None, private_key: str | None = None,
                         scorer: PeerScorer | None = None, tuning_mode: str | None = None, pre_seq_len: int = 0,
-                        dtype: torch.dtype = torch.float32, domain: dict | None = None) -> "DistributedModelForCausalLM":
+                        dtype: torch.dtype = torch.float32,
+                        domain: dict | None = None) -> "DistributedModelForCausalLM":
         """:param model: built-in name (``nectar models``) or a local Hugging Face checkpoint directory
         :param initial_peers: multiaddrs of swarm peers (a list, or one string separated by commas and/or spaces);
           defaults to ``config.initial_peers`` or NECTAR_INITIAL_PEERS

@@ -1,7 +1,8 @@
 """``ReputationScorer``: route costs from the ledger's reputation scores and the nodes' announced prices.
 
 The ledger publishes a score in [0, 1] per node at ``GET /v1/reputation``, read through ``nectar.wire.ledger_api`` (so
-the client does not depend on the ledger package). A background thread refreshes the scores; ``cost_factor`` only reads memory.
+the client does not depend on the ledger package). A background thread refreshes the scores; ``cost_factor`` only
+reads memory.
 
 cost factor = reputation factor * price factor, where
 
@@ -89,7 +90,8 @@ class ReputationScorer(PeerScorer):
             scores = self._ledger.reputation_scores()
         except (httpx.HTTPError, LedgerError, ValueError, KeyError, TypeError) as e:
             logger.warning(f"Could not read reputation from {self.ledger_url}{PREFIX}{REPUTATION} ({type(e).__name__}: "
-                           f"{e}); routing on the last scores known (or speed and price alone) until the ledger answers")
+                           f"{e}); routing on the last scores known (or speed and price alone) until the ledger "
+                           "answers")
             return False
         with self._lock:
             self._scores, self._fetched_at = scores, time.monotonic()
