@@ -47,10 +47,12 @@ class SwarmModel:
     :param client_config: timeouts and retries of the swarm client
     :param max_concurrent: generations running at once (further requests queue)
     :param tuned_cache_size: fine-tuned prompt sets kept loaded
+    :param domain: EIP-712 domain of the gateway's vouchers (default: the deployment file's)
     """
 
     def __init__(self, name_or_path: str, *, initial_peers: Sequence[str], private_key: str | None,
-                 client_config: ClientConfig, max_concurrent: int = 1, tuned_cache_size: int = 4, scorer=None):
+                 client_config: ClientConfig, max_concurrent: int = 1, tuned_cache_size: int = 4, scorer=None,
+                 domain: dict | None = None):
         from nectar.models import load_config, load_tokenizer, model_id_of, resolve_model
 
         self.path = resolve_model(name_or_path)
@@ -60,7 +62,7 @@ class SwarmModel:
         self.max_model_len = int(getattr(config, "max_position_embeddings", 2048))
         self.model = DistributedModelForCausalLM.from_pretrained(
             name_or_path, initial_peers=list(initial_peers), private_key=private_key, config=client_config,
-            scorer=scorer)
+            scorer=scorer, domain=domain)
         eos = self.model.generation_config.eos_token_id
         if eos is None:
             eos = self.tokenizer.eos_token_id
@@ -176,7 +178,7 @@ class Engine:
     @classmethod
     def start(cls, names: Sequence[str], *, initial_peers: Sequence[str], private_key: str | None,
               step_timeout: float = 30.0, max_concurrent: int = 1, tuned_cache_size: int = 4,
-              ledger_url: str | None = None) -> "Engine":
+              ledger_url: str | None = None, domain: dict | None = None) -> "Engine":
         """Joins the swarm for every model; with a ledger, routes prefer reputable, cheap nodes."""
         if not initial_peers:
             raise ValueError("No swarm to serve from: pass --initial-peers MULTIADDR (printed by `nectar dht` or "
@@ -189,7 +191,7 @@ class Engine:
             for name in names:
                 built.append(SwarmModel(name, initial_peers=initial_peers, private_key=private_key,
                                         client_config=config, max_concurrent=max_concurrent,
-                                        tuned_cache_size=tuned_cache_size, scorer=scorer))  # fmt: skip
+                                        tuned_cache_size=tuned_cache_size, scorer=scorer, domain=domain))  # fmt: skip
         except BaseException:
             for model in built:
                 model.shutdown()

@@ -34,6 +34,8 @@ from nectar.api.serving.fine_tuning import OpenAIServingFiles, OpenAIServingFine
 from nectar.api.serving.market import MarketService
 from nectar.api.serving.models import OpenAIServingModels
 from nectar.service.db import get_engine
+from nectar.deployment import domain_from_deployment
+from nectar.wire.peers import initial_peers
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ def build_state(settings: Settings, swarm: Engine) -> ApiState:
     watcher = ChainWatcher(settings, db, gateway_key=settings.gateway_key())
     ledger = None
     if settings.ledger_url:
-        from nectar.ledger import LedgerClient
+        from nectar.wire.ledger_api import LedgerClient
 
         ledger = LedgerClient(settings.ledger_url, timeout=10.0)
     return ApiState(
@@ -89,11 +91,12 @@ def create_app(settings: Settings | None = None, *, swarm: Engine | None = None)
         await anyio.to_thread.run_sync(run_migrations, settings.database_url)
         engine = swarm
         if engine is None:
-            peers = settings.initial_peers or _env_peers()
+            peers = initial_peers(settings.initial_peers, env=os.environ)
+            domain = domain_from_deployment(settings.deployment_path)  # the vouchers' domain: the API's deployment
             engine = await anyio.to_thread.run_sync(lambda: Engine.start(
                 settings.models, initial_peers=peers, private_key=settings.gateway_key(),
                 step_timeout=settings.step_timeout, max_concurrent=settings.max_concurrent_generations,
-                tuned_cache_size=settings.tuned_cache_size, ledger_url=settings.ledger_url))  # fmt: skip
+                tuned_cache_size=settings.tuned_cache_size, ledger_url=settings.ledger_url, domain=domain))  # fmt: skip
         state = build_state(settings, engine)
         app.state.api = state
         tasks = [
@@ -128,11 +131,6 @@ def create_app(settings: Settings | None = None, *, swarm: Engine | None = None)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.openapi = lambda: _openapi(app)
     return app
-
-
-def _env_peers() -> list[str]:
-    return [p for p in os.environ.get("NECTAR_INITIAL_PEERS", "").replace(",", " ").split() if p]
-
 
 
 def _openapi(app: FastAPI) -> dict:

@@ -84,6 +84,7 @@ def fine_tune(job_id: str) -> str:
     try:
         from nectar.api.engine import make_scorer
         from nectar.client import ClientConfig, DistributedModelForCausalLM
+        from nectar.deployment import domain_from_deployment
         from nectar.models import load_tokenizer, resolve_model
 
         path = _model_path(model_name)
@@ -92,6 +93,7 @@ def fine_tune(job_id: str) -> str:
             path, initial_peers=settings.initial_peers, private_key=settings.gateway_key(),
             config=ClientConfig(step_timeout=settings.step_timeout, request_timeout=max(60.0, settings.step_timeout)),
             tuning_mode=hyper["tuning_mode"], pre_seq_len=hyper["pre_seq_len"],
+            domain=domain_from_deployment(settings.deployment_path),
             scorer=(scorer := make_scorer(settings.ledger_url)))  # fmt: skip
         eos = model.generation_config.eos_token_id
         eos = eos[0] if isinstance(eos, list) else eos

@@ -37,25 +37,20 @@ def swarm_main(argv: list[str]) -> int:
     _common(parser)
     args = parser.parse_args(argv)
     setup_logging(args, libraries="ERROR")
-    import hivemind
-
     from nectar.models import get_family, load_config, model_id_of, resolve_model
-    from nectar.wire.announce import AnnouncementValidator, ServerState, block_key, fetch_records, parse_block_records
+    from nectar.wire.announce import ServerState
+    from nectar.wire.dht import ClientRuntime
+    from nectar.wire.swarm import read_swarm
 
     model_id = model_id_of(args.model)
     config = load_config(resolve_model(args.model))
     num_blocks = get_family(config).num_blocks(config)
-    dht = hivemind.DHT(initial_peers=_peers(args), client_mode=True, start=True,
-                       record_validators=[AnnouncementValidator(None)])
+    runtime = ClientRuntime(_peers(args))
     try:
-        records = fetch_records(dht, [block_key(model_id, i) for i in range(num_blocks)])
-        by_block = parse_block_records(model_id, range(num_blocks), records)
+        swarm = read_swarm(runtime, model_id, num_blocks)
     finally:
-        dht.shutdown()
-    nodes = {}
-    for servers in by_block.values():
-        for peer_id, info in servers.items():
-            nodes[peer_id] = info
+        runtime.shutdown()
+    nodes = swarm.servers()
     print(f"{model_id}: {num_blocks} blocks, {len(nodes)} node(s)")
     print(f"{'node':<14} {'peer':<12} {'blocks':<9} {'state':<8} {'tok/s/blk':>10} {'cache left':>11} "
           f"{'price':>7}  address")
@@ -63,7 +58,7 @@ def swarm_main(argv: list[str]) -> int:
         print(f"{info.public_name[:14]:<14} {str(peer_id)[-10:]:<12} {f'{info.start}:{info.end}':<9} "
               f"{ServerState(info.state).name:<8} {info.throughput:>10.1f} {info.cache_tokens_left:>11} "
               f"{info.price_per_token:>7}  {info.eth_address}")
-    missing = [i for i, s in by_block.items() if not any(x.state == ServerState.ONLINE for x in s.values())]
+    missing = swarm.missing()
     if missing:
         print(f"Blocks with no online node: {missing}")
     return 0

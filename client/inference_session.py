@@ -28,7 +28,7 @@ from nectar.client.hop_stream import Fault, Hop, HopFailed, HopStream, Reply
 from nectar.client.payments import ReceiptError, Wallet
 from nectar.client.push_mode import PushMode
 from nectar.client.routing import MissingBlocksError, RemoteSequenceManager, RemoteSpan
-from nectar.client.runtime import ClientRuntime
+from nectar.wire.dht import ClientRuntime
 
 logger = logging.getLogger(__name__)
 

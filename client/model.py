@@ -16,8 +16,9 @@ from nectar.client.inference_session import InferenceSession
 from nectar.client.payments import Wallet
 from nectar.client.remote_sequential import RemoteCaller, RemoteSequential
 from nectar.client.routing import PeerScorer, RemoteSequenceManager
-from nectar.client.runtime import ClientRuntime
 from nectar.models import get_family, load_client_head, load_config, model_id_of, resolve_model
+from nectar.wire.dht import ClientRuntime
+from nectar.wire.peers import initial_peers as resolve_peers
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +46,8 @@ class DistributedModelForCausalLM(torch.nn.Module):
         self.runtime, self.wallet = runtime, wallet
         self.head = load_client_head(model_path, dtype=dtype)
         self.head.requires_grad_(False)
-        self.sequence_manager = RemoteSequenceManager(runtime.dht, model_id, self.num_blocks, config=config,
-                                                      scorer=scorer, runtime=runtime)
+        self.sequence_manager = RemoteSequenceManager(runtime, model_id, self.num_blocks, config=config,
+                                                      scorer=scorer)
         self.transformer = RemoteSequential(RemoteCaller(self.sequence_manager, runtime, wallet, config))
         self.tuning_mode, self.pre_seq_len = tuning_mode, pre_seq_len if tuning_mode else 0
         hidden = self.head.embedding_dim
@@ -67,22 +68,42 @@ class DistributedModelForCausalLM(torch.nn.Module):
     def from_pretrained(cls, model: str | os.PathLike = "smollm2-135m", *, initial_peers: Sequence[str] | None = None,
                         config: ClientConfig | None = None, private_key: str | None = None,
                         scorer: PeerScorer | None = None, tuning_mode: str | None = None, pre_seq_len: int = 0,
-                        dtype: torch.dtype = torch.float32) -> "DistributedModelForCausalLM":
+                        dtype: torch.dtype = torch.float32,
+                        domain: dict | None = None) -> "DistributedModelForCausalLM":
         """:param model: built-in name (``nectar models``) or a local Hugging Face checkpoint directory
-        :param initial_peers: multiaddrs of swarm peers; defaults to ``config.initial_peers`` or NECTAR_INITIAL_PEERS
-        :param private_key: Ethereum key that signs vouchers (default: ``config.private_key`` or a throwaway key)"""
+        :param initial_peers: multiaddrs of swarm peers (a list, or one string separated by commas and/or spaces);
+          defaults to ``config.initial_peers`` or NECTAR_INITIAL_PEERS
+        :param private_key: Ethereum key that signs vouchers (default: ``config.private_key`` or a throwaway key)
+        :param domain: EIP-712 domain of the vouchers (default: that of the deployment file, ``nectar.deployment``)
+
+        A failure releases everything this call started (the DHT process, the reputation scorer's thread)."""
         config = config or ClientConfig()
-        peers = list(initial_peers or config.initial_peers or os.environ.get("NECTAR_INITIAL_PEERS", "").split())
+        peers = resolve_peers(initial_peers or config.initial_peers, env=os.environ)
         config = replace(config, initial_peers=tuple(peers))
         path = resolve_model(str(model))
-        if scorer is None and config.ledger_url:
-            from nectar.client.routing.reputation import ReputationScorer
+        if domain is None:
+            from nectar.deployment import domain_from_deployment
 
-            scorer = ReputationScorer.from_config(config)  # reputation and price from the ledger steer routes
-        runtime = ClientRuntime(peers)
-        wallet = Wallet(private_key or config.private_key)
-        return cls(path, model_id_of(str(model)), config=config, runtime=runtime, wallet=wallet, scorer=scorer,
-                   tuning_mode=tuning_mode, pre_seq_len=pre_seq_len, dtype=dtype)
+            domain = domain_from_deployment()
+        wallet = Wallet(private_key or config.private_key, domain=domain)
+        started = []  # what this call started, released again if it fails
+        try:
+            if scorer is None and config.ledger_url:
+                from nectar.client.routing.reputation import ReputationScorer
+
+                scorer = ReputationScorer.from_config(config)  # reputation and price from the ledger steer routes
+                started.append(scorer.close)
+            runtime = ClientRuntime(peers)
+            started.append(runtime.shutdown)
+            return cls(path, model_id_of(str(model)), config=config, runtime=runtime, wallet=wallet, scorer=scorer,
+                       tuning_mode=tuning_mode, pre_seq_len=pre_seq_len, dtype=dtype)
+        except BaseException:
+            for release in reversed(started):
+                try:
+                    release()
+                except Exception:
+                    logger.warning("Could not release what a failed from_pretrained started", exc_info=True)
+            raise
 
     # ---- prompts ----------------------------------------------------------------------------------------------
 

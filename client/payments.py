@@ -11,6 +11,7 @@ import torch
 from eth_account import Account
 
 from nectar.wire import receipts as schema
+from nectar.wire import eip712, fingerprints
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +58,10 @@ class Wallet:
         key; it must never have been used by this key before (the chain would take its vouchers for replays)
     """
 
-    def __init__(self, private_key: Optional[str] = None, *, domain: dict | None = None,
-                 channel_id: Optional[int] = None):
+    def __init__(self, private_key: Optional[str] = None, *, domain: dict, channel_id: Optional[int] = None):
         self.private_key = private_key or Account.create().key.hex()
-        self.address = schema.address_of(self.private_key)
-        self.domain = domain if domain is not None else schema.default_domain()
+        self.address = eip712.address_of(self.private_key)
+        self.domain = domain  # EIP-712: from the deployment (nectar.deployment.domain_from_deployment)
         self.channel_id = _channels.allocate(self.address) if channel_id is None else channel_id
         self._owed: dict[str, int] = {}
         self._partners: dict[str, str] = {}  # node -> the node whose channel shares its slot (itself by default)
@@ -77,7 +77,7 @@ class Wallet:
             raise ReceiptError(f"malformed receipt: {e}")
         receipt = signed.receipt
         if verify:
-            signer = schema.recover_receipt_signer(signed, self.domain)
+            signer = eip712.recover_receipt_signer(signed, self.domain)
             problems = []
             if signer.lower() != node_address.lower():
                 problems.append(f"signed by {signer}, the node announced {node_address}")
@@ -89,9 +89,9 @@ class Wallet:
                 problems.append(f"price {receipt.price} / amount {receipt.amount} differ from the announced price")
             if receipt.tokens != inputs.shape[0] * inputs.shape[1]:
                 problems.append(f"charges {receipt.tokens} tokens for {inputs.shape[0] * inputs.shape[1]}")
-            if receipt.input_commitment != schema.commit_tensor(inputs):
+            if receipt.input_commitment != fingerprints.commit_tensor(inputs):
                 problems.append("input commitment does not match what was sent")
-            if receipt.output_commitment != schema.commit_tensor(outputs):
+            if receipt.output_commitment != fingerprints.commit_tensor(outputs):
                 problems.append("output commitment does not match what was received")
             if session_id is not None and receipt.session_id != session_id.rjust(32, b"\0"):
                 problems.append("receipt names another session")
@@ -128,7 +128,7 @@ class Wallet:
             return None
         voucher = schema.Voucher(client=self.address, node=node, channel_id=self.channel_id,
                                  cumulative_amount=amount, partner=self.partner_of(node))
-        return schema.sign_voucher(voucher, self.private_key, self.domain).to_json()
+        return eip712.sign_voucher(voucher, self.private_key, self.domain).to_json()
 
     @property
     def total_paid(self) -> int:

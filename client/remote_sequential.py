@@ -15,7 +15,7 @@ import torch
 from nectar.client.config import ClientConfig
 from nectar.client.payments import ReceiptError, Wallet
 from nectar.client.routing import RemoteSequenceManager, RemoteSpan
-from nectar.client.runtime import ClientRuntime
+from nectar.wire.dht import ClientRuntime
 from nectar.wire.messages import BackwardCall, ForwardCall
 from nectar.wire.protocol import RPC_BACKWARD, RPC_FORWARD, module_uid
 from nectar.wire.stubs import call_backward, call_forward

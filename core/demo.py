@@ -73,7 +73,7 @@ def main(argv: list[str]) -> int:
     from nectar.api.launch import ApiProcess, api_environment, demo_account, example_request
     from nectar.chain import Chain, free_port, start_devnet
     from nectar.client import ClientConfig, DistributedModelForCausalLM
-    from nectar.ledger.client import LedgerClient
+    from nectar.wire.ledger_api import LedgerClient
     from nectar.models import get_family, load_config, load_tokenizer, model_id_of, resolve_model
     from nectar.node.local_swarm import LocalSwarm
     from nectar.paths import nectar_home
@@ -217,7 +217,7 @@ def _admin_token() -> str:
 
 def _wait_for_vouchers(ledger, charged: int, swarm, timeout: float = 60) -> None:
     """Nodes forward receipts and vouchers in the background: wait until the ledger has all the client paid."""
-    from nectar.ledger.client import LedgerError
+    from nectar.wire.ledger_api import LedgerError
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -16,6 +16,7 @@ import torch
 from nectar.client import DistributedModelForCausalLM
 from nectar.models import get_family, load_config, load_tokenizer, resolve_model
 from nectar.node.local_swarm import LocalSwarm
+from nectar.wire.peers import initial_peers
 
 TEXTS = [
     "Nectar nodes host spans of transformer blocks and sign a receipt for every step.",
@@ -42,7 +43,7 @@ def main() -> None:
     labels = input_ids.masked_fill(batch["attention_mask"] == 0, -100)  # no loss on padding
 
     swarm = None
-    peers = os.environ.get("NECTAR_INITIAL_PEERS", "").split()
+    peers = initial_peers(env=os.environ)
     if not peers:
         config = load_config(path)
         num_blocks = get_family(config).num_blocks(config)

@@ -13,9 +13,8 @@ Files:
 - ``swarm.py``        the ledger's own DHT peer (node address -> peer, who serves what, RPC calls)
 - ``swarm_audit.py``  ``RpcAuditSource`` (nodes' audit RPC) and ``SwarmVerifier`` (re-execution on other nodes)
 - ``slashing.py``     attest failed spot checks on chain, finalize slashes after the dispute window
-- ``client.py``       ``LedgerClient`` (HTTP); ``node_policy.py``: ``LedgerPaymentPolicy`` for nodes
 - ``cli.py``          ``nectar ledger`` and ``nectar worker``
-"""
-from nectar.ledger.client import LedgerClient, LedgerError
 
-__all__ = ["LedgerClient", "LedgerError"]
+Its HTTP API as others see it (routes, JSON shapes, ``LedgerClient``, the nodes' ``LedgerPaymentPolicy``) lives in
+``nectar.wire.ledger_api``.
+"""

@@ -143,7 +143,7 @@ def store_receipts(session: Session, *, checked: Sequence[CheckedReceipt]) -> li
 
 
 def _record_conflict(session: Session, *, existing: Receipt, other: SignedReceipt) -> None:
-    from nectar.wire.receipts import receipt_leaf
+    from nectar.wire.eip712 import receipt_leaf
 
     other_leaf = receipt_leaf(other.receipt)
     if session.scalar(select(Conflict.id).where(Conflict.receipt_id == existing.id, Conflict.other_leaf == other_leaf)):

@@ -7,17 +7,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from nectar.wire.receipts import (
+from nectar.wire.eip712 import (  # typed_digest: one struct hash serves the signature and the leaf
     InvalidSignature,
-    SignedReceipt,
-    SignedVoucher,
-    fingerprint_hash,
-    keccak256,
     receipt_struct_hash,
     recover_digest_signer,
     recover_voucher_signer,
+    typed_digest,
 )
-from nectar.wire.receipts import _typed_digest  # shares one struct hash between the signature and the leaf
+from nectar.wire.fingerprints import fingerprint_hash
+from nectar.wire.receipts import SignedReceipt, SignedVoucher, keccak256
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +60,7 @@ def check_receipt(signed: SignedReceipt, fingerprint: bytes | None, domain: dict
     struct_hash = receipt_struct_hash(receipt)
     checked = CheckedReceipt(signed, fingerprint, keccak256(struct_hash))
     try:
-        signer = recover_digest_signer(_typed_digest(domain, struct_hash), signed.signature)
+        signer = recover_digest_signer(typed_digest(domain, struct_hash), signed.signature)
     except InvalidSignature as e:
         checked.reason, checked.message = Reason.BAD_SIGNATURE, str(e)
         return checked

@@ -35,7 +35,8 @@ class BatchResult(BaseModel):
 
 
 class ReportIn(BaseModel):
-    """A client's measurement of a node, signed (EIP-191) by the client over ``report_message(...)``."""
+    """A client's measurement of a node, signed (EIP-191) by the client over
+    ``nectar.wire.ledger_api.report_message(...)``."""
 
     node: str
     reporter: str
@@ -57,13 +58,3 @@ class EpochPublic(BaseModel):
     closed_at: str | None
     settled_at: str | None
     last_error: str | None = None
-
-
-def report_message(report: ReportIn | dict) -> str:
-    """The exact text a reporter signs (stable field order)."""
-    data = report.model_dump() if isinstance(report, BaseModel) else dict(report)
-    fields = ("node", "reporter", "online", "success", "latency_ms", "throughput", "timestamp")
-    for name in ("latency_ms", "throughput"):  # 40 and 40.0 must sign the same
-        if data.get(name) is not None:
-            data[name] = float(data[name])
-    return "nectar-report:" + "|".join(f"{name}={data.get(name)}" for name in fields)

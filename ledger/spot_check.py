@@ -22,19 +22,10 @@ from nectar.ledger import crud
 from nectar.ledger.core.config import Settings
 from nectar.ledger.models import Epoch, Receipt, SpotCheck, utcnow
 from nectar.service.db import session_scope
-from nectar.wire.receipts import (
-    Receipt as WireReceipt,
-)
-from nectar.wire.receipts import (
-    ReceiptKind,
-    activation_fingerprint,
-    commit_tensor,
-    fingerprints_match,
-    keccak256,
-    model_id_hash,
-    parse_fingerprint,
-    receipt_leaf,
-)
+from nectar.wire.eip712 import receipt_leaf
+from nectar.wire.fingerprints import activation_fingerprint, commit_tensor, fingerprints_match, parse_fingerprint
+from nectar.wire.receipts import Receipt as WireReceipt
+from nectar.wire.receipts import ReceiptKind, keccak256, model_id_hash
 
 logger = logging.getLogger(__name__)
 

@@ -1,32 +1,25 @@
 """The ledger's own view of the swarm: which node (Ethereum address) is which peer, who serves which blocks, and RPCs.
 
-It runs a client-mode hivemind ``DHTNode`` inside this process, on an event loop thread. (``hivemind.DHT`` would start
-a child process, which Celery's prefork workers cannot do: their pool processes are daemonic.) Used by the spot
+It reads the swarm through a ``ClientRuntime`` whose DHT runs inside this process (``hivemind.DHT`` would start a
+child process, which Celery's prefork workers cannot do: their pool processes are daemonic). Used by the spot
 checks (``swarm_audit.py``) to fetch a step's inputs from the node that served it and to re-run the step elsewhere.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
-from nectar.wire.announce import (
-    MODELS_KEY,
-    AnnouncementValidator,
-    ServerInfo,
-    ServerState,
-    block_key,
-    parse_block_records,
-)
+from nectar.wire.announce import ServerInfo, ServerState
+from nectar.wire.dht import ClientRuntime
 from nectar.wire.protocol import NodeRPCError
 from nectar.wire.receipts import model_id_hash
+from nectar.wire.swarm import read_models, read_swarm
 from nectar.wire.transport import call_once
 
 logger = logging.getLogger(__name__)
@@ -54,50 +47,30 @@ class SwarmView:
             raise ValueError("the ledger needs swarm peers for audits: set NECTAR_LEDGER_SWARM_INITIAL_PEERS (or "
                              "NECTAR_INITIAL_PEERS) to a multiaddr printed by `nectar dht` or `nectar node`")
         self.initial_peers, self.refresh_period, self.timeout = list(initial_peers), refresh_period, timeout
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="ledger-swarm", daemon=True)
-        self._thread.start()
         self._lock = threading.Lock()
         self._nodes: list[NodeEntry] = []
         self._models: dict[bytes, tuple[str, int]] = {}
         self._fetched_at = float("-inf")
-        self._dht = self.run(self._create(), timeout=timeout)
-        logger.info(f"Ledger joined the swarm as {self._dht.peer_id} via {self.initial_peers[0]}")
+        # in-process: Celery's prefork pool processes are daemonic and may not start a DHT child process
+        self._runtime = ClientRuntime(self.initial_peers, in_process=True, start_timeout=timeout,
+                                      thread_name="ledger-swarm")
+        logger.info(f"Ledger joined the swarm as {self._runtime.peer_id} via {self.initial_peers[0]}")
 
-    async def _create(self):
-        from hivemind.dht.node import DHTNode
-
-        return await DHTNode.create(initial_peers=self.initial_peers, client_mode=True,
-                                    record_validator=AnnouncementValidator(None))  # fmt: skip
-
-    def run(self, coro: Coroutine, timeout: float | None = None) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+    def run(self, coro, timeout: float | None = None):
+        return self._runtime.run(coro, timeout)
 
     # ---- announcements ----------------------------------------------------------------------------------------
-
-    def _get(self, keys: list[str]) -> dict:
-        return self.run(self._dht.get_many(keys, sufficient_expiration_time=float("inf")), timeout=self.timeout)
 
     def refresh(self, *, force: bool = False) -> None:
         with self._lock:
             if not force and time.monotonic() - self._fetched_at < self.refresh_period:
                 return
-            models: dict[bytes, tuple[str, int]] = {}
-            entry = self._get([MODELS_KEY]).get(MODELS_KEY)
-            if entry is not None and isinstance(entry.value, dict):
-                for item in entry.value.values():
-                    if isinstance(item.value, dict):
-                        for name, num_blocks in item.value.items():
-                            if isinstance(name, str) and isinstance(num_blocks, int) and 0 < num_blocks < 10_000:
-                                models[model_id_hash(name)] = (name, num_blocks)
+            models = {model_id_hash(name): (name, n) for name, n in read_models(self._runtime).items()}
             nodes: dict[tuple[PeerID, str], NodeEntry] = {}
             for name, num_blocks in models.values():
-                records = self._get([block_key(name, i) for i in range(num_blocks)])
-                for servers in parse_block_records(name, range(num_blocks), records).values():
-                    for peer_id, info in servers.items():
-                        nodes[(peer_id, name)] = NodeEntry(peer_id, name, info)
+                for peer_id, info in read_swarm(self._runtime, name, num_blocks).servers().items():
+                    nodes[(peer_id, name)] = NodeEntry(peer_id, name, info)
             self._models, self._nodes, self._fetched_at = models, list(nodes.values()), time.monotonic()
-
     def model_name(self, model_hash: bytes) -> str | None:
         """The announced model name whose keccak256 is ``model_hash`` (what receipts carry)."""
         self.refresh()
@@ -133,7 +106,8 @@ class SwarmView:
         error the node reported (``ErrorCode``-prefixed) is raised at once."""
         for attempt in range(attempts):
             try:
-                return self.run(call_once(self._dht.p2p, peer_id, name, request, timeout=timeout), timeout=timeout + 5)
+                return self.run(call_once(self._runtime.p2p, peer_id, name, request, timeout=timeout),
+                                timeout=timeout + 5)
             except Exception as e:
                 if NodeRPCError.code_of(e) is not None or attempt == attempts - 1:
                     raise
@@ -141,21 +115,5 @@ class SwarmView:
                 time.sleep(0.2 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    async def _close(self) -> None:
-        await self._dht.shutdown()
-        current = asyncio.current_task()
-        pending = [t for t in asyncio.all_tasks() if t is not current]  # DHT refresh timers and the like
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-
     def shutdown(self) -> None:
-        if not self._loop.is_running():
-            return
-        try:
-            self.run(self._close(), timeout=10)
-        except Exception:
-            logger.debug("The ledger's DHT peer did not shut down cleanly", exc_info=True)
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=5)
+        self._runtime.shutdown()

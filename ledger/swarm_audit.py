@@ -16,9 +16,10 @@ import torch
 from nectar.ledger.core.config import Settings
 from nectar.ledger.spot_check import AuditSource, Verifier, step_positions
 from nectar.ledger.swarm import NodeEntry, SwarmView
+from nectar.wire.eip712 import address_of, receipt_leaf
 from nectar.wire.messages import AuditCall, AuditReply, ForwardCall, ForwardReply
 from nectar.wire.protocol import ErrorCode, NodeRPCError, module_uid
-from nectar.wire.receipts import Receipt, address_of, keccak256, receipt_leaf
+from nectar.wire.receipts import Receipt, keccak256
 
 logger = logging.getLogger(__name__)
 

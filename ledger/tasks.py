@@ -128,7 +128,7 @@ def spot_check_epochs() -> int:
     """Re-execute a secret random fraction of every committed epoch's receipts (needs an audit source configured)."""
     from nectar.ledger.spot_check import SpotChecker
     from nectar.ledger.verifiers import load_audit_source, make_verifiers
-    from nectar.wire.receipts import address_of
+    from nectar.wire.eip712 import address_of
 
     settings = _settings()
     audit = load_audit_source(settings)

@@ -78,7 +78,7 @@ def dht_main(argv: list[str]) -> int:
     from pathlib import Path
 
     from nectar.node.server import create_dht, visible_addresses
-    from nectar.wire.identity import load_or_create_p2p_identity
+    from nectar.node.identity import load_or_create_p2p_identity
 
     private_key = load_or_create_p2p_identity(Path(args.identity)) if args.identity else None
     dht = create_dht(host=args.host, port=args.port, initial_peers=initial_peers_from(args.initial_peers),

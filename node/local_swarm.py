@@ -92,12 +92,15 @@ class LocalSwarm:
         return self.bootstrap
 
     def add_node(self, model: str, *, blocks: Optional[tuple[int, int]] = None, name: Optional[str] = None,
-                 extra_args: Sequence[str] = ()) -> SwarmProcess:
+                 extra_args: Sequence[str] = (), own_keys: bool = True) -> SwarmProcess:
+        """:param own_keys: pass --name and --key-dir (under ``workdir``); False starts the node as an operator who
+        gives neither would (it takes a free identity under ``$NECTAR_HOME/nodes``)"""
         if self.bootstrap is None:
             self.start_bootstrap()
         name = name or f"node{len(self.nodes)}"
-        args = ["node", "--model", model, "--host", "127.0.0.1", "--name", name,
-                "--key-dir", str(self.workdir / "keys" / name), "--initial-peers", *self.initial_peers]
+        args = ["node", "--model", model, "--host", "127.0.0.1", "--initial-peers", *self.initial_peers]
+        if own_keys:
+            args += ["--name", name, "--key-dir", str(self.workdir / "keys" / name)]
         if blocks is not None:
             args += ["--blocks", f"{blocks[0]}:{blocks[1]}"]
         if self.direct:
@@ -137,28 +140,24 @@ class LocalSwarm:
 
     def wait_for_blocks(self, model: str, num_blocks: int, *, timeout: float = 60, min_nodes: int = 1) -> None:
         """Waits until every block of ``model`` is announced ONLINE by at least ``min_nodes`` nodes."""
-        import hivemind
-
         from nectar.models import model_id_of
-        from nectar.wire.announce import AnnouncementValidator, ServerState, block_key, fetch_records
-        from nectar.wire.announce import parse_block_records
+        from nectar.wire.announce import ServerState
+        from nectar.wire.dht import ClientRuntime
+        from nectar.wire.swarm import read_swarm
 
         model_id = model_id_of(model)
-        dht = hivemind.DHT(initial_peers=self.initial_peers, client_mode=True, start=True,
-                           record_validators=[AnnouncementValidator(None)])
+        runtime = ClientRuntime(self.initial_peers)
         try:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                records = fetch_records(dht, [block_key(model_id, i) for i in range(num_blocks)])
-                by_block = parse_block_records(model_id, range(num_blocks), records)
-                counts = [sum(i.state == ServerState.ONLINE for i in s.values()) for s in by_block.values()]
+                counts = read_swarm(runtime, model_id, num_blocks).coverage((ServerState.ONLINE,))
                 if min(counts) >= min_nodes:
                     return
                 time.sleep(0.5)
             raise TimeoutError(f"blocks of {model_id} not all served by {min_nodes} node(s) within {timeout}s: "
                                f"{counts}")
         finally:
-            dht.shutdown()
+            runtime.shutdown()
 
     def close(self) -> None:
         """Stops every process at once (each says goodbye on its own), the bootstrap peer last."""

@@ -1,8 +1,8 @@
 """Payment hooks of a node: where signed receipts go and who may be served on credit.
 
 The node signs a receipt for every step it computes (``nectar.wire.receipts``) and receives cumulative vouchers from
-clients. What happens to them is a policy: ``NoPaymentPolicy`` keeps nothing (a free swarm), the ledger package
-implements ``PaymentPolicy`` to forward them to the ledger service.
+clients. What happens to them is a policy: ``NoPaymentPolicy`` keeps nothing (a free swarm),
+``nectar.wire.ledger_api.LedgerPaymentPolicy`` forwards them to the ledger service (``Server(payments=...)``).
 """
 from __future__ import annotations
 

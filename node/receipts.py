@@ -14,6 +14,7 @@ from collections import defaultdict
 import torch
 
 from nectar.wire import receipts as schema
+from nectar.wire import eip712, fingerprints
 from nectar.wire.protocol import ErrorCode, NodeRPCError
 
 logger = logging.getLogger(__name__)
@@ -22,13 +23,13 @@ logger = logging.getLogger(__name__)
 class ReceiptSigner:
     """Builds and signs receipts for one node and model. Thread-safe (stateless apart from its key)."""
 
-    def __init__(self, *, private_key: str, model_id: str, price_per_token: int, domain: dict | None = None):
+    def __init__(self, *, private_key: str, model_id: str, price_per_token: int, domain: dict):
         self.private_key = private_key
-        self.address = schema.address_of(private_key)
+        self.address = eip712.address_of(private_key)
         self.model_id = model_id
         self.model_hash = schema.model_id_hash(model_id)
         self.price_per_token = price_per_token
-        self.domain = domain if domain is not None else schema.default_domain()
+        self.domain = domain
 
     def price_for(self, start: int, end: int) -> int:
         return self.price_per_token * (end - start)
@@ -46,7 +47,7 @@ class ReceiptSigner:
         inputs: torch.Tensor,
         outputs: torch.Tensor,
     ) -> tuple[schema.SignedReceipt, bytes]:
-        fingerprint = schema.activation_fingerprint(outputs) if outputs.ndim == 3 else b""
+        fingerprint = fingerprints.activation_fingerprint(outputs) if outputs.ndim == 3 else b""
         price = self.price_for(start, end)
         receipt = schema.Receipt(
             session_id=session_id,
@@ -60,12 +61,12 @@ class ReceiptSigner:
             tokens=tokens,
             price=price,
             amount=tokens * price,
-            input_commitment=schema.commit_tensor(inputs),
-            output_commitment=schema.commit_tensor(outputs),
-            fingerprint=schema.fingerprint_hash(fingerprint),
+            input_commitment=fingerprints.commit_tensor(inputs),
+            output_commitment=fingerprints.commit_tensor(outputs),
+            fingerprint=fingerprints.fingerprint_hash(fingerprint),
             timestamp=int(time.time()),
         )
-        return schema.sign_receipt(receipt, self.private_key, self.domain), fingerprint
+        return eip712.sign_receipt(receipt, self.private_key, self.domain), fingerprint
 
 
 class CreditLedger:
@@ -100,7 +101,7 @@ class CreditLedger:
         """Verifies a voucher from the wire; returns it if it raised the paid amount, raises on a bad one."""
         try:
             signed = schema.SignedVoucher.from_json(data)
-            signer = schema.recover_voucher_signer(signed, self.domain)
+            signer = eip712.recover_voucher_signer(signed, self.domain)
         except Exception as e:
             raise NodeRPCError(ErrorCode.BAD_REQUEST, f"malformed voucher: {e}")
         voucher = signed.voucher

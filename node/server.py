@@ -6,6 +6,7 @@ import logging
 import random
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -21,20 +22,20 @@ from nectar.node.backend import SpanBackend
 from nectar.node.block_selection import block_throughputs, choose_best_start, should_move
 from nectar.node.config import NodeConfig
 from nectar.node.handler import NodeHandler
+from nectar.node.identity import ClaimedKeyDir, claim_free_key_dir, claim_key_dir
+from nectar.node.identity import load_or_create_eth_key, load_or_create_p2p_identity
 from nectar.node.memory_cache import MemoryCache
 from nectar.node.payments import NoPaymentPolicy, PaymentPolicy
 from nectar.node.receipts import CreditLedger, ReceiptSigner
 from nectar.node.signing import InlineSigning, SigningWorker
 from nectar.node.task_pool import ComputeThread
+from nectar.deployment import domain_from_deployment
 from nectar.paths import nectar_home
-from nectar.wire import receipts as schema
-from nectar.wire.announce import (
-    PROTOCOL_VERSION, AnnouncementValidator, ServerInfo, ServerState, block_key, fetch_records, parse_block_records,
-)
+from nectar.wire.announce import PROTOCOL_VERSION, AnnouncementValidator, ServerInfo, ServerState
 from nectar.wire.direct import DirectServer
 from nectar.wire.event_loop import new_event_loop
-from nectar.wire.identity import load_or_create_eth_key, load_or_create_p2p_identity
 from nectar.wire.protocol import SUPPORTED_DTYPES
+from nectar.wire.swarm import read_swarm
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +70,29 @@ def visible_addresses(dht: hivemind.DHT) -> list[str]:
     return [str(addr) for addr in dht.get_visible_maddrs()]
 
 
-class Server:
-    """Runs one node until ``stop()``; see ``NodeConfig`` for settings. ``start()`` returns once it serves."""
+DEFAULT_NAME = NodeConfig.public_name  # a node left at the default name takes a free identity (node/identity.py)
 
-    def __init__(self, config: NodeConfig, *, payments: PaymentPolicy | None = None):
+
+def claim_identity(config: NodeConfig) -> ClaimedKeyDir:
+    """The key folder this node holds for its life: ``--key-dir``, else ``~/.nectar/nodes/<--name>``, else (neither
+    given) the first free one of ``~/.nectar/nodes/node``, ``node-2``, ... Raises ``KeyDirInUse`` if a live node holds
+    the folder asked for."""
+    if config.key_dir:
+        return claim_key_dir(config.key_dir, name=config.public_name or DEFAULT_NAME)
+    if config.public_name and config.public_name != DEFAULT_NAME:
+        return claim_key_dir(nectar_home() / "nodes" / config.public_name, name=config.public_name)
+    return claim_free_key_dir(nectar_home() / "nodes", DEFAULT_NAME)
+
+
+class Server:
+    """Runs one node until ``stop()``; see ``NodeConfig`` for settings. ``start()`` returns once it serves.
+
+    :param payments: where signed receipts and accepted vouchers go (the composition root wires it); default:
+      ``LedgerPaymentPolicy`` when ``config.ledger_url`` is set, else ``NoPaymentPolicy``
+    :param domain: the EIP-712 domain receipts and vouchers are signed under; default: the deployment file's
+    """
+
+    def __init__(self, config: NodeConfig, *, payments: PaymentPolicy | None = None, domain: dict | None = None):
         self.config = config
         self.model_path = resolve_model(config.model)
         self.model_id = model_id_of(config.model)
@@ -83,10 +103,18 @@ class Server:
         if dtype_name not in SUPPORTED_DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(SUPPORTED_DTYPES)}, got {dtype_name!r}")
         self.dtype_name, self.dtype = dtype_name, SUPPORTED_DTYPES[dtype_name]
-        self.key_dir = Path(config.key_dir or nectar_home() / "nodes" / config.public_name)
-        self.p2p_key = load_or_create_p2p_identity(self.key_dir / "p2p.key")
-        self.eth_key = load_or_create_eth_key(self.key_dir / "eth.json")
+        self.identity = claim_identity(config)
+        self.key_dir, self.public_name = self.identity.path, config.public_name or self.identity.name
+        if not config.key_dir and config.public_name in (DEFAULT_NAME, "", None):
+            self.public_name = self.identity.name  # node, node-2, ...: tells the nodes of one machine apart
+        try:
+            self.p2p_key = load_or_create_p2p_identity(self.key_dir / "p2p.key")
+            self.eth_key = load_or_create_eth_key(self.key_dir / "eth.json")
+        except BaseException:
+            self.identity.release()
+            raise
         self.payments = payments
+        self.domain = domain
         self.stop_event = threading.Event()
         self.loop = new_event_loop()
         self._loop_thread = threading.Thread(target=self.loop.run_forever, name="nectar-p2p", daemon=True)
@@ -106,7 +134,7 @@ class Server:
                               identity_path=self.key_dir / "p2p.key", private_key=self.p2p_key,
                               announce_host=config.announce_host)
         self.addresses = visible_addresses(self.dht)
-        domain = schema.default_domain()
+        domain = self.domain if self.domain is not None else domain_from_deployment()
         self.signer = ReceiptSigner(private_key=self.eth_key, model_id=self.model_id,
                                     price_per_token=config.price_per_token, domain=domain)
         self.credit = CreditLedger(node_address=self.signer.address, credit_limit=config.credit_limit, domain=domain)
@@ -136,7 +164,7 @@ class Server:
     def _payment_policy(self) -> PaymentPolicy:
         if not self.config.ledger_url:
             return NoPaymentPolicy()
-        from nectar.ledger.node_policy import LedgerPaymentPolicy  # optional: only nodes that report to a ledger
+        from nectar.wire.ledger_api import LedgerPaymentPolicy  # only nodes that report to a ledger load httpx
 
         return LedgerPaymentPolicy(self.config.ledger_url)
 
@@ -192,7 +220,7 @@ class Server:
             inference_rps=self.inference_rps, forward_rps=self.forward_rps, network_rps=self.network_rps,
             dtype=self.dtype_name, cache_tokens_left=self.handler.memory.tokens_left,
             price_per_token=self.config.price_per_token, eth_address=self.signer.address,
-            public_name=self.config.public_name, direct_address=self.direct_address,
+            public_name=self.public_name, direct_address=self.direct_address,
         )
 
     def rpc_info(self) -> dict:
@@ -240,6 +268,7 @@ class Server:
         if self.dht is not None:
             self.dht.shutdown()
         self.loop.call_soon_threadsafe(self.loop.stop)
+        self.identity.release()
         trace.dump()
 
     def wait(self) -> None:
@@ -252,10 +281,9 @@ class Server:
         looked_up, lanes = self._lanes.get(block, (0.0, set()))
         age = time.monotonic() - looked_up
         if age > 10.0 or (address not in lanes and age > 1.0):
-            records = await asyncio.get_running_loop().run_in_executor(
-                None, fetch_records, self.dht, [block_key(self.model_id, block)])
-            servers = parse_block_records(self.model_id, [block], records).get(block, {})
-            lanes = {info.direct_address for info in servers.values()
+            swarm = await asyncio.get_running_loop().run_in_executor(
+                None, partial(read_swarm, self.dht, self.model_id, self.num_model_blocks, blocks=[block]))
+            lanes = {info.direct_address for info in swarm.blocks[block].values()
                      if info.state != ServerState.OFFLINE and info.direct_address}  # fmt: skip
             self._lanes[block] = (time.monotonic(), lanes)
         return address in lanes
@@ -264,15 +292,10 @@ class Server:
 
     def _swarm_spans(self) -> list[tuple[int, int, float]]:
         """(start, end, throughput) of every other online node."""
-        keys = [block_key(self.model_id, i) for i in range(self.num_model_blocks)]
-        records = fetch_records(self.dht, keys)
-        by_block = parse_block_records(self.model_id, range(self.num_model_blocks), records)
-        spans = {}
-        for servers in by_block.values():
-            for peer_id, info in servers.items():
-                if peer_id != self.dht.peer_id and info.state != ServerState.OFFLINE:
-                    spans[peer_id] = (info.start, info.end, info.throughput)
-        return list(spans.values())
+        swarm = read_swarm(self.dht, self.model_id, self.num_model_blocks, states=(ServerState.JOINING,
+                                                                                    ServerState.ONLINE))
+        return [(info.start, info.end, info.throughput) for peer_id, info in swarm.servers().items()
+                if peer_id != self.dht.peer_id]
 
     def _span_length(self) -> int:
         return min(self.config.num_blocks or self.num_model_blocks, self.num_model_blocks)

@@ -2,24 +2,13 @@
 the file changes (a devnet restart)."""
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from pathlib import Path
 
-from nectar.wire.receipts import DEVNET_CHAIN_ID, ZERO_ADDRESS, make_domain
+from nectar.deployment import domain_from_deployment
 
 logger = logging.getLogger(__name__)
-
-
-def domain_from_file(path: Path) -> dict:
-    if not path.exists():
-        return make_domain(DEVNET_CHAIN_ID, ZERO_ADDRESS)
-    data = json.loads(path.read_text())
-    settlement = data.get("contracts", {}).get("Settlement", data.get("settlement", ZERO_ADDRESS))
-    if isinstance(settlement, dict):
-        settlement = settlement["address"]
-    return make_domain(int(data.get("chainId", data.get("chain_id", DEVNET_CHAIN_ID))), settlement)
 
 
 class DomainProvider:
@@ -35,6 +24,6 @@ class DomainProvider:
             stamp = None
         with self._lock:
             if self._cached[0] != stamp or self._cached[1] is None:
-                self._cached = (stamp, domain_from_file(self.path))
+                self._cached = (stamp, domain_from_deployment(self.path, strict=True))
                 logger.info(f"Verifying against EIP-712 domain {self._cached[1]}")
             return self._cached[1]

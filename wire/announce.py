@@ -12,7 +12,7 @@ import enum
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -141,38 +141,3 @@ class AnnouncementValidator(RecordValidatorBase):
 
     def merge_with(self, other: RecordValidatorBase) -> bool:
         return isinstance(other, AnnouncementValidator)
-
-
-def parse_block_records(
-    model_id: str, block_indices: Sequence[int], records: dict[Any, Any]
-) -> dict[int, dict[PeerID, ServerInfo]]:
-    """Turns ``dht.get_many`` results into {block: {peer: ServerInfo}}, dropping malformed entries."""
-    result: dict[int, dict[PeerID, ServerInfo]] = {}
-    for index in block_indices:
-        entry = records.get(block_key(model_id, index))
-        servers: dict[PeerID, ServerInfo] = {}
-        if entry is not None and isinstance(entry.value, dict):
-            for subkey, item in entry.value.items():
-                try:
-                    peer_id = PeerID(subkey)
-                    info = ServerInfo.from_dict(item.value)
-                except Exception as e:
-                    logger.debug(f"Ignoring a malformed announcement for block {index}: {e}")
-                    continue
-                if info.start <= index < info.end:
-                    servers[peer_id] = info
-        result[index] = servers
-    return result
-
-
-async def _get_many(dht, node, *, keys, latest: bool):
-    # runs inside the DHT process: one batched lookup for all blocks
-    expiration = float("inf") if latest else None
-    return await node.get_many(keys, sufficient_expiration_time=expiration, num_workers=8)
-
-
-def fetch_records(dht, keys: Sequence[str], *, latest: bool = True) -> dict[Any, Any]:
-    """``{key: ValueWithExpiration | None}`` for many keys in one DHT round."""
-    from functools import partial
-
-    return dht.run_coroutine(partial(_get_many, keys=list(keys), latest=latest))

@@ -59,22 +59,18 @@ class MarketService:
         return scores
 
     def _build_view(self) -> SwarmView:
-        from nectar.wire.announce import ServerState, block_key, fetch_records, parse_block_records
+        from nectar.wire.announce import ServerState
+        from nectar.wire.swarm import read_swarm
 
         reputation = self._reputation_by_address()
         models, nodes = [], []
         for name, served in self.context.swarm.models.items():
             num_blocks = served.model.num_blocks
-            records = fetch_records(served.model.runtime.dht, [block_key(name, i) for i in range(num_blocks)])
-            by_block = parse_block_records(name, range(num_blocks), records)
-            coverage = [sum(info.state == ServerState.ONLINE for info in by_block.get(i, {}).values())
-                        for i in range(num_blocks)]  # fmt: skip
+            swarm = read_swarm(served.model.runtime, name, num_blocks)
+            coverage = swarm.coverage()
             models.append(SwarmModelView(name=name, num_blocks=num_blocks, coverage=coverage,
                                          missing_blocks=[i for i, c in enumerate(coverage) if c == 0]))
-            seen = {}
-            for servers in by_block.values():
-                for peer_id, info in servers.items():
-                    seen[str(peer_id)] = info
+            seen = {str(peer_id): info for peer_id, info in swarm.servers().items()}
             for peer_id, info in sorted(seen.items(), key=lambda kv: (kv[1].start, kv[1].end, kv[1].public_name)):
                 score = reputation.get((info.eth_address or "").lower())
                 nodes.append(SwarmNode(
@@ -137,7 +133,7 @@ class MarketService:
         if self.ledger is None:
             raise unavailable("No ledger is configured: start `nectar ledger` and pass --ledger-url (or "
                               "NECTAR_API_LEDGER_URL) to see nodes' receipts and earnings", code="no_ledger")
-        from nectar.ledger import LedgerError
+        from nectar.wire.ledger_api import LedgerError
 
         try:
             return await anyio.to_thread.run_sync(self.ledger.node, to_checksum_address(address))

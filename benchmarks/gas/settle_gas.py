@@ -25,6 +25,7 @@ from eth_account import Account
 
 from nectar.chain import Chain, free_port, start_devnet
 from nectar.wire import receipts as wire
+from nectar.wire import eip712
 from nectar.chain.artifacts import repo_root, tool_path
 from nectar.chain.encoding import encode_settle_batch
 from nectar.client.payments import Wallet
@@ -67,7 +68,7 @@ def run_scenario(chain: Chain, *, clients: int, nodes: int, wallets: int, submit
         signed = []  # signed as the client SDK and the ledger do, through nectar.wire
         for i, (c, n, partner, ch) in enumerate(channels):
             v = wire.Voucher(c.address, n, ch, amount * 10**15 + i, partner)
-            signed.append((v, wire.sign_voucher(v, c.key, domain).signature))
+            signed.append((v, eip712.sign_voucher(v, c.key, domain).signature))
         enc = encode_settle_batch(signed)
         data = bytes.fromhex(chain.settlement.encode_abi("settle", [enc.nodes, enc.groups])[2:])
         size, cd_gas = calldata_gas(data)

@@ -14,6 +14,7 @@ from eth_account import Account
 
 from nectar.chain.devnet import start_devnet
 from nectar.wire import receipts as R
+from nectar.wire import eip712
 from nectar.wire.merkle import merkle_root
 
 
@@ -48,7 +49,7 @@ def main() -> None:
                 for node in nodes:
                     cumulative[(client, node)] = cumulative.get((client, node), 0) + receipts * 10**9
                     voucher = R.Voucher(client, node, 1, cumulative[(client, node)])
-                    pairs.append((voucher.to_message(), R.sign_voucher(voucher, key, domain).signature))
+                    pairs.append((voucher.to_message(), eip712.sign_voucher(voucher, key, domain).signature))
             settle_gas = chain.settle(ledger_key, pairs).gas_used
             print(f"{receipts:>15,} {len(pairs):>9} {root_gas:>9,} {settle_gas:>11,} {(root_gas + settle_gas) / receipts:>12.2f}")
         print("target: <= 50 gas per settled receipt")

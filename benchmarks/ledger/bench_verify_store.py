@@ -18,6 +18,7 @@ from nectar.ledger.intake import check_receipt, parse_receipt_item
 from nectar.ledger.migrations import run_migrations
 from nectar.service.db import get_engine, session_scope
 from nectar.wire import receipts as R
+from nectar.wire import eip712, fingerprints
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # for tests.ledger.utils (PostgreSQL helper)
@@ -39,8 +40,8 @@ def make_items(n: int, domain: dict) -> list[dict]:
     items = []
     for i in range(n):
         receipt = R.Receipt(os.urandom(32), i, 0, R.model_id_hash("bench"), 0, 8, node.address, client.address, 4, 10,
-                            40, os.urandom(32), os.urandom(32), R.fingerprint_hash(fp), 1_700_000_000)  # fmt: skip
-        items.append({**R.sign_receipt(receipt, node.key, domain).to_json(), "fingerprintBytes": "0x" + fp.hex()})
+                            40, os.urandom(32), os.urandom(32), fingerprints.fingerprint_hash(fp), 1_700_000_000)  # fmt: skip
+        items.append({**eip712.sign_receipt(receipt, node.key, domain).to_json(), "fingerprintBytes": "0x" + fp.hex()})
     return items
 
 
@@ -50,12 +51,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1000)
     args = parser.parse_args()
     os.environ.setdefault("NECTAR_HOME", tempfile.mkdtemp())
-    domain = R.make_domain(31337, "0x5FbDB2315678afecb367f032d93F642f64180aa3")
+    domain = eip712.make_domain(31337, "0x5FbDB2315678afecb367f032d93F642f64180aa3")
     print(f"signing {args.receipts} receipts...", flush=True)
     items = make_items(args.receipts, domain)
     parsed = [parse_receipt_item(i) for i in items]
 
-    recover_rate = best_rate(lambda: [R.recover_receipt_signer(signed, domain) for signed, _ in parsed], len(parsed))
+    recover_rate = best_rate(lambda: [eip712.recover_receipt_signer(signed, domain) for signed, _ in parsed], len(parsed))
     checked = [check_receipt(s, fp, domain) for s, fp in parsed]
     assert all(c.reason is None for c in checked)
     check_rate = best_rate(lambda: [check_receipt(s, fp, domain) for s, fp in parsed], len(parsed))
@@ -67,7 +68,7 @@ def main() -> None:
         signed = R.SignedReceipt.from_json(item)
         Account.recover_message(
             __import__("eth_account.messages", fromlist=["x"]).encode_typed_data(
-                full_message=R.full_typed_message("Receipt", signed.receipt.to_message(), domain)),
+                full_message=eip712.full_typed_message("Receipt", signed.receipt.to_message(), domain)),
             signature=signed.signature)  # fmt: skip
     eth_account_rate = len(sample) / (time.perf_counter() - began)
 

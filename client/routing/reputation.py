@@ -1,7 +1,8 @@
 """``ReputationScorer``: route costs from the ledger's reputation scores and the nodes' announced prices.
 
-The ledger publishes a score in [0, 1] per node at ``GET /v1/reputation`` (plain HTTP and JSON, so the client does not
-depend on the ledger package). A background thread refreshes the scores; ``cost_factor`` only reads memory.
+The ledger publishes a score in [0, 1] per node at ``GET /v1/reputation``, read through ``nectar.wire.ledger_api`` (so
+the client does not depend on the ledger package). A background thread refreshes the scores; ``cost_factor`` only
+reads memory.
 
 cost factor = reputation factor * price factor, where
 
@@ -21,7 +22,6 @@ import random
 import statistics
 import threading
 import time
-from dataclasses import dataclass
 from typing import Optional
 
 import httpx
@@ -29,17 +29,11 @@ from hivemind.p2p import PeerID
 
 from nectar.client.routing.scoring import PeerScorer
 from nectar.wire.announce import ServerInfo
+from nectar.wire.ledger_api import PREFIX, REPUTATION, LedgerClient, LedgerError, NodeReputation
 
 logger = logging.getLogger(__name__)
 
 NEUTRAL_SCORE = 0.5  # what a node without history scores; the ledger's smoothed components start here too
-
-
-@dataclass(frozen=True)
-class NodeReputation:
-    score: float
-    new: bool
-    penalized: bool  # any failed spot check, slash or double-sign conflict on record
 
 
 class ReputationScorer(PeerScorer):
@@ -69,7 +63,7 @@ class ReputationScorer(PeerScorer):
         self.refresh_period, self.exploration, self.explore_bonus = refresh_period, exploration, explore_bonus
         self.decision_window, self.reputation_weight, self.price_weight = decision_window, reputation_weight, price_weight
         self.reference_price, self.min_score = reference_price, min_score
-        self._http = httpx.Client(base_url=self.ledger_url, timeout=timeout)
+        self._ledger = LedgerClient(self.ledger_url, timeout=timeout)
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._scores: dict[str, NodeReputation] = {}
@@ -93,19 +87,11 @@ class ReputationScorer(PeerScorer):
     def refresh(self) -> bool:
         """Fetch the scores now; on failure keep the last ones (or neutral scores) and say so."""
         try:
-            response = self._http.get("/v1/reputation")
-            response.raise_for_status()
-            nodes = response.json()["nodes"]
-            scores = {
-                str(n["address"]).lower(): NodeReputation(
-                    score=float(n["score"]), new=bool(n.get("new", False)),
-                    penalized=bool(n.get("spot_failed", 0) or n.get("slashes", 0) or n.get("conflicts", 0)),
-                )
-                for n in nodes
-            }  # fmt: skip
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
-            logger.warning(f"Could not read reputation from {self.ledger_url}/v1/reputation ({type(e).__name__}: {e}); "
-                           f"routing on the last scores known (or speed and price alone) until the ledger answers")
+            scores = self._ledger.reputation_scores()
+        except (httpx.HTTPError, LedgerError, ValueError, KeyError, TypeError) as e:
+            logger.warning(f"Could not read reputation from {self.ledger_url}{PREFIX}{REPUTATION} ({type(e).__name__}: "
+                           f"{e}); routing on the last scores known (or speed and price alone) until the ledger "
+                           "answers")
             return False
         with self._lock:
             self._scores, self._fetched_at = scores, time.monotonic()
@@ -124,7 +110,7 @@ class ReputationScorer(PeerScorer):
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        self._http.close()
+        self._ledger.close()
 
     # ---- cost factor ------------------------------------------------------------------------------------------
 

@@ -18,7 +18,8 @@ from hivemind.p2p import PeerID
 from nectar.client.config import ClientConfig
 from nectar.client.routing.scoring import NoScorer, PeerScorer
 from nectar.client.routing.spans import RemoteSpan
-from nectar.wire.announce import ServerInfo, ServerState, block_key, fetch_records, parse_block_records
+from nectar.wire.announce import ServerInfo, ServerState
+from nectar.wire.swarm import read_swarm
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +38,11 @@ class MissingBlocksError(RuntimeError):
 class RemoteSequenceManager:
     """Knows which peers host which blocks of one model; thread-safe."""
 
-    def __init__(self, dht, model_id: str, num_blocks: int, *, config: ClientConfig,
-                 scorer: PeerScorer | None = None, runtime=None):
-        self.dht, self.model_id, self.num_blocks, self.config = dht, model_id, num_blocks, config
+    def __init__(self, runtime, model_id: str, num_blocks: int, *, config: ClientConfig,
+                 scorer: PeerScorer | None = None):
+        """:param runtime: the ``ClientRuntime`` (nectar.wire.dht) the swarm is read through and peers are pinged on"""
+        self.runtime, self.model_id, self.num_blocks, self.config = runtime, model_id, num_blocks, config
         self.scorer = scorer or NoScorer()
-        self.runtime = runtime  # a ClientRuntime: lets the manager measure round trips to peers
         self._latency: dict[PeerID, float] = {}
         self._servers: dict[int, dict[PeerID, ServerInfo]] = {}
         self._updated = 0.0
@@ -54,9 +55,7 @@ class RemoteSequenceManager:
     def update(self, force: bool = False) -> None:
         if not force and time.monotonic() - self._updated < self.config.update_period:
             return
-        keys = [block_key(self.model_id, i) for i in range(self.num_blocks)]
-        records = fetch_records(self.dht, keys)
-        servers = parse_block_records(self.model_id, range(self.num_blocks), records)
+        servers = read_swarm(self.runtime, self.model_id, self.num_blocks).blocks
         with self._lock:
             self._servers, self._updated = servers, time.monotonic()
         self._measure_latencies({peer: info for block in servers.values() for peer, info in block.items()})

@@ -9,9 +9,10 @@ from nectar.ledger import crud
 from nectar.ledger.deps import AdminDep, SessionDep, StateDep
 from nectar.ledger.schemas import EpochPublic
 from nectar.ledger.worker import ADVANCE_EPOCHS_TASK, producer_app
+from nectar.wire.ledger_api import CLOSE_EPOCH, EPOCHS, PREFIX
 
 logger = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1", tags=["epochs"])
+router = APIRouter(prefix=PREFIX, tags=["epochs"])
 
 
 def epoch_public(epoch) -> EpochPublic:
@@ -23,13 +24,13 @@ def epoch_public(epoch) -> EpochPublic:
     )  # fmt: skip
 
 
-@router.get("/epochs", response_model=list[EpochPublic])
+@router.get(EPOCHS, response_model=list[EpochPublic])
 def epochs(session: SessionDep, limit: int = 50) -> list[EpochPublic]:
     crud.current_epoch(session)
     return [epoch_public(e) for e in crud.list_epochs(session, limit=min(limit, 500))]
 
 
-@router.post("/epochs/close")
+@router.post(CLOSE_EPOCH)
 def close_epoch(_: AdminDep, session: SessionDep, state: StateDep, allow_empty: bool = False) -> dict:
     """Freeze the collecting epoch now (in the database) and ask the worker to commit and settle it."""
     closed = crud.close_epoch(session, allow_empty=allow_empty)

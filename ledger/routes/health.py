@@ -7,18 +7,19 @@ from fastapi import APIRouter
 from sqlalchemy import text
 
 from nectar.ledger.deps import SessionDep, StateDep
+from nectar.wire.ledger_api import CONFIG, HEALTH, PREFIX
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health")
+@router.get(HEALTH)
 def health(session: SessionDep) -> dict:
     session.execute(text("SELECT 1"))
     return {"status": "ok"}
 
 
-@router.get("/v1/config")
+@router.get(PREFIX + CONFIG)
 def config(state: StateDep) -> dict:
     s = state.settings
     return {"domain": state.domains.get(), "credit_limit": str(s.credit_limit), "fee_bps": s.fee_bps,

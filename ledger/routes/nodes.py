@@ -12,10 +12,11 @@ from fastapi import APIRouter, HTTPException
 from nectar.ledger import crud
 from nectar.ledger.deps import SessionDep, StateDep
 from nectar.ledger.reputation import rank, score_node
-from nectar.ledger.schemas import ReportIn, report_message
+from nectar.ledger.schemas import ReportIn
+from nectar.wire.ledger_api import NODE, PREFIX, REPORTS, REPUTATION, report_message
 
 logger = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1", tags=["nodes"])
+router = APIRouter(prefix=PREFIX, tags=["nodes"])
 
 REPORT_MAX_AGE_S = 600
 
@@ -26,7 +27,7 @@ def _address(value: str) -> str:
     return to_checksum_address(value)
 
 
-@router.get("/nodes/{address}")
+@router.get(NODE)
 def node_view(address: str, session: SessionDep, state: StateDep, limit: int = 50) -> dict:
     address = _address(address)
     node = crud.get_node(session, address=address)
@@ -57,14 +58,14 @@ def node_view(address: str, session: SessionDep, state: StateDep, limit: int = 5
     }
 
 
-@router.get("/reputation")
+@router.get(REPUTATION)
 def reputation(session: SessionDep, state: StateDep) -> dict:
     scores = rank(crud.list_nodes(session), reference_stake=state.settings.reference_stake,
                   spot_fail_factor=state.settings.spot_check_reputation_penalty)  # fmt: skip
     return {"nodes": [s.to_json() for s in scores], "generated_at": int(time.time())}
 
 
-@router.post("/reports")
+@router.post(REPORTS)
 def report(body: ReportIn, session: SessionDep) -> dict:
     """A paying client's measurement of a node (signed, so only the node's customers move its reputation)."""
     node, reporter = _address(body.node), _address(body.reporter)

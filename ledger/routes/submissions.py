@@ -12,9 +12,10 @@ from nectar.ledger import crud
 from nectar.ledger.deps import StateDep
 from nectar.ledger.intake import Malformed, Reason, check_receipt, check_voucher, parse_receipt_item, parse_voucher_item
 from nectar.ledger.schemas import BatchResult, ItemResult, ReceiptBatch, VoucherBatch
+from nectar.wire.ledger_api import PREFIX, RECEIPTS, VOUCHERS
 
 logger = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1", tags=["submissions"])
+router = APIRouter(prefix=PREFIX, tags=["submissions"])
 
 
 def _parse_all(items: list, parse) -> list:
@@ -72,7 +73,7 @@ def _summarise(verdicts, leaves=None) -> BatchResult:
                        results=results)  # fmt: skip
 
 
-@router.post("/receipts", response_model=BatchResult)
+@router.post(RECEIPTS, response_model=BatchResult)
 def submit_receipts(batch: ReceiptBatch, state: StateDep) -> BatchResult:
     if len(batch.receipts) > state.settings.max_batch:
         raise HTTPException(413, f"at most {state.settings.max_batch} receipts per request; split the batch")
@@ -90,7 +91,7 @@ def submit_receipts(batch: ReceiptBatch, state: StateDep) -> BatchResult:
     return result
 
 
-@router.post("/vouchers", response_model=BatchResult)
+@router.post(VOUCHERS, response_model=BatchResult)
 def submit_vouchers(batch: VoucherBatch, state: StateDep) -> BatchResult:
     if len(batch.vouchers) > state.settings.max_batch:
         raise HTTPException(413, f"at most {state.settings.max_batch} vouchers per request; split the batch")

@@ -11,9 +11,11 @@ from eth_account import Account
 from nectar.chain import ChainError
 from nectar.chain.encoding import encode_settle_batch
 from nectar.client.payments import Wallet
+from nectar.wire import eip712
 from nectar.wire import receipts as wire
 
 ETHER = 10**18
+DOMAIN = eip712.make_domain(eip712.DEVNET_CHAIN_ID, eip712.ZERO_ADDRESS)  # for channel ids only
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def payer(chain, roles):
 
 def _signed(payer, node: str, channel_id: int, amount: int, partner: str | None = None):
     v = wire.Voucher(payer["address"], node, channel_id, amount, partner)
-    return v, wire.sign_voucher(v, payer["key"], payer["domain"]).signature
+    return v, eip712.sign_voucher(v, payer["key"], payer["domain"]).signature
 
 
 def _settlement_slots(chain, sender: str, signed) -> set[str]:
@@ -46,23 +48,23 @@ def _settlement_slots(chain, sender: str, signed) -> set[str]:
 def test_wallets_of_one_key_take_both_channels_of_a_pair(payer):
     first, second = payer["wallets"]
     assert first.channel_id % 2 == 0 and second.channel_id == first.channel_id + 1
-    other = Wallet(Account.create().key.hex())  # another key draws its own pair
+    other = Wallet(Account.create().key.hex(), domain=DOMAIN)  # another key draws its own pair
     assert other.channel_id >> 1 != first.channel_id >> 1
 
 
 def test_forked_child_draws_its_own_pair():
     """A prefork worker must not take the odd half its parent left open (a sibling would take it too)."""
     key = Account.create().key.hex()
-    parent = Wallet(key)
+    parent = Wallet(key, domain=DOMAIN)
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child only reports its channel id
-        os.write(write, str(Wallet(key).channel_id).encode())
+        os.write(write, str(Wallet(key, domain=DOMAIN).channel_id).encode())
         os._exit(0)
     os.waitpid(pid, 0)
     child = int(os.read(read, 64))
     assert child >> 1 != parent.channel_id >> 1
-    assert Wallet(key).channel_id == parent.channel_id + 1  # the parent still fills its own pair
+    assert Wallet(key, domain=DOMAIN).channel_id == parent.channel_id + 1  # the parent still fills its own pair
 
 
 def test_pair_shares_one_slot_and_keeps_two_totals(chain, roles, payer):
@@ -91,7 +93,7 @@ def test_pair_shares_one_slot_and_keeps_two_totals(chain, roles, payer):
 
 
 def test_wallet_pairs_the_nodes_of_a_route():
-    wallet = Wallet(Account.create().key.hex())
+    wallet = Wallet(Account.create().key.hex(), domain=DOMAIN)
     a, b, c, d = (Account.create().address for _ in range(4))
     wallet.pair([a, b, c])
     assert (wallet.partner_of(a), wallet.partner_of(b)) == (b, a)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 
 from nectar.wire import receipts as wire
+from nectar.wire import eip712
 
 ETHER = 10**18
 
 
 @pytest.fixture(scope="module")
 def domain(chain):
-    return wire.make_domain(chain.chain_id, chain.address_of("Settlement"))
+    return eip712.make_domain(chain.chain_id, chain.address_of("Settlement"))
 
 
 def _receipt(node: str, client: str) -> wire.Receipt:
@@ -23,20 +24,20 @@ def _receipt(node: str, client: str) -> wire.Receipt:
 
 
 def test_domain_separator_matches(chain, domain):
-    assert bytes(chain.settlement.functions.domainSeparator().call()) == wire.domain_separator(domain)
+    assert bytes(chain.settlement.functions.domainSeparator().call()) == eip712.domain_separator(domain)
 
 
 def test_receipt_digest_and_leaf_match(chain, roles, domain):
     r = _receipt(roles["node"][0]["address"], roles["client"][0]["address"])
-    assert chain.receipt_digest(r) == wire.receipt_digest(r, domain)
-    assert chain.receipt_leaf(r.to_json()) == wire.receipt_leaf(r)  # JSON form (hex strings) is accepted too
+    assert chain.receipt_digest(r) == eip712.receipt_digest(r, domain)
+    assert chain.receipt_leaf(r.to_json()) == eip712.receipt_leaf(r)  # JSON form (hex strings) is accepted too
 
 
 def test_voucher_signed_by_wire_settles(chain, roles, domain):
     client, node = roles["client"][2], roles["node"][2]
     chain.deposit(client["privateKey"], 5 * ETHER)
     v = wire.Voucher(client["address"], node["address"], 4, 2 * ETHER)
-    assert chain.voucher_digest(v) == wire.voucher_digest(v, domain)
-    signed = wire.sign_voucher(v, client["privateKey"], domain)
+    assert chain.voucher_digest(v) == eip712.voucher_digest(v, domain)
+    signed = eip712.sign_voucher(v, client["privateKey"], domain)
     chain.settle(roles["ledger"][0]["privateKey"], [(v, signed.signature)])
     assert chain.paid(client["address"], node["address"], 4) == 2 * ETHER

@@ -66,7 +66,7 @@ def test_scorer_hook_can_avoid_a_peer():
 def test_missing_blocks_error_says_what_to_do():
     manager = _manager({_peer(1): _info(0, 3), _peer(2): _info(5, 8)})
     with pytest.raises(MissingBlocksError) as error:
-        manager.dht = None
+        manager.runtime = None
         manager.update = lambda force=False: None
         manager.make_inference_route()
     assert error.value.blocks == [3, 4] and "nectar node" in str(error.value) and "--blocks 3:5" in str(error.value)

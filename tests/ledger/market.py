@@ -15,7 +15,7 @@ from nectar.ledger import crud
 from nectar.models.tiny import save_tiny_checkpoint
 from nectar.node.local_swarm import LocalSwarm, SwarmProcess
 from nectar.service.db import get_engine, session_scope
-from nectar.wire.receipts import receipt_leaf
+from nectar.wire.eip712 import receipt_leaf
 from tests.ledger.harness import LedgerDeployment
 from tests.ledger.utils import Party, wait_for
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nectar.wire.merkle import merkle_proof
-from nectar.wire.receipts import receipt_leaf
+from nectar.wire.eip712 import receipt_leaf
 from tests.ledger.market import SwarmMarket
 
 pytestmark = pytest.mark.slow

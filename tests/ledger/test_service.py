@@ -6,9 +6,11 @@ import threading
 
 import torch
 
+from nectar.deployment import domain_from_deployment
 from nectar.ledger import crud
 from nectar.service.db import get_engine, session_scope
 from nectar.wire import receipts as R
+from nectar.wire import eip712, fingerprints
 from nectar.wire.merkle import merkle_root, verify_proof, merkle_proof
 from tests.ledger.utils import Party, make_receipt, make_voucher, receipt_item
 
@@ -43,7 +45,7 @@ def test_forgeries_are_rejected_with_reasons(api):
     mallory = Party()
     good, fp = make_receipt(NODE, CLIENT)
     # signed by someone else, claiming to be NODE
-    forged = R.sign_receipt(good.receipt, mallory.key, R.default_domain())
+    forged = eip712.sign_receipt(good.receipt, mallory.key, domain_from_deployment())
     # content changed after signing
     tampered = R.SignedReceipt(R.Receipt(**{**good.receipt.__dict__, "tokens": 400, "amount": 400 * 1000}), good.signature)
     # garbage signature bytes
@@ -51,9 +53,9 @@ def test_forgeries_are_rejected_with_reasons(api):
     # amount != tokens * price, properly signed
     wrong_amount = make_receipt(NODE, CLIENT, amount=1)
     # signed for another chain
-    other_domain = make_receipt(NODE, CLIENT, domain=R.make_domain(1, R.ZERO_ADDRESS))
+    other_domain = make_receipt(NODE, CLIENT, domain=eip712.make_domain(1, eip712.ZERO_ADDRESS))
     # fingerprint bytes that are not the committed ones
-    swapped_fp = (good, R.activation_fingerprint(torch.randn(1, 4, 16)))
+    swapped_fp = (good, fingerprints.activation_fingerprint(torch.randn(1, 4, 16)))
     result = post(api, [receipt_item(forged, fp), receipt_item(tampered, fp), receipt_item(garbage, fp),
                         receipt_item(*wrong_amount), receipt_item(*other_domain), receipt_item(*swapped_fp)])  # fmt: skip
     reasons = [r["reason"] for r in result["results"]]
@@ -65,8 +67,8 @@ def test_conflicting_receipt_is_rejected_and_kept_as_evidence(api, settings):
     session_id = os.urandom(32)
     first = make_receipt(NODE, CLIENT, session_id=session_id, step=3)
     second = make_receipt(NODE, CLIENT, session_id=session_id, step=3)  # same work, a different output
-    same_output_other_time = R.sign_receipt(
-        R.Receipt(**{**first[0].receipt.__dict__, "timestamp": first[0].receipt.timestamp + 5}), NODE.key, R.default_domain()
+    same_output_other_time = eip712.sign_receipt(
+        R.Receipt(**{**first[0].receipt.__dict__, "timestamp": first[0].receipt.timestamp + 5}), NODE.key, domain_from_deployment()
     )
     assert post(api, [receipt_item(*first)])["accepted"] == 1
     result = post(api, [receipt_item(*second), receipt_item(same_output_other_time, first[1])])
@@ -76,7 +78,7 @@ def test_conflicting_receipt_is_rejected_and_kept_as_evidence(api, settings):
         conflicts = crud.list_conflicts(session, node=NODE.address)
         assert len(conflicts) == 1 and conflicts[0].status == "pending"
         stored = crud.signed_receipt_of(session.get(crud.Receipt, conflicts[0].receipt_id))
-        assert stored == first[0] and R.recover_receipt_signer(stored, R.default_domain()) == NODE.address
+        assert stored == first[0] and eip712.recover_receipt_signer(stored, domain_from_deployment()) == NODE.address
     assert len(node_view(api)["conflicts"]) == 1
 
 
@@ -102,7 +104,7 @@ def test_a_conflict_inside_one_batch_is_kept_as_evidence_and_the_rest_is_stored(
     pair = [make_receipt(node, CLIENT, session_id=os.urandom(32), step=0, kind=1) for _ in range(2)]
     pair[1] = make_receipt(node, CLIENT, session_id=pair[0][0].receipt.session_id, step=0, kind=1)
     with session_scope(get_engine(settings.database_url)) as session:
-        verdicts = crud.store_receipts(session, checked=[check_receipt(s, fp, R.default_domain()) for s, fp in pair])
+        verdicts = crud.store_receipts(session, checked=[check_receipt(s, fp, domain_from_deployment()) for s, fp in pair])
     assert [v[0] for v in verdicts] == ["accepted", "rejected"]
 
 
@@ -136,7 +138,7 @@ def test_vouchers_keep_the_highest_and_reject_stale_and_forged(api):
                for a in (100, 250, 250, 200)]  # fmt: skip
     assert [r["results"][0]["status"] for r in results] == ["accepted", "accepted", "duplicate", "rejected"]
     assert results[3]["results"][0]["reason"] == "stale_voucher"
-    forged = R.sign_voucher(R.Voucher(client.address, node.address, 1, 10**9), Party().key, R.default_domain())
+    forged = eip712.sign_voucher(R.Voucher(client.address, node.address, 1, 10**9), Party().key, domain_from_deployment())
     result = api.post("/v1/vouchers", json={"vouchers": [forged.to_json()]}).json()
     assert result["results"][0]["reason"] == "wrong_signer"
     assert api.post("/v1/vouchers", json={"vouchers": [{"voucher": {}, "signature": "0x"}]}).status_code == 422
@@ -183,7 +185,7 @@ def test_close_epoch_freezes_receipts_under_a_verifiable_root(api, settings):
 def test_reputation_and_reports(api):
     node, client = Party(), Party()
     post(api, [receipt_item(*make_receipt(node, client))])
-    from nectar.ledger.client import LedgerClient
+    from nectar.wire.ledger_api import LedgerClient
 
     ledger = LedgerClient("http://testserver")
     ledger._http = api  # the TestClient speaks the same httpx API

@@ -7,7 +7,8 @@ import os
 import pytest
 
 from nectar.wire.merkle import merkle_proof, merkle_root
-from nectar.wire.receipts import SignedReceipt, receipt_leaf
+from nectar.wire.eip712 import receipt_leaf
+from nectar.wire.receipts import SignedReceipt
 from tests.ledger.harness import LedgerDeployment
 from tests.ledger.utils import make_receipt, make_voucher, receipt_item, wait_for
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from sqlalchemy import select
 
+from nectar.deployment import domain_from_deployment
 from nectar.ledger import crud
 from nectar.ledger.core.config import Settings
 from nectar.ledger.intake import check_receipt
@@ -17,6 +18,7 @@ from nectar.models import load_span
 from nectar.models.tiny import save_tiny_checkpoint
 from nectar.service.db import get_engine, session_scope
 from nectar.wire import receipts as R
+from nectar.wire import eip712, fingerprints
 from tests.ledger.utils import Party
 
 MODEL = "tiny-audit-llama"
@@ -53,14 +55,14 @@ class SimulatedNode:
             output = self.span(hidden, cache=cache)
             if self.rng.random() < self.cheat_rate:  # skip the work: return a perturbed guess
                 output = output + 0.05 * output.abs().amax() * torch.randn_like(output)
-            fp = R.activation_fingerprint(output)
+            fp = fingerprints.activation_fingerprint(output)
             receipt = R.Receipt(
                 session_id=session_id, step=step, kind=0, model_id=R.model_id_hash(MODEL), block_start=self.start,
                 block_end=self.end, node=self.party.address, client=client.address, tokens=hidden.shape[1], price=3,
-                amount=3 * hidden.shape[1], input_commitment=R.commit_tensor(hidden),
-                output_commitment=R.commit_tensor(output), fingerprint=R.fingerprint_hash(fp), timestamp=1,
+                amount=3 * hidden.shape[1], input_commitment=fingerprints.commit_tensor(hidden),
+                output_commitment=fingerprints.commit_tensor(output), fingerprint=fingerprints.fingerprint_hash(fp), timestamp=1,
             )  # fmt: skip
-            item = R.sign_receipt(receipt, self.party.key, R.default_domain())
+            item = eip712.sign_receipt(receipt, self.party.key, domain_from_deployment())
             signed.append((item, fp, output))
         return signed
 
@@ -108,9 +110,9 @@ def world(tmp_path_factory):
             history = audit.input_history(item.receipt)
             expected = honest_ref(history)[:, -item.receipt.tokens :]
             if not torch.allclose(expected, out, atol=1e-4, rtol=1e-4):
-                corrupted_leaves.add(R.receipt_leaf(item.receipt))
+                corrupted_leaves.add(eip712.receipt_leaf(item.receipt))
     with session_scope(engine) as session:
-        checked = [check_receipt(item, fp, R.default_domain()) for item, fp, _ in all_items]
+        checked = [check_receipt(item, fp, domain_from_deployment()) for item, fp, _ in all_items]
         verdicts = crud.store_receipts(session, checked=checked)
         assert all(v[0] == "accepted" for v in verdicts)
         epoch = crud.close_epoch(session)
@@ -195,7 +197,7 @@ def test_a_fabricated_history_prefix_is_refused(world):
     items = [item for item, _, _ in world["items"] if item.receipt.node == world["honest"][0] and item.receipt.step >= 2]
     receipt = items[0].receipt
     with session_scope(world["engine"]) as session:
-        stored_fp = session.scalar(select(crud.Receipt.fingerprint).where(crud.Receipt.leaf == R.receipt_leaf(receipt)))
+        stored_fp = session.scalar(select(crud.Receipt.fingerprint).where(crud.Receipt.leaf == eip712.receipt_leaf(receipt)))
     honest = SpotChecker(settings=world["settings"], engine=world["engine"], verifiers=world["verifiers"],
                          audit=world["audit"])  # fmt: skip
     assert honest._prefix_consistent(receipt, world["audit"].input_history(receipt)) is True

@@ -23,7 +23,8 @@ from nectar.ledger.swarm import SwarmView
 from nectar.ledger.swarm_audit import RpcAuditSource
 from nectar.service.db import session_scope
 from nectar.wire.announce import ServerInfo
-from nectar.wire.receipts import activation_fingerprint, fingerprints_match, receipt_leaf
+from nectar.wire.eip712 import receipt_leaf
+from nectar.wire.fingerprints import activation_fingerprint, fingerprints_match
 from tests.ledger.market import SwarmMarket
 from tests.ledger.utils import wait_for
 

@@ -13,7 +13,9 @@ import psycopg2
 import torch
 from eth_account import Account
 
+from nectar.deployment import domain_from_deployment
 from nectar.wire import receipts as R
+from nectar.wire import eip712, fingerprints
 
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -48,15 +50,15 @@ def make_receipt(node: Party, client: Party, *, step: int = 0, session_id: bytes
                  block_end: int = 2, timestamp: int | None = None, domain: dict | None = None,
                  amount: int | None = None, model: str = "tiny-llama", input_commitment: bytes | None = None):
     output = torch.randn(1, tokens, 16) if output is None else output
-    fp = R.activation_fingerprint(output)
+    fp = fingerprints.activation_fingerprint(output)
     receipt = R.Receipt(
         session_id=session_id or os.urandom(32), step=step, kind=kind, model_id=R.model_id_hash(model),
         block_start=block_start, block_end=block_end, node=node.address, client=client.address, tokens=tokens,
         price=price, amount=tokens * price if amount is None else amount,
-        input_commitment=input_commitment or os.urandom(32), output_commitment=R.commit_tensor(output),
-        fingerprint=R.fingerprint_hash(fp), timestamp=timestamp or int(time.time()),
+        input_commitment=input_commitment or os.urandom(32), output_commitment=fingerprints.commit_tensor(output),
+        fingerprint=fingerprints.fingerprint_hash(fp), timestamp=timestamp or int(time.time()),
     )  # fmt: skip
-    return R.sign_receipt(receipt, node.key, domain or R.default_domain()), fp
+    return eip712.sign_receipt(receipt, node.key, domain or domain_from_deployment()), fp
 
 
 def receipt_item(signed: R.SignedReceipt, fp: bytes) -> dict:
@@ -64,8 +66,8 @@ def receipt_item(signed: R.SignedReceipt, fp: bytes) -> dict:
 
 
 def make_voucher(client: Party, node: Party, amount: int, *, channel: int = 1, domain: dict | None = None):
-    return R.sign_voucher(R.Voucher(client.address, node.address, channel, amount), client.key,
-                          domain or R.default_domain())  # fmt: skip
+    return eip712.sign_voucher(R.Voucher(client.address, node.address, channel, amount), client.key,
+                          domain or domain_from_deployment())  # fmt: skip
 
 
 def free_port() -> int:

@@ -13,8 +13,9 @@ from eth_account import Account
 from nectar.node.receipts import ReceiptSigner
 from nectar.node.signing import InlineSigning, SigningWorker
 from nectar.wire import receipts as schema
+from nectar.wire import eip712, fingerprints
 
-DOMAIN = schema.make_domain(31337, "0x" + "22" * 20)
+DOMAIN = eip712.make_domain(31337, "0x" + "22" * 20)
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +61,8 @@ def test_the_child_signs_what_the_node_would_sign_itself(signer):
         assert _without_timestamp(signed) == _without_timestamp(expected)
         assert fingerprint == expected_fingerprint
         assert wire == signed.to_json()
-        assert signed.receipt.output_commitment == schema.commit_tensor(outputs)
-        assert schema.recover_receipt_signer(schema.SignedReceipt.from_json(wire), DOMAIN) == signer.address
+        assert signed.receipt.output_commitment == fingerprints.commit_tensor(outputs)
+        assert eip712.recover_receipt_signer(schema.SignedReceipt.from_json(wire), DOMAIN) == signer.address
 
 
 def test_an_error_in_the_child_reaches_the_caller_and_the_child_keeps_signing(signer):
@@ -99,7 +100,7 @@ def test_once_the_child_dies_receipts_are_signed_on_the_loop(signer, caplog):
     assert "signed on the node's event loop" in caplog.text
     assert [r.receipt.step for r in (first, second, third)] == [0, 1, 2]
     for signed in (first, second, third):
-        assert schema.recover_receipt_signer(signed, DOMAIN) == signer.address
+        assert eip712.recover_receipt_signer(signed, DOMAIN) == signer.address
 
 
 def test_the_key_never_appears_on_the_childs_command_line(signer):

@@ -10,6 +10,7 @@ from nectar.node.block_selection import block_throughputs, choose_best_start, sh
 from nectar.node.memory_cache import MemoryCache
 from nectar.node.receipts import CreditLedger, ReceiptSigner
 from nectar.wire import receipts as schema
+from nectar.wire import eip712, fingerprints
 from nectar.wire.protocol import ErrorCode, NodeRPCError, parse_module_uid
 
 
@@ -42,7 +43,7 @@ def test_memory_cache_reserves_and_refuses_clearly():
 
 def test_credit_ledger_limits_unpaid_work_and_accepts_only_valid_vouchers():
     node, client, stranger = Account.create(), Account.create(), Account.create()
-    domain = schema.make_domain(31337, "0x" + "11" * 20)
+    domain = eip712.make_domain(31337, "0x" + "11" * 20)
     credit = CreditLedger(node_address=node.address, credit_limit=100, domain=domain)
     credit.charge(client.address, 90)
     credit.check_credit(client.address, 10)
@@ -52,7 +53,7 @@ def test_credit_ledger_limits_unpaid_work_and_accepts_only_valid_vouchers():
 
     def voucher(signer, amount, node_address=node.address, channel=1):
         v = schema.Voucher(client=client.address, node=node_address, channel_id=channel, cumulative_amount=amount)
-        return schema.sign_voucher(v, signer.key.hex(), domain).to_json()
+        return eip712.sign_voucher(v, signer.key.hex(), domain).to_json()
 
     with pytest.raises(NodeRPCError, match="signature"):
         credit.accept_voucher(voucher(stranger, 90), client.address)  # forged by someone else
@@ -69,15 +70,15 @@ def test_credit_ledger_limits_unpaid_work_and_accepts_only_valid_vouchers():
 def test_receipts_signed_by_the_node_verify_and_chain():
     key = Account.create()
     signer = ReceiptSigner(private_key=key.key.hex(), model_id="m", price_per_token=3,
-                           domain=schema.make_domain(31337, "0x" + "22" * 20))
+                           domain=eip712.make_domain(31337, "0x" + "22" * 20))
     x, y = torch.randn(1, 2, 8), torch.randn(1, 2, 8)
     signed, fingerprint = signer.sign(session_id=b"\0" * 32, step=0, kind=schema.ReceiptKind.INFERENCE, start=2,
                                       end=5, client=key.address, tokens=2, inputs=x, outputs=y)
-    assert schema.recover_receipt_signer(signed, signer.domain) == key.address
+    assert eip712.recover_receipt_signer(signed, signer.domain) == key.address
     receipt = signed.receipt
     assert receipt.price == 9 and receipt.amount == 18
-    assert receipt.input_commitment == schema.commit_tensor(x) and receipt.output_commitment == schema.commit_tensor(y)
-    assert receipt.fingerprint == schema.fingerprint_hash(fingerprint)
+    assert receipt.input_commitment == fingerprints.commit_tensor(x) and receipt.output_commitment == fingerprints.commit_tensor(y)
+    assert receipt.fingerprint == fingerprints.fingerprint_hash(fingerprint)
 
 
 def test_audit_log_replays_rollbacks_and_evicts():

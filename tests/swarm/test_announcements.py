@@ -9,22 +9,20 @@ from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
 from nectar.node.local_swarm import LocalSwarm
-from nectar.wire.announce import (
-    AnnouncementValidator, ServerInfo, ServerState, block_key, fetch_records, parse_block_records,
-)
-from nectar.wire.identity import load_or_create_p2p_identity
+from nectar.wire.announce import AnnouncementValidator, ServerInfo, ServerState, block_key
+from nectar.wire.dht import ClientRuntime
+from nectar.wire.swarm import read_swarm
+from nectar.node.identity import load_or_create_p2p_identity
 
 pytestmark = pytest.mark.slow
 
 
 def _view(swarm, model_id="tiny-llama", num_blocks=4):
-    dht = hivemind.DHT(initial_peers=swarm.initial_peers, client_mode=True, start=True,
-                       record_validators=[AnnouncementValidator(None)])
+    runtime = ClientRuntime(swarm.initial_peers)
     try:
-        records = fetch_records(dht, [block_key(model_id, i) for i in range(num_blocks)])
-        return parse_block_records(model_id, range(num_blocks), records)
+        return read_swarm(runtime, model_id, num_blocks).blocks
     finally:
-        dht.shutdown()
+        runtime.shutdown()
 
 
 def _forged_info(**overrides) -> dict:

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from nectar.client import ClientConfig, DistributedModelForCausalLM
 from nectar.node.local_swarm import LocalSwarm
 from nectar.wire.announce import AnnouncementValidator, ServerInfo, ServerState, block_key
-from nectar.wire.identity import load_or_create_p2p_identity
+from nectar.node.identity import load_or_create_p2p_identity
 from nectar.wire.protocol import RPC_FORWARD, RPC_INFERENCE, make_request, module_uid
 from nectar.wire.transport import call_once, call_stream
 
@@ -147,6 +147,8 @@ def _inference_replies(model, span, metadata: dict, hidden: torch.Tensor) -> lis
 
 
 def test_receipt_follows_the_output_as_its_own_message(model):
+    from nectar.deployment import domain_from_deployment
+    from nectar.wire import eip712, fingerprints
     from nectar.wire import receipts as schema
 
     span = _span(model, "a", 0, 2)
@@ -155,9 +157,9 @@ def test_receipt_follows_the_output_as_its_own_message(model):
     assert first.get("receipt_follows") is True and "receipt" not in first and len(outputs) == 1
     assert after == [] and second["type"] == "receipt" and second["step"] == 0
     signed = schema.SignedReceipt.from_json(second["receipt"])
-    assert schema.recover_receipt_signer(signed, schema.default_domain()).lower() == span.info.eth_address.lower()
-    assert signed.receipt.output_commitment == schema.commit_tensor(outputs[0])
-    assert signed.receipt.input_commitment == schema.commit_tensor(hidden)
+    assert eip712.recover_receipt_signer(signed, domain_from_deployment()).lower() == span.info.eth_address.lower()
+    assert signed.receipt.output_commitment == fingerprints.commit_tensor(outputs[0])
+    assert signed.receipt.input_commitment == fingerprints.commit_tensor(hidden)
     # without the option, the receipt rides in the output's own reply (older clients, raw callers)
     (inline_outputs, inline), = _inference_replies(model, span, {}, hidden)
     assert "receipt" in inline and torch.allclose(inline_outputs[0], outputs[0])

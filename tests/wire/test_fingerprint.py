@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from nectar.wire.receipts import activation_fingerprint, fingerprint_hash, fingerprints_match, parse_fingerprint
+from nectar.wire.fingerprints import activation_fingerprint, fingerprint_hash, fingerprints_match, parse_fingerprint
 
 
 class TinyCausalBlock(torch.nn.Module):

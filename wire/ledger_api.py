@@ -1,0 +1,266 @@
+"""The ledger's HTTP API, from the outside: its routes, its JSON shapes, and the one client of it.
+
+The node (``LedgerPaymentPolicy`` posts its receipts and vouchers), the client's routing (reputation scores) and the
+API gateway (a node's receipts and earnings) all talk to ``nectar ledger`` through here; the ledger's routes take
+their paths from the constants below, so the two sides cannot drift apart.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from nectar.wire.receipts import SignedReceipt, SignedVoucher
+
+logger = logging.getLogger(__name__)
+
+# ---- routes: PREFIX + path (the ledger mounts its routers under PREFIX) ------------------------------------------
+PREFIX = "/v1"
+RECEIPTS = "/receipts"  # POST {"receipts": [receipt_item(...)]} -> batch result
+VOUCHERS = "/vouchers"  # POST {"vouchers": [signed voucher JSON]} -> batch result
+REPUTATION = "/reputation"  # GET -> {"nodes": [{"address", "score", "new", "spot_failed", "slashes", ...}]}
+NODE = "/nodes/{address}"  # GET -> a node's receipts, earnings, settlements and reputation
+REPORTS = "/reports"  # POST a client's signed measurement of a node (report_message)
+EPOCHS = "/epochs"  # GET -> [epoch]
+CLOSE_EPOCH = "/epochs/close"  # POST ?allow_empty=, admin token
+CONFIG = "/config"  # GET -> the ledger's public settings
+HEALTH = "/health"  # GET, outside PREFIX
+
+
+# ---- JSON shapes ---------------------------------------------------------------------------------------------------
+def receipt_item(signed: SignedReceipt, fingerprint: bytes) -> dict:
+    """One entry of a receipts submission: the signed receipt and its fingerprint's bytes."""
+    return {**signed.to_json(), "fingerprintBytes": "0x" + bytes(fingerprint).hex()}
+
+
+def report_message(report: Any) -> str:
+    """The exact text a reporter signs (EIP-191) for ``POST /v1/reports`` (stable field order); ``report`` is a dict
+    or a pydantic model."""
+    data = report.model_dump() if hasattr(report, "model_dump") else dict(report)
+    fields = ("node", "reporter", "online", "success", "latency_ms", "throughput", "timestamp")
+    for name in ("latency_ms", "throughput"):  # 40 and 40.0 must sign the same
+        if data.get(name) is not None:
+            data[name] = float(data[name])
+    return "nectar-report:" + "|".join(f"{name}={data.get(name)}" for name in fields)
+
+
+@dataclass(frozen=True)
+class NodeReputation:
+    """A node's entry of ``GET /v1/reputation`` as routing reads it."""
+
+    score: float
+    new: bool
+    penalized: bool  # any failed spot check, slash or double-sign conflict on record
+
+    @classmethod
+    def from_json(cls, item: dict) -> "NodeReputation":
+        return cls(score=float(item["score"]), new=bool(item.get("new", False)),
+                   penalized=bool(item.get("spot_failed", 0) or item.get("slashes", 0) or item.get("conflicts", 0)))
+
+
+# ---- the client --------------------------------------------------------------------------------------------------
+class LedgerError(Exception):
+    """The ledger answered with an error status; the message carries its explanation."""
+
+    def __init__(self, status: int, detail):
+        super().__init__(f"ledger answered {status}: {detail}")
+        self.status, self.detail = status, detail
+
+
+class LedgerClient:
+    """Thin synchronous client. Thread-safe (one httpx.Client).
+
+    :param base_url: e.g. ``http://127.0.0.1:8700``
+    :param timeout: seconds per request
+    :param admin_token: only for ``close_epoch``
+    """
+
+    def __init__(self, base_url: str, *, timeout: float = 30.0, admin_token: str | None = None):
+        self.base_url = base_url.rstrip("/")
+        self.admin_token = admin_token
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _request(self, method: str, path: str, **kwargs) -> dict | list:
+        response = self._http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            raise LedgerError(response.status_code, detail)
+        return response.json()
+
+    def submit_receipts(self, items: Sequence[tuple[SignedReceipt, bytes]]) -> dict:
+        """Post (signed receipt, fingerprint bytes) pairs; returns per-item verdicts."""
+        body = [receipt_item(signed, fp) for signed, fp in items]
+        return self._request("POST", PREFIX + RECEIPTS, json={"receipts": body})
+
+    def submit_vouchers(self, vouchers: Sequence[SignedVoucher]) -> dict:
+        return self._request("POST", PREFIX + VOUCHERS, json={"vouchers": [v.to_json() for v in vouchers]})
+
+    def reputation(self) -> list[dict]:
+        return self._request("GET", PREFIX + REPUTATION)["nodes"]
+
+    def reputation_scores(self) -> dict[str, NodeReputation]:
+        """``GET /v1/reputation`` by lower-case address."""
+        return {str(n["address"]).lower(): NodeReputation.from_json(n) for n in self.reputation()}
+
+    def node(self, address: str) -> dict:
+        return self._request("GET", PREFIX + NODE.format(address=address))
+
+    def epochs(self) -> list[dict]:
+        return self._request("GET", PREFIX + EPOCHS)
+
+    def config(self) -> dict:
+        return self._request("GET", PREFIX + CONFIG)
+
+    def health(self) -> dict:
+        return self._request("GET", HEALTH)
+
+    def close_epoch(self, *, allow_empty: bool = False) -> dict:
+        headers = {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
+        return self._request("POST", PREFIX + CLOSE_EPOCH, params={"allow_empty": allow_empty}, headers=headers)
+
+    def report(self, *, private_key, node: str, online: bool | None = None, success: bool | None = None,
+               latency_ms: float | None = None, throughput: float | None = None) -> dict:  # fmt: skip
+        """Report a measurement of ``node`` as the client owning ``private_key`` (must have paid that node)."""
+        from eth_account import Account
+        from eth_account.messages import encode_defunct
+
+        body = {"node": node, "reporter": Account.from_key(private_key).address, "online": online, "success": success,
+                "latency_ms": latency_ms, "throughput": throughput, "timestamp": int(time.time())}  # fmt: skip
+        signature = Account.sign_message(encode_defunct(text=report_message(body)), private_key).signature
+        return self._request("POST", PREFIX + REPORTS, json={**body, "signature": "0x" + bytes(signature).hex()})
+
+
+# ---- the node's payment hook -------------------------------------------------------------------------------------
+class LedgerPaymentPolicy:
+    """Batches and posts receipts/vouchers from a background thread; never blocks the caller.
+
+    A node's payment hook (``nectar.node.payments.PaymentPolicy``'s methods): the step only appends to an in-memory
+    queue; the thread posts batches, retrying with backoff while the ledger is down, and ``shutdown`` flushes what is
+    left. Items the ledger rejects are logged, not retried.
+
+    :param ledger_url: base URL of ``nectar ledger``
+    :param batch_size: items per POST
+    :param flush_interval: seconds between posts when the queue is not full
+    :param max_queue: receipts kept while the ledger is unreachable (oldest dropped past it, with a warning)
+    """
+
+    def __init__(self, ledger_url: str, *, batch_size: int = 500, flush_interval: float = 0.5,
+                 max_queue: int = 1_000_000, client: LedgerClient | None = None):  # fmt: skip
+        self.client = client or LedgerClient(ledger_url, timeout=10.0)
+        self.batch_size, self.flush_interval, self.max_queue = batch_size, flush_interval, max_queue
+        self._receipts: deque = deque()
+        self._vouchers: dict[tuple, object] = {}  # latest voucher per channel only
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self.sent_receipts = self.sent_vouchers = self.rejected = 0
+        self._thread = threading.Thread(target=self._loop, name="ledger-policy", daemon=True)
+        self._thread.start()
+
+    def on_receipt(self, signed_receipt, fingerprint: bytes) -> None:
+        with self._lock:
+            if len(self._receipts) >= self.max_queue:
+                self._receipts.popleft()
+                logger.warning("Ledger unreachable for long: dropping the oldest queued receipt")
+            self._receipts.append((signed_receipt, fingerprint))
+            full = len(self._receipts) >= self.batch_size
+        if full:
+            self._wake.set()
+
+    def on_voucher(self, signed_voucher) -> None:
+        v = signed_voucher.voucher
+        key = v.channel
+        with self._lock:
+            current = self._vouchers.get(key)
+            if current is None or current.voucher.cumulative_amount < v.cumulative_amount:
+                self._vouchers[key] = signed_voucher
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._receipts) + len(self._vouchers)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the thread after posting everything queued (gives up after ``timeout`` seconds)."""
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        if self.pending():
+            logger.warning(f"Ledger policy stopped with {self.pending()} items unsent (ledger unreachable)")
+        self.client.close()
+
+    def _loop(self) -> None:
+        backoff = self.flush_interval
+        deadline = None
+        while True:
+            self._wake.wait(backoff)
+            self._wake.clear()
+            if self._stopping.is_set() and deadline is None:
+                deadline = time.monotonic() + 25.0
+            try:
+                while self._flush_once():
+                    pass
+                backoff = self.flush_interval
+            except (httpx.HTTPError, LedgerError) as e:
+                backoff = min(max(backoff * 2, 0.5), 30.0)
+                logger.warning(f"Could not reach the ledger ({e}); retrying in {backoff:.1f}s")
+            if self._stopping.is_set() and (not self.pending() or time.monotonic() > deadline):
+                return
+            if self._stopping.is_set():
+                backoff = min(backoff, 1.0)
+
+    def _flush_once(self) -> bool:
+        """Post one batch of each kind; True if there may be more. Items stay queued until the ledger answered."""
+        with self._lock:
+            receipts = [self._receipts[i] for i in range(min(self.batch_size, len(self._receipts)))]
+            vouchers = list(self._vouchers.items())[: self.batch_size]
+        if vouchers:
+            try:
+                self._count(self.client.submit_vouchers([v for _, v in vouchers]), "voucher")
+            except LedgerError as e:
+                if e.status != 422:
+                    raise
+                logger.error(f"Ledger refused a malformed voucher batch, dropping it: {e.detail}")
+            with self._lock:
+                for key, voucher in vouchers:
+                    if self._vouchers.get(key) is voucher:
+                        del self._vouchers[key]
+            self.sent_vouchers += len(vouchers)
+        if receipts:
+            try:
+                result = self.client.submit_receipts(receipts)
+            except LedgerError as e:
+                if e.status != 422:
+                    raise
+                logger.error(f"Ledger refused a malformed receipt batch, dropping it: {e.detail}")
+                result = None
+            if result is not None:
+                self._count(result, "receipt")
+            with self._lock:
+                for _ in receipts:
+                    self._receipts.popleft()
+            self.sent_receipts += len(receipts)
+        return len(receipts) == self.batch_size
+
+    def _count(self, result: dict, what: str) -> None:
+        for item in result.get("results", []):
+            if item["status"] == "rejected":
+                self.rejected += 1
+                logger.warning(f"Ledger rejected a {what}: {item['reason']}: {item['message']}")
