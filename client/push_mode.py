@@ -9,22 +9,36 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import Optional, Protocol
 
 import torch
 
-from nectar.client.hop_stream import Fault, Hop, HopFailed, HopState
-
-if TYPE_CHECKING:
-    from nectar.client.inference_session import InferenceSession
+from nectar.client.config import ClientConfig
+from nectar.client.hop_stream import Fault, Hop, HopFailed, HopState, Reply
 
 logger = logging.getLogger(__name__)
+
+
+class PushSession(Protocol):
+    """What push mode needs of its session (``InferenceSession``), which owns the hops, checks and relay."""
+
+    config: ClientConfig
+    hops: list[Hop]
+    prompts: Optional[torch.Tensor]
+
+    def _take_voucher(self, hop: Hop) -> Optional[dict]: ...
+
+    async def _receive_answer(self, hop: Hop) -> Reply: ...
+
+    def _accept(self, hop: Hop, inputs: torch.Tensor, reply: Reply, *, step: int, position: int) -> torch.Tensor: ...
+
+    async def _run_hops(self, x: torch.Tensor, index: int, *, step: int, position: int) -> torch.Tensor: ...
 
 
 class PushMode:
     """Runs a session's steps with pushes between its hops, and counts how that went."""
 
-    def __init__(self, session: "InferenceSession"):
+    def __init__(self, session: PushSession):
         self.session, self.config = session, session.config
         self.pushed_steps = 0  # steps every hop of which was served by a push
         self.fallbacks = 0  # steps relayed after a missing push

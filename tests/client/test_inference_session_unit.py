@@ -22,12 +22,13 @@ from nectar.client.hop_stream import HopStream
 from nectar.client.payments import Wallet
 from nectar.client.routing import MissingBlocksError, RemoteSpan
 from nectar.node.receipts import ReceiptSigner
+from nectar.wire import eip712
 from nectar.wire import receipts as schema
 from nectar.wire.announce import ServerInfo, ServerState
 from nectar.wire.protocol import ErrorCode, make_response, unpack_metadata, unpack_tensors
 
 BLOCKS, HIDDEN, MODEL = 4, 8, "toy"
-DOMAIN = schema.make_domain(31337, "0x" + "42" * 20)
+DOMAIN = eip712.make_domain(31337, "0x" + "42" * 20)
 
 
 def block(index: int, hidden: torch.Tensor, cache: dict[int, torch.Tensor], position: int) -> torch.Tensor:

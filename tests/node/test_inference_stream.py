@@ -19,6 +19,7 @@ from nectar.node.config import NodeConfig
 from nectar.node.handler import NodeHandler
 from nectar.node.memory_cache import MemoryCache
 from nectar.node.receipts import CreditLedger, ReceiptSigner
+from nectar.wire import eip712, fingerprints
 from nectar.wire import receipts as schema
 from nectar.wire.messages import (
     AuditCall, AuditReply, BackwardCall, BackwardReply, Cancel, Flush, ForwardCall, ForwardReply, Open, Opened, Pay,
@@ -29,7 +30,7 @@ from nectar.wire.request_stream import RequestStream
 
 MODEL, HIDDEN = "fake-model", 8
 UID = f"{MODEL}[0:4]"
-DOMAIN = schema.make_domain(31337, "0x" + "22" * 20)
+DOMAIN = eip712.make_domain(31337, "0x" + "22" * 20)
 PRICE = 1  # per token per block
 
 
@@ -154,10 +155,10 @@ def session_id() -> bytes:
 
 def check_receipt(node: NodeHandler, receipt: dict, inputs: torch.Tensor, output: torch.Tensor, step: int):
     signed = schema.SignedReceipt.from_json(receipt)
-    assert schema.recover_receipt_signer(signed, DOMAIN) == node.steps.signer.address
+    assert eip712.recover_receipt_signer(signed, DOMAIN) == node.steps.signer.address
     assert signed.receipt.step == step
-    assert signed.receipt.input_commitment == schema.commit_tensor(inputs)
-    assert signed.receipt.output_commitment == schema.commit_tensor(output)
+    assert signed.receipt.input_commitment == fingerprints.commit_tensor(inputs)
+    assert signed.receipt.output_commitment == fingerprints.commit_tensor(output)
 
 
 def assert_released(node: NodeHandler):
@@ -307,7 +308,7 @@ def test_the_last_receipt_comes_as_the_client_ends_the_stream():
 def _voucher(client, node: NodeHandler, amount: int) -> dict:
     voucher = schema.Voucher(client=client.address, node=node.steps.signer.address, channel_id=1,
                              cumulative_amount=amount)
-    return schema.sign_voucher(voucher, client.key.hex(), DOMAIN).to_json()
+    return eip712.sign_voucher(voucher, client.key.hex(), DOMAIN).to_json()
 
 
 def test_pay_settles_the_client_debt():
