@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+from nectar.wire.peers import initial_peers
 from nectar.cli_kit import add_logging_options, add_options, config_values, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def serve_main(argv: list[str]) -> int:
     settings = _settings(args, SERVE, "nectar api")
     if settings is None:
         return 2
-    if not (settings.initial_peers or os.environ.get("NECTAR_INITIAL_PEERS", "").strip()):
+    if not initial_peers(settings.initial_peers, env=os.environ):
         print("nectar api: no swarm to serve from: pass --initial-peers MULTIADDR (printed by `nectar dht` or "
               "`nectar node`) or set NECTAR_INITIAL_PEERS", file=sys.stderr)
         return 2

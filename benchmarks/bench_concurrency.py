@@ -123,7 +123,7 @@ def run_sessions_in_processes(path, swarm, num_sessions: int, *, processes: int,
 
 def compute_counters(model) -> dict:
     """The node's compute counters (rounds and steps so far), from its info RPC."""
-    from nectar.client.streams import call_unary
+    from nectar.wire.stubs import call_unary
     from nectar.wire.protocol import RPC_INFO, make_request, unpack_metadata
 
     (peer, info), = {p: i for block in model.sequence_manager.servers().values() for p, i in block.items()}.items()

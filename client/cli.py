@@ -6,6 +6,7 @@ import os
 import sys
 import time
 
+from nectar.wire.peers import initial_peers
 from nectar.cli_kit import add_logging_options, add_options, config_values, options_of, setup_logging
 from nectar.client.config import ClientConfig
 
@@ -25,7 +26,7 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
 
 
 def _peers(args) -> list[str]:
-    peers = list(args.initial_peers or os.environ.get("NECTAR_INITIAL_PEERS", "").replace(",", " ").split())
+    peers = initial_peers(args.initial_peers, env=os.environ)
     if not peers:
         raise SystemExit("No swarm to join: pass --initial-peers MULTIADDR (printed by `nectar dht`/`nectar node`) "
                          "or set NECTAR_INITIAL_PEERS")

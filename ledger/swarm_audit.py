@@ -18,6 +18,7 @@ from nectar.ledger.spot_check import AuditSource, Verifier, step_positions
 from nectar.ledger.swarm import NodeEntry, SwarmView
 from nectar.wire.eip712 import address_of, receipt_leaf
 from nectar.wire.messages import AuditCall, AuditReply, ForwardCall, ForwardReply
+from nectar.wire.peers import initial_peers
 from nectar.wire.protocol import ErrorCode, NodeRPCError, module_uid
 from nectar.wire.receipts import Receipt, keccak256
 
@@ -109,8 +110,7 @@ class SwarmVerifier(Verifier):
 
 
 def initial_peers_of(settings: Settings) -> list[str]:
-    text = settings.swarm_initial_peers or os.environ.get("NECTAR_INITIAL_PEERS", "")
-    return [p for p in text.replace(",", " ").split() if p]
+    return initial_peers(settings.swarm_initial_peers, env=os.environ)
 
 
 _VIEWS: list[SwarmView] = []

@@ -8,17 +8,11 @@ import signal
 import sys
 import threading
 
+from nectar.wire.peers import initial_peers
 from nectar.cli_kit import add_logging_options, add_options, config_values, options_of, setup_logging
 from nectar.node.config import NodeConfig
 
 logger = logging.getLogger(__name__)
-
-
-def initial_peers_from(args_peers: list[str] | None) -> list[str]:
-    if args_peers:
-        return list(args_peers)
-    env = os.environ.get("NECTAR_INITIAL_PEERS", "")
-    return [p for p in env.replace(",", " ").split() if p]
 
 
 def parse_blocks(text: str) -> tuple[int, int]:
@@ -81,7 +75,7 @@ def dht_main(argv: list[str]) -> int:
     from nectar.node.identity import load_or_create_p2p_identity
 
     private_key = load_or_create_p2p_identity(Path(args.identity)) if args.identity else None
-    dht = create_dht(host=args.host, port=args.port, initial_peers=initial_peers_from(args.initial_peers),
+    dht = create_dht(host=args.host, port=args.port, initial_peers=initial_peers(args.initial_peers, env=os.environ),
                      identity_path=Path(args.identity) if args.identity else None, private_key=private_key,
                      announce_host=args.announce_host)
     print_join_address(visible_addresses(dht), what="Bootstrap peer")
@@ -108,7 +102,7 @@ def node_parser() -> argparse.ArgumentParser:
 
 def node_config(args: argparse.Namespace) -> NodeConfig:
     values = config_values(args, node_fields())
-    values["initial_peers"] = initial_peers_from(args.initial_peers)
+    values["initial_peers"] = initial_peers(args.initial_peers, env=os.environ)
     return NodeConfig(**values, cache_memory_bytes=int(args.cache_mb * 2**20))
 
 

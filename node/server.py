@@ -130,6 +130,7 @@ class Server:
 
     def start(self) -> None:
         config = self.config
+        trace.start()
         self.dht = create_dht(host=config.host, port=config.port, initial_peers=config.initial_peers,
                               identity_path=self.key_dir / "p2p.key", private_key=self.p2p_key,
                               announce_host=config.announce_host)

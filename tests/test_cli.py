@@ -56,10 +56,10 @@ def test_the_node_command_line_defaults_are_nodeconfig_defaults(monkeypatch):
     assert dataclasses.replace(built, initial_peers=tuple(built.initial_peers)) == NodeConfig()
     flagged = node_config(node_parser().parse_args(["--price", "7", "--name", "n1", "--blocks", "2:5", "--cache-mb",
                                                     "1.5", "--dtype", "bfloat16", "--batch-wait", "0.5",
-                                                    "--initial-peers", "/ip4/1/p2p/A", "/ip4/2/p2p/B"]))
+                                                    "--initial-peers", "/ip4/127.0.0.1/tcp/1", "/ip4/127.0.0.2/tcp/2"]))
     assert (flagged.price_per_token, flagged.public_name, flagged.blocks) == (7, "n1", (2, 5))
     assert flagged.cache_memory_bytes == int(1.5 * 2**20) and flagged.dtype == "bfloat16" and flagged.batch_wait == 0.5
-    assert list(flagged.initial_peers) == ["/ip4/1/p2p/A", "/ip4/2/p2p/B"]
+    assert list(flagged.initial_peers) == ["/ip4/127.0.0.1/tcp/1", "/ip4/127.0.0.2/tcp/2"]
 
 
 def test_the_client_command_line_defaults_are_clientconfig_defaults():

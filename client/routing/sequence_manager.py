@@ -68,14 +68,12 @@ class RemoteSequenceManager:
             return
         import asyncio
 
-        from nectar.client.streams import call_unary
-        from nectar.wire.protocol import RPC_INFO, make_request
+        from nectar.wire.stubs import call_info
 
         async def ping(peer):
             began = time.perf_counter()
             try:
-                await call_unary(self.runtime.p2p, peer, peers[peer], RPC_INFO, make_request("", [], {}),
-                                 direct=self.config.direct, timeout=2)
+                await call_info(self.runtime.p2p, peer, peers[peer], direct=self.config.direct, timeout=2)
                 return peer, time.perf_counter() - began
             except Exception:
                 return peer, None

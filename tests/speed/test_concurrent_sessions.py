@@ -106,7 +106,7 @@ def test_the_node_keeps_serving_after_concurrent_sessions(model):
 
 
 def _compute_counters(model) -> dict:
-    from nectar.client.streams import call_unary
+    from nectar.wire.stubs import call_unary
     from nectar.wire.protocol import RPC_INFO, make_request, unpack_metadata
 
     model.sequence_manager.update(force=True)

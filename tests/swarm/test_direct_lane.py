@@ -14,7 +14,7 @@ from hivemind.utils import MSGPackSerializer
 from transformers import AutoModelForCausalLM
 
 from nectar.client import ClientConfig, DistributedModelForCausalLM
-from nectar.client import streams
+from nectar.wire import stubs as streams
 from nectar.node.local_swarm import LocalSwarm
 from nectar.wire.direct import parse_address
 from nectar.wire.protocol import RPC_INFO, make_request, unpack_metadata

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from nectar.client import ClientConfig, DistributedModelForCausalLM
 from nectar.client.inference_session import InferenceSession
-from nectar.client.streams import call_unary
+from nectar.wire.stubs import call_unary
 from nectar.node.local_swarm import LocalSwarm
 from nectar.wire.direct import call_stream_direct
 from nectar.wire.protocol import RPC_INFO, RPC_PUSH, make_request, unpack_metadata
