@@ -1,4 +1,5 @@
 """Maps the `nectar` import root onto the top-level folders (works for `pip install .` and `-e .`)."""
+
 import os
 
 from setuptools import setup

@@ -3,6 +3,7 @@ before any work starts (402 if the balance cannot cover it), then settles the ho
 
 Database calls run in worker threads so a busy SQLite write lock never stalls the event loop.
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -7,12 +7,13 @@ second API process never credits twice. Deposits from an address no account has 
 credited when an account links that address. On a devnet, ``faucet`` mints credits straight into the gateway's
 escrow for an account.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 
 from sqlalchemy import Engine
@@ -64,8 +65,9 @@ class ChainWatcher:
         try:
             stamp = path.stat().st_mtime_ns
         except FileNotFoundError:
-            raise ChainUnavailable(f"no deployment file at {path}: start `nectar devnet` or set "
-                                   f"NECTAR_API_DEPLOYMENT_PATH") from None
+            raise ChainUnavailable(
+                f"no deployment file at {path}: start `nectar devnet` or set NECTAR_API_DEPLOYMENT_PATH"
+            ) from None
         if self._chain is None or stamp != self._stamp:
             self._chain, self._stamp = Chain(load_deployment(path)), stamp
         return self._chain
@@ -93,8 +95,10 @@ class ChainWatcher:
             self._scan_stream("settlements", chain, escrow, start, head,
                               lambda a, b: self._settlements(chain, a, b, result))  # fmt: skip
             if result.credited or result.settled_batches:
-                logger.info(f"Chain scan to block {head}: {result.credited} deposit(s) credited, "
-                            f"{result.unassigned} unassigned, {result.settled_batches} settled batch(es)")
+                logger.info(
+                    f"Chain scan to block {head}: {result.credited} deposit(s) credited, "
+                    f"{result.unassigned} unassigned, {result.settled_batches} settled batch(es)"
+                )
             return result
 
     def _scan_stream(self, name: str, chain, escrow: str, start: int, head: int, handle) -> None:
@@ -125,8 +129,10 @@ class ChainWatcher:
             if deposit is not None:
                 if account is None:
                     result.unassigned += 1
-                    logger.warning(f"Deposit of {amount_wei} wei from {depositor} (tx {event['txHash']}) matches no "
-                                   f"account yet; it is credited when an account links that address")
+                    logger.warning(
+                        f"Deposit of {amount_wei} wei from {depositor} (tx {event['txHash']}) matches no "
+                        f"account yet; it is credited when an account links that address"
+                    )
                 else:
                     result.credited += 1
 
@@ -137,7 +143,7 @@ class ChainWatcher:
             block = event["blockNumber"]
             if block not in times:
                 stamp = chain.w3.eth.get_block(block)["timestamp"]
-                times[block] = datetime.fromtimestamp(stamp, timezone.utc)
+                times[block] = datetime.fromtimestamp(stamp, UTC)
             args = event["args"]
             with session_scope(self.engine) as session:
                 if crud.record_settled_batch(session, tx_hash=event["txHash"], log_index=event["logIndex"],

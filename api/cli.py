@@ -4,6 +4,7 @@
 given wins over its ``NECTAR_API_*`` variable, which wins over the ``.env`` file and the default; the command builds
 one ``Settings`` and hands it to the app or worker it starts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,8 +12,8 @@ import logging
 import os
 import sys
 
-from nectar.wire.peers import initial_peers
 from nectar.cli_kit import add_logging_options, add_options, config_values, setup_logging
+from nectar.wire.peers import initial_peers
 
 logger = logging.getLogger(__name__)
 
@@ -75,16 +76,21 @@ def serve_main(argv: list[str]) -> int:
     if settings is None:
         return 2
     if not initial_peers(settings.initial_peers, env=os.environ):
-        print("nectar api: no swarm to serve from: pass --initial-peers MULTIADDR (printed by `nectar dht` or "
-              "`nectar node`) or set NECTAR_INITIAL_PEERS", file=sys.stderr)
+        print(
+            "nectar api: no swarm to serve from: pass --initial-peers MULTIADDR (printed by `nectar dht` or "
+            "`nectar node`) or set NECTAR_INITIAL_PEERS",
+            file=sys.stderr,
+        )
         return 2
     import uvicorn
 
     from nectar.api.main import create_app
 
     app = create_app(settings)
-    print(f"Nectar API on {settings.base_url}/v1 (monitor: {settings.base_url}/monitor, docs: "
-          f"{settings.base_url}/docs)", flush=True)
+    print(
+        f"Nectar API on {settings.base_url}/v1 (monitor: {settings.base_url}/monitor, docs: {settings.base_url}/docs)",
+        flush=True,
+    )
     try:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level=level.lower(),
                     timeout_graceful_shutdown=10)  # fmt: skip
@@ -105,6 +111,16 @@ def worker_main(argv: list[str]) -> int:
 
     run_migrations(settings.database_url)
     app = create_celery(settings)  # the tasks read these settings from the app (nectar.api.tasks._settings)
-    app.worker_main(["worker", f"--concurrency={args.concurrency}", f"--loglevel={level}", "--pool=threads",
-                     f"--queues={QUEUE}", "--without-gossip", "--without-mingle", "--hostname=nectar-api@%h"])
+    app.worker_main(
+        [
+            "worker",
+            f"--concurrency={args.concurrency}",
+            f"--loglevel={level}",
+            "--pool=threads",
+            f"--queues={QUEUE}",
+            "--without-gossip",
+            "--without-mingle",
+            "--hostname=nectar-api@%h",
+        ]
+    )
     return 0

@@ -4,6 +4,7 @@ Credit moves only through conditional UPDATEs (``balance >= amount`` in the WHER
 (the write lock is taken at BEGIN) and on PostgreSQL (the row lock re-checks the condition), so concurrent requests
 can never overdraw an account; the CHECK constraints on the table are a second line of defence.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -63,8 +64,9 @@ def set_eth_address(session: Session, *, account_id: int, address: str | None) -
     return account
 
 
-def create_api_key(session: Session, *, account_id: int, name: str = "",
-                   rate_limit_per_minute: int | None = None) -> tuple[ApiKey, str]:
+def create_api_key(
+    session: Session, *, account_id: int, name: str = "", rate_limit_per_minute: int | None = None
+) -> tuple[ApiKey, str]:
     """A new key for the account; returns (row, plaintext). The plaintext is never stored."""
     plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
     row = ApiKey(account_id=account_id, key_hash=hash_key(plaintext), prefix=plaintext[:10], name=name,
@@ -109,8 +111,17 @@ def place_hold(session: Session, *, account_id: int, amount: int, reference: str
     return hold
 
 
-def settle_hold(session: Session, *, hold_id: int, cost: int, kind: str, model: str, key_id: int | None = None,
-                prompt_tokens: int = 0, completion_tokens: int = 0) -> Usage | None:
+def settle_hold(
+    session: Session,
+    *,
+    hold_id: int,
+    cost: int,
+    kind: str,
+    model: str,
+    key_id: int | None = None,
+    prompt_tokens: int = 0,
+    completion_tokens: int = 0,
+) -> Usage | None:
     """Charge ``cost`` (at most the hold) and return the rest of the hold to the balance, with a usage row.
 
     The hold row is claimed by deleting it, so a second settlement of the same hold does nothing (returns None)."""
@@ -141,17 +152,31 @@ def release_stale_holds(session: Session, *, older_than: timedelta) -> int:
     released = 0
     for hold in stale:
         if session.execute(delete(Hold).where(Hold.id == hold.id)).rowcount == 1:
-            session.execute(update(Account).where(Account.id == hold.account_id)
-                            .values(held=Account.held - hold.amount, balance=Account.balance + hold.amount))
+            session.execute(
+                update(Account)
+                .where(Account.id == hold.account_id)
+                .values(held=Account.held - hold.amount, balance=Account.balance + hold.amount)
+            )
             released += 1
-            logger.warning(f"Released stale hold {hold.id} ({hold.reference}) of {hold.amount} to account "
-                           f"{hold.account_id}")
+            logger.warning(
+                f"Released stale hold {hold.id} ({hold.reference}) of {hold.amount} to account {hold.account_id}"
+            )
     return released
 
 
-def add_credit(session: Session, *, account_id: int | None, amount: int, source: str, depositor: str | None = None,
-               tx_hash: str | None = None, log_index: int | None = None, block_number: int | None = None,
-               amount_wei: int = 0, note: str = "") -> Deposit | None:
+def add_credit(
+    session: Session,
+    *,
+    account_id: int | None,
+    amount: int,
+    source: str,
+    depositor: str | None = None,
+    tx_hash: str | None = None,
+    log_index: int | None = None,
+    block_number: int | None = None,
+    amount_wei: int = 0,
+    note: str = "",
+) -> Deposit | None:
     """Record a deposit and credit it (if it names an account). None if this chain event was already recorded."""
     deposit = Deposit(account_id=account_id, source=source, depositor=depositor, tx_hash=tx_hash,
                       log_index=log_index, block_number=block_number, amount_wei=amount_wei, amount=amount,
@@ -194,8 +219,11 @@ def list_usage(session: Session, *, account_id: int, limit: int = 100) -> list[U
 def usage_totals(session: Session, *, account_id: int) -> tuple[int, int, int]:
     """(requests, tokens, cost) over the account's whole history."""
     row = session.execute(
-        select(func.count(Usage.id), func.coalesce(func.sum(Usage.prompt_tokens + Usage.completion_tokens), 0),
-               func.coalesce(func.sum(Usage.cost), 0)).where(Usage.account_id == account_id)
+        select(
+            func.count(Usage.id),
+            func.coalesce(func.sum(Usage.prompt_tokens + Usage.completion_tokens), 0),
+            func.coalesce(func.sum(Usage.cost), 0),
+        ).where(Usage.account_id == account_id)
     ).one()
     return int(row[0]), int(row[1]), int(row[2])
 
@@ -212,8 +240,17 @@ def settled_since(session: Session, *, since: datetime) -> list[SettledBatch]:
                                 .order_by(SettledBatch.settled_at)))  # fmt: skip
 
 
-def record_settled_batch(session: Session, *, tx_hash: str, log_index: int, block_number: int, settled_at: datetime,
-                         gross_wei: int, fee_wei: int, vouchers: int) -> bool:
+def record_settled_batch(
+    session: Session,
+    *,
+    tx_hash: str,
+    log_index: int,
+    block_number: int,
+    settled_at: datetime,
+    gross_wei: int,
+    fee_wei: int,
+    vouchers: int,
+) -> bool:
     row = SettledBatch(tx_hash=tx_hash, log_index=log_index, block_number=block_number, settled_at=settled_at,
                        gross_wei=gross_wei, fee_wei=fee_wei, vouchers=vouchers)  # fmt: skip
     try:
@@ -269,8 +306,18 @@ def new_job_id() -> str:
     return "ftjob-" + secrets.token_hex(12)
 
 
-def create_job(session: Session, *, job_id: str, account_id: int, model: str, training_file: str,
-               hyperparameters: dict, suffix: str | None, total_steps: int, hold_id: int | None) -> FineTuningJob:
+def create_job(
+    session: Session,
+    *,
+    job_id: str,
+    account_id: int,
+    model: str,
+    training_file: str,
+    hyperparameters: dict,
+    suffix: str | None,
+    total_steps: int,
+    hold_id: int | None,
+) -> FineTuningJob:
     job = FineTuningJob(id=job_id, account_id=account_id, model=model, hold_id=hold_id,
                         training_file=training_file, hyperparameters=json.dumps(hyperparameters), suffix=suffix,
                         status="queued", trained_tokens=0, step=0, total_steps=total_steps,
@@ -310,8 +357,9 @@ def list_jobs(session: Session, *, account_id: int, after: str | None = None, li
     return list(session.scalars(query.order_by(FineTuningJob.created_at.desc()).limit(limit)))
 
 
-def add_job_event(session: Session, *, job_id: str, message: str, level: str = "info",
-                  data: dict | None = None) -> FineTuningEvent:
+def add_job_event(
+    session: Session, *, job_id: str, message: str, level: str = "info", data: dict | None = None
+) -> FineTuningEvent:
     event = FineTuningEvent(job_id=job_id, level=level, message=message,
                             data=None if data is None else json.dumps(data))  # fmt: skip
     session.add(event)
@@ -319,8 +367,9 @@ def add_job_event(session: Session, *, job_id: str, message: str, level: str = "
     return event
 
 
-def list_job_events(session: Session, *, job_id: str, after: int | None = None,
-                    limit: int = 20) -> list[FineTuningEvent]:
+def list_job_events(
+    session: Session, *, job_id: str, after: int | None = None, limit: int = 20
+) -> list[FineTuningEvent]:
     """Newest first (OpenAI's order); ``after`` is an event id: only older events are listed."""
     query = select(FineTuningEvent).where(FineTuningEvent.job_id == job_id)
     if after is not None:
@@ -328,8 +377,17 @@ def list_job_events(session: Session, *, job_id: str, after: int | None = None,
     return list(session.scalars(query.order_by(FineTuningEvent.id.desc()).limit(limit)))
 
 
-def save_tuned_model(session: Session, *, name: str, account_id: int, job_id: str, base_model: str,
-                     tuning_mode: str, pre_seq_len: int, prompts: bytes) -> TunedModel:
+def save_tuned_model(
+    session: Session,
+    *,
+    name: str,
+    account_id: int,
+    job_id: str,
+    base_model: str,
+    tuning_mode: str,
+    pre_seq_len: int,
+    prompts: bytes,
+) -> TunedModel:
     row = TunedModel(name=name, account_id=account_id, job_id=job_id, base_model=base_model, tuning_mode=tuning_mode,
                      pre_seq_len=pre_seq_len, prompts=prompts)  # fmt: skip
     session.merge(row)
@@ -347,7 +405,7 @@ def list_tuned_models(session: Session, *, account_id: int) -> list[TunedModel]:
 
 
 def delete_tuned_model(session: Session, *, account_id: int, name: str) -> bool:
-    return session.execute(delete(TunedModel).where(TunedModel.name == name,
-                                                    TunedModel.account_id == account_id)).rowcount == 1
-
-
+    return (
+        session.execute(delete(TunedModel).where(TunedModel.name == name, TunedModel.account_id == account_id)).rowcount
+        == 1
+    )

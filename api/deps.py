@@ -1,4 +1,5 @@
 """FastAPI dependencies: the services built once at startup (kept on app state), auth, rate limits, admin."""
+
 from __future__ import annotations
 
 import logging
@@ -25,8 +26,9 @@ from nectar.service.db import session_scope
 
 logger = logging.getLogger(__name__)
 
-bearer = HTTPBearer(auto_error=False, description="An API key (``nk-...``) from POST /v1/accounts or "
-                                                  "POST /v1/account/keys")
+bearer = HTTPBearer(
+    auto_error=False, description="An API key (``nk-...``) from POST /v1/accounts or POST /v1/account/keys"
+)
 
 
 @dataclass
@@ -53,8 +55,9 @@ def get_state(request: Request) -> ApiState:
 StateDep = Annotated[ApiState, Depends(get_state)]
 
 
-async def get_auth(state: StateDep, credentials: Annotated[HTTPAuthorizationCredentials | None,
-                                                           Depends(bearer)]) -> Auth:
+async def get_auth(
+    state: StateDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> Auth:
     if credentials is None or not credentials.credentials:
         raise ApiError(401, "Missing API key: send 'Authorization: Bearer <key>' (create an account with POST "
                             "/v1/accounts to get one)", code="missing_api_key")  # fmt: skip
@@ -83,8 +86,9 @@ async def get_auth(state: StateDep, credentials: Annotated[HTTPAuthorizationCred
 AuthDep = Annotated[Auth, Depends(get_auth)]
 
 
-async def require_admin(state: StateDep,
-                        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+async def require_admin(
+    state: StateDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> None:
     if credentials is None or credentials.credentials != state.settings.admin_token:
         raise ApiError(401, "Admin endpoint: send 'Authorization: Bearer <NECTAR_API_ADMIN_TOKEN>'",
                        code="admin_only")  # fmt: skip
@@ -93,8 +97,9 @@ async def require_admin(state: StateDep,
 AdminDep = Annotated[None, Depends(require_admin)]
 
 
-async def signup_allowed(state: StateDep,
-                         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+async def signup_allowed(
+    state: StateDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> None:
     if state.settings.allow_signup:
         return
     if credentials is None or credentials.credentials != state.settings.admin_token:

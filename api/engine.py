@@ -5,6 +5,7 @@ workers; further requests queue) and streams token ids back to the event loop th
 variant of a model (its fine-tuned soft prompts) shares the base model's swarm runtime and wallet, so the gateway has
 one DHT peer and one voucher channel per node, and pays every node from its own escrow.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -50,9 +51,18 @@ class SwarmModel:
     :param domain: EIP-712 domain of the gateway's vouchers (default: the deployment file's)
     """
 
-    def __init__(self, name_or_path: str, *, initial_peers: Sequence[str], private_key: str | None,
-                 client_config: ClientConfig, max_concurrent: int = 1, tuned_cache_size: int = 4, scorer=None,
-                 domain: dict | None = None):
+    def __init__(
+        self,
+        name_or_path: str,
+        *,
+        initial_peers: Sequence[str],
+        private_key: str | None,
+        client_config: ClientConfig,
+        max_concurrent: int = 1,
+        tuned_cache_size: int = 4,
+        scorer=None,
+        domain: dict | None = None,
+    ):
         from nectar.models import load_config, load_tokenizer, model_id_of, resolve_model
 
         self.path = resolve_model(name_or_path)
@@ -61,8 +71,13 @@ class SwarmModel:
         config = load_config(self.path)
         self.max_model_len = int(getattr(config, "max_position_embeddings", 2048))
         self.model = DistributedModelForCausalLM.from_pretrained(
-            name_or_path, initial_peers=list(initial_peers), private_key=private_key, config=client_config,
-            scorer=scorer, domain=domain)
+            name_or_path,
+            initial_peers=list(initial_peers),
+            private_key=private_key,
+            config=client_config,
+            scorer=scorer,
+            domain=domain,
+        )
         eos = self.model.generation_config.eos_token_id
         if eos is None:
             eos = self.tokenizer.eos_token_id
@@ -72,8 +87,10 @@ class SwarmModel:
         self._tuned: OrderedDict[tuple, DistributedModelForCausalLM] = OrderedDict()
         self._tuned_lock = threading.Lock()
         self._tuned_cache_size = tuned_cache_size
-        logger.info(f"Serving {self.name} ({self.path}), context {self.max_model_len} tokens, wallet "
-                    f"{self.model.wallet.address}")
+        logger.info(
+            f"Serving {self.name} ({self.path}), context {self.max_model_len} tokens, wallet "
+            f"{self.model.wallet.address}"
+        )
 
     # ---- tokens ------------------------------------------------------------------------------------------------
 
@@ -114,8 +131,9 @@ class SwarmModel:
 
     # ---- generation --------------------------------------------------------------------------------------------
 
-    async def stream(self, prompt_ids: list[int], params: GenerationParams, *,
-                     prompts: PromptSet | None = None) -> AsyncIterator[list[int]]:
+    async def stream(
+        self, prompt_ids: list[int], params: GenerationParams, *, prompts: PromptSet | None = None
+    ) -> AsyncIterator[list[int]]:
         """Yields, per generation step, the next token id of each of the ``params.n`` rows.
 
         Closing the iterator (the client went away, or every choice finished) stops the generation after the
@@ -176,13 +194,24 @@ class Engine:
         self.scorer = scorer
 
     @classmethod
-    def start(cls, names: Sequence[str], *, initial_peers: Sequence[str], private_key: str | None,
-              step_timeout: float = 30.0, max_concurrent: int = 1, tuned_cache_size: int = 4,
-              ledger_url: str | None = None, domain: dict | None = None) -> "Engine":
+    def start(
+        cls,
+        names: Sequence[str],
+        *,
+        initial_peers: Sequence[str],
+        private_key: str | None,
+        step_timeout: float = 30.0,
+        max_concurrent: int = 1,
+        tuned_cache_size: int = 4,
+        ledger_url: str | None = None,
+        domain: dict | None = None,
+    ) -> Engine:
         """Joins the swarm for every model; with a ledger, routes prefer reputable, cheap nodes."""
         if not initial_peers:
-            raise ValueError("No swarm to serve from: pass --initial-peers MULTIADDR (printed by `nectar dht` or "
-                             "`nectar node`) or set NECTAR_INITIAL_PEERS / NECTAR_API_INITIAL_PEERS")
+            raise ValueError(
+                "No swarm to serve from: pass --initial-peers MULTIADDR (printed by `nectar dht` or "
+                "`nectar node`) or set NECTAR_INITIAL_PEERS / NECTAR_API_INITIAL_PEERS"
+            )
         config = ClientConfig(initial_peers=tuple(initial_peers), step_timeout=step_timeout,
                               connect_timeout=min(10.0, step_timeout), private_key=private_key)  # fmt: skip
         scorer = make_scorer(ledger_url)

@@ -1,5 +1,6 @@
 """``ApiError``: what serving classes raise; the app's handlers turn it (and FastAPI's own errors) into OpenAI's
 error format, ``{"error": {"message", "type", "param", "code"}}``."""
+
 from __future__ import annotations
 
 import logging
@@ -25,8 +26,16 @@ TYPES_BY_STATUS = {
 class ApiError(Exception):
     """An error answer: HTTP ``status`` plus OpenAI's error body. ``headers`` go out with it (e.g. Retry-After)."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.headers = status, headers
         self.body = ErrorResponse(error=ErrorInfo(message=message, type=type or TYPES_BY_STATUS.get(status,
@@ -53,13 +62,19 @@ def from_client_error(error: Exception) -> ApiError:
     gateway's own funding), or no route now (503, retry shortly: only tokens already delivered are charged)."""
     what = f"{type(error).__name__}: {error}"
     if isinstance(error, PaymentRequiredError):
-        return ApiError(402, f"The nodes refused to work on credit ({what}). The gateway's escrow needs funds; "
-                             "tell the operator.", code="nodes_unpaid")
+        return ApiError(
+            402,
+            f"The nodes refused to work on credit ({what}). The gateway's escrow needs funds; tell the operator.",
+            code="nodes_unpaid",
+        )
     if isinstance(error, InferenceFailedError) and error.code in (ErrorCode.BAD_REQUEST, ErrorCode.TOO_LARGE):
-        return bad_request(f"The nodes refused this request ({what}): shorten it or lower n / max_tokens.",
-                           code=error.code.value)
-    return unavailable(f"The swarm could not finish this generation ({what}). Retry shortly; only tokens already "
-                       "delivered are charged.")
+        return bad_request(
+            f"The nodes refused this request ({what}): shorten it or lower n / max_tokens.", code=error.code.value
+        )
+    return unavailable(
+        f"The swarm could not finish this generation ({what}). Retry shortly; only tokens already "
+        "delivered are charged."
+    )
 
 
 def _field_path(location) -> str:
@@ -97,5 +112,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         logger.exception(f"Unhandled error on {request.method} {request.url.path}")
-        return ApiError(500, f"Internal error ({type(exc).__name__}); the request was not charged. Retry, and "
-                             f"report it if it persists", type="server_error").response()
+        return ApiError(
+            500,
+            f"Internal error ({type(exc).__name__}); the request was not charged. Retry, and report it if it persists",
+            type="server_error",
+        ).response()

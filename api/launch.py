@@ -9,6 +9,7 @@
     ...
     api.stop()
 """
+
 from __future__ import annotations
 
 import json
@@ -33,9 +34,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def api_environment(*, home: Path, model: str, initial_peers: list[str], database_url: str | None = None,
-                    broker_url: str | None = None, ledger_url: str | None = None,
-                    deployment_path: Path | None = None, private_key: str | None = None, **settings) -> dict:
+def api_environment(
+    *,
+    home: Path,
+    model: str,
+    initial_peers: list[str],
+    database_url: str | None = None,
+    broker_url: str | None = None,
+    ledger_url: str | None = None,
+    deployment_path: Path | None = None,
+    private_key: str | None = None,
+    **settings,
+) -> dict:
     """``NECTAR_API_*`` variables for an API (and its worker) on embedded defaults under ``home``; ``settings`` are
     further Settings fields (``price_per_token=20`` -> ``NECTAR_API_PRICE_PER_TOKEN=20``)."""
     home = Path(home)
@@ -64,8 +74,9 @@ class ApiProcess:
     :param start_timeout: seconds to wait for each process
     """
 
-    def __init__(self, *, env: dict, log_dir: Path, port: int | None = None, worker: bool = False,
-                 start_timeout: float = 120.0):
+    def __init__(
+        self, *, env: dict, log_dir: Path, port: int | None = None, worker: bool = False, start_timeout: float = 120.0
+    ):
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -95,8 +106,10 @@ class ApiProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise RuntimeError(f"{what} exited with code {process.returncode}; the end of {log_path}:\n"
-                                   f"{log_path.read_text(errors='replace')[-3000:]}")
+                raise RuntimeError(
+                    f"{what} exited with code {process.returncode}; the end of {log_path}:\n"
+                    f"{log_path.read_text(errors='replace')[-3000:]}"
+                )
             if ready():
                 return
             time.sleep(0.3)
@@ -116,7 +129,7 @@ class ApiProcess:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(10)
 
-    def __enter__(self) -> "ApiProcess":
+    def __enter__(self) -> ApiProcess:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -150,9 +163,11 @@ def example_request(url: str, api_key: str, model: str) -> str:
     """A chat request to copy into a shell, and the same with the official openai client."""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}],
                        "max_tokens": 32})  # fmt: skip
-    return (f"curl {url}/v1/chat/completions -H 'Authorization: Bearer {api_key}' "
-            f"-H 'Content-Type: application/json' -d {shlex.quote(body)}\n\n"
-            f"python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='{api_key}'); "
-            f"print(c.chat.completions.create(model='{model}', max_tokens=32, "
-            f"messages=[{{'role': 'user', 'content': 'Hi!'}}])"
-            f".choices[0].message.content)\"")
+    return (
+        f"curl {url}/v1/chat/completions -H 'Authorization: Bearer {api_key}' "
+        f"-H 'Content-Type: application/json' -d {shlex.quote(body)}\n\n"
+        f"python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='{api_key}'); "
+        f"print(c.chat.completions.create(model='{model}', max_tokens=32, "
+        f"messages=[{{'role': 'user', 'content': 'Hi!'}}])"
+        f'.choices[0].message.content)"'
+    )

@@ -3,6 +3,7 @@
 Startup migrates the database, joins the swarm (one client per served model), and starts two background loops: the
 chain scan that credits deposits and records settlements, and the sweep that returns holds left by crashed requests.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -33,8 +34,8 @@ from nectar.api.serving.completions import OpenAIServingCompletion
 from nectar.api.serving.fine_tuning import OpenAIServingFiles, OpenAIServingFineTuning
 from nectar.api.serving.market import MarketService
 from nectar.api.serving.models import OpenAIServingModels
-from nectar.service.db import get_engine
 from nectar.deployment import domain_from_deployment
+from nectar.service.db import get_engine
 from nectar.wire.peers import initial_peers
 
 logger = logging.getLogger(__name__)
@@ -104,8 +105,10 @@ def create_app(settings: Settings | None = None, *, swarm: Engine | None = None)
                                        lambda: anyio.to_thread.run_sync(state.watcher.scan), "Chain scan")),
             asyncio.create_task(_every(HOLD_SWEEP_SECONDS, state.context.billing.release_stale, "Hold sweep")),
         ]  # fmt: skip
-        logger.info(f"Nectar API ready on {settings.base_url} serving {', '.join(engine.models)}; gateway wallet "
-                    f"{engine.wallet_address}; {settings.price_per_token} micro-credits per token")
+        logger.info(
+            f"Nectar API ready on {settings.base_url} serving {', '.join(engine.models)}; gateway wallet "
+            f"{engine.wallet_address}; {settings.price_per_token} micro-credits per token"
+        )
         try:
             yield
         finally:
@@ -143,8 +146,10 @@ def _openapi(app: FastAPI) -> dict:
         for operation in path.values():
             answer = operation.get("responses", {}).get("422")
             if answer and "HTTPValidationError" in str(answer):
-                operation["responses"]["422"] = {"description": "Malformed request: the message and ``param`` "
-                                                 "name the field.", "content": {"application/json": {"schema": ours}}}
+                operation["responses"]["422"] = {
+                    "description": "Malformed request: the message and ``param`` name the field.",
+                    "content": {"application/json": {"schema": ours}},
+                }
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)

@@ -4,6 +4,7 @@ uploaded files, fine-tuning jobs and their results, and the chain events the mon
 Balances are micro-credits in 64-bit integers, so debits are single conditional UPDATEs on every backend; on-chain
 amounts (credit wei, up to 2**256) are decimal strings (``UInt``).
 """
+
 from __future__ import annotations
 
 import logging

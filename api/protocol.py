@@ -4,6 +4,7 @@ Every model derives from ``OpenAIBaseModel``, which accepts fields it does not k
 fields) but logs them, so a silently ignored option shows up in the API's log. Requests translate themselves to the
 swarm's generation parameters with ``to_generation_params()``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -46,8 +47,10 @@ class ErrorInfo(OpenAIBaseModel):
     """What went wrong, in OpenAI's format."""
 
     message: str = Field(description="A human-readable explanation, saying what to do next.")
-    type: str = Field(description="Error class: invalid_request_error, authentication_error, insufficient_credits, "
-                                  "rate_limit_error, not_found_error, service_unavailable or server_error.")
+    type: str = Field(
+        description="Error class: invalid_request_error, authentication_error, insufficient_credits, "
+        "rate_limit_error, not_found_error, service_unavailable or server_error."
+    )
     param: str | None = Field(default=None, description="The request field at fault, as a dotted path.")
     code: str | None = Field(default=None, description="A machine-readable error code.")
 
@@ -121,15 +124,18 @@ class _SamplingFields(OpenAIBaseModel):
     stream_options: StreamOptions | None = Field(default=None, description="Options of a streamed answer.")
     stop: StopField = Field(default=None, description="Up to 4 strings that end generation (not included).")
     seed: int | None = Field(default=None, description="Seed for sampling, for reproducible samples.")
-    presence_penalty: float = Field(default=0.0, ge=-2, le=2, description="Only 0 is supported; see "
-                                                                          "repetition_penalty.")
-    frequency_penalty: float = Field(default=0.0, ge=-2, le=2, description="Only 0 is supported; see "
-                                                                           "repetition_penalty.")
+    presence_penalty: float = Field(
+        default=0.0, ge=-2, le=2, description="Only 0 is supported; see repetition_penalty."
+    )
+    frequency_penalty: float = Field(
+        default=0.0, ge=-2, le=2, description="Only 0 is supported; see repetition_penalty."
+    )
     logit_bias: dict[str, float] | None = Field(default=None, description="Not supported (must be empty).")
     user: str | None = Field(default=None, description="An end-user id, for the caller's own records.")
     top_k: int | None = Field(default=None, ge=0, description="Nectar extension: keep the k likeliest tokens.")
-    repetition_penalty: float | None = Field(default=None, gt=0, description="Nectar extension: >1 discourages "
-                                                                              "repeating tokens.")
+    repetition_penalty: float | None = Field(
+        default=None, gt=0, description="Nectar extension: >1 discourages repeating tokens."
+    )
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -160,8 +166,9 @@ class CompletionRequest(_SamplingFields):
     """``POST /v1/completions``: continue a text prompt."""
 
     model: str = Field(description="A name from ``GET /v1/models``.")
-    prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
-        description="A string, a list of strings, token ids, or a list of token-id lists.")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A string, a list of strings, token ids, or a list of token-id lists."
+    )
     max_tokens: int | None = Field(default=16, ge=0, description="Tokens to generate at most per choice.")
     echo: bool = Field(default=False, description="Prepend the prompt to each choice's text.")
     logprobs: int | None = Field(default=None, ge=0, le=5, description="Not supported (must be null).")
@@ -189,7 +196,7 @@ class ChatMessage(OpenAIBaseModel):
     """One message of a conversation."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"] = Field(description="Who speaks.")
-    content: Union[str, list[TextContentPart], None] = Field(default=None, description="Text, or text parts.")
+    content: str | list[TextContentPart] | None = Field(default=None, description="Text, or text parts.")
     name: str | None = Field(default=None, description="Optional speaker name.")
 
     def text(self) -> str:
@@ -209,7 +216,7 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(default=None, description="Not supported (must be null).")
     tools: list[dict[str, Any]] | None = Field(default=None, description="Not supported (must be empty).")
     tool_choice: Any = Field(default=None, description="Not supported.")
-    response_format: dict[str, Any] | None = Field(default=None, description="Only {\"type\": \"text\"}.")
+    response_format: dict[str, Any] | None = Field(default=None, description='Only {"type": "text"}.')
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.logprobs or self.top_logprobs:
@@ -217,7 +224,7 @@ class ChatCompletionRequest(_SamplingFields):
         if self.tools:
             return "tools", "tool calls are not supported"
         if self.response_format and self.response_format.get("type", "text") != "text":
-            return "response_format", "only response_format {\"type\": \"text\"} is supported"
+            return "response_format", 'only response_format {"type": "text"} is supported'
         return super().unsupported()
 
     def requested_max_tokens(self) -> int | None:
@@ -316,8 +323,9 @@ class ChatCompletionStreamResponse(OpenAIBaseModel):
     """One server-sent event of a streamed chat completion."""
 
     id: str = Field(description="Request id (the same on every chunk).")
-    object: Literal["chat.completion.chunk"] = Field(default="chat.completion.chunk",
-                                                     description="Always ``chat.completion.chunk``.")
+    object: Literal["chat.completion.chunk"] = Field(
+        default="chat.completion.chunk", description="Always ``chat.completion.chunk``."
+    )
     created: int = Field(description="Unix time.")
     model: str = Field(description="The model that answers.")
     choices: list[ChatCompletionStreamChoice] = Field(description="New text per reply (empty on the usage chunk).")
@@ -358,26 +366,33 @@ class FileDeleted(OpenAIBaseModel):
 class Hyperparameters(OpenAIBaseModel):
     """Training settings of a prompt-tuning job (``auto`` picks the gateway's default)."""
 
-    n_epochs: Union[int, Literal["auto"]] = Field(default="auto", description="Passes over the training file "
-                                                                              "(auto: 3).")
-    batch_size: Union[int, Literal["auto"]] = Field(default="auto", description="Examples per step (auto: 4).")
-    learning_rate_multiplier: Union[float, Literal["auto"]] = Field(
-        default="auto", description="Scales the gateway's base learning rate (auto: 1).")
-    pre_seq_len: Union[int, Literal["auto"]] = Field(default="auto", description="Nectar: soft-prompt tokens "
-                                                                                 "learned (auto: the gateway's).")
-    tuning_mode: Literal["ptune", "deep_ptune"] = Field(default="ptune", description="Nectar: ``ptune`` (input "
-                                                        "prefix) or ``deep_ptune`` (a prefix before every block).")
+    n_epochs: int | Literal["auto"] = Field(default="auto", description="Passes over the training file (auto: 3).")
+    batch_size: int | Literal["auto"] = Field(default="auto", description="Examples per step (auto: 4).")
+    learning_rate_multiplier: float | Literal["auto"] = Field(
+        default="auto", description="Scales the gateway's base learning rate (auto: 1)."
+    )
+    pre_seq_len: int | Literal["auto"] = Field(
+        default="auto", description="Nectar: soft-prompt tokens learned (auto: the gateway's)."
+    )
+    tuning_mode: Literal["ptune", "deep_ptune"] = Field(
+        default="ptune", description="Nectar: ``ptune`` (input prefix) or ``deep_ptune`` (a prefix before every block)."
+    )
 
 
 class FineTuningJobCreate(OpenAIBaseModel):
     """``POST /v1/fine_tuning/jobs``: prompt-tune a swarm model on an uploaded JSONL file."""
 
     model: str = Field(description="A swarm model from ``GET /v1/models`` (not a fine-tuned one).")
-    training_file: str = Field(description="Id of a ``fine-tune`` file: JSONL of {\"prompt\", \"completion\"} or "
-                                           "{\"messages\": [...]} examples.")
+    training_file: str = Field(
+        description='Id of a ``fine-tune`` file: JSONL of {"prompt", "completion"} or {"messages": [...]} examples.'
+    )
     hyperparameters: Hyperparameters | None = Field(default=None, description="Training settings.")
-    suffix: str | None = Field(default=None, max_length=40, pattern=r"^[A-Za-z0-9_.-]*$",
-                               description="Up to 40 characters added to the fine-tuned model's name.")
+    suffix: str | None = Field(
+        default=None,
+        max_length=40,
+        pattern=r"^[A-Za-z0-9_.-]*$",
+        description="Up to 40 characters added to the fine-tuned model's name.",
+    )
     validation_file: str | None = Field(default=None, description="Not supported (must be null).")
     seed: int | None = Field(default=None, description="Seed of the prompt initialisation and example order.")
 
@@ -411,7 +426,8 @@ class FineTuningJob(OpenAIBaseModel):
     fine_tuned_model: str | None = Field(default=None, description="Name to use as ``model`` once succeeded.")
     organization_id: str = Field(description="The owning account, ``acct-<id>``.")
     status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"] = Field(
-        description="Where the job is.")
+        description="Where the job is."
+    )
     hyperparameters: FineTuningJobHyperparameters = Field(description="The settings it runs with.")
     training_file: str = Field(description="The training file's id.")
     validation_file: str | None = Field(default=None, description="Always null.")
@@ -438,8 +454,9 @@ class FineTuningJobEvent(OpenAIBaseModel):
     """A status message or a training-step metric of a job."""
 
     id: str = Field(description="Event id, ``ftevent-<n>``.")
-    object: Literal["fine_tuning.job.event"] = Field(default="fine_tuning.job.event",
-                                                     description="Always ``fine_tuning.job.event``.")
+    object: Literal["fine_tuning.job.event"] = Field(
+        default="fine_tuning.job.event", description="Always ``fine_tuning.job.event``."
+    )
     created_at: int = Field(description="Unix time.")
     level: Literal["info", "warn", "error"] = Field(description="Severity.")
     message: str = Field(description="What happened.")

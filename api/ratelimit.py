@@ -3,6 +3,7 @@
 ``MemoryRateLimiter`` suits one API process; with several behind a load balancer set ``NECTAR_API_RATE_LIMIT_URL``
 to a Redis URL so they count together (INCR + EXPIRE on one key per API key and minute).
 """
+
 from __future__ import annotations
 
 import logging

@@ -3,10 +3,11 @@
 Credit amounts are shown twice: ``*_credits`` as decimal strings for people, ``*_micro`` as integers (micro-credits,
 the unit accounts are kept in) for programs. On-chain amounts are credit wei, as decimal strings.
 """
+
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
@@ -17,7 +18,7 @@ logger = logging.getLogger(__name__)
 ADDRESS_PATTERN = r"^0x[0-9a-fA-F]{40}$"
 
 # SQLite hands timestamps back without a zone; every stored time is UTC
-UtcDatetime = Annotated[datetime, AfterValidator(lambda d: d if d.tzinfo else d.replace(tzinfo=timezone.utc))]
+UtcDatetime = Annotated[datetime, AfterValidator(lambda d: d if d.tzinfo else d.replace(tzinfo=UTC))]
 
 
 def link_message(account_id: int, address: str) -> str:
@@ -37,8 +38,9 @@ class AccountPublic(BaseModel):
 
     id: str = Field(description="Account id, ``acct-<n>``.")
     name: str = Field(description="The account's label.")
-    eth_address: str | None = Field(description="Linked address: its deposits to the gateway's escrow fund this "
-                                                "account.")
+    eth_address: str | None = Field(
+        description="Linked address: its deposits to the gateway's escrow fund this account."
+    )
     balance_credits: str = Field(description="Spendable credits.")
     balance_micro: int = Field(description="Spendable micro-credits.")
     held_micro: int = Field(description="Micro-credits held by requests in flight.")
@@ -53,8 +55,9 @@ class ApiKeyCreate(BaseModel):
     """Options of a new API key."""
 
     name: str = Field(default="", max_length=120, description="A label for the key.")
-    rate_limit_per_minute: int | None = Field(default=None, ge=1, le=1_000_000,
-                                              description="Requests per minute (default: the gateway's).")
+    rate_limit_per_minute: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="Requests per minute (default: the gateway's)."
+    )
 
 
 class ApiKeyPublic(BaseModel):
@@ -87,15 +90,18 @@ class AddressLink(BaseModel):
     """Proof that the caller controls an Ethereum address: a personal_sign of ``link_message``."""
 
     eth_address: str = Field(pattern=ADDRESS_PATTERN, description="The address to link.")
-    signature: str = Field(pattern=r"^0x[0-9a-fA-F]{130}$",
-                           description="EIP-191 signature of 'Link <address> to Nectar API account acct-<id>'.")
+    signature: str = Field(
+        pattern=r"^0x[0-9a-fA-F]{130}$",
+        description="EIP-191 signature of 'Link <address> to Nectar API account acct-<id>'.",
+    )
 
 
 class FaucetRequest(BaseModel):
     """Devnet faucet options."""
 
-    credits: Decimal | None = Field(default=None, gt=0, description="Credits to add (default and maximum: the "
-                                                                    "gateway's faucet amount).")
+    credits: Decimal | None = Field(
+        default=None, gt=0, description="Credits to add (default and maximum: the gateway's faucet amount)."
+    )
 
 
 class DepositPublic(BaseModel):

@@ -4,6 +4,7 @@ The job row is the source of truth: the task claims it (queued -> running), repo
 checks it for a cancellation after every step, and settles the job's credit hold at the end: the tokens the swarm
 processed are charged on success or cancellation, nothing on failure.
 """
+
 from __future__ import annotations
 
 import io
@@ -43,12 +44,24 @@ def _model_path(served_name: str) -> str:
                 return entry
         except Exception:  # an entry that does not resolve here: keep looking
             continue
-    raise TrainingFileError(f"this worker does not know the model {served_name!r}; start it with the API's "
-                            f"NECTAR_API_MODELS ({' '.join(settings.models)})")
+    raise TrainingFileError(
+        f"this worker does not know the model {served_name!r}; start it with the API's "
+        f"NECTAR_API_MODELS ({' '.join(settings.models)})"
+    )
 
 
-def _finish(engine, job_id: str, *, status: str, trained_tokens: int, charge: bool, message: str, level: str = "info",
-            error: dict | None = None, tuned: dict | None = None) -> None:
+def _finish(
+    engine,
+    job_id: str,
+    *,
+    status: str,
+    trained_tokens: int,
+    charge: bool,
+    message: str,
+    level: str = "info",
+    error: dict | None = None,
+    tuned: dict | None = None,
+) -> None:
     with session_scope(engine) as session:
         job = crud.get_job(session, job_id=job_id)
         if tuned is not None:
@@ -104,8 +117,14 @@ def fine_tune(job_id: str) -> str:
                         learning_rate_multiplier=hyper["learning_rate_multiplier"], pre_seq_len=hyper["pre_seq_len"],
                         tuning_mode=hyper["tuning_mode"], max_steps=settings.fine_tune_max_steps)  # fmt: skip
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
-        tuner = PromptTuner(model, examples, training, pad_token_id=pad, seed=hyper["seed"],
-                            learning_rate=settings.fine_tune_learning_rate * hyper["learning_rate_multiplier"])
+        tuner = PromptTuner(
+            model,
+            examples,
+            training,
+            pad_token_id=pad,
+            seed=hyper["seed"],
+            learning_rate=settings.fine_tune_learning_rate * hyper["learning_rate_multiplier"],
+        )
         last_event = [0.0]
 
         def on_step(report: StepReport) -> bool:
@@ -126,8 +145,14 @@ def fine_tune(job_id: str) -> str:
 
         result = tuner.run(on_step)
         if result.stopped:
-            _finish(engine, job_id, status=JobStatus.CANCELLED, trained_tokens=result.trained_tokens, charge=True,
-                    message=f"Cancelled after {result.steps} steps ({result.trained_tokens} tokens charged)")
+            _finish(
+                engine,
+                job_id,
+                status=JobStatus.CANCELLED,
+                trained_tokens=result.trained_tokens,
+                charge=True,
+                message=f"Cancelled after {result.steps} steps ({result.trained_tokens} tokens charged)",
+            )
             return JobStatus.CANCELLED
         buffer = io.BytesIO()
         model.save_prompts(buffer)

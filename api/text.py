@@ -3,6 +3,7 @@
 A choice never emits text that could still turn out to be the start of a stop string, nor a half-decoded UTF-8
 character, so streamed text always equals the final text and never contains the stop string (OpenAI semantics).
 """
+
 from __future__ import annotations
 
 import logging

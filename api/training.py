@@ -3,6 +3,7 @@
 Batches are padded on the right (a causal model never looks ahead, and padded positions carry label -100), so one
 forward/backward per step goes through the swarm; only the soft prompts get gradients and Adam updates.
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,8 +44,16 @@ class PromptTuner:
     :param pad_token_id: id used to pad batches (never learned)
     :param seed: example order"""
 
-    def __init__(self, model, examples: list[TokenizedExample], plan: TrainingPlan, *, learning_rate: float,
-                 pad_token_id: int, seed: int):
+    def __init__(
+        self,
+        model,
+        examples: list[TokenizedExample],
+        plan: TrainingPlan,
+        *,
+        learning_rate: float,
+        pad_token_id: int,
+        seed: int,
+    ):
         self.model, self.examples, self.plan = model, examples, plan
         self.pad_token_id, self.seed = pad_token_id, seed
         params = [p for p in model.parameters() if p.requires_grad]

@@ -4,6 +4,7 @@ Each line is ``{"prompt": str, "completion": str}`` or ``{"messages": [{"role", 
 message is the assistant's reply. Only completion / reply tokens are learned (prompt positions get label -100), and
 each example ends with the end-of-text token so the tuned model learns to stop.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,11 @@ def parse_jsonl(content: bytes, *, max_examples: int) -> list[Example]:
             raise TrainingFileError(f"line {number} must be a JSON object")
         if "messages" in item:
             messages = item["messages"]
-            if (not isinstance(messages, list) or len(messages) < 2
-                    or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)):
+            if (
+                not isinstance(messages, list)
+                or len(messages) < 2
+                or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
+            ):
                 raise TrainingFileError(f"line {number}: 'messages' must list at least two {{role, content}} objects")
             if messages[-1].get("role") != "assistant":
                 raise TrainingFileError(f"line {number}: the last message must be the assistant's reply to learn")
@@ -69,8 +73,9 @@ def parse_jsonl(content: bytes, *, max_examples: int) -> list[Example]:
     return examples
 
 
-def tokenize(examples: list[Example], tokenizer, *, eos_token_id: int | None,
-             max_length: int) -> list[TokenizedExample]:
+def tokenize(
+    examples: list[Example], tokenizer, *, eos_token_id: int | None, max_length: int
+) -> list[TokenizedExample]:
     """Token ids and labels per example; raises TrainingFileError for one longer than ``max_length``."""
     out = []
     for index, example in enumerate(examples):
@@ -113,14 +118,24 @@ class TrainingPlan:
                 "tuning_mode": self.tuning_mode}  # fmt: skip
 
 
-def plan(examples: list[TokenizedExample], *, n_epochs: int, batch_size: int, learning_rate_multiplier: float,
-         pre_seq_len: int, tuning_mode: str, max_steps: int) -> TrainingPlan:
+def plan(
+    examples: list[TokenizedExample],
+    *,
+    n_epochs: int,
+    batch_size: int,
+    learning_rate_multiplier: float,
+    pre_seq_len: int,
+    tuning_mode: str,
+    max_steps: int,
+) -> TrainingPlan:
     batch_size = max(1, min(batch_size, len(examples)))
     steps_per_epoch = math.ceil(len(examples) / batch_size)
     total = steps_per_epoch * n_epochs
     if total > max_steps:
-        raise TrainingFileError(f"{n_epochs} epochs of {len(examples)} examples at batch size {batch_size} is "
-                                f"{total} steps, above this gateway's {max_steps}; use fewer epochs or examples")
+        raise TrainingFileError(
+            f"{n_epochs} epochs of {len(examples)} examples at batch size {batch_size} is "
+            f"{total} steps, above this gateway's {max_steps}; use fewer epochs or examples"
+        )
     longest = max(len(e.input_ids) for e in examples)
     return TrainingPlan(n_epochs=n_epochs, batch_size=batch_size, learning_rate_multiplier=learning_rate_multiplier,
                         pre_seq_len=pre_seq_len, tuning_mode=tuning_mode, steps_per_epoch=steps_per_epoch,

@@ -5,6 +5,7 @@ Start it with ``nectar api worker`` (or ``celery -A nectar.api.worker worker -P 
 to their own queue, ``nectar-api``, so the API and the ledger can share one broker without taking each other's tasks.
 The pool is threads, not prefork: a job's swarm client starts a DHT process, which a daemonic prefork child may not.
 """
+
 from __future__ import annotations
 
 import logging

@@ -10,9 +10,8 @@ its compute counters are printed too.
 
     python benchmarks/bench_concurrency.py --model tiny --sessions 1 4 16 64
 """
-from __future__ import annotations
 
-import common  # noqa: F401  (sets the OpenMP wait policy before torch loads)
+from __future__ import annotations
 
 import logging
 import re
@@ -20,10 +19,20 @@ import statistics
 import threading
 import time
 
+import common  # noqa: F401  (sets the OpenMP wait policy before torch loads)
 import torch
-
-from common import NEW_TOKENS, PROMPT_TOKENS, VOCAB, base_parser, checkpoint, distributed_model, emit, local_swarm, log
-from common import set_threads
+from common import (
+    NEW_TOKENS,
+    PROMPT_TOKENS,
+    VOCAB,
+    base_parser,
+    checkpoint,
+    distributed_model,
+    emit,
+    local_swarm,
+    log,
+    set_threads,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +78,13 @@ def _summary(num_sessions: int, steps: int, began: float, reports: list[dict]) -
         raise RuntimeError(f"{len(errors)} session(s) failed; first: {errors[0]}")
     elapsed = max(t for r in reports for t in r["finished"]) - began
     latencies = [t for r in reports for t in r["latencies"]]
-    return {"sessions": num_sessions, "tokens": num_sessions * steps, "seconds": elapsed,
-            "aggregate_tps": num_sessions * steps / elapsed, "median_step_ms": statistics.median(latencies) * 1e3}
+    return {
+        "sessions": num_sessions,
+        "tokens": num_sessions * steps,
+        "seconds": elapsed,
+        "aggregate_tps": num_sessions * steps / elapsed,
+        "median_step_ms": statistics.median(latencies) * 1e3,
+    }
 
 
 def run_sessions(model, num_sessions: int, *, steps: int = NEW_TOKENS) -> dict:
@@ -80,15 +94,17 @@ def run_sessions(model, num_sessions: int, *, steps: int = NEW_TOKENS) -> dict:
     return _summary(num_sessions, steps, began[0], [report])
 
 
-def _client_process(path: str, initial_peers: list, session_indices: list, steps: int, threads: int,
-                    barrier, results) -> None:
+def _client_process(
+    path: str, initial_peers: list, session_indices: list, steps: int, threads: int, barrier, results
+) -> None:
     """One load-generating client process (like one user's machine): its own DHT client, sessions and GIL."""
     from nectar.client import ClientConfig, DistributedModelForCausalLM
 
     set_threads(threads)
     config = ClientConfig(step_timeout=120, request_timeout=300, connect_timeout=30)
-    model = DistributedModelForCausalLM.from_pretrained(path, initial_peers=initial_peers, config=config,
-                                                        dtype=torch.float32)
+    model = DistributedModelForCausalLM.from_pretrained(
+        path, initial_peers=initial_peers, config=config, dtype=torch.float32
+    )
     try:
         results.put(_drive(model, session_indices, steps, start=lambda: barrier.wait(timeout=600)))
     except BaseException as e:
@@ -98,8 +114,9 @@ def _client_process(path: str, initial_peers: list, session_indices: list, steps
         model.shutdown()
 
 
-def run_sessions_in_processes(path, swarm, num_sessions: int, *, processes: int, threads: int,
-                              steps: int = NEW_TOKENS) -> dict:
+def run_sessions_in_processes(
+    path, swarm, num_sessions: int, *, processes: int, threads: int, steps: int = NEW_TOKENS
+) -> dict:
     """``num_sessions`` sessions spread over ``processes`` client processes (threads inside each): the clients'
     own Python work then runs in parallel, as separate users' machines would, instead of behind one GIL."""
     import multiprocessing
@@ -107,10 +124,22 @@ def run_sessions_in_processes(path, swarm, num_sessions: int, *, processes: int,
     context = multiprocessing.get_context("spawn")
     processes = max(1, min(processes, num_sessions))
     barrier, results = context.Barrier(processes + 1), context.Queue()
-    workers = [context.Process(target=_client_process, daemon=False,  # its DHT runs a child process
-                               args=(str(path), swarm.initial_peers, list(range(p, num_sessions, processes)), steps,
-                                     threads, barrier, results))
-               for p in range(processes)]
+    workers = [
+        context.Process(
+            target=_client_process,
+            daemon=False,  # its DHT runs a child process
+            args=(
+                str(path),
+                swarm.initial_peers,
+                list(range(p, num_sessions, processes)),
+                steps,
+                threads,
+                barrier,
+                results,
+            ),
+        )
+        for p in range(processes)
+    ]
     for worker in workers:
         worker.start()
     barrier.wait(timeout=600)
@@ -123,12 +152,13 @@ def run_sessions_in_processes(path, swarm, num_sessions: int, *, processes: int,
 
 def compute_counters(model) -> dict:
     """The node's compute counters (rounds and steps so far), from its info RPC."""
-    from nectar.wire.stubs import call_unary
     from nectar.wire.protocol import RPC_INFO, make_request, unpack_metadata
+    from nectar.wire.stubs import call_unary
 
-    (peer, info), = {p: i for block in model.sequence_manager.servers().values() for p, i in block.items()}.items()
-    response = model.runtime.run(call_unary(model.runtime.p2p, peer, info, RPC_INFO, make_request("", [], {}),
-                                            timeout=30), timeout=40)
+    ((peer, info),) = {p: i for block in model.sequence_manager.servers().values() for p, i in block.items()}.items()
+    response = model.runtime.run(
+        call_unary(model.runtime.p2p, peer, info, RPC_INFO, make_request("", [], {}), timeout=30), timeout=40
+    )
     return unpack_metadata(response.metadata)["compute"]
 
 
@@ -140,20 +170,28 @@ def counters_since(before: dict, after: dict) -> dict:
 def concurrency_rows(results: dict, name: str = "session(s)") -> list[tuple[str, str]]:
     """One summary row per session count, against the first count measured."""
     base_sessions, base = next(iter(results.items()))
-    return [(f"{n} {name}", f"{r['aggregate_tps']:8.1f} tok/s aggregate  "
-                            f"{r['aggregate_tps'] / base['aggregate_tps']:5.2f}x {base_sessions} session  "
-                            f"median step {r['median_step_ms']:6.1f} ms") for n, r in results.items()]
+    return [
+        (
+            f"{n} {name}",
+            f"{r['aggregate_tps']:8.1f} tok/s aggregate  "
+            f"{r['aggregate_tps'] / base['aggregate_tps']:5.2f}x {base_sessions} session  "
+            f"median step {r['median_step_ms']:6.1f} ms",
+        )
+        for n, r in results.items()
+    ]
 
 
 def node_time(result: dict) -> str:
     """Where the node's time went, per round and per step, from its counters."""
     rounds, steps = max(result["inference_rounds"], 1), max(result["inference_steps"], 1)
-    return (f"; {steps / rounds:.1f} steps per forward, {result.get('graph_rounds', 0)} of {rounds} rounds replayed "
-            f"as graphs ({result.get('graphs_recorded', 0)} recorded); per round: compute "
-            f"{1e3 * result['inference_seconds'] / rounds:.1f} ms, gathering "
-            f"{1e3 * result['gather_seconds'] / rounds:.1f} ms; per step: event loop "
-            f"{1e3 * result['step_handling_seconds'] / steps:.2f} ms in handlers, "
-            f"{1e3 * result['loop_cpu_seconds'] / steps:.2f} ms of its CPU")
+    return (
+        f"; {steps / rounds:.1f} steps per forward, {result.get('graph_rounds', 0)} of {rounds} rounds replayed "
+        f"as graphs ({result.get('graphs_recorded', 0)} recorded); per round: compute "
+        f"{1e3 * result['inference_seconds'] / rounds:.1f} ms, gathering "
+        f"{1e3 * result['gather_seconds'] / rounds:.1f} ms; per step: event loop "
+        f"{1e3 * result['step_handling_seconds'] / steps:.2f} ms in handlers, "
+        f"{1e3 * result['loop_cpu_seconds'] / steps:.2f} ms of its CPU"
+    )
 
 
 def largest_batch(swarm) -> int:
@@ -166,8 +204,12 @@ def main() -> None:
     parser = base_parser(__doc__, results_group="concurrency")
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--node-args", default="", help='extra arguments for the node (quoted): "--batch-wait 0.5"')
-    parser.add_argument("--client-processes", type=int, default=0,
-                        help="spread the sessions over this many client processes (0 = one process, threads only)")
+    parser.add_argument(
+        "--client-processes",
+        type=int,
+        default=0,
+        help="spread the sessions over this many client processes (0 = one process, threads only)",
+    )
     args = parser.parse_args()
     set_threads(args.threads)
     path = checkpoint(args.model)
@@ -180,15 +222,18 @@ def main() -> None:
                 for num_sessions in args.sessions:
                     before = compute_counters(model)
                     if args.client_processes:
-                        result = run_sessions_in_processes(path, swarm, num_sessions, threads=args.threads,
-                                                           processes=args.client_processes)
+                        result = run_sessions_in_processes(
+                            path, swarm, num_sessions, threads=args.threads, processes=args.client_processes
+                        )
                     else:
                         result = run_sessions(model, num_sessions)
                     after = compute_counters(model)
                     result.update(counters_since(before, after))
                     result["mean_batch"] = result["inference_steps"] / max(result["inference_rounds"], 1)
-                    log(f"  repeat {repeat}: {num_sessions:3d} sessions {result['aggregate_tps']:8.1f} tok/s, "
-                        f"median step {result['median_step_ms']:.1f} ms{node_time(result)}")
+                    log(
+                        f"  repeat {repeat}: {num_sessions:3d} sessions {result['aggregate_tps']:8.1f} tok/s, "
+                        f"median step {result['median_step_ms']:.1f} ms{node_time(result)}"
+                    )
                     if result["aggregate_tps"] > results.get(num_sessions, {}).get("aggregate_tps", 0):
                         results[num_sessions] = result
         finally:
@@ -197,13 +242,22 @@ def main() -> None:
     base = results[args.sessions[0]]["aggregate_tps"]
     rows = []
     for num_sessions, result in results.items():
-        rows.append((f"{num_sessions} session(s)",
-                     f"{result['aggregate_tps']:8.1f} tok/s aggregate  {result['aggregate_tps'] / base:5.2f}x "
-                     f"{args.sessions[0]} session  median step {result['median_step_ms']:6.1f} ms  "
-                     f"{result['mean_batch']:5.1f} steps per forward"))
+        rows.append(
+            (
+                f"{num_sessions} session(s)",
+                f"{result['aggregate_tps']:8.1f} tok/s aggregate  {result['aggregate_tps'] / base:5.2f}x "
+                f"{args.sessions[0]} session  median step {result['median_step_ms']:6.1f} ms  "
+                f"{result['mean_batch']:5.1f} steps per forward",
+            )
+        )
     rows.append(("node compute", f"largest batch: {biggest} steps in one forward"))
-    emit(f"Concurrent sessions on one node, {args.model}, float32 CPU, {args.threads} thread(s), "
-         f"{PROMPT_TOKENS}+{NEW_TOKENS} tokens each", rows, {"results": results, "largest_batch": biggest}, args.json)
+    emit(
+        f"Concurrent sessions on one node, {args.model}, float32 CPU, {args.threads} thread(s), "
+        f"{PROMPT_TOKENS}+{NEW_TOKENS} tokens each",
+        rows,
+        {"results": results, "largest_batch": biggest},
+        args.json,
+    )
 
 
 if __name__ == "__main__":

@@ -11,21 +11,29 @@ turn: the compute step alone, without the swarm around it.
 
     python benchmarks/bench_cpu_blas.py --model tiny --threads 1 --push --baseline no-native
 """
-from __future__ import annotations
 
-import common  # noqa: F401  (sets the OpenMP wait policy before torch loads)
+from __future__ import annotations
 
 import os
 import statistics
 import time
 from contextlib import ExitStack, contextmanager
 
+import common  # noqa: F401  (sets the OpenMP wait policy before torch loads)
 import torch
-
 from common import (
-    NUM_LAYERS, alternating_decode, base_parser, best, checkpoint, distributed_model, emit, even_spans, local_swarm,
+    NUM_LAYERS,
+    alternating_decode,
+    base_parser,
+    best,
+    checkpoint,
+    distributed_model,
+    emit,
+    even_spans,
+    local_swarm,
     set_threads,
 )
+
 from nectar.models import native
 from nectar.models.cpu_blas import CpuMatmul
 
@@ -60,9 +68,13 @@ def step_times(path, blocks: int, repeats: int, baseline: str) -> dict:
 
     backend = SpanBackend(path, 0, blocks, dtype=torch.float32, device="cpu", show_progress=False)
     runner, hidden = backend.batch_runner, backend.blocks[0].hidden_size
-    plans = {"calibrated": (runner.matmul, runner.native),  # the products' plan and the C decode layer (or None)
-             "baseline": (baseline_plan([w for layer in runner.layers for w in layer.matrices], baseline),
-                          None if baseline == "no-native" else runner.native)}
+    plans = {
+        "calibrated": (runner.matmul, runner.native),  # the products' plan and the C decode layer (or None)
+        "baseline": (
+            baseline_plan([w for layer in runner.layers for w in layer.matrices], baseline),
+            None if baseline == "no-native" else runner.native,
+        ),
+    }
     medians = {name: [] for name in plans}
     for _ in range(repeats):
         for name, (plan, decoder) in plans.items():
@@ -75,8 +87,10 @@ def step_times(path, blocks: int, repeats: int, baseline: str) -> dict:
                 backend.inference_step(torch.randn(1, 1, hidden), caches, start=0, end=blocks, position=position)
                 seconds.append(time.perf_counter() - began)
             medians[name].append(statistics.median(seconds[5:]))
-    return {name: statistics.median(values) for name, values in medians.items()} | {"plan": plans["calibrated"][0],
-                                                                                     "c_layer": plans["calibrated"][1] is not None}
+    return {name: statistics.median(values) for name, values in medians.items()} | {
+        "plan": plans["calibrated"][0],
+        "c_layer": plans["calibrated"][1] is not None,
+    }
 
 
 def main() -> None:
@@ -99,33 +113,77 @@ def main() -> None:
                 clients[name] = distributed_model(path, swarms[name], push=args.push)
             stack.callback(clients[name].shutdown)
         head_plan = clients["calibrated"].head.matmul.describe()
-        node_plans = [next((line.split("CPU matmuls: ", 1)[1] for line in node.log().splitlines()
-                            if "CPU matmuls: " in line), "?") for node in swarms["calibrated"].nodes]
-        node_decoders = [next((line.split("decode step through ", 1)[1] for line in node.log().splitlines()
-                               if "decode step through " in line), "C layer not built")
-                         for node in swarms["calibrated"].nodes]
+        node_plans = [
+            next(
+                (line.split("CPU matmuls: ", 1)[1] for line in node.log().splitlines() if "CPU matmuls: " in line), "?"
+            )
+            for node in swarms["calibrated"].nodes
+        ]
+        node_decoders = [
+            next(
+                (
+                    line.split("decode step through ", 1)[1]
+                    for line in node.log().splitlines()
+                    if "decode step through " in line
+                ),
+                "C layer not built",
+            )
+            for node in swarms["calibrated"].nodes
+        ]
         runs, tokens = alternating_decode(clients, max(args.repeats, 2))
     fastest = {name: best(timings) for name, timings in runs.items()}
     ratio = fastest["calibrated"].decode_tps / fastest["baseline"].decode_tps
     same = torch.equal(tokens["calibrated"], tokens["baseline"])
-    figures = {"model": args.model, "threads": args.threads, "nodes": args.nodes, "push": args.push,
-               "baseline": args.baseline, "ratio": ratio,
-               "same_tokens": same, "client_head": head_plan, "nodes_plans": node_plans, "nodes_decode": node_decoders,
-               "step": {"blocks": args.step_blocks, "c_layer": step["c_layer"], "calibrated_ms": step["calibrated"] * 1e3,
-                        "baseline_ms": step["baseline"] * 1e3, "ratio": step_ratio, "plan": step["plan"].describe()},
-               **{name: {"decode_tps": fastest[name].decode_tps, "run_medians_ms": [t.median_ms for t in runs[name]]}
-                  for name in clients}}
-    rows = [(f"step, {args.step_blocks} blocks", f"calibrated {step['calibrated'] * 1e3:.2f} ms, {args.baseline} "
-                                             f"{step['baseline'] * 1e3:.2f} ms: {step_ratio:.3f}x (C decode layer: {step['c_layer']}; "
-                                             f"{step['plan'].describe()})")]
-    rows += [(name, f"{fastest[name].decode_tps:.1f} tok/s (best run), runs' median gaps "
-                   f"{', '.join(f'{t.median_ms:.1f}' for t in runs[name])} ms") for name in clients]
+    figures = {
+        "model": args.model,
+        "threads": args.threads,
+        "nodes": args.nodes,
+        "push": args.push,
+        "baseline": args.baseline,
+        "ratio": ratio,
+        "same_tokens": same,
+        "client_head": head_plan,
+        "nodes_plans": node_plans,
+        "nodes_decode": node_decoders,
+        "step": {
+            "blocks": args.step_blocks,
+            "c_layer": step["c_layer"],
+            "calibrated_ms": step["calibrated"] * 1e3,
+            "baseline_ms": step["baseline"] * 1e3,
+            "ratio": step_ratio,
+            "plan": step["plan"].describe(),
+        },
+        **{
+            name: {"decode_tps": fastest[name].decode_tps, "run_medians_ms": [t.median_ms for t in runs[name]]}
+            for name in clients
+        },
+    }
+    rows = [
+        (
+            f"step, {args.step_blocks} blocks",
+            f"calibrated {step['calibrated'] * 1e3:.2f} ms, {args.baseline} "
+            f"{step['baseline'] * 1e3:.2f} ms: {step_ratio:.3f}x (C decode layer: {step['c_layer']}; "
+            f"{step['plan'].describe()})",
+        )
+    ]
+    rows += [
+        (
+            name,
+            f"{fastest[name].decode_tps:.1f} tok/s (best run), runs' median gaps "
+            f"{', '.join(f'{t.median_ms:.1f}' for t in runs[name])} ms",
+        )
+        for name in clients
+    ]
     rows += [(f"node {i}", plan) for i, plan in enumerate(node_plans)]
     rows += [(f"node {i} decode", choice) for i, choice in enumerate(node_decoders)]
-    rows += [("client head", head_plan),
-             (f"calibrated / {args.baseline}", f"{ratio:.3f}x decode, same tokens: {same}")]
-    emit(f"CPU matmul library per row count vs {args.baseline}, {args.model}, {args.nodes} nodes{', push' if args.push else ''}, "
-         f"{args.threads} thread(s)", rows, figures, args.json)
+    rows += [("client head", head_plan), (f"calibrated / {args.baseline}", f"{ratio:.3f}x decode, same tokens: {same}")]
+    emit(
+        f"CPU matmul library per row count vs {args.baseline}, {args.model}, {args.nodes} nodes{', push' if args.push else ''}, "
+        f"{args.threads} thread(s)",
+        rows,
+        figures,
+        args.json,
+    )
 
 
 if __name__ == "__main__":

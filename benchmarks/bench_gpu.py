@@ -12,24 +12,37 @@ Runs unattended and prints every figure (see benchmarks/gpu/run_gpu.sh for the d
 
     python benchmarks/bench_gpu.py --model llama2-7b --device cuda --dtype float16
 """
-from __future__ import annotations
 
-import common  # noqa: F401  (sets the OpenMP wait policy before torch loads)
+from __future__ import annotations
 
 import argparse
 import gc
 import logging
 import time
 
+import common  # noqa: F401  (sets the OpenMP wait policy before torch loads)
 import torch
-
 from bench_concurrency import (
-    compute_counters, concurrency_rows, counters_since, node_time, run_sessions, run_sessions_in_processes,
+    compute_counters,
+    concurrency_rows,
+    counters_since,
+    node_time,
+    run_sessions,
+    run_sessions_in_processes,
 )
 from bench_decode import local_decode, swarm_decode
 from common import (
-    DecodeTiming, base_parser, best, checkpoint, distributed_model, emit, even_spans, local_swarm, log,
-    median_timing, prompt_ids, set_threads,
+    base_parser,
+    best,
+    checkpoint,
+    distributed_model,
+    emit,
+    even_spans,
+    local_swarm,
+    log,
+    median_timing,
+    prompt_ids,
+    set_threads,
 )
 
 logger = logging.getLogger(__name__)
@@ -50,8 +63,9 @@ def concurrent_sessions(model, path, swarm, args) -> dict:
     before = compute_counters(model) if len(swarm.nodes) == 1 else {}
     for num_sessions in args.sessions:
         if args.client_processes:
-            result = run_sessions_in_processes(path, swarm, num_sessions, threads=args.threads,
-                                               processes=args.client_processes)
+            result = run_sessions_in_processes(
+                path, swarm, num_sessions, threads=args.threads, processes=args.client_processes
+            )
         else:
             result = run_sessions(model, num_sessions)
         if len(swarm.nodes) == 1:  # the node's own counters: how many steps shared a forward, how many replayed
@@ -59,15 +73,23 @@ def concurrent_sessions(model, path, swarm, args) -> dict:
             result.update(counters_since(before, counters))
             before = counters
         results[num_sessions] = result
-        log(f"  {num_sessions} sessions: {result['aggregate_tps']:.1f} tok/s"
-            + (node_time(result) if len(swarm.nodes) == 1 else ""))
+        log(
+            f"  {num_sessions} sessions: {result['aggregate_tps']:.1f} tok/s"
+            + (node_time(result) if len(swarm.nodes) == 1 else "")
+        )
     return results
 
 
 def sessions_on_one_node(path, num_blocks: int, args) -> dict:
     log(f"Nectar: 1 node (0, {num_blocks}) on {args.device}, concurrent sessions")
-    with local_swarm(path, [(0, num_blocks)], threads=args.threads, device=args.device, dtype=args.dtype,
-                     extra_args=["--cache-mb", "16384", *args.node_args.split()]) as swarm:
+    with local_swarm(
+        path,
+        [(0, num_blocks)],
+        threads=args.threads,
+        device=args.device,
+        dtype=args.dtype,
+        extra_args=["--cache-mb", "16384", *args.node_args.split()],
+    ) as swarm:
         model = head_on(distributed_model(path, swarm, dtype=getattr(torch, args.dtype)), args.device)
         try:
             return concurrent_sessions(model, path, swarm, args)
@@ -83,11 +105,19 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--node-args", default="", help="extra arguments for every node (quoted)")
-    parser.add_argument("--one-node", action=argparse.BooleanOptionalAction, default=True,
-                        help="also measure the concurrent sessions on one node hosting every block")
+    parser.add_argument(
+        "--one-node",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure the concurrent sessions on one node hosting every block",
+    )
     parser.add_argument("--one-node-only", action="store_true", help="only the concurrent sessions on one node")
-    parser.add_argument("--client-processes", type=int, default=16,
-                        help="load-generating client processes for the concurrent sessions (0 = threads of this one)")
+    parser.add_argument(
+        "--client-processes",
+        type=int,
+        default=16,
+        help="load-generating client processes for the concurrent sessions (0 = threads of this one)",
+    )
     args = parser.parse_args()
     set_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -98,8 +128,12 @@ def main() -> None:
 
     if args.one_node_only:
         results = sessions_on_one_node(path, num_blocks, args)
-        emit(f"GPU: {args.model} {args.dtype}, concurrent sessions on one node", concurrency_rows(results),
-             {"concurrency_one_node": results}, args.json)
+        emit(
+            f"GPU: {args.model} {args.dtype}, concurrent sessions on one node",
+            concurrency_rows(results),
+            {"concurrency_one_node": results},
+            args.json,
+        )
         return
     log("local transformers generate()")
     local, local_tokens = local_decode(path, repeats=args.repeats, dtype=dtype, device=args.device)
@@ -110,8 +144,14 @@ def main() -> None:
     spans = even_spans(num_blocks, args.nodes)
     log(f"Nectar: {args.nodes} nodes {spans} on {args.device}")
     concurrency = {}
-    with local_swarm(path, spans, threads=args.threads, device=args.device, dtype=args.dtype,
-                     extra_args=["--cache-mb", "16384", *args.node_args.split()]) as swarm:
+    with local_swarm(
+        path,
+        spans,
+        threads=args.threads,
+        device=args.device,
+        dtype=args.dtype,
+        extra_args=["--cache-mb", "16384", *args.node_args.split()],
+    ) as swarm:
         model = head_on(distributed_model(path, swarm, dtype=dtype), args.device)
         try:
             model.generate(prompt_ids(), max_new_tokens=4, do_sample=False, eos_token_id=[])
@@ -125,24 +165,44 @@ def main() -> None:
     overhead = top.median_ms - local_best.median_ms
     gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device
     figures = {
-        "model": args.model, "device": gpu, "dtype": args.dtype, "nodes": args.nodes,
-        "local": {"decode_tps": local_best.decode_tps, "median_ms": local_best.median_ms,
-                  "runs_tps": [t.decode_tps for t in local]},
-        "nectar": {"decode_tps": top.decode_tps, "median_ms": top.median_ms, "ratio": ratio, "overhead_ms": overhead,
-                   "median_run_tps": median_timing(runs).decode_tps, "runs_tps": [t.decode_tps for t in runs],
-                   "same_tokens": tokens.tolist() == local_tokens.tolist()},
-        "concurrency": concurrency, "concurrency_one_node": one_node,
+        "model": args.model,
+        "device": gpu,
+        "dtype": args.dtype,
+        "nodes": args.nodes,
+        "local": {
+            "decode_tps": local_best.decode_tps,
+            "median_ms": local_best.median_ms,
+            "runs_tps": [t.decode_tps for t in local],
+        },
+        "nectar": {
+            "decode_tps": top.decode_tps,
+            "median_ms": top.median_ms,
+            "ratio": ratio,
+            "overhead_ms": overhead,
+            "median_run_tps": median_timing(runs).decode_tps,
+            "runs_tps": [t.decode_tps for t in runs],
+            "same_tokens": tokens.tolist() == local_tokens.tolist(),
+        },
+        "concurrency": concurrency,
+        "concurrency_one_node": one_node,
     }
     rows = [
         ("local transformers", f"{local_best.decode_tps:8.1f} tok/s  median {local_best.median_ms:6.2f} ms/token"),
-        (f"nectar, {args.nodes} nodes", f"{top.decode_tps:8.1f} tok/s  median {top.median_ms:6.2f} ms/token  "
-                                        f"{ratio:5.2f}x local  overhead {overhead:+.2f} ms/token"),
+        (
+            f"nectar, {args.nodes} nodes",
+            f"{top.decode_tps:8.1f} tok/s  median {top.median_ms:6.2f} ms/token  "
+            f"{ratio:5.2f}x local  overhead {overhead:+.2f} ms/token",
+        ),
         ("same greedy tokens", str(figures["nectar"]["same_tokens"])),
     ]
     for where, results in ((f"{args.nodes} nodes", concurrency), ("1 node", one_node)):
         rows += concurrency_rows(results, f"concurrent session(s), {where}") if results else []
-    emit(f"GPU: {args.model} {args.dtype} on {gpu}, {args.nodes} nodes on one GPU, 16+64 tokens", rows, figures,
-         args.json)
+    emit(
+        f"GPU: {args.model} {args.dtype} on {gpu}, {args.nodes} nodes on one GPU, 16+64 tokens",
+        rows,
+        figures,
+        args.json,
+    )
 
 
 if __name__ == "__main__":

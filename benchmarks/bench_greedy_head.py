@@ -7,13 +7,13 @@ norm, LM head and argmax) are printed, then the ratio of the best runs and wheth
 
     python benchmarks/bench_greedy_head.py --model tiny --threads 1 [--push] [--force int8]
 """
+
 from __future__ import annotations
 
 import common  # noqa: F401  (sets the OpenMP wait policy before torch loads)
+from common import base_parser, compare_client_heads, emit, set_threads
 
 from nectar.models.greedy_head import FORMATS, LowPrecisionArgmax
-
-from common import base_parser, compare_client_heads, emit, set_threads
 
 
 def main() -> None:
@@ -30,16 +30,26 @@ def main() -> None:
         checked = clients["checked"].head
         chosen_at_load = checked.greedy_argmax.format if checked.greedy_argmax else "float32"
         if args.force and chosen_at_load != args.force:
-            checked.greedy_argmax = LowPrecisionArgmax(checked.lm_head.weight.t(), checked.lm_head.bias,
-                                                       format=args.force)
+            checked.greedy_argmax = LowPrecisionArgmax(
+                checked.lm_head.weight.t(), checked.lm_head.bias, format=args.force
+            )
         clients["float32"].head.greedy_argmax = None
 
     figures, rows = compare_client_heads(args, ("checked", "float32"), check_against_float32)
     figures["chosen_at_load"], figures["pass"] = chosen_at_load, args.force or chosen_at_load
-    rows += [("check / float32", f"{figures['ratio']:.3f}x decode with the {figures['pass']} pass, same tokens: "
-                                 f"{figures['same_tokens']}, chosen at load: {figures['chosen_at_load']}")]
-    emit(f"greedy head, {args.model}, {args.nodes} nodes{', push' if args.push else ''}, {args.threads} thread(s)",
-         rows, figures, args.json)
+    rows += [
+        (
+            "check / float32",
+            f"{figures['ratio']:.3f}x decode with the {figures['pass']} pass, same tokens: "
+            f"{figures['same_tokens']}, chosen at load: {figures['chosen_at_load']}",
+        )
+    ]
+    emit(
+        f"greedy head, {args.model}, {args.nodes} nodes{', push' if args.push else ''}, {args.threads} thread(s)",
+        rows,
+        figures,
+        args.json,
+    )
 
 
 if __name__ == "__main__":

@@ -6,15 +6,14 @@ between tokens and the head's own time are printed, then the ratio of the best r
 
     python benchmarks/bench_head_layout.py --model tiny --threads 1 [--push]
 """
+
 from __future__ import annotations
 
 import common  # noqa: F401  (sets the OpenMP wait policy before torch loads)
-
+from common import base_parser, compare_client_heads, emit, set_threads
 from torch import nn
 
 from nectar.models.cpu_blas import CpuMatmul
-
-from common import base_parser, compare_client_heads, emit, set_threads
 
 
 def usual_layout(clients: dict) -> None:
@@ -33,8 +32,13 @@ def main() -> None:
     set_threads(args.threads)
     figures, rows = compare_client_heads(args, ("in-out", "usual"), usual_layout)
     rows += [("in-out / usual", f"{figures['ratio']:.3f}x decode, same tokens: {figures['same_tokens']}")]
-    emit(f"client LM head layout, {args.model}, {args.nodes} nodes{', push' if args.push else ''}, "
-         f"{args.threads} thread(s)", rows, figures, args.json)
+    emit(
+        f"client LM head layout, {args.model}, {args.nodes} nodes{', push' if args.push else ''}, "
+        f"{args.threads} thread(s)",
+        rows,
+        figures,
+        args.json,
+    )
 
 
 if __name__ == "__main__":

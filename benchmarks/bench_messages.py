@@ -3,6 +3,7 @@
 Per step, a client encodes a Step and decodes the node's StepReply; the node decodes the Step and encodes its reply.
 Run: PYTHONPATH=.pkgroot python benchmarks/bench_messages.py [hidden_size]
 """
+
 from __future__ import annotations
 
 import sys
@@ -10,10 +11,17 @@ import timeit
 
 import torch
 
-from nectar.wire.messages import Step, StepReply, decode_inference_reply, decode_inference_request
-from nectar.wire.protocol import ErrorCode, NodeRPCError, make_request, pack_metadata, pack_tensors, \
-    unpack_metadata, unpack_tensors
 from nectar.wire.direct import parse_address
+from nectar.wire.messages import Step, StepReply, decode_inference_reply, decode_inference_request
+from nectar.wire.protocol import (
+    ErrorCode,
+    NodeRPCError,
+    make_request,
+    pack_metadata,
+    pack_tensors,
+    unpack_metadata,
+    unpack_tensors,
+)
 
 UID, SID = "model[0:12]", b"s" * 16
 
@@ -73,6 +81,7 @@ def typed_round_trip(x, session_id=SID.rjust(32, b"\0")):
 
 def runtime_response(packed, metadata):
     from hivemind.proto import runtime_pb2
+
     return runtime_pb2.ExpertResponse(tensors=packed, metadata=pack_metadata(metadata))
 
 

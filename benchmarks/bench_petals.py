@@ -10,31 +10,40 @@ alternate the same way. Local transformers (5.x here, 4.34.1 in the Petals envir
 
     python benchmarks/bench_petals.py --model tiny
 """
-from __future__ import annotations
 
-import common  # noqa: F401  (sets the OpenMP wait policy before torch loads)
+from __future__ import annotations
 
 import json
 import logging
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Callable
 
+import common  # noqa: F401  (sets the OpenMP wait policy before torch loads)
 import psutil
-import torch
-
 from bench_decode import local_in_child, swarm_decode
 from bench_training import SwarmRunner
 from common import (
-    NUM_LAYERS, DecodeTiming, base_parser, best, checkpoint, distributed_model, emit, even_spans, local_swarm, log,
-    node_env, prompt_ids, set_threads, timed,
+    NUM_LAYERS,
+    DecodeTiming,
+    base_parser,
+    best,
+    checkpoint,
+    distributed_model,
+    emit,
+    even_spans,
+    local_swarm,
+    log,
+    node_env,
+    prompt_ids,
+    set_threads,
+    timed,
 )
 
 logger = logging.getLogger(__name__)
@@ -51,9 +60,15 @@ def ensure_venv(venv: Path) -> Path:
 def start_petals(python: Path, args: list[str], *, log_path: Path, env: dict, stdin=None) -> subprocess.Popen:
     """``run_petals.py <args>`` in its own process group (so ``stop_petals`` ends its children too), stderr to
     ``log_path``, stdout read by the caller."""
-    return subprocess.Popen([str(python), str(HERE / "petals" / "run_petals.py"), *args], stdin=stdin,
-                            stdout=subprocess.PIPE, stderr=open(log_path, "w"), text=True, env=env,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [str(python), str(HERE / "petals" / "run_petals.py"), *args],
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=open(log_path, "w"),
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
 
 
 def stop_petals(process: subprocess.Popen) -> None:
@@ -94,8 +109,7 @@ class PetalsClient:
 
     def __init__(self, python: Path, args: list[str], *, env: dict, workdir: Path, timeout: float = 900):
         self.log_path = workdir / "client.log"
-        self.process = start_petals(python, ["client", *args], log_path=self.log_path, env=env,
-                                    stdin=subprocess.PIPE)
+        self.process = start_petals(python, ["client", *args], log_path=self.log_path, env=env, stdin=subprocess.PIPE)
         self.ready = self._answer(timeout)
 
     def ask(self, request: dict, timeout: float = 900) -> dict:
@@ -140,8 +154,9 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def alternate(sides: dict[str, Callable[[], object]], idle_pids: dict[str, list[int]], rounds: int
-              ) -> tuple[dict[str, list], dict[str, float]]:
+def alternate(
+    sides: dict[str, Callable[[], object]], idle_pids: dict[str, list[int]], rounds: int
+) -> tuple[dict[str, list], dict[str, float]]:
     """Runs each side once per round, the order flipping every round; returns each side's results and the largest
     share of a run's wall time that the other side's idle processes spent on the CPU during it."""
     names = list(sides)
@@ -172,31 +187,67 @@ def main() -> None:
     env = {**os.environ, **node_env(args.threads), "PYTHONUNBUFFERED": "1"}
     env.pop("PYTHONPATH", None)
     workdir = Path(tempfile.mkdtemp(prefix="petals-bench-"))
-    figures: dict = {"model": args.model, "threads": args.threads, "nodes": args.nodes, "push": args.push,
-                     "protocol": "alternating"}
+    figures: dict = {
+        "model": args.model,
+        "threads": args.threads,
+        "nodes": args.nodes,
+        "push": args.push,
+        "protocol": "alternating",
+    }
 
     with ExitStack() as stack:
         petals_servers = []
         dht, address = stack.enter_context(
-            petals_process(python, ["dht"], name="dht", env=env, workdir=workdir, wait_for="/p2p/"))
+            petals_process(python, ["dht"], name="dht", env=env, workdir=workdir, wait_for="/p2p/")
+        )
         for i, (start, end) in enumerate(spans):
-            server, _ = stack.enter_context(petals_process(
-                python, ["server", "--", str(path), "--block_indices", f"{start}:{end}", "--initial_peers", address,
-                         "--dht_prefix", prefix, "--throughput", "1", "--torch_dtype", "float32", "--device", "cpu",
-                         "--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--identity_path", str(workdir / f"id{i}.key")],
-                name=f"server{i}", env=env, workdir=workdir))
+            server, _ = stack.enter_context(
+                petals_process(
+                    python,
+                    [
+                        "server",
+                        "--",
+                        str(path),
+                        "--block_indices",
+                        f"{start}:{end}",
+                        "--initial_peers",
+                        address,
+                        "--dht_prefix",
+                        prefix,
+                        "--throughput",
+                        "1",
+                        "--torch_dtype",
+                        "float32",
+                        "--device",
+                        "cpu",
+                        "--host_maddrs",
+                        "/ip4/127.0.0.1/tcp/0",
+                        "--identity_path",
+                        str(workdir / f"id{i}.key"),
+                    ],
+                    name=f"server{i}",
+                    env=env,
+                    workdir=workdir,
+                )
+            )
             petals_servers.append(server.pid)
         log(f"Petals: DHT at {address}, {args.nodes} servers loading {spans} (logs in {workdir})")
-        petals = PetalsClient(python, ["--model", str(path), "--peers", address, "--prefix", prefix,
-                                       "--threads", str(args.threads)], env=env, workdir=workdir)
+        petals = PetalsClient(
+            python,
+            ["--model", str(path), "--peers", address, "--prefix", prefix, "--threads", str(args.threads)],
+            env=env,
+            workdir=workdir,
+        )
         stack.callback(petals.close)
         swarm = stack.enter_context(local_swarm(path, spans, threads=args.threads))
         log("both swarms up: their runs alternate")
         model = distributed_model(path, swarm, push=args.push)
         stack.callback(model.shutdown)
         model.generate(prompt_ids(), max_new_tokens=4, do_sample=False, eos_token_id=[])
-        idle_pids = {"petals": [dht.pid, *petals_servers, petals.process.pid],
-                     "nectar": [peer.process.pid for peer in [*swarm.nodes, swarm.bootstrap] if peer is not None]}
+        idle_pids = {
+            "petals": [dht.pid, *petals_servers, petals.process.pid],
+            "nectar": [peer.process.pid for peer in [*swarm.nodes, swarm.bootstrap] if peer is not None],
+        }
 
         def petals_decode():
             answer = petals.ask({"decode": 1})
@@ -214,53 +265,94 @@ def main() -> None:
             runner = SwarmRunner(path, swarm)
             stack.callback(runner.close)
             runner.tune_step()  # warm-up
-            tunes, _ = alternate({"nectar": lambda: timed(runner.tune_step, 1),
-                                  "petals": lambda: petals.ask({"tune": 1})["tune_s"][0]}, idle_pids, args.repeats)
+            tunes, _ = alternate(
+                {"nectar": lambda: timed(runner.tune_step, 1), "petals": lambda: petals.ask({"tune": 1})["tune_s"][0]},
+                idle_pids,
+                args.repeats,
+            )
         petals_local = petals.ask({"local": args.repeats})
-    local_runs, local_tokens = local_in_child(args.model, threads=args.threads, repeats=args.repeats,
-                                              policy="PASSIVE")
+    local_runs, local_tokens = local_in_child(args.model, threads=args.threads, repeats=args.repeats, policy="PASSIVE")
 
     nectar_tokens, petals_tokens = decodes["nectar"][-1][1], decodes["petals"][-1][1]
     ours, theirs = best([run for run, _ in decodes["nectar"]]), best([run for run, _ in decodes["petals"]])
     here = best(local_runs)
     there = best([DecodeTiming(t["first"], t["gaps"]) for t in petals_local["timings"]])
     figures.update(
-        nectar={"decode_tps": ours.decode_tps, "median_ms": ours.median_ms,
-                "runs_tps": [run.decode_tps for run, _ in decodes["nectar"]],
-                "tune_steps_s": 1 / min(tunes["nectar"]) if tunes else None},
-        petals={"decode_tps": theirs.decode_tps, "median_ms": theirs.median_ms,
-                "runs_tps": [run.decode_tps for run, _ in decodes["petals"]],
-                "tune_steps_s": 1 / min(tunes["petals"]) if tunes else None},
+        nectar={
+            "decode_tps": ours.decode_tps,
+            "median_ms": ours.median_ms,
+            "runs_tps": [run.decode_tps for run, _ in decodes["nectar"]],
+            "tune_steps_s": 1 / min(tunes["nectar"]) if tunes else None,
+        },
+        petals={
+            "decode_tps": theirs.decode_tps,
+            "median_ms": theirs.median_ms,
+            "runs_tps": [run.decode_tps for run, _ in decodes["petals"]],
+            "tune_steps_s": 1 / min(tunes["petals"]) if tunes else None,
+        },
         idle_cpu_share={"petals_during_nectar": idle_share["nectar"], "nectar_during_petals": idle_share["petals"]},
-        local_transformers5={"decode_tps": here.decode_tps}, local_transformers434={"decode_tps": there.decode_tps},
-        same_tokens={"nectar_vs_petals": nectar_tokens == petals_tokens,
-                     "nectar_vs_local": nectar_tokens == local_tokens.tolist()},
+        local_transformers5={"decode_tps": here.decode_tps},
+        local_transformers434={"decode_tps": there.decode_tps},
+        same_tokens={
+            "nectar_vs_petals": nectar_tokens == petals_tokens,
+            "nectar_vs_local": nectar_tokens == local_tokens.tolist(),
+        },
         all_runs_same_tokens=all(tokens == nectar_tokens for side in decodes.values() for _, tokens in side),
     )
     figures["decode_ratio"] = ours.decode_tps / theirs.decode_tps
-    figures["median_run_ratio"] = (statistics.median(figures["nectar"]["runs_tps"])
-                                   / statistics.median(figures["petals"]["runs_tps"]))
+    figures["median_run_ratio"] = statistics.median(figures["nectar"]["runs_tps"]) / statistics.median(
+        figures["petals"]["runs_tps"]
+    )
     rows = [
-        ("nectar decode", f"{ours.decode_tps:8.1f} tok/s  median {ours.median_ms:6.2f} ms/token  (runs: "
-                          + ", ".join(f"{tps:.1f}" for tps in figures["nectar"]["runs_tps"]) + ")"),
-        ("petals decode", f"{theirs.decode_tps:8.1f} tok/s  median {theirs.median_ms:6.2f} ms/token  (runs: "
-                          + ", ".join(f"{tps:.1f}" for tps in figures["petals"]["runs_tps"]) + ")"),
-        ("nectar / petals", f"{figures['decode_ratio']:8.2f}x decode (best runs, alternating); median runs "
-                            f"{figures['median_run_ratio']:.2f}x"),
-        ("idle swarm's CPU", f"petals during nectar's runs {idle_share['nectar']:.1%} of a core at most, "
-                             f"nectar during petals' {idle_share['petals']:.1%}"),
-        ("local transformers", f"{here.decode_tps:8.1f} tok/s ({petals.ready['versions']['transformers']} in "
-                               f"Petals' env: {there.decode_tps:.1f} tok/s)"),
-        ("same greedy tokens", f"nectar = petals: {figures['same_tokens']['nectar_vs_petals']}, "
-                               f"nectar = local: {figures['same_tokens']['nectar_vs_local']}, "
-                               f"every run alike: {figures['all_runs_same_tokens']}"),
+        (
+            "nectar decode",
+            f"{ours.decode_tps:8.1f} tok/s  median {ours.median_ms:6.2f} ms/token  (runs: "
+            + ", ".join(f"{tps:.1f}" for tps in figures["nectar"]["runs_tps"])
+            + ")",
+        ),
+        (
+            "petals decode",
+            f"{theirs.decode_tps:8.1f} tok/s  median {theirs.median_ms:6.2f} ms/token  (runs: "
+            + ", ".join(f"{tps:.1f}" for tps in figures["petals"]["runs_tps"])
+            + ")",
+        ),
+        (
+            "nectar / petals",
+            f"{figures['decode_ratio']:8.2f}x decode (best runs, alternating); median runs "
+            f"{figures['median_run_ratio']:.2f}x",
+        ),
+        (
+            "idle swarm's CPU",
+            f"petals during nectar's runs {idle_share['nectar']:.1%} of a core at most, "
+            f"nectar during petals' {idle_share['petals']:.1%}",
+        ),
+        (
+            "local transformers",
+            f"{here.decode_tps:8.1f} tok/s ({petals.ready['versions']['transformers']} in "
+            f"Petals' env: {there.decode_tps:.1f} tok/s)",
+        ),
+        (
+            "same greedy tokens",
+            f"nectar = petals: {figures['same_tokens']['nectar_vs_petals']}, "
+            f"nectar = local: {figures['same_tokens']['nectar_vs_local']}, "
+            f"every run alike: {figures['all_runs_same_tokens']}",
+        ),
     ]
     if tunes:
         figures["tune_ratio"] = figures["nectar"]["tune_steps_s"] / figures["petals"]["tune_steps_s"]
-        rows.append(("prompt tuning", f"nectar {figures['nectar']['tune_steps_s']:.3f} steps/s, petals "
-                                      f"{figures['petals']['tune_steps_s']:.3f} steps/s: {figures['tune_ratio']:.2f}x"))
-    emit(f"Nectar vs Petals 2.2.0.post1, {args.model}, {args.nodes} nodes, float32 CPU, {args.threads} thread(s)",
-         rows, figures, args.json)
+        rows.append(
+            (
+                "prompt tuning",
+                f"nectar {figures['nectar']['tune_steps_s']:.3f} steps/s, petals "
+                f"{figures['petals']['tune_steps_s']:.3f} steps/s: {figures['tune_ratio']:.2f}x",
+            )
+        )
+    emit(
+        f"Nectar vs Petals 2.2.0.post1, {args.model}, {args.nodes} nodes, float32 CPU, {args.threads} thread(s)",
+        rows,
+        figures,
+        args.json,
+    )
 
 
 if __name__ == "__main__":

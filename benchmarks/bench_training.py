@@ -8,16 +8,26 @@ on every real token's logits, backward to the prefix and an Adam update. The mod
 
     python benchmarks/bench_training.py --model mid --nodes 2
 """
-from __future__ import annotations
 
-import common  # noqa: F401  (sets the OpenMP wait policy before torch loads)
+from __future__ import annotations
 
 import logging
 
+import common  # noqa: F401  (sets the OpenMP wait policy before torch loads)
 import torch
-
-from common import NUM_LAYERS, base_parser, checkpoint, distributed_model, emit, even_spans, local_swarm, log
-from common import prompt_ids, set_threads, timed
+from common import (
+    NUM_LAYERS,
+    base_parser,
+    checkpoint,
+    distributed_model,
+    emit,
+    even_spans,
+    local_swarm,
+    log,
+    prompt_ids,
+    set_threads,
+    timed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +58,9 @@ class LocalRunner:
         embeds = self.model.get_input_embeddings()(self.tune_ids)
         prefix = self.prefix.unsqueeze(0).expand(embeds.shape[0], -1, -1)
         logits = self.model(inputs_embeds=torch.cat([prefix, embeds], dim=1)).logits[:, PREFIX:]
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                 self.tune_ids[:, 1:].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), self.tune_ids[:, 1:].reshape(-1)
+        )
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
@@ -106,24 +117,38 @@ def main() -> None:
                     for name, runner in (("local", local), (key, remote)):
                         best[name]["prefill_s"] = min(best[name]["prefill_s"], timed(runner.prefill, 1))
                         best[name]["tune_s"] = min(best[name]["tune_s"], timed(runner.tune_step, 1))
-                    log(f"  repeat {repeat}: local prefill {best['local']['prefill_s']:.3f}s "
+                    log(
+                        f"  repeat {repeat}: local prefill {best['local']['prefill_s']:.3f}s "
                         f"step {best['local']['tune_s']:.3f}s | nectar prefill {best[key]['prefill_s']:.3f}s "
-                        f"step {best[key]['tune_s']:.3f}s")
+                        f"step {best[key]['tune_s']:.3f}s"
+                    )
             finally:
                 remote.close()
     rows, figures = [], {"model": args.model, "threads": args.threads}
     base = best["local"]
     for name, result in best.items():
         prefill_tps, steps_s = prefill_tokens / result["prefill_s"], 1 / result["tune_s"]
-        figures[name] = {"prefill_tps": prefill_tps, "tune_steps_s": steps_s,
-                         "prefill_ratio": base["prefill_s"] / result["prefill_s"],
-                         "tune_ratio": base["tune_s"] / result["tune_s"]}
+        figures[name] = {
+            "prefill_tps": prefill_tps,
+            "tune_steps_s": steps_s,
+            "prefill_ratio": base["prefill_s"] / result["prefill_s"],
+            "tune_ratio": base["tune_s"] / result["tune_s"],
+        }
         label = "local transformers" if name == "local" else f"nectar, {name[5:]} node(s)"
-        rows.append((label, f"prefill {prefill_tps:8.1f} tok/s ({figures[name]['prefill_ratio']:4.2f}x local)   "
-                            f"prompt tuning {steps_s:6.3f} steps/s ({figures[name]['tune_ratio']:4.2f}x local)"))
-    emit(f"Prefill {PREFILL_SHAPE[0]}x{PREFILL_SHAPE[1]} and prompt tuning ({PREFIX}-token prefix, "
-         f"{TUNE_SHAPE[0]}x{TUNE_SHAPE[1]} tokens, Adam), {args.model}, float32 CPU, {args.threads} thread(s)",
-         rows, figures, args.json)
+        rows.append(
+            (
+                label,
+                f"prefill {prefill_tps:8.1f} tok/s ({figures[name]['prefill_ratio']:4.2f}x local)   "
+                f"prompt tuning {steps_s:6.3f} steps/s ({figures[name]['tune_ratio']:4.2f}x local)",
+            )
+        )
+    emit(
+        f"Prefill {PREFILL_SHAPE[0]}x{PREFILL_SHAPE[1]} and prompt tuning ({PREFIX}-token prefix, "
+        f"{TUNE_SHAPE[0]}x{TUNE_SHAPE[1]} tokens, Adam), {args.model}, float32 CPU, {args.threads} thread(s)",
+        rows,
+        figures,
+        args.json,
+    )
 
 
 if __name__ == "__main__":

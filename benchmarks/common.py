@@ -9,6 +9,7 @@ while after each parallel region, stealing cores from the next process in the ro
 run with ``OMP_WAIT_POLICY=PASSIVE`` (workers sleep at once), which cost nothing measurable on compute here. numpy's
 OpenBLAS has the same habit: importing ``nectar`` sets ``OPENBLAS_THREAD_TIMEOUT`` (see ``core/__init__.py``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,16 +19,17 @@ import os
 
 # before torch loads libgomp (see the module docstring); a caller's explicit choice wins
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import nectar  # noqa: E402,F401  (sets OpenBLAS's thread timeout before numpy loads)
 import platform
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+
+import nectar  # noqa: E402,F401  (sets OpenBLAS's thread timeout before numpy loads)
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +114,12 @@ def set_threads(threads: int) -> None:
 
 
 def node_env(threads: int) -> dict:
-    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE",
-            "TOKENIZERS_PARALLELISM": "false"}
+    return {
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 def even_spans(num_blocks: int, num_nodes: int) -> list[tuple[int, int]]:
@@ -122,14 +128,30 @@ def even_spans(num_blocks: int, num_nodes: int) -> list[tuple[int, int]]:
 
 
 @contextmanager
-def local_swarm(model_path: Path, spans: Sequence[tuple[int, int]], *, threads: int,
-                extra_args: Sequence[str] = (), device: Optional[str] = None, dtype: Optional[str] = None,
-                env: Optional[dict] = None) -> Iterator:
+def local_swarm(
+    model_path: Path,
+    spans: Sequence[tuple[int, int]],
+    *,
+    threads: int,
+    extra_args: Sequence[str] = (),
+    device: str | None = None,
+    dtype: str | None = None,
+    env: dict | None = None,
+) -> Iterator:
     """A bootstrap peer plus one node process per span, on 127.0.0.1 (nectar.node.local_swarm)."""
     from nectar.node.local_swarm import LocalSwarm
 
-    args = ["--throughput", "1", "--num-threads", str(threads), "--announce-period", "5", "--cache-mb", "4096",
-            *extra_args]
+    args = [
+        "--throughput",
+        "1",
+        "--num-threads",
+        str(threads),
+        "--announce-period",
+        "5",
+        "--cache-mb",
+        "4096",
+        *extra_args,
+    ]
     if device:
         args += ["--device", device]
     if dtype:
@@ -147,8 +169,9 @@ def distributed_model(model_path: Path, swarm, *, dtype=None, push: bool = False
     from nectar.client import ClientConfig, DistributedModelForCausalLM
 
     config = ClientConfig(step_timeout=120, request_timeout=300, connect_timeout=30, push=push)
-    return DistributedModelForCausalLM.from_pretrained(str(model_path), initial_peers=swarm.initial_peers,
-                                                       config=config, dtype=dtype or torch.float32, **kwargs)
+    return DistributedModelForCausalLM.from_pretrained(
+        str(model_path), initial_peers=swarm.initial_peers, config=config, dtype=dtype or torch.float32, **kwargs
+    )
 
 
 def prompt_ids(batch: int = 1, length: int = PROMPT_TOKENS, seed: int = 0):
@@ -199,7 +222,7 @@ class DecodeTiming:
         return (len(self.gaps_s) + 1) / (self.first_token_s + sum(self.gaps_s))
 
     @classmethod
-    def from_clock(cls, clock: TokenClock) -> "DecodeTiming":
+    def from_clock(cls, clock: TokenClock) -> DecodeTiming:
         times = clock.times
         return cls(times[0] - clock.start, [b - a for a, b in zip(times, times[1:])])
 
@@ -241,8 +264,9 @@ def alternating_decode(clients: dict, repeats: int) -> tuple[dict, dict]:
     for _ in range(repeats):
         for name, model in clients.items():
             clock = TokenClock()
-            tokens[name] = model.generate(prompt_ids(), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=[],
-                                          streamer=clock)
+            tokens[name] = model.generate(
+                prompt_ids(), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=[], streamer=clock
+            )
             runs[name].append(DecodeTiming.from_clock(clock))
     return runs, tokens
 
@@ -265,14 +289,30 @@ def compare_client_heads(args, names: tuple[str, str], prepare: Callable[[dict],
     fastest = {name: best(timings) for name, timings in runs.items()}
     head_ms = {name: statistics.median(seconds) * 1e3 for name, seconds in head_seconds.items()}
     new, baseline = names
-    figures = {"model": args.model, "threads": args.threads, "nodes": args.nodes, "push": args.push,
-               "ratio": fastest[new].decode_tps / fastest[baseline].decode_tps,
-               "same_tokens": tokens[new].tolist() == tokens[baseline].tolist(),
-               **{name: {"decode_tps": fastest[name].decode_tps, "head_ms": head_ms[name],
-                         "run_medians_ms": [t.median_ms for t in runs[name]]} for name in names}}
-    rows = [(name, f"{fastest[name].decode_tps:.1f} tok/s (best run), runs' median gaps "
-                   f"{', '.join(f'{t.median_ms:.1f}' for t in runs[name])} ms; head {head_ms[name]:.2f} ms")
-            for name in names]
+    figures = {
+        "model": args.model,
+        "threads": args.threads,
+        "nodes": args.nodes,
+        "push": args.push,
+        "ratio": fastest[new].decode_tps / fastest[baseline].decode_tps,
+        "same_tokens": tokens[new].tolist() == tokens[baseline].tolist(),
+        **{
+            name: {
+                "decode_tps": fastest[name].decode_tps,
+                "head_ms": head_ms[name],
+                "run_medians_ms": [t.median_ms for t in runs[name]],
+            }
+            for name in names
+        },
+    }
+    rows = [
+        (
+            name,
+            f"{fastest[name].decode_tps:.1f} tok/s (best run), runs' median gaps "
+            f"{', '.join(f'{t.median_ms:.1f}' for t in runs[name])} ms; head {head_ms[name]:.2f} ms",
+        )
+        for name in names
+    ]
     return figures, rows
 
 
@@ -294,14 +334,17 @@ def machine_line() -> str:
     except Exception:
         cpu = platform.processor() or "unknown cpu"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.node()} | {os.cpu_count()} cores ({cpu}) | {gpu} | torch {torch.__version__} | "
-            f"python {platform.python_version()} | {time.strftime('%Y-%m-%d %H:%M %Z')}")
+    return (
+        f"{platform.node()} | {os.cpu_count()} cores ({cpu}) | {gpu} | torch {torch.__version__} | "
+        f"python {platform.python_version()} | {time.strftime('%Y-%m-%d %H:%M %Z')}"
+    )
 
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
     except Exception:
         return "?"
 
@@ -323,15 +366,23 @@ def base_parser(description: str, *, results_group: str) -> argparse.ArgumentPar
     """The options every benchmark shares; ``results_group`` names its folder under ``benchmarks/results/``."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", choices=sorted(SIZES), default="tiny", help="which random checkpoint")
-    parser.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)),
-                        help="torch threads of every computing process (local, each node, the client)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=max(1, min(2, os.cpu_count() or 1)),
+        help="torch threads of every computing process (local, each node, the client)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (the best is reported)")
-    parser.add_argument("--json", type=lambda value: results_path(value, results_group), default=None,
-                        help=f"also write the figures to this JSON file (a bare name goes to results/{results_group}/)")
+    parser.add_argument(
+        "--json",
+        type=lambda value: results_path(value, results_group),
+        default=None,
+        help=f"also write the figures to this JSON file (a bare name goes to results/{results_group}/)",
+    )
     return parser
 
 
-def emit(title: str, rows: list[tuple[str, str]], figures: dict, json_path: Optional[Path]) -> None:
+def emit(title: str, rows: list[tuple[str, str]], figures: dict, json_path: Path | None) -> None:
     """Prints a result table (figures and ratios) and optionally saves the raw figures."""
     width = max(len(name) for name, _ in rows) + 2
     print(f"\n== {title}")

@@ -17,9 +17,8 @@ readings by step number (both read CLOCK_MONOTONIC). Stages:
 
     python benchmarks/profile_hop.py --model tiny --steps 300
 """
-from __future__ import annotations
 
-import common  # noqa: F401  (sets the OpenMP wait policy before torch loads)
+from __future__ import annotations
 
 import json
 import os
@@ -31,6 +30,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+import common  # noqa: F401  (sets the OpenMP wait policy before torch loads)
 
 now = time.perf_counter_ns  # CLOCK_MONOTONIC on Linux: comparable across processes
 
@@ -88,10 +89,21 @@ def serve(args) -> None:
         return result
 
     backend_module.SpanBackend.run_inference = timed_run
-    config = NodeConfig(model=str(args.path), blocks=(0, args.blocks), host="127.0.0.1", initial_peers=[args.peers],
-                        throughput=1.0, num_threads=args.threads, key_dir=Path(tempfile.mkdtemp()),
-                        public_name="profiled", announce_period=2, device=args.device, dtype=args.dtype,
-                        direct_port=None if args.p2p else 0, receipt_signer=args.receipt_signer)
+    config = NodeConfig(
+        model=str(args.path),
+        blocks=(0, args.blocks),
+        host="127.0.0.1",
+        initial_peers=[args.peers],
+        throughput=1.0,
+        num_threads=args.threads,
+        key_dir=Path(tempfile.mkdtemp()),
+        public_name="profiled",
+        announce_period=2,
+        device=args.device,
+        dtype=args.dtype,
+        direct_port=None if args.p2p else 0,
+        receipt_signer=args.receipt_signer,
+    )
     server = Server(config)
     server.start()
     done = threading.Event()
@@ -105,8 +117,8 @@ def serve(args) -> None:
 
 def profile(args) -> None:
     import torch
+    from common import distributed_model, set_threads
 
-    from common import distributed_model, local_swarm, set_threads
     from nectar.client import inference_session as session_module
     from nectar.node.local_swarm import LocalSwarm
 
@@ -135,11 +147,35 @@ def profile(args) -> None:
     out = Path(tempfile.mkdtemp()) / "node.json"
     with LocalSwarm() as swarm:
         swarm.start_bootstrap()
-        child = subprocess.Popen([sys.executable, __file__, "--serve", "--model", args.model, "--path", str(args.path),
-                                  "--blocks", str(args.blocks), "--threads", str(args.threads), "--peers",
-                                  swarm.initial_peers[0], "--out", str(out), "--device", args.device or "",
-                                  "--dtype", args.dtype or "", "--receipt-signer", args.receipt_signer] + (["--p2p"] if args.p2p else []), stdout=subprocess.PIPE, text=True,
-                                 env={**os.environ, **common.node_env(args.threads)})
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--serve",
+                "--model",
+                args.model,
+                "--path",
+                str(args.path),
+                "--blocks",
+                str(args.blocks),
+                "--threads",
+                str(args.threads),
+                "--peers",
+                swarm.initial_peers[0],
+                "--out",
+                str(out),
+                "--device",
+                args.device or "",
+                "--dtype",
+                args.dtype or "",
+                "--receipt-signer",
+                args.receipt_signer,
+            ]
+            + (["--p2p"] if args.p2p else []),
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **common.node_env(args.threads)},
+        )
         try:
             assert child.stdout.readline().strip() == "ready", "the profiled node did not start"
             swarm.wait_for_blocks(str(args.path), args.blocks)
@@ -149,9 +185,25 @@ def profile(args) -> None:
             session.step(torch.randn(1, 16, hidden))
             spy = None
             if args.spy:  # sample the node's threads while it serves the steps below
-                spy = subprocess.Popen(["py-spy", "record", "--pid", str(child.pid), "--duration", "8", "--rate", "250",
-                                        "--format", "raw", "--threads", "--output", args.spy],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                spy = subprocess.Popen(
+                    [
+                        "py-spy",
+                        "record",
+                        "--pid",
+                        str(child.pid),
+                        "--duration",
+                        "8",
+                        "--rate",
+                        "250",
+                        "--format",
+                        "raw",
+                        "--threads",
+                        "--output",
+                        args.spy,
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
             for _ in range(args.steps):
                 session.step(torch.randn(1, 1, hidden))
             if spy is not None:
@@ -170,26 +222,32 @@ def profile(args) -> None:
         compute = next(((a, b) for a, b in node["computes"] if theirs["enter"] <= a <= theirs["exit"]), None)
         if compute is None:
             continue
-        rows.append({
-            "client main -> loop": record["loop_enter"] - record["start"],
-            "loop -> node recv": theirs["recv"] - record["loop_enter"],
-            "recv -> handler": theirs["enter"] - theirs["recv"],
-            "handler -> compute": compute[0] - theirs["enter"],
-            "compute": compute[1] - compute[0],
-            "compute -> handler exit": theirs["exit"] - compute[1],
-            "exit -> sent": theirs["sent"] - theirs["exit"],
-            "sent -> client loop": record["loop_got"] - theirs["sent"],
-            "loop -> main": record["end"] - record["loop_got"],
-            "whole hop": record["end"] - record["start"],
-        })
-    print(f"\n== One hop, {args.model} blocks 0:{args.blocks}, {len(rows)} single-token steps, {args.threads} thread(s)")
+        rows.append(
+            {
+                "client main -> loop": record["loop_enter"] - record["start"],
+                "loop -> node recv": theirs["recv"] - record["loop_enter"],
+                "recv -> handler": theirs["enter"] - theirs["recv"],
+                "handler -> compute": compute[0] - theirs["enter"],
+                "compute": compute[1] - compute[0],
+                "compute -> handler exit": theirs["exit"] - compute[1],
+                "exit -> sent": theirs["sent"] - theirs["exit"],
+                "sent -> client loop": record["loop_got"] - theirs["sent"],
+                "loop -> main": record["end"] - record["loop_got"],
+                "whole hop": record["end"] - record["start"],
+            }
+        )
+    print(
+        f"\n== One hop, {args.model} blocks 0:{args.blocks}, {len(rows)} single-token steps, {args.threads} thread(s)"
+    )
     print(f"   machine: {common.machine_line()} | commit {common.git_commit()}")
     for stage in rows[0]:
         values = [row[stage] / 1e3 for row in rows]
         print(f"   {stage:<26} median {statistics.median(values):8.0f} us   mean {statistics.mean(values):8.0f} us")
     overhead = [(row["whole hop"] - row["compute"]) / 1e3 for row in rows]
-    print(f"   {'hop minus compute':<26} median {statistics.median(overhead):8.0f} us   "
-          f"mean {statistics.mean(overhead):8.0f} us")
+    print(
+        f"   {'hop minus compute':<26} median {statistics.median(overhead):8.0f} us   "
+        f"mean {statistics.mean(overhead):8.0f} us"
+    )
 
 
 def main() -> None:
@@ -198,8 +256,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--p2p", action="store_true", help="no direct TCP lane: every message through the P2P daemons")
     parser.add_argument("--device", default=None, help="the node's device (default: cuda if available)")
-    parser.add_argument("--receipt-signer", choices=["process", "loop"], default="process",
-                        help="where the profiled node signs its receipts (the node's --receipt-signer)")
+    parser.add_argument(
+        "--receipt-signer",
+        choices=["process", "loop"],
+        default="process",
+        help="where the profiled node signs its receipts (the node's --receipt-signer)",
+    )
     parser.add_argument("--spy", default=None, help="also record a py-spy profile of the node to this file")
     parser.add_argument("--dtype", default=None, help="the node's dtype (default: float32 on CPU, float16 on CUDA)")
     parser.add_argument("--serve", action="store_true", help=common.argparse.SUPPRESS)
@@ -212,8 +274,11 @@ def main() -> None:
         serve(args)
         return
     args.blocks = args.blocks or common.llama_config(args.model).num_hidden_layers
-    args.path = common.checkpoint(args.model, dtype="float16" if args.model == "llama2-7b" else "float32",
-                                  device="cuda" if args.model == "llama2-7b" else "cpu")
+    args.path = common.checkpoint(
+        args.model,
+        dtype="float16" if args.model == "llama2-7b" else "float32",
+        device="cuda" if args.model == "llama2-7b" else "cpu",
+    )
     profile(args)
 
 

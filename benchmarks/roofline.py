@@ -23,19 +23,28 @@ sessions could be over one session's measured rate.
     python benchmarks/roofline.py --model mid --threads 2 \
         --concurrency-json benchmarks/results/concurrency/concurrency_mid_epyc.json
 """
-from __future__ import annotations
 
-import common  # noqa: F401  (sets the OpenMP wait policy before torch loads)
+from __future__ import annotations
 
 import json
 import statistics
 
+import common  # noqa: F401  (sets the OpenMP wait policy before torch loads)
 import torch
+from common import (
+    NEW_TOKENS,
+    DecodeTiming,
+    TokenClock,
+    base_parser,
+    checkpoint,
+    emit,
+    log,
+    prompt_ids,
+    set_threads,
+    timed,
+)
 
 from nectar.models.cpu_blas import NATIVE_MAX_ROWS, CpuMatmul, native_kernel
-from common import (
-    NEW_TOKENS, DecodeTiming, TokenClock, base_parser, checkpoint, emit, log, prompt_ids, set_threads, timed,
-)
 
 
 def main() -> None:
@@ -65,8 +74,11 @@ def main() -> None:
         gemv_usual_s = timed(lambda: [x @ w.t() for x, w in zip(vectors, weights)], repeats)
         gemv_in_out_s = timed(lambda: [x @ w for x, w in zip(vectors, in_out)], repeats)
         gemv_openblas_s = timed(lambda: [openblas(x, w) for x, w in zip(vectors, in_out)], repeats)
-        gemv_native_s = (timed(lambda: [native(x, w) for x, w in zip(vectors, in_out)], repeats)
-                         if native is not None else float("inf"))
+        gemv_native_s = (
+            timed(lambda: [native(x, w) for x, w in zip(vectors, in_out)], repeats)
+            if native is not None
+            else float("inf")
+        )
         gemv_s = min(gemv_usual_s, gemv_in_out_s, gemv_openblas_s, gemv_native_s)
         blocks = [w for w, weight in zip(in_out, weights) if weight is not model.lm_head.weight]  # as nodes keep them
         one_row, many_rows = ([torch.randn(count, weight.shape[0]) for weight in blocks] for count in (1, args.rows))
@@ -83,48 +95,74 @@ def main() -> None:
         timings = []
         for _ in range(args.repeats):
             clock = TokenClock()
-            model.generate(input_ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                           streamer=clock)
+            model.generate(
+                input_ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, streamer=clock
+            )
             timings.append(DecodeTiming.from_clock(clock))
     local_ms = min(statistics.median(t.gaps_s) for t in timings) * 1e3
 
     figures = {
-        "model": args.model, "threads": args.threads, "bytes_per_token": nbytes,
-        "sum_gbps": nbytes / sum_s / 1e9, "sum_floor_ms": sum_s * 1e3,
-        "gemv_gbps": nbytes / gemv_s / 1e9, "gemv_floor_ms": gemv_s * 1e3,
-        "gemv_out_in_ms": gemv_usual_s * 1e3, "gemv_in_out_ms": gemv_in_out_s * 1e3,
-        "gemv_in_out_openblas_ms": gemv_openblas_s * 1e3, "gemv_in_out_native_ms": gemv_native_s * 1e3,
-        "local_median_ms": local_ms, "local_gbps": nbytes / local_ms / 1e6,
+        "model": args.model,
+        "threads": args.threads,
+        "bytes_per_token": nbytes,
+        "sum_gbps": nbytes / sum_s / 1e9,
+        "sum_floor_ms": sum_s * 1e3,
+        "gemv_gbps": nbytes / gemv_s / 1e9,
+        "gemv_floor_ms": gemv_s * 1e3,
+        "gemv_out_in_ms": gemv_usual_s * 1e3,
+        "gemv_in_out_ms": gemv_in_out_s * 1e3,
+        "gemv_in_out_openblas_ms": gemv_openblas_s * 1e3,
+        "gemv_in_out_native_ms": gemv_native_s * 1e3,
+        "local_median_ms": local_ms,
+        "local_gbps": nbytes / local_ms / 1e6,
     }
     table = [
         ("weights read per token", f"{nbytes / 1e6:.1f} MB ({len(weights)} matrices, LM head included)"),
         ("reduction over the weights", f"{sum_s * 1e3:.2f} ms: {figures['sum_gbps']:.1f} GB/s"),
-        ("batch-1 matmuls alone", f"{gemv_s * 1e3:.2f} ms: {figures['gemv_gbps']:.1f} GB/s "
-                                  f"(floor {1 / gemv_s:.1f} tok/s; weights [out, in] {gemv_usual_s * 1e3:.2f} ms, "
-                                  f"[in, out] {gemv_in_out_s * 1e3:.2f} ms, [in, out] through numpy's OpenBLAS "
-                                  f"{gemv_openblas_s * 1e3:.2f} ms, through nectar's C kernel "
-                                  f"{gemv_native_s * 1e3:.2f} ms)"),
-        ("local transformers decode", f"{local_ms:.2f} ms/token (median of the best run): "
-                                      f"{figures['local_gbps']:.1f} GB/s, {gemv_s * 1e3 / local_ms:.2f} of it "
-                                      "is the matmuls' floor"),
+        (
+            "batch-1 matmuls alone",
+            f"{gemv_s * 1e3:.2f} ms: {figures['gemv_gbps']:.1f} GB/s "
+            f"(floor {1 / gemv_s:.1f} tok/s; weights [out, in] {gemv_usual_s * 1e3:.2f} ms, "
+            f"[in, out] {gemv_in_out_s * 1e3:.2f} ms, [in, out] through numpy's OpenBLAS "
+            f"{gemv_openblas_s * 1e3:.2f} ms, through nectar's C kernel "
+            f"{gemv_native_s * 1e3:.2f} ms)",
+        ),
+        (
+            "local transformers decode",
+            f"{local_ms:.2f} ms/token (median of the best run): "
+            f"{figures['local_gbps']:.1f} GB/s, {gemv_s * 1e3 / local_ms:.2f} of it "
+            "is the matmuls' floor",
+        ),
     ]
     rows_flops = 2 * args.rows * sum(weight.numel() for weight in blocks)
-    figures.update(rows=args.rows, blocks_one_row_ms=blocks_one_s * 1e3, blocks_rows_ms=blocks_many_s * 1e3,
-                   blocks_rows_gflops=rows_flops / blocks_many_s / 1e9)
+    figures.update(
+        rows=args.rows,
+        blocks_one_row_ms=blocks_one_s * 1e3,
+        blocks_rows_ms=blocks_many_s * 1e3,
+        blocks_rows_gflops=rows_flops / blocks_many_s / 1e9,
+    )
     table += [
         ("blocks' matmuls, 1 row", f"{blocks_one_s * 1e3:.2f} ms"),
-        (f"blocks' matmuls, {args.rows} rows", f"{blocks_many_s * 1e3:.2f} ms ({figures['blocks_rows_gflops']:.0f} "
-                                               f"GFLOP/s): {args.rows} rows cost "
-                                               f"{blocks_many_s / blocks_one_s:.2f}x one row"),
+        (
+            f"blocks' matmuls, {args.rows} rows",
+            f"{blocks_many_s * 1e3:.2f} ms ({figures['blocks_rows_gflops']:.0f} "
+            f"GFLOP/s): {args.rows} rows cost "
+            f"{blocks_many_s / blocks_one_s:.2f}x one row",
+        ),
     ]
     if args.concurrency_json:
         one = json.loads(open(args.concurrency_json).read())["figures"]["results"]["1"]
         one_ms = 1e3 * one["seconds"] / one["tokens"]
         cap = args.rows * one_ms / (blocks_many_s * 1e3)
         figures.update(one_session_ms=one_ms, rows_cap=cap)
-        table.append((f"{args.rows} sessions vs 1, at most", f"{cap:.2f}x (one session measured at {one_ms:.2f} ms a "
-                                                           f"token; a round of {args.rows} takes at least the "
-                                                           "matmuls above)"))
+        table.append(
+            (
+                f"{args.rows} sessions vs 1, at most",
+                f"{cap:.2f}x (one session measured at {one_ms:.2f} ms a "
+                f"token; a round of {args.rows} takes at least the "
+                "matmuls above)",
+            )
+        )
     if args.petals_json:
         petals = json.loads(open(args.petals_json).read())["figures"]
         petals_tps = petals["petals"]["decode_tps"]
@@ -132,9 +170,12 @@ def main() -> None:
         figures.update(petals_decode_tps=petals_tps, multiple=args.multiple, needed_ms=needed_ms)
         table += [
             ("Petals decode (from the file)", f"{petals_tps:.1f} tok/s"),
-            (f"{args.multiple}x Petals needs", f"{needed_ms:.2f} ms/token: {nbytes / needed_ms / 1e6:.1f} GB/s, "
-                                               f"{needed_ms / (gemv_s * 1e3):.2f}x the matmuls' floor, "
-                                               f"{needed_ms / local_ms:.2f}x local transformers' time"),
+            (
+                f"{args.multiple}x Petals needs",
+                f"{needed_ms:.2f} ms/token: {nbytes / needed_ms / 1e6:.1f} GB/s, "
+                f"{needed_ms / (gemv_s * 1e3):.2f}x the matmuls' floor, "
+                f"{needed_ms / local_ms:.2f}x local transformers' time",
+            ),
         ]
     emit(f"decode memory floor, {args.model}, float32 CPU, {args.threads} thread(s)", table, figures, args.json)
 

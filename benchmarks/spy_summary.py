@@ -1,7 +1,8 @@
 """Sums a py-spy ``--format raw --threads`` profile per thread: inclusive samples per frame, and the leaf frames.
 
-    python benchmarks/spy_summary.py node.raw [--top 40]
+python benchmarks/spy_summary.py node.raw [--top 40]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,7 @@ import collections
 
 
 def frame_name(frame: str) -> str:
-    """"function (path/file.py:12)" -> "function file.py:12"; native frames stay as they are."""
+    """ "function (path/file.py:12)" -> "function file.py:12"; native frames stay as they are."""
     if " (" not in frame:
         return frame
     function, _, where = frame.partition(" (")

@@ -12,6 +12,7 @@ Prints the medians in ms.
     NECTAR_TRACE=/tmp/trace.jsonl python benchmarks/bench_gpu.py --one-node-only ...
     python benchmarks/trace_rounds.py /tmp/trace.jsonl
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,9 @@ def main() -> None:
     print(f"{len(rows['round'])} rounds of >= {args.min_steps} steps; medians in ms:")
     for name, values in rows.items():
         if values:
-            print(f"  {name:8s} {1e3 * statistics.median(values):7.2f}   (p90 {1e3 * sorted(values)[int(0.9 * len(values))]:7.2f})")
+            print(
+                f"  {name:8s} {1e3 * statistics.median(values):7.2f}   (p90 {1e3 * sorted(values)[int(0.9 * len(values))]:7.2f})"
+            )
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ Files: ``client.py`` (Chain), ``tx.py`` (signing, sending, event decoding), ``er
 (deploying from forge artifacts), ``artifacts.py`` (forge output and npm tools), ``accounts.py`` (Anvil dev keys),
 ``devnet.py`` (start_devnet), ``cli.py`` (``nectar devnet``).
 """
+
 from .client import Chain
 from .deploy import DeployParams
 from .deployment import Deployment, DeploymentNotFound, load_deployment

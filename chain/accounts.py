@@ -1,4 +1,5 @@
 """Anvil's well-known development accounts and the roles the devnet gives them. Never use these keys elsewhere."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -2,6 +2,7 @@
 
 ABIs and bytecode are always read from ``contracts/out/<File>.sol/<Contract>.json`` (forge's artifacts), never copied.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from nectar.settings import current
@@ -63,7 +64,7 @@ class Artifact:
     bytecode: str  # 0x-prefixed creation code
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load(path: Path, mtime: float) -> Artifact:  # mtime in the key: a rebuild invalidates the cache
     data = json.loads(path.read_text())
     return Artifact(name=path.stem, abi=data["abi"], bytecode=data["bytecode"]["object"])
@@ -85,9 +86,7 @@ def build_contracts(*, force: bool = False) -> None:
     if artifacts_present() and not force:
         return
     logger.info("building contracts with forge (solcjs) ...")
-    result = subprocess.run(
-        [tool_path("forge"), "build"], cwd=repo_root(), capture_output=True, text=True, timeout=600
-    )
+    result = subprocess.run([tool_path("forge"), "build"], cwd=repo_root(), capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         raise RuntimeError(f"forge build failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     logger.info("contracts built into %s", out_dir())

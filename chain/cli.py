@@ -1,4 +1,5 @@
 """`nectar devnet`: Anvil on 127.0.0.1 with Nectar deployed, in the foreground until Ctrl-C or SIGTERM."""
+
 from __future__ import annotations
 
 import argparse

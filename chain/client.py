@@ -1,11 +1,13 @@
 """``Chain``: every contract call the rest of Nectar makes (deposits, staking, settlement, epoch roots, slashing,
 and the event queries the ledger and API watch)."""
+
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from eth_account import Account
 from web3 import Web3
@@ -76,7 +78,7 @@ class Chain:
                                     if item.get("name") == "receiptDigest")  # fmt: skip
 
     @classmethod
-    def from_deployment(cls, path: Path | str | None = None, **kwargs: Any) -> "Chain":
+    def from_deployment(cls, path: Path | str | None = None, **kwargs: Any) -> Chain:
         return cls(load_deployment(path), **kwargs)
 
     def __repr__(self) -> str:
@@ -138,10 +140,19 @@ class Chain:
         message = {
             "types": _PERMIT_TYPES,
             "primaryType": "Permit",
-            "domain": {"name": "Nectar Credits", "version": "1", "chainId": self.chain_id,
-                       "verifyingContract": self.address_of("Credits")},  # fmt: skip
-            "message": {"owner": owner, "spender": _address(spender), "value": int(amount),
-                        "nonce": self.credits.functions.nonces(owner).call(), "deadline": deadline},  # fmt: skip
+            "domain": {
+                "name": "Nectar Credits",
+                "version": "1",
+                "chainId": self.chain_id,
+                "verifyingContract": self.address_of("Credits"),
+            },  # fmt: skip
+            "message": {
+                "owner": owner,
+                "spender": _address(spender),
+                "value": int(amount),
+                "nonce": self.credits.functions.nonces(owner).call(),
+                "deadline": deadline,
+            },  # fmt: skip
         }
         return Account.sign_typed_data(private_key, full_message=message)
 

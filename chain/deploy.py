@@ -1,4 +1,5 @@
 """Deploys the contract set from forge's artifacts with web3.py, wires it, and funds the devnet's demo accounts."""
+
 from __future__ import annotations
 
 import logging

@@ -4,6 +4,7 @@ Written by ``nectar devnet`` (``start_devnet``) and read by the node, ledger, cl
 ``load_deployment``. Its default home is ``nectar.paths.deployment_path()`` (``$NECTAR_DEPLOYMENT`` or
 ``~/.nectar/deployment.json``).
 """
+
 from __future__ import annotations
 
 import json
@@ -67,7 +68,7 @@ class Deployment:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], *, path: Path | None = None) -> "Deployment":
+    def from_json(cls, data: dict[str, Any], *, path: Path | None = None) -> Deployment:
         try:
             return cls(
                 chain_id=int(data["chainId"]),
@@ -79,8 +80,9 @@ class Deployment:
                 path=path,
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"malformed deployment file {path}: {exc!r}; restart `nectar devnet` to rewrite it") \
-                from exc
+            raise ValueError(
+                f"malformed deployment file {path}: {exc!r}; restart `nectar devnet` to rewrite it"
+            ) from exc
 
     def save(self, path: Path | str | None = None) -> Path:
         """Writes the file atomically (readers never see half a file)."""

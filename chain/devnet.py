@@ -1,4 +1,5 @@
 """A local Anvil devnet with Nectar deployed: ``start_devnet()`` returns a handle whose ``stop()`` ends it cleanly."""
+
 from __future__ import annotations
 
 import json
@@ -79,7 +80,7 @@ class DevnetHandle:
         except (OSError, ValueError):
             return False
 
-    def __enter__(self) -> "DevnetHandle":
+    def __enter__(self) -> DevnetHandle:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -152,4 +153,3 @@ def start_devnet(*, port: int = 8545, state_dir: Path | str | None = None, deplo
     logger.info("devnet ready on %s; deployment at %s", rpc_url, target)
     return DevnetHandle(process, rpc_url=rpc_url, deployment=deployment, deployment_path=target, log_path=log_path,
                         temp_dir=temp_dir)  # fmt: skip
-

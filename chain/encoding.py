@@ -1,10 +1,12 @@
 """Calldata encoding for Settlement and Slashing: vouchers grouped per client with EIP-2098 compact signatures,
 and receipts as the contract's struct tuple. Pure functions, no web3."""
+
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from eth_utils import to_checksum_address
 

@@ -1,8 +1,10 @@
 """Turns revert data into ``ChainError``s that name the contract's custom error, e.g. ``VoucherReplay(index=3)``."""
+
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from eth_abi import decode as abi_decode
 from eth_utils import function_signature_to_4byte_selector

@@ -2,6 +2,7 @@
 
 Every revert surfaces as a ``ChainError`` naming the contract's custom error (decoded from any deployed ABI).
 """
+
 from __future__ import annotations
 
 import logging
@@ -163,4 +164,3 @@ class Transactor:
             tx_hash = self._broadcast(account, tx)
         receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=120)
         return TxResult("0x" + bytes(tx_hash).hex(), receipt["gasUsed"], receipt["blockNumber"], [])
-

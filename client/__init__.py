@@ -11,16 +11,35 @@
 - ``generation.py``         sampling and stopping rules
 - ``config.py``             ClientConfig
 """
+
 from nectar.client.config import ClientConfig
-from nectar.client.errors import InferenceFailedError, NectarClientError, PaymentRequiredError, ReceiptRejectedError
-from nectar.client.errors import RouteUnavailableError, SessionClosedError
+from nectar.client.errors import (
+    InferenceFailedError,
+    NectarClientError,
+    PaymentRequiredError,
+    ReceiptRejectedError,
+    RouteUnavailableError,
+    SessionClosedError,
+)
 from nectar.client.inference_session import InferenceSession
 from nectar.client.model import DistributedModelForCausalLM
 from nectar.client.payments import ReceiptError, Wallet
 from nectar.client.routing import MissingBlocksError, NoScorer, PeerScorer, RemoteSequenceManager
 
 __all__ = [
-    "ClientConfig", "DistributedModelForCausalLM", "InferenceFailedError", "InferenceSession", "MissingBlocksError",
-    "NectarClientError", "NoScorer", "PaymentRequiredError", "PeerScorer", "ReceiptError", "ReceiptRejectedError",
-    "RemoteSequenceManager", "RouteUnavailableError", "SessionClosedError", "Wallet",
+    "ClientConfig",
+    "DistributedModelForCausalLM",
+    "InferenceFailedError",
+    "InferenceSession",
+    "MissingBlocksError",
+    "NectarClientError",
+    "NoScorer",
+    "PaymentRequiredError",
+    "PeerScorer",
+    "ReceiptError",
+    "ReceiptRejectedError",
+    "RemoteSequenceManager",
+    "RouteUnavailableError",
+    "SessionClosedError",
+    "Wallet",
 ]

@@ -1,4 +1,5 @@
 """``nectar swarm``, ``nectar generate`` and ``nectar chat``."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,9 +7,9 @@ import os
 import sys
 import time
 
-from nectar.wire.peers import initial_peers
 from nectar.cli_kit import add_logging_options, add_options, config_values, options_of, setup_logging
 from nectar.client.config import ClientConfig
+from nectar.wire.peers import initial_peers
 
 PEERS = {"initial_peers": dict(nargs="*", default=None, metavar="MULTIADDR")}  # None: NECTAR_INITIAL_PEERS
 CLIENT_OPTIONS = [name for name in options_of(ClientConfig) if name != "initial_peers"]  # generate and chat
@@ -28,8 +29,10 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
 def _peers(args) -> list[str]:
     peers = initial_peers(args.initial_peers, env=os.environ)
     if not peers:
-        raise SystemExit("No swarm to join: pass --initial-peers MULTIADDR (printed by `nectar dht`/`nectar node`) "
-                         "or set NECTAR_INITIAL_PEERS")
+        raise SystemExit(
+            "No swarm to join: pass --initial-peers MULTIADDR (printed by `nectar dht`/`nectar node`) "
+            "or set NECTAR_INITIAL_PEERS"
+        )
     return peers
 
 
@@ -53,12 +56,16 @@ def swarm_main(argv: list[str]) -> int:
         runtime.shutdown()
     nodes = swarm.servers()
     print(f"{model_id}: {num_blocks} blocks, {len(nodes)} node(s)")
-    print(f"{'node':<14} {'peer':<12} {'blocks':<9} {'state':<8} {'tok/s/blk':>10} {'cache left':>11} "
-          f"{'price':>7}  address")
+    print(
+        f"{'node':<14} {'peer':<12} {'blocks':<9} {'state':<8} {'tok/s/blk':>10} {'cache left':>11} "
+        f"{'price':>7}  address"
+    )
     for peer_id, info in sorted(nodes.items(), key=lambda kv: (kv[1].start, kv[1].end)):
-        print(f"{info.public_name[:14]:<14} {str(peer_id)[-10:]:<12} {f'{info.start}:{info.end}':<9} "
-              f"{ServerState(info.state).name:<8} {info.throughput:>10.1f} {info.cache_tokens_left:>11} "
-              f"{info.price_per_token:>7}  {info.eth_address}")
+        print(
+            f"{info.public_name[:14]:<14} {str(peer_id)[-10:]:<12} {f'{info.start}:{info.end}':<9} "
+            f"{ServerState(info.state).name:<8} {info.throughput:>10.1f} {info.cache_tokens_left:>11} "
+            f"{info.price_per_token:>7}  {info.eth_address}"
+        )
     missing = swarm.missing()
     if missing:
         print(f"Blocks with no online node: {missing}")
@@ -77,9 +84,16 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
 
 def _sampling_kwargs(args) -> dict:
     do_sample = args.temperature is not None or args.top_k is not None or args.top_p is not None
-    return dict(max_new_tokens=args.max_new_tokens, do_sample=do_sample, temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                stop_strings=args.stop, seed=args.seed)
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=do_sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        stop_strings=args.stop,
+        seed=args.seed,
+    )
 
 
 def generate_parser() -> argparse.ArgumentParser:
@@ -99,12 +113,14 @@ def generate_main(argv: list[str]) -> int:
     from nectar.models import load_tokenizer, resolve_model
 
     tokenizer = load_tokenizer(resolve_model(args.model))
-    model = DistributedModelForCausalLM.from_pretrained(args.model, initial_peers=_peers(args),
-                                                        config=client_config(args))
+    model = DistributedModelForCausalLM.from_pretrained(
+        args.model, initial_peers=_peers(args), config=client_config(args)
+    )
     try:
         if args.chat:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
-                                                 add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True
+            )
         else:
             text = args.prompt
         input_ids = tokenizer(text, return_tensors="pt", add_special_tokens=not args.chat)["input_ids"]
@@ -116,7 +132,7 @@ def generate_main(argv: list[str]) -> int:
             generated.append(int(token[0]))
             count += 1
             text_now = tokenizer.decode(generated, skip_special_tokens=True)
-            sys.stdout.write(text_now[len(printed):])
+            sys.stdout.write(text_now[len(printed) :])
             sys.stdout.flush()
             printed = text_now
         elapsed = time.perf_counter() - began
@@ -142,8 +158,9 @@ def chat_main(argv: list[str]) -> int:
     from nectar.models import load_tokenizer, resolve_model
 
     tokenizer = load_tokenizer(resolve_model(args.model))
-    model = DistributedModelForCausalLM.from_pretrained(args.model, initial_peers=_peers(args),
-                                                        config=client_config(args))
+    model = DistributedModelForCausalLM.from_pretrained(
+        args.model, initial_peers=_peers(args), config=client_config(args)
+    )
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("Chatting through the swarm. Empty line or Ctrl-D to quit.")
     try:
@@ -162,7 +179,7 @@ def chat_main(argv: list[str]) -> int:
             for token in model.stream_generate(input_ids, tokenizer=tokenizer, **_sampling_kwargs(args)):
                 generated.append(int(token[0]))
                 text_now = tokenizer.decode(generated, skip_special_tokens=True)
-                sys.stdout.write(text_now[len(printed):])
+                sys.stdout.write(text_now[len(printed) :])
                 sys.stdout.flush()
                 printed = text_now
             print()

@@ -1,8 +1,9 @@
 """Client settings in one dataclass (Petals' ClientConfig shape)."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 
 @dataclass
@@ -16,11 +17,11 @@ class ClientConfig:
     max_backoff: float = 60.0  # s, longest ban of a failing peer
     update_period: float = 30.0  # s, how stale the cached swarm view may get
     hop_cost: float = 0.005  # s, latency assumed for a hop until its round trip is measured
-    private_key: Optional[str] = None  # hex Ethereum key that signs vouchers; None = a fresh throwaway key
+    private_key: str | None = None  # hex Ethereum key that signs vouchers; None = a fresh throwaway key
     direct: bool = True  # use a node's announced direct TCP lane when it answers (else its P2P address)
     push: bool = False  # each hop pushes its output straight to the next hop's direct lane (issue 6); else relay
     push_timeout: float = 1.0  # s a pushed hop may take to answer after the previous hop did before the client relays
     push_misses: int = 3  # consecutive steps relayed for a missing push before a session stops asking for pushes
     verify_receipts: bool = True  # check each receipt's signer, commitments and amount
     show_route: bool = False  # log the route chosen for each session
-    ledger_url: Optional[str] = None  # `nectar ledger` whose reputation scores routing reads (ReputationScorer)
+    ledger_url: str | None = None  # `nectar ledger` whose reputation scores routing reads (ReputationScorer)

@@ -4,9 +4,10 @@ for what it is: no route (503), the request itself (400), unpaid work (402), a d
 Every class is a ``RuntimeError``, as the client raised before these had names: ``except RuntimeError`` still
 catches them. Bad arguments to the client's own functions stay ``ValueError``.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from nectar.wire.protocol import ErrorCode
 
@@ -42,7 +43,7 @@ class InferenceFailedError(NectarClientError):
         self.code = code
 
     @staticmethod
-    def of(code: ErrorCode, message: str) -> "InferenceFailedError":
+    def of(code: ErrorCode, message: str) -> InferenceFailedError:
         """The most specific class for ``code``."""
         if code is ErrorCode.CREDIT_LIMIT:
             return PaymentRequiredError(message)

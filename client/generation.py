@@ -2,14 +2,18 @@
 
 Reuses transformers' logits processors so results match ``transformers`` for the same settings.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 from transformers.generation.logits_process import (
-    LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
     TopPLogitsWarper,
 )
 
@@ -19,11 +23,11 @@ class SamplingParams:
     max_new_tokens: int = 20
     do_sample: bool = False
     temperature: float = 1.0
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
-    repetition_penalty: Optional[float] = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
     eos_token_ids: Sequence[int] = ()
-    pad_token_id: Optional[int] = None
+    pad_token_id: int | None = None
     stop_strings: Sequence[str] = ()
 
     def validate(self) -> None:
@@ -50,8 +54,13 @@ class SamplingParams:
         return processors
 
 
-def choose_next_tokens(logits: torch.Tensor, input_ids: torch.Tensor, params: SamplingParams,
-                       processors: LogitsProcessorList, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def choose_next_tokens(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    params: SamplingParams,
+    processors: LogitsProcessorList,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     scores = processors(input_ids, logits.float())
     if params.do_sample:
         probs = torch.softmax(scores, dim=-1)

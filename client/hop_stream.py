@@ -4,28 +4,42 @@
 messages of ``nectar.wire.messages``.
 ``Hop`` is the session's record of one hop: its state, the inputs it was sent (for replay) and its receipts.
 """
+
 from __future__ import annotations
 
 import asyncio
 import enum
 import os
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable, Optional
+from typing import Optional
 
 import torch
 from hivemind.proto import runtime_pb2
 
 from nectar.client.routing import RemoteSpan
 from nectar.wire.messages import (
-    Cancel, Flush, InferenceReply, Open, Opened, Pay, PushMissing, PushTarget, ReceiptMessage, Step, StepReply,
+    Cancel,
+    Flush,
+    InferenceReply,
+    Open,
+    Opened,
+    Pay,
+    PushMissing,
+    PushTarget,
+    ReceiptMessage,
+    Step,
+    StepReply,
     decode_inference_reply,
 )
 from nectar.wire.protocol import RPC_INFERENCE, ErrorCode, NodeRPCError, module_uid
 from nectar.wire.stubs import open_stream
 
-
-Connect = Optional[Callable[[RemoteSpan, AsyncIterator[runtime_pb2.ExpertRequest]],
-                            Awaitable[AsyncIterator[runtime_pb2.ExpertResponse]]]]
+Connect = Optional[
+    Callable[
+        [RemoteSpan, AsyncIterator[runtime_pb2.ExpertRequest]], Awaitable[AsyncIterator[runtime_pb2.ExpertResponse]]
+    ]
+]
 
 
 class StreamState(enum.Enum):
@@ -48,7 +62,7 @@ class Reply:
         return [self.message.output] if isinstance(self.message, StepReply) else []
 
     @property
-    def receipt(self) -> Optional[dict]:
+    def receipt(self) -> dict | None:
         return getattr(self.message, "receipt", None)
 
     @property
@@ -75,20 +89,29 @@ class HopStream:
 
     def __init__(self, runtime, span: RemoteSpan, model_id: str, *, direct: bool = True, connect: Connect = None):
         """:param connect: opens the stream given the requests (default: the node's direct lane or P2P, through
-            ``runtime``; tests connect in-memory nodes)"""
+        ``runtime``; tests connect in-memory nodes)"""
         self.runtime, self.span, self.model_id, self.direct = runtime, span, model_id, direct
         self.connect = connect or self._connect
         self.uid = module_uid(model_id, span.start, span.end)
         self.state = StreamState.NEW
-        self.session_id: Optional[bytes] = None
-        self.queue: Optional[asyncio.Queue] = None
+        self.session_id: bytes | None = None
+        self.queue: asyncio.Queue | None = None
         self.responses = None
 
-    async def open(self, *, session_id: bytes, max_length: int, batch_size: int, client: str,
-                   push_token: Optional[bytes], timeout: float) -> Opened:
+    async def open(
+        self,
+        *,
+        session_id: bytes,
+        max_length: int,
+        batch_size: int,
+        client: str,
+        push_token: bytes | None,
+        timeout: float,
+    ) -> Opened:
         """Opens the stream and the node's session (its KV cache); returns the node's ack."""
-        opening = Open(self.uid, session_id, max_length, batch_size, client, separate_receipts=True,
-                       push_token=push_token)
+        opening = Open(
+            self.uid, session_id, max_length, batch_size, client, separate_receipts=True, push_token=push_token
+        )
         self.session_id, self.queue, self.state = session_id, asyncio.Queue(), StreamState.OPEN
 
         async def requests():
@@ -105,21 +128,38 @@ class HopStream:
             raise ValueError(f"{self.span} answered an open with {type(reply).__name__}, not Opened")
         return reply
 
-    async def _connect(self, span: RemoteSpan, requests: AsyncIterator[runtime_pb2.ExpertRequest]
-                       ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        return await open_stream(self.runtime.p2p, span.peer_id, span.info, RPC_INFERENCE, requests,
-                                 direct=self.direct)
+    async def _connect(
+        self, span: RemoteSpan, requests: AsyncIterator[runtime_pb2.ExpertRequest]
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        return await open_stream(self.runtime.p2p, span.peer_id, span.info, RPC_INFERENCE, requests, direct=self.direct)
 
-    def send_step(self, tensors: list[torch.Tensor], *, step: int, position: int, voucher: Optional[dict] = None,
-                  push_to: Optional[tuple[str, bytes]] = None, pushed: bool = False) -> None:
+    def send_step(
+        self,
+        tensors: list[torch.Tensor],
+        *,
+        step: int,
+        position: int,
+        voucher: dict | None = None,
+        push_to: tuple[str, bytes] | None = None,
+        pushed: bool = False,
+    ) -> None:
         """Queues one step: ``tensors`` are its inputs (none when ``pushed``: the previous hop pushes them);
         ``push_to`` is (next hop's direct address, its push token) where this hop pushes its output."""
         hidden, prompts = (tensors + [None, None])[:2]
-        self._send(Step(self.session_id, step, position, hidden, prompts, voucher,
-                        PushTarget(*push_to) if push_to is not None else None, pushed))
+        self._send(
+            Step(
+                self.session_id,
+                step,
+                position,
+                hidden,
+                prompts,
+                voucher,
+                PushTarget(*push_to) if push_to is not None else None,
+                pushed,
+            )
+        )
 
-    async def step(self, tensors: list[torch.Tensor], *, step: int, position: int, timeout: float,
-                   **options) -> Reply:
+    async def step(self, tensors: list[torch.Tensor], *, step: int, position: int, timeout: float, **options) -> Reply:
         """Sends one step and waits for its answer (options as ``send_step``)."""
         self.send_step(tensors, step=step, position=position, **options)
         return await asyncio.wait_for(self.receive(), timeout)
@@ -169,11 +209,11 @@ class Fault:
     """Why a hop failed: the ban's reason, and what the session reports if no other node does better."""
 
     reason: str
-    code: Optional[ErrorCode] = None  # the node answered with this error
+    code: ErrorCode | None = None  # the node answered with this error
     receipt: bool = False  # the node's receipt failed the client's checks (or never came)
 
     @classmethod
-    def of(cls, error: BaseException, prefix: str = "") -> "Fault":
+    def of(cls, error: BaseException, prefix: str = "") -> Fault:
         timed_out = isinstance(error, (asyncio.TimeoutError, TimeoutError))
         return cls(prefix + describe(error), code=None if timed_out else NodeRPCError.code_of(error))
 
@@ -185,8 +225,8 @@ class HopFailed(Exception):
         fault = fault if isinstance(fault, Fault) else Fault(fault)
         super().__init__(f"{span}: {fault.reason}")
         self.span, self.fault = span, fault
-        self.index: Optional[int] = None  # which hop of the route, and the input it was given (set by the session)
-        self.inputs: Optional[torch.Tensor] = None
+        self.index: int | None = None  # which hop of the route, and the input it was given (set by the session)
+        self.inputs: torch.Tensor | None = None
         self.burned = False  # a later hop may have computed this step from a push: retry under a new step number
 
     @property
@@ -199,13 +239,13 @@ class Hop:
     span: RemoteSpan
     stream: HopStream
     state: HopState = HopState.OPEN
-    fault: Optional[Fault] = None  # set with FAILED: the first thing that went wrong
+    fault: Fault | None = None  # set with FAILED: the first thing that went wrong
     history: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (step, position, inputs)
     unchecked: list[tuple[dict, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (receipt, in, out)
-    voucher: Optional[dict] = None  # signed after the last receipt check, sent with the next step
+    voucher: dict | None = None  # signed after the last receipt check, sent with the next step
     push_token: bytes = field(default_factory=lambda: os.urandom(16))  # the previous hop shows it to push here
-    pending: Optional[asyncio.Task] = None  # the answer to a step sent ahead (push mode)
-    receipt: Optional[asyncio.Task] = None  # the last step's receipt, which the node sends after its output
+    pending: asyncio.Task | None = None  # the answer to a step sent ahead (push mode)
+    receipt: asyncio.Task | None = None  # the last step's receipt, which the node sends after its output
 
     def fail(self, fault: Fault) -> None:
         """OPEN -> FAILED. The first fault is kept (a closed hop records one too: it must not be paid or marked ok)."""

@@ -11,19 +11,25 @@ runs hop by hop (relay) or, with ``ClientConfig.push``, at every hop at once (``
 way a failed hop is replaced and the step retried from it, up to ``max_retries`` times, after which the step raises
 the named error of its last failure (``nectar.client.errors``).
 """
+
 from __future__ import annotations
 
 import asyncio
 import enum
 import logging
 import os
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
 from nectar.client.config import ClientConfig
-from nectar.client.errors import InferenceFailedError, NectarClientError, ReceiptRejectedError
-from nectar.client.errors import RouteUnavailableError, SessionClosedError
+from nectar.client.errors import (
+    InferenceFailedError,
+    NectarClientError,
+    ReceiptRejectedError,
+    RouteUnavailableError,
+    SessionClosedError,
+)
 from nectar.client.hop_stream import Fault, Hop, HopFailed, HopStream, Reply
 from nectar.client.payments import ReceiptError, Wallet
 from nectar.client.push_mode import PushMode
@@ -45,9 +51,17 @@ class InferenceSession:
     :param streams: opens the stream of one hop (default: a ``HopStream`` through ``runtime``; tests pass others)
     """
 
-    def __init__(self, manager: RemoteSequenceManager, runtime: ClientRuntime, wallet: Wallet, *, max_length: int,
-                 batch_size: int = 1, config: ClientConfig,
-                 streams: Optional[Callable[[RemoteSpan], HopStream]] = None):
+    def __init__(
+        self,
+        manager: RemoteSequenceManager,
+        runtime: ClientRuntime,
+        wallet: Wallet,
+        *,
+        max_length: int,
+        batch_size: int = 1,
+        config: ClientConfig,
+        streams: Callable[[RemoteSpan], HopStream] | None = None,
+    ):
         self.manager, self.runtime, self.wallet, self.config = manager, runtime, wallet, config
         self.max_length, self.batch_size = max_length, batch_size
         self._streams = streams or (lambda span: HopStream(runtime, span, manager.model_id, direct=config.direct))
@@ -55,7 +69,7 @@ class InferenceSession:
         self.state = SessionState.OPEN
         self.position = 0
         self.step_index = 0
-        self.prompts: Optional[torch.Tensor] = None
+        self.prompts: torch.Tensor | None = None
         self.hops: list[Hop] = []
         self.failovers = 0
         self.push_mode = PushMode(self)
@@ -95,14 +109,22 @@ class InferenceSession:
                     hop.close()
         raise RouteUnavailableError(
             f"Could not open an inference route for blocks {start}:{end}: {'; '.join(errors[-3:])}. Every node tried "
-            "is banned for a while; retry later, or check `nectar swarm` for what is online.", start=start, end=end)
+            "is banned for a while; retry later, or check `nectar swarm` for what is online.",
+            start=start,
+            end=end,
+        )
 
     def _open_hop(self, span: RemoteSpan) -> Hop:
         stream = self._streams(span)
         hop = Hop(span, stream)
-        opening = stream.open(session_id=self.session_id, max_length=self.max_length, batch_size=self.batch_size,
-                              client=self.wallet.address, push_token=hop.push_token if self.config.push else None,
-                              timeout=self.config.connect_timeout)
+        opening = stream.open(
+            session_id=self.session_id,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+            client=self.wallet.address,
+            push_token=hop.push_token if self.config.push else None,
+            timeout=self.config.connect_timeout,
+        )
         try:
             self.runtime.run(opening, timeout=self.config.connect_timeout + 5)
         except Exception as e:
@@ -124,7 +146,7 @@ class InferenceSession:
             raise HopFailed(hop.span, Fault.of(e))
         return self._accept(hop, inputs, reply, step=step, position=position)
 
-    def _take_voucher(self, hop: Hop) -> Optional[dict]:
+    def _take_voucher(self, hop: Hop) -> dict | None:
         """The voucher to send with the hop's next step: the one signed after its last receipt check, or one for
         what is owed if no receipt waits for its check."""
         voucher, hop.voucher = hop.voucher, None
@@ -181,8 +203,14 @@ class InferenceSession:
             for receipt, inputs, output in pending:
                 try:
                     self.wallet.check_receipt(
-                        receipt, node_address=span.info.eth_address, price_per_block=span.info.price_per_token,
-                        start=span.start, end=span.end, inputs=inputs, outputs=output, session_id=self.session_id,
+                        receipt,
+                        node_address=span.info.eth_address,
+                        price_per_block=span.info.price_per_token,
+                        start=span.start,
+                        end=span.end,
+                        inputs=inputs,
+                        outputs=output,
+                        session_id=self.session_id,
                         verify=self.config.verify_receipts,
                     )
                 except ReceiptError as e:
@@ -240,8 +268,10 @@ class InferenceSession:
                     for hop in new_hops:
                         x = self._replay_hop(hop, x, step=step, position=position, last=i == len(old.history) - 1)
                 self.hops[index : index + 1] = new_hops
-                logger.info(f"Failover: blocks {old.span.start}:{old.span.end} moved from {old.span} to {new_hops}, "
-                            f"replayed {len(old.history)} steps")
+                logger.info(
+                    f"Failover: blocks {old.span.start}:{old.span.end} moved from {old.span} to {new_hops}, "
+                    f"replayed {len(old.history)} steps"
+                )
                 return
             except HopFailed as e:
                 self.manager.ban(e.span.peer_id, e.reason)
@@ -250,33 +280,43 @@ class InferenceSession:
         raise RouteUnavailableError(
             f"Could not replace the route for blocks {old.span.start}:{old.span.end}: every replacement failed while "
             "the session's history was replayed to it. Retry later, or check `nectar swarm` for what is online.",
-            start=old.span.start, end=old.span.end)
+            start=old.span.start,
+            end=old.span.end,
+        )
 
     def _gave_up(self, failure: HopFailed, attempts: int) -> NectarClientError:
         """The error a step raises after ``attempts`` failures, named for the last one."""
         span, fault = failure.span, failure.fault
         message = f"Inference failed after {attempts} attempts; last error: {failure}"
         if fault.receipt:
-            return ReceiptRejectedError(f"{message}. Nodes serving blocks {span.start}:{span.end} sent receipts that "
-                                        "fail the client's checks; they are banned, retry later.")
+            return ReceiptRejectedError(
+                f"{message}. Nodes serving blocks {span.start}:{span.end} sent receipts that "
+                "fail the client's checks; they are banned, retry later."
+            )
         if fault.code is not None:
             return InferenceFailedError.of(fault.code, message)
-        return RouteUnavailableError(f"{message}. No node serving blocks {span.start}:{span.end} finished the step; "
-                                     "retry later, or check `nectar swarm` for what is online.",
-                                     start=span.start, end=span.end)
+        return RouteUnavailableError(
+            f"{message}. No node serving blocks {span.start}:{span.end} finished the step; "
+            "retry later, or check `nectar swarm` for what is online.",
+            start=span.start,
+            end=span.end,
+        )
 
     # ---- public API -------------------------------------------------------------------------------------------
 
-    def step(self, hidden_states: torch.Tensor, prompts: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def step(self, hidden_states: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
         """Sends [B, T, H] new positions through every block; returns the output hidden states [B, T, H]."""
         if self.state is SessionState.CLOSED:
             raise SessionClosedError("This inference session is closed; open a new one")
         if hidden_states.ndim != 3 or hidden_states.shape[0] != self.batch_size:
-            raise ValueError(f"hidden_states must be [batch={self.batch_size}, tokens, hidden], "
-                             f"got {list(hidden_states.shape)}")
+            raise ValueError(
+                f"hidden_states must be [batch={self.batch_size}, tokens, hidden], got {list(hidden_states.shape)}"
+            )
         if self.position + hidden_states.shape[1] > self.max_length:
-            raise ValueError(f"Session max_length {self.max_length} exceeded: at {self.position}, adding "
-                             f"{hidden_states.shape[1]}. Open the session with a larger max_length.")
+            raise ValueError(
+                f"Session max_length {self.max_length} exceeded: at {self.position}, adding "
+                f"{hidden_states.shape[1]}. Open the session with a larger max_length."
+            )
         if prompts is not None:
             if self.position != 0:
                 raise ValueError("prompts can only be sent with the first step")
@@ -290,8 +330,9 @@ class InferenceSession:
                     run = self.push_mode.run(x, step=step, position=position)
                 else:
                     run = self._run_hops(x, index, step=step, position=position)
-                x = self.runtime.run(run, timeout=len(self.hops) * (self.config.step_timeout
-                                                                    + self.config.push_timeout + 5))
+                x = self.runtime.run(
+                    run, timeout=len(self.hops) * (self.config.step_timeout + self.config.push_timeout + 5)
+                )
                 break
             except HopFailed as e:
                 failures += 1

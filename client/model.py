@@ -1,11 +1,12 @@
 """``DistributedModelForCausalLM``: embeddings, final norm and LM head run locally, every block runs in the swarm."""
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
 
 import torch
 from transformers import GenerationConfig
@@ -32,9 +33,19 @@ class DistributedModelForCausalLM(torch.nn.Module):
     ``deep_ptune`` mode, ``intermediate_prompt_embeddings`` (a prefix added before every block).
     """
 
-    def __init__(self, model_path: Path, model_id: str, *, config: ClientConfig, runtime: ClientRuntime,
-                 wallet: Wallet, scorer: PeerScorer | None = None, tuning_mode: str | None = None,
-                 pre_seq_len: int = 0, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        model_path: Path,
+        model_id: str,
+        *,
+        config: ClientConfig,
+        runtime: ClientRuntime,
+        wallet: Wallet,
+        scorer: PeerScorer | None = None,
+        tuning_mode: str | None = None,
+        pre_seq_len: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
         if tuning_mode not in TUNING_MODES:
             raise ValueError(f"tuning_mode must be one of {TUNING_MODES}, got {tuning_mode!r}")
@@ -46,14 +57,15 @@ class DistributedModelForCausalLM(torch.nn.Module):
         self.runtime, self.wallet = runtime, wallet
         self.head = load_client_head(model_path, dtype=dtype)
         self.head.requires_grad_(False)
-        self.sequence_manager = RemoteSequenceManager(runtime, model_id, self.num_blocks, config=config,
-                                                      scorer=scorer)
+        self.sequence_manager = RemoteSequenceManager(runtime, model_id, self.num_blocks, config=config, scorer=scorer)
         self.transformer = RemoteSequential(RemoteCaller(self.sequence_manager, runtime, wallet, config))
         self.tuning_mode, self.pre_seq_len = tuning_mode, pre_seq_len if tuning_mode else 0
         hidden = self.head.embedding_dim
         if tuning_mode:
             # start from real token embeddings: a prefix on the embedding manifold trains faster than noise
-            token_ids = torch.randint(0, self.head.vocab_size, (pre_seq_len,), generator=torch.Generator().manual_seed(0))
+            token_ids = torch.randint(
+                0, self.head.vocab_size, (pre_seq_len,), generator=torch.Generator().manual_seed(0)
+            )
             with torch.no_grad():
                 initial = self.head.embed(token_ids[None])[0].float().clone()
             self.prompt_embeddings = torch.nn.Parameter(initial)
@@ -65,11 +77,19 @@ class DistributedModelForCausalLM(torch.nn.Module):
             self.generation_config = GenerationConfig()
 
     @classmethod
-    def from_pretrained(cls, model: str | os.PathLike = "smollm2-135m", *, initial_peers: Sequence[str] | None = None,
-                        config: ClientConfig | None = None, private_key: str | None = None,
-                        scorer: PeerScorer | None = None, tuning_mode: str | None = None, pre_seq_len: int = 0,
-                        dtype: torch.dtype = torch.float32,
-                        domain: dict | None = None) -> "DistributedModelForCausalLM":
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike = "smollm2-135m",
+        *,
+        initial_peers: Sequence[str] | None = None,
+        config: ClientConfig | None = None,
+        private_key: str | None = None,
+        scorer: PeerScorer | None = None,
+        tuning_mode: str | None = None,
+        pre_seq_len: int = 0,
+        dtype: torch.dtype = torch.float32,
+        domain: dict | None = None,
+    ) -> DistributedModelForCausalLM:
         """:param model: built-in name (``nectar models``) or a local Hugging Face checkpoint directory
         :param initial_peers: multiaddrs of swarm peers (a list, or one string separated by commas and/or spaces);
           defaults to ``config.initial_peers`` or NECTAR_INITIAL_PEERS
@@ -95,8 +115,17 @@ class DistributedModelForCausalLM(torch.nn.Module):
                 started.append(scorer.close)
             runtime = ClientRuntime(peers)
             started.append(runtime.shutdown)
-            return cls(path, model_id_of(str(model)), config=config, runtime=runtime, wallet=wallet, scorer=scorer,
-                       tuning_mode=tuning_mode, pre_seq_len=pre_seq_len, dtype=dtype)
+            return cls(
+                path,
+                model_id_of(str(model)),
+                config=config,
+                runtime=runtime,
+                wallet=wallet,
+                scorer=scorer,
+                tuning_mode=tuning_mode,
+                pre_seq_len=pre_seq_len,
+                dtype=dtype,
+            )
         except BaseException:
             for release in reversed(started):
                 try:
@@ -107,7 +136,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
 
     # ---- prompts ----------------------------------------------------------------------------------------------
 
-    def _prefix(self, batch_size: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    def _prefix(self, batch_size: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(input prefix [B, P, H], per-block prompts [n_blocks, B, P, H]) for the current tuning mode."""
         if not self.tuning_mode:
             return None, None
@@ -121,21 +150,30 @@ class DistributedModelForCausalLM(torch.nn.Module):
         return {name: p.detach().cpu() for name, p in self.named_parameters() if p.requires_grad}
 
     def save_prompts(self, path: str | os.PathLike) -> None:
-        torch.save({"tuning_mode": self.tuning_mode, "pre_seq_len": self.pre_seq_len, "model": self.model_id,
-                    "state": self.trainable_state()}, path)
+        torch.save(
+            {
+                "tuning_mode": self.tuning_mode,
+                "pre_seq_len": self.pre_seq_len,
+                "model": self.model_id,
+                "state": self.trainable_state(),
+            },
+            path,
+        )
 
     def load_prompts(self, path: str | os.PathLike) -> None:
         data = torch.load(path, map_location="cpu")
         if (data["tuning_mode"], data["pre_seq_len"]) != (self.tuning_mode, self.pre_seq_len):
-            raise ValueError(f"{path} holds {data['tuning_mode']} prompts of length {data['pre_seq_len']}; build the "
-                             f"model with tuning_mode={data['tuning_mode']!r}, pre_seq_len={data['pre_seq_len']}")
+            raise ValueError(
+                f"{path} holds {data['tuning_mode']} prompts of length {data['pre_seq_len']}; build the "
+                f"model with tuning_mode={data['tuning_mode']!r}, pre_seq_len={data['pre_seq_len']}"
+            )
         with torch.no_grad():
             for name, value in data["state"].items():
                 getattr(self, name).copy_(value)
 
     # ---- training path ----------------------------------------------------------------------------------------
 
-    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None):
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
         """Returns (loss or None, logits [B, T, vocab]); differentiable w.r.t. the prompts."""
         embeds = self.head.embed(input_ids)
         prefix, deep = self._prefix(input_ids.shape[0])
@@ -146,22 +184,45 @@ class DistributedModelForCausalLM(torch.nn.Module):
         loss = None
         if labels is not None:
             loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
         return loss, logits
 
     # ---- generation -------------------------------------------------------------------------------------------
 
     def inference_session(self, *, max_length: int, batch_size: int = 1) -> InferenceSession:
         """Opens a session with server-side caches for ``max_length`` tokens (prompt tuning prefix included)."""
-        return InferenceSession(self.sequence_manager, self.runtime, self.wallet, max_length=max_length,
-                                batch_size=batch_size, config=self.client_config)
+        return InferenceSession(
+            self.sequence_manager,
+            self.runtime,
+            self.wallet,
+            max_length=max_length,
+            batch_size=batch_size,
+            config=self.client_config,
+        )
 
-    def _sampling_params(self, *, max_new_tokens, max_length, prompt_length, do_sample, temperature, top_k, top_p,
-                         repetition_penalty, eos_token_id, pad_token_id, stop_strings) -> SamplingParams:
+    def _sampling_params(
+        self,
+        *,
+        max_new_tokens,
+        max_length,
+        prompt_length,
+        do_sample,
+        temperature,
+        top_k,
+        top_p,
+        repetition_penalty,
+        eos_token_id,
+        pad_token_id,
+        stop_strings,
+    ) -> SamplingParams:
         g = self.generation_config
         if max_new_tokens is None:
-            max_new_tokens = (max_length - prompt_length) if max_length is not None else (
-                g.max_new_tokens or max(0, (g.max_length or 20) - prompt_length))
+            max_new_tokens = (
+                (max_length - prompt_length)
+                if max_length is not None
+                else (g.max_new_tokens or max(0, (g.max_length or 20) - prompt_length))
+            )
         eos = eos_token_id if eos_token_id is not None else g.eos_token_id
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         params = SamplingParams(
@@ -172,19 +233,33 @@ class DistributedModelForCausalLM(torch.nn.Module):
             top_p=top_p if top_p is not None else (g.top_p if do_sample is None else None),
             repetition_penalty=repetition_penalty if repetition_penalty is not None else g.repetition_penalty,
             eos_token_ids=eos_ids,
-            pad_token_id=pad_token_id if pad_token_id is not None else (g.pad_token_id or (eos_ids[0] if eos_ids else 0)),
+            pad_token_id=pad_token_id
+            if pad_token_id is not None
+            else (g.pad_token_id or (eos_ids[0] if eos_ids else 0)),
             stop_strings=[stop_strings] if isinstance(stop_strings, str) else list(stop_strings or []),
         )
         params.validate()
         return params
 
-    def stream_generate(self, input_ids: torch.Tensor, *, attention_mask: Optional[torch.Tensor] = None,
-                        max_new_tokens: Optional[int] = None, max_length: Optional[int] = None,
-                        do_sample: Optional[bool] = None, temperature: Optional[float] = None,
-                        top_k: Optional[int] = None, top_p: Optional[float] = None,
-                        repetition_penalty: Optional[float] = None, stop_strings=None, tokenizer=None,
-                        eos_token_id=None, pad_token_id=None, seed: Optional[int] = None,
-                        session: Optional[InferenceSession] = None) -> Iterator[torch.Tensor]:
+    def stream_generate(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int | None = None,
+        max_length: int | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        stop_strings=None,
+        tokenizer=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        seed: int | None = None,
+        session: InferenceSession | None = None,
+    ) -> Iterator[torch.Tensor]:
         """Yields the next token ids [B] one step at a time (finished rows repeat ``pad_token_id``)."""
         input_ids = torch.as_tensor(input_ids)
         if input_ids.ndim == 1:
@@ -193,9 +268,18 @@ class DistributedModelForCausalLM(torch.nn.Module):
             raise ValueError("Padded batches are not supported: pass prompts of equal length (or one at a time)")
         batch_size, prompt_length = input_ids.shape
         params = self._sampling_params(
-            max_new_tokens=max_new_tokens, max_length=max_length, prompt_length=prompt_length, do_sample=do_sample,
-            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-            eos_token_id=eos_token_id, pad_token_id=pad_token_id, stop_strings=stop_strings)
+            max_new_tokens=max_new_tokens,
+            max_length=max_length,
+            prompt_length=prompt_length,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            stop_strings=stop_strings,
+        )
         if params.max_new_tokens == 0:
             return
         processors = params.processors()
@@ -206,8 +290,9 @@ class DistributedModelForCausalLM(torch.nn.Module):
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         own_session = session is None
         if own_session:
-            session = self.inference_session(max_length=self.pre_seq_len + prompt_length + params.max_new_tokens,
-                                             batch_size=batch_size)
+            session = self.inference_session(
+                max_length=self.pre_seq_len + prompt_length + params.max_new_tokens, batch_size=batch_size
+            )
         try:
             with torch.no_grad():
                 sequences = input_ids
@@ -241,8 +326,14 @@ class DistributedModelForCausalLM(torch.nn.Module):
             if own_session:
                 session.close()
 
-    def generate(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None, *,
-                 streamer=None, **kwargs) -> torch.LongTensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        streamer=None,
+        **kwargs,
+    ) -> torch.LongTensor:
         """Like ``transformers``' ``generate()``: returns prompt + new tokens [B, T + new].
 
         Supports max_new_tokens/max_length, do_sample, temperature, top_k, top_p, repetition_penalty,

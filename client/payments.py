@@ -1,17 +1,18 @@
 """The client's wallet: checks every receipt it receives and pays each node with a cumulative voucher."""
+
 from __future__ import annotations
 
 import logging
 import os
 import random
 import threading
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from eth_account import Account
 
-from nectar.wire import receipts as schema
 from nectar.wire import eip712, fingerprints
+from nectar.wire import receipts as schema
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class Wallet:
         key; it must never have been used by this key before (the chain would take its vouchers for replays)
     """
 
-    def __init__(self, private_key: Optional[str] = None, *, domain: dict, channel_id: Optional[int] = None):
+    def __init__(self, private_key: str | None = None, *, domain: dict, channel_id: int | None = None):
         self.private_key = private_key or Account.create().key.hex()
         self.address = eip712.address_of(self.private_key)
         self.domain = domain  # EIP-712: from the deployment (nectar.deployment.domain_from_deployment)
@@ -68,9 +69,19 @@ class Wallet:
         self.receipts: list[schema.SignedReceipt] = []
         self._lock = threading.Lock()
 
-    def check_receipt(self, data: dict, *, node_address: str, price_per_block: int, start: int, end: int,
-                      inputs: torch.Tensor, outputs: torch.Tensor, session_id: bytes | None = None,
-                      verify: bool = True) -> schema.SignedReceipt:
+    def check_receipt(
+        self,
+        data: dict,
+        *,
+        node_address: str,
+        price_per_block: int,
+        start: int,
+        end: int,
+        inputs: torch.Tensor,
+        outputs: torch.Tensor,
+        session_id: bytes | None = None,
+        verify: bool = True,
+    ) -> schema.SignedReceipt:
         try:
             signed = schema.SignedReceipt.from_json(data)
         except Exception as e:
@@ -120,14 +131,19 @@ class Wallet:
         with self._lock:
             return self._partners.setdefault(node, node)
 
-    def voucher_for(self, node_address: str) -> Optional[dict]:
+    def voucher_for(self, node_address: str) -> dict | None:
         """A voucher covering everything received from this node so far (None if nothing is owed)."""
         node = schema.checksum_address(node_address, "node")
         amount = self._owed.get(node, 0)
         if amount <= 0:
             return None
-        voucher = schema.Voucher(client=self.address, node=node, channel_id=self.channel_id,
-                                 cumulative_amount=amount, partner=self.partner_of(node))
+        voucher = schema.Voucher(
+            client=self.address,
+            node=node,
+            channel_id=self.channel_id,
+            cumulative_amount=amount,
+            partner=self.partner_of(node),
+        )
         return eip712.sign_voucher(voucher, self.private_key, self.domain).to_json()
 
     @property

@@ -5,11 +5,12 @@ The client still gets every hop's output and receipt, so history, checks and fai
 that does not come within ``push_timeout`` is cancelled and the client relays that step from the hop that missed
 it; after ``push_misses`` such steps in a row (a firewall between nodes, say), the session stops asking for pushes.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Optional, Protocol
+from typing import Protocol
 
 import torch
 
@@ -24,9 +25,9 @@ class PushSession(Protocol):
 
     config: ClientConfig
     hops: list[Hop]
-    prompts: Optional[torch.Tensor]
+    prompts: torch.Tensor | None
 
-    def _take_voucher(self, hop: Hop) -> Optional[dict]: ...
+    def _take_voucher(self, hop: Hop) -> dict | None: ...
 
     async def _receive_answer(self, hop: Hop) -> Reply: ...
 
@@ -47,10 +48,14 @@ class PushMode:
     def usable(self, hops: list[Hop], position: int) -> bool:
         """Push needs a direct lane at every hop that receives one, and no deep prompts to hand out (they travel
         with the first step's tensors)."""
-        return (self.config.push and self.misses < self.config.push_misses and len(hops) > 1
-                and all(hop.span.info.direct_address for hop in hops[1:])
-                and not (position == 0 and self.session.prompts is not None)
-                and all(hop.state is HopState.OPEN for hop in hops))
+        return (
+            self.config.push
+            and self.misses < self.config.push_misses
+            and len(hops) > 1
+            and all(hop.span.info.direct_address for hop in hops[1:])
+            and not (position == 0 and self.session.prompts is not None)
+            and all(hop.state is HopState.OPEN for hop in hops)
+        )
 
     async def run(self, x: torch.Tensor, *, step: int, position: int) -> torch.Tensor:
         """Sends the step to every hop at once: the first gets ``x``, each later one its input pushed by the hop
@@ -59,8 +64,14 @@ class PushMode:
         session, hops = self.session, self.session.hops
         for i, hop in enumerate(hops):
             push_to = (hops[i + 1].span.info.direct_address, hops[i + 1].push_token) if i + 1 < len(hops) else None
-            hop.stream.send_step([x] if i == 0 else [], step=step, position=position,
-                                 voucher=session._take_voucher(hop), push_to=push_to, pushed=i > 0)
+            hop.stream.send_step(
+                [x] if i == 0 else [],
+                step=step,
+                position=position,
+                voucher=session._take_voucher(hop),
+                push_to=push_to,
+                pushed=i > 0,
+            )
             hop.pending = asyncio.ensure_future(session._receive_answer(hop))
             if i == 0:
                 await asyncio.sleep(0)  # the first hop's request leaves before the others are serialized

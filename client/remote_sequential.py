@@ -4,11 +4,11 @@ Autograd sees one op: forward sends the hidden states hop by hop through the for
 input; backward walks the same hops in reverse through the backward RPC (nodes recompute their activations, so
 they keep no training state). A failed hop is retried on another route for the same blocks.
 """
+
 from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
 
 import torch
 
@@ -35,8 +35,12 @@ class RemoteCaller:
         """``method``: RPC_FORWARD (tensors [hidden] (+ [prompts])) or RPC_BACKWARD ([hidden, grad] (+ [prompts]));
         returns the node's output tensors once its receipt is checked."""
         uid = module_uid(self.manager.model_id, span.start, span.end)
-        fields = dict(client=self.wallet.address, session_id=self.session_id, step=self.step,
-                      voucher=self.wallet.voucher_for(span.info.eth_address))
+        fields = dict(
+            client=self.wallet.address,
+            session_id=self.session_id,
+            step=self.step,
+            voucher=self.wallet.voucher_for(span.info.eth_address),
+        )
         self.step += 1
         p2p, options = self.runtime.p2p, dict(direct=self.config.direct, timeout=self.config.request_timeout)
         if method == RPC_FORWARD:
@@ -44,8 +48,9 @@ class RemoteCaller:
             call = call_forward(p2p, span.peer_id, span.info, ForwardCall(uid, hidden, prompts, **fields), **options)
         elif method == RPC_BACKWARD:
             prompts = tensors[2] if len(tensors) > 2 else None
-            call = call_backward(p2p, span.peer_id, span.info,
-                                 BackwardCall(uid, tensors[0], tensors[1], prompts, **fields), **options)
+            call = call_backward(
+                p2p, span.peer_id, span.info, BackwardCall(uid, tensors[0], tensors[1], prompts, **fields), **options
+            )
         else:
             raise ValueError(f"RemoteCaller calls {RPC_FORWARD} or {RPC_BACKWARD}, not {method!r}")
         reply = self.runtime.run(call, timeout=self.config.request_timeout + 5)
@@ -54,9 +59,14 @@ class RemoteCaller:
             raise ValueError(f"{span} returned a malformed output")
         if reply.receipt is not None or self.config.verify_receipts:
             self.wallet.check_receipt(
-                reply.receipt or {}, node_address=span.info.eth_address,
-                price_per_block=span.info.price_per_token, start=span.start, end=span.end, inputs=receipt_inputs,
-                outputs=outputs[0], verify=self.config.verify_receipts,
+                reply.receipt or {},
+                node_address=span.info.eth_address,
+                price_per_block=span.info.price_per_token,
+                start=span.start,
+                end=span.end,
+                inputs=receipt_inputs,
+                outputs=outputs[0],
+                verify=self.config.verify_receipts,
             )
         return outputs
 
@@ -80,7 +90,7 @@ class _HopError(Exception):
         self.span = span
 
 
-def _remote_forward(caller: RemoteCaller, hidden: torch.Tensor, prompts: Optional[torch.Tensor]):
+def _remote_forward(caller: RemoteCaller, hidden: torch.Tensor, prompts: torch.Tensor | None):
     """Returns (output, [(span, hop input)]) over a fresh training route."""
 
     def run(route):
@@ -98,7 +108,7 @@ def _remote_forward(caller: RemoteCaller, hidden: torch.Tensor, prompts: Optiona
     return caller.with_retries(run, 0, caller.manager.num_blocks)
 
 
-def _remote_backward(caller: RemoteCaller, saved, grad_output: torch.Tensor, prompts: Optional[torch.Tensor]):
+def _remote_backward(caller: RemoteCaller, saved, grad_output: torch.Tensor, prompts: torch.Tensor | None):
     grad = grad_output
     grad_prompts = torch.zeros_like(prompts) if prompts is not None else None
     for span, x in reversed(saved):
@@ -136,9 +146,10 @@ def _backward_with_new_route(caller, span, x, grad, prompts):
 
 class _RemoteSequentialFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, prompts: Optional[torch.Tensor], caller: RemoteCaller):
-        output, saved = _remote_forward(caller, hidden.detach().float().cpu(),
-                                        prompts.detach().float().cpu() if prompts is not None else None)
+    def forward(ctx, hidden: torch.Tensor, prompts: torch.Tensor | None, caller: RemoteCaller):
+        output, saved = _remote_forward(
+            caller, hidden.detach().float().cpu(), prompts.detach().float().cpu() if prompts is not None else None
+        )
         ctx.caller, ctx.saved_hops = caller, saved
         ctx.save_for_backward(prompts if prompts is not None else torch.empty(0))
         ctx.has_prompts = prompts is not None
@@ -159,5 +170,5 @@ class RemoteSequential(torch.nn.Module):
         super().__init__()
         self.caller = caller
 
-    def forward(self, hidden_states: torch.Tensor, prompts: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
         return _RemoteSequentialFunction.apply(hidden_states, prompts, self.caller)

@@ -4,6 +4,7 @@ It reads the runtime settings (``nectar.settings``) once, before the subcommand 
 reported up front. ``nectar ledger serve|worker`` and ``nectar api serve|worker`` are groups; ``nectar ledger``,
 ``nectar api`` (= serve) and ``nectar worker`` (= ledger worker) are the older spellings, kept.
 """
+
 import importlib
 import os
 import sys

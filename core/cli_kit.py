@@ -5,6 +5,7 @@ documents each field with a trailing comment (continued on the following comment
 ``Field(description=...)``. ``options_of`` reads those, so a command's ``--help`` and ``docs/configuration.md`` say the
 same thing as the code, and defaults are written once, in the class.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -116,9 +117,14 @@ def options_of(cls) -> dict[str, Option]:
         for name, info in cls.model_fields.items():
             computed = info.default_factory is not None
             default = dataclasses.MISSING if computed else info.default
-            options[name] = Option(name=name, annotation=info.annotation, default=default,
-                                   default_text=_show(info.default_factory() if computed else default),
-                                   help=info.description or comments.get(name, ""), env=f"{prefix}{name}".upper())
+            options[name] = Option(
+                name=name,
+                annotation=info.annotation,
+                default=default,
+                default_text=_show(info.default_factory() if computed else default),
+                help=info.description or comments.get(name, ""),
+                env=f"{prefix}{name}".upper(),
+            )
         return options
     hints = typing.get_type_hints(cls)
     env_var = getattr(cls, "env_var", None)  # RuntimeSettings names each field's variable
@@ -130,9 +136,14 @@ def options_of(cls) -> dict[str, Option]:
         else:
             default = dataclasses.MISSING
         text = field.metadata.get("default_text") or _show(default)
-        options[field.name] = Option(name=field.name, annotation=hints[field.name], default=default,
-                                     default_text=text, help=comments.get(field.name, ""),
-                                     env=env_var(field.name) if env_var else None)
+        options[field.name] = Option(
+            name=field.name,
+            annotation=hints[field.name],
+            default=default,
+            default_text=text,
+            help=comments.get(field.name, ""),
+            env=env_var(field.name) if env_var else None,
+        )
     return options
 
 
@@ -160,8 +171,9 @@ def _argparse_kwargs(option: Option) -> dict:
     return {}
 
 
-def add_options(parser: argparse.ArgumentParser, cls, names: Iterable[str], *,
-                overrides: Mapping[str, dict] | None = None) -> None:
+def add_options(
+    parser: argparse.ArgumentParser, cls, names: Iterable[str], *, overrides: Mapping[str, dict] | None = None
+) -> None:
     """Adds ``--field-name`` options for ``names`` of ``cls``, with the field's help and type.
 
     On a dataclass the option's default is the field's, so the parsed values build the config as they stand
@@ -197,11 +209,16 @@ def config_values(args: argparse.Namespace, names: Iterable[str], *, given_only:
     return {k: v for k, v in values.items() if v is not None} if given_only else values
 
 
-def add_logging_options(parser: argparse.ArgumentParser, *, default: str = "INFO",
-                        verbose: str | None = None) -> None:
+def add_logging_options(parser: argparse.ArgumentParser, *, default: str = "INFO", verbose: str | None = None) -> None:
     """``--log-level`` (and ``-v/--verbose`` = ``verbose``'s level, where the command had it); see ``setup_logging``."""
-    parser.add_argument("--log-level", default=None, type=str.upper, choices=LOG_LEVELS, metavar="LEVEL",
-                        help=f"{', '.join(LOG_LEVELS[:4])} (default: {default}, or NECTAR_LOG_LEVEL)")
+    parser.add_argument(
+        "--log-level",
+        default=None,
+        type=str.upper,
+        choices=LOG_LEVELS,
+        metavar="LEVEL",
+        help=f"{', '.join(LOG_LEVELS[:4])} (default: {default}, or NECTAR_LOG_LEVEL)",
+    )
     if verbose is not None:
         parser.add_argument("-v", "--verbose", action="store_true", help=f"log at {verbose} (as --log-level {verbose})")
     parser.set_defaults(log_default=default, log_verbose=verbose)

@@ -5,6 +5,7 @@ nodes splitting the built-in model, the paid OpenAI-compatible API, and a client
 and pays with vouchers. Then an epoch closes and settles on chain, and the demo prints what each party paid and
 earned, and a request to the API that a user can copy (``--keep-running`` leaves everything up for it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,13 @@ def _wait_http(url: str, timeout: float = 60) -> None:
 
 
 def _spawn(args: list[str], log_path: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "nectar.cli", *args], stdout=open(log_path, "w"),
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "nectar.cli", *args],
+        stdout=open(log_path, "w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -73,10 +79,10 @@ def main(argv: list[str]) -> int:
     from nectar.api.launch import ApiProcess, api_environment, demo_account, example_request
     from nectar.chain import Chain, free_port, start_devnet
     from nectar.client import ClientConfig, DistributedModelForCausalLM
-    from nectar.wire.ledger_api import LedgerClient
     from nectar.models import get_family, load_config, load_tokenizer, model_id_of, resolve_model
     from nectar.node.local_swarm import LocalSwarm
     from nectar.paths import nectar_home
+    from nectar.wire.ledger_api import LedgerClient
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="nectar-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -93,10 +99,13 @@ def main(argv: list[str]) -> int:
     accounts = {}
     for account in deployment["accounts"]:
         accounts.setdefault(account["role"], []).append(account)
-    env = {**os.environ, "NECTAR_DEPLOYMENT": str(deployment_path),
-           "NECTAR_LEDGER_DATABASE_URL": f"sqlite:///{workdir / 'ledger.db'}",
-           "NECTAR_LEDGER_BROKER_URL": f"sqla+sqlite:///{workdir / 'broker.db'}",
-           "NECTAR_LEDGER_EPOCH_SECONDS": "3600"}  # the demo closes its epoch by hand; for the child processes
+    env = {
+        **os.environ,
+        "NECTAR_DEPLOYMENT": str(deployment_path),
+        "NECTAR_LEDGER_DATABASE_URL": f"sqlite:///{workdir / 'ledger.db'}",
+        "NECTAR_LEDGER_BROKER_URL": f"sqla+sqlite:///{workdir / 'broker.db'}",
+        "NECTAR_LEDGER_EPOCH_SECONDS": "3600",
+    }  # the demo closes its epoch by hand; for the child processes
     configure(deployment=deployment_path)  # this process's client signs vouchers under the devnet's EIP-712 domain
     ledger_port = free_port()
     ledger_url = f"http://127.0.0.1:{ledger_port}"
@@ -108,18 +117,25 @@ def main(argv: list[str]) -> int:
         _wait_http(f"{ledger_url}/health")  # the ledger migrates the database first, then the worker may start
         processes.append(_spawn(["ledger", "worker"], workdir / "worker.log", env))
 
-        print(f"[demo] starting a swarm: a bootstrap peer and 2 nodes serving {num_blocks} blocks of {args.model} ...",
-              flush=True)
+        print(
+            f"[demo] starting a swarm: a bootstrap peer and 2 nodes serving {num_blocks} blocks of {args.model} ...",
+            flush=True,
+        )
         swarm = LocalSwarm(workdir=workdir / "swarm", env=env)
         half = num_blocks // 2
         for index, (name, blocks) in enumerate([("node-a", (0, half)), ("node-b", (half, num_blocks))]):
             key_dir = workdir / "swarm" / "keys" / name
             key_dir.mkdir(parents=True, exist_ok=True)
             node_account = accounts["node"][index]
-            (key_dir / "eth.json").write_text(json.dumps({"address": node_account["address"],
-                                                          "private_key": node_account["privateKey"]}))
-            swarm.add_node(args.model, blocks=blocks, name=name,
-                           extra_args=["--price", str(PRICE_PER_TOKEN), "--ledger-url", ledger_url])
+            (key_dir / "eth.json").write_text(
+                json.dumps({"address": node_account["address"], "private_key": node_account["privateKey"]})
+            )
+            swarm.add_node(
+                args.model,
+                blocks=blocks,
+                name=name,
+                extra_args=["--price", str(PRICE_PER_TOKEN), "--ledger-url", ledger_url],
+            )
         swarm.wait_for_blocks(args.model, num_blocks)
         for node in swarm.nodes:
             print(f"         {node.name} {node.address}")
@@ -128,11 +144,20 @@ def main(argv: list[str]) -> int:
         gateway_key = accounts["client"][1]["privateKey"]  # the gateway pays nodes from its own escrow
         if chain.escrow_balance(accounts["client"][1]["address"]) < DEPOSIT:
             chain.deposit(gateway_key, DEPOSIT)
-        api = ApiProcess(env=api_environment(
-            home=nectar_home(), model=args.model, initial_peers=swarm.initial_peers, ledger_url=ledger_url,
-            deployment_path=deployment_path, private_key=gateway_key,
-            database_url=f"sqlite:///{workdir / 'api.db'}", broker_url=f"sqla+sqlite:///{workdir / 'api-broker.db'}",
-        ), log_dir=workdir, worker=True)
+        api = ApiProcess(
+            env=api_environment(
+                home=nectar_home(),
+                model=args.model,
+                initial_peers=swarm.initial_peers,
+                ledger_url=ledger_url,
+                deployment_path=deployment_path,
+                private_key=gateway_key,
+                database_url=f"sqlite:///{workdir / 'api.db'}",
+                broker_url=f"sqla+sqlite:///{workdir / 'api-broker.db'}",
+            ),
+            log_dir=workdir,
+            worker=True,
+        )
         api_account = demo_account(api.url, credits="10")
 
         client = accounts["client"][0]
@@ -144,23 +169,28 @@ def main(argv: list[str]) -> int:
         print(f"[demo] client {client['address']} has {_credits(escrow_before)} credits in escrow")
 
         tokenizer = load_tokenizer(model_path)
-        model = DistributedModelForCausalLM.from_pretrained(args.model, initial_peers=swarm.initial_peers,
-                                                            private_key=client["privateKey"], config=ClientConfig())
-        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        model = DistributedModelForCausalLM.from_pretrained(
+            args.model, initial_peers=swarm.initial_peers, private_key=client["privateKey"], config=ClientConfig()
+        )
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True
+        )
         input_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
         print(f"[demo] user: {args.prompt}\n[demo] assistant: ", end="", flush=True)
         began, generated, printed = time.perf_counter(), [], ""
-        for token in model.stream_generate(input_ids, max_new_tokens=args.max_new_tokens, do_sample=False,
-                                           tokenizer=tokenizer):
+        for token in model.stream_generate(
+            input_ids, max_new_tokens=args.max_new_tokens, do_sample=False, tokenizer=tokenizer
+        ):
             generated.append(int(token[0]))
             now = tokenizer.decode(generated, skip_special_tokens=True)
-            print(now[len(printed):], end="", flush=True)
+            print(now[len(printed) :], end="", flush=True)
             printed = now
         elapsed = time.perf_counter() - began
         charged = model.wallet.total_paid
-        print(f"\n[demo] {len(generated)} tokens in {elapsed:.1f}s through {len(swarm.nodes)} nodes; "
-              f"{len(model.wallet.receipts)} receipts checked; client owes {_credits(charged)} credits")
+        print(
+            f"\n[demo] {len(generated)} tokens in {elapsed:.1f}s through {len(swarm.nodes)} nodes; "
+            f"{len(model.wallet.receipts)} receipts checked; client owes {_credits(charged)} credits"
+        )
         model.shutdown()
         model = None
 
@@ -174,27 +204,43 @@ def main(argv: list[str]) -> int:
         earned = {a: node_after[a] - node_before[a] for a in node_before}
         fee = (escrow_before - escrow_after) - sum(earned.values())
         print(f"[demo] epoch {epoch['number']} settled: {epoch['receipt_count']} receipts, root {epoch['root']}")
-        print(f"         client escrow: {_credits(escrow_before)} -> {_credits(escrow_after)} "
-              f"(paid {_credits(escrow_before - escrow_after)})")
+        print(
+            f"         client escrow: {_credits(escrow_before)} -> {_credits(escrow_after)} "
+            f"(paid {_credits(escrow_before - escrow_after)})"
+        )
         for node in swarm.nodes:
             print(f"         {node.name} ({node.eth_address}) earned {_credits(earned[node.eth_address])} on chain")
         print(f"         protocol fee: {_credits(fee)}")
         ok = escrow_before - escrow_after == charged
-        print(f"[demo] {'OK' if ok else 'MISMATCH'}: the client was charged exactly what its receipts add up to"
-              if ok else f"[demo] MISMATCH: charged {charged}, escrow fell by {escrow_before - escrow_after}")
+        print(
+            f"[demo] {'OK' if ok else 'MISMATCH'}: the client was charged exactly what its receipts add up to"
+            if ok
+            else f"[demo] MISMATCH: charged {charged}, escrow fell by {escrow_before - escrow_after}"
+        )
         import httpx
 
-        reply = httpx.post(f"{api.url}/v1/chat/completions", timeout=120,
-                           headers={"Authorization": f"Bearer {api_account['api_key']}"},
-                           json={"model": model_id_of(args.model), "max_tokens": 16, "temperature": 0,
-                                 "messages": [{"role": "user", "content": "What is the capital of France?"}]}).json()
-        print(f"[demo] the paid API answered: {reply['choices'][0]['message']['content']!r} "
-              f"(usage {reply['usage']['total_tokens']} tokens, debited from the API account)")
+        reply = httpx.post(
+            f"{api.url}/v1/chat/completions",
+            timeout=120,
+            headers={"Authorization": f"Bearer {api_account['api_key']}"},
+            json={
+                "model": model_id_of(args.model),
+                "max_tokens": 16,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            },
+        ).json()
+        print(
+            f"[demo] the paid API answered: {reply['choices'][0]['message']['content']!r} "
+            f"(usage {reply['usage']['total_tokens']} tokens, debited from the API account)"
+        )
         print(f"[demo] the paid API is at {api.url}/v1 (swarm monitor: {api.url}/monitor); with --keep-running, try:")
         print(example_request(api.url, api_account["api_key"], model_id_of(args.model)))
         if args.keep_running:
-            print(f"[demo] market is up: API {api.url}, ledger {ledger_url}, swarm {swarm.initial_peers[0]}, "
-                  f"chain {chain.w3.provider.endpoint_uri}. Ctrl-C to stop.")
+            print(
+                f"[demo] market is up: API {api.url}, ledger {ledger_url}, swarm {swarm.initial_peers[0]}, "
+                f"chain {chain.w3.provider.endpoint_uri}. Ctrl-C to stop."
+            )
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
         return 0 if ok else 1
     finally:

@@ -3,6 +3,7 @@
 ``nectar.wire`` never reads files: whoever builds a receipt signer, a wallet or a verifier (node, client, ledger,
 API) calls ``domain_from_deployment`` and passes the domain down.
 """
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Where Nectar keeps its state on disk: one home folder (``NECTAR_HOME``, see ``nectar.settings``)."""
+
 from pathlib import Path
 
 from nectar.settings import current

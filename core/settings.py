@@ -11,6 +11,7 @@ The ledger and the API have their own pydantic settings (``NECTAR_LEDGER_*``, ``
 client's are ``NodeConfig`` and ``ClientConfig``. ``docs/configuration.md`` lists them all
 (``python scripts/gen_config_docs.py`` writes it from these classes).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -99,8 +100,11 @@ class RuntimeSettings:
                 object.__setattr__(self, name, Path(value))
         if isinstance(self.initial_peers, str):
             object.__setattr__(self, "initial_peers", _split_peers(self.initial_peers))
-        problems = [f"{env_name(name)} must be {_one_of(choices)}, got {getattr(self, name)!r}"
-                    for name, choices in _CHOICES.items() if getattr(self, name) not in (None, *choices)]
+        problems = [
+            f"{env_name(name)} must be {_one_of(choices)}, got {getattr(self, name)!r}"
+            for name, choices in _CHOICES.items()
+            if getattr(self, name) not in (None, *choices)
+        ]
         if problems:
             raise SettingsError(_explain(problems), problems)
 

@@ -5,6 +5,7 @@
 
 Only the prompt embeddings are trained (on the client); gradients flow back through the nodes' backward RPC.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,9 @@ def main() -> None:
         swarm.add_node(args.model, blocks=(num_blocks // 2, num_blocks), name="right")
         swarm.wait_for_blocks(args.model, num_blocks)
         peers = swarm.initial_peers
-    model = DistributedModelForCausalLM.from_pretrained(args.model, initial_peers=peers, tuning_mode=args.mode,
-                                                        pre_seq_len=args.prefix)
+    model = DistributedModelForCausalLM.from_pretrained(
+        args.model, initial_peers=peers, tuning_mode=args.mode, pre_seq_len=args.prefix
+    )
     try:
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
         began = time.perf_counter()

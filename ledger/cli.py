@@ -4,6 +4,7 @@
 ``Settings``: a flag given wins over its ``NECTAR_LEDGER_*`` variable, which wins over the ``.env`` file and the
 default; the command builds one ``Settings`` and hands it to the service or worker it starts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,12 @@ OPTIONS = {  # Settings fields whose flag or help differ from what the field giv
     "deployment_path": dict(flags=["--deployment"], help="deployment file written by `nectar devnet`"),
     "host": dict(help="address to listen on"),
     "port": dict(help="TCP port"),
-    "swarm_initial_peers": dict(flags=["--initial-peers"], nargs="*", metavar="MULTIADDR",
-                                help="swarm peers for spot checks over the swarm (NECTAR_LEDGER_AUDIT_SOURCE=swarm)"),
+    "swarm_initial_peers": dict(
+        flags=["--initial-peers"],
+        nargs="*",
+        metavar="MULTIADDR",
+        help="swarm peers for spot checks over the swarm (NECTAR_LEDGER_AUDIT_SOURCE=swarm)",
+    ),
 }
 
 
@@ -92,8 +97,11 @@ def worker_main(argv: list[str]) -> int:
         from nectar.ledger.swarm_audit import initial_peers_of
 
         if not initial_peers_of(settings):
-            print("nectar worker: spot checks over the swarm need its address: pass --initial-peers MULTIADDR "
-                  "(or set NECTAR_LEDGER_SWARM_INITIAL_PEERS)", file=sys.stderr)
+            print(
+                "nectar worker: spot checks over the swarm need its address: pass --initial-peers MULTIADDR "
+                "(or set NECTAR_LEDGER_SWARM_INITIAL_PEERS)",
+                file=sys.stderr,
+            )
             return 2
     run_migrations(settings.database_url)
     app = create_celery(settings)  # the tasks read these settings from the app (nectar.ledger.tasks._settings)

@@ -1,4 +1,5 @@
 """Database operations of the ledger: keyword-only functions that take a session and never commit it themselves."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,8 @@ from nectar.ledger.models import (
     utcnow,
 )
 from nectar.wire.merkle import merkle_root
-from nectar.wire.receipts import SignedReceipt, SignedVoucher, channel_slot
 from nectar.wire.receipts import Receipt as WireReceipt
+from nectar.wire.receipts import SignedReceipt, SignedVoucher, channel_slot
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +84,7 @@ def store_receipts(session: Session, *, checked: Sequence[CheckedReceipt]) -> li
         return results
 
     by_leaf = {
-        row.leaf: row
-        for row in session.scalars(select(Receipt).where(Receipt.leaf.in_([c.leaf for _, c in pending])))
+        row.leaf: row for row in session.scalars(select(Receipt).where(Receipt.leaf.in_([c.leaf for _, c in pending])))
     }
     pairs = sorted({(c.signed.receipt.session_id, c.signed.receipt.node) for _, c in pending})
     by_key: dict[tuple, Receipt] = {}
@@ -174,8 +174,13 @@ def session_receipts(session: Session, *, session_id: bytes, node: str, kind: in
                      block_end: int) -> list[Receipt]:  # fmt: skip
     """All stored receipts of one node's span in one session, in step order (the spot checks' input history)."""
     rows = session.scalars(
-        select(Receipt).where(Receipt.session_id == session_id, Receipt.node == node, Receipt.kind == kind,
-                              Receipt.block_start == block_start, Receipt.block_end == block_end)  # fmt: skip
+        select(Receipt).where(
+            Receipt.session_id == session_id,
+            Receipt.node == node,
+            Receipt.kind == kind,
+            Receipt.block_start == block_start,
+            Receipt.block_end == block_end,
+        )  # fmt: skip
     )
     return sorted(rows, key=lambda row: row.step)
 
@@ -196,8 +201,12 @@ def store_vouchers(session: Session, *, vouchers: Sequence[SignedVoucher]) -> li
     for signed in vouchers:
         v = signed.voucher
         row = session.scalar(
-            select(Voucher).where(Voucher.client == v.client, Voucher.node == v.node, Voucher.partner == v.partner,
-                                  Voucher.channel_id == v.channel_id)  # fmt: skip
+            select(Voucher).where(
+                Voucher.client == v.client,
+                Voucher.node == v.node,
+                Voucher.partner == v.partner,
+                Voucher.channel_id == v.channel_id,
+            )  # fmt: skip
         )
         if row is None:
             session.add(Voucher(client=v.client, node=v.node, partner=v.partner, channel_id=v.channel_id, settled_amount=0,
@@ -247,9 +256,7 @@ def close_epoch(session: Session, *, allow_empty: bool = False) -> Epoch | None:
 
     Returns the closed epoch, or None when there was nothing to close (no receipt and no voucher to settle).
     """
-    epoch = session.scalar(
-        select(Epoch).where(Epoch.number == current_epoch(session).number).with_for_update()
-    )
+    epoch = session.scalar(select(Epoch).where(Epoch.number == current_epoch(session).number).with_for_update())
     if epoch.status != EpochStatus.COLLECTING:  # closed by someone else since we looked
         return None
     unassigned = session.scalar(select(func.count(Receipt.id)).where(Receipt.epoch_number.is_(None))) or 0
@@ -286,8 +293,9 @@ def acquire_epoch_lease(session: Session, *, epoch: int, owner: str, seconds: fl
     now = utcnow()
     result = session.execute(
         update(Epoch)
-        .where(Epoch.number == epoch,
-               or_(Epoch.lease_owner.is_(None), Epoch.lease_owner == owner, Epoch.lease_until < now))  # fmt: skip
+        .where(
+            Epoch.number == epoch, or_(Epoch.lease_owner.is_(None), Epoch.lease_owner == owner, Epoch.lease_until < now)
+        )  # fmt: skip
         .values(lease_owner=owner, lease_until=now + timedelta(seconds=seconds))
     )
     return result.rowcount == 1
@@ -295,21 +303,31 @@ def acquire_epoch_lease(session: Session, *, epoch: int, owner: str, seconds: fl
 
 def release_epoch_lease(session: Session, *, epoch: int, owner: str) -> None:
     session.execute(
-        update(Epoch).where(Epoch.number == epoch, Epoch.lease_owner == owner).values(lease_owner=None, lease_until=None)
+        update(Epoch)
+        .where(Epoch.number == epoch, Epoch.lease_owner == owner)
+        .values(lease_owner=None, lease_until=None)
     )
 
 
 # ---------------------------------------------------------------------------------------------------- settlements
 def prepare_settlements(session: Session, *, epoch: int, batch_size: int) -> list[Settlement]:
     """Fix (once) which vouchers this epoch settles: every channel whose latest voucher is above what was paid."""
-    existing = list(session.scalars(select(Settlement).where(Settlement.epoch_number == epoch).order_by(Settlement.batch_index)))
+    existing = list(
+        session.scalars(select(Settlement).where(Settlement.epoch_number == epoch).order_by(Settlement.batch_index))
+    )
     if existing:
         return existing
-    busy = select(SettlementItem.voucher_id).join(Settlement).where(
-        Settlement.status.in_([SettlementStatus.PREPARED, SettlementStatus.SENT]), SettlementItem.status == "pending"
+    busy = (
+        select(SettlementItem.voucher_id)
+        .join(Settlement)
+        .where(
+            Settlement.status.in_([SettlementStatus.PREPARED, SettlementStatus.SENT]),
+            SettlementItem.status == "pending",
+        )
     )
     candidates = [
-        v for v in session.scalars(select(Voucher).where(Voucher.id.not_in(busy)).order_by(Voucher.id))
+        v
+        for v in session.scalars(select(Voucher).where(Voucher.id.not_in(busy)).order_by(Voucher.id))
         if v.cumulative_amount > v.settled_amount
     ]
     # one client's vouchers together (its escrow is written once per batch), the two channels of a storage slot side
@@ -330,7 +348,11 @@ def prepare_settlements(session: Session, *, epoch: int, batch_size: int) -> lis
 
 
 def settlement_items(session: Session, *, settlement_id: int) -> list[SettlementItem]:
-    return list(session.scalars(select(SettlementItem).where(SettlementItem.settlement_id == settlement_id).order_by(SettlementItem.id)))
+    return list(
+        session.scalars(
+            select(SettlementItem).where(SettlementItem.settlement_id == settlement_id).order_by(SettlementItem.id)
+        )
+    )
 
 
 def mark_item_paid(session: Session, *, item: SettlementItem, paid_on_chain: int) -> None:
@@ -437,4 +459,3 @@ def set_stake(session: Session, *, node: str, stake: int) -> None:
 
 def epoch_of(session: Session, *, number: int) -> Epoch | None:
     return session.get(Epoch, number)
-

@@ -1,4 +1,5 @@
 """FastAPI dependencies: the services built once at startup, fetched from app state."""
+
 from __future__ import annotations
 
 import logging

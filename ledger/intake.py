@@ -2,6 +2,7 @@
 
 The HTTP routes call these before ``crud`` classifies what is left against stored state (replays, conflicts).
 """
+
 from __future__ import annotations
 
 import logging

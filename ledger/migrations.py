@@ -1,5 +1,6 @@
 """The ledger's Alembic history (``alembic/``; version table ``alembic_version``). The service and the worker call
 ``run_migrations`` on start; ``nectar.service.migrations`` serializes them."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,6 +1,7 @@
 """Database tables of the ledger (SQLAlchemy 2). Hashes are raw bytes, addresses checksum strings, and uint128/uint64
 amounts decimal strings (SQLite has no 128-bit integers) through the ``UInt`` column type.
 """
+
 from __future__ import annotations
 
 import logging

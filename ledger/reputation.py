@@ -4,6 +4,7 @@ Soft signals (uptime, success rate, latency, throughput, stake) are smoothed ave
 sits near the middle instead of at an extreme; proven misbehaviour (failed spot checks, slashes) multiplies the score
 down hard. Nodes with few receipts are flagged ``new`` so clients can keep some traffic for them.
 """
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """Request and response bodies of the ledger's HTTP API (pydantic)."""
+
 from __future__ import annotations
 
 import logging

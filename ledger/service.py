@@ -1,4 +1,5 @@
 """The ledger's FastAPI app: ``create_app(settings)`` migrates the database and mounts the routers."""
+
 from __future__ import annotations
 
 import logging

@@ -3,6 +3,7 @@
 Each step first asks the chain whether it already happened (``epoch_root``, ``paid``), so a worker killed anywhere
 and restarted neither skips nor repeats a payment. Called by the Celery tasks (``tasks.py``) and by tests directly.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,7 +27,7 @@ def crash_point(settings: Settings, name: str) -> None:
     """Testing hook: at the configured stage, leave a marker file and stall so a test can kill -9 the worker here."""
     if settings.crash_point != name:
         return
-    marker = Path(os.environ.get("NECTAR_LEDGER_CRASH_MARKER", "/tmp/nectar-ledger-crash")) .with_suffix(f".{name}")
+    marker = Path(os.environ.get("NECTAR_LEDGER_CRASH_MARKER", "/tmp/nectar-ledger-crash")).with_suffix(f".{name}")
     marker.write_text(str(os.getpid()))
     logger.warning(f"Stalling at crash point {name!r} (pid {os.getpid()}) until killed")
     while True:
@@ -112,7 +113,10 @@ class EpochSettler:
 
     def _settle(self, number: int) -> bool:
         with session_scope(self.engine) as session:
-            batches = [s.id for s in crud.prepare_settlements(session, epoch=number, batch_size=self.settings.settle_batch_size)]
+            batches = [
+                s.id
+                for s in crud.prepare_settlements(session, epoch=number, batch_size=self.settings.settle_batch_size)
+            ]
         for batch_id in batches:
             self._settle_batch(batch_id)
             self._claim(number)  # renew the lease between transactions
@@ -155,7 +159,9 @@ class EpochSettler:
             except Exception as e:
                 if not _is_revert(e):
                     raise  # connection trouble: the task retries later; chain.paid decides what is still due
-                logger.warning(f"Settlement batch {batch_id} reverted ({_chain_error_name(e)}); settling items one by one")
+                logger.warning(
+                    f"Settlement batch {batch_id} reverted ({_chain_error_name(e)}); settling items one by one"
+                )
                 self._settle_individually(batch_id, unpaid)
                 return
             crash_point(self.settings, "after_settle")
@@ -186,7 +192,9 @@ class EpochSettler:
         errors = []
         for item in items:
             try:
-                result = self.chain.settle(self.settings.key_for("ledger"), [(_voucher_message(item), bytes(item.signature))])
+                result = self.chain.settle(
+                    self.settings.key_for("ledger"), [(_voucher_message(item), bytes(item.signature))]
+                )
                 self._record_result(batch_id, result)
             except Exception as e:
                 if not _is_revert(e):

@@ -4,6 +4,7 @@ window has passed, finalize the slash. Every step is re-read from the chain firs
 Called by ``SpotChecker`` (the attestation right after a verdict) and by the beat task ``finalize_slashes``
 (attestations that could not be sent, and cases whose window has ended).
 """
+
 from __future__ import annotations
 
 import logging

@@ -7,6 +7,7 @@ tolerance. A disagreement goes to a third execution: only when it sides with the
 node reported on chain (``attest_spot_check_failure``) and its reputation cut. A third execution that sides with the
 node clears it, so an honest node is never accused on a single verifier's word.
 """
+
 from __future__ import annotations
 
 import logging
@@ -169,7 +170,9 @@ class SpotChecker:
             if (index + 1) % 20 == 0:
                 logger.info(f"Epoch {number}: {index + 1}/{len(pending)} spot checks done")
         with session_scope(self.engine) as session:
-            report.failed_nodes = sorted({c.node for c in crud.spot_checks_of(session, epoch=number) if c.status == "failed"})
+            report.failed_nodes = sorted(
+                {c.node for c in crud.spot_checks_of(session, epoch=number) if c.status == "failed"}
+            )
         return report
 
     def check_receipt(self, receipt_id: int) -> Verdict:
@@ -206,8 +209,11 @@ class SpotChecker:
             return Verdict("inconclusive", 0, "audited inputs do not hash to the receipt's input commitment")
         if self._prefix_consistent(receipt, history) is False:
             logger.warning(f"Node {receipt.node} answered an audit with a history its own receipts contradict")
-            return Verdict("inconclusive", 0, "the audited history contradicts the node's earlier receipts of this "
-                                              "session (a fabricated prefix)")
+            return Verdict(
+                "inconclusive",
+                0,
+                "the audited history contradicts the node's earlier receipts of this session (a fabricated prefix)",
+            )
         dtype = history.dtype
         fingerprints = []
         for executions, verifier in enumerate(self.verifiers[:2], start=1):

@@ -4,6 +4,7 @@ It reads the swarm through a ``ClientRuntime`` whose DHT runs inside this proces
 child process, which Celery's prefork workers cannot do: their pool processes are daemonic). Used by the spot
 checks (``swarm_audit.py``) to fetch a step's inputs from the node that served it and to re-run the step elsewhere.
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,16 +45,19 @@ class SwarmView:
 
     def __init__(self, initial_peers: Sequence[str], *, refresh_period: float = 10.0, timeout: float = 60.0):
         if not initial_peers:
-            raise ValueError("the ledger needs swarm peers for audits: set NECTAR_LEDGER_SWARM_INITIAL_PEERS (or "
-                             "NECTAR_INITIAL_PEERS) to a multiaddr printed by `nectar dht` or `nectar node`")
+            raise ValueError(
+                "the ledger needs swarm peers for audits: set NECTAR_LEDGER_SWARM_INITIAL_PEERS (or "
+                "NECTAR_INITIAL_PEERS) to a multiaddr printed by `nectar dht` or `nectar node`"
+            )
         self.initial_peers, self.refresh_period, self.timeout = list(initial_peers), refresh_period, timeout
         self._lock = threading.Lock()
         self._nodes: list[NodeEntry] = []
         self._models: dict[bytes, tuple[str, int]] = {}
         self._fetched_at = float("-inf")
         # in-process: Celery's prefork pool processes are daemonic and may not start a DHT child process
-        self._runtime = ClientRuntime(self.initial_peers, in_process=True, start_timeout=timeout,
-                                      thread_name="ledger-swarm")
+        self._runtime = ClientRuntime(
+            self.initial_peers, in_process=True, start_timeout=timeout, thread_name="ledger-swarm"
+        )
         logger.info(f"Ledger joined the swarm as {self._runtime.peer_id} via {self.initial_peers[0]}")
 
     def run(self, coro, timeout: float | None = None):
@@ -71,6 +75,7 @@ class SwarmView:
                 for peer_id, info in read_swarm(self._runtime, name, num_blocks).servers().items():
                     nodes[(peer_id, name)] = NodeEntry(peer_id, name, info)
             self._models, self._nodes, self._fetched_at = models, list(nodes.values()), time.monotonic()
+
     def model_name(self, model_hash: bytes) -> str | None:
         """The announced model name whose keccak256 is ``model_hash`` (what receipts carry)."""
         self.refresh()
@@ -106,8 +111,9 @@ class SwarmView:
         error the node reported (``ErrorCode``-prefixed) is raised at once."""
         for attempt in range(attempts):
             try:
-                return self.run(call_once(self._runtime.p2p, peer_id, name, request, timeout=timeout),
-                                timeout=timeout + 5)
+                return self.run(
+                    call_once(self._runtime.p2p, peer_id, name, request, timeout=timeout), timeout=timeout + 5
+                )
             except Exception as e:
                 if NodeRPCError.code_of(e) is not None or attempt == attempts - 1:
                     raise

@@ -5,6 +5,7 @@ Select with ``NECTAR_LEDGER_AUDIT_SOURCE=swarm`` (``RpcAuditSource``) and ``NECT
 (``SwarmVerifier``), plus ``NECTAR_LEDGER_SWARM_INITIAL_PEERS``. The verifiers' forward calls name the verifier
 account as their client, and the spot checks skip receipts of that client (re-executions are not audited in turn).
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,8 +45,9 @@ class RpcAuditSource(AuditSource):
         if entry is None:
             logger.info(f"Node {receipt.node} is not announced in the swarm now; its step cannot be audited")
             return None
-        call = AuditCall(module_uid(model, receipt.block_start, receipt.block_end), bytes(receipt.session_id),
-                         int(receipt.step))
+        call = AuditCall(
+            module_uid(model, receipt.block_start, receipt.block_end), bytes(receipt.session_id), int(receipt.step)
+        )
         try:
             response = self.swarm.call(entry.peer_id, call.rpc, call.to_request(), timeout=self.timeout)
         except Exception as e:
@@ -54,9 +56,11 @@ class RpcAuditSource(AuditSource):
             raise
         reply = AuditReply.decode(response)  # a ValueError if it carries no inputs
         if reply.prompts is not None or (reply.start, reply.end) != (receipt.block_start, receipt.block_end):
-            raise ValueError(f"node {receipt.node} answered the audit with span {reply.start}:{reply.end}"
-                             f"{' and deep prompts' if reply.prompts is not None else ''}; the receipt is for "
-                             f"{receipt.block_start}:{receipt.block_end} without prompts")
+            raise ValueError(
+                f"node {receipt.node} answered the audit with span {reply.start}:{reply.end}"
+                f"{' and deep prompts' if reply.prompts is not None else ''}; the receipt is for "
+                f"{receipt.block_start}:{receipt.block_end} without prompts"
+            )
         return reply.inputs
 
 
@@ -98,13 +102,19 @@ class SwarmVerifier(Verifier):
         entry = candidates[self.rank]
         # a fresh session id per re-execution: the node signs a receipt for it, and two receipts for the same
         # (session, step) would read as a double-sign
-        call = ForwardCall(module_uid(model, receipt.block_start, receipt.block_end), history, client=self.client,
-                           session_id=os.urandom(16), step=0)
+        call = ForwardCall(
+            module_uid(model, receipt.block_start, receipt.block_end),
+            history,
+            client=self.client,
+            session_id=os.urandom(16),
+            step=0,
+        )
         response = self.swarm.call(entry.peer_id, call.rpc, call.to_request(), timeout=self.timeout)
         output = ForwardReply.decode(response).output  # a ValueError unless it carries one tensor
         if tuple(output.shape) != tuple(history.shape):
-            raise ValueError(f"node {entry.info.eth_address} returned {tuple(output.shape)} for a "
-                             f"forward of {tuple(history.shape)}")
+            raise ValueError(
+                f"node {entry.info.eth_address} returned {tuple(output.shape)} for a forward of {tuple(history.shape)}"
+            )
         self.executed_by.append(entry.info.eth_address)
         return output[:, -positions:]
 

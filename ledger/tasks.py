@@ -1,4 +1,5 @@
 """Celery tasks of the ledger. Each is idempotent: it re-reads the database and the chain, so a redelivery is safe."""
+
 from __future__ import annotations
 
 import json
@@ -93,7 +94,9 @@ def slash_conflicts() -> int:
     """Submit stored double-sign evidence on chain; a conflict already slashed on chain is marked done."""
     settings, engine, chain = _settings(), _engine(), _chain()
     with session_scope(engine) as session:
-        pending = [(c.id, c.receipt_id, c.other_receipt, c.node) for c in crud.list_conflicts(session, status="pending")]
+        pending = [
+            (c.id, c.receipt_id, c.other_receipt, c.node) for c in crud.list_conflicts(session, status="pending")
+        ]
     done = 0
     for conflict_id, receipt_id, other_json, node in pending:
         with session_scope(engine) as session:
@@ -116,7 +119,9 @@ def slash_conflicts() -> int:
 
             conflict = session.get(Conflict, conflict_id)
             conflict.status, conflict.last_error = status, error
-            conflict.slash_tx_hash = tx_hash if isinstance(tx_hash, str) or tx_hash is None else "0x" + bytes(tx_hash).hex()
+            conflict.slash_tx_hash = (
+                tx_hash if isinstance(tx_hash, str) or tx_hash is None else "0x" + bytes(tx_hash).hex()
+            )
             if status == "slashed":
                 crud.record_slash(session, node=node)
                 done += 1
@@ -160,5 +165,12 @@ def refresh_stakes() -> int:
     return len(nodes)
 
 
-__all__ = ["close_epoch", "advance_epochs", "slash_conflicts", "spot_check_epochs", "finalize_slashes", "refresh_stakes",
-           "Epoch"]
+__all__ = [
+    "close_epoch",
+    "advance_epochs",
+    "slash_conflicts",
+    "spot_check_epochs",
+    "finalize_slashes",
+    "refresh_stakes",
+    "Epoch",
+]

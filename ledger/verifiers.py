@@ -2,6 +2,7 @@
 
 Apart from ``spot_check`` (the checks) and ``swarm_audit`` (reaching nodes), so neither imports the other back.
 """
+
 from __future__ import annotations
 
 import importlib

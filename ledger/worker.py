@@ -1,4 +1,5 @@
 """Builds the ledger's Celery app from Settings. Producers (the HTTP service) enqueue by task name only."""
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,10 @@ def create_celery(settings: Settings | None = None) -> Celery:
             "slash-conflicts": {"task": SLASH_CONFLICTS_TASK, "schedule": every},
             "spot-checks": {"task": SPOT_CHECK_TASK, "schedule": every},
             "refresh-stakes": {"task": REFRESH_STAKES_TASK, "schedule": timedelta(minutes=5)},
-            "finalize-slashes": {"task": FINALIZE_SLASHES_TASK,
-                                 "schedule": timedelta(seconds=settings.slash_poll_seconds)},
+            "finalize-slashes": {
+                "task": FINALIZE_SLASHES_TASK,
+                "schedule": timedelta(seconds=settings.slash_poll_seconds),
+            },
         },
     )
     return app

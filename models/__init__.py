@@ -17,6 +17,7 @@ Files:
 - ``tiny.py``        tiny random checkpoints for tests and demos
 - ``errors.py``      named errors; ``cli.py``: ``nectar models``
 """
+
 from nectar.models.builtin import BUILTIN_MODELS, ModelInfo, list_models
 from nectar.models.cache import SpanCache
 from nectar.models.checkpoint import Checkpoint

@@ -1,4 +1,5 @@
 """Positions and causal masks for one span step: new tokens at ``[past_length, past_length + T)``."""
+
 from __future__ import annotations
 
 import logging

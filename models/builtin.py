@@ -3,6 +3,7 @@
 The conversion writes into a temporary folder next to the cache and renames it into place, under a file lock, so a
 crash never leaves a half cache and concurrent processes convert only once.
 """
+
 from __future__ import annotations
 
 import importlib.util

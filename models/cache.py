@@ -5,6 +5,7 @@ short-lived object handed to the layers as ``cache`` (they call ``update(key, va
 continuous-batching change can swap in a writer over a shared pool (one forward, many sessions) without touching
 the family code.
 """
+
 from __future__ import annotations
 
 import logging

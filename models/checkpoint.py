@@ -1,4 +1,5 @@
 """Reads chosen tensors from a safetensors checkpoint folder (one file or shards + index), never the whole model."""
+
 from __future__ import annotations
 
 import json

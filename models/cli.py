@@ -1,4 +1,5 @@
 """``nectar models``: list the built-in models (and whether they are converted), convert one, explain local paths."""
+
 from __future__ import annotations
 
 import argparse

@@ -10,12 +10,13 @@ own matrices at load and picks per row count. They agree to float32 rounding (su
 OpenBLAS's threads follow ``use_threads``; importing ``nectar`` stops its idle threads from spinning (core/__init__.py).
 The kernel runs on the calling thread only, so it is timed for at most ``NATIVE_MAX_ROWS`` rows.
 """
+
 from __future__ import annotations
 
 import ctypes
 import logging
 import time
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ CALIBRATION_BYTES = 64 << 20  # weights read per timed pass: more than a CPU's l
 MIN_GAIN = 1.03  # another library must be this much faster than PyTorch to be chosen (both measured with noise)
 
 
-def use_threads(threads: Optional[int]) -> None:
+def use_threads(threads: int | None) -> None:
     """Sets the calling process's compute threads for PyTorch (this thread) and for numpy's OpenBLAS."""
     if not threads:
         return
@@ -50,19 +51,26 @@ def _bucket(rows: int) -> int:
     return ROW_BUCKETS[-1]
 
 
-def native_kernel() -> Optional[ctypes.CDLL]:
+def native_kernel() -> ctypes.CDLL | None:
     """``native/kernels.c`` compiled for this machine (its functions typed), or None."""
     return native.load("kernels")
 
 
-def native_matmul(x: torch.Tensor, matrix: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def native_matmul(x: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ matrix (+ bias)`` through the native kernel: x [rows, in], matrix [in, out] contiguous, float32, CPU."""
     x = x.contiguous()
     if bias is not None:
         bias = bias.contiguous()
     out = torch.empty(x.shape[0], matrix.shape[1])
-    native_kernel().nectar_matmul_f32(x.data_ptr(), matrix.data_ptr(), bias.data_ptr() if bias is not None else None,
-                                      out.data_ptr(), x.shape[0], matrix.shape[0], matrix.shape[1])
+    native_kernel().nectar_matmul_f32(
+        x.data_ptr(),
+        matrix.data_ptr(),
+        bias.data_ptr() if bias is not None else None,
+        out.data_ptr(),
+        x.shape[0],
+        matrix.shape[0],
+        matrix.shape[1],
+    )
     return out
 
 
@@ -70,18 +78,20 @@ class CpuMatmul:
     """``x @ matrix (+ bias)`` for 2-D float32 CPU inputs without gradients; ``chosen`` maps row buckets to the
     library that computes them ("openblas" or "native"); the others, and every other input, go through PyTorch."""
 
-    def __init__(self, chosen: Optional[Mapping[int, str]] = None, gains: Optional[dict[int, dict[str, float]]] = None):
+    def __init__(self, chosen: Mapping[int, str] | None = None, gains: dict[int, dict[str, float]] | None = None):
         self.chosen = {bucket: name for bucket, name in (chosen or {}).items() if name != "torch"}
         unknown = set(self.chosen.values()) - set(LIBRARIES)
         if unknown:
             raise ValueError(f"unknown CPU matmul libraries {sorted(unknown)}; choose from {LIBRARIES}")
         if "native" in self.chosen.values() and native_kernel() is None:
-            raise RuntimeError("the native matmul kernel is not available on this machine (no C compiler, or "
-                               "NECTAR_NATIVE=off); use NECTAR_CPU_BLAS=auto, torch or openblas")
+            raise RuntimeError(
+                "the native matmul kernel is not available on this machine (no C compiler, or "
+                "NECTAR_NATIVE=off); use NECTAR_CPU_BLAS=auto, torch or openblas"
+            )
         self.gains = gains or {}
 
     @classmethod
-    def everywhere(cls, library: str) -> "CpuMatmul":
+    def everywhere(cls, library: str) -> CpuMatmul:
         return cls({bucket: library for bucket in ROW_BUCKETS})
 
     def rows_for(self, library: str) -> frozenset:
@@ -90,7 +100,7 @@ class CpuMatmul:
             return frozenset(b for b in ROW_BUCKETS if b not in self.chosen)
         return frozenset(b for b, name in self.chosen.items() if name == library)
 
-    def __call__(self, x: torch.Tensor, matrix: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         library = self.chosen.get(_bucket(x.shape[0])) if self.chosen else None
         if library is not None and x.dtype == torch.float32 and x.device.type == "cpu":
             if library == "native" and matrix.dtype == torch.float32 and matrix.is_contiguous():
@@ -101,8 +111,9 @@ class CpuMatmul:
         return torch.addmm(bias, x, matrix) if bias is not None else x @ matrix
 
     @classmethod
-    def calibrate(cls, matrices: Sequence[torch.Tensor], *, rows: Sequence[int] = ROW_BUCKETS,
-                  repeats: int = 3) -> "CpuMatmul":
+    def calibrate(
+        cls, matrices: Sequence[torch.Tensor], *, rows: Sequence[int] = ROW_BUCKETS, repeats: int = 3
+    ) -> CpuMatmul:
         """Times each library on ``matrices`` ([in, out], float32, CPU) for each of the ``rows`` buckets (the others
         use PyTorch), with the threads set (``use_threads``) for the caller; honours ``NECTAR_CPU_BLAS``."""
         choice = current().cpu_blas  # NECTAR_CPU_BLAS, validated by nectar.settings (mkl = torch)
@@ -117,8 +128,9 @@ class CpuMatmul:
         with torch.inference_mode():
             for count in rows:
                 inputs = [torch.randn(count, matrix.shape[0]) for matrix in timed]
-                libraries = [(name, cls.everywhere(name)) for name in candidates
-                             if name != "native" or count <= NATIVE_MAX_ROWS]
+                libraries = [
+                    (name, cls.everywhere(name)) for name in candidates if name != "native" or count <= NATIVE_MAX_ROWS
+                ]
                 seconds = {name: [] for name, _ in libraries}
                 for _ in range(repeats):  # interleaved, so all see the same moments of a noisy machine
                     for name, matmul in libraries:
@@ -138,18 +150,25 @@ class CpuMatmul:
     def describe(self) -> str:
         """E.g. "native for rows 1; OpenBLAS for rows <=64; PyTorch for rows <=2, ... (speed-up over PyTorch:
         1 row: native 1.52x, OpenBLAS 1.21x; ...)"."""
+
         def rows(buckets):
             return ", ".join(f"<={b}" if b > 1 else "1" for b in sorted(buckets)) or "none"
 
-        parts = [f"{NAMES[name]} for rows {rows(self.rows_for(name))}" for name in LIBRARIES
-                 if name == "torch" or self.rows_for(name)]
+        parts = [
+            f"{NAMES[name]} for rows {rows(self.rows_for(name))}"
+            for name in LIBRARIES
+            if name == "torch" or self.rows_for(name)
+        ]
         text = "; ".join(parts[1:] + parts[:1])  # PyTorch, the default, last
         if not self.gains:
             return text
+
         def speedups(bucket):
             return ", ".join(f"{NAMES[name]} {gain:.2f}x" for name, gain in self.gains[bucket].items())
 
-        gains = "; ".join(f"{bucket} row{'s' if bucket > 1 else ''}: {speedups(bucket)}" for bucket in sorted(self.gains))
+        gains = "; ".join(
+            f"{bucket} row{'s' if bucket > 1 else ''}: {speedups(bucket)}" for bucket in sorted(self.gains)
+        )
         return f"{text} (speed-up over PyTorch: {gains})"
 
 

@@ -1,4 +1,5 @@
 """Named errors of ``nectar.models``; each message says what to do next."""
+
 import logging
 
 logger = logging.getLogger(__name__)

@@ -1,10 +1,12 @@
 """The contract one model family fulfils: where its tensors live, how to build and run its blocks."""
+
 from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -91,7 +93,7 @@ class ModelFamily(ABC):
     def build_head(self, config: PretrainedConfig) -> HeadModules:
         """Embeddings, final norm and LM head (with their checkpoint key candidates) for the client."""
 
-    def batch_runner(self, spans: Sequence[nn.Module]) -> Optional[BatchRunner]:
+    def batch_runner(self, spans: Sequence[nn.Module]) -> BatchRunner | None:
         """This family's fast path for a node's inference steps through ``spans`` (one single-block ``BlockSpan``
         per block, in order), or None: the node runs steps through ``BlockSpan.forward``, one session at a time.
         Called once at load; may time its routes then. Default: None."""

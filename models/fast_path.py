@@ -6,6 +6,7 @@ the family's ``BatchRunner`` (several sessions' tokens in one forward). A family
 share a round, and which rounds are recorded as CUDA graphs, is the node's business (``nectar.node``); a runner
 only computes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,8 +60,9 @@ class BatchRunner(ABC):
         """How it computes, for the node's log (e.g. which routes it measured and chose at load)."""
         return type(self).__name__
 
-    def static_step(self, x: torch.Tensor, positions: torch.Tensor, caches: list, first_block: int,
-                    pools: list | None = None) -> torch.Tensor:
+    def static_step(
+        self, x: torch.Tensor, positions: torch.Tensor, caches: list, first_block: int, pools: list | None = None
+    ) -> torch.Tensor:
         """One token of each of n sessions: ``x`` [n, hidden], ``positions`` [n] (a device tensor: each session's
         cache length), ``caches[i]`` session i's SpanCaches (one per block); ``pools``: per block, the same sessions'
         keys/values moved into one tensor [n, 2, kv_heads, max_length, head_dim] (each SpanCache's buffer a view of

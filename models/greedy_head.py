@@ -20,13 +20,14 @@ sequential pass over the int8 rows with the float32 input itself (no bfloat16 ro
 the same bound covers it with room to spare; on the AMD EPYC VM it took 0.95-1.2 instead of 1.5 ms for 32000x512
 with cold caches.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -36,8 +37,8 @@ logger = logging.getLogger(__name__)
 
 MAX_CANDIDATES = 64  # more rows than this left after the low-precision pass: one float32 row is cheaper than them
 MIN_HEAD_WEIGHTS = 1 << 22  # smaller heads (16 MB) are read fast enough that a low-precision pass saves little
-BF16_ROUNDING = 2.0 ** -9  # relative error of rounding a float32 to bfloat16 (8 significant bits)
-OUTPUT_ROUNDING = 2.0 ** -7  # the low-precision product's bfloat16 result is rounded too: 2^-9 of it, with margin
+BF16_ROUNDING = 2.0**-9  # relative error of rounding a float32 to bfloat16 (8 significant bits)
+OUTPUT_ROUNDING = 2.0**-7  # the low-precision product's bfloat16 result is rounded too: 2^-9 of it, with margin
 TINY = 1e-30  # bfloat16 subnormals lose relative precision; their absolute error is far below this
 NORM_CHUNK = 8192  # vocabulary rows measured at a time when the bound is set up
 MIN_GAIN = 1.2  # a low-precision route must be this much faster, measured with cold caches, to be chosen
@@ -54,17 +55,19 @@ class LowPrecisionArgmax:
     int8's bound is about 3x bfloat16's, so on wide heads its pass can leave hundreds of candidates; a bfloat16 copy
     in [vocab, hidden] layout then narrows them (reading a few hundred rows) before the float32 check."""
 
-    def __init__(self, in_out: torch.Tensor, bias: Optional[torch.Tensor] = None, format: str = "bf16"):
+    def __init__(self, in_out: torch.Tensor, bias: torch.Tensor | None = None, format: str = "bf16"):
         if in_out.dtype != torch.float32 or in_out.device.type != "cpu":
             raise ValueError(f"the greedy head's check needs a float32 CPU head, got {in_out.dtype} on {in_out.device}")
         if format not in FORMATS:
             raise ValueError(f"the greedy head's low-precision format must be one of {FORMATS}, got {format!r}")
         if format == "int8" and not int8_supported(in_out.shape[0]):
-            raise ValueError(f"the int8 greedy head needs torch._weight_int8pack_mm and a hidden size that is a "
-                             f"multiple of {INT8_K_MULTIPLE} (got {in_out.shape[0]}); use NECTAR_GREEDY_HEAD=bf16")
+            raise ValueError(
+                f"the int8 greedy head needs torch._weight_int8pack_mm and a hidden size that is a "
+                f"multiple of {INT8_K_MULTIPLE} (got {in_out.shape[0]}); use NECTAR_GREEDY_HEAD=bf16"
+            )
         self.in_out, self.bias, self.format = in_out, bias, format
         hidden, vocab = in_out.shape
-        self.refine_rows: Optional[torch.Tensor] = None
+        self.refine_rows: torch.Tensor | None = None
         if format == "bf16":
             self.low = in_out.to(torch.bfloat16)  # [hidden, vocab], half the bytes
         else:  # [vocab, hidden] as the kernel reads it, a quarter of the bytes, and a bfloat16 scale per row
@@ -117,12 +120,20 @@ class LowPrecisionArgmax:
         out = torch.empty(rows.shape[0], vocab)
         bias = self.bias.float().contiguous() if self.bias is not None else None
         for n in range(rows.shape[0]):
-            self.int8_logits(rows[n].data_ptr(), self.low.data_ptr(), self.scales.data_ptr(),
-                             bias.data_ptr() if bias is not None else None, out[n].data_ptr(), vocab, hidden)
+            self.int8_logits(
+                rows[n].data_ptr(),
+                self.low.data_ptr(),
+                self.scales.data_ptr(),
+                bias.data_ptr() if bias is not None else None,
+                out[n].data_ptr(),
+                vocab,
+                hidden,
+            )
         return out
 
-    def __call__(self, rows: torch.Tensor, full_logits: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-                 ) -> torch.Tensor:
+    def __call__(
+        self, rows: torch.Tensor, full_logits: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """[N, hidden] rows -> [N] token ids; ``full_logits`` computes float32 logits for rows left undecided."""
         rows = rows.float()
         full_logits = full_logits or self.float32_logits
@@ -154,7 +165,7 @@ class LowPrecisionArgmax:
         threshold = candidate_threshold(float(approx.max()), norm * self.refine_per_norm + self.bias_term + TINY)
         return ids[approx >= threshold]
 
-    def refined_logits(self, rows: torch.Tensor, ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def refined_logits(self, rows: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         """[N, hidden] rows -> [N, len(ids)] (every vocabulary row without ``ids``) logits from the int8 pass's
         bfloat16 rows, bias included."""
         weights = self.refine_rows if ids is None else self.refine_rows.index_select(0, ids)
@@ -181,9 +192,10 @@ def candidate_threshold(best: float, shared: float) -> float:
 
 def _per_norm(hidden: int, largest_row: float, largest_error: float) -> float:
     """The bound's factor of |x|_2 (module docstring), from the largest row norm and the largest row error."""
-    accumulation = 4 * hidden * 2.0 ** -24  # float32 sums of both products (n * 2^-24 each), doubled
-    return (BF16_ROUNDING * largest_row + (1 + BF16_ROUNDING) * largest_error
-            + accumulation * largest_row) * (1 + 1e-3)  # 0.1%: the bound's own float math
+    accumulation = 4 * hidden * 2.0**-24  # float32 sums of both products (n * 2^-24 each), doubled
+    return (BF16_ROUNDING * largest_row + (1 + BF16_ROUNDING) * largest_error + accumulation * largest_row) * (
+        1 + 1e-3
+    )  # 0.1%: the bound's own float math
 
 
 def _int8_kernel():
@@ -199,10 +211,14 @@ def int8_supported(hidden: int) -> bool:
     return hasattr(torch, "_weight_int8pack_mm") and hidden % INT8_K_MULTIPLE == 0
 
 
-def choose_greedy_argmax(in_out: torch.Tensor, bias: Optional[torch.Tensor],
-                         full_logits: Callable[[torch.Tensor], torch.Tensor],
-                         final_norm: Callable[[torch.Tensor], torch.Tensor], *,
-                         repeats: int = 3) -> Optional[LowPrecisionArgmax]:
+def choose_greedy_argmax(
+    in_out: torch.Tensor,
+    bias: torch.Tensor | None,
+    full_logits: Callable[[torch.Tensor], torch.Tensor],
+    final_norm: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    repeats: int = 3,
+) -> LowPrecisionArgmax | None:
     """The fastest low-precision route where, for one row, it beats ``full_logits`` + argmax on this machine by
     ``MIN_GAIN``, else None.
 
@@ -227,8 +243,9 @@ def choose_greedy_argmax(in_out: torch.Tensor, bias: Optional[torch.Tensor],
                 problem = f"failed ({e})"
             if problem is not None:  # a kernel that does not compute what the bound assumes, or none at all
                 if choice == name:
-                    raise RuntimeError(f"the {name} greedy head {problem} on this machine; "
-                                       f"set NECTAR_GREEDY_HEAD=auto or off")
+                    raise RuntimeError(
+                        f"the {name} greedy head {problem} on this machine; set NECTAR_GREEDY_HEAD=auto or off"
+                    )
                 logger.warning("Greedy head: the %s pass %s on this machine; not using it", name, problem)
                 del candidates[name]
     if choice in FORMATS:
@@ -249,10 +266,12 @@ def choose_greedy_argmax(in_out: torch.Tensor, bias: Optional[torch.Tensor],
     gains = {name: min(seconds["float32"]) / min(seconds[name]) for name in candidates}
     fastest = max(gains, key=gains.get, default=None)
     chosen = candidates[fastest] if fastest and gains[fastest] >= MIN_GAIN else None
-    logger.info("Greedy head: %s (for one row, cold, as fast as float32 logits: %s; measured in %.2fs)",
-                f"{fastest} pass, float32 check" if chosen else "float32 logits",
-                ", ".join(f"{name} pass with float32 check {gain:.2f}x" for name, gain in gains.items()),
-                time.perf_counter() - began)
+    logger.info(
+        "Greedy head: %s (for one row, cold, as fast as float32 logits: %s; measured in %.2fs)",
+        f"{fastest} pass, float32 check" if chosen else "float32 logits",
+        ", ".join(f"{name} pass with float32 check {gain:.2f}x" for name, gain in gains.items()),
+        time.perf_counter() - began,
+    )
     return chosen
 
 
@@ -263,8 +282,14 @@ def bound_holds(argmax: LowPrecisionArgmax, rows: torch.Tensor, exact: torch.Ten
     if argmax.refine_rows is not None:
         passes.append((argmax.refined_logits(rows), argmax.refine_per_norm))
     norms = rows.norm(dim=1, keepdim=True)
-    return all(bool(((approx - exact).abs() <= norms * per_norm + argmax.bias_term + TINY
-                     + approx.abs() * OUTPUT_ROUNDING).all()) for approx, per_norm in passes)
+    return all(
+        bool(
+            (
+                (approx - exact).abs() <= norms * per_norm + argmax.bias_term + TINY + approx.abs() * OUTPUT_ROUNDING
+            ).all()
+        )
+        for approx, per_norm in passes
+    )
 
 
 def eviction_buffer() -> torch.Tensor:

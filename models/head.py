@@ -1,4 +1,5 @@
 """``ClientHead``: what a client keeps locally (embeddings, final norm, LM head), loaded without any block."""
+
 from __future__ import annotations
 
 import logging
@@ -126,8 +127,8 @@ def load_client_head(
         if tied:
             head.word_embeddings.weight = head.lm_head.weight  # a strided lookup of a few rows costs microseconds
         head.matmul = CpuMatmul.calibrate([matrix], rows=HEAD_ROWS)
-        head.greedy_argmax = choose_greedy_argmax(matrix, head.lm_head.bias, full_logits=head._float32_logits,
-                                                  final_norm=head.final_norm)
+        head.greedy_argmax = choose_greedy_argmax(
+            matrix, head.lm_head.bias, full_logits=head._float32_logits, final_norm=head.final_norm
+        )
     logger.info("Loaded client head of %s (%s, tied=%s)", path, dtype, tied)
     return head
-

@@ -6,6 +6,7 @@ so autograd, ``state_dict`` and checks work unchanged, and no memory is duplicat
 49152x576 9.5 -> 5.6 ms, 32000x2048 13.3 -> 11.7 ms), 4 to 16 rows 0.8-1.4x; on an Intel Xeon VM, the small batches
 of a node's batched rounds 1.3-1.6x, single rows as fast.
 """
+
 from __future__ import annotations
 
 import torch

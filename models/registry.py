@@ -3,6 +3,7 @@
 Each family subpackage under ``nectar.models.families`` calls ``register_family`` in its ``__init__``; the families
 package imports every subpackage it contains, so adding a family touches no other file.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -1,4 +1,5 @@
 """Turns a built-in name or a folder into a checkpoint folder, its config, its tokenizer and its DHT name."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """``BlockSpan``: a contiguous range of a model's transformer blocks, loaded alone, run with or without a KV cache."""
+
 from __future__ import annotations
 
 import logging
@@ -143,7 +144,7 @@ class BlockSpan(nn.Module):
 
 
 def _concrete_device(device: torch.device | str) -> torch.device:
-    """"cuda" -> "cuda:0": the form tensors report, so device comparisons hold."""
+    """ "cuda" -> "cuda:0": the form tensors report, so device comparisons hold."""
     return torch.empty(0, device=device).device
 
 

@@ -1,4 +1,5 @@
 """Tiny random-weight checkpoints (Llama with GQA, Mistral, BLOOM) for tests and local demos; no hub needed."""
+
 from __future__ import annotations
 
 import logging
@@ -23,20 +24,23 @@ def tiny_config(
     """A small config: "llama" (4 query / 2 key-value heads), "mistral" (plus a sliding window) or "bloom";
     ``extra`` sets further fields of the llama/mistral config (e.g. ``attention_bias=True``)."""
     if kind in ("llama", "mistral"):
-        common = dict(
-            hidden_size=hidden_size,
-            intermediate_size=2 * hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,  # GQA
-            vocab_size=vocab_size,
-            max_position_embeddings=512,
-            initializer_range=0.1,  # larger than the default so random logits are far from ties
-            tie_word_embeddings=bool(tie_word_embeddings),
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        ) | extra
+        common = (
+            dict(
+                hidden_size=hidden_size,
+                intermediate_size=2 * hidden_size,
+                num_hidden_layers=num_layers,
+                num_attention_heads=4,
+                num_key_value_heads=2,  # GQA
+                vocab_size=vocab_size,
+                max_position_embeddings=512,
+                initializer_range=0.1,  # larger than the default so random logits are far from ties
+                tie_word_embeddings=bool(tie_word_embeddings),
+                bos_token_id=1,
+                eos_token_id=2,
+                pad_token_id=0,
+            )
+            | extra
+        )
         return LlamaConfig(**common) if kind == "llama" else MistralConfig(sliding_window=6, **common)
     if kind == "bloom":
         return BloomConfig(

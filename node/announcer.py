@@ -1,10 +1,11 @@
 """Publishes this node's ServerInfo for each hosted block, signed, on a fixed period (a background thread)."""
+
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import hivemind
 from hivemind.utils import get_dht_time
@@ -16,16 +17,25 @@ logger = logging.getLogger(__name__)
 FINAL_ANNOUNCE_TIMEOUT = 5.0  # s a stopping node spends telling the swarm it is going offline
 
 
-def announce(dht: hivemind.DHT, model_id: str, num_model_blocks: int, info: ServerInfo, *, expiration: float,
-             timeout: float = 60.0) -> bool:
+def announce(
+    dht: hivemind.DHT,
+    model_id: str,
+    num_model_blocks: int,
+    info: ServerInfo,
+    *,
+    expiration: float,
+    timeout: float = 60.0,
+) -> bool:
     """Stores ``info`` under each hosted block; raises TimeoutError after ``timeout`` s (a DHT process that died never
     answers, and a node stopping must not wait for it forever)."""
     subkey = dht.peer_id.to_bytes()
     expires = get_dht_time() + expiration
     keys = [block_key(model_id, index) for index in range(info.start, info.end)] + [MODELS_KEY]
     values = [info.to_dict()] * (info.end - info.start) + [{model_id: num_model_blocks}]
-    results = dht.run_coroutine(partial(_store_many, keys=keys, subkeys=[subkey] * len(keys), values=values,
-                                        expiration_time=expires), return_future=True).result(timeout)
+    results = dht.run_coroutine(
+        partial(_store_many, keys=keys, subkeys=[subkey] * len(keys), values=values, expiration_time=expires),
+        return_future=True,
+    ).result(timeout)
     ok = all(results.values()) if isinstance(results, dict) else bool(results)
     if not ok:
         logger.warning(f"Some announcements were not stored: {results}")
@@ -34,15 +44,17 @@ def announce(dht: hivemind.DHT, model_id: str, num_model_blocks: int, info: Serv
 
 async def _store_many(dht, node, *, keys, subkeys, values, expiration_time):
     # runs inside the DHT process: one batched store instead of a round trip per block
-    return await node.store_many(keys=keys, subkeys=subkeys, values=values, expiration_time=expiration_time,
-                                 num_workers=8)
+    return await node.store_many(
+        keys=keys, subkeys=subkeys, values=values, expiration_time=expiration_time, num_workers=8
+    )
 
 
 class Announcer(threading.Thread):
     """Calls ``make_info()`` and announces it every ``period`` seconds until stopped."""
 
-    def __init__(self, dht, model_id: str, num_model_blocks: int, make_info: Callable[[], ServerInfo], *,
-                 period: float):
+    def __init__(
+        self, dht, model_id: str, num_model_blocks: int, make_info: Callable[[], ServerInfo], *, period: float
+    ):
         super().__init__(name="nectar-announcer", daemon=True)
         self.dht, self.model_id, self.num_model_blocks = dht, model_id, num_model_blocks
         self.make_info, self.period = make_info, period
@@ -52,8 +64,13 @@ class Announcer(threading.Thread):
     def run(self) -> None:
         while not self.stop_event.is_set():
             try:
-                announce(self.dht, self.model_id, self.num_model_blocks, self.make_info(),
-                         expiration=max(3 * self.period, 15))
+                announce(
+                    self.dht,
+                    self.model_id,
+                    self.num_model_blocks,
+                    self.make_info(),
+                    expiration=max(3 * self.period, 15),
+                )
             except Exception:
                 logger.warning("Announcement failed (will retry)", exc_info=True)
             self.wake_event.wait(self.period)
@@ -68,7 +85,13 @@ class Announcer(threading.Thread):
         if final_info is not None:
             final_info.state = int(ServerState.OFFLINE)
             try:
-                announce(self.dht, self.model_id, self.num_model_blocks, final_info, expiration=self.period,
-                         timeout=FINAL_ANNOUNCE_TIMEOUT)
+                announce(
+                    self.dht,
+                    self.model_id,
+                    self.num_model_blocks,
+                    final_info,
+                    expiration=self.period,
+                    timeout=FINAL_ANNOUNCE_TIMEOUT,
+                )
             except Exception:
                 logger.debug("Could not announce OFFLINE", exc_info=True)

@@ -3,6 +3,7 @@
 A step's output depends on every input of its session so far, so the log keeps each session's inputs in order;
 ``history(session, step)`` returns them concatenated up to that step. Bounded by bytes and age.
 """
+
 from __future__ import annotations
 
 import threading
@@ -19,13 +20,26 @@ class AuditLog:
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def record(self, session_id: bytes, step: int, position: int, inputs: torch.Tensor, start: int, end: int,
-               *, prompts: torch.Tensor | None = None) -> None:
+    def record(
+        self,
+        session_id: bytes,
+        step: int,
+        position: int,
+        inputs: torch.Tensor,
+        start: int,
+        end: int,
+        *,
+        prompts: torch.Tensor | None = None,
+    ) -> None:
         with self._lock:
             entry = self._sessions.get(session_id)
             if entry is None:
-                entry = self._sessions[session_id] = {"steps": {}, "span": (start, end), "touched": time.time(),
-                                                      "prompts": None}
+                entry = self._sessions[session_id] = {
+                    "steps": {},
+                    "span": (start, end),
+                    "touched": time.time(),
+                    "prompts": None,
+                }
             if prompts is not None:
                 entry["prompts"] = prompts.detach().cpu().clone()
             previous = entry["steps"].get(step)

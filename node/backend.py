@@ -7,12 +7,13 @@ pending at once and hands each group to ``SpanBackend.run_inference``, which run
 fast path (``ModelFamily.batch_runner``: several sessions' tokens in one forward, decode rounds replayed as CUDA
 graphs on GPUs, ``graphs``) or, for a family without one, through ``BlockSpan.forward`` one session at a time.
 """
+
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -32,8 +33,16 @@ class InferenceTask(SpanStep):
     Callable on its own (an unbatched step); the compute thread batches tasks whose ``batch_key`` is equal.
     """
 
-    def __init__(self, backend: "SpanBackend", hidden: torch.Tensor, caches: list, start: int, end: int,
-                 position: int, prompts: Optional[torch.Tensor] = None):
+    def __init__(
+        self,
+        backend: SpanBackend,
+        hidden: torch.Tensor,
+        caches: list,
+        start: int,
+        end: int,
+        position: int,
+        prompts: torch.Tensor | None = None,
+    ):
         super().__init__(hidden, caches, start, end, position, prompts)
         self.backend = backend
 
@@ -42,7 +51,7 @@ class InferenceTask(SpanStep):
         return id(self.caches[0])
 
     @property
-    def batch_key(self) -> Optional[tuple]:
+    def batch_key(self) -> tuple | None:
         """Tasks with equal keys may share a forward; None = run alone (deep prompts on the first step)."""
         if not self.batchable:
             return None
@@ -57,7 +66,7 @@ class InferenceTask(SpanStep):
         return self.backend.run_inference([self])[0]
 
     @staticmethod
-    def run_batch(tasks: Sequence["InferenceTask"]) -> list[torch.Tensor]:
+    def run_batch(tasks: Sequence[InferenceTask]) -> list[torch.Tensor]:
         return tasks[0].backend.run_inference(tasks)
 
 
@@ -68,8 +77,18 @@ class SpanBackend:
     :param training_cache_bytes: activations kept between a forward and its backward (``TrainingGraphCache``)
     """
 
-    def __init__(self, model_path: Path, start: int, end: int, *, dtype: torch.dtype, device: str, show_progress=True,
-                 batching: bool = True, training_cache_bytes: int = 1024**3):
+    def __init__(
+        self,
+        model_path: Path,
+        start: int,
+        end: int,
+        *,
+        dtype: torch.dtype,
+        device: str,
+        show_progress=True,
+        batching: bool = True,
+        training_cache_bytes: int = 1024**3,
+    ):
         self.model_path, self.start, self.end = Path(model_path), start, end
         self.dtype, self.device = dtype, torch.device(device)
         self.config = load_config(model_path)
@@ -83,9 +102,9 @@ class SpanBackend:
             block.eval()
         self.hidden_size = self.blocks[0].hidden_size
         family = self.blocks[0].family
-        self.batch_runner: Optional[BatchRunner] = family.batch_runner(self.blocks) if batching else None
+        self.batch_runner: BatchRunner | None = family.batch_runner(self.blocks) if batching else None
         # recorded decode rounds on GPUs (the runner's static step); eager rounds elsewhere
-        self.decode_graphs: Optional[GraphedDecoder] = None
+        self.decode_graphs: GraphedDecoder | None = None
         if self.batch_runner is not None and self.device.type == "cuda":
             self.decode_graphs = GraphedDecoder(self.batch_runner)
         self.graphs = TrainingGraphCache(max_bytes=training_cache_bytes)
@@ -121,8 +140,9 @@ class SpanBackend:
         return InferenceTask(self, hidden, caches, start, end, position, prompts)
 
     def inference_step(self, hidden, caches, *, start: int, end: int, position: int, prompts=None) -> torch.Tensor:
-        return self.run_inference([self.inference_task(hidden, caches, start=start, end=end, position=position,
-                                                       prompts=prompts)])[0]
+        return self.run_inference(
+            [self.inference_task(hidden, caches, start=start, end=end, position=position, prompts=prompts)]
+        )[0]
 
     def run_inference(self, tasks) -> list[torch.Tensor]:
         """Steps of one or more sessions through the same blocks; returns each one's output on the CPU."""
@@ -134,13 +154,21 @@ class SpanBackend:
             if self.batch_runner is not None and all(task.batch_key is not None for task in tasks):
                 outputs = self._run_batched(tasks, tasks[0].start - self.start)
             else:
-                outputs = [self._run_blocks(task.hidden, task.start, task.end, task.caches,
-                                            task.prompts if task.position == 0 else None) for task in tasks]
+                outputs = [
+                    self._run_blocks(
+                        task.hidden, task.start, task.end, task.caches, task.prompts if task.position == 0 else None
+                    )
+                    for task in tasks
+                ]
             announce_round_started()  # the kernels are queued: the copy below waits for them
             if len(outputs) > 1 and self.device.type != "cpu":  # one device-to-host copy (and sync) per round
                 rows = torch.cat([output.reshape(-1, self.hidden_size) for output in outputs]).cpu()
-                return [chunk.view(output.shape) for chunk, output in
-                        zip(rows.split([output.shape[0] * output.shape[1] for output in outputs]), outputs)]
+                return [
+                    chunk.view(output.shape)
+                    for chunk, output in zip(
+                        rows.split([output.shape[0] * output.shape[1] for output in outputs]), outputs
+                    )
+                ]
             return [output.cpu() for output in outputs]
 
     def _run_batched(self, tasks, first_block: int) -> list[torch.Tensor]:
@@ -169,8 +197,14 @@ class SpanBackend:
         with torch.enable_grad():
             inputs = self._grad_inputs(hidden, prompts)
             output = self._run_blocks(inputs[0], start, end, None, inputs[1] if len(inputs) > 1 else None)
-        self.graphs.put(key=(start, end), hidden=hidden, prompts=prompts, inputs=inputs, output=output,
-                        nbytes=self._activation_bytes(hidden, start, end))
+        self.graphs.put(
+            key=(start, end),
+            hidden=hidden,
+            prompts=prompts,
+            inputs=inputs,
+            output=output,
+            nbytes=self._activation_bytes(hidden, start, end),
+        )
         return output.detach().cpu()
 
     def backward(self, hidden, grad_output, *, start: int, end: int, prompts=None):

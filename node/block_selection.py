@@ -1,7 +1,8 @@
 """Choosing which blocks to host: fill the least-served part of the model, and move when the swarm changes."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def block_throughputs(num_blocks: int, spans: Sequence[tuple[int, int, float]]) -> list[float]:
@@ -27,6 +28,7 @@ def should_move(
 
     Moving costs a reload, so it only happens when the swarm's weakest block would gain more than 1/balance_quality.
     """
+
     def swarm_min(start: int) -> float:
         totals = list(others)
         for index in range(start, start + length):

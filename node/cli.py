@@ -1,4 +1,5 @@
 """``nectar dht`` and ``nectar node``."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,9 +9,9 @@ import signal
 import sys
 import threading
 
-from nectar.wire.peers import initial_peers
 from nectar.cli_kit import add_logging_options, add_options, config_values, options_of, setup_logging
 from nectar.node.config import NodeConfig
+from nectar.wire.peers import initial_peers
 
 logger = logging.getLogger(__name__)
 
@@ -71,13 +72,18 @@ def dht_main(argv: list[str]) -> int:
     setup_logging(args)
     from pathlib import Path
 
-    from nectar.node.server import create_dht, visible_addresses
     from nectar.node.identity import load_or_create_p2p_identity
+    from nectar.node.server import create_dht, visible_addresses
 
     private_key = load_or_create_p2p_identity(Path(args.identity)) if args.identity else None
-    dht = create_dht(host=args.host, port=args.port, initial_peers=initial_peers(args.initial_peers, env=os.environ),
-                     identity_path=Path(args.identity) if args.identity else None, private_key=private_key,
-                     announce_host=args.announce_host)
+    dht = create_dht(
+        host=args.host,
+        port=args.port,
+        initial_peers=initial_peers(args.initial_peers, env=os.environ),
+        identity_path=Path(args.identity) if args.identity else None,
+        private_key=private_key,
+        announce_host=args.announce_host,
+    )
     print_join_address(visible_addresses(dht), what="Bootstrap peer")
     _wait_for_signal(dht.shutdown)
     return 0
@@ -92,11 +98,19 @@ def node_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nectar node", description="Host a span of transformer blocks.")
     _add_network_args(parser)
     add_options(parser, NodeConfig, [name for name in node_fields() if name not in NETWORK], overrides=OPTIONS)
-    parser.add_argument("--cache-mb", type=float, default=NodeConfig.cache_memory_bytes / 2**20,
-                        help="KV-cache budget in MiB across all sessions (default: %(default)g)")
-    parser.add_argument("--switch-interval", type=float, default=0.5,
-                        help="ms a busy thread may hold the GIL while another waits (Python's default is 5): the "
-                             "compute thread takes it back between torch ops while the event loop signs receipts")
+    parser.add_argument(
+        "--cache-mb",
+        type=float,
+        default=NodeConfig.cache_memory_bytes / 2**20,
+        help="KV-cache budget in MiB across all sessions (default: %(default)g)",
+    )
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        default=0.5,
+        help="ms a busy thread may hold the GIL while another waits (Python's default is 5): the "
+        "compute thread takes it back between torch ops while the event loop signs receipts",
+    )
     return parser
 
 
@@ -119,8 +133,11 @@ def node_main(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"nectar node: {e}", file=sys.stderr)
         return 2
-    print(f"Hosting {server.model_id} blocks {server.backend.start}:{server.backend.end} "
-          f"(receipts signed by {server.signer.address})", flush=True)
+    print(
+        f"Hosting {server.model_id} blocks {server.backend.start}:{server.backend.end} "
+        f"(receipts signed by {server.signer.address})",
+        flush=True,
+    )
     print_join_address(server.addresses, what="Node")
     _wait_for_signal(server.stop)
     return 0

@@ -1,28 +1,29 @@
 """All of a node's settings in one dataclass (``nectar node`` builds its options from it; tests build it directly).
 
 Each field's trailing comment is its help text and its line in docs/configuration.md."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 
 @dataclass
 class NodeConfig:
     model: str = "smollm2-135m"  # built-in model name or a local Hugging Face checkpoint directory
-    blocks: Optional[tuple[int, int]] = None  # blocks to host, [start, end) (START:END on the command line); None =
+    blocks: tuple[int, int] | None = None  # blocks to host, [start, end) (START:END on the command line); None =
     # choose the least-served span
-    num_blocks: Optional[int] = None  # span length when choosing automatically; None = all blocks
+    num_blocks: int | None = None  # span length when choosing automatically; None = all blocks
     host: str = "0.0.0.0"  # address to listen on (127.0.0.1 for a local swarm)
     port: int = 0  # TCP port; 0 = any free port
-    announce_host: Optional[str] = None  # address to announce if different from host
-    direct_port: Optional[int] = None  # also serve on this plain TCP port (0 = any free port) for clients that can
+    announce_host: str | None = None  # address to announce if different from host
+    direct_port: int | None = None  # also serve on this plain TCP port (0 = any free port) for clients that can
     # reach it: skips the P2P daemons (faster), unencrypted, so for loopback or a trusted LAN; None = off
     initial_peers: Sequence[str] = ()  # multiaddrs of swarm peers (or NECTAR_INITIAL_PEERS); empty = start a new swarm
-    dtype: Optional[str] = None  # float32 | float16 | bfloat16; None = float32 on CPU, float16 on CUDA
-    device: Optional[str] = None  # cpu | cuda | cuda:N; None = cuda if available
-    num_threads: Optional[int] = None  # torch intra-op threads for compute; None = torch default
+    dtype: str | None = None  # float32 | float16 | bfloat16; None = float32 on CPU, float16 on CUDA
+    device: str | None = None  # cpu | cuda | cuda:N; None = cuda if available
+    num_threads: int | None = None  # torch intra-op threads for compute; None = torch default
     cache_memory_bytes: int = 512 * 1024**2  # KV-cache budget in bytes across all sessions (--cache-mb: in MiB)
     session_timeout: float = 120.0  # seconds an inference session may stay idle before its cache is freed
     batch_wait: float = 0.0  # let a decode round wait for the last rounds' sessions: up to this share of the last
@@ -35,13 +36,13 @@ class NodeConfig:
     announce_period: float = 10.0  # seconds between DHT announcements
     rebalance_period: float = 60.0  # seconds between checks whether another span would serve the swarm better
     balance_quality: float = 0.75  # move only if the swarm's weakest block would improve by more than 1/quality
-    throughput: Optional[float] = None  # tokens/s per block to announce; None = measure at start
+    throughput: float | None = None  # tokens/s per block to announce; None = measure at start
     bandwidth_mbps: float = 100.0  # link speed assumed for the network part of throughput
     price_per_token: int = 0  # credit wei per token per block
     credit_limit: int = 10**18  # unpaid credit wei per client before the node asks for a voucher
-    key_dir: Optional[Path] = None  # where the P2P and Ethereum keys live; None = ~/.nectar/nodes/<public_name>
+    key_dir: Path | None = None  # where the P2P and Ethereum keys live; None = ~/.nectar/nodes/<public_name>
     public_name: str = "node"  # public name, also names the default key directory
-    ledger_url: Optional[str] = None  # submit receipts and vouchers to this ledger service
+    ledger_url: str | None = None  # submit receipts and vouchers to this ledger service
     audit_retention_s: float = 900.0  # how long a session's inputs are kept for spot checks
     audit_memory_bytes: int = 256 * 1024**2  # memory budget for those inputs (the oldest go first)
     corrupt_rate: float = 0.0  # testing only: share of outputs this node corrupts (a cheating node for spot checks)

@@ -19,13 +19,14 @@ Rounds that are not recorded take the eager path, which writes the same cache la
 freely. Graphs are kept in a small LRU and dropped once any of their sessions' caches is gone. ``capture=False``
 runs the same static step eagerly (how the CPU tests check it).
 """
+
 from __future__ import annotations
 
 import collections
 import logging
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 
@@ -37,14 +38,14 @@ logger = logging.getLogger(__name__)
 @dataclass
 class _Graph:
     key: tuple
-    graph: Optional["torch.cuda.CUDAGraph"]
+    graph: torch.cuda.CUDAGraph | None
     sessions: tuple  # per row: weakrefs to that session's SpanCaches (one per block)
     input: torch.Tensor  # [n, hidden]
     positions: torch.Tensor  # [n] int64: where each session's token goes
-    output: Optional[torch.Tensor]  # [n, hidden], written by the replay
-    pools: Optional[list] = None  # per block, the sessions' keys/values in one tensor [n, 2, kv_heads, L, dim]
+    output: torch.Tensor | None  # [n, hidden], written by the replay
+    pools: list | None = None  # per block, the sessions' keys/values in one tensor [n, 2, kv_heads, L, dim]
 
-    def live_sessions(self) -> Optional[list[list]]:
+    def live_sessions(self) -> list[list] | None:
         """Each row's SpanCaches, or None once any of them is gone."""
         sessions = [[ref() for ref in refs] for refs in self.sessions]
         return None if any(cache is None for caches in sessions for cache in caches) else sessions
@@ -62,8 +63,17 @@ class GraphedDecoder:
         active sessions of its sub-span, so rounds of any mix of them replay it
     """
 
-    def __init__(self, runner: BatchRunner, *, capture: bool = True, max_graphs: int = 64,
-                 record_after: int = 1, window: int = 256, max_sessions: int = 64, active_rounds: int = 4):
+    def __init__(
+        self,
+        runner: BatchRunner,
+        *,
+        capture: bool = True,
+        max_graphs: int = 64,
+        record_after: int = 1,
+        window: int = 256,
+        max_sessions: int = 64,
+        active_rounds: int = 4,
+    ):
         self.runner, self.capture = runner, capture
         self.max_graphs, self.record_after, self.window = max_graphs, record_after, window
         self.max_sessions, self.active_rounds = max_sessions, active_rounds
@@ -83,8 +93,12 @@ class GraphedDecoder:
         """Whether these steps could run as a recorded round: one row and one token each, room in every cache."""
         if not self.enabled or not 1 <= len(tasks) <= self.max_sessions:
             return False
-        return all(tuple(task.hidden.shape[:2]) == (1, 1) and task.caches[0].length < task.caches[0].max_length
-                   and self._graphable(task) for task in tasks)
+        return all(
+            tuple(task.hidden.shape[:2]) == (1, 1)
+            and task.caches[0].length < task.caches[0].max_length
+            and self._graphable(task)
+            for task in tasks
+        )
 
     def _graphable(self, task: SpanStep) -> bool:
         """Whether the task's session could ever be in a recorded round: one row, batchable, positions in the table."""
@@ -92,7 +106,7 @@ class GraphedDecoder:
         return cache.batch_size == 1 and task.batchable and cache.max_length <= self.max_positions
 
     @torch.inference_mode()
-    def run(self, tasks: Sequence[SpanStep], first_block: int) -> Optional[list[torch.Tensor]]:
+    def run(self, tasks: Sequence[SpanStep], first_block: int) -> list[torch.Tensor] | None:
         """Each task's output [1, 1, hidden] (advancing its caches by one token), or None: not recorded (yet), the
         caller runs the round eagerly.
 
@@ -122,13 +136,16 @@ class GraphedDecoder:
             return None
         rows = {id(caches[0]): row for row, caches in enumerate(sessions)}
         lengths = [caches[0].length for caches in sessions]
-        if any(id(caches[0]) not in by_id and length >= caches[0].max_length
-               for caches, length in zip(sessions, lengths)):
+        if any(
+            id(caches[0]) not in by_id and length >= caches[0].max_length for caches, length in zip(sessions, lengths)
+        ):
             return None  # an absent session's cache is full: no spare position to write
         self._graphs.move_to_end(entry.key)
         # one host tensor each for inputs and positions, one copy each (few torch calls: each may wait for the GIL)
-        hidden = [by_id[id(caches[0])].hidden.reshape(1, -1) if id(caches[0]) in by_id else self._zero_row
-                  for caches in sessions]
+        hidden = [
+            by_id[id(caches[0])].hidden.reshape(1, -1) if id(caches[0]) in by_id else self._zero_row
+            for caches in sessions
+        ]
         entry.input.copy_(hidden[0] if len(hidden) == 1 else torch.cat(hidden))
         entry.positions.copy_(torch.tensor(lengths))
         if entry.graph is not None:
@@ -171,14 +188,18 @@ class GraphedDecoder:
             if len(members) >= self.max_sessions:
                 break
             caches = [ref() for ref in refs]
-            if (session_span == span and session_id not in members and all(c is not None for c in caches)
-                    and caches[0].length < caches[0].max_length):
+            if (
+                session_span == span
+                and session_id not in members
+                and all(c is not None for c in caches)
+                and caches[0].length < caches[0].max_length
+            ):
                 members[session_id] = caches
         while self._active and self._rounds - next(iter(self._active.values()))[0] >= self.active_rounds:
             self._active.popitem(last=False)
         return members
 
-    def _superset(self, span: tuple, by_id: dict) -> Optional[_Graph]:
+    def _superset(self, span: tuple, by_id: dict) -> _Graph | None:
         """The smallest recorded round of this sub-span that has every one of these sessions, if any."""
         wanted = set(by_id)
         found = [entry for key, entry in self._graphs.items() if key[:2] == span and wanted <= set(key[2:])]
@@ -212,8 +233,10 @@ class GraphedDecoder:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), self.runner.kernels():  # a private pool: a shared one breaks once a graph dies
             output = self.runner.static_step(static_input, positions, caches, first_block, pools)
-        logger.debug(f"Recorded a decode round of {n} session(s), blocks {first_block}:{first_block + len(caches[0])}"
-                     + (" over pooled caches" if pools else ""))
+        logger.debug(
+            f"Recorded a decode round of {n} session(s), blocks {first_block}:{first_block + len(caches[0])}"
+            + (" over pooled caches" if pools else "")
+        )
         return _Graph(key, graph, sessions, static_input, positions, output, pools)
 
     def _pool(self, caches: list[list]) -> list[torch.Tensor]:

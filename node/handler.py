@@ -4,10 +4,11 @@ Every request is decoded and checked (``nectar.wire.messages``, ``nectar.node.st
 thread; a bad request ends only its own stream with an ``ErrorCode``-prefixed message, and the node keeps serving
 everyone else. Each inference stream is an ``InferenceStream`` (``nectar.node.inference_stream``).
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Awaitable, Callable, Optional
+from collections.abc import Awaitable, Callable
 
 from hivemind.p2p import P2P, P2PContext
 
@@ -25,7 +26,14 @@ from nectar.node.steps import NodeSteps
 from nectar.node.task_pool import ComputeThread
 from nectar.wire.messages import AuditCall, AuditReply, BackwardCall, ForwardCall, InfoReply, Push, PushAck
 from nectar.wire.protocol import (
-    RPC_AUDIT, RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PUSH, ErrorCode, NodeRPCError,
+    RPC_AUDIT,
+    RPC_BACKWARD,
+    RPC_FORWARD,
+    RPC_INFERENCE,
+    RPC_INFO,
+    RPC_PUSH,
+    ErrorCode,
+    NodeRPCError,
 )
 from nectar.wire.request_stream import RequestStream, RequestTimeout
 from nectar.wire.transport import serve_stream
@@ -49,12 +57,21 @@ class NodeHandler:
         audit: AuditLog,
         payments: PaymentPolicy | None = None,
         info_provider: Callable[[], dict] = dict,
-        push_allowed: Optional[Callable[[str, int], Awaitable[bool]]] = None,
+        push_allowed: Callable[[str, int], Awaitable[bool]] | None = None,
         signing: InlineSigning | SigningWorker | None = None,
     ):
-        self.steps = NodeSteps(backend, config=config, model_id=model_id, compute=compute, memory=memory,
-                               signer=signer, credit=credit, audit=audit, payments=payments or NoPaymentPolicy(),
-                               signing=signing or InlineSigning(signer))
+        self.steps = NodeSteps(
+            backend,
+            config=config,
+            model_id=model_id,
+            compute=compute,
+            memory=memory,
+            signer=signer,
+            credit=credit,
+            audit=audit,
+            payments=payments or NoPaymentPolicy(),
+            signing=signing or InlineSigning(signer),
+        )
         self.config, self.model_id = config, model_id
         self.info_provider = info_provider
         self.active_sessions = 0
@@ -75,8 +92,14 @@ class NodeHandler:
 
     def handlers(self) -> dict:
         """RPC name -> stream handler: served over P2P and, where enabled, over the direct TCP lane."""
-        return {RPC_INFO: self.rpc_info, RPC_INFERENCE: self.rpc_inference, RPC_FORWARD: self.rpc_forward,
-                RPC_BACKWARD: self.rpc_backward, RPC_AUDIT: self.rpc_audit, RPC_PUSH: self.rpc_push}
+        return {
+            RPC_INFO: self.rpc_info,
+            RPC_INFERENCE: self.rpc_inference,
+            RPC_FORWARD: self.rpc_forward,
+            RPC_BACKWARD: self.rpc_backward,
+            RPC_AUDIT: self.rpc_audit,
+            RPC_PUSH: self.rpc_push,
+        }
 
     async def add_handlers(self, p2p: P2P) -> None:
         for name, handler in self.handlers().items():
@@ -96,8 +119,10 @@ class NodeHandler:
         try:
             request = await requests.next(self.config.step_timeout if self.config.step_timeout > 0 else None)
         except RequestTimeout:
-            raise NodeRPCError(ErrorCode.SESSION_EXPIRED, f"no request for {self.config.step_timeout:.0f}s; send the "
-                                                          "request as the stream opens")
+            raise NodeRPCError(
+                ErrorCode.SESSION_EXPIRED,
+                f"no request for {self.config.step_timeout:.0f}s; send the request as the stream opens",
+            )
         if request is None:
             raise NodeRPCError(ErrorCode.BAD_REQUEST, "empty request stream")
         return request
@@ -115,8 +140,10 @@ class NodeHandler:
         call = AuditCall.decode(await self._single_request(requests))
         found = self.steps.audit.history(call.session_id, call.step)
         if found is None:
-            raise NodeRPCError(ErrorCode.UNKNOWN_SESSION, f"no audit record for this session at step {call.step} "
-                                                          "(expired or never served here)")
+            raise NodeRPCError(
+                ErrorCode.UNKNOWN_SESSION,
+                f"no audit record for this session at step {call.step} (expired or never served here)",
+            )
         inputs, (start, end), prompts = found
         # deep prompts of the first step are part of the computation: a verifier must add them too
         yield AuditReply(inputs, start, end, prompts).to_response()

@@ -6,6 +6,7 @@ ends, however it ends. A node started without ``--name`` or ``--key-dir`` takes 
 ``~/.nectar/nodes/node``, ``node-2``, ``node-3``... that no live node holds, so a restarted single node gets its
 identity back and a second node on the machine gets its own.
 """
+
 from __future__ import annotations
 
 import errno
@@ -73,9 +74,11 @@ def claim_key_dir(folder: str | Path, *, name: str) -> ClaimedKeyDir:
     folder = Path(folder)
     fd = _try_lock(folder)
     if fd is None:
-        raise KeyDirInUse(f"the key folder {folder} is in use by {_holder(folder)}: two nodes with one key folder "
-                          "would announce the same peer id and Ethereum address. Give this node its own --key-dir "
-                          "or --name (or leave both out to get a free identity)")
+        raise KeyDirInUse(
+            f"the key folder {folder} is in use by {_holder(folder)}: two nodes with one key folder "
+            "would announce the same peer id and Ethereum address. Give this node its own --key-dir "
+            "or --name (or leave both out to get a free identity)"
+        )
     return ClaimedKeyDir(folder, name, fd)
 
 

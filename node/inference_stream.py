@@ -16,13 +16,15 @@ A separate receipt is signed while the session's next step computes (after that 
 stream has been quiet for ``receipt_delay``: signing is most of a step's event-loop time, and a node serving many
 sessions would otherwise sign between a round's outputs and its sessions' next requests.
 """
+
 from __future__ import annotations
 
 import asyncio
 import enum
 import functools
 import logging
-from typing import AsyncIterator, Awaitable, Callable, Optional, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol
 
 import torch
 from hivemind.proto import runtime_pb2
@@ -32,7 +34,15 @@ from nectar.node.push import PushInbox, PushLink, PushSlot
 from nectar.node.steps import FollowUp, InferenceWork, NodeSteps
 from nectar.node.task_pool import Priority
 from nectar.wire.messages import (
-    Cancel, Flush, Open, Opened, Pay, Push, PushMissing, Step, decode_inference_request,
+    Cancel,
+    Flush,
+    Open,
+    Opened,
+    Pay,
+    Push,
+    PushMissing,
+    Step,
+    decode_inference_request,
 )
 from nectar.wire.protocol import ErrorCode, NodeRPCError
 from nectar.wire.request_stream import RequestStream, RequestTimeout
@@ -45,7 +55,7 @@ class StreamHost(Protocol):
 
     steps: NodeSteps
     inbox: PushInbox
-    push_allowed: Optional[Callable[[str, int], Awaitable[bool]]]  # (address, block) -> may this node push there
+    push_allowed: Callable[[str, int], Awaitable[bool]] | None  # (address, block) -> may this node push there
     active_sessions: int
     pushes_sent: int
 
@@ -69,20 +79,24 @@ class InferenceStream:
         self.node, self.steps, self.requests = node, node.steps, requests
         self.config = node.steps.config
         self.state = State.OPENING
-        self.open: Optional[Open] = None
+        self.open: Open | None = None
         self.start = self.end = 0
         self.caches = None
         self.length = 0  # tokens in the session's cache
-        self.slot: Optional[PushSlot] = None  # this session's inbox for pushed inputs
-        self.link: Optional[PushLink] = None  # this session's stream to the next hop (one at a time)
-        self.work: Optional[InferenceWork] = None  # the step on the compute thread (COMPUTING)
-        self.waiting: Optional[Step] = None  # the pushed step waiting for its input (AWAITING_PUSH)
-        self.receipt: Optional[FollowUp] = None  # the last step's receipt, unsent
+        self.slot: PushSlot | None = None  # this session's inbox for pushed inputs
+        self.link: PushLink | None = None  # this session's stream to the next hop (one at a time)
+        self.work: InferenceWork | None = None  # the step on the compute thread (COMPUTING)
+        self.waiting: Step | None = None  # the pushed step waiting for its input (AWAITING_PUSH)
+        self.receipt: FollowUp | None = None  # the last step's receipt, unsent
         self._push_output = None  # sends the computing step's output to the next hop, if it goes there
         self._sent_output = False
-        self._transitions = {State.OPENING: self._answer_open, State.IDLE: self._idle,
-                             State.COMPUTING: self._computing, State.RECEIPT_PENDING: self._receipt_pending,
-                             State.AWAITING_PUSH: self._awaiting_push}
+        self._transitions = {
+            State.OPENING: self._answer_open,
+            State.IDLE: self._idle,
+            State.COMPUTING: self._computing,
+            State.RECEIPT_PENDING: self._receipt_pending,
+            State.AWAITING_PUSH: self._awaiting_push,
+        }
 
     async def run(self) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         opening = await self._take_open()
@@ -94,7 +108,8 @@ class InferenceStream:
         with self.steps.memory.reserve(nbytes):
             start, end = self.start, self.end
             self.caches = await self.steps.compute.submit(
-                lambda: self.steps.backend.new_caches(start, end, batch_size, max_length), Priority.INFERENCE)
+                lambda: self.steps.backend.new_caches(start, end, batch_size, max_length), Priority.INFERENCE
+            )
             self.node.active_sessions += 1
             if opening.push_token is not None:
                 self.slot = self.node.inbox.open(opening.session_id, opening.push_token, batch_size)
@@ -116,7 +131,7 @@ class InferenceStream:
 
     # ---- transitions ------------------------------------------------------------------------------------------
 
-    async def _take_open(self) -> Optional[Open]:
+    async def _take_open(self) -> Open | None:
         """OPENING: the stream's first request must open a session on blocks this node hosts."""
         request = await self._next(self.config.session_timeout)
         if request is None:
@@ -125,18 +140,18 @@ class InferenceStream:
         self.start, self.end = self.steps.check_span(opening.uid)
         return opening
 
-    async def _answer_open(self) -> Optional[runtime_pb2.ExpertResponse]:
+    async def _answer_open(self) -> runtime_pb2.ExpertResponse | None:
         """OPENING -> IDLE with an ack, or on to the step the open carries."""
         if self.open.first_step is not None:
             return await self._begin_step(self.open.first_step)
         self.state = State.IDLE
         return Opened(self.steps.memory.tokens_left).to_response()
 
-    async def _idle(self) -> Optional[runtime_pb2.ExpertResponse]:
+    async def _idle(self) -> runtime_pb2.ExpertResponse | None:
         """IDLE: wait up to ``session_timeout`` for the next request (then the session expires)."""
         return await self._on_request(await self._next(self.config.session_timeout))
 
-    async def _receipt_pending(self) -> Optional[runtime_pb2.ExpertResponse]:
+    async def _receipt_pending(self) -> runtime_pb2.ExpertResponse | None:
         """RECEIPT_PENDING: the next step usually comes soon, and its round signs this receipt; if the client waits
         instead (or left), sign it now."""
         request = await self._next_or_quiet()
@@ -148,7 +163,7 @@ class InferenceStream:
             return message
         return await self._on_request(request)
 
-    async def _on_request(self, request: Optional[runtime_pb2.ExpertRequest]) -> Optional[runtime_pb2.ExpertResponse]:
+    async def _on_request(self, request: runtime_pb2.ExpertRequest | None) -> runtime_pb2.ExpertResponse | None:
         """IDLE or RECEIPT_PENDING, a request taken: a step begins; pay, flush and cancel are served in place."""
         if request is None:
             self.state = State.CLOSED
@@ -156,9 +171,10 @@ class InferenceStream:
         trace.event("taken", id(self.caches))
         message = decode_inference_request(request)
         if message.session_id != self.open.session_id:
-            raise NodeRPCError(ErrorCode.UNKNOWN_SESSION, f"{message.TYPE} names session "
-                                                          f"{message.session_id.lstrip(bytes(1))!r}, this stream "
-                                                          "serves another")
+            raise NodeRPCError(
+                ErrorCode.UNKNOWN_SESSION,
+                f"{message.TYPE} names session {message.session_id.lstrip(bytes(1))!r}, this stream serves another",
+            )
         if message.__class__ is Step:
             return await self._begin_step(message)
         if message.__class__ is Pay:
@@ -168,7 +184,7 @@ class InferenceStream:
         # a Cancel here came after its push was served: nothing to do
         return None
 
-    async def _begin_step(self, step: Step) -> Optional[runtime_pb2.ExpertResponse]:
+    async def _begin_step(self, step: Step) -> runtime_pb2.ExpertResponse | None:
         """-> COMPUTING, or AWAITING_PUSH for a pushed step (whose push may take a while: the last step's receipt
         need not wait for it)."""
         if step.hidden is None:
@@ -178,7 +194,7 @@ class InferenceStream:
         self._submit(step, step.hidden, step.prompts, push)
         return await self._computing()
 
-    async def _awaiting_push(self) -> Optional[runtime_pb2.ExpertResponse]:
+    async def _awaiting_push(self) -> runtime_pb2.ExpertResponse | None:
         """AWAITING_PUSH -> COMPUTING once the input arrives, or -> IDLE with ``push_missing`` once the client
         cancels the step (it relays the step instead) or the session times out."""
         step, slot = self.waiting, self.slot
@@ -186,8 +202,9 @@ class InferenceStream:
             raise NodeRPCError(ErrorCode.BAD_REQUEST, "a pushed step needs a push_token in the session's open")
         slot.forget_until(step.step)
         arrived, client_spoke = slot.future(step.step), self.requests.readable()
-        await asyncio.wait({arrived, client_spoke}, timeout=self.config.session_timeout,
-                           return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            {arrived, client_spoke}, timeout=self.config.session_timeout, return_when=asyncio.FIRST_COMPLETED
+        )
         self.waiting = None
         if arrived.done() and not arrived.cancelled():
             del slot.arrived[step.step]
@@ -206,29 +223,43 @@ class InferenceStream:
         except NodeRPCError:
             cancel = None
         if cancel.__class__ is not Cancel or cancel.step != step:
-            raise NodeRPCError(ErrorCode.BAD_REQUEST, f"step {step} waits for its push; send {{'type': 'cancel', "
-                                                      f"'step': {step}}} before anything else on this stream")
+            raise NodeRPCError(
+                ErrorCode.BAD_REQUEST,
+                f"step {step} waits for its push; send {{'type': 'cancel', "
+                f"'step': {step}}} before anything else on this stream",
+            )
 
-    async def _push_to(self, step: Step) -> Optional[Callable[[list], Awaitable[None]]]:
+    async def _push_to(self, step: Step) -> Callable[[list], Awaitable[None]] | None:
         """Sends the step's output to the next hop too, if it names one that announces that direct lane (a node
         pushes only to announced lanes, so a client cannot point it at any host and port)."""
         target = step.push_to
         if self.link is None or self.link.address != target.address:
             allowed = self.node.push_allowed
             if allowed is not None and not await allowed(target.address, self.end):
-                logger.warning(f"Not pushing to {target.address}: no node serving block {self.end} "
-                               "announces that direct lane (the client relays the step)")
+                logger.warning(
+                    f"Not pushing to {target.address}: no node serving block {self.end} "
+                    "announces that direct lane (the client relays the step)"
+                )
                 return None
         self.link = PushLink.reuse(self.link, target.address)
         return functools.partial(self._push, self.link, target.token, step.step)
 
-    def _submit(self, step: Step, hidden: torch.Tensor, prompts: Optional[torch.Tensor], push) -> None:
+    def _submit(self, step: Step, hidden: torch.Tensor, prompts: torch.Tensor | None, push) -> None:
         """-> COMPUTING: the step goes to the compute thread."""
         opening = self.open
         self.work = self.steps.submit_inference(
-            step, hidden, prompts, caches=self.caches, start=self.start, end=self.end,
-            batch_size=opening.batch_size, max_length=opening.max_length, length=self.length, client=opening.client,
-            separate_receipt=opening.separate_receipts)
+            step,
+            hidden,
+            prompts,
+            caches=self.caches,
+            start=self.start,
+            end=self.end,
+            batch_size=opening.batch_size,
+            max_length=opening.max_length,
+            length=self.length,
+            client=opening.client,
+            separate_receipt=opening.separate_receipts,
+        )
         self._push_output = push
         self.state = State.COMPUTING
 
@@ -240,7 +271,8 @@ class InferenceStream:
             return await self._take_receipt()
         work, self.work = self.work, None
         response, self.length, self.receipt = await self.steps.finish_inference(
-            work, session_id=self.open.session_id, push=self._push_output)
+            work, session_id=self.open.session_id, push=self._push_output
+        )
         self._push_output = None
         self.state = State.RECEIPT_PENDING if self.receipt is not None else State.IDLE
         self._sent_output = True
@@ -262,8 +294,9 @@ class InferenceStream:
             trace.event("push_sent", step)
             self.node.pushes_sent += 1
         except Exception as e:
-            logger.debug(f"Push to {link.address} failed ({type(e).__name__}: {e}); the client will relay",
-                         exc_info=True)
+            logger.debug(
+                f"Push to {link.address} failed ({type(e).__name__}: {e}); the client will relay", exc_info=True
+            )
             link.close()
 
     async def _next(self, timeout: float):

@@ -1,5 +1,6 @@
 """Starts a swarm of real processes on 127.0.0.1 (a bootstrap peer and nodes): used by tests, benchmarks and
 ``nectar demo``. Each process is ``python -m nectar.cli ...``, exactly what an operator would run."""
+
 from __future__ import annotations
 
 import logging
@@ -11,9 +12,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +43,16 @@ class LocalSwarm:
     :param workdir: where logs and keys go (a temp dir by default)
     """
 
-    def __init__(self, *, workdir: Optional[Path] = None, env: Optional[dict] = None, start_timeout: float = 120,
-                 direct: bool = True):
+    def __init__(
+        self, *, workdir: Path | None = None, env: dict | None = None, start_timeout: float = 120, direct: bool = True
+    ):
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="nectar-swarm-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self.env.setdefault("NECTAR_HOME", str(self.workdir / "home"))
         self.start_timeout = start_timeout
         self.direct = direct  # nodes also listen on a loopback TCP lane (nectar.wire.direct)
-        self.bootstrap: Optional[SwarmProcess] = None
+        self.bootstrap: SwarmProcess | None = None
         self.nodes: list[SwarmProcess] = []
 
     @property
@@ -60,8 +62,14 @@ class LocalSwarm:
     def _spawn(self, name: str, args: Sequence[str]) -> SwarmProcess:
         log_path = self.workdir / f"{name}.log"
         log_file = open(log_path, "w")
-        process = subprocess.Popen([sys.executable, "-m", "nectar.cli", *args], stdout=subprocess.PIPE,
-                                   stderr=log_file, env=self.env, text=True, start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "nectar.cli", *args],
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            env=self.env,
+            text=True,
+            start_new_session=True,
+        )
         proc = SwarmProcess(name, process, log_path)
         ready = threading.Event()
 
@@ -91,8 +99,15 @@ class LocalSwarm:
         self.bootstrap = self._spawn("dht", ["dht", "--host", "127.0.0.1"])
         return self.bootstrap
 
-    def add_node(self, model: str, *, blocks: Optional[tuple[int, int]] = None, name: Optional[str] = None,
-                 extra_args: Sequence[str] = (), own_keys: bool = True) -> SwarmProcess:
+    def add_node(
+        self,
+        model: str,
+        *,
+        blocks: tuple[int, int] | None = None,
+        name: str | None = None,
+        extra_args: Sequence[str] = (),
+        own_keys: bool = True,
+    ) -> SwarmProcess:
         """:param own_keys: pass --name and --key-dir (under ``workdir``); False starts the node as an operator who
         gives neither would (it takes a free identity under ``$NECTAR_HOME/nodes``)"""
         if self.bootstrap is None:
@@ -154,8 +169,9 @@ class LocalSwarm:
                 if min(counts) >= min_nodes:
                     return
                 time.sleep(0.5)
-            raise TimeoutError(f"blocks of {model_id} not all served by {min_nodes} node(s) within {timeout}s: "
-                               f"{counts}")
+            raise TimeoutError(
+                f"blocks of {model_id} not all served by {min_nodes} node(s) within {timeout}s: {counts}"
+            )
         finally:
             runtime.shutdown()
 
@@ -169,7 +185,7 @@ class LocalSwarm:
         if self.bootstrap is not None:
             self._kill(self.bootstrap, signal.SIGTERM)
 
-    def __enter__(self) -> "LocalSwarm":
+    def __enter__(self) -> LocalSwarm:
         return self
 
     def __exit__(self, *exc) -> None:

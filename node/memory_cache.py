@@ -1,4 +1,5 @@
 """The KV-cache budget of a node: sessions reserve bytes up front and get a clear error when the budget is spent."""
+
 from __future__ import annotations
 
 import contextlib

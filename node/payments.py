@@ -4,6 +4,7 @@ The node signs a receipt for every step it computes (``nectar.wire.receipts``) a
 clients. What happens to them is a policy: ``NoPaymentPolicy`` keeps nothing (a free swarm),
 ``nectar.wire.ledger_api.LedgerPaymentPolicy`` forwards them to the ledger service (``Server(payments=...)``).
 """
+
 from __future__ import annotations
 
 import logging

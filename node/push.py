@@ -12,6 +12,7 @@ only the client and the previous hop know. A node pushes only to a direct lane t
 announces in the DHT (``NodeServer.announces_lane``), so a client cannot aim it at an arbitrary host and port. ``PushLink`` (sending side) is one session's stream to the next hop's
 push RPC over the direct TCP lane.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -19,15 +20,14 @@ import hmac
 import logging
 from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
 from nectar.wire.direct import parse_address, send_hello
-from nectar.wire.transport import send_message
 from nectar.wire.protocol import RPC_PUSH, ErrorCode, NodeRPCError
+from nectar.wire.transport import send_message
 
 logger = logging.getLogger(__name__)
 
@@ -78,13 +78,16 @@ class PushInbox:
     def find(self, session_id: bytes, token: bytes) -> PushSlot:
         slots = self._sessions.get(session_id)
         if not slots:
-            raise NodeRPCError(ErrorCode.UNKNOWN_SESSION, "no open inference session here accepts pushes for this "
-                                                          "session_id (closed, expired or never opened)")
+            raise NodeRPCError(
+                ErrorCode.UNKNOWN_SESSION,
+                "no open inference session here accepts pushes for this session_id (closed, expired or never opened)",
+            )
         for slot in slots:
             if hmac.compare_digest(slot.token, token):
                 return slot
-        raise NodeRPCError(ErrorCode.BAD_REQUEST, "push token does not match the session's; only the hop the client "
-                                                  "named may push")
+        raise NodeRPCError(
+            ErrorCode.BAD_REQUEST, "push token does not match the session's; only the hop the client named may push"
+        )
 
     def deliver(self, slot: PushSlot, step: int, hidden: torch.Tensor) -> None:
         future = slot.arrived.get(step)
@@ -103,13 +106,13 @@ class PushLink:
 
     def __init__(self, address: str):
         self.address = address
-        self.writer: Optional[asyncio.StreamWriter] = None
-        self.error: Optional[str] = None  # the last error the next hop reported, if any
-        self.unreachable: Optional[str] = None  # set when connecting failed: not retried, the client relays
-        self._reading: Optional[asyncio.Task] = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.error: str | None = None  # the last error the next hop reported, if any
+        self.unreachable: str | None = None  # set when connecting failed: not retried, the client relays
+        self._reading: asyncio.Task | None = None
 
     @classmethod
-    def reuse(cls, link: Optional["PushLink"], address: str) -> "PushLink":
+    def reuse(cls, link: PushLink | None, address: str) -> PushLink:
         """``link`` if it goes to ``address``, else a new link there (the first push, or a failover moved the next
         hop); a session keeps one link, so a client cannot make a node hold many connections."""
         if link is not None and link.address == address:
@@ -124,7 +127,7 @@ class PushLink:
         if self.writer is None or self.writer.is_closing():
             try:
                 await self._connect()
-            except (OSError, asyncio.TimeoutError) as e:
+            except (TimeoutError, OSError) as e:
                 self.unreachable = f"{type(e).__name__}: {e}"
                 raise
         await send_message(request, self.writer)

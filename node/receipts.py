@@ -4,6 +4,7 @@ The node signs one receipt per step it computes; clients answer with cumulative 
 work once a client's unpaid amount would pass the node's credit limit, so a client that stops paying costs the node
 at most that limit.
 """
+
 from __future__ import annotations
 
 import logging
@@ -13,8 +14,8 @@ from collections import defaultdict
 
 import torch
 
-from nectar.wire import receipts as schema
 from nectar.wire import eip712, fingerprints
+from nectar.wire import receipts as schema
 from nectar.wire.protocol import ErrorCode, NodeRPCError
 
 logger = logging.getLogger(__name__)

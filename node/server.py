@@ -1,4 +1,5 @@
 """The node orchestrator: keys, DHT, span selection and loading, RPC handler, announcements and re-balancing."""
+
 from __future__ import annotations
 
 import asyncio
@@ -8,11 +9,11 @@ import threading
 import time
 from functools import partial
 from pathlib import Path
-from typing import Optional
 
 import hivemind
 import torch
 
+from nectar.deployment import domain_from_deployment
 from nectar.models import get_family, load_config, model_id_of, resolve_model
 from nectar.models.cpu_blas import use_threads
 from nectar.node import trace
@@ -22,14 +23,18 @@ from nectar.node.backend import SpanBackend
 from nectar.node.block_selection import block_throughputs, choose_best_start, should_move
 from nectar.node.config import NodeConfig
 from nectar.node.handler import NodeHandler
-from nectar.node.identity import ClaimedKeyDir, claim_free_key_dir, claim_key_dir
-from nectar.node.identity import load_or_create_eth_key, load_or_create_p2p_identity
+from nectar.node.identity import (
+    ClaimedKeyDir,
+    claim_free_key_dir,
+    claim_key_dir,
+    load_or_create_eth_key,
+    load_or_create_p2p_identity,
+)
 from nectar.node.memory_cache import MemoryCache
 from nectar.node.payments import NoPaymentPolicy, PaymentPolicy
 from nectar.node.receipts import CreditLedger, ReceiptSigner
 from nectar.node.signing import InlineSigning, SigningWorker
 from nectar.node.task_pool import ComputeThread
-from nectar.deployment import domain_from_deployment
 from nectar.paths import nectar_home
 from nectar.wire.announce import PROTOCOL_VERSION, AnnouncementValidator, ServerInfo, ServerState
 from nectar.wire.direct import DirectServer
@@ -48,8 +53,16 @@ def default_dtype(device: str) -> str:
     return "float16" if device.startswith("cuda") else "float32"
 
 
-def create_dht(*, host: str, port: int, initial_peers, identity_path: Optional[Path], private_key,
-               announce_host: Optional[str] = None, client_mode: bool = False) -> hivemind.DHT:
+def create_dht(
+    *,
+    host: str,
+    port: int,
+    initial_peers,
+    identity_path: Path | None,
+    private_key,
+    announce_host: str | None = None,
+    client_mode: bool = False,
+) -> hivemind.DHT:
     kwargs = {}
     if announce_host:
         kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"] if port else None
@@ -118,10 +131,10 @@ class Server:
         self.stop_event = threading.Event()
         self.loop = new_event_loop()
         self._loop_thread = threading.Thread(target=self.loop.run_forever, name="nectar-p2p", daemon=True)
-        self.dht: Optional[hivemind.DHT] = None
-        self.handler: Optional[NodeHandler] = None
-        self.announcer: Optional[Announcer] = None
-        self.direct: Optional[DirectServer] = None
+        self.dht: hivemind.DHT | None = None
+        self.handler: NodeHandler | None = None
+        self.announcer: Announcer | None = None
+        self.direct: DirectServer | None = None
         self.signing: InlineSigning | SigningWorker | None = None
         self.direct_address = ""  # HOST:PORT once the direct lane listens
         self._lanes: dict[int, tuple[float, set[str]]] = {}  # block -> (looked up at, announced direct lanes)
@@ -131,13 +144,19 @@ class Server:
     def start(self) -> None:
         config = self.config
         trace.start()
-        self.dht = create_dht(host=config.host, port=config.port, initial_peers=config.initial_peers,
-                              identity_path=self.key_dir / "p2p.key", private_key=self.p2p_key,
-                              announce_host=config.announce_host)
+        self.dht = create_dht(
+            host=config.host,
+            port=config.port,
+            initial_peers=config.initial_peers,
+            identity_path=self.key_dir / "p2p.key",
+            private_key=self.p2p_key,
+            announce_host=config.announce_host,
+        )
         self.addresses = visible_addresses(self.dht)
         domain = self.domain if self.domain is not None else domain_from_deployment()
-        self.signer = ReceiptSigner(private_key=self.eth_key, model_id=self.model_id,
-                                    price_per_token=config.price_per_token, domain=domain)
+        self.signer = ReceiptSigner(
+            private_key=self.eth_key, model_id=self.model_id, price_per_token=config.price_per_token, domain=domain
+        )
         self.credit = CreditLedger(node_address=self.signer.address, credit_limit=config.credit_limit, domain=domain)
         if config.receipt_signer not in ("process", "loop"):
             raise ValueError(f"receipt_signer must be 'process' or 'loop', got {config.receipt_signer!r}")
@@ -154,13 +173,16 @@ class Server:
         self._load(start, end)
         self._loop_thread.start()
         asyncio.run_coroutine_threadsafe(self._serve(), self.loop).result(timeout=60)
-        self.announcer = Announcer(self.dht, self.model_id, self.num_model_blocks, self.server_info,
-                                   period=config.announce_period)
+        self.announcer = Announcer(
+            self.dht, self.model_id, self.num_model_blocks, self.server_info, period=config.announce_period
+        )
         self.announcer.start()
         self._rebalancer = threading.Thread(target=self._rebalance_loop, name="nectar-rebalance", daemon=True)
         self._rebalancer.start()
-        logger.info(f"Serving {self.model_id} blocks {self.backend.start}:{self.backend.end} as {self.dht.peer_id}, "
-                    f"receipts signed by {self.signer.address}")
+        logger.info(
+            f"Serving {self.model_id} blocks {self.backend.start}:{self.backend.end} as {self.dht.peer_id}, "
+            f"receipts signed by {self.signer.address}"
+        )
 
     def _payment_policy(self) -> PaymentPolicy:
         if not self.config.ledger_url:
@@ -207,35 +229,62 @@ class Server:
         memory = MemoryCache(self.config.cache_memory_bytes, backend.cache_bytes_per_token(start, end, 1))
         audit = AuditLog(max_bytes=self.config.audit_memory_bytes, retention_s=self.config.audit_retention_s)
         if self.handler is None:
-            self.handler = NodeHandler(backend, config=self.config, model_id=self.model_id, compute=self.compute,
-                                       memory=memory, signer=self.signer, credit=self.credit, audit=audit,
-                                       payments=self.payments, info_provider=self.rpc_info,
-                                       push_allowed=self.announces_lane, signing=self.signing)
+            self.handler = NodeHandler(
+                backend,
+                config=self.config,
+                model_id=self.model_id,
+                compute=self.compute,
+                memory=memory,
+                signer=self.signer,
+                credit=self.credit,
+                audit=audit,
+                payments=self.payments,
+                info_provider=self.rpc_info,
+                push_allowed=self.announces_lane,
+                signing=self.signing,
+            )
         else:
             self.handler.backend, self.handler.memory = backend, memory
         self.backend = backend
 
     def server_info(self, state: ServerState = ServerState.ONLINE) -> ServerInfo:
         return ServerInfo(
-            state=int(state), start=self.backend.start, end=self.backend.end, throughput=self.throughput,
-            inference_rps=self.inference_rps, forward_rps=self.forward_rps, network_rps=self.network_rps,
-            dtype=self.dtype_name, cache_tokens_left=self.handler.memory.tokens_left,
-            price_per_token=self.config.price_per_token, eth_address=self.signer.address,
-            public_name=self.public_name, direct_address=self.direct_address,
+            state=int(state),
+            start=self.backend.start,
+            end=self.backend.end,
+            throughput=self.throughput,
+            inference_rps=self.inference_rps,
+            forward_rps=self.forward_rps,
+            network_rps=self.network_rps,
+            dtype=self.dtype_name,
+            cache_tokens_left=self.handler.memory.tokens_left,
+            price_per_token=self.config.price_per_token,
+            eth_address=self.signer.address,
+            public_name=self.public_name,
+            direct_address=self.direct_address,
         )
 
     def rpc_info(self) -> dict:
         info = self.server_info().to_dict()
         stats = self.compute.stats
-        info.update(model=self.model_id, num_model_blocks=self.num_model_blocks, version=PROTOCOL_VERSION,
-                    active_sessions=self.handler.active_sessions,
-                    compute={"inference_rounds": stats.batches, "inference_steps": stats.steps,
-                             "max_batch": stats.max_batch, "training_requests": stats.training,
-                             "inference_seconds": stats.inference_seconds, "gather_seconds": stats.gather_seconds,
-                             "step_handling_seconds": self.handler.step_seconds,
-                             "loop_cpu_seconds": self._loop_cpu_seconds(),
-                             **self._graph_counters()},
-                    push={"sent": self.handler.pushes_sent, "received": self.handler.inbox.received})
+        info.update(
+            model=self.model_id,
+            num_model_blocks=self.num_model_blocks,
+            version=PROTOCOL_VERSION,
+            active_sessions=self.handler.active_sessions,
+            compute={
+                "inference_rounds": stats.batches,
+                "inference_steps": stats.steps,
+                "max_batch": stats.max_batch,
+                "training_requests": stats.training,
+                "inference_seconds": stats.inference_seconds,
+                "gather_seconds": stats.gather_seconds,
+                "step_handling_seconds": self.handler.step_seconds,
+                "loop_cpu_seconds": self._loop_cpu_seconds(),
+                **self._graph_counters(),
+            },
+            push={"sent": self.handler.pushes_sent, "received": self.handler.inbox.received},
+        )
         return info
 
     def _loop_cpu_seconds(self) -> float:
@@ -283,7 +332,8 @@ class Server:
         age = time.monotonic() - looked_up
         if age > 10.0 or (address not in lanes and age > 1.0):
             swarm = await asyncio.get_running_loop().run_in_executor(
-                None, partial(read_swarm, self.dht, self.model_id, self.num_model_blocks, blocks=[block]))
+                None, partial(read_swarm, self.dht, self.model_id, self.num_model_blocks, blocks=[block])
+            )
             lanes = {info.direct_address for info in swarm.blocks[block].values()
                      if info.state != ServerState.OFFLINE and info.direct_address}  # fmt: skip
             self._lanes[block] = (time.monotonic(), lanes)
@@ -293,10 +343,14 @@ class Server:
 
     def _swarm_spans(self) -> list[tuple[int, int, float]]:
         """(start, end, throughput) of every other online node."""
-        swarm = read_swarm(self.dht, self.model_id, self.num_model_blocks, states=(ServerState.JOINING,
-                                                                                    ServerState.ONLINE))
-        return [(info.start, info.end, info.throughput) for peer_id, info in swarm.servers().items()
-                if peer_id != self.dht.peer_id]
+        swarm = read_swarm(
+            self.dht, self.model_id, self.num_model_blocks, states=(ServerState.JOINING, ServerState.ONLINE)
+        )
+        return [
+            (info.start, info.end, info.throughput)
+            for peer_id, info in swarm.servers().items()
+            if peer_id != self.dht.peer_id
+        ]
 
     def _span_length(self) -> int:
         return min(self.config.num_blocks or self.num_model_blocks, self.num_model_blocks)
@@ -318,16 +372,28 @@ class Server:
         while not self.stop_event.wait(self.config.rebalance_period * random.uniform(0.8, 1.2)):
             try:
                 others = block_throughputs(self.num_model_blocks, self._swarm_spans())
-                better = should_move(others, current_start=self.backend.start, length=self._span_length(),
-                                     own_throughput=self.throughput, balance_quality=self.config.balance_quality)
+                better = should_move(
+                    others,
+                    current_start=self.backend.start,
+                    length=self._span_length(),
+                    own_throughput=self.throughput,
+                    balance_quality=self.config.balance_quality,
+                )
                 if better is None or self.handler.active_sessions > 0:
                     continue
-                logger.info(f"Re-balancing: moving from blocks {self.backend.start}:{self.backend.end} "
-                            f"to {better}:{better + self._span_length()}")
+                logger.info(
+                    f"Re-balancing: moving from blocks {self.backend.start}:{self.backend.end} "
+                    f"to {better}:{better + self._span_length()}"
+                )
                 from nectar.node.announcer import announce
 
-                announce(self.dht, self.model_id, self.num_model_blocks, self.server_info(ServerState.OFFLINE),
-                         expiration=self.config.announce_period)
+                announce(
+                    self.dht,
+                    self.model_id,
+                    self.num_model_blocks,
+                    self.server_info(ServerState.OFFLINE),
+                    expiration=self.config.announce_period,
+                )
                 self._load(better, better + self._span_length())
                 self.announcer.announce_now()
             except Exception:

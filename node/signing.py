@@ -7,6 +7,7 @@ next step one after another while the accelerator waits for the round. ``Signing
 and its two tensors' bytes (tens of microseconds), and the receipt comes back while the loop serves other steps. If
 the child dies, the node signs on its loop from then on and says so in its log.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -20,7 +21,6 @@ import struct
 import subprocess
 import sys
 import time
-from typing import Optional
 
 import torch
 from hivemind.proto import runtime_pb2
@@ -45,13 +45,13 @@ class PendingReceipt:
     """A step's receipt: ``start()`` hands it to the signing process (if any), ``await result()`` gives (signed
     receipt, fingerprint, its JSON), signing it on the loop where no process took it."""
 
-    def __init__(self, signer: ReceiptSigner, fields: dict, worker: Optional["SigningWorker"] = None):
+    def __init__(self, signer: ReceiptSigner, fields: dict, worker: SigningWorker | None = None):
         self._signer, self._fields, self._worker = signer, fields, worker
-        self._future: Optional[asyncio.Future] = None
+        self._future: asyncio.Future | None = None
         self.loop_seconds = 0.0  # event-loop time spent on it: handing it over, or signing it
         self.signed_here = False  # signed on the loop (no signing process, or it was gone)
 
-    def start(self) -> "PendingReceipt":
+    def start(self) -> PendingReceipt:
         if self._worker is not None and self._future is None:
             began = time.perf_counter()
             self._future = self._worker.send(self._fields)
@@ -91,19 +91,22 @@ class SigningWorker:
 
     def __init__(self, signer: ReceiptSigner):
         self.signer = signer
-        self.failed: Optional[str] = None  # why receipts are signed on the loop now
-        self._process: Optional[subprocess.Popen] = None
-        self._socket: Optional[socket.socket] = None
-        self._writer: Optional[asyncio.StreamWriter] = None
-        self._reading: Optional[asyncio.Task] = None
+        self.failed: str | None = None  # why receipts are signed on the loop now
+        self._process: subprocess.Popen | None = None
+        self._socket: socket.socket | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reading: asyncio.Task | None = None
         self._pending: dict[int, asyncio.Future] = {}
         self._next_job = 0
 
     def spawn(self) -> None:
         self._socket, child = socket.socketpair()
         try:
-            self._process = subprocess.Popen([sys.executable, "-m", "nectar.node.signing", str(child.fileno())],
-                                             pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "nectar.node.signing", str(child.fileno())],
+                pass_fds=(child.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
         finally:
             child.close()
 
@@ -114,7 +117,7 @@ class SigningWorker:
         self._write(pickle.dumps((signer.private_key, signer.model_id, signer.price_per_token, signer.domain)))
         try:
             address = pickle.loads(await asyncio.wait_for(_read_frame(reader), timeout))
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, OSError) as e:
+        except (TimeoutError, asyncio.IncompleteReadError, OSError) as e:
             self._give_up(f"the signing process did not start ({type(e).__name__}); check the node's log above")
             return
         if address != signer.address:
@@ -127,7 +130,7 @@ class SigningWorker:
         moment (the hand-over costs the loop some CPU, and waking the child can take a busy core for a moment)."""
         return PendingReceipt(self.signer, fields, self)
 
-    def send(self, fields: dict) -> Optional[asyncio.Future]:
+    def send(self, fields: dict) -> asyncio.Future | None:
         """Hands a job to the child; None where the child is gone (the caller signs itself)."""
         if self.failed is not None or self._reading is None:
             return None
@@ -180,7 +183,7 @@ class SigningWorker:
         except Exception as e:
             self._give_up(f"the signing process stopped (exit code {await self._reap()}, {type(e).__name__})")
 
-    async def _reap(self) -> Optional[int]:
+    async def _reap(self) -> int | None:
         """The child's exit code once it is gone (it closed its socket, so it is exiting); no zombie is left."""
         if self._process is None:
             return None
@@ -201,12 +204,12 @@ class SigningWorker:
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> bytes:
-    size, = _FRAME.unpack(await reader.readexactly(_FRAME.size))
+    (size,) = _FRAME.unpack(await reader.readexactly(_FRAME.size))
     return await reader.readexactly(size)
 
 
 # ---------------------------------------------------------------------------------------------------- the child
-def _recv_exactly(sock: socket.socket, size: int) -> Optional[bytes]:
+def _recv_exactly(sock: socket.socket, size: int) -> bytes | None:
     chunks, left = [], size
     while left:
         chunk = sock.recv(left)
@@ -217,7 +220,7 @@ def _recv_exactly(sock: socket.socket, size: int) -> Optional[bytes]:
     return b"".join(chunks)
 
 
-def _recv_frame(sock: socket.socket) -> Optional[bytes]:
+def _recv_frame(sock: socket.socket) -> bytes | None:
     header = _recv_exactly(sock, _FRAME.size)
     return None if header is None else _recv_exactly(sock, _FRAME.unpack(header)[0])
 

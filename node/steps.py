@@ -4,14 +4,15 @@ Inference steps (``nectar.node.inference_stream``), forward and backward calls s
 checked on decode (``nectar.wire.messages``); the checks here need the node: its span, hidden size, cache and
 credit.
 """
+
 from __future__ import annotations
 
 import asyncio
 import os
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Optional
 
 import numpy as np
 import torch
@@ -29,7 +30,12 @@ from nectar.node.task_pool import ComputeThread, Priority
 from nectar.wire import receipts as schema
 from nectar.wire.messages import BackwardCall, BackwardReply, ForwardCall, ForwardReply, ReceiptMessage, Step, StepReply
 from nectar.wire.protocol import (
-    MAX_BATCH_SIZE, MAX_TOKENS_PER_REQUEST, ErrorCode, NodeRPCError, pack_tensors, parse_module_uid,
+    MAX_BATCH_SIZE,
+    MAX_TOKENS_PER_REQUEST,
+    ErrorCode,
+    NodeRPCError,
+    pack_tensors,
+    parse_module_uid,
 )
 
 FollowUp = Callable[[], Awaitable[runtime_pb2.ExpertResponse]]  # signs a step's separate receipt: its message
@@ -42,8 +48,8 @@ class InferenceWork:
     output: asyncio.Future
     started: asyncio.Future  # its round began
     hidden: torch.Tensor
-    prompts: Optional[torch.Tensor]
-    voucher: Optional[dict]
+    prompts: torch.Tensor | None
+    voucher: dict | None
     step: int
     position: int
     start: int
@@ -57,9 +63,20 @@ class NodeSteps:
     """A node's parts that work goes through, and the checks, submission, signing and charging they share.
     ``backend`` and ``memory`` are replaced when the node moves to another span."""
 
-    def __init__(self, backend: SpanBackend, *, config: NodeConfig, model_id: str, compute: ComputeThread,
-                 memory: MemoryCache, signer: ReceiptSigner, credit: CreditLedger, audit: AuditLog,
-                 payments: PaymentPolicy, signing: InlineSigning | SigningWorker):
+    def __init__(
+        self,
+        backend: SpanBackend,
+        *,
+        config: NodeConfig,
+        model_id: str,
+        compute: ComputeThread,
+        memory: MemoryCache,
+        signer: ReceiptSigner,
+        credit: CreditLedger,
+        audit: AuditLog,
+        payments: PaymentPolicy,
+        signing: InlineSigning | SigningWorker,
+    ):
         self.backend, self.config, self.model_id = backend, config, model_id
         self.compute, self.memory, self.signer, self.credit, self.audit = compute, memory, signer, credit, audit
         self.payments, self.signing = payments, signing
@@ -78,7 +95,7 @@ class NodeSteps:
             )
         return start, end
 
-    def check_hidden(self, tensor: torch.Tensor, *, batch_size: Optional[int] = None, what="hidden_states") -> None:
+    def check_hidden(self, tensor: torch.Tensor, *, batch_size: int | None = None, what="hidden_states") -> None:
         if tensor.ndim != 3 or tensor.shape[-1] != self.backend.hidden_size:
             raise NodeRPCError(
                 ErrorCode.BAD_REQUEST,
@@ -102,7 +119,7 @@ class NodeSteps:
             raise NodeRPCError(ErrorCode.BAD_REQUEST, f"{what} contains NaN or infinity")
 
     @staticmethod
-    def check_prompts(prompts: Optional[torch.Tensor], hidden: torch.Tensor, start: int, end: int) -> None:
+    def check_prompts(prompts: torch.Tensor | None, hidden: torch.Tensor, start: int, end: int) -> None:
         if prompts is None:
             return
         expected = (end - start, hidden.shape[0])
@@ -118,7 +135,7 @@ class NodeSteps:
 
     # ---- payment ----------------------------------------------------------------------------------------------
 
-    def settle_voucher(self, voucher: Optional[dict], client: str) -> None:
+    def settle_voucher(self, voucher: dict | None, client: str) -> None:
         if voucher is not None:
             signed = self.credit.accept_voucher(voucher, client)
             if signed is not None:
@@ -142,9 +159,21 @@ class NodeSteps:
 
     # ---- inference steps --------------------------------------------------------------------------------------
 
-    def submit_inference(self, message: Step, hidden: torch.Tensor, prompts: Optional[torch.Tensor], *, caches,
-                         start: int, end: int, batch_size: int, max_length: int, length: int, client: str,
-                         separate_receipt: bool) -> InferenceWork:
+    def submit_inference(
+        self,
+        message: Step,
+        hidden: torch.Tensor,
+        prompts: torch.Tensor | None,
+        *,
+        caches,
+        start: int,
+        end: int,
+        batch_size: int,
+        max_length: int,
+        length: int,
+        client: str,
+        separate_receipt: bool,
+    ) -> InferenceWork:
         """Checks a step against the session and queues it on the compute thread (it shares a forward with other
         sessions' steps)."""
         began = time.perf_counter()
@@ -167,12 +196,24 @@ class NodeSteps:
         output = self.compute.submit(task, Priority.INFERENCE, started=started)
         trace.event("submitted", id(caches))
         self.step_seconds += time.perf_counter() - began
-        return InferenceWork(output, started, hidden, prompts, message.voucher, message.step, position, start, end,
-                             client, tokens, separate_receipt)
+        return InferenceWork(
+            output,
+            started,
+            hidden,
+            prompts,
+            message.voucher,
+            message.step,
+            position,
+            start,
+            end,
+            client,
+            tokens,
+            separate_receipt,
+        )
 
-    async def finish_inference(self, work: InferenceWork, *, session_id: bytes,
-                               push: Optional[Callable[[list], Awaitable[None]]] = None
-                               ) -> tuple[runtime_pb2.ExpertResponse, int, Optional[FollowUp]]:
+    async def finish_inference(
+        self, work: InferenceWork, *, session_id: bytes, push: Callable[[list], Awaitable[None]] | None = None
+    ) -> tuple[runtime_pb2.ExpertResponse, int, FollowUp | None]:
         """(the step's reply, new cache length, None) or, for a separate receipt, (the output without its receipt,
         new length, a coroutine function that signs the receipt and returns its own message).
 
@@ -185,13 +226,28 @@ class NodeSteps:
         packed = pack_tensors([outputs])
         if push is not None:  # before the receipt and the reply: the next hop computes while this node signs
             await push(packed)
-        self.audit.record(session_id, work.step, work.position, work.hidden, work.start, work.end,
-                          prompts=work.prompts if work.position == 0 else None)
+        self.audit.record(
+            session_id,
+            work.step,
+            work.position,
+            work.hidden,
+            work.start,
+            work.end,
+            prompts=work.prompts if work.position == 0 else None,
+        )
         new_length = work.position + work.hidden.shape[1]
 
-        pending = self.signing.prepare(session_id=session_id, step=work.step, kind=schema.ReceiptKind.INFERENCE,
-                                       start=work.start, end=work.end, client=work.client, tokens=work.tokens,
-                                       inputs=work.hidden, outputs=outputs)
+        pending = self.signing.prepare(
+            session_id=session_id,
+            step=work.step,
+            kind=schema.ReceiptKind.INFERENCE,
+            start=work.start,
+            end=work.end,
+            client=work.client,
+            tokens=work.tokens,
+            inputs=work.hidden,
+            outputs=outputs,
+        )
 
         async def receipt_message() -> runtime_pb2.ExpertResponse:
             began = time.perf_counter()
@@ -206,8 +262,10 @@ class NodeSteps:
             return message
 
         if work.separate_receipt:
-            reply, follow_up = StepReply(outputs, receipt_follows=True, cache_tokens_left=self.memory.tokens_left), \
-                receipt_message
+            reply, follow_up = (
+                StepReply(outputs, receipt_follows=True, cache_tokens_left=self.memory.tokens_left),
+                receipt_message,
+            )
         else:
             waited = time.perf_counter()
             receipt, fingerprint = await self.receipt_of(pending, work.client)
@@ -233,8 +291,16 @@ class NodeSteps:
             Priority.FORWARD,
         )
         receipt, fingerprint = await self.sign(
-            session_id=call.session_id or os.urandom(32), step=call.step, kind=schema.ReceiptKind.FORWARD,
-            start=start, end=end, client=call.client, tokens=tokens, inputs=hidden, outputs=outputs)
+            session_id=call.session_id or os.urandom(32),
+            step=call.step,
+            kind=schema.ReceiptKind.FORWARD,
+            start=start,
+            end=end,
+            client=call.client,
+            tokens=tokens,
+            inputs=hidden,
+            outputs=outputs,
+        )
         return ForwardReply(outputs, receipt, fingerprint)
 
     async def backward(self, call: BackwardCall) -> BackwardReply:
@@ -243,8 +309,10 @@ class NodeSteps:
         self.check_hidden(hidden)
         self.check_hidden(grad_outputs, batch_size=hidden.shape[0], what="grad_outputs")
         if grad_outputs.shape != hidden.shape:
-            raise NodeRPCError(ErrorCode.BAD_REQUEST, f"grad_outputs {list(grad_outputs.shape)} must match "
-                                                      f"hidden_states {list(hidden.shape)}")
+            raise NodeRPCError(
+                ErrorCode.BAD_REQUEST,
+                f"grad_outputs {list(grad_outputs.shape)} must match hidden_states {list(hidden.shape)}",
+            )
         self.check_prompts(prompts, hidden, start, end)
         self.settle_voucher(call.voucher, call.client)
         tokens = hidden.shape[0] * hidden.shape[1]
@@ -254,8 +322,16 @@ class NodeSteps:
             Priority.BACKWARD,
         )
         receipt, fingerprint = await self.sign(
-            session_id=call.session_id or os.urandom(32), step=call.step, kind=schema.ReceiptKind.BACKWARD,
-            start=start, end=end, client=call.client, tokens=tokens, inputs=grad_outputs, outputs=grad_inputs)
+            session_id=call.session_id or os.urandom(32),
+            step=call.step,
+            kind=schema.ReceiptKind.BACKWARD,
+            start=start,
+            end=end,
+            client=call.client,
+            tokens=tokens,
+            inputs=grad_outputs,
+            outputs=grad_inputs,
+        )
         return BackwardReply(grad_inputs, grad_prompts, receipt, fingerprint)
 
 

@@ -8,6 +8,7 @@ prefill beyond the budget waits for the next round instead of delaying everyone'
 then backward) runs only when no inference is pending, unless it has waited ``training_max_wait`` seconds, so a busy
 inference node still makes progress on training requests.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -16,8 +17,9 @@ import enum
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 from nectar.node import trace
 
@@ -35,11 +37,11 @@ class _Work:
     function: Callable[[], Any]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
-    started: Optional[asyncio.Future] = None  # resolved when the round with this work begins
+    started: asyncio.Future | None = None  # resolved when the round with this work begins
     submitted: float = field(default_factory=time.monotonic)
 
     @property
-    def batch_key(self) -> Optional[tuple]:
+    def batch_key(self) -> tuple | None:
         key = getattr(self.function, "batch_key", None)
         return None if key is None else (type(self.function), key)
 
@@ -89,9 +91,16 @@ class ComputeThread:
     :param training_max_wait: seconds a forward/backward may wait behind inference before it runs anyway
     """
 
-    def __init__(self, name: str = "nectar-compute", num_threads: int | None = None, *,
-                 max_batch_tokens: int = 4096, training_max_wait: float = 1.0, gather_share: float = 0.0,
-                 max_gather_wait: float = 0.05):
+    def __init__(
+        self,
+        name: str = "nectar-compute",
+        num_threads: int | None = None,
+        *,
+        max_batch_tokens: int = 4096,
+        training_max_wait: float = 1.0,
+        gather_share: float = 0.0,
+        max_gather_wait: float = 0.05,
+    ):
         self.max_batch_tokens, self.training_max_wait = max_batch_tokens, training_max_wait
         self.gather_share, self.max_gather_wait = gather_share, max_gather_wait
         self._last_round_s = 0.0
@@ -108,8 +117,9 @@ class ComputeThread:
 
     # ---- called from event loops ------------------------------------------------------------------------------
 
-    def submit(self, function: Callable[[], Any], priority: Priority, *,
-               started: Optional[asyncio.Future] = None) -> asyncio.Future:
+    def submit(
+        self, function: Callable[[], Any], priority: Priority, *, started: asyncio.Future | None = None
+    ) -> asyncio.Future:
         """Queues ``function`` (a callable, or a batchable task such as ``InferenceTask``); await the result.
 
         ``started`` (a future of the caller's loop) is resolved as the compute thread begins the round that runs
@@ -172,7 +182,7 @@ class ComputeThread:
                 self._round_sessions = [self._round_sessions[1], {work.session for work in batch}]
                 self.stats.inference_seconds += self._last_round_s
 
-    def _training_due(self) -> Optional[_Work]:
+    def _training_due(self) -> _Work | None:
         """The training item to run now, if any (caller holds the lock)."""
         inference = self._queues[Priority.INFERENCE]
         for priority in (Priority.FORWARD, Priority.BACKWARD):
@@ -198,8 +208,9 @@ class ComputeThread:
         if self.gather_share <= 0 or expected <= 1 or len(queue) >= expected:
             return
         began = time.monotonic()
-        deadline = began + min(self.max_gather_wait,
-                               max(self.gather_share * self._last_round_s, 1.25 * self._last_spread))
+        deadline = began + min(
+            self.max_gather_wait, max(self.gather_share * self._last_round_s, 1.25 * self._last_spread)
+        )
         self._gathering = True
         try:
             while not self._stopped and len(queue) < expected:

@@ -4,6 +4,7 @@ With ``NECTAR_TRACE=/path/file.jsonl`` in a node's environment (``{pid}`` in it 
 end and the event loop each step's request taken, step submitted and output sent (monotonic seconds), and the node
 writes them to that file as it stops. Off (one global check per event) otherwise.
 """
+
 from __future__ import annotations
 
 import json

@@ -5,6 +5,7 @@ forward inside backward, which makes a training step cost 3 forwards' worth of c
 The cache is bounded by the bytes the graphs hold (activations saved for backward), by age, and matches inputs
 exactly (``torch.equal``), so a miss only costs the recomputation it saves.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -13,7 +14,6 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 class _Entry:
     key: tuple
     hidden: torch.Tensor
-    prompts: Optional[torch.Tensor]
+    prompts: torch.Tensor | None
     inputs: list
     output: torch.Tensor
     nbytes: int
@@ -50,8 +50,16 @@ class TrainingGraphCache:
     def nbytes(self) -> int:
         return self._bytes
 
-    def put(self, *, key: tuple, hidden: torch.Tensor, prompts: Optional[torch.Tensor], inputs: list,
-            output: torch.Tensor, nbytes: int) -> None:
+    def put(
+        self,
+        *,
+        key: tuple,
+        hidden: torch.Tensor,
+        prompts: torch.Tensor | None,
+        inputs: list,
+        output: torch.Tensor,
+        nbytes: int,
+    ) -> None:
         if self.max_bytes <= 0 or nbytes > self.max_bytes or output.grad_fn is None:
             return
         with self._lock:
@@ -61,7 +69,7 @@ class TrainingGraphCache:
             self._entries[next(self._ids)] = _Entry(key, hidden, prompts, inputs, output, nbytes, time.monotonic())
             self._bytes += nbytes
 
-    def pop(self, *, key: tuple, hidden: torch.Tensor, prompts: Optional[torch.Tensor]):
+    def pop(self, *, key: tuple, hidden: torch.Tensor, prompts: torch.Tensor | None):
         """(inputs, output) of a kept forward with exactly these inputs, removed from the cache; None if absent."""
         with self._lock:
             self._expire()
@@ -86,7 +94,7 @@ class TrainingGraphCache:
         self._bytes -= entry.nbytes
 
 
-def _same(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     if a is None or b is None:
         return a is None and b is None
     return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)

@@ -6,6 +6,7 @@
 Run it (with PYTHONPATH pointing at the tree, or nectar installed) after changing a setting, its default or its
 comment. Defaults that depend on the home folder are shown relative to $NECTAR_HOME, whatever this machine's is.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,9 @@ def _flags(*parsers: tuple[str, argparse.ArgumentParser]) -> dict[str, list[str]
             commands = found.setdefault(action.dest, {}).setdefault(spelling, [])
             if command:
                 commands.append(command)
-    return {dest: [f"{s} ({', '.join(c)})" if c else s for s, c in spellings.items()]
-            for dest, spellings in found.items()}
+    return {
+        dest: [f"{s} ({', '.join(c)})" if c else s for s, c in spellings.items()] for dest, spellings in found.items()
+    }
 
 
 def _table(cls, flags: dict[str, list[str]], *, columns: tuple[str, ...], helps: dict | None = None) -> list[str]:
@@ -67,8 +69,11 @@ def _table(cls, flags: dict[str, list[str]], *, columns: tuple[str, ...], helps:
     for name, option in options_of(cls).items():
         meaning = option.help or (helps or {}).get(name, {}).get("help", "")
         cells = {
-            "Field": _code(name), "Variable": _code(option.env or ""), "Flag": ", ".join(flags.get(name, [])),
-            "Default": _code(option.default_text), "Meaning": _cell(meaning),
+            "Field": _code(name),
+            "Variable": _code(option.env or ""),
+            "Flag": ", ".join(flags.get(name, [])),
+            "Default": _code(option.default_text),
+            "Meaning": _cell(meaning),
         }
         lines.append("| " + " | ".join(cells[c] for c in columns) + " |")
     return lines
@@ -90,24 +95,39 @@ def render() -> str:
         # computed defaults (database URLs, the deployment file) follow the home folder: render them under a stand-in
         with configured(RuntimeSettings(home=home)):
             out = [HEADER]
-            out += ["## Runtime settings", "",
-                    "`nectar.settings.current()` returns them; `nectar.settings.configure(field=value)` sets them for "
-                    "this process (a child process gets them in its environment).", ""]
+            out += [
+                "## Runtime settings",
+                "",
+                "`nectar.settings.current()` returns them; `nectar.settings.configure(field=value)` sets them for "
+                "this process (a child process gets them in its environment).",
+                "",
+            ]
             out += _table(RuntimeSettings, {}, columns=("Variable", "Field", "Default", "Meaning"))
             node = _flags(("", node_cli.node_parser()))
             node["cache_memory_bytes"] = ["`--cache-mb` (in MiB)"]
-            out += ["", "## Node (`NodeConfig`)", "",
-                    "`nectar node` options (the network ones also for `nectar dht`). `nectar node --switch-interval` "
-                    "(ms a busy thread may hold the GIL) is a process setting, not a field.", ""]
+            out += [
+                "",
+                "## Node (`NodeConfig`)",
+                "",
+                "`nectar node` options (the network ones also for `nectar dht`). `nectar node --switch-interval` "
+                "(ms a busy thread may hold the GIL) is a process setting, not a field.",
+                "",
+            ]
             out += _table(NodeConfig, node, columns=("Field", "Flag", "Default", "Meaning"))
             client = _flags(("", client_cli.generate_parser()))
-            out += ["", "## Client (`ClientConfig`)", "",
-                    "`nectar generate` and `nectar chat` options (`--initial-peers` also for `nectar swarm`).", ""]
+            out += [
+                "",
+                "## Client (`ClientConfig`)",
+                "",
+                "`nectar generate` and `nectar chat` options (`--initial-peers` also for `nectar swarm`).",
+                "",
+            ]
             out += _table(ClientConfig, client, columns=("Field", "Flag", "Default", "Meaning"))
             ledger = _flags(("serve", ledger_cli.serve_parser()), ("worker", ledger_cli.worker_parser()))
             out += ["", "## Ledger (`NECTAR_LEDGER_*`)", "", "`nectar.ledger.core.config.Settings`.", ""]
-            out += _table(LedgerSettings, ledger, columns=("Variable", "Flag", "Default", "Meaning"),
-                          helps=ledger_cli.OPTIONS)
+            out += _table(
+                LedgerSettings, ledger, columns=("Variable", "Flag", "Default", "Meaning"), helps=ledger_cli.OPTIONS
+            )
             api = _flags(("serve", api_cli.serve_parser()), ("worker", api_cli.worker_parser()))
             out += ["", "## API (`NECTAR_API_*`)", "", "`nectar.api.core.config.Settings`.", ""]
             out += _table(ApiSettings, api, columns=("Variable", "Flag", "Default", "Meaning"), helps=api_cli.OPTIONS)

@@ -1,5 +1,6 @@
 """Celery apps of the Nectar services. Producers (the HTTP processes) enqueue by task name only, so a service never
 imports its worker code; workers load their task modules through ``include``."""
+
 from __future__ import annotations
 
 import logging
@@ -31,8 +32,15 @@ def producer_app(name: str, settings: ServiceSettings, *, queue: str | None = No
     return app
 
 
-def worker_app(name: str, settings: ServiceSettings, *, include: Sequence[str], queue: str | None = None,
-               backend: str | None = None, visibility_timeout: float | None = None) -> Celery:
+def worker_app(
+    name: str,
+    settings: ServiceSettings,
+    *,
+    include: Sequence[str],
+    queue: str | None = None,
+    backend: str | None = None,
+    visibility_timeout: float | None = None,
+) -> Celery:
     """The worker's app; its settings are on ``app.conf.nectar_settings`` for the tasks.
 
     :param visibility_timeout: seconds before the Redis transport redelivers an unacknowledged task; set it above

@@ -1,7 +1,8 @@
 """Column types and naming shared by every Nectar database (the ledger's and the API's)."""
+
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import String, TypeDecorator
 
@@ -16,7 +17,7 @@ NAMING_CONVENTION = {
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class UInt(TypeDecorator):

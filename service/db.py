@@ -1,5 +1,6 @@
 """The database engine and sessions. SQLite (default) gets WAL and a busy timeout so a service and its worker can
 share one file."""
+
 from __future__ import annotations
 
 import logging

@@ -1,5 +1,6 @@
 """The EIP-712 domain of a deployment file (the ledger verifies against it, the gateway signs under it), re-read when
 the file changes (a devnet restart)."""
+
 from __future__ import annotations
 
 import logging

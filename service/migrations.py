@@ -7,6 +7,7 @@ therefore holds a lock around the upgrade: a PostgreSQL advisory lock (it also s
 machines), or a file lock next to a SQLite database file. All services take the same lock, so the ledger and the
 API can share one database.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -119,8 +120,10 @@ def migration_lock(database_url: str, *, timeout: float = 300.0) -> Iterator[Non
             _log_wait(began)
             yield
     except Timeout:
-        raise RuntimeError(f"another process has been migrating {database_url.split('@')[-1]} for over {timeout:.0f}s "
-                           f"(lock file {path}); if none is running, delete the lock file and start again") from None
+        raise RuntimeError(
+            f"another process has been migrating {database_url.split('@')[-1]} for over {timeout:.0f}s "
+            f"(lock file {path}); if none is running, delete the lock file and start again"
+        ) from None
 
 
 def _log_wait(began: float) -> None:

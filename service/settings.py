@@ -1,6 +1,7 @@
 """``ServiceSettings``: what the ledger's and the API's Settings share. Each service subclasses it with its own
 ``env_prefix`` (``NECTAR_LEDGER_``, ``NECTAR_API_``), its defaults for the fields declared here without one, its own
 fields, and the names of its devnet secrets, which a production environment refuses."""
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,10 @@ class ServiceSettings(BaseSettings):
             return self
         for name, default in self.DEVNET_SECRETS.items():
             if getattr(self, name) == default:
-                raise ValueError(f"{self.env_name(name)} is the public devnet default; set a secret value (e.g. "
-                                 f"{secrets.token_hex(16)!r}) or run with {self.env_name('environment')}=devnet")
+                raise ValueError(
+                    f"{self.env_name(name)} is the public devnet default; set a secret value (e.g. "
+                    f"{secrets.token_hex(16)!r}) or run with {self.env_name('environment')}=devnet"
+                )
         if self.OWN_KEYS:
             from nectar.chain.accounts import dev_accounts
 

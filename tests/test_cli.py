@@ -1,5 +1,6 @@
 """The `nectar` command: symmetric groups with the old spellings kept, options built from the config objects (so the
 command line's defaults are the objects' own), flags reaching the ledger and API as Settings, one logging setup."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,9 +55,27 @@ def test_the_node_command_line_defaults_are_nodeconfig_defaults(monkeypatch):
     monkeypatch.delenv("NECTAR_INITIAL_PEERS", raising=False)
     built = node_config(node_parser().parse_args([]))
     assert dataclasses.replace(built, initial_peers=tuple(built.initial_peers)) == NodeConfig()
-    flagged = node_config(node_parser().parse_args(["--price", "7", "--name", "n1", "--blocks", "2:5", "--cache-mb",
-                                                    "1.5", "--dtype", "bfloat16", "--batch-wait", "0.5",
-                                                    "--initial-peers", "/ip4/127.0.0.1/tcp/1", "/ip4/127.0.0.2/tcp/2"]))
+    flagged = node_config(
+        node_parser().parse_args(
+            [
+                "--price",
+                "7",
+                "--name",
+                "n1",
+                "--blocks",
+                "2:5",
+                "--cache-mb",
+                "1.5",
+                "--dtype",
+                "bfloat16",
+                "--batch-wait",
+                "0.5",
+                "--initial-peers",
+                "/ip4/127.0.0.1/tcp/1",
+                "/ip4/127.0.0.2/tcp/2",
+            ]
+        )
+    )
     assert (flagged.price_per_token, flagged.public_name, flagged.blocks) == (7, "n1", (2, 5))
     assert flagged.cache_memory_bytes == int(1.5 * 2**20) and flagged.dtype == "bfloat16" and flagged.batch_wait == 0.5
     assert list(flagged.initial_peers) == ["/ip4/127.0.0.1/tcp/1", "/ip4/127.0.0.2/tcp/2"]
@@ -82,8 +101,13 @@ def test_ledger_flags_win_over_variables_and_reach_settings_without_touching_the
     before = dict(os.environ)
     plain = _settings(serve_parser().parse_args([]), SERVE, "test")
     assert plain == Settings() and plain.port == 8123  # no flag: the variable, then the default
-    flagged = _settings(serve_parser().parse_args(["--port", "9001", "--database-url", "sqlite:///x.db",
-                                                   "--deployment", str(tmp_path / "d.json")]), SERVE, "test")
+    flagged = _settings(
+        serve_parser().parse_args(
+            ["--port", "9001", "--database-url", "sqlite:///x.db", "--deployment", str(tmp_path / "d.json")]
+        ),
+        SERVE,
+        "test",
+    )
     assert (flagged.port, flagged.database_url, flagged.deployment_path) == (9001, "sqlite:///x.db",
                                                                              tmp_path / "d.json")  # fmt: skip
     worker = _settings(worker_parser().parse_args(["--initial-peers", "/ip4/1", "/ip4/2"]), WORKER, "test")

@@ -1,4 +1,5 @@
 """docs/configuration.md is generated from the config classes: it fails here when a setting changed without it."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -17,7 +18,8 @@ def _generator():
 def test_the_configuration_page_is_up_to_date():
     expected = _generator().render()
     assert (ROOT / "docs" / "configuration.md").read_text() == expected, (
-        "docs/configuration.md is out of date: run `python scripts/gen_config_docs.py` and commit the result")
+        "docs/configuration.md is out of date: run `python scripts/gen_config_docs.py` and commit the result"
+    )
 
 
 def test_it_lists_every_setting_of_every_object():

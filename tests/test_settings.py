@@ -1,4 +1,5 @@
 """nectar.settings: the NECTAR_* variables read once into RuntimeSettings, validated, never read at import time."""
+
 from __future__ import annotations
 
 import os
@@ -106,8 +107,10 @@ def test_nothing_is_read_at_import_and_a_bad_value_fails_where_it_is_used():
             "    print('used:', e)\n")  # fmt: skip
     ran = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert ran.returncode == 0, ran.stderr[-3000:]
-    assert "used: NECTAR_EVENT_LOOP must be auto, uvloop or asyncio, got 'trio'; NECTAR_CPU_BLAS must be auto, " \
-           "torch, openblas or native, got 'fast'" in ran.stdout  # every bad variable at once
+    assert (
+        "used: NECTAR_EVENT_LOOP must be auto, uvloop or asyncio, got 'trio'; NECTAR_CPU_BLAS must be auto, "
+        "torch, openblas or native, got 'fast'" in ran.stdout
+    )  # every bad variable at once
 
 
 def test_the_nectar_command_reads_the_settings_once_up_front(monkeypatch, capsys, tmp_path):

@@ -5,6 +5,7 @@ peers run ``AnnouncementValidator``, so they refuse to store (or return) a recor
 and clients drop any record whose signature does not verify. A peer therefore cannot publish or overwrite another
 peer's records.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,7 +63,7 @@ class ServerInfo:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ServerInfo":
+    def from_dict(cls, data: dict[str, Any]) -> ServerInfo:
         if not isinstance(data, dict):
             raise TypeError(f"ServerInfo must be a dict, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}

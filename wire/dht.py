@@ -9,6 +9,7 @@ It owns a client-mode DHT (reads announcements, never stores), an event-loop thr
 
 Construction either succeeds or releases everything it started (the DHT process, its P2P daemon, the loop thread).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -35,11 +36,19 @@ class ClientRuntime:
     :param start_timeout: seconds to join the swarm
     """
 
-    def __init__(self, initial_peers: Sequence[str], *, in_process: bool = False, start_timeout: float = 60.0,
-                 thread_name: str = "nectar-client-loop"):
+    def __init__(
+        self,
+        initial_peers: Sequence[str],
+        *,
+        in_process: bool = False,
+        start_timeout: float = 60.0,
+        thread_name: str = "nectar-client-loop",
+    ):
         if not initial_peers:
-            raise ValueError("No initial peers: pass initial_peers=[...] (a multiaddr printed by `nectar dht` or "
-                             "`nectar node`) or set NECTAR_INITIAL_PEERS")
+            raise ValueError(
+                "No initial peers: pass initial_peers=[...] (a multiaddr printed by `nectar dht` or "
+                "`nectar node`) or set NECTAR_INITIAL_PEERS"
+            )
         self.initial_peers = list(initial_peers)
         self.dht: hivemind.DHT | None = None  # the child-process DHT
         self.node = None  # the in-process DHTNode
@@ -51,8 +60,13 @@ class ClientRuntime:
                 self.node = self.run(self._create_node(), timeout=start_timeout)
                 self.p2p = self.node.p2p
             else:
-                self.dht = hivemind.DHT(initial_peers=self.initial_peers, client_mode=True, start=False,
-                                        record_validators=[AnnouncementValidator(None)], num_workers=4)
+                self.dht = hivemind.DHT(
+                    initial_peers=self.initial_peers,
+                    client_mode=True,
+                    start=False,
+                    record_validators=[AnnouncementValidator(None)],
+                    num_workers=4,
+                )
                 self.dht.run_in_background(await_ready=True, timeout=start_timeout)
                 self.p2p = self.run(self.dht.replicate_p2p(), timeout=start_timeout)
         except BaseException:

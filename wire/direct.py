@@ -9,12 +9,13 @@ The lane is plaintext and unauthenticated, so it is for loopback and trusted LAN
 ``--direct-port``). A client still checks every receipt against the node's announced Ethereum address, so a
 stranger answering on that port cannot pass as the node.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator, Mapping
 from contextlib import closing, suppress
-from typing import AsyncIterator, Mapping
 
 from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
@@ -38,8 +39,10 @@ class DirectServer:
     """Serves ``handlers`` (RPC name -> stream handler) on a TCP port; one connection carries one stream."""
 
     def __init__(self, handlers: Mapping[str, StreamHandler], *, local_id, max_prefetch: int = 8):
-        self.handlers = {name: stream_handler(name, handler, local_id=local_id, max_prefetch=max_prefetch)
-                         for name, handler in handlers.items()}
+        self.handlers = {
+            name: stream_handler(name, handler, local_id=local_id, max_prefetch=max_prefetch)
+            for name, handler in handlers.items()
+        }
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int = 0) -> int:
@@ -65,8 +68,13 @@ class DirectServer:
         handle = self.handlers.get(name)
         if handle is None:
             with closing(writer), suppress(Exception):
-                await send_message(RPCError(message=f"{ErrorCode.BAD_REQUEST.value}: unknown RPC {name!r}; "
-                                                         f"this node serves {sorted(self.handlers)}"), writer)
+                await send_message(
+                    RPCError(
+                        message=f"{ErrorCode.BAD_REQUEST.value}: unknown RPC {name!r}; "
+                        f"this node serves {sorted(self.handlers)}"
+                    ),
+                    writer,
+                )
             return
         await handle(remote_id, reader, writer)
 
@@ -93,8 +101,9 @@ async def send_hello(name: str, writer: asyncio.StreamWriter) -> None:
     await send_data(MSGPackSerializer.dumps({"rpc": name}), writer)
 
 
-async def call_stream_direct(address: str, name: str, requests: AsyncIterator[runtime_pb2.ExpertRequest]
-                             ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+async def call_stream_direct(
+    address: str, name: str, requests: AsyncIterator[runtime_pb2.ExpertRequest]
+) -> AsyncIterator[runtime_pb2.ExpertResponse]:
     """Opens the stream RPC ``name`` at a node's direct address (what ``transport.call_stream`` does over P2P)."""
     host, port = parse_address(address)
     reader, writer = await asyncio.open_connection(host, port)

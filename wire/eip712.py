@@ -5,6 +5,7 @@ coincurve, which is several times faster than eth-account's generic path while g
 (tests cross-check against ``Account.sign_typed_data``). The domain is always passed in by the caller: whoever
 builds a signer or a wallet reads it from the deployment (``nectar.deployment.domain_from_deployment``).
 """
+
 from __future__ import annotations
 
 from functools import lru_cache

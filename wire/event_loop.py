@@ -3,6 +3,7 @@
 Every inference step crosses each loop several times (read, unpack, reply, write), so the loop's own overhead is
 part of every hop. ``NECTAR_EVENT_LOOP=asyncio`` keeps the standard loop (for comparisons, or if uvloop misbehaves).
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -1,5 +1,6 @@
 """What a receipt commits to: tensor commitments that chain the hops of a route (``commit_tensor``) and TOPLOC-like
 activation fingerprints (``activation_fingerprint``) that spot checks compare within a per-dtype tolerance."""
+
 from __future__ import annotations
 
 import struct
@@ -10,6 +11,7 @@ import torch
 from sha3 import keccak_256 as _keccak_256
 
 from nectar.wire.receipts import keccak256
+
 
 # ---------------------------------------------------------------------------------------------------- commitments
 def _raw_bytes(t: torch.Tensor) -> memoryview:

@@ -3,6 +3,7 @@
 Because an Ed25519 peer id embeds its public key, anyone can check that a DHT record was signed by the peer it
 names: this is what makes announcements unforgeable (see ``nectar.wire.announce``).
 """
+
 from __future__ import annotations
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey

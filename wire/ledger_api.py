@@ -4,6 +4,7 @@ The node (``LedgerPaymentPolicy`` posts its receipts and vouchers), the client's
 API gateway (a node's receipts and earnings) all talk to ``nectar ledger`` through here; the ledger's routes take
 their paths from the constants below, so the two sides cannot drift apart.
 """
+
 from __future__ import annotations
 
 import logging
@@ -59,9 +60,12 @@ class NodeReputation:
     penalized: bool  # any failed spot check, slash or double-sign conflict on record
 
     @classmethod
-    def from_json(cls, item: dict) -> "NodeReputation":
-        return cls(score=float(item["score"]), new=bool(item.get("new", False)),
-                   penalized=bool(item.get("spot_failed", 0) or item.get("slashes", 0) or item.get("conflicts", 0)))
+    def from_json(cls, item: dict) -> NodeReputation:
+        return cls(
+            score=float(item["score"]),
+            new=bool(item.get("new", False)),
+            penalized=bool(item.get("spot_failed", 0) or item.get("slashes", 0) or item.get("conflicts", 0)),
+        )
 
 
 # ---- the client --------------------------------------------------------------------------------------------------

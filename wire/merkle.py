@@ -2,6 +2,7 @@
 
 Leaves are sorted ascending before building; parents hash the sorted pair; an odd node is promoted unchanged.
 """
+
 from __future__ import annotations
 
 import logging

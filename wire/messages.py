@@ -11,10 +11,12 @@ output shapes), so a reply decodes whatever an older or odd node sends where the
 Stream messages (``Step``, ``Pay``, ``Flush``, ``Cancel``) take the stream's uid in ``to_request(uid)``: the node
 reads the uid of the open only. Decoding is on the per-step path, so these are plain slotted dataclasses.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, fields
-from typing import Any, ClassVar, Optional, Sequence, Union
+from typing import Any, ClassVar, Union
 
 import torch
 from hivemind.proto import runtime_pb2
@@ -22,8 +24,19 @@ from hivemind.proto import runtime_pb2
 from nectar.wire import receipts as schema
 from nectar.wire.direct import parse_address
 from nectar.wire.protocol import (
-    MAX_BATCH_SIZE, MAX_TOKENS_PER_REQUEST, RPC_AUDIT, RPC_BACKWARD, RPC_FORWARD, RPC_INFO, RPC_PUSH, ErrorCode,
-    NodeRPCError, pack_metadata, pack_tensors, unpack_metadata, unpack_tensors,
+    MAX_BATCH_SIZE,
+    MAX_TOKENS_PER_REQUEST,
+    RPC_AUDIT,
+    RPC_BACKWARD,
+    RPC_FORWARD,
+    RPC_INFO,
+    RPC_PUSH,
+    ErrorCode,
+    NodeRPCError,
+    pack_metadata,
+    pack_tensors,
+    unpack_metadata,
+    unpack_tensors,
 )
 
 MAX_STEP = 2**63 - 1
@@ -80,7 +93,7 @@ def _client(metadata: dict) -> str:
         raise _bad(f"client must be an Ethereum address, got {client!r}")
 
 
-def _push_token(metadata: dict) -> Optional[bytes]:
+def _push_token(metadata: dict) -> bytes | None:
     token = metadata.get("push_token")
     if token is not None and (not isinstance(token, bytes) or not 16 <= len(token) <= 32):
         raise _bad("push_token must be 16 to 32 random bytes")
@@ -110,7 +123,7 @@ class PushTarget:
         return {"address": self.address, "token": self.token}
 
     @classmethod
-    def decode(cls, target: Any) -> "PushTarget":
+    def decode(cls, target: Any) -> PushTarget:
         address, token = (target.get("address"), target.get("token")) if isinstance(target, dict) else (None, None)
         try:
             parse_address(address)
@@ -132,11 +145,11 @@ class Step:
 
     session_id: bytes
     step: int
-    position: Optional[int] = None
-    hidden: Optional[torch.Tensor] = None
-    prompts: Optional[torch.Tensor] = None
-    voucher: Optional[dict] = None
-    push_to: Optional[PushTarget] = None
+    position: int | None = None
+    hidden: torch.Tensor | None = None
+    prompts: torch.Tensor | None = None
+    voucher: dict | None = None
+    push_to: PushTarget | None = None
     pushed: bool = False
 
     TYPE: ClassVar[str] = "step"
@@ -171,13 +184,13 @@ class Step:
         return runtime_pb2.ExpertRequest(uid=uid, tensors=pack_tensors(tensors), metadata=pack_metadata(metadata))
 
     @classmethod
-    def decode(cls, request: runtime_pb2.ExpertRequest, metadata: Optional[dict] = None) -> "Step":
+    def decode(cls, request: runtime_pb2.ExpertRequest, metadata: dict | None = None) -> Step:
         if metadata is None:
             metadata = unpack_metadata(request.metadata)
         return cls._from(request, metadata, _session_id(metadata))
 
     @classmethod
-    def _from(cls, request: runtime_pb2.ExpertRequest, metadata: dict, session_id: bytes) -> "Step":
+    def _from(cls, request: runtime_pb2.ExpertRequest, metadata: dict, session_id: bytes) -> Step:
         step, position = metadata.get("step"), metadata.get("position")  # checked inline: this is per step
         if step.__class__ is not int or not 0 <= step <= MAX_STEP:
             _int(metadata, "step", 0, MAX_STEP)
@@ -216,12 +229,17 @@ class Open:
     batch_size: int = 1
     client: str = ZERO_ADDRESS
     separate_receipts: bool = False
-    push_token: Optional[bytes] = None
-    first_step: Optional[Step] = None
+    push_token: bytes | None = None
+    first_step: Step | None = None
 
     def metadata(self) -> dict:
-        metadata = {"type": "open", "session_id": self.session_id, "max_length": self.max_length,
-                    "batch_size": self.batch_size, "client": self.client}
+        metadata = {
+            "type": "open",
+            "session_id": self.session_id,
+            "max_length": self.max_length,
+            "batch_size": self.batch_size,
+            "client": self.client,
+        }
         if self.separate_receipts:
             metadata["receipts"] = "separate"
         _put(metadata, "push_token", self.push_token)
@@ -232,11 +250,12 @@ class Open:
 
     def to_request(self) -> runtime_pb2.ExpertRequest:
         tensors = self.first_step.tensors() if self.first_step is not None else []
-        return runtime_pb2.ExpertRequest(uid=self.uid, tensors=pack_tensors(tensors),
-                                         metadata=pack_metadata(self.metadata()))
+        return runtime_pb2.ExpertRequest(
+            uid=self.uid, tensors=pack_tensors(tensors), metadata=pack_metadata(self.metadata())
+        )
 
     @classmethod
-    def decode(cls, request: runtime_pb2.ExpertRequest) -> "Open":
+    def decode(cls, request: runtime_pb2.ExpertRequest) -> Open:
         metadata = unpack_metadata(request.metadata)
         if metadata.get("type") != "open":
             raise NodeRPCError(
@@ -251,8 +270,16 @@ class Open:
         first = None
         if request.tensors or metadata.get("pushed") is True:  # the open carries its session's first step
             first = Step._from(request, metadata, session_id)
-        return cls(request.uid, session_id, max_length, batch_size, client, metadata.get("receipts") == "separate",
-                   token, first)
+        return cls(
+            request.uid,
+            session_id,
+            max_length,
+            batch_size,
+            client,
+            metadata.get("receipts") == "separate",
+            token,
+            first,
+        )
 
 
 @message
@@ -260,7 +287,7 @@ class Pay:
     """{"type": "pay", "session_id", "voucher"}: the client's last voucher before it leaves."""
 
     session_id: bytes
-    voucher: Optional[dict] = None
+    voucher: dict | None = None
 
     TYPE: ClassVar[str] = "pay"
 
@@ -270,7 +297,7 @@ class Pay:
         return runtime_pb2.ExpertRequest(uid=uid, metadata=pack_metadata(metadata))
 
     @classmethod
-    def decode(cls, request: runtime_pb2.ExpertRequest, metadata: Optional[dict] = None) -> "Pay":
+    def decode(cls, request: runtime_pb2.ExpertRequest, metadata: dict | None = None) -> Pay:
         metadata = unpack_metadata(request.metadata) if metadata is None else metadata
         return cls(_session_id(metadata), metadata.get("voucher"))
 
@@ -284,11 +311,12 @@ class Flush:
     TYPE: ClassVar[str] = "flush"
 
     def to_request(self, uid: str = "") -> runtime_pb2.ExpertRequest:
-        return runtime_pb2.ExpertRequest(uid=uid, metadata=pack_metadata({"type": "flush",
-                                                                          "session_id": self.session_id}))
+        return runtime_pb2.ExpertRequest(
+            uid=uid, metadata=pack_metadata({"type": "flush", "session_id": self.session_id})
+        )
 
     @classmethod
-    def decode(cls, request: runtime_pb2.ExpertRequest, metadata: Optional[dict] = None) -> "Flush":
+    def decode(cls, request: runtime_pb2.ExpertRequest, metadata: dict | None = None) -> Flush:
         metadata = unpack_metadata(request.metadata) if metadata is None else metadata
         return cls(_session_id(metadata))
 
@@ -303,11 +331,12 @@ class Cancel:
     TYPE: ClassVar[str] = "cancel"
 
     def to_request(self, uid: str = "") -> runtime_pb2.ExpertRequest:
-        return runtime_pb2.ExpertRequest(uid=uid, metadata=pack_metadata(
-            {"type": "cancel", "session_id": self.session_id, "step": self.step}))
+        return runtime_pb2.ExpertRequest(
+            uid=uid, metadata=pack_metadata({"type": "cancel", "session_id": self.session_id, "step": self.step})
+        )
 
     @classmethod
-    def decode(cls, request: runtime_pb2.ExpertRequest, metadata: Optional[dict] = None) -> "Cancel":
+    def decode(cls, request: runtime_pb2.ExpertRequest, metadata: dict | None = None) -> Cancel:
         metadata = unpack_metadata(request.metadata) if metadata is None else metadata
         return cls(_session_id(metadata), metadata.get("step"))
 
@@ -325,8 +354,10 @@ def decode_inference_request(request: runtime_pb2.ExpertRequest) -> InferenceReq
         return Step._from(request, metadata, _session_id(metadata))
     cls = _STREAM_REQUESTS.get(kind) if kind.__class__ is str else None
     if cls is None:
-        raise NodeRPCError(ErrorCode.UNKNOWN_SESSION, f"a {kind!r} message names session "
-                                                      f"{metadata.get('session_id')!r}, this stream serves another")
+        raise NodeRPCError(
+            ErrorCode.UNKNOWN_SESSION,
+            f"a {kind!r} message names session {metadata.get('session_id')!r}, this stream serves another",
+        )
     return cls.decode(request, metadata)
 
 
@@ -337,14 +368,15 @@ def decode_inference_request(request: runtime_pb2.ExpertRequest) -> InferenceReq
 class Opened:
     """{"type": "opened", "cache_tokens_left"}: the answer to an open without a first step."""
 
-    cache_tokens_left: Optional[int] = None
+    cache_tokens_left: int | None = None
 
     def to_response(self) -> runtime_pb2.ExpertResponse:
-        return runtime_pb2.ExpertResponse(metadata=pack_metadata({"type": "opened",
-                                                                  "cache_tokens_left": self.cache_tokens_left}))
+        return runtime_pb2.ExpertResponse(
+            metadata=pack_metadata({"type": "opened", "cache_tokens_left": self.cache_tokens_left})
+        )
 
     @classmethod
-    def _from(cls, metadata: dict, tensors: list) -> "Opened":
+    def _from(cls, metadata: dict, tensors: list) -> Opened:
         return cls(metadata.get("cache_tokens_left"))
 
 
@@ -354,12 +386,12 @@ class StepReply:
     with separate receipts {"receipt_follows": true, "cache_tokens_left"} (a ``ReceiptMessage`` comes later)."""
 
     output: torch.Tensor
-    receipt: Optional[dict] = None
-    fingerprint: Optional[bytes] = None
+    receipt: dict | None = None
+    fingerprint: bytes | None = None
     receipt_follows: bool = False
-    cache_tokens_left: Optional[int] = None
+    cache_tokens_left: int | None = None
 
-    def to_response(self, packed: Optional[Packed] = None) -> runtime_pb2.ExpertResponse:
+    def to_response(self, packed: Packed | None = None) -> runtime_pb2.ExpertResponse:
         """``packed``: the output, packed already (it is not packed again)."""
         if self.receipt_follows:
             metadata = {"receipt_follows": True}
@@ -368,15 +400,21 @@ class StepReply:
             _put(metadata, "receipt", self.receipt)
             _put(metadata, "fingerprint", self.fingerprint)
         metadata["cache_tokens_left"] = self.cache_tokens_left
-        return runtime_pb2.ExpertResponse(tensors=packed if packed is not None else pack_tensors([self.output]),
-                                          metadata=pack_metadata(metadata))
+        return runtime_pb2.ExpertResponse(
+            tensors=packed if packed is not None else pack_tensors([self.output]), metadata=pack_metadata(metadata)
+        )
 
     @classmethod
-    def _from(cls, metadata: dict, tensors: list) -> "StepReply":
+    def _from(cls, metadata: dict, tensors: list) -> StepReply:
         if len(tensors) != 1:
             raise ValueError(f"a step's answer carries one output tensor, this one {len(tensors)}")
-        return cls(tensors[0], metadata.get("receipt"), metadata.get("fingerprint"),
-                   metadata.get("receipt_follows") is True, metadata.get("cache_tokens_left"))
+        return cls(
+            tensors[0],
+            metadata.get("receipt"),
+            metadata.get("fingerprint"),
+            metadata.get("receipt_follows") is True,
+            metadata.get("cache_tokens_left"),
+        )
 
 
 @message
@@ -385,15 +423,18 @@ class ReceiptMessage:
     receipts) and before the next step's output."""
 
     step: Any
-    receipt: Optional[dict]
-    fingerprint: Optional[bytes] = None
+    receipt: dict | None
+    fingerprint: bytes | None = None
 
     def to_response(self) -> runtime_pb2.ExpertResponse:
-        return runtime_pb2.ExpertResponse(metadata=pack_metadata(
-            {"type": "receipt", "step": self.step, "receipt": self.receipt, "fingerprint": self.fingerprint}))
+        return runtime_pb2.ExpertResponse(
+            metadata=pack_metadata(
+                {"type": "receipt", "step": self.step, "receipt": self.receipt, "fingerprint": self.fingerprint}
+            )
+        )
 
     @classmethod
-    def _from(cls, metadata: dict, tensors: list) -> "ReceiptMessage":
+    def _from(cls, metadata: dict, tensors: list) -> ReceiptMessage:
         return cls(metadata.get("step"), metadata.get("receipt"), metadata.get("fingerprint"))
 
 
@@ -405,7 +446,7 @@ class PushMissing:
         return runtime_pb2.ExpertResponse(metadata=pack_metadata({"push_missing": True}))
 
     @classmethod
-    def _from(cls, metadata: dict, tensors: list) -> "PushMissing":
+    def _from(cls, metadata: dict, tensors: list) -> PushMissing:
         return cls()
 
 
@@ -420,8 +461,9 @@ def decode_inference_reply(response: runtime_pb2.ExpertResponse) -> InferenceRep
         tensors = unpack_tensors(packed)
         if len(tensors) == 1:
             get = metadata.get
-            return StepReply(tensors[0], get("receipt"), get("fingerprint"), get("receipt_follows") is True,
-                             get("cache_tokens_left"))
+            return StepReply(
+                tensors[0], get("receipt"), get("fingerprint"), get("receipt_follows") is True, get("cache_tokens_left")
+            )
     tensors = unpack_tensors(packed) if packed else []
     if kind == "receipt":
         return ReceiptMessage._from(metadata, tensors)
@@ -442,18 +484,20 @@ class Push:
     session_id: bytes
     step: int
     token: bytes
-    hidden: Optional[torch.Tensor] = None
+    hidden: torch.Tensor | None = None
 
     rpc: ClassVar[str] = RPC_PUSH
 
-    def to_request(self, packed: Optional[Packed] = None) -> runtime_pb2.ExpertRequest:
+    def to_request(self, packed: Packed | None = None) -> runtime_pb2.ExpertRequest:
         """``packed``: the hidden states, packed already (the node's output as it also goes to its client)."""
         tensors = packed if packed is not None else pack_tensors([self.hidden])
-        return runtime_pb2.ExpertRequest(tensors=tensors, metadata=pack_metadata(
-            {"session_id": self.session_id, "step": self.step, "token": self.token}))
+        return runtime_pb2.ExpertRequest(
+            tensors=tensors,
+            metadata=pack_metadata({"session_id": self.session_id, "step": self.step, "token": self.token}),
+        )
 
     @classmethod
-    def decode(cls, request: runtime_pb2.ExpertRequest) -> "Push":
+    def decode(cls, request: runtime_pb2.ExpertRequest) -> Push:
         metadata = unpack_metadata(request.metadata)
         session_id = _session_id(metadata)
         token = metadata.get("token")
@@ -477,7 +521,7 @@ class PushAck:
 # ---- unary calls --------------------------------------------------------------------------------------------------
 
 
-def _call_metadata(client: str, session_id: Optional[bytes], step: Optional[int], voucher: Optional[dict]) -> dict:
+def _call_metadata(client: str, session_id: bytes | None, step: int | None, voucher: dict | None) -> dict:
     metadata = {"client": client}
     _put(metadata, "session_id", session_id)
     _put(metadata, "step", step)
@@ -485,7 +529,7 @@ def _call_metadata(client: str, session_id: Optional[bytes], step: Optional[int]
     return metadata
 
 
-def _call_fields(metadata: dict) -> tuple[str, Optional[bytes], int, Any]:
+def _call_fields(metadata: dict) -> tuple[str, bytes | None, int, Any]:
     client = _client(metadata)
     # a call without a session gets a fresh id from the node (None here): two such receipts must never share
     # (session, step), or they would look like a double-sign and an honest node could be slashed
@@ -503,11 +547,11 @@ class ForwardCall:
 
     uid: str
     hidden: torch.Tensor
-    prompts: Optional[torch.Tensor] = None
+    prompts: torch.Tensor | None = None
     client: str = ZERO_ADDRESS
-    session_id: Optional[bytes] = None
-    step: Optional[int] = None
-    voucher: Optional[dict] = None
+    session_id: bytes | None = None
+    step: int | None = None
+    voucher: dict | None = None
     backward: bool = True
 
     rpc: ClassVar[str] = RPC_FORWARD
@@ -520,14 +564,22 @@ class ForwardCall:
         return runtime_pb2.ExpertRequest(uid=self.uid, tensors=pack_tensors(tensors), metadata=pack_metadata(metadata))
 
     @classmethod
-    def decode(cls, request: runtime_pb2.ExpertRequest) -> "ForwardCall":
+    def decode(cls, request: runtime_pb2.ExpertRequest) -> ForwardCall:
         metadata = unpack_metadata(request.metadata)
         tensors = unpack_tensors(request.tensors)
         if not 1 <= len(tensors) <= 2:
             raise _bad("forward takes hidden_states and optionally prompts")
         client, session_id, step, voucher = _call_fields(metadata)
-        return cls(request.uid, tensors[0], tensors[1] if len(tensors) > 1 else None, client, session_id, step,
-                   voucher, metadata.get("backward", True) is not False)
+        return cls(
+            request.uid,
+            tensors[0],
+            tensors[1] if len(tensors) > 1 else None,
+            client,
+            session_id,
+            step,
+            voucher,
+            metadata.get("backward", True) is not False,
+        )
 
 
 @message
@@ -537,11 +589,11 @@ class BackwardCall:
     uid: str
     hidden: torch.Tensor
     grad_outputs: torch.Tensor
-    prompts: Optional[torch.Tensor] = None
+    prompts: torch.Tensor | None = None
     client: str = ZERO_ADDRESS
-    session_id: Optional[bytes] = None
-    step: Optional[int] = None
-    voucher: Optional[dict] = None
+    session_id: bytes | None = None
+    step: int | None = None
+    voucher: dict | None = None
 
     rpc: ClassVar[str] = RPC_BACKWARD
 
@@ -551,14 +603,22 @@ class BackwardCall:
         return runtime_pb2.ExpertRequest(uid=self.uid, tensors=pack_tensors(tensors), metadata=pack_metadata(metadata))
 
     @classmethod
-    def decode(cls, request: runtime_pb2.ExpertRequest) -> "BackwardCall":
+    def decode(cls, request: runtime_pb2.ExpertRequest) -> BackwardCall:
         metadata = unpack_metadata(request.metadata)
         tensors = unpack_tensors(request.tensors)
         if not 2 <= len(tensors) <= 3:
             raise _bad("backward takes hidden_states, grad_outputs and maybe prompts")
         client, session_id, step, voucher = _call_fields(metadata)
-        return cls(request.uid, tensors[0], tensors[1], tensors[2] if len(tensors) > 2 else None, client,
-                   session_id, step, voucher)
+        return cls(
+            request.uid,
+            tensors[0],
+            tensors[1],
+            tensors[2] if len(tensors) > 2 else None,
+            client,
+            session_id,
+            step,
+            voucher,
+        )
 
 
 @message
@@ -566,15 +626,17 @@ class ForwardReply:
     """The forward's output with its receipt: tensors [output], metadata {"receipt", "fingerprint"}."""
 
     output: torch.Tensor
-    receipt: Optional[dict] = None
-    fingerprint: Optional[bytes] = None
+    receipt: dict | None = None
+    fingerprint: bytes | None = None
 
     def to_response(self) -> runtime_pb2.ExpertResponse:
-        return runtime_pb2.ExpertResponse(tensors=pack_tensors([self.output]), metadata=pack_metadata(
-            {"receipt": self.receipt, "fingerprint": self.fingerprint}))
+        return runtime_pb2.ExpertResponse(
+            tensors=pack_tensors([self.output]),
+            metadata=pack_metadata({"receipt": self.receipt, "fingerprint": self.fingerprint}),
+        )
 
     @classmethod
-    def decode(cls, response: runtime_pb2.ExpertResponse) -> "ForwardReply":
+    def decode(cls, response: runtime_pb2.ExpertResponse) -> ForwardReply:
         tensors, metadata = unpack_tensors(response.tensors), unpack_metadata(response.metadata)
         if len(tensors) != 1:
             raise ValueError(f"a forward's answer carries one output tensor, this one {len(tensors)}")
@@ -586,22 +648,25 @@ class BackwardReply:
     """tensors [grad_inputs] (+ [grad_prompts] where the call had prompts), metadata {"receipt", "fingerprint"}."""
 
     grad_inputs: torch.Tensor
-    grad_prompts: Optional[torch.Tensor] = None
-    receipt: Optional[dict] = None
-    fingerprint: Optional[bytes] = None
+    grad_prompts: torch.Tensor | None = None
+    receipt: dict | None = None
+    fingerprint: bytes | None = None
 
     def to_response(self) -> runtime_pb2.ExpertResponse:
         tensors = [self.grad_inputs] + ([self.grad_prompts] if self.grad_prompts is not None else [])
-        return runtime_pb2.ExpertResponse(tensors=pack_tensors(tensors), metadata=pack_metadata(
-            {"receipt": self.receipt, "fingerprint": self.fingerprint}))
+        return runtime_pb2.ExpertResponse(
+            tensors=pack_tensors(tensors),
+            metadata=pack_metadata({"receipt": self.receipt, "fingerprint": self.fingerprint}),
+        )
 
     @classmethod
-    def decode(cls, response: runtime_pb2.ExpertResponse) -> "BackwardReply":
+    def decode(cls, response: runtime_pb2.ExpertResponse) -> BackwardReply:
         tensors, metadata = unpack_tensors(response.tensors), unpack_metadata(response.metadata)
         if not 1 <= len(tensors) <= 2:
             raise ValueError(f"a backward's answer carries 1 or 2 tensors, this one {len(tensors)}")
-        return cls(tensors[0], tensors[1] if len(tensors) > 1 else None, metadata.get("receipt"),
-                   metadata.get("fingerprint"))
+        return cls(
+            tensors[0], tensors[1] if len(tensors) > 1 else None, metadata.get("receipt"), metadata.get("fingerprint")
+        )
 
     @property
     def tensors(self) -> list[torch.Tensor]:
@@ -619,11 +684,12 @@ class AuditCall:
     rpc: ClassVar[str] = RPC_AUDIT
 
     def to_request(self) -> runtime_pb2.ExpertRequest:
-        return runtime_pb2.ExpertRequest(uid=self.uid, metadata=pack_metadata(
-            {"session_id": self.session_id, "step": self.step}))
+        return runtime_pb2.ExpertRequest(
+            uid=self.uid, metadata=pack_metadata({"session_id": self.session_id, "step": self.step})
+        )
 
     @classmethod
-    def decode(cls, request: runtime_pb2.ExpertRequest) -> "AuditCall":
+    def decode(cls, request: runtime_pb2.ExpertRequest) -> AuditCall:
         metadata = unpack_metadata(request.metadata)
         return cls(request.uid, _session_id(metadata), _int(metadata, "step", 0, MAX_STEP))
 
@@ -635,15 +701,16 @@ class AuditReply:
     inputs: torch.Tensor
     start: Any
     end: Any
-    prompts: Optional[torch.Tensor] = None
+    prompts: torch.Tensor | None = None
 
     def to_response(self) -> runtime_pb2.ExpertResponse:
         tensors = [self.inputs] + ([self.prompts] if self.prompts is not None else [])
-        return runtime_pb2.ExpertResponse(tensors=pack_tensors(tensors),
-                                          metadata=pack_metadata({"start": self.start, "end": self.end}))
+        return runtime_pb2.ExpertResponse(
+            tensors=pack_tensors(tensors), metadata=pack_metadata({"start": self.start, "end": self.end})
+        )
 
     @classmethod
-    def decode(cls, response: runtime_pb2.ExpertResponse) -> "AuditReply":
+    def decode(cls, response: runtime_pb2.ExpertResponse) -> AuditReply:
         tensors, metadata = unpack_tensors(response.tensors), unpack_metadata(response.metadata)
         if not 1 <= len(tensors) <= 2:
             raise ValueError(f"an audit answer carries 1 or 2 tensors, this one {len(tensors)}")
@@ -672,13 +739,35 @@ class InfoReply:
         return runtime_pb2.ExpertResponse(metadata=pack_metadata(self.info))
 
     @classmethod
-    def decode(cls, response: runtime_pb2.ExpertResponse) -> "InfoReply":
+    def decode(cls, response: runtime_pb2.ExpertResponse) -> InfoReply:
         return cls(unpack_metadata(response.metadata))
 
 
 __all__ = [
-    "AuditCall", "AuditReply", "BackwardCall", "BackwardReply", "Cancel", "Flush", "ForwardCall", "ForwardReply",
-    "InferenceReply", "InferenceRequest", "InfoCall", "InfoReply", "MAX_STEP", "Open", "Opened", "Pay", "Push",
-    "PushAck", "PushMissing", "PushTarget", "ReceiptMessage", "Step", "StepReply", "ZERO_ADDRESS",
-    "decode_inference_reply", "decode_inference_request",
+    "AuditCall",
+    "AuditReply",
+    "BackwardCall",
+    "BackwardReply",
+    "Cancel",
+    "Flush",
+    "ForwardCall",
+    "ForwardReply",
+    "InferenceReply",
+    "InferenceRequest",
+    "InfoCall",
+    "InfoReply",
+    "MAX_STEP",
+    "Open",
+    "Opened",
+    "Pay",
+    "Push",
+    "PushAck",
+    "PushMissing",
+    "PushTarget",
+    "ReceiptMessage",
+    "Step",
+    "StepReply",
+    "ZERO_ADDRESS",
+    "decode_inference_reply",
+    "decode_inference_request",
 ]

@@ -3,6 +3,7 @@
 Every CLI, the client, the API and the ledger read ``--initial-peers`` and ``NECTAR_INITIAL_PEERS`` through here.
 The entry point hands its environment in (``env=``): nothing under ``wire/`` reads the environment itself.
 """
+
 from __future__ import annotations
 
 import re
@@ -41,9 +42,11 @@ def _checked(entry: str) -> str:
         except Exception as e:  # the multiaddr package raises several types
             problem = str(e) or type(e).__name__
     if problem:
-        raise ValueError(f"{entry!r} is not a peer multiaddr ({problem}): pass addresses like "
-                         "/ip4/1.2.3.4/tcp/31337/p2p/Qm..., as printed by `nectar dht` or `nectar node`, separated "
-                         "by spaces or commas")
+        raise ValueError(
+            f"{entry!r} is not a peer multiaddr ({problem}): pass addresses like "
+            "/ip4/1.2.3.4/tcp/31337/p2p/Qm..., as printed by `nectar dht` or `nectar node`, separated "
+            "by spaces or commas"
+        )
     return entry
 
 

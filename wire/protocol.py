@@ -25,11 +25,13 @@ answers its client as usual; the next hop steps on the pushed tensor. A client t
 {"type": "cancel", "session_id", "step"}; the waiting step then answers {"push_missing": true} without tensors, and
 the client relays that step instead.
 """
+
 from __future__ import annotations
 
 import enum
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,13 +94,33 @@ def parse_module_uid(uid: str) -> tuple[str, int, int]:
 # unpacks one). The bytes are the ones hivemind writes, except bfloat16: two bytes an element, not widened to
 # float32; hivemind reads both, and so does ``unpack_tensor``. Compressed tensors still go through hivemind.
 _NONE = runtime_pb2.CompressionType.NONE
-_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in (
-    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16, torch.int8,
-    torch.uint8, torch.bool)}
+_DTYPES = {
+    str(dtype).removeprefix("torch."): dtype
+    for dtype in (
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.float64,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    )
+}
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64,
-                 torch.int64: np.int64, torch.int32: np.int32, torch.int16: np.int16, torch.int8: np.int8,
-                 torch.uint8: np.uint8, torch.bool: np.bool_}  # numpy reads and writes these without a view
+_NUMPY_DTYPES = {
+    torch.float32: np.float32,
+    torch.float16: np.float16,
+    torch.float64: np.float64,
+    torch.int64: np.int64,
+    torch.int32: np.int32,
+    torch.int16: np.int16,
+    torch.int8: np.int8,
+    torch.uint8: np.uint8,
+    torch.bool: np.bool_,
+}  # numpy reads and writes these without a view
 
 
 def pack_tensor(tensor: torch.Tensor) -> runtime_pb2.Tensor:
@@ -113,8 +135,12 @@ def pack_tensor(tensor: torch.Tensor) -> runtime_pb2.Tensor:
         buffer = tensor.numpy().tobytes()
     else:
         buffer = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
-    return runtime_pb2.Tensor(compression=_NONE, buffer=buffer, size=tensor.shape,
-                              dtype=_DTYPE_NAMES.get(tensor.dtype) or str(tensor.dtype).removeprefix("torch."))
+    return runtime_pb2.Tensor(
+        compression=_NONE,
+        buffer=buffer,
+        size=tensor.shape,
+        dtype=_DTYPE_NAMES.get(tensor.dtype) or str(tensor.dtype).removeprefix("torch."),
+    )
 
 
 def unpack_tensor(message: runtime_pb2.Tensor) -> torch.Tensor:

@@ -4,12 +4,13 @@ A node signs a ``Receipt`` for every step it computes; a client signs a cumulati
 EIP-712 digests, signatures and the signing domain live in ``nectar.wire.eip712``; the tensor commitments and
 activation fingerprints a receipt carries live in ``nectar.wire.fingerprints``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
 from functools import lru_cache
-from typing import Any, Optional
+from typing import Any
 
 from eth_utils import to_checksum_address
 from sha3 import keccak_256 as _keccak_256  # safe-pysha3: ~2 us a call, pycryptodome's wrapper ~12 (~8 per step)
@@ -137,18 +138,20 @@ class Receipt:
         return {camel: getattr(self, snake) for snake, camel in _RECEIPT_KEYS}
 
     @classmethod
-    def from_message(cls, message: dict) -> "Receipt":
+    def from_message(cls, message: dict) -> Receipt:
         return cls(**{snake: message[camel] for snake, camel in _RECEIPT_KEYS})
 
     def to_json(self) -> dict:
         out = {}
         for snake, camel in _RECEIPT_KEYS:
             value = getattr(self, snake)
-            out[camel] = _hex(value) if snake in _BYTES32_FIELDS else str(value) if snake in ("price", "amount") else value
+            out[camel] = (
+                _hex(value) if snake in _BYTES32_FIELDS else str(value) if snake in ("price", "amount") else value
+            )
         return out
 
     @classmethod
-    def from_json(cls, data: dict) -> "Receipt":
+    def from_json(cls, data: dict) -> Receipt:
         if not isinstance(data, dict):
             raise ValueError("a receipt must be a JSON object")
         missing = [camel for _, camel in _RECEIPT_KEYS if camel not in data]
@@ -180,7 +183,7 @@ class Voucher:
     node: str
     channel_id: int
     cumulative_amount: int
-    partner: Optional[str] = None  # None: the node itself
+    partner: str | None = None  # None: the node itself
 
     def __post_init__(self):
         _check_uint("channel_id", self.channel_id, 64)
@@ -200,7 +203,7 @@ class Voucher:
                 "cumulativeAmount": self.cumulative_amount}  # fmt: skip
 
     @classmethod
-    def from_message(cls, message: dict) -> "Voucher":
+    def from_message(cls, message: dict) -> Voucher:
         return cls(message["client"], message["node"], message["channelId"], message["cumulativeAmount"],
                    message.get("partner"))  # fmt: skip
 
@@ -208,7 +211,7 @@ class Voucher:
         return {**self.to_message(), "cumulativeAmount": str(self.cumulative_amount)}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Voucher":
+    def from_json(cls, data: dict) -> Voucher:
         if not isinstance(data, dict):
             raise ValueError("a voucher must be a JSON object")
         missing = [k for k in ("client", "node", "partner", "channelId", "cumulativeAmount") if k not in data]
@@ -227,7 +230,7 @@ class SignedReceipt:
         return {"receipt": self.receipt.to_json(), "signature": _hex(self.signature)}
 
     @classmethod
-    def from_json(cls, data: dict) -> "SignedReceipt":
+    def from_json(cls, data: dict) -> SignedReceipt:
         if not isinstance(data, dict) or "receipt" not in data or "signature" not in data:
             raise ValueError("a signed receipt is {'receipt': {...}, 'signature': '0x...'}")
         return cls(Receipt.from_json(data["receipt"]), _unhex("signature", data["signature"], 65))
@@ -242,7 +245,7 @@ class SignedVoucher:
         return {"voucher": self.voucher.to_json(), "signature": _hex(self.signature)}
 
     @classmethod
-    def from_json(cls, data: dict) -> "SignedVoucher":
+    def from_json(cls, data: dict) -> SignedVoucher:
         if not isinstance(data, dict) or "voucher" not in data or "signature" not in data:
             raise ValueError("a signed voucher is {'voucher': {...}, 'signature': '0x...'}")
         return cls(Voucher.from_json(data["voucher"]), _unhex("signature", data["signature"], 65))

@@ -5,11 +5,12 @@ behind ``wait_for``, waiting costs no task, no shield and no extra future per re
 request, and ``readable`` tells when one has come without taking it (the node waits for a push or its client,
 whichever speaks first).
 """
+
 from __future__ import annotations
 
 import asyncio
 import collections
-from typing import Any, Optional
+from typing import Any
 
 
 class RequestTimeout(Exception):
@@ -26,8 +27,8 @@ class RequestStream:
     def __init__(self, max_prefetch: int = 8):
         self.max_prefetch = max_prefetch
         self._items: collections.deque = collections.deque()
-        self._readable: Optional[asyncio.Future] = None  # resolved when an item arrives
-        self._space: Optional[asyncio.Future] = None  # resolved when the handler takes an item
+        self._readable: asyncio.Future | None = None  # resolved when an item arrives
+        self._space: asyncio.Future | None = None  # resolved when the handler takes an item
         self._ended = False
 
     # ---- the reader's side -------------------------------------------------------------------------------------
@@ -54,7 +55,7 @@ class RequestStream:
             self._readable = asyncio.get_running_loop().create_future()
         return self._readable
 
-    async def next(self, timeout: Optional[float] = None):
+    async def next(self, timeout: float | None = None):
         """The next request, or None once the caller ended the stream; ``RequestTimeout`` after ``timeout`` s."""
         if not self._items and not self._ended:
             readable = self.readable()

@@ -4,11 +4,12 @@ Streams go to a node's direct TCP lane when it announces one and it answers, els
 (``open_stream``). A node's error surfaces as an exception whose text starts with its ``ErrorCode``
 (``NodeRPCError.code_of`` reads it).
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator, Optional
+from collections.abc import AsyncIterator
 
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
@@ -16,8 +17,22 @@ from hivemind.proto import runtime_pb2
 from nectar.wire.announce import ServerInfo
 from nectar.wire.direct import call_stream_direct
 from nectar.wire.messages import (
-    AuditCall, AuditReply, BackwardCall, BackwardReply, Cancel, Flush, ForwardCall, ForwardReply, InferenceReply,
-    InfoCall, InfoReply, Open, Opened, Pay, Step, decode_inference_reply,
+    AuditCall,
+    AuditReply,
+    BackwardCall,
+    BackwardReply,
+    Cancel,
+    Flush,
+    ForwardCall,
+    ForwardReply,
+    InferenceReply,
+    InfoCall,
+    InfoReply,
+    Open,
+    Opened,
+    Pay,
+    Step,
+    decode_inference_reply,
 )
 from nectar.wire.protocol import RPC_INFERENCE
 from nectar.wire.transport import call_stream, first_response
@@ -25,9 +40,15 @@ from nectar.wire.transport import call_stream, first_response
 logger = logging.getLogger(__name__)
 
 
-async def open_stream(p2p: P2P, peer_id: PeerID, info: Optional[ServerInfo], name: str,
-                      requests: AsyncIterator[runtime_pb2.ExpertRequest], *, direct: bool = True
-                      ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+async def open_stream(
+    p2p: P2P,
+    peer_id: PeerID,
+    info: ServerInfo | None,
+    name: str,
+    requests: AsyncIterator[runtime_pb2.ExpertRequest],
+    *,
+    direct: bool = True,
+) -> AsyncIterator[runtime_pb2.ExpertResponse]:
     """Opens the stream RPC ``name``: the node's direct lane where ``info`` announces one and it answers, else P2P."""
     if direct and info is not None and info.direct_address:
         try:
@@ -37,34 +58,68 @@ async def open_stream(p2p: P2P, peer_id: PeerID, info: Optional[ServerInfo], nam
     return await call_stream(p2p, peer_id, name, requests)
 
 
-async def call_unary(p2p: P2P, peer_id: PeerID, info: Optional[ServerInfo], name: str,
-                     request: runtime_pb2.ExpertRequest, *, direct: bool = True,
-                     timeout: Optional[float] = None) -> runtime_pb2.ExpertResponse:
+async def call_unary(
+    p2p: P2P,
+    peer_id: PeerID,
+    info: ServerInfo | None,
+    name: str,
+    request: runtime_pb2.ExpertRequest,
+    *,
+    direct: bool = True,
+    timeout: float | None = None,
+) -> runtime_pb2.ExpertResponse:
     """One request, one response, on the fastest lane."""
-    return await first_response(lambda requests: open_stream(p2p, peer_id, info, name, requests, direct=direct),
-                                request, peer=peer_id, name=name, timeout=timeout)
+    return await first_response(
+        lambda requests: open_stream(p2p, peer_id, info, name, requests, direct=direct),
+        request,
+        peer=peer_id,
+        name=name,
+        timeout=timeout,
+    )
 
 
-async def call_forward(p2p: P2P, peer_id: PeerID, info: Optional[ServerInfo], call: ForwardCall, *,
-                       direct: bool = True, timeout: Optional[float] = None) -> ForwardReply:
+async def call_forward(
+    p2p: P2P,
+    peer_id: PeerID,
+    info: ServerInfo | None,
+    call: ForwardCall,
+    *,
+    direct: bool = True,
+    timeout: float | None = None,
+) -> ForwardReply:
     response = await call_unary(p2p, peer_id, info, call.rpc, call.to_request(), direct=direct, timeout=timeout)
     return ForwardReply.decode(response)
 
 
-async def call_backward(p2p: P2P, peer_id: PeerID, info: Optional[ServerInfo], call: BackwardCall, *,
-                        direct: bool = True, timeout: Optional[float] = None) -> BackwardReply:
+async def call_backward(
+    p2p: P2P,
+    peer_id: PeerID,
+    info: ServerInfo | None,
+    call: BackwardCall,
+    *,
+    direct: bool = True,
+    timeout: float | None = None,
+) -> BackwardReply:
     response = await call_unary(p2p, peer_id, info, call.rpc, call.to_request(), direct=direct, timeout=timeout)
     return BackwardReply.decode(response)
 
 
-async def call_audit(p2p: P2P, peer_id: PeerID, info: Optional[ServerInfo], call: AuditCall, *,
-                     direct: bool = True, timeout: Optional[float] = None) -> AuditReply:
+async def call_audit(
+    p2p: P2P,
+    peer_id: PeerID,
+    info: ServerInfo | None,
+    call: AuditCall,
+    *,
+    direct: bool = True,
+    timeout: float | None = None,
+) -> AuditReply:
     response = await call_unary(p2p, peer_id, info, call.rpc, call.to_request(), direct=direct, timeout=timeout)
     return AuditReply.decode(response)
 
 
-async def call_info(p2p: P2P, peer_id: PeerID, info: Optional[ServerInfo] = None, *, direct: bool = True,
-                    timeout: Optional[float] = None) -> dict:
+async def call_info(
+    p2p: P2P, peer_id: PeerID, info: ServerInfo | None = None, *, direct: bool = True, timeout: float | None = None
+) -> dict:
     """The node's info (``InfoReply.info``): its announcement, model, version and counters."""
     call = InfoCall()
     response = await call_unary(p2p, peer_id, info, call.rpc, call.to_request(), direct=direct, timeout=timeout)
@@ -81,9 +136,9 @@ class InferenceStub:
 
     def __init__(self, uid: str):
         self.uid = uid
-        self.opened: Optional[Opened] = None  # the node's answer to an open without a first step
+        self.opened: Opened | None = None  # the node's answer to an open without a first step
         self._queue: asyncio.Queue = asyncio.Queue()
-        self._responses: Optional[AsyncIterator[runtime_pb2.ExpertResponse]] = None
+        self._responses: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
 
     async def _requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
         while True:
@@ -106,15 +161,25 @@ class InferenceStub:
         self._queue.put_nowait(None)
 
 
-async def open_inference(p2p: P2P, peer_id: PeerID, info: Optional[ServerInfo], message: Open, *,
-                         direct: bool = True, timeout: Optional[float] = None) -> InferenceStub:
+async def open_inference(
+    p2p: P2P,
+    peer_id: PeerID,
+    info: ServerInfo | None,
+    message: Open,
+    *,
+    direct: bool = True,
+    timeout: float | None = None,
+) -> InferenceStub:
     """Opens an inference stream and sends ``message``; without a first step in it, waits for the node's
     ``Opened`` (``stub.opened``). ``timeout`` bounds opening the stream and, separately, that answer. On failure the
     stream is closed and the error raised."""
     stub = InferenceStub(message.uid)
     try:
-        stub._responses = (await asyncio.wait_for(
-            open_stream(p2p, peer_id, info, RPC_INFERENCE, stub._requests(), direct=direct), timeout)).__aiter__()
+        stub._responses = (
+            await asyncio.wait_for(
+                open_stream(p2p, peer_id, info, RPC_INFERENCE, stub._requests(), direct=direct), timeout
+            )
+        ).__aiter__()
         stub.send_request(message.to_request())
         if message.first_step is None:
             reply = await asyncio.wait_for(stub.receive(), timeout)
@@ -127,5 +192,13 @@ async def open_inference(p2p: P2P, peer_id: PeerID, info: Optional[ServerInfo], 
     return stub
 
 
-__all__ = ["InferenceStub", "call_audit", "call_backward", "call_forward", "call_info", "call_unary",
-           "open_inference", "open_stream"]
+__all__ = [
+    "InferenceStub",
+    "call_audit",
+    "call_backward",
+    "call_forward",
+    "call_info",
+    "call_unary",
+    "open_inference",
+    "open_stream",
+]

@@ -4,6 +4,7 @@ Nodes write their ``ServerInfo`` under one DHT key per block (``nectar.wire.anno
 push checks, the client's routing, ``nectar swarm``, the API's monitor, the ledger's audits and the test swarm all
 read them through here. The DHT is either a ``ClientRuntime`` (``nectar.wire.dht``) or a ``hivemind.DHT``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,8 +43,9 @@ class ModelSwarm:
         return [i for i, count in enumerate(self.coverage(states)) if count == 0]
 
 
-def parse_block_records(model_id: str, block_indices: Iterable[int], records: dict[Any, Any], *,
-                        states: Collection[int] | None = None) -> dict[int, dict[PeerID, ServerInfo]]:
+def parse_block_records(
+    model_id: str, block_indices: Iterable[int], records: dict[Any, Any], *, states: Collection[int] | None = None
+) -> dict[int, dict[PeerID, ServerInfo]]:
     """Turns DHT lookup results into {block: {peer: ServerInfo}}, dropping malformed entries (and, with ``states``,
     announcements in other states)."""
     result: dict[int, dict[PeerID, ServerInfo]] = {}
@@ -71,8 +73,14 @@ def fetch_records(dht: ClientRuntime | Any, keys: Sequence[str], *, latest: bool
     return get_many(dht, keys, latest=latest)
 
 
-def read_swarm(dht: ClientRuntime | Any, model_id: str, num_blocks: int, *, blocks: Iterable[int] | None = None,
-               states: Collection[int] | None = None) -> ModelSwarm:
+def read_swarm(
+    dht: ClientRuntime | Any,
+    model_id: str,
+    num_blocks: int,
+    *,
+    blocks: Iterable[int] | None = None,
+    states: Collection[int] | None = None,
+) -> ModelSwarm:
     """The announcements of ``model_id`` (of ``blocks`` only, if given; of peers in ``states`` only, if given)."""
     indices = list(range(num_blocks) if blocks is None else blocks)
     records = fetch_records(dht, [block_key(model_id, i) for i in indices])

@@ -6,12 +6,13 @@ message; Nectar answers such a peer with a ``bad_request`` error instead, then c
 A node ends a stream after its caller has: when the handler is done it waits for the caller's end-of-stream marker,
 then for the caller to close its side (``CALLER_LINGER``; callers that read until the node closes get it then).
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import closing, suppress
-from typing import AsyncIterator, Awaitable, Callable
 
 from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
@@ -26,8 +27,9 @@ CALLER_CLOSE_TIMEOUT = 10.0  # s a finished stream waits for the caller's end of
 CALLER_LINGER = 1.0  # s it then waits for the caller to close its side (callers that read to the end don't)
 
 
-async def send_message(message: runtime_pb2.ExpertResponse | runtime_pb2.ExpertRequest | RPCError,
-                       writer: asyncio.StreamWriter) -> None:
+async def send_message(
+    message: runtime_pb2.ExpertResponse | runtime_pb2.ExpertRequest | RPCError, writer: asyncio.StreamWriter
+) -> None:
     """One protobuf message (or ``RPCError``) in hivemind's stream framing, as a single write: hivemind's
     ``P2P.send_protobuf`` writes marker, length and body separately, three send() calls per message."""
     marker = P2P.ERROR_MARKER if isinstance(message, RPCError) else P2P.MESSAGE_MARKER
@@ -42,7 +44,9 @@ async def send_data(data: bytes, writer: asyncio.StreamWriter) -> None:
     await writer.drain()
 
 
-StreamHandler = Callable[[AsyncIterator[runtime_pb2.ExpertRequest], P2PContext], AsyncIterator[runtime_pb2.ExpertResponse]]
+StreamHandler = Callable[
+    [AsyncIterator[runtime_pb2.ExpertRequest], P2PContext], AsyncIterator[runtime_pb2.ExpertResponse]
+]
 
 
 async def serve_stream(p2p: P2P, name: str, handler: StreamHandler, *, max_prefetch: int = 8) -> None:
@@ -134,15 +138,22 @@ async def call_stream(
     return await p2p.iterate_protobuf_handler(peer_id, name, requests, runtime_pb2.ExpertResponse)
 
 
-async def call_once(p2p: P2P, peer_id: PeerID, name: str, request: runtime_pb2.ExpertRequest,
-                    *, timeout: float | None = None) -> runtime_pb2.ExpertResponse:
-    return await first_response(lambda requests: call_stream(p2p, peer_id, name, requests), request,
-                                peer=peer_id, name=name, timeout=timeout)
+async def call_once(
+    p2p: P2P, peer_id: PeerID, name: str, request: runtime_pb2.ExpertRequest, *, timeout: float | None = None
+) -> runtime_pb2.ExpertResponse:
+    return await first_response(
+        lambda requests: call_stream(p2p, peer_id, name, requests), request, peer=peer_id, name=name, timeout=timeout
+    )
 
 
-async def first_response(open_stream: Callable[[AsyncIterator], Awaitable[AsyncIterator]],
-                         request: runtime_pb2.ExpertRequest, *, peer, name: str,
-                         timeout: float | None = None) -> runtime_pb2.ExpertResponse:
+async def first_response(
+    open_stream: Callable[[AsyncIterator], Awaitable[AsyncIterator]],
+    request: runtime_pb2.ExpertRequest,
+    *,
+    peer,
+    name: str,
+    timeout: float | None = None,
+) -> runtime_pb2.ExpertResponse:
     """Sends one request on a stream ``open_stream(requests)`` opens (any transport); returns the first answer."""
 
     async def one():

@@ -1,4 +1,5 @@
 """The API gateway's one Settings object (environment variables prefixed ``NECTAR_API_``, or a ``.env`` file)."""
+
 from __future__ import annotations
 
 import json
@@ -82,7 +83,7 @@ class Settings(ServiceSettings):
         return _split_words(value)
 
     @model_validator(mode="after")
-    def _check_ranges(self) -> "Settings":
+    def _check_ranges(self) -> Settings:
         if self.price_per_token < 0:
             raise ValueError("NECTAR_API_PRICE_PER_TOKEN must be >= 0 (micro-credits per token)")
         if self.max_concurrent_generations < 1:

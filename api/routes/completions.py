@@ -1,4 +1,5 @@
 """``POST /v1/completions`` and ``POST /v1/chat/completions``: hand off to the serving class, return JSON or SSE."""
+
 from __future__ import annotations
 
 import logging
@@ -28,16 +29,24 @@ def _answer(result):
     return result
 
 
-@router.post("/completions", response_model=CompletionResponse, summary="Create a completion",
-             responses={**sse_200("CompletionStreamResponse"), **errors(400, 401, 402, 404, 422, 429, 503)})
+@router.post(
+    "/completions",
+    response_model=CompletionResponse,
+    summary="Create a completion",
+    responses={**sse_200("CompletionStreamResponse"), **errors(400, 401, 402, 404, 422, 429, 503)},
+)
 async def create_completion(body: CompletionRequest, auth: AuthDep, serving: CompletionServingDep):
     """Continue a prompt through the swarm. The account is held the worst case (prompt + n x max_tokens tokens)
     before generation and charged exactly ``usage.total_tokens`` x the price per token after it."""
     return _answer(await serving.create_completion(body, auth))
 
 
-@router.post("/chat/completions", response_model=ChatCompletionResponse, summary="Create a chat completion",
-             responses={**sse_200("ChatCompletionStreamResponse"), **errors(400, 401, 402, 404, 422, 429, 503)})
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletionResponse,
+    summary="Create a chat completion",
+    responses={**sse_200("ChatCompletionStreamResponse"), **errors(400, 401, 402, 404, 422, 429, 503)},
+)
 async def create_chat_completion(body: ChatCompletionRequest, auth: AuthDep, serving: ChatServingDep):
     """Answer a conversation formatted with the model's chat template; metered like completions."""
     return _answer(await serving.create_chat_completion(body, auth))

@@ -1,4 +1,5 @@
 """``/v1/files``: upload, list, retrieve, download and delete fine-tuning files."""
+
 from __future__ import annotations
 
 import logging
@@ -15,11 +16,13 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["files"])
 
 
-@router.post("/files", response_model=FileObject, summary="Upload a file",
-             responses=errors(400, 401, 413, 422, 429))
-async def upload_file(file: Annotated[UploadFile, File(description="The JSONL training file.")],
-                      purpose: Annotated[str, Form(description="``fine-tune``")], auth: AuthDep,
-                      serving: FilesServingDep) -> FileObject:
+@router.post("/files", response_model=FileObject, summary="Upload a file", responses=errors(400, 401, 413, 422, 429))
+async def upload_file(
+    file: Annotated[UploadFile, File(description="The JSONL training file.")],
+    purpose: Annotated[str, Form(description="``fine-tune``")],
+    auth: AuthDep,
+    serving: FilesServingDep,
+) -> FileObject:
     """Upload a JSONL training file (multipart form: ``file``, ``purpose=fine-tune``); it is checked on upload."""
     content = await file.read(serving.settings.max_file_bytes + 1)
     return await serving.upload(auth, filename=file.filename or "upload.jsonl", purpose=purpose, content=content)
@@ -31,8 +34,7 @@ async def list_files(auth: AuthDep, serving: FilesServingDep, purpose: str | Non
     return await serving.list(auth, purpose)
 
 
-@router.get("/files/{file_id}", response_model=FileObject, summary="Retrieve a file",
-            responses=errors(401, 404, 429))
+@router.get("/files/{file_id}", response_model=FileObject, summary="Retrieve a file", responses=errors(401, 404, 429))
 async def get_file(file_id: str, auth: AuthDep, serving: FilesServingDep) -> FileObject:
     """One file's metadata."""
     return await serving.get(auth, file_id)
@@ -46,8 +48,9 @@ async def get_file_content(file_id: str, auth: AuthDep, serving: FilesServingDep
     return Response(await serving.content(auth, file_id), media_type="application/octet-stream")
 
 
-@router.delete("/files/{file_id}", response_model=FileDeleted, summary="Delete a file",
-               responses=errors(401, 404, 409, 429))
+@router.delete(
+    "/files/{file_id}", response_model=FileDeleted, summary="Delete a file", responses=errors(401, 404, 409, 429)
+)
 async def delete_file(file_id: str, auth: AuthDep, serving: FilesServingDep) -> FileDeleted:
     """Delete a file no fine-tuning job uses."""
     return await serving.delete(auth, file_id)

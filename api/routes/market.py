@@ -1,4 +1,5 @@
 """The market: swarm view, series for the chart, and one node's receipts, earnings, settlements and reputation."""
+
 from __future__ import annotations
 
 import logging
@@ -20,35 +21,54 @@ async def swarm(service: MarketServiceDep) -> SwarmView:
 
 
 @router.get("/market/stats", response_model=MarketStats, summary="Market series", responses=errors(422))
-async def stats(service: MarketServiceDep, window: int = Query(default=3600, ge=60, le=7 * 86400),
-                bucket: int = Query(default=60, ge=1, le=86400)) -> MarketStats:
+async def stats(
+    service: MarketServiceDep,
+    window: int = Query(default=3600, ge=60, le=7 * 86400),
+    bucket: int = Query(default=60, ge=1, le=86400),
+) -> MarketStats:
     """Tokens served to API users and credits settled on chain, per ``bucket`` seconds over ``window`` seconds."""
     return await service.stats(window_seconds=window, bucket_seconds=bucket)
 
 
-@router.get("/nodes/{address}/receipts", response_model=NodeReceipts, summary="A node's receipts",
-            responses=errors(404, 422, 503))
+@router.get(
+    "/nodes/{address}/receipts",
+    response_model=NodeReceipts,
+    summary="A node's receipts",
+    responses=errors(404, 422, 503),
+)
 async def node_receipts(address: str, service: MarketServiceDep) -> NodeReceipts:
     """Receipts the node signed, as the ledger stored them."""
     return await service.receipts(address)
 
 
-@router.get("/nodes/{address}/earnings", response_model=NodeEarnings, summary="A node's earnings",
-            responses=errors(404, 422, 503))
+@router.get(
+    "/nodes/{address}/earnings",
+    response_model=NodeEarnings,
+    summary="A node's earnings",
+    responses=errors(404, 422, 503),
+)
 async def node_earnings(address: str, service: MarketServiceDep) -> NodeEarnings:
     """Receipted earnings, amounts settled on chain, and what it can withdraw from the escrow."""
     return await service.earnings(address)
 
 
-@router.get("/nodes/{address}/settlements", response_model=NodeSettlements, summary="A node's settlements",
-            responses=errors(404, 422, 503))
+@router.get(
+    "/nodes/{address}/settlements",
+    response_model=NodeSettlements,
+    summary="A node's settlements",
+    responses=errors(404, 422, 503),
+)
 async def node_settlements(address: str, service: MarketServiceDep) -> NodeSettlements:
     """Vouchers to the node included in settlement batches."""
     return await service.settlements(address)
 
 
-@router.get("/nodes/{address}/reputation", response_model=NodeReputation, summary="A node's reputation",
-            responses=errors(404, 422, 503))
+@router.get(
+    "/nodes/{address}/reputation",
+    response_model=NodeReputation,
+    summary="A node's reputation",
+    responses=errors(404, 422, 503),
+)
 async def node_reputation(address: str, service: MarketServiceDep) -> NodeReputation:
     """The ledger's score and its components."""
     return await service.reputation(address)

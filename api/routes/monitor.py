@@ -1,4 +1,5 @@
 """The swarm monitor page (static HTML + JS, no build step) and the health check."""
+
 from __future__ import annotations
 
 import logging
@@ -16,8 +17,12 @@ router = APIRouter(tags=["monitor"])
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
 
-@router.get("/monitor", response_class=FileResponse, summary="Swarm monitor page",
-            responses={200: {"description": "The monitor page.", "content": {"text/html": {}}}})
+@router.get(
+    "/monitor",
+    response_class=FileResponse,
+    summary="Swarm monitor page",
+    responses={200: {"description": "The monitor page.", "content": {"text/html": {}}}},
+)
 async def monitor() -> FileResponse:
     """An HTML page that polls the market endpoints: nodes and their blocks, state, throughput, price, reputation,
     and a chart of tokens served and credits settled."""

@@ -1,4 +1,5 @@
 """Documented error answers, shared by the routes' OpenAPI entries."""
+
 from __future__ import annotations
 
 from nectar.api.protocol import ErrorResponse
@@ -25,7 +26,7 @@ def sse_200(chunk_model: str) -> dict:
     return {
         200: {
             "description": f"The answer as JSON, or with ``stream: true`` a ``text/event-stream`` whose events are "
-                           f"``data: <{chunk_model}>`` lines, ending with ``data: [DONE]``.",
+            f"``data: <{chunk_model}>`` lines, ending with ``data: [DONE]``.",
             "content": {"text/event-stream": {"schema": {"$ref": f"#/components/schemas/{chunk_model}"}}},
         }
     }

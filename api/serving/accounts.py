@@ -1,4 +1,5 @@
 """``AccountService``: accounts, API keys, funding (linked address, chain scan, devnet faucet), usage."""
+
 from __future__ import annotations
 
 import logging

@@ -1,5 +1,6 @@
 """``OpenAIServing``: what the serving classes share: the context built at startup, the caller, model-name and
 context-length checks. The metered generation flow of completions and chat is ``generation.py``."""
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """``OpenAIServingChat``: ``POST /v1/chat/completions`` with the model's chat template, whole or streamed."""
+
 from __future__ import annotations
 
 import logging
@@ -28,8 +29,9 @@ class OpenAIServingChat(GenerationServing):
     kind, id_prefix, what = "chat", "chatcmpl", "this chat completion"
     stream_response = ChatCompletionStreamResponse
 
-    async def create_chat_completion(self, request: ChatCompletionRequest,
-                                     auth: Auth) -> ChatCompletionResponse | PrimedStream:
+    async def create_chat_completion(
+        self, request: ChatCompletionRequest, auth: Auth
+    ) -> ChatCompletionResponse | PrimedStream:
         return await self.generate(request, auth)
 
     def build_prompts(self, request: ChatCompletionRequest, target: Target) -> tuple[list[list[int]], list[str]]:
@@ -50,8 +52,9 @@ class OpenAIServingChat(GenerationServing):
             max_new = max(1, min(self.settings.default_max_tokens, limit - len(prompts[0])))
         return max_new
 
-    def response(self, job: Generation, texts: list[str], reasons: list[str | None],
-                 usage: UsageInfo) -> ChatCompletionResponse:
+    def response(
+        self, job: Generation, texts: list[str], reasons: list[str | None], usage: UsageInfo
+    ) -> ChatCompletionResponse:
         choices = [ChatCompletionChoice(index=i, message=AssistantMessage(content=text), finish_reason=reasons[i])
                    for i, text in enumerate(texts)]  # fmt: skip
         return ChatCompletionResponse(id=job.id, model=job.target.name, choices=choices, usage=usage)

@@ -1,4 +1,5 @@
 """``OpenAIServingCompletion``: ``POST /v1/completions``, whole or streamed."""
+
 from __future__ import annotations
 
 import logging
@@ -62,8 +63,9 @@ class OpenAIServingCompletion(GenerationServing):
     def max_new_tokens(self, request: CompletionRequest, target: Target, prompts: list[list[int]]) -> int:
         return request.max_tokens if request.max_tokens is not None else 16
 
-    def response(self, job: Generation, texts: list[str], reasons: list[str | None],
-                 usage: UsageInfo) -> CompletionResponse:
+    def response(
+        self, job: Generation, texts: list[str], reasons: list[str | None], usage: UsageInfo
+    ) -> CompletionResponse:
         n, echo = job.request.n, job.request.echo
         choices = [CompletionChoice(index=i, text=(job.texts[i // n] if echo else "") + text, finish_reason=reasons[i])
                    for i, text in enumerate(texts)]  # fmt: skip

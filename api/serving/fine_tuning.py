@@ -3,6 +3,7 @@
 A job is validated here (file format, lengths, step budget), its worst-case cost is held (402 if the account cannot
 cover it), and the task is enqueued by name; the worker (``nectar api worker``) does the training.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,13 +21,15 @@ from nectar.api.protocol import (
     FileList,
     FileObject,
     FineTuningError,
-    FineTuningJob as JobOut,
     FineTuningJobCreate,
     FineTuningJobEvent,
     FineTuningJobEventList,
     FineTuningJobHyperparameters,
     FineTuningJobList,
     Hyperparameters,
+)
+from nectar.api.protocol import (
+    FineTuningJob as JobOut,
 )
 from nectar.api.serving.base import Auth, OpenAIServing, ServingContext
 from nectar.api.training_data import TrainingFileError, parse_jsonl, plan, tokenize

@@ -1,6 +1,7 @@
 """``GenerationServing``: the metered generation flow completions and chat share. It holds the worst case on the
 account, runs every prompt's ``n`` choices on the swarm, and settles exactly what was delivered, whole or streamed
 (SSE). Subclasses only build the prompts and format the answers."""
+
 from __future__ import annotations
 
 import json
@@ -170,8 +171,9 @@ class GenerationServing(OpenAIServing):
     def _run(self, job: Generation, prompt: int, ids: list[int], charge: Charge):
         return self.run_choices(job.target, ids, job.params, first_index=prompt * job.request.n, charge=charge)
 
-    async def run_choices(self, target: Target, prompt_ids: list[int], params: GenerationParams, *, first_index: int,
-                          charge: Charge) -> AsyncIterator[tuple[int, str, str | None]]:
+    async def run_choices(
+        self, target: Target, prompt_ids: list[int], params: GenerationParams, *, first_index: int, charge: Charge
+    ) -> AsyncIterator[tuple[int, str, str | None]]:
         """Yields (choice index, new text, finish reason or None) as the swarm generates, counting tokens into
         ``charge``: the prompt once, every generated token of a choice until it finishes."""
         choices = [ChoiceText(target.model.tokenizer, stops=params.stop, eos_token_ids=target.model.eos_token_ids)

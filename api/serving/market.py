@@ -1,10 +1,11 @@
 """``MarketService``: the swarm as the monitor shows it (DHT announcements + ledger reputation), the tokens-served and
 credits-settled series, and a node's receipts, earnings, settlements and reputation (from the ledger)."""
+
 from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import anyio
 
@@ -68,8 +69,14 @@ class MarketService:
             num_blocks = served.model.num_blocks
             swarm = read_swarm(served.model.runtime, name, num_blocks)
             coverage = swarm.coverage()
-            models.append(SwarmModelView(name=name, num_blocks=num_blocks, coverage=coverage,
-                                         missing_blocks=[i for i, c in enumerate(coverage) if c == 0]))
+            models.append(
+                SwarmModelView(
+                    name=name,
+                    num_blocks=num_blocks,
+                    coverage=coverage,
+                    missing_blocks=[i for i, c in enumerate(coverage) if c == 0],
+                )
+            )
             seen = {str(peer_id): info for peer_id, info in swarm.servers().items()}
             for peer_id, info in sorted(seen.items(), key=lambda kv: (kv[1].start, kv[1].end, kv[1].public_name)):
                 score = reputation.get((info.eth_address or "").lower())
@@ -82,7 +89,7 @@ class MarketService:
                 ))  # fmt: skip
         return SwarmView(models=models, nodes=nodes, gateway_address=self.context.swarm.wallet_address,
                          ledger_url=self.context.settings.ledger_url,
-                         generated_at=datetime.now(timezone.utc))  # fmt: skip
+                         generated_at=datetime.now(UTC))  # fmt: skip
 
     async def swarm_view(self) -> SwarmView:
         if self._view is not None and time.monotonic() - self._view[0] < VIEW_TTL:
@@ -94,15 +101,17 @@ class MarketService:
     # ---- series ------------------------------------------------------------------------------------------------
 
     async def stats(self, *, window_seconds: int, bucket_seconds: int) -> MarketStats:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         buckets = max(1, min(500, window_seconds // bucket_seconds))
         start_ts = (int(now.timestamp()) // bucket_seconds - buckets + 1) * bucket_seconds
-        since = datetime.fromtimestamp(start_ts, timezone.utc)
+        since = datetime.fromtimestamp(start_ts, UTC)
 
         def load():
             with session_scope(self.context.db) as session:
-                return (crud.usage_since(session, since=since),
-                        [(b.settled_at, b.gross_wei) for b in crud.settled_since(session, since=since)])
+                return (
+                    crud.usage_since(session, since=since),
+                    [(b.settled_at, b.gross_wei) for b in crud.settled_since(session, since=since)],
+                )
 
         usage, settled = await anyio.to_thread.run_sync(load)
         points = [StatPoint(t=since + timedelta(seconds=i * bucket_seconds), tokens=0, spent_micro=0,
@@ -110,7 +119,7 @@ class MarketService:
 
         def index(moment: datetime) -> int:
             if moment.tzinfo is None:  # SQLite returns naive datetimes (stored as UTC)
-                moment = moment.replace(tzinfo=timezone.utc)
+                moment = moment.replace(tzinfo=UTC)
             return min(buckets - 1, max(0, int((moment.timestamp() - start_ts) // bucket_seconds)))
 
         for moment, tokens, cost in usage:
@@ -131,8 +140,11 @@ class MarketService:
             raise ApiError(422, f"{address!r} is not an Ethereum address (0x + 40 hex digits)", param="address",
                            code="invalid_address")  # fmt: skip
         if self.ledger is None:
-            raise unavailable("No ledger is configured: start `nectar ledger` and pass --ledger-url (or "
-                              "NECTAR_API_LEDGER_URL) to see nodes' receipts and earnings", code="no_ledger")
+            raise unavailable(
+                "No ledger is configured: start `nectar ledger` and pass --ledger-url (or "
+                "NECTAR_API_LEDGER_URL) to see nodes' receipts and earnings",
+                code="no_ledger",
+            )
         from nectar.wire.ledger_api import LedgerError
 
         try:

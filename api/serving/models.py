@@ -1,5 +1,6 @@
 """``OpenAIServingModels``: ``GET /v1/models`` (swarm models and the caller's fine-tuned ones) and deletion of a
 fine-tuned model."""
+
 from __future__ import annotations
 
 import logging
@@ -28,8 +29,15 @@ class OpenAIServingModels(OpenAIServing):
         cards = [ModelCard(id=name, max_model_len=model.max_model_len) for name, model in self.swarm.models.items()]
         for name, base, prefix, created in await self._tuned(auth):
             base_model = self.swarm.get(base)
-            cards.append(ModelCard(id=name, created=created, owned_by=f"acct-{auth.account_id}", root=base,
-                                   max_model_len=base_model.max_model_len - prefix if base_model else None))
+            cards.append(
+                ModelCard(
+                    id=name,
+                    created=created,
+                    owned_by=f"acct-{auth.account_id}",
+                    root=base,
+                    max_model_len=base_model.max_model_len - prefix if base_model else None,
+                )
+            )
         return ModelList(data=cards)
 
     async def get_model(self, name: str, auth: Auth) -> ModelCard:

@@ -11,6 +11,7 @@ Printed, all from this run:
 
     python benchmarks/api/bench_gateway.py [--model PATH_OR_NAME] [--clients 16] [--requests 4] [--tokens 16]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,8 +75,13 @@ def load_test(url: str, model: str, *, clients: int, requests: int, tokens: int)
         out = []
         for r in range(requests):
             began = time.perf_counter()
-            result = client.completions.create(model=model, prompt=f"Request {index}-{r}: once upon a time",
-                                               max_tokens=tokens, temperature=0.8, seed=index * 100 + r)
+            result = client.completions.create(
+                model=model,
+                prompt=f"Request {index}-{r}: once upon a time",
+                max_tokens=tokens,
+                temperature=0.8,
+                seed=index * 100 + r,
+            )
             out.append((time.perf_counter() - began, result.usage.completion_tokens, result.usage.total_tokens))
         return out
 
@@ -146,8 +152,9 @@ def main() -> None:
                         sdk_time, sdk_tokens = sdk_time + time.perf_counter() - began, sdk_tokens + args.tokens
                         began = time.perf_counter()
                         # OpenAI has no ignore_eos: count what was produced
-                        api_tokens += client.completions.create(model=name, prompt=prompt, max_tokens=args.tokens,
-                                                                temperature=0).usage.completion_tokens
+                        api_tokens += client.completions.create(
+                            model=name, prompt=prompt, max_tokens=args.tokens, temperature=0
+                        ).usage.completion_tokens
                         api_time += time.perf_counter() - began
                     sdk_tps, api_tps = sdk_tokens / sdk_time, api_tokens / api_time
                     sdk.shutdown()
@@ -163,14 +170,19 @@ def main() -> None:
                                            tokens=args.tokens)  # fmt: skip
 
     print(f"\n[bench] generation through the SDK directly: {sdk_tps:.1f} tokens/s")
-    print(f"[bench] generation through the gateway:       {api_tps:.1f} tokens/s "
-          f"(gateway/SDK = {api_tps / sdk_tps:.2f})")
-    print(f"[bench] streaming: first token after {first * 1000:.0f} ms, {args.tokens} tokens in "
-          f"{stream_total * 1000:.0f} ms")
+    print(
+        f"[bench] generation through the gateway:       {api_tps:.1f} tokens/s (gateway/SDK = {api_tps / sdk_tps:.2f})"
+    )
+    print(
+        f"[bench] streaming: first token after {first * 1000:.0f} ms, {args.tokens} tokens in "
+        f"{stream_total * 1000:.0f} ms"
+    )
     for workers, r in loads.items():
-        print(f"[bench] load, {args.clients} clients x {args.requests} requests on one account, {workers} generation "
-              f"worker(s): {r['rps']:.2f} req/s, {r['tokens_per_s']:.1f} tokens/s, p50 {r['p50']:.2f}s, "
-              f"p95 {r['p95']:.2f}s; book {'exact' if r['book_ok'] else 'MISMATCH'} ({r['charged']} micro-credits)")
+        print(
+            f"[bench] load, {args.clients} clients x {args.requests} requests on one account, {workers} generation "
+            f"worker(s): {r['rps']:.2f} req/s, {r['tokens_per_s']:.1f} tokens/s, p50 {r['p50']:.2f}s, "
+            f"p95 {r['p95']:.2f}s; book {'exact' if r['book_ok'] else 'MISMATCH'} ({r['charged']} micro-credits)"
+        )
     print(f"[bench] 4 workers / 1 worker throughput = {loads[4]['tokens_per_s'] / loads[1]['tokens_per_s']:.2f}")
 
 

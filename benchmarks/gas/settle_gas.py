@@ -11,6 +11,7 @@ storage slot: a wallet's channels to two paired nodes, or two wallets' channels 
 
     python benchmarks/gas/settle_gas.py [--no-forge] [--only 10x5x2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,11 +25,11 @@ import time
 from eth_account import Account
 
 from nectar.chain import Chain, free_port, start_devnet
-from nectar.wire import receipts as wire
-from nectar.wire import eip712
 from nectar.chain.artifacts import repo_root, tool_path
 from nectar.chain.encoding import encode_settle_batch
 from nectar.client.payments import Wallet
+from nectar.wire import eip712
+from nectar.wire import receipts as wire
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ BATCH = 100
 # clients x nodes x wallets per client (each wallet pays every node of its client): 100 vouchers each
 SHAPES = [(1, 1, 100), (1, 5, 20), (4, 5, 5), (5, 10, 2), (10, 5, 2), (50, 1, 2), (1, 50, 2),
           (10, 10, 1), (100, 1, 1), (1, 100, 1)]  # fmt: skip
+
 
 def calldata_gas(data: bytes) -> tuple[int, int]:
     zeros = data.count(0)
@@ -115,15 +117,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['shape']:<27}{r['phase']:<22}{r['tx_gas']:>10}{r['per_voucher']:>13.0f}{r['calldata_bytes']:>12}"
               f"{r['calldata_gas']:>14}  {ok}")  # fmt: skip
     base = 21_000 / BATCH
-    print(f"\nPer voucher: {base:.0f} (21k base / batch) + ~1,350 calldata (64 signature bytes and a packed word) + "
-          f"3,100 (ecrecover precompile + call) + the channel slot (~5,000 cold nonzero write incl. its access-list "
-          f"entry for a channel settled alone, ~2,550 each when both channels of a slot settle together) + ~1,200 "
-          f"loop and plumbing; per client in the batch ~7,500 and per node ~6,000 (balance write and its access-list "
-          f"entry, event, calldata). "
-          f"See contracts/README.md.")
+    print(
+        f"\nPer voucher: {base:.0f} (21k base / batch) + ~1,350 calldata (64 signature bytes and a packed word) + "
+        f"3,100 (ecrecover precompile + call) + the channel slot (~5,000 cold nonzero write incl. its access-list "
+        f"entry for a channel settled alone, ~2,550 each when both channels of a slot settle together) + ~1,200 "
+        f"loop and plumbing; per client in the batch ~7,500 and per node ~6,000 (balance write and its access-list "
+        f"entry, event, calldata). "
+        f"See contracts/README.md."
+    )
     if not args.no_forge:
-        print("\nforge test --gas-report, SettlementGasTest (4 clients x 5 nodes x 5 channels, 100 vouchers; "
-              "Settlement.settle):")
+        print(
+            "\nforge test --gas-report, SettlementGasTest (4 clients x 5 nodes x 5 channels, 100 vouchers; "
+            "Settlement.settle):"
+        )
         print(forge_gas_report())
     return 0
 

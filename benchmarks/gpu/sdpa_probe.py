@@ -1,5 +1,6 @@
 """Times one decode step's attention on the GPU: a query against keys/values that are views into a preallocated
 cache (what the batched path passes) vs contiguous copies, with PyTorch's backend choice vs without cuDNN."""
+
 import time
 
 import torch

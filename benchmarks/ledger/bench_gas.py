@@ -5,6 +5,7 @@ transactions, whatever R is; the figure printed is that total gas / R for severa
 
     python benchmarks/ledger/bench_gas.py
 """
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,8 @@ import tempfile
 from eth_account import Account
 
 from nectar.chain.devnet import start_devnet
-from nectar.wire import receipts as R
 from nectar.wire import eip712
+from nectar.wire import receipts as R
 from nectar.wire.merkle import merkle_root
 
 
@@ -51,7 +52,9 @@ def main() -> None:
                     voucher = R.Voucher(client, node, 1, cumulative[(client, node)])
                     pairs.append((voucher.to_message(), eip712.sign_voucher(voucher, key, domain).signature))
             settle_gas = chain.settle(ledger_key, pairs).gas_used
-            print(f"{receipts:>15,} {len(pairs):>9} {root_gas:>9,} {settle_gas:>11,} {(root_gas + settle_gas) / receipts:>12.2f}")
+            print(
+                f"{receipts:>15,} {len(pairs):>9} {root_gas:>9,} {settle_gas:>11,} {(root_gas + settle_gas) / receipts:>12.2f}"
+            )
         print("target: <= 50 gas per settled receipt")
     finally:
         devnet.stop()

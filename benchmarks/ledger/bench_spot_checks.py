@@ -6,6 +6,7 @@ tiny random Llama; a client generates, the epoch is closed in the database, then
 
     python benchmarks/ledger/bench_spot_checks.py [--sessions 6] [--tokens 16] [--hidden 256]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,9 @@ def main() -> None:
                                 extra_args=["--ledger-url", f"http://127.0.0.1:{port}", "--throughput", "100",
                                             "--num-threads", "1", "--dtype", "float32"]) for i in range(3)]  # fmt: skip
         swarm.wait_for_blocks(str(model), 4, min_nodes=3, timeout=120)
-        client = DistributedModelForCausalLM.from_pretrained(str(model), initial_peers=swarm.initial_peers,
-                                                             config=ClientConfig(), scorer=Prefer(nodes[0].eth_address))
+        client = DistributedModelForCausalLM.from_pretrained(
+            str(model), initial_peers=swarm.initial_peers, config=ClientConfig(), scorer=Prefer(nodes[0].eth_address)
+        )
         generator = torch.Generator().manual_seed(0)
         for _ in range(args.sessions):
             client.generate(torch.randint(3, 1000, (1, 8), generator=generator), max_new_tokens=args.tokens)
@@ -87,8 +89,10 @@ def main() -> None:
         with session_scope(engine) as session:
             epoch = crud.close_epoch(session).number
             ids = [r.id for r in crud.list_receipts(session, epoch=epoch, limit=100_000)]
-        print(f"[bench] {receipts} receipts of {args.sessions} sessions x {args.tokens} tokens; checking all of them",
-              flush=True)
+        print(
+            f"[bench] {receipts} receipts of {args.sessions} sessions x {args.tokens} tokens; checking all of them",
+            flush=True,
+        )
 
         settings = Settings(database_url=url, spot_check_fraction=1.0, deployment_path=home / "none.json")
         view = SwarmView(swarm.initial_peers)
@@ -98,7 +102,9 @@ def main() -> None:
         audit_s, histories = timed(lambda s: audit.input_history(s.receipt), signed)
         swarm_verifier = SwarmVerifier(view, rank=0, client=VERIFIER_CLIENT)
         local_verifier = LocalVerifier({model.name: model}, name="local")
-        forward_s, _ = timed(lambda pair: swarm_verifier.execute(pair[0].receipt, pair[1]), list(zip(signed, histories)))
+        forward_s, _ = timed(
+            lambda pair: swarm_verifier.execute(pair[0].receipt, pair[1]), list(zip(signed, histories))
+        )
         local_verifier.execute(signed[0].receipt, histories[0])  # load the span once, outside the timing
         local_s, _ = timed(lambda pair: local_verifier.execute(pair[0].receipt, pair[1]), list(zip(signed, histories)))
 

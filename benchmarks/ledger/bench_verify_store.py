@@ -1,7 +1,8 @@
 """Receipts verified per second on one core, and verified + stored per second (SQLite, and PostgreSQL if reachable).
 
-    python benchmarks/ledger/bench_verify_store.py [--receipts 20000]
+python benchmarks/ledger/bench_verify_store.py [--receipts 20000]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,9 +18,8 @@ from nectar.ledger import crud
 from nectar.ledger.intake import check_receipt, parse_receipt_item
 from nectar.ledger.migrations import run_migrations
 from nectar.service.db import get_engine, session_scope
-from nectar.wire import receipts as R
 from nectar.wire import eip712, fingerprints
-
+from nectar.wire import receipts as R
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # for tests.ledger.utils (PostgreSQL helper)
 
@@ -56,7 +56,9 @@ def main() -> None:
     items = make_items(args.receipts, domain)
     parsed = [parse_receipt_item(i) for i in items]
 
-    recover_rate = best_rate(lambda: [eip712.recover_receipt_signer(signed, domain) for signed, _ in parsed], len(parsed))
+    recover_rate = best_rate(
+        lambda: [eip712.recover_receipt_signer(signed, domain) for signed, _ in parsed], len(parsed)
+    )
     checked = [check_receipt(s, fp, domain) for s, fp in parsed]
     assert all(c.reason is None for c in checked)
     check_rate = best_rate(lambda: [check_receipt(s, fp, domain) for s, fp in parsed], len(parsed))

@@ -11,6 +11,7 @@ JSON line per JSON request line on stdin, so another process can interleave Peta
 ``{"tune": N}``: N prompt-tuning steps (the workload of benchmarks/bench_training.py); ``{"local": N}``: N decodes
 with this environment's local transformers.
 """
+
 from __future__ import annotations
 
 import os
@@ -59,8 +60,10 @@ def check() -> None:
     import torch
     import transformers
 
-    print(f"petals {petals.__version__}, hivemind {hivemind.__version__}, transformers {transformers.__version__}, "
-          f"torch {torch.__version__}")
+    print(
+        f"petals {petals.__version__}, hivemind {hivemind.__version__}, transformers {transformers.__version__}, "
+        f"torch {torch.__version__}"
+    )
 
 
 def dht() -> None:
@@ -116,8 +119,9 @@ def _decode(model, repeats: int, *, warm_up: bool = True) -> tuple[list[dict], l
             model.generate(ids, max_new_tokens=4, do_sample=False)
         for _ in range(repeats):
             clock = TokenClock()
-            tokens = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                                    streamer=clock)
+            tokens = model.generate(
+                ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, streamer=clock
+            )
             timings.append(clock.timing())
     return timings, tokens.tolist() if tokens is not None else None
 
@@ -150,11 +154,14 @@ def client(args) -> None:
     model.generation_config.eos_token_id = None
     _wait_until_served(model)
     _decode(model, 0)  # warm-up
-    tuned = AutoDistributedModelForCausalLM.from_pretrained(args.model, tuning_mode="ptune", pre_seq_len=PREFIX,
-                                                            **common)
+    tuned = AutoDistributedModelForCausalLM.from_pretrained(
+        args.model, tuning_mode="ptune", pre_seq_len=PREFIX, **common
+    )
     tuning = _Tuning(tuned)
-    print(json.dumps({"ready": True, "versions": {"transformers": transformers.__version__,
-                                                  "torch": torch.__version__}}), flush=True)
+    print(
+        json.dumps({"ready": True, "versions": {"transformers": transformers.__version__, "torch": torch.__version__}}),
+        flush=True,
+    )
     for line in sys.stdin:
         request = json.loads(line)
         if "decode" in request:

@@ -5,6 +5,7 @@
 - ``reputation.py``       ReputationScorer: the ledger's reputation scores (over HTTP) and prices as route costs
 - ``sequence_manager.py`` RemoteSequenceManager: the swarm view, route finding, bans with backoff
 """
+
 from nectar.client.routing.reputation import ReputationScorer
 from nectar.client.routing.scoring import NoScorer, PeerScorer
 from nectar.client.routing.sequence_manager import MissingBlocksError, RemoteSequenceManager

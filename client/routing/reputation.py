@@ -15,6 +15,7 @@ Nodes the ledger does not know, or flags ``new`` (few receipts) without any fail
 neutral score. So that they can earn a reputation at all, each new node is also "explored" with probability
 ``exploration``: for that draw its factor is multiplied by about ``explore_bonus`` and routes go through it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,7 +23,6 @@ import random
 import statistics
 import threading
 import time
-from typing import Optional
 
 import httpx
 from hivemind.p2p import PeerID
@@ -55,19 +55,23 @@ class ReputationScorer(PeerScorer):
 
     def __init__(self, ledger_url: str, *, refresh_period: float = 60.0, exploration: float = 0.1,
                  explore_bonus: float = 0.05, decision_window: float = 0.05, reputation_weight: float = 1.0,
-                 price_weight: float = 1.0, reference_price: Optional[int] = None, min_score: float = 1e-3,
-                 timeout: float = 5.0, seed: Optional[int] = None):  # fmt: skip
+                 price_weight: float = 1.0, reference_price: int | None = None, min_score: float = 1e-3,
+                 timeout: float = 5.0, seed: int | None = None):  # fmt: skip
         if not 0.0 <= exploration <= 1.0:
             raise ValueError(f"exploration must be a probability in [0, 1], got {exploration}")
         self.ledger_url = ledger_url.rstrip("/")
         self.refresh_period, self.exploration, self.explore_bonus = refresh_period, exploration, explore_bonus
-        self.decision_window, self.reputation_weight, self.price_weight = decision_window, reputation_weight, price_weight
+        self.decision_window, self.reputation_weight, self.price_weight = (
+            decision_window,
+            reputation_weight,
+            price_weight,
+        )
         self.reference_price, self.min_score = reference_price, min_score
         self._ledger = LedgerClient(self.ledger_url, timeout=timeout)
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._scores: dict[str, NodeReputation] = {}
-        self._fetched_at: Optional[float] = None
+        self._fetched_at: float | None = None
         self._prices: dict[PeerID, int] = {}
         self._draws: dict[PeerID, tuple[float, float]] = {}  # peer -> (drawn at, bonus: 1.0 or ~explore_bonus)
         self._stop = threading.Event()
@@ -76,7 +80,7 @@ class ReputationScorer(PeerScorer):
         self._thread.start()
 
     @classmethod
-    def from_config(cls, config, **kwargs) -> "ReputationScorer":
+    def from_config(cls, config, **kwargs) -> ReputationScorer:
         """From ``ClientConfig.ledger_url``."""
         if not config.ledger_url:
             raise ValueError("ClientConfig.ledger_url is not set: pass the URL of `nectar ledger` to score peers")
@@ -89,9 +93,11 @@ class ReputationScorer(PeerScorer):
         try:
             scores = self._ledger.reputation_scores()
         except (httpx.HTTPError, LedgerError, ValueError, KeyError, TypeError) as e:
-            logger.warning(f"Could not read reputation from {self.ledger_url}{PREFIX}{REPUTATION} ({type(e).__name__}: "
-                           f"{e}); routing on the last scores known (or speed and price alone) until the ledger "
-                           "answers")
+            logger.warning(
+                f"Could not read reputation from {self.ledger_url}{PREFIX}{REPUTATION} ({type(e).__name__}: "
+                f"{e}); routing on the last scores known (or speed and price alone) until the ledger "
+                "answers"
+            )
             return False
         with self._lock:
             self._scores, self._fetched_at = scores, time.monotonic()
@@ -104,7 +110,7 @@ class ReputationScorer(PeerScorer):
             except Exception:  # never let the thread die: routing would silently keep stale scores forever
                 logger.warning("Reputation refresh failed", exc_info=True)
 
-    def reputation(self, eth_address: str) -> Optional[NodeReputation]:
+    def reputation(self, eth_address: str) -> NodeReputation | None:
         return self._scores.get(eth_address.lower())
 
     def close(self) -> None:

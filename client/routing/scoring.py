@@ -1,4 +1,5 @@
 """Route-cost hooks: price and reputation make a peer cheaper or dearer to route through."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

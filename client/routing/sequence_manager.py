@@ -4,6 +4,7 @@ Inference routes minimise total time: a shortest path over block boundaries wher
 trip plus its blocks' compute time, times the scorer's factor, and hops without enough free KV cache are skipped.
 Forward/backward routes are drawn at random in proportion to throughput, which spreads training load.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -11,7 +12,6 @@ import logging
 import random
 import threading
 import time
-from typing import Optional
 
 from hivemind.p2p import PeerID
 
@@ -38,8 +38,9 @@ class MissingBlocksError(RuntimeError):
 class RemoteSequenceManager:
     """Knows which peers host which blocks of one model; thread-safe."""
 
-    def __init__(self, runtime, model_id: str, num_blocks: int, *, config: ClientConfig,
-                 scorer: PeerScorer | None = None):
+    def __init__(
+        self, runtime, model_id: str, num_blocks: int, *, config: ClientConfig, scorer: PeerScorer | None = None
+    ):
         """:param runtime: the ``ClientRuntime`` (nectar.wire.dht) the swarm is read through and peers are pinged on"""
         self.runtime, self.model_id, self.num_blocks, self.config = runtime, model_id, num_blocks, config
         self.scorer = scorer or NoScorer()
@@ -135,8 +136,9 @@ class RemoteSequenceManager:
         compute = blocks / max(info.throughput, 1e-9)
         return (self.latency(peer_id) + compute) * self.scorer.cost_factor(peer_id, info)
 
-    def make_inference_route(self, start: int = 0, end: Optional[int] = None, *, cache_tokens: int = 0,
-                             exclude: tuple = ()) -> list[RemoteSpan]:
+    def make_inference_route(
+        self, start: int = 0, end: int | None = None, *, cache_tokens: int = 0, exclude: tuple = ()
+    ) -> list[RemoteSpan]:
         end = self.num_blocks if end is None else end
         self._begin_route()
         for attempt in range(2):
@@ -150,7 +152,7 @@ class RemoteSequenceManager:
             self.update(force=True)  # the view may be stale: refresh once before giving up
         raise MissingBlocksError(self._missing(start, end, candidates) or list(range(start, end)), self.model_id)
 
-    def _shortest_path(self, start: int, end: int, peers: dict[PeerID, ServerInfo]) -> Optional[list[RemoteSpan]]:
+    def _shortest_path(self, start: int, end: int, peers: dict[PeerID, ServerInfo]) -> list[RemoteSpan] | None:
         best = {start: 0.0}
         previous: dict[int, tuple[int, PeerID]] = {}
         heap = [(0.0, start)]
@@ -178,7 +180,7 @@ class RemoteSequenceManager:
             block = begin
         return route[::-1]
 
-    def make_training_route(self, start: int = 0, end: Optional[int] = None) -> list[RemoteSpan]:
+    def make_training_route(self, start: int = 0, end: int | None = None) -> list[RemoteSpan]:
         """Throughput-proportional random choice, hop by hop, each hop as long as its server allows."""
         end = self.num_blocks if end is None else end
         self._begin_route()
@@ -188,8 +190,9 @@ class RemoteSequenceManager:
             here = [(p, i) for p, i in candidates.items() if i.start <= block < i.end]
             if not here:
                 self.update(force=True)
-                raise MissingBlocksError(self._missing(block, end, self._candidates(block, end)) or [block],
-                                         self.model_id)
+                raise MissingBlocksError(
+                    self._missing(block, end, self._candidates(block, end)) or [block], self.model_id
+                )
             weights = [i.throughput / self.scorer.cost_factor(p, i) for p, i in here]
             peer_id, info = random.choices(here, weights=weights)[0]
             stop = min(info.end, end)

@@ -1,4 +1,5 @@
 """One hop of a route: a peer and the blocks [start, end) it computes for us."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,5 @@
 """The ledger's one Settings object (environment variables prefixed ``NECTAR_LEDGER_``, or a ``.env`` file)."""
+
 from __future__ import annotations
 
 import logging
@@ -58,7 +59,7 @@ class Settings(ServiceSettings):
     crash_point: str | None = None  # testing only: a stage name at which the worker pauses so a test can kill it
 
     @model_validator(mode="after")
-    def _check_ranges(self) -> "Settings":
+    def _check_ranges(self) -> Settings:
         if self.environment != "devnet" and self.crash_point:
             raise ValueError("NECTAR_LEDGER_CRASH_POINT is for tests on a devnet only")
         if not 0.0 <= self.spot_check_fraction <= 1.0:
@@ -73,8 +74,10 @@ class Settings(ServiceSettings):
         try:
             key = self.deployment_account_key(role)
         except (OSError, ValueError) as e:
-            raise RuntimeError(f"no {role} key: set NECTAR_LEDGER_{'OPERATOR' if role == 'ledger' else 'VERIFIER'}_KEY "
-                               f"or start `nectar devnet` (deployment file {self.deployment_path}: {e})") from None
+            raise RuntimeError(
+                f"no {role} key: set NECTAR_LEDGER_{'OPERATOR' if role == 'ledger' else 'VERIFIER'}_KEY "
+                f"or start `nectar devnet` (deployment file {self.deployment_path}: {e})"
+            ) from None
         if key is None:
             raise RuntimeError(f"the deployment file lists no {role!r} account; set the key explicitly")
         return key

@@ -1,4 +1,5 @@
 """Epochs: list them, and (admin/dev) close the collecting one now instead of waiting for beat."""
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """Liveness plus the public parameters nodes and clients need (domain, credit limit, fee)."""
+
 from __future__ import annotations
 
 import logging

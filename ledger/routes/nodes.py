@@ -1,4 +1,5 @@
 """Node views, reputation and client reports."""
+
 from __future__ import annotations
 
 import logging
@@ -42,15 +43,32 @@ def node_view(address: str, session: SessionDep, state: StateDep, limit: int = 5
         "receipts_count": node.receipts_count,
         "earned": str(node.earned_amount),
         "settled": str(node.settled_amount),
-        "conflicts": [{"id": c.id, "status": c.status, "slash_tx_hash": c.slash_tx_hash}
-                      for c in crud.list_conflicts(session, node=address)],  # fmt: skip
+        "conflicts": [
+            {"id": c.id, "status": c.status, "slash_tx_hash": c.slash_tx_hash}
+            for c in crud.list_conflicts(session, node=address)
+        ],  # fmt: skip
         "recent_receipts": [
-            {"leaf": "0x" + r.leaf.hex(), "session_id": "0x" + r.session_id.hex(), "step": r.step, "kind": r.kind,
-             "client": r.client, "amount": str(r.amount), "epoch": r.epoch_number} for r in receipts
+            {
+                "leaf": "0x" + r.leaf.hex(),
+                "session_id": "0x" + r.session_id.hex(),
+                "step": r.step,
+                "kind": r.kind,
+                "client": r.client,
+                "amount": str(r.amount),
+                "epoch": r.epoch_number,
+            }
+            for r in receipts
         ],  # fmt: skip
         "settlements": [
-            {"epoch": s.epoch_number, "client": i.client, "partner": i.partner, "channel_id": i.channel_id,
-             "cumulative_amount": str(i.cumulative_amount), "status": i.status, "tx_hash": s.tx_hash}
+            {
+                "epoch": s.epoch_number,
+                "client": i.client,
+                "partner": i.partner,
+                "channel_id": i.channel_id,
+                "cumulative_amount": str(i.cumulative_amount),
+                "status": i.status,
+                "tx_hash": s.tx_hash,
+            }
             for i, s in settlements
         ],  # fmt: skip
         "spot_checks": {"passed": node.spot_passed, "failed": node.spot_failed},

@@ -1,4 +1,5 @@
 """POST /v1/receipts and /v1/vouchers: per-item verdicts; any malformed item makes the whole request a 422."""
+
 from __future__ import annotations
 
 import logging
@@ -64,8 +65,13 @@ def _store_receipts_one_by_one(state, checked) -> list:
 
 def _summarise(verdicts, leaves=None) -> BatchResult:
     results = [
-        ItemResult(index=i, status=status, reason=reason, message=message,
-                   leaf=None if leaves is None else "0x" + leaves[i].hex())  # fmt: skip
+        ItemResult(
+            index=i,
+            status=status,
+            reason=reason,
+            message=message,
+            leaf=None if leaves is None else "0x" + leaves[i].hex(),
+        )  # fmt: skip
         for i, (status, reason, message) in enumerate(verdicts)
     ]
     count = lambda s: sum(r.status == s for r in results)  # noqa: E731
@@ -87,7 +93,9 @@ def submit_receipts(batch: ReceiptBatch, state: StateDep) -> BatchResult:
     result = _summarise(verdicts, [c.leaf for c in checked])
     if result.rejected:
         reasons = sorted({r.reason for r in result.results if r.reason})
-        logger.info(f"Receipts: {result.accepted} accepted, {result.duplicates} duplicate, {result.rejected} rejected {reasons}")
+        logger.info(
+            f"Receipts: {result.accepted} accepted, {result.duplicates} duplicate, {result.rejected} rejected {reasons}"
+        )
     return result
 
 
@@ -102,6 +110,8 @@ def submit_vouchers(batch: VoucherBatch, state: StateDep) -> BatchResult:
     try:
         stored = iter(_with_retries(state, lambda session: crud.store_vouchers(session, vouchers=good)) if good else [])
     except _Unstorable as e:
-        raise HTTPException(500, f"the ledger could not store this voucher batch ({e}); send the vouchers one by one") from None
+        raise HTTPException(
+            500, f"the ledger could not store this voucher batch ({e}); send the vouchers one by one"
+        ) from None
     verdicts = [("rejected", reason, message) if reason else next(stored) for reason, message in checks]
     return _summarise(verdicts)

@@ -3,6 +3,7 @@
 - ``llama/``  Llama-architecture decoders with GQA (llama, mistral): LlamaDecoderLayer / MistralDecoderLayer + RoPE
 - ``bloom/``  BLOOM: BloomBlock + ALiBi
 """
+
 import importlib
 import logging
 import pkgutil

@@ -5,6 +5,7 @@ Each kernel is one C file beside this module. ``load(name)`` compiles it with th
 with ctypes, its functions typed from ``SIGNATURES``; later processes reuse the file. Without a compiler (or with ``NECTAR_NATIVE=off``) it returns None
 and callers keep their PyTorch path, so a kernel is only ever an optional speed-up.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -32,7 +33,8 @@ SIGNATURES = {  # library -> function -> argument types (every function returns 
         "nectar_llama_decode_f32": (
             [_POINTER, _LONG, _POINTER, _POINTER, _FLOAT]  # x, hidden, norms, eps
             + [_POINTER, _POINTER, _LONG, _LONG, _LONG]  # qkv, heads, kv heads, head dim
-            + [_POINTER] * 4 + [_LONG]  # o, gate_up, intermediate
+            + [_POINTER] * 4
+            + [_LONG]  # o, gate_up, intermediate
             + [_POINTER] * 4  # down, cos, signed sin
             + [_POINTER, _POINTER, _LONG, _LONG, _LONG, _FLOAT]  # keys, values, strides, length, scale
             + [_POINTER]  # scratch
@@ -51,7 +53,7 @@ def enabled() -> bool:
     return current().native  # NECTAR_NATIVE
 
 
-def _compiler() -> Optional[str]:
+def _compiler() -> str | None:
     return current().compiler or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
@@ -71,21 +73,25 @@ def _cpu_signature() -> str:
 
 
 @functools.cache
-def load(name: str) -> Optional[ctypes.CDLL]:
+def load(name: str) -> ctypes.CDLL | None:
     """The compiled kernel ``name`` (``{name}.c`` here), or None where it cannot be built (warned once)."""
     if not enabled():
         return None
     compiler = _compiler()
     if compiler is None:
-        logger.warning("No C compiler found: the native %s kernel is off and PyTorch computes instead. "
-                       "Install one (e.g. `apt install gcc`) or set CC to enable it.", name)
+        logger.warning(
+            "No C compiler found: the native %s kernel is off and PyTorch computes instead. "
+            "Install one (e.g. `apt install gcc`) or set CC to enable it.",
+            name,
+        )
         return None
     source = SOURCES / f"{name}.c"
     text = source.read_bytes()
     errors = []
     for flags in FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([text, compiler.encode(), " ".join(flags).encode(),
-                                          _cpu_signature().encode()])).hexdigest()[:16]
+        key = hashlib.sha256(
+            b"\0".join([text, compiler.encode(), " ".join(flags).encode(), _cpu_signature().encode()])
+        ).hexdigest()[:16]
         library = cache_folder() / f"{name}-{key}.so"
         if not library.exists():
             error = _compile(compiler, flags, source, library)
@@ -96,8 +102,12 @@ def load(name: str) -> Optional[ctypes.CDLL]:
             return _typed(ctypes.CDLL(str(library)), name)
         except (OSError, AttributeError) as e:
             errors.append(f"loading {library}: {e}")
-    logger.warning("The native %s kernel could not be built, so PyTorch computes instead (set NECTAR_NATIVE=off to "
-                   "silence this):\n%s", name, "\n".join(errors))
+    logger.warning(
+        "The native %s kernel could not be built, so PyTorch computes instead (set NECTAR_NATIVE=off to "
+        "silence this):\n%s",
+        name,
+        "\n".join(errors),
+    )
     return None
 
 
@@ -109,15 +119,19 @@ def _typed(library: ctypes.CDLL, name: str) -> ctypes.CDLL:
     return library
 
 
-def _compile(compiler: str, flags: list[str], source: Path, library: Path) -> Optional[str]:
+def _compile(compiler: str, flags: list[str], source: Path, library: Path) -> str | None:
     """Builds ``library``; returns the compiler's complaint, or None. Concurrent builders each write their own
     temporary file and rename it into place, so a reader never sees half a library."""
     library.parent.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
     os.close(handle)
     try:
-        done = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-std=c11", "-o", partial, str(source), "-lm"],
-                              capture_output=True, text=True, timeout=COMPILE_TIMEOUT)
+        done = subprocess.run(
+            [compiler, *flags, "-shared", "-fPIC", "-std=c11", "-o", partial, str(source), "-lm"],
+            capture_output=True,
+            text=True,
+            timeout=COMPILE_TIMEOUT,
+        )
         if done.returncode != 0:
             return done.stderr.strip()[-2000:] or f"exit status {done.returncode}"
         os.replace(partial, library)

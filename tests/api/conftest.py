@@ -5,6 +5,7 @@ swarm of two priced nodes ("alpha", "beta") serving a tiny Llama that speaks Smo
 Each module starts its own `nectar api` against it, once per backend: SQLite + SQLite broker + in-process rate
 limits, and PostgreSQL (a fresh database) + Redis broker + Redis rate limits.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,7 +1,11 @@
 """The gateway answers a swarm failure by what happened: the request (400), unpaid nodes (402), no route (503)."""
+
 from nectar.api.errors import from_client_error
 from nectar.client.errors import (
-    InferenceFailedError, PaymentRequiredError, ReceiptRejectedError, RouteUnavailableError,
+    InferenceFailedError,
+    PaymentRequiredError,
+    ReceiptRejectedError,
+    RouteUnavailableError,
 )
 from nectar.wire.protocol import ErrorCode
 

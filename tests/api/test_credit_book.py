@@ -1,6 +1,7 @@
 """The credit book on SQLite and PostgreSQL, without a swarm: concurrent holds never overdraw, every settlement and
 chain event counts exactly once, the database itself refuses a negative balance, keys are stored hashed, and the
 Alembic migration matches the models."""
+
 from __future__ import annotations
 
 import threading
@@ -105,8 +106,17 @@ def test_a_chain_event_is_credited_once_even_when_raced(engine):
 
     def credit():
         with session_scope(engine) as session:
-            results.append(crud.add_credit(session, account_id=account_id, amount=500, source="chain",
-                                           tx_hash="0x" + "ab" * 32, log_index=3, amount_wei=500 * 10**12))
+            results.append(
+                crud.add_credit(
+                    session,
+                    account_id=account_id,
+                    amount=500,
+                    source="chain",
+                    tx_hash="0x" + "ab" * 32,
+                    log_index=3,
+                    amount_wei=500 * 10**12,
+                )
+            )
 
     threads = [threading.Thread(target=credit) for _ in range(8)]
     for t in threads:

@@ -1,6 +1,7 @@
 """Fine-tuning jobs through the official `openai` client, run by a real `nectar api worker` (SQLite broker, and
 Redis broker with PostgreSQL): upload checks, a job to completion whose tuned model answers, progress events,
 cancellation mid-run, exact charges, 402 for a job the account cannot cover."""
+
 from __future__ import annotations
 
 import json
@@ -84,8 +85,12 @@ def test_job_runs_to_completion_and_the_tuned_model_answers(api, market, worker)
 
     tuned = client.completions.create(model=done.fine_tuned_model, prompt=prompt, max_tokens=3, temperature=0)
     assert tuned.choices[0].text.startswith(" Paris"), tuned.choices[0].text
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model=done.fine_tuned_model, prompt=prompt, max_tokens=3, temperature=0, stream=True))
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=done.fine_tuned_model, prompt=prompt, max_tokens=3, temperature=0, stream=True
+        )
+    )
     assert streamed == tuned.choices[0].text
     question = [{"role": "user", "content": "France's capital city?"}]
     chat = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=3, temperature=0, messages=question)

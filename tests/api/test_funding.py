@@ -1,5 +1,6 @@
 """Funding accounts on a real devnet: the faucet, and escrow deposits to the gateway from a linked address, credited
 once (whatever the rescans), including deposits made before the address was linked; bad links are refused."""
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,10 @@ def test_escrow_deposit_from_the_linked_address_is_credited_once(api, market):
         funding = h.get("/v1/account/funding").json()
         assert funding["gateway_address"] == market.gateway
         assert funding["escrow"] == market.chain.address_of("Escrow") and funding["faucet_available"] is True
-        linked = h.put("/v1/account/address", json={"eth_address": wallet.address,
-                                                   "signature": link_signature(wallet, customer.account_id)})
+        linked = h.put(
+            "/v1/account/address",
+            json={"eth_address": wallet.address, "signature": link_signature(wallet, customer.account_id)},
+        )
         assert linked.status_code == 200, linked.text
         escrow_before = market.chain.escrow_balance(market.gateway)
         tx = deposit_for(market.chain, wallet, market.gateway, 3 * 10**18)
@@ -63,8 +66,10 @@ def test_deposit_before_linking_is_credited_when_the_address_is_linked(api, mark
     with customer.http() as h:
         h.post("/v1/account/deposits/scan")
         assert customer.account()["balance_micro"] == 0  # nobody had linked that address yet
-        linked = h.put("/v1/account/address", json={"eth_address": wallet.address,
-                                                   "signature": link_signature(wallet, customer.account_id)})
+        linked = h.put(
+            "/v1/account/address",
+            json={"eth_address": wallet.address, "signature": link_signature(wallet, customer.account_id)},
+        )
     assert linked.status_code == 200 and linked.json()["balance_micro"] == MICRO_PER_CREDIT
     deposit_for(market.chain, wallet, market.gateway, 10**18)  # later deposits arrive through the background scan
     wait_for(lambda: customer.account()["balance_micro"] == 2 * MICRO_PER_CREDIT, 30, "the background deposit scan")
@@ -74,23 +79,34 @@ def test_links_need_the_address_owner_and_are_unique(api, market):
     owner, other = Account.create(), Account.create()
     first, second = new_customer(api), new_customer(api)
     with first.http() as h:
-        forged = h.put("/v1/account/address", json={"eth_address": owner.address,
-                                                   "signature": link_signature(other, first.account_id)})
+        forged = h.put(
+            "/v1/account/address",
+            json={"eth_address": owner.address, "signature": link_signature(other, first.account_id)},
+        )
         assert forged.status_code == 403 and forged.json()["error"]["param"] == "signature"
         garbage = h.put("/v1/account/address", json={"eth_address": owner.address, "signature": "0x" + "00" * 65})
         assert garbage.status_code in (403, 422)
         malformed = h.put("/v1/account/address", json={"eth_address": "0x123", "signature": "0x00"})
         assert malformed.status_code == 422 and malformed.json()["error"]["param"] in ("eth_address", "signature")
-        assert h.put("/v1/account/address", json={"eth_address": owner.address, "signature": link_signature(
-            owner, first.account_id)}).status_code == 200
+        assert (
+            h.put(
+                "/v1/account/address",
+                json={"eth_address": owner.address, "signature": link_signature(owner, first.account_id)},
+            ).status_code
+            == 200
+        )
     with second.http() as h:
-        taken = h.put("/v1/account/address", json={"eth_address": owner.address,
-                                                  "signature": link_signature(owner, second.account_id)})
+        taken = h.put(
+            "/v1/account/address",
+            json={"eth_address": owner.address, "signature": link_signature(owner, second.account_id)},
+        )
     assert taken.status_code == 409
     # a signature made for another account does not transfer
     with second.http() as h:
-        replayed = h.put("/v1/account/address", json={"eth_address": other.address,
-                                                      "signature": link_signature(other, first.account_id)})
+        replayed = h.put(
+            "/v1/account/address",
+            json={"eth_address": other.address, "signature": link_signature(other, first.account_id)},
+        )
     assert replayed.status_code == 403
 
 

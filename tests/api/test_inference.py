@@ -1,6 +1,7 @@
 """The official `openai` client against a running `nectar api` on a real swarm, on SQLite and on PostgreSQL/Redis:
 completions, chat, streaming, stop strings, n; usage counted and debited exactly; 401, 402, 422, 400, 429; and a
 load test of concurrent requests on one account that must never overdraw nor lose a charge."""
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,7 @@ def local_greedy(reference, input_ids: list[int], max_new_tokens: int) -> list[i
     with torch.no_grad():
         out = reference.generate(torch.tensor([input_ids]), max_new_tokens=max_new_tokens, do_sample=False,
                                  eos_token_id=2, pad_token_id=0)  # fmt: skip
-    return out[0, len(input_ids):].tolist()
+    return out[0, len(input_ids) :].tolist()
 
 
 def test_models_lists_the_swarm_model(api, market):
@@ -73,8 +74,16 @@ def test_streams_equal_whole_answers_and_charge_the_same(api, market):
     customer = new_customer(api, credits="1")
     client = customer.openai()
     whole = client.completions.create(model=market.model, prompt="Once upon a time", max_tokens=10, temperature=0)
-    chunks = list(client.completions.create(model=market.model, prompt="Once upon a time", max_tokens=10,
-                                            temperature=0, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model=market.model,
+            prompt="Once upon a time",
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert len([c for c in chunks if c.choices]) >= 2  # token by token, not one blob
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
@@ -86,8 +95,10 @@ def test_streams_equal_whole_answers_and_charge_the_same(api, market):
                                             stream=True, stream_options={"include_usage": True})  # fmt: skip
     chat_chunks = list(stream)
     assert chat_chunks[0].choices[0].delta.role == "assistant"
-    assert "".join(c.choices[0].delta.content or "" for c in chat_chunks if c.choices) == \
-        chat_whole.choices[0].message.content
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chat_chunks if c.choices)
+        == chat_whole.choices[0].message.content
+    )
     assert chat_chunks[-1].usage.completion_tokens == chat_whole.usage.completion_tokens
     spent = whole.usage.total_tokens * 2 + chat_whole.usage.total_tokens * 2
     account = customer.account()
@@ -107,8 +118,12 @@ def test_stop_string_ends_the_choice_and_is_not_returned(api, market, tokenizer)
     assert stopped.choices[0].text == free.choices[0].text[:cut]
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.usage.completion_tokens < free.usage.completion_tokens
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model=market.model, prompt="In the beginning", max_tokens=16, temperature=0, stop=stop, stream=True))
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=market.model, prompt="In the beginning", max_tokens=16, temperature=0, stop=stop, stream=True
+        )
+    )
     assert streamed == stopped.choices[0].text
 
 
@@ -183,7 +198,8 @@ def test_malformed_chat_gets_422_through_the_openai_client(api, market):
     customer = new_customer(api, credits="1")
     with pytest.raises(openai.UnprocessableEntityError) as raised:
         customer.openai(max_retries=0).chat.completions.create(
-            model=market.model, messages=[{"role": "wizard", "content": "hi"}], max_tokens=2)
+            model=market.model, messages=[{"role": "wizard", "content": "hi"}], max_tokens=2
+        )
     assert raised.value.body["param"] == "messages.0.role"
     with customer.http() as h:
         not_json = h.post("/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
@@ -269,8 +285,10 @@ def test_concurrent_requests_never_overdraw_and_lose_no_charge(api, market, toke
     assert len(usage) == len(paid) and sum(u["cost_micro"] for u in usage) == sum(paid) * PRICE
     assert seen and all(balance >= 0 and held >= 0 for balance, held in seen)
     assert max(held for _, held in seen) <= initial
-    print(f"load test: 40 concurrent -> {first_wave} served, {40 - first_wave} got 402; {len(paid)} served in all; "
-          f"{initial - account['balance_micro']} of {initial} micro-credits charged, {len(seen)} balance samples >= 0")
+    print(
+        f"load test: 40 concurrent -> {first_wave} served, {40 - first_wave} got 402; {len(paid)} served in all; "
+        f"{initial - account['balance_micro']} of {initial} micro-credits charged, {len(seen)} balance samples >= 0"
+    )
 
 
 def test_a_client_that_leaves_mid_stream_pays_for_what_was_generated(api, market):

@@ -1,6 +1,7 @@
 """The market side: API traffic is paid to the nodes by the gateway's vouchers, the ledger settles them on chain, the
 node endpoints show receipts, earnings, settlements and reputation, and the monitor page, loaded in headless
 Chromium, shows the running nodes and the chart (screenshot checked)."""
+
 from __future__ import annotations
 
 import io

@@ -1,5 +1,6 @@
 """The OpenAPI schema documents every route and every model: each operation has a summary, a description and typed
 answers (errors in OpenAI's format), and each schema and each of its fields has a description."""
+
 from __future__ import annotations
 
 import pytest
@@ -34,8 +35,12 @@ def schema(tmp_path_factory):
 
     routers = [completions.router, models.router, files.router, fine_tuning.router, accounts.router,
                accounts.admin_router, market.router, monitor.router]  # fmt: skip
-    routes = {(method.lower(), route.path.replace("{model:path}", "{model}")) for router in routers
-              for route in router.routes for method in route.methods - {"HEAD"}}
+    routes = {
+        (method.lower(), route.path.replace("{model:path}", "{model}"))
+        for router in routers
+        for route in router.routes
+        for method in route.methods - {"HEAD"}
+    }
     return schema, routes
 
 
@@ -58,7 +63,8 @@ def test_every_operation_is_described_with_typed_answers(schema):
                 assert answer.get("description"), (where, status)
                 if status.startswith(("4", "5")):
                     assert answer["content"]["application/json"]["schema"] == {
-                        "$ref": "#/components/schemas/ErrorResponse"}, (where, status)
+                        "$ref": "#/components/schemas/ErrorResponse"
+                    }, (where, status)
             for parameter in op.get("parameters", []):
                 assert parameter["schema"], (where, parameter["name"])
     assert schema["components"]["securitySchemes"]["HTTPBearer"]["type"] == "http"
@@ -67,8 +73,16 @@ def test_every_operation_is_described_with_typed_answers(schema):
 def test_every_model_and_field_is_described(schema):
     schema, _ = schema
     components = schema["components"]["schemas"]
-    for name in ("CompletionRequest", "ChatCompletionRequest", "CompletionStreamResponse",
-                 "ChatCompletionStreamResponse", "FineTuningJob", "ErrorResponse", "SwarmView", "AccountPublic"):
+    for name in (
+        "CompletionRequest",
+        "ChatCompletionRequest",
+        "CompletionStreamResponse",
+        "ChatCompletionStreamResponse",
+        "FineTuningJob",
+        "ErrorResponse",
+        "SwarmView",
+        "AccountPublic",
+    ):
         assert name in components
     assert "HTTPValidationError" not in components
     for name, definition in components.items():

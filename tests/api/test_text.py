@@ -1,5 +1,6 @@
 """Choice text with the real SmolLM2 tokenizer: what is streamed always adds up to the final text, stop strings cut
 (even across tokens) and are never emitted, half characters are held back, eos ends a choice."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,8 +25,9 @@ def run(tokenizer, text: str, **kwargs) -> tuple[list[str], ChoiceText]:
 def test_deltas_add_up_to_the_text(tokenizer):
     deltas, choice = run(tokenizer, "Hello world, this is fine.")
     assert "".join(deltas) == "Hello world, this is fine." == choice.text
-    assert choice.finish_reason == "length" and choice.num_tokens == len(tokenizer("Hello world, this is fine.")
-                                                                          ["input_ids"])
+    assert choice.finish_reason == "length" and choice.num_tokens == len(
+        tokenizer("Hello world, this is fine.")["input_ids"]
+    )
 
 
 def test_stop_string_spanning_tokens_is_cut_and_never_emitted(tokenizer):

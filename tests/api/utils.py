@@ -1,5 +1,6 @@
 """Builders for API tests: a tiny chat checkpoint, PostgreSQL databases, `nectar api worker` and other nectar
 subprocesses (`nectar api` itself starts through ``nectar.api.launch.ApiProcess``), devnet wallets, waiting helpers."""
+
 from __future__ import annotations
 
 import os
@@ -9,9 +10,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-from tests.ledger.utils import fresh_postgres_url  # one home for throwaway test databases
-
 
 REDIS_URL = "redis://127.0.0.1:6379"
 
@@ -26,7 +24,6 @@ def make_chat_checkpoint(path: Path, *, seed: int = 0) -> Path:
     save_tiny_checkpoint(path, "llama", seed=seed, vocab_size=len(tokenizer))
     tokenizer.save_pretrained(str(path))
     return path
-
 
 
 def free_port() -> int:
@@ -51,8 +48,13 @@ class NectarProcess:
     def __init__(self, args: list[str], *, env: dict, log_path: Path):
         self.log_path = log_path
         self._log = open(log_path, "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "nectar.cli", *args], env={**os.environ, **env},
-                                        stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "nectar.cli", *args],
+            env={**os.environ, **env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

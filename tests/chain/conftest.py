@@ -1,4 +1,5 @@
 """Chain fixtures: one real Anvil devnet per test module (random free port), with Nectar deployed."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Test-side signers built on eth-account's generic EIP-712 path, independent of nectar.wire and nectar.chain."""
+
 from __future__ import annotations
 
 from eth_account import Account

@@ -1,6 +1,7 @@
 """Channel pairs on a real Anvil: the wallets one process opens for a key get channels 2k and 2k+1, which share one
 storage slot of Settlement, and one wallet's channels to the two nodes of a route share one too; both settle in one
 transaction, each keeps its own paid total, and replays are caught per channel."""
+
 from __future__ import annotations
 
 import os

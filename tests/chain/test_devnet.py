@@ -1,5 +1,6 @@
 """`nectar devnet` and start_devnet as processes: foreground run, clean stop on SIGTERM, the deployment file's
 contents and life cycle, and clear errors when there is no deployment or the port is taken."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Runs the Solidity suite (`forge test`: unit, fuzz and invariant tests) so the one pytest command covers it."""
+
 from __future__ import annotations
 
 import re

@@ -1,11 +1,12 @@
 """The contracts and nectar.wire agree on every hash of docs/protocol.md: domain, voucher and receipt digests, receipt
 leaves; and a voucher signed by nectar.wire settles on chain."""
+
 from __future__ import annotations
 
 import pytest
 
-from nectar.wire import receipts as wire
 from nectar.wire import eip712
+from nectar.wire import receipts as wire
 
 ETHER = 10**18
 

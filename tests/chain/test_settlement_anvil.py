@@ -1,5 +1,6 @@
 """Settlement on a real Anvil: deposit, 100 vouchers signed with eth-account settled in one transaction, node
 withdrawals that add up to the wei, and the rejections (replay, forged signature, over-spend) that lose nothing."""
+
 from __future__ import annotations
 
 import logging

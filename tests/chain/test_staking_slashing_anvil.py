@@ -1,5 +1,6 @@
 """Node registry, epoch roots and slashing on a real Anvil: stake and unbond, Merkle inclusion proofs against the
 committed root, double-sign proofs and k-of-n spot-check slashes after the dispute window."""
+
 from __future__ import annotations
 
 import pytest

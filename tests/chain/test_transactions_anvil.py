@@ -1,5 +1,6 @@
 """Sending on a real Anvil: two processes' worth of senders sharing one key (the ledger's service and worker do)
 never lose a transaction to a nonce clash, and reverts surface as named ChainErrors before anything is sent."""
+
 from __future__ import annotations
 
 import threading

@@ -1,5 +1,6 @@
 """``from_pretrained`` against real DHT processes: the peer list it reads from the environment, and what a failed call
 leaves behind (nothing: every try used to leak a hivemind DHT process)."""
+
 from __future__ import annotations
 
 import shutil

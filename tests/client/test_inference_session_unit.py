@@ -4,19 +4,25 @@ Each fake node speaks the inference stream's protocol (open, steps with receipts
 and cancels) over an in-memory request/response stream, and computes a toy causal model whose output depends on
 its KV cache, so a replacement that was not replayed exactly would answer differently.
 """
+
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
-from typing import Optional
 
 import pytest
 import torch
 from hivemind.p2p import PeerID
 
-from nectar.client import InferenceFailedError, InferenceSession, PaymentRequiredError, ReceiptRejectedError
-from nectar.client import RouteUnavailableError, SessionClosedError
+from nectar.client import (
+    InferenceFailedError,
+    InferenceSession,
+    PaymentRequiredError,
+    ReceiptRejectedError,
+    RouteUnavailableError,
+    SessionClosedError,
+)
 from nectar.client.config import ClientConfig
 from nectar.client.hop_stream import HopStream
 from nectar.client.payments import Wallet
@@ -66,12 +72,12 @@ class Network:
     def __init__(self):
         self.nodes: dict[PeerID, FakeNode] = {}
 
-    def add(self, node: "FakeNode") -> "FakeNode":
+    def add(self, node: FakeNode) -> FakeNode:
         self.nodes[node.peer_id] = node
         node.network = self
         return node
 
-    def by_address(self, address: str) -> Optional["FakeNode"]:
+    def by_address(self, address: str) -> FakeNode | None:
         return next((n for n in self.nodes.values() if n.info.direct_address == address), None)
 
     async def connect(self, span: RemoteSpan, requests):
@@ -112,18 +118,38 @@ class FakeNode:
 
     count = 0
 
-    def __init__(self, name: str, start: int, end: int, *, dies_at: int | None = None,
-                 dies_after_push_at: int | None = None, bad_receipt_at: tuple[int, ...] = (),
-                 error: ErrorCode | None = None, pushes: bool = True):
+    def __init__(
+        self,
+        name: str,
+        start: int,
+        end: int,
+        *,
+        dies_at: int | None = None,
+        dies_after_push_at: int | None = None,
+        bad_receipt_at: tuple[int, ...] = (),
+        error: ErrorCode | None = None,
+        pushes: bool = True,
+    ):
         FakeNode.count += 1
         self.name, self.start, self.end = name, start, end
         self.peer_id = PeerID(b"\x00\x24\x08\x01\x12\x20" + bytes([FakeNode.count]) * 32)
         self.key = "0x" + (bytes([FakeNode.count]) * 32).hex()
         self.signer = ReceiptSigner(private_key=self.key, model_id=MODEL, price_per_token=1, domain=DOMAIN)
-        self.info = ServerInfo(state=int(ServerState.ONLINE), start=start, end=end, throughput=100, inference_rps=100,
-                               forward_rps=100, network_rps=1e9, dtype="float32", cache_tokens_left=10**6,
-                               price_per_token=1, eth_address=self.signer.address, public_name=name,
-                               direct_address=f"10.0.0.{FakeNode.count}:1")
+        self.info = ServerInfo(
+            state=int(ServerState.ONLINE),
+            start=start,
+            end=end,
+            throughput=100,
+            inference_rps=100,
+            forward_rps=100,
+            network_rps=1e9,
+            dtype="float32",
+            cache_tokens_left=10**6,
+            price_per_token=1,
+            eth_address=self.signer.address,
+            public_name=name,
+            direct_address=f"10.0.0.{FakeNode.count}:1",
+        )
         self.dies_at, self.dies_after_push_at = dies_at, dies_after_push_at
         self.bad_receipt_at, self.error, self.pushes = bad_receipt_at, error, pushes
         self.dead = False
@@ -203,10 +229,17 @@ class FakeNode:
                 yield receipt
             yield make_response([out], {"receipt_follows": True})
             committed = out + 1 if step in self.bad_receipt_at else out
-            signed, _ = self.signer.sign(session_id=session_id.rjust(32, b"\0"), step=step,
-                                         kind=schema.ReceiptKind.INFERENCE, start=span.start, end=span.end,
-                                         client=client, tokens=hidden.shape[0] * hidden.shape[1], inputs=hidden,
-                                         outputs=committed)
+            signed, _ = self.signer.sign(
+                session_id=session_id.rjust(32, b"\0"),
+                step=step,
+                kind=schema.ReceiptKind.INFERENCE,
+                start=span.start,
+                end=span.end,
+                client=client,
+                tokens=hidden.shape[0] * hidden.shape[1],
+                inputs=hidden,
+                outputs=committed,
+            )
             receipt = make_response([], {"type": "receipt", "step": step, "receipt": signed.to_json()})
 
 
@@ -224,8 +257,9 @@ class FakeManager:
         banned = {peer for peer, _ in self.bans}
         route, at = [], start
         while at < end:
-            node = next((n for n in self.network.nodes.values()
-                         if n.start <= at < n.end and n.peer_id not in banned), None)
+            node = next(
+                (n for n in self.network.nodes.values() if n.start <= at < n.end and n.peer_id not in banned), None
+            )
             if node is None:
                 raise MissingBlocksError(list(range(at, end)), MODEL)
             route.append(RemoteSpan(node.peer_id, at, min(end, node.end), node.info))
@@ -273,15 +307,22 @@ def runtime():
 def _session(runtime, network: Network, *, max_length: int = 32, **config) -> tuple[InferenceSession, FakeManager]:
     manager = FakeManager(network)
     config = ClientConfig(**{"step_timeout": 2.0, "connect_timeout": 2.0, "max_retries": 3, **config})
-    session = InferenceSession(manager, runtime, Wallet(domain=DOMAIN), max_length=max_length, config=config,
-                               streams=lambda span: HopStream(runtime, span, MODEL, connect=network.connect))
+    session = InferenceSession(
+        manager,
+        runtime,
+        Wallet(domain=DOMAIN),
+        max_length=max_length,
+        config=config,
+        streams=lambda span: HopStream(runtime, span, MODEL, connect=network.connect),
+    )
     return session, manager
 
 
 def _chunks(steps: int) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     return [torch.randn(1, 5, HIDDEN, generator=generator)] + [
-        torch.randn(1, 1, HIDDEN, generator=generator) for _ in range(steps - 1)]
+        torch.randn(1, 1, HIDDEN, generator=generator) for _ in range(steps - 1)
+    ]
 
 
 def _generate(session: InferenceSession, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -354,8 +395,9 @@ def test_a_dishonest_receipt_fails_the_hop_over_and_bans_its_node(runtime):
     assert "dishonest receipt" in manager.bans[0][1] and "output commitment" in manager.bans[0][1]
     # the liar's step-1 receipt was refused; the spare replayed from step 0 and signed for every step it did
     paid = [(r.receipt.node, r.receipt.step) for r in session.wallet.receipts if r.receipt.block_start == 2]
-    assert (liar.info.eth_address, 1) not in paid and [s for n, s in paid if n == spare.info.eth_address] == list(range(
-        len(spare.steps)))
+    assert (liar.info.eth_address, 1) not in paid and [s for n, s in paid if n == spare.info.eth_address] == list(
+        range(len(spare.steps))
+    )
     assert _history(spare, len(liar.steps)) == _history(liar)  # replayed all it had accepted from the liar
 
 

@@ -1,4 +1,5 @@
 """Route finding on a given swarm view: shortest paths, cache and ban awareness, scorer hook, training routes."""
+
 from __future__ import annotations
 
 import collections
@@ -13,9 +14,20 @@ from nectar.wire.announce import ServerInfo, ServerState
 
 
 def _info(start, end, throughput=100.0, cache=10**6, name="", state=ServerState.ONLINE, price=0):
-    return ServerInfo(state=int(state), start=start, end=end, throughput=throughput, inference_rps=throughput,
-                      forward_rps=throughput, network_rps=1e9, dtype="float32", cache_tokens_left=cache,
-                      price_per_token=price, eth_address="0x" + "11" * 20, public_name=name)
+    return ServerInfo(
+        state=int(state),
+        start=start,
+        end=end,
+        throughput=throughput,
+        inference_rps=throughput,
+        forward_rps=throughput,
+        network_rps=1e9,
+        dtype="float32",
+        cache_tokens_left=cache,
+        price_per_token=price,
+        eth_address="0x" + "11" * 20,
+        public_name=name,
+    )
 
 
 def _peer(i: int) -> PeerID:

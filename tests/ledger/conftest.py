@@ -1,5 +1,6 @@
 """Ledger fixtures: a fresh database per test module on SQLite and on PostgreSQL, the app, a private snapshot of the
 contract artifacts."""
+
 from __future__ import annotations
 
 import json
@@ -61,7 +62,6 @@ def api(settings):
 
     with TestClient(create_app(settings)) as client:
         yield client
-
 
 
 def _complete_artifacts(out) -> dict | None:

@@ -1,5 +1,6 @@
 """A real ledger deployment for tests: Anvil (``nectar.chain.start_devnet``), ``nectar ledger`` and ``nectar worker``
 as subprocesses sharing one NECTAR_HOME, database and broker."""
+
 from __future__ import annotations
 
 import os

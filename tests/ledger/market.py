@@ -1,6 +1,7 @@
 """The whole market for tests, as ``nectar demo`` runs it: a devnet (Anvil + contracts), ``nectar ledger`` and
 ``nectar worker`` (SQLite database and broker), and a LocalSwarm of priced ``nectar node`` processes serving a tiny
 random Llama, each node signing with a devnet node account (its key dir's eth.json)."""
+
 from __future__ import annotations
 
 import json
@@ -50,7 +51,9 @@ class SwarmMarket:
             key_dir = self.swarm.workdir / "keys" / name
             key_dir.mkdir(parents=True, exist_ok=True)
             party = Party(self.node_keys[account])
-            (key_dir / "eth.json").write_text(json.dumps({"address": party.address, "private_key": self.node_keys[account]}))
+            (key_dir / "eth.json").write_text(
+                json.dumps({"address": party.address, "private_key": self.node_keys[account]})
+            )
         args = ["--price", str(self.price), "--ledger-url", self.url, "--throughput", "100", "--num-threads", "1",
                 "--announce-period", "3", "--dtype", "float32", *extra_args]  # fmt: skip
         return self.swarm.add_node(str(self.model_path), blocks=blocks, name=name, extra_args=args)
@@ -62,8 +65,13 @@ class SwarmMarket:
         from nectar.client import ClientConfig, DistributedModelForCausalLM
 
         key = "0x" + bytes(client.key).hex()
-        return DistributedModelForCausalLM.from_pretrained(str(self.model_path), initial_peers=self.swarm.initial_peers,
-                                                           private_key=key, config=ClientConfig(), **kwargs)
+        return DistributedModelForCausalLM.from_pretrained(
+            str(self.model_path),
+            initial_peers=self.swarm.initial_peers,
+            private_key=key,
+            config=ClientConfig(),
+            **kwargs,
+        )
 
     # ---- what reached the ledger ------------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """End to end on a real Anvil, real swarm processes and a real Celery worker: a client generates, receipts and
 vouchers flow to the ledger, an epoch closes, nodes' on-chain balances rise by exactly what the client was charged
 (minus the fee), and the client's escrow falls by the same."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -8,8 +9,8 @@ from collections import Counter
 import pytest
 import torch
 
-from nectar.wire.merkle import merkle_proof
 from nectar.wire.eip712 import receipt_leaf
+from nectar.wire.merkle import merkle_proof
 from tests.ledger.market import SwarmMarket
 
 pytestmark = pytest.mark.slow
@@ -96,8 +97,10 @@ def test_a_paid_generation_settles_on_chain_to_the_wei(market):
     assert (wallet.partner_of(first), wallet.partner_of(second)) == (second, first)
     assert result["fee"] == sum(a * fee_bps // 10_000 for a in gross.values()) > 0
     assert sum(result["earned"].values()) + result["fee"] == wallet.total_paid
-    print(f"\ne2e epoch {epoch['number']}: {len(receipts)} receipts, client charged {wallet.total_paid} wei, "
-          f"nodes earned {dict(result['earned'])}, fee {result['fee']}")
+    print(
+        f"\ne2e epoch {epoch['number']}: {len(receipts)} receipts, client charged {wallet.total_paid} wei, "
+        f"nodes earned {dict(result['earned'])}, fee {result['fee']}"
+    )
     market.first_total = wallet.total_paid
 
 

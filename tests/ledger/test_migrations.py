@@ -1,5 +1,6 @@
 """Migrations: concurrent upgrades of one fresh database (SQLite and PostgreSQL), `nectar ledger` and `nectar worker`
 started at the same moment, the schema matching the models, and the Alembic folder shipping in a built wheel."""
+
 from __future__ import annotations
 
 import multiprocessing
@@ -63,7 +64,9 @@ def test_concurrent_upgrades_of_a_fresh_database_all_succeed(fresh_url):
     engine = create_engine(fresh_url)
     try:
         with engine.connect() as connection:
-            assert connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [head_revision()]
+            assert connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [
+                head_revision()
+            ]
             assert {"epochs", "receipts", "spot_checks", "vouchers"} <= set(inspect(connection).get_table_names())
             # the upgraded schema is exactly what the models declare (no drift between migrations and models)
             diff = compare_metadata(MigrationContext.configure(connection, opts={"compare_type": True}), Base.metadata)
@@ -135,7 +138,9 @@ def test_ledger_and_worker_started_together_on_a_fresh_sqlite_database(tmp_path)
         wait_http(f"http://127.0.0.1:{port}/health", timeout=120, process=ledger)
         wait_for(lambda: "ready" in (tmp_path / "worker.log").read_text(errors="ignore") or worker.poll() is not None,
                  120, "the worker to start")  # fmt: skip
-        logs = (tmp_path / "ledger.log").read_text(errors="ignore") + (tmp_path / "worker.log").read_text(errors="ignore")
+        logs = (tmp_path / "ledger.log").read_text(errors="ignore") + (tmp_path / "worker.log").read_text(
+            errors="ignore"
+        )
         assert worker.poll() is None and ledger.poll() is None, logs[-3000:]
         assert "already exists" not in logs
     finally:
@@ -158,9 +163,13 @@ def test_a_built_wheel_ships_the_migrations_and_they_run_from_it(tmp_path):
     assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
     wheel = next((tmp_path / "dist").glob("*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for expected in ("nectar/ledger/alembic.ini", "nectar/ledger/alembic/env.py", "nectar/ledger/alembic/script.py.mako",
-                     "nectar/ledger/alembic/versions/0001_initial_schema.py",
-                     "nectar/ledger/alembic/versions/0002_spot_check_slashes.py"):
+    for expected in (
+        "nectar/ledger/alembic.ini",
+        "nectar/ledger/alembic/env.py",
+        "nectar/ledger/alembic/script.py.mako",
+        "nectar/ledger/alembic/versions/0001_initial_schema.py",
+        "nectar/ledger/alembic/versions/0002_spot_check_slashes.py",
+    ):
         assert expected in names, f"{expected} missing from {wheel.name}"
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)

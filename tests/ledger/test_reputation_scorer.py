@@ -1,6 +1,7 @@
 """``ReputationScorer`` (client routing) against a real ledger over HTTP: reputable nodes get cheaper, penalized ones
 far dearer, unknown and new ones neutral with a share of exploration, price counts, and a ledger that is down or
 changes its mind is handled."""
+
 from __future__ import annotations
 
 import threading
@@ -41,7 +42,9 @@ def ledger(tmp_path_factory):
     home = tmp_path_factory.mktemp("reputation")
     settings = Settings(database_url=f"sqlite:///{home / 'ledger.db'}", broker_url=f"sqla+sqlite:///{home / 'b.db'}",
                         deployment_path=home / "none.json")  # fmt: skip
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=free_port(), log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=free_port(), log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_for(lambda: server.started, 30, "the ledger to serve")

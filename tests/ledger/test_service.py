@@ -1,4 +1,5 @@
 """The ledger's HTTP API on SQLite and PostgreSQL: accepted, duplicate, forged, replayed, conflicting, malformed."""
+
 from __future__ import annotations
 
 import os
@@ -9,9 +10,9 @@ import torch
 from nectar.deployment import domain_from_deployment
 from nectar.ledger import crud
 from nectar.service.db import get_engine, session_scope
-from nectar.wire import receipts as R
 from nectar.wire import eip712, fingerprints
-from nectar.wire.merkle import merkle_root, verify_proof, merkle_proof
+from nectar.wire import receipts as R
+from nectar.wire.merkle import merkle_proof, merkle_root, verify_proof
 from tests.ledger.utils import Party, make_receipt, make_voucher, receipt_item
 
 NODE, CLIENT = Party(), Party()
@@ -47,7 +48,9 @@ def test_forgeries_are_rejected_with_reasons(api):
     # signed by someone else, claiming to be NODE
     forged = eip712.sign_receipt(good.receipt, mallory.key, domain_from_deployment())
     # content changed after signing
-    tampered = R.SignedReceipt(R.Receipt(**{**good.receipt.__dict__, "tokens": 400, "amount": 400 * 1000}), good.signature)
+    tampered = R.SignedReceipt(
+        R.Receipt(**{**good.receipt.__dict__, "tokens": 400, "amount": 400 * 1000}), good.signature
+    )
     # garbage signature bytes
     garbage = R.SignedReceipt(good.receipt, b"\x00" * 64 + b"\x1b")  # r = s = 0
     # amount != tokens * price, properly signed
@@ -59,7 +62,14 @@ def test_forgeries_are_rejected_with_reasons(api):
     result = post(api, [receipt_item(forged, fp), receipt_item(tampered, fp), receipt_item(garbage, fp),
                         receipt_item(*wrong_amount), receipt_item(*other_domain), receipt_item(*swapped_fp)])  # fmt: skip
     reasons = [r["reason"] for r in result["results"]]
-    assert reasons == ["wrong_signer", "wrong_signer", "bad_signature", "wrong_amount", "wrong_signer", "bad_fingerprint"]
+    assert reasons == [
+        "wrong_signer",
+        "wrong_signer",
+        "bad_signature",
+        "wrong_amount",
+        "wrong_signer",
+        "bad_fingerprint",
+    ]
     assert result["accepted"] == 0 and all(r["message"] for r in result["results"])
 
 
@@ -68,7 +78,9 @@ def test_conflicting_receipt_is_rejected_and_kept_as_evidence(api, settings):
     first = make_receipt(NODE, CLIENT, session_id=session_id, step=3)
     second = make_receipt(NODE, CLIENT, session_id=session_id, step=3)  # same work, a different output
     same_output_other_time = eip712.sign_receipt(
-        R.Receipt(**{**first[0].receipt.__dict__, "timestamp": first[0].receipt.timestamp + 5}), NODE.key, domain_from_deployment()
+        R.Receipt(**{**first[0].receipt.__dict__, "timestamp": first[0].receipt.timestamp + 5}),
+        NODE.key,
+        domain_from_deployment(),
     )
     assert post(api, [receipt_item(*first)])["accepted"] == 1
     result = post(api, [receipt_item(*second), receipt_item(same_output_other_time, first[1])])
@@ -104,7 +116,9 @@ def test_a_conflict_inside_one_batch_is_kept_as_evidence_and_the_rest_is_stored(
     pair = [make_receipt(node, CLIENT, session_id=os.urandom(32), step=0, kind=1) for _ in range(2)]
     pair[1] = make_receipt(node, CLIENT, session_id=pair[0][0].receipt.session_id, step=0, kind=1)
     with session_scope(get_engine(settings.database_url)) as session:
-        verdicts = crud.store_receipts(session, checked=[check_receipt(s, fp, domain_from_deployment()) for s, fp in pair])
+        verdicts = crud.store_receipts(
+            session, checked=[check_receipt(s, fp, domain_from_deployment()) for s, fp in pair]
+        )
     assert [v[0] for v in verdicts] == ["accepted", "rejected"]
 
 
@@ -138,7 +152,9 @@ def test_vouchers_keep_the_highest_and_reject_stale_and_forged(api):
                for a in (100, 250, 250, 200)]  # fmt: skip
     assert [r["results"][0]["status"] for r in results] == ["accepted", "accepted", "duplicate", "rejected"]
     assert results[3]["results"][0]["reason"] == "stale_voucher"
-    forged = eip712.sign_voucher(R.Voucher(client.address, node.address, 1, 10**9), Party().key, domain_from_deployment())
+    forged = eip712.sign_voucher(
+        R.Voucher(client.address, node.address, 1, 10**9), Party().key, domain_from_deployment()
+    )
     result = api.post("/v1/vouchers", json={"vouchers": [forged.to_json()]}).json()
     assert result["results"][0]["reason"] == "wrong_signer"
     assert api.post("/v1/vouchers", json={"vouchers": [{"voucher": {}, "signature": "0x"}]}).status_code == 422
@@ -197,7 +213,9 @@ def test_reputation_and_reports(api):
     api.post("/v1/vouchers", json={"vouchers": [make_voucher(client, node, 10).to_json()]})
     before = {n["address"]: n for n in ledger.reputation()}[node.address]
     for _ in range(5):
-        ledger.report(private_key=client.key, node=node.address, success=True, online=True, latency_ms=40, throughput=200)
+        ledger.report(
+            private_key=client.key, node=node.address, success=True, online=True, latency_ms=40, throughput=200
+        )
     after = {n["address"]: n for n in ledger.reputation()}[node.address]
     assert after["score"] > before["score"] and after["new"] is True
     assert after["components"]["success"] > 0.8

@@ -1,6 +1,7 @@
 """Production shape: PostgreSQL database, Redis broker, real Anvil, real worker with beat. Killing the ledger service
 or the worker (after the root is committed, before it is recorded) loses nothing and commits nothing twice; a
 double-signing node is slashed on chain from the stored evidence."""
+
 from __future__ import annotations
 
 import os
@@ -61,7 +62,9 @@ def test_worker_killed_after_root_commit_does_not_commit_twice(market):
         gross = sum(g for (c, n), g in market.charged.items() if n == node)
         assert nodes_after[node] - nodes_before[node] == gross - gross * fee_bps // 10_000
     for client in escrow_after:
-        assert escrow_before[client] - escrow_after[client] == sum(g for (c, _), g in market.charged.items() if c == client)
+        assert escrow_before[client] - escrow_after[client] == sum(
+            g for (c, _), g in market.charged.items() if c == client
+        )
 
 
 def test_double_sign_evidence_is_slashed_on_chain(market):

@@ -1,13 +1,14 @@
 """Epochs settle on a real Anvil through a real Celery worker on the default SQLite database and SQLite broker;
 killing the worker with SIGKILL mid-settlement and restarting it pays every voucher exactly once."""
+
 from __future__ import annotations
 
 import os
 
 import pytest
 
-from nectar.wire.merkle import merkle_proof, merkle_root
 from nectar.wire.eip712 import receipt_leaf
+from nectar.wire.merkle import merkle_proof, merkle_root
 from nectar.wire.receipts import SignedReceipt
 from tests.ledger.harness import LedgerDeployment
 from tests.ledger.utils import make_receipt, make_voucher, receipt_item, wait_for
@@ -39,7 +40,9 @@ def submit_work(market, *, steps: int, price: int, session_id: bytes | None = No
             for step in range(steps):
                 signed, fp = make_receipt(node, client, session_id=sid, step=step, price=price, domain=market.domain)
                 items.append(receipt_item(signed, fp))
-                charged[(client.address, node.address)] = charged.get((client.address, node.address), 0) + signed.receipt.amount
+                charged[(client.address, node.address)] = (
+                    charged.get((client.address, node.address), 0) + signed.receipt.amount
+                )
     with market.http() as h:
         result = h.post("/v1/receipts", json={"receipts": items}).json()
     assert result["accepted"] == len(items), result
@@ -50,7 +53,9 @@ def pay(market, cumulative: dict):
     vouchers = []
     for client in market.clients[:2]:
         for node in market.nodes[:3]:
-            vouchers.append(make_voucher(client, node, cumulative[(client.address, node.address)], domain=market.domain).to_json())
+            vouchers.append(
+                make_voucher(client, node, cumulative[(client.address, node.address)], domain=market.domain).to_json()
+            )
     with market.http() as h:
         assert h.post("/v1/vouchers", json={"vouchers": vouchers}).json()["accepted"] == len(vouchers)
 

@@ -1,4 +1,5 @@
 """Spot checks on real span computations: a node corrupting 10% of its outputs is caught, honest nodes never are."""
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,8 @@ from nectar.ledger.spot_check import AuditSource, LocalVerifier, SpotChecker, Ve
 from nectar.models import load_span
 from nectar.models.tiny import save_tiny_checkpoint
 from nectar.service.db import get_engine, session_scope
-from nectar.wire import receipts as R
 from nectar.wire import eip712, fingerprints
+from nectar.wire import receipts as R
 from tests.ledger.utils import Party
 
 MODEL = "tiny-audit-llama"
@@ -166,7 +167,9 @@ def test_a_faulty_verifier_does_not_get_an_honest_node_accused(world):
     checker = SpotChecker(settings=world["settings"], engine=world["engine"], audit=world["audit"],
                           verifiers=[broken, world["verifiers"][1]])  # fmt: skip
     with session_scope(world["engine"]) as session:
-        ids = [c.receipt_id for c in crud.spot_checks_of(session, epoch=world["epoch"]) if c.node in world["honest"]][:10]
+        ids = [c.receipt_id for c in crud.spot_checks_of(session, epoch=world["epoch"]) if c.node in world["honest"]][
+            :10
+        ]
     verdicts = [checker.check_receipt(i) for i in ids]
     assert all(v.status == "passed" and v.executions == 3 and "overruled" in v.detail for v in verdicts)
 
@@ -194,10 +197,14 @@ class FabricatingAudit(AuditSource):
 
 
 def test_a_fabricated_history_prefix_is_refused(world):
-    items = [item for item, _, _ in world["items"] if item.receipt.node == world["honest"][0] and item.receipt.step >= 2]
+    items = [
+        item for item, _, _ in world["items"] if item.receipt.node == world["honest"][0] and item.receipt.step >= 2
+    ]
     receipt = items[0].receipt
     with session_scope(world["engine"]) as session:
-        stored_fp = session.scalar(select(crud.Receipt.fingerprint).where(crud.Receipt.leaf == eip712.receipt_leaf(receipt)))
+        stored_fp = session.scalar(
+            select(crud.Receipt.fingerprint).where(crud.Receipt.leaf == eip712.receipt_leaf(receipt))
+        )
     honest = SpotChecker(settings=world["settings"], engine=world["engine"], verifiers=world["verifiers"],
                          audit=world["audit"])  # fmt: skip
     assert honest._prefix_consistent(receipt, world["audit"].input_history(receipt)) is True

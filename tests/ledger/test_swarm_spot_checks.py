@@ -7,6 +7,7 @@ caught and attested on chain, honest nodes are never accused, and after the disp
 worker's slash round slashes the cheater's stake. Then a client routing with ``ReputationScorer`` sends the cheater
 (almost) no traffic while a brand-new node still gets some.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -195,8 +196,10 @@ def test_reputation_routing_starves_the_cheater_and_keeps_traffic_for_a_new_node
     finally:
         scorer.close()
     names = {n.eth_address: n.name for n in market.swarm.nodes}
-    print(f"\nreputation routing over {sessions} sessions, sessions served: "
-          + ", ".join(f"{names[a]} {c}" for a, c in by_node.most_common()))
+    print(
+        f"\nreputation routing over {sessions} sessions, sessions served: "
+        + ", ".join(f"{names[a]} {c}" for a, c in by_node.most_common())
+    )
     assert len(nodes_of_session) == sessions
     assert by_node[market.cheater.eth_address] == 0
     assert by_node[newcomer.eth_address] >= 1

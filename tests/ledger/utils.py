@@ -1,4 +1,5 @@
 """Builders for ledger tests: signed receipts and vouchers from real keys, databases, ledger subprocesses."""
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,8 @@ import torch
 from eth_account import Account
 
 from nectar.deployment import domain_from_deployment
-from nectar.wire import receipts as R
 from nectar.wire import eip712, fingerprints
+from nectar.wire import receipts as R
 
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -45,10 +46,24 @@ class Party:
         self.key, self.address = self.account.key, self.account.address
 
 
-def make_receipt(node: Party, client: Party, *, step: int = 0, session_id: bytes | None = None, tokens: int = 4,
-                 price: int = 1000, output: torch.Tensor | None = None, kind: int = 0, block_start: int = 0,
-                 block_end: int = 2, timestamp: int | None = None, domain: dict | None = None,
-                 amount: int | None = None, model: str = "tiny-llama", input_commitment: bytes | None = None):
+def make_receipt(
+    node: Party,
+    client: Party,
+    *,
+    step: int = 0,
+    session_id: bytes | None = None,
+    tokens: int = 4,
+    price: int = 1000,
+    output: torch.Tensor | None = None,
+    kind: int = 0,
+    block_start: int = 0,
+    block_end: int = 2,
+    timestamp: int | None = None,
+    domain: dict | None = None,
+    amount: int | None = None,
+    model: str = "tiny-llama",
+    input_commitment: bytes | None = None,
+):
     output = torch.randn(1, tokens, 16) if output is None else output
     fp = fingerprints.activation_fingerprint(output)
     receipt = R.Receipt(

@@ -1,4 +1,5 @@
 """Fixtures for nectar.models tests: tiny random checkpoints (Llama with GQA, Mistral, BLOOM) and their references."""
+
 from __future__ import annotations
 
 from pathlib import Path

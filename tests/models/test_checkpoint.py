@@ -1,4 +1,5 @@
 """Spans and heads read only their own tensors: sharded checkpoints with the other shards deleted still load."""
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,7 @@ def shard_per_block(source: Path, target: Path, block_prefix: str) -> dict[str, 
     with safe_open(str(single), framework="pt") as handle:
         for key in handle.keys():
             if key.startswith(block_prefix):
-                shard = f"block-{int(key[len(block_prefix):].split('.')[0]):02d}.safetensors"
+                shard = f"block-{int(key[len(block_prefix) :].split('.')[0]):02d}.safetensors"
             else:
                 shard = "rest.safetensors"
             groups.setdefault(shard, {})[key] = handle.get_tensor(key)

@@ -1,4 +1,5 @@
 """`nectar models`: lists built-in models with their conversion state and explains how to use a local folder."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """CPU products through the fastest library (models/cpu_blas.py): same results as PyTorch's, chosen per row count."""
+
 import pytest
 import torch
 
@@ -77,8 +78,9 @@ def test_the_library_is_chosen_per_row_bucket(matrix, monkeypatch):
     monkeypatch.setattr("nectar.models.cpu_blas.np.matmul", lambda *a: calls.append(a[0].shape[0]) or real_matmul(*a))
     native_calls = []
     real_native = __import__("nectar.models.cpu_blas", fromlist=["native_matmul"]).native_matmul
-    monkeypatch.setattr("nectar.models.cpu_blas.native_matmul",
-                        lambda x, *a: native_calls.append(x.shape[0]) or real_native(x, *a))
+    monkeypatch.setattr(
+        "nectar.models.cpu_blas.native_matmul", lambda x, *a: native_calls.append(x.shape[0]) or real_native(x, *a)
+    )
     plan = CpuMatmul({1: "openblas", 8: "openblas", 2: "native"})  # OpenBLAS for one row and for 5-8 rows
     for rows in (1, 2, 4, 6, 8, 9, 100):
         plan(torch.randn(rows, 96), matrix)
@@ -132,7 +134,9 @@ def test_a_node_span_computes_the_same_steps_through_either_library(tmp_path, mo
         prompt, steps = torch.randn(1, 5, 64), [torch.randn(1, 1, 64) for _ in range(3)]
         caches = backend.new_caches(0, 2, 1, 16)
         results = [backend.inference_step(prompt, caches, start=0, end=2, position=0)]
-        results += [backend.inference_step(step, caches, start=0, end=2, position=5 + i) for i, step in enumerate(steps)]
+        results += [
+            backend.inference_step(step, caches, start=0, end=2, position=5 + i) for i, step in enumerate(steps)
+        ]
         outputs[library] = torch.cat([r.reshape(-1, 64) for r in results])
     torch.testing.assert_close(outputs["openblas"], outputs["torch"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outputs["native"], outputs["torch"], rtol=1e-5, atol=1e-5)

@@ -1,4 +1,5 @@
 """float16 / bfloat16 spans and heads: right dtypes everywhere, outputs close to float32."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,10 +1,16 @@
 """Greedy tokens from a bfloat16 or int8 pass plus a float32 check (models/greedy_head.py): always float32's argmax."""
+
 import pytest
 import torch
 
 from nectar.models import load_client_head, native
 from nectar.models.greedy_head import (
-    FORMATS, MAX_CANDIDATES, OUTPUT_ROUNDING, LowPrecisionArgmax, bound_holds, candidate_threshold,
+    FORMATS,
+    MAX_CANDIDATES,
+    OUTPUT_ROUNDING,
+    LowPrecisionArgmax,
+    bound_holds,
+    candidate_threshold,
     choose_greedy_argmax,
 )
 from nectar.models.tiny import save_tiny_checkpoint
@@ -87,12 +93,12 @@ def test_int8_candidates_past_the_limit_are_narrowed_by_bfloat16_rows():
     hidden = 2048  # wide rows: the int8 bound (|x|_2 times the row error) leaves hundreds of candidates
     matrix = torch.randn(hidden, 20000, generator=torch.Generator().manual_seed(6)) * 0.02
     argmax = LowPrecisionArgmax(matrix, format="int8")
-    rows = torch.nn.functional.rms_norm(torch.randn(40, hidden, generator=torch.Generator().manual_seed(7)),
-                                        (hidden,))
+    rows = torch.nn.functional.rms_norm(torch.randn(40, hidden, generator=torch.Generator().manual_seed(7)), (hidden,))
     approx = argmax.approximate(rows)
-    first_pass = [int((approx[n] >= candidate_threshold(float(approx[n].max()),
-                                                          float(rows[n].norm()) * argmax.per_norm)).sum())
-                  for n in range(len(rows))]
+    first_pass = [
+        int((approx[n] >= candidate_threshold(float(approx[n].max()), float(rows[n].norm()) * argmax.per_norm)).sum())
+        for n in range(len(rows))
+    ]
     assert max(first_pass) > MAX_CANDIDATES
     full_calls = []
     tokens = argmax(rows, lambda r: full_calls.append(1) or r @ matrix)
@@ -148,8 +154,9 @@ def test_the_candidate_threshold_keeps_every_row_that_can_still_win():
 
 def test_the_choice_follows_the_environment(head_matrix, monkeypatch):
     def choose():
-        return choose_greedy_argmax(head_matrix, None, full_logits=lambda rows: rows @ head_matrix,
-                                    final_norm=lambda rows: rows)
+        return choose_greedy_argmax(
+            head_matrix, None, full_logits=lambda rows: rows @ head_matrix, final_norm=lambda rows: rows
+        )
 
     monkeypatch.setenv("NECTAR_GREEDY_HEAD", "off")
     assert choose() is None
@@ -175,8 +182,9 @@ def test_auto_measures_both_routes_on_a_large_head(monkeypatch, caplog):
     monkeypatch.setenv("NECTAR_GREEDY_HEAD", "auto")
     matrix = torch.randn(512, 16384) * 0.02  # 8.4M weights, 33.5 MB
     with caplog.at_level("INFO", logger="nectar.models.greedy_head"):
-        chosen = choose_greedy_argmax(matrix, None, full_logits=lambda rows: rows @ matrix,
-                                      final_norm=lambda rows: rows)
+        chosen = choose_greedy_argmax(
+            matrix, None, full_logits=lambda rows: rows @ matrix, final_norm=lambda rows: rows
+        )
     assert "Greedy head:" in caplog.text and "as fast as float32 logits" in caplog.text
     assert "bf16 pass with float32 check" in caplog.text and "int8 pass with float32 check" in caplog.text
     assert chosen is None or chosen.format in FORMATS
@@ -194,8 +202,12 @@ def test_auto_drops_a_pass_whose_kernel_fails(monkeypatch, caplog):
 
     monkeypatch.setattr(LowPrecisionArgmax, "approximate", no_int8_kernel)
     with caplog.at_level("INFO", logger="nectar.models.greedy_head"):
-        chosen = choose_greedy_argmax(matrix, None, full_logits=lambda rows: rows @ matrix,
-                                      final_norm=lambda rows: torch.nn.functional.rms_norm(rows, (512,)))
+        chosen = choose_greedy_argmax(
+            matrix,
+            None,
+            full_logits=lambda rows: rows @ matrix,
+            final_norm=lambda rows: torch.nn.functional.rms_norm(rows, (512,)),
+        )
     assert "the int8 pass failed (_weight_int8pack_mm is not implemented" in caplog.text
     assert chosen is None or chosen.format == "bf16"
     monkeypatch.setenv("NECTAR_GREEDY_HEAD", "int8")
@@ -213,8 +225,12 @@ def test_auto_drops_a_pass_that_breaks_its_bound(monkeypatch, caplog):
 
     monkeypatch.setattr(LowPrecisionArgmax, "approximate", off_by_one_for_int8)
     with caplog.at_level("INFO", logger="nectar.models.greedy_head"):
-        chosen = choose_greedy_argmax(matrix, None, full_logits=lambda rows: rows @ matrix,
-                                      final_norm=lambda rows: torch.nn.functional.rms_norm(rows, (512,)))
+        chosen = choose_greedy_argmax(
+            matrix,
+            None,
+            full_logits=lambda rows: rows @ matrix,
+            final_norm=lambda rows: torch.nn.functional.rms_norm(rows, (512,)),
+        )
     assert "the int8 pass broke its error bound on this machine" in caplog.text
     assert "int8 pass with float32 check" not in caplog.text
     assert chosen is None or chosen.format == "bf16"

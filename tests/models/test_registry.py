@@ -1,4 +1,5 @@
 """The family registry: discovery of the family subpackages, and conflicts between families."""
+
 from __future__ import annotations
 
 import pytest

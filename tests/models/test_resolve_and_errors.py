@@ -1,4 +1,5 @@
 """Names, folders and bad inputs: each failure is a named error whose message says what to do next."""
+
 from __future__ import annotations
 
 import json

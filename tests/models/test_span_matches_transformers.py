@@ -1,4 +1,5 @@
 """BlockSpan / ClientHead against transformers' full models: every split, caches, chunks, crop, generation, prompts."""
+
 from __future__ import annotations
 
 import itertools

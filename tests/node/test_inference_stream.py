@@ -4,6 +4,7 @@ A real ``NodeHandler`` with a real receipt signer, credit ledger, KV-cache budge
 an in-memory ``RequestStream``; the backend and compute thread are fakes that return inputs * 2 at once (or hold a
 round until the test starts it). Every test runs in milliseconds.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -22,8 +23,24 @@ from nectar.node.receipts import CreditLedger, ReceiptSigner
 from nectar.wire import eip712, fingerprints
 from nectar.wire import receipts as schema
 from nectar.wire.messages import (
-    AuditCall, AuditReply, BackwardCall, BackwardReply, Cancel, Flush, ForwardCall, ForwardReply, Open, Opened, Pay,
-    Push, PushMissing, PushTarget, ReceiptMessage, Step, StepReply, decode_inference_reply,
+    AuditCall,
+    AuditReply,
+    BackwardCall,
+    BackwardReply,
+    Cancel,
+    Flush,
+    ForwardCall,
+    ForwardReply,
+    Open,
+    Opened,
+    Pay,
+    Push,
+    PushMissing,
+    PushTarget,
+    ReceiptMessage,
+    Step,
+    StepReply,
+    decode_inference_reply,
 )
 from nectar.wire.protocol import ErrorCode, NodeRPCError, unpack_metadata
 from nectar.wire.request_stream import RequestStream
@@ -92,13 +109,18 @@ class FakeCompute:
 
 
 def make_node(memory_bytes: int = 1 << 20, credit_limit: int = 10**9, **config) -> NodeHandler:
-    signer = ReceiptSigner(private_key=Account.create().key.hex(), model_id=MODEL, price_per_token=PRICE,
-                           domain=DOMAIN)
+    signer = ReceiptSigner(private_key=Account.create().key.hex(), model_id=MODEL, price_per_token=PRICE, domain=DOMAIN)
     config = NodeConfig(**{"session_timeout": 5.0, "receipt_delay": 0.01, **config})
-    return NodeHandler(FakeBackend(), config=config, model_id=MODEL, compute=FakeCompute(),
-                       memory=MemoryCache(memory_bytes, FakeBackend().cache_bytes_per_token(0, 4)), signer=signer,
-                       credit=CreditLedger(node_address=signer.address, credit_limit=credit_limit, domain=DOMAIN),
-                       audit=AuditLog(max_bytes=10**6, retention_s=60))
+    return NodeHandler(
+        FakeBackend(),
+        config=config,
+        model_id=MODEL,
+        compute=FakeCompute(),
+        memory=MemoryCache(memory_bytes, FakeBackend().cache_bytes_per_token(0, 4)),
+        signer=signer,
+        credit=CreditLedger(node_address=signer.address, credit_limit=credit_limit, domain=DOMAIN),
+        audit=AuditLog(max_bytes=10**6, retention_s=60),
+    )
 
 
 END = "end of stream"
@@ -306,8 +328,9 @@ def test_the_last_receipt_comes_as_the_client_ends_the_stream():
 
 
 def _voucher(client, node: NodeHandler, amount: int) -> dict:
-    voucher = schema.Voucher(client=client.address, node=node.steps.signer.address, channel_id=1,
-                             cumulative_amount=amount)
+    voucher = schema.Voucher(
+        client=client.address, node=node.steps.signer.address, channel_id=1, cumulative_amount=amount
+    )
     return eip712.sign_voucher(voucher, client.key.hex(), DOMAIN).to_json()
 
 

@@ -1,5 +1,6 @@
 """The receipt-signing child process: same receipts as signing in place, errors carried back, and a node that
 keeps signing on its event loop once the child is gone."""
+
 from __future__ import annotations
 
 import asyncio
@@ -12,21 +13,31 @@ from eth_account import Account
 
 from nectar.node.receipts import ReceiptSigner
 from nectar.node.signing import InlineSigning, SigningWorker
-from nectar.wire import receipts as schema
 from nectar.wire import eip712, fingerprints
+from nectar.wire import receipts as schema
 
 DOMAIN = eip712.make_domain(31337, "0x" + "22" * 20)
 
 
 @pytest.fixture(scope="module")
 def signer() -> ReceiptSigner:
-    return ReceiptSigner(private_key=Account.create().key.hex(), model_id="tiny-llama", price_per_token=3,
-                         domain=DOMAIN)
+    return ReceiptSigner(
+        private_key=Account.create().key.hex(), model_id="tiny-llama", price_per_token=3, domain=DOMAIN
+    )
 
 
 def _fields(step: int, inputs: torch.Tensor, outputs: torch.Tensor, client: str = "0x" + "11" * 20) -> dict:
-    return dict(session_id=b"s" * 32, step=step, kind=schema.ReceiptKind.INFERENCE, start=2, end=6, client=client,
-                tokens=inputs.shape[0] * inputs.shape[1], inputs=inputs, outputs=outputs)
+    return dict(
+        session_id=b"s" * 32,
+        step=step,
+        kind=schema.ReceiptKind.INFERENCE,
+        start=2,
+        end=6,
+        client=client,
+        tokens=inputs.shape[0] * inputs.shape[1],
+        inputs=inputs,
+        outputs=outputs,
+    )
 
 
 def _without_timestamp(signed: schema.SignedReceipt) -> dict:
@@ -44,10 +55,12 @@ async def _with_worker(signer, body):
 
 
 def test_the_child_signs_what_the_node_would_sign_itself(signer):
-    tensors = [(torch.randn(1, 1, 64), torch.randn(1, 1, 64)),
-               (torch.randn(2, 5, 64).half(), torch.randn(2, 5, 64).half()),
-               (torch.randn(1, 3, 64).bfloat16(), torch.randn(1, 3, 64).bfloat16()),
-               (torch.randn(1, 2, 64), torch.randn(1, 64, 2).transpose(1, 2))]  # outputs not contiguous
+    tensors = [
+        (torch.randn(1, 1, 64), torch.randn(1, 1, 64)),
+        (torch.randn(2, 5, 64).half(), torch.randn(2, 5, 64).half()),
+        (torch.randn(1, 3, 64).bfloat16(), torch.randn(1, 3, 64).bfloat16()),
+        (torch.randn(1, 2, 64), torch.randn(1, 64, 2).transpose(1, 2)),
+    ]  # outputs not contiguous
 
     async def body(worker):
         pending = [worker.prepare(**_fields(step, i, o)).start() for step, (i, o) in enumerate(tensors)]  # all at once

@@ -1,4 +1,5 @@
 """Fast unit tests of the node's pure parts: block selection, KV-cache budget, credit, audit log, validator."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,8 +10,8 @@ from nectar.node.audit import AuditLog
 from nectar.node.block_selection import block_throughputs, choose_best_start, should_move
 from nectar.node.memory_cache import MemoryCache
 from nectar.node.receipts import CreditLedger, ReceiptSigner
-from nectar.wire import receipts as schema
 from nectar.wire import eip712, fingerprints
+from nectar.wire import receipts as schema
 from nectar.wire.protocol import ErrorCode, NodeRPCError, parse_module_uid
 
 
@@ -69,15 +70,27 @@ def test_credit_ledger_limits_unpaid_work_and_accepts_only_valid_vouchers():
 
 def test_receipts_signed_by_the_node_verify_and_chain():
     key = Account.create()
-    signer = ReceiptSigner(private_key=key.key.hex(), model_id="m", price_per_token=3,
-                           domain=eip712.make_domain(31337, "0x" + "22" * 20))
+    signer = ReceiptSigner(
+        private_key=key.key.hex(), model_id="m", price_per_token=3, domain=eip712.make_domain(31337, "0x" + "22" * 20)
+    )
     x, y = torch.randn(1, 2, 8), torch.randn(1, 2, 8)
-    signed, fingerprint = signer.sign(session_id=b"\0" * 32, step=0, kind=schema.ReceiptKind.INFERENCE, start=2,
-                                      end=5, client=key.address, tokens=2, inputs=x, outputs=y)
+    signed, fingerprint = signer.sign(
+        session_id=b"\0" * 32,
+        step=0,
+        kind=schema.ReceiptKind.INFERENCE,
+        start=2,
+        end=5,
+        client=key.address,
+        tokens=2,
+        inputs=x,
+        outputs=y,
+    )
     assert eip712.recover_receipt_signer(signed, signer.domain) == key.address
     receipt = signed.receipt
     assert receipt.price == 9 and receipt.amount == 18
-    assert receipt.input_commitment == fingerprints.commit_tensor(x) and receipt.output_commitment == fingerprints.commit_tensor(y)
+    assert receipt.input_commitment == fingerprints.commit_tensor(
+        x
+    ) and receipt.output_commitment == fingerprints.commit_tensor(y)
     assert receipt.fingerprint == fingerprints.fingerprint_hash(fingerprint)
 
 

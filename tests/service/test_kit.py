@@ -1,6 +1,7 @@
 """The shared service kit: both services' Settings refuse devnet secrets outside a devnet, the signing domain comes
 from the settings' deployment file (not the environment), and the ledger's and the API's migrations share one
 database (SQLite and PostgreSQL) without touching each other's tables."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Tiny random checkpoints for the batching and scheduler tests (built once per session, no hub)."""
+
 from __future__ import annotations
 
 import pytest

@@ -4,6 +4,7 @@ matching backward.
 The reference is a backend built with ``batching=False``: transformers' own decoder layers, one session at a time,
 with untouched weights.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,13 +20,15 @@ TOLERANCE = 1e-5  # float32
 
 
 def _backend(path: str, *, batching: bool, start: int = 0, end: int = 4, **kwargs) -> SpanBackend:
-    return SpanBackend(path, start, end, dtype=torch.float32, device="cpu", show_progress=False, batching=batching,
-                       **kwargs)
+    return SpanBackend(
+        path, start, end, dtype=torch.float32, device="cpu", show_progress=False, batching=batching, **kwargs
+    )
 
 
 class _Session:
-    def __init__(self, batched: SpanBackend, plain: SpanBackend, *, batch_size: int, start: int, end: int,
-                 max_length: int = 40):
+    def __init__(
+        self, batched: SpanBackend, plain: SpanBackend, *, batch_size: int, start: int, end: int, max_length: int = 40
+    ):
         self.start, self.end, self.position = start, end, 0
         self.batched_caches = batched.new_caches(start, end, batch_size, max_length)
         self.plain_caches = plain.new_caches(start, end, batch_size, max_length)
@@ -36,13 +39,16 @@ def _round(batched, plain, sessions, hidden_by_session, *, positions=None, promp
     """One step of every session: batched in one call vs one by one; returns the largest difference."""
     positions = positions or [s.position for s in sessions]
     prompts = prompts or [None] * len(sessions)
-    tasks = [batched.inference_task(h, s.batched_caches, start=s.start, end=s.end, position=p, prompts=pr)
-             for s, h, p, pr in zip(sessions, hidden_by_session, positions, prompts)]
+    tasks = [
+        batched.inference_task(h, s.batched_caches, start=s.start, end=s.end, position=p, prompts=pr)
+        for s, h, p, pr in zip(sessions, hidden_by_session, positions, prompts)
+    ]
     outputs = batched.run_inference(tasks)
     worst = 0.0
     for session, hidden, position, prompt, output in zip(sessions, hidden_by_session, positions, prompts, outputs):
-        expected = plain.inference_step(hidden, session.plain_caches, start=session.start, end=session.end,
-                                        position=position, prompts=prompt)
+        expected = plain.inference_step(
+            hidden, session.plain_caches, start=session.start, end=session.end, position=position, prompts=prompt
+        )
         assert output.shape == expected.shape == hidden.shape
         worst = max(worst, (output - expected).abs().max().item())
         session.position = position + hidden.shape[1]
@@ -82,8 +88,9 @@ def test_rotary_rows_from_the_tables_equal_the_rotary_module(tiny_llama):
     runner.cos_table = runner.signed_sin_table = None
     torch.manual_seed(3)
     session = _Session(batched, plain, batch_size=1, start=0, end=4)
-    worst = max(_round(batched, plain, [session], [torch.randn(1, tokens, batched.hidden_size)])
-                for tokens in (4, 1, 1, 1))
+    worst = max(
+        _round(batched, plain, [session], [torch.randn(1, tokens, batched.hidden_size)]) for tokens in (4, 1, 1, 1)
+    )
     assert worst <= TOLERANCE, worst
 
 
@@ -112,8 +119,7 @@ def test_batched_sub_spans_and_prompted_first_steps(tiny_llama):
     # deep prompts ride on a session's first step (run alone), its later steps batch with the rest
     prompted = [_Session(batched, plain, batch_size=2, start=0, end=4) for _ in range(2)]
     prompts = [torch.randn(4, 2, 3, hidden) * 0.5, torch.randn(4, 1, 2, hidden) * 0.5]
-    worst = max(worst, _round(batched, plain, prompted, [torch.randn(2, 5, hidden) for _ in prompted],
-                              prompts=prompts))
+    worst = max(worst, _round(batched, plain, prompted, [torch.randn(2, 5, hidden) for _ in prompted], prompts=prompts))
     for _ in range(3):
         worst = max(worst, _round(batched, plain, prompted, [torch.randn(2, 1, hidden) for _ in prompted]))
     assert worst <= TOLERANCE, worst
@@ -127,8 +133,10 @@ def test_batched_steps_match_a_full_causal_forward(tiny_llama):
     caches = [backend.new_caches(0, 4, s.shape[0], 16) for s in sequences]
     outputs = [[], []]
     for begin, end in [(0, 4), (4, 5), (5, 6)]:
-        tasks = [backend.inference_task(s[:, begin:end], c, start=0, end=4, position=begin)
-                 for s, c in zip(sequences, caches)]
+        tasks = [
+            backend.inference_task(s[:, begin:end], c, start=0, end=4, position=begin)
+            for s, c in zip(sequences, caches)
+        ]
         for index, output in enumerate(backend.run_inference(tasks)):
             outputs[index].append(output)
     for sequence, pieces in zip(sequences, outputs):
@@ -170,8 +178,12 @@ def test_a_step_past_max_length_changes_no_cache(tiny_llama):
     small, big = backend.new_caches(0, 4, 1, 4), backend.new_caches(0, 4, 1, 16)
     hidden = torch.randn(1, 6, backend.hidden_size)
     with pytest.raises(Exception, match="cached tokens"):
-        backend.run_inference([backend.inference_task(hidden, small, start=0, end=4, position=0),
-                               backend.inference_task(hidden, big, start=0, end=4, position=0)])
+        backend.run_inference(
+            [
+                backend.inference_task(hidden, small, start=0, end=4, position=0),
+                backend.inference_task(hidden, big, start=0, end=4, position=0),
+            ]
+        )
     assert small[0].length == 0 and big[0].length == 0  # nothing half-applied
     backend.run_inference([backend.inference_task(hidden, big, start=0, end=4, position=0)])
     assert big[0].length == 6

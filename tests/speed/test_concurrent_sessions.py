@@ -7,6 +7,7 @@ batching depends on steps arriving while a round computes, which a tiny model's 
 of luck on a loaded machine. Every output must equal an unbatched local computation within 1e-5, and the node's log
 must show that steps were really batched.
 """
+
 from __future__ import annotations
 
 import re
@@ -27,17 +28,34 @@ TOLERANCE = 1e-5
 @pytest.fixture(scope="module")
 def swarm(tiny_llama, tmp_path_factory):
     with LocalSwarm(workdir=tmp_path_factory.mktemp("speed-swarm")) as swarm:
-        swarm.add_node(tiny_llama, blocks=(0, 4), name="batcher",
-                       extra_args=["--throughput", "100", "--announce-period", "2", "--num-threads", "1",
-                                   "--batch-wait", "1", "--device", "cpu", "--dtype", "float32"])  # as the reference
+        swarm.add_node(
+            tiny_llama,
+            blocks=(0, 4),
+            name="batcher",
+            extra_args=[
+                "--throughput",
+                "100",
+                "--announce-period",
+                "2",
+                "--num-threads",
+                "1",
+                "--batch-wait",
+                "1",
+                "--device",
+                "cpu",
+                "--dtype",
+                "float32",
+            ],
+        )  # as the reference
         swarm.wait_for_blocks(tiny_llama, 4)
         yield swarm
 
 
 @pytest.fixture(scope="module")
 def model(swarm, tiny_llama):
-    model = DistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=swarm.initial_peers,
-                                                        config=ClientConfig(step_timeout=30, connect_timeout=15))
+    model = DistributedModelForCausalLM.from_pretrained(
+        tiny_llama, initial_peers=swarm.initial_peers, config=ClientConfig(step_timeout=30, connect_timeout=15)
+    )
     yield model
     model.shutdown()
 
@@ -50,8 +68,14 @@ def _plan(hidden: int, *, seed: int, batch_size: int, prefill: int, steps: int) 
 
 def test_concurrent_sessions_are_batched_and_exact(swarm, model, tiny_llama):
     hidden = model.head.embedding_dim
-    specs = [dict(batch_size=1, prefill=5), dict(batch_size=2, prefill=3), dict(batch_size=1, prefill=1),
-             dict(batch_size=1, prefill=8), dict(batch_size=3, prefill=2), dict(batch_size=1, prefill=4)]
+    specs = [
+        dict(batch_size=1, prefill=5),
+        dict(batch_size=2, prefill=3),
+        dict(batch_size=1, prefill=1),
+        dict(batch_size=1, prefill=8),
+        dict(batch_size=3, prefill=2),
+        dict(batch_size=1, prefill=4),
+    ]
     steps = 10
     plans = [_plan(hidden, seed=i, steps=steps, **spec) for i, spec in enumerate(specs)]
     replay_at, replay_session = 6, 0  # this session rolls back to position 2 at that round and goes on from there
@@ -106,13 +130,14 @@ def test_the_node_keeps_serving_after_concurrent_sessions(model):
 
 
 def _compute_counters(model) -> dict:
-    from nectar.wire.stubs import call_unary
     from nectar.wire.protocol import RPC_INFO, make_request, unpack_metadata
+    from nectar.wire.stubs import call_unary
 
     model.sequence_manager.update(force=True)
-    (peer, info), = {p: i for block in model.sequence_manager.servers().values() for p, i in block.items()}.items()
-    response = model.runtime.run(call_unary(model.runtime.p2p, peer, info, RPC_INFO, make_request("", [], {}),
-                                            timeout=20), timeout=30)
+    ((peer, info),) = {p: i for block in model.sequence_manager.servers().values() for p, i in block.items()}.items()
+    response = model.runtime.run(
+        call_unary(model.runtime.p2p, peer, info, RPC_INFO, make_request("", [], {}), timeout=20), timeout=30
+    )
     return unpack_metadata(response.metadata)["compute"]
 
 
@@ -135,7 +160,7 @@ def test_info_counts_steps_and_loop_time_and_a_child_process_signs(swarm, model)
 
 
 def test_the_node_signs_on_its_loop_once_its_signing_child_dies(swarm, model):
-    signer, = _signing_children(swarm)
+    (signer,) = _signing_children(swarm)
     signer.kill()
     for _ in range(100):  # the node notices at once, on its event loop, and reaps its child
         if not signer.is_running():

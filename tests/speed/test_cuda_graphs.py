@@ -4,6 +4,7 @@ models/families/llama/graphs.py).
 Needs a CUDA device: run on the `device` machine (benchmarks/gpu/run_gpu.sh runs it before the benchmark). On a CPU
 the same rounds are checked with graphs run eagerly (test_batched_compute.py).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -37,8 +38,10 @@ def test_graph_rounds_on_the_gpu_equal_eager_steps(tiny_llama, max_lengths):
     for step in range(10):
         for group in (sessions, sessions[:1]):  # a round of three, then one session alone
             xs = [torch.randn(1, 1, hidden) for _ in group]
-            tasks = [graphed.inference_task(x, caches[0], start=0, end=4, position=position)
-                     for x, (caches, position) in zip(xs, group)]
+            tasks = [
+                graphed.inference_task(x, caches[0], start=0, end=4, position=position)
+                for x, (caches, position) in zip(xs, group)
+            ]
             outputs = graphed.run_inference(tasks)
             for x, output, session in zip(xs, outputs, group):
                 expected = plain.inference_step(x, session[0][1], start=0, end=4, position=session[1])

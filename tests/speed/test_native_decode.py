@@ -3,6 +3,7 @@ is used only where it applies.
 
 The reference is a backend built with ``batching=False``: transformers' own layers with untouched weights.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,8 +42,9 @@ def _count_native_steps(backend: SpanBackend) -> list:
 def biased_llama(tmp_path_factory) -> str:
     """Random biases on every projection, and grouped-query attention: every argument of the C layer is used."""
     torch.manual_seed(4)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", attention_bias=True, mlp_bias=True),
-                                             dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(
+        tiny_config("llama", attention_bias=True, mlp_bias=True), dtype=torch.float32
+    )
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name.endswith("proj.bias"):
@@ -87,8 +89,9 @@ def test_only_one_sessions_single_token_steps_take_the_c_layer(tiny_llama, monke
     hidden = fast.hidden_size
     a, b = fast.new_caches(0, 4, 1, 16), fast.new_caches(0, 4, 1, 16)
     pair = fast.new_caches(0, 4, 2, 16)
-    fast.run_inference([fast.inference_task(torch.randn(1, 1, hidden), caches, start=0, end=4, position=0)
-                        for caches in (a, b)])  # two sessions in one round
+    fast.run_inference(
+        [fast.inference_task(torch.randn(1, 1, hidden), caches, start=0, end=4, position=0) for caches in (a, b)]
+    )  # two sessions in one round
     fast.inference_step(torch.randn(2, 1, hidden), pair, start=0, end=4, position=0)  # two sequences
     assert calls == [] and a[0].length == b[0].length == pair[0].length == 1
     # a sub-span of the node's blocks: the C layer runs blocks 1 and 2 with their own weights

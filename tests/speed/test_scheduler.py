@@ -1,4 +1,5 @@
 """The compute thread's scheduler (node/task_pool.py): batching rounds, priorities, fairness, failure isolation."""
+
 from __future__ import annotations
 
 import asyncio
@@ -66,8 +67,13 @@ def test_a_round_stops_at_the_token_budget_in_arrival_order(compute):
         gate, blocker = _blocked(compute)
         await asyncio.sleep(0.05)
         # a 6-token prefill between decodes: the budget (8 tokens) splits the rounds, order is kept
-        steps = [_Step("d0", tokens=1), _Step("d1", tokens=1), _Step("p", tokens=6), _Step("d2", tokens=1),
-                 _Step("d3", tokens=1)]
+        steps = [
+            _Step("d0", tokens=1),
+            _Step("d1", tokens=1),
+            _Step("p", tokens=6),
+            _Step("d2", tokens=1),
+            _Step("d3", tokens=1),
+        ]
         futures = [compute.submit(step, Priority.INFERENCE) for step in steps]
         gate.set()
         await asyncio.gather(blocker, *futures)
@@ -85,9 +91,11 @@ def test_inference_runs_ahead_of_forward_and_backward(compute):
     async def scenario():
         gate, blocker = _blocked(compute)
         await asyncio.sleep(0.05)
-        futures = [compute.submit(record("backward"), Priority.BACKWARD),
-                   compute.submit(record("forward"), Priority.FORWARD),
-                   compute.submit(record("inference"), Priority.INFERENCE)]
+        futures = [
+            compute.submit(record("backward"), Priority.BACKWARD),
+            compute.submit(record("forward"), Priority.FORWARD),
+            compute.submit(record("inference"), Priority.INFERENCE),
+        ]
         gate.set()
         await asyncio.gather(blocker, *futures)
 
@@ -123,9 +131,11 @@ def test_a_failing_step_fails_alone(compute):
     async def scenario():
         gate, blocker = _blocked(compute)
         await asyncio.sleep(0.05)
-        futures = [compute.submit(_Step("ok0"), Priority.INFERENCE),
-                   compute.submit(_Step("bad", fail=True), Priority.INFERENCE),
-                   compute.submit(_Step("ok1"), Priority.INFERENCE)]
+        futures = [
+            compute.submit(_Step("ok0"), Priority.INFERENCE),
+            compute.submit(_Step("bad", fail=True), Priority.INFERENCE),
+            compute.submit(_Step("ok1"), Priority.INFERENCE),
+        ]
         gate.set()
         return await asyncio.gather(blocker, *futures, return_exceptions=True)
 

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random checkpoints and real swarms of separate processes on 127.0.0.1."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,8 +18,9 @@ def tiny_llama(tmp_path_factory) -> str:
 def model(swarm, tiny_llama):
     """A client of the module's ``swarm`` (each module starts its own) that fails fast: no retries, 10 s steps.
     Modules that need another client define their own ``model``."""
-    model = DistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=swarm.initial_peers,
-                                                        config=ClientConfig(max_retries=0, step_timeout=10))
+    model = DistributedModelForCausalLM.from_pretrained(
+        tiny_llama, initial_peers=swarm.initial_peers, config=ClientConfig(max_retries=0, step_timeout=10)
+    )
     yield model
     model.shutdown()
 
@@ -32,12 +34,17 @@ def layer_outputs(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
     """[input to block 0, output of block 0, output of block 1, ...] from a local transformers model."""
     captured = []
     layers = model.model.layers if hasattr(model, "model") else model.transformer.h
-    hooks = [layer.register_forward_hook(lambda m, i, o: captured.append(o[0] if isinstance(o, tuple) else o))
-             for layer in layers]
+    hooks = [
+        layer.register_forward_hook(lambda m, i, o: captured.append(o[0] if isinstance(o, tuple) else o))
+        for layer in layers
+    ]
     first = []
-    hooks.append(layers[0].register_forward_pre_hook(
-        lambda m, args, kwargs: first.append(kwargs.get("hidden_states", args[0] if args else None)),
-        with_kwargs=True))
+    hooks.append(
+        layers[0].register_forward_pre_hook(
+            lambda m, args, kwargs: first.append(kwargs.get("hidden_states", args[0] if args else None)),
+            with_kwargs=True,
+        )
+    )
     try:
         with torch.no_grad():
             model(input_ids)

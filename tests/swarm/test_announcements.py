@@ -1,4 +1,5 @@
 """Announcements: forged records are refused and ignored; nodes pick the least-served blocks and re-balance."""
+
 from __future__ import annotations
 
 import time
@@ -8,11 +9,11 @@ import pytest
 from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
+from nectar.node.identity import load_or_create_p2p_identity
 from nectar.node.local_swarm import LocalSwarm
 from nectar.wire.announce import AnnouncementValidator, ServerInfo, ServerState, block_key
 from nectar.wire.dht import ClientRuntime
 from nectar.wire.swarm import read_swarm
-from nectar.node.identity import load_or_create_p2p_identity
 
 pytestmark = pytest.mark.slow
 
@@ -26,30 +27,47 @@ def _view(swarm, model_id="tiny-llama", num_blocks=4):
 
 
 def _forged_info(**overrides) -> dict:
-    info = ServerInfo(state=int(ServerState.ONLINE), start=0, end=4, throughput=1e9, inference_rps=1e9,
-                      forward_rps=1e9, network_rps=1e9, dtype="float32", cache_tokens_left=10**9,
-                      price_per_token=0, eth_address="0x" + "66" * 20, public_name="evil")
+    info = ServerInfo(
+        state=int(ServerState.ONLINE),
+        start=0,
+        end=4,
+        throughput=1e9,
+        inference_rps=1e9,
+        forward_rps=1e9,
+        network_rps=1e9,
+        dtype="float32",
+        cache_tokens_left=10**9,
+        price_per_token=0,
+        eth_address="0x" + "66" * 20,
+        public_name="evil",
+    )
     return {**info.to_dict(), **overrides}
 
 
 @pytest.fixture(scope="module")
 def swarm(tiny_llama, tmp_path_factory):
     with LocalSwarm(workdir=tmp_path_factory.mktemp("swarm")) as swarm:
-        swarm.add_node(tiny_llama, blocks=(0, 2), name="a", extra_args=["--throughput", "100",
-                                                                         "--announce-period", "2"])
+        swarm.add_node(
+            tiny_llama, blocks=(0, 2), name="a", extra_args=["--throughput", "100", "--announce-period", "2"]
+        )
         swarm.wait_for_blocks(tiny_llama, 2)
         yield swarm
 
 
 def test_node_chooses_least_served_blocks_and_rebalances(swarm, tiny_llama):
     # blocks 0:2 are served by "a": an automatic node with 2 blocks must take 2:4
-    auto = swarm.add_node(tiny_llama, name="auto", extra_args=["--num-blocks", "2", "--throughput", "100",
-                                                                "--announce-period", "2", "--rebalance-period", "3"])
+    auto = swarm.add_node(
+        tiny_llama,
+        name="auto",
+        extra_args=["--num-blocks", "2", "--throughput", "100", "--announce-period", "2", "--rebalance-period", "3"],
+    )
     assert any("blocks 2:4" in line for line in auto.lines), auto.lines
     # a second automatic node now sees every block equally served and takes the first window
-    second = swarm.add_node(tiny_llama, name="auto2", extra_args=["--num-blocks", "2", "--throughput", "100",
-                                                                   "--announce-period", "2",
-                                                                   "--rebalance-period", "3"])
+    second = swarm.add_node(
+        tiny_llama,
+        name="auto2",
+        extra_args=["--num-blocks", "2", "--throughput", "100", "--announce-period", "2", "--rebalance-period", "3"],
+    )
     assert any("blocks 0:2" in line for line in second.lines), second.lines
     # when "auto" dies, blocks 2:4 are unserved: "auto2" (a redundant copy of 0:2) moves there by itself
     swarm.kill(auto)
@@ -69,8 +87,13 @@ def test_forged_announcements_are_refused_and_ignored(swarm, tmp_path):
     victim = PeerID.from_base58(swarm.nodes[0].address.rsplit("/", 1)[-1])
     key = load_or_create_p2p_identity(tmp_path / "rogue.key")
     # A rogue peer running Nectar's validator with its own key: it cannot sign for the victim.
-    rogue = hivemind.DHT(initial_peers=swarm.initial_peers, start=True, identity_path=str(tmp_path / "rogue.key"),
-                         check_if_identity_free=False, record_validators=[AnnouncementValidator(key)])
+    rogue = hivemind.DHT(
+        initial_peers=swarm.initial_peers,
+        start=True,
+        identity_path=str(tmp_path / "rogue.key"),
+        check_if_identity_free=False,
+        record_validators=[AnnouncementValidator(key)],
+    )
     # A rogue peer without any validator: it can send whatever bytes it likes.
     raw = hivemind.DHT(initial_peers=swarm.initial_peers, start=True)
     try:
@@ -81,8 +104,9 @@ def test_forged_announcements_are_refused_and_ignored(swarm, tmp_path):
             # an unsigned record under the rogue's own subkey is refused too
             dht.store(block_key("tiny-llama", 1), _forged_info(), expires, subkey=b"not-a-peer-id")
         # the rogue may announce itself (signed by its own key): that is legitimate and visible
-        assert rogue.store(block_key("tiny-llama", 3), _forged_info(start=3, end=4), expires,
-                           subkey=rogue.peer_id.to_bytes())
+        assert rogue.store(
+            block_key("tiny-llama", 3), _forged_info(start=3, end=4), expires, subkey=rogue.peer_id.to_bytes()
+        )
         time.sleep(1)
         view = _view(swarm)
         assert view[0][victim].end == 2 and view[0][victim].public_name == "a"  # the real record survived
@@ -102,7 +126,7 @@ def test_a_node_whose_dht_process_died_still_stops_on_sigterm(swarm, tiny_llama)
 
     node = swarm.add_node(tiny_llama, blocks=(0, 2), name="orphaned", extra_args=["--throughput", "100"])
     main = psutil.Process(node.process.pid)
-    dht_process, = [p for p in main.children() if p.cmdline() == main.cmdline()]  # hivemind forks the DHT
+    (dht_process,) = [p for p in main.children() if p.cmdline() == main.cmdline()]  # hivemind forks the DHT
     dht_process.kill()
     os.kill(node.process.pid, signal.SIGTERM)
     # its OFFLINE announcement gives up after a few seconds instead of waiting for the dead DHT forever

@@ -1,4 +1,5 @@
 """Bad input never hurts a node: every malformed request gets a clear error and the node keeps serving others."""
+
 from __future__ import annotations
 
 import asyncio
@@ -10,8 +11,13 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from nectar.node.local_swarm import LocalSwarm
-from nectar.wire.protocol import (RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, make_request, module_uid, pack_metadata,
-                                   unpack_metadata)
+from nectar.wire.protocol import (
+    RPC_BACKWARD,
+    RPC_FORWARD,
+    RPC_INFERENCE,
+    make_request,
+    unpack_metadata,
+)
 from nectar.wire.transport import call_once, call_stream
 
 pytestmark = pytest.mark.slow
@@ -21,8 +27,12 @@ HIDDEN = 64
 @pytest.fixture(scope="module")
 def swarm(tiny_llama, tmp_path_factory):
     with LocalSwarm(workdir=tmp_path_factory.mktemp("swarm")) as swarm:
-        swarm.add_node(tiny_llama, blocks=(0, 4), name="solo",
-                       extra_args=["--throughput", "100", "--session-timeout", "3", "--cache-mb", "1"])
+        swarm.add_node(
+            tiny_llama,
+            blocks=(0, 4),
+            name="solo",
+            extra_args=["--throughput", "100", "--session-timeout", "3", "--cache-mb", "1"],
+        )
         swarm.wait_for_blocks(tiny_llama, 4)
         yield swarm
 
@@ -60,16 +70,19 @@ def _still_serves(model):
     assert out.shape == (1, 6)
 
 
-@pytest.mark.parametrize("tensors, code, words", [
-    ([torch.randn(1, 3, HIDDEN + 1)], "bad_request", "shape"),
-    ([torch.randn(3, HIDDEN)], "bad_request", "shape"),
-    ([torch.randint(0, 5, (1, 3, HIDDEN))], "bad_request", "floating-point"),
-    ([torch.full((1, 2, HIDDEN), float("nan"))], "bad_request", "NaN"),
-    ([torch.randn(65, 1, HIDDEN)], "too_large", "limits"),
-    ([torch.randn(1, 8193, HIDDEN)], "too_large", "split"),
-    ([torch.randn(1, 3, HIDDEN), torch.randn(1, 1, 3, HIDDEN)], "bad_request", "prompts must have shape"),
-    ([], "bad_request", "hidden_states"),
-])
+@pytest.mark.parametrize(
+    "tensors, code, words",
+    [
+        ([torch.randn(1, 3, HIDDEN + 1)], "bad_request", "shape"),
+        ([torch.randn(3, HIDDEN)], "bad_request", "shape"),
+        ([torch.randint(0, 5, (1, 3, HIDDEN))], "bad_request", "floating-point"),
+        ([torch.full((1, 2, HIDDEN), float("nan"))], "bad_request", "NaN"),
+        ([torch.randn(65, 1, HIDDEN)], "too_large", "limits"),
+        ([torch.randn(1, 8193, HIDDEN)], "too_large", "split"),
+        ([torch.randn(1, 3, HIDDEN), torch.randn(1, 1, 3, HIDDEN)], "bad_request", "prompts must have shape"),
+        ([], "bad_request", "hidden_states"),
+    ],
+)
 def test_malformed_forward_gets_clear_error(model, peer, tensors, code, words):
     text = _error_of(model, _forward(model, peer, tensors))
     assert code in text and words in text
@@ -90,20 +103,27 @@ def test_backward_shape_mismatch(model, peer):
 
 
 def test_unknown_session(model, peer):
-    step = make_request("tiny-llama[0:4]", [torch.randn(1, 1, HIDDEN)],
-                        {"type": "step", "session_id": b"never-opened", "step": 0, "position": 0})
+    step = make_request(
+        "tiny-llama[0:4]",
+        [torch.randn(1, 1, HIDDEN)],
+        {"type": "step", "session_id": b"never-opened", "step": 0, "position": 0},
+    )
     assert "unknown_session" in _error_of(model, _inference(model, peer, [step]))
     opened = make_request("tiny-llama[0:4]", [], {"type": "open", "session_id": b"s1", "max_length": 8})
-    other = make_request("tiny-llama[0:4]", [torch.randn(1, 1, HIDDEN)],
-                         {"type": "step", "session_id": b"s2", "step": 0, "position": 0})
+    other = make_request(
+        "tiny-llama[0:4]", [torch.randn(1, 1, HIDDEN)], {"type": "step", "session_id": b"s2", "step": 0, "position": 0}
+    )
     assert "unknown_session" in _error_of(model, _inference(model, peer, [opened, other]))
     _still_serves(model)
 
 
 def test_session_expires_when_idle(model, peer):
     opened = make_request("tiny-llama[0:4]", [], {"type": "open", "session_id": b"idle", "max_length": 8})
-    step = make_request("tiny-llama[0:4]", [torch.randn(1, 1, HIDDEN)],
-                        {"type": "step", "session_id": b"idle", "step": 0, "position": 0})
+    step = make_request(
+        "tiny-llama[0:4]",
+        [torch.randn(1, 1, HIDDEN)],
+        {"type": "step", "session_id": b"idle", "step": 0, "position": 0},
+    )
     text = _error_of(model, _inference(model, peer, [opened, step], pause=4.5))
     assert "session_expired" in text and "replay" in text
     _still_serves(model)
@@ -111,16 +131,19 @@ def test_session_expires_when_idle(model, peer):
 
 def test_cache_full_and_position_checks(model, peer):
     # 1 MiB budget; 8192 tokens x 64 sequences cannot fit
-    huge = make_request("tiny-llama[0:4]", [], {"type": "open", "session_id": b"big", "max_length": 8192,
-                                                  "batch_size": 64})
+    huge = make_request(
+        "tiny-llama[0:4]", [], {"type": "open", "session_id": b"big", "max_length": 8192, "batch_size": 64}
+    )
     text = _error_of(model, _inference(model, peer, [huge]))
     assert "cache_full" in text and "MiB" in text
     opened = make_request("tiny-llama[0:4]", [], {"type": "open", "session_id": b"pos", "max_length": 4})
-    too_far = make_request("tiny-llama[0:4]", [torch.randn(1, 5, HIDDEN)],
-                           {"type": "step", "session_id": b"pos", "step": 0, "position": 0})
+    too_far = make_request(
+        "tiny-llama[0:4]", [torch.randn(1, 5, HIDDEN)], {"type": "step", "session_id": b"pos", "step": 0, "position": 0}
+    )
     assert "max_length" in _error_of(model, _inference(model, peer, [opened, too_far]))
-    gap = make_request("tiny-llama[0:4]", [torch.randn(1, 1, HIDDEN)],
-                       {"type": "step", "session_id": b"pos", "step": 0, "position": 3})
+    gap = make_request(
+        "tiny-llama[0:4]", [torch.randn(1, 1, HIDDEN)], {"type": "step", "session_id": b"pos", "step": 0, "position": 3}
+    )
     assert "position" in _error_of(model, _inference(model, peer, [opened, gap]))
     _still_serves(model)
 

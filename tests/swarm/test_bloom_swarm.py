@@ -1,4 +1,5 @@
 """BLOOM (ALiBi) through a real 2-node swarm: span exactness and greedy equality with transformers."""
+
 from __future__ import annotations
 
 import pytest
@@ -31,8 +32,11 @@ def test_bloom_spans_match_local(model, tiny_bloom):
     input_ids = torch.randint(3, 1000, (2, 6))
     expected = layer_outputs(reference, input_ids)
     model.sequence_manager.update(force=True)
-    spans = {info.public_name: (peer, info) for servers in model.sequence_manager.servers().values()
-             for peer, info in servers.items()}
+    spans = {
+        info.public_name: (peer, info)
+        for servers in model.sequence_manager.servers().values()
+        for peer, info in servers.items()
+    }
     for name, start, end in [("left", 0, 3), ("left", 1, 2), ("right", 3, 4)]:
         peer, info = spans[name]
         span = RemoteSpan(peer, start, end, info)

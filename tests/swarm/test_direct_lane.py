@@ -1,21 +1,21 @@
 """The direct TCP lane: same results as P2P, bad bytes get a clear error, a dead lane falls back to P2P."""
+
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import socket
 
 import pytest
 import torch
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 from hivemind.proto.p2pd_pb2 import RPCError
 from hivemind.utils import MSGPackSerializer
 from transformers import AutoModelForCausalLM
 
 from nectar.client import ClientConfig, DistributedModelForCausalLM
-from nectar.wire import stubs as streams
 from nectar.node.local_swarm import LocalSwarm
+from nectar.wire import stubs as streams
 from nectar.wire.direct import parse_address
 from nectar.wire.protocol import RPC_INFO, make_request, unpack_metadata
 
@@ -74,7 +74,8 @@ def test_generation_over_the_lane_matches_p2p_and_local(model, swarm, tiny_llama
     assert lanes == {info.direct_address for info in _spans(model).values()}  # both hops went direct
 
     p2p_only = DistributedModelForCausalLM.from_pretrained(
-        tiny_llama, initial_peers=swarm.initial_peers, config=ClientConfig(max_retries=0, direct=False))
+        tiny_llama, initial_peers=swarm.initial_peers, config=ClientConfig(max_retries=0, direct=False)
+    )
     try:
         opened.clear()
         over_p2p = p2p_only.generate(input_ids, max_new_tokens=8, do_sample=False)
@@ -86,11 +87,14 @@ def test_generation_over_the_lane_matches_p2p_and_local(model, swarm, tiny_llama
     assert over_lane.tolist() == over_p2p.tolist() == expected.tolist()
 
 
-@pytest.mark.parametrize("payload, expected", [
-    (b"\xff" * 64, "bad_request"),  # a hello frame "longer than" the limit
-    (_hello("nectar1.nonexistent"), "unknown RPC"),
-    ((3).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + b"abc", "bad_request"),  # not msgpack / not a map
-])
+@pytest.mark.parametrize(
+    "payload, expected",
+    [
+        (b"\xff" * 64, "bad_request"),  # a hello frame "longer than" the limit
+        (_hello("nectar1.nonexistent"), "unknown RPC"),
+        ((3).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + b"abc", "bad_request"),  # not msgpack / not a map
+    ],
+)
 def test_bad_bytes_get_a_clear_error_and_the_node_keeps_serving(model, payload, expected):
     address = next(iter(_spans(model).values())).direct_address
     marker, message = _frames(address, payload)
@@ -117,7 +121,8 @@ def test_unreachable_lane_falls_back_to_p2p(model):
         probe.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{probe.getsockname()[1]}"
     broken = dataclasses.replace(info, direct_address=dead)
-    response = model.runtime.run(streams.call_unary(model.runtime.p2p, peer, broken, RPC_INFO,
-                                                    make_request("", [], {}), timeout=20), timeout=30)
+    response = model.runtime.run(
+        streams.call_unary(model.runtime.p2p, peer, broken, RPC_INFO, make_request("", [], {}), timeout=20), timeout=30
+    )
     assert isinstance(response, runtime_pb2.ExpertResponse)
     assert unpack_metadata(response.metadata)["eth_address"] == info.eth_address

@@ -1,23 +1,18 @@
 """A real swarm (bootstrap + 3 node processes) on a tiny random Llama with GQA: exactness, failover, tuning,
 bad input, forged announcements."""
+
 from __future__ import annotations
 
 import asyncio
-import time
 
-import hivemind
 import pytest
 import torch
-from hivemind.p2p import P2P
-from hivemind.proto import runtime_pb2
 from transformers import AutoModelForCausalLM
 
 from nectar.client import ClientConfig, DistributedModelForCausalLM
 from nectar.node.local_swarm import LocalSwarm
-from nectar.wire.announce import AnnouncementValidator, ServerInfo, ServerState, block_key
-from nectar.node.identity import load_or_create_p2p_identity
 from nectar.wire.protocol import RPC_FORWARD, RPC_INFERENCE, make_request, module_uid
-from nectar.wire.transport import call_once, call_stream
+from nectar.wire.transport import call_stream
 
 from .conftest import layer_outputs
 
@@ -28,8 +23,9 @@ NODE_ARGS = ["--throughput", "100", "--announce-period", "2"]
 @pytest.fixture(scope="module")
 def swarm(tiny_llama, tmp_path_factory):
     with LocalSwarm(workdir=tmp_path_factory.mktemp("swarm")) as swarm:
-        swarm.add_node(tiny_llama, blocks=(0, 2), name="a",
-                       extra_args=NODE_ARGS + ["--session-timeout", "4", "--cache-mb", "16"])
+        swarm.add_node(
+            tiny_llama, blocks=(0, 2), name="a", extra_args=NODE_ARGS + ["--session-timeout", "4", "--cache-mb", "16"]
+        )
         swarm.add_node(tiny_llama, blocks=(2, 4), name="b", extra_args=NODE_ARGS)
         swarm.add_node(tiny_llama, blocks=(2, 4), name="c", extra_args=NODE_ARGS + ["--receipt-signer", "loop"])
         swarm.wait_for_blocks(tiny_llama, 4, min_nodes=1)
@@ -39,8 +35,9 @@ def swarm(tiny_llama, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(swarm, tiny_llama):
-    model = DistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=swarm.initial_peers,
-                                                        config=ClientConfig(step_timeout=20, connect_timeout=10))
+    model = DistributedModelForCausalLM.from_pretrained(
+        tiny_llama, initial_peers=swarm.initial_peers, config=ClientConfig(step_timeout=20, connect_timeout=10)
+    )
     yield model
     model.shutdown()
 
@@ -92,8 +89,10 @@ def test_generation_equals_local_transformers(model, reference):
         theirs = reference.generate(input_ids, max_new_tokens=24, do_sample=False, eos_token_id=None)
         assert ours.tolist() == theirs[:, : ours.shape[1]].tolist()
     batch = torch.randint(3, 1000, (2, 5))
-    assert model.generate(batch, max_new_tokens=8, do_sample=False).tolist() == reference.generate(
-        batch, max_new_tokens=8, do_sample=False, eos_token_id=None).tolist()
+    assert (
+        model.generate(batch, max_new_tokens=8, do_sample=False).tolist()
+        == reference.generate(batch, max_new_tokens=8, do_sample=False, eos_token_id=None).tolist()
+    )
 
 
 @pytest.mark.parametrize("format", ["bf16", "int8"])
@@ -118,10 +117,26 @@ def test_greedy_generation_through_the_low_precision_check_equals_local_transfor
 def test_sampling_options_and_receipts(model):
     input_ids = torch.randint(3, 1000, (1, 4))
     paid_before = len(model.wallet.receipts)
-    a = model.generate(input_ids, max_new_tokens=10, do_sample=True, temperature=0.8, top_k=50, top_p=0.9,
-                       repetition_penalty=1.3, seed=7)
-    b = model.generate(input_ids, max_new_tokens=10, do_sample=True, temperature=0.8, top_k=50, top_p=0.9,
-                       repetition_penalty=1.3, seed=7)
+    a = model.generate(
+        input_ids,
+        max_new_tokens=10,
+        do_sample=True,
+        temperature=0.8,
+        top_k=50,
+        top_p=0.9,
+        repetition_penalty=1.3,
+        seed=7,
+    )
+    b = model.generate(
+        input_ids,
+        max_new_tokens=10,
+        do_sample=True,
+        temperature=0.8,
+        top_k=50,
+        top_p=0.9,
+        repetition_penalty=1.3,
+        seed=7,
+    )
     assert a.shape == (1, 14) and a.tolist() == b.tolist()  # same seed, same tokens
     # one verified receipt per hop per step (2 generations x 10 steps x 2 hops)
     assert len(model.wallet.receipts) - paid_before == 40
@@ -132,8 +147,14 @@ def _inference_replies(model, span, metadata: dict, hidden: torch.Tensor) -> lis
     from nectar.wire.protocol import unpack_metadata, unpack_tensors
 
     uid = module_uid(model.sequence_manager.model_id, span.start, span.end)
-    opening = {"type": "open", "session_id": b"raw-receipts", "max_length": 8, "client": model.wallet.address,
-               **metadata, "step": 0}
+    opening = {
+        "type": "open",
+        "session_id": b"raw-receipts",
+        "max_length": 8,
+        "client": model.wallet.address,
+        **metadata,
+        "step": 0,
+    }
 
     async def exchange():
         async def requests():
@@ -161,7 +182,7 @@ def test_receipt_follows_the_output_as_its_own_message(model):
     assert signed.receipt.output_commitment == fingerprints.commit_tensor(outputs[0])
     assert signed.receipt.input_commitment == fingerprints.commit_tensor(hidden)
     # without the option, the receipt rides in the output's own reply (older clients, raw callers)
-    (inline_outputs, inline), = _inference_replies(model, span, {}, hidden)
+    ((inline_outputs, inline),) = _inference_replies(model, span, {}, hidden)
     assert "receipt" in inline and torch.allclose(inline_outputs[0], outputs[0])
 
 
@@ -178,8 +199,18 @@ def test_a_receipt_comes_while_the_next_step_computes_or_once_the_stream_is_quie
         outputs = asyncio.Queue()
 
         async def requests():
-            yield make_request(uid, [hidden[0]], {"type": "open", "session_id": session_id, "max_length": 8,
-                                                   "client": model.wallet.address, "receipts": "separate", "step": 0})
+            yield make_request(
+                uid,
+                [hidden[0]],
+                {
+                    "type": "open",
+                    "session_id": session_id,
+                    "max_length": 8,
+                    "client": model.wallet.address,
+                    "receipts": "separate",
+                    "step": 0,
+                },
+            )
             await outputs.get()  # step 1 leaves only once output 0 is here, as a client's next token would
             yield make_request(uid, [hidden[1]], {"type": "step", "session_id": session_id, "step": 1})
             await outputs.get()
@@ -207,8 +238,7 @@ def test_failover_mid_generation_gives_identical_output(swarm, model, reference)
     victim_peer = session.route[-1].peer_id
     victim = next(n for n in swarm.nodes if n.address.endswith(str(victim_peer)))
     tokens = []
-    for i, token in enumerate(model.stream_generate(input_ids, max_new_tokens=30, do_sample=False,
-                                                    session=session)):
+    for i, token in enumerate(model.stream_generate(input_ids, max_new_tokens=30, do_sample=False, session=session)):
         tokens.append(int(token[0]))
         if i == 10:
             swarm.kill(victim)  # abrupt: no goodbye on the DHT
@@ -220,9 +250,15 @@ def test_failover_mid_generation_gives_identical_output(swarm, model, reference)
 
 def test_prompt_tuning_lowers_loss(model, tiny_llama, swarm):
     for mode in ("ptune", "deep_ptune"):
-        tuned = DistributedModelForCausalLM(model.model_path, model.model_id, config=model.client_config,
-                                            runtime=model.runtime, wallet=model.wallet, tuning_mode=mode,
-                                            pre_seq_len=3)
+        tuned = DistributedModelForCausalLM(
+            model.model_path,
+            model.model_id,
+            config=model.client_config,
+            runtime=model.runtime,
+            wallet=model.wallet,
+            tuning_mode=mode,
+            pre_seq_len=3,
+        )
         data = torch.randint(3, 1000, (2, 8), generator=torch.Generator().manual_seed(0))
         optimizer = torch.optim.Adam([p for p in tuned.parameters() if p.requires_grad], lr=0.05)
         losses = []

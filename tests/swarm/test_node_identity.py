@@ -1,5 +1,6 @@
 """Every node gets its own identity: nodes started without --name/--key-dir take free key folders, and a key folder
 a live node holds is refused with a clear error (two nodes used to announce one peer id and one address)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -26,9 +27,11 @@ def test_free_folders_are_taken_in_order_and_given_back(tmp_path):
 
 def test_a_folder_held_by_another_process_is_refused(tmp_path):
     held = claim_key_dir(tmp_path / "keys", name="a")
-    code = ("import sys; from nectar.node.identity import claim_key_dir, KeyDirInUse\n"
-            "try: claim_key_dir(sys.argv[1], name='b')\n"
-            "except KeyDirInUse as e: print(e); sys.exit(3)")
+    code = (
+        "import sys; from nectar.node.identity import claim_key_dir, KeyDirInUse\n"
+        "try: claim_key_dir(sys.argv[1], name='b')\n"
+        "except KeyDirInUse as e: print(e); sys.exit(3)"
+    )
     other = subprocess.run([sys.executable, "-c", code, str(tmp_path / "keys")], capture_output=True, text=True)
     assert other.returncode == 3 and "in use" in other.stdout
     held.release()

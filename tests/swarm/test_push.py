@@ -1,5 +1,6 @@
 """Server-to-server push (issue 6): same tokens as relay, really pushed, bad pushes refused, missing pushes and dead
 first hops recovered."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,10 +13,10 @@ from transformers import AutoModelForCausalLM
 
 from nectar.client import ClientConfig, DistributedModelForCausalLM
 from nectar.client.inference_session import InferenceSession
-from nectar.wire.stubs import call_unary
 from nectar.node.local_swarm import LocalSwarm
 from nectar.wire.direct import call_stream_direct
 from nectar.wire.protocol import RPC_INFO, RPC_PUSH, make_request, unpack_metadata
+from nectar.wire.stubs import call_unary
 from nectar.wire.transport import first_response
 
 pytestmark = pytest.mark.slow
@@ -36,8 +37,10 @@ def swarm(tiny_llama, tmp_path_factory):
 
 def _model(swarm, tiny_llama, **config):
     return DistributedModelForCausalLM.from_pretrained(
-        tiny_llama, initial_peers=swarm.initial_peers,
-        config=ClientConfig(max_retries=3, step_timeout=10, connect_timeout=10, **config))
+        tiny_llama,
+        initial_peers=swarm.initial_peers,
+        config=ClientConfig(max_retries=3, step_timeout=10, connect_timeout=10, **config),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,17 +64,24 @@ def _counters(model) -> dict:
     """Each node's push counters from its info RPC (peer id -> {"sent", "received"})."""
     counters = {}
     for peer, info in _infos(model).items():
-        response = model.runtime.run(call_unary(model.runtime.p2p, peer, info, RPC_INFO, make_request("", [], {}),
-                                                timeout=20), timeout=30)
+        response = model.runtime.run(
+            call_unary(model.runtime.p2p, peer, info, RPC_INFO, make_request("", [], {}), timeout=20), timeout=30
+        )
         counters[peer] = unpack_metadata(response.metadata)["push"]
     return counters
 
 
 def _push(model, address: str, metadata: dict, tensors) -> str:
     """One raw push to a node's direct lane; returns "ok" or the node's error text."""
+
     async def call():
-        return await first_response(lambda requests: call_stream_direct(address, RPC_PUSH, requests),
-                                    make_request("", tensors, metadata), peer=address, name=RPC_PUSH, timeout=10)
+        return await first_response(
+            lambda requests: call_stream_direct(address, RPC_PUSH, requests),
+            make_request("", tensors, metadata),
+            peer=address,
+            name=RPC_PUSH,
+            timeout=10,
+        )
 
     try:
         response = model.runtime.run(call(), timeout=20)
@@ -129,8 +139,13 @@ def test_a_malformed_push_target_is_refused(model, expected):
     session = model.inference_session(max_length=16)
     try:
         first = session.hops[0]
-        step = first.stream.step([torch.zeros(1, 1, model.config.hidden_size)], step=0, position=0,
-                                 push_to=("no port", os.urandom(16)), timeout=10)
+        step = first.stream.step(
+            [torch.zeros(1, 1, model.config.hidden_size)],
+            step=0,
+            position=0,
+            push_to=("no port", os.urandom(16)),
+            timeout=10,
+        )
         with pytest.raises(Exception, match="bad_request.*HOST:PORT"):
             model.runtime.run(step, 20)
     finally:
@@ -141,16 +156,22 @@ def test_a_malformed_push_target_is_refused(model, expected):
 def test_a_missing_push_falls_back_to_relay(model, expected):
     """The first hop is told to push to a listening port no node announces: it must not connect there (a client
     cannot aim a node at any host), so the pushes go missing and the client relays."""
-    session = InferenceSession(model.sequence_manager, model.runtime, model.wallet, max_length=PROMPT.shape[1] + 8,
-                               config=dataclasses.replace(model.client_config, push_timeout=0.2))
+    session = InferenceSession(
+        model.sequence_manager,
+        model.runtime,
+        model.wallet,
+        max_length=PROMPT.shape[1] + 8,
+        config=dataclasses.replace(model.client_config, push_timeout=0.2),
+    )
     second = session.hops[1]
     with socket.socket() as stranger:
         stranger.bind(("127.0.0.1", 0))
         stranger.listen()
         stranger.settimeout(0)
         address = f"127.0.0.1:{stranger.getsockname()[1]}"
-        second.span = dataclasses.replace(second.span,
-                                          info=dataclasses.replace(second.span.info, direct_address=address))
+        second.span = dataclasses.replace(
+            second.span, info=dataclasses.replace(second.span.info, direct_address=address)
+        )
         with session:
             tokens = model.generate(PROMPT, max_new_tokens=8, do_sample=False, session=session)
         with pytest.raises(BlockingIOError):
@@ -170,8 +191,9 @@ def test_first_hop_dies_mid_generation_in_push_mode(swarm, model, tiny_llama):
     victim_peer = session.route[0].peer_id
     victim = next(n for n in swarm.nodes if n.address.endswith(str(victim_peer)))
     tokens = []
-    for i, token in enumerate(model.stream_generate(prompt, max_new_tokens=20, do_sample=False, session=session,
-                                                    eos_token_id=[])):
+    for i, token in enumerate(
+        model.stream_generate(prompt, max_new_tokens=20, do_sample=False, session=session, eos_token_id=[])
+    ):
         tokens.append(int(token[0]))
         if i == 8:
             swarm.kill(victim)  # abrupt: no goodbye on the DHT

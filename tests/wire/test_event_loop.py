@@ -1,4 +1,5 @@
 """Which event loop a node and a client run: uvloop where installed, asyncio's own on request."""
+
 from __future__ import annotations
 
 import asyncio

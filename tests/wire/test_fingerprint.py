@@ -1,5 +1,4 @@
 """Activation fingerprints: honest recomputation (different batching/KV-cache order) matches, corruption doesn't."""
-import math
 
 import pytest
 import torch
@@ -13,7 +12,9 @@ class TinyCausalBlock(torch.nn.Module):
     def __init__(self, hidden=64, heads=4):
         super().__init__()
         self.heads, self.qkv, self.out = heads, torch.nn.Linear(hidden, 3 * hidden), torch.nn.Linear(hidden, hidden)
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(hidden, 4 * hidden), torch.nn.GELU(), torch.nn.Linear(4 * hidden, hidden))
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(hidden, 4 * hidden), torch.nn.GELU(), torch.nn.Linear(4 * hidden, hidden)
+        )
 
     def forward(self, x, past=None):
         b, t, h = x.shape
@@ -67,7 +68,9 @@ def test_corrupted_outputs_do_not_match(dtype):
         one_token = out.clone()
         one_token[0, 3] = torch.randn_like(one_token[0, 3])
         for bad in (noisy, lazy, one_token):
-            caught += not fingerprints_match(activation_fingerprint(bad), activation_fingerprint(full[:, :8]), dtype=dtype)
+            caught += not fingerprints_match(
+                activation_fingerprint(bad), activation_fingerprint(full[:, :8]), dtype=dtype
+            )
     assert caught == 60
 
 

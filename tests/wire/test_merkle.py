@@ -1,4 +1,5 @@
 """The receipts tree: sorted leaves, sorted pairs, odd nodes promoted; proofs verify, tampering fails."""
+
 import os
 
 import pytest

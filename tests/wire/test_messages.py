@@ -1,5 +1,6 @@
 """The protocol's messages (wire/messages.py): byte-identical to the dicts clients and nodes have always sent, and
 each malformed field refused on decode with the right ErrorCode."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,12 +8,35 @@ import torch
 from hivemind.proto import runtime_pb2
 
 from nectar.wire.messages import (
-    AuditCall, AuditReply, BackwardCall, Cancel, Flush, ForwardCall, ForwardReply, InfoCall, Open, Opened, Pay,
-    Push, PushAck, PushMissing, PushTarget, ReceiptMessage, Step, StepReply, decode_inference_reply,
+    AuditCall,
+    AuditReply,
+    BackwardCall,
+    Cancel,
+    Flush,
+    ForwardCall,
+    ForwardReply,
+    InfoCall,
+    Open,
+    Opened,
+    Pay,
+    Push,
+    PushAck,
+    PushMissing,
+    PushTarget,
+    ReceiptMessage,
+    Step,
+    StepReply,
+    decode_inference_reply,
     decode_inference_request,
 )
 from nectar.wire.protocol import (
-    MAX_METADATA_BYTES, ErrorCode, NodeRPCError, make_request, make_response, pack_metadata, pack_tensors,
+    MAX_METADATA_BYTES,
+    ErrorCode,
+    NodeRPCError,
+    make_request,
+    make_response,
+    pack_metadata,
+    pack_tensors,
 )
 
 UID = "model[0:4]"
@@ -29,31 +53,77 @@ def test_requests_are_byte_identical_to_the_hand_built_dicts():
     x, prompts = torch.randn(1, 2, 8), torch.randn(4, 1, 3, 8)
     token, push_token = b"t" * 16, b"p" * 16
     same = [
-        (Open(UID, SID, max_length=16, batch_size=1, client=CLIENT, separate_receipts=True, push_token=push_token)
-         .to_request(),
-         make_request(UID, [], {"type": "open", "session_id": SID, "max_length": 16, "batch_size": 1,
-                                "client": CLIENT, "receipts": "separate", "push_token": push_token})),
-        (Step(SID, 3, position=5, hidden=x, prompts=prompts, voucher=VOUCHER,
-              push_to=PushTarget("127.0.0.1:5000", token)).to_request(UID),
-         make_request(UID, [x, prompts], {"type": "step", "session_id": SID, "step": 3, "position": 5,
-                                          "voucher": VOUCHER, "push_to": {"address": "127.0.0.1:5000",
-                                                                          "token": token}})),
-        (Step(SID, 3, position=5, pushed=True).to_request(UID),
-         make_request(UID, [], {"type": "step", "session_id": SID, "step": 3, "position": 5, "pushed": True})),
-        (Pay(SID, VOUCHER).to_request(UID), make_request(UID, [], {"type": "pay", "session_id": SID,
-                                                                   "voucher": VOUCHER})),
+        (
+            Open(
+                UID, SID, max_length=16, batch_size=1, client=CLIENT, separate_receipts=True, push_token=push_token
+            ).to_request(),
+            make_request(
+                UID,
+                [],
+                {
+                    "type": "open",
+                    "session_id": SID,
+                    "max_length": 16,
+                    "batch_size": 1,
+                    "client": CLIENT,
+                    "receipts": "separate",
+                    "push_token": push_token,
+                },
+            ),
+        ),
+        (
+            Step(
+                SID,
+                3,
+                position=5,
+                hidden=x,
+                prompts=prompts,
+                voucher=VOUCHER,
+                push_to=PushTarget("127.0.0.1:5000", token),
+            ).to_request(UID),
+            make_request(
+                UID,
+                [x, prompts],
+                {
+                    "type": "step",
+                    "session_id": SID,
+                    "step": 3,
+                    "position": 5,
+                    "voucher": VOUCHER,
+                    "push_to": {"address": "127.0.0.1:5000", "token": token},
+                },
+            ),
+        ),
+        (
+            Step(SID, 3, position=5, pushed=True).to_request(UID),
+            make_request(UID, [], {"type": "step", "session_id": SID, "step": 3, "position": 5, "pushed": True}),
+        ),
+        (
+            Pay(SID, VOUCHER).to_request(UID),
+            make_request(UID, [], {"type": "pay", "session_id": SID, "voucher": VOUCHER}),
+        ),
         (Flush(SID).to_request(UID), make_request(UID, [], {"type": "flush", "session_id": SID})),
         (Cancel(SID, 3).to_request(UID), make_request(UID, [], {"type": "cancel", "session_id": SID, "step": 3})),
-        (ForwardCall(UID, x, client=CLIENT, session_id=SID, step=2, voucher=VOUCHER).to_request(),
-         make_request(UID, [x], {"client": CLIENT, "session_id": SID, "step": 2, "voucher": VOUCHER})),
-        (ForwardCall(UID, x, client=CLIENT, session_id=SID, step=0).to_request(),
-         make_request(UID, [x], {"client": CLIENT, "session_id": SID, "step": 0})),
-        (BackwardCall(UID, x, x, prompts, client=CLIENT, session_id=SID, step=1).to_request(),
-         make_request(UID, [x, x, prompts], {"client": CLIENT, "session_id": SID, "step": 1})),
+        (
+            ForwardCall(UID, x, client=CLIENT, session_id=SID, step=2, voucher=VOUCHER).to_request(),
+            make_request(UID, [x], {"client": CLIENT, "session_id": SID, "step": 2, "voucher": VOUCHER}),
+        ),
+        (
+            ForwardCall(UID, x, client=CLIENT, session_id=SID, step=0).to_request(),
+            make_request(UID, [x], {"client": CLIENT, "session_id": SID, "step": 0}),
+        ),
+        (
+            BackwardCall(UID, x, x, prompts, client=CLIENT, session_id=SID, step=1).to_request(),
+            make_request(UID, [x, x, prompts], {"client": CLIENT, "session_id": SID, "step": 1}),
+        ),
         (AuditCall(UID, SID, 7).to_request(), make_request(UID, [], {"session_id": SID, "step": 7})),
         (InfoCall().to_request(), make_request("", [], {})),
-        (Push(SID, 4, token, x).to_request(), runtime_pb2.ExpertRequest(
-            tensors=pack_tensors([x]), metadata=pack_metadata({"session_id": SID, "step": 4, "token": token}))),
+        (
+            Push(SID, 4, token, x).to_request(),
+            runtime_pb2.ExpertRequest(
+                tensors=pack_tensors([x]), metadata=pack_metadata({"session_id": SID, "step": 4, "token": token})
+            ),
+        ),
     ]
     for typed, hand_built in same:
         assert _bytes(typed) == _bytes(hand_built), typed
@@ -64,12 +134,18 @@ def test_replies_are_byte_identical_and_decode_back():
     receipt = {"receipt": {"step": 1}, "signature": "0x01"}
     same = [
         (Opened(100).to_response(), make_response([], {"type": "opened", "cache_tokens_left": 100})),
-        (StepReply(y, receipt, b"fp", cache_tokens_left=9).to_response(),
-         make_response([y], {"receipt": receipt, "fingerprint": b"fp", "cache_tokens_left": 9})),
-        (StepReply(y, receipt_follows=True, cache_tokens_left=9).to_response(pack_tensors([y])),
-         make_response([y], {"receipt_follows": True, "cache_tokens_left": 9})),
-        (ReceiptMessage(1, receipt, b"fp").to_response(),
-         make_response([], {"type": "receipt", "step": 1, "receipt": receipt, "fingerprint": b"fp"})),
+        (
+            StepReply(y, receipt, b"fp", cache_tokens_left=9).to_response(),
+            make_response([y], {"receipt": receipt, "fingerprint": b"fp", "cache_tokens_left": 9}),
+        ),
+        (
+            StepReply(y, receipt_follows=True, cache_tokens_left=9).to_response(pack_tensors([y])),
+            make_response([y], {"receipt_follows": True, "cache_tokens_left": 9}),
+        ),
+        (
+            ReceiptMessage(1, receipt, b"fp").to_response(),
+            make_response([], {"type": "receipt", "step": 1, "receipt": receipt, "fingerprint": b"fp"}),
+        ),
         (PushMissing().to_response(), make_response([], {"push_missing": True})),
         (PushAck().to_response(), make_response([], {"ok": True})),
         (ForwardReply(y, receipt, b"fp").to_response(), make_response([y], {"receipt": receipt, "fingerprint": b"fp"})),
@@ -87,8 +163,11 @@ def test_replies_are_byte_identical_and_decode_back():
 
 def test_requests_decode_to_what_was_encoded_with_the_session_id_padded():
     x = torch.randn(1, 2, 8)
-    opened = Open.decode(Open(UID, SID, max_length=16, client=CLIENT, separate_receipts=True,
-                              first_step=Step(SID, 0, hidden=x)).to_request())
+    opened = Open.decode(
+        Open(
+            UID, SID, max_length=16, client=CLIENT, separate_receipts=True, first_step=Step(SID, 0, hidden=x)
+        ).to_request()
+    )
     assert opened.session_id == SID.rjust(32, b"\0") and opened.separate_receipts
     assert opened.client.lower() == CLIENT and opened.client != CLIENT  # checksummed
     assert opened.first_step.step == 0 and torch.equal(opened.first_step.hidden, x) and opened.batch_size == 1
@@ -112,46 +191,52 @@ OPEN = {"type": "open", "session_id": SID, "max_length": 8}
 STEP = {"type": "step", "session_id": SID, "step": 0}
 
 
-@pytest.mark.parametrize("metadata, tensors, code, words", [
-    ({**OPEN, "type": "step"}, 0, ErrorCode.UNKNOWN_SESSION, "no open session"),
-    ({**OPEN, "session_id": b""}, 0, ErrorCode.BAD_REQUEST, "session_id"),
-    ({**OPEN, "session_id": b"x" * 33}, 0, ErrorCode.BAD_REQUEST, "session_id"),
-    ({**OPEN, "session_id": "text"}, 0, ErrorCode.BAD_REQUEST, "session_id"),
-    ({**OPEN, "max_length": 0}, 0, ErrorCode.BAD_REQUEST, "max_length"),
-    ({**OPEN, "max_length": 8193}, 0, ErrorCode.BAD_REQUEST, "max_length"),
-    ({**OPEN, "max_length": True}, 0, ErrorCode.BAD_REQUEST, "max_length"),
-    ({k: v for k, v in OPEN.items() if k != "max_length"}, 0, ErrorCode.BAD_REQUEST, "max_length"),
-    ({**OPEN, "batch_size": 65}, 0, ErrorCode.BAD_REQUEST, "batch_size"),
-    ({**OPEN, "batch_size": 1.0}, 0, ErrorCode.BAD_REQUEST, "batch_size"),
-    ({**OPEN, "client": "0x1234"}, 0, ErrorCode.BAD_REQUEST, "client"),
-    ({**OPEN, "push_token": b"short"}, 0, ErrorCode.BAD_REQUEST, "push_token"),
-    ({**OPEN, "push_token": b"x" * 33}, 0, ErrorCode.BAD_REQUEST, "push_token"),
-    ({**OPEN, "step": -1}, 1, ErrorCode.BAD_REQUEST, "step"),  # its first step's fields are checked too
-])
+@pytest.mark.parametrize(
+    "metadata, tensors, code, words",
+    [
+        ({**OPEN, "type": "step"}, 0, ErrorCode.UNKNOWN_SESSION, "no open session"),
+        ({**OPEN, "session_id": b""}, 0, ErrorCode.BAD_REQUEST, "session_id"),
+        ({**OPEN, "session_id": b"x" * 33}, 0, ErrorCode.BAD_REQUEST, "session_id"),
+        ({**OPEN, "session_id": "text"}, 0, ErrorCode.BAD_REQUEST, "session_id"),
+        ({**OPEN, "max_length": 0}, 0, ErrorCode.BAD_REQUEST, "max_length"),
+        ({**OPEN, "max_length": 8193}, 0, ErrorCode.BAD_REQUEST, "max_length"),
+        ({**OPEN, "max_length": True}, 0, ErrorCode.BAD_REQUEST, "max_length"),
+        ({k: v for k, v in OPEN.items() if k != "max_length"}, 0, ErrorCode.BAD_REQUEST, "max_length"),
+        ({**OPEN, "batch_size": 65}, 0, ErrorCode.BAD_REQUEST, "batch_size"),
+        ({**OPEN, "batch_size": 1.0}, 0, ErrorCode.BAD_REQUEST, "batch_size"),
+        ({**OPEN, "client": "0x1234"}, 0, ErrorCode.BAD_REQUEST, "client"),
+        ({**OPEN, "push_token": b"short"}, 0, ErrorCode.BAD_REQUEST, "push_token"),
+        ({**OPEN, "push_token": b"x" * 33}, 0, ErrorCode.BAD_REQUEST, "push_token"),
+        ({**OPEN, "step": -1}, 1, ErrorCode.BAD_REQUEST, "step"),  # its first step's fields are checked too
+    ],
+)
 def test_open_decode_errors(metadata, tensors, code, words):
     request = make_request(UID, [torch.randn(1, 1, 8)] * tensors, metadata)
     error = _error(Open.decode, request)
     assert error.code == code and words in error.message
 
 
-@pytest.mark.parametrize("metadata, tensors, code, words", [
-    ({**STEP, "type": "open"}, 1, ErrorCode.UNKNOWN_SESSION, "another"),
-    ({**STEP, "type": None}, 1, ErrorCode.UNKNOWN_SESSION, "another"),
-    ({**STEP, "session_id": None}, 1, ErrorCode.BAD_REQUEST, "session_id"),
-    ({**STEP, "step": 2**63}, 1, ErrorCode.BAD_REQUEST, "step"),
-    ({**STEP, "step": "1"}, 1, ErrorCode.BAD_REQUEST, "step"),
-    ({k: v for k, v in STEP.items() if k != "step"}, 1, ErrorCode.BAD_REQUEST, "step"),
-    ({**STEP, "position": -1}, 1, ErrorCode.BAD_REQUEST, "position"),
-    ({**STEP, "position": False}, 1, ErrorCode.BAD_REQUEST, "position"),
-    ({**STEP, "push_to": {"address": "nohost", "token": b"t"}}, 1, ErrorCode.BAD_REQUEST, "push_to.address"),
-    ({**STEP, "push_to": "127.0.0.1:1"}, 1, ErrorCode.BAD_REQUEST, "push_to.address"),
-    ({**STEP, "push_to": {"address": "h:1", "token": "t"}}, 1, ErrorCode.BAD_REQUEST, "push_to.token"),
-    (STEP, 0, ErrorCode.BAD_REQUEST, "hidden_states"),
-    (STEP, 3, ErrorCode.BAD_REQUEST, "hidden_states"),
-    ({"type": "pay", "session_id": 5}, 0, ErrorCode.BAD_REQUEST, "session_id"),
-    ({"type": "flush"}, 0, ErrorCode.BAD_REQUEST, "session_id"),
-    ({"type": "cancel", "session_id": b"x" * 40, "step": 1}, 0, ErrorCode.BAD_REQUEST, "session_id"),
-])
+@pytest.mark.parametrize(
+    "metadata, tensors, code, words",
+    [
+        ({**STEP, "type": "open"}, 1, ErrorCode.UNKNOWN_SESSION, "another"),
+        ({**STEP, "type": None}, 1, ErrorCode.UNKNOWN_SESSION, "another"),
+        ({**STEP, "session_id": None}, 1, ErrorCode.BAD_REQUEST, "session_id"),
+        ({**STEP, "step": 2**63}, 1, ErrorCode.BAD_REQUEST, "step"),
+        ({**STEP, "step": "1"}, 1, ErrorCode.BAD_REQUEST, "step"),
+        ({k: v for k, v in STEP.items() if k != "step"}, 1, ErrorCode.BAD_REQUEST, "step"),
+        ({**STEP, "position": -1}, 1, ErrorCode.BAD_REQUEST, "position"),
+        ({**STEP, "position": False}, 1, ErrorCode.BAD_REQUEST, "position"),
+        ({**STEP, "push_to": {"address": "nohost", "token": b"t"}}, 1, ErrorCode.BAD_REQUEST, "push_to.address"),
+        ({**STEP, "push_to": "127.0.0.1:1"}, 1, ErrorCode.BAD_REQUEST, "push_to.address"),
+        ({**STEP, "push_to": {"address": "h:1", "token": "t"}}, 1, ErrorCode.BAD_REQUEST, "push_to.token"),
+        (STEP, 0, ErrorCode.BAD_REQUEST, "hidden_states"),
+        (STEP, 3, ErrorCode.BAD_REQUEST, "hidden_states"),
+        ({"type": "pay", "session_id": 5}, 0, ErrorCode.BAD_REQUEST, "session_id"),
+        ({"type": "flush"}, 0, ErrorCode.BAD_REQUEST, "session_id"),
+        ({"type": "cancel", "session_id": b"x" * 40, "step": 1}, 0, ErrorCode.BAD_REQUEST, "session_id"),
+    ],
+)
 def test_stream_request_decode_errors(metadata, tensors, code, words):
     request = make_request(UID, [torch.randn(1, 1, 8)] * tensors, metadata)
     error = _error(decode_inference_request, request)
@@ -171,14 +256,26 @@ def test_call_and_push_decode_errors():
         (AuditCall.decode, make_request(UID, [], {"step": 1}), ErrorCode.BAD_REQUEST, "session_id"),
         (Push.decode, make_request("", [x], {"session_id": SID, "step": 0}), ErrorCode.BAD_REQUEST, "token"),
         (Push.decode, make_request("", [x], {"session_id": SID, "token": b"t"}), ErrorCode.BAD_REQUEST, "step"),
-        (Push.decode, make_request("", [x, x], {"session_id": SID, "step": 0, "token": b"t"}),
-         ErrorCode.BAD_REQUEST, "1 hidden_states"),
+        (
+            Push.decode,
+            make_request("", [x, x], {"session_id": SID, "step": 0, "token": b"t"}),
+            ErrorCode.BAD_REQUEST,
+            "1 hidden_states",
+        ),
         (Open.decode, runtime_pb2.ExpertRequest(uid=UID, metadata=b"\xc1\xc1"), ErrorCode.BAD_REQUEST, "msgpack"),
         (Open.decode, runtime_pb2.ExpertRequest(uid=UID, metadata=pack_metadata([1])), ErrorCode.BAD_REQUEST, "map"),
-        (Open.decode, runtime_pb2.ExpertRequest(uid=UID, metadata=b"\x00" * (MAX_METADATA_BYTES + 1)),
-         ErrorCode.TOO_LARGE, "metadata"),
-        (ForwardCall.decode, runtime_pb2.ExpertRequest(uid=UID, tensors=[runtime_pb2.Tensor(
-            buffer=b"123", size=[2], dtype="float32")]), ErrorCode.BAD_REQUEST, "tensor"),
+        (
+            Open.decode,
+            runtime_pb2.ExpertRequest(uid=UID, metadata=b"\x00" * (MAX_METADATA_BYTES + 1)),
+            ErrorCode.TOO_LARGE,
+            "metadata",
+        ),
+        (
+            ForwardCall.decode,
+            runtime_pb2.ExpertRequest(uid=UID, tensors=[runtime_pb2.Tensor(buffer=b"123", size=[2], dtype="float32")]),
+            ErrorCode.BAD_REQUEST,
+            "tensor",
+        ),
     ]
     for decode, request, code, words in cases:
         error = _error(decode, request)

@@ -1,4 +1,5 @@
 """The one peer-list rule: multiaddrs separated by commas and/or whitespace, each checked."""
+
 import pytest
 
 from nectar.wire.peers import initial_peers, parse_peers
@@ -7,8 +8,9 @@ A = "/ip4/127.0.0.1/tcp/31337/p2p/QmXYeFtVr5oXfPb5mJp5PfHbZfNmnxLJ8Su8SmNT7hjQrs
 B = "/ip4/10.0.0.2/tcp/4000/p2p/QmXYeFtVr5oXfPb5mJp5PfHbZfNmnxLJ8Su8SmNT7hjQrs"
 
 
-@pytest.mark.parametrize("value", [f"{A},{B}", f"{A} {B}", f"{A}, {B}", f" {A}\n{B} ,", [A, B], [f"{A},{B}"],
-                                   (A, f" {B} ")])
+@pytest.mark.parametrize(
+    "value", [f"{A},{B}", f"{A} {B}", f"{A}, {B}", f" {A}\n{B} ,", [A, B], [f"{A},{B}"], (A, f" {B} ")]
+)
 def test_commas_and_whitespace_both_separate(value):
     assert parse_peers(value) == [A, B]
 

@@ -1,4 +1,5 @@
 """Receipts/vouchers: EIP-712 digests and signatures identical to eth-account, strict parsing, tensor commitments."""
+
 import os
 
 import pytest
@@ -6,8 +7,8 @@ import torch
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 
-from nectar.wire import receipts as R
 from nectar.wire import eip712, fingerprints
+from nectar.wire import receipts as R
 
 DOMAIN = eip712.make_domain(31337, "0x5FbDB2315678afecb367f032d93F642f64180aa3")
 
@@ -27,7 +28,9 @@ def test_receipt_signature_matches_eth_account():
     account = Account.create()
     receipt = make_receipt(node=account.address, price=2**127, amount=2**127 - 1, step=2**64 - 1)
     ours = eip712.sign_receipt(receipt, account.key, DOMAIN)
-    reference = Account.sign_typed_data(account.key, full_message=eip712.full_typed_message("Receipt", receipt.to_message(), DOMAIN))
+    reference = Account.sign_typed_data(
+        account.key, full_message=eip712.full_typed_message("Receipt", receipt.to_message(), DOMAIN)
+    )
     assert ours.signature == bytes(reference.signature)
     assert eip712.receipt_digest(receipt, DOMAIN) == bytes(reference.message_hash)
     assert eip712.recover_receipt_signer(ours, DOMAIN) == account.address
@@ -39,7 +42,9 @@ def test_voucher_signature_matches_eth_account():
     account = Account.create()
     voucher = R.Voucher(account.address, Account.create().address, 5, 123_456_789 * 10**18)
     ours = eip712.sign_voucher(voucher, account.key.hex(), DOMAIN)
-    reference = Account.sign_typed_data(account.key, full_message=eip712.full_typed_message("Voucher", voucher.to_message(), DOMAIN))
+    reference = Account.sign_typed_data(
+        account.key, full_message=eip712.full_typed_message("Voucher", voucher.to_message(), DOMAIN)
+    )
     assert ours.signature == bytes(reference.signature)
     assert eip712.recover_voucher_signer(ours, DOMAIN) == account.address
 
@@ -54,7 +59,9 @@ def test_domain_changes_the_signer_a_verifier_recovers():
 def test_tampered_receipt_recovers_someone_else():
     account = Account.create()
     signed = eip712.sign_receipt(make_receipt(node=account.address), account.key, DOMAIN)
-    forged = R.SignedReceipt(R.Receipt(**{**signed.receipt.__dict__, "amount": signed.receipt.amount + 1}), signed.signature)
+    forged = R.SignedReceipt(
+        R.Receipt(**{**signed.receipt.__dict__, "amount": signed.receipt.amount + 1}), signed.signature
+    )
     assert eip712.recover_receipt_signer(forged, DOMAIN) != account.address
 
 
@@ -73,7 +80,9 @@ def test_malleable_and_malformed_signatures_rejected():
 
 def test_json_round_trip_and_strict_parsing():
     account = Account.create()
-    signed = eip712.sign_receipt(make_receipt(node=account.address, price=2**100, amount=2**100 * 7), account.key, DOMAIN)
+    signed = eip712.sign_receipt(
+        make_receipt(node=account.address, price=2**100, amount=2**100 * 7), account.key, DOMAIN
+    )
     data = signed.to_json()
     assert isinstance(data["receipt"]["amount"], str)  # uint128 survives JavaScript clients
     assert R.SignedReceipt.from_json(data) == signed
@@ -120,16 +129,22 @@ def test_wire_reads_no_files_and_no_environment():
     import nectar.wire
 
     root = pathlib.Path(nectar.wire.__file__).parent
-    offenders = [f"{path.name}: {line.strip()}" for path in sorted(root.glob("*.py")) if path.name != "event_loop.py"
-                 for line in path.read_text().splitlines()
-                 if re.search(r"os\.environ|os\.getenv|read_text\(|open\(|deployment_path", line)]
+    offenders = [
+        f"{path.name}: {line.strip()}"
+        for path in sorted(root.glob("*.py"))
+        if path.name != "event_loop.py"
+        for line in path.read_text().splitlines()
+        if re.search(r"os\.environ|os\.getenv|read_text\(|open\(|deployment_path", line)
+    ]
     assert offenders == []
 
 
 def test_commit_tensor_is_stable_and_sensitive():
     t = torch.randn(2, 5, 16, dtype=torch.bfloat16)
     assert fingerprints.commit_tensor(t) == fingerprints.commit_tensor(t.clone())
-    assert fingerprints.commit_tensor(t.transpose(0, 1).contiguous().transpose(0, 1)) == fingerprints.commit_tensor(t)  # layout-free
+    assert fingerprints.commit_tensor(t.transpose(0, 1).contiguous().transpose(0, 1)) == fingerprints.commit_tensor(
+        t
+    )  # layout-free
     assert fingerprints.commit_tensor(t.float()) != fingerprints.commit_tensor(t)  # dtype is committed
     assert fingerprints.commit_tensor(t.reshape(5, 2, 16)) != fingerprints.commit_tensor(t)  # shape is committed
     u = t.clone()

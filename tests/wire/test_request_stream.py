@@ -1,4 +1,5 @@
 """The queue between a stream's reader and its handler (wire/request_stream.py)."""
+
 from __future__ import annotations
 
 import asyncio

@@ -1,5 +1,6 @@
 """Tensors on the wire: Nectar's packing writes what hivemind's serializer writes (bfloat16 in two bytes, which
 hivemind reads too), reads both back, and answers a malformed tensor with a clear error."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,14 +25,14 @@ TENSORS = [
 
 @pytest.mark.parametrize("tensor", TENSORS, ids=lambda t: f"{t.dtype}{list(t.shape)}")
 def test_packing_matches_hivemind_byte_for_byte_and_round_trips(tensor):
-    packed, = pack_tensors([tensor])
+    (packed,) = pack_tensors([tensor])
     if tensor.dtype == torch.bfloat16:  # two bytes an element (hivemind 1.1's default still widens it to float32)
         assert len(packed.buffer) == 2 * tensor.numel()
-        legacy, = unpack_tensors([serialize_torch_tensor(tensor)])
+        (legacy,) = unpack_tensors([serialize_torch_tensor(tensor)])
         assert torch.equal(legacy, tensor)  # and the widened form still decodes
     else:
         assert packed.SerializeToString() == serialize_torch_tensor(tensor.contiguous()).SerializeToString()
-    unpacked, = unpack_tensors([runtime_pb2.Tensor.FromString(packed.SerializeToString())])
+    (unpacked,) = unpack_tensors([runtime_pb2.Tensor.FromString(packed.SerializeToString())])
     assert unpacked.dtype == tensor.dtype and unpacked.shape == tensor.shape and torch.equal(unpacked, tensor)
     unpacked.add_(1) if unpacked.dtype != torch.bool else None  # writable: a copy, not the message's bytes
 
@@ -39,18 +40,21 @@ def test_packing_matches_hivemind_byte_for_byte_and_round_trips(tensor):
 def test_compressed_and_legacy_messages_from_other_senders_still_decode():
     x = torch.randn(2, 3, 16)
     compressed = serialize_torch_tensor(x, runtime_pb2.CompressionType.FLOAT16)
-    decoded, = unpack_tensors([compressed])
+    (decoded,) = unpack_tensors([compressed])
     assert torch.allclose(decoded, x, atol=1e-2)
     legacy = runtime_pb2.Tensor(buffer=x.numpy().tobytes(), size=x.shape, dtype="bfloat16")  # bfloat16 as float32
-    decoded, = unpack_tensors([legacy])
+    (decoded,) = unpack_tensors([legacy])
     assert decoded.dtype == torch.bfloat16 and torch.equal(decoded, x.bfloat16())
 
 
-@pytest.mark.parametrize("message, complaint", [
-    (runtime_pb2.Tensor(buffer=b"\0" * 10, size=[1, 4], dtype="float32"), "10 bytes cannot hold"),
-    (runtime_pb2.Tensor(buffer=b"\0" * 16, size=[2, 2], dtype="complex32"), "unsupported dtype"),
-    (runtime_pb2.Tensor(buffer=b"\0" * 8, size=[2], dtype="int32", requires_grad=True), "gradients"),
-])
+@pytest.mark.parametrize(
+    "message, complaint",
+    [
+        (runtime_pb2.Tensor(buffer=b"\0" * 10, size=[1, 4], dtype="float32"), "10 bytes cannot hold"),
+        (runtime_pb2.Tensor(buffer=b"\0" * 16, size=[2, 2], dtype="complex32"), "unsupported dtype"),
+        (runtime_pb2.Tensor(buffer=b"\0" * 8, size=[2], dtype="int32", requires_grad=True), "gradients"),
+    ],
+)
 def test_a_malformed_tensor_is_a_bad_request(message, complaint):
     with pytest.raises(NodeRPCError) as error:
         unpack_tensors([message])

@@ -1,5 +1,6 @@
 """BLOOM family: ``config.py`` tensor names, ``block.py`` the step runner (ALiBi), ``model.py`` the family object
 registered here."""
+
 from nectar.models.families.bloom.model import BloomFamily
 from nectar.models.registry import register_family
 

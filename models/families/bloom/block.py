@@ -1,4 +1,5 @@
 """Runs transformers' BloomBlock over a span: ALiBi over absolute key positions, explicit causal masks."""
+
 from __future__ import annotations
 
 import logging

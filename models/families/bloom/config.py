@@ -1,4 +1,5 @@
 """Where BLOOM's tensors live in its checkpoints (with or without the ``transformer.`` base prefix)."""
+
 import logging
 
 logger = logging.getLogger(__name__)

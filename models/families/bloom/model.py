@@ -1,4 +1,5 @@
 """The BLOOM family: BloomBlock with ALiBi; the client also applies BLOOM's word-embedding LayerNorm."""
+
 from __future__ import annotations
 
 import logging

@@ -4,6 +4,7 @@
 Its fast path for a node's inference steps (``LlamaFamily.batch_runner``): ``fused.py`` the fused weights and shared
 per-token maths, ``batching.py`` the batched forward (``LlamaBatchRunner``), ``graphs.py`` the graph-safe decode step
 the node records as CUDA graphs, ``native_decode.py`` one session's decode step in C."""
+
 from nectar.models.families.llama.model import LlamaFamily
 from nectar.models.registry import register_family
 

@@ -7,10 +7,11 @@ positions. It reproduces transformers' decoder layer operation for operation (``
 equals the unbatched one to float32 rounding (tests/speed). Prompt-tuned first steps and sliding windows take the
 generic path (``BlockSpan.forward``, one session at a time).
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ class LlamaBatchRunner(FusedLlamaBlocks):
 
     def __init__(self, spans: Sequence[nn.Module]):
         super().__init__(spans)
-        self.native: Optional[NativeDecoder] = None
+        self.native: NativeDecoder | None = None
         self.native = NativeDecoder.build(self)  # one session's decode step in C on CPUs, where it measured faster
 
     def describe(self) -> str:
@@ -50,8 +51,9 @@ class LlamaBatchRunner(FusedLlamaBlocks):
             if span.family.name != "llama" or span.num_blocks != 1 or span.runner.sliding_window is not None:
                 return False
             block = span.blocks[0]
-            if not all(hasattr(block, name) for name in ("self_attn", "mlp", "input_layernorm",
-                                                           "post_attention_layernorm")):
+            if not all(
+                hasattr(block, name) for name in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+            ):
                 return False
         return True
 
@@ -63,16 +65,20 @@ class LlamaBatchRunner(FusedLlamaBlocks):
         lengths = [task.caches[0].length for task in tasks]
         for task, length in zip(tasks, lengths):
             if length + task.hidden.shape[1] > task.caches[0].max_length:
-                raise CacheError(f"step needs {length + task.hidden.shape[1]} cached tokens, the session holds "
-                                 f"{task.caches[0].max_length}")
+                raise CacheError(
+                    f"step needs {length + task.hidden.shape[1]} cached tokens, the session holds "
+                    f"{task.caches[0].max_length}"
+                )
         if self.native is not None and self.native.applies(tasks):
             return [self.native.run(tasks[0], first_block)]
         rows = [task.hidden.to(device, dtype).reshape(-1, hidden_size) for task in tasks]
         x = rows[0] if len(rows) == 1 else torch.cat(rows)
-        positions = torch.cat([
-            torch.arange(length, length + task.hidden.shape[1], device=device).repeat(task.hidden.shape[0])
-            for task, length in zip(tasks, lengths)
-        ])
+        positions = torch.cat(
+            [
+                torch.arange(length, length + task.hidden.shape[1], device=device).repeat(task.hidden.shape[0])
+                for task, length in zip(tasks, lengths)
+            ]
+        )
         end = max(length + task.hidden.shape[1] for task, length in zip(tasks, lengths))
         cos, sin = self.rotary_at(x, positions, end)
         groups = []
@@ -100,8 +106,7 @@ class LlamaBatchRunner(FusedLlamaBlocks):
         for task, (_, _, _, tokens, length, _) in zip(tasks, groups):
             for cache in task.caches:
                 cache.length = length + tokens
-        return [x[begin:end].view(batch, tokens, hidden_size)
-                for begin, end, batch, tokens, _, _ in groups]
+        return [x[begin:end].view(batch, tokens, hidden_size) for begin, end, batch, tokens, _, _ in groups]
 
     def _block(self, layer: FusedLayer, x, cos, sin, groups, caches, decode_mask=None) -> torch.Tensor:
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
@@ -158,10 +163,12 @@ class LlamaBatchRunner(FusedLlamaBlocks):
         is_causal = mask is None and tokens > 1
         if self.on_gpu:  # GPU kernels run 3x faster on packed keys than on views into the longer cache buffer
             keys, values = keys.contiguous(), values.contiguous()
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=is_causal,
-                                             scale=self.scaling, **kwargs)
+        out = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask, is_causal=is_causal, scale=self.scaling, **kwargs
+        )
         return out.transpose(1, 2).reshape(batch * tokens, self.num_heads * self.head_dim)
 
-    def static_step(self, x: torch.Tensor, positions: torch.Tensor, caches: list, first_block: int,
-                    pools: Optional[list] = None) -> torch.Tensor:
+    def static_step(
+        self, x: torch.Tensor, positions: torch.Tensor, caches: list, first_block: int, pools: list | None = None
+    ) -> torch.Tensor:
         return static_decode_step(self, x, positions, caches, first_block, pools)

@@ -1,4 +1,5 @@
 """Which transformers classes serve each Llama-architecture ``model_type``, and where their tensors live."""
+
 from __future__ import annotations
 
 import importlib

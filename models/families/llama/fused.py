@@ -7,6 +7,7 @@ batched eager forward (``batching.py``), the graph-safe decode step (``graphs.py
 (``native_decode.py``). They reproduce transformers' decoder layer operation for operation (same RMSNorm casts, rotary
 table, SDPA call), so their outputs equal transformers' to float32 rounding (tests/speed).
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -5,6 +5,7 @@ device tensor, RoPE rows come from the precomputed tables, keys/values are writt
 indexed write into pooled caches) and each session attends over its whole preallocated cache under a mask of the
 positions not yet written. No host syncs, so it records as is.
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,14 +14,21 @@ import torch.nn.functional as F
 from nectar.models.families.llama.fused import FusedLlamaBlocks
 
 
-def static_decode_step(blocks: FusedLlamaBlocks, x: torch.Tensor, positions: torch.Tensor, caches: list,
-                       first_block: int, pools: list | None = None) -> torch.Tensor:
+def static_decode_step(
+    blocks: FusedLlamaBlocks,
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    caches: list,
+    first_block: int,
+    pools: list | None = None,
+) -> torch.Tensor:
     """``BatchRunner.static_step`` for Llama blocks: ``x`` [n, hidden], ``positions`` [n], ``caches[i]`` session
     i's SpanCaches (one per block); ``pools``: the same caches as one tensor per block."""
     cos = blocks.cos_table.index_select(0, positions)[:, None]  # [n, 1, head_dim]
     sin = blocks.signed_sin_table.index_select(0, positions)[:, None]
-    attend = _pooled_attention(blocks, positions, pools) if pools is not None else _own_attention(blocks, positions,
-                                                                                                   caches)
+    attend = (
+        _pooled_attention(blocks, positions, pools) if pools is not None else _own_attention(blocks, positions, caches)
+    )
     for local in range(len(caches[0])):
         layer = blocks.layers[first_block + local]
         x = blocks.mlp(layer, x, attend(local, blocks.qkv(layer, x, cos, sin)))
@@ -53,8 +61,9 @@ def _own_attention(blocks: FusedLlamaBlocks, positions: torch.Tensor, caches: li
             if groups > 1:
                 keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
             query = qkv[index : index + 1, :heads].view(1, 1, heads, dim).transpose(1, 2)
-            outputs.append(F.scaled_dot_product_attention(query, keys, values, attn_mask=masks[index],
-                                                          scale=blocks.scaling))
+            outputs.append(
+                F.scaled_dot_product_attention(query, keys, values, attn_mask=masks[index], scale=blocks.scaling)
+            )
         attention = outputs[0] if n == 1 else torch.cat(outputs)  # [n, heads, 1, dim]
         return attention.transpose(1, 2).reshape(n, heads * dim)
 

@@ -1,8 +1,9 @@
 """The Llama family: Llama-architecture decoders with grouped-query attention (llama, mistral)."""
+
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from torch import nn
 from transformers import PretrainedConfig
@@ -63,6 +64,6 @@ class LlamaFamily(ModelFamily):
             sources=dict(HEAD_SOURCES),
         )
 
-    def batch_runner(self, spans: Sequence[nn.Module]) -> Optional[BatchRunner]:
+    def batch_runner(self, spans: Sequence[nn.Module]) -> BatchRunner | None:
         """Fused, batched steps (``batching.py``) unless a block has a sliding window or is not a standard layer."""
         return LlamaBatchRunner(spans) if LlamaBatchRunner.supports(spans) else None

@@ -11,13 +11,14 @@ At load, the node times both routes on a few steps of a scratch session and keep
 faster (on CPUs or thread counts where a BLAS wins, the PyTorch path stays). ``NECTAR_NATIVE_DECODE=on`` skips the
 timing, ``=off`` keeps PyTorch; ``NECTAR_NATIVE=off`` turns every C kernel off.
 """
+
 from __future__ import annotations
 
 import ctypes
 import logging
 import statistics
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ MIN_GAIN = 1.03  # the C layer must be this much faster than the PyTorch path, b
 TIMED_STEPS = 16  # per route, alternating; the first two of each warm up
 
 
-def _address(tensor: Optional[torch.Tensor]) -> Optional[int]:
+def _address(tensor: torch.Tensor | None) -> int | None:
     return tensor.data_ptr() if tensor is not None else None
 
 
@@ -50,7 +51,7 @@ class NativeDecoder:
         self.intermediate = runner.layers[0].down_weight.shape[0]
 
     @classmethod
-    def build(cls, runner: FusedLlamaBlocks) -> Optional["NativeDecoder"]:
+    def build(cls, runner: FusedLlamaBlocks) -> NativeDecoder | None:
         """A decoder where the blocks qualify and it measured faster than the PyTorch path (see the module), else
         None. ``runner`` must be usable without it (its ``native`` is None meanwhile)."""
         choice = current().native_decode  # auto, on or off (checked by the settings)
@@ -59,8 +60,13 @@ class NativeDecoder:
             return None
         if runner.num_heads % runner.num_kv_heads or len(runner.cos_table) <= TIMED_STEPS:
             return None
-        if not all(layer.act is F.silu and layer.input_norm.fused and layer.post_norm.fused
-                   and layer.input_norm.eps == layer.post_norm.eps for layer in runner.layers):
+        if not all(
+            layer.act is F.silu
+            and layer.input_norm.fused
+            and layer.post_norm.fused
+            and layer.input_norm.eps == layer.post_norm.eps
+            for layer in runner.layers
+        ):
             return None
         kernel = native_kernel()
         if kernel is None:
@@ -70,9 +76,11 @@ class NativeDecoder:
             return decoder
         native_s, pytorch_s = decoder.time_against_pytorch()
         chosen = pytorch_s / native_s >= MIN_GAIN
-        logger.info(f"One session's decode step through {len(runner.layers)} blocks: C layer {native_s * 1e3:.2f} ms, "
-                    f"PyTorch {pytorch_s * 1e3:.2f} ms ({pytorch_s / native_s:.2f}x): "
-                    f"{'C layer' if chosen else 'PyTorch'} chosen")
+        logger.info(
+            f"One session's decode step through {len(runner.layers)} blocks: C layer {native_s * 1e3:.2f} ms, "
+            f"PyTorch {pytorch_s * 1e3:.2f} ms ({pytorch_s / native_s:.2f}x): "
+            f"{'C layer' if chosen else 'PyTorch'} chosen"
+        )
         return decoder if chosen else None
 
     @torch.inference_mode()
@@ -97,10 +105,19 @@ class NativeDecoder:
 
     @staticmethod
     def _layer_arguments(layer: FusedLayer) -> tuple:
-        return (_address(layer.input_norm.weight), _address(layer.post_norm.weight), layer.input_norm.eps,
-                _address(layer.qkv_weight), _address(layer.qkv_bias), _address(layer.o_weight), _address(layer.o_bias),
-                _address(layer.gate_up_weight), _address(layer.gate_up_bias), _address(layer.down_weight),
-                _address(layer.down_bias))
+        return (
+            _address(layer.input_norm.weight),
+            _address(layer.post_norm.weight),
+            layer.input_norm.eps,
+            _address(layer.qkv_weight),
+            _address(layer.qkv_bias),
+            _address(layer.o_weight),
+            _address(layer.o_bias),
+            _address(layer.gate_up_weight),
+            _address(layer.gate_up_bias),
+            _address(layer.down_weight),
+            _address(layer.down_bias),
+        )
 
     def applies(self, tasks: Sequence[SpanStep]) -> bool:
         """One session's one new token, at a position the RoPE tables hold, with contiguous float32 caches."""
@@ -112,8 +129,10 @@ class NativeDecoder:
         table = self.runner.cos_table
         if table is None or task.caches[0].length >= len(table):
             return False
-        return all(cache.buffer.dtype == torch.float32 and cache.buffer.is_contiguous() and cache.buffer.shape[2] == 1
-                   for cache in task.caches)
+        return all(
+            cache.buffer.dtype == torch.float32 and cache.buffer.is_contiguous() and cache.buffer.shape[2] == 1
+            for cache in task.caches
+        )
 
     def run(self, task: SpanStep, first_block: int) -> torch.Tensor:
         """[1, 1, hidden] output of the task's blocks; appends the token to each block's cache."""
@@ -125,14 +144,39 @@ class NativeDecoder:
         dim, heads, kv_heads = runner.head_dim, runner.num_heads, runner.num_kv_heads
         scratch = torch.empty((2 * heads + 2 * kv_heads + 1) * dim + hidden_size + 2 * self.intermediate + length + 1)
         for local in range(task.end - task.start):
-            (input_norm, post_norm, eps, qkv, qkv_bias, o, o_bias, gate_up, gate_up_bias, down,
-             down_bias) = self.layers[first_block + local]
+            (input_norm, post_norm, eps, qkv, qkv_bias, o, o_bias, gate_up, gate_up_bias, down, down_bias) = (
+                self.layers[first_block + local]
+            )
             buffer = task.caches[local].buffer  # [1 block, key/value, 1 sequence, kv_heads, max_length, dim]
             keys, values = buffer[0, 0, 0], buffer[0, 1, 0]
-            self.decode(x.data_ptr(), hidden_size, input_norm, post_norm, eps, qkv, qkv_bias, heads, kv_heads, dim,
-                        o, o_bias, gate_up, gate_up_bias, self.intermediate, down, down_bias, cos.data_ptr(),
-                        signed_sin.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1),
-                        length, runner.scaling, scratch.data_ptr())
+            self.decode(
+                x.data_ptr(),
+                hidden_size,
+                input_norm,
+                post_norm,
+                eps,
+                qkv,
+                qkv_bias,
+                heads,
+                kv_heads,
+                dim,
+                o,
+                o_bias,
+                gate_up,
+                gate_up_bias,
+                self.intermediate,
+                down,
+                down_bias,
+                cos.data_ptr(),
+                signed_sin.data_ptr(),
+                keys.data_ptr(),
+                values.data_ptr(),
+                keys.stride(0),
+                keys.stride(1),
+                length,
+                runner.scaling,
+                scratch.data_ptr(),
+            )
         for cache in task.caches:
             cache.length = length + 1
         return x.view(1, 1, hidden_size)
