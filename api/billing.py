@@ -60,12 +60,15 @@ class Billing:
 
         hold_id, balance = await self._run(work)
         if hold_id is None:
-            raise ApiError(402, f"Insufficient credits: account acct-{account_id} has {micro_to_credits(balance)} "
-                                f"credits available and {what} may cost up to {micro_to_credits(amount)} credits "
-                                f"({tokens} tokens at {micro_to_credits(self.price_per_token)} per token). Add "
-                                f"credit (Escrow.depositFor(<gateway address>, amount) from your linked address; on a "
-                                f"devnet POST /v1/account/faucet) or ask for fewer tokens (max_tokens).",
-                           code="insufficient_credits")  # fmt: skip
+            raise ApiError(
+                402,
+                f"Insufficient credits: account acct-{account_id} has {micro_to_credits(balance)} "
+                f"credits available and {what} may cost up to {micro_to_credits(amount)} credits "
+                f"({tokens} tokens at {micro_to_credits(self.price_per_token)} per token). Add "
+                f"credit (Escrow.depositFor(<gateway address>, amount) from your linked address; on a "
+                f"devnet POST /v1/account/faucet) or ask for fewer tokens (max_tokens).",
+                code="insufficient_credits",
+            )
         return hold_id
 
     async def settle(self, *, hold_id: int, charge: Charge, kind: str, model: str, key_id: int | None) -> int:
@@ -74,9 +77,16 @@ class Billing:
 
         def work():
             with session_scope(self.engine) as session:
-                usage = crud.settle_hold(session, hold_id=hold_id, cost=cost, kind=kind, model=model, key_id=key_id,
-                                         prompt_tokens=charge.prompt_tokens,
-                                         completion_tokens=charge.completion_tokens)  # fmt: skip
+                usage = crud.settle_hold(
+                    session,
+                    hold_id=hold_id,
+                    cost=cost,
+                    kind=kind,
+                    model=model,
+                    key_id=key_id,
+                    prompt_tokens=charge.prompt_tokens,
+                    completion_tokens=charge.completion_tokens,
+                )
                 return 0 if usage is None else usage.cost
 
         # shielded: a client that disconnects mid-stream cancels the request task, but its charge must still land

@@ -74,8 +74,13 @@ class ChainWatcher:
 
     def deposit_instructions(self) -> dict:
         chain = self.chain()
-        return {"chain_id": chain.chain_id, "rpc_url": chain.rpc_url, "escrow": chain.address_of("Escrow"),
-                "credits_token": chain.address_of("Credits"), "gateway_address": self.gateway}  # fmt: skip
+        return {
+            "chain_id": chain.chain_id,
+            "rpc_url": chain.rpc_url,
+            "escrow": chain.address_of("Escrow"),
+            "credits_token": chain.address_of("Credits"),
+            "gateway_address": self.gateway,
+        }
 
     # ---- scanning ----------------------------------------------------------------------------------------------
 
@@ -92,8 +97,9 @@ class ChainWatcher:
             escrow = chain.address_of("Escrow")
             start = chain.deployment.deployed_at_block
             self._scan_stream("deposits", chain, escrow, start, head, lambda a, b: self._deposits(chain, a, b, result))
-            self._scan_stream("settlements", chain, escrow, start, head,
-                              lambda a, b: self._settlements(chain, a, b, result))  # fmt: skip
+            self._scan_stream(
+                "settlements", chain, escrow, start, head, lambda a, b: self._settlements(chain, a, b, result)
+            )
             if result.credited or result.settled_batches:
                 logger.info(
                     f"Chain scan to block {head}: {result.credited} deposit(s) credited, "
@@ -103,14 +109,16 @@ class ChainWatcher:
 
     def _scan_stream(self, name: str, chain, escrow: str, start: int, head: int, handle) -> None:
         with session_scope(self.engine) as session:
-            begin = crud.get_cursor(session, name=name, chain_id=chain.chain_id, escrow=escrow,
-                                    start_block=start).next_block  # fmt: skip
+            begin = crud.get_cursor(
+                session, name=name, chain_id=chain.chain_id, escrow=escrow, start_block=start
+            ).next_block
         while begin <= head:
             end = min(head, begin + MAX_BLOCK_RANGE - 1)
             handle(begin, end)
             with session_scope(self.engine) as session:
-                crud.get_cursor(session, name=name, chain_id=chain.chain_id, escrow=escrow,
-                                start_block=start).next_block = end + 1  # fmt: skip
+                crud.get_cursor(
+                    session, name=name, chain_id=chain.chain_id, escrow=escrow, start_block=start
+                ).next_block = end + 1
             begin = end + 1
 
     def _deposits(self, chain, begin: int, end: int, result: ScanResult) -> None:
@@ -122,10 +130,17 @@ class ChainWatcher:
             amount_wei = int(event["args"]["amount"])
             with session_scope(self.engine) as session:
                 account = crud.account_by_address(session, address=depositor)
-                deposit = crud.add_credit(session, account_id=account.id if account else None,
-                                          amount=amount_wei // WEI_PER_MICRO, source="chain", depositor=depositor,
-                                          tx_hash=event["txHash"], log_index=event["logIndex"],
-                                          block_number=event["blockNumber"], amount_wei=amount_wei)  # fmt: skip
+                deposit = crud.add_credit(
+                    session,
+                    account_id=account.id if account else None,
+                    amount=amount_wei // WEI_PER_MICRO,
+                    source="chain",
+                    depositor=depositor,
+                    tx_hash=event["txHash"],
+                    log_index=event["logIndex"],
+                    block_number=event["blockNumber"],
+                    amount_wei=amount_wei,
+                )
             if deposit is not None:
                 if account is None:
                     result.unassigned += 1
@@ -146,9 +161,16 @@ class ChainWatcher:
                 times[block] = datetime.fromtimestamp(stamp, UTC)
             args = event["args"]
             with session_scope(self.engine) as session:
-                if crud.record_settled_batch(session, tx_hash=event["txHash"], log_index=event["logIndex"],
-                                             block_number=block, settled_at=times[block], gross_wei=int(args["gross"]),
-                                             fee_wei=int(args["fee"]), vouchers=int(args["vouchers"])):  # fmt: skip
+                if crud.record_settled_batch(
+                    session,
+                    tx_hash=event["txHash"],
+                    log_index=event["logIndex"],
+                    block_number=block,
+                    settled_at=times[block],
+                    gross_wei=int(args["gross"]),
+                    fee_wei=int(args["fee"]),
+                    vouchers=int(args["vouchers"]),
+                ):
                     result.settled_batches += 1
 
     # ---- devnet faucet -----------------------------------------------------------------------------------------
@@ -164,7 +186,15 @@ class ChainWatcher:
             tx = chain.deposit(self.gateway_key, amount_wei)
         event = tx.events_named("Deposited")[0]
         with session_scope(self.engine) as session:
-            return crud.add_credit(session, account_id=account_id, amount=amount_wei // WEI_PER_MICRO, source="faucet",
-                                   depositor=self.gateway, tx_hash=tx.tx_hash, log_index=event["logIndex"],
-                                   block_number=tx.block_number, amount_wei=amount_wei,
-                                   note="devnet faucet")  # fmt: skip
+            return crud.add_credit(
+                session,
+                account_id=account_id,
+                amount=amount_wei // WEI_PER_MICRO,
+                source="faucet",
+                depositor=self.gateway,
+                tx_hash=tx.tx_hash,
+                log_index=event["logIndex"],
+                block_number=tx.block_number,
+                amount_wei=amount_wei,
+                note="devnet faucet",
+            )

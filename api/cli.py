@@ -59,8 +59,11 @@ def _settings(args: argparse.Namespace, fields: tuple[str, ...], prog: str):
 
 
 def serve_parser() -> argparse.ArgumentParser:
-    return _parser("nectar api serve", "Run the paid OpenAI-compatible API gateway. "
-                   "`nectar api worker` runs its fine-tuning worker.", SERVE)  # fmt: skip
+    return _parser(
+        "nectar api serve",
+        "Run the paid OpenAI-compatible API gateway. `nectar api worker` runs its fine-tuning worker.",
+        SERVE,
+    )
 
 
 def worker_parser() -> argparse.ArgumentParser:
@@ -92,8 +95,7 @@ def serve_main(argv: list[str]) -> int:
         flush=True,
     )
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level=level.lower(),
-                    timeout_graceful_shutdown=10)  # fmt: skip
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=level.lower(), timeout_graceful_shutdown=10)
     except ValueError as e:  # no peers, unknown model: say what to do instead of a traceback
         print(f"nectar api: {e}", file=sys.stderr)
         return 2

@@ -69,8 +69,13 @@ def create_api_key(
 ) -> tuple[ApiKey, str]:
     """A new key for the account; returns (row, plaintext). The plaintext is never stored."""
     plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
-    row = ApiKey(account_id=account_id, key_hash=hash_key(plaintext), prefix=plaintext[:10], name=name,
-                 rate_limit_per_minute=rate_limit_per_minute)  # fmt: skip
+    row = ApiKey(
+        account_id=account_id,
+        key_hash=hash_key(plaintext),
+        prefix=plaintext[:10],
+        name=name,
+        rate_limit_per_minute=rate_limit_per_minute,
+    )
     session.add(row)
     session.flush()
     return row, plaintext
@@ -136,8 +141,16 @@ def settle_hold(
         .where(Account.id == hold.account_id)
         .values(held=Account.held - hold.amount, balance=Account.balance + (hold.amount - cost))
     )
-    usage = Usage(account_id=hold.account_id, key_id=key_id, reference=hold.reference, kind=kind, model=model,
-                  prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost=cost)  # fmt: skip
+    usage = Usage(
+        account_id=hold.account_id,
+        key_id=key_id,
+        reference=hold.reference,
+        kind=kind,
+        model=model,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        cost=cost,
+    )
     session.add(usage)
     session.flush()
     return usage
@@ -147,8 +160,9 @@ def release_stale_holds(session: Session, *, older_than: timedelta) -> int:
     """Return holds left by crashed requests to their accounts (uncharged: the work's result was never delivered).
     Holds of fine-tuning jobs still queued or running are kept: the worker settles them however long they take."""
     active_jobs = select(FineTuningJob.id).where(FineTuningJob.status.in_(["queued", "running"]))
-    stale = list(session.scalars(select(Hold).where(Hold.created_at < utcnow() - older_than,
-                                                    Hold.reference.not_in(active_jobs))))  # fmt: skip
+    stale = list(
+        session.scalars(select(Hold).where(Hold.created_at < utcnow() - older_than, Hold.reference.not_in(active_jobs)))
+    )
     released = 0
     for hold in stale:
         if session.execute(delete(Hold).where(Hold.id == hold.id)).rowcount == 1:
@@ -178,9 +192,17 @@ def add_credit(
     note: str = "",
 ) -> Deposit | None:
     """Record a deposit and credit it (if it names an account). None if this chain event was already recorded."""
-    deposit = Deposit(account_id=account_id, source=source, depositor=depositor, tx_hash=tx_hash,
-                      log_index=log_index, block_number=block_number, amount_wei=amount_wei, amount=amount,
-                      note=note)  # fmt: skip
+    deposit = Deposit(
+        account_id=account_id,
+        source=source,
+        depositor=depositor,
+        tx_hash=tx_hash,
+        log_index=log_index,
+        block_number=block_number,
+        amount_wei=amount_wei,
+        amount=amount,
+        note=note,
+    )
     try:
         with session.begin_nested():
             session.add(deposit)
@@ -197,8 +219,9 @@ def claim_unassigned_deposits(session: Session, *, account_id: int, address: str
     rows = list(session.scalars(select(Deposit).where(Deposit.account_id.is_(None), Deposit.depositor == address)))
     total = 0
     for row in rows:
-        claimed = session.execute(update(Deposit).where(Deposit.id == row.id, Deposit.account_id.is_(None))
-                                  .values(account_id=account_id)).rowcount  # fmt: skip
+        claimed = session.execute(
+            update(Deposit).where(Deposit.id == row.id, Deposit.account_id.is_(None)).values(account_id=account_id)
+        ).rowcount
         if claimed:
             total += row.amount
     if total:
@@ -207,13 +230,17 @@ def claim_unassigned_deposits(session: Session, *, account_id: int, address: str
 
 
 def list_deposits(session: Session, *, account_id: int, limit: int = 100) -> list[Deposit]:
-    return list(session.scalars(select(Deposit).where(Deposit.account_id == account_id)
-                                .order_by(Deposit.id.desc()).limit(limit)))  # fmt: skip
+    return list(
+        session.scalars(
+            select(Deposit).where(Deposit.account_id == account_id).order_by(Deposit.id.desc()).limit(limit)
+        )
+    )
 
 
 def list_usage(session: Session, *, account_id: int, limit: int = 100) -> list[Usage]:
-    return list(session.scalars(select(Usage).where(Usage.account_id == account_id)
-                                .order_by(Usage.id.desc()).limit(limit)))  # fmt: skip
+    return list(
+        session.scalars(select(Usage).where(Usage.account_id == account_id).order_by(Usage.id.desc()).limit(limit))
+    )
 
 
 def usage_totals(session: Session, *, account_id: int) -> tuple[int, int, int]:
@@ -230,14 +257,18 @@ def usage_totals(session: Session, *, account_id: int) -> tuple[int, int, int]:
 
 def usage_since(session: Session, *, since: datetime) -> list[tuple[datetime, int, int]]:
     """(time, tokens, cost) of every usage row since ``since`` (the monitor buckets them)."""
-    rows = session.execute(select(Usage.created_at, Usage.prompt_tokens + Usage.completion_tokens, Usage.cost)
-                           .where(Usage.created_at >= since).order_by(Usage.created_at))  # fmt: skip
+    rows = session.execute(
+        select(Usage.created_at, Usage.prompt_tokens + Usage.completion_tokens, Usage.cost)
+        .where(Usage.created_at >= since)
+        .order_by(Usage.created_at)
+    )
     return [(t, int(tokens), int(cost)) for t, tokens, cost in rows]
 
 
 def settled_since(session: Session, *, since: datetime) -> list[SettledBatch]:
-    return list(session.scalars(select(SettledBatch).where(SettledBatch.settled_at >= since)
-                                .order_by(SettledBatch.settled_at)))  # fmt: skip
+    return list(
+        session.scalars(select(SettledBatch).where(SettledBatch.settled_at >= since).order_by(SettledBatch.settled_at))
+    )
 
 
 def record_settled_batch(
@@ -251,8 +282,15 @@ def record_settled_batch(
     fee_wei: int,
     vouchers: int,
 ) -> bool:
-    row = SettledBatch(tx_hash=tx_hash, log_index=log_index, block_number=block_number, settled_at=settled_at,
-                       gross_wei=gross_wei, fee_wei=fee_wei, vouchers=vouchers)  # fmt: skip
+    row = SettledBatch(
+        tx_hash=tx_hash,
+        log_index=log_index,
+        block_number=block_number,
+        settled_at=settled_at,
+        gross_wei=gross_wei,
+        fee_wei=fee_wei,
+        vouchers=vouchers,
+    )
     try:
         with session.begin_nested():
             session.add(row)
@@ -278,8 +316,14 @@ def get_cursor(session: Session, *, name: str, chain_id: int, escrow: str, start
 
 # ---------------------------------------------------------------------------------------------------- files
 def create_file(session: Session, *, account_id: int, filename: str, purpose: str, content: bytes) -> File:
-    row = File(id="file-" + secrets.token_hex(12), account_id=account_id, filename=filename, purpose=purpose,
-               size=len(content), content=content)  # fmt: skip
+    row = File(
+        id="file-" + secrets.token_hex(12),
+        account_id=account_id,
+        filename=filename,
+        purpose=purpose,
+        size=len(content),
+        content=content,
+    )
     session.add(row)
     session.flush()
     return row
@@ -318,10 +362,20 @@ def create_job(
     total_steps: int,
     hold_id: int | None,
 ) -> FineTuningJob:
-    job = FineTuningJob(id=job_id, account_id=account_id, model=model, hold_id=hold_id,
-                        training_file=training_file, hyperparameters=json.dumps(hyperparameters), suffix=suffix,
-                        status="queued", trained_tokens=0, step=0, total_steps=total_steps,
-                        cancel_requested=False)  # fmt: skip
+    job = FineTuningJob(
+        id=job_id,
+        account_id=account_id,
+        model=model,
+        hold_id=hold_id,
+        training_file=training_file,
+        hyperparameters=json.dumps(hyperparameters),
+        suffix=suffix,
+        status="queued",
+        trained_tokens=0,
+        step=0,
+        total_steps=total_steps,
+        cancel_requested=False,
+    )
     session.add(job)
     session.flush()
     return job
@@ -329,16 +383,25 @@ def create_job(
 
 def claim_job(session: Session, *, job_id: str) -> FineTuningJob | None:
     """Move a queued job to running (one worker wins); a running one is returned too (a redelivery after a crash)."""
-    session.execute(update(FineTuningJob).where(FineTuningJob.id == job_id, FineTuningJob.status == "queued")
-                    .values(status="running", started_at=utcnow()))  # fmt: skip
+    session.execute(
+        update(FineTuningJob)
+        .where(FineTuningJob.id == job_id, FineTuningJob.status == "queued")
+        .values(status="running", started_at=utcnow())
+    )
     job = session.get(FineTuningJob, job_id)
     return job if job is not None and job.status == "running" else None
 
 
 def cancel_queued_job(session: Session, *, job_id: str) -> bool:
     """Cancel a job no worker has started; False if it is already running (or over)."""
-    return session.execute(update(FineTuningJob).where(FineTuningJob.id == job_id, FineTuningJob.status == "queued")
-                           .values(status="cancelled", finished_at=utcnow())).rowcount == 1  # fmt: skip
+    return (
+        session.execute(
+            update(FineTuningJob)
+            .where(FineTuningJob.id == job_id, FineTuningJob.status == "queued")
+            .values(status="cancelled", finished_at=utcnow())
+        ).rowcount
+        == 1
+    )
 
 
 def get_job(session: Session, *, job_id: str, account_id: int | None = None) -> FineTuningJob | None:
@@ -360,8 +423,9 @@ def list_jobs(session: Session, *, account_id: int, after: str | None = None, li
 def add_job_event(
     session: Session, *, job_id: str, message: str, level: str = "info", data: dict | None = None
 ) -> FineTuningEvent:
-    event = FineTuningEvent(job_id=job_id, level=level, message=message,
-                            data=None if data is None else json.dumps(data))  # fmt: skip
+    event = FineTuningEvent(
+        job_id=job_id, level=level, message=message, data=None if data is None else json.dumps(data)
+    )
     session.add(event)
     session.flush()
     return event
@@ -388,8 +452,15 @@ def save_tuned_model(
     pre_seq_len: int,
     prompts: bytes,
 ) -> TunedModel:
-    row = TunedModel(name=name, account_id=account_id, job_id=job_id, base_model=base_model, tuning_mode=tuning_mode,
-                     pre_seq_len=pre_seq_len, prompts=prompts)  # fmt: skip
+    row = TunedModel(
+        name=name,
+        account_id=account_id,
+        job_id=job_id,
+        base_model=base_model,
+        tuning_mode=tuning_mode,
+        pre_seq_len=pre_seq_len,
+        prompts=prompts,
+    )
     session.merge(row)
     session.flush()
     return row
@@ -400,8 +471,9 @@ def get_tuned_model(session: Session, *, name: str) -> TunedModel | None:
 
 
 def list_tuned_models(session: Session, *, account_id: int) -> list[TunedModel]:
-    return list(session.scalars(select(TunedModel).where(TunedModel.account_id == account_id)
-                                .order_by(TunedModel.created_at)))  # fmt: skip
+    return list(
+        session.scalars(select(TunedModel).where(TunedModel.account_id == account_id).order_by(TunedModel.created_at))
+    )
 
 
 def delete_tuned_model(session: Session, *, account_id: int, name: str) -> bool:

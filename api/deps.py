@@ -59,8 +59,11 @@ async def get_auth(
     state: StateDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> Auth:
     if credentials is None or not credentials.credentials:
-        raise ApiError(401, "Missing API key: send 'Authorization: Bearer <key>' (create an account with POST "
-                            "/v1/accounts to get one)", code="missing_api_key")  # fmt: skip
+        raise ApiError(
+            401,
+            "Missing API key: send 'Authorization: Bearer <key>' (create an account with POST /v1/accounts to get one)",
+            code="missing_api_key",
+        )
     secret = credentials.credentials
 
     def lookup():
@@ -71,15 +74,23 @@ async def get_auth(
     found = await anyio.to_thread.run_sync(lookup)
     if found is None:
         shown = secret[:6] + "..." if len(secret) > 6 else "***"
-        raise ApiError(401, f"Incorrect API key provided ({shown}); it is unknown or revoked. Check the key, or "
-                            f"create one with POST /v1/account/keys", code="invalid_api_key")  # fmt: skip
+        raise ApiError(
+            401,
+            f"Incorrect API key provided ({shown}); it is unknown or revoked. Check the key, or "
+            f"create one with POST /v1/account/keys",
+            code="invalid_api_key",
+        )
     account_id, key_id, limit = found
     limit = limit or state.settings.rate_limit_per_minute
     retry_after = await anyio.to_thread.run_sync(state.limiter.hit, key_id, limit)
     if retry_after is not None:
-        raise ApiError(429, f"Rate limit of {limit} requests per minute reached for this key; retry in "
-                            f"{retry_after:.0f}s or ask for a higher limit", code="rate_limit_exceeded",
-                       headers={"Retry-After": str(max(1, int(retry_after + 0.999)))})  # fmt: skip
+        raise ApiError(
+            429,
+            f"Rate limit of {limit} requests per minute reached for this key; retry in "
+            f"{retry_after:.0f}s or ask for a higher limit",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(max(1, int(retry_after + 0.999)))},
+        )
     return Auth(account_id=account_id, key_id=key_id)
 
 
@@ -90,8 +101,7 @@ async def require_admin(
     state: StateDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> None:
     if credentials is None or credentials.credentials != state.settings.admin_token:
-        raise ApiError(401, "Admin endpoint: send 'Authorization: Bearer <NECTAR_API_ADMIN_TOKEN>'",
-                       code="admin_only")  # fmt: skip
+        raise ApiError(401, "Admin endpoint: send 'Authorization: Bearer <NECTAR_API_ADMIN_TOKEN>'", code="admin_only")
 
 
 AdminDep = Annotated[None, Depends(require_admin)]
@@ -103,8 +113,11 @@ async def signup_allowed(
     if state.settings.allow_signup:
         return
     if credentials is None or credentials.credentials != state.settings.admin_token:
-        raise ApiError(401, "Sign-up is closed on this gateway: ask its operator for an account (the admin token "
-                            "creates accounts)", code="signup_closed")  # fmt: skip
+        raise ApiError(
+            401,
+            "Sign-up is closed on this gateway: ask its operator for an account (the admin token creates accounts)",
+            code="signup_closed",
+        )
 
 
 SignupDep = Annotated[None, Depends(signup_allowed)]

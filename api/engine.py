@@ -117,10 +117,16 @@ class SwarmModel:
                 self._tuned.move_to_end(key)
                 return self._tuned[key]
         base = self.model
-        tuned = DistributedModelForCausalLM(base.model_path, base.model_id, config=base.client_config,
-                                            runtime=base.runtime, wallet=base.wallet, tuning_mode=prompts.tuning_mode,
-                                            pre_seq_len=prompts.pre_seq_len,
-                                            scorer=base.sequence_manager.scorer)  # fmt: skip
+        tuned = DistributedModelForCausalLM(
+            base.model_path,
+            base.model_id,
+            config=base.client_config,
+            runtime=base.runtime,
+            wallet=base.wallet,
+            tuning_mode=prompts.tuning_mode,
+            pre_seq_len=prompts.pre_seq_len,
+            scorer=base.sequence_manager.scorer,
+        )
         tuned.load_prompts(io.BytesIO(prompts.prompts))
         tuned.requires_grad_(False)
         with self._tuned_lock:
@@ -152,11 +158,18 @@ class SwarmModel:
                 model = self.variant(prompts)
                 input_ids = torch.tensor([prompt_ids] * params.n, dtype=torch.long)
                 steps = model.stream_generate(
-                    input_ids, max_new_tokens=params.max_new_tokens, do_sample=params.do_sample,
-                    temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                    repetition_penalty=params.repetition_penalty, stop_strings=params.stop or None,
-                    tokenizer=self.tokenizer if params.stop else None, seed=params.seed,
-                    eos_token_id=self.eos_token_ids or None)  # fmt: skip
+                    input_ids,
+                    max_new_tokens=params.max_new_tokens,
+                    do_sample=params.do_sample,
+                    temperature=params.temperature,
+                    top_k=params.top_k,
+                    top_p=params.top_p,
+                    repetition_penalty=params.repetition_penalty,
+                    stop_strings=params.stop or None,
+                    tokenizer=self.tokenizer if params.stop else None,
+                    seed=params.seed,
+                    eos_token_id=self.eos_token_ids or None,
+                )
                 try:
                     for next_ids in steps:
                         put(("tokens", next_ids.tolist()))
@@ -212,15 +225,28 @@ class Engine:
                 "No swarm to serve from: pass --initial-peers MULTIADDR (printed by `nectar dht` or "
                 "`nectar node`) or set NECTAR_INITIAL_PEERS / NECTAR_API_INITIAL_PEERS"
             )
-        config = ClientConfig(initial_peers=tuple(initial_peers), step_timeout=step_timeout,
-                              connect_timeout=min(10.0, step_timeout), private_key=private_key)  # fmt: skip
+        config = ClientConfig(
+            initial_peers=tuple(initial_peers),
+            step_timeout=step_timeout,
+            connect_timeout=min(10.0, step_timeout),
+            private_key=private_key,
+        )
         scorer = make_scorer(ledger_url)
         built: list[SwarmModel] = []
         try:
             for name in names:
-                built.append(SwarmModel(name, initial_peers=initial_peers, private_key=private_key,
-                                        client_config=config, max_concurrent=max_concurrent,
-                                        tuned_cache_size=tuned_cache_size, scorer=scorer, domain=domain))  # fmt: skip
+                built.append(
+                    SwarmModel(
+                        name,
+                        initial_peers=initial_peers,
+                        private_key=private_key,
+                        client_config=config,
+                        max_concurrent=max_concurrent,
+                        tuned_cache_size=tuned_cache_size,
+                        scorer=scorer,
+                        domain=domain,
+                    )
+                )
         except BaseException:
             for model in built:
                 model.shutdown()

@@ -17,10 +17,17 @@ from nectar.wire.protocol import ErrorCode
 logger = logging.getLogger(__name__)
 
 TYPES_BY_STATUS = {
-    400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_credits",
-    403: "permission_error", 404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
-    422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable",
-}  # fmt: skip
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "insufficient_credits",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
 
 
 class ApiError(Exception):
@@ -38,8 +45,11 @@ class ApiError(Exception):
     ):
         super().__init__(message)
         self.status, self.headers = status, headers
-        self.body = ErrorResponse(error=ErrorInfo(message=message, type=type or TYPES_BY_STATUS.get(status,
-                                                  "server_error"), param=param, code=code))  # fmt: skip
+        self.body = ErrorResponse(
+            error=ErrorInfo(
+                message=message, type=type or TYPES_BY_STATUS.get(status, "server_error"), param=param, code=code
+            )
+        )
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body.model_dump(), status_code=self.status, headers=self.headers)

@@ -50,10 +50,13 @@ def api_environment(
     further Settings fields (``price_per_token=20`` -> ``NECTAR_API_PRICE_PER_TOKEN=20``)."""
     home = Path(home)
     env = {
-        "NECTAR_HOME": str(home), "NECTAR_API_MODELS": str(model), "NECTAR_API_INITIAL_PEERS": " ".join(initial_peers),
+        "NECTAR_HOME": str(home),
+        "NECTAR_API_MODELS": str(model),
+        "NECTAR_API_INITIAL_PEERS": " ".join(initial_peers),
         "NECTAR_API_DATABASE_URL": database_url or f"sqlite:///{home / 'api.db'}",
-        "NECTAR_API_BROKER_URL": broker_url or f"sqla+sqlite:///{home / 'api-broker.db'}", "PYTHONUNBUFFERED": "1",
-    }  # fmt: skip
+        "NECTAR_API_BROKER_URL": broker_url or f"sqla+sqlite:///{home / 'api-broker.db'}",
+        "PYTHONUNBUFFERED": "1",
+    }
     if deployment_path is not None:
         env["NECTAR_DEPLOYMENT"] = env["NECTAR_API_DEPLOYMENT_PATH"] = str(deployment_path)
     if ledger_url:
@@ -85,21 +88,36 @@ class ApiProcess:
         self.worker_process: subprocess.Popen | None = None
         self.process = self._spawn(["api", "serve", "--port", str(self.port)], self.log_dir / "api.log")
         try:
-            self._wait(lambda: _answers(f"{self.url}/health"), self.process, self.log_dir / "api.log", start_timeout,
-                       "nectar api")  # fmt: skip
+            self._wait(
+                lambda: _answers(f"{self.url}/health"),
+                self.process,
+                self.log_dir / "api.log",
+                start_timeout,
+                "nectar api",
+            )
             if worker:
                 log = self.log_dir / "api-worker.log"
                 self.worker_process = self._spawn(["api", "worker"], log)
-                self._wait(lambda: "ready" in log.read_text(errors="replace"), self.worker_process, log,
-                           start_timeout, "nectar api worker")  # fmt: skip
+                self._wait(
+                    lambda: "ready" in log.read_text(errors="replace"),
+                    self.worker_process,
+                    log,
+                    start_timeout,
+                    "nectar api worker",
+                )
         except BaseException:
             self.stop()
             raise
 
     def _spawn(self, args: list[str], log_path: Path) -> subprocess.Popen:
         with open(log_path, "ab") as log:
-            return subprocess.Popen([sys.executable, "-m", "nectar.cli", *args], env=self.env, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            return subprocess.Popen(
+                [sys.executable, "-m", "nectar.cli", *args],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     @staticmethod
     def _wait(ready, process: subprocess.Popen, log_path: Path, timeout: float, what: str) -> None:
@@ -151,8 +169,9 @@ def demo_account(url: str, *, name: str = "demo", credits: str | None = "10") ->
         created.raise_for_status()
         body = created.json()
         if credits is not None:
-            funded = http.post("/v1/account/faucet", json={"credits": credits},
-                               headers={"Authorization": f"Bearer {body['api_key']}"})  # fmt: skip
+            funded = http.post(
+                "/v1/account/faucet", json={"credits": credits}, headers={"Authorization": f"Bearer {body['api_key']}"}
+            )
             if funded.status_code != 200:
                 raise RuntimeError(f"the faucet refused: {funded.text}")
             body["account"] = http.get("/v1/account", headers={"Authorization": f"Bearer {body['api_key']}"}).json()
@@ -161,8 +180,9 @@ def demo_account(url: str, *, name: str = "demo", credits: str | None = "10") ->
 
 def example_request(url: str, api_key: str, model: str) -> str:
     """A chat request to copy into a shell, and the same with the official openai client."""
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}],
-                       "max_tokens": 32})  # fmt: skip
+    body = json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 32}
+    )
     return (
         f"curl {url}/v1/chat/completions -H 'Authorization: Bearer {api_key}' "
         f"-H 'Content-Type: application/json' -d {shlex.quote(body)}\n\n"

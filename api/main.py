@@ -59,12 +59,18 @@ def build_state(settings: Settings, swarm: Engine) -> ApiState:
 
         ledger = LedgerClient(settings.ledger_url, timeout=10.0)
     return ApiState(
-        settings=settings, context=context, limiter=make_rate_limiter(settings.rate_limit_url), watcher=watcher,
-        completions=OpenAIServingCompletion(context), chat=OpenAIServingChat(context),
-        models=OpenAIServingModels(context), files=OpenAIServingFiles(context),
-        fine_tuning=OpenAIServingFineTuning(context), accounts=AccountService(context, watcher),
+        settings=settings,
+        context=context,
+        limiter=make_rate_limiter(settings.rate_limit_url),
+        watcher=watcher,
+        completions=OpenAIServingCompletion(context),
+        chat=OpenAIServingChat(context),
+        models=OpenAIServingModels(context),
+        files=OpenAIServingFiles(context),
+        fine_tuning=OpenAIServingFineTuning(context),
+        accounts=AccountService(context, watcher),
         market=MarketService(context, ledger=ledger, watcher=watcher),
-    )  # fmt: skip
+    )
 
 
 async def _every(seconds: float, work, what: str) -> None:
@@ -94,17 +100,28 @@ def create_app(settings: Settings | None = None, *, swarm: Engine | None = None)
         if engine is None:
             peers = initial_peers(settings.initial_peers, env=os.environ)
             domain = domain_from_deployment(settings.deployment_path)  # the vouchers' domain: the API's deployment
-            engine = await anyio.to_thread.run_sync(lambda: Engine.start(
-                settings.models, initial_peers=peers, private_key=settings.gateway_key(),
-                step_timeout=settings.step_timeout, max_concurrent=settings.max_concurrent_generations,
-                tuned_cache_size=settings.tuned_cache_size, ledger_url=settings.ledger_url, domain=domain))  # fmt: skip
+            engine = await anyio.to_thread.run_sync(
+                lambda: Engine.start(
+                    settings.models,
+                    initial_peers=peers,
+                    private_key=settings.gateway_key(),
+                    step_timeout=settings.step_timeout,
+                    max_concurrent=settings.max_concurrent_generations,
+                    tuned_cache_size=settings.tuned_cache_size,
+                    ledger_url=settings.ledger_url,
+                    domain=domain,
+                )
+            )
         state = build_state(settings, engine)
         app.state.api = state
         tasks = [
-            asyncio.create_task(_every(settings.deposit_poll_seconds,
-                                       lambda: anyio.to_thread.run_sync(state.watcher.scan), "Chain scan")),
+            asyncio.create_task(
+                _every(
+                    settings.deposit_poll_seconds, lambda: anyio.to_thread.run_sync(state.watcher.scan), "Chain scan"
+                )
+            ),
             asyncio.create_task(_every(HOLD_SWEEP_SECONDS, state.context.billing.release_stale, "Hold sweep")),
-        ]  # fmt: skip
+        ]
         logger.info(
             f"Nectar API ready on {settings.base_url} serving {', '.join(engine.models)}; gateway wallet "
             f"{engine.wallet_address}; {settings.price_per_token} micro-credits per token"
@@ -126,8 +143,9 @@ def create_app(settings: Settings | None = None, *, swarm: Engine | None = None)
         length = request.headers.get("content-length")
         limit = settings.max_file_bytes + 64 * 1024 if request.url.path == "/v1/files" else settings.max_request_bytes
         if length is not None and length.isdigit() and int(length) > limit:
-            return ApiError(413, f"The body has {length} bytes; at most {limit} are accepted here",
-                            code="body_too_large").response()  # fmt: skip
+            return ApiError(
+                413, f"The body has {length} bytes; at most {limit} are accepted here", code="body_too_large"
+            ).response()
         return await call_next(request)
 
     app.include_router(api_router)

@@ -29,7 +29,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 logger = logging.getLogger(__name__)
 
-from nectar.service.columns import NAMING_CONVENTION, UInt, utcnow  # re-exported for migrations and crud
+from nectar.service.columns import NAMING_CONVENTION, UInt, utcnow  # noqa: E402  (re-exported for migrations and crud)
 
 
 class Base(DeclarativeBase):
@@ -217,5 +217,20 @@ class TunedModel(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-__all__ = ["Base", "Account", "ApiKey", "Hold", "Usage", "Deposit", "ChainCursor", "SettledBatch", "File",
-           "JobStatus", "FineTuningJob", "FineTuningEvent", "TunedModel", "UInt", "utcnow"]  # fmt: skip
+__all__ = [
+    "Base",
+    "Account",
+    "ApiKey",
+    "Hold",
+    "Usage",
+    "Deposit",
+    "ChainCursor",
+    "SettledBatch",
+    "File",
+    "JobStatus",
+    "FineTuningJob",
+    "FineTuningEvent",
+    "TunedModel",
+    "UInt",
+    "utcnow",
+]

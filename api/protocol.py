@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -111,7 +111,7 @@ class StreamOptions(OpenAIBaseModel):
     include_usage: bool = Field(default=False, description="Send a last chunk with the request's usage.")
 
 
-StopField = Union[str, list[str], None]
+StopField = str | list[str] | None
 
 
 class _SamplingFields(OpenAIBaseModel):
@@ -156,10 +156,16 @@ class _SamplingFields(OpenAIBaseModel):
         temperature = 1.0 if self.temperature is None else self.temperature
         do_sample = temperature > 0
         return GenerationParams(
-            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature if do_sample else None,
-            top_p=self.top_p if do_sample else None, top_k=self.top_k if do_sample else None,
-            repetition_penalty=self.repetition_penalty, stop=self.stop_list(), seed=self.seed, n=self.n,
-        )  # fmt: skip
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_p=self.top_p if do_sample else None,
+            top_k=self.top_k if do_sample else None,
+            repetition_penalty=self.repetition_penalty,
+            stop=self.stop_list(),
+            seed=self.seed,
+            n=self.n,
+        )
 
 
 class CompletionRequest(_SamplingFields):

@@ -69,8 +69,14 @@ def _finish(
             job.fine_tuned_model = tuned["name"]
         if job.hold_id is not None:
             tokens = trained_tokens if charge else 0
-            crud.settle_hold(session, hold_id=job.hold_id, cost=tokens * _settings().price_per_token,
-                             kind="fine_tune", model=job.model, prompt_tokens=tokens)  # fmt: skip
+            crud.settle_hold(
+                session,
+                hold_id=job.hold_id,
+                cost=tokens * _settings().price_per_token,
+                kind="fine_tune",
+                model=job.model,
+                prompt_tokens=tokens,
+            )
         job.status, job.finished_at, job.trained_tokens = status, utcnow(), trained_tokens
         job.error = json.dumps(error) if error else None
         crud.add_job_event(session, job_id=job_id, level=level, message=message)
@@ -87,8 +93,11 @@ def fine_tune(job_id: str) -> str:
             return "skipped"
         restarted = job.step > 0
         job.step, job.trained_tokens, job.loss = 0, 0, None
-        crud.add_job_event(session, job_id=job_id, message="Restarted after a worker was lost" if restarted
-                           else "Fine-tuning job started")  # fmt: skip
+        crud.add_job_event(
+            session,
+            job_id=job_id,
+            message="Restarted after a worker was lost" if restarted else "Fine-tuning job started",
+        )
         file = crud.get_file(session, account_id=job.account_id, file_id=job.training_file)
         content, model_name, account_id = file.content, job.model, job.account_id
         hyper, suffix = json.loads(job.hyperparameters), job.suffix
@@ -103,19 +112,33 @@ def fine_tune(job_id: str) -> str:
         path = _model_path(model_name)
         tokenizer = load_tokenizer(resolve_model(path))
         model = DistributedModelForCausalLM.from_pretrained(
-            path, initial_peers=settings.initial_peers, private_key=settings.gateway_key(),
+            path,
+            initial_peers=settings.initial_peers,
+            private_key=settings.gateway_key(),
             config=ClientConfig(step_timeout=settings.step_timeout, request_timeout=max(60.0, settings.step_timeout)),
-            tuning_mode=hyper["tuning_mode"], pre_seq_len=hyper["pre_seq_len"],
+            tuning_mode=hyper["tuning_mode"],
+            pre_seq_len=hyper["pre_seq_len"],
             domain=domain_from_deployment(settings.deployment_path),
-            scorer=(scorer := make_scorer(settings.ledger_url)))  # fmt: skip
+            scorer=(scorer := make_scorer(settings.ledger_url)),
+        )
         eos = model.generation_config.eos_token_id
         eos = eos[0] if isinstance(eos, list) else eos
         max_length = int(getattr(model.config, "max_position_embeddings", 2048)) - hyper["pre_seq_len"]
-        examples = tokenize(parse_jsonl(content, max_examples=settings.max_training_examples), tokenizer,
-                            eos_token_id=eos, max_length=max_length)  # fmt: skip
-        training = plan(examples, n_epochs=hyper["n_epochs"], batch_size=hyper["batch_size"],
-                        learning_rate_multiplier=hyper["learning_rate_multiplier"], pre_seq_len=hyper["pre_seq_len"],
-                        tuning_mode=hyper["tuning_mode"], max_steps=settings.fine_tune_max_steps)  # fmt: skip
+        examples = tokenize(
+            parse_jsonl(content, max_examples=settings.max_training_examples),
+            tokenizer,
+            eos_token_id=eos,
+            max_length=max_length,
+        )
+        training = plan(
+            examples,
+            n_epochs=hyper["n_epochs"],
+            batch_size=hyper["batch_size"],
+            learning_rate_multiplier=hyper["learning_rate_multiplier"],
+            pre_seq_len=hyper["pre_seq_len"],
+            tuning_mode=hyper["tuning_mode"],
+            max_steps=settings.fine_tune_max_steps,
+        )
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
         tuner = PromptTuner(
             model,
@@ -136,11 +159,18 @@ def fine_tune(job_id: str) -> str:
                 now = time.monotonic()
                 if now - last_event[0] >= EVENT_EVERY_SECONDS or report.step == report.total_steps:
                     last_event[0] = now
-                    crud.add_job_event(session, job_id=job_id, message=f"Step {report.step}/{report.total_steps}: "
-                                       f"training loss={report.loss:.4f}",
-                                       data={"step": report.step, "total_steps": report.total_steps,
-                                             "epoch": report.epoch, "train_loss": report.loss,
-                                             "trained_tokens": report.trained_tokens})  # fmt: skip
+                    crud.add_job_event(
+                        session,
+                        job_id=job_id,
+                        message=f"Step {report.step}/{report.total_steps}: training loss={report.loss:.4f}",
+                        data={
+                            "step": report.step,
+                            "total_steps": report.total_steps,
+                            "epoch": report.epoch,
+                            "train_loss": report.loss,
+                            "trained_tokens": report.trained_tokens,
+                        },
+                    )
                 return not job.cancel_requested
 
         result = tuner.run(on_step)
@@ -157,19 +187,38 @@ def fine_tune(job_id: str) -> str:
         buffer = io.BytesIO()
         model.save_prompts(buffer)
         name = f"ft:{model_name}:acct-{account_id}:{suffix + ':' if suffix else ''}{job_id.removeprefix('ftjob-')[:8]}"
-        _finish(engine, job_id, status=JobStatus.SUCCEEDED, trained_tokens=result.trained_tokens, charge=True,
-                message=f"The job has successfully completed; use model {name!r}",
-                tuned={"name": name, "account_id": account_id, "job_id": job_id, "base_model": model_name,
-                       "tuning_mode": hyper["tuning_mode"], "pre_seq_len": hyper["pre_seq_len"],
-                       "prompts": buffer.getvalue()})  # fmt: skip
+        _finish(
+            engine,
+            job_id,
+            status=JobStatus.SUCCEEDED,
+            trained_tokens=result.trained_tokens,
+            charge=True,
+            message=f"The job has successfully completed; use model {name!r}",
+            tuned={
+                "name": name,
+                "account_id": account_id,
+                "job_id": job_id,
+                "base_model": model_name,
+                "tuning_mode": hyper["tuning_mode"],
+                "pre_seq_len": hyper["pre_seq_len"],
+                "prompts": buffer.getvalue(),
+            },
+        )
         logger.info(f"{job_id}: succeeded as {name} (loss {result.loss:.4f}, {result.trained_tokens} tokens)")
         return JobStatus.SUCCEEDED
     except Exception as e:
         logger.exception(f"{job_id} failed")
         code = "invalid_training_file" if isinstance(e, TrainingFileError) else "swarm_error"
-        _finish(engine, job_id, status=JobStatus.FAILED, trained_tokens=trained, charge=False, level="error",
-                message=f"Fine-tuning failed ({type(e).__name__}: {e}); the job was not charged",
-                error={"code": code, "message": f"{type(e).__name__}: {e}", "param": None})  # fmt: skip
+        _finish(
+            engine,
+            job_id,
+            status=JobStatus.FAILED,
+            trained_tokens=trained,
+            charge=False,
+            level="error",
+            message=f"Fine-tuning failed ({type(e).__name__}: {e}); the job was not charged",
+            error={"code": code, "message": f"{type(e).__name__}: {e}", "param": None},
+        )
         return JobStatus.FAILED
     finally:
         if model is not None:

@@ -88,8 +88,14 @@ class PromptTuner:
                 step += 1
                 tokens += ids.shape[0] * (ids.shape[1] + self.plan.pre_seq_len)
                 loss_value = float(loss.detach())
-                report = StepReport(step=step, total_steps=self.plan.total_steps, epoch=epoch + 1, loss=loss_value,
-                                    trained_tokens=tokens, seconds=time.perf_counter() - began)  # fmt: skip
+                report = StepReport(
+                    step=step,
+                    total_steps=self.plan.total_steps,
+                    epoch=epoch + 1,
+                    loss=loss_value,
+                    trained_tokens=tokens,
+                    seconds=time.perf_counter() - began,
+                )
                 if not on_step(report):
                     return TrainResult(step, tokens, loss_value, stopped=True)
         self.model.eval()

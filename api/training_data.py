@@ -93,8 +93,10 @@ def tokenize(
             completion.append(eos_token_id)
         ids = prompt + completion
         if len(ids) > max_length:
-            raise TrainingFileError(f"example {index + 1} has {len(ids)} tokens, above the {max_length} this model "
-                                    f"takes with its soft prompt; shorten it")  # fmt: skip
+            raise TrainingFileError(
+                f"example {index + 1} has {len(ids)} tokens, above the {max_length} this model "
+                f"takes with its soft prompt; shorten it"
+            )
         out.append(TokenizedExample(ids, [IGNORE_INDEX] * len(prompt) + completion))
     return out
 
@@ -113,9 +115,13 @@ class TrainingPlan:
     max_tokens: int  # swarm tokens at most: every step at the longest example, with the soft prompt
 
     def to_json(self) -> dict:
-        return {"n_epochs": self.n_epochs, "batch_size": self.batch_size,
-                "learning_rate_multiplier": self.learning_rate_multiplier, "pre_seq_len": self.pre_seq_len,
-                "tuning_mode": self.tuning_mode}  # fmt: skip
+        return {
+            "n_epochs": self.n_epochs,
+            "batch_size": self.batch_size,
+            "learning_rate_multiplier": self.learning_rate_multiplier,
+            "pre_seq_len": self.pre_seq_len,
+            "tuning_mode": self.tuning_mode,
+        }
 
 
 def plan(
@@ -137,6 +143,13 @@ def plan(
             f"{total} steps, above this gateway's {max_steps}; use fewer epochs or examples"
         )
     longest = max(len(e.input_ids) for e in examples)
-    return TrainingPlan(n_epochs=n_epochs, batch_size=batch_size, learning_rate_multiplier=learning_rate_multiplier,
-                        pre_seq_len=pre_seq_len, tuning_mode=tuning_mode, steps_per_epoch=steps_per_epoch,
-                        total_steps=total, max_tokens=total * batch_size * (longest + pre_seq_len))  # fmt: skip
+    return TrainingPlan(
+        n_epochs=n_epochs,
+        batch_size=batch_size,
+        learning_rate_multiplier=learning_rate_multiplier,
+        pre_seq_len=pre_seq_len,
+        tuning_mode=tuning_mode,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        max_tokens=total * batch_size * (longest + pre_seq_len),
+    )

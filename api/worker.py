@@ -29,8 +29,13 @@ def producer_app(settings: Settings) -> Celery:
 
 
 def create_celery(settings: Settings | None = None) -> Celery:
-    return celery_app.worker_app("nectar-api", settings or get_settings(), include=TASK_MODULES, queue=QUEUE,
-                                 visibility_timeout=JOB_VISIBILITY_SECONDS)  # fmt: skip
+    return celery_app.worker_app(
+        "nectar-api",
+        settings or get_settings(),
+        include=TASK_MODULES,
+        queue=QUEUE,
+        visibility_timeout=JOB_VISIBILITY_SECONDS,
+    )
 
 
 def __getattr__(name: str):

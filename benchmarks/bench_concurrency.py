@@ -2,7 +2,8 @@
 
 Each session opens its own stream, sends a 16-token prefill, then 64 single-token steps, from its own client thread
 (one client process, like a gateway serving many users; or, with ``--client-processes P``, spread over P
-processes, like separate users' machines, so the clients' Python work is not serialised by one GIL). Clients send hidden states (embeddings of random tokens):
+processes, like separate users' machines, so the clients' Python work is not serialised by one GIL). Clients send
+hidden states (embeddings of random tokens):
 the LM head runs on client machines in a real deployment, so the figure is what the node serves. Aggregate tokens/s
 counts decode steps of all sessions between the moment every prefill is done and the last session's last step.
 The node batches concurrent steps into one forward (the family's batch runner, models/families/llama/batching.py);

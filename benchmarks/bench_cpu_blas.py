@@ -177,8 +177,9 @@ def main() -> None:
     rows += [(f"node {i}", plan) for i, plan in enumerate(node_plans)]
     rows += [(f"node {i} decode", choice) for i, choice in enumerate(node_decoders)]
     rows += [("client head", head_plan), (f"calibrated / {args.baseline}", f"{ratio:.3f}x decode, same tokens: {same}")]
+    push = ", push" if args.push else ""
     emit(
-        f"CPU matmul library per row count vs {args.baseline}, {args.model}, {args.nodes} nodes{', push' if args.push else ''}, "
+        f"CPU matmul library per row count vs {args.baseline}, {args.model}, {args.nodes} nodes{push}, "
         f"{args.threads} thread(s)",
         rows,
         figures,

@@ -85,7 +85,7 @@ def main() -> None:
 
         def blocks_s(rows) -> float:  # nodes take the faster library for each row count (nectar.models.cpu_blas)
             libraries = [torch_blas, openblas] + ([native] if native and len(rows[0]) <= NATIVE_MAX_ROWS else [])
-            return min(timed(lambda: [matmul(x, w) for x, w in zip(rows, blocks)], repeats) for matmul in libraries)
+            return min(timed(lambda m=matmul: [m(x, w) for x, w in zip(rows, blocks)], repeats) for matmul in libraries)
 
         blocks_one_s, blocks_many_s = blocks_s(one_row), blocks_s(many_rows)
 

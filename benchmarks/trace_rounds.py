@@ -54,9 +54,8 @@ def main() -> None:
     print(f"{len(rows['round'])} rounds of >= {args.min_steps} steps; medians in ms:")
     for name, values in rows.items():
         if values:
-            print(
-                f"  {name:8s} {1e3 * statistics.median(values):7.2f}   (p90 {1e3 * sorted(values)[int(0.9 * len(values))]:7.2f})"
-            )
+            p90 = sorted(values)[int(0.9 * len(values))]
+            print(f"  {name:8s} {1e3 * statistics.median(values):7.2f}   (p90 {1e3 * p90:7.2f})")
 
 
 if __name__ == "__main__":

@@ -34,8 +34,12 @@ def out_dir() -> Path:
     return current().contracts_out or repo_root() / "contracts" / "out"
 
 
-_NPM_PLATFORMS = {("linux", "x86_64"): "linux-amd64", ("linux", "aarch64"): "linux-arm64",
-                  ("darwin", "x86_64"): "darwin-amd64", ("darwin", "arm64"): "darwin-arm64"}  # fmt: skip
+_NPM_PLATFORMS = {
+    ("linux", "x86_64"): "linux-amd64",
+    ("linux", "aarch64"): "linux-arm64",
+    ("darwin", "x86_64"): "darwin-amd64",
+    ("darwin", "arm64"): "darwin-arm64",
+}
 
 
 def tool_path(name: str) -> str:

@@ -17,10 +17,14 @@ logger = logging.getLogger(__name__)
 def devnet_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="nectar devnet", description=__doc__)
     parser.add_argument("--port", type=int, default=8545, help="RPC port on 127.0.0.1 (default 8545)")
-    parser.add_argument("--state-dir", default=None,
-                        help="folder for anvil.log (and deployment.json if no --deployment)")  # fmt: skip
-    parser.add_argument("--deployment", default=None, help="where to write the deployment file "
-                        "(default: $NECTAR_DEPLOYMENT or ~/.nectar/deployment.json)")  # fmt: skip
+    parser.add_argument(
+        "--state-dir", default=None, help="folder for anvil.log (and deployment.json if no --deployment)"
+    )
+    parser.add_argument(
+        "--deployment",
+        default=None,
+        help="where to write the deployment file (default: $NECTAR_DEPLOYMENT or ~/.nectar/deployment.json)",
+    )
     parser.add_argument("--block-time", type=float, default=None, help="seconds per block (default: instant mining)")
     add_logging_options(parser, default="INFO")
     args = parser.parse_args(argv)
@@ -30,8 +34,9 @@ def devnet_main(argv: list[str]) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        handle = start_devnet(port=args.port, state_dir=args.state_dir, deployment_path=args.deployment,
-                              block_time=args.block_time)  # fmt: skip
+        handle = start_devnet(
+            port=args.port, state_dir=args.state_dir, deployment_path=args.deployment, block_time=args.block_time
+        )
     except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
         print(f"nectar devnet: {exc}")
         return 1

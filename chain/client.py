@@ -74,8 +74,11 @@ class Chain:
         self.settlement = self.contracts["Settlement"]
         self.slashing = self.contracts["Slashing"]
         # The Receipt struct's fields, in order, as the compiled contract declares them.
-        self._receipt_fields = next(item["inputs"][0]["components"] for item in deployment.abi_of("Settlement")
-                                    if item.get("name") == "receiptDigest")  # fmt: skip
+        self._receipt_fields = next(
+            item["inputs"][0]["components"]
+            for item in deployment.abi_of("Settlement")
+            if item.get("name") == "receiptDigest"
+        )
 
     @classmethod
     def from_deployment(cls, path: Path | str | None = None, **kwargs: Any) -> Chain:
@@ -91,8 +94,12 @@ class Chain:
 
     def eip712_domain(self) -> dict[str, Any]:
         """The domain receipts and vouchers are signed under."""
-        return {"name": "Nectar", "version": "1", "chainId": self.chain_id,
-                "verifyingContract": self.address_of("Settlement")}  # fmt: skip
+        return {
+            "name": "Nectar",
+            "version": "1",
+            "chainId": self.chain_id,
+            "verifyingContract": self.address_of("Settlement"),
+        }
 
     def block_number(self) -> int:
         return self.w3.eth.block_number
@@ -145,14 +152,14 @@ class Chain:
                 "version": "1",
                 "chainId": self.chain_id,
                 "verifyingContract": self.address_of("Credits"),
-            },  # fmt: skip
+            },
             "message": {
                 "owner": owner,
                 "spender": _address(spender),
                 "value": int(amount),
                 "nonce": self.credits.functions.nonces(owner).call(),
                 "deadline": deadline,
-            },  # fmt: skip
+            },
         }
         return Account.sign_typed_data(private_key, full_message=message)
 
@@ -162,8 +169,9 @@ class Chain:
         """Deposits ``amount`` credits into the sender's escrow in one transaction (EIP-2612 permit + deposit)."""
         deadline = self.w3.eth.get_block("latest")["timestamp"] + 3600
         sig = self._permit(private_key, self.address_of("Escrow"), amount, deadline)
-        fn = self.escrow.functions.depositWithPermit(int(amount), deadline, sig.v, sig.r.to_bytes(32, "big"),
-                                                     sig.s.to_bytes(32, "big"))  # fmt: skip
+        fn = self.escrow.functions.depositWithPermit(
+            int(amount), deadline, sig.v, sig.r.to_bytes(32, "big"), sig.s.to_bytes(32, "big")
+        )
         return self._tx.send(private_key, fn, context="deposit")
 
     def request_withdrawal(self, private_key: str, amount: int) -> TxResult:
@@ -214,8 +222,13 @@ class Chain:
 
     def node_info(self, node: str) -> dict[str, Any]:
         registered, peer_id, bonded, unbonding, unlock_at = self.registry.functions.nodeInfo(_address(node)).call()
-        return {"registered": registered, "peerId": peer_id, "bonded": bonded, "unbonding": unbonding,
-                "unlockAt": unlock_at}  # fmt: skip
+        return {
+            "registered": registered,
+            "peerId": peer_id,
+            "bonded": bonded,
+            "unbonding": unbonding,
+            "unlockAt": unlock_at,
+        }
 
     def registered_nodes(self) -> list[dict[str, Any]]:
         """Every node that ever registered, with its current info."""
@@ -243,8 +256,9 @@ class Chain:
 
     def paid(self, client: str, node: str, channel_id: int, partner: str | None = None) -> int:
         """Cumulative amount already settled on a channel (``partner`` None: the node itself, as in vouchers)."""
-        return self.settlement.functions.paid(_address(client), _address(node), _address(partner or node),
-                                              int(channel_id)).call()  # fmt: skip
+        return self.settlement.functions.paid(
+            _address(client), _address(node), _address(partner or node), int(channel_id)
+        ).call()
 
     def node_balance(self, node: str) -> int:
         """Settled, unwithdrawn earnings of a node (or of the fee recipient)."""
@@ -256,8 +270,11 @@ class Chain:
     def voucher_digest(self, voucher: Any) -> bytes:
         """The EIP-712 digest as the contract computes it (cross-check for off-chain signers)."""
         v = voucher_fields(voucher)
-        return bytes(self.settlement.functions.voucherDigest(v.client, v.node, v.partner, v.channel_id,
-                                                             v.cumulative_amount).call())  # fmt: skip
+        return bytes(
+            self.settlement.functions.voucherDigest(
+                v.client, v.node, v.partner, v.channel_id, v.cumulative_amount
+            ).call()
+        )
 
     def _receipt(self, receipt: Any) -> tuple:
         return receipt_tuple(receipt, self._receipt_fields)
@@ -289,8 +306,9 @@ class Chain:
 
     # ------------------------------------------------------------------ slashing
 
-    def slash_double_sign(self, private_key: str, receipt_a: Any, sig_a: bytes, receipt_b: Any,
-                          sig_b: bytes) -> TxResult:  # fmt: skip
+    def slash_double_sign(
+        self, private_key: str, receipt_a: Any, sig_a: bytes, receipt_b: Any, sig_b: bytes
+    ) -> TxResult:
         """Proves two conflicting receipts signed by one node; the sender gets the reporter reward."""
         a, b = self._receipt(receipt_a), self._receipt(receipt_b)
         fn = self.slashing.functions.slashDoubleSign(a, as_signature(sig_a), b, as_signature(sig_b))
@@ -304,8 +322,9 @@ class Chain:
         fn = self.slashing.functions.attestSpotCheckFailure(_address(node), bytes(evidence))
         return self._tx.send(private_key, fn, context="attest_spot_check_failure")
 
-    def finalize_slash(self, private_key: str, node: str | None = None, evidence: bytes | None = None, *,
-                       case_id: bytes | None = None) -> TxResult:  # fmt: skip
+    def finalize_slash(
+        self, private_key: str, node: str | None = None, evidence: bytes | None = None, *, case_id: bytes | None = None
+    ) -> TxResult:
         """Slashes for a spot-check case once its dispute window passed: give (node, evidence) or ``case_id``."""
         if case_id is None:
             if node is None or evidence is None:
@@ -342,20 +361,37 @@ class Chain:
 
     # ------------------------------------------------------------------ events
 
-    def events(self, contract: str, event: str, *, from_block: int = 0, to_block: int | str = "latest",
-               filters: dict[str, Any] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    def events(
+        self,
+        contract: str,
+        event: str,
+        *,
+        from_block: int = 0,
+        to_block: int | str = "latest",
+        filters: dict[str, Any] | None = None,
+    ) -> list[dict[str, Any]]:
         """Decoded logs of one event, oldest first: ``[{"event", "args", "blockNumber", "txHash", "logIndex"}]``."""
         handle = getattr(self.contracts[contract].events, event)
         logs = handle().get_logs(from_block=from_block, to_block=to_block, argument_filters=filters)
-        return [{"contract": contract, "event": event, "args": dict(log["args"]), "blockNumber": log["blockNumber"],
-                 "txHash": "0x" + bytes(log["transactionHash"]).hex(), "logIndex": log["logIndex"]}
-                for log in logs]  # fmt: skip
+        return [
+            {
+                "contract": contract,
+                "event": event,
+                "args": dict(log["args"]),
+                "blockNumber": log["blockNumber"],
+                "txHash": "0x" + bytes(log["transactionHash"]).hex(),
+                "logIndex": log["logIndex"],
+            }
+            for log in logs
+        ]
 
     def deposits_since(self, block: int, *, client: str | None = None) -> list[dict[str, Any]]:
         """Escrow deposits from ``block`` on: ``[{"client", "amount", "balance", "blockNumber", "txHash", ...}]``."""
         filters = {"client": _address(client)} if client else None
-        return [{**e["args"], "blockNumber": e["blockNumber"], "txHash": e["txHash"], "logIndex": e["logIndex"]}
-                for e in self.events("Escrow", "Deposited", from_block=block, filters=filters)]  # fmt: skip
+        return [
+            {**e["args"], "blockNumber": e["blockNumber"], "txHash": e["txHash"], "logIndex": e["logIndex"]}
+            for e in self.events("Escrow", "Deposited", from_block=block, filters=filters)
+        ]
 
     def settlements_since(self, block: int) -> list[dict[str, Any]]:
         """Settled batches from ``block`` on, each with its vouchers decoded from the transaction's calldata
@@ -364,8 +400,14 @@ class Chain:
         for e in self.events("Settlement", "BatchSettled", from_block=block):
             tx = self.w3.eth.get_transaction(e["txHash"])
             _fn, args = self.settlement.decode_function_input(tx["input"])
-            out.append({**e["args"], "blockNumber": e["blockNumber"], "txHash": e["txHash"],
-                        "vouchers": decode_settle_batch(args["nodes"], args["groups"])})  # fmt: skip
+            out.append(
+                {
+                    **e["args"],
+                    "blockNumber": e["blockNumber"],
+                    "txHash": e["txHash"],
+                    "vouchers": decode_settle_batch(args["nodes"], args["groups"]),
+                }
+            )
         return out
 
     def wait_for_block(self, number: int, *, timeout: float = 30.0) -> None:

@@ -56,8 +56,9 @@ class _Deployer:
     def deploy(self, name: str, *args: Any) -> str:
         artifact = load_artifact(name)
         factory = self.w3.eth.contract(abi=artifact.abi, bytecode=artifact.bytecode)
-        tx_hash = self._send(factory.constructor(*args).build_transaction({"from": self.account.address,
-                                                                          "nonce": self.nonce}))  # fmt: skip
+        tx_hash = self._send(
+            factory.constructor(*args).build_transaction({"from": self.account.address, "nonce": self.nonce})
+        )
         receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=60)
         if receipt["status"] != 1:
             raise RuntimeError(f"deploying {name} reverted (tx 0x{bytes(tx_hash).hex()})")
@@ -76,10 +77,11 @@ class _Deployer:
         self.pending.clear()
 
 
-def deploy_contracts(w3: Web3, *, rpc_url: str, accounts: tuple[DevAccount, ...],
-                     params: DeployParams = DeployParams()) -> Deployment:  # fmt: skip
-    """Deploys Credits, NodeRegistry, Settlement (which is also the Escrow vault) and Slashing, wires them, gives the ledger/verifier roles
-    and mints credits to the demo nodes and clients. Returns the Deployment (not yet saved)."""
+def deploy_contracts(
+    w3: Web3, *, rpc_url: str, accounts: tuple[DevAccount, ...], params: DeployParams = DeployParams()
+) -> Deployment:
+    """Deploys Credits, NodeRegistry, Settlement (which is also the Escrow vault) and Slashing, wires them, gives the
+    ledger/verifier roles and mints credits to the demo nodes and clients. Returns the Deployment (not yet saved)."""
     role = {a.role: a for a in reversed(accounts)}  # first account of each role wins
     deployer, ledger, verifier, treasury = role["deployer"], role["ledger"], role["verifier"], role["treasury"]
     chain_id = w3.eth.chain_id
@@ -91,9 +93,14 @@ def deploy_contracts(w3: Web3, *, rpc_url: str, accounts: tuple[DevAccount, ...]
     registry = d.deploy("NodeRegistry", credits, params.min_stake, params.unbond_delay, treasury.address, owner)
     settlement = d.deploy("Settlement", credits, params.unlock_delay, owner, treasury.address, params.fee_bps)
     escrow = settlement  # Settlement is the vault too (Escrow is its base): one address, two ABIs
-    slashing = d.deploy("Slashing", registry, settlement, owner, params.verifier_threshold,
-                        (params.double_sign_slash_bps, params.reporter_reward_bps, params.spot_check_slash_bps,
-                         params.dispute_window))  # fmt: skip
+    slashing = d.deploy(
+        "Slashing",
+        registry,
+        settlement,
+        owner,
+        params.verifier_threshold,
+        (params.double_sign_slash_bps, params.reporter_reward_bps, params.spot_check_slash_bps, params.dispute_window),
+    )
     addresses = dict(zip(CONTRACT_NAMES, (credits, escrow, registry, settlement, slashing)))
     contracts = {n: w3.eth.contract(address=a, abi=load_artifact(n).abi) for n, a in addresses.items()}
 

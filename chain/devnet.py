@@ -38,8 +38,16 @@ def free_port() -> int:
 class DevnetHandle:
     """A running Anvil with the contracts deployed. ``deployment`` is what was written to ``deployment_path``."""
 
-    def __init__(self, process: subprocess.Popen, *, rpc_url: str, deployment: Deployment, deployment_path: Path,
-                 log_path: Path, temp_dir: Path | None = None):  # fmt: skip
+    def __init__(
+        self,
+        process: subprocess.Popen,
+        *,
+        rpc_url: str,
+        deployment: Deployment,
+        deployment_path: Path,
+        log_path: Path,
+        temp_dir: Path | None = None,
+    ):
         self.process = process
         self._temp_dir = temp_dir  # created by start_devnet for the log; removed on stop
         self.rpc_url = rpc_url
@@ -108,9 +116,15 @@ def _wait_for_rpc(process: subprocess.Popen, rpc_url: str, log_path: Path, timeo
     raise TimeoutError(f"anvil did not answer on {rpc_url} within {timeout}s; see {log_path}")
 
 
-def start_devnet(*, port: int = 8545, state_dir: Path | str | None = None, deployment_path: Path | str | None = None,
-                 params: DeployParams | None = None, block_time: float | None = None,
-                 startup_timeout: float = 30.0) -> DevnetHandle:  # fmt: skip
+def start_devnet(
+    *,
+    port: int = 8545,
+    state_dir: Path | str | None = None,
+    deployment_path: Path | str | None = None,
+    params: DeployParams | None = None,
+    block_time: float | None = None,
+    startup_timeout: float = 30.0,
+) -> DevnetHandle:
     """Starts Anvil on 127.0.0.1:``port``, deploys the contracts from forge's build, funds the demo accounts and
     writes the deployment file.
 
@@ -131,15 +145,29 @@ def start_devnet(*, port: int = 8545, state_dir: Path | str | None = None, deplo
         target = Path(deployment_path) if deployment_path else default_deployment_path()
     log_path = state / "anvil.log"
     rpc_url = f"http://{HOST}:{port}"
-    cmd = [tool_path("anvil"), "--host", HOST, "--port", str(port), "--chain-id", str(DEVNET_CHAIN_ID),
-           "--mnemonic", ANVIL_MNEMONIC, "--accounts", "10", "--balance", "10000"]  # fmt: skip
+    cmd = [
+        tool_path("anvil"),
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--chain-id",
+        str(DEVNET_CHAIN_ID),
+        "--mnemonic",
+        ANVIL_MNEMONIC,
+        "--accounts",
+        "10",
+        "--balance",
+        "10000",
+    ]
     if block_time:
         cmd += ["--block-time", str(block_time)]
     logger.info("starting anvil on %s (log: %s)", rpc_url, log_path)
     with open(log_path, "ab") as log:
         # Own process group: Ctrl-C in a parent terminal reaches us first, and we stop anvil in order.
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)  # fmt: skip
+        process = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
     try:
         w3 = _wait_for_rpc(process, rpc_url, log_path, startup_timeout)
         deployment = deploy_contracts(w3, rpc_url=rpc_url, accounts=dev_accounts(), params=params or DeployParams())
@@ -151,5 +179,6 @@ def start_devnet(*, port: int = 8545, state_dir: Path | str | None = None, deplo
             shutil.rmtree(temp_dir, ignore_errors=True)
         raise
     logger.info("devnet ready on %s; deployment at %s", rpc_url, target)
-    return DevnetHandle(process, rpc_url=rpc_url, deployment=deployment, deployment_path=target, log_path=log_path,
-                        temp_dir=temp_dir)  # fmt: skip
+    return DevnetHandle(
+        process, rpc_url=rpc_url, deployment=deployment, deployment_path=target, log_path=log_path, temp_dir=temp_dir
+    )

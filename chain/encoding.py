@@ -135,13 +135,15 @@ def decode_settle_batch(nodes: Sequence[str], groups: Sequence[Any]) -> list[dic
         client, items = (group["client"], group["vouchers"]) if isinstance(group, Mapping) else group
         for item in items:
             packed = item["packed"] if isinstance(item, Mapping) else item[0]
-            out.append({
-                "client": to_checksum_address(client),
-                "node": to_checksum_address(nodes[packed >> 224]),
-                "partner": to_checksum_address(nodes[(packed >> 192) & (2**32 - 1)]),
-                "channelId": (packed >> 128) & (2**64 - 1),
-                "cumulativeAmount": packed & (2**128 - 1),
-            })  # fmt: skip
+            out.append(
+                {
+                    "client": to_checksum_address(client),
+                    "node": to_checksum_address(nodes[packed >> 224]),
+                    "partner": to_checksum_address(nodes[(packed >> 192) & (2**32 - 1)]),
+                    "channelId": (packed >> 128) & (2**64 - 1),
+                    "cumulativeAmount": packed & (2**128 - 1),
+                }
+            )
     return out
 
 

@@ -90,8 +90,9 @@ class Transactor:
         except (ContractCustomError, ContractLogicError, ContractPanicError, Web3RPCError) as exc:
             self._raise_from(exc, context)
 
-    def send(self, private_key: str | bytes, fn: Any, *, context: str, gas: int | None = None,
-             access_list: bool = False) -> TxResult:  # fmt: skip
+    def send(
+        self, private_key: str | bytes, fn: Any, *, context: str, gas: int | None = None, access_list: bool = False
+    ) -> TxResult:
         """Signs and sends ``fn`` from ``private_key``'s account and waits for it to be mined.
 
         :param access_list: attach an EIP-2930 access list from ``eth_createAccessList``: pre-declared storage
@@ -134,8 +135,13 @@ class Transactor:
                 if attempt == _NONCE_RETRIES - 1 or not any(s in str(exc).lower() for s in _NONCE_CLASHES):
                     raise
                 nonce = self.w3.eth.get_transaction_count(account.address, "pending")
-                logger.info("nonce %d of %s was taken (%s); resending with %d", tx["nonce"], account.address, exc,
-                            max(nonce, tx["nonce"] + 1))  # fmt: skip
+                logger.info(
+                    "nonce %d of %s was taken (%s); resending with %d",
+                    tx["nonce"],
+                    account.address,
+                    exc,
+                    max(nonce, tx["nonce"] + 1),
+                )
                 tx = {**tx, "nonce": max(nonce, tx["nonce"] + 1)}
         raise AssertionError("unreachable")
 

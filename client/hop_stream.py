@@ -12,7 +12,6 @@ import enum
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from hivemind.proto import runtime_pb2
@@ -35,11 +34,12 @@ from nectar.wire.messages import (
 from nectar.wire.protocol import RPC_INFERENCE, ErrorCode, NodeRPCError, module_uid
 from nectar.wire.stubs import open_stream
 
-Connect = Optional[
+Connect = (
     Callable[
         [RemoteSpan, AsyncIterator[runtime_pb2.ExpertRequest]], Awaitable[AsyncIterator[runtime_pb2.ExpertResponse]]
     ]
-]
+    | None
+)
 
 
 class StreamState(enum.Enum):

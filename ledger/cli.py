@@ -105,8 +105,14 @@ def worker_main(argv: list[str]) -> int:
             return 2
     run_migrations(settings.database_url)
     app = create_celery(settings)  # the tasks read these settings from the app (nectar.ledger.tasks._settings)
-    worker_argv = ["worker", f"--concurrency={args.concurrency}", f"--loglevel={level}", "--pool=prefork",
-                   "--without-gossip", "--without-mingle"]  # fmt: skip
+    worker_argv = [
+        "worker",
+        f"--concurrency={args.concurrency}",
+        f"--loglevel={level}",
+        "--pool=prefork",
+        "--without-gossip",
+        "--without-mingle",
+    ]
     if not args.no_beat:
         worker_argv.append("--beat")
     app.worker_main(worker_argv)

@@ -38,9 +38,21 @@ def _touch_nodes(session: Session, *, addresses: Sequence[str]) -> dict[str, Nod
     found = {n.address: n for n in session.scalars(select(Node).where(Node.address.in_(addresses)))}
     for address in addresses:
         if address not in found:
-            found[address] = Node(address=address, earned_amount=0, settled_amount=0, stake=0, receipts_count=0,
-                                  conflicts=0, spot_passed=0, spot_failed=0, slashes=0, uptime_ok=0, uptime_checks=0,
-                                  successes=0, failures=0)  # fmt: skip
+            found[address] = Node(
+                address=address,
+                earned_amount=0,
+                settled_amount=0,
+                stake=0,
+                receipts_count=0,
+                conflicts=0,
+                spot_passed=0,
+                spot_failed=0,
+                slashes=0,
+                uptime_ok=0,
+                uptime_checks=0,
+                successes=0,
+                failures=0,
+            )
             session.add(found[address])
     return found
 
@@ -57,13 +69,24 @@ def list_nodes(session: Session) -> list[Node]:
 def _row_to_signed(row: Receipt) -> SignedReceipt:
     return SignedReceipt(
         WireReceipt(
-            session_id=row.session_id, step=row.step, kind=row.kind, model_id=row.model_id,
-            block_start=row.block_start, block_end=row.block_end, node=row.node, client=row.client,
-            tokens=row.tokens, price=row.price, amount=row.amount, input_commitment=row.input_commitment,
-            output_commitment=row.output_commitment, fingerprint=row.fingerprint_hash, timestamp=row.timestamp,
+            session_id=row.session_id,
+            step=row.step,
+            kind=row.kind,
+            model_id=row.model_id,
+            block_start=row.block_start,
+            block_end=row.block_end,
+            node=row.node,
+            client=row.client,
+            tokens=row.tokens,
+            price=row.price,
+            amount=row.amount,
+            input_commitment=row.input_commitment,
+            output_commitment=row.output_commitment,
+            fingerprint=row.fingerprint_hash,
+            timestamp=row.timestamp,
         ),
         row.signature,
-    )  # fmt: skip
+    )
 
 
 signed_receipt_of = _row_to_signed
@@ -73,7 +96,8 @@ def store_receipts(session: Session, *, checked: Sequence[CheckedReceipt]) -> li
     """Classify receipts that passed the stateless checks against what is stored, and insert the new ones.
 
     Returns per item (status, reason, message), status in accepted / duplicate / rejected. A conflict (same work, a
-    different output) is rejected and kept as slashing evidence; an identical resubmission is a duplicate (counted once).
+    different output) is rejected and kept as slashing evidence; an identical resubmission is a duplicate (counted
+    once).
     """
     results: list[tuple[str, str | None, str]] = [("", None, "")] * len(checked)
     pending = [(i, c) for i, c in enumerate(checked) if c.reason is None]
@@ -109,8 +133,11 @@ def store_receipts(session: Session, *, checked: Sequence[CheckedReceipt]) -> li
             continue
         if existing is not None:
             if existing.output_commitment != r.output_commitment:
-                results[i] = ("rejected", Reason.CONFLICT,
-                              "conflicts with a stored receipt for the same work (different output); kept as evidence")  # fmt: skip
+                results[i] = (
+                    "rejected",
+                    Reason.CONFLICT,
+                    "conflicts with a stored receipt for the same work (different output); kept as evidence",
+                )
                 if existing.id is None:
                     session.flush()
                 _record_conflict(session, existing=existing, other=c.signed)
@@ -118,12 +145,25 @@ def store_receipts(session: Session, *, checked: Sequence[CheckedReceipt]) -> li
                 results[i] = ("rejected", Reason.REPLAY, "this work is already receipted with different metadata")
             continue
         row = Receipt(
-            leaf=c.leaf, session_id=r.session_id, step=r.step, kind=r.kind, model_id=r.model_id,
-            block_start=r.block_start, block_end=r.block_end, node=r.node, client=r.client, tokens=r.tokens,
-            price=r.price, amount=r.amount, input_commitment=r.input_commitment,
-            output_commitment=r.output_commitment, fingerprint_hash=r.fingerprint, fingerprint=c.fingerprint,
-            timestamp=r.timestamp, signature=c.signed.signature,
-        )  # fmt: skip
+            leaf=c.leaf,
+            session_id=r.session_id,
+            step=r.step,
+            kind=r.kind,
+            model_id=r.model_id,
+            block_start=r.block_start,
+            block_end=r.block_end,
+            node=r.node,
+            client=r.client,
+            tokens=r.tokens,
+            price=r.price,
+            amount=r.amount,
+            input_commitment=r.input_commitment,
+            output_commitment=r.output_commitment,
+            fingerprint_hash=r.fingerprint,
+            fingerprint=c.fingerprint,
+            timestamp=r.timestamp,
+            signature=c.signed.signature,
+        )
         session.add(row)  # now, so a later item of this batch that conflicts with it can flush it and cite its id
         new_rows.append(row)
         by_leaf[c.leaf] = row
@@ -148,15 +188,23 @@ def _record_conflict(session: Session, *, existing: Receipt, other: SignedReceip
     other_leaf = receipt_leaf(other.receipt)
     if session.scalar(select(Conflict.id).where(Conflict.receipt_id == existing.id, Conflict.other_leaf == other_leaf)):
         return
-    session.add(Conflict(node=existing.node, receipt_id=existing.id, other_leaf=other_leaf,
-                         other_receipt=json.dumps(other.to_json()), status="pending"))  # fmt: skip
+    session.add(
+        Conflict(
+            node=existing.node,
+            receipt_id=existing.id,
+            other_leaf=other_leaf,
+            other_receipt=json.dumps(other.to_json()),
+            status="pending",
+        )
+    )
     node = _touch_nodes(session, addresses=[existing.node])[existing.node]
     node.conflicts = (node.conflicts or 0) + 1
     logger.warning(f"Node {existing.node} signed two receipts for the same work; kept as slashing evidence")
 
 
-def list_receipts(session: Session, *, node: str | None = None, epoch: int | None = None, limit: int = 100,
-                  offset: int = 0) -> list[Receipt]:  # fmt: skip
+def list_receipts(
+    session: Session, *, node: str | None = None, epoch: int | None = None, limit: int = 100, offset: int = 0
+) -> list[Receipt]:
     query = select(Receipt).order_by(Receipt.id).limit(limit).offset(offset)
     if node:
         query = query.where(Receipt.node == node)
@@ -170,8 +218,9 @@ def count_receipts(session: Session, *, node: str | None = None) -> int:
     return session.scalar(query.where(Receipt.node == node) if node else query) or 0
 
 
-def session_receipts(session: Session, *, session_id: bytes, node: str, kind: int, block_start: int,
-                     block_end: int) -> list[Receipt]:  # fmt: skip
+def session_receipts(
+    session: Session, *, session_id: bytes, node: str, kind: int, block_start: int, block_end: int
+) -> list[Receipt]:
     """All stored receipts of one node's span in one session, in step order (the spot checks' input history)."""
     rows = session.scalars(
         select(Receipt).where(
@@ -180,7 +229,7 @@ def session_receipts(session: Session, *, session_id: bytes, node: str, kind: in
             Receipt.kind == kind,
             Receipt.block_start == block_start,
             Receipt.block_end == block_end,
-        )  # fmt: skip
+        )
     )
     return sorted(rows, key=lambda row: row.step)
 
@@ -206,11 +255,20 @@ def store_vouchers(session: Session, *, vouchers: Sequence[SignedVoucher]) -> li
                 Voucher.node == v.node,
                 Voucher.partner == v.partner,
                 Voucher.channel_id == v.channel_id,
-            )  # fmt: skip
+            )
         )
         if row is None:
-            session.add(Voucher(client=v.client, node=v.node, partner=v.partner, channel_id=v.channel_id, settled_amount=0,
-                                cumulative_amount=v.cumulative_amount, signature=signed.signature))  # fmt: skip
+            session.add(
+                Voucher(
+                    client=v.client,
+                    node=v.node,
+                    partner=v.partner,
+                    channel_id=v.channel_id,
+                    settled_amount=0,
+                    cumulative_amount=v.cumulative_amount,
+                    signature=signed.signature,
+                )
+            )
             session.flush()
             results.append(("accepted", None, ""))
         elif v.cumulative_amount > row.cumulative_amount:
@@ -219,8 +277,13 @@ def store_vouchers(session: Session, *, vouchers: Sequence[SignedVoucher]) -> li
         elif v.cumulative_amount == row.cumulative_amount:
             results.append(("duplicate", None, "this cumulative amount is already stored"))
         else:
-            results.append(("rejected", Reason.STALE_VOUCHER,
-                            f"cumulative amount {v.cumulative_amount} is below the stored {row.cumulative_amount}"))  # fmt: skip
+            results.append(
+                (
+                    "rejected",
+                    Reason.STALE_VOUCHER,
+                    f"cumulative amount {v.cumulative_amount} is below the stored {row.cumulative_amount}",
+                )
+            )
     _touch_nodes(session, addresses=[s.voucher.node for s in vouchers])
     session.flush()
     return results
@@ -275,9 +338,13 @@ def close_epoch(session: Session, *, allow_empty: bool = False) -> Epoch | None:
 
 
 def unfinished_epochs(session: Session) -> list[Epoch]:
-    return list(session.scalars(
-        select(Epoch).where(Epoch.status.in_([EpochStatus.CLOSED, EpochStatus.ROOT_COMMITTED])).order_by(Epoch.number)
-    ))  # fmt: skip
+    return list(
+        session.scalars(
+            select(Epoch)
+            .where(Epoch.status.in_([EpochStatus.CLOSED, EpochStatus.ROOT_COMMITTED]))
+            .order_by(Epoch.number)
+        )
+    )
 
 
 def list_epochs(session: Session, *, limit: int = 50) -> list[Epoch]:
@@ -295,7 +362,7 @@ def acquire_epoch_lease(session: Session, *, epoch: int, owner: str, seconds: fl
         update(Epoch)
         .where(
             Epoch.number == epoch, or_(Epoch.lease_owner.is_(None), Epoch.lease_owner == owner, Epoch.lease_until < now)
-        )  # fmt: skip
+        )
         .values(lease_owner=owner, lease_until=now + timedelta(seconds=seconds))
     )
     return result.rowcount == 1
@@ -339,9 +406,20 @@ def prepare_settlements(session: Session, *, epoch: int, batch_size: int) -> lis
         session.add(settlement)
         session.flush()
         for v in candidates[start : start + batch_size]:
-            session.add(SettlementItem(settlement_id=settlement.id, voucher_id=v.id, client=v.client, node=v.node,
-                                       partner=v.partner, channel_id=v.channel_id, cumulative_amount=v.cumulative_amount,
-                                       signature=v.signature, paid_before=v.settled_amount, status="pending"))  # fmt: skip
+            session.add(
+                SettlementItem(
+                    settlement_id=settlement.id,
+                    voucher_id=v.id,
+                    client=v.client,
+                    node=v.node,
+                    partner=v.partner,
+                    channel_id=v.channel_id,
+                    cumulative_amount=v.cumulative_amount,
+                    signature=v.signature,
+                    paid_before=v.settled_amount,
+                    status="pending",
+                )
+            )
         batches.append(settlement)
     session.flush()
     return batches
@@ -379,15 +457,26 @@ def list_settlements(session: Session, *, epoch: int | None = None, node: str | 
 
 def node_settlement_items(session: Session, *, node: str, limit: int = 100) -> list[tuple[SettlementItem, Settlement]]:
     rows = session.execute(
-        select(SettlementItem, Settlement).join(Settlement).where(SettlementItem.node == node)
-        .order_by(SettlementItem.id.desc()).limit(limit)
-    ).all()  # fmt: skip
+        select(SettlementItem, Settlement)
+        .join(Settlement)
+        .where(SettlementItem.node == node)
+        .order_by(SettlementItem.id.desc())
+        .limit(limit)
+    ).all()
     return [(item, settlement) for item, settlement in rows]
 
 
 # ---------------------------------------------------------------------------------------------------- spot checks
-def record_spot_check(session: Session, *, receipt: Receipt, status: str, executions: int, detail: str,
-                      attest_tx_hash: str | None = None, slash_status: str | None = None) -> SpotCheck:  # fmt: skip
+def record_spot_check(
+    session: Session,
+    *,
+    receipt: Receipt,
+    status: str,
+    executions: int,
+    detail: str,
+    attest_tx_hash: str | None = None,
+    slash_status: str | None = None,
+) -> SpotCheck:
     check = session.scalar(select(SpotCheck).where(SpotCheck.receipt_id == receipt.id))
     if check is None:
         check = SpotCheck(receipt_id=receipt.id, epoch_number=receipt.epoch_number, node=receipt.node, executions=0)
@@ -410,10 +499,11 @@ def record_spot_check(session: Session, *, receipt: Receipt, status: str, execut
 def spot_checks_to_slash(session: Session) -> list[tuple[SpotCheck, bytes]]:
     """Failed spot checks whose attestation must be (re)sent or whose slash is not final yet, with the evidence."""
     rows = session.execute(
-        select(SpotCheck, Receipt.leaf).join(Receipt, Receipt.id == SpotCheck.receipt_id)
+        select(SpotCheck, Receipt.leaf)
+        .join(Receipt, Receipt.id == SpotCheck.receipt_id)
         .where(SpotCheck.status == "failed", SpotCheck.slash_status.in_(["unattested", "attested"]))
         .order_by(SpotCheck.id)
-    ).all()  # fmt: skip
+    ).all()
     return [(check, leaf) for check, leaf in rows]
 
 
@@ -427,8 +517,16 @@ def spot_checks_of(session: Session, *, epoch: int | None = None, node: str | No
 
 
 # ---------------------------------------------------------------------------------------------------- reputation inputs
-def record_report(session: Session, *, node: str, online: bool | None = None, success: bool | None = None,
-                  latency_ms: float | None = None, throughput: float | None = None, alpha: float = 0.2) -> Node:  # fmt: skip
+def record_report(
+    session: Session,
+    *,
+    node: str,
+    online: bool | None = None,
+    success: bool | None = None,
+    latency_ms: float | None = None,
+    throughput: float | None = None,
+    alpha: float = 0.2,
+) -> Node:
     row = _touch_nodes(session, addresses=[node])[node]
     if online is not None:
         row.uptime_checks = (row.uptime_checks or 0) + 1

@@ -23,7 +23,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 logger = logging.getLogger(__name__)
 
-from nectar.service.columns import NAMING_CONVENTION, UInt, utcnow  # re-exported for migrations and crud
+from nectar.service.columns import NAMING_CONVENTION, UInt, utcnow  # noqa: E402  (re-exported for migrations and crud)
 
 
 class Base(DeclarativeBase):
@@ -205,5 +205,18 @@ class Node(Base):
     throughput: Mapped[float | None] = mapped_column(Float)  # tokens/s, exponentially weighted
 
 
-__all__ = ["Base", "Epoch", "EpochStatus", "Receipt", "Conflict", "Voucher", "Settlement", "SettlementStatus",
-           "SettlementItem", "SpotCheck", "Node", "UInt", "utcnow"]  # fmt: skip
+__all__ = [
+    "Base",
+    "Epoch",
+    "EpochStatus",
+    "Receipt",
+    "Conflict",
+    "Voucher",
+    "Settlement",
+    "SettlementStatus",
+    "SettlementItem",
+    "SpotCheck",
+    "Node",
+    "UInt",
+    "utcnow",
+]

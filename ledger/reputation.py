@@ -52,11 +52,16 @@ def score_node(node, *, reference_stake: int, spot_fail_factor: float = SPOT_FAI
     base = sum(WEIGHTS[name] * value for name, value in components.items())
     penalty = (SLASH_FACTOR ** (node.slashes or 0)) * (spot_fail_factor ** (node.spot_failed or 0))
     return ReputationScore(
-        address=node.address, score=round(max(0.0, min(1.0, base * penalty)), 6),
-        new=(node.receipts_count or 0) < NEW_NODE_RECEIPTS, components={k: round(v, 6) for k, v in components.items()},
-        receipts=node.receipts_count or 0, spot_passed=node.spot_passed or 0, spot_failed=node.spot_failed or 0,
-        slashes=node.slashes or 0, stake=str(node.stake or 0),
-    )  # fmt: skip
+        address=node.address,
+        score=round(max(0.0, min(1.0, base * penalty)), 6),
+        new=(node.receipts_count or 0) < NEW_NODE_RECEIPTS,
+        components={k: round(v, 6) for k, v in components.items()},
+        receipts=node.receipts_count or 0,
+        spot_passed=node.spot_passed or 0,
+        spot_failed=node.spot_failed or 0,
+        slashes=node.slashes or 0,
+        stake=str(node.stake or 0),
+    )
 
 
 def rank(nodes, *, reference_stake: int, spot_fail_factor: float = SPOT_FAIL_FACTOR) -> list[ReputationScore]:

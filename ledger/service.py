@@ -22,8 +22,9 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     if migrate:
         run_migrations(settings.database_url)
     app = FastAPI(title="Nectar ledger", version="1")
-    app.state.ledger = LedgerState(settings=settings, engine=get_engine(settings.database_url),
-                                   domains=DomainProvider(settings.deployment_path))  # fmt: skip
+    app.state.ledger = LedgerState(
+        settings=settings, engine=get_engine(settings.database_url), domains=DomainProvider(settings.deployment_path)
+    )
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):

@@ -76,8 +76,9 @@ class EpochSettler:
 
     def _claim(self, number: int) -> bool:
         with session_scope(self.engine) as session:
-            return crud.acquire_epoch_lease(session, epoch=number, owner=self.owner,
-                                            seconds=self.settings.epoch_lease_seconds)  # fmt: skip
+            return crud.acquire_epoch_lease(
+                session, epoch=number, owner=self.owner, seconds=self.settings.epoch_lease_seconds
+            )
 
     def _advance(self, number: int) -> bool:
         with session_scope(self.engine) as session:
@@ -209,8 +210,13 @@ class EpochSettler:
 
 
 def _voucher_message(item) -> dict:
-    return {"client": item.client, "node": item.node, "partner": item.partner, "channelId": int(item.channel_id),
-            "cumulativeAmount": int(item.cumulative_amount)}  # fmt: skip
+    return {
+        "client": item.client,
+        "node": item.node,
+        "partner": item.partner,
+        "channelId": int(item.channel_id),
+        "cumulativeAmount": int(item.cumulative_amount),
+    }
 
 
 def _tx_hash_hex(result) -> str | None:

@@ -42,8 +42,10 @@ def attest(chain, settings: Settings, *, node: str, leaf: bytes) -> tuple[str | 
             return None, ATTESTED
         if name == "CaseClosed":
             return None, CLOSED
-        logger.error(f"Could not attest the spot-check failure of {node} on chain ({type(e).__name__}: {e}); "
-                     f"the worker retries on its next slash round")  # fmt: skip
+        logger.error(
+            f"Could not attest the spot-check failure of {node} on chain ({type(e).__name__}: {e}); "
+            f"the worker retries on its next slash round"
+        )
         return None, UNATTESTED
     logger.warning(f"Attested a failed spot check of {node} on chain (tx {_hex(result.tx_hash)})")
     return _hex(result.tx_hash), ATTESTED

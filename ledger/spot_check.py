@@ -60,8 +60,15 @@ class LocalVerifier(Verifier):
     :param dtype: dtype to compute in (the nodes' dtype, so the tolerance is the right one)
     """
 
-    def __init__(self, models: Mapping[str, str | Path], *, name: str = "local", load_span: Callable | None = None,
-                 dtype: torch.dtype = torch.float32, max_cached_spans: int = 8):  # fmt: skip
+    def __init__(
+        self,
+        models: Mapping[str, str | Path],
+        *,
+        name: str = "local",
+        load_span: Callable | None = None,
+        dtype: torch.dtype = torch.float32,
+        max_cached_spans: int = 8,
+    ):
         if load_span is None:
             from nectar.models import load_span
         self.name, self.load_span, self.dtype, self.max_cached = name, load_span, dtype, max_cached_spans
@@ -126,8 +133,16 @@ class SpotChecker:
     :param chain: for ``attest_spot_check_failure`` (None: record only, for offline runs)
     """
 
-    def __init__(self, *, settings: Settings, engine: Engine, verifiers: Sequence[Verifier], audit: AuditSource,
-                 chain=None, skip_clients: Sequence[str] = ()):  # fmt: skip
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        engine: Engine,
+        verifiers: Sequence[Verifier],
+        audit: AuditSource,
+        chain=None,
+        skip_clients: Sequence[str] = (),
+    ):
         if len(verifiers) < 2:
             raise ValueError("spot checks need two verifiers: the second breaks ties on a disagreement")
         self.settings, self.engine, self.verifiers, self.audit, self.chain = settings, engine, verifiers, audit, chain
@@ -143,16 +158,18 @@ class SpotChecker:
                 return 0
             seed = epoch_seed(epoch.root, self.settings.spot_check_secret)
             rows = session.execute(
-                select(Receipt.id, Receipt.leaf, Receipt.node, Receipt.kind, Receipt.client)
-                .where(Receipt.epoch_number == number)
-            ).all()  # fmt: skip
+                select(Receipt.id, Receipt.leaf, Receipt.node, Receipt.kind, Receipt.client).where(
+                    Receipt.epoch_number == number
+                )
+            ).all()
             picked = 0
             for receipt_id, leaf, node, kind, client in rows:
                 if client.lower() in self.skip_clients:
                     continue
                 if kind in CHECKABLE_KINDS and is_picked(seed, leaf, self.settings.spot_check_fraction):
-                    session.add(SpotCheck(receipt_id=receipt_id, epoch_number=number, node=node, status="pending",
-                                          executions=0))  # fmt: skip
+                    session.add(
+                        SpotCheck(receipt_id=receipt_id, epoch_number=number, node=node, status="pending", executions=0)
+                    )
                     picked += 1
             epoch.spot_seed = seed
         logger.info(f"Epoch {number}: {picked} of {len(rows)} receipts picked for spot checks")
@@ -184,9 +201,15 @@ class SpotChecker:
         if verdict.status == "failed":
             tx_hash, slash_status = self._report_on_chain(signed, stored_fp, verdict)
         with session_scope(self.engine) as session:
-            crud.record_spot_check(session, receipt=session.get(Receipt, receipt_id), status=verdict.status,
-                                   executions=verdict.executions, detail=verdict.detail, attest_tx_hash=tx_hash,
-                                   slash_status=slash_status)  # fmt: skip
+            crud.record_spot_check(
+                session,
+                receipt=session.get(Receipt, receipt_id),
+                status=verdict.status,
+                executions=verdict.executions,
+                detail=verdict.detail,
+                attest_tx_hash=tx_hash,
+                slash_status=slash_status,
+            )
         log = logger.warning if verdict.status == "failed" else logger.debug
         log(f"Spot check of receipt {receipt_id} (node {signed.receipt.node}): {verdict.status}: {verdict.detail}")
         return verdict
@@ -236,8 +259,14 @@ class SpotChecker:
         if receipt.kind != ReceiptKind.INFERENCE:
             return None
         with session_scope(self.engine) as session:
-            rows = crud.session_receipts(session, session_id=receipt.session_id, node=receipt.node, kind=receipt.kind,
-                                         block_start=receipt.block_start, block_end=receipt.block_end)  # fmt: skip
+            rows = crud.session_receipts(
+                session,
+                session_id=receipt.session_id,
+                node=receipt.node,
+                kind=receipt.kind,
+                block_start=receipt.block_start,
+                block_end=receipt.block_end,
+            )
             segments = [(r.step, r.tokens, r.input_commitment) for r in rows if r.step <= receipt.step]
         batch = history.shape[0]
         if [step for step, _, _ in segments] != list(range(receipt.step + 1)) or any(t % batch for _, t, _ in segments):
@@ -262,5 +291,14 @@ class SpotChecker:
         return attest(self.chain, self.settings, node=signed.receipt.node, leaf=receipt_leaf(signed.receipt))
 
 
-__all__ = ["AuditSource", "Verifier", "LocalVerifier", "SpotChecker", "EpochCheckReport", "Verdict", "is_picked",
-           "epoch_seed", "utcnow"]  # fmt: skip
+__all__ = [
+    "AuditSource",
+    "Verifier",
+    "LocalVerifier",
+    "SpotChecker",
+    "EpochCheckReport",
+    "Verdict",
+    "is_picked",
+    "epoch_seed",
+    "utcnow",
+]

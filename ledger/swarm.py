@@ -100,13 +100,17 @@ class SwarmView:
 
     def serving(self, model: str, start: int, end: int) -> list[NodeEntry]:
         """Online nodes whose span covers blocks [start, end) of ``model``."""
-        return [e for e in self.nodes() if e.model == model and e.info.state == ServerState.ONLINE
-                and e.info.start <= start and end <= e.info.end]  # fmt: skip
+        return [
+            e
+            for e in self.nodes()
+            if e.model == model and e.info.state == ServerState.ONLINE and e.info.start <= start and end <= e.info.end
+        ]
 
     # ---- RPC --------------------------------------------------------------------------------------------------
 
-    def call(self, peer_id: PeerID, name: str, request: runtime_pb2.ExpertRequest, *, timeout: float,
-             attempts: int = 3) -> runtime_pb2.ExpertResponse:  # fmt: skip
+    def call(
+        self, peer_id: PeerID, name: str, request: runtime_pb2.ExpertRequest, *, timeout: float, attempts: int = 3
+    ) -> runtime_pb2.ExpertResponse:
         """One RPC; a transport failure (the first stream to a peer sometimes closes unanswered) is retried, an
         error the node reported (``ErrorCode``-prefixed) is raised at once."""
         for attempt in range(attempts):

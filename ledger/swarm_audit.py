@@ -76,16 +76,20 @@ class SwarmVerifier(Verifier):
     :param fallback: used when fewer than ``rank + 1`` other nodes serve the span (e.g. a ``LocalVerifier``)
     """
 
-    def __init__(self, swarm: SwarmView, *, rank: int, client: str, timeout: float = 30.0,
-                 fallback: Verifier | None = None):  # fmt: skip
+    def __init__(
+        self, swarm: SwarmView, *, rank: int, client: str, timeout: float = 30.0, fallback: Verifier | None = None
+    ):
         self.swarm, self.rank, self.client, self.timeout, self.fallback = swarm, rank, client, timeout, fallback
         self.name = f"swarm-{rank}"
         self.executed_by: list[str] = []  # eth addresses (or the fallback's name) per execution, for reports
 
     def candidates(self, receipt: Receipt, model: str) -> list[NodeEntry]:
         leaf = receipt_leaf(receipt)
-        others = [e for e in self.swarm.serving(model, receipt.block_start, receipt.block_end)
-                  if e.info.eth_address.lower() != receipt.node.lower()]  # fmt: skip
+        others = [
+            e
+            for e in self.swarm.serving(model, receipt.block_start, receipt.block_end)
+            if e.info.eth_address.lower() != receipt.node.lower()
+        ]
         return sorted(others, key=lambda e: keccak256(leaf + e.peer_id.to_bytes()))
 
     def execute(self, receipt: Receipt, history: torch.Tensor) -> torch.Tensor:
@@ -94,9 +98,11 @@ class SwarmVerifier(Verifier):
         candidates = self.candidates(receipt, model) if model else []
         if len(candidates) <= self.rank:
             if self.fallback is None:
-                raise LookupError(f"no {self.rank + 1} other node(s) serve blocks {receipt.block_start}:"
-                                  f"{receipt.block_end} of 0x{receipt.model_id.hex()[:16]}; start another node or "
-                                  f"configure a local verifier")  # fmt: skip
+                raise LookupError(
+                    f"no {self.rank + 1} other node(s) serve blocks {receipt.block_start}:"
+                    f"{receipt.block_end} of 0x{receipt.model_id.hex()[:16]}; start another node or "
+                    f"configure a local verifier"
+                )
             self.executed_by.append(self.fallback.name)
             return self.fallback.execute(receipt, history)
         entry = candidates[self.rank]
@@ -160,9 +166,25 @@ def swarm_verifiers(settings: Settings, fallback: list[Verifier] | None = None) 
     """Two swarm verifiers (first execution and tie-break on different nodes), each with a local fallback."""
     fallback = fallback or [None, None]
     client = verifier_client(settings)
-    return [SwarmVerifier(swarm_view(settings), rank=rank, client=client, timeout=settings.spot_check_rpc_timeout,
-                          fallback=fallback[rank]) for rank in (0, 1)]  # fmt: skip
+    return [
+        SwarmVerifier(
+            swarm_view(settings),
+            rank=rank,
+            client=client,
+            timeout=settings.spot_check_rpc_timeout,
+            fallback=fallback[rank],
+        )
+        for rank in (0, 1)
+    ]
 
 
-__all__ = ["RpcAuditSource", "SwarmVerifier", "audit_from_settings", "swarm_verifiers",
-           "swarm_view", "close_views", "verifier_client", "initial_peers_of"]  # fmt: skip
+__all__ = [
+    "RpcAuditSource",
+    "SwarmVerifier",
+    "audit_from_settings",
+    "swarm_verifiers",
+    "swarm_view",
+    "close_views",
+    "verifier_client",
+    "initial_peers_of",
+]

@@ -106,8 +106,13 @@ def slash_conflicts() -> int:
         second = SignedReceipt.from_json(json.loads(other_json))
         status, tx_hash, error = "slashed", None, None
         try:
-            result = chain.slash_double_sign(settings.key_for("ledger"), first.receipt.to_message(), first.signature,
-                                             second.receipt.to_message(), second.signature)  # fmt: skip
+            result = chain.slash_double_sign(
+                settings.key_for("ledger"),
+                first.receipt.to_message(),
+                first.signature,
+                second.receipt.to_message(),
+                second.signature,
+            )
             tx_hash = getattr(result, "tx_hash", None)
         except Exception as e:
             name = getattr(e, "error_name", None) or str(e)
@@ -139,11 +144,20 @@ def spot_check_epochs() -> int:
     audit = load_audit_source(settings)
     if audit is None:
         return 0
-    checker = SpotChecker(settings=settings, engine=_engine(), verifiers=make_verifiers(settings), audit=audit,
-                          chain=_chain(), skip_clients=[address_of(settings.key_for("verifier"))])  # fmt: skip
+    checker = SpotChecker(
+        settings=settings,
+        engine=_engine(),
+        verifiers=make_verifiers(settings),
+        audit=audit,
+        chain=_chain(),
+        skip_clients=[address_of(settings.key_for("verifier"))],
+    )
     with session_scope(_engine()) as session:
-        numbers = [e.number for e in crud.list_epochs(session, limit=20) if e.status in ("root_committed", "settled")
-                   and e.spot_seed is None]  # fmt: skip
+        numbers = [
+            e.number
+            for e in crud.list_epochs(session, limit=20)
+            if e.status in ("root_committed", "settled") and e.spot_seed is None
+        ]
     return sum(checker.check_epoch(number).checked for number in sorted(numbers))
 
 

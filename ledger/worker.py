@@ -28,8 +28,9 @@ def producer_app(settings: Settings) -> Celery:
 
 def create_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
-    app = celery_app.worker_app("nectar-ledger", settings, include=["nectar.ledger.tasks"],
-                                backend=settings.result_backend)  # fmt: skip
+    app = celery_app.worker_app(
+        "nectar-ledger", settings, include=["nectar.ledger.tasks"], backend=settings.result_backend
+    )
     every = timedelta(seconds=settings.epoch_seconds)
     app.conf.update(
         beat_schedule_filename=str(nectar_home() / "ledger-beat-schedule"),

@@ -9,8 +9,8 @@ check: the client retries it under a new step number, so no node signs two recei
 
 ``PushInbox`` (receiving side) holds the sessions open on this node that accept pushes, each behind a random token
 only the client and the previous hop know. A node pushes only to a direct lane that a node serving the next block
-announces in the DHT (``NodeServer.announces_lane``), so a client cannot aim it at an arbitrary host and port. ``PushLink`` (sending side) is one session's stream to the next hop's
-push RPC over the direct TCP lane.
+announces in the DHT (``NodeServer.announces_lane``), so a client cannot aim it at an arbitrary host and port.
+``PushLink`` (sending side) is one session's stream to the next hop's push RPC over the direct TCP lane.
 """
 
 from __future__ import annotations

@@ -334,8 +334,11 @@ class Server:
             swarm = await asyncio.get_running_loop().run_in_executor(
                 None, partial(read_swarm, self.dht, self.model_id, self.num_model_blocks, blocks=[block])
             )
-            lanes = {info.direct_address for info in swarm.blocks[block].values()
-                     if info.state != ServerState.OFFLINE and info.direct_address}  # fmt: skip
+            lanes = {
+                info.direct_address
+                for info in swarm.blocks[block].values()
+                if info.state != ServerState.OFFLINE and info.direct_address
+            }
             self._lanes[block] = (time.monotonic(), lanes)
         return address in lanes
 

@@ -1,8 +1,9 @@
 """Optional timeline of a node's inference rounds, for finding where a round's time goes (benchmarks only).
 
-With ``NECTAR_TRACE=/path/file.jsonl`` in a node's environment (``{pid}`` in it becomes the node's process id), the compute thread records each round's start and
-end and the event loop each step's request taken, step submitted and output sent (monotonic seconds), and the node
-writes them to that file as it stops. Off (one global check per event) otherwise.
+With ``NECTAR_TRACE=/path/file.jsonl`` in a node's environment (``{pid}`` in it becomes the node's process id), the
+compute thread records each round's start and end and the event loop each step's request taken, step submitted and
+output sent (monotonic seconds), and the node writes them to that file as it stops. Off (one global check per event)
+otherwise.
 """
 
 from __future__ import annotations

@@ -66,8 +66,12 @@ def run_env(migrations: Migrations, metadata: MetaData, default_url: Callable[[]
 
     config = context.config
     url = config.attributes.get("database_url") or default_url()
-    options = dict(target_metadata=metadata, compare_type=True, version_table=migrations.version_table,
-                   include_object=migrations.owns)  # fmt: skip
+    options = dict(
+        target_metadata=metadata,
+        compare_type=True,
+        version_table=migrations.version_table,
+        include_object=migrations.owns,
+    )
     if context.is_offline_mode():
         context.configure(url=url, literal_binds=True, render_as_batch=url.startswith("sqlite"), **options)
         with context.begin_transaction():

@@ -59,8 +59,10 @@ class ServiceSettings(BaseSettings):
             for name in self.OWN_KEYS:
                 value = getattr(self, name)
                 if not value or value.lower() in public_keys:
-                    raise ValueError(f"{self.env_name(name)} must be set to a private key of your own in production "
-                                     f"(the devnet accounts' keys are public)")  # fmt: skip
+                    raise ValueError(
+                        f"{self.env_name(name)} must be set to a private key of your own in production "
+                        f"(the devnet accounts' keys are public)"
+                    )
         return self
 
     def deployment_account_key(self, role: str) -> str | None:

@@ -14,18 +14,26 @@ from nectar.cli import resolve
 from nectar.cli_kit import log_level_of
 
 
-@pytest.mark.parametrize("argv, prog", [
-    (["ledger", "serve"], "nectar ledger serve"),
-    (["ledger"], "nectar ledger serve"),  # the spelling from before the groups
-    (["ledger", "worker"], "nectar ledger worker"),
-    (["worker"], "nectar ledger worker"),  # likewise
-    (["api", "serve"], "nectar api serve"),
-    (["api"], "nectar api serve"),
-    (["api", "worker"], "nectar api worker"),
-    (["node"], "nectar node"), (["dht"], "nectar dht"), (["generate"], "nectar generate"), (["chat"], "nectar chat"),
-    (["swarm"], "nectar swarm"), (["devnet"], "nectar devnet"), (["models"], "nectar models"),
-    (["demo"], "nectar demo"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv, prog",
+    [
+        (["ledger", "serve"], "nectar ledger serve"),
+        (["ledger"], "nectar ledger serve"),  # the spelling from before the groups
+        (["ledger", "worker"], "nectar ledger worker"),
+        (["worker"], "nectar ledger worker"),  # likewise
+        (["api", "serve"], "nectar api serve"),
+        (["api"], "nectar api serve"),
+        (["api", "worker"], "nectar api worker"),
+        (["node"], "nectar node"),
+        (["dht"], "nectar dht"),
+        (["generate"], "nectar generate"),
+        (["chat"], "nectar chat"),
+        (["swarm"], "nectar swarm"),
+        (["devnet"], "nectar devnet"),
+        (["models"], "nectar models"),
+        (["demo"], "nectar demo"),
+    ],
+)
 def test_every_command_and_old_spelling_answers_help(argv, prog, capsys):
     with pytest.raises(SystemExit) as caught:
         nectar_main([*argv, "--help"])
@@ -87,8 +95,9 @@ def test_the_client_command_line_defaults_are_clientconfig_defaults():
 
     assert client_config(generate_parser().parse_args(["hi"])) == ClientConfig()
     assert generate_parser().parse_args(["hi", "--initial-peers", "/ip4/1/p2p/A"]).initial_peers == ["/ip4/1/p2p/A"]
-    flagged = client_config(generate_parser().parse_args(["hi", "--no-direct", "--push", "--step-timeout", "5",
-                                                          "--ledger-url", "http://l"]))  # fmt: skip
+    flagged = client_config(
+        generate_parser().parse_args(["hi", "--no-direct", "--push", "--step-timeout", "5", "--ledger-url", "http://l"])
+    )
     assert (flagged.direct, flagged.push, flagged.step_timeout, flagged.ledger_url) == (False, True, 5.0, "http://l")
 
 
@@ -108,8 +117,11 @@ def test_ledger_flags_win_over_variables_and_reach_settings_without_touching_the
         SERVE,
         "test",
     )
-    assert (flagged.port, flagged.database_url, flagged.deployment_path) == (9001, "sqlite:///x.db",
-                                                                             tmp_path / "d.json")  # fmt: skip
+    assert (flagged.port, flagged.database_url, flagged.deployment_path) == (
+        9001,
+        "sqlite:///x.db",
+        tmp_path / "d.json",
+    )
     worker = _settings(worker_parser().parse_args(["--initial-peers", "/ip4/1", "/ip4/2"]), WORKER, "test")
     assert worker.swarm_initial_peers == "/ip4/1 /ip4/2"
     assert dict(os.environ) == before
@@ -122,8 +134,19 @@ def test_api_flags_reach_settings_and_the_wallets_deployment_without_touching_th
     monkeypatch.setenv("NECTAR_HOME", str(tmp_path))
     before = dict(os.environ)
     with settings.configured():
-        args = serve_parser().parse_args(["--models", "a", "b", "--initial-peers", "/ip4/1", "--price-per-token", "3",
-                                          "--deployment", str(tmp_path / "d.json")])  # fmt: skip
+        args = serve_parser().parse_args(
+            [
+                "--models",
+                "a",
+                "b",
+                "--initial-peers",
+                "/ip4/1",
+                "--price-per-token",
+                "3",
+                "--deployment",
+                str(tmp_path / "d.json"),
+            ]
+        )
         built = _settings(args, SERVE, "test")
         assert (built.models, built.initial_peers, built.price_per_token) == (["a", "b"], ["/ip4/1"], 3)
         assert deployment_path() == tmp_path / "d.json"  # vouchers are signed under the domain of this file

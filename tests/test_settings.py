@@ -24,18 +24,30 @@ def _fresh_settings():
 
 def test_every_variable_is_parsed(tmp_path):
     env = {
-        "NECTAR_HOME": str(tmp_path / "home"), "NECTAR_DEPLOYMENT": str(tmp_path / "d.json"),
+        "NECTAR_HOME": str(tmp_path / "home"),
+        "NECTAR_DEPLOYMENT": str(tmp_path / "d.json"),
         "NECTAR_INITIAL_PEERS": " /ip4/1.2.3.4/tcp/1/p2p/A,/ip4/5.6.7.8/tcp/2/p2p/B  /dns/x/tcp/3/p2p/C",
-        "NECTAR_LOG_LEVEL": "debug", "NECTAR_EVENT_LOOP": "AsyncIO", "NECTAR_CPU_BLAS": "mkl",
-        "NECTAR_GREEDY_HEAD": "INT8", "NECTAR_NATIVE": "off", "NECTAR_NATIVE_DECODE": "on",
-        "XDG_CACHE_HOME": str(tmp_path / "xdg"), "CC": "/usr/bin/my-cc", "NECTAR_TRACE": "/tmp/trace-{pid}.jsonl",
-        "NECTAR_REPO_ROOT": str(tmp_path / "repo"), "NECTAR_CONTRACTS_OUT": str(tmp_path / "out"),
-    }  # fmt: skip
+        "NECTAR_LOG_LEVEL": "debug",
+        "NECTAR_EVENT_LOOP": "AsyncIO",
+        "NECTAR_CPU_BLAS": "mkl",
+        "NECTAR_GREEDY_HEAD": "INT8",
+        "NECTAR_NATIVE": "off",
+        "NECTAR_NATIVE_DECODE": "on",
+        "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+        "CC": "/usr/bin/my-cc",
+        "NECTAR_TRACE": "/tmp/trace-{pid}.jsonl",
+        "NECTAR_REPO_ROOT": str(tmp_path / "repo"),
+        "NECTAR_CONTRACTS_OUT": str(tmp_path / "out"),
+    }
     parsed = RuntimeSettings.from_env(env)
     assert parsed.home == tmp_path / "home" and parsed.deployment_path == tmp_path / "d.json"
     assert parsed.initial_peers == ("/ip4/1.2.3.4/tcp/1/p2p/A", "/ip4/5.6.7.8/tcp/2/p2p/B", "/dns/x/tcp/3/p2p/C")
-    assert (parsed.log_level, parsed.event_loop, parsed.cpu_blas, parsed.greedy_head) == ("DEBUG", "asyncio", "torch",
-                                                                                          "int8")  # fmt: skip
+    assert (parsed.log_level, parsed.event_loop, parsed.cpu_blas, parsed.greedy_head) == (
+        "DEBUG",
+        "asyncio",
+        "torch",
+        "int8",
+    )
     assert parsed.native is False and parsed.native_decode == "on" and parsed.compiler == "/usr/bin/my-cc"
     assert parsed.kernel_cache == tmp_path / "xdg" / "nectar" / "kernels"  # XDG's cache folder when not set itself
     assert RuntimeSettings.from_env({**env, "NECTAR_KERNEL_CACHE": str(tmp_path / "k")}).kernel_cache == tmp_path / "k"
@@ -54,14 +66,17 @@ def test_unset_or_empty_variables_keep_the_defaults():
     assert (defaults.cpu_blas, defaults.native, defaults.initial_peers, defaults.log_level) == ("auto", True, (), None)
 
 
-@pytest.mark.parametrize("name, value, allowed", [
-    ("NECTAR_CPU_BLAS", "fast", "auto, torch, openblas or native"),
-    ("NECTAR_EVENT_LOOP", "trio", "auto, uvloop or asyncio"),
-    ("NECTAR_GREEDY_HEAD", "int4", "auto, bf16, int8 or off"),
-    ("NECTAR_NATIVE_DECODE", "sometimes", "auto, on or off"),
-    ("NECTAR_NATIVE", "maybe", "auto, on or off"),
-    ("NECTAR_LOG_LEVEL", "loud", "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, value, allowed",
+    [
+        ("NECTAR_CPU_BLAS", "fast", "auto, torch, openblas or native"),
+        ("NECTAR_EVENT_LOOP", "trio", "auto, uvloop or asyncio"),
+        ("NECTAR_GREEDY_HEAD", "int4", "auto, bf16, int8 or off"),
+        ("NECTAR_NATIVE_DECODE", "sometimes", "auto, on or off"),
+        ("NECTAR_NATIVE", "maybe", "auto, on or off"),
+        ("NECTAR_LOG_LEVEL", "loud", "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
+    ],
+)
 def test_a_bad_value_names_the_variable_and_what_it_takes(name, value, allowed):
     with pytest.raises(SettingsError) as caught:
         RuntimeSettings.from_env({name: value})
@@ -96,15 +111,17 @@ def test_configure_pins_the_settings_and_configured_restores_them(monkeypatch, t
 
 def test_nothing_is_read_at_import_and_a_bad_value_fails_where_it_is_used():
     env = {**os.environ, "NECTAR_CPU_BLAS": "fast", "NECTAR_EVENT_LOOP": "trio"}
-    code = ("import nectar, nectar.paths, nectar.models, nectar.models.cpu_blas, nectar.models.greedy_head, "
-            "nectar.models.native, nectar.wire.event_loop, nectar.chain.artifacts, nectar.client, nectar.cli, "
-            "nectar.node.server, nectar.ledger.service, nectar.api.main\n"
-            "import torch\n"
-            "from nectar.models.cpu_blas import CpuMatmul\n"
-            "try:\n"
-            "    CpuMatmul.calibrate([torch.randn(8, 8)])\n"
-            "except ValueError as e:\n"
-            "    print('used:', e)\n")  # fmt: skip
+    code = (
+        "import nectar, nectar.paths, nectar.models, nectar.models.cpu_blas, nectar.models.greedy_head, "
+        "nectar.models.native, nectar.wire.event_loop, nectar.chain.artifacts, nectar.client, nectar.cli, "
+        "nectar.node.server, nectar.ledger.service, nectar.api.main\n"
+        "import torch\n"
+        "from nectar.models.cpu_blas import CpuMatmul\n"
+        "try:\n"
+        "    CpuMatmul.calibrate([torch.randn(8, 8)])\n"
+        "except ValueError as e:\n"
+        "    print('used:', e)\n"
+    )
     ran = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert (

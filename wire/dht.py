@@ -76,8 +76,9 @@ class ClientRuntime:
     async def _create_node(self):
         from hivemind.dht.node import DHTNode
 
-        return await DHTNode.create(initial_peers=self.initial_peers, client_mode=True,
-                                    record_validator=AnnouncementValidator(None))  # fmt: skip
+        return await DHTNode.create(
+            initial_peers=self.initial_peers, client_mode=True, record_validator=AnnouncementValidator(None)
+        )
 
     @property
     def peer_id(self):

@@ -52,8 +52,12 @@ class InvalidSignature(ValueError):
 
 
 def make_domain(chain_id: int, verifying_contract: str) -> dict:
-    return {"name": "Nectar", "version": "1", "chainId": int(chain_id),
-            "verifyingContract": to_checksum_address(verifying_contract)}  # fmt: skip
+    return {
+        "name": "Nectar",
+        "version": "1",
+        "chainId": int(chain_id),
+        "verifyingContract": to_checksum_address(verifying_contract),
+    }
 
 
 @lru_cache(maxsize=64)
@@ -82,33 +86,39 @@ def _address_word(address: str) -> bytes:
 def receipt_struct_hash(receipt: Receipt) -> bytes:
     r = receipt
     return keccak256(
-        b"".join((
-            RECEIPT_TYPEHASH,
-            r.session_id,
-            r.step.to_bytes(32, "big"),
-            r.kind.to_bytes(32, "big"),
-            r.model_id,
-            r.block_start.to_bytes(32, "big"),
-            r.block_end.to_bytes(32, "big"),
-            _address_word(r.node),
-            _address_word(r.client),
-            r.tokens.to_bytes(32, "big"),
-            r.price.to_bytes(32, "big"),
-            r.amount.to_bytes(32, "big"),
-            r.input_commitment,
-            r.output_commitment,
-            r.fingerprint,
-            r.timestamp.to_bytes(32, "big"),
-        ))
-    )  # fmt: skip
+        b"".join(
+            (
+                RECEIPT_TYPEHASH,
+                r.session_id,
+                r.step.to_bytes(32, "big"),
+                r.kind.to_bytes(32, "big"),
+                r.model_id,
+                r.block_start.to_bytes(32, "big"),
+                r.block_end.to_bytes(32, "big"),
+                _address_word(r.node),
+                _address_word(r.client),
+                r.tokens.to_bytes(32, "big"),
+                r.price.to_bytes(32, "big"),
+                r.amount.to_bytes(32, "big"),
+                r.input_commitment,
+                r.output_commitment,
+                r.fingerprint,
+                r.timestamp.to_bytes(32, "big"),
+            )
+        )
+    )
 
 
 def voucher_struct_hash(voucher: Voucher) -> bytes:
     v = voucher
     return keccak256(
-        VOUCHER_TYPEHASH + _address_word(v.client) + _address_word(v.node) + _address_word(v.partner)
-        + v.channel_id.to_bytes(32, "big") + v.cumulative_amount.to_bytes(32, "big")
-    )  # fmt: skip
+        VOUCHER_TYPEHASH
+        + _address_word(v.client)
+        + _address_word(v.node)
+        + _address_word(v.partner)
+        + v.channel_id.to_bytes(32, "big")
+        + v.cumulative_amount.to_bytes(32, "big")
+    )
 
 
 def typed_digest(domain: dict, struct_hash: bytes) -> bytes:
@@ -199,8 +209,24 @@ def full_typed_message(primary_type: str, message: dict, domain: dict) -> dict:
 
 
 __all__ = [
-    "InvalidSignature", "make_domain", "domain_separator", "sign_receipt", "recover_receipt_signer", "sign_voucher",
-    "recover_voucher_signer", "receipt_struct_hash", "receipt_digest", "voucher_struct_hash", "voucher_digest",
-    "typed_digest", "receipt_leaf", "address_of", "sign_digest", "recover_digest_signer", "EIP712_TYPES",
-    "full_typed_message", "DEVNET_CHAIN_ID", "ZERO_ADDRESS",
-]  # fmt: skip
+    "InvalidSignature",
+    "make_domain",
+    "domain_separator",
+    "sign_receipt",
+    "recover_receipt_signer",
+    "sign_voucher",
+    "recover_voucher_signer",
+    "receipt_struct_hash",
+    "receipt_digest",
+    "voucher_struct_hash",
+    "voucher_digest",
+    "typed_digest",
+    "receipt_leaf",
+    "address_of",
+    "sign_digest",
+    "recover_digest_signer",
+    "EIP712_TYPES",
+    "full_typed_message",
+    "DEVNET_CHAIN_ID",
+    "ZERO_ADDRESS",
+]

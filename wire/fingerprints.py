@@ -120,6 +120,11 @@ def fingerprint_hash(fp: bytes) -> bytes:
 
 
 __all__ = [
-    "commit_tensor", "activation_fingerprint", "parse_fingerprint", "FingerprintTolerance", "TOLERANCES",
-    "fingerprints_match", "fingerprint_hash",
-]  # fmt: skip
+    "commit_tensor",
+    "activation_fingerprint",
+    "parse_fingerprint",
+    "FingerprintTolerance",
+    "TOLERANCES",
+    "fingerprints_match",
+    "fingerprint_hash",
+]

@@ -140,14 +140,29 @@ class LedgerClient:
         headers = {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
         return self._request("POST", PREFIX + CLOSE_EPOCH, params={"allow_empty": allow_empty}, headers=headers)
 
-    def report(self, *, private_key, node: str, online: bool | None = None, success: bool | None = None,
-               latency_ms: float | None = None, throughput: float | None = None) -> dict:  # fmt: skip
+    def report(
+        self,
+        *,
+        private_key,
+        node: str,
+        online: bool | None = None,
+        success: bool | None = None,
+        latency_ms: float | None = None,
+        throughput: float | None = None,
+    ) -> dict:
         """Report a measurement of ``node`` as the client owning ``private_key`` (must have paid that node)."""
         from eth_account import Account
         from eth_account.messages import encode_defunct
 
-        body = {"node": node, "reporter": Account.from_key(private_key).address, "online": online, "success": success,
-                "latency_ms": latency_ms, "throughput": throughput, "timestamp": int(time.time())}  # fmt: skip
+        body = {
+            "node": node,
+            "reporter": Account.from_key(private_key).address,
+            "online": online,
+            "success": success,
+            "latency_ms": latency_ms,
+            "throughput": throughput,
+            "timestamp": int(time.time()),
+        }
         signature = Account.sign_message(encode_defunct(text=report_message(body)), private_key).signature
         return self._request("POST", PREFIX + REPORTS, json={**body, "signature": "0x" + bytes(signature).hex()})
 
@@ -166,8 +181,15 @@ class LedgerPaymentPolicy:
     :param max_queue: receipts kept while the ledger is unreachable (oldest dropped past it, with a warning)
     """
 
-    def __init__(self, ledger_url: str, *, batch_size: int = 500, flush_interval: float = 0.5,
-                 max_queue: int = 1_000_000, client: LedgerClient | None = None):  # fmt: skip
+    def __init__(
+        self,
+        ledger_url: str,
+        *,
+        batch_size: int = 500,
+        flush_interval: float = 0.5,
+        max_queue: int = 1_000_000,
+        client: LedgerClient | None = None,
+    ):
         self.client = client or LedgerClient(ledger_url, timeout=10.0)
         self.batch_size, self.flush_interval, self.max_queue = batch_size, flush_interval, max_queue
         self._receipts: deque = deque()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, fields
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 import torch
 from hivemind.proto import runtime_pb2
@@ -341,7 +341,7 @@ class Cancel:
         return cls(_session_id(metadata), metadata.get("step"))
 
 
-InferenceRequest = Union[Step, Pay, Flush, Cancel]
+InferenceRequest = Step | Pay | Flush | Cancel
 _STREAM_REQUESTS = {cls.TYPE: cls for cls in (Step, Pay, Flush, Cancel)}
 
 
@@ -450,7 +450,7 @@ class PushMissing:
         return cls()
 
 
-InferenceReply = Union[Opened, StepReply, ReceiptMessage, PushMissing]
+InferenceReply = Opened | StepReply | ReceiptMessage | PushMissing
 
 
 def decode_inference_reply(response: runtime_pb2.ExpertResponse) -> InferenceReply:

@@ -85,14 +85,33 @@ def _as_int(name: str, value: Any) -> int:
 
 # ---------------------------------------------------------------------------------------------------- dataclasses
 _RECEIPT_KEYS = [
-    ("session_id", "sessionId"), ("step", "step"), ("kind", "kind"), ("model_id", "modelId"),
-    ("block_start", "blockStart"), ("block_end", "blockEnd"), ("node", "node"), ("client", "client"),
-    ("tokens", "tokens"), ("price", "price"), ("amount", "amount"), ("input_commitment", "inputCommitment"),
-    ("output_commitment", "outputCommitment"), ("fingerprint", "fingerprint"), ("timestamp", "timestamp"),
-]  # fmt: skip
+    ("session_id", "sessionId"),
+    ("step", "step"),
+    ("kind", "kind"),
+    ("model_id", "modelId"),
+    ("block_start", "blockStart"),
+    ("block_end", "blockEnd"),
+    ("node", "node"),
+    ("client", "client"),
+    ("tokens", "tokens"),
+    ("price", "price"),
+    ("amount", "amount"),
+    ("input_commitment", "inputCommitment"),
+    ("output_commitment", "outputCommitment"),
+    ("fingerprint", "fingerprint"),
+    ("timestamp", "timestamp"),
+]
 _BYTES32_FIELDS = ("session_id", "model_id", "input_commitment", "output_commitment", "fingerprint")
-_UINT_BITS = {"step": 64, "kind": 8, "block_start": 16, "block_end": 16, "tokens": 32, "price": 128, "amount": 128,
-              "timestamp": 64}  # fmt: skip
+_UINT_BITS = {
+    "step": 64,
+    "kind": 8,
+    "block_start": 16,
+    "block_end": 16,
+    "tokens": 32,
+    "price": 128,
+    "amount": 128,
+    "timestamp": 64,
+}
 
 
 @dataclass(frozen=True)
@@ -199,13 +218,23 @@ class Voucher:
         return self.client, self.node, self.partner, self.channel_id
 
     def to_message(self) -> dict:
-        return {"client": self.client, "node": self.node, "partner": self.partner, "channelId": self.channel_id,
-                "cumulativeAmount": self.cumulative_amount}  # fmt: skip
+        return {
+            "client": self.client,
+            "node": self.node,
+            "partner": self.partner,
+            "channelId": self.channel_id,
+            "cumulativeAmount": self.cumulative_amount,
+        }
 
     @classmethod
     def from_message(cls, message: dict) -> Voucher:
-        return cls(message["client"], message["node"], message["channelId"], message["cumulativeAmount"],
-                   message.get("partner"))  # fmt: skip
+        return cls(
+            message["client"],
+            message["node"],
+            message["channelId"],
+            message["cumulativeAmount"],
+            message.get("partner"),
+        )
 
     def to_json(self) -> dict:
         return {**self.to_message(), "cumulativeAmount": str(self.cumulative_amount)}
@@ -217,8 +246,13 @@ class Voucher:
         missing = [k for k in ("client", "node", "partner", "channelId", "cumulativeAmount") if k not in data]
         if missing:
             raise ValueError(f"voucher is missing fields: {', '.join(missing)}")
-        return cls(data["client"], data["node"], _as_int("channelId", data["channelId"]),
-                   _as_int("cumulativeAmount", data["cumulativeAmount"]), data["partner"])  # fmt: skip
+        return cls(
+            data["client"],
+            data["node"],
+            _as_int("channelId", data["channelId"]),
+            _as_int("cumulativeAmount", data["cumulativeAmount"]),
+            data["partner"],
+        )
 
 
 @dataclass(frozen=True)
@@ -265,6 +299,13 @@ def model_id_hash(model_name: str) -> bytes:
 
 
 __all__ = [
-    "ReceiptKind", "Receipt", "Voucher", "SignedReceipt", "SignedVoucher", "model_id_hash", "keccak256",
-    "checksum_address", "channel_slot",
-]  # fmt: skip
+    "ReceiptKind",
+    "Receipt",
+    "Voucher",
+    "SignedReceipt",
+    "SignedVoucher",
+    "model_id_hash",
+    "keccak256",
+    "checksum_address",
+    "channel_slot",
+]

@@ -40,9 +40,15 @@ async def get_file(file_id: str, auth: AuthDep, serving: FilesServingDep) -> Fil
     return await serving.get(auth, file_id)
 
 
-@router.get("/files/{file_id}/content", summary="Download a file", response_class=Response,
-            responses={200: {"description": "The file's bytes.", "content": {"application/octet-stream": {}}},
-                       **errors(401, 404, 429)})  # fmt: skip
+@router.get(
+    "/files/{file_id}/content",
+    summary="Download a file",
+    response_class=Response,
+    responses={
+        200: {"description": "The file's bytes.", "content": {"application/octet-stream": {}}},
+        **errors(401, 404, 429),
+    },
+)
 async def get_file_content(file_id: str, auth: AuthDep, serving: FilesServingDep) -> Response:
     """The file's bytes, as uploaded."""
     return Response(await serving.content(auth, file_id), media_type="application/octet-stream")

@@ -33,5 +33,10 @@ async def monitor() -> FileResponse:
 async def health(state: StateDep) -> Health:
     """Liveness, served models, database backend, chain and ledger configuration."""
     settings = state.settings
-    return Health(status="ok", models=list(state.context.swarm.models), database=state.context.db.dialect.name,
-                  chain=settings.deployment_path.exists(), ledger=settings.ledger_url)  # fmt: skip
+    return Health(
+        status="ok",
+        models=list(state.context.swarm.models),
+        database=state.context.db.dialect.name,
+        chain=settings.deployment_path.exists(),
+        ledger=settings.ledger_url,
+    )

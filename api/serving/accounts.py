@@ -55,22 +55,42 @@ class AccountService:
 
     def _account_public(self, session, account: Account) -> AccountPublic:
         requests, tokens, spent = crud.usage_totals(session, account_id=account.id)
-        return AccountPublic(id=f"acct-{account.id}", name=account.name, eth_address=account.eth_address,
-                             balance_credits=micro_to_credits(account.balance), balance_micro=account.balance,
-                             held_micro=account.held, price_per_token_micro=self.settings.price_per_token,
-                             requests=requests, tokens=tokens, spent_micro=spent,
-                             created_at=account.created_at)  # fmt: skip
+        return AccountPublic(
+            id=f"acct-{account.id}",
+            name=account.name,
+            eth_address=account.eth_address,
+            balance_credits=micro_to_credits(account.balance),
+            balance_micro=account.balance,
+            held_micro=account.held,
+            price_per_token_micro=self.settings.price_per_token,
+            requests=requests,
+            tokens=tokens,
+            spent_micro=spent,
+            created_at=account.created_at,
+        )
 
     def key_public(self, key: ApiKey) -> ApiKeyPublic:
-        return ApiKeyPublic(id=key.id, name=key.name, prefix=key.prefix, created_at=key.created_at,
-                            rate_limit_per_minute=key.rate_limit_per_minute or self.settings.rate_limit_per_minute,
-                            revoked=key.revoked_at is not None)  # fmt: skip
+        return ApiKeyPublic(
+            id=key.id,
+            name=key.name,
+            prefix=key.prefix,
+            created_at=key.created_at,
+            rate_limit_per_minute=key.rate_limit_per_minute or self.settings.rate_limit_per_minute,
+            revoked=key.revoked_at is not None,
+        )
 
     @staticmethod
     def _deposit_public(d: Deposit) -> DepositPublic:
-        return DepositPublic(id=d.id, source=d.source, amount_credits=micro_to_credits(d.amount), amount_micro=d.amount,
-                             depositor=d.depositor, tx_hash=d.tx_hash, block_number=d.block_number,
-                             created_at=d.created_at)  # fmt: skip
+        return DepositPublic(
+            id=d.id,
+            source=d.source,
+            amount_credits=micro_to_credits(d.amount),
+            amount_micro=d.amount,
+            depositor=d.depositor,
+            tx_hash=d.tx_hash,
+            block_number=d.block_number,
+            created_at=d.created_at,
+        )
 
     # ---- accounts and keys -------------------------------------------------------------------------------------
 
@@ -78,8 +98,9 @@ class AccountService:
         def work(session):
             account = crud.create_account(session, name=body.name)
             key, secret = crud.create_api_key(session, account_id=account.id, name="default")
-            return AccountCreated(account=self._account_public(session, account), api_key=secret,
-                                  key=self.key_public(key))  # fmt: skip
+            return AccountCreated(
+                account=self._account_public(session, account), api_key=secret, key=self.key_public(key)
+            )
 
         created = await self._tx(work)
         logger.info(f"Created account {created.account.id} ({body.name!r})")
@@ -90,8 +111,9 @@ class AccountService:
 
     async def create_key(self, auth: Auth, body: ApiKeyCreate) -> ApiKeyCreated:
         def work(session):
-            key, secret = crud.create_api_key(session, account_id=auth.account_id, name=body.name,
-                                              rate_limit_per_minute=body.rate_limit_per_minute)  # fmt: skip
+            key, secret = crud.create_api_key(
+                session, account_id=auth.account_id, name=body.name, rate_limit_per_minute=body.rate_limit_per_minute
+            )
             return ApiKeyCreated(key=self.key_public(key), api_key=secret)
 
         return await self._tx(work)
@@ -115,15 +137,20 @@ class AccountService:
         except Exception as e:
             raise ApiError(422, f"malformed signature ({e})", param="signature", code="bad_signature") from None
         if signer != address:
-            raise ApiError(403, f"The signature is by {signer}, not {address}. Sign exactly {message!r} with the "
-                                f"key of {address} (personal_sign / EIP-191).", param="signature",
-                           code="bad_signature")  # fmt: skip
+            raise ApiError(
+                403,
+                f"The signature is by {signer}, not {address}. Sign exactly {message!r} with the "
+                f"key of {address} (personal_sign / EIP-191).",
+                param="signature",
+                code="bad_signature",
+            )
 
         def work(session):
             owner = crud.account_by_address(session, address=address)
             if owner is not None and owner.id != auth.account_id:
-                raise ApiError(409, f"{address} is already linked to another account", param="eth_address",
-                               code="address_taken")  # fmt: skip
+                raise ApiError(
+                    409, f"{address} is already linked to another account", param="eth_address", code="address_taken"
+                )
             account = crud.set_eth_address(session, account_id=auth.account_id, address=address)
             claimed = crud.claim_unassigned_deposits(session, account_id=auth.account_id, address=address)
             if claimed:
@@ -140,18 +167,28 @@ class AccountService:
             info = await anyio.to_thread.run_sync(self.watcher.deposit_instructions)
         except Exception as e:
             logger.info(f"No chain for funding instructions: {e}")
-            info = {"chain_id": None, "rpc_url": None, "escrow": None, "credits_token": None,
-                    "gateway_address": self.watcher.gateway}  # fmt: skip
+            info = {
+                "chain_id": None,
+                "rpc_url": None,
+                "escrow": None,
+                "credits_token": None,
+                "gateway_address": self.watcher.gateway,
+            }
         steps = [
             f"1. Link your address: sign {link_message(auth.account_id, '<your address>')!r} and PUT "
-            f"/v1/account/address {{eth_address, signature}}" if account.eth_address is None
+            f"/v1/account/address {{eth_address, signature}}"
+            if account.eth_address is None
             else f"1. Deposits must come from your linked address {account.eth_address}",
             f"2. Credits.approve({info['escrow']}, amount) from that address",
             f"3. Escrow.depositFor({info['gateway_address']}, amount) from that address",
             "4. POST /v1/account/deposits/scan (or wait a few seconds): the deposit is credited once",
-        ]  # fmt: skip
-        return FundingInstructions(linked_address=account.eth_address, steps=steps,
-                                   faucet_available=self.settings.environment == "devnet", **info)  # fmt: skip
+        ]
+        return FundingInstructions(
+            linked_address=account.eth_address,
+            steps=steps,
+            faucet_available=self.settings.environment == "devnet",
+            **info,
+        )
 
     async def scan(self, auth: Auth) -> ScanResultPublic:
         try:
@@ -159,24 +196,34 @@ class AccountService:
         except ChainUnavailable as e:
             raise unavailable(str(e), code="chain_unavailable") from None
         account = await self.get_account(auth)
-        return ScanResultPublic(credited=result.credited, unassigned=result.unassigned,
-                                settled_batches=result.settled_batches, to_block=result.to_block,
-                                account=account)  # fmt: skip
+        return ScanResultPublic(
+            credited=result.credited,
+            unassigned=result.unassigned,
+            settled_batches=result.settled_batches,
+            to_block=result.to_block,
+            account=account,
+        )
 
     async def faucet(self, auth: Auth, body: FaucetRequest) -> DepositPublic:
         if self.settings.environment != "devnet":
-            raise ApiError(403, "The faucet exists on a devnet only; fund the account with an escrow deposit "
-                                "(GET /v1/account/funding)", code="faucet_disabled")  # fmt: skip
+            raise ApiError(
+                403,
+                "The faucet exists on a devnet only; fund the account with an escrow deposit (GET /v1/account/funding)",
+                code="faucet_disabled",
+            )
         credits = min(body.credits or self.settings.faucet_credits, self.settings.faucet_credits)
         try:
-            deposit = await anyio.to_thread.run_sync(lambda: self.watcher.faucet(account_id=auth.account_id,
-                                                                                 credits=credits))  # fmt: skip
+            deposit = await anyio.to_thread.run_sync(
+                lambda: self.watcher.faucet(account_id=auth.account_id, credits=credits)
+            )
         except ChainUnavailable as e:
             raise unavailable(str(e), code="chain_unavailable") from None
         except Exception as e:
             logger.warning(f"Faucet failed: {type(e).__name__}: {e}")
-            raise unavailable(f"The devnet faucet failed ({type(e).__name__}: {e}); is `nectar devnet` running?",
-                              code="chain_unavailable") from None  # fmt: skip
+            raise unavailable(
+                f"The devnet faucet failed ({type(e).__name__}: {e}); is `nectar devnet` running?",
+                code="chain_unavailable",
+            ) from None
         return self._deposit_public(deposit)
 
     async def deposits(self, auth: Auth, limit: int) -> DepositList:
@@ -185,9 +232,15 @@ class AccountService:
 
     async def usage(self, auth: Auth, limit: int) -> UsageList:
         def public(u: Usage) -> UsagePublic:
-            return UsagePublic(reference=u.reference, kind=u.kind, model=u.model, prompt_tokens=u.prompt_tokens,
-                               completion_tokens=u.completion_tokens, cost_micro=u.cost,
-                               created_at=u.created_at)  # fmt: skip
+            return UsagePublic(
+                reference=u.reference,
+                kind=u.kind,
+                model=u.model,
+                prompt_tokens=u.prompt_tokens,
+                completion_tokens=u.completion_tokens,
+                cost_micro=u.cost,
+                created_at=u.created_at,
+            )
 
         rows = await self._tx(lambda s: crud.list_usage(s, account_id=auth.account_id, limit=limit))
         return UsageList(data=[public(u) for u in rows])
@@ -197,8 +250,9 @@ class AccountService:
             account = crud.get_account(session, account_id=account_id)
             if account is None:
                 raise not_found(f"No account acct-{account_id}", param="account_id")
-            crud.add_credit(session, account_id=account_id, amount=credits_to_micro(body.credits), source="grant",
-                            note=body.note)  # fmt: skip
+            crud.add_credit(
+                session, account_id=account_id, amount=credits_to_micro(body.credits), source="grant", note=body.note
+            )
             session.flush()
             session.refresh(account)
             return self._account_public(session, account)

@@ -73,22 +73,29 @@ class OpenAIServing:
 
         found = await anyio.to_thread.run_sync(lookup)
         if found is None:
-            raise not_found(f"The model {name!r} does not exist or is not yours. Available: "
-                            f"{', '.join(self.swarm.models) or 'none'} (GET /v1/models lists yours too)",
-                            param="model", code="model_not_found")  # fmt: skip
+            raise not_found(
+                f"The model {name!r} does not exist or is not yours. Available: "
+                f"{', '.join(self.swarm.models) or 'none'} (GET /v1/models lists yours too)",
+                param="model",
+                code="model_not_found",
+            )
         base_name, prompts = found
         base = self.swarm.get(base_name)
         if base is None:
-            raise unavailable(f"{name} is tuned on {base_name}, which this gateway does not serve now",
-                              code="model_not_served")  # fmt: skip
+            raise unavailable(
+                f"{name} is tuned on {base_name}, which this gateway does not serve now", code="model_not_served"
+            )
         return Target(name, base, prompts)
 
     def check_length(self, target: Target, prompt_tokens: int, max_new_tokens: int) -> None:
         limit = target.model.max_model_len - target.prefix_tokens
         if prompt_tokens + max_new_tokens > limit:
-            raise bad_request(f"This model's context is {limit} tokens; the prompt has {prompt_tokens} tokens and "
-                              f"max_tokens asks for {max_new_tokens} more. Shorten the prompt or lower max_tokens.",
-                              param="max_tokens", code="context_length_exceeded")  # fmt: skip
+            raise bad_request(
+                f"This model's context is {limit} tokens; the prompt has {prompt_tokens} tokens and "
+                f"max_tokens asks for {max_new_tokens} more. Shorten the prompt or lower max_tokens.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
 
     @staticmethod
     def check_supported(request) -> None:

@@ -36,14 +36,18 @@ class OpenAIServingChat(GenerationServing):
 
     def build_prompts(self, request: ChatCompletionRequest, target: Target) -> tuple[list[list[int]], list[str]]:
         if not target.model.has_chat_template:
-            raise bad_request(f"{target.name} has no chat template; use /v1/completions with a plain prompt",
-                              param="model", code="no_chat_template")  # fmt: skip
+            raise bad_request(
+                f"{target.name} has no chat template; use /v1/completions with a plain prompt",
+                param="model",
+                code="no_chat_template",
+            )
         messages = [{"role": ROLE_FOR_TEMPLATE.get(m.role, m.role), "content": m.text()} for m in request.messages]
         try:
             return [target.model.chat_prompt(messages)], []
         except Exception as e:  # template errors: roles out of order, unsupported roles
-            raise bad_request(f"The chat template of {target.name} rejected these messages: {e}",
-                              param="messages") from None  # fmt: skip
+            raise bad_request(
+                f"The chat template of {target.name} rejected these messages: {e}", param="messages"
+            ) from None
 
     def max_new_tokens(self, request: ChatCompletionRequest, target: Target, prompts: list[list[int]]) -> int:
         max_new = request.requested_max_tokens()
@@ -55,14 +59,22 @@ class OpenAIServingChat(GenerationServing):
     def response(
         self, job: Generation, texts: list[str], reasons: list[str | None], usage: UsageInfo
     ) -> ChatCompletionResponse:
-        choices = [ChatCompletionChoice(index=i, message=AssistantMessage(content=text), finish_reason=reasons[i])
-                   for i, text in enumerate(texts)]  # fmt: skip
+        choices = [
+            ChatCompletionChoice(index=i, message=AssistantMessage(content=text), finish_reason=reasons[i])
+            for i, text in enumerate(texts)
+        ]
         return ChatCompletionResponse(id=job.id, model=job.target.name, choices=choices, usage=usage)
 
     def choice_event(self, job: Generation, index: int, text: str, reason: str | None, first: bool) -> str:
         def chunk(delta: DeltaMessage, finish_reason: str | None = None) -> str:
-            return sse(ChatCompletionStreamResponse(id=job.id, created=job.created, model=job.target.name, choices=[
-                ChatCompletionStreamChoice(index=index, delta=delta, finish_reason=finish_reason)]))  # fmt: skip
+            return sse(
+                ChatCompletionStreamResponse(
+                    id=job.id,
+                    created=job.created,
+                    model=job.target.name,
+                    choices=[ChatCompletionStreamChoice(index=index, delta=delta, finish_reason=finish_reason)],
+                )
+            )
 
         events = []
         if first:  # every reply starts with a chunk naming the role

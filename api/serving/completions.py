@@ -41,8 +41,9 @@ class OpenAIServingCompletion(GenerationServing):
         if not items:
             raise bad_request("prompt is empty", param="prompt")
         if len(items) * request.n > self.settings.max_prompts:
-            raise bad_request(f"at most {self.settings.max_prompts} prompts x n per request; split the batch",
-                              param="prompt")  # fmt: skip
+            raise bad_request(
+                f"at most {self.settings.max_prompts} prompts x n per request; split the batch", param="prompt"
+            )
         vocab = len(target.model.tokenizer)
         ids, texts = [], []
         for index, item in enumerate(items):
@@ -52,8 +53,9 @@ class OpenAIServingCompletion(GenerationServing):
                 texts.append(item)
             else:
                 if any(not 0 <= t < vocab for t in item):
-                    raise bad_request(f"prompt {index} holds token ids outside the vocabulary (0..{vocab - 1})",
-                                      param="prompt")  # fmt: skip
+                    raise bad_request(
+                        f"prompt {index} holds token ids outside the vocabulary (0..{vocab - 1})", param="prompt"
+                    )
                 ids.append(list(item))
                 texts.append(target.model.decode(item))
             if not ids[-1]:
@@ -67,8 +69,10 @@ class OpenAIServingCompletion(GenerationServing):
         self, job: Generation, texts: list[str], reasons: list[str | None], usage: UsageInfo
     ) -> CompletionResponse:
         n, echo = job.request.n, job.request.echo
-        choices = [CompletionChoice(index=i, text=(job.texts[i // n] if echo else "") + text, finish_reason=reasons[i])
-                   for i, text in enumerate(texts)]  # fmt: skip
+        choices = [
+            CompletionChoice(index=i, text=(job.texts[i // n] if echo else "") + text, finish_reason=reasons[i])
+            for i, text in enumerate(texts)
+        ]
         return CompletionResponse(id=job.id, model=job.target.name, choices=choices, usage=usage)
 
     def prompt_events(self, job: Generation, prompt: int) -> Iterable[str]:
@@ -78,5 +82,11 @@ class OpenAIServingCompletion(GenerationServing):
                 yield self.choice_event(job, prompt * n + j, job.texts[prompt], None, True)
 
     def choice_event(self, job: Generation, index: int, text: str, reason: str | None, first: bool) -> str:
-        return sse(CompletionStreamResponse(id=job.id, created=job.created, model=job.target.name, choices=[
-            CompletionStreamChoice(index=index, text=text, finish_reason=reason)]))  # fmt: skip
+        return sse(
+            CompletionStreamResponse(
+                id=job.id,
+                created=job.created,
+                model=job.target.name,
+                choices=[CompletionStreamChoice(index=index, text=text, finish_reason=reason)],
+            )
+        )

@@ -112,8 +112,9 @@ class GenerationServing(OpenAIServing):
         params = request.to_generation_params(max_new)
         request_id = random_id(self.id_prefix)
         worst = sum(len(ids) for ids in prompts) + len(prompts) * request.n * max_new
-        hold_id = await self.billing.reserve(account_id=auth.account_id, tokens=worst, reference=request_id,
-                                             what=self.what)  # fmt: skip
+        hold_id = await self.billing.reserve(
+            account_id=auth.account_id, tokens=worst, reference=request_id, what=self.what
+        )
         job = Generation(request, target, prompts, texts, params, request_id, hold_id, auth)
         if request.stream:
             return await prime(self._stream(job))
@@ -157,8 +158,11 @@ class GenerationServing(OpenAIServing):
                 return
             options = job.request.stream_options
             if options and options.include_usage:
-                yield sse(self.stream_response(id=job.id, created=job.created, model=job.target.name, choices=[],
-                                               usage=self.usage(charge)))  # fmt: skip
+                yield sse(
+                    self.stream_response(
+                        id=job.id, created=job.created, model=job.target.name, choices=[], usage=self.usage(charge)
+                    )
+                )
             yield SSE_DONE
         finally:
             await self.settle(job, charge)
@@ -176,8 +180,10 @@ class GenerationServing(OpenAIServing):
     ) -> AsyncIterator[tuple[int, str, str | None]]:
         """Yields (choice index, new text, finish reason or None) as the swarm generates, counting tokens into
         ``charge``: the prompt once, every generated token of a choice until it finishes."""
-        choices = [ChoiceText(target.model.tokenizer, stops=params.stop, eos_token_ids=target.model.eos_token_ids)
-                   for _ in range(params.n)]  # fmt: skip
+        choices = [
+            ChoiceText(target.model.tokenizer, stops=params.stop, eos_token_ids=target.model.eos_token_ids)
+            for _ in range(params.n)
+        ]
         charge.prompt_tokens += len(prompt_ids)
         if params.max_new_tokens > 0:
             steps = target.model.stream(prompt_ids, params, prompts=target.prompts)
@@ -205,9 +211,12 @@ class GenerationServing(OpenAIServing):
                 yield first_index + row, choice.finish("length"), "length"
 
     def usage(self, charge: Charge) -> UsageInfo:
-        return UsageInfo(prompt_tokens=charge.prompt_tokens, completion_tokens=charge.completion_tokens,
-                         total_tokens=charge.total_tokens,
-                         cost=micro_to_credits(self.billing.cost(charge.total_tokens)))  # fmt: skip
+        return UsageInfo(
+            prompt_tokens=charge.prompt_tokens,
+            completion_tokens=charge.completion_tokens,
+            total_tokens=charge.total_tokens,
+            cost=micro_to_credits(self.billing.cost(charge.total_tokens)),
+        )
 
     @staticmethod
     def stream_error(error: ApiError) -> str:
@@ -216,7 +225,8 @@ class GenerationServing(OpenAIServing):
 
     async def settle(self, job: Generation, charge: Charge) -> None:
         try:
-            await self.billing.settle(hold_id=job.hold_id, charge=charge, kind=self.kind, model=job.target.name,
-                                      key_id=job.auth.key_id)  # fmt: skip
+            await self.billing.settle(
+                hold_id=job.hold_id, charge=charge, kind=self.kind, model=job.target.name, key_id=job.auth.key_id
+            )
         except Exception:  # the hold stays; the stale-hold sweeper returns it, and the log tells the operator
             logger.exception(f"Could not settle hold {job.hold_id} ({charge})")

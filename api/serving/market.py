@@ -80,16 +80,30 @@ class MarketService:
             seen = {str(peer_id): info for peer_id, info in swarm.servers().items()}
             for peer_id, info in sorted(seen.items(), key=lambda kv: (kv[1].start, kv[1].end, kv[1].public_name)):
                 score = reputation.get((info.eth_address or "").lower())
-                nodes.append(SwarmNode(
-                    peer_id=peer_id, name=info.public_name or peer_id[-8:], eth_address=info.eth_address, model=name,
-                    block_start=info.start, block_end=info.end, state=ServerState(info.state).name.lower(),
-                    throughput=round(float(info.throughput), 3), inference_rps=round(float(info.inference_rps), 3),
-                    price_per_token=int(info.price_per_token), cache_tokens_left=int(info.cache_tokens_left),
-                    reputation=score["score"] if score else None, new=score["new"] if score else None,
-                ))  # fmt: skip
-        return SwarmView(models=models, nodes=nodes, gateway_address=self.context.swarm.wallet_address,
-                         ledger_url=self.context.settings.ledger_url,
-                         generated_at=datetime.now(UTC))  # fmt: skip
+                nodes.append(
+                    SwarmNode(
+                        peer_id=peer_id,
+                        name=info.public_name or peer_id[-8:],
+                        eth_address=info.eth_address,
+                        model=name,
+                        block_start=info.start,
+                        block_end=info.end,
+                        state=ServerState(info.state).name.lower(),
+                        throughput=round(float(info.throughput), 3),
+                        inference_rps=round(float(info.inference_rps), 3),
+                        price_per_token=int(info.price_per_token),
+                        cache_tokens_left=int(info.cache_tokens_left),
+                        reputation=score["score"] if score else None,
+                        new=score["new"] if score else None,
+                    )
+                )
+        return SwarmView(
+            models=models,
+            nodes=nodes,
+            gateway_address=self.context.swarm.wallet_address,
+            ledger_url=self.context.settings.ledger_url,
+            generated_at=datetime.now(UTC),
+        )
 
     async def swarm_view(self) -> SwarmView:
         if self._view is not None and time.monotonic() - self._view[0] < VIEW_TTL:
@@ -114,8 +128,10 @@ class MarketService:
                 )
 
         usage, settled = await anyio.to_thread.run_sync(load)
-        points = [StatPoint(t=since + timedelta(seconds=i * bucket_seconds), tokens=0, spent_micro=0,
-                            settled_credits=0.0) for i in range(buckets)]  # fmt: skip
+        points = [
+            StatPoint(t=since + timedelta(seconds=i * bucket_seconds), tokens=0, spent_micro=0, settled_credits=0.0)
+            for i in range(buckets)
+        ]
 
         def index(moment: datetime) -> int:
             if moment.tzinfo is None:  # SQLite returns naive datetimes (stored as UTC)
@@ -128,8 +144,12 @@ class MarketService:
             point.spent_micro += cost
         for moment, gross in settled:
             points[index(moment)].settled_credits += gross / WEI_PER_CREDIT
-        return MarketStats(bucket_seconds=bucket_seconds, points=points, total_tokens=sum(p.tokens for p in points),
-                           total_settled_credits=sum(p.settled_credits for p in points))  # fmt: skip
+        return MarketStats(
+            bucket_seconds=bucket_seconds,
+            points=points,
+            total_tokens=sum(p.tokens for p in points),
+            total_settled_credits=sum(p.settled_credits for p in points),
+        )
 
     # ---- one node (from the ledger) ----------------------------------------------------------------------------
 
@@ -137,8 +157,12 @@ class MarketService:
         from eth_utils import is_address, to_checksum_address
 
         if not is_address(address):
-            raise ApiError(422, f"{address!r} is not an Ethereum address (0x + 40 hex digits)", param="address",
-                           code="invalid_address")  # fmt: skip
+            raise ApiError(
+                422,
+                f"{address!r} is not an Ethereum address (0x + 40 hex digits)",
+                param="address",
+                code="invalid_address",
+            )
         if self.ledger is None:
             raise unavailable(
                 "No ledger is configured: start `nectar ledger` and pass --ledger-url (or "
@@ -154,13 +178,17 @@ class MarketService:
                 raise not_found(f"The ledger has no record of node {address}", param="address") from None
             raise unavailable(f"The ledger answered {e.status}: {e.detail}", code="ledger_error") from None
         except Exception as e:
-            raise unavailable(f"The ledger at {self.context.settings.ledger_url} does not answer ({e})",
-                              code="ledger_unavailable") from None  # fmt: skip
+            raise unavailable(
+                f"The ledger at {self.context.settings.ledger_url} does not answer ({e})", code="ledger_unavailable"
+            ) from None
 
     async def receipts(self, address: str) -> NodeReceipts:
         data = await self._node(address)
-        return NodeReceipts(address=data["address"], receipts_count=data["receipts_count"],
-                            recent=[NodeReceipt(**r) for r in data["recent_receipts"]])  # fmt: skip
+        return NodeReceipts(
+            address=data["address"],
+            receipts_count=data["receipts_count"],
+            recent=[NodeReceipt(**r) for r in data["recent_receipts"]],
+        )
 
     async def earnings(self, address: str) -> NodeEarnings:
         data = await self._node(address)
@@ -171,13 +199,16 @@ class MarketService:
             except Exception:  # no chain: the ledger's numbers still stand
                 return None
 
-        return NodeEarnings(address=data["address"], earned_wei=data["earned"], settled_wei=data["settled"],
-                            withdrawable_wei=await anyio.to_thread.run_sync(withdrawable))  # fmt: skip
+        return NodeEarnings(
+            address=data["address"],
+            earned_wei=data["earned"],
+            settled_wei=data["settled"],
+            withdrawable_wei=await anyio.to_thread.run_sync(withdrawable),
+        )
 
     async def settlements(self, address: str) -> NodeSettlements:
         data = await self._node(address)
-        return NodeSettlements(address=data["address"],
-                               settlements=[NodeSettlement(**s) for s in data["settlements"]])  # fmt: skip
+        return NodeSettlements(address=data["address"], settlements=[NodeSettlement(**s) for s in data["settlements"]])
 
     async def reputation(self, address: str) -> NodeReputation:
         data = await self._node(address)

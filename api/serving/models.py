@@ -20,8 +20,10 @@ class OpenAIServingModels(OpenAIServing):
     def _tuned(self, auth: Auth):
         def work():
             with session_scope(self.context.db) as session:
-                return [(t.name, t.base_model, t.pre_seq_len, int(t.created_at.timestamp()))
-                        for t in crud.list_tuned_models(session, account_id=auth.account_id)]  # fmt: skip
+                return [
+                    (t.name, t.base_model, t.pre_seq_len, int(t.created_at.timestamp()))
+                    for t in crud.list_tuned_models(session, account_id=auth.account_id)
+                ]
 
         return anyio.to_thread.run_sync(work)
 
@@ -52,6 +54,9 @@ class OpenAIServingModels(OpenAIServing):
                 return crud.delete_tuned_model(session, account_id=auth.account_id, name=name)
 
         if not await anyio.to_thread.run_sync(work):
-            raise not_found(f"No fine-tuned model {name!r} of yours (swarm models cannot be deleted)", param="model",
-                            code="model_not_found")  # fmt: skip
+            raise not_found(
+                f"No fine-tuned model {name!r} of yours (swarm models cannot be deleted)",
+                param="model",
+                code="model_not_found",
+            )
         return ModelDeleted(id=name, deleted=True)

@@ -44,8 +44,11 @@ def funded_key(url: str, credits: str) -> tuple[str, int]:
         body = h.post("/v1/accounts", json={"name": "bench"}).json()
         account = int(body["account"]["id"].removeprefix("acct-"))
         h.post(f"/v1/admin/accounts/{account}/credit", json={"credits": credits}, headers=ADMIN).raise_for_status()
-        key = h.post("/v1/account/keys", json={"rate_limit_per_minute": 1_000_000},
-                     headers={"Authorization": f"Bearer {body['api_key']}"}).json()["api_key"]  # fmt: skip
+        key = h.post(
+            "/v1/account/keys",
+            json={"rate_limit_per_minute": 1_000_000},
+            headers={"Authorization": f"Bearer {body['api_key']}"},
+        ).json()["api_key"]
     return key, account
 
 
@@ -96,12 +99,15 @@ def load_test(url: str, model: str, *, clients: int, requests: int, tokens: int)
     after = account(url, key)
     charged = sum(total for _, _, total in results) * PRICE
     return {
-        "requests": len(results), "seconds": elapsed, "rps": len(results) / elapsed,
+        "requests": len(results),
+        "seconds": elapsed,
+        "rps": len(results) / elapsed,
         "tokens_per_s": sum(c for _, c, _ in results) / elapsed,
-        "p50": statistics.median(r[0] for r in results), "p95": pct([r[0] for r in results], 0.95),
+        "p50": statistics.median(r[0] for r in results),
+        "p95": pct([r[0] for r in results], 0.95),
         "book_ok": before - after["balance_micro"] == charged and after["held_micro"] == 0 and min(samples) >= 0,
         "charged": charged,
-    }  # fmt: skip
+    }
 
 
 def main() -> None:
@@ -139,8 +145,12 @@ def main() -> None:
         sdk_time = sdk_tokens = api_time = api_tokens = 0.0
         loads = {}
         for workers in (1, 4):
-            env = api_environment(home=work / f"api-{workers}", model=model, initial_peers=swarm.initial_peers,
-                                  max_concurrent_generations=workers)  # fmt: skip
+            env = api_environment(
+                home=work / f"api-{workers}",
+                model=model,
+                initial_peers=swarm.initial_peers,
+                max_concurrent_generations=workers,
+            )
             with ApiProcess(env=env, log_dir=work / f"api-{workers}") as api:
                 if workers == 1:
                     key, _ = funded_key(api.url, "10")
@@ -159,15 +169,17 @@ def main() -> None:
                     sdk_tps, api_tps = sdk_tokens / sdk_time, api_tokens / api_time
                     sdk.shutdown()
                     began = time.perf_counter()
-                    stream = client.completions.create(model=name, prompt=prompt, max_tokens=args.tokens,
-                                                       temperature=0, stream=True)  # fmt: skip
+                    stream = client.completions.create(
+                        model=name, prompt=prompt, max_tokens=args.tokens, temperature=0, stream=True
+                    )
                     first = None
                     for chunk in stream:
                         if first is None and chunk.choices and chunk.choices[0].text:
                             first = time.perf_counter() - began
                     stream_total = time.perf_counter() - began
-                loads[workers] = load_test(api.url, name, clients=args.clients, requests=args.requests,
-                                           tokens=args.tokens)  # fmt: skip
+                loads[workers] = load_test(
+                    api.url, name, clients=args.clients, requests=args.requests, tokens=args.tokens
+                )
 
     print(f"\n[bench] generation through the SDK directly: {sdk_tps:.1f} tokens/s")
     print(

@@ -37,8 +37,18 @@ ETHER = 10**18
 TARGET = 10_000
 BATCH = 100
 # clients x nodes x wallets per client (each wallet pays every node of its client): 100 vouchers each
-SHAPES = [(1, 1, 100), (1, 5, 20), (4, 5, 5), (5, 10, 2), (10, 5, 2), (50, 1, 2), (1, 50, 2),
-          (10, 10, 1), (100, 1, 1), (1, 100, 1)]  # fmt: skip
+SHAPES = [
+    (1, 1, 100),
+    (1, 5, 20),
+    (4, 5, 5),
+    (5, 10, 2),
+    (10, 5, 2),
+    (50, 1, 2),
+    (1, 50, 2),
+    (10, 10, 1),
+    (100, 1, 1),
+    (1, 100, 1),
+]
 
 
 def calldata_gas(data: bytes) -> tuple[int, int]:
@@ -75,9 +85,17 @@ def run_scenario(chain: Chain, *, clients: int, nodes: int, wallets: int, submit
         data = bytes.fromhex(chain.settlement.encode_abi("settle", [enc.nodes, enc.groups])[2:])
         size, cd_gas = calldata_gas(data)
         result = chain.settle(submitter, signed)
-        rows.append({"shape": f"{clients} x {nodes} x {wallets}", "phase": phase, "vouchers": len(signed),
-                     "tx_gas": result.gas_used, "per_voucher": result.gas_used / len(signed),
-                     "calldata_bytes": size, "calldata_gas": cd_gas})  # fmt: skip
+        rows.append(
+            {
+                "shape": f"{clients} x {nodes} x {wallets}",
+                "phase": phase,
+                "vouchers": len(signed),
+                "tx_gas": result.gas_used,
+                "per_voucher": result.gas_used / len(signed),
+                "calldata_bytes": size,
+                "calldata_gas": cd_gas,
+            }
+        )
     return rows
 
 
@@ -86,7 +104,7 @@ def forge_gas_report() -> str:
     out = subprocess.run(cmd, cwd=repo_root(), capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
         return out.stdout[-3000:] + out.stderr[-2000:]
-    rows = [l for l in out.stdout.splitlines() if re.match(r"\| settle ", l)]
+    rows = [line for line in out.stdout.splitlines() if re.match(r"\| settle ", line)]
     header = "| Function Name | Min (warm channels) | Avg | Median | Max (first-ever vouchers) | # Calls |"
     return "\n".join([header, *rows])
 
@@ -105,17 +123,21 @@ def main(argv: list[str] | None = None) -> int:
         funder = chain.default_key("deployer")
         for clients, nodes, wallets in shapes:
             t0 = time.monotonic()
-            rows += run_scenario(chain, clients=clients, nodes=nodes, wallets=wallets, submitter=ledger,
-                                 funder=funder)  # fmt: skip
+            rows += run_scenario(chain, clients=clients, nodes=nodes, wallets=wallets, submitter=ledger, funder=funder)
             print(f"  measured {clients}x{nodes}x{wallets} in {time.monotonic() - t0:.1f}s", file=sys.stderr)
     print(f"\nSettlement.settle on Anvil: whole transaction gas / vouchers (batches of {BATCH}); target <= {TARGET}")
     columns = ("tx gas", 10), ("gas/voucher", 13), ("calldata B", 12), ("calldata gas", 14)
-    print(f"{'clients x nodes x wallets':<27}{'phase':<22}" + "".join(f"{name:>{width}}" for name, width in columns)
-          + "  target")  # fmt: skip
+    print(
+        f"{'clients x nodes x wallets':<27}{'phase':<22}"
+        + "".join(f"{name:>{width}}" for name, width in columns)
+        + "  target"
+    )
     for r in rows:
         ok = "met" if r["per_voucher"] <= TARGET else "missed"
-        print(f"{r['shape']:<27}{r['phase']:<22}{r['tx_gas']:>10}{r['per_voucher']:>13.0f}{r['calldata_bytes']:>12}"
-              f"{r['calldata_gas']:>14}  {ok}")  # fmt: skip
+        print(
+            f"{r['shape']:<27}{r['phase']:<22}{r['tx_gas']:>10}{r['per_voucher']:>13.0f}{r['calldata_bytes']:>12}"
+            f"{r['calldata_gas']:>14}  {ok}"
+        )
     base = 21_000 / BATCH
     print(
         f"\nPer voucher: {base:.0f} (21k base / batch) + ~1,350 calldata (64 signature bytes and a packed word) + "

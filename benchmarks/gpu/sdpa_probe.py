@@ -27,8 +27,14 @@ def timed(keys_values, backends, lengths):
     return (time.perf_counter() - began) / len(lengths) * 1e6
 
 
-views = lambda n: (buffer[0, :, :, :n], buffer[1, :, :, :n])
-copies = lambda n: (buffer[0, :, :, :n].contiguous(), buffer[1, :, :, :n].contiguous())
+def views(n):
+    return buffer[0, :, :, :n], buffer[1, :, :, :n]
+
+
+def copies(n):
+    return buffer[0, :, :, :n].contiguous(), buffer[1, :, :, :n].contiguous()
+
+
 for name, kv in [("cache views", views), ("contiguous", copies)]:
     for label, backends in [("default backends", None), ("no cuDNN", no_cudnn)]:
         timed(kv, backends, range(16, 32))  # warm-up

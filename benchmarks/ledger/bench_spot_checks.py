@@ -59,8 +59,11 @@ def main() -> None:
     os.environ["NECTAR_HOME"] = str(home)
     model = save_tiny_checkpoint(home / "bench-spot-llama", "llama", num_layers=4, hidden_size=args.hidden)
     url = f"sqlite:///{home / 'ledger.db'}"
-    env = {"NECTAR_LEDGER_DATABASE_URL": url, "NECTAR_LEDGER_BROKER_URL": f"sqla+sqlite:///{home / 'broker.db'}",
-           "NECTAR_LEDGER_DEPLOYMENT_PATH": str(home / "none.json")}  # fmt: skip
+    env = {
+        "NECTAR_LEDGER_DATABASE_URL": url,
+        "NECTAR_LEDGER_BROKER_URL": f"sqla+sqlite:///{home / 'broker.db'}",
+        "NECTAR_LEDGER_DEPLOYMENT_PATH": str(home / "none.json"),
+    }
     port = free_port()
     ledger = start_nectar("ledger", ["--port", str(port), "--log-level", "warning"], env, home / "ledger.log")
     swarm = LocalSwarm(workdir=home / "swarm")
@@ -68,9 +71,24 @@ def main() -> None:
     try:
         wait_http(f"http://127.0.0.1:{port}/health", process=ledger)
         print(f"[bench] swarm: 3 nodes x blocks 0:4 of a Llama with hidden size {args.hidden} ...", flush=True)
-        nodes = [swarm.add_node(str(model), blocks=(0, 4), name=f"node{i}",
-                                extra_args=["--ledger-url", f"http://127.0.0.1:{port}", "--throughput", "100",
-                                            "--num-threads", "1", "--dtype", "float32"]) for i in range(3)]  # fmt: skip
+        nodes = [
+            swarm.add_node(
+                str(model),
+                blocks=(0, 4),
+                name=f"node{i}",
+                extra_args=[
+                    "--ledger-url",
+                    f"http://127.0.0.1:{port}",
+                    "--throughput",
+                    "100",
+                    "--num-threads",
+                    "1",
+                    "--dtype",
+                    "float32",
+                ],
+            )
+            for i in range(3)
+        ]
         swarm.wait_for_blocks(str(model), 4, min_nodes=3, timeout=120)
         client = DistributedModelForCausalLM.from_pretrained(
             str(model), initial_peers=swarm.initial_peers, config=ClientConfig(), scorer=Prefer(nodes[0].eth_address)

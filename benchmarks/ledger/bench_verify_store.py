@@ -39,8 +39,23 @@ def make_items(n: int, domain: dict) -> list[dict]:
     fp = os.urandom(8 + 16 * 4)
     items = []
     for i in range(n):
-        receipt = R.Receipt(os.urandom(32), i, 0, R.model_id_hash("bench"), 0, 8, node.address, client.address, 4, 10,
-                            40, os.urandom(32), os.urandom(32), fingerprints.fingerprint_hash(fp), 1_700_000_000)  # fmt: skip
+        receipt = R.Receipt(
+            os.urandom(32),
+            i,
+            0,
+            R.model_id_hash("bench"),
+            0,
+            8,
+            node.address,
+            client.address,
+            4,
+            10,
+            40,
+            os.urandom(32),
+            os.urandom(32),
+            fingerprints.fingerprint_hash(fp),
+            1_700_000_000,
+        )
         items.append({**eip712.sign_receipt(receipt, node.key, domain).to_json(), "fingerprintBytes": "0x" + fp.hex()})
     return items
 
@@ -70,15 +85,19 @@ def main() -> None:
         signed = R.SignedReceipt.from_json(item)
         Account.recover_message(
             __import__("eth_account.messages", fromlist=["x"]).encode_typed_data(
-                full_message=eip712.full_typed_message("Receipt", signed.receipt.to_message(), domain)),
-            signature=signed.signature)  # fmt: skip
+                full_message=eip712.full_typed_message("Receipt", signed.receipt.to_message(), domain)
+            ),
+            signature=signed.signature,
+        )
     eth_account_rate = len(sample) / (time.perf_counter() - began)
 
     print(f"signature recoveries (coincurve path):        {recover_rate:10.0f} /s")
     print(f"full stateless checks (sig+signer+amount+fp): {check_rate:10.0f} /s")
     print(f"JSON parsing of submitted items:              {parse_rate:10.0f} /s")
-    print(f"eth-account recover_message, for reference:  {eth_account_rate:10.0f} /s  "
-          f"(fast path is {check_rate / eth_account_rate:.0f}x)")  # fmt: skip
+    print(
+        f"eth-account recover_message, for reference:  {eth_account_rate:10.0f} /s  "
+        f"(fast path is {check_rate / eth_account_rate:.0f}x)"
+    )
 
     urls = {"sqlite": f"sqlite:///{tempfile.mkdtemp()}/bench.db"}
     try:

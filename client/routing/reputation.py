@@ -53,10 +53,21 @@ class ReputationScorer(PeerScorer):
     :param seed: for reproducible exploration draws
     """
 
-    def __init__(self, ledger_url: str, *, refresh_period: float = 60.0, exploration: float = 0.1,
-                 explore_bonus: float = 0.05, decision_window: float = 0.05, reputation_weight: float = 1.0,
-                 price_weight: float = 1.0, reference_price: int | None = None, min_score: float = 1e-3,
-                 timeout: float = 5.0, seed: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        ledger_url: str,
+        *,
+        refresh_period: float = 60.0,
+        exploration: float = 0.1,
+        explore_bonus: float = 0.05,
+        decision_window: float = 0.05,
+        reputation_weight: float = 1.0,
+        price_weight: float = 1.0,
+        reference_price: int | None = None,
+        min_score: float = 1e-3,
+        timeout: float = 5.0,
+        seed: int | None = None,
+    ):
         if not 0.0 <= exploration <= 1.0:
             raise ValueError(f"exploration must be a probability in [0, 1], got {exploration}")
         self.ledger_url = ledger_url.rstrip("/")

@@ -22,8 +22,10 @@ class Settings(ServiceSettings):
     """Everything the ledger service and its worker read; built once per process (``get_settings``)."""
 
     model_config = SettingsConfigDict(env_prefix="NECTAR_LEDGER_", env_file=".env", extra="ignore")
-    DEVNET_SECRETS: ClassVar[dict[str, str]] = {"spot_check_secret": DEVNET_SPOT_CHECK_SECRET,
-                                                "admin_token": DEVNET_ADMIN_TOKEN}  # fmt: skip
+    DEVNET_SECRETS: ClassVar[dict[str, str]] = {
+        "spot_check_secret": DEVNET_SPOT_CHECK_SECRET,
+        "admin_token": DEVNET_ADMIN_TOKEN,
+    }
     OWN_KEYS: ClassVar[tuple[str, ...]] = ("operator_key", "verifier_key")
 
     # the shared fields (ServiceSettings), with the ledger's defaults

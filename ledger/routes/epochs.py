@@ -18,11 +18,16 @@ router = APIRouter(prefix=PREFIX, tags=["epochs"])
 
 def epoch_public(epoch) -> EpochPublic:
     return EpochPublic(
-        number=epoch.number, status=epoch.status, receipt_count=epoch.receipt_count or 0,
-        total_amount=str(epoch.total_amount or 0), root=None if epoch.root is None else "0x" + epoch.root.hex(),
-        root_tx_hash=epoch.root_tx_hash, closed_at=epoch.closed_at and epoch.closed_at.isoformat(),
-        settled_at=epoch.settled_at and epoch.settled_at.isoformat(), last_error=epoch.last_error,
-    )  # fmt: skip
+        number=epoch.number,
+        status=epoch.status,
+        receipt_count=epoch.receipt_count or 0,
+        total_amount=str(epoch.total_amount or 0),
+        root=None if epoch.root is None else "0x" + epoch.root.hex(),
+        root_tx_hash=epoch.root_tx_hash,
+        closed_at=epoch.closed_at and epoch.closed_at.isoformat(),
+        settled_at=epoch.settled_at and epoch.settled_at.isoformat(),
+        last_error=epoch.last_error,
+    )
 
 
 @router.get(EPOCHS, response_model=list[EpochPublic])
@@ -44,5 +49,8 @@ def close_epoch(_: AdminDep, session: SessionDep, state: StateDep, allow_empty: 
     except Exception as e:  # the epoch stays closed; beat or the next call enqueues the settlement
         error = f"could not reach the broker ({e}); the worker will settle on its next beat"
         logger.warning(error)
-    return {"closed": None if closed is None else epoch_public(closed).model_dump(), "task_id": task_id,
-            "enqueue_error": error}  # fmt: skip
+    return {
+        "closed": None if closed is None else epoch_public(closed).model_dump(),
+        "task_id": task_id,
+        "enqueue_error": error,
+    }

@@ -23,5 +23,10 @@ def health(session: SessionDep) -> dict:
 @router.get(PREFIX + CONFIG)
 def config(state: StateDep) -> dict:
     s = state.settings
-    return {"domain": state.domains.get(), "credit_limit": str(s.credit_limit), "fee_bps": s.fee_bps,
-            "epoch_seconds": s.epoch_seconds, "spot_check_fraction": s.spot_check_fraction}  # fmt: skip
+    return {
+        "domain": state.domains.get(),
+        "credit_limit": str(s.credit_limit),
+        "fee_bps": s.fee_bps,
+        "epoch_seconds": s.epoch_seconds,
+        "spot_check_fraction": s.spot_check_fraction,
+    }

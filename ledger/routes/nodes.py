@@ -34,8 +34,11 @@ def node_view(address: str, session: SessionDep, state: StateDep, limit: int = 5
     node = crud.get_node(session, address=address)
     if node is None:
         raise HTTPException(404, f"the ledger has never seen node {address}")
-    score = score_node(node, reference_stake=state.settings.reference_stake,
-                       spot_fail_factor=state.settings.spot_check_reputation_penalty)  # fmt: skip
+    score = score_node(
+        node,
+        reference_stake=state.settings.reference_stake,
+        spot_fail_factor=state.settings.spot_check_reputation_penalty,
+    )
     receipts = crud.list_receipts(session, node=address, limit=min(limit, 500))
     settlements = crud.node_settlement_items(session, node=address, limit=min(limit, 500))
     return {
@@ -46,7 +49,7 @@ def node_view(address: str, session: SessionDep, state: StateDep, limit: int = 5
         "conflicts": [
             {"id": c.id, "status": c.status, "slash_tx_hash": c.slash_tx_hash}
             for c in crud.list_conflicts(session, node=address)
-        ],  # fmt: skip
+        ],
         "recent_receipts": [
             {
                 "leaf": "0x" + r.leaf.hex(),
@@ -58,7 +61,7 @@ def node_view(address: str, session: SessionDep, state: StateDep, limit: int = 5
                 "epoch": r.epoch_number,
             }
             for r in receipts
-        ],  # fmt: skip
+        ],
         "settlements": [
             {
                 "epoch": s.epoch_number,
@@ -70,7 +73,7 @@ def node_view(address: str, session: SessionDep, state: StateDep, limit: int = 5
                 "tx_hash": s.tx_hash,
             }
             for i, s in settlements
-        ],  # fmt: skip
+        ],
         "spot_checks": {"passed": node.spot_passed, "failed": node.spot_failed},
         "reputation": score.to_json(),
     }
@@ -78,8 +81,11 @@ def node_view(address: str, session: SessionDep, state: StateDep, limit: int = 5
 
 @router.get(REPUTATION)
 def reputation(session: SessionDep, state: StateDep) -> dict:
-    scores = rank(crud.list_nodes(session), reference_stake=state.settings.reference_stake,
-                  spot_fail_factor=state.settings.spot_check_reputation_penalty)  # fmt: skip
+    scores = rank(
+        crud.list_nodes(session),
+        reference_stake=state.settings.reference_stake,
+        spot_fail_factor=state.settings.spot_check_reputation_penalty,
+    )
     return {"nodes": [s.to_json() for s in scores], "generated_at": int(time.time())}
 
 
@@ -97,6 +103,12 @@ def report(body: ReportIn, session: SessionDep) -> dict:
         raise HTTPException(403, f"report signed by {signer}, not by the reporter {reporter}")
     if not crud.is_paying_client(session, client=reporter, node=node):
         raise HTTPException(403, "only clients that have sent this node a voucher may report on it")
-    crud.record_report(session, node=node, online=body.online, success=body.success, latency_ms=body.latency_ms,
-                       throughput=body.throughput)  # fmt: skip
+    crud.record_report(
+        session,
+        node=node,
+        online=body.online,
+        success=body.success,
+        latency_ms=body.latency_ms,
+        throughput=body.throughput,
+    )
     return {"status": "recorded"}

@@ -55,11 +55,16 @@ def _store_receipts_one_by_one(state, checked) -> list:
     verdicts = []
     for c in checked:
         try:
-            verdicts += _with_retries(state, lambda session: crud.store_receipts(session, checked=[c]))
+            verdicts += _with_retries(state, lambda session, c=c: crud.store_receipts(session, checked=[c]))
         except _Unstorable as e:
             logger.error(f"Receipt 0x{c.leaf.hex()} of node {c.signed.receipt.node} could not be stored: {e}")
-            verdicts.append(("rejected", Reason.UNSTORABLE, "the ledger could not store this receipt (logged there); "
-                             "do not resend it"))  # fmt: skip
+            verdicts.append(
+                (
+                    "rejected",
+                    Reason.UNSTORABLE,
+                    "the ledger could not store this receipt (logged there); do not resend it",
+                )
+            )
     return verdicts
 
 
@@ -71,12 +76,13 @@ def _summarise(verdicts, leaves=None) -> BatchResult:
             reason=reason,
             message=message,
             leaf=None if leaves is None else "0x" + leaves[i].hex(),
-        )  # fmt: skip
+        )
         for i, (status, reason, message) in enumerate(verdicts)
     ]
     count = lambda s: sum(r.status == s for r in results)  # noqa: E731
-    return BatchResult(accepted=count("accepted"), duplicates=count("duplicate"), rejected=count("rejected"),
-                       results=results)  # fmt: skip
+    return BatchResult(
+        accepted=count("accepted"), duplicates=count("duplicate"), rejected=count("rejected"), results=results
+    )
 
 
 @router.post(RECEIPTS, response_model=BatchResult)

@@ -2,8 +2,9 @@
 
 Each kernel is one C file beside this module. ``load(name)`` compiles it with the system's C compiler
 (``-O3 -march=native``) into a cache folder keyed by the source, the compiler, its flags and this CPU, and loads it
-with ctypes, its functions typed from ``SIGNATURES``; later processes reuse the file. Without a compiler (or with ``NECTAR_NATIVE=off``) it returns None
-and callers keep their PyTorch path, so a kernel is only ever an optional speed-up.
+with ctypes, its functions typed from ``SIGNATURES``; later processes reuse the file. Without a compiler (or with
+``NECTAR_NATIVE=off``) it returns None and callers keep their PyTorch path, so a kernel is only ever an optional
+speed-up.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 from nectar.settings import current
 

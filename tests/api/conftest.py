@@ -64,14 +64,19 @@ def market(tmp_path_factory):
         chain = devnet.chain()
         gateway_key = chain.deployment.accounts_with_role("client")[0]["privateKey"]
         chain.deposit(gateway_key, GATEWAY_ESCROW)
-        env = {"NECTAR_HOME": str(home), "NECTAR_DEPLOYMENT": str(deployment),
-               "NECTAR_LEDGER_DATABASE_URL": f"sqlite:///{home / 'ledger.db'}",
-               "NECTAR_LEDGER_BROKER_URL": f"sqla+sqlite:///{home / 'ledger-broker.db'}",
-               "NECTAR_LEDGER_DEPLOYMENT_PATH": str(deployment), "NECTAR_LEDGER_EPOCH_SECONDS": "3600"}  # fmt: skip
+        env = {
+            "NECTAR_HOME": str(home),
+            "NECTAR_DEPLOYMENT": str(deployment),
+            "NECTAR_LEDGER_DATABASE_URL": f"sqlite:///{home / 'ledger.db'}",
+            "NECTAR_LEDGER_BROKER_URL": f"sqla+sqlite:///{home / 'ledger-broker.db'}",
+            "NECTAR_LEDGER_DEPLOYMENT_PATH": str(deployment),
+            "NECTAR_LEDGER_EPOCH_SECONDS": "3600",
+        }
         ledger_port = free_port()
         ledger_url = f"http://127.0.0.1:{ledger_port}"
-        ledger = NectarProcess(["ledger", "--port", str(ledger_port), "--log-level", "warning"], env=env,
-                               log_path=home / "ledger.log")  # fmt: skip
+        ledger = NectarProcess(
+            ["ledger", "--port", str(ledger_port), "--log-level", "warning"], env=env, log_path=home / "ledger.log"
+        )
         processes.append(ledger)
         wait_for(lambda: _answers(f"{ledger_url}/health") or not ledger.alive(), 60, "the ledger")
         assert ledger.alive(), ledger.log()[-3000:]
@@ -86,9 +91,17 @@ def market(tmp_path_factory):
         assert worker.alive(), worker.log()[-3000:]
         from nectar.models import model_id_of
 
-        yield Market(home=home, checkpoint=checkpoint, model=model_id_of(checkpoint), devnet=devnet, chain=chain,
-                     ledger_url=ledger_url, swarm=swarm, gateway_key=gateway_key,
-                     gateway=chain.deployment.accounts_with_role("client")[0]["address"])  # fmt: skip
+        yield Market(
+            home=home,
+            checkpoint=checkpoint,
+            model=model_id_of(checkpoint),
+            devnet=devnet,
+            chain=chain,
+            ledger_url=ledger_url,
+            swarm=swarm,
+            gateway_key=gateway_key,
+            gateway=chain.deployment.accounts_with_role("client")[0]["address"],
+        )
     finally:
         if swarm is not None:
             swarm.close()
@@ -137,8 +150,14 @@ def api_environment(market, backend, tmp_path_factory) -> dict:
     extra = {"ledger_url": market.ledger_url}
     if backend.rate_limit_url:
         extra["rate_limit_url"] = backend.rate_limit_url
-    env = api_env(home=market.home, database_url=backend.database_url, broker_url=backend.broker_url,
-                  model=market.checkpoint, peers=market.peers, **extra)  # fmt: skip
+    env = api_env(
+        home=market.home,
+        database_url=backend.database_url,
+        broker_url=backend.broker_url,
+        model=market.checkpoint,
+        peers=market.peers,
+        **extra,
+    )
     return env
 
 

@@ -85,8 +85,15 @@ def test_concurrent_holds_never_overdraw(engine):
 
     def settle(hold_id, cost):
         with session_scope(engine) as session:
-            crud.settle_hold(session, hold_id=hold_id, cost=cost, kind="completion", model="m",
-                             prompt_tokens=cost, completion_tokens=0)  # fmt: skip
+            crud.settle_hold(
+                session,
+                hold_id=hold_id,
+                cost=cost,
+                kind="completion",
+                model="m",
+                prompt_tokens=cost,
+                completion_tokens=0,
+            )
 
     threads = [threading.Thread(target=settle, args=(h, c)) for h, c in zip(holds, costs, strict=True)]
     for t in threads:
@@ -166,8 +173,17 @@ def test_the_sweep_keeps_the_holds_of_running_jobs(engine):
         file = crud.create_file(session, account_id=account_id, filename="f.jsonl", purpose="fine-tune", content=b"{}")
         job_id = crud.new_job_id()
         hold = crud.place_hold(session, account_id=account_id, amount=300, reference=job_id)
-        crud.create_job(session, job_id=job_id, account_id=account_id, model="m", training_file=file.id,
-                        hyperparameters={}, suffix=None, total_steps=10, hold_id=hold.id)  # fmt: skip
+        crud.create_job(
+            session,
+            job_id=job_id,
+            account_id=account_id,
+            model="m",
+            training_file=file.id,
+            hyperparameters={},
+            suffix=None,
+            total_steps=10,
+            hold_id=hold.id,
+        )
         crud.claim_job(session, job_id=job_id)
     with session_scope(engine) as session:
         crud.release_stale_holds(session, older_than=timedelta(seconds=-1))

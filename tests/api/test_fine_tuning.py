@@ -65,10 +65,13 @@ def test_job_runs_to_completion_and_the_tuned_model_answers(api, market, worker)
     base = client.completions.create(model=market.model, prompt=prompt, max_tokens=3, temperature=0)
     assert not base.choices[0].text.startswith(" Paris")
     file = client.files.create(file=("train.jsonl", jsonl(TRAINING)), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(model=market.model, training_file=file.id, suffix="paris", seed=1,
-                                         hyperparameters={"n_epochs": 30, "batch_size": 4,
-                                                          "learning_rate_multiplier": 2,
-                                                          "tuning_mode": "deep_ptune"})  # fmt: skip
+    job = client.fine_tuning.jobs.create(
+        model=market.model,
+        training_file=file.id,
+        suffix="paris",
+        seed=1,
+        hyperparameters={"n_epochs": 30, "batch_size": 4, "learning_rate_multiplier": 2, "tuning_mode": "deep_ptune"},
+    )
     assert job.status == "queued" and job.total_steps == 30 and job.hyperparameters.tuning_mode == "deep_ptune"
     held = customer.account()["held_micro"]
     assert held > 0
@@ -111,8 +114,9 @@ def test_cancel_a_running_job_charges_the_steps_done(api, market, worker):
     customer = new_customer(api, credits="50")
     client = customer.openai()
     file = client.files.create(file=("train.jsonl", jsonl(TRAINING)), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(model=market.model, training_file=file.id,
-                                         hyperparameters={"n_epochs": 500, "batch_size": 1})  # fmt: skip
+    job = client.fine_tuning.jobs.create(
+        model=market.model, training_file=file.id, hyperparameters={"n_epochs": 500, "batch_size": 1}
+    )
     hold = customer.account()["held_micro"]
 
     def progressed():

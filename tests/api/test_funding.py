@@ -112,8 +112,11 @@ def test_links_need_the_address_owner_and_are_unique(api, market):
 
 def test_signup_and_admin_endpoints_need_the_right_token(api, market):
     customer = new_customer(api)
-    response = httpx.post(f"{api.url}/v1/admin/accounts/{customer.account_id}/credit", json={"credits": "5"},
-                          headers={"Authorization": f"Bearer {customer.key}"})  # fmt: skip
+    response = httpx.post(
+        f"{api.url}/v1/admin/accounts/{customer.account_id}/credit",
+        json={"credits": "5"},
+        headers={"Authorization": f"Bearer {customer.key}"},
+    )
     assert response.status_code == 401
     assert customer.account()["balance_micro"] == 0
 

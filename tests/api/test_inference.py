@@ -22,8 +22,9 @@ PRICE = 10  # micro-credits per token, the gateway's default
 
 def local_greedy(reference, input_ids: list[int], max_new_tokens: int) -> list[int]:
     with torch.no_grad():
-        out = reference.generate(torch.tensor([input_ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=2, pad_token_id=0)  # fmt: skip
+        out = reference.generate(
+            torch.tensor([input_ids]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=2, pad_token_id=0
+        )
     return out[0, len(input_ids) :].tolist()
 
 
@@ -59,8 +60,9 @@ def test_completion_matches_local_model_and_is_debited_exactly(api, market, toke
 def test_chat_uses_the_chat_template(api, market, tokenizer, reference):
     customer = new_customer(api, credits="1")
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
-    result = customer.openai().chat.completions.create(model=market.model, messages=messages, max_tokens=10,
-                                                       temperature=0)  # fmt: skip
+    result = customer.openai().chat.completions.create(
+        model=market.model, messages=messages, max_tokens=10, temperature=0
+    )
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     expected = local_greedy(reference, prompt_ids, 10)
@@ -91,8 +93,14 @@ def test_streams_equal_whole_answers_and_charge_the_same(api, market):
 
     messages = [{"role": "user", "content": "Tell me a story."}]
     chat_whole = client.chat.completions.create(model=market.model, messages=messages, max_tokens=10, temperature=0)
-    stream = client.chat.completions.create(model=market.model, messages=messages, max_tokens=10, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})  # fmt: skip
+    stream = client.chat.completions.create(
+        model=market.model,
+        messages=messages,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chat_chunks = list(stream)
     assert chat_chunks[0].choices[0].delta.role == "assistant"
     assert (
@@ -113,8 +121,9 @@ def test_stop_string_ends_the_choice_and_is_not_returned(api, market, tokenizer)
     assert len(words) >= 4, free.choices[0].text
     stop = words[2]
     cut = free.choices[0].text.index(stop)
-    stopped = client.completions.create(model=market.model, prompt="In the beginning", max_tokens=16,
-                                        temperature=0, stop=[stop])  # fmt: skip
+    stopped = client.completions.create(
+        model=market.model, prompt="In the beginning", max_tokens=16, temperature=0, stop=[stop]
+    )
     assert stopped.choices[0].text == free.choices[0].text[:cut]
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.usage.completion_tokens < free.usage.completion_tokens
@@ -169,20 +178,25 @@ def test_no_credit_gets_402_and_loses_nothing(api, market):
     assert "Insufficient credits" in message and "0.000100" in message and "depositFor" in message
     account = customer.account()
     assert (account["balance_micro"], account["held_micro"], account["requests"]) == (100, 0, 0)
-    stream = httpx.post(f"{api.url}/v1/chat/completions", headers={"Authorization": f"Bearer {customer.key}"},
-                        json={"model": market.model, "messages": [{"role": "user", "content": "hi"}], "stream": True,
-                              "max_tokens": 50})  # fmt: skip
+    stream = httpx.post(
+        f"{api.url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {customer.key}"},
+        json={"model": market.model, "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 50},
+    )
     assert stream.status_code == 402 and stream.json()["error"]["type"] == "insufficient_credits"
     small = customer.openai().completions.create(model=market.model, prompt="Hi", max_tokens=3, temperature=0)
     assert customer.account()["balance_micro"] == 100 - small.usage.total_tokens * PRICE
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"prompt": "hi"}, "model"),
-    ({"model": "M", "prompt": "hi", "temperature": "hot"}, "temperature"),
-    ({"model": "M", "prompt": "hi", "max_tokens": -1}, "max_tokens"),
-    ({"model": "M", "prompt": "hi", "n": 100}, "n"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"prompt": "hi"}, "model"),
+        ({"model": "M", "prompt": "hi", "temperature": "hot"}, "temperature"),
+        ({"model": "M", "prompt": "hi", "max_tokens": -1}, "max_tokens"),
+        ({"model": "M", "prompt": "hi", "n": 100}, "n"),
+    ],
+)
 def test_malformed_completion_gets_422_naming_the_field(api, market, body, field):
     customer = new_customer(api, credits="1")
     body = {k: (market.model if v == "M" else v) for k, v in body.items()}
@@ -253,8 +267,9 @@ def test_concurrent_requests_never_overdraw_and_lose_no_charge(api, market, toke
 
     def one(i):
         try:
-            r = client.completions.create(model=market.model, prompt="One two three", max_tokens=8,
-                                          temperature=0.8, seed=i)  # fmt: skip
+            r = client.completions.create(
+                model=market.model, prompt="One two three", max_tokens=8, temperature=0.8, seed=i
+            )
             return r.usage.total_tokens
         except openai.APIStatusError as e:
             assert e.status_code == 402, e
@@ -293,8 +308,14 @@ def test_concurrent_requests_never_overdraw_and_lose_no_charge(api, market, toke
 
 def test_a_client_that_leaves_mid_stream_pays_for_what_was_generated(api, market):
     customer = new_customer(api, credits="1")
-    body = {"model": market.model, "prompt": "A very long story:", "max_tokens": 300, "temperature": 0.8, "seed": 3,
-            "stream": True}  # fmt: skip
+    body = {
+        "model": market.model,
+        "prompt": "A very long story:",
+        "max_tokens": 300,
+        "temperature": 0.8,
+        "seed": 3,
+        "stream": True,
+    }
     with customer.http() as h:
         with h.stream("POST", "/v1/completions", json=body) as response:
             assert response.status_code == 200

@@ -31,8 +31,9 @@ def settled(api, market):
     client = customer.openai()
     served = 0
     for prompt in ("The market opens", "Nodes earn credits", "Vouchers settle"):
-        served += client.completions.create(model=market.model, prompt=prompt, max_tokens=8,
-                                            temperature=0).usage.total_tokens  # fmt: skip
+        served += client.completions.create(
+            model=market.model, prompt=prompt, max_tokens=8, temperature=0
+        ).usage.total_tokens
     nodes = {n.name: n.eth_address for n in market.swarm.nodes}
     ledger = httpx.Client(base_url=market.ledger_url, timeout=30)
 
@@ -121,8 +122,14 @@ def test_monitor_page_in_chromium_shows_the_nodes(api, market, settled, tmp_path
     image = Image.open(io.BytesIO(shot.read_bytes())).convert("RGB")
     assert image.width >= 1000 and image.height >= 700
     assert len(set(image.getdata())) > 50  # text, badges, bars: not a blank page
-    chart = image.crop((int(chart_box["x"]), int(chart_box["y"]), int(chart_box["x"] + chart_box["width"]),
-                        int(chart_box["y"] + chart_box["height"])))  # fmt: skip
+    chart = image.crop(
+        (
+            int(chart_box["x"]),
+            int(chart_box["y"]),
+            int(chart_box["x"] + chart_box["width"]),
+            int(chart_box["y"] + chart_box["height"]),
+        )
+    )
     blue = sum(1 for r, g, b in chart.getdata() if (r, g, b) == (0x3B, 0x6F, 0xD8))  # token bars
     orange = sum(1 for r, g, b in chart.getdata() if abs(r - 0xE0) < 40 and abs(g - 0x70) < 40 and b < 0x70)
     assert blue > 20 and orange > 20, (blue, orange)

@@ -8,21 +8,42 @@ import pytest
 from nectar.api.core.config import Settings
 
 EXPECTED = {
-    ("post", "/v1/completions"), ("post", "/v1/chat/completions"), ("get", "/v1/models"),
-    ("get", "/v1/models/{model}"), ("delete", "/v1/models/{model}"), ("post", "/v1/files"), ("get", "/v1/files"),
-    ("get", "/v1/files/{file_id}"), ("get", "/v1/files/{file_id}/content"), ("delete", "/v1/files/{file_id}"),
-    ("post", "/v1/fine_tuning/jobs"), ("get", "/v1/fine_tuning/jobs"),
+    ("post", "/v1/completions"),
+    ("post", "/v1/chat/completions"),
+    ("get", "/v1/models"),
+    ("get", "/v1/models/{model}"),
+    ("delete", "/v1/models/{model}"),
+    ("post", "/v1/files"),
+    ("get", "/v1/files"),
+    ("get", "/v1/files/{file_id}"),
+    ("get", "/v1/files/{file_id}/content"),
+    ("delete", "/v1/files/{file_id}"),
+    ("post", "/v1/fine_tuning/jobs"),
+    ("get", "/v1/fine_tuning/jobs"),
     ("get", "/v1/fine_tuning/jobs/{fine_tuning_job_id}"),
     ("post", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel"),
-    ("get", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events"), ("post", "/v1/accounts"), ("get", "/v1/account"),
-    ("post", "/v1/account/keys"), ("get", "/v1/account/keys"), ("delete", "/v1/account/keys/{key_id}"),
-    ("put", "/v1/account/address"), ("get", "/v1/account/funding"), ("post", "/v1/account/deposits/scan"),
-    ("get", "/v1/account/deposits"), ("post", "/v1/account/faucet"), ("get", "/v1/account/usage"),
-    ("post", "/v1/admin/accounts/{account_id}/credit"), ("get", "/v1/market/swarm"), ("get", "/v1/market/stats"),
-    ("get", "/v1/nodes/{address}/receipts"), ("get", "/v1/nodes/{address}/earnings"),
-    ("get", "/v1/nodes/{address}/settlements"), ("get", "/v1/nodes/{address}/reputation"), ("get", "/monitor"),
+    ("get", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events"),
+    ("post", "/v1/accounts"),
+    ("get", "/v1/account"),
+    ("post", "/v1/account/keys"),
+    ("get", "/v1/account/keys"),
+    ("delete", "/v1/account/keys/{key_id}"),
+    ("put", "/v1/account/address"),
+    ("get", "/v1/account/funding"),
+    ("post", "/v1/account/deposits/scan"),
+    ("get", "/v1/account/deposits"),
+    ("post", "/v1/account/faucet"),
+    ("get", "/v1/account/usage"),
+    ("post", "/v1/admin/accounts/{account_id}/credit"),
+    ("get", "/v1/market/swarm"),
+    ("get", "/v1/market/stats"),
+    ("get", "/v1/nodes/{address}/receipts"),
+    ("get", "/v1/nodes/{address}/earnings"),
+    ("get", "/v1/nodes/{address}/settlements"),
+    ("get", "/v1/nodes/{address}/reputation"),
+    ("get", "/monitor"),
     ("get", "/health"),
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +54,16 @@ def schema(tmp_path_factory):
     schema = app.openapi()
     from nectar.api.routes import accounts, completions, files, fine_tuning, market, models, monitor
 
-    routers = [completions.router, models.router, files.router, fine_tuning.router, accounts.router,
-               accounts.admin_router, market.router, monitor.router]  # fmt: skip
+    routers = [
+        completions.router,
+        models.router,
+        files.router,
+        fine_tuning.router,
+        accounts.router,
+        accounts.admin_router,
+        market.router,
+        monitor.router,
+    ]
     routes = {
         (method.lower(), route.path.replace("{model:path}", "{model}"))
         for router in routers
@@ -112,10 +141,15 @@ def test_the_cli_says_what_is_missing(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NECTAR_API_", "NECTAR_INITIAL_PEERS"))}
     env["NECTAR_HOME"] = str(tmp_path)
-    ran = subprocess.run([sys.executable, "-m", "nectar.cli", "api", "--port", "1"], env=env, capture_output=True,
-                         text=True, timeout=120)  # fmt: skip
+    ran = subprocess.run(
+        [sys.executable, "-m", "nectar.cli", "api", "--port", "1"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert ran.returncode == 2 and "--initial-peers" in ran.stderr
-    production = subprocess.run([sys.executable, "-m", "nectar.cli", "api", "--initial-peers", "/ip4/127.0.0.1"],
-                                env={**env, "NECTAR_API_ENVIRONMENT": "production"}, capture_output=True, text=True,
-                                timeout=120)  # fmt: skip
+    production = subprocess.run(
+        [sys.executable, "-m", "nectar.cli", "api", "--initial-peers", "/ip4/127.0.0.1"],
+        env={**env, "NECTAR_API_ENVIRONMENT": "production"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert production.returncode == 2 and "NECTAR_API_ADMIN_TOKEN" in production.stderr

@@ -87,9 +87,16 @@ def api_env(*, home: Path, database_url: str, broker_url: str, model: str, peers
     """The API's environment for tests: ``nectar.api.launch.api_environment`` with a fast deposit scan."""
     from nectar.api.launch import api_environment
 
-    return api_environment(home=home, model=model, initial_peers=peers, database_url=database_url,
-                           broker_url=broker_url, deployment_path=home / "deployment.json", deposit_poll_seconds=0.5,
-                           **extra)  # fmt: skip
+    return api_environment(
+        home=home,
+        model=model,
+        initial_peers=peers,
+        database_url=database_url,
+        broker_url=broker_url,
+        deployment_path=home / "deployment.json",
+        deposit_poll_seconds=0.5,
+        **extra,
+    )
 
 
 def funded_wallet(chain, *, credits: int = 100):
@@ -107,8 +114,13 @@ def deposit_for(chain, account, beneficiary: str, amount: int) -> str:
     w3 = chain.w3
     chain.approve(account.key, chain.address_of("Escrow"), amount)
     call = chain.escrow.functions.depositFor(beneficiary, amount)
-    tx = call.build_transaction({"from": account.address, "chainId": chain.chain_id,
-                                 "nonce": w3.eth.get_transaction_count(account.address, "pending")})  # fmt: skip
+    tx = call.build_transaction(
+        {
+            "from": account.address,
+            "chainId": chain.chain_id,
+            "nonce": w3.eth.get_transaction_count(account.address, "pending"),
+        }
+    )
     sent = w3.eth.send_raw_transaction(account.sign_transaction(tx).raw_transaction)
     receipt = w3.eth.wait_for_transaction_receipt(sent, timeout=30)
     assert receipt["status"] == 1, receipt

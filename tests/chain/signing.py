@@ -14,11 +14,22 @@ VOUCHER_TYPES = {
     ]
 }
 RECEIPT_FIELDS = [
-    ("sessionId", "bytes32"), ("step", "uint64"), ("kind", "uint8"), ("modelId", "bytes32"), ("blockStart", "uint16"),
-    ("blockEnd", "uint16"), ("node", "address"), ("client", "address"), ("tokens", "uint32"), ("price", "uint128"),
-    ("amount", "uint128"), ("inputCommitment", "bytes32"), ("outputCommitment", "bytes32"), ("fingerprint", "bytes32"),
+    ("sessionId", "bytes32"),
+    ("step", "uint64"),
+    ("kind", "uint8"),
+    ("modelId", "bytes32"),
+    ("blockStart", "uint16"),
+    ("blockEnd", "uint16"),
+    ("node", "address"),
+    ("client", "address"),
+    ("tokens", "uint32"),
+    ("price", "uint128"),
+    ("amount", "uint128"),
+    ("inputCommitment", "bytes32"),
+    ("outputCommitment", "bytes32"),
+    ("fingerprint", "bytes32"),
     ("timestamp", "uint64"),
-]  # fmt: skip
+]
 RECEIPT_TYPES = {"Receipt": [{"name": n, "type": t} for n, t in RECEIPT_FIELDS]}
 
 
@@ -34,5 +45,10 @@ def sign_receipt(domain: dict, private_key: str, receipt: dict) -> bytes:
 
 def voucher(client: str, node: str, channel_id: int, cumulative: int, partner: str | None = None) -> dict:
     """A voucher message; ``partner`` defaults to the node itself (its channel pairs with ``channel_id ^ 1``)."""
-    return {"client": client, "node": node, "partner": partner or node, "channelId": channel_id,
-            "cumulativeAmount": cumulative}  # fmt: skip
+    return {
+        "client": client,
+        "node": node,
+        "partner": partner or node,
+        "channelId": channel_id,
+        "cumulativeAmount": cumulative,
+    }

@@ -42,8 +42,12 @@ def _settlement_slots(chain, sender: str, signed) -> set[str]:
     batch = encode_settle_batch(signed)
     data = chain.settlement.encode_abi("settle", [batch.nodes, batch.groups])
     found = chain.w3.eth.create_access_list({"from": sender, "to": chain.settlement.address, "data": data})
-    return {key.hex() if isinstance(key, bytes) else key for entry in found["accessList"]
-            if entry["address"].lower() == chain.settlement.address.lower() for key in entry["storageKeys"]}  # fmt: skip
+    return {
+        key.hex() if isinstance(key, bytes) else key
+        for entry in found["accessList"]
+        if entry["address"].lower() == chain.settlement.address.lower()
+        for key in entry["storageKeys"]
+    }
 
 
 def test_wallets_of_one_key_take_both_channels_of_a_pair(payer):
@@ -110,8 +114,10 @@ def test_route_pair_shares_one_slot_and_pays_each_node(chain, roles, payer):
     first, second = Account.create().address, Account.create().address
     wallet.pair([first, second])
     channel = wallet.channel_id + 10  # a fresh id of this key
-    route = [_signed(payer, first, channel, 2 * ETHER, wallet.partner_of(first)),
-             _signed(payer, second, channel, 1 * ETHER, wallet.partner_of(second))]  # fmt: skip
+    route = [
+        _signed(payer, first, channel, 2 * ETHER, wallet.partner_of(first)),
+        _signed(payer, second, channel, 1 * ETHER, wallet.partner_of(second)),
+    ]
     # the second voucher adds the second node's earnings slot only: its channel shares the first one's slot
     assert len(_settlement_slots(chain, sender, route)) == len(_settlement_slots(chain, sender, route[:1])) + 1
     unpaired = [route[0], _signed(payer, second, channel, 1 * ETHER)]  # second's own channel: a slot of its own

@@ -25,8 +25,13 @@ def test_cli_runs_until_sigterm_and_cleans_up(tmp_path, monkeypatch):
     port = free_port()
     deployment = tmp_path / "deployment.json"
     env = {**os.environ, "NECTAR_DEPLOYMENT": str(deployment), "NECTAR_HOME": str(tmp_path)}
-    proc = subprocess.Popen([sys.executable, "-m", "nectar.cli", "devnet", "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nectar.cli", "devnet", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines = []
     try:
         deadline = time.monotonic() + 60

@@ -9,8 +9,7 @@ from nectar.chain.artifacts import repo_root, tool_path
 
 
 def test_forge_test_passes():
-    result = subprocess.run([tool_path("forge"), "test"], cwd=repo_root(), capture_output=True, text=True,
-                            timeout=1200)  # fmt: skip
+    result = subprocess.run([tool_path("forge"), "test"], cwd=repo_root(), capture_output=True, text=True, timeout=1200)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     summary = re.search(r"(\d+) tests passed, (\d+) failed, (\d+) skipped", output)

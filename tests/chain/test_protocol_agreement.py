@@ -18,10 +18,22 @@ def domain(chain):
 
 def _receipt(node: str, client: str) -> wire.Receipt:
     return wire.Receipt(
-        session_id=b"\x01" * 32, step=9, kind=1, model_id=wire.model_id_hash("tiny"), block_start=2, block_end=6,
-        node=node, client=client, tokens=12, price=7 * 10**9, amount=84 * 10**9, input_commitment=b"\x02" * 32,
-        output_commitment=b"\x03" * 32, fingerprint=b"\x04" * 32, timestamp=1_700_000_123,
-    )  # fmt: skip
+        session_id=b"\x01" * 32,
+        step=9,
+        kind=1,
+        model_id=wire.model_id_hash("tiny"),
+        block_start=2,
+        block_end=6,
+        node=node,
+        client=client,
+        tokens=12,
+        price=7 * 10**9,
+        amount=84 * 10**9,
+        input_commitment=b"\x02" * 32,
+        output_commitment=b"\x03" * 32,
+        fingerprint=b"\x04" * 32,
+        timestamp=1_700_000_123,
+    )
 
 
 def test_domain_separator_matches(chain, domain):

@@ -48,8 +48,12 @@ def _signed_batch(chain, parties, *, base: int, channel_offset: int = 0) -> list
 
 def test_deployment_and_domain(chain, devnet):
     assert chain.chain_id == 31337
-    assert chain.eip712_domain() == {"name": "Nectar", "version": "1", "chainId": 31337,
-                                     "verifyingContract": chain.address_of("Settlement")}  # fmt: skip
+    assert chain.eip712_domain() == {
+        "name": "Nectar",
+        "version": "1",
+        "chainId": 31337,
+        "verifyingContract": chain.address_of("Settlement"),
+    }
     assert devnet.deployment_path.exists()
     # Settlement is the vault too: the Escrow entry is the same contract under the vault's ABI
     assert chain.address_of("Escrow") == chain.address_of("Settlement")
@@ -123,8 +127,11 @@ def test_next_epoch_pays_only_the_difference(chain, parties):
 
 def _state(chain, parties):
     clients = [_address(k) for k in parties["clients"]]
-    return ([chain.escrow_balance(c) for c in clients], [chain.node_balance(n) for n in parties["nodes"]],
-            chain.credit_balance(chain.address_of("Escrow")))  # fmt: skip
+    return (
+        [chain.escrow_balance(c) for c in clients],
+        [chain.node_balance(n) for n in parties["nodes"]],
+        chain.credit_balance(chain.address_of("Escrow")),
+    )
 
 
 def test_replayed_voucher_is_rejected(chain, parties):
@@ -171,8 +178,11 @@ def test_error_names_the_bad_voucher_in_the_callers_order(chain, parties):
     domain = chain.eip712_domain()
     a, b = parties["clients"][0], parties["clients"][1]
     node = parties["nodes"][4]
-    good = [voucher(_address(a), node, 200, 10**15), voucher(_address(b), node, 200, 10**15),
-            voucher(_address(a), node, 201, 10**15)]  # fmt: skip
+    good = [
+        voucher(_address(a), node, 200, 10**15),
+        voucher(_address(b), node, 200, 10**15),
+        voucher(_address(a), node, 201, 10**15),
+    ]
     signed = [(v, sign_voucher(domain, a if v["client"] == _address(a) else b, v)) for v in good]
     signed[2] = (signed[2][0], sign_voucher(domain, b, good[2]))  # third voucher signed by the wrong client
     with pytest.raises(ChainError) as info:

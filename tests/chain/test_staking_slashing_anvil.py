@@ -15,11 +15,22 @@ ETHER = 10**18
 
 def _receipt(node: str, client: str, *, step: int, output: bytes, session: bytes = b"\x11" * 32) -> dict:
     return {
-        "sessionId": session, "step": step, "kind": 0, "modelId": b"\x22" * 32, "blockStart": 0, "blockEnd": 4,
-        "node": node, "client": client, "tokens": 3, "price": 10**12, "amount": 3 * 10**12,
-        "inputCommitment": b"\x33" * 32, "outputCommitment": output, "fingerprint": b"\x44" * 32,
+        "sessionId": session,
+        "step": step,
+        "kind": 0,
+        "modelId": b"\x22" * 32,
+        "blockStart": 0,
+        "blockEnd": 4,
+        "node": node,
+        "client": client,
+        "tokens": 3,
+        "price": 10**12,
+        "amount": 3 * 10**12,
+        "inputCommitment": b"\x33" * 32,
+        "outputCommitment": output,
+        "fingerprint": b"\x44" * 32,
         "timestamp": 1_700_000_000 + step,
-    }  # fmt: skip
+    }
 
 
 def test_register_stake_and_unbond(chain, roles):
@@ -90,8 +101,13 @@ def test_double_sign_is_slashed_with_a_reporter_reward(chain, roles):
         chain.slash_double_sign(reporter["privateKey"], a, sig_a, b, sig_b)
     framed = sign_receipt(domain, Account.create().key.hex(), {**b, "step": 43})
     with pytest.raises(ChainError, match=r"^InvalidReceiptSignature"):
-        chain.slash_double_sign(reporter["privateKey"], {**a, "step": 43}, sign_receipt(domain, node["privateKey"],
-                                {**a, "step": 43}), {**b, "step": 43}, framed)  # fmt: skip
+        chain.slash_double_sign(
+            reporter["privateKey"],
+            {**a, "step": 43},
+            sign_receipt(domain, node["privateKey"], {**a, "step": 43}),
+            {**b, "step": 43},
+            framed,
+        )
     with pytest.raises(ChainError, match=r"^ReceiptsDoNotConflict"):
         chain.slash_double_sign(reporter["privateKey"], a, sig_a, a, sig_a)
 

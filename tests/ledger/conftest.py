@@ -52,8 +52,11 @@ def ledger_home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def settings(database_url, ledger_home) -> Settings:
-    return Settings(database_url=database_url, broker_url=f"sqla+sqlite:///{ledger_home / 'broker.db'}",
-                    deployment_path=ledger_home / "deployment.json")  # fmt: skip
+    return Settings(
+        database_url=database_url,
+        broker_url=f"sqla+sqlite:///{ledger_home / 'broker.db'}",
+        deployment_path=ledger_home / "deployment.json",
+    )
 
 
 @pytest.fixture(scope="module")

@@ -30,16 +30,21 @@ class LedgerDeployment:
 
     def env(self, **extra) -> dict:
         base = {
-            "NECTAR_HOME": str(self.home), "NECTAR_DEPLOYMENT": str(self.deployment_path),
-            "NECTAR_LEDGER_DATABASE_URL": self.database_url, "NECTAR_LEDGER_BROKER_URL": self.broker_url,
-            "NECTAR_LEDGER_DEPLOYMENT_PATH": str(self.deployment_path), "NECTAR_LEDGER_EPOCH_SECONDS": "3600",
-            "NECTAR_LEDGER_EPOCH_LEASE_SECONDS": "3", "NECTAR_LEDGER_CRASH_MARKER": str(self.home / "crash"),
-        }  # fmt: skip
+            "NECTAR_HOME": str(self.home),
+            "NECTAR_DEPLOYMENT": str(self.deployment_path),
+            "NECTAR_LEDGER_DATABASE_URL": self.database_url,
+            "NECTAR_LEDGER_BROKER_URL": self.broker_url,
+            "NECTAR_LEDGER_DEPLOYMENT_PATH": str(self.deployment_path),
+            "NECTAR_LEDGER_EPOCH_SECONDS": "3600",
+            "NECTAR_LEDGER_EPOCH_LEASE_SECONDS": "3",
+            "NECTAR_LEDGER_CRASH_MARKER": str(self.home / "crash"),
+        }
         return {**base, **{f"NECTAR_LEDGER_{k.upper()}": str(v) for k, v in extra.items()}}
 
     def start_ledger(self) -> None:
-        self.ledger = start_nectar("ledger", ["--port", str(self.port), "--log-level", "warning"], self.env(),
-                                   self.home / "ledger.log")  # fmt: skip
+        self.ledger = start_nectar(
+            "ledger", ["--port", str(self.port), "--log-level", "warning"], self.env(), self.home / "ledger.log"
+        )
         wait_http(f"{self.url}/health", process=self.ledger)
 
     def start_worker(self, **settings) -> None:

@@ -29,8 +29,9 @@ class SwarmMarket:
 
     def __init__(self, home: Path, *, price: int, model_name: str = "tiny-market-llama"):
         self.home, self.price = home, price
-        self.deployment = LedgerDeployment(home, database_url=f"sqlite:///{home / 'ledger.db'}",
-                                           broker_url=f"sqla+sqlite:///{home / 'broker.db'}")  # fmt: skip
+        self.deployment = LedgerDeployment(
+            home, database_url=f"sqlite:///{home / 'ledger.db'}", broker_url=f"sqla+sqlite:///{home / 'broker.db'}"
+        )
         self.chain = self.deployment.chain
         self.model_path = save_tiny_checkpoint(home / model_name, "llama", num_layers=NUM_BLOCKS, hidden_size=64)
         self.model_name = model_name
@@ -44,8 +45,9 @@ class SwarmMarket:
     def url(self) -> str:
         return self.deployment.url
 
-    def add_node(self, name: str, blocks: tuple[int, int], *, account: int | None = None,
-                 extra_args: tuple[str, ...] = ()) -> SwarmProcess:  # fmt: skip
+    def add_node(
+        self, name: str, blocks: tuple[int, int], *, account: int | None = None, extra_args: tuple[str, ...] = ()
+    ) -> SwarmProcess:
         """A node on devnet node account ``account`` (None: a fresh key the node makes itself, unknown to anyone)."""
         if account is not None:
             key_dir = self.swarm.workdir / "keys" / name
@@ -54,8 +56,21 @@ class SwarmMarket:
             (key_dir / "eth.json").write_text(
                 json.dumps({"address": party.address, "private_key": self.node_keys[account]})
             )
-        args = ["--price", str(self.price), "--ledger-url", self.url, "--throughput", "100", "--num-threads", "1",
-                "--announce-period", "3", "--dtype", "float32", *extra_args]  # fmt: skip
+        args = [
+            "--price",
+            str(self.price),
+            "--ledger-url",
+            self.url,
+            "--throughput",
+            "100",
+            "--num-threads",
+            "1",
+            "--announce-period",
+            "3",
+            "--dtype",
+            "float32",
+            *extra_args,
+        ]
         return self.swarm.add_node(str(self.model_path), blocks=blocks, name=name, extra_args=args)
 
     def wait_for_swarm(self, min_nodes: int = 1) -> None:
@@ -90,9 +105,14 @@ class SwarmMarket:
         owed = Counter()
         for r in wallet.receipts:
             owed[r.receipt.node] += r.receipt.amount
-        wait_for(lambda: leaves <= self.stored_leaves(wallet.address) and
-                 all(self.stored_vouchers(wallet.address).get(n, 0) >= a for n, a in owed.items()),
-                 timeout, f"the nodes to forward {len(leaves)} receipts and vouchers for {dict(owed)}")  # fmt: skip
+        wait_for(
+            lambda: (
+                leaves <= self.stored_leaves(wallet.address)
+                and all(self.stored_vouchers(wallet.address).get(n, 0) >= a for n, a in owed.items())
+            ),
+            timeout,
+            f"the nodes to forward {len(leaves)} receipts and vouchers for {dict(owed)}",
+        )
 
     def close_and_settle(self) -> dict:
         closed = self.deployment.close_epoch()["closed"]

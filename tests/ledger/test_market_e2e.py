@@ -65,9 +65,14 @@ def settle_and_measure(market, receipts) -> dict:
     gross = Counter()
     for r in receipts:
         gross[r.receipt.node] += r.receipt.amount
-    return dict(epoch=epoch, gross=gross, charged=sum(gross.values()), escrow_fell=escrow_before - escrow_after,
-                earned={n: nodes_after[n] - nodes_before[n] for n in nodes_before},
-                fee=treasury_after - treasury_before)  # fmt: skip
+    return dict(
+        epoch=epoch,
+        gross=gross,
+        charged=sum(gross.values()),
+        escrow_fell=escrow_before - escrow_after,
+        earned={n: nodes_after[n] - nodes_before[n] for n in nodes_before},
+        fee=treasury_after - treasury_before,
+    )
 
 
 def test_a_paid_generation_settles_on_chain_to_the_wei(market):

@@ -84,8 +84,12 @@ def test_upgrade_from_the_first_revision_keeps_rows(tmp_path):
     command.upgrade(MIGRATIONS.config(url), "0001")
     engine = create_engine(url)
     with engine.begin() as connection:
-        connection.execute(text("INSERT INTO epochs (number, status, opened_at, receipt_count, total_amount) "
-                                "VALUES (1, 'collecting', '2026-01-01', 0, '0')"))  # fmt: skip
+        connection.execute(
+            text(
+                "INSERT INTO epochs (number, status, opened_at, receipt_count, total_amount) "
+                "VALUES (1, 'collecting', '2026-01-01', 0, '0')"
+            )
+        )
     run_migrations(url)
     with engine.connect() as connection:
         assert connection.execute(text("SELECT number FROM epochs")).scalars().all() == [1]
@@ -106,10 +110,14 @@ def test_voucher_partner_migration_keeps_channels_and_keys_them_by_partner(fresh
 
     def insert(connection, signature: bytes, partner: str | None = None) -> None:
         columns, values = ("partner, ", ":partner, ") if partner else ("", "")
-        connection.execute(text(f"INSERT INTO vouchers (client, node, {columns}channel_id, cumulative_amount, "
-                                f"signature, settled_amount, updated_at) VALUES (:client, :node, {values}'7', '5', "
-                                f":signature, '0', '2026-01-01')"),
-                           {"client": client, "node": node, "partner": partner, "signature": signature})  # fmt: skip
+        connection.execute(
+            text(
+                f"INSERT INTO vouchers (client, node, {columns}channel_id, cumulative_amount, "
+                f"signature, settled_amount, updated_at) VALUES (:client, :node, {values}'7', '5', "
+                f":signature, '0', '2026-01-01')"
+            ),
+            {"client": client, "node": node, "partner": partner, "signature": signature},
+        )
 
     command.upgrade(MIGRATIONS.config(fresh_url), "0002")
     engine = create_engine(fresh_url)
@@ -128,16 +136,22 @@ def test_voucher_partner_migration_keeps_channels_and_keys_them_by_partner(fresh
 
 
 def test_ledger_and_worker_started_together_on_a_fresh_sqlite_database(tmp_path):
-    env = {"NECTAR_HOME": str(tmp_path), "NECTAR_LEDGER_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
-           "NECTAR_LEDGER_BROKER_URL": f"sqla+sqlite:///{tmp_path / 'broker.db'}",
-           "NECTAR_LEDGER_DEPLOYMENT_PATH": str(tmp_path / "none.json")}  # fmt: skip
+    env = {
+        "NECTAR_HOME": str(tmp_path),
+        "NECTAR_LEDGER_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
+        "NECTAR_LEDGER_BROKER_URL": f"sqla+sqlite:///{tmp_path / 'broker.db'}",
+        "NECTAR_LEDGER_DEPLOYMENT_PATH": str(tmp_path / "none.json"),
+    }
     port = free_port()
     ledger = start_nectar("ledger", ["--port", str(port), "--log-level", "info"], env, tmp_path / "ledger.log")
     worker = start_nectar("worker", ["--log-level", "INFO", "--no-beat"], env, tmp_path / "worker.log")
     try:
         wait_http(f"http://127.0.0.1:{port}/health", timeout=120, process=ledger)
-        wait_for(lambda: "ready" in (tmp_path / "worker.log").read_text(errors="ignore") or worker.poll() is not None,
-                 120, "the worker to start")  # fmt: skip
+        wait_for(
+            lambda: "ready" in (tmp_path / "worker.log").read_text(errors="ignore") or worker.poll() is not None,
+            120,
+            "the worker to start",
+        )
         logs = (tmp_path / "ledger.log").read_text(errors="ignore") + (tmp_path / "worker.log").read_text(
             errors="ignore"
         )
@@ -158,8 +172,23 @@ def test_a_built_wheel_ships_the_migrations_and_they_run_from_it(tmp_path):
         shutil.copy(REPO / name, source / name)
     for folder in ("core", "wire", "models", "node", "client", "ledger", "chain", "api", "service"):
         shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
     wheel = next((tmp_path / "dist").glob("*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -174,12 +203,19 @@ def test_a_built_wheel_ships_the_migrations_and_they_run_from_it(tmp_path):
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     database = tmp_path / "from-wheel.db"
-    script = ("import sys, nectar.ledger.migrations as m, nectar.service.migrations as s; "
-              "assert all(x.__file__.startswith(sys.argv[1]) for x in (m, s)), (m.__file__, s.__file__); "
-              "m.run_migrations(sys.argv[2])")  # fmt: skip
-    ran = subprocess.run([sys.executable, "-c", script, str(site), f"sqlite:///{database}"], cwd=tmp_path,
-                         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    script = (
+        "import sys, nectar.ledger.migrations as m, nectar.service.migrations as s; "
+        "assert all(x.__file__.startswith(sys.argv[1]) for x in (m, s)), (m.__file__, s.__file__); "
+        "m.run_migrations(sys.argv[2])"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", script, str(site), f"sqlite:///{database}"],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ran.returncode == 0, ran.stderr[-3000:]
     engine = create_engine(f"sqlite:///{database}")
     with engine.connect() as connection:

@@ -25,9 +25,19 @@ GOOD, BAD, FRESH, FRESH_CHEATER, UNKNOWN = (Party() for _ in range(5))
 
 
 def info(party: Party, price: int = PRICE) -> ServerInfo:
-    return ServerInfo(state=ServerState.ONLINE, start=0, end=4, throughput=100.0, inference_rps=100.0,
-                      forward_rps=100.0, network_rps=1000.0, dtype="float32", cache_tokens_left=10_000,
-                      price_per_token=price, eth_address=party.address)  # fmt: skip
+    return ServerInfo(
+        state=ServerState.ONLINE,
+        start=0,
+        end=4,
+        throughput=100.0,
+        inference_rps=100.0,
+        forward_rps=100.0,
+        network_rps=1000.0,
+        dtype="float32",
+        cache_tokens_left=10_000,
+        price_per_token=price,
+        eth_address=party.address,
+    )
 
 
 def peer():
@@ -40,8 +50,11 @@ def ledger(tmp_path_factory):
     from nectar.ledger.service import create_app
 
     home = tmp_path_factory.mktemp("reputation")
-    settings = Settings(database_url=f"sqlite:///{home / 'ledger.db'}", broker_url=f"sqla+sqlite:///{home / 'b.db'}",
-                        deployment_path=home / "none.json")  # fmt: skip
+    settings = Settings(
+        database_url=f"sqlite:///{home / 'ledger.db'}",
+        broker_url=f"sqla+sqlite:///{home / 'b.db'}",
+        deployment_path=home / "none.json",
+    )
     server = uvicorn.Server(
         uvicorn.Config(create_app(settings), host="127.0.0.1", port=free_port(), log_level="warning")
     )
@@ -69,9 +82,16 @@ def ledger(tmp_path_factory):
 def test_reputable_nodes_are_cheaper_and_penalized_ones_far_dearer(ledger):
     scorer = ReputationScorer(ledger["url"], exploration=0.0)
     try:
-        factors = {name: scorer.cost_factor(peer(), info(party)) for name, party in
-                   (("good", GOOD), ("bad", BAD), ("fresh", FRESH), ("fresh_cheater", FRESH_CHEATER),
-                    ("unknown", UNKNOWN))}  # fmt: skip
+        factors = {
+            name: scorer.cost_factor(peer(), info(party))
+            for name, party in (
+                ("good", GOOD),
+                ("bad", BAD),
+                ("fresh", FRESH),
+                ("fresh_cheater", FRESH_CHEATER),
+                ("unknown", UNKNOWN),
+            )
+        }
     finally:
         scorer.close()
     assert factors["fresh"] == factors["unknown"] == pytest.approx(1.0)  # new or unknown: neutral, speed decides

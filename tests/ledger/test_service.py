@@ -59,8 +59,17 @@ def test_forgeries_are_rejected_with_reasons(api):
     other_domain = make_receipt(NODE, CLIENT, domain=eip712.make_domain(1, eip712.ZERO_ADDRESS))
     # fingerprint bytes that are not the committed ones
     swapped_fp = (good, fingerprints.activation_fingerprint(torch.randn(1, 4, 16)))
-    result = post(api, [receipt_item(forged, fp), receipt_item(tampered, fp), receipt_item(garbage, fp),
-                        receipt_item(*wrong_amount), receipt_item(*other_domain), receipt_item(*swapped_fp)])  # fmt: skip
+    result = post(
+        api,
+        [
+            receipt_item(forged, fp),
+            receipt_item(tampered, fp),
+            receipt_item(garbage, fp),
+            receipt_item(*wrong_amount),
+            receipt_item(*other_domain),
+            receipt_item(*swapped_fp),
+        ],
+    )
     reasons = [r["reason"] for r in result["results"]]
     assert reasons == [
         "wrong_signer",
@@ -148,8 +157,10 @@ def test_malformed_batches_get_422_and_store_nothing(api):
 
 def test_vouchers_keep_the_highest_and_reject_stale_and_forged(api):
     client, node = Party(), Party()
-    results = [api.post("/v1/vouchers", json={"vouchers": [make_voucher(client, node, a).to_json()]}).json()
-               for a in (100, 250, 250, 200)]  # fmt: skip
+    results = [
+        api.post("/v1/vouchers", json={"vouchers": [make_voucher(client, node, a).to_json()]}).json()
+        for a in (100, 250, 250, 200)
+    ]
     assert [r["results"][0]["status"] for r in results] == ["accepted", "accepted", "duplicate", "rejected"]
     assert results[3]["results"][0]["reason"] == "stale_voucher"
     forged = eip712.sign_voucher(

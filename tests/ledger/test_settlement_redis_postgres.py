@@ -82,6 +82,9 @@ def test_double_sign_evidence_is_slashed_on_chain(market):
     wait_for(lambda: market.chain.stake_of(node.address) < stake_before, 60, "the slash to land on chain")
     with market.http() as h:
         view = h.get(f"/v1/nodes/{node.address}").json()
-    wait_for(lambda: market.http().get(f"/v1/nodes/{node.address}").json()["conflicts"][0]["status"] == "slashed", 30,
-             "the ledger to record the slash")  # fmt: skip
+    wait_for(
+        lambda: market.http().get(f"/v1/nodes/{node.address}").json()["conflicts"][0]["status"] == "slashed",
+        30,
+        "the ledger to record the slash",
+    )
     assert view["reputation"]["slashes"] in (0, 1)

@@ -20,8 +20,9 @@ DEPOSIT = 10**21
 @pytest.fixture(scope="module")
 def market(tmp_path_factory):
     home = tmp_path_factory.mktemp("ledger-sqlite")
-    deployment = LedgerDeployment(home, database_url=f"sqlite:///{home / 'ledger.db'}",
-                                  broker_url=f"sqla+sqlite:///{home / 'broker.db'}")  # fmt: skip
+    deployment = LedgerDeployment(
+        home, database_url=f"sqlite:///{home / 'ledger.db'}", broker_url=f"sqla+sqlite:///{home / 'broker.db'}"
+    )
     try:
         for client in deployment.clients[:2]:
             deployment.chain.deposit(client.key, DEPOSIT)
@@ -62,8 +63,10 @@ def pay(market, cumulative: dict):
 
 def balances(market):
     chain = market.chain
-    return ({n.address: chain.node_balance(n.address) for n in market.nodes[:3]},
-            {c.address: chain.escrow_balance(c.address) for c in market.clients[:2]})  # fmt: skip
+    return (
+        {n.address: chain.node_balance(n.address) for n in market.nodes[:3]},
+        {c.address: chain.escrow_balance(c.address) for c in market.clients[:2]},
+    )
 
 
 def expected_net(gross_by_node: dict, fee_bps: int) -> dict:

@@ -58,11 +58,22 @@ class SimulatedNode:
                 output = output + 0.05 * output.abs().amax() * torch.randn_like(output)
             fp = fingerprints.activation_fingerprint(output)
             receipt = R.Receipt(
-                session_id=session_id, step=step, kind=0, model_id=R.model_id_hash(MODEL), block_start=self.start,
-                block_end=self.end, node=self.party.address, client=client.address, tokens=hidden.shape[1], price=3,
-                amount=3 * hidden.shape[1], input_commitment=fingerprints.commit_tensor(hidden),
-                output_commitment=fingerprints.commit_tensor(output), fingerprint=fingerprints.fingerprint_hash(fp), timestamp=1,
-            )  # fmt: skip
+                session_id=session_id,
+                step=step,
+                kind=0,
+                model_id=R.model_id_hash(MODEL),
+                block_start=self.start,
+                block_end=self.end,
+                node=self.party.address,
+                client=client.address,
+                tokens=hidden.shape[1],
+                price=3,
+                amount=3 * hidden.shape[1],
+                input_commitment=fingerprints.commit_tensor(hidden),
+                output_commitment=fingerprints.commit_tensor(output),
+                fingerprint=fingerprints.fingerprint_hash(fp),
+                timestamp=1,
+            )
             item = eip712.sign_receipt(receipt, self.party.key, domain_from_deployment())
             signed.append((item, fp, output))
         return signed
@@ -85,8 +96,9 @@ class BrokenVerifier(Verifier):
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("spot")
     path = save_tiny_checkpoint(root / MODEL, "llama", num_layers=4, hidden_size=64)
-    settings = Settings(database_url=f"sqlite:///{root / 'ledger.db'}", spot_check_fraction=1.0,
-                        deployment_path=root / "none.json")  # fmt: skip
+    settings = Settings(
+        database_url=f"sqlite:///{root / 'ledger.db'}", spot_check_fraction=1.0, deployment_path=root / "none.json"
+    )
     run_migrations(settings.database_url)
     engine = get_engine(settings.database_url)
     audit, client = MemoryAudit(), Party()
@@ -118,9 +130,18 @@ def world(tmp_path_factory):
         assert all(v[0] == "accepted" for v in verdicts)
         epoch = crud.close_epoch(session)
     verifiers = [LocalVerifier({MODEL: path}, name="a"), LocalVerifier({MODEL: path}, name="b")]
-    return dict(settings=settings, engine=engine, audit=audit, verifiers=verifiers, epoch=epoch.number,
-                honest=[honest_a.party.address, honest_b.party.address], cheater=cheater.party.address,
-                corrupted=corrupted_leaves, path=path, items=all_items)  # fmt: skip
+    return dict(
+        settings=settings,
+        engine=engine,
+        audit=audit,
+        verifiers=verifiers,
+        epoch=epoch.number,
+        honest=[honest_a.party.address, honest_b.party.address],
+        cheater=cheater.party.address,
+        corrupted=corrupted_leaves,
+        path=path,
+        items=all_items,
+    )
 
 
 def test_chained_commitments_across_hops(world):
@@ -129,15 +150,19 @@ def test_chained_commitments_across_hops(world):
     for item, _, _ in items:
         by_session.setdefault((item.receipt.session_id, item.receipt.step), []).append(item.receipt)
     chained = sum(
-        1 for receipts in by_session.values() for a in receipts for b in receipts
+        1
+        for receipts in by_session.values()
+        for a in receipts
+        for b in receipts
         if a.block_end == b.block_start and a.output_commitment == b.input_commitment
-    )  # fmt: skip
+    )
     assert chained == SESSIONS * (DECODE_STEPS + 1)
 
 
 def test_cheater_caught_and_honest_nodes_never_accused(world):
-    checker = SpotChecker(settings=world["settings"], engine=world["engine"], verifiers=world["verifiers"],
-                          audit=world["audit"])  # fmt: skip
+    checker = SpotChecker(
+        settings=world["settings"], engine=world["engine"], verifiers=world["verifiers"], audit=world["audit"]
+    )
     report = checker.check_epoch(world["epoch"])
     with session_scope(world["engine"]) as session:
         checks = crud.spot_checks_of(session, epoch=world["epoch"])
@@ -148,9 +173,11 @@ def test_cheater_caught_and_honest_nodes_never_accused(world):
         false_accusations = [c for c in honest_checks if c.status != "passed"]
         cheater_row = crud.get_node(session, address=world["cheater"])
         honest_rows = [crud.get_node(session, address=a) for a in world["honest"]]
-    print(f"\nspot checks: {len(checks)} run; honest nodes {len(honest_checks)} checks, "
-          f"{len(false_accusations)} accused; cheater corrupted {len(world['corrupted'])} of {len(cheater_checks)} "
-          f"steps, {len(caught)} caught")  # fmt: skip
+    print(
+        f"\nspot checks: {len(checks)} run; honest nodes {len(honest_checks)} checks, "
+        f"{len(false_accusations)} accused; cheater corrupted {len(world['corrupted'])} of {len(cheater_checks)} "
+        f"steps, {len(caught)} caught"
+    )
     assert report.checked == len(checks) == 3 * SESSIONS * (DECODE_STEPS + 1)
     assert not false_accusations
     assert world["corrupted"] and caught == world["corrupted"]  # every corrupted step, and only those
@@ -164,8 +191,12 @@ def test_cheater_caught_and_honest_nodes_never_accused(world):
 
 def test_a_faulty_verifier_does_not_get_an_honest_node_accused(world):
     broken = BrokenVerifier(world["verifiers"][0])
-    checker = SpotChecker(settings=world["settings"], engine=world["engine"], audit=world["audit"],
-                          verifiers=[broken, world["verifiers"][1]])  # fmt: skip
+    checker = SpotChecker(
+        settings=world["settings"],
+        engine=world["engine"],
+        audit=world["audit"],
+        verifiers=[broken, world["verifiers"][1]],
+    )
     with session_scope(world["engine"]) as session:
         ids = [c.receipt_id for c in crud.spot_checks_of(session, epoch=world["epoch"]) if c.node in world["honest"]][
             :10
@@ -205,10 +236,15 @@ def test_a_fabricated_history_prefix_is_refused(world):
         stored_fp = session.scalar(
             select(crud.Receipt.fingerprint).where(crud.Receipt.leaf == eip712.receipt_leaf(receipt))
         )
-    honest = SpotChecker(settings=world["settings"], engine=world["engine"], verifiers=world["verifiers"],
-                         audit=world["audit"])  # fmt: skip
+    honest = SpotChecker(
+        settings=world["settings"], engine=world["engine"], verifiers=world["verifiers"], audit=world["audit"]
+    )
     assert honest._prefix_consistent(receipt, world["audit"].input_history(receipt)) is True
-    lying = SpotChecker(settings=world["settings"], engine=world["engine"], verifiers=world["verifiers"],
-                        audit=FabricatingAudit(world["audit"]))  # fmt: skip
+    lying = SpotChecker(
+        settings=world["settings"],
+        engine=world["engine"],
+        verifiers=world["verifiers"],
+        audit=FabricatingAudit(world["audit"]),
+    )
     verdict = lying._judge(receipt, stored_fp)
     assert verdict.status == "inconclusive" and "fabricated" in verdict.detail

@@ -58,8 +58,13 @@ def market(tmp_path_factory, contracts_snapshot, monkeypatch_module):
         min_stake = market.chain.deployment.params["min_stake"]
         for index, node in enumerate(market.honest + [market.cheater]):
             market.chain.register_node(market.node_keys[index], node.address.rsplit("/", 1)[1], min_stake)
-        market.deployment.start_worker(audit_source="swarm", spot_check_verifier="swarm", spot_check_fraction=1.0,
-                                       swarm_initial_peers=market.swarm.initial_peers[0], slash_poll_seconds=1)  # fmt: skip
+        market.deployment.start_worker(
+            audit_source="swarm",
+            spot_check_verifier="swarm",
+            spot_check_fraction=1.0,
+            swarm_initial_peers=market.swarm.initial_peers[0],
+            slash_poll_seconds=1,
+        )
         for client in market.clients[:2]:
             market.chain.deposit(client.key, 10**18)
         market.models = models
@@ -72,9 +77,18 @@ def market(tmp_path_factory, contracts_snapshot, monkeypatch_module):
 
 def spot_check_rows(market, epoch: int) -> list[dict]:
     with session_scope(market.engine) as session:
-        return [{"node": c.node, "status": c.status, "leaf": session.get(Receipt, c.receipt_id).leaf,
-                 "slash_status": c.slash_status, "attest_tx": c.attest_tx_hash, "detail": c.detail,
-                 "receipt_id": c.receipt_id} for c in crud.spot_checks_of(session, epoch=epoch)]  # fmt: skip
+        return [
+            {
+                "node": c.node,
+                "status": c.status,
+                "leaf": session.get(Receipt, c.receipt_id).leaf,
+                "slash_status": c.slash_status,
+                "attest_tx": c.attest_tx_hash,
+                "detail": c.detail,
+                "receipt_id": c.receipt_id,
+            }
+            for c in crud.spot_checks_of(session, epoch=epoch)
+        ]
 
 
 def corrupted_steps(market, receipts) -> set[bytes]:
@@ -87,8 +101,9 @@ def corrupted_steps(market, receipts) -> set[bytes]:
         for signed, fingerprint in receipts:
             history = audit.input_history(signed.receipt)
             assert history is not None, "the cheater's audit log lost a step"
-            if not fingerprints_match(activation_fingerprint(local.execute(signed.receipt, history)), fingerprint,
-                                      dtype=history.dtype):  # fmt: skip
+            if not fingerprints_match(
+                activation_fingerprint(local.execute(signed.receipt, history)), fingerprint, dtype=history.dtype
+            ):
                 found.add(receipt_leaf(signed.receipt))
         return found
     finally:
@@ -107,8 +122,9 @@ def test_spot_checks_over_the_swarm_catch_the_cheater_and_never_accuse_honest_no
             prefer.target = node.eth_address
             model = market.models[(round_index + index) % 2]
             # no EOS: a corrupted step sends the text somewhere random, where EOS (1 in 1000) could end it early
-            model.generate(torch.randint(3, 1000, (1, 5), generator=generator), max_new_tokens=NEW_TOKENS,
-                           eos_token_id=[])  # fmt: skip
+            model.generate(
+                torch.randint(3, 1000, (1, 5), generator=generator), max_new_tokens=NEW_TOKENS, eos_token_id=[]
+            )
     per_node = Counter(r.receipt.node for w in wallets for r in w.receipts)
     assert set(per_node.values()) == {SESSIONS_PER_NODE * NEW_TOKENS}, per_node
     for wallet in wallets:
@@ -131,14 +147,18 @@ def test_spot_checks_over_the_swarm_catch_the_cheater_and_never_accuse_honest_no
     accused = [r for r in honest_rows if r["status"] != "passed"]
     caught = {r["leaf"] for r in cheater_rows if r["status"] == "failed"}
     with session_scope(market.engine) as session:
-        cheater_receipts = [(crud.signed_receipt_of(r), r.fingerprint) for r in crud.list_receipts(session, node=cheater,
-                            epoch=number, limit=10_000)]  # fmt: skip
+        cheater_receipts = [
+            (crud.signed_receipt_of(r), r.fingerprint)
+            for r in crud.list_receipts(session, node=cheater, epoch=number, limit=10_000)
+        ]
     truth = corrupted_steps(market, cheater_receipts)
     overruled = sum("overruled" in (r["detail"] or "") for r in rows)
-    print(f"\nswarm spot checks, epoch {number}: {len(rows)} checked; honest nodes {len(honest_rows)} checks, "
-          f"{len(accused)} accused; cheater {len(cheater_rows)} checks, {len(truth)} corrupted, {len(caught)} caught, "
-          f"{sum(r['status'] == 'passed' for r in cheater_rows)} passed; {overruled} first-verifier disagreements "
-          f"overruled")  # fmt: skip
+    print(
+        f"\nswarm spot checks, epoch {number}: {len(rows)} checked; honest nodes {len(honest_rows)} checks, "
+        f"{len(accused)} accused; cheater {len(cheater_rows)} checks, {len(truth)} corrupted, {len(caught)} caught, "
+        f"{sum(r['status'] == 'passed' for r in cheater_rows)} passed; {overruled} first-verifier disagreements "
+        f"overruled"
+    )
     assert not accused, accused[:3]
     assert truth and caught == truth  # every corrupted step, and only those
     assert all(r["status"] == "passed" for r in cheater_rows if r["leaf"] not in truth)
@@ -159,8 +179,11 @@ def test_after_the_dispute_window_the_cheaters_stake_is_slashed_on_chain(market)
     market.chain.advance_time(window + 1)
 
     def slashed():
-        return all(r["slash_status"] == "slashed" for r in spot_check_rows(market, market.epoch_number) if r["node"] == cheater
-                   and r["status"] == "failed")  # fmt: skip
+        return all(
+            r["slash_status"] == "slashed"
+            for r in spot_check_rows(market, market.epoch_number)
+            if r["node"] == cheater and r["status"] == "failed"
+        )
 
     wait_for(slashed, 120, f"the worker's slash round to finalize every case (see {market.home}/worker.log)")
     events = market.chain.events("Slashing", "SpotCheckSlashed", filters={"node": cheater})
@@ -172,9 +195,11 @@ def test_after_the_dispute_window_the_cheaters_stake_is_slashed_on_chain(market)
     assert reputation[cheater]["slashes"] == reputation[cheater]["spot_failed"] == len(market.caught)
     assert all(reputation[a]["spot_failed"] == 0 and reputation[a]["slashes"] == 0 for a in honest)
     assert reputation[cheater]["score"] < 0.01 < min(reputation[a]["score"] for a in honest)
-    print(f"\nslashed {cheater}: {len(events)} cases, stake {stake_before[cheater]} -> "
-          f"{market.chain.stake_of(cheater)}; scores: cheater {reputation[cheater]['score']}, honest "
-          f"{[reputation[a]['score'] for a in honest]}")  # fmt: skip
+    print(
+        f"\nslashed {cheater}: {len(events)} cases, stake {stake_before[cheater]} -> "
+        f"{market.chain.stake_of(cheater)}; scores: cheater {reputation[cheater]['score']}, honest "
+        f"{[reputation[a]['score'] for a in honest]}"
+    )
 
 
 def test_reputation_routing_starves_the_cheater_and_keeps_traffic_for_a_new_node(market):
@@ -187,8 +212,9 @@ def test_reputation_routing_starves_the_cheater_and_keeps_traffic_for_a_new_node
         market.models.append(model)
         sessions = 40
         for index in range(sessions):
-            model.generate(torch.randint(3, 1000, (1, 4), generator=torch.Generator().manual_seed(index)),
-                           max_new_tokens=2)  # fmt: skip
+            model.generate(
+                torch.randint(3, 1000, (1, 4), generator=torch.Generator().manual_seed(index)), max_new_tokens=2
+            )
         nodes_of_session: dict[bytes, set] = {}
         for r in model.wallet.receipts:
             nodes_of_session.setdefault(r.receipt.session_id, set()).add(r.receipt.node)

@@ -67,12 +67,22 @@ def make_receipt(
     output = torch.randn(1, tokens, 16) if output is None else output
     fp = fingerprints.activation_fingerprint(output)
     receipt = R.Receipt(
-        session_id=session_id or os.urandom(32), step=step, kind=kind, model_id=R.model_id_hash(model),
-        block_start=block_start, block_end=block_end, node=node.address, client=client.address, tokens=tokens,
-        price=price, amount=tokens * price if amount is None else amount,
-        input_commitment=input_commitment or os.urandom(32), output_commitment=fingerprints.commit_tensor(output),
-        fingerprint=fingerprints.fingerprint_hash(fp), timestamp=timestamp or int(time.time()),
-    )  # fmt: skip
+        session_id=session_id or os.urandom(32),
+        step=step,
+        kind=kind,
+        model_id=R.model_id_hash(model),
+        block_start=block_start,
+        block_end=block_end,
+        node=node.address,
+        client=client.address,
+        tokens=tokens,
+        price=price,
+        amount=tokens * price if amount is None else amount,
+        input_commitment=input_commitment or os.urandom(32),
+        output_commitment=fingerprints.commit_tensor(output),
+        fingerprint=fingerprints.fingerprint_hash(fp),
+        timestamp=timestamp or int(time.time()),
+    )
     return eip712.sign_receipt(receipt, node.key, domain or domain_from_deployment()), fp
 
 
@@ -81,8 +91,9 @@ def receipt_item(signed: R.SignedReceipt, fp: bytes) -> dict:
 
 
 def make_voucher(client: Party, node: Party, amount: int, *, channel: int = 1, domain: dict | None = None):
-    return eip712.sign_voucher(R.Voucher(client.address, node.address, channel, amount), client.key,
-                          domain or domain_from_deployment())  # fmt: skip
+    return eip712.sign_voucher(
+        R.Voucher(client.address, node.address, channel, amount), client.key, domain or domain_from_deployment()
+    )
 
 
 def free_port() -> int:
@@ -108,8 +119,13 @@ def wait_http(url: str, timeout: float = 60.0, process: subprocess.Popen | None 
 def start_nectar(command: str, args: list[str], env: dict, log_path) -> subprocess.Popen:
     """`nectar <command>` as a real subprocess (its own process group so a test can kill -9 it)."""
     log = open(log_path, "ab")
-    return subprocess.Popen([sys.executable, "-m", "nectar.cli", command, *args], env={**os.environ, **env},
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "nectar.cli", command, *args],
+        env={**os.environ, **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):

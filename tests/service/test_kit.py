@@ -22,20 +22,24 @@ from nectar.ledger.migrations import run_migrations as migrate_ledger
 from tests.ledger.utils import fresh_postgres_url
 
 OWN_KEY = "0x" + "5a" * 32  # not a devnet account
-LEDGER_OK = dict(environment="production", admin_token="a", spot_check_secret="s", operator_key=OWN_KEY,
-                 verifier_key=OWN_KEY)  # fmt: skip
+LEDGER_OK = dict(
+    environment="production", admin_token="a", spot_check_secret="s", operator_key=OWN_KEY, verifier_key=OWN_KEY
+)
 API_OK = dict(environment="production", admin_token="a", private_key=OWN_KEY)
 
 
-@pytest.mark.parametrize(("cls", "good", "field", "bad"), [
-    (LedgerSettings, LEDGER_OK, "admin_token", "nectar-devnet-admin"),
-    (LedgerSettings, LEDGER_OK, "spot_check_secret", "nectar-devnet-spot-check-secret"),
-    (LedgerSettings, LEDGER_OK, "operator_key", None),
-    (LedgerSettings, LEDGER_OK, "verifier_key", "devnet"),
-    (ApiSettings, API_OK, "admin_token", "nectar-devnet-api-admin"),
-    (ApiSettings, API_OK, "private_key", None),
-    (ApiSettings, API_OK, "private_key", "devnet"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("cls", "good", "field", "bad"),
+    [
+        (LedgerSettings, LEDGER_OK, "admin_token", "nectar-devnet-admin"),
+        (LedgerSettings, LEDGER_OK, "spot_check_secret", "nectar-devnet-spot-check-secret"),
+        (LedgerSettings, LEDGER_OK, "operator_key", None),
+        (LedgerSettings, LEDGER_OK, "verifier_key", "devnet"),
+        (ApiSettings, API_OK, "admin_token", "nectar-devnet-api-admin"),
+        (ApiSettings, API_OK, "private_key", None),
+        (ApiSettings, API_OK, "private_key", "devnet"),
+    ],
+)
 def test_production_refuses_each_devnet_secret(cls, good, field, bad):
     if bad == "devnet":
         from nectar.chain.accounts import dev_accounts
@@ -75,8 +79,10 @@ def test_ledger_and_api_migrate_one_database_side_by_side(shared_url):
         with engine.connect() as connection:
             tables = set(inspect(connection).get_table_names())
             assert {"alembic_version", "alembic_version_api", "epochs", "api_accounts"} <= tables
-            for migrations, metadata in ((LEDGER_MIGRATIONS, ledger_models.Base.metadata),
-                                         (API_MIGRATIONS, api_models.Base.metadata)):  # fmt: skip
+            for migrations, metadata in (
+                (LEDGER_MIGRATIONS, ledger_models.Base.metadata),
+                (API_MIGRATIONS, api_models.Base.metadata),
+            ):
                 version = connection.execute(text(f"SELECT version_num FROM {migrations.version_table}")).scalar()
                 assert version is not None
                 opts = {"compare_type": True, "include_object": migrations.owns}

@@ -15,11 +15,22 @@ DOMAIN = eip712.make_domain(31337, "0x5FbDB2315678afecb367f032d93F642f64180aa3")
 
 def make_receipt(**overrides) -> R.Receipt:
     fields = dict(
-        session_id=os.urandom(32), step=3, kind=R.ReceiptKind.INFERENCE, model_id=R.model_id_hash("tiny-llama"),
-        block_start=0, block_end=4, node=Account.create().address, client=Account.create().address,
-        tokens=7, price=10**12, amount=7 * 10**12, input_commitment=os.urandom(32),
-        output_commitment=os.urandom(32), fingerprint=os.urandom(32), timestamp=1_700_000_000,
-    )  # fmt: skip
+        session_id=os.urandom(32),
+        step=3,
+        kind=R.ReceiptKind.INFERENCE,
+        model_id=R.model_id_hash("tiny-llama"),
+        block_start=0,
+        block_end=4,
+        node=Account.create().address,
+        client=Account.create().address,
+        tokens=7,
+        price=10**12,
+        amount=7 * 10**12,
+        input_commitment=os.urandom(32),
+        output_commitment=os.urandom(32),
+        fingerprint=os.urandom(32),
+        timestamp=1_700_000_000,
+    )
     fields.update(overrides)
     return R.Receipt(**fields)
 
