@@ -27,7 +27,7 @@ def crash_point(settings: Settings, name: str) -> None:
     """Testing hook: at the configured stage, leave a marker file and stall so a test can kill -9 the worker here."""
     if settings.crash_point != name:
         return
-    marker = Path(os.environ.get("NECTAR_LEDGER_CRASH_MARKER", "/tmp/nectar-ledger-crash")).with_suffix(f".{name}")
+    marker = Path(settings.crash_marker).with_suffix(f".{name}")
     marker.write_text(str(os.getpid()))
     logger.warning(f"Stalling at crash point {name!r} (pid {os.getpid()}) until killed")
     while True:

@@ -59,6 +59,7 @@ class Settings(ServiceSettings):
     models_dir: Path | None = None  # where the local verifier finds converted models (``nectar models``)
 
     crash_point: str | None = None  # testing only: a stage name at which the worker pauses so a test can kill it
+    crash_marker: str = "/tmp/nectar-ledger-crash"  # testing only: the file (suffixed with the stage) it leaves there
 
     @model_validator(mode="after")
     def _check_ranges(self) -> Settings:
