@@ -22,10 +22,10 @@ from tests.api.utils import (
     NectarProcess,
     api_env,
     free_port,
-    fresh_postgres_url,
     make_chat_checkpoint,
     wait_for,
 )
+from tests.ledger.utils import fresh_postgres_url  # one home for throwaway test databases
 
 ADMIN = {"Authorization": "Bearer nectar-devnet-api-admin"}
 LEDGER_ADMIN = {"Authorization": "Bearer nectar-devnet-admin"}

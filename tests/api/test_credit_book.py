@@ -16,7 +16,7 @@ from nectar.api import crud
 from nectar.api.migrations import run_migrations
 from nectar.api.models import Account, Base
 from nectar.service.db import get_engine, session_scope
-from tests.api.utils import fresh_postgres_url
+from tests.ledger.utils import fresh_postgres_url  # one home for throwaway test databases
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
