@@ -34,7 +34,6 @@ from nectar.api.serving.completions import OpenAIServingCompletion
 from nectar.api.serving.fine_tuning import OpenAIServingFiles, OpenAIServingFineTuning
 from nectar.api.serving.market import MarketService
 from nectar.api.serving.models import OpenAIServingModels
-from nectar.deployment import domain_from_deployment
 from nectar.service.db import get_engine
 from nectar.wire.peers import initial_peers
 
@@ -99,7 +98,7 @@ def create_app(settings: Settings | None = None, *, swarm: Engine | None = None)
         engine = swarm
         if engine is None:
             peers = initial_peers(settings.initial_peers, env=os.environ)
-            domain = domain_from_deployment(settings.deployment_path)  # the vouchers' domain: the API's deployment
+            domain = settings.signing_domain()  # the vouchers' domain: the API's deployment
             engine = await anyio.to_thread.run_sync(
                 lambda: Engine.start(
                     settings.models,

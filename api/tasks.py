@@ -106,7 +106,6 @@ def fine_tune(job_id: str) -> str:
     try:
         from nectar.api.engine import make_scorer
         from nectar.client import ClientConfig, DistributedModelForCausalLM
-        from nectar.deployment import domain_from_deployment
         from nectar.models import load_tokenizer, resolve_model
 
         path = _model_path(model_name)
@@ -118,7 +117,7 @@ def fine_tune(job_id: str) -> str:
             config=ClientConfig(step_timeout=settings.step_timeout, request_timeout=max(60.0, settings.step_timeout)),
             tuning_mode=hyper["tuning_mode"],
             pre_seq_len=hyper["pre_seq_len"],
-            domain=domain_from_deployment(settings.deployment_path),
+            domain=settings.signing_domain(),
             scorer=(scorer := make_scorer(settings.ledger_url)),
         )
         eos = model.generation_config.eos_token_id

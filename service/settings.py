@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from nectar.deployment import domain_from_deployment
 from nectar.paths import deployment_path, nectar_home
 
 
@@ -74,6 +75,4 @@ class ServiceSettings(BaseSettings):
     def signing_domain(self) -> dict:
         """The EIP-712 domain of ``deployment_path``, under which this service signs or verifies vouchers and
         receipts (pass it to whatever signs: nothing reads the deployment from the environment)."""
-        from nectar.service.domain import domain_from_file
-
-        return domain_from_file(self.deployment_path)
+        return domain_from_deployment(self.deployment_path)

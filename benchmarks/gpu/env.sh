@@ -8,6 +8,6 @@ chmod +x "$(python3 -c 'import hivemind, os; print(os.path.dirname(hivemind.__fi
 root=/tmp/nectar-root/nectar
 rm -rf /tmp/nectar-root && mkdir -p "$root"
 for f in core/*; do ln -s "$PWD/$f" "$root/$(basename "$f")"; done
-for pkg in wire models node client ledger chain api; do ln -s "$PWD/$pkg" "$root/$pkg"; done
+for pkg in wire models node client ledger chain api service; do ln -s "$PWD/$pkg" "$root/$pkg"; done
 export PYTHONPATH=/tmp/nectar-root${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export NECTAR_BENCH_DIR="${NECTAR_BENCH_DIR:-/root/.cache/nectar-bench}"
