@@ -13,17 +13,9 @@ from collections.abc import Awaitable, Callable
 from hivemind.p2p import P2P, P2PContext
 
 from nectar.node import trace
-from nectar.node.audit import AuditLog
-from nectar.node.backend import SpanBackend
-from nectar.node.config import NodeConfig
 from nectar.node.inference_stream import InferenceStream
-from nectar.node.memory_cache import MemoryCache
-from nectar.node.payments import NoPaymentPolicy, PaymentPolicy
 from nectar.node.push import PushInbox
-from nectar.node.receipts import CreditLedger, ReceiptSigner
-from nectar.node.signing import InlineSigning, SigningWorker
 from nectar.node.steps import NodeSteps
-from nectar.node.task_pool import ComputeThread
 from nectar.wire.messages import AuditCall, AuditReply, BackwardCall, ForwardCall, InfoReply, Push, PushAck
 from nectar.wire.protocol import (
     RPC_AUDIT,
@@ -46,33 +38,16 @@ class NodeHandler:
 
     def __init__(
         self,
-        backend: SpanBackend,
+        steps: NodeSteps,
         *,
-        config: NodeConfig,
-        model_id: str,
-        compute: ComputeThread,
-        memory: MemoryCache,
-        signer: ReceiptSigner,
-        credit: CreditLedger,
-        audit: AuditLog,
-        payments: PaymentPolicy | None = None,
         info_provider: Callable[[], dict] = dict,
         push_allowed: Callable[[str, int], Awaitable[bool]] | None = None,
-        signing: InlineSigning | SigningWorker | None = None,
     ):
-        self.steps = NodeSteps(
-            backend,
-            config=config,
-            model_id=model_id,
-            compute=compute,
-            memory=memory,
-            signer=signer,
-            credit=credit,
-            audit=audit,
-            payments=payments or NoPaymentPolicy(),
-            signing=signing or InlineSigning(signer),
-        )
-        self.config, self.model_id = config, model_id
+        """:param steps: the node's parts that work goes through (backend, compute, memory, signing, credit)
+        :param info_provider: the info RPC's answer
+        :param push_allowed: (address, block) -> whether a node serving ``block`` announces that direct lane"""
+        self.steps = steps
+        self.config, self.model_id = steps.config, steps.model_id
         self.info_provider = info_provider
         self.active_sessions = 0
         self.inbox = PushInbox()  # sessions here that accept hidden states pushed by the previous hop

@@ -34,6 +34,7 @@ from nectar.node.memory_cache import MemoryCache
 from nectar.node.payments import NoPaymentPolicy, PaymentPolicy
 from nectar.node.receipts import CreditLedger, ReceiptSigner
 from nectar.node.signing import InlineSigning, SigningWorker
+from nectar.node.steps import NodeSteps
 from nectar.node.task_pool import ComputeThread
 from nectar.paths import nectar_home
 from nectar.wire.announce import PROTOCOL_VERSION, AnnouncementValidator, ServerInfo, ServerState
@@ -229,7 +230,7 @@ class Server:
         memory = MemoryCache(self.config.cache_memory_bytes, backend.cache_bytes_per_token(start, end, 1))
         audit = AuditLog(max_bytes=self.config.audit_memory_bytes, retention_s=self.config.audit_retention_s)
         if self.handler is None:
-            self.handler = NodeHandler(
+            steps = NodeSteps(
                 backend,
                 config=self.config,
                 model_id=self.model_id,
@@ -239,10 +240,9 @@ class Server:
                 credit=self.credit,
                 audit=audit,
                 payments=self.payments,
-                info_provider=self.rpc_info,
-                push_allowed=self.announces_lane,
                 signing=self.signing,
             )
+            self.handler = NodeHandler(steps, info_provider=self.rpc_info, push_allowed=self.announces_lane)
         else:
             self.handler.backend, self.handler.memory = backend, memory
         self.backend = backend

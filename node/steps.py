@@ -23,7 +23,7 @@ from nectar.node.audit import AuditLog
 from nectar.node.backend import SpanBackend
 from nectar.node.config import NodeConfig
 from nectar.node.memory_cache import MemoryCache
-from nectar.node.payments import PaymentPolicy
+from nectar.node.payments import NoPaymentPolicy, PaymentPolicy
 from nectar.node.receipts import CreditLedger, ReceiptSigner
 from nectar.node.signing import InlineSigning, PendingReceipt, SigningWorker
 from nectar.node.task_pool import ComputeThread, Priority
@@ -74,12 +74,13 @@ class NodeSteps:
         signer: ReceiptSigner,
         credit: CreditLedger,
         audit: AuditLog,
-        payments: PaymentPolicy,
-        signing: InlineSigning | SigningWorker,
+        payments: PaymentPolicy | None = None,
+        signing: InlineSigning | SigningWorker | None = None,
     ):
         self.backend, self.config, self.model_id = backend, config, model_id
         self.compute, self.memory, self.signer, self.credit, self.audit = compute, memory, signer, credit, audit
-        self.payments, self.signing = payments, signing
+        self.payments = payments or NoPaymentPolicy()
+        self.signing = signing or InlineSigning(signer)  # the default signs on the event loop
         self.step_seconds = 0.0  # event-loop time of inference steps outside compute (checks, receipts, packing)
 
     # ---- checks -----------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from nectar.node.config import NodeConfig
 from nectar.node.handler import NodeHandler
 from nectar.node.memory_cache import MemoryCache
 from nectar.node.receipts import CreditLedger, ReceiptSigner
+from nectar.node.steps import NodeSteps
 from nectar.wire import eip712, fingerprints
 from nectar.wire import receipts as schema
 from nectar.wire.messages import (
@@ -111,7 +112,7 @@ class FakeCompute:
 def make_node(memory_bytes: int = 1 << 20, credit_limit: int = 10**9, **config) -> NodeHandler:
     signer = ReceiptSigner(private_key=Account.create().key.hex(), model_id=MODEL, price_per_token=PRICE, domain=DOMAIN)
     config = NodeConfig(**{"session_timeout": 5.0, "receipt_delay": 0.01, **config})
-    return NodeHandler(
+    steps = NodeSteps(
         FakeBackend(),
         config=config,
         model_id=MODEL,
@@ -121,6 +122,7 @@ def make_node(memory_bytes: int = 1 << 20, credit_limit: int = 10**9, **config) 
         credit=CreditLedger(node_address=signer.address, credit_limit=credit_limit, domain=DOMAIN),
         audit=AuditLog(max_bytes=10**6, retention_s=60),
     )
+    return NodeHandler(steps)
 
 
 END = "end of stream"
