@@ -22,7 +22,7 @@ API::
     chain.settle(private_key, [(voucher_dict, sig65), ...]) -> TxResult          # one transaction, all-or-nothing
     chain.paid(client, node, channel_id[, partner]); chain.node_balance(node); chain.withdraw_earnings(private_key)
     chain.commit_epoch_root(private_key, epoch, root, count); chain.epoch_root(epoch) -> bytes (zeros if none)
-    chain.verify_inclusion(epoch, leaf, proof) -> bool
+    chain.verify_inclusion(epoch, receipt or its struct hash, proof) -> bool
     chain.slash_double_sign(private_key, receipt_a, sig_a, receipt_b, sig_b)
     chain.attest_spot_check_failure(private_key, node, evidence)
     chain.finalize_slash(private_key, node, evidence)   # or case_id=...; after the dispute window

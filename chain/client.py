@@ -333,8 +333,19 @@ class Chain:
         root, count, at = self.settlement.functions.epochRoot(int(epoch)).call()
         return {"root": bytes(root), "count": count, "committedAt": at}
 
-    def verify_inclusion(self, epoch: int, leaf: bytes, proof: Sequence[bytes]) -> bool:
-        fn = self.settlement.functions.verifyInclusion(int(epoch), as_bytes32(leaf), [as_bytes32(p) for p in proof])
+    def receipt_hash(self, receipt: Any) -> bytes:
+        """The receipt's EIP-712 struct hash, hashStruct(receipt), as the contract computes it."""
+        return bytes(self.settlement.functions.receiptHash(self._receipt(receipt)).call())
+
+    def verify_inclusion(self, epoch: int, receipt: Any, proof: Sequence[bytes]) -> bool:
+        """True when ``receipt`` (a receipt, or its 32-byte struct hash: never its leaf) is in the epoch's committed
+        tree; ``proof`` is ``merkle_proof`` over the epoch's leaves. The contract hashes the struct hash into the leaf
+        itself, so an inner node of the tree cannot be passed off as a leaf."""
+        if isinstance(receipt, (bytes, bytearray)) and len(receipt) == 32:
+            receipt_hash = bytes(receipt)
+        else:
+            receipt_hash = self.receipt_hash(receipt)
+        fn = self.settlement.functions.verifyInclusion(int(epoch), receipt_hash, [as_bytes32(p) for p in proof])
         return bool(fn.call())
 
     # ------------------------------------------------------------------ slashing

@@ -385,10 +385,18 @@ contract Settlement is Escrow, EIP712 {
         return (e.root, e.count, e.committedAt);
     }
 
-    /// @notice True when `leaf` (keccak256 of a receipt's struct hash) is in `epoch`'s committed tree.
-    function verifyInclusion(uint64 epoch, bytes32 leaf, bytes32[] calldata proof) external view returns (bool) {
+    /// @notice True when the receipt whose EIP-712 struct hash is `receiptHash` (see `receiptHash`) is in `epoch`'s
+    ///         committed tree.
+    /// @dev Takes the struct hash, not the leaf, and hashes it into the leaf `keccak256(receiptHash)` itself: a leaf is
+    ///      the hash of 32 bytes and an inner node the hash of 64, so no inner node can pass for a leaf (a caller
+    ///      handing in a leaf directly could offer an inner node with the rest of its proof).
+    function verifyInclusion(uint64 epoch, bytes32 receiptHash, bytes32[] calldata proof)
+        external
+        view
+        returns (bool)
+    {
         bytes32 root = _epochs[epoch].root;
-        return root != bytes32(0) && MerkleProof.verifyCalldata(proof, root, leaf);
+        return root != bytes32(0) && MerkleProof.verifyCalldata(proof, root, keccak256(abi.encode(receiptHash)));
     }
 
     /// @notice The EIP-712 domain separator shared by vouchers and receipts.
@@ -408,6 +416,11 @@ contract Settlement is Escrow, EIP712 {
     /// @notice The EIP-712 digest a node signs for a receipt.
     function receiptDigest(Receipt calldata receipt) external view returns (bytes32) {
         return _hashTypedDataV4(NectarTypes.hash(receipt));
+    }
+
+    /// @notice The EIP-712 struct hash of a receipt, hashStruct(receipt): what `verifyInclusion` takes.
+    function receiptHash(Receipt calldata receipt) external pure returns (bytes32) {
+        return NectarTypes.hash(receipt);
     }
 
     /// @notice The Merkle leaf of a receipt: keccak256(hashStruct(receipt)).

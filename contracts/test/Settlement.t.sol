@@ -440,19 +440,26 @@ contract SettlementTest is NectarFixture {
     }
 
     /// @dev Three sorted leaves: (l0, l1) pair up, l2 is promoted unchanged (docs/protocol.md).
-    function _tree() internal pure returns (bytes32[3] memory leaves, bytes32 root) {
-        leaves = [keccak256("a"), keccak256("b"), keccak256("c")];
+    ///      `hashes` are the receipts' struct hashes, `leaves[i] = keccak256(abi.encode(hashes[i]))`.
+    function _tree() internal pure returns (bytes32[3] memory hashes, bytes32[3] memory leaves, bytes32 root) {
+        hashes = [keccak256("a"), keccak256("b"), keccak256("c")];
+        for (uint256 i; i < 3; ++i) {
+            leaves[i] = keccak256(abi.encode(hashes[i]));
+        }
         // sort ascending
         for (uint256 i; i < 3; ++i) {
             for (uint256 j = i + 1; j < 3; ++j) {
-                if (leaves[j] < leaves[i]) (leaves[i], leaves[j]) = (leaves[j], leaves[i]);
+                if (leaves[j] < leaves[i]) {
+                    (leaves[i], leaves[j]) = (leaves[j], leaves[i]);
+                    (hashes[i], hashes[j]) = (hashes[j], hashes[i]);
+                }
             }
         }
         root = _hashPair(_hashPair(leaves[0], leaves[1]), leaves[2]);
     }
 
     function test_CommitAndProveInclusion() public {
-        (bytes32[3] memory leaves, bytes32 root) = _tree();
+        (bytes32[3] memory hashes, bytes32[3] memory leaves, bytes32 root) = _tree();
         vm.expectEmit(address(settlement));
         emit EpochRootCommitted(4, root, 3, ledger);
         vm.prank(ledger);
@@ -465,12 +472,31 @@ contract SettlementTest is NectarFixture {
         bytes32[] memory proof = new bytes32[](2);
         proof[0] = leaves[1];
         proof[1] = leaves[2];
-        assertTrue(settlement.verifyInclusion(4, leaves[0], proof), "leaf 0");
+        assertTrue(settlement.verifyInclusion(4, hashes[0], proof), "receipt 0");
         bytes32[] memory promoted = new bytes32[](1);
         promoted[0] = _hashPair(leaves[0], leaves[1]);
-        assertTrue(settlement.verifyInclusion(4, leaves[2], promoted), "promoted leaf 2");
-        assertFalse(settlement.verifyInclusion(4, keccak256("d"), proof), "foreign leaf");
-        assertFalse(settlement.verifyInclusion(5, leaves[0], proof), "uncommitted epoch");
+        assertTrue(settlement.verifyInclusion(4, hashes[2], promoted), "promoted receipt 2");
+        assertFalse(settlement.verifyInclusion(4, keccak256("d"), proof), "foreign receipt");
+        assertFalse(settlement.verifyInclusion(5, hashes[0], proof), "uncommitted epoch");
+    }
+
+    /// @dev Issue 20: an inner node of the tree, offered as a leaf with the rest of a proof, used to verify
+    ///      (`verifyInclusion(4, inner, [leaf 2])` returned true: failed on the old code, which took the leaf itself).
+    ///      Now the caller gives the receipt's struct hash and the contract hashes it into the leaf, so an inner
+    ///      node (the hash of 64 bytes) cannot pass for a leaf (the hash of 32).
+    function test_Attack_InnerNodeIsNotALeaf() public {
+        (, bytes32[3] memory leaves, bytes32 root) = _tree();
+        vm.prank(ledger);
+        settlement.commitEpochRoot(4, root, 3);
+        bytes32 inner = _hashPair(leaves[0], leaves[1]);
+        bytes32[] memory rest = new bytes32[](1);
+        rest[0] = leaves[2];
+        assertFalse(settlement.verifyInclusion(4, inner, rest), "inner node accepted as a leaf");
+    }
+
+    function test_ReceiptHashIsTheStructHash() public view {
+        Receipt memory r = _receipt(node, keccak256("s"), 3, keccak256("out"));
+        assertEq(keccak256(abi.encode(settlement.receiptHash(r))), settlement.receiptLeaf(r), "leaf = H(hash)");
     }
 
     function test_RevertWhen_CommitByStranger() public {

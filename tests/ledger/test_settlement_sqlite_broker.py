@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from nectar.wire.eip712 import receipt_leaf
+from nectar.wire.eip712 import receipt_leaf, receipt_struct_hash
 from nectar.wire.merkle import merkle_proof, merkle_root
 from nectar.wire.receipts import SignedReceipt
 from tests.ledger.harness import LedgerDeployment
@@ -82,7 +82,8 @@ def test_epoch_commits_root_and_settles_exact_amounts(market):
     epoch = market.wait_settled(closed["number"])
     leaves = [receipt_leaf(SignedReceipt.from_json(i).receipt) for i in items]
     assert bytes.fromhex(epoch["root"][2:]) == merkle_root(leaves) == market.chain.epoch_root(closed["number"])
-    assert market.chain.verify_inclusion(closed["number"], leaves[0], merkle_proof(leaves, 0))
+    first = SignedReceipt.from_json(items[0]).receipt
+    assert market.chain.verify_inclusion(closed["number"], receipt_struct_hash(first), merkle_proof(leaves, 0))
     nodes_after, escrow_after = balances(market)
     fee_bps = market.chain.deployment.params["fee_bps"]
     gross_by_node = {n.address: sum(a for (c, nn), a in charged.items() if nn == n.address) for n in market.nodes[:3]}
