@@ -19,10 +19,10 @@ API::
     chain.escrow_balance(client); chain.pending_withdrawal(client) -> (amount, unlock_at)
     chain.register_node(private_key, peer_id, stake); chain.stake_of(node); chain.node_info(node)
     chain.add_stake(private_key, amount); chain.request_unbond(private_key, amount); chain.unbond(private_key)
-    chain.settle(private_key, [(voucher_dict, sig65), ...]) -> TxResult          # one transaction, all-or-nothing
+    chain.settle(private_key, [(voucher_dict, sig65), ...]) -> TxResult  # result.skipped: not paid
     chain.paid(client, node, channel_id[, partner]); chain.node_balance(node); chain.withdraw_earnings(private_key)
     chain.commit_epoch_root(private_key, epoch, root, count); chain.epoch_root(epoch) -> bytes (zeros if none)
-    chain.verify_inclusion(epoch, leaf, proof) -> bool
+    chain.verify_inclusion(epoch, receipt or its struct hash, proof) -> bool
     chain.slash_double_sign(private_key, receipt_a, sig_a, receipt_b, sig_b)
     chain.attest_spot_check_failure(private_key, node, evidence)
     chain.finalize_slash(private_key, node, evidence)   # or case_id=...; after the dispute window
@@ -38,7 +38,7 @@ API::
 Vouchers and receipts are protocol dicts (docs/protocol.md keys; bytes or hex, ints or decimal strings) or
 ``nectar.wire`` objects (anything with ``to_message()``); signatures are 65-byte r||s||v. Writes return
 ``TxResult(tx_hash, gas_used, block_number, events)``. Reverts raise ``ChainError`` whose message starts with the
-contract's custom error, e.g. ``VoucherReplay(index=0)``; ``.error_name`` / ``.error_args`` hold it decoded.
+contract's custom error, e.g. ``InvalidSignature(index=0)``; ``.error_name`` / ``.error_args`` hold it decoded.
 
 Files: ``client.py`` (Chain), ``tx.py`` (signing, sending, event decoding), ``errors.py`` (revert decoding),
 ``encoding.py`` (settle calldata, receipt tuples), ``deployment.py`` (the deployment file), ``deploy.py``

@@ -45,6 +45,26 @@ def _key_address(private_key: str | bytes) -> str:
     return Account.from_key(private_key).address
 
 
+# Settlement.VoucherSkipped reasons (SKIP_ALREADY_SETTLED, SKIP_INSUFFICIENT_ESCROW)
+SKIP_REASONS = {1: "AlreadySettled", 2: "InsufficientEscrow"}
+
+
+def _skipped(events: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``VoucherSkipped`` events of one settle transaction: ``{"index" (batch position), "reason", "client",
+    "node", "channelId"}``."""
+    return [
+        {
+            "index": int(e["args"]["index"]),
+            "reason": SKIP_REASONS.get(int(e["args"]["reason"]), f"reason {e['args']['reason']}"),
+            "client": e["args"]["client"],
+            "node": e["args"]["node"],
+            "channelId": int(e["args"]["channelId"]),
+        }
+        for e in events
+        if e["event"] == "VoucherSkipped"
+    ]
+
+
 class Chain:
     """A connection to one Nectar deployment. Writes take the sender's private key (kept local, transactions are
     signed here); reads are free. Reverts raise ``ChainError`` whose message starts with the custom error's name.
@@ -62,11 +82,12 @@ class Chain:
             name: self.w3.eth.contract(address=_address(info["address"]), abi=info["abi"])
             for name, info in deployment.contracts.items()
         }
+        self._events = EventDecoder(self.contracts)
         self._tx = Transactor(
             self.w3,
             chain_id=self.chain_id,
             errors=ErrorDecoder(info["abi"] for info in deployment.contracts.values()),
-            events=EventDecoder(self.contracts),
+            events=self._events,
         )
         self.credits = self.contracts["Credits"]
         self.escrow = self.contracts["Escrow"]
@@ -240,19 +261,31 @@ class Chain:
 
     def settle(self, private_key: str, vouchers: Sequence[tuple[Any, Any]]) -> TxResult:
         """Settles (voucher, 65-byte signature) pairs in one transaction. Vouchers are protocol dicts (client, node,
-        channelId, cumulativeAmount) or nectar.wire Vouchers. The batch is all-or-nothing: a bad voucher raises
-        ``ChainError`` (VoucherReplay, InvalidSignature, InsufficientEscrow) whose ``error_args["voucher"]`` is its
-        index in ``vouchers``."""
+        channelId, cumulativeAmount) or nectar.wire Vouchers.
+
+        A voucher whose channel is already paid at or above its amount (replayed, or front-run by someone who
+        settled it first) or that the client's escrow no longer covers is skipped by the contract, not reverted:
+        the transaction succeeds and ``result.skipped`` lists ``{"voucher": index in vouchers, "reason":
+        "AlreadySettled" | "InsufficientEscrow", "client", "node", "channelId"}`` for each, read from the receipt's
+        ``VoucherSkipped`` events. A malformed voucher still reverts the batch: ``ChainError`` (InvalidSignature,
+        BadNodeIndex) whose ``error_args["voucher"]`` is its index in ``vouchers``."""
         batch = encode_settle_batch(vouchers)
         fn = self.settlement.functions.settle(batch.nodes, batch.groups)
         try:
-            return self._tx.send(private_key, fn, context=f"settle({len(vouchers)} vouchers)", access_list=True)
+            result = self._tx.send(private_key, fn, context=f"settle({len(vouchers)} vouchers)", access_list=True)
         except ChainError as exc:
             position = exc.error_args.get("index")
             if isinstance(position, int) and position < len(batch.order):
                 exc.error_args["voucher"] = batch.order[position]
                 exc.args = (f"{exc.args[0]} (voucher {batch.order[position]} of the list given)",)
             raise
+        result.skipped = [{**skip, "voucher": batch.order[skip["index"]]} for skip in _skipped(result.events)]
+        for skip in result.skipped:
+            logger.warning(
+                f"settle: voucher {skip['voucher']} ({skip['client']} -> {skip['node']} #{skip['channelId']}) "
+                f"skipped: {skip['reason']}"
+            )
+        return result
 
     def paid(self, client: str, node: str, channel_id: int, partner: str | None = None) -> int:
         """Cumulative amount already settled on a channel (``partner`` None: the node itself, as in vouchers)."""
@@ -300,8 +333,19 @@ class Chain:
         root, count, at = self.settlement.functions.epochRoot(int(epoch)).call()
         return {"root": bytes(root), "count": count, "committedAt": at}
 
-    def verify_inclusion(self, epoch: int, leaf: bytes, proof: Sequence[bytes]) -> bool:
-        fn = self.settlement.functions.verifyInclusion(int(epoch), as_bytes32(leaf), [as_bytes32(p) for p in proof])
+    def receipt_hash(self, receipt: Any) -> bytes:
+        """The receipt's EIP-712 struct hash, hashStruct(receipt), as the contract computes it."""
+        return bytes(self.settlement.functions.receiptHash(self._receipt(receipt)).call())
+
+    def verify_inclusion(self, epoch: int, receipt: Any, proof: Sequence[bytes]) -> bool:
+        """True when ``receipt`` (a receipt, or its 32-byte struct hash: never its leaf) is in the epoch's committed
+        tree; ``proof`` is ``merkle_proof`` over the epoch's leaves. The contract hashes the struct hash into the leaf
+        itself, so an inner node of the tree cannot be passed off as a leaf."""
+        if isinstance(receipt, (bytes, bytearray)) and len(receipt) == 32:
+            receipt_hash = bytes(receipt)
+        else:
+            receipt_hash = self.receipt_hash(receipt)
+        fn = self.settlement.functions.verifyInclusion(int(epoch), receipt_hash, [as_bytes32(p) for p in proof])
         return bool(fn.call())
 
     # ------------------------------------------------------------------ slashing
@@ -394,18 +438,24 @@ class Chain:
         ]
 
     def settlements_since(self, block: int) -> list[dict[str, Any]]:
-        """Settled batches from ``block`` on, each with its vouchers decoded from the transaction's calldata
-        (a batch is all-or-nothing, so every voucher of a mined batch was paid)."""
+        """Settled batches from ``block`` on, each with the vouchers it paid decoded from the transaction's calldata
+        (``vouchers``), and those the contract skipped (``skipped``: the ``VoucherSkipped`` events of the
+        transaction, each with its ``voucher`` dict and ``reason``)."""
         out = []
         for e in self.events("Settlement", "BatchSettled", from_block=block):
             tx = self.w3.eth.get_transaction(e["txHash"])
             _fn, args = self.settlement.decode_function_input(tx["input"])
+            vouchers = decode_settle_batch(args["nodes"], args["groups"])
+            receipt = self.w3.eth.get_transaction_receipt(e["txHash"])
+            events = [d for d in (self._events.decode(log) for log in receipt["logs"]) if d is not None]
+            skipped = {s["index"]: s for s in _skipped(events)}
             out.append(
                 {
                     **e["args"],
                     "blockNumber": e["blockNumber"],
                     "txHash": e["txHash"],
-                    "vouchers": decode_settle_batch(args["nodes"], args["groups"]),
+                    "vouchers": [v for i, v in enumerate(vouchers) if i not in skipped],
+                    "skipped": [{**s, "voucher": vouchers[i]} for i, s in sorted(skipped.items())],
                 }
             )
         return out

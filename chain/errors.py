@@ -1,4 +1,4 @@
-"""Turns revert data into ``ChainError``s that name the contract's custom error, e.g. ``VoucherReplay(index=3)``."""
+"""Turns revert data into ``ChainError``s that name the contract's custom error, e.g. ``InvalidSignature(index=3)``."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ _PANIC = bytes.fromhex("4e487b71")
 
 
 class ChainError(RuntimeError):
-    """A transaction or call the chain refused. ``error_name`` is the contract's custom error (e.g. ``"VoucherReplay"``)
+    """A transaction or call the chain refused. ``error_name`` is the contract's custom error (e.g. ``"BadFee"``)
     and ``error_args`` its decoded arguments by name; both are ``None``/empty for failures without revert data."""
 
     def __init__(self, message: str, *, error_name: str | None = None, error_args: dict[str, Any] | None = None):

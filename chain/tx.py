@@ -31,6 +31,8 @@ class TxResult:
     gas_used: int
     block_number: int
     events: list[dict[str, Any]] = field(default_factory=list)
+    # settle only: the vouchers the contract skipped (VoucherSkipped), see ``Chain.settle``
+    skipped: list[dict[str, Any]] = field(default_factory=list)
 
     def events_named(self, name: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e["event"] == name]

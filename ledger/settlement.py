@@ -167,6 +167,11 @@ class EpochSettler:
                 return
             crash_point(self.settings, "after_settle")
             self._record_result(batch_id, result)
+            errors = self._record_skips(unpaid, result)
+            if errors:
+                self._confirm(batch_id, errors)
+                self._log_unsettled(errors)
+                return
         self._confirm(batch_id)
 
     def _confirm(self, batch_id: int, errors: list[str] | None = None) -> None:
@@ -189,6 +194,28 @@ class EpochSettler:
             settlement.block_number = getattr(result, "block_number", None)
         logger.info(f"Settlement batch {batch_id}: tx {_tx_hash_hex(result)}, gas {getattr(result, 'gas_used', '?')}")
 
+    def _record_skips(self, items: list, result) -> list[str]:
+        """Reads the vouchers the contract skipped (``result.skipped``, from the receipt's ``VoucherSkipped`` events;
+        ``voucher`` indexes ``items``, the list sent). One the client's escrow no longer covers is marked ``skipped``
+        and returned as an error; one already paid at or above its amount (front-run: someone else settled it first,
+        or a replay) is left to ``_unpaid_items``, which records the amount the chain paid."""
+        errors = []
+        for skip in getattr(result, "skipped", None) or []:
+            item = items[skip["voucher"]]
+            where = f"{item.client}->{item.node}#{item.channel_id}"
+            if skip["reason"] == "AlreadySettled":
+                logger.warning(f"Voucher {where} skipped on chain: already settled by another transaction")
+                continue
+            errors.append(f"{where}: skipped on chain: {skip['reason']}")
+            with session_scope(self.engine) as session:
+                session.get(type(item), item.id).status = "skipped"
+        return errors
+
+    @staticmethod
+    def _log_unsettled(errors: list[str]) -> None:
+        for error in errors:
+            logger.error(f"Voucher not settled (the client must top up escrow or send a valid voucher): {error}")
+
     def _settle_individually(self, batch_id: int, items: list) -> None:
         errors = []
         for item in items:
@@ -197,6 +224,7 @@ class EpochSettler:
                     self.settings.key_for("ledger"), [(_voucher_message(item), bytes(item.signature))]
                 )
                 self._record_result(batch_id, result)
+                errors.extend(self._record_skips([item], result))
             except Exception as e:
                 if not _is_revert(e):
                     raise
@@ -205,8 +233,7 @@ class EpochSettler:
                     crud_item = session.get(type(item), item.id)
                     crud_item.status = "skipped"
         self._confirm(batch_id, errors)
-        for error in errors:
-            logger.error(f"Voucher not settled (the client must top up escrow or send a valid voucher): {error}")
+        self._log_unsettled(errors)
 
 
 def _voucher_message(item) -> dict:

@@ -15,27 +15,24 @@ import {NectarTypes, Receipt} from "./lib/NectarTypes.sol";
 ///      is three words: `packed = nodeIndex << 224 | partnerIndex << 192 | channelId << 128 | cumulativeAmount`
 ///      and an EIP-2098 compact signature (r, vs). Each client's escrow and each node's earnings are written once per
 ///      batch, and two channels share each storage slot (see `_channelPairs`).
-///      A batch is all-or-nothing: an invalid voucher reverts it with its position, so the submitter can drop that
-///      voucher and resubmit.
+///      A voucher that cannot be paid for reasons outside the submitter's control is skipped, not reverted: one whose
+///      channel is already paid at or above its amount (replayed, or copied out of a pending batch and settled first:
+///      a front-run) and one the client's escrow no longer covers (drained meanwhile). Each skip emits
+///      `VoucherSkipped` with the voucher's batch position and why; the rest of the batch settles. A malformed voucher
+///      (bad signature or node index: the submitter's own mistake) still reverts the batch with its position.
 /// @author Nectar
 contract Settlement is Escrow, EIP712 {
     /*//////////////////////////////////////////////////////////////
                                  ERRORS
     //////////////////////////////////////////////////////////////*/
 
-    /// @dev Fires when voucher `index` (position in the whole batch) does not raise its channel's paid amount.
-    error VoucherReplay(uint256 index);
-
     /// @dev Fires when voucher `index` is not signed by its group's client (or the signature is malformed).
     error InvalidSignature(uint256 index);
-
-    /// @dev Fires when voucher `index` would take the client's escrow below zero.
-    error InsufficientEscrow(uint256 index);
 
     /// @dev Fires when voucher `index` names a node position outside the batch's node list.
     error BadNodeIndex(uint256 index);
 
-    /// @dev Fires when a batch settles nothing.
+    /// @dev Fires when a batch holds no voucher.
     error EmptyBatch();
 
     /// @dev Fires when a caller that is not a registered root committer commits an epoch root.
@@ -54,9 +51,17 @@ contract Settlement is Escrow, EIP712 {
                                  EVENTS
     //////////////////////////////////////////////////////////////*/
 
-    /// @dev Emitted per batch. Per-voucher detail is the transaction's calldata (all-or-nothing), and
-    ///      `paid(client, node, channelId)` gives the settled total of any channel.
+    /// @dev Emitted per batch: `vouchers` counts all the batch's vouchers, skipped ones included. Per-voucher detail
+    ///      is the transaction's calldata minus the `VoucherSkipped` ones, and `paid(client, node, partner, channelId)`
+    ///      gives the settled total of any channel.
     event BatchSettled(address indexed submitter, uint256 vouchers, uint256 gross, uint256 fee);
+
+    /// @dev Emitted when voucher `index` (position in the whole batch) of `client` to `node` on `channelId` is not
+    ///      paid: `reason` is `SKIP_ALREADY_SETTLED` (its channel is already paid at or above its amount: a replay or
+    ///      a front-run) or `SKIP_INSUFFICIENT_ESCROW` (the client's escrow does not cover its rise).
+    event VoucherSkipped(
+        address indexed client, address indexed node, uint64 indexed channelId, uint256 index, uint8 reason
+    );
 
     /// @dev Emitted when `committer` records the receipts Merkle `root` of `epoch`, covering `count` receipts.
     event EpochRootCommitted(uint64 indexed epoch, bytes32 root, uint32 count, address indexed committer);
@@ -91,6 +96,12 @@ contract Settlement is Escrow, EIP712 {
     }
 
     uint16 public constant MAX_FEE_BPS = 1_000;
+
+    /// @notice `VoucherSkipped` reason: the channel is already paid at or above the voucher's amount.
+    uint8 public constant SKIP_ALREADY_SETTLED = 1;
+
+    /// @notice `VoucherSkipped` reason: the client's escrow does not cover the voucher's rise.
+    uint8 public constant SKIP_INSUFFICIENT_ESCROW = 2;
 
     // `settle` lays memory out by hand from 0x80 (nothing is live there when it starts) and moves the free memory
     // pointer past it, so the voucher loop reads and writes fixed addresses (one PUSH instead of DUP + ADD each):
@@ -157,18 +168,34 @@ contract Settlement is Escrow, EIP712 {
     ///          require(ecrecover(digest, 27 + (vs >> 255), r, s) == client && s <= n / 2);  // InvalidSignature
     ///          (bytes32 key, uint256 shift) = NectarTypes.channelSlot(client, node, partner, channelId);
     ///          uint256 paid_ = uint128(_channelPairs[key] >> shift);  // this channel's lane
-    ///          require(cumulative > paid_);                           // VoucherReplay
-    ///          spent += cumulative - paid_; require(spent <= available);  // InsufficientEscrow
+    ///          if (cumulative <= paid_) { emit VoucherSkipped(.., SKIP_ALREADY_SETTLED); continue; }
+    ///          if (spent + cumulative - paid_ > available) { emit VoucherSkipped(.., SKIP_INSUFFICIENT_ESCROW); continue; }
+    ///          spent += cumulative - paid_;
     ///          _channelPairs[key] += (cumulative - paid_) << shift;     // the other lane kept
     ///          nodeGross[nodeIndex] += cumulative - paid_;
     ///
     ///      It is assembly because it is the whole cost of a batch beyond the fixed costs (ecrecover, 3,100 gas, and
     ///      the slot: 5,000 for the first lane a batch writes, 200 for the second): that Solidity spent ~1,200 gas
-    ///      more per voucher on call plumbing and checks (see the .gas-snapshot history in benchmarks/gas). A bad
-    ///      voucher reverts the batch with its position.
+    ///      more per voucher on call plumbing and checks (see the .gas-snapshot history in benchmarks/gas). A malformed
+    ///      voucher reverts the batch with its position; a replayed, front-run or uncovered one is skipped.
     ///      No overflow: each delta is below 2^128 and a batch has far fewer than 2^128 vouchers.
     function _settleVouchers(SignedVoucher[] calldata vouchers) internal returns (uint256 spent) {
         assembly {
+            // VoucherSkipped(client, node, channelId, index, reason); scratch 0x20 is restored to the mapping's slot.
+            // The topic is keccak256("VoucherSkipped(address,address,uint64,uint256,uint8)"), checked by a test.
+            function skip(node, channelId, reason, v, first) {
+                mstore(0x00, add(mload(0x240), div(sub(v, first), 0x60)))
+                mstore(0x20, reason)
+                log4(
+                    0x00,
+                    0x40,
+                    0xd0231760691260350b9973d2b8d1bccb1f59ca9ea569ef22a368dd24e7e930bf,
+                    mload(0xa0),
+                    node,
+                    channelId
+                )
+                mstore(0x20, _channelPairs.slot)
+            }
             function fail(selector, v, first) {
                 mstore(0x00, shl(224, selector))
                 mstore(0x04, add(mload(0x240), div(sub(v, first), 0x60)))
@@ -225,10 +252,16 @@ contract Settlement is Escrow, EIP712 {
                 let slot := keccak256(0x00, 0x40) // 0x20: the mapping's slot
                 let lanes := sload(slot)
                 let delta := sub(mload(0x120), and(shr(shift, lanes), 0xffffffffffffffffffffffffffffffff))
-                // the lane must rise: a cumulative at or below it wraps the subtraction past 2^128
-                if or(iszero(delta), shr(128, delta)) { fail(0x731b1513, v, first) }
+                // the lane must rise: a cumulative at or below it (replay, front-run) wraps the subtraction past 2^128
+                if or(iszero(delta), shr(128, delta)) {
+                    skip(node, channelId, SKIP_ALREADY_SETTLED, v, first)
+                    continue
+                }
+                if gt(add(spent, delta), mload(0x220)) {
+                    skip(node, channelId, SKIP_INSUFFICIENT_ESCROW, v, first)
+                    continue
+                }
                 spent := add(spent, delta)
-                if gt(spent, mload(0x220)) { fail(0x186aa8cd, v, first) }
                 // cumulative < 2^128 and above this lane's value: adding the rise in place leaves the other lane
                 sstore(slot, add(lanes, shl(shift, delta)))
                 let cell := add(add(mload(0x2a0), 0x20), shl(5, shr(224, calldataload(v))))
@@ -277,8 +310,9 @@ contract Settlement is Escrow, EIP712 {
 
     /// @notice Settles a batch of vouchers: pays each channel's new cumulative amount minus what it was already
     ///         paid, from the client's escrow to the node's escrow earnings, minus the protocol fee.
-    /// @dev Reverts (naming the voucher's batch position) with `VoucherReplay`, `InvalidSignature`,
-    ///      `InsufficientEscrow` or `BadNodeIndex`, and with `EmptyBatch` if nothing is settled.
+    /// @dev Skips (with `VoucherSkipped`) vouchers already paid or not covered by escrow, and settles the rest.
+    ///      Reverts (naming the voucher's batch position) with `InvalidSignature` or `BadNodeIndex`, and with
+    ///      `EmptyBatch` if the batch holds no voucher.
     /// @param nodes The batch's node addresses, referenced by index from each voucher.
     /// @param groups One group per client.
     /// @return gross Total credits moved out of client escrow.
@@ -303,8 +337,9 @@ contract Settlement is Escrow, EIP712 {
             gross += _settleClient(group, index);
             index += group.vouchers.length;
         }
-        if (gross == 0) revert EmptyBatch();
-        uint256 fee = _creditNodes(nodes, nodeGross);
+        if (index == 0) revert EmptyBatch();
+        uint256 fee;
+        if (gross != 0) fee = _creditNodes(nodes, nodeGross); // all skipped: nothing to credit
         emit BatchSettled(msg.sender, index, gross, fee);
     }
 
@@ -350,10 +385,18 @@ contract Settlement is Escrow, EIP712 {
         return (e.root, e.count, e.committedAt);
     }
 
-    /// @notice True when `leaf` (keccak256 of a receipt's struct hash) is in `epoch`'s committed tree.
-    function verifyInclusion(uint64 epoch, bytes32 leaf, bytes32[] calldata proof) external view returns (bool) {
+    /// @notice True when the receipt whose EIP-712 struct hash is `receiptHash` (see `receiptHash`) is in `epoch`'s
+    ///         committed tree.
+    /// @dev Takes the struct hash, not the leaf, and hashes it into the leaf `keccak256(receiptHash)` itself: a leaf is
+    ///      the hash of 32 bytes and an inner node the hash of 64, so no inner node can pass for a leaf (a caller
+    ///      handing in a leaf directly could offer an inner node with the rest of its proof).
+    function verifyInclusion(uint64 epoch, bytes32 receiptHash, bytes32[] calldata proof)
+        external
+        view
+        returns (bool)
+    {
         bytes32 root = _epochs[epoch].root;
-        return root != bytes32(0) && MerkleProof.verifyCalldata(proof, root, leaf);
+        return root != bytes32(0) && MerkleProof.verifyCalldata(proof, root, keccak256(abi.encode(receiptHash)));
     }
 
     /// @notice The EIP-712 domain separator shared by vouchers and receipts.
@@ -373,6 +416,11 @@ contract Settlement is Escrow, EIP712 {
     /// @notice The EIP-712 digest a node signs for a receipt.
     function receiptDigest(Receipt calldata receipt) external view returns (bytes32) {
         return _hashTypedDataV4(NectarTypes.hash(receipt));
+    }
+
+    /// @notice The EIP-712 struct hash of a receipt, hashStruct(receipt): what `verifyInclusion` takes.
+    function receiptHash(Receipt calldata receipt) external pure returns (bytes32) {
+        return NectarTypes.hash(receipt);
     }
 
     /// @notice The Merkle leaf of a receipt: keccak256(hashStruct(receipt)).

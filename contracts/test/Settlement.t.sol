@@ -12,6 +12,12 @@ contract SettlementTest is NectarFixture {
     event Charged(address indexed client, uint256 amount, uint256 balance);
     event EarningsCredited(address indexed payee, uint256 amount);
     event EpochRootCommitted(uint64 indexed epoch, bytes32 root, uint32 count, address indexed committer);
+    event VoucherSkipped(
+        address indexed client, address indexed node, uint64 indexed channelId, uint256 index, uint8 reason
+    );
+
+    uint8 internal constant ALREADY_SETTLED = 1; // Settlement.SKIP_ALREADY_SETTLED
+    uint8 internal constant INSUFFICIENT_ESCROW = 2; // Settlement.SKIP_INSUFFICIENT_ESCROW
 
     uint256 internal constant SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141;
 
@@ -93,8 +99,10 @@ contract SettlementTest is NectarFixture {
         if (second > deposit) {
             (address[] memory nodes, Settlement.ClientVouchers[] memory groups) =
                 _single(NODE2_PK, node, 3, uint128(second));
-            vm.expectRevert(abi.encodeWithSelector(Settlement.InsufficientEscrow.selector, 0));
-            settlement.settle(nodes, groups);
+            vm.expectEmit(address(settlement));
+            emit VoucherSkipped(node2, node, 3, 0, INSUFFICIENT_ESCROW);
+            assertEq(settlement.settle(nodes, groups), 0, "nothing settled");
+            assertEq(escrow.balanceOf(node2), deposit - first, "uncovered voucher skipped");
             return;
         }
         _settleOne(NODE2_PK, node, 3, uint128(second));
@@ -102,30 +110,105 @@ contract SettlementTest is NectarFixture {
         assertEq(escrow.earningsOf(node) + escrow.earningsOf(treasury), second, "conserved");
     }
 
-    function test_RevertWhen_Replay() public {
+    function test_SkipWhen_Replay() public {
         (address[] memory nodes, Settlement.ClientVouchers[] memory groups) = _single(CLIENT_PK, node, 1, 1 ether);
         settlement.settle(nodes, groups);
-        vm.expectRevert(abi.encodeWithSelector(Settlement.VoucherReplay.selector, 0));
-        settlement.settle(nodes, groups);
+        uint256 earned = escrow.earningsOf(node);
+        vm.expectEmit(address(settlement));
+        emit VoucherSkipped(client, node, 1, 0, ALREADY_SETTLED);
+        assertEq(settlement.settle(nodes, groups), 0, "replay pays nothing");
+        assertEq(escrow.balanceOf(client), 99 ether, "charged once");
+        assertEq(escrow.earningsOf(node), earned, "earned once");
     }
 
-    function testFuzz_RevertWhen_CumulativeNotAbovePaid(uint256 lower) public {
+    function testFuzz_SkipWhen_CumulativeNotAbovePaid(uint256 lower) public {
         _settleOne(CLIENT_PK, node, 1, 5 ether);
         lower = bound(lower, 0, 5 ether);
         (address[] memory nodes, Settlement.ClientVouchers[] memory groups) =
             _single(CLIENT_PK, node, 1, uint128(lower));
-        vm.expectRevert(abi.encodeWithSelector(Settlement.VoucherReplay.selector, 0));
-        settlement.settle(nodes, groups);
+        vm.expectEmit(address(settlement));
+        emit VoucherSkipped(client, node, 1, 0, ALREADY_SETTLED);
+        assertEq(settlement.settle(nodes, groups), 0, "nothing settled");
+        assertEq(settlement.paid(client, node, node, 1), 5 ether, "paid unchanged");
     }
 
-    function test_RevertWhen_DuplicateInsideBatch() public {
+    function test_SkipWhen_DuplicateInsideBatch() public {
         (address[] memory nodes, Settlement.ClientVouchers[] memory groups) = _single(CLIENT_PK, node, 1, 1 ether);
         Settlement.SignedVoucher memory v = groups[0].vouchers[0];
         groups[0].vouchers = new Settlement.SignedVoucher[](2);
         groups[0].vouchers[0] = v;
         groups[0].vouchers[1] = v;
-        vm.expectRevert(abi.encodeWithSelector(Settlement.VoucherReplay.selector, 1));
+        vm.expectEmit(address(settlement));
+        emit VoucherSkipped(client, node, 1, 1, ALREADY_SETTLED);
+        assertEq(settlement.settle(nodes, groups), 1 ether, "paid once");
+    }
+
+    /// @dev Issue 20, batch griefing: a voucher copied out of a pending batch and settled first (front-run) used to
+    ///      revert the whole batch with VoucherReplay(1) (failed on the old code); now it is skipped and the rest
+    ///      of the batch settles.
+    function test_Attack_FrontRunOneVoucherDoesNotRevertBatch() public {
+        address[] memory nodes = new address[](1);
+        nodes[0] = node;
+        Settlement.ClientVouchers[] memory groups = new Settlement.ClientVouchers[](2);
+        groups[0].client = client;
+        groups[0].vouchers = new Settlement.SignedVoucher[](2);
+        groups[0].vouchers[0] = _voucher(CLIENT_PK, node, 0, 1, 1 ether);
+        groups[0].vouchers[1] = _voucher(CLIENT_PK, node, 0, 2, 2 ether);
+        groups[1].client = client2;
+        groups[1].vouchers = new Settlement.SignedVoucher[](1);
+        groups[1].vouchers[0] = _voucher(CLIENT2_PK, node, 0, 7, 3 ether);
+
+        // the attacker copies voucher 1 out of the mempool and settles it alone
+        Settlement.ClientVouchers[] memory stolen = new Settlement.ClientVouchers[](1);
+        stolen[0].client = client;
+        stolen[0].vouchers = new Settlement.SignedVoucher[](1);
+        stolen[0].vouchers[0] = groups[0].vouchers[1];
+        vm.prank(client2);
+        settlement.settle(nodes, stolen);
+
+        vm.expectEmit(address(settlement));
+        emit VoucherSkipped(client, node, 2, 1, ALREADY_SETTLED);
+        assertEq(settlement.settle(nodes, groups), 4 ether, "the rest settles");
+        assertEq(escrow.balanceOf(client), 97 ether, "client charged each voucher once");
+        assertEq(escrow.balanceOf(client2), 97 ether, "client2 charged");
+        assertEq(escrow.earningsOf(node) + escrow.earningsOf(treasury), 6 ether, "node paid all three once");
+    }
+
+    /// @dev Issue 20, batch griefing: a client that drains its escrow (withdrawal at unlock) before the batch lands
+    ///      used to revert the whole batch with InsufficientEscrow(0) (failed on the old code); now its voucher is
+    ///      skipped and the other clients' vouchers settle.
+    function test_Attack_ClientDrainingEscrowDoesNotRevertBatch() public {
+        vm.prank(client);
+        escrow.requestWithdrawal(100 ether);
+        vm.warp(block.timestamp + escrow.unlockDelay());
+        vm.prank(client);
+        escrow.withdraw();
+
+        address[] memory nodes = new address[](1);
+        nodes[0] = node;
+        Settlement.ClientVouchers[] memory groups = new Settlement.ClientVouchers[](2);
+        groups[0].client = client;
+        groups[0].vouchers = new Settlement.SignedVoucher[](1);
+        groups[0].vouchers[0] = _voucher(CLIENT_PK, node, 0, 1, 1 ether);
+        groups[1].client = client2;
+        groups[1].vouchers = new Settlement.SignedVoucher[](1);
+        groups[1].vouchers[0] = _voucher(CLIENT2_PK, node, 0, 1, 2 ether);
+
+        vm.expectEmit(address(settlement));
+        emit VoucherSkipped(client, node, 1, 0, INSUFFICIENT_ESCROW);
+        assertEq(settlement.settle(nodes, groups), 2 ether, "client2's voucher settles");
+        assertEq(settlement.paid(client, node, node, 1), 0, "the uncovered voucher stays unpaid");
+        assertEq(escrow.balanceOf(client2), 98 ether, "client2 charged");
+    }
+
+    function test_AllSkippedBatchDoesNotRevert() public {
+        (address[] memory nodes, Settlement.ClientVouchers[] memory groups) = _single(CLIENT_PK, node, 1, 1 ether);
         settlement.settle(nodes, groups);
+        uint256 treasuryEarned = escrow.earningsOf(treasury);
+        vm.expectEmit(address(settlement));
+        emit BatchSettled(address(this), 1, 0, 0);
+        assertEq(settlement.settle(nodes, groups), 0, "front-run entirely: nothing left to pay");
+        assertEq(escrow.earningsOf(treasury), treasuryEarned, "no fee");
     }
 
     function test_RevertWhen_SignedByAnotherKey() public {
@@ -185,13 +268,15 @@ contract SettlementTest is NectarFixture {
         settlement.settle(nodes, groups);
     }
 
-    function test_RevertWhen_OverSpend() public {
+    function test_SkipWhen_OverSpend() public {
         (address[] memory nodes, Settlement.ClientVouchers[] memory groups) = _single(CLIENT_PK, node, 1, 100 ether + 1);
-        vm.expectRevert(abi.encodeWithSelector(Settlement.InsufficientEscrow.selector, 0));
-        settlement.settle(nodes, groups);
+        vm.expectEmit(address(settlement));
+        emit VoucherSkipped(client, node, 1, 0, INSUFFICIENT_ESCROW);
+        assertEq(settlement.settle(nodes, groups), 0, "nothing settled");
+        assertEq(escrow.balanceOf(client), 100 ether, "not charged");
     }
 
-    function test_RevertWhen_OverSpendAcrossVouchers() public {
+    function test_SkipWhen_OverSpendAcrossVouchers() public {
         address[] memory nodes = new address[](1);
         nodes[0] = node;
         Settlement.ClientVouchers[] memory groups = new Settlement.ClientVouchers[](1);
@@ -199,11 +284,13 @@ contract SettlementTest is NectarFixture {
         groups[0].vouchers = new Settlement.SignedVoucher[](2);
         groups[0].vouchers[0] = _voucher(CLIENT_PK, node, 0, 1, 60 ether);
         groups[0].vouchers[1] = _voucher(CLIENT_PK, node, 0, 2, 60 ether);
-        vm.expectRevert(abi.encodeWithSelector(Settlement.InsufficientEscrow.selector, 1));
-        settlement.settle(nodes, groups);
+        vm.expectEmit(address(settlement));
+        emit VoucherSkipped(client, node, 2, 1, INSUFFICIENT_ESCROW);
+        assertEq(settlement.settle(nodes, groups), 60 ether, "the first voucher settles");
+        assertEq(escrow.balanceOf(client), 40 ether, "charged the first only");
     }
 
-    function test_RevertWhen_OverSpendAcrossTwoGroupsOfOneClient() public {
+    function test_SkipWhen_OverSpendAcrossTwoGroupsOfOneClient() public {
         // a client listed twice: the second group sees the balance the first one left (one account, written per group)
         address[] memory nodes = new address[](1);
         nodes[0] = node;
@@ -213,10 +300,11 @@ contract SettlementTest is NectarFixture {
             groups[g].vouchers = new Settlement.SignedVoucher[](1);
             groups[g].vouchers[0] = _voucher(CLIENT_PK, node, 0, uint64(1 + g), 60 ether);
         }
-        vm.expectRevert(abi.encodeWithSelector(Settlement.InsufficientEscrow.selector, 1));
-        settlement.settle(nodes, groups);
+        vm.expectEmit(address(settlement));
+        emit VoucherSkipped(client, node, 2, 1, INSUFFICIENT_ESCROW);
+        assertEq(settlement.settle(nodes, groups), 60 ether, "the first group charged");
         groups[1].vouchers[0] = _voucher(CLIENT_PK, node, 0, 2, 40 ether); // exactly what is left
-        assertEq(settlement.settle(nodes, groups), 100 ether, "both groups charged");
+        assertEq(settlement.settle(nodes, groups), 40 ether, "the second group charged, the first one skipped");
         assertEq(escrow.balanceOf(client), 0, "balance spent exactly");
         assertEq(
             credits.balanceOf(address(escrow)),
@@ -352,19 +440,26 @@ contract SettlementTest is NectarFixture {
     }
 
     /// @dev Three sorted leaves: (l0, l1) pair up, l2 is promoted unchanged (docs/protocol.md).
-    function _tree() internal pure returns (bytes32[3] memory leaves, bytes32 root) {
-        leaves = [keccak256("a"), keccak256("b"), keccak256("c")];
+    ///      `hashes` are the receipts' struct hashes, `leaves[i] = keccak256(abi.encode(hashes[i]))`.
+    function _tree() internal pure returns (bytes32[3] memory hashes, bytes32[3] memory leaves, bytes32 root) {
+        hashes = [keccak256("a"), keccak256("b"), keccak256("c")];
+        for (uint256 i; i < 3; ++i) {
+            leaves[i] = keccak256(abi.encode(hashes[i]));
+        }
         // sort ascending
         for (uint256 i; i < 3; ++i) {
             for (uint256 j = i + 1; j < 3; ++j) {
-                if (leaves[j] < leaves[i]) (leaves[i], leaves[j]) = (leaves[j], leaves[i]);
+                if (leaves[j] < leaves[i]) {
+                    (leaves[i], leaves[j]) = (leaves[j], leaves[i]);
+                    (hashes[i], hashes[j]) = (hashes[j], hashes[i]);
+                }
             }
         }
         root = _hashPair(_hashPair(leaves[0], leaves[1]), leaves[2]);
     }
 
     function test_CommitAndProveInclusion() public {
-        (bytes32[3] memory leaves, bytes32 root) = _tree();
+        (bytes32[3] memory hashes, bytes32[3] memory leaves, bytes32 root) = _tree();
         vm.expectEmit(address(settlement));
         emit EpochRootCommitted(4, root, 3, ledger);
         vm.prank(ledger);
@@ -377,12 +472,31 @@ contract SettlementTest is NectarFixture {
         bytes32[] memory proof = new bytes32[](2);
         proof[0] = leaves[1];
         proof[1] = leaves[2];
-        assertTrue(settlement.verifyInclusion(4, leaves[0], proof), "leaf 0");
+        assertTrue(settlement.verifyInclusion(4, hashes[0], proof), "receipt 0");
         bytes32[] memory promoted = new bytes32[](1);
         promoted[0] = _hashPair(leaves[0], leaves[1]);
-        assertTrue(settlement.verifyInclusion(4, leaves[2], promoted), "promoted leaf 2");
-        assertFalse(settlement.verifyInclusion(4, keccak256("d"), proof), "foreign leaf");
-        assertFalse(settlement.verifyInclusion(5, leaves[0], proof), "uncommitted epoch");
+        assertTrue(settlement.verifyInclusion(4, hashes[2], promoted), "promoted receipt 2");
+        assertFalse(settlement.verifyInclusion(4, keccak256("d"), proof), "foreign receipt");
+        assertFalse(settlement.verifyInclusion(5, hashes[0], proof), "uncommitted epoch");
+    }
+
+    /// @dev Issue 20: an inner node of the tree, offered as a leaf with the rest of a proof, used to verify
+    ///      (`verifyInclusion(4, inner, [leaf 2])` returned true: failed on the old code, which took the leaf itself).
+    ///      Now the caller gives the receipt's struct hash and the contract hashes it into the leaf, so an inner
+    ///      node (the hash of 64 bytes) cannot pass for a leaf (the hash of 32).
+    function test_Attack_InnerNodeIsNotALeaf() public {
+        (, bytes32[3] memory leaves, bytes32 root) = _tree();
+        vm.prank(ledger);
+        settlement.commitEpochRoot(4, root, 3);
+        bytes32 inner = _hashPair(leaves[0], leaves[1]);
+        bytes32[] memory rest = new bytes32[](1);
+        rest[0] = leaves[2];
+        assertFalse(settlement.verifyInclusion(4, inner, rest), "inner node accepted as a leaf");
+    }
+
+    function test_ReceiptHashIsTheStructHash() public view {
+        Receipt memory r = _receipt(node, keccak256("s"), 3, keccak256("out"));
+        assertEq(keccak256(abi.encode(settlement.receiptHash(r))), settlement.receiptLeaf(r), "leaf = H(hash)");
     }
 
     function test_RevertWhen_CommitByStranger() public {

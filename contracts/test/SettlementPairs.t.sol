@@ -9,6 +9,10 @@ import {NectarFixture} from "./utils/NectarFixture.sol";
 contract SettlementPairsTest is NectarFixture {
     uint256 internal constant MAX128 = type(uint128).max;
 
+    event VoucherSkipped(
+        address indexed client, address indexed node, uint64 indexed channelId, uint256 index, uint8 reason
+    );
+
     function setUp() public override {
         super.setUp();
         _deposit(client, 100 ether);
@@ -47,30 +51,28 @@ contract SettlementPairsTest is NectarFixture {
         assertEq(escrow.balanceOf(client), 91 ether, "charged 4 + 5");
     }
 
-    function test_RevertWhen_ReplayInSharedSlot() public {
+    function test_SkipWhen_ReplayInSharedSlot() public {
         (address[] memory nodes, Settlement.ClientVouchers[] memory groups) =
             _group(CLIENT_PK, node, _two(6, 7), _amounts(3 ether, 5 ether));
         settlement.settle(nodes, groups);
         // each lane's own last voucher is a replay, whatever its neighbour holds
         (nodes, groups) = _single(CLIENT_PK, node, 6, 3 ether);
-        vm.expectRevert(abi.encodeWithSelector(Settlement.VoucherReplay.selector, 0));
-        settlement.settle(nodes, groups);
+        assertEq(settlement.settle(nodes, groups), 0, "replay skipped");
         (nodes, groups) = _single(CLIENT_PK, node, 7, 5 ether);
-        vm.expectRevert(abi.encodeWithSelector(Settlement.VoucherReplay.selector, 0));
-        settlement.settle(nodes, groups);
+        assertEq(settlement.settle(nodes, groups), 0, "replay skipped");
         (nodes, groups) = _single(CLIENT_PK, node, 7, 4 ether);
-        vm.expectRevert(abi.encodeWithSelector(Settlement.VoucherReplay.selector, 0));
-        settlement.settle(nodes, groups);
+        assertEq(settlement.settle(nodes, groups), 0, "replay skipped");
     }
 
-    function test_RevertWhen_LaneRepeatedInsideBatchAfterNeighbour() public {
+    function test_SkipWhen_LaneRepeatedInsideBatchAfterNeighbour() public {
         uint64[] memory ids = new uint64[](3);
         (ids[0], ids[1], ids[2]) = (6, 7, 6);
         uint128[] memory amounts = new uint128[](3);
         (amounts[0], amounts[1], amounts[2]) = (3 ether, 9 ether, 3 ether);
         (address[] memory nodes, Settlement.ClientVouchers[] memory groups) = _group(CLIENT_PK, node, ids, amounts);
-        vm.expectRevert(abi.encodeWithSelector(Settlement.VoucherReplay.selector, 2));
-        settlement.settle(nodes, groups);
+        vm.expectEmit(address(settlement));
+        emit VoucherSkipped(client, node, 6, 2, 1); // SKIP_ALREADY_SETTLED
+        assertEq(settlement.settle(nodes, groups), 12 ether, "the repeat is skipped");
     }
 
     function test_PairIsPerClientAndNode() public {
@@ -130,8 +132,7 @@ contract SettlementPairsTest is NectarFixture {
         assertEq(settlement.paid(payer, node, node, id0), first0 + rise0, "lane 0 raised");
         assertEq(settlement.paid(payer, node, node, id1), first1 + rise1, "lane 1 raised");
         assertEq(escrow.balanceOf(payer), MAX128 - first0 - first1 - rise0 - rise1, "charged exactly");
-        vm.expectRevert(abi.encodeWithSelector(Settlement.VoucherReplay.selector, 0));
-        settlement.settle(nodes2, groups2);
+        assertEq(settlement.settle(nodes2, groups2), 0, "replay skipped");
     }
 
     /*//////////////////////////////////////////////////////////////
@@ -175,8 +176,7 @@ contract SettlementPairsTest is NectarFixture {
         assertEq(settlement.settle(nodes, groups), 2 ether, "rises only");
         assertEq(settlement.paid(client, node, node2, 9), 4 ether, "node's lane");
         assertEq(settlement.paid(client, node2, node, 9), 6 ether, "node2's lane");
-        vm.expectRevert(abi.encodeWithSelector(Settlement.VoucherReplay.selector, 0));
-        settlement.settle(nodes, groups);
+        assertEq(settlement.settle(nodes, groups), 0, "replay skipped");
     }
 
     function test_RoutePairIsApartFromSelfPairs() public {

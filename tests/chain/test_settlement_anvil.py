@@ -134,15 +134,32 @@ def _state(chain, parties):
     )
 
 
-def test_replayed_voucher_is_rejected(chain, parties):
+def test_replayed_voucher_is_skipped(chain, parties):
     client_key, node = parties["clients"][1], parties["nodes"][1]
     v = voucher(_address(client_key), node, 0, chain.paid(_address(client_key), node, 0))
     signed = [(v, sign_voucher(chain.eip712_domain(), client_key, v))]
     before = _state(chain, parties)
-    with pytest.raises(ChainError, match=r"^VoucherReplay") as info:
-        chain.settle(parties["submitter"], signed)
-    assert info.value.error_name == "VoucherReplay"
+    result = chain.settle(parties["submitter"], signed)
+    assert [(s["voucher"], s["reason"]) for s in result.skipped] == [(0, "AlreadySettled")]
     assert _state(chain, parties) == before
+
+
+def test_front_run_voucher_is_skipped_and_the_rest_settles(chain, parties):
+    """Issue 20: one voucher of a pending batch settled first by someone else used to revert the whole batch."""
+    domain = chain.eip712_domain()
+    a, b = parties["clients"][0], parties["clients"][1]
+    node = parties["nodes"][2]
+    batch = [voucher(_address(a), node, 400, 10**15), voucher(_address(b), node, 400, 10**15)]
+    batch.append(voucher(_address(a), node, 401, 2 * 10**15))
+    signed = [(v, sign_voucher(domain, a if v["client"] == _address(a) else b, v)) for v in batch]
+    start = chain.block_number() + 1
+    chain.settle(parties["submitter"], [signed[2]])  # the front-runner's copy
+    result = chain.settle(parties["submitter"], signed)
+    assert [(s["voucher"], s["reason"]) for s in result.skipped] == [(2, "AlreadySettled")]
+    assert chain.paid(_address(a), node, 400) == 10**15 and chain.paid(_address(b), node, 400) == 10**15
+    last = chain.settlements_since(start)[-1]
+    assert last["vouchers"] == [batch[0], batch[1]]  # grouped per client on chain: a's two, then b's
+    assert [(s["voucher"], s["reason"]) for s in last["skipped"]] == [(batch[2], "AlreadySettled")]
 
 
 def test_forged_signature_is_rejected(chain, parties):
@@ -164,13 +181,14 @@ def test_signature_for_another_amount_is_rejected(chain, parties):
         chain.settle(parties["submitter"], [({**v, "cumulativeAmount": 10**18}, sig)])
 
 
-def test_overspend_is_rejected(chain, parties):
+def test_overspend_is_skipped(chain, parties):
     client_key, node = parties["clients"][3], parties["nodes"][3]
     client = _address(client_key)
     v = voucher(client, node, 99, chain.escrow_balance(client) + 1)
     before = _state(chain, parties)
-    with pytest.raises(ChainError, match=r"^InsufficientEscrow"):
-        chain.settle(parties["submitter"], [(v, sign_voucher(chain.eip712_domain(), client_key, v))])
+    result = chain.settle(parties["submitter"], [(v, sign_voucher(chain.eip712_domain(), client_key, v))])
+    assert [(s["voucher"], s["reason"]) for s in result.skipped] == [(0, "InsufficientEscrow")]
+    assert chain.paid(client, node, 99) == 0
     assert _state(chain, parties) == before
 
 

@@ -8,6 +8,7 @@ from eth_account import Account
 
 from nectar.chain import ChainError
 from nectar.wire.merkle import merkle_proof, merkle_root
+from nectar.wire.receipts import keccak256
 from tests.chain.signing import sign_receipt
 
 ETHER = 10**18
@@ -69,10 +70,15 @@ def test_epoch_root_proves_every_receipt(chain, roles):
     chain.commit_epoch_root(ledger, 5, root, len(leaves))
     assert chain.epoch_root(5) == root
     assert chain.epoch_root(6) == bytes(32)
-    for i, leaf in enumerate(leaves):
-        assert chain.verify_inclusion(5, leaf, merkle_proof(leaves, i))
+    for i, receipt in enumerate(receipts):
+        assert chain.verify_inclusion(5, receipt, merkle_proof(leaves, i))
     assert not chain.verify_inclusion(5, b"\x99" * 32, merkle_proof(leaves, 0))
-    assert not chain.verify_inclusion(6, leaves[0], merkle_proof(leaves, 0))
+    assert not chain.verify_inclusion(6, receipts[0], merkle_proof(leaves, 0))
+    # issue 20: an inner node with the rest of a proof is not a leaf (the contract hashes what it is given)
+    assert not chain.verify_inclusion(5, merkle_proof(leaves, 0)[0], [])
+    inner = keccak256(b"".join(sorted((leaves[0], merkle_proof(leaves, 0)[0]))))
+    assert not chain.verify_inclusion(5, inner, merkle_proof(leaves, 0)[1:])
+    assert keccak256(chain.receipt_hash(receipts[0])) == leaves[0]
     with pytest.raises(ChainError, match=r"^EpochAlreadyCommitted"):
         chain.commit_epoch_root(ledger, 5, root, len(leaves))
     with pytest.raises(ChainError, match=r"^NotRootCommitter"):

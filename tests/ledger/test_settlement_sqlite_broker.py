@@ -4,10 +4,11 @@ killing the worker with SIGKILL mid-settlement and restarting it pays every vouc
 from __future__ import annotations
 
 import os
+import sqlite3
 
 import pytest
 
-from nectar.wire.eip712 import receipt_leaf
+from nectar.wire.eip712 import receipt_leaf, receipt_struct_hash
 from nectar.wire.merkle import merkle_proof, merkle_root
 from nectar.wire.receipts import SignedReceipt
 from tests.ledger.harness import LedgerDeployment
@@ -82,7 +83,8 @@ def test_epoch_commits_root_and_settles_exact_amounts(market):
     epoch = market.wait_settled(closed["number"])
     leaves = [receipt_leaf(SignedReceipt.from_json(i).receipt) for i in items]
     assert bytes.fromhex(epoch["root"][2:]) == merkle_root(leaves) == market.chain.epoch_root(closed["number"])
-    assert market.chain.verify_inclusion(closed["number"], leaves[0], merkle_proof(leaves, 0))
+    first = SignedReceipt.from_json(items[0]).receipt
+    assert market.chain.verify_inclusion(closed["number"], receipt_struct_hash(first), merkle_proof(leaves, 0))
     nodes_after, escrow_after = balances(market)
     fee_bps = market.chain.deployment.params["fee_bps"]
     gross_by_node = {n.address: sum(a for (c, nn), a in charged.items() if nn == n.address) for n in market.nodes[:3]}
@@ -123,3 +125,51 @@ def test_sigkill_mid_settlement_pays_exactly_once(market):
         assert nodes_after[node] - nodes_before[node] == expected
     for client in escrow_after:
         assert escrow_before[client] - escrow_after[client] == sum(g for (c, _), g in charged.items() if c == client)
+
+
+def test_drained_escrow_skips_its_voucher_and_the_batch_settles(market):
+    """Issue 20: a client that withdraws its escrow before its voucher settles used to revert the whole batch
+    (InsufficientEscrow). Now the contract skips that voucher (VoucherSkipped), the other clients' vouchers of the
+    batch settle, and the ledger marks the item skipped, not paid."""
+    market.kill9(market.worker)
+    market.start_worker()  # default batch size: the drained client's voucher shares a batch with another client's
+    chain, node = market.chain, market.nodes[0]
+    drainer, honest = market.clients[2], market.clients[0]
+    chain.deposit(drainer.key, 10**16)
+    items, cumulative = [], {}
+    for client in (drainer, honest):
+        signed, fp = make_receipt(node, client, session_id=os.urandom(32), step=0, price=10**12, domain=market.domain)
+        items.append(receipt_item(signed, fp))
+        cumulative[client.address] = chain.paid(client.address, node.address, 1) + signed.receipt.amount
+    with market.http() as h:
+        assert h.post("/v1/receipts", json={"receipts": items}).json()["accepted"] == 2
+        vouchers = [
+            make_voucher(c, node, cumulative[c.address], domain=market.domain).to_json() for c in (drainer, honest)
+        ]
+        assert h.post("/v1/vouchers", json={"vouchers": vouchers}).json()["accepted"] == 2
+    chain.request_withdrawal(drainer.key, 10**16)  # the client drains its escrow before the epoch settles
+    chain.advance_time(chain.deployment.params["unlock_delay"])
+    chain.withdraw(drainer.key)
+
+    start = chain.block_number() + 1
+    closed = market.close_epoch()["closed"]
+    market.wait_settled(closed["number"])
+    assert chain.paid(drainer.address, node.address, 1) == 0
+    assert chain.paid(honest.address, node.address, 1) == cumulative[honest.address]
+    with sqlite3.connect(market.home / "ledger.db") as db:
+        rows = db.execute(
+            "SELECT i.client, i.status, s.status, s.last_error, s.tx_hash FROM settlement_items i "
+            "JOIN settlements s ON s.id = i.settlement_id WHERE s.epoch_number = ?",
+            (closed["number"],),
+        ).fetchall()
+    status = {client: (item, batch, error) for client, item, batch, error, _ in rows}
+    assert status[honest.address][0] == "paid"
+    item, batch, error = status[drainer.address]
+    assert (item, batch) == ("skipped", "failed") and "InsufficientEscrow" in error
+    # one transaction paid the honest voucher and skipped the drained one (the old contract reverted it whole)
+    (tx_hash,) = {r[4] for r in rows}
+    (settled,) = [b for b in chain.settlements_since(start) if b["txHash"] == tx_hash]
+    assert [v["client"] for v in settled["vouchers"]] == [honest.address]
+    assert [(s["voucher"]["client"], s["reason"]) for s in settled["skipped"]] == [
+        (drainer.address, "InsufficientEscrow")
+    ]

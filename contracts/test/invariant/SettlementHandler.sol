@@ -50,6 +50,7 @@ contract SettlementHandler {
     }
 
     function _bound(uint256 x, uint256 min, uint256 max) internal pure returns (uint256) {
+        if (max - min == type(uint256).max) return x; // the full range: max - min + 1 would overflow
         return min + (x % (max - min + 1));
     }
 
@@ -149,7 +150,7 @@ contract SettlementHandler {
         delete _lastNodes;
         delete _lastGroups;
         _lastNodes.push(nodes[to % 3]);
-        _lastNodes.push(nodes[(to + 1) % 3]);
+        _lastNodes.push(nodes[(to % 3 + 1) % 3]); // not (to + 1) % 3: it overflowed at to = 2^256 - 1 (issue 20)
         _lastGroups.push().client = clients[k];
         uint256 first = (to >> 8) % 2;
         _addVoucher(k, first, 1 - first, channelId, _bound(amount0, 1, available / 2));
