@@ -42,9 +42,6 @@ def attest(chain, settings: Settings, *, node: str, leaf: bytes) -> tuple[str | 
             return None, ATTESTED
         if name == "CaseClosed":
             return None, CLOSED
-        if name == "CaseAlreadyOpen":  # one open case per node on chain: this one waits for the open one to close
-            logger.info(f"Spot-check failure of {node} waits for its open case to close before it is attested")
-            return None, UNATTESTED
         logger.error(
             f"Could not attest the spot-check failure of {node} on chain ({type(e).__name__}: {e}); "
             f"the worker retries on its next slash round"

@@ -10,8 +10,7 @@ import {Receipt} from "./lib/NectarTypes.sol";
 /// @notice Slashes node stake in two ways. (a) Trustless double-sign proofs: two receipts signed by the same node for
 ///         the same work (session, step, kind, block span, model, client) and the same input commitment, with
 ///         different output commitments, both at most `maxEvidenceAge` old; part of the slash rewards the reporter
-///         (never the node itself). A node has at most one open spot-check case; while it is open the registry
-///         freezes its unbonding. (b) Failed spot checks attested by `threshold` registered verifiers; anyone can
+///         (never the node itself). While a node has an open spot-check case the registry freezes its unbonding. (b) Failed spot checks attested by `threshold` registered verifiers; anyone can
 ///         finalize the slash once `disputeWindow` has passed, unless the owner (the arbiter) dismissed the case.
 /// @author Nectar
 contract Slashing is Ownable {
@@ -56,9 +55,6 @@ contract Slashing is Ownable {
     /// @dev Fires when the registry's unbond delay does not exceed evidence age + dispute window + margin, so a
     ///      node could take its stake out before a slash reaches it.
     error UnbondDelayTooShort(uint256 unbondDelay, uint256 minimum);
-
-    /// @dev Fires when a verifier opens a second case against a node that already has one open.
-    error CaseAlreadyOpen(bytes32 openCase);
 
     /*//////////////////////////////////////////////////////////////
                                  EVENTS
@@ -132,8 +128,8 @@ contract Slashing is Ownable {
     mapping(bytes32 caseId => mapping(address verifier => bool)) public hasAttested;
     mapping(bytes32 caseId => address[]) internal _attesters;
 
-    /// @notice The node's open spot-check case (zero when none); one at a time per node.
-    mapping(address node => bytes32 caseId) public openCaseOf;
+    /// @notice Number of open (attested, neither finalized nor dismissed) spot-check cases of each node.
+    mapping(address node => uint256) public openCases;
 
     /*//////////////////////////////////////////////////////////////
                                CONSTRUCTOR
@@ -188,7 +184,7 @@ contract Slashing is Ownable {
 
     function _close(Case storage c) internal {
         c.closed = true;
-        delete openCaseOf[c.node];
+        if (c.attestations != 0) --openCases[c.node];
     }
 
     /// @dev Attesters of case `id` that are still verifiers now.
@@ -237,9 +233,8 @@ contract Slashing is Ownable {
 
     /// @notice A verifier attests that `node` failed the spot check described by `evidence` (opaque bytes: the
     ///         ledger's re-execution record). The case is keyed by (node, keccak256(evidence)).
-    ///         A node has at most one open case: a new one waits until the open one is finalized or dismissed.
-    /// @dev Verifiers only (`NotVerifier`); reverts with `EmptyEvidence`, `CaseAlreadyOpen`, `AlreadyAttested` or
-    ///      `CaseClosed`.
+    ///         The node's unbonding is frozen until the case is finalized or dismissed.
+    /// @dev Verifiers only (`NotVerifier`); reverts with `EmptyEvidence`, `AlreadyAttested` or `CaseClosed`.
     function attestSpotCheckFailure(address node, bytes calldata evidence) external returns (bytes32 id) {
         if (!isVerifier[msg.sender]) revert NotVerifier();
         if (evidence.length == 0) revert EmptyEvidence();
@@ -248,9 +243,7 @@ contract Slashing is Ownable {
         if (c.closed) revert CaseClosed();
         if (hasAttested[id][msg.sender]) revert AlreadyAttested();
         if (c.attestations == 0) {
-            bytes32 open = openCaseOf[node];
-            if (open != bytes32(0)) revert CaseAlreadyOpen(open);
-            openCaseOf[node] = id;
+            ++openCases[node];
             c.node = node;
         }
         hasAttested[id][msg.sender] = true;
@@ -310,7 +303,7 @@ contract Slashing is Ownable {
 
     /// @notice True while `node` has an open spot-check case (the registry freezes its unbonding meanwhile).
     function hasOpenCase(address node) external view returns (bool) {
-        return openCaseOf[node] != bytes32(0);
+        return openCases[node] != 0;
     }
 
     /// @notice The id of the spot-check case of `node` with `evidence`.

@@ -217,8 +217,6 @@ def test_open_case_freezes_unbonding(chain, roles):
     chain.attest_spot_check_failure(verifier, node["address"], evidence)
     with pytest.raises(ChainError, match=r"^UnbondFrozen"):
         chain.request_unbond(node["privateKey"], 100 * ETHER)
-    with pytest.raises(ChainError, match=r"^CaseAlreadyOpen"):
-        chain.attest_spot_check_failure(verifier, node["address"], b"a second case at once")
     chain.advance_time(chain.deployment.params["dispute_window"])
     chain.finalize_slash(verifier, node["address"], evidence)
     slashed = stake * chain.deployment.params["spot_check_slash_bps"] // 10_000
