@@ -29,6 +29,7 @@ class DeployParams:
     fee_bps: int = 100  # protocol fee on settled amounts (1%)
     verifier_threshold: int = 1  # k of the n verifiers needed to open a spot-check slash
     dispute_window: int = 3600  # seconds between k attestations and the slash
+    max_evidence_age: int = 43_200  # seconds a receipt stays usable as double-sign evidence
     double_sign_slash_bps: int = 5_000  # share of stake taken for a proven double-sign
     reporter_reward_bps: int = 1_000  # share of that slash paid to the reporter
     spot_check_slash_bps: int = 1_000  # share of stake taken for a failed spot check
@@ -99,7 +100,13 @@ def deploy_contracts(
         settlement,
         owner,
         params.verifier_threshold,
-        (params.double_sign_slash_bps, params.reporter_reward_bps, params.spot_check_slash_bps, params.dispute_window),
+        (
+            params.double_sign_slash_bps,
+            params.reporter_reward_bps,
+            params.spot_check_slash_bps,
+            params.dispute_window,
+            params.max_evidence_age,
+        ),
     )
     addresses = dict(zip(CONTRACT_NAMES, (credits, escrow, registry, settlement, slashing)))
     contracts = {n: w3.eth.contract(address=a, abi=load_artifact(n).abi) for n, a in addresses.items()}

@@ -6,6 +6,11 @@ import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol
 import {Ownable} from "@openzeppelin/contracts/access/Ownable.sol";
 import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
 
+/// @notice What the registry asks the slasher before stake leaves: whether `node` has an open spot-check case.
+interface ICaseBook {
+    function hasOpenCase(address node) external view returns (bool);
+}
+
 /// @notice Nodes register their Ethereum address and P2P peer id and bond a stake in credits. Unbonding waits
 ///         `unbondDelay`, and stake (bonded or unbonding) can be slashed by the Slashing contract.
 /// @author Nectar
@@ -46,6 +51,15 @@ contract NodeRegistry is Ownable {
     /// @dev Fires when the owner sets the slasher twice or to zero.
     error SlasherAlreadySet();
 
+    /// @dev Fires when the treasury is the zero address.
+    error ZeroTreasury();
+
+    /// @dev Fires when the unbond delay is zero or above `MAX_UNBOND_DELAY`.
+    error BadUnbondDelay();
+
+    /// @dev Fires when a node with an open spot-check case tries to unbond: its stake stays until the case closes.
+    error UnbondFrozen();
+
     /*//////////////////////////////////////////////////////////////
                                  EVENTS
     //////////////////////////////////////////////////////////////*/
@@ -85,6 +99,9 @@ contract NodeRegistry is Ownable {
 
     uint256 public constant MAX_PEER_ID_LENGTH = 128;
 
+    /// @notice Longest unbond delay accepted (keeps `unlockAt` far from truncation).
+    uint256 public constant MAX_UNBOND_DELAY = 365 days;
+
     IERC20 public immutable credits;
 
     /// @notice Smallest stake a node may register with.
@@ -110,12 +127,15 @@ contract NodeRegistry is Ownable {
 
     /// @param credits_ The token stakes are bonded in.
     /// @param minStake_ Smallest stake to register with.
-    /// @param unbondDelay_ Seconds between `requestUnbond` and `unbond`.
-    /// @param treasury_ Receives slashed stake beyond reporter rewards.
+    /// @param unbondDelay_ Seconds between `requestUnbond` and `unbond` (1 to `MAX_UNBOND_DELAY`; the Slashing
+    ///        contract also requires it to exceed its evidence age + dispute window + margin).
+    /// @param treasury_ Receives slashed stake beyond reporter rewards (not zero).
     /// @param owner_ Wires the Slashing contract once (`setSlasher`).
     constructor(IERC20 credits_, uint256 minStake_, uint256 unbondDelay_, address treasury_, address owner_)
         Ownable(owner_)
     {
+        if (treasury_ == address(0)) revert ZeroTreasury();
+        if (unbondDelay_ == 0 || unbondDelay_ > MAX_UNBOND_DELAY) revert BadUnbondDelay();
         credits = credits_;
         minStake = minStake_;
         unbondDelay = unbondDelay_;
@@ -134,6 +154,11 @@ contract NodeRegistry is Ownable {
     function _registered(address node) internal view returns (Node storage n) {
         n = _nodes[node];
         if (!n.registered) revert NotRegistered();
+    }
+
+    function _checkNotFrozen(address node) internal view {
+        address s = slasher;
+        if (s != address(0) && ICaseBook(s).hasOpenCase(node)) revert UnbondFrozen();
     }
 
     /*//////////////////////////////////////////////////////////////
@@ -185,9 +210,10 @@ contract NodeRegistry is Ownable {
 
     /// @notice Starts unbonding `amount` of bonded stake; `unbond` pays it after `unbondDelay`. A second request
     ///         adds to the unbonding amount and restarts the timer.
-    /// @dev Reverts with `NotRegistered`, `ZeroAmount` or `InsufficientStake`.
+    /// @dev Reverts with `NotRegistered`, `UnbondFrozen` (open spot-check case), `ZeroAmount` or `InsufficientStake`.
     function requestUnbond(uint256 amount) external {
         Node storage n = _registered(msg.sender);
+        _checkNotFrozen(msg.sender);
         if (amount == 0) revert ZeroAmount();
         if (amount > n.bonded) revert InsufficientStake(amount, n.bonded);
         unchecked {
@@ -203,9 +229,11 @@ contract NodeRegistry is Ownable {
     }
 
     /// @notice Pays out the caller's matured unbonding stake.
-    /// @dev Reverts with `NotRegistered`, `NothingUnbonding` or `UnbondLocked(unlockAt)`.
+    /// @dev Reverts with `NotRegistered`, `UnbondFrozen` (open spot-check case), `NothingUnbonding` or
+    ///      `UnbondLocked(unlockAt)`.
     function unbond() external returns (uint256 amount) {
         Node storage n = _registered(msg.sender);
+        _checkNotFrozen(msg.sender);
         amount = n.unbonding;
         if (amount == 0) revert NothingUnbonding();
         // forge-lint: disable-next-line(block-timestamp) -- unbond delays are days, far above any validator skew
@@ -241,7 +269,8 @@ contract NodeRegistry is Ownable {
                               PUBLIC READS
     //////////////////////////////////////////////////////////////*/
 
-    /// @notice Bonded (active) stake of `node`.
+    /// @notice Bonded (active) stake of `node`: what routing weighs. Stake being unbonded (matured or not) is not
+    ///         counted, though it stays slashable until withdrawn.
     function stakeOf(address node) external view returns (uint256) {
         return _nodes[node].bonded;
     }
@@ -261,9 +290,11 @@ contract NodeRegistry is Ownable {
         return uint256(_nodes[node].bonded) + _nodes[node].unbonding;
     }
 
-    /// @notice True when `node` has registered (whatever its stake now).
+    /// @notice True when `node` has registered and still has bonded stake; a node slashed or unbonded to zero is
+    ///         no longer registered for routing (it comes back with `addStake`).
     function isRegistered(address node) external view returns (bool) {
-        return _nodes[node].registered;
+        Node storage n = _nodes[node];
+        return n.registered && n.bonded != 0;
     }
 
     /// @notice Number of nodes that ever registered.

@@ -8,8 +8,9 @@ import {Settlement} from "./Settlement.sol";
 import {Receipt} from "./lib/NectarTypes.sol";
 
 /// @notice Slashes node stake in two ways. (a) Trustless double-sign proofs: two receipts signed by the same node for
-///         the same (session, step), kind and block span, with different output commitments; part of the slash
-///         rewards the reporter. (b) Failed spot checks attested by `threshold` registered verifiers; anyone can
+///         the same work (session, step, kind, block span, model, client) and the same input commitment, with
+///         different output commitments, both at most `maxEvidenceAge` old; part of the slash rewards the reporter
+///         (never the node itself). While a node has an open spot-check case the registry freezes its unbonding. (b) Failed spot checks attested by `threshold` registered verifiers; anyone can
 ///         finalize the slash once `disputeWindow` has passed, unless the owner (the arbiter) dismissed the case.
 /// @author Nectar
 contract Slashing is Ownable {
@@ -47,6 +48,13 @@ contract Slashing is Ownable {
 
     /// @dev Fires when the evidence is empty.
     error EmptyEvidence();
+
+    /// @dev Fires when a double-sign receipt's timestamp is older than `maxEvidenceAge` (or in the future).
+    error EvidenceTooOld(uint256 timestamp);
+
+    /// @dev Fires when the registry's unbond delay does not exceed evidence age + dispute window + margin, so a
+    ///      node could take its stake out before a slash reaches it.
+    error UnbondDelayTooShort(uint256 unbondDelay, uint256 minimum);
 
     /*//////////////////////////////////////////////////////////////
                                  EVENTS
@@ -94,7 +102,14 @@ contract Slashing is Ownable {
         uint256 reporterRewardBps; // share of a double-sign slash paid to the reporter
         uint256 spotCheckSlashBps; // share of slashable stake taken for a failed spot check
         uint256 disputeWindow; // seconds between reaching the threshold and finalization
+        uint256 maxEvidenceAge; // seconds a receipt stays usable as double-sign evidence
     }
+
+    /// @notice Slack the registry's unbond delay must keep above `maxEvidenceAge + disputeWindow`.
+    uint256 public constant UNBOND_MARGIN = 1 hours;
+
+    /// @notice Longest dispute window or evidence age accepted (keeps timestamps far from truncation).
+    uint256 public constant MAX_DELAY = 365 days;
 
     NodeRegistry public immutable registry;
     Settlement public immutable settlement;
@@ -102,6 +117,7 @@ contract Slashing is Ownable {
     uint256 public immutable reporterRewardBps;
     uint256 public immutable spotCheckSlashBps;
     uint256 public immutable disputeWindow;
+    uint256 public immutable maxEvidenceAge;
 
     /// @notice Attestations a spot-check case needs (k of the n verifiers).
     uint256 public threshold;
@@ -110,6 +126,10 @@ contract Slashing is Ownable {
     mapping(bytes32 doubleSignKey => bool) public evidenceUsed;
     mapping(bytes32 caseId => Case) internal _cases;
     mapping(bytes32 caseId => mapping(address verifier => bool)) public hasAttested;
+    mapping(bytes32 caseId => address[]) internal _attesters;
+
+    /// @notice Number of open (attested, neither finalized nor dismissed) spot-check cases of each node.
+    mapping(address node => uint256) public openCases;
 
     /*//////////////////////////////////////////////////////////////
                                CONSTRUCTOR
@@ -123,15 +143,20 @@ contract Slashing is Ownable {
     constructor(NodeRegistry registry_, Settlement settlement_, address owner_, uint256 threshold_, Params memory p)
         Ownable(owner_)
     {
-        if (p.doubleSignSlashBps > 10_000 || p.reporterRewardBps > 10_000 || p.spotCheckSlashBps > 10_000) {
-            revert BadParameter();
-        }
+        if (
+            p.doubleSignSlashBps > 10_000 || p.reporterRewardBps > 10_000 || p.spotCheckSlashBps > 10_000
+                || p.disputeWindow > MAX_DELAY || p.maxEvidenceAge == 0 || p.maxEvidenceAge > MAX_DELAY
+        ) revert BadParameter();
+        uint256 minimum = p.maxEvidenceAge + p.disputeWindow + UNBOND_MARGIN;
+        uint256 unbondDelay = registry_.unbondDelay();
+        if (unbondDelay <= minimum) revert UnbondDelayTooShort(unbondDelay, minimum);
         registry = registry_;
         settlement = settlement_;
         doubleSignSlashBps = p.doubleSignSlashBps;
         reporterRewardBps = p.reporterRewardBps;
         spotCheckSlashBps = p.spotCheckSlashBps;
         disputeWindow = p.disputeWindow;
+        maxEvidenceAge = p.maxEvidenceAge;
         _setThreshold(threshold_);
     }
 
@@ -150,14 +175,38 @@ contract Slashing is Ownable {
         return err == ECDSA.RecoverError.NoError && signer == r.node;
     }
 
+    function _checkAge(uint64 timestamp) internal view {
+        // forge-lint: disable-next-line(block-timestamp) -- evidence ages are hours, far above any validator skew
+        if (timestamp > block.timestamp || block.timestamp - timestamp > maxEvidenceAge) {
+            revert EvidenceTooOld(timestamp);
+        }
+    }
+
+    function _close(Case storage c) internal {
+        c.closed = true;
+        if (c.attestations != 0) --openCases[c.node];
+    }
+
+    /// @dev Attesters of case `id` that are still verifiers now.
+    function _activeAttestations(bytes32 id) internal view returns (uint256 active) {
+        address[] storage attesters = _attesters[id];
+        for (uint256 i; i < attesters.length; ++i) {
+            if (isVerifier[attesters[i]]) ++active;
+        }
+    }
+
     /*//////////////////////////////////////////////////////////////
                               PUBLIC WRITES
     //////////////////////////////////////////////////////////////*/
 
     /// @notice Proves a double-sign: receipts `a` and `b` by one node for the same work (sessionId, step, kind,
-    ///         blockStart, blockEnd) with different outputCommitment, each with the node's 65-byte EIP-712 signature. Slashes `doubleSignSlashBps` of the
-    ///         node's slashable stake and pays `reporterRewardBps` of that to the caller.
-    /// @dev Reverts with `ReceiptsDoNotConflict`, `InvalidReceiptSignature` or `EvidenceAlreadyUsed`.
+    ///         blockStart, blockEnd, modelId, client) on the same inputCommitment with different outputCommitment,
+    ///         each with the node's 65-byte EIP-712 signature and at most `maxEvidenceAge` old. Slashes
+    ///         `doubleSignSlashBps` of the node's slashable stake and pays `reporterRewardBps` of that to the caller,
+    ///         unless the caller is the node itself (then all of it goes to the treasury).
+    /// @dev Reverts with `ReceiptsDoNotConflict`, `EvidenceTooOld`, `InvalidReceiptSignature` or
+    ///      `EvidenceAlreadyUsed`. Two receipts for different inputs under one (session, step) are not proof: a
+    ///      client can send them, and an honest node answers both.
     function slashDoubleSign(Receipt calldata a, bytes calldata sigA, Receipt calldata b, bytes calldata sigB)
         external
         returns (uint256 slashed)
@@ -167,20 +216,24 @@ contract Slashing is Ownable {
         if (
             a.node != b.node || a.node == address(0) || a.sessionId != b.sessionId || a.step != b.step
                 || a.kind != b.kind || a.blockStart != b.blockStart || a.blockEnd != b.blockEnd
+                || a.modelId != b.modelId || a.client != b.client || a.inputCommitment != b.inputCommitment
                 || a.outputCommitment == b.outputCommitment
         ) revert ReceiptsDoNotConflict();
+        _checkAge(a.timestamp);
+        _checkAge(b.timestamp);
         if (!_signedByNode(a, sigA) || !_signedByNode(b, sigB)) revert InvalidReceiptSignature();
         bytes32 key = keccak256(abi.encode(a.node, a.sessionId, a.step, a.kind, a.blockStart, a.blockEnd));
         if (evidenceUsed[key]) revert EvidenceAlreadyUsed();
         evidenceUsed[key] = true;
         uint256 amount = registry.slashableOf(a.node) * doubleSignSlashBps / 10_000;
-        uint256 reward = amount * reporterRewardBps / 10_000;
+        uint256 reward = msg.sender == a.node ? 0 : amount * reporterRewardBps / 10_000;
         slashed = registry.slash(a.node, amount, msg.sender, reward);
         emit DoubleSignSlashed(a.node, msg.sender, a.sessionId, a.step, slashed, reward);
     }
 
     /// @notice A verifier attests that `node` failed the spot check described by `evidence` (opaque bytes: the
     ///         ledger's re-execution record). The case is keyed by (node, keccak256(evidence)).
+    ///         The node's unbonding is frozen until the case is finalized or dismissed.
     /// @dev Verifiers only (`NotVerifier`); reverts with `EmptyEvidence`, `AlreadyAttested` or `CaseClosed`.
     function attestSpotCheckFailure(address node, bytes calldata evidence) external returns (bytes32 id) {
         if (!isVerifier[msg.sender]) revert NotVerifier();
@@ -189,8 +242,12 @@ contract Slashing is Ownable {
         Case storage c = _cases[id];
         if (c.closed) revert CaseClosed();
         if (hasAttested[id][msg.sender]) revert AlreadyAttested();
+        if (c.attestations == 0) {
+            ++openCases[node];
+            c.node = node;
+        }
         hasAttested[id][msg.sender] = true;
-        c.node = node;
+        _attesters[id].push(msg.sender);
         uint32 count = ++c.attestations;
         emit SpotCheckAttested(id, node, msg.sender, count, evidence);
         if (c.readyAt == 0 && count >= threshold) {
@@ -202,7 +259,8 @@ contract Slashing is Ownable {
     }
 
     /// @notice Slashes `spotCheckSlashBps` of the node's stake for case `id`, once its dispute window has passed.
-    ///         Anyone may call it; the slash goes to the treasury.
+    ///         Anyone may call it; the slash goes to the treasury. Only attesters that are still verifiers count,
+    ///         and they must still reach the current threshold.
     /// @dev Reverts with `CaseNotReady`, `DisputeWindowOpen(readyAt)` or `CaseClosed`.
     function finalizeSlash(bytes32 id) external returns (uint256 slashed) {
         Case storage c = _cases[id];
@@ -210,7 +268,8 @@ contract Slashing is Ownable {
         if (c.readyAt == 0) revert CaseNotReady();
         // forge-lint: disable-next-line(block-timestamp) -- dispute windows are hours, far above any validator skew
         if (block.timestamp < c.readyAt) revert DisputeWindowOpen(c.readyAt);
-        c.closed = true;
+        if (_activeAttestations(id) < threshold) revert CaseNotReady();
+        _close(c);
         uint256 amount = registry.slashableOf(c.node) * spotCheckSlashBps / 10_000;
         slashed = registry.slash(c.node, amount, address(0), 0);
         emit SpotCheckSlashed(id, c.node, slashed);
@@ -221,7 +280,7 @@ contract Slashing is Ownable {
     function dismissCase(bytes32 id) external onlyOwner {
         Case storage c = _cases[id];
         if (c.closed) revert CaseClosed();
-        c.closed = true;
+        _close(c);
         emit SpotCheckDismissed(id, c.node);
     }
 
@@ -241,6 +300,11 @@ contract Slashing is Ownable {
     /*//////////////////////////////////////////////////////////////
                               PUBLIC READS
     //////////////////////////////////////////////////////////////*/
+
+    /// @notice True while `node` has an open spot-check case (the registry freezes its unbonding meanwhile).
+    function hasOpenCase(address node) external view returns (bool) {
+        return openCases[node] != 0;
+    }
 
     /// @notice The id of the spot-check case of `node` with `evidence`.
     function caseId(address node, bytes calldata evidence) public pure returns (bytes32) {

@@ -236,7 +236,13 @@ contract SlashingTest is NectarFixture {
             settlement,
             owner,
             1,
-            Slashing.Params({doubleSignSlashBps: 10_001, reporterRewardBps: 0, spotCheckSlashBps: 0, disputeWindow: 0})
+            Slashing.Params({
+                doubleSignSlashBps: 10_001,
+                reporterRewardBps: 0,
+                spotCheckSlashBps: 0,
+                disputeWindow: 0,
+                maxEvidenceAge: MAX_EVIDENCE_AGE
+            })
         );
     }
 }

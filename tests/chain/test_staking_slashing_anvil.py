@@ -14,7 +14,9 @@ from tests.chain.signing import sign_receipt
 ETHER = 10**18
 
 
-def _receipt(node: str, client: str, *, step: int, output: bytes, session: bytes = b"\x11" * 32) -> dict:
+def _receipt(
+    node: str, client: str, *, step: int, output: bytes, session: bytes = b"\x11" * 32, timestamp: int | None = None
+) -> dict:
     return {
         "sessionId": session,
         "step": step,
@@ -30,8 +32,12 @@ def _receipt(node: str, client: str, *, step: int, output: bytes, session: bytes
         "inputCommitment": b"\x33" * 32,
         "outputCommitment": output,
         "fingerprint": b"\x44" * 32,
-        "timestamp": 1_700_000_000 + step,
+        "timestamp": 1_700_000_000 + step if timestamp is None else timestamp,
     }
+
+
+def _now(chain) -> int:
+    return chain.w3.eth.get_block("latest")["timestamp"]
 
 
 def test_register_stake_and_unbond(chain, roles):
@@ -90,8 +96,9 @@ def test_double_sign_is_slashed_with_a_reporter_reward(chain, roles):
     chain.register_node(node["privateKey"], "12D3KooWNodeOne", 1_000 * ETHER)
     reporter = roles["client"][1]
     domain = chain.eip712_domain()
-    a = _receipt(node["address"], reporter["address"], step=42, output=b"\xaa" * 32)
-    b = _receipt(node["address"], reporter["address"], step=42, output=b"\xbb" * 32)
+    now = _now(chain)  # double-sign evidence is refused once older than max_evidence_age
+    a = _receipt(node["address"], reporter["address"], step=42, output=b"\xaa" * 32, timestamp=now)
+    b = _receipt(node["address"], reporter["address"], step=42, output=b"\xbb" * 32, timestamp=now)
     sig_a, sig_b = sign_receipt(domain, node["privateKey"], a), sign_receipt(domain, node["privateKey"], b)
 
     params = chain.deployment.params
@@ -173,3 +180,51 @@ def test_k_of_n_verifiers_and_dismissal(chain, roles):
     finally:
         chain.set_verifier_threshold(owner, 1)
         chain.set_verifier(owner, second["address"], False)
+
+
+def test_framing_with_two_inputs_is_not_a_double_sign(chain, roles):
+    """Issue 20: a client that sends two inputs under one (session, step) gets two honest receipts; before the fix
+    they slashed the node. Stale evidence is refused too, and a self-report earns no reward."""
+    node, attacker = roles["node"][1], roles["client"][2]  # registered by the double-sign test above
+    stake = chain.stake_of(node["address"])
+    domain = chain.eip712_domain()
+    now = _now(chain)
+    a = _receipt(node["address"], attacker["address"], step=7, output=b"\xaa" * 32, timestamp=now)
+    b = {**a, "inputCommitment": b"\x55" * 32, "outputCommitment": b"\xbb" * 32}
+    sig_a, sig_b = sign_receipt(domain, node["privateKey"], a), sign_receipt(domain, node["privateKey"], b)
+    with pytest.raises(ChainError, match=r"^ReceiptsDoNotConflict"):
+        chain.slash_double_sign(attacker["privateKey"], a, sig_a, b, sig_b)
+    assert chain.stake_of(node["address"]) == stake
+
+    old = {**a, "timestamp": now - chain.deployment.params["max_evidence_age"] - 10}
+    old_b = {**old, "outputCommitment": b"\xbb" * 32}
+    with pytest.raises(ChainError, match=r"^EvidenceTooOld"):
+        chain.slash_double_sign(
+            attacker["privateKey"],
+            old,
+            sign_receipt(domain, node["privateKey"], old),
+            old_b,
+            sign_receipt(domain, node["privateKey"], old_b),
+        )
+
+    b = {**a, "outputCommitment": b"\xbb" * 32}  # a real equivocation, reported by the node itself
+    before = chain.credit_balance(node["address"])
+    chain.slash_double_sign(node["privateKey"], a, sig_a, b, sign_receipt(domain, node["privateKey"], b))
+    assert chain.stake_of(node["address"]) == stake - stake * chain.deployment.params["double_sign_slash_bps"] // 10_000
+    assert chain.credit_balance(node["address"]) == before  # no reporter reward to the node
+
+
+def test_open_case_freezes_unbonding(chain, roles):
+    """Issue 20: before the fix a node unbonded inside the dispute window of an open case."""
+    node = roles["node"][0]  # registered by the first test
+    verifier = roles["verifier"][0]["privateKey"]
+    stake = chain.stake_of(node["address"])
+    evidence = b"frozen while judged"
+    chain.attest_spot_check_failure(verifier, node["address"], evidence)
+    with pytest.raises(ChainError, match=r"^UnbondFrozen"):
+        chain.request_unbond(node["privateKey"], 100 * ETHER)
+    chain.advance_time(chain.deployment.params["dispute_window"])
+    chain.finalize_slash(verifier, node["address"], evidence)
+    slashed = stake * chain.deployment.params["spot_check_slash_bps"] // 10_000
+    chain.request_unbond(node["privateKey"], 100 * ETHER)  # the case is closed: unbonding is free again
+    assert chain.stake_of(node["address"]) == stake - slashed - 100 * ETHER

@@ -71,9 +71,9 @@ def test_double_sign_evidence_is_slashed_on_chain(market):
     node, client = market.nodes[2], market.clients[0]
     market.chain.register_node(node.key, "12D3KooWtest", market.chain.deployment.params["min_stake"])
     stake_before = market.chain.stake_of(node.address)
-    sid = os.urandom(32)
-    first = make_receipt(node, client, session_id=sid, step=7, domain=market.domain)
-    second = make_receipt(node, client, session_id=sid, step=7, domain=market.domain)
+    sid, same_input = os.urandom(32), os.urandom(32)  # a real equivocation: one input, two outputs (issue 20)
+    first = make_receipt(node, client, session_id=sid, step=7, domain=market.domain, input_commitment=same_input)
+    second = make_receipt(node, client, session_id=sid, step=7, domain=market.domain, input_commitment=same_input)
     with market.http() as h:
         assert h.post("/v1/receipts", json={"receipts": [receipt_item(*first)]}).json()["accepted"] == 1
         verdict = h.post("/v1/receipts", json={"receipts": [receipt_item(*second)]}).json()["results"][0]

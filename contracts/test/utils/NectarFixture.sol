@@ -19,6 +19,7 @@ abstract contract NectarFixture is Test {
     uint256 internal constant UNBOND_DELAY = 7 days;
     uint16 internal constant FEE_BPS = 100;
     uint256 internal constant DISPUTE_WINDOW = 1 days;
+    uint256 internal constant MAX_EVIDENCE_AGE = 3 days;
     uint256 internal constant DOUBLE_SIGN_BPS = 5_000;
     uint256 internal constant REPORTER_BPS = 1_000;
     uint256 internal constant SPOT_CHECK_BPS = 1_000;
@@ -63,7 +64,8 @@ abstract contract NectarFixture is Test {
                 doubleSignSlashBps: DOUBLE_SIGN_BPS,
                 reporterRewardBps: REPORTER_BPS,
                 spotCheckSlashBps: SPOT_CHECK_BPS,
-                disputeWindow: DISPUTE_WINDOW
+                disputeWindow: DISPUTE_WINDOW,
+                maxEvidenceAge: MAX_EVIDENCE_AGE
             })
         );
         vm.startPrank(owner);
