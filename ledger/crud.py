@@ -95,9 +95,10 @@ signed_receipt_of = _row_to_signed
 def store_receipts(session: Session, *, checked: Sequence[CheckedReceipt]) -> list[tuple[str, str | None, str]]:
     """Classify receipts that passed the stateless checks against what is stored, and insert the new ones.
 
-    Returns per item (status, reason, message), status in accepted / duplicate / rejected. A conflict (same work, a
-    different output) is rejected and kept as slashing evidence; an identical resubmission is a duplicate (counted
-    once).
+    Returns per item (status, reason, message), status in accepted / duplicate / rejected. A conflict (same work and
+    input, client and model, a different output: what ``Slashing.slashDoubleSign`` accepts) is rejected and kept as
+    slashing evidence; other metadata under the same work is a replay; an identical resubmission is a duplicate
+    (counted once).
     """
     results: list[tuple[str, str | None, str]] = [("", None, "")] * len(checked)
     pending = [(i, c) for i, c in enumerate(checked) if c.reason is None]
@@ -132,7 +133,14 @@ def store_receipts(session: Session, *, checked: Sequence[CheckedReceipt]) -> li
             results[i] = ("duplicate", None, "already stored (not counted twice)")
             continue
         if existing is not None:
-            if existing.output_commitment != r.output_commitment:
+            # evidence only where the chain's predicate holds: the node answered one input (same client, model) two
+            # ways. Another input under the same work key is the client's doing and must not frame the node.
+            same_question = (existing.input_commitment, existing.client, existing.model_id) == (
+                r.input_commitment,
+                r.client,
+                r.model_id,
+            )
+            if same_question and existing.output_commitment != r.output_commitment:
                 results[i] = (
                     "rejected",
                     Reason.CONFLICT,

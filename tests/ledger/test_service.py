@@ -85,7 +85,8 @@ def test_forgeries_are_rejected_with_reasons(api):
 def test_conflicting_receipt_is_rejected_and_kept_as_evidence(api, settings):
     session_id = os.urandom(32)
     first = make_receipt(NODE, CLIENT, session_id=session_id, step=3)
-    second = make_receipt(NODE, CLIENT, session_id=session_id, step=3)  # same work, a different output
+    same_input = first[0].receipt.input_commitment
+    second = make_receipt(NODE, CLIENT, session_id=session_id, step=3, input_commitment=same_input)  # another output
     same_output_other_time = eip712.sign_receipt(
         R.Receipt(**{**first[0].receipt.__dict__, "timestamp": first[0].receipt.timestamp + 5}),
         NODE.key,
@@ -109,7 +110,9 @@ def test_a_conflict_inside_one_batch_is_kept_as_evidence_and_the_rest_is_stored(
     node = Party()
     session_id = os.urandom(32)
     first = make_receipt(node, CLIENT, session_id=session_id, step=0, kind=1)
-    second = make_receipt(node, CLIENT, session_id=session_id, step=0, kind=1)
+    second = make_receipt(
+        node, CLIENT, session_id=session_id, step=0, kind=1, input_commitment=first[0].receipt.input_commitment
+    )
     others = [make_receipt(node, CLIENT, step=i) for i in range(3)]
     result = post(api, [receipt_item(*first), receipt_item(*second)] + [receipt_item(*o) for o in others])
     assert [r["status"] for r in result["results"]] == ["accepted", "rejected"] + ["accepted"] * 3
@@ -123,12 +126,37 @@ def test_a_conflict_inside_one_batch_is_kept_as_evidence_and_the_rest_is_stored(
     from nectar.ledger.intake import check_receipt
 
     pair = [make_receipt(node, CLIENT, session_id=os.urandom(32), step=0, kind=1) for _ in range(2)]
-    pair[1] = make_receipt(node, CLIENT, session_id=pair[0][0].receipt.session_id, step=0, kind=1)
+    pair[1] = make_receipt(
+        node,
+        CLIENT,
+        session_id=pair[0][0].receipt.session_id,
+        step=0,
+        kind=1,
+        input_commitment=pair[0][0].receipt.input_commitment,
+    )
     with session_scope(get_engine(settings.database_url)) as session:
         verdicts = crud.store_receipts(
             session, checked=[check_receipt(s, fp, domain_from_deployment()) for s, fp in pair]
         )
     assert [v[0] for v in verdicts] == ["accepted", "rejected"]
+
+
+def test_another_input_under_the_same_work_is_no_evidence_against_the_node(api, settings):
+    """A client that sends two inputs under one (session, step) gets two honest receipts: the chain refuses them as a
+    double-sign (issue 20), so the ledger must not keep them as evidence either (it did before: a conflict)."""
+    node = Party()
+    session_id = os.urandom(32)
+    first = make_receipt(node, CLIENT, session_id=session_id, step=2)
+    other_input = make_receipt(node, CLIENT, session_id=session_id, step=2)  # a fresh input commitment
+    other_client = make_receipt(
+        node, Party(), session_id=session_id, step=2, input_commitment=first[0].receipt.input_commitment
+    )
+    assert post(api, [receipt_item(*first)])["accepted"] == 1
+    result = post(api, [receipt_item(*other_input), receipt_item(*other_client)])
+    assert [r["reason"] for r in result["results"]] == ["replay", "replay"]
+    with session_scope(get_engine(settings.database_url)) as session:
+        assert crud.list_conflicts(session, node=node.address) == []
+    assert len(node_view(api, node)["conflicts"]) == 0
 
 
 def test_malformed_batches_get_422_and_store_nothing(api):
