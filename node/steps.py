@@ -284,23 +284,15 @@ class NodeSteps:
         hidden, prompts = call.hidden, call.prompts
         self.check_hidden(hidden)
         self.check_prompts(prompts, hidden, start, end)
-        self.settle_voucher(call.voucher, call.client)
-        tokens = hidden.shape[0] * hidden.shape[1]
-        self.check_credit(call.client, tokens, start, end)
-        outputs = await self.compute.submit(
+        outputs, receipt, fingerprint = await self._charged_call(
+            call,
+            start,
+            end,
+            hidden,
             lambda: self.backend.forward(hidden, start=start, end=end, prompts=prompts, keep_graph=call.backward),
-            Priority.FORWARD,
-        )
-        receipt, fingerprint = await self.sign(
-            session_id=call.session_id or os.urandom(32),
-            step=call.step,
             kind=schema.ReceiptKind.FORWARD,
-            start=start,
-            end=end,
-            client=call.client,
-            tokens=tokens,
-            inputs=hidden,
-            outputs=outputs,
+            priority=Priority.FORWARD,
+            signed=lambda outputs: (hidden, outputs),
         )
         return ForwardReply(outputs, receipt, fingerprint)
 
@@ -315,25 +307,38 @@ class NodeSteps:
                 f"grad_outputs {list(grad_outputs.shape)} must match hidden_states {list(hidden.shape)}",
             )
         self.check_prompts(prompts, hidden, start, end)
+        (grad_inputs, grad_prompts), receipt, fingerprint = await self._charged_call(
+            call,
+            start,
+            end,
+            hidden,
+            lambda: self.backend.backward(hidden, grad_outputs, start=start, end=end, prompts=prompts),
+            kind=schema.ReceiptKind.BACKWARD,
+            priority=Priority.BACKWARD,
+            signed=lambda result: (grad_outputs, result[0]),
+        )
+        return BackwardReply(grad_inputs, grad_prompts, receipt, fingerprint)
+
+    async def _charged_call(self, call, start: int, end: int, hidden: torch.Tensor, work, *, kind, priority, signed):
+        """What forward and backward share once their inputs are checked: the voucher, the credit for the call's
+        tokens, the computation, and the receipt over ``signed(result)`` = (what came in, what goes out)."""
         self.settle_voucher(call.voucher, call.client)
         tokens = hidden.shape[0] * hidden.shape[1]
         self.check_credit(call.client, tokens, start, end)
-        grad_inputs, grad_prompts = await self.compute.submit(
-            lambda: self.backend.backward(hidden, grad_outputs, start=start, end=end, prompts=prompts),
-            Priority.BACKWARD,
-        )
+        result = await self.compute.submit(work, priority)
+        inputs, outputs = signed(result)
         receipt, fingerprint = await self.sign(
             session_id=call.session_id or os.urandom(32),
             step=call.step,
-            kind=schema.ReceiptKind.BACKWARD,
+            kind=kind,
             start=start,
             end=end,
             client=call.client,
             tokens=tokens,
-            inputs=grad_outputs,
-            outputs=grad_inputs,
+            inputs=inputs,
+            outputs=outputs,
         )
-        return BackwardReply(grad_inputs, grad_prompts, receipt, fingerprint)
+        return result, receipt, fingerprint
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
