@@ -72,8 +72,11 @@ def test_double_sign_evidence_is_slashed_on_chain(market):
     market.chain.register_node(node.key, "12D3KooWtest", market.chain.deployment.params["min_stake"])
     stake_before = market.chain.stake_of(node.address)
     sid, same_input = os.urandom(32), os.urandom(32)  # a real equivocation: one input, two outputs (issue 20)
-    first = make_receipt(node, client, session_id=sid, step=7, domain=market.domain, input_commitment=same_input)
-    second = make_receipt(node, client, session_id=sid, step=7, domain=market.domain, input_commitment=same_input)
+    # stamped with the chain's time: the contract refuses evidence older than maxEvidenceAge or from its future, and
+    # this module's settlement tests move the devnet's clock ahead of the wall clock
+    now = market.chain.w3.eth.get_block("latest")["timestamp"]
+    same = dict(session_id=sid, step=7, domain=market.domain, input_commitment=same_input, timestamp=now)
+    first, second = make_receipt(node, client, **same), make_receipt(node, client, **same)
     with market.http() as h:
         assert h.post("/v1/receipts", json={"receipts": [receipt_item(*first)]}).json()["accepted"] == 1
         verdict = h.post("/v1/receipts", json={"receipts": [receipt_item(*second)]}).json()["results"][0]
