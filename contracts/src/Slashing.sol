@@ -13,8 +13,8 @@ import {NectarTypes, Receipt} from "./lib/NectarTypes.sol";
 ///         finalize the slash once `disputeWindow` has passed, unless the arbiter dismissed the case.
 ///         A spot-check case names one receipt signed by the accused node and proven included in a final epoch root
 ///         (Settlement), with the hash of the verifiers' re-execution record; one receipt is one case, a node has at
-///         most one case per epoch, and an epoch at most `maxCasesPerEpoch`. While a node has an open case the
-///         registry freezes its unbonding.
+///         most one open or slashed case per epoch, and an epoch at most `maxCasesPerEpoch`. While a node has an
+///         open case the registry freezes its unbonding.
 ///         Two roles, never one key: the arbiter dismisses cases; the verifier manager adds and removes verifiers and
 ///         sets the threshold (on a real chain each should be a timelock or multisig).
 /// @author Nectar
@@ -185,11 +185,12 @@ contract Slashing {
     /// @notice Number of open (attested, neither finalized nor dismissed) spot-check cases of each node.
     mapping(address node => uint256) public openCases;
 
-    /// @notice The case of `node` citing `epoch` (zero if none). A closed case keeps its place: a node is charged at
-    ///         most once per epoch, and a dismissed case cannot be re-opened with another receipt of that epoch.
+    /// @notice The case of `node` citing `epoch` (zero if none). An open or slashed case keeps its place, so a node
+    ///         is charged at most once per epoch; a dismissed one gives it up, so a bogus case (e.g. by a rogue
+    ///         verifier) cannot shield a cheater for the rest of the epoch once the arbiter throws it out.
     mapping(address node => mapping(uint64 epoch => bytes32 caseId)) public caseOf;
 
-    /// @notice Number of cases citing each epoch (at most `maxCasesPerEpoch`).
+    /// @notice Number of open or slashed cases citing each epoch (at most `maxCasesPerEpoch`).
     mapping(uint64 epoch => uint256) public casesInEpoch;
 
     /*//////////////////////////////////////////////////////////////
@@ -408,12 +409,15 @@ contract Slashing {
         emit SpotCheckSlashed(id, c.node, slashed);
     }
 
-    /// @notice The arbiter throws out case `id` (e.g. the node proved the verifiers wrong) before it is finalized.
+    /// @notice The arbiter throws out case `id` (e.g. the node proved the verifiers wrong) before it is finalized. The
+    ///         node's place for that epoch and the epoch's cap slot are freed; the receipt itself stays closed.
     /// @dev Arbiter only (`NotArbiter`); reverts with `CaseClosed` (also for a case that was never opened).
     function dismissCase(bytes32 id) external onlyArbiter {
         Case storage c = _cases[id];
         if (c.closed || c.node == address(0)) revert CaseClosed();
         _close(c);
+        delete caseOf[c.node][c.epoch];
+        --casesInEpoch[c.epoch];
         emit SpotCheckDismissed(id, c.node);
     }
 

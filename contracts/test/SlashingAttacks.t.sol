@@ -284,7 +284,7 @@ contract SlashingAttacksTest is NectarFixture {
     }
 
     /// Before the fix: one verifier opened any number of 10% cases against one node. Now a node has one case per epoch:
-    /// a second failed receipt of the same epoch (even after the first case closed) opens nothing.
+    /// a second failed receipt of the same epoch opens nothing, before or after the first case is slashed.
     function test_Attack_SecondCaseSameNodeSameEpoch() public {
         Receipt[] memory two = new Receipt[](2);
         two[0] = _receipt(node, SESSION, 1, keccak256("bad-1"));
@@ -301,6 +301,25 @@ contract SlashingAttacksTest is NectarFixture {
         vm.expectRevert(abi.encodeWithSelector(Slashing.NodeHasCaseInEpoch.selector, node, epoch, first));
         _attest(verifier, epoch, two[1], sig, proofs[1]);
         assertEq(registry.slashableOf(node), STAKE - STAKE * SPOT_CHECK_BPS / 10_000, "slashed once for the epoch");
+    }
+
+    /// A dismissed case gives its place back: a rogue verifier's bogus case cannot shield a cheater for the epoch, and
+    /// the dismissed receipt itself stays closed.
+    function test_DismissedCaseFreesTheNodesEpoch() public {
+        Receipt[] memory two = new Receipt[](2);
+        two[0] = _receipt(node, SESSION, 1, keccak256("fine"));
+        two[1] = _receipt(node, SESSION, 2, keccak256("bad"));
+        (uint64 epoch, bytes32[][] memory proofs) = _commitEpoch(two);
+        vm.warp(block.timestamp + CHALLENGE_PERIOD);
+        bytes memory sig0 = _signReceipt(NODE_PK, two[0]);
+        bytes32 bogus = _attest(verifier, epoch, two[0], sig0, proofs[0]);
+        vm.prank(arbiter);
+        slashing.dismissCase(bogus);
+        assertEq(slashing.casesInEpoch(epoch), 0, "cap slot back");
+        vm.expectRevert(Slashing.CaseClosed.selector);
+        _attest(verifier, epoch, two[0], sig0, proofs[0]);
+        bytes32 real = _attest(verifier, epoch, two[1], _signReceipt(NODE_PK, two[1]), proofs[1]);
+        assertEq(slashing.caseOf(node, epoch), real, "the real case holds the place");
     }
 
     /// One receipt is one case: a second verifier attesting the same receipt adds to the case, never opens another.
