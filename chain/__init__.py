@@ -23,12 +23,13 @@ API::
     chain.paid(client, node, channel_id[, partner]); chain.node_balance(node); chain.withdraw_earnings(private_key)
     chain.commit_epoch_root(private_key, epoch, root, count)   # in order: latest_epoch() + 1; empty: (zeros, 0)
     chain.correct_epoch_root(private_key, epoch, root, count)  # within challenge_period() of the first commit
-    chain.epoch_root(epoch) -> bytes (zeros if none); chain.epoch_info(epoch) -> {"root", "count", "committedAt", "finalAt"}
+    chain.epoch_root(epoch) -> bytes (zeros if none); chain.epoch_info(epoch) -> {"root", "count", "finalAt", ...}
     chain.verify_inclusion(epoch, receipt or its struct hash, proof) -> bool
     chain.slash_double_sign(private_key, receipt_a, sig_a, receipt_b, sig_b)
     chain.attest_spot_check_failure(private_key, epoch=, receipt=, signature=, proof=, record_hash=)  # final root
     chain.finalize_slash(private_key, case_id)   # case id = the receipt's leaf; after the dispute window
-    chain.dismiss_case(arbiter_key, case_id); chain.set_verifier(manager_key, addr); chain.set_verifier_threshold(manager_key, k)
+    chain.dismiss_case(arbiter_key, case_id)   # the arbiter; never the verifier manager:
+    chain.set_verifier(manager_key, addr); chain.set_verifier_threshold(manager_key, k)
     chain.set_root_committer(key, addr); chain.set_peer_id(private_key, peer_id)   # owner / node administration
     chain.deposits_since(block) -> [{"client", "amount", "balance", "blockNumber", "txHash", "logIndex"}]
     chain.settlements_since(block) -> [{"submitter", "vouchers": [voucher dicts], "gross", "fee", ...}]
