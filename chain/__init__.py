@@ -21,12 +21,15 @@ API::
     chain.add_stake(private_key, amount); chain.request_unbond(private_key, amount); chain.unbond(private_key)
     chain.settle(private_key, [(voucher_dict, sig65), ...]) -> TxResult  # result.skipped: not paid
     chain.paid(client, node, channel_id[, partner]); chain.node_balance(node); chain.withdraw_earnings(private_key)
-    chain.commit_epoch_root(private_key, epoch, root, count); chain.epoch_root(epoch) -> bytes (zeros if none)
+    chain.commit_epoch_root(private_key, epoch, root, count)   # in order: latest_epoch() + 1; empty: (zeros, 0)
+    chain.correct_epoch_root(private_key, epoch, root, count)  # within challenge_period() of the first commit
+    chain.epoch_root(epoch) -> bytes (zeros if none); chain.epoch_info(epoch) -> {"root", "count", "finalAt", ...}
     chain.verify_inclusion(epoch, receipt or its struct hash, proof) -> bool
     chain.slash_double_sign(private_key, receipt_a, sig_a, receipt_b, sig_b)
-    chain.attest_spot_check_failure(private_key, node, evidence)
-    chain.finalize_slash(private_key, node, evidence)   # or case_id=...; after the dispute window
-    chain.dismiss_case(private_key, case_id); chain.set_verifier(key, addr); chain.set_verifier_threshold(key, k)
+    chain.attest_spot_check_failure(private_key, epoch=, receipt=, signature=, proof=, record_hash=)  # final root
+    chain.finalize_slash(private_key, case_id)   # case id = the receipt's leaf; after the dispute window
+    chain.dismiss_case(arbiter_key, case_id)   # the arbiter; never the verifier manager:
+    chain.set_verifier(manager_key, addr); chain.set_verifier_threshold(manager_key, k)
     chain.set_root_committer(key, addr); chain.set_peer_id(private_key, peer_id)   # owner / node administration
     chain.deposits_since(block) -> [{"client", "amount", "balance", "blockNumber", "txHash", "logIndex"}]
     chain.settlements_since(block) -> [{"submitter", "vouchers": [voucher dicts], "gross", "fee", ...}]

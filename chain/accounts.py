@@ -21,6 +21,7 @@ ROLES = (
     "client",
     "client",
     "client",
+    "arbiter",  # dismisses spot-check cases (Slashing); never the deployer, who manages the verifiers
 )
 
 

@@ -321,17 +321,39 @@ class Chain:
     # ------------------------------------------------------------------ epoch roots
 
     def commit_epoch_root(self, private_key: str, epoch: int, root: bytes, count: int) -> TxResult:
+        """Root committers only: records ``epoch``'s root. Epochs go in order (``latest_epoch() + 1``); an epoch
+        without receipts is committed as (32 zero bytes, 0)."""
         fn = self.settlement.functions.commitEpochRoot(int(epoch), as_bytes32(root), int(count))
         return self._tx.send(private_key, fn, context=f"commit_epoch_root({epoch})")
 
+    def correct_epoch_root(self, private_key: str, epoch: int, root: bytes, count: int) -> TxResult:
+        """Root committers only: replaces a committed root before its challenge period ends (``EpochRootFinal``
+        after)."""
+        fn = self.settlement.functions.correctEpochRoot(int(epoch), as_bytes32(root), int(count))
+        return self._tx.send(private_key, fn, context=f"correct_epoch_root({epoch})")
+
+    def latest_epoch(self) -> int:
+        """The last committed epoch (0: none); the next commit must be this + 1."""
+        return int(self.settlement.functions.latestEpoch().call())
+
+    def challenge_period(self) -> int:
+        """Seconds after its first commit that an epoch root stays correctable (and cannot back a case)."""
+        return int(self.settlement.functions.challengePeriod().call())
+
     def epoch_root(self, epoch: int) -> bytes:
-        """The committed root of ``epoch``; 32 zero bytes when none was committed."""
+        """The committed root of ``epoch``; 32 zero bytes when none was committed (or the epoch was empty)."""
         root, _count, _at = self.settlement.functions.epochRoot(int(epoch)).call()
         return bytes(root)
 
     def epoch_info(self, epoch: int) -> dict[str, Any]:
+        """``{"root", "count", "committedAt" (0: never committed), "finalAt" (0: never committed)}``."""
         root, count, at = self.settlement.functions.epochRoot(int(epoch)).call()
-        return {"root": bytes(root), "count": count, "committedAt": at}
+        final_at = int(self.settlement.functions.epochFinalAt(int(epoch)).call())
+        return {"root": bytes(root), "count": count, "committedAt": at, "finalAt": final_at}
+
+    def chain_time(self) -> int:
+        """The latest block's timestamp (what the contracts compare deadlines with)."""
+        return int(self.w3.eth.get_block("latest")["timestamp"])
 
     def receipt_hash(self, receipt: Any) -> bytes:
         """The receipt's EIP-712 struct hash, hashStruct(receipt), as the contract computes it."""
@@ -358,50 +380,84 @@ class Chain:
         fn = self.slashing.functions.slashDoubleSign(a, as_signature(sig_a), b, as_signature(sig_b))
         return self._tx.send(private_key, fn, context="slash_double_sign")
 
-    def spot_check_case_id(self, node: str, evidence: bytes) -> bytes:
-        return bytes(self.slashing.functions.caseId(_address(node), bytes(evidence)).call())
+    def spot_check_case_id(self, receipt: Any) -> bytes:
+        """The id of the spot-check case on ``receipt``: its Merkle leaf (one receipt, one case)."""
+        return self.receipt_leaf(receipt)
 
-    def attest_spot_check_failure(self, private_key: str, node: str, evidence: bytes) -> TxResult:
-        """A registered verifier attests a failed spot check; k attestations open the dispute window."""
-        fn = self.slashing.functions.attestSpotCheckFailure(_address(node), bytes(evidence))
+    def attest_spot_check_failure(
+        self,
+        private_key: str,
+        *,
+        epoch: int,
+        receipt: Any,
+        signature: bytes,
+        proof: Sequence[bytes],
+        record_hash: bytes,
+    ) -> TxResult:
+        """A registered verifier attests that ``receipt`` (signed by its node: ``signature``) failed a spot check.
+        ``proof`` (``merkle_proof`` over the epoch's leaves) shows it is in ``epoch``'s root, which must be final;
+        ``record_hash`` is the hash of the re-execution record. The first attestation opens the case (one per node
+        and epoch, at most ``max_cases_per_epoch`` per epoch); k attestations start the dispute window."""
+        fn = self.slashing.functions.attestSpotCheckFailure(
+            int(epoch),
+            self._receipt(receipt),
+            as_signature(signature),
+            [as_bytes32(p) for p in proof],
+            as_bytes32(record_hash),
+        )
         return self._tx.send(private_key, fn, context="attest_spot_check_failure")
 
-    def finalize_slash(
-        self, private_key: str, node: str | None = None, evidence: bytes | None = None, *, case_id: bytes | None = None
-    ) -> TxResult:
-        """Slashes for a spot-check case once its dispute window passed: give (node, evidence) or ``case_id``."""
-        if case_id is None:
-            if node is None or evidence is None:
-                raise ValueError("finalize_slash needs (node, evidence) or case_id")
-            case_id = self.spot_check_case_id(node, evidence)
+    def finalize_slash(self, private_key: str, case_id: bytes) -> TxResult:
+        """Slashes for spot-check case ``case_id`` (the receipt's leaf) once its dispute window passed; anyone may."""
         fn = self.slashing.functions.finalizeSlash(as_bytes32(case_id))
         return self._tx.send(private_key, fn, context="finalize_slash")
 
     def dismiss_case(self, private_key: str, case_id: bytes) -> TxResult:
-        """The arbiter (Slashing's owner) throws out a spot-check case during its dispute window."""
+        """The arbiter throws out a spot-check case during its dispute window."""
         fn = self.slashing.functions.dismissCase(as_bytes32(case_id))
         return self._tx.send(private_key, fn, context="dismiss_case")
 
     def set_verifier(self, private_key: str, verifier: str, allowed: bool = True) -> TxResult:
-        """Owner only: adds or removes a spot-check verifier."""
+        """Verifier manager only: adds or removes a spot-check verifier."""
         fn = self.slashing.functions.setVerifier(_address(verifier), bool(allowed))
         return self._tx.send(private_key, fn, context="set_verifier")
 
     def set_verifier_threshold(self, private_key: str, k: int) -> TxResult:
-        """Owner only: k, the attestations a spot-check case needs."""
+        """Verifier manager only: k, the attestations a spot-check case needs."""
         return self._tx.send(private_key, self.slashing.functions.setThreshold(int(k)), context="set_threshold")
+
+    def slashing_roles(self) -> dict[str, str]:
+        """``{"arbiter", "verifierManager"}``: who dismisses cases, who manages verifiers (never one key)."""
+        return {
+            "arbiter": self.slashing.functions.arbiter().call(),
+            "verifierManager": self.slashing.functions.verifierManager().call(),
+        }
+
+    def node_case_in_epoch(self, node: str, epoch: int) -> bytes:
+        """The case of ``node`` citing ``epoch`` (32 zero bytes: none; a closed case keeps its place)."""
+        return bytes(self.slashing.functions.caseOf(_address(node), int(epoch)).call())
 
     def verifier_threshold(self) -> int:
         return self.slashing.functions.threshold().call()
 
     def set_root_committer(self, private_key: str, committer: str, allowed: bool = True) -> TxResult:
-        """Owner only: grants or revokes the right to commit epoch roots."""
+        """Settlement's owner only: grants or revokes the right to commit epoch roots."""
         fn = self.settlement.functions.setRootCommitter(_address(committer), bool(allowed))
         return self._tx.send(private_key, fn, context="set_root_committer")
 
     def spot_check_case(self, case_id: bytes) -> dict[str, Any]:
-        node, attestations, ready_at, closed = self.slashing.functions.caseInfo(as_bytes32(case_id)).call()
-        return {"node": node, "attestations": attestations, "readyAt": ready_at, "closed": closed}
+        """``{"node" (zero address: no case), "attestations", "readyAt", "closed", "epoch", "recordHash"}``."""
+        node, attestations, ready_at, closed, epoch, record = self.slashing.functions.caseInfo(
+            as_bytes32(case_id)
+        ).call()
+        return {
+            "node": node,
+            "attestations": attestations,
+            "readyAt": ready_at,
+            "closed": closed,
+            "epoch": epoch,
+            "recordHash": bytes(record),
+        }
 
     # ------------------------------------------------------------------ events
 

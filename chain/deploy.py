@@ -20,7 +20,8 @@ ETHER = 10**18
 
 @dataclass(frozen=True)
 class DeployParams:
-    """Contract parameters; the defaults suit a devnet (short delays, open faucet, 1-of-n verifiers)."""
+    """Contract parameters; the defaults suit a devnet (short delays, open faucet, 1-of-n verifiers). Checked by
+    ``check()`` before anything is deployed, so a bad combination fails with a sentence, not a bare revert."""
 
     faucet_cap: int = 1_000_000 * ETHER  # credits one faucet call may mint; 0 disables it
     unlock_delay: int = 3600  # seconds between a client's withdrawal request and the withdrawal
@@ -33,6 +34,11 @@ class DeployParams:
     double_sign_slash_bps: int = 5_000  # share of stake taken for a proven double-sign
     reporter_reward_bps: int = 1_000  # share of that slash paid to the reporter
     spot_check_slash_bps: int = 1_000  # share of stake taken for a failed spot check
+    challenge_period: int = 600  # seconds an epoch root stays correctable; only final roots back spot-check cases
+    # Spot-check cases citing one epoch. The ledger opens at most one per node per epoch, so this is how many nodes can
+    # be charged for one epoch: above the few cheaters an epoch of a devnet-sized swarm could hold, and the most a
+    # rogue verifier quorum can freeze (and, unless the arbiter dismisses within the dispute window, slash) per epoch.
+    max_cases_per_epoch: int = 16
     demo_credits: int = 100_000 * ETHER  # credits minted to each demo client and node
 
 
@@ -78,13 +84,55 @@ class _Deployer:
         self.pending.clear()
 
 
+UNBOND_MARGIN = 3600  # Slashing.UNBOND_MARGIN
+MAX_DELAY = 365 * 86_400  # Slashing.MAX_DELAY
+MAX_CHALLENGE_PERIOD = 30 * 86_400  # Settlement.MAX_CHALLENGE_PERIOD
+
+
+def check(params: DeployParams) -> None:
+    """Raises ValueError naming what to change when the contracts would refuse ``params`` (or accept a set that
+    lets a node escape a slash)."""
+    problems = []
+    for name in ("double_sign_slash_bps", "reporter_reward_bps", "spot_check_slash_bps"):
+        if not 0 <= getattr(params, name) <= 10_000:
+            problems.append(f"{name} must be 0..10000 basis points")
+    if params.verifier_threshold < 1:
+        problems.append("verifier_threshold must be at least 1")
+    if params.max_cases_per_epoch < 1:
+        problems.append("max_cases_per_epoch must be at least 1")
+    if not 0 < params.max_evidence_age <= MAX_DELAY or not 0 <= params.dispute_window <= MAX_DELAY:
+        problems.append(f"max_evidence_age must be 1..{MAX_DELAY} s and dispute_window 0..{MAX_DELAY} s")
+    if not 0 <= params.challenge_period <= MAX_CHALLENGE_PERIOD:
+        problems.append(f"challenge_period must be 0..{MAX_CHALLENGE_PERIOD} s")
+    minimum = params.max_evidence_age + params.dispute_window + UNBOND_MARGIN
+    if params.unbond_delay <= minimum:
+        problems.append(
+            f"unbond_delay ({params.unbond_delay} s) must exceed max_evidence_age + dispute_window + {UNBOND_MARGIN} s "
+            f"({minimum} s), or a node could unbond before a slash reaches it"
+        )
+    if params.challenge_period + UNBOND_MARGIN > params.max_evidence_age:
+        problems.append(
+            f"challenge_period ({params.challenge_period} s) + {UNBOND_MARGIN} s must not exceed max_evidence_age "
+            f"({params.max_evidence_age} s): an epoch root must stay citable for a while after it becomes final"
+        )
+    if problems:
+        raise ValueError("bad deployment parameters: " + "; ".join(problems))
+
+
 def deploy_contracts(
     w3: Web3, *, rpc_url: str, accounts: tuple[DevAccount, ...], params: DeployParams = DeployParams()
 ) -> Deployment:
     """Deploys Credits, NodeRegistry, Settlement (which is also the Escrow vault) and Slashing, wires them, gives the
-    ledger/verifier roles and mints credits to the demo nodes and clients. Returns the Deployment (not yet saved)."""
+    ledger/verifier roles and mints credits to the demo nodes and clients. Returns the Deployment (not yet saved).
+
+    Slashing's two roles are separate keys: the deployer manages verifiers and the threshold, the ``arbiter`` account
+    dismisses cases (on a real chain each should be a timelock or a multisig, not a single key)."""
+    check(params)
     role = {a.role: a for a in reversed(accounts)}  # first account of each role wins
     deployer, ledger, verifier, treasury = role["deployer"], role["ledger"], role["verifier"], role["treasury"]
+    arbiter = role.get("arbiter")
+    if arbiter is None or arbiter.address == deployer.address:
+        raise ValueError("the accounts need an 'arbiter' distinct from the deployer (Slashing's verifier manager)")
     chain_id = w3.eth.chain_id
     d = _Deployer(w3, deployer.private_key, chain_id)
     start_block = w3.eth.block_number
@@ -92,13 +140,16 @@ def deploy_contracts(
 
     credits = d.deploy("Credits", owner, params.faucet_cap)
     registry = d.deploy("NodeRegistry", credits, params.min_stake, params.unbond_delay, treasury.address, owner)
-    settlement = d.deploy("Settlement", credits, params.unlock_delay, owner, treasury.address, params.fee_bps)
+    settlement = d.deploy(
+        "Settlement", credits, params.unlock_delay, owner, treasury.address, params.fee_bps, params.challenge_period
+    )
     escrow = settlement  # Settlement is the vault too (Escrow is its base): one address, two ABIs
     slashing = d.deploy(
         "Slashing",
         registry,
         settlement,
-        owner,
+        arbiter.address,
+        owner,  # verifier manager
         params.verifier_threshold,
         (
             params.double_sign_slash_bps,
@@ -106,6 +157,7 @@ def deploy_contracts(
             params.spot_check_slash_bps,
             params.dispute_window,
             params.max_evidence_age,
+            params.max_cases_per_epoch,
         ),
     )
     addresses = dict(zip(CONTRACT_NAMES, (credits, escrow, registry, settlement, slashing)))

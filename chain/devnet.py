@@ -156,7 +156,7 @@ def start_devnet(
         "--mnemonic",
         ANVIL_MNEMONIC,
         "--accounts",
-        "10",
+        str(len(dev_accounts())),
         "--balance",
         "10000",
     ]

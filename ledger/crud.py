@@ -515,6 +515,22 @@ def spot_checks_to_slash(session: Session) -> list[tuple[SpotCheck, bytes]]:
     return [(check, leaf) for check, leaf in rows]
 
 
+def node_epoch_case(
+    session: Session, *, node: str, epoch: int, statuses: Sequence[str], exclude_id: int | None = None
+) -> SpotCheck | None:
+    """The failed check of ``node`` in ``epoch`` that holds (or is about to hold) its one on-chain case: the first
+    with a slash status in ``statuses``."""
+    query = select(SpotCheck).where(
+        SpotCheck.node == node,
+        SpotCheck.epoch_number == epoch,
+        SpotCheck.status == "failed",
+        SpotCheck.slash_status.in_(list(statuses)),
+    )
+    if exclude_id is not None:
+        query = query.where(SpotCheck.id != exclude_id)
+    return session.scalar(query.order_by(SpotCheck.id).limit(1))
+
+
 def spot_checks_of(session: Session, *, epoch: int | None = None, node: str | None = None) -> list[SpotCheck]:
     query = select(SpotCheck).order_by(SpotCheck.id)
     if epoch is not None:

@@ -1,7 +1,11 @@
 """Moves closed epochs to ``settled`` on chain: commit the receipts root, then settle vouchers in batches.
 
-Each step first asks the chain whether it already happened (``epoch_root``, ``paid``), so a worker killed anywhere
+Each step first asks the chain whether it already happened (``epoch_info``, ``paid``), so a worker killed anywhere
 and restarted neither skips nor repeats a payment. Called by the Celery tasks (``tasks.py``) and by tests directly.
+
+Roots go on chain in epoch order (the contract takes only ``latest_epoch + 1``): an epoch without receipts is committed
+as (zero root, 0) so the next can follow, and epochs the chain lacks before this one are committed first from the
+database. A root on chain that differs from the database's is corrected while its challenge period runs.
 """
 
 from __future__ import annotations
@@ -89,18 +93,15 @@ class EpochSettler:
         return self._settle(number)
 
     def _commit_root(self, number: int, root: bytes, count: int) -> None:
-        on_chain = bytes(self.chain.epoch_root(number))
+        root = bytes(root or bytes(32))  # an epoch of vouchers only: (zero root, 0) keeps the sequence going
+        info = self.chain.epoch_info(number)
         tx_hash = None
-        if on_chain == root:
+        if info["committedAt"] and (bytes(info["root"]), int(info["count"])) == (root, count):
             logger.info(f"Epoch {number}: root already on chain (an earlier run committed it)")
-        elif count == 0:  # the contract refuses empty roots; an epoch of vouchers only just settles
-            logger.info(f"Epoch {number}: no receipts, no root to commit")
-        elif any(on_chain):
-            raise RuntimeError(
-                f"Epoch {number} has a different root on chain (0x{on_chain.hex()}) than in the ledger database "
-                f"(0x{root.hex()}): the database does not belong to this deployment; point the ledger at its own DB"
-            )
+        elif info["committedAt"]:
+            tx_hash = self._correct_root(number, root, count, info)
         else:
+            self._commit_missing_before(number)
             crash_point(self.settings, "before_commit_root")
             result = self.chain.commit_epoch_root(self.settings.key_for("ledger"), number, root, count)
             tx_hash = _tx_hash_hex(result)
@@ -111,6 +112,39 @@ class EpochSettler:
             epoch.status = EpochStatus.ROOT_COMMITTED
             epoch.root_tx_hash = tx_hash or epoch.root_tx_hash
             epoch.spot_seed = None
+
+    def _correct_root(self, number: int, root: bytes, count: int, info: dict) -> str | None:
+        """The chain holds another root for this epoch (e.g. the database was restored after a commit): replace it
+        while the challenge period runs; a final root cannot change, so then the database is not this chain's."""
+        on_chain = bytes(info["root"])
+        if self.chain.chain_time() >= int(info["finalAt"]):
+            raise RuntimeError(
+                f"Epoch {number} has a different, final root on chain (0x{on_chain.hex()}) than in the ledger "
+                f"database (0x{root.hex()}): the database does not belong to this deployment; point the ledger at its "
+                f"own DB"
+            )
+        result = self.chain.correct_epoch_root(self.settings.key_for("ledger"), number, root, count)
+        logger.warning(
+            f"Epoch {number}: corrected the root on chain from 0x{on_chain.hex()} to the database's 0x{root.hex()} "
+            f"({count} receipts) within its challenge period (tx {_tx_hash_hex(result)})"
+        )
+        return _tx_hash_hex(result)
+
+    def _commit_missing_before(self, number: int) -> None:
+        """Epochs go on chain in order: commit, from the database, any epoch before ``number`` the chain lacks (one an
+        older ledger left out because it was empty, say)."""
+        for missing in range(self.chain.latest_epoch() + 1, number):
+            with session_scope(self.engine) as session:
+                epoch = session.get(Epoch, missing)
+                found = epoch is not None and epoch.status != EpochStatus.COLLECTING
+                root, count = (bytes(epoch.root or bytes(32)), int(epoch.receipt_count or 0)) if found else (None, 0)
+            if root is None:
+                raise RuntimeError(
+                    f"The chain expects epoch {missing} before {number}, and the ledger database has no closed epoch "
+                    f"{missing}: the database does not belong to this deployment; point the ledger at its own DB"
+                )
+            result = self.chain.commit_epoch_root(self.settings.key_for("ledger"), missing, root, count)
+            logger.warning(f"Epoch {missing}: committed late, before epoch {number} (tx {_tx_hash_hex(result)})")
 
     def _settle(self, number: int) -> bool:
         with session_scope(self.engine) as session:

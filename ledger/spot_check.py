@@ -6,6 +6,9 @@ receipt's input commitment), a ``Verifier`` recomputes the span, and fingerprint
 tolerance. A disagreement goes to a third execution: only when it sides with the verifier against the node is the
 node reported on chain (``attest_spot_check_failure``) and its reputation cut. A third execution that sides with the
 node clears it, so an honest node is never accused on a single verifier's word.
+
+Every failure stays on record in the database; on chain a node gets one case per epoch (``nectar.ledger.slashing``):
+its first failure of the epoch is attested, with the receipt's inclusion proof, once the epoch's root is final.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from nectar.ledger import crud
 from nectar.ledger.core.config import Settings
 from nectar.ledger.models import Epoch, Receipt, SpotCheck, utcnow
 from nectar.service.db import session_scope
-from nectar.wire.eip712 import receipt_leaf
 from nectar.wire.fingerprints import activation_fingerprint, commit_tensor, fingerprints_match, parse_fingerprint
 from nectar.wire.receipts import Receipt as WireReceipt
 from nectar.wire.receipts import ReceiptKind, keccak256, model_id_hash
@@ -197,19 +199,21 @@ class SpotChecker:
             row = session.get(Receipt, receipt_id)
             signed, stored_fp = crud.signed_receipt_of(row), row.fingerprint
         verdict = self._judge(signed.receipt, stored_fp)
-        tx_hash, slash_status = None, None
-        if verdict.status == "failed":
-            tx_hash, slash_status = self._report_on_chain(signed, stored_fp, verdict)
         with session_scope(self.engine) as session:
-            crud.record_spot_check(
+            check = crud.record_spot_check(
                 session,
                 receipt=session.get(Receipt, receipt_id),
                 status=verdict.status,
                 executions=verdict.executions,
                 detail=verdict.detail,
-                attest_tx_hash=tx_hash,
-                slash_status=slash_status,
             )
+            check_id = check.id
+            report = verdict.status == "failed" and self.chain is not None and check.slash_status is None
+            if report:
+                check.slash_status = self._case_status(session, check)
+                report = check.slash_status == "unattested"
+        if report:
+            self._report_on_chain(check_id)
         log = logger.warning if verdict.status == "failed" else logger.debug
         log(f"Spot check of receipt {receipt_id} (node {signed.receipt.node}): {verdict.status}: {verdict.detail}")
         return verdict
@@ -281,14 +285,29 @@ class SpotChecker:
             offset += length
         return True
 
-    def _report_on_chain(self, signed, claimed: bytes, verdict: Verdict) -> tuple[str | None, str | None]:
-        """(attestation tx hash, slash status); an attestation that could not be sent is retried by
-        ``slashing.finalize_spot_check_slashes``."""
-        if self.chain is None:
-            return None, None
-        from nectar.ledger.slashing import attest
+    @staticmethod
+    def _case_status(session, check: SpotCheck) -> str:
+        """``unattested`` for the node's first failure in this epoch (it becomes the node's one case), ``covered``
+        for the others (kept on record, not attested)."""
+        from nectar.ledger.slashing import CASE_HOLDING, COVERED, UNATTESTED
 
-        return attest(self.chain, self.settings, node=signed.receipt.node, leaf=receipt_leaf(signed.receipt))
+        holder = crud.node_epoch_case(
+            session, node=check.node, epoch=check.epoch_number, statuses=CASE_HOLDING, exclude_id=check.id
+        )
+        return COVERED if holder is not None else UNATTESTED
+
+    def _report_on_chain(self, check_id: int) -> None:
+        """Attest the node's case now if the epoch's root is final; otherwise (or on a failure to send)
+        ``slashing.finalize_spot_check_slashes`` retries it."""
+        from nectar.ledger.slashing import attest, case_evidence
+
+        with session_scope(self.engine) as session:
+            evidence = case_evidence(session, session.get(SpotCheck, check_id))
+        tx_hash, status = attest(self.chain, self.settings, evidence)
+        with session_scope(self.engine) as session:
+            check = session.get(SpotCheck, check_id)
+            check.slash_status = status
+            check.attest_tx_hash = tx_hash or check.attest_tx_hash
 
 
 __all__ = [

@@ -38,11 +38,23 @@ contract Settlement is Escrow, EIP712 {
     /// @dev Fires when a caller that is not a registered root committer commits an epoch root.
     error NotRootCommitter();
 
-    /// @dev Fires when an epoch's root is committed twice.
+    /// @dev Fires when an epoch's root is committed twice (use `correctEpochRoot` within the challenge period).
     error EpochAlreadyCommitted(uint64 epoch);
 
-    /// @dev Fires when a committed root is zero or counts no receipts.
+    /// @dev Fires when `epoch` is not the next one (`latestEpoch + 1`): epochs are committed in order, empty ones too.
+    error EpochOutOfOrder(uint64 epoch, uint64 expected);
+
+    /// @dev Fires when a root of zero counts receipts, or a non-zero root counts none (an empty epoch is (0, 0)).
     error EmptyRoot();
+
+    /// @dev Fires when a root is corrected that was never committed.
+    error EpochNotCommitted(uint64 epoch);
+
+    /// @dev Fires when a root is corrected after its challenge period: it is final.
+    error EpochRootFinal(uint64 epoch, uint256 finalAt);
+
+    /// @dev Fires when the constructor gets a challenge period above `MAX_CHALLENGE_PERIOD`.
+    error BadChallengePeriod();
 
     /// @dev Fires when the owner sets a fee above `MAX_FEE_BPS` or a zero fee recipient.
     error BadFee();
@@ -65,6 +77,11 @@ contract Settlement is Escrow, EIP712 {
 
     /// @dev Emitted when `committer` records the receipts Merkle `root` of `epoch`, covering `count` receipts.
     event EpochRootCommitted(uint64 indexed epoch, bytes32 root, uint32 count, address indexed committer);
+
+    /// @dev Emitted when `committer` replaces `epoch`'s root `previous` within its challenge period.
+    event EpochRootCorrected(
+        uint64 indexed epoch, bytes32 previous, bytes32 root, uint32 count, address indexed committer
+    );
 
     /// @dev Emitted when the owner changes the protocol fee.
     event FeeUpdated(address indexed recipient, uint16 feeBps);
@@ -92,7 +109,7 @@ contract Settlement is Escrow, EIP712 {
     struct EpochRoot {
         bytes32 root;
         uint32 count;
-        uint64 committedAt;
+        uint64 committedAt; // first commit: corrections do not move the end of the challenge period
     }
 
     uint16 public constant MAX_FEE_BPS = 1_000;
@@ -132,6 +149,16 @@ contract Settlement is Escrow, EIP712 {
 
     mapping(uint64 epoch => EpochRoot) internal _epochs;
 
+    /// @notice The last committed epoch (0: none yet); the next commit must be `latestEpoch + 1`.
+    uint64 public latestEpoch;
+
+    /// @notice Longest challenge period accepted.
+    uint256 public constant MAX_CHALLENGE_PERIOD = 30 days;
+
+    /// @notice Seconds after an epoch's first commit during which its committer may correct the root; after that the
+    ///         root is final, and only final roots can back a spot-check case (Slashing).
+    uint256 public immutable challengePeriod;
+
     /*//////////////////////////////////////////////////////////////
                                CONSTRUCTOR
     //////////////////////////////////////////////////////////////*/
@@ -141,11 +168,18 @@ contract Settlement is Escrow, EIP712 {
     /// @param owner_ Sets fees and root committers.
     /// @param feeRecipient_ Receives the protocol fee as escrow earnings.
     /// @param feeBps_ Protocol fee in basis points, at most `MAX_FEE_BPS`.
-    constructor(IERC20 credits_, uint256 unlockDelay_, address owner_, address feeRecipient_, uint16 feeBps_)
-        Escrow(credits_, unlockDelay_, owner_)
-        EIP712("Nectar", "1")
-    {
+    /// @param challengePeriod_ Seconds an epoch root stays correctable (at most `MAX_CHALLENGE_PERIOD`).
+    constructor(
+        IERC20 credits_,
+        uint256 unlockDelay_,
+        address owner_,
+        address feeRecipient_,
+        uint16 feeBps_,
+        uint256 challengePeriod_
+    ) Escrow(credits_, unlockDelay_, owner_) EIP712("Nectar", "1") {
         _setFee(feeRecipient_, feeBps_);
+        if (challengePeriod_ > MAX_CHALLENGE_PERIOD) revert BadChallengePeriod();
+        challengePeriod = challengePeriod_;
     }
 
     /*//////////////////////////////////////////////////////////////
@@ -343,15 +377,40 @@ contract Settlement is Escrow, EIP712 {
         emit BatchSettled(msg.sender, index, gross, fee);
     }
 
-    /// @notice Records the receipts Merkle root of `epoch` (sorted-pair tree, see docs/protocol.md), once.
-    /// @dev Root committers only (`NotRootCommitter`); reverts with `EpochAlreadyCommitted` or `EmptyRoot`.
+    /// @notice Records the receipts Merkle root of `epoch` (sorted-pair tree, see docs/protocol.md), once, in order:
+    ///         `epoch` must be `latestEpoch + 1`, so no one can claim a far epoch number ahead of time. An epoch
+    ///         without receipts (vouchers only) is committed as (0, 0) so the next one can follow.
+    /// @dev Root committers only (`NotRootCommitter`); reverts with `EpochAlreadyCommitted`, `EpochOutOfOrder` or
+    ///      `EmptyRoot`.
     function commitEpochRoot(uint64 epoch, bytes32 root, uint32 count) external {
         if (!isRootCommitter[msg.sender]) revert NotRootCommitter();
-        if (root == bytes32(0) || count == 0) revert EmptyRoot();
-        EpochRoot storage slot = _epochs[epoch];
-        if (slot.root != bytes32(0)) revert EpochAlreadyCommitted(epoch);
+        if ((root == bytes32(0)) != (count == 0)) revert EmptyRoot();
+        uint64 latest = latestEpoch;
+        if (epoch != 0 && epoch <= latest) revert EpochAlreadyCommitted(epoch);
+        if (epoch != latest + 1) revert EpochOutOfOrder(epoch, latest + 1);
+        latestEpoch = epoch;
+        // forge-lint: disable-next-line(unsafe-typecast) -- timestamps fit 64 bits
         _epochs[epoch] = EpochRoot(root, count, uint64(block.timestamp));
         emit EpochRootCommitted(epoch, root, count, msg.sender);
+    }
+
+    /// @notice Replaces the root of a committed `epoch` before its challenge period ends (a ledger that committed a
+    ///         wrong tree fixes it). The period still ends `challengePeriod` after the first commit, so corrections
+    ///         cannot hold a root open forever. Spot-check cases only cite final roots, so no case rests on a root
+    ///         that can still change.
+    /// @dev Root committers only (`NotRootCommitter`); reverts with `EpochNotCommitted`, `EpochRootFinal` or
+    ///      `EmptyRoot`.
+    function correctEpochRoot(uint64 epoch, bytes32 root, uint32 count) external {
+        if (!isRootCommitter[msg.sender]) revert NotRootCommitter();
+        if ((root == bytes32(0)) != (count == 0)) revert EmptyRoot();
+        EpochRoot storage e = _epochs[epoch];
+        if (e.committedAt == 0) revert EpochNotCommitted(epoch);
+        uint256 finalAt = uint256(e.committedAt) + challengePeriod;
+        // forge-lint: disable-next-line(block-timestamp) -- challenge periods are hours, far above validator skew
+        if (block.timestamp >= finalAt) revert EpochRootFinal(epoch, finalAt);
+        emit EpochRootCorrected(epoch, e.root, root, count, msg.sender);
+        e.root = root;
+        e.count = count;
     }
 
     /// @notice Sets the protocol fee (at most `MAX_FEE_BPS`) and its recipient.
@@ -379,10 +438,17 @@ contract Settlement is Escrow, EIP712 {
         return uint128(_channelPairs[key] >> shift);
     }
 
-    /// @notice The committed root of `epoch`, its receipt count and commit time (zeros if none).
+    /// @notice The committed root of `epoch`, its receipt count and first commit time (zeros if none; an empty epoch
+    ///         has a zero root and count and a commit time).
     function epochRoot(uint64 epoch) external view returns (bytes32 root, uint32 count, uint64 committedAt) {
         EpochRoot storage e = _epochs[epoch];
         return (e.root, e.count, e.committedAt);
+    }
+
+    /// @notice When `epoch`'s root becomes final (no longer correctable); 0 if it was never committed.
+    function epochFinalAt(uint64 epoch) external view returns (uint256) {
+        uint64 at = _epochs[epoch].committedAt;
+        return at == 0 ? 0 : uint256(at) + challengePeriod;
     }
 
     /// @notice True when the receipt whose EIP-712 struct hash is `receiptHash` (see `receiptHash`) is in `epoch`'s

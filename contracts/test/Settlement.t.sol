@@ -461,10 +461,10 @@ contract SettlementTest is NectarFixture {
     function test_CommitAndProveInclusion() public {
         (bytes32[3] memory hashes, bytes32[3] memory leaves, bytes32 root) = _tree();
         vm.expectEmit(address(settlement));
-        emit EpochRootCommitted(4, root, 3, ledger);
+        emit EpochRootCommitted(1, root, 3, ledger);
         vm.prank(ledger);
-        settlement.commitEpochRoot(4, root, 3);
-        (bytes32 stored, uint32 count, uint64 at) = settlement.epochRoot(4);
+        settlement.commitEpochRoot(1, root, 3);
+        (bytes32 stored, uint32 count, uint64 at) = settlement.epochRoot(1);
         assertEq(stored, root, "root");
         assertEq(uint256(count), 3, "count");
         assertEq(uint256(at), block.timestamp, "time");
@@ -472,26 +472,26 @@ contract SettlementTest is NectarFixture {
         bytes32[] memory proof = new bytes32[](2);
         proof[0] = leaves[1];
         proof[1] = leaves[2];
-        assertTrue(settlement.verifyInclusion(4, hashes[0], proof), "receipt 0");
+        assertTrue(settlement.verifyInclusion(1, hashes[0], proof), "receipt 0");
         bytes32[] memory promoted = new bytes32[](1);
         promoted[0] = _hashPair(leaves[0], leaves[1]);
-        assertTrue(settlement.verifyInclusion(4, hashes[2], promoted), "promoted receipt 2");
-        assertFalse(settlement.verifyInclusion(4, keccak256("d"), proof), "foreign receipt");
-        assertFalse(settlement.verifyInclusion(5, hashes[0], proof), "uncommitted epoch");
+        assertTrue(settlement.verifyInclusion(1, hashes[2], promoted), "promoted receipt 2");
+        assertFalse(settlement.verifyInclusion(1, keccak256("d"), proof), "foreign receipt");
+        assertFalse(settlement.verifyInclusion(2, hashes[0], proof), "uncommitted epoch");
     }
 
     /// @dev Issue 20: an inner node of the tree, offered as a leaf with the rest of a proof, used to verify
-    ///      (`verifyInclusion(4, inner, [leaf 2])` returned true: failed on the old code, which took the leaf itself).
+    ///      (`verifyInclusion(1, inner, [leaf 2])` returned true: failed on the old code, which took the leaf itself).
     ///      Now the caller gives the receipt's struct hash and the contract hashes it into the leaf, so an inner
     ///      node (the hash of 64 bytes) cannot pass for a leaf (the hash of 32).
     function test_Attack_InnerNodeIsNotALeaf() public {
         (, bytes32[3] memory leaves, bytes32 root) = _tree();
         vm.prank(ledger);
-        settlement.commitEpochRoot(4, root, 3);
+        settlement.commitEpochRoot(1, root, 3);
         bytes32 inner = _hashPair(leaves[0], leaves[1]);
         bytes32[] memory rest = new bytes32[](1);
         rest[0] = leaves[2];
-        assertFalse(settlement.verifyInclusion(4, inner, rest), "inner node accepted as a leaf");
+        assertFalse(settlement.verifyInclusion(1, inner, rest), "inner node accepted as a leaf");
     }
 
     function test_ReceiptHashIsTheStructHash() public view {

@@ -1,7 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 pragma solidity ^0.8.24;
 
-import {Ownable} from "@openzeppelin/contracts/access/Ownable.sol";
 import {Slashing} from "../src/Slashing.sol";
 import {Receipt} from "../src/lib/NectarTypes.sol";
 import {NectarFixture} from "./utils/NectarFixture.sol";
@@ -124,11 +123,17 @@ contract SlashingTest is NectarFixture {
     //////////////////////////////////////////////////////////////*/
 
     function test_SpotCheckSlashAfterDisputeWindow() public {
+        (uint64 epoch, Receipt memory r, bytes memory sig, bytes32[] memory proof) = _citable(NODE_PK, "bad-output");
+        bytes32 expected = slashing.caseId(r);
+        assertEq(expected, settlement.receiptLeaf(r), "case id is the receipt's leaf");
         vm.expectEmit(address(slashing));
-        emit SpotCheckCaseReady(slashing.caseId(node, "rerun"), node, block.timestamp + DISPUTE_WINDOW);
-        vm.prank(verifier);
-        bytes32 id = slashing.attestSpotCheckFailure(node, "rerun");
-        assertEq(id, slashing.caseId(node, "rerun"), "case id");
+        emit SpotCheckCaseReady(expected, node, block.timestamp + DISPUTE_WINDOW);
+        bytes32 id = _attest(verifier, epoch, r, sig, proof);
+        assertEq(id, expected, "case id");
+        (address accused,,,, uint64 cited, bytes32 record) = slashing.caseInfo(id);
+        assertEq(accused, node, "the receipt's node");
+        assertEq(uint256(cited), uint256(epoch), "cited epoch");
+        assertEq(record, keccak256("re-execution record"), "record hash");
 
         vm.expectRevert(abi.encodeWithSelector(Slashing.DisputeWindowOpen.selector, block.timestamp + DISPUTE_WINDOW));
         slashing.finalizeSlash(id);
@@ -144,70 +149,72 @@ contract SlashingTest is NectarFixture {
         vm.expectRevert(Slashing.CaseClosed.selector);
         slashing.finalizeSlash(id);
         vm.expectRevert(Slashing.CaseClosed.selector);
-        vm.prank(verifier);
-        slashing.attestSpotCheckFailure(node, "rerun");
+        _attest(verifier, epoch, r, sig, proof);
     }
 
     function test_KOfNThreshold() public {
         address verifier2 = address(0x7E42);
         address verifier3 = address(0x7E43);
-        vm.startPrank(owner);
+        vm.startPrank(manager);
         slashing.setVerifier(verifier2, true);
         slashing.setVerifier(verifier3, true);
         slashing.setThreshold(2);
         vm.stopPrank();
 
-        vm.prank(verifier);
-        bytes32 id = slashing.attestSpotCheckFailure(node, "rerun");
-        (, uint256 attestations, uint256 readyAt,) = slashing.caseInfo(id);
+        (uint64 epoch, Receipt memory r, bytes memory sig, bytes32[] memory proof) = _citable(NODE_PK, "bad-output");
+        bytes32 id = _attest(verifier, epoch, r, sig, proof);
+        (, uint256 attestations, uint256 readyAt,,,) = slashing.caseInfo(id);
         assertEq(attestations, 1, "one attestation");
         assertEq(readyAt, 0, "not ready at 1 of 2");
         vm.expectRevert(Slashing.CaseNotReady.selector);
         slashing.finalizeSlash(id);
 
         vm.expectRevert(Slashing.AlreadyAttested.selector);
-        vm.prank(verifier);
-        slashing.attestSpotCheckFailure(node, "rerun");
+        _attest(verifier, epoch, r, sig, proof);
 
-        vm.prank(verifier3);
-        slashing.attestSpotCheckFailure(node, "rerun");
-        (, attestations, readyAt,) = slashing.caseInfo(id);
+        _attest(verifier3, epoch, r, sig, proof);
+        (, attestations, readyAt,,,) = slashing.caseInfo(id);
         assertEq(attestations, 2, "two attestations");
         assertEq(readyAt, block.timestamp + DISPUTE_WINDOW, "ready after window");
     }
 
     function test_RevertWhen_AttestByNonVerifier() public {
+        (uint64 epoch, Receipt memory r, bytes memory sig, bytes32[] memory proof) = _citable(NODE_PK, "bad-output");
         vm.expectRevert(Slashing.NotVerifier.selector);
-        vm.prank(reporter);
-        slashing.attestSpotCheckFailure(node, "rerun");
+        _attest(reporter, epoch, r, sig, proof);
     }
 
-    function test_RevertWhen_EmptyEvidence() public {
+    function test_RevertWhen_EmptyRecordHash() public {
+        (uint64 epoch, Receipt memory r, bytes memory sig, bytes32[] memory proof) = _citable(NODE_PK, "bad-output");
         vm.expectRevert(Slashing.EmptyEvidence.selector);
         vm.prank(verifier);
-        slashing.attestSpotCheckFailure(node, "");
+        slashing.attestSpotCheckFailure(epoch, r, sig, proof, bytes32(0));
     }
 
     function test_DismissDuringDisputeWindow() public {
-        vm.prank(verifier);
-        bytes32 id = slashing.attestSpotCheckFailure(node, "rerun");
-        vm.prank(owner);
+        bytes32 id = _openCase(NODE_PK, "bad-output");
+        vm.prank(arbiter);
         slashing.dismissCase(id);
         vm.warp(block.timestamp + DISPUTE_WINDOW);
         vm.expectRevert(Slashing.CaseClosed.selector);
         slashing.finalizeSlash(id);
         assertEq(registry.slashableOf(node), STAKE, "stake intact");
         vm.expectRevert(Slashing.CaseClosed.selector);
-        vm.prank(owner);
+        vm.prank(arbiter);
         slashing.dismissCase(id);
     }
 
-    function test_RevertWhen_DismissByNonOwner() public {
-        vm.prank(verifier);
-        bytes32 id = slashing.attestSpotCheckFailure(node, "rerun");
-        vm.expectRevert(abi.encodeWithSelector(Ownable.OwnableUnauthorizedAccount.selector, node));
+    function test_RevertWhen_DismissByNonArbiter() public {
+        bytes32 id = _openCase(NODE_PK, "bad-output");
+        vm.expectRevert(Slashing.NotArbiter.selector);
         vm.prank(node);
         slashing.dismissCase(id);
+    }
+
+    function test_RevertWhen_DismissUnknownCase() public {
+        vm.expectRevert(Slashing.CaseClosed.selector);
+        vm.prank(arbiter);
+        slashing.dismissCase(keccak256("nothing"));
     }
 
     function test_RevertWhen_FinalizeUnknownCase() public {
@@ -216,33 +223,65 @@ contract SlashingTest is NectarFixture {
     }
 
     function test_RevokedVerifierCannotAttest() public {
-        vm.prank(owner);
+        (uint64 epoch, Receipt memory r, bytes memory sig, bytes32[] memory proof) = _citable(NODE_PK, "bad-output");
+        vm.prank(manager);
         slashing.setVerifier(verifier, false);
         vm.expectRevert(Slashing.NotVerifier.selector);
-        vm.prank(verifier);
-        slashing.attestSpotCheckFailure(node, "rerun");
+        _attest(verifier, epoch, r, sig, proof);
     }
 
     function test_RevertWhen_ZeroThreshold() public {
         vm.expectRevert(Slashing.BadParameter.selector);
-        vm.prank(owner);
+        vm.prank(manager);
         slashing.setThreshold(0);
+    }
+
+    function test_RolesHandOverButNeverMerge() public {
+        vm.expectRevert(Slashing.BadRole.selector);
+        vm.prank(arbiter);
+        slashing.setArbiter(manager);
+        vm.expectRevert(Slashing.BadRole.selector);
+        vm.prank(manager);
+        slashing.setVerifierManager(arbiter);
+        vm.expectRevert(Slashing.NotArbiter.selector);
+        vm.prank(manager);
+        slashing.setArbiter(address(0xBEEF));
+
+        vm.prank(arbiter);
+        slashing.setArbiter(address(0xBEEF));
+        assertEq(slashing.arbiter(), address(0xBEEF), "new arbiter");
+        vm.prank(manager);
+        slashing.setVerifierManager(address(0xCAFE));
+        assertEq(slashing.verifierManager(), address(0xCAFE), "new manager");
+    }
+
+    function test_RevertWhen_RolesShareAKey() public {
+        vm.expectRevert(Slashing.BadRole.selector);
+        new Slashing(registry, settlement, owner, owner, 1, _slashParams());
+        vm.expectRevert(Slashing.BadRole.selector);
+        new Slashing(registry, settlement, address(0), manager, 1, _slashParams());
+    }
+
+    function test_RevertWhen_ChallengePeriodLeavesNoTimeForCases() public {
+        Slashing.Params memory p = _slashParams();
+        p.maxEvidenceAge = CHALLENGE_PERIOD; // a root would expire as it becomes final
+        vm.expectRevert(
+            abi.encodeWithSelector(Slashing.ChallengePeriodTooLong.selector, CHALLENGE_PERIOD, CHALLENGE_PERIOD)
+        );
+        new Slashing(registry, settlement, arbiter, manager, 1, p);
+    }
+
+    function test_RevertWhen_ZeroCaseCap() public {
+        Slashing.Params memory p = _slashParams();
+        p.maxCasesPerEpoch = 0;
+        vm.expectRevert(Slashing.BadParameter.selector);
+        new Slashing(registry, settlement, arbiter, manager, 1, p);
     }
 
     function test_RevertWhen_BadBps() public {
         vm.expectRevert(Slashing.BadParameter.selector);
-        new Slashing(
-            registry,
-            settlement,
-            owner,
-            1,
-            Slashing.Params({
-                doubleSignSlashBps: 10_001,
-                reporterRewardBps: 0,
-                spotCheckSlashBps: 0,
-                disputeWindow: 0,
-                maxEvidenceAge: MAX_EVIDENCE_AGE
-            })
-        );
+        Slashing.Params memory p = _slashParams();
+        p.doubleSignSlashBps = 10_001;
+        new Slashing(registry, settlement, arbiter, manager, 1, p);
     }
 }

@@ -1,5 +1,6 @@
 """Node registry, epoch roots and slashing on a real Anvil: stake and unbond, Merkle inclusion proofs against the
-committed root, double-sign proofs and k-of-n spot-check slashes after the dispute window."""
+committed root (epochs in order, correctable within the challenge period), double-sign proofs and k-of-n spot-check
+slashes on a node-signed receipt proven in a final root, after the dispute window."""
 
 from __future__ import annotations
 
@@ -40,6 +41,31 @@ def _now(chain) -> int:
     return chain.w3.eth.get_block("latest")["timestamp"]
 
 
+def _commit(chain, roles, receipts: list[dict]) -> tuple[int, list[bytes]]:
+    """Commits the next epoch over ``receipts`` as the ledger; returns its number and the leaves."""
+    leaves = [chain.receipt_leaf(r) for r in receipts]
+    epoch = chain.latest_epoch() + 1
+    chain.commit_epoch_root(roles["ledger"][0]["privateKey"], epoch, merkle_root(leaves), len(leaves))
+    return epoch, leaves
+
+
+def _failed_receipt(chain, roles, node: dict, tag: bytes) -> dict:
+    """A receipt signed by ``node``, alone in a freshly committed epoch whose challenge period has passed: everything
+    a verifier needs to attest it (``epoch``, ``receipt``, ``signature``, ``proof``, ``record_hash``)."""
+    receipt = _receipt(
+        node["address"], roles["client"][0]["address"], step=1, output=keccak256(tag), session=keccak256(b"s" + tag)
+    )
+    epoch, leaves = _commit(chain, roles, [receipt])
+    chain.advance_time(chain.challenge_period())
+    return {
+        "epoch": epoch,
+        "receipt": receipt,
+        "signature": sign_receipt(chain.eip712_domain(), node["privateKey"], receipt),
+        "proof": merkle_proof(leaves, 0),
+        "record_hash": keccak256(b"re-execution record " + tag),
+    }
+
+
 def test_register_stake_and_unbond(chain, roles):
     node = roles["node"][0]
     stake = 500 * ETHER
@@ -73,22 +99,37 @@ def test_epoch_root_proves_every_receipt(chain, roles):
     leaves = [chain.receipt_leaf(r) for r in receipts]
     root = merkle_root(leaves)
     ledger = roles["ledger"][0]["privateKey"]
-    chain.commit_epoch_root(ledger, 5, root, len(leaves))
-    assert chain.epoch_root(5) == root
-    assert chain.epoch_root(6) == bytes(32)
+    # issue 20: epochs go in order, so nobody can squat a far epoch number; an empty epoch is committed as (0, 0)
+    with pytest.raises(ChainError, match=r"^EpochOutOfOrder"):
+        chain.commit_epoch_root(ledger, 5, root, len(leaves))
+    assert chain.latest_epoch() == 0
+    chain.commit_epoch_root(ledger, 1, bytes(32), 0)
+    assert chain.epoch_info(1)["committedAt"] > 0 and chain.epoch_root(1) == bytes(32)
+    chain.commit_epoch_root(ledger, 2, root, len(leaves))
+    assert chain.epoch_root(2) == root and chain.latest_epoch() == 2
+    assert chain.epoch_root(3) == bytes(32) and chain.epoch_info(3)["finalAt"] == 0
     for i, receipt in enumerate(receipts):
-        assert chain.verify_inclusion(5, receipt, merkle_proof(leaves, i))
-    assert not chain.verify_inclusion(5, b"\x99" * 32, merkle_proof(leaves, 0))
-    assert not chain.verify_inclusion(6, receipts[0], merkle_proof(leaves, 0))
+        assert chain.verify_inclusion(2, receipt, merkle_proof(leaves, i))
+    assert not chain.verify_inclusion(2, b"\x99" * 32, merkle_proof(leaves, 0))
+    assert not chain.verify_inclusion(3, receipts[0], merkle_proof(leaves, 0))
     # issue 20: an inner node with the rest of a proof is not a leaf (the contract hashes what it is given)
-    assert not chain.verify_inclusion(5, merkle_proof(leaves, 0)[0], [])
+    assert not chain.verify_inclusion(2, merkle_proof(leaves, 0)[0], [])
     inner = keccak256(b"".join(sorted((leaves[0], merkle_proof(leaves, 0)[0]))))
-    assert not chain.verify_inclusion(5, inner, merkle_proof(leaves, 0)[1:])
+    assert not chain.verify_inclusion(2, inner, merkle_proof(leaves, 0)[1:])
     assert keccak256(chain.receipt_hash(receipts[0])) == leaves[0]
     with pytest.raises(ChainError, match=r"^EpochAlreadyCommitted"):
-        chain.commit_epoch_root(ledger, 5, root, len(leaves))
+        chain.commit_epoch_root(ledger, 2, root, len(leaves))
     with pytest.raises(ChainError, match=r"^NotRootCommitter"):
-        chain.commit_epoch_root(roles["client"][0]["privateKey"], 9, root, 1)
+        chain.commit_epoch_root(roles["client"][0]["privateKey"], 3, root, 1)
+
+    # a wrong root is corrected within the challenge period; after it, the root is final
+    short = merkle_root(leaves[:3])
+    chain.commit_epoch_root(ledger, 3, short, 3)
+    chain.correct_epoch_root(ledger, 3, root, len(leaves))
+    assert chain.epoch_root(3) == root
+    chain.advance_time(chain.challenge_period())
+    with pytest.raises(ChainError, match=r"^EpochRootFinal"):
+        chain.correct_epoch_root(ledger, 3, short, 3)
 
 
 def test_double_sign_is_slashed_with_a_reporter_reward(chain, roles):
@@ -129,57 +170,76 @@ def test_spot_check_slash_after_dispute_window(chain, roles):
     node = roles["node"][2]
     chain.register_node(node["privateKey"], "12D3KooWNodeTwo", 1_000 * ETHER)
     verifier = roles["verifier"][0]["privateKey"]
-    evidence = b"re-ran span 0-4 of session 11..: fingerprint mismatch"
+    case = _failed_receipt(chain, roles, node, b"two")
     with pytest.raises(ChainError, match=r"^NotVerifier"):
-        chain.attest_spot_check_failure(roles["client"][0]["privateKey"], node["address"], evidence)
+        chain.attest_spot_check_failure(roles["client"][0]["privateKey"], **case)
+    # issue 20: a receipt the node never signed, or one outside the cited root, opens nothing
+    forged = {
+        **case,
+        "signature": sign_receipt(chain.eip712_domain(), roles["client"][0]["privateKey"], case["receipt"]),
+    }
+    with pytest.raises(ChainError, match=r"^InvalidReceiptSignature"):
+        chain.attest_spot_check_failure(verifier, **forged)
+    with pytest.raises(ChainError, match=r"^ReceiptNotInEpoch"):
+        chain.attest_spot_check_failure(verifier, **{**case, "epoch": case["epoch"] - 1})
 
-    result = chain.attest_spot_check_failure(verifier, node["address"], evidence)
+    result = chain.attest_spot_check_failure(verifier, **case)
     assert result.events_named("SpotCheckCaseReady")  # k = 1 on the devnet
-    case = chain.spot_check_case(chain.spot_check_case_id(node["address"], evidence))
-    assert case["attestations"] == 1 and not case["closed"]
+    case_id = chain.spot_check_case_id(case["receipt"])
+    info = chain.spot_check_case(case_id)
+    assert info["attestations"] == 1 and not info["closed"] and info["epoch"] == case["epoch"]
+    assert info["recordHash"] == case["record_hash"] and info["node"] == node["address"]
+    assert chain.node_case_in_epoch(node["address"], case["epoch"]) == case_id
     with pytest.raises(ChainError, match=r"^DisputeWindowOpen"):
-        chain.finalize_slash(verifier, node["address"], evidence)
+        chain.finalize_slash(verifier, case_id)
 
     chain.advance_time(chain.deployment.params["dispute_window"])
     treasury = chain.registry.functions.treasury().call()
     before = chain.credit_balance(treasury)
-    chain.finalize_slash(roles["client"][0]["privateKey"], node["address"], evidence)  # anyone may finalize
+    chain.finalize_slash(roles["client"][0]["privateKey"], case_id)  # anyone may finalize
     slashed = 1_000 * ETHER * chain.deployment.params["spot_check_slash_bps"] // 10_000
     assert chain.stake_of(node["address"]) == 1_000 * ETHER - slashed
     assert chain.credit_balance(treasury) == before + slashed
     with pytest.raises(ChainError, match=r"^CaseClosed"):
-        chain.finalize_slash(verifier, node["address"], evidence)
+        chain.finalize_slash(verifier, case_id)
 
 
 def test_k_of_n_verifiers_and_dismissal(chain, roles):
-    owner, verifier = roles["deployer"][0]["privateKey"], roles["verifier"][0]["privateKey"]
+    manager, verifier = roles["deployer"][0]["privateKey"], roles["verifier"][0]["privateKey"]
+    arbiter = roles["arbiter"][0]["privateKey"]
+    assert chain.slashing_roles() == {
+        "arbiter": roles["arbiter"][0]["address"],
+        "verifierManager": roles["deployer"][0]["address"],
+    }
     second = roles["treasury"][0]  # any funded account can be made a verifier
-    node = roles["node"][1]["address"]
-    chain.set_verifier(owner, second["address"])
-    chain.set_verifier_threshold(owner, 2)
+    node = roles["node"][1]
+    with pytest.raises(ChainError, match=r"^NotVerifierManager"):
+        chain.set_verifier(arbiter, second["address"])  # issue 20: the arbiter cannot pick verifiers
+    chain.set_verifier(manager, second["address"])
+    chain.set_verifier_threshold(manager, 2)
     try:
-        evidence = b"second opinion needed"
-        chain.attest_spot_check_failure(verifier, node, evidence)
-        case_id = chain.spot_check_case_id(node, evidence)
+        case = _failed_receipt(chain, roles, node, b"second opinion")
+        chain.attest_spot_check_failure(verifier, **case)
+        case_id = chain.spot_check_case_id(case["receipt"])
         assert chain.spot_check_case(case_id)["readyAt"] == 0  # 1 of 2
         with pytest.raises(ChainError, match=r"^CaseNotReady"):
-            chain.finalize_slash(verifier, case_id=case_id)
+            chain.finalize_slash(verifier, case_id)
         with pytest.raises(ChainError, match=r"^AlreadyAttested"):
-            chain.attest_spot_check_failure(verifier, node, evidence)
-        chain.attest_spot_check_failure(second["privateKey"], node, evidence)
+            chain.attest_spot_check_failure(verifier, **case)
+        chain.attest_spot_check_failure(second["privateKey"], **case)
         assert chain.spot_check_case(case_id)["readyAt"] > 0  # 2 of 2: the dispute window runs
 
-        stake = chain.stake_of(node)
-        with pytest.raises(ChainError, match=r"^OwnableUnauthorizedAccount"):
-            chain.dismiss_case(verifier, case_id)
-        chain.dismiss_case(owner, case_id)  # the arbiter sides with the node
+        stake = chain.stake_of(node["address"])
+        with pytest.raises(ChainError, match=r"^NotArbiter"):
+            chain.dismiss_case(manager, case_id)  # issue 20: the verifier manager cannot dismiss
+        chain.dismiss_case(arbiter, case_id)  # the arbiter sides with the node
         chain.advance_time(chain.deployment.params["dispute_window"])
         with pytest.raises(ChainError, match=r"^CaseClosed"):
-            chain.finalize_slash(verifier, case_id=case_id)
-        assert chain.stake_of(node) == stake
+            chain.finalize_slash(verifier, case_id)
+        assert chain.stake_of(node["address"]) == stake
     finally:
-        chain.set_verifier_threshold(owner, 1)
-        chain.set_verifier(owner, second["address"], False)
+        chain.set_verifier_threshold(manager, 1)
+        chain.set_verifier(manager, second["address"], False)
 
 
 def test_framing_with_two_inputs_is_not_a_double_sign(chain, roles):
@@ -219,12 +279,12 @@ def test_open_case_freezes_unbonding(chain, roles):
     node = roles["node"][0]  # registered by the first test
     verifier = roles["verifier"][0]["privateKey"]
     stake = chain.stake_of(node["address"])
-    evidence = b"frozen while judged"
-    chain.attest_spot_check_failure(verifier, node["address"], evidence)
+    case = _failed_receipt(chain, roles, node, b"frozen while judged")
+    chain.attest_spot_check_failure(verifier, **case)
     with pytest.raises(ChainError, match=r"^UnbondFrozen"):
         chain.request_unbond(node["privateKey"], 100 * ETHER)
     chain.advance_time(chain.deployment.params["dispute_window"])
-    chain.finalize_slash(verifier, node["address"], evidence)
+    chain.finalize_slash(verifier, chain.spot_check_case_id(case["receipt"]))
     slashed = stake * chain.deployment.params["spot_check_slash_bps"] // 10_000
     chain.request_unbond(node["privateKey"], 100 * ETHER)  # the case is closed: unbonding is free again
     assert chain.stake_of(node["address"]) == stake - slashed - 100 * ETHER

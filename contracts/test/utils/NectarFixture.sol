@@ -23,6 +23,8 @@ abstract contract NectarFixture is Test {
     uint256 internal constant DOUBLE_SIGN_BPS = 5_000;
     uint256 internal constant REPORTER_BPS = 1_000;
     uint256 internal constant SPOT_CHECK_BPS = 1_000;
+    uint256 internal constant CHALLENGE_PERIOD = 1 hours;
+    uint256 internal constant MAX_CASES_PER_EPOCH = 4;
 
     uint256 internal constant CLIENT_PK = 0xC11E;
     uint256 internal constant CLIENT2_PK = 0xC22E;
@@ -33,6 +35,8 @@ abstract contract NectarFixture is Test {
     address internal treasury = address(0x7EA5);
     address internal ledger = address(0x1ED6);
     address internal verifier = address(0x7E41);
+    address internal arbiter = address(0xA4B1);
+    address internal manager = address(0x3A9E);
 
     address internal client;
     address internal client2;
@@ -53,26 +57,26 @@ abstract contract NectarFixture is Test {
 
         credits = new Credits(owner, FAUCET_CAP);
         registry = new NodeRegistry(credits, MIN_STAKE, UNBOND_DELAY, treasury, owner);
-        settlement = new Settlement(credits, UNLOCK_DELAY, owner, treasury, FEE_BPS);
+        settlement = new Settlement(credits, UNLOCK_DELAY, owner, treasury, FEE_BPS, CHALLENGE_PERIOD);
         escrow = settlement; // the vault is Settlement's base: one contract holds the credits
-        slashing = new Slashing(
-            registry,
-            settlement,
-            owner,
-            1,
-            Slashing.Params({
-                doubleSignSlashBps: DOUBLE_SIGN_BPS,
-                reporterRewardBps: REPORTER_BPS,
-                spotCheckSlashBps: SPOT_CHECK_BPS,
-                disputeWindow: DISPUTE_WINDOW,
-                maxEvidenceAge: MAX_EVIDENCE_AGE
-            })
-        );
+        slashing = new Slashing(registry, settlement, arbiter, manager, 1, _slashParams());
         vm.startPrank(owner);
         registry.setSlasher(address(slashing));
         settlement.setRootCommitter(ledger, true);
-        slashing.setVerifier(verifier, true);
         vm.stopPrank();
+        vm.prank(manager);
+        slashing.setVerifier(verifier, true);
+    }
+
+    function _slashParams() internal pure returns (Slashing.Params memory) {
+        return Slashing.Params({
+            doubleSignSlashBps: DOUBLE_SIGN_BPS,
+            reporterRewardBps: REPORTER_BPS,
+            spotCheckSlashBps: SPOT_CHECK_BPS,
+            disputeWindow: DISPUTE_WINDOW,
+            maxEvidenceAge: MAX_EVIDENCE_AGE,
+            maxCasesPerEpoch: MAX_CASES_PER_EPOCH
+        });
     }
 
     /*//////////////////////////////////////////////////////////////
@@ -212,5 +216,103 @@ abstract contract NectarFixture is Test {
     function _signReceipt(uint256 pk, Receipt memory r) internal view returns (bytes memory) {
         (uint8 v, bytes32 rr, bytes32 s) = vm.sign(pk, settlement.receiptDigest(r));
         return abi.encodePacked(rr, s, v);
+    }
+
+    /*//////////////////////////////////////////////////////////////
+                          EPOCH ROOTS AND CASES
+    //////////////////////////////////////////////////////////////*/
+
+    function _sortedPair(bytes32 a, bytes32 b) internal pure returns (bytes32) {
+        return a < b ? keccak256(abi.encodePacked(a, b)) : keccak256(abi.encodePacked(b, a));
+    }
+
+    /// @dev The epoch tree of nectar.wire.merkle over `leaves` (sorted, sorted pairs, an odd node promoted): its root
+    ///      and the proof of `leaves[index]`.
+    function _merkle(bytes32[] memory leaves, uint256 index)
+        internal
+        pure
+        returns (bytes32 root, bytes32[] memory proof)
+    {
+        bytes32 leaf = leaves[index];
+        bytes32[] memory level = new bytes32[](leaves.length);
+        for (uint256 i; i < leaves.length; ++i) {
+            level[i] = leaves[i];
+        }
+        for (uint256 i; i < level.length; ++i) {
+            for (uint256 j = i + 1; j < level.length; ++j) {
+                if (level[j] < level[i]) (level[i], level[j]) = (level[j], level[i]);
+            }
+        }
+        uint256 position;
+        while (level[position] != leaf) ++position;
+        bytes32[] memory path = new bytes32[](64);
+        uint256 depth;
+        while (level.length > 1) {
+            if ((position ^ 1) < level.length) path[depth++] = level[position ^ 1];
+            bytes32[] memory parents = new bytes32[]((level.length + 1) / 2);
+            for (uint256 i; i + 1 < level.length; i += 2) {
+                parents[i / 2] = _sortedPair(level[i], level[i + 1]);
+            }
+            if (level.length % 2 == 1) parents[parents.length - 1] = level[level.length - 1];
+            level = parents;
+            position /= 2;
+        }
+        root = level[0];
+        proof = new bytes32[](depth);
+        for (uint256 i; i < depth; ++i) {
+            proof[i] = path[i];
+        }
+    }
+
+    function _leaf(Receipt memory r) internal view returns (bytes32) {
+        return settlement.receiptLeaf(r);
+    }
+
+    /// @dev Commits the next epoch over `receipts` as the ledger (no wait); returns its number and each receipt's proof.
+    function _commitEpoch(Receipt[] memory receipts) internal returns (uint64 epoch, bytes32[][] memory proofs) {
+        bytes32[] memory leaves = new bytes32[](receipts.length);
+        for (uint256 i; i < receipts.length; ++i) {
+            leaves[i] = _leaf(receipts[i]);
+        }
+        proofs = new bytes32[][](receipts.length);
+        bytes32 root;
+        for (uint256 i; i < receipts.length; ++i) {
+            (root, proofs[i]) = _merkle(leaves, i);
+        }
+        epoch = settlement.latestEpoch() + 1;
+        vm.prank(ledger);
+        // forge-lint: disable-next-line(unsafe-typecast) -- test epochs hold a handful of receipts
+        settlement.commitEpochRoot(epoch, root, uint32(receipts.length));
+    }
+
+    /// @dev A receipt of `by` (key `pk`) with output `output`, committed alone in the next epoch whose challenge period
+    ///      is then waited out: everything a verifier needs to open a case on it.
+    function _citable(uint256 pk, bytes32 output)
+        internal
+        returns (uint64 epoch, Receipt memory r, bytes memory sig, bytes32[] memory proof)
+    {
+        r = _receipt(vm.addr(pk), keccak256(abi.encode("session", output)), 3, output);
+        sig = _signReceipt(pk, r);
+        Receipt[] memory one = new Receipt[](1);
+        one[0] = r;
+        bytes32[][] memory proofs;
+        (epoch, proofs) = _commitEpoch(one);
+        proof = proofs[0];
+        vm.warp(block.timestamp + CHALLENGE_PERIOD);
+    }
+
+    /// @dev `who` (a verifier) attests a failed spot check of receipt `r`.
+    function _attest(address who, uint64 epoch, Receipt memory r, bytes memory sig, bytes32[] memory proof)
+        internal
+        returns (bytes32)
+    {
+        vm.prank(who);
+        return slashing.attestSpotCheckFailure(epoch, r, sig, proof, keccak256("re-execution record"));
+    }
+
+    /// @dev Opens a case against the node of key `pk` on a fresh receipt in a fresh epoch.
+    function _openCase(uint256 pk, bytes32 output) internal returns (bytes32) {
+        (uint64 epoch, Receipt memory r, bytes memory sig, bytes32[] memory proof) = _citable(pk, output);
+        return _attest(verifier, epoch, r, sig, proof);
     }
 }
