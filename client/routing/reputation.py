@@ -108,6 +108,7 @@ class ReputationScorer(PeerScorer):
         self._draws: dict[PeerID, tuple[float, float]] = {}  # peer -> (drawn at, bonus: 1.0 or ~explore_bonus)
         self.require_stake, self.stake_weight = require_stake, stake_weight
         self._stakes: StakeTable | None = None
+        self._stakes_tried = 0.0
         self._warned: set[str] = set()
         self._stop = threading.Event()
         self.refresh()  # one synchronous try, so the first route already uses scores when the ledger is up
@@ -126,7 +127,8 @@ class ReputationScorer(PeerScorer):
     # ---- scores from the ledger -------------------------------------------------------------------------------
 
     def refresh(self) -> bool:
-        """Fetch the scores now; on failure keep the last ones (or neutral scores) and say so."""
+        """Fetch the scores and stakes now; on failure keep the last ones (or neutral scores) and say so."""
+        stakes = self.refresh_stakes()
         try:
             scores = self._ledger.reputation_scores()
         except (httpx.HTTPError, LedgerError, ValueError, KeyError, TypeError) as e:
@@ -138,12 +140,13 @@ class ReputationScorer(PeerScorer):
             return False
         with self._lock:
             self._scores, self._fetched_at = scores, time.monotonic()
-        return self.refresh_stakes()
+        return stakes
 
     def refresh_stakes(self) -> bool:
         """Fetch the registry table now; on failure keep the last one (none yet: the gate lets nobody through)."""
         if not self.require_stake and self.stake_weight == 0:
             return True
+        self._stakes_tried = time.monotonic()
         try:
             table = self._ledger.stakes()
         except (httpx.HTTPError, LedgerError, ValueError, KeyError, TypeError) as e:
@@ -175,9 +178,12 @@ class ReputationScorer(PeerScorer):
     # ---- cost factor ------------------------------------------------------------------------------------------
 
     def begin_route(self) -> None:
-        """Draw exploration anew for the next route (for routing layers that announce each route computation)."""
+        """Draw exploration anew for the next route (for routing layers that announce each route computation); with
+        the gate on and no stake table yet (the ledger was down), try to read it again, at most every 5 s."""
         with self._lock:
             self._draws.clear()
+        if self.require_stake and self._stakes is None and time.monotonic() - self._stakes_tried > 5.0:
+            self.refresh_stakes()
 
     def is_new(self, eth_address: str) -> bool:
         known = self.reputation(eth_address)
