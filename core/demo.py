@@ -172,7 +172,10 @@ def main(argv: list[str]) -> int:
 
         tokenizer = load_tokenizer(model_path)
         model = DistributedModelForCausalLM.from_pretrained(
-            args.model, initial_peers=swarm.initial_peers, private_key=client["privateKey"], config=ClientConfig()
+            args.model,
+            initial_peers=swarm.initial_peers,
+            private_key=client["privateKey"],
+            config=ClientConfig(ledger_url=ledger_url),  # pays through the ledger: routes only to staked nodes
         )
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True
