@@ -254,7 +254,11 @@ def _confirm(args, lines: list[str]) -> bool:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nectar operator", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="nectar operator",
+        description="A node operator's stake on the NodeRegistry, signed with the node's own key folder. Only nodes "
+        "registered with the minimum stake earn through a ledger.",
+    )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--key-dir", default=None, help="the node's key folder (as `nectar node --key-dir`)")
     common.add_argument(
