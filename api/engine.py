@@ -283,4 +283,4 @@ def make_scorer(ledger_url: str | None):
     except ImportError:  # an older client without the scorer: route by speed
         logger.warning("This client has no ReputationScorer; routing by speed alone")
         return None
-    return ReputationScorer(ledger_url, refresh_period=30.0)
+    return ReputationScorer(ledger_url, refresh_period=30.0, require_stake=True)  # the gateway pays: stake gate on

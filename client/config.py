@@ -25,3 +25,7 @@ class ClientConfig:
     verify_receipts: bool = True  # check each receipt's signer, commitments and amount
     show_route: bool = False  # log the route chosen for each session
     ledger_url: str | None = None  # `nectar ledger` whose reputation scores routing reads (ReputationScorer)
+    require_stake: bool | None = None  # route only to nodes registered with the minimum stake on the deployment the
+    # ledger settles on (the stake gate); None = on when ledger_url is set. --no-require-stake for a private swarm
+    stake_weight: float = 0.5  # how strongly bonded stake lowers a node's route cost (concave, capped at 16x the
+    # minimum stake: at most 2x cheaper); 0 ignores stake

@@ -107,6 +107,11 @@ class DistributedModelForCausalLM(torch.nn.Module):
             domain = domain_from_deployment()
         wallet = Wallet(private_key or config.private_key, domain=domain)
         started = []  # what this call started, released again if it fails
+        if config.require_stake and not config.ledger_url:
+            raise ValueError(
+                "require_stake needs ledger_url: the stake gate learns stakes from the ledger the client pays "
+                "through (pass --ledger-url, or --no-require-stake for a private swarm)"
+            )
         try:
             if scorer is None and config.ledger_url:
                 from nectar.client.routing.reputation import ReputationScorer

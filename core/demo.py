@@ -81,6 +81,7 @@ def main(argv: list[str]) -> int:
     from nectar.client import ClientConfig, DistributedModelForCausalLM
     from nectar.models import get_family, load_config, load_tokenizer, model_id_of, resolve_model
     from nectar.node.local_swarm import LocalSwarm
+    from nectar.operator import ensure_registered
     from nectar.paths import nectar_home
     from nectar.wire.ledger_api import LedgerClient
 
@@ -130,6 +131,7 @@ def main(argv: list[str]) -> int:
             (key_dir / "eth.json").write_text(
                 json.dumps({"address": node_account["address"], "private_key": node_account["privateKey"]})
             )
+            ensure_registered(chain, key_dir)  # only staked nodes earn: `nectar operator register` (issue 20)
             swarm.add_node(
                 args.model,
                 blocks=blocks,
@@ -170,7 +172,10 @@ def main(argv: list[str]) -> int:
 
         tokenizer = load_tokenizer(model_path)
         model = DistributedModelForCausalLM.from_pretrained(
-            args.model, initial_peers=swarm.initial_peers, private_key=client["privateKey"], config=ClientConfig()
+            args.model,
+            initial_peers=swarm.initial_peers,
+            private_key=client["privateKey"],
+            config=ClientConfig(ledger_url=ledger_url),  # pays through the ledger: routes only to staked nodes
         )
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True

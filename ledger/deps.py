@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from nectar.ledger.core.config import Settings
+from nectar.ledger.stakes import StakeBook
 from nectar.service.db import session_scope
 from nectar.service.domain import DomainProvider
 
@@ -24,6 +25,7 @@ class LedgerState:
     engine: Engine
     domains: DomainProvider
     celery: object | None = None  # producer-only Celery app, built on first use
+    stakes: StakeBook | None = None  # the registry of the deployment (stake gate)
 
 
 def get_state(request: Request) -> LedgerState:

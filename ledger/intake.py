@@ -33,6 +33,7 @@ class Reason:
     REPLAY = "replay"
     CONFLICT = "conflict"
     STALE_VOUCHER = "stale_voucher"
+    NOT_STAKED = "node_not_staked"  # the stake gate: the node is not registered with the minimum stake
     UNSTORABLE = "unstorable"  # the database refused this one item (a ledger bug: it is logged with the item)
 
 

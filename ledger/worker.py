@@ -38,7 +38,10 @@ def create_celery(settings: Settings | None = None) -> Celery:
             "close-epoch": {"task": CLOSE_EPOCH_TASK, "schedule": every},
             "slash-conflicts": {"task": SLASH_CONFLICTS_TASK, "schedule": every},
             "spot-checks": {"task": SPOT_CHECK_TASK, "schedule": every},
-            "refresh-stakes": {"task": REFRESH_STAKES_TASK, "schedule": timedelta(minutes=5)},
+            "refresh-stakes": {
+                "task": REFRESH_STAKES_TASK,
+                "schedule": timedelta(seconds=settings.stake_refresh_seconds),
+            },
             "finalize-slashes": {
                 "task": FINALIZE_SLASHES_TASK,
                 "schedule": timedelta(seconds=settings.slash_poll_seconds),

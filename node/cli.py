@@ -124,15 +124,20 @@ def node_main(argv: list[str]) -> int:
     args = node_parser().parse_args(argv)
     setup_logging(args)
     sys.setswitchinterval(args.switch_interval / 1000)
-    from nectar.node.server import Server
+    from nectar.node.server import NotStaked, Server
 
     config = node_config(args)
+    server = None
     try:
         server = Server(config)
         server.start()
     except (ValueError, FileNotFoundError) as e:
         print(f"nectar node: {e}", file=sys.stderr)
         return 2
+    except NotStaked as e:
+        server.stop()
+        print(f"nectar node: {e}", file=sys.stderr)
+        return 1
     print(
         f"Hosting {server.model_id} blocks {server.backend.start}:{server.backend.end} "
         f"(receipts signed by {server.signer.address})",

@@ -43,6 +43,8 @@ class NodeConfig:
     key_dir: Path | None = None  # where the P2P and Ethereum keys live; None = ~/.nectar/nodes/<public_name>
     public_name: str = "node"  # public name, also names the default key directory
     ledger_url: str | None = None  # submit receipts and vouchers to this ledger service
+    allow_unstaked: bool = False  # with --ledger-url: start even if this node is not registered with the minimum
+    # stake (it serves unpaid: gated clients do not route to it and the ledger refuses its vouchers)
     audit_retention_s: float = 900.0  # how long a session's inputs are kept for spot checks
     audit_memory_bytes: int = 256 * 1024**2  # memory budget for those inputs (the oldest go first)
     corrupt_rate: float = 0.0  # testing only: share of outputs this node corrupts (a cheating node for spot checks)

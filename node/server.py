@@ -98,6 +98,48 @@ def claim_identity(config: NodeConfig) -> ClaimedKeyDir:
     return claim_free_key_dir(nectar_home() / "nodes", DEFAULT_NAME)
 
 
+class NotStaked(RuntimeError):
+    """This node reports to a ledger but is not registered there with the minimum stake: it would serve unpaid."""
+
+
+def check_stake(ledger_url: str, address: str, peer_id: str, key_dir: Path, *, timeout: float = 30.0) -> None:
+    """Asks the ledger (which reads the chain it settles on) whether ``address`` is registered under ``peer_id``
+    with at least the minimum bonded stake; raises ``NotStaked`` naming the command that fixes it."""
+    from nectar.wire.ledger_api import LedgerClient, LedgerError
+
+    fix = f"--key-dir {key_dir}"
+    deadline = time.monotonic() + timeout
+    with LedgerClient(ledger_url, timeout=10.0) as ledger:
+        while True:
+            try:
+                stake = ledger.stake(address)
+                break
+            except Exception as e:  # the ledger may be starting: retry a little, then refuse
+                if time.monotonic() > deadline:
+                    status = e.status if isinstance(e, LedgerError) else None
+                    raise NotStaked(
+                        f"could not check this node's stake with the ledger at {ledger_url} "
+                        f"({'status ' + str(status) if status else type(e).__name__}: {e}). Start the ledger (it "
+                        "needs the deployment file), or pass --allow-unstaked to serve without pay"
+                    ) from None
+                time.sleep(1.0)
+    problem = stake.problem(peer_id)
+    if problem is None:
+        logger.info(f"{address} is registered with {stake.bonded} wei bonded (minimum {stake.min_stake})")
+        return
+    if not stake.registered:
+        command = f"nectar operator register {fix}"
+    elif stake.bonded < max(stake.min_stake, 1):
+        missing = max(stake.min_stake, 1) - stake.bonded
+        command = f"nectar operator stake {fix} --amount {missing / 10**18:g}"
+    else:
+        command = f"nectar operator register {fix}"  # re-points the registration at this peer id
+    raise NotStaked(
+        f"this node ({address}, peer {peer_id}) cannot earn through the ledger at {ledger_url}: {problem}. Run "
+        f"`{command}` (same deployment file as the ledger), or pass --allow-unstaked to serve without pay"
+    )
+
+
 class Server:
     """Runs one node until ``stop()``; see ``NodeConfig`` for settings. ``start()`` returns once it serves.
 
@@ -158,6 +200,8 @@ class Server:
         self.signer = ReceiptSigner(
             private_key=self.eth_key, model_id=self.model_id, price_per_token=config.price_per_token, domain=domain
         )
+        if config.ledger_url and not config.allow_unstaked:
+            check_stake(config.ledger_url, self.signer.address, str(self.dht.peer_id), self.key_dir)
         self.credit = CreditLedger(node_address=self.signer.address, credit_limit=config.credit_limit, domain=domain)
         if config.receipt_signer not in ("process", "loop"):
             raise ValueError(f"receipt_signer must be 'process' or 'loop', got {config.receipt_signer!r}")

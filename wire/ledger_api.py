@@ -31,6 +31,8 @@ REPORTS = "/reports"  # POST a client's signed measurement of a node (report_mes
 EPOCHS = "/epochs"  # GET -> [epoch]
 CLOSE_EPOCH = "/epochs/close"  # POST ?allow_empty=, admin token
 CONFIG = "/config"  # GET -> the ledger's public settings
+STAKES = "/stakes"  # GET -> the registry of the deployment the ledger settles on (stake gate; see below)
+STAKE = "/stakes/{address}"  # GET -> one node's registration, read from the chain now
 HEALTH = "/health"  # GET, outside PREFIX
 
 
@@ -66,6 +68,92 @@ class NodeReputation:
             new=bool(item.get("new", False)),
             penalized=bool(item.get("spot_failed", 0) or item.get("slashes", 0) or item.get("conflicts", 0)),
         )
+
+
+# ---- the stake gate (issue 20): who may earn through this ledger ------------------------------------------------
+# A node earns through a ledger only while registered on the ledger's deployment (NodeRegistry) with a bonded stake
+# of at least the registry's minStake, under the peer id it announces. Stake being unbonded does not count. The
+# peer id binds the announced Ethereum address to the libp2p peer: the registration is a transaction signed by the
+# address, so a peer announcing someone else's staked address fails the check.
+@dataclass(frozen=True)
+class NodeStake:
+    """A node's entry of ``GET /v1/stakes`` (amounts in credit wei)."""
+
+    address: str
+    registered: bool
+    peer_id: str
+    bonded: int
+    unbonding: int
+    unlock_at: int  # unix time the unbonding amount can be withdrawn
+    min_stake: int
+
+    @property
+    def eligible(self) -> bool:
+        """Registered with at least the minimum bonded stake (which may earn and be routed to)."""
+        return self.registered and self.bonded >= max(self.min_stake, 1)
+
+    def eligible_for(self, peer_id: str) -> bool:
+        """Eligible, and registered under ``peer_id`` (the peer announcing this address)."""
+        return self.eligible and self.peer_id == str(peer_id)
+
+    def problem(self, peer_id: str | None = None) -> str | None:
+        """Why this node may not earn (None if it may)."""
+        if not self.registered:
+            return "not registered"
+        if self.bonded < max(self.min_stake, 1):
+            return f"bonded stake {self.bonded} is below the minimum {self.min_stake} (unbonding {self.unbonding})"
+        if peer_id is not None and self.peer_id != str(peer_id):
+            return f"registered under peer id {self.peer_id!r}, not {str(peer_id)!r}"
+        return None
+
+    def to_json(self) -> dict:
+        return {
+            "address": self.address,
+            "registered": self.registered,
+            "peer_id": self.peer_id,
+            "bonded": str(self.bonded),
+            "unbonding": str(self.unbonding),
+            "unlock_at": self.unlock_at,
+            "eligible": self.eligible,
+            "min_stake": str(self.min_stake),
+        }
+
+    @classmethod
+    def from_json(cls, item: dict, *, min_stake: int) -> NodeStake:
+        return cls(
+            address=str(item["address"]),
+            registered=bool(item["registered"]),
+            peer_id=str(item.get("peer_id") or ""),
+            bonded=int(item["bonded"]),
+            unbonding=int(item.get("unbonding", 0)),
+            unlock_at=int(item.get("unlock_at", 0)),
+            min_stake=min_stake,
+        )
+
+
+@dataclass(frozen=True)
+class StakeTable:
+    """``GET /v1/stakes``: ``{"min_stake", "refreshed_at", "nodes": [NodeStake JSON]}``, by lower-case address."""
+
+    min_stake: int
+    nodes: dict[str, NodeStake]
+    refreshed_at: float = 0.0
+
+    def get(self, address: str) -> NodeStake | None:
+        return self.nodes.get(str(address).lower())
+
+    def to_json(self) -> dict:
+        return {
+            "min_stake": str(self.min_stake),
+            "refreshed_at": self.refreshed_at,
+            "nodes": [n.to_json() for n in self.nodes.values()],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> StakeTable:
+        min_stake = int(data["min_stake"])
+        nodes = [NodeStake.from_json(item, min_stake=min_stake) for item in data["nodes"]]
+        return cls(min_stake, {n.address.lower(): n for n in nodes}, float(data.get("refreshed_at", 0.0)))
 
 
 # ---- the client --------------------------------------------------------------------------------------------------
@@ -132,6 +220,15 @@ class LedgerClient:
 
     def config(self) -> dict:
         return self._request("GET", PREFIX + CONFIG)
+
+    def stakes(self) -> StakeTable:
+        """``GET /v1/stakes``: every node registered on the ledger's deployment and the minimum stake."""
+        return StakeTable.from_json(self._request("GET", PREFIX + STAKES))
+
+    def stake(self, address: str) -> NodeStake:
+        """``GET /v1/stakes/{address}``: one node's registration, read from the chain at the time of the call."""
+        data = self._request("GET", PREFIX + STAKE.format(address=address))
+        return NodeStake.from_json(data, min_stake=int(data["min_stake"]))
 
     def health(self) -> dict:
         return self._request("GET", HEALTH)

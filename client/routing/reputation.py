@@ -11,6 +11,14 @@ cost factor = reputation factor * price factor, where
 - price factor = (1 + price_weight * price / reference) / (1 + price_weight), where reference is the median price
   announced by the peers seen so far (or ``reference_price``): a node at the median price keeps its cost.
 
+- stake factor = ``scoring.stake_factor``: 1 at the registry's minimum stake, down to 0.5 at 16x it (concave, capped).
+
+The stake gate (``require_stake``, on by default for a client paying through a ledger): routes use only peers whose
+announced Ethereum address is registered on the ledger's deployment with at least the minimum bonded stake, under
+the very peer id that announces it (``GET /v1/stakes``). The registration is a transaction signed by the address, so
+a peer cannot borrow a staked node's address by announcing it: its own peer id is not the registered one. Until the
+table has been read once, no peer passes (fail closed).
+
 Nodes the ledger does not know, or flags ``new`` (few receipts) without any failed spot check or slash, get the
 neutral score. So that they can earn a reputation at all, each new node is also "explored" with probability
 ``exploration``: for that draw its factor is multiplied by about ``explore_bonus`` and routes go through it.
@@ -27,9 +35,18 @@ import time
 import httpx
 from hivemind.p2p import PeerID
 
-from nectar.client.routing.scoring import PeerScorer
+from nectar.client.routing.scoring import STAKE_WEIGHT, PeerScorer, stake_factor
 from nectar.wire.announce import ServerInfo
-from nectar.wire.ledger_api import PREFIX, REPUTATION, LedgerClient, LedgerError, NodeReputation
+from nectar.wire.ledger_api import (
+    PREFIX,
+    REPUTATION,
+    STAKES,
+    LedgerClient,
+    LedgerError,
+    NodeReputation,
+    NodeStake,
+    StakeTable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +68,8 @@ class ReputationScorer(PeerScorer):
     :param min_score: scores are clipped to this before dividing, which bounds a node's factor
     :param timeout: seconds per HTTP request to the ledger
     :param seed: for reproducible exploration draws
+    :param require_stake: the stake gate: route only to peers registered with the minimum stake (see above)
+    :param stake_weight: how strongly bonded stake lowers a peer's cost (``scoring.stake_factor``; 0 ignores stake)
     """
 
     def __init__(
@@ -67,6 +86,8 @@ class ReputationScorer(PeerScorer):
         min_score: float = 1e-3,
         timeout: float = 5.0,
         seed: int | None = None,
+        require_stake: bool = False,
+        stake_weight: float = STAKE_WEIGHT,
     ):
         if not 0.0 <= exploration <= 1.0:
             raise ValueError(f"exploration must be a probability in [0, 1], got {exploration}")
@@ -85,6 +106,10 @@ class ReputationScorer(PeerScorer):
         self._fetched_at: float | None = None
         self._prices: dict[PeerID, int] = {}
         self._draws: dict[PeerID, tuple[float, float]] = {}  # peer -> (drawn at, bonus: 1.0 or ~explore_bonus)
+        self.require_stake, self.stake_weight = require_stake, stake_weight
+        self._stakes: StakeTable | None = None
+        self._stakes_tried = 0.0
+        self._warned: set[str] = set()
         self._stop = threading.Event()
         self.refresh()  # one synchronous try, so the first route already uses scores when the ledger is up
         self._thread = threading.Thread(target=self._loop, name="reputation-refresh", daemon=True)
@@ -92,15 +117,18 @@ class ReputationScorer(PeerScorer):
 
     @classmethod
     def from_config(cls, config, **kwargs) -> ReputationScorer:
-        """From ``ClientConfig.ledger_url``."""
+        """From ``ClientConfig.ledger_url``, ``require_stake`` (None: on) and ``stake_weight``."""
         if not config.ledger_url:
             raise ValueError("ClientConfig.ledger_url is not set: pass the URL of `nectar ledger` to score peers")
+        kwargs.setdefault("require_stake", config.require_stake is not False)
+        kwargs.setdefault("stake_weight", config.stake_weight)
         return cls(config.ledger_url, **kwargs)
 
     # ---- scores from the ledger -------------------------------------------------------------------------------
 
     def refresh(self) -> bool:
-        """Fetch the scores now; on failure keep the last ones (or neutral scores) and say so."""
+        """Fetch the scores and stakes now; on failure keep the last ones (or neutral scores) and say so."""
+        stakes = self.refresh_stakes()
         try:
             scores = self._ledger.reputation_scores()
         except (httpx.HTTPError, LedgerError, ValueError, KeyError, TypeError) as e:
@@ -112,6 +140,24 @@ class ReputationScorer(PeerScorer):
             return False
         with self._lock:
             self._scores, self._fetched_at = scores, time.monotonic()
+        return stakes
+
+    def refresh_stakes(self) -> bool:
+        """Fetch the registry table now; on failure keep the last one (none yet: the gate lets nobody through)."""
+        if not self.require_stake and self.stake_weight == 0:
+            return True
+        self._stakes_tried = time.monotonic()
+        try:
+            table = self._ledger.stakes()
+        except (httpx.HTTPError, LedgerError, ValueError, KeyError, TypeError) as e:
+            gate = "no peer passes the stake gate" if self._stakes is None else "routing on the last stakes known"
+            logger.warning(
+                f"Could not read stakes from {self.ledger_url}{PREFIX}{STAKES} ({type(e).__name__}: {e}); {gate} "
+                "until the ledger answers"
+            )
+            return False
+        with self._lock:
+            self._stakes = table
         return True
 
     def _loop(self) -> None:
@@ -132,9 +178,12 @@ class ReputationScorer(PeerScorer):
     # ---- cost factor ------------------------------------------------------------------------------------------
 
     def begin_route(self) -> None:
-        """Draw exploration anew for the next route (for routing layers that announce each route computation)."""
+        """Draw exploration anew for the next route (for routing layers that announce each route computation); with
+        the gate on and no stake table yet (the ledger was down), try to read it again, at most every 5 s."""
         with self._lock:
             self._draws.clear()
+        if self.require_stake and self._stakes is None and time.monotonic() - self._stakes_tried > 5.0:
+            self.refresh_stakes()
 
     def is_new(self, eth_address: str) -> bool:
         known = self.reputation(eth_address)
@@ -165,12 +214,45 @@ class ReputationScorer(PeerScorer):
             return 1.0  # everyone is free: price says nothing
         return (1.0 + self.price_weight * price / reference) / (1.0 + self.price_weight)
 
+    # ---- the stake gate ---------------------------------------------------------------------------------------
+
+    def stake(self, eth_address: str) -> NodeStake | None:
+        table = self._stakes
+        return None if table is None else table.get(eth_address)
+
+    def ineligible_reason(self, peer_id: PeerID, info: ServerInfo) -> str:
+        if self._stakes is None:
+            return f"the stake table of {self.ledger_url} could not be read yet"
+        stake = self.stake(info.eth_address)
+        if stake is None:
+            return f"{info.eth_address} is not registered"
+        return stake.problem(str(peer_id)) or ""
+
+    def eligible(self, peer_id: PeerID, info: ServerInfo) -> bool:
+        if not self.require_stake:
+            return True
+        stake = self.stake(info.eth_address)
+        if stake is not None and stake.eligible_for(str(peer_id)):
+            return True
+        key = f"{peer_id}:{info.eth_address}"
+        if key not in self._warned:  # once per peer: the route error says it again if it matters
+            self._warned.add(key)
+            logger.info(f"Not routing to {peer_id} ({info.eth_address}): {self.ineligible_reason(peer_id, info)}")
+        return False
+
+    def _stake_factor(self, info: ServerInfo) -> float:
+        stake = self.stake(info.eth_address)
+        if stake is None or not stake.eligible or self.stake_weight == 0:
+            return 1.0
+        return stake_factor(stake.bonded, stake.min_stake, weight=self.stake_weight)
+
     def cost_factor(self, peer_id: PeerID, info: ServerInfo) -> float:
         known = self.reputation(info.eth_address)
         new = known is None or (known.new and not known.penalized)
         score = NEUTRAL_SCORE if new else known.score
         factor = (NEUTRAL_SCORE / max(score, self.min_score)) ** self.reputation_weight
         factor *= self._price_factor(peer_id, max(int(info.price_per_token), 0))
+        factor *= self._stake_factor(info)
         if new and self.exploration > 0:
             factor *= self._exploration_bonus(peer_id)
         return factor

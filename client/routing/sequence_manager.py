@@ -25,14 +25,21 @@ logger = logging.getLogger(__name__)
 
 
 class MissingBlocksError(RuntimeError):
-    def __init__(self, blocks: list[int], model_id: str):
+    def __init__(self, blocks: list[int], model_id: str, unstaked: dict[str, str] | None = None):
         shown = ", ".join(map(str, blocks[:10])) + (" ..." if len(blocks) > 10 else "")
+        gated = ""
+        if unstaked:
+            listed = "; ".join(f"{peer}: {why}" for peer, why in list(unstaked.items())[:5])
+            gated = (
+                f" {len(unstaked)} online node(s) there are left out by the stake gate ({listed}): their operators "
+                "run `nectar operator register`, or pass --no-require-stake for a private swarm."
+            )
         super().__init__(
-            f"No online node serves blocks {shown} of {model_id}. Start one with "
+            f"No online node serves blocks {shown} of {model_id}.{gated} Start one with "
             f"`nectar node --model {model_id} --blocks {blocks[0]}:{blocks[-1] + 1} --initial-peers ...`, "
             "or check `nectar swarm` for what is online."
         )
-        self.blocks = blocks
+        self.blocks, self.unstaked = blocks, dict(unstaked or {})
 
 
 class RemoteSequenceManager:
@@ -49,6 +56,7 @@ class RemoteSequenceManager:
         self._updated = 0.0
         self._banned_until: dict[PeerID, float] = {}
         self._ban_length: dict[PeerID, float] = {}
+        self._unstaked: dict[str, str] = {}  # peers the stake gate left out of the last routes, with why
         self._lock = threading.Lock()
 
     # ---- swarm view -------------------------------------------------------------------------------------------
@@ -111,12 +119,16 @@ class RemoteSequenceManager:
         return self._banned_until.get(peer_id, 0) > time.monotonic()
 
     def _candidates(self, start: int, end: int) -> dict[PeerID, ServerInfo]:
-        """Usable peers whose span intersects [start, end)."""
+        """Usable peers whose span intersects [start, end): online, not banned, and through the scorer's stake gate
+        (the others are kept in ``_unstaked`` for the error that names them)."""
         found: dict[PeerID, ServerInfo] = {}
         for index in range(start, end):
             for peer_id, info in self.servers().get(index, {}).items():
                 if info.state == ServerState.ONLINE and not self.is_banned(peer_id):
-                    found[peer_id] = info
+                    if self.scorer.eligible(peer_id, info):
+                        found[peer_id] = info
+                    else:
+                        self._unstaked[str(peer_id)] = self.scorer.ineligible_reason(peer_id, info)
         return found
 
     def _missing(self, start: int, end: int, candidates) -> list[int]:
@@ -141,6 +153,7 @@ class RemoteSequenceManager:
     ) -> list[RemoteSpan]:
         end = self.num_blocks if end is None else end
         self._begin_route()
+        self._unstaked = {}
         for attempt in range(2):
             candidates = {p: i for p, i in self._candidates(start, end).items() if p not in exclude}
             usable = {p: i for p, i in candidates.items() if i.cache_tokens_left >= cache_tokens} or candidates
@@ -150,7 +163,8 @@ class RemoteSequenceManager:
                     logger.info(f"Route for blocks {start}:{end}: {route}")
                 return route
             self.update(force=True)  # the view may be stale: refresh once before giving up
-        raise MissingBlocksError(self._missing(start, end, candidates) or list(range(start, end)), self.model_id)
+        missing = self._missing(start, end, candidates) or list(range(start, end))
+        raise MissingBlocksError(missing, self.model_id, self._unstaked)
 
     def _shortest_path(self, start: int, end: int, peers: dict[PeerID, ServerInfo]) -> list[RemoteSpan] | None:
         best = {start: 0.0}
@@ -184,6 +198,7 @@ class RemoteSequenceManager:
         """Throughput-proportional random choice, hop by hop, each hop as long as its server allows."""
         end = self.num_blocks if end is None else end
         self._begin_route()
+        self._unstaked = {}
         candidates = self._candidates(start, end)
         route, block = [], start
         while block < end:
@@ -191,7 +206,7 @@ class RemoteSequenceManager:
             if not here:
                 self.update(force=True)
                 raise MissingBlocksError(
-                    self._missing(block, end, self._candidates(block, end)) or [block], self.model_id
+                    self._missing(block, end, self._candidates(block, end)) or [block], self.model_id, self._unstaked
                 )
             weights = [i.throughput / self.scorer.cost_factor(p, i) for p, i in here]
             peer_id, info = random.choices(here, weights=weights)[0]

@@ -50,6 +50,10 @@ class Settings(ServiceSettings):
     spot_check_secret: str = DEVNET_SPOT_CHECK_SECRET  # mixed with the epoch root so nodes cannot predict picks
     spot_check_reputation_penalty: float = 0.5  # each failed spot check multiplies a node's score by this
     reference_stake: int = 10**18  # stake (wei) that earns the full stake component of reputation
+    require_stake: bool = True  # refuse vouchers to nodes not registered with the minimum stake (the stake gate);
+    # skipped while there is no deployment file (then nothing can be settled anyway)
+    stake_cache_seconds: float = 10.0  # how old the registry table of GET /v1/stakes may get
+    stake_refresh_seconds: float = 30.0  # beat: how often reputation's stake column is re-read from the chain
     audit_source: str | None = None  # "swarm" (nodes' audit RPC) or "module:factory" building the AuditSource
     spot_check_verifier: Literal["local", "swarm"] = "local"  # who re-executes: local spans, or other nodes (RPC)
     swarm_initial_peers: str = ""  # multiaddrs (space/comma separated) the ledger joins the swarm with; default

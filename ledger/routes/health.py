@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from sqlalchemy import text
 
 from nectar.ledger.deps import SessionDep, StateDep
+from nectar.ledger.stakes import NoChain
 from nectar.wire.ledger_api import CONFIG, HEALTH, PREFIX
 
 logger = logging.getLogger(__name__)
@@ -29,4 +30,16 @@ def config(state: StateDep) -> dict:
         "fee_bps": s.fee_bps,
         "epoch_seconds": s.epoch_seconds,
         "spot_check_fraction": s.spot_check_fraction,
+        "min_stake": _min_stake(state),  # the registry's minimum (None: no deployment to read it from)
+        "require_stake": s.require_stake,
     }
+
+
+def _min_stake(state) -> str | None:
+    try:
+        return str(state.stakes.min_stake())
+    except NoChain:
+        return None
+    except Exception as e:  # chain down: the rest of the config is still worth answering
+        logger.warning(f"Could not read minStake from the chain: {type(e).__name__}: {e}")
+        return None

@@ -13,6 +13,7 @@ from nectar.ledger import crud
 from nectar.ledger.deps import StateDep
 from nectar.ledger.intake import Malformed, Reason, check_receipt, check_voucher, parse_receipt_item, parse_voucher_item
 from nectar.ledger.schemas import BatchResult, ItemResult, ReceiptBatch, VoucherBatch
+from nectar.ledger.stakes import NoChain
 from nectar.wire.ledger_api import PREFIX, RECEIPTS, VOUCHERS
 
 logger = logging.getLogger(__name__)
@@ -105,13 +106,43 @@ def submit_receipts(batch: ReceiptBatch, state: StateDep) -> BatchResult:
     return result
 
 
+def _gate_stake(state, parsed, checks):
+    """Refuses vouchers to nodes not registered with the minimum stake: the ledger never spends gas paying a node
+    that clients should not have routed to. Receipts are kept whoever signed them (they are evidence for spot checks
+    and double-sign slashing, and reputation), so only payment is gated. No deployment file: nothing can be
+    settled, so there is nothing to gate."""
+    if not state.settings.require_stake or state.stakes is None:
+        return checks
+    nodes = {signed.voucher.node for signed, (reason, _) in zip(parsed, checks) if reason is None}
+    try:
+        refused = {node for node in nodes if not state.stakes.eligible(node)}
+    except NoChain:
+        return checks
+    except Exception as e:  # chain unreachable: the node's queue retries the batch later
+        raise HTTPException(
+            503, f"the ledger could not read stakes from the chain ({type(e).__name__}); retry"
+        ) from None
+    if not refused:
+        return checks
+    gated = []
+    for signed, (reason, message) in zip(parsed, checks):
+        if reason is None and signed.voucher.node in refused:
+            reason, message = (
+                Reason.NOT_STAKED,
+                f"node {signed.voucher.node} is not registered with the minimum stake on this ledger's deployment: "
+                "its operator runs `nectar operator register` (or `nectar operator stake`), then resends",
+            )
+        gated.append((reason, message))
+    return gated
+
+
 @router.post(VOUCHERS, response_model=BatchResult)
 def submit_vouchers(batch: VoucherBatch, state: StateDep) -> BatchResult:
     if len(batch.vouchers) > state.settings.max_batch:
         raise HTTPException(413, f"at most {state.settings.max_batch} vouchers per request; split the batch")
     parsed = _parse_all(batch.vouchers, parse_voucher_item)
     domain = state.domains.get()
-    checks = [check_voucher(signed, domain) for signed in parsed]
+    checks = _gate_stake(state, parsed, [check_voucher(signed, domain) for signed in parsed])
     good = [signed for signed, (reason, _) in zip(parsed, checks) if reason is None]
     try:
         stored = iter(_with_retries(state, lambda session: crud.store_vouchers(session, vouchers=good)) if good else [])

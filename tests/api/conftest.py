@@ -54,6 +54,7 @@ class Market:
 def market(tmp_path_factory):
     from nectar.chain import start_devnet
     from nectar.node.local_swarm import LocalSwarm
+    from nectar.operator import ensure_registered
 
     home = tmp_path_factory.mktemp("api-market")
     checkpoint = str(make_chat_checkpoint(home / "tiny-chat"))
@@ -84,8 +85,9 @@ def market(tmp_path_factory):
         processes.append(worker)
         swarm = LocalSwarm(workdir=home / "swarm", env=env)
         args = ["--throughput", "100", "--announce-period", "2", "--price", str(NODE_PRICE), "--ledger-url", ledger_url]
-        swarm.add_node(checkpoint, blocks=(0, 2), name="alpha", extra_args=args)
-        swarm.add_node(checkpoint, blocks=(2, 4), name="beta", extra_args=args)
+        for name, blocks in (("alpha", (0, 2)), ("beta", (2, 4))):  # each registered with the minimum stake
+            ensure_registered(chain, swarm.workdir / "keys" / name, funder_key=chain.default_key())
+            swarm.add_node(checkpoint, blocks=blocks, name=name, extra_args=args)
         swarm.wait_for_blocks(checkpoint, 4)
         wait_for(lambda: "ready" in worker.log() or not worker.alive(), 90, "the ledger worker")
         assert worker.alive(), worker.log()[-3000:]

@@ -27,6 +27,15 @@ class LedgerDeployment:
         self.nodes = [Party(a["privateKey"]) for a in accounts if a["role"] == "node"]
         self.clients = [Party(a["privateKey"]) for a in accounts if a["role"] == "client"]
         self.domain = self.chain.eip712_domain()
+        self.register_nodes()
+
+    def register_nodes(self) -> None:
+        """The devnet node accounts, registered with the minimum stake (the ledger refuses vouchers to unstaked
+        nodes); under placeholder peer ids: ``SwarmMarket.add_node`` re-points one at its real node's peer id."""
+        min_stake = self.chain.deployment.params["min_stake"]
+        for index, node in enumerate(self.nodes):
+            if not self.chain.node_info(node.address)["registered"]:
+                self.chain.register_node(node.key, f"devnet-node-{index}", min_stake)
 
     def env(self, **extra) -> dict:
         base = {

@@ -15,6 +15,7 @@ from pathlib import Path
 from nectar.ledger import crud
 from nectar.models.tiny import save_tiny_checkpoint
 from nectar.node.local_swarm import LocalSwarm, SwarmProcess
+from nectar.operator import ensure_registered
 from nectar.service.db import get_engine, session_scope
 from nectar.wire.eip712 import receipt_leaf
 from tests.ledger.harness import LedgerDeployment
@@ -46,11 +47,19 @@ class SwarmMarket:
         return self.deployment.url
 
     def add_node(
-        self, name: str, blocks: tuple[int, int], *, account: int | None = None, extra_args: tuple[str, ...] = ()
+        self,
+        name: str,
+        blocks: tuple[int, int],
+        *,
+        account: int | None = None,
+        extra_args: tuple[str, ...] = (),
+        register: bool = True,
     ) -> SwarmProcess:
-        """A node on devnet node account ``account`` (None: a fresh key the node makes itself, unknown to anyone)."""
+        """A node on devnet node account ``account`` (None: a fresh key, unknown to the ledger), registered with the
+        minimum stake under its peer id as `nectar operator register` does (``register=False``: an unstaked node,
+        which then needs ``--allow-unstaked`` in ``extra_args`` to start)."""
+        key_dir = self.swarm.workdir / "keys" / name
         if account is not None:
-            key_dir = self.swarm.workdir / "keys" / name
             key_dir.mkdir(parents=True, exist_ok=True)
             party = Party(self.node_keys[account])
             (key_dir / "eth.json").write_text(
@@ -71,6 +80,8 @@ class SwarmMarket:
             "float32",
             *extra_args,
         ]
+        if register:
+            ensure_registered(self.chain, key_dir, funder_key=self.chain.default_key())
         return self.swarm.add_node(str(self.model_path), blocks=blocks, name=name, extra_args=args)
 
     def wait_for_swarm(self, min_nodes: int = 1) -> None:
@@ -84,7 +95,7 @@ class SwarmMarket:
             str(self.model_path),
             initial_peers=self.swarm.initial_peers,
             private_key=key,
-            config=ClientConfig(),
+            config=kwargs.pop("config", None) or ClientConfig(),
             **kwargs,
         )
 

@@ -69,7 +69,7 @@ def test_worker_killed_after_root_commit_does_not_commit_twice(market):
 
 def test_double_sign_evidence_is_slashed_on_chain(market):
     node, client = market.nodes[2], market.clients[0]
-    market.chain.register_node(node.key, "12D3KooWtest", market.chain.deployment.params["min_stake"])
+    # registered by the harness (LedgerDeployment.register_nodes)
     stake_before = market.chain.stake_of(node.address)
     sid, same_input = os.urandom(32), os.urandom(32)  # a real equivocation: one input, two outputs (issue 20)
     # stamped with the chain's time: the contract refuses evidence older than maxEvidenceAge or from its future, and

@@ -55,10 +55,7 @@ def market(tmp_path_factory, contracts_snapshot, monkeypatch_module):
         market.deployment.start_ledger()
         market.honest = [market.add_node("honest-a", (0, 4), account=0), market.add_node("honest-b", (0, 4), account=1)]
         market.cheater = market.add_node("cheater", (0, 4), account=2, extra_args=("--corrupt-rate", "0.1"))
-        market.wait_for_swarm(min_nodes=3)
-        min_stake = market.chain.deployment.params["min_stake"]
-        for index, node in enumerate(market.honest + [market.cheater]):
-            market.chain.register_node(market.node_keys[index], node.address.rsplit("/", 1)[1], min_stake)
+        market.wait_for_swarm(min_nodes=3)  # each registered with the minimum stake by add_node
         market.deployment.start_worker(
             audit_source="swarm",
             spot_check_verifier="swarm",

@@ -1,0 +1,100 @@
+"""The stake gate's source of truth: the NodeRegistry of the deployment this ledger settles on, read from the chain.
+
+Clients route only to nodes registered there with at least ``minStake`` bonded, under the peer id they announce
+(``GET /v1/stakes``, cached for ``stake_cache_seconds``); a node asks about itself at start (``GET /v1/stakes/{a}``,
+read live); the ledger refuses vouchers to a node that is not eligible (``intake``), so it never spends gas paying
+one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from nectar.wire.ledger_api import NodeStake, StakeTable
+
+logger = logging.getLogger(__name__)
+
+
+class NoChain(RuntimeError):
+    """The ledger has no deployment to read stakes from."""
+
+
+class StakeBook:
+    """Thread-safe reader of the registry; the table is re-read at most every ``ttl`` seconds, and the Chain is rebuilt
+    when the deployment file changes (a devnet restart)."""
+
+    def __init__(self, deployment_path: Path, *, ttl: float = 10.0):
+        self.deployment_path, self.ttl = Path(deployment_path), ttl
+        self._lock = threading.Lock()
+        self._chain = None
+        self._stamp = None
+        self._table: StakeTable | None = None
+        self._read_at = 0.0
+
+    def chain(self):
+        try:
+            stamp = self.deployment_path.stat().st_mtime_ns
+        except FileNotFoundError:
+            raise NoChain(
+                f"the ledger has no deployment file at {self.deployment_path}: start `nectar devnet` (or deploy) and "
+                "set NECTAR_DEPLOYMENT, so that stakes can be read"
+            ) from None
+        with self._lock:
+            if self._chain is None or stamp != self._stamp:
+                from nectar.chain import Chain
+
+                self._chain, self._stamp, self._table = Chain.from_deployment(self.deployment_path), stamp, None
+            return self._chain
+
+    def min_stake(self) -> int:
+        return int(self.chain().registry.functions.minStake().call())
+
+    def node(self, address: str) -> NodeStake:
+        """One node, read now."""
+        chain = self.chain()
+        info = chain.node_info(address)
+        return NodeStake(
+            address=chain.w3.to_checksum_address(address),
+            registered=bool(info["registered"]),
+            peer_id=str(info["peerId"]),
+            bonded=int(info["bonded"]),
+            unbonding=int(info["unbonding"]),
+            unlock_at=int(info["unlockAt"]),
+            min_stake=self.min_stake(),
+        )
+
+    def table(self, *, max_age: float | None = None) -> StakeTable:
+        """Every node that ever registered; at most ``max_age`` (default ``ttl``) seconds old."""
+        chain = self.chain()
+        max_age = self.ttl if max_age is None else max_age
+        with self._lock:
+            if self._table is not None and time.monotonic() - self._read_at < max_age:
+                return self._table
+        min_stake = self.min_stake()
+        nodes = {}
+        for n in chain.registered_nodes():
+            stake = NodeStake(
+                address=n["node"],
+                registered=bool(n["registered"]),
+                peer_id=str(n["peerId"]),
+                bonded=int(n["bonded"]),
+                unbonding=int(n["unbonding"]),
+                unlock_at=int(n["unlockAt"]),
+                min_stake=min_stake,
+            )
+            nodes[stake.address.lower()] = stake
+        table = StakeTable(min_stake, nodes, time.time())
+        with self._lock:
+            self._table, self._read_at = table, time.monotonic()
+        return table
+
+    def eligible(self, address: str) -> bool:
+        """From the cached table; a miss re-reads it if over a second old, so a node that just registered is paid
+        at once while a flood of vouchers to unregistered nodes costs at most one chain read a second."""
+        entry = self.table().get(address)
+        if entry is None or not entry.eligible:
+            entry = self.table(max_age=1.0).get(address)
+        return entry is not None and entry.eligible
