@@ -154,3 +154,17 @@ def test_backing_route_refuses_bad_addresses(ledger):
     with pytest.raises(LedgerError) as bad:
         ledger["client"].backing("0x1234", "0x" + "11" * 20)
     assert bad.value.status == 422 and "not an Ethereum address" in str(bad.value)
+
+
+def test_unlock_delay_must_exceed_settlement_latency():
+    """A client could withdraw (or release a reserve) before the ledger settles its vouchers: refused where the
+    deployment is made and where the ledger starts working against it."""
+    from nectar.chain import DeployParams
+
+    with pytest.raises(ValueError, match="must exceed the ledger's worst-case settlement latency"):
+        DeployParams(unlock_delay=600)
+    DeployParams()  # the defaults hold: 3600 s against 600
+    slow = Settings(epoch_seconds=3600, deployment_path="/nonexistent.json")
+    with pytest.raises(RuntimeError, match="does not exceed this ledger's worst-case settlement latency"):
+        slow.check_unlock_delay(3600)
+    Settings(deployment_path="/nonexistent.json").check_unlock_delay(3600)  # 2 x 60 + 120 = 240 s
