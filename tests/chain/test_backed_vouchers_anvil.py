@@ -168,3 +168,45 @@ def test_unlock_delay_must_exceed_settlement_latency():
     with pytest.raises(RuntimeError, match="does not exceed this ledger's worst-case settlement latency"):
         slow.check_unlock_delay(3600)
     Settings(deployment_path="/nonexistent.json").check_unlock_delay(3600)  # 2 x 60 + 120 = 240 s
+
+
+def test_node_settles_its_own_vouchers_against_the_reserve(chain, roles, ledger):
+    """Without the ledger (down, or slow), a node submits its best vouchers itself when the client asks to release:
+    anyone may settle a batch, and the reserve pays it during the unlock delay."""
+    node = roles["node"][2]
+    key = _funded_client(chain, roles, 6 * STEP)
+    client = Account.from_key(key).address
+    chain.reserve(key, node["address"], 6 * STEP)
+    credit = _node_credit(chain, ledger, node["address"])
+    assert _serve(credit, key, node["address"], 6) == 6
+    chain.request_reserve_release(key, node["address"], 6 * STEP)
+    pairs = [(signed.voucher, signed.signature) for signed in credit.best_vouchers()]
+    result = chain.settle(node["privateKey"], pairs)
+    assert not result.skipped
+    assert chain.paid(client, node["address"], 0) == 6 * STEP
+    chain.advance_time(chain.unlock_delay())
+    chain.release_reserve(key, node["address"])
+    assert chain.reserve_of(client, node["address"])["amount"] == 0 and chain.escrow_balance(client) == 0
+
+
+def test_api_gateway_keeps_reserves_for_the_ledgers_nodes(chain, roles, ledger, devnet):
+    """The paid API's gateway pays nodes from its own escrow: each chain scan tops its reserve for the nodes the
+    ledger ranks up to ``reserve_per_node``, keeping at least as much free, so those nodes serve it backed."""
+    from nectar.api.chain_watch import ChainWatcher
+    from nectar.api.core.config import Settings as ApiSettings
+
+    node = roles["node"][0]["address"]
+    key = _funded_client(chain, roles, 10 * ETHER)
+    gateway = Account.from_key(key).address
+    voucher = schema.Voucher(client=gateway, node=node, channel_id=9, cumulative_amount=1)
+    ledger["client"].submit_vouchers([eip712.sign_voucher(voucher, key, chain.eip712_domain())])  # the ledger knows it
+    settings = ApiSettings(
+        ledger_url=ledger["client"].base_url, deployment_path=devnet.deployment_path, reserve_per_node=2 * ETHER
+    )
+    watcher = ChainWatcher(settings, None, gateway_key=key)
+    known = {str(n["address"]) for n in ledger["client"].reputation()}
+    assert node in known
+    assert watcher._keep_reserves(chain) == len(known)
+    assert chain.reserve_of(gateway, node)["amount"] == 2 * ETHER
+    assert watcher._keep_reserves(chain) == 0, "topped up already"
+    assert ledger["client"].backing(gateway, node).backed == 2 * ETHER
