@@ -87,7 +87,7 @@ class BackingCache:
     shrinks through a release request, which takes the unlock delay: far longer than ``ttl``). ``refresh`` blocks
     (``fetch``'s own timeout) and is what a client short of credit waits for, at most once per ``min_interval``."""
 
-    def __init__(self, fetch: Callable[[str], int], *, ttl: float = 10.0, min_interval: float = 1.0):
+    def __init__(self, fetch: Callable[[str], int], *, ttl: float = 10.0, min_interval: float = 0.5):
         self.fetch, self.ttl, self.min_interval = fetch, ttl, min_interval
         self._entries: dict[str, tuple[float, int]] = {}  # client -> (fetched at, backed wei)
         self._refreshing: set[str] = set()
