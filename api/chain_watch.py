@@ -33,6 +33,7 @@ class ScanResult:
     credited: int = 0  # deposits credited to an account
     unassigned: int = 0  # deposits from addresses no account has linked
     settled_batches: int = 0
+    reserved: int = 0  # nodes whose reserve the scan topped up
     to_block: int | None = None
 
 
@@ -100,12 +101,48 @@ class ChainWatcher:
             self._scan_stream(
                 "settlements", chain, escrow, start, head, lambda a, b: self._settlements(chain, a, b, result)
             )
+            result.reserved = self._keep_reserves(chain)
             if result.credited or result.settled_batches:
                 logger.info(
                     f"Chain scan to block {head}: {result.credited} deposit(s) credited, "
                     f"{result.unassigned} unassigned, {result.settled_batches} settled batch(es)"
                 )
             return result
+
+    def _keep_reserves(self, chain) -> int:
+        """Tops up the gateway's reserve for each node it may route to (the ledger's ranking, best first) to
+        ``reserve_per_node``: nodes count the gateway's vouchers as paid only as far as the chain backs them. Keeps at
+        least as much free as it reserves each time, so deposits still pay every other node. Returns how many it
+        topped up; a ledger or chain that does not answer is logged and retried at the next scan."""
+        target, limit = self.settings.reserve_per_node, self.settings.reserve_max_nodes
+        if not target or not limit or not self.settings.ledger_url or not self.gateway_key:
+            return 0
+        from nectar.wire.ledger_api import LedgerClient
+
+        try:
+            with LedgerClient(self.settings.ledger_url, timeout=5.0) as ledger:
+                nodes = [str(n["address"]) for n in ledger.reputation()][:limit]
+            topped = 0
+            for node in nodes:
+                held = chain.reserve_of(self.gateway, node)
+                short = target - (held["amount"] - held["pendingRelease"])
+                if short <= 0:
+                    continue
+                free = chain.escrow_balance(self.gateway)
+                if free < 2 * short:
+                    logger.warning(
+                        f"Gateway escrow has {free} credit wei free: too little to reserve {short} more for node "
+                        f"{node} (nodes extend only their unbacked credit limit without it); deposit into the "
+                        f"gateway's escrow"
+                    )
+                    break
+                chain.reserve(self.gateway_key, node, short)
+                logger.info(f"Reserved {short} credit wei of the gateway's escrow for node {node}")
+                topped += 1
+            return topped
+        except Exception as e:
+            logger.warning(f"Could not top up the gateway's reserves ({type(e).__name__}: {e}); retrying next scan")
+            return 0
 
     def _scan_stream(self, name: str, chain, escrow: str, start: int, head: int, handle) -> None:
         with session_scope(self.engine) as session:

@@ -1,7 +1,8 @@
 """nectar.chain: the on-chain half of the marketplace, from Python. Every web3.py call in Nectar lives here.
 
 Contracts (Solidity, ``contracts/src``, built by forge into ``contracts/out``; ABIs are read from there):
-``Credits`` (ERC-20 + permit, devnet faucet), ``Escrow`` (client deposits with an unlock delay; node earnings),
+``Credits`` (ERC-20 + permit, devnet faucet), ``Escrow`` (client deposits with an unlock delay; per-node reserves
+that back a client's vouchers; node earnings),
 ``NodeRegistry`` (peer id, stake, unbonding), ``Settlement`` (batched EIP-712 cumulative vouchers, epoch receipt
 roots; its address is the EIP-712 ``verifyingContract``), ``Slashing`` (double-sign proofs, k-of-n spot checks).
 
@@ -17,6 +18,10 @@ API::
     chain.deposit(private_key, amount)      # permit + deposit, one transaction
     chain.request_withdrawal(private_key, amount); chain.withdraw(private_key)   # after the unlock delay
     chain.escrow_balance(client); chain.pending_withdrawal(client) -> (amount, unlock_at)
+    chain.reserve(private_key, node, amount)   # free escrow -> a reserve only node's vouchers draw on
+    chain.request_reserve_release(private_key, node, amount); chain.release_reserve(private_key, node)  # unlock delay
+    chain.reserve_of(client, node) -> {"amount", "pendingRelease", "releaseAt"}; chain.unlock_delay()
+    chain.exit_requests_since(block) -> [{"client", "node" (None: a withdrawal), "amount", "unlockAt", ...}]
     chain.register_node(private_key, peer_id, stake); chain.stake_of(node); chain.node_info(node)
     chain.add_stake(private_key, amount); chain.request_unbond(private_key, amount); chain.unbond(private_key)
     chain.settle(private_key, [(voucher_dict, sig65), ...]) -> TxResult  # result.skipped: not paid
@@ -46,7 +51,7 @@ contract's custom error, e.g. ``InvalidSignature(index=0)``; ``.error_name`` / `
 Files: ``client.py`` (Chain), ``tx.py`` (signing, sending, event decoding), ``errors.py`` (revert decoding),
 ``encoding.py`` (settle calldata, receipt tuples), ``deployment.py`` (the deployment file), ``deploy.py``
 (deploying from forge artifacts), ``artifacts.py`` (forge output and npm tools), ``accounts.py`` (Anvil dev keys),
-``devnet.py`` (start_devnet), ``cli.py`` (``nectar devnet``).
+``devnet.py`` (start_devnet), ``cli.py`` (``nectar devnet``, ``nectar escrow``).
 """
 
 from .client import Chain

@@ -58,3 +58,76 @@ def devnet_main(argv: list[str]) -> int:
         handle.stop()
     print("devnet stopped.")
     return 0
+
+
+ESCROW_DOC = """`nectar escrow`: a paying client's escrow: deposit, reserve for a node, release, status.
+
+A node extends credit only against what backs a client's vouchers to it on chain: what settled, plus the client's
+reserve for that node (`reserve`), which only that node's vouchers can draw on and which leaves only through
+`release-request` + the unlock delay (`release` afterwards). Amounts are in credits (decimals allowed)."""
+
+
+def _wei(text: str) -> int:
+    from decimal import Decimal, InvalidOperation
+
+    try:
+        value = Decimal(text) * 10**18
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an amount of credits (e.g. 10 or 0.5)") from None
+    if value <= 0 or value != value.to_integral_value():
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive amount with at most 18 decimals")
+    return int(value)
+
+
+def escrow_main(argv: list[str]) -> int:
+    from pathlib import Path
+
+    from eth_account import Account
+
+    from .client import Chain
+    from .deployment import DeploymentNotFound
+    from .errors import ChainError
+
+    parser = argparse.ArgumentParser(prog="nectar escrow", description=ESCROW_DOC)
+    parser.add_argument("action", choices=("status", "deposit", "reserve", "release-request", "release"))
+    parser.add_argument("--key", help="the client's private key (hex); or --key-file")
+    parser.add_argument("--key-file", type=Path, help="file holding the client's private key (hex)")
+    parser.add_argument("--node", help="node address (reserve, release-request, release, status)")
+    parser.add_argument("--amount", type=_wei, help="credits (deposit, reserve, release-request)")
+    parser.add_argument("--deployment", default=None, help="deployment file (default: the configured one)")
+    args = parser.parse_args(argv)
+    key = args.key or (args.key_file.read_text().strip() if args.key_file else None)
+    if not key:
+        parser.error("give the client's key with --key or --key-file")
+    if args.action in ("reserve", "release-request", "release") and not args.node:
+        parser.error(f"{args.action} needs --node ADDRESS (the node the reserve is for)")
+    if args.action in ("deposit", "reserve", "release-request") and args.amount is None:
+        parser.error(f"{args.action} needs --amount CREDITS")
+    try:
+        chain = Chain.from_deployment(args.deployment)
+        me = Account.from_key(key).address
+        if args.action == "deposit":
+            chain.deposit(key, args.amount)
+        elif args.action == "reserve":
+            free = chain.escrow_balance(me)
+            if free < args.amount:
+                print(
+                    f"nectar escrow: {free / 1e18:g} credits free in escrow; deposit more first (nectar escrow deposit)"
+                )
+                return 1
+            chain.reserve(key, args.node, args.amount)
+        elif args.action == "release-request":
+            chain.request_reserve_release(key, args.node, args.amount)
+        elif args.action == "release":
+            chain.release_reserve(key, args.node)
+    except (ChainError, DeploymentNotFound, FileNotFoundError, ValueError) as exc:
+        print(f"nectar escrow {args.action}: {exc}")
+        return 1
+    print(f"client {me}: {chain.escrow_balance(me) / 1e18:g} credits free in escrow")
+    if args.node:
+        r = chain.reserve_of(me, args.node)
+        line = f"reserve for {args.node}: {r['amount'] / 1e18:g} credits"
+        if r["pendingRelease"]:
+            line += f", {r['pendingRelease'] / 1e18:g} releasing at {r['releaseAt']} (unix time)"
+        print(line)
+    return 0

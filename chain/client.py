@@ -45,8 +45,9 @@ def _key_address(private_key: str | bytes) -> str:
     return Account.from_key(private_key).address
 
 
-# Settlement.VoucherSkipped reasons (SKIP_ALREADY_SETTLED, SKIP_INSUFFICIENT_ESCROW)
-SKIP_REASONS = {1: "AlreadySettled", 2: "InsufficientEscrow"}
+# Settlement.VoucherSkipped reasons (SKIP_ALREADY_SETTLED, SKIP_INSUFFICIENT_ESCROW, SKIP_PARTLY_PAID: the client's
+# free escrow plus its reserve for the node paid only part of the voucher's rise)
+SKIP_REASONS = {1: "AlreadySettled", 2: "InsufficientEscrow", 3: "PartlyPaid"}
 
 
 def _skipped(events: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -210,6 +211,35 @@ class Chain:
         amount, unlock_at = self.escrow.functions.pendingWithdrawal(_address(client)).call()
         return amount, unlock_at
 
+    def reserve(self, private_key: str, node: str, amount: int) -> TxResult:
+        """Moves ``amount`` of the sender's free escrow into its reserve for ``node``: only vouchers to ``node`` can
+        draw on it (after the free balance), and it leaves only through ``request_reserve_release`` + the unlock
+        delay, so ``node`` can serve against it without trusting the sender."""
+        fn = self.escrow.functions.reserve(_address(node), int(amount))
+        return self._tx.send(private_key, fn, context="reserve")
+
+    def request_reserve_release(self, private_key: str, node: str, amount: int) -> TxResult:
+        """Asks to release ``amount`` of the sender's reserve for ``node``; ``release_reserve`` after the unlock delay
+        (the node's ledger settles the sender's vouchers meanwhile)."""
+        fn = self.escrow.functions.requestReserveRelease(_address(node), int(amount))
+        return self._tx.send(private_key, fn, context="request_reserve_release")
+
+    def release_reserve(self, private_key: str, node: str) -> TxResult:
+        """Returns what is left of a requested release to the sender's free escrow balance."""
+        return self._tx.send(
+            private_key, self.escrow.functions.releaseReserve(_address(node)), context="release_reserve"
+        )
+
+    def reserve_of(self, client: str, node: str) -> dict[str, int]:
+        """``client``'s reserve for ``node``: {"amount" (drawable for node's vouchers), "pendingRelease" (of an open
+        release request, still drawable until released), "releaseAt" (0 if none)}."""
+        amount, pending, release_at = self.escrow.functions.reserveOf(_address(client), _address(node)).call()
+        return {"amount": int(amount), "pendingRelease": int(pending), "releaseAt": int(release_at)}
+
+    def unlock_delay(self) -> int:
+        """Seconds between a withdrawal (or reserve release) request and its execution."""
+        return int(self.escrow.functions.unlockDelay().call())
+
     # ------------------------------------------------------------------ node registry
 
     def register_node(self, private_key: str, peer_id: str, stake: int) -> TxResult:
@@ -266,8 +296,10 @@ class Chain:
         A voucher whose channel is already paid at or above its amount (replayed, or front-run by someone who
         settled it first) or that the client's escrow no longer covers is skipped by the contract, not reverted:
         the transaction succeeds and ``result.skipped`` lists ``{"voucher": index in vouchers, "reason":
-        "AlreadySettled" | "InsufficientEscrow", "client", "node", "channelId"}`` for each, read from the receipt's
-        ``VoucherSkipped`` events. A malformed voucher still reverts the batch: ``ChainError`` (InvalidSignature,
+        "AlreadySettled" | "InsufficientEscrow" | "PartlyPaid", "client", "node", "channelId"}`` for each, read from
+        the receipt's ``VoucherSkipped`` events. What the free escrow does not cover is drawn from the client's
+        reserve for the voucher's node; "PartlyPaid": both together paid only part of the rise (``paid`` tells how
+        much), the rest stays due. A malformed voucher still reverts the batch: ``ChainError`` (InvalidSignature,
         BadNodeIndex) whose ``error_args["voucher"]`` is its index in ``vouchers``."""
         batch = encode_settle_batch(vouchers)
         fn = self.settlement.functions.settle(batch.nodes, batch.groups)
@@ -492,6 +524,26 @@ class Chain:
             {**e["args"], "blockNumber": e["blockNumber"], "txHash": e["txHash"], "logIndex": e["logIndex"]}
             for e in self.events("Escrow", "Deposited", from_block=block, filters=filters)
         ]
+
+    def exit_requests_since(self, block: int, to_block: int | str = "latest") -> list[dict[str, Any]]:
+        """Clients asking for escrow back from ``block`` on, oldest first: ``WithdrawalRequested`` (``node`` None) and
+        ``ReserveReleaseRequested`` (``node`` set): ``[{"client", "node", "amount", "unlockAt", "blockNumber", ...}]``.
+        Nodes' vouchers from these clients must settle before ``unlockAt``."""
+        out = [
+            {
+                **e["args"],
+                "node": None,
+                "blockNumber": e["blockNumber"],
+                "txHash": e["txHash"],
+                "logIndex": e["logIndex"],
+            }
+            for e in self.events("Escrow", "WithdrawalRequested", from_block=block, to_block=to_block)
+        ]
+        for e in self.events("Escrow", "ReserveReleaseRequested", from_block=block, to_block=to_block):
+            args = dict(e["args"])
+            args["unlockAt"] = args.pop("releaseAt")
+            out.append({**args, "blockNumber": e["blockNumber"], "txHash": e["txHash"], "logIndex": e["logIndex"]})
+        return sorted(out, key=lambda e: (e["blockNumber"], e["logIndex"]))
 
     def settlements_since(self, block: int) -> list[dict[str, Any]]:
         """Settled batches from ``block`` on, each with the vouchers it paid decoded from the transaction's calldata

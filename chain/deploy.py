@@ -40,6 +40,17 @@ class DeployParams:
     # rogue verifier quorum can freeze (and, unless the arbiter dismisses within the dispute window, slash) per epoch.
     max_cases_per_epoch: int = 16
     demo_credits: int = 100_000 * ETHER  # credits minted to each demo client and node
+    settlement_latency: int = 600  # worst-case seconds the ledger takes to settle a voucher (2 epochs + a lease at
+    # the ledger's defaults is 240): the unlock delay must exceed it, or clients withdraw before settlement
+
+    def __post_init__(self) -> None:
+        if self.unlock_delay <= self.settlement_latency:
+            raise ValueError(
+                f"unlock_delay ({self.unlock_delay}s) must exceed the ledger's worst-case settlement latency "
+                f"(settlement_latency, {self.settlement_latency}s): a client could withdraw its escrow or release a "
+                f"reserve before nodes settle its vouchers. Raise unlock_delay (or settle faster and lower "
+                f"settlement_latency to match the ledger's 2 x epoch + lease)"
+            )
 
 
 class _Deployer:

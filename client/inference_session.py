@@ -35,6 +35,7 @@ from nectar.client.payments import ReceiptError, Wallet
 from nectar.client.push_mode import PushMode
 from nectar.client.routing import MissingBlocksError, RemoteSequenceManager, RemoteSpan
 from nectar.wire.dht import ClientRuntime
+from nectar.wire.protocol import ErrorCode
 
 logger = logging.getLogger(__name__)
 
@@ -343,7 +344,12 @@ class InferenceSession:
                     self.step_index += 1
                     step = self.step_index
                 index, x = e.index, e.inputs
-                self._replace(index)
+                try:
+                    self._replace(index)
+                except RouteUnavailableError as unavailable:
+                    if e.fault.code is ErrorCode.CREDIT_LIMIT:  # no other node: say why this one refused (and what
+                        raise self._gave_up(e, failures) from unavailable  # to do: reserve escrow for it)
+                    raise
                 # x is the input of hop `index`, whose replacement now holds the history: retry it
         self.position += hidden_states.shape[1]
         self.step_index += 1

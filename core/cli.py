@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "chat": ("nectar.client.cli", "chat_main", "chat interactively through the swarm"),
     "devnet": ("nectar.chain.cli", "devnet_main", "start Anvil, deploy the contracts, fund demo accounts"),
     "operator": ("nectar.operator", "main", "register|stake|unbond|withdraw|status: a node's stake on chain"),
+    "escrow": ("nectar.chain.cli", "escrow_main", "a client's escrow: deposit, reserve for a node, release"),
     "ledger serve": ("nectar.ledger.cli", "serve_main", "run the ledger's HTTP service"),
     "ledger worker": ("nectar.ledger.cli", "worker_main", "run the ledger's Celery worker (with beat)"),
     "api serve": ("nectar.api.cli", "serve_main", "run the paid OpenAI-compatible API"),

@@ -26,6 +26,19 @@ logger = logging.getLogger(__name__)
 
 PRICE_PER_TOKEN = 10**12  # credit wei per token per block: a 30-block model costs 3e13 wei = 0.00003 credits/token
 DEPOSIT = 10 * 10**18
+RESERVE = 10**18  # per node: what a node serves the client against without trusting it (nodes check it, issue 20)
+
+
+def _reserve_for(chain, private_key: str, nodes) -> None:
+    """Backs the payer's vouchers to each node with a reserve only that node can draw on (``nectar escrow reserve``):
+    nodes with a ledger count vouchers as paid only as far as the chain backs them."""
+    from eth_account import Account
+
+    payer = Account.from_key(private_key).address
+    for node in nodes:
+        held = chain.reserve_of(payer, node.eth_address)
+        if held["amount"] - held["pendingRelease"] < RESERVE:
+            chain.reserve(private_key, node.eth_address, RESERVE)
 
 
 def _wait_http(url: str, timeout: float = 60) -> None:
@@ -105,8 +118,10 @@ def main(argv: list[str]) -> int:
         "NECTAR_DEPLOYMENT": str(deployment_path),
         "NECTAR_LEDGER_DATABASE_URL": f"sqlite:///{workdir / 'ledger.db'}",
         "NECTAR_LEDGER_BROKER_URL": f"sqla+sqlite:///{workdir / 'broker.db'}",
-        "NECTAR_LEDGER_EPOCH_SECONDS": "3600",
-    }  # the demo closes its epoch by hand; for the child processes
+        # the demo closes its epoch by hand; beat's epoch only has to stay under the unlock delay (3600 s), which
+        # the ledger checks: 2 epochs + the lease must settle before a client could withdraw (issue 20)
+        "NECTAR_LEDGER_EPOCH_SECONDS": "1500",
+    }  # for the child processes
     configure(deployment=deployment_path)  # this process's client signs vouchers under the devnet's EIP-712 domain
     ledger_port = free_port()
     ledger_url = f"http://127.0.0.1:{ledger_port}"
@@ -146,6 +161,7 @@ def main(argv: list[str]) -> int:
         gateway_key = accounts["client"][1]["privateKey"]  # the gateway pays nodes from its own escrow
         if chain.escrow_balance(accounts["client"][1]["address"]) < DEPOSIT:
             chain.deposit(gateway_key, DEPOSIT)
+        _reserve_for(chain, gateway_key, swarm.nodes)
         api = ApiProcess(
             env=api_environment(
                 home=nectar_home(),
@@ -166,6 +182,7 @@ def main(argv: list[str]) -> int:
         escrow_before = chain.escrow_balance(client["address"])
         if escrow_before < DEPOSIT:
             chain.deposit(client["privateKey"], DEPOSIT - escrow_before)
+        _reserve_for(chain, client["privateKey"], swarm.nodes)
         escrow_before = chain.escrow_balance(client["address"])
         node_before = {n.eth_address: chain.node_balance(n.eth_address) for n in swarm.nodes}
         print(f"[demo] client {client['address']} has {_credits(escrow_before)} credits in escrow")

@@ -26,6 +26,16 @@ class LedgerState:
     domains: DomainProvider
     celery: object | None = None  # producer-only Celery app, built on first use
     stakes: StakeBook | None = None  # the registry of the deployment (stake gate)
+    _chain: object | None = None  # nectar.chain.Chain of the deployment, built on first use (GET /v1/backing)
+
+    def chain(self):
+        """The deployment's chain, rebuilt when the deployment file changes (a devnet restart)."""
+        from nectar.chain import Chain
+
+        stamp = self.settings.deployment_path.stat().st_mtime_ns if self.settings.deployment_path.exists() else None
+        if self._chain is None or self._chain[0] != stamp:
+            self._chain = (stamp, Chain.from_deployment(self.settings.deployment_path))
+        return self._chain[1]
 
 
 def get_state(request: Request) -> LedgerState:

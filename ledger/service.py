@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from nectar.ledger.core.config import Settings, get_settings
 from nectar.ledger.deps import LedgerState
 from nectar.ledger.migrations import run_migrations
-from nectar.ledger.routes import epochs, health, nodes, stakes, submissions
+from nectar.ledger.routes import backing, epochs, health, nodes, stakes, submissions
 from nectar.ledger.stakes import StakeBook
 from nectar.service.db import get_engine
 from nectar.service.domain import DomainProvider
@@ -37,6 +37,6 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
             return JSONResponse({"detail": f"body over {settings.max_body_bytes} bytes; send smaller batches"}, 413)
         return await call_next(request)
 
-    for router in (health.router, submissions.router, nodes.router, epochs.router, stakes.router):
+    for router in (health.router, submissions.router, nodes.router, epochs.router, stakes.router, backing.router):
         app.include_router(router)
     return app

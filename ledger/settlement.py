@@ -295,3 +295,42 @@ def _is_revert(error: Exception) -> bool:
     except ImportError:  # pragma: no cover - chain package not installed
         return False
     return isinstance(error, ChainError)
+
+
+def settle_exiting_clients(settings: Settings, engine: Engine, chain, cursor_path: Path) -> int:
+    """Settles at once the vouchers of clients that asked for escrow back (``WithdrawalRequested``, or
+    ``ReserveReleaseRequested`` for a node's reserve) since the last look: nodes must be paid before the unlock delay
+    lets the credits go. Closes the collecting epoch early and settles every unfinished epoch (the crash-safe path,
+    ``EpochSettler``). Returns how many such requests had vouchers outstanding. ``cursor_path`` keeps the next block
+    to read (per deployment); without it the watcher reads from the deployment's first block."""
+    import json
+
+    first = int(getattr(chain.deployment, "deployed_at_block", 0) or 0)
+    # a devnet restarted redeploys at the same address: the deployment block's hash tells the two chains apart
+    key = f"{chain.address_of('Settlement')}@{bytes(chain.w3.eth.get_block(first)['hash']).hex()}"
+    try:
+        cursor = json.loads(cursor_path.read_text())
+    except (OSError, ValueError):
+        cursor = {}
+    start = int(cursor.get(key, first))
+    latest = int(chain.block_number())
+    if latest < start:
+        return 0
+    requests = chain.exit_requests_since(start, latest)
+    urgent = 0
+    with session_scope(engine) as session:
+        for request in requests:
+            vouchers = crud.list_vouchers(session, client=request["client"], node=request["node"])
+            if any(v.cumulative_amount > v.settled_amount for v in vouchers):
+                urgent += 1
+                what = "reserve release for " + request["node"] if request["node"] else "withdrawal"
+                logger.warning(
+                    f"Client {request['client']} asked for a {what} of {request['amount']} (unlock at "
+                    f"{request['unlockAt']}) with vouchers unsettled: settling now"
+                )
+    if urgent:
+        EpochSettler(settings, engine, chain).run(close=True)
+    cursor[key] = latest + 1  # only once settled: a crash reads these requests again
+    cursor_path.parent.mkdir(parents=True, exist_ok=True)
+    cursor_path.write_text(json.dumps(cursor))
+    return urgent

@@ -14,7 +14,7 @@ from celery.signals import worker_process_shutdown
 from nectar.ledger import crud
 from nectar.ledger.core.config import Settings, get_settings
 from nectar.ledger.models import Epoch
-from nectar.ledger.settlement import EpochSettler
+from nectar.ledger.settlement import EpochSettler, settle_exiting_clients
 from nectar.ledger.worker import (
     ADVANCE_EPOCHS_TASK,
     CLOSE_EPOCH_TASK,
@@ -22,6 +22,7 @@ from nectar.ledger.worker import (
     REFRESH_STAKES_TASK,
     SLASH_CONFLICTS_TASK,
     SPOT_CHECK_TASK,
+    WATCH_EXITS_TASK,
 )
 from nectar.service.db import get_engine, session_scope
 from nectar.wire.receipts import SignedReceipt
@@ -50,7 +51,9 @@ def _chain():
     settings = _settings()
     if not settings.deployment_path.exists():
         raise RuntimeError(f"no deployment file at {settings.deployment_path}: start `nectar devnet` (or deploy) first")
-    return Chain.from_deployment(settings.deployment_path)
+    chain = Chain.from_deployment(settings.deployment_path)
+    settings.check_unlock_delay(chain.unlock_delay())  # else clients could withdraw before settlement
+    return chain
 
 
 def _engine():
@@ -87,6 +90,15 @@ def close_epoch(self) -> list[int]:
 def advance_epochs(self) -> list[int]:
     """Push closed epochs forward without closing a new one (enqueued by ``POST /v1/epochs/close``)."""
     return _run_settler(self, close=False)
+
+
+@shared_task(name=WATCH_EXITS_TASK, acks_late=True)
+def watch_exits() -> int:
+    """Beat: settle at once the vouchers of clients that asked to withdraw escrow or release a reserve."""
+    from nectar.paths import nectar_home
+
+    settings = _settings()
+    return settle_exiting_clients(settings, _engine(), _chain(), nectar_home() / "ledger-exit-cursor.json")
 
 
 @shared_task(name=SLASH_CONFLICTS_TASK, acks_late=True)
@@ -186,5 +198,6 @@ __all__ = [
     "spot_check_epochs",
     "finalize_slashes",
     "refresh_stakes",
+    "watch_exits",
     "Epoch",
 ]

@@ -19,6 +19,7 @@ SLASH_CONFLICTS_TASK = "nectar.ledger.slash_conflicts"
 SPOT_CHECK_TASK = "nectar.ledger.spot_check_epochs"
 REFRESH_STAKES_TASK = "nectar.ledger.refresh_stakes"
 FINALIZE_SLASHES_TASK = "nectar.ledger.finalize_slashes"
+WATCH_EXITS_TASK = "nectar.ledger.watch_exits"
 
 
 def producer_app(settings: Settings) -> Celery:
@@ -37,6 +38,8 @@ def create_celery(settings: Settings | None = None) -> Celery:
         beat_schedule={
             "close-epoch": {"task": CLOSE_EPOCH_TASK, "schedule": every},
             "slash-conflicts": {"task": SLASH_CONFLICTS_TASK, "schedule": every},
+            # withdrawal / reserve-release requests: their clients' vouchers settle before the unlock delay ends
+            "watch-exits": {"task": WATCH_EXITS_TASK, "schedule": timedelta(seconds=settings.exit_poll_seconds)},
             "spot-checks": {"task": SPOT_CHECK_TASK, "schedule": every},
             "refresh-stakes": {
                 "task": REFRESH_STAKES_TASK,

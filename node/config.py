@@ -39,7 +39,11 @@ class NodeConfig:
     throughput: float | None = None  # tokens/s per block to announce; None = measure at start
     bandwidth_mbps: float = 100.0  # link speed assumed for the network part of throughput
     price_per_token: int = 0  # credit wei per token per block
-    credit_limit: int = 10**18  # unpaid credit wei per client before the node asks for a voucher
+    credit_limit: int = 10**18  # credit wei a client may owe this node beyond what backs it: with a ledger, its
+    # vouchers count as paid only as far as settled payments plus its reserve for this node cover them (issue 20);
+    # without, as far as they go. The node's own risk: what a client that never pays can take from it
+    require_backing: bool = True  # with a ledger, check vouchers against the chain (through the ledger) before
+    # extending credit; off = trust vouchers as they come (a private swarm of known clients)
     key_dir: Path | None = None  # where the P2P and Ethereum keys live; None = ~/.nectar/nodes/<public_name>
     public_name: str = "node"  # public name, also names the default key directory
     ledger_url: str | None = None  # submit receipts and vouchers to this ledger service

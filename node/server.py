@@ -32,7 +32,7 @@ from nectar.node.identity import (
 )
 from nectar.node.memory_cache import MemoryCache
 from nectar.node.payments import NoPaymentPolicy, PaymentPolicy
-from nectar.node.receipts import CreditLedger, ReceiptSigner
+from nectar.node.receipts import BackingCache, CreditLedger, ReceiptSigner
 from nectar.node.signing import InlineSigning, SigningWorker
 from nectar.node.steps import NodeSteps
 from nectar.node.task_pool import ComputeThread
@@ -202,7 +202,12 @@ class Server:
         )
         if config.ledger_url and not config.allow_unstaked:
             check_stake(config.ledger_url, self.signer.address, str(self.dht.peer_id), self.key_dir)
-        self.credit = CreditLedger(node_address=self.signer.address, credit_limit=config.credit_limit, domain=domain)
+        self.credit = CreditLedger(
+            node_address=self.signer.address,
+            credit_limit=config.credit_limit,
+            domain=domain,
+            backing=self._backing(self.signer.address),
+        )
         if config.receipt_signer not in ("process", "loop"):
             raise ValueError(f"receipt_signer must be 'process' or 'loop', got {config.receipt_signer!r}")
         if config.receipt_signer == "process":
@@ -228,6 +233,16 @@ class Server:
             f"Serving {self.model_id} blocks {self.backend.start}:{self.backend.end} as {self.dht.peer_id}, "
             f"receipts signed by {self.signer.address}"
         )
+
+    def _backing(self, address: str) -> BackingCache | None:
+        """With a ledger, vouchers count as paid only as far as the chain backs them (issue 20); without one the node
+        trusts vouchers up to its credit limit, as a private swarm does."""
+        if not self.config.ledger_url or not self.config.require_backing:
+            return None
+        from nectar.wire.ledger_api import LedgerClient  # only nodes that report to a ledger load httpx
+
+        ledger = LedgerClient(self.config.ledger_url, timeout=2.0)
+        return BackingCache(lambda client: ledger.backing(client, address).backed)
 
     def _payment_policy(self) -> PaymentPolicy:
         if not self.config.ledger_url:

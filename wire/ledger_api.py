@@ -33,6 +33,7 @@ CLOSE_EPOCH = "/epochs/close"  # POST ?allow_empty=, admin token
 CONFIG = "/config"  # GET -> the ledger's public settings
 STAKES = "/stakes"  # GET -> the registry of the deployment the ledger settles on (stake gate; see below)
 STAKE = "/stakes/{address}"  # GET -> one node's registration, read from the chain now
+BACKING = "/backing/{client}/{node}"  # GET -> Backing.to_json(): what backs client's vouchers to node on chain
 HEALTH = "/health"  # GET, outside PREFIX
 
 
@@ -156,6 +157,60 @@ class StakeTable:
         return cls(min_stake, {n.address.lower(): n for n in nodes}, float(data.get("refreshed_at", 0.0)))
 
 
+# ---- backed vouchers (issue 20): what the chain guarantees a node for a client ------------------------------------
+@dataclass(frozen=True)
+class Backing:
+    """What on chain backs ``client``'s vouchers to ``node`` (``GET /v1/backing/{client}/{node}``), in credit wei.
+
+    ``settled``: what the chain has paid on the client's channels to the node (the ones the ledger knows);
+    ``reserve``: the client's reserve for the node, which only the node's vouchers can draw on; ``pending_release``:
+    the part of it the client asked to release at ``release_at`` (it leaves then: not to be served against).
+    A node's work for the client is backed up to ``backed`` = settled + reserve - pending_release: the reserve is
+    drawn only for the node's vouchers and settled payments already came out of it, so the sum stays put as the
+    node settles."""
+
+    client: str
+    node: str
+    settled: int
+    reserve: int
+    pending_release: int
+    release_at: int
+    unlock_delay: int  # seconds a release takes: the node's window to settle
+
+    @property
+    def backed(self) -> int:
+        return self.settled + max(self.reserve - self.pending_release, 0)
+
+    def to_json(self) -> dict:
+        return {
+            "client": self.client,
+            "node": self.node,
+            "settled": str(self.settled),
+            "reserve": str(self.reserve),
+            "pending_release": str(self.pending_release),
+            "release_at": self.release_at,
+            "unlock_delay": self.unlock_delay,
+            "backed": str(self.backed),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> Backing:
+        """Parses the ledger's answer; amounts must be non-negative integers (a hostile ledger gets a clear error)."""
+        try:
+            values = {k: int(data[k]) for k in ("settled", "reserve", "pending_release", "release_at", "unlock_delay")}
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"malformed backing answer from the ledger: {e!r}") from None
+        if any(v < 0 for v in values.values()):
+            raise ValueError(f"malformed backing answer from the ledger: negative amount in {values}")
+        return cls(client=str(data.get("client", "")), node=str(data.get("node", "")), **values)
+
+
+def reserve_command(node: str, amount: int | None = None) -> str:
+    """The command a client runs to back its vouchers to ``node`` (the node's credit errors quote it)."""
+    credits = f"{amount / 10**18:g}" if amount is not None else "CREDITS"
+    return f"nectar escrow reserve --node {node} --amount {credits} --key-file YOUR_KEY_FILE"
+
+
 # ---- the client --------------------------------------------------------------------------------------------------
 class LedgerError(Exception):
     """The ledger answered with an error status; the message carries its explanation."""
@@ -214,6 +269,10 @@ class LedgerClient:
 
     def node(self, address: str) -> dict:
         return self._request("GET", PREFIX + NODE.format(address=address))
+
+    def backing(self, client: str, node: str) -> Backing:
+        """What backs ``client``'s vouchers to ``node`` on chain (settled + reserve), read through the ledger."""
+        return Backing.from_json(self._request("GET", PREFIX + BACKING.format(client=client, node=node)))
 
     def epochs(self) -> list[dict]:
         return self._request("GET", PREFIX + EPOCHS)

@@ -61,6 +61,10 @@ class Settings(ServiceSettings):
     deposit_poll_seconds: float = 5.0  # how often the chain is scanned for deposits to the gateway's escrow
     deposit_confirmations: int = 0  # blocks to wait before crediting a deposit (0 on a devnet)
     hold_timeout_seconds: float = 3600.0  # a hold left by a crashed request is released after this
+    reserve_per_node: int = 10**18  # credit wei of the gateway's escrow kept reserved for each node it may route to
+    # (Escrow.reserve, topped up at each chain scan): nodes with a ledger extend credit only against settled payments
+    # and such a reserve, beyond their own small unbacked limit (issue 20); 0 = reserve nothing
+    reserve_max_nodes: int = 20  # reserve for at most this many nodes, the ledger's best ranked first
 
     # requests
     allow_signup: bool = True  # anyone may POST /v1/accounts (devnet); otherwise only with the admin token
@@ -86,6 +90,8 @@ class Settings(ServiceSettings):
     def _check_ranges(self) -> Settings:
         if self.price_per_token < 0:
             raise ValueError("NECTAR_API_PRICE_PER_TOKEN must be >= 0 (micro-credits per token)")
+        if self.reserve_per_node < 0 or self.reserve_max_nodes < 0:
+            raise ValueError("NECTAR_API_RESERVE_PER_NODE and NECTAR_API_RESERVE_MAX_NODES must be >= 0")
         if self.max_concurrent_generations < 1:
             raise ValueError("NECTAR_API_MAX_CONCURRENT_GENERATIONS must be >= 1")
         return self

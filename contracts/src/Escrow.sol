@@ -8,10 +8,16 @@ import {Ownable} from "@openzeppelin/contracts/access/Ownable.sol";
 
 /// @notice The credits vault. Clients deposit credits and may withdraw only after an unlock delay, so settlement can
 ///         still collect for work already done; payees (nodes, the fee recipient) withdraw what settlement credited.
+///         A client may also move part of its escrow into a reserve for one node (Livepeer's TicketBroker reserve,
+///         per named node): settlement pays that node's vouchers from the free balance first and draws on the
+///         reserve only for what the free balance no longer covers, no other node's voucher can touch it, and it
+///         leaves only through a release that takes the unlock delay. A node can therefore serve up to the reserve
+///         without trusting the client: over-committing the free balance to other nodes or withdrawing it cannot
+///         take the reserve away (issue 20).
 /// @dev Settlement inherits the vault and moves balances to earnings itself: keeping the balances in the contract
 ///      that settles saves a cross-contract call, its ABI encoding and a second loop per batch (~580 gas per voucher
 ///      at 10 clients x 10 nodes, benchmarks/gas). Invariant: credits.balanceOf(this) == sum(client balances) +
-///      sum(unwithdrawn earnings).
+///      sum(reserves) + sum(unwithdrawn earnings).
 /// @author Nectar
 abstract contract Escrow is Ownable {
     using SafeERC20 for IERC20;
@@ -38,6 +44,18 @@ abstract contract Escrow is Ownable {
     /// @dev Fires when an amount does not fit the 128-bit accounting fields.
     error AmountTooLarge();
 
+    /// @dev Fires when a reserve is made for the zero address or for the client itself.
+    error BadReserveNode();
+
+    /// @dev Fires when a client asks to release more than its reserve for `node` holds.
+    error InsufficientReserve(address node, uint256 requested, uint256 available);
+
+    /// @dev Fires when `releaseReserve` is called without a pending release request for that node.
+    error NoPendingRelease(address node);
+
+    /// @dev Fires when `releaseReserve` is called before the request's release time.
+    error ReleaseLocked(address node, uint256 releaseAt);
+
     /*//////////////////////////////////////////////////////////////
                                  EVENTS
     //////////////////////////////////////////////////////////////*/
@@ -60,6 +78,20 @@ abstract contract Escrow is Ownable {
     /// @dev Emitted when `payee` withdraws `amount` of earnings.
     event EarningsWithdrawn(address indexed payee, uint256 amount);
 
+    /// @dev Emitted when `client` moves `amount` of its escrow into its reserve for `node`, now `reserve`.
+    event ReserveFunded(address indexed client, address indexed node, uint256 amount, uint256 reserve);
+
+    /// @dev Emitted when `client` asks to release `amount` of its reserve for `node`, possible from `releaseAt`.
+    ///      Nodes (through the ledger) settle that client's vouchers at once when they see it.
+    event ReserveReleaseRequested(address indexed client, address indexed node, uint256 amount, uint256 releaseAt);
+
+    /// @dev Emitted when `amount` of `client`'s reserve for `node` returns to its free escrow balance.
+    event ReserveReleased(address indexed client, address indexed node, uint256 amount);
+
+    /// @dev Emitted when settlement pays `amount` of a voucher to `node` out of `client`'s reserve for it (the free
+    ///      balance did not cover it), leaving `reserve`.
+    event ReserveDrawn(address indexed client, address indexed node, uint256 amount, uint256 reserve);
+
     /*//////////////////////////////////////////////////////////////
                                  STORAGE
     //////////////////////////////////////////////////////////////*/
@@ -77,6 +109,13 @@ abstract contract Escrow is Ownable {
         uint128 withdrawn;
     }
 
+    /// @dev A client's reserve for one node. Its first field is the low 128 bits of the slot, which the settle loop
+    ///      reads and lowers in place (Settlement._settleVouchers).
+    struct ReserveAccount {
+        uint128 amount; // drawable by settlement for this node's vouchers only
+        uint128 pending; // amount of the open release request (still drawable until released)
+    }
+
     IERC20 public immutable credits;
 
     /// @notice Seconds between a withdrawal request and the moment it can be executed.
@@ -86,6 +125,8 @@ abstract contract Escrow is Ownable {
     mapping(address client => ClientAccount) internal _clients;
     mapping(address client => uint256) public unlockAt;
     mapping(address payee => PayeeAccount) internal _payees;
+    mapping(address client => mapping(address node => ReserveAccount)) internal _reserves;
+    mapping(address client => mapping(address node => uint256)) internal _releaseAt;
 
     /*//////////////////////////////////////////////////////////////
                                CONSTRUCTOR
@@ -182,6 +223,62 @@ abstract contract Escrow is Ownable {
         emit Withdrawn(msg.sender, amount);
     }
 
+    /// @notice Moves `amount` of the caller's free escrow into its reserve for `node`: only vouchers to `node` can
+    ///         draw on it, after the free balance, and it comes back only through `requestReserveRelease` and
+    ///         `releaseReserve` (the unlock delay). Nodes extend credit against it.
+    /// @dev Reverts with `ZeroAmount`, `BadReserveNode` or `InsufficientBalance`. An open withdrawal request is paid
+    ///      from what is left free (withdraw pays at most the balance).
+    function reserve(address node, uint256 amount) external {
+        if (amount == 0) revert ZeroAmount();
+        if (node == address(0) || node == msg.sender) revert BadReserveNode();
+        ClientAccount storage account = _clients[msg.sender];
+        if (amount > account.balance) revert InsufficientBalance(amount, account.balance);
+        unchecked {
+            // forge-lint: disable-next-line(unsafe-typecast)
+            account.balance -= uint128(amount); // safe: amount <= balance just above
+        }
+        ReserveAccount storage r = _reserves[msg.sender][node];
+        uint128 held = _toU128(r.amount + amount);
+        r.amount = held;
+        emit ReserveFunded(msg.sender, node, amount, held);
+    }
+
+    /// @notice Asks to release `amount` of the caller's reserve for `node`; executable with `releaseReserve` after
+    ///         `unlockDelay`, during which `node` can still settle against it. Replaces any open request for `node`.
+    /// @dev Reverts with `ZeroAmount` or `InsufficientReserve`.
+    function requestReserveRelease(address node, uint256 amount) external {
+        if (amount == 0) revert ZeroAmount();
+        ReserveAccount storage r = _reserves[msg.sender][node];
+        if (amount > r.amount) revert InsufficientReserve(node, amount, r.amount);
+        // forge-lint: disable-next-line(unsafe-typecast)
+        r.pending = uint128(amount); // safe: amount <= r.amount, a uint128
+        uint256 at = block.timestamp + unlockDelay;
+        _releaseAt[msg.sender][node] = at;
+        emit ReserveReleaseRequested(msg.sender, node, amount, at);
+    }
+
+    /// @notice Executes the caller's release request for `node`: min(requested, what is left of the reserve) returns
+    ///         to the caller's free escrow balance (withdraw it with `requestWithdrawal` / `withdraw`).
+    /// @dev Reverts with `NoPendingRelease` or `ReleaseLocked`.
+    function releaseReserve(address node) external returns (uint256 amount) {
+        ReserveAccount storage r = _reserves[msg.sender][node];
+        amount = r.pending;
+        if (amount == 0) revert NoPendingRelease(node);
+        uint256 at = _releaseAt[msg.sender][node];
+        // forge-lint: disable-next-line(block-timestamp) -- unlock delays are hours, far above any validator skew
+        if (block.timestamp < at) revert ReleaseLocked(node, at);
+        if (amount > r.amount) amount = r.amount; // settlement drew on it meanwhile
+        r.pending = 0;
+        unchecked {
+            // forge-lint: disable-next-line(unsafe-typecast)
+            r.amount -= uint128(amount); // safe: amount <= r.amount just above
+        }
+        delete _releaseAt[msg.sender][node];
+        ClientAccount storage account = _clients[msg.sender];
+        account.balance = _toU128(account.balance + amount);
+        emit ReserveReleased(msg.sender, node, amount);
+    }
+
     /// @notice Pays the caller (a node, or the fee recipient) all its settled earnings.
     /// @dev Reverts with `NoEarnings` when there is nothing to pay.
     function withdrawEarnings() external returns (uint256 amount) {
@@ -197,7 +294,8 @@ abstract contract Escrow is Ownable {
                               PUBLIC READS
     //////////////////////////////////////////////////////////////*/
 
-    /// @notice Credits in `client`'s escrow, available to settlement (includes any pending withdrawal).
+    /// @notice Credits in `client`'s free escrow, available to settlement for any node (includes any pending
+    ///         withdrawal; reserves are apart, see `reserveOf`).
     function balanceOf(address client) external view returns (uint256) {
         return _clients[client].balance;
     }
@@ -205,6 +303,17 @@ abstract contract Escrow is Ownable {
     /// @notice The open withdrawal request of `client`: amount and unlock time (zeros when none).
     function pendingWithdrawal(address client) external view returns (uint256 amount, uint256 at) {
         return (_clients[client].pending, unlockAt[client]);
+    }
+
+    /// @notice `client`'s reserve for `node`: the amount settlement can draw for `node`'s vouchers, the amount of an
+    ///         open release request (drawable until released) and when it can be released (zeros when none).
+    function reserveOf(address client, address node)
+        external
+        view
+        returns (uint256 amount, uint256 pendingRelease, uint256 releaseAt)
+    {
+        ReserveAccount storage r = _reserves[client][node];
+        return (r.amount, r.pending, _releaseAt[client][node]);
     }
 
     /// @notice Settled, not yet withdrawn earnings of `payee`.

@@ -70,7 +70,9 @@ contract Settlement is Escrow, EIP712 {
 
     /// @dev Emitted when voucher `index` (position in the whole batch) of `client` to `node` on `channelId` is not
     ///      paid: `reason` is `SKIP_ALREADY_SETTLED` (its channel is already paid at or above its amount: a replay or
-    ///      a front-run) or `SKIP_INSUFFICIENT_ESCROW` (the client's escrow does not cover its rise).
+    ///      a front-run), `SKIP_INSUFFICIENT_ESCROW` (the client's free escrow does not cover its rise and holds no
+    ///      reserve for the node: nothing paid) or `SKIP_PARTLY_PAID` (free escrow plus the node's reserve covered only
+    ///      part of its rise: that part was paid, the reserve is empty).
     event VoucherSkipped(
         address indexed client, address indexed node, uint64 indexed channelId, uint256 index, uint8 reason
     );
@@ -117,8 +119,13 @@ contract Settlement is Escrow, EIP712 {
     /// @notice `VoucherSkipped` reason: the channel is already paid at or above the voucher's amount.
     uint8 public constant SKIP_ALREADY_SETTLED = 1;
 
-    /// @notice `VoucherSkipped` reason: the client's escrow does not cover the voucher's rise.
+    /// @notice `VoucherSkipped` reason: the client's free escrow does not cover the voucher's rise and it holds no
+    ///         reserve for the voucher's node: nothing of the rise is paid.
     uint8 public constant SKIP_INSUFFICIENT_ESCROW = 2;
+
+    /// @notice `VoucherSkipped` reason: the client's free escrow plus its reserve for the node covered only part of
+    ///         the voucher's rise; that part is paid (the channel's paid total rose by it) and the rest is not.
+    uint8 public constant SKIP_PARTLY_PAID = 3;
 
     // `settle` lays memory out by hand from 0x80 (nothing is live there when it starts) and moves the free memory
     // pointer past it, so the voucher loop reads and writes fixed addresses (one PUSH instead of DUP + ADD each):
@@ -128,8 +135,9 @@ contract Settlement is Escrow, EIP712 {
     //   0x1a0 digest | 0x1c0 v | 0x1e0 r | 0x200 s (ecrecover input)
     //   0x220 the client's available escrow | 0x240 batch position of the group's first voucher
     //   0x260 nodes.offset | 0x280 nodes.length | 0x2a0 nodeGross (memory pointer)
+    //   0x2c0 credits drawn from reserves in this batch (they are in nodeGross but not in the groups' `spent`)
     // Scratch 0x00 takes the recovered signer, then the slot key; 0x20 holds the mapping's slot during a loop.
-    uint256 private constant _SCRATCH_END = 0x2c0;
+    uint256 private constant _SCRATCH_END = 0x2e0;
 
     /// @notice Receives the protocol fee as escrow earnings.
     address public feeRecipient;
@@ -203,15 +211,24 @@ contract Settlement is Escrow, EIP712 {
     ///          (bytes32 key, uint256 shift) = NectarTypes.channelSlot(client, node, partner, channelId);
     ///          uint256 paid_ = uint128(_channelPairs[key] >> shift);  // this channel's lane
     ///          if (cumulative <= paid_) { emit VoucherSkipped(.., SKIP_ALREADY_SETTLED); continue; }
-    ///          if (spent + cumulative - paid_ > available) { emit VoucherSkipped(.., SKIP_INSUFFICIENT_ESCROW); continue; }
-    ///          spent += cumulative - paid_;
-    ///          _channelPairs[key] += (cumulative - paid_) << shift;     // the other lane kept
-    ///          nodeGross[nodeIndex] += cumulative - paid_;
+    ///          uint256 delta = cumulative - paid_;
+    ///          if (spent + delta > available) {                     // free balance short: the node's reserve
+    ///              uint256 free = available - spent;
+    ///              uint256 reserved = _reserves[client][node].amount;
+    ///              if (delta > free + reserved && reserved == 0) { emit VoucherSkipped(.., SKIP_INSUFFICIENT_ESCROW); continue; }
+    ///              if (delta > free + reserved) { delta = free + reserved; emit VoucherSkipped(.., SKIP_PARTLY_PAID); }
+    ///              _reserves[client][node].amount -= delta - free;  // emit ReserveDrawn when nonzero
+    ///              reserveDrawn += delta - free; spent = available - delta;  // so the line below ends at available
+    ///          }
+    ///          spent += delta;
+    ///          _channelPairs[key] += delta << shift;                // the other lane kept
+    ///          nodeGross[nodeIndex] += delta;
     ///
     ///      It is assembly because it is the whole cost of a batch beyond the fixed costs (ecrecover, 3,100 gas, and
     ///      the slot: 5,000 for the first lane a batch writes, 200 for the second): that Solidity spent ~1,200 gas
     ///      more per voucher on call plumbing and checks (see the .gas-snapshot history in benchmarks/gas). A malformed
-    ///      voucher reverts the batch with its position; a replayed, front-run or uncovered one is skipped.
+    ///      voucher reverts the batch with its position; a replayed, front-run or uncovered one is skipped. The
+    ///      reserve branch runs only when the free balance falls short, so the common path costs what it did.
     ///      No overflow: each delta is below 2^128 and a batch has far fewer than 2^128 vouchers.
     function _settleVouchers(SignedVoucher[] calldata vouchers) internal returns (uint256 spent) {
         assembly {
@@ -234,6 +251,41 @@ contract Settlement is Escrow, EIP712 {
                 mstore(0x00, shl(224, selector))
                 mstore(0x04, add(mload(0x240), div(sub(v, first), 0x60)))
                 revert(0x00, 0x24)
+            }
+            // The free balance falls short of `delta`: the rest comes from the client's reserve for `node`, as far
+            // as it goes (a partial payment raises the lane by what was paid; a later voucher pays the rest).
+            // Returns the amount to pay (0: skipped) and `spent` lowered by what the reserve pays, so that the
+            // loop's `spent := add(spent, delta)` ends at the whole free balance (it may wrap below zero here).
+            function fromReserve(node, channelId, delta, used, v, first) -> pay, spentOut {
+                let free := sub(mload(0x220), used)
+                mstore(0x00, mload(0xa0))
+                mstore(0x20, _reserves.slot)
+                mstore(0x20, keccak256(0x00, 0x40))
+                mstore(0x00, node)
+                let reserveSlot := keccak256(0x00, 0x40) // _reserves[client][node]
+                mstore(0x20, _channelPairs.slot)
+                let held := sload(reserveSlot)
+                let reserved := and(held, 0xffffffffffffffffffffffffffffffff) // ReserveAccount.amount
+                pay := delta
+                if gt(delta, add(free, reserved)) {
+                    // without a reserve nothing is paid, as before reserves: a node that took no reserve relied
+                    // on nothing; with one, the reserved node gets all that is left for it
+                    pay := mul(add(free, reserved), gt(reserved, 0))
+                    switch pay
+                    case 0 { skip(node, channelId, SKIP_INSUFFICIENT_ESCROW, v, first) }
+                    default { skip(node, channelId, SKIP_PARTLY_PAID, v, first) }
+                }
+                spentOut := used
+                if iszero(pay) { leave }
+                let draw := sub(pay, free) // pay > free: the free balance alone fell short
+                spentOut := sub(used, draw)
+                sstore(reserveSlot, sub(held, draw)) // draw <= reserved: the pending field is kept
+                mstore(0x2c0, add(mload(0x2c0), draw))
+                // ReserveDrawn(client, node, draw, reserved - draw); topic checked by a test
+                mstore(0x00, draw)
+                mstore(0x20, sub(reserved, draw))
+                log3(0x00, 0x40, 0xed6e45be144100498010e002bc1bb1d47715201c5ae9e075dc7f8686e7924383, mload(0xa0), node)
+                mstore(0x20, _channelPairs.slot)
             }
             mstore(0x20, _channelPairs.slot) // word 2 of every slot-key hash below
             let nodesAt := mload(0x260)
@@ -292,8 +344,8 @@ contract Settlement is Escrow, EIP712 {
                     continue
                 }
                 if gt(add(spent, delta), mload(0x220)) {
-                    skip(node, channelId, SKIP_INSUFFICIENT_ESCROW, v, first)
-                    continue
+                    delta, spent := fromReserve(node, channelId, delta, spent, v, first)
+                    if iszero(delta) { continue }
                 }
                 spent := add(spent, delta)
                 // cumulative < 2^128 and above this lane's value: adding the rise in place leaves the other lane
@@ -344,12 +396,13 @@ contract Settlement is Escrow, EIP712 {
 
     /// @notice Settles a batch of vouchers: pays each channel's new cumulative amount minus what it was already
     ///         paid, from the client's escrow to the node's escrow earnings, minus the protocol fee.
-    /// @dev Skips (with `VoucherSkipped`) vouchers already paid or not covered by escrow, and settles the rest.
+    /// @dev Skips (with `VoucherSkipped`) vouchers already paid or not covered by escrow, and settles the rest. A voucher
+    ///      the client's free escrow does not cover is paid from the client's reserve for its node, as far as that goes.
     ///      Reverts (naming the voucher's batch position) with `InvalidSignature` or `BadNodeIndex`, and with
     ///      `EmptyBatch` if the batch holds no voucher.
     /// @param nodes The batch's node addresses, referenced by index from each voucher.
     /// @param groups One group per client.
-    /// @return gross Total credits moved out of client escrow.
+    /// @return gross Total credits moved out of client escrow (free balances and reserves).
     function settle(address[] calldata nodes, ClientVouchers[] calldata groups) external returns (uint256 gross) {
         assembly {
             mstore(0x40, _SCRATCH_END) // reserve [0x80, _SCRATCH_END): nothing in memory is live yet
@@ -364,6 +417,7 @@ contract Settlement is Escrow, EIP712 {
             mstore(0x260, nodes.offset)
             mstore(0x280, nodes.length)
             mstore(0x2a0, nodeGross)
+            mstore(0x2c0, 0)
         }
         uint256 index;
         for (uint256 g; g < groups.length; ++g) {
@@ -372,6 +426,9 @@ contract Settlement is Escrow, EIP712 {
             index += group.vouchers.length;
         }
         if (index == 0) revert EmptyBatch();
+        assembly {
+            gross := add(gross, mload(0x2c0)) // what reserves paid
+        }
         uint256 fee;
         if (gross != 0) fee = _creditNodes(nodes, nodeGross); // all skipped: nothing to credit
         emit BatchSettled(msg.sender, index, gross, fee);

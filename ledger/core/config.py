@@ -43,6 +43,8 @@ class Settings(ServiceSettings):
     epoch_seconds: float = 60.0  # beat closes an epoch this often
     settle_batch_size: int = 100  # vouchers per settle() transaction
     epoch_lease_seconds: float = 120.0  # a crashed worker's claim on an epoch expires after this
+    exit_poll_seconds: float = 5.0  # beat: how often the worker looks for clients' withdrawal and reserve-release
+    # requests on chain and settles their outstanding vouchers at once (before the unlock delay runs out)
     fee_bps: int = 100  # protocol fee in basis points, as the Settlement contract charges (informational here)
     credit_limit: int = 10**16  # credit wei of unpaid work a node grants a client (nodes read it from /v1/config)
 
@@ -72,6 +74,22 @@ class Settings(ServiceSettings):
         if not 0.0 <= self.spot_check_fraction <= 1.0:
             raise ValueError("NECTAR_LEDGER_SPOT_CHECK_FRACTION must be within [0, 1]")
         return self
+
+    @property
+    def settlement_latency_s(self) -> float:
+        """Worst case from a voucher reaching the ledger to its settlement without the exit watcher: it may just miss
+        an epoch's close (one epoch), settle at the next (a second), behind a crashed worker's lease."""
+        return 2 * self.epoch_seconds + self.epoch_lease_seconds
+
+    def check_unlock_delay(self, unlock_delay: int) -> None:
+        """Refuses a deployment whose unlock delay a client could use to withdraw before this ledger settles."""
+        if unlock_delay <= self.settlement_latency_s:
+            raise RuntimeError(
+                f"the deployment's unlock delay ({unlock_delay}s) does not exceed this ledger's worst-case settlement "
+                f"latency (2 x NECTAR_LEDGER_EPOCH_SECONDS + NECTAR_LEDGER_EPOCH_LEASE_SECONDS = "
+                f"{self.settlement_latency_s:g}s): clients could withdraw escrow or release reserves before their "
+                f"vouchers settle. Shorten the epoch or the lease, or deploy with a longer unlock delay"
+            )
 
     def key_for(self, role: str) -> str:
         """The operator ("ledger") or verifier key; on a devnet, the deployment's demo account with that role."""

@@ -71,7 +71,7 @@ def market(tmp_path_factory):
             "NECTAR_LEDGER_DATABASE_URL": f"sqlite:///{home / 'ledger.db'}",
             "NECTAR_LEDGER_BROKER_URL": f"sqla+sqlite:///{home / 'ledger-broker.db'}",
             "NECTAR_LEDGER_DEPLOYMENT_PATH": str(deployment),
-            "NECTAR_LEDGER_EPOCH_SECONDS": "3600",
+            "NECTAR_LEDGER_EPOCH_SECONDS": "1500",  # closed by hand; under the unlock delay, as the ledger checks
         }
         ledger_port = free_port()
         ledger_url = f"http://127.0.0.1:{ledger_port}"

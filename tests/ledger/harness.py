@@ -44,7 +44,8 @@ class LedgerDeployment:
             "NECTAR_LEDGER_DATABASE_URL": self.database_url,
             "NECTAR_LEDGER_BROKER_URL": self.broker_url,
             "NECTAR_LEDGER_DEPLOYMENT_PATH": str(self.deployment_path),
-            "NECTAR_LEDGER_EPOCH_SECONDS": "3600",
+            "NECTAR_LEDGER_EPOCH_SECONDS": "1500",  # tests close epochs by hand; under the unlock delay (checked)
+            "NECTAR_LEDGER_EXIT_POLL_SECONDS": "3600",  # no early settlement on withdrawals unless a test asks
             "NECTAR_LEDGER_EPOCH_LEASE_SECONDS": "3",
             "NECTAR_LEDGER_CRASH_MARKER": str(self.home / "crash"),
         }

@@ -6,8 +6,9 @@ import {Credits} from "../../src/Credits.sol";
 import {Escrow} from "../../src/Escrow.sol";
 import {Settlement} from "../../src/Settlement.sol";
 
-/// @notice Drives Escrow and Settlement with random deposits, withdrawals, settlements (and replays of settled
-///         vouchers) for the invariant tests, keeping ghost totals to check against.
+/// @notice Drives Escrow and Settlement with random deposits, withdrawals, per-node reserves (fund, release),
+///         settlements (within free balance + reserve, and over-committed ones that pay only part) and replays of
+///         settled vouchers, for the invariant tests, keeping ghost totals to check against.
 /// @author Nectar
 contract SettlementHandler {
     Vm internal constant vm = Vm(address(uint160(uint256(keccak256("hevm cheat code")))));
@@ -91,12 +92,74 @@ contract SettlementHandler {
         ghostWithdrawn += escrow.withdraw();
     }
 
+    /// @dev What settlement can pay client `c`'s vouchers to `n`: its free balance and its reserve for `n`.
+    function _available(address c, address n) internal view returns (uint256) {
+        (uint256 reserved,,) = escrow.reserveOf(c, n);
+        return escrow.balanceOf(c) + reserved;
+    }
+
+    function reserve(uint256 who, uint256 to, uint256 amount) external {
+        address c = clients[who % 3];
+        uint256 balance = escrow.balanceOf(c);
+        if (balance == 0) return;
+        vm.prank(c);
+        escrow.reserve(nodes[to % 3], _bound(amount, 1, balance));
+    }
+
+    function requestRelease(uint256 who, uint256 to, uint256 amount) external {
+        address c = clients[who % 3];
+        address n = nodes[to % 3];
+        (uint256 reserved,,) = escrow.reserveOf(c, n);
+        if (reserved == 0) return;
+        vm.prank(c);
+        escrow.requestReserveRelease(n, _bound(amount, 1, reserved));
+    }
+
+    function release(uint256 who, uint256 to) external {
+        address c = clients[who % 3];
+        address n = nodes[to % 3];
+        (, uint256 pending, uint256 at) = escrow.reserveOf(c, n);
+        if (pending == 0) return;
+        if (block.timestamp < at) vm.warp(at);
+        vm.prank(c);
+        escrow.releaseReserve(n);
+    }
+
+    /// @dev A voucher above what the client holds for the node: with a reserve for it, the part free balance +
+    ///      reserve cover is paid; without one, nothing.
+    function overCommit(uint256 who, uint256 to, uint256 channel, uint256 extra) external {
+        uint256 k = who % 3;
+        address c = clients[k];
+        address n = nodes[to % 3];
+        (uint256 reserved,,) = escrow.reserveOf(c, n);
+        uint256 available = escrow.balanceOf(c) + reserved;
+        uint64 channelId = uint64(channel % 4);
+        bytes32 key = keccak256(abi.encode(c, n, n, channelId));
+        uint128 cumulative = uint128(ghostCumulative[key] + available + _bound(extra, 1, 1_000 ether));
+        delete _lastNodes;
+        delete _lastGroups;
+        _lastNodes.push(n);
+        Settlement.ClientVouchers storage group = _lastGroups.push();
+        group.client = c;
+        (bytes32 r, bytes32 vs) = vm.signCompact(clientKeys[k], settlement.voucherDigest(c, n, n, channelId, cumulative));
+        group.vouchers.push(Settlement.SignedVoucher(uint256(channelId) << 128 | cumulative, r, vs));
+        uint256 paid = settlement.settle(_lastNodes, _lastGroups);
+        _hasLast = false; // a partly paid voucher may rightly pay again (the rest, after a top-up): not a replay
+        require(paid == (reserved == 0 ? 0 : available), "over-committed voucher pays free + reserve, or nothing");
+        ghostSettled += paid;
+        ghostCumulative[key] += paid;
+        if (!_knownChannel[key]) {
+            _knownChannel[key] = true;
+            channelKeys.push(key);
+        }
+    }
+
     function settle(uint256 who, uint256 to, uint256 channel, uint256 amount) external {
         uint256 k = who % 3;
         address c = clients[k];
-        uint256 available = escrow.balanceOf(c);
-        if (available == 0) return;
         address n = nodes[to % 3];
+        uint256 available = _available(c, n);
+        if (available == 0) return;
         uint64 channelId = uint64(channel % 4);
         bytes32 key = keccak256(abi.encode(c, n, n, channelId));
         uint256 delta = _bound(amount, 1, available);
@@ -123,9 +186,9 @@ contract SettlementHandler {
     /// @dev Settles both channels of one slot pair (2p, 2p + 1) of a (client, node) in one batch, in random order.
     function settlePair(uint256 who, uint256 to, uint256 pair, uint256 amount0, uint256 amount1) external {
         uint256 k = who % 3;
-        uint256 available = escrow.balanceOf(clients[k]);
-        if (available < 2) return;
         address n = nodes[to % 3];
+        uint256 available = _available(clients[k], n);
+        if (available < 2) return;
         uint64 first = uint64(pair % 2) << 1 | uint64((pair >> 8) % 2); // the lane settled first varies too
         uint256 delta0 = _bound(amount0, 1, available / 2);
         uint256 delta1 = _bound(amount1, 1, available / 2);

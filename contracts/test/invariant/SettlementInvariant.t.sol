@@ -4,7 +4,7 @@ pragma solidity ^0.8.24;
 import {NectarFixture} from "../utils/NectarFixture.sol";
 import {SettlementHandler} from "./SettlementHandler.sol";
 
-/// @notice Escrow solvency and no-double-pay, under random deposits, withdrawals, settlements (single channels and
+/// @notice Escrow solvency and no-double-pay, under random deposits, withdrawals, per-node reserves, settlements (single channels and
 ///         both channels of a shared slot pair: ids 0..3 are two pairs per client and node; a client's channels to
 ///         two nodes that share a slot) and replays.
 contract SettlementInvariantTest is NectarFixture {
@@ -14,7 +14,7 @@ contract SettlementInvariantTest is NectarFixture {
         super.setUp();
         handler = new SettlementHandler(credits, escrow, settlement, owner, treasury);
         targetContract(address(handler));
-        bytes4[] memory selectors = new bytes4[](9);
+        bytes4[] memory selectors = new bytes4[](13);
         selectors[0] = SettlementHandler.deposit.selector;
         selectors[1] = SettlementHandler.requestWithdrawal.selector;
         selectors[2] = SettlementHandler.withdraw.selector;
@@ -24,12 +24,25 @@ contract SettlementInvariantTest is NectarFixture {
         selectors[6] = SettlementHandler.warp.selector;
         selectors[7] = SettlementHandler.settlePair.selector; // both lanes of a shared slot in one batch
         selectors[8] = SettlementHandler.settleRoutePair.selector; // a slot shared by two nodes' channels
+        selectors[9] = SettlementHandler.reserve.selector; // per-node reserves (issue 20)
+        selectors[10] = SettlementHandler.requestRelease.selector;
+        selectors[11] = SettlementHandler.release.selector;
+        selectors[12] = SettlementHandler.overCommit.selector; // vouchers above free balance + reserve
         targetSelector(FuzzSelector({addr: address(handler), selectors: selectors}));
     }
 
     function _clientBalances() internal view returns (uint256 sum) {
         for (uint256 i; i < 3; ++i) {
             sum += escrow.balanceOf(handler.clients(i));
+        }
+    }
+
+    function _reserves() internal view returns (uint256 sum) {
+        for (uint256 c; c < 3; ++c) {
+            for (uint256 n; n < 3; ++n) {
+                (uint256 amount,,) = escrow.reserveOf(handler.clients(c), handler.nodes(n));
+                sum += amount;
+            }
         }
     }
 
@@ -40,15 +53,17 @@ contract SettlementInvariantTest is NectarFixture {
         sum += escrow.earningsOf(treasury);
     }
 
-    /// @dev The vault holds exactly what clients own plus what payees earned and did not withdraw.
+    /// @dev The vault holds exactly what clients own (free and reserved) plus what payees earned and did not withdraw.
     function invariant_EscrowIsSolvent() public view {
-        assertEq(credits.balanceOf(address(escrow)), _clientBalances() + _earnings(), "escrow token balance");
+        assertEq(
+            credits.balanceOf(address(escrow)), _clientBalances() + _reserves() + _earnings(), "escrow token balance"
+        );
     }
 
-    /// @dev Client balances are deposits minus withdrawals minus settled payments, to the wei.
+    /// @dev Client balances (free and reserved) are deposits minus withdrawals minus settled payments, to the wei.
     function invariant_ClientAccounting() public view {
         assertEq(
-            _clientBalances(),
+            _clientBalances() + _reserves(),
             handler.ghostDeposited() - handler.ghostWithdrawn() - handler.ghostSettled(),
             "client balances"
         );
