@@ -33,6 +33,7 @@ from nectar.node.identity import (
 from nectar.node.memory_cache import MemoryCache
 from nectar.node.payments import NoPaymentPolicy, PaymentPolicy
 from nectar.node.receipts import CreditLedger, ReceiptSigner
+from nectar.node.signed_work import SignedWork
 from nectar.node.signing import InlineSigning, SigningWorker
 from nectar.node.steps import NodeSteps
 from nectar.node.task_pool import ComputeThread
@@ -124,6 +125,8 @@ class Server:
         try:
             self.p2p_key = load_or_create_p2p_identity(self.key_dir / "p2p.key")
             self.eth_key = load_or_create_eth_key(self.key_dir / "eth.json")
+            # the keys this node signed receipts for, kept in its key folder (which it holds alone) across restarts
+            self.signed_work = SignedWork(self.key_dir / "signed-work")
         except BaseException:
             self.identity.release()
             raise
@@ -241,6 +244,7 @@ class Server:
                 audit=audit,
                 payments=self.payments,
                 signing=self.signing,
+                signed_work=self.signed_work,
             )
             self.handler = NodeHandler(steps, info_provider=self.rpc_info, push_allowed=self.announces_lane)
         else:
@@ -318,6 +322,7 @@ class Server:
         if self.dht is not None:
             self.dht.shutdown()
         self.loop.call_soon_threadsafe(self.loop.stop)
+        self.signed_work.close()
         self.identity.release()
         trace.dump()
 

@@ -177,12 +177,17 @@ def session_id() -> bytes:
     return os.urandom(16)
 
 
-def check_receipt(node: NodeHandler, receipt: dict, inputs: torch.Tensor, output: torch.Tensor, step: int):
+def check_receipt(
+    node: NodeHandler, receipt: dict, inputs: torch.Tensor, output: torch.Tensor, step: int, session: bytes = b""
+) -> schema.SignedReceipt:
     signed = schema.SignedReceipt.from_json(receipt)
+    if session:
+        assert signed.receipt.session_id == session
     assert eip712.recover_receipt_signer(signed, DOMAIN) == node.steps.signer.address
     assert signed.receipt.step == step
     assert signed.receipt.input_commitment == fingerprints.commit_tensor(inputs)
     assert signed.receipt.output_commitment == fingerprints.commit_tensor(output)
+    return signed
 
 
 def assert_released(node: NodeHandler):
@@ -215,20 +220,22 @@ def test_inline_receipts_ride_with_each_output_and_charge_the_client():
     async def scenario():
         talk = Conversation(node)
         await talk.send(Open(UID, sid, max_length=8, client=client))
-        assert isinstance(await talk.receive(), Opened)
+        opened = await talk.receive()
+        assert isinstance(opened, Opened) and len(opened.session_nonce) == 32
         for step, tokens in enumerate((3, 1)):
             x = hidden(tokens)
             await talk.send(Step(sid, step, position=3 * step, hidden=x))
             reply = await talk.receive()
             assert isinstance(reply, StepReply) and not reply.receipt_follows
             assert torch.equal(reply.output, x * 2) and reply.fingerprint is not None
-            check_receipt(node, reply.receipt, x, reply.output, step)
+            check_receipt(node, reply.receipt, x, reply.output, step, schema.bind_session(sid, opened.session_nonce))
         await talk.end()
         assert await talk.receive() == END
+        return opened.session_nonce
 
-    run(scenario)
+    nonce = run(scenario)
     assert node.steps.credit.unpaid(client) == 4 * 4 * PRICE  # 4 tokens through 4 blocks
-    history, span, _ = node.steps.audit.history(sid.rjust(32, b"\0"), 1)
+    history, span, _ = node.steps.audit.history(schema.bind_session(sid, nonce), 1)
     assert span == (0, 4) and history.shape == (1, 4, HIDDEN)
     assert_released(node)
 
@@ -255,7 +262,8 @@ def test_a_separate_receipt_is_signed_once_the_next_steps_round_has_begun():
     async def scenario():
         talk = Conversation(node)
         await talk.send(Open(UID, sid, max_length=8, separate_receipts=True))
-        assert isinstance(await talk.receive(), Opened)
+        opened = await talk.receive()
+        assert isinstance(opened, Opened)
         await talk.send(Step(sid, 0, position=0, hidden=x0))
         first = await talk.receive()
         assert isinstance(first, StepReply) and first.receipt_follows and first.receipt is None
@@ -277,9 +285,10 @@ def test_a_separate_receipt_is_signed_once_the_next_steps_round_has_begun():
         check_receipt(node, receipt.receipt, x1, second.output, 1)
         await talk.end()
         assert await talk.receive() == END
+        return opened.session_nonce
 
-    run(scenario)
-    history, _, _ = node.steps.audit.history(sid.rjust(32, b"\0"), 1)
+    nonce = run(scenario)
+    history, _, _ = node.steps.audit.history(schema.bind_session(sid, nonce), 1)
     assert torch.equal(history, torch.cat([x0, x1], dim=1))
     assert_released(node)
 
@@ -619,14 +628,16 @@ def test_forward_backward_and_audit_calls():
         sid = session_id()
         talk = Conversation(node)
         await talk.send(Open(UID, sid, max_length=8, first_step=Step(sid, 0, hidden=x)))
-        await talk.receive()
+        first = await talk.receive()
         await talk.end()
         await talk.receive()
-        (response,) = await _call(node.rpc_audit, AuditCall(UID, sid, 0).to_request())
+        bound = schema.bind_session(sid, first.session_nonce)  # audits name the session id receipts carry
+        assert schema.SignedReceipt.from_json(first.receipt).receipt.session_id == bound
+        (response,) = await _call(node.rpc_audit, AuditCall(UID, bound, 0).to_request())
         audit = AuditReply.decode(response)
         assert torch.equal(audit.inputs, x) and (audit.start, audit.end) == (0, 4) and audit.prompts is None
         with pytest.raises(NodeRPCError) as error:
-            await _call(node.rpc_audit, AuditCall(UID, sid, 1).to_request())
+            await _call(node.rpc_audit, AuditCall(UID, bound, 1).to_request())
         assert error.value.code == ErrorCode.UNKNOWN_SESSION
 
     run(scenario)
