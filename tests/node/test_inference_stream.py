@@ -642,3 +642,97 @@ def test_forward_backward_and_audit_calls():
 
     run(scenario)
     assert node.steps.credit.unpaid(client) == 2 * 3 * 4 * PRICE
+
+
+# ---- one receipt per work key (issue 20) ---------------------------------------------------------------------------
+
+
+def test_a_step_resent_with_its_input_gets_the_receipt_already_signed_and_with_another_an_error():
+    node, client = make_node(), Account.create().address
+    sid, x, y = session_id(), hidden(2), hidden(1)
+
+    async def scenario():
+        talk = Conversation(node)
+        await talk.send(Open(UID, sid, max_length=8, client=client))
+        opened = await talk.receive()
+        await talk.send(Step(sid, 0, position=0, hidden=x))
+        first = await talk.receive()
+        await talk.send(Step(sid, 0, position=0, hidden=x.clone()))  # a retry of the same step
+        again = await talk.receive()
+        assert again.receipt == first.receipt and again.fingerprint == first.fingerprint
+        check_receipt(node, again.receipt, x, first.output, 0, schema.bind_session(sid, opened.session_nonce))
+        await talk.send(Step(sid, 0, position=2, hidden=y))  # another input under a signed key
+        error = await talk.error()
+        assert error.code == ErrorCode.BAD_REQUEST and "signed already, for another input" in str(error)
+
+    run(scenario)
+    assert node.steps.credit.unpaid(client) == 2 * 4 * PRICE  # the replayed receipt was charged once
+    assert len(node.steps.signed_work) == 1
+    assert_released(node)
+
+
+def test_a_step_resent_while_its_separate_receipt_is_unsigned_is_refused_after_that_receipt():
+    node = make_node(receipt_delay=10.0)
+    sid, x = session_id(), hidden()
+
+    async def scenario():
+        talk = Conversation(node)
+        await talk.send(Open(UID, sid, max_length=8, separate_receipts=True))
+        await talk.receive()
+        await talk.send(Step(sid, 0, hidden=x))
+        output = await talk.receive()
+        await talk.send(Step(sid, 0, position=0, hidden=x))
+        receipt = await talk.receive()  # the step's own receipt still goes out, once
+        assert isinstance(receipt, ReceiptMessage) and receipt.step == 0
+        check_receipt(node, receipt.receipt, x, output.output, 0)
+        error = await talk.error()
+        assert error.code == ErrorCode.BAD_REQUEST and "is being computed here already" in str(error)
+
+    run(scenario)
+    assert_released(node)
+
+
+def test_two_opens_with_one_session_id_get_two_nonces_and_no_shared_work_key():
+    node = make_node()
+    sid, x = session_id(), hidden()
+
+    async def once():
+        talk = Conversation(node)
+        await talk.send(Open(UID, sid, max_length=8, first_step=Step(sid, 0, hidden=x)))
+        reply = await talk.receive()
+        await talk.end()
+        assert await talk.receive() == END
+        signed = check_receipt(node, reply.receipt, x, reply.output, 0)
+        assert signed.receipt.session_id == schema.bind_session(sid, reply.session_nonce)
+        return signed.receipt.session_id
+
+    async def scenario():
+        return await once(), await once()
+
+    first, second = run(scenario)
+    assert first != second and len(node.steps.signed_work) == 2
+
+
+def test_each_forward_and_backward_call_gets_a_nonce_of_its_own():
+    node, client = make_node(), Account.create().address
+    x, sid = hidden(2), session_id()
+
+    async def scenario():
+        sessions = set()
+        for _ in range(2):
+            call = ForwardCall(UID, x, client=client, session_id=sid, step=3)
+            (response,) = await _call(node.rpc_forward, call.to_request())
+            reply = ForwardReply.decode(response)
+            signed = check_receipt(node, reply.receipt, x, reply.output, 3)
+            assert signed.receipt.session_id == schema.bind_session(sid, reply.session_nonce)
+            sessions.add(signed.receipt.session_id)
+        call = BackwardCall(UID, x, x, client=client, session_id=sid, step=3)
+        (response,) = await _call(node.rpc_backward, call.to_request())
+        reply = BackwardReply.decode(response)
+        signed = schema.SignedReceipt.from_json(reply.receipt)
+        assert signed.receipt.session_id == schema.bind_session(sid, reply.session_nonce)
+        sessions.add(signed.receipt.session_id)
+        return sessions
+
+    assert len(run(scenario)) == 3
+    assert len(node.steps.signed_work) == 3
