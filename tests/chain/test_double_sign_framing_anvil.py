@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +31,20 @@ HIDDEN = 64
 STAKE = 1_000 * ETHER
 
 
+@dataclass
+class Victim:
+    runtime: ClientRuntime
+    peer: str
+    address: str
+    swarm: LocalSwarm
+    process: object
+    keys: Path
+    checkpoint: str
+
+    def __iter__(self):  # runtime, peer, address
+        return iter((self.runtime, self.peer, self.address))
+
+
 @pytest.fixture(scope="module")
 def victim(devnet, chain, roles, tmp_path_factory):
     """One honest node process (tiny llama, blocks 0:4) signing under the deployment's domain, registered with
@@ -46,7 +62,7 @@ def victim(devnet, chain, roles, tmp_path_factory):
         chain.register_node(account["privateKey"], peer, STAKE)
         runtime = ClientRuntime(swarm.initial_peers)
         try:
-            yield runtime, peer, account["address"]
+            yield Victim(runtime, peer, account["address"], swarm, node, keys, str(checkpoint))
         finally:
             runtime.shutdown()
 
@@ -197,3 +213,14 @@ def test_forward_calls_under_one_session_and_step_share_no_work_key(chain, victi
     assert first.receipt.session_id == schema.bind_session(session, one.session_nonce)
     assert second.receipt.session_id == schema.bind_session(session, two.session_nonce)
     assert chain.stake_of(node) == STAKE
+
+
+def test_a_node_killed_and_restarted_still_knows_what_it_signed(victim):
+    """Last in the module: the journal in the node's key folder outlives a SIGKILL (each record is written before
+    its receipt leaves the node), and the restarted node reads every key back."""
+    journal = victim.keys / "signed-work"
+    signed = sum(path.stat().st_size for path in journal.iterdir())
+    assert signed and signed % 32 == 0  # 32 bytes a receipt
+    victim.swarm.kill(victim.process)
+    again = victim.swarm.add_node(victim.checkpoint, blocks=(0, 4), name="victim", extra_args=["--throughput", "100"])
+    assert f"Signed-work journal: {signed // 32} receipts signed within the evidence window" in again.log()
