@@ -60,7 +60,7 @@ class InferenceWork:
     tokens: int
     separate_receipt: bool
     key: bytes  # its work key (``nectar.node.signed_work``)
-    replay: tuple | None = None  # (receipt JSON, fingerprint) signed before for this key and input: sent again
+    replay: tuple | None = None  # (receipt JSON, fingerprint, position) signed before for this key: sent again
 
 
 class NodeSteps:
@@ -149,19 +149,21 @@ class NodeSteps:
                 self.payments.on_voucher(signed)
 
     async def receipt_of(
-        self, pending: PendingReceipt, client: str, key: bytes, *, keep: bool = True
+        self, pending: PendingReceipt, client: str, key: bytes, *, position: int | None = None
     ) -> tuple[dict, bytes]:
         """(the receipt's JSON, its fingerprint) once signed and journaled under its work key (before it leaves the
-        node); the client is charged for it. ``keep``: kept for a same-input re-send of its step."""
+        node); the client is charged for it. An inference step's (``position``) is kept for a retry of the step."""
         signed, fingerprint, receipt_json = await pending.result()
-        self.signed_work.signed(key, signed.receipt.input_commitment, (receipt_json, fingerprint) if keep else None)
+        replay = (receipt_json, fingerprint, position) if position is not None else None
+        self.signed_work.signed(key, signed.receipt.input_commitment, replay)
         self.credit.charge(client, signed.receipt.amount)
         self.payments.on_receipt(signed, fingerprint)
         return receipt_json, fingerprint
 
-    def take_work(self, key: bytes, inputs: torch.Tensor, step: int) -> tuple | None:
+    def take_work(self, key: bytes, inputs: torch.Tensor, step: int, position: int | None = None) -> tuple | None:
         """Reserves a work key before its step computes. A key signed before gets its receipt again for the same
-        input (a retry), an error for another: a node never signs two receipts for one key (a double-sign)."""
+        input at the same position (a retry), an error otherwise: a node never signs two receipts for one key (a
+        double-sign), and sends a receipt only with the step it committed to."""
         held = self.signed_work.take(key)
         if held is None:
             return None
@@ -183,6 +185,12 @@ class NodeSteps:
                 ErrorCode.BAD_REQUEST,
                 f"step {step} of this session was signed already and its receipt went out with its answer; send "
                 "the next step number, or open a new session to replay",
+            )
+        if replay[2] != position:  # the same input in another cache state gives another output
+            raise NodeRPCError(
+                ErrorCode.BAD_REQUEST,
+                f"step {step} of this session was signed already at position {replay[2]}, not {position}; a retry "
+                "goes where the step went: send new work under the next step number",
             )
         return replay
 
@@ -228,7 +236,7 @@ class NodeSteps:
         tokens = hidden.shape[0] * hidden.shape[1]
         self.check_credit(client, tokens, start, end)
         key = schema.work_key(session_id, start, end, schema.ReceiptKind.INFERENCE, message.step)
-        replay = self.take_work(key, hidden, message.step)
+        replay = self.take_work(key, hidden, message.step, position)
         task = self.backend.inference_task(hidden, caches, start=start, end=end, position=position, prompts=prompts)
         started = asyncio.get_running_loop().create_future()
         output = self.compute.submit(task, Priority.INFERENCE, started=started)
@@ -278,15 +286,16 @@ class NodeSteps:
         packed = pack_tensors([outputs])
         if push is not None:  # before the receipt and the reply: the next hop computes while this node signs
             await push(packed)
-        self.audit.record(
-            session_id,
-            work.step,
-            work.position,
-            work.hidden,
-            work.start,
-            work.end,
-            prompts=work.prompts if work.position == 0 else None,
-        )
+        if work.replay is None:  # a retry's input is recorded already
+            self.audit.record(
+                session_id,
+                work.step,
+                work.position,
+                work.hidden,
+                work.start,
+                work.end,
+                prompts=work.prompts if work.position == 0 else None,
+            )
         new_length = work.position + work.hidden.shape[1]
 
         pending = (
@@ -337,9 +346,9 @@ class NodeSteps:
         return response, new_length, follow_up
 
     async def _receipt_of(self, work: InferenceWork, pending: PendingReceipt | None) -> tuple[dict, bytes]:
-        if pending is None:  # a re-sent step: the receipt signed before, charged then
-            return work.replay
-        return await self.receipt_of(pending, work.client, work.key)
+        if pending is None:  # a retried step: the receipt signed before, charged then
+            return work.replay[:2]
+        return await self.receipt_of(pending, work.client, work.key, position=work.position)
 
     # ---- forward and backward ---------------------------------------------------------------------------------
 
@@ -413,7 +422,7 @@ class NodeSteps:
             inputs=inputs,
             outputs=outputs,
         )
-        receipt, fingerprint = await self.receipt_of(pending, call.client, key, keep=False)
+        receipt, fingerprint = await self.receipt_of(pending, call.client, key)
         return result, receipt, fingerprint, nonce
 
 

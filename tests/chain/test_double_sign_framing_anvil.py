@@ -124,37 +124,34 @@ def _refused(chain, attacker, a, b, node: str) -> None:
     pytest.fail(f"the attacker slashed the honest node {node}: {taken / ETHER:.0f} credits taken ({result.tx_hash})")
 
 
-def test_a_step_sent_twice_under_one_key_gets_the_receipt_already_signed(chain, victim, attacker):
-    """One stream: step 1 computed after step 0, then step 1 again with the same input at position 0 (another cache
-    state: another output), then with another input."""
+def test_a_step_sent_twice_under_one_key_gets_the_receipt_already_signed_or_an_error(chain, victim, attacker):
+    """One stream: step 1 computed after step 0, retried as it was, then sent again with the same input at position
+    0 (another cache state: another output); another stream tries another input under a signed step."""
     runtime, peer, node = victim
     session = b"\x01" * 16
     x, y, z = (torch.randn(1, 1, HIDDEN) for _ in range(3))
-    client = attacker["address"]
-    replies = runtime.run(
-        _converse(
-            runtime,
-            peer,
-            [
-                Open(_uid(), session, max_length=8, client=client),
-                Step(session, 0, position=0, hidden=x),
-                Step(session, 1, position=1, hidden=y),
-                Step(session, 1, position=0, hidden=y),
-                Step(session, 1, position=1, hidden=z),
-            ],
-        ),
-        timeout=120,
+
+    def stream(*steps: Step) -> list:
+        opening = Open(_uid(), session, max_length=8, client=attacker["address"])
+        return runtime.run(_converse(runtime, peer, [opening, Step(session, 0, position=0, hidden=x), *steps]), 120)
+
+    replies = stream(
+        Step(session, 1, position=1, hidden=y),
+        Step(session, 1, position=1, hidden=y),
+        Step(session, 1, position=0, hidden=y),
     )
-    first, second = _signed(replies[2]), _signed(replies[3])
-    _refused(chain, attacker, first, second, node)
-    assert second == first  # the receipt already signed, not a new one
-    assert not torch.equal(replies[3].output, replies[2].output)  # the step did compute again, in another state
-    assert "signed already, for another input" in str(replies[4])  # and never a receipt for a new input
+    receipts = [_signed(reply) for reply in replies[2:] if isinstance(reply, StepReply)]
+    _refused(chain, attacker, receipts[0], receipts[-1], node)
+    assert receipts == [receipts[0]] * 2  # the retry got the receipt already signed, not a new one
+    assert "signed already at position 1, not 0" in str(replies[-1])  # never a receipt for another output
+
+    replies = stream(Step(session, 1, position=1, hidden=y), Step(session, 1, position=1, hidden=z))
+    assert "signed already, for another input" in str(replies[-1])
 
     opened = replies[0]
     assert isinstance(opened, Opened) and len(opened.session_nonce) == schema.SESSION_NONCE_BYTES
-    assert first.receipt.session_id == schema.bind_session(session, opened.session_nonce)
-    assert eip712.recover_receipt_signer(first, chain.eip712_domain()) == node
+    assert _signed(replies[2]).receipt.session_id == schema.bind_session(session, opened.session_nonce)
+    assert eip712.recover_receipt_signer(receipts[0], chain.eip712_domain()) == node
     assert chain.stake_of(node) == STAKE
 
 

@@ -647,11 +647,11 @@ def test_forward_backward_and_audit_calls():
 # ---- one receipt per work key (issue 20) ---------------------------------------------------------------------------
 
 
-def test_a_step_resent_with_its_input_gets_the_receipt_already_signed_and_with_another_an_error():
+def test_a_step_resent_with_its_input_gets_the_receipt_already_signed_and_anything_else_an_error():
     node, client = make_node(), Account.create().address
-    sid, x, y = session_id(), hidden(2), hidden(1)
+    sid, x, y = session_id(), hidden(2), hidden(2)
 
-    async def scenario():
+    async def stream(resend: Step, words: str):
         talk = Conversation(node)
         await talk.send(Open(UID, sid, max_length=8, client=client))
         opened = await talk.receive()
@@ -661,13 +661,17 @@ def test_a_step_resent_with_its_input_gets_the_receipt_already_signed_and_with_a
         again = await talk.receive()
         assert again.receipt == first.receipt and again.fingerprint == first.fingerprint
         check_receipt(node, again.receipt, x, first.output, 0, schema.bind_session(sid, opened.session_nonce))
-        await talk.send(Step(sid, 0, position=2, hidden=y))  # another input under a signed key
+        await talk.send(resend)
         error = await talk.error()
-        assert error.code == ErrorCode.BAD_REQUEST and "signed already, for another input" in str(error)
+        assert error.code == ErrorCode.BAD_REQUEST and words in str(error)
+
+    async def scenario():
+        await stream(Step(sid, 0, position=0, hidden=y), "signed already, for another input")
+        await stream(Step(sid, 0, position=2, hidden=x), "signed already at position 0, not 2")  # another cache state
 
     run(scenario)
-    assert node.steps.credit.unpaid(client) == 2 * 4 * PRICE  # the replayed receipt was charged once
-    assert len(node.steps.signed_work) == 1
+    assert node.steps.credit.unpaid(client) == 2 * 2 * 4 * PRICE  # each stream's receipt was charged once
+    assert len(node.steps.signed_work) == 2
     assert_released(node)
 
 
