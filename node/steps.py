@@ -25,7 +25,7 @@ from nectar.node.config import NodeConfig
 from nectar.node.memory_cache import MemoryCache
 from nectar.node.payments import NoPaymentPolicy, PaymentPolicy
 from nectar.node.receipts import CreditLedger, ReceiptSigner
-from nectar.node.signed_work import SignedWork
+from nectar.node.signed_work import JournalFull, SignedWork
 from nectar.node.signing import InlineSigning, PendingReceipt, SigningWorker
 from nectar.node.task_pool import ComputeThread, Priority
 from nectar.wire import fingerprints
@@ -164,7 +164,10 @@ class NodeSteps:
         """Reserves a work key before its step computes. A key signed before gets its receipt again for the same
         input at the same position (a retry), an error otherwise: a node never signs two receipts for one key (a
         double-sign), and sends a receipt only with the step it committed to."""
-        held = self.signed_work.take(key)
+        try:
+            held = self.signed_work.take(key)
+        except JournalFull as e:
+            raise NodeRPCError(ErrorCode.CACHE_FULL, f"{e}: try another node")
         if held is None:
             return None
         if not held:
