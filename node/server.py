@@ -13,7 +13,7 @@ from pathlib import Path
 import hivemind
 import torch
 
-from nectar.deployment import domain_from_deployment
+from nectar.deployment import domain_from_deployment, max_evidence_age_from_deployment
 from nectar.models import get_family, load_config, model_id_of, resolve_model
 from nectar.models.cpu_blas import use_threads
 from nectar.node import trace
@@ -33,7 +33,7 @@ from nectar.node.identity import (
 from nectar.node.memory_cache import MemoryCache
 from nectar.node.payments import NoPaymentPolicy, PaymentPolicy
 from nectar.node.receipts import CreditLedger, ReceiptSigner
-from nectar.node.signed_work import SignedWork
+from nectar.node.signed_work import EVIDENCE_MARGIN_S, SignedWork
 from nectar.node.signing import InlineSigning, SigningWorker
 from nectar.node.steps import NodeSteps
 from nectar.node.task_pool import ComputeThread
@@ -125,8 +125,11 @@ class Server:
         try:
             self.p2p_key = load_or_create_p2p_identity(self.key_dir / "p2p.key")
             self.eth_key = load_or_create_eth_key(self.key_dir / "eth.json")
-            # the keys this node signed receipts for, kept in its key folder (which it holds alone) across restarts
-            self.signed_work = SignedWork(self.key_dir / "signed-work")
+            # the keys this node signed receipts for, kept in its key folder (which it holds alone) across restarts,
+            # for as long as the chain takes them as evidence, and an hour more (clock skew)
+            self.signed_work = SignedWork(
+                self.key_dir / "signed-work", window_s=max_evidence_age_from_deployment() + EVIDENCE_MARGIN_S
+            )
         except BaseException:
             self.identity.release()
             raise

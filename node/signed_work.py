@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 RECORD = 32  # bytes per journal record: work key (16) + input commitment prefix (16)
 _BUCKET = struct.Struct(">I")  # in memory a key's value ends with the bucket that forgets it
-DEFAULT_WINDOW_S = 13 * 3600.0  # the chain's default maxEvidenceAge (12 h) and an hour of margin
+EVIDENCE_MARGIN_S = 3600.0  # kept this long past the chain's maxEvidenceAge: clocks differ
+DEFAULT_WINDOW_S = 12 * 3600.0 + EVIDENCE_MARGIN_S  # the contracts' default maxEvidenceAge (12 h), and the margin
 DEFAULT_BUCKET_S = 3600.0
 DEFAULT_MAX_KEYS = 20_000_000  # ~640 MB of journal, a few GB of memory: ~430 receipts/s for the whole window
 

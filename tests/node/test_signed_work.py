@@ -132,3 +132,14 @@ def test_the_number_of_keys_is_bounded():
         work.take(key(10))
     clock.now += 3 * HOUR
     assert work.take(key(10)) is None and len(work) == 1
+
+
+def test_the_window_follows_the_deployments_evidence_age(tmp_path):
+    from nectar.deployment import DEFAULT_MAX_EVIDENCE_AGE, max_evidence_age_from_deployment
+
+    deployment = tmp_path / "deployment.json"
+    assert max_evidence_age_from_deployment(deployment) == DEFAULT_MAX_EVIDENCE_AGE == 12 * 3600  # no file
+    deployment.write_text('{"params": {"max_evidence_age": 86400}}')
+    assert max_evidence_age_from_deployment(deployment) == 86400
+    deployment.write_text("not json")
+    assert max_evidence_age_from_deployment(deployment) == DEFAULT_MAX_EVIDENCE_AGE
