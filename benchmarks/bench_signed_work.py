@@ -8,6 +8,7 @@ Run: PYTHONPATH=.pkgroot python benchmarks/bench_signed_work.py [keys]
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import tempfile
@@ -15,6 +16,11 @@ import time
 
 from nectar.node.signed_work import SignedWork
 from nectar.wire import receipts as schema
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def main(keys: int = 1_000_000, steps: int = 200_000) -> None:
@@ -42,17 +48,17 @@ def main(keys: int = 1_000_000, steps: int = 200_000) -> None:
         work.close()
         size = sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder))
 
-        import resource
-
-        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        gc.collect()
+        before = _rss()
         began = time.perf_counter()
         again = SignedWork(folder)
         load = time.perf_counter() - began
         assert len(again) == keys + steps
-        rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        gc.collect()
+        per_key = (_rss() - before) / len(again)
         print(f"guard per step: {step_us:.2f} us (of which the work key {key_us:.2f} us), {keys:,} keys held")
         print(f"fill: {fill / keys * 1e6:.2f} us a key; journal {size / (keys + steps):.0f} bytes a key on disk")
-        print(f"restart: {load:.2f} s to read {keys + steps:,} keys back (max RSS grew {rss_after - rss_before} KiB)")
+        print(f"restart: {load:.2f} s to read {keys + steps:,} keys back; ~{per_key:.0f} bytes of memory a key")
 
 
 if __name__ == "__main__":

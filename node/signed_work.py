@@ -2,19 +2,20 @@
 
 Two receipts with one work key, one input and two outputs are a double-sign on chain (``Slashing.slashDoubleSign``):
 half the node's stake. Session ids are bound to a node-drawn nonce (``nectar.wire.receipts.bind_session``), so honest
-work never reuses a key; this guard makes sure that no request, replay or restart makes the node sign one twice.
+work never reuses a key; this guard makes sure that no request, retry or restart makes the node sign one twice.
 
 ``SignedWork`` keeps every key signed in the last ``window_s`` seconds (the chain refuses evidence older than its
 ``maxEvidenceAge``, 12 h by default; the window adds a margin for clock skew) in one dict, so a check is one lookup,
 and appends each signed key to a journal in the node's key folder: one file per ``bucket_s`` of wall-clock time,
-32 bytes a receipt (the key, and the first 16 bytes of the receipt's input commitment). Files older than the
-window are deleted, and their keys forgotten, as time moves on; a restarted node reads the rest back. A write goes
-to the operating system before the receipt leaves the node, so it survives the node's crash or kill (a power cut
-may lose the last seconds, but no session from before a restart can be opened again: its nonce is never redrawn).
+8 bytes a receipt (the first 8 bytes of its work key: a false match among millions of keys is a 1 in 10^12 event,
+and costs a refused step, never a second signature). Files older than the window are deleted, and their keys
+forgotten, as time moves on; a restarted node reads the rest back. A write goes to the operating system before the
+receipt leaves the node, so it survives the node's crash or kill (a power cut may lose the last seconds, but no
+session from before a restart can be opened again: its nonce is never drawn again).
 
-A key comes in three states: free, taken (a step for it is being computed or signed) and signed; a taken key that is
-never signed is forgotten with its bucket. The last
-``replays`` receipts are kept, so a step re-sent with the same input gets its receipt again, never a new one.
+A key is free, taken (a step for it is being computed or signed; forgotten with its bucket if never signed) or
+signed. The last ``replays`` receipts are kept with their input, so a step retried with the same input gets its
+receipt again; any other re-send of a signed key is refused.
 """
 
 from __future__ import annotations
@@ -29,16 +30,21 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-RECORD = 32  # bytes per journal record: work key (16) + input commitment prefix (16)
-_BUCKET = struct.Struct(">I")  # in memory a key's value ends with the bucket that forgets it
+RECORD = struct.Struct("<Q")  # a journal record: the work key's first 8 bytes
 EVIDENCE_MARGIN_S = 3600.0  # kept this long past the chain's maxEvidenceAge: clocks differ
 DEFAULT_WINDOW_S = 12 * 3600.0 + EVIDENCE_MARGIN_S  # the contracts' default maxEvidenceAge (12 h), and the margin
 DEFAULT_BUCKET_S = 3600.0
-DEFAULT_MAX_KEYS = 20_000_000  # ~640 MB of journal, a few GB of memory: ~430 receipts/s for the whole window
+DEFAULT_MAX_KEYS = 50_000_000  # ~400 MB of journal and ~4 GB of memory: ~1,000 receipts/s for the whole window
+
+
+class State:
+    FREE = None
+    TAKEN = "taken"
+    SIGNED = "signed"
 
 
 class JournalFull(RuntimeError):
-    """The window holds ``max_keys`` signed keys: the node signs nothing more until the oldest age out."""
+    """The window holds ``max_keys`` keys: the node signs nothing more until the oldest age out."""
 
 
 class SignedWork:
@@ -60,11 +66,13 @@ class SignedWork:
         self.folder = Path(folder) if folder is not None else None
         self.bucket_s, self.max_keys, self.clock = bucket_s, max_keys, clock
         self.buckets_kept = int(-(-window_s // bucket_s)) + 1  # whole buckets covering the window, and the current
-        # key -> input commitment prefix (signed) or nothing (taken), then the key's latest bucket (4 bytes)
-        self._keys: dict[bytes, bytes] = {}
-        self._buckets: deque[tuple[int, list[bytes]]] = deque()  # (bucket, keys taken or signed in it), oldest first
+        # key (int) -> its tag: the bucket that forgets it, times 2, plus 1 once signed. Tags are shared objects
+        # (``_tag``), so an entry costs the dict slot and the key's int (~80 bytes with its place in a bucket list)
+        self._keys: dict[int, int] = {}
+        self._buckets: deque[tuple[int, list[int]]] = deque()  # (bucket, keys taken or signed in it), oldest first
+        self._tags: dict[int, int] = {}
         self._fd: int | None = None
-        self._replays: OrderedDict[bytes, tuple] = OrderedDict()
+        self._replays: OrderedDict[int, tuple] = OrderedDict()  # key -> (input commitment, what a retry gets)
         self._replay_limit = replays
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -75,48 +83,51 @@ class SignedWork:
 
     # ---- the guard ----------------------------------------------------------------------------------------------
 
-    def take(self, key: bytes) -> bytes | None:
-        """Reserves a free key (None), or returns what it holds: ``b""`` while taken, else the first 16 bytes of
-        the input commitment of the receipt signed for it. O(1): one dict lookup on the step's path."""
-        held = self._keys.get(key)
+    def take(self, key: bytes) -> str | None:
+        """Reserves a free key (returns ``State.FREE``, None), or says what it is: ``State.TAKEN`` or
+        ``State.SIGNED``. O(1): one dict lookup on the step's path."""
+        k = int.from_bytes(key[:8], "little")
+        held = self._keys.get(k)
         if held is not None:
-            return held[:-4]
+            return State.SIGNED if held & 1 else State.TAKEN
         if len(self._keys) >= self.max_keys:
             self._prune()
             if len(self._keys) >= self.max_keys:
                 raise JournalFull(
-                    f"this node signed {self.max_keys} receipts within the last {self.buckets_kept - 1} hours, its "
-                    "limit; it takes new work once the oldest age out"
+                    f"this node signed {self.max_keys} receipts within the evidence window, its limit; it takes new "
+                    "work once the oldest age out"
                 )
-        self._keys[key] = self._current()
-        self._buckets[-1][1].append(key)
-        return None
+        bucket = self._current()
+        self._keys[k] = self._tag(2 * bucket)
+        self._buckets[-1][1].append(k)
+        return State.FREE
 
     def release(self, key: bytes) -> None:
         """Frees a key taken by a step that failed before anything was signed for it."""
-        held = self._keys.get(key)
-        if held is not None and len(held) == 4:
-            del self._keys[key]
+        k = int.from_bytes(key[:8], "little")
+        held = self._keys.get(k)
+        if held is not None and not held & 1:
+            del self._keys[k]
 
     def signed(self, key: bytes, input_commitment: bytes, replay: tuple | None = None) -> None:
         """Records a receipt signed for ``key`` (journal first: the receipt leaves the node only after this);
-        ``replay`` is what a same-input re-send gets back."""
+        ``replay`` is what a retry with the same input gets back."""
+        k = int.from_bytes(key[:8], "little")
         bucket = self._current()
-        prefix = bytes(input_commitment[:16])
         if self._fd is not None:
-            os.write(self._fd, key + prefix)
-        held = self._keys.get(key)
-        if held is None or held[-4:] != bucket:
-            self._buckets[-1][1].append(key)
-        self._keys[key] = prefix + bucket
+            os.write(self._fd, RECORD.pack(k))
+        held = self._keys.get(k)
+        if held is None or held >> 1 != bucket:
+            self._buckets[-1][1].append(k)  # forgotten with this bucket, not the one it was taken in
+        self._keys[k] = self._tag(2 * bucket + 1)
         if replay is not None:
-            self._replays[key] = replay
+            self._replays[k] = (bytes(input_commitment), replay)
             if len(self._replays) > self._replay_limit:
                 self._replays.popitem(last=False)
 
-    def replay(self, key: bytes) -> tuple | None:
-        """The signed receipt kept for ``key`` (what ``signed`` was given), if still kept."""
-        return self._replays.get(key)
+    def replay(self, key: bytes) -> tuple[bytes, tuple] | None:
+        """(the signed receipt's input commitment, what ``signed`` was given as ``replay``) while kept."""
+        return self._replays.get(int.from_bytes(key[:8], "little"))
 
     def close(self) -> None:
         if self._fd is not None:
@@ -125,15 +136,18 @@ class SignedWork:
 
     # ---- the journal --------------------------------------------------------------------------------------------
 
+    def _tag(self, value: int) -> int:
+        return self._tags.setdefault(value, value)
+
     def _path(self, bucket: int) -> Path:
         return self.folder / f"{bucket}.keys"
 
-    def _current(self) -> bytes:
-        """The current bucket (4 bytes), its journal file open."""
+    def _current(self) -> int:
+        """The current bucket, its journal file open."""
         bucket = int(self.clock() // self.bucket_s)
         if not self._buckets or self._buckets[-1][0] != bucket:
             self._roll(bucket)
-        return _BUCKET.pack(bucket)
+        return bucket
 
     def _load(self) -> None:
         oldest = int(self.clock() // self.bucket_s) - self.buckets_kept + 1
@@ -144,12 +158,9 @@ class SignedWork:
                 path.unlink(missing_ok=True)  # older than any evidence the chain accepts (or not ours)
                 continue
             data = path.read_bytes()
-            data = data[: len(data) - len(data) % RECORD]  # a record cut short by a crash was never acknowledged
-            tag, keys = _BUCKET.pack(bucket), []
-            for i in range(0, len(data), RECORD):
-                key = data[i : i + 16]
-                self._keys[key] = data[i + 16 : i + RECORD] + tag
-                keys.append(key)
+            data = data[: len(data) - len(data) % RECORD.size]  # a record cut short by a crash was never sent
+            keys = [k for (k,) in RECORD.iter_unpack(data)]
+            self._keys.update(dict.fromkeys(keys, self._tag(2 * bucket + 1)))
             self._buckets.append((bucket, keys))
             loaded += len(keys)
         if loaded:
@@ -167,11 +178,12 @@ class SignedWork:
         oldest = int(self.clock() // self.bucket_s) - self.buckets_kept + 1
         while self._buckets and self._buckets[0][0] < oldest:
             bucket, keys = self._buckets.popleft()
-            tag = _BUCKET.pack(bucket)
-            for key in keys:
-                held = self._keys.get(key)
-                if held is not None and held[-4:] == tag:  # a key seen again later is forgotten with that bucket
-                    del self._keys[key]
-                    self._replays.pop(key, None)
+            for k in keys:
+                held = self._keys.get(k)
+                if held is not None and held >> 1 == bucket:  # a key seen again later goes with that bucket
+                    del self._keys[k]
+                    self._replays.pop(k, None)
+            for tag in (2 * bucket, 2 * bucket + 1):
+                self._tags.pop(tag, None)
             if self.folder is not None:
                 self._path(bucket).unlink(missing_ok=True)

@@ -25,7 +25,7 @@ from nectar.node.config import NodeConfig
 from nectar.node.memory_cache import MemoryCache
 from nectar.node.payments import NoPaymentPolicy, PaymentPolicy
 from nectar.node.receipts import CreditLedger, ReceiptSigner
-from nectar.node.signed_work import JournalFull, SignedWork
+from nectar.node.signed_work import JournalFull, SignedWork, State
 from nectar.node.signing import InlineSigning, PendingReceipt, SigningWorker
 from nectar.node.task_pool import ComputeThread, Priority
 from nectar.wire import fingerprints
@@ -165,29 +165,30 @@ class NodeSteps:
         input at the same position (a retry), an error otherwise: a node never signs two receipts for one key (a
         double-sign), and sends a receipt only with the step it committed to."""
         try:
-            held = self.signed_work.take(key)
+            state = self.signed_work.take(key)
         except JournalFull as e:
             raise NodeRPCError(ErrorCode.CACHE_FULL, f"{e}: try another node")
-        if held is None:
+        if state is None:
             return None
-        if not held:
+        if state != State.SIGNED:
             raise NodeRPCError(
                 ErrorCode.BAD_REQUEST,
                 f"step {step} of this session is being computed here already; each step number is signed once: "
                 "wait for its answer, or send the next step number",
             )
-        if fingerprints.commit_tensor(inputs)[:16] != held:
-            raise NodeRPCError(
-                ErrorCode.BAD_REQUEST,
-                f"step {step} of this session was signed already, for another input; a node signs one receipt per "
-                "(session, blocks, kind, step): send new input under the next step number",
-            )
-        replay = self.signed_work.replay(key)
-        if replay is None:
+        kept = self.signed_work.replay(key)
+        if kept is None:
             raise NodeRPCError(
                 ErrorCode.BAD_REQUEST,
                 f"step {step} of this session was signed already and its receipt went out with its answer; send "
                 "the next step number, or open a new session to replay",
+            )
+        input_commitment, replay = kept
+        if fingerprints.commit_tensor(inputs) != input_commitment:
+            raise NodeRPCError(
+                ErrorCode.BAD_REQUEST,
+                f"step {step} of this session was signed already, for another input; a node signs one receipt per "
+                "(session, blocks, kind, step): send new input under the next step number",
             )
         if replay[2] != position:  # the same input in another cache state gives another output
             raise NodeRPCError(
