@@ -32,6 +32,7 @@ from nectar.wire.messages import (
     decode_inference_reply,
 )
 from nectar.wire.protocol import RPC_INFERENCE, ErrorCode, NodeRPCError, module_uid
+from nectar.wire.receipts import SESSION_NONCE_BYTES, bind_session
 from nectar.wire.stubs import open_stream
 
 Connect = (
@@ -244,6 +245,7 @@ class Hop:
     unchecked: list[tuple[dict, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (receipt, in, out)
     voucher: dict | None = None  # signed after the last receipt check, sent with the next step
     push_token: bytes = field(default_factory=lambda: os.urandom(16))  # the previous hop shows it to push here
+    receipt_session: bytes = b""  # the session id its receipts carry: bound to the node's nonce (``bound_session``)
     pending: asyncio.Task | None = None  # the answer to a step sent ahead (push mode)
     receipt: asyncio.Task | None = None  # the last step's receipt, which the node sends after its output
 
@@ -262,6 +264,17 @@ class Hop:
     def close(self) -> None:
         self.state = HopState.CLOSED
         self.stream.close()
+
+
+def bound_session(session_id: bytes, opened: Opened) -> bytes:
+    """The session id a node's receipts must carry after it answered the open with ``opened``: the client's id
+    bound to the node's nonce, or (a node that sends none, from before nonces) the client's id itself."""
+    nonce = opened.session_nonce
+    if nonce is None:
+        return session_id.rjust(32, b"\0")
+    if not isinstance(nonce, bytes) or len(nonce) != SESSION_NONCE_BYTES:
+        raise ValueError(f"the node answered the open with a malformed session_nonce {nonce!r:.80}")
+    return bind_session(session_id, nonce)
 
 
 def describe(error: BaseException) -> str:

@@ -30,7 +30,7 @@ from nectar.client.errors import (
     RouteUnavailableError,
     SessionClosedError,
 )
-from nectar.client.hop_stream import Fault, Hop, HopFailed, HopStream, Reply
+from nectar.client.hop_stream import Fault, Hop, HopFailed, HopStream, Reply, bound_session
 from nectar.client.payments import ReceiptError, Wallet
 from nectar.client.push_mode import PushMode
 from nectar.client.routing import MissingBlocksError, RemoteSequenceManager, RemoteSpan
@@ -127,7 +127,8 @@ class InferenceSession:
             timeout=self.config.connect_timeout,
         )
         try:
-            self.runtime.run(opening, timeout=self.config.connect_timeout + 5)
+            opened = self.runtime.run(opening, timeout=self.config.connect_timeout + 5)
+            hop.receipt_session = bound_session(self.session_id, opened)
         except Exception as e:
             stream.close()
             raise HopFailed(span, Fault.of(e, "could not open a session: "))
@@ -211,7 +212,7 @@ class InferenceSession:
                         end=span.end,
                         inputs=inputs,
                         outputs=output,
-                        session_id=self.session_id,
+                        session_id=hop.receipt_session,
                         verify=self.config.verify_receipts,
                     )
                 except ReceiptError as e:

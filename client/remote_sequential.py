@@ -18,6 +18,7 @@ from nectar.client.routing import RemoteSequenceManager, RemoteSpan
 from nectar.wire.dht import ClientRuntime
 from nectar.wire.messages import BackwardCall, ForwardCall
 from nectar.wire.protocol import RPC_BACKWARD, RPC_FORWARD, module_uid
+from nectar.wire.receipts import SESSION_NONCE_BYTES, bind_session
 from nectar.wire.stubs import call_backward, call_forward
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,9 @@ class RemoteCaller:
         if not all(torch.isfinite(o).all() for o in outputs):
             raise ValueError(f"{span} returned a malformed output")
         if reply.receipt is not None or self.config.verify_receipts:
+            nonce = reply.session_nonce  # the node binds each call's receipt to a nonce of its own
+            if nonce is not None and (not isinstance(nonce, bytes) or len(nonce) != SESSION_NONCE_BYTES):
+                raise ReceiptError(f"{span} answered with a malformed session_nonce {nonce!r:.80}")
             self.wallet.check_receipt(
                 reply.receipt or {},
                 node_address=span.info.eth_address,
@@ -66,6 +70,7 @@ class RemoteCaller:
                 end=span.end,
                 inputs=receipt_inputs,
                 outputs=outputs[0],
+                session_id=bind_session(self.session_id, nonce) if nonce is not None else None,
                 verify=self.config.verify_receipts,
             )
         return outputs

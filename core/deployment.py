@@ -35,3 +35,17 @@ def domain_from_deployment(path: str | Path | None = None, *, strict: bool = Fal
             raise ValueError(f"the deployment file {path} is unreadable ({e}): rewrite it with `nectar devnet`") from e
         logger.warning(f"Ignoring unreadable deployment file {path} ({e}); using the devnet default domain")
     return make_domain(DEVNET_CHAIN_ID, ZERO_ADDRESS)
+
+
+DEFAULT_MAX_EVIDENCE_AGE = 43_200  # s: the contracts' default (nectar.chain.deploy.DeployParams)
+
+
+def max_evidence_age_from_deployment(path: str | Path | None = None) -> int:
+    """How long (s) the deployment's chain accepts a receipt as double-sign evidence: a node remembers every work
+    key it signed for this long (``nectar.node.signed_work``). The contracts' default without a readable file."""
+    path = Path(path) if path is not None else deployment_path()
+    try:
+        age = json.loads(path.read_text()).get("params", {}).get("max_evidence_age", DEFAULT_MAX_EVIDENCE_AGE)
+        return int(age) if int(age) > 0 else DEFAULT_MAX_EVIDENCE_AGE
+    except (OSError, ValueError, TypeError, AttributeError):
+        return DEFAULT_MAX_EVIDENCE_AGE

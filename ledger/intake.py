@@ -34,6 +34,8 @@ class Reason:
     CONFLICT = "conflict"
     STALE_VOUCHER = "stale_voucher"
     NOT_STAKED = "node_not_staked"  # the stake gate: the node is not registered with the minimum stake
+    STALE_RECEIPT = "stale_receipt"  # older than the chain's evidence window: it proves nothing on chain any more
+    FUTURE_RECEIPT = "future_receipt"  # dated ahead of the ledger's clock by more than the allowed skew
     UNSTORABLE = "unstorable"  # the database refused this one item (a ledger bug: it is logged with the item)
 
 
@@ -57,7 +59,17 @@ def parse_receipt_item(item) -> tuple[SignedReceipt, bytes]:
         raise Malformed(str(e)) from None
 
 
-def check_receipt(signed: SignedReceipt, fingerprint: bytes | None, domain: dict) -> CheckedReceipt:
+def check_receipt(
+    signed: SignedReceipt,
+    fingerprint: bytes | None,
+    domain: dict,
+    *,
+    now: float | None = None,
+    max_age: float = 43_200.0,
+    max_skew: float = 300.0,
+) -> CheckedReceipt:
+    """The stateless checks; with ``now`` (the ledger's clock, s) also the receipt's time: at most ``max_skew``
+    ahead, at most ``max_age`` old (the chain refuses double-sign evidence older than its ``maxEvidenceAge``)."""
     receipt = signed.receipt
     struct_hash = receipt_struct_hash(receipt)
     checked = CheckedReceipt(signed, fingerprint, keccak256(struct_hash))
@@ -75,6 +87,18 @@ def check_receipt(signed: SignedReceipt, fingerprint: bytes | None, domain: dict
     elif fingerprint_hash(fingerprint) != receipt.fingerprint:
         checked.reason = Reason.BAD_FINGERPRINT
         checked.message = "fingerprintBytes do not hash to the receipt's fingerprint"
+    elif now is not None and receipt.timestamp > now + max_skew:
+        checked.reason = Reason.FUTURE_RECEIPT
+        checked.message = (
+            f"timestamp {receipt.timestamp} is {receipt.timestamp - now:.0f} s ahead of the ledger's clock (at most "
+            f"{max_skew:.0f} s allowed): check the node's clock (NTP) and submit it once its time has come"
+        )
+    elif now is not None and receipt.timestamp < now - max_age:
+        checked.reason = Reason.STALE_RECEIPT
+        checked.message = (
+            f"timestamp {receipt.timestamp} is {now - receipt.timestamp:.0f} s old, past the {max_age:.0f} s evidence "
+            "window: submit receipts as they are signed (a node's payment policy does)"
+        )
     return checked
 
 

@@ -23,6 +23,7 @@ import asyncio
 import enum
 import functools
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
@@ -33,6 +34,7 @@ from nectar.node import trace
 from nectar.node.push import PushInbox, PushLink, PushSlot
 from nectar.node.steps import FollowUp, InferenceWork, NodeSteps
 from nectar.node.task_pool import Priority
+from nectar.wire import receipts as schema
 from nectar.wire.messages import (
     Cancel,
     Flush,
@@ -80,6 +82,10 @@ class InferenceStream:
         self.config = node.steps.config
         self.state = State.OPENING
         self.open: Open | None = None
+        # receipts name bind_session(the client's session id, a nonce drawn here), sent with the open's answer: no
+        # client can make two streams (or one before and after a restart) share a work key
+        self.nonce = os.urandom(schema.SESSION_NONCE_BYTES)
+        self.session_id = b""  # the bound id, once open
         self.start = self.end = 0
         self.caches = None
         self.length = 0  # tokens in the session's cache
@@ -90,6 +96,7 @@ class InferenceStream:
         self.receipt: FollowUp | None = None  # the last step's receipt, unsent
         self._push_output = None  # sends the computing step's output to the next hop, if it goes there
         self._sent_output = False
+        self._answered = False  # a step's output went out (the first carries the nonce when the open had the step)
         self._transitions = {
             State.OPENING: self._answer_open,
             State.IDLE: self._idle,
@@ -138,6 +145,7 @@ class InferenceStream:
             return None
         self.open = opening = Open.decode(request)
         self.start, self.end = self.steps.check_span(opening.uid)
+        self.session_id = schema.bind_session(opening.session_id, self.nonce)
         return opening
 
     async def _answer_open(self) -> runtime_pb2.ExpertResponse | None:
@@ -145,7 +153,7 @@ class InferenceStream:
         if self.open.first_step is not None:
             return await self._begin_step(self.open.first_step)
         self.state = State.IDLE
-        return Opened(self.steps.memory.tokens_left).to_response()
+        return Opened(self.steps.memory.tokens_left, self.nonce).to_response()
 
     async def _idle(self) -> runtime_pb2.ExpertResponse | None:
         """IDLE: wait up to ``session_timeout`` for the next request (then the session expires)."""
@@ -251,6 +259,7 @@ class InferenceStream:
             step,
             hidden,
             prompts,
+            session_id=self.session_id,
             caches=self.caches,
             start=self.start,
             end=self.end,
@@ -270,9 +279,11 @@ class InferenceStream:
             await self.work.started
             return await self._take_receipt()
         work, self.work = self.work, None
+        first = self.open.first_step is not None and not self._answered
         response, self.length, self.receipt = await self.steps.finish_inference(
-            work, session_id=self.open.session_id, push=self._push_output
+            work, session_id=self.session_id, push=self._push_output, session_nonce=self.nonce if first else None
         )
+        self._answered = True
         self._push_output = None
         self.state = State.RECEIPT_PENDING if self.receipt is not None else State.IDLE
         self._sent_output = True

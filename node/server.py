@@ -13,7 +13,7 @@ from pathlib import Path
 import hivemind
 import torch
 
-from nectar.deployment import domain_from_deployment
+from nectar.deployment import domain_from_deployment, max_evidence_age_from_deployment
 from nectar.models import get_family, load_config, model_id_of, resolve_model
 from nectar.models.cpu_blas import use_threads
 from nectar.node import trace
@@ -33,6 +33,7 @@ from nectar.node.identity import (
 from nectar.node.memory_cache import MemoryCache
 from nectar.node.payments import NoPaymentPolicy, PaymentPolicy
 from nectar.node.receipts import BackingCache, CreditLedger, ReceiptSigner
+from nectar.node.signed_work import EVIDENCE_MARGIN_S, SignedWork
 from nectar.node.signing import InlineSigning, SigningWorker
 from nectar.node.steps import NodeSteps
 from nectar.node.task_pool import ComputeThread
@@ -166,6 +167,11 @@ class Server:
         try:
             self.p2p_key = load_or_create_p2p_identity(self.key_dir / "p2p.key")
             self.eth_key = load_or_create_eth_key(self.key_dir / "eth.json")
+            # the keys this node signed receipts for, kept in its key folder (which it holds alone) across restarts,
+            # for as long as the chain takes them as evidence, and an hour more (clock skew)
+            self.signed_work = SignedWork(
+                self.key_dir / "signed-work", window_s=max_evidence_age_from_deployment() + EVIDENCE_MARGIN_S
+            )
         except BaseException:
             self.identity.release()
             raise
@@ -300,6 +306,7 @@ class Server:
                 audit=audit,
                 payments=self.payments,
                 signing=self.signing,
+                signed_work=self.signed_work,
             )
             self.handler = NodeHandler(steps, info_provider=self.rpc_info, push_allowed=self.announces_lane)
         else:
@@ -377,6 +384,7 @@ class Server:
         if self.dht is not None:
             self.dht.shutdown()
         self.loop.call_soon_threadsafe(self.loop.stop)
+        self.signed_work.close()
         self.identity.release()
         trace.dump()
 

@@ -25,8 +25,10 @@ from nectar.node.config import NodeConfig
 from nectar.node.memory_cache import MemoryCache
 from nectar.node.payments import NoPaymentPolicy, PaymentPolicy
 from nectar.node.receipts import CreditLedger, ReceiptSigner
+from nectar.node.signed_work import JournalFull, SignedWork, State
 from nectar.node.signing import InlineSigning, PendingReceipt, SigningWorker
 from nectar.node.task_pool import ComputeThread, Priority
+from nectar.wire import fingerprints
 from nectar.wire import receipts as schema
 from nectar.wire.messages import BackwardCall, BackwardReply, ForwardCall, ForwardReply, ReceiptMessage, Step, StepReply
 from nectar.wire.protocol import (
@@ -57,6 +59,8 @@ class InferenceWork:
     client: str
     tokens: int
     separate_receipt: bool
+    key: bytes  # its work key (``nectar.node.signed_work``)
+    replay: tuple | None = None  # (receipt JSON, fingerprint, position) signed before for this key: sent again
 
 
 class NodeSteps:
@@ -76,11 +80,13 @@ class NodeSteps:
         audit: AuditLog,
         payments: PaymentPolicy | None = None,
         signing: InlineSigning | SigningWorker | None = None,
+        signed_work: SignedWork | None = None,
     ):
         self.backend, self.config, self.model_id = backend, config, model_id
         self.compute, self.memory, self.signer, self.credit, self.audit = compute, memory, signer, credit, audit
         self.payments = payments or NoPaymentPolicy()
         self.signing = signing or InlineSigning(signer)  # the default signs on the event loop
+        self.signed_work = signed_work if signed_work is not None else SignedWork(None)  # in memory by default
         self.step_seconds = 0.0  # event-loop time of inference steps outside compute (checks, receipts, packing)
 
     # ---- checks -----------------------------------------------------------------------------------------------
@@ -142,15 +148,55 @@ class NodeSteps:
             if signed is not None:
                 self.payments.on_voucher(signed)
 
-    async def receipt_of(self, pending: PendingReceipt, client: str) -> tuple[dict, bytes]:
-        """(the receipt's JSON, its fingerprint) once signed; the client is charged for it."""
+    async def receipt_of(
+        self, pending: PendingReceipt, client: str, key: bytes, *, position: int | None = None
+    ) -> tuple[dict, bytes]:
+        """(the receipt's JSON, its fingerprint) once signed and journaled under its work key (before it leaves the
+        node); the client is charged for it. An inference step's (``position``) is kept for a retry of the step."""
         signed, fingerprint, receipt_json = await pending.result()
+        replay = (receipt_json, fingerprint, position) if position is not None else None
+        self.signed_work.signed(key, signed.receipt.input_commitment, replay)
         self.credit.charge(client, signed.receipt.amount)
         self.payments.on_receipt(signed, fingerprint)
         return receipt_json, fingerprint
 
-    async def sign(self, **fields) -> tuple[dict, bytes]:
-        return await self.receipt_of(self.signing.prepare(**fields), fields["client"])
+    def take_work(self, key: bytes, inputs: torch.Tensor, step: int, position: int | None = None) -> tuple | None:
+        """Reserves a work key before its step computes. A key signed before gets its receipt again for the same
+        input at the same position (a retry), an error otherwise: a node never signs two receipts for one key (a
+        double-sign), and sends a receipt only with the step it committed to."""
+        try:
+            state = self.signed_work.take(key)
+        except JournalFull as e:
+            raise NodeRPCError(ErrorCode.CACHE_FULL, f"{e}: try another node")
+        if state is None:
+            return None
+        if state != State.SIGNED:
+            raise NodeRPCError(
+                ErrorCode.BAD_REQUEST,
+                f"step {step} of this session is being computed here already; each step number is signed once: "
+                "wait for its answer, or send the next step number",
+            )
+        kept = self.signed_work.replay(key)
+        if kept is None:
+            raise NodeRPCError(
+                ErrorCode.BAD_REQUEST,
+                f"step {step} of this session was signed already and its receipt went out with its answer; send "
+                "the next step number, or open a new session to replay",
+            )
+        input_commitment, replay = kept
+        if fingerprints.commit_tensor(inputs) != input_commitment:
+            raise NodeRPCError(
+                ErrorCode.BAD_REQUEST,
+                f"step {step} of this session was signed already, for another input; a node signs one receipt per "
+                "(session, blocks, kind, step): send new input under the next step number",
+            )
+        if replay[2] != position:  # the same input in another cache state gives another output
+            raise NodeRPCError(
+                ErrorCode.BAD_REQUEST,
+                f"step {step} of this session was signed already at position {replay[2]}, not {position}; a retry "
+                "goes where the step went: send new work under the next step number",
+            )
+        return replay
 
     def maybe_corrupt(self, outputs: torch.Tensor) -> torch.Tensor:
         # Testing aid: a dishonest node, so spot checks can be shown to catch one.
@@ -166,6 +212,7 @@ class NodeSteps:
         hidden: torch.Tensor,
         prompts: torch.Tensor | None,
         *,
+        session_id: bytes,
         caches,
         start: int,
         end: int,
@@ -192,6 +239,8 @@ class NodeSteps:
             self.settle_voucher(message.voucher, client)
         tokens = hidden.shape[0] * hidden.shape[1]
         self.check_credit(client, tokens, start, end)
+        key = schema.work_key(session_id, start, end, schema.ReceiptKind.INFERENCE, message.step)
+        replay = self.take_work(key, hidden, message.step, position)
         task = self.backend.inference_task(hidden, caches, start=start, end=end, position=position, prompts=prompts)
         started = asyncio.get_running_loop().create_future()
         output = self.compute.submit(task, Priority.INFERENCE, started=started)
@@ -210,44 +259,63 @@ class NodeSteps:
             client,
             tokens,
             separate_receipt,
+            key,
+            replay,
         )
 
     async def finish_inference(
-        self, work: InferenceWork, *, session_id: bytes, push: Callable[[list], Awaitable[None]] | None = None
+        self,
+        work: InferenceWork,
+        *,
+        session_id: bytes,
+        push: Callable[[list], Awaitable[None]] | None = None,
+        session_nonce: bytes | None = None,
     ) -> tuple[runtime_pb2.ExpertResponse, int, FollowUp | None]:
         """(the step's reply, new cache length, None) or, for a separate receipt, (the output without its receipt,
         new length, a coroutine function that signs the receipt and returns its own message).
 
         A separate receipt is signed (or handed to the signing process) only when the session's next step starts
         computing, or the stream goes quiet: between a round's end and the next round's start, the event loop's
-        time goes to sending outputs and taking next steps, one session after another."""
-        outputs = await work.output
+        time goes to sending outputs and taking next steps, one session after another.
+
+        ``session_id`` is the bound one (``bind_session``); ``session_nonce`` goes with the session's first answer."""
+        try:
+            outputs = await work.output
+        except BaseException:
+            if work.replay is None:
+                self.signed_work.release(work.key)  # nothing was signed for it
+            raise
         began = time.perf_counter()
         outputs = self.maybe_corrupt(outputs)
         packed = pack_tensors([outputs])
         if push is not None:  # before the receipt and the reply: the next hop computes while this node signs
             await push(packed)
-        self.audit.record(
-            session_id,
-            work.step,
-            work.position,
-            work.hidden,
-            work.start,
-            work.end,
-            prompts=work.prompts if work.position == 0 else None,
-        )
+        if work.replay is None:  # a retry's input is recorded already
+            self.audit.record(
+                session_id,
+                work.step,
+                work.position,
+                work.hidden,
+                work.start,
+                work.end,
+                prompts=work.prompts if work.position == 0 else None,
+            )
         new_length = work.position + work.hidden.shape[1]
 
-        pending = self.signing.prepare(
-            session_id=session_id,
-            step=work.step,
-            kind=schema.ReceiptKind.INFERENCE,
-            start=work.start,
-            end=work.end,
-            client=work.client,
-            tokens=work.tokens,
-            inputs=work.hidden,
-            outputs=outputs,
+        pending = (
+            None
+            if work.replay is not None
+            else self.signing.prepare(
+                session_id=session_id,
+                step=work.step,
+                kind=schema.ReceiptKind.INFERENCE,
+                start=work.start,
+                end=work.end,
+                client=work.client,
+                tokens=work.tokens,
+                inputs=work.hidden,
+                outputs=outputs,
+            )
         )
 
         async def receipt_message() -> runtime_pb2.ExpertResponse:
@@ -256,9 +324,9 @@ class NodeSteps:
             # voucher then ends the stream here, and the client fails over from this node
             self.settle_voucher(work.voucher, work.client)
             waited = time.perf_counter()
-            receipt, fingerprint = await self.receipt_of(pending, work.client)
-            began += time.perf_counter() - waited - pending.loop_seconds  # waiting for the signing process is not
-            message = ReceiptMessage(work.step, receipt, fingerprint).to_response()  # the loop's own work
+            receipt, fingerprint = await self._receipt_of(work, pending)
+            began += time.perf_counter() - waited - (pending.loop_seconds if pending else 0)  # waiting for the
+            message = ReceiptMessage(work.step, receipt, fingerprint).to_response()  # signer is not the loop's work
             self.step_seconds += time.perf_counter() - began
             return message
 
@@ -269,13 +337,22 @@ class NodeSteps:
             )
         else:
             waited = time.perf_counter()
-            receipt, fingerprint = await self.receipt_of(pending, work.client)
-            began += time.perf_counter() - waited - pending.loop_seconds
+            receipt, fingerprint = await self._receipt_of(work, pending)
+            began += time.perf_counter() - waited - (pending.loop_seconds if pending else 0)
             reply = StepReply(outputs, receipt, fingerprint, cache_tokens_left=self.memory.tokens_left)
             follow_up = None
+        if session_nonce is not None:  # the answer to an open that carried this step
+            reply = StepReply(
+                outputs, reply.receipt, reply.fingerprint, reply.receipt_follows, reply.cache_tokens_left, session_nonce
+            )
         response = reply.to_response(packed)
         self.step_seconds += time.perf_counter() - began
         return response, new_length, follow_up
+
+    async def _receipt_of(self, work: InferenceWork, pending: PendingReceipt | None) -> tuple[dict, bytes]:
+        if pending is None:  # a retried step: the receipt signed before, charged then
+            return work.replay[:2]
+        return await self.receipt_of(pending, work.client, work.key, position=work.position)
 
     # ---- forward and backward ---------------------------------------------------------------------------------
 
@@ -284,7 +361,7 @@ class NodeSteps:
         hidden, prompts = call.hidden, call.prompts
         self.check_hidden(hidden)
         self.check_prompts(prompts, hidden, start, end)
-        outputs, receipt, fingerprint = await self._charged_call(
+        outputs, receipt, fingerprint, nonce = await self._charged_call(
             call,
             start,
             end,
@@ -294,7 +371,7 @@ class NodeSteps:
             priority=Priority.FORWARD,
             signed=lambda outputs: (hidden, outputs),
         )
-        return ForwardReply(outputs, receipt, fingerprint)
+        return ForwardReply(outputs, receipt, fingerprint, nonce)
 
     async def backward(self, call: BackwardCall) -> BackwardReply:
         start, end = self.check_span(call.uid)
@@ -307,7 +384,7 @@ class NodeSteps:
                 f"grad_outputs {list(grad_outputs.shape)} must match hidden_states {list(hidden.shape)}",
             )
         self.check_prompts(prompts, hidden, start, end)
-        (grad_inputs, grad_prompts), receipt, fingerprint = await self._charged_call(
+        (grad_inputs, grad_prompts), receipt, fingerprint, nonce = await self._charged_call(
             call,
             start,
             end,
@@ -317,18 +394,29 @@ class NodeSteps:
             priority=Priority.BACKWARD,
             signed=lambda result: (grad_outputs, result[0]),
         )
-        return BackwardReply(grad_inputs, grad_prompts, receipt, fingerprint)
+        return BackwardReply(grad_inputs, grad_prompts, receipt, fingerprint, nonce)
 
     async def _charged_call(self, call, start: int, end: int, hidden: torch.Tensor, work, *, kind, priority, signed):
         """What forward and backward share once their inputs are checked: the voucher, the credit for the call's
-        tokens, the computation, and the receipt over ``signed(result)`` = (what came in, what goes out)."""
+        tokens, the computation, and the receipt over ``signed(result)`` = (what came in, what goes out).
+
+        The receipt's session id is bound to a nonce drawn for this call (returned with it): no two calls share a
+        work key, whatever session id and step the client sends."""
         self.settle_voucher(call.voucher, call.client)
         tokens = hidden.shape[0] * hidden.shape[1]
         self.check_credit(call.client, tokens, start, end)
-        result = await self.compute.submit(work, priority)
+        nonce = os.urandom(schema.SESSION_NONCE_BYTES)
+        session_id = schema.bind_session(call.session_id or bytes(32), nonce)
+        key = schema.work_key(session_id, start, end, kind, call.step)
+        self.take_work(key, hidden, call.step)  # free: the nonce is fresh
+        try:
+            result = await self.compute.submit(work, priority)
+        except BaseException:
+            self.signed_work.release(key)
+            raise
         inputs, outputs = signed(result)
-        receipt, fingerprint = await self.sign(
-            session_id=call.session_id or os.urandom(32),
+        pending = self.signing.prepare(
+            session_id=session_id,
             step=call.step,
             kind=kind,
             start=start,
@@ -338,7 +426,8 @@ class NodeSteps:
             inputs=inputs,
             outputs=outputs,
         )
-        return result, receipt, fingerprint
+        receipt, fingerprint = await self.receipt_of(pending, call.client, key)
+        return result, receipt, fingerprint, nonce
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:

@@ -366,30 +366,37 @@ def decode_inference_request(request: runtime_pb2.ExpertRequest) -> InferenceReq
 
 @message
 class Opened:
-    """{"type": "opened", "cache_tokens_left"}: the answer to an open without a first step."""
+    """{"type": "opened", "cache_tokens_left", "session_nonce"}: the answer to an open without a first step.
+
+    :param session_nonce: 32 random bytes the node drew for this session: its receipts carry
+        ``bind_session(session_id, session_nonce)`` (``nectar.wire.receipts``), which the client checks
+    """
 
     cache_tokens_left: int | None = None
+    session_nonce: bytes | None = None
 
     def to_response(self) -> runtime_pb2.ExpertResponse:
-        return runtime_pb2.ExpertResponse(
-            metadata=pack_metadata({"type": "opened", "cache_tokens_left": self.cache_tokens_left})
-        )
+        metadata = {"type": "opened", "cache_tokens_left": self.cache_tokens_left}
+        _put(metadata, "session_nonce", self.session_nonce)
+        return runtime_pb2.ExpertResponse(metadata=pack_metadata(metadata))
 
     @classmethod
     def _from(cls, metadata: dict, tensors: list) -> Opened:
-        return cls(metadata.get("cache_tokens_left"))
+        return cls(metadata.get("cache_tokens_left"), metadata.get("session_nonce"))
 
 
 @message
 class StepReply:
     """A step's output: tensors [output [B, T, H]], metadata {"receipt", "fingerprint", "cache_tokens_left"}, or
-    with separate receipts {"receipt_follows": true, "cache_tokens_left"} (a ``ReceiptMessage`` comes later)."""
+    with separate receipts {"receipt_follows": true, "cache_tokens_left"} (a ``ReceiptMessage`` comes later). The
+    answer to an open that carried its first step also has the session's ``session_nonce`` (as ``Opened``)."""
 
     output: torch.Tensor
     receipt: dict | None = None
     fingerprint: bytes | None = None
     receipt_follows: bool = False
     cache_tokens_left: int | None = None
+    session_nonce: bytes | None = None
 
     def to_response(self, packed: Packed | None = None) -> runtime_pb2.ExpertResponse:
         """``packed``: the output, packed already (it is not packed again)."""
@@ -400,6 +407,8 @@ class StepReply:
             _put(metadata, "receipt", self.receipt)
             _put(metadata, "fingerprint", self.fingerprint)
         metadata["cache_tokens_left"] = self.cache_tokens_left
+        if self.session_nonce is not None:
+            metadata["session_nonce"] = self.session_nonce
         return runtime_pb2.ExpertResponse(
             tensors=packed if packed is not None else pack_tensors([self.output]), metadata=pack_metadata(metadata)
         )
@@ -414,6 +423,7 @@ class StepReply:
             metadata.get("fingerprint"),
             metadata.get("receipt_follows") is True,
             metadata.get("cache_tokens_left"),
+            metadata.get("session_nonce"),
         )
 
 
@@ -462,7 +472,12 @@ def decode_inference_reply(response: runtime_pb2.ExpertResponse) -> InferenceRep
         if len(tensors) == 1:
             get = metadata.get
             return StepReply(
-                tensors[0], get("receipt"), get("fingerprint"), get("receipt_follows") is True, get("cache_tokens_left")
+                tensors[0],
+                get("receipt"),
+                get("fingerprint"),
+                get("receipt_follows") is True,
+                get("cache_tokens_left"),
+                get("session_nonce"),
             )
     tensors = unpack_tensors(packed) if packed else []
     if kind == "receipt":
@@ -621,18 +636,27 @@ class BackwardCall:
         )
 
 
+def _reply_metadata(receipt: dict | None, fingerprint: bytes | None, session_nonce: bytes | None) -> dict:
+    metadata = {"receipt": receipt, "fingerprint": fingerprint}
+    _put(metadata, "session_nonce", session_nonce)
+    return metadata
+
+
 @message
 class ForwardReply:
-    """The forward's output with its receipt: tensors [output], metadata {"receipt", "fingerprint"}."""
+    """The forward's output with its receipt: tensors [output], metadata {"receipt", "fingerprint",
+    "session_nonce"}: the receipt's session id is ``bind_session(call's session_id or 32 zero bytes, nonce)``, a
+    nonce the node drew for this call alone."""
 
     output: torch.Tensor
     receipt: dict | None = None
     fingerprint: bytes | None = None
+    session_nonce: bytes | None = None
 
     def to_response(self) -> runtime_pb2.ExpertResponse:
         return runtime_pb2.ExpertResponse(
             tensors=pack_tensors([self.output]),
-            metadata=pack_metadata({"receipt": self.receipt, "fingerprint": self.fingerprint}),
+            metadata=pack_metadata(_reply_metadata(self.receipt, self.fingerprint, self.session_nonce)),
         )
 
     @classmethod
@@ -640,23 +664,25 @@ class ForwardReply:
         tensors, metadata = unpack_tensors(response.tensors), unpack_metadata(response.metadata)
         if len(tensors) != 1:
             raise ValueError(f"a forward's answer carries one output tensor, this one {len(tensors)}")
-        return cls(tensors[0], metadata.get("receipt"), metadata.get("fingerprint"))
+        return cls(tensors[0], metadata.get("receipt"), metadata.get("fingerprint"), metadata.get("session_nonce"))
 
 
 @message
 class BackwardReply:
-    """tensors [grad_inputs] (+ [grad_prompts] where the call had prompts), metadata {"receipt", "fingerprint"}."""
+    """tensors [grad_inputs] (+ [grad_prompts] where the call had prompts), metadata {"receipt", "fingerprint",
+    "session_nonce"} (as ``ForwardReply``'s)."""
 
     grad_inputs: torch.Tensor
     grad_prompts: torch.Tensor | None = None
     receipt: dict | None = None
     fingerprint: bytes | None = None
+    session_nonce: bytes | None = None
 
     def to_response(self) -> runtime_pb2.ExpertResponse:
         tensors = [self.grad_inputs] + ([self.grad_prompts] if self.grad_prompts is not None else [])
         return runtime_pb2.ExpertResponse(
             tensors=pack_tensors(tensors),
-            metadata=pack_metadata({"receipt": self.receipt, "fingerprint": self.fingerprint}),
+            metadata=pack_metadata(_reply_metadata(self.receipt, self.fingerprint, self.session_nonce)),
         )
 
     @classmethod
@@ -665,7 +691,11 @@ class BackwardReply:
         if not 1 <= len(tensors) <= 2:
             raise ValueError(f"a backward's answer carries 1 or 2 tensors, this one {len(tensors)}")
         return cls(
-            tensors[0], tensors[1] if len(tensors) > 1 else None, metadata.get("receipt"), metadata.get("fingerprint")
+            tensors[0],
+            tensors[1] if len(tensors) > 1 else None,
+            metadata.get("receipt"),
+            metadata.get("fingerprint"),
+            metadata.get("session_nonce"),
         )
 
     @property

@@ -7,6 +7,7 @@ activation fingerprints a receipt carries live in ``nectar.wire.fingerprints``.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from enum import IntEnum
 from functools import lru_cache
@@ -18,6 +19,27 @@ from sha3 import keccak_256 as _keccak_256  # safe-pysha3: ~2 us a call, pycrypt
 
 def keccak256(data: bytes | bytearray | memoryview) -> bytes:
     return _keccak_256(data).digest()
+
+
+SESSION_NONCE_BYTES = 32
+
+
+def bind_session(client_session_id: bytes, nonce: bytes) -> bytes:
+    """The session id a node's receipts carry: keccak256(client's id padded to 32 bytes || the node's nonce). The node
+    draws the nonce at each open (and each signed forward or backward call) and returns it, so no client can make
+    two streams, or a stream before and after a restart, share a work key (session, span, kind, step)."""
+    if len(nonce) != SESSION_NONCE_BYTES:
+        raise ValueError(f"a session nonce is {SESSION_NONCE_BYTES} bytes, got {len(nonce)}")
+    return keccak256(bytes(client_session_id).rjust(32, b"\0") + bytes(nonce))
+
+
+def work_key(session_id: bytes, block_start: int, block_end: int, kind: int, step: int) -> bytes:
+    """16 bytes naming one unit of signed work: two receipts with one key and different outputs are a double-sign
+    (``Slashing.slashDoubleSign``), so a node signs at most one receipt per key."""
+    return keccak256(session_id + _WORK_KEY.pack(block_start, block_end, kind, step))[:16]
+
+
+_WORK_KEY = struct.Struct(">HHBQ")
 
 
 class ReceiptKind(IntEnum):
@@ -301,6 +323,9 @@ def model_id_hash(model_name: str) -> bytes:
 __all__ = [
     "ReceiptKind",
     "Receipt",
+    "SESSION_NONCE_BYTES",
+    "bind_session",
+    "work_key",
     "Voucher",
     "SignedReceipt",
     "SignedVoucher",

@@ -37,6 +37,8 @@ class Settings(ServiceSettings):
     result_backend: str | None = None  # task results are not needed; set for debugging
     max_batch: int = 5000  # receipts or vouchers per POST
     max_body_bytes: int = 32 * 1024 * 1024
+    receipt_max_age_s: float = 43_200.0  # receipts older than this are refused (the chain's maxEvidenceAge, 12 h)
+    receipt_max_skew_s: float = 300.0  # receipts dated more than this ahead of the ledger's clock are refused
 
     operator_key: str | None = None  # commits roots, settles; devnet default: the deployment's "ledger" account
     verifier_key: str | None = None  # attests spot-check failures; devnet default: the "verifier" account

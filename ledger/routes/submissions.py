@@ -92,7 +92,18 @@ def submit_receipts(batch: ReceiptBatch, state: StateDep) -> BatchResult:
         raise HTTPException(413, f"at most {state.settings.max_batch} receipts per request; split the batch")
     parsed = _parse_all(batch.receipts, parse_receipt_item)
     domain = state.domains.get()
-    checked = [check_receipt(signed, fingerprint, domain) for signed, fingerprint in parsed]
+    now, settings = time.time(), state.settings
+    checked = [
+        check_receipt(
+            signed,
+            fingerprint,
+            domain,
+            now=now,
+            max_age=settings.receipt_max_age_s,
+            max_skew=settings.receipt_max_skew_s,
+        )
+        for signed, fingerprint in parsed
+    ]
     try:
         verdicts = _with_retries(state, lambda session: crud.store_receipts(session, checked=checked))
     except _Unstorable:

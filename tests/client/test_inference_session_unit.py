@@ -8,6 +8,7 @@ its KV cache, so a replacement that was not replayed exactly would answer differ
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 
@@ -112,6 +113,8 @@ class FakeNode:
     :param dies_at: the step number at which its streams break (and it stays down)
     :param dies_after_push_at: the same, once it computed that step and pushed its output to the next hop
     :param bad_receipt_at: step numbers whose receipts commit to another output
+    :param unbound_at: step numbers whose receipts name the client's session id, not the one bound to its nonce
+    :param binds: False: a node from before session nonces (it sends none and signs the client's session id)
     :param error: an ErrorCode it answers every step with
     :param pushes: whether it pushes its outputs to the next hop when asked
     """
@@ -127,6 +130,8 @@ class FakeNode:
         dies_at: int | None = None,
         dies_after_push_at: int | None = None,
         bad_receipt_at: tuple[int, ...] = (),
+        unbound_at: tuple[int, ...] = (),
+        binds: bool = True,
         error: ErrorCode | None = None,
         pushes: bool = True,
     ):
@@ -152,6 +157,7 @@ class FakeNode:
         )
         self.dies_at, self.dies_after_push_at = dies_at, dies_after_push_at
         self.bad_receipt_at, self.error, self.pushes = bad_receipt_at, error, pushes
+        self.unbound_at, self.binds = unbound_at, binds
         self.dead = False
         self.steps: list[tuple[int, int, torch.Tensor]] = []  # (step, position, input) of every step computed
         self.pushed_steps: list[int] = []  # steps computed on a pushed input
@@ -174,7 +180,9 @@ class FakeNode:
         session_id, client = opening["session_id"], opening["client"]
         if "push_token" in opening:
             self.inbox[session_id] = (opening["push_token"], {})
-        yield make_response([], {"type": "opened"})
+        nonce = os.urandom(32)
+        bound = schema.bind_session(session_id, nonce) if self.binds else session_id.rjust(32, b"\0")
+        yield make_response([], {"type": "opened", **({"session_nonce": nonce} if self.binds else {})})
         caches = {b: {} for b in range(span.start, span.end)}
         receipt = None  # the last step's receipt message, sent before the next answer or on a flush
         following = asyncio.ensure_future(anext(requests, None))
@@ -230,7 +238,7 @@ class FakeNode:
             yield make_response([out], {"receipt_follows": True})
             committed = out + 1 if step in self.bad_receipt_at else out
             signed, _ = self.signer.sign(
-                session_id=session_id.rjust(32, b"\0"),
+                session_id=session_id.rjust(32, b"\0") if step in self.unbound_at else bound,
                 step=step,
                 kind=schema.ReceiptKind.INFERENCE,
                 start=span.start,
@@ -399,6 +407,35 @@ def test_a_dishonest_receipt_fails_the_hop_over_and_bans_its_node(runtime):
         range(len(spare.steps))
     )
     assert _history(spare, len(liar.steps)) == _history(liar)  # replayed all it had accepted from the liar
+
+
+def test_a_receipt_not_bound_to_the_nodes_nonce_fails_the_hop_over(runtime):
+    """A receipt must name the session id bound to the nonce its node drew at the open: one naming the client's own
+    id could share a work key with another stream's (issue 20)."""
+    network = Network()
+    network.add(FakeNode("a", 0, 2))
+    liar = network.add(FakeNode("b", 2, 4, unbound_at=(2,)))
+    spare = network.add(FakeNode("spare", 2, 4))
+    session, manager = _session(runtime, network)
+    chunks = _chunks(5)
+    with session:
+        outputs = _generate(session, chunks)
+    assert _same(outputs, reference(chunks))
+    assert session.failovers == 1 and session.route[1].peer_id == spare.peer_id
+    assert [peer for peer, _ in manager.bans] == [liar.peer_id] and "names another session" in manager.bans[0][1]
+    sessions = {r.receipt.node: r.receipt.session_id for r in session.wallet.receipts if r.receipt.step == 0}
+    assert len(set(sessions.values())) == 3  # a session id of its own at every node, the replacement's too
+
+
+def test_a_node_from_before_session_nonces_still_serves(runtime):
+    network = Network()
+    network.add(FakeNode("a", 0, 2, binds=False))
+    network.add(FakeNode("b", 2, 4))
+    session, _ = _session(runtime, network)
+    chunks = _chunks(3)
+    with session:
+        outputs = _generate(session, chunks)
+    assert _same(outputs, reference(chunks)) and session.failovers == 0 and len(session.wallet.receipts) == 6
 
 
 def test_push_mode_pushes_and_relays_a_step_whose_push_went_missing(runtime):

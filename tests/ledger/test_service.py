@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import torch
 
@@ -80,6 +81,17 @@ def test_forgeries_are_rejected_with_reasons(api):
         "bad_fingerprint",
     ]
     assert result["accepted"] == 0 and all(r["message"] for r in result["results"])
+
+
+def test_receipts_from_the_future_or_past_the_evidence_window_are_refused(api):
+    now = int(time.time())
+    ahead = make_receipt(NODE, CLIENT, timestamp=now + 3600)  # a node clock an hour fast
+    old = make_receipt(NODE, CLIENT, timestamp=now - 13 * 3600)  # the chain would refuse it as evidence
+    fine = make_receipt(NODE, CLIENT, timestamp=now - 3600)
+    result = post(api, [receipt_item(*ahead), receipt_item(*old), receipt_item(*fine)])
+    assert [r["reason"] for r in result["results"]] == ["future_receipt", "stale_receipt", None]
+    assert "ahead of the ledger's clock" in result["results"][0]["message"]
+    assert "evidence window" in result["results"][1]["message"] and result["accepted"] == 1
 
 
 def test_conflicting_receipt_is_rejected_and_kept_as_evidence(api, settings):

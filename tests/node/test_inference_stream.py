@@ -177,12 +177,17 @@ def session_id() -> bytes:
     return os.urandom(16)
 
 
-def check_receipt(node: NodeHandler, receipt: dict, inputs: torch.Tensor, output: torch.Tensor, step: int):
+def check_receipt(
+    node: NodeHandler, receipt: dict, inputs: torch.Tensor, output: torch.Tensor, step: int, session: bytes = b""
+) -> schema.SignedReceipt:
     signed = schema.SignedReceipt.from_json(receipt)
+    if session:
+        assert signed.receipt.session_id == session
     assert eip712.recover_receipt_signer(signed, DOMAIN) == node.steps.signer.address
     assert signed.receipt.step == step
     assert signed.receipt.input_commitment == fingerprints.commit_tensor(inputs)
     assert signed.receipt.output_commitment == fingerprints.commit_tensor(output)
+    return signed
 
 
 def assert_released(node: NodeHandler):
@@ -215,20 +220,22 @@ def test_inline_receipts_ride_with_each_output_and_charge_the_client():
     async def scenario():
         talk = Conversation(node)
         await talk.send(Open(UID, sid, max_length=8, client=client))
-        assert isinstance(await talk.receive(), Opened)
+        opened = await talk.receive()
+        assert isinstance(opened, Opened) and len(opened.session_nonce) == 32
         for step, tokens in enumerate((3, 1)):
             x = hidden(tokens)
             await talk.send(Step(sid, step, position=3 * step, hidden=x))
             reply = await talk.receive()
             assert isinstance(reply, StepReply) and not reply.receipt_follows
             assert torch.equal(reply.output, x * 2) and reply.fingerprint is not None
-            check_receipt(node, reply.receipt, x, reply.output, step)
+            check_receipt(node, reply.receipt, x, reply.output, step, schema.bind_session(sid, opened.session_nonce))
         await talk.end()
         assert await talk.receive() == END
+        return opened.session_nonce
 
-    run(scenario)
+    nonce = run(scenario)
     assert node.steps.credit.unpaid(client) == 4 * 4 * PRICE  # 4 tokens through 4 blocks
-    history, span, _ = node.steps.audit.history(sid.rjust(32, b"\0"), 1)
+    history, span, _ = node.steps.audit.history(schema.bind_session(sid, nonce), 1)
     assert span == (0, 4) and history.shape == (1, 4, HIDDEN)
     assert_released(node)
 
@@ -255,7 +262,8 @@ def test_a_separate_receipt_is_signed_once_the_next_steps_round_has_begun():
     async def scenario():
         talk = Conversation(node)
         await talk.send(Open(UID, sid, max_length=8, separate_receipts=True))
-        assert isinstance(await talk.receive(), Opened)
+        opened = await talk.receive()
+        assert isinstance(opened, Opened)
         await talk.send(Step(sid, 0, position=0, hidden=x0))
         first = await talk.receive()
         assert isinstance(first, StepReply) and first.receipt_follows and first.receipt is None
@@ -277,9 +285,10 @@ def test_a_separate_receipt_is_signed_once_the_next_steps_round_has_begun():
         check_receipt(node, receipt.receipt, x1, second.output, 1)
         await talk.end()
         assert await talk.receive() == END
+        return opened.session_nonce
 
-    run(scenario)
-    history, _, _ = node.steps.audit.history(sid.rjust(32, b"\0"), 1)
+    nonce = run(scenario)
+    history, _, _ = node.steps.audit.history(schema.bind_session(sid, nonce), 1)
     assert torch.equal(history, torch.cat([x0, x1], dim=1))
     assert_released(node)
 
@@ -619,15 +628,115 @@ def test_forward_backward_and_audit_calls():
         sid = session_id()
         talk = Conversation(node)
         await talk.send(Open(UID, sid, max_length=8, first_step=Step(sid, 0, hidden=x)))
-        await talk.receive()
+        first = await talk.receive()
         await talk.end()
         await talk.receive()
-        (response,) = await _call(node.rpc_audit, AuditCall(UID, sid, 0).to_request())
+        bound = schema.bind_session(sid, first.session_nonce)  # audits name the session id receipts carry
+        assert schema.SignedReceipt.from_json(first.receipt).receipt.session_id == bound
+        (response,) = await _call(node.rpc_audit, AuditCall(UID, bound, 0).to_request())
         audit = AuditReply.decode(response)
         assert torch.equal(audit.inputs, x) and (audit.start, audit.end) == (0, 4) and audit.prompts is None
         with pytest.raises(NodeRPCError) as error:
-            await _call(node.rpc_audit, AuditCall(UID, sid, 1).to_request())
+            await _call(node.rpc_audit, AuditCall(UID, bound, 1).to_request())
         assert error.value.code == ErrorCode.UNKNOWN_SESSION
 
     run(scenario)
     assert node.steps.credit.unpaid(client) == 2 * 3 * 4 * PRICE
+
+
+# ---- one receipt per work key (issue 20) ---------------------------------------------------------------------------
+
+
+def test_a_step_resent_with_its_input_gets_the_receipt_already_signed_and_anything_else_an_error():
+    node, client = make_node(), Account.create().address
+    sid, x, y = session_id(), hidden(2), hidden(2)
+
+    async def stream(resend: Step, words: str):
+        talk = Conversation(node)
+        await talk.send(Open(UID, sid, max_length=8, client=client))
+        opened = await talk.receive()
+        await talk.send(Step(sid, 0, position=0, hidden=x))
+        first = await talk.receive()
+        await talk.send(Step(sid, 0, position=0, hidden=x.clone()))  # a retry of the same step
+        again = await talk.receive()
+        assert again.receipt == first.receipt and again.fingerprint == first.fingerprint
+        check_receipt(node, again.receipt, x, first.output, 0, schema.bind_session(sid, opened.session_nonce))
+        await talk.send(resend)
+        error = await talk.error()
+        assert error.code == ErrorCode.BAD_REQUEST and words in str(error)
+
+    async def scenario():
+        await stream(Step(sid, 0, position=0, hidden=y), "signed already, for another input")
+        await stream(Step(sid, 0, position=2, hidden=x), "signed already at position 0, not 2")  # another cache state
+
+    run(scenario)
+    assert node.steps.credit.unpaid(client) == 2 * 2 * 4 * PRICE  # each stream's receipt was charged once
+    assert len(node.steps.signed_work) == 2
+    assert_released(node)
+
+
+def test_a_step_resent_while_its_separate_receipt_is_unsigned_is_refused_after_that_receipt():
+    node = make_node(receipt_delay=10.0)
+    sid, x = session_id(), hidden()
+
+    async def scenario():
+        talk = Conversation(node)
+        await talk.send(Open(UID, sid, max_length=8, separate_receipts=True))
+        await talk.receive()
+        await talk.send(Step(sid, 0, hidden=x))
+        output = await talk.receive()
+        await talk.send(Step(sid, 0, position=0, hidden=x))
+        receipt = await talk.receive()  # the step's own receipt still goes out, once
+        assert isinstance(receipt, ReceiptMessage) and receipt.step == 0
+        check_receipt(node, receipt.receipt, x, output.output, 0)
+        error = await talk.error()
+        assert error.code == ErrorCode.BAD_REQUEST and "is being computed here already" in str(error)
+
+    run(scenario)
+    assert_released(node)
+
+
+def test_two_opens_with_one_session_id_get_two_nonces_and_no_shared_work_key():
+    node = make_node()
+    sid, x = session_id(), hidden()
+
+    async def once():
+        talk = Conversation(node)
+        await talk.send(Open(UID, sid, max_length=8, first_step=Step(sid, 0, hidden=x)))
+        reply = await talk.receive()
+        await talk.end()
+        assert await talk.receive() == END
+        signed = check_receipt(node, reply.receipt, x, reply.output, 0)
+        assert signed.receipt.session_id == schema.bind_session(sid, reply.session_nonce)
+        return signed.receipt.session_id
+
+    async def scenario():
+        return await once(), await once()
+
+    first, second = run(scenario)
+    assert first != second and len(node.steps.signed_work) == 2
+
+
+def test_each_forward_and_backward_call_gets_a_nonce_of_its_own():
+    node, client = make_node(), Account.create().address
+    x, sid = hidden(2), session_id()
+
+    async def scenario():
+        sessions = set()
+        for _ in range(2):
+            call = ForwardCall(UID, x, client=client, session_id=sid, step=3)
+            (response,) = await _call(node.rpc_forward, call.to_request())
+            reply = ForwardReply.decode(response)
+            signed = check_receipt(node, reply.receipt, x, reply.output, 3)
+            assert signed.receipt.session_id == schema.bind_session(sid, reply.session_nonce)
+            sessions.add(signed.receipt.session_id)
+        call = BackwardCall(UID, x, x, client=client, session_id=sid, step=3)
+        (response,) = await _call(node.rpc_backward, call.to_request())
+        reply = BackwardReply.decode(response)
+        signed = schema.SignedReceipt.from_json(reply.receipt)
+        assert signed.receipt.session_id == schema.bind_session(sid, reply.session_nonce)
+        sessions.add(signed.receipt.session_id)
+        return sessions
+
+    assert len(run(scenario)) == 3
+    assert len(node.steps.signed_work) == 3
