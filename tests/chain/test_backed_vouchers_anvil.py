@@ -28,9 +28,14 @@ LIMIT = 3 * STEP  # the node's credit limit: what it risks on a client beyond th
 
 
 @pytest.fixture(scope="module")
-def ledger(devnet, tmp_path_factory):
-    """``nectar ledger``'s app on a real port, reading the devnet through its deployment file."""
+def ledger(devnet, chain, roles, tmp_path_factory):
+    """``nectar ledger``'s app on a real port, reading the devnet through its deployment file; the devnet's nodes
+    registered with the minimum stake (the ledger refuses vouchers to unstaked nodes)."""
     from nectar.ledger.service import create_app
+
+    for index, node in enumerate(roles["node"]):
+        if not chain.node_info(node["address"])["registered"]:
+            chain.register_node(node["privateKey"], f"devnet-node-{index}", chain.deployment.params["min_stake"])
 
     home = tmp_path_factory.mktemp("backing")
     settings = Settings(
