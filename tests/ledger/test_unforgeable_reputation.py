@@ -242,6 +242,7 @@ def test_a_node_withholding_its_receipts_still_has_its_steps_on_record(market):
     leaves = {receipt_leaf(r.receipt) for r in mine}
     wait_for(lambda: leaves <= market.stored_leaves(client.address), 30, "the client's receipts to reach the ledger")
     from nectar.ledger.models import ClientNode
+
     with session_scope(market.engine) as session:
         rows = [r for r in session.query(Receipt).filter(Receipt.node == node.eth_address) if r.leaf in leaves]
         assert all(r.client_signature is not None and r.fingerprint for r in rows)  # auditable: fingerprint bytes
