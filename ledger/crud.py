@@ -247,7 +247,10 @@ def _settled(session: Session, *, client: str, node: str) -> int:
 def client_node(session: Session, *, client: str, node: str, limits: WorkLimits) -> ClientNode:
     """The (client, node) row, created if missing; past a bound, the node's (or client's) row with the least counted
     work gives way (its counted work stays in ``Node.work_*``)."""
-    row = session.scalar(select(ClientNode).where(ClientNode.client == client, ClientNode.node == node))
+    # locked: two submitters counting one pair's receipts must not both spend the same backing
+    row = session.scalar(
+        select(ClientNode).where(ClientNode.client == client, ClientNode.node == node).with_for_update()
+    )
     if row is not None:
         return row
     for column, value, bound in (
