@@ -279,3 +279,33 @@ def test_reputation_and_reports(api):
     after = {n["address"]: n for n in ledger.reputation()}[node.address]
     assert after["score"] > before["score"] and after["new"] is True
     assert after["components"]["success"] == 0.8  # (3 + 1) / (3 + 2): smoothed
+
+
+def test_a_countersigned_copy_is_merged_and_counts_once_paid(api, settings):
+    """Without a chain nothing backs a client, so countersigned work waits; once the chain has paid the client's
+    voucher (recorded as the worker does), it counts, once, however often either side resubmits."""
+    node, client = Party(), Party()
+    domain = domain_from_deployment()
+    items = [make_receipt(node, client, step=i, price=5) for i in range(3)]
+    assert post(api, [receipt_item(*i) for i in items])["accepted"] == 3  # the node's own
+    countersigned = [
+        {
+            **receipt_item(s, fp),
+            "clientSignature": "0x" + eip712.countersign_receipt(s.receipt, client.key, domain).hex(),
+        }
+        for s, fp in items
+    ]
+    result = post(api, countersigned)
+    assert result["duplicates"] == 3 and "countersignature is recorded" in result["results"][0]["message"]
+    assert node_view(api, node)["work_steps"] == 0  # nothing backs the client yet
+    api.post("/v1/vouchers", json={"vouchers": [make_voucher(client, node, 2 * 4 * 5).to_json()]})
+    engine = get_engine(settings.database_url)
+    with session_scope(engine) as session:
+        for voucher in crud.list_vouchers(session, client=client.address):  # as the worker records a settlement
+            voucher.settled_amount = voucher.cumulative_amount
+        assert crud.count_work(session, client=client.address, node=node.address, limits=settings.work_limits) == 2
+    post(api, countersigned)  # resubmissions count nothing again
+    view = node_view(api, node)
+    assert view["work_steps"] == 2 and int(view["earned"]) == 2 * 4 * 5  # the third is not paid for
+    with session_scope(engine) as session:
+        assert sorted(r.work for r in crud.list_receipts(session, node=node.address)) == ["counted"] * 2 + ["pending"]
