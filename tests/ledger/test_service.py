@@ -309,3 +309,21 @@ def test_a_countersigned_copy_is_merged_and_counts_once_paid(api, settings):
     assert view["work_steps"] == 2 and int(view["earned"]) == 2 * 4 * 5  # the third is not paid for
     with session_scope(engine) as session:
         assert sorted(r.work for r in crud.list_receipts(session, node=node.address)) == ["counted"] * 2 + ["pending"]
+
+
+def test_the_client_node_book_is_bounded_and_the_least_worked_row_gives_way(settings):
+    from dataclasses import replace
+
+    limits = replace(settings.work_limits, max_clients_per_node=3, max_nodes_per_client=2)
+    node, clients = Party().address, [Party().address for _ in range(5)]
+    with session_scope(get_engine(settings.database_url)) as session:
+        for index, client in enumerate(clients[:3]):
+            crud.client_node(session, client=client, node=node, limits=limits).counted_steps = 10 - index
+        crud.client_node(session, client=clients[3], node=node, limits=limits)  # a 4th client for this node
+        rows = session.scalars(crud.select(crud.ClientNode).where(crud.ClientNode.node == node)).all()
+        assert sorted(r.client for r in rows) == sorted(clients[:2] + clients[3:4])  # the least worked went
+        other_nodes = [Party().address for _ in range(3)]
+        for other in other_nodes:  # a 3rd node for this client
+            crud.client_node(session, client=clients[4], node=other, limits=limits)
+        rows = session.scalars(crud.select(crud.ClientNode).where(crud.ClientNode.client == clients[4])).all()
+        assert len(rows) == 2
