@@ -230,6 +230,7 @@ class Engine:
             step_timeout=step_timeout,
             connect_timeout=min(10.0, step_timeout),
             private_key=private_key,
+            ledger_url=ledger_url,  # the gateway countersigns the receipts it accepts and posts them (its nodes' work)
         )
         scorer = make_scorer(ledger_url)
         built: list[SwarmModel] = []

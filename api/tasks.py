@@ -114,7 +114,11 @@ def fine_tune(job_id: str) -> str:
             path,
             initial_peers=settings.initial_peers,
             private_key=settings.gateway_key(),
-            config=ClientConfig(step_timeout=settings.step_timeout, request_timeout=max(60.0, settings.step_timeout)),
+            config=ClientConfig(  # with a ledger, the job countersigns the receipts it accepts and posts them
+                step_timeout=settings.step_timeout,
+                request_timeout=max(60.0, settings.step_timeout),
+                ledger_url=settings.ledger_url,
+            ),
             tuning_mode=hyper["tuning_mode"],
             pre_seq_len=hyper["pre_seq_len"],
             domain=settings.signing_domain(),

@@ -25,6 +25,8 @@ class ClientConfig:
     verify_receipts: bool = True  # check each receipt's signer, commitments and amount
     show_route: bool = False  # log the route chosen for each session
     ledger_url: str | None = None  # `nectar ledger` whose reputation scores routing reads (ReputationScorer)
+    countersign: bool = True  # with ledger_url: countersign each receipt accepted and post it to the ledger (in the
+    # background), so nodes' work is on record even if they withhold it; it is what makes their work count
     require_stake: bool | None = None  # route only to nodes registered with the minimum stake on the deployment the
     # ledger settles on (the stake gate); None = on when ledger_url is set. --no-require-stake for a private swarm
     stake_weight: float = 0.5  # how strongly bonded stake lowers a node's route cost (concave, capped at 16x the

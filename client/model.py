@@ -107,6 +107,12 @@ class DistributedModelForCausalLM(torch.nn.Module):
             domain = domain_from_deployment()
         wallet = Wallet(private_key or config.private_key, domain=domain)
         started = []  # what this call started, released again if it fails
+        if config.ledger_url and config.countersign:
+            from nectar.wire.ledger_api import LedgerPaymentPolicy
+
+            # bounded: past 100k receipts queued while the ledger is down, the oldest go
+            wallet.ledger = LedgerPaymentPolicy(config.ledger_url, flush_interval=1.0, max_queue=100_000)
+            started.append(lambda: wallet.ledger.shutdown(timeout=5.0))
         if config.require_stake and not config.ledger_url:
             raise ValueError(
                 "require_stake needs ledger_url: the stake gate learns stakes from the ledger the client pays "
@@ -362,3 +368,5 @@ class DistributedModelForCausalLM(torch.nn.Module):
 
     def shutdown(self) -> None:
         self.runtime.shutdown()
+        if self.wallet.ledger is not None:  # post the countersigned receipts still queued
+            self.wallet.ledger.shutdown(timeout=5.0)

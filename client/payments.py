@@ -57,9 +57,13 @@ class Wallet:
 
     :param channel_id: a channel of the caller's choosing, e.g. ``base + worker`` for several processes paying from one
         key; it must never have been used by this key before (the chain would take its vouchers for replays)
+    :param ledger: where receipts this wallet checked and accepts go, countersigned (``on_receipt(signed, fingerprint,
+        countersignature)``: ``nectar.wire.ledger_api.LedgerPaymentPolicy`` posts them in the background), so a node
+        cannot keep its steps from the ledger's audits; None (no ledger) signs nothing more
     """
 
-    def __init__(self, private_key: str | None = None, *, domain: dict, channel_id: int | None = None):
+    def __init__(self, private_key: str | None = None, *, domain: dict, channel_id: int | None = None, ledger=None):
+        self.ledger = ledger
         self.private_key = private_key or Account.create().key.hex()
         self.address = eip712.address_of(self.private_key)
         self.domain = domain  # EIP-712: from the deployment (nectar.deployment.domain_from_deployment)
@@ -81,14 +85,19 @@ class Wallet:
         outputs: torch.Tensor,
         session_id: bytes | None = None,
         verify: bool = True,
+        fingerprint: bytes | None = None,
     ) -> schema.SignedReceipt:
+        """Checks a node's receipt; once it passes, counts what is owed and (with a ledger) countersigns and queues
+        it. ``fingerprint``: the bytes the node sent with it, if any (checked against the receipt, and forwarded)."""
         try:
             signed = schema.SignedReceipt.from_json(data)
         except Exception as e:
             raise ReceiptError(f"malformed receipt: {e}")
         receipt = signed.receipt
+        struct_hash = None
         if verify:
-            signer = eip712.recover_receipt_signer(signed, self.domain)
+            struct_hash = eip712.receipt_struct_hash(receipt)  # one hash serves the check and the countersignature
+            signer = eip712.recover_digest_signer(eip712.typed_digest(self.domain, struct_hash), signed.signature)
             problems = []
             if signer.lower() != node_address.lower():
                 problems.append(f"signed by {signer}, the node announced {node_address}")
@@ -106,11 +115,18 @@ class Wallet:
                 problems.append("output commitment does not match what was received")
             if session_id is not None and receipt.session_id != session_id.rjust(32, b"\0"):
                 problems.append("receipt names another session")
+            if fingerprint is not None and (
+                not isinstance(fingerprint, bytes) or fingerprints.fingerprint_hash(fingerprint) != receipt.fingerprint
+            ):
+                problems.append("fingerprint bytes do not hash to the receipt's fingerprint")
             if problems:
                 raise ReceiptError("; ".join(problems))
         with self._lock:
             self._owed[receipt.node] = self._owed.get(receipt.node, 0) + receipt.amount
             self.receipts.append(signed)
+        if self.ledger is not None and struct_hash is not None:  # only what was checked is vouched for
+            digest = eip712.acceptance_digest(struct_hash, self.domain)
+            self.ledger.on_receipt(signed, fingerprint, eip712.sign_digest(digest, self.private_key))
         return signed
 
     def owed(self, node_address: str) -> int:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import and_, func, or_, select, tuple_, update
+from sqlalchemy import func, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from nectar.ledger.intake import CheckedReceipt, Reason
 from nectar.ledger.models import (
+    ClientNode,
     Conflict,
     Epoch,
     EpochStatus,
@@ -23,6 +25,7 @@ from nectar.ledger.models import (
     SettlementStatus,
     SpotCheck,
     Voucher,
+    WorkStatus,
     utcnow,
 )
 from nectar.wire.merkle import merkle_root
@@ -52,6 +55,8 @@ def _touch_nodes(session: Session, *, addresses: Sequence[str]) -> dict[str, Nod
                 uptime_checks=0,
                 successes=0,
                 failures=0,
+                work_steps=0,
+                work_amount=0,
             )
             session.add(found[address])
     return found
@@ -92,13 +97,32 @@ def _row_to_signed(row: Receipt) -> SignedReceipt:
 signed_receipt_of = _row_to_signed
 
 
-def store_receipts(session: Session, *, checked: Sequence[CheckedReceipt]) -> list[tuple[str, str | None, str]]:
+def _merge(row: Receipt, c: CheckedReceipt, countersigned: list) -> str:
+    """A resubmission of a stored receipt adds what the stored copy lacks: the client's countersignature (the node
+    submitted first) or the fingerprint bytes (the client, which may not have them, submitted first)."""
+    if row.fingerprint is None and c.fingerprint is not None:
+        row.fingerprint = c.fingerprint
+    if row.client_signature is None and c.countersignature is not None:
+        row.client_signature = c.countersignature
+        countersigned.append((row, c.staked))
+        return "already stored; the client's countersignature is recorded"
+    return "already stored (not counted twice)"
+
+
+def store_receipts(
+    session: Session,
+    *,
+    checked: Sequence[CheckedReceipt],
+    limits: WorkLimits | None = None,
+    read_reserve: ReadReserve | None = None,
+) -> list[tuple[str, str | None, str]]:
     """Classify receipts that passed the stateless checks against what is stored, and insert the new ones.
 
     Returns per item (status, reason, message), status in accepted / duplicate / rejected. A conflict (same work and
     input, client and model, a different output: what ``Slashing.slashDoubleSign`` accepts) is rejected and kept as
     slashing evidence; other metadata under the same work is a replay; an identical resubmission is a duplicate
-    (counted once).
+    (counted once). Countersigned receipts then count as their node's work as far as the client's backing covers them
+    (``count_work``; ``read_reserve`` reads the client's reserve for the node from the chain).
     """
     results: list[tuple[str, str | None, str]] = [("", None, "")] * len(checked)
     pending = [(i, c) for i, c in enumerate(checked) if c.reason is None]
@@ -120,17 +144,18 @@ def store_receipts(session: Session, *, checked: Sequence[CheckedReceipt]) -> li
             by_key[(row.session_id, row.node, row.kind, row.step, row.block_start, row.block_end)] = row
 
     new_rows: list[Receipt] = []
+    countersigned: list[tuple[Receipt, bool]] = []  # (row, node staked) newly countersigned
     totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for i, c in pending:
         r = c.signed.receipt
         if c.leaf in by_leaf:
-            results[i] = ("duplicate", None, "already stored (not counted twice)")
+            results[i] = ("duplicate", None, _merge(by_leaf[c.leaf], c, countersigned))
             continue
         existing = by_key.get(r.key)
         if existing is not None and existing.leaf == c.leaf:
             # stored by a concurrent submitter between the leaf and key queries (READ COMMITTED: each query sees
             # the latest commits), so the leaf query missed it: the same receipt, not a replay
-            results[i] = ("duplicate", None, "already stored (not counted twice)")
+            results[i] = ("duplicate", None, _merge(existing, c, countersigned))
             continue
         if existing is not None:
             # evidence only where the chain's predicate holds: the node answered one input (same client, model) two
@@ -171,7 +196,10 @@ def store_receipts(session: Session, *, checked: Sequence[CheckedReceipt]) -> li
             fingerprint=c.fingerprint,
             timestamp=r.timestamp,
             signature=c.signed.signature,
+            client_signature=c.countersignature,
         )
+        if c.countersignature is not None:
+            countersigned.append((row, c.staked))
         session.add(row)  # now, so a later item of this batch that conflicts with it can flush it and cite its id
         new_rows.append(row)
         by_leaf[c.leaf] = row
@@ -187,7 +215,152 @@ def store_receipts(session: Session, *, checked: Sequence[CheckedReceipt]) -> li
         node.earned_amount = (node.earned_amount or 0) + amount
         node.last_seen = now
     session.flush()
+    if countersigned:
+        _record_countersigned(session, countersigned, limits or WorkLimits(), read_reserve)
     return results
+
+
+# ---------------------------------------------------------------------------------------------------- work
+ReadReserve = Callable[[str, str], "int | None"]  # (client, node) -> reserve less pending release, None: unreadable
+
+
+@dataclass(frozen=True)
+class WorkLimits:
+    """Bounds of the work and report book (``Settings``; docs/economics.md, "Reputation inputs")."""
+
+    backed_ttl_s: float = 60.0  # how long a chain read of a client's reserve for a node is trusted
+    max_clients_per_node: int = 10_000  # ClientNode rows per node: the least backed gives way
+    max_nodes_per_client: int = 1_000  # ClientNode rows per client
+    max_pending_per_pair: int = 10_000  # countersigned receipts waiting for backing per pair (older are dropped
+    # from the queue: they stay stored, never count)
+    report_min_backing: int = 10**15  # what a client must have paid the node on chain or hold in reserve to report
+    report_burst: float = 3.0  # reports one client may send about one node at once
+    report_per_hour: float = 12.0  # and then at this rate
+
+
+def _settled(session: Session, *, client: str, node: str) -> int:
+    """What the chain paid on ``client``'s channels to ``node`` (recorded as the ledger's settlements confirm)."""
+    rows = session.scalars(select(Voucher.settled_amount).where(Voucher.client == client, Voucher.node == node))
+    return sum(int(v or 0) for v in rows)
+
+
+def client_node(session: Session, *, client: str, node: str, limits: WorkLimits) -> ClientNode:
+    """The (client, node) row, created if missing; past a bound, the node's (or client's) row with the least counted
+    work gives way (its counted work stays in ``Node.work_*``)."""
+    # locked: two submitters counting one pair's receipts must not both spend the same backing
+    row = session.scalar(
+        select(ClientNode).where(ClientNode.client == client, ClientNode.node == node).with_for_update()
+    )
+    if row is not None:
+        return row
+    for column, value, bound in (
+        (ClientNode.node, node, limits.max_clients_per_node),
+        (ClientNode.client, client, limits.max_nodes_per_client),
+    ):
+        if (session.scalar(select(func.count(ClientNode.id)).where(column == value)) or 0) >= bound:
+            victim = session.scalar(
+                select(ClientNode)
+                .where(column == value)
+                .order_by(ClientNode.counted_steps, ClientNode.updated_at, ClientNode.id)
+                .limit(1)
+            )
+            session.delete(victim)
+            session.flush()
+    row = ClientNode(
+        client=client,
+        node=node,
+        countersigned_steps=0,
+        countersigned_amount=0,
+        counted_steps=0,
+        counted_amount=0,
+        backed=0,
+        backed_read_at=0.0,
+        report_nonce=0,
+        report_tokens=limits.report_burst,
+        report_at=0.0,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def backing_of(
+    session: Session,
+    pair: ClientNode,
+    *,
+    limits: WorkLimits,
+    read_reserve: ReadReserve | None,
+    need: int = 0,
+    now: float | None = None,
+) -> int:
+    """What on chain backs the pair's client at its node: settled payments plus (a fresh enough read of) the
+    reserve; read again from the chain when less than ``need`` and the last read is older than ``backed_ttl_s``."""
+    import time
+
+    now = time.time() if now is None else now
+    settled = _settled(session, client=pair.client, node=pair.node)
+    fresh = now - (pair.backed_read_at or 0.0) < limits.backed_ttl_s
+    backed = max(settled, int(pair.backed or 0)) if fresh else settled
+    if backed < need and not fresh and read_reserve is not None:
+        reserve = read_reserve(pair.client, pair.node)
+        if reserve is not None:
+            # settling moves reserve into settled: their sum is what backs the client until it adds or releases
+            pair.backed, pair.backed_read_at = settled + max(int(reserve), 0), now
+            backed = int(pair.backed)
+    return backed
+
+
+def _record_countersigned(session: Session, rows: list[tuple[Receipt, bool]], limits: WorkLimits, read_reserve):
+    pairs = set()
+    for row, staked in rows:
+        row.work = WorkStatus.UNSTAKED if not staked else WorkStatus.FREE if not row.amount else WorkStatus.PENDING
+        pair = client_node(session, client=row.client, node=row.node, limits=limits)
+        pair.countersigned_steps = (pair.countersigned_steps or 0) + 1
+        pair.countersigned_amount = int(pair.countersigned_amount or 0) + int(row.amount)
+        if row.work == WorkStatus.PENDING:
+            pairs.add((row.client, row.node))
+    session.flush()
+    for client, node in sorted(pairs):
+        count_work(session, client=client, node=node, limits=limits, read_reserve=read_reserve)
+
+
+def count_work(
+    session: Session, *, client: str, node: str, limits: WorkLimits, read_reserve: ReadReserve | None = None
+) -> int:
+    """Counts the pair's pending countersigned receipts, oldest first, as the node's work while the client's backing
+    covers them (counted amount never above it); returns how many were counted. Called as receipts come and when a
+    settlement of the pair confirms."""
+    pair = client_node(session, client=client, node=node, limits=limits)
+    waiting = list(
+        session.scalars(
+            select(Receipt)
+            .where(Receipt.client == client, Receipt.node == node, Receipt.work == WorkStatus.PENDING)
+            .order_by(Receipt.id)
+            .limit(limits.max_pending_per_pair + 1)
+        )
+    )
+    if not waiting:
+        return 0
+    if len(waiting) > limits.max_pending_per_pair:  # bound the queue: the oldest stay stored, never count
+        for row in waiting[: len(waiting) - limits.max_pending_per_pair]:
+            row.work = None
+        waiting = waiting[len(waiting) - limits.max_pending_per_pair :]
+    counted = int(pair.counted_amount or 0)
+    backed = backing_of(session, pair, limits=limits, read_reserve=read_reserve, need=counted + int(waiting[0].amount))
+    steps = amount = 0
+    for row in waiting:
+        if counted + amount + int(row.amount) > backed:
+            break
+        row.work = WorkStatus.COUNTED
+        steps, amount = steps + 1, amount + int(row.amount)
+    if steps:
+        pair.counted_steps = (pair.counted_steps or 0) + steps
+        pair.counted_amount = counted + amount
+        n = _touch_nodes(session, addresses=[node])[node]
+        n.work_steps = (n.work_steps or 0) + steps
+        n.work_amount = int(n.work_amount or 0) + amount
+    session.flush()
+    return steps
 
 
 def _record_conflict(session: Session, *, existing: Receipt, other: SignedReceipt) -> None:
@@ -441,7 +614,9 @@ def settlement_items(session: Session, *, settlement_id: int) -> list[Settlement
     )
 
 
-def mark_item_paid(session: Session, *, item: SettlementItem, paid_on_chain: int) -> None:
+def mark_item_paid(
+    session: Session, *, item: SettlementItem, paid_on_chain: int, limits: WorkLimits | None = None
+) -> None:
     """Record that the chain has paid this voucher (``paid_on_chain`` >= its cumulative amount)."""
     if item.status == "paid":
         return
@@ -452,6 +627,8 @@ def mark_item_paid(session: Session, *, item: SettlementItem, paid_on_chain: int
         voucher.settled_amount = item.cumulative_amount
     node = _touch_nodes(session, addresses=[item.node])[item.node]
     node.settled_amount = (node.settled_amount or 0) + newly
+    session.flush()
+    count_work(session, client=item.client, node=item.node, limits=limits or WorkLimits())  # paid: count what waited
 
 
 def list_settlements(session: Session, *, epoch: int | None = None, node: str | None = None) -> list[Settlement]:
@@ -566,8 +743,46 @@ def record_report(
     return row
 
 
-def is_paying_client(session: Session, *, client: str, node: str) -> bool:
-    return session.scalar(select(Voucher.id).where(and_(Voucher.client == client, Voucher.node == node))) is not None
+def admit_report(
+    session: Session,
+    *,
+    reporter: str,
+    node: str,
+    nonce: int,
+    limits: WorkLimits,
+    read_reserve: ReadReserve | None,
+    now: float,
+) -> tuple[int, str] | None:
+    """Whether a signed report counts: None if it does (its nonce and a unit of the rate bucket are spent), else
+    (HTTP status, why). Only a client the chain shows paying the node (settled) or backing it (reserve), at least
+    ``report_min_backing``, reports; each nonce once, increasing; at most ``report_burst`` then ``report_per_hour``."""
+    existing = session.scalar(select(ClientNode).where(ClientNode.client == reporter, ClientNode.node == node))
+    pair = existing or ClientNode(client=reporter, node=node, backed=0, backed_read_at=0.0)  # not stored unless backed
+    backed = backing_of(
+        session, pair, limits=limits, read_reserve=read_reserve, need=limits.report_min_backing, now=now
+    )
+    if backed < limits.report_min_backing:
+        return 403, (
+            f"only clients that paid this node on chain or hold a reserve for it (at least "
+            f"{limits.report_min_backing} credit wei; {reporter} has {backed}) may report on it: reserve with "
+            f"`nectar escrow reserve --node {node}` or pay it through the ledger, then report"
+        )
+    if existing is None:
+        fresh = client_node(session, client=reporter, node=node, limits=limits)
+        fresh.backed, fresh.backed_read_at = pair.backed, pair.backed_read_at
+        pair = fresh
+    if nonce <= int(pair.report_nonce or 0):
+        return 409, f"report nonce {nonce} is not above the last accepted ({pair.report_nonce}): a replay, not counted"
+    tokens = min(
+        limits.report_burst,
+        (pair.report_tokens or 0.0) + (now - (pair.report_at or 0.0)) * limits.report_per_hour / 3600,
+    )
+    if tokens < 1.0:
+        wait = (1.0 - tokens) * 3600 / limits.report_per_hour
+        return 429, f"at most {limits.report_per_hour:g} reports an hour per client and node; retry in {wait:.0f} s"
+    pair.report_nonce, pair.report_tokens, pair.report_at = nonce, tokens - 1.0, now
+    session.flush()
+    return None
 
 
 def record_slash(session: Session, *, node: str) -> None:

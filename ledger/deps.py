@@ -37,6 +37,18 @@ class LedgerState:
             self._chain = (stamp, Chain.from_deployment(self.settings.deployment_path))
         return self._chain[1]
 
+    def read_reserve(self, client: str, node: str) -> int | None:
+        """``client``'s reserve for ``node`` less what it asked to release, from the chain (None: no chain or it
+        cannot be read now; the caller counts on settled payments alone)."""
+        if not self.settings.deployment_path.exists():
+            return None
+        try:
+            reserve = self.chain().reserve_of(client, node)
+        except Exception as e:  # unreachable chain: nothing more is counted until it answers
+            logger.warning(f"Reserve of {client} at {node}: chain read failed: {type(e).__name__}: {e}")
+            return None
+        return max(int(reserve["amount"]) - int(reserve["pendingRelease"]), 0)
+
 
 def get_state(request: Request) -> LedgerState:
     return request.app.state.ledger

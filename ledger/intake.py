@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from nectar.wire.eip712 import (  # typed_digest: one struct hash serves the signature and the leaf
     InvalidSignature,
     receipt_struct_hash,
+    recover_countersigner,
     recover_digest_signer,
     recover_voucher_signer,
     typed_digest,
@@ -37,6 +38,7 @@ class Reason:
     STALE_RECEIPT = "stale_receipt"  # older than the chain's evidence window: it proves nothing on chain any more
     FUTURE_RECEIPT = "future_receipt"  # dated ahead of the ledger's clock by more than the allowed skew
     UNSTORABLE = "unstorable"  # the database refused this one item (a ledger bug: it is logged with the item)
+    BAD_COUNTERSIGNATURE = "bad_countersignature"  # clientSignature malformed or not by the receipt's client
 
 
 @dataclass
@@ -46,15 +48,25 @@ class CheckedReceipt:
     leaf: bytes
     reason: str | None = None  # None: passed the stateless checks
     message: str = ""
+    countersignature: bytes | None = None  # the receipt's client's, checked (None: the node's own submission)
+    staked: bool = True  # the node passed the stake gate (set by the route for countersigned receipts)
 
 
-def parse_receipt_item(item) -> tuple[SignedReceipt, bytes]:
+def parse_receipt_item(item) -> tuple[SignedReceipt, bytes | None, bytes | None]:
+    """(signed receipt, fingerprint bytes, client countersignature). A client's submission (with ``clientSignature``)
+    may leave the fingerprint out (null); a node's must carry it."""
     try:
         signed = SignedReceipt.from_json(item)
+        raw_cs = item.get("clientSignature")
+        if raw_cs is not None and not isinstance(raw_cs, str):
+            raise ValueError("clientSignature must be the hex of the client's 65-byte countersignature")
+        countersignature = None if raw_cs is None else bytes.fromhex(raw_cs.removeprefix("0x"))
         raw_fp = item.get("fingerprintBytes")
+        if raw_fp is None and countersignature is not None:
+            return signed, None, countersignature
         if not isinstance(raw_fp, str):
             raise ValueError("fingerprintBytes (hex of the activation fingerprint, '0x' if none) is required")
-        return signed, bytes.fromhex(raw_fp[2:] if raw_fp.startswith("0x") else raw_fp)
+        return signed, bytes.fromhex(raw_fp.removeprefix("0x")), countersignature
     except (ValueError, TypeError, AttributeError) as e:
         raise Malformed(str(e)) from None
 
@@ -64,15 +76,17 @@ def check_receipt(
     fingerprint: bytes | None,
     domain: dict,
     *,
+    countersignature: bytes | None = None,
     now: float | None = None,
     max_age: float = 43_200.0,
     max_skew: float = 300.0,
 ) -> CheckedReceipt:
     """The stateless checks; with ``now`` (the ledger's clock, s) also the receipt's time: at most ``max_skew``
-    ahead, at most ``max_age`` old (the chain refuses double-sign evidence older than its ``maxEvidenceAge``)."""
+    ahead, at most ``max_age`` old (the chain refuses double-sign evidence older than its ``maxEvidenceAge``).
+    A ``countersignature`` must be the receipt's client's (``eip712.countersign_receipt``)."""
     receipt = signed.receipt
     struct_hash = receipt_struct_hash(receipt)
-    checked = CheckedReceipt(signed, fingerprint, keccak256(struct_hash))
+    checked = CheckedReceipt(signed, fingerprint, keccak256(struct_hash), countersignature=countersignature)
     try:
         signer = recover_digest_signer(typed_digest(domain, struct_hash), signed.signature)
     except InvalidSignature as e:
@@ -84,9 +98,13 @@ def check_receipt(
     elif receipt.amount != receipt.tokens * receipt.price:
         checked.reason = Reason.WRONG_AMOUNT
         checked.message = f"amount {receipt.amount} != tokens {receipt.tokens} * price {receipt.price}"
-    elif fingerprint_hash(fingerprint) != receipt.fingerprint:
+    elif fingerprint is not None and fingerprint_hash(fingerprint) != receipt.fingerprint:
         checked.reason = Reason.BAD_FINGERPRINT
         checked.message = "fingerprintBytes do not hash to the receipt's fingerprint"
+    elif countersignature is not None and (
+        problem := _countersignature_problem(struct_hash, countersignature, receipt.client, domain)
+    ):
+        checked.reason, checked.message = Reason.BAD_COUNTERSIGNATURE, problem
     elif now is not None and receipt.timestamp > now + max_skew:
         checked.reason = Reason.FUTURE_RECEIPT
         checked.message = (
@@ -100,6 +118,16 @@ def check_receipt(
             "window: submit receipts as they are signed (a node's payment policy does)"
         )
     return checked
+
+
+def _countersignature_problem(struct_hash: bytes, countersignature: bytes, client: str, domain: dict) -> str | None:
+    try:
+        signer = recover_countersigner(struct_hash, countersignature, domain)
+    except InvalidSignature as e:
+        return f"clientSignature: {e}"
+    if signer != client:
+        return f"clientSignature is by {signer}, not by the receipt's client {client}; only the client countersigns"
+    return None
 
 
 def parse_voucher_item(item) -> SignedVoucher:

@@ -55,6 +55,15 @@ class Epoch(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
 
 
+class WorkStatus:
+    """``Receipt.work``: whether a countersigned receipt counts as its node's work (docs/economics.md)."""
+
+    PENDING = "pending"  # countersigned; waits for the client's backing (settled payment or reserve) to cover it
+    COUNTED = "counted"  # in ``Node.work_steps`` / ``work_amount`` and its ``ClientNode.counted_*``
+    UNSTAKED = "unstaked"  # the node was not registered with the minimum stake when it came: evidence only
+    FREE = "free"  # amount 0: nothing was paid, so it proves nothing
+
+
 class Receipt(Base):
     __tablename__ = "receipts"
     __table_args__ = (
@@ -84,6 +93,10 @@ class Receipt(Base):
     signature: Mapped[bytes] = mapped_column(LargeBinary(65))
     epoch_number: Mapped[int | None] = mapped_column(ForeignKey("epochs.number"), index=True)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # the receipt's client's countersignature (eip712.countersign_receipt): the client accepted this work
+    client_signature: Mapped[bytes | None] = mapped_column(LargeBinary(65))
+    # as the node's work (``Node.work_*``, ``WorkStatus``): None until countersigned
+    work: Mapped[str | None] = mapped_column(String(10))
 
 
 class Conflict(Base):
@@ -189,8 +202,11 @@ class Node(Base):
     address: Mapped[str] = mapped_column(String(42), primary_key=True)
     first_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    receipts_count: Mapped[int] = mapped_column(Integer, default=0)
-    earned_amount: Mapped[int] = mapped_column(UInt, default=0)  # sum of receipt amounts
+    receipts_count: Mapped[int] = mapped_column(Integer, default=0)  # receipts stored (claims and evidence)
+    earned_amount: Mapped[int] = mapped_column(UInt, default=0)  # sum of stored receipts' amounts (claimed)
+    # work that cannot be forged (docs/economics.md, "Reputation inputs"): receipts with ``Receipt.work == "counted"``
+    work_steps: Mapped[int] = mapped_column(Integer, default=0)
+    work_amount: Mapped[int] = mapped_column(UInt, default=0)
     settled_amount: Mapped[int] = mapped_column(UInt, default=0)  # gross voucher amounts paid on chain
     conflicts: Mapped[int] = mapped_column(Integer, default=0)
     spot_passed: Mapped[int] = mapped_column(Integer, default=0)
@@ -205,11 +221,38 @@ class Node(Base):
     throughput: Mapped[float | None] = mapped_column(Float)  # tokens/s, exponentially weighted
 
 
+class ClientNode(Base):
+    """What one client has backed, accepted and reported of one node: the budget its countersigned receipts count
+    against and the state of its reports (replay nonce, rate bucket). Bounded: at most ``max_clients_per_node`` rows
+    per node and ``max_nodes_per_client`` per client (the least backed row gives way)."""
+
+    __tablename__ = "client_nodes"
+    __table_args__ = (UniqueConstraint("client", "node", name="uq_client_nodes_pair"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    client: Mapped[str] = mapped_column(String(42), index=True)
+    node: Mapped[str] = mapped_column(String(42), index=True)
+    countersigned_steps: Mapped[int] = mapped_column(Integer, default=0)
+    countersigned_amount: Mapped[int] = mapped_column(UInt, default=0)
+    counted_steps: Mapped[int] = mapped_column(Integer, default=0)
+    counted_amount: Mapped[int] = mapped_column(UInt, default=0)  # at most the backing known when each was counted
+    # settled + reserve - pending release at the last chain read (the Backing of ledger_api); settling moves reserve
+    # into settled, so the sum holds until the client adds or releases reserve
+    backed: Mapped[int] = mapped_column(UInt, default=0)
+    backed_read_at: Mapped[float] = mapped_column(Float, default=0.0)  # unix time of that read (0: never)
+    report_nonce: Mapped[int] = mapped_column(UInt, default=0)  # the highest report nonce accepted
+    report_tokens: Mapped[float] = mapped_column(Float, default=0.0)  # the report rate bucket
+    report_at: Mapped[float] = mapped_column(Float, default=0.0)  # when the bucket was last filled
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
 __all__ = [
     "Base",
+    "ClientNode",
     "Epoch",
     "EpochStatus",
     "Receipt",
+    "WorkStatus",
     "Conflict",
     "Voucher",
     "Settlement",

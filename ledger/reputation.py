@@ -2,7 +2,11 @@
 
 Soft signals (uptime, success rate, latency, throughput, stake) are smoothed averages, so a node with little history
 sits near the middle instead of at an extreme; proven misbehaviour (failed spot checks, slashes) multiplies the score
-down hard. Nodes with few receipts are flagged ``new`` so clients can keep some traffic for them.
+down hard. Nodes with little counted work are flagged ``new`` so clients can keep some traffic for them.
+
+Every input and where it comes from is listed in docs/economics.md ("Reputation inputs"): work counts only where the
+client countersigned it and paid on chain (or holds a reserve) for it; reports only from such clients, once per
+nonce, at a bounded rate; spot checks, slashes and stake come from the ledger's own audits and the chain.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ logger = logging.getLogger(__name__)
 WEIGHTS = {"uptime": 0.2, "success": 0.25, "latency": 0.15, "throughput": 0.1, "spot_checks": 0.2, "stake": 0.1}
 LATENCY_REFERENCE_MS = 500.0  # a node this slow scores 0.5 on latency
 THROUGHPUT_REFERENCE = 50.0  # tokens/s scoring 0.5
-NEW_NODE_RECEIPTS = 100  # below this many receipts a node counts as new
+NEW_NODE_RECEIPTS = 100  # below this many counted steps (``Node.work_steps``) a node counts as new
 SLASH_FACTOR = 0.25  # each slash multiplies the score by this
 SPOT_FAIL_FACTOR = 0.5  # each failed spot check multiplies the score by this
 
@@ -26,7 +30,8 @@ class ReputationScore:
     score: float
     new: bool
     components: dict
-    receipts: int
+    receipts: int  # counted work steps (countersigned and backed), not receipts merely submitted
+    earned: str  # credit wei of that work
     spot_passed: int
     spot_failed: int
     slashes: int
@@ -54,9 +59,10 @@ def score_node(node, *, reference_stake: int, spot_fail_factor: float = SPOT_FAI
     return ReputationScore(
         address=node.address,
         score=round(max(0.0, min(1.0, base * penalty)), 6),
-        new=(node.receipts_count or 0) < NEW_NODE_RECEIPTS,
+        new=(node.work_steps or 0) < NEW_NODE_RECEIPTS,
         components={k: round(v, 6) for k, v in components.items()},
-        receipts=node.receipts_count or 0,
+        receipts=node.work_steps or 0,
+        earned=str(node.work_amount or 0),
         spot_passed=node.spot_passed or 0,
         spot_failed=node.spot_failed or 0,
         slashes=node.slashes or 0,

@@ -11,7 +11,8 @@ logger = logging.getLogger(__name__)
 
 
 class ReceiptBatch(BaseModel):
-    """``receipts``: items ``{"receipt": {...}, "signature": "0x..", "fingerprintBytes": "0x.." (optional)}``."""
+    """``receipts``: items ``{"receipt": {...}, "signature": "0x..", "fingerprintBytes": "0x..",
+    "clientSignature": "0x.." (a client's countersignature; with it, fingerprintBytes may be null)}``."""
 
     receipts: list[dict[str, Any]] = Field(min_length=1)
 
@@ -41,6 +42,7 @@ class ReportIn(BaseModel):
 
     node: str
     reporter: str
+    nonce: int = Field(ge=1, lt=2**64)  # above every nonce accepted from this reporter about this node
     online: bool | None = None
     success: bool | None = None
     latency_ms: float | None = Field(default=None, ge=0)

@@ -172,7 +172,7 @@ class EpochSettler:
             for item in items:
                 paid = int(self.chain.paid(item.client, item.node, item.channel_id, item.partner))
                 if paid >= item.cumulative_amount:
-                    crud.mark_item_paid(session, item=item, paid_on_chain=paid)
+                    crud.mark_item_paid(session, item=item, paid_on_chain=paid, limits=self.settings.work_limits)
                 else:
                     unpaid.append(item)
             return unpaid

@@ -28,10 +28,14 @@ RECEIPT_TYPE = (
 )
 VOUCHER_TYPE = "Voucher(address client,address node,address partner,uint64 channelId,uint128 cumulativeAmount)"
 DOMAIN_TYPE = "EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
+# A client's countersignature of a receipt it accepted: ``receipt`` is the receipt's hashStruct (the ledger's evidence
+# that the client saw and checked this work; reputation counts only countersigned work, docs/economics.md)
+ACCEPTANCE_TYPE = "Acceptance(bytes32 receipt)"
 
 RECEIPT_TYPEHASH = keccak256(RECEIPT_TYPE.encode())
 VOUCHER_TYPEHASH = keccak256(VOUCHER_TYPE.encode())
 DOMAIN_TYPEHASH = keccak256(DOMAIN_TYPE.encode())
+ACCEPTANCE_TYPEHASH = keccak256(ACCEPTANCE_TYPE.encode())
 
 
 def _fields(type_string: str) -> list[tuple[str, str]]:
@@ -44,6 +48,7 @@ EIP712_TYPES = {
     "EIP712Domain": [{"name": n, "type": t} for n, t in _fields(DOMAIN_TYPE)],
     "Receipt": [{"name": n, "type": t} for n, t in _fields(RECEIPT_TYPE)],
     "Voucher": [{"name": n, "type": t} for n, t in _fields(VOUCHER_TYPE)],
+    "Acceptance": [{"name": n, "type": t} for n, t in _fields(ACCEPTANCE_TYPE)],
 }
 
 
@@ -202,6 +207,21 @@ def recover_voucher_signer(signed: SignedVoucher, domain: dict) -> str:
     return recover_digest_signer(voucher_digest(signed.voucher, domain), signed.signature)
 
 
+def acceptance_digest(receipt_hash: bytes, domain: dict) -> bytes:
+    """What a client signs to countersign a receipt: the EIP-712 digest of ``Acceptance(receipt_struct_hash)``."""
+    return typed_digest(domain, keccak256(ACCEPTANCE_TYPEHASH + receipt_hash))
+
+
+def countersign_receipt(receipt: Receipt, private_key: bytes | str, domain: dict) -> bytes:
+    """The client's 65-byte countersignature of a receipt it checked and accepts."""
+    return sign_digest(acceptance_digest(receipt_struct_hash(receipt), domain), private_key)
+
+
+def recover_countersigner(receipt_hash: bytes, signature: bytes, domain: dict) -> str:
+    """Who countersigned the receipt whose hashStruct is ``receipt_hash``; ``InvalidSignature`` if malformed."""
+    return recover_digest_signer(acceptance_digest(receipt_hash, domain), signature)
+
+
 def full_typed_message(primary_type: str, message: dict, domain: dict) -> dict:
     """The message in eth-account's ``full_message`` form (for wallets and cross-checks)."""
     types = {"EIP712Domain": EIP712_TYPES["EIP712Domain"], primary_type: EIP712_TYPES[primary_type]}
@@ -216,6 +236,9 @@ __all__ = [
     "recover_receipt_signer",
     "sign_voucher",
     "recover_voucher_signer",
+    "acceptance_digest",
+    "countersign_receipt",
+    "recover_countersigner",
     "receipt_struct_hash",
     "receipt_digest",
     "voucher_struct_hash",

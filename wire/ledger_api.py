@@ -38,16 +38,21 @@ HEALTH = "/health"  # GET, outside PREFIX
 
 
 # ---- JSON shapes ---------------------------------------------------------------------------------------------------
-def receipt_item(signed: SignedReceipt, fingerprint: bytes) -> dict:
-    """One entry of a receipts submission: the signed receipt and its fingerprint's bytes."""
-    return {**signed.to_json(), "fingerprintBytes": "0x" + bytes(fingerprint).hex()}
+def receipt_item(signed: SignedReceipt, fingerprint: bytes | None, countersignature: bytes | None = None) -> dict:
+    """One entry of a receipts submission: the signed receipt and its fingerprint's bytes; from a client, also its
+    countersignature (``eip712.countersign_receipt``), with which the fingerprint may be None (not received)."""
+    item = {**signed.to_json(), "fingerprintBytes": None if fingerprint is None else "0x" + bytes(fingerprint).hex()}
+    if countersignature is not None:
+        item["clientSignature"] = "0x" + bytes(countersignature).hex()
+    return item
 
 
 def report_message(report: Any) -> str:
     """The exact text a reporter signs (EIP-191) for ``POST /v1/reports`` (stable field order); ``report`` is a dict
-    or a pydantic model."""
+    or a pydantic model. ``nonce``: an integer above every nonce the ledger accepted from this reporter about this
+    node (the ledger counts a report once; ``time.time_ns()`` serves)."""
     data = report.model_dump() if hasattr(report, "model_dump") else dict(report)
-    fields = ("node", "reporter", "online", "success", "latency_ms", "throughput", "timestamp")
+    fields = ("node", "reporter", "nonce", "online", "success", "latency_ms", "throughput", "timestamp")
     for name in ("latency_ms", "throughput"):  # 40 and 40.0 must sign the same
         if data.get(name) is not None:
             data[name] = float(data[name])
@@ -252,9 +257,9 @@ class LedgerClient:
             raise LedgerError(response.status_code, detail)
         return response.json()
 
-    def submit_receipts(self, items: Sequence[tuple[SignedReceipt, bytes]]) -> dict:
-        """Post (signed receipt, fingerprint bytes) pairs; returns per-item verdicts."""
-        body = [receipt_item(signed, fp) for signed, fp in items]
+    def submit_receipts(self, items: Sequence[tuple]) -> dict:
+        """Post (signed receipt, fingerprint bytes[, client countersignature]) tuples; returns per-item verdicts."""
+        body = [receipt_item(*item) for item in items]
         return self._request("POST", PREFIX + RECEIPTS, json={"receipts": body})
 
     def submit_vouchers(self, vouchers: Sequence[SignedVoucher]) -> dict:
@@ -305,14 +310,17 @@ class LedgerClient:
         success: bool | None = None,
         latency_ms: float | None = None,
         throughput: float | None = None,
+        nonce: int | None = None,
     ) -> dict:
-        """Report a measurement of ``node`` as the client owning ``private_key`` (must have paid that node)."""
+        """Report a measurement of ``node`` as the client owning ``private_key`` (it must have paid that node on chain
+        or hold a reserve for it); ``nonce`` defaults to the clock in nanoseconds."""
         from eth_account import Account
         from eth_account.messages import encode_defunct
 
         body = {
             "node": node,
             "reporter": Account.from_key(private_key).address,
+            "nonce": time.time_ns() if nonce is None else int(nonce),
             "online": online,
             "success": success,
             "latency_ms": latency_ms,
@@ -357,12 +365,18 @@ class LedgerPaymentPolicy:
         self._thread = threading.Thread(target=self._loop, name="ledger-policy", daemon=True)
         self._thread.start()
 
-    def on_receipt(self, signed_receipt, fingerprint: bytes) -> None:
+    def on_receipt(self, signed_receipt, fingerprint: bytes | None, countersignature: bytes | None = None) -> None:
+        """Queues a receipt (a client also passes its countersignature; see ``nectar.client.payments``)."""
+        item = (
+            (signed_receipt, fingerprint)
+            if countersignature is None
+            else (signed_receipt, fingerprint, countersignature)
+        )
         with self._lock:
             if len(self._receipts) >= self.max_queue:
                 self._receipts.popleft()
                 logger.warning("Ledger unreachable for long: dropping the oldest queued receipt")
-            self._receipts.append((signed_receipt, fingerprint))
+            self._receipts.append(item)
             full = len(self._receipts) >= self.batch_size
         if full:
             self._wake.set()

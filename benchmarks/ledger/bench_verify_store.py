@@ -74,9 +74,9 @@ def main() -> None:
     recover_rate = best_rate(
         lambda: [eip712.recover_receipt_signer(signed, domain) for signed, _ in parsed], len(parsed)
     )
-    checked = [check_receipt(s, fp, domain) for s, fp in parsed]
+    checked = [check_receipt(s, fp, domain) for s, fp, _ in parsed]
     assert all(c.reason is None for c in checked)
-    check_rate = best_rate(lambda: [check_receipt(s, fp, domain) for s, fp in parsed], len(parsed))
+    check_rate = best_rate(lambda: [check_receipt(s, fp, domain) for s, fp, _ in parsed], len(parsed))
     parse_rate = best_rate(lambda: [parse_receipt_item(i) for i in items[:5000]], 5000)
 
     sample = items[:300]
@@ -112,7 +112,7 @@ def main() -> None:
         engine = get_engine(url)
         began = time.perf_counter()
         for start in range(0, len(items), args.batch):
-            batch = [check_receipt(*parse_receipt_item(i), domain) for i in items[start : start + args.batch]]
+            batch = [check_receipt(*parse_receipt_item(i)[:2], domain) for i in items[start : start + args.batch]]
             with session_scope(engine) as session:
                 crud.store_receipts(session, checked=batch)
         rate = len(items) / (time.perf_counter() - began)

@@ -58,6 +58,16 @@ class Settings(ServiceSettings):
     # skipped while there is no deployment file (then nothing can be settled anyway)
     stake_cache_seconds: float = 10.0  # how old the registry table of GET /v1/stakes may get
     stake_refresh_seconds: float = 30.0  # beat: how often reputation's stake column is re-read from the chain
+    # reputation inputs nobody can forge (docs/economics.md, "Reputation inputs"): work counts only when the client
+    # countersigned it and paid the node on chain or holds a reserve for it (up to that amount); reports likewise
+    work_backed_ttl_s: float = 60.0  # how long a chain read of a client's reserve for a node is trusted
+    max_clients_per_node: int = 10_000  # client-node rows per node (the least backed gives way)
+    max_nodes_per_client: int = 1_000  # client-node rows per client
+    max_pending_per_pair: int = 10_000  # countersigned receipts waiting for backing, per client and node
+    report_min_backing: int = 10**15  # credit wei a client must have paid a node on chain or reserved, to report on it
+    report_burst: float = 3.0  # reports one client may send about one node at once
+    report_per_hour: float = 12.0  # and then at this rate
+    report_max_age_s: float = 600.0  # a report's timestamp may be this far from the ledger's clock
     audit_source: str | None = None  # "swarm" (nodes' audit RPC) or "module:factory" building the AuditSource
     spot_check_verifier: Literal["local", "swarm"] = "local"  # who re-executes: local spans, or other nodes (RPC)
     swarm_initial_peers: str = ""  # multiaddrs (space/comma separated) the ledger joins the swarm with; default
@@ -76,6 +86,21 @@ class Settings(ServiceSettings):
         if not 0.0 <= self.spot_check_fraction <= 1.0:
             raise ValueError("NECTAR_LEDGER_SPOT_CHECK_FRACTION must be within [0, 1]")
         return self
+
+    @property
+    def work_limits(self):
+        """The bounds of the work and report book (``crud.WorkLimits``)."""
+        from nectar.ledger.crud import WorkLimits
+
+        return WorkLimits(
+            backed_ttl_s=self.work_backed_ttl_s,
+            max_clients_per_node=self.max_clients_per_node,
+            max_nodes_per_client=self.max_nodes_per_client,
+            max_pending_per_pair=self.max_pending_per_pair,
+            report_min_backing=self.report_min_backing,
+            report_burst=self.report_burst,
+            report_per_hour=self.report_per_hour,
+        )
 
     @property
     def settlement_latency_s(self) -> float:

@@ -19,8 +19,6 @@ from nectar.wire.ledger_api import NODE, PREFIX, REPORTS, REPUTATION, report_mes
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix=PREFIX, tags=["nodes"])
 
-REPORT_MAX_AGE_S = 600
-
 
 def _address(value: str) -> str:
     if not is_address(value):
@@ -43,8 +41,10 @@ def node_view(address: str, session: SessionDep, state: StateDep, limit: int = 5
     settlements = crud.node_settlement_items(session, node=address, limit=min(limit, 500))
     return {
         "address": address,
-        "receipts_count": node.receipts_count,
-        "earned": str(node.earned_amount),
+        "receipts_count": node.receipts_count,  # stored: the node's claims and the evidence against it
+        "claimed": str(node.earned_amount),  # what those receipts say; nobody vouches for it
+        "work_steps": node.work_steps or 0,  # counted work: countersigned by clients whose payment covered it
+        "earned": str(node.work_amount or 0),
         "settled": str(node.settled_amount),
         "conflicts": [
             {"id": c.id, "status": c.status, "slash_tx_hash": c.slash_tx_hash}
@@ -90,19 +90,33 @@ def reputation(session: SessionDep, state: StateDep) -> dict:
 
 
 @router.post(REPORTS)
-def report(body: ReportIn, session: SessionDep) -> dict:
-    """A paying client's measurement of a node (signed, so only the node's customers move its reputation)."""
+def report(body: ReportIn, session: SessionDep, state: StateDep) -> dict:
+    """A paying client's measurement of a node: signed, fresh, once per nonce, only from a client the chain shows
+    paying or backing the node, at a bounded rate per client and node (docs/economics.md, "Reputation inputs")."""
     node, reporter = _address(body.node), _address(body.reporter)
-    if abs(time.time() - body.timestamp) > REPORT_MAX_AGE_S:
-        raise HTTPException(422, "report timestamp is more than 10 minutes off; sign a fresh report")
+    now, settings = time.time(), state.settings
+    if abs(now - body.timestamp) > settings.report_max_age_s:
+        raise HTTPException(
+            422,
+            f"report timestamp is more than {settings.report_max_age_s:g} s off the ledger's clock; sign a fresh one",
+        )
     try:
         signer = Account.recover_message(encode_defunct(text=report_message(body)), signature=body.signature)
     except Exception as e:
         raise HTTPException(422, f"malformed report signature ({e})") from None
     if signer != reporter:
         raise HTTPException(403, f"report signed by {signer}, not by the reporter {reporter}")
-    if not crud.is_paying_client(session, client=reporter, node=node):
-        raise HTTPException(403, "only clients that have sent this node a voucher may report on it")
+    refused = crud.admit_report(
+        session,
+        reporter=reporter,
+        node=node,
+        nonce=body.nonce,
+        limits=settings.work_limits,
+        read_reserve=state.read_reserve,
+        now=now,
+    )
+    if refused is not None:
+        raise HTTPException(*refused)
     crud.record_report(
         session,
         node=node,

@@ -56,7 +56,7 @@ def _store_receipts_one_by_one(state, checked) -> list:
     verdicts = []
     for c in checked:
         try:
-            verdicts += _with_retries(state, lambda session, c=c: crud.store_receipts(session, checked=[c]))
+            verdicts += _with_retries(state, lambda session, c=c: _store(state, session, [c]))
         except _Unstorable as e:
             logger.error(f"Receipt 0x{c.leaf.hex()} of node {c.signed.receipt.node} could not be stored: {e}")
             verdicts.append(
@@ -67,6 +67,31 @@ def _store_receipts_one_by_one(state, checked) -> list:
                 )
             )
     return verdicts
+
+
+def _store(state, session, checked) -> list:
+    return crud.store_receipts(
+        session, checked=checked, limits=state.settings.work_limits, read_reserve=state.read_reserve
+    )
+
+
+def _gate_work(state, checked) -> None:
+    """Countersigned receipts of nodes not registered with the minimum stake are stored as evidence, never as the
+    node's work (``WorkStatus.UNSTAKED``). Without a deployment nothing is backed on chain, so nothing counts anyway."""
+    nodes = {c.signed.receipt.node for c in checked if c.reason is None and c.countersignature is not None}
+    if not nodes or not state.settings.require_stake or state.stakes is None:
+        return
+    try:
+        unstaked = {node for node in nodes if not state.stakes.eligible(node)}
+    except NoChain:
+        return
+    except Exception as e:  # chain unreachable: the submitter's queue retries the batch later
+        raise HTTPException(
+            503, f"the ledger could not read stakes from the chain ({type(e).__name__}); retry"
+        ) from None
+    for c in checked:
+        if c.signed.receipt.node in unstaked:
+            c.staked = False
 
 
 def _summarise(verdicts, leaves=None) -> BatchResult:
@@ -98,14 +123,16 @@ def submit_receipts(batch: ReceiptBatch, state: StateDep) -> BatchResult:
             signed,
             fingerprint,
             domain,
+            countersignature=countersignature,
             now=now,
             max_age=settings.receipt_max_age_s,
             max_skew=settings.receipt_max_skew_s,
         )
-        for signed, fingerprint in parsed
+        for signed, fingerprint, countersignature in parsed
     ]
+    _gate_work(state, checked)
     try:
-        verdicts = _with_retries(state, lambda session: crud.store_receipts(session, checked=checked))
+        verdicts = _with_retries(state, lambda session: _store(state, session, checked))
     except _Unstorable:
         verdicts = _store_receipts_one_by_one(state, checked)
     result = _summarise(verdicts, [c.leaf for c in checked])

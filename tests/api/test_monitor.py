@@ -39,7 +39,7 @@ def settled(api, market):
 
     def vouchers_arrived():
         try:
-            return all(int(ledger.get(f"/v1/nodes/{a}").json()["earned"]) > 0 for a in nodes.values())
+            return all(int(ledger.get(f"/v1/nodes/{a}").json()["claimed"]) > 0 for a in nodes.values())
         except (KeyError, ValueError):
             return False
 

@@ -33,6 +33,7 @@ from nectar.wire import eip712
 from nectar.wire import receipts as schema
 from nectar.wire.announce import ServerInfo, ServerState
 from nectar.wire.protocol import ErrorCode, make_response, unpack_metadata, unpack_tensors
+from nectar.wire.receipts import keccak256
 
 BLOCKS, HIDDEN, MODEL = 4, 8, "toy"
 DOMAIN = eip712.make_domain(31337, "0x" + "42" * 20)
@@ -237,7 +238,7 @@ class FakeNode:
                 yield receipt
             yield make_response([out], {"receipt_follows": True})
             committed = out + 1 if step in self.bad_receipt_at else out
-            signed, _ = self.signer.sign(
+            signed, fingerprint = self.signer.sign(
                 session_id=session_id.rjust(32, b"\0") if step in self.unbound_at else bound,
                 step=step,
                 kind=schema.ReceiptKind.INFERENCE,
@@ -248,7 +249,9 @@ class FakeNode:
                 inputs=hidden,
                 outputs=committed,
             )
-            receipt = make_response([], {"type": "receipt", "step": step, "receipt": signed.to_json()})
+            receipt = make_response(
+                [], {"type": "receipt", "step": step, "receipt": signed.to_json(), "fingerprint": fingerprint}
+            )
 
 
 class FakeManager:
@@ -312,13 +315,15 @@ def runtime():
     runtime.stop()
 
 
-def _session(runtime, network: Network, *, max_length: int = 32, **config) -> tuple[InferenceSession, FakeManager]:
+def _session(
+    runtime, network: Network, *, max_length: int = 32, ledger=None, **config
+) -> tuple[InferenceSession, FakeManager]:
     manager = FakeManager(network)
     config = ClientConfig(**{"step_timeout": 2.0, "connect_timeout": 2.0, "max_retries": 3, **config})
     session = InferenceSession(
         manager,
         runtime,
-        Wallet(domain=DOMAIN),
+        Wallet(domain=DOMAIN, ledger=ledger),
         max_length=max_length,
         config=config,
         streams=lambda span: HopStream(runtime, span, MODEL, connect=network.connect),
@@ -407,6 +412,33 @@ def test_a_dishonest_receipt_fails_the_hop_over_and_bans_its_node(runtime):
         range(len(spare.steps))
     )
     assert _history(spare, len(liar.steps)) == _history(liar)  # replayed all it had accepted from the liar
+
+
+class Submissions:
+    """Where a wallet with a ledger puts the receipts it accepts (``LedgerPaymentPolicy.on_receipt``'s signature)."""
+
+    def __init__(self):
+        self.items: list[tuple] = []
+
+    def on_receipt(self, signed, fingerprint, countersignature=None) -> None:
+        self.items.append((signed, fingerprint, countersignature))
+
+
+def test_the_client_countersigns_every_receipt_it_accepts_and_none_it_refuses(runtime):
+    network = Network()
+    network.add(FakeNode("a", 0, 2))
+    liar = network.add(FakeNode("b", 2, 4, bad_receipt_at=(1,)))
+    network.add(FakeNode("spare", 2, 4))
+    submissions = Submissions()
+    session, _ = _session(runtime, network, ledger=submissions)
+    with session:
+        _generate(session, _chunks(6))
+    assert [signed for signed, _, _ in submissions.items] == session.wallet.receipts  # each accepted one, once
+    for signed, fingerprint, countersignature in submissions.items:
+        struct_hash = eip712.receipt_struct_hash(signed.receipt)
+        assert eip712.recover_countersigner(struct_hash, countersignature, DOMAIN) == session.wallet.address
+        assert fingerprint is not None and keccak256(fingerprint) == signed.receipt.fingerprint  # auditable
+    assert (liar.info.eth_address, 1) not in {(s.receipt.node, s.receipt.step) for s, _, _ in submissions.items}
 
 
 def test_a_receipt_not_bound_to_the_nodes_nonce_fails_the_hop_over(runtime):

@@ -71,6 +71,8 @@ def ledger(tmp_path_factory):
     engine = get_engine(settings.database_url)
     with session_scope(engine) as session:  # verdicts the spot checker and slash round would have recorded
         good, bad, cheater = (crud.get_node(session, address=p.address) for p in (GOOD, BAD, FRESH_CHEATER))
+        for row in (good, bad):  # their clients countersigned and paid for the work (test_unforgeable_reputation)
+            row.work_steps, row.work_amount = 150, 150 * 4 * PRICE
         good.spot_passed, good.uptime_ok, good.uptime_checks = 20, 50, 50
         bad.spot_passed, bad.spot_failed, bad.slashes = 17, 3, 3
         cheater.spot_failed = 1

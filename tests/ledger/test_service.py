@@ -36,11 +36,12 @@ def test_accepts_valid_receipts_and_counts_them_once(api):
     result = post(api, [receipt_item(*i) for i in items])
     assert result["accepted"] == 5 and result["rejected"] == 0
     before = node_view(api)
-    assert before["receipts_count"] == 5 and int(before["earned"]) == 5 * 4 * 7
+    assert before["receipts_count"] == 5 and int(before["claimed"]) == 5 * 4 * 7
+    assert before["earned"] == "0"  # a node's own claims: work only once its client countersigned and paid
     again = post(api, [receipt_item(*i) for i in items])  # a node retrying after a timeout
     assert again["duplicates"] == 5 and again["accepted"] == 0
     after = node_view(api)
-    assert after["receipts_count"] == 5 and after["earned"] == before["earned"]
+    assert after["receipts_count"] == 5 and after["claimed"] == before["claimed"]
 
 
 def test_forgeries_are_rejected_with_reasons(api):
@@ -261,12 +262,68 @@ def test_reputation_and_reports(api):
         raise AssertionError("a client that never paid this node must not move its reputation")
     except Exception as e:
         assert "403" in str(e)
-    api.post("/v1/vouchers", json={"vouchers": [make_voucher(client, node, 10).to_json()]})
+    api.post("/v1/vouchers", json={"vouchers": [make_voucher(client, node, 10**15).to_json()]})
+    try:
+        ledger.report(private_key=client.key, node=node.address, success=True, latency_ms=50)
+        raise AssertionError("a voucher the chain has not paid vouches for nothing")
+    except Exception as e:
+        assert "403" in str(e)
+    with session_scope(get_engine(api.app.state.ledger.settings.database_url)) as session:
+        for voucher in crud.list_vouchers(session, client=client.address):  # as the worker records a settlement
+            voucher.settled_amount = voucher.cumulative_amount
     before = {n["address"]: n for n in ledger.reputation()}[node.address]
-    for _ in range(5):
+    for _ in range(3):  # the rate bound's burst
         ledger.report(
             private_key=client.key, node=node.address, success=True, online=True, latency_ms=40, throughput=200
         )
     after = {n["address"]: n for n in ledger.reputation()}[node.address]
     assert after["score"] > before["score"] and after["new"] is True
-    assert after["components"]["success"] > 0.8
+    assert after["components"]["success"] == 0.8  # (3 + 1) / (3 + 2): smoothed
+
+
+def test_a_countersigned_copy_is_merged_and_counts_once_paid(api, settings):
+    """Without a chain nothing backs a client, so countersigned work waits; once the chain has paid the client's
+    voucher (recorded as the worker does), it counts, once, however often either side resubmits."""
+    node, client = Party(), Party()
+    domain = domain_from_deployment()
+    items = [make_receipt(node, client, step=i, price=5) for i in range(3)]
+    assert post(api, [receipt_item(*i) for i in items])["accepted"] == 3  # the node's own
+    countersigned = [
+        {
+            **receipt_item(s, fp),
+            "clientSignature": "0x" + eip712.countersign_receipt(s.receipt, client.key, domain).hex(),
+        }
+        for s, fp in items
+    ]
+    result = post(api, countersigned)
+    assert result["duplicates"] == 3 and "countersignature is recorded" in result["results"][0]["message"]
+    assert node_view(api, node)["work_steps"] == 0  # nothing backs the client yet
+    api.post("/v1/vouchers", json={"vouchers": [make_voucher(client, node, 2 * 4 * 5).to_json()]})
+    engine = get_engine(settings.database_url)
+    with session_scope(engine) as session:
+        for voucher in crud.list_vouchers(session, client=client.address):  # as the worker records a settlement
+            voucher.settled_amount = voucher.cumulative_amount
+        assert crud.count_work(session, client=client.address, node=node.address, limits=settings.work_limits) == 2
+    post(api, countersigned)  # resubmissions count nothing again
+    view = node_view(api, node)
+    assert view["work_steps"] == 2 and int(view["earned"]) == 2 * 4 * 5  # the third is not paid for
+    with session_scope(engine) as session:
+        assert sorted(r.work for r in crud.list_receipts(session, node=node.address)) == ["counted"] * 2 + ["pending"]
+
+
+def test_the_client_node_book_is_bounded_and_the_least_worked_row_gives_way(settings):
+    from dataclasses import replace
+
+    limits = replace(settings.work_limits, max_clients_per_node=3, max_nodes_per_client=2)
+    node, clients = Party().address, [Party().address for _ in range(5)]
+    with session_scope(get_engine(settings.database_url)) as session:
+        for index, client in enumerate(clients[:3]):
+            crud.client_node(session, client=client, node=node, limits=limits).counted_steps = 10 - index
+        crud.client_node(session, client=clients[3], node=node, limits=limits)  # a 4th client for this node
+        rows = session.scalars(crud.select(crud.ClientNode).where(crud.ClientNode.node == node)).all()
+        assert sorted(r.client for r in rows) == sorted(clients[:2] + clients[3:4])  # the least worked went
+        other_nodes = [Party().address for _ in range(3)]
+        for other in other_nodes:  # a 3rd node for this client
+            crud.client_node(session, client=clients[4], node=other, limits=limits)
+        rows = session.scalars(crud.select(crud.ClientNode).where(crud.ClientNode.client == clients[4])).all()
+        assert len(rows) == 2
