@@ -19,6 +19,7 @@ from nectar.models.cpu_blas import use_threads
 from nectar.node import trace
 from nectar.node.announcer import Announcer
 from nectar.node.audit import AuditLog
+from nectar.node.audit_auth import AuditGate
 from nectar.node.backend import SpanBackend
 from nectar.node.block_selection import block_throughputs, choose_best_start, should_move
 from nectar.node.config import NodeConfig
@@ -308,10 +309,27 @@ class Server:
                 signing=self.signing,
                 signed_work=self.signed_work,
             )
-            self.handler = NodeHandler(steps, info_provider=self.rpc_info, push_allowed=self.announces_lane)
+            self.handler = NodeHandler(
+                steps, info_provider=self.rpc_info, push_allowed=self.announces_lane, audit_gate=self._audit_gate()
+            )
         else:
             self.handler.backend, self.handler.memory = backend, memory
         self.backend = backend
+
+    def _audit_gate(self) -> AuditGate:
+        """Audits are answered to the ledger's verifiers (and any the operator names) only."""
+        fetch = None
+        if self.config.ledger_url:
+            from nectar.wire.ledger_api import LedgerClient  # only nodes that report to a ledger load httpx
+
+            ledger_url = self.config.ledger_url
+
+            def fetch() -> list[str]:
+                with LedgerClient(ledger_url, timeout=5.0) as ledger:
+                    return ledger.verifiers()
+
+        fixed = [a.strip() for a in self.config.audit_verifiers.split(",") if a.strip()]
+        return AuditGate(node_address=self.signer.address, fixed=fixed, fetch=fetch)
 
     def server_info(self, state: ServerState = ServerState.ONLINE) -> ServerInfo:
         return ServerInfo(
