@@ -119,7 +119,7 @@ class NodeHandler:
         call = AuditCall.decode(await self._single_request(requests))
         if self.audit_gate is None:
             raise NodeRPCError(ErrorCode.FORBIDDEN, "this node answers no audits (it has no verifier set)")
-        await self.audit_gate.check(call, str(context.local_id))
+        await self.audit_gate.check(call, str(context.local_id) if context is not None else "")
         found = self.steps.audit.history(call.session_id, call.step)
         if found is None or (call.session_id, call.step) in self.steps.evaded:
             raise NodeRPCError(

@@ -48,7 +48,7 @@ class SimulatedNode:
         self.party, self.span = Party(), load_span(path, start, end)
         self.start, self.end, self.cheat_rate, self.rng = start, end, cheat_rate, random.Random(seed)
 
-    def serve_session(self, client, audit, inputs_per_step, session_id):
+    def serve_session(self, client, audit, inputs_per_step, session_id, *, model=MODEL):
         cache = self.span.new_cache(1, 64)
         signed = []
         for step, hidden in enumerate(inputs_per_step):
@@ -61,7 +61,7 @@ class SimulatedNode:
                 session_id=session_id,
                 step=step,
                 kind=0,
-                model_id=R.model_id_hash(MODEL),
+                model_id=R.model_id_hash(model),
                 block_start=self.start,
                 block_end=self.end,
                 node=self.party.address,
@@ -247,4 +247,28 @@ def test_a_fabricated_history_prefix_is_refused(world):
         audit=FabricatingAudit(world["audit"]),
     )
     verdict = lying._judge(receipt, stored_fp)
-    assert verdict.status == "inconclusive" and "fabricated" in verdict.detail
+    assert verdict.status == "failed" and "fabricated" in verdict.detail  # the node's own answer: its failure
+
+
+def test_a_receipt_naming_a_model_nobody_knows_fails_its_spot_check(world):
+    """Issue 21: a node signing a model id no node announces and no verifier hosts cannot be checked; that is the
+    node's doing (it signed it), so the check fails instead of ending inconclusive at no cost."""
+    node, client = SimulatedNode(world["path"], 0, 2, seed=9), Party()
+    with torch.no_grad():
+        items = node.serve_session(client, world["audit"], [torch.randn(1, 3, 64)], os.urandom(32), model="nobody")
+    with session_scope(world["engine"]) as session:
+        verdicts = crud.store_receipts(
+            session, checked=[check_receipt(item, fp, domain_from_deployment()) for item, fp, _ in items]
+        )
+        assert [v[0] for v in verdicts] == ["accepted"]
+        crud.close_epoch(session)
+        receipt_id = session.scalar(
+            select(crud.Receipt.id).where(crud.Receipt.leaf == eip712.receipt_leaf(items[0][0].receipt))
+        )
+    checker = SpotChecker(
+        settings=world["settings"], engine=world["engine"], verifiers=world["verifiers"], audit=world["audit"]
+    )
+    verdict = checker.check_receipt(receipt_id)
+    assert verdict.status == "failed" and "no node announces" in verdict.detail, verdict
+    with session_scope(world["engine"]) as session:
+        assert crud.get_node(session, address=node.party.address).spot_failed == 1
