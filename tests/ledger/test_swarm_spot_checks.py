@@ -15,6 +15,7 @@ calls of the chain's verifiers only.
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 
 import pytest
@@ -24,7 +25,7 @@ from hivemind.p2p import PeerID
 from nectar.client.routing import PeerScorer, ReputationScorer
 from nectar.ledger import crud
 from nectar.ledger.models import Epoch, Receipt
-from nectar.ledger.spot_check import LocalVerifier
+from nectar.ledger.spot_check import AuditFailed, LocalVerifier
 from nectar.ledger.swarm import SwarmView
 from nectar.ledger.swarm_audit import RpcAuditSource
 from nectar.service.db import session_scope
@@ -33,8 +34,9 @@ from nectar.wire.eip712 import receipt_leaf
 from nectar.wire.fingerprints import activation_fingerprint, fingerprints_match
 from nectar.wire.messages import AuditCall, AuditReply
 from nectar.wire.protocol import ErrorCode, NodeRPCError, module_uid
+from nectar.wire.receipts import model_id_hash
 from tests.ledger.market import SwarmMarket
-from tests.ledger.utils import wait_for
+from tests.ledger.utils import Party, make_receipt, wait_for
 
 pytestmark = pytest.mark.slow
 PRICE = 10**12
@@ -285,13 +287,12 @@ def test_an_unregistered_caller_gets_nothing_from_a_nodes_audit_call(market):
     """Issue 21: audit answers carry users' inputs (block 0's are their prompts' embeddings). A real node answers a
     call signed by the chain's verifier (which it learns through the ledger's /v1/verifiers) and refuses unsigned
     calls, calls signed by any other key, and a replay of the verifier's own call, with FORBIDDEN and no inputs."""
-    node = market.honest[0]
-    with session_scope(market.engine) as session:
-        receipt = next(
-            crud.signed_receipt_of(r).receipt
-            for r in crud.list_receipts(session, node=node.eth_address, limit=1000)
-            if r.kind == 0
-        )
+    node, prefer = market.honest[0], Prefer()
+    prefer.target = node.eth_address
+    model = market.client_model(market.clients[1], scorer=prefer)
+    market.models.append(model)
+    model.generate(torch.randint(3, 1000, (1, 4), generator=torch.Generator().manual_seed(7)), max_new_tokens=1)
+    receipt = next(r.receipt for r in model.wallet.receipts if r.receipt.node == node.eth_address)
     view = SwarmView(market.swarm.initial_peers)
     try:
         entry = view.peer_of(node.eth_address, market.model_name)
@@ -315,5 +316,32 @@ def test_an_unregistered_caller_gets_nothing_from_a_nodes_audit_call(market):
         answer = ask(signed)  # the verifier gets the inputs, once
         assert answer.inputs.shape[-1] == 64 and (answer.start, answer.end) == (receipt.block_start, receipt.block_end)
         assert "replayed" in refused(signed)
+    finally:
+        view.shutdown()
+
+
+def test_a_node_away_for_the_whole_audit_window_fails_and_a_late_ledger_convicts_no_one(market):
+    """Issue 21: an audit nobody answers is retried with backoff for the audit window, then fails (a node cannot
+    evade by going away); once a node's window is spent its next audits fail without waiting again; and when the
+    ledger itself comes later than nodes must keep their records, a missing answer is not the node's fault."""
+    ghost = Party()  # signed receipts for the swarm's model, never announced in it
+    view = SwarmView(market.swarm.initial_peers)
+    try:
+        audit = RpcAuditSource(view, key=verifier_key(market), window_s=3, retention_s=900)
+        assert audit.knows_model(model_id_hash(market.model_name)) is True
+        assert audit.knows_model(model_id_hash("nobody-serves-this")) is False
+        receipt = make_receipt(ghost, market.clients[0], model=market.model_name)[0].receipt
+        began = time.monotonic()
+        with pytest.raises(AuditFailed, match="did not answer the audit") as error:
+            audit.input_history(receipt)
+        assert time.monotonic() - began >= 3 and "3s audit window" in str(error.value)
+        assert "attempt(s)" in str(error.value) and not str(error.value).startswith("1 attempt")
+        began = time.monotonic()
+        with pytest.raises(AuditFailed, match=r"\(1 attempt\(s\)"):  # its window is spent: no second wait
+            audit.input_history(make_receipt(ghost, market.clients[0], model=market.model_name, step=1)[0].receipt)
+        assert time.monotonic() - began < 3
+        late = make_receipt(ghost, market.clients[0], model=market.model_name, timestamp=int(time.time()) - 900)
+        with pytest.raises(LookupError, match="too late"):
+            RpcAuditSource(view, key=verifier_key(market), window_s=1).input_history(late[0].receipt)
     finally:
         view.shutdown()
