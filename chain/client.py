@@ -456,7 +456,8 @@ class Chain:
 
     def verifiers(self) -> list[str]:
         """The spot-check verifiers registered now (every ``VerifierUpdated`` address still ``isVerifier``)."""
-        named = dict.fromkeys(e["args"]["verifier"] for e in self.events("Slashing", "VerifierUpdated"))
+        events = self.events("Slashing", "VerifierUpdated", from_block=self.deployment.deployed_at_block)
+        named = dict.fromkeys(e["args"]["verifier"] for e in events)
         return [a for a in named if self.slashing.functions.isVerifier(a).call()]
 
     def set_verifier_threshold(self, private_key: str, k: int) -> TxResult:

@@ -142,6 +142,25 @@ def check_stake(ledger_url: str, address: str, peer_id: str, key_dir: Path, *, t
     )
 
 
+def check_audit_retention(ledger_url: str, retention_s: float) -> None:
+    """Warns when this node drops audit records sooner than the ledger expects: audits of those steps would fail
+    (a missing record is the node's failure, issue 21)."""
+    from nectar.wire.ledger_api import LedgerClient
+
+    try:
+        with LedgerClient(ledger_url, timeout=5.0) as ledger:
+            required = float(ledger.config().get("audit_retention_s") or 0)
+    except Exception as e:  # an older or unreachable ledger: nothing to compare with
+        logger.debug(f"Could not read the ledger's audit retention: {type(e).__name__}: {e}")
+        return
+    if retention_s < required:
+        logger.warning(
+            f"This node keeps audit records {retention_s:g}s but the ledger at {ledger_url} audits steps up to "
+            f"{required:g}s after they are signed: audits it cannot answer count as failed. Start with "
+            f"--audit-retention-s {required:g} (and enough --audit-memory-bytes for that long of traffic)"
+        )
+
+
 class Server:
     """Runs one node until ``stop()``; see ``NodeConfig`` for settings. ``start()`` returns once it serves.
 
@@ -209,6 +228,8 @@ class Server:
         )
         if config.ledger_url and not config.allow_unstaked:
             check_stake(config.ledger_url, self.signer.address, str(self.dht.peer_id), self.key_dir)
+        if config.ledger_url:
+            check_audit_retention(config.ledger_url, config.audit_retention_s)
         self.credit = CreditLedger(
             node_address=self.signer.address,
             credit_limit=config.credit_limit,
