@@ -54,6 +54,11 @@ class AuditSource(ABC):
         """Whether any node announces this model (None: this source cannot tell)."""
         return None
 
+    def prompts(self, receipt: WireReceipt) -> torch.Tensor | None:
+        """The deep prompts ``[blocks, B or 1, P, H]`` the session's first step carried, as the node revealed them with
+        the last ``input_history`` of this receipt (None: none)."""
+        return None
+
 
 class Verifier(ABC):
     """Recomputes a span's output for a step from its full input history."""
@@ -65,8 +70,10 @@ class Verifier(ABC):
         return None
 
     @abstractmethod
-    def execute(self, receipt: WireReceipt, history: torch.Tensor) -> torch.Tensor:
-        """The span's outputs for the step's positions (the last ``tokens // B`` of ``history``): [B, T, H]."""
+    def execute(self, receipt: WireReceipt, history: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """The span's outputs for the step's positions (the last ``tokens // B`` of ``history``): [B, T, H].
+        ``prompts``: deep prompts added at the first positions before each block, as the session's first step had
+        them."""
 
 
 class LocalVerifier(Verifier):
@@ -105,11 +112,11 @@ class LocalVerifier(Verifier):
             self._spans[key] = self.load_span(self.paths[model_id], start, end, dtype=self.dtype)
         return self._spans[key]
 
-    def execute(self, receipt: WireReceipt, history: torch.Tensor) -> torch.Tensor:
+    def execute(self, receipt: WireReceipt, history: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
         span = self._span(receipt.model_id, receipt.block_start, receipt.block_end)
         positions = step_positions(receipt, history)
         with torch.no_grad():
-            return span(history.to(self.dtype))[:, -positions:]
+            return span(history.to(self.dtype), prompts=prompts)[:, -positions:]
 
 
 def step_positions(receipt: WireReceipt, history: torch.Tensor) -> int:
@@ -246,11 +253,15 @@ class SpotChecker:
         history = self._audited_history(receipt)
         if isinstance(history, Verdict):
             return history
+        prompts = self._placed_prompts(receipt, history)
+        if isinstance(prompts, Verdict):
+            return prompts
+        extra = {} if prompts is None else {"prompts": prompts}
         dtype = history.dtype
         fingerprints = []
         for executions, verifier in enumerate(self.verifiers[:2], start=1):
             try:
-                output = verifier.execute(receipt, history)
+                output = verifier.execute(receipt, history, **extra)
             except Exception as e:
                 return Verdict("inconclusive", executions, f"verifier {verifier.name} failed: {type(e).__name__}: {e}")
             fingerprints.append(activation_fingerprint(output))
@@ -306,6 +317,29 @@ class SpotChecker:
                 "the audited history contradicts the node's earlier receipts of this session (a fabricated prefix)",
             )
         return history
+
+    def _placed_prompts(self, receipt: WireReceipt, history: torch.Tensor) -> torch.Tensor | Verdict | None:
+        """The deep prompts the node revealed, cut to the positions the session's first step covered: a node adds
+        them with that step only, while a verifier's single forward over the history would add all of them. A
+        node cannot dodge an audit by claiming prompts: its verifiers compute with the prompts it revealed."""
+        prompts = self.audit.prompts(receipt)
+        if prompts is None:
+            return None
+        if receipt.kind != ReceiptKind.INFERENCE:
+            return prompts  # a forward is one step over its whole input
+        with session_scope(self.engine) as session:
+            rows = crud.session_receipts(
+                session,
+                session_id=receipt.session_id,
+                node=receipt.node,
+                kind=receipt.kind,
+                block_start=receipt.block_start,
+                block_end=receipt.block_end,
+            )
+            first = next((r.tokens for r in rows if r.step == 0), None)
+        if first is None or first % history.shape[0]:
+            return Verdict("inconclusive", 0, "deep prompts, but the session's first receipt is not on record")
+        return prompts[:, :, : first // history.shape[0]]
 
     def _prefix_consistent(self, receipt: WireReceipt, history: torch.Tensor) -> bool | None:
         """Whether each earlier step's slice of the audited history hashes to that step's signed input commitment,

@@ -63,6 +63,10 @@ class RpcAuditSource(AuditSource):
         self.swarm, self.key, self.timeout, self.sleep, self.clock = swarm, key, timeout, sleep, clock
         self.window_s, self.retention_s = window_s, retention_s
         self._windows: dict[str, float] = {}  # node -> when its audit window (opened by an unanswered call) ends
+        self._prompts: dict[bytes, torch.Tensor] = {}  # receipt leaf -> deep prompts its audit revealed
+
+    def prompts(self, receipt: Receipt) -> torch.Tensor | None:
+        return self._prompts.get(receipt_leaf(receipt))
 
     def knows_model(self, model_id: bytes) -> bool | None:
         return self.swarm.knows_model(model_id)
@@ -117,8 +121,6 @@ class RpcAuditSource(AuditSource):
             reply = AuditReply.decode(response)  # a ValueError if it carries no inputs
         except Exception as e:
             raise _Unanswered(e) from e
-        if reply.prompts is not None:  # deep prompts: the verifiers cannot add them (the ledger's limit, not a fault)
-            raise LookupError(f"node {receipt.node} served this step with deep prompts, which audits do not cover yet")
         if (reply.start, reply.end) != (receipt.block_start, receipt.block_end):
             raise _Unanswered(
                 ValueError(
@@ -126,7 +128,25 @@ class RpcAuditSource(AuditSource):
                     f"{receipt.block_start}:{receipt.block_end}"
                 )
             )
-        return reply.inputs
+        inputs, prompts = reply.inputs, reply.prompts
+        if prompts is not None:
+            span = receipt.block_end - receipt.block_start
+            if (
+                inputs.ndim != 3
+                or prompts.ndim != 4
+                or prompts.shape[0] != span
+                or prompts.shape[1] not in (1, inputs.shape[0])
+                or prompts.shape[2] < 1
+                or prompts.shape[3] != inputs.shape[2]
+                or not torch.isfinite(prompts).all()
+            ):
+                raise _Unanswered(
+                    ValueError(f"node {receipt.node} answered the audit with malformed prompts {tuple(prompts.shape)}")
+                )
+            if len(self._prompts) > 1024:
+                self._prompts.clear()
+            self._prompts[receipt_leaf(receipt)] = prompts
+        return inputs
 
 
 class _Unanswered(Exception):
@@ -171,7 +191,7 @@ class SwarmVerifier(Verifier):
         ]
         return sorted(others, key=lambda e: keccak256(leaf + e.peer_id.to_bytes()))
 
-    def execute(self, receipt: Receipt, history: torch.Tensor) -> torch.Tensor:
+    def execute(self, receipt: Receipt, history: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
         positions = step_positions(receipt, history)
         model = self.swarm.model_name(receipt.model_id)
         candidates = self.candidates(receipt, model) if model else []
@@ -183,13 +203,14 @@ class SwarmVerifier(Verifier):
                     f"configure a local verifier"
                 )
             self.executed_by.append(self.fallback.name)
-            return self.fallback.execute(receipt, history)
+            return self.fallback.execute(receipt, history, prompts=prompts)
         entry = candidates[self.rank]
         # a fresh session id per re-execution: the node signs a receipt for it, and two receipts for the same
         # (session, step) would read as a double-sign
         call = ForwardCall(
             module_uid(model, receipt.block_start, receipt.block_end),
             history,
+            prompts,
             client=self.client,
             session_id=os.urandom(16),
             step=0,

@@ -374,6 +374,9 @@ class NodeSteps:
             priority=Priority.FORWARD,
             signed=lambda outputs: (hidden, outputs),
         )
+        # kept for audits like an inference step's inputs: a forward's receipt can be picked too
+        session_id = schema.bind_session(call.session_id or bytes(32), nonce)
+        self.audit.record(session_id, call.step, 0, hidden, start, end, prompts=prompts)
         return ForwardReply(outputs, receipt, fingerprint, nonce)
 
     async def backward(self, call: BackwardCall) -> BackwardReply:

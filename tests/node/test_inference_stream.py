@@ -628,6 +628,9 @@ def test_forward_backward_and_audit_calls():
         signed = schema.SignedReceipt.from_json(reply.receipt)
         assert signed.receipt.kind == int(schema.ReceiptKind.FORWARD) and signed.receipt.step == 5
         assert signed.receipt.session_id != bytes(32)  # a call without a session gets a fresh one
+        # a forward's receipt can be picked for a spot check like a step's: its inputs are kept for audits (issue 21)
+        (response,) = await _call(node.rpc_audit, audit_call(node, signed.receipt.session_id, 5).to_request())
+        assert torch.equal(AuditReply.decode(response).inputs, x)
 
         (response,) = await _call(node.rpc_backward, BackwardCall(UID, x, grad, client=client).to_request())
         reply = BackwardReply.decode(response)
