@@ -135,7 +135,7 @@ class RpcAuditSource(AuditSource):
                 inputs.ndim != 3
                 or prompts.ndim != 4
                 or prompts.shape[0] != span
-                or prompts.shape[1] not in (1, inputs.shape[0])
+                or prompts.shape[1] != inputs.shape[0]  # what nodes accept with a step (and re-run in a forward)
                 or prompts.shape[2] < 1
                 or prompts.shape[3] != inputs.shape[2]
                 or not torch.isfinite(prompts).all()
