@@ -232,7 +232,9 @@ class NodeReceipt(BaseModel):
     """A receipt a node signed (as stored by the ledger)."""
 
     leaf: str = Field(description="Merkle leaf of the receipt.")
-    session_id: str = Field(description="Inference session.")
+    session_id: str | None = Field(
+        default=None, description="Inference session (private: the ledger shows it to its admin only)."
+    )
     step: int = Field(description="Step within the session.")
     kind: int = Field(description="0 inference, 1 forward, 2 backward.")
     client: str = Field(description="Who was served.")

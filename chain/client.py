@@ -454,6 +454,12 @@ class Chain:
         fn = self.slashing.functions.setVerifier(_address(verifier), bool(allowed))
         return self._tx.send(private_key, fn, context="set_verifier")
 
+    def verifiers(self) -> list[str]:
+        """The spot-check verifiers registered now (every ``VerifierUpdated`` address still ``isVerifier``)."""
+        events = self.events("Slashing", "VerifierUpdated", from_block=self.deployment.deployed_at_block)
+        named = dict.fromkeys(e["args"]["verifier"] for e in events)
+        return [a for a in named if self.slashing.functions.isVerifier(a).call()]
+
     def set_verifier_threshold(self, private_key: str, k: int) -> TxResult:
         """Verifier manager only: k, the attestations a spot-check case needs."""
         return self._tx.send(private_key, self.slashing.functions.setThreshold(int(k)), context="set_threshold")

@@ -247,7 +247,7 @@ class Hop:
     state: HopState = HopState.OPEN
     fault: Fault | None = None  # set with FAILED: the first thing that went wrong
     history: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (step, position, inputs)
-    unchecked: list[tuple] = field(default_factory=list)  # (receipt, in, out, fingerprint bytes or None)
+    unchecked: list[tuple] = field(default_factory=list)  # (receipt, step, in, out, fingerprint bytes or None)
     voucher: dict | None = None  # signed after the last receipt check, sent with the next step
     push_token: bytes = field(default_factory=lambda: os.urandom(16))  # the previous hop shows it to push here
     receipt_session: bytes = b""  # the session id its receipts carry: bound to the node's nonce (``bound_session``)

@@ -36,6 +36,7 @@ from nectar.client.push_mode import PushMode
 from nectar.client.routing import MissingBlocksError, RemoteSequenceManager, RemoteSpan
 from nectar.wire.dht import ClientRuntime
 from nectar.wire.protocol import ErrorCode
+from nectar.wire.receipts import ReceiptKind, model_id_hash
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class InferenceSession:
         self.max_length, self.batch_size = max_length, batch_size
         self._streams = streams or (lambda span: HopStream(runtime, span, manager.model_id, direct=config.direct))
         self.session_id = os.urandom(16)
+        self.model_hash = model_id_hash(manager.model_id)  # the model its receipts must name
         self.state = SessionState.OPEN
         self.position = 0
         self.step_index = 0
@@ -144,6 +146,8 @@ class InferenceSession:
         try:
             hop.stream.send_step(tensors, step=step, position=position, voucher=self._take_voucher(hop))
             reply = await asyncio.wait_for(self._receive_answer(hop), self.config.step_timeout)
+        except HopFailed:
+            raise
         except Exception as e:
             raise HopFailed(hop.span, Fault.of(e))
         return self._accept(hop, inputs, reply, step=step, position=position)
@@ -166,7 +170,7 @@ class InferenceSession:
             raise HopFailed(span, Fault("answered without a receipt", receipt=True))
         hop.history.append((step, position, inputs))
         if receipt is not None:
-            hop.unchecked.append((receipt, inputs, outputs[0], reply.fingerprint))
+            hop.unchecked.append((receipt, step, inputs, outputs[0], reply.fingerprint))
         elif follows:  # read while the caller computes the next token; checked as soon as it comes
             hop.receipt = asyncio.ensure_future(self._receive_receipt(hop, step, inputs, outputs[0]))
         return outputs[0]
@@ -181,7 +185,7 @@ class InferenceSession:
             if self.config.verify_receipts:
                 hop.fail(Fault(f"sent {message.describe()} where the receipt of step {step} was due", receipt=True))
             return
-        hop.unchecked.append((message.receipt, inputs, output, message.fingerprint))
+        hop.unchecked.append((message.receipt, step, inputs, output, message.fingerprint))
         self._check_receipts([hop])
 
     async def _take_receipt(self, hop: Hop) -> None:
@@ -195,6 +199,7 @@ class InferenceSession:
         """The answer to the request just sent, which comes after the receipt of the hop's previous step. (The
         request leaves first: writing to a node that died fails at once, where a read may wait for a timeout.)"""
         await self._take_receipt(hop)
+        hop.check()  # the previous step's receipt failed its checks: fail over now, trust no answer after it
         return await hop.stream.receive()
 
     def _check_receipts(self, hops: list[Hop]) -> None:
@@ -202,7 +207,7 @@ class InferenceSession:
         the caller computes the next token). A bad receipt makes that hop's next step fail over."""
         for hop in hops:
             span, pending, hop.unchecked = hop.span, hop.unchecked, []
-            for receipt, inputs, output, fingerprint in pending:
+            for receipt, step, inputs, output, fingerprint in pending:
                 try:
                     self.wallet.check_receipt(
                         receipt,
@@ -215,6 +220,9 @@ class InferenceSession:
                         session_id=hop.receipt_session,
                         verify=self.config.verify_receipts,
                         fingerprint=fingerprint,
+                        model_id=self.model_hash,
+                        step=step,
+                        kind=ReceiptKind.INFERENCE,
                     )
                 except ReceiptError as e:
                     hop.fail(Fault(f"dishonest receipt: {e}", receipt=True))

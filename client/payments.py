@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import threading
+import time
 from collections.abc import Sequence
 
 import torch
@@ -15,6 +16,9 @@ from nectar.wire import eip712, fingerprints
 from nectar.wire import receipts as schema
 
 logger = logging.getLogger(__name__)
+
+
+RECEIPT_MAX_SKEW_S = 120  # a receipt's timestamp must be this close to the client's clock when it is checked
 
 
 class ReceiptError(Exception):
@@ -86,9 +90,17 @@ class Wallet:
         session_id: bytes | None = None,
         verify: bool = True,
         fingerprint: bytes | None = None,
+        model_id: bytes | None = None,
+        step: int | None = None,
+        kind: int | None = None,
+        now: float | None = None,
     ) -> schema.SignedReceipt:
-        """Checks a node's receipt; once it passes, counts what is owed and (with a ledger) countersigns and queues
-        it. ``fingerprint``: the bytes the node sent with it, if any (checked against the receipt, and forwarded)."""
+        """Checks a node's receipt against what was asked and received; raises ``ReceiptError`` on any difference.
+        Once it passes, counts what is owed and (with a ledger) countersigns and queues it. ``fingerprint``: the bytes
+        the node sent with it, if any (checked against the receipt, and forwarded). ``model_id``/``step``/``kind``: the
+        model (``model_id_hash``), step number and kind asked for: a receipt for other work could not be audited
+        against this step (a cheater's way to evade audits). ``now``: the time its timestamp must be near
+        (``RECEIPT_MAX_SKEW_S``; the ledger judges whether audits came in time by it)."""
         try:
             signed = schema.SignedReceipt.from_json(data)
         except Exception as e:
@@ -119,6 +131,18 @@ class Wallet:
                 not isinstance(fingerprint, bytes) or fingerprints.fingerprint_hash(fingerprint) != receipt.fingerprint
             ):
                 problems.append("fingerprint bytes do not hash to the receipt's fingerprint")
+            if model_id is not None and receipt.model_id != bytes(model_id):
+                problems.append(f"receipt names model 0x{receipt.model_id.hex()[:16]}..., not the one asked for")
+            if step is not None and receipt.step != step:
+                problems.append(f"receipt is for step {receipt.step}, not the step {step} asked for")
+            if kind is not None and receipt.kind != int(kind):
+                problems.append(f"receipt is of kind {receipt.kind}, not {int(kind)} ({schema.ReceiptKind(kind).name})")
+            now = time.time() if now is None else now
+            if abs(receipt.timestamp - now) > RECEIPT_MAX_SKEW_S:
+                problems.append(
+                    f"receipt dated {receipt.timestamp}, {receipt.timestamp - now:+.0f}s off this client's clock "
+                    f"(at most {RECEIPT_MAX_SKEW_S}s): the node's clock is wrong or it backdates its receipts"
+                )
             if problems:
                 raise ReceiptError("; ".join(problems))
         with self._lock:

@@ -18,7 +18,7 @@ from nectar.client.routing import RemoteSequenceManager, RemoteSpan
 from nectar.wire.dht import ClientRuntime
 from nectar.wire.messages import BackwardCall, ForwardCall
 from nectar.wire.protocol import RPC_BACKWARD, RPC_FORWARD, module_uid
-from nectar.wire.receipts import SESSION_NONCE_BYTES, bind_session
+from nectar.wire.receipts import SESSION_NONCE_BYTES, ReceiptKind, bind_session, model_id_hash
 from nectar.wire.stubs import call_backward, call_forward
 
 logger = logging.getLogger(__name__)
@@ -36,10 +36,11 @@ class RemoteCaller:
         """``method``: RPC_FORWARD (tensors [hidden] (+ [prompts])) or RPC_BACKWARD ([hidden, grad] (+ [prompts]));
         returns the node's output tensors once its receipt is checked."""
         uid = module_uid(self.manager.model_id, span.start, span.end)
+        step = self.step
         fields = dict(
             client=self.wallet.address,
             session_id=self.session_id,
-            step=self.step,
+            step=step,
             voucher=self.wallet.voucher_for(span.info.eth_address),
         )
         self.step += 1
@@ -73,6 +74,9 @@ class RemoteCaller:
                 session_id=bind_session(self.session_id, nonce) if nonce is not None else None,
                 verify=self.config.verify_receipts,
                 fingerprint=reply.fingerprint,
+                model_id=model_id_hash(self.manager.model_id),
+                step=step,
+                kind=ReceiptKind.FORWARD if method == RPC_FORWARD else ReceiptKind.BACKWARD,
             )
         return outputs
 

@@ -35,13 +35,29 @@ logger = logging.getLogger(__name__)
 CHECKABLE_KINDS = (ReceiptKind.INFERENCE, ReceiptKind.FORWARD)  # a backward step needs its gradients: not sampled
 
 
+class AuditFailed(Exception):
+    """The node failed its audit by its own doing: no answer within the audit window, a refusal, or an answer its
+    own receipts contradict. Counts as a failed spot check (never "inconclusive": evading an audit must cost what
+    failing it costs)."""
+
+
 class AuditSource(ABC):
     """Where the inputs of a past step come from (the lead's implementation asks the node over RPC)."""
 
     @abstractmethod
     def input_history(self, receipt: WireReceipt) -> torch.Tensor | None:
         """[B, L, H] inputs of the receipt's session at its node up to and including its step, as the span saw them
-        (rollbacks applied). The last ``tokens // B`` positions are the step's own input. None if unavailable."""
+        (rollbacks applied). The last ``tokens // B`` positions are the step's own input. None if unavailable for
+        reasons that are not the node's fault; raises ``AuditFailed`` when the node is to blame."""
+
+    def knows_model(self, model_id: bytes) -> bool | None:
+        """Whether any node announces this model (None: this source cannot tell)."""
+        return None
+
+    def prompts(self, receipt: WireReceipt) -> torch.Tensor | None:
+        """The deep prompts ``[blocks, B or 1, P, H]`` the session's first step carried, as the node revealed them with
+        the last ``input_history`` of this receipt (None: none)."""
+        return None
 
 
 class Verifier(ABC):
@@ -49,9 +65,15 @@ class Verifier(ABC):
 
     name: str = "verifier"
 
+    def hosts(self, model_id: bytes) -> bool | None:
+        """Whether this verifier can run the model (None: it cannot tell before trying)."""
+        return None
+
     @abstractmethod
-    def execute(self, receipt: WireReceipt, history: torch.Tensor) -> torch.Tensor:
-        """The span's outputs for the step's positions (the last ``tokens // B`` of ``history``): [B, T, H]."""
+    def execute(self, receipt: WireReceipt, history: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """The span's outputs for the step's positions (the last ``tokens // B`` of ``history``): [B, T, H].
+        ``prompts``: deep prompts added at the first positions before each block, as the session's first step had
+        them."""
 
 
 class LocalVerifier(Verifier):
@@ -77,6 +99,9 @@ class LocalVerifier(Verifier):
         self.paths = {model_id_hash(model_name): path for model_name, path in models.items()}
         self._spans: dict[tuple, torch.nn.Module] = {}
 
+    def hosts(self, model_id: bytes) -> bool | None:
+        return bytes(model_id) in self.paths
+
     def _span(self, model_id: bytes, start: int, end: int):
         key = (model_id, start, end)
         if key not in self._spans:
@@ -87,11 +112,11 @@ class LocalVerifier(Verifier):
             self._spans[key] = self.load_span(self.paths[model_id], start, end, dtype=self.dtype)
         return self._spans[key]
 
-    def execute(self, receipt: WireReceipt, history: torch.Tensor) -> torch.Tensor:
+    def execute(self, receipt: WireReceipt, history: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
         span = self._span(receipt.model_id, receipt.block_start, receipt.block_end)
         positions = step_positions(receipt, history)
         with torch.no_grad():
-            return span(history.to(self.dtype))[:, -positions:]
+            return span(history.to(self.dtype), prompts=prompts)[:, -positions:]
 
 
 def step_positions(receipt: WireReceipt, history: torch.Tensor) -> int:
@@ -223,29 +248,20 @@ class SpotChecker:
             return Verdict("inconclusive", 0, "the node did not submit fingerprint bytes for this step")
         try:
             parse_fingerprint(claimed)
-            history = self.audit.input_history(receipt)
         except Exception as e:
-            return Verdict("inconclusive", 0, f"audit source failed: {type(e).__name__}: {e}")
-        if history is None:
-            return Verdict("inconclusive", 0, "the step's inputs are no longer available")
-        try:
-            positions = step_positions(receipt, history)
-        except ValueError as e:
-            return Verdict("inconclusive", 0, str(e))
-        if commit_tensor(history[:, -positions:]) != receipt.input_commitment:
-            return Verdict("inconclusive", 0, "audited inputs do not hash to the receipt's input commitment")
-        if self._prefix_consistent(receipt, history) is False:
-            logger.warning(f"Node {receipt.node} answered an audit with a history its own receipts contradict")
-            return Verdict(
-                "inconclusive",
-                0,
-                "the audited history contradicts the node's earlier receipts of this session (a fabricated prefix)",
-            )
+            return Verdict("inconclusive", 0, f"unreadable fingerprint: {type(e).__name__}: {e}")
+        history = self._audited_history(receipt)
+        if isinstance(history, Verdict):
+            return history
+        prompts = self._placed_prompts(receipt, history)
+        if isinstance(prompts, Verdict):
+            return prompts
+        extra = {} if prompts is None else {"prompts": prompts}
         dtype = history.dtype
         fingerprints = []
         for executions, verifier in enumerate(self.verifiers[:2], start=1):
             try:
-                output = verifier.execute(receipt, history)
+                output = verifier.execute(receipt, history, **extra)
             except Exception as e:
                 return Verdict("inconclusive", executions, f"verifier {verifier.name} failed: {type(e).__name__}: {e}")
             fingerprints.append(activation_fingerprint(output))
@@ -255,6 +271,75 @@ class SpotChecker:
         if fingerprints_match(fingerprints[0], fingerprints[1], dtype=dtype):
             return Verdict("failed", 3, "two independent recomputations agree with each other and not with the node")
         return Verdict("inconclusive", 3, "all three executions disagree; no one is accused")
+
+    def model_known(self, model_id: bytes) -> bool | None:
+        """Whether the ledger knows the model a receipt names: a node announces it or a verifier hosts it. False only
+        when some source can tell and none knows it; None when no source can tell."""
+        answers = [self.audit.knows_model(model_id)] + [v.hosts(model_id) for v in self.verifiers[:2]]
+        if any(a is True for a in answers):
+            return True
+        return False if any(a is False for a in answers) else None
+
+    def _audited_history(self, receipt: WireReceipt) -> torch.Tensor | Verdict:
+        """The step's audited input history, or the verdict when there is none. The node signed the receipt, so a
+        model nobody knows, an unanswered or refused audit, and inputs its own receipts contradict are its failures;
+        only the ledger's own problems (its view of the swarm, a verifier, its lateness) are inconclusive."""
+        try:
+            known = self.model_known(receipt.model_id)
+        except Exception as e:
+            return Verdict("inconclusive", 0, f"could not tell whether the model is known: {type(e).__name__}: {e}")
+        if known is False:
+            return Verdict(
+                "failed",
+                0,
+                f"the receipt names model 0x{bytes(receipt.model_id).hex()}, which no node announces and no verifier "
+                f"hosts: the node signed work nobody can check",
+            )
+        try:
+            history = self.audit.input_history(receipt)
+        except AuditFailed as e:
+            return Verdict("failed", 0, f"audit failed: {e}")
+        except Exception as e:
+            return Verdict("inconclusive", 0, f"audit source failed: {type(e).__name__}: {e}")
+        if history is None:
+            return Verdict("inconclusive", 0, "the step's inputs are no longer available")
+        try:
+            positions = step_positions(receipt, history)
+        except ValueError as e:
+            return Verdict("failed", 0, f"the node answered the audit with inputs that do not fit its receipt: {e}")
+        if commit_tensor(history[:, -positions:]) != receipt.input_commitment:
+            return Verdict("failed", 0, "the node's audited inputs do not hash to its receipt's input commitment")
+        if self._prefix_consistent(receipt, history) is False:
+            logger.warning(f"Node {receipt.node} answered an audit with a history its own receipts contradict")
+            return Verdict(
+                "failed",
+                0,
+                "the audited history contradicts the node's earlier receipts of this session (a fabricated prefix)",
+            )
+        return history
+
+    def _placed_prompts(self, receipt: WireReceipt, history: torch.Tensor) -> torch.Tensor | Verdict | None:
+        """The deep prompts the node revealed, cut to the positions the session's first step covered: a node adds
+        them with that step only, while a verifier's single forward over the history would add all of them. A
+        node cannot dodge an audit by claiming prompts: its verifiers compute with the prompts it revealed."""
+        prompts = self.audit.prompts(receipt)
+        if prompts is None:
+            return None
+        if receipt.kind != ReceiptKind.INFERENCE:
+            return prompts  # a forward is one step over its whole input
+        with session_scope(self.engine) as session:
+            rows = crud.session_receipts(
+                session,
+                session_id=receipt.session_id,
+                node=receipt.node,
+                kind=receipt.kind,
+                block_start=receipt.block_start,
+                block_end=receipt.block_end,
+            )
+            first = next((r.tokens for r in rows if r.step == 0), None)
+        if first is None or first % history.shape[0]:
+            return Verdict("inconclusive", 0, "deep prompts, but the session's first receipt is not on record")
+        return prompts[:, :, : first // history.shape[0]]
 
     def _prefix_consistent(self, receipt: WireReceipt, history: torch.Tensor) -> bool | None:
         """Whether each earlier step's slice of the audited history hashes to that step's signed input commitment,
@@ -311,6 +396,7 @@ class SpotChecker:
 
 
 __all__ = [
+    "AuditFailed",
     "AuditSource",
     "Verifier",
     "LocalVerifier",

@@ -84,6 +84,13 @@ class SwarmView:
         found = self._models.get(bytes(model_hash))
         return found[0] if found else None
 
+    def knows_model(self, model_hash: bytes) -> bool | None:
+        """Whether some node announces the model; None when this view sees no model at all (the ledger's own
+        connection to the swarm is down: it cannot tell)."""
+        if self.model_name(model_hash) is not None:
+            return True
+        return False if self._models else None
+
     def nodes(self) -> list[NodeEntry]:
         self.refresh()
         return list(self._nodes)

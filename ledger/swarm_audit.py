@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from functools import lru_cache
 
 import torch
 
 from nectar.ledger.core.config import Settings
-from nectar.ledger.spot_check import AuditSource, Verifier, step_positions
+from nectar.ledger.spot_check import AuditFailed, AuditSource, Verifier, step_positions
 from nectar.ledger.swarm import NodeEntry, SwarmView
 from nectar.wire.eip712 import address_of, receipt_leaf
 from nectar.wire.messages import AuditCall, AuditReply, ForwardCall, ForwardReply
@@ -26,42 +27,134 @@ from nectar.wire.receipts import Receipt, keccak256
 logger = logging.getLogger(__name__)
 
 
+CLOCK_ALLOWANCE_S = 120.0  # how far a receipt's timestamp may be behind its signing (clients refuse older ones)
+RETRYABLE = (None, ErrorCode.INTERNAL, ErrorCode.FORBIDDEN)  # no answer, an overload, an outdated verifier set
+
+
 class RpcAuditSource(AuditSource):
-    """Asks the node that signed a receipt for the step's input history over the audit RPC (``AuditCall``).
+    """Asks the node that signed a receipt for the step's input history over the audit RPC (``AuditCall``), signed
+    with the verifier key (nodes answer only registered verifiers).
+
+    No free evasion: a node must answer within the audit window. A call that gets no answer at all (the node is not
+    announced, unreachable, times out, is overloaded or does not take the signature yet) is retried with backoff
+    (1, 2, 4 ... s, at most 15 s apart) until ``window_s`` after the node's first unanswered call of this run; then
+    the audit fails (``AuditFailed``). The window is per node: once spent, later calls to the node are tried once, so
+    an absent node stalls a checking run at most ``window_s``. Any other answer without the inputs (no record of the
+    step, a malformed reply) fails at once. Only when the ledger itself came late (the first call more than
+    ``retention_s - window_s - CLOCK_ALLOWANCE_S`` after the receipt's timestamp: the node may have dropped the record
+    by the rules) is a missing answer inconclusive.
 
     :param swarm: the ledger's swarm view (finds the node's peer id from its announced Ethereum address)
+    :param key: the verifier private key that signs the audit calls
     :param timeout: seconds per audit RPC
     """
 
-    def __init__(self, swarm: SwarmView, *, timeout: float = 30.0):
-        self.swarm, self.timeout = swarm, timeout
+    def __init__(
+        self,
+        swarm: SwarmView,
+        *,
+        key: str,
+        timeout: float = 30.0,
+        window_s: float = 120.0,
+        retention_s: float = 900.0,
+        sleep=time.sleep,
+        clock=time.time,
+    ):
+        self.swarm, self.key, self.timeout, self.sleep, self.clock = swarm, key, timeout, sleep, clock
+        self.window_s, self.retention_s = window_s, retention_s
+        self._windows: dict[str, float] = {}  # node -> when its audit window (opened by an unanswered call) ends
+        self._prompts: dict[bytes, torch.Tensor] = {}  # receipt leaf -> deep prompts its audit revealed
+
+    def prompts(self, receipt: Receipt) -> torch.Tensor | None:
+        return self._prompts.get(receipt_leaf(receipt))
+
+    def knows_model(self, model_id: bytes) -> bool | None:
+        return self.swarm.knows_model(model_id)
 
     def input_history(self, receipt: Receipt) -> torch.Tensor | None:
+        now = self.clock()
+        late = now > receipt.timestamp + self.retention_s - self.window_s - CLOCK_ALLOWANCE_S
+        node = receipt.node.lower()
+        window_end = self._windows.get(node)
+        if window_end is None or now > window_end + self.window_s:  # none yet, or a past run's: open a new one
+            window_end = now + self.window_s
+        backoff, attempts, last = 1.0, 0, None
+        while True:
+            attempts += 1
+            try:
+                history = self._ask(receipt)
+                self._windows.pop(node, None)
+                return history
+            except _Unanswered as e:
+                last = e
+                if NodeRPCError.code_of(e.cause) not in RETRYABLE:
+                    break  # the node answered, without the inputs: no retry makes it honest
+            self._windows[node] = window_end
+            remaining = window_end - self.clock()
+            if remaining <= 0:
+                break
+            self.sleep(min(backoff, remaining))
+            backoff = min(backoff * 2, 15.0)
+        if late:
+            raise LookupError(
+                f"the ledger audited {receipt.node}'s step too late ({now - receipt.timestamp:.0f}s after it was "
+                f"signed; nodes keep audit records {self.retention_s:.0f}s): not the node's fault ({last})"
+            )
+        raise AuditFailed(
+            f"node {receipt.node} did not answer the audit of session 0x{bytes(receipt.session_id).hex()[:16]}... "
+            f"step {receipt.step} ({attempts} attempt(s) over a {self.window_s:.0f}s audit window): {last}"
+        ) from last.cause
+
+    def _ask(self, receipt: Receipt) -> torch.Tensor:
+        """One audit call; raises ``_Unanswered`` for anything but the inputs."""
         model = self.swarm.model_name(receipt.model_id)
-        if model is None:
-            logger.info(f"No node announces model 0x{receipt.model_id.hex()}; cannot audit its receipts now")
-            return None
-        entry = self.swarm.peer_of(receipt.node, model)
+        entry = self.swarm.peer_of(receipt.node, model) if model is not None else None
         if entry is None:
-            logger.info(f"Node {receipt.node} is not announced in the swarm now; its step cannot be audited")
-            return None
+            raise _Unanswered(
+                LookupError(f"node {receipt.node} does not announce model 0x{receipt.model_id.hex()[:16]}... now")
+            )
         call = AuditCall(
             module_uid(model, receipt.block_start, receipt.block_end), bytes(receipt.session_id), int(receipt.step)
-        )
+        ).signed(self.key, node=receipt.node, peer_id=str(entry.peer_id))
         try:
             response = self.swarm.call(entry.peer_id, call.rpc, call.to_request(), timeout=self.timeout)
+            reply = AuditReply.decode(response)  # a ValueError if it carries no inputs
         except Exception as e:
-            if NodeRPCError.code_of(e) == ErrorCode.UNKNOWN_SESSION:
-                return None  # expired from the node's audit log, or never served there
-            raise
-        reply = AuditReply.decode(response)  # a ValueError if it carries no inputs
-        if reply.prompts is not None or (reply.start, reply.end) != (receipt.block_start, receipt.block_end):
-            raise ValueError(
-                f"node {receipt.node} answered the audit with span {reply.start}:{reply.end}"
-                f"{' and deep prompts' if reply.prompts is not None else ''}; the receipt is for "
-                f"{receipt.block_start}:{receipt.block_end} without prompts"
+            raise _Unanswered(e) from e
+        if (reply.start, reply.end) != (receipt.block_start, receipt.block_end):
+            raise _Unanswered(
+                ValueError(
+                    f"node {receipt.node} answered the audit with span {reply.start}:{reply.end}; the receipt is for "
+                    f"{receipt.block_start}:{receipt.block_end}"
+                )
             )
-        return reply.inputs
+        inputs, prompts = reply.inputs, reply.prompts
+        if prompts is not None:
+            span = receipt.block_end - receipt.block_start
+            if (
+                inputs.ndim != 3
+                or prompts.ndim != 4
+                or prompts.shape[0] != span
+                or prompts.shape[1] != inputs.shape[0]  # what nodes accept with a step (and re-run in a forward)
+                or prompts.shape[2] < 1
+                or prompts.shape[3] != inputs.shape[2]
+                or not torch.isfinite(prompts).all()
+            ):
+                raise _Unanswered(
+                    ValueError(f"node {receipt.node} answered the audit with malformed prompts {tuple(prompts.shape)}")
+                )
+            if len(self._prompts) > 1024:
+                self._prompts.clear()
+            self._prompts[receipt_leaf(receipt)] = prompts
+        return inputs
+
+
+class _Unanswered(Exception):
+    """An audit call that did not bring the inputs back (``cause``: why)."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.cause = cause
 
 
 class SwarmVerifier(Verifier):
@@ -83,6 +176,12 @@ class SwarmVerifier(Verifier):
         self.name = f"swarm-{rank}"
         self.executed_by: list[str] = []  # eth addresses (or the fallback's name) per execution, for reports
 
+    def hosts(self, model_id: bytes) -> bool | None:
+        known = self.swarm.knows_model(model_id)
+        if known is None:
+            return None  # the ledger cannot see the swarm: it cannot tell
+        return True if known else (self.fallback.hosts(model_id) if self.fallback is not None else False)
+
     def candidates(self, receipt: Receipt, model: str) -> list[NodeEntry]:
         leaf = receipt_leaf(receipt)
         others = [
@@ -92,7 +191,7 @@ class SwarmVerifier(Verifier):
         ]
         return sorted(others, key=lambda e: keccak256(leaf + e.peer_id.to_bytes()))
 
-    def execute(self, receipt: Receipt, history: torch.Tensor) -> torch.Tensor:
+    def execute(self, receipt: Receipt, history: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
         positions = step_positions(receipt, history)
         model = self.swarm.model_name(receipt.model_id)
         candidates = self.candidates(receipt, model) if model else []
@@ -104,13 +203,14 @@ class SwarmVerifier(Verifier):
                     f"configure a local verifier"
                 )
             self.executed_by.append(self.fallback.name)
-            return self.fallback.execute(receipt, history)
+            return self.fallback.execute(receipt, history, prompts=prompts)
         entry = candidates[self.rank]
         # a fresh session id per re-execution: the node signs a receipt for it, and two receipts for the same
         # (session, step) would read as a double-sign
         call = ForwardCall(
             module_uid(model, receipt.block_start, receipt.block_end),
             history,
+            prompts,
             client=self.client,
             session_id=os.urandom(16),
             step=0,
@@ -154,7 +254,13 @@ def swarm_view(settings: Settings) -> SwarmView:
 
 def audit_from_settings(settings: Settings) -> RpcAuditSource:
     """Factory for ``NECTAR_LEDGER_AUDIT_SOURCE`` (``swarm`` is short for this)."""
-    return RpcAuditSource(swarm_view(settings), timeout=settings.spot_check_rpc_timeout)
+    return RpcAuditSource(
+        swarm_view(settings),
+        key=settings.key_for("verifier"),
+        timeout=settings.spot_check_rpc_timeout,
+        window_s=settings.spot_check_audit_window_s,
+        retention_s=settings.audit_retention_s,
+    )
 
 
 def verifier_client(settings: Settings) -> str:

@@ -6,11 +6,14 @@ A step's output depends on every input of its session so far, so the log keeps e
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 class AuditLog:
@@ -19,6 +22,7 @@ class AuditLog:
         self._sessions: OrderedDict[bytes, dict] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self._warned_at = float("-inf")
 
     def record(
         self,
@@ -57,6 +61,13 @@ class AuditLog:
             self._bytes > self.max_bytes or next(iter(self._sessions.values()))["touched"] < deadline
         ):
             _, entry = self._sessions.popitem(last=False)
+            if entry["touched"] >= deadline and time.monotonic() - self._warned_at > 60:
+                self._warned_at = time.monotonic()  # audits of a record dropped early fail (issue 21)
+                logger.warning(
+                    f"Audit memory full ({self.max_bytes} bytes): dropped a session's inputs "
+                    f"{time.time() - entry['touched']:.0f}s old, before the {self.retention_s:g}s retention; its "
+                    "audits will fail. Raise --audit-memory-bytes"
+                )
             self._bytes -= sum(t.numel() * t.element_size() for _, t in entry["steps"].values())
 
     def history(self, session_id: bytes, step: int):

@@ -51,5 +51,8 @@ class NodeConfig:
     # stake (it serves unpaid: gated clients do not route to it and the ledger refuses its vouchers)
     audit_retention_s: float = 900.0  # how long a session's inputs are kept for spot checks
     audit_memory_bytes: int = 256 * 1024**2  # memory budget for those inputs (the oldest go first)
+    audit_verifiers: str = ""  # addresses (comma separated) allowed to audit this node besides the ledger's verifiers
+    # (GET /v1/verifiers); audits carry users' inputs, so nobody else gets an answer
     corrupt_rate: float = 0.0  # testing only: share of outputs this node corrupts (a cheating node for spot checks)
+    evade_audits: bool = False  # testing only: refuse the audits of the steps it corrupted (says it has no record)
     extra: dict = field(default_factory=dict)  # free-form values for experiments (no flag); nectar itself reads none

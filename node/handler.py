@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from hivemind.p2p import P2P, P2PContext
 
 from nectar.node import trace
+from nectar.node.audit_auth import AuditGate
 from nectar.node.inference_stream import InferenceStream
 from nectar.node.push import PushInbox
 from nectar.node.steps import NodeSteps
@@ -42,10 +43,12 @@ class NodeHandler:
         *,
         info_provider: Callable[[], dict] = dict,
         push_allowed: Callable[[str, int], Awaitable[bool]] | None = None,
+        audit_gate: AuditGate | None = None,
     ):
         """:param steps: the node's parts that work goes through (backend, compute, memory, signing, credit)
         :param info_provider: the info RPC's answer
-        :param push_allowed: (address, block) -> whether a node serving ``block`` announces that direct lane"""
+        :param push_allowed: (address, block) -> whether a node serving ``block`` announces that direct lane
+        :param audit_gate: who may audit (None: nobody; audit answers carry users' inputs)"""
         self.steps = steps
         self.config, self.model_id = steps.config, steps.model_id
         self.info_provider = info_provider
@@ -55,6 +58,7 @@ class NodeHandler:
         # (address, block) -> whether a node serving `block` announces that direct lane: a node pushes only to
         # announced lanes, so a client cannot point it at any host and port (None: no check, e.g. unit tests)
         self.push_allowed = push_allowed
+        self.audit_gate = audit_gate
 
     # the server swaps these when the node moves to another span
     backend = property(lambda self: self.steps.backend, lambda self, value: setattr(self.steps, "backend", value))
@@ -111,10 +115,13 @@ class NodeHandler:
         yield (await self.steps.backward(call)).to_response()
 
     async def rpc_audit(self, requests: RequestStream, context: P2PContext):
-        """Returns a session's inputs up to a step, for spot checks by the ledger."""
+        """Returns a session's inputs up to a step, for spot checks by registered verifiers only."""
         call = AuditCall.decode(await self._single_request(requests))
+        if self.audit_gate is None:
+            raise NodeRPCError(ErrorCode.FORBIDDEN, "this node answers no audits (it has no verifier set)")
+        await self.audit_gate.check(call, str(context.local_id) if context is not None else "")
         found = self.steps.audit.history(call.session_id, call.step)
-        if found is None:
+        if found is None or (call.session_id, call.step) in self.steps.evaded:
             raise NodeRPCError(
                 ErrorCode.UNKNOWN_SESSION,
                 f"no audit record for this session at step {call.step} (expired or never served here)",

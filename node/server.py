@@ -19,6 +19,7 @@ from nectar.models.cpu_blas import use_threads
 from nectar.node import trace
 from nectar.node.announcer import Announcer
 from nectar.node.audit import AuditLog
+from nectar.node.audit_auth import AuditGate
 from nectar.node.backend import SpanBackend
 from nectar.node.block_selection import block_throughputs, choose_best_start, should_move
 from nectar.node.config import NodeConfig
@@ -141,6 +142,25 @@ def check_stake(ledger_url: str, address: str, peer_id: str, key_dir: Path, *, t
     )
 
 
+def check_audit_retention(ledger_url: str, retention_s: float) -> None:
+    """Warns when this node drops audit records sooner than the ledger expects: audits of those steps would fail
+    (a missing record is the node's failure, issue 21)."""
+    from nectar.wire.ledger_api import LedgerClient
+
+    try:
+        with LedgerClient(ledger_url, timeout=5.0) as ledger:
+            required = float(ledger.config().get("audit_retention_s") or 0)
+    except Exception as e:  # an older or unreachable ledger: nothing to compare with
+        logger.debug(f"Could not read the ledger's audit retention: {type(e).__name__}: {e}")
+        return
+    if retention_s < required:
+        logger.warning(
+            f"This node keeps audit records {retention_s:g}s but the ledger at {ledger_url} audits steps up to "
+            f"{required:g}s after they are signed: audits it cannot answer count as failed. Start with "
+            f"--audit-retention-s {required:g} (and enough --audit-memory-bytes for that long of traffic)"
+        )
+
+
 class Server:
     """Runs one node until ``stop()``; see ``NodeConfig`` for settings. ``start()`` returns once it serves.
 
@@ -208,6 +228,8 @@ class Server:
         )
         if config.ledger_url and not config.allow_unstaked:
             check_stake(config.ledger_url, self.signer.address, str(self.dht.peer_id), self.key_dir)
+        if config.ledger_url:
+            check_audit_retention(config.ledger_url, config.audit_retention_s)
         self.credit = CreditLedger(
             node_address=self.signer.address,
             credit_limit=config.credit_limit,
@@ -308,10 +330,27 @@ class Server:
                 signing=self.signing,
                 signed_work=self.signed_work,
             )
-            self.handler = NodeHandler(steps, info_provider=self.rpc_info, push_allowed=self.announces_lane)
+            self.handler = NodeHandler(
+                steps, info_provider=self.rpc_info, push_allowed=self.announces_lane, audit_gate=self._audit_gate()
+            )
         else:
             self.handler.backend, self.handler.memory = backend, memory
         self.backend = backend
+
+    def _audit_gate(self) -> AuditGate:
+        """Audits are answered to the ledger's verifiers (and any the operator names) only."""
+        fetch = None
+        if self.config.ledger_url:
+            from nectar.wire.ledger_api import LedgerClient  # only nodes that report to a ledger load httpx
+
+            ledger_url = self.config.ledger_url
+
+            def fetch() -> list[str]:
+                with LedgerClient(ledger_url, timeout=5.0) as ledger:
+                    return ledger.verifiers()
+
+        fixed = [a.strip() for a in self.config.audit_verifiers.split(",") if a.strip()]
+        return AuditGate(node_address=self.signer.address, fixed=fixed, fetch=fetch)
 
     def server_info(self, state: ServerState = ServerState.ONLINE) -> ServerInfo:
         return ServerInfo(

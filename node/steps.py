@@ -88,6 +88,7 @@ class NodeSteps:
         self.signing = signing or InlineSigning(signer)  # the default signs on the event loop
         self.signed_work = signed_work if signed_work is not None else SignedWork(None)  # in memory by default
         self.step_seconds = 0.0  # event-loop time of inference steps outside compute (checks, receipts, packing)
+        self.evaded: set[tuple[bytes, int]] = set()  # testing only (evade_audits): corrupted steps it will not audit
 
     # ---- checks -----------------------------------------------------------------------------------------------
 
@@ -286,7 +287,9 @@ class NodeSteps:
                 self.signed_work.release(work.key)  # nothing was signed for it
             raise
         began = time.perf_counter()
-        outputs = self.maybe_corrupt(outputs)
+        computed, outputs = outputs, self.maybe_corrupt(outputs)
+        if outputs is not computed and self.config.evade_audits:
+            self.evaded.add((session_id, work.step))
         packed = pack_tensors([outputs])
         if push is not None:  # before the receipt and the reply: the next hop computes while this node signs
             await push(packed)
@@ -371,6 +374,9 @@ class NodeSteps:
             priority=Priority.FORWARD,
             signed=lambda outputs: (hidden, outputs),
         )
+        # kept for audits like an inference step's inputs: a forward's receipt can be picked too
+        session_id = schema.bind_session(call.session_id or bytes(32), nonce)
+        self.audit.record(session_id, call.step, 0, hidden, start, end, prompts=prompts)
         return ForwardReply(outputs, receipt, fingerprint, nonce)
 
     async def backward(self, call: BackwardCall) -> BackwardReply:

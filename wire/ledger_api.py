@@ -33,6 +33,7 @@ CLOSE_EPOCH = "/epochs/close"  # POST ?allow_empty=, admin token
 CONFIG = "/config"  # GET -> the ledger's public settings
 STAKES = "/stakes"  # GET -> the registry of the deployment the ledger settles on (stake gate; see below)
 STAKE = "/stakes/{address}"  # GET -> one node's registration, read from the chain now
+VERIFIERS = "/verifiers"  # GET -> {"verifiers": [address], "source"}: who may audit nodes (sign AuditCall)
 BACKING = "/backing/{client}/{node}"  # GET -> Backing.to_json(): what backs client's vouchers to node on chain
 HEALTH = "/health"  # GET, outside PREFIX
 
@@ -284,6 +285,14 @@ class LedgerClient:
 
     def config(self) -> dict:
         return self._request("GET", PREFIX + CONFIG)
+
+    def verifiers(self) -> list[str]:
+        """``GET /v1/verifiers``: the addresses whose signed audit calls a node answers (Slashing's verifiers)."""
+        data = self._request("GET", PREFIX + VERIFIERS)
+        found = data.get("verifiers") if isinstance(data, dict) else None
+        if not isinstance(found, list) or not all(isinstance(a, str) for a in found):
+            raise ValueError(f"malformed verifier list from the ledger: {data!r:.200}")
+        return found
 
     def stakes(self) -> StakeTable:
         """``GET /v1/stakes``: every node registered on the ledger's deployment and the minimum stake."""

@@ -703,25 +703,96 @@ class BackwardReply:
         return [self.grad_inputs] + ([self.grad_prompts] if self.grad_prompts is not None else [])
 
 
+AUDIT_MAX_SKEW_S = 300  # a signed audit call's timestamp may be this far off the node's clock (then it is stale)
+
+
+def audit_digest(
+    *, uid: str, session_id: bytes, step: int, node: str, peer_id: str, timestamp: int, nonce: bytes
+) -> bytes:
+    """What a verifier signs to audit one step: the node (address and peer id, so a call cannot be replayed at another
+    node), the module, the session and step asked for, and a timestamp and nonce (so it cannot be replayed later)."""
+    text = "|".join(
+        [
+            "nectar-audit-v1",
+            f"node={str(node).lower()}",
+            f"peer={peer_id}",
+            f"uid={uid}",
+            f"session=0x{bytes(session_id).rjust(32, bytes(1)).hex()}",
+            f"step={int(step)}",
+            f"timestamp={int(timestamp)}",
+            f"nonce=0x{bytes(nonce).hex()}",
+        ]
+    )
+    return schema.keccak256(text.encode())
+
+
 @message
 class AuditCall:
-    """``rpc_audit``: {"session_id", "step"}: a session's inputs up to a step, for the ledger's spot checks."""
+    """``rpc_audit``: {"session_id", "step", "timestamp", "nonce", "signature"}: a session's inputs up to a step, for
+    the ledger's spot checks. Only registered verifiers may ask: the call is signed (``signed``) over
+    ``audit_digest``, and the node answers only a fresh call whose signer is a verifier."""
 
     uid: str
     session_id: bytes
     step: int
+    timestamp: int = 0
+    nonce: bytes = b""
+    signature: bytes = b""
 
     rpc: ClassVar[str] = RPC_AUDIT
 
-    def to_request(self) -> runtime_pb2.ExpertRequest:
-        return runtime_pb2.ExpertRequest(
-            uid=self.uid, metadata=pack_metadata({"session_id": self.session_id, "step": self.step})
+    def signed(self, private_key: bytes | str, *, node: str, peer_id: str, timestamp: int | None = None) -> AuditCall:
+        """This call signed by a verifier key for the node ``node`` (its receipt address) at ``peer_id``."""
+        import os
+        import time
+
+        from nectar.wire.eip712 import sign_digest
+
+        timestamp = int(time.time()) if timestamp is None else int(timestamp)
+        nonce = os.urandom(16)
+        digest = self._digest(node=node, peer_id=peer_id, timestamp=timestamp, nonce=nonce)
+        return AuditCall(self.uid, self.session_id, self.step, timestamp, nonce, sign_digest(digest, private_key))
+
+    def _digest(self, *, node: str, peer_id: str, timestamp: int, nonce: bytes) -> bytes:
+        return audit_digest(
+            uid=self.uid,
+            session_id=self.session_id,
+            step=self.step,
+            node=node,
+            peer_id=str(peer_id),
+            timestamp=timestamp,
+            nonce=nonce,
         )
+
+    def signer(self, *, node: str, peer_id: str) -> str:
+        """The address that signed this call for ``node`` at ``peer_id`` (raises ``InvalidSignature``)."""
+        from nectar.wire.eip712 import recover_digest_signer
+
+        digest = self._digest(node=node, peer_id=peer_id, timestamp=self.timestamp, nonce=self.nonce)
+        return recover_digest_signer(digest, self.signature)
+
+    def to_request(self) -> runtime_pb2.ExpertRequest:
+        metadata = {"session_id": self.session_id, "step": self.step}
+        if self.signature:
+            metadata.update(timestamp=self.timestamp, nonce=self.nonce, signature=self.signature)
+        return runtime_pb2.ExpertRequest(uid=self.uid, metadata=pack_metadata(metadata))
 
     @classmethod
     def decode(cls, request: runtime_pb2.ExpertRequest) -> AuditCall:
         metadata = unpack_metadata(request.metadata)
-        return cls(request.uid, _session_id(metadata), _int(metadata, "step", 0, MAX_STEP))
+        nonce, signature = metadata.get("nonce", b""), metadata.get("signature", b"")
+        if not isinstance(nonce, bytes) or len(nonce) > 32:
+            raise _bad("nonce must be at most 32 bytes")
+        if not isinstance(signature, bytes) or len(signature) not in (0, 65):
+            raise _bad("signature must be 65 bytes")
+        return cls(
+            request.uid,
+            _session_id(metadata),
+            _int(metadata, "step", 0, MAX_STEP),
+            _int(metadata, "timestamp", 0, 2**63 - 1, default=0),
+            nonce,
+            signature,
+        )
 
 
 @message
@@ -774,6 +845,8 @@ class InfoReply:
 
 
 __all__ = [
+    "AUDIT_MAX_SKEW_S",
+    "audit_digest",
     "AuditCall",
     "AuditReply",
     "BackwardCall",

@@ -55,6 +55,7 @@ class ErrorCode(str, enum.Enum):
     SESSION_EXPIRED = "session_expired"  # idle too long: open a new session and replay history
     CREDIT_LIMIT = "credit_limit"  # unpaid work above the node's limit: send a voucher
     WRONG_SPAN = "wrong_span"  # the node does not host the requested blocks (any more)
+    FORBIDDEN = "forbidden"  # a call only registered verifiers may make, unsigned, stale, replayed or not a verifier's
     INTERNAL = "internal"
 
 

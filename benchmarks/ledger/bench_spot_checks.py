@@ -30,9 +30,11 @@ from nectar.ledger.swarm_audit import RpcAuditSource, SwarmVerifier  # noqa: E40
 from nectar.models.tiny import save_tiny_checkpoint  # noqa: E402
 from nectar.node.local_swarm import LocalSwarm  # noqa: E402
 from nectar.service.db import get_engine, session_scope  # noqa: E402
+from nectar.wire.eip712 import address_of  # noqa: E402
 from tests.ledger.utils import free_port, start_nectar, wait_for, wait_http  # noqa: E402
 
 VERIFIER_CLIENT = "0x" + "ab" * 20
+VERIFIER_KEY = "0x" + "cd" * 32  # signs the audit calls (nodes answer registered verifiers only)
 
 
 class Prefer(PeerScorer):
@@ -85,6 +87,8 @@ def main() -> None:
                     "1",
                     "--dtype",
                     "float32",
+                    "--audit-verifiers",
+                    address_of(VERIFIER_KEY),  # no chain here: name the verifier that may audit
                 ],
             )
             for i in range(3)
@@ -114,7 +118,7 @@ def main() -> None:
 
         settings = Settings(database_url=url, spot_check_fraction=1.0, deployment_path=home / "none.json")
         view = SwarmView(swarm.initial_peers)
-        audit = RpcAuditSource(view)
+        audit = RpcAuditSource(view, key=VERIFIER_KEY)
         with session_scope(engine) as session:
             signed = [crud.signed_receipt_of(session.get(crud.Receipt, i)) for i in ids]
         audit_s, histories = timed(lambda s: audit.input_history(s.receipt), signed)

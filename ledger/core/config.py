@@ -73,6 +73,10 @@ class Settings(ServiceSettings):
     swarm_initial_peers: str = ""  # multiaddrs (space/comma separated) the ledger joins the swarm with; default
     # NECTAR_INITIAL_PEERS
     spot_check_rpc_timeout: float = 30.0  # seconds per audit or re-execution RPC
+    spot_check_audit_window_s: float = 120.0  # a node unreachable (no answer at all) for this long, retried with
+    # backoff, fails its audit; the window is per node and checking run, so an absent node stalls a run this long once
+    audit_retention_s: float = 900.0  # nodes must answer audits of a step this long after signing it (published in
+    # /v1/config; a node's --audit-retention-s must not be shorter); a later first audit call is the ledger's fault
     slash_poll_seconds: float = 60.0  # beat: how often attested spot-check cases are finalized once their window ends
     models_dir: Path | None = None  # where the local verifier finds converted models (``nectar models``)
 
@@ -85,6 +89,10 @@ class Settings(ServiceSettings):
             raise ValueError("NECTAR_LEDGER_CRASH_POINT is for tests on a devnet only")
         if not 0.0 <= self.spot_check_fraction <= 1.0:
             raise ValueError("NECTAR_LEDGER_SPOT_CHECK_FRACTION must be within [0, 1]")
+        if not 0 < self.spot_check_audit_window_s < self.audit_retention_s:
+            raise ValueError(
+                "NECTAR_LEDGER_SPOT_CHECK_AUDIT_WINDOW_S must be positive and below NECTAR_LEDGER_AUDIT_RETENTION_S"
+            )
         return self
 
     @property

@@ -8,7 +8,7 @@ import time
 from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_utils import is_address, to_checksum_address
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, Header, HTTPException
 
 from nectar.ledger import crud
 from nectar.ledger.deps import SessionDep, StateDep
@@ -27,8 +27,17 @@ def _address(value: str) -> str:
 
 
 @router.get(NODE)
-def node_view(address: str, session: SessionDep, state: StateDep, limit: int = 50) -> dict:
+def node_view(
+    address: str,
+    session: SessionDep,
+    state: StateDep,
+    limit: int = 50,
+    authorization: str | None = Header(default=None),
+) -> dict:
+    """A node's public record. Session ids (which link a user's steps, and name what an audit would fetch) are shown
+    only with the admin token."""
     address = _address(address)
+    admin = authorization == f"Bearer {state.settings.admin_token}"
     node = crud.get_node(session, address=address)
     if node is None:
         raise HTTPException(404, f"the ledger has never seen node {address}")
@@ -53,7 +62,7 @@ def node_view(address: str, session: SessionDep, state: StateDep, limit: int = 5
         "recent_receipts": [
             {
                 "leaf": "0x" + r.leaf.hex(),
-                "session_id": "0x" + r.session_id.hex(),
+                **({"session_id": "0x" + r.session_id.hex()} if admin else {}),
                 "step": r.step,
                 "kind": r.kind,
                 "client": r.client,

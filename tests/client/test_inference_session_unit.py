@@ -8,6 +8,7 @@ its KV cache, so a replacement that was not replayed exactly would answer differ
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import threading
 import time
@@ -118,6 +119,8 @@ class FakeNode:
     :param binds: False: a node from before session nonces (it sends none and signs the client's session id)
     :param error: an ErrorCode it answers every step with
     :param pushes: whether it pushes its outputs to the next hop when asked
+    :param forged_at: step number -> the receipt field it signs wrong there: "model" (another model id), "step" (the
+        next step's number), "kind" (a forward's receipt), "old" (dated an hour ago)
     """
 
     count = 0
@@ -135,6 +138,7 @@ class FakeNode:
         binds: bool = True,
         error: ErrorCode | None = None,
         pushes: bool = True,
+        forged_at: dict[int, str] | None = None,
     ):
         FakeNode.count += 1
         self.name, self.start, self.end = name, start, end
@@ -159,6 +163,8 @@ class FakeNode:
         self.dies_at, self.dies_after_push_at = dies_at, dies_after_push_at
         self.bad_receipt_at, self.error, self.pushes = bad_receipt_at, error, pushes
         self.unbound_at, self.binds = unbound_at, binds
+        self.forged_at = forged_at or {}
+        self.other_model = ReceiptSigner(private_key=self.key, model_id="other", price_per_token=1, domain=DOMAIN)
         self.dead = False
         self.steps: list[tuple[int, int, torch.Tensor]] = []  # (step, position, input) of every step computed
         self.pushed_steps: list[int] = []  # steps computed on a pushed input
@@ -238,10 +244,11 @@ class FakeNode:
                 yield receipt
             yield make_response([out], {"receipt_follows": True})
             committed = out + 1 if step in self.bad_receipt_at else out
-            signed, fingerprint = self.signer.sign(
+            forged = self.forged_at.get(step)
+            signed, fingerprint = (self.other_model if forged == "model" else self.signer).sign(
                 session_id=session_id.rjust(32, b"\0") if step in self.unbound_at else bound,
-                step=step,
-                kind=schema.ReceiptKind.INFERENCE,
+                step=step + 1 if forged == "step" else step,
+                kind=schema.ReceiptKind.FORWARD if forged == "kind" else schema.ReceiptKind.INFERENCE,
                 start=span.start,
                 end=span.end,
                 client=client,
@@ -249,6 +256,10 @@ class FakeNode:
                 inputs=hidden,
                 outputs=committed,
             )
+            if forged == "old":
+                signed = eip712.sign_receipt(
+                    dataclasses.replace(signed.receipt, timestamp=signed.receipt.timestamp - 3600), self.key, DOMAIN
+                )
             receipt = make_response(
                 [], {"type": "receipt", "step": step, "receipt": signed.to_json(), "fingerprint": fingerprint}
             )
@@ -459,6 +470,37 @@ def test_a_receipt_not_bound_to_the_nodes_nonce_fails_the_hop_over(runtime):
     assert len(set(sessions.values())) == 3  # a session id of its own at every node, the replacement's too
 
 
+@pytest.mark.parametrize(
+    "forged, problem",
+    [
+        ("model", "names model"),
+        ("step", "not the step 2 asked for"),
+        ("kind", "not 0 (INFERENCE)"),
+        ("old", "backdates"),
+    ],
+)
+def test_a_receipt_for_other_work_fails_the_hop_over_at_once(runtime, forged, problem):
+    """A receipt naming another model, step or kind (or backdated) could never be audited against the step the client
+    asked for (issue 21: a cheater's way to evade audits): the client refuses it, pays nothing for it, bans the node
+    and fails over before its next step."""
+    network = Network()
+    network.add(FakeNode("a", 0, 2))
+    liar = network.add(FakeNode("b", 2, 4, forged_at={2: forged}))
+    spare = network.add(FakeNode("spare", 2, 4))
+    session, manager = _session(runtime, network)
+    chunks = _chunks(5)
+    with session:
+        outputs = _generate(session, chunks)
+    assert _same(outputs, reference(chunks))
+    assert session.failovers == 1 and session.route[1].peer_id == spare.peer_id
+    assert [peer for peer, _ in manager.bans] == [liar.peer_id]
+    assert "dishonest receipt" in manager.bans[0][1] and problem in manager.bans[0][1], manager.bans
+    paid = [r.receipt.step for r in session.wallet.receipts if r.receipt.node == liar.info.eth_address]
+    assert paid == [0, 1]  # nothing for the forged receipt or after it
+    # the step after the forged one went to the spare: the liar never computed step 4
+    assert [step for step, _, _ in liar.steps] == [0, 1, 2, 3]
+
+
 def test_a_node_from_before_session_nonces_still_serves(runtime):
     network = Network()
     network.add(FakeNode("a", 0, 2, binds=False))
@@ -562,7 +604,6 @@ def test_a_receipt_rejected_on_the_last_retry_raises_receipt_rejected(runtime):
     session, manager = _session(runtime, network, max_retries=0)
     chunks = _chunks(3)
     session.step(chunks[0])
-    session.step(chunks[1])  # step 0's receipt comes before this answer: the hop fails from the next step on
     with pytest.raises(ReceiptRejectedError, match="dishonest receipt"):
-        session.step(chunks[2])
+        session.step(chunks[1])  # step 0's receipt comes before this answer: the hop fails at once
     assert "dishonest receipt" in manager.bans[0][1]

@@ -327,3 +327,27 @@ def test_the_client_node_book_is_bounded_and_the_least_worked_row_gives_way(sett
             crud.client_node(session, client=clients[4], node=other, limits=limits)
         rows = session.scalars(crud.select(crud.ClientNode).where(crud.ClientNode.client == clients[4])).all()
         assert len(rows) == 2
+
+
+def test_public_views_never_show_session_ids(api, settings):
+    """Issue 21: session ids link a user's steps and name what an audit fetches; the public views never show them
+    (the node's audit call answers registered verifiers only), the admin token sees them."""
+    node = Party()
+    items = [make_receipt(node, CLIENT, step=i) for i in range(3)]
+    assert post(api, [receipt_item(*i) for i in items])["accepted"] == 3
+    secrets = {i[0].receipt.session_id.hex() for i in items}
+    public = [
+        api.get(f"/v1/nodes/{node.address}"),
+        api.get(f"/v1/nodes/{node.address}?limit=500"),
+        api.get("/v1/reputation"),
+        api.get("/v1/epochs"),
+        api.get("/v1/config"),
+        api.get("/v1/verifiers"),
+    ]
+    for response in public:
+        assert response.status_code == 200, response.text
+        text = response.text.lower()
+        assert "session_id" not in text and not any(s in text for s in secrets), response.url
+    admin = api.get(f"/v1/nodes/{node.address}", headers={"Authorization": f"Bearer {settings.admin_token}"})
+    assert {r["session_id"][2:] for r in admin.json()["recent_receipts"]} == secrets
+    assert api.get("/v1/verifiers").json() == {"verifiers": [], "source": "settings"}  # no chain, no verifier key

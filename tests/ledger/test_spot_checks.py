@@ -48,7 +48,7 @@ class SimulatedNode:
         self.party, self.span = Party(), load_span(path, start, end)
         self.start, self.end, self.cheat_rate, self.rng = start, end, cheat_rate, random.Random(seed)
 
-    def serve_session(self, client, audit, inputs_per_step, session_id):
+    def serve_session(self, client, audit, inputs_per_step, session_id, *, model=MODEL):
         cache = self.span.new_cache(1, 64)
         signed = []
         for step, hidden in enumerate(inputs_per_step):
@@ -61,7 +61,7 @@ class SimulatedNode:
                 session_id=session_id,
                 step=step,
                 kind=0,
-                model_id=R.model_id_hash(MODEL),
+                model_id=R.model_id_hash(model),
                 block_start=self.start,
                 block_end=self.end,
                 node=self.party.address,
@@ -247,4 +247,97 @@ def test_a_fabricated_history_prefix_is_refused(world):
         audit=FabricatingAudit(world["audit"]),
     )
     verdict = lying._judge(receipt, stored_fp)
-    assert verdict.status == "inconclusive" and "fabricated" in verdict.detail
+    assert verdict.status == "failed" and "fabricated" in verdict.detail  # the node's own answer: its failure
+
+
+def test_a_receipt_naming_a_model_nobody_knows_fails_its_spot_check(world):
+    """Issue 21: a node signing a model id no node announces and no verifier hosts cannot be checked; that is the
+    node's doing (it signed it), so the check fails instead of ending inconclusive at no cost."""
+    node, client = SimulatedNode(world["path"], 0, 2, seed=9), Party()
+    with torch.no_grad():
+        items = node.serve_session(client, world["audit"], [torch.randn(1, 3, 64)], os.urandom(32), model="nobody")
+    with session_scope(world["engine"]) as session:
+        verdicts = crud.store_receipts(
+            session, checked=[check_receipt(item, fp, domain_from_deployment()) for item, fp, _ in items]
+        )
+        assert [v[0] for v in verdicts] == ["accepted"]
+        crud.close_epoch(session)
+        receipt_id = session.scalar(
+            select(crud.Receipt.id).where(crud.Receipt.leaf == eip712.receipt_leaf(items[0][0].receipt))
+        )
+    checker = SpotChecker(
+        settings=world["settings"], engine=world["engine"], verifiers=world["verifiers"], audit=world["audit"]
+    )
+    verdict = checker.check_receipt(receipt_id)
+    assert verdict.status == "failed" and "no node announces" in verdict.detail, verdict
+    with session_scope(world["engine"]) as session:
+        assert crud.get_node(session, address=node.party.address).spot_failed == 1
+
+
+class PromptedAudit(MemoryAudit):
+    """A node's audit answers with the deep prompts its sessions' first steps carried (or claims to have had)."""
+
+    def __init__(self):
+        super().__init__()
+        self.prompts_of: dict[tuple, torch.Tensor] = {}
+
+    def prompts(self, receipt):
+        return self.prompts_of.get((receipt.node, receipt.session_id))
+
+
+def test_deep_prompts_are_recomputed_so_claiming_them_dodges_nothing(world):
+    """Issue 21: an audit answer with deep prompts used to end "inconclusive" (verifiers could not add them), so a
+    cheater could dodge any audit by claiming prompts. Verifiers now compute with the prompts the node reveals (cut to
+    the first step's positions, where a node adds them): an honest prompted session passes, a corrupted step whose
+    node invents prompts fails."""
+    audit, client = PromptedAudit(), Party()
+    honest, liar = SimulatedNode(world["path"], 0, 2, seed=11), SimulatedNode(world["path"], 0, 2, seed=12)
+    prompts = torch.randn(2, 1, 5, 64)  # 5 prompt positions, longer than the 3-token first step: only 3 are added
+    steps = [torch.randn(1, 3, 64), torch.randn(1, 1, 64), torch.randn(1, 1, 64)]
+    items = []
+    with torch.no_grad():
+        for node in (honest, liar):
+            session_id, cache = os.urandom(32), node.span.new_cache(1, 16)
+            for step, hidden in enumerate(steps):
+                audit.record(node.party.address, session_id, step, hidden)
+                output = node.span(hidden, cache=cache, prompts=prompts if node is honest and step == 0 else None)
+                if node is liar and step == 2:
+                    output = output + 0.05 * output.abs().amax() * torch.randn_like(output)
+                fp = fingerprints.activation_fingerprint(output)
+                receipt = R.Receipt(
+                    session_id=session_id,
+                    step=step,
+                    kind=0,
+                    model_id=R.model_id_hash(MODEL),
+                    block_start=0,
+                    block_end=2,
+                    node=node.party.address,
+                    client=client.address,
+                    tokens=hidden.shape[1],
+                    price=3,
+                    amount=3 * hidden.shape[1],
+                    input_commitment=fingerprints.commit_tensor(hidden),
+                    output_commitment=fingerprints.commit_tensor(output),
+                    fingerprint=fingerprints.fingerprint_hash(fp),
+                    timestamp=1,
+                )
+                items.append((eip712.sign_receipt(receipt, node.party.key, domain_from_deployment()), fp))
+            # the liar never had prompts: it claims some to dodge the audit of its corrupted step
+            audit.prompts_of[(node.party.address, session_id)] = prompts if node is honest else torch.randn(2, 1, 2, 64)
+    with session_scope(world["engine"]) as session:
+        verdicts = crud.store_receipts(
+            session, checked=[check_receipt(i, fp, domain_from_deployment()) for i, fp in items]
+        )
+        assert all(v[0] == "accepted" for v in verdicts)
+        crud.close_epoch(session)
+        ids = {
+            (item.receipt.node, item.receipt.step): session.scalar(
+                select(crud.Receipt.id).where(crud.Receipt.leaf == eip712.receipt_leaf(item.receipt))
+            )
+            for item, _ in items
+        }
+    checker = SpotChecker(settings=world["settings"], engine=world["engine"], verifiers=world["verifiers"], audit=audit)
+    for step in range(3):
+        verdict = checker.check_receipt(ids[(honest.party.address, step)])
+        assert verdict.status == "passed", (step, verdict)
+    assert checker.check_receipt(ids[(liar.party.address, 2)]).status == "failed"

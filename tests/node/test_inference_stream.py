@@ -16,6 +16,7 @@ import torch
 from eth_account import Account
 
 from nectar.node.audit import AuditLog
+from nectar.node.audit_auth import AuditGate
 from nectar.node.config import NodeConfig
 from nectar.node.handler import NodeHandler
 from nectar.node.memory_cache import MemoryCache
@@ -122,7 +123,16 @@ def make_node(memory_bytes: int = 1 << 20, credit_limit: int = 10**9, **config) 
         credit=CreditLedger(node_address=signer.address, credit_limit=credit_limit, domain=DOMAIN),
         audit=AuditLog(max_bytes=10**6, retention_s=60),
     )
-    return NodeHandler(steps)
+    return NodeHandler(steps, audit_gate=AuditGate(node_address=signer.address, fixed=[VERIFIER.address]))
+
+
+VERIFIER = Account.create()  # the one key make_node's nodes answer audits to
+
+
+def audit_call(node: NodeHandler, session: bytes, step: int, key=None, **kwargs) -> AuditCall:
+    """An audit call signed (by the verifier unless ``key``) for ``node`` (in-process calls carry no peer id)."""
+    key = VERIFIER.key if key is None else key
+    return AuditCall(UID, session, step).signed(key, node=node.steps.signer.address, peer_id="", **kwargs)
 
 
 END = "end of stream"
@@ -618,6 +628,9 @@ def test_forward_backward_and_audit_calls():
         signed = schema.SignedReceipt.from_json(reply.receipt)
         assert signed.receipt.kind == int(schema.ReceiptKind.FORWARD) and signed.receipt.step == 5
         assert signed.receipt.session_id != bytes(32)  # a call without a session gets a fresh one
+        # a forward's receipt can be picked for a spot check like a step's: its inputs are kept for audits (issue 21)
+        (response,) = await _call(node.rpc_audit, audit_call(node, signed.receipt.session_id, 5).to_request())
+        assert torch.equal(AuditReply.decode(response).inputs, x)
 
         (response,) = await _call(node.rpc_backward, BackwardCall(UID, x, grad, client=client).to_request())
         reply = BackwardReply.decode(response)
@@ -633,15 +646,49 @@ def test_forward_backward_and_audit_calls():
         await talk.receive()
         bound = schema.bind_session(sid, first.session_nonce)  # audits name the session id receipts carry
         assert schema.SignedReceipt.from_json(first.receipt).receipt.session_id == bound
-        (response,) = await _call(node.rpc_audit, AuditCall(UID, bound, 0).to_request())
+        (response,) = await _call(node.rpc_audit, audit_call(node, bound, 0).to_request())
         audit = AuditReply.decode(response)
         assert torch.equal(audit.inputs, x) and (audit.start, audit.end) == (0, 4) and audit.prompts is None
         with pytest.raises(NodeRPCError) as error:
-            await _call(node.rpc_audit, AuditCall(UID, bound, 1).to_request())
+            await _call(node.rpc_audit, audit_call(node, bound, 1).to_request())
         assert error.value.code == ErrorCode.UNKNOWN_SESSION
 
     run(scenario)
     assert node.steps.credit.unpaid(client) == 2 * 3 * 4 * PRICE
+
+
+def test_audits_are_answered_to_registered_verifiers_only():
+    """Audit answers carry a session's inputs (block 0's are the user's prompt, issue 21): unsigned calls, calls
+    signed by anyone else, for another node, stale or replayed get FORBIDDEN and no inputs."""
+    node = make_node()
+    sid, x = session_id(), hidden(2)
+
+    async def scenario():
+        talk = Conversation(node)
+        await talk.send(Open(UID, sid, max_length=8, first_step=Step(sid, 0, hidden=x)))
+        first = await talk.receive()
+        await talk.end()
+        await talk.receive()
+        bound = schema.bind_session(sid, first.session_nonce)
+        stranger = Account.create().key
+        other_node = AuditCall(UID, bound, 0).signed(VERIFIER.key, node=Account.create().address, peer_id="")
+        replayed = audit_call(node, bound, 0)
+        (response,) = await _call(node.rpc_audit, replayed.to_request())
+        assert torch.equal(AuditReply.decode(response).inputs, x)
+        refused = {
+            "unsigned": (AuditCall(UID, bound, 0), "registered verifiers only"),
+            "stranger": (audit_call(node, bound, 0, key=stranger), "not a registered verifier"),
+            "other node": (other_node, "not a registered verifier"),
+            "stale": (audit_call(node, bound, 0, timestamp=int(time.time()) - 3600), "stale"),
+            "replayed": (replayed, "replayed"),
+        }
+        for name, (call, words) in refused.items():
+            with pytest.raises(NodeRPCError) as error:
+                await _call(node.rpc_audit, call.to_request())
+            assert error.value.code == ErrorCode.FORBIDDEN and words in str(error.value), (name, error.value)
+        assert node.audit_gate.refused == len(refused)
+
+    run(scenario)
 
 
 # ---- one receipt per work key (issue 20) ---------------------------------------------------------------------------
