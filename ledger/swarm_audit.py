@@ -15,9 +15,10 @@ from functools import lru_cache
 import torch
 
 from nectar.ledger.core.config import Settings
-from nectar.ledger.spot_check import AuditSource, Verifier, step_positions
+from nectar.ledger.spot_check import AuditedStep, AuditSource, Verifier, step_positions
 from nectar.ledger.swarm import NodeEntry, SwarmView
 from nectar.wire.eip712 import address_of, receipt_leaf
+from nectar.wire.fingerprints import ComputeSpec
 from nectar.wire.messages import AuditCall, AuditReply, ForwardCall, ForwardReply
 from nectar.wire.peers import initial_peers
 from nectar.wire.protocol import ErrorCode, NodeRPCError, module_uid
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 
 class RpcAuditSource(AuditSource):
-    """Asks the node that signed a receipt for the step's input history over the audit RPC (``AuditCall``).
+    """Asks the node that signed a receipt for the step's input history and output over the audit RPC (``AuditCall``).
 
     :param swarm: the ledger's swarm view (finds the node's peer id from its announced Ethereum address)
     :param timeout: seconds per audit RPC
@@ -36,7 +37,7 @@ class RpcAuditSource(AuditSource):
     def __init__(self, swarm: SwarmView, *, timeout: float = 30.0):
         self.swarm, self.timeout = swarm, timeout
 
-    def input_history(self, receipt: Receipt) -> torch.Tensor | None:
+    def audited_step(self, receipt: Receipt) -> AuditedStep | None:
         model = self.swarm.model_name(receipt.model_id)
         if model is None:
             logger.info(f"No node announces model 0x{receipt.model_id.hex()}; cannot audit its receipts now")
@@ -61,11 +62,12 @@ class RpcAuditSource(AuditSource):
                 f"{' and deep prompts' if reply.prompts is not None else ''}; the receipt is for "
                 f"{receipt.block_start}:{receipt.block_end} without prompts"
             )
-        return reply.inputs
+        return AuditedStep(reply.inputs, reply.outputs)
 
 
 class SwarmVerifier(Verifier):
-    """Re-runs a step on another node serving the same blocks (forward RPC over the whole input history).
+    """Re-runs a step on another node serving the same blocks in the same dtype (forward RPC over the whole input
+    history): like is compared with like, with that precision's tolerance.
 
     Candidates are ordered per receipt by keccak(leaf || peer id), so checks spread over the swarm and verifiers of
     different ``rank`` pick different nodes for the same receipt; the receipt's own node is never a candidate.
@@ -83,28 +85,29 @@ class SwarmVerifier(Verifier):
         self.name = f"swarm-{rank}"
         self.executed_by: list[str] = []  # eth addresses (or the fallback's name) per execution, for reports
 
-    def candidates(self, receipt: Receipt, model: str) -> list[NodeEntry]:
+    def candidates(self, receipt: Receipt, model: str, compute: ComputeSpec | None = None) -> list[NodeEntry]:
         leaf = receipt_leaf(receipt)
         others = [
             e
             for e in self.swarm.serving(model, receipt.block_start, receipt.block_end)
             if e.info.eth_address.lower() != receipt.node.lower()
+            and (compute is None or (compute.quantization == "none" and e.info.dtype == compute.dtype))
         ]
         return sorted(others, key=lambda e: keccak256(leaf + e.peer_id.to_bytes()))
 
-    def execute(self, receipt: Receipt, history: torch.Tensor) -> torch.Tensor:
+    def execute(self, receipt: Receipt, history: torch.Tensor, compute: ComputeSpec) -> torch.Tensor:
         positions = step_positions(receipt, history)
         model = self.swarm.model_name(receipt.model_id)
-        candidates = self.candidates(receipt, model) if model else []
+        candidates = self.candidates(receipt, model, compute) if model else []
         if len(candidates) <= self.rank:
             if self.fallback is None:
                 raise LookupError(
                     f"no {self.rank + 1} other node(s) serve blocks {receipt.block_start}:"
-                    f"{receipt.block_end} of 0x{receipt.model_id.hex()[:16]}; start another node or "
-                    f"configure a local verifier"
+                    f"{receipt.block_end} of 0x{receipt.model_id.hex()[:16]} in {compute.dtype}; start another "
+                    f"node with --dtype {compute.dtype} or configure a local verifier"
                 )
             self.executed_by.append(self.fallback.name)
-            return self.fallback.execute(receipt, history)
+            return self.fallback.execute(receipt, history, compute)
         entry = candidates[self.rank]
         # a fresh session id per re-execution: the node signs a receipt for it, and two receipts for the same
         # (session, step) would read as a double-sign

@@ -299,6 +299,7 @@ class NodeSteps:
                 work.start,
                 work.end,
                 prompts=work.prompts if work.position == 0 else None,
+                outputs=outputs,  # as sent (after any corruption): what the receipt's output commitment hashes
             )
         new_length = work.position + work.hidden.shape[1]
 

@@ -26,7 +26,7 @@ from nectar.ledger.swarm_audit import RpcAuditSource
 from nectar.service.db import session_scope
 from nectar.wire.announce import ServerInfo
 from nectar.wire.eip712 import receipt_leaf
-from nectar.wire.fingerprints import activation_fingerprint, fingerprints_match
+from nectar.wire.fingerprints import ComputeSpec, outputs_match
 from tests.ledger.market import SwarmMarket
 from tests.ledger.utils import wait_for
 
@@ -90,18 +90,17 @@ def spot_check_rows(market, epoch: int) -> list[dict]:
 
 
 def corrupted_steps(market, receipts) -> set[bytes]:
-    """Ground truth, independent of the worker: fetch each cheater step's inputs over the audit RPC and recompute the
-    span locally; the leaves whose claimed output does not match."""
+    """Ground truth, independent of the worker: fetch each cheater step's inputs and output over the audit RPC and
+    recompute the span locally in the receipt's precision; the leaves whose revealed output does not match."""
     view = SwarmView(market.swarm.initial_peers)
     try:
         audit, local = RpcAuditSource(view), LocalVerifier({market.model_name: market.model_path}, name="truth")
         found = set()
-        for signed, fingerprint in receipts:
-            history = audit.input_history(signed.receipt)
-            assert history is not None, "the cheater's audit log lost a step"
-            if not fingerprints_match(
-                activation_fingerprint(local.execute(signed.receipt, history)), fingerprint, dtype=history.dtype
-            ):
+        for signed, descriptor in receipts:
+            step, spec = audit.audited_step(signed.receipt), ComputeSpec.decode(descriptor)
+            assert step is not None and step.outputs is not None, "the cheater's audit log lost a step"
+            blocks = signed.receipt.block_end - signed.receipt.block_start
+            if not outputs_match(step.outputs, local.execute(signed.receipt, step.history, spec), spec, blocks):
                 found.add(receipt_leaf(signed.receipt))
         return found
     finally:

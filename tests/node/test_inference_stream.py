@@ -636,6 +636,12 @@ def test_forward_backward_and_audit_calls():
         (response,) = await _call(node.rpc_audit, AuditCall(UID, bound, 0).to_request())
         audit = AuditReply.decode(response)
         assert torch.equal(audit.inputs, x) and (audit.start, audit.end) == (0, 4) and audit.prompts is None
+        # the step's whole output, as sent: it hashes to what the receipt committed to (nothing for the node to pick)
+        signed_step = schema.SignedReceipt.from_json(first.receipt).receipt
+        assert torch.equal(audit.outputs, first.output)
+        assert fingerprints.commit_tensor(audit.outputs) == signed_step.output_commitment
+        assert fingerprints.ComputeSpec.decode(first.fingerprint) == fingerprints.ComputeSpec("float32", "none", "cpu")
+        assert fingerprints.fingerprint_hash(first.fingerprint) == signed_step.fingerprint
         with pytest.raises(NodeRPCError) as error:
             await _call(node.rpc_audit, AuditCall(UID, bound, 1).to_request())
         assert error.value.code == ErrorCode.UNKNOWN_SESSION
