@@ -67,6 +67,11 @@ class Reply:
         return getattr(self.message, "receipt", None)
 
     @property
+    def descriptor(self) -> bytes | None:
+        """The compute descriptor that came with the receipt (the wire's ``fingerprint``)."""
+        return getattr(self.message, "fingerprint", None)
+
+    @property
     def receipt_follows(self) -> bool:
         """The receipt of this step comes as a message of its own, before the answer to the next request."""
         return isinstance(self.message, StepReply) and self.message.receipt_follows
@@ -242,7 +247,7 @@ class Hop:
     state: HopState = HopState.OPEN
     fault: Fault | None = None  # set with FAILED: the first thing that went wrong
     history: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (step, position, inputs)
-    unchecked: list[tuple[dict, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (receipt, in, out)
+    unchecked: list[tuple] = field(default_factory=list)  # (receipt, compute descriptor, in, out)
     voucher: dict | None = None  # signed after the last receipt check, sent with the next step
     push_token: bytes = field(default_factory=lambda: os.urandom(16))  # the previous hop shows it to push here
     receipt_session: bytes = b""  # the session id its receipts carry: bound to the node's nonce (``bound_session``)

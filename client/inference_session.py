@@ -166,7 +166,7 @@ class InferenceSession:
             raise HopFailed(span, Fault("answered without a receipt", receipt=True))
         hop.history.append((step, position, inputs))
         if receipt is not None:
-            hop.unchecked.append((receipt, inputs, outputs[0]))
+            hop.unchecked.append((receipt, reply.descriptor, inputs, outputs[0]))
         elif follows:  # read while the caller computes the next token; checked as soon as it comes
             hop.receipt = asyncio.ensure_future(self._receive_receipt(hop, step, inputs, outputs[0]))
         return outputs[0]
@@ -181,7 +181,7 @@ class InferenceSession:
             if self.config.verify_receipts:
                 hop.fail(Fault(f"sent {message.describe()} where the receipt of step {step} was due", receipt=True))
             return
-        hop.unchecked.append((message.receipt, inputs, output))
+        hop.unchecked.append((message.receipt, message.descriptor, inputs, output))
         self._check_receipts([hop])
 
     async def _take_receipt(self, hop: Hop) -> None:
@@ -202,7 +202,7 @@ class InferenceSession:
         the caller computes the next token). A bad receipt makes that hop's next step fail over."""
         for hop in hops:
             span, pending, hop.unchecked = hop.span, hop.unchecked, []
-            for receipt, inputs, output in pending:
+            for receipt, descriptor, inputs, output in pending:
                 try:
                     self.wallet.check_receipt(
                         receipt,
@@ -214,6 +214,8 @@ class InferenceSession:
                         outputs=output,
                         session_id=hop.receipt_session,
                         verify=self.config.verify_receipts,
+                        descriptor=descriptor,
+                        dtype=span.info.dtype,
                     )
                 except ReceiptError as e:
                     hop.fail(Fault(f"dishonest receipt: {e}", receipt=True))

@@ -81,6 +81,8 @@ class Wallet:
         outputs: torch.Tensor,
         session_id: bytes | None = None,
         verify: bool = True,
+        descriptor: bytes | None = None,
+        dtype: str | None = None,
     ) -> schema.SignedReceipt:
         try:
             signed = schema.SignedReceipt.from_json(data)
@@ -106,6 +108,7 @@ class Wallet:
                 problems.append("output commitment does not match what was received")
             if session_id is not None and receipt.session_id != session_id.rjust(32, b"\0"):
                 problems.append("receipt names another session")
+            problems += _compute_problems(receipt, descriptor, dtype)
             if problems:
                 raise ReceiptError("; ".join(problems))
         with self._lock:
@@ -149,3 +152,17 @@ class Wallet:
     @property
     def total_paid(self) -> int:
         return sum(self._owed.values())
+
+
+def _compute_problems(receipt: schema.Receipt, descriptor: bytes | None, dtype: str | None) -> list[str]:
+    """The receipt must commit to a precision an audit can recompute (its compute descriptor), the one the node
+    announced: a receipt no verifier could check would make the step unauditable, yet paid."""
+    if fingerprints.fingerprint_hash(descriptor or b"") != receipt.fingerprint:
+        return ["the compute descriptor sent with the receipt does not hash to its fingerprint"]
+    try:
+        spec = fingerprints.ComputeSpec.decode(descriptor or b"")
+    except ValueError as e:
+        return [f"the receipt names no precision an audit could recompute ({e})"]
+    if dtype is not None and spec.dtype != dtype:
+        return [f"the receipt commits to {spec.dtype} computation, the node announced {dtype}"]
+    return []

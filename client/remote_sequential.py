@@ -72,6 +72,8 @@ class RemoteCaller:
                 outputs=outputs[0],
                 session_id=bind_session(self.session_id, nonce) if nonce is not None else None,
                 verify=self.config.verify_receipts,
+                descriptor=reply.fingerprint,
+                dtype=span.info.dtype,
             )
         return outputs
 

@@ -31,6 +31,7 @@ from nectar.client.routing import MissingBlocksError, RemoteSpan
 from nectar.node.receipts import ReceiptSigner
 from nectar.wire import eip712
 from nectar.wire import receipts as schema
+from nectar.wire.fingerprints import ComputeSpec
 from nectar.wire.announce import ServerInfo, ServerState
 from nectar.wire.protocol import ErrorCode, make_response, unpack_metadata, unpack_tensors
 
@@ -117,6 +118,7 @@ class FakeNode:
     :param binds: False: a node from before session nonces (it sends none and signs the client's session id)
     :param error: an ErrorCode it answers every step with
     :param pushes: whether it pushes its outputs to the next hop when asked
+    :param compute: the compute descriptor its receipts commit to (the one it announces by default)
     """
 
     count = 0
@@ -134,12 +136,15 @@ class FakeNode:
         binds: bool = True,
         error: ErrorCode | None = None,
         pushes: bool = True,
+        compute: ComputeSpec | None = None,
     ):
         FakeNode.count += 1
         self.name, self.start, self.end = name, start, end
         self.peer_id = PeerID(b"\x00\x24\x08\x01\x12\x20" + bytes([FakeNode.count]) * 32)
         self.key = "0x" + (bytes([FakeNode.count]) * 32).hex()
-        self.signer = ReceiptSigner(private_key=self.key, model_id=MODEL, price_per_token=1, domain=DOMAIN)
+        self.signer = ReceiptSigner(
+            private_key=self.key, model_id=MODEL, price_per_token=1, domain=DOMAIN, compute=compute or ComputeSpec()
+        )
         self.info = ServerInfo(
             state=int(ServerState.ONLINE),
             start=start,
@@ -237,7 +242,7 @@ class FakeNode:
                 yield receipt
             yield make_response([out], {"receipt_follows": True})
             committed = out + 1 if step in self.bad_receipt_at else out
-            signed, _ = self.signer.sign(
+            signed, descriptor = self.signer.sign(
                 session_id=session_id.rjust(32, b"\0") if step in self.unbound_at else bound,
                 step=step,
                 kind=schema.ReceiptKind.INFERENCE,
@@ -248,7 +253,9 @@ class FakeNode:
                 inputs=hidden,
                 outputs=committed,
             )
-            receipt = make_response([], {"type": "receipt", "step": step, "receipt": signed.to_json()})
+            receipt = make_response(
+                [], {"type": "receipt", "step": step, "receipt": signed.to_json(), "fingerprint": descriptor}
+            )
 
 
 class FakeManager:
@@ -425,6 +432,31 @@ def test_a_receipt_not_bound_to_the_nodes_nonce_fails_the_hop_over(runtime):
     assert [peer for peer, _ in manager.bans] == [liar.peer_id] and "names another session" in manager.bans[0][1]
     sessions = {r.receipt.node: r.receipt.session_id for r in session.wallet.receipts if r.receipt.step == 0}
     assert len(set(sessions.values())) == 3  # a session id of its own at every node, the replacement's too
+
+
+@pytest.mark.parametrize(
+    "claims, why",
+    [
+        (ComputeSpec("bfloat16"), "commits to bfloat16 computation, the node announced float32"),
+        (ComputeSpec("float32", device="cuda"), None),  # the device class is not announced: any one is fine
+    ],
+)
+def test_a_receipt_committing_to_another_precision_than_announced_fails_the_hop_over(runtime, claims, why):
+    """Audits recompute in the precision a receipt commits to; the client checks at once that it is the one the
+    node announced (and one an audit can recompute), so a node cannot be routed as float32 and audited as bfloat16."""
+    network = Network()
+    network.add(FakeNode("a", 0, 2))
+    node = network.add(FakeNode("b", 2, 4, compute=claims))
+    network.add(FakeNode("spare", 2, 4))
+    session, manager = _session(runtime, network)
+    chunks = _chunks(3)
+    with session:
+        outputs = _generate(session, chunks)
+    assert _same(outputs, reference(chunks))
+    if why is None:
+        assert session.failovers == 0 and not manager.bans
+    else:
+        assert [peer for peer, _ in manager.bans] == [node.peer_id] and why in manager.bans[0][1]
 
 
 def test_a_node_from_before_session_nonces_still_serves(runtime):
