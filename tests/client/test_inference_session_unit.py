@@ -31,8 +31,8 @@ from nectar.client.routing import MissingBlocksError, RemoteSpan
 from nectar.node.receipts import ReceiptSigner
 from nectar.wire import eip712
 from nectar.wire import receipts as schema
-from nectar.wire.fingerprints import ComputeSpec
 from nectar.wire.announce import ServerInfo, ServerState
+from nectar.wire.fingerprints import ComputeSpec
 from nectar.wire.protocol import ErrorCode, make_response, unpack_metadata, unpack_tensors
 
 BLOCKS, HIDDEN, MODEL = 4, 8, "toy"
