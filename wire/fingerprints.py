@@ -125,7 +125,7 @@ def output_deviation(claimed: torch.Tensor, recomputed: torch.Tensor) -> float:
 # the largest, over all runs of the precision, of the fitted 1e-6 tail quantile (or the observed maximum, if larger)
 # over sqrt(n). float32 keeps a wider margin (5x) for reduction-order differences across hardware, unmeasured yet:
 # its honest differences (~1e-6) are far below any cheat that changes next tokens anyway.
-TOLERANCE_PER_SQRT_BLOCK = {"float32": 1e-5, "float16": 2.3e-3, "bfloat16": 2.6e-2}
+TOLERANCE_PER_SQRT_BLOCK = {"float32": 1e-5, "float16": 2.8e-3, "bfloat16": 2.6e-2}
 
 
 def tolerance(spec: ComputeSpec, blocks: int) -> float:
