@@ -123,7 +123,9 @@ def run_precision(dtype_name, head, *, sessions, prefill, decode, q, seed):
                         continue  # a first step has nothing stale to send
                     revealed = cheat(c).to(dtype)
                     caught[name].append(output_deviation(revealed, recomputed) > limit)
-                    changed[name].append(float((head.logits(revealed.float()).argmax(-1) != honest_tokens).float().mean()))
+                    changed[name].append(
+                        float((head.logits(revealed.float()).argmax(-1) != honest_tokens).float().mean())
+                    )
             previous = c["y"]
             pos += t
     rows = {}
@@ -147,7 +149,11 @@ def run_precision(dtype_name, head, *, sessions, prefill, decode, q, seed):
     devs = np.array(honest_dev)
     return {
         "tolerance": limit,
-        "honest": {"audited_steps": int(devs.size), "false_accusations": int((devs > limit).sum()), "max": float(devs.max())},
+        "honest": {
+            "audited_steps": int(devs.size),
+            "false_accusations": int((devs > limit).sum()),
+            "max": float(devs.max()),
+        },
         "cheats": rows,
     }
 
@@ -168,8 +174,8 @@ def table(results, q) -> str:
                 f"credits: negative below {r['break_even_price_per_step_credits']:.2g} credits/step"
             )
             lines.append(
-                f"| {name} | {dtype_name} | {100 * r['next_tokens_changed']:.1f}% | {r['detection_per_audited_step']:.2f} "
-                f"({r['audited_steps']}) | {r['p_convicted_within_1000_steps']:.3f} | "
+                f"| {name} | {dtype_name} | {100 * r['next_tokens_changed']:.1f}% | "
+                f"{r['detection_per_audited_step']:.2f} ({r['audited_steps']}) | {r['p_convicted_within_1000_steps']:.3f} | "
                 f"{'never' if steps == float('inf') else f'{steps:,.0f}'} | {ev} |"
             )
     for dtype_name, result in results.items():
