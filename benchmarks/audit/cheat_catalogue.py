@@ -175,7 +175,8 @@ def table(results, q) -> str:
             )
             lines.append(
                 f"| {name} | {dtype_name} | {100 * r['next_tokens_changed']:.1f}% | "
-                f"{r['detection_per_audited_step']:.2f} ({r['audited_steps']}) | {r['p_convicted_within_1000_steps']:.3f} | "
+                f"{r['detection_per_audited_step']:.2f} ({r['audited_steps']}) | "
+                f"{r['p_convicted_within_1000_steps']:.3f} | "
                 f"{'never' if steps == float('inf') else f'{steps:,.0f}'} | {ev} |"
             )
     for dtype_name, result in results.items():
