@@ -416,6 +416,8 @@ class NodeSteps:
             self.signed_work.release(key)
             raise
         inputs, outputs = signed(result)
+        if kind == schema.ReceiptKind.FORWARD:  # audited like an inference step: its input and output as sent
+            self.audit.record(session_id, call.step, 0, inputs, start, end, prompts=call.prompts, outputs=outputs)
         pending = self.signing.prepare(
             session_id=session_id,
             step=call.step,

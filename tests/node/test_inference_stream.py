@@ -235,7 +235,7 @@ def test_inline_receipts_ride_with_each_output_and_charge_the_client():
 
     nonce = run(scenario)
     assert node.steps.credit.unpaid(client) == 4 * 4 * PRICE  # 4 tokens through 4 blocks
-    history, span, _ = node.steps.audit.history(schema.bind_session(sid, nonce), 1)
+    history, span, _, _ = node.steps.audit.history(schema.bind_session(sid, nonce), 1)
     assert span == (0, 4) and history.shape == (1, 4, HIDDEN)
     assert_released(node)
 
@@ -288,7 +288,7 @@ def test_a_separate_receipt_is_signed_once_the_next_steps_round_has_begun():
         return opened.session_nonce
 
     nonce = run(scenario)
-    history, _, _ = node.steps.audit.history(schema.bind_session(sid, nonce), 1)
+    history, _, _, _ = node.steps.audit.history(schema.bind_session(sid, nonce), 1)
     assert torch.equal(history, torch.cat([x0, x1], dim=1))
     assert_released(node)
 
@@ -618,6 +618,11 @@ def test_forward_backward_and_audit_calls():
         signed = schema.SignedReceipt.from_json(reply.receipt)
         assert signed.receipt.kind == int(schema.ReceiptKind.FORWARD) and signed.receipt.step == 5
         assert signed.receipt.session_id != bytes(32)  # a call without a session gets a fresh one
+        # a forward is audited like an inference step: the node kept its input and its output as sent
+        (response,) = await _call(node.rpc_audit, AuditCall(UID, signed.receipt.session_id, 5).to_request())
+        kept = AuditReply.decode(response)
+        assert torch.equal(kept.inputs, x) and torch.equal(kept.outputs, reply.output)
+        assert fingerprints.commit_tensor(kept.outputs) == signed.receipt.output_commitment
 
         (response,) = await _call(node.rpc_backward, BackwardCall(UID, x, grad, client=client).to_request())
         reply = BackwardReply.decode(response)
