@@ -264,3 +264,31 @@ def test_a_fabricated_history_prefix_is_refused(world):
     )
     verdict = lying._judge(receipt, stored_fp)
     assert verdict.status == "inconclusive" and "fabricated" in verdict.detail
+
+
+class WithholdingAudit(AuditSource):
+    """A node answering audits with the step's inputs but not its output, or with another output than it sent."""
+
+    def __init__(self, inner: MemoryAudit, swap: bool):
+        self.inner, self.swap = inner, swap
+
+    def audited_step(self, receipt):
+        real = self.inner.audited_step(receipt)
+        return AuditedStep(real.history, real.outputs + 1e-3 if self.swap else None)
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_an_output_withheld_or_swapped_at_audit_time_fails_the_step(world, swap):
+    """The node signed a hash of its whole output: it must reveal exactly that, or the step fails (no recomputation
+    can make up for an output the node will not show, and no other output is compared)."""
+    item = next(item for item, _, _ in world["items"] if item.receipt.node == world["honest"][0])
+    descriptor = fingerprints.ComputeSpec("float32").encode()
+    checker = SpotChecker(
+        settings=world["settings"],
+        engine=world["engine"],
+        verifiers=world["verifiers"],
+        audit=WithholdingAudit(world["audit"], swap),
+    )
+    verdict = checker._judge(item.receipt, descriptor)
+    assert verdict.status == "failed" and verdict.executions == 0
+    assert ("output commitment" if swap else "not its output") in verdict.detail
