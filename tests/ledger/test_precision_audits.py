@@ -32,8 +32,8 @@ from tests.ledger.utils import Party
 
 MODEL = "tiny-precision-llama"
 BLOCKS, HIDDEN, PREFILL, DECODE = 4, 64, 6, 7
-HONEST_SESSIONS = 20  # 160 audited steps per precision (the calibration runs over 14,000)
-CHEAT_SESSIONS = 2  # 16 audited steps per cheat
+HONEST_SESSIONS = 60  # 480 audited steps per precision (the calibration runs over 14,000)
+CHEAT_SESSIONS = 3  # 24 audited steps per cheat
 
 
 class NodeAudits(AuditSource):
