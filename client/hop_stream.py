@@ -67,8 +67,9 @@ class Reply:
         return getattr(self.message, "receipt", None)
 
     @property
-    def fingerprint(self) -> bytes | None:
-        """The fingerprint bytes sent with the receipt (the client forwards them to the ledger, countersigned)."""
+    def descriptor(self) -> bytes | None:
+        """The compute descriptor that came with the receipt (the wire's ``fingerprint``; the client checks it and
+        forwards it to the ledger, countersigned)."""
         return getattr(self.message, "fingerprint", None)
 
     @property
@@ -247,7 +248,7 @@ class Hop:
     state: HopState = HopState.OPEN
     fault: Fault | None = None  # set with FAILED: the first thing that went wrong
     history: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (step, position, inputs)
-    unchecked: list[tuple] = field(default_factory=list)  # (receipt, step, in, out, fingerprint bytes or None)
+    unchecked: list[tuple] = field(default_factory=list)  # (receipt, step, compute descriptor, in, out)
     voucher: dict | None = None  # signed after the last receipt check, sent with the next step
     push_token: bytes = field(default_factory=lambda: os.urandom(16))  # the previous hop shows it to push here
     receipt_session: bytes = b""  # the session id its receipts carry: bound to the node's nonce (``bound_session``)

@@ -170,7 +170,7 @@ class InferenceSession:
             raise HopFailed(span, Fault("answered without a receipt", receipt=True))
         hop.history.append((step, position, inputs))
         if receipt is not None:
-            hop.unchecked.append((receipt, step, inputs, outputs[0], reply.fingerprint))
+            hop.unchecked.append((receipt, step, reply.descriptor, inputs, outputs[0]))
         elif follows:  # read while the caller computes the next token; checked as soon as it comes
             hop.receipt = asyncio.ensure_future(self._receive_receipt(hop, step, inputs, outputs[0]))
         return outputs[0]
@@ -185,7 +185,7 @@ class InferenceSession:
             if self.config.verify_receipts:
                 hop.fail(Fault(f"sent {message.describe()} where the receipt of step {step} was due", receipt=True))
             return
-        hop.unchecked.append((message.receipt, step, inputs, output, message.fingerprint))
+        hop.unchecked.append((message.receipt, step, message.descriptor, inputs, output))
         self._check_receipts([hop])
 
     async def _take_receipt(self, hop: Hop) -> None:
@@ -207,7 +207,7 @@ class InferenceSession:
         the caller computes the next token). A bad receipt makes that hop's next step fail over."""
         for hop in hops:
             span, pending, hop.unchecked = hop.span, hop.unchecked, []
-            for receipt, step, inputs, output, fingerprint in pending:
+            for receipt, step, descriptor, inputs, output in pending:
                 try:
                     self.wallet.check_receipt(
                         receipt,
@@ -219,7 +219,8 @@ class InferenceSession:
                         outputs=output,
                         session_id=hop.receipt_session,
                         verify=self.config.verify_receipts,
-                        fingerprint=fingerprint,
+                        descriptor=descriptor,
+                        dtype=span.info.dtype,
                         model_id=self.model_hash,
                         step=step,
                         kind=ReceiptKind.INFERENCE,

@@ -61,7 +61,7 @@ class Wallet:
 
     :param channel_id: a channel of the caller's choosing, e.g. ``base + worker`` for several processes paying from one
         key; it must never have been used by this key before (the chain would take its vouchers for replays)
-    :param ledger: where receipts this wallet checked and accepts go, countersigned (``on_receipt(signed, fingerprint,
+    :param ledger: where receipts this wallet checked and accepts go, countersigned (``on_receipt(signed, descriptor,
         countersignature)``: ``nectar.wire.ledger_api.LedgerPaymentPolicy`` posts them in the background), so a node
         cannot keep its steps from the ledger's audits; None (no ledger) signs nothing more
     """
@@ -89,15 +89,17 @@ class Wallet:
         outputs: torch.Tensor,
         session_id: bytes | None = None,
         verify: bool = True,
-        fingerprint: bytes | None = None,
+        descriptor: bytes | None = None,
+        dtype: str | None = None,
         model_id: bytes | None = None,
         step: int | None = None,
         kind: int | None = None,
         now: float | None = None,
     ) -> schema.SignedReceipt:
         """Checks a node's receipt against what was asked and received; raises ``ReceiptError`` on any difference.
-        Once it passes, counts what is owed and (with a ledger) countersigns and queues it. ``fingerprint``: the bytes
-        the node sent with it, if any (checked against the receipt, and forwarded). ``model_id``/``step``/``kind``: the
+        Once it passes, counts what is owed and (with a ledger) countersigns and queues it. ``descriptor``: the compute
+        descriptor the node sent with it (the wire's ``fingerprint``: checked against the receipt and the node's
+        announced ``dtype``, and forwarded). ``model_id``/``step``/``kind``: the
         model (``model_id_hash``), step number and kind asked for: a receipt for other work could not be audited
         against this step (a cheater's way to evade audits). ``now``: the time its timestamp must be near
         (``RECEIPT_MAX_SKEW_S``; the ledger judges whether audits came in time by it)."""
@@ -127,10 +129,7 @@ class Wallet:
                 problems.append("output commitment does not match what was received")
             if session_id is not None and receipt.session_id != session_id.rjust(32, b"\0"):
                 problems.append("receipt names another session")
-            if fingerprint is not None and (
-                not isinstance(fingerprint, bytes) or fingerprints.fingerprint_hash(fingerprint) != receipt.fingerprint
-            ):
-                problems.append("fingerprint bytes do not hash to the receipt's fingerprint")
+            problems += _compute_problems(receipt, descriptor, dtype)
             if model_id is not None and receipt.model_id != bytes(model_id):
                 problems.append(f"receipt names model 0x{receipt.model_id.hex()[:16]}..., not the one asked for")
             if step is not None and receipt.step != step:
@@ -150,7 +149,7 @@ class Wallet:
             self.receipts.append(signed)
         if self.ledger is not None and struct_hash is not None:  # only what was checked is vouched for
             digest = eip712.acceptance_digest(struct_hash, self.domain)
-            self.ledger.on_receipt(signed, fingerprint, eip712.sign_digest(digest, self.private_key))
+            self.ledger.on_receipt(signed, descriptor, eip712.sign_digest(digest, self.private_key))
         return signed
 
     def owed(self, node_address: str) -> int:
@@ -189,3 +188,17 @@ class Wallet:
     @property
     def total_paid(self) -> int:
         return sum(self._owed.values())
+
+
+def _compute_problems(receipt: schema.Receipt, descriptor: bytes | None, dtype: str | None) -> list[str]:
+    """The receipt must commit to a precision an audit can recompute (its compute descriptor), the one the node
+    announced: a receipt no verifier could check would make the step unauditable, yet paid."""
+    if fingerprints.fingerprint_hash(descriptor or b"") != receipt.fingerprint:
+        return ["the compute descriptor sent with the receipt does not hash to its fingerprint"]
+    try:
+        spec = fingerprints.ComputeSpec.decode(descriptor or b"")
+    except ValueError as e:
+        return [f"the receipt names no precision an audit could recompute ({e})"]
+    if dtype is not None and spec.dtype != dtype:
+        return [f"the receipt commits to {spec.dtype} computation, the node announced {dtype}"]
+    return []

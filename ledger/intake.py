@@ -16,10 +16,21 @@ from nectar.wire.eip712 import (  # typed_digest: one struct hash serves the sig
     recover_voucher_signer,
     typed_digest,
 )
-from nectar.wire.fingerprints import fingerprint_hash
-from nectar.wire.receipts import SignedReceipt, SignedVoucher, keccak256
+from nectar.wire.fingerprints import ComputeSpec, fingerprint_hash
+from nectar.wire.receipts import ReceiptKind, SignedReceipt, SignedVoucher, keccak256
 
 logger = logging.getLogger(__name__)
+
+
+_AUDITED_KINDS = (ReceiptKind.INFERENCE, ReceiptKind.FORWARD)
+
+
+def _descriptor_problem(raw: bytes | None) -> str:
+    try:
+        ComputeSpec.decode(raw or b"")
+    except ValueError as e:
+        return str(e)
+    return ""
 
 
 class Malformed(ValueError):
@@ -65,7 +76,7 @@ def parse_receipt_item(item) -> tuple[SignedReceipt, bytes | None, bytes | None]
         if raw_fp is None and countersignature is not None:
             return signed, None, countersignature
         if not isinstance(raw_fp, str):
-            raise ValueError("fingerprintBytes (hex of the activation fingerprint, '0x' if none) is required")
+            raise ValueError("fingerprintBytes (hex of the node's compute descriptor, '0x' if none) is required")
         return signed, bytes.fromhex(raw_fp.removeprefix("0x")), countersignature
     except (ValueError, TypeError, AttributeError) as e:
         raise Malformed(str(e)) from None
@@ -105,6 +116,13 @@ def check_receipt(
         problem := _countersignature_problem(struct_hash, countersignature, receipt.client, domain)
     ):
         checked.reason, checked.message = Reason.BAD_COUNTERSIGNATURE, problem
+    elif fingerprint is not None and receipt.kind in _AUDITED_KINDS and (problem := _descriptor_problem(fingerprint)):
+        # a step no verifier could recompute (no precision named, or an unknown one) would escape audits for free
+        checked.reason = Reason.BAD_FINGERPRINT
+        checked.message = (
+            f"fingerprintBytes must be the node's compute descriptor (nectar.wire.fingerprints.ComputeSpec): "
+            f"{problem}; run a node of this release"
+        )
     elif now is not None and receipt.timestamp > now + max_skew:
         checked.reason = Reason.FUTURE_RECEIPT
         checked.message = (

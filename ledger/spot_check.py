@@ -2,10 +2,13 @@
 
 Picks are made after the epoch closes, from keccak(epoch root || ledger secret): a node signing a receipt knows
 neither. For each pick the ``AuditSource`` supplies the step's input history (its last positions must hash to the
-receipt's input commitment), a ``Verifier`` recomputes the span, and fingerprints are compared with the dtype's
-tolerance. A disagreement goes to a third execution: only when it sides with the verifier against the node is the
-node reported on chain (``attest_spot_check_failure``) and its reputation cut. A third execution that sides with the
-node clears it, so an honest node is never accused on a single verifier's word.
+receipt's input commitment) and the step's whole output as the node sent it (it must hash to the receipt's output
+commitment: the node cannot choose what is compared). A ``Verifier`` recomputes the span in the precision the
+receipt commits to (its compute descriptor: dtype, quantization), and every coordinate is compared within that
+precision's calibrated tolerance (``nectar.wire.fingerprints.outputs_match``). A disagreement goes to a third
+execution: only when it sides with the verifier against the node is the node reported on chain
+(``attest_spot_check_failure``) and its reputation cut. A third execution that sides with the node clears it, so an
+honest node is never accused on a single verifier's word.
 
 Every failure stays on record in the database; on chain a node gets one case per epoch (``nectar.ledger.slashing``):
 its first failure of the epoch is attested, with the receipt's inclusion proof, once the epoch's root is final.
@@ -26,7 +29,7 @@ from nectar.ledger import crud
 from nectar.ledger.core.config import Settings
 from nectar.ledger.models import Epoch, Receipt, SpotCheck, utcnow
 from nectar.service.db import session_scope
-from nectar.wire.fingerprints import activation_fingerprint, commit_tensor, fingerprints_match, parse_fingerprint
+from nectar.wire.fingerprints import ComputeSpec, commit_tensor, output_deviation, outputs_match, tolerance
 from nectar.wire.receipts import Receipt as WireReceipt
 from nectar.wire.receipts import ReceiptKind, keccak256, model_id_hash
 
@@ -41,14 +44,22 @@ class AuditFailed(Exception):
     failing it costs)."""
 
 
+@dataclass
+class AuditedStep:
+    """What a node reveals for an audited step: its session's inputs up to the step ([B, L, H], rollbacks applied;
+    the last ``tokens // B`` positions are the step's own input) and the step's output as it was sent."""
+
+    history: torch.Tensor
+    outputs: torch.Tensor | None
+
+
 class AuditSource(ABC):
-    """Where the inputs of a past step come from (the lead's implementation asks the node over RPC)."""
+    """Where the inputs and output of a past step come from (the lead's implementation asks the node over RPC)."""
 
     @abstractmethod
-    def input_history(self, receipt: WireReceipt) -> torch.Tensor | None:
-        """[B, L, H] inputs of the receipt's session at its node up to and including its step, as the span saw them
-        (rollbacks applied). The last ``tokens // B`` positions are the step's own input. None if unavailable for
-        reasons that are not the node's fault; raises ``AuditFailed`` when the node is to blame."""
+    def audited_step(self, receipt: WireReceipt) -> AuditedStep | None:
+        """The step's ``AuditedStep`` as the node kept it. None if unavailable for reasons that are not the node's
+        fault; raises ``AuditFailed`` when the node is to blame."""
 
     def knows_model(self, model_id: bytes) -> bool | None:
         """Whether any node announces this model (None: this source cannot tell)."""
@@ -56,12 +67,12 @@ class AuditSource(ABC):
 
     def prompts(self, receipt: WireReceipt) -> torch.Tensor | None:
         """The deep prompts ``[blocks, B or 1, P, H]`` the session's first step carried, as the node revealed them with
-        the last ``input_history`` of this receipt (None: none)."""
+        the last ``audited_step`` of this receipt (None: none)."""
         return None
 
 
 class Verifier(ABC):
-    """Recomputes a span's output for a step from its full input history."""
+    """Recomputes a span's output for a step from its full input history, in the node's precision."""
 
     name: str = "verifier"
 
@@ -70,18 +81,20 @@ class Verifier(ABC):
         return None
 
     @abstractmethod
-    def execute(self, receipt: WireReceipt, history: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
-        """The span's outputs for the step's positions (the last ``tokens // B`` of ``history``): [B, T, H].
-        ``prompts``: deep prompts added at the first positions before each block, as the session's first step had
-        them."""
+    def execute(
+        self, receipt: WireReceipt, history: torch.Tensor, compute: ComputeSpec, prompts: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The span's outputs for the step's positions (the last ``tokens // B`` of ``history``): [B, T, H],
+        computed in ``compute.dtype`` with ``compute.quantization`` (LookupError if it cannot). ``prompts``: deep
+        prompts added at the first positions before each block, as the session's first step had them."""
 
 
 class LocalVerifier(Verifier):
-    """Loads the receipt's span locally (``nectar.models.load_span``) and runs a full causal forward.
+    """Loads the receipt's span locally (``nectar.models.load_span``) in the receipt's dtype and runs a full causal
+    forward.
 
     :param models: model name as announced on the DHT -> built-in name or checkpoint folder
     :param load_span: the span loader (``nectar.models.load_span`` by default)
-    :param dtype: dtype to compute in (the nodes' dtype, so the tolerance is the right one)
     """
 
     def __init__(
@@ -90,33 +103,36 @@ class LocalVerifier(Verifier):
         *,
         name: str = "local",
         load_span: Callable | None = None,
-        dtype: torch.dtype = torch.float32,
         max_cached_spans: int = 8,
     ):
         if load_span is None:
             from nectar.models import load_span
-        self.name, self.load_span, self.dtype, self.max_cached = name, load_span, dtype, max_cached_spans
+        self.name, self.load_span, self.max_cached = name, load_span, max_cached_spans
         self.paths = {model_id_hash(model_name): path for model_name, path in models.items()}
         self._spans: dict[tuple, torch.nn.Module] = {}
 
     def hosts(self, model_id: bytes) -> bool | None:
         return bytes(model_id) in self.paths
 
-    def _span(self, model_id: bytes, start: int, end: int):
-        key = (model_id, start, end)
+    def _span(self, model_id: bytes, start: int, end: int, compute: ComputeSpec):
+        if compute.quantization != "none":
+            raise LookupError(f"verifier {self.name} cannot compute with {compute.quantization} weights")
+        key = (model_id, start, end, compute.dtype)
         if key not in self._spans:
             if model_id not in self.paths:
                 raise LookupError(f"verifier {self.name} does not host model 0x{model_id.hex()}")
             if len(self._spans) >= self.max_cached:
                 self._spans.pop(next(iter(self._spans)))
-            self._spans[key] = self.load_span(self.paths[model_id], start, end, dtype=self.dtype)
+            self._spans[key] = self.load_span(self.paths[model_id], start, end, dtype=compute.torch_dtype)
         return self._spans[key]
 
-    def execute(self, receipt: WireReceipt, history: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
-        span = self._span(receipt.model_id, receipt.block_start, receipt.block_end)
+    def execute(
+        self, receipt: WireReceipt, history: torch.Tensor, compute: ComputeSpec, prompts: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        span = self._span(receipt.model_id, receipt.block_start, receipt.block_end, compute)
         positions = step_positions(receipt, history)
         with torch.no_grad():
-            return span(history.to(self.dtype), prompts=prompts)[:, -positions:]
+            return span(history.to(compute.torch_dtype), prompts=prompts)[:, -positions:]
 
 
 def step_positions(receipt: WireReceipt, history: torch.Tensor) -> int:
@@ -222,8 +238,8 @@ class SpotChecker:
     def check_receipt(self, receipt_id: int) -> Verdict:
         with session_scope(self.engine) as session:
             row = session.get(Receipt, receipt_id)
-            signed, stored_fp = crud.signed_receipt_of(row), row.fingerprint
-        verdict = self._judge(signed.receipt, stored_fp)
+            signed, descriptor = crud.signed_receipt_of(row), row.fingerprint
+        verdict = self._judge(signed.receipt, descriptor)
         with session_scope(self.engine) as session:
             check = crud.record_spot_check(
                 session,
@@ -243,34 +259,44 @@ class SpotChecker:
         log(f"Spot check of receipt {receipt_id} (node {signed.receipt.node}): {verdict.status}: {verdict.detail}")
         return verdict
 
-    def _judge(self, receipt: WireReceipt, claimed: bytes | None) -> Verdict:
-        if not claimed:
-            return Verdict("inconclusive", 0, "the node did not submit fingerprint bytes for this step")
+    def _judge(self, receipt: WireReceipt, descriptor: bytes | None) -> Verdict:
         try:
-            parse_fingerprint(claimed)
-        except Exception as e:
-            return Verdict("inconclusive", 0, f"unreadable fingerprint: {type(e).__name__}: {e}")
-        history = self._audited_history(receipt)
-        if isinstance(history, Verdict):
-            return history
+            compute = ComputeSpec.decode(descriptor or b"")
+        except ValueError as e:
+            return Verdict("inconclusive", 0, f"the receipt's compute descriptor is unusable: {e}")
+        step = self._audited_step(receipt)
+        if isinstance(step, Verdict):
+            return step
+        history = step.history
         prompts = self._placed_prompts(receipt, history)
         if isinstance(prompts, Verdict):
             return prompts
         extra = {} if prompts is None else {"prompts": prompts}
-        dtype = history.dtype
-        fingerprints = []
+        # the node signed a hash of its whole output: revealing anything else (or nothing) is its own failure
+        if step.outputs is None:
+            return Verdict("failed", 0, "the node revealed the step's inputs but not its output")
+        if commit_tensor(step.outputs) != receipt.output_commitment:
+            return Verdict("failed", 0, "the revealed output does not hash to the receipt's output commitment")
+        claimed, blocks = step.outputs, receipt.block_end - receipt.block_start
+        outputs = []
         for executions, verifier in enumerate(self.verifiers[:2], start=1):
             try:
-                output = verifier.execute(receipt, history, **extra)
+                output = verifier.execute(receipt, history, compute, **extra)
             except Exception as e:
                 return Verdict("inconclusive", executions, f"verifier {verifier.name} failed: {type(e).__name__}: {e}")
-            fingerprints.append(activation_fingerprint(output))
-            if fingerprints_match(fingerprints[-1], claimed, dtype=dtype):
+            outputs.append(output)
+            if outputs_match(claimed, output, compute, blocks):
                 note = "" if executions == 1 else f"; verifier {self.verifiers[0].name} disagreed and was overruled"
-                return Verdict("passed", executions + 1, f"recomputation matches the node's output{note}")
-        if fingerprints_match(fingerprints[0], fingerprints[1], dtype=dtype):
-            return Verdict("failed", 3, "two independent recomputations agree with each other and not with the node")
-        return Verdict("inconclusive", 3, "all three executions disagree; no one is accused")
+                return Verdict("passed", executions + 1, f"recomputation in {compute.dtype} matches the output{note}")
+        deviations = ", ".join(f"{output_deviation(claimed, o):.3g}" for o in outputs)
+        if outputs_match(outputs[0], outputs[1], compute, blocks):
+            return Verdict(
+                "failed",
+                3,
+                f"two independent recomputations in {compute.dtype} agree with each other and not with the node "
+                f"(deviation {deviations}, tolerance {tolerance(compute, blocks):.3g} for {blocks} blocks)",
+            )
+        return Verdict("inconclusive", 3, f"all three executions disagree (deviation {deviations}); no one is accused")
 
     def model_known(self, model_id: bytes) -> bool | None:
         """Whether the ledger knows the model a receipt names: a node announces it or a verifier hosts it. False only
@@ -280,8 +306,8 @@ class SpotChecker:
             return True
         return False if any(a is False for a in answers) else None
 
-    def _audited_history(self, receipt: WireReceipt) -> torch.Tensor | Verdict:
-        """The step's audited input history, or the verdict when there is none. The node signed the receipt, so a
+    def _audited_step(self, receipt: WireReceipt) -> AuditedStep | Verdict:
+        """The step's audited inputs and output, or the verdict when there is none. The node signed the receipt, so a
         model nobody knows, an unanswered or refused audit, and inputs its own receipts contradict are its failures;
         only the ledger's own problems (its view of the swarm, a verifier, its lateness) are inconclusive."""
         try:
@@ -296,13 +322,14 @@ class SpotChecker:
                 f"hosts: the node signed work nobody can check",
             )
         try:
-            history = self.audit.input_history(receipt)
+            step = self.audit.audited_step(receipt)
         except AuditFailed as e:
             return Verdict("failed", 0, f"audit failed: {e}")
         except Exception as e:
             return Verdict("inconclusive", 0, f"audit source failed: {type(e).__name__}: {e}")
-        if history is None:
+        if step is None:
             return Verdict("inconclusive", 0, "the step's inputs are no longer available")
+        history = step.history
         try:
             positions = step_positions(receipt, history)
         except ValueError as e:
@@ -316,7 +343,7 @@ class SpotChecker:
                 0,
                 "the audited history contradicts the node's earlier receipts of this session (a fabricated prefix)",
             )
-        return history
+        return step
 
     def _placed_prompts(self, receipt: WireReceipt, history: torch.Tensor) -> torch.Tensor | Verdict | None:
         """The deep prompts the node revealed, cut to the positions the session's first step covered: a node adds
@@ -398,6 +425,7 @@ class SpotChecker:
 __all__ = [
     "AuditFailed",
     "AuditSource",
+    "AuditedStep",
     "Verifier",
     "LocalVerifier",
     "SpotChecker",

@@ -16,9 +16,10 @@ from functools import lru_cache
 import torch
 
 from nectar.ledger.core.config import Settings
-from nectar.ledger.spot_check import AuditFailed, AuditSource, Verifier, step_positions
+from nectar.ledger.spot_check import AuditedStep, AuditFailed, AuditSource, Verifier, step_positions
 from nectar.ledger.swarm import NodeEntry, SwarmView
 from nectar.wire.eip712 import address_of, receipt_leaf
+from nectar.wire.fingerprints import ComputeSpec
 from nectar.wire.messages import AuditCall, AuditReply, ForwardCall, ForwardReply
 from nectar.wire.peers import initial_peers
 from nectar.wire.protocol import ErrorCode, NodeRPCError, module_uid
@@ -32,8 +33,8 @@ RETRYABLE = (None, ErrorCode.INTERNAL, ErrorCode.FORBIDDEN)  # no answer, an ove
 
 
 class RpcAuditSource(AuditSource):
-    """Asks the node that signed a receipt for the step's input history over the audit RPC (``AuditCall``), signed
-    with the verifier key (nodes answer only registered verifiers).
+    """Asks the node that signed a receipt for the step's input history and output over the audit RPC
+    (``AuditCall``), signed with the verifier key (nodes answer only registered verifiers).
 
     No free evasion: a node must answer within the audit window. A call that gets no answer at all (the node is not
     announced, unreachable, times out, is overloaded or does not take the signature yet) is retried with backoff
@@ -71,7 +72,7 @@ class RpcAuditSource(AuditSource):
     def knows_model(self, model_id: bytes) -> bool | None:
         return self.swarm.knows_model(model_id)
 
-    def input_history(self, receipt: Receipt) -> torch.Tensor | None:
+    def audited_step(self, receipt: Receipt) -> AuditedStep | None:
         now = self.clock()
         late = now > receipt.timestamp + self.retention_s - self.window_s - CLOCK_ALLOWANCE_S
         node = receipt.node.lower()
@@ -82,9 +83,9 @@ class RpcAuditSource(AuditSource):
         while True:
             attempts += 1
             try:
-                history = self._ask(receipt)
+                step = self._ask(receipt)
                 self._windows.pop(node, None)
-                return history
+                return step
             except _Unanswered as e:
                 last = e
                 if NodeRPCError.code_of(e.cause) not in RETRYABLE:
@@ -105,7 +106,7 @@ class RpcAuditSource(AuditSource):
             f"step {receipt.step} ({attempts} attempt(s) over a {self.window_s:.0f}s audit window): {last}"
         ) from last.cause
 
-    def _ask(self, receipt: Receipt) -> torch.Tensor:
+    def _ask(self, receipt: Receipt) -> AuditedStep:
         """One audit call; raises ``_Unanswered`` for anything but the inputs."""
         model = self.swarm.model_name(receipt.model_id)
         entry = self.swarm.peer_of(receipt.node, model) if model is not None else None
@@ -146,7 +147,7 @@ class RpcAuditSource(AuditSource):
             if len(self._prompts) > 1024:
                 self._prompts.clear()
             self._prompts[receipt_leaf(receipt)] = prompts
-        return inputs
+        return AuditedStep(inputs, reply.outputs)
 
 
 class _Unanswered(Exception):
@@ -158,7 +159,8 @@ class _Unanswered(Exception):
 
 
 class SwarmVerifier(Verifier):
-    """Re-runs a step on another node serving the same blocks (forward RPC over the whole input history).
+    """Re-runs a step on another node serving the same blocks in the same dtype (forward RPC over the whole input
+    history): like is compared with like, with that precision's tolerance.
 
     Candidates are ordered per receipt by keccak(leaf || peer id), so checks spread over the swarm and verifiers of
     different ``rank`` pick different nodes for the same receipt; the receipt's own node is never a candidate.
@@ -182,28 +184,31 @@ class SwarmVerifier(Verifier):
             return None  # the ledger cannot see the swarm: it cannot tell
         return True if known else (self.fallback.hosts(model_id) if self.fallback is not None else False)
 
-    def candidates(self, receipt: Receipt, model: str) -> list[NodeEntry]:
+    def candidates(self, receipt: Receipt, model: str, compute: ComputeSpec | None = None) -> list[NodeEntry]:
         leaf = receipt_leaf(receipt)
         others = [
             e
             for e in self.swarm.serving(model, receipt.block_start, receipt.block_end)
             if e.info.eth_address.lower() != receipt.node.lower()
+            and (compute is None or (compute.quantization == "none" and e.info.dtype == compute.dtype))
         ]
         return sorted(others, key=lambda e: keccak256(leaf + e.peer_id.to_bytes()))
 
-    def execute(self, receipt: Receipt, history: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
+    def execute(
+        self, receipt: Receipt, history: torch.Tensor, compute: ComputeSpec, prompts: torch.Tensor | None = None
+    ) -> torch.Tensor:
         positions = step_positions(receipt, history)
         model = self.swarm.model_name(receipt.model_id)
-        candidates = self.candidates(receipt, model) if model else []
+        candidates = self.candidates(receipt, model, compute) if model else []
         if len(candidates) <= self.rank:
             if self.fallback is None:
                 raise LookupError(
                     f"no {self.rank + 1} other node(s) serve blocks {receipt.block_start}:"
-                    f"{receipt.block_end} of 0x{receipt.model_id.hex()[:16]}; start another node or "
-                    f"configure a local verifier"
+                    f"{receipt.block_end} of 0x{receipt.model_id.hex()[:16]} in {compute.dtype}; start another "
+                    f"node with --dtype {compute.dtype} or configure a local verifier"
                 )
             self.executed_by.append(self.fallback.name)
-            return self.fallback.execute(receipt, history, prompts=prompts)
+            return self.fallback.execute(receipt, history, compute, prompts=prompts)
         entry = candidates[self.rank]
         # a fresh session id per re-execution: the node signs a receipt for it, and two receipts for the same
         # (session, step) would read as a double-sign

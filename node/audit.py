@@ -1,7 +1,9 @@
-"""Inputs of recent sessions, kept so the ledger can spot-check any step after the fact.
+"""Inputs and outputs of recent sessions, kept so the ledger can spot-check any step after the fact.
 
 A step's output depends on every input of its session so far, so the log keeps each session's inputs in order;
-``history(session, step)`` returns them concatenated up to that step. Bounded by bytes and age.
+``history(session, step)`` returns them concatenated up to that step, with the step's own output exactly as it was
+sent (the receipt's output commitment is its hash: an audit compares every coordinate of it with a recomputation).
+Bounded by bytes and age.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class AuditLog:
         end: int,
         *,
         prompts: torch.Tensor | None = None,
+        outputs: torch.Tensor | None = None,
     ) -> None:
         with self._lock:
             entry = self._sessions.get(session_id)
@@ -48,11 +51,16 @@ class AuditLog:
                 entry["prompts"] = prompts.detach().cpu().clone()
             previous = entry["steps"].get(step)
             if previous is not None:
-                self._bytes -= previous[1].numel() * previous[1].element_size()
-            entry["steps"][step] = (position, inputs.detach().cpu().clone())
+                self._bytes -= _size(previous)
+            kept = (
+                position,
+                inputs.detach().cpu().clone(),
+                None if outputs is None else outputs.detach().cpu().clone(),
+            )
+            entry["steps"][step] = kept
             entry["touched"] = time.time()
             self._sessions.move_to_end(session_id)
-            self._bytes += inputs.numel() * inputs.element_size()
+            self._bytes += _size(kept)
             self._evict()
 
     def _evict(self) -> None:
@@ -64,15 +72,15 @@ class AuditLog:
             if entry["touched"] >= deadline and time.monotonic() - self._warned_at > 60:
                 self._warned_at = time.monotonic()  # audits of a record dropped early fail (issue 21)
                 logger.warning(
-                    f"Audit memory full ({self.max_bytes} bytes): dropped a session's inputs "
+                    f"Audit memory full ({self.max_bytes} bytes): dropped a session's inputs and outputs "
                     f"{time.time() - entry['touched']:.0f}s old, before the {self.retention_s:g}s retention; its "
                     "audits will fail. Raise --audit-memory-bytes"
                 )
-            self._bytes -= sum(t.numel() * t.element_size() for _, t in entry["steps"].values())
+            self._bytes -= sum(_size(kept) for kept in entry["steps"].values())
 
     def history(self, session_id: bytes, step: int):
         """(the session's input sequence [B, L, H] as it stood after ``step`` (rollbacks applied), its span, the
-        deep prompts sent with its first step or None), or None if unknown."""
+        deep prompts sent with its first step or None, the step's output as sent or None), or None if unknown."""
         with self._lock:
             entry = self._sessions.get(session_id)
             if entry is None or step not in entry["steps"]:
@@ -81,6 +89,10 @@ class AuditLog:
             for s in sorted(entry["steps"]):
                 if s > step:
                     break
-                position, tensor = entry["steps"][s]
+                position, tensor, _ = entry["steps"][s]
                 sequence = tensor if sequence is None else torch.cat([sequence[:, :position], tensor], dim=1)
-            return sequence, entry["span"], entry["prompts"]
+            return sequence, entry["span"], entry["prompts"], entry["steps"][step][2]
+
+
+def _size(kept: tuple) -> int:
+    return sum(t.numel() * t.element_size() for t in kept[1:] if t is not None)

@@ -49,8 +49,8 @@ class NodeConfig:
     ledger_url: str | None = None  # submit receipts and vouchers to this ledger service
     allow_unstaked: bool = False  # with --ledger-url: start even if this node is not registered with the minimum
     # stake (it serves unpaid: gated clients do not route to it and the ledger refuses its vouchers)
-    audit_retention_s: float = 900.0  # how long a session's inputs are kept for spot checks
-    audit_memory_bytes: int = 256 * 1024**2  # memory budget for those inputs (the oldest go first)
+    audit_retention_s: float = 900.0  # how long a session's inputs and outputs are kept for spot checks
+    audit_memory_bytes: int = 512 * 1024**2  # memory budget for those (the oldest go first); 2x the inputs-only 256 MiB
     audit_verifiers: str = ""  # addresses (comma separated) allowed to audit this node besides the ledger's verifiers
     # (GET /v1/verifiers); audits carry users' inputs, so nobody else gets an answer
     corrupt_rate: float = 0.0  # testing only: share of outputs this node corrupts (a cheating node for spot checks)

@@ -115,7 +115,8 @@ class NodeHandler:
         yield (await self.steps.backward(call)).to_response()
 
     async def rpc_audit(self, requests: RequestStream, context: P2PContext):
-        """Returns a session's inputs up to a step, for spot checks by registered verifiers only."""
+        """Returns a session's inputs up to a step and that step's output, for spot checks by registered verifiers
+        only."""
         call = AuditCall.decode(await self._single_request(requests))
         if self.audit_gate is None:
             raise NodeRPCError(ErrorCode.FORBIDDEN, "this node answers no audits (it has no verifier set)")
@@ -126,9 +127,10 @@ class NodeHandler:
                 ErrorCode.UNKNOWN_SESSION,
                 f"no audit record for this session at step {call.step} (expired or never served here)",
             )
-        inputs, (start, end), prompts = found
-        # deep prompts of the first step are part of the computation: a verifier must add them too
-        yield AuditReply(inputs, start, end, prompts).to_response()
+        inputs, (start, end), prompts, outputs = found
+        # deep prompts of the first step are part of the computation: a verifier must add them too; the step's
+        # output is revealed whole against the receipt's output commitment
+        yield AuditReply(inputs, start, end, prompts, outputs).to_response()
 
     async def rpc_push(self, requests: RequestStream, context: P2PContext):
         """Hidden states the previous hop of a session pushes here (see ``nectar.node.push``); one ack each."""

@@ -32,13 +32,27 @@ logger = logging.getLogger(__name__)
 class ReceiptSigner:
     """Builds and signs receipts for one node and model. Thread-safe (stateless apart from its key)."""
 
-    def __init__(self, *, private_key: str, model_id: str, price_per_token: int, domain: dict):
+    def __init__(
+        self,
+        *,
+        private_key: str,
+        model_id: str,
+        price_per_token: int,
+        domain: dict,
+        compute: fingerprints.ComputeSpec | None = None,
+    ):
         self.private_key = private_key
         self.address = eip712.address_of(private_key)
         self.model_id = model_id
         self.model_hash = schema.model_id_hash(model_id)
         self.price_per_token = price_per_token
         self.domain = domain
+        # how this node computes (dtype, quantization, device class): every output-carrying receipt commits to it,
+        # so an audit recomputes in the same precision and judges with that precision's tolerance
+        self.compute = compute or fingerprints.ComputeSpec()
+        self.descriptor = self.compute.encode()
+        self.descriptor_hash = fingerprints.fingerprint_hash(self.descriptor)
+        self.empty_hash = fingerprints.fingerprint_hash(b"")
 
     def price_for(self, start: int, end: int) -> int:
         return self.price_per_token * (end - start)
@@ -56,7 +70,7 @@ class ReceiptSigner:
         inputs: torch.Tensor,
         outputs: torch.Tensor,
     ) -> tuple[schema.SignedReceipt, bytes]:
-        fingerprint = fingerprints.activation_fingerprint(outputs) if outputs.ndim == 3 else b""
+        fingerprint = self.descriptor if outputs.ndim == 3 else b""
         price = self.price_for(start, end)
         receipt = schema.Receipt(
             session_id=session_id,
@@ -72,7 +86,7 @@ class ReceiptSigner:
             amount=tokens * price,
             input_commitment=fingerprints.commit_tensor(inputs),
             output_commitment=fingerprints.commit_tensor(outputs),
-            fingerprint=fingerprints.fingerprint_hash(fingerprint),
+            fingerprint=self.descriptor_hash if fingerprint else self.empty_hash,
             timestamp=int(time.time()),
         )
         return eip712.sign_receipt(receipt, self.private_key, self.domain), fingerprint

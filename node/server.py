@@ -42,6 +42,7 @@ from nectar.paths import nectar_home
 from nectar.wire.announce import PROTOCOL_VERSION, AnnouncementValidator, ServerInfo, ServerState
 from nectar.wire.direct import DirectServer
 from nectar.wire.event_loop import new_event_loop
+from nectar.wire.fingerprints import ComputeSpec
 from nectar.wire.protocol import SUPPORTED_DTYPES
 from nectar.wire.swarm import read_swarm
 
@@ -224,7 +225,11 @@ class Server:
         self.addresses = visible_addresses(self.dht)
         domain = self.domain if self.domain is not None else domain_from_deployment()
         self.signer = ReceiptSigner(
-            private_key=self.eth_key, model_id=self.model_id, price_per_token=config.price_per_token, domain=domain
+            private_key=self.eth_key,
+            model_id=self.model_id,
+            price_per_token=config.price_per_token,
+            domain=domain,
+            compute=ComputeSpec.of(self.dtype, self.device),
         )
         if config.ledger_url and not config.allow_unstaked:
             check_stake(config.ledger_url, self.signer.address, str(self.dht.peer_id), self.key_dir)

@@ -1,6 +1,6 @@
 """Where a node signs its receipts: in a child process (the default), or on its event loop.
 
-A receipt costs 0.2-0.3 ms of CPU: two tensor commitments, the activation fingerprint and an ECDSA signature. On a
+A receipt costs 0.2-0.3 ms of CPU: two tensor commitments and an ECDSA signature. On a
 node that batches many sessions, that was most of each step's event-loop time, and the loop takes every session's
 next step one after another while the accelerator waits for the round. ``SigningWorker`` runs
 ``ReceiptSigner.sign`` in a child process, which shares no GIL with the loop: the loop pickles the step's fields
@@ -114,7 +114,9 @@ class SigningWorker:
         """Hands the child its key (never on its command line) and waits until it signs."""
         reader, self._writer = await asyncio.open_connection(sock=self._socket)
         signer = self.signer
-        self._write(pickle.dumps((signer.private_key, signer.model_id, signer.price_per_token, signer.domain)))
+        self._write(
+            pickle.dumps((signer.private_key, signer.model_id, signer.price_per_token, signer.domain, signer.compute))
+        )
         try:
             address = pickle.loads(await asyncio.wait_for(_read_frame(reader), timeout))
         except (TimeoutError, asyncio.IncompleteReadError, OSError) as e:
@@ -254,8 +256,10 @@ def serve(fd: int) -> None:
     first = _recv_frame(sock)
     if first is None:
         return
-    private_key, model_id, price_per_token, domain = pickle.loads(first)
-    signer = ReceiptSigner(private_key=private_key, model_id=model_id, price_per_token=price_per_token, domain=domain)
+    private_key, model_id, price_per_token, domain, compute = pickle.loads(first)
+    signer = ReceiptSigner(
+        private_key=private_key, model_id=model_id, price_per_token=price_per_token, domain=domain, compute=compute
+    )
     _send_frame(sock, pickle.dumps(signer.address))
     while (frame := _recv_frame(sock)) is not None:
         _send_frame(sock, _answer(*pickle.loads(frame), signer))

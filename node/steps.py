@@ -302,6 +302,7 @@ class NodeSteps:
                 work.start,
                 work.end,
                 prompts=work.prompts if work.position == 0 else None,
+                outputs=outputs,  # as sent (after any corruption): what the receipt's output commitment hashes
             )
         new_length = work.position + work.hidden.shape[1]
 
@@ -374,9 +375,6 @@ class NodeSteps:
             priority=Priority.FORWARD,
             signed=lambda outputs: (hidden, outputs),
         )
-        # kept for audits like an inference step's inputs: a forward's receipt can be picked too
-        session_id = schema.bind_session(call.session_id or bytes(32), nonce)
-        self.audit.record(session_id, call.step, 0, hidden, start, end, prompts=prompts)
         return ForwardReply(outputs, receipt, fingerprint, nonce)
 
     async def backward(self, call: BackwardCall) -> BackwardReply:
@@ -421,6 +419,8 @@ class NodeSteps:
             self.signed_work.release(key)
             raise
         inputs, outputs = signed(result)
+        if kind == schema.ReceiptKind.FORWARD:  # audited like an inference step: its input and output as sent
+            self.audit.record(session_id, call.step, 0, inputs, start, end, prompts=call.prompts, outputs=outputs)
         pending = self.signing.prepare(
             session_id=session_id,
             step=call.step,

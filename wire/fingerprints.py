@@ -1,12 +1,14 @@
-"""What a receipt commits to: tensor commitments that chain the hops of a route (``commit_tensor``) and TOPLOC-like
-activation fingerprints (``activation_fingerprint``) that spot checks compare within a per-dtype tolerance."""
+"""What a receipt commits to: tensor commitments that chain the hops of a route (``commit_tensor``; the output's is
+what an audited node must reveal its whole output against) and the compute descriptor (``ComputeSpec``: dtype,
+quantization, device class) that audits recompute with, comparing every coordinate within the precision's
+calibrated tolerance (``outputs_match``)."""
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from sha3 import keccak_256 as _keccak_256
 
@@ -28,103 +30,123 @@ def commit_tensor(t: torch.Tensor) -> bytes:
     return hasher.digest()
 
 
-# ---------------------------------------------------------------------------------------------------- fingerprints
-# Layout: magic "NF1", k (uint8), tokens n (uint32 LE), then per token k uint16 indices and k float16 values.
-_FP_MAGIC = b"NF1"
-_FP_HEADER = struct.Struct("<3sBI")
+# ---------------------------------------------------------------------------------------------------- compute
+# What a receipt's ``fingerprint`` field commits to: how the node computed (dtype, weight quantization, device class),
+# 8 bytes per receipt. Audits recompute in the same precision and judge with that precision's calibrated tolerance;
+# the evidence itself is the node's whole output, kept by the node and revealed against the receipt's output
+# commitment when a step is audited (docs/protocol.md, "Spot checks").
+# Layout: magic "NC1", dtype code, quantization code, device class, two reserved zero bytes.
+_CD_MAGIC = b"NC1"
+_CD = struct.Struct("<3sBBB2s")
+DTYPES = {1: "float32", 2: "bfloat16", 3: "float16"}
+QUANTIZATIONS = {0: "none"}  # weights as the checkpoint stores them, cast to the dtype
+DEVICE_CLASSES = {0: "cpu", 1: "cuda", 2: "other"}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def activation_fingerprint(t: torch.Tensor, k: int = 4) -> bytes:
-    """TOPLOC-like fingerprint: per token of a [B, T, H] tensor, the top-k |value| indices and their values.
-
-    4 * k bytes per token (16 for k = 4), in (batch, position) order.
-    """
-    if t.dim() != 3:
-        raise ValueError(f"activation_fingerprint expects [batch, tokens, hidden], got shape {tuple(t.shape)}")
-    hidden = t.shape[-1]
-    if not 0 < k <= min(hidden, 255) or hidden > 65536:
-        raise ValueError(f"need 0 < k <= min(hidden, 255) and hidden <= 65536, got k={k}, hidden={hidden}")
-    # numpy, not torch: a node computes this on its event loop while its compute thread runs torch ops, and torch's
-    # small ops there cost several times more (dispatch, the shared intra-op pool)
-    flat = t.detach().to("cpu", torch.float32).reshape(-1, hidden).numpy()
-    magnitude = np.abs(flat)
-    top = np.argpartition(magnitude, hidden - k, axis=-1)[:, hidden - k :]  # the k largest, in no order
-    # largest first; equal magnitudes by index, so the same tensor always gives the same bytes
-    order = np.lexsort((top, -np.take_along_axis(magnitude, top, axis=-1)), axis=-1)
-    indices = np.take_along_axis(top, order, axis=-1)
-    values = np.take_along_axis(flat, indices, axis=-1)
-    body = np.concatenate([indices.astype("<u2").view(np.uint8), values.astype("<f2").view(np.uint8)], axis=-1)
-    return _FP_HEADER.pack(_FP_MAGIC, k, flat.shape[0]) + body.tobytes()
-
-
-def parse_fingerprint(fp: bytes) -> tuple[torch.Tensor, torch.Tensor]:
-    """(indices [n, k] int64, values [n, k] float32) of a fingerprint; ValueError if malformed."""
-    if len(fp) < _FP_HEADER.size:
-        raise ValueError("fingerprint is shorter than its header")
-    magic, k, n = _FP_HEADER.unpack_from(fp)
-    if magic != _FP_MAGIC or k == 0 or len(fp) != _FP_HEADER.size + n * k * 4:
-        raise ValueError("fingerprint has a bad header or length")
-    body = torch.frombuffer(bytearray(fp[_FP_HEADER.size :]), dtype=torch.uint8).reshape(n, 4 * k) if n else None
-    if body is None:
-        return torch.zeros(0, k, dtype=torch.int64), torch.zeros(0, k)
-    indices = body[:, : 2 * k].contiguous().view(torch.uint16).to(torch.int64)
-    values = body[:, 2 * k :].contiguous().view(torch.float16).to(torch.float32)
-    return indices, values
+def _code(table: dict[int, str], name: str, what: str) -> int:
+    for code, known in table.items():
+        if known == name:
+            return code
+    raise ValueError(f"unknown {what} {name!r}: one of {', '.join(table.values())}")
 
 
 @dataclass(frozen=True)
-class FingerprintTolerance:
-    rtol: float  # relative to the token's largest |value|
-    max_bad_token_fraction: float  # tokens allowed to differ (near-ties, accumulation order)
+class ComputeSpec:
+    """How a node computes its span: what an auditor must reproduce to compare like with like."""
 
+    dtype: str = "float32"
+    quantization: str = "none"
+    device: str = "cpu"
 
-# Calibrated on KV-cached steps vs a full causal recompute (tests/wire/test_fingerprint.py): float32 differs by ~1e-6
-# relative, which the fingerprint's float16 rounding (one ulp ~ 1e-3) dominates; half types accumulate ~1e-2.
-TOLERANCES = {
-    torch.float32: FingerprintTolerance(rtol=4e-3, max_bad_token_fraction=0.01),
-    torch.float64: FingerprintTolerance(rtol=4e-3, max_bad_token_fraction=0.01),
-    torch.float16: FingerprintTolerance(rtol=1.5e-2, max_bad_token_fraction=0.03),
-    torch.bfloat16: FingerprintTolerance(rtol=4e-2, max_bad_token_fraction=0.05),
-}
+    def __post_init__(self):
+        _code(DTYPES, self.dtype, "dtype")
+        _code(QUANTIZATIONS, self.quantization, "quantization")
+        _code(DEVICE_CLASSES, self.device, "device class")
 
+    @classmethod
+    def of(cls, dtype: torch.dtype | str, device: torch.device | str = "cpu", quantization: str = "none"):
+        kind = torch.device(device).type
+        return cls(str(dtype).removeprefix("torch."), quantization, kind if kind in ("cpu", "cuda") else "other")
 
-def fingerprints_match(a: bytes, b: bytes, *, dtype: torch.dtype) -> bool:
-    """Whether two fingerprints describe the same activations up to the dtype's floating-point noise.
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.dtype]
 
-    Per token: at least k-1 of the top-k indices agree (a near-tie may swap the last one) and the shared values agree
-    within ``rtol`` of the token's largest |value|. A small fraction of tokens may fail (see ``TOLERANCES``).
-    """
-    try:
-        ia, va = parse_fingerprint(a)
-        ib, vb = parse_fingerprint(b)
-    except ValueError:
-        return False
-    if ia.shape != ib.shape:
-        return False
-    n, k = ia.shape
-    if n == 0:
-        return True
-    tol = TOLERANCES.get(dtype, TOLERANCES[torch.bfloat16])
-    same = ia.unsqueeze(-1) == ib.unsqueeze(-2)  # [n, k, k]: index i of a equals index j of b
-    overlap = same.any(-1).sum(-1)
-    scale = torch.maximum(va.abs().amax(-1), vb.abs().amax(-1)).clamp_min(1e-6)
-    vb_at_a = (same.float() * vb.unsqueeze(-2)).sum(-1)  # b's value at each of a's indices (0 if absent)
-    close = ((va - vb_at_a).abs() <= tol.rtol * scale.unsqueeze(-1)) | ~same.any(-1)
-    good = (overlap >= k - 1) & close.all(-1)
-    bad = int((~good).sum())
-    return bad <= int(tol.max_bad_token_fraction * n)
+    def encode(self) -> bytes:
+        return _CD.pack(
+            _CD_MAGIC,
+            _code(DTYPES, self.dtype, "dtype"),
+            _code(QUANTIZATIONS, self.quantization, "quantization"),
+            _code(DEVICE_CLASSES, self.device, "device class"),
+            b"\0\0",
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes) -> ComputeSpec:
+        """ValueError unless ``raw`` is exactly a known descriptor (an unknown precision cannot be audited)."""
+        if len(raw) != _CD.size:
+            raise ValueError(f"a compute descriptor is {_CD.size} bytes, got {len(raw)}")
+        magic, dtype, quantization, device, reserved = _CD.unpack(raw)
+        if magic != _CD_MAGIC or reserved != b"\0\0":
+            raise ValueError("not a compute descriptor (bad magic or reserved bytes)")
+        if dtype not in DTYPES or quantization not in QUANTIZATIONS or device not in DEVICE_CLASSES:
+            raise ValueError(f"unknown dtype/quantization/device codes {dtype}/{quantization}/{device}")
+        return cls(DTYPES[dtype], QUANTIZATIONS[quantization], DEVICE_CLASSES[device])
 
 
 def fingerprint_hash(fp: bytes) -> bytes:
+    """The receipt's ``fingerprint`` field: keccak of the compute descriptor (of b"" for steps with no output rows)."""
     return keccak256(fp)
+
+
+# ---------------------------------------------------------------------------------------------------- comparison
+def output_deviation(claimed: torch.Tensor, recomputed: torch.Tensor) -> float:
+    """How far a node's revealed output is from a recomputation: per token, the mean absolute difference over ALL
+    hidden coordinates divided by the recomputation's mean absolute value; the worst token. inf on a shape
+    mismatch or a non-finite value (an honest output has neither)."""
+    if tuple(claimed.shape) != tuple(recomputed.shape) or claimed.dim() != 3:
+        return float("inf")
+    hidden = claimed.shape[-1]
+    a = claimed.detach().to("cpu", torch.float64).reshape(-1, hidden)
+    b = recomputed.detach().to("cpu", torch.float64).reshape(-1, hidden)
+    if a.numel() == 0:
+        return 0.0
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return float("inf")
+    per_token = (a - b).abs().mean(-1) / b.abs().mean(-1).clamp_min(1e-12)
+    return float(per_token.max())
+
+
+# Largest honest ``output_deviation`` allowed, per precision, for one block; a span of n blocks gets sqrt(n) times
+# that (an honest difference, another reduction order: KV-cached steps vs a full recompute, other batch shapes,
+# grows with the span's depth, about as sqrt(n) on the runs measured). From benchmarks/audit/audit_calibration.py on
+# the built-in model and tiny models (CPU; method and numbers in docs/protocol.md and benchmarks/RESULTS.md): twice
+# the largest, over all runs of the precision, of the fitted 1e-6 tail quantile (or the observed maximum, if larger)
+# over sqrt(n). float32 keeps a wider margin (5x) for reduction-order differences across hardware, unmeasured yet:
+# its honest differences (~1e-6) are far below any cheat that changes next tokens anyway.
+TOLERANCE_PER_SQRT_BLOCK = {"float32": 1e-5, "float16": 2.8e-3, "bfloat16": 2.6e-2}
+
+
+def tolerance(spec: ComputeSpec, blocks: int) -> float:
+    """The largest ``output_deviation`` an honest node computing ``blocks`` blocks in ``spec`` is allowed."""
+    return TOLERANCE_PER_SQRT_BLOCK[spec.dtype] * math.sqrt(max(1, blocks))
+
+
+def outputs_match(claimed: torch.Tensor, recomputed: torch.Tensor, spec: ComputeSpec, blocks: int) -> bool:
+    """Whether a revealed output agrees with a recomputation in the node's own precision."""
+    return output_deviation(claimed, recomputed) <= tolerance(spec, blocks)
 
 
 __all__ = [
     "commit_tensor",
-    "activation_fingerprint",
-    "parse_fingerprint",
-    "FingerprintTolerance",
-    "TOLERANCES",
-    "fingerprints_match",
+    "ComputeSpec",
+    "DTYPES",
+    "QUANTIZATIONS",
+    "DEVICE_CLASSES",
     "fingerprint_hash",
+    "output_deviation",
+    "TOLERANCE_PER_SQRT_BLOCK",
+    "tolerance",
+    "outputs_match",
 ]

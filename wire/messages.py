@@ -728,9 +728,9 @@ def audit_digest(
 
 @message
 class AuditCall:
-    """``rpc_audit``: {"session_id", "step", "timestamp", "nonce", "signature"}: a session's inputs up to a step, for
-    the ledger's spot checks. Only registered verifiers may ask: the call is signed (``signed``) over
-    ``audit_digest``, and the node answers only a fresh call whose signer is a verifier."""
+    """``rpc_audit``: {"session_id", "step", "timestamp", "nonce", "signature"}: a session's inputs up to a step and
+    the step's output, for the ledger's spot checks. Only registered verifiers may ask: the call is signed (``signed``)
+    over ``audit_digest``, and the node answers only a fresh call whose signer is a verifier."""
 
     uid: str
     session_id: bytes
@@ -797,25 +797,33 @@ class AuditCall:
 
 @message
 class AuditReply:
-    """tensors [inputs [B, L, H]] (+ [the first step's deep prompts]), metadata {"start", "end"}."""
+    """tensors [inputs [B, L, H]] (+ [the step's output as sent]) (+ [the first step's deep prompts]), metadata
+    {"start", "end", "outputs": whether the output is there}."""
 
     inputs: torch.Tensor
     start: Any
     end: Any
     prompts: torch.Tensor | None = None
+    outputs: torch.Tensor | None = None
 
     def to_response(self) -> runtime_pb2.ExpertResponse:
-        tensors = [self.inputs] + ([self.prompts] if self.prompts is not None else [])
-        return runtime_pb2.ExpertResponse(
-            tensors=pack_tensors(tensors), metadata=pack_metadata({"start": self.start, "end": self.end})
+        tensors = (
+            [self.inputs]
+            + ([self.outputs] if self.outputs is not None else [])
+            + ([self.prompts] if self.prompts is not None else [])
         )
+        metadata = {"start": self.start, "end": self.end, "outputs": self.outputs is not None}
+        return runtime_pb2.ExpertResponse(tensors=pack_tensors(tensors), metadata=pack_metadata(metadata))
 
     @classmethod
     def decode(cls, response: runtime_pb2.ExpertResponse) -> AuditReply:
         tensors, metadata = unpack_tensors(response.tensors), unpack_metadata(response.metadata)
-        if not 1 <= len(tensors) <= 2:
-            raise ValueError(f"an audit answer carries 1 or 2 tensors, this one {len(tensors)}")
-        return cls(tensors[0], metadata.get("start"), metadata.get("end"), tensors[1] if len(tensors) > 1 else None)
+        has_outputs = metadata.get("outputs") is True
+        if not 1 + has_outputs <= len(tensors) <= 2 + has_outputs:
+            raise ValueError(f"an audit answer carries 1 to 3 tensors as its metadata says, this one {len(tensors)}")
+        outputs = tensors[1] if has_outputs else None
+        prompts = tensors[1 + has_outputs] if len(tensors) > 1 + has_outputs else None
+        return cls(tensors[0], metadata.get("start"), metadata.get("end"), prompts, outputs)
 
 
 @message

@@ -2,7 +2,7 @@
 
 A node signs a ``Receipt`` for every step it computes; a client signs a cumulative ``Voucher`` per node. Their
 EIP-712 digests, signatures and the signing domain live in ``nectar.wire.eip712``; the tensor commitments and
-activation fingerprints a receipt carries live in ``nectar.wire.fingerprints``.
+compute descriptor (the receipt's ``fingerprint``: dtype, quantization) live in ``nectar.wire.fingerprints``.
 """
 
 from __future__ import annotations

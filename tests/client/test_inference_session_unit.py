@@ -33,6 +33,7 @@ from nectar.node.receipts import ReceiptSigner
 from nectar.wire import eip712
 from nectar.wire import receipts as schema
 from nectar.wire.announce import ServerInfo, ServerState
+from nectar.wire.fingerprints import ComputeSpec
 from nectar.wire.protocol import ErrorCode, make_response, unpack_metadata, unpack_tensors
 from nectar.wire.receipts import keccak256
 
@@ -121,6 +122,7 @@ class FakeNode:
     :param pushes: whether it pushes its outputs to the next hop when asked
     :param forged_at: step number -> the receipt field it signs wrong there: "model" (another model id), "step" (the
         next step's number), "kind" (a forward's receipt), "old" (dated an hour ago)
+    :param compute: the compute descriptor its receipts commit to (the one it announces by default)
     """
 
     count = 0
@@ -139,12 +141,15 @@ class FakeNode:
         error: ErrorCode | None = None,
         pushes: bool = True,
         forged_at: dict[int, str] | None = None,
+        compute: ComputeSpec | None = None,
     ):
         FakeNode.count += 1
         self.name, self.start, self.end = name, start, end
         self.peer_id = PeerID(b"\x00\x24\x08\x01\x12\x20" + bytes([FakeNode.count]) * 32)
         self.key = "0x" + (bytes([FakeNode.count]) * 32).hex()
-        self.signer = ReceiptSigner(private_key=self.key, model_id=MODEL, price_per_token=1, domain=DOMAIN)
+        self.signer = ReceiptSigner(
+            private_key=self.key, model_id=MODEL, price_per_token=1, domain=DOMAIN, compute=compute or ComputeSpec()
+        )
         self.info = ServerInfo(
             state=int(ServerState.ONLINE),
             start=start,
@@ -245,7 +250,7 @@ class FakeNode:
             yield make_response([out], {"receipt_follows": True})
             committed = out + 1 if step in self.bad_receipt_at else out
             forged = self.forged_at.get(step)
-            signed, fingerprint = (self.other_model if forged == "model" else self.signer).sign(
+            signed, descriptor = (self.other_model if forged == "model" else self.signer).sign(
                 session_id=session_id.rjust(32, b"\0") if step in self.unbound_at else bound,
                 step=step + 1 if forged == "step" else step,
                 kind=schema.ReceiptKind.FORWARD if forged == "kind" else schema.ReceiptKind.INFERENCE,
@@ -261,7 +266,7 @@ class FakeNode:
                     dataclasses.replace(signed.receipt, timestamp=signed.receipt.timestamp - 3600), self.key, DOMAIN
                 )
             receipt = make_response(
-                [], {"type": "receipt", "step": step, "receipt": signed.to_json(), "fingerprint": fingerprint}
+                [], {"type": "receipt", "step": step, "receipt": signed.to_json(), "fingerprint": descriptor}
             )
 
 
@@ -499,6 +504,31 @@ def test_a_receipt_for_other_work_fails_the_hop_over_at_once(runtime, forged, pr
     assert paid == [0, 1]  # nothing for the forged receipt or after it
     # the step after the forged one went to the spare: the liar never computed step 4
     assert [step for step, _, _ in liar.steps] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "claims, why",
+    [
+        (ComputeSpec("bfloat16"), "commits to bfloat16 computation, the node announced float32"),
+        (ComputeSpec("float32", device="cuda"), None),  # the device class is not announced: any one is fine
+    ],
+)
+def test_a_receipt_committing_to_another_precision_than_announced_fails_the_hop_over(runtime, claims, why):
+    """Audits recompute in the precision a receipt commits to; the client checks at once that it is the one the
+    node announced (and one an audit can recompute), so a node cannot be routed as float32 and audited as bfloat16."""
+    network = Network()
+    network.add(FakeNode("a", 0, 2))
+    node = network.add(FakeNode("b", 2, 4, compute=claims))
+    network.add(FakeNode("spare", 2, 4))
+    session, manager = _session(runtime, network)
+    chunks = _chunks(3)
+    with session:
+        outputs = _generate(session, chunks)
+    assert _same(outputs, reference(chunks))
+    if why is None:
+        assert session.failovers == 0 and not manager.bans
+    else:
+        assert [peer for peer, _ in manager.bans] == [node.peer_id] and why in manager.bans[0][1]
 
 
 def test_a_node_from_before_session_nonces_still_serves(runtime):

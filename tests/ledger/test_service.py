@@ -6,8 +6,6 @@ import os
 import threading
 import time
 
-import torch
-
 from nectar.deployment import domain_from_deployment
 from nectar.ledger import crud
 from nectar.service.db import get_engine, session_scope
@@ -60,7 +58,7 @@ def test_forgeries_are_rejected_with_reasons(api):
     # signed for another chain
     other_domain = make_receipt(NODE, CLIENT, domain=eip712.make_domain(1, eip712.ZERO_ADDRESS))
     # fingerprint bytes that are not the committed ones
-    swapped_fp = (good, fingerprints.activation_fingerprint(torch.randn(1, 4, 16)))
+    swapped_fp = (good, fingerprints.ComputeSpec("bfloat16").encode())
     result = post(
         api,
         [
@@ -82,6 +80,19 @@ def test_forgeries_are_rejected_with_reasons(api):
         "bad_fingerprint",
     ]
     assert result["accepted"] == 0 and all(r["message"] for r in result["results"])
+
+
+def test_receipts_no_verifier_could_recompute_are_refused(api):
+    """A node that names no precision (the old 16-byte-per-token fingerprint, empty bytes) or an unknown one would
+    make every audit of its steps inconclusive: its receipts are refused at intake, so they earn nothing."""
+    unknown_dtype = fingerprints.ComputeSpec("float16").encode()[:3] + bytes([9]) + b"\0\0\0\0"
+    old_style = b"NF1" + bytes(5) + bytes(16 * 4)
+    items = [make_receipt(NODE, CLIENT, descriptor=raw) for raw in (b"", unknown_dtype, old_style)]
+    backward = make_receipt(NODE, CLIENT, descriptor=b"", kind=int(R.ReceiptKind.BACKWARD))  # never audited
+    good = make_receipt(NODE, CLIENT, descriptor=fingerprints.ComputeSpec("bfloat16", device="cuda").encode())
+    result = post(api, [receipt_item(*item) for item in items + [backward, good]])
+    assert [r["reason"] for r in result["results"]] == ["bad_fingerprint"] * 3 + [None, None]
+    assert "compute descriptor" in result["results"][0]["message"]
 
 
 def test_receipts_from_the_future_or_past_the_evidence_window_are_refused(api):

@@ -14,7 +14,15 @@ from nectar.ledger import crud
 from nectar.ledger.core.config import Settings
 from nectar.ledger.intake import check_receipt
 from nectar.ledger.migrations import run_migrations
-from nectar.ledger.spot_check import AuditSource, LocalVerifier, SpotChecker, Verifier, epoch_seed, is_picked
+from nectar.ledger.spot_check import (
+    AuditedStep,
+    AuditSource,
+    LocalVerifier,
+    SpotChecker,
+    Verifier,
+    epoch_seed,
+    is_picked,
+)
 from nectar.models import load_span
 from nectar.models.tiny import save_tiny_checkpoint
 from nectar.service.db import get_engine, session_scope
@@ -27,18 +35,26 @@ SESSIONS, DECODE_STEPS, PREFILL = 12, 5, 6
 
 
 class MemoryAudit(AuditSource):
-    """What the node's audit RPC serves, kept in process: each session's inputs in order per node."""
+    """What the node's audit RPC serves, kept in process: each session's inputs in order per node, and each step's
+    output as sent."""
 
     def __init__(self):
         self.inputs: dict[tuple, list[torch.Tensor]] = {}
+        self.outputs: dict[tuple, torch.Tensor] = {}
 
-    def record(self, node: str, session_id: bytes, step: int, hidden: torch.Tensor):
+    def record(self, node: str, session_id: bytes, step: int, hidden: torch.Tensor, output: torch.Tensor):
         self.inputs.setdefault((node, session_id), []).append((step, hidden.clone()))
+        self.outputs[node, session_id, step] = output.clone()
 
     def input_history(self, receipt):
         steps = self.inputs.get((receipt.node, receipt.session_id), [])
         parts = [t for s, t in steps if s <= receipt.step]
         return torch.cat(parts, dim=1) if parts else None
+
+    def audited_step(self, receipt):
+        history = self.input_history(receipt)
+        output = self.outputs.get((receipt.node, receipt.session_id, receipt.step))
+        return None if history is None else AuditedStep(history, output)
 
 
 class SimulatedNode:
@@ -52,11 +68,11 @@ class SimulatedNode:
         cache = self.span.new_cache(1, 64)
         signed = []
         for step, hidden in enumerate(inputs_per_step):
-            audit.record(self.party.address, session_id, step, hidden)
             output = self.span(hidden, cache=cache)
             if self.rng.random() < self.cheat_rate:  # skip the work: return a perturbed guess
                 output = output + 0.05 * output.abs().amax() * torch.randn_like(output)
-            fp = fingerprints.activation_fingerprint(output)
+            audit.record(self.party.address, session_id, step, hidden, output)
+            fp = fingerprints.ComputeSpec("float32").encode()
             receipt = R.Receipt(
                 session_id=session_id,
                 step=step,
@@ -87,8 +103,8 @@ class BrokenVerifier(Verifier):
     def __init__(self, inner):
         self.inner = inner
 
-    def execute(self, receipt, history):
-        out = self.inner.execute(receipt, history)
+    def execute(self, receipt, history, compute, prompts=None):
+        out = self.inner.execute(receipt, history, compute, prompts=prompts)
         return out + 0.1 * out.abs().amax() * torch.randn_like(out)
 
 
@@ -220,11 +236,11 @@ class FabricatingAudit(AuditSource):
     def __init__(self, inner: MemoryAudit):
         self.inner = inner
 
-    def input_history(self, receipt):
-        history = self.inner.input_history(receipt)
-        positions = receipt.tokens // history.shape[0]
-        fake = torch.randn_like(history[:, :-positions])
-        return torch.cat([fake, history[:, -positions:]], dim=1)
+    def audited_step(self, receipt):
+        real = self.inner.audited_step(receipt)
+        positions = receipt.tokens // real.history.shape[0]
+        fake = torch.randn_like(real.history[:, :-positions])
+        return AuditedStep(torch.cat([fake, real.history[:, -positions:]], dim=1), real.outputs)
 
 
 def test_a_fabricated_history_prefix_is_refused(world):
@@ -299,11 +315,11 @@ def test_deep_prompts_are_recomputed_so_claiming_them_dodges_nothing(world):
         for node in (honest, liar):
             session_id, cache = os.urandom(32), node.span.new_cache(1, 16)
             for step, hidden in enumerate(steps):
-                audit.record(node.party.address, session_id, step, hidden)
                 output = node.span(hidden, cache=cache, prompts=prompts if node is honest and step == 0 else None)
                 if node is liar and step == 2:
                     output = output + 0.05 * output.abs().amax() * torch.randn_like(output)
-                fp = fingerprints.activation_fingerprint(output)
+                audit.record(node.party.address, session_id, step, hidden, output)
+                fp = fingerprints.ComputeSpec("float32").encode()
                 receipt = R.Receipt(
                     session_id=session_id,
                     step=step,
@@ -341,3 +357,31 @@ def test_deep_prompts_are_recomputed_so_claiming_them_dodges_nothing(world):
         verdict = checker.check_receipt(ids[(honest.party.address, step)])
         assert verdict.status == "passed", (step, verdict)
     assert checker.check_receipt(ids[(liar.party.address, 2)]).status == "failed"
+
+
+class WithholdingAudit(AuditSource):
+    """A node answering audits with the step's inputs but not its output, or with another output than it sent."""
+
+    def __init__(self, inner: MemoryAudit, swap: bool):
+        self.inner, self.swap = inner, swap
+
+    def audited_step(self, receipt):
+        real = self.inner.audited_step(receipt)
+        return AuditedStep(real.history, real.outputs + 1e-3 if self.swap else None)
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_an_output_withheld_or_swapped_at_audit_time_fails_the_step(world, swap):
+    """The node signed a hash of its whole output: it must reveal exactly that, or the step fails (no recomputation
+    can make up for an output the node will not show, and no other output is compared)."""
+    item = next(item for item, _, _ in world["items"] if item.receipt.node == world["honest"][0])
+    descriptor = fingerprints.ComputeSpec("float32").encode()
+    checker = SpotChecker(
+        settings=world["settings"],
+        engine=world["engine"],
+        verifiers=world["verifiers"],
+        audit=WithholdingAudit(world["audit"], swap),
+    )
+    verdict = checker._judge(item.receipt, descriptor)
+    assert verdict.status == "failed" and verdict.executions == 0
+    assert ("output commitment" if swap else "not its output") in verdict.detail

@@ -31,7 +31,7 @@ from nectar.ledger.swarm_audit import RpcAuditSource
 from nectar.service.db import session_scope
 from nectar.wire.announce import ServerInfo
 from nectar.wire.eip712 import receipt_leaf
-from nectar.wire.fingerprints import activation_fingerprint, fingerprints_match
+from nectar.wire.fingerprints import ComputeSpec, outputs_match
 from nectar.wire.messages import AuditCall, AuditReply
 from nectar.wire.protocol import ErrorCode, NodeRPCError, module_uid
 from nectar.wire.receipts import model_id_hash
@@ -105,8 +105,8 @@ def verifier_key(market) -> str:
 
 
 def corrupted_steps(market, receipts) -> set[bytes]:
-    """Ground truth, independent of the worker: fetch each cheater step's inputs over the audit RPC and recompute the
-    span locally; the leaves whose claimed output does not match."""
+    """Ground truth, independent of the worker: fetch each cheater step's inputs and output over the audit RPC and
+    recompute the span locally in the receipt's precision; the leaves whose revealed output does not match."""
     view = SwarmView(market.swarm.initial_peers)
     try:
         audit, local = (
@@ -114,12 +114,11 @@ def corrupted_steps(market, receipts) -> set[bytes]:
             LocalVerifier({market.model_name: market.model_path}, name="truth"),
         )
         found = set()
-        for signed, fingerprint in receipts:
-            history = audit.input_history(signed.receipt)
-            assert history is not None, "the cheater's audit log lost a step"
-            if not fingerprints_match(
-                activation_fingerprint(local.execute(signed.receipt, history)), fingerprint, dtype=history.dtype
-            ):
+        for signed, descriptor in receipts:
+            step, spec = audit.audited_step(signed.receipt), ComputeSpec.decode(descriptor)
+            assert step is not None and step.outputs is not None, "the cheater's audit log lost a step"
+            blocks = signed.receipt.block_end - signed.receipt.block_start
+            if not outputs_match(step.outputs, local.execute(signed.receipt, step.history, spec), spec, blocks):
                 found.add(receipt_leaf(signed.receipt))
         return found
     finally:
@@ -333,15 +332,15 @@ def test_a_node_away_for_the_whole_audit_window_fails_and_a_late_ledger_convicts
         receipt = make_receipt(ghost, market.clients[0], model=market.model_name)[0].receipt
         began = time.monotonic()
         with pytest.raises(AuditFailed, match="did not answer the audit") as error:
-            audit.input_history(receipt)
+            audit.audited_step(receipt)
         assert time.monotonic() - began >= 3 and "3s audit window" in str(error.value)
         assert "attempt(s)" in str(error.value) and not str(error.value).startswith("1 attempt")
         began = time.monotonic()
         with pytest.raises(AuditFailed, match=r"\(1 attempt\(s\)"):  # its window is spent: no second wait
-            audit.input_history(make_receipt(ghost, market.clients[0], model=market.model_name, step=1)[0].receipt)
+            audit.audited_step(make_receipt(ghost, market.clients[0], model=market.model_name, step=1)[0].receipt)
         assert time.monotonic() - began < 3
         late = make_receipt(ghost, market.clients[0], model=market.model_name, timestamp=int(time.time()) - 900)
         with pytest.raises(LookupError, match="too late"):
-            RpcAuditSource(view, key=verifier_key(market), window_s=1).input_history(late[0].receipt)
+            RpcAuditSource(view, key=verifier_key(market), window_s=1).audited_step(late[0].receipt)
     finally:
         view.shutdown()

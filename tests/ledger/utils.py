@@ -63,9 +63,10 @@ def make_receipt(
     amount: int | None = None,
     model: str = "tiny-llama",
     input_commitment: bytes | None = None,
+    descriptor: bytes | None = None,
 ):
     output = torch.randn(1, tokens, 16) if output is None else output
-    fp = fingerprints.activation_fingerprint(output)
+    fp = fingerprints.ComputeSpec().encode() if descriptor is None else descriptor
     receipt = R.Receipt(
         session_id=session_id or os.urandom(32),
         step=step,

@@ -245,7 +245,7 @@ def test_inline_receipts_ride_with_each_output_and_charge_the_client():
 
     nonce = run(scenario)
     assert node.steps.credit.unpaid(client) == 4 * 4 * PRICE  # 4 tokens through 4 blocks
-    history, span, _ = node.steps.audit.history(schema.bind_session(sid, nonce), 1)
+    history, span, _, _ = node.steps.audit.history(schema.bind_session(sid, nonce), 1)
     assert span == (0, 4) and history.shape == (1, 4, HIDDEN)
     assert_released(node)
 
@@ -298,7 +298,7 @@ def test_a_separate_receipt_is_signed_once_the_next_steps_round_has_begun():
         return opened.session_nonce
 
     nonce = run(scenario)
-    history, _, _ = node.steps.audit.history(schema.bind_session(sid, nonce), 1)
+    history, _, _, _ = node.steps.audit.history(schema.bind_session(sid, nonce), 1)
     assert torch.equal(history, torch.cat([x0, x1], dim=1))
     assert_released(node)
 
@@ -628,9 +628,11 @@ def test_forward_backward_and_audit_calls():
         signed = schema.SignedReceipt.from_json(reply.receipt)
         assert signed.receipt.kind == int(schema.ReceiptKind.FORWARD) and signed.receipt.step == 5
         assert signed.receipt.session_id != bytes(32)  # a call without a session gets a fresh one
-        # a forward's receipt can be picked for a spot check like a step's: its inputs are kept for audits (issue 21)
+        # a forward is audited like an inference step: the node kept its input and its output as sent
         (response,) = await _call(node.rpc_audit, audit_call(node, signed.receipt.session_id, 5).to_request())
-        assert torch.equal(AuditReply.decode(response).inputs, x)
+        kept = AuditReply.decode(response)
+        assert torch.equal(kept.inputs, x) and torch.equal(kept.outputs, reply.output)
+        assert fingerprints.commit_tensor(kept.outputs) == signed.receipt.output_commitment
 
         (response,) = await _call(node.rpc_backward, BackwardCall(UID, x, grad, client=client).to_request())
         reply = BackwardReply.decode(response)
@@ -649,6 +651,12 @@ def test_forward_backward_and_audit_calls():
         (response,) = await _call(node.rpc_audit, audit_call(node, bound, 0).to_request())
         audit = AuditReply.decode(response)
         assert torch.equal(audit.inputs, x) and (audit.start, audit.end) == (0, 4) and audit.prompts is None
+        # the step's whole output, as sent: it hashes to what the receipt committed to (nothing for the node to pick)
+        signed_step = schema.SignedReceipt.from_json(first.receipt).receipt
+        assert torch.equal(audit.outputs, first.output)
+        assert fingerprints.commit_tensor(audit.outputs) == signed_step.output_commitment
+        assert fingerprints.ComputeSpec.decode(first.fingerprint) == fingerprints.ComputeSpec("float32", "none", "cpu")
+        assert fingerprints.fingerprint_hash(first.fingerprint) == signed_step.fingerprint
         with pytest.raises(NodeRPCError) as error:
             await _call(node.rpc_audit, audit_call(node, bound, 1).to_request())
         assert error.value.code == ErrorCode.UNKNOWN_SESSION

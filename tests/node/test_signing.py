@@ -22,7 +22,11 @@ DOMAIN = eip712.make_domain(31337, "0x" + "22" * 20)
 @pytest.fixture(scope="module")
 def signer() -> ReceiptSigner:
     return ReceiptSigner(
-        private_key=Account.create().key.hex(), model_id="tiny-llama", price_per_token=3, domain=DOMAIN
+        private_key=Account.create().key.hex(),
+        model_id="tiny-llama",
+        price_per_token=3,
+        domain=DOMAIN,
+        compute=fingerprints.ComputeSpec("bfloat16", device="cuda"),  # not the default: the child must get it too
     )
 
 
@@ -72,7 +76,7 @@ def test_the_child_signs_what_the_node_would_sign_itself(signer):
     for step, ((inputs, outputs), (signed, fingerprint, wire)) in enumerate(zip(tensors, results)):
         expected, expected_fingerprint, _ = asyncio.run(inline.prepare(**_fields(step, inputs, outputs)).result())
         assert _without_timestamp(signed) == _without_timestamp(expected)
-        assert fingerprint == expected_fingerprint
+        assert fingerprint == expected_fingerprint == signer.compute.encode()
         assert wire == signed.to_json()
         assert signed.receipt.output_commitment == fingerprints.commit_tensor(outputs)
         assert eip712.recover_receipt_signer(schema.SignedReceipt.from_json(wire), DOMAIN) == signer.address

@@ -92,6 +92,28 @@ def test_receipts_signed_by_the_node_verify_and_chain():
         x
     ) and receipt.output_commitment == fingerprints.commit_tensor(y)
     assert receipt.fingerprint == fingerprints.fingerprint_hash(fingerprint)
+    assert fingerprints.ComputeSpec.decode(fingerprint) == fingerprints.ComputeSpec("float32", "none", "cpu")
+    # the precision the node computes in is what its receipts commit to: an audit recomputes in it
+    half = ReceiptSigner(
+        private_key=key.key.hex(),
+        model_id="m",
+        price_per_token=3,
+        domain=signer.domain,
+        compute=fingerprints.ComputeSpec.of(torch.bfloat16, "cuda:0"),
+    )
+    signed_half, descriptor = half.sign(
+        session_id=b"\0" * 32,
+        step=0,
+        kind=schema.ReceiptKind.INFERENCE,
+        start=2,
+        end=5,
+        client=key.address,
+        tokens=2,
+        inputs=x,
+        outputs=y.to(torch.bfloat16),
+    )
+    assert fingerprints.ComputeSpec.decode(descriptor) == fingerprints.ComputeSpec("bfloat16", "none", "cuda")
+    assert signed_half.receipt.fingerprint == fingerprints.fingerprint_hash(descriptor) != receipt.fingerprint
 
 
 def test_audit_log_replays_rollbacks_and_evicts():
@@ -100,9 +122,10 @@ def test_audit_log_replays_rollbacks_and_evicts():
     log.record(b"s", 0, 0, a, 0, 2)
     log.record(b"s", 1, 3, b, 0, 2)
     log.record(b"s", 2, 4, c, 0, 2)
-    log.record(b"s", 3, 3, c2, 0, 2)  # rolled back to position 3 and replaced
-    history, span, prompts = log.history(b"s", 3)
+    log.record(b"s", 3, 3, c2, 0, 2, outputs=c2 * 10)  # rolled back to position 3 and replaced
+    history, span, prompts, outputs = log.history(b"s", 3)
     assert span == (0, 2) and prompts is None and history[0, :, 0].tolist() == [1, 1, 1, 4, 4]
+    assert torch.equal(outputs, c2 * 10) and log.history(b"s", 2)[3] is None  # the step's own output, as recorded
     assert log.history(b"s", 2)[0][0, :, 0].tolist() == [1, 1, 1, 2, 3]
     assert log.history(b"unknown", 0) is None
     log.record(b"p", 0, 0, a, 0, 2, prompts=torch.ones(2, 1, 1, 2))
@@ -111,6 +134,8 @@ def test_audit_log_replays_rollbacks_and_evicts():
     small.record(b"x", 0, 0, torch.zeros(1, 10, 2), 0, 1)  # 80 bytes
     small.record(b"y", 0, 0, torch.zeros(1, 10, 2), 0, 1)  # evicts x
     assert small.history(b"x", 0) is None and small.history(b"y", 0) is not None
+    small.record(b"z", 0, 0, torch.zeros(1, 5, 2), 0, 1, outputs=torch.zeros(1, 5, 2))  # outputs count: evicts y
+    assert small.history(b"y", 0) is None and small.history(b"z", 0) is not None
 
 
 def test_module_uid_parsing():

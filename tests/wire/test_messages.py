@@ -149,7 +149,11 @@ def test_replies_are_byte_identical_and_decode_back():
         (PushMissing().to_response(), make_response([], {"push_missing": True})),
         (PushAck().to_response(), make_response([], {"ok": True})),
         (ForwardReply(y, receipt, b"fp").to_response(), make_response([y], {"receipt": receipt, "fingerprint": b"fp"})),
-        (AuditReply(y, 0, 4).to_response(), make_response([y], {"start": 0, "end": 4})),
+        (AuditReply(y, 0, 4).to_response(), make_response([y], {"start": 0, "end": 4, "outputs": False})),
+        (
+            AuditReply(y, 0, 4, outputs=y * 2).to_response(),
+            make_response([y, y * 2], {"start": 0, "end": 4, "outputs": True}),
+        ),
     ]
     for typed, hand_built in same:
         assert _bytes(typed) == _bytes(hand_built), typed
@@ -280,3 +284,14 @@ def test_call_and_push_decode_errors():
     for decode, request, code, words in cases:
         error = _error(decode, request)
         assert error.code == code and words in error.message, (decode, error)
+
+
+def test_audit_reply_carries_the_step_output_beside_inputs_and_prompts():
+    x, out, prompts = torch.randn(1, 5, 8), torch.randn(1, 2, 8).to(torch.bfloat16), torch.randn(2, 1, 3, 8)
+    back = AuditReply.decode(AuditReply(x, 0, 2, prompts, out).to_response())
+    assert torch.equal(back.inputs, x) and torch.equal(back.outputs, out) and torch.equal(back.prompts, prompts)
+    assert back.outputs.dtype == torch.bfloat16  # revealed exactly as sent: its hash is the output commitment
+    back = AuditReply.decode(AuditReply(x, 0, 2, prompts).to_response())
+    assert back.outputs is None and torch.equal(back.prompts, prompts)
+    with pytest.raises(ValueError, match="1 to 3 tensors"):
+        AuditReply.decode(make_response([], {"start": 0, "end": 2, "outputs": True}))
