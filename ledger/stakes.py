@@ -33,6 +33,8 @@ class StakeBook:
         self._stamp = None
         self._table: StakeTable | None = None
         self._read_at = 0.0
+        self._misses: dict[str, float] = {}  # address -> when a direct read last found it ineligible
+        self._direct_reads: list[float] = []  # times of the direct reads of the last second
 
     def chain(self):
         try:
@@ -97,4 +99,26 @@ class StakeBook:
         entry = self.table().get(address)
         if entry is None or not entry.eligible:
             entry = self.table(max_age=1.0).get(address)
-        return entry is not None and entry.eligible
+        if entry is not None and entry.eligible:
+            return True
+        return self._read_directly(address)
+
+    def _read_directly(self, address: str, *, per_second: int = 20) -> bool:
+        """A miss the cached table may not know yet (a node that registered within the second after the last read):
+        one direct read, at most once a second per address and ``per_second`` in all (a flood of unregistered
+        addresses then gets the table's answer)."""
+        key, now = address.lower(), time.monotonic()
+        with self._lock:
+            self._direct_reads = [t for t in self._direct_reads if now - t < 1.0]
+            if now - self._misses.get(key, float("-inf")) < 1.0 or len(self._direct_reads) >= per_second:
+                return False
+            self._direct_reads.append(now)
+        eligible = self.node(address).eligible
+        with self._lock:
+            if eligible:
+                self._misses.pop(key, None)
+            else:
+                if len(self._misses) >= 10_000:
+                    self._misses.clear()
+                self._misses[key] = now
+        return eligible

@@ -41,6 +41,7 @@ class SwarmMarket:
         accounts = self.chain.deployment.accounts
         self.node_keys = [a["privateKey"] for a in accounts if a["role"] == "node"]
         self.clients = self.deployment.clients
+        self.registered: dict[str, str] = {}  # address -> peer id of the nodes registered by ``add_node``
 
     @property
     def url(self) -> str:
@@ -81,11 +82,31 @@ class SwarmMarket:
             *extra_args,
         ]
         if register:
-            ensure_registered(self.chain, key_dir, funder_key=self.chain.default_key())
+            keys = ensure_registered(self.chain, key_dir, funder_key=self.chain.default_key())
+            self.registered[keys.address.lower()] = keys.peer_id
         return self.swarm.add_node(str(self.model_path), blocks=blocks, name=name, extra_args=args)
 
     def wait_for_swarm(self, min_nodes: int = 1) -> None:
+        """Blocks served, and the ledger's stake table (cached for seconds) shows every registered node under its
+        live peer id: a gated client routes by that table."""
         self.swarm.wait_for_blocks(str(self.model_path), NUM_BLOCKS, timeout=120, min_nodes=min_nodes)
+        from nectar.wire.ledger_api import LedgerClient
+
+        min_stake = self.chain.deployment.params["min_stake"]
+        expected = []  # registered nodes the chain says are eligible under their live peer id now
+        for address, peer in self.registered.items():
+            info = self.chain.node_info(address)
+            if info["registered"] and info["peerId"] == peer and int(info["bonded"]) >= min_stake:
+                expected.append((address, peer))
+        with LedgerClient(self.url) as ledger:
+            deadline = time.monotonic() + 30
+            while True:
+                table = ledger.stakes()
+                stale = [a for a, peer in expected if not (table.get(a) and table.get(a).eligible_for(peer))]
+                if not stale:
+                    return
+                assert time.monotonic() < deadline, f"the ledger's stake table never showed {stale}"
+                time.sleep(0.5)
 
     def client_model(self, client: Party, **kwargs):
         from nectar.client import ClientConfig, DistributedModelForCausalLM
