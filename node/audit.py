@@ -386,7 +386,9 @@ def _parse(data, offset: int, *, header_only: bool = False):
             nbytes = dtype.itemsize * int(torch.Size(dims).numel())
             chunk = bytearray(body[cursor : cursor + nbytes])
             cursor += nbytes
-            tensors.append(torch.frombuffer(chunk, dtype=dtype).reshape(dims) if nbytes else torch.empty(dims, dtype=dtype))
+            tensors.append(
+                torch.frombuffer(chunk, dtype=dtype).reshape(dims) if nbytes else torch.empty(dims, dtype=dtype)
+            )
         return PREFIX.size + length, (position, *tensors)
     finally:
         body.release()
