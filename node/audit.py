@@ -24,6 +24,7 @@ passed by the steps already computing when it fills.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import mmap
 import os
@@ -84,8 +85,10 @@ class AuditLog:
         self._lock = threading.RLock()
         self._pruned_at = float("-inf")
         self._warned_at = float("-inf")
+        self._folder_lock: int | None = None
         if self.folder is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # users' inputs: the node's user only
+            self._folder_lock = _lock_folder(self.folder)
             self._load()
 
     # ---- budget -----------------------------------------------------------------------------------------------
@@ -95,13 +98,9 @@ class AuditLog:
         without evicting a record before its retention; ``new``: it opens a session or is a forward call (held to
         ``NEW_WORK_SHARE`` of the budgets, so sessions already open can finish)."""
         with self._lock:
-            self._prune()
-            share = NEW_WORK_SHARE if new else 1.0
-            memory = self._memory + STEP_INDEX_BYTES + (nbytes if self.folder is None else 0)
-            full = memory > share * self.max_bytes
-            if self.folder is not None:
-                full = full or self._disk + nbytes > share * self.max_disk_bytes
-            if full:
+            if self.clock() - self._pruned_at > 1.0 or self._full(nbytes, new):
+                self._prune()
+            if self._full(nbytes, new):
                 if time.monotonic() - self._warned_at > 60:
                     self._warned_at = time.monotonic()
                     logger.warning(
@@ -115,6 +114,13 @@ class AuditLog:
                     "audit storage full: this node keeps every step it serves for audits and has no room now; "
                     "try another node",
                 )
+
+    def _full(self, nbytes: int, new: bool) -> bool:
+        share = NEW_WORK_SHARE if new else 1.0
+        memory = self._memory + STEP_INDEX_BYTES + (nbytes if self.folder is None else 0)
+        if memory > share * self.max_bytes:
+            return True
+        return self.folder is not None and self._disk + nbytes > share * self.max_disk_bytes
 
     @property
     def memory_bytes(self) -> int:
@@ -165,26 +171,37 @@ class AuditLog:
             if entry is None or step not in entry["steps"]:
                 return None
             sequence = prompts = outputs = None
-            for s in sorted(entry["steps"]):
-                if s > step:
-                    break
-                kept = entry["steps"][s]
-                if self.folder is not None:
-                    kept = self._read(kept)
-                    if kept is None:
-                        return None
-                position, tensor, outputs, step_prompts = kept
-                if position == 0:
-                    prompts = step_prompts
-                sequence = tensor if sequence is None else torch.cat([sequence[:, :position], tensor], dim=1)
+            files: dict = {}
+            try:
+                for s in sorted(entry["steps"]):
+                    if s > step:
+                        break
+                    kept = entry["steps"][s]
+                    if self.folder is not None:
+                        kept = self._read(kept, files=files)
+                        if kept is None:
+                            return None
+                    position, tensor, outputs, step_prompts = kept
+                    if position == 0:
+                        prompts = step_prompts
+                    sequence = tensor if sequence is None else torch.cat([sequence[:, :position], tensor], dim=1)
+            finally:
+                for f in files.values():
+                    f.close()
             return sequence, entry["span"], prompts, outputs
 
     def close(self) -> None:
         with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
-                self._current = None
+            self._close_segment()
+            if self._folder_lock is not None:
+                os.close(self._folder_lock)  # drops the flock
+                self._folder_lock = None
+
+    def _close_segment(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            self._current = None
 
     # ---- bookkeeping ------------------------------------------------------------------------------------------
 
@@ -240,7 +257,7 @@ class AuditLog:
 
     def _drop_segment(self, segment: int) -> None:
         if segment == self._current:
-            self.close()
+            self._close_segment()
         info = self._segments.pop(segment)
         self._disk -= info["size"]
         self._path(segment).unlink(missing_ok=True)
@@ -272,31 +289,34 @@ class AuditLog:
         now = self.clock() if now is None else now
         segment = int(now // self.bucket_s)
         if segment != self._current:
-            self.close()
+            self._close_segment()
             self._fd = os.open(self._path(segment), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             self._current = segment
             self._segments.setdefault(segment, {"size": 0, "last": now, "sessions": set()})
         info = self._segments[segment]
         size = os.writev(self._fd, parts)
         total = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
-        if size != total:  # a short write (disk full): the partial record is cut off on reload
-            info["size"] += size
-            self._disk += size
-            raise OSError(f"audit log: wrote {size} of {total} bytes to {self._path(segment)}")
+        if size != total:  # a short write (disk full): cut it off, or records after it would be lost on reload
+            os.ftruncate(self._fd, info["size"])
+            raise OSError(f"audit log: wrote {size} of {total} bytes to {self._path(segment)} (disk full?)")
         offset = info["size"]
         info["size"] += size
         info["last"] = max(info["last"], now)
         self._disk += size
         return segment, offset, size
 
-    def _read(self, where, *, raw: bool = False):
+    def _read(self, where, *, raw: bool = False, files: dict | None = None):
         """The record at ``where``: (position, inputs, outputs, prompts), its bytes as written (``raw``), or None
-        if it is gone or damaged."""
+        if it is gone or damaged. ``files``: segment -> open file, for the caller to close (else opened here)."""
         segment, offset, size = where
         try:
-            with open(self._path(segment), "rb") as f:
-                f.seek(offset)
-                data = f.read(size)
+            if files is None:
+                with open(self._path(segment), "rb") as f:
+                    data = os.pread(f.fileno(), size, offset)
+            else:
+                if segment not in files:
+                    files[segment] = open(self._path(segment), "rb")
+                data = os.pread(files[segment].fileno(), size, offset)
         except OSError:
             data = b""
         parsed = _parse(data, 0) if len(data) == size else None
@@ -346,6 +366,19 @@ class AuditLog:
                 f"Audit log: {found} steps of {len(self._sessions)} sessions kept from before this start "
                 f"({self._disk} bytes in {self.folder})"
             )
+
+
+def _lock_folder(folder: Path) -> int:
+    """Holds ``folder`` for this process (two nodes appending to one folder would garble each other's records)."""
+    fd = os.open(folder / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ValueError(
+            f"the audit folder {folder} is in use by another live node: give each node its own --audit-dir"
+        ) from None
+    return fd
 
 
 def _copy(tensor: torch.Tensor | None) -> torch.Tensor | None:

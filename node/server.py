@@ -158,7 +158,8 @@ def check_audit_retention(ledger_url: str, retention_s: float) -> None:
         logger.warning(
             f"This node keeps audit records {retention_s:g}s but the ledger at {ledger_url} audits steps up to "
             f"{required:g}s after they are signed: audits it cannot answer count as failed. Start with "
-            f"--audit-retention-s {required:g} (and enough --audit-memory-bytes for that long of traffic)"
+            f"--audit-retention-s {required:g} (and enough --audit-disk-bytes for that long of traffic, or it refuses "
+            "new sessions while full)"
         )
 
 

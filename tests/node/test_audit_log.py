@@ -157,3 +157,11 @@ def test_a_full_budget_refuses_new_work_instead_of_dropping_young_records(tmp_pa
     clock.now += 61  # past retention: room again
     log.admit(step, new=True)
     assert log.history(b"s0", 0) is None
+
+
+def test_one_folder_serves_one_log_at_a_time(tmp_path):
+    log = _disk_log(tmp_path, Clock())
+    with pytest.raises(ValueError, match="--audit-dir"):
+        _disk_log(tmp_path, Clock())
+    log.close()
+    _disk_log(tmp_path, Clock()).close()
