@@ -41,7 +41,7 @@ def main():
         for name, hidden, tokens, repeats in (
             ("576 decode", 576, 1, 5000),
             ("4096 decode", 4096, 1, 5000),
-            ("4096 prefill 128", 4096, 128, 200),
+            ("4096 prefill 128", 4096, 128, 20),
         ):
             memory = AuditLog(max_bytes=1 << 34, retention_s=1e9)
             disk = AuditLog(
