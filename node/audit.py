@@ -3,28 +3,134 @@
 A step's output depends on every input of its session so far, so the log keeps each session's inputs in order;
 ``history(session, step)`` returns them concatenated up to that step, with the step's own output exactly as it was
 sent (the receipt's output commitment is its hash: an audit compares every coordinate of it with a recomputation).
-Bounded by bytes and age.
+
+An audit the node cannot answer counts as a failed spot check (issue 21), so a record is never dropped before it is
+``retention_s`` old (counted from its session's last step: later steps' audits need the session's first inputs):
+
+- With a ``folder`` (a node's ``<key folder>/audit``, which it holds alone) each step's record is appended to a
+  segment file of its time bucket (no fsync: a killed process loses nothing the kernel has; a power cut may lose the
+  last seconds) and memory keeps only where each record lies; a restarted node reads the index back, so it still
+  answers audits of steps it served before. A record cut short by a crash (or failing its checksum) ends its file's
+  valid part and is cut off. A segment is deleted once every session in it is past retention; a live session's
+  records in a segment older than that are copied forward first.
+- Without one (tests, one-off nodes) the tensors stay in memory, lost on restart.
+
+When the bytes (memory, or disk) would run out before the oldest records age out, the node refuses NEW sessions and
+forward calls (``admit``, ``cache_full``: the client tries another node) instead of evicting; sessions already open
+keep going in the last eighth of the budget, and only at the full budget is their next step refused too (their
+client fails over and replays elsewhere): a node never serves a step it could not prove later. The budget may be
+passed by the steps already computing when it fills.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import mmap
+import os
+import struct
 import threading
 import time
+import zlib
 from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+from nectar.wire.protocol import ErrorCode, NodeRPCError
+
 logger = logging.getLogger(__name__)
+
+MAGIC = b"NAu1"
+PREFIX = struct.Struct("<4sQI")  # magic, body length, crc32 of the body
+META = struct.Struct("<dqqiiH")  # recorded at, step, position, span start, span end, session id length
+DESC = struct.Struct("<bB")  # dtype code (-1: absent), number of dimensions; then the dimensions (int64 each)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+CODES = {dtype: code for code, dtype in enumerate(DTYPES)}
+STEP_INDEX_BYTES = 160  # memory a step's index entry takes (dict slot, tuple, ints), counted against max_bytes
+SESSION_INDEX_BYTES = 600
+NEW_WORK_SHARE = 7 / 8  # new sessions and calls stop at this share of a budget; open ones may use the rest
 
 
 class AuditLog:
-    def __init__(self, *, max_bytes: int, retention_s: float):
-        self.max_bytes, self.retention_s = max_bytes, retention_s
+    """:param max_bytes: memory budget (the tensors too when there is no ``folder``)
+    :param retention_s: a record is kept this long after its session's last step, never less
+    :param folder: where records go on disk (None: memory only)
+    :param max_disk_bytes: disk budget of ``folder``
+    :param bucket_s: time span of one segment file (default: retention / 15, at least 1 s)"""
+
+    def __init__(
+        self,
+        *,
+        max_bytes: int,
+        retention_s: float,
+        folder: str | Path | None = None,
+        max_disk_bytes: int = 0,
+        bucket_s: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.max_bytes, self.retention_s, self.clock = max_bytes, retention_s, clock
+        self.folder = Path(folder) if folder is not None else None
+        self.max_disk_bytes = max_disk_bytes
+        self.bucket_s = bucket_s if bucket_s is not None else max(1.0, retention_s / 15)
+        # session id -> {"steps": {step: where}, "span", "touched", "segments"}, least recently touched first;
+        # where = (position, inputs, outputs, prompts) in memory, (segment, offset, size) on disk
         self._sessions: OrderedDict[bytes, dict] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
+        self._memory = 0  # bytes counted against max_bytes
+        self._segments: dict[int, dict] = {}  # segment -> {"size", "last", "sessions"}: "last" = newest record time
+        self._disk = 0
+        self._current: int | None = None
+        self._fd: int | None = None
+        self._lock = threading.RLock()
+        self._pruned_at = float("-inf")
         self._warned_at = float("-inf")
+        self._folder_lock: int | None = None
+        if self.folder is not None:
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # users' inputs: the node's user only
+            self._folder_lock = _lock_folder(self.folder)
+            self._load()
+
+    # ---- budget -----------------------------------------------------------------------------------------------
+
+    def admit(self, nbytes: int = 0, *, new: bool) -> None:
+        """Raises ``cache_full`` unless a step of ``nbytes`` (its inputs, output and prompts) fits the budgets
+        without evicting a record before its retention; ``new``: it opens a session or is a forward call (held to
+        ``NEW_WORK_SHARE`` of the budgets, so sessions already open can finish)."""
+        with self._lock:
+            if self.clock() - self._pruned_at > 1.0 or self._full(nbytes, new):
+                self._prune()
+            if self._full(nbytes, new):
+                if time.monotonic() - self._warned_at > 60:
+                    self._warned_at = time.monotonic()
+                    logger.warning(
+                        f"Audit storage full ({self._memory} of {self.max_bytes} bytes in memory"
+                        + (f", {self._disk} of {self.max_disk_bytes} on disk" if self.folder is not None else "")
+                        + f", records kept {self.retention_s:g}s): refusing new work until the oldest age out. "
+                        "Raise --audit-disk-bytes (or --audit-memory-bytes)"
+                    )
+                raise NodeRPCError(
+                    ErrorCode.CACHE_FULL,
+                    "audit storage full: this node keeps every step it serves for audits and has no room now; "
+                    "try another node",
+                )
+
+    def _full(self, nbytes: int, new: bool) -> bool:
+        share = NEW_WORK_SHARE if new else 1.0
+        memory = self._memory + STEP_INDEX_BYTES + (nbytes if self.folder is None else 0)
+        if memory > share * self.max_bytes:
+            return True
+        return self.folder is not None and self._disk + nbytes > share * self.max_disk_bytes
+
+    @property
+    def memory_bytes(self) -> int:
+        return self._memory
+
+    @property
+    def disk_bytes(self) -> int:
+        return self._disk
+
+    # ---- records ----------------------------------------------------------------------------------------------
 
     def record(
         self,
@@ -38,61 +144,284 @@ class AuditLog:
         prompts: torch.Tensor | None = None,
         outputs: torch.Tensor | None = None,
     ) -> None:
+        """Keeps a step served (never refused here: ``admit`` was asked before it computed)."""
         with self._lock:
-            entry = self._sessions.get(session_id)
-            if entry is None:
-                entry = self._sessions[session_id] = {
-                    "steps": {},
-                    "span": (start, end),
-                    "touched": time.time(),
-                    "prompts": None,
-                }
-            if prompts is not None:
-                entry["prompts"] = prompts.detach().cpu().clone()
-            previous = entry["steps"].get(step)
-            if previous is not None:
-                self._bytes -= _size(previous)
-            kept = (
-                position,
-                inputs.detach().cpu().clone(),
-                None if outputs is None else outputs.detach().cpu().clone(),
-            )
+            now = self.clock()
+            entry = self._entry(session_id, start, end, now)
+            if self.folder is None:
+                kept = (position, *(_copy(t) for t in (inputs, outputs, prompts)))
+                size = sum(t.nbytes for t in kept[1:] if t is not None)
+            else:
+                kept = self._append(session_id, step, position, start, end, now, (inputs, outputs, prompts))
+                size = 0
+                entry["segments"].add(kept[0])
+                self._segments[kept[0]]["sessions"].add(session_id)
+            self._forget(entry["steps"].get(step))
             entry["steps"][step] = kept
-            entry["touched"] = time.time()
-            self._sessions.move_to_end(session_id)
-            self._bytes += _size(kept)
-            self._evict()
-
-    def _evict(self) -> None:
-        deadline = time.time() - self.retention_s
-        while self._sessions and (
-            self._bytes > self.max_bytes or next(iter(self._sessions.values()))["touched"] < deadline
-        ):
-            _, entry = self._sessions.popitem(last=False)
-            if entry["touched"] >= deadline and time.monotonic() - self._warned_at > 60:
-                self._warned_at = time.monotonic()  # audits of a record dropped early fail (issue 21)
-                logger.warning(
-                    f"Audit memory full ({self.max_bytes} bytes): dropped a session's inputs and outputs "
-                    f"{time.time() - entry['touched']:.0f}s old, before the {self.retention_s:g}s retention; its "
-                    "audits will fail. Raise --audit-memory-bytes"
-                )
-            self._bytes -= sum(_size(kept) for kept in entry["steps"].values())
+            self._memory += STEP_INDEX_BYTES + size
+            if now - self._pruned_at > 1.0:
+                self._prune()
 
     def history(self, session_id: bytes, step: int):
         """(the session's input sequence [B, L, H] as it stood after ``step`` (rollbacks applied), its span, the
-        deep prompts sent with its first step or None, the step's output as sent or None), or None if unknown."""
+        deep prompts sent with its last step at position 0 up to ``step``, or None, the step's output as sent or
+        None), or None if unknown."""
         with self._lock:
             entry = self._sessions.get(session_id)
             if entry is None or step not in entry["steps"]:
                 return None
-            sequence = None
-            for s in sorted(entry["steps"]):
-                if s > step:
-                    break
-                position, tensor, _ = entry["steps"][s]
-                sequence = tensor if sequence is None else torch.cat([sequence[:, :position], tensor], dim=1)
-            return sequence, entry["span"], entry["prompts"], entry["steps"][step][2]
+            sequence = prompts = outputs = None
+            files: dict = {}
+            try:
+                for s in sorted(entry["steps"]):
+                    if s > step:
+                        break
+                    kept = entry["steps"][s]
+                    if self.folder is not None:
+                        kept = self._read(kept, files=files)
+                        if kept is None:
+                            return None
+                    position, tensor, outputs, step_prompts = kept
+                    if position == 0:
+                        prompts = step_prompts
+                    sequence = tensor if sequence is None else torch.cat([sequence[:, :position], tensor], dim=1)
+            finally:
+                for f in files.values():
+                    f.close()
+            return sequence, entry["span"], prompts, outputs
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_segment()
+            if self._folder_lock is not None:
+                os.close(self._folder_lock)  # drops the flock
+                self._folder_lock = None
+
+    def _close_segment(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            self._current = None
+
+    # ---- bookkeeping ------------------------------------------------------------------------------------------
+
+    def _entry(self, session_id: bytes, start: int, end: int, touched: float) -> dict:
+        entry = self._sessions.get(session_id)
+        if entry is None:
+            entry = self._sessions[session_id] = {"steps": {}, "span": (start, end), "segments": set()}
+            self._memory += SESSION_INDEX_BYTES
+        entry["touched"] = max(touched, entry.get("touched", touched))
+        self._sessions.move_to_end(session_id)
+        return entry
+
+    def _forget(self, kept) -> None:
+        """A step's index entry replaced or dropped (its bytes on disk go with its segment)."""
+        if kept is not None:
+            self._memory -= STEP_INDEX_BYTES
+            if self.folder is None:
+                self._memory -= sum(t.nbytes for t in kept[1:] if t is not None)
+
+    def _prune(self) -> None:
+        """Drops sessions past retention, then segments no live session needs (copying live records forward)."""
+        now = self.clock()
+        self._pruned_at = now
+        deadline = now - self.retention_s
+        while self._sessions and next(iter(self._sessions.values()))["touched"] < deadline:
+            session_id, entry = self._sessions.popitem(last=False)
+            for kept in entry["steps"].values():
+                self._forget(kept)
+            self._memory -= SESSION_INDEX_BYTES
+            for segment in entry["segments"]:
+                self._segments[segment]["sessions"].discard(session_id)
+        for segment in sorted(self._segments):
+            info = self._segments[segment]
+            if segment == int(now // self.bucket_s):  # still being written
+                continue
+            if info["sessions"] and info["last"] < deadline:  # only live sessions pin it: their records move on
+                for session_id in list(info["sessions"]):
+                    self._copy_forward(session_id, segment)
+            if not info["sessions"]:
+                self._drop_segment(segment)
+
+    def _copy_forward(self, session_id: bytes, segment: int) -> None:
+        entry = self._sessions[session_id]
+        for step, kept in sorted(entry["steps"].items()):
+            if kept[0] == segment:
+                record = self._read(kept, raw=True)
+                if record is not None:
+                    entry["steps"][step] = where = self._write(record)
+                    entry["segments"].add(where[0])
+                    self._segments[where[0]]["sessions"].add(session_id)
+        entry["segments"].discard(segment)
+        self._segments[segment]["sessions"].discard(session_id)
+
+    def _drop_segment(self, segment: int) -> None:
+        if segment == self._current:
+            self._close_segment()
+        info = self._segments.pop(segment)
+        self._disk -= info["size"]
+        self._path(segment).unlink(missing_ok=True)
+
+    # ---- disk -------------------------------------------------------------------------------------------------
+
+    def _path(self, segment: int) -> Path:
+        return self.folder / f"{segment}.audit"
+
+    def _append(self, session_id, step, position, start, end, now, tensors) -> tuple[int, int, int]:
+        parts = [META.pack(now, step, position, start, end, len(session_id)), bytes(session_id)]
+        payloads = []
+        for tensor in tensors:
+            if tensor is None:
+                parts.append(DESC.pack(-1, 0))
+                continue
+            tensor = tensor.detach().cpu().contiguous()
+            parts.append(DESC.pack(CODES[tensor.dtype], tensor.ndim) + struct.pack(f"<{tensor.ndim}q", *tensor.shape))
+            payloads.append(tensor.reshape(-1).view(torch.uint8).numpy())
+        parts += payloads
+        crc, length = 0, 0
+        for part in parts:
+            crc = zlib.crc32(part, crc)
+            length += len(part) if isinstance(part, bytes) else part.nbytes
+        return self._write([PREFIX.pack(MAGIC, length, crc), *parts], now)
+
+    def _write(self, parts: list, now: float | None = None) -> tuple[int, int, int]:
+        """Appends one record (its parts in one system call) to the current segment: (segment, offset, size)."""
+        now = self.clock() if now is None else now
+        segment = int(now // self.bucket_s)
+        if segment != self._current:
+            self._close_segment()
+            self._fd = os.open(self._path(segment), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._current = segment
+            self._segments.setdefault(segment, {"size": 0, "last": now, "sessions": set()})
+        info = self._segments[segment]
+        size = os.writev(self._fd, parts)
+        total = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+        if size != total:  # a short write (disk full): cut it off, or records after it would be lost on reload
+            os.ftruncate(self._fd, info["size"])
+            raise OSError(f"audit log: wrote {size} of {total} bytes to {self._path(segment)} (disk full?)")
+        offset = info["size"]
+        info["size"] += size
+        info["last"] = max(info["last"], now)
+        self._disk += size
+        return segment, offset, size
+
+    def _read(self, where, *, raw: bool = False, files: dict | None = None):
+        """The record at ``where``: (position, inputs, outputs, prompts), its bytes as written (``raw``), or None
+        if it is gone or damaged. ``files``: segment -> open file, for the caller to close (else opened here)."""
+        segment, offset, size = where
+        try:
+            if files is None:
+                with open(self._path(segment), "rb") as f:
+                    data = os.pread(f.fileno(), size, offset)
+            else:
+                if segment not in files:
+                    files[segment] = open(self._path(segment), "rb")
+                data = os.pread(files[segment].fileno(), size, offset)
+        except OSError:
+            data = b""
+        parsed = _parse(data, 0) if len(data) == size else None
+        if parsed is None:
+            logger.error(f"Audit record at {self._path(segment)}:{offset} is missing or damaged")
+            return None
+        return [data] if raw else parsed[1]
+
+    def _load(self) -> None:
+        """Reads the index of every segment back (a node restarting), cuts damaged tails, drops what is past
+        retention."""
+        found = 0
+        for path in sorted(self.folder.glob("*.audit"), key=lambda p: int(p.stem) if p.stem.isdigit() else -1):
+            if not path.stem.isdigit():
+                continue
+            segment, valid = int(path.stem), 0
+            info = self._segments[segment] = {"size": 0, "last": float("-inf"), "sessions": set()}
+            with open(path, "r+b") as f:
+                size = os.fstat(f.fileno()).st_size
+                data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+                try:
+                    while (parsed := _parse(data, valid, header_only=True)) is not None:
+                        length, (session_id, step, position, start, end, at) = parsed
+                        entry = self._entry(session_id, start, end, at)
+                        self._forget(entry["steps"].get(step))
+                        entry["steps"][step] = (segment, valid, length)
+                        entry["segments"].add(segment)
+                        info["sessions"].add(session_id)
+                        info["last"] = max(info["last"], at)
+                        self._memory += STEP_INDEX_BYTES
+                        valid += length
+                        found += 1
+                finally:
+                    if size:
+                        data.close()
+                if valid < size:
+                    logger.warning(f"Audit log {path}: {size - valid} bytes cut short or damaged at its end, cut off")
+                    f.truncate(valid)
+            info["size"] = valid
+            self._disk += valid
+        # sessions were entered in file order; retention counts from each one's last step
+        for session_id in sorted(self._sessions, key=lambda s: self._sessions[s]["touched"]):
+            self._sessions.move_to_end(session_id)
+        self._prune()
+        if found:
+            logger.info(
+                f"Audit log: {found} steps of {len(self._sessions)} sessions kept from before this start "
+                f"({self._disk} bytes in {self.folder})"
+            )
 
 
-def _size(kept: tuple) -> int:
-    return sum(t.numel() * t.element_size() for t in kept[1:] if t is not None)
+def _lock_folder(folder: Path) -> int:
+    """Holds ``folder`` for this process (two nodes appending to one folder would garble each other's records)."""
+    fd = os.open(folder / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ValueError(
+            f"the audit folder {folder} is in use by another live node: give each node its own --audit-dir"
+        ) from None
+    return fd
+
+
+def _copy(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach().cpu().clone()
+
+
+def _parse(data, offset: int, *, header_only: bool = False):
+    """(record length, its meta (session id, step, position, start, end, time) if ``header_only``, else
+    (position, inputs, outputs, prompts)) of the record at ``offset``, or None if it is cut short or damaged."""
+    end = offset + PREFIX.size
+    if len(data) < end:
+        return None
+    magic, length, crc = PREFIX.unpack_from(data, offset)
+    if magic != MAGIC or len(data) < end + length:
+        return None
+    body = memoryview(data)[end : end + length]
+    try:
+        if zlib.crc32(body) != crc:
+            return None
+        at, step, position, start, stop, sid_length = META.unpack_from(body, 0)
+        cursor = META.size + sid_length
+        session_id = bytes(body[META.size : cursor])
+        if header_only:
+            return PREFIX.size + length, (session_id, step, position, start, stop, at)
+        shapes = []
+        for _ in range(3):
+            code, ndim = DESC.unpack_from(body, cursor)
+            cursor += DESC.size
+            dims = struct.unpack_from(f"<{ndim}q", body, cursor)
+            cursor += 8 * ndim
+            shapes.append(None if code < 0 else (DTYPES[code], dims))
+        tensors = []
+        for shape in shapes:
+            if shape is None:
+                tensors.append(None)
+                continue
+            dtype, dims = shape
+            nbytes = dtype.itemsize * int(torch.Size(dims).numel())
+            chunk = bytearray(body[cursor : cursor + nbytes])
+            cursor += nbytes
+            tensors.append(
+                torch.frombuffer(chunk, dtype=dtype).reshape(dims) if nbytes else torch.empty(dims, dtype=dtype)
+            )
+        return PREFIX.size + length, (position, *tensors)
+    finally:
+        body.release()

@@ -50,7 +50,12 @@ class NodeConfig:
     allow_unstaked: bool = False  # with --ledger-url: start even if this node is not registered with the minimum
     # stake (it serves unpaid: gated clients do not route to it and the ledger refuses its vouchers)
     audit_retention_s: float = 900.0  # how long a session's inputs and outputs are kept for spot checks
-    audit_memory_bytes: int = 512 * 1024**2  # memory budget for those (the oldest go first); 2x the inputs-only 256 MiB
+    audit_memory_bytes: int = 512 * 1024**2  # memory budget for those: their index, or with --audit-disk-bytes 0 the
+    # records themselves. Records are never dropped before their retention: when full, the node refuses new sessions
+    audit_dir: Path | None = None  # where those are written, so a restarted node still answers audits of steps it
+    # served before; None = <key folder>/audit
+    audit_disk_bytes: int = 16 * 1024**3  # disk budget for those (when full, new sessions are refused: try another
+    # node); 0 = keep them in memory only (lost on restart, and audits of earlier steps then fail)
     audit_verifiers: str = ""  # addresses (comma separated) allowed to audit this node besides the ledger's verifiers
     # (GET /v1/verifiers); audits carry users' inputs, so nobody else gets an answer
     corrupt_rate: float = 0.0  # testing only: share of outputs this node corrupts (a cheating node for spot checks)

@@ -145,6 +145,7 @@ class InferenceStream:
             return None
         self.open = opening = Open.decode(request)
         self.start, self.end = self.steps.check_span(opening.uid)
+        self.steps.audit.admit(new=True)  # no new session while its steps' audit records could not be kept
         self.session_id = schema.bind_session(opening.session_id, self.nonce)
         return opening
 

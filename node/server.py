@@ -158,7 +158,8 @@ def check_audit_retention(ledger_url: str, retention_s: float) -> None:
         logger.warning(
             f"This node keeps audit records {retention_s:g}s but the ledger at {ledger_url} audits steps up to "
             f"{required:g}s after they are signed: audits it cannot answer count as failed. Start with "
-            f"--audit-retention-s {required:g} (and enough --audit-memory-bytes for that long of traffic)"
+            f"--audit-retention-s {required:g} (and enough --audit-disk-bytes for that long of traffic, or it refuses "
+            "new sessions while full)"
         )
 
 
@@ -192,6 +193,15 @@ class Server:
             # for as long as the chain takes them as evidence, and an hour more (clock skew)
             self.signed_work = SignedWork(
                 self.key_dir / "signed-work", window_s=max_evidence_age_from_deployment() + EVIDENCE_MARGIN_S
+            )
+            # each step's audit record, on disk in the key folder (unless kept in memory only): audits of steps served
+            # before a restart are still answered (an unanswered audit is a failed spot check)
+            on_disk = config.audit_disk_bytes > 0
+            self.audit = AuditLog(
+                max_bytes=config.audit_memory_bytes,
+                retention_s=config.audit_retention_s,
+                folder=(Path(config.audit_dir) if config.audit_dir else self.key_dir / "audit") if on_disk else None,
+                max_disk_bytes=config.audit_disk_bytes,
             )
         except BaseException:
             self.identity.release()
@@ -320,7 +330,6 @@ class Server:
         per_block = inference_rps * (end - start) if self.config.throughput is None else inference_rps
         self.throughput = min(per_block, self.network_rps)
         memory = MemoryCache(self.config.cache_memory_bytes, backend.cache_bytes_per_token(start, end, 1))
-        audit = AuditLog(max_bytes=self.config.audit_memory_bytes, retention_s=self.config.audit_retention_s)
         if self.handler is None:
             steps = NodeSteps(
                 backend,
@@ -330,7 +339,7 @@ class Server:
                 memory=memory,
                 signer=self.signer,
                 credit=self.credit,
-                audit=audit,
+                audit=self.audit,
                 payments=self.payments,
                 signing=self.signing,
                 signed_work=self.signed_work,
@@ -429,6 +438,7 @@ class Server:
             self.dht.shutdown()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.signed_work.close()
+        self.audit.close()
         self.identity.release()
         trace.dump()
 

@@ -240,6 +240,8 @@ class NodeSteps:
             self.settle_voucher(message.voucher, client)
         tokens = hidden.shape[0] * hidden.shape[1]
         self.check_credit(client, tokens, start, end)
+        # refused (cache_full) rather than served if its audit record could not be kept for the retention
+        self.audit.admit(_record_bytes(hidden, prompts), new=False)
         key = schema.work_key(session_id, start, end, schema.ReceiptKind.INFERENCE, message.step)
         replay = self.take_work(key, hidden, message.step, position)
         task = self.backend.inference_task(hidden, caches, start=start, end=end, position=position, prompts=prompts)
@@ -406,6 +408,8 @@ class NodeSteps:
 
         The receipt's session id is bound to a nonce drawn for this call (returned with it): no two calls share a
         work key, whatever session id and step the client sends."""
+        if kind == schema.ReceiptKind.FORWARD:  # audited: refused unless its record can be kept (new work)
+            self.audit.admit(_record_bytes(hidden, call.prompts), new=True)
         self.settle_voucher(call.voucher, call.client)
         tokens = hidden.shape[0] * hidden.shape[1]
         self.check_credit(call.client, tokens, start, end)
@@ -434,6 +438,11 @@ class NodeSteps:
         )
         receipt, fingerprint = await self.receipt_of(pending, call.client, key)
         return result, receipt, fingerprint, nonce
+
+
+def _record_bytes(hidden: torch.Tensor, prompts: torch.Tensor | None) -> int:
+    """An audit record's size: the inputs, an output of their shape, the prompts."""
+    return 2 * hidden.nbytes + (prompts.nbytes if prompts is not None else 0) + 256
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:

@@ -795,3 +795,51 @@ def test_each_forward_and_backward_call_gets_a_nonce_of_its_own():
 
     assert len(run(scenario)) == 3
     assert len(node.steps.signed_work) == 3
+
+
+def test_a_full_audit_log_refuses_new_sessions_and_keeps_every_record():
+    """Issue 21: an audit the node cannot answer fails, so a node whose audit budget is full refuses new sessions
+    and forward calls (cache_full: the client tries another node) and drops no record before its retention;
+    a session already open goes on. Before, the log evicted the oldest sessions, and their audits failed."""
+    node, client = make_node(), Account.create().address
+    node.steps.audit = AuditLog(max_bytes=8000, retention_s=60)
+
+    async def serve_one(talk: Conversation, sid: bytes, step: int, x: torch.Tensor):
+        await talk.send(Step(sid, step, hidden=x))
+        reply = await talk.receive()
+        assert isinstance(reply, StepReply), reply
+        return reply
+
+    async def scenario():
+        kept, refused = [], None
+        held = Conversation(node)  # opened while there is room
+        held_sid = session_id()
+        await held.send(Open(UID, held_sid, max_length=64, client=client))
+        held_nonce = (await held.receive()).session_nonce
+        await serve_one(held, held_sid, 0, hidden(4))
+        for _ in range(50):
+            talk, sid, x = Conversation(node), session_id(), hidden(4)
+            await talk.send(Open(UID, sid, max_length=8, client=client))
+            opened = await talk.receive()
+            if isinstance(opened, NodeRPCError):
+                refused = opened
+                break
+            reply = await serve_one(talk, sid, 0, x)
+            kept.append((schema.bind_session(sid, opened.session_nonce), x, reply.output))
+            await talk.end()
+        assert refused is not None, "the audit log took 50 sessions in 8000 bytes: it evicted records"
+        assert refused.code == ErrorCode.CACHE_FULL and "audit storage full" in str(refused)
+        with pytest.raises(NodeRPCError) as error:
+            await _call(node.rpc_forward, ForwardCall(UID, hidden(2), client=client, step=0).to_request())
+        assert error.value.code == ErrorCode.CACHE_FULL
+        await serve_one(held, held_sid, 1, hidden(1))  # the open session goes on
+        for bound, x, output in kept:
+            (response,) = await _call(node.rpc_audit, audit_call(node, bound, 0).to_request())
+            answer = AuditReply.decode(response)
+            assert torch.equal(answer.inputs, x) and torch.equal(answer.outputs, output)
+        history, _, _, _ = node.steps.audit.history(schema.bind_session(held_sid, held_nonce), 1)
+        assert history.shape == (1, 5, HIDDEN)
+        await held.end()
+        return kept
+
+    assert len(run(scenario)) >= 2
