@@ -354,6 +354,13 @@ class SpotChecker:
             return None
         if receipt.kind != ReceiptKind.INFERENCE:
             return prompts  # a forward is one step over its whole input
+        first = next((r.tokens for r in self._session_rows(receipt) if r.step == 0), None)
+        if first is None or first % history.shape[0]:
+            return Verdict("inconclusive", 0, "deep prompts, but the session's first receipt is not on record")
+        return prompts[:, :, : first // history.shape[0]]
+
+    def _session_rows(self, receipt: WireReceipt) -> list:
+        """The stored receipts of the receipt's session at its node, span and kind, in step order (detached)."""
         with session_scope(self.engine) as session:
             rows = crud.session_receipts(
                 session,
@@ -363,10 +370,8 @@ class SpotChecker:
                 block_start=receipt.block_start,
                 block_end=receipt.block_end,
             )
-            first = next((r.tokens for r in rows if r.step == 0), None)
-        if first is None or first % history.shape[0]:
-            return Verdict("inconclusive", 0, "deep prompts, but the session's first receipt is not on record")
-        return prompts[:, :, : first // history.shape[0]]
+            session.expunge_all()
+            return list(rows)
 
     def _prefix_consistent(self, receipt: WireReceipt, history: torch.Tensor) -> bool | None:
         """Whether each earlier step's slice of the audited history hashes to that step's signed input commitment,
@@ -374,16 +379,9 @@ class SpotChecker:
         receipt, a single-shot forward)."""
         if receipt.kind != ReceiptKind.INFERENCE:
             return None
-        with session_scope(self.engine) as session:
-            rows = crud.session_receipts(
-                session,
-                session_id=receipt.session_id,
-                node=receipt.node,
-                kind=receipt.kind,
-                block_start=receipt.block_start,
-                block_end=receipt.block_end,
-            )
-            segments = [(r.step, r.tokens, r.input_commitment) for r in rows if r.step <= receipt.step]
+        segments = [
+            (r.step, r.tokens, r.input_commitment) for r in self._session_rows(receipt) if r.step <= receipt.step
+        ]
         batch = history.shape[0]
         if [step for step, _, _ in segments] != list(range(receipt.step + 1)) or any(t % batch for _, t, _ in segments):
             return None
