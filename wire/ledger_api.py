@@ -426,9 +426,11 @@ class LedgerPaymentPolicy:
             except (httpx.HTTPError, LedgerError) as e:
                 backoff = min(max(backoff * 2, 0.5), 30.0)
                 logger.warning(f"Could not reach the ledger ({e}); retrying in {backoff:.1f}s")
-            if self._stopping.is_set() and (not self.pending() or time.monotonic() > deadline):
-                return
             if self._stopping.is_set():
+                if deadline is None:  # stopping was asked while this pass flushed
+                    deadline = time.monotonic() + 25.0
+                if not self.pending() or time.monotonic() > deadline:
+                    return
                 backoff = min(backoff, 1.0)
 
     def _flush_once(self) -> bool:
