@@ -12,7 +12,8 @@ Routing measures before it trusts (issue 22): a record is a peer's claim, so
 - a peer not pinged yet counts as ``UNMEASURED_LATENCY`` away, one whose ping failed as a connect timeout away, so
   a lane that accepts and never answers is tried last, not first;
 - a ban lasts at least the connect timeout (a failure that took a timeout to show must not expire before the retry
-  that would hit it again) and doubles per peer until the peer serves a step well (``mark_ok``);
+  that would hit it again) and doubles per peer until the peer serves a step well (``mark_ok``); after it, the peer
+  counts as unreachable until a new ping (``REPING_AFTER``) answers;
 - a peer whose record's Ethereum address is not proven (``nectar.wire.swarm`` blanks it) is never routed to: it
   could not be paid, and could not be held to stake or reputation.
 """
@@ -181,6 +182,11 @@ class RemoteSequenceManager:
             length = min(max(length, floor), max(self.config.max_backoff, floor))
             self._ban_length[peer_id] = length
             self._banned_until[peer_id] = time.monotonic() + length
+            # after its ban, it counts as unreachable until a new ping answers: a peer that accepts and never
+            # answers must not come back as the cheapest hop
+            self._latency.pop(peer_id, None)
+            self._ping_failed[peer_id] = time.monotonic()
+            _bound(self._ping_failed)
             _bound(self._ban_length)
             _bound(self._banned_until)
         logger.warning(f"Avoiding peer {peer_id} for {length:.1f}s: {reason}")
