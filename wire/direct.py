@@ -23,12 +23,13 @@ from hivemind.proto.p2pd_pb2 import RPCError
 from hivemind.utils import MSGPackSerializer
 
 from nectar.wire.protocol import ErrorCode
-from nectar.wire.transport import StreamHandler, send_data, send_message, stream_handler
+from nectar.wire.transport import DEFAULT_MAX_FRAME_BYTES, StreamHandler, send_data, send_message, stream_handler
 
 logger = logging.getLogger(__name__)
 
 HELLO_LIMIT = 1024  # bytes; the hello frame only names an RPC
 HELLO_TIMEOUT = 10.0  # s a connection may take to say which RPC it wants
+DEFAULT_CONNECTIONS_PER_ADDRESS = 256  # open connections one remote host may hold (each carries one stream)
 
 
 class DirectCallError(Exception):
@@ -36,13 +37,30 @@ class DirectCallError(Exception):
 
 
 class DirectServer:
-    """Serves ``handlers`` (RPC name -> stream handler) on a TCP port; one connection carries one stream."""
+    """Serves ``handlers`` (RPC name -> stream handler) on a TCP port; one connection carries one stream.
 
-    def __init__(self, handlers: Mapping[str, StreamHandler], *, local_id, max_prefetch: int = 8):
+    :param max_frame_bytes: frames declaring more are refused from their header (``transport.frame_limit``)
+    :param max_connections_per_address: open connections one remote host may hold; more are answered with an error
+        and closed, so one address cannot take every socket and buffer of the node
+    """
+
+    def __init__(
+        self,
+        handlers: Mapping[str, StreamHandler],
+        *,
+        local_id,
+        max_prefetch: int = 8,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        max_connections_per_address: int = DEFAULT_CONNECTIONS_PER_ADDRESS,
+    ):
         self.handlers = {
-            name: stream_handler(name, handler, local_id=local_id, max_prefetch=max_prefetch)
+            name: stream_handler(
+                name, handler, local_id=local_id, max_prefetch=max_prefetch, max_frame_bytes=max_frame_bytes
+            )
             for name, handler in handlers.items()
         }
+        self.max_connections_per_address = max_connections_per_address
+        self.connections: dict[str, int] = {}  # remote host -> open connections
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int = 0) -> int:
@@ -58,7 +76,28 @@ class DirectServer:
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         remote = writer.get_extra_info("peername")
-        remote_id = f"tcp:{remote[0]}:{remote[1]}" if remote else "tcp:?"
+        host = remote[0] if remote else "?"
+        if self.connections.get(host, 0) >= self.max_connections_per_address:
+            with closing(writer), suppress(Exception):
+                await send_message(
+                    RPCError(
+                        message=f"{ErrorCode.TOO_LARGE.value}: {host} already holds {self.max_connections_per_address} "
+                        f"connections to this node's direct lane (its limit per address): close idle ones, or use P2P"
+                    ),
+                    writer,
+                )
+            return
+        self.connections[host] = self.connections.get(host, 0) + 1
+        try:
+            await self._serve(host, remote, reader, writer)
+        finally:
+            if self.connections[host] <= 1:
+                del self.connections[host]
+            else:
+                self.connections[host] -= 1
+
+    async def _serve(self, host: str, remote, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        remote_id = f"tcp:{host}:{remote[1]}" if remote else "tcp:?"
         try:
             name = await asyncio.wait_for(self._read_hello(reader), HELLO_TIMEOUT)
         except Exception as e:
