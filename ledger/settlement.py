@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import time
 import uuid
@@ -25,6 +26,7 @@ from nectar.ledger.models import Epoch, EpochStatus, Settlement, SettlementStatu
 from nectar.service.db import session_scope
 
 logger = logging.getLogger(__name__)
+RECHECK_CLIENTS = 50  # clients of retired vouchers whose escrow is read again per run (bounds the chain calls)
 
 
 def crash_point(settings: Settings, name: str) -> None:
@@ -56,7 +58,9 @@ class EpochSettler:
         self.blocked = False  # set when another worker's (possibly dead) lease held an epoch: retry after it lapses
 
     def run(self, *, close: bool = True) -> list[int]:
-        """Close the collecting epoch (if asked and there is anything in it), then advance every unfinished epoch."""
+        """Close the collecting epoch (if asked and there is anything in it), then advance every unfinished epoch.
+        Retired vouchers (refused on chain for want of escrow) count as something only once their client has funds."""
+        self._requeue_funded()
         if close:
             with session_scope(self.engine) as session:
                 crud.close_epoch(session)
@@ -77,6 +81,29 @@ class EpochSettler:
             if not finished:
                 break
         return advanced
+
+    def _requeue_funded(self) -> None:
+        """Puts retired vouchers back in the queue when their client has escrow (or a reserve for the node) again, so
+        a client that tops up still pays what it owes; at most ``RECHECK_CLIENTS`` clients are read per run."""
+        with session_scope(self.engine) as session:
+            nodes_of: dict[str, set[str]] = {}
+            for v in crud.retired_vouchers(session):
+                nodes_of.setdefault(v.client, set()).add(v.node)
+        clients = random.sample(sorted(nodes_of), min(len(nodes_of), RECHECK_CLIENTS))
+        funded = []
+        for client in clients:
+            try:
+                if int(self.chain.escrow_balance(client)) > 0 or any(
+                    int(self.chain.reserve_of(client, node)["amount"]) > 0 for node in nodes_of[client]
+                ):
+                    funded.append(client)
+            except Exception as e:  # chain unreachable: they stay retired until the next run
+                logger.warning(f"Could not read the escrow of {client} ({type(e).__name__}: {e}); retrying next run")
+                return
+        if funded:
+            with session_scope(self.engine) as session:
+                count = crud.requeue_retired(session, clients=funded)
+            logger.info(f"{count} retired voucher(s) of {len(funded)} client(s) with funds again go back in the queue")
 
     def _claim(self, number: int) -> bool:
         with session_scope(self.engine) as session:
@@ -248,7 +275,7 @@ class EpochSettler:
     @staticmethod
     def _log_unsettled(errors: list[str]) -> None:
         for error in errors:
-            logger.error(f"Voucher not settled (the client must top up escrow or send a valid voucher): {error}")
+            logger.error(f"Voucher not settled, retired until its client has funds or sends a higher voucher: {error}")
 
     def _settle_individually(self, batch_id: int, items: list) -> None:
         errors = []

@@ -14,15 +14,40 @@ from nectar.ledger.deps import StateDep
 from nectar.ledger.intake import Malformed, Reason, check_receipt, check_voucher, parse_receipt_item, parse_voucher_item
 from nectar.ledger.schemas import BatchResult, ItemResult, ReceiptBatch, VoucherBatch
 from nectar.ledger.stakes import NoChain
-from nectar.wire.ledger_api import PREFIX, RECEIPTS, VOUCHERS
+from nectar.wire.ledger_api import MAX_FINGERPRINT_BYTES, MAX_ITEM_STRING_CHARS, PREFIX, RECEIPTS, VOUCHERS
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix=PREFIX, tags=["submissions"])
 
 
+def _oversized(item, path: str = "") -> str | None:
+    """Names the first field of a submitted item over its size bound (checked before parsing, so nothing oversized is
+    decoded or stored): ``fingerprintBytes`` at most ``MAX_FINGERPRINT_BYTES``, any other string
+    ``MAX_ITEM_STRING_CHARS``; items nest at most two levels (``{"receipt": {...}}``)."""
+    if not isinstance(item, dict):
+        return None
+    for key, value in item.items():
+        name = f"{path}{key}"
+        if isinstance(value, dict):
+            if path:
+                return f"{name} nests too deep (an item is at most {{'receipt'|'voucher': {{...}}, ...}})"
+            if problem := _oversized(value, f"{name}."):
+                return problem
+        elif isinstance(value, list):
+            return f"{name} is a list; no field of an item is"
+        elif isinstance(value, str):
+            limit = 2 + 2 * MAX_FINGERPRINT_BYTES if name == "fingerprintBytes" else MAX_ITEM_STRING_CHARS
+            if len(value) > limit:
+                return f"{name} has {len(value)} characters, at most {limit} allowed"
+    return None
+
+
 def _parse_all(items: list, parse) -> list:
     parsed, errors = [], []
     for index, item in enumerate(items):
+        if problem := _oversized(item):
+            errors.append({"index": index, "error": problem})
+            continue
         try:
             parsed.append(parse(item))
         except Malformed as e:
