@@ -23,7 +23,16 @@ from hivemind.proto.p2pd_pb2 import RPCError
 from hivemind.utils import MSGPackSerializer
 
 from nectar.wire.protocol import ErrorCode
-from nectar.wire.transport import DEFAULT_MAX_FRAME_BYTES, StreamHandler, send_data, send_message, stream_handler
+from nectar.wire.transport import (
+    DEFAULT_MAX_FRAME_BYTES,
+    RESPONSE_FRAME_LIMIT,
+    FrameTooLarge,
+    StreamHandler,
+    receive_frame,
+    send_data,
+    send_message,
+    stream_handler,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -141,9 +150,14 @@ async def send_hello(name: str, writer: asyncio.StreamWriter) -> None:
 
 
 async def call_stream_direct(
-    address: str, name: str, requests: AsyncIterator[runtime_pb2.ExpertRequest]
+    address: str,
+    name: str,
+    requests: AsyncIterator[runtime_pb2.ExpertRequest],
+    *,
+    max_frame_bytes: int = RESPONSE_FRAME_LIMIT,
 ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-    """Opens the stream RPC ``name`` at a node's direct address (what ``transport.call_stream`` does over P2P)."""
+    """Opens the stream RPC ``name`` at a node's direct address (what ``transport.call_stream`` does over P2P); an
+    answer declaring more than ``max_frame_bytes`` is refused before it is read."""
     host, port = parse_address(address)
     reader, writer = await asyncio.open_connection(host, port)
     await send_hello(name, writer)
@@ -158,9 +172,11 @@ async def call_stream_direct(
             try:
                 while True:
                     try:
-                        response, error = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, reader)
+                        response, error = await receive_frame(runtime_pb2.ExpertResponse, reader, max_frame_bytes)
                     except (asyncio.IncompleteReadError, ConnectionError):
                         break  # the node closed the stream
+                    except FrameTooLarge as e:
+                        raise DirectCallError(f"{name} at {address} answered with {e}") from None
                     if error is not None:
                         raise DirectCallError(f"{name} at {address} failed: {error.message}")
                     yield response

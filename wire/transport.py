@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import closing, suppress
 
-from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.p2p import P2P, P2PContext, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.proto.p2pd_pb2 import RPCError
 
@@ -25,9 +25,8 @@ logger = logging.getLogger(__name__)
 
 CALLER_CLOSE_TIMEOUT = 10.0  # s a finished stream waits for the caller's end of stream before closing
 CALLER_LINGER = 1.0  # s it then waits for the caller to close its side (callers that read to the end don't)
-DEFAULT_MAX_FRAME_BYTES = (
-    64 * 1024**2
-)  # a stream's frame limit where the caller names none (frame_limit's for 2k hidden)
+DEFAULT_MAX_FRAME_BYTES = 64 * 1024**2  # a served stream's frame limit where none is named (a node names its own)
+RESPONSE_FRAME_LIMIT = 1024**3  # the largest answer a caller reads (a node lying about a length gets no more)
 
 
 def frame_limit(hidden_size: int, max_tokens: int = MAX_TOKENS_PER_REQUEST) -> int:
@@ -183,10 +182,41 @@ async def _until_closed(reader: asyncio.StreamReader) -> None:
 
 
 async def call_stream(
-    p2p: P2P, peer_id: PeerID, name: str, requests: AsyncIterator[runtime_pb2.ExpertRequest]
+    p2p: P2P,
+    peer_id: PeerID,
+    name: str,
+    requests: AsyncIterator[runtime_pb2.ExpertRequest],
+    *,
+    max_frame_bytes: int = RESPONSE_FRAME_LIMIT,
 ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-    """Opens the stream RPC ``name`` at ``peer_id``; remote errors surface as ``P2PHandlerError`` with the text."""
-    return await p2p.iterate_protobuf_handler(peer_id, name, requests, runtime_pb2.ExpertResponse)
+    """Opens the stream RPC ``name`` at ``peer_id`` (hivemind's ``iterate_protobuf_handler``, with each answer's
+    declared length checked before it is read); remote errors surface as ``P2PHandlerError`` with the text."""
+    _, reader, writer = await p2p.call_binary_stream_handler(peer_id, name)
+
+    async def write_requests() -> None:
+        async for request in requests:
+            await send_message(request, writer)
+        await send_message(P2P.END_OF_STREAM, writer)
+
+    async def read_responses() -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        with closing(writer):
+            try:
+                while True:
+                    try:
+                        response, error = await receive_frame(runtime_pb2.ExpertResponse, reader, max_frame_bytes)
+                    except asyncio.IncompleteReadError:  # the node closed the stream
+                        break
+                    except FrameTooLarge as e:
+                        raise P2PHandlerError(f"{peer_id} answered {name} with {e}") from None
+                    if error is not None:
+                        raise P2PHandlerError(f"Failed to call handler `{name}` at {peer_id}: {error.message}")
+                    yield response
+                await writing
+            finally:
+                writing.cancel()
+
+    writing = asyncio.create_task(write_requests())
+    return read_responses()
 
 
 async def call_once(
