@@ -494,7 +494,7 @@ def retired_amounts(session: Session) -> dict[int, int]:
     """Voucher id -> the highest amount the chain refused to pay on it (a ``skipped`` settlement item: the client's
     escrow did not cover it, or the voucher failed on chain). A voucher not above that amount is retired: recorded as
     unpaid (the reason is its settlement's ``last_error``) and not sent again until a higher voucher comes or the
-    client has funds (``requeue_retired``), so it cannot keep every epoch open (issue 22)."""
+    chain would pay it (``requeue_retired``), so it cannot keep every epoch open (issue 22)."""
     out: dict[int, int] = {}
     rows = session.execute(
         select(SettlementItem.voucher_id, SettlementItem.cumulative_amount).where(SettlementItem.status == "skipped")
@@ -524,12 +524,12 @@ def retired_vouchers(session: Session) -> list[Voucher]:
     ]
 
 
-def requeue_retired(session: Session, *, clients: Sequence[str]) -> int:
-    """The retired vouchers of ``clients`` (who have funds again) go back in the queue: their skipped items become
-    ``requeued``. Returns how many items."""
+def requeue_retired(session: Session, *, voucher_ids: Sequence[int]) -> int:
+    """Retired vouchers the chain would now pay go back in the queue: their skipped items become ``requeued``.
+    Returns how many items."""
     result = session.execute(
         update(SettlementItem)
-        .where(SettlementItem.status == "skipped", SettlementItem.client.in_(list(clients)))
+        .where(SettlementItem.status == "skipped", SettlementItem.voucher_id.in_(list(voucher_ids)))
         .values(status="requeued")
     )
     return result.rowcount

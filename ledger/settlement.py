@@ -83,27 +83,27 @@ class EpochSettler:
         return advanced
 
     def _requeue_funded(self) -> None:
-        """Puts retired vouchers back in the queue when their client has escrow (or a reserve for the node) again, so
-        a client that tops up still pays what it owes; at most ``RECHECK_CLIENTS`` clients are read per run."""
+        """Puts a retired voucher back in the queue once the chain would pay on it: its client's free escrow covers
+        its rise, or the client holds a reserve for its node (drawn on in part). A client keeping a token balance
+        below what it owes keeps its vouchers retired. At most ``RECHECK_CLIENTS`` clients are read per run."""
         with session_scope(self.engine) as session:
-            nodes_of: dict[str, set[str]] = {}
+            owed: dict[str, list[tuple[int, str, int]]] = {}
             for v in crud.retired_vouchers(session):
-                nodes_of.setdefault(v.client, set()).add(v.node)
-        clients = random.sample(sorted(nodes_of), min(len(nodes_of), RECHECK_CLIENTS))
-        funded = []
-        for client in clients:
+                owed.setdefault(v.client, []).append((v.id, v.node, v.cumulative_amount - v.settled_amount))
+        ready = []
+        for client in random.sample(sorted(owed), min(len(owed), RECHECK_CLIENTS)):
             try:
-                if int(self.chain.escrow_balance(client)) > 0 or any(
-                    int(self.chain.reserve_of(client, node)["amount"]) > 0 for node in nodes_of[client]
-                ):
-                    funded.append(client)
+                free = int(self.chain.escrow_balance(client))
+                for voucher_id, node, rise in owed[client]:
+                    if free >= rise or int(self.chain.reserve_of(client, node)["amount"]) > 0:
+                        ready.append(voucher_id)
             except Exception as e:  # chain unreachable: they stay retired until the next run
                 logger.warning(f"Could not read the escrow of {client} ({type(e).__name__}: {e}); retrying next run")
                 return
-        if funded:
+        if ready:
             with session_scope(self.engine) as session:
-                count = crud.requeue_retired(session, clients=funded)
-            logger.info(f"{count} retired voucher(s) of {len(funded)} client(s) with funds again go back in the queue")
+                crud.requeue_retired(session, voucher_ids=ready)
+            logger.info(f"{len(ready)} retired voucher(s) whose client has funds again go back in the queue")
 
     def _claim(self, number: int) -> bool:
         with session_scope(self.engine) as session:
