@@ -39,6 +39,10 @@ HEALTH = "/health"  # GET, outside PREFIX
 
 
 # ---- JSON shapes ---------------------------------------------------------------------------------------------------
+MAX_FINGERPRINT_BYTES = 64  # a receipt item's fingerprintBytes (a compute descriptor is 8); more is refused, not stored
+MAX_ITEM_STRING_CHARS = 256  # any other string in a receipt or voucher item (hex fields, addresses, decimal amounts)
+
+
 def receipt_item(signed: SignedReceipt, fingerprint: bytes | None, countersignature: bytes | None = None) -> dict:
     """One entry of a receipts submission: the signed receipt and its fingerprint's bytes; from a client, also its
     countersignature (``eip712.countersign_receipt``), with which the fingerprint may be None (not received)."""

@@ -14,15 +14,51 @@ from nectar.ledger.deps import StateDep
 from nectar.ledger.intake import Malformed, Reason, check_receipt, check_voucher, parse_receipt_item, parse_voucher_item
 from nectar.ledger.schemas import BatchResult, ItemResult, ReceiptBatch, VoucherBatch
 from nectar.ledger.stakes import NoChain
-from nectar.wire.ledger_api import PREFIX, RECEIPTS, VOUCHERS
+from nectar.wire.fingerprints import ComputeSpec
+from nectar.wire.ledger_api import MAX_FINGERPRINT_BYTES, MAX_ITEM_STRING_CHARS, PREFIX, RECEIPTS, VOUCHERS
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix=PREFIX, tags=["submissions"])
 
 
+def _oversized(item, path: str = "") -> str | None:
+    """Names the first field of a submitted item over its size bound (checked before parsing, so nothing oversized is
+    decoded or stored): any string but ``fingerprintBytes`` (``_drop_oversized_fingerprints``) at most
+    ``MAX_ITEM_STRING_CHARS``; items nest at most two levels (``{"receipt": {...}}``)."""
+    if not isinstance(item, dict):
+        return None
+    for key, value in item.items():
+        name = f"{path}{key}"
+        if isinstance(value, dict):
+            if path:
+                return f"{name} nests too deep (an item is at most {{'receipt'|'voucher': {{...}}, ...}})"
+            if problem := _oversized(value, f"{name}."):
+                return problem
+        elif isinstance(value, list):
+            return f"{name} is a list; no field of an item is"
+        elif isinstance(value, str) and name != "fingerprintBytes" and len(value) > MAX_ITEM_STRING_CHARS:
+            return f"{name} has {len(value)} characters, at most {MAX_ITEM_STRING_CHARS} allowed"
+    return None
+
+
+def _drop_oversized_fingerprints(items: list) -> dict[int, int]:
+    """Index -> size of each item whose ``fingerprintBytes`` is over ``MAX_FINGERPRINT_BYTES``: those bytes are
+    dropped unread (the item is rejected as ``bad_fingerprint``, so an old node's batch still stores the rest)."""
+    oversized = {}
+    for index, item in enumerate(items):
+        raw = item.get("fingerprintBytes") if isinstance(item, dict) else None
+        if isinstance(raw, str) and len(raw) > 2 + 2 * MAX_FINGERPRINT_BYTES:
+            oversized[index] = len(raw.removeprefix("0x")) // 2
+            items[index] = {**item, "fingerprintBytes": "0x"}
+    return oversized
+
+
 def _parse_all(items: list, parse) -> list:
     parsed, errors = [], []
     for index, item in enumerate(items):
+        if problem := _oversized(item):
+            errors.append({"index": index, "error": problem})
+            continue
         try:
             parsed.append(parse(item))
         except Malformed as e:
@@ -115,6 +151,7 @@ def _summarise(verdicts, leaves=None) -> BatchResult:
 def submit_receipts(batch: ReceiptBatch, state: StateDep) -> BatchResult:
     if len(batch.receipts) > state.settings.max_batch:
         raise HTTPException(413, f"at most {state.settings.max_batch} receipts per request; split the batch")
+    oversized = _drop_oversized_fingerprints(batch.receipts)
     parsed = _parse_all(batch.receipts, parse_receipt_item)
     domain = state.domains.get()
     now, settings = time.time(), state.settings
@@ -130,6 +167,12 @@ def submit_receipts(batch: ReceiptBatch, state: StateDep) -> BatchResult:
         )
         for signed, fingerprint, countersignature in parsed
     ]
+    for index, size in oversized.items():
+        checked[index].reason = Reason.BAD_FINGERPRINT
+        checked[index].message = (
+            f"fingerprintBytes of {size} bytes; at most {MAX_FINGERPRINT_BYTES} are taken (a compute descriptor is "
+            f"{len(ComputeSpec().encode())}): run a node of this release"
+        )
     _gate_work(state, checked)
     try:
         verdicts = _with_retries(state, lambda session: _store(state, session, checked))
