@@ -58,6 +58,10 @@ class Settings(ServiceSettings):
     # skipped while there is no deployment file (then nothing can be settled anyway)
     stake_cache_seconds: float = 10.0  # how old the registry table of GET /v1/stakes may get
     stake_refresh_seconds: float = 30.0  # beat: how often reputation's stake column is re-read from the chain
+    chain_read_cache_s: float = 2.0  # GET /v1/backing/{c}/{n} and /v1/stakes/{a}: how long an answer is reused per
+    # key (nodes cache backing 10 s anyway); the operator gets a fresh read with ?fresh=true and the admin token
+    chain_read_cache_keys: int = 10_000  # answers kept at once (the oldest dropped)
+    chain_reads_per_second: float = 20.0  # those routes' chain reads for keys not cached, in all (then 503, retry)
     # reputation inputs nobody can forge (docs/economics.md, "Reputation inputs"): work counts only when the client
     # countersigned it and paid the node on chain or holds a reserve for it (up to that amount); reports likewise
     work_backed_ttl_s: float = 60.0  # how long a chain read of a client's reserve for a node is trusted
