@@ -61,6 +61,8 @@ class Settings(ServiceSettings):
     chain_read_cache_s: float = 2.0  # GET /v1/backing/{c}/{n} and /v1/stakes/{a}: how long an answer is reused per
     # key (nodes cache backing 10 s anyway); the operator gets a fresh read with ?fresh=true and the admin token
     chain_read_cache_keys: int = 10_000  # answers kept at once (the oldest dropped)
+    unregistered_receipts_per_key: int = 1_000  # receipts kept (as evidence only) per key the registry does not know
+    unregistered_receipts_total: int = 100_000  # and for all such keys together; past either, new ones are refused
     chain_reads_per_second: float = 20.0  # those routes' chain reads for keys not cached, in all (then 503, retry)
     # reputation inputs nobody can forge (docs/economics.md, "Reputation inputs"): work counts only when the client
     # countersigned it and paid the node on chain or holds a reserve for it (up to that amount); reports likewise
