@@ -50,7 +50,7 @@ class Settings(ServiceSettings):
     fee_bps: int = 100  # protocol fee in basis points, as the Settlement contract charges (informational here)
     credit_limit: int = 10**16  # credit wei of unpaid work a node grants a client (nodes read it from /v1/config)
 
-    spot_check_fraction: float = 0.02  # q: share of an epoch's receipts re-executed after it closes
+    spot_check_fraction: float = 0.01  # q: share of an epoch's receipts re-executed after it closes (docs/economics.md)
     spot_check_secret: str = DEVNET_SPOT_CHECK_SECRET  # mixed with the epoch root so nodes cannot predict picks
     spot_check_reputation_penalty: float = 0.5  # each failed spot check multiplies a node's score by this
     reference_stake: int = 10**18  # stake (wei) that earns the full stake component of reputation
