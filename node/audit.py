@@ -8,7 +8,8 @@ An audit the node cannot answer counts as a failed spot check (issue 21), so a r
 ``retention_s`` old (counted from its session's last step: later steps' audits need the session's first inputs):
 
 - With a ``folder`` (a node's ``<key folder>/audit``, which it holds alone) each step's record is appended to a
-  segment file of its time bucket by a writer thread (``record`` returns a future the step awaits before its receipt
+  segment file of its time bucket by a writer thread (records up to 64 KiB at once while it is idle: cheaper than a
+  handoff; ``record`` returns a future the step awaits before its receipt
   is signed, so the event loop never waits on the disk and no receipt leaves before its record is in the kernel; no
   fsync: a killed process loses nothing the kernel has; a power cut may lose the last seconds) and memory keeps only
   where each record lies (records still queued are served from the queue); a restarted node reads the index back,
@@ -56,6 +57,8 @@ CODES = {dtype: code for code, dtype in enumerate(DTYPES)}
 STEP_INDEX_BYTES = 160  # memory a step's index entry takes (dict slot, tuple, ints), counted against max_bytes
 SESSION_INDEX_BYTES = 600
 NEW_WORK_SHARE = 7 / 8  # new sessions and calls stop at this share of a budget; open ones may use the rest
+INLINE_BYTES = 64 << 10  # a record this small is written at once when the writer is idle: a thread handoff (and
+# waking the event loop after it) costs more than the write (decode steps); larger ones (prefills) go to the writer
 
 
 class _Write:
@@ -73,7 +76,7 @@ class _Write:
             size,
             raw,
         )
-        self.future: Future = Future()
+        self.future: Future | None = None  # made when queued (a small record written at once needs none)
 
     def record_bytes(self) -> bytes:
         """The record as it will be on disk (an audit of a step still queued)."""
@@ -210,9 +213,11 @@ class AuditLog:
                 size = sum(t.nbytes for t in kept[1:] if t is not None)
             else:
                 kept = self._append(session_id, step, position, start, end, now, (inputs, outputs, prompts))
-                done, size = kept.future, 0
-                entry["segments"].add(kept.segment)
-                self._segments[kept.segment]["sessions"].add(session_id)
+                size, segment = 0, kept.segment if isinstance(kept, _Write) else kept[0]
+                if isinstance(kept, _Write):
+                    done = kept.future
+                entry["segments"].add(segment)
+                self._segments[segment]["sessions"].add(session_id)
             self._forget(entry["steps"].get(step))
             entry["steps"][step] = kept
             self._memory += STEP_INDEX_BYTES + size
@@ -224,6 +229,7 @@ class AuditLog:
         """Waits until every queued record is written."""
         if self._writer is not None:
             marker = _Write(None, None, None, [], 0, True)
+            marker.future = Future()
             self._queue.put(marker)
             marker.future.result()
 
@@ -344,8 +350,9 @@ class AuditLog:
     def _path(self, segment: int) -> Path:
         return self.folder / f"{segment}.audit"
 
-    def _append(self, session_id, step, position, start, end, now, tensors) -> _Write:
-        """Queues a step's record: its header and views of its tensors (checksummed and written by the writer)."""
+    def _append(self, session_id, step, position, start, end, now, tensors) -> _Write | tuple[int, int, int]:
+        """Queues a step's record (its header and views of its tensors, checksummed and written by the writer), or
+        writes a small one at once while the writer is idle: (segment, offset, size)."""
         parts = [META.pack(now, step, position, start, end, len(session_id)), bytes(session_id)]
         payloads = []
         for tensor in tensors:
@@ -355,9 +362,20 @@ class AuditLog:
             tensor = tensor.detach().cpu().contiguous()
             parts.append(DESC.pack(CODES[tensor.dtype], tensor.ndim) + struct.pack(f"<{tensor.ndim}q", *tensor.shape))
             payloads.append(tensor.reshape(-1).view(torch.uint8).numpy())
-        return self._enqueue(session_id, step, parts + payloads, now, raw=False)
+        write = self._enqueue(session_id, step, parts + payloads, now, raw=False, queue=False)
+        if write.size <= INLINE_BYTES and self._queued == write.size:  # only this one: the writer is idle
+            try:
+                where = self._write(write)
+            except Exception as e:
+                self._failed(write, e)
+                raise
+            self._queued -= write.size
+            return where
+        write.future = Future()
+        self._queue.put(write)
+        return write
 
-    def _enqueue(self, session_id, step, parts: list, now: float, *, raw: bool) -> _Write:
+    def _enqueue(self, session_id, step, parts: list, now: float, *, raw: bool, queue: bool = True) -> _Write:
         """Counts a record against the budgets and its segment (so ``admit`` and ``_prune`` see it at once) and hands
         it to the writer."""
         size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts) + (0 if raw else PREFIX.size)
@@ -368,7 +386,9 @@ class AuditLog:
         self._disk += size
         self._queued += size
         write = _Write(session_id, step, segment, parts, size, raw)
-        self._queue.put(write)
+        if queue:
+            write.future = Future()
+            self._queue.put(write)
         return write
 
     def _write_loop(self) -> None:
@@ -381,20 +401,23 @@ class AuditLog:
             try:
                 where = self._write(write)
             except Exception as e:  # the disk (full, gone): the step fails, so no receipt is signed for it
-                logger.error(f"Audit log: could not write a record: {e}")
                 with self._lock:
-                    self._queued -= write.size
-                    info = self._segments.get(write.segment)
-                    if info is not None:  # (a dropped segment took its bytes off the disk count already)
-                        info["size"] -= write.size
-                        self._disk -= write.size
-                    self._unindex(write, None)
+                    self._failed(write, e)
                 write.future.set_exception(e)
                 continue
             with self._lock:
                 self._queued -= write.size
                 self._unindex(write, where)
             write.future.set_result(None)
+
+    def _failed(self, write: _Write, error: Exception) -> None:
+        logger.error(f"Audit log: could not write a record: {error}")
+        self._queued -= write.size
+        info = self._segments.get(write.segment)
+        if info is not None:  # (a dropped segment took its bytes off the disk count already)
+            info["size"] -= write.size
+            self._disk -= write.size
+        self._unindex(write, None)
 
     def _unindex(self, write: _Write, where) -> None:
         """The index entry of a written (or failed: None) record: where it lies instead of the queued record."""

@@ -171,9 +171,11 @@ def test_one_folder_serves_one_log_at_a_time(tmp_path):
 def test_a_writer_behind_the_disk_refuses_work_instead_of_growing_memory(tmp_path):
     """Records go to disk through a writer thread (the event loop never waits on the disk); the records waiting for
     it are bounded: past 7/8 of ``max_queue_bytes`` new work is refused, past all of it every step, with a clear
-    error, and queued records are still served to audits. Here the writer is held up by holding the log's lock."""
+    error, and queued records are still served to audits. Here the writer is held up by holding the log's lock; the
+    records are prefill-sized (small ones are written at once while the writer is idle)."""
     clock = Clock()
-    step = 2 * _row(0).nbytes
+    tokens = 16
+    step = 2 * _row(0, tokens).nbytes
     log = _disk_log(tmp_path, clock, max_queue_bytes=8 * step)
     futures = []
     with log._lock:  # the writer waits for it before each write; this thread may re-enter
@@ -181,11 +183,12 @@ def test_a_writer_behind_the_disk_refuses_work_instead_of_growing_memory(tmp_pat
         with pytest.raises(NodeRPCError) as error:
             while True:
                 log.admit(step, new=True)
-                futures.append(log.record(b"s%d" % served, 0, 0, _row(served), 0, 2, outputs=_row(served)))
+                row = _row(served, tokens)
+                futures.append(log.record(b"s%d" % served, 0, 0, row, 0, 2, outputs=row))
                 served += 1
         assert error.value.code == ErrorCode.CACHE_FULL and "audit writes are behind" in str(error.value)
         assert 5 <= served <= 7 and log.queued_bytes <= 8 * step
-        assert torch.equal(log.history(b"s1", 0)[3], _row(1))  # from the queue
+        assert torch.equal(log.history(b"s1", 0)[3], _row(1, tokens))  # from the queue
         assert not any(f.done() for f in futures[1:])
     for f in futures:
         f.result(timeout=30)
@@ -193,4 +196,4 @@ def test_a_writer_behind_the_disk_refuses_work_instead_of_growing_memory(tmp_pat
     log.admit(step, new=True)  # room again
     log.close()
     again = _disk_log(tmp_path, clock)
-    assert all(torch.equal(again.history(b"s%d" % s, 0)[3], _row(s)) for s in range(served))
+    assert all(torch.equal(again.history(b"s%d" % s, 0)[3], _row(s, tokens)) for s in range(served))
