@@ -9,13 +9,13 @@ An audit the node cannot answer counts as a failed spot check (issue 21), so a r
 
 - With a ``folder`` (a node's ``<key folder>/audit``, which it holds alone) each step's record is appended to a
   segment file of its time bucket by a writer thread (records up to 64 KiB at once while it is idle: cheaper than a
-  handoff; ``record`` returns a future the step awaits before its receipt
-  is signed, so the event loop never waits on the disk and no receipt leaves before its record is in the kernel; no
-  fsync: a killed process loses nothing the kernel has; a power cut may lose the last seconds) and memory keeps only
-  where each record lies (records still queued are served from the queue); a restarted node reads the index back,
-  so it still answers audits of steps it served before. A record cut short by a crash (or failing its checksum)
-  ends its file's valid part and is cut off. A segment is deleted once every session in it is past retention; a
-  live session's records in a segment older than that are copied forward first.
+  handoff); ``record`` returns a future the step awaits before its receipt is signed, so the event loop never waits
+  on a large write and no receipt leaves before its record is in the kernel (no fsync: a killed process loses
+  nothing the kernel has; a power cut may lose the last seconds). Memory keeps only where each record lies (records
+  still queued are served from the queue); a restarted node reads the index back, so it still answers audits of
+  steps it served before. A record cut short by a crash (or failing its checksum) ends its file's valid part and is
+  cut off. A segment is deleted once every session in it is past retention; a live session's records in a segment
+  older than that are copied forward first.
 - Without one (tests, one-off nodes) the tensors stay in memory, lost on restart.
 
 When the bytes (memory, or disk) would run out before the oldest records age out, the node refuses NEW sessions and
