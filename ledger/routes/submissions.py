@@ -6,12 +6,22 @@ import logging
 import time
 
 from fastapi import APIRouter, HTTPException
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from nectar.ledger import crud
 from nectar.ledger.deps import StateDep
-from nectar.ledger.intake import Malformed, Reason, check_receipt, check_voucher, parse_receipt_item, parse_voucher_item
+from nectar.ledger.intake import (
+    Malformed,
+    Reason,
+    bound_unregistered,
+    check_receipt,
+    check_voucher,
+    parse_receipt_item,
+    parse_voucher_item,
+)
+from nectar.ledger.models import Node, Receipt
 from nectar.ledger.schemas import BatchResult, ItemResult, ReceiptBatch, VoucherBatch
 from nectar.ledger.stakes import NoChain
 from nectar.wire.fingerprints import ComputeSpec
@@ -130,6 +140,57 @@ def _gate_work(state, checked) -> None:
             c.staked = False
 
 
+def _registered(state, node: str) -> bool:
+    """Known to the registry (registered, even below the minimum or unbonding: its stake can still be slashed); a
+    node that registered a moment ago is found as ``StakeBook.eligible`` finds it (a re-read, or a bounded direct
+    one)."""
+    entry = state.stakes.table().get(node)
+    return (entry is not None and entry.registered) or state.stakes.eligible(node)
+
+
+def _bound_unregistered(state, checked) -> None:
+    """Receipts of keys the registry does not know are evidence only (with the stake gate on): bounded per key and in
+    all (``intake.bound_unregistered``). Concurrent batches may each pass the bound once (by at most ``max_batch``)."""
+    nodes = {c.signed.receipt.node for c in checked if c.reason is None}
+    if not nodes or not state.settings.require_stake or state.stakes is None:  # ungated: unstaked work counts
+        return
+    try:
+        unregistered = {node for node in nodes if not _registered(state, node)}
+        table = state.stakes.table() if unregistered else None
+    except NoChain:
+        return
+    except Exception as e:  # chain unreachable: the submitter's queue retries the batch later
+        raise HTTPException(
+            503, f"the ledger could not read stakes from the chain ({type(e).__name__}); retry"
+        ) from None
+    if not unregistered:
+        return
+    registered = sorted({n.address for n in table.nodes.values()})
+    leaves = [c.leaf for c in checked if c.reason is None and c.signed.receipt.node in unregistered]
+    with Session(state.engine) as session:
+        rows = session.execute(select(Node.address, Node.receipts_count).where(Node.address.in_(sorted(unregistered))))
+        stored = {address: int(count or 0) for address, count in rows}
+        everyone = session.scalar(select(func.coalesce(func.sum(Node.receipts_count), 0))) or 0
+        staked = 0
+        for start in range(0, len(registered), 500):
+            chunk = registered[start : start + 500]
+            staked += (
+                session.scalar(select(func.coalesce(func.sum(Node.receipts_count), 0)).where(Node.address.in_(chunk)))
+                or 0
+            )
+        known = set(session.scalars(select(Receipt.leaf).where(Receipt.leaf.in_(leaves))))
+    settings = state.settings
+    bound_unregistered(
+        checked,
+        unregistered=unregistered,
+        stored=stored,
+        stored_total=int(everyone) - int(staked),
+        known_leaves=known,
+        per_key=settings.unregistered_receipts_per_key,
+        total=settings.unregistered_receipts_total,
+    )
+
+
 def _summarise(verdicts, leaves=None) -> BatchResult:
     results = [
         ItemResult(
@@ -174,6 +235,7 @@ def submit_receipts(batch: ReceiptBatch, state: StateDep) -> BatchResult:
             f"{len(ComputeSpec().encode())}): run a node of this release"
         )
     _gate_work(state, checked)
+    _bound_unregistered(state, checked)
     try:
         verdicts = _with_retries(state, lambda session: _store(state, session, checked))
     except _Unstorable:
