@@ -381,18 +381,24 @@ class SpendSteps(Attack):
                 self.refused(error)
                 await asyncio.sleep(1.0)
                 return
-            for index in range(self.session_tokens // self.step_tokens):
-                step = {"type": "step", "session_id": session_id, "step": index, "position": index * self.step_tokens}
-                reply, error = await stream.call(request(step, [_random_hidden(self.target, self.step_tokens)]))
+            position, index = 0, 0
+            while position + self.step_tokens <= self.session_tokens:
+                tokens = self.step_tokens
+                step = {"type": "step", "session_id": session_id, "step": index, "position": position}
+                reply, error = await stream.call(request(step, [_random_hidden(self.target, tokens)]))
                 if error is not None:
                     self.count("steps_refused")
-                    self.refused(error)
-                    await asyncio.sleep(0.5)
+                    await self.step_refused(error)
                     return
                 self.count("steps_served")
-                self.count("tokens_served", self.step_tokens)
+                self.count("tokens_served", tokens)
+                position, index = position + tokens, index + 1
         finally:
             stream.close()
+
+    async def step_refused(self, error: str) -> None:
+        self.refused(error)
+        await asyncio.sleep(0.5)
 
 
 class RotateAddresses(SpendSteps):
@@ -407,8 +413,24 @@ class Impersonate(SpendSteps):
     name = "impersonate"
     description = "unpaid prefill steps under the honest client's address"
 
+    def __init__(self, target: Target, **kwargs):
+        super().__init__(target, **kwargs)
+        self.step_tokens = type(self).step_tokens  # shrinks to fill the victim's credit to the last wei
+
     def address(self) -> str:
         return self.target.victim_address
+
+    async def step_refused(self, error: str) -> None:
+        if "credit_limit" not in error:
+            return await super().step_refused(error)
+        # the goal: the victim owes the node its whole credit limit. Fill what is left with smaller steps, and keep
+        # it full as the victim's vouchers free some
+        self.stats["victim_credit_exhausted"] = True
+        self.stats["last_credit_error"] = short(error, 120)
+        if self.step_tokens > 1:
+            self.step_tokens //= 2
+        else:
+            await asyncio.sleep(0.1)
 
 
 class OversizeFrames(Attack):
