@@ -63,6 +63,38 @@ def short(error: BaseException | str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def open_auth(target: Target, key: bytes, session_id: bytes) -> dict | None:
+    """The signature a node that authenticates opens asks for (``auth`` in the open, issue 22), made with ``key``,
+    a key the attacker owns; None where the protocol spoken has no signed opens (the node then bills the claim)."""
+    try:
+        from nectar.wire.messages import ClientAuth  # the public protocol module: any outsider may import it
+    except ImportError:
+        return None
+    try:
+        auth = ClientAuth.sign(
+            key,
+            kind="open",
+            uid=target.uid,
+            session_id=session_id,
+            step=0,
+            node=target.node_eth,
+            peer_id=target.node_peer_id,
+        )
+        return auth.to_wire()
+    except Exception as e:  # a changed signing API: go on unsigned (and be refused, which the report shows)
+        logger.debug(f"could not sign an open ({e})")
+        return None
+
+
+def eth_proof(account, peer_id: bytes) -> str:
+    """An Ethereum key's EIP-191 signature over a peer id: the proof readers may ask a record's address to carry
+    (issue 22). A sybil makes it for its own fresh keys, so the proof cannot stop sybils, only borrowed addresses."""
+    from eth_account.messages import encode_defunct
+
+    signed = Account.sign_message(encode_defunct(primitive=b"nectar/peer-address/1:" + peer_id), account.key)
+    return "0x" + bytes(signed.signature).hex()
+
+
 @dataclass
 class Target:
     """What the attacker knows of the swarm: public facts (announcements, the multiaddrs of peers)."""
@@ -74,6 +106,7 @@ class Target:
     node_peer_id: str  # base58 peer id of the honest node attacked
     node_direct: str  # HOST:PORT of its direct lane ("" if none)
     victim_address: str  # the honest client's Ethereum address (it is in every open the client sends)
+    node_eth: str = ""  # the node's receipt address (announced): what a signed open names
     options: dict = field(default_factory=dict)
 
     @property
@@ -96,7 +129,9 @@ def request(metadata: dict, tensors: list[torch.Tensor] = ()) -> runtime_pb2.Exp
         )
         for t in tensors
     ]
-    return runtime_pb2.ExpertRequest(uid=metadata.pop("uid", ""), tensors=packed, metadata=MSGPackSerializer.dumps(metadata))
+    return runtime_pb2.ExpertRequest(
+        uid=metadata.pop("uid", ""), tensors=packed, metadata=MSGPackSerializer.dumps(metadata)
+    )
 
 
 async def read_reply(reader: asyncio.StreamReader) -> tuple[dict | None, str | None]:
@@ -233,8 +268,9 @@ class SybilBlackHoles(Attack):
             while await reader.read(1 << 16):  # read everything, answer nothing
                 pass
 
-    def _info(self, index: int, address: str) -> dict:
+    def _info(self, index: int, address: str, peer_id: bytes) -> dict:
         return {
+            "eth_proof": eth_proof(self.eth[index], peer_id),
             "state": 2,  # ONLINE
             "start": 0,
             "end": self.target.num_blocks,
@@ -257,7 +293,7 @@ class SybilBlackHoles(Attack):
         host, port = "127.0.0.1", self.server.sockets[0].getsockname()[1]
         for index, key in enumerate(self.keys):
             subkey = ED25519_PEER_ID_PREFIX + key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-            info = {**self._info(index, f"{host}:{port}"), "state": state}
+            info = {**self._info(index, f"{host}:{port}", subkey), "state": state}
             keys = [block_key(self.target.model_id, i) for i in range(self.target.num_blocks)]
             for dht_key in keys:
                 stored += bool(self.dht.store(dht_key, info, expiration, subkey=subkey))
@@ -305,7 +341,9 @@ class MultiKeyValidator(hivemind.dht.validation.RecordValidatorBase):
     def __init__(self, keys: list[Ed25519PrivateKey]):
         self.keys = keys
         self._by_subkey = {
-            MSGPackSerializer.dumps(ED25519_PEER_ID_PREFIX + k.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)): k
+            MSGPackSerializer.dumps(
+                ED25519_PEER_ID_PREFIX + k.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+            ): k
             for k in keys
         }
 
@@ -349,7 +387,8 @@ class SpendSteps(Attack):
         super().__init__(target, **kwargs)
         self.concurrency = concurrency
 
-    def address(self) -> str:
+    def identity(self) -> tuple[str, bytes | None]:
+        """(the client address an open claims, the key that signs it or None)."""
         raise NotImplementedError
 
     async def attack(self) -> None:
@@ -359,7 +398,7 @@ class SpendSteps(Attack):
         while True:
             try:
                 await self._session()
-            except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError, OSError) as e:
+            except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, OSError) as e:
                 self.refused(e)
                 await asyncio.sleep(0.5)
 
@@ -367,14 +406,19 @@ class SpendSteps(Attack):
         stream = await RawStream.direct(self.target.node_direct)
         try:
             session_id = secrets.token_bytes(16)
+            address, key = self.identity()
             opening = {
                 "uid": self.target.uid,
                 "type": "open",
                 "session_id": session_id,
                 "max_length": self.session_tokens,
                 "batch_size": 1,
-                "client": self.address(),
+                "client": address,
             }
+            auth = open_auth(self.target, key, session_id) if key is not None else None
+            if auth is not None:
+                opening["auth"] = auth
+                self.stats["signed_opens"] = True
             reply, error = await stream.call(request(opening))
             self.count("sessions_opened" if error is None else "opens_refused")
             if error is not None:
@@ -405,8 +449,9 @@ class RotateAddresses(SpendSteps):
     name = "rotate"
     description = "unpaid prefill steps, a fresh throwaway client address per session"
 
-    def address(self) -> str:
-        return Account.create().address
+    def identity(self) -> tuple[str, bytes | None]:
+        account = Account.create()  # a throwaway key: signs its own opens where the node asks for signatures
+        return account.address, bytes(account.key)
 
 
 class Impersonate(SpendSteps):
@@ -417,8 +462,8 @@ class Impersonate(SpendSteps):
         super().__init__(target, **kwargs)
         self.step_tokens = type(self).step_tokens  # shrinks to fill the victim's credit to the last wei
 
-    def address(self) -> str:
-        return self.target.victim_address
+    def identity(self) -> tuple[str, bytes | None]:
+        return self.target.victim_address, None  # the victim's key is not the attacker's: claimed, never signed
 
     async def step_refused(self, error: str) -> None:
         if "credit_limit" not in error:
@@ -501,14 +546,19 @@ class CacheHolding(Attack):
     async def _open(self, max_length: int, batch: int) -> tuple[RawStream, bytes] | str:
         stream = await RawStream.direct(self.target.node_direct)
         session_id = secrets.token_bytes(16)
+        account = Account.create()  # a throwaway identity per session: per-client caps see a new client each time
         opening = {
             "uid": self.target.uid,
             "type": "open",
             "session_id": session_id,
             "max_length": max_length,
             "batch_size": batch,
-            "client": Account.create().address,
+            "client": account.address,
         }
+        auth = open_auth(self.target, bytes(account.key), session_id)
+        if auth is not None:
+            opening["auth"] = auth
+            self.stats["signed_opens"] = True
         try:
             reply, error = await stream.call(request(opening), timeout=20)
         except Exception as e:
@@ -614,7 +664,8 @@ class ConnectionFlood(Attack):
 
 
 ATTACKS: dict[str, type[Attack]] = {
-    cls.name: cls for cls in (SybilBlackHoles, RotateAddresses, Impersonate, OversizeFrames, CacheHolding, ConnectionFlood)
+    cls.name: cls
+    for cls in (SybilBlackHoles, RotateAddresses, Impersonate, OversizeFrames, CacheHolding, ConnectionFlood)
 }
 
 

@@ -56,6 +56,18 @@ LEDGER_NOTE = (
 )
 
 
+def node_args(extra: list[str]) -> list[str]:
+    """``NODE_ARGS`` plus the flags a paid node of this checkout needs to serve without a ledger: after issue 22 it
+    refuses to start unless told to trust vouchers (each signed client then gets --credit-limit)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "nectar.cli", "node", "--help"], capture_output=True, text=True, env=os.environ
+    ).stdout
+    args = list(NODE_ARGS)
+    if "--trust-vouchers" in out:
+        args.append("--trust-vouchers")
+    return args + extra
+
+
 def tiny_checkpoint() -> Path:
     from nectar.models.tiny import save_tiny_checkpoint
 
@@ -204,17 +216,27 @@ def group_rss_mib(pgid: int) -> float:
     return total / 1024
 
 
+def open_fds(pid: int) -> int:
+    """Open file descriptors of the node's main process (its connections among them)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return -1
+
+
 class RssSampler(threading.Thread):
     def __init__(self, pgid: int, period: float = 0.25):
         super().__init__(daemon=True)
         self.pgid, self.period = pgid, period
         self.start_mib = group_rss_mib(pgid)
         self.peak_mib = self.start_mib
+        self.peak_fds = self.start_fds = open_fds(pgid)
         self.stop_event = threading.Event()
 
     def run(self) -> None:
         while not self.stop_event.wait(self.period):
             self.peak_mib = max(self.peak_mib, group_rss_mib(self.pgid))
+            self.peak_fds = max(self.peak_fds, open_fds(self.pgid))
 
     def stop(self) -> float:
         self.stop_event.set()
@@ -225,8 +247,8 @@ class RssSampler(threading.Thread):
 # ---- one row -----------------------------------------------------------------------------------------------------
 
 
-def discover(swarm, path: Path, node) -> tuple[str, str]:
-    """The honest node's peer id and direct lane, read from its public announcement."""
+def discover(swarm, path: Path, node) -> tuple[str, str, str]:
+    """The honest node's peer id, direct lane and receipt address, read from its public announcement."""
     from hivemind.p2p import PeerID
 
     from nectar.models import model_id_of
@@ -238,15 +260,17 @@ def discover(swarm, path: Path, node) -> tuple[str, str]:
     try:
         servers = read_swarm(runtime, model_id_of(str(path)), NUM_BLOCKS).servers()
         info = servers.get(PeerID.from_base58(peer_id))
-        return peer_id, (info.direct_address if info is not None else "")
+        if info is None:
+            return peer_id, "", ""
+        return peer_id, info.direct_address, info.eth_address or node.eth_address
     finally:
         runtime.shutdown()
 
 
 def run_row(name: str, args, path: Path) -> dict:
+    from attackers import ATTACKS, AttackRunner, Target
     from eth_account import Account
 
-    from attackers import ATTACKS, AttackRunner, Target
     from nectar.models import model_id_of
     from nectar.node.local_swarm import LocalSwarm
 
@@ -256,9 +280,9 @@ def run_row(name: str, args, path: Path) -> dict:
     row: dict = {"attack": name}
     began = time.monotonic()
     with LocalSwarm(env=node_env(1), start_timeout=300) as swarm:
-        node = swarm.add_node(str(path), blocks=(0, NUM_BLOCKS), name="honest", extra_args=NODE_ARGS + args.node_args)
+        node = swarm.add_node(str(path), blocks=(0, NUM_BLOCKS), name="honest", extra_args=args.full_node_args)
         swarm.wait_for_blocks(str(path), NUM_BLOCKS, timeout=120)
-        peer_id, direct = discover(swarm, path, node)
+        peer_id, direct, node_eth = discover(swarm, path, node)
         sampler = RssSampler(node.process.pid)
         sampler.start()
         runner = None
@@ -271,6 +295,7 @@ def run_row(name: str, args, path: Path) -> dict:
                 node_peer_id=peer_id,
                 node_direct=direct,
                 victim_address=victim.address,
+                node_eth=node_eth,
             )
             options = {"oversize": {"megabytes": args.frame_mb}, "flood": {"connections": args.flood}}.get(name, {})
             runner = AttackRunner(ATTACKS[name], target, **options)
@@ -282,6 +307,7 @@ def run_row(name: str, args, path: Path) -> dict:
         rss_after = sampler.stop()
         row["node_alive"] = node.alive()
         row["node_rss_mib"] = {"start": sampler.start_mib, "peak": sampler.peak_mib, "after_attack": rss_after}
+        row["node_fds"] = {"start": sampler.start_fds, "peak": sampler.peak_fds}
     row["generations"] = generations
     row["outcome"] = row["attacker"].get("outcome", "-") if runner is not None else "-"
     row["row_s"] = time.monotonic() - began
@@ -315,16 +341,18 @@ def attacker_line(stats: dict) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| attack | honest success | median s | p95 s | node RSS start/peak MiB | attack outcome | attacker got |",
-        "|---|---|---|---|---|---|---|",
+        "| attack | honest success | median s | p95 s | node RSS start/peak/after MiB | node fds peak | attack outcome "
+        "| attacker got |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         s = row["summary"]
         rss = row.get("node_rss_mib")
-        rss_text = f"{rss['start']:.0f} / {rss['peak']:.0f}" if rss else "-"
+        rss_text = f"{rss['start']:.0f} / {rss['peak']:.0f} / {rss['after_attack']:.0f}" if rss else "-"
+        fds = row.get("node_fds", {}).get("peak", "-")
         outcome = " ".join(str(row.get("outcome", "-")).split())[:110].replace("|", "/")
         lines.append(
-            f"| {row['attack']} | {s['success']} | {fmt(s['median_s'])} | {fmt(s['p95_s'])} | {rss_text} | "
+            f"| {row['attack']} | {s['success']} | {fmt(s['median_s'])} | {fmt(s['p95_s'])} | {rss_text} | {fds} | "
             f"{outcome} | {attacker_line(row.get('attacker', {}))[:140]} |"
         )
     return "\n".join(lines)
@@ -335,7 +363,7 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="+", default=ROWS, choices=ROWS, help="rows to run (baseline = no attack)")
     parser.add_argument("--generations", type=int, default=3, help="honest generations per row")
     parser.add_argument("--tokens", type=int, default=16, help="new tokens per generation")
-    parser.add_argument("--gen-timeout", type=float, default=40.0, help="s after which a generation counts as failed")
+    parser.add_argument("--gen-timeout", type=float, default=30.0, help="s after which a generation counts as failed")
     parser.add_argument("--settle", type=float, default=4.0, help="s an attack runs before the honest client starts")
     parser.add_argument("--frame-mb", type=int, default=128, help="MiB the oversize attack streams on each lane")
     parser.add_argument("--flood", type=int, default=2000, help="connections the flood attack holds")
@@ -356,6 +384,7 @@ def main() -> None:
 
     logging.basicConfig(level=logging.WARNING)
     path = tiny_checkpoint()
+    args.full_node_args = node_args(args.node_args)
     began = time.monotonic()
     rows = []
     for name in args.attacks:
@@ -373,9 +402,11 @@ def main() -> None:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         settings = {k: v for k, v in vars(args).items() if k not in ("json", "client_worker", "path", "peers", "key")}
-        figures = {"settings": {**settings, "node_args": NODE_ARGS + args.node_args}, "rows": rows}
+        figures = {"settings": {**settings, "node_args": args.full_node_args}, "rows": rows}
         args.json.write_text(
-            json.dumps({"title": title, "machine": machine_line(), "commit": git_commit(), "figures": figures}, indent=2)
+            json.dumps(
+                {"title": title, "machine": machine_line(), "commit": git_commit(), "figures": figures}, indent=2
+            )
         )
 
 
