@@ -59,11 +59,10 @@ LEDGER_NOTE = (
 def node_args(extra: list[str]) -> list[str]:
     """``NODE_ARGS`` plus the flags a paid node of this checkout needs to serve without a ledger: after issue 22 it
     refuses to start unless told to trust vouchers (each signed client then gets --credit-limit)."""
-    out = subprocess.run(
-        [sys.executable, "-m", "nectar.cli", "node", "--help"], capture_output=True, text=True, env=os.environ
-    ).stdout
+    from nectar.node.config import NodeConfig
+
     args = list(NODE_ARGS)
-    if "--trust-vouchers" in out:
+    if hasattr(NodeConfig, "trust_vouchers"):
         args.append("--trust-vouchers")
     return args + extra
 
