@@ -1,10 +1,13 @@
 """Attackers of a Nectar swarm, written against the wire protocol as a hostile outsider would (issue 22).
 
 Each attacker builds its own bytes (hivemind's stream framing, raw msgpack metadata, its own DHT records) instead of
-calling the client's helpers, so a change of the honest client does not change the attack. Every attack runs as an
+calling the client's helpers, so a change of the honest client does not change the attack (only the signature
+of an open, where the node asks for one, comes from the public ``nectar.wire.messages``, with the attacker's own
+throwaway keys). Every attack runs as an
 asyncio task on one event loop (``AttackRunner``) and keeps counters in ``stats``; whatever the node answers, the
 attack never raises: a refusal is recorded as ``"refused: <error>"`` in ``stats["outcome"]`` and the attack stops
-or goes on as it sees fit.
+or goes on as it sees fit. ``"succeeded"`` means the node refused nothing the attacker tried; whether that hurt
+honest clients is what the benchmark measures.
 
 Attacks (``ATTACKS``):
   sybil        3 fresh peer ids, validly signed records claiming every block, throughput 1e9, price 0, and a direct
