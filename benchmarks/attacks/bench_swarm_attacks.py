@@ -295,6 +295,7 @@ def run_row(name: str, args, path: Path) -> dict:
                 node_direct=direct,
                 victim_address=victim.address,
                 node_eth=node_eth,
+                source_host=args.attacker_host,
             )
             options = {"oversize": {"megabytes": args.frame_mb}, "flood": {"connections": args.flood}}.get(name, {})
             runner = AttackRunner(ATTACKS[name], target, **options)
@@ -366,6 +367,12 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=4.0, help="s an attack runs before the honest client starts")
     parser.add_argument("--frame-mb", type=int, default=128, help="MiB the oversize attack streams on each lane")
     parser.add_argument("--flood", type=int, default=2000, help="connections the flood attack holds")
+    parser.add_argument(
+        "--attacker-host",
+        default="127.0.0.2",
+        help="loopback address the attacker's TCP connections come from (the honest client's is 127.0.0.1: another "
+        "address stands for another host; pass 127.0.0.1 for an attacker behind the victim's address, '' for any)",
+    )
     parser.add_argument("--node-args", type=lambda text: text.split(), default=[], help="extra node arguments")
     parser.add_argument(
         "--json", type=lambda value: results_path(value, "attacks"), default=None, help="write figures here"
