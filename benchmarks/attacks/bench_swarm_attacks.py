@@ -335,7 +335,7 @@ def fmt(value, spec=".2f") -> str:
 
 
 def attacker_line(stats: dict) -> str:
-    keep = {k: v for k, v in stats.items() if k not in ("outcome", "errors")}
+    keep = {k: v for k, v in stats.items() if k not in ("outcome", "errors") and not k.startswith("last_")}
     return ", ".join(f"{k} {v}" for k, v in keep.items())
 
 
