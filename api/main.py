@@ -12,7 +12,7 @@ import os
 from contextlib import asynccontextmanager
 
 import anyio
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.staticfiles import StaticFiles
 
@@ -34,6 +34,7 @@ from nectar.api.serving.completions import OpenAIServingCompletion
 from nectar.api.serving.fine_tuning import OpenAIServingFiles, OpenAIServingFineTuning
 from nectar.api.serving.market import MarketService
 from nectar.api.serving.models import OpenAIServingModels
+from nectar.service.body_limit import BodyLimit
 from nectar.service.db import get_engine
 from nectar.wire.peers import initial_peers
 
@@ -137,15 +138,15 @@ def create_app(settings: Settings | None = None, *, swarm: Engine | None = None)
     app = FastAPI(title="Nectar API", version="1", description=DESCRIPTION, lifespan=lifespan)
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        limit = settings.max_file_bytes + 64 * 1024 if request.url.path == "/v1/files" else settings.max_request_bytes
-        if length is not None and length.isdigit() and int(length) > limit:
-            return ApiError(
-                413, f"The body has {length} bytes; at most {limit} are accepted here", code="body_too_large"
-            ).response()
-        return await call_next(request)
+    def body_limit(scope) -> int:
+        return settings.max_file_bytes + 64 * 1024 if scope["path"] == "/v1/files" else settings.max_request_bytes
+
+    def too_large(limit: int, declared: int | None):
+        size = f"The body has {declared} bytes" if declared is not None else "The body is larger than that"
+        return ApiError(413, f"{size}; at most {limit} are accepted here", code="body_too_large").response()
+
+    # counts the bytes read, not Content-Length alone: a chunked body declares none (issue 22)
+    app.add_middleware(BodyLimit, limit=body_limit, refusal=too_large)
 
     app.include_router(api_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -14,3 +14,4 @@ run bench_training.py --model tiny --threads 1 --nodes 2 --repeats 2 --json trai
 run bench_training.py --model mid --threads 2 --nodes 2 --repeats 2 --json training_mid.json
 run bench_petals.py --model tiny --threads 1 --repeats 3 --json petals_tiny.json
 run bench_petals.py --model mid --threads 2 --repeats 2 --json petals_mid.json
+run attacks/bench_swarm_attacks.py --json after.json  # honest generation under each attack of issue 22 (~9 min)

@@ -490,9 +490,53 @@ def current_epoch(session: Session) -> Epoch:
     return epoch
 
 
+def retired_amounts(session: Session) -> dict[int, int]:
+    """Voucher id -> the highest amount the chain refused to pay on it (a ``skipped`` settlement item: the client's
+    escrow did not cover it, or the voucher failed on chain). A voucher not above that amount is retired: recorded as
+    unpaid (the reason is its settlement's ``last_error``) and not sent again until a higher voucher comes or the
+    chain would pay it (``requeue_retired``), so it cannot keep every epoch open (issue 22)."""
+    out: dict[int, int] = {}
+    rows = session.execute(
+        select(SettlementItem.voucher_id, SettlementItem.cumulative_amount).where(SettlementItem.status == "skipped")
+    )
+    for voucher_id, amount in rows:
+        out[voucher_id] = max(out.get(voucher_id, 0), amount)
+    return out
+
+
+def settleable_vouchers(session: Session) -> list[Voucher]:
+    """Vouchers above what the chain paid on them and not retired (``retired_amounts``)."""
+    retired = retired_amounts(session)
+    return [
+        v
+        for v in session.scalars(select(Voucher).order_by(Voucher.id))
+        if v.cumulative_amount > v.settled_amount and retired.get(v.id, -1) < v.cumulative_amount
+    ]
+
+
+def retired_vouchers(session: Session) -> list[Voucher]:
+    """Vouchers still unpaid because the chain refused their current amount (``retired_amounts``)."""
+    retired = retired_amounts(session)
+    return [
+        v
+        for v in session.scalars(select(Voucher).where(Voucher.id.in_(list(retired))).order_by(Voucher.id))
+        if v.settled_amount < v.cumulative_amount <= retired[v.id]
+    ]
+
+
+def requeue_retired(session: Session, *, voucher_ids: Sequence[int]) -> int:
+    """Retired vouchers the chain would now pay go back in the queue: their skipped items become ``requeued``.
+    Returns how many items."""
+    result = session.execute(
+        update(SettlementItem)
+        .where(SettlementItem.status == "skipped", SettlementItem.voucher_id.in_(list(voucher_ids)))
+        .values(status="requeued")
+    )
+    return result.rowcount
+
+
 def has_unsettled_vouchers(session: Session) -> bool:
-    rows = session.execute(select(Voucher.cumulative_amount, Voucher.settled_amount)).all()
-    return any(cumulative > settled for cumulative, settled in rows)
+    return bool(settleable_vouchers(session))
 
 
 def close_epoch(session: Session, *, allow_empty: bool = False) -> Epoch | None:
@@ -573,11 +617,8 @@ def prepare_settlements(session: Session, *, epoch: int, batch_size: int) -> lis
             SettlementItem.status == "pending",
         )
     )
-    candidates = [
-        v
-        for v in session.scalars(select(Voucher).where(Voucher.id.not_in(busy)).order_by(Voucher.id))
-        if v.cumulative_amount > v.settled_amount
-    ]
+    busy_ids = set(session.scalars(busy))
+    candidates = [v for v in settleable_vouchers(session) if v.id not in busy_ids]
     # one client's vouchers together (its escrow is written once per batch), the two channels of a storage slot side
     # by side (one cold write for both)
     candidates.sort(key=lambda v: (v.client.lower(), *channel_slot(v.node, v.partner, int(v.channel_id)), v.id))

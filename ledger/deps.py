@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from nectar.ledger.core.config import Settings
-from nectar.ledger.stakes import StakeBook
+from nectar.ledger.stakes import ReadCache, StakeBook
 from nectar.service.db import session_scope
 from nectar.service.domain import DomainProvider
 
@@ -27,6 +28,15 @@ class LedgerState:
     celery: object | None = None  # producer-only Celery app, built on first use
     stakes: StakeBook | None = None  # the registry of the deployment (stake gate)
     _chain: object | None = None  # nectar.chain.Chain of the deployment, built on first use (GET /v1/backing)
+    reads: ReadCache | None = None  # answers of the public chain-reading routes (backing, one node's stake)
+
+    def __post_init__(self):
+        if self.reads is None:
+            self.reads = ReadCache(
+                ttl=self.settings.chain_read_cache_s,
+                max_keys=self.settings.chain_read_cache_keys,
+                per_second=self.settings.chain_reads_per_second,
+            )
 
     def chain(self):
         """The deployment's chain, rebuilt when the deployment file changes (a devnet restart)."""
@@ -59,8 +69,12 @@ def get_session(state: Annotated[LedgerState, Depends(get_state)]) -> Iterator[S
         yield session
 
 
+def is_admin(state: LedgerState, authorization: str | None) -> bool:
+    return hmac.compare_digest((authorization or "").encode(), f"Bearer {state.settings.admin_token}".encode())
+
+
 def require_admin(state: Annotated[LedgerState, Depends(get_state)], authorization: str | None = Header(default=None)):
-    if authorization != f"Bearer {state.settings.admin_token}":
+    if not is_admin(state, authorization):
         raise HTTPException(401, "admin endpoint: send 'Authorization: Bearer <NECTAR_LEDGER_ADMIN_TOKEN>'")
 
 

@@ -50,6 +50,7 @@ class Reason:
     FUTURE_RECEIPT = "future_receipt"  # dated ahead of the ledger's clock by more than the allowed skew
     UNSTORABLE = "unstorable"  # the database refused this one item (a ledger bug: it is logged with the item)
     BAD_COUNTERSIGNATURE = "bad_countersignature"  # clientSignature malformed or not by the receipt's client
+    UNREGISTERED_FULL = "unregistered_full"  # a key the registry does not know has all the evidence rows it may keep
 
 
 @dataclass
@@ -163,3 +164,36 @@ def check_voucher(signed: SignedVoucher, domain: dict) -> tuple[str | None, str]
     if signer != signed.voucher.client:
         return Reason.WRONG_SIGNER, f"signed by {signer}, not by the voucher's client {signed.voucher.client}"
     return None, ""
+
+
+def bound_unregistered(
+    checked: list[CheckedReceipt],
+    *,
+    unregistered: set[str],
+    stored: dict[str, int],
+    stored_total: int,
+    known_leaves: set[bytes],
+    per_key: int,
+    total: int,
+) -> None:
+    """Refuses (``UNREGISTERED_FULL``) the new receipts of keys the registry does not know past ``per_key`` rows each
+    and ``total`` rows for all such keys together. Nothing pays or counts such a receipt (vouchers to the key are
+    refused, work needs stake) and no stake backs a slash, so they are evidence only, and free keys could otherwise
+    fill the table. The rows already stored (the earliest evidence) stay; a resubmission of one (``known_leaves``)
+    passes to the duplicate check. ``stored``: rows per key now; ``stored_total``: rows of all unregistered keys."""
+    counts = dict(stored)
+    for c in checked:
+        node = c.signed.receipt.node
+        if c.reason is not None or node not in unregistered or c.leaf in known_leaves:
+            continue
+        if counts.get(node, 0) >= per_key or stored_total >= total:
+            c.reason = Reason.UNREGISTERED_FULL
+            c.message = (
+                f"node {node} is not registered on this ledger's deployment, and the ledger keeps at most "
+                f"{per_key} receipts of such a key ({total} of all of them) as evidence; it has them. Register the "
+                "node (`nectar operator register`), then resend"
+            )
+            continue
+        counts[node] = counts.get(node, 0) + 1
+        stored_total += 1
+        known_leaves.add(c.leaf)  # the same receipt twice in one batch is one row

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 
 from nectar.ledger.core.config import Settings, get_settings
 from nectar.ledger.deps import LedgerState
 from nectar.ledger.migrations import run_migrations
 from nectar.ledger.routes import backing, epochs, health, nodes, stakes, submissions
 from nectar.ledger.stakes import StakeBook
+from nectar.service.body_limit import BodyLimit
 from nectar.service.db import get_engine
 from nectar.service.domain import DomainProvider
 
@@ -30,13 +30,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         stakes=StakeBook(settings.deployment_path, ttl=settings.stake_cache_seconds),
     )
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-            return JSONResponse({"detail": f"body over {settings.max_body_bytes} bytes; send smaller batches"}, 413)
-        return await call_next(request)
-
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     for router in (health.router, submissions.router, nodes.router, epochs.router, stakes.router, backing.router):
         app.include_router(router)
     return app

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import time
 import uuid
@@ -25,6 +26,7 @@ from nectar.ledger.models import Epoch, EpochStatus, Settlement, SettlementStatu
 from nectar.service.db import session_scope
 
 logger = logging.getLogger(__name__)
+RECHECK_CLIENTS = 50  # clients of retired vouchers whose escrow is read again per run (bounds the chain calls)
 
 
 def crash_point(settings: Settings, name: str) -> None:
@@ -56,7 +58,9 @@ class EpochSettler:
         self.blocked = False  # set when another worker's (possibly dead) lease held an epoch: retry after it lapses
 
     def run(self, *, close: bool = True) -> list[int]:
-        """Close the collecting epoch (if asked and there is anything in it), then advance every unfinished epoch."""
+        """Close the collecting epoch (if asked and there is anything in it), then advance every unfinished epoch.
+        Retired vouchers (refused on chain for want of escrow) count as something only once their client has funds."""
+        self._requeue_funded()
         if close:
             with session_scope(self.engine) as session:
                 crud.close_epoch(session)
@@ -77,6 +81,29 @@ class EpochSettler:
             if not finished:
                 break
         return advanced
+
+    def _requeue_funded(self) -> None:
+        """Puts a retired voucher back in the queue once the chain would pay on it: its client's free escrow covers
+        its rise, or the client holds a reserve for its node (drawn on in part). A client keeping a token balance
+        below what it owes keeps its vouchers retired. At most ``RECHECK_CLIENTS`` clients are read per run."""
+        with session_scope(self.engine) as session:
+            owed: dict[str, list[tuple[int, str, int]]] = {}
+            for v in crud.retired_vouchers(session):
+                owed.setdefault(v.client, []).append((v.id, v.node, v.cumulative_amount - v.settled_amount))
+        ready = []
+        for client in random.sample(sorted(owed), min(len(owed), RECHECK_CLIENTS)):
+            try:
+                free = int(self.chain.escrow_balance(client))
+                for voucher_id, node, rise in owed[client]:
+                    if free >= rise or int(self.chain.reserve_of(client, node)["amount"]) > 0:
+                        ready.append(voucher_id)
+            except Exception as e:  # chain unreachable: they stay retired until the next run
+                logger.warning(f"Could not read the escrow of {client} ({type(e).__name__}: {e}); retrying next run")
+                return
+        if ready:
+            with session_scope(self.engine) as session:
+                crud.requeue_retired(session, voucher_ids=ready)
+            logger.info(f"{len(ready)} retired voucher(s) whose client has funds again go back in the queue")
 
     def _claim(self, number: int) -> bool:
         with session_scope(self.engine) as session:
@@ -248,7 +275,7 @@ class EpochSettler:
     @staticmethod
     def _log_unsettled(errors: list[str]) -> None:
         for error in errors:
-            logger.error(f"Voucher not settled (the client must top up escrow or send a valid voucher): {error}")
+            logger.error(f"Voucher not settled, retired until its client has funds or sends a higher voucher: {error}")
 
     def _settle_individually(self, batch_id: int, items: list) -> None:
         errors = []

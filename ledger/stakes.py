@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 from nectar.wire.ledger_api import NodeStake, StakeTable
@@ -122,3 +123,64 @@ class StakeBook:
                     self._misses.clear()
                 self._misses[key] = now
         return eligible
+
+
+class ReadsBusy(RuntimeError):
+    """Chain reads for uncached keys are over their global rate: the caller retries in a second."""
+
+
+class ReadCache:
+    """Answers of chain reads that anyone may ask for (``GET /v1/backing/...``, ``GET /v1/stakes/{a}``): each kept
+    ``ttl`` seconds per key (at most ``max_keys``, the oldest dropped), one read in flight per key (concurrent askers
+    wait for it), and reads for keys not cached at most ``per_second`` in all (a token bucket of that burst), so an
+    outsider can make the ledger read the chain at most once per key and ``ttl``, and ``per_second`` times overall.
+    ``fresh`` (the operator's, checked by the route) reads now, outside the bucket."""
+
+    def __init__(
+        self,
+        *,
+        ttl: float = 2.0,
+        max_keys: int = 10_000,
+        per_second: float = 20.0,
+        clock=time.monotonic,
+    ):
+        self.ttl, self.max_keys, self.per_second, self.clock = ttl, max_keys, per_second, clock
+        self._entries: OrderedDict = OrderedDict()  # key -> (read at, value), oldest first
+        self._inflight: dict = {}  # key -> Event set when its read ends
+        self._tokens, self._filled_at = per_second, clock()
+        self._lock = threading.Lock()
+
+    def get(self, key, read, *, fresh: bool = False):
+        while True:
+            with self._lock:
+                now = self.clock()
+                hit = self._entries.get(key)
+                if hit is not None and not fresh and now - hit[0] < self.ttl:
+                    return hit[1]
+                waiting = self._inflight.get(key)
+                if waiting is None:
+                    if not fresh:
+                        self._tokens = min(self.per_second, self._tokens + (now - self._filled_at) * self.per_second)
+                        self._filled_at = now
+                        if self._tokens < 1.0:
+                            raise ReadsBusy(
+                                f"the ledger reads the chain for at most {self.per_second:g} new keys a second and "
+                                "that is spent now: retry in a second"
+                            )
+                        self._tokens -= 1.0
+                    done = self._inflight[key] = threading.Event()
+                    break
+            waiting.wait(30.0)  # another asker's read of this key: take its answer (or read ourselves if it failed)
+            fresh = False
+        try:
+            value = read()
+            with self._lock:
+                self._entries.pop(key, None)
+                self._entries[key] = (self.clock(), value)
+                while len(self._entries) > self.max_keys:
+                    self._entries.popitem(last=False)
+            return value
+        finally:
+            with self._lock:
+                self._inflight.pop(key, None)
+            done.set()

@@ -8,18 +8,22 @@ An audit the node cannot answer counts as a failed spot check (issue 21), so a r
 ``retention_s`` old (counted from its session's last step: later steps' audits need the session's first inputs):
 
 - With a ``folder`` (a node's ``<key folder>/audit``, which it holds alone) each step's record is appended to a
-  segment file of its time bucket (no fsync: a killed process loses nothing the kernel has; a power cut may lose the
-  last seconds) and memory keeps only where each record lies; a restarted node reads the index back, so it still
-  answers audits of steps it served before. A record cut short by a crash (or failing its checksum) ends its file's
-  valid part and is cut off. A segment is deleted once every session in it is past retention; a live session's
-  records in a segment older than that are copied forward first.
+  segment file of its time bucket by a writer thread (records up to 64 KiB at once while it is idle: cheaper than a
+  handoff); ``record`` returns a future the step awaits before its receipt is signed, so the event loop never waits
+  on a large write and no receipt leaves before its record is in the kernel (no fsync: a killed process loses
+  nothing the kernel has; a power cut may lose the last seconds). Memory keeps only where each record lies (records
+  still queued are served from the queue); a restarted node reads the index back, so it still answers audits of
+  steps it served before. A record cut short by a crash (or failing its checksum) ends its file's valid part and is
+  cut off. A segment is deleted once every session in it is past retention; a live session's records in a segment
+  older than that are copied forward first.
 - Without one (tests, one-off nodes) the tensors stay in memory, lost on restart.
 
 When the bytes (memory, or disk) would run out before the oldest records age out, the node refuses NEW sessions and
 forward calls (``admit``, ``cache_full``: the client tries another node) instead of evicting; sessions already open
 keep going in the last eighth of the budget, and only at the full budget is their next step refused too (their
-client fails over and replays elsewhere): a node never serves a step it could not prove later. The budget may be
-passed by the steps already computing when it fills.
+client fails over and replays elsewhere): a node never serves a step it could not prove later. The writer's queue is
+bounded the same way (``max_queue_bytes``: a disk slower than serving refuses work, never grows memory). The budget
+may be passed by the steps already computing when it fills.
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ import fcntl
 import logging
 import mmap
 import os
+import queue
 import struct
 import threading
 import time
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -51,6 +57,35 @@ CODES = {dtype: code for code, dtype in enumerate(DTYPES)}
 STEP_INDEX_BYTES = 160  # memory a step's index entry takes (dict slot, tuple, ints), counted against max_bytes
 SESSION_INDEX_BYTES = 600
 NEW_WORK_SHARE = 7 / 8  # new sessions and calls stop at this share of a budget; open ones may use the rest
+INLINE_BYTES = 64 << 10  # a record this small is written at once when the writer is idle: a thread handoff (and
+# waking the event loop after it) costs more than the write (decode steps); larger ones (prefills) go to the writer
+
+
+class _Write:
+    """A record queued for the writer: its parts (without the prefix unless ``raw``), where it goes, and the future
+    its step awaits; ``session_id`` and ``step`` name the index entry it replaces once written."""
+
+    __slots__ = ("session_id", "step", "segment", "parts", "size", "raw", "future")
+
+    def __init__(self, session_id, step, segment, parts, size, raw):
+        self.session_id, self.step, self.segment, self.parts, self.size, self.raw = (
+            session_id,
+            step,
+            segment,
+            parts,
+            size,
+            raw,
+        )
+        self.future: Future | None = None  # made when queued (a small record written at once needs none)
+
+    def record_bytes(self) -> bytes:
+        """The record as it will be on disk (an audit of a step still queued)."""
+        body = b"".join(bytes(p) if isinstance(p, bytes) else p.tobytes() for p in self.parts)
+        return body if self.raw else PREFIX.pack(MAGIC, len(body), zlib.crc32(body)) + body
+
+
+_DONE: Future = Future()
+_DONE.set_result(None)
 
 
 class AuditLog:
@@ -58,7 +93,8 @@ class AuditLog:
     :param retention_s: a record is kept this long after its session's last step, never less
     :param folder: where records go on disk (None: memory only)
     :param max_disk_bytes: disk budget of ``folder``
-    :param bucket_s: time span of one segment file (default: retention / 15, at least 1 s)"""
+    :param bucket_s: time span of one segment file (default: retention / 15, at least 1 s)
+    :param max_queue_bytes: records waiting for the writer thread, at most (with a ``folder``)"""
 
     def __init__(
         self,
@@ -69,6 +105,7 @@ class AuditLog:
         max_disk_bytes: int = 0,
         bucket_s: float | None = None,
         clock: Callable[[], float] = time.time,
+        max_queue_bytes: int = 64 << 20,
     ):
         self.max_bytes, self.retention_s, self.clock = max_bytes, retention_s, clock
         self.folder = Path(folder) if folder is not None else None
@@ -86,10 +123,16 @@ class AuditLog:
         self._pruned_at = float("-inf")
         self._warned_at = float("-inf")
         self._folder_lock: int | None = None
+        self.max_queue_bytes = max_queue_bytes
+        self._queued = 0  # bytes of records waiting for the writer
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
         if self.folder is not None:
             self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # users' inputs: the node's user only
             self._folder_lock = _lock_folder(self.folder)
             self._load()
+            self._writer = threading.Thread(target=self._write_loop, name="audit-writer", daemon=True)
+            self._writer.start()
 
     # ---- budget -----------------------------------------------------------------------------------------------
 
@@ -100,6 +143,12 @@ class AuditLog:
         with self._lock:
             if self.clock() - self._pruned_at > 1.0 or self._full(nbytes, new):
                 self._prune()
+            if self._behind(nbytes, new):
+                raise NodeRPCError(
+                    ErrorCode.CACHE_FULL,
+                    f"audit writes are behind ({self._queued} bytes queued for this node's disk): it keeps every "
+                    "step it serves for audits and cannot take more now; try another node",
+                )
             if self._full(nbytes, new):
                 if time.monotonic() - self._warned_at > 60:
                     self._warned_at = time.monotonic()
@@ -122,6 +171,14 @@ class AuditLog:
             return True
         return self.folder is not None and self._disk + nbytes > share * self.max_disk_bytes
 
+    def _behind(self, nbytes: int, new: bool) -> bool:
+        share = NEW_WORK_SHARE if new else 1.0
+        return self.folder is not None and self._queued + nbytes > share * self.max_queue_bytes
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued
+
     @property
     def memory_bytes(self) -> int:
         return self._memory
@@ -143,24 +200,38 @@ class AuditLog:
         *,
         prompts: torch.Tensor | None = None,
         outputs: torch.Tensor | None = None,
-    ) -> None:
-        """Keeps a step served (never refused here: ``admit`` was asked before it computed)."""
+    ) -> Future:
+        """Keeps a step served (never refused here: ``admit`` was asked before it computed). On disk the record is
+        queued for the writer thread; the future ends once it is written (or with the write's error): a step awaits
+        it before its receipt is signed. The tensors must not change after this call (a node's are fresh per step)."""
         with self._lock:
             now = self.clock()
             entry = self._entry(session_id, start, end, now)
+            done = _DONE
             if self.folder is None:
                 kept = (position, *(_copy(t) for t in (inputs, outputs, prompts)))
                 size = sum(t.nbytes for t in kept[1:] if t is not None)
             else:
                 kept = self._append(session_id, step, position, start, end, now, (inputs, outputs, prompts))
-                size = 0
-                entry["segments"].add(kept[0])
-                self._segments[kept[0]]["sessions"].add(session_id)
+                size, segment = 0, kept.segment if isinstance(kept, _Write) else kept[0]
+                if isinstance(kept, _Write):
+                    done = kept.future
+                entry["segments"].add(segment)
+                self._segments[segment]["sessions"].add(session_id)
             self._forget(entry["steps"].get(step))
             entry["steps"][step] = kept
             self._memory += STEP_INDEX_BYTES + size
             if now - self._pruned_at > 1.0:
                 self._prune()
+            return done
+
+    def flush(self) -> None:
+        """Waits until every queued record is written."""
+        if self._writer is not None:
+            marker = _Write(None, None, None, [], 0, True)
+            marker.future = Future()
+            self._queue.put(marker)
+            marker.future.result()
 
     def history(self, session_id: bytes, step: int):
         """(the session's input sequence [B, L, H] as it stood after ``step`` (rollbacks applied), its span, the
@@ -177,7 +248,12 @@ class AuditLog:
                     if s > step:
                         break
                     kept = entry["steps"][s]
-                    if self.folder is not None:
+                    if isinstance(kept, _Write):  # still queued: from memory
+                        parsed = _parse(kept.record_bytes(), 0)
+                        kept = None if parsed is None else parsed[1]
+                        if kept is None:
+                            return None
+                    elif self.folder is not None:
                         kept = self._read(kept, files=files)
                         if kept is None:
                             return None
@@ -191,6 +267,11 @@ class AuditLog:
             return sequence, entry["span"], prompts, outputs
 
     def close(self) -> None:
+        """Writes what is queued, then lets the folder go."""
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join()
+            self._writer = None
         with self._lock:
             self._close_segment()
             if self._folder_lock is not None:
@@ -245,20 +326,22 @@ class AuditLog:
 
     def _copy_forward(self, session_id: bytes, segment: int) -> None:
         entry = self._sessions[session_id]
+        pinned = False
         for step, kept in sorted(entry["steps"].items()):
-            if kept[0] == segment:
+            if isinstance(kept, _Write):  # still queued (a writer behind by a whole retention): keeps its segment
+                pinned = pinned or kept.segment == segment
+            elif kept[0] == segment:
                 record = self._read(kept, raw=True)
                 if record is not None:
-                    entry["steps"][step] = where = self._write(record)
-                    entry["segments"].add(where[0])
-                    self._segments[where[0]]["sessions"].add(session_id)
-        entry["segments"].discard(segment)
-        self._segments[segment]["sessions"].discard(session_id)
+                    entry["steps"][step] = write = self._enqueue(session_id, step, record, self.clock(), raw=True)
+                    entry["segments"].add(write.segment)
+                    self._segments[write.segment]["sessions"].add(session_id)
+        if not pinned:
+            entry["segments"].discard(segment)
+            self._segments[segment]["sessions"].discard(session_id)
 
     def _drop_segment(self, segment: int) -> None:
-        if segment == self._current:
-            self._close_segment()
-        info = self._segments.pop(segment)
+        info = self._segments.pop(segment)  # the writer's open file of it, if any, closes at its next segment
         self._disk -= info["size"]
         self._path(segment).unlink(missing_ok=True)
 
@@ -267,7 +350,9 @@ class AuditLog:
     def _path(self, segment: int) -> Path:
         return self.folder / f"{segment}.audit"
 
-    def _append(self, session_id, step, position, start, end, now, tensors) -> tuple[int, int, int]:
+    def _append(self, session_id, step, position, start, end, now, tensors) -> _Write | tuple[int, int, int]:
+        """Queues a step's record (its header and views of its tensors, checksummed and written by the writer), or
+        writes a small one at once while the writer is idle: (segment, offset, size)."""
         parts = [META.pack(now, step, position, start, end, len(session_id)), bytes(session_id)]
         payloads = []
         for tensor in tensors:
@@ -277,33 +362,99 @@ class AuditLog:
             tensor = tensor.detach().cpu().contiguous()
             parts.append(DESC.pack(CODES[tensor.dtype], tensor.ndim) + struct.pack(f"<{tensor.ndim}q", *tensor.shape))
             payloads.append(tensor.reshape(-1).view(torch.uint8).numpy())
-        parts += payloads
-        crc, length = 0, 0
-        for part in parts:
-            crc = zlib.crc32(part, crc)
-            length += len(part) if isinstance(part, bytes) else part.nbytes
-        return self._write([PREFIX.pack(MAGIC, length, crc), *parts], now)
+        write = self._enqueue(session_id, step, parts + payloads, now, raw=False, queue=False)
+        if write.size <= INLINE_BYTES and self._queued == write.size:  # only this one: the writer is idle
+            try:
+                where = self._write(write)
+            except Exception as e:
+                self._failed(write, e)
+                raise
+            self._queued -= write.size
+            return where
+        write.future = Future()
+        self._queue.put(write)
+        return write
 
-    def _write(self, parts: list, now: float | None = None) -> tuple[int, int, int]:
-        """Appends one record (its parts in one system call) to the current segment: (segment, offset, size)."""
-        now = self.clock() if now is None else now
+    def _enqueue(self, session_id, step, parts: list, now: float, *, raw: bool, queue: bool = True) -> _Write:
+        """Counts a record against the budgets and its segment (so ``admit`` and ``_prune`` see it at once) and hands
+        it to the writer."""
+        size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts) + (0 if raw else PREFIX.size)
         segment = int(now // self.bucket_s)
-        if segment != self._current:
-            self._close_segment()
-            self._fd = os.open(self._path(segment), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            self._current = segment
-            self._segments.setdefault(segment, {"size": 0, "last": now, "sessions": set()})
-        info = self._segments[segment]
-        size = os.writev(self._fd, parts)
-        total = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
-        if size != total:  # a short write (disk full): cut it off, or records after it would be lost on reload
-            os.ftruncate(self._fd, info["size"])
-            raise OSError(f"audit log: wrote {size} of {total} bytes to {self._path(segment)} (disk full?)")
-        offset = info["size"]
+        info = self._segments.setdefault(segment, {"size": 0, "written": 0, "last": now, "sessions": set()})
         info["size"] += size
         info["last"] = max(info["last"], now)
         self._disk += size
-        return segment, offset, size
+        self._queued += size
+        write = _Write(session_id, step, segment, parts, size, raw)
+        if queue:
+            write.future = Future()
+            self._queue.put(write)
+        return write
+
+    def _write_loop(self) -> None:
+        """The writer thread: appends queued records in order, each in one system call, and puts where it lies in
+        the index (a step's future ends then). Only this thread opens, writes and closes segment files."""
+        while (write := self._queue.get()) is not None:
+            if write.segment is None:  # flush()'s marker
+                write.future.set_result(None)
+                continue
+            try:
+                where = self._write(write)
+            except Exception as e:  # the disk (full, gone): the step fails, so no receipt is signed for it
+                with self._lock:
+                    self._failed(write, e)
+                write.future.set_exception(e)
+                continue
+            with self._lock:
+                self._queued -= write.size
+                self._unindex(write, where)
+            write.future.set_result(None)
+
+    def _failed(self, write: _Write, error: Exception) -> None:
+        logger.error(f"Audit log: could not write a record: {error}")
+        self._queued -= write.size
+        info = self._segments.get(write.segment)
+        if info is not None:  # (a dropped segment took its bytes off the disk count already)
+            info["size"] -= write.size
+            self._disk -= write.size
+        self._unindex(write, None)
+
+    def _unindex(self, write: _Write, where) -> None:
+        """The index entry of a written (or failed: None) record: where it lies instead of the queued record."""
+        entry = self._sessions.get(write.session_id)
+        if entry is not None and entry["steps"].get(write.step) is write:
+            if where is None:
+                del entry["steps"][write.step]
+                self._forget(write)
+            else:
+                entry["steps"][write.step] = where
+
+    def _write(self, write: _Write) -> tuple[int, int, int]:
+        """Appends one record (its parts in one system call) to its segment: (segment, offset, size)."""
+        parts = write.parts
+        if not write.raw:
+            crc, length = 0, 0
+            for part in parts:
+                crc = zlib.crc32(part, crc)
+                length += len(part) if isinstance(part, bytes) else part.nbytes
+            parts = [PREFIX.pack(MAGIC, length, crc), *parts]
+        with self._lock:
+            info = self._segments.get(write.segment)
+            if info is None:
+                raise OSError(f"audit log: segment {write.segment} was dropped before its record was written")
+            if write.segment != self._current:
+                self._close_segment()
+                path = self._path(write.segment)
+                self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                self._current = write.segment
+            fd, offset = self._fd, info["written"]
+        size = os.writev(fd, parts)  # outside the lock: admit, record and history go on meanwhile
+        if size != write.size:  # a short write (disk full): cut it off, or records after it would be lost on reload
+            os.ftruncate(fd, offset)
+            raise OSError(f"audit log: wrote {size} of {write.size} bytes to {self._path(write.segment)} (disk full?)")
+        with self._lock:
+            info["written"] += size
+        return write.segment, offset, size
 
     def _read(self, where, *, raw: bool = False, files: dict | None = None):
         """The record at ``where``: (position, inputs, outputs, prompts), its bytes as written (``raw``), or None
@@ -333,7 +484,7 @@ class AuditLog:
             if not path.stem.isdigit():
                 continue
             segment, valid = int(path.stem), 0
-            info = self._segments[segment] = {"size": 0, "last": float("-inf"), "sessions": set()}
+            info = self._segments[segment] = {"size": 0, "written": 0, "last": float("-inf"), "sessions": set()}
             with open(path, "r+b") as f:
                 size = os.fstat(f.fileno()).st_size
                 data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
@@ -355,7 +506,7 @@ class AuditLog:
                 if valid < size:
                     logger.warning(f"Audit log {path}: {size - valid} bytes cut short or damaged at its end, cut off")
                     f.truncate(valid)
-            info["size"] = valid
+            info["size"] = info["written"] = valid
             self._disk += valid
         # sessions were entered in file order; retention counts from each one's last step
         for session_id in sorted(self._sessions, key=lambda s: self._sessions[s]["touched"]):

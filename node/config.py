@@ -20,6 +20,10 @@ class NodeConfig:
     announce_host: str | None = None  # address to announce if different from host
     direct_port: int | None = None  # also serve on this plain TCP port (0 = any free port) for clients that can
     # reach it: skips the P2P daemons (faster), unencrypted, so for loopback or a trusted LAN; None = off
+    direct_connections_per_address: int = 256  # open direct-lane connections one remote host may hold; more are
+    # refused with an error (each connection carries one stream: raise it for an API server with many sessions)
+    max_frame_bytes: int | None = None  # largest message a caller may send (both lanes); a larger frame is refused
+    # from its header, before its body is read. None = what the model needs: 3 x 8192 tokens of float32 activations
     initial_peers: Sequence[str] = ()  # multiaddrs of swarm peers (or NECTAR_INITIAL_PEERS); empty = start a new swarm
     dtype: str | None = None  # float32 | float16 | bfloat16; None = float32 on CPU, float16 on CUDA
     device: str | None = None  # cpu | cuda | cuda:N; None = cuda if available

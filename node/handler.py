@@ -29,7 +29,7 @@ from nectar.wire.protocol import (
     NodeRPCError,
 )
 from nectar.wire.request_stream import RequestStream, RequestTimeout
-from nectar.wire.transport import serve_stream
+from nectar.wire.transport import frame_limit, serve_stream
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,12 @@ class NodeHandler:
 
     async def add_handlers(self, p2p: P2P) -> None:
         for name, handler in self.handlers().items():
-            await serve_stream(p2p, name, handler)
+            await serve_stream(p2p, name, handler, max_frame_bytes=self.max_frame_bytes)
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """The largest request frame either lane reads (the setting, else what the model's hidden size needs)."""
+        return self.config.max_frame_bytes or frame_limit(self.backend.hidden_size)
 
     # ---- RPCs -------------------------------------------------------------------------------------------------
 

@@ -306,7 +306,12 @@ class Server:
         self.p2p = await self.dht.replicate_p2p()
         await self.handler.add_handlers(self.p2p)
         if self.config.direct_port is not None:
-            self.direct = DirectServer(self.handler.handlers(), local_id=self.p2p.peer_id)
+            self.direct = DirectServer(
+                self.handler.handlers(),
+                local_id=self.p2p.peer_id,
+                max_frame_bytes=self.handler.max_frame_bytes,
+                max_connections_per_address=self.config.direct_connections_per_address,
+            )
             port = await self.direct.start(self.config.host, self.config.direct_port)
             self.direct_address = f"{self._direct_host()}:{port}"
             logger.info(f"Direct TCP lane on {self.direct_address}")

@@ -43,6 +43,13 @@ from nectar.wire.protocol import (
 FollowUp = Callable[[], Awaitable[runtime_pb2.ExpertResponse]]  # signs a step's separate receipt: its message
 
 
+async def _written(future) -> None:
+    """Waits (off the event loop) until the audit log's writer has the step's record; raises its write error."""
+    if not future.done():
+        await asyncio.wrap_future(future)
+    future.result()
+
+
 @dataclass
 class InferenceWork:
     """An inference step on its way through the compute thread."""
@@ -295,16 +302,18 @@ class NodeSteps:
         packed = pack_tensors([outputs])
         if push is not None:  # before the receipt and the reply: the next hop computes while this node signs
             await push(packed)
-        if work.replay is None:  # a retry's input is recorded already
-            self.audit.record(
-                session_id,
-                work.step,
-                work.position,
-                work.hidden,
-                work.start,
-                work.end,
-                prompts=work.prompts if work.position == 0 else None,
-                outputs=outputs,  # as sent (after any corruption): what the receipt's output commitment hashes
+        if work.replay is None:  # a retry's input is recorded already; on disk, written before the receipt is signed
+            await _written(
+                self.audit.record(
+                    session_id,
+                    work.step,
+                    work.position,
+                    work.hidden,
+                    work.start,
+                    work.end,
+                    prompts=work.prompts if work.position == 0 else None,
+                    outputs=outputs,  # as sent (after any corruption): what the receipt's output commitment hashes
+                )
             )
         new_length = work.position + work.hidden.shape[1]
 
@@ -424,7 +433,10 @@ class NodeSteps:
             raise
         inputs, outputs = signed(result)
         if kind == schema.ReceiptKind.FORWARD:  # audited like an inference step: its input and output as sent
-            self.audit.record(session_id, call.step, 0, inputs, start, end, prompts=call.prompts, outputs=outputs)
+            written = self.audit.record(
+                session_id, call.step, 0, inputs, start, end, prompts=call.prompts, outputs=outputs
+            )
+            await _written(written)  # on disk: before the receipt is signed
         pending = self.signing.prepare(
             session_id=session_id,
             step=call.step,

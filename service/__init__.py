@@ -7,4 +7,5 @@ neither of them. Each service keeps its own Settings, models, migrations, routes
 - ``migrations.py``  ``Migrations``: one service's Alembic history, its ``env.py`` body, the upgrade-on-start lock
 - ``celery_app.py``  the Celery app factories (worker and producer-only)
 - ``domain.py``      the EIP-712 domain of a deployment file, re-read when the file changes
+- ``body_limit.py``  ``BodyLimit``: refuses (413) a body over a limit by the bytes read, chunked ones included
 """

@@ -23,12 +23,22 @@ from hivemind.proto.p2pd_pb2 import RPCError
 from hivemind.utils import MSGPackSerializer
 
 from nectar.wire.protocol import ErrorCode
-from nectar.wire.transport import StreamHandler, send_data, send_message, stream_handler
+from nectar.wire.transport import (
+    DEFAULT_MAX_FRAME_BYTES,
+    RESPONSE_FRAME_LIMIT,
+    FrameTooLarge,
+    StreamHandler,
+    receive_frame,
+    send_data,
+    send_message,
+    stream_handler,
+)
 
 logger = logging.getLogger(__name__)
 
 HELLO_LIMIT = 1024  # bytes; the hello frame only names an RPC
 HELLO_TIMEOUT = 10.0  # s a connection may take to say which RPC it wants
+DEFAULT_CONNECTIONS_PER_ADDRESS = 256  # open connections one remote host may hold (each carries one stream)
 
 
 class DirectCallError(Exception):
@@ -36,13 +46,30 @@ class DirectCallError(Exception):
 
 
 class DirectServer:
-    """Serves ``handlers`` (RPC name -> stream handler) on a TCP port; one connection carries one stream."""
+    """Serves ``handlers`` (RPC name -> stream handler) on a TCP port; one connection carries one stream.
 
-    def __init__(self, handlers: Mapping[str, StreamHandler], *, local_id, max_prefetch: int = 8):
+    :param max_frame_bytes: frames declaring more are refused from their header (``transport.frame_limit``)
+    :param max_connections_per_address: open connections one remote host may hold; more are answered with an error
+        and closed, so one address cannot take every socket and buffer of the node
+    """
+
+    def __init__(
+        self,
+        handlers: Mapping[str, StreamHandler],
+        *,
+        local_id,
+        max_prefetch: int = 8,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        max_connections_per_address: int = DEFAULT_CONNECTIONS_PER_ADDRESS,
+    ):
         self.handlers = {
-            name: stream_handler(name, handler, local_id=local_id, max_prefetch=max_prefetch)
+            name: stream_handler(
+                name, handler, local_id=local_id, max_prefetch=max_prefetch, max_frame_bytes=max_frame_bytes
+            )
             for name, handler in handlers.items()
         }
+        self.max_connections_per_address = max_connections_per_address
+        self.connections: dict[str, int] = {}  # remote host -> open connections
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int = 0) -> int:
@@ -58,7 +85,28 @@ class DirectServer:
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         remote = writer.get_extra_info("peername")
-        remote_id = f"tcp:{remote[0]}:{remote[1]}" if remote else "tcp:?"
+        host = remote[0] if remote else "?"
+        if self.connections.get(host, 0) >= self.max_connections_per_address:
+            with closing(writer), suppress(Exception):
+                await send_message(
+                    RPCError(
+                        message=f"{ErrorCode.TOO_LARGE.value}: {host} already holds {self.max_connections_per_address} "
+                        f"connections to this node's direct lane (its limit per address): close idle ones, or use P2P"
+                    ),
+                    writer,
+                )
+            return
+        self.connections[host] = self.connections.get(host, 0) + 1
+        try:
+            await self._serve(host, remote, reader, writer)
+        finally:
+            if self.connections[host] <= 1:
+                del self.connections[host]
+            else:
+                self.connections[host] -= 1
+
+    async def _serve(self, host: str, remote, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        remote_id = f"tcp:{host}:{remote[1]}" if remote else "tcp:?"
         try:
             name = await asyncio.wait_for(self._read_hello(reader), HELLO_TIMEOUT)
         except Exception as e:
@@ -102,9 +150,14 @@ async def send_hello(name: str, writer: asyncio.StreamWriter) -> None:
 
 
 async def call_stream_direct(
-    address: str, name: str, requests: AsyncIterator[runtime_pb2.ExpertRequest]
+    address: str,
+    name: str,
+    requests: AsyncIterator[runtime_pb2.ExpertRequest],
+    *,
+    max_frame_bytes: int = RESPONSE_FRAME_LIMIT,
 ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-    """Opens the stream RPC ``name`` at a node's direct address (what ``transport.call_stream`` does over P2P)."""
+    """Opens the stream RPC ``name`` at a node's direct address (what ``transport.call_stream`` does over P2P); an
+    answer declaring more than ``max_frame_bytes`` is refused before it is read."""
     host, port = parse_address(address)
     reader, writer = await asyncio.open_connection(host, port)
     await send_hello(name, writer)
@@ -119,9 +172,11 @@ async def call_stream_direct(
             try:
                 while True:
                     try:
-                        response, error = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, reader)
+                        response, error = await receive_frame(runtime_pb2.ExpertResponse, reader, max_frame_bytes)
                     except (asyncio.IncompleteReadError, ConnectionError):
                         break  # the node closed the stream
+                    except FrameTooLarge as e:
+                        raise DirectCallError(f"{name} at {address} answered with {e}") from None
                     if error is not None:
                         raise DirectCallError(f"{name} at {address} failed: {error.message}")
                     yield response

@@ -39,6 +39,10 @@ HEALTH = "/health"  # GET, outside PREFIX
 
 
 # ---- JSON shapes ---------------------------------------------------------------------------------------------------
+MAX_FINGERPRINT_BYTES = 64  # a receipt item's fingerprintBytes (a compute descriptor is 8); more is refused, not stored
+MAX_ITEM_STRING_CHARS = 256  # any other string in a receipt or voucher item (hex fields, addresses, decimal amounts)
+
+
 def receipt_item(signed: SignedReceipt, fingerprint: bytes | None, countersignature: bytes | None = None) -> dict:
     """One entry of a receipts submission: the signed receipt and its fingerprint's bytes; from a client, also its
     countersignature (``eip712.countersign_receipt``), with which the fingerprint may be None (not received)."""
@@ -231,7 +235,7 @@ class LedgerClient:
 
     :param base_url: e.g. ``http://127.0.0.1:8700``
     :param timeout: seconds per request
-    :param admin_token: only for ``close_epoch``
+    :param admin_token: only for ``close_epoch`` and fresh reads
     """
 
     def __init__(self, base_url: str, *, timeout: float = 30.0, admin_token: str | None = None):
@@ -276,9 +280,17 @@ class LedgerClient:
     def node(self, address: str) -> dict:
         return self._request("GET", PREFIX + NODE.format(address=address))
 
-    def backing(self, client: str, node: str) -> Backing:
-        """What backs ``client``'s vouchers to ``node`` on chain (settled + reserve), read through the ledger."""
-        return Backing.from_json(self._request("GET", PREFIX + BACKING.format(client=client, node=node)))
+    def _fresh(self, fresh: bool) -> dict:
+        """``fresh``: skip the ledger's few-second cache of chain reads (its operator only: the admin token)."""
+        if not fresh:
+            return {}
+        return {"params": {"fresh": "true"}, "headers": {"Authorization": f"Bearer {self.admin_token}"}}
+
+    def backing(self, client: str, node: str, *, fresh: bool = False) -> Backing:
+        """What backs ``client``'s vouchers to ``node`` on chain (settled + reserve), read through the ledger (at
+        most its ``chain_read_cache_s`` old unless ``fresh``)."""
+        path = PREFIX + BACKING.format(client=client, node=node)
+        return Backing.from_json(self._request("GET", path, **self._fresh(fresh)))
 
     def epochs(self) -> list[dict]:
         return self._request("GET", PREFIX + EPOCHS)
@@ -298,9 +310,10 @@ class LedgerClient:
         """``GET /v1/stakes``: every node registered on the ledger's deployment and the minimum stake."""
         return StakeTable.from_json(self._request("GET", PREFIX + STAKES))
 
-    def stake(self, address: str) -> NodeStake:
-        """``GET /v1/stakes/{address}``: one node's registration, read from the chain at the time of the call."""
-        data = self._request("GET", PREFIX + STAKE.format(address=address))
+    def stake(self, address: str, *, fresh: bool = False) -> NodeStake:
+        """``GET /v1/stakes/{address}``: one node's registration, read from the chain (at most the ledger's
+        ``chain_read_cache_s`` old unless ``fresh``)."""
+        data = self._request("GET", PREFIX + STAKE.format(address=address), **self._fresh(fresh))
         return NodeStake.from_json(data, min_stake=int(data["min_stake"]))
 
     def health(self) -> dict:

@@ -22,24 +22,35 @@ class RequestStream:
     is raised to the handler where the request would have been.
 
     :param max_prefetch: requests read ahead of the handler before the reader waits (back-pressure on the caller)
+    :param max_bytes: bytes of requests read ahead before the reader waits (one request is always taken, so a stream
+        holds at most this plus the one being read); None = no byte bound
     """
 
-    def __init__(self, max_prefetch: int = 8):
+    def __init__(self, max_prefetch: int = 8, *, max_bytes: int | None = None):
         self.max_prefetch = max_prefetch
+        self.max_bytes = max_bytes
         self._items: collections.deque = collections.deque()
+        self._sizes: collections.deque = collections.deque()  # bytes of each queued item
+        self._queued_bytes = 0
         self._readable: asyncio.Future | None = None  # resolved when an item arrives
         self._space: asyncio.Future | None = None  # resolved when the handler takes an item
         self._ended = False
 
     # ---- the reader's side -------------------------------------------------------------------------------------
 
-    async def put(self, item: Any) -> None:
-        """Queues a request (``None``: the caller ended the stream; an exception: raised to the handler)."""
-        while len(self._items) >= self.max_prefetch:
+    async def put(self, item: Any, size: int = 0) -> None:
+        """Queues a request of ``size`` bytes (``None``: the caller ended the stream; an exception: raised to the
+        handler)."""
+        while self._items and (
+            len(self._items) >= self.max_prefetch
+            or (self.max_bytes is not None and self._queued_bytes + size > self.max_bytes)
+        ):
             if self._space is None or self._space.done():
                 self._space = asyncio.get_running_loop().create_future()
             await self._space
         self._items.append(item)
+        self._sizes.append(size)
+        self._queued_bytes += size
         if self._readable is not None and not self._readable.done():
             self._readable.set_result(None)
 
@@ -77,6 +88,7 @@ class RequestStream:
         if not self._items:
             return None  # ended
         item = self._items.popleft()
+        self._queued_bytes -= self._sizes.popleft()
         if self._space is not None and not self._space.done():
             self._space.set_result(None)
         if item is None:

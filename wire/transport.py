@@ -14,17 +14,47 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import closing, suppress
 
-from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.p2p import P2P, P2PContext, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.proto.p2pd_pb2 import RPCError
 
-from nectar.wire.protocol import ErrorCode, NodeRPCError
+from nectar.wire.protocol import MAX_METADATA_BYTES, MAX_TOKENS_PER_REQUEST, ErrorCode, NodeRPCError
 from nectar.wire.request_stream import RequestStream
 
 logger = logging.getLogger(__name__)
 
 CALLER_CLOSE_TIMEOUT = 10.0  # s a finished stream waits for the caller's end of stream before closing
 CALLER_LINGER = 1.0  # s it then waits for the caller to close its side (callers that read to the end don't)
+DEFAULT_MAX_FRAME_BYTES = 64 * 1024**2  # a served stream's frame limit where none is named (a node names its own)
+RESPONSE_FRAME_LIMIT = 1024**3  # the largest answer a caller reads (a node lying about a length gets no more)
+
+
+def frame_limit(hidden_size: int, max_tokens: int = MAX_TOKENS_PER_REQUEST) -> int:
+    """The largest request a node of this hidden size can need: a backward carries inputs, output gradients and
+    prompts, each at most ``max_tokens`` rows of float32 activations, plus its metadata. A frame header declaring more
+    is refused before its body is read (issue 22: a header declaring a huge length made the node buffer all of it)."""
+    return 3 * max_tokens * hidden_size * 4 + MAX_METADATA_BYTES + 64 * 1024
+
+
+class FrameTooLarge(ValueError):
+    """A frame header declared more bytes than the reader takes; nothing of the body was read."""
+
+
+async def receive_frame(message_type, reader: asyncio.StreamReader, max_bytes: int):
+    """``P2P.receive_protobuf`` with the declared length checked before the body is read: (message, None) or
+    (None, RPCError). Raises ``FrameTooLarge`` past ``max_bytes``, ``IncompleteReadError`` on a closed stream."""
+    marker = await reader.readexactly(1)
+    if marker not in (P2P.MESSAGE_MARKER, P2P.ERROR_MARKER):
+        raise TypeError("Invalid Protobuf message type")
+    size = int.from_bytes(await reader.readexactly(P2P.HEADER_LEN), P2P.BYTEORDER)
+    if size > max_bytes:
+        raise FrameTooLarge(
+            f"a frame of {size} bytes; this node takes at most {max_bytes} bytes per message (at most "
+            f"{MAX_TOKENS_PER_REQUEST} tokens of activations): split the request"
+        )
+    message = message_type() if marker == P2P.MESSAGE_MARKER else RPCError()
+    message.ParseFromString(await reader.readexactly(size))
+    return (message, None) if marker == P2P.MESSAGE_MARKER else (None, message)
 
 
 async def send_message(
@@ -49,9 +79,18 @@ StreamHandler = Callable[
 ]
 
 
-async def serve_stream(p2p: P2P, name: str, handler: StreamHandler, *, max_prefetch: int = 8) -> None:
+async def serve_stream(
+    p2p: P2P,
+    name: str,
+    handler: StreamHandler,
+    *,
+    max_prefetch: int = 8,
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+) -> None:
     """Registers ``handler`` as the stream RPC ``name``; one task per incoming stream."""
-    handle = stream_handler(name, handler, local_id=p2p.peer_id, max_prefetch=max_prefetch)
+    handle = stream_handler(
+        name, handler, local_id=p2p.peer_id, max_prefetch=max_prefetch, max_frame_bytes=max_frame_bytes
+    )
 
     async def handle_stream(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await handle(stream_info.peer_id, reader, writer)
@@ -59,13 +98,21 @@ async def serve_stream(p2p: P2P, name: str, handler: StreamHandler, *, max_prefe
     await p2p.add_binary_stream_handler(name, handle_stream)
 
 
-def stream_handler(name: str, handler: StreamHandler, *, local_id, max_prefetch: int = 8):
+def stream_handler(
+    name: str,
+    handler: StreamHandler,
+    *,
+    local_id,
+    max_prefetch: int = 8,
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+):
     """``handler`` as a coroutine over one byte stream (P2P daemon stream or direct TCP connection), framed as
-    hivemind frames protobuf streams: a marker byte, an 8-byte length, the message."""
+    hivemind frames protobuf streams: a marker byte, an 8-byte length, the message. A frame over ``max_frame_bytes``
+    is refused (``too_large``) from its header; requests read ahead of the handler hold at most that many bytes too."""
 
     async def handle_stream(remote_id, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         context = P2PContext(handle_name=name, local_id=local_id, remote_id=remote_id)
-        requests = RequestStream(max_prefetch)
+        requests = RequestStream(max_prefetch, max_bytes=max_frame_bytes)
 
         async def process() -> None:
             try:
@@ -85,14 +132,17 @@ def stream_handler(name: str, handler: StreamHandler, *, local_id, max_prefetch:
             """Queues the caller's requests as they come: one reader for the stream's life, not a task per message."""
             while True:
                 try:
-                    request, _ = await P2P.receive_protobuf(runtime_pb2.ExpertRequest, reader)
+                    request, _ = await receive_frame(runtime_pb2.ExpertRequest, reader, max_frame_bytes)
                 except asyncio.IncompleteReadError:
                     await requests.put(None)  # the caller closed or died
+                    return
+                except FrameTooLarge as e:  # refused from its header: the body is never buffered
+                    await requests.put(NodeRPCError(ErrorCode.TOO_LARGE, str(e)))
                     return
                 except Exception as e:  # garbage on the wire: tell the caller, then stop reading it
                     await requests.put(NodeRPCError(ErrorCode.BAD_REQUEST, f"unreadable message ({e})"))
                     return
-                await requests.put(request)  # None marks the caller's end of stream
+                await requests.put(request, size=0 if request is None else request.ByteSize())  # None: caller's end
                 if request is None:
                     return
 
@@ -132,10 +182,41 @@ async def _until_closed(reader: asyncio.StreamReader) -> None:
 
 
 async def call_stream(
-    p2p: P2P, peer_id: PeerID, name: str, requests: AsyncIterator[runtime_pb2.ExpertRequest]
+    p2p: P2P,
+    peer_id: PeerID,
+    name: str,
+    requests: AsyncIterator[runtime_pb2.ExpertRequest],
+    *,
+    max_frame_bytes: int = RESPONSE_FRAME_LIMIT,
 ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-    """Opens the stream RPC ``name`` at ``peer_id``; remote errors surface as ``P2PHandlerError`` with the text."""
-    return await p2p.iterate_protobuf_handler(peer_id, name, requests, runtime_pb2.ExpertResponse)
+    """Opens the stream RPC ``name`` at ``peer_id`` (hivemind's ``iterate_protobuf_handler``, with each answer's
+    declared length checked before it is read); remote errors surface as ``P2PHandlerError`` with the text."""
+    _, reader, writer = await p2p.call_binary_stream_handler(peer_id, name)
+
+    async def write_requests() -> None:
+        async for request in requests:
+            await send_message(request, writer)
+        await send_message(P2P.END_OF_STREAM, writer)
+
+    async def read_responses() -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        with closing(writer):
+            try:
+                while True:
+                    try:
+                        response, error = await receive_frame(runtime_pb2.ExpertResponse, reader, max_frame_bytes)
+                    except asyncio.IncompleteReadError:  # the node closed the stream
+                        break
+                    except FrameTooLarge as e:
+                        raise P2PHandlerError(f"{peer_id} answered {name} with {e}") from None
+                    if error is not None:
+                        raise P2PHandlerError(f"Failed to call handler `{name}` at {peer_id}: {error.message}")
+                    yield response
+                await writing
+            finally:
+                writing.cancel()
+
+    writing = asyncio.create_task(write_requests())
+    return read_responses()
 
 
 async def call_once(

@@ -50,7 +50,7 @@ class Settings(ServiceSettings):
     fee_bps: int = 100  # protocol fee in basis points, as the Settlement contract charges (informational here)
     credit_limit: int = 10**16  # credit wei of unpaid work a node grants a client (nodes read it from /v1/config)
 
-    spot_check_fraction: float = 0.02  # q: share of an epoch's receipts re-executed after it closes
+    spot_check_fraction: float = 0.01  # q: share of an epoch's receipts re-executed after it closes (docs/economics.md)
     spot_check_secret: str = DEVNET_SPOT_CHECK_SECRET  # mixed with the epoch root so nodes cannot predict picks
     spot_check_reputation_penalty: float = 0.5  # each failed spot check multiplies a node's score by this
     reference_stake: int = 10**18  # stake (wei) that earns the full stake component of reputation
@@ -58,6 +58,12 @@ class Settings(ServiceSettings):
     # skipped while there is no deployment file (then nothing can be settled anyway)
     stake_cache_seconds: float = 10.0  # how old the registry table of GET /v1/stakes may get
     stake_refresh_seconds: float = 30.0  # beat: how often reputation's stake column is re-read from the chain
+    chain_read_cache_s: float = 2.0  # GET /v1/backing/{c}/{n} and /v1/stakes/{a}: how long an answer is reused per
+    # key (nodes cache backing 10 s anyway); the operator gets a fresh read with ?fresh=true and the admin token
+    chain_read_cache_keys: int = 10_000  # answers kept at once (the oldest dropped)
+    unregistered_receipts_per_key: int = 1_000  # receipts kept (as evidence only) per key the registry does not know
+    unregistered_receipts_total: int = 100_000  # and for all such keys together; past either, new ones are refused
+    chain_reads_per_second: float = 20.0  # those routes' chain reads for keys not cached, in all (then 503, retry)
     # reputation inputs nobody can forge (docs/economics.md, "Reputation inputs"): work counts only when the client
     # countersigned it and paid the node on chain or holds a reserve for it (up to that amount); reports likewise
     work_backed_ttl_s: float = 60.0  # how long a chain read of a client's reserve for a node is trusted

@@ -336,3 +336,18 @@ def test_an_oversized_body_gets_413(api, market):
         response = h.post("/v1/completions", json={"model": market.model, "prompt": "x" * (2 * 1024 * 1024)})
     assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
     assert customer.account()["requests"] == 0
+
+
+def test_a_chunked_body_over_the_limit_gets_413(api, market):
+    """Issue 22: the limit trusted Content-Length, so a chunked body (which declares none) of any size was read."""
+    customer = new_customer(api, credits="1")
+    prompt = json.dumps({"model": market.model, "prompt": "x" * (3 * 1024 * 1024)}).encode()
+
+    def chunks():
+        for i in range(0, len(prompt), 256 * 1024):
+            yield prompt[i : i + 256 * 1024]
+
+    with customer.http() as h:
+        response = h.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+    assert customer.account()["requests"] == 0

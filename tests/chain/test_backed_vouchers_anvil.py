@@ -27,12 +27,32 @@ STEP = 10**15  # what one step costs at this node
 LIMIT = 3 * STEP  # the node's credit limit: what it risks on a client beyond the backing
 
 
+def _serve_ledger(settings: Settings):
+    """``nectar ledger``'s app on a real port in a thread: (its app, a client holding the admin token, stop)."""
+    from nectar.ledger.service import create_app
+
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "the ledger did not start"
+        time.sleep(0.05)
+    client = LedgerClient(f"http://127.0.0.1:{server.config.port}", admin_token=settings.admin_token)
+
+    def stop():
+        client.close()
+        server.should_exit = True
+        thread.join(10)
+
+    return app, client, stop
+
+
 @pytest.fixture(scope="module")
 def ledger(devnet, chain, roles, tmp_path_factory):
     """``nectar ledger``'s app on a real port, reading the devnet through its deployment file; the devnet's nodes
     registered with the minimum stake (the ledger refuses vouchers to unstaked nodes)."""
-    from nectar.ledger.service import create_app
-
     for index, node in enumerate(roles["node"]):
         if not chain.node_info(node["address"])["registered"]:
             chain.register_node(node["privateKey"], f"devnet-node-{index}", chain.deployment.params["min_stake"])
@@ -43,20 +63,9 @@ def ledger(devnet, chain, roles, tmp_path_factory):
         broker_url=f"sqla+sqlite:///{home / 'b.db'}",
         deployment_path=devnet.deployment_path,
     )
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=free_port(), log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "the ledger did not start"
-        time.sleep(0.05)
-    client = LedgerClient(f"http://127.0.0.1:{server.config.port}")
-    yield {"client": client, "settings": settings, "home": home}
-    client.close()
-    server.should_exit = True
-    thread.join(10)
+    app, client, stop = _serve_ledger(settings)
+    yield {"client": client, "settings": settings, "home": home, "app": app}
+    stop()
 
 
 def _funded_client(chain, roles, amount: int) -> str:
@@ -71,8 +80,11 @@ def _funded_client(chain, roles, amount: int) -> str:
 
 
 def _node_credit(chain, ledger, node: str) -> CreditLedger:
-    """The node's credit book as ``nectar node --ledger-url`` builds it."""
-    backing = BackingCache(lambda client: ledger["client"].backing(client, node).backed, ttl=0.0, min_interval=0.0)
+    """The node's credit book as ``nectar node --ledger-url`` builds it, asking the ledger for fresh reads (the
+    operator's; a node's own asks may be ``chain_read_cache_s`` old) so each check sees the chain of that moment."""
+    backing = BackingCache(
+        lambda client: ledger["client"].backing(client, node, fresh=True).backed, ttl=0.0, min_interval=0.0
+    )
     return CreditLedger(node_address=node, credit_limit=LIMIT, domain=chain.eip712_domain(), backing=backing)
 
 
@@ -127,14 +139,14 @@ def test_release_request_stops_backing_and_settles_at_once(chain, roles, ledger,
     assert _serve(credit, key, node["address"], 5) == 5
     ledger["client"].submit_vouchers(credit.best_vouchers())  # the node's payment policy posts what it accepts
     chain.request_reserve_release(key, node["address"], 10 * STEP)
-    backing = ledger["client"].backing(client, node["address"])
+    backing = ledger["client"].backing(client, node["address"], fresh=True)
     assert backing.reserve == 10 * STEP and backing.pending_release == 10 * STEP and backing.backed == 0
 
     settings = ledger["settings"].model_copy(update={"operator_key": roles["ledger"][0]["privateKey"]})
     assert settle_exiting_clients(settings, get_engine(settings.database_url), chain, tmp_path / "cursor.json") == 1
     assert chain.paid(client, node["address"], 0) == 5 * STEP, "settled at once, before the release"
     assert chain.reserve_of(client, node["address"])["amount"] == 5 * STEP, "paid from the reserve"
-    assert ledger["client"].backing(client, node["address"]).settled == 5 * STEP
+    assert ledger["client"].backing(client, node["address"], fresh=True).settled == 5 * STEP
     # the cursor moved on: a second look finds nothing new to settle
     assert settle_exiting_clients(settings, get_engine(settings.database_url), chain, tmp_path / "cursor.json") == 0
 
@@ -214,4 +226,65 @@ def test_api_gateway_keeps_reserves_for_the_ledgers_nodes(chain, roles, ledger, 
     assert watcher._keep_reserves(chain) == len(known)
     assert chain.reserve_of(gateway, node)["amount"] == 2 * ETHER
     assert watcher._keep_reserves(chain) == 0, "topped up already"
-    assert ledger["client"].backing(gateway, node).backed == 2 * ETHER
+    assert ledger["client"].backing(gateway, node, fresh=True).backed == 2 * ETHER
+
+
+def test_public_chain_reads_are_cached_per_key_and_rate_bound(chain, roles, devnet, tmp_path):
+    """``GET /v1/backing/{client}/{node}`` and ``GET /v1/stakes/{address}`` answer anyone, and each used to read
+    the chain on every call: a loop of calls made the ledger hammer its RPC endpoint. Now one pair costs at most one
+    chain read per ``chain_read_cache_s`` however many ask at once, reads of uncached keys are bound in all
+    (``chain_reads_per_second``, then 503 with Retry-After), and only the operator's token buys a fresh read."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nectar.wire.ledger_api import LedgerError
+
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'ledger.db'}",
+        broker_url=f"sqla+sqlite:///{tmp_path / 'b.db'}",
+        deployment_path=devnet.deployment_path,
+        chain_read_cache_s=60.0,
+        chain_reads_per_second=5.0,
+    )
+    app, operator, stop = _serve_ledger(settings)
+    state = app.state.ledger
+    reads, real_chain, real_node = [], state.chain, state.stakes.node
+    state.chain = lambda: reads.append("backing") or real_chain()  # the real chain, counted
+    state.stakes.node = lambda address: reads.append("stake") or real_node(address)
+    outsider = LedgerClient(operator.base_url)
+    node, client = roles["node"][0]["address"], roles["client"][0]["address"]
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda _: outsider.backing(client, node).reserve, range(64)))
+            stakes = list(pool.map(lambda _: outsider.stake(node).bonded, range(64)))
+        assert len(set(answers)) == 1 and len(set(stakes)) == 1
+        assert reads.count("backing") == 1, f"64 calls for one pair read the chain {reads.count('backing')} times"
+        assert reads.count("stake") == 1, f"64 calls for one node read the chain {reads.count('stake')} times"
+
+        # past the cache's lifetime one more read (the ledger's clock moved on by a minute)
+        now = time.monotonic()
+        state.reads.clock = lambda: now + 61.0
+        for _ in range(10):
+            outsider.backing(client, node)
+        assert reads.count("backing") == 2
+
+        # a flood of distinct keys a second later (the bucket full again): at most its reads, the rest told to retry
+        state.reads.clock = lambda: now + 62.0
+        reads.clear()
+        refused = 0
+        for i in range(20):
+            try:
+                outsider.stake("0x" + f"{i + 1:040x}")
+            except LedgerError as e:
+                assert e.status == 503 and "retry in a second" in str(e)
+                refused += 1
+        assert len(reads) == 5 and refused == 15
+
+        # a fresh read is the operator's alone
+        with pytest.raises(LedgerError) as denied:
+            outsider.backing(client, node, fresh=True)
+        assert denied.value.status == 401 and "NECTAR_LEDGER_ADMIN_TOKEN" in str(denied.value)
+        operator.backing(client, node, fresh=True)
+        assert reads.count("backing") == 1
+    finally:
+        outsider.close()
+        stop()

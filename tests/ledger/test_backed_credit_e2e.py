@@ -50,5 +50,7 @@ def test_node_refuses_an_unbacked_client_and_serves_a_backed_one(market):
     assert f"nectar escrow reserve --node {market.node.eth_address}" in str(refused.value)
 
     chain.reserve(key, market.node.eth_address, 10**17)
-    time.sleep(1)  # the node asks the ledger again at most every 0.5 s per client (BackingCache.min_interval)
+    # the ledger reuses a pair's chain read for chain_read_cache_s (2 s) and the node asks it again at most every
+    # 0.5 s per client (BackingCache.min_interval)
+    time.sleep(2.5)
     _generate(market, client, 40)  # now the node serves the whole generation against the reserve

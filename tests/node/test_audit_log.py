@@ -67,7 +67,7 @@ def test_segments_are_deleted_once_every_session_in_them_is_past_retention(tmp_p
     log = _disk_log(tmp_path, clock)
     log.record(b"old", 0, 0, _row(1), 0, 2, outputs=_row(1))
     clock.now += 20
-    log.record(b"live", 0, 0, _row(2), 0, 2, outputs=_row(2))
+    log.record(b"live", 0, 0, _row(2), 0, 2, outputs=_row(2)).result()  # written (by the writer thread)
     assert len(list(tmp_path.glob("*.audit"))) == 2
     clock.now += 45  # "old" is 65 s old, "live" 45 s
     log.admit(new=True)
@@ -88,7 +88,8 @@ def test_a_long_session_keeps_its_first_inputs_while_old_segments_go(tmp_path):
     log.record(b"short", 0, 0, _row(9), 0, 2)
     for step in range(1, 20):
         clock.now += 10
-        log.record(b"long", step, 3 + step, _row(step + 1), 0, 2, outputs=_row(step))
+        # awaited as a node awaits it before signing the step's receipt (this test's clock runs ahead of the writer)
+        log.record(b"long", step, 3 + step, _row(step + 1), 0, 2, outputs=_row(step)).result()
     assert log.history(b"short", 0) is None
     first = min(int(p.stem) for p in tmp_path.glob("*.audit"))
     assert first * 10 > clock.now - 60 - 10  # no segment older than the retention and one bucket
@@ -120,7 +121,7 @@ def test_a_record_cut_short_by_a_crash_is_ignored_and_cut_off(tmp_path):
 def test_a_damaged_record_is_not_served(tmp_path):
     clock = Clock()
     log = _disk_log(tmp_path, clock)
-    log.record(b"s", 0, 0, _row(1), 0, 2, outputs=_row(1))
+    log.record(b"s", 0, 0, _row(1), 0, 2, outputs=_row(1)).result()
     (path,) = tmp_path.glob("*.audit")
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF  # a flipped bit in the output
@@ -165,3 +166,34 @@ def test_one_folder_serves_one_log_at_a_time(tmp_path):
         _disk_log(tmp_path, Clock())
     log.close()
     _disk_log(tmp_path, Clock()).close()
+
+
+def test_a_writer_behind_the_disk_refuses_work_instead_of_growing_memory(tmp_path):
+    """Records go to disk through a writer thread (the event loop never waits on the disk); the records waiting for
+    it are bounded: past 7/8 of ``max_queue_bytes`` new work is refused, past all of it every step, with a clear
+    error, and queued records are still served to audits. Here the writer is held up by holding the log's lock; the
+    records are prefill-sized (small ones are written at once while the writer is idle)."""
+    clock = Clock()
+    tokens = 16
+    step = 2 * _row(0, tokens).nbytes
+    log = _disk_log(tmp_path, clock, max_queue_bytes=8 * step)
+    futures = []
+    with log._lock:  # the writer waits for it before each write; this thread may re-enter
+        served = 0
+        with pytest.raises(NodeRPCError) as error:
+            while True:
+                log.admit(step, new=True)
+                row = _row(served, tokens)
+                futures.append(log.record(b"s%d" % served, 0, 0, row, 0, 2, outputs=row))
+                served += 1
+        assert error.value.code == ErrorCode.CACHE_FULL and "audit writes are behind" in str(error.value)
+        assert 5 <= served <= 7 and log.queued_bytes <= 8 * step
+        assert torch.equal(log.history(b"s1", 0)[3], _row(1, tokens))  # from the queue
+        assert not any(f.done() for f in futures[1:])
+    for f in futures:
+        f.result(timeout=30)
+    assert log.queued_bytes == 0
+    log.admit(step, new=True)  # room again
+    log.close()
+    again = _disk_log(tmp_path, clock)
+    assert all(torch.equal(again.history(b"s%d" % s, 0)[3], _row(s, tokens)) for s in range(served))

@@ -54,3 +54,20 @@ def test_an_error_the_reader_queues_reaches_the_handler_in_place_of_a_request():
         assert await stream.next() is None
 
     asyncio.run(scenario())
+
+
+def test_requests_read_ahead_are_bounded_in_bytes_too():
+    """Many frames each under the frame limit cannot pile up past the stream's byte budget (issue 22)."""
+
+    async def scenario():
+        stream = RequestStream(max_prefetch=8, max_bytes=100)
+        await stream.put("a", size=60)
+        second = asyncio.ensure_future(stream.put("b", size=60))
+        await asyncio.sleep(0.01)
+        assert not second.done()  # 120 bytes would be queued: the reader waits
+        assert await stream.next() == "a"
+        await asyncio.wait_for(second, 1)
+        await stream.put(None)  # the end of the stream is never held back
+        assert [item async for item in stream] == ["b"]
+
+    asyncio.run(scenario())
