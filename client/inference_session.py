@@ -18,6 +18,7 @@ import asyncio
 import enum
 import logging
 import os
+import time
 from collections.abc import Callable
 
 import torch
@@ -143,6 +144,7 @@ class InferenceSession:
         tensors = [inputs]
         if position == 0 and self.prompts is not None:
             tensors.append(self.prompts[hop.span.start : hop.span.end])
+        began = time.perf_counter()
         try:
             hop.stream.send_step(tensors, step=step, position=position, voucher=self._take_voucher(hop))
             reply = await asyncio.wait_for(self._receive_answer(hop), self.config.step_timeout)
@@ -150,6 +152,10 @@ class InferenceSession:
             raise
         except Exception as e:
             raise HopFailed(hop.span, Fault.of(e))
+        # what routing may believe of this peer's speed (announced throughput is only a claim)
+        self.manager.observe(
+            hop.span.peer_id, inputs.shape[0] * inputs.shape[1] * hop.span.length, time.perf_counter() - began
+        )
         return self._accept(hop, inputs, reply, step=step, position=position)
 
     def _take_voucher(self, hop: Hop) -> dict | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import torch
 
@@ -55,7 +56,9 @@ class RemoteCaller:
             )
         else:
             raise ValueError(f"RemoteCaller calls {RPC_FORWARD} or {RPC_BACKWARD}, not {method!r}")
+        began = time.perf_counter()
         reply = self.runtime.run(call, timeout=self.config.request_timeout + 5)
+        elapsed = time.perf_counter() - began
         outputs = [reply.output] if method == RPC_FORWARD else reply.tensors
         if not all(torch.isfinite(o).all() for o in outputs):
             raise ValueError(f"{span} returned a malformed output")
@@ -79,6 +82,8 @@ class RemoteCaller:
                 step=step,
                 kind=ReceiptKind.FORWARD if method == RPC_FORWARD else ReceiptKind.BACKWARD,
             )
+        if method == RPC_FORWARD:  # what routing may believe of the node's speed (its announcement is a claim)
+            self.manager.observe(span.peer_id, tensors[0].shape[0] * tensors[0].shape[1] * span.length, elapsed)
         return outputs
 
     def with_retries(self, function, start: int, end: int):
@@ -91,7 +96,7 @@ class RemoteCaller:
             except Exception as e:  # a hop failed: avoid it and route again
                 last_error = e
                 failed = getattr(e, "span", None) or route[0]
-                self.manager.ban(failed.peer_id, f"{type(e).__name__}: {e}")
+                self.manager.ban(failed.peer_id, f"{type(e).__name__}: {e}", timeout=self.config.request_timeout)
         raise RuntimeError(f"Forward/backward through blocks {start}:{end} failed: {last_error}")
 
 
@@ -128,7 +133,7 @@ def _remote_backward(caller: RemoteCaller, saved, grad_output: torch.Tensor, pro
             outputs = caller.call(RPC_BACKWARD, span, tensors, receipt_inputs=grad)
         except Exception as e:
             # the span's node is gone: recompute this part of the chain on another route, then backprop there
-            caller.manager.ban(span.peer_id, str(e))
+            caller.manager.ban(span.peer_id, str(e), timeout=caller.config.request_timeout)
             outputs = _backward_with_new_route(caller, span, x, grad, prompts)
         grad = outputs[0]
         if grad_prompts is not None:

@@ -1,4 +1,8 @@
-"""Publishes this node's ServerInfo for each hosted block, signed, on a fixed period (a background thread)."""
+"""Publishes this node's ServerInfo for each hosted block, signed, on a fixed period (a background thread).
+
+Each record carries ``eth_proof`` (the node's Ethereum key signing its peer id), without which readers ignore its
+address, and a fresh ``timestamp``: readers drop records older than ``MAX_RECORD_AGE``, so the period is clamped to
+half of it and the expiry to it."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from functools import partial
 import hivemind
 from hivemind.utils import get_dht_time
 
-from nectar.wire.announce import MODELS_KEY, ServerInfo, ServerState, block_key
+from nectar.wire.announce import MAX_RECORD_AGE, MODELS_KEY, ServerInfo, ServerState, block_key, sign_eth_proof
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +57,33 @@ class Announcer(threading.Thread):
     """Calls ``make_info()`` and announces it every ``period`` seconds until stopped."""
 
     def __init__(
-        self, dht, model_id: str, num_model_blocks: int, make_info: Callable[[], ServerInfo], *, period: float
+        self,
+        dht,
+        model_id: str,
+        num_model_blocks: int,
+        make_info: Callable[[], ServerInfo],
+        *,
+        period: float,
+        eth_key: str | None = None,
     ):
+        """:param eth_key: the node's Ethereum key (hex); it signs the peer id into every record's ``eth_proof``"""
         super().__init__(name="nectar-announcer", daemon=True)
         self.dht, self.model_id, self.num_model_blocks = dht, model_id, num_model_blocks
-        self.make_info, self.period = make_info, period
+        if period > MAX_RECORD_AGE / 2:
+            logger.warning(
+                f"--announce-period {period}s is longer than readers keep a record ({MAX_RECORD_AGE}s): announcing "
+                f"every {MAX_RECORD_AGE / 2}s instead"
+            )
+            period = MAX_RECORD_AGE / 2
+        self.period = period
+        self.proof = proof = sign_eth_proof(eth_key, dht.peer_id) if eth_key else ""
+
+        def signed_info() -> ServerInfo:
+            info = make_info()
+            info.eth_proof = proof
+            return info
+
+        self.make_info = signed_info
         self.stop_event = threading.Event()
         self.wake_event = threading.Event()
 
@@ -69,7 +95,7 @@ class Announcer(threading.Thread):
                     self.model_id,
                     self.num_model_blocks,
                     self.make_info(),
-                    expiration=max(3 * self.period, 15),
+                    expiration=min(max(3 * self.period, 15), MAX_RECORD_AGE),
                 )
             except Exception:
                 logger.warning("Announcement failed (will retry)", exc_info=True)
@@ -84,6 +110,7 @@ class Announcer(threading.Thread):
         self.wake_event.set()
         if final_info is not None:
             final_info.state = int(ServerState.OFFLINE)
+            final_info.eth_proof = self.proof
             try:
                 announce(
                     self.dht,

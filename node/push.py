@@ -8,8 +8,11 @@ than answering first). If A's answer then never reaches the client, B may have c
 check: the client retries it under a new step number, so no node signs two receipts for one (session, step).
 
 ``PushInbox`` (receiving side) holds the sessions open on this node that accept pushes, each behind a random token
-only the client and the previous hop know. A node pushes only to a direct lane that a node serving the next block
-announces in the DHT (``NodeServer.announces_lane``), so a client cannot aim it at an arbitrary host and port.
+only the client and the previous hop know. A node pushes only to the direct lane of an announced node of the route
+(``lane_owner``): an online node serving the next block, whose verified record names that lane, and whose P2P
+connection (authenticated by its peer id) comes from the lane's host. A record is the signer's claim, so the host
+check is what keeps a sybil record from aiming honest nodes at any host and port; a lane on another host than the
+node's P2P address (a NAT, a separate interface) gets no pushes, and the client relays instead.
 ``PushLink`` (sending side) is one session's stream to the next hop's push RPC over the direct TCP lane.
 """
 
@@ -22,9 +25,10 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 
 import torch
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
+from nectar.wire.announce import ServerInfo, ServerState
 from nectar.wire.direct import parse_address, send_hello
 from nectar.wire.protocol import RPC_PUSH, ErrorCode, NodeRPCError
 from nectar.wire.transport import send_message
@@ -33,6 +37,43 @@ logger = logging.getLogger(__name__)
 
 MAX_EARLY_PUSHES = 8  # pushes a session holds for steps it has not asked for yet (bounds a flood)
 CONNECT_TIMEOUT = 2.0  # s to reach the next hop's direct lane; a step's answer waits for it once per session
+
+
+def _host_of(multiaddr) -> str | None:
+    parts = str(multiaddr).split("/")
+    return parts[2] if len(parts) > 2 and parts[1] in ("ip4", "ip6", "dns", "dns4", "dns6") else None
+
+
+async def _connected_hosts(p2p: P2P) -> dict[PeerID, set[str]]:
+    return {peer.peer_id: {h for h in map(_host_of, peer.addrs) if h} for peer in await p2p.list_peers()}
+
+
+async def lane_owner(p2p: P2P, announcements: dict[PeerID, ServerInfo], address: str) -> PeerID | None:
+    """The announced node whose direct lane ``address`` is, if this node may push there: it is online or joining in
+    ``announcements`` (verified records of the next block) and this node's P2P daemon, which authenticates peer ids,
+    reaches it at the lane's host. A peer not connected yet is dialled once over P2P (an info call). None: refuse."""
+    try:
+        host, _ = parse_address(address)
+    except ValueError:
+        return None
+    owners = [
+        peer
+        for peer, info in announcements.items()
+        if info.direct_address == address and info.state != ServerState.OFFLINE and info.eth_address
+    ]
+    if not owners:
+        return None
+    hosts = await _connected_hosts(p2p)
+    for peer in owners:
+        if peer not in hosts:
+            from nectar.wire.stubs import call_info  # dials the peer by its id: its address comes from P2P
+
+            with suppress(Exception):
+                await call_info(p2p, peer, None, direct=False, timeout=CONNECT_TIMEOUT)
+            hosts = await _connected_hosts(p2p)
+        if host in hosts.get(peer, ()):
+            return peer
+    return None
 
 
 @dataclass

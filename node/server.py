@@ -33,6 +33,7 @@ from nectar.node.identity import (
 )
 from nectar.node.memory_cache import MemoryCache
 from nectar.node.payments import NoPaymentPolicy, PaymentPolicy
+from nectar.node.push import lane_owner
 from nectar.node.receipts import BackingCache, CreditLedger, ReceiptSigner
 from nectar.node.signed_work import EVIDENCE_MARGIN_S, SignedWork
 from nectar.node.signing import InlineSigning, SigningWorker
@@ -217,7 +218,7 @@ class Server:
         self.direct: DirectServer | None = None
         self.signing: InlineSigning | SigningWorker | None = None
         self.direct_address = ""  # HOST:PORT once the direct lane listens
-        self._lanes: dict[int, tuple[float, set[str]]] = {}  # block -> (looked up at, announced direct lanes)
+        self._lanes: dict[int, tuple[float, dict]] = {}  # block -> (looked up at, {peer: info} announcing a lane)
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
 
@@ -267,7 +268,12 @@ class Server:
         self._loop_thread.start()
         asyncio.run_coroutine_threadsafe(self._serve(), self.loop).result(timeout=60)
         self.announcer = Announcer(
-            self.dht, self.model_id, self.num_model_blocks, self.server_info, period=config.announce_period
+            self.dht,
+            self.model_id,
+            self.num_model_blocks,
+            self.server_info,
+            period=config.announce_period,
+            eth_key=self.signer.private_key,
         )
         self.announcer.start()
         self._rebalancer = threading.Thread(target=self._rebalance_loop, name="nectar-rebalance", daemon=True)
@@ -452,21 +458,19 @@ class Server:
             pass
 
     async def announces_lane(self, address: str, block: int) -> bool:
-        """Whether an online node serving ``block`` announces the direct lane ``address`` (push targets only).
-        Looked up in the DHT at most once per 10 s per block, or again when an address is not found."""
-        looked_up, lanes = self._lanes.get(block, (0.0, set()))
+        """Whether ``address`` is the direct lane of an announced node serving ``block`` (``push.lane_owner``: push
+        targets only). Records are looked up in the DHT at most once per 10 s per block, or again after 1 s when the
+        address is not found."""
+        looked_up, announced = self._lanes.get(block, (0.0, {}))
         age = time.monotonic() - looked_up
+        lanes = {info.direct_address for info in announced.values()}
         if age > 10.0 or (address not in lanes and age > 1.0):
             swarm = await asyncio.get_running_loop().run_in_executor(
                 None, partial(read_swarm, self.dht, self.model_id, self.num_model_blocks, blocks=[block])
             )
-            lanes = {
-                info.direct_address
-                for info in swarm.blocks[block].values()
-                if info.state != ServerState.OFFLINE and info.direct_address
-            }
-            self._lanes[block] = (time.monotonic(), lanes)
-        return address in lanes
+            announced = {peer: info for peer, info in swarm.blocks[block].items() if info.direct_address}
+            self._lanes[block] = (time.monotonic(), announced)
+        return await lane_owner(self.p2p, announced, address) is not None
 
     # ---- span choice ------------------------------------------------------------------------------------------
 

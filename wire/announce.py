@@ -4,6 +4,16 @@ Every record is stored under ``subkey = peer id`` and signed with that peer's Ed
 peers run ``AnnouncementValidator``, so they refuse to store (or return) a record that a peer wrote for another peer,
 and clients drop any record whose signature does not verify. A peer therefore cannot publish or overwrite another
 peer's records.
+
+Two more rules make a record's claims cheap to check and short-lived:
+
+- **The Ethereum address is proven.** ``eth_proof`` is a signature by the announced ``eth_address`` over the
+  announcing peer id (``sign_eth_proof``). Readers (``nectar.wire.swarm``) blank the address of a record whose proof
+  does not verify, so a sybil cannot borrow a staked or reputable node's address (and its stake or score).
+- **Records age out on the reader's clock.** A record is read only while its signed ``timestamp`` is at most
+  ``MAX_RECORD_AGE`` old (and not in the future): a record that claims to live for a day is dead
+  ``MAX_RECORD_AGE`` after it was made, whatever expiry its signer wrote. Nodes re-announce every
+  ``announce_period`` (clamped to at most half of it).
 """
 
 from __future__ import annotations
@@ -21,12 +31,17 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer
 
+from nectar.wire.eip712 import recover_digest_signer, sign_digest
 from nectar.wire.identity import peer_id_of, public_key_of_peer
+from nectar.wire.receipts import keccak256
 
 logger = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = "nectar/1"
 MODELS_KEY = "nectar.models"  # subkey = peer id, value = {model_id: num_blocks}
+MAX_RECORD_AGE = 60.0  # s: readers ignore an announcement made longer ago than this, whatever its expiry says
+MAX_CLOCK_SKEW = 30.0  # s: an announcement dated further ahead than this is ignored (a forged "forever" timestamp)
+_ETH_PROOF_PREFIX = b"nectar/peer-address/1:"
 
 
 class ServerState(enum.IntEnum):
@@ -56,6 +71,7 @@ class ServerInfo:
     eth_address: str
     public_name: str = ""
     direct_address: str = ""  # HOST:PORT of the node's plaintext TCP lane (nectar.wire.direct); "" = P2P only
+    eth_proof: str = ""  # hex signature by eth_address over the peer id (sign_eth_proof); readers blank unproven ones
     version: str = PROTOCOL_VERSION
     timestamp: float = field(default_factory=time.time)
 
@@ -68,9 +84,60 @@ class ServerInfo:
             raise TypeError(f"ServerInfo must be a dict, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         info = cls(**{k: v for k, v in data.items() if k in known})
+        numbers = (info.throughput, info.inference_rps, info.forward_rps, info.network_rps, info.timestamp)
+        if not all(isinstance(x, int | float) and x == x for x in numbers) or not all(
+            isinstance(x, int) for x in (info.start, info.end, info.cache_tokens_left, info.price_per_token)
+        ):
+            raise ValueError(f"Non-numeric speed, span, cache or price in {data}")
+        if not all(isinstance(x, str) for x in (info.eth_address, info.direct_address, info.eth_proof, info.dtype)):
+            raise ValueError(f"Non-string address, proof or dtype in {data}")
         if not (0 <= info.start < info.end) or info.state not in set(ServerState):
             raise ValueError(f"Invalid span or state in {data}")
         return info
+
+
+def _eth_proof_digest(peer_id: bytes) -> bytes:
+    # EIP-191 personal message, so any Ethereum wallet can produce the proof
+    message = _ETH_PROOF_PREFIX + peer_id
+    return keccak256(b"\x19Ethereum Signed Message:\n" + str(len(message)).encode() + message)
+
+
+def sign_eth_proof(private_key: str | bytes, peer_id: PeerID | bytes) -> str:
+    """The ``eth_proof`` of a node: its Ethereum key's signature over its peer id, hex."""
+    raw = peer_id.to_bytes() if isinstance(peer_id, PeerID) else peer_id
+    return "0x" + sign_digest(_eth_proof_digest(raw), private_key).hex()
+
+
+_proofs: dict[tuple[bytes, str, str], bool] = {}  # verified (peer, address, proof) -> ok; bounded below
+
+
+def eth_proof_valid(peer_id: PeerID | bytes, eth_address: str, eth_proof: str) -> bool:
+    """Whether ``eth_proof`` is ``eth_address``'s signature over ``peer_id`` (cached: readers see each record often)."""
+    raw = peer_id.to_bytes() if isinstance(peer_id, PeerID) else peer_id
+    if not (isinstance(eth_address, str) and isinstance(eth_proof, str)) or len(eth_proof) > 200:
+        return False
+    key = (raw, eth_address.lower(), eth_proof)
+    known = _proofs.get(key)
+    if known is None:
+        try:
+            signature = bytes.fromhex(eth_proof.removeprefix("0x"))
+            known = recover_digest_signer(_eth_proof_digest(raw), signature).lower() == eth_address.lower()
+        except Exception:
+            known = False
+        if len(_proofs) >= 65536:  # sybils can mint unlimited records: forget, never grow without bound
+            _proofs.clear()
+        _proofs[key] = known
+    return known
+
+
+def record_fresh(info: ServerInfo, now: float | None = None, max_age: float = MAX_RECORD_AGE) -> bool:
+    """Whether a reader may use ``info``: made at most ``max_age`` s ago on the reader's clock, not dated ahead."""
+    now = time.time() if now is None else now
+    try:
+        timestamp = float(info.timestamp)
+    except (TypeError, ValueError):
+        return False
+    return now - max_age <= timestamp <= now + MAX_CLOCK_SKEW
 
 
 class AnnouncementValidator(RecordValidatorBase):

@@ -8,13 +8,22 @@ read them through here. The DHT is either a ``ClientRuntime`` (``nectar.wire.dht
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from hivemind.p2p import PeerID
 
-from nectar.wire.announce import MODELS_KEY, ServerInfo, ServerState, block_key
+from nectar.wire.announce import (
+    MAX_RECORD_AGE,
+    MODELS_KEY,
+    ServerInfo,
+    ServerState,
+    block_key,
+    eth_proof_valid,
+    record_fresh,
+)
 from nectar.wire.dht import ClientRuntime, get_many
 
 logger = logging.getLogger(__name__)
@@ -44,10 +53,18 @@ class ModelSwarm:
 
 
 def parse_block_records(
-    model_id: str, block_indices: Iterable[int], records: dict[Any, Any], *, states: Collection[int] | None = None
+    model_id: str,
+    block_indices: Iterable[int],
+    records: dict[Any, Any],
+    *,
+    states: Collection[int] | None = None,
+    max_age: float = MAX_RECORD_AGE,
 ) -> dict[int, dict[PeerID, ServerInfo]]:
-    """Turns DHT lookup results into {block: {peer: ServerInfo}}, dropping malformed entries (and, with ``states``,
-    announcements in other states)."""
+    """Turns DHT lookup results into {block: {peer: ServerInfo}}, dropping malformed entries, announcements made more
+    than ``max_age`` s ago on this reader's clock (whatever expiry their signer wrote) and, with ``states``, those in
+    other states. An ``eth_address`` whose ``eth_proof`` does not verify for the announcing peer is blanked: the
+    record stays readable, but borrows no one's payments, stake or reputation."""
+    now = time.time()
     result: dict[int, dict[PeerID, ServerInfo]] = {}
     for index in block_indices:
         entry = records.get(block_key(model_id, index))
@@ -60,6 +77,10 @@ def parse_block_records(
                 except Exception as e:
                     logger.debug(f"Ignoring a malformed announcement for block {index}: {e}")
                     continue
+                if not record_fresh(info, now, max_age):
+                    continue
+                if info.eth_address and not eth_proof_valid(peer_id, info.eth_address, info.eth_proof):
+                    info.eth_address = ""
                 if info.start <= index < info.end and (states is None or info.state in states):
                     servers[peer_id] = info
         result[index] = servers
@@ -80,11 +101,15 @@ def read_swarm(
     *,
     blocks: Iterable[int] | None = None,
     states: Collection[int] | None = None,
+    max_age: float = MAX_RECORD_AGE,
 ) -> ModelSwarm:
-    """The announcements of ``model_id`` (of ``blocks`` only, if given; of peers in ``states`` only, if given)."""
+    """The announcements of ``model_id`` (of ``blocks`` only, if given; of peers in ``states`` only, if given; made at
+    most ``max_age`` s ago), addresses unproven by their peer blanked (``parse_block_records``)."""
     indices = list(range(num_blocks) if blocks is None else blocks)
     records = fetch_records(dht, [block_key(model_id, i) for i in indices])
-    return ModelSwarm(model_id, num_blocks, parse_block_records(model_id, indices, records, states=states))
+    return ModelSwarm(
+        model_id, num_blocks, parse_block_records(model_id, indices, records, states=states, max_age=max_age)
+    )
 
 
 def read_models(dht: ClientRuntime | Any) -> dict[str, int]:

@@ -3,6 +3,19 @@
 Inference routes minimise total time: a shortest path over block boundaries where a hop costs its measured round
 trip plus its blocks' compute time, times the scorer's factor, and hops without enough free KV cache are skipped.
 Forward/backward routes are drawn at random in proportion to throughput, which spreads training load.
+
+Routing measures before it trusts (issue 22): a record is a peer's claim, so
+
+- a hop's throughput is the announced one capped by what this client observed of the peer (``observe``), and for a
+  peer not observed yet by the lowest throughput announced by a peer that answered our ping: nobody is believed
+  faster than the slowest reachable node until it has shown it;
+- a peer not pinged yet counts as ``UNMEASURED_LATENCY`` away, one whose ping failed as a connect timeout away, so
+  a lane that accepts and never answers is tried last, not first;
+- a ban lasts at least the connect timeout (a failure that took a timeout to show must not expire before the retry
+  that would hit it again) and doubles per peer until the peer serves a step well (``mark_ok``); after it, the peer
+  counts as unreachable until a new ping (``REPING_AFTER``) answers;
+- a peer whose record's Ethereum address is not proven (``nectar.wire.swarm`` blanks it) is never routed to: it
+  could not be paid, and could not be held to stake or reputation.
 """
 
 from __future__ import annotations
@@ -22,6 +35,12 @@ from nectar.wire.announce import ServerInfo, ServerState
 from nectar.wire.swarm import read_swarm
 
 logger = logging.getLogger(__name__)
+
+UNMEASURED_LATENCY = 0.5  # s assumed for a peer not pinged yet (a record's claims are not evidence)
+PING_TIMEOUT = 2.0  # s a latency ping may take; a peer that misses it counts as a connect timeout away
+REPING_AFTER = 60.0  # s before a peer whose ping failed is pinged again (each try may cost PING_TIMEOUT)
+MAX_TRACKED_PEERS = 4096  # bans, pings and observations kept (sybils can mint peer ids without end)
+OBSERVED_WEIGHT = 0.3  # weight of the newest observation in a peer's throughput average
 
 
 class MissingBlocksError(RuntimeError):
@@ -52,6 +71,8 @@ class RemoteSequenceManager:
         self.runtime, self.model_id, self.num_blocks, self.config = runtime, model_id, num_blocks, config
         self.scorer = scorer or NoScorer()
         self._latency: dict[PeerID, float] = {}
+        self._ping_failed: dict[PeerID, float] = {}  # peer -> monotonic time its last ping failed
+        self._observed: dict[PeerID, float] = {}  # peer -> throughput (block-tokens/s) this client saw it deliver
         self._servers: dict[int, dict[PeerID, ServerInfo]] = {}
         self._updated = 0.0
         self._banned_until: dict[PeerID, float] = {}
@@ -72,7 +93,12 @@ class RemoteSequenceManager:
     def _measure_latencies(self, peers: dict) -> None:
         """Round-trip times to peers not measured yet (one info RPC each on the lane steps will use, concurrently,
         bounded by 2 s)."""
-        new = [peer for peer in peers if peer not in self._latency]
+        now = time.monotonic()
+        new = [
+            peer
+            for peer in peers
+            if peer not in self._latency and now - self._ping_failed.get(peer, -REPING_AFTER) >= REPING_AFTER
+        ]
         if self.runtime is None or not new:
             return
         import asyncio
@@ -82,7 +108,7 @@ class RemoteSequenceManager:
         async def ping(peer):
             began = time.perf_counter()
             try:
-                await call_info(self.runtime.p2p, peer, peers[peer], direct=self.config.direct, timeout=2)
+                await call_info(self.runtime.p2p, peer, peers[peer], direct=self.config.direct, timeout=PING_TIMEOUT)
                 return peer, time.perf_counter() - began
             except Exception:
                 return peer, None
@@ -91,29 +117,83 @@ class RemoteSequenceManager:
             return await asyncio.gather(*(ping(peer) for peer in new))
 
         try:
-            for peer, rtt in self.runtime.run(ping_all(), timeout=5):
-                if rtt is not None:
-                    self._latency[peer] = rtt
+            results = self.runtime.run(ping_all(), timeout=PING_TIMEOUT + 3)
         except Exception:
             logger.debug("Latency measurement failed", exc_info=True)
+            results = [(peer, None) for peer in new]
+        with self._lock:
+            for peer, rtt in results:
+                if rtt is not None:
+                    self._latency[peer] = rtt
+                    self._ping_failed.pop(peer, None)
+                else:
+                    self._ping_failed[peer] = time.monotonic()
+            for table in (self._latency, self._ping_failed, self._observed):
+                _bound(table)
 
     def latency(self, peer_id: PeerID) -> float:
-        """Measured round trip to ``peer_id`` in seconds (the configured hop cost if unknown)."""
-        return self._latency.get(peer_id, self.config.hop_cost)
+        """Measured round trip to ``peer_id`` in seconds; a connect timeout if its ping failed; else at least
+        ``UNMEASURED_LATENCY`` (or the configured hop cost, if larger)."""
+        measured = self._latency.get(peer_id)
+        if measured is not None:
+            return measured
+        if peer_id in self._ping_failed:
+            return max(self.config.connect_timeout, PING_TIMEOUT)
+        return max(self.config.hop_cost, UNMEASURED_LATENCY)
+
+    def observe(self, peer_id: PeerID, block_tokens: int, seconds: float) -> None:
+        """Records that ``peer_id`` took ``seconds`` (round trip included) for ``block_tokens`` tokens x blocks."""
+        if block_tokens <= 0 or not seconds > 0:
+            return
+        rate = block_tokens / seconds
+        with self._lock:
+            old = self._observed.get(peer_id)
+            self._observed[peer_id] = rate if old is None else (1 - OBSERVED_WEIGHT) * old + OBSERVED_WEIGHT * rate
+            _bound(self._observed)
+
+    def throughput(self, peer_id: PeerID, info: ServerInfo, unmeasured_cap: float | None = None) -> float:
+        """The throughput routing believes: the announced one, capped by what this client observed of the peer, or
+        (not observed yet) by ``unmeasured_cap``."""
+        announced = max(float(info.throughput), 1e-9)
+        observed = self._observed.get(peer_id)
+        if observed is not None:
+            return min(announced, max(observed, 1e-9))
+        return announced if unmeasured_cap is None else min(announced, unmeasured_cap)
+
+    def _unmeasured_cap(self, peers: dict[PeerID, ServerInfo]) -> float | None:
+        """The lowest throughput announced by a peer that answered our ping (or by any peer, if none did): what an
+        unobserved peer is believed to deliver at most."""
+        reachable = [float(i.throughput) for p, i in peers.items() if p in self._latency or p in self._observed]
+        announced = reachable or [float(i.throughput) for i in peers.values()]
+        return max(min(announced), 1e-9) if announced else None
 
     def servers(self) -> dict[int, dict[PeerID, ServerInfo]]:
         self.update()
         return self._servers
 
-    def ban(self, peer_id: PeerID, reason: str = "") -> None:
+    def ban(self, peer_id: PeerID, reason: str = "", *, timeout: float | None = None) -> None:
+        """Avoids ``peer_id`` for at least ``timeout`` (default: the connect timeout, the longest a failed open waits)
+        and at least twice its previous ban, up to ``max_backoff`` (or ``timeout``, if longer); remembered until the
+        peer serves a step well (``mark_ok``), so a peer that fails again and again is avoided longer each time."""
+        floor = max(self.config.connect_timeout if timeout is None else timeout, self.config.min_backoff)
         with self._lock:
-            length = min(self._ban_length.get(peer_id, self.config.min_backoff / 2) * 2, self.config.max_backoff)
+            previous = self._ban_length.get(peer_id)
+            length = self.config.min_backoff if previous is None else 2 * previous
+            length = min(max(length, floor), max(self.config.max_backoff, floor))
             self._ban_length[peer_id] = length
             self._banned_until[peer_id] = time.monotonic() + length
+            # after its ban, it counts as unreachable until a new ping answers: a peer that accepts and never
+            # answers must not come back as the cheapest hop
+            self._latency.pop(peer_id, None)
+            self._ping_failed[peer_id] = time.monotonic()
+            _bound(self._ping_failed)
+            _bound(self._ban_length)
+            _bound(self._banned_until)
         logger.warning(f"Avoiding peer {peer_id} for {length:.1f}s: {reason}")
 
     def mark_ok(self, peer_id: PeerID) -> None:
-        self._ban_length.pop(peer_id, None)
+        with self._lock:
+            self._ban_length.pop(peer_id, None)
 
     def is_banned(self, peer_id: PeerID) -> bool:
         return self._banned_until.get(peer_id, 0) > time.monotonic()
@@ -125,7 +205,11 @@ class RemoteSequenceManager:
         for index in range(start, end):
             for peer_id, info in self.servers().get(index, {}).items():
                 if info.state == ServerState.ONLINE and not self.is_banned(peer_id):
-                    if self.scorer.eligible(peer_id, info):
+                    if not info.eth_address:
+                        self._unstaked[str(peer_id)] = (
+                            "its record's Ethereum address is not proven by a signature over its peer id"
+                        )
+                    elif self.scorer.eligible(peer_id, info):
                         found[peer_id] = info
                     else:
                         self._unstaked[str(peer_id)] = self.scorer.ineligible_reason(peer_id, info)
@@ -144,8 +228,8 @@ class RemoteSequenceManager:
         if begin is not None:
             begin()
 
-    def _hop_cost(self, peer_id: PeerID, info: ServerInfo, blocks: int) -> float:
-        compute = blocks / max(info.throughput, 1e-9)
+    def _hop_cost(self, peer_id: PeerID, info: ServerInfo, blocks: int, cap: float | None = None) -> float:
+        compute = blocks / self.throughput(peer_id, info, cap)
         return (self.latency(peer_id) + compute) * self.scorer.cost_factor(peer_id, info)
 
     def make_inference_route(
@@ -167,6 +251,8 @@ class RemoteSequenceManager:
         raise MissingBlocksError(missing, self.model_id, self._unstaked)
 
     def _shortest_path(self, start: int, end: int, peers: dict[PeerID, ServerInfo]) -> list[RemoteSpan] | None:
+        cap = self._unmeasured_cap(peers)
+        costs: dict[tuple[PeerID, int], float] = {}  # one scorer call per (peer, length): the scorer may draw
         best = {start: 0.0}
         previous: dict[int, tuple[int, PeerID]] = {}
         heap = [(0.0, start)]
@@ -180,7 +266,10 @@ class RemoteSequenceManager:
                 if not (info.start <= block < info.end):
                     continue
                 for stop in range(block + 1, min(info.end, end) + 1):
-                    new_cost = cost + self._hop_cost(peer_id, info, stop - block)
+                    key = (peer_id, stop - block)
+                    if key not in costs:
+                        costs[key] = self._hop_cost(peer_id, info, stop - block, cap)
+                    new_cost = cost + costs[key]
                     if new_cost < best.get(stop, float("inf")) - 1e-12:
                         best[stop] = new_cost
                         previous[stop] = (block, peer_id)
@@ -200,6 +289,7 @@ class RemoteSequenceManager:
         self._begin_route()
         self._unstaked = {}
         candidates = self._candidates(start, end)
+        cap = self._unmeasured_cap(candidates)
         route, block = [], start
         while block < end:
             here = [(p, i) for p, i in candidates.items() if i.start <= block < i.end]
@@ -208,9 +298,15 @@ class RemoteSequenceManager:
                 raise MissingBlocksError(
                     self._missing(block, end, self._candidates(block, end)) or [block], self.model_id, self._unstaked
                 )
-            weights = [i.throughput / self.scorer.cost_factor(p, i) for p, i in here]
+            weights = [self.throughput(p, i, cap) / self.scorer.cost_factor(p, i) for p, i in here]
             peer_id, info = random.choices(here, weights=weights)[0]
             stop = min(info.end, end)
             route.append(RemoteSpan(peer_id, block, stop, info))
             block = stop
         return route
+
+
+def _bound(table: dict) -> None:
+    """Keeps a per-peer table under ``MAX_TRACKED_PEERS`` by dropping its oldest entries."""
+    while len(table) > MAX_TRACKED_PEERS:
+        del table[next(iter(table))]

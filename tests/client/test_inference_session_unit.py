@@ -299,6 +299,9 @@ class FakeManager:
     def mark_ok(self, peer_id: PeerID) -> None:
         self.ok.add(peer_id)
 
+    def observe(self, peer_id: PeerID, block_tokens: int, seconds: float) -> None:
+        pass
+
 
 class LoopRuntime:
     """The part of ClientRuntime a session uses: an event loop in a thread."""

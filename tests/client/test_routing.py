@@ -93,5 +93,6 @@ def test_offline_and_joining_nodes_are_not_routed():
 def test_training_routes_spread_by_throughput():
     big, small = _peer(1), _peer(2)
     manager = _manager({big: _info(0, 8, 300), small: _info(0, 8, 100)})
+    manager._observed = {big: 300.0, small: 100.0}  # speeds count once the client has seen them (issue 22)
     counts = collections.Counter(manager.make_training_route()[0].peer_id for _ in range(2000))
     assert 0.68 < counts[big] / 2000 < 0.82  # about 3:1

@@ -64,6 +64,8 @@ def test_stake_weighs_in_route_choice(scorer):
     assert manager.make_inference_route()[0].peer_id == whale  # equally fast: stake breaks the tie
     # the cap: a node twice as fast at the minimum stake still beats a whale at 1000x
     fast = _manager({small: _staked_info(1, throughput=250.0), whale: _staked_info(2)}, scorer=scorer)
+    # speeds count once the client has measured them (issue 22)
+    fast._observed, fast._latency = {small: 250.0, whale: 100.0}, {small: 0.005, whale: 0.005}
     assert fast.make_inference_route()[0].peer_id == small
     # training routes draw in proportion: the whale gets more, never all
     counts = collections.Counter(manager.make_training_route()[0].peer_id for _ in range(400))
