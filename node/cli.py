@@ -34,6 +34,7 @@ OPTIONS = {  # NodeConfig fields whose flag, type or help differ from what the f
     "price_per_token": dict(flags=["--price"]),
     "public_name": dict(flags=["--name"]),
     "corrupt_rate": dict(help=argparse.SUPPRESS),  # tests: a cheating node
+    "corrupt_scale": dict(help=argparse.SUPPRESS),  # tests: the cheat's noise (times the mean magnitude)
     "evade_audits": dict(help=argparse.SUPPRESS),  # tests: a cheating node that refuses audits of its cheats
 }
 
