@@ -148,10 +148,11 @@ def outputs_match(claimed: torch.Tensor, recomputed: torch.Tensor, spec: Compute
 POOLED_DTYPES = ("bfloat16", "float16")
 POOLED_SCORE_CLIP = 4.0  # one step adds at most CLIP - K (a gross cheat fails its single step anyway)
 # CUSUM drift K and threshold H per precision, from benchmarks/audit/pooled_calibration.py (method and numbers in
-# docs/protocol.md): H = ln(N / alpha) / theta, theta the Lundberg root E[exp(theta (z - K))] = 1 of the honest
-# scores (the smallest over all calibration runs, scores inflated by a margin), N = 10,000 audited steps per node
-# window and alpha = 1e-6, so an honest node is accused with probability below 1e-6 per window.
-POOLED_CUSUM = {"bfloat16": (1.25, 6.0), "float16": (1.5, 6.0)}
+# docs/protocol.md): H >= ln(N / alpha) / theta, theta the Lundberg root of mean(exp(theta (z - K))) = 1 over honest
+# scores z inflated by 30% (an honest node whose rounding strays 30% more than the verifier's), the smallest over all
+# calibration runs; N = 10,000 audited steps per node window and alpha = 1e-6: an honest node is accused with
+# probability below 1e-6 per window (12,870 honest steps per precision; needed H: bfloat16 5.03, float16 3.42).
+POOLED_CUSUM = {"bfloat16": (1.5, 5.0), "float16": (1.5, 3.5)}
 _FLOOR = {"bfloat16": 2.0**-10, "float16": 2.0**-13, "float32": 2.0**-26}  # half a unit roundoff: no zero divides
 
 

@@ -107,23 +107,38 @@ def lundberg_theta(scores: np.ndarray, drift: float) -> float:
     return lo
 
 
-def steps_to_conviction(scores, drift, threshold, q, rng, trials=2000, horizon=20_000):
-    """Served steps until the CUSUM convicts, per trial (audits Bernoulli(q), scores resampled from the cheat's)."""
+def steps_to_conviction(scores, drift, threshold, q, rng, trials=2000, horizon=20_000, caught=None):
+    """Served steps until the node is convicted, per trial: audits are Bernoulli(q) over served steps, each audited
+    step drawn from the cheat's observed steps (its pooled score and, with ``caught``, whether the single-step test
+    convicted it). inf when not within ``horizon``."""
     scores = np.minimum(np.asarray(scores), POOLED_SCORE_CLIP)
+    single = np.zeros(len(scores), dtype=bool) if caught is None else np.asarray(caught, dtype=bool)
     out = []
     for _ in range(trials):
         gaps = rng.geometric(q, size=4000)
-        draws = rng.choice(scores, size=4000)
-        s, served = 0.0, 0
-        for gap, z in zip(gaps, draws):
+        picks = rng.integers(0, len(scores), size=4000)
+        s, served, convicted = 0.0, 0, False
+        for gap, i in zip(gaps, picks):
             served += gap
             if served > horizon:
                 break
-            s = max(0.0, s + z - drift)
-            if s >= threshold:
+            s = max(0.0, s + scores[i] - drift)
+            if single[i] or s >= threshold:
+                convicted = True
                 break
-        out.append(served if s >= threshold else math.inf)
+        out.append(served if convicted else math.inf)
     return np.array(out, dtype=float)
+
+
+def cusum_convictions(scores, dtype_name: str) -> int:
+    """How often the CUSUM in use convicts over these scores taken in order (reset after each conviction)."""
+    drift, threshold = POOLED_CUSUM[dtype_name]
+    s, convictions = 0.0, 0
+    for z in scores:
+        s = max(0.0, s + min(z, POOLED_SCORE_CLIP) - drift)
+        if s >= threshold:
+            convictions, s = convictions + 1, 0.0
+    return convictions
 
 
 def summarize(rows, margin, q, seed=0):
@@ -139,14 +154,12 @@ def summarize(rows, margin, q, seed=0):
         needed = math.log(WINDOW / ALPHA) / theta if theta > 0 else math.inf
         honest = np.concatenate([np.array(r["honest"]) for r in group])
         # the honest CUSUM replayed over every calibration step in order, per run (no conviction allowed)
-        peak, convictions = 0.0, 0
+        convictions, peak = sum(cusum_convictions(r["honest"], dtype_name) for r in group), 0.0
         for r in group:
             s = 0.0
             for z in r["honest"]:
                 s = max(0.0, s + min(z, POOLED_SCORE_CLIP) - drift)
                 peak = max(peak, s)
-                convictions += s >= in_use
-                s = 0.0 if s >= in_use else s
         cheats = {}
         for name in group[0]["cheats"]:
             scores = np.concatenate([np.array(r["cheats"].get(name, [])) for r in group])
@@ -183,13 +196,21 @@ def main():
     parser.add_argument("--builtin-sessions", type=int, default=6)
     parser.add_argument("--decode", type=int, default=14)
     parser.add_argument("--prefill", type=int, default=6)
-    parser.add_argument("--margin", type=float, default=1.25)
+    parser.add_argument("--margin", type=float, default=1.3)
     parser.add_argument("--q", type=float, default=0.02)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES))
     parser.add_argument("--builtin-spans", default="0:30,0:10,20:30")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--rows", nargs="*", default=None, help="summarize the rows of earlier --json files instead")
     args = parser.parse_args()
+    if args.rows:
+        rows = [row for name in args.rows for row in json.loads(Path(name).read_text())["rows"]]
+        summary = summarize(rows, args.margin, args.q)
+        print(json.dumps(summary, indent=1))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "summary": summary}, indent=1))
+        return
     torch.set_num_threads(args.threads)
     root = Path("/tmp/nectar-audit-calibration")
     tiny = {}

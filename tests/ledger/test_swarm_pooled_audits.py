@@ -37,7 +37,7 @@ def market(tmp_path_factory, contracts_snapshot, monkeypatch_module):
         monkeypatch_module.setenv("NECTAR_DEPLOYMENT", str(market.deployment.deployment_path))
         market.deployment.start_ledger()
         market.honest = [market.add_node(f"honest-{i}", (0, 4), account=i, extra_args=BF16) for i in range(2)]
-        market.reference = [market.add_node(f"float32-{i}", (0, 4), account=2 + i) for i in range(2)]
+        market.reference = [market.add_node("float32-0", (0, 4), account=2), market.add_node("float32-1", (0, 4))]
         market.cheater = market.add_node(
             "cheater", (0, 4), extra_args=BF16 + ("--corrupt-rate", "1.0", "--corrupt-scale", "0.02")
         )
