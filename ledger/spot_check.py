@@ -323,6 +323,8 @@ class SpotChecker:
         into a failed check (the same case path as any failed audit) when the CUSUM reaches its threshold and the
         second verifier, recomputing the step independently, confirms the score."""
         reference = ComputeSpec("float32", compute.quantization, compute.device)
+        # keyed by precision, not device class: a node rotating its claimed device cannot split its evidence
+        descriptor = ComputeSpec(compute.dtype, compute.quantization).encode()
         first, second = self.verifiers[:2]
         try:
             score = pooled_score(claimed, recomputed, first.execute(receipt, history, reference, **extra), compute)
