@@ -161,7 +161,9 @@ def run_precision(dtype_name, head, *, sessions, prefill, decode, q, seed):
                 "pooled_mean_score": float(np.mean(scores[name])),
                 "pooled_p_convicted_within_1000_steps": p_pooled,
                 "pooled_median_served_steps_to_conviction": float(np.median(served)),
-                "pooled_p99_served_steps_to_conviction": float(np.quantile(served, 0.99)),
+                "pooled_p99_served_steps_to_conviction": (
+                    float(np.quantile(served, 0.99)) if np.mean(np.isinf(served)) <= 0.01 else float("inf")
+                ),
                 "expected_slash_per_1000_steps_credits": SLASH_CREDITS * max(p1000, p_pooled),
             }
     devs = np.array(honest_dev)

@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -28,9 +29,11 @@ import torch
 from nectar.ledger.models import Epoch, Receipt
 from nectar.operator import ensure_registered
 from nectar.service.db import session_scope
-from tests.ledger.market import NUM_BLOCKS, SwarmMarket
-from tests.ledger.test_swarm_spot_checks import Prefer, spot_check_rows
-from tests.ledger.utils import Party, wait_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests.ledger: the market harness of the swarm tests
+from tests.ledger.market import NUM_BLOCKS, SwarmMarket  # noqa: E402
+from tests.ledger.test_swarm_spot_checks import Prefer, spot_check_rows  # noqa: E402
+from tests.ledger.utils import Party, wait_for  # noqa: E402
 
 PRICE = 10**12
 
