@@ -29,6 +29,7 @@ import torch
 from nectar.ledger.models import Epoch, Receipt
 from nectar.operator import ensure_registered
 from nectar.service.db import session_scope
+from nectar.wire.eip712 import receipt_leaf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests.ledger: the market harness of the swarm tests
 from tests.ledger.market import NUM_BLOCKS, SwarmMarket  # noqa: E402
@@ -100,10 +101,11 @@ def main():
                     torch.randint(3, 1000, (1, 5), generator=generator), max_new_tokens=args.new_tokens, eos_token_id=[]
                 )
         accepted = Counter(r.receipt.node for r in model.wallet.receipts)
-        market.wait_for_payments(model.wallet)
+        leaves = {receipt_leaf(r.receipt) for r in model.wallet.receipts}
         model.shutdown()  # flushes the countersigned receipts still queued
         model = None
-        time.sleep(3)
+        # every step the client accepted reaches the ledger through the client, the withholder's too
+        wait_for(lambda: leaves <= market.stored_leaves(client.address), 120, "the client's receipts at the ledger")
         number = market.close_and_settle()["number"]
 
         def done():
