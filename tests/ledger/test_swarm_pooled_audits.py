@@ -1,7 +1,7 @@
 """Live swarm, issue 21: the pooled (sequential) audit test over real nodes. Honest `--dtype bfloat16` nodes are
-scored on every audited step and never convicted; a bfloat16 node adding noise of 2% of the mean magnitude to every
-output passes each step on its own (its tolerance is 5.2% for 4 blocks) and is convicted by the pooled test, with
-the same case on chain as any failed audit.
+scored on every audited step and never convicted; a bfloat16 node adding noise of 3% of the mean magnitude to every
+output passes each step on its own (its tolerance is 5.2% for 4 blocks; scores about 1.7 at 2%, which takes about 25
+audited steps) and is convicted by the pooled test, with the same case on chain as any failed audit.
 
 The worker audits every step (q = 1) over the swarm: the node's audit RPC gives the step's inputs and output, OTHER
 nodes announcing bfloat16 re-run it, and two float32 nodes give the float32 recomputations the pooled score needs
@@ -24,7 +24,7 @@ from tests.ledger.utils import wait_for
 
 pytestmark = pytest.mark.slow
 PRICE = 10**12
-SESSIONS_PER_NODE, NEW_TOKENS = 3, 8
+SESSIONS_PER_NODE, NEW_TOKENS = 4, 8
 BF16 = ("--dtype", "bfloat16")
 
 
@@ -39,7 +39,7 @@ def market(tmp_path_factory, contracts_snapshot, monkeypatch_module):
         market.honest = [market.add_node(f"honest-{i}", (0, 4), account=i, extra_args=BF16) for i in range(2)]
         market.reference = [market.add_node("float32-0", (0, 4), account=2), market.add_node("float32-1", (0, 4))]
         market.cheater = market.add_node(
-            "cheater", (0, 4), extra_args=BF16 + ("--corrupt-rate", "1.0", "--corrupt-scale", "0.02")
+            "cheater", (0, 4), extra_args=BF16 + ("--corrupt-rate", "1.0", "--corrupt-scale", "0.03")
         )
         market.wait_for_swarm(min_nodes=5)
         market.deployment.start_worker(
