@@ -246,8 +246,29 @@ class ClientNode(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 
+class PooledAudit(Base):
+    """The pooled (sequential) audit test's state for one node and precision (dtype and quantization): a one-sided
+    CUSUM over the scores of its audited steps (``nectar.wire.fingerprints.cusum_step``) and the receipts of the
+    current run of excess, cited when it convicts. Bounded: one row per node and precision (three dtypes) and at most
+    ``POOLED_WINDOW`` receipts in ``window``."""
+
+    __tablename__ = "pooled_audits"
+    __table_args__ = (UniqueConstraint("node", "descriptor", name="uq_pooled_audits_node_descriptor"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node: Mapped[str] = mapped_column(String(42), index=True)
+    descriptor: Mapped[bytes] = mapped_column(LargeBinary(8))  # the receipts' precision (descriptor, device class 0)
+    statistic: Mapped[float] = mapped_column(Float, default=0.0)  # the CUSUM
+    steps: Mapped[int] = mapped_column(Integer, default=0)  # audited steps scored
+    last_receipt_id: Mapped[int] = mapped_column(Integer, default=0)  # scores count once, in receipt order
+    window: Mapped[str] = mapped_column(Text, default="[]")  # JSON [[receipt leaf hex, score], ...] of this run
+    convictions: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
 __all__ = [
     "Base",
+    "PooledAudit",
     "ClientNode",
     "Epoch",
     "EpochStatus",

@@ -16,6 +16,7 @@ its first failure of the epoch is attested, with the receipt's inclusion proof, 
 
 from __future__ import annotations
 
+import json
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -27,15 +28,26 @@ from sqlalchemy import Engine, select
 
 from nectar.ledger import crud
 from nectar.ledger.core.config import Settings
-from nectar.ledger.models import Epoch, Receipt, SpotCheck, utcnow
+from nectar.ledger.models import Epoch, PooledAudit, Receipt, SpotCheck, utcnow
 from nectar.service.db import session_scope
-from nectar.wire.fingerprints import ComputeSpec, commit_tensor, output_deviation, outputs_match, tolerance
+from nectar.wire.fingerprints import (
+    POOLED_CUSUM,
+    POOLED_DTYPES,
+    ComputeSpec,
+    commit_tensor,
+    cusum_step,
+    output_deviation,
+    outputs_match,
+    pooled_score,
+    tolerance,
+)
 from nectar.wire.receipts import Receipt as WireReceipt
 from nectar.wire.receipts import ReceiptKind, keccak256, model_id_hash
 
 logger = logging.getLogger(__name__)
 
 CHECKABLE_KINDS = (ReceiptKind.INFERENCE, ReceiptKind.FORWARD)  # a backward step needs its gradients: not sampled
+POOLED_WINDOW = 64  # receipts of a run of excess kept (and cited) per node and descriptor
 
 
 class AuditFailed(Exception):
@@ -238,8 +250,8 @@ class SpotChecker:
     def check_receipt(self, receipt_id: int) -> Verdict:
         with session_scope(self.engine) as session:
             row = session.get(Receipt, receipt_id)
-            signed, descriptor = crud.signed_receipt_of(row), row.fingerprint
-        verdict = self._judge(signed.receipt, descriptor)
+            signed, descriptor, leaf = crud.signed_receipt_of(row), row.fingerprint, bytes(row.leaf)
+        verdict = self._judge(signed.receipt, descriptor, pooled=(receipt_id, leaf))
         with session_scope(self.engine) as session:
             check = crud.record_spot_check(
                 session,
@@ -259,7 +271,9 @@ class SpotChecker:
         log(f"Spot check of receipt {receipt_id} (node {signed.receipt.node}): {verdict.status}: {verdict.detail}")
         return verdict
 
-    def _judge(self, receipt: WireReceipt, descriptor: bytes | None) -> Verdict:
+    def _judge(
+        self, receipt: WireReceipt, descriptor: bytes | None, pooled: tuple[int, bytes] | None = None
+    ) -> Verdict:
         try:
             compute = ComputeSpec.decode(descriptor or b"")
         except ValueError as e:
@@ -287,7 +301,10 @@ class SpotChecker:
             outputs.append(output)
             if outputs_match(claimed, output, compute, blocks):
                 note = "" if executions == 1 else f"; verifier {self.verifiers[0].name} disagreed and was overruled"
-                return Verdict("passed", executions + 1, f"recomputation in {compute.dtype} matches the output{note}")
+                passed = Verdict("passed", executions + 1, f"recomputation in {compute.dtype} matches the output{note}")
+                if executions == 1 and pooled is not None and compute.dtype in POOLED_DTYPES:
+                    return self._pooled(receipt, descriptor, compute, claimed, output, history, extra, passed, *pooled)
+                return passed
         deviations = ", ".join(f"{output_deviation(claimed, o):.3g}" for o in outputs)
         if outputs_match(outputs[0], outputs[1], compute, blocks):
             return Verdict(
@@ -297,6 +314,89 @@ class SpotChecker:
                 f"(deviation {deviations}, tolerance {tolerance(compute, blocks):.3g} for {blocks} blocks)",
             )
         return Verdict("inconclusive", 3, f"all three executions disagree (deviation {deviations}); no one is accused")
+
+    def _pooled(
+        self, receipt, descriptor, compute, claimed, recomputed, history, extra, passed: Verdict, row_id, leaf
+    ) -> Verdict:
+        """The pooled test (``nectar.wire.fingerprints.cusum_step``) for a step that passed on its own: scores it
+        against a float32 recomputation, adds the score to the node's CUSUM for this descriptor, and turns the step
+        into a failed check (the same case path as any failed audit) when the CUSUM reaches its threshold and the
+        second verifier, recomputing the step independently, confirms the score."""
+        reference = ComputeSpec("float32", compute.quantization, compute.device)
+        # keyed by precision, not device class: a node rotating its claimed device cannot split its evidence
+        descriptor = ComputeSpec(compute.dtype, compute.quantization).encode()
+        first, second = self.verifiers[:2]
+        try:
+            score = pooled_score(claimed, recomputed, first.execute(receipt, history, reference, **extra), compute)
+        except Exception as e:
+            why = f"{first.name} could not recompute in float32: {type(e).__name__}: {e}"
+            return Verdict(passed.status, passed.executions, f"{passed.detail}; not scored for the pooled test ({why})")
+        executions = passed.executions + 1
+        with session_scope(self.engine) as session:
+            state = self._pooled_state(session, receipt.node, descriptor)
+            if row_id <= state.last_receipt_id:
+                return Verdict("passed", executions, f"{passed.detail}; already scored for the pooled test")
+            prior = state.statistic
+        statistic, crossed = cusum_step(prior, score, compute)
+        scores = [score]
+        if crossed:  # the conviction must not rest on one verifier's word: the second recomputes the step too
+            executions += 2
+            try:
+                again = second.execute(receipt, history, compute, **extra)
+                agree = outputs_match(again, recomputed, compute, receipt.block_end - receipt.block_start)
+                scores.append(
+                    pooled_score(claimed, again, second.execute(receipt, history, reference, **extra), compute)
+                )
+            except Exception as e:
+                agree, why = False, f"{type(e).__name__}: {e}"
+            else:
+                why = f"its recomputation in {compute.dtype} differs from {first.name}'s"
+            if not agree:
+                return Verdict(
+                    "passed", executions, f"{passed.detail}; not scored for the pooled test ({second.name}: {why})"
+                )
+            score = min(scores)
+            statistic, crossed = cusum_step(prior, score, compute)
+        drift, threshold = POOLED_CUSUM[compute.dtype]
+        with session_scope(self.engine) as session:
+            state = self._pooled_state(session, receipt.node, descriptor)
+            if row_id <= state.last_receipt_id:
+                return Verdict("passed", executions, f"{passed.detail}; already scored for the pooled test")
+            window = json.loads(state.window) if state.statistic > 0 else []
+            window = (window + [["0x" + leaf.hex(), round(score, 4)]])[-POOLED_WINDOW:]
+            state.steps, state.last_receipt_id = state.steps + 1, row_id
+            if not crossed:
+                state.statistic, state.window = statistic, json.dumps(window) if statistic > 0 else "[]"
+                return Verdict(
+                    "passed",
+                    executions,
+                    f"{passed.detail}; pooled score {score:.3g}, CUSUM {statistic:.3g}/{threshold}",
+                )
+            state.statistic, state.window, state.convictions = 0.0, "[]", state.convictions + 1
+        cited = ", ".join(f"{leaf_hex} ({z:.3g})" for leaf_hex, z in window)
+        return Verdict(
+            "failed",
+            executions,
+            f"pooled test: the CUSUM of the node's audited {compute.dtype} steps reached {statistic:.3g} (threshold "
+            f"{threshold}, drift {drift}; a step's score is its output's distance to a float32 recomputation over "
+            f"the verifier's own {compute.dtype} recomputation's, about 1 for an honest node); this step's score "
+            f"{', '.join(f'{z:.3g}' for z in scores)} by two verifiers that agree; the run's audited receipts "
+            f"(leaf, score): {cited}",
+        )
+
+    @staticmethod
+    def _pooled_state(session, node: str, descriptor: bytes) -> PooledAudit:
+        state = session.scalar(
+            select(PooledAudit).where(PooledAudit.node == node, PooledAudit.descriptor == bytes(descriptor))
+        )
+        if state is None:
+            state = PooledAudit(
+                node=node, descriptor=bytes(descriptor), statistic=0.0, steps=0, last_receipt_id=0, window="[]"
+            )
+            state.convictions = 0
+            session.add(state)
+            session.flush()
+        return state
 
     def model_known(self, model_id: bytes) -> bool | None:
         """Whether the ledger knows the model a receipt names: a node announces it or a verifier hosts it. False only

@@ -34,6 +34,8 @@ OPTIONS = {  # NodeConfig fields whose flag, type or help differ from what the f
     "price_per_token": dict(flags=["--price"]),
     "public_name": dict(flags=["--name"]),
     "corrupt_rate": dict(help=argparse.SUPPRESS),  # tests: a cheating node
+    "corrupt_scale": dict(help=argparse.SUPPRESS),  # tests: the cheat's noise (times the mean magnitude)
+    "sign_model_as": dict(help=argparse.SUPPRESS),  # tests: a node signing receipts for another model
     "evade_audits": dict(help=argparse.SUPPRESS),  # tests: a cheating node that refuses audits of its cheats
 }
 

@@ -63,5 +63,7 @@ class NodeConfig:
     audit_verifiers: str = ""  # addresses (comma separated) allowed to audit this node besides the ledger's verifiers
     # (GET /v1/verifiers); audits carry users' inputs, so nobody else gets an answer
     corrupt_rate: float = 0.0  # testing only: share of outputs this node corrupts (a cheating node for spot checks)
+    corrupt_scale: float = 1.0  # testing only: the corruption's noise, times the output's mean magnitude
+    sign_model_as: str = ""  # testing only: sign receipts for this model instead (a node lying about its model)
     evade_audits: bool = False  # testing only: refuse the audits of the steps it corrupted (says it has no record)
     extra: dict = field(default_factory=dict)  # free-form values for experiments (no flag); nectar itself reads none

@@ -237,7 +237,7 @@ class Server:
         domain = self.domain if self.domain is not None else domain_from_deployment()
         self.signer = ReceiptSigner(
             private_key=self.eth_key,
-            model_id=self.model_id,
+            model_id=config.sign_model_as or self.model_id,  # testing only: a liar's model id
             price_per_token=config.price_per_token,
             domain=domain,
             compute=ComputeSpec.of(self.dtype, self.device),

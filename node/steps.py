@@ -209,7 +209,8 @@ class NodeSteps:
     def maybe_corrupt(self, outputs: torch.Tensor) -> torch.Tensor:
         # Testing aid: a dishonest node, so spot checks can be shown to catch one.
         if self.config.corrupt_rate > 0 and random.random() < self.config.corrupt_rate:
-            return outputs + torch.randn_like(outputs) * outputs.abs().mean().clamp_min(1e-3)
+            scale = outputs.abs().mean().clamp_min(1e-3) * self.config.corrupt_scale
+            return outputs + torch.randn_like(outputs) * scale
         return outputs
 
     # ---- inference steps --------------------------------------------------------------------------------------

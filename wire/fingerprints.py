@@ -138,6 +138,54 @@ def outputs_match(claimed: torch.Tensor, recomputed: torch.Tensor, spec: Compute
     return output_deviation(claimed, recomputed) <= tolerance(spec, blocks)
 
 
+# ---------------------------------------------------------------------------------------------------- pooled test
+# One audited step cannot tell a few percent of noise from bfloat16's own rounding (two honest 30-block runs differ by
+# 1-3%), nor float16 over deep spans. The pooled test sums a per-step score over a node's audited steps (per node and
+# compute descriptor) in a one-sided CUSUM. The score is self-normalising, so one threshold serves every model and
+# depth: how far the node's output is from a float32 recomputation, over how far the verifier's own recomputation in
+# the node's precision is from it (an honest node's rounding is the verifier's rounding: about 1; noise adds to it).
+# float32 needs no pooling: its honest differences are ~1e-6 and every cheat fails one step.
+POOLED_DTYPES = ("bfloat16", "float16")
+POOLED_SCORE_CLIP = 4.0  # one step adds at most CLIP - K (a gross cheat fails its single step anyway)
+# CUSUM drift K and threshold H per precision, from benchmarks/audit/pooled_calibration.py (method and numbers in
+# docs/protocol.md): H >= ln(N / alpha) / theta, theta the Lundberg root of mean(exp(theta (z - K))) = 1 over honest
+# scores z inflated by 30% (an honest node whose rounding strays 30% more than the verifier's), the smallest over all
+# calibration runs; N = 10,000 audited steps per node window and alpha = 1e-6: an honest node is accused with
+# probability below 1e-6 per window (12,870 honest steps per precision; needed H: bfloat16 5.03, float16 3.42).
+POOLED_CUSUM = {"bfloat16": (1.5, 5.0), "float16": (1.5, 3.5)}
+_FLOOR = {"bfloat16": 2.0**-10, "float16": 2.0**-13, "float32": 2.0**-26}  # half a unit roundoff: no zero divides
+
+
+def mean_deviation(claimed: torch.Tensor, reference: torch.Tensor) -> float:
+    """Per token, mean |difference| over all hidden coordinates / the reference's mean |value|; the mean over tokens
+    (inf on a shape mismatch or a non-finite value)."""
+    if tuple(claimed.shape) != tuple(reference.shape) or claimed.dim() != 3:
+        return float("inf")
+    hidden = claimed.shape[-1]
+    a = claimed.detach().to("cpu", torch.float64).reshape(-1, hidden)
+    b = reference.detach().to("cpu", torch.float64).reshape(-1, hidden)
+    if a.numel() == 0:
+        return 0.0
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return float("inf")
+    return float(((a - b).abs().mean(-1) / b.abs().mean(-1).clamp_min(1e-12)).mean())
+
+
+def pooled_score(claimed: torch.Tensor, recomputed: torch.Tensor, reference: torch.Tensor, spec: ComputeSpec) -> float:
+    """One audited step's score for the pooled test: the node's distance to a float32 recomputation (``reference``)
+    over the verifier's recomputation in the node's precision (``recomputed``) to it; clipped to
+    [0, POOLED_SCORE_CLIP]."""
+    own = max(mean_deviation(recomputed, reference), _FLOOR[spec.dtype])
+    return min(POOLED_SCORE_CLIP, mean_deviation(claimed, reference) / own)
+
+
+def cusum_step(statistic: float, score: float, spec: ComputeSpec) -> tuple[float, bool]:
+    """The CUSUM after one more audited step: (max(0, S + score - K), whether it reached H)."""
+    drift, threshold = POOLED_CUSUM[spec.dtype]
+    statistic = max(0.0, statistic + min(score, POOLED_SCORE_CLIP) - drift)
+    return statistic, statistic >= threshold
+
+
 __all__ = [
     "commit_tensor",
     "ComputeSpec",
@@ -149,4 +197,10 @@ __all__ = [
     "TOLERANCE_PER_SQRT_BLOCK",
     "tolerance",
     "outputs_match",
+    "POOLED_DTYPES",
+    "POOLED_SCORE_CLIP",
+    "POOLED_CUSUM",
+    "mean_deviation",
+    "pooled_score",
+    "cusum_step",
 ]

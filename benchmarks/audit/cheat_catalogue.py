@@ -26,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pooled_calibration import cusum_convictions, steps_to_conviction  # this folder (run as a script)
 
 from nectar.models import load_client_head, load_span
-from nectar.wire.fingerprints import ComputeSpec, output_deviation, tolerance
+from nectar.wire.fingerprints import POOLED_CUSUM, POOLED_DTYPES, ComputeSpec, output_deviation, pooled_score, tolerance
 
 MODEL, BLOCKS = "smollm2-135m", 30
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -89,9 +90,11 @@ def run_precision(dtype_name, head, *, sessions, prefill, decode, q, seed):
         "bf16": load_span(MODEL, 0, BLOCKS, dtype=torch.bfloat16) if dtype_name != "bfloat16" else None,
         "fp16": load_span(MODEL, 0, BLOCKS, dtype=torch.float16) if dtype_name == "float32" else None,
     }
+    span32 = load_span(MODEL, 0, BLOCKS, dtype=torch.float32) if dtype_name in POOLED_DTYPES else None
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     honest_dev, caught, changed = [], {k: [] for k in CHEATS}, {k: [] for k in CHEATS}
+    honest_score, scores = [], {k: [] for k in CHEATS}
     for _ in range(sessions):
         length = prefill + decode
         x = head.embed(torch.randint(0, head.vocab_size, (1, length), generator=g)).float()
@@ -112,8 +115,11 @@ def run_precision(dtype_name, head, *, sessions, prefill, decode, q, seed):
                 c["short"] = span(x[:, max(0, pos + t - 8) : pos + t].to(dtype))[:, -t:]
                 c["stale"] = previous[:, -t:] if previous is not None and previous.shape[1] >= t else c["y"]
                 recomputed = span(x[:, : pos + t].to(dtype))[:, -t:]
+                reference = span32(x[:, : pos + t])[:, -t:] if span32 is not None else None
                 honest_tokens = head.logits(c["y"].float()).argmax(-1)
                 honest_dev.append(output_deviation(c["y"], recomputed))
+                if reference is not None:
+                    honest_score.append(pooled_score(c["y"], recomputed, reference, spec))
                 for name, (cheat, _) in CHEATS.items():
                     if (name.startswith("bfloat16 computed") and others["bf16"] is None) or (
                         name.startswith("float16 computed") and others["fp16"] is None
@@ -123,12 +129,14 @@ def run_precision(dtype_name, head, *, sessions, prefill, decode, q, seed):
                         continue  # a first step has nothing stale to send
                     revealed = cheat(c).to(dtype)
                     caught[name].append(output_deviation(revealed, recomputed) > limit)
+                    if reference is not None:
+                        scores[name].append(pooled_score(revealed, recomputed, reference, spec))
                     changed[name].append(
                         float((head.logits(revealed.float()).argmax(-1) != honest_tokens).float().mean())
                     )
             previous = c["y"]
             pos += t
-    rows = {}
+    rows, rng = {}, np.random.default_rng(seed)
     for name, (_, saved) in CHEATS.items():
         if not caught[name]:
             continue
@@ -146,6 +154,18 @@ def run_precision(dtype_name, head, *, sessions, prefill, decode, q, seed):
             "expected_slash_per_1000_steps_credits": SLASH_CREDITS * p1000,
             "break_even_price_per_step_credits": (SLASH_CREDITS * p1000 / (1000 * saved)) if saved else None,
         }
+        if scores[name]:  # single-step and pooled tests together, audits Bernoulli(q) over served steps
+            served = steps_to_conviction(scores[name], *POOLED_CUSUM[dtype_name], q, rng, caught=caught[name])
+            p_pooled = float(np.mean(served <= 1000))
+            rows[name] |= {
+                "pooled_mean_score": float(np.mean(scores[name])),
+                "pooled_p_convicted_within_1000_steps": p_pooled,
+                "pooled_median_served_steps_to_conviction": float(np.median(served)),
+                "pooled_p99_served_steps_to_conviction": (
+                    float(np.quantile(served, 0.99)) if np.mean(np.isinf(served)) <= 0.01 else float("inf")
+                ),
+                "expected_slash_per_1000_steps_credits": SLASH_CREDITS * max(p1000, p_pooled),
+            }
     devs = np.array(honest_dev)
     return {
         "tolerance": limit,
@@ -153,16 +173,23 @@ def run_precision(dtype_name, head, *, sessions, prefill, decode, q, seed):
             "audited_steps": int(devs.size),
             "false_accusations": int((devs > limit).sum()),
             "max": float(devs.max()),
+            "pooled_convictions": cusum_convictions(honest_score, dtype_name) if honest_score else None,
+            "pooled_mean_score": float(np.mean(honest_score)) if honest_score else None,
         },
         "cheats": rows,
     }
 
 
+def _steps(n: float) -> str:
+    return "never" if n == float("inf") else f"{n:,.0f}"
+
+
 def table(results, q) -> str:
     lines = [
         f"| cheat | precision | tokens changed | detection per audited step | P(convicted) in 1,000 steps at q = {q} "
-        "| served steps to 99% | EV per 1,000 steps |",
-        "|---|---|---|---|---|---|---|",
+        "| served steps to 99% | pooled + single: P(convicted) in 1,000 | pooled + single: served steps to conviction, "
+        "median / 99th pct | EV per 1,000 steps |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for dtype_name, result in results.items():
         for name, r in result["cheats"].items():
@@ -173,17 +200,31 @@ def table(results, q) -> str:
                 else f"1000 x {r['compute_saved']:.2g} x price - {r['expected_slash_per_1000_steps_credits']:.2f} "
                 f"credits: negative below {r['break_even_price_per_step_credits']:.2g} credits/step"
             )
+            pooled = (
+                (
+                    f"{r['pooled_p_convicted_within_1000_steps']:.3f} (score {r['pooled_mean_score']:.2f}) | "
+                    f"{_steps(r['pooled_median_served_steps_to_conviction'])} / "
+                    f"{_steps(r['pooled_p99_served_steps_to_conviction'])}"
+                )
+                if "pooled_mean_score" in r
+                else "(float32: single step only) | "
+            )
             lines.append(
                 f"| {name} | {dtype_name} | {100 * r['next_tokens_changed']:.1f}% | "
                 f"{r['detection_per_audited_step']:.2f} ({r['audited_steps']}) | "
                 f"{r['p_convicted_within_1000_steps']:.3f} | "
-                f"{'never' if steps == float('inf') else f'{steps:,.0f}'} | {ev} |"
+                f"{'never' if steps == float('inf') else f'{steps:,.0f}'} | {pooled} | {ev} |"
             )
     for dtype_name, result in results.items():
         h = result["honest"]
+        pooled = (
+            f"pooled false convictions {h['pooled_convictions']} (score {h['pooled_mean_score']:.2f})"
+            if h["pooled_convictions"] is not None
+            else ""
+        )
         lines.append(
             f"| honest node | {dtype_name} | 0% | false accusations {h['false_accusations']} of {h['audited_steps']} "
-            f"(max deviation {h['max']:.2g}, tolerance {result['tolerance']:.2g}) | | | |"
+            f"(max deviation {h['max']:.2g}, tolerance {result['tolerance']:.2g}) | | | {pooled} | | |"
         )
     return "\n".join(lines)
 

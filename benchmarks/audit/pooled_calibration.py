@@ -1,0 +1,284 @@
+"""Calibrates the pooled (sequential) audit test per precision on honest runs, and measures how fast it convicts the
+small cheats one audited step cannot tell from rounding.
+
+Same replay as ``audit_calibration.py``: an honest node serves sessions with a KV cache (a prefill, then one token
+per step) and the auditor recomputes each step with a full causal forward, in the node's dtype and in float32. Each
+audited step's score is ``nectar.wire.fingerprints.pooled_score`` (the node's distance to the float32 recomputation
+over the verifier's own). The CUSUM S = max(0, S + z - K) convicts at S >= H. For a drift K, the honest scores give
+theta, the positive root of mean(exp(theta (z - K))) = 1 (Lundberg); P(an honest CUSUM ever reaches H within N
+steps) <= N exp(-theta H). The threshold is H = ln(N / alpha) / theta with N = 10,000 audited steps per node window,
+alpha = 1e-6, theta the smallest over all runs of the precision with every honest score multiplied by ``--margin``
+(an honest node whose rounding is that much worse than the verifier's is still not accused).
+
+Cheats are replayed on the same steps; for each, the served steps to conviction at audit rate q are simulated
+(audits are Bernoulli(q) over served steps, scores drawn from the cheat's observed scores).
+
+    python benchmarks/audit/pooled_calibration.py --json pooled_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nectar.models import load_client_head, load_span
+from nectar.models.tiny import save_tiny_checkpoint
+from nectar.wire.fingerprints import POOLED_CUSUM, POOLED_SCORE_CLIP, ComputeSpec, pooled_score
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+WINDOW, ALPHA = 10_000, 1e-6
+
+
+def fake_int8(span) -> None:
+    with torch.no_grad():
+        for p in span.parameters():
+            if p.dim() == 2:
+                scale = p.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+                p.copy_((p / scale).round().clamp(-127, 127) * scale)
+
+
+def run(name, path, dtype_name, *, sessions, prefill, decode, start, end, embed=None, seed=0, cheat_every=1):
+    dtype, spec = DTYPES[dtype_name], ComputeSpec(dtype_name)
+    span = load_span(path, start, end, dtype=dtype)
+    span32 = load_span(path, start, end, dtype=torch.float32)
+    int8 = load_span(path, start, end, dtype=dtype)
+    fake_int8(int8)
+    bf16 = load_span(path, start, end, dtype=torch.bfloat16) if dtype_name == "float16" else None
+    prefix = load_span(path, 0, start, dtype=torch.float32) if embed is not None and start > 0 else None
+    g = torch.Generator().manual_seed(seed)
+    honest, cheats = [], {}
+    for index in range(sessions):
+        length = prefill + decode
+        if embed is not None:
+            x = embed.embed(torch.randint(0, embed.vocab_size, (1, length), generator=g)).float()
+            if prefix is not None:
+                with torch.inference_mode():
+                    x = prefix(x).float()
+        else:
+            x = torch.randn(1, length, span.hidden_size, generator=g)
+        cheating = index % cheat_every == 0
+        caches = {"y": span.new_cache(1, length), "int8": int8.new_cache(1, length)}
+        if bf16 is not None:
+            caches["bf16"] = bf16.new_cache(1, length)
+        pos = 0
+        for t in [prefill] + [1] * decode:
+            step_in = x[:, pos : pos + t]
+            with torch.inference_mode():
+                y = span(step_in.to(dtype), cache=caches["y"])
+                r = span(x[:, : pos + t].to(dtype))[:, -t:]
+                r32 = span32(x[:, : pos + t])[:, -t:]
+                honest.append(pooled_score(y, r, r32, spec))
+                if cheating:
+                    m = y.float().abs().mean()
+                    out = {
+                        f"noise {level:g}% of mean |x|": y.float() + level / 100 * m * torch.randn(y.shape, generator=g)
+                        for level in (0.3, 1, 2, 3, 5)
+                    }
+                    out["int8 weights"] = int8(step_in.to(dtype), cache=caches["int8"])
+                    if bf16 is not None:
+                        out["bfloat16 computed, float16 claimed"] = bf16(
+                            step_in.to(torch.bfloat16), cache=caches["bf16"]
+                        )
+                    for k, v in out.items():
+                        cheats.setdefault(k, []).append(pooled_score(v.to(dtype), r, r32, spec))
+            pos += t
+    return {"model": name, "dtype": dtype_name, "span": f"{start}:{end}", "honest": honest, "cheats": cheats}
+
+
+def lundberg_theta(scores: np.ndarray, drift: float) -> float:
+    """The positive root of mean(exp(theta (z - drift))) = 1 (inf when no score exceeds the drift)."""
+    d = np.minimum(scores, POOLED_SCORE_CLIP) - drift
+    if d.mean() >= 0:
+        return 0.0
+    if (d <= 0).all():
+        return float("inf")
+    lo, hi = 1e-6, 1.0
+    while np.mean(np.exp(hi * d)) < 1:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if np.mean(np.exp(mid * d)) < 1 else (lo, mid)
+    return lo
+
+
+def steps_to_conviction(scores, drift, threshold, q, rng, trials=2000, horizon=20_000, caught=None):
+    """Served steps until the node is convicted, per trial: audits are Bernoulli(q) over served steps, each audited
+    step drawn from the cheat's observed steps (its pooled score and, with ``caught``, whether the single-step test
+    convicted it). inf when not within ``horizon``."""
+    scores = np.minimum(np.asarray(scores), POOLED_SCORE_CLIP)
+    single = np.zeros(len(scores), dtype=bool) if caught is None else np.asarray(caught, dtype=bool)
+    out = []
+    for _ in range(trials):
+        gaps = rng.geometric(q, size=4000)
+        picks = rng.integers(0, len(scores), size=4000)
+        s, served, convicted = 0.0, 0, False
+        for gap, i in zip(gaps, picks):
+            served += gap
+            if served > horizon:
+                break
+            s = max(0.0, s + scores[i] - drift)
+            if single[i] or s >= threshold:
+                convicted = True
+                break
+        out.append(served if convicted else math.inf)
+    return np.array(out, dtype=float)
+
+
+def cusum_convictions(scores, dtype_name: str) -> int:
+    """How often the CUSUM in use convicts over these scores taken in order (reset after each conviction)."""
+    drift, threshold = POOLED_CUSUM[dtype_name]
+    s, convictions = 0.0, 0
+    for z in scores:
+        s = max(0.0, s + min(z, POOLED_SCORE_CLIP) - drift)
+        if s >= threshold:
+            convictions, s = convictions + 1, 0.0
+    return convictions
+
+
+def summarize(rows, margin, q, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for dtype_name in DTYPES:
+        group = [r for r in rows if r["dtype"] == dtype_name]
+        if not group:
+            continue
+        drift, in_use = POOLED_CUSUM[dtype_name]
+        thetas = {f"{r['model']}[{r['span']}]": lundberg_theta(margin * np.array(r["honest"]), drift) for r in group}
+        theta = min(thetas.values())
+        needed = math.log(WINDOW / ALPHA) / theta if theta > 0 else math.inf
+        honest = np.concatenate([np.array(r["honest"]) for r in group])
+        # the honest CUSUM replayed over every calibration step in order, per run (no conviction allowed)
+        convictions, peak = sum(cusum_convictions(r["honest"], dtype_name) for r in group), 0.0
+        for r in group:
+            s = 0.0
+            for z in r["honest"]:
+                s = max(0.0, s + min(z, POOLED_SCORE_CLIP) - drift)
+                peak = max(peak, s)
+        cheats = {}
+        for name in group[0]["cheats"]:
+            scores = np.concatenate([np.array(r["cheats"].get(name, [])) for r in group])
+            per_run = {}
+            for r in group:
+                key = f"{r['model']}[{r['span']}]"
+                steps = steps_to_conviction(r["cheats"][name], drift, in_use, q, rng, trials=400)
+                per_run[key] = {
+                    "mean_score": float(np.mean(r["cheats"][name])),
+                    "p_convicted_within_1000": float(np.mean(steps <= 1000)),
+                    "median_served_steps": float(np.median(steps)),
+                }
+            cheats[name] = {"mean_score": float(scores.mean()), "runs": per_run}
+        out[dtype_name] = {
+            "drift_K": drift,
+            "threshold_H_in_use": in_use,
+            "theta_per_run": thetas,
+            "theta_min": theta,
+            "threshold_needed": needed,
+            "honest_steps": int(honest.size),
+            "honest_mean": float(honest.mean()),
+            "honest_p99": float(np.quantile(honest, 0.99)),
+            "honest_max": float(honest.max()),
+            "honest_cusum_peak": peak,
+            "honest_convictions": int(convictions),
+            "cheats": cheats,
+        }
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny-sessions", type=int, default=240)
+    parser.add_argument("--builtin-sessions", type=int, default=6)
+    parser.add_argument("--decode", type=int, default=14)
+    parser.add_argument("--prefill", type=int, default=6)
+    parser.add_argument("--margin", type=float, default=1.3)
+    parser.add_argument("--q", type=float, default=0.02)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES))
+    parser.add_argument("--builtin-spans", default="0:30,0:10,20:30")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--rows", nargs="*", default=None, help="summarize the rows of earlier --json files instead")
+    args = parser.parse_args()
+    if args.rows:
+        rows = [row for name in args.rows for row in json.loads(Path(name).read_text())["rows"]]
+        summary = summarize(rows, args.margin, args.q)
+        print(json.dumps(summary, indent=1))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "summary": summary}, indent=1))
+        return
+    torch.set_num_threads(args.threads)
+    root = Path("/tmp/nectar-audit-calibration")
+    tiny = {}
+    for kind in ("llama", "mistral", "bloom"):
+        path = root / f"tiny-{kind}"
+        if not (path / "config.json").exists():
+            save_tiny_checkpoint(path, kind, num_layers=4, hidden_size=64)
+        tiny[kind] = path
+    deep = root / "tiny-llama-16"
+    if not (deep / "config.json").exists():
+        save_tiny_checkpoint(deep, "llama", num_layers=16, hidden_size=64, seed=1)
+    began, rows = time.time(), []
+    common = dict(prefill=args.prefill, decode=args.decode)
+    for dtype_name in args.dtypes:
+        for kind, path in tiny.items():
+            rows.append(
+                run(
+                    f"tiny-{kind}",
+                    path,
+                    dtype_name,
+                    sessions=args.tiny_sessions,
+                    start=0,
+                    end=4,
+                    cheat_every=4,
+                    **common,
+                )
+            )
+        for start, end in ((0, 16), (6, 10)):
+            rows.append(
+                run(
+                    "tiny-llama-16",
+                    deep,
+                    dtype_name,
+                    sessions=args.tiny_sessions // 4,
+                    start=start,
+                    end=end,
+                    cheat_every=2,
+                    **common,
+                )
+            )
+        print(f"{dtype_name} tiny done ({time.time() - began:.0f}s)", flush=True)
+        if args.builtin_sessions:
+            head = load_client_head("smollm2-135m")
+            for span in args.builtin_spans.split(","):
+                start, end = map(int, span.split(":"))
+                rows.append(
+                    run(
+                        "smollm2-135m",
+                        "smollm2-135m",
+                        dtype_name,
+                        sessions=args.builtin_sessions,
+                        start=start,
+                        end=end,
+                        embed=head,
+                        seed=start + 1,
+                        **common,
+                    )
+                )
+                print(f"{dtype_name} smollm2 {start}:{end} done ({time.time() - began:.0f}s)", flush=True)
+    summary = summarize(rows, args.margin, args.q)
+    print(json.dumps(summary, indent=1))
+    if args.json:
+        path = Path(args.json)
+        if not path.is_absolute() and len(path.parts) == 1:
+            path = Path(__file__).parent.parent / "results" / "audit" / path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "summary": summary, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
