@@ -26,6 +26,7 @@ from nectar.client.config import ClientConfig
 from nectar.client.errors import (
     InferenceFailedError,
     NectarClientError,
+    NodeBusyError,
     ReceiptRejectedError,
     RouteUnavailableError,
     SessionClosedError,
@@ -91,11 +92,18 @@ class InferenceSession:
     # ---- hops -------------------------------------------------------------------------------------------------
 
     def _open_route(self, start: int, end: int) -> list[Hop]:
-        errors = []
+        errors, busy = [], []  # busy: nodes whose cache is full now; skipped, not banned (they are online and honest)
         for attempt in range(self.config.max_retries + 1):
             try:
-                route = self.manager.make_inference_route(start, end, cache_tokens=self.max_length * self.batch_size)
+                route = self.manager.make_inference_route(
+                    start, end, cache_tokens=self.max_length * self.batch_size, exclude=tuple(busy)
+                )
             except MissingBlocksError as e:
+                if busy:
+                    raise NodeBusyError(
+                        f"The nodes serving blocks {start}:{end} are busy (their KV cache is in use: "
+                        f"{errors[-1]}); retry in a few seconds, or with a shorter max_length"
+                    ) from e
                 if isinstance(e, RouteUnavailableError):
                     raise
                 raise RouteUnavailableError(str(e), start=start, end=end, blocks=e.blocks) from e
@@ -107,9 +115,17 @@ class InferenceSession:
                 return hops
             except HopFailed as e:
                 errors.append(str(e))
-                self.manager.ban(e.span.peer_id, e.reason)
+                if e.fault.code is ErrorCode.CACHE_FULL:
+                    busy.append(e.span.peer_id)
+                else:
+                    self.manager.ban(e.span.peer_id, e.reason)
                 for hop in hops:
                     hop.close()
+        if busy:
+            raise NodeBusyError(
+                f"Could not open an inference route for blocks {start}:{end}: {'; '.join(errors[-3:])}. The nodes "
+                "are busy (their KV cache is in use); retry in a few seconds, or with a shorter max_length."
+            )
         raise RouteUnavailableError(
             f"Could not open an inference route for blocks {start}:{end}: {'; '.join(errors[-3:])}. Every node tried "
             "is banned for a while; retry later, or check `nectar swarm` for what is online.",
@@ -127,6 +143,7 @@ class InferenceSession:
             client=self.wallet.address,
             push_token=hop.push_token if self.config.push else None,
             timeout=self.config.connect_timeout,
+            private_key=self.wallet.private_key,
         )
         try:
             opened = self.runtime.run(opening, timeout=self.config.connect_timeout + 5)

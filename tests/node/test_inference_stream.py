@@ -127,6 +127,23 @@ def make_node(memory_bytes: int = 1 << 20, credit_limit: int = 10**9, **config) 
 
 
 VERIFIER = Account.create()  # the one key make_node's nodes answer audits to
+KEYS: dict[str, bytes] = {}  # client address -> its key: requests are signed with the key of the client they name
+DEFAULT_CLIENT = Account.create()  # signs requests that name no client
+
+
+def new_client():
+    account = Account.create()
+    KEYS[account.address] = account.key
+    return account
+
+
+def by_client(node: NodeHandler, message):
+    """An open or forward/backward call signed by the key of the client it names (issue 22: nodes serve only
+    signed ones), for ``node`` (in-process calls carry no peer id)."""
+    if not isinstance(message, (Open, ForwardCall, BackwardCall)) or message.auth is not None:
+        return message
+    key = KEYS.get(message.client, DEFAULT_CLIENT.key)
+    return message.signed(key, node=node.steps.signer.address, peer_id="")
 
 
 def audit_call(node: NodeHandler, session: bytes, step: int, key=None, **kwargs) -> AuditCall:
@@ -154,6 +171,7 @@ class Conversation:
         await self.replies.put(END)
 
     async def send(self, message, uid: str = UID):
+        message = by_client(self.node, message)
         await self.requests.put(message.to_request() if isinstance(message, Open) else message.to_request(uid))
 
     async def end(self):
@@ -224,7 +242,7 @@ def test_open_without_a_step_is_acked_and_the_end_releases_everything():
 
 
 def test_inline_receipts_ride_with_each_output_and_charge_the_client():
-    node, client = make_node(), Account.create().address
+    node, client = make_node(), new_client().address
     sid = session_id()
 
     async def scenario():
@@ -356,7 +374,7 @@ def _voucher(client, node: NodeHandler, amount: int) -> dict:
 
 
 def test_pay_settles_the_client_debt():
-    node, client = make_node(), Account.create()
+    node, client = make_node(), new_client()
     sid = session_id()
 
     async def scenario():
@@ -375,7 +393,7 @@ def test_pay_settles_the_client_debt():
 
 
 def test_a_steps_voucher_is_settled_before_its_credit_check_inline_and_once_its_output_is_out_when_separate():
-    node, client = make_node(credit_limit=8), Account.create()
+    node, client = make_node(credit_limit=8), new_client()
     sid = session_id()
 
     async def scenario():
@@ -392,7 +410,7 @@ def test_a_steps_voucher_is_settled_before_its_credit_check_inline_and_once_its_
 
         talk = Conversation(node)  # separate receipts: a bad voucher ends the stream after the step's output
         other = session_id()
-        await talk.send(Open(UID, other, max_length=8, client=Account.create().address, separate_receipts=True))
+        await talk.send(Open(UID, other, max_length=8, client=new_client().address, separate_receipts=True))
         await talk.receive()
         await talk.send(Step(other, 0, hidden=hidden(1), voucher={"not": "a voucher"}))
         assert isinstance(await talk.receive(), StepReply)
@@ -618,11 +636,13 @@ async def _call(rpc, request):
 
 
 def test_forward_backward_and_audit_calls():
-    node, client = make_node(), Account.create().address
+    node, client = make_node(), new_client().address
     x, grad = hidden(3), hidden(3)
 
     async def scenario():
-        (response,) = await _call(node.rpc_forward, ForwardCall(UID, x, client=client, step=5).to_request())
+        (response,) = await _call(
+            node.rpc_forward, by_client(node, ForwardCall(UID, x, client=client, step=5)).to_request()
+        )
         reply = ForwardReply.decode(response)
         assert torch.equal(reply.output, x * 2)
         signed = schema.SignedReceipt.from_json(reply.receipt)
@@ -634,11 +654,13 @@ def test_forward_backward_and_audit_calls():
         assert torch.equal(kept.inputs, x) and torch.equal(kept.outputs, reply.output)
         assert fingerprints.commit_tensor(kept.outputs) == signed.receipt.output_commitment
 
-        (response,) = await _call(node.rpc_backward, BackwardCall(UID, x, grad, client=client).to_request())
+        (response,) = await _call(
+            node.rpc_backward, by_client(node, BackwardCall(UID, x, grad, client=client)).to_request()
+        )
         reply = BackwardReply.decode(response)
         assert torch.equal(reply.grad_inputs, grad * 2) and reply.grad_prompts is None
         with pytest.raises(NodeRPCError, match="grad_outputs"):
-            await _call(node.rpc_backward, BackwardCall(UID, x, hidden(4)).to_request())
+            await _call(node.rpc_backward, by_client(node, BackwardCall(UID, x, hidden(4))).to_request())
 
         sid = session_id()
         talk = Conversation(node)
@@ -703,7 +725,7 @@ def test_audits_are_answered_to_registered_verifiers_only():
 
 
 def test_a_step_resent_with_its_input_gets_the_receipt_already_signed_and_anything_else_an_error():
-    node, client = make_node(), Account.create().address
+    node, client = make_node(), new_client().address
     sid, x, y = session_id(), hidden(2), hidden(2)
 
     async def stream(resend: Step, words: str):
@@ -773,20 +795,20 @@ def test_two_opens_with_one_session_id_get_two_nonces_and_no_shared_work_key():
 
 
 def test_each_forward_and_backward_call_gets_a_nonce_of_its_own():
-    node, client = make_node(), Account.create().address
+    node, client = make_node(), new_client().address
     x, sid = hidden(2), session_id()
 
     async def scenario():
         sessions = set()
         for _ in range(2):
             call = ForwardCall(UID, x, client=client, session_id=sid, step=3)
-            (response,) = await _call(node.rpc_forward, call.to_request())
+            (response,) = await _call(node.rpc_forward, by_client(node, call).to_request())
             reply = ForwardReply.decode(response)
             signed = check_receipt(node, reply.receipt, x, reply.output, 3)
             assert signed.receipt.session_id == schema.bind_session(sid, reply.session_nonce)
             sessions.add(signed.receipt.session_id)
         call = BackwardCall(UID, x, x, client=client, session_id=sid, step=3)
-        (response,) = await _call(node.rpc_backward, call.to_request())
+        (response,) = await _call(node.rpc_backward, by_client(node, call).to_request())
         reply = BackwardReply.decode(response)
         signed = schema.SignedReceipt.from_json(reply.receipt)
         assert signed.receipt.session_id == schema.bind_session(sid, reply.session_nonce)
@@ -801,7 +823,7 @@ def test_a_full_audit_log_refuses_new_sessions_and_keeps_every_record():
     """Issue 21: an audit the node cannot answer fails, so a node whose audit budget is full refuses new sessions
     and forward calls (cache_full: the client tries another node) and drops no record before its retention;
     a session already open goes on. Before, the log evicted the oldest sessions, and their audits failed."""
-    node, client = make_node(), Account.create().address
+    node, client = make_node(), new_client().address
     node.steps.audit = AuditLog(max_bytes=8000, retention_s=60)
 
     async def serve_one(talk: Conversation, sid: bytes, step: int, x: torch.Tensor):
@@ -830,7 +852,9 @@ def test_a_full_audit_log_refuses_new_sessions_and_keeps_every_record():
         assert refused is not None, "the audit log took 50 sessions in 8000 bytes: it evicted records"
         assert refused.code == ErrorCode.CACHE_FULL and "audit storage full" in str(refused)
         with pytest.raises(NodeRPCError) as error:
-            await _call(node.rpc_forward, ForwardCall(UID, hidden(2), client=client, step=0).to_request())
+            await _call(
+                node.rpc_forward, by_client(node, ForwardCall(UID, hidden(2), client=client, step=0)).to_request()
+            )
         assert error.value.code == ErrorCode.CACHE_FULL
         await serve_one(held, held_sid, 1, hidden(1))  # the open session goes on
         for bound, x, output in kept:
