@@ -867,3 +867,163 @@ def test_a_full_audit_log_refuses_new_sessions_and_keeps_every_record():
         return kept
 
     assert len(run(scenario)) >= 2
+
+
+# ---- authenticated clients, backed credit, held caches (issue 22) -------------------------------------------------
+
+
+def test_opens_and_calls_are_billed_to_their_signer_only():
+    """Unsigned, mis-addressed (another node), stale, replayed or victim-naming requests are refused, and nothing is
+    charged to anyone for them."""
+    node, attacker, victim = make_node(), new_client(), new_client()
+    here = node.steps.signer.address
+
+    async def opened_or_error(opening: Open):
+        talk = Conversation(node)
+        await talk.requests.put(opening.to_request())  # as it is: ``send`` would sign an unsigned one
+        reply = await talk.receive()
+        await talk.end()
+        return reply
+
+    async def scenario():
+        refusals = {
+            "unsigned": Open(UID, session_id(), max_length=8, client=victim.address),
+            "victim's name, attacker's key": Open(UID, session_id(), max_length=8, client=victim.address).signed(
+                attacker.key, node=here, peer_id=""
+            ),
+            "for another node": Open(UID, session_id(), max_length=8).signed(
+                victim.key, node=Account.create().address, peer_id=""
+            ),
+            "for another peer id": Open(UID, session_id(), max_length=8).signed(victim.key, node=here, peer_id="Qm"),
+            "stale": Open(UID, session_id(), max_length=8).signed(victim.key, node=here, peer_id="", timestamp=1),
+        }
+        claimed = refusals["victim's name, attacker's key"]
+        refusals["victim's name, attacker's key"] = Open(  # the attacker's signature under the victim's name
+            claimed.uid, claimed.session_id, 8, 1, victim.address, auth=claimed.auth
+        )
+        for why, opening in refusals.items():
+            reply = await opened_or_error(opening)
+            assert isinstance(reply, NodeRPCError) and reply.code == ErrorCode.FORBIDDEN, (why, reply)
+        fine = Open(UID, session_id(), max_length=8).signed(victim.key, node=here, peer_id="")
+        assert isinstance(await opened_or_error(fine), Opened)
+        replayed = await opened_or_error(fine)
+        assert isinstance(replayed, NodeRPCError) and "replayed" in str(replayed)
+        with pytest.raises(NodeRPCError, match="unsigned"):
+            await _call(node.rpc_forward, ForwardCall(UID, hidden(2), client=victim.address).to_request())
+        call = ForwardCall(UID, hidden(2), client=victim.address).signed(attacker.key, node=here, peer_id="")
+        (response,) = await _call(node.rpc_forward, call.to_request())  # signed: billed to its signer
+        assert schema.SignedReceipt.from_json(ForwardReply.decode(response).receipt).receipt.client == attacker.address
+
+    run(scenario)
+    assert node.steps.credit.unpaid(victim.address) == 0 and node.steps.credit.unpaid(attacker.address) > 0
+    assert node.steps.gate.refused == 7
+
+
+def test_a_session_idle_of_paid_steps_expires_whatever_it_flushes():
+    """Before, each flush (or pay) restarted the idle timer, so a session could hold its cache for ever."""
+    node = make_node(session_timeout=0.5)
+
+    async def scenario():
+        talk, sid = Conversation(node), session_id()
+        await talk.send(Open(UID, sid, max_length=8, separate_receipts=True))
+        await talk.receive()
+        await talk.send(Step(sid, 0, hidden=hidden(1)))
+        assert isinstance(await talk.receive(), StepReply)
+        assert isinstance(await talk.receive(), ReceiptMessage)
+        began = time.monotonic()
+        for _ in range(12):  # a flush every 0.1 s, for longer than the timeout
+            if talk.replies.qsize():
+                break
+            await talk.send(Flush(sid))
+            await asyncio.sleep(0.1)
+        error = await talk.error()
+        assert error.code == ErrorCode.SESSION_EXPIRED and time.monotonic() - began < 1.0
+
+    run(scenario)
+    assert_released(node)
+
+
+def test_one_client_holds_at_most_its_share_and_session_count():
+    node = make_node(memory_bytes=16 * 4 * 100)  # 100 tokens
+    node.steps.memory = MemoryCache(16 * 4 * 100, 16 * 4, client_share=0.5, client_sessions=2)
+    hog, honest = new_client(), new_client()
+
+    async def scenario():
+        held = []
+        for size, expect in ((30, Opened), (30, NodeRPCError), (10, Opened), (5, NodeRPCError)):
+            talk = Conversation(node)
+            await talk.send(Open(UID, session_id(), max_length=size, client=hog.address))
+            reply = await talk.receive()
+            assert isinstance(reply, expect), (size, reply)
+            if expect is NodeRPCError:
+                assert reply.code == ErrorCode.CACHE_FULL and f"client {hog.address}" in str(reply)
+            held.append(talk)
+        talk = Conversation(node)  # another client still gets room
+        await talk.send(Open(UID, session_id(), max_length=50, client=honest.address))
+        assert isinstance(await talk.receive(), Opened)
+        talk2 = Conversation(node)
+        await talk2.send(Open(UID, session_id(), max_length=50, client=new_client().address))
+        busy = await talk2.receive()
+        assert busy.code == ErrorCode.CACHE_FULL and "node busy" in str(busy)
+        for t in (*held, talk):
+            await t.end()
+        await asyncio.sleep(0.05)
+
+    run(scenario)
+
+
+class _Backing:
+    """A BackingCache over a dict: client -> wei the chain backs at this node."""
+
+    def __init__(self, values: dict):
+        from nectar.node.receipts import BackingCache
+
+        self.values = values
+        self.cache = BackingCache(lambda client: values.get(client, 0), min_interval=0)
+
+
+def test_credit_goes_only_to_checked_escrow_and_rotation_gets_only_the_shared_allowance():
+    """Issue 22: a client nothing backs got the node's whole credit limit, and every fresh address as much again.
+    Now an unbacked client gets nothing of its own; a node may give a free allowance, shared by all of them."""
+    from nectar.node.receipts import FreeAllowance
+
+    backed_client = new_client().address
+    backing = _Backing({backed_client: 10})
+    credit = CreditLedger(node_address=Account.create().address, credit_limit=4, domain=DOMAIN, backing=backing.cache)
+
+    def served(client: str, steps: int, *, pay: bool = False) -> int:
+        done = 0
+        for _ in range(steps):
+            try:
+                credit.check_credit(client, 1)
+            except NodeRPCError as e:
+                assert e.code == ErrorCode.CREDIT_LIMIT
+                break
+            credit.charge(client, 1)
+            done += 1
+        return done
+
+    assert [served(new_client().address, 5) for _ in range(5)] == [0] * 5  # rotation: nothing
+    with pytest.raises(NodeRPCError, match="nectar escrow reserve"):
+        credit.check_credit(new_client().address, 1)
+    # a backed client is served on credit up to the limit while its vouchers lag, and never beyond its escrow
+    assert served(backed_client, 20) == 4
+    credit._paid[(backed_client, backed_client, 0)] = 4  # its voucher came
+    assert served(backed_client, 20) == 4
+    credit._paid[(backed_client, backed_client, 0)] = 8
+    assert served(backed_client, 20) == 2  # the escrow (10) is spent
+    credit._paid[(backed_client, backed_client, 0)] = 10
+    assert served(backed_client, 20) == 0
+    with pytest.raises(NodeRPCError, match="payment required"):
+        credit.check_credit(backed_client, 1, opening=True)  # and it cannot open a session either
+
+    # a free allowance of 6 wei an hour: shared by every unbacked address, so 100 addresses get 6 in all
+    free = CreditLedger(
+        node_address=Account.create().address,
+        credit_limit=4,
+        domain=DOMAIN,
+        backing=_Backing({}).cache,
+        free=FreeAllowance(6),
+    )
+    credit = free
+    assert sum(served(new_client().address, 3) for _ in range(100)) == 6
