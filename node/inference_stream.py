@@ -151,6 +151,7 @@ class InferenceStream:
         self.client = self.steps.authenticate(opening, self.peer_id)
         self.start, self.end = self.steps.check_span(opening.uid)
         # cache is reserved only for a client that could pay for a step here (backed escrow, or trusted vouchers)
+        await self.steps.refresh_backing(self.client, opening.batch_size, self.start, self.end)
         self.steps.check_credit(self.client, opening.batch_size, self.start, self.end, opening=True)
         self.steps.audit.admit(new=True)  # no new session while its steps' audit records could not be kept
         self.session_id = schema.bind_session(opening.session_id, self.nonce)

@@ -102,11 +102,24 @@ class BackingCache:
     shrinks through a release request, which takes the unlock delay: far longer than ``ttl``). ``refresh`` blocks
     (``fetch``'s own timeout) and is what a client short of credit waits for, at most once per ``min_interval``."""
 
-    def __init__(self, fetch: Callable[[str], int], *, ttl: float = 10.0, min_interval: float = 0.5):
+    def __init__(
+        self,
+        fetch: Callable[[str], int],
+        *,
+        ttl: float = 10.0,
+        min_interval: float = 0.5,
+        unbacked_fetches_per_s: float = 20.0,
+        max_entries: int = 100_000,
+    ):
         self.fetch, self.ttl, self.min_interval = fetch, ttl, min_interval
         self._entries: dict[str, tuple[float, int]] = {}  # client -> (fetched at, backed wei)
         self._refreshing: set[str] = set()
         self._lock = threading.Lock()
+        # asking the ledger about clients nothing backs (new addresses are free to make) is rate-limited node-wide,
+        # and the table is bounded: throwaway addresses cannot make the node hammer its ledger or fill its memory
+        self.unbacked_fetches_per_s, self.max_entries = unbacked_fetches_per_s, max_entries
+        self._tokens, self._tokens_at = unbacked_fetches_per_s, time.monotonic()
+        self.skipped = 0  # fetches refused by that rate limit
 
     def get(self, client: str) -> int:
         with self._lock:
@@ -117,10 +130,24 @@ class BackingCache:
                 threading.Thread(target=self.refresh, args=(client,), name="backing-refresh", daemon=True).start()
         return value
 
+    def _may_fetch_unbacked(self) -> bool:
+        now = time.monotonic()
+        rate = self.unbacked_fetches_per_s
+        self._tokens = min(rate, self._tokens + (now - self._tokens_at) * rate)
+        self._tokens_at = now
+        if self._tokens < 1:
+            self.skipped += 1
+            return False
+        self._tokens -= 1
+        return True
+
     def refresh(self, client: str) -> int:
         with self._lock:
             at, value = self._entries.get(client, (None, 0))
             if at is not None and time.monotonic() - at < self.min_interval:
+                self._refreshing.discard(client)
+                return value
+            if value <= 0 and not self._may_fetch_unbacked():
                 self._refreshing.discard(client)
                 return value
         try:
@@ -128,6 +155,8 @@ class BackingCache:
         except Exception as e:  # the ledger or chain down, or a malformed answer: keep what we knew
             logger.warning(f"Could not read the on-chain backing of client {client} from the ledger: {e}")
         with self._lock:
+            if client not in self._entries and len(self._entries) >= self.max_entries:
+                self._entries.pop(next(iter(self._entries)))  # the oldest entry: it is refetched if needed
             self._entries[client] = (time.monotonic(), value)
             self._refreshing.discard(client)
         return value
@@ -179,6 +208,11 @@ class CreditLedger:
         return charged + cost <= backed and self.unpaid(client, backed=backed) - self._free_used[client] + cost <= (
             self.credit_limit
         )
+
+    def short(self, client: str, cost: int) -> bool:
+        """Whether ``client`` lacks the backing for ``cost`` more as far as the node knows now (no ledger call): then
+        the caller refreshes it off the event loop (``BackingCache.refresh``) before ``check_credit``."""
+        return self.backing is not None and cost > 0 and not self._backed_ok(client, cost, self.backing.get(client))
 
     def check_credit(self, client: str, cost: int, *, opening: bool = False) -> None:
         """Raises ``CREDIT_LIMIT`` unless ``client`` may be charged ``cost`` more here. ``opening``: only whether it

@@ -146,6 +146,12 @@ class NodeSteps:
     def check_credit(self, client: str, tokens: int, start: int, end: int, *, opening: bool = False) -> None:
         self.credit.check_credit(client, tokens * self.signer.price_for(start, end), opening=opening)
 
+    async def refresh_backing(self, client: str, tokens: int, start: int, end: int) -> None:
+        """Asks the ledger for a client short of backing off the event loop (``check_credit`` then finds the fresh
+        answer): an open or call from an address nothing backs must not stall every other session's steps."""
+        if self.credit.short(client, tokens * self.signer.price_for(start, end)):
+            await asyncio.to_thread(self.credit.backing.refresh, client)
+
     # ---- payment ----------------------------------------------------------------------------------------------
 
     def settle_voucher(self, voucher: dict | None, client: str) -> None:
@@ -425,6 +431,7 @@ class NodeSteps:
         self.settle_voucher(call.voucher, client)
         tokens = hidden.shape[0] * hidden.shape[1]
         if not free:
+            await self.refresh_backing(client, tokens, start, end)
             self.check_credit(client, tokens, start, end)
         nonce = os.urandom(schema.SESSION_NONCE_BYTES)
         session_id = schema.bind_session(call.session_id or bytes(32), nonce)

@@ -1027,3 +1027,21 @@ def test_credit_goes_only_to_checked_escrow_and_rotation_gets_only_the_shared_al
     )
     credit = free
     assert sum(served(new_client().address, 3) for _ in range(100)) == 6
+
+
+def test_throwaway_addresses_cannot_make_the_node_hammer_its_ledger():
+    """Every open from an unknown address asks the ledger for its backing; those asks are rate-limited node-wide
+    (addresses are free to make), done off the event loop, and the table is bounded. Backed clients are not limited."""
+    from nectar.node.receipts import BackingCache
+
+    asked = []
+    cache = BackingCache(lambda client: asked.append(client) or (5 if client == "backed" else 0), max_entries=50)
+    for i in range(200):
+        cache.refresh(f"throwaway{i}")
+    assert len(asked) <= 21 and cache.skipped >= 179 and len(cache._entries) <= 50
+    assert cache.refresh("backed") == 0  # the bucket is empty: not asked now
+    cache._tokens = 1.0
+    assert cache.refresh("backed") == 5
+    cache._entries["backed"] = (0.0, 5)  # stale: a backed client is asked again whatever the bucket holds
+    cache._tokens = 0.0
+    assert cache.refresh("backed") == 5 and asked[-1] == "backed" and asked.count("backed") == 2
