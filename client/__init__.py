@@ -16,6 +16,7 @@ from nectar.client.config import ClientConfig
 from nectar.client.errors import (
     InferenceFailedError,
     NectarClientError,
+    NodeBusyError,
     PaymentRequiredError,
     ReceiptRejectedError,
     RouteUnavailableError,
@@ -33,6 +34,7 @@ __all__ = [
     "InferenceSession",
     "MissingBlocksError",
     "NectarClientError",
+    "NodeBusyError",
     "NoScorer",
     "PaymentRequiredError",
     "PeerScorer",

@@ -47,6 +47,8 @@ class InferenceFailedError(NectarClientError):
         """The most specific class for ``code``."""
         if code is ErrorCode.CREDIT_LIMIT:
             return PaymentRequiredError(message)
+        if code is ErrorCode.CACHE_FULL:
+            return NodeBusyError(message)
         return InferenceFailedError(code, message)
 
 
@@ -55,6 +57,14 @@ class PaymentRequiredError(InferenceFailedError):
 
     def __init__(self, message: str):
         super().__init__(ErrorCode.CREDIT_LIMIT, message)
+
+
+class NodeBusyError(InferenceFailedError):
+    """The nodes serving some blocks are busy (``CACHE_FULL``: their KV cache is held by other sessions now); they
+    are online: retry in a few seconds."""
+
+    def __init__(self, message: str):
+        super().__init__(ErrorCode.CACHE_FULL, message)
 
 
 class SessionClosedError(NectarClientError):

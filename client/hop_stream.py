@@ -114,11 +114,15 @@ class HopStream:
         client: str,
         push_token: bytes | None,
         timeout: float,
+        private_key: str | None = None,
     ) -> Opened:
-        """Opens the stream and the node's session (its KV cache); returns the node's ack."""
+        """Opens the stream and the node's session (its KV cache); returns the node's ack. ``private_key``: the
+        paying key the open is signed with (nodes bill only the signer and refuse unsigned opens)."""
         opening = Open(
             self.uid, session_id, max_length, batch_size, client, separate_receipts=True, push_token=push_token
         )
+        if private_key is not None:
+            opening = opening.signed(private_key, node=self.span.info.eth_address, peer_id=str(self.span.peer_id))
         self.session_id, self.queue, self.state = session_id, asyncio.Queue(), StreamState.OPEN
 
         async def requests():

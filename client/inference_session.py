@@ -27,6 +27,8 @@ from nectar.client.config import ClientConfig
 from nectar.client.errors import (
     InferenceFailedError,
     NectarClientError,
+    NodeBusyError,
+    PaymentRequiredError,
     ReceiptRejectedError,
     RouteUnavailableError,
     SessionClosedError,
@@ -92,11 +94,17 @@ class InferenceSession:
     # ---- hops -------------------------------------------------------------------------------------------------
 
     def _open_route(self, start: int, end: int) -> list[Hop]:
-        errors = []
+        # nodes that refused for a reason of the moment or of this client (full cache, no credit) are skipped, not
+        # banned: they are online and honest, and the session says why they refused
+        errors, skipped = [], {}
         for attempt in range(self.config.max_retries + 1):
             try:
-                route = self.manager.make_inference_route(start, end, cache_tokens=self.max_length * self.batch_size)
+                route = self.manager.make_inference_route(
+                    start, end, cache_tokens=self.max_length * self.batch_size, exclude=tuple(skipped)
+                )
             except MissingBlocksError as e:
+                if skipped:
+                    raise self._refused(skipped, errors, start, end) from e
                 if isinstance(e, RouteUnavailableError):
                     raise
                 raise RouteUnavailableError(str(e), start=start, end=end, blocks=e.blocks) from e
@@ -108,14 +116,31 @@ class InferenceSession:
                 return hops
             except HopFailed as e:
                 errors.append(str(e))
-                self.manager.ban(e.span.peer_id, e.reason)
+                if e.fault.code in (ErrorCode.CACHE_FULL, ErrorCode.CREDIT_LIMIT):
+                    skipped[e.span.peer_id] = e.fault.code
+                else:
+                    self.manager.ban(e.span.peer_id, e.reason)
                 for hop in hops:
                     hop.close()
+        if skipped:
+            raise self._refused(skipped, errors, start, end)
         raise RouteUnavailableError(
             f"Could not open an inference route for blocks {start}:{end}: {'; '.join(errors[-3:])}. Every node tried "
             "is banned for a while; retry later, or check `nectar swarm` for what is online.",
             start=start,
             end=end,
+        )
+
+    @staticmethod
+    def _refused(skipped: dict, errors: list[str], start: int, end: int) -> NectarClientError:
+        """Why no route opened when nodes refused rather than failed: unpaid (reserve escrow) or busy (retry)."""
+        if ErrorCode.CREDIT_LIMIT in skipped.values():
+            return PaymentRequiredError(
+                f"Could not open an inference route for blocks {start}:{end}: {'; '.join(errors[-3:])}"
+            )
+        return NodeBusyError(
+            f"The nodes serving blocks {start}:{end} are busy (their KV cache is in use): {'; '.join(errors[-3:])}. "
+            "They are online: retry in a few seconds, or with a shorter max_length."
         )
 
     def _open_hop(self, span: RemoteSpan) -> Hop:
@@ -128,6 +153,7 @@ class InferenceSession:
             client=self.wallet.address,
             push_token=hop.push_token if self.config.push else None,
             timeout=self.config.connect_timeout,
+            private_key=self.wallet.private_key,
         )
         try:
             opened = self.runtime.run(opening, timeout=self.config.connect_timeout + 5)

@@ -46,14 +46,16 @@ class RemoteCaller:
         )
         self.step += 1
         p2p, options = self.runtime.p2p, dict(direct=self.config.direct, timeout=self.config.request_timeout)
+        # signed with the paying key for this node, per call: nodes bill only the signer (issue 22)
+        key, where = self.wallet.private_key, dict(node=span.info.eth_address, peer_id=str(span.peer_id))
         if method == RPC_FORWARD:
             hidden, prompts = tensors[0], (tensors[1] if len(tensors) > 1 else None)
-            call = call_forward(p2p, span.peer_id, span.info, ForwardCall(uid, hidden, prompts, **fields), **options)
+            call = ForwardCall(uid, hidden, prompts, **fields).signed(key, **where)
+            call = call_forward(p2p, span.peer_id, span.info, call, **options)
         elif method == RPC_BACKWARD:
             prompts = tensors[2] if len(tensors) > 2 else None
-            call = call_backward(
-                p2p, span.peer_id, span.info, BackwardCall(uid, tensors[0], tensors[1], prompts, **fields), **options
-            )
+            call = BackwardCall(uid, tensors[0], tensors[1], prompts, **fields).signed(key, **where)
+            call = call_backward(p2p, span.peer_id, span.info, call, **options)
         else:
             raise ValueError(f"RemoteCaller calls {RPC_FORWARD} or {RPC_BACKWARD}, not {method!r}")
         began = time.perf_counter()

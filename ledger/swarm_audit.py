@@ -172,9 +172,18 @@ class SwarmVerifier(Verifier):
     """
 
     def __init__(
-        self, swarm: SwarmView, *, rank: int, client: str, timeout: float = 30.0, fallback: Verifier | None = None
+        self,
+        swarm: SwarmView,
+        *,
+        rank: int,
+        client: str,
+        timeout: float = 30.0,
+        fallback: Verifier | None = None,
+        key: str | None = None,
     ):
         self.swarm, self.rank, self.client, self.timeout, self.fallback = swarm, rank, client, timeout, fallback
+        # re-executions are signed (nodes bill only a call's signer, issue 22); a registered verifier's are free
+        self.key = key or ("0x" + os.urandom(32).hex())
         self.name = f"swarm-{rank}"
         self.executed_by: list[str] = []  # eth addresses (or the fallback's name) per execution, for reports
 
@@ -219,7 +228,7 @@ class SwarmVerifier(Verifier):
             client=self.client,
             session_id=os.urandom(16),
             step=0,
-        )
+        ).signed(self.key, node=entry.info.eth_address, peer_id=str(entry.peer_id))  # nodes serve verifiers free
         response = self.swarm.call(entry.peer_id, call.rpc, call.to_request(), timeout=self.timeout)
         output = ForwardReply.decode(response).output  # a ValueError unless it carries one tensor
         if tuple(output.shape) != tuple(history.shape):
@@ -284,6 +293,7 @@ def swarm_verifiers(settings: Settings, fallback: list[Verifier] | None = None) 
             client=client,
             timeout=settings.spot_check_rpc_timeout,
             fallback=fallback[rank],
+            key=settings.key_for("verifier"),
         )
         for rank in (0, 1)
     ]

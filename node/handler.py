@@ -97,7 +97,7 @@ class NodeHandler:
             return
 
     def rpc_inference(self, requests: RequestStream, context: P2PContext):
-        return InferenceStream(self, requests).run()
+        return InferenceStream(self, requests, peer_id=_local_id(context)).run()
 
     async def _single_request(self, requests: RequestStream):
         try:
@@ -113,11 +113,14 @@ class NodeHandler:
 
     async def rpc_forward(self, requests: RequestStream, context: P2PContext):
         call = ForwardCall.decode(await self._single_request(requests))
-        yield (await self.steps.forward(call)).to_response()
+        client = self.steps.authenticate(call, _local_id(context))  # billed as its signer, never as it says
+        # a registered verifier re-executing a step for an audit is served without credit
+        free = self.audit_gate is not None and client.lower() in await self.audit_gate.verifiers()
+        yield (await self.steps.forward(call, client, free=free)).to_response()
 
     async def rpc_backward(self, requests: RequestStream, context: P2PContext):
         call = BackwardCall.decode(await self._single_request(requests))
-        yield (await self.steps.backward(call)).to_response()
+        yield (await self.steps.backward(call, self.steps.authenticate(call, _local_id(context)))).to_response()
 
     async def rpc_audit(self, requests: RequestStream, context: P2PContext):
         """Returns a session's inputs up to a step and that step's output, for spot checks by registered verifiers
@@ -125,7 +128,7 @@ class NodeHandler:
         call = AuditCall.decode(await self._single_request(requests))
         if self.audit_gate is None:
             raise NodeRPCError(ErrorCode.FORBIDDEN, "this node answers no audits (it has no verifier set)")
-        await self.audit_gate.check(call, str(context.local_id) if context is not None else "")
+        await self.audit_gate.check(call, _local_id(context))
         found = self.steps.audit.history(call.session_id, call.step)
         if found is None or (call.session_id, call.step) in self.steps.evaded:
             raise NodeRPCError(
@@ -146,3 +149,10 @@ class NodeHandler:
             self.inbox.deliver(slot, push.step, push.hidden)
             trace.event("push_in", push.step)
             yield PushAck().to_response()
+
+
+def _local_id(context: P2PContext | None) -> str:
+    """This node's peer id as the caller dialled it (signed calls name it: no replay at another node); "" in
+    process."""
+    local_id = getattr(context, "local_id", None) if context is not None else None
+    return str(local_id) if local_id is not None else ""

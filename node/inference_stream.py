@@ -24,6 +24,7 @@ import enum
 import functools
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
@@ -77,8 +78,11 @@ _QUIET = object()  # ``_next_or_quiet``: no request came in time, the stream is 
 class InferenceStream:
     """Serves one ``rpc_inference`` stream: ``async for response in InferenceStream(node, requests).run()``."""
 
-    def __init__(self, node: StreamHost, requests: RequestStream):
+    def __init__(self, node: StreamHost, requests: RequestStream, *, peer_id: str = ""):
         self.node, self.steps, self.requests = node, node.steps, requests
+        self.peer_id = peer_id  # this node's, as the client dialled it: its open is signed for it
+        self.client = ""  # the open's verified signer: the session's only billed client (issue 22)
+        self.active_at = time.monotonic()  # the last paid step (or the open): flush and pay do not keep a cache
         self.config = node.steps.config
         self.state = State.OPENING
         self.open: Open | None = None
@@ -112,7 +116,7 @@ class InferenceStream:
             return
         batch_size, max_length = opening.batch_size, opening.max_length
         nbytes = self.steps.backend.cache_bytes_per_token(self.start, self.end, batch_size) * max_length
-        with self.steps.memory.reserve(nbytes):
+        with self.steps.memory.reserve(nbytes, self.client):
             start, end = self.start, self.end
             self.caches = await self.steps.compute.submit(
                 lambda: self.steps.backend.new_caches(start, end, batch_size, max_length), Priority.INFERENCE
@@ -144,7 +148,11 @@ class InferenceStream:
         if request is None:
             return None
         self.open = opening = Open.decode(request)
+        self.client = self.steps.authenticate(opening, self.peer_id)
         self.start, self.end = self.steps.check_span(opening.uid)
+        # cache is reserved only for a client that could pay for a step here (backed escrow, or trusted vouchers)
+        await self.steps.refresh_backing(self.client, opening.batch_size, self.start, self.end)
+        self.steps.check_credit(self.client, opening.batch_size, self.start, self.end, opening=True)
         self.steps.audit.admit(new=True)  # no new session while its steps' audit records could not be kept
         self.session_id = schema.bind_session(opening.session_id, self.nonce)
         return opening
@@ -157,8 +165,15 @@ class InferenceStream:
         return Opened(self.steps.memory.tokens_left, self.nonce).to_response()
 
     async def _idle(self) -> runtime_pb2.ExpertResponse | None:
-        """IDLE: wait up to ``session_timeout`` for the next request (then the session expires)."""
-        return await self._on_request(await self._next(self.config.session_timeout))
+        """IDLE: wait for the next request until ``session_timeout`` after the last paid step (then the session
+        expires: a flush or pay every few seconds does not hold a cache, issue 22)."""
+        timeout = self.config.session_timeout
+        if timeout > 0:
+            left = self.active_at + timeout - time.monotonic()
+            if left <= 0:
+                raise self._expired(timeout)
+            return await self._on_request(await self._next(left, expiry=timeout))
+        return await self._on_request(await self._next(timeout))
 
     async def _receipt_pending(self) -> runtime_pb2.ExpertResponse | None:
         """RECEIPT_PENDING: the next step usually comes soon, and its round signs this receipt; if the client waits
@@ -187,7 +202,7 @@ class InferenceStream:
         if message.__class__ is Step:
             return await self._begin_step(message)
         if message.__class__ is Pay:
-            self.steps.settle_voucher(message.voucher, self.open.client)  # the client's last voucher before it leaves
+            self.steps.settle_voucher(message.voucher, self.client)  # the client's last voucher before it leaves
         elif message.__class__ is Flush and self.receipt is not None:  # the client waits for it: no next step
             return await self._take_receipt()
         # a Cancel here came after its push was served: nothing to do
@@ -267,10 +282,11 @@ class InferenceStream:
             batch_size=opening.batch_size,
             max_length=opening.max_length,
             length=self.length,
-            client=opening.client,
+            client=self.client,
             separate_receipt=opening.separate_receipts,
         )
         self._push_output = push
+        self.active_at = time.monotonic()  # a paid step (its credit was checked): the session is in use
         self.state = State.COMPUTING
 
     async def _computing(self) -> runtime_pb2.ExpertResponse:
@@ -311,15 +327,19 @@ class InferenceStream:
             )
             link.close()
 
-    async def _next(self, timeout: float):
+    async def _next(self, timeout: float, *, expiry: float | None = None):
         """The next request, None at the end of the stream; a session idle for ``timeout`` s expires."""
         try:
             return await self.requests.next(timeout if timeout > 0 else None)
         except RequestTimeout:
-            raise NodeRPCError(
-                ErrorCode.SESSION_EXPIRED,
-                f"no request for {timeout:.0f}s, the session's cache was freed; open a new session and replay",
-            )
+            raise self._expired(timeout if expiry is None else expiry)
+
+    @staticmethod
+    def _expired(timeout: float) -> NodeRPCError:
+        return NodeRPCError(
+            ErrorCode.SESSION_EXPIRED,
+            f"no step for {timeout:.0f}s, the session's cache was freed; open a new session and replay",
+        )
 
     async def _next_or_quiet(self):
         """The next request, or ``_QUIET`` once the stream has been quiet for ``receipt_delay`` s while the compute

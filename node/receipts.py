@@ -24,6 +24,7 @@ import torch
 
 from nectar.wire import eip712, fingerprints
 from nectar.wire import receipts as schema
+from nectar.wire.messages import CLIENT_AUTH_MAX_SKEW_S, ZERO_ADDRESS
 from nectar.wire.protocol import ErrorCode, NodeRPCError
 
 logger = logging.getLogger(__name__)
@@ -101,11 +102,24 @@ class BackingCache:
     shrinks through a release request, which takes the unlock delay: far longer than ``ttl``). ``refresh`` blocks
     (``fetch``'s own timeout) and is what a client short of credit waits for, at most once per ``min_interval``."""
 
-    def __init__(self, fetch: Callable[[str], int], *, ttl: float = 10.0, min_interval: float = 0.5):
+    def __init__(
+        self,
+        fetch: Callable[[str], int],
+        *,
+        ttl: float = 10.0,
+        min_interval: float = 0.5,
+        unbacked_fetches_per_s: float = 20.0,
+        max_entries: int = 100_000,
+    ):
         self.fetch, self.ttl, self.min_interval = fetch, ttl, min_interval
         self._entries: dict[str, tuple[float, int]] = {}  # client -> (fetched at, backed wei)
         self._refreshing: set[str] = set()
         self._lock = threading.Lock()
+        # asking the ledger about clients nothing backs (new addresses are free to make) is rate-limited node-wide,
+        # and the table is bounded: throwaway addresses cannot make the node hammer its ledger or fill its memory
+        self.unbacked_fetches_per_s, self.max_entries = unbacked_fetches_per_s, max_entries
+        self._tokens, self._tokens_at = unbacked_fetches_per_s, time.monotonic()
+        self.skipped = 0  # fetches refused by that rate limit
 
     def get(self, client: str) -> int:
         with self._lock:
@@ -116,10 +130,24 @@ class BackingCache:
                 threading.Thread(target=self.refresh, args=(client,), name="backing-refresh", daemon=True).start()
         return value
 
+    def _may_fetch_unbacked(self) -> bool:
+        now = time.monotonic()
+        rate = self.unbacked_fetches_per_s
+        self._tokens = min(rate, self._tokens + (now - self._tokens_at) * rate)
+        self._tokens_at = now
+        if self._tokens < 1:
+            self.skipped += 1
+            return False
+        self._tokens -= 1
+        return True
+
     def refresh(self, client: str) -> int:
         with self._lock:
             at, value = self._entries.get(client, (None, 0))
             if at is not None and time.monotonic() - at < self.min_interval:
+                self._refreshing.discard(client)
+                return value
+            if value <= 0 and not self._may_fetch_unbacked():
                 self._refreshing.discard(client)
                 return value
         try:
@@ -127,6 +155,8 @@ class BackingCache:
         except Exception as e:  # the ledger or chain down, or a malformed answer: keep what we knew
             logger.warning(f"Could not read the on-chain backing of client {client} from the ledger: {e}")
         with self._lock:
+            if client not in self._entries and len(self._entries) >= self.max_entries:
+                self._entries.pop(next(iter(self._entries)))  # the oldest entry: it is refetched if needed
             self._entries[client] = (time.monotonic(), value)
             self._refreshing.discard(client)
         return value
@@ -134,14 +164,31 @@ class BackingCache:
 
 class CreditLedger:
     """Per-client balance at this node: charged by receipts, paid by the highest cumulative voucher received, as far
-    as the chain backs it when ``backing`` is given (see the module's docstring)."""
+    as the chain backs it when ``backing`` is given (see the module's docstring).
 
-    def __init__(self, *, node_address: str, credit_limit: int, domain: dict, backing: BackingCache | None = None):
+    With ``backing`` (a node with a ledger), credit is granted only against escrow the node checked (issue 22): all a
+    client was charged here must stay within what backs it on chain (settled + its reserve for this node), and what
+    its vouchers do not cover yet within ``credit_limit`` (the lag between a receipt and the voucher that pays it).
+    A client nothing backs gets no credit of its own, only what is left of ``free`` (``FreeAllowance``: node-wide,
+    so throwaway addresses cannot multiply it). Without ``backing`` the node trusts vouchers up to ``credit_limit``
+    per (signed) client: a private swarm's choice (``--trust-vouchers``)."""
+
+    def __init__(
+        self,
+        *,
+        node_address: str,
+        credit_limit: int,
+        domain: dict,
+        backing: BackingCache | None = None,
+        free: FreeAllowance | None = None,
+    ):
         self.node_address = node_address
         self.credit_limit = credit_limit
         self.domain = domain
         self.backing = backing
+        self.free = free or FreeAllowance(0)
         self._charged: dict[str, int] = defaultdict(int)
+        self._free_used: dict[str, int] = defaultdict(int)  # charged here out of the free allowance
         self._paid: dict[tuple[str, str, int], int] = {}  # (client, partner, channel id) -> cumulative paid
         self._best_voucher: dict[tuple[str, str, int], schema.SignedVoucher] = {}
         self._lock = threading.Lock()
@@ -156,7 +203,20 @@ class CreditLedger:
             paid = min(paid, backed)
         return self._charged[client] - paid
 
-    def check_credit(self, client: str, cost: int) -> None:
+    def _backed_ok(self, client: str, cost: int, backed: int) -> bool:
+        charged = self._charged[client] - self._free_used[client]
+        return charged + cost <= backed and self.unpaid(client, backed=backed) - self._free_used[client] + cost <= (
+            self.credit_limit
+        )
+
+    def short(self, client: str, cost: int) -> bool:
+        """Whether ``client`` lacks the backing for ``cost`` more as far as the node knows now (no ledger call): then
+        the caller refreshes it off the event loop (``BackingCache.refresh``) before ``check_credit``."""
+        return self.backing is not None and cost > 0 and not self._backed_ok(client, cost, self.backing.get(client))
+
+    def check_credit(self, client: str, cost: int, *, opening: bool = False) -> None:
+        """Raises ``CREDIT_LIMIT`` unless ``client`` may be charged ``cost`` more here. ``opening``: only whether it
+        could be (an open reserves cache for a client that can pay for its steps; nothing is taken)."""
         if not cost:
             return
         if self.backing is None:
@@ -169,26 +229,32 @@ class CreditLedger:
                 )
             return
         backed = self.backing.get(client)
-        if self.unpaid(client, backed=backed) + cost <= self.credit_limit:
+        if self._backed_ok(client, cost, backed):
             return
         backed = self.backing.refresh(client)  # short of credit: ask the chain (through the ledger) again
-        unpaid = self.unpaid(client, backed=backed)
-        if unpaid + cost <= self.credit_limit:
+        if self._backed_ok(client, cost, backed):
             return
-        if self.unpaid(client) + cost > self.credit_limit:  # its vouchers lag: the usual case, not a backing one
-            raise NodeRPCError(
+        if opening and self.free.per_hour > 0:
+            return  # its steps may still come out of the free allowance
+        if not opening and self.free.take(cost):
+            with self._lock:
+                self._free_used[client] += cost
+            return
+        unpaid = self.unpaid(client, backed=backed) - self._free_used[client]
+        if backed > 0 and unpaid + cost > self.credit_limit and self.unpaid(client) + cost > self.credit_limit:
+            raise NodeRPCError(  # its vouchers lag: the usual case, not a backing one
                 ErrorCode.CREDIT_LIMIT,
                 f"client {client} owes {self.unpaid(client)} credit wei here and this step costs {cost}, above the "
                 f"node's credit limit of {self.credit_limit}; send a voucher covering the receipts you received",
             )
         from nectar.wire.ledger_api import reserve_command  # httpx only for nodes with a ledger
 
-        need = unpaid + cost - self.credit_limit
+        charged = self._charged[client] - self._free_used[client]
         raise NodeRPCError(
             ErrorCode.CREDIT_LIMIT,
-            f"payment required: client {client}'s vouchers to node {self.node_address} are backed on chain for "
-            f"{backed} credit wei (settled + its reserve for this node), at least {need} short of this step (the "
-            f"node extends at most {self.credit_limit} unbacked); reserve escrow for this node, then retry: "
+            f"payment required: client {client}'s work at node {self.node_address} is backed on chain for {backed} "
+            f"credit wei (settled + its reserve for this node); it was charged {charged} here and this step costs "
+            f"{cost} (the node works only against escrow it checked); reserve escrow for this node, then retry: "
             f"{reserve_command(self.node_address)}",
         )
 
@@ -219,3 +285,106 @@ class CreditLedger:
     def best_vouchers(self) -> list[schema.SignedVoucher]:
         with self._lock:
             return list(self._best_voucher.values())
+
+
+class ClientGate:
+    """Who a signed open or billed call is from (issue 22): the address that signed it (``Open.signed``,
+    ``ForwardCall.signed``) for this node's address and peer id, dated within ``max_skew`` of the node's clock, its
+    nonce never seen before. The address a message names is only checked against that signer: nobody can be billed
+    for another's work, and a call cannot be replayed at another node or later.
+
+    Seen nonces are kept until they are stale anyway (``max_skew`` past their date), at most ``max_nonces`` of them:
+    past that the node answers ``cache_full`` (busy) rather than forget one early."""
+
+    def __init__(
+        self,
+        node_address: str,
+        *,
+        max_skew: float = CLIENT_AUTH_MAX_SKEW_S,
+        max_nonces: int = 1_000_000,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.node_address, self.max_skew, self.max_nonces, self.clock = node_address, max_skew, max_nonces, clock
+        self._seen: dict[bytes, float] = {}  # nonce -> when it may be forgotten (insertion order ~ date order)
+        self._lock = threading.Lock()
+        self.refused = 0
+        self.verify_seconds = 0.0  # time spent recovering signers (benchmarks read it)
+
+    def client_of(self, message, peer_id: str) -> str:
+        """The verified client address of an ``Open``, ``ForwardCall`` or ``BackwardCall``; raises
+        ``NodeRPCError(FORBIDDEN)`` for an unsigned, stale, replayed or mis-addressed one."""
+        try:
+            return self._check(message, peer_id)
+        except NodeRPCError:
+            self.refused += 1
+            raise
+
+    def _check(self, message, peer_id: str) -> str:
+        auth = message.auth
+        if auth is None:
+            raise NodeRPCError(
+                ErrorCode.FORBIDDEN,
+                "unsigned request: this node serves only requests signed with the paying client's key (open and "
+                "forward/backward calls, for this node's address and peer id); update the nectar client",
+            )
+        now = self.clock()
+        if abs(now - auth.timestamp) > self.max_skew:
+            raise NodeRPCError(
+                ErrorCode.FORBIDDEN,
+                f"stale signature: dated {auth.timestamp}, this node's clock says {int(now)} (more than "
+                f"{self.max_skew:.0f}s apart); sign a fresh request and check your clock",
+            )
+        began = time.perf_counter()
+        try:
+            signer = message.signer(node=self.node_address, peer_id=peer_id)
+        except (eip712.InvalidSignature, ValueError) as e:
+            raise NodeRPCError(
+                ErrorCode.FORBIDDEN, f"bad client signature ({e}); sign the request for this node's address and peer id"
+            )
+        finally:
+            self.verify_seconds += time.perf_counter() - began
+        claimed = message.client
+        if claimed != ZERO_ADDRESS and claimed.lower() != signer.lower():
+            raise NodeRPCError(
+                ErrorCode.FORBIDDEN,
+                f"the request names client {claimed} but is signed by {signer} (or for another node): a client is "
+                "billed only as the key that signs; sign with the paying key",
+            )
+        with self._lock:
+            while self._seen:
+                nonce, forget_at = next(iter(self._seen.items()))
+                if forget_at >= now:
+                    break
+                del self._seen[nonce]
+            if auth.nonce in self._seen:
+                raise NodeRPCError(ErrorCode.FORBIDDEN, "replayed request (its nonce was used already); sign afresh")
+            if len(self._seen) >= self.max_nonces:
+                raise NodeRPCError(ErrorCode.CACHE_FULL, "this node is busy (too many signed requests in flight)")
+            self._seen[auth.nonce] = max(now, auth.timestamp) + self.max_skew + 1
+        return signer
+
+
+class FreeAllowance:
+    """What a node gives clients that nothing backs, all of them together (issue 22): ``per_hour`` credit wei,
+    refilled continuously up to one hour's worth. Shared by every unbacked address, so rotating throwaway
+    addresses gets no more than one client would: the node's loss to unbacked clients is at most ``per_hour`` an
+    hour (0, the default: none)."""
+
+    def __init__(self, per_hour: int, *, clock: Callable[[], float] = time.monotonic):
+        self.per_hour, self.clock = max(0, int(per_hour)), clock
+        self._left, self._at = float(self.per_hour), clock()
+        self._lock = threading.Lock()
+        self.given = 0
+
+    def take(self, cost: int) -> bool:
+        if self.per_hour <= 0:
+            return False
+        with self._lock:
+            now = self.clock()
+            self._left = min(float(self.per_hour), self._left + (now - self._at) * self.per_hour / 3600)
+            self._at = now
+            if cost > self._left:
+                return False
+            self._left -= cost
+            self.given += cost
+            return True

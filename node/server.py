@@ -34,7 +34,7 @@ from nectar.node.identity import (
 from nectar.node.memory_cache import MemoryCache
 from nectar.node.payments import NoPaymentPolicy, PaymentPolicy
 from nectar.node.push import lane_owner
-from nectar.node.receipts import BackingCache, CreditLedger, ReceiptSigner
+from nectar.node.receipts import BackingCache, CreditLedger, FreeAllowance, ReceiptSigner
 from nectar.node.signed_work import EVIDENCE_MARGIN_S, SignedWork
 from nectar.node.signing import InlineSigning, SigningWorker
 from nectar.node.steps import NodeSteps
@@ -246,11 +246,19 @@ class Server:
             check_stake(config.ledger_url, self.signer.address, str(self.dht.peer_id), self.key_dir)
         if config.ledger_url:
             check_audit_retention(config.ledger_url, config.audit_retention_s)
+        backing = self._backing(self.signer.address)
+        if backing is None and config.price_per_token > 0 and not config.trust_vouchers:
+            raise ValueError(
+                "a paid node (--price > 0) without a ledger to check clients' escrow would give every new client "
+                "address --credit-limit of free work: pass --ledger-url (credit only against checked escrow), or "
+                "--trust-vouchers for a private swarm of clients you know"
+            )
         self.credit = CreditLedger(
             node_address=self.signer.address,
             credit_limit=config.credit_limit,
             domain=domain,
-            backing=self._backing(self.signer.address),
+            backing=backing,
+            free=FreeAllowance(config.free_credit_per_hour),
         )
         if config.receipt_signer not in ("process", "loop"):
             raise ValueError(f"receipt_signer must be 'process' or 'loop', got {config.receipt_signer!r}")
@@ -340,7 +348,12 @@ class Server:
         self.inference_rps, self.forward_rps = inference_rps, forward_rps
         per_block = inference_rps * (end - start) if self.config.throughput is None else inference_rps
         self.throughput = min(per_block, self.network_rps)
-        memory = MemoryCache(self.config.cache_memory_bytes, backend.cache_bytes_per_token(start, end, 1))
+        memory = MemoryCache(
+            self.config.cache_memory_bytes,
+            backend.cache_bytes_per_token(start, end, 1),
+            client_share=self.config.client_cache_share,
+            client_sessions=self.config.client_max_sessions,
+        )
         if self.handler is None:
             steps = NodeSteps(
                 backend,

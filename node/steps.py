@@ -24,7 +24,7 @@ from nectar.node.backend import SpanBackend
 from nectar.node.config import NodeConfig
 from nectar.node.memory_cache import MemoryCache
 from nectar.node.payments import NoPaymentPolicy, PaymentPolicy
-from nectar.node.receipts import CreditLedger, ReceiptSigner
+from nectar.node.receipts import ClientGate, CreditLedger, ReceiptSigner
 from nectar.node.signed_work import JournalFull, SignedWork, State
 from nectar.node.signing import InlineSigning, PendingReceipt, SigningWorker
 from nectar.node.task_pool import ComputeThread, Priority
@@ -96,6 +96,11 @@ class NodeSteps:
         self.signed_work = signed_work if signed_work is not None else SignedWork(None)  # in memory by default
         self.step_seconds = 0.0  # event-loop time of inference steps outside compute (checks, receipts, packing)
         self.evaded: set[tuple[bytes, int]] = set()  # testing only (evade_audits): corrupted steps it will not audit
+        self.gate = ClientGate(signer.address)  # who signed an open or call: the only client it bills (issue 22)
+
+    def authenticate(self, message, peer_id: str) -> str:
+        """The verified client of an open or forward/backward call (``ClientGate``)."""
+        return self.gate.client_of(message, peer_id)
 
     # ---- checks -----------------------------------------------------------------------------------------------
 
@@ -145,8 +150,14 @@ class NodeSteps:
                 f"got {list(prompts.shape)}",
             )
 
-    def check_credit(self, client: str, tokens: int, start: int, end: int) -> None:
-        self.credit.check_credit(client, tokens * self.signer.price_for(start, end))
+    def check_credit(self, client: str, tokens: int, start: int, end: int, *, opening: bool = False) -> None:
+        self.credit.check_credit(client, tokens * self.signer.price_for(start, end), opening=opening)
+
+    async def refresh_backing(self, client: str, tokens: int, start: int, end: int) -> None:
+        """Asks the ledger for a client short of backing off the event loop (``check_credit`` then finds the fresh
+        answer): an open or call from an address nothing backs must not stall every other session's steps."""
+        if self.credit.short(client, tokens * self.signer.price_for(start, end)):
+            await asyncio.to_thread(self.credit.backing.refresh, client)
 
     # ---- payment ----------------------------------------------------------------------------------------------
 
@@ -372,7 +383,9 @@ class NodeSteps:
 
     # ---- forward and backward ---------------------------------------------------------------------------------
 
-    async def forward(self, call: ForwardCall) -> ForwardReply:
+    async def forward(self, call: ForwardCall, client: str, *, free: bool = False) -> ForwardReply:
+        """``client``: the call's verified signer (``authenticate``); ``free``: serve without credit (a registered
+        verifier re-executing a step for an audit)."""
         start, end = self.check_span(call.uid)
         hidden, prompts = call.hidden, call.prompts
         self.check_hidden(hidden)
@@ -386,10 +399,12 @@ class NodeSteps:
             kind=schema.ReceiptKind.FORWARD,
             priority=Priority.FORWARD,
             signed=lambda outputs: (hidden, outputs),
+            client=client,
+            free=free,
         )
         return ForwardReply(outputs, receipt, fingerprint, nonce)
 
-    async def backward(self, call: BackwardCall) -> BackwardReply:
+    async def backward(self, call: BackwardCall, client: str) -> BackwardReply:
         start, end = self.check_span(call.uid)
         hidden, grad_outputs, prompts = call.hidden, call.grad_outputs, call.prompts
         self.check_hidden(hidden)
@@ -409,10 +424,13 @@ class NodeSteps:
             kind=schema.ReceiptKind.BACKWARD,
             priority=Priority.BACKWARD,
             signed=lambda result: (grad_outputs, result[0]),
+            client=client,
         )
         return BackwardReply(grad_inputs, grad_prompts, receipt, fingerprint, nonce)
 
-    async def _charged_call(self, call, start: int, end: int, hidden: torch.Tensor, work, *, kind, priority, signed):
+    async def _charged_call(
+        self, call, start: int, end: int, hidden: torch.Tensor, work, *, kind, priority, signed, client, free=False
+    ):
         """What forward and backward share once their inputs are checked: the voucher, the credit for the call's
         tokens, the computation, and the receipt over ``signed(result)`` = (what came in, what goes out).
 
@@ -420,9 +438,11 @@ class NodeSteps:
         work key, whatever session id and step the client sends."""
         if kind == schema.ReceiptKind.FORWARD:  # audited: refused unless its record can be kept (new work)
             self.audit.admit(_record_bytes(hidden, call.prompts), new=True)
-        self.settle_voucher(call.voucher, call.client)
+        self.settle_voucher(call.voucher, client)
         tokens = hidden.shape[0] * hidden.shape[1]
-        self.check_credit(call.client, tokens, start, end)
+        if not free:
+            await self.refresh_backing(client, tokens, start, end)
+            self.check_credit(client, tokens, start, end)
         nonce = os.urandom(schema.SESSION_NONCE_BYTES)
         session_id = schema.bind_session(call.session_id or bytes(32), nonce)
         key = schema.work_key(session_id, start, end, kind, call.step)
@@ -444,12 +464,12 @@ class NodeSteps:
             kind=kind,
             start=start,
             end=end,
-            client=call.client,
+            client=client,
             tokens=tokens,
             inputs=inputs,
             outputs=outputs,
         )
-        receipt, fingerprint = await self.receipt_of(pending, call.client, key)
+        receipt, fingerprint = await self.receipt_of(pending, client, key)
         return result, receipt, fingerprint, nonce
 
 

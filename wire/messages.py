@@ -109,6 +109,112 @@ def _put(metadata: dict, name: str, value: Any) -> None:
         metadata[name] = value
 
 
+# ---- client authentication ----------------------------------------------------------------------------------------
+
+CLIENT_AUTH_MAX_SKEW_S = 300  # a signed open or call may be dated this far off the node's clock (then it is stale)
+
+
+def client_auth_digest(
+    *, kind: str, uid: str, session_id: bytes, step: int, node: str, peer_id: str, timestamp: int, nonce: bytes
+) -> bytes:
+    """What a client signs with its paying key to open a session or make a billed forward/backward call (issue 22):
+    the node (address and peer id: no replay at another node), what is asked (kind, module, session, step) and a
+    timestamp and nonce (no replay later: the node keeps nonces for ``CLIENT_AUTH_MAX_SKEW_S``). The node bills the
+    address that signed this, never the one a message names."""
+    text = "|".join(
+        [
+            "nectar-client-v1",
+            f"kind={kind}",
+            f"node={str(node).lower()}",
+            f"peer={peer_id}",
+            f"uid={uid}",
+            f"session=0x{bytes(session_id or b'').rjust(32, bytes(1)).hex()}",
+            f"step={int(step or 0)}",
+            f"timestamp={int(timestamp)}",
+            f"nonce=0x{bytes(nonce).hex()}",
+        ]
+    )
+    return schema.keccak256(text.encode())
+
+
+@message
+class ClientAuth:
+    """{"t": timestamp, "n": 16-32 byte nonce, "s": 65-byte signature} over ``client_auth_digest``."""
+
+    timestamp: int
+    nonce: bytes
+    signature: bytes
+
+    def to_wire(self) -> dict:
+        return {"t": self.timestamp, "n": self.nonce, "s": self.signature}
+
+    @classmethod
+    def decode(cls, metadata: dict) -> ClientAuth | None:
+        auth = metadata.get("auth")
+        if auth is None:
+            return None
+        if not isinstance(auth, dict):
+            raise _bad("auth must be {'t': timestamp, 'n': nonce, 's': signature}")
+        timestamp, nonce, signature = auth.get("t"), auth.get("n"), auth.get("s")
+        if timestamp.__class__ is not int or not 0 <= timestamp < 2**63:
+            raise _bad("auth.t must be a unix timestamp")
+        if not isinstance(nonce, bytes) or not 16 <= len(nonce) <= 32:
+            raise _bad("auth.n must be a random nonce of 16 to 32 bytes")
+        if not isinstance(signature, bytes) or len(signature) != 65:
+            raise _bad("auth.s must be a 65-byte signature")
+        return cls(timestamp, nonce, signature)
+
+    @classmethod
+    def sign(
+        cls,
+        private_key: bytes | str,
+        *,
+        kind: str,
+        uid: str,
+        session_id: bytes | None,
+        step: int | None,
+        node: str,
+        peer_id: str,
+        timestamp: int | None = None,
+    ) -> ClientAuth:
+        import os
+        import time
+
+        from nectar.wire.eip712 import sign_digest
+
+        timestamp = int(time.time()) if timestamp is None else int(timestamp)
+        nonce = os.urandom(16)
+        digest = client_auth_digest(
+            kind=kind,
+            uid=uid,
+            session_id=session_id,
+            step=step,
+            node=node,
+            peer_id=str(peer_id),
+            timestamp=timestamp,
+            nonce=nonce,
+        )
+        return cls(timestamp, nonce, sign_digest(digest, private_key))
+
+    def signer(
+        self, *, kind: str, uid: str, session_id: bytes | None, step: int | None, node: str, peer_id: str
+    ) -> str:
+        """The address that signed this for ``node`` at ``peer_id`` (raises ``InvalidSignature``)."""
+        from nectar.wire.eip712 import recover_digest_signer
+
+        digest = client_auth_digest(
+            kind=kind,
+            uid=uid,
+            session_id=session_id,
+            step=step,
+            node=node,
+            peer_id=str(peer_id),
+            timestamp=self.timestamp,
+            nonce=self.nonce,
+        )
+        return recover_digest_signer(digest, self.signature)
+
+
 # ---- inference stream: requests -----------------------------------------------------------------------------------
 
 
@@ -231,6 +337,39 @@ class Open:
     separate_receipts: bool = False
     push_token: bytes | None = None
     first_step: Step | None = None
+    auth: ClientAuth | None = None  # the client's signature (``signed``): the node bills its signer
+
+    def signed(self, private_key: bytes | str, *, node: str, peer_id: str, timestamp: int | None = None) -> Open:
+        """This open signed with the client's paying key for the node ``node`` (its receipt address) at
+        ``peer_id``; ``client`` becomes the key's address."""
+        from nectar.wire.eip712 import address_of
+
+        auth = ClientAuth.sign(
+            private_key,
+            kind="open",
+            uid=self.uid,
+            session_id=self.session_id,
+            step=0,
+            node=node,
+            peer_id=peer_id,
+            timestamp=timestamp,
+        )
+        return Open(
+            self.uid,
+            self.session_id,
+            self.max_length,
+            self.batch_size,
+            address_of(private_key),
+            self.separate_receipts,
+            self.push_token,
+            self.first_step,
+            auth,
+        )
+
+    def signer(self, *, node: str, peer_id: str) -> str:
+        return self.auth.signer(
+            kind="open", uid=self.uid, session_id=self.session_id, step=0, node=node, peer_id=peer_id
+        )
 
     def metadata(self) -> dict:
         metadata = {
@@ -243,6 +382,8 @@ class Open:
         if self.separate_receipts:
             metadata["receipts"] = "separate"
         _put(metadata, "push_token", self.push_token)
+        if self.auth is not None:
+            metadata["auth"] = self.auth.to_wire()
         if self.first_step is not None:
             metadata["step"] = self.first_step.step
             self.first_step._add_fields(metadata)
@@ -279,6 +420,7 @@ class Open:
             metadata.get("receipts") == "separate",
             token,
             first,
+            ClientAuth.decode(metadata),
         )
 
 
@@ -536,12 +678,44 @@ class PushAck:
 # ---- unary calls --------------------------------------------------------------------------------------------------
 
 
-def _call_metadata(client: str, session_id: bytes | None, step: int | None, voucher: dict | None) -> dict:
+def _call_metadata(
+    client: str, session_id: bytes | None, step: int | None, voucher: dict | None, auth: ClientAuth | None = None
+) -> dict:
     metadata = {"client": client}
     _put(metadata, "session_id", session_id)
     _put(metadata, "step", step)
     _put(metadata, "voucher", voucher)
+    if auth is not None:
+        metadata["auth"] = auth.to_wire()
     return metadata
+
+
+class _SignedCall:
+    """``signed``/``signer`` of forward and backward calls: signed like an open, per call (a fresh nonce each)."""
+
+    def signed(self, private_key: bytes | str, *, node: str, peer_id: str, timestamp: int | None = None):
+        """This call signed with the client's paying key for ``node`` at ``peer_id``; ``client`` becomes the key's
+        address."""
+        from dataclasses import replace
+
+        from nectar.wire.eip712 import address_of
+
+        auth = ClientAuth.sign(
+            private_key,
+            kind=self.rpc,
+            uid=self.uid,
+            session_id=self.session_id,
+            step=self.step,
+            node=node,
+            peer_id=peer_id,
+            timestamp=timestamp,
+        )
+        return replace(self, client=address_of(private_key), auth=auth)
+
+    def signer(self, *, node: str, peer_id: str) -> str:
+        return self.auth.signer(
+            kind=self.rpc, uid=self.uid, session_id=self.session_id, step=self.step, node=node, peer_id=peer_id
+        )
 
 
 def _call_fields(metadata: dict) -> tuple[str, bytes | None, int, Any]:
@@ -553,7 +727,7 @@ def _call_fields(metadata: dict) -> tuple[str, bytes | None, int, Any]:
 
 
 @message
-class ForwardCall:
+class ForwardCall(_SignedCall):
     """``rpc_forward``: tensors [hidden [B, T, H]] (+ [prompts]), metadata {"client", "session_id"?, "step"?,
     "voucher"?, "backward"?}.
 
@@ -568,11 +742,12 @@ class ForwardCall:
     step: int | None = None
     voucher: dict | None = None
     backward: bool = True
+    auth: ClientAuth | None = None
 
     rpc: ClassVar[str] = RPC_FORWARD
 
     def to_request(self) -> runtime_pb2.ExpertRequest:
-        metadata = _call_metadata(self.client, self.session_id, self.step, self.voucher)
+        metadata = _call_metadata(self.client, self.session_id, self.step, self.voucher, self.auth)
         if not self.backward:
             metadata["backward"] = False
         tensors = [self.hidden] + ([self.prompts] if self.prompts is not None else [])
@@ -594,11 +769,12 @@ class ForwardCall:
             step,
             voucher,
             metadata.get("backward", True) is not False,
+            ClientAuth.decode(metadata),
         )
 
 
 @message
-class BackwardCall:
+class BackwardCall(_SignedCall):
     """``rpc_backward``: tensors [hidden, grad_outputs] (+ [prompts]), metadata as ``ForwardCall``'s."""
 
     uid: str
@@ -609,11 +785,12 @@ class BackwardCall:
     session_id: bytes | None = None
     step: int | None = None
     voucher: dict | None = None
+    auth: ClientAuth | None = None
 
     rpc: ClassVar[str] = RPC_BACKWARD
 
     def to_request(self) -> runtime_pb2.ExpertRequest:
-        metadata = _call_metadata(self.client, self.session_id, self.step, self.voucher)
+        metadata = _call_metadata(self.client, self.session_id, self.step, self.voucher, self.auth)
         tensors = [self.hidden, self.grad_outputs] + ([self.prompts] if self.prompts is not None else [])
         return runtime_pb2.ExpertRequest(uid=self.uid, tensors=pack_tensors(tensors), metadata=pack_metadata(metadata))
 
@@ -633,6 +810,7 @@ class BackwardCall:
             session_id,
             step,
             voucher,
+            ClientAuth.decode(metadata),
         )
 
 

@@ -31,6 +31,7 @@ ADMIN = {"Authorization": "Bearer nectar-devnet-api-admin"}
 LEDGER_ADMIN = {"Authorization": "Bearer nectar-devnet-admin"}
 NODE_PRICE = 10**9  # credit wei per token per block
 GATEWAY_ESCROW = 1000 * 10**18  # the operator's own deposit into the gateway's escrow (pays nodes)
+GATEWAY_RESERVE = 10 * 10**18  # of it, reserved for each node before any test (the tests keep reserve_per_node 0)
 
 
 @dataclass
@@ -89,6 +90,8 @@ def market(tmp_path_factory):
             ensure_registered(chain, swarm.workdir / "keys" / name, funder_key=chain.default_key())
             swarm.add_node(checkpoint, blocks=blocks, name=name, extra_args=args)
         swarm.wait_for_blocks(checkpoint, 4)
+        for node in swarm.nodes:  # nodes work only against escrow they checked (issue 22): reserved once, up front
+            chain.reserve(gateway_key, node.eth_address, GATEWAY_RESERVE)
         wait_for(lambda: "ready" in worker.log() or not worker.alive(), 90, "the ledger worker")
         assert worker.alive(), worker.log()[-3000:]
         from nectar.models import model_id_of

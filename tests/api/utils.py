@@ -95,7 +95,7 @@ def api_env(*, home: Path, database_url: str, broker_url: str, model: str, peers
         broker_url=broker_url,
         deployment_path=home / "deployment.json",
         deposit_poll_seconds=0.5,
-        # tests price nodes at 1e9 wei per token: their unbacked credit limit (1e18) covers every session, and a
+        # the market fixture reserves for its nodes once, up front (nodes work only against checked escrow): a
         # reserve taken mid-test would move the gateway's free escrow that funding tests count to the wei
         reserve_per_node=0,
         **extra,

@@ -1,6 +1,7 @@
 """Backed vouchers (issue 20) on a real Anvil devnet with the ledger's real HTTP service: a node counts a voucher as
 paid only as far as the chain backs it (settled + the client's reserve for this node, asked through the ledger), so
-an unbacked client gets the node's credit limit and no more while a backed one is served; a withdrawal or reserve
+an unbacked client gets nothing (issue 22; issue 20 gave it the node's credit limit) while a backed one is served up
+to its reserve; a withdrawal or reserve
 release request makes the ledger settle that client's vouchers at once."""
 
 from __future__ import annotations
@@ -104,14 +105,15 @@ def _serve(credit: CreditLedger, key: str, node: str, steps: int, *, channel: in
     return steps
 
 
-def test_unbacked_client_gets_only_the_credit_limit(chain, roles, ledger):
+def test_unbacked_client_gets_nothing(chain, roles, ledger):
     """An escrow without a reserve backs nothing at this node: vouchers alone are promises (the client can sign the
-    same escrow to many nodes, or withdraw it), so the node stops at its credit limit and says how to reserve.
-    Before backing checks the node counted every voucher as paid and served on without end."""
+    same escrow to many nodes, or withdraw it), so the node serves no step and says how to reserve. Before backing
+    checks the node counted every voucher as paid and served on without end; before issue 22 it gave the credit
+    limit to every address (and so without end to a client rotating addresses)."""
     node = roles["node"][0]["address"]
     key = _funded_client(chain, roles, 10 * ETHER)
     credit = _node_credit(chain, ledger, node)
-    assert _serve(credit, key, node, 20) == LIMIT // STEP
+    assert _serve(credit, key, node, 20) == 0
     with pytest.raises(NodeRPCError) as refused:
         credit.check_credit(Account.from_key(key).address, STEP)
     assert "nectar escrow reserve --node " + node in str(refused.value)
@@ -122,10 +124,11 @@ def test_backed_client_is_served_up_to_its_reserve(chain, roles, ledger):
     key = _funded_client(chain, roles, 10 * ETHER)
     chain.reserve(key, other, 5 * ETHER)  # a reserve for another node backs nothing here
     credit = _node_credit(chain, ledger, node)
-    assert _serve(credit, key, node, 20) == LIMIT // STEP
+    assert _serve(credit, key, node, 20) == 0
     chain.reserve(key, node, 10 * STEP)
-    # the reserve backs 10 steps; the credit limit 3 more beyond it
-    assert _serve(_node_credit(chain, ledger, node), key, node, 40, channel=1) == 10 + LIMIT // STEP
+    # the reserve backs 10 steps, and the node works only against checked escrow (the credit limit bounds the
+    # vouchers' lag, not work beyond the escrow)
+    assert _serve(_node_credit(chain, ledger, node), key, node, 40, channel=1) == 10
 
 
 def test_release_request_stops_backing_and_settles_at_once(chain, roles, ledger, tmp_path):

@@ -132,7 +132,7 @@ def test_a_step_sent_twice_under_one_key_gets_the_receipt_already_signed_or_an_e
     x, y, z = (torch.randn(1, 1, HIDDEN) for _ in range(3))
 
     def stream(*steps: Step) -> list:
-        opening = Open(_uid(), session, max_length=8, client=attacker["address"])
+        opening = Open(_uid(), session, max_length=8).signed(attacker["privateKey"], node=node, peer_id=peer)
         return runtime.run(_converse(runtime, peer, [opening, Step(session, 0, position=0, hidden=x), *steps]), 120)
 
     replies = stream(
@@ -164,7 +164,7 @@ def test_two_streams_with_one_client_session_id_share_no_work_key(chain, victim,
 
     def stream(first: torch.Tensor) -> list:
         messages = [
-            Open(_uid(), session, max_length=8, client=attacker["address"]),
+            Open(_uid(), session, max_length=8).signed(attacker["privateKey"], node=node, peer_id=peer),
             Step(session, 0, position=0, hidden=first),
             Step(session, 1, position=1, hidden=y),
         ]
@@ -183,7 +183,9 @@ def test_two_streams_with_one_client_session_id_share_no_work_key(chain, victim,
 def test_an_open_carrying_its_first_step_returns_the_nonce_with_its_answer(victim, attacker):
     runtime, peer, _ = victim
     session, x = b"\x03" * 16, torch.randn(1, 2, HIDDEN)
-    opening = Open(_uid(), session, max_length=8, client=attacker["address"], first_step=Step(session, 0, hidden=x))
+    opening = Open(_uid(), session, max_length=8, first_step=Step(session, 0, hidden=x)).signed(
+        attacker["privateKey"], node=victim.address, peer_id=peer
+    )
     (reply,) = runtime.run(_converse(runtime, peer, [opening]), timeout=120)
     assert isinstance(reply, StepReply) and len(reply.session_nonce) == schema.SESSION_NONCE_BYTES
     assert _signed(reply).receipt.session_id == schema.bind_session(session, reply.session_nonce)
@@ -198,7 +200,9 @@ def test_forward_calls_under_one_session_and_step_share_no_work_key(chain, victi
     session, x = b"\x04" * 16, torch.randn(1, 2, HIDDEN)
 
     def forward(prompts: torch.Tensor) -> ForwardReply:
-        call = ForwardCall(_uid(), x, prompts, client=attacker["address"], session_id=session, step=7, backward=False)
+        call = ForwardCall(_uid(), x, prompts, session_id=session, step=7, backward=False).signed(
+            attacker["privateKey"], node=node, peer_id=peer
+        )
         request = call_once(runtime.p2p, PeerID.from_base58(peer), RPC_FORWARD, call.to_request(), timeout=60)
         return ForwardReply.decode(runtime.run(request, timeout=90))
 

@@ -280,8 +280,10 @@ class FakeManager:
         self.bans: list[tuple[PeerID, str]] = []
         self.ok: set[PeerID] = set()
 
-    def make_inference_route(self, start: int, end: int, *, cache_tokens: int = 0) -> list[RemoteSpan]:
-        banned = {peer for peer, _ in self.bans}
+    def make_inference_route(
+        self, start: int, end: int, *, cache_tokens: int = 0, exclude: tuple = ()
+    ) -> list[RemoteSpan]:
+        banned = {peer for peer, _ in self.bans} | set(exclude)
         route, at = [], start
         while at < end:
             node = next(

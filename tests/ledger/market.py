@@ -86,6 +86,16 @@ class SwarmMarket:
             self.registered[keys.address.lower()] = keys.peer_id
         return self.swarm.add_node(str(self.model_path), blocks=blocks, name=name, extra_args=args)
 
+    def fund(self, client: Party, amount: int) -> None:
+        """Deposits ``amount`` into ``client``'s escrow and reserves a share of it for each node running now, as the
+        demo and the API gateway do: nodes work only against escrow they checked (issue 22), and a deposit alone
+        could pay any node, or leave."""
+        key = "0x" + bytes(client.key).hex() if not isinstance(client.key, str) else client.key
+        self.chain.deposit(key, amount)
+        nodes = [n.eth_address for n in self.swarm.nodes if n.eth_address]
+        for node in nodes:
+            self.chain.reserve(key, node, amount // (len(nodes) + 1))
+
     def wait_for_swarm(self, min_nodes: int = 1) -> None:
         """Blocks served, and the ledger's stake table (cached for seconds) shows every registered node under its
         live peer id: a gated client routes by that table."""

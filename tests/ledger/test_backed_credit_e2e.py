@@ -1,6 +1,7 @@
-"""Backed credit end to end (issue 20): a real ``nectar node`` reporting to a real ledger on a real Anvil refuses to
-work on credit for a client whose vouchers nothing backs on chain, past its small credit limit, and says how to
-reserve; once the client reserves escrow for that node, the node serves it."""
+"""Backed credit end to end (issues 20 and 22): a real ``nectar node`` reporting to a real ledger on a real Anvil works
+only against escrow it checked: a client whose vouchers nothing backs on chain gets no step at all (before issue 22:
+its credit limit's worth, and as much again for every fresh address), and is told how to reserve; once the client
+reserves escrow for that node, the node serves it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from nectar.client import PaymentRequiredError
 from tests.ledger.market import NUM_BLOCKS, SwarmMarket
+from tests.ledger.utils import Party
 
 pytestmark = pytest.mark.slow
 PRICE = 10**12  # credit wei per token per block
@@ -32,13 +34,34 @@ def market(tmp_path_factory, contracts_snapshot, monkeypatch_module):
         market.stop()
 
 
-def _generate(market, client, tokens: int) -> None:
+def _generate(market, client, tokens: int) -> int:
+    """Generates ``tokens`` after a prompt of 6; returns how many receipts the node sent (also when refused)."""
     model = market.client_model(client)
     try:
         out = model.generate(torch.arange(3, 9).unsqueeze(0), max_new_tokens=tokens, do_sample=False)
         assert out.shape == (1, 6 + tokens)
     finally:
         model.shutdown()
+        served = len(model.wallet.receipts)
+    return served
+
+
+def test_rotating_throwaway_addresses_gets_no_free_steps(market):
+    """Issue 22: each fresh address was a new client with the node's whole credit limit (20 steps here), so
+    rotating addresses got unlimited free work. Now a client nothing backs gets no step, whatever its address: the
+    bound is the node's --free-credit-per-hour, shared by all unbacked clients (0 by default)."""
+    served = []
+    for _ in range(3):
+        served.append(0)
+        with pytest.raises(PaymentRequiredError) as refused:
+            model = market.client_model(Party())
+            try:
+                model.generate(torch.arange(3, 9).unsqueeze(0), max_new_tokens=30, do_sample=False)
+            finally:
+                model.shutdown()
+                served[-1] = len(model.wallet.receipts)
+        assert "nectar escrow reserve" in str(refused.value)
+    assert served == [0, 0, 0], f"throwaway addresses were served {served} steps on no escrow"
 
 
 def test_node_refuses_an_unbacked_client_and_serves_a_backed_one(market):

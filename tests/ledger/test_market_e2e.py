@@ -30,7 +30,7 @@ def market(tmp_path_factory, contracts_snapshot, monkeypatch_module):
         market.add_node("node-b", (2, 4), account=1)
         market.wait_for_swarm()
         market.client = market.clients[0]
-        market.chain.deposit(market.client.key, DEPOSIT)
+        market.fund(market.client, DEPOSIT)
         market.model = market.client_model(market.client)
         yield market
     finally:

@@ -85,7 +85,7 @@ def test_an_operator_registers_stakes_serves_earns_unbonds_and_withdraws(market)
     assert node.eth_address == address
     market.wait_for_swarm()
     client = market.clients[0]
-    chain.deposit(client.key, ETHER)
+    market.fund(client, ETHER)
     market.model = market.client_model(client, config=ClientConfig(ledger_url=market.url))
     for seed in range(3):
         prompt = torch.randint(3, 1000, (1, 4), generator=torch.Generator().manual_seed(seed))

@@ -43,7 +43,7 @@ def market(tmp_path_factory, contracts_snapshot, monkeypatch_module):
         chain.request_unbond(market.node_keys[1], chain.stake_of(market.unbonding.eth_address))  # all of it
         market.wait_for_swarm(min_nodes=3)
         market.client = market.clients[0]
-        chain.deposit(market.client.key, 10**18)
+        market.fund(market.client, 10**18)
         yield market
     finally:
         market.stop()

@@ -75,7 +75,7 @@ def market(tmp_path_factory, contracts_snapshot, monkeypatch_module):
             spot_check_audit_window_s=10,
         )
         for client in market.clients[:2]:
-            market.chain.deposit(client.key, 10**18)
+            market.fund(client, 10**18)
         market.models = models
         yield market
     finally:
@@ -254,6 +254,8 @@ def test_after_the_dispute_window_the_cheaters_stake_is_slashed_on_chain(market)
 def test_reputation_routing_starves_the_cheater_and_keeps_traffic_for_a_new_node(market):
     newcomer = market.add_node("newcomer", (0, 4))  # a fresh key: the ledger has never seen it
     market.wait_for_swarm(min_nodes=4)
+    for client in market.clients[1:3]:  # escrow reserved for every node, the newcomer too
+        market.fund(client, 10**17)
     scorer = ReputationScorer(market.url, exploration=0.3, seed=0)
     try:
         assert scorer.reputation(market.cheater.eth_address).penalized and scorer.is_new(newcomer.eth_address)

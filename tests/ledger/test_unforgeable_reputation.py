@@ -226,7 +226,17 @@ def _add_withholding_node(market, name: str):
     (key_dir / "eth.json").write_text(json.dumps({"address": Party(key).address, "private_key": key}))
     keys = ensure_registered(market.chain, key_dir, funder_key=market.chain.default_key())
     market.registered[keys.address.lower()] = keys.peer_id  # wait_for_swarm waits for the ledger to see it
-    args = ["--price", str(PRICE), "--throughput", "100", "--num-threads", "1", "--announce-period", "3"]
+    args = [
+        "--price",
+        str(PRICE),
+        "--trust-vouchers",
+        "--throughput",
+        "100",
+        "--num-threads",
+        "1",
+        "--announce-period",
+        "3",
+    ]
     args += ["--dtype", "float32"]
     return market.swarm.add_node(str(market.model_path), blocks=(0, NUM_BLOCKS), name=name, extra_args=args)
 

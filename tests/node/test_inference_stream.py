@@ -127,6 +127,23 @@ def make_node(memory_bytes: int = 1 << 20, credit_limit: int = 10**9, **config) 
 
 
 VERIFIER = Account.create()  # the one key make_node's nodes answer audits to
+KEYS: dict[str, bytes] = {}  # client address -> its key: requests are signed with the key of the client they name
+DEFAULT_CLIENT = Account.create()  # signs requests that name no client
+
+
+def new_client():
+    account = Account.create()
+    KEYS[account.address] = account.key
+    return account
+
+
+def by_client(node: NodeHandler, message):
+    """An open or forward/backward call signed by the key of the client it names (issue 22: nodes serve only
+    signed ones), for ``node`` (in-process calls carry no peer id)."""
+    if not isinstance(message, (Open, ForwardCall, BackwardCall)) or message.auth is not None:
+        return message
+    key = KEYS.get(message.client, DEFAULT_CLIENT.key)
+    return message.signed(key, node=node.steps.signer.address, peer_id="")
 
 
 def audit_call(node: NodeHandler, session: bytes, step: int, key=None, **kwargs) -> AuditCall:
@@ -154,6 +171,7 @@ class Conversation:
         await self.replies.put(END)
 
     async def send(self, message, uid: str = UID):
+        message = by_client(self.node, message)
         await self.requests.put(message.to_request() if isinstance(message, Open) else message.to_request(uid))
 
     async def end(self):
@@ -224,7 +242,7 @@ def test_open_without_a_step_is_acked_and_the_end_releases_everything():
 
 
 def test_inline_receipts_ride_with_each_output_and_charge_the_client():
-    node, client = make_node(), Account.create().address
+    node, client = make_node(), new_client().address
     sid = session_id()
 
     async def scenario():
@@ -356,7 +374,7 @@ def _voucher(client, node: NodeHandler, amount: int) -> dict:
 
 
 def test_pay_settles_the_client_debt():
-    node, client = make_node(), Account.create()
+    node, client = make_node(), new_client()
     sid = session_id()
 
     async def scenario():
@@ -375,7 +393,7 @@ def test_pay_settles_the_client_debt():
 
 
 def test_a_steps_voucher_is_settled_before_its_credit_check_inline_and_once_its_output_is_out_when_separate():
-    node, client = make_node(credit_limit=8), Account.create()
+    node, client = make_node(credit_limit=8), new_client()
     sid = session_id()
 
     async def scenario():
@@ -392,7 +410,7 @@ def test_a_steps_voucher_is_settled_before_its_credit_check_inline_and_once_its_
 
         talk = Conversation(node)  # separate receipts: a bad voucher ends the stream after the step's output
         other = session_id()
-        await talk.send(Open(UID, other, max_length=8, client=Account.create().address, separate_receipts=True))
+        await talk.send(Open(UID, other, max_length=8, client=new_client().address, separate_receipts=True))
         await talk.receive()
         await talk.send(Step(other, 0, hidden=hidden(1), voucher={"not": "a voucher"}))
         assert isinstance(await talk.receive(), StepReply)
@@ -618,11 +636,13 @@ async def _call(rpc, request):
 
 
 def test_forward_backward_and_audit_calls():
-    node, client = make_node(), Account.create().address
+    node, client = make_node(), new_client().address
     x, grad = hidden(3), hidden(3)
 
     async def scenario():
-        (response,) = await _call(node.rpc_forward, ForwardCall(UID, x, client=client, step=5).to_request())
+        (response,) = await _call(
+            node.rpc_forward, by_client(node, ForwardCall(UID, x, client=client, step=5)).to_request()
+        )
         reply = ForwardReply.decode(response)
         assert torch.equal(reply.output, x * 2)
         signed = schema.SignedReceipt.from_json(reply.receipt)
@@ -634,11 +654,13 @@ def test_forward_backward_and_audit_calls():
         assert torch.equal(kept.inputs, x) and torch.equal(kept.outputs, reply.output)
         assert fingerprints.commit_tensor(kept.outputs) == signed.receipt.output_commitment
 
-        (response,) = await _call(node.rpc_backward, BackwardCall(UID, x, grad, client=client).to_request())
+        (response,) = await _call(
+            node.rpc_backward, by_client(node, BackwardCall(UID, x, grad, client=client)).to_request()
+        )
         reply = BackwardReply.decode(response)
         assert torch.equal(reply.grad_inputs, grad * 2) and reply.grad_prompts is None
         with pytest.raises(NodeRPCError, match="grad_outputs"):
-            await _call(node.rpc_backward, BackwardCall(UID, x, hidden(4)).to_request())
+            await _call(node.rpc_backward, by_client(node, BackwardCall(UID, x, hidden(4))).to_request())
 
         sid = session_id()
         talk = Conversation(node)
@@ -703,7 +725,7 @@ def test_audits_are_answered_to_registered_verifiers_only():
 
 
 def test_a_step_resent_with_its_input_gets_the_receipt_already_signed_and_anything_else_an_error():
-    node, client = make_node(), Account.create().address
+    node, client = make_node(), new_client().address
     sid, x, y = session_id(), hidden(2), hidden(2)
 
     async def stream(resend: Step, words: str):
@@ -773,20 +795,20 @@ def test_two_opens_with_one_session_id_get_two_nonces_and_no_shared_work_key():
 
 
 def test_each_forward_and_backward_call_gets_a_nonce_of_its_own():
-    node, client = make_node(), Account.create().address
+    node, client = make_node(), new_client().address
     x, sid = hidden(2), session_id()
 
     async def scenario():
         sessions = set()
         for _ in range(2):
             call = ForwardCall(UID, x, client=client, session_id=sid, step=3)
-            (response,) = await _call(node.rpc_forward, call.to_request())
+            (response,) = await _call(node.rpc_forward, by_client(node, call).to_request())
             reply = ForwardReply.decode(response)
             signed = check_receipt(node, reply.receipt, x, reply.output, 3)
             assert signed.receipt.session_id == schema.bind_session(sid, reply.session_nonce)
             sessions.add(signed.receipt.session_id)
         call = BackwardCall(UID, x, x, client=client, session_id=sid, step=3)
-        (response,) = await _call(node.rpc_backward, call.to_request())
+        (response,) = await _call(node.rpc_backward, by_client(node, call).to_request())
         reply = BackwardReply.decode(response)
         signed = schema.SignedReceipt.from_json(reply.receipt)
         assert signed.receipt.session_id == schema.bind_session(sid, reply.session_nonce)
@@ -801,7 +823,7 @@ def test_a_full_audit_log_refuses_new_sessions_and_keeps_every_record():
     """Issue 21: an audit the node cannot answer fails, so a node whose audit budget is full refuses new sessions
     and forward calls (cache_full: the client tries another node) and drops no record before its retention;
     a session already open goes on. Before, the log evicted the oldest sessions, and their audits failed."""
-    node, client = make_node(), Account.create().address
+    node, client = make_node(), new_client().address
     node.steps.audit = AuditLog(max_bytes=8000, retention_s=60)
 
     async def serve_one(talk: Conversation, sid: bytes, step: int, x: torch.Tensor):
@@ -830,7 +852,9 @@ def test_a_full_audit_log_refuses_new_sessions_and_keeps_every_record():
         assert refused is not None, "the audit log took 50 sessions in 8000 bytes: it evicted records"
         assert refused.code == ErrorCode.CACHE_FULL and "audit storage full" in str(refused)
         with pytest.raises(NodeRPCError) as error:
-            await _call(node.rpc_forward, ForwardCall(UID, hidden(2), client=client, step=0).to_request())
+            await _call(
+                node.rpc_forward, by_client(node, ForwardCall(UID, hidden(2), client=client, step=0)).to_request()
+            )
         assert error.value.code == ErrorCode.CACHE_FULL
         await serve_one(held, held_sid, 1, hidden(1))  # the open session goes on
         for bound, x, output in kept:
@@ -843,3 +867,181 @@ def test_a_full_audit_log_refuses_new_sessions_and_keeps_every_record():
         return kept
 
     assert len(run(scenario)) >= 2
+
+
+# ---- authenticated clients, backed credit, held caches (issue 22) -------------------------------------------------
+
+
+def test_opens_and_calls_are_billed_to_their_signer_only():
+    """Unsigned, mis-addressed (another node), stale, replayed or victim-naming requests are refused, and nothing is
+    charged to anyone for them."""
+    node, attacker, victim = make_node(), new_client(), new_client()
+    here = node.steps.signer.address
+
+    async def opened_or_error(opening: Open):
+        talk = Conversation(node)
+        await talk.requests.put(opening.to_request())  # as it is: ``send`` would sign an unsigned one
+        reply = await talk.receive()
+        await talk.end()
+        return reply
+
+    async def scenario():
+        refusals = {
+            "unsigned": Open(UID, session_id(), max_length=8, client=victim.address),
+            "victim's name, attacker's key": Open(UID, session_id(), max_length=8, client=victim.address).signed(
+                attacker.key, node=here, peer_id=""
+            ),
+            "for another node": Open(UID, session_id(), max_length=8).signed(
+                victim.key, node=Account.create().address, peer_id=""
+            ),
+            "for another peer id": Open(UID, session_id(), max_length=8).signed(victim.key, node=here, peer_id="Qm"),
+            "stale": Open(UID, session_id(), max_length=8).signed(victim.key, node=here, peer_id="", timestamp=1),
+        }
+        claimed = refusals["victim's name, attacker's key"]
+        refusals["victim's name, attacker's key"] = Open(  # the attacker's signature under the victim's name
+            claimed.uid, claimed.session_id, 8, 1, victim.address, auth=claimed.auth
+        )
+        for why, opening in refusals.items():
+            reply = await opened_or_error(opening)
+            assert isinstance(reply, NodeRPCError) and reply.code == ErrorCode.FORBIDDEN, (why, reply)
+        fine = Open(UID, session_id(), max_length=8).signed(victim.key, node=here, peer_id="")
+        assert isinstance(await opened_or_error(fine), Opened)
+        replayed = await opened_or_error(fine)
+        assert isinstance(replayed, NodeRPCError) and "replayed" in str(replayed)
+        with pytest.raises(NodeRPCError, match="unsigned"):
+            await _call(node.rpc_forward, ForwardCall(UID, hidden(2), client=victim.address).to_request())
+        call = ForwardCall(UID, hidden(2), client=victim.address).signed(attacker.key, node=here, peer_id="")
+        (response,) = await _call(node.rpc_forward, call.to_request())  # signed: billed to its signer
+        assert schema.SignedReceipt.from_json(ForwardReply.decode(response).receipt).receipt.client == attacker.address
+
+    run(scenario)
+    assert node.steps.credit.unpaid(victim.address) == 0 and node.steps.credit.unpaid(attacker.address) > 0
+    assert node.steps.gate.refused == 7
+
+
+def test_a_session_idle_of_paid_steps_expires_whatever_it_flushes():
+    """Before, each flush (or pay) restarted the idle timer, so a session could hold its cache for ever."""
+    node = make_node(session_timeout=0.5)
+
+    async def scenario():
+        talk, sid = Conversation(node), session_id()
+        await talk.send(Open(UID, sid, max_length=8, separate_receipts=True))
+        await talk.receive()
+        await talk.send(Step(sid, 0, hidden=hidden(1)))
+        assert isinstance(await talk.receive(), StepReply)
+        assert isinstance(await talk.receive(), ReceiptMessage)
+        began = time.monotonic()
+        for _ in range(12):  # a flush every 0.1 s, for longer than the timeout
+            if talk.replies.qsize():
+                break
+            await talk.send(Flush(sid))
+            await asyncio.sleep(0.1)
+        error = await talk.error()
+        assert error.code == ErrorCode.SESSION_EXPIRED and time.monotonic() - began < 1.0
+
+    run(scenario)
+    assert_released(node)
+
+
+def test_one_client_holds_at_most_its_share_and_session_count():
+    node = make_node(memory_bytes=16 * 4 * 100)  # 100 tokens
+    node.steps.memory = MemoryCache(16 * 4 * 100, 16 * 4, client_share=0.5, client_sessions=2)
+    hog, honest = new_client(), new_client()
+
+    async def scenario():
+        held = []
+        for size, expect in ((30, Opened), (30, NodeRPCError), (10, Opened), (5, NodeRPCError)):
+            talk = Conversation(node)
+            await talk.send(Open(UID, session_id(), max_length=size, client=hog.address))
+            reply = await talk.receive()
+            assert isinstance(reply, expect), (size, reply)
+            if expect is NodeRPCError:
+                assert reply.code == ErrorCode.CACHE_FULL and f"client {hog.address}" in str(reply)
+            held.append(talk)
+        talk = Conversation(node)  # another client still gets room
+        await talk.send(Open(UID, session_id(), max_length=50, client=honest.address))
+        assert isinstance(await talk.receive(), Opened)
+        talk2 = Conversation(node)
+        await talk2.send(Open(UID, session_id(), max_length=50, client=new_client().address))
+        busy = await talk2.receive()
+        assert busy.code == ErrorCode.CACHE_FULL and "node busy" in str(busy)
+        for t in (*held, talk):
+            await t.end()
+        await asyncio.sleep(0.05)
+
+    run(scenario)
+
+
+class _Backing:
+    """A BackingCache over a dict: client -> wei the chain backs at this node."""
+
+    def __init__(self, values: dict):
+        from nectar.node.receipts import BackingCache
+
+        self.values = values
+        self.cache = BackingCache(lambda client: values.get(client, 0), min_interval=0)
+
+
+def test_credit_goes_only_to_checked_escrow_and_rotation_gets_only_the_shared_allowance():
+    """Issue 22: a client nothing backs got the node's whole credit limit, and every fresh address as much again.
+    Now an unbacked client gets nothing of its own; a node may give a free allowance, shared by all of them."""
+    from nectar.node.receipts import FreeAllowance
+
+    backed_client = new_client().address
+    backing = _Backing({backed_client: 10})
+    credit = CreditLedger(node_address=Account.create().address, credit_limit=4, domain=DOMAIN, backing=backing.cache)
+
+    def served(client: str, steps: int, *, pay: bool = False) -> int:
+        done = 0
+        for _ in range(steps):
+            try:
+                credit.check_credit(client, 1)
+            except NodeRPCError as e:
+                assert e.code == ErrorCode.CREDIT_LIMIT
+                break
+            credit.charge(client, 1)
+            done += 1
+        return done
+
+    assert [served(new_client().address, 5) for _ in range(5)] == [0] * 5  # rotation: nothing
+    with pytest.raises(NodeRPCError, match="nectar escrow reserve"):
+        credit.check_credit(new_client().address, 1)
+    # a backed client is served on credit up to the limit while its vouchers lag, and never beyond its escrow
+    assert served(backed_client, 20) == 4
+    credit._paid[(backed_client, backed_client, 0)] = 4  # its voucher came
+    assert served(backed_client, 20) == 4
+    credit._paid[(backed_client, backed_client, 0)] = 8
+    assert served(backed_client, 20) == 2  # the escrow (10) is spent
+    credit._paid[(backed_client, backed_client, 0)] = 10
+    assert served(backed_client, 20) == 0
+    with pytest.raises(NodeRPCError, match="payment required"):
+        credit.check_credit(backed_client, 1, opening=True)  # and it cannot open a session either
+
+    # a free allowance of 6 wei an hour: shared by every unbacked address, so 100 addresses get 6 in all
+    free = CreditLedger(
+        node_address=Account.create().address,
+        credit_limit=4,
+        domain=DOMAIN,
+        backing=_Backing({}).cache,
+        free=FreeAllowance(6),
+    )
+    credit = free
+    assert sum(served(new_client().address, 3) for _ in range(100)) == 6
+
+
+def test_throwaway_addresses_cannot_make_the_node_hammer_its_ledger():
+    """Every open from an unknown address asks the ledger for its backing; those asks are rate-limited node-wide
+    (addresses are free to make), done off the event loop, and the table is bounded. Backed clients are not limited."""
+    from nectar.node.receipts import BackingCache
+
+    asked = []
+    cache = BackingCache(lambda client: asked.append(client) or (5 if client == "backed" else 0), max_entries=50)
+    for i in range(200):
+        cache.refresh(f"throwaway{i}")
+    assert len(asked) <= 21 and cache.skipped >= 179 and len(cache._entries) <= 50
+    assert cache.refresh("backed") == 0  # the bucket is empty: not asked now
+    cache._tokens = 1.0
+    assert cache.refresh("backed") == 5
+    cache._entries["backed"] = (0.0, 5)  # stale: a backed client is asked again whatever the bucket holds
+    cache._tokens = 0.0
+    assert cache.refresh("backed") == 5 and asked[-1] == "backed" and asked.count("backed") == 2

@@ -60,7 +60,9 @@ def test_a_node_killed_and_restarted_still_answers_audits_of_earlier_steps(tiny_
                     runtime,
                     peer,
                     [
-                        Open(UID, session, max_length=8),
+                        Open(UID, session, max_length=8).signed(  # nodes serve signed opens only
+                            Account.create().key, node=node.eth_address, peer_id=str(peer)
+                        ),
                         Step(session, 0, position=0, hidden=x),
                         Step(session, 1, position=3, hidden=y),
                     ],

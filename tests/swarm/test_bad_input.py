@@ -7,10 +7,12 @@ import time
 
 import pytest
 import torch
+from eth_account import Account
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from nectar.node.local_swarm import LocalSwarm
+from nectar.wire.messages import ClientAuth
 from nectar.wire.protocol import (
     RPC_BACKWARD,
     RPC_FORWARD,
@@ -39,7 +41,26 @@ def swarm(tiny_llama, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def peer(swarm) -> PeerID:
+    NODE["eth"] = swarm.nodes[0].eth_address
     return PeerID.from_base58(swarm.nodes[0].address.rsplit("/", 1)[-1])
+
+
+NODE: dict = {}  # the node's receipt address (set by ``peer``): requests are signed for it
+CLIENT = Account.create()
+
+
+def _signed(kind: str, uid: str, metadata: dict, peer) -> dict:
+    """``metadata`` with a client signature for the node (issue 22: nodes serve signed opens and calls only), so
+    these tests reach the checks they are about."""
+    session = metadata.get("session_id") if isinstance(metadata.get("session_id"), bytes) else None
+    auth = ClientAuth.sign(
+        CLIENT.key, kind=kind, uid=uid, session_id=session, step=0, node=NODE["eth"], peer_id=str(peer)
+    )
+    return {**metadata, "client": CLIENT.address, "auth": auth.to_wire()}
+
+
+def _open(peer, metadata: dict, uid: str = "tiny-llama[0:4]"):
+    return make_request(uid, [], _signed("open", uid, {"type": "open", **metadata}, peer))
 
 
 def _error_of(model, coro) -> str:
@@ -49,7 +70,7 @@ def _error_of(model, coro) -> str:
 
 
 def _forward(model, peer, tensors, uid="tiny-llama[0:4]", metadata=None):
-    request = make_request(uid, tensors, metadata or {})
+    request = make_request(uid, tensors, _signed(RPC_FORWARD, uid, metadata or {}, peer))
     return call_once(model.runtime.p2p, peer, RPC_FORWARD, request, timeout=20)
 
 
@@ -97,7 +118,10 @@ def test_wrong_span_and_garbage_uid(model, peer):
 
 
 def test_backward_shape_mismatch(model, peer):
-    request = make_request("tiny-llama[0:4]", [torch.randn(1, 3, HIDDEN), torch.randn(1, 4, HIDDEN)], {})
+    uid = "tiny-llama[0:4]"
+    request = make_request(
+        uid, [torch.randn(1, 3, HIDDEN), torch.randn(1, 4, HIDDEN)], _signed(RPC_BACKWARD, uid, {}, peer)
+    )
     text = _error_of(model, call_once(model.runtime.p2p, peer, RPC_BACKWARD, request, timeout=20))
     assert "bad_request" in text and "grad_outputs" in text
 
@@ -109,7 +133,7 @@ def test_unknown_session(model, peer):
         {"type": "step", "session_id": b"never-opened", "step": 0, "position": 0},
     )
     assert "unknown_session" in _error_of(model, _inference(model, peer, [step]))
-    opened = make_request("tiny-llama[0:4]", [], {"type": "open", "session_id": b"s1", "max_length": 8})
+    opened = _open(peer, {"session_id": b"s1", "max_length": 8})
     other = make_request(
         "tiny-llama[0:4]", [torch.randn(1, 1, HIDDEN)], {"type": "step", "session_id": b"s2", "step": 0, "position": 0}
     )
@@ -118,7 +142,7 @@ def test_unknown_session(model, peer):
 
 
 def test_session_expires_when_idle(model, peer):
-    opened = make_request("tiny-llama[0:4]", [], {"type": "open", "session_id": b"idle", "max_length": 8})
+    opened = _open(peer, {"session_id": b"idle", "max_length": 8})
     step = make_request(
         "tiny-llama[0:4]",
         [torch.randn(1, 1, HIDDEN)],
@@ -131,20 +155,21 @@ def test_session_expires_when_idle(model, peer):
 
 def test_cache_full_and_position_checks(model, peer):
     # 1 MiB budget; 8192 tokens x 64 sequences cannot fit
-    huge = make_request(
-        "tiny-llama[0:4]", [], {"type": "open", "session_id": b"big", "max_length": 8192, "batch_size": 64}
-    )
+    huge = _open(peer, {"session_id": b"big", "max_length": 8192, "batch_size": 64})
     text = _error_of(model, _inference(model, peer, [huge]))
     assert "cache_full" in text and "MiB" in text
-    opened = make_request("tiny-llama[0:4]", [], {"type": "open", "session_id": b"pos", "max_length": 4})
+
+    def opened():  # a fresh signature per stream: a node refuses a replayed one
+        return _open(peer, {"session_id": b"pos", "max_length": 4})
+
     too_far = make_request(
         "tiny-llama[0:4]", [torch.randn(1, 5, HIDDEN)], {"type": "step", "session_id": b"pos", "step": 0, "position": 0}
     )
-    assert "max_length" in _error_of(model, _inference(model, peer, [opened, too_far]))
+    assert "max_length" in _error_of(model, _inference(model, peer, [opened(), too_far]))
     gap = make_request(
         "tiny-llama[0:4]", [torch.randn(1, 1, HIDDEN)], {"type": "step", "session_id": b"pos", "step": 0, "position": 3}
     )
-    assert "position" in _error_of(model, _inference(model, peer, [opened, gap]))
+    assert "position" in _error_of(model, _inference(model, peer, [opened(), gap]))
     _still_serves(model)
 
 
@@ -195,7 +220,7 @@ def test_a_caller_that_reads_until_the_node_closes_gets_the_close(model, peer):
     after ``CALLER_CLOSE_TIMEOUT``."""
     from nectar.wire.transport import CALLER_CLOSE_TIMEOUT, CALLER_LINGER
 
-    opened = make_request("tiny-llama[0:4]", [], {"type": "open", "session_id": b"read-to-end", "max_length": 8})
+    opened = _open(peer, {"session_id": b"read-to-end", "max_length": 8})
     began = time.monotonic()
     replies = model.runtime.run(_inference(model, peer, [opened]), timeout=30)
     elapsed = time.monotonic() - began

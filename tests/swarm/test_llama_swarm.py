@@ -142,6 +142,21 @@ def test_sampling_options_and_receipts(model):
     assert len(model.wallet.receipts) - paid_before == 40
 
 
+def _auth(model, span, uid: str, session_id: bytes) -> dict:
+    """The client's signature of a raw open (nodes serve signed opens only, issue 22)."""
+    from nectar.wire.messages import ClientAuth
+
+    return ClientAuth.sign(
+        model.wallet.private_key,
+        kind="open",
+        uid=uid,
+        session_id=session_id,
+        step=0,
+        node=span.info.eth_address,
+        peer_id=str(span.peer_id),
+    ).to_wire()
+
+
 def _inference_replies(model, span, metadata: dict, hidden: torch.Tensor) -> list:
     """A raw inference stream to one node: open with a first step, then end the stream; every reply it sent."""
     from nectar.wire.protocol import unpack_metadata, unpack_tensors
@@ -154,6 +169,7 @@ def _inference_replies(model, span, metadata: dict, hidden: torch.Tensor) -> lis
         "client": model.wallet.address,
         **metadata,
         "step": 0,
+        "auth": _auth(model, span, uid, b"raw-receipts"),
     }
 
     async def exchange():
@@ -209,6 +225,7 @@ def test_a_receipt_comes_while_the_next_step_computes_or_once_the_stream_is_quie
                     "client": model.wallet.address,
                     "receipts": "separate",
                     "step": 0,
+                    "auth": _auth(model, span, uid, session_id),
                 },
             )
             await outputs.get()  # step 1 leaves only once output 0 is here, as a client's next token would
