@@ -90,7 +90,7 @@ class DirectServer:
             with closing(writer), suppress(Exception):
                 await send_message(
                     RPCError(
-                        message=f"{ErrorCode.TOO_LARGE.value}: {host} already holds {self.max_connections_per_address} "
+                        message=f"{ErrorCode.LANE_FULL.value}: {host} already holds {self.max_connections_per_address} "
                         f"connections to this node's direct lane (its limit per address): close idle ones, or use P2P"
                     ),
                     writer,

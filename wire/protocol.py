@@ -56,6 +56,7 @@ class ErrorCode(str, enum.Enum):
     CREDIT_LIMIT = "credit_limit"  # unpaid work above the node's limit: send a voucher
     WRONG_SPAN = "wrong_span"  # the node does not host the requested blocks (any more)
     FORBIDDEN = "forbidden"  # a call only registered verifiers may make, unsigned, stale, replayed or not a verifier's
+    LANE_FULL = "lane_full"  # the direct lane refused the connection before reading it (its per-address cap): use P2P
     INTERNAL = "internal"
 
 

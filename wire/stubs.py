@@ -15,7 +15,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from nectar.wire.announce import ServerInfo
-from nectar.wire.direct import call_stream_direct
+from nectar.wire.direct import DirectCallError, call_stream_direct
 from nectar.wire.messages import (
     AuditCall,
     AuditReply,
@@ -34,7 +34,7 @@ from nectar.wire.messages import (
     Step,
     decode_inference_reply,
 )
-from nectar.wire.protocol import RPC_INFERENCE
+from nectar.wire.protocol import RPC_INFERENCE, ErrorCode, NodeRPCError
 from nectar.wire.transport import call_stream, first_response
 
 logger = logging.getLogger(__name__)
@@ -49,13 +49,87 @@ async def open_stream(
     *,
     direct: bool = True,
 ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-    """Opens the stream RPC ``name``: the node's direct lane where ``info`` announces one and it answers, else P2P."""
-    if direct and info is not None and info.direct_address:
+    """Opens the stream RPC ``name``: the node's direct lane where ``info`` announces one and it answers, else P2P.
+    A lane that refuses the connection before reading it (``lane_full``: others at this address hold its connections,
+    e.g. behind one NAT) costs nothing: the same requests go over P2P instead (issue 22)."""
+    if not (direct and info is not None and info.direct_address):
+        return await call_stream(p2p, peer_id, name, requests)
+    tap = _Replayable(requests)
+    try:
+        responses = await call_stream_direct(info.direct_address, name, tap.iterate())
+    except (OSError, ValueError) as e:  # not reachable from here (another host, a firewall): P2P still is
+        logger.debug(f"Direct lane {info.direct_address} of {peer_id} unreachable ({e}); using P2P")
+        tap.keep = False
+        return _closing(tap, await call_stream(p2p, peer_id, name, tap.iterate()))
+    return _direct_else_p2p(tap, responses, lambda: call_stream(p2p, peer_id, name, tap.iterate()))
+
+
+class _Replayable:
+    """A request stream that can be read again from its first request until the node has answered once: a direct lane
+    that refused the connection read none of it. One reader at a time; what it read is dropped once ``keep`` is off."""
+
+    def __init__(self, source: AsyncIterator):
+        self.items: list = []
+        self.base = 0  # index of items[0] in the stream
+        self.keep = True
+        self.closed, self.error = False, None
+        self.arrived = asyncio.Event()
+        # a task owns the caller's iterator, so cancelling a reader never closes the caller's generator
+        self.pump = asyncio.create_task(self._pump(source))
+
+    async def _pump(self, source: AsyncIterator) -> None:
         try:
-            return await call_stream_direct(info.direct_address, name, requests)
-        except (OSError, ValueError) as e:  # not reachable from here (another host, a firewall): P2P still is
-            logger.debug(f"Direct lane {info.direct_address} of {peer_id} unreachable ({e}); using P2P")
-    return await call_stream(p2p, peer_id, name, requests)
+            async for item in source:
+                self.items.append(item)
+                self.arrived.set()
+        except Exception as e:
+            self.error = e
+        finally:
+            self.closed = True
+            self.arrived.set()
+
+    async def iterate(self) -> AsyncIterator:
+        index = 0
+        while True:
+            while index - self.base >= len(self.items):
+                if self.closed:
+                    if self.error is not None:
+                        raise self.error
+                    return
+                self.arrived.clear()
+                await self.arrived.wait()
+            item = self.items[index - self.base]
+            index += 1
+            if not self.keep:
+                del self.items[: index - self.base]
+                self.base = index
+            yield item
+
+
+async def _closing(tap: _Replayable, responses: AsyncIterator) -> AsyncIterator:
+    try:
+        async for response in responses:
+            yield response
+    finally:
+        tap.pump.cancel()
+
+
+async def _direct_else_p2p(tap: _Replayable, responses: AsyncIterator, p2p_stream) -> AsyncIterator:
+    try:
+        try:
+            async for response in responses:
+                tap.keep = False  # the node answered: no replay from here on
+                yield response
+            return
+        except DirectCallError as e:
+            if not tap.keep or NodeRPCError.code_of(e) != ErrorCode.LANE_FULL:
+                raise
+            logger.info(f"{e}; sending the same requests over P2P")
+        tap.keep = False
+        async for response in await p2p_stream():
+            yield response
+    finally:
+        tap.pump.cancel()
 
 
 async def call_unary(
