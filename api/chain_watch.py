@@ -125,7 +125,7 @@ class ChainWatcher:
                 # then staked nodes that served nothing yet: nodes work only against checked escrow (issue 22), so
                 # a node the ranking does not list yet would otherwise never be reserved for, and never used
                 known = {a.lower() for a in ranked}
-                staked = [n.address for n in ledger.stakes().nodes.values() if n.eligible()]
+                staked = [n.address for n in ledger.stakes().nodes.values() if n.eligible]
                 nodes = (ranked + [a for a in staked if a.lower() not in known])[:limit]
             topped = 0
             for node in nodes:
