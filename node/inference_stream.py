@@ -130,6 +130,8 @@ class InferenceStream:
             try:
                 while self.state is not State.CLOSED:
                     if self.evicted:
+                        if self.receipt is not None:  # the work done is still signed for
+                            yield await self._take_receipt()
                         raise self._evicted()
                     try:
                         message = await self._transitions[self.state]()

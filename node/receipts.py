@@ -302,9 +302,10 @@ class CreditLedger:
         """Raises ``CREDIT_LIMIT`` unless ``client`` may be charged ``cost`` more here. ``opening``: only whether it
         could be now (an open reserves cache only for a client that can pay a step; nothing is taken). Returns
         whether it pays on credit of its own (backed escrow or trusted vouchers; also any free step) rather than
-        out of the node-wide free allowance: its sessions' cache is then never reclaimed for another's."""
+        out of the node-wide free allowance: its sessions' cache is then never reclaimed for another's. On a free
+        node (``cost`` 0) that names trusted clients, the others' sessions likewise give way to theirs."""
         if not cost:
-            return True
+            return not self.trusted or client in self.trusted
         if client in self.trusted:
             if self.unpaid(client) + cost > self.credit_limit:
                 raise self._lagging(client, cost)

@@ -100,6 +100,10 @@ def test_without_a_ledger_only_trusted_clients_get_credit_and_strangers_share_th
     assert served(friend.address) == 10  # the credit limit, on vouchers alone
     with pytest.raises(NodeRPCError, match="trusted-clients"):
         credit.check_credit(Account.create().address, 10, opening=True)  # the allowance is spent: no session either
+    # free work: strangers' sessions give way to the trusted clients' (where the node names any)
+    assert credit.check_credit(friend.address, 0) and not credit.check_credit(Account.create().address, 0)
+    open_node = CreditLedger(node_address=node.address, credit_limit=100, domain=domain)
+    assert open_node.check_credit(Account.create().address, 0)
 
 
 def test_trusted_clients_come_from_the_option_and_a_file_reread_when_it_changes(tmp_path, caplog):
