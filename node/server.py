@@ -250,7 +250,8 @@ class Server:
         backing = self._backing(self.signer.address)
         if backing is None and config.price_per_token > 0 and not trusted and config.free_credit_per_hour <= 0:
             raise ValueError(
-                "a paid node (--price > 0) without a ledger to check clients' escrow would refuse every client: "
+                "a paid node (--price > 0) that checks no escrow (no --ledger-url, or --no-require-backing) would "
+                "refuse every client: "
                 "pass --ledger-url (credit against checked escrow), or --trusted-clients ADDRESS,... / "
                 "--trusted-clients-file for a private swarm of clients you know (or --free-credit-per-hour)"
             )
