@@ -47,14 +47,19 @@ class NodeConfig:
     # vouchers count as paid only as far as settled payments plus its reserve for this node cover them (issue 20);
     # without, as far as they go. The node's own risk: what a client that never pays can take from it
     require_backing: bool = True  # with a ledger, check vouchers against the chain (through the ledger) before
-    # extending credit; off = trust vouchers as they come (a private swarm of known clients)
-    trust_vouchers: bool = False  # serve paid work without checking escrow (no ledger, or --no-require-backing):
-    # each signed client may owe up to --credit-limit on vouchers alone, and every new address gets that much again.
-    # Only for a private swarm of known clients; a paid node without a ledger refuses to start without it
+    # extending credit; off = no escrow check: only --trusted-clients get credit (and everyone the free allowance)
+    trusted_clients: str = ""  # client addresses (comma separated) whose vouchers this node trusts without checking
+    # escrow, each up to --credit-limit: a private swarm's own clients. Every other address gets only the free
+    # allowance (--free-credit-per-hour), with or without a ledger
+    trusted_clients_file: Path | None = None  # a file of more such addresses (one a line, # comments), reread when
+    # it changes: add or remove a client without restarting the node
     free_credit_per_hour: int = 0  # credit wei an hour this node serves to clients nothing backs, all of them
     # together (so rotating addresses gets no more); 0 = none: unbacked clients are refused until they reserve escrow
     client_cache_share: float = 0.5  # the most of the KV-cache budget one client (signing address) may hold at once
     client_max_sessions: int = 8  # the most inference sessions one client may hold open here at once
+    unbacked_cache_share: float = 0.1  # the most of the KV-cache budget clients on the free allowance (no escrow,
+    # not trusted) may hold, all of them together and at most --client-max-sessions sessions; their oldest session is
+    # ended when a backed or trusted client needs the room
     key_dir: Path | None = None  # where the P2P and Ethereum keys live; None = ~/.nectar/nodes/<public_name>
     public_name: str = "node"  # public name, also names the default key directory
     ledger_url: str | None = None  # submit receipts and vouchers to this ledger service

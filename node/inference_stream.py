@@ -82,6 +82,9 @@ class InferenceStream:
         self.node, self.steps, self.requests = node, node.steps, requests
         self.peer_id = peer_id  # this node's, as the client dialled it: its open is signed for it
         self.client = ""  # the open's verified signer: the session's only billed client (issue 22)
+        self.backed = True  # whether it pays on credit of its own; else its cache gives way to backed clients'
+        self.evicted = False
+        self._wake: asyncio.Future | None = None  # what _evict woke
         self.active_at = time.monotonic()  # the last paid step (or the open): flush and pay do not keep a cache
         self.config = node.steps.config
         self.state = State.OPENING
@@ -116,7 +119,7 @@ class InferenceStream:
             return
         batch_size, max_length = opening.batch_size, opening.max_length
         nbytes = self.steps.backend.cache_bytes_per_token(self.start, self.end, batch_size) * max_length
-        with self.steps.memory.reserve(nbytes, self.client):
+        with self.steps.memory.reserve(nbytes, self.client, backed=self.backed, evict=self._evict):
             start, end = self.start, self.end
             self.caches = await self.steps.compute.submit(
                 lambda: self.steps.backend.new_caches(start, end, batch_size, max_length), Priority.INFERENCE
@@ -126,6 +129,10 @@ class InferenceStream:
                 self.slot = self.node.inbox.open(opening.session_id, opening.push_token, batch_size)
             try:
                 while self.state is not State.CLOSED:
+                    if self.evicted:
+                        if self.receipt is not None:  # the work done is still signed for
+                            yield await self._take_receipt()
+                        raise self._evicted()
                     try:
                         message = await self._transitions[self.state]()
                     except NodeRPCError:
@@ -152,7 +159,7 @@ class InferenceStream:
         self.start, self.end = self.steps.check_span(opening.uid)
         # cache is reserved only for a client that could pay for a step here (backed escrow, or trusted vouchers)
         await self.steps.refresh_backing(self.client, opening.batch_size, self.start, self.end)
-        self.steps.check_credit(self.client, opening.batch_size, self.start, self.end, opening=True)
+        self.backed = self.steps.check_credit(self.client, opening.batch_size, self.start, self.end, opening=True)
         self.steps.audit.admit(new=True)  # no new session while its steps' audit records could not be kept
         self.session_id = schema.bind_session(opening.session_id, self.nonce)
         return opening
@@ -230,6 +237,8 @@ class InferenceStream:
             {arrived, client_spoke}, timeout=self.config.session_timeout, return_when=asyncio.FIRST_COMPLETED
         )
         self.waiting = None
+        if self.evicted:
+            raise self._evicted()
         if arrived.done() and not arrived.cancelled():
             del slot.arrived[step.step]
             push = await self._push_to(step) if step.push_to is not None else None
@@ -332,7 +341,27 @@ class InferenceStream:
         try:
             return await self.requests.next(timeout if timeout > 0 else None)
         except RequestTimeout:
+            if self.evicted:
+                raise self._evicted()
             raise self._expired(timeout if expiry is None else expiry)
+
+    def _evict(self) -> None:
+        """Ends this (unbacked) session: a backed client took its cache (``MemoryCache``). A wait for the next
+        request wakes now; a step being computed finishes first."""
+        self.evicted = True
+        readable = self.requests.readable()
+        if not readable.done():
+            readable.set_exception(RequestTimeout())
+            self._wake = readable
+
+    def _evicted(self) -> NodeRPCError:
+        if self._wake is not None and self._wake.done():
+            self._wake.exception()  # taken, so asyncio does not log it as never retrieved
+        return NodeRPCError(
+            ErrorCode.CACHE_FULL,
+            "node busy: this session's cache went to a client that pays with escrow (or that the node trusts); "
+            "sessions on the free allowance give way; reserve escrow for this node, or route through another",
+        )
 
     @staticmethod
     def _expired(timeout: float) -> NodeRPCError:

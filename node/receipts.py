@@ -10,17 +10,24 @@ node can draw on and which cannot leave before the unlock delay (issue 20). Vouc
 sign more than its escrow to several nodes, or withdraw before they settle. ``credit_limit`` stays the node's own
 risk choice: the most a client may owe it beyond that backing (its unbacked allowance, also the lag between a
 receipt and the voucher that pays it).
+
+A private swarm names the clients whose vouchers it trusts (``TrustedClients``: ``--trusted-clients``, a file):
+each of those may owe up to ``credit_limit`` on vouchers alone, with or without a ledger. Every other address is
+served as a ledger node serves a client nothing backs: only out of the node-wide free allowance.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
+from eth_utils import is_address
 
 from nectar.wire import eip712, fingerprints
 from nectar.wire import receipts as schema
@@ -162,6 +169,69 @@ class BackingCache:
         return value
 
 
+class TrustedClients:
+    """The client addresses whose vouchers this node trusts without checking escrow (a private swarm's clients):
+    ``addresses`` (``--trusted-clients``) plus those in ``path`` (``--trusted-clients-file``: one address a line,
+    ``#`` comments), which is reread when it changes (checked at most every ``recheck`` s) so an operator adds or
+    removes a client without a restart. A file that no longer parses keeps the last good list (and says why)."""
+
+    def __init__(self, addresses: Iterable[str] = (), path: Path | str | None = None, *, recheck: float = 2.0):
+        self._fixed = frozenset(_parse_addresses(addresses, "--trusted-clients"))
+        self.path, self.recheck = (Path(path) if path else None), recheck
+        self._from_file: frozenset[str] = frozenset()
+        self._stamp: tuple[int, int] | None = None
+        self._checked = float("-inf")
+        self._lock = threading.Lock()
+        if self.path is not None:
+            self._from_file = self._read()  # a bad file at start is an error, not a silent empty list
+
+    @classmethod
+    def parse(cls, text: str, path: Path | str | None = None) -> TrustedClients:
+        """From a comma-separated option value and an optional file."""
+        return cls([a for a in text.replace(" ", ",").split(",") if a], path)
+
+    def __bool__(self) -> bool:
+        return bool(self._fixed) or self.path is not None
+
+    def __contains__(self, client: str) -> bool:
+        client = client.lower()
+        if client in self._fixed:
+            return True
+        if self.path is None:
+            return False
+        now = time.monotonic()
+        if now - self._checked >= self.recheck:
+            with self._lock:
+                if now - self._checked >= self.recheck:
+                    self._checked = now
+                    self._reload()
+        return client in self._from_file
+
+    def _read(self) -> frozenset[str]:
+        stat = self.path.stat()
+        lines = (line.split("#", 1)[0].strip() for line in self.path.read_text().splitlines())
+        addresses = frozenset(_parse_addresses([a for a in lines if a], str(self.path)))
+        self._stamp = (stat.st_mtime_ns, stat.st_size)
+        return addresses
+
+    def _reload(self) -> None:
+        try:
+            stat = os.stat(self.path)
+            if (stat.st_mtime_ns, stat.st_size) == self._stamp:
+                return
+            self._from_file = self._read()
+            logger.info(f"Trusted clients reloaded from {self.path}: {len(self._from_file)} addresses")
+        except (OSError, ValueError) as e:
+            logger.error(f"Keeping the last list of trusted clients: could not read {self.path} ({e}); fix the file")
+
+
+def _parse_addresses(addresses: Iterable[str], where: str) -> list[str]:
+    bad = [a for a in addresses if not is_address(a)]
+    if bad:
+        raise ValueError(f"{where}: not an Ethereum address: {', '.join(bad[:3])} (expected 0x and 40 hex digits)")
+    return [a.lower() for a in addresses]
+
+
 class CreditLedger:
     """Per-client balance at this node: charged by receipts, paid by the highest cumulative voucher received, as far
     as the chain backs it when ``backing`` is given (see the module's docstring).
@@ -170,8 +240,8 @@ class CreditLedger:
     client was charged here must stay within what backs it on chain (settled + its reserve for this node), and what
     its vouchers do not cover yet within ``credit_limit`` (the lag between a receipt and the voucher that pays it).
     A client nothing backs gets no credit of its own, only what is left of ``free`` (``FreeAllowance``: node-wide,
-    so throwaway addresses cannot multiply it). Without ``backing`` the node trusts vouchers up to ``credit_limit``
-    per (signed) client: a private swarm's choice (``--trust-vouchers``)."""
+    so throwaway addresses cannot multiply it). ``trusted`` clients (a private swarm's, ``TrustedClients``) may owe
+    up to ``credit_limit`` on vouchers alone; without ``backing`` nobody else gets more than ``free``."""
 
     def __init__(
         self,
@@ -181,8 +251,10 @@ class CreditLedger:
         domain: dict,
         backing: BackingCache | None = None,
         free: FreeAllowance | None = None,
+        trusted: TrustedClients | None = None,
     ):
         self.node_address = node_address
+        self.trusted = trusted if trusted is not None else TrustedClients()
         self.credit_limit = credit_limit
         self.domain = domain
         self.backing = backing
@@ -212,41 +284,57 @@ class CreditLedger:
     def short(self, client: str, cost: int) -> bool:
         """Whether ``client`` lacks the backing for ``cost`` more as far as the node knows now (no ledger call): then
         the caller refreshes it off the event loop (``BackingCache.refresh``) before ``check_credit``."""
-        return self.backing is not None and cost > 0 and not self._backed_ok(client, cost, self.backing.get(client))
+        return (
+            self.backing is not None
+            and cost > 0
+            and client not in self.trusted
+            and not self._backed_ok(client, cost, self.backing.get(client))
+        )
 
-    def check_credit(self, client: str, cost: int, *, opening: bool = False) -> None:
+    def _lagging(self, client: str, cost: int) -> NodeRPCError:
+        return NodeRPCError(
+            ErrorCode.CREDIT_LIMIT,
+            f"client {client} owes {self.unpaid(client)} credit wei here and this step costs {cost}, above the "
+            f"node's credit limit of {self.credit_limit}; send a voucher covering the receipts you received",
+        )
+
+    def check_credit(self, client: str, cost: int, *, opening: bool = False) -> bool:
         """Raises ``CREDIT_LIMIT`` unless ``client`` may be charged ``cost`` more here. ``opening``: only whether it
-        could be (an open reserves cache for a client that can pay for its steps; nothing is taken)."""
+        could be now (an open reserves cache only for a client that can pay a step; nothing is taken). Returns
+        whether it pays on credit of its own (backed escrow or trusted vouchers; also any free step) rather than
+        out of the node-wide free allowance: its sessions' cache is then never reclaimed for another's. On a free
+        node (``cost`` 0) that names trusted clients, the others' sessions likewise give way to theirs."""
         if not cost:
-            return
-        if self.backing is None:
+            return not self.trusted or client in self.trusted
+        if client in self.trusted:
             if self.unpaid(client) + cost > self.credit_limit:
-                raise NodeRPCError(
-                    ErrorCode.CREDIT_LIMIT,
-                    f"client {client} owes {self.unpaid(client)} credit wei here and this step costs {cost}, above "
-                    f"the node's credit limit of {self.credit_limit}; send a voucher covering the receipts you "
-                    f"received",
-                )
-            return
-        backed = self.backing.get(client)
-        if self._backed_ok(client, cost, backed):
-            return
-        backed = self.backing.refresh(client)  # short of credit: ask the chain (through the ledger) again
-        if self._backed_ok(client, cost, backed):
-            return
-        if opening and self.free.per_hour > 0:
-            return  # its steps may still come out of the free allowance
+                raise self._lagging(client, cost)
+            return True
+        backed = 0
+        if self.backing is not None:
+            backed = self.backing.get(client)
+            if self._backed_ok(client, cost, backed):
+                return True
+            backed = self.backing.refresh(client)  # short of credit: ask the chain (through the ledger) again
+            if self._backed_ok(client, cost, backed):
+                return True
+        if opening and self.free.available(cost):
+            return False  # its steps may come out of the free allowance, as long as it lasts
         if not opening and self.free.take(cost):
             with self._lock:
                 self._free_used[client] += cost
-            return
+            return False
+        if self.backing is None:
+            free = f" and {self.free.per_hour} credit wei an hour to everyone else" if self.free.per_hour else ""
+            raise NodeRPCError(
+                ErrorCode.CREDIT_LIMIT,
+                f"payment required: node {self.node_address} serves paid work on credit only to the clients it "
+                f"trusts{free}, and client {client} is not one of them (this step costs {cost}); ask the node's "
+                "operator to add your address to --trusted-clients, or use nodes that check escrow (--ledger-url)",
+            )
         unpaid = self.unpaid(client, backed=backed) - self._free_used[client]
         if backed > 0 and unpaid + cost > self.credit_limit and self.unpaid(client) + cost > self.credit_limit:
-            raise NodeRPCError(  # its vouchers lag: the usual case, not a backing one
-                ErrorCode.CREDIT_LIMIT,
-                f"client {client} owes {self.unpaid(client)} credit wei here and this step costs {cost}, above the "
-                f"node's credit limit of {self.credit_limit}; send a voucher covering the receipts you received",
-            )
+            raise self._lagging(client, cost)  # its vouchers lag: the usual case, not a backing one
         from nectar.wire.ledger_api import reserve_command  # httpx only for nodes with a ledger
 
         charged = self._charged[client] - self._free_used[client]
@@ -376,13 +464,24 @@ class FreeAllowance:
         self._lock = threading.Lock()
         self.given = 0
 
+    def _refill(self) -> None:
+        now = self.clock()
+        self._left = min(float(self.per_hour), self._left + (now - self._at) * self.per_hour / 3600)
+        self._at = now
+
+    def available(self, cost: int) -> bool:
+        """Whether ``cost`` could be taken now (nothing is taken)."""
+        if self.per_hour <= 0:
+            return False
+        with self._lock:
+            self._refill()
+            return cost <= self._left
+
     def take(self, cost: int) -> bool:
         if self.per_hour <= 0:
             return False
         with self._lock:
-            now = self.clock()
-            self._left = min(float(self.per_hour), self._left + (now - self._at) * self.per_hour / 3600)
-            self._at = now
+            self._refill()
             if cost > self._left:
                 return False
             self._left -= cost

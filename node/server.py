@@ -34,7 +34,7 @@ from nectar.node.identity import (
 from nectar.node.memory_cache import MemoryCache
 from nectar.node.payments import NoPaymentPolicy, PaymentPolicy
 from nectar.node.push import lane_owner
-from nectar.node.receipts import BackingCache, CreditLedger, FreeAllowance, ReceiptSigner
+from nectar.node.receipts import BackingCache, CreditLedger, FreeAllowance, ReceiptSigner, TrustedClients
 from nectar.node.signed_work import EVIDENCE_MARGIN_S, SignedWork
 from nectar.node.signing import InlineSigning, SigningWorker
 from nectar.node.steps import NodeSteps
@@ -224,6 +224,7 @@ class Server:
 
     def start(self) -> None:
         config = self.config
+        trusted = TrustedClients.parse(config.trusted_clients, config.trusted_clients_file)  # bad addresses: fail now
         trace.start()
         self.dht = create_dht(
             host=config.host,
@@ -247,11 +248,12 @@ class Server:
         if config.ledger_url:
             check_audit_retention(config.ledger_url, config.audit_retention_s)
         backing = self._backing(self.signer.address)
-        if backing is None and config.price_per_token > 0 and not config.trust_vouchers:
+        if backing is None and config.price_per_token > 0 and not trusted and config.free_credit_per_hour <= 0:
             raise ValueError(
-                "a paid node (--price > 0) without a ledger to check clients' escrow would give every new client "
-                "address --credit-limit of free work: pass --ledger-url (credit only against checked escrow), or "
-                "--trust-vouchers for a private swarm of clients you know"
+                "a paid node (--price > 0) that checks no escrow (no --ledger-url, or --no-require-backing) would "
+                "refuse every client: "
+                "pass --ledger-url (credit against checked escrow), or --trusted-clients ADDRESS,... / "
+                "--trusted-clients-file for a private swarm of clients you know (or --free-credit-per-hour)"
             )
         self.credit = CreditLedger(
             node_address=self.signer.address,
@@ -259,6 +261,7 @@ class Server:
             domain=domain,
             backing=backing,
             free=FreeAllowance(config.free_credit_per_hour),
+            trusted=trusted,
         )
         if config.receipt_signer not in ("process", "loop"):
             raise ValueError(f"receipt_signer must be 'process' or 'loop', got {config.receipt_signer!r}")
@@ -292,8 +295,8 @@ class Server:
         )
 
     def _backing(self, address: str) -> BackingCache | None:
-        """With a ledger, vouchers count as paid only as far as the chain backs them (issue 20); without one the node
-        trusts vouchers up to its credit limit, as a private swarm does."""
+        """With a ledger, vouchers count as paid only as far as the chain backs them (issue 20); without one only
+        trusted clients' vouchers count (``--trusted-clients``)."""
         if not self.config.ledger_url or not self.config.require_backing:
             return None
         from nectar.wire.ledger_api import LedgerClient  # only nodes that report to a ledger load httpx
@@ -353,6 +356,7 @@ class Server:
             backend.cache_bytes_per_token(start, end, 1),
             client_share=self.config.client_cache_share,
             client_sessions=self.config.client_max_sessions,
+            unbacked_share=self.config.unbacked_cache_share,
         )
         if self.handler is None:
             steps = NodeSteps(

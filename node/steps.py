@@ -150,8 +150,9 @@ class NodeSteps:
                 f"got {list(prompts.shape)}",
             )
 
-    def check_credit(self, client: str, tokens: int, start: int, end: int, *, opening: bool = False) -> None:
-        self.credit.check_credit(client, tokens * self.signer.price_for(start, end), opening=opening)
+    def check_credit(self, client: str, tokens: int, start: int, end: int, *, opening: bool = False) -> bool:
+        """See ``CreditLedger.check_credit``: whether the client pays on credit of its own."""
+        return self.credit.check_credit(client, tokens * self.signer.price_for(start, end), opening=opening)
 
     async def refresh_backing(self, client: str, tokens: int, start: int, end: int) -> None:
         """Asks the ledger for a client short of backing off the event loop (``check_credit`` then finds the fresh

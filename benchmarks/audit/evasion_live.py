@@ -71,7 +71,10 @@ def main():
                 "evader", (0, 4), account=2, extra_args=("--corrupt-rate", "1.0", "--evade-audits")
             ),
             "withholds its receipts (corrupts every step)": withholding_node(
-                market, "withholder", "0x" + os.urandom(32).hex(), ("--corrupt-rate", "1.0")
+                market,
+                "withholder",
+                "0x" + os.urandom(32).hex(),
+                ("--corrupt-rate", "1.0", "--trusted-clients", market.clients[0].address),  # no ledger: trusts it
             ),
             "signs a model id nobody announces": market.add_node(
                 "liar", (0, 4), extra_args=("--sign-model-as", "a-model-nobody-serves")

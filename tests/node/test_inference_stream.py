@@ -110,7 +110,17 @@ class FakeCompute:
             self._run(function, future, started)
 
 
-def make_node(memory_bytes: int = 1 << 20, credit_limit: int = 10**9, **config) -> NodeHandler:
+class _TestClients:
+    """The node's trusted clients (``TrustedClients`` in effect): every key these tests made, so its credit limit
+    applies to them as to a private swarm's clients; tests of strangers pass ``trusted=TrustedClients()``."""
+
+    def __contains__(self, client: str) -> bool:
+        return client in KEYS or client == DEFAULT_CLIENT.address
+
+
+def make_node(
+    memory_bytes: int = 1 << 20, credit_limit: int = 10**9, *, trusted=None, free=None, memory=None, **config
+) -> NodeHandler:
     signer = ReceiptSigner(private_key=Account.create().key.hex(), model_id=MODEL, price_per_token=PRICE, domain=DOMAIN)
     config = NodeConfig(**{"session_timeout": 5.0, "receipt_delay": 0.01, **config})
     steps = NodeSteps(
@@ -118,9 +128,15 @@ def make_node(memory_bytes: int = 1 << 20, credit_limit: int = 10**9, **config) 
         config=config,
         model_id=MODEL,
         compute=FakeCompute(),
-        memory=MemoryCache(memory_bytes, FakeBackend().cache_bytes_per_token(0, 4)),
+        memory=memory or MemoryCache(memory_bytes, FakeBackend().cache_bytes_per_token(0, 4)),
         signer=signer,
-        credit=CreditLedger(node_address=signer.address, credit_limit=credit_limit, domain=DOMAIN),
+        credit=CreditLedger(
+            node_address=signer.address,
+            credit_limit=credit_limit,
+            domain=DOMAIN,
+            trusted=_TestClients() if trusted is None else trusted,
+            free=free,
+        ),
         audit=AuditLog(max_bytes=10**6, retention_s=60),
     )
     return NodeHandler(steps, audit_gate=AuditGate(node_address=signer.address, fixed=[VERIFIER.address]))
@@ -970,6 +986,65 @@ def test_one_client_holds_at_most_its_share_and_session_count():
         await asyncio.sleep(0.05)
 
     run(scenario)
+
+
+def test_clients_without_escrow_share_a_small_cache_and_give_way_to_trusted_ones():
+    """Issue 22: every fresh address got its own cache share, so sessions opened under throwaway keys could hold
+    the whole cache. Now clients on the free allowance hold at most their share all together, and a trusted client
+    that finds the cache full ends the oldest of their sessions (which hears why)."""
+    from nectar.node.receipts import FreeAllowance, TrustedClients
+
+    honest = new_client()
+    memory = MemoryCache(16 * 4 * 100, 16 * 4, unbacked_share=0.2, client_sessions=3)  # 100 tokens, 20 unbacked
+    node = make_node(memory=memory, trusted=TrustedClients([honest.address]), free=FreeAllowance(10**6))
+
+    async def open_(client, size):
+        talk = Conversation(node)
+        await talk.send(Open(UID, session_id(), max_length=size, client=client.address))
+        return talk, await talk.receive()
+
+    async def scenario():
+        strangers = []
+        for _ in range(2):
+            talk, reply = await open_(new_client(), 10)  # a fresh key each time
+            assert isinstance(reply, Opened), reply
+            strangers.append(talk)
+        _, refused = await open_(new_client(), 10)
+        assert refused.code == ErrorCode.CACHE_FULL and "all of them together" in str(refused)
+        held = []
+        for _ in range(2):  # 80 tokens: the cache is full
+            talk, reply = await open_(honest, 40)
+            assert isinstance(reply, Opened), reply
+            held.append(talk)
+        talk, reply = await open_(honest, 10)  # the oldest stranger's session makes room
+        assert isinstance(reply, Opened), reply
+        held.append(talk)
+        evicted = await strangers[0].error()
+        assert evicted.code == ErrorCode.CACHE_FULL and "free allowance" in str(evicted)
+        assert strangers[1].nothing_yet() and memory.evicted == 1
+        _, busy = await open_(honest, 20)  # only unbacked sessions give way: 10 more is all there is
+        assert busy.code == ErrorCode.CACHE_FULL
+        for t in (*held, strangers[1]):
+            await t.end()
+        await asyncio.sleep(0.05)
+
+    run(scenario)
+    assert_released(node)
+
+
+def test_strangers_get_no_session_without_escrow_trust_or_free_allowance():
+    from nectar.node.receipts import TrustedClients
+
+    node = make_node(trusted=TrustedClients())
+
+    async def scenario():
+        talk = Conversation(node)
+        await talk.send(Open(UID, session_id(), max_length=8, client=new_client().address))
+        error = await talk.error()
+        assert error.code == ErrorCode.CREDIT_LIMIT and "--trusted-clients" in str(error)
+
+    run(scenario)
+    assert_released(node)
 
 
 class _Backing:

@@ -9,7 +9,7 @@ from eth_account import Account
 from nectar.node.audit import AuditLog
 from nectar.node.block_selection import block_throughputs, choose_best_start, should_move
 from nectar.node.memory_cache import MemoryCache
-from nectar.node.receipts import CreditLedger, ReceiptSigner
+from nectar.node.receipts import CreditLedger, FreeAllowance, ReceiptSigner, TrustedClients
 from nectar.wire import eip712, fingerprints
 from nectar.wire import receipts as schema
 from nectar.wire.protocol import ErrorCode, NodeRPCError, parse_module_uid
@@ -45,7 +45,8 @@ def test_memory_cache_reserves_and_refuses_clearly():
 def test_credit_ledger_limits_unpaid_work_and_accepts_only_valid_vouchers():
     node, client, stranger = Account.create(), Account.create(), Account.create()
     domain = eip712.make_domain(31337, "0x" + "11" * 20)
-    credit = CreditLedger(node_address=node.address, credit_limit=100, domain=domain)
+    trusted = TrustedClients([client.address])
+    credit = CreditLedger(node_address=node.address, credit_limit=100, domain=domain, trusted=trusted)
     credit.charge(client.address, 90)
     credit.check_credit(client.address, 10)
     with pytest.raises(NodeRPCError) as error:
@@ -66,6 +67,62 @@ def test_credit_ledger_limits_unpaid_work_and_accepts_only_valid_vouchers():
     assert credit.accept_voucher(voucher(client, 90), client.address) is None  # replay pays nothing new
     assert credit.unpaid(client.address) == 0
     credit.check_credit(client.address, 100)
+
+
+def test_without_a_ledger_only_trusted_clients_get_credit_and_strangers_share_the_free_allowance():
+    """Issue 22: --trust-vouchers gave every fresh address the whole credit limit. Now only the listed clients get
+    it; rotating addresses gets the node-wide free allowance and no more."""
+    node, friend = Account.create(), Account.create()
+    domain = eip712.make_domain(31337, "0x" + "11" * 20)
+    credit = CreditLedger(
+        node_address=node.address,
+        credit_limit=100,
+        domain=domain,
+        trusted=TrustedClients.parse(friend.address.lower()),
+        free=FreeAllowance(30),
+    )
+
+    def served(client: str) -> int:
+        done = 0
+        while done < 1000:
+            try:
+                backed = credit.check_credit(client, 10)
+            except NodeRPCError as e:
+                assert e.code == ErrorCode.CREDIT_LIMIT
+                assert ("send a voucher" if client == friend.address else "--trusted-clients") in str(e)
+                break
+            assert backed == (client == friend.address)
+            credit.charge(client, 10)
+            done += 1
+        return done
+
+    assert sum(served(Account.create().address) for _ in range(20)) == 3  # 30 wei an hour, all strangers together
+    assert served(friend.address) == 10  # the credit limit, on vouchers alone
+    with pytest.raises(NodeRPCError, match="trusted-clients"):
+        credit.check_credit(Account.create().address, 10, opening=True)  # the allowance is spent: no session either
+    # free work: strangers' sessions give way to the trusted clients' (where the node names any)
+    assert credit.check_credit(friend.address, 0) and not credit.check_credit(Account.create().address, 0)
+    open_node = CreditLedger(node_address=node.address, credit_limit=100, domain=domain)
+    assert open_node.check_credit(Account.create().address, 0)
+
+
+def test_trusted_clients_come_from_the_option_and_a_file_reread_when_it_changes(tmp_path, caplog):
+    a, b, c = (Account.create().address for _ in range(3))
+    path = tmp_path / "clients.txt"
+    path.write_text(f"# our lab\n{b}  # alice\n\n")
+    trusted = TrustedClients.parse(f"{a}, ", path)
+    trusted.recheck = 0
+    assert a in trusted and a.lower() in trusted and b in trusted and c not in trusted
+    path.write_text(f"{c}\n")
+    assert c in trusted and b not in trusted and a in trusted  # reread without a restart
+    path.write_text("0xnot-an-address\n")
+    assert c in trusted  # a broken file keeps the last good list, and says so
+    assert "Keeping the last list" in caplog.text
+    with pytest.raises(ValueError, match="not an Ethereum address"):
+        TrustedClients.parse("0x1234")
+    with pytest.raises(ValueError, match="not an Ethereum address"):
+        TrustedClients.parse("", path)  # at start, a broken file stops the node
+    assert not TrustedClients.parse("")
 
 
 def test_receipts_signed_by_the_node_verify_and_chain():
