@@ -484,7 +484,7 @@ def main() -> None:
         )
         command = "python benchmarks/attacks/bench_swarm_attacks.py " + " ".join(sys.argv[1:])
         markdown = (
-            f"## {title}\n\n`{command}`\n\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | {machine_line()} | "
+            f"## {title}\n\n`{command}`\n\n{machine_line()} | "
             f"commit {git_commit()} | {time.monotonic() - began:.0f}s\n\n{table(rows)}\n"
         )
         args.json.with_suffix(".md").write_text(markdown)

@@ -83,16 +83,19 @@ class Market:
             self._settler = EpochSettler(settings, get_engine(settings.database_url), self.chain)
         return self._settler
 
-    def epochs_and_failures(self) -> tuple[int, int]:
-        """(epochs no longer collecting, failed settlements) in the ledger's database."""
+    def ledger_counts(self) -> dict[str, int]:
+        """Epochs no longer collecting, failed settlements (a batch the chain skipped any voucher of is recorded
+        ``failed``, its other vouchers paid), and settled vouchers paid and skipped, in the ledger's database."""
         from nectar.ledger import crud
-        from nectar.ledger.models import EpochStatus, Settlement, SettlementStatus
+        from nectar.ledger.models import EpochStatus, Settlement, SettlementItem, SettlementStatus
         from nectar.service.db import get_engine, session_scope
 
         with session_scope(get_engine(self.deployment.database_url)) as session:
             closed = len([e for e in crud.list_epochs(session, limit=100_000) if e.status != EpochStatus.COLLECTING])
             failed = session.query(Settlement).filter(Settlement.status == SettlementStatus.FAILED).count()
-            return closed, failed
+            paid = session.query(SettlementItem).filter(SettlementItem.status == "paid").count()
+            skipped = session.query(SettlementItem).filter(SettlementItem.status == "skipped").count()
+            return {"epochs_closed": closed, "failed_settlements": failed, "paid": paid, "skipped": skipped}
 
     def end_row(self) -> None:
         self.market.swarm.close()
@@ -130,6 +133,8 @@ class LedgerAttack(threading.Thread):
 
     def _run(self) -> None:
         url, stats = self.market.url, self.stats
+        self.market.settler().run(close=True)  # settles what earlier rows' honest clients owe: this row counts its own
+        self.start_counts = self.market.ledger_counts()
         domain = self.market.deployment.domain
         with httpx.Client(base_url=url, timeout=60) as h:
             vouchers = [
@@ -148,12 +153,11 @@ class LedgerAttack(threading.Thread):
                 except httpx.HTTPError as e:
                     key = f"error {type(e).__name__}"
                 stats["body_status"][key] = stats["body_status"].get(key, 0) + 1
-        self.start_counts = self.market.epochs_and_failures()
         series = []
         while not self.stop_event.is_set():
             self.market.settler().run(close=True)
             stats["closes"] += 1
-            series.append(self.market.epochs_and_failures())
+            series.append(self.market.ledger_counts())
             self.stop_event.wait(self.period)
         self.series = series
 
@@ -165,11 +169,12 @@ class LedgerAttack(threading.Thread):
             stats["errors"] = self.error
         series, start = getattr(self, "series", []), getattr(self, "start_counts", None)
         if start is not None and series:
-            stats["epochs_closed"] = series[-1][0] - start[0]
-            stats["failed_settlements"] = series[-1][1] - start[1]
-            # what the closes after the first did: the unfunded vouchers are tried (and fail) at the first close
-            stats["epochs_closed_after_first"] = series[-1][0] - series[0][0]
-            stats["failed_after_first"] = series[-1][1] - series[0][1]
+            # over the row (the honest client's vouchers close epochs too, paid), then what the closes after the first
+            # did: the unfunded vouchers are tried (skipped on chain, retired) at the first close only
+            for key in ("epochs_closed", "failed_settlements", "skipped", "paid"):
+                stats[key] = series[-1][key] - start[key]
+            for key in ("epochs_closed", "failed_settlements", "skipped"):
+                stats[f"{key}_after_first"] = series[-1][key] - series[0][key]
         refused = stats["body_status"].get("413", 0)
         sent = sum(stats["body_status"].values())
         stats["outcome"] = (
