@@ -1,6 +1,13 @@
 """Honest generation under attack (issue 22): success rate and latency of an honest client while each attack of
 ``attackers.py`` runs in the background against a real tiny swarm, plus a row without attack.
 
+By default the swarm runs in the real market (``market.py``): Anvil with the contracts, ``nectar ledger``, started once
+for the run; the honest node registered and staked, reporting to the ledger and working only against escrow it checked
+there; the honest client funded with escrow and a reserve for that node, routing with the stake gate; attackers with
+throwaway keys and no escrow. The ledger row attacks the ledger itself (chunked oversized bodies, unfunded vouchers,
+epochs closed meanwhile). ``--private`` runs the old configuration instead: no ledger, the node started with
+``--trust-vouchers`` (a private swarm's opt-in that grants --credit-limit to any signed client), no ledger row.
+
 Each row starts a fresh swarm (a bootstrap peer and one honest node serving the whole tiny Llama, with a price and a
 credit limit so that unpaid work is charged to someone), starts the attack, waits ``--settle`` s, then runs
 ``--generations`` greedy generations of ``--tokens`` tokens in a separate client process. A generation that takes
@@ -9,7 +16,7 @@ black-holed generation is a failure, never a hang. The node's memory (RSS of its
 row. An attack the node refuses is reported as ``refused: <error>``, and the benchmark goes on.
 
     python benchmarks/attacks/bench_swarm_attacks.py [--attacks baseline sybil ...] [--generations 3] [--tokens 16]
-        [--json before.json]
+        [--private] [--json after.json]
 """
 
 from __future__ import annotations
@@ -67,6 +74,13 @@ def node_args(extra: list[str]) -> list[str]:
     return args + extra
 
 
+def market_node_args(extra: list[str]) -> list[str]:
+    """What the market node gets besides ``SwarmMarket.add_node``'s price, ledger URL, throughput and threads."""
+    from market import CREDIT_LIMIT
+
+    return ["--session-timeout", "15", "--cache-mb", "16", "--credit-limit", str(CREDIT_LIMIT)] + extra
+
+
 def tiny_checkpoint() -> Path:
     from nectar.models.tiny import save_tiny_checkpoint
 
@@ -85,7 +99,7 @@ def client_worker(args) -> None:
     from nectar.client import ClientConfig, DistributedModelForCausalLM
 
     common.set_threads(1)
-    config = ClientConfig(private_key=args.key)
+    config = ClientConfig(private_key=args.key, ledger_url=args.ledger_url or None)
     model = DistributedModelForCausalLM.from_pretrained(
         args.path, initial_peers=args.peers.split(","), config=config, dtype=torch.float32
     )
@@ -108,8 +122,11 @@ def client_worker(args) -> None:
 class HonestClient:
     """Runs generations in a child process, each under a deadline; a client that misses it is killed and replaced."""
 
-    def __init__(self, path: Path, peers: list[str], key: str, tokens: int, start_timeout: float = 180):
+    def __init__(
+        self, path: Path, peers: list[str], key: str, tokens: int, start_timeout: float = 180, ledger_url: str = ""
+    ):
         self.path, self.peers, self.key, self.tokens, self.start_timeout = path, peers, key, tokens, start_timeout
+        self.ledger_url = ledger_url
 
     def _spawn(self, generations: int):
         process = subprocess.Popen(
@@ -127,6 +144,8 @@ class HonestClient:
                 str(self.tokens),
                 "--generations",
                 str(generations),
+                "--ledger-url",
+                self.ledger_url,
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -266,26 +285,42 @@ def discover(swarm, path: Path, node) -> tuple[str, str, str]:
         runtime.shutdown()
 
 
-def run_row(name: str, args, path: Path) -> dict:
+def run_row(name: str, args, path: Path, market=None) -> dict:
+    """One row; ``market`` (a ``market.Market``) runs it in the market, None in the private configuration."""
     from attackers import ATTACKS, AttackRunner, Target
     from eth_account import Account
 
     from nectar.models import model_id_of
     from nectar.node.local_swarm import LocalSwarm
 
-    if name == "ledger":
+    if name == "ledger" and market is None:
         return {"attack": name, "outcome": LEDGER_NOTE, "generations": []}
-    victim = Account.create()  # a fresh honest client per row: what one row's attack did to it stays there
     row: dict = {"attack": name}
     began = time.monotonic()
-    with LocalSwarm(env=node_env(1), start_timeout=300) as swarm:
-        node = swarm.add_node(str(path), blocks=(0, NUM_BLOCKS), name="honest", extra_args=args.full_node_args)
-        swarm.wait_for_blocks(str(path), NUM_BLOCKS, timeout=120)
+    if market is None:
+        swarm = LocalSwarm(env=node_env(1), start_timeout=300)
+    else:
+        swarm, path = market.new_swarm(node_env(1)), market.model_path
+    try:
+        if market is None:
+            node = swarm.add_node(str(path), blocks=(0, NUM_BLOCKS), name="honest", extra_args=args.full_node_args)
+            swarm.wait_for_blocks(str(path), NUM_BLOCKS, timeout=120)
+            victim = Account.create()  # a fresh honest client per row: what one row's attack did to it stays there
+        else:
+            node = market.add_honest_node(args.full_node_args)
+            victim = market.funded_client().account  # fresh too, with escrow and a reserve for this node
+        row["setup_s"] = time.monotonic() - began
         peer_id, direct, node_eth = discover(swarm, path, node)
         sampler = RssSampler(node.process.pid)
         sampler.start()
         runner = None
-        if name != "baseline":
+        if name == "ledger":
+            from market import LedgerAttack
+
+            runner = LedgerAttack(market, node_eth or node.eth_address)
+            runner.start()
+            time.sleep(args.settle)
+        elif name != "baseline":
             target = Target(
                 initial_peers=swarm.initial_peers,
                 model_id=model_id_of(str(path)),
@@ -301,13 +336,19 @@ def run_row(name: str, args, path: Path) -> dict:
             runner = AttackRunner(ATTACKS[name], target, **options)
             runner.start()
             time.sleep(args.settle)
-        client = HonestClient(path, swarm.initial_peers, victim.key.hex(), args.tokens)
+        ledger_url = market.url if market is not None else ""
+        client = HonestClient(path, swarm.initial_peers, victim.key.hex(), args.tokens, ledger_url=ledger_url)
         generations = client.run(args.generations, args.gen_timeout)
-        row["attacker"] = runner.stop() if runner is not None else {}
+        row["attacker"] = runner.report() if name == "ledger" else runner.stop() if runner is not None else {}
         rss_after = sampler.stop()
         row["node_alive"] = node.alive()
         row["node_rss_mib"] = {"start": sampler.start_mib, "peak": sampler.peak_mib, "after_attack": rss_after}
         row["node_fds"] = {"start": sampler.start_fds, "peak": sampler.peak_fds}
+    finally:
+        if market is None:
+            swarm.close()
+        else:
+            market.end_row()
     row["generations"] = generations
     row["outcome"] = row["attacker"].get("outcome", "-") if runner is not None else "-"
     row["row_s"] = time.monotonic() - began
@@ -353,7 +394,7 @@ def table(rows: list[dict]) -> str:
         outcome = " ".join(str(row.get("outcome", "-")).split())[:110].replace("|", "/")
         lines.append(
             f"| {row['attack']} | {s['success']} | {fmt(s['median_s'])} | {fmt(s['p95_s'])} | {rss_text} | {fds} | "
-            f"{outcome} | {attacker_line(row.get('attacker', {}))[:140]} |"
+            f"{outcome} | {attacker_line(row.get('attacker', {}))[:220]} |"
         )
     return "\n".join(lines)
 
@@ -375,12 +416,18 @@ def main() -> None:
     )
     parser.add_argument("--node-args", type=lambda text: text.split(), default=[], help="extra node arguments")
     parser.add_argument(
+        "--private",
+        action="store_true",
+        help="no chain or ledger: the node trusts any signed voucher (--trust-vouchers), as before the market mode",
+    )
+    parser.add_argument(
         "--json", type=lambda value: results_path(value, "attacks"), default=None, help="write figures here"
     )
     parser.add_argument("--client-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--peers", help=argparse.SUPPRESS)
     parser.add_argument("--key", help=argparse.SUPPRESS)
+    parser.add_argument("--ledger-url", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client_worker:
         client_worker(args)
@@ -389,31 +436,58 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    path = tiny_checkpoint()
-    args.full_node_args = node_args(args.node_args)
     began = time.monotonic()
+    market = None
+    if args.private:
+        path = tiny_checkpoint()
+        args.full_node_args = node_args(args.node_args)
+    else:
+        import tempfile
+
+        from market import Market
+
+        path = None
+        args.full_node_args = market_node_args(args.node_args)
+        home = Path(tempfile.mkdtemp(prefix="attack-market-", dir=bench_dir()))
+        log(f"market: Anvil + contracts + ledger in {home}")
+        market = Market(home)
+        args.market_setup_s = time.monotonic() - began
+        log(f"  market up in {args.market_setup_s:.0f}s (ledger {market.url})")
     rows = []
-    for name in args.attacks:
-        log(f"row {name}")
-        try:
-            row = run_row(name, args, path)
-        except Exception as e:  # a row that could not even start its swarm: say so, go on
-            row = {"attack": name, "outcome": f"row failed: {type(e).__name__}: {e}"[:300], "generations": []}
-        row["summary"] = summarize(row)
-        log(f"  {name}: {row['summary']} outcome {row.get('outcome')} attacker {row.get('attacker')}")
-        rows.append(row)
-    title = f"Honest generation under attack, tiny Llama, {args.generations} x {args.tokens} tokens per row"
+    try:
+        for name in args.attacks:
+            log(f"row {name}")
+            try:
+                row = run_row(name, args, path, market)
+            except Exception as e:  # a row that could not even start its swarm: say so, go on
+                row = {"attack": name, "outcome": f"row failed: {type(e).__name__}: {e}"[:300], "generations": []}
+            row["summary"] = summarize(row)
+            log(f"  {name}: {row['summary']} outcome {row.get('outcome')} attacker {row.get('attacker')}")
+            rows.append(row)
+    finally:
+        if market is not None:
+            market.stop()
+    mode = "private swarm (--trust-vouchers, no ledger)" if args.private else "market (Anvil + ledger, escrow-backed)"
+    args.mode = mode
+    title = f"Honest generation under attack, tiny Llama, {args.generations} x {args.tokens} tokens per row, {mode}"
     print(f"\n== {title}\n   machine: {machine_line()} | commit {git_commit()} | {time.monotonic() - began:.0f}s\n")
     print(table(rows))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        settings = {k: v for k, v in vars(args).items() if k not in ("json", "client_worker", "path", "peers", "key")}
+        skip = ("json", "client_worker", "path", "peers", "key", "ledger_url")
+        settings = {k: v for k, v in vars(args).items() if k not in skip}
         figures = {"settings": {**settings, "node_args": args.full_node_args}, "rows": rows}
         args.json.write_text(
             json.dumps(
                 {"title": title, "machine": machine_line(), "commit": git_commit(), "figures": figures}, indent=2
             )
         )
+        command = "python benchmarks/attacks/bench_swarm_attacks.py " + " ".join(sys.argv[1:])
+        markdown = (
+            f"## {title}\n\n`{command}`\n\n{machine_line()} | "
+            f"commit {git_commit()} | {time.monotonic() - began:.0f}s\n\n{table(rows)}\n"
+        )
+        args.json.with_suffix(".md").write_text(markdown)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The attack benchmark runs end to end on a real tiny swarm and writes its row (numbers are the benchmark's job)."""
+"""The attack benchmark runs end to end on a real tiny swarm and writes its row (numbers are the benchmark's job).
+It runs the private configuration (no chain, no ledger): the market mode starts Anvil and the ledger, too slow here."""
 
 from __future__ import annotations
 
@@ -19,7 +20,18 @@ def test_attack_benchmark_writes_a_row_per_attack(tmp_path):
     out = tmp_path / "attacks.json"
     env = {**os.environ, "NECTAR_BENCH_DIR": str(tmp_path / "bench")}
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--attacks", "flood", "ledger", "--generations", "1", "--flood", "20"]
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--attacks",
+            "flood",
+            "ledger",
+            "--generations",
+            "1",
+            "--flood",
+            "20",
+            "--private",
+        ]
         + ["--settle", "1", "--json", str(out)],
         capture_output=True,
         text=True,
