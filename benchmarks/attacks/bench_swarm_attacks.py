@@ -74,6 +74,19 @@ def node_args(extra: list[str]) -> list[str]:
     return args + extra
 
 
+PRIVATE_FREE_CREDIT = 10_000  # credit wei an hour all untrusted clients of a private node share (price 1: token-blocks)
+
+
+def private_trust_args(client: str) -> list[str]:
+    """A private node of this checkout trusts the honest client by address (``--trusted-clients``) and lets strangers,
+    the attackers, share a small free allowance, so their attacks still reach it; the old switch trusted every key."""
+    from nectar.node.config import NodeConfig
+
+    if "trusted_clients" not in NodeConfig.__dataclass_fields__:
+        return []
+    return ["--trusted-clients", client, "--free-credit-per-hour", str(PRIVATE_FREE_CREDIT)]
+
+
 def market_node_args(extra: list[str]) -> list[str]:
     """What the market node gets besides ``SwarmMarket.add_node``'s price, ledger URL, throughput and threads."""
     from market import CREDIT_LIMIT
@@ -303,9 +316,12 @@ def run_row(name: str, args, path: Path, market=None) -> dict:
         swarm, path = market.new_swarm(node_env(1)), market.model_path
     try:
         if market is None:
-            node = swarm.add_node(str(path), blocks=(0, NUM_BLOCKS), name="honest", extra_args=args.full_node_args)
-            swarm.wait_for_blocks(str(path), NUM_BLOCKS, timeout=120)
             victim = Account.create()  # a fresh honest client per row: what one row's attack did to it stays there
+            extra = private_trust_args(victim.address)
+            node = swarm.add_node(
+                str(path), blocks=(0, NUM_BLOCKS), name="honest", extra_args=[*args.full_node_args, *extra]
+            )
+            swarm.wait_for_blocks(str(path), NUM_BLOCKS, timeout=120)
         else:
             node = market.add_honest_node(args.full_node_args)
             victim = market.funded_client().account  # fresh too, with escrow and a reserve for this node
