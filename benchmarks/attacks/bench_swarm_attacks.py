@@ -6,7 +6,8 @@ for the run; the honest node registered and staked, reporting to the ledger and 
 there; the honest client funded with escrow and a reserve for that node, routing with the stake gate; attackers with
 throwaway keys and no escrow. The ledger row attacks the ledger itself (chunked oversized bodies, unfunded vouchers,
 epochs closed meanwhile). ``--private`` runs the old configuration instead: no ledger, the node started with
-``--trust-vouchers`` (a private swarm's opt-in that grants --credit-limit to any signed client), no ledger row.
+``--trusted-clients`` (the honest client; strangers share a small free allowance; before issue 22's fixes,
+``--trust-vouchers``, which granted --credit-limit to any signed client), no ledger row.
 
 Each row starts a fresh swarm (a bootstrap peer and one honest node serving the whole tiny Llama, with a price and a
 credit limit so that unpaid work is charged to someone), starts the attack, waits ``--settle`` s, then runs
@@ -434,7 +435,8 @@ def main() -> None:
     parser.add_argument(
         "--private",
         action="store_true",
-        help="no chain or ledger: the node trusts any signed voucher (--trust-vouchers), as before the market mode",
+        help="no chain or ledger: the node trusts the honest client's vouchers (--trusted-clients; --trust-vouchers on "
+        "code before issue 22's fixes)",
     )
     parser.add_argument(
         "--json", type=lambda value: results_path(value, "attacks"), default=None, help="write figures here"
@@ -483,7 +485,9 @@ def main() -> None:
     finally:
         if market is not None:
             market.stop()
-    mode = "private swarm (--trust-vouchers, no ledger)" if args.private else "market (Anvil + ledger, escrow-backed)"
+    mode = (
+        "private swarm (trusted honest client, no ledger)" if args.private else "market (Anvil + ledger, escrow-backed)"
+    )
     args.mode = mode
     title = f"Honest generation under attack, tiny Llama, {args.generations} x {args.tokens} tokens per row, {mode}"
     print(f"\n== {title}\n   machine: {machine_line()} | commit {git_commit()} | {time.monotonic() - began:.0f}s\n")
