@@ -89,8 +89,8 @@ class MemoryCache:
         if held[0] + nbytes > limit:
             raise NodeRPCError(
                 ErrorCode.CACHE_FULL,
-                f"{who}: this session would make {(held[0] + nbytes) / 2**20:.1f} MiB of this node's KV cache held, "
-                f"more than the {limit / 2**20:.1f} MiB allowed; close a session, use a shorter max_length, or route "
+                f"{who}: this session would make {_size(held[0] + nbytes)} of this node's KV cache held, "
+                f"more than the {_size(limit)} allowed; close a session, use a shorter max_length, or route "
                 "through another node",
             )
 
@@ -140,8 +140,8 @@ class MemoryCache:
             if nbytes > self.max_bytes - self._used:
                 raise NodeRPCError(
                     ErrorCode.CACHE_FULL,
-                    f"node busy: the session needs {nbytes / 2**20:.1f} MiB of KV cache but only "
-                    f"{(self.max_bytes - self._used) / 2**20:.1f} MiB of {self.max_bytes / 2**20:.1f} MiB are free; "
+                    f"node busy: the session needs {_size(nbytes)} of KV cache but only "
+                    f"{_size(self.max_bytes - self._used)} of {_size(self.max_bytes)} are free; "
                     "retry later, use a shorter max_length, or route through another node",
                 )
             self._account(hold, +1)
@@ -158,3 +158,8 @@ class MemoryCache:
         finally:
             with self._lock:
                 self._release(hold)
+
+
+def _size(nbytes: int) -> str:
+    """Bytes as people read them in an error (a tiny model's session is a few KiB: '0.0 MiB' said nothing)."""
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
