@@ -519,7 +519,7 @@ def test_max_length_position_cache_and_span_limits():
         talk = Conversation(node)
         await talk.send(Open(UID, sid, max_length=101))
         error = await talk.error()
-        assert error.code == ErrorCode.CACHE_FULL and "MiB" in str(error)
+        assert error.code == ErrorCode.CACHE_FULL and "iB" in str(error)
 
         talk = Conversation(node)
         await talk.send(Open(f"{MODEL}[2:9]", sid, max_length=4))

@@ -38,7 +38,7 @@ def test_memory_cache_reserves_and_refuses_clearly():
         with pytest.raises(NodeRPCError) as error:
             with cache.reserve(500):
                 pass
-        assert error.value.code == ErrorCode.CACHE_FULL and "MiB" in str(error.value)
+        assert error.value.code == ErrorCode.CACHE_FULL and "0.5 KiB" in str(error.value)
     assert cache.used_bytes == 0 and cache.tokens_left == 100
 
 
