@@ -152,6 +152,7 @@ class AnnouncementValidator(RecordValidatorBase):
     """
 
     SIGNATURE_MARKER = b"\x00nectar-sig:"
+    max_expiry = MAX_RECORD_EXPIRY  # s ahead of now a stored or returned record may expire
     SIGNATURE_SUFFIX_LEN = len(SIGNATURE_MARKER) + 64
 
     def __init__(self, private_key: Ed25519PrivateKey | None = None):
@@ -181,7 +182,7 @@ class AnnouncementValidator(RecordValidatorBase):
     def validate(self, record: DHTRecord) -> bool:
         if record.subkey is None or len(record.value) < self.SIGNATURE_SUFFIX_LEN:
             return False
-        if not record.expiration_time <= get_dht_time() + MAX_RECORD_EXPIRY:  # also refuses NaN
+        if not record.expiration_time <= get_dht_time() + self.max_expiry:  # also refuses NaN
             logger.debug("Dropping a DHT record that claims to live longer than readers use it")
             return False
         try:

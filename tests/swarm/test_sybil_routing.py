@@ -51,7 +51,10 @@ CLIENT = "0x" + "c1" * 20
 
 
 class SybilValidator(AnnouncementValidator):
-    """Signs records for any of its minted peer keys (what one attacker process with many identities does)."""
+    """Signs records for any of its minted peer keys (what one attacker process with many identities does), and
+    keeps records of any expiry (an attacker runs what code it likes)."""
+
+    max_expiry = float("inf")
 
     def __init__(self, keys=()):
         super().__init__(None)
@@ -183,6 +186,32 @@ def _view(swarm, **kwargs):
         runtime.shutdown()
 
 
+def test_dht_peers_refuse_to_keep_a_record_past_the_cap(swarm, tmp_path):
+    """A record stored with a day-long expiry must not outlive its signer on the honest DHT peers: they refuse to
+    store it (first in this module: no attacker peer of the other tests is up to keep it; a record with an ordinary
+    expiry, from the same attacker, is kept and read after the attacker left)."""
+    keys = [load_or_create_p2p_identity(tmp_path / f"{name}.key") for name in ("day", "minute")]
+    day, minute = (peer_id_of(key) for key in keys)
+    dht = hivemind.DHT(initial_peers=swarm.initial_peers, start=True, record_validators=[SybilValidator(keys)])
+    try:
+        for peer, expires in ((day, 86400), (minute, 60)):
+            dht.store(
+                block_key(MODEL, 1), _record(peer, None, lane=""), get_dht_time() + expires, subkey=peer.to_bytes()
+            )
+    finally:
+        dht.shutdown()  # the attacker leaves: what it stored lives on only where honest peers kept it
+    reader = hivemind.DHT(
+        initial_peers=swarm.initial_peers, client_mode=True, start=True, record_validators=[SybilValidator()]
+    )
+    try:
+        raw = reader.get(block_key(MODEL, 1), latest=True)  # read without the expiry cap: what peers hold
+        held = set(raw.value) if raw is not None else set()
+        assert minute.to_bytes() in held  # honest peers keep an ordinary record after its signer left...
+        assert day.to_bytes() not in held  # ...but refused the one claiming to live a day
+    finally:
+        reader.shutdown()
+
+
 def test_an_honest_client_generates_past_three_sybil_black_holes(swarm, sybils, tiny_llama, expected):
     _, peers, hole = sybils
     deadline = time.monotonic() + 30
@@ -241,13 +270,13 @@ def test_a_record_claiming_to_live_a_day_is_dropped_after_the_reader_cap(swarm, 
     peer = peer_id_of(key)
     dht = hivemind.DHT(initial_peers=swarm.initial_peers, start=True, record_validators=[SybilValidator([key])])
     try:
-        # made (nearly) as long ago as readers allow, stored with a day-long expiry, never refreshed
+        # made (nearly) as long ago as readers allow, never refreshed
         value = _record(peer, "0x" + secrets.token_hex(32), lane="", timestamp=time.time() - MAX_RECORD_AGE + 6)
-        _store(dht, peer, value, start=0, end=1, expires=86400)
+        _store(dht, peer, value, start=0, end=1, expires=60)
         assert peer in _view(swarm, blocks=[0])[0]
         time.sleep(8)
         raw = dht.get(block_key(MODEL, 0), latest=True)
-        assert raw is not None and peer.to_bytes() in raw.value  # the DHT still holds it (a day-long expiry)...
+        assert raw is not None and peer.to_bytes() in raw.value  # the DHT still holds it...
         assert peer not in _view(swarm, blocks=[0])[0]  # ...but readers no longer use it
     finally:
         dht.shutdown()
