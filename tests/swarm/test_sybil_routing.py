@@ -308,8 +308,15 @@ def test_a_node_never_pushes_to_a_host_a_record_names(swarm, sybils, honest, tin
         hop = HopStream(runtime, RemoteSpan(honest_peer, 0, 2, info), MODEL)  # a hop whose next block is 2
 
         async def push_step():
+            key = "0x" + secrets.token_hex(32)  # nodes serve only opens signed by the paying client's key
             await hop.open(
-                session_id=os.urandom(16), max_length=16, batch_size=1, client=CLIENT, push_token=None, timeout=10
+                session_id=os.urandom(16),
+                max_length=16,
+                batch_size=1,
+                client=eip712.address_of(key),
+                push_token=None,
+                timeout=10,
+                private_key=key,
             )
             hidden = torch.zeros(1, 1, int(tiny_config.hidden_size))
             return await hop.step([hidden], step=0, position=0, push_to=(victim.address, os.urandom(16)), timeout=10)
