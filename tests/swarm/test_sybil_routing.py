@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from nectar.client import ClientConfig, DistributedModelForCausalLM
 from nectar.client.hop_stream import HopStream
-from nectar.client.routing import ReputationScorer
+from nectar.client.routing import RemoteSequenceManager, ReputationScorer
 from nectar.client.routing.spans import RemoteSpan
 from nectar.node.identity import load_or_create_p2p_identity
 from nectar.node.local_swarm import LocalSwarm
@@ -326,6 +326,44 @@ def test_a_node_never_pushes_to_a_host_a_record_names(swarm, sybils, honest, tin
         time.sleep(1)
         runtime.run(_close(hop), 10)
         assert victim.accepted == []  # the honest node never connected to the named host
+    finally:
+        runtime.shutdown()
+        dht.shutdown()
+        victim.close()
+
+
+def test_a_client_never_dials_a_lane_on_another_host_than_the_records_peer(swarm, sybils, honest, tmp_path):
+    """A real, connected sybil peer announces the whole model with a direct lane on another host (127.0.0.2): the
+    client pings and routes it over P2P only, never connects to that host, and still uses the honest node's lane."""
+    honest_peer, _ = honest
+    key = load_or_create_p2p_identity(tmp_path / "aim.key")
+    victim = BlackHole("127.0.0.2")
+    dht = hivemind.DHT(
+        initial_peers=swarm.initial_peers,
+        start=True,
+        host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+        identity_path=str(tmp_path / "aim.key"),
+        check_if_identity_free=False,
+        record_validators=[AnnouncementValidator(key)],
+    )
+    runtime = ClientRuntime(swarm.initial_peers)
+    try:
+        _store(dht, dht.peer_id, _record(dht.peer_id, "0x" + secrets.token_hex(32), lane=victim.address))
+        manager = RemoteSequenceManager(runtime, MODEL, BLOCKS, config=ClientConfig())
+        deadline = time.monotonic() + 30
+        while dht.peer_id not in manager.servers().get(0, {}):
+            assert time.monotonic() < deadline, "the record never became visible"
+            manager.update(force=True)
+        routes = {}
+        for _ in range(3):
+            for span in manager.make_inference_route():
+                routes[span.peer_id] = span.info.direct_address
+            manager.update(force=True)
+        time.sleep(1)
+        assert victim.accepted == []  # no ping, no step: the record could not aim the client at 127.0.0.2
+        if dht.peer_id in routes:
+            assert routes[dht.peer_id] == ""  # routed over P2P only
+        assert manager._lanes.get(honest_peer) == manager.servers()[0][honest_peer].direct_address  # honest lane kept
     finally:
         runtime.shutdown()
         dht.shutdown()
