@@ -177,7 +177,10 @@ class InferenceSession:
         except HopFailed:
             raise
         except Exception as e:
-            raise HopFailed(hop.span, Fault.of(e))
+            failed = HopFailed(hop.span, Fault.of(e))
+            if isinstance(e, TimeoutError):  # the peer cost a whole step timeout: ban it at least that long
+                failed.waited = self.config.step_timeout
+            raise failed from e
         # what routing may believe of this peer's speed (announced throughput is only a claim)
         self.manager.observe(
             hop.span.peer_id, inputs.shape[0] * inputs.shape[1] * hop.span.length, time.perf_counter() - began
@@ -318,7 +321,7 @@ class InferenceSession:
                 )
                 return
             except HopFailed as e:
-                self.manager.ban(e.span.peer_id, e.reason)
+                self.manager.ban(e.span.peer_id, e.reason, timeout=_waited(e))
                 for hop in new_hops:
                     hop.close()
         raise RouteUnavailableError(
@@ -380,7 +383,7 @@ class InferenceSession:
                 break
             except HopFailed as e:
                 failures += 1
-                self.manager.ban(e.span.peer_id, e.reason)
+                self.manager.ban(e.span.peer_id, e.reason, timeout=_waited(e))
                 if failures > self.config.max_retries:
                     raise self._gave_up(e, failures) from e
                 if e.burned:  # a receipt for (session, step) may exist at a later hop: never sign the number twice
@@ -434,3 +437,8 @@ class InferenceSession:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _waited(failure: HopFailed) -> float | None:
+    """How long the failure took to show, if longer than an open's timeout (a step timeout): the ban's floor."""
+    return getattr(failure, "waited", None)

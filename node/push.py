@@ -31,21 +31,14 @@ from hivemind.proto import runtime_pb2
 from nectar.wire.announce import ServerInfo, ServerState
 from nectar.wire.direct import parse_address, send_hello
 from nectar.wire.protocol import RPC_PUSH, ErrorCode, NodeRPCError
-from nectar.wire.transport import send_message
+from nectar.wire.swarm import connected_hosts
+from nectar.wire.transport import receive_frame, send_message
 
 logger = logging.getLogger(__name__)
 
+ACK_FRAME_LIMIT = 64 * 1024  # bytes an ack (or error) from the next hop may take: acks carry no tensors
 MAX_EARLY_PUSHES = 8  # pushes a session holds for steps it has not asked for yet (bounds a flood)
 CONNECT_TIMEOUT = 2.0  # s to reach the next hop's direct lane; a step's answer waits for it once per session
-
-
-def _host_of(multiaddr) -> str | None:
-    parts = str(multiaddr).split("/")
-    return parts[2] if len(parts) > 2 and parts[1] in ("ip4", "ip6", "dns", "dns4", "dns6") else None
-
-
-async def _connected_hosts(p2p: P2P) -> dict[PeerID, set[str]]:
-    return {peer.peer_id: {h for h in map(_host_of, peer.addrs) if h} for peer in await p2p.list_peers()}
 
 
 async def lane_owner(p2p: P2P, announcements: dict[PeerID, ServerInfo], address: str) -> PeerID | None:
@@ -63,14 +56,14 @@ async def lane_owner(p2p: P2P, announcements: dict[PeerID, ServerInfo], address:
     ]
     if not owners:
         return None
-    hosts = await _connected_hosts(p2p)
+    hosts = await connected_hosts(p2p)
     for peer in owners:
         if peer not in hosts:
             from nectar.wire.stubs import call_info  # dials the peer by its id: its address comes from P2P
 
             with suppress(Exception):
                 await call_info(p2p, peer, None, direct=False, timeout=CONNECT_TIMEOUT)
-            hosts = await _connected_hosts(p2p)
+            hosts = await connected_hosts(p2p)
         if host in hosts.get(peer, ()):
             return peer
     return None
@@ -182,13 +175,16 @@ class PushLink:
     async def _read_acks(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                _, error = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, reader)
+                _, error = await receive_frame(runtime_pb2.ExpertResponse, reader, ACK_FRAME_LIMIT)
                 if error is not None:
                     self.error = error.message
                     logger.warning(f"Push to {self.address} refused: {error.message}")
                     break
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        except (ValueError, TypeError) as e:  # an oversize or malformed frame: stop reading this lane
+            self.error = f"malformed ack: {e}"
+            logger.warning(f"Push to {self.address}: {self.error}")
         finally:
             writer.close()
 

@@ -10,10 +10,12 @@ Two more rules make a record's claims cheap to check and short-lived:
 - **The Ethereum address is proven.** ``eth_proof`` is a signature by the announced ``eth_address`` over the
   announcing peer id (``sign_eth_proof``). Readers (``nectar.wire.swarm``) blank the address of a record whose proof
   does not verify, so a sybil cannot borrow a staked or reputable node's address (and its stake or score).
-- **Records age out on the reader's clock.** A record is read only while its signed ``timestamp`` is at most
-  ``MAX_RECORD_AGE`` old (and not in the future): a record that claims to live for a day is dead
+- **Records age out, on the reader's clock and in storage.** A record is read only while its signed ``timestamp`` is
+  at most ``MAX_RECORD_AGE`` old (and not in the future): a record that claims to live for a day is dead
   ``MAX_RECORD_AGE`` after it was made, whatever expiry its signer wrote. Nodes re-announce every
-  ``announce_period`` (clamped to at most half of it).
+  ``announce_period`` (clamped to at most half of it). ``AnnouncementValidator`` also refuses to store or return a
+  record whose DHT expiry is more than ``MAX_RECORD_EXPIRY`` ahead, so DHT peers drop a sybil's records soon after
+  the sybil stops refreshing them.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import PeerID
-from hivemind.utils import MSGPackSerializer
+from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from nectar.wire.eip712 import recover_digest_signer, sign_digest
 from nectar.wire.identity import peer_id_of, public_key_of_peer
@@ -41,6 +43,8 @@ PROTOCOL_VERSION = "nectar/1"
 MODELS_KEY = "nectar.models"  # subkey = peer id, value = {model_id: num_blocks}
 MAX_RECORD_AGE = 60.0  # s: readers ignore an announcement made longer ago than this, whatever its expiry says
 MAX_CLOCK_SKEW = 30.0  # s: an announcement dated further ahead than this is ignored (a forged "forever" timestamp)
+MAX_RECORD_EXPIRY = MAX_RECORD_AGE + MAX_CLOCK_SKEW  # s ahead: DHT peers refuse to store or return a record expiring
+# later (readers ignore it after MAX_RECORD_AGE anyway; storing it longer only lets it outlive its signer)
 _ETH_PROOF_PREFIX = b"nectar/peer-address/1:"
 
 
@@ -148,6 +152,7 @@ class AnnouncementValidator(RecordValidatorBase):
     """
 
     SIGNATURE_MARKER = b"\x00nectar-sig:"
+    max_expiry = MAX_RECORD_EXPIRY  # s ahead of now a stored or returned record may expire
     SIGNATURE_SUFFIX_LEN = len(SIGNATURE_MARKER) + 64
 
     def __init__(self, private_key: Ed25519PrivateKey | None = None):
@@ -176,6 +181,9 @@ class AnnouncementValidator(RecordValidatorBase):
 
     def validate(self, record: DHTRecord) -> bool:
         if record.subkey is None or len(record.value) < self.SIGNATURE_SUFFIX_LEN:
+            return False
+        if not record.expiration_time <= get_dht_time() + self.max_expiry:  # also refuses NaN
+            logger.debug("Dropping a DHT record that claims to live longer than readers use it")
             return False
         try:
             peer_bytes = MSGPackSerializer.loads(record.subkey)

@@ -125,4 +125,38 @@ def read_models(dht: ClientRuntime | Any) -> dict[str, int]:
     return models
 
 
-__all__ = ["ModelSwarm", "read_swarm", "read_models", "parse_block_records", "fetch_records"]
+def host_of(multiaddr) -> str | None:
+    """The host part of a multiaddr (``/ip4/HOST/tcp/...``), or None."""
+    parts = str(multiaddr).split("/")
+    return parts[2] if len(parts) > 2 and parts[1] in ("ip4", "ip6", "dns", "dns4", "dns6") else None
+
+
+async def connected_hosts(p2p) -> dict[PeerID, set[str]]:
+    """The hosts this P2P daemon reaches each connected peer at (the daemon authenticates peer ids)."""
+    return {peer.peer_id: {h for h in map(host_of, peer.addrs) if h} for peer in await p2p.list_peers()}
+
+
+async def lane_on_peer_host(p2p, peer_id: PeerID, address: str) -> bool:
+    """Whether the direct lane ``address`` (HOST:PORT, from ``peer_id``'s record) is on a host this P2P daemon reaches
+    ``peer_id`` at. A record is its signer's claim: dialling a lane only where this holds keeps a record from aiming
+    readers at any host and port (push, ``nectar.node.push``; routing, ``nectar.client.routing``). The peer must be
+    connected already (after a P2P call to it)."""
+    from nectar.wire.direct import parse_address
+
+    try:
+        host, _ = parse_address(address)
+    except ValueError:
+        return False
+    return host in (await connected_hosts(p2p)).get(peer_id, ())
+
+
+__all__ = [
+    "ModelSwarm",
+    "connected_hosts",
+    "fetch_records",
+    "host_of",
+    "lane_on_peer_host",
+    "parse_block_records",
+    "read_models",
+    "read_swarm",
+]

@@ -14,14 +14,23 @@ Routing measures before it trusts (issue 22): a record is a peer's claim, so
 - a ban lasts at least the connect timeout (a failure that took a timeout to show must not expire before the retry
   that would hit it again) and doubles per peer until the peer serves a step well (``mark_ok``); after it, the peer
   counts as unreachable until a new ping (``REPING_AFTER``) answers;
+- a peer that failed a session (a ban) carries a failure score, ``fails / (fails + served + 1)`` over decaying counts
+  (half-life ``FAILURE_HALF_LIFE``), and each of its hops costs that times the step timeout more: a sybil that answers
+  pings fast but black-holes or errors on steps loses its ties for good after one failure, where a ban alone ends and
+  a fresh ping made it the cheapest hop again; an honest node that served many steps barely notices one failure;
+- a peer's direct lane is dialled only after the peer answered over P2P (which authenticates its id) and only if the
+  lane's host is one the P2P daemon reaches the peer at (``nectar.wire.swarm.lane_on_peer_host``); otherwise routes
+  use its P2P address, so a record cannot aim clients at an arbitrary host and port;
 - a peer whose record's Ethereum address is not proven (``nectar.wire.swarm`` blanks it) is never routed to: it
   could not be paid, and could not be held to stake or reputation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import logging
+import math
 import random
 import threading
 import time
@@ -41,6 +50,7 @@ PING_TIMEOUT = 2.0  # s a latency ping may take; a peer that misses it counts as
 REPING_AFTER = 60.0  # s before a peer whose ping failed is pinged again (each try may cost PING_TIMEOUT)
 MAX_TRACKED_PEERS = 4096  # bans, pings and observations kept (sybils can mint peer ids without end)
 OBSERVED_WEIGHT = 0.3  # weight of the newest observation in a peer's throughput average
+FAILURE_HALF_LIFE = 1800.0  # s over which a peer's failure and success counts halve (slow: sybils wait out less)
 
 
 class MissingBlocksError(RuntimeError):
@@ -78,6 +88,8 @@ class RemoteSequenceManager:
         self._banned_until: dict[PeerID, float] = {}
         self._ban_length: dict[PeerID, float] = {}
         self._unstaked: dict[str, str] = {}  # peers the stake gate left out of the last routes, with why
+        self._record: dict[PeerID, list[float]] = {}  # peer -> [failures, steps served, monotonic time], decaying
+        self._lanes: dict[PeerID, str] = {}  # peer -> the direct lane checked to be on its P2P host
         self._lock = threading.Lock()
 
     # ---- swarm view -------------------------------------------------------------------------------------------
@@ -91,8 +103,9 @@ class RemoteSequenceManager:
         self._measure_latencies({peer: info for block in servers.values() for peer, info in block.items()})
 
     def _measure_latencies(self, peers: dict) -> None:
-        """Round-trip times to peers not measured yet (one info RPC each on the lane steps will use, concurrently,
-        bounded by 2 s)."""
+        """Round-trip times to peers not measured yet, concurrently, bounded by 2 s: an info RPC over P2P first (which
+        authenticates the peer id), then, if the record names a direct lane on a host the P2P daemon reaches the peer
+        at, one on that lane (what steps will use)."""
         now = time.monotonic()
         new = [
             peer
@@ -104,14 +117,24 @@ class RemoteSequenceManager:
         import asyncio
 
         from nectar.wire.stubs import call_info
+        from nectar.wire.swarm import lane_on_peer_host
 
         async def ping(peer):
+            p2p, lane = self.runtime.p2p, peers[peer].direct_address
             began = time.perf_counter()
             try:
-                await call_info(self.runtime.p2p, peer, peers[peer], direct=self.config.direct, timeout=PING_TIMEOUT)
-                return peer, time.perf_counter() - began
+                await call_info(p2p, peer, None, direct=False, timeout=PING_TIMEOUT)
             except Exception:
-                return peer, None
+                return peer, None, ""
+            rtt = time.perf_counter() - began
+            if not (self.config.direct and lane and await lane_on_peer_host(p2p, peer, lane)):
+                return peer, rtt, ""
+            began = time.perf_counter()
+            try:
+                await call_info(p2p, peer, peers[peer], direct=True, timeout=PING_TIMEOUT)
+                return peer, time.perf_counter() - began, lane
+            except Exception:
+                return peer, rtt, ""
 
         async def ping_all():
             return await asyncio.gather(*(ping(peer) for peer in new))
@@ -120,15 +143,19 @@ class RemoteSequenceManager:
             results = self.runtime.run(ping_all(), timeout=PING_TIMEOUT + 3)
         except Exception:
             logger.debug("Latency measurement failed", exc_info=True)
-            results = [(peer, None) for peer in new]
+            results = [(peer, None, "") for peer in new]
         with self._lock:
-            for peer, rtt in results:
+            for peer, rtt, lane in results:
                 if rtt is not None:
                     self._latency[peer] = rtt
                     self._ping_failed.pop(peer, None)
                 else:
                     self._ping_failed[peer] = time.monotonic()
-            for table in (self._latency, self._ping_failed, self._observed):
+                if lane:
+                    self._lanes[peer] = lane
+                else:
+                    self._lanes.pop(peer, None)
+            for table in (self._latency, self._ping_failed, self._observed, self._lanes):
                 _bound(table)
 
     def latency(self, peer_id: PeerID) -> float:
@@ -151,6 +178,25 @@ class RemoteSequenceManager:
             self._observed[peer_id] = rate if old is None else (1 - OBSERVED_WEIGHT) * old + OBSERVED_WEIGHT * rate
             _bound(self._observed)
 
+    def _decayed(self, peer_id: PeerID) -> list[float]:
+        """The peer's [failures, steps served, time] with both counts decayed to now (call under the lock)."""
+        now = time.monotonic()
+        record = self._record.get(peer_id)
+        if record is None:
+            record = self._record[peer_id] = [0.0, 0.0, now]
+            _bound(self._record)
+        keep = math.pow(0.5, (now - record[2]) / FAILURE_HALF_LIFE)
+        record[0], record[1], record[2] = record[0] * keep, record[1] * keep, now
+        return record
+
+    def failure_rate(self, peer_id: PeerID) -> float:
+        """How often ``peer_id`` failed this client lately: failures / (failures + steps served + 1), decayed."""
+        with self._lock:
+            if peer_id not in self._record:
+                return 0.0
+            failures, served, _ = self._decayed(peer_id)
+        return failures / (failures + served + 1)
+
     def throughput(self, peer_id: PeerID, info: ServerInfo, unmeasured_cap: float | None = None) -> float:
         """The throughput routing believes: the announced one, capped by what this client observed of the peer, or
         (not observed yet) by ``unmeasured_cap``."""
@@ -161,8 +207,12 @@ class RemoteSequenceManager:
         return announced if unmeasured_cap is None else min(announced, unmeasured_cap)
 
     def _unmeasured_cap(self, peers: dict[PeerID, ServerInfo]) -> float | None:
-        """The lowest throughput announced by a peer that answered our ping (or by any peer, if none did): what an
-        unobserved peer is believed to deliver at most."""
+        """What an unobserved peer is believed to deliver at most: the lowest throughput believed of a peer that served
+        this client steps (a ping costs nothing to answer fast: only real steps are evidence), else the lowest announced
+        by a peer that answered our ping, else by any peer."""
+        served = [self.throughput(p, i) for p, i in peers.items() if p in self._observed]
+        if served:
+            return max(min(served), 1e-9)
         reachable = [float(i.throughput) for p, i in peers.items() if p in self._latency or p in self._observed]
         announced = reachable or [float(i.throughput) for i in peers.values()]
         return max(min(announced), 1e-9) if announced else None
@@ -177,6 +227,7 @@ class RemoteSequenceManager:
         peer serves a step well (``mark_ok``), so a peer that fails again and again is avoided longer each time."""
         floor = max(self.config.connect_timeout if timeout is None else timeout, self.config.min_backoff)
         with self._lock:
+            self._decayed(peer_id)[0] += 1
             previous = self._ban_length.get(peer_id)
             length = self.config.min_backoff if previous is None else 2 * previous
             length = min(max(length, floor), max(self.config.max_backoff, floor))
@@ -192,8 +243,10 @@ class RemoteSequenceManager:
         logger.warning(f"Avoiding peer {peer_id} for {length:.1f}s: {reason}")
 
     def mark_ok(self, peer_id: PeerID) -> None:
+        """``peer_id`` served a step whose receipt passed the client's checks."""
         with self._lock:
             self._ban_length.pop(peer_id, None)
+            self._decayed(peer_id)[1] += 1
 
     def is_banned(self, peer_id: PeerID) -> bool:
         return self._banned_until.get(peer_id, 0) > time.monotonic()
@@ -210,6 +263,9 @@ class RemoteSequenceManager:
                             "its record's Ethereum address is not proven by a signature over its peer id"
                         )
                     elif self.scorer.eligible(peer_id, info):
+                        lane = self._lanes.get(peer_id)
+                        if info.direct_address and info.direct_address != lane:  # not checked: P2P only
+                            info = dataclasses.replace(info, direct_address="")
                         found[peer_id] = info
                     else:
                         self._unstaked[str(peer_id)] = self.scorer.ineligible_reason(peer_id, info)
@@ -230,7 +286,8 @@ class RemoteSequenceManager:
 
     def _hop_cost(self, peer_id: PeerID, info: ServerInfo, blocks: int, cap: float | None = None) -> float:
         compute = blocks / self.throughput(peer_id, info, cap)
-        return (self.latency(peer_id) + compute) * self.scorer.cost_factor(peer_id, info)
+        expected_loss = self.failure_rate(peer_id) * self.config.step_timeout  # what a try there may waste
+        return (self.latency(peer_id) + compute + expected_loss) * self.scorer.cost_factor(peer_id, info)
 
     def make_inference_route(
         self, start: int = 0, end: int | None = None, *, cache_tokens: int = 0, exclude: tuple = ()
@@ -298,7 +355,9 @@ class RemoteSequenceManager:
                 raise MissingBlocksError(
                     self._missing(block, end, self._candidates(block, end)) or [block], self.model_id, self._unstaked
                 )
-            weights = [self.throughput(p, i, cap) / self.scorer.cost_factor(p, i) for p, i in here]
+            weights = [
+                self.throughput(p, i, cap) * (1 - self.failure_rate(p)) / self.scorer.cost_factor(p, i) for p, i in here
+            ]
             peer_id, info = random.choices(here, weights=weights)[0]
             stop = min(info.end, end)
             route.append(RemoteSpan(peer_id, block, stop, info))

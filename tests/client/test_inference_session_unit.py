@@ -119,6 +119,7 @@ class FakeNode:
     :param unbound_at: step numbers whose receipts name the client's session id, not the one bound to its nonce
     :param binds: False: a node from before session nonces (it sends none and signs the client's session id)
     :param error: an ErrorCode it answers every step with
+    :param hangs: it accepts opens and never answers a step (a black hole)
     :param pushes: whether it pushes its outputs to the next hop when asked
     :param forged_at: step number -> the receipt field it signs wrong there: "model" (another model id), "step" (the
         next step's number), "kind" (a forward's receipt), "old" (dated an hour ago)
@@ -139,12 +140,14 @@ class FakeNode:
         unbound_at: tuple[int, ...] = (),
         binds: bool = True,
         error: ErrorCode | None = None,
+        hangs: bool = False,
         pushes: bool = True,
         forged_at: dict[int, str] | None = None,
         compute: ComputeSpec | None = None,
     ):
         FakeNode.count += 1
         self.name, self.start, self.end = name, start, end
+        self.hangs = hangs
         self.peer_id = PeerID(b"\x00\x24\x08\x01\x12\x20" + bytes([FakeNode.count]) * 32)
         self.key = "0x" + (bytes([FakeNode.count]) * 32).hex()
         self.signer = ReceiptSigner(
@@ -219,6 +222,8 @@ class FakeNode:
                 raise ConnectionResetError(f"{self.name} died")
             if self.error is not None:
                 raise RuntimeError(f"{self.error.value}: {self.name} refuses this step")
+            if self.hangs:
+                await asyncio.sleep(3600)
             if metadata.get("pushed"):
                 if receipt is not None:
                     yield receipt
@@ -279,6 +284,7 @@ class FakeManager:
         self.network = network
         self.bans: list[tuple[PeerID, str]] = []
         self.ok: set[PeerID] = set()
+        self.ban_timeouts: list[float | None] = []
 
     def make_inference_route(
         self, start: int, end: int, *, cache_tokens: int = 0, exclude: tuple = ()
@@ -295,8 +301,9 @@ class FakeManager:
             at = min(end, node.end)
         return route
 
-    def ban(self, peer_id: PeerID, reason: str = "") -> None:
+    def ban(self, peer_id: PeerID, reason: str = "", *, timeout: float | None = None) -> None:
         self.bans.append((peer_id, reason))
+        self.ban_timeouts.append(timeout)
 
     def mark_ok(self, peer_id: PeerID) -> None:
         self.ok.add(peer_id)
@@ -642,3 +649,18 @@ def test_a_receipt_rejected_on_the_last_retry_raises_receipt_rejected(runtime):
     with pytest.raises(ReceiptRejectedError, match="dishonest receipt"):
         session.step(chunks[1])  # step 0's receipt comes before this answer: the hop fails at once
     assert "dishonest receipt" in manager.bans[0][1]
+
+
+def test_a_step_that_timed_out_bans_its_node_at_least_the_step_timeout(runtime):
+    """A black hole accepts the open and never answers: the client waited a whole step timeout, so the ban must last
+    at least that long (a ban of the connect timeout would end before the retry that meets the black hole again)."""
+    network = Network()
+    hole = network.add(FakeNode("hole", 0, 4, hangs=True))
+    network.add(FakeNode("honest", 0, 4))
+    session, manager = _session(runtime, network, step_timeout=0.5, connect_timeout=0.2)
+    chunks = _chunks(2)
+    with session:
+        outputs = _generate(session, chunks)
+    assert _same(outputs, reference(chunks))
+    assert [peer for peer, _ in manager.bans] == [hole.peer_id]
+    assert manager.ban_timeouts == [0.5] and "timed out" in manager.bans[0][1]

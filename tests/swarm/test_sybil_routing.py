@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from nectar.client import ClientConfig, DistributedModelForCausalLM
 from nectar.client.hop_stream import HopStream
-from nectar.client.routing import ReputationScorer
+from nectar.client.routing import RemoteSequenceManager, ReputationScorer
 from nectar.client.routing.spans import RemoteSpan
 from nectar.node.identity import load_or_create_p2p_identity
 from nectar.node.local_swarm import LocalSwarm
@@ -51,7 +51,10 @@ CLIENT = "0x" + "c1" * 20
 
 
 class SybilValidator(AnnouncementValidator):
-    """Signs records for any of its minted peer keys (what one attacker process with many identities does)."""
+    """Signs records for any of its minted peer keys (what one attacker process with many identities does), and
+    keeps records of any expiry (an attacker runs what code it likes)."""
+
+    max_expiry = float("inf")
 
     def __init__(self, keys=()):
         super().__init__(None)
@@ -183,6 +186,32 @@ def _view(swarm, **kwargs):
         runtime.shutdown()
 
 
+def test_dht_peers_refuse_to_keep_a_record_past_the_cap(swarm, tmp_path):
+    """A record stored with a day-long expiry must not outlive its signer on the honest DHT peers: they refuse to
+    store it (first in this module: no attacker peer of the other tests is up to keep it; a record with an ordinary
+    expiry, from the same attacker, is kept and read after the attacker left)."""
+    keys = [load_or_create_p2p_identity(tmp_path / f"{name}.key") for name in ("day", "minute")]
+    day, minute = (peer_id_of(key) for key in keys)
+    dht = hivemind.DHT(initial_peers=swarm.initial_peers, start=True, record_validators=[SybilValidator(keys)])
+    try:
+        for peer, expires in ((day, 86400), (minute, 60)):
+            dht.store(
+                block_key(MODEL, 1), _record(peer, None, lane=""), get_dht_time() + expires, subkey=peer.to_bytes()
+            )
+    finally:
+        dht.shutdown()  # the attacker leaves: what it stored lives on only where honest peers kept it
+    reader = hivemind.DHT(
+        initial_peers=swarm.initial_peers, client_mode=True, start=True, record_validators=[SybilValidator()]
+    )
+    try:
+        raw = reader.get(block_key(MODEL, 1), latest=True)  # read without the expiry cap: what peers hold
+        held = set(raw.value) if raw is not None else set()
+        assert minute.to_bytes() in held  # honest peers keep an ordinary record after its signer left...
+        assert day.to_bytes() not in held  # ...but refused the one claiming to live a day
+    finally:
+        reader.shutdown()
+
+
 def test_an_honest_client_generates_past_three_sybil_black_holes(swarm, sybils, tiny_llama, expected):
     _, peers, hole = sybils
     deadline = time.monotonic() + 30
@@ -241,13 +270,13 @@ def test_a_record_claiming_to_live_a_day_is_dropped_after_the_reader_cap(swarm, 
     peer = peer_id_of(key)
     dht = hivemind.DHT(initial_peers=swarm.initial_peers, start=True, record_validators=[SybilValidator([key])])
     try:
-        # made (nearly) as long ago as readers allow, stored with a day-long expiry, never refreshed
+        # made (nearly) as long ago as readers allow, never refreshed
         value = _record(peer, "0x" + secrets.token_hex(32), lane="", timestamp=time.time() - MAX_RECORD_AGE + 6)
-        _store(dht, peer, value, start=0, end=1, expires=86400)
+        _store(dht, peer, value, start=0, end=1, expires=60)
         assert peer in _view(swarm, blocks=[0])[0]
         time.sleep(8)
         raw = dht.get(block_key(MODEL, 0), latest=True)
-        assert raw is not None and peer.to_bytes() in raw.value  # the DHT still holds it (a day-long expiry)...
+        assert raw is not None and peer.to_bytes() in raw.value  # the DHT still holds it...
         assert peer not in _view(swarm, blocks=[0])[0]  # ...but readers no longer use it
     finally:
         dht.shutdown()
@@ -279,8 +308,15 @@ def test_a_node_never_pushes_to_a_host_a_record_names(swarm, sybils, honest, tin
         hop = HopStream(runtime, RemoteSpan(honest_peer, 0, 2, info), MODEL)  # a hop whose next block is 2
 
         async def push_step():
+            key = "0x" + secrets.token_hex(32)  # nodes serve only opens signed by the paying client's key
             await hop.open(
-                session_id=os.urandom(16), max_length=16, batch_size=1, client=CLIENT, push_token=None, timeout=10
+                session_id=os.urandom(16),
+                max_length=16,
+                batch_size=1,
+                client=eip712.address_of(key),
+                push_token=None,
+                timeout=10,
+                private_key=key,
             )
             hidden = torch.zeros(1, 1, int(tiny_config.hidden_size))
             return await hop.step([hidden], step=0, position=0, push_to=(victim.address, os.urandom(16)), timeout=10)
@@ -290,6 +326,44 @@ def test_a_node_never_pushes_to_a_host_a_record_names(swarm, sybils, honest, tin
         time.sleep(1)
         runtime.run(_close(hop), 10)
         assert victim.accepted == []  # the honest node never connected to the named host
+    finally:
+        runtime.shutdown()
+        dht.shutdown()
+        victim.close()
+
+
+def test_a_client_never_dials_a_lane_on_another_host_than_the_records_peer(swarm, sybils, honest, tmp_path):
+    """A real, connected sybil peer announces the whole model with a direct lane on another host (127.0.0.2): the
+    client pings and routes it over P2P only, never connects to that host, and still uses the honest node's lane."""
+    honest_peer, _ = honest
+    key = load_or_create_p2p_identity(tmp_path / "aim.key")
+    victim = BlackHole("127.0.0.2")
+    dht = hivemind.DHT(
+        initial_peers=swarm.initial_peers,
+        start=True,
+        host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+        identity_path=str(tmp_path / "aim.key"),
+        check_if_identity_free=False,
+        record_validators=[AnnouncementValidator(key)],
+    )
+    runtime = ClientRuntime(swarm.initial_peers)
+    try:
+        _store(dht, dht.peer_id, _record(dht.peer_id, "0x" + secrets.token_hex(32), lane=victim.address))
+        manager = RemoteSequenceManager(runtime, MODEL, BLOCKS, config=ClientConfig())
+        deadline = time.monotonic() + 30
+        while dht.peer_id not in manager.servers().get(0, {}):
+            assert time.monotonic() < deadline, "the record never became visible"
+            manager.update(force=True)
+        routes = {}
+        for _ in range(3):
+            for span in manager.make_inference_route():
+                routes[span.peer_id] = span.info.direct_address
+            manager.update(force=True)
+        time.sleep(1)
+        assert victim.accepted == []  # no ping, no step: the record could not aim the client at 127.0.0.2
+        if dht.peer_id in routes:
+            assert routes[dht.peer_id] == ""  # routed over P2P only
+        assert manager._lanes.get(honest_peer) == manager.servers()[0][honest_peer].direct_address  # honest lane kept
     finally:
         runtime.shutdown()
         dht.shutdown()
