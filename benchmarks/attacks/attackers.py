@@ -321,17 +321,18 @@ class SybilBlackHoles(Attack):
         )
         self.stats["sybils"] = self.num_sybils
         while True:
-            expiration = get_dht_time() + 86400  # a day: the signer chooses its records' expiry
+            # as long as readers and DHT peers keep a record (60 s since issue 22; a day's expiry was kept before)
+            expiration = get_dht_time() + 60
             stored = await loop.run_in_executor(None, self._store, 2, expiration)
             self.count("records_stored", stored)
             await asyncio.sleep(self.refresh)
 
     async def cleanup(self) -> None:
-        # leave the swarm as found: records marked OFFLINE (a day's expiry would poison later runs otherwise)
+        # leave the swarm as found: records marked OFFLINE
         loop = asyncio.get_running_loop()
         if self.dht is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(loop.run_in_executor(None, self._store, 0, get_dht_time() + 86400 + 60), 30)
+                await asyncio.wait_for(loop.run_in_executor(None, self._store, 0, get_dht_time() + 60), 30)
             with contextlib.suppress(Exception):
                 await loop.run_in_executor(None, self.dht.shutdown)
         for writer in self.held:
