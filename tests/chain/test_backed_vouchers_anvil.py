@@ -226,7 +226,9 @@ def test_api_gateway_keeps_reserves_for_the_ledgers_nodes(chain, roles, ledger, 
     watcher = ChainWatcher(settings, None, gateway_key=key)
     known = {str(n["address"]) for n in ledger["client"].reputation()}
     assert node in known
-    assert watcher._keep_reserves(chain) == len(known)
+    # and the staked nodes the ranking does not list yet (nodes work only against checked escrow: issue 22)
+    staked = {n.address.lower() for n in ledger["client"].stakes().nodes.values() if n.eligible}
+    assert watcher._keep_reserves(chain) == len({a.lower() for a in known} | staked)
     assert chain.reserve_of(gateway, node)["amount"] == 2 * ETHER
     assert watcher._keep_reserves(chain) == 0, "topped up already"
     assert ledger["client"].backing(gateway, node, fresh=True).backed == 2 * ETHER
