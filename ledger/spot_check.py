@@ -306,18 +306,20 @@ class SpotChecker:
         """Runs the epoch's pending checks in receipt order (the pooled test scores a node's steps in order), each
         followed by ``escalate``."""
         self.pick(number)
-        report, done = EpochCheckReport(epoch=number), set()
+        report, receipt_id = EpochCheckReport(epoch=number), 0
         while True:
             with session_scope(self.engine) as session:
-                query = select(SpotCheck.receipt_id).where(
-                    SpotCheck.epoch_number == number, SpotCheck.status == "pending"
+                receipt_id = session.scalar(
+                    select(SpotCheck.receipt_id)
+                    .where(
+                        SpotCheck.epoch_number == number,
+                        SpotCheck.status == "pending",
+                        SpotCheck.receipt_id > receipt_id,  # escalation only adds picks after the one just checked
+                    )
+                    .order_by(SpotCheck.receipt_id)
                 )
-                if done:
-                    query = query.where(SpotCheck.receipt_id.not_in(done))
-                receipt_id = session.scalar(query.order_by(SpotCheck.receipt_id))
             if receipt_id is None:
                 break
-            done.add(receipt_id)
             verdict = self.check_receipt(receipt_id)
             self.escalate(number, receipt_id)
             report.checked += 1
