@@ -159,6 +159,26 @@ def is_picked(seed: bytes, leaf: bytes, fraction: float) -> bool:
     return int.from_bytes(keccak256(seed + leaf), "big") < int(fraction * (1 << 256))
 
 
+def audit_rate(base: float, suspicion: float, gain: float, cap: float) -> float:
+    """A node's audit rate: min(cap, base x (1 + gain x suspicion)), never below ``base``. ``suspicion`` is its pooled
+    CUSUM over the threshold (S / H, 0 for an honest node almost always: docs/protocol.md, "The pooled test")."""
+    return max(base, min(cap, base * (1 + gain * max(0.0, suspicion))))
+
+
+def suspicion(session, node: str) -> float:
+    """The node's pooled CUSUM over its threshold, the highest over the precisions it was scored in (0: none)."""
+    worst = 0.0
+    for descriptor, statistic in session.execute(
+        select(PooledAudit.descriptor, PooledAudit.statistic).where(PooledAudit.node == node)
+    ).all():
+        try:
+            threshold = POOLED_CUSUM[ComputeSpec.decode(bytes(descriptor)).dtype][1]
+        except (KeyError, ValueError):
+            continue
+        worst = max(worst, statistic / threshold)
+    return worst
+
+
 def epoch_seed(root: bytes, secret: str) -> bytes:
     return keccak256(b"nectar-spot-check" + root + secret.encode())
 
@@ -203,8 +223,20 @@ class SpotChecker:
         self.settings, self.engine, self.verifiers, self.audit, self.chain = settings, engine, verifiers, audit, chain
         self.skip_clients = {c.lower() for c in skip_clients}  # the verifiers' own re-executions are not audited
 
+    def rate(self, session, node: str) -> float:
+        """The node's audit rate now: the base rate q, raised by its pooled CUSUM (``audit_rate``)."""
+        settings = self.settings
+        return audit_rate(
+            settings.spot_check_fraction,
+            suspicion(session, node),
+            settings.spot_check_gain,
+            settings.spot_check_max_fraction,
+        )
+
     def pick(self, number: int) -> int:
-        """Fix this epoch's picks once (pending SpotCheck rows); returns how many."""
+        """Fix this epoch's picks once (pending SpotCheck rows) at the base rate q, plus, for a node whose rate is
+        raised now, its receipts up to its first pick at that rate (``_escalate``); returns how many."""
+        q = self.settings.spot_check_fraction
         with session_scope(self.engine) as session:
             epoch = session.get(Epoch, number)
             if epoch is None or epoch.root is None:
@@ -221,26 +253,79 @@ class SpotChecker:
             for receipt_id, leaf, node, kind, client in rows:
                 if client.lower() in self.skip_clients:
                     continue
-                if kind in CHECKABLE_KINDS and is_picked(seed, leaf, self.settings.spot_check_fraction):
+                if kind in CHECKABLE_KINDS and is_picked(seed, leaf, q):
                     session.add(
                         SpotCheck(receipt_id=receipt_id, epoch_number=number, node=node, status="pending", executions=0)
                     )
                     picked += 1
+            session.flush()
+            for node in sorted({row.node for row in rows}):
+                picked += self._escalate(session, number, seed, node, after=0)
             epoch.spot_seed = seed
         logger.info(f"Epoch {number}: {picked} of {len(rows)} receipts picked for spot checks")
         return picked
 
-    def check_epoch(self, number: int) -> EpochCheckReport:
-        self.pick(number)
-        report = EpochCheckReport(epoch=number)
+    def escalate(self, number: int, receipt_id: int) -> int:
+        """After the audit of ``receipt_id``: picks the receipts of its node that follow it (``_escalate``)."""
         with session_scope(self.engine) as session:
-            pending = [c.receipt_id for c in crud.spot_checks_of(session, epoch=number) if c.status == "pending"]
-        for index, receipt_id in enumerate(pending):
+            epoch, receipt = session.get(Epoch, number), session.get(Receipt, receipt_id)
+            if epoch is None or epoch.spot_seed is None or receipt is None:
+                return 0
+            return self._escalate(session, number, bytes(epoch.spot_seed), receipt.node, after=receipt_id)
+
+    def _escalate(self, session, number: int, seed: bytes, node: str, after: int) -> int:
+        """The node's receipts of this epoch after receipt ``after``, up to its next pending pick, picked at its audit
+        rate now: the same keyed hash below a higher bound, so a raised rate adds picks to the base ones and the node
+        still cannot tell which. Checks run in receipt order, so a node's rate holds from one audit to its next, as if
+        every step were picked when served, and never exceeds the cap (the bound on an epoch's checking work).
+        Returns how many were added."""
+        rate = self.rate(session, node)
+        if rate <= self.settings.spot_check_fraction:
+            return 0  # the base picks were made at this rate
+        following = select(SpotCheck.receipt_id).where(
+            SpotCheck.epoch_number == number, SpotCheck.node == node, SpotCheck.receipt_id > after
+        )
+        upto = session.scalar(following.where(SpotCheck.status == "pending").order_by(SpotCheck.receipt_id))
+        query = select(Receipt.id, Receipt.leaf, Receipt.kind, Receipt.client).where(
+            Receipt.epoch_number == number, Receipt.node == node, Receipt.id > after, Receipt.id.not_in(following)
+        )
+        if upto is not None:
+            query = query.where(Receipt.id < upto)
+        added = 0
+        for row_id, leaf, kind, client in session.execute(query).all():
+            if kind in CHECKABLE_KINDS and client.lower() not in self.skip_clients and is_picked(seed, leaf, rate):
+                session.add(
+                    SpotCheck(receipt_id=row_id, epoch_number=number, node=node, status="pending", executions=0)
+                )
+                added += 1
+        if added:
+            logger.info(f"Epoch {number}: node {node} is audited at rate {rate:.3g}: {added} more receipts picked")
+        return added
+
+    def check_epoch(self, number: int) -> EpochCheckReport:
+        """Runs the epoch's pending checks in receipt order (the pooled test scores a node's steps in order), each
+        followed by ``escalate``."""
+        self.pick(number)
+        report, receipt_id = EpochCheckReport(epoch=number), 0
+        while True:
+            with session_scope(self.engine) as session:
+                receipt_id = session.scalar(
+                    select(SpotCheck.receipt_id)
+                    .where(
+                        SpotCheck.epoch_number == number,
+                        SpotCheck.status == "pending",
+                        SpotCheck.receipt_id > receipt_id,  # escalation only adds picks after the one just checked
+                    )
+                    .order_by(SpotCheck.receipt_id)
+                )
+            if receipt_id is None:
+                break
             verdict = self.check_receipt(receipt_id)
+            self.escalate(number, receipt_id)
             report.checked += 1
             setattr(report, verdict.status, getattr(report, verdict.status) + 1)
-            if (index + 1) % 20 == 0:
-                logger.info(f"Epoch {number}: {index + 1}/{len(pending)} spot checks done")
+            if report.checked % 20 == 0:
+                logger.info(f"Epoch {number}: {report.checked} spot checks done")
         with session_scope(self.engine) as session:
             report.failed_nodes = sorted(
                 {c.node for c in crud.spot_checks_of(session, epoch=number) if c.status == "failed"}
@@ -530,6 +615,8 @@ __all__ = [
     "EpochCheckReport",
     "Verdict",
     "is_picked",
+    "audit_rate",
+    "suspicion",
     "epoch_seed",
     "utcnow",
 ]

@@ -28,8 +28,18 @@ import numpy as np
 import torch
 from pooled_calibration import cusum_convictions, steps_to_conviction  # this folder (run as a script)
 
+from nectar.ledger.core.config import Settings
+from nectar.ledger.spot_check import audit_rate
 from nectar.models import load_client_head, load_span
-from nectar.wire.fingerprints import POOLED_CUSUM, POOLED_DTYPES, ComputeSpec, output_deviation, pooled_score, tolerance
+from nectar.wire.fingerprints import (
+    POOLED_CUSUM,
+    POOLED_DTYPES,
+    POOLED_SCORE_CLIP,
+    ComputeSpec,
+    output_deviation,
+    pooled_score,
+    tolerance,
+)
 
 MODEL, BLOCKS = "smollm2-135m", 30
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -77,7 +87,45 @@ CHEATS = {
 }
 
 
-def run_precision(dtype_name, head, *, sessions, prefill, decode, q, seed):
+def adaptive_steps_to_conviction(scores, caught, dtype_name, q, gain, cap, rng, trials=2000, horizon=20_000):
+    """Served steps to conviction per trial with the ledger's adaptive rate (``audit_rate``): from one audit to the next
+    the node's steps are picked at the rate its CUSUM then gives (``SpotChecker.escalate``), each audited step drawn
+    from the cheat's observed steps (pooled score, single-step verdict). Also returns audits per served step / q."""
+    drift, threshold = POOLED_CUSUM[dtype_name]
+    scores, caught = np.minimum(np.asarray(scores), POOLED_SCORE_CLIP), np.asarray(caught, dtype=bool)
+    out, audits, served_all = [], 0, 0
+    for _ in range(trials):
+        s, served, convicted = 0.0, 0, False
+        while True:
+            served += int(rng.geometric(audit_rate(q, s / threshold, gain, cap)))
+            if served > horizon:
+                break
+            i = rng.integers(0, len(scores))
+            audits += 1
+            s = max(0.0, s + scores[i] - drift)
+            if caught[i] or s >= threshold:
+                convicted = True
+                break
+        out.append(served if convicted else math.inf)
+        served_all += min(served, horizon)
+    return np.array(out, dtype=float), audits / (q * served_all)
+
+
+def honest_rate_multiplier(runs, dtype_name, q, gain, cap) -> float:
+    """Expected audits per served step over q for an honest node: its scores in order (each run its own node), the
+    gap before each audit 1 / the rate its CUSUM gave after the previous one."""
+    drift, threshold = POOLED_CUSUM[dtype_name]
+    audits, served = 0, 0.0
+    for scores in runs:
+        s = 0.0
+        for z in scores:
+            served += 1 / audit_rate(q, s / threshold, gain, cap)
+            audits += 1
+            s = max(0.0, s + min(z, POOLED_SCORE_CLIP) - drift)
+    return audits / (q * served)
+
+
+def run_precision(dtype_name, head, *, sessions, prefill, decode, q, seed, gain, cap):
     dtype = DTYPES[dtype_name]
     spec = ComputeSpec(dtype_name)
     limit = tolerance(spec, BLOCKS)
@@ -155,9 +203,14 @@ def run_precision(dtype_name, head, *, sessions, prefill, decode, q, seed):
             "break_even_price_per_step_credits": (SLASH_CREDITS * p1000 / (1000 * saved)) if saved else None,
         }
         if scores[name]:  # single-step and pooled tests together, audits Bernoulli(q) over served steps
-            served = steps_to_conviction(scores[name], *POOLED_CUSUM[dtype_name], q, rng, caught=caught[name])
+            fixed = steps_to_conviction(scores[name], *POOLED_CUSUM[dtype_name], q, rng, caught=caught[name])
+            served, multiplier = adaptive_steps_to_conviction(scores[name], caught[name], dtype_name, q, gain, cap, rng)
             p_pooled = float(np.mean(served <= 1000))
             rows[name] |= {
+                "pooled_scores": [round(float(z), 4) for z in scores[name]],
+                "single_step_caught": [bool(c) for c in caught[name]],
+                "pooled_fixed_rate_p_convicted_within_1000_steps": float(np.mean(fixed <= 1000)),
+                "adaptive_rate_multiplier": multiplier,
                 "pooled_mean_score": float(np.mean(scores[name])),
                 "pooled_p_convicted_within_1000_steps": p_pooled,
                 "pooled_median_served_steps_to_conviction": float(np.median(served)),
@@ -174,6 +227,9 @@ def run_precision(dtype_name, head, *, sessions, prefill, decode, q, seed):
             "false_accusations": int((devs > limit).sum()),
             "max": float(devs.max()),
             "pooled_convictions": cusum_convictions(honest_score, dtype_name) if honest_score else None,
+            "adaptive_rate_multiplier": (
+                honest_rate_multiplier([honest_score], dtype_name, q, gain, cap) if honest_score else None
+            ),
             "pooled_mean_score": float(np.mean(honest_score)) if honest_score else None,
         },
         "cheats": rows,
@@ -187,9 +243,9 @@ def _steps(n: float) -> str:
 def table(results, q) -> str:
     lines = [
         f"| cheat | precision | tokens changed | detection per audited step | P(convicted) in 1,000 steps at q = {q} "
-        "| served steps to 99% | pooled + single: P(convicted) in 1,000 | pooled + single: served steps to conviction, "
-        "median / 99th pct | EV per 1,000 steps |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| served steps to 99% | pooled + single, adaptive rate: P(convicted) in 1,000 (at fixed q) | pooled + single, "
+        "adaptive rate: served steps to conviction, median / 99th pct | audit rate (x q) | EV per 1,000 steps |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for dtype_name, result in results.items():
         for name, r in result["cheats"].items():
@@ -202,12 +258,14 @@ def table(results, q) -> str:
             )
             pooled = (
                 (
-                    f"{r['pooled_p_convicted_within_1000_steps']:.3f} (score {r['pooled_mean_score']:.2f}) | "
+                    f"{r['pooled_p_convicted_within_1000_steps']:.3f} "
+                    f"({r['pooled_fixed_rate_p_convicted_within_1000_steps']:.3f}; "
+                    f"score {r['pooled_mean_score']:.2f}) | "
                     f"{_steps(r['pooled_median_served_steps_to_conviction'])} / "
-                    f"{_steps(r['pooled_p99_served_steps_to_conviction'])}"
+                    f"{_steps(r['pooled_p99_served_steps_to_conviction'])} | {r['adaptive_rate_multiplier']:.2f}"
                 )
                 if "pooled_mean_score" in r
-                else "(float32: single step only) | "
+                else "(float32: single step only) | | 1"
             )
             lines.append(
                 f"| {name} | {dtype_name} | {100 * r['next_tokens_changed']:.1f}% | "
@@ -218,13 +276,14 @@ def table(results, q) -> str:
     for dtype_name, result in results.items():
         h = result["honest"]
         pooled = (
-            f"pooled false convictions {h['pooled_convictions']} (score {h['pooled_mean_score']:.2f})"
+            f"pooled false convictions {h['pooled_convictions']} (score {h['pooled_mean_score']:.2f}) | | "
+            f"{h['adaptive_rate_multiplier']:.3f}"
             if h["pooled_convictions"] is not None
-            else ""
+            else " | | 1"
         )
         lines.append(
             f"| honest node | {dtype_name} | 0% | false accusations {h['false_accusations']} of {h['audited_steps']} "
-            f"(max deviation {h['max']:.2g}, tolerance {result['tolerance']:.2g}) | | | {pooled} | | |"
+            f"(max deviation {h['max']:.2g}, tolerance {result['tolerance']:.2g}) | | | {pooled} | |"
         )
     return "\n".join(lines)
 
@@ -234,17 +293,46 @@ def main():
     parser.add_argument("--sessions", type=int, default=6)
     parser.add_argument("--prefill", type=int, default=8)
     parser.add_argument("--decode", type=int, default=12)
-    parser.add_argument("--q", type=float, default=0.02, help="audit rate (the ledger's spot_check_fraction)")
+    parser.add_argument("--q", type=float, default=None, help="base audit rate (default: the ledger's)")
+    defaults = Settings.model_fields
+    parser.add_argument("--gain", type=float, default=defaults["spot_check_gain"].default, help="adaptive rate gain")
+    parser.add_argument("--cap", type=float, default=defaults["spot_check_max_fraction"].default, help="rate cap")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES))
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--honest-rows",
+        nargs="*",
+        default=None,
+        help="only print the honest nodes' audit rate multiplier over pooled_calibration.py's rows (its --json files)",
+    )
     args = parser.parse_args()
+    if args.q is None:
+        args.q = defaults["spot_check_fraction"].default
+    if args.honest_rows:
+        rows = [row for name in args.honest_rows for row in json.loads(Path(name).read_text())["rows"]]
+        for dtype_name in POOLED_DTYPES:
+            runs = [r["honest"] for r in rows if r["dtype"] == dtype_name]
+            multiplier = honest_rate_multiplier(runs, dtype_name, args.q, args.gain, args.cap)
+            print(
+                f"{dtype_name}: {sum(map(len, runs))} honest audited steps in {len(runs)} runs: audit rate "
+                f"{multiplier:.5f} x q (q = {args.q}, gain {args.gain:g}, cap {args.cap:g})"
+            )
+        return
     torch.set_num_threads(args.threads)
     head = load_client_head(MODEL)
     results, began = {}, time.time()
     for index, dtype_name in enumerate(args.dtypes):
         results[dtype_name] = run_precision(
-            dtype_name, head, sessions=args.sessions, prefill=args.prefill, decode=args.decode, q=args.q, seed=index
+            dtype_name,
+            head,
+            sessions=args.sessions,
+            prefill=args.prefill,
+            decode=args.decode,
+            q=args.q,
+            seed=index,
+            gain=args.gain,
+            cap=args.cap,
         )
         print(f"{dtype_name} done ({time.time() - began:.0f}s)", flush=True)
     print(table(results, args.q))

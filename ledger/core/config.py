@@ -51,6 +51,9 @@ class Settings(ServiceSettings):
     credit_limit: int = 10**16  # credit wei of unpaid work a node grants a client (nodes read it from /v1/config)
 
     spot_check_fraction: float = 0.01  # q: share of an epoch's receipts re-executed after it closes (docs/economics.md)
+    spot_check_gain: float = 40.0  # adaptive rate: a node whose pooled CUSUM stands at S (of threshold H) has its
+    # next receipts picked at min(max fraction, q x (1 + gain x S / H)); an honest node's S is ~0 (docs/protocol.md)
+    spot_check_max_fraction: float = 0.2  # the adaptive rate's cap per node (bounds the checking work of an epoch)
     spot_check_secret: str = DEVNET_SPOT_CHECK_SECRET  # mixed with the epoch root so nodes cannot predict picks
     spot_check_reputation_penalty: float = 0.5  # each failed spot check multiplies a node's score by this
     reference_stake: int = 10**18  # stake (wei) that earns the full stake component of reputation
@@ -95,6 +98,10 @@ class Settings(ServiceSettings):
             raise ValueError("NECTAR_LEDGER_CRASH_POINT is for tests on a devnet only")
         if not 0.0 <= self.spot_check_fraction <= 1.0:
             raise ValueError("NECTAR_LEDGER_SPOT_CHECK_FRACTION must be within [0, 1]")
+        if not 0.0 <= self.spot_check_max_fraction <= 1.0 or self.spot_check_gain < 0:
+            raise ValueError(
+                "NECTAR_LEDGER_SPOT_CHECK_MAX_FRACTION must be within [0, 1] and NECTAR_LEDGER_SPOT_CHECK_GAIN >= 0"
+            )
         if not 0 < self.spot_check_audit_window_s < self.audit_retention_s:
             raise ValueError(
                 "NECTAR_LEDGER_SPOT_CHECK_AUDIT_WINDOW_S must be positive and below NECTAR_LEDGER_AUDIT_RETENTION_S"
