@@ -49,7 +49,7 @@ def market(tmp_path_factory, contracts_snapshot, monkeypatch_module):
             swarm_initial_peers=market.swarm.initial_peers[0],
             slash_poll_seconds=1,
         )
-        market.chain.deposit(market.clients[0].key, 10**18)
+        market.fund(market.clients[0], 10**18)
         yield market
     finally:
         for model in market.models:
