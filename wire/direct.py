@@ -28,7 +28,7 @@ from nectar.wire.transport import (
     RESPONSE_FRAME_LIMIT,
     FrameTooLarge,
     StreamHandler,
-    receive_frame,
+    receive_answers,
     send_data,
     send_message,
     stream_handler,
@@ -162,6 +162,11 @@ async def call_stream_direct(
     reader, writer = await asyncio.open_connection(host, port)
     await send_hello(name, writer)
 
+    def fail(error: RPCError | FrameTooLarge) -> Exception:
+        if isinstance(error, FrameTooLarge):
+            return DirectCallError(f"{name} at {address} answered with {error}")
+        return DirectCallError(f"{name} at {address} failed: {error.message}")
+
     async def write_requests() -> None:
         async for request in requests:
             await send_message(request, writer)
@@ -170,15 +175,9 @@ async def call_stream_direct(
     async def read_responses() -> AsyncIterator[runtime_pb2.ExpertResponse]:
         with closing(writer):
             try:
-                while True:
-                    try:
-                        response, error = await receive_frame(runtime_pb2.ExpertResponse, reader, max_frame_bytes)
-                    except (asyncio.IncompleteReadError, ConnectionError):
-                        break  # the node closed the stream
-                    except FrameTooLarge as e:
-                        raise DirectCallError(f"{name} at {address} answered with {e}") from None
-                    if error is not None:
-                        raise DirectCallError(f"{name} at {address} failed: {error.message}")
+                # ConnectionError too: the node closed the stream
+                closed = (asyncio.IncompleteReadError, ConnectionError)
+                async for response in receive_answers(reader, max_frame_bytes, fail, closed):
                     yield response
                 if writing.done():  # a write that failed for another reason than the node going away
                     with suppress(ConnectionError, asyncio.CancelledError):

@@ -57,6 +57,26 @@ async def receive_frame(message_type, reader: asyncio.StreamReader, max_bytes: i
     return (message, None) if marker == P2P.MESSAGE_MARKER else (None, message)
 
 
+async def receive_answers(
+    reader: asyncio.StreamReader,
+    max_frame_bytes: int,
+    fail: Callable[[RPCError | FrameTooLarge], Exception],
+    closed: tuple[type[BaseException], ...] = (asyncio.IncompleteReadError,),
+) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+    """A called stream's answers until the node closes it (``closed``); an error frame, or an answer declaring more
+    than ``max_frame_bytes`` (refused before it is read), raises ``fail(it)``. Both lanes' callers read through this."""
+    while True:
+        try:
+            response, error = await receive_frame(runtime_pb2.ExpertResponse, reader, max_frame_bytes)
+        except closed:
+            return
+        except FrameTooLarge as e:
+            raise fail(e) from None
+        if error is not None:
+            raise fail(error)
+        yield response
+
+
 async def send_message(
     message: runtime_pb2.ExpertResponse | runtime_pb2.ExpertRequest | RPCError, writer: asyncio.StreamWriter
 ) -> None:
@@ -193,6 +213,11 @@ async def call_stream(
     declared length checked before it is read); remote errors surface as ``P2PHandlerError`` with the text."""
     _, reader, writer = await p2p.call_binary_stream_handler(peer_id, name)
 
+    def fail(error: RPCError | FrameTooLarge) -> Exception:
+        if isinstance(error, FrameTooLarge):
+            return P2PHandlerError(f"{peer_id} answered {name} with {error}")
+        return P2PHandlerError(f"Failed to call handler `{name}` at {peer_id}: {error.message}")
+
     async def write_requests() -> None:
         async for request in requests:
             await send_message(request, writer)
@@ -201,15 +226,7 @@ async def call_stream(
     async def read_responses() -> AsyncIterator[runtime_pb2.ExpertResponse]:
         with closing(writer):
             try:
-                while True:
-                    try:
-                        response, error = await receive_frame(runtime_pb2.ExpertResponse, reader, max_frame_bytes)
-                    except asyncio.IncompleteReadError:  # the node closed the stream
-                        break
-                    except FrameTooLarge as e:
-                        raise P2PHandlerError(f"{peer_id} answered {name} with {e}") from None
-                    if error is not None:
-                        raise P2PHandlerError(f"Failed to call handler `{name}` at {peer_id}: {error.message}")
+                async for response in receive_answers(reader, max_frame_bytes, fail):
                     yield response
                 await writing
             finally:
