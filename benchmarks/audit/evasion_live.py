@@ -26,14 +26,14 @@ from pathlib import Path
 
 import torch
 
-from nectar.ledger.models import Epoch, Receipt
+from nectar.ledger.models import Receipt
 from nectar.operator import ensure_registered
 from nectar.service.db import session_scope
 from nectar.wire.eip712 import receipt_leaf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests.ledger: the market harness of the swarm tests
 from tests.ledger.market import NUM_BLOCKS, SwarmMarket  # noqa: E402
-from tests.ledger.test_swarm_spot_checks import Prefer, spot_check_rows  # noqa: E402
+from tests.ledger.test_swarm_spot_checks import Prefer, wait_for_spot_checks  # noqa: E402
 from tests.ledger.utils import Party, wait_for  # noqa: E402
 
 PRICE = 10**12
@@ -111,13 +111,7 @@ def main():
         wait_for(lambda: leaves <= market.stored_leaves(client.address), 120, "the client's receipts at the ledger")
         number = market.close_and_settle()["number"]
 
-        def done():
-            with session_scope(market.engine) as session:
-                seeded = session.get(Epoch, number).spot_seed is not None
-            rows = spot_check_rows(market, number)
-            return rows if seeded and rows and all(r["status"] != "pending" for r in rows) else None
-
-        rows = wait_for(done, 900, f"the spot checks of epoch {number} (see {home}/worker.log)", interval=2)
+        rows = wait_for_spot_checks(market, number, 900)
         with session_scope(market.engine) as session:
             on_record = Counter(r.node for r in session.query(Receipt).filter(Receipt.epoch_number == number))
         results = {}

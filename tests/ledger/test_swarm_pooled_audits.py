@@ -16,11 +16,10 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from nectar.ledger.models import Epoch, PooledAudit
+from nectar.ledger.models import PooledAudit
 from nectar.service.db import session_scope
 from tests.ledger.market import SwarmMarket
-from tests.ledger.test_swarm_spot_checks import Prefer, spot_check_rows
-from tests.ledger.utils import wait_for
+from tests.ledger.test_swarm_spot_checks import Prefer, wait_for_spot_checks
 
 pytestmark = pytest.mark.slow
 PRICE = 10**12
@@ -74,13 +73,7 @@ def test_the_pooled_test_convicts_a_small_noise_bfloat16_node_and_no_honest_one(
     market.wait_for_payments(model.wallet)
     number = market.close_and_settle()["number"]
 
-    def done():
-        with session_scope(market.engine) as session:
-            seeded = session.get(Epoch, number).spot_seed is not None
-        rows = spot_check_rows(market, number)
-        return rows if seeded and rows and all(r["status"] != "pending" for r in rows) else None
-
-    rows = wait_for(done, 900, f"the spot checks of epoch {number} (see {market.home}/worker.log)", interval=2)
+    rows = wait_for_spot_checks(market, number, 900)
     honest = {n.eth_address for n in market.honest}
     accused = [r for r in rows if r["node"] in honest and r["status"] != "passed"]
     cheater_rows = [r for r in rows if r["node"] == market.cheater.eth_address]

@@ -14,12 +14,10 @@ import pytest
 import torch
 
 from nectar.ledger import crud
-from nectar.ledger.models import Epoch
 from nectar.service.db import session_scope
 from nectar.wire.fingerprints import ComputeSpec
 from tests.ledger.market import SwarmMarket
-from tests.ledger.test_swarm_spot_checks import Prefer, spot_check_rows
-from tests.ledger.utils import wait_for
+from tests.ledger.test_swarm_spot_checks import Prefer, wait_for_spot_checks
 
 pytestmark = pytest.mark.slow
 PRICE = 10**12
@@ -69,13 +67,7 @@ def test_honest_bfloat16_nodes_pass_every_swarm_audit_and_the_cheater_fails(mark
     market.wait_for_payments(model.wallet)
     number = market.close_and_settle()["number"]
 
-    def done():
-        with session_scope(market.engine) as session:
-            seeded = session.get(Epoch, number).spot_seed is not None
-        rows = spot_check_rows(market, number)
-        return rows if seeded and rows and all(r["status"] != "pending" for r in rows) else None
-
-    rows = wait_for(done, 600, f"the spot checks of epoch {number} (see {market.home}/worker.log)", interval=2)
+    rows = wait_for_spot_checks(market, number, 600)
     with session_scope(market.engine) as session:
         descriptors = {r.fingerprint for r in crud.list_receipts(session, epoch=number, limit=10_000)}
     assert {ComputeSpec.decode(d) for d in descriptors} == {ComputeSpec("bfloat16", "none", "cpu")}

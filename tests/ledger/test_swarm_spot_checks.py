@@ -100,6 +100,18 @@ def spot_check_rows(market, epoch: int) -> list[dict]:
         ]
 
 
+def wait_for_spot_checks(market, number: int, timeout: float) -> list[dict]:
+    """The spot checks of epoch ``number`` once the worker drew its seed and judged every one."""
+
+    def done():
+        with session_scope(market.engine) as session:
+            seeded = session.get(Epoch, number).spot_seed is not None
+        rows = spot_check_rows(market, number)
+        return rows if seeded and rows and all(r["status"] != "pending" for r in rows) else None
+
+    return wait_for(done, timeout, f"the spot checks of epoch {number} (see {market.home}/worker.log)", interval=2)
+
+
 def verifier_key(market) -> str:
     return next(a["privateKey"] for a in market.chain.deployment.accounts if a["role"] == "verifier")
 
@@ -148,13 +160,7 @@ def test_spot_checks_over_the_swarm_catch_the_cheater_and_never_accuse_honest_no
     epoch = market.close_and_settle()
     number = epoch["number"]
 
-    def done():
-        with session_scope(market.engine) as session:
-            seeded = session.get(Epoch, number).spot_seed is not None
-        rows = spot_check_rows(market, number)
-        return rows if seeded and rows and all(r["status"] != "pending" for r in rows) else None
-
-    rows = wait_for(done, 600, f"the spot checks of epoch {number} (see {market.home}/worker.log)", interval=2)
+    rows = wait_for_spot_checks(market, number, 600)
     cheater, honest, evader = (
         market.cheater.eth_address,
         {n.eth_address for n in market.honest},
