@@ -43,16 +43,29 @@ def fake_int8(span) -> None:
                 p.copy_((p / scale).round().clamp(-127, 127) * scale)
 
 
-def run(name, path, dtype_name, *, sessions, prefill, decode, start, end, embed=None, seed=0, cheat_every=1):
+def run(
+    name, path, dtype_name, *, sessions, prefill, decode, start, end, embed=None, seed=0, cheat_every=1, device="cpu"
+):
+    """The node computes on ``device`` (KV-cached steps); the verifier recomputes on the CPU, in the node's dtype and
+    in float32. With ``embed`` and a span that ends at the model's last block, next tokens are compared too."""
     dtype, spec = DTYPES[dtype_name], ComputeSpec(dtype_name)
     span = load_span(path, start, end, dtype=dtype)
+    node = load_span(path, start, end, dtype=dtype, device=device) if device != "cpu" else span
+    final = embed is not None and end == span32_blocks(path)
     span32 = load_span(path, start, end, dtype=torch.float32)
     int8 = load_span(path, start, end, dtype=dtype)
     fake_int8(int8)
     bf16 = load_span(path, start, end, dtype=torch.bfloat16) if dtype_name == "float16" else None
     prefix = load_span(path, 0, start, dtype=torch.float32) if embed is not None and start > 0 else None
     g = torch.Generator().manual_seed(seed)
-    honest, cheats = [], {}
+    honest, cheats, tokens = [], {}, {}
+
+    def count(key, a, b):
+        if final:
+            with torch.inference_mode():
+                same = embed.logits(a.float()).argmax(-1) == embed.logits(b.float()).argmax(-1)
+            tokens.setdefault(key, []).extend(same.reshape(-1).logical_not().tolist())
+
     for index in range(sessions):
         length = prefill + decode
         if embed is not None:
@@ -63,23 +76,30 @@ def run(name, path, dtype_name, *, sessions, prefill, decode, start, end, embed=
         else:
             x = torch.randn(1, length, span.hidden_size, generator=g)
         cheating = index % cheat_every == 0
-        caches = {"y": span.new_cache(1, length), "int8": int8.new_cache(1, length)}
+        caches = {"y": node.new_cache(1, length), "int8": int8.new_cache(1, length)}
         if bf16 is not None:
             caches["bf16"] = bf16.new_cache(1, length)
         pos = 0
         for t in [prefill] + [1] * decode:
             step_in = x[:, pos : pos + t]
             with torch.inference_mode():
-                y = span(step_in.to(dtype), cache=caches["y"])
+                y = node(step_in.to(device, dtype), cache=caches["y"]).cpu()
                 r = span(x[:, : pos + t].to(dtype))[:, -t:]
                 r32 = span32(x[:, : pos + t])[:, -t:]
                 honest.append(pooled_score(y, r, r32, spec))
+                count("node vs float32", y, r32)
+                count("verifier vs float32", r, r32)
+                count("node vs verifier", y, r)
                 if cheating:
                     m = y.float().abs().mean()
                     out = {
                         f"noise {level:g}% of mean |x|": y.float() + level / 100 * m * torch.randn(y.shape, generator=g)
                         for level in (0.3, 1, 2, 3, 5)
                     }
+                    top = y.float().abs().topk(4, dim=-1).indices
+                    for level in (1, 5):
+                        noisy = y.float() + level / 100 * m * torch.randn(y.shape, generator=g)
+                        out[f"top-4 kept, the rest +{level}% noise"] = noisy.scatter(-1, top, y.float().gather(-1, top))
                     out["int8 weights"] = int8(step_in.to(dtype), cache=caches["int8"])
                     if bf16 is not None:
                         out["bfloat16 computed, float16 claimed"] = bf16(
@@ -87,8 +107,25 @@ def run(name, path, dtype_name, *, sessions, prefill, decode, start, end, embed=
                         )
                     for k, v in out.items():
                         cheats.setdefault(k, []).append(pooled_score(v.to(dtype), r, r32, spec))
+                        count(f"{k}: vs float32", v.to(dtype), r32)
+                        count(f"{k}: vs node", v.to(dtype), y)
             pos += t
-    return {"model": name, "dtype": dtype_name, "span": f"{start}:{end}", "honest": honest, "cheats": cheats}
+    return {
+        "model": name,
+        "dtype": dtype_name,
+        "span": f"{start}:{end}",
+        "device": device,
+        "honest": honest,
+        "cheats": cheats,
+        "next_tokens_changed": {k: float(np.mean(v)) for k, v in tokens.items()},
+    }
+
+
+def span32_blocks(path) -> int:
+    from nectar.models.resolve import resolve_model  # the checkpoint's depth, for "does the span end the model"
+
+    config = json.loads((resolve_model(path, progress=False) / "config.json").read_text())
+    return int(config.get("num_hidden_layers") or config.get("n_layer"))
 
 
 def lundberg_theta(scores: np.ndarray, drift: float) -> float:
@@ -186,6 +223,9 @@ def summarize(rows, margin, q, seed=0):
             "honest_cusum_peak": peak,
             "honest_convictions": int(convictions),
             "cheats": cheats,
+            "next_tokens_changed": {
+                f"{r['model']}[{r['span']}]": r["next_tokens_changed"] for r in group if r.get("next_tokens_changed")
+            },
         }
     return out
 
@@ -199,6 +239,7 @@ def main():
     parser.add_argument("--margin", type=float, default=1.3)
     parser.add_argument("--q", type=float, default=0.02)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="where the node computes (the verifier is on the CPU)")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES))
     parser.add_argument("--builtin-spans", default="0:30,0:10,20:30")
     parser.add_argument("--json", default=None)
@@ -223,7 +264,7 @@ def main():
     if not (deep / "config.json").exists():
         save_tiny_checkpoint(deep, "llama", num_layers=16, hidden_size=64, seed=1)
     began, rows = time.time(), []
-    common = dict(prefill=args.prefill, decode=args.decode)
+    common = dict(prefill=args.prefill, decode=args.decode, device=args.device)
     for dtype_name in args.dtypes:
         for kind, path in tiny.items():
             rows.append(

