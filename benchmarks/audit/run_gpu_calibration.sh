@@ -2,10 +2,11 @@
 # Audit calibration with the node on the GPU and the verifier on the CPU (issue 21: tolerances per hardware class).
 # Run on the GPU machine (no internet) from the repository root, with .whl/ (benchmarks/gpu/fetch_wheels.sh) and
 # .gpucarry/ (the gguf wheel and the built-in model's GGUF in parts: `split -b 22m <gguf> .gpucarry/gguf.part.`).
-#   bash benchmarks/audit/run_gpu_calibration.sh pooled|single OUT_DIR
+#   POOLED_ARGS="--tiny-sessions 96" SINGLE_ARGS="..." bash benchmarks/audit/run_gpu_calibration.sh OUT_DIR
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-what=$1 out=$2
+out=$1
+POOLED_ARGS=${POOLED_ARGS:-} SINGLE_ARGS=${SINGLE_ARGS:-}
 mkdir -p "$out"
 source benchmarks/gpu/env.sh
 python3 -m pip install -q --no-index --find-links .gpucarry --find-links .whl gguf 2>&1 | grep -v "^WARNING: Running pip" || true
@@ -19,11 +20,18 @@ export PYTHONPATH=/tmp/nectar-gguf:$PYTHONPATH
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/gpu.txt"
 git log -1 --format=%H 2>/dev/null | tee -a "$out/gpu.txt" || true
-threads=$(( $(nproc) > 8 ? 8 : $(nproc) ))
-case $what in
-  pooled) python3 benchmarks/audit/pooled_calibration.py --device cuda --threads "$threads" --json "$out/pooled_cuda.json" \
-            2>&1 | grep -v '^ ' | tail -40 ;;
-  single) python3 benchmarks/audit/audit_calibration.py --device cuda --threads "$threads" \
-            --json "$out/calibration_cuda.json" 2>&1 | tail -60 ;;
-  *) echo "usage: $0 pooled|single OUT_DIR" >&2; exit 2 ;;
-esac
+# every precision in parallel (the verifier's CPU work dominates; the node's GPU work is small)
+threads=$(( $(nproc) / 5 > 1 ? $(nproc) / 5 : 1 ))
+pids=()
+for dtype in bfloat16 float16; do
+  python3 benchmarks/audit/pooled_calibration.py --device cuda --threads "$threads" --dtypes $dtype $POOLED_ARGS \
+    --json "$out/pooled_cuda_$dtype.json" > "$out/pooled_$dtype.log" 2>&1 & pids+=($!)
+done
+for dtype in float32 bfloat16 float16; do
+  python3 benchmarks/audit/audit_calibration.py --device cuda --threads "$threads" --dtypes $dtype $SINGLE_ARGS \
+    --json "$out/calibration_cuda_$dtype.json" > "$out/single_$dtype.log" 2>&1 & pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+grep -h "done\|max" "$out"/*.log | tail -40
+exit $status
