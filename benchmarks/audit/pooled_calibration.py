@@ -240,6 +240,7 @@ def main():
     parser.add_argument("--q", type=float, default=0.02)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="where the node computes (the verifier is on the CPU)")
+    parser.add_argument("--seed", type=int, default=0, help="another seed gives other sessions (more honest steps)")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES))
     parser.add_argument("--builtin-spans", default="0:30,0:10,20:30")
     parser.add_argument("--json", default=None)
@@ -265,6 +266,7 @@ def main():
         save_tiny_checkpoint(deep, "llama", num_layers=16, hidden_size=64, seed=1)
     began, rows = time.time(), []
     common = dict(prefill=args.prefill, decode=args.decode, device=args.device)
+    torch.manual_seed(args.seed)
     for dtype_name in args.dtypes:
         for kind, path in tiny.items():
             rows.append(
@@ -276,6 +278,7 @@ def main():
                     start=0,
                     end=4,
                     cheat_every=4,
+                    seed=args.seed,
                     **common,
                 )
             )
@@ -289,6 +292,7 @@ def main():
                     start=start,
                     end=end,
                     cheat_every=2,
+                    seed=args.seed,
                     **common,
                 )
             )
@@ -306,7 +310,7 @@ def main():
                         start=start,
                         end=end,
                         embed=head,
-                        seed=start + 1,
+                        seed=start + 1 + 1000 * args.seed,
                         **common,
                     )
                 )

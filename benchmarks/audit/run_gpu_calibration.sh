@@ -2,10 +2,11 @@
 # Audit calibration with the node on the GPU and the verifier on the CPU (issue 21: tolerances per hardware class).
 # Run on the GPU machine (no internet) from the repository root, with .whl/ (benchmarks/gpu/fetch_wheels.sh) and
 # .gpucarry/ (the gguf wheel and the built-in model's GGUF in parts: `split -b 22m <gguf> .gpucarry/gguf.part.`).
-#   POOLED_ARGS="--tiny-sessions 96" SINGLE_ARGS="..." bash benchmarks/audit/run_gpu_calibration.sh OUT_DIR
+#   POOLED_ARGS="--tiny-sessions 96" SINGLE_ARGS="..." bash benchmarks/audit/run_gpu_calibration.sh OUT_DIR [calibrate]
+#   bash benchmarks/audit/run_gpu_calibration.sh OUT_DIR harm   # next tokens changed + CPU rows + more GPU rows
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-out=$1
+out=$1 mode=${2:-calibrate}
 POOLED_ARGS=${POOLED_ARGS:-} SINGLE_ARGS=${SINGLE_ARGS:-}
 mkdir -p "$out"
 source benchmarks/gpu/env.sh
@@ -23,6 +24,16 @@ git log -1 --format=%H 2>/dev/null | tee -a "$out/gpu.txt" || true
 # every precision in parallel (the verifier's CPU work dominates; the node's GPU work is small)
 threads=$(( $(nproc) / 5 > 1 ? $(nproc) / 5 : 1 ))
 pids=()
+if [ "$mode" = harm ]; then
+  python3 benchmarks/audit/token_harm.py --device cuda --threads "$threads" --tokens "${HARM_TOKENS:-4000}" \
+    --json "$out/token_harm_cuda.json" > "$out/harm.log" 2>&1 & pids+=($!)
+  for dtype in bfloat16 float16; do
+    python3 benchmarks/audit/pooled_calibration.py --device cpu --threads "$threads" --dtypes $dtype $POOLED_ARGS \
+      --json "$out/pooled_cpu_$dtype.json" > "$out/pooled_cpu_$dtype.log" 2>&1 & pids+=($!)
+    python3 benchmarks/audit/pooled_calibration.py --device cuda --seed 1 --threads "$threads" --dtypes $dtype \
+      $POOLED_ARGS --json "$out/pooled_cuda_seed1_$dtype.json" > "$out/pooled_cuda1_$dtype.log" 2>&1 & pids+=($!)
+  done
+else
 for dtype in bfloat16 float16; do
   python3 benchmarks/audit/pooled_calibration.py --device cuda --threads "$threads" --dtypes $dtype $POOLED_ARGS \
     --json "$out/pooled_cuda_$dtype.json" > "$out/pooled_$dtype.log" 2>&1 & pids+=($!)
@@ -31,6 +42,7 @@ for dtype in float32 bfloat16 float16; do
   python3 benchmarks/audit/audit_calibration.py --device cuda --threads "$threads" --dtypes $dtype $SINGLE_ARGS \
     --json "$out/calibration_cuda_$dtype.json" > "$out/single_$dtype.log" 2>&1 & pids+=($!)
 done
+fi
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 grep -h "done\|max" "$out"/*.log | tail -40
