@@ -121,11 +121,12 @@ def output_deviation(claimed: torch.Tensor, recomputed: torch.Tensor) -> float:
 # Largest honest ``output_deviation`` allowed, per precision, for one block; a span of n blocks gets sqrt(n) times
 # that (an honest difference, another reduction order: KV-cached steps vs a full recompute, other batch shapes,
 # grows with the span's depth, about as sqrt(n) on the runs measured). From benchmarks/audit/audit_calibration.py on
-# the built-in model and tiny models (CPU; method and numbers in docs/protocol.md and benchmarks/RESULTS.md): twice
-# the largest, over all runs of the precision, of the fitted 1e-6 tail quantile (or the observed maximum, if larger)
-# over sqrt(n). float32 keeps a wider margin (5x) for reduction-order differences across hardware, unmeasured yet:
-# its honest differences (~1e-6) are far below any cheat that changes next tokens anyway.
-TOLERANCE_PER_SQRT_BLOCK = {"float32": 1e-5, "float16": 2.8e-3, "bfloat16": 2.6e-2}
+# the built-in model and tiny models, with the node on a CPU and on an H100 (the verifier on a CPU; method and numbers
+# in docs/protocol.md and benchmarks/RESULTS.md): twice the largest, over all runs and both hardware classes, of the
+# fitted 1e-6 tail quantile (or the observed maximum, if larger) over sqrt(n). float16 is set by the H100 (1.59e-3,
+# the CPU's 1.4e-3), bfloat16 by the CPU. float32 keeps a wider margin (5x the CPU's, 10x the H100's): its honest
+# differences (~1e-6) are far below any cheat that changes next tokens anyway.
+TOLERANCE_PER_SQRT_BLOCK = {"float32": 1e-5, "float16": 3.2e-3, "bfloat16": 2.6e-2}
 
 
 def tolerance(spec: ComputeSpec, blocks: int) -> float:
@@ -146,13 +147,15 @@ def outputs_match(claimed: torch.Tensor, recomputed: torch.Tensor, spec: Compute
 # the node's precision is from it (an honest node's rounding is the verifier's rounding: about 1; noise adds to it).
 # float32 needs no pooling: its honest differences are ~1e-6 and every cheat fails one step.
 POOLED_DTYPES = ("bfloat16", "float16")
-POOLED_SCORE_CLIP = 4.0  # one step adds at most CLIP - K (a gross cheat fails its single step anyway)
-# CUSUM drift K and threshold H per precision, from benchmarks/audit/pooled_calibration.py (method and numbers in
-# docs/protocol.md): H >= ln(N / alpha) / theta, theta the Lundberg root of mean(exp(theta (z - K))) = 1 over honest
-# scores z inflated by 30% (an honest node whose rounding strays 30% more than the verifier's), the smallest over all
-# calibration runs; N = 10,000 audited steps per node window and alpha = 1e-6: an honest node is accused with
-# probability below 1e-6 per window (12,870 honest steps per precision; needed H: bfloat16 5.03, float16 3.42).
-POOLED_CUSUM = {"bfloat16": (1.5, 5.0), "float16": (1.5, 3.5)}
+POOLED_SCORE_CLIP = 4.0  # scores are clipped to [1e-3, CLIP] (a gross cheat fails its single step anyway)
+# The CUSUM adds log(score) - K per audited step: the log keeps an honest step whose verifier happened to round little
+# (a small denominator, a large ratio) from weighing like a cheat, so the honest tail is light and K can sit just
+# above 0. K and H per precision from benchmarks/audit/pooled_calibration.py over CPU and H100 nodes (method and
+# numbers in docs/protocol.md): H >= ln(N / alpha) / theta, theta the Lundberg root of mean(exp(theta (z - K))) = 1
+# over honest log scores z raised by 0.05 (an honest node rounding 5% worse than the worst measured one), the smallest
+# over all calibration runs; N = 10,000 audited steps per node window and alpha = 1e-6: an honest node is accused with
+# probability below 1e-6 per window.
+POOLED_CUSUM = {"bfloat16": (0.1, 6.5), "float16": (0.1, 6.6)}
 _FLOOR = {"bfloat16": 2.0**-10, "float16": 2.0**-13, "float32": 2.0**-26}  # half a unit roundoff: no zero divides
 
 
@@ -179,10 +182,16 @@ def pooled_score(claimed: torch.Tensor, recomputed: torch.Tensor, reference: tor
     return min(POOLED_SCORE_CLIP, mean_deviation(claimed, reference) / own)
 
 
+def pooled_increment(score: float) -> float:
+    """What one audited step adds to the CUSUM before the drift: log of the clipped score (0 for a typical honest
+    step, log 4 at most)."""
+    return math.log(min(max(score, 1e-3), POOLED_SCORE_CLIP))
+
+
 def cusum_step(statistic: float, score: float, spec: ComputeSpec) -> tuple[float, bool]:
-    """The CUSUM after one more audited step: (max(0, S + score - K), whether it reached H)."""
+    """The CUSUM after one more audited step: (max(0, S + log(score) - K), whether it reached H)."""
     drift, threshold = POOLED_CUSUM[spec.dtype]
-    statistic = max(0.0, statistic + min(score, POOLED_SCORE_CLIP) - drift)
+    statistic = max(0.0, statistic + pooled_increment(score) - drift)
     return statistic, statistic >= threshold
 
 
@@ -202,5 +211,6 @@ __all__ = [
     "POOLED_CUSUM",
     "mean_deviation",
     "pooled_score",
+    "pooled_increment",
     "cusum_step",
 ]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pooled_calibration import cusum_convictions, steps_to_conviction  # this folder (run as a script)
+from pooled_calibration import cusum_convictions, increments, steps_to_conviction  # this folder (run as a script)
 
 from nectar.ledger.core.config import Settings
 from nectar.ledger.spot_check import audit_rate
@@ -34,9 +34,9 @@ from nectar.models import load_client_head, load_span
 from nectar.wire.fingerprints import (
     POOLED_CUSUM,
     POOLED_DTYPES,
-    POOLED_SCORE_CLIP,
     ComputeSpec,
     output_deviation,
+    pooled_increment,
     pooled_score,
     tolerance,
 )
@@ -92,7 +92,7 @@ def adaptive_steps_to_conviction(scores, caught, dtype_name, q, gain, cap, rng, 
     the node's steps are picked at the rate its CUSUM then gives (``SpotChecker.escalate``), each audited step drawn
     from the cheat's observed steps (pooled score, single-step verdict). Also returns audits per served step / q."""
     drift, threshold = POOLED_CUSUM[dtype_name]
-    scores, caught = np.minimum(np.asarray(scores), POOLED_SCORE_CLIP), np.asarray(caught, dtype=bool)
+    scores, caught = increments(scores), np.asarray(caught, dtype=bool)
     out, audits, served_all = [], 0, 0
     for _ in range(trials):
         s, served, convicted = 0.0, 0, False
@@ -121,7 +121,7 @@ def honest_rate_multiplier(runs, dtype_name, q, gain, cap) -> float:
         for z in scores:
             served += 1 / audit_rate(q, s / threshold, gain, cap)
             audits += 1
-            s = max(0.0, s + min(z, POOLED_SCORE_CLIP) - drift)
+            s = max(0.0, s + pooled_increment(z) - drift)
     return audits / (q * served)
 
 

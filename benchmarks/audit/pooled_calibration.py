@@ -2,13 +2,14 @@
 small cheats one audited step cannot tell from rounding.
 
 Same replay as ``audit_calibration.py``: an honest node serves sessions with a KV cache (a prefill, then one token
-per step) and the auditor recomputes each step with a full causal forward, in the node's dtype and in float32. Each
-audited step's score is ``nectar.wire.fingerprints.pooled_score`` (the node's distance to the float32 recomputation
-over the verifier's own). The CUSUM S = max(0, S + z - K) convicts at S >= H. For a drift K, the honest scores give
-theta, the positive root of mean(exp(theta (z - K))) = 1 (Lundberg); P(an honest CUSUM ever reaches H within N
-steps) <= N exp(-theta H). The threshold is H = ln(N / alpha) / theta with N = 10,000 audited steps per node window,
-alpha = 1e-6, theta the smallest over all runs of the precision with every honest score multiplied by ``--margin``
-(an honest node whose rounding is that much worse than the verifier's is still not accused).
+per step), on the CPU or a GPU (``--device``), and the verifier recomputes each step on the CPU with a full causal
+forward, in the node's dtype and in float32. Each audited step's score is ``nectar.wire.fingerprints.pooled_score``
+(the node's distance to the float32 recomputation over the verifier's own); the CUSUM adds z = log(score) - K
+(``pooled_increment``) and convicts at S >= H. For a drift K, the honest increments give theta, the positive root of
+mean(exp(theta (z - K))) = 1 (Lundberg); P(an honest CUSUM ever reaches H within N steps) <= N exp(-theta H). The
+threshold is H = ln(N / alpha) / theta with N = 10,000 audited steps per node window, alpha = 1e-6, theta the
+smallest over all runs of the precision (every model, span and hardware class given) with ``--margin`` added to every
+honest log score (an honest node rounding that much worse than the worst measured one is still not accused).
 
 Cheats are replayed on the same steps; for each, the served steps to conviction at audit rate q are simulated
 (audits are Bernoulli(q) over served steps, scores drawn from the cheat's observed scores).
@@ -27,9 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nectar.ledger.core.config import Settings
+from nectar.ledger.spot_check import audit_rate
 from nectar.models import load_client_head, load_span
 from nectar.models.tiny import save_tiny_checkpoint
-from nectar.wire.fingerprints import POOLED_CUSUM, POOLED_SCORE_CLIP, ComputeSpec, pooled_score
+from nectar.wire.fingerprints import POOLED_CUSUM, POOLED_SCORE_CLIP, ComputeSpec, pooled_increment, pooled_score
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 WINDOW, ALPHA = 10_000, 1e-6
@@ -128,9 +131,14 @@ def span32_blocks(path) -> int:
     return int(config.get("num_hidden_layers") or config.get("n_layer"))
 
 
-def lundberg_theta(scores: np.ndarray, drift: float) -> float:
-    """The positive root of mean(exp(theta (z - drift))) = 1 (inf when no score exceeds the drift)."""
-    d = np.minimum(scores, POOLED_SCORE_CLIP) - drift
+def increments(scores) -> np.ndarray:
+    """What each score adds to the CUSUM before the drift (``pooled_increment``: log of the clipped score)."""
+    return np.log(np.clip(np.asarray(scores, dtype=float), 1e-3, POOLED_SCORE_CLIP))
+
+
+def lundberg_theta(z: np.ndarray, drift: float) -> float:
+    """The positive root of mean(exp(theta (z - drift))) = 1 over increments z (inf when none exceeds the drift)."""
+    d = np.asarray(z) - drift
     if d.mean() >= 0:
         return 0.0
     if (d <= 0).all():
@@ -144,19 +152,19 @@ def lundberg_theta(scores: np.ndarray, drift: float) -> float:
     return lo
 
 
-def steps_to_conviction(scores, drift, threshold, q, rng, trials=2000, horizon=20_000, caught=None):
+def steps_to_conviction(scores, drift, threshold, q, rng, trials=2000, horizon=20_000, caught=None, adaptive=None):
     """Served steps until the node is convicted, per trial: audits are Bernoulli(q) over served steps, each audited
     step drawn from the cheat's observed steps (its pooled score and, with ``caught``, whether the single-step test
     convicted it). inf when not within ``horizon``."""
-    scores = np.minimum(np.asarray(scores), POOLED_SCORE_CLIP)
+    scores = increments(scores)
     single = np.zeros(len(scores), dtype=bool) if caught is None else np.asarray(caught, dtype=bool)
     out = []
     for _ in range(trials):
-        gaps = rng.geometric(q, size=4000)
         picks = rng.integers(0, len(scores), size=4000)
         s, served, convicted = 0.0, 0, False
-        for gap, i in zip(gaps, picks):
-            served += gap
+        for i in picks:  # the gap to the next audit: 1/q, or the adaptive rate the CUSUM gives (``audit_rate``)
+            rate = q if adaptive is None else audit_rate(q, s / threshold, *adaptive)
+            served += int(rng.geometric(rate))
             if served > horizon:
                 break
             s = max(0.0, s + scores[i] - drift)
@@ -172,42 +180,51 @@ def cusum_convictions(scores, dtype_name: str) -> int:
     drift, threshold = POOLED_CUSUM[dtype_name]
     s, convictions = 0.0, 0
     for z in scores:
-        s = max(0.0, s + min(z, POOLED_SCORE_CLIP) - drift)
+        s = max(0.0, s + pooled_increment(z) - drift)
         if s >= threshold:
             convictions, s = convictions + 1, 0.0
     return convictions
 
 
 def summarize(rows, margin, q, seed=0):
+    """Per precision: theta, the threshold the honest steps need, their CUSUM peak, and each cheat's conviction odds
+    within 1,000 served steps at a fixed rate q and at the ledger's adaptive rate (its default gain and cap)."""
     rng = np.random.default_rng(seed)
+    defaults = Settings()
+    gain_cap = (defaults.spot_check_gain, defaults.spot_check_max_fraction)
     out = {}
     for dtype_name in DTYPES:
         group = [r for r in rows if r["dtype"] == dtype_name]
         if not group:
             continue
         drift, in_use = POOLED_CUSUM[dtype_name]
-        thetas = {f"{r['model']}[{r['span']}]": lundberg_theta(margin * np.array(r["honest"]), drift) for r in group}
+        key = lambda r: f"{r['model']}[{r['span']}]@{r.get('device', 'cpu')}"  # noqa: E731
+        thetas = {key(r): lundberg_theta(increments(r["honest"]) + margin, drift) for r in group}
         theta = min(thetas.values())
         needed = math.log(WINDOW / ALPHA) / theta if theta > 0 else math.inf
-        honest = np.concatenate([np.array(r["honest"]) for r in group])
+        honest = np.concatenate([increments(r["honest"]) for r in group])
         # the honest CUSUM replayed over every calibration step in order, per run (no conviction allowed)
         convictions, peak = sum(cusum_convictions(r["honest"], dtype_name) for r in group), 0.0
         for r in group:
             s = 0.0
             for z in r["honest"]:
-                s = max(0.0, s + min(z, POOLED_SCORE_CLIP) - drift)
+                s = max(0.0, s + pooled_increment(z) - drift)
                 peak = max(peak, s)
         cheats = {}
         for name in group[0]["cheats"]:
             scores = np.concatenate([np.array(r["cheats"].get(name, [])) for r in group])
             per_run = {}
             for r in group:
-                key = f"{r['model']}[{r['span']}]"
+                if name not in r["cheats"]:
+                    continue
                 steps = steps_to_conviction(r["cheats"][name], drift, in_use, q, rng, trials=400)
-                per_run[key] = {
+                adaptive = steps_to_conviction(r["cheats"][name], drift, in_use, q, rng, trials=400, adaptive=gain_cap)
+                per_run[key(r)] = {
                     "mean_score": float(np.mean(r["cheats"][name])),
+                    "mean_increment": float(increments(r["cheats"][name]).mean()),
                     "p_convicted_within_1000": float(np.mean(steps <= 1000)),
-                    "median_served_steps": float(np.median(steps)),
+                    "p_convicted_within_1000_adaptive": float(np.mean(adaptive <= 1000)),
+                    "median_served_steps_adaptive": float(np.median(adaptive)),
                 }
             cheats[name] = {"mean_score": float(scores.mean()), "runs": per_run}
         out[dtype_name] = {
@@ -217,9 +234,10 @@ def summarize(rows, margin, q, seed=0):
             "theta_min": theta,
             "threshold_needed": needed,
             "honest_steps": int(honest.size),
-            "honest_mean": float(honest.mean()),
-            "honest_p99": float(np.quantile(honest, 0.99)),
-            "honest_max": float(honest.max()),
+            "honest_increment_mean": float(honest.mean()),
+            "honest_increment_sd": float(honest.std()),
+            "honest_increment_p99": float(np.quantile(honest, 0.99)),
+            "honest_increment_max": float(honest.max()),
             "honest_cusum_peak": peak,
             "honest_convictions": int(convictions),
             "cheats": cheats,
@@ -236,8 +254,8 @@ def main():
     parser.add_argument("--builtin-sessions", type=int, default=6)
     parser.add_argument("--decode", type=int, default=14)
     parser.add_argument("--prefill", type=int, default=6)
-    parser.add_argument("--margin", type=float, default=1.3)
-    parser.add_argument("--q", type=float, default=0.02)
+    parser.add_argument("--margin", type=float, default=0.05, help="added to honest log scores (hardware unmeasured)")
+    parser.add_argument("--q", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="where the node computes (the verifier is on the CPU)")
     parser.add_argument("--seed", type=int, default=0, help="another seed gives other sessions (more honest steps)")

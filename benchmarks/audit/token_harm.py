@@ -29,7 +29,10 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 def cheats(y: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
     x = y.float()
     m = x.abs().mean()
-    out = {f"noise {p:g}% of mean |x|": x + p / 100 * m * torch.randn(x.shape, generator=g, device=x.device) for p in (0.3, 1, 2, 3, 5)}
+    out = {
+        f"noise {p:g}% of mean |x|": x + p / 100 * m * torch.randn(x.shape, generator=g, device=x.device)
+        for p in (0.3, 1, 2, 3, 5)
+    }
     top = x.abs().topk(4, dim=-1).indices
     for p in (1, 5):
         rest = x + p / 100 * m * torch.randn(x.shape, generator=g, device=x.device)

@@ -51,9 +51,9 @@ class Settings(ServiceSettings):
     credit_limit: int = 10**16  # credit wei of unpaid work a node grants a client (nodes read it from /v1/config)
 
     spot_check_fraction: float = 0.01  # q: share of an epoch's receipts re-executed after it closes (docs/economics.md)
-    spot_check_gain: float = 40.0  # adaptive rate: a node whose pooled CUSUM stands at S (of threshold H) has its
+    spot_check_gain: float = 100.0  # adaptive rate: a node whose pooled CUSUM stands at S (of threshold H) has its
     # next receipts picked at min(max fraction, q x (1 + gain x S / H)); an honest node's S is ~0 (docs/protocol.md)
-    spot_check_max_fraction: float = 0.2  # the adaptive rate's cap per node (bounds the checking work of an epoch)
+    spot_check_max_fraction: float = 0.3  # the adaptive rate's cap per node (bounds the checking work of an epoch)
     spot_check_secret: str = DEVNET_SPOT_CHECK_SECRET  # mixed with the epoch root so nodes cannot predict picks
     spot_check_reputation_penalty: float = 0.5  # each failed spot check multiplies a node's score by this
     reference_stake: int = 10**18  # stake (wei) that earns the full stake component of reputation
