@@ -33,6 +33,7 @@ OPTIONS = {  # NodeConfig fields whose flag, type or help differ from what the f
     "receipt_signer": dict(choices=["process", "loop"]),
     "price_per_token": dict(flags=["--price"]),
     "public_name": dict(flags=["--name"]),
+    "hub_token": dict(flags=["--token"]),
     "corrupt_rate": dict(help=argparse.SUPPRESS),  # tests: a cheating node
     "corrupt_scale": dict(help=argparse.SUPPRESS),  # tests: the cheat's noise (times the mean magnitude)
     "sign_model_as": dict(help=argparse.SUPPRESS),  # tests: a node signing receipts for another model
@@ -134,7 +135,7 @@ def node_main(argv: list[str]) -> int:
     try:
         server = Server(config)
         server.start()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, LookupError) as e:  # LookupError: a model that is nowhere to be found
         print(f"nectar node: {e}", file=sys.stderr)
         return 2
     except NotStaked as e:
