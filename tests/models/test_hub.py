@@ -1,11 +1,17 @@
-"""Models by Hub id, from a Hub-layout cache built here (no network): a span opens only the shards of its blocks, a
-revision picks its own snapshot, and offline a missing file is named."""
+"""Models by Hub id, from a Hub-layout cache built here and a small Hub-protocol server on 127.0.0.1 (no internet): a
+span downloads and opens only the shards of its blocks, a revision picks its own snapshot, the token reaches the Hub
+(and no log), and offline a missing file is named."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 import torch
@@ -15,6 +21,7 @@ from tokenizers.models import WordLevel
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import nectar.models.checkpoint as checkpoint_module
+import nectar.models.hub as hub_module
 from nectar.models import (
     CheckpointError,
     MissingCheckpointFileError,
@@ -170,3 +177,94 @@ def test_an_index_naming_files_outside_the_folder_is_refused(tmp_path):
     index.write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match="elsewhere.safetensors"):
         load_client_head(folder)
+
+
+TOKEN = "hf_test_secret_token"
+
+
+class FakeHub(BaseHTTPRequestHandler):
+    """The Hub's file endpoint (``/{repo}/resolve/{revision}/{file}``, HEAD and GET) over ``snapshots`` (revision ->
+    folder); a gated repo: every request must carry TOKEN. ``requests`` records (method, revision, file)."""
+
+    snapshots: dict[str, Path] = {}
+    requests: list[tuple[str, str, str]] = []
+    authorizations: list[str] = []
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    def do_HEAD(self):
+        self._serve(body=False)
+
+    def do_GET(self):
+        self._serve(body=True)
+
+    def _fail(self, status: int, code: str, commit: str | None = None):
+        self.send_response(status)
+        self.send_header("X-Error-Code", code)
+        if commit:
+            self.send_header("X-Repo-Commit", commit)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _serve(self, body: bool):
+        parts = self.path.lstrip("/").split("/", 4)  # org, name, "resolve", revision, file
+        if len(parts) != 5 or f"{parts[0]}/{parts[1]}" != REPO or parts[2] != "resolve":
+            return self._fail(401, "RepoNotFound")
+        revision, filename = unquote(parts[3]), unquote(parts[4])
+        self.requests.append((self.command, revision, filename))
+        self.authorizations.append(self.headers.get("Authorization", ""))
+        if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+            return self._fail(403, "GatedRepo")
+        folder = self.snapshots.get(revision) or next((f for f in self.snapshots.values() if f.name == revision), None)
+        if folder is None:
+            return self._fail(404, "RevisionNotFound")
+        path = folder / filename
+        if not path.is_file():
+            return self._fail(404, "EntryNotFound", folder.name)
+        data = path.read_bytes()
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", folder.name)
+        self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+
+@pytest.fixture
+def online(hub, tmp_path, monkeypatch):
+    """An empty cache and the fake Hub serving ``hub``'s two revisions; HF_HUB_OFFLINE off."""
+    FakeHub.snapshots, FakeHub.requests, FakeHub.authorizations = dict(hub["snapshots"]), [], []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(hub_module, "_tokens", {})
+    yield tmp_path / "cache"
+    server.shutdown()
+    server.server_close()
+
+
+def test_online_a_span_downloads_only_its_shards_with_the_token(hub, online, caplog):
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(ModelNotFoundError, match="gated.*--token"):
+        resolve_model(REPO)  # no token: the Hub refuses, and the error says what to do
+    snapshot = resolve_model(REPO, token=TOKEN)
+    assert snapshot.parent.parent.parent == online and snapshot.name == hub["snapshots"]["main"].name
+    load_span(REPO, 0, 2)
+    main = hub["folders"]["main"]
+    downloaded = {name for method, _, name in FakeHub.requests if method == "GET" and name.endswith(".safetensors")}
+    assert downloaded == shards_of(main, ("model.layers.0.", "model.layers.1."))
+    assert {p.name for p in snapshot.glob("*.safetensors")} == downloaded  # the cache holds no other shard
+    # the branch is resolved once; every later file is asked for at that commit, so a moving branch cannot mix weights
+    revisions = {revision for _, revision, name in FakeHub.requests if name != "config.json"}
+    assert revisions == {snapshot.name}
+    assert set(FakeHub.authorizations[1:]) == {f"Bearer {TOKEN}"}
+    assert TOKEN not in caplog.text
+    with pytest.raises(ModelNotFoundError, match="no revision 'v3'"):
+        resolve_model(f"{REPO}@v3")
