@@ -16,9 +16,7 @@ from urllib.parse import unquote
 import pytest
 import torch
 from huggingface_hub import constants
-from tokenizers import Tokenizer, pre_tokenizers
-from tokenizers.models import WordLevel
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
 
 import nectar.models.checkpoint as checkpoint_module
 import nectar.models.hub as hub_module
@@ -34,23 +32,9 @@ from nectar.models import (
     resolve_model,
 )
 from nectar.models.hub import parse_hub_id, seed_cache, with_revision
-from nectar.models.tiny import tiny_config
+from nectar.models.tiny import save_tiny_sharded_checkpoint
 
 REPO = "tiny-org/tiny-llama"
-SHARD_SIZE = "200KB"  # about one block a shard: blocks 0-1 and 2-3 land in different files
-
-
-def save_sharded(path: Path, seed: int) -> Path:
-    """A tiny random Llama saved in shards, with a small word-level tokenizer."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.float32)
-    model.save_pretrained(str(path), max_shard_size=SHARD_SIZE)
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, 1000)}
-    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    tokenizer.save_pretrained(str(path))
-    return path
 
 
 def shards_of(folder: Path, prefixes: tuple[str, ...]) -> set[str]:
@@ -62,7 +46,10 @@ def shards_of(folder: Path, prefixes: tuple[str, ...]) -> set[str]:
 def hub(tmp_path_factory):
     """Two revisions of REPO in a Hub cache (main, and v2 with other weights), used offline."""
     root = tmp_path_factory.mktemp("hub")
-    folders = {"main": save_sharded(root / "main", seed=0), "v2": save_sharded(root / "v2", seed=1)}
+    folders = {
+        "main": save_tiny_sharded_checkpoint(root / "main", seed=0),
+        "v2": save_tiny_sharded_checkpoint(root / "v2", seed=1),
+    }
     cache = root / "cache"
     snapshots = {
         revision: seed_cache(folder, REPO, revision=revision, cache=cache) for revision, folder in folders.items()
@@ -168,7 +155,7 @@ def test_offline_unknown_model_says_what_to_do(hub):
 
 def test_an_index_naming_files_outside_the_folder_is_refused(tmp_path):
     """A downloaded index is the repo author's text: it must not make a node read (or fetch) files elsewhere."""
-    folder = save_sharded(tmp_path / "evil", seed=0)
+    folder = save_tiny_sharded_checkpoint(tmp_path / "evil", seed=0)
     index = folder / "model.safetensors.index.json"
     data = json.loads(index.read_text())
     shard = data["weight_map"]["model.norm.weight"]
