@@ -128,6 +128,7 @@ def node_main(argv: list[str]) -> int:
     args = node_parser().parse_args(argv)
     setup_logging(args)
     sys.setswitchinterval(args.switch_interval / 1000)
+    from nectar.models import ModelError
     from nectar.node.server import NotStaked, Server
 
     config = node_config(args)
@@ -135,7 +136,7 @@ def node_main(argv: list[str]) -> int:
     try:
         server = Server(config)
         server.start()
-    except (ValueError, FileNotFoundError, LookupError) as e:  # LookupError: a model that is nowhere to be found
+    except (ValueError, FileNotFoundError, ModelError) as e:  # ModelError: no such model, or its download failed
         print(f"nectar node: {e}", file=sys.stderr)
         return 2
     except NotStaked as e:
