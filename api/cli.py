@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 COMMON = ("models", "initial_peers", "database_url", "broker_url", "deployment_path", "private_key")
 SERVE = ("host", "port", "ledger_url", "price_per_token")
 OPTIONS = {  # Settings fields whose flag, shape or help differ from what the field gives
-    "models": dict(help="built-in names or checkpoint folders to serve"),
+    "models": dict(help="built-in names, checkpoint folders or Hub ids (org/name[@revision]) to serve"),
     "initial_peers": dict(metavar="MULTIADDR", help="swarm peers (default: NECTAR_INITIAL_PEERS)"),
     "database_url": dict(help="SQLAlchemy URL (default: SQLite under NECTAR_HOME)"),
     "broker_url": dict(help="Celery broker (default: SQLite under NECTAR_HOME; redis://... in prod)"),

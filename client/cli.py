@@ -16,9 +16,35 @@ CLIENT_OPTIONS = [name for name in options_of(ClientConfig) if name != "initial_
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="built-in model name or local checkpoint directory")
+    parser.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="built-in model name, local checkpoint directory, or Hugging Face Hub id (org/name; HF_HUB_OFFLINE=1: "
+        "from the cache only)",
+    )
+    parser.add_argument(
+        "--revision", default=None, help="Hub branch, tag or commit of a Hub id --model (default: main)"
+    )
+    parser.add_argument(
+        "--token",
+        default=None,
+        help="Hugging Face token for gated or private Hub models (default: HF_TOKEN or `hf auth login`'s)",
+    )
     add_options(parser, ClientConfig, ["initial_peers"], overrides=PEERS)
     add_logging_options(parser, default="WARNING", verbose="INFO")
+
+
+def _model(args: argparse.Namespace) -> str:
+    """--model with --revision applied, resolved once now (a Hub id fetches its config, tokenizer and index, with the
+    token remembered for the shards fetched later); exits with the reason if it cannot be found."""
+    from nectar.models import ModelError, resolve_model, with_revision
+
+    try:
+        model = with_revision(args.model, args.revision)
+        resolve_model(model, token=args.token)
+    except (ModelError, ValueError) as error:
+        raise SystemExit(f"nectar: {error}")
+    return model
 
 
 def client_config(args: argparse.Namespace) -> ClientConfig:
@@ -41,6 +67,7 @@ def swarm_main(argv: list[str]) -> int:
     _common(parser)
     args = parser.parse_args(argv)
     setup_logging(args, libraries="ERROR")
+    args.model = _model(args)
     from nectar.models import get_family, load_config, model_id_of, resolve_model
     from nectar.wire.announce import ServerState
     from nectar.wire.dht import ClientRuntime
@@ -109,6 +136,7 @@ def generate_parser() -> argparse.ArgumentParser:
 def generate_main(argv: list[str]) -> int:
     args = generate_parser().parse_args(argv)
     setup_logging(args, libraries="ERROR")
+    args.model = _model(args)
     from nectar.client import DistributedModelForCausalLM
     from nectar.models import load_tokenizer, resolve_model
 
@@ -154,6 +182,7 @@ def chat_parser() -> argparse.ArgumentParser:
 def chat_main(argv: list[str]) -> int:
     args = chat_parser().parse_args(argv)
     setup_logging(args, libraries="ERROR")
+    args.model = _model(args)
     from nectar.client import DistributedModelForCausalLM
     from nectar.models import load_tokenizer, resolve_model
 

@@ -90,7 +90,8 @@ class DistributedModelForCausalLM(torch.nn.Module):
         dtype: torch.dtype = torch.float32,
         domain: dict | None = None,
     ) -> DistributedModelForCausalLM:
-        """:param model: built-in name (``nectar models``) or a local Hugging Face checkpoint directory
+        """:param model: built-in name (``nectar models``), a local Hugging Face checkpoint directory, or a Hub id
+          (``org/name[@revision]``; only the embeddings' and head's shards are fetched)
         :param initial_peers: multiaddrs of swarm peers (a list, or one string separated by commas and/or spaces);
           defaults to ``config.initial_peers`` or NECTAR_INITIAL_PEERS
         :param private_key: Ethereum key that signs vouchers (default: ``config.private_key`` or a throwaway key)

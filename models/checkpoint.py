@@ -6,17 +6,20 @@ import json
 import logging
 import os
 from collections import defaultdict
-from pathlib import Path
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import safe_open
 
 from nectar.models.errors import CheckpointError, MissingCheckpointFileError
+from nectar.models.hub import hub_fetcher
 
 logger = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+MAX_INDEX_BYTES = 64 * 1024**2  # a real index of a 400B-parameter model is a few MB
 
 
 class Checkpoint:
@@ -26,10 +29,13 @@ class Checkpoint:
     ``safe_open`` per file involved, so a span never touches shards that hold only other blocks.
 
     :param path: folder with ``model.safetensors`` or ``model.safetensors.index.json`` plus its shards
+    :param fetch: gets a shard that is not in the folder yet (filename -> its path); default: a Hub cache snapshot's
+      downloader (``nectar.models.hub``) for such folders, else none (a missing shard is an error)
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, fetch: Callable[[str], Path] | None = None):
         self.path = Path(path)
+        self.fetch = fetch or hub_fetcher(self.path)
         index_path, single_path = self.path / INDEX_FILE, self.path / SINGLE_FILE
         if index_path.is_file():
             self.weight_map = self._read_index(index_path)
@@ -46,6 +52,8 @@ class Checkpoint:
 
     @staticmethod
     def _read_index(index_path: Path) -> dict[str, str]:
+        if index_path.stat().st_size > MAX_INDEX_BYTES:
+            raise CheckpointError(f"{index_path} is larger than {MAX_INDEX_BYTES} bytes: not a safetensors index")
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (ValueError, KeyError, TypeError) as error:
@@ -54,6 +62,12 @@ class Checkpoint:
             ) from error
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index_path}: 'weight_map' must map tensor names to shard file names")
+        if not all(isinstance(name, str) for name in weight_map.values()):
+            raise CheckpointError(f"{index_path}: 'weight_map' values must be shard file names")
+        for filename in set(weight_map.values()):  # a downloaded index names files: only ones inside the folder
+            parts = PurePosixPath(filename).parts
+            if len(parts) != 1 or parts[0] in (".", "..") or "\\" in filename or not filename.endswith(".safetensors"):
+                raise CheckpointError(f"{index_path}: shard name {filename!r} is not a .safetensors file of the folder")
         return weight_map
 
     def __contains__(self, key: str) -> bool:
@@ -81,6 +95,8 @@ class Checkpoint:
         tensors: dict[str, torch.Tensor] = {}
         for filename, file_keys in by_file.items():
             file_path = self.path / filename
+            if not file_path.is_file() and self.fetch is not None:
+                file_path = self.fetch(filename)  # only the shards holding wanted tensors are ever fetched
             if not file_path.is_file():
                 raise MissingCheckpointFileError(
                     f"checkpoint file {file_path} is missing; it holds {len(file_keys)} needed tensors "

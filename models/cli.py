@@ -35,6 +35,9 @@ def print_models() -> None:
         "\nYour own model: pass the folder of a local Hugging Face checkpoint (config.json + model.safetensors, or "
         "model.safetensors.index.json with its shards) wherever a model name is accepted, e.g.\n"
         "  nectar node --model /path/to/checkpoint --blocks 0:8\n"
+        "or a Hugging Face Hub id (its config, tokenizer and only the shards you read are downloaded; --revision, "
+        "HF_TOKEN for gated models, HF_HUB_OFFLINE=1 for the cache only), e.g.\n"
+        "  nectar node --model HuggingFaceTB/SmolLM2-135M-Instruct --blocks 0:8\n"
         f"Supported architectures (config.json model_type): {', '.join(supported_model_types())}."
     )
 

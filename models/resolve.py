@@ -1,4 +1,5 @@
-"""Turns a built-in name or a folder into a checkpoint folder, its config, its tokenizer and its DHT name."""
+"""Turns a built-in name, a folder or a Hub id (``org/name[@revision]``) into a checkpoint folder, its config, its
+tokenizer and its DHT name."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from nectar.models.builtin import BUILTIN_MODELS, MARKER_FILE, ensure_converted, is_converted
 from nectar.models.errors import MissingCheckpointFileError, ModelNotFoundError, UnsupportedModelError
+from nectar.models.hub import hub_model_id, hub_snapshot, parse_hub_id
 from nectar.models.registry import supported_model_types
 
 logger = logging.getLogger(__name__)
@@ -25,17 +27,24 @@ def _not_found_message(name: str) -> str:
     return (
         f"no model named {name!r}. Built-in models: {builtins}. To use your own model, pass the path of a local "
         f"Hugging Face checkpoint folder (config.json + model.safetensors or model.safetensors.index.json with its "
-        f"shards) of a supported architecture ({', '.join(supported_model_types())}). "
-        f"`nectar models` lists what is available."
+        f"shards) of a supported architecture ({', '.join(supported_model_types())}), or a Hugging Face Hub id "
+        f"(org/name, org/name@revision). `nectar models` lists what is available."
     )
 
 
-def resolve_model(name_or_path: str | os.PathLike, *, progress: bool = True) -> Path:
-    """A checkpoint folder for a built-in name (converted on first use) or an existing local checkpoint folder."""
+def resolve_model(name_or_path: str | os.PathLike, *, progress: bool = True, token: str | None = None) -> Path:
+    """A checkpoint folder for a built-in name (converted on first use), an existing local checkpoint folder, or a
+    Hub id (the cache's snapshot folder: config, tokenizer and index fetched now, shards as they are read).
+
+    :param token: Hugging Face token for gated or private Hub models (default: HF_TOKEN or `hf auth login`'s)
+    """
     text = os.fspath(name_or_path)
     if text in BUILTIN_MODELS:
         return ensure_converted(text, progress=progress)
     path = Path(text).expanduser()
+    ref = parse_hub_id(text)
+    if ref is not None and not path.exists():  # a local folder wins over a Hub id of the same spelling
+        return hub_snapshot(ref, token=token)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(
@@ -47,13 +56,19 @@ def resolve_model(name_or_path: str | os.PathLike, *, progress: bool = True) -> 
 
 
 def model_id_of(path_or_name: str | os.PathLike) -> str:
-    """The name announced on the DHT: the built-in name, else the config's ``_name_or_path``, else the folder name."""
+    """The name announced on the DHT: the built-in name; ``org/name@<commit>`` for a Hub id or a Hub cache snapshot
+    (peers agree on the weights, not just the name); else the config's ``_name_or_path``, else the folder name."""
     text = os.fspath(path_or_name)
     if text in BUILTIN_MODELS:
         return text
     path = Path(text).expanduser()
+    if parse_hub_id(text) is not None and not path.exists():
+        path = resolve_model(text)
     if not path.is_dir():
         raise ModelNotFoundError(_not_found_message(text))
+    pinned = hub_model_id(path.resolve())
+    if pinned:
+        return pinned
     marker = path / MARKER_FILE
     if marker.is_file():
         return json.loads(marker.read_text())["name"]

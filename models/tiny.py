@@ -65,3 +65,26 @@ def save_tiny_checkpoint(path: str | os.PathLike, kind: str = "llama", *, seed: 
     model.save_pretrained(str(path))
     logger.debug("Saved tiny %s checkpoint to %s", kind, path)
     return path
+
+
+def save_tiny_sharded_checkpoint(
+    path: str | os.PathLike, *, seed: int = 0, max_shard_size: str = "200KB", **config_kwargs
+) -> Path:
+    """A tiny random Llama saved in shards of about one block (blocks land in different files), with a word-level
+    tokenizer ("w5 w6" -> [5, 6]): a stand-in for a Hub repo's files."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    config = tiny_config("llama", **config_kwargs)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(
+        str(path), max_shard_size=max_shard_size
+    )
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, config.vocab_size)}
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tokenizer.save_pretrained(str(path))
+    return path

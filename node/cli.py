@@ -33,6 +33,7 @@ OPTIONS = {  # NodeConfig fields whose flag, type or help differ from what the f
     "receipt_signer": dict(choices=["process", "loop"]),
     "price_per_token": dict(flags=["--price"]),
     "public_name": dict(flags=["--name"]),
+    "hub_token": dict(flags=["--token"]),
     "corrupt_rate": dict(help=argparse.SUPPRESS),  # tests: a cheating node
     "corrupt_scale": dict(help=argparse.SUPPRESS),  # tests: the cheat's noise (times the mean magnitude)
     "sign_model_as": dict(help=argparse.SUPPRESS),  # tests: a node signing receipts for another model
@@ -127,6 +128,7 @@ def node_main(argv: list[str]) -> int:
     args = node_parser().parse_args(argv)
     setup_logging(args)
     sys.setswitchinterval(args.switch_interval / 1000)
+    from nectar.models import ModelError
     from nectar.node.server import NotStaked, Server
 
     config = node_config(args)
@@ -134,7 +136,7 @@ def node_main(argv: list[str]) -> int:
     try:
         server = Server(config)
         server.start()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ModelError) as e:  # ModelError: no such model, or its download failed
         print(f"nectar node: {e}", file=sys.stderr)
         return 2
     except NotStaked as e:

@@ -11,7 +11,12 @@ from pathlib import Path
 
 @dataclass
 class NodeConfig:
-    model: str = "smollm2-135m"  # built-in model name or a local Hugging Face checkpoint directory
+    model: str = "smollm2-135m"  # built-in model name, local Hugging Face checkpoint directory, or Hub id (org/name;
+    # fetches config, tokenizer and only the hosted blocks' shards into the Hugging Face cache; HF_HUB_OFFLINE=1: cache
+    # only)
+    revision: str | None = None  # Hub branch, tag or commit of a Hub id --model; None = main. Announced as its commit
+    hub_token: str | None = field(default=None, repr=False)  # Hugging Face token for gated or private Hub models;
+    # None = HF_TOKEN or `hf auth login`'s (prefer those: a flag shows in the process list)
     blocks: tuple[int, int] | None = None  # blocks to host, [start, end) (START:END on the command line); None =
     # choose the least-served span
     num_blocks: int | None = None  # span length when choosing automatically; None = all blocks

@@ -14,7 +14,7 @@ import hivemind
 import torch
 
 from nectar.deployment import domain_from_deployment, max_evidence_age_from_deployment
-from nectar.models import get_family, load_config, model_id_of, resolve_model
+from nectar.models import get_family, load_config, model_id_of, resolve_model, with_revision
 from nectar.models.cpu_blas import use_threads
 from nectar.node import trace
 from nectar.node.announcer import Announcer
@@ -174,8 +174,9 @@ class Server:
 
     def __init__(self, config: NodeConfig, *, payments: PaymentPolicy | None = None, domain: dict | None = None):
         self.config = config
-        self.model_path = resolve_model(config.model)
-        self.model_id = model_id_of(config.model)
+        model = with_revision(config.model, config.revision)
+        self.model_path = resolve_model(model, token=config.hub_token)
+        self.model_id = model_id_of(model)  # a Hub id: org/name@<commit>, so clients reach only these weights
         self.model_config = load_config(self.model_path)
         self.num_model_blocks = get_family(self.model_config).num_blocks(self.model_config)
         self.device = config.device or default_device()

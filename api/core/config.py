@@ -48,7 +48,8 @@ class Settings(ServiceSettings):
     ledger_url: str | None = None  # the ledger service (node receipts, earnings, settlements, reputation)
 
     # the swarm
-    models: Annotated[list[str], NoDecode] = ["smollm2-135m"]  # built-in names or checkpoint folders to serve
+    models: Annotated[list[str], NoDecode] = ["smollm2-135m"]  # built-in names, checkpoint folders or Hub ids
+    # (org/name, org/name@revision; HF_TOKEN for gated ones) to serve
     initial_peers: Annotated[list[str], NoDecode] = []  # default: NECTAR_INITIAL_PEERS
     private_key: str | None = None  # the gateway's wallet (signs vouchers, owns the escrow); devnet: a demo client
     step_timeout: float = 30.0  # s, one inference step at one hop

@@ -63,10 +63,11 @@ class MissingBlocksError(RuntimeError):
                 f" {len(unstaked)} online node(s) there are left out by the stake gate ({listed}): their operators "
                 "run `nectar operator register`, or pass --no-require-stake for a private swarm."
             )
+        pinned = " A Hub model's id names its commit: nodes on another revision serve another id." * ("@" in model_id)
         super().__init__(
             f"No online node serves blocks {shown} of {model_id}.{gated} Start one with "
             f"`nectar node --model {model_id} --blocks {blocks[0]}:{blocks[-1] + 1} --initial-peers ...`, "
-            "or check `nectar swarm` for what is online."
+            "or check `nectar swarm` for what is online." + pinned
         )
         self.blocks, self.unstaked = blocks, dict(unstaked or {})
 
