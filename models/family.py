@@ -39,6 +39,8 @@ class HeadModules:
     final_norm: nn.Module
     lm_head: nn.Linear
     sources: dict[str, tuple[str, ...]]
+    embed_scale: float | None = None  # embeddings are multiplied by it (Gemma: sqrt(hidden_size))
+    logit_softcap: float | None = None  # logits become cap * tanh(logits / cap) (Gemma 2)
 
 
 class BlockRunner(nn.Module, ABC):
@@ -66,6 +68,7 @@ class ModelFamily(ABC):
 
     name: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]  # config.model_type values this family serves
+    generic_path_reason: ClassVar[str | None] = None  # why ``batch_runner`` gives None, for the node's log
 
     def prepare_config(self, config: PretrainedConfig) -> None:
         """Fill in what a bare config lacks to run standalone blocks (default: nothing)."""
@@ -80,6 +83,11 @@ class ModelFamily(ABC):
     @abstractmethod
     def build_block(self, config: PretrainedConfig, local_index: int) -> nn.Module:
         """A transformers decoder layer whose ``layer_idx`` is its index inside the span."""
+
+    def build_block_at(self, config: PretrainedConfig, index: int, local_index: int) -> nn.Module:
+        """Block ``index`` of the model, ``local_index``-th of its span. Families whose blocks differ by position
+        (alternating local/global attention) override this; default: ``build_block``."""
+        return self.build_block(config, local_index)
 
     @abstractmethod
     def kv_layout(self, config: PretrainedConfig) -> KVLayout:
