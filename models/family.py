@@ -68,7 +68,6 @@ class ModelFamily(ABC):
 
     name: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]  # config.model_type values this family serves
-    generic_path_reason: ClassVar[str | None] = None  # why ``batch_runner`` gives None, for the node's log
 
     def prepare_config(self, config: PretrainedConfig) -> None:
         """Fill in what a bare config lacks to run standalone blocks (default: nothing)."""
@@ -106,6 +105,10 @@ class ModelFamily(ABC):
         per block, in order), or None: the node runs steps through ``BlockSpan.forward``, one session at a time.
         Called once at load; may time its routes then. Default: None."""
         return None
+
+    def generic_path_reason(self, spans: Sequence[nn.Module]) -> str:
+        """Why ``batch_runner`` gives ``spans`` no fast path, for the node's log."""
+        return f"the {self.name} blocks have no fast path"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, model_types={self.model_types!r})"

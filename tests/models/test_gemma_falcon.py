@@ -39,9 +39,8 @@ def test_gemma2_blocks_take_their_layer_type_from_their_index_in_the_model(tmp_p
     kinds = [(block.self_attn.layer_type, block.self_attn.sliding_window) for block in span.blocks]
     assert kinds == [("full_attention", None), ("sliding_attention", 4), ("full_attention", None)]
     assert [block.self_attn.layer_idx for block in span.blocks] == [0, 1, 2]  # cache slots are the span's
-    assert (
-        get_family("gemma2").batch_runner(span) is None and "soft-capping" in get_family("gemma2").generic_path_reason
-    )
+    family = get_family("gemma2")
+    assert family.batch_runner([span]) is None and "soft-capping" in family.generic_path_reason([span])
 
 
 def test_gemma2_tied_head_scales_embeddings_and_soft_caps_logits(checkpoints, reference_hidden_states, greedy_generate):

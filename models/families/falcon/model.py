@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from torch import nn
 from transformers import PretrainedConfig
@@ -21,7 +22,6 @@ class FalconFamily(ModelFamily):
 
     name = "falcon"
     model_types = ("falcon",)
-    generic_path_reason = "the fused kernels compute Llama's layer, not Falcon's fused QKV and parallel attention"
 
     def prepare_config(self, config: PretrainedConfig) -> None:
         if config._attn_implementation is None:
@@ -42,6 +42,9 @@ class FalconFamily(ModelFamily):
         else:
             num_heads = config.num_attention_heads
         return KVLayout(num_heads=num_heads, head_dim=config.hidden_size // config.num_attention_heads)
+
+    def generic_path_reason(self, spans: Sequence[nn.Module]) -> str:
+        return "the fused kernels compute Llama's layer, not Falcon's fused QKV and parallel attention"
 
     def make_runner(self, config: PretrainedConfig) -> BlockRunner:
         return FalconRunner(config)

@@ -4,6 +4,7 @@ scales the embeddings by sqrt(hidden_size) and soft-caps the final logits."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from torch import nn
 from transformers import PretrainedConfig
@@ -22,7 +23,6 @@ class Gemma2Family(ModelFamily):
 
     name = "gemma2"
     model_types = ("gemma2",)
-    generic_path_reason = "attention soft-capping and alternating sliding windows are not in the fused kernels"
 
     def prepare_config(self, config: PretrainedConfig) -> None:
         if config._attn_implementation is None:
@@ -43,6 +43,9 @@ class Gemma2Family(ModelFamily):
     def kv_layout(self, config: PretrainedConfig) -> KVLayout:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return KVLayout(num_heads=config.num_key_value_heads, head_dim=head_dim)
+
+    def generic_path_reason(self, spans: Sequence[nn.Module]) -> str:
+        return "attention soft-capping and alternating sliding windows are not in the fused kernels"
 
     def make_runner(self, config: PretrainedConfig) -> BlockRunner:
         return Gemma2Runner(config)
