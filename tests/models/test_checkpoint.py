@@ -19,7 +19,6 @@ BLOCK_PREFIXES = {
     "bloom": "transformer.h.",
     "gemma2": "model.layers.",
     "falcon": "transformer.h.",
-    "falcon-7b": "transformer.h.",
 }
 
 

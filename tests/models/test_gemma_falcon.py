@@ -1,5 +1,6 @@
 """What the shared table (test_span_matches_transformers) does not cover of Gemma 2 and Falcon: Gemma 2's layer types
-by index in the model and its tied, scaled, soft-capped head; Falcon's ALiBi variant."""
+by index in the model and its tied, scaled, soft-capped head; Falcon's 7B-style (multi-query, one LayerNorm) and ALiBi
+variants (the table has the 40B/180B style)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
     paths = {
         "gemma2-tied": save_tiny_checkpoint(root / "gemma2-tied", "gemma2", tie_word_embeddings=True, seed=5),
+        "falcon-7b": save_tiny_checkpoint(root / "falcon-7b", "falcon-7b", seed=6),
         "falcon-alibi": save_tiny_checkpoint(root / "falcon-alibi", "falcon-alibi", seed=6),
     }
     return {kind: (path, AutoModelForCausalLM.from_pretrained(str(path)).eval()) for kind, path in paths.items()}
@@ -64,9 +66,11 @@ def test_gemma2_tied_head_scales_embeddings_and_soft_caps_logits(checkpoints, re
     assert torch.equal(greedy_generate(head, spans, prompt, 8), reference)
 
 
-def test_falcon_alibi_matches_transformers(checkpoints, reference_hidden_states, run_spans, greedy_generate):
-    path, model = checkpoints["falcon-alibi"]
+@pytest.mark.parametrize("kind", ["falcon-7b", "falcon-alibi"])
+def test_falcon_variants_match_transformers(kind, checkpoints, reference_hidden_states, run_spans, greedy_generate):
+    path, model = checkpoints[kind]
     head = load_client_head(path)
+    assert load_span(path, 0, 1).kv_layout.num_heads == (1 if kind == "falcon-7b" else 4)  # what the layer caches
     ids = input_ids(2, 10, seed=2)
     states = reference_hidden_states(model, ids)
     for start, end in [(0, 2), (2, 3), (0, 4)]:

@@ -59,7 +59,7 @@ def test_family_lookup(tiny_paths):
     assert get_family(load_config(tiny_paths["mistral"])).name == "llama"
     assert get_family(load_config(tiny_paths["bloom"])).name == "bloom"
     assert get_family(load_config(tiny_paths["gemma2"])).name == "gemma2"
-    assert get_family(load_config(tiny_paths["falcon-7b"])).name == "falcon"
+    assert get_family(load_config(tiny_paths["falcon"])).name == "falcon"
     assert get_family(load_config(tiny_paths["llama"])).num_blocks(load_config(tiny_paths["llama"])) == 4
 
 
