@@ -32,7 +32,7 @@ class Gemma2Family(ModelFamily):
         return tuple(prefix.format(index=index) for prefix in BLOCK_PREFIXES)
 
     def build_block(self, config: PretrainedConfig, local_index: int) -> nn.Module:
-        return Gemma2DecoderLayer(config, layer_idx=local_index)
+        return self.build_block_at(config, local_index, local_index)  # right for spans from block 0 only
 
     def build_block_at(self, config: PretrainedConfig, index: int, local_index: int) -> nn.Module:
         # the layer reads its type (sliding or global) from config.layer_types[layer_idx], but caches at local_index
