@@ -39,6 +39,8 @@ class HeadModules:
     final_norm: nn.Module
     lm_head: nn.Linear
     sources: dict[str, tuple[str, ...]]
+    embed_scale: float | None = None  # embeddings are multiplied by it (Gemma: sqrt(hidden_size))
+    logit_softcap: float | None = None  # logits become cap * tanh(logits / cap) (Gemma 2)
 
 
 class BlockRunner(nn.Module, ABC):
@@ -81,6 +83,11 @@ class ModelFamily(ABC):
     def build_block(self, config: PretrainedConfig, local_index: int) -> nn.Module:
         """A transformers decoder layer whose ``layer_idx`` is its index inside the span."""
 
+    def build_block_at(self, config: PretrainedConfig, index: int, local_index: int) -> nn.Module:
+        """Block ``index`` of the model, ``local_index``-th of its span. Families whose blocks differ by position
+        (alternating local/global attention) override this; default: ``build_block``."""
+        return self.build_block(config, local_index)
+
     @abstractmethod
     def kv_layout(self, config: PretrainedConfig) -> KVLayout:
         """What one block stores per token in the KV cache."""
@@ -98,6 +105,10 @@ class ModelFamily(ABC):
         per block, in order), or None: the node runs steps through ``BlockSpan.forward``, one session at a time.
         Called once at load; may time its routes then. Default: None."""
         return None
+
+    def generic_path_reason(self, spans: Sequence[nn.Module]) -> str:
+        """Why ``batch_runner`` gives ``spans`` no fast path, for the node's log."""
+        return f"the {self.name} blocks have no fast path"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, model_types={self.model_types!r})"

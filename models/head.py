@@ -35,6 +35,8 @@ class ClientHead(nn.Module):
         self.embed_norm = modules.embed_norm
         self.final_norm = modules.final_norm
         self.lm_head = modules.lm_head
+        self.embed_scale = modules.embed_scale
+        self.logit_softcap = modules.logit_softcap
         self.matmul = CpuMatmul()  # ``load_client_head`` calibrates it on CPU
         self.greedy_argmax: LowPrecisionArgmax | None = None  # ``load_client_head`` sets it where it is faster
         self.requires_grad_(False)
@@ -63,6 +65,8 @@ class ClientHead(nn.Module):
             if low < 0 or high >= self.word_embeddings.num_embeddings:
                 raise ValueError(f"token ids must be in [0, {self.word_embeddings.num_embeddings}), got {low}..{high}")
         hidden_states = self.word_embeddings(input_ids)
+        if self.embed_scale is not None:  # rounded to the weights' dtype first, as transformers does
+            hidden_states = hidden_states * torch.tensor(self.embed_scale, dtype=hidden_states.dtype)
         return self.embed_norm(hidden_states) if self.embed_norm is not None else hidden_states
 
     def norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -75,8 +79,14 @@ class ClientHead(nn.Module):
         in_out = self.lm_head.weight.t()
         if in_out.is_contiguous() and not (torch.is_grad_enabled() and normed.requires_grad):
             rows = normed.reshape(-1, normed.shape[-1])  # stored [in, out] on CPU: through the faster BLAS
-            return self._float32_logits(rows).view(*normed.shape[:-1], -1)
-        return self.lm_head(normed)
+            return self.soft_cap(self._float32_logits(rows).view(*normed.shape[:-1], -1))
+        return self.soft_cap(self.lm_head(normed))
+
+    def soft_cap(self, logits: torch.Tensor) -> torch.Tensor:
+        """The family's final soft-capping of raw logits (Gemma 2's ``cap * tanh(logits / cap)``), else them."""
+        if self.logit_softcap is None:
+            return logits
+        return torch.tanh(logits / self.logit_softcap) * self.logit_softcap
 
     def greedy_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``[B, T, H]`` output of the last block -> ``[B]`` ids of the largest logits at the last position (greedy
@@ -127,8 +137,9 @@ def load_client_head(
         if tied:
             head.word_embeddings.weight = head.lm_head.weight  # a strided lookup of a few rows costs microseconds
         head.matmul = CpuMatmul.calibrate([matrix], rows=HEAD_ROWS)
-        head.greedy_argmax = choose_greedy_argmax(
-            matrix, head.lm_head.bias, full_logits=head._float32_logits, final_norm=head.final_norm
-        )
+        if head.logit_softcap is None:  # capped logits may tie where the raw ones the check ranks do not
+            head.greedy_argmax = choose_greedy_argmax(
+                matrix, head.lm_head.bias, full_logits=head._float32_logits, final_norm=head.final_norm
+            )
     logger.info("Loaded client head of %s (%s, tied=%s)", path, dtype, tied)
     return head

@@ -179,7 +179,7 @@ def load_blocks(
     blocks = []
     for local_index, index in enumerate(range(start, end)):
         with torch.device("meta"):
-            block = family.build_block(config, local_index)
+            block = family.build_block_at(config, index, local_index)
         prefix = next((p for p in family.block_prefixes(index) if checkpoint.has_prefix(p)), None)
         if prefix is None:
             raise CheckpointError(

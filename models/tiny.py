@@ -1,4 +1,5 @@
-"""Tiny random-weight checkpoints (Llama with GQA, Mistral, BLOOM) for tests and local demos; no hub needed."""
+"""Tiny random-weight checkpoints (Llama with GQA, Mistral, BLOOM, Gemma 2, Falcon) for tests and local demos; no
+hub needed."""
 
 from __future__ import annotations
 
@@ -7,7 +8,15 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, BloomConfig, LlamaConfig, MistralConfig, PretrainedConfig
+from transformers import (
+    AutoModelForCausalLM,
+    BloomConfig,
+    FalconConfig,
+    Gemma2Config,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +30,10 @@ def tiny_config(
     tie_word_embeddings: bool | None = None,
     **extra,
 ) -> PretrainedConfig:
-    """A small config: "llama" (4 query / 2 key-value heads), "mistral" (plus a sliding window) or "bloom";
-    ``extra`` sets further fields of the llama/mistral config (e.g. ``attention_bias=True``)."""
+    """A small config: "llama" (4 query / 2 key-value heads), "mistral" (plus a sliding window), "bloom",
+    "gemma2" (soft-capping strong enough to change its greedy text, a 4-token window on alternate layers; untied
+    unless asked), "falcon" (40B/180B style: grouped KV heads, RoPE), "falcon-7b" (multi-query, parallel attention)
+    or "falcon-alibi"; ``extra`` sets further fields of a non-BLOOM config (e.g. ``attention_bias=True``)."""
     if kind in ("llama", "mistral"):
         common = (
             dict(
@@ -54,7 +65,49 @@ def tiny_config(
             eos_token_id=2,
             pad_token_id=0,
         )
-    raise ValueError(f"unknown tiny model kind {kind!r}: use 'llama', 'mistral' or 'bloom'")
+    special = dict(
+        vocab_size=vocab_size,
+        initializer_range=0.1,
+        tie_word_embeddings=True if tie_word_embeddings is None else tie_word_embeddings,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    if kind == "gemma2":
+        gemma2 = dict(
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=hidden_size // 4,
+            query_pre_attn_scalar=24,  # not head_dim, so a wrong scale shows
+            sliding_window=4,
+            attn_logit_softcapping=2.0,  # small caps: random scores and logits reach them
+            final_logit_softcapping=1.0,
+            max_position_embeddings=512,
+        )
+        if tie_word_embeddings is None:  # tied, the tiny model's own token dominates its logits: it repeats itself
+            special["tie_word_embeddings"] = False
+        return Gemma2Config(**gemma2 | special | extra)
+    falcon_variants = {
+        "falcon": dict(new_decoder_architecture=True, num_kv_heads=2),
+        "falcon-7b": dict(new_decoder_architecture=False, multi_query=True, parallel_attn=True),
+        "falcon-alibi": dict(new_decoder_architecture=False, multi_query=False, parallel_attn=False, alibi=True),
+    }
+    if kind in falcon_variants:
+        falcon = dict(
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            ffn_hidden_size=2 * hidden_size,
+            max_position_embeddings=512,
+        )
+        return FalconConfig(**falcon | special | falcon_variants[kind] | extra)
+    raise ValueError(
+        f"unknown tiny model kind {kind!r}: use 'llama', 'mistral', 'bloom', 'gemma2', 'falcon', 'falcon-7b' or "
+        "'falcon-alibi'"
+    )
 
 
 def save_tiny_checkpoint(path: str | os.PathLike, kind: str = "llama", *, seed: int = 0, **config_kwargs) -> Path:

@@ -2,6 +2,8 @@
 
 - ``llama/``  Llama-architecture decoders with GQA (llama, mistral): LlamaDecoderLayer / MistralDecoderLayer + RoPE
 - ``bloom/``  BLOOM: BloomBlock + ALiBi
+- ``gemma2/`` Gemma 2: Gemma2DecoderLayer (soft-capping, alternating sliding-window layers) + RoPE
+- ``falcon/`` Falcon: FalconDecoderLayer (multi-query / grouped KV, parallel attention) + RoPE or ALiBi
 """
 
 import importlib

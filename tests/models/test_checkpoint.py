@@ -13,7 +13,13 @@ from safetensors.torch import save_file
 
 from nectar.models import Checkpoint, CheckpointError, MissingCheckpointFileError, load_client_head, load_span
 
-BLOCK_PREFIXES = {"llama": "model.layers.", "mistral": "model.layers.", "bloom": "transformer.h."}
+BLOCK_PREFIXES = {
+    "llama": "model.layers.",
+    "mistral": "model.layers.",
+    "bloom": "transformer.h.",
+    "gemma2": "model.layers.",
+    "falcon": "transformer.h.",
+}
 
 
 def shard_per_block(source: Path, target: Path, block_prefix: str) -> dict[str, str]:

@@ -10,8 +10,8 @@ from nectar.models.registry import families
 
 
 def test_builtin_families_are_discovered():
-    assert {"llama", "bloom"} <= set(families())
-    assert {"llama", "mistral", "bloom"} <= set(supported_model_types())
+    assert {"llama", "bloom", "gemma2", "falcon"} <= set(families())
+    assert {"llama", "mistral", "bloom", "gemma2", "falcon"} <= set(supported_model_types())
     assert get_family("mistral") is get_family("llama")
 
 

@@ -58,6 +58,8 @@ def test_family_lookup(tiny_paths):
     assert get_family(load_config(tiny_paths["llama"])).name == "llama"
     assert get_family(load_config(tiny_paths["mistral"])).name == "llama"
     assert get_family(load_config(tiny_paths["bloom"])).name == "bloom"
+    assert get_family(load_config(tiny_paths["gemma2"])).name == "gemma2"
+    assert get_family(load_config(tiny_paths["falcon"])).name == "falcon"
     assert get_family(load_config(tiny_paths["llama"])).num_blocks(load_config(tiny_paths["llama"])) == 4
 
 
@@ -70,7 +72,7 @@ def test_unregistered_model_type_names_supported_ones(tiny_paths, tmp_path, mode
         with pytest.raises(UnsupportedModelError) as caught:
             load()
         assert all(name in str(caught.value) for name in ("llama", "mistral", "bloom"))
-    with pytest.raises(UnsupportedModelError, match="gpt2.*not supported.*bloom, llama, mistral"):
+    with pytest.raises(UnsupportedModelError, match="gpt2.*not supported.*bloom, .*gemma2, llama, mistral"):
         get_family("gpt2")
 
 
