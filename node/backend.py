@@ -113,7 +113,7 @@ class SpanBackend:
 
     def _describe_path(self, batching: bool) -> str:
         if self.batch_runner is None:
-            why = "batching is off" if not batching else f"the {self.config.model_type} blocks have no fast path"
+            why = "batching is off" if not batching else self.blocks[0].family.generic_path_reason(self.blocks)
             return f"generic path, one session at a time through BlockSpan.forward ({why})"
         graphs = self.decode_graphs
         recorded = ", decode rounds recorded as CUDA graphs" if graphs is not None and graphs.enabled else ""

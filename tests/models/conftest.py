@@ -1,4 +1,5 @@
-"""Fixtures for nectar.models tests: tiny random checkpoints (Llama with GQA, Mistral, BLOOM) and their references."""
+"""Fixtures for nectar.models tests: tiny random checkpoints (Llama with GQA, Mistral, Qwen2, Qwen3, Mixtral, BLOOM)
+and their references."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from nectar.models import BlockSpan, ClientHead
 from nectar.models.tiny import save_tiny_checkpoint
 
-KINDS = ("llama", "mistral", "bloom")
+KINDS = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "bloom")
 NUM_LAYERS = 4
 
 

@@ -13,7 +13,9 @@ from safetensors.torch import save_file
 
 from nectar.models import Checkpoint, CheckpointError, MissingCheckpointFileError, load_client_head, load_span
 
-BLOCK_PREFIXES = {"llama": "model.layers.", "mistral": "model.layers.", "bloom": "transformer.h."}
+BLOCK_PREFIXES = {kind: "model.layers." for kind in ("llama", "mistral", "qwen2", "qwen3", "mixtral")} | {
+    "bloom": "transformer.h."
+}
 
 
 def shard_per_block(source: Path, target: Path, block_prefix: str) -> dict[str, str]:

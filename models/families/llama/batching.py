@@ -4,8 +4,9 @@ Every token of every session goes through one fused QKV, output, gate/up and dow
 stacked), RoPE at each row's absolute position, and attention per session against its own cache (a view, no copy).
 Sessions keep their own ``SpanCache`` (their own slots): a batch may mix prefills and decodes at any lengths and
 positions. It reproduces transformers' decoder layer operation for operation (``fused.py``), so a batched step
-equals the unbatched one to float32 rounding (tests/speed). Prompt-tuned first steps and sliding windows take the
-generic path (``BlockSpan.forward``, one session at a time).
+equals the unbatched one to float32 rounding (tests/speed). Prompt-tuned first steps, and blocks the kernels do not
+compute (sliding windows, q/k norms, mixtures of experts: ``unsupported``), take the generic path
+(``BlockSpan.forward``, one session at a time).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 class LlamaBatchRunner(FusedLlamaBlocks):
     """Batched inference through a node's Llama blocks (one single-block ``BlockSpan`` per block), built by
-    ``LlamaFamily.batch_runner`` when ``supports`` says the blocks qualify.
+    ``LlamaFamily.batch_runner`` when ``unsupported`` finds nothing the kernels lack.
 
     Routes: one session's single-token step through the C decode layer where it measured faster at load (CPU,
     ``native_decode.py``); otherwise the batched eager forward (``run``). ``static_step`` is the graph-safe decode
@@ -46,16 +47,29 @@ class LlamaBatchRunner(FusedLlamaBlocks):
         return f"batched Llama runner (fused projections; one session's decode step through {route})"
 
     @staticmethod
-    def supports(spans: Sequence[nn.Module]) -> bool:
+    def unsupported(spans: Sequence[nn.Module]) -> str | None:
+        """Why the fused kernels cannot compute these blocks exactly (for the node's log), or None when they can."""
         for span in spans:
-            if span.family.name != "llama" or span.num_blocks != 1 or span.runner.sliding_window is not None:
-                return False
+            if span.num_blocks != 1 or span.family is not spans[0].family or not hasattr(span.runner, "rotary"):
+                return "the blocks are not single Llama-shaped blocks of one family"
+            if span.runner.sliding_window is not None:
+                return "sliding-window attention is not in the fused kernels"
             block = span.blocks[0]
-            if not all(
-                hasattr(block, name) for name in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+            attention, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+            if hasattr(attention, "q_norm") or hasattr(attention, "k_norm"):
+                return "q/k norms are not in the fused kernels"
+            if hasattr(mlp, "experts"):
+                return "the mixture-of-experts MLP is not in the fused kernels"
+            if not (
+                all(hasattr(attention, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
+                and all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj"))
+                and all(
+                    hasattr(getattr(block, name, None), "variance_epsilon")
+                    for name in ("input_layernorm", "post_attention_layernorm")
+                )
             ):
-                return False
-        return True
+                return "the block is not a standard Llama decoder layer"
+        return None
 
     @torch.inference_mode()
     def run(self, tasks: Sequence[SpanStep], first_block: int) -> list[torch.Tensor]:
