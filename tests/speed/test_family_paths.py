@@ -1,0 +1,95 @@
+"""Which path each Llama-shaped family's blocks take on a node, and that it computes them exactly.
+
+Qwen2's q/k/v biases are in the fused kernels: its blocks take the batched route and the C decode layer, and equal
+transformers' own layers (a backend with ``batching=False``) to float32 rounding. Qwen3's q/k norms, Mixtral's
+experts and Mistral's window are not: those blocks take the generic path, and the node logs why.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from nectar.models.families.llama.batching import LlamaBatchRunner
+from nectar.models.tiny import save_tiny_checkpoint
+from nectar.node.backend import SpanBackend
+
+TOLERANCE = 1e-5  # float32; a dropped bias gives differences of order 0.1
+
+
+def _backend(path: str, *, batching: bool) -> SpanBackend:
+    return SpanBackend(path, 0, 4, dtype=torch.float32, device="cpu", show_progress=False, batching=batching)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("families")
+    kinds = ("qwen2", "qwen3", "mixtral", "mistral")
+    return {kind: str(save_tiny_checkpoint(root / kind, kind, seed=3)) for kind in kinds}
+
+
+def _worst_round(fast: SpanBackend, plain: SpanBackend, schedule: list[tuple[int, ...]]) -> float:
+    """Sessions of batch 1 stepping together (``schedule``: each round's new tokens per session) through ``fast``'s
+    ``run_inference`` and one by one through ``plain``; the largest difference."""
+    hidden, sessions, worst = fast.hidden_size, len(schedule[0]), 0.0
+    fast_caches = [fast.new_caches(0, 4, 1, 32) for _ in range(sessions)]
+    plain_caches = [plain.new_caches(0, 4, 1, 32) for _ in range(sessions)]
+    positions = [0] * sessions
+    for tokens in schedule:
+        inputs = [torch.randn(1, count, hidden) for count in tokens]
+        tasks = [
+            fast.inference_task(x, caches, start=0, end=4, position=position)
+            for x, caches, position in zip(inputs, fast_caches, positions)
+        ]
+        for index, output in enumerate(fast.run_inference(tasks)):
+            expected = plain.inference_step(
+                inputs[index], plain_caches[index], start=0, end=4, position=positions[index]
+            )
+            worst = max(worst, (output - expected).abs().max().item())
+            positions[index] += tokens[index]
+    return worst
+
+
+def test_qwen2_takes_the_fused_batched_path_exactly(checkpoints, caplog):
+    with caplog.at_level(logging.INFO, logger="nectar.node.backend"):
+        fast = _backend(checkpoints["qwen2"], batching=True)
+    plain = _backend(checkpoints["qwen2"], batching=False)
+    assert isinstance(fast.batch_runner, LlamaBatchRunner)
+    assert fast.batch_runner.layers[0].qkv_bias is not None  # the biases ride in the fused projection
+    assert "Inference steps of qwen2 blocks: batched Llama runner" in caplog.text
+    torch.manual_seed(0)
+    # prefills and decodes mixed in one forward, then decode rounds of three sessions (one padded attention)
+    assert _worst_round(fast, plain, [(5, 3, 1), (1, 2, 1), (1, 1, 1), (1, 1, 1)]) <= TOLERANCE
+
+
+def test_qwen2_single_session_decode_through_the_c_layer(checkpoints, monkeypatch):
+    monkeypatch.setenv("NECTAR_NATIVE_DECODE", "on")
+    fast, plain = _backend(checkpoints["qwen2"], batching=True), _backend(checkpoints["qwen2"], batching=False)
+    decoder = fast.batch_runner.native
+    assert decoder is not None
+    calls, run = [], decoder.run
+    decoder.run = lambda task, first_block: calls.append(task.caches[0].length) or run(task, first_block)
+    torch.manual_seed(1)
+    assert _worst_round(fast, plain, [(4,)] + [(1,)] * 6) <= TOLERANCE
+    assert calls == list(range(4, 10))  # every single-token step went through the C layer
+
+
+@pytest.mark.parametrize(
+    "kind,reason",
+    [
+        ("qwen3", "q/k norms are not in the fused kernels"),
+        ("mixtral", "the mixture-of-experts MLP is not in the fused kernels"),
+        ("mistral", "sliding-window attention is not in the fused kernels"),
+    ],
+)
+def test_blocks_the_kernels_lack_take_the_generic_path_and_the_node_says_why(checkpoints, caplog, kind, reason):
+    with caplog.at_level(logging.INFO, logger="nectar.node.backend"):
+        backend = _backend(checkpoints[kind], batching=True)
+    assert backend.batch_runner is None
+    assert f"Inference steps of {kind} blocks: generic path, one session at a time" in caplog.text
+    assert f"({reason})" in caplog.text
+    torch.manual_seed(2)
+    # rounds of two sessions still give each its own output (past Mistral's window of 6)
+    assert _worst_round(backend, _backend(checkpoints[kind], batching=False), [(8, 3), (1, 1), (1, 5)]) <= TOLERANCE
