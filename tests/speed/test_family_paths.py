@@ -1,8 +1,9 @@
 """Which path each Llama-shaped family's blocks take on a node, and that it computes them exactly.
 
-Qwen2's q/k/v biases are in the fused kernels: its blocks take the batched route and the C decode layer, and equal
-transformers' own layers (a backend with ``batching=False``) to float32 rounding. Qwen3's q/k norms, Mixtral's
-experts and Mistral's window are not: those blocks take the generic path, and the node logs why.
+Qwen2's q/k/v biases and Qwen3's per-head q/k norms are in the fused kernels: their blocks take the batched route
+(Qwen2 also the C decode layer, which has no per-head norms), and equal transformers' own layers (a backend with
+``batching=False``) to float32 rounding. Mixtral's experts and Mistral's window are not: those blocks take the
+generic path, and the node logs why.
 """
 
 from __future__ import annotations
@@ -52,13 +53,18 @@ def _worst_round(fast: SpanBackend, plain: SpanBackend, schedule: list[tuple[int
     return worst
 
 
-def test_qwen2_takes_the_fused_batched_path_exactly(checkpoints, caplog):
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_qwen_blocks_take_the_fused_batched_path_exactly(checkpoints, caplog, kind):
     with caplog.at_level(logging.INFO, logger="nectar.node.backend"):
-        fast = _backend(checkpoints["qwen2"], batching=True)
-    plain = _backend(checkpoints["qwen2"], batching=False)
+        fast = _backend(checkpoints[kind], batching=True)
+    plain = _backend(checkpoints[kind], batching=False)
     assert isinstance(fast.batch_runner, LlamaBatchRunner)
-    assert fast.batch_runner.layers[0].qkv_bias is not None  # the biases ride in the fused projection
-    assert "Inference steps of qwen2 blocks: batched Llama runner" in caplog.text
+    layer = fast.batch_runner.layers[0]
+    if kind == "qwen2":
+        assert layer.qkv_bias is not None  # the biases ride in the fused projection
+    else:
+        assert layer.q_norm is not None and layer.k_norm is not None  # per-head norms before RoPE
+    assert f"Inference steps of {kind} blocks: batched Llama runner" in caplog.text
     torch.manual_seed(0)
     # prefills and decodes mixed in one forward, then decode rounds of three sessions (one padded attention)
     assert _worst_round(fast, plain, [(5, 3, 1), (1, 2, 1), (1, 1, 1), (1, 1, 1)]) <= TOLERANCE
@@ -76,10 +82,19 @@ def test_qwen2_single_session_decode_through_the_c_layer(checkpoints, monkeypatc
     assert calls == list(range(4, 10))  # every single-token step went through the C layer
 
 
+def test_qwen3_decode_stays_in_pytorch(checkpoints, monkeypatch):
+    """The C layer has no per-head norms: even when asked for, Qwen3 blocks keep the PyTorch decode step."""
+    monkeypatch.setenv("NECTAR_NATIVE_DECODE", "on")
+    fast = _backend(checkpoints["qwen3"], batching=True)
+    assert fast.batch_runner is not None and fast.batch_runner.native is None
+    assert "through PyTorch" in fast.batch_runner.describe()
+    torch.manual_seed(1)
+    assert _worst_round(fast, _backend(checkpoints["qwen3"], batching=False), [(4,)] + [(1,)] * 4) <= TOLERANCE
+
+
 @pytest.mark.parametrize(
     "kind,reason",
     [
-        ("qwen3", "q/k norms are not in the fused kernels"),
         ("mixtral", "the mixture-of-experts MLP is not in the fused kernels"),
         ("mistral", "sliding-window attention is not in the fused kernels"),
     ],

@@ -21,7 +21,7 @@ NEW_TOKENS = 12
 # the path each family's node logs it chose (tests/speed/test_family_paths.py checks the routes themselves)
 PATHS = {
     "qwen2": "Inference steps of qwen2 blocks: batched Llama runner",
-    "qwen3": "generic path, one session at a time through BlockSpan.forward (q/k norms are not in the fused kernels)",
+    "qwen3": "Inference steps of qwen3 blocks: batched Llama runner",
     "mixtral": "generic path, one session at a time through BlockSpan.forward (the mixture-of-experts MLP is not",
 }
 

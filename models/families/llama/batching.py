@@ -5,7 +5,7 @@ stacked), RoPE at each row's absolute position, and attention per session agains
 Sessions keep their own ``SpanCache`` (their own slots): a batch may mix prefills and decodes at any lengths and
 positions. It reproduces transformers' decoder layer operation for operation (``fused.py``), so a batched step
 equals the unbatched one to float32 rounding (tests/speed). Prompt-tuned first steps, and blocks the kernels do not
-compute (sliding windows, q/k norms, mixtures of experts: ``unsupported``), take the generic path
+compute (sliding windows, mixtures of experts: ``unsupported``), take the generic path
 (``BlockSpan.forward``, one session at a time).
 """
 
@@ -56,17 +56,15 @@ class LlamaBatchRunner(FusedLlamaBlocks):
                 return "sliding-window attention is not in the fused kernels"
             block = span.blocks[0]
             attention, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
-            if hasattr(attention, "q_norm") or hasattr(attention, "k_norm"):
-                return "q/k norms are not in the fused kernels"
             if hasattr(mlp, "experts"):
                 return "the mixture-of-experts MLP is not in the fused kernels"
+            norms = [getattr(block, "input_layernorm", None), getattr(block, "post_attention_layernorm", None)]
+            if hasattr(attention, "q_norm") or hasattr(attention, "k_norm"):  # Qwen3's per-head norms: both or none
+                norms += [getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)]
             if not (
                 all(hasattr(attention, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
                 and all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj"))
-                and all(
-                    hasattr(getattr(block, name, None), "variance_epsilon")
-                    for name in ("input_layernorm", "post_attention_layernorm")
-                )
+                and all(hasattr(norm, "variance_epsilon") for norm in norms)  # RMSNorms as Llama's
             ):
                 return "the block is not a standard Llama decoder layer"
         return None
