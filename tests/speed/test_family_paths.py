@@ -8,11 +8,13 @@ generic path, and the node logs why.
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
 import torch
 
+from nectar.models import load_span
 from nectar.models.families.llama.batching import LlamaBatchRunner
 from nectar.models.tiny import save_tiny_checkpoint
 from nectar.node.backend import SpanBackend
@@ -108,3 +110,13 @@ def test_blocks_the_kernels_lack_take_the_generic_path_and_the_node_says_why(che
     torch.manual_seed(2)
     # rounds of two sessions still give each its own output (past Mistral's window of 6)
     assert _worst_round(backend, _backend(checkpoints[kind], batching=False), [(8, 3), (1, 1), (1, 5)]) <= TOLERANCE
+
+
+def test_a_block_with_parts_the_kernels_lack_is_refused(checkpoints):
+    """The fused kernels compute a fixed set of parts: a Llama-shaped block with one more (e.g. Gemma 2's norm
+    around the MLP) is refused rather than computed without it."""
+    spans = [load_span(checkpoints["qwen2"], index, index + 1) for index in range(2)]
+    assert LlamaBatchRunner.unsupported(spans) is None
+    block = spans[1].blocks[0]
+    block.pre_feedforward_layernorm = copy.deepcopy(block.input_layernorm)
+    assert "parts the fused kernels do not compute" in LlamaBatchRunner.unsupported(spans)

@@ -27,6 +27,20 @@ from nectar.models.fast_path import SpanStep
 
 logger = logging.getLogger(__name__)
 
+# The parts of a decoder layer the fused kernels compute (``fused.py``): attention with or without per-head norms
+BLOCK_PARTS = frozenset({"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"})
+_PROJECTIONS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj"})
+ATTENTION_PARTS = (_PROJECTIONS, _PROJECTIONS | {"q_norm", "k_norm"})
+MLP_PARTS = frozenset({"gate_proj", "up_proj", "down_proj", "act_fn"})
+
+
+def _parts(module: nn.Module | None) -> frozenset[str]:
+    return frozenset(name for name, _ in module.named_children()) if module is not None else frozenset()
+
+
+def _head_norms(attention: nn.Module) -> tuple[nn.Module, ...]:
+    return (attention.q_norm, attention.k_norm) if hasattr(attention, "q_norm") else ()
+
 
 class LlamaBatchRunner(FusedLlamaBlocks):
     """Batched inference through a node's Llama blocks (one single-block ``BlockSpan`` per block), built by
@@ -47,8 +61,13 @@ class LlamaBatchRunner(FusedLlamaBlocks):
         return f"batched Llama runner (fused projections; one session's decode step through {route})"
 
     @staticmethod
+    def supports(spans: Sequence[nn.Module]) -> bool:
+        return LlamaBatchRunner.unsupported(spans) is None
+
+    @staticmethod
     def unsupported(spans: Sequence[nn.Module]) -> str | None:
-        """Why the fused kernels cannot compute these blocks exactly (for the node's log), or None when they can."""
+        """Why the fused kernels cannot compute these blocks exactly (for the node's log), or None when they can.
+        They compute exactly the parts named in ``BLOCK_PARTS``: a block with any other part is refused."""
         for span in spans:
             if span.num_blocks != 1 or span.family is not spans[0].family or not hasattr(span.runner, "rotary"):
                 return "the blocks are not single Llama-shaped blocks of one family"
@@ -58,15 +77,17 @@ class LlamaBatchRunner(FusedLlamaBlocks):
             attention, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
             if hasattr(mlp, "experts"):
                 return "the mixture-of-experts MLP is not in the fused kernels"
-            norms = [getattr(block, "input_layernorm", None), getattr(block, "post_attention_layernorm", None)]
-            if hasattr(attention, "q_norm") or hasattr(attention, "k_norm"):  # Qwen3's per-head norms: both or none
-                norms += [getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)]
-            if not (
-                all(hasattr(attention, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
-                and all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj"))
-                and all(hasattr(norm, "variance_epsilon") for norm in norms)  # RMSNorms as Llama's
-            ):
-                return "the block is not a standard Llama decoder layer"
+            parts = (
+                _parts(block) == BLOCK_PARTS
+                and _parts(attention) in ATTENTION_PARTS
+                and _parts(mlp) == MLP_PARTS
+                and all(
+                    hasattr(norm, "variance_epsilon")  # RMSNorms as Llama's
+                    for norm in (block.input_layernorm, block.post_attention_layernorm, *_head_norms(attention))
+                )
+            )
+            if not parts:
+                return "the block has parts the fused kernels do not compute (not a Llama decoder layer)"
         return None
 
     @torch.inference_mode()
