@@ -28,7 +28,9 @@ PATHS = {
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
-    with LocalSwarm(workdir=tmp_path_factory.mktemp("swarm")) as swarm:
+    # nodes skip timing BLAS libraries and the C decode layer at load (the routes are tests/speed's business)
+    env = {"NECTAR_CPU_BLAS": "torch", "NECTAR_NATIVE_DECODE": "off"}
+    with LocalSwarm(workdir=tmp_path_factory.mktemp("swarm"), env=env) as swarm:
         swarm.start_bootstrap()
         yield swarm
 
