@@ -18,6 +18,7 @@ from nectar.models import load_span
 from nectar.models.families.llama.batching import LlamaBatchRunner
 from nectar.models.tiny import save_tiny_checkpoint
 from nectar.node.backend import SpanBackend
+from nectar.node.graphs import GraphedDecoder
 
 TOLERANCE = 1e-5  # float32; a dropped bias gives differences of order 0.1
 
@@ -33,12 +34,15 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
     return {kind: str(save_tiny_checkpoint(root / kind, kind, seed=3)) for kind in kinds}
 
 
-def _worst_round(fast: SpanBackend, plain: SpanBackend, schedule: list[tuple[int, ...]]) -> float:
+def _worst_round(
+    fast: SpanBackend, plain: SpanBackend, schedule: list[tuple[int, ...]], max_lengths: tuple[int, ...] | None = None
+) -> float:
     """Sessions of batch 1 stepping together (``schedule``: each round's new tokens per session) through ``fast``'s
     ``run_inference`` and one by one through ``plain``; the largest difference."""
     hidden, sessions, worst = fast.hidden_size, len(schedule[0]), 0.0
-    fast_caches = [fast.new_caches(0, 4, 1, 32) for _ in range(sessions)]
-    plain_caches = [plain.new_caches(0, 4, 1, 32) for _ in range(sessions)]
+    max_lengths = max_lengths or (32,) * sessions
+    fast_caches = [fast.new_caches(0, 4, 1, length) for length in max_lengths]
+    plain_caches = [plain.new_caches(0, 4, 1, length) for length in max_lengths]
     positions = [0] * sessions
     for tokens in schedule:
         inputs = [torch.randn(1, count, hidden) for count in tokens]
@@ -70,6 +74,22 @@ def test_qwen_blocks_take_the_fused_batched_path_exactly(checkpoints, caplog, ki
     torch.manual_seed(0)
     # prefills and decodes mixed in one forward, then decode rounds of three sessions (one padded attention)
     assert _worst_round(fast, plain, [(5, 3, 1), (1, 2, 1), (1, 1, 1), (1, 1, 1)]) <= TOLERANCE
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_qwen_graph_safe_decode_rounds_equal_one_by_one_steps(checkpoints, kind):
+    """The decode step a GPU node records as a CUDA graph (``static_step``), run eagerly on the CPU, with the biases
+    and per-head norms: rounds of three sessions (own caches, then pooled ones) equal unbatched steps."""
+    fast, plain = _backend(checkpoints[kind], batching=True), _backend(checkpoints[kind], batching=False)
+    for max_length in (None, 32):
+        graphs = fast.decode_graphs = GraphedDecoder(fast.batch_runner, capture=False)
+        torch.manual_seed(5)
+        # prefills of 5, 3 and 7 tokens, then decode rounds of all three (different cache sizes: own caches)
+        lengths = (40, 24, 31) if max_length is None else (max_length,) * 3
+        schedule = [(5, 3, 7)] + [(1, 1, 1)] * 4
+        assert _worst_round(fast, plain, schedule, max_lengths=lengths) <= TOLERANCE
+        assert graphs.replays == 4 and graphs.recorded == 1  # every decode round went through the static step
+        assert (next(iter(graphs._graphs.values())).pools is not None) == (max_length is not None)
 
 
 def test_qwen2_single_session_decode_through_the_c_layer(checkpoints, monkeypatch):
