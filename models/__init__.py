@@ -13,8 +13,9 @@ Files:
 - ``family.py``      the ``ModelFamily`` / ``BlockRunner`` contract each architecture fulfils
 - ``fast_path.py``   ``BatchRunner`` / ``SpanStep``: what a node may call on a family's fast path (``batch_runner``)
 - ``registry.py``    ``model_type`` -> family; ``families/<name>/`` subpackages register themselves
-- ``families/``      ``llama/`` (llama, mistral; GQA + RoPE; batched, CUDA-graph and C decode routes); ``bloom/``
-                     (ALiBi), ``gemma2/`` (soft-capping, sliding windows) and ``falcon/`` (the generic path)
+- ``families/``      ``llama/`` (GQA + RoPE; batched, CUDA-graph and C decode routes); on its code ``mistral/``,
+                     ``qwen2/`` (fast routes too), ``qwen3/`` and ``mixtral/``; ``bloom/`` (ALiBi), ``gemma2/``
+                     (soft-capping, sliding windows) and ``falcon/`` (the generic path)
 - ``tiny.py``        tiny random checkpoints for tests and demos
 - ``errors.py``      named errors; ``cli.py``: ``nectar models``
 """

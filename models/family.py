@@ -13,6 +13,8 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from nectar.models.attention import AttentionStep
+from nectar.models.checkpoint import Checkpoint
+from nectar.models.errors import CheckpointError
 from nectar.models.fast_path import BatchRunner
 
 logger = logging.getLogger(__name__)
@@ -109,6 +111,17 @@ class ModelFamily(ABC):
     def generic_path_reason(self, spans: Sequence[nn.Module]) -> str:
         """Why ``batch_runner`` gives ``spans`` no fast path, for the node's log."""
         return f"the {self.name} blocks have no fast path"
+
+    def load_block_tensors(
+        self, checkpoint: Checkpoint, prefix: str, names: list[str], *, dtype: torch.dtype, device: torch.device | str
+    ) -> dict[str, torch.Tensor]:
+        """A block's state-dict tensors ``names`` from the checkpoint's keys under ``prefix``. Default: stored under
+        the same names; a family whose checkpoints store them otherwise (e.g. one matrix per expert) converts here."""
+        missing = [name for name in names if prefix + name not in checkpoint]
+        if missing:
+            raise CheckpointError(f"{checkpoint.path} lacks tensors of a block: {[prefix + m for m in missing]}")
+        tensors = checkpoint.load([prefix + name for name in names], dtype=dtype, device=device)
+        return {name: tensors[prefix + name] for name in names}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, model_types={self.model_types!r})"

@@ -186,12 +186,8 @@ def load_blocks(
                 f"{checkpoint.path} has no tensors for block {index} "
                 f"(looked for names starting with {' or '.join(family.block_prefixes(index))})"
             )
-        wanted = list(block.state_dict())
-        missing = [name for name in wanted if prefix + name not in checkpoint]
-        if missing:
-            raise CheckpointError(f"{checkpoint.path} lacks tensors of block {index}: {[prefix + m for m in missing]}")
-        tensors = checkpoint.load([prefix + name for name in wanted], dtype=dtype, device=device)
-        block.load_state_dict({name: tensors[prefix + name] for name in wanted}, strict=True, assign=True)
+        tensors = family.load_block_tensors(checkpoint, prefix, list(block.state_dict()), dtype=dtype, device=device)
+        block.load_state_dict(tensors, strict=True, assign=True)
         blocks.append(block.to(device=device, dtype=dtype).eval())
     return blocks
 

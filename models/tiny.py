@@ -1,5 +1,5 @@
-"""Tiny random-weight checkpoints (Llama with GQA, Mistral, BLOOM, Gemma 2, Falcon) for tests and local demos; no
-hub needed."""
+"""Tiny random-weight checkpoints (Llama with GQA, Mistral, Qwen2, Qwen3, Mixtral, BLOOM, Gemma 2, Falcon) for tests
+and local demos; no hub needed."""
 
 from __future__ import annotations
 
@@ -15,10 +15,22 @@ from transformers import (
     Gemma2Config,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     PretrainedConfig,
+    Qwen2Config,
+    Qwen3Config,
 )
 
 logger = logging.getLogger(__name__)
+
+LLAMA_SHAPED = {
+    "llama": LlamaConfig,
+    "mistral": MistralConfig,
+    "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
+    "mixtral": MixtralConfig,
+}
+RANDOM_BIASES_AND_NORMS = frozenset({"qwen2", "qwen3", "mixtral"})  # older kinds: weights as benchmarked
 
 
 def tiny_config(
@@ -30,11 +42,12 @@ def tiny_config(
     tie_word_embeddings: bool | None = None,
     **extra,
 ) -> PretrainedConfig:
-    """A small config: "llama" (4 query / 2 key-value heads), "mistral" (plus a sliding window), "bloom",
-    "gemma2" (soft-capping strong enough to change its greedy text, a 4-token window on alternate layers; untied
-    unless asked), "falcon" (40B/180B style: grouped KV heads, RoPE), "falcon-7b" (multi-query, parallel attention)
-    or "falcon-alibi"; ``extra`` sets further fields of a non-BLOOM config (e.g. ``attention_bias=True``)."""
-    if kind in ("llama", "mistral"):
+    """A small config: "llama" (4 query / 2 key-value heads), "mistral" (plus a sliding window), "qwen2" (plus q/k/v
+    biases), "qwen3" (plus q/k norms), "mixtral" (plus 4 experts, 2 per token), "bloom", "gemma2" (soft-capping strong
+    enough to change its greedy text, a 4-token window on alternate layers; untied unless asked), "falcon" (40B/180B
+    style: grouped KV heads, RoPE), "falcon-7b" (multi-query, parallel attention) or "falcon-alibi"; ``extra`` sets
+    further fields of a non-BLOOM config (e.g. ``attention_bias=True``)."""
+    if kind in LLAMA_SHAPED:
         common = (
             dict(
                 hidden_size=hidden_size,
@@ -52,7 +65,13 @@ def tiny_config(
             )
             | extra
         )
-        return LlamaConfig(**common) if kind == "llama" else MistralConfig(sliding_window=6, **common)
+        if kind == "mistral":
+            return MistralConfig(sliding_window=6, **common)
+        if kind == "qwen3":
+            return Qwen3Config(**{"head_dim": hidden_size // 4} | common)
+        if kind == "mixtral":
+            return MixtralConfig(**{"num_local_experts": 4, "num_experts_per_tok": 2} | common)
+        return LLAMA_SHAPED[kind](**common)
     if kind == "bloom":
         return BloomConfig(
             hidden_size=hidden_size,
@@ -105,8 +124,8 @@ def tiny_config(
         )
         return FalconConfig(**falcon | special | falcon_variants[kind] | extra)
     raise ValueError(
-        f"unknown tiny model kind {kind!r}: use 'llama', 'mistral', 'bloom', 'gemma2', 'falcon', 'falcon-7b' or "
-        "'falcon-alibi'"
+        f"unknown tiny model kind {kind!r}: use one of {', '.join(LLAMA_SHAPED)}, 'bloom', 'gemma2', 'falcon', "
+        "'falcon-7b' or 'falcon-alibi'"
     )
 
 
@@ -115,6 +134,12 @@ def save_tiny_checkpoint(path: str | os.PathLike, kind: str = "llama", *, seed: 
     path = Path(path)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(kind, **config_kwargs), dtype=torch.float32)
+    if kind in RANDOM_BIASES_AND_NORMS:
+        # transformers starts biases at 0 and norms at 1: random ones make a test see a dropped bias or norm weight
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name.endswith(".bias") or "norm" in name:
+                    parameter.add_(torch.randn_like(parameter) * 0.1)
     model.save_pretrained(str(path))
     logger.debug("Saved tiny %s checkpoint to %s", kind, path)
     return path

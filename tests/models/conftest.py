@@ -1,5 +1,5 @@
-"""Fixtures for nectar.models tests: tiny random checkpoints (Llama with GQA, Mistral, BLOOM, Gemma 2, Falcon 40B-style)
-and their references."""
+"""Fixtures for nectar.models tests: tiny random checkpoints (Llama with GQA, Mistral, Qwen2, Qwen3, Mixtral, BLOOM,
+Gemma 2, Falcon 40B-style) and their references."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from nectar.models import BlockSpan, ClientHead
 from nectar.models.tiny import save_tiny_checkpoint
 
-KINDS = ("llama", "mistral", "bloom", "gemma2", "falcon")
+KINDS = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "bloom", "gemma2", "falcon")
 NUM_LAYERS = 4
 
 

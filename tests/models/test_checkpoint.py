@@ -13,11 +13,8 @@ from safetensors.torch import save_file
 
 from nectar.models import Checkpoint, CheckpointError, MissingCheckpointFileError, load_client_head, load_span
 
-BLOCK_PREFIXES = {
-    "llama": "model.layers.",
-    "mistral": "model.layers.",
+BLOCK_PREFIXES = {kind: "model.layers." for kind in ("llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma2")} | {
     "bloom": "transformer.h.",
-    "gemma2": "model.layers.",
     "falcon": "transformer.h.",
 }
 

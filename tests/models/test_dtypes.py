@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from nectar.models import load_client_head, load_span
+
+MIXTURES_OF_EXPERTS = ("mixtral",)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -13,13 +16,23 @@ def test_half_precision_span_tracks_float32(kind, tiny_paths, dtype):
     path = tiny_paths[kind]
     reference, span = load_span(path, 0, 4), load_span(path, 0, 4, dtype=dtype)
     assert span.dtype == dtype and all(p.dtype == dtype for p in span.parameters())
-    hidden = load_client_head(path).embed(torch.randint(3, 1000, (2, 8)))
+    ids = torch.randint(3, 1000, (2, 8))
+    hidden = load_client_head(path).embed(ids)
     expected = reference(hidden)
     full = span(hidden)
     assert full.dtype == dtype
     scale = expected.abs().max().item()
     tolerance = (0.02 if dtype == torch.float16 else 0.08) * scale
-    assert (full.float() - expected).abs().max().item() < tolerance
+    if kind in MIXTURES_OF_EXPERTS:
+        # a half-precision router may pick other experts for a token than float32 does, which moves it far from
+        # float32: the reference is transformers' own model in this dtype (its router picks as the span's does)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+        with torch.no_grad():
+            normed = model(ids, output_hidden_states=True).hidden_states[-1]
+        actual = load_client_head(path, dtype=dtype).norm(full)
+        assert (actual.float() - normed.float()).abs().max().item() < tolerance
+    else:
+        assert (full.float() - expected).abs().max().item() < tolerance
     # incremental decoding in half precision agrees with its own full forward
     cache = span.new_cache(2, 8)
     assert cache.dtype == dtype and cache.nbytes == span.cache_bytes_per_token(2) * 8

@@ -10,9 +10,14 @@ from nectar.models.registry import families
 
 
 def test_builtin_families_are_discovered():
-    assert {"llama", "bloom", "gemma2", "falcon"} <= set(families())
-    assert {"llama", "mistral", "bloom", "gemma2", "falcon"} <= set(supported_model_types())
-    assert get_family("mistral") is get_family("llama")
+    assert {"llama", "mistral", "qwen2", "qwen3", "mixtral", "bloom", "gemma2", "falcon"} <= set(families())
+    assert {"llama", "mistral", "qwen2", "qwen3", "mixtral", "bloom", "gemma2", "falcon"} <= set(
+        supported_model_types()
+    )
+    # the Llama-shaped families reuse the Llama family's code, each registered by its own subpackage
+    for name in ("mistral", "qwen2", "qwen3", "mixtral"):
+        family = get_family(name)
+        assert family.name == name and isinstance(family, LlamaFamily) and family is not get_family("llama")
 
 
 def test_a_model_type_cannot_belong_to_two_families():

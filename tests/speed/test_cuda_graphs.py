@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nectar.models.tiny import save_tiny_checkpoint
 from nectar.node.backend import SpanBackend
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the device machine)")
@@ -19,10 +20,19 @@ def _backend(path: str, *, batching: bool) -> SpanBackend:
     return SpanBackend(path, 0, 4, dtype=torch.float32, device="cuda", show_progress=False, batching=batching)
 
 
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory) -> dict[str, str]:
+    """Qwen2 (q/k/v biases) and Qwen3 (per-head q/k norms): their blocks take the fused routes too."""
+    root = tmp_path_factory.mktemp("graphs")
+    return {kind: str(save_tiny_checkpoint(root / kind, kind, seed=3)) for kind in ("qwen2", "qwen3")}
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("max_lengths", [(40, 24, 31), (40, 40, 40)], ids=["own-caches", "pooled-caches"])
-def test_graph_rounds_on_the_gpu_equal_eager_steps(tiny_llama, max_lengths):
+def test_graph_rounds_on_the_gpu_equal_eager_steps(tiny_llama, tiny_qwen, kind, max_lengths):
     torch.backends.cuda.matmul.allow_tf32 = False
-    graphed, plain = _backend(tiny_llama, batching=True), _backend(tiny_llama, batching=False)
+    path = tiny_llama if kind == "llama" else tiny_qwen[kind]
+    graphed, plain = _backend(path, batching=True), _backend(path, batching=False)
     decoder = graphed.decode_graphs
     assert decoder is not None and decoder.capture
     torch.manual_seed(0)

@@ -1,5 +1,5 @@
-"""Llama-architecture family (llama, mistral): ``config.py`` classes and tensor names, ``block.py`` the step runner,
-``model.py`` the family object registered here.
+"""Llama-architecture family: ``config.py`` classes and tensor names, ``block.py`` the step runner, ``model.py`` the
+family object registered here (also the base class of the mistral, qwen2, qwen3 and mixtral families).
 
 Its fast path for a node's inference steps (``LlamaFamily.batch_runner``): ``fused.py`` the fused weights and shared
 per-token maths, ``batching.py`` the batched forward (``LlamaBatchRunner``), ``graphs.py`` the graph-safe decode step

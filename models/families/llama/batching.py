@@ -4,8 +4,9 @@ Every token of every session goes through one fused QKV, output, gate/up and dow
 stacked), RoPE at each row's absolute position, and attention per session against its own cache (a view, no copy).
 Sessions keep their own ``SpanCache`` (their own slots): a batch may mix prefills and decodes at any lengths and
 positions. It reproduces transformers' decoder layer operation for operation (``fused.py``), so a batched step
-equals the unbatched one to float32 rounding (tests/speed). Prompt-tuned first steps and sliding windows take the
-generic path (``BlockSpan.forward``, one session at a time).
+equals the unbatched one to float32 rounding (tests/speed). Prompt-tuned first steps, and blocks the kernels do not
+compute (sliding windows, mixtures of experts: ``unsupported``), take the generic path
+(``BlockSpan.forward``, one session at a time).
 """
 
 from __future__ import annotations
@@ -26,10 +27,24 @@ from nectar.models.fast_path import SpanStep
 
 logger = logging.getLogger(__name__)
 
+# The parts of a decoder layer the fused kernels compute (``fused.py``): attention with or without per-head norms
+BLOCK_PARTS = frozenset({"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"})
+_PROJECTIONS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj"})
+ATTENTION_PARTS = (_PROJECTIONS, _PROJECTIONS | {"q_norm", "k_norm"})
+MLP_PARTS = frozenset({"gate_proj", "up_proj", "down_proj", "act_fn"})
+
+
+def _parts(module: nn.Module | None) -> frozenset[str]:
+    return frozenset(name for name, _ in module.named_children()) if module is not None else frozenset()
+
+
+def _head_norms(attention: nn.Module) -> tuple[nn.Module, ...]:
+    return (attention.q_norm, attention.k_norm) if hasattr(attention, "q_norm") else ()
+
 
 class LlamaBatchRunner(FusedLlamaBlocks):
     """Batched inference through a node's Llama blocks (one single-block ``BlockSpan`` per block), built by
-    ``LlamaFamily.batch_runner`` when ``supports`` says the blocks qualify.
+    ``LlamaFamily.batch_runner`` when ``unsupported`` finds nothing the kernels lack.
 
     Routes: one session's single-token step through the C decode layer where it measured faster at load (CPU,
     ``native_decode.py``); otherwise the batched eager forward (``run``). ``static_step`` is the graph-safe decode
@@ -47,15 +62,33 @@ class LlamaBatchRunner(FusedLlamaBlocks):
 
     @staticmethod
     def supports(spans: Sequence[nn.Module]) -> bool:
+        return LlamaBatchRunner.unsupported(spans) is None
+
+    @staticmethod
+    def unsupported(spans: Sequence[nn.Module]) -> str | None:
+        """Why the fused kernels cannot compute these blocks exactly (for the node's log), or None when they can.
+        They compute exactly the parts named in ``BLOCK_PARTS``: a block with any other part is refused."""
         for span in spans:
-            if span.family.name != "llama" or span.num_blocks != 1 or span.runner.sliding_window is not None:
-                return False
+            if span.num_blocks != 1 or span.family is not spans[0].family or not hasattr(span.runner, "rotary"):
+                return "the blocks are not single Llama-shaped blocks of one family"
+            if span.runner.sliding_window is not None:
+                return "sliding-window attention is not in the fused kernels"
             block = span.blocks[0]
-            if not all(
-                hasattr(block, name) for name in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
-            ):
-                return False
-        return True
+            attention, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+            if hasattr(mlp, "experts"):
+                return "the mixture-of-experts MLP is not in the fused kernels"
+            parts = (
+                _parts(block) == BLOCK_PARTS
+                and _parts(attention) in ATTENTION_PARTS
+                and _parts(mlp) == MLP_PARTS
+                and all(
+                    hasattr(norm, "variance_epsilon")  # RMSNorms as Llama's
+                    for norm in (block.input_layernorm, block.post_attention_layernorm, *_head_norms(attention))
+                )
+            )
+            if not parts:
+                return "the block has parts the fused kernels do not compute (not a Llama decoder layer)"
+        return None
 
     @torch.inference_mode()
     def run(self, tasks: Sequence[SpanStep], first_block: int) -> list[torch.Tensor]:

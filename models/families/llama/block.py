@@ -1,4 +1,4 @@
-"""Runs transformers' Llama/Mistral decoder layers over a span: RoPE at absolute positions, explicit causal masks."""
+"""Runs transformers' Llama-shaped decoder layers over a span: RoPE at absolute positions, explicit causal masks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Which transformers classes serve each Llama-architecture ``model_type``, and where their tensors live."""
+"""Which transformers classes serve a Llama-architecture ``model_type``, and where their tensors live."""
 
 from __future__ import annotations
 
@@ -9,10 +9,6 @@ from dataclasses import dataclass
 from torch import nn
 
 logger = logging.getLogger(__name__)
-
-# model_type -> class-name prefix in transformers.models.<model_type>.modeling_<model_type>
-VARIANT_PREFIXES = {"llama": "Llama", "mistral": "Mistral"}
-SLIDING_WINDOW_TYPES = frozenset({"mistral"})  # their config.sliding_window is honoured by transformers' masks
 
 BLOCK_PREFIXES = ("model.layers.{index}.", "layers.{index}.")  # CausalLM checkpoints, then bare-model ones
 HEAD_SOURCES = {
@@ -31,8 +27,8 @@ class LlamaVariant:
     rms_norm: type[nn.Module]
 
 
-def variant_for(model_type: str) -> LlamaVariant:
-    prefix = VARIANT_PREFIXES[model_type]
+def variant_for(model_type: str, prefix: str) -> LlamaVariant:
+    """The classes ``<prefix>DecoderLayer`` ... of ``transformers.models.<model_type>.modeling_<model_type>``."""
     module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
     return LlamaVariant(
         decoder_layer=getattr(module, f"{prefix}DecoderLayer"),

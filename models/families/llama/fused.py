@@ -71,6 +71,9 @@ class FusedLlamaBlocks(BatchRunner):
         """[n, heads + 2 * kv_heads, head_dim]: queries and keys rotated (RoPE), then values, side by side."""
         n, heads, kv_heads = x.shape[0], self.num_heads, self.num_kv_heads
         qkv = self.matmul(layer.input_norm(x), layer.qkv_weight, layer.qkv_bias).view(n, heads + 2 * kv_heads, -1)
+        if layer.q_norm is not None:  # Qwen3: each query and key head normalised before RoPE
+            qkv[:, :heads] = layer.q_norm(qkv[:, :heads])
+            qkv[:, heads : heads + kv_heads] = layer.k_norm(qkv[:, heads : heads + kv_heads])
         rope_in_place(qkv[:, : heads + kv_heads], cos, sin)
         return qkv
 
@@ -107,6 +110,10 @@ class FusedLayer:
         self.act = F.silu if type(mlp.act_fn).__name__ in ("SiLU", "SiLUActivation") else mlp.act_fn
         self.input_norm = RMSNorm(block.input_layernorm)
         self.post_norm = RMSNorm(block.post_attention_layernorm)
+        # per-head norms of queries and keys (Qwen3), or None
+        has_norms = hasattr(attention, "q_norm")
+        self.q_norm = RMSNorm(attention.q_norm) if has_norms else None
+        self.k_norm = RMSNorm(attention.k_norm) if has_norms else None
 
     @property
     def matrices(self) -> list[torch.Tensor]:

@@ -62,6 +62,7 @@ class NativeDecoder:
             return None
         if not all(
             layer.act is F.silu
+            and layer.q_norm is None  # the C layer has no per-head norms
             and layer.input_norm.fused
             and layer.post_norm.fused
             and layer.input_norm.eps == layer.post_norm.eps
