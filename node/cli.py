@@ -31,6 +31,7 @@ OPTIONS = {  # NodeConfig fields whose flag, type or help differ from what the f
     "blocks": dict(type=parse_blocks, nargs=None, metavar="START:END"),
     "dtype": dict(choices=["float32", "float16", "bfloat16"]),
     "receipt_signer": dict(choices=["process", "loop"]),
+    "reachability": dict(choices=["auto", "direct", "relay"]),
     "price_per_token": dict(flags=["--price"]),
     "public_name": dict(flags=["--name"]),
     "corrupt_rate": dict(help=argparse.SUPPRESS),  # tests: a cheating node
@@ -87,9 +88,28 @@ def dht_main(argv: list[str]) -> int:
         private_key=private_key,
         announce_host=args.announce_host,
     )
+    reachability = serve_reachability(dht)  # noqa: F841 (kept alive while the peer runs)
     print_join_address(visible_addresses(dht), what="Bootstrap peer")
     _wait_for_signal(dht.shutdown)
     return 0
+
+
+def serve_reachability(dht):
+    """Answers nodes' ``nectar.reachability`` checks (a bootstrap peer is the first one a new node asks)."""
+    import asyncio
+
+    from nectar.wire.event_loop import new_event_loop
+    from nectar.wire.reachability import ReachabilityService
+
+    loop = new_event_loop()
+    threading.Thread(target=loop.run_forever, name="nectar-reachability", daemon=True).start()
+
+    async def serve() -> ReachabilityService:
+        service = ReachabilityService(await dht.replicate_p2p())
+        await service.add_handler()
+        return service
+
+    return asyncio.run_coroutine_threadsafe(serve(), loop).result(timeout=30)
 
 
 def node_fields() -> list[str]:
