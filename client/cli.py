@@ -9,15 +9,28 @@ import time
 
 from nectar.cli_kit import add_logging_options, add_options, config_values, options_of, setup_logging
 from nectar.client.config import ClientConfig
-from nectar.wire.peers import initial_peers
+from nectar.wire.peers import SwarmFileError, initial_peers, swarm_file
 
 PEERS = {"initial_peers": dict(nargs="*", default=None, metavar="MULTIADDR")}  # None: NECTAR_INITIAL_PEERS
+DEFAULT_MODEL = "smollm2-135m"
 CLIENT_OPTIONS = [name for name in options_of(ClientConfig) if name != "initial_peers"]  # generate and chat
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="built-in model name or local checkpoint directory")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="built-in model name or local checkpoint directory (default: the swarm file's "
+        f"model, else {DEFAULT_MODEL})",
+    )
     add_options(parser, ClientConfig, ["initial_peers"], overrides=PEERS)
+    parser.add_argument(
+        "--swarm",
+        default=None,
+        metavar="FILE",
+        help="a swarm file (name, initial_peers, optionally model) naming the swarm to join where --initial-peers "
+        "is not given (default: NECTAR_SWARM)",
+    )
     add_logging_options(parser, default="WARNING", verbose="INFO")
 
 
@@ -26,12 +39,27 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
     return ClientConfig(**config_values(args, CLIENT_OPTIONS))
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parses ``argv``; a model not given comes from the swarm file (``--swarm``, ``NECTAR_SWARM``) if it names one."""
+    args = parser.parse_args(argv)
+    if args.model is None:
+        try:
+            swarm = swarm_file(args.swarm, env=os.environ)
+        except SwarmFileError as e:
+            raise SystemExit(f"{parser.prog}: {e}") from None
+        args.model = (swarm and swarm.model) or DEFAULT_MODEL
+    return args
+
+
 def _peers(args) -> list[str]:
-    peers = initial_peers(args.initial_peers, env=os.environ)
+    try:
+        peers = initial_peers(args.initial_peers, env=os.environ, swarm=args.swarm)
+    except SwarmFileError as e:
+        raise SystemExit(str(e)) from None
     if not peers:
         raise SystemExit(
-            "No swarm to join: pass --initial-peers MULTIADDR (printed by `nectar dht`/`nectar node`) "
-            "or set NECTAR_INITIAL_PEERS"
+            "No swarm to join: pass --swarm FILE (a swarm file) or --initial-peers MULTIADDR (printed by "
+            "`nectar dht`/`nectar node`), or set NECTAR_SWARM or NECTAR_INITIAL_PEERS"
         )
     return peers
 
@@ -39,7 +67,7 @@ def _peers(args) -> list[str]:
 def swarm_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="nectar swarm", description="Show who hosts which blocks of a model.")
     _common(parser)
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     setup_logging(args, libraries="ERROR")
     from nectar.models import get_family, load_config, model_id_of, resolve_model
     from nectar.wire.announce import ServerState
@@ -107,7 +135,7 @@ def generate_parser() -> argparse.ArgumentParser:
 
 
 def generate_main(argv: list[str]) -> int:
-    args = generate_parser().parse_args(argv)
+    args = _parse(generate_parser(), argv)
     setup_logging(args, libraries="ERROR")
     from nectar.client import DistributedModelForCausalLM
     from nectar.models import load_tokenizer, resolve_model
@@ -152,7 +180,7 @@ def chat_parser() -> argparse.ArgumentParser:
 
 
 def chat_main(argv: list[str]) -> int:
-    args = chat_parser().parse_args(argv)
+    args = _parse(chat_parser(), argv)
     setup_logging(args, libraries="ERROR")
     from nectar.client import DistributedModelForCausalLM
     from nectar.models import load_tokenizer, resolve_model

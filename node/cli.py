@@ -11,7 +11,7 @@ import threading
 
 from nectar.cli_kit import add_logging_options, add_options, config_values, options_of, setup_logging
 from nectar.node.config import NodeConfig
-from nectar.wire.peers import initial_peers
+from nectar.wire.peers import SwarmFileError, initial_peers, swarm_file
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,18 @@ OPTIONS = {  # NodeConfig fields whose flag, type or help differ from what the f
 
 def _add_network_args(parser: argparse.ArgumentParser) -> None:
     add_options(parser, NodeConfig, NETWORK, overrides=OPTIONS)
+    add_swarm_option(parser)
     add_logging_options(parser, default="INFO", verbose="DEBUG")
+
+
+def add_swarm_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--swarm",
+        default=None,
+        metavar="FILE",
+        help="a swarm file (TOML, JSON or YAML: name, initial_peers, optionally model and ledger_url) naming the "
+        "swarm to join where --initial-peers is not given (default: NECTAR_SWARM); see docs/operators.md",
+    )
 
 
 def print_join_address(addresses: list[str], *, what: str) -> None:
@@ -80,10 +91,15 @@ def dht_main(argv: list[str]) -> int:
     from nectar.node.server import create_dht, visible_addresses
 
     private_key = load_or_create_p2p_identity(Path(args.identity)) if args.identity else None
+    try:
+        peers = initial_peers(args.initial_peers, env=os.environ, swarm=args.swarm)
+    except SwarmFileError as e:
+        print(f"nectar dht: {e}", file=sys.stderr)
+        return 2
     dht = create_dht(
         host=args.host,
         port=args.port,
-        initial_peers=initial_peers(args.initial_peers, env=os.environ),
+        initial_peers=peers,
         identity_path=Path(args.identity) if args.identity else None,
         private_key=private_key,
         announce_host=args.announce_host,
@@ -121,6 +137,7 @@ def node_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nectar node", description="Host a span of transformer blocks.")
     _add_network_args(parser)
     add_options(parser, NodeConfig, [name for name in node_fields() if name not in NETWORK], overrides=OPTIONS)
+    parser.set_defaults(model=None, ledger_url=None)  # not given: the swarm file's, else NodeConfig's (node_config)
     parser.add_argument(
         "--cache-mb",
         type=float,
@@ -139,7 +156,10 @@ def node_parser() -> argparse.ArgumentParser:
 
 def node_config(args: argparse.Namespace) -> NodeConfig:
     values = config_values(args, node_fields())
-    values["initial_peers"] = initial_peers(args.initial_peers, env=os.environ)
+    swarm = swarm_file(args.swarm, env=os.environ)
+    values["initial_peers"] = initial_peers(args.initial_peers, env=os.environ, swarm=args.swarm)
+    values["model"] = values["model"] or (swarm and swarm.model) or NodeConfig.model
+    values["ledger_url"] = values["ledger_url"] or (swarm and swarm.ledger_url) or None
     return NodeConfig(**values, cache_memory_bytes=int(args.cache_mb * 2**20))
 
 
@@ -149,7 +169,11 @@ def node_main(argv: list[str]) -> int:
     sys.setswitchinterval(args.switch_interval / 1000)
     from nectar.node.server import NotStaked, Server
 
-    config = node_config(args)
+    try:
+        config = node_config(args)
+    except SwarmFileError as e:
+        print(f"nectar node: {e}", file=sys.stderr)
+        return 2
     server = None
     try:
         server = Server(config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import random
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import hivemind
 import torch
+from hivemind.p2p import PeerID
 
 from nectar.deployment import domain_from_deployment, max_evidence_age_from_deployment
 from nectar.models import get_family, load_config, model_id_of, resolve_model
@@ -130,11 +132,15 @@ async def wait_for_relay(p2p, timeout: float = RELAY_WAIT) -> list[str]:
     return []
 
 
-async def check_reachability(p2p, addresses: list[str], port: int) -> bool | None:
-    """Asks a few connected peers to dial ``addresses`` (``nectar.wire.reachability``), logs what they found and what
-    to do about it; True/False, or None when no peer answered."""
+async def check_reachability(p2p, addresses: list[str], port: int, initial_peers=()) -> bool | None:
+    """Asks a few connected peers (the initial ones first) to dial ``addresses`` (``nectar.wire.reachability``), logs
+    what they found and what to do about it; True/False, or None when no peer answered."""
+    prefer = []
+    for address in initial_peers:
+        with contextlib.suppress(Exception):  # an address without a valid peer id is just not preferred
+            prefer.append(PeerID.from_base58(str(address).rsplit("/p2p/", 1)[1]))
     try:
-        found = await ask_peers(p2p, addresses, exclude=[p2p.peer_id])
+        found = await ask_peers(p2p, addresses, prefer=prefer, exclude=[p2p.peer_id])
     except Exception as e:
         logger.warning(f"Could not check whether peers can dial this node ({type(e).__name__}: {e})")
         return None
@@ -305,7 +311,8 @@ class Server:
         self.p2p = self._run(self.dht.replicate_p2p())
         self.addresses = [] if self.relayed else visible_addresses(self.dht)
         if config.reachability == "auto" and config.initial_peers:
-            if self._run(check_reachability(self.p2p, self.addresses, config.port)) is False:
+            found = check_reachability(self.p2p, self.addresses, config.port, config.initial_peers)
+            if self._run(found, timeout=120) is False:
                 self._run(self.p2p.shutdown())  # a replica: closes this handle, then the DHT stops its daemon
                 self.dht.shutdown()
                 self.relayed = True

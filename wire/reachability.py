@@ -147,12 +147,22 @@ class Reachability:
 
 
 async def ask_peers(
-    p2p: P2P, addrs: Sequence[str], *, max_peers: int = 3, timeout: float = 10.0, exclude: Sequence[PeerID] = ()
+    p2p: P2P,
+    addrs: Sequence[str],
+    *,
+    max_peers: int = 3,
+    max_asked: int = 9,
+    timeout: float = 10.0,
+    prefer: Sequence[PeerID] = (),
+    exclude: Sequence[PeerID] = (),
 ) -> Reachability:
-    """Asks up to ``max_peers`` connected peers (at random) to dial ``addrs``; see ``Reachability``."""
-    peers = [info.peer_id for info in await p2p.list_peers() if info.peer_id not in exclude]
-    random.shuffle(peers)
-    peers = peers[:max_peers]
+    """Asks connected peers to dial ``addrs``, ``max_peers`` at a time (``prefer``red ones first, e.g. the bootstrap
+    peers, then others at random), until one answers or ``max_asked`` were asked (older peers lack the protocol,
+    busy ones refuse); see ``Reachability``."""
+    connected = [info.peer_id for info in await p2p.list_peers() if info.peer_id not in exclude]
+    random.shuffle(connected)
+    first = [peer for peer in dict.fromkeys(prefer) if peer in connected]
+    order = (first + [peer for peer in connected if peer not in first])[:max_asked]
     request = runtime_pb2.ExpertRequest(metadata=MSGPackSerializer.dumps({"addrs": list(addrs)[:MAX_ADDRS]}))
 
     async def ask(peer: PeerID) -> dict | None:
@@ -164,11 +174,16 @@ async def ask_peers(
             logger.debug(f"Reachability check by {peer} failed: {type(e).__name__}: {e}")
             return None
 
-    answers = [a for a in await asyncio.gather(*(ask(peer) for peer in peers)) if a is not None]
+    answers: list[dict] = []
+    for begin in range(0, len(order), max_peers):
+        batch = await asyncio.gather(*(ask(peer) for peer in order[begin : begin + max_peers]))
+        answers += [a for a in batch if a is not None]
+        if answers:
+            break
     at = sorted({str(x) for a in answers for x in (a.get("at") or [])[:MAX_DIALS]})
     seen = sorted({str(x) for a in answers for x in (a.get("seen_from") or [])[:4]})
     reachable = any(a["reachable"] for a in answers) if answers else None
-    return Reachability(reachable, at, len(peers), len(answers), seen)
+    return Reachability(reachable, at, len(order), len(answers), seen)
 
 
 __all__ = ["RPC_REACHABILITY", "Reachability", "ReachabilityService", "ask_peers", "greets", "tcp_target"]
