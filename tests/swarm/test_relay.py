@@ -10,6 +10,7 @@ them (auto-relay picks a relay once it has seen a few candidates).
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 
@@ -21,6 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from nectar.client import ClientConfig, DistributedModelForCausalLM
 from nectar.node.local_swarm import LocalSwarm
+from nectar.node.server import check_reachability, create_dht, visible_addresses
 from nectar.wire.reachability import ReachabilityService, ask_peers
 from nectar.wire.swarm import connected_hosts, is_relayed
 
@@ -158,3 +160,30 @@ def test_reachability_check_dials_only_the_askers_own_host(peers):
     found = peers.run(_ask(other, helper_p2p, mine))
     host, port = mine[0].split("/")[2], mine[0].split("/")[4]
     assert found.reachable is True and found.at == [f"{host}:{port}"]
+
+
+def test_a_node_whose_address_peers_cannot_dial_finds_out_and_says_what_to_do(swarm, peers, caplog):
+    """NAT as peers see it: the node's connections come from one host (here 127.0.0.1), the address it listens on
+    and announces is another, private one (10.255.255.1) that nobody outside can dial."""
+    port = _free_port()
+    dht = create_dht(
+        host="127.0.0.1",
+        port=port,
+        initial_peers=swarm.initial_peers,
+        identity_path=None,
+        private_key=None,
+        announce_host="10.255.255.1",
+    )
+    p2p = peers.run(dht.replicate_p2p())
+    try:
+        addresses = visible_addresses(dht)
+        assert addresses == [f"/ip4/10.255.255.1/tcp/{port}/p2p/{dht.peer_id}"]
+        with caplog.at_level(logging.INFO, logger="nectar.node.server"):
+            found = peers.run(check_reachability(p2p, addresses, port, swarm.initial_peers))
+        assert found is False  # the bootstrap peer answered first (it is asked first), and never dialled 10.x
+        assert "Not reachable from outside (NAT/firewall?)" in caplog.text
+        assert f"open TCP port {port}" in caplog.text and "--announce-host" in caplog.text
+        assert "they see it at 127.0.0.1" in caplog.text
+    finally:
+        peers.run(p2p.shutdown())
+        dht.shutdown()
