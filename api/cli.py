@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from nectar.cli_kit import add_logging_options, add_options, config_values, setup_logging
+from nectar.cli_kit import add_logging_options, add_options, config_values, setup_logging, swarm_file
 from nectar.wire.peers import initial_peers
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def serve_main(argv: list[str]) -> int:
     if settings is None:
         return 2
     try:
-        peers = initial_peers(settings.initial_peers, env=os.environ)
+        peers = initial_peers(settings.initial_peers, env=os.environ, swarm=swarm_file(env=os.environ))
     except ValueError as e:  # a bad address, or a bad NECTAR_SWARM file
         print(f"nectar api: {e}", file=sys.stderr)
         return 2

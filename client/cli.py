@@ -7,9 +7,17 @@ import os
 import sys
 import time
 
-from nectar.cli_kit import add_logging_options, add_options, config_values, options_of, setup_logging
+from nectar.cli_kit import (
+    add_logging_options,
+    add_options,
+    add_swarm_option,
+    config_values,
+    options_of,
+    setup_logging,
+    swarm_file,
+)
 from nectar.client.config import ClientConfig
-from nectar.wire.peers import SwarmFileError, initial_peers, swarm_file
+from nectar.wire.peers import SwarmFileError, initial_peers
 
 PEERS = {"initial_peers": dict(nargs="*", default=None, metavar="MULTIADDR")}  # None: NECTAR_INITIAL_PEERS
 DEFAULT_MODEL = "smollm2-135m"
@@ -24,13 +32,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         f"model, else {DEFAULT_MODEL})",
     )
     add_options(parser, ClientConfig, ["initial_peers"], overrides=PEERS)
-    parser.add_argument(
-        "--swarm",
-        default=None,
-        metavar="FILE",
-        help="a swarm file (name, initial_peers, optionally model) naming the swarm to join where --initial-peers "
-        "is not given (default: NECTAR_SWARM)",
-    )
+    add_swarm_option(parser)
     add_logging_options(parser, default="WARNING", verbose="INFO")
 
 
@@ -53,7 +55,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
 
 def _peers(args) -> list[str]:
     try:
-        peers = initial_peers(args.initial_peers, env=os.environ, swarm=args.swarm)
+        peers = initial_peers(args.initial_peers, env=os.environ, swarm=swarm_file(args.swarm, env=os.environ))
     except SwarmFileError as e:
         raise SystemExit(str(e)) from None
     if not peers:

@@ -74,7 +74,7 @@ class RuntimeSettings:
     initial_peers: tuple[str, ...] = ()  # multiaddrs of swarm peers (space or comma separated) used where a command
     # or client is given none
     swarm: Path | None = None  # a swarm file (TOML, JSON or YAML: name, initial_peers, optionally model and
-    # ledger_url) used where a command is given no peers (--initial-peers, --swarm, NECTAR_INITIAL_PEERS win)
+    # ledger_url) used where a command is given no --initial-peers or --swarm (it wins over NECTAR_INITIAL_PEERS)
     log_level: str | None = None  # DEBUG, INFO, WARNING or ERROR for every command; none = each command's own
     # (--log-level and -v win)
     event_loop: str = "auto"  # the node's and client's event loop: auto (uvloop where installed), uvloop or asyncio

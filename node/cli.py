@@ -9,9 +9,17 @@ import signal
 import sys
 import threading
 
-from nectar.cli_kit import add_logging_options, add_options, config_values, options_of, setup_logging
+from nectar.cli_kit import (
+    add_logging_options,
+    add_options,
+    add_swarm_option,
+    config_values,
+    options_of,
+    setup_logging,
+    swarm_file,
+)
 from nectar.node.config import NodeConfig
-from nectar.wire.peers import SwarmFileError, initial_peers, swarm_file
+from nectar.wire.peers import SwarmFileError, initial_peers
 
 logger = logging.getLogger(__name__)
 
@@ -45,16 +53,6 @@ def _add_network_args(parser: argparse.ArgumentParser) -> None:
     add_options(parser, NodeConfig, NETWORK, overrides=OPTIONS)
     add_swarm_option(parser)
     add_logging_options(parser, default="INFO", verbose="DEBUG")
-
-
-def add_swarm_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--swarm",
-        default=None,
-        metavar="FILE",
-        help="a swarm file (TOML, JSON or YAML: name, initial_peers, optionally model and ledger_url) naming the "
-        "swarm to join where --initial-peers is not given (default: NECTAR_SWARM); see docs/operators.md",
-    )
 
 
 def print_join_address(addresses: list[str], *, what: str) -> None:
@@ -92,7 +90,7 @@ def dht_main(argv: list[str]) -> int:
 
     private_key = load_or_create_p2p_identity(Path(args.identity)) if args.identity else None
     try:
-        peers = initial_peers(args.initial_peers, env=os.environ, swarm=args.swarm)
+        peers = initial_peers(args.initial_peers, env=os.environ, swarm=swarm_file(args.swarm, env=os.environ))
     except SwarmFileError as e:
         print(f"nectar dht: {e}", file=sys.stderr)
         return 2
@@ -157,7 +155,7 @@ def node_parser() -> argparse.ArgumentParser:
 def node_config(args: argparse.Namespace) -> NodeConfig:
     values = config_values(args, node_fields())
     swarm = swarm_file(args.swarm, env=os.environ)
-    values["initial_peers"] = initial_peers(args.initial_peers, env=os.environ, swarm=args.swarm)
+    values["initial_peers"] = initial_peers(args.initial_peers, env=os.environ, swarm=swarm)
     values["model"] = values["model"] or (swarm and swarm.model) or NodeConfig.model
     values["ledger_url"] = values["ledger_url"] or (swarm and swarm.ledger_url) or None
     return NodeConfig(**values, cache_memory_bytes=int(args.cache_mb * 2**20))

@@ -1,8 +1,8 @@
 """The one rule for a list of swarm peers: multiaddrs separated by commas and/or whitespace, or a swarm file.
 
 Every CLI, the client, the API and the ledger read ``--initial-peers``, ``--swarm``, ``NECTAR_INITIAL_PEERS`` and
-``NECTAR_SWARM`` through here. The entry point hands its environment in (``env=``): nothing under ``wire/`` reads the
-environment itself.
+``NECTAR_SWARM`` through here. The entry point hands its environment and the swarm file's bytes in
+(``nectar.cli_kit.swarm_file`` reads it): nothing under ``wire/`` reads the environment or a file itself.
 
 A swarm file names a swarm, so joining a public one is one flag (``--swarm public.toml``). TOML, JSON or YAML::
 
@@ -100,9 +100,11 @@ def _parse_swarm_text(path: Path, text: str):
         return json.loads(text)
 
 
-def load_swarm_file(path: str | Path) -> SwarmFile:
-    """Reads and checks a swarm file (see the module's docstring); raises ``SwarmFileError`` saying what to fix."""
-    path = Path(path).expanduser()
+def parse_swarm(raw: bytes, source: str) -> SwarmFile:
+    """Checks a swarm file's bytes (see the module's docstring; ``source`` names the file: its suffix picks the
+    format); raises ``SwarmFileError`` saying what to fix. The caller reads the file (``nectar.cli_kit``): nothing
+    under wire/ reads files."""
+    path = Path(source)
 
     def fail(problem: str) -> SwarmFileError:
         return SwarmFileError(
@@ -110,11 +112,6 @@ def load_swarm_file(path: str | Path) -> SwarmFile:
             'PORT/p2p/PEER_ID", ...] (optionally model and ledger_url), as TOML, JSON or YAML'
         )
 
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_SWARM_FILE_BYTES + 1)
-    except OSError as e:
-        raise fail(f"cannot be read ({e.strerror or e}); check the path given to --swarm or NECTAR_SWARM") from None
     if len(raw) > MAX_SWARM_FILE_BYTES:
         raise fail(f"larger than {MAX_SWARM_FILE_BYTES} bytes")
     try:
@@ -155,24 +152,14 @@ def load_swarm_file(path: str | Path) -> SwarmFile:
     return SwarmFile(path, name, peers, model, ledger_url, description)
 
 
-def swarm_file(explicit: str | Path | None = None, *, env: Mapping[str, str]) -> SwarmFile | None:
-    """The swarm file given explicitly (``--swarm``) or by ``NECTAR_SWARM`` in ``env``, checked; None if neither."""
-    path = explicit or (env.get(SWARM_ENV_VAR) or "").strip()
-    return load_swarm_file(path) if path else None
-
-
 def initial_peers(
-    explicit: str | Sequence[str] | None = None, *, env: Mapping[str, str], swarm: str | Path | None = None
+    explicit: str | Sequence[str] | None = None, *, env: Mapping[str, str], swarm: SwarmFile | None = None
 ) -> list[str]:
     """The first of: the peers given explicitly (a flag, a config field), those of the swarm file ``swarm``
-    (``--swarm``), of ``NECTAR_INITIAL_PEERS`` in ``env``, of the swarm file ``NECTAR_SWARM`` names; else []."""
+    (``--swarm`` or ``NECTAR_SWARM``, read by ``nectar.cli_kit.swarm_file``), those of ``NECTAR_INITIAL_PEERS``."""
     peers = parse_peers(explicit)
     if peers:
         return peers
-    if swarm:
-        return load_swarm_file(swarm).initial_peers
-    peers = parse_peers(env.get(ENV_VAR))
-    if peers:
-        return peers
-    found = swarm_file(env=env)
-    return found.initial_peers if found is not None else []
+    if swarm is not None:
+        return list(swarm.initial_peers)
+    return parse_peers(env.get(ENV_VAR))

@@ -4,8 +4,10 @@ import json
 
 import pytest
 
+from nectar.cli_kit import read_swarm_file as load_swarm_file
+from nectar.cli_kit import swarm_file
 from nectar.node.cli import node_config, node_parser
-from nectar.wire.peers import SwarmFileError, initial_peers, load_swarm_file
+from nectar.wire.peers import SwarmFileError, initial_peers
 
 A = "/ip4/127.0.0.1/tcp/31337/p2p/QmXYeFtVr5oXfPb5mJp5PfHbZfNmnxLJ8Su8SmNT7hjQrs"
 B = "/dns4/boot.example.org/tcp/4000/p2p/QmXYeFtVr5oXfPb5mJp5PfHbZfNmnxLJ8Su8SmNT7hjQrs"
@@ -68,11 +70,13 @@ def test_missing_and_oversized_files_are_refused(tmp_path):
 
 def test_precedence_flag_then_file_then_environment(tmp_path):
     path = _write(tmp_path, "s.toml", f'name = "pub"\ninitial_peers = ["{B}"]\n')
-    assert initial_peers([A], env={}, swarm=path) == [A]  # --initial-peers wins
-    assert initial_peers(None, env={"NECTAR_INITIAL_PEERS": A}, swarm=path) == [B]  # then --swarm
-    assert initial_peers(None, env={"NECTAR_INITIAL_PEERS": A, "NECTAR_SWARM": str(path)}) == [A]
-    assert initial_peers(None, env={"NECTAR_SWARM": str(path)}) == [B]
-    assert initial_peers(None, env={}) == []
+    env = {"NECTAR_INITIAL_PEERS": A}
+    assert initial_peers([A], env={}, swarm=swarm_file(path, env={})) == [A]  # --initial-peers wins
+    assert initial_peers(None, env=env, swarm=swarm_file(path, env=env)) == [B]  # then --swarm
+    env = {"NECTAR_INITIAL_PEERS": A, "NECTAR_SWARM": str(path)}
+    assert initial_peers(None, env=env, swarm=swarm_file(None, env=env)) == [B]  # then NECTAR_SWARM
+    assert initial_peers(None, env={"NECTAR_INITIAL_PEERS": A}, swarm=swarm_file(None, env={})) == [A]
+    assert swarm_file(None, env={}) is None and initial_peers(None, env={}) == []
 
 
 def test_a_node_takes_its_peers_model_and_ledger_from_the_swarm_file(tmp_path, monkeypatch):
