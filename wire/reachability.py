@@ -174,16 +174,27 @@ async def ask_peers(
             logger.debug(f"Reachability check by {peer} failed: {type(e).__name__}: {e}")
             return None
 
-    answers: list[dict] = []
+    answers: list[tuple[PeerID, dict]] = []
     for begin in range(0, len(order), max_peers):
-        batch = await asyncio.gather(*(ask(peer) for peer in order[begin : begin + max_peers]))
-        answers += [a for a in batch if a is not None]
+        batch = order[begin : begin + max_peers]
+        results = await asyncio.gather(*(ask(peer) for peer in batch))
+        answers += [(peer, a) for peer, a in zip(batch, results) if a is not None]
         if answers:
             break
-    at = sorted({str(x) for a in answers for x in (a.get("at") or [])[:MAX_DIALS]})
-    seen = sorted({str(x) for a in answers for x in (a.get("seen_from") or [])[:4]})
-    reachable = any(a["reachable"] for a in answers) if answers else None
+    # an answer is its sender's claim: where the operator's own initial peers answered, only theirs count (a sybil
+    # saying "reachable" must not keep a node behind NAT off the relays)
+    trusted = [a for peer, a in answers if peer in first] or [a for _, a in answers]
+    at = sorted({x for a in trusted for x in _strings(a.get("at"), MAX_DIALS)})
+    seen = sorted({x for a in trusted for x in _strings(a.get("seen_from"), 4)})
+    reachable = any(a["reachable"] for a in trusted) if trusted else None
     return Reachability(reachable, at, len(order), len(answers), seen)
+
+
+def _strings(value, limit: int) -> list[str]:
+    """Up to ``limit`` short strings of a peer's list (anything else in it is dropped)."""
+    if not isinstance(value, list):
+        return []
+    return [x for x in value[:limit] if isinstance(x, str) and len(x) <= MAX_ADDR_LEN]
 
 
 __all__ = ["RPC_REACHABILITY", "Reachability", "ReachabilityService", "ask_peers", "greets", "tcp_target"]

@@ -17,14 +17,17 @@ import threading
 import pytest
 import torch
 from hivemind.p2p import P2P
+from hivemind.proto import runtime_pb2
+from hivemind.utils import MSGPackSerializer
 from hivemind.utils.multiaddr import Multiaddr
 from transformers import AutoModelForCausalLM
 
 from nectar.client import ClientConfig, DistributedModelForCausalLM
 from nectar.node.local_swarm import LocalSwarm
 from nectar.node.server import check_reachability, create_dht, visible_addresses
-from nectar.wire.reachability import ReachabilityService, ask_peers
+from nectar.wire.reachability import RPC_REACHABILITY, ReachabilityService, ask_peers
 from nectar.wire.swarm import connected_hosts, is_relayed
+from nectar.wire.transport import serve_stream
 
 pytestmark = pytest.mark.slow
 
@@ -138,10 +141,16 @@ def _tcp(p2p: P2P, peers: Peers) -> list[str]:
     return [str(a) for a in peers.run(p2p.get_visible_maddrs()) if str(a).startswith("/ip4/")]
 
 
-def test_reachability_check_dials_only_the_askers_own_host(peers):
-    helper_p2p, asker, other = peers.peers[:3]
-    helper = ReachabilityService(helper_p2p)
+@pytest.fixture(scope="module")
+def helper(swarm, peers):
+    """A reachability helper on one of the swarm's bare peers."""
+    helper = ReachabilityService(peers.peers[0])
     peers.run(helper.add_handler())
+    return helper
+
+
+def test_reachability_check_dials_only_the_askers_own_host(peers, helper):
+    helper_p2p, asker, other = peers.peers[:3]
     own = _tcp(asker, peers)
     closed = _free_port()
     claims = [
@@ -187,3 +196,28 @@ def test_a_node_whose_address_peers_cannot_dial_finds_out_and_says_what_to_do(sw
     finally:
         peers.run(p2p.shutdown())
         dht.shutdown()
+
+
+def test_the_initial_peers_answer_outweighs_a_liars(swarm, peers, helper):
+    liar = peers.peers[1]
+
+    async def lie(requests, context):
+        async for _ in requests:
+            yield runtime_pb2.ExpertResponse(metadata=MSGPackSerializer.dumps({"reachable": True, "at": ["6.6.6.6:1"]}))
+            return
+
+    peers.run(serve_stream(liar, RPC_REACHABILITY, lie))
+    asker = peers.add(swarm.initial_peers)
+
+    async def ask(prefer, askable):
+        for peer in askable:
+            addrs = [Multiaddr(str(a).split("/p2p/")[0]) for a in await peer.get_visible_maddrs()]
+            await asker._client.connect(peer.peer_id, addrs)
+        ids = {peer.peer_id for peer in askable}
+        others = [info.peer_id for info in await asker.list_peers() if info.peer_id not in ids]
+        return await ask_peers(asker, ["/ip4/10.255.255.1/tcp/1"], prefer=prefer, exclude=others)
+
+    found = peers.run(ask([helper.p2p.peer_id], [helper.p2p, liar]))
+    assert found.answered == 2 and found.reachable is False and found.at == []  # the initial peer's word counts
+    found = peers.run(ask([], [liar]))  # with no initial peer answering, a yes is all there is to go on
+    assert found.reachable is True and found.at == ["6.6.6.6:1"]
