@@ -94,7 +94,7 @@ def swarm_main(argv: list[str]) -> int:
         print(
             f"{info.public_name[:14]:<14} {str(peer_id)[-10:]:<12} {f'{info.start}:{info.end}':<9} "
             f"{ServerState(info.state).name:<8} {info.throughput:>10.1f} {info.cache_tokens_left:>11} "
-            f"{info.price_per_token:>7}  {info.eth_address}"
+            f"{info.price_per_token:>7}  {info.eth_address}" + ("  (relayed)" if info.relayed else "")
         )
     missing = swarm.missing()
     if missing:

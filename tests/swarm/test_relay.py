@@ -10,8 +10,11 @@ them (auto-relay picks a relay once it has seen a few candidates).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -111,6 +114,22 @@ def test_nodes_say_how_peers_reach_them(swarm, model):
     assert records["direct"][1].relayed is False and records["direct"][1].direct_address
     assert records["natted"][1].relayed is True
     assert records["natted"][1].direct_address == ""  # nobody could dial a lane
+
+
+def test_nectar_swarm_joins_by_swarm_file_and_marks_the_relayed_node(swarm, tiny_llama, tmp_path):
+    path = tmp_path / "local.toml"
+    path.write_text(f'name = "local"\ninitial_peers = {json.dumps(swarm.initial_peers)}\nmodel = "{tiny_llama}"\n')
+    env = {k: v for k, v in swarm.env.items() if k not in ("NECTAR_INITIAL_PEERS", "NECTAR_SWARM")}
+    shown = subprocess.run(
+        [sys.executable, "-m", "nectar.cli", "swarm", "--swarm", str(path)],  # peers and model from the file
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    rows = {line.split()[0]: line for line in shown.stdout.splitlines()[2:] if line.strip()}
+    assert rows["natted"].endswith("(relayed)") and not rows["direct"].endswith("(relayed)")
 
 
 def test_generation_through_the_relayed_node_equals_transformers(swarm, model, tiny_llama):
