@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from nectar.cli_kit import add_logging_options, add_options, config_values, setup_logging
+from nectar.cli_kit import add_logging_options, add_options, config_values, setup_logging, swarm_file
 from nectar.wire.peers import initial_peers
 
 logger = logging.getLogger(__name__)
@@ -78,10 +78,15 @@ def serve_main(argv: list[str]) -> int:
     settings = _settings(args, SERVE, "nectar api")
     if settings is None:
         return 2
-    if not initial_peers(settings.initial_peers, env=os.environ):
+    try:
+        peers = initial_peers(settings.initial_peers, env=os.environ, swarm=swarm_file(env=os.environ))
+    except ValueError as e:  # a bad address, or a bad NECTAR_SWARM file
+        print(f"nectar api: {e}", file=sys.stderr)
+        return 2
+    if not peers:
         print(
             "nectar api: no swarm to serve from: pass --initial-peers MULTIADDR (printed by `nectar dht` or "
-            "`nectar node`) or set NECTAR_INITIAL_PEERS",
+            "`nectar node`), or set NECTAR_INITIAL_PEERS or NECTAR_SWARM (a swarm file)",
             file=sys.stderr,
         )
         return 2

@@ -34,6 +34,7 @@ from nectar.api.serving.completions import OpenAIServingCompletion
 from nectar.api.serving.fine_tuning import OpenAIServingFiles, OpenAIServingFineTuning
 from nectar.api.serving.market import MarketService
 from nectar.api.serving.models import OpenAIServingModels
+from nectar.cli_kit import swarm_file
 from nectar.service.body_limit import BodyLimit
 from nectar.service.db import get_engine
 from nectar.wire.peers import initial_peers
@@ -98,7 +99,7 @@ def create_app(settings: Settings | None = None, *, swarm: Engine | None = None)
         await anyio.to_thread.run_sync(run_migrations, settings.database_url)
         engine = swarm
         if engine is None:
-            peers = initial_peers(settings.initial_peers, env=os.environ)
+            peers = initial_peers(settings.initial_peers, env=os.environ, swarm=swarm_file(env=os.environ))
             domain = settings.signing_domain()  # the vouchers' domain: the API's deployment
             engine = await anyio.to_thread.run_sync(
                 lambda: Engine.start(

@@ -7,20 +7,29 @@ import os
 import sys
 import time
 
-from nectar.cli_kit import add_logging_options, add_options, config_values, options_of, setup_logging
+from nectar.cli_kit import (
+    add_logging_options,
+    add_options,
+    add_swarm_option,
+    config_values,
+    options_of,
+    setup_logging,
+    swarm_file,
+)
 from nectar.client.config import ClientConfig
-from nectar.wire.peers import initial_peers
+from nectar.wire.peers import SwarmFileError, initial_peers
 
 PEERS = {"initial_peers": dict(nargs="*", default=None, metavar="MULTIADDR")}  # None: NECTAR_INITIAL_PEERS
+DEFAULT_MODEL = "smollm2-135m"
 CLIENT_OPTIONS = [name for name in options_of(ClientConfig) if name != "initial_peers"]  # generate and chat
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
-        default="smollm2-135m",
+        default=None,
         help="built-in model name, local checkpoint directory, or Hugging Face Hub id (org/name; HF_HUB_OFFLINE=1: "
-        "from the cache only)",
+        f"from the cache only; default: the swarm file's model, else {DEFAULT_MODEL})",
     )
     parser.add_argument(
         "--revision", default=None, help="Hub branch, tag or commit of a Hub id --model (default: main)"
@@ -31,6 +40,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="Hugging Face token for gated or private Hub models (default: HF_TOKEN or `hf auth login`'s)",
     )
     add_options(parser, ClientConfig, ["initial_peers"], overrides=PEERS)
+    add_swarm_option(parser)
     add_logging_options(parser, default="WARNING", verbose="INFO")
 
 
@@ -52,12 +62,27 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
     return ClientConfig(**config_values(args, CLIENT_OPTIONS))
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parses ``argv``; a model not given comes from the swarm file (``--swarm``, ``NECTAR_SWARM``) if it names one."""
+    args = parser.parse_args(argv)
+    if args.model is None:
+        try:
+            swarm = swarm_file(args.swarm, env=os.environ)
+        except SwarmFileError as e:
+            raise SystemExit(f"{parser.prog}: {e}") from None
+        args.model = (swarm and swarm.model) or DEFAULT_MODEL
+    return args
+
+
 def _peers(args) -> list[str]:
-    peers = initial_peers(args.initial_peers, env=os.environ)
+    try:
+        peers = initial_peers(args.initial_peers, env=os.environ, swarm=swarm_file(args.swarm, env=os.environ))
+    except SwarmFileError as e:
+        raise SystemExit(str(e)) from None
     if not peers:
         raise SystemExit(
-            "No swarm to join: pass --initial-peers MULTIADDR (printed by `nectar dht`/`nectar node`) "
-            "or set NECTAR_INITIAL_PEERS"
+            "No swarm to join: pass --swarm FILE (a swarm file) or --initial-peers MULTIADDR (printed by "
+            "`nectar dht`/`nectar node`), or set NECTAR_SWARM or NECTAR_INITIAL_PEERS"
         )
     return peers
 
@@ -65,7 +90,7 @@ def _peers(args) -> list[str]:
 def swarm_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="nectar swarm", description="Show who hosts which blocks of a model.")
     _common(parser)
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     setup_logging(args, libraries="ERROR")
     args.model = _model(args)
     from nectar.models import get_family, load_config, model_id_of, resolve_model
@@ -91,7 +116,7 @@ def swarm_main(argv: list[str]) -> int:
         print(
             f"{info.public_name[:14]:<14} {str(peer_id)[-10:]:<12} {f'{info.start}:{info.end}':<9} "
             f"{ServerState(info.state).name:<8} {info.throughput:>10.1f} {info.cache_tokens_left:>11} "
-            f"{info.price_per_token:>7}  {info.eth_address}"
+            f"{info.price_per_token:>7}  {info.eth_address}" + ("  (relayed)" if info.relayed else "")
         )
     missing = swarm.missing()
     if missing:
@@ -134,7 +159,7 @@ def generate_parser() -> argparse.ArgumentParser:
 
 
 def generate_main(argv: list[str]) -> int:
-    args = generate_parser().parse_args(argv)
+    args = _parse(generate_parser(), argv)
     setup_logging(args, libraries="ERROR")
     args.model = _model(args)
     from nectar.client import DistributedModelForCausalLM
@@ -180,7 +205,7 @@ def chat_parser() -> argparse.ArgumentParser:
 
 
 def chat_main(argv: list[str]) -> int:
-    args = chat_parser().parse_args(argv)
+    args = _parse(chat_parser(), argv)
     setup_logging(args, libraries="ERROR")
     args.model = _model(args)
     from nectar.client import DistributedModelForCausalLM

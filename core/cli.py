@@ -68,6 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as error:
         print(f"nectar {name}: {error}", file=sys.stderr)
         return 2
+    if settings.swarm is not None:  # a bad swarm file is reported up front too
+        from nectar.cli_kit import read_swarm_file
+
+        try:
+            read_swarm_file(settings.swarm)
+        except ValueError as error:
+            print(f"nectar {name}: NECTAR_SWARM: {error}", file=sys.stderr)
+            return 2
     module_name, function_name, _ = COMMANDS[name]
     with configured(settings):
         function = getattr(importlib.import_module(module_name), function_name)

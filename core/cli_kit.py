@@ -244,3 +244,37 @@ def setup_logging(args: argparse.Namespace, *, libraries: str = "WARNING") -> st
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(quiet)
     return level
+
+
+SWARM_HELP = (
+    "a swarm file (TOML, JSON or YAML: name, initial_peers, optionally model and ledger_url) naming the swarm to "
+    "join where --initial-peers is not given (default: NECTAR_SWARM); see docs/operators.md"
+)
+
+
+def add_swarm_option(parser: argparse.ArgumentParser) -> None:
+    """``--swarm FILE``: read with ``swarm_file``."""
+    parser.add_argument("--swarm", default=None, metavar="FILE", help=SWARM_HELP)
+
+
+def read_swarm_file(path: str | Path):
+    """The checked ``SwarmFile`` at ``path`` (``nectar.wire.peers.parse_swarm``), read up to its size limit; raises
+    ``SwarmFileError`` (a ValueError) saying what to fix."""
+    from nectar.wire.peers import MAX_SWARM_FILE_BYTES, SwarmFileError, parse_swarm
+
+    path = Path(path).expanduser()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_SWARM_FILE_BYTES + 1)
+    except OSError as e:
+        raise SwarmFileError(
+            f"swarm file {path} cannot be read ({e.strerror or e}): check the path given to --swarm or NECTAR_SWARM"
+        ) from None
+    return parse_swarm(raw, str(path))
+
+
+def swarm_file(explicit: str | Path | None = None, *, env: Mapping[str, str]):
+    """The swarm file given by ``--swarm`` (``explicit``), else by ``NECTAR_SWARM`` in ``env``, checked; None if
+    neither is set."""
+    path = explicit or (env.get("NECTAR_SWARM") or "").strip()
+    return read_swarm_file(path) if path else None

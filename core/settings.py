@@ -33,7 +33,7 @@ _CHOICES = {
 }
 _ALIASES = {"cpu_blas": {"mkl": "torch"}}  # PyTorch's CPU products are MKL's
 _TRUE, _FALSE = ("auto", "on", "1", "true", "yes"), ("off", "0", "false", "no")
-_PATHS = ("home", "deployment", "kernel_cache", "repo_root", "contracts_out")
+_PATHS = ("home", "deployment", "swarm", "kernel_cache", "repo_root", "contracts_out")
 
 
 class SettingsError(ValueError):
@@ -73,6 +73,8 @@ class RuntimeSettings:
     # none = HOME/deployment.json
     initial_peers: tuple[str, ...] = ()  # multiaddrs of swarm peers (space or comma separated) used where a command
     # or client is given none
+    swarm: Path | None = None  # a swarm file (TOML, JSON or YAML: name, initial_peers, optionally model and
+    # ledger_url) used where a command is given no --initial-peers or --swarm (it wins over NECTAR_INITIAL_PEERS)
     log_level: str | None = None  # DEBUG, INFO, WARNING or ERROR for every command; none = each command's own
     # (--log-level and -v win)
     event_loop: str = "auto"  # the node's and client's event loop: auto (uvloop where installed), uvloop or asyncio

@@ -15,6 +15,7 @@ from functools import lru_cache
 
 import torch
 
+from nectar.cli_kit import swarm_file
 from nectar.ledger.core.config import Settings
 from nectar.ledger.spot_check import AuditedStep, AuditFailed, AuditSource, Verifier, step_positions
 from nectar.ledger.swarm import NodeEntry, SwarmView
@@ -240,7 +241,7 @@ class SwarmVerifier(Verifier):
 
 
 def initial_peers_of(settings: Settings) -> list[str]:
-    return initial_peers(settings.swarm_initial_peers, env=os.environ)
+    return initial_peers(settings.swarm_initial_peers, env=os.environ, swarm=swarm_file(env=os.environ))
 
 
 _VIEWS: list[SwarmView] = []

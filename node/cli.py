@@ -9,9 +9,17 @@ import signal
 import sys
 import threading
 
-from nectar.cli_kit import add_logging_options, add_options, config_values, options_of, setup_logging
+from nectar.cli_kit import (
+    add_logging_options,
+    add_options,
+    add_swarm_option,
+    config_values,
+    options_of,
+    setup_logging,
+    swarm_file,
+)
 from nectar.node.config import NodeConfig
-from nectar.wire.peers import initial_peers
+from nectar.wire.peers import SwarmFileError, initial_peers
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +39,7 @@ OPTIONS = {  # NodeConfig fields whose flag, type or help differ from what the f
     "blocks": dict(type=parse_blocks, nargs=None, metavar="START:END"),
     "dtype": dict(choices=["float32", "float16", "bfloat16"]),
     "receipt_signer": dict(choices=["process", "loop"]),
+    "reachability": dict(choices=["auto", "direct", "relay"]),
     "price_per_token": dict(flags=["--price"]),
     "public_name": dict(flags=["--name"]),
     "hub_token": dict(flags=["--token"]),
@@ -43,6 +52,7 @@ OPTIONS = {  # NodeConfig fields whose flag, type or help differ from what the f
 
 def _add_network_args(parser: argparse.ArgumentParser) -> None:
     add_options(parser, NodeConfig, NETWORK, overrides=OPTIONS)
+    add_swarm_option(parser)
     add_logging_options(parser, default="INFO", verbose="DEBUG")
 
 
@@ -80,17 +90,41 @@ def dht_main(argv: list[str]) -> int:
     from nectar.node.server import create_dht, visible_addresses
 
     private_key = load_or_create_p2p_identity(Path(args.identity)) if args.identity else None
+    try:
+        peers = initial_peers(args.initial_peers, env=os.environ, swarm=swarm_file(args.swarm, env=os.environ))
+    except SwarmFileError as e:
+        print(f"nectar dht: {e}", file=sys.stderr)
+        return 2
     dht = create_dht(
         host=args.host,
         port=args.port,
-        initial_peers=initial_peers(args.initial_peers, env=os.environ),
+        initial_peers=peers,
         identity_path=Path(args.identity) if args.identity else None,
         private_key=private_key,
         announce_host=args.announce_host,
     )
+    reachability = serve_reachability(dht)  # noqa: F841 (kept alive while the peer runs)
     print_join_address(visible_addresses(dht), what="Bootstrap peer")
     _wait_for_signal(dht.shutdown)
     return 0
+
+
+def serve_reachability(dht):
+    """Answers nodes' ``nectar.reachability`` checks (a bootstrap peer is the first one a new node asks)."""
+    import asyncio
+
+    from nectar.wire.event_loop import new_event_loop
+    from nectar.wire.reachability import ReachabilityService
+
+    loop = new_event_loop()
+    threading.Thread(target=loop.run_forever, name="nectar-reachability", daemon=True).start()
+
+    async def serve() -> ReachabilityService:
+        service = ReachabilityService(await dht.replicate_p2p())
+        await service.add_handler()
+        return service
+
+    return asyncio.run_coroutine_threadsafe(serve(), loop).result(timeout=30)
 
 
 def node_fields() -> list[str]:
@@ -102,6 +136,7 @@ def node_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nectar node", description="Host a span of transformer blocks.")
     _add_network_args(parser)
     add_options(parser, NodeConfig, [name for name in node_fields() if name not in NETWORK], overrides=OPTIONS)
+    parser.set_defaults(model=None, ledger_url=None)  # not given: the swarm file's, else NodeConfig's (node_config)
     parser.add_argument(
         "--cache-mb",
         type=float,
@@ -120,7 +155,10 @@ def node_parser() -> argparse.ArgumentParser:
 
 def node_config(args: argparse.Namespace) -> NodeConfig:
     values = config_values(args, node_fields())
-    values["initial_peers"] = initial_peers(args.initial_peers, env=os.environ)
+    swarm = swarm_file(args.swarm, env=os.environ)
+    values["initial_peers"] = initial_peers(args.initial_peers, env=os.environ, swarm=swarm)
+    values["model"] = values["model"] or (swarm and swarm.model) or NodeConfig.model
+    values["ledger_url"] = values["ledger_url"] or (swarm and swarm.ledger_url) or None
     return NodeConfig(**values, cache_memory_bytes=int(args.cache_mb * 2**20))
 
 
@@ -131,7 +169,11 @@ def node_main(argv: list[str]) -> int:
     from nectar.models import ModelError
     from nectar.node.server import NotStaked, Server
 
-    config = node_config(args)
+    try:
+        config = node_config(args)
+    except SwarmFileError as e:
+        print(f"nectar node: {e}", file=sys.stderr)
+        return 2
     server = None
     try:
         server = Server(config)

@@ -22,7 +22,10 @@ class NodeConfig:
     num_blocks: int | None = None  # span length when choosing automatically; None = all blocks
     host: str = "0.0.0.0"  # address to listen on (127.0.0.1 for a local swarm)
     port: int = 0  # TCP port; 0 = any free port
-    announce_host: str | None = None  # address to announce if different from host
+    announce_host: str | None = None  # IP address or DNS name to announce if different from host (with a fixed
+    # --port): a port-forwarded public address, or a DNS name (peers use such addresses as relays)
+    reachability: str = "auto"  # auto: at start, ask peers to dial this node back and serve through relays if none
+    # can (behind NAT); direct: skip the check; relay: serve only through relays, listening on no port
     direct_port: int | None = None  # also serve on this plain TCP port (0 = any free port) for clients that can
     # reach it: skips the P2P daemons (faster), unencrypted, so for loopback or a trusted LAN; None = off
     direct_connections_per_address: int = 256  # open direct-lane connections one remote host may hold; more are

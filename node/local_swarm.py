@@ -18,7 +18,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-ADDRESS_RE = re.compile(r"^(/ip4/\S+/p2p/\S+)$")
+ADDRESS_RE = re.compile(r"^(/(ip4|ip6|dns4|dns6|dns)/\S+/p2p/\S+)$")  # a relayed node's: .../p2p-circuit/p2p/ID
 
 
 @dataclass
@@ -95,8 +95,8 @@ class LocalSwarm:
             raise RuntimeError(f"{name} did not start within {self.start_timeout}s; its log:\n{tail}")
         return proc
 
-    def start_bootstrap(self) -> SwarmProcess:
-        self.bootstrap = self._spawn("dht", ["dht", "--host", "127.0.0.1"])
+    def start_bootstrap(self, extra_args: Sequence[str] = ()) -> SwarmProcess:
+        self.bootstrap = self._spawn("dht", ["dht", "--host", "127.0.0.1", *extra_args])
         return self.bootstrap
 
     def add_node(

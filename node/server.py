@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
 import random
 import threading
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import hivemind
 import torch
+from hivemind.p2p import PeerID
 
 from nectar.deployment import domain_from_deployment, max_evidence_age_from_deployment
 from nectar.models import get_family, load_config, model_id_of, resolve_model, with_revision
@@ -45,7 +48,8 @@ from nectar.wire.direct import DirectServer
 from nectar.wire.event_loop import new_event_loop
 from nectar.wire.fingerprints import ComputeSpec
 from nectar.wire.protocol import SUPPORTED_DTYPES
-from nectar.wire.swarm import read_swarm
+from nectar.wire.reachability import ReachabilityService, ask_peers
+from nectar.wire.swarm import is_relayed, read_swarm
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +62,14 @@ def default_dtype(device: str) -> str:
     return "float16" if device.startswith("cuda") else "float32"
 
 
+def announce_maddr(host: str, port: int) -> str:
+    """The multiaddr peers dial for ``host`` (an IP address or a DNS name) and ``port``."""
+    try:
+        return f"/ip{ipaddress.ip_address(host).version}/{host}/tcp/{port}"
+    except ValueError:
+        return f"/dns4/{host}/tcp/{port}"
+
+
 def create_dht(
     *,
     host: str,
@@ -67,10 +79,21 @@ def create_dht(
     private_key,
     announce_host: str | None = None,
     client_mode: bool = False,
+    relayed: bool = False,
+    listen: bool = True,
 ) -> hivemind.DHT:
-    kwargs = {}
-    if announce_host:
-        kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"] if port else None
+    """The node's DHT and P2P daemon. ``relayed``: reachable only through circuit relays, so it looks for a relay at
+    once (libp2p's auto-relay) and is a DHT client (peers that cannot dial it must not route DHT queries to it);
+    ``listen`` False: no listening port at all (``--reachability relay``). Every peer dials relayed peers and relays
+    for them (libp2p's relay service, on by default)."""
+    kwargs: dict = dict(use_relay=True)
+    if announce_host and port:
+        kwargs["announce_maddrs"] = [announce_maddr(announce_host, port)]
+    if relayed:
+        kwargs.update(use_auto_relay=True, force_reachability="private")
+        client_mode = True
+        if not listen:
+            kwargs["no_listen"] = True
     return hivemind.DHT(
         initial_peers=list(initial_peers),
         host_maddrs=[f"/ip4/{host}/tcp/{port}"],
@@ -80,12 +103,64 @@ def create_dht(
         client_mode=client_mode,
         num_workers=4,
         start=True,
-        **{k: v for k, v in kwargs.items() if v},
+        **kwargs,
     )
 
 
 def visible_addresses(dht: hivemind.DHT) -> list[str]:
-    return [str(addr) for addr in dht.get_visible_maddrs()]
+    try:
+        return [str(addr) for addr in dht.get_visible_maddrs()]
+    except ValueError:  # a relayed node before its first relay reservation has none
+        return []
+
+
+RELAY_WAIT = 90.0  # s a relayed node waits for a relay reservation before it announces itself anyway
+
+
+async def wait_for_relay(p2p, timeout: float = RELAY_WAIT) -> list[str]:
+    """This relayed node's circuit addresses once a relay accepted it (libp2p's auto-relay picks among the swarm's
+    peers that have a public or DNS address, after seeing a few of them), or [] after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            circuits = [str(a) for a in await p2p.get_visible_maddrs(latest=True) if is_relayed(a)]
+        except ValueError:  # no address at all yet
+            circuits = []
+        if circuits:
+            return circuits
+        await asyncio.sleep(1.0)
+    return []
+
+
+async def check_reachability(p2p, addresses: list[str], port: int, initial_peers=()) -> bool | None:
+    """Asks a few connected peers (the initial ones first) to dial ``addresses`` (``nectar.wire.reachability``), logs
+    what they found and what to do about it; True/False, or None when no peer answered."""
+    prefer = []
+    for address in initial_peers:
+        with contextlib.suppress(Exception):  # an address without a valid peer id is just not preferred
+            prefer.append(PeerID.from_base58(str(address).rsplit("/p2p/", 1)[1]))
+    try:
+        found = await ask_peers(p2p, addresses, prefer=prefer, exclude=[p2p.peer_id])
+    except Exception as e:
+        logger.warning(f"Could not check whether peers can dial this node ({type(e).__name__}: {e})")
+        return None
+    if found.reachable:
+        logger.info(f"Reachable directly at {', '.join(found.at)} ({found.answered} peer(s) dialled this node back)")
+    elif found.reachable is False:
+        fix = f"open TCP port {port}" if port else "pass a fixed --port (e.g. 31337), open that TCP port"
+        logger.warning(
+            f"Not reachable from outside (NAT/firewall?): {found.answered} peer(s) could not dial "
+            f"{', '.join(addresses) or 'this node'} (they see it at {', '.join(found.seen_from) or '?'}). Serving "
+            f"through relays (an extra hop: clients prefer direct nodes). To serve directly, {fix} to this machine "
+            "(port forwarding on the router) and pass --announce-host with its public IP or DNS name; "
+            "--reachability relay skips this check"
+        )
+    else:
+        logger.warning(
+            f"Could not check whether peers can dial this node: none of the {found.asked} peer(s) asked answered. "
+            "Serving as if reachable directly; if clients cannot reach it, start with --reachability relay"
+        )
+    return found.reachable
 
 
 DEFAULT_NAME = NodeConfig.public_name  # a node left at the default name takes a free identity (node/identity.py)
@@ -219,6 +294,8 @@ class Server:
         self.direct: DirectServer | None = None
         self.signing: InlineSigning | SigningWorker | None = None
         self.direct_address = ""  # HOST:PORT once the direct lane listens
+        self.relayed = False  # reachable only through relays (--reachability, or the check at start)
+        self._serving = False  # the loop runs the node's handlers (it starts earlier: the reachability check)
         self._lanes: dict[int, tuple[float, dict]] = {}  # block -> (looked up at, {peer: info} announcing a lane)
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
@@ -227,15 +304,31 @@ class Server:
         config = self.config
         trusted = TrustedClients.parse(config.trusted_clients, config.trusted_clients_file)  # bad addresses: fail now
         trace.start()
-        self.dht = create_dht(
-            host=config.host,
-            port=config.port,
-            initial_peers=config.initial_peers,
-            identity_path=self.key_dir / "p2p.key",
-            private_key=self.p2p_key,
-            announce_host=config.announce_host,
-        )
-        self.addresses = visible_addresses(self.dht)
+        if config.reachability not in ("auto", "direct", "relay"):
+            raise ValueError(f"--reachability must be auto, direct or relay, got {config.reachability!r}")
+        self.relayed = config.reachability == "relay"
+        self._loop_thread.start()
+        self.dht = self._create_dht(listen=not self.relayed)
+        self.p2p = self._run(self.dht.replicate_p2p())
+        self.addresses = [] if self.relayed else visible_addresses(self.dht)
+        if config.reachability == "auto" and config.initial_peers:
+            found = check_reachability(self.p2p, self.addresses, config.port, config.initial_peers)
+            if self._run(found, timeout=120) is False:
+                self._run(self.p2p.shutdown())  # a replica: closes this handle, then the DHT stops its daemon
+                self.dht.shutdown()
+                self.relayed = True
+                self.dht = self._create_dht(listen=True)
+                self.p2p = self._run(self.dht.replicate_p2p())
+        if self.relayed:
+            self.addresses = self._run(wait_for_relay(self.p2p), timeout=RELAY_WAIT + 30)
+            if self.addresses:
+                logger.info(f"Serving through relays at {', '.join(self.addresses)}")
+            else:
+                logger.warning(
+                    f"No relay accepted this node within {RELAY_WAIT:g}s (libp2p looks for relays among the swarm's "
+                    "peers that announce a public IP or DNS name): clients cannot reach it until one does. Check "
+                    "--initial-peers, or serve directly (see docs/operators.md, behind NAT)"
+                )
         domain = self.domain if self.domain is not None else domain_from_deployment()
         self.signer = ReceiptSigner(
             private_key=self.eth_key,
@@ -277,8 +370,7 @@ class Server:
         self.compute = ComputeThread(num_threads=config.num_threads, gather_share=config.batch_wait)
         use_threads(config.num_threads)  # loading times the CPU's matmul libraries with the compute thread's count
         self._load(start, end)
-        self._loop_thread.start()
-        asyncio.run_coroutine_threadsafe(self._serve(), self.loop).result(timeout=60)
+        self._run(self._serve())
         self.announcer = Announcer(
             self.dht,
             self.model_id,
@@ -293,6 +385,23 @@ class Server:
         logger.info(
             f"Serving {self.model_id} blocks {self.backend.start}:{self.backend.end} as {self.dht.peer_id}, "
             f"receipts signed by {self.signer.address}"
+        )
+
+    def _run(self, coro, timeout: float = 60):
+        """Runs ``coro`` on the node's event loop (where its P2P handle lives) and waits for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=timeout)
+
+    def _create_dht(self, *, listen: bool) -> hivemind.DHT:
+        config = self.config
+        return create_dht(
+            host=config.host,
+            port=config.port,
+            initial_peers=config.initial_peers,
+            identity_path=self.key_dir / "p2p.key",
+            private_key=self.p2p_key,
+            announce_host=config.announce_host,
+            relayed=self.relayed,
+            listen=listen,
         )
 
     def _backing(self, address: str) -> BackingCache | None:
@@ -313,11 +422,15 @@ class Server:
         return LedgerPaymentPolicy(self.config.ledger_url)
 
     async def _serve(self) -> None:
+        self._serving = True
         if isinstance(self.signing, SigningWorker):
             await self.signing.connect()
-        self.p2p = await self.dht.replicate_p2p()
         await self.handler.add_handlers(self.p2p)
-        if self.config.direct_port is not None:
+        self.reachability = ReachabilityService(self.p2p)  # dials others back for their own checks
+        await self.reachability.add_handler()
+        if self.config.direct_port is not None and self.relayed:
+            logger.info("No direct lane: nobody can dial a relayed node (clients use P2P through the relay)")
+        elif self.config.direct_port is not None:
             self.direct = DirectServer(
                 self.handler.handlers(),
                 local_id=self.p2p.peer_id,
@@ -410,6 +523,7 @@ class Server:
             eth_address=self.signer.address,
             public_name=self.public_name,
             direct_address=self.direct_address,
+            relayed=self.relayed,
         )
 
     def rpc_info(self) -> dict:
@@ -456,7 +570,7 @@ class Server:
                 asyncio.run_coroutine_threadsafe(self.direct.close(), self.loop).result(timeout=10)
             except Exception:
                 logger.debug("The direct lane did not close cleanly", exc_info=True)
-        if self.signing is not None and self._loop_thread.is_alive():
+        if self.signing is not None and self._serving:
             try:
                 asyncio.run_coroutine_threadsafe(self.signing.close(), self.loop).result(timeout=10)
             except Exception:

@@ -76,6 +76,7 @@ class ServerInfo:
     public_name: str = ""
     direct_address: str = ""  # HOST:PORT of the node's plaintext TCP lane (nectar.wire.direct); "" = P2P only
     eth_proof: str = ""  # hex signature by eth_address over the peer id (sign_eth_proof); readers blank unproven ones
+    relayed: bool = False  # reachable only through a circuit relay (behind NAT): an extra hop, no direct lane
     version: str = PROTOCOL_VERSION
     timestamp: float = field(default_factory=time.time)
 
@@ -95,6 +96,8 @@ class ServerInfo:
             raise ValueError(f"Non-numeric speed, span, cache or price in {data}")
         if not all(isinstance(x, str) for x in (info.eth_address, info.direct_address, info.eth_proof, info.dtype)):
             raise ValueError(f"Non-string address, proof or dtype in {data}")
+        if not isinstance(info.relayed, bool):
+            raise ValueError(f"Non-boolean relayed in {data}")
         if not (0 <= info.start < info.end) or info.state not in set(ServerState):
             raise ValueError(f"Invalid span or state in {data}")
         return info

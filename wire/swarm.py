@@ -131,9 +131,18 @@ def host_of(multiaddr) -> str | None:
     return parts[2] if len(parts) > 2 and parts[1] in ("ip4", "ip6", "dns", "dns4", "dns6") else None
 
 
+def is_relayed(multiaddr) -> bool:
+    """Whether a multiaddr goes through a circuit relay (``.../p2p/RELAY/p2p-circuit``): its host is the relay's."""
+    return "/p2p-circuit" in str(multiaddr)
+
+
 async def connected_hosts(p2p) -> dict[PeerID, set[str]]:
-    """The hosts this P2P daemon reaches each connected peer at (the daemon authenticates peer ids)."""
-    return {peer.peer_id: {h for h in map(host_of, peer.addrs) if h} for peer in await p2p.list_peers()}
+    """The hosts this P2P daemon reaches each connected peer at (the daemon authenticates peer ids). A connection
+    through a relay names the relay's host, not the peer's: it counts for none (a relayed peer has no host here)."""
+    return {
+        peer.peer_id: {h for h in map(host_of, (a for a in peer.addrs if not is_relayed(a))) if h}
+        for peer in await p2p.list_peers()
+    }
 
 
 async def lane_on_peer_host(p2p, peer_id: PeerID, address: str) -> bool:
@@ -155,6 +164,7 @@ __all__ = [
     "connected_hosts",
     "fetch_records",
     "host_of",
+    "is_relayed",
     "lane_on_peer_host",
     "parse_block_records",
     "read_models",

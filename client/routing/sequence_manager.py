@@ -9,8 +9,9 @@ Routing measures before it trusts (issue 22): a record is a peer's claim, so
 - a hop's throughput is the announced one capped by what this client observed of the peer (``observe``), and for a
   peer not observed yet by the lowest throughput announced by a peer that answered our ping: nobody is believed
   faster than the slowest reachable node until it has shown it;
-- a peer not pinged yet counts as ``UNMEASURED_LATENCY`` away, one whose ping failed as a connect timeout away, so
-  a lane that accepts and never answers is tried last, not first;
+- a peer not pinged yet counts as ``UNMEASURED_LATENCY`` away (``RELAY_LATENCY`` more if its record says it is
+  relayed: an extra hop, which a ping then measures), one whose ping failed as a connect timeout away, so a lane
+  that accepts and never answers is tried last, not first;
 - a ban lasts at least the connect timeout (a failure that took a timeout to show must not expire before the retry
   that would hit it again) and doubles per peer until the peer serves a step well (``mark_ok``); after it, the peer
   counts as unreachable until a new ping (``REPING_AFTER``) answers;
@@ -46,6 +47,7 @@ from nectar.wire.swarm import read_swarm
 logger = logging.getLogger(__name__)
 
 UNMEASURED_LATENCY = 0.5  # s assumed for a peer not pinged yet (a record's claims are not evidence)
+RELAY_LATENCY = 0.25  # s more for an unmeasured relayed peer: a round trip through its relay on top of its own
 PING_TIMEOUT = 2.0  # s a latency ping may take; a peer that misses it counts as a connect timeout away
 REPING_AFTER = 60.0  # s before a peer whose ping failed is pinged again (each try may cost PING_TIMEOUT)
 MAX_TRACKED_PEERS = 4096  # bans, pings and observations kept (sybils can mint peer ids without end)
@@ -159,15 +161,17 @@ class RemoteSequenceManager:
             for table in (self._latency, self._ping_failed, self._observed, self._lanes):
                 _bound(table)
 
-    def latency(self, peer_id: PeerID) -> float:
-        """Measured round trip to ``peer_id`` in seconds; a connect timeout if its ping failed; else at least
-        ``UNMEASURED_LATENCY`` (or the configured hop cost, if larger)."""
+    def latency(self, peer_id: PeerID, info: ServerInfo | None = None) -> float:
+        """Measured round trip to ``peer_id`` in seconds (through its relay, if relayed); a connect timeout if its
+        ping failed; else at least ``UNMEASURED_LATENCY`` (or the configured hop cost, if larger), plus
+        ``RELAY_LATENCY`` if its record says it is relayed (an extra hop no ping has priced yet)."""
         measured = self._latency.get(peer_id)
         if measured is not None:
             return measured
         if peer_id in self._ping_failed:
             return max(self.config.connect_timeout, PING_TIMEOUT)
-        return max(self.config.hop_cost, UNMEASURED_LATENCY)
+        relay = RELAY_LATENCY if info is not None and info.relayed else 0.0
+        return max(self.config.hop_cost, UNMEASURED_LATENCY) + relay
 
     def observe(self, peer_id: PeerID, block_tokens: int, seconds: float) -> None:
         """Records that ``peer_id`` took ``seconds`` (round trip included) for ``block_tokens`` tokens x blocks."""
@@ -288,7 +292,7 @@ class RemoteSequenceManager:
     def _hop_cost(self, peer_id: PeerID, info: ServerInfo, blocks: int, cap: float | None = None) -> float:
         compute = blocks / self.throughput(peer_id, info, cap)
         expected_loss = self.failure_rate(peer_id) * self.config.step_timeout  # what a try there may waste
-        return (self.latency(peer_id) + compute + expected_loss) * self.scorer.cost_factor(peer_id, info)
+        return (self.latency(peer_id, info) + compute + expected_loss) * self.scorer.cost_factor(peer_id, info)
 
     def make_inference_route(
         self, start: int = 0, end: int | None = None, *, cache_tokens: int = 0, exclude: tuple = ()
