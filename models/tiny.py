@@ -65,3 +65,27 @@ def save_tiny_checkpoint(path: str | os.PathLike, kind: str = "llama", *, seed: 
     model.save_pretrained(str(path))
     logger.debug("Saved tiny %s checkpoint to %s", kind, path)
     return path
+
+
+def save_tiny_lora(
+    path: str | os.PathLike,
+    base_path: str | os.PathLike,
+    *,
+    seed: int = 0,
+    rank: int = 4,
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj", "o_proj", "down_proj"),
+) -> Path:
+    """A PEFT LoRA adapter of the checkpoint at ``base_path`` with random non-zero A and B (PEFT starts B at zero,
+    which would change nothing), saved with ``save_pretrained``; needs ``peft``."""
+    from peft import LoraConfig, get_peft_model
+
+    path = Path(path)
+    base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(target_modules)))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    model.save_pretrained(str(path))
+    return path
