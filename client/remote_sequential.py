@@ -43,6 +43,7 @@ class RemoteCaller:
             session_id=self.session_id,
             step=step,
             voucher=self.wallet.voucher_for(span.info.eth_address),
+            adapter=self.manager.active_adapter,
         )
         self.step += 1
         p2p, options = self.runtime.p2p, dict(direct=self.config.direct, timeout=self.config.request_timeout)
