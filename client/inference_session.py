@@ -263,6 +263,7 @@ class InferenceSession:
                         model_id=self.model_hash,
                         step=step,
                         kind=ReceiptKind.INFERENCE,
+                        adapter=self.manager.active_adapter is not None,
                     )
                 except ReceiptError as e:
                     hop.fail(Fault(f"dishonest receipt: {e}", receipt=True))

@@ -363,6 +363,10 @@ class SpotChecker:
             compute = ComputeSpec.decode(descriptor or b"")
         except ValueError as e:
             return Verdict("inconclusive", 0, f"the receipt's compute descriptor is unusable: {e}")
+        if compute.adapter:  # verifiers hold no adapters yet: recomputing the base model would accuse an honest node
+            return Verdict(
+                "inconclusive", 0, f"computed with LoRA adapter 0x{compute.adapter.hex()[:16]}..., not audited yet"
+            )
         step = self._audited_step(receipt)
         if isinstance(step, Verdict):
             return step

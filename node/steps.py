@@ -68,6 +68,7 @@ class InferenceWork:
     separate_receipt: bool
     key: bytes  # its work key (``nectar.node.signed_work``)
     replay: tuple | None = None  # (receipt JSON, fingerprint, position) signed before for this key: sent again
+    adapter: str | None = None  # the LoRA adapter it is computed with
 
 
 class NodeSteps:
@@ -148,6 +149,10 @@ class NodeSteps:
                 f"this node serves no adapter {name!r} (it serves: {served}); route to a node that announces it",
             )
         return name
+
+    def adapter_fields(self, name: str | None) -> dict:
+        """The receipt binds the adapter a step was computed with: its digest in the compute descriptor."""
+        return {} if name is None else {"adapter": self.backend.adapters.adapters[name].digest}
 
     @staticmethod
     def check_prompts(prompts: torch.Tensor | None, hidden: torch.Tensor, start: int, end: int) -> None:
@@ -298,6 +303,7 @@ class NodeSteps:
             separate_receipt,
             key,
             replay,
+            adapter,
         )
 
     async def finish_inference(
@@ -357,6 +363,7 @@ class NodeSteps:
                 tokens=work.tokens,
                 inputs=work.hidden,
                 outputs=outputs,
+                **self.adapter_fields(work.adapter),
             )
         )
 
@@ -487,6 +494,7 @@ class NodeSteps:
             tokens=tokens,
             inputs=inputs,
             outputs=outputs,
+            **self.adapter_fields(call.adapter),
         )
         receipt, fingerprint = await self.receipt_of(pending, client, key)
         return result, receipt, fingerprint, nonce

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from eth_account import Account
 
 from nectar.models.tiny import save_tiny_checkpoint, save_tiny_lora
 from nectar.node.backend import SpanBackend
+from nectar.node.receipts import ReceiptSigner
+from nectar.wire import eip712
+from nectar.wire.fingerprints import ComputeSpec, fingerprint_hash
+from nectar.wire.receipts import ReceiptKind
 
 pytest.importorskip("peft")
 HIDDEN = 64
@@ -80,3 +85,20 @@ def test_training_graphs_are_kept_per_adapter(backends):
     torch.testing.assert_close(kept, fresh)
     adapted, _ = batched.backward(hidden, grad, start=0, end=4, adapter="style-a")
     assert (adapted - fresh).abs().max() > 1e-3
+
+
+def test_receipts_bind_the_adapter_digest():
+    digest = bytes(range(32))
+    signer = ReceiptSigner(
+        private_key=Account.create().key.hex(),
+        model_id="m",
+        price_per_token=0,
+        domain=eip712.make_domain(31337, "0x" + "22" * 20),
+    )
+    fields = dict(session_id=b"s" * 32, step=0, kind=ReceiptKind.INFERENCE, start=0, end=4, client=signer.address)
+    tensors = dict(tokens=2, inputs=torch.zeros(1, 2, 8), outputs=torch.ones(1, 2, 8))
+
+    base_receipt, base_descriptor = signer.sign(**fields, **tensors)
+    receipt, descriptor = signer.sign(**fields, **tensors, adapter=digest)
+    assert ComputeSpec.decode(descriptor).adapter == digest and not ComputeSpec.decode(base_descriptor).adapter
+    assert receipt.receipt.fingerprint == fingerprint_hash(descriptor) != base_receipt.receipt.fingerprint

@@ -5,6 +5,8 @@ paths are refused."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
 
 import pytest
 import torch
@@ -16,8 +18,11 @@ from nectar.client import ClientConfig, DistributedModelForCausalLM
 from nectar.client.routing import MissingBlocksError, RemoteSequenceManager, RemoteSpan
 from nectar.models.tiny import save_tiny_lora
 from nectar.node.local_swarm import LocalSwarm
-from nectar.wire.messages import ClientAuth
+from nectar.wire.fingerprints import ComputeSpec, fingerprint_hash
+from nectar.wire.messages import ClientAuth, ForwardCall
 from nectar.wire.protocol import RPC_FORWARD, RPC_INFERENCE, make_request, unpack_metadata
+from nectar.wire.receipts import SignedReceipt
+from nectar.wire.stubs import call_forward
 from nectar.wire.transport import call_once, call_stream
 
 from .conftest import layer_outputs
@@ -98,6 +103,20 @@ def test_routes_use_only_nodes_that_serve_the_adapter(model, references):
     torch.testing.assert_close(output, expected[4], atol=1e-4 * expected[4].abs().max().item(), rtol=0)
     output.sum().backward()
     assert hidden.grad is not None and torch.isfinite(hidden.grad).all() and hidden.grad.abs().sum() > 0
+
+
+def test_receipts_bind_the_adapters_digest(model, adapter):
+    peer, info = _peers(model)["a"]
+    digest = hashlib.sha256(
+        (adapter / "adapter_config.json").read_bytes() + (adapter / "adapter_model.safetensors").read_bytes()
+    ).digest()
+    key = model.wallet.private_key
+    for name, expected in (("style-a", digest), (None, b"")):
+        call = ForwardCall(UID, torch.randn(1, 3, 64), session_id=os.urandom(16), step=0, adapter=name, backward=False)
+        call = call.signed(key, node=info.eth_address, peer_id=str(peer))
+        reply = model.runtime.run(call_forward(model.runtime.p2p, peer, None, call, timeout=20), timeout=30)
+        assert ComputeSpec.decode(reply.fingerprint).adapter == expected
+        assert fingerprint_hash(reply.fingerprint) == SignedReceipt.from_json(reply.receipt).receipt.fingerprint
 
 
 def test_a_node_refuses_an_adapter_it_does_not_serve(model):
