@@ -14,7 +14,8 @@ Files:
 - ``registry.py``    ``model_type`` -> family; ``families/<name>/`` subpackages register themselves
 - ``families/``      ``llama/`` (llama, mistral; GQA + RoPE; batched, CUDA-graph and C decode routes) and ``bloom/``
                      (ALiBi; the generic path)
-- ``tiny.py``        tiny random checkpoints for tests and demos
+- ``tiny.py``        tiny random checkpoints (and LoRA adapters of them) for tests and demos
+- ``adapters.py``    LoRA adapters (PEFT folders) on a span's blocks, switched per request
 - ``errors.py``      named errors; ``cli.py``: ``nectar models``
 """
 

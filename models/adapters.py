@@ -148,11 +148,11 @@ def load_lora_adapter(
 
     :param prefixes: a block's checkpoint key prefixes (``ModelFamily.block_prefixes``)
     :param base_names: names of the base model; an adapter whose ``base_model_name_or_path`` names another is refused
-    :param name: the adapter's name; default: the config's ``adapter_name`` or the folder name
+    :param name: the adapter's name; default: the folder's name
     """
     path = Path(path).expanduser().resolve()
     config = _read_config(path)
-    name = check_adapter_name(name or config.get("adapter_name") or path.name)
+    name = check_adapter_name(name or path.name)
     rank, scaling = _scaling(config, path)
     base = config.get("base_model_name_or_path") or ""
     if base and base_names and not _same_model(str(base), set(base_names)):

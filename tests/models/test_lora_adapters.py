@@ -128,3 +128,16 @@ def test_adapters_that_do_not_fit_are_refused(llama, tmp_path):
     save_file(tensors, str(head / "adapter_model.safetensors"))
     with pytest.raises(AdapterError, match="lm_head"):
         load_span_adapters([span], [head])
+
+
+def test_bloom_blocks_take_adapters_too(tmp_path):
+    base = save_tiny_checkpoint(tmp_path / "tiny-bloom", "bloom", num_layers=4)
+    adapter = save_tiny_lora(tmp_path / "bloom-a", base, seed=1, target_modules=("query_key_value", "dense_4h_to_h"))
+    ids = torch.randint(3, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    states = _peft_hidden(base, adapter, ids)
+    spans = [load_span(base, 0, 2), load_span(base, 2, 3)]
+    served = load_span_adapters(spans, [adapter], base_names={base.name})
+    for span in spans:
+        with served.use("bloom-a"):
+            _close(span(states[span.start]), states[span.end])
+        assert (span(states[span.start]) - states[span.end]).abs().max() > 1e-2
