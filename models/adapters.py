@@ -124,7 +124,9 @@ def _same_model(name: str, accepted: set[str]) -> bool:
     return any(tail == known.rstrip("/").rsplit("/", 1)[-1].lower() for known in accepted if known)
 
 
-def _digest(path: Path) -> bytes:
+def adapter_digest(path: str | os.PathLike) -> bytes:
+    """sha256 of an adapter folder's config and weights files: what receipts bind and verifiers look adapters up by."""
+    path = Path(path)
     hasher = hashlib.sha256()
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         with open(path / name, "rb") as f:
@@ -228,7 +230,7 @@ def load_lora_adapter(
         rank=rank,
         target_modules=tuple(sorted(targets)),
         weights=checked,
-        digest=_digest(path),
+        digest=adapter_digest(path),
         base_model=str(base),
     )
 
@@ -345,6 +347,7 @@ def load_span_adapters(
 
 __all__ = [
     "SpanAdapters",
+    "adapter_digest",
     "load_span_adapters",
     "ADAPTER_NAME",
     "AdapterError",
