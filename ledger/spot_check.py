@@ -443,7 +443,9 @@ class SpotChecker:
         against a float32 recomputation, adds the score to the node's CUSUM for this descriptor, and turns the step
         into a failed check (the same case path as any failed audit) when the CUSUM reaches its threshold and the
         second verifier, recomputing the step independently, confirms the score."""
-        reference = ComputeSpec("float32", compute.quantization, compute.device)
+        # the same function in float32: with the step's adapter, if any (else both distances are the adapter's
+        # effect and every score is about 1: noise would go unseen)
+        reference = ComputeSpec("float32", compute.quantization, compute.device, compute.adapter)
         # keyed by precision, not device class: a node rotating its claimed device cannot split its evidence
         descriptor = ComputeSpec(compute.dtype, compute.quantization).encode()
         first, second = self.verifiers[:2]

@@ -5,6 +5,7 @@ and verifiers without it end inconclusive rather than judge against the base mod
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -48,14 +49,16 @@ def world(tmp_path_factory):
     return dict(settings=settings, engine=get_engine(settings.database_url), path=path, span=span, served=served)
 
 
-def _step(world, kept: KeptSteps, *, with_adapter: bool, descriptor: bytes):
+def _step(world, kept: KeptSteps, *, with_adapter: bool, descriptor: bytes, span=None, served=None, noise=0.0):
     """A node's decode step after a prefill (through its KV cache), kept for audit; its receipt."""
-    node, client, span = Party(), Party(), world["span"]
+    node, client = Party(), Party()
+    span, served = span or world["span"], served or world["served"]
     history = torch.randn(1, 6, 64)
     cache = span.new_cache(1, 8)
-    with torch.no_grad(), world["served"].use("style-a" if with_adapter else None):
+    with torch.no_grad(), served.use("style-a" if with_adapter else None):
         span(history[:, :5], cache=cache)
         output = span(history[:, 5:], cache=cache)
+        output = output + noise * output.abs().mean() * torch.randn_like(output)  # a subtle cheat (noise > 0)
     session = os.urandom(32)
     kept.steps[session] = AuditedStep(history, output)
     return R.Receipt(
@@ -98,3 +101,25 @@ def test_adapter_steps_are_recomputed_with_the_adapter(world):
     checker = SpotChecker(settings=world["settings"], engine=world["engine"], verifiers=blind, audit=kept)
     verdict = checker._judge(honest, descriptor)
     assert (verdict.status, verdict.executions) == ("inconclusive", 0) and "adapter" in verdict.detail
+
+
+def test_the_pooled_test_scores_adapter_steps_against_the_adapted_model(world):
+    """bfloat16 steps are scored against a float32 recomputation of the adapted model: against the base model's, both
+    distances would be the adapter's effect, every score about 1, and noise under the single-step tolerance unseen."""
+    folder = world["served"].adapters["style-a"].path
+    descriptor = fingerprints.ComputeSpec("bfloat16", adapter=world["served"].adapters["style-a"].digest).encode()
+    verifiers = [LocalVerifier({MODEL: world["path"]}, name=n, adapters=[folder]) for n in ("a", "b")]
+    kept = KeptSteps()
+    checker = SpotChecker(settings=world["settings"], engine=world["engine"], verifiers=verifiers, audit=kept)
+    span = load_span(world["path"], 0, 2, dtype=torch.bfloat16)
+    served = load_span_adapters([span], [folder])
+    torch.manual_seed(0)
+    scores = []
+    for noise in (0.0, 0.025):  # honest, then noise that passes the single-step check
+        receipt = _step(world, kept, with_adapter=True, descriptor=descriptor, span=span, served=served, noise=noise)
+        verdict = checker._judge(receipt, descriptor, pooled=(1, os.urandom(32)))
+        assert verdict.status == "passed", verdict.detail
+        scores.append(float(re.search(r"pooled score ([0-9.e+-]+)", verdict.detail).group(1)))
+    # noise under the tolerance raises a step's score a little (the CUSUM adds it up); against the base model both
+    # scores would be 1.0 to 3 digits (seeded: the same numbers every run on a CPU)
+    assert scores[0] < 1.1 < scores[1], scores
