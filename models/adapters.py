@@ -74,6 +74,11 @@ class LoraAdapter:
 
 def _read_config(path: Path) -> dict:
     config_path = path / CONFIG_FILE
+    if not path.is_dir():
+        raise AdapterError(
+            f"no adapter folder {path}: pass the folder PeftModel.save_pretrained wrote (Hub ids are not resolved "
+            "here: download the adapter first)"
+        )
     if not config_path.is_file() or not (path / WEIGHTS_FILE).is_file():
         raise AdapterError(
             f"{path} is not a PEFT adapter folder: it needs {CONFIG_FILE} and {WEIGHTS_FILE} "
