@@ -21,6 +21,7 @@ import torch
 
 from nectar.api.protocol import GenerationParams
 from nectar.client import ClientConfig, DistributedModelForCausalLM
+from nectar.wire.announce import ServerState
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +108,27 @@ class SwarmModel:
 
     # ---- variants ----------------------------------------------------------------------------------------------
 
-    def variant(self, prompts: PromptSet | None) -> DistributedModelForCausalLM:
-        """The base model, or a copy with trained soft prompts that shares its runtime, wallet and client head."""
-        if prompts is None:
+    def adapters(self) -> list[str]:
+        """The LoRA adapters the swarm serves on every block of this model now (nodes announce them); each is served
+        as the model ``<name>:<adapter>``. Blocking (it may read the DHT): call it off the event loop."""
+        manager = self.model.sequence_manager
+        covered: dict[str, set[int]] = {}
+        for block, servers in manager.servers().items():
+            for info in servers.values():
+                if info.state == ServerState.ONLINE:
+                    for adapter in info.adapters:
+                        covered.setdefault(adapter, set()).add(block)
+        return sorted(name for name, blocks in covered.items() if len(blocks) == manager.num_blocks)
+
+    def variant(self, prompts: PromptSet | None, adapter: str | None = None) -> DistributedModelForCausalLM:
+        """The base model, or a copy with trained soft prompts and/or a LoRA adapter (routes only to nodes that serve
+        it) that shares its runtime, wallet and client head."""
+        if prompts is None and adapter is None:
             return self.model
-        key = (prompts.name, prompts.tuning_mode, prompts.pre_seq_len, hash(prompts.prompts))
+        key = (
+            (prompts.name, prompts.tuning_mode, prompts.pre_seq_len, hash(prompts.prompts)) if prompts else None,
+            adapter,
+        )
         with self._tuned_lock:
             if key in self._tuned:
                 self._tuned.move_to_end(key)
@@ -123,11 +140,13 @@ class SwarmModel:
             config=base.client_config,
             runtime=base.runtime,
             wallet=base.wallet,
-            tuning_mode=prompts.tuning_mode,
-            pre_seq_len=prompts.pre_seq_len,
+            tuning_mode=prompts.tuning_mode if prompts else None,
+            pre_seq_len=prompts.pre_seq_len if prompts else 0,
             scorer=base.sequence_manager.scorer,
+            active_adapter=adapter,
         )
-        tuned.load_prompts(io.BytesIO(prompts.prompts))
+        if prompts is not None:
+            tuned.load_prompts(io.BytesIO(prompts.prompts))
         tuned.requires_grad_(False)
         with self._tuned_lock:
             self._tuned[key] = tuned
@@ -138,7 +157,12 @@ class SwarmModel:
     # ---- generation --------------------------------------------------------------------------------------------
 
     async def stream(
-        self, prompt_ids: list[int], params: GenerationParams, *, prompts: PromptSet | None = None
+        self,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        *,
+        prompts: PromptSet | None = None,
+        adapter: str | None = None,
     ) -> AsyncIterator[list[int]]:
         """Yields, per generation step, the next token id of each of the ``params.n`` rows.
 
@@ -155,7 +179,7 @@ class SwarmModel:
             try:
                 if stop.is_set():
                     raise GenerationCancelled()
-                model = self.variant(prompts)
+                model = self.variant(prompts, adapter)
                 input_ids = torch.tensor([prompt_ids] * params.n, dtype=torch.long)
                 steps = model.stream_generate(
                     input_ids,

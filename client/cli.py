@@ -57,6 +57,15 @@ def _model(args: argparse.Namespace) -> str:
     return model
 
 
+def _adapter_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--adapter",
+        default=None,
+        metavar="NAME",
+        help="a LoRA adapter nodes serve (`nectar swarm` lists them): computed with it, on nodes that serve it",
+    )
+
+
 def client_config(args: argparse.Namespace) -> ClientConfig:
     """The ClientConfig of `nectar generate` / `nectar chat` (peers are passed apart: ``_peers``)."""
     return ClientConfig(**config_values(args, CLIENT_OPTIONS))
@@ -116,7 +125,9 @@ def swarm_main(argv: list[str]) -> int:
         print(
             f"{info.public_name[:14]:<14} {str(peer_id)[-10:]:<12} {f'{info.start}:{info.end}':<9} "
             f"{ServerState(info.state).name:<8} {info.throughput:>10.1f} {info.cache_tokens_left:>11} "
-            f"{info.price_per_token:>7}  {info.eth_address}" + ("  (relayed)" if info.relayed else "")
+            f"{info.price_per_token:>7}  {info.eth_address}"
+            + ("  (relayed)" if info.relayed else "")
+            + (f"  adapters: {', '.join(info.adapters)}" if info.adapters else "")
         )
     missing = swarm.missing()
     if missing:
@@ -152,6 +163,7 @@ def generate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nectar generate", description="Generate text through the swarm.")
     parser.add_argument("prompt")
     _common(parser)
+    _adapter_arg(parser)
     add_options(parser, ClientConfig, CLIENT_OPTIONS)
     _sampling_args(parser)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -167,7 +179,7 @@ def generate_main(argv: list[str]) -> int:
 
     tokenizer = load_tokenizer(resolve_model(args.model))
     model = DistributedModelForCausalLM.from_pretrained(
-        args.model, initial_peers=_peers(args), config=client_config(args)
+        args.model, initial_peers=_peers(args), config=client_config(args), active_adapter=args.adapter
     )
     try:
         if args.chat:
@@ -198,6 +210,7 @@ def generate_main(argv: list[str]) -> int:
 def chat_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nectar chat", description="Chat with a model served by the swarm.")
     _common(parser)
+    _adapter_arg(parser)
     add_options(parser, ClientConfig, CLIENT_OPTIONS)
     _sampling_args(parser)
     parser.add_argument("--system", default=None, help="system prompt")
@@ -213,7 +226,7 @@ def chat_main(argv: list[str]) -> int:
 
     tokenizer = load_tokenizer(resolve_model(args.model))
     model = DistributedModelForCausalLM.from_pretrained(
-        args.model, initial_peers=_peers(args), config=client_config(args)
+        args.model, initial_peers=_peers(args), config=client_config(args), active_adapter=args.adapter
     )
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("Chatting through the swarm. Empty line or Ctrl-D to quit.")

@@ -94,10 +94,21 @@ class HopStream:
     """One inference stream to one node, for one session (lives on the runtime's loop). Requests are queued and
     leave in order; replies are read in order with ``receive``."""
 
-    def __init__(self, runtime, span: RemoteSpan, model_id: str, *, direct: bool = True, connect: Connect = None):
+    def __init__(
+        self,
+        runtime,
+        span: RemoteSpan,
+        model_id: str,
+        *,
+        direct: bool = True,
+        connect: Connect = None,
+        adapter: str | None = None,
+    ):
         """:param connect: opens the stream given the requests (default: the node's direct lane or P2P, through
-        ``runtime``; tests connect in-memory nodes)"""
+        ``runtime``; tests connect in-memory nodes)
+        :param adapter: the LoRA adapter the node computes this session with (``Open.adapter``)"""
         self.runtime, self.span, self.model_id, self.direct = runtime, span, model_id, direct
+        self.adapter = adapter
         self.connect = connect or self._connect
         self.uid = module_uid(model_id, span.start, span.end)
         self.state = StreamState.NEW
@@ -119,7 +130,14 @@ class HopStream:
         """Opens the stream and the node's session (its KV cache); returns the node's ack. ``private_key``: the
         paying key the open is signed with (nodes bill only the signer and refuse unsigned opens)."""
         opening = Open(
-            self.uid, session_id, max_length, batch_size, client, separate_receipts=True, push_token=push_token
+            self.uid,
+            session_id,
+            max_length,
+            batch_size,
+            client,
+            separate_receipts=True,
+            push_token=push_token,
+            adapter=self.adapter,
         )
         if private_key is not None:
             opening = opening.signed(private_key, node=self.span.info.eth_address, peer_id=str(self.span.peer_id))

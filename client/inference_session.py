@@ -69,7 +69,11 @@ class InferenceSession:
     ):
         self.manager, self.runtime, self.wallet, self.config = manager, runtime, wallet, config
         self.max_length, self.batch_size = max_length, batch_size
-        self._streams = streams or (lambda span: HopStream(runtime, span, manager.model_id, direct=config.direct))
+        self._streams = streams or (
+            lambda span: HopStream(
+                runtime, span, manager.model_id, direct=config.direct, adapter=manager.active_adapter
+            )
+        )
         self.session_id = os.urandom(16)
         self.model_hash = model_id_hash(manager.model_id)  # the model its receipts must name
         self.state = SessionState.OPEN
@@ -259,6 +263,7 @@ class InferenceSession:
                         model_id=self.model_hash,
                         step=step,
                         kind=ReceiptKind.INFERENCE,
+                        adapter=self.manager.active_adapter is not None,
                     )
                 except ReceiptError as e:
                     hop.fail(Fault(f"dishonest receipt: {e}", receipt=True))

@@ -45,6 +45,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
         tuning_mode: str | None = None,
         pre_seq_len: int = 0,
         dtype: torch.dtype = torch.float32,
+        active_adapter: str | None = None,
     ):
         super().__init__()
         if tuning_mode not in TUNING_MODES:
@@ -57,7 +58,9 @@ class DistributedModelForCausalLM(torch.nn.Module):
         self.runtime, self.wallet = runtime, wallet
         self.head = load_client_head(model_path, dtype=dtype)
         self.head.requires_grad_(False)
-        self.sequence_manager = RemoteSequenceManager(runtime, model_id, self.num_blocks, config=config, scorer=scorer)
+        self.sequence_manager = RemoteSequenceManager(
+            runtime, model_id, self.num_blocks, config=config, scorer=scorer, active_adapter=active_adapter
+        )
         self.transformer = RemoteSequential(RemoteCaller(self.sequence_manager, runtime, wallet, config))
         self.tuning_mode, self.pre_seq_len = tuning_mode, pre_seq_len if tuning_mode else 0
         hidden = self.head.embedding_dim
@@ -89,6 +92,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
         pre_seq_len: int = 0,
         dtype: torch.dtype = torch.float32,
         domain: dict | None = None,
+        active_adapter: str | None = None,
     ) -> DistributedModelForCausalLM:
         """:param model: built-in name (``nectar models``), a local Hugging Face checkpoint directory, or a Hub id
           (``org/name[@revision]``; only the embeddings' and head's shards are fetched)
@@ -96,6 +100,8 @@ class DistributedModelForCausalLM(torch.nn.Module):
           defaults to ``config.initial_peers`` or NECTAR_INITIAL_PEERS
         :param private_key: Ethereum key that signs vouchers (default: ``config.private_key`` or a throwaway key)
         :param domain: EIP-712 domain of the vouchers (default: that of the deployment file, ``nectar.deployment``)
+        :param active_adapter: a LoRA adapter's name as nodes announce it (``nectar swarm``); every block is computed
+          with it, by nodes that serve it only
 
         A failure releases everything this call started (the DHT process, the reputation scorer's thread)."""
         config = config or ClientConfig()
@@ -137,6 +143,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
                 tuning_mode=tuning_mode,
                 pre_seq_len=pre_seq_len,
                 dtype=dtype,
+                active_adapter=active_adapter,
             )
         except BaseException:
             for release in reversed(started):

@@ -95,6 +95,7 @@ class Wallet:
         step: int | None = None,
         kind: int | None = None,
         now: float | None = None,
+        adapter: bool | None = None,
     ) -> schema.SignedReceipt:
         """Checks a node's receipt against what was asked and received; raises ``ReceiptError`` on any difference.
         Once it passes, counts what is owed and (with a ledger) countersigns and queues it. ``descriptor``: the compute
@@ -102,7 +103,8 @@ class Wallet:
         announced ``dtype``, and forwarded). ``model_id``/``step``/``kind``: the
         model (``model_id_hash``), step number and kind asked for: a receipt for other work could not be audited
         against this step (a cheater's way to evade audits). ``now``: the time its timestamp must be near
-        (``RECEIPT_MAX_SKEW_S``; the ledger judges whether audits came in time by it)."""
+        (``RECEIPT_MAX_SKEW_S``; the ledger judges whether audits came in time by it). ``adapter``: whether the step
+        was asked with a LoRA adapter: its descriptor must bind one then, and none otherwise."""
         try:
             signed = schema.SignedReceipt.from_json(data)
         except Exception as e:
@@ -129,7 +131,7 @@ class Wallet:
                 problems.append("output commitment does not match what was received")
             if session_id is not None and receipt.session_id != session_id.rjust(32, b"\0"):
                 problems.append("receipt names another session")
-            problems += _compute_problems(receipt, descriptor, dtype)
+            problems += _compute_problems(receipt, descriptor, dtype, adapter)
             if model_id is not None and receipt.model_id != bytes(model_id):
                 problems.append(f"receipt names model 0x{receipt.model_id.hex()[:16]}..., not the one asked for")
             if step is not None and receipt.step != step:
@@ -190,7 +192,9 @@ class Wallet:
         return sum(self._owed.values())
 
 
-def _compute_problems(receipt: schema.Receipt, descriptor: bytes | None, dtype: str | None) -> list[str]:
+def _compute_problems(
+    receipt: schema.Receipt, descriptor: bytes | None, dtype: str | None, adapter: bool | None = None
+) -> list[str]:
     """The receipt must commit to a precision an audit can recompute (its compute descriptor), the one the node
     announced: a receipt no verifier could check would make the step unauditable, yet paid."""
     if fingerprints.fingerprint_hash(descriptor or b"") != receipt.fingerprint:
@@ -201,4 +205,8 @@ def _compute_problems(receipt: schema.Receipt, descriptor: bytes | None, dtype: 
         return [f"the receipt names no precision an audit could recompute ({e})"]
     if dtype is not None and spec.dtype != dtype:
         return [f"the receipt commits to {spec.dtype} computation, the node announced {dtype}"]
+    if descriptor and adapter is not None and bool(spec.adapter) != adapter:
+        # a base step signed as an adapter's (or the reverse) would be audited as other work than was asked
+        asked = "with a LoRA adapter" if adapter else "without an adapter"
+        return [f"the receipt's compute descriptor {'binds' if spec.adapter else 'lacks'} an adapter; asked {asked}"]
     return []

@@ -43,6 +43,7 @@ class RemoteCaller:
             session_id=self.session_id,
             step=step,
             voucher=self.wallet.voucher_for(span.info.eth_address),
+            adapter=self.manager.active_adapter,
         )
         self.step += 1
         p2p, options = self.runtime.p2p, dict(direct=self.config.direct, timeout=self.config.request_timeout)
@@ -83,6 +84,7 @@ class RemoteCaller:
                 model_id=model_id_hash(self.manager.model_id),
                 step=step,
                 kind=ReceiptKind.FORWARD if method == RPC_FORWARD else ReceiptKind.BACKWARD,
+                adapter=self.manager.active_adapter is not None,
             )
         if method == RPC_FORWARD:  # what routing may believe of the node's speed (its announcement is a claim)
             self.manager.observe(span.peer_id, tensors[0].shape[0] * tensors[0].shape[1] * span.length, elapsed)

@@ -16,6 +16,7 @@ its first failure of the epoch is attested, with the receipt's inclusion proof, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from abc import ABC, abstractmethod
@@ -92,6 +93,10 @@ class Verifier(ABC):
         """Whether this verifier can run the model (None: it cannot tell before trying)."""
         return None
 
+    def holds_adapter(self, digest: bytes) -> bool:
+        """Whether it can recompute steps made with the LoRA adapter of this digest (``ComputeSpec.adapter``)."""
+        return False
+
     @abstractmethod
     def execute(
         self, receipt: WireReceipt, history: torch.Tensor, compute: ComputeSpec, prompts: torch.Tensor | None = None
@@ -107,6 +112,7 @@ class LocalVerifier(Verifier):
 
     :param models: model name as announced on the DHT -> built-in name or checkpoint folder
     :param load_span: the span loader (``nectar.models.load_span`` by default)
+    :param adapters: LoRA adapter folders (PEFT's) it can recompute steps with, found by their digest
     """
 
     def __init__(
@@ -116,34 +122,56 @@ class LocalVerifier(Verifier):
         name: str = "local",
         load_span: Callable | None = None,
         max_cached_spans: int = 8,
+        adapters: Sequence[str | Path] = (),
     ):
         if load_span is None:
             from nectar.models import load_span
         self.name, self.load_span, self.max_cached = name, load_span, max_cached_spans
         self.paths = {model_id_hash(model_name): path for model_name, path in models.items()}
-        self._spans: dict[tuple, torch.nn.Module] = {}
+        self._spans: dict[tuple, tuple] = {}
+        self.adapters: dict[bytes, Path] = {}
+        if adapters:
+            from nectar.models.adapters import adapter_digest
+
+            for folder in adapters:
+                try:
+                    self.adapters[adapter_digest(folder)] = Path(folder)
+                except OSError as e:  # not an adapter folder: its steps stay unaudited, the others are audited
+                    logger.warning(f"Verifier {name} skips adapter folder {folder}: {e}")
 
     def hosts(self, model_id: bytes) -> bool | None:
         return bytes(model_id) in self.paths
 
-    def _span(self, model_id: bytes, start: int, end: int, compute: ComputeSpec):
+    def holds_adapter(self, digest: bytes) -> bool:
+        return bytes(digest) in self.adapters
+
+    def _span(self, model_id: bytes, start: int, end: int, compute: ComputeSpec) -> tuple:
+        """(the span, the adapters hooked on it or None)."""
         if compute.quantization != "none":
             raise LookupError(f"verifier {self.name} cannot compute with {compute.quantization} weights")
-        key = (model_id, start, end, compute.dtype)
+        key = (model_id, start, end, compute.dtype, compute.adapter)
         if key not in self._spans:
             if model_id not in self.paths:
                 raise LookupError(f"verifier {self.name} does not host model 0x{model_id.hex()}")
+            if compute.adapter and compute.adapter not in self.adapters:
+                raise LookupError(f"verifier {self.name} holds no adapter 0x{compute.adapter.hex()}")
             if len(self._spans) >= self.max_cached:
                 self._spans.pop(next(iter(self._spans)))
-            self._spans[key] = self.load_span(self.paths[model_id], start, end, dtype=compute.torch_dtype)
+            span = self.load_span(self.paths[model_id], start, end, dtype=compute.torch_dtype)
+            served = None
+            if compute.adapter:
+                from nectar.models.adapters import load_span_adapters
+
+                served = load_span_adapters([span], [self.adapters[compute.adapter]])
+            self._spans[key] = span, served
         return self._spans[key]
 
     def execute(
         self, receipt: WireReceipt, history: torch.Tensor, compute: ComputeSpec, prompts: torch.Tensor | None = None
     ) -> torch.Tensor:
-        span = self._span(receipt.model_id, receipt.block_start, receipt.block_end, compute)
+        span, served = self._span(receipt.model_id, receipt.block_start, receipt.block_end, compute)
         positions = step_positions(receipt, history)
-        with torch.no_grad():
+        with torch.no_grad(), served.use(served.names[0]) if served else contextlib.nullcontext():
             return span(history.to(compute.torch_dtype), prompts=prompts)[:, -positions:]
 
 
@@ -363,6 +391,14 @@ class SpotChecker:
             compute = ComputeSpec.decode(descriptor or b"")
         except ValueError as e:
             return Verdict("inconclusive", 0, f"the receipt's compute descriptor is unusable: {e}")
+        if compute.adapter and not all(v.holds_adapter(compute.adapter) for v in self.verifiers[:2]):
+            # recomputing without it would accuse an honest node: the ledger's verifiers need the adapter's folder
+            return Verdict(
+                "inconclusive",
+                0,
+                f"computed with LoRA adapter 0x{compute.adapter.hex()[:16]}..., which the verifiers do not hold "
+                "(the ledger's --adapters-dir)",
+            )
         step = self._audited_step(receipt)
         if isinstance(step, Verdict):
             return step
@@ -407,7 +443,9 @@ class SpotChecker:
         against a float32 recomputation, adds the score to the node's CUSUM for this descriptor, and turns the step
         into a failed check (the same case path as any failed audit) when the CUSUM reaches its threshold and the
         second verifier, recomputing the step independently, confirms the score."""
-        reference = ComputeSpec("float32", compute.quantization, compute.device)
+        # the same function in float32: with the step's adapter, if any (else both distances are the adapter's
+        # effect and every score is about 1: noise would go unseen)
+        reference = ComputeSpec("float32", compute.quantization, compute.device, compute.adapter)
         # keyed by precision, not device class: a node rotating its claimed device cannot split its evidence
         descriptor = ComputeSpec(compute.dtype, compute.quantization).encode()
         first, second = self.verifiers[:2]

@@ -39,4 +39,5 @@ def local_verifiers(settings: Settings) -> list[Verifier]:
         from nectar.models import list_models
 
         models = {m.name: m.name for m in list_models() if getattr(m, "converted", True)}
-    return [LocalVerifier(models, name="local-a"), LocalVerifier(models, name="local-b")]
+    adapters = [p for p in Path(settings.adapters_dir).iterdir() if p.is_dir()] if settings.adapters_dir else []
+    return [LocalVerifier(models, name=name, adapters=adapters) for name in ("local-a", "local-b")]

@@ -16,7 +16,8 @@ Files:
 - ``families/``      ``llama/`` (GQA + RoPE; batched, CUDA-graph and C decode routes); on its code ``mistral/``,
                      ``qwen2/`` (fast routes too), ``qwen3/`` and ``mixtral/``; ``bloom/`` (ALiBi), ``gemma2/``
                      (soft-capping, sliding windows) and ``falcon/`` (the generic path)
-- ``tiny.py``        tiny random checkpoints for tests and demos
+- ``tiny.py``        tiny random checkpoints (and LoRA adapters of them) for tests and demos
+- ``adapters.py``    LoRA adapters (PEFT folders) on a span's blocks, switched per request
 - ``errors.py``      named errors; ``cli.py``: ``nectar models``
 """
 

@@ -166,3 +166,27 @@ def save_tiny_sharded_checkpoint(
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     tokenizer.save_pretrained(str(path))
     return path
+
+
+def save_tiny_lora(
+    path: str | os.PathLike,
+    base_path: str | os.PathLike,
+    *,
+    seed: int = 0,
+    rank: int = 4,
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj", "o_proj", "down_proj"),
+) -> Path:
+    """A PEFT LoRA adapter of the checkpoint at ``base_path`` with random non-zero A and B (PEFT starts B at zero,
+    which would change nothing), saved with ``save_pretrained``; needs ``peft``."""
+    from peft import LoraConfig, get_peft_model
+
+    path = Path(path)
+    base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(target_modules)))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    model.save_pretrained(str(path))
+    return path

@@ -19,10 +19,12 @@ import torch
 from tqdm.auto import tqdm
 
 from nectar.models import load_config, load_span
+from nectar.models.adapters import load_span_adapters
 from nectar.models.fast_path import BatchRunner, SpanStep
 from nectar.node.graphs import GraphedDecoder
 from nectar.node.task_pool import announce_round_started
 from nectar.node.training_cache import TrainingGraphCache
+from nectar.wire.protocol import MAX_ADAPTERS
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +44,11 @@ class InferenceTask(SpanStep):
         end: int,
         position: int,
         prompts: torch.Tensor | None = None,
+        adapter: str | None = None,
     ):
         super().__init__(hidden, caches, start, end, position, prompts)
         self.backend = backend
+        self.adapter = adapter  # a LoRA adapter the backend serves, or None
 
     @property
     def session(self) -> int:
@@ -55,7 +59,7 @@ class InferenceTask(SpanStep):
         """Tasks with equal keys may share a forward; None = run alone (deep prompts on the first step)."""
         if not self.batchable:
             return None
-        return id(self.backend), self.start, self.end
+        return id(self.backend), self.start, self.end, self.adapter
 
     @property
     def announces_start(self) -> bool:
@@ -88,6 +92,8 @@ class SpanBackend:
         show_progress=True,
         batching: bool = True,
         training_cache_bytes: int = 1024**3,
+        adapters: Sequence[str | Path] = (),
+        base_names: set[str] = frozenset(),
     ):
         self.model_path, self.start, self.end = Path(model_path), start, end
         self.dtype, self.device = dtype, torch.device(device)
@@ -102,6 +108,12 @@ class SpanBackend:
             block.eval()
         self.hidden_size = self.blocks[0].hidden_size
         family = self.blocks[0].family
+        # LoRA adapters hooked on the blocks' Linear layers, applied only inside ``adapters.use(name)``
+        self.adapters = load_span_adapters(
+            self.blocks, list(adapters), base_names=base_names, max_adapters=MAX_ADAPTERS
+        )
+        if self.adapters.names:
+            logger.info(f"Serving LoRA adapters {', '.join(self.adapters.names)} on blocks {start}:{end}")
         self.batch_runner: BatchRunner | None = family.batch_runner(self.blocks) if batching else None
         # recorded decode rounds on GPUs (the runner's static step); eager rounds elsewhere
         self.decode_graphs: GraphedDecoder | None = None
@@ -128,20 +140,31 @@ class SpanBackend:
     def new_caches(self, start: int, end: int, batch_size: int, max_length: int) -> list:
         return [block.new_cache(batch_size, max_length) for block in self._local(start, end)]
 
-    def _run_blocks(self, hidden: torch.Tensor, start: int, end: int, caches=None, prompts=None) -> torch.Tensor:
+    def _run_blocks(
+        self, hidden: torch.Tensor, start: int, end: int, caches=None, prompts=None, adapter: str | None = None
+    ) -> torch.Tensor:
         hidden = hidden.to(self.device, self.dtype)
-        for i, block in enumerate(self._local(start, end)):
-            block_prompts = prompts[i : i + 1].to(self.device, self.dtype) if prompts is not None else None
-            hidden = block(hidden, cache=caches[i] if caches is not None else None, prompts=block_prompts)
+        with self.adapters.use(adapter):
+            for i, block in enumerate(self._local(start, end)):
+                block_prompts = prompts[i : i + 1].to(self.device, self.dtype) if prompts is not None else None
+                hidden = block(hidden, cache=caches[i] if caches is not None else None, prompts=block_prompts)
         return hidden
 
-    def inference_task(self, hidden, caches, *, start: int, end: int, position: int, prompts=None) -> InferenceTask:
-        """One session's step, for the compute thread to batch with other sessions' steps."""
-        return InferenceTask(self, hidden, caches, start, end, position, prompts)
+    def inference_task(
+        self, hidden, caches, *, start: int, end: int, position: int, prompts=None, adapter: str | None = None
+    ) -> InferenceTask:
+        """One session's step, for the compute thread to batch with other sessions' steps (of the same adapter)."""
+        return InferenceTask(self, hidden, caches, start, end, position, prompts, adapter)
 
-    def inference_step(self, hidden, caches, *, start: int, end: int, position: int, prompts=None) -> torch.Tensor:
+    def inference_step(
+        self, hidden, caches, *, start: int, end: int, position: int, prompts=None, adapter: str | None = None
+    ) -> torch.Tensor:
         return self.run_inference(
-            [self.inference_task(hidden, caches, start=start, end=end, position=position, prompts=prompts)]
+            [
+                self.inference_task(
+                    hidden, caches, start=start, end=end, position=position, prompts=prompts, adapter=adapter
+                )
+            ]
         )[0]
 
     def run_inference(self, tasks) -> list[torch.Tensor]:
@@ -151,12 +174,19 @@ class SpanBackend:
                 for cache in task.caches:
                     if cache.length > task.position:
                         cache.crop(task.position)  # the client rolled back (retry or replay): forget what follows
-            if self.batch_runner is not None and all(task.batch_key is not None for task in tasks):
+            # the fused runner reads the base weights only: steps with an adapter take the generic path, each under
+            # its own adapter
+            if self.batch_runner is not None and all(t.batch_key is not None and t.adapter is None for t in tasks):
                 outputs = self._run_batched(tasks, tasks[0].start - self.start)
             else:
                 outputs = [
                     self._run_blocks(
-                        task.hidden, task.start, task.end, task.caches, task.prompts if task.position == 0 else None
+                        task.hidden,
+                        task.start,
+                        task.end,
+                        task.caches,
+                        task.prompts if task.position == 0 else None,
+                        getattr(task, "adapter", None),
                     )
                     for task in tasks
                 ]
@@ -187,18 +217,20 @@ class SpanBackend:
             self.decode_graphs.note_sessions(tasks, first_block)
         return outputs
 
-    def forward(self, hidden, *, start: int, end: int, prompts=None, keep_graph: bool = True) -> torch.Tensor:
+    def forward(
+        self, hidden, *, start: int, end: int, prompts=None, keep_graph: bool = True, adapter: str | None = None
+    ) -> torch.Tensor:
         """A stateless forward. Its autograd graph is kept for a while, so the backward that usually follows (same
         inputs) skips the recomputation (``TrainingGraphCache``); a caller that will not call backward (request
         metadata ``"backward": false``) gets a plain inference forward instead, without the kept activations' cost."""
         if not keep_graph:
             with torch.inference_mode():
-                return self._run_blocks(hidden, start, end, None, prompts).cpu()
+                return self._run_blocks(hidden, start, end, None, prompts, adapter).cpu()
         with torch.enable_grad():
             inputs = self._grad_inputs(hidden, prompts)
-            output = self._run_blocks(inputs[0], start, end, None, inputs[1] if len(inputs) > 1 else None)
+            output = self._run_blocks(inputs[0], start, end, None, inputs[1] if len(inputs) > 1 else None, adapter)
         self.graphs.put(
-            key=(start, end),
+            key=(start, end, adapter),  # another adapter's graph is another function of the same inputs
             hidden=hidden,
             prompts=prompts,
             inputs=inputs,
@@ -207,15 +239,15 @@ class SpanBackend:
         )
         return output.detach().cpu()
 
-    def backward(self, hidden, grad_output, *, start: int, end: int, prompts=None):
+    def backward(self, hidden, grad_output, *, start: int, end: int, prompts=None, adapter: str | None = None):
         """Returns (grad wrt hidden, grad wrt prompts or None); reuses the forward's graph when it is still kept."""
-        kept = self.graphs.pop(key=(start, end), hidden=hidden, prompts=prompts)
+        kept = self.graphs.pop(key=(start, end, adapter), hidden=hidden, prompts=prompts)
         with torch.enable_grad():
             if kept is not None:
                 inputs, output = kept
             else:
                 inputs = self._grad_inputs(hidden, prompts)
-                output = self._run_blocks(inputs[0], start, end, None, inputs[1] if len(inputs) > 1 else None)
+                output = self._run_blocks(inputs[0], start, end, None, inputs[1] if len(inputs) > 1 else None, adapter)
             grads = torch.autograd.grad(output, inputs, grad_outputs=grad_output.to(output.device, output.dtype))
         return grads[0].cpu(), (grads[1].cpu() if prompts is not None else None)
 

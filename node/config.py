@@ -33,6 +33,8 @@ class NodeConfig:
     max_frame_bytes: int | None = None  # largest message a caller may send (both lanes); a larger frame is refused
     # from its header, before its body is read. None = what the model needs: 3 x 8192 tokens of float32 activations
     initial_peers: Sequence[str] = ()  # multiaddrs of swarm peers (or NECTAR_INITIAL_PEERS); empty = start a new swarm
+    adapters: Sequence[str] = ()  # local PEFT LoRA adapter folders (adapter_config.json + adapter_model.safetensors)
+    # to serve on this node's blocks; a request names one by its folder name (at most 16)
     dtype: str | None = None  # float32 | float16 | bfloat16; None = float32 on CPU, float16 on CUDA
     device: str | None = None  # cpu | cuda | cuda:N; None = cuda if available
     num_threads: int | None = None  # torch intra-op threads for compute; None = torch default

@@ -157,6 +157,7 @@ class InferenceStream:
         self.open = opening = Open.decode(request)
         self.client = self.steps.authenticate(opening, self.peer_id)
         self.start, self.end = self.steps.check_span(opening.uid)
+        self.steps.check_adapter(opening.adapter)  # before any cache is reserved
         # cache is reserved only for a client that could pay for a step here (backed escrow, or trusted vouchers)
         await self.steps.refresh_backing(self.client, opening.batch_size, self.start, self.end)
         self.backed = self.steps.check_credit(self.client, opening.batch_size, self.start, self.end, opening=True)
@@ -293,6 +294,7 @@ class InferenceStream:
             length=self.length,
             client=self.client,
             separate_receipt=opening.separate_receipts,
+            adapter=opening.adapter,
         )
         self._push_output = push
         self.active_at = time.monotonic()  # a paid step (its credit was checked): the session is in use

@@ -18,6 +18,7 @@ served as a ledger node serves a client nothing backs: only out of the node-wide
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -77,8 +78,14 @@ class ReceiptSigner:
         tokens: int,
         inputs: torch.Tensor,
         outputs: torch.Tensor,
+        adapter: bytes | None = None,
     ) -> tuple[schema.SignedReceipt, bytes]:
-        fingerprint = self.descriptor if outputs.ndim == 3 else b""
+        """``adapter``: the digest of the LoRA adapter the step was computed with (bound by its descriptor)."""
+        descriptor, descriptor_hash = self.descriptor, self.descriptor_hash
+        if adapter:
+            descriptor = dataclasses.replace(self.compute, adapter=bytes(adapter)).encode()
+            descriptor_hash = fingerprints.fingerprint_hash(descriptor)
+        fingerprint = descriptor if outputs.ndim == 3 else b""
         price = self.price_for(start, end)
         receipt = schema.Receipt(
             session_id=session_id,
@@ -94,7 +101,7 @@ class ReceiptSigner:
             amount=tokens * price,
             input_commitment=fingerprints.commit_tensor(inputs),
             output_commitment=fingerprints.commit_tensor(outputs),
-            fingerprint=self.descriptor_hash if fingerprint else self.empty_hash,
+            fingerprint=descriptor_hash if fingerprint else self.empty_hash,
             timestamp=int(time.time()),
         )
         return eip712.sign_receipt(receipt, self.private_key, self.domain), fingerprint

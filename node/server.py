@@ -455,7 +455,15 @@ class Server:
         return "127.0.0.1"
 
     def _load(self, start: int, end: int) -> None:
-        backend = SpanBackend(self.model_path, start, end, dtype=self.dtype, device=self.device)
+        backend = SpanBackend(
+            self.model_path,
+            start,
+            end,
+            dtype=self.dtype,
+            device=self.device,
+            adapters=self.config.adapters,
+            base_names={self.model_id, self.model_path.name, str(self.config.model)},
+        )
         if self.config.throughput is not None:
             inference_rps = forward_rps = float(self.config.throughput)
         else:
@@ -524,6 +532,7 @@ class Server:
             public_name=self.public_name,
             direct_address=self.direct_address,
             relayed=self.relayed,
+            adapters=self.backend.adapters.names,
         )
 
     def rpc_info(self) -> dict:

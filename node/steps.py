@@ -68,6 +68,7 @@ class InferenceWork:
     separate_receipt: bool
     key: bytes  # its work key (``nectar.node.signed_work``)
     replay: tuple | None = None  # (receipt JSON, fingerprint, position) signed before for this key: sent again
+    adapter: str | None = None  # the LoRA adapter it is computed with
 
 
 class NodeSteps:
@@ -137,6 +138,21 @@ class NodeSteps:
             )
         if not _all_finite(tensor):
             raise NodeRPCError(ErrorCode.BAD_REQUEST, f"{what} contains NaN or infinity")
+
+    def check_adapter(self, name: str | None) -> str | None:
+        """``name`` if this node serves that adapter (None: the base model), else ``UNKNOWN_ADAPTER``. The name was
+        checked to be a plain name on decode; only the operator's folders are ever loaded."""
+        if name is not None and name not in self.backend.adapters:
+            served = ", ".join(self.backend.adapters.names) or "none"
+            raise NodeRPCError(
+                ErrorCode.UNKNOWN_ADAPTER,
+                f"this node serves no adapter {name!r} (it serves: {served}); route to a node that announces it",
+            )
+        return name
+
+    def adapter_fields(self, name: str | None) -> dict:
+        """The receipt binds the adapter a step was computed with: its digest in the compute descriptor."""
+        return {} if name is None else {"adapter": self.backend.adapters.adapters[name].digest}
 
     @staticmethod
     def check_prompts(prompts: torch.Tensor | None, hidden: torch.Tensor, start: int, end: int) -> None:
@@ -242,6 +258,7 @@ class NodeSteps:
         length: int,
         client: str,
         separate_receipt: bool,
+        adapter: str | None = None,
     ) -> InferenceWork:
         """Checks a step against the session and queues it on the compute thread (it shares a forward with other
         sessions' steps)."""
@@ -264,7 +281,9 @@ class NodeSteps:
         self.audit.admit(_record_bytes(hidden, prompts), new=False)
         key = schema.work_key(session_id, start, end, schema.ReceiptKind.INFERENCE, message.step)
         replay = self.take_work(key, hidden, message.step, position)
-        task = self.backend.inference_task(hidden, caches, start=start, end=end, position=position, prompts=prompts)
+        task = self.backend.inference_task(
+            hidden, caches, start=start, end=end, position=position, prompts=prompts, adapter=adapter
+        )
         started = asyncio.get_running_loop().create_future()
         output = self.compute.submit(task, Priority.INFERENCE, started=started)
         trace.event("submitted", id(caches))
@@ -284,6 +303,7 @@ class NodeSteps:
             separate_receipt,
             key,
             replay,
+            adapter,
         )
 
     async def finish_inference(
@@ -343,6 +363,7 @@ class NodeSteps:
                 tokens=work.tokens,
                 inputs=work.hidden,
                 outputs=outputs,
+                **self.adapter_fields(work.adapter),
             )
         )
 
@@ -388,6 +409,7 @@ class NodeSteps:
         """``client``: the call's verified signer (``authenticate``); ``free``: serve without credit (a registered
         verifier re-executing a step for an audit)."""
         start, end = self.check_span(call.uid)
+        adapter = self.check_adapter(call.adapter)
         hidden, prompts = call.hidden, call.prompts
         self.check_hidden(hidden)
         self.check_prompts(prompts, hidden, start, end)
@@ -396,7 +418,9 @@ class NodeSteps:
             start,
             end,
             hidden,
-            lambda: self.backend.forward(hidden, start=start, end=end, prompts=prompts, keep_graph=call.backward),
+            lambda: self.backend.forward(
+                hidden, start=start, end=end, prompts=prompts, keep_graph=call.backward, adapter=adapter
+            ),
             kind=schema.ReceiptKind.FORWARD,
             priority=Priority.FORWARD,
             signed=lambda outputs: (hidden, outputs),
@@ -407,6 +431,7 @@ class NodeSteps:
 
     async def backward(self, call: BackwardCall, client: str) -> BackwardReply:
         start, end = self.check_span(call.uid)
+        adapter = self.check_adapter(call.adapter)
         hidden, grad_outputs, prompts = call.hidden, call.grad_outputs, call.prompts
         self.check_hidden(hidden)
         self.check_hidden(grad_outputs, batch_size=hidden.shape[0], what="grad_outputs")
@@ -421,7 +446,7 @@ class NodeSteps:
             start,
             end,
             hidden,
-            lambda: self.backend.backward(hidden, grad_outputs, start=start, end=end, prompts=prompts),
+            lambda: self.backend.backward(hidden, grad_outputs, start=start, end=end, prompts=prompts, adapter=adapter),
             kind=schema.ReceiptKind.BACKWARD,
             priority=Priority.BACKWARD,
             signed=lambda result: (grad_outputs, result[0]),
@@ -469,6 +494,7 @@ class NodeSteps:
             tokens=tokens,
             inputs=inputs,
             outputs=outputs,
+            **self.adapter_fields(call.adapter),
         )
         receipt, fingerprint = await self.receipt_of(pending, client, key)
         return result, receipt, fingerprint, nonce

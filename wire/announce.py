@@ -35,6 +35,7 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from nectar.wire.eip712 import recover_digest_signer, sign_digest
 from nectar.wire.identity import peer_id_of, public_key_of_peer
+from nectar.wire.protocol import ADAPTER_NAME, MAX_ADAPTERS
 from nectar.wire.receipts import keccak256
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class ServerInfo:
     direct_address: str = ""  # HOST:PORT of the node's plaintext TCP lane (nectar.wire.direct); "" = P2P only
     eth_proof: str = ""  # hex signature by eth_address over the peer id (sign_eth_proof); readers blank unproven ones
     relayed: bool = False  # reachable only through a circuit relay (behind NAT): an extra hop, no direct lane
+    adapters: list[str] = field(default_factory=list)  # LoRA adapters it serves on these blocks (requests name one)
     version: str = PROTOCOL_VERSION
     timestamp: float = field(default_factory=time.time)
 
@@ -100,6 +102,14 @@ class ServerInfo:
             raise ValueError(f"Non-boolean relayed in {data}")
         if not (0 <= info.start < info.end) or info.state not in set(ServerState):
             raise ValueError(f"Invalid span or state in {data}")
+        adapters = info.adapters
+        if not (
+            isinstance(adapters, list | tuple)
+            and len(adapters) <= MAX_ADAPTERS
+            and all(isinstance(a, str) and ADAPTER_NAME.match(a) for a in adapters)
+        ):
+            raise ValueError(f"adapters must be a list of at most {MAX_ADAPTERS} adapter names in {data}"[:300])
+        info.adapters = list(adapters)
         return info
 
 

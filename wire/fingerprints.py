@@ -35,9 +35,13 @@ def commit_tensor(t: torch.Tensor) -> bytes:
 # 8 bytes per receipt. Audits recompute in the same precision and judge with that precision's calibrated tolerance;
 # the evidence itself is the node's whole output, kept by the node and revealed against the receipt's output
 # commitment when a step is audited (docs/protocol.md, "Spot checks").
-# Layout: magic "NC1", dtype code, quantization code, device class, two reserved zero bytes.
+# Layout: magic "NC1", dtype code, quantization code, device class, two reserved zero bytes. A step computed with a
+# LoRA adapter sets the first reserved byte to 1 and appends the adapter's 32-byte digest (sha256 of its config and
+# weights files, ``nectar.models.adapters``): 40 bytes, so the receipt binds which adapter was computed with.
 _CD_MAGIC = b"NC1"
 _CD = struct.Struct("<3sBBB2s")
+_WITH_ADAPTER = b"\x01\0"
+ADAPTER_DIGEST_BYTES = 32
 DTYPES = {1: "float32", 2: "bfloat16", 3: "float16"}
 QUANTIZATIONS = {0: "none"}  # weights as the checkpoint stores them, cast to the dtype
 DEVICE_CLASSES = {0: "cpu", 1: "cuda", 2: "other"}
@@ -58,11 +62,14 @@ class ComputeSpec:
     dtype: str = "float32"
     quantization: str = "none"
     device: str = "cpu"
+    adapter: bytes = b""  # the LoRA adapter's digest (32 bytes) the step was computed with; b"": none
 
     def __post_init__(self):
         _code(DTYPES, self.dtype, "dtype")
         _code(QUANTIZATIONS, self.quantization, "quantization")
         _code(DEVICE_CLASSES, self.device, "device class")
+        if not isinstance(self.adapter, bytes) or len(self.adapter) not in (0, ADAPTER_DIGEST_BYTES):
+            raise ValueError(f"an adapter digest is {ADAPTER_DIGEST_BYTES} bytes (or none)")
 
     @classmethod
     def of(cls, dtype: torch.dtype | str, device: torch.device | str = "cpu", quantization: str = "none"):
@@ -74,25 +81,29 @@ class ComputeSpec:
         return TORCH_DTYPES[self.dtype]
 
     def encode(self) -> bytes:
-        return _CD.pack(
-            _CD_MAGIC,
-            _code(DTYPES, self.dtype, "dtype"),
-            _code(QUANTIZATIONS, self.quantization, "quantization"),
-            _code(DEVICE_CLASSES, self.device, "device class"),
-            b"\0\0",
+        return (
+            _CD.pack(
+                _CD_MAGIC,
+                _code(DTYPES, self.dtype, "dtype"),
+                _code(QUANTIZATIONS, self.quantization, "quantization"),
+                _code(DEVICE_CLASSES, self.device, "device class"),
+                _WITH_ADAPTER if self.adapter else b"\0\0",
+            )
+            + self.adapter
         )
 
     @classmethod
     def decode(cls, raw: bytes) -> ComputeSpec:
         """ValueError unless ``raw`` is exactly a known descriptor (an unknown precision cannot be audited)."""
-        if len(raw) != _CD.size:
-            raise ValueError(f"a compute descriptor is {_CD.size} bytes, got {len(raw)}")
-        magic, dtype, quantization, device, reserved = _CD.unpack(raw)
-        if magic != _CD_MAGIC or reserved != b"\0\0":
+        if len(raw) not in (_CD.size, _CD.size + ADAPTER_DIGEST_BYTES):
+            raise ValueError(f"a compute descriptor is {_CD.size} bytes (+ {ADAPTER_DIGEST_BYTES}), got {len(raw)}")
+        magic, dtype, quantization, device, reserved = _CD.unpack(raw[: _CD.size])
+        adapter = raw[_CD.size :]
+        if magic != _CD_MAGIC or reserved != (_WITH_ADAPTER if adapter else b"\0\0"):
             raise ValueError("not a compute descriptor (bad magic or reserved bytes)")
         if dtype not in DTYPES or quantization not in QUANTIZATIONS or device not in DEVICE_CLASSES:
             raise ValueError(f"unknown dtype/quantization/device codes {dtype}/{quantization}/{device}")
-        return cls(DTYPES[dtype], QUANTIZATIONS[quantization], DEVICE_CLASSES[device])
+        return cls(DTYPES[dtype], QUANTIZATIONS[quantization], DEVICE_CLASSES[device], bytes(adapter))
 
 
 def fingerprint_hash(fp: bytes) -> bytes:
@@ -200,6 +211,7 @@ __all__ = [
     "ComputeSpec",
     "DTYPES",
     "QUANTIZATIONS",
+    "ADAPTER_DIGEST_BYTES",
     "DEVICE_CLASSES",
     "fingerprint_hash",
     "output_deviation",

@@ -33,6 +33,7 @@ from nectar.wire.protocol import (
     RPC_PUSH,
     ErrorCode,
     NodeRPCError,
+    adapter_name,
     pack_metadata,
     pack_tensors,
     unpack_metadata,
@@ -115,7 +116,16 @@ CLIENT_AUTH_MAX_SKEW_S = 300  # a signed open or call may be dated this far off 
 
 
 def client_auth_digest(
-    *, kind: str, uid: str, session_id: bytes, step: int, node: str, peer_id: str, timestamp: int, nonce: bytes
+    *,
+    kind: str,
+    uid: str,
+    session_id: bytes,
+    step: int,
+    node: str,
+    peer_id: str,
+    timestamp: int,
+    nonce: bytes,
+    adapter: str | None = None,
 ) -> bytes:
     """What a client signs with its paying key to open a session or make a billed forward/backward call (issue 22):
     the node (address and peer id: no replay at another node), what is asked (kind, module, session, step) and a
@@ -133,6 +143,7 @@ def client_auth_digest(
             f"timestamp={int(timestamp)}",
             f"nonce=0x{bytes(nonce).hex()}",
         ]
+        + ([f"adapter={adapter}"] if adapter is not None else [])  # what is computed: no relay swaps the adapter
     )
     return schema.keccak256(text.encode())
 
@@ -176,6 +187,7 @@ class ClientAuth:
         node: str,
         peer_id: str,
         timestamp: int | None = None,
+        adapter: str | None = None,
     ) -> ClientAuth:
         import os
         import time
@@ -193,11 +205,20 @@ class ClientAuth:
             peer_id=str(peer_id),
             timestamp=timestamp,
             nonce=nonce,
+            adapter=adapter,
         )
         return cls(timestamp, nonce, sign_digest(digest, private_key))
 
     def signer(
-        self, *, kind: str, uid: str, session_id: bytes | None, step: int | None, node: str, peer_id: str
+        self,
+        *,
+        kind: str,
+        uid: str,
+        session_id: bytes | None,
+        step: int | None,
+        node: str,
+        peer_id: str,
+        adapter: str | None = None,
     ) -> str:
         """The address that signed this for ``node`` at ``peer_id`` (raises ``InvalidSignature``)."""
         from nectar.wire.eip712 import recover_digest_signer
@@ -211,6 +232,7 @@ class ClientAuth:
             peer_id=str(peer_id),
             timestamp=self.timestamp,
             nonce=self.nonce,
+            adapter=adapter,
         )
         return recover_digest_signer(digest, self.signature)
 
@@ -327,6 +349,7 @@ class Open:
     :param separate_receipts: each step's receipt comes as a message of its own (``ReceiptMessage``), signed while
         the session's next step computes or once the stream goes quiet
     :param push_token: 16-32 random bytes; the hop before this one shows it to push inputs here
+    :param adapter: the LoRA adapter (a name the node announces) the session's steps are computed with; None: none
     """
 
     uid: str
@@ -338,6 +361,7 @@ class Open:
     push_token: bytes | None = None
     first_step: Step | None = None
     auth: ClientAuth | None = None  # the client's signature (``signed``): the node bills its signer
+    adapter: str | None = None
 
     def signed(self, private_key: bytes | str, *, node: str, peer_id: str, timestamp: int | None = None) -> Open:
         """This open signed with the client's paying key for the node ``node`` (its receipt address) at
@@ -353,6 +377,7 @@ class Open:
             node=node,
             peer_id=peer_id,
             timestamp=timestamp,
+            adapter=self.adapter,
         )
         return Open(
             self.uid,
@@ -364,11 +389,18 @@ class Open:
             self.push_token,
             self.first_step,
             auth,
+            self.adapter,
         )
 
     def signer(self, *, node: str, peer_id: str) -> str:
         return self.auth.signer(
-            kind="open", uid=self.uid, session_id=self.session_id, step=0, node=node, peer_id=peer_id
+            kind="open",
+            uid=self.uid,
+            session_id=self.session_id,
+            step=0,
+            node=node,
+            peer_id=peer_id,
+            adapter=self.adapter,
         )
 
     def metadata(self) -> dict:
@@ -382,6 +414,7 @@ class Open:
         if self.separate_receipts:
             metadata["receipts"] = "separate"
         _put(metadata, "push_token", self.push_token)
+        _put(metadata, "adapter", self.adapter)
         if self.auth is not None:
             metadata["auth"] = self.auth.to_wire()
         if self.first_step is not None:
@@ -421,6 +454,7 @@ class Open:
             token,
             first,
             ClientAuth.decode(metadata),
+            adapter_name(metadata.get("adapter")),
         )
 
 
@@ -679,9 +713,15 @@ class PushAck:
 
 
 def _call_metadata(
-    client: str, session_id: bytes | None, step: int | None, voucher: dict | None, auth: ClientAuth | None = None
+    client: str,
+    session_id: bytes | None,
+    step: int | None,
+    voucher: dict | None,
+    auth: ClientAuth | None = None,
+    adapter: str | None = None,
 ) -> dict:
     metadata = {"client": client}
+    _put(metadata, "adapter", adapter)
     _put(metadata, "session_id", session_id)
     _put(metadata, "step", step)
     _put(metadata, "voucher", voucher)
@@ -709,12 +749,19 @@ class _SignedCall:
             node=node,
             peer_id=peer_id,
             timestamp=timestamp,
+            adapter=self.adapter,
         )
         return replace(self, client=address_of(private_key), auth=auth)
 
     def signer(self, *, node: str, peer_id: str) -> str:
         return self.auth.signer(
-            kind=self.rpc, uid=self.uid, session_id=self.session_id, step=self.step, node=node, peer_id=peer_id
+            kind=self.rpc,
+            uid=self.uid,
+            session_id=self.session_id,
+            step=self.step,
+            node=node,
+            peer_id=peer_id,
+            adapter=self.adapter,
         )
 
 
@@ -743,11 +790,12 @@ class ForwardCall(_SignedCall):
     voucher: dict | None = None
     backward: bool = True
     auth: ClientAuth | None = None
+    adapter: str | None = None  # the LoRA adapter to compute with (``Open.adapter``)
 
     rpc: ClassVar[str] = RPC_FORWARD
 
     def to_request(self) -> runtime_pb2.ExpertRequest:
-        metadata = _call_metadata(self.client, self.session_id, self.step, self.voucher, self.auth)
+        metadata = _call_metadata(self.client, self.session_id, self.step, self.voucher, self.auth, self.adapter)
         if not self.backward:
             metadata["backward"] = False
         tensors = [self.hidden] + ([self.prompts] if self.prompts is not None else [])
@@ -770,6 +818,7 @@ class ForwardCall(_SignedCall):
             voucher,
             metadata.get("backward", True) is not False,
             ClientAuth.decode(metadata),
+            adapter_name(metadata.get("adapter")),
         )
 
 
@@ -786,11 +835,12 @@ class BackwardCall(_SignedCall):
     step: int | None = None
     voucher: dict | None = None
     auth: ClientAuth | None = None
+    adapter: str | None = None
 
     rpc: ClassVar[str] = RPC_BACKWARD
 
     def to_request(self) -> runtime_pb2.ExpertRequest:
-        metadata = _call_metadata(self.client, self.session_id, self.step, self.voucher, self.auth)
+        metadata = _call_metadata(self.client, self.session_id, self.step, self.voucher, self.auth, self.adapter)
         tensors = [self.hidden, self.grad_outputs] + ([self.prompts] if self.prompts is not None else [])
         return runtime_pb2.ExpertRequest(uid=self.uid, tensors=pack_tensors(tensors), metadata=pack_metadata(metadata))
 
@@ -811,6 +861,7 @@ class BackwardCall(_SignedCall):
             step,
             voucher,
             ClientAuth.decode(metadata),
+            adapter_name(metadata.get("adapter")),
         )
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -43,6 +44,10 @@ from hivemind.utils import MSGPackSerializer
 MAX_BATCH_SIZE = 64
 MAX_TOKENS_PER_REQUEST = 8192
 MAX_METADATA_BYTES = 64 * 1024
+# A LoRA adapter's name as requests and announcements carry it: a plain token, never a path (nodes look it up among
+# the folders their operator listed). ``nectar.models.adapters`` keeps the same rule for folder names.
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_ADAPTERS = 16  # adapters one node announces (and serves)
 
 SUPPORTED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -56,6 +61,7 @@ class ErrorCode(str, enum.Enum):
     CREDIT_LIMIT = "credit_limit"  # unpaid work above the node's limit: send a voucher
     WRONG_SPAN = "wrong_span"  # the node does not host the requested blocks (any more)
     FORBIDDEN = "forbidden"  # a call only registered verifiers may make, unsigned, stale, replayed or not a verifier's
+    UNKNOWN_ADAPTER = "unknown_adapter"  # the node serves no adapter of that name: route to a node that lists it
     LANE_FULL = "lane_full"  # the direct lane refused the connection before reading it (its per-address cap): use P2P
     INTERNAL = "internal"
 
@@ -75,6 +81,16 @@ class NodeRPCError(Exception):
             if code.value + ":" in text:
                 return code
         return None
+
+
+def adapter_name(value: Any) -> str | None:
+    """``value`` if it is None or an adapter name, else ``NodeRPCError(BAD_REQUEST)``: requests name adapters."""
+    if value is None or (isinstance(value, str) and ADAPTER_NAME.match(value)):
+        return value
+    raise NodeRPCError(
+        ErrorCode.BAD_REQUEST,
+        f"adapter must be an adapter's name (1-64 letters, digits, '.', '_', '-'; no paths), got {str(value)[:80]!r}",
+    )
 
 
 def module_uid(model_id: str, start: int, end: int) -> str:

@@ -15,6 +15,7 @@ from nectar.api.core.config import Settings
 from nectar.api.engine import Engine, PromptSet, SwarmModel
 from nectar.api.errors import bad_request, not_found, unavailable
 from nectar.service.db import session_scope
+from nectar.wire.protocol import ADAPTER_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class Target:
     name: str
     model: SwarmModel
     prompts: PromptSet | None = None
+    adapter: str | None = None  # a LoRA adapter nodes serve (the model ``<base>:<adapter>``)
 
     @property
     def prefix_tokens(self) -> int:
@@ -63,6 +65,18 @@ class OpenAIServing:
         model = self.swarm.get(name)
         if model is not None:
             return Target(name, model)
+        base_name, _, adapter = name.rpartition(":")
+        base = self.swarm.get(base_name) if base_name else None
+        if base is not None and ADAPTER_NAME.match(adapter):  # a name, never a path: nodes look it up
+            if adapter in await anyio.to_thread.run_sync(base.adapters):
+                return Target(name, base, adapter=adapter)
+            raise not_found(
+                f"No node serves adapter {adapter!r} of {base_name} on every block now "
+                f"(served: {', '.join(await anyio.to_thread.run_sync(base.adapters)) or 'none'}); GET /v1/models "
+                "lists the adapters as <model>:<adapter>",
+                param="model",
+                code="model_not_found",
+            )
 
         def lookup():
             with session_scope(self.context.db) as session:

@@ -186,7 +186,7 @@ class GenerationServing(OpenAIServing):
         ]
         charge.prompt_tokens += len(prompt_ids)
         if params.max_new_tokens > 0:
-            steps = target.model.stream(prompt_ids, params, prompts=target.prompts)
+            steps = target.model.stream(prompt_ids, params, prompts=target.prompts, adapter=target.adapter)
             try:
                 async for step in steps:
                     for row, token in enumerate(step):

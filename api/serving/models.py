@@ -29,6 +29,9 @@ class OpenAIServingModels(OpenAIServing):
 
     async def list_models(self, auth: Auth) -> ModelList:
         cards = [ModelCard(id=name, max_model_len=model.max_model_len) for name, model in self.swarm.models.items()]
+        for name, model in self.swarm.models.items():  # LoRA adapters the swarm serves, each as a model
+            for adapter in await anyio.to_thread.run_sync(model.adapters):
+                cards.append(ModelCard(id=f"{name}:{adapter}", root=name, max_model_len=model.max_model_len))
         for name, base, prefix, created in await self._tuned(auth):
             base_model = self.swarm.get(base)
             cards.append(

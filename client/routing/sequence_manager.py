@@ -42,6 +42,7 @@ from nectar.client.config import ClientConfig
 from nectar.client.routing.scoring import NoScorer, PeerScorer
 from nectar.client.routing.spans import RemoteSpan
 from nectar.wire.announce import ServerInfo, ServerState
+from nectar.wire.protocol import NodeRPCError, adapter_name
 from nectar.wire.swarm import read_swarm
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,9 @@ FAILURE_HALF_LIFE = 1800.0  # s over which a peer's failure and success counts h
 
 
 class MissingBlocksError(RuntimeError):
-    def __init__(self, blocks: list[int], model_id: str, unstaked: dict[str, str] | None = None):
+    def __init__(
+        self, blocks: list[int], model_id: str, unstaked: dict[str, str] | None = None, adapter: str | None = None
+    ):
         shown = ", ".join(map(str, blocks[:10])) + (" ..." if len(blocks) > 10 else "")
         gated = ""
         if unstaked:
@@ -66,9 +69,11 @@ class MissingBlocksError(RuntimeError):
                 "run `nectar operator register`, or pass --no-require-stake for a private swarm."
             )
         pinned = " A Hub model's id names its commit: nodes on another revision serve another id." * ("@" in model_id)
+        with_adapter = f" with adapter {adapter!r}" if adapter else ""
+        serve = f" --adapters FOLDER/{adapter}" if adapter else ""
         super().__init__(
-            f"No online node serves blocks {shown} of {model_id}.{gated} Start one with "
-            f"`nectar node --model {model_id} --blocks {blocks[0]}:{blocks[-1] + 1} --initial-peers ...`, "
+            f"No online node serves blocks {shown} of {model_id}{with_adapter}.{gated} Start one with "
+            f"`nectar node --model {model_id} --blocks {blocks[0]}:{blocks[-1] + 1}{serve} --initial-peers ...`, "
             "or check `nectar swarm` for what is online." + pinned
         )
         self.blocks, self.unstaked = blocks, dict(unstaked or {})
@@ -78,10 +83,22 @@ class RemoteSequenceManager:
     """Knows which peers host which blocks of one model; thread-safe."""
 
     def __init__(
-        self, runtime, model_id: str, num_blocks: int, *, config: ClientConfig, scorer: PeerScorer | None = None
+        self,
+        runtime,
+        model_id: str,
+        num_blocks: int,
+        *,
+        config: ClientConfig,
+        scorer: PeerScorer | None = None,
+        active_adapter: str | None = None,
     ):
-        """:param runtime: the ``ClientRuntime`` (nectar.wire.dht) the swarm is read through and peers are pinged on"""
+        """:param runtime: the ``ClientRuntime`` (nectar.wire.dht) the swarm is read through and peers are pinged on
+        :param active_adapter: a LoRA adapter's name: routes use only nodes whose record lists it"""
         self.runtime, self.model_id, self.num_blocks, self.config = runtime, model_id, num_blocks, config
+        try:
+            self.active_adapter = adapter_name(active_adapter)
+        except NodeRPCError as e:  # a name, never a path: nodes serve only the folders their operators listed
+            raise ValueError(f"active_adapter: {e.message}") from None
         self.scorer = scorer or NoScorer()
         self._latency: dict[PeerID, float] = {}
         self._ping_failed: dict[PeerID, float] = {}  # peer -> monotonic time its last ping failed
@@ -263,6 +280,8 @@ class RemoteSequenceManager:
         for index in range(start, end):
             for peer_id, info in self.servers().get(index, {}).items():
                 if info.state == ServerState.ONLINE and not self.is_banned(peer_id):
+                    if self.active_adapter is not None and self.active_adapter not in info.adapters:
+                        continue  # it would compute the base model (or refuse): never routed to for this adapter
                     if not info.eth_address:
                         self._unstaked[str(peer_id)] = (
                             "its record's Ethereum address is not proven by a signature over its peer id"
@@ -310,7 +329,7 @@ class RemoteSequenceManager:
                 return route
             self.update(force=True)  # the view may be stale: refresh once before giving up
         missing = self._missing(start, end, candidates) or list(range(start, end))
-        raise MissingBlocksError(missing, self.model_id, self._unstaked)
+        raise MissingBlocksError(missing, self.model_id, self._unstaked, self.active_adapter)
 
     def _shortest_path(self, start: int, end: int, peers: dict[PeerID, ServerInfo]) -> list[RemoteSpan] | None:
         cap = self._unmeasured_cap(peers)
@@ -358,7 +377,10 @@ class RemoteSequenceManager:
             if not here:
                 self.update(force=True)
                 raise MissingBlocksError(
-                    self._missing(block, end, self._candidates(block, end)) or [block], self.model_id, self._unstaked
+                    self._missing(block, end, self._candidates(block, end)) or [block],
+                    self.model_id,
+                    self._unstaked,
+                    self.active_adapter,
                 )
             weights = [
                 self.throughput(p, i, cap) * (1 - self.failure_rate(p)) / self.scorer.cost_factor(p, i) for p, i in here

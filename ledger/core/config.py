@@ -88,6 +88,8 @@ class Settings(ServiceSettings):
     # /v1/config; a node's --audit-retention-s must not be shorter); a later first audit call is the ledger's fault
     slash_poll_seconds: float = 60.0  # beat: how often attested spot-check cases are finalized once their window ends
     models_dir: Path | None = None  # where the local verifier finds converted models (``nectar models``)
+    adapters_dir: Path | None = None  # where the local verifier finds LoRA adapter folders (PEFT's, one each) to
+    # audit steps computed with them (matched by digest); steps of an adapter not there are not audited
 
     crash_point: str | None = None  # testing only: a stage name at which the worker pauses so a test can kill it
     crash_marker: str = "/tmp/nectar-ledger-crash"  # testing only: the file (suffixed with the stage) it leaves there

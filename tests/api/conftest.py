@@ -29,6 +29,7 @@ from tests.ledger.utils import fresh_postgres_url  # one home for throwaway test
 
 ADMIN = {"Authorization": "Bearer nectar-devnet-api-admin"}
 LEDGER_ADMIN = {"Authorization": "Bearer nectar-devnet-admin"}
+ADAPTER = "tone"  # a LoRA adapter of the market's model (tests/api/test_lora_models.py)
 NODE_PRICE = 10**9  # credit wei per token per block
 GATEWAY_ESCROW = 1000 * 10**18  # the operator's own deposit into the gateway's escrow (pays nodes)
 GATEWAY_RESERVE = 10 * 10**18  # of it, reserved for each node before any test (the tests keep reserve_per_node 0)
@@ -54,6 +55,7 @@ class Market:
 @pytest.fixture(scope="package")
 def market(tmp_path_factory):
     from nectar.chain import start_devnet
+    from nectar.models.tiny import save_tiny_lora
     from nectar.node.local_swarm import LocalSwarm
     from nectar.operator import ensure_registered
 
@@ -85,7 +87,9 @@ def market(tmp_path_factory):
         worker = NectarProcess(["worker", "--log-level", "INFO"], env=env, log_path=home / "ledger-worker.log")
         processes.append(worker)
         swarm = LocalSwarm(workdir=home / "swarm", env=env)
+        adapter = save_tiny_lora(home / ADAPTER, checkpoint, seed=3)  # served by both nodes: the model <base>:tone
         args = ["--throughput", "100", "--announce-period", "2", "--price", str(NODE_PRICE), "--ledger-url", ledger_url]
+        args += ["--adapters", str(adapter)]
         for name, blocks in (("alpha", (0, 2)), ("beta", (2, 4))):  # each registered with the minimum stake
             ensure_registered(chain, swarm.workdir / "keys" / name, funder_key=chain.default_key())
             swarm.add_node(checkpoint, blocks=blocks, name=name, extra_args=args)

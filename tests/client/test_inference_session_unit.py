@@ -279,6 +279,7 @@ class FakeManager:
     """Routes through the first unbanned node (in the order given) serving each next block."""
 
     model_id, num_blocks = MODEL, BLOCKS
+    active_adapter = None  # the base model
 
     def __init__(self, network: Network):
         self.network = network

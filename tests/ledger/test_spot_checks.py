@@ -385,3 +385,16 @@ def test_an_output_withheld_or_swapped_at_audit_time_fails_the_step(world, swap)
     verdict = checker._judge(item.receipt, descriptor)
     assert verdict.status == "failed" and verdict.executions == 0
     assert ("output commitment" if swap else "not its output") in verdict.detail
+
+
+def test_a_step_computed_with_a_lora_adapter_is_never_judged_against_the_base_model(world):
+    """Its descriptor binds the adapter's digest; verifiers hold no adapters yet, so recomputing the base model would
+    accuse an honest node: the check ends inconclusive without asking the node or any verifier."""
+    item = next(item for item, _, _ in world["items"] if item.receipt.node == world["honest"][0])
+    descriptor = fingerprints.ComputeSpec("float32", adapter=bytes(range(32))).encode()
+    assert fingerprints.ComputeSpec.decode(descriptor).adapter == bytes(range(32))
+    checker = SpotChecker(
+        settings=world["settings"], engine=world["engine"], verifiers=world["verifiers"], audit=world["audit"]
+    )
+    verdict = checker._judge(item.receipt, descriptor)
+    assert (verdict.status, verdict.executions) == ("inconclusive", 0) and "adapter" in verdict.detail

@@ -64,13 +64,13 @@ class FakeBackend:
     def new_caches(self, start, end, batch_size, max_length):
         return [object()]
 
-    def inference_task(self, hidden, caches, *, start, end, position, prompts=None):
+    def inference_task(self, hidden, caches, *, start, end, position, prompts=None, adapter=None):
         return lambda: hidden * 2
 
-    def forward(self, hidden, *, start, end, prompts=None, keep_graph=True):
+    def forward(self, hidden, *, start, end, prompts=None, keep_graph=True, adapter=None):
         return hidden * 2
 
-    def backward(self, hidden, grad_outputs, *, start, end, prompts=None):
+    def backward(self, hidden, grad_outputs, *, start, end, prompts=None, adapter=None):
         return grad_outputs * 2, (torch.zeros_like(prompts) if prompts is not None else None)
 
 
