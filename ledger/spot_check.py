@@ -102,8 +102,8 @@ class Verifier(ABC):
 
 
 class LocalVerifier(Verifier):
-    """Loads the receipt's span locally (``nectar.models.load_span``) in the receipt's dtype and runs a full causal
-    forward.
+    """Loads the receipt's span locally (``nectar.models.load_span``) in the receipt's dtype and weight quantization
+    and runs a full causal forward.
 
     :param models: model name as announced on the DHT -> built-in name or checkpoint folder
     :param load_span: the span loader (``nectar.models.load_span`` by default)
@@ -127,15 +127,15 @@ class LocalVerifier(Verifier):
         return bytes(model_id) in self.paths
 
     def _span(self, model_id: bytes, start: int, end: int, compute: ComputeSpec):
-        if compute.quantization != "none":
-            raise LookupError(f"verifier {self.name} cannot compute with {compute.quantization} weights")
-        key = (model_id, start, end, compute.dtype)
+        key = (model_id, start, end, compute.dtype, compute.quantization)
         if key not in self._spans:
             if model_id not in self.paths:
                 raise LookupError(f"verifier {self.name} does not host model 0x{model_id.hex()}")
             if len(self._spans) >= self.max_cached:
                 self._spans.pop(next(iter(self._spans)))
-            self._spans[key] = self.load_span(self.paths[model_id], start, end, dtype=compute.torch_dtype)
+            # the same quantized weights as the node's: one recipe on every device (nectar.models.quant)
+            extra = {} if compute.quantization == "none" else {"quantization": compute.quantization}
+            self._spans[key] = self.load_span(self.paths[model_id], start, end, dtype=compute.torch_dtype, **extra)
         return self._spans[key]
 
     def execute(

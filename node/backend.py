@@ -85,16 +85,17 @@ class SpanBackend:
         *,
         dtype: torch.dtype,
         device: str,
+        quantization: str = "none",
         show_progress=True,
         batching: bool = True,
         training_cache_bytes: int = 1024**3,
     ):
         self.model_path, self.start, self.end = Path(model_path), start, end
-        self.dtype, self.device = dtype, torch.device(device)
+        self.dtype, self.device, self.quantization = dtype, torch.device(device), quantization
         self.config = load_config(model_path)
         began = time.perf_counter()
         self.blocks = [
-            load_span(model_path, index, index + 1, dtype=dtype, device=device)
+            load_span(model_path, index, index + 1, dtype=dtype, device=device, quantization=quantization)
             for index in tqdm(range(start, end), desc=f"Loading blocks {start}:{end}", disable=not show_progress)
         ]
         for block in self.blocks:
@@ -108,12 +109,15 @@ class SpanBackend:
         if self.batch_runner is not None and self.device.type == "cuda":
             self.decode_graphs = GraphedDecoder(self.batch_runner)
         self.graphs = TrainingGraphCache(max_bytes=training_cache_bytes)
-        logger.info(f"Loaded blocks {start}:{end} in {time.perf_counter() - began:.2f}s ({dtype}, {device})")
+        weights = "" if quantization == "none" else f", {quantization} weights"
+        logger.info(f"Loaded blocks {start}:{end} in {time.perf_counter() - began:.2f}s ({dtype}, {device}{weights})")
         logger.info(f"Inference steps of {family.name} blocks: {self._describe_path(batching)}")
 
     def _describe_path(self, batching: bool) -> str:
         if self.batch_runner is None:
             why = "batching is off" if not batching else f"the {self.config.model_type} blocks have no fast path"
+            if batching and self.quantization != "none":
+                why = f"{self.quantization} weights: the fast path reads unquantized weight tensors"
             return f"generic path, one session at a time through BlockSpan.forward ({why})"
         graphs = self.decode_graphs
         recorded = ", decode rounds recorded as CUDA graphs" if graphs is not None and graphs.enabled else ""

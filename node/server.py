@@ -16,6 +16,7 @@ import torch
 from nectar.deployment import domain_from_deployment, max_evidence_age_from_deployment
 from nectar.models import get_family, load_config, model_id_of, resolve_model
 from nectar.models.cpu_blas import use_threads
+from nectar.models.quant import QUANT_MODES
 from nectar.node import trace
 from nectar.node.announcer import Announcer
 from nectar.node.audit import AuditLog
@@ -183,6 +184,8 @@ class Server:
         if dtype_name not in SUPPORTED_DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(SUPPORTED_DTYPES)}, got {dtype_name!r}")
         self.dtype_name, self.dtype = dtype_name, SUPPORTED_DTYPES[dtype_name]
+        if config.quant not in QUANT_MODES:
+            raise ValueError(f"--quant must be one of {', '.join(QUANT_MODES)}, got {config.quant!r}")
         self.identity = claim_identity(config)
         self.key_dir, self.public_name = self.identity.path, config.public_name or self.identity.name
         if not config.key_dir and config.public_name in (DEFAULT_NAME, "", None):
@@ -241,7 +244,7 @@ class Server:
             model_id=config.sign_model_as or self.model_id,  # testing only: a liar's model id
             price_per_token=config.price_per_token,
             domain=domain,
-            compute=ComputeSpec.of(self.dtype, self.device),
+            compute=ComputeSpec.of(self.dtype, self.device, self.config.quant),
         )
         if config.ledger_url and not config.allow_unstaked:
             check_stake(config.ledger_url, self.signer.address, str(self.dht.peer_id), self.key_dir)
@@ -341,7 +344,9 @@ class Server:
         return "127.0.0.1"
 
     def _load(self, start: int, end: int) -> None:
-        backend = SpanBackend(self.model_path, start, end, dtype=self.dtype, device=self.device)
+        backend = SpanBackend(
+            self.model_path, start, end, dtype=self.dtype, device=self.device, quantization=self.config.quant
+        )
         if self.config.throughput is not None:
             inference_rps = forward_rps = float(self.config.throughput)
         else:
@@ -404,6 +409,7 @@ class Server:
             forward_rps=self.forward_rps,
             network_rps=self.network_rps,
             dtype=self.dtype_name,
+            quant=self.config.quant,
             cache_tokens_left=self.handler.memory.tokens_left,
             price_per_token=self.config.price_per_token,
             eth_address=self.signer.address,

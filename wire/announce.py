@@ -34,6 +34,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from nectar.wire.eip712 import recover_digest_signer, sign_digest
+from nectar.wire.fingerprints import QUANTIZATIONS
 from nectar.wire.identity import peer_id_of, public_key_of_peer
 from nectar.wire.receipts import keccak256
 
@@ -76,6 +77,7 @@ class ServerInfo:
     public_name: str = ""
     direct_address: str = ""  # HOST:PORT of the node's plaintext TCP lane (nectar.wire.direct); "" = P2P only
     eth_proof: str = ""  # hex signature by eth_address over the peer id (sign_eth_proof); readers blank unproven ones
+    quant: str = "none"  # weight quantization (fingerprints.QUANTIZATIONS); its receipts commit to the same
     version: str = PROTOCOL_VERSION
     timestamp: float = field(default_factory=time.time)
 
@@ -95,6 +97,8 @@ class ServerInfo:
             raise ValueError(f"Non-numeric speed, span, cache or price in {data}")
         if not all(isinstance(x, str) for x in (info.eth_address, info.direct_address, info.eth_proof, info.dtype)):
             raise ValueError(f"Non-string address, proof or dtype in {data}")
+        if info.quant not in QUANTIZATIONS.values():
+            raise ValueError(f"Unknown weight quantization in {data}")
         if not (0 <= info.start < info.end) or info.state not in set(ServerState):
             raise ValueError(f"Invalid span or state in {data}")
         return info

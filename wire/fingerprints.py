@@ -39,7 +39,9 @@ def commit_tensor(t: torch.Tensor) -> bytes:
 _CD_MAGIC = b"NC1"
 _CD = struct.Struct("<3sBBB2s")
 DTYPES = {1: "float32", 2: "bfloat16", 3: "float16"}
-QUANTIZATIONS = {0: "none"}  # weights as the checkpoint stores them, cast to the dtype
+# none: weights as the checkpoint stores them, cast to the dtype; int8 and nf4: bitsandbytes' weight-only int8 and
+# 4-bit NormalFloat, one recipe on every device (nectar.models.quant)
+QUANTIZATIONS = {0: "none", 1: "int8", 2: "nf4"}
 DEVICE_CLASSES = {0: "cpu", 1: "cuda", 2: "other"}
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

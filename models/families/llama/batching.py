@@ -50,6 +50,8 @@ class LlamaBatchRunner(FusedLlamaBlocks):
         for span in spans:
             if span.family.name != "llama" or span.num_blocks != 1 or span.runner.sliding_window is not None:
                 return False
+            if getattr(span, "quantization", "none") != "none":
+                return False  # the fused kernels read raw weight tensors: quantized layers take the generic path
             block = span.blocks[0]
             if not all(
                 hasattr(block, name) for name in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
