@@ -72,23 +72,40 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def decode_speed(span, *, prompt: int, tokens: int, device: str, repeats: int) -> dict:
-    """tok/s of ``tokens`` KV-cached single-token steps after a ``prompt``-token prefill (the best of ``repeats``)."""
-    generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(1, prompt + tokens, span.hidden_size, generator=generator).to(device, span.dtype)
-    times = []
+def decode_run(span, hidden: torch.Tensor, prompt: int, tokens: int, device: str) -> float:
+    """Seconds for ``tokens`` KV-cached single-token steps after a ``prompt``-token prefill."""
     with torch.inference_mode():
-        for _ in range(repeats + 1):  # the first run warms up (allocations, kernels)
-            cache = span.new_cache(1, prompt + tokens)
-            span(hidden[:, :prompt], cache=cache)
-            sync(device)
-            began = time.perf_counter()
-            for position in range(prompt, prompt + tokens):
-                span(hidden[:, position : position + 1], cache=cache)
-            sync(device)
-            times.append(time.perf_counter() - began)
-    best = min(times[1:])
-    return {"tok_s": tokens / best, "ms_per_token": 1000 * best / tokens, "runs_s": [round(t, 4) for t in times[1:]]}
+        cache = span.new_cache(1, prompt + tokens)
+        span(hidden[:, :prompt], cache=cache)
+        sync(device)
+        began = time.perf_counter()
+        for position in range(prompt, prompt + tokens):
+            span(hidden[:, position : position + 1], cache=cache)
+        sync(device)
+    return time.perf_counter() - began
+
+
+def decode_speeds(spans: dict, *, prompt: int, tokens: int, device: str, repeats: int) -> dict:
+    """Per mode, tok/s of the best of ``repeats`` runs. The modes take turns run by run (none, int8, nf4, none, ...)
+    so that load from other processes on a shared machine falls on all of them alike."""
+    times: dict[str, list[float]] = {mode: [] for mode in spans}
+    hidden = {}
+    for mode, span in spans.items():
+        generator = torch.Generator().manual_seed(0)
+        hidden[mode] = torch.randn(1, prompt + tokens, span.hidden_size, generator=generator).to(device, span.dtype)
+        decode_run(span, hidden[mode], prompt, min(tokens, 4), device)  # warm-up: allocations, kernels
+    for _ in range(repeats):
+        for mode, span in spans.items():
+            times[mode].append(decode_run(span, hidden[mode], prompt, tokens, device))
+    return {
+        mode: {
+            "tok_s": tokens / min(runs),
+            "ms_per_token": 1000 * min(runs) / tokens,
+            "median_tok_s": tokens / sorted(runs)[len(runs) // 2],
+            "runs_s": [round(t, 4) for t in runs],
+        }
+        for mode, runs in times.items()
+    }
 
 
 def perplexity(span, head, ids: torch.Tensor, window: int, device: str) -> dict:
@@ -180,39 +197,43 @@ def main(argv: list[str] | None = None) -> dict:
         "dtype": dtype_name,
         "modes": {},
     }
-    reference_greedy = None
+    spans, rows = {}, {}
+    use_threads(max(threads))
     for mode in args.modes.split(","):
         log(f"{mode}: loading {model_name} ({dtype_name}, {device})")
         began = time.perf_counter()
-        use_threads(max(threads))
-        span = load_span(path, 0, _num_blocks(path), dtype=dtype, device=device, quantization=mode)
-        row = {
+        before = torch.cuda.memory_allocated() if device.startswith("cuda") else 0
+        spans[mode] = span = load_span(path, 0, _num_blocks(path), dtype=dtype, device=device, quantization=mode)
+        rows[mode] = {
             "load_s": round(time.perf_counter() - began, 2),
             "blocks": span.num_blocks,
             "bytes_per_block": module_bytes(span.blocks[0]),
             "bytes_all_blocks": module_bytes(span.blocks),
         }
         if device.startswith("cuda"):
-            row["cuda_allocated_bytes"] = torch.cuda.memory_allocated()
-        for count in threads:
-            use_threads(count)
-            speed = decode_speed(span, prompt=args.prompt, tokens=args.tokens, device=device, repeats=args.repeats)
-            row[f"decode_{count}t" if device == "cpu" else "decode"] = speed
-            log(f"{mode}: {speed['tok_s']:.2f} tok/s ({count} threads)")
-        if ids is not None:
-            use_threads(max(threads))
+            rows[mode]["cuda_allocated_bytes"] = torch.cuda.memory_allocated() - before
+    for count in threads:
+        use_threads(count)
+        log(f"decode, {count} thread(s): {args.repeats} runs of {args.tokens} tokens per mode, modes in turn")
+        key = f"decode_{count}t" if device == "cpu" else "decode"
+        for mode, speed in decode_speeds(
+            spans, prompt=args.prompt, tokens=args.tokens, device=device, repeats=args.repeats
+        ).items():
+            rows[mode][key] = speed
+            log(f"{mode}: {speed['tok_s']:.2f} tok/s (best), {speed['median_tok_s']:.2f} (median), {count} threads")
+    if ids is not None:
+        use_threads(max(threads))
+        reference_greedy = None
+        for mode, span in spans.items():
             quality = perplexity(span, head, ids, args.window, device)
             greedy = quality.pop("greedy")
-            if reference_greedy is None and mode == "none":
+            if mode == "none":
                 reference_greedy = greedy
             if reference_greedy is not None:
                 quality["greedy_agreement_with_none"] = float((greedy == reference_greedy).float().mean())
-            row.update(quality)
+            rows[mode].update(quality)
             log(f"{mode}: perplexity {quality['perplexity']:.3f}")
-        results["modes"][mode] = row
-        del span
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
+    results["modes"] = rows
     base = results["modes"].get("none")
     if base:
         for row in results["modes"].values():
