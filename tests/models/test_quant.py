@@ -5,6 +5,7 @@ receipt's mode are in tests/ledger/test_quant_audits.py."""
 from __future__ import annotations
 
 import os
+import time
 import zlib
 
 import pytest
@@ -154,3 +155,34 @@ def test_announcement_and_receipts_carry_the_mode():
     assert _compute_problems(signed.receipt, descriptor, "float16", "nf4") == [
         "the receipt commits to int8 weights, the node announced nf4"
     ]
+
+
+def test_a_client_can_require_the_weights_it_is_served():
+    """``ClientConfig.quant`` keeps routes on nodes announcing an allowed quantization, and says which it left out."""
+    from hivemind.p2p import PeerID
+
+    from nectar.client.config import ClientConfig
+    from nectar.client.routing import MissingBlocksError, RemoteSequenceManager
+
+    def info(quant, throughput):
+        return ServerInfo(
+            state=2, start=0, end=4, throughput=throughput, inference_rps=throughput, forward_rps=throughput,
+            network_rps=1e9, dtype="float16", cache_tokens_left=10**6, price_per_token=0,
+            eth_address="0x" + "11" * 20, quant=quant,
+        )  # fmt: skip
+
+    full, nf4 = PeerID(b"\x00\x24\x08\x01\x12\x20" + b"\x01" * 32), PeerID(b"\x00\x24\x08\x01\x12\x20" + b"\x02" * 32)
+    servers = {full: info("none", 100.0), nf4: info("nf4", 100.0)}
+
+    def manager(quant):
+        m = RemoteSequenceManager(None, "m", 4, config=ClientConfig(quant=quant))
+        m._servers, m._updated = {b: dict(servers) for b in range(4)}, time.monotonic() + 3600
+        m._latency = {nf4: 0.001, full: 0.5}  # the nf4 node is nearer: routes pick it unless it is ruled out
+        m.update = lambda force=False: None  # a fixed view, no DHT lookups
+        return m
+
+    assert manager("").make_inference_route()[0].peer_id == nf4
+    assert manager("none,int8").make_inference_route()[0].peer_id == full
+    servers.pop(full)
+    with pytest.raises(MissingBlocksError, match=r"serves nf4 weights \(--quant allows none,int8\)"):
+        manager("none,int8").make_inference_route()
