@@ -16,6 +16,8 @@ Every ``nn.Linear`` of a block is replaced; its norms keep the span's dtype.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +40,22 @@ def _bnb():
             "quantized weights need bitsandbytes: pip install 'bitsandbytes>=0.49' (or run scripts/setup.sh)"
         ) from e
     return bitsandbytes
+
+
+_local = threading.local()
+
+
+def _scratch(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """This thread's CPU buffer for one dequantized weight matrix (grown to the largest layer it has run)."""
+    numel = shape[0] * shape[1]
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None:
+        buffers = _local.buffers = {}
+    buffer = buffers.get(dtype)
+    if buffer is None or buffer.numel() < numel:
+        with torch.inference_mode(False):
+            buffer = buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel].view(shape)
 
 
 class Int8WeightLinear(nn.Module):
@@ -67,7 +85,14 @@ class Int8WeightLinear(nn.Module):
         return result
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.CB.to(x.dtype).mul_(self.SCB.unsqueeze(1).mul(1.0 / 127.0))
+        scales = self.SCB.unsqueeze(1).mul(1.0 / 127.0)
+        if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
+            # a fresh dequantized matrix is a fresh large allocation, page-faulted in on every call (15x a float32
+            # matmul for a 7B-shaped layer on CPU); the thread's scratch is reused. Not under autograd: backward
+            # would read a scratch that later layers overwrote.
+            weight = _scratch(self.CB.shape, x.dtype).copy_(self.CB).mul_(scales)
+        else:
+            weight = self.CB.to(x.dtype).mul_(scales)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, weight, bias)
 
