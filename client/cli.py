@@ -118,13 +118,14 @@ def swarm_main(argv: list[str]) -> int:
     nodes = swarm.servers()
     print(f"{model_id}: {num_blocks} blocks, {len(nodes)} node(s)")
     print(
-        f"{'node':<14} {'peer':<12} {'blocks':<9} {'state':<8} {'tok/s/blk':>10} {'cache left':>11} "
-        f"{'price':>7}  address"
+        f"{'node':<14} {'peer':<12} {'blocks':<9} {'state':<8} {'precision':<14} {'tok/s/blk':>10} "
+        f"{'cache left':>11} {'price':>7}  address"
     )
     for peer_id, info in sorted(nodes.items(), key=lambda kv: (kv[1].start, kv[1].end)):
         print(
             f"{info.public_name[:14]:<14} {str(peer_id)[-10:]:<12} {f'{info.start}:{info.end}':<9} "
-            f"{ServerState(info.state).name:<8} {info.throughput:>10.1f} {info.cache_tokens_left:>11} "
+            f"{ServerState(info.state).name:<8} {_precision(info):<14} {info.throughput:>10.1f} "
+            f"{info.cache_tokens_left:>11} "
             f"{info.price_per_token:>7}  {info.eth_address}"
             + ("  (relayed)" if info.relayed else "")
             + (f"  adapters: {', '.join(info.adapters)}" if info.adapters else "")
@@ -133,6 +134,11 @@ def swarm_main(argv: list[str]) -> int:
     if missing:
         print(f"Blocks with no online node: {missing}")
     return 0
+
+
+def _precision(info) -> str:
+    """dtype, and the weight quantization when there is one (float16+nf4)."""
+    return info.dtype if info.quant == "none" else f"{info.dtype}+{info.quant}"
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:

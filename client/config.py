@@ -24,6 +24,8 @@ class ClientConfig:
     push_misses: int = 3  # consecutive steps relayed for a missing push before a session stops asking for pushes
     verify_receipts: bool = True  # check each receipt's signer, commitments and amount
     show_route: bool = False  # log the route chosen for each session
+    quant: str = ""  # weight quantizations routes may use, comma separated (none,int8,nf4: what nodes announce,
+    # and their receipts commit to); empty = any
     ledger_url: str | None = None  # `nectar ledger` whose reputation scores routing reads (ReputationScorer)
     countersign: bool = True  # with ledger_url: countersign each receipt accepted and post it to the ledger (in the
     # background), so nodes' work is on record even if they withhold it; it is what makes their work count

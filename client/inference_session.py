@@ -260,6 +260,7 @@ class InferenceSession:
                         verify=self.config.verify_receipts,
                         descriptor=descriptor,
                         dtype=span.info.dtype,
+                        quant=span.info.quant,
                         model_id=self.model_hash,
                         step=step,
                         kind=ReceiptKind.INFERENCE,

@@ -91,6 +91,7 @@ class Wallet:
         verify: bool = True,
         descriptor: bytes | None = None,
         dtype: str | None = None,
+        quant: str | None = None,
         model_id: bytes | None = None,
         step: int | None = None,
         kind: int | None = None,
@@ -100,7 +101,7 @@ class Wallet:
         """Checks a node's receipt against what was asked and received; raises ``ReceiptError`` on any difference.
         Once it passes, counts what is owed and (with a ledger) countersigns and queues it. ``descriptor``: the compute
         descriptor the node sent with it (the wire's ``fingerprint``: checked against the receipt and the node's
-        announced ``dtype``, and forwarded). ``model_id``/``step``/``kind``: the
+        announced ``dtype`` and ``quant``, and forwarded). ``model_id``/``step``/``kind``: the
         model (``model_id_hash``), step number and kind asked for: a receipt for other work could not be audited
         against this step (a cheater's way to evade audits). ``now``: the time its timestamp must be near
         (``RECEIPT_MAX_SKEW_S``; the ledger judges whether audits came in time by it). ``adapter``: whether the step
@@ -131,7 +132,7 @@ class Wallet:
                 problems.append("output commitment does not match what was received")
             if session_id is not None and receipt.session_id != session_id.rjust(32, b"\0"):
                 problems.append("receipt names another session")
-            problems += _compute_problems(receipt, descriptor, dtype, adapter)
+            problems += _compute_problems(receipt, descriptor, dtype, adapter, quant)
             if model_id is not None and receipt.model_id != bytes(model_id):
                 problems.append(f"receipt names model 0x{receipt.model_id.hex()[:16]}..., not the one asked for")
             if step is not None and receipt.step != step:
@@ -193,7 +194,11 @@ class Wallet:
 
 
 def _compute_problems(
-    receipt: schema.Receipt, descriptor: bytes | None, dtype: str | None, adapter: bool | None = None
+    receipt: schema.Receipt,
+    descriptor: bytes | None,
+    dtype: str | None,
+    adapter: bool | None = None,
+    quant: str | None = None,
 ) -> list[str]:
     """The receipt must commit to a precision an audit can recompute (its compute descriptor), the one the node
     announced: a receipt no verifier could check would make the step unauditable, yet paid."""
@@ -205,6 +210,8 @@ def _compute_problems(
         return [f"the receipt names no precision an audit could recompute ({e})"]
     if dtype is not None and spec.dtype != dtype:
         return [f"the receipt commits to {spec.dtype} computation, the node announced {dtype}"]
+    if quant is not None and spec.quantization != quant:
+        return [f"the receipt commits to {spec.quantization} weights, the node announced {quant}"]
     if descriptor and adapter is not None and bool(spec.adapter) != adapter:
         # a base step signed as an adapter's (or the reverse) would be audited as other work than was asked
         asked = "with a LoRA adapter" if adapter else "without an adapter"

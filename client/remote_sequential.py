@@ -81,6 +81,7 @@ class RemoteCaller:
                 verify=self.config.verify_receipts,
                 descriptor=reply.fingerprint,
                 dtype=span.info.dtype,
+                quant=span.info.quant,
                 model_id=model_id_hash(self.manager.model_id),
                 step=step,
                 kind=ReceiptKind.FORWARD if method == RPC_FORWARD else ReceiptKind.BACKWARD,

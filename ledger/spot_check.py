@@ -107,8 +107,8 @@ class Verifier(ABC):
 
 
 class LocalVerifier(Verifier):
-    """Loads the receipt's span locally (``nectar.models.load_span``) in the receipt's dtype and runs a full causal
-    forward.
+    """Loads the receipt's span locally (``nectar.models.load_span``) in the receipt's dtype and weight quantization
+    and runs a full causal forward.
 
     :param models: model name as announced on the DHT -> built-in name or checkpoint folder
     :param load_span: the span loader (``nectar.models.load_span`` by default)
@@ -147,9 +147,7 @@ class LocalVerifier(Verifier):
 
     def _span(self, model_id: bytes, start: int, end: int, compute: ComputeSpec) -> tuple:
         """(the span, the adapters hooked on it or None)."""
-        if compute.quantization != "none":
-            raise LookupError(f"verifier {self.name} cannot compute with {compute.quantization} weights")
-        key = (model_id, start, end, compute.dtype, compute.adapter)
+        key = (model_id, start, end, compute.dtype, compute.quantization, compute.adapter)
         if key not in self._spans:
             if model_id not in self.paths:
                 raise LookupError(f"verifier {self.name} does not host model 0x{model_id.hex()}")
@@ -157,7 +155,9 @@ class LocalVerifier(Verifier):
                 raise LookupError(f"verifier {self.name} holds no adapter 0x{compute.adapter.hex()}")
             if len(self._spans) >= self.max_cached:
                 self._spans.pop(next(iter(self._spans)))
-            span = self.load_span(self.paths[model_id], start, end, dtype=compute.torch_dtype)
+            # the same quantized weights as the node's: one recipe on every device (nectar.models.quant)
+            extra = {} if compute.quantization == "none" else {"quantization": compute.quantization}
+            span = self.load_span(self.paths[model_id], start, end, dtype=compute.torch_dtype, **extra)
             served = None
             if compute.adapter:
                 from nectar.models.adapters import load_span_adapters

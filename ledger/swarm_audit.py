@@ -200,7 +200,7 @@ class SwarmVerifier(Verifier):
             e
             for e in self.swarm.serving(model, receipt.block_start, receipt.block_end)
             if e.info.eth_address.lower() != receipt.node.lower()
-            and (compute is None or (compute.quantization == "none" and e.info.dtype == compute.dtype))
+            and (compute is None or (e.info.quant == compute.quantization and e.info.dtype == compute.dtype))
         ]
         return sorted(others, key=lambda e: keccak256(leaf + e.peer_id.to_bytes()))
 
@@ -214,8 +214,9 @@ class SwarmVerifier(Verifier):
             if self.fallback is None:
                 raise LookupError(
                     f"no {self.rank + 1} other node(s) serve blocks {receipt.block_start}:"
-                    f"{receipt.block_end} of 0x{receipt.model_id.hex()[:16]} in {compute.dtype}; start another "
-                    f"node with --dtype {compute.dtype} or configure a local verifier"
+                    f"{receipt.block_end} of 0x{receipt.model_id.hex()[:16]} in {compute.dtype} with "
+                    f"{compute.quantization} weights; start another node with --dtype {compute.dtype} --quant "
+                    f"{compute.quantization} or configure a local verifier"
                 )
             self.executed_by.append(self.fallback.name)
             return self.fallback.execute(receipt, history, compute, prompts=prompts)

@@ -16,6 +16,7 @@ from nectar.models.cache import SpanCache
 from nectar.models.checkpoint import Checkpoint
 from nectar.models.errors import CacheError, CheckpointError, SpanRangeError
 from nectar.models.family import BlockRunner, ModelFamily
+from nectar.models.quant import check_quantization, quantize_block
 from nectar.models.registry import get_family
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class BlockSpan(nn.Module):
         end: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        quantization: str = "none",
     ):
         super().__init__()
         self.config = config
@@ -50,6 +52,7 @@ class BlockSpan(nn.Module):
         self.runner = runner
         self.start, self.end = start, end
         self.dtype = dtype
+        self.quantization = quantization  # weight quantization of the blocks' linear layers (nectar.models.quant)
         self.device = _concrete_device(device)
         self.kv_layout = family.kv_layout(config)
         self.requires_grad_(False)
@@ -140,7 +143,11 @@ class BlockSpan(nn.Module):
             raise CacheError(f"hidden_states have batch {batch_size} but the cache was made for {cache.batch_size}")
 
     def extra_repr(self) -> str:
-        return f"family={self.family.name}, blocks=[{self.start}, {self.end}), dtype={self.dtype}, device={self.device}"
+        quant = "" if self.quantization == "none" else f", quantization={self.quantization}"
+        return (
+            f"family={self.family.name}, blocks=[{self.start}, {self.end}), dtype={self.dtype}, device={self.device}"
+            f"{quant}"
+        )
 
 
 def _concrete_device(device: torch.device | str) -> torch.device:
@@ -174,8 +181,10 @@ def load_blocks(
     end: int,
     dtype: torch.dtype,
     device: torch.device | str,
+    quantization: str = "none",
 ) -> list[nn.Module]:
-    """Build blocks ``[start, end)`` on the meta device and fill them with exactly their tensors from ``checkpoint``."""
+    """Build blocks ``[start, end)`` on the meta device and fill them with exactly their tensors from ``checkpoint``;
+    ``quantization`` (``nectar.models.quant``) then replaces their linear layers."""
     blocks = []
     for local_index, index in enumerate(range(start, end)):
         with torch.device("meta"):
@@ -188,7 +197,8 @@ def load_blocks(
             )
         tensors = family.load_block_tensors(checkpoint, prefix, list(block.state_dict()), dtype=dtype, device=device)
         block.load_state_dict(tensors, strict=True, assign=True)
-        blocks.append(block.to(device=device, dtype=dtype).eval())
+        block = quantize_block(block.to(device=device, dtype=dtype), quantization, dtype)
+        blocks.append(block.eval())
     return blocks
 
 
@@ -199,8 +209,12 @@ def load_span(
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    quantization: str = "none",
 ) -> BlockSpan:
-    """Load blocks ``[start, end)`` of a model (built-in name or checkpoint folder), reading only their tensors."""
+    """Load blocks ``[start, end)`` of a model (built-in name or checkpoint folder), reading only their tensors.
+
+    :param quantization: ``none`` | ``int8`` | ``nf4``: the blocks' linear layers' weights (``nectar.models.quant``)
+    """
     from nectar.models.resolve import load_config, resolve_model
 
     began = time.perf_counter()
@@ -209,11 +223,29 @@ def load_span(
     family = get_family(config)
     family.prepare_config(config)
     check_span_range(start, end, family.num_blocks(config), model=str(path_or_name))
+    check_quantization(quantization)
     checkpoint = Checkpoint(path)
-    blocks = load_blocks(checkpoint, config=config, family=family, start=start, end=end, dtype=dtype, device=device)
+    blocks = load_blocks(
+        checkpoint,
+        config=config,
+        family=family,
+        start=start,
+        end=end,
+        dtype=dtype,
+        device=device,
+        quantization=quantization,
+    )
     runner = family.make_runner(config).to(device)
     span = BlockSpan(
-        config=config, family=family, blocks=blocks, runner=runner, start=start, end=end, dtype=dtype, device=device
+        config=config,
+        family=family,
+        blocks=blocks,
+        runner=runner,
+        start=start,
+        end=end,
+        dtype=dtype,
+        device=device,
+        quantization=quantization,
     )
     logger.info("Loaded blocks [%d, %d) of %s in %.2fs", start, end, path, time.perf_counter() - began)
     return span

@@ -89,6 +89,7 @@ class SpanBackend:
         *,
         dtype: torch.dtype,
         device: str,
+        quantization: str = "none",
         show_progress=True,
         batching: bool = True,
         training_cache_bytes: int = 1024**3,
@@ -96,11 +97,11 @@ class SpanBackend:
         base_names: set[str] = frozenset(),
     ):
         self.model_path, self.start, self.end = Path(model_path), start, end
-        self.dtype, self.device = dtype, torch.device(device)
+        self.dtype, self.device, self.quantization = dtype, torch.device(device), quantization
         self.config = load_config(model_path)
         began = time.perf_counter()
         self.blocks = [
-            load_span(model_path, index, index + 1, dtype=dtype, device=device)
+            load_span(model_path, index, index + 1, dtype=dtype, device=device, quantization=quantization)
             for index in tqdm(range(start, end), desc=f"Loading blocks {start}:{end}", disable=not show_progress)
         ]
         for block in self.blocks:
@@ -120,7 +121,8 @@ class SpanBackend:
         if self.batch_runner is not None and self.device.type == "cuda":
             self.decode_graphs = GraphedDecoder(self.batch_runner)
         self.graphs = TrainingGraphCache(max_bytes=training_cache_bytes)
-        logger.info(f"Loaded blocks {start}:{end} in {time.perf_counter() - began:.2f}s ({dtype}, {device})")
+        weights = "" if quantization == "none" else f", {quantization} weights"
+        logger.info(f"Loaded blocks {start}:{end} in {time.perf_counter() - began:.2f}s ({dtype}, {device}{weights})")
         logger.info(f"Inference steps of {family.name} blocks: {self._describe_path(batching)}")
 
     def _describe_path(self, batching: bool) -> str:

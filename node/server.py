@@ -19,6 +19,7 @@ from hivemind.p2p import PeerID
 from nectar.deployment import domain_from_deployment, max_evidence_age_from_deployment
 from nectar.models import get_family, load_config, model_id_of, resolve_model, with_revision
 from nectar.models.cpu_blas import use_threads
+from nectar.models.quant import QUANT_MODES
 from nectar.node import trace
 from nectar.node.announcer import Announcer
 from nectar.node.audit import AuditLog
@@ -259,6 +260,8 @@ class Server:
         if dtype_name not in SUPPORTED_DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(SUPPORTED_DTYPES)}, got {dtype_name!r}")
         self.dtype_name, self.dtype = dtype_name, SUPPORTED_DTYPES[dtype_name]
+        if config.quant not in QUANT_MODES:
+            raise ValueError(f"--quant must be one of {', '.join(QUANT_MODES)}, got {config.quant!r}")
         self.identity = claim_identity(config)
         self.key_dir, self.public_name = self.identity.path, config.public_name or self.identity.name
         if not config.key_dir and config.public_name in (DEFAULT_NAME, "", None):
@@ -335,7 +338,7 @@ class Server:
             model_id=config.sign_model_as or self.model_id,  # testing only: a liar's model id
             price_per_token=config.price_per_token,
             domain=domain,
-            compute=ComputeSpec.of(self.dtype, self.device),
+            compute=ComputeSpec.of(self.dtype, self.device, self.config.quant),
         )
         if config.ledger_url and not config.allow_unstaked:
             check_stake(config.ledger_url, self.signer.address, str(self.dht.peer_id), self.key_dir)
@@ -463,6 +466,7 @@ class Server:
             device=self.device,
             adapters=self.config.adapters,
             base_names={self.model_id, self.model_path.name, str(self.config.model)},
+            quantization=self.config.quant,
         )
         if self.config.throughput is not None:
             inference_rps = forward_rps = float(self.config.throughput)
@@ -526,6 +530,7 @@ class Server:
             forward_rps=self.forward_rps,
             network_rps=self.network_rps,
             dtype=self.dtype_name,
+            quant=self.config.quant,
             cache_tokens_left=self.handler.memory.tokens_left,
             price_per_token=self.config.price_per_token,
             eth_address=self.signer.address,

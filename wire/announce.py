@@ -34,6 +34,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from nectar.wire.eip712 import recover_digest_signer, sign_digest
+from nectar.wire.fingerprints import QUANTIZATIONS
 from nectar.wire.identity import peer_id_of, public_key_of_peer
 from nectar.wire.protocol import ADAPTER_NAME, MAX_ADAPTERS
 from nectar.wire.receipts import keccak256
@@ -79,6 +80,7 @@ class ServerInfo:
     eth_proof: str = ""  # hex signature by eth_address over the peer id (sign_eth_proof); readers blank unproven ones
     relayed: bool = False  # reachable only through a circuit relay (behind NAT): an extra hop, no direct lane
     adapters: list[str] = field(default_factory=list)  # LoRA adapters it serves on these blocks (requests name one)
+    quant: str = "none"  # weight quantization (fingerprints.QUANTIZATIONS); its receipts commit to the same
     version: str = PROTOCOL_VERSION
     timestamp: float = field(default_factory=time.time)
 
@@ -100,6 +102,8 @@ class ServerInfo:
             raise ValueError(f"Non-string address, proof or dtype in {data}")
         if not isinstance(info.relayed, bool):
             raise ValueError(f"Non-boolean relayed in {data}")
+        if info.quant not in QUANTIZATIONS.values():
+            raise ValueError(f"Unknown weight quantization in {data}")
         if not (0 <= info.start < info.end) or info.state not in set(ServerState):
             raise ValueError(f"Invalid span or state in {data}")
         adapters = info.adapters

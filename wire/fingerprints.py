@@ -43,7 +43,9 @@ _CD = struct.Struct("<3sBBB2s")
 _WITH_ADAPTER = b"\x01\0"
 ADAPTER_DIGEST_BYTES = 32
 DTYPES = {1: "float32", 2: "bfloat16", 3: "float16"}
-QUANTIZATIONS = {0: "none"}  # weights as the checkpoint stores them, cast to the dtype
+# none: weights as the checkpoint stores them, cast to the dtype; int8 and nf4: bitsandbytes' weight-only int8 and
+# 4-bit NormalFloat, one recipe on every device (nectar.models.quant)
+QUANTIZATIONS = {0: "none", 1: "int8", 2: "nf4"}
 DEVICE_CLASSES = {0: "cpu", 1: "cuda", 2: "other"}
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -65,8 +65,9 @@ class MissingBlocksError(RuntimeError):
         if unstaked:
             listed = "; ".join(f"{peer}: {why}" for peer, why in list(unstaked.items())[:5])
             gated = (
-                f" {len(unstaked)} online node(s) there are left out by the stake gate ({listed}): their operators "
-                "run `nectar operator register`, or pass --no-require-stake for a private swarm."
+                f" {len(unstaked)} online node(s) there are left out ({listed}). Left out by the stake gate: their "
+                "operators run `nectar operator register`, or pass --no-require-stake for a private swarm; by "
+                "--quant: allow their weights' quantization."
             )
         pinned = " A Hub model's id names its commit: nodes on another revision serve another id." * ("@" in model_id)
         with_adapter = f" with adapter {adapter!r}" if adapter else ""
@@ -274,15 +275,20 @@ class RemoteSequenceManager:
         return self._banned_until.get(peer_id, 0) > time.monotonic()
 
     def _candidates(self, start: int, end: int) -> dict[PeerID, ServerInfo]:
-        """Usable peers whose span intersects [start, end): online, not banned, and through the scorer's stake gate
-        (the others are kept in ``_unstaked`` for the error that names them)."""
+        """Usable peers whose span intersects [start, end): online, not banned, serving weights of a quantization the
+        client allows (``ClientConfig.quant``) and through the scorer's stake gate (the others are kept in
+        ``_unstaked`` for the error that names them)."""
         found: dict[PeerID, ServerInfo] = {}
+        allowed_text = self.config.quant.replace(" ", "")
+        allowed = {q for q in allowed_text.split(",") if q}
         for index in range(start, end):
             for peer_id, info in self.servers().get(index, {}).items():
                 if info.state == ServerState.ONLINE and not self.is_banned(peer_id):
                     if self.active_adapter is not None and self.active_adapter not in info.adapters:
                         continue  # it would compute the base model (or refuse): never routed to for this adapter
-                    if not info.eth_address:
+                    if allowed and info.quant not in allowed:
+                        self._unstaked[str(peer_id)] = f"it serves {info.quant} weights (--quant allows {allowed_text})"
+                    elif not info.eth_address:
                         self._unstaked[str(peer_id)] = (
                             "its record's Ethereum address is not proven by a signature over its peer id"
                         )

@@ -73,6 +73,8 @@ class LlamaBatchRunner(FusedLlamaBlocks):
                 return "the blocks are not single Llama-shaped blocks of one family"
             if span.runner.sliding_window is not None:
                 return "sliding-window attention is not in the fused kernels"
+            if getattr(span, "quantization", "none") != "none":
+                return "quantized weights: the fused kernels read raw weight tensors"
             block = span.blocks[0]
             attention, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
             if hasattr(mlp, "experts"):

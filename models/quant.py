@@ -1,0 +1,151 @@
+"""Weight quantization of a span's blocks (``load_span(..., quantization=...)``), through bitsandbytes.
+
+Each mode is one exact recipe, the same on every device, so a verifier on another machine recomputes a node's
+outputs from the same quantized weights (audits compare within the dtype's tolerance: only reduction order differs):
+
+- ``int8``: weight-only int8, bitsandbytes' Int8Params format (``int8_vectorwise_quant``: each output row scaled by
+  its absmax to [-127, 127]) and its weight-only product (``MatMul8bitFp``: dequantize, then the dtype's matmul).
+  Activations stay in the span's dtype: no LLM.int8 outlier threshold whose int8 activations a CPU could not
+  reproduce cheaply.
+- ``nf4``: bitsandbytes ``Linear4bit`` (QLoRA's NormalFloat4, blocks of 64, double-quantized absmax), computed in the
+  span's dtype; bitsandbytes' CUDA and CPU backends dequantize the same codes.
+
+Quantization always runs on the CPU (then the codes move to the device), so ties round the same on every machine.
+Every ``nn.Linear`` of a block is replaced; its norms keep the span's dtype.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANT_MODES = ("none", "int8", "nf4")
+NF4_BLOCKSIZE = 64
+
+
+def check_quantization(mode: str) -> str:
+    if mode not in QUANT_MODES:
+        raise ValueError(f"unknown weight quantization {mode!r}: use one of {', '.join(QUANT_MODES)}")
+    return mode
+
+
+def _bnb():
+    try:
+        import bitsandbytes
+    except ImportError as e:  # pragma: no cover - installed by scripts/setup.sh
+        raise ImportError(
+            "quantized weights need bitsandbytes: pip install 'bitsandbytes>=0.49' (or run scripts/setup.sh)"
+        ) from e
+    return bitsandbytes
+
+
+_local = threading.local()
+
+
+def _scratch(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """This thread's CPU buffer for one dequantized weight matrix (grown to the largest layer it has run)."""
+    numel = shape[0] * shape[1]
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None:
+        buffers = _local.buffers = {}
+    buffer = buffers.get(dtype)
+    if buffer is None or buffer.numel() < numel:
+        with torch.inference_mode(False):
+            buffer = buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel].view(shape)
+
+
+class Int8WeightLinear(nn.Module):
+    """``y = x @ (CB * SCB / 127)^T + bias`` in x's dtype: bitsandbytes' weight-only int8 product (MatMul8bitFp),
+    CB the int8 rows, SCB their absmax (float32)."""
+
+    def __init__(self, CB: torch.Tensor, SCB: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = CB.shape[1], CB.shape[0]
+        self.register_buffer("CB", CB)
+        self.register_buffer("SCB", SCB)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8WeightLinear:
+        weight = linear.weight.detach()
+        # as Int8Params quantizes (from float16), on the CPU: the same codes on every machine
+        CB, SCB, _ = _bnb().functional.int8_vectorwise_quant(weight.to("cpu", torch.float16))
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(CB.to(weight.device), SCB.float().to(weight.device), bias)
+
+    def _apply(self, fn, recurse=True):
+        # a dtype cast of the module must not round the scales (they belong to the codes, not to the compute dtype)
+        scales = self.SCB
+        result = super()._apply(fn, recurse)
+        self.SCB = scales.to(self.CB.device)
+        return result
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scales = self.SCB.unsqueeze(1).mul(1.0 / 127.0)
+        if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
+            # a fresh dequantized matrix is a fresh large allocation, page-faulted in on every call (15x a float32
+            # matmul for a 7B-shaped layer on CPU); the thread's scratch is reused. Not under autograd: backward
+            # would read a scratch that later layers overwrote.
+            weight = _scratch(self.CB.shape, x.dtype).copy_(self.CB).mul_(scales)
+        else:
+            weight = self.CB.to(x.dtype).mul_(scales)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, weight, bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
+
+
+def _nf4_linear(linear: nn.Linear, dtype: torch.dtype) -> nn.Module:
+    bnb = _bnb()
+    weight = linear.weight.detach()
+    module = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=dtype,
+        quant_type="nf4",
+        device="meta",
+    )
+    module.weight = bnb.nn.Params4bit(
+        weight.to("cpu", dtype).contiguous(),
+        requires_grad=False,
+        quant_type="nf4",
+        blocksize=NF4_BLOCKSIZE,
+        module=module,
+    )._quantize("cpu")
+    if linear.bias is not None:
+        module.bias = nn.Parameter(linear.bias.detach().to("cpu", dtype), requires_grad=False)
+    return module.to(weight.device) if weight.device.type != "cpu" else module
+
+
+def quantize_block(block: nn.Module, mode: str, dtype: torch.dtype) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``block`` with its ``mode`` version (in place; returns ``block``)."""
+    if check_quantization(mode) == "none":
+        return block
+    for parent in list(block.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                new = Int8WeightLinear.from_linear(child) if mode == "int8" else _nf4_linear(child, dtype)
+                setattr(parent, name, new.eval().requires_grad_(False))
+    return block
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes a module holds on its device: parameters, buffers and bitsandbytes' 4-bit quantization state."""
+    total = sum(t.numel() * t.element_size() for t in module.parameters())
+    total += sum(t.numel() * t.element_size() for t in module.buffers())
+    for sub in module.modules():
+        state = getattr(getattr(sub, "weight", None), "quant_state", None)
+        if state is not None:
+            total += sum(
+                v.numel() * v.element_size() for v in state.as_dict(packed=True).values() if torch.is_tensor(v)
+            )
+    return total
+
+
+__all__ = ["QUANT_MODES", "check_quantization", "Int8WeightLinear", "quantize_block", "module_bytes"]
