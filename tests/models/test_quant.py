@@ -119,7 +119,7 @@ def test_node_takes_the_generic_path_for_quantized_blocks(path, caplog):
     with caplog.at_level("INFO", logger="nectar.node.backend"):
         quantized = SpanBackend(path, 0, 2, dtype=torch.float32, device="cpu", quantization="int8", show_progress=False)
     assert quantized.batch_runner is None and not LlamaBatchRunner.supports(quantized.blocks)
-    assert "int8 weights: the fast path reads unquantized weight tensors" in caplog.text
+    assert "quantized weights: the fused kernels read raw weight tensors" in caplog.text
 
 
 def test_announcement_and_receipts_carry_the_mode():
