@@ -134,8 +134,9 @@ CHEATS = {
     ),
 }
 # cheats caught on most audited steps but not every one (the share that must be caught): bfloat16 rounding sold as
-# float16 differs from float16's own rounding by about float16's tolerance on a few 4-block decode steps
-PARTLY_CAUGHT = {"bfloat16 computed, float16 claimed": 0.9}
+# float16 differs from float16's own rounding by about float16's tolerance (3.2e-3 per sqrt block, set by honest H100
+# nodes) on a few 4-block decode steps; each of those scores high in the pooled test, which convicts within 6 of them
+PARTLY_CAUGHT = {"bfloat16 computed, float16 claimed": 0.85}
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +185,8 @@ def test_every_step_of_each_cheat_is_caught(world, cheat):
     missed = [detail for status, detail in statuses if status != "failed"]
     if cheat in PARTLY_CAUGHT:
         assert len(missed) <= (1 - PARTLY_CAUGHT[cheat]) * len(statuses), missed[:3]
+        scores = [float(detail.split("pooled score ")[1].split(",")[0]) for detail in missed]
+        assert all(score >= 2 for score in scores), missed  # far outside float16's own rounding: the CUSUM rises
     else:
         assert not missed, missed[:3]
 
