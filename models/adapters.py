@@ -140,6 +140,20 @@ def adapter_digest(path: str | os.PathLike) -> bytes:
     return hasher.digest()
 
 
+def read_adapter_files(path: str | os.PathLike) -> tuple[bytes, bytes]:
+    """An adapter folder's config and weights files, as ``adapter_digest`` hashes them (for a verifier auditing
+    steps made with it); bounded like any adapter read here."""
+    path = Path(path)
+    files = []
+    for name, limit in ((CONFIG_FILE, MAX_ADAPTER_CONFIG_BYTES), (WEIGHTS_FILE, MAX_ADAPTER_FILE_BYTES)):
+        with open(path / name, "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise AdapterError(f"{path / name} is over {limit} bytes: not an adapter file served here")
+        files.append(data)
+    return files[0], files[1]
+
+
 def load_lora_adapter(
     path: str | os.PathLike,
     *,
@@ -353,6 +367,7 @@ def load_span_adapters(
 __all__ = [
     "SpanAdapters",
     "adapter_digest",
+    "read_adapter_files",
     "load_span_adapters",
     "ADAPTER_NAME",
     "AdapterError",
