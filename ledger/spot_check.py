@@ -191,6 +191,13 @@ class LocalVerifier(Verifier):
             return span(history.to(compute.torch_dtype), prompts=prompts)[:, -positions:]
 
 
+def _malformed_adapter(error: Exception) -> bool:
+    """Whether a verifier failed because the adapter itself is not a LoRA that fits the model."""
+    from nectar.models.adapters import AdapterError
+
+    return isinstance(error, AdapterError)
+
+
 def step_positions(receipt: WireReceipt, history: torch.Tensor) -> int:
     batch = history.shape[0]
     if batch == 0 or receipt.tokens % batch or not 0 < receipt.tokens // batch <= history.shape[1]:
@@ -430,6 +437,9 @@ class SpotChecker:
             try:
                 output = verifier.execute(receipt, history, compute, **extra)
             except Exception as e:
+                if compute.adapter and _malformed_adapter(e):
+                    # the files hash to the digest the node signed, and no honest node computes with such files
+                    return Verdict("failed", executions, f"the node's adapter cannot be computed with: {e}")
                 return Verdict("inconclusive", executions, f"verifier {verifier.name} failed: {type(e).__name__}: {e}")
             outputs.append(output)
             if outputs_match(claimed, output, compute, blocks):

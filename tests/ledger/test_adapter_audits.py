@@ -220,3 +220,20 @@ def test_the_ledgers_adapter_store_is_bounded(world, own_adapter, tmp_path):
     verifier = LocalVerifier({MODEL: world["path"]})
     verifier.add_adapter(adapter_digest(folders[0]), kept[0])
     assert not verifier.holds_adapter(adapter_digest(folders[0]))  # evicted: asked for again, never run half-gone
+
+
+def test_a_node_binding_an_adapter_no_one_can_compute_with_fails(world, own_adapter, tmp_path):
+    """A node cannot dodge the recomputation with files that hash to its receipts' digest but are no LoRA at all
+    (an honest node refuses to load them): the verifier's failure to load them is the node's failure."""
+    o = own_adapter
+    junk = tmp_path / "node" / "junk"
+    junk.mkdir(parents=True)
+    (junk / "adapter_config.json").write_bytes((o["folder"] / "adapter_config.json").read_bytes())
+    (junk / "adapter_model.safetensors").write_bytes(os.urandom(4096))
+    digest = adapter_digest(junk)
+    descriptor = fingerprints.ComputeSpec("float32", adapter=digest).encode()
+    source = NodeHandsOver({digest: junk}, o["store"])
+    checker = SpotChecker(settings=world["settings"], engine=world["engine"], verifiers=o["verifiers"], audit=source)
+    garbage = _step(world, source, with_adapter=False, descriptor=descriptor, noise=0.5)
+    verdict = checker._judge(garbage, descriptor)
+    assert verdict.status == "failed" and "cannot be computed with" in verdict.detail, verdict.detail
