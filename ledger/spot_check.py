@@ -78,6 +78,13 @@ class AuditSource(ABC):
         """Whether any node announces this model (None: this source cannot tell)."""
         return None
 
+    def adapter(self, receipt: WireReceipt, digest: bytes) -> Path | None:
+        """A folder holding the LoRA adapter of ``digest`` that the receipt's step was computed with, obtained from
+        the node that signed it and checked against the digest. None: this source cannot ask nodes (the step stays
+        unjudged); raises ``AuditFailed`` when the node does not hand it over, or hands over other or oversize files
+        (it holds the files it computed with: keeping them from the ledger is evading the audit)."""
+        return None
+
     def prompts(self, receipt: WireReceipt) -> torch.Tensor | None:
         """The deep prompts ``[blocks, B or 1, P, H]`` the session's first step carried, as the node revealed them with
         the last ``audited_step`` of this receipt (None: none)."""
@@ -96,6 +103,10 @@ class Verifier(ABC):
     def holds_adapter(self, digest: bytes) -> bool:
         """Whether it can recompute steps made with the LoRA adapter of this digest (``ComputeSpec.adapter``)."""
         return False
+
+    def add_adapter(self, digest: bytes, folder: Path) -> None:
+        """Recompute steps made with the adapter of ``digest`` from ``folder`` (checked against it already); a
+        verifier that cannot take adapters ignores it (``holds_adapter`` stays False)."""
 
     @abstractmethod
     def execute(
@@ -143,7 +154,12 @@ class LocalVerifier(Verifier):
         return bytes(model_id) in self.paths
 
     def holds_adapter(self, digest: bytes) -> bool:
-        return bytes(digest) in self.adapters
+        folder = self.adapters.get(bytes(digest))
+        return folder is not None and folder.is_dir()  # a fetched one may have been evicted from the ledger's store
+
+    def add_adapter(self, digest: bytes, folder: Path) -> None:
+        self.adapters[bytes(digest)] = Path(folder)
+        self._spans = {key: value for key, value in self._spans.items() if key[-1] != bytes(digest)}
 
     def _span(self, model_id: bytes, start: int, end: int, compute: ComputeSpec) -> tuple:
         """(the span, the adapters hooked on it or None)."""
@@ -173,6 +189,13 @@ class LocalVerifier(Verifier):
         positions = step_positions(receipt, history)
         with torch.no_grad(), served.use(served.names[0]) if served else contextlib.nullcontext():
             return span(history.to(compute.torch_dtype), prompts=prompts)[:, -positions:]
+
+
+def _malformed_adapter(error: Exception) -> bool:
+    """Whether a verifier failed because the adapter itself is not a LoRA that fits the model."""
+    from nectar.models.adapters import AdapterError
+
+    return isinstance(error, AdapterError)
 
 
 def step_positions(receipt: WireReceipt, history: torch.Tensor) -> int:
@@ -391,14 +414,10 @@ class SpotChecker:
             compute = ComputeSpec.decode(descriptor or b"")
         except ValueError as e:
             return Verdict("inconclusive", 0, f"the receipt's compute descriptor is unusable: {e}")
-        if compute.adapter and not all(v.holds_adapter(compute.adapter) for v in self.verifiers[:2]):
-            # recomputing without it would accuse an honest node: the ledger's verifiers need the adapter's folder
-            return Verdict(
-                "inconclusive",
-                0,
-                f"computed with LoRA adapter 0x{compute.adapter.hex()[:16]}..., which the verifiers do not hold "
-                "(the ledger's --adapters-dir)",
-            )
+        if compute.adapter:
+            missing = self._obtain_adapter(receipt, compute.adapter)
+            if missing is not None:
+                return missing
         step = self._audited_step(receipt)
         if isinstance(step, Verdict):
             return step
@@ -418,6 +437,9 @@ class SpotChecker:
             try:
                 output = verifier.execute(receipt, history, compute, **extra)
             except Exception as e:
+                if compute.adapter and _malformed_adapter(e):
+                    # the files hash to the digest the node signed, and no honest node computes with such files
+                    return Verdict("failed", executions, f"the node's adapter cannot be computed with: {e}")
                 return Verdict("inconclusive", executions, f"verifier {verifier.name} failed: {type(e).__name__}: {e}")
             outputs.append(output)
             if outputs_match(claimed, output, compute, blocks):
@@ -435,6 +457,41 @@ class SpotChecker:
                 f"(deviation {deviations}, tolerance {tolerance(compute, blocks):.3g} for {blocks} blocks)",
             )
         return Verdict("inconclusive", 3, f"all three executions disagree (deviation {deviations}); no one is accused")
+
+    def _obtain_adapter(self, receipt: WireReceipt, digest: bytes) -> Verdict | None:
+        """None once both verifiers hold the step's adapter: if they do not, it is fetched from the node that signed
+        the receipt (``AuditSource.adapter``). The node's refusal, silence or other files fail the audit; only when
+        the ledger cannot ask does the step stay unjudged (recomputing without the adapter would accuse an honest
+        node)."""
+        verifiers = self.verifiers[:2]
+        if all(v.holds_adapter(digest) for v in verifiers):
+            return None
+        try:
+            folder = self.audit.adapter(receipt, digest)
+        except AuditFailed as e:
+            return Verdict(
+                "failed", 0, f"audit failed: the node did not hand over adapter 0x{digest.hex()[:16]}...: {e}"
+            )
+        except Exception as e:
+            return Verdict(
+                "inconclusive", 0, f"fetching adapter 0x{digest.hex()[:16]}... failed: {type(e).__name__}: {e}"
+            )
+        if folder is not None:
+            for verifier in verifiers:
+                if not verifier.holds_adapter(digest):
+                    verifier.add_adapter(digest, folder)
+        if all(v.holds_adapter(digest) for v in verifiers):
+            return None
+        return Verdict(
+            "inconclusive",
+            0,
+            f"computed with LoRA adapter 0x{digest.hex()[:16]}..., which the verifiers do not hold "
+            + (
+                "and cannot take (use local verifiers for adapter steps)"
+                if folder is not None
+                else "and the audit source cannot fetch (audit over the swarm, or add it to --adapters-dir)"
+            ),
+        )
 
     def _pooled(
         self, receipt, descriptor, compute, claimed, recomputed, history, extra, passed: Verdict, row_id, leaf

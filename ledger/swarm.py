@@ -21,7 +21,7 @@ from nectar.wire.dht import ClientRuntime
 from nectar.wire.protocol import NodeRPCError
 from nectar.wire.receipts import model_id_hash
 from nectar.wire.swarm import read_models, read_swarm
-from nectar.wire.transport import call_once
+from nectar.wire.transport import RESPONSE_FRAME_LIMIT, AnswerTooLarge, call_once
 
 logger = logging.getLogger(__name__)
 
@@ -116,17 +116,28 @@ class SwarmView:
     # ---- RPC --------------------------------------------------------------------------------------------------
 
     def call(
-        self, peer_id: PeerID, name: str, request: runtime_pb2.ExpertRequest, *, timeout: float, attempts: int = 3
+        self,
+        peer_id: PeerID,
+        name: str,
+        request: runtime_pb2.ExpertRequest,
+        *,
+        timeout: float,
+        attempts: int = 3,
+        max_frame_bytes: int = RESPONSE_FRAME_LIMIT,
     ) -> runtime_pb2.ExpertResponse:
         """One RPC; a transport failure (the first stream to a peer sometimes closes unanswered) is retried, an
-        error the node reported (``ErrorCode``-prefixed) is raised at once."""
+        error the node reported (``ErrorCode``-prefixed) or an answer over ``max_frame_bytes`` (``AnswerTooLarge``,
+        not read) is raised at once."""
         for attempt in range(attempts):
             try:
                 return self.run(
-                    call_once(self._runtime.p2p, peer_id, name, request, timeout=timeout), timeout=timeout + 5
+                    call_once(
+                        self._runtime.p2p, peer_id, name, request, timeout=timeout, max_frame_bytes=max_frame_bytes
+                    ),
+                    timeout=timeout + 5,
                 )
             except Exception as e:
-                if NodeRPCError.code_of(e) is not None or attempt == attempts - 1:
+                if isinstance(e, AnswerTooLarge) or NodeRPCError.code_of(e) is not None or attempt == attempts - 1:
                     raise
                 logger.debug(f"{name} to {peer_id} failed ({type(e).__name__}: {e}); retrying")
                 time.sleep(0.2 * (attempt + 1))

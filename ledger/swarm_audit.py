@@ -12,24 +12,28 @@ import logging
 import os
 import time
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
 from nectar.cli_kit import swarm_file
+from nectar.ledger.adapter_store import AdapterRejected, AdapterStore
 from nectar.ledger.core.config import Settings
 from nectar.ledger.spot_check import AuditedStep, AuditFailed, AuditSource, Verifier, step_positions
 from nectar.ledger.swarm import NodeEntry, SwarmView
 from nectar.wire.eip712 import address_of, receipt_leaf
 from nectar.wire.fingerprints import ComputeSpec
-from nectar.wire.messages import AuditCall, AuditReply, ForwardCall, ForwardReply
+from nectar.wire.messages import AdapterCall, AdapterReply, AuditCall, AuditReply, ForwardCall, ForwardReply
 from nectar.wire.peers import initial_peers
 from nectar.wire.protocol import ErrorCode, NodeRPCError, module_uid
 from nectar.wire.receipts import Receipt, keccak256
+from nectar.wire.transport import AnswerTooLarge
 
 logger = logging.getLogger(__name__)
 
 
 CLOCK_ALLOWANCE_S = 120.0  # how far a receipt's timestamp may be behind its signing (clients refuse older ones)
+ADAPTER_REPLY_OVERHEAD = 64 * 1024  # an adapter answer's framing and metadata besides its files
 RETRYABLE = (None, ErrorCode.INTERNAL, ErrorCode.FORBIDDEN)  # no answer, an overload, an outdated verifier set
 
 
@@ -46,9 +50,14 @@ class RpcAuditSource(AuditSource):
     ``retention_s - window_s - CLOCK_ALLOWANCE_S`` after the receipt's timestamp: the node may have dropped the record
     by the rules) is a missing answer inconclusive.
 
+    A step computed with a LoRA adapter the ledger does not hold is recomputed with the adapter's files, fetched from
+    the node by digest (``adapter``) under the same rules; files of another digest or over the ledger's cap fail the
+    audit at once.
+
     :param swarm: the ledger's swarm view (finds the node's peer id from its announced Ethereum address)
     :param key: the verifier private key that signs the audit calls
     :param timeout: seconds per audit RPC
+    :param adapters: where adapters fetched from nodes are kept (``adapter``); a fresh temporary folder by default
     """
 
     def __init__(
@@ -61,8 +70,10 @@ class RpcAuditSource(AuditSource):
         retention_s: float = 900.0,
         sleep=time.sleep,
         clock=time.time,
+        adapters: AdapterStore | None = None,
     ):
         self.swarm, self.key, self.timeout, self.sleep, self.clock = swarm, key, timeout, sleep, clock
+        self.adapters = adapters if adapters is not None else AdapterStore()  # fetched adapters (issue 21)
         self.window_s, self.retention_s = window_s, retention_s
         self._windows: dict[str, float] = {}  # node -> when its audit window (opened by an unanswered call) ends
         self._prompts: dict[bytes, torch.Tensor] = {}  # receipt leaf -> deep prompts its audit revealed
@@ -74,6 +85,49 @@ class RpcAuditSource(AuditSource):
         return self.swarm.knows_model(model_id)
 
     def audited_step(self, receipt: Receipt) -> AuditedStep | None:
+        return self._within_window(receipt, lambda: self._ask(receipt), "the audit")
+
+    def adapter(self, receipt: Receipt, digest: bytes) -> Path | None:
+        """The adapter's files from the node that signed the receipt (``AdapterCall``), within the same audit window
+        as an audit call, checked against ``digest`` and kept in ``adapters`` (bounded in bytes and count)."""
+        held = self.adapters.get(digest)
+        if held is not None:
+            return held
+        config, weights = self._within_window(receipt, lambda: self._ask_adapter(receipt, digest), "the adapter call")
+        try:
+            return self.adapters.admit(digest, config, weights)
+        except AdapterRejected as e:
+            raise AuditFailed(f"node {receipt.node} answered the adapter call with {e}") from e
+
+    def _ask_adapter(self, receipt: Receipt, digest: bytes) -> tuple[bytes, bytes]:
+        entry = self._entry(receipt)
+        call = AdapterCall(bytes(digest)).signed(self.key, node=receipt.node, peer_id=str(entry.peer_id))
+        limit = self.adapters.max_bytes + ADAPTER_REPLY_OVERHEAD
+        try:
+            # an answer declaring more than the cap is refused from its frame header, before its body is read
+            response = self.swarm.call(
+                entry.peer_id, call.rpc, call.to_request(), timeout=self.timeout, max_frame_bytes=limit
+            )
+            reply = AdapterReply.decode(response)
+        except AnswerTooLarge as e:
+            raise AuditFailed(
+                f"node {receipt.node} answered the adapter call with more than the ledger's {limit} bytes: {e}"
+            ) from e
+        except Exception as e:
+            raise _Unanswered(e) from e
+        return reply.config, reply.weights
+
+    def _entry(self, receipt: Receipt) -> NodeEntry:
+        model = self.swarm.model_name(receipt.model_id)
+        entry = self.swarm.peer_of(receipt.node, model) if model is not None else None
+        if entry is None:
+            raise _Unanswered(
+                LookupError(f"node {receipt.node} does not announce model 0x{receipt.model_id.hex()[:16]}... now")
+            )
+        return entry
+
+    def _within_window(self, receipt: Receipt, ask, what: str):
+        """``ask()`` until it answers, retried within the node's audit window (see the class)."""
         now = self.clock()
         late = now > receipt.timestamp + self.retention_s - self.window_s - CLOCK_ALLOWANCE_S
         node = receipt.node.lower()
@@ -84,9 +138,9 @@ class RpcAuditSource(AuditSource):
         while True:
             attempts += 1
             try:
-                step = self._ask(receipt)
+                answer = ask()
                 self._windows.pop(node, None)
-                return step
+                return answer
             except _Unanswered as e:
                 last = e
                 if NodeRPCError.code_of(e.cause) not in RETRYABLE:
@@ -103,18 +157,14 @@ class RpcAuditSource(AuditSource):
                 f"signed; nodes keep audit records {self.retention_s:.0f}s): not the node's fault ({last})"
             )
         raise AuditFailed(
-            f"node {receipt.node} did not answer the audit of session 0x{bytes(receipt.session_id).hex()[:16]}... "
+            f"node {receipt.node} did not answer {what} of session 0x{bytes(receipt.session_id).hex()[:16]}... "
             f"step {receipt.step} ({attempts} attempt(s) over a {self.window_s:.0f}s audit window): {last}"
         ) from last.cause
 
     def _ask(self, receipt: Receipt) -> AuditedStep:
         """One audit call; raises ``_Unanswered`` for anything but the inputs."""
+        entry = self._entry(receipt)
         model = self.swarm.model_name(receipt.model_id)
-        entry = self.swarm.peer_of(receipt.node, model) if model is not None else None
-        if entry is None:
-            raise _Unanswered(
-                LookupError(f"node {receipt.node} does not announce model 0x{receipt.model_id.hex()[:16]}... now")
-            )
         call = AuditCall(
             module_uid(model, receipt.block_start, receipt.block_end), bytes(receipt.session_id), int(receipt.step)
         ).signed(self.key, node=receipt.node, peer_id=str(entry.peer_id))
@@ -194,6 +244,14 @@ class SwarmVerifier(Verifier):
             return None  # the ledger cannot see the swarm: it cannot tell
         return True if known else (self.fallback.hosts(model_id) if self.fallback is not None else False)
 
+    def holds_adapter(self, digest: bytes) -> bool:
+        # forward calls name no adapter: steps made with one are recomputed by the fallback (a local verifier)
+        return self.fallback is not None and self.fallback.holds_adapter(digest)
+
+    def add_adapter(self, digest: bytes, folder: Path) -> None:
+        if self.fallback is not None:
+            self.fallback.add_adapter(digest, folder)
+
     def candidates(self, receipt: Receipt, model: str, compute: ComputeSpec | None = None) -> list[NodeEntry]:
         leaf = receipt_leaf(receipt)
         others = [
@@ -209,7 +267,7 @@ class SwarmVerifier(Verifier):
     ) -> torch.Tensor:
         positions = step_positions(receipt, history)
         model = self.swarm.model_name(receipt.model_id)
-        candidates = self.candidates(receipt, model, compute) if model else []
+        candidates = self.candidates(receipt, model, compute) if model and not compute.adapter else []
         if len(candidates) <= self.rank:
             if self.fallback is None:
                 raise LookupError(

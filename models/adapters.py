@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from nectar.models.errors import ModelError
@@ -140,6 +140,20 @@ def adapter_digest(path: str | os.PathLike) -> bytes:
     return hasher.digest()
 
 
+def read_adapter_files(path: str | os.PathLike) -> tuple[bytes, bytes]:
+    """An adapter folder's config and weights files, as ``adapter_digest`` hashes them (for a verifier auditing
+    steps made with it); bounded like any adapter read here."""
+    path = Path(path)
+    files = []
+    for name, limit in ((CONFIG_FILE, MAX_ADAPTER_CONFIG_BYTES), (WEIGHTS_FILE, MAX_ADAPTER_FILE_BYTES)):
+        with open(path / name, "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise AdapterError(f"{path / name} is over {limit} bytes: not an adapter file served here")
+        files.append(data)
+    return files[0], files[1]
+
+
 def load_lora_adapter(
     path: str | os.PathLike,
     *,
@@ -174,26 +188,31 @@ def load_lora_adapter(
     )
     weights: dict[int, dict[str, list]] = {}
     targets: set[str] = set()
-    with safe_open(str(path / WEIGHTS_FILE), framework="pt", device="cpu") as f:
-        keys = list(f.keys())
-        for key in keys:
-            match = _KEY.match(key)
-            if match is None:
-                raise AdapterError(
-                    f"{path / WEIGHTS_FILE} holds {key!r}, not a LoRA A/B weight of a block: nodes serve adapters of "
-                    "the transformer blocks only (no embeddings, head or extra trained modules)"
-                )
-            found = next(((p, i) for p, i in by_prefix if match["module"].startswith(p)), None)
-            if found is None:
-                raise AdapterError(f"{path / WEIGHTS_FILE}: {key!r} names no block of this model")
-            prefix, index = found
-            module = match["module"][len(prefix) :]
-            targets.add(module.rsplit(".", 1)[-1])
-            if index not in blocks:
-                continue  # another node's block: not read
-            tensor = f.get_tensor(key)
-            pair = weights.setdefault(index, {}).setdefault(module, [None, None])
-            pair[0 if match["part"] == "A" else 1] = tensor
+    try:  # the files may come from a peer (a verifier fetches an audited node's): unreadable is malformed
+        with safe_open(str(path / WEIGHTS_FILE), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+            for key in keys:
+                match = _KEY.match(key)
+                if match is None:
+                    raise AdapterError(
+                        f"{path / WEIGHTS_FILE} holds {key!r}, not a LoRA A/B weight of a block: nodes serve "
+                        "adapters of the transformer blocks only (no embeddings, head or extra trained modules)"
+                    )
+                found = next(((p, i) for p, i in by_prefix if match["module"].startswith(p)), None)
+                if found is None:
+                    raise AdapterError(f"{path / WEIGHTS_FILE}: {key!r} names no block of this model")
+                prefix, index = found
+                module = match["module"][len(prefix) :]
+                targets.add(module.rsplit(".", 1)[-1])
+                if index not in blocks:
+                    continue  # another node's block: not read
+                tensor = f.get_tensor(key)
+                pair = weights.setdefault(index, {}).setdefault(module, [None, None])
+                pair[0 if match["part"] == "A" else 1] = tensor
+    except SafetensorError as e:
+        raise AdapterError(
+            f"{path / WEIGHTS_FILE} is not a readable safetensors file ({e}): save it with PEFT"
+        ) from None
     if not weights and not targets:
         raise AdapterError(f"{path / WEIGHTS_FILE} holds no LoRA weights")
     declared = config.get("target_modules")
@@ -353,6 +372,7 @@ def load_span_adapters(
 __all__ = [
     "SpanAdapters",
     "adapter_digest",
+    "read_adapter_files",
     "load_span_adapters",
     "ADAPTER_NAME",
     "AdapterError",

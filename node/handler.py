@@ -7,18 +7,31 @@ everyone else. Each inference stream is an ``InferenceStream`` (``nectar.node.in
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
 from hivemind.p2p import P2P, P2PContext
 
+from nectar.models.adapters import read_adapter_files
 from nectar.node import trace
 from nectar.node.audit_auth import AuditGate
 from nectar.node.inference_stream import InferenceStream
 from nectar.node.push import PushInbox
 from nectar.node.steps import NodeSteps
-from nectar.wire.messages import AuditCall, AuditReply, BackwardCall, ForwardCall, InfoReply, Push, PushAck
+from nectar.wire.messages import (
+    AdapterCall,
+    AdapterReply,
+    AuditCall,
+    AuditReply,
+    BackwardCall,
+    ForwardCall,
+    InfoReply,
+    Push,
+    PushAck,
+)
 from nectar.wire.protocol import (
+    RPC_ADAPTER,
     RPC_AUDIT,
     RPC_BACKWARD,
     RPC_FORWARD,
@@ -77,6 +90,7 @@ class NodeHandler:
             RPC_FORWARD: self.rpc_forward,
             RPC_BACKWARD: self.rpc_backward,
             RPC_AUDIT: self.rpc_audit,
+            RPC_ADAPTER: self.rpc_adapter,
             RPC_PUSH: self.rpc_push,
         }
 
@@ -139,6 +153,23 @@ class NodeHandler:
         # deep prompts of the first step are part of the computation: a verifier must add them too; the step's
         # output is revealed whole against the receipt's output commitment
         yield AuditReply(inputs, start, end, prompts, outputs).to_response()
+
+    async def rpc_adapter(self, requests: RequestStream, context: P2PContext):
+        """The files of a LoRA adapter this node serves, by digest, for registered verifiers only: a step computed
+        with it is audited by recomputing with the very files its receipt's digest binds (issue 21: no free
+        evasion through an adapter the ledger does not hold)."""
+        call = AdapterCall.decode(await self._single_request(requests))
+        if self.audit_gate is None:
+            raise NodeRPCError(ErrorCode.FORBIDDEN, "this node answers no audits (it has no verifier set)")
+        await self.audit_gate.check(call, _local_id(context))
+        served = getattr(self.backend, "adapters", None)
+        found = next((a for a in served.adapters.values() if a.digest == call.digest), None) if served else None
+        if found is None:
+            raise NodeRPCError(
+                ErrorCode.UNKNOWN_ADAPTER, f"this node serves no adapter of digest 0x{call.digest.hex()[:16]}..."
+            )
+        config, weights = await asyncio.to_thread(read_adapter_files, found.path)  # up to a GiB: off the loop
+        yield AdapterReply(config, weights).to_response()
 
     async def rpc_push(self, requests: RequestStream, context: P2PContext):
         """Hidden states the previous hop of a session pushes here (see ``nectar.node.push``); one ack each."""

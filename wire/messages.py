@@ -26,6 +26,7 @@ from nectar.wire.direct import parse_address
 from nectar.wire.protocol import (
     MAX_BATCH_SIZE,
     MAX_TOKENS_PER_REQUEST,
+    RPC_ADAPTER,
     RPC_AUDIT,
     RPC_BACKWARD,
     RPC_FORWARD,
@@ -1055,6 +1056,112 @@ class AuditReply:
         return cls(tensors[0], metadata.get("start"), metadata.get("end"), prompts, outputs)
 
 
+MAX_ADAPTER_CONFIG_BYTES = 1024**2  # an adapter_config.json past this is not one (``nectar.models.adapters``)
+
+
+def adapter_call_digest(*, digest: bytes, node: str, peer_id: str, timestamp: int, nonce: bytes) -> bytes:
+    """What a verifier signs to fetch an adapter's files: like ``audit_digest``, for the node, its peer id, the
+    adapter's digest, a timestamp and a nonce (its own domain: an audit call's signature never passes for this)."""
+    text = "|".join(
+        [
+            "nectar-adapter-v1",
+            f"node={str(node).lower()}",
+            f"peer={peer_id}",
+            f"adapter=0x{bytes(digest).hex()}",
+            f"timestamp={int(timestamp)}",
+            f"nonce=0x{bytes(nonce).hex()}",
+        ]
+    )
+    return schema.keccak256(text.encode())
+
+
+@message
+class AdapterCall:
+    """``rpc_adapter``: {"digest", "timestamp", "nonce", "signature"}: the files of the LoRA adapter a node computed
+    steps with (its receipts' ``ComputeSpec.adapter``), for a verifier auditing one of them. Signed and checked as an
+    ``AuditCall`` is (registered verifiers only)."""
+
+    digest: bytes
+    timestamp: int = 0
+    nonce: bytes = b""
+    signature: bytes = b""
+
+    rpc: ClassVar[str] = RPC_ADAPTER
+
+    def signed(self, private_key: bytes | str, *, node: str, peer_id: str, timestamp: int | None = None) -> AdapterCall:
+        import os
+        import time
+
+        from nectar.wire.eip712 import sign_digest
+
+        timestamp = int(time.time()) if timestamp is None else int(timestamp)
+        nonce = os.urandom(16)
+        digest = adapter_call_digest(digest=self.digest, node=node, peer_id=peer_id, timestamp=timestamp, nonce=nonce)
+        return AdapterCall(self.digest, timestamp, nonce, sign_digest(digest, private_key))
+
+    def signer(self, *, node: str, peer_id: str) -> str:
+        """The address that signed this call for ``node`` at ``peer_id`` (raises ``InvalidSignature``)."""
+        from nectar.wire.eip712 import recover_digest_signer
+
+        digest = adapter_call_digest(
+            digest=self.digest, node=node, peer_id=str(peer_id), timestamp=self.timestamp, nonce=self.nonce
+        )
+        return recover_digest_signer(digest, self.signature)
+
+    def to_request(self) -> runtime_pb2.ExpertRequest:
+        metadata = {"digest": self.digest}
+        if self.signature:
+            metadata.update(timestamp=self.timestamp, nonce=self.nonce, signature=self.signature)
+        return runtime_pb2.ExpertRequest(uid="", metadata=pack_metadata(metadata))
+
+    @classmethod
+    def decode(cls, request: runtime_pb2.ExpertRequest) -> AdapterCall:
+        metadata = unpack_metadata(request.metadata)
+        digest, nonce, signature = (metadata.get(k, b"") for k in ("digest", "nonce", "signature"))
+        if not isinstance(digest, bytes) or len(digest) != 32:
+            raise _bad("digest must be the adapter's 32-byte sha256 (its receipts' ComputeSpec.adapter)")
+        if not isinstance(nonce, bytes) or len(nonce) > 32:
+            raise _bad("nonce must be at most 32 bytes")
+        if not isinstance(signature, bytes) or len(signature) not in (0, 65):
+            raise _bad("signature must be 65 bytes")
+        return cls(digest, _int(metadata, "timestamp", 0, 2**63 - 1, default=0), nonce, signature)
+
+
+@message
+class AdapterReply:
+    """tensors [the adapter's config file, its weights file], each its bytes as a flat uint8 tensor (the files whose
+    sha256 is the digest asked for: the caller checks)."""
+
+    config: bytes
+    weights: bytes
+
+    def to_response(self) -> runtime_pb2.ExpertResponse:
+        # the bytes as they are (a flat uint8 tensor's wire form): no copy through torch of a file up to a GiB
+        files = [
+            runtime_pb2.Tensor(
+                compression=runtime_pb2.CompressionType.NONE, buffer=data, size=[len(data)], dtype="uint8"
+            )
+            for data in (bytes(self.config), bytes(self.weights))
+        ]
+        return runtime_pb2.ExpertResponse(tensors=files, metadata=pack_metadata({}))
+
+    @classmethod
+    def decode(cls, response: runtime_pb2.ExpertResponse) -> AdapterReply:
+        if len(response.tensors) != 2:
+            raise ValueError(f"an adapter answer carries 2 files, this one {len(response.tensors)}")
+        config, weights = response.tensors
+        for part in (config, weights):
+            if (
+                part.dtype != "uint8"
+                or list(part.size) != [len(part.buffer)]
+                or part.compression != runtime_pb2.CompressionType.NONE
+            ):
+                raise ValueError("an adapter answer carries each file as an uncompressed flat uint8 tensor")
+        if len(config.buffer) > MAX_ADAPTER_CONFIG_BYTES:
+            raise ValueError(f"an adapter config of {len(config.buffer)} bytes (at most {MAX_ADAPTER_CONFIG_BYTES})")
+        return cls(bytes(config.buffer), bytes(weights.buffer))
+
+
 @message
 class InfoCall:
     """``rpc_info``: an empty request."""
@@ -1083,6 +1190,10 @@ class InfoReply:
 
 __all__ = [
     "AUDIT_MAX_SKEW_S",
+    "AdapterCall",
+    "AdapterReply",
+    "adapter_call_digest",
+    "MAX_ADAPTER_CONFIG_BYTES",
     "audit_digest",
     "AuditCall",
     "AuditReply",

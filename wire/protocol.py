@@ -227,3 +227,4 @@ RPC_FORWARD = "nectar1.forward"
 RPC_BACKWARD = "nectar1.backward"
 RPC_AUDIT = "nectar1.audit"
 RPC_PUSH = "nectar1.push"
+RPC_ADAPTER = "nectar1.adapter"  # a LoRA adapter's files by digest, for a verifier auditing a step made with it

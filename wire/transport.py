@@ -40,6 +40,10 @@ class FrameTooLarge(ValueError):
     """A frame header declared more bytes than the reader takes; nothing of the body was read."""
 
 
+class AnswerTooLarge(P2PHandlerError):
+    """A called node's answer declared more bytes than the caller takes (``FrameTooLarge``); its body was not read."""
+
+
 async def receive_frame(message_type, reader: asyncio.StreamReader, max_bytes: int):
     """``P2P.receive_protobuf`` with the declared length checked before the body is read: (message, None) or
     (None, RPCError). Raises ``FrameTooLarge`` past ``max_bytes``, ``IncompleteReadError`` on a closed stream."""
@@ -215,7 +219,7 @@ async def call_stream(
 
     def fail(error: RPCError | FrameTooLarge) -> Exception:
         if isinstance(error, FrameTooLarge):
-            return P2PHandlerError(f"{peer_id} answered {name} with {error}")
+            return AnswerTooLarge(f"{peer_id} answered {name} with {error}")
         return P2PHandlerError(f"Failed to call handler `{name}` at {peer_id}: {error.message}")
 
     async def write_requests() -> None:
@@ -237,10 +241,20 @@ async def call_stream(
 
 
 async def call_once(
-    p2p: P2P, peer_id: PeerID, name: str, request: runtime_pb2.ExpertRequest, *, timeout: float | None = None
+    p2p: P2P,
+    peer_id: PeerID,
+    name: str,
+    request: runtime_pb2.ExpertRequest,
+    *,
+    timeout: float | None = None,
+    max_frame_bytes: int = RESPONSE_FRAME_LIMIT,
 ) -> runtime_pb2.ExpertResponse:
     return await first_response(
-        lambda requests: call_stream(p2p, peer_id, name, requests), request, peer=peer_id, name=name, timeout=timeout
+        lambda requests: call_stream(p2p, peer_id, name, requests, max_frame_bytes=max_frame_bytes),
+        request,
+        peer=peer_id,
+        name=name,
+        timeout=timeout,
     )
 
 

@@ -8,6 +8,7 @@ round until the test starts it). Every test runs in milliseconds.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import time
 
@@ -25,6 +26,8 @@ from nectar.node.steps import NodeSteps
 from nectar.wire import eip712, fingerprints
 from nectar.wire import receipts as schema
 from nectar.wire.messages import (
+    AdapterCall,
+    AdapterReply,
     AuditCall,
     AuditReply,
     BackwardCall,
@@ -733,6 +736,51 @@ def test_audits_are_answered_to_registered_verifiers_only():
                 await _call(node.rpc_audit, call.to_request())
             assert error.value.code == ErrorCode.FORBIDDEN and words in str(error.value), (name, error.value)
         assert node.audit_gate.refused == len(refused)
+
+    run(scenario)
+
+
+def test_a_node_hands_its_adapters_files_to_registered_verifiers_only(tmp_path):
+    """Issue 21: a step computed with an adapter is audited with the very files its receipt's digest binds, so the
+    node hands them over by digest, to the verifiers it answers audits to and no one else."""
+    pytest.importorskip("peft")
+    from nectar.models import load_span
+    from nectar.models.adapters import adapter_digest, load_span_adapters
+    from nectar.models.tiny import save_tiny_checkpoint, save_tiny_lora
+
+    path = save_tiny_checkpoint(tmp_path / "tiny", "llama", num_layers=2)
+    folder = save_tiny_lora(tmp_path / "style-a", path, seed=3)
+    node = make_node()
+    node.steps.backend.adapters = load_span_adapters([load_span(path, 0, 2)], [folder])
+    digest, address = adapter_digest(folder), node.steps.signer.address
+
+    async def scenario():
+        (response,) = await _call(
+            node.rpc_adapter, AdapterCall(digest).signed(VERIFIER.key, node=address, peer_id="").to_request()
+        )
+        reply = AdapterReply.decode(response)
+        assert hashlib.sha256(reply.config + reply.weights).digest() == digest
+        assert reply.weights == (folder / "adapter_model.safetensors").read_bytes()
+        refused = {
+            "unsigned": (AdapterCall(digest), ErrorCode.FORBIDDEN),
+            "stranger": (
+                AdapterCall(digest).signed(Account.create().key, node=address, peer_id=""),
+                ErrorCode.FORBIDDEN,
+            ),
+            "unknown": (
+                AdapterCall(bytes(32)).signed(VERIFIER.key, node=address, peer_id=""),
+                ErrorCode.UNKNOWN_ADAPTER,
+            ),
+        }
+        for name, (call, code) in refused.items():
+            with pytest.raises(NodeRPCError) as error:
+                await _call(node.rpc_adapter, call.to_request())
+            assert error.value.code == code, (name, error.value)
+        # an audit call's signature never passes for an adapter call (their own signing domains)
+        audit = audit_call(node, bytes(32), 0)
+        forged = AdapterCall(digest, audit.timestamp, audit.nonce, audit.signature)
+        with pytest.raises(NodeRPCError, match="not a registered verifier"):
+            await _call(node.rpc_adapter, forged.to_request())
 
     run(scenario)
 

@@ -16,10 +16,16 @@ from transformers import AutoModelForCausalLM
 
 from nectar.client import ClientConfig, DistributedModelForCausalLM
 from nectar.client.routing import MissingBlocksError, RemoteSequenceManager, RemoteSpan
+from nectar.ledger.adapter_store import AdapterStore
+from nectar.ledger.core.config import Settings
+from nectar.ledger.spot_check import AuditFailed, LocalVerifier, SpotChecker
+from nectar.ledger.swarm import SwarmView
+from nectar.ledger.swarm_audit import RpcAuditSource
+from nectar.models.adapters import adapter_digest
 from nectar.models.tiny import save_tiny_lora
 from nectar.node.local_swarm import LocalSwarm
 from nectar.wire.fingerprints import ComputeSpec, fingerprint_hash
-from nectar.wire.messages import ClientAuth, ForwardCall
+from nectar.wire.messages import ClientAuth, ForwardCall, ForwardReply
 from nectar.wire.protocol import RPC_FORWARD, RPC_INFERENCE, make_request, unpack_metadata
 from nectar.wire.receipts import SignedReceipt
 from nectar.wire.stubs import call_forward
@@ -33,6 +39,9 @@ NODE_ARGS = ["--throughput", "100", "--announce-period", "2"]
 UID = "tiny-llama[0:4]"
 
 
+VERIFIER = Account.create()  # node "a" answers its audits (and adapter calls)
+
+
 @pytest.fixture(scope="module")
 def adapter(tiny_llama, tmp_path_factory):
     return save_tiny_lora(tmp_path_factory.mktemp("adapters") / "style-a", tiny_llama, seed=5)
@@ -41,7 +50,8 @@ def adapter(tiny_llama, tmp_path_factory):
 @pytest.fixture(scope="module")
 def swarm(tiny_llama, adapter, tmp_path_factory):
     with LocalSwarm(workdir=tmp_path_factory.mktemp("swarm")) as swarm:
-        swarm.add_node(tiny_llama, blocks=(0, 4), name="a", extra_args=NODE_ARGS + ["--adapters", str(adapter)])
+        a_args = NODE_ARGS + ["--adapters", str(adapter), "--audit-verifiers", VERIFIER.address]
+        swarm.add_node(tiny_llama, blocks=(0, 4), name="a", extra_args=a_args)
         swarm.add_node(tiny_llama, blocks=(0, 4), name="b", extra_args=NODE_ARGS)
         swarm.wait_for_blocks(tiny_llama, 4, min_nodes=2)
         yield swarm
@@ -148,6 +158,33 @@ def test_a_path_is_no_adapter_name(model, adapter):
         request = make_request(UID, [torch.randn(1, 3, 64)], _signed(RPC_FORWARD, {"adapter": name}, peer, info))
         with pytest.raises(Exception, match="bad_request"):
             model.runtime.run(call_once(model.runtime.p2p, peer, RPC_FORWARD, request, timeout=20), timeout=30)
+
+
+def test_the_ledger_audits_an_adapter_step_with_the_files_fetched_from_its_node(swarm, tiny_llama, adapter, tmp_path):
+    """Issue 21: verifiers that hold no copy of the adapter fetch it from the node that signed the receipt (by
+    digest, over the swarm, signed by a registered verifier), check it, and judge the step; another digest is the
+    node's failure."""
+    view = SwarmView(swarm.initial_peers)
+    try:
+        entry = next(e for e in view.serving("tiny-llama", 0, 4) if e.info.adapters == ["style-a"])
+        client = Account.create()
+        call = ForwardCall(UID, torch.randn(1, 3, 64), client=client.address, adapter="style-a", backward=False)
+        call = call.signed(client.key, node=entry.info.eth_address, peer_id=str(entry.peer_id))
+        reply = ForwardReply.decode(view.call(entry.peer_id, call.rpc, call.to_request(), timeout=20))
+        receipt = SignedReceipt.from_json(reply.receipt).receipt
+        digest = ComputeSpec.decode(reply.fingerprint).adapter
+
+        audit = RpcAuditSource(view, key=VERIFIER.key, window_s=2, adapters=AdapterStore(tmp_path / "fetched"))
+        verifiers = [LocalVerifier({"tiny-llama": tiny_llama}, name=n) for n in ("a", "b")]  # no adapters of their own
+        settings = Settings(database_url=f"sqlite:///{tmp_path / 'unused.db'}", deployment_path=tmp_path / "none.json")
+        checker = SpotChecker(settings=settings, engine=None, verifiers=verifiers, audit=audit)  # a forward: no db
+        verdict = checker._judge(receipt, reply.fingerprint)
+        assert verdict.status == "passed", verdict.detail
+        assert adapter_digest(audit.adapters.get(digest)) == digest == adapter_digest(adapter)
+        with pytest.raises(AuditFailed, match="unknown_adapter"):  # the node answered: no window to wait out
+            audit.adapter(receipt, bytes(32))
+    finally:
+        view.shutdown()
 
 
 CLIENT = Account.create()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 from hivemind.p2p import P2P
@@ -40,5 +41,38 @@ def test_a_caller_refuses_an_answer_declaring_more_than_its_limit():
         finally:
             got.set_result(None)
             server.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_adapter_answer_over_the_callers_cap_is_refused_from_its_header_over_p2p():
+    """Issue 21: the ledger fetches an audited node's adapter files under a byte cap; an answer declaring more is
+    refused from its frame header (``AnswerTooLarge``, nothing of it read), one within the cap is read whole. Real
+    P2P daemons, the node's stream framing."""
+    from nectar.wire.messages import AdapterCall, AdapterReply
+    from nectar.wire.protocol import RPC_ADAPTER
+    from nectar.wire.transport import AnswerTooLarge, call_once, serve_stream
+
+    weights = os.urandom(4 << 20)
+
+    async def scenario():
+        node = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        ledger = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=await node.get_visible_maddrs())
+
+        async def answer(requests, context):
+            async for _ in requests:
+                yield AdapterReply(b"{}", weights).to_response()
+                return
+
+        try:
+            await serve_stream(node, RPC_ADAPTER, answer)
+            request = AdapterCall(bytes(32)).to_request()
+            with pytest.raises(AnswerTooLarge, match="at most 1048576 bytes"):
+                await call_once(ledger, node.peer_id, RPC_ADAPTER, request, timeout=30, max_frame_bytes=1 << 20)
+            response = await call_once(ledger, node.peer_id, RPC_ADAPTER, request, timeout=30, max_frame_bytes=8 << 20)
+            assert AdapterReply.decode(response) == AdapterReply(b"{}", weights)
+        finally:
+            await ledger.shutdown()
+            await node.shutdown()
 
     asyncio.run(scenario())
