@@ -132,7 +132,7 @@ class Wallet:
                 problems.append("output commitment does not match what was received")
             if session_id is not None and receipt.session_id != session_id.rjust(32, b"\0"):
                 problems.append("receipt names another session")
-            problems += _compute_problems(receipt, descriptor, dtype, adapter, quant)
+            problems += _compute_problems(receipt, descriptor, dtype, adapter=adapter, quant=quant)
             if model_id is not None and receipt.model_id != bytes(model_id):
                 problems.append(f"receipt names model 0x{receipt.model_id.hex()[:16]}..., not the one asked for")
             if step is not None and receipt.step != step:
@@ -197,6 +197,7 @@ def _compute_problems(
     receipt: schema.Receipt,
     descriptor: bytes | None,
     dtype: str | None,
+    *,
     adapter: bool | None = None,
     quant: str | None = None,
 ) -> list[str]:

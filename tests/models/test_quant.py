@@ -151,8 +151,8 @@ def test_announcement_and_receipts_carry_the_mode():
     assert ComputeSpec.decode(descriptor) == ComputeSpec("float16", "int8", "cuda")
     assert signed.receipt.fingerprint == fingerprint_hash(descriptor)  # signed: bound into the receipt
     # the client holds the node to its announcement: int8 receipts from a node that announced nf4 are refused
-    assert _compute_problems(signed.receipt, descriptor, "float16", "int8") == []
-    assert _compute_problems(signed.receipt, descriptor, "float16", "nf4") == [
+    assert _compute_problems(signed.receipt, descriptor, "float16", quant="int8") == []
+    assert _compute_problems(signed.receipt, descriptor, "float16", quant="nf4") == [
         "the receipt commits to int8 weights, the node announced nf4"
     ]
 
