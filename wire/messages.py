@@ -956,6 +956,19 @@ def audit_digest(
     return schema.keccak256(text.encode())
 
 
+def _verifier_signature(private_key, timestamp: int | None, digest_of) -> tuple[int, bytes, bytes]:
+    """(timestamp, fresh 16-byte nonce, signature over ``digest_of(timestamp, nonce)``): how a verifier signs the
+    calls only registered verifiers may make (``AuditCall``, ``AdapterCall``)."""
+    import os
+    import time
+
+    from nectar.wire.eip712 import sign_digest
+
+    timestamp = int(time.time()) if timestamp is None else int(timestamp)
+    nonce = os.urandom(16)
+    return timestamp, nonce, sign_digest(digest_of(timestamp, nonce), private_key)
+
+
 @message
 class AuditCall:
     """``rpc_audit``: {"session_id", "step", "timestamp", "nonce", "signature"}: a session's inputs up to a step and
@@ -973,15 +986,10 @@ class AuditCall:
 
     def signed(self, private_key: bytes | str, *, node: str, peer_id: str, timestamp: int | None = None) -> AuditCall:
         """This call signed by a verifier key for the node ``node`` (its receipt address) at ``peer_id``."""
-        import os
-        import time
-
-        from nectar.wire.eip712 import sign_digest
-
-        timestamp = int(time.time()) if timestamp is None else int(timestamp)
-        nonce = os.urandom(16)
-        digest = self._digest(node=node, peer_id=peer_id, timestamp=timestamp, nonce=nonce)
-        return AuditCall(self.uid, self.session_id, self.step, timestamp, nonce, sign_digest(digest, private_key))
+        timestamp, nonce, signature = _verifier_signature(
+            private_key, timestamp, lambda t, n: self._digest(node=node, peer_id=peer_id, timestamp=t, nonce=n)
+        )
+        return AuditCall(self.uid, self.session_id, self.step, timestamp, nonce, signature)
 
     def _digest(self, *, node: str, peer_id: str, timestamp: int, nonce: bytes) -> bytes:
         return audit_digest(
@@ -1089,15 +1097,12 @@ class AdapterCall:
     rpc: ClassVar[str] = RPC_ADAPTER
 
     def signed(self, private_key: bytes | str, *, node: str, peer_id: str, timestamp: int | None = None) -> AdapterCall:
-        import os
-        import time
-
-        from nectar.wire.eip712 import sign_digest
-
-        timestamp = int(time.time()) if timestamp is None else int(timestamp)
-        nonce = os.urandom(16)
-        digest = adapter_call_digest(digest=self.digest, node=node, peer_id=peer_id, timestamp=timestamp, nonce=nonce)
-        return AdapterCall(self.digest, timestamp, nonce, sign_digest(digest, private_key))
+        timestamp, nonce, signature = _verifier_signature(
+            private_key,
+            timestamp,
+            lambda t, n: adapter_call_digest(digest=self.digest, node=node, peer_id=peer_id, timestamp=t, nonce=n),
+        )
+        return AdapterCall(self.digest, timestamp, nonce, signature)
 
     def signer(self, *, node: str, peer_id: str) -> str:
         """The address that signed this call for ``node`` at ``peer_id`` (raises ``InvalidSignature``)."""
