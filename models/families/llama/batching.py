@@ -12,6 +12,7 @@ compute (sliding windows, mixtures of experts: ``unsupported``), take the generi
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 import torch
@@ -20,8 +21,8 @@ from torch import nn
 
 from nectar.models.attention import AttentionStep
 from nectar.models.errors import CacheError
+from nectar.models.families.llama import graphs
 from nectar.models.families.llama.fused import FusedLayer, FusedLlamaBlocks, attention_backends
-from nectar.models.families.llama.graphs import static_decode_step
 from nectar.models.families.llama.native_decode import NativeDecoder
 from nectar.models.fast_path import SpanStep
 
@@ -55,9 +56,16 @@ class LlamaBatchRunner(FusedLlamaBlocks):
         super().__init__(spans)
         self.native: NativeDecoder | None = None
         self.native = NativeDecoder.build(self)  # one session's decode step in C on CPUs, where it measured faster
+        self.compiled = graphs.compiles(self)
+        if self.compiled:  # NECTAR_DECODE_ROUTE=compiled on a GPU
+            began = time.perf_counter()
+            graphs.warm_up(self)
+            logger.info(f"Compiled the decode round's fused kernels in {time.perf_counter() - began:.1f}s")
 
     def describe(self) -> str:
         route = "the C layer" if self.native is not None else "PyTorch"
+        if self.compiled:
+            route = "PyTorch, decode rounds through torch.compile's fused kernels"
         return f"batched Llama runner (fused projections; one session's decode step through {route})"
 
     @staticmethod
@@ -206,4 +214,4 @@ class LlamaBatchRunner(FusedLlamaBlocks):
     def static_step(
         self, x: torch.Tensor, positions: torch.Tensor, caches: list, first_block: int, pools: list | None = None
     ) -> torch.Tensor:
-        return static_decode_step(self, x, positions, caches, first_block, pools)
+        return graphs.static_decode_step(self, x, positions, caches, first_block, pools)

@@ -8,10 +8,16 @@ positions not yet written. No host syncs, so it records as is.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
-from nectar.models.families.llama.fused import FusedLlamaBlocks
+from nectar.models.families.llama.fused import FusedLayer, FusedLlamaBlocks
+
+# "compiled": each block's norms, products, RoPE and SwiGLU through torch.compile (fused elementwise kernels) inside
+# the recorded round; "eager": PyTorch's kernels one by one
+DECODE_ROUTE_ENV = "NECTAR_DECODE_ROUTE"
 
 
 def static_decode_step(
@@ -29,10 +35,83 @@ def static_decode_step(
     attend = (
         _pooled_attention(blocks, positions, pools) if pools is not None else _own_attention(blocks, positions, caches)
     )
+    compiled = compiled_parts(x.shape[0]) if compiles(blocks) else None
     for local in range(len(caches[0])):
         layer = blocks.layers[first_block + local]
-        x = blocks.mlp(layer, x, attend(local, blocks.qkv(layer, x, cos, sin)))
+        if compiled is None:
+            x = blocks.mlp(layer, x, attend(local, blocks.qkv(layer, x, cos, sin)))
+            continue
+        pre, post = compiled
+        heads, kv_heads = blocks.num_heads, blocks.num_kv_heads
+        qkv = pre(x, layer.input_norm.weight, layer.qkv_weight, cos, sin, heads, kv_heads, layer.input_norm.eps)
+        out = attend(local, qkv)
+        x = post(
+            x, out, layer.o_weight, layer.post_norm.weight, layer.gate_up_weight, layer.down_weight, layer.post_norm.eps
+        )
     return x
+
+
+def compiles(blocks: FusedLlamaBlocks) -> bool:
+    """The compiled route: asked for, on a GPU, and for plain Llama layers (no biases, head norms or other act)."""
+    if os.environ.get(DECODE_ROUTE_ENV, "eager") != "compiled" or not blocks.on_gpu:
+        return False
+    return all(_plain(layer) for layer in blocks.layers)
+
+
+def _plain(layer: FusedLayer) -> bool:
+    biases = (layer.qkv_bias, layer.o_bias, layer.gate_up_bias, layer.down_bias)
+    return all(b is None for b in biases) and layer.q_norm is None and layer.act is F.silu
+
+
+_COMPILED: dict[bool, tuple] = {}
+
+
+def compiled_parts(rows: int) -> tuple:
+    """(pre, post) compiled for one row (shapes fixed: the lone session's round) or any number of rows (one graph
+    whose batch size is symbolic, so new round sizes do not compile again)."""
+    many = rows > 1
+    if many not in _COMPILED:
+        pre = torch.compile(_pre_attention, fullgraph=True, dynamic=many)
+        post = torch.compile(_post_attention, fullgraph=True, dynamic=many)
+        _COMPILED[many] = (pre, post)
+    return _COMPILED[many]
+
+
+def warm_up(blocks: FusedLlamaBlocks) -> None:
+    """Compiles both variants at load (tens of seconds once; cached on disk after), not in a client's first step."""
+    layer = blocks.layers[0]
+    for rows in (1, 2):
+        pre, post = compiled_parts(rows)
+        x = torch.zeros(rows, blocks.hidden_size, device=blocks.device, dtype=blocks.dtype)
+        cos = blocks.cos_table[:rows, None]
+        sin = blocks.signed_sin_table[:rows, None]
+        heads, kv_heads = blocks.num_heads, blocks.num_kv_heads
+        qkv = pre(x, layer.input_norm.weight, layer.qkv_weight, cos, sin, heads, kv_heads, layer.input_norm.eps)
+        out = qkv[:, :heads].reshape(rows, -1).contiguous()
+        post(
+            x, out, layer.o_weight, layer.post_norm.weight, layer.gate_up_weight, layer.down_weight, layer.post_norm.eps
+        )
+    torch.cuda.synchronize(blocks.device)
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    upcast = x.float()
+    return weight * (upcast * torch.rsqrt(upcast.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _pre_attention(x, norm_weight, qkv_weight, cos, sin, heads: int, kv_heads: int, eps: float) -> torch.Tensor:
+    """``FusedLlamaBlocks.qkv`` as one function of tensors (one compiled graph serves every block)."""
+    qkv = (_rms(x, norm_weight, eps) @ qkv_weight).view(x.shape[0], heads + 2 * kv_heads, -1)
+    qk = qkv[:, : heads + kv_heads]
+    rotated = qk * cos + qk.roll(qk.shape[-1] // 2, dims=-1) * sin
+    return torch.cat((rotated, qkv[:, heads + kv_heads :]), dim=1)
+
+
+def _post_attention(x, attention, o_weight, norm_weight, gate_up_weight, down_weight, eps: float) -> torch.Tensor:
+    """``FusedLlamaBlocks.mlp`` as one function of tensors."""
+    x = attention @ o_weight + x
+    gate, up = (_rms(x, norm_weight, eps) @ gate_up_weight).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ down_weight + x
 
 
 def _mask(blocks: FusedLlamaBlocks, positions: torch.Tensor, max_length: int) -> torch.Tensor:
