@@ -71,10 +71,23 @@ def compiled_parts(rows: int) -> tuple:
     whose batch size is symbolic, so new round sizes do not compile again)."""
     many = rows > 1
     if many not in _COMPILED:
-        pre = torch.compile(_pre_attention, fullgraph=True, dynamic=many)
-        post = torch.compile(_post_attention, fullgraph=True, dynamic=many)
+        pre = torch.compile(_pre_attention, fullgraph=True, dynamic=False if not many else None)
+        post = torch.compile(_post_attention, fullgraph=True, dynamic=False if not many else None)
+        if many:  # only the batch dimension is symbolic: every other size stays specialised, as for one row
+            pre, post = _batch_dynamic(pre, (0, 3, 4)), _batch_dynamic(post, (0, 1))
         _COMPILED[many] = (pre, post)
     return _COMPILED[many]
+
+
+def _batch_dynamic(compiled, rows: tuple[int, ...]):
+    """``compiled`` with dimension 0 of the arguments at ``rows`` (the tensors with a row per session) symbolic."""
+
+    def call(*args):
+        for index in rows:
+            torch._dynamo.mark_dynamic(args[index], 0)
+        return compiled(*args)
+
+    return call
 
 
 def warm_up(blocks: FusedLlamaBlocks) -> None:
