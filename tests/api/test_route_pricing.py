@@ -5,7 +5,7 @@ gateway fails over and replays), what users were charged >= what the nodes' rece
 
 Its own swarm (on the package's devnet and ledger), priced like a real one: 10^13 credit wei per token per block, so
 the route costs 4 x 10^13 wei (40 micro-credits) per token, four times the old flat price of 10 micro-credits; on the
-flat price this test fails (the nodes were paid 3-8x what users were charged)."""
+flat price this test fails (the nodes were paid 6.6x what users were charged)."""
 
 from __future__ import annotations
 
