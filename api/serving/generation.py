@@ -250,6 +250,9 @@ class GenerationServing(OpenAIServing):
         """The hold for a request, from the price of the route it would take now (503 if every route costs more
         than the operator's cap): every row computes the soft prompt, the prompt and ``max_new`` positions."""
         pricing = self.pricing
+        billed_tokens = sum(len(ids) for ids in prompts) + len(prompts) * n * max_new
+        if max_new == 0:  # nothing runs on the swarm (the prompt is only echoed): no route to price
+            return pricing.hold(route_price=0, node_tokens=0, billed_tokens=billed_tokens)
         quote_route = functools.partial(
             target.model.quote, target.prompts, target.adapter, max_price=pricing.max_route_price
         )
@@ -264,7 +267,6 @@ class GenerationServing(OpenAIServing):
         except Exception as e:
             raise from_client_error(e) from e
         node_tokens = sum(n * (target.prefix_tokens + len(ids) + max_new) for ids in prompts)
-        billed_tokens = sum(len(ids) for ids in prompts) + len(prompts) * n * max_new
         return pricing.hold(route_price=quote.price, node_tokens=node_tokens, billed_tokens=billed_tokens)
 
     async def price(self, job: Generation, charge: Charge) -> int:
