@@ -48,7 +48,13 @@ class Billing:
 
     async def reserve(self, *, account_id: int, tokens: int, reference: str, what: str) -> int:
         """Holds the price of ``tokens``; returns the hold id, or raises a 402 saying how to get credit."""
-        amount = self.cost(tokens)
+        detail = f"{tokens} tokens at {micro_to_credits(self.price_per_token)} per token"
+        return await self.reserve_amount(
+            account_id=account_id, amount=self.cost(tokens), reference=reference, what=what, detail=detail
+        )
+
+    async def reserve_amount(self, *, account_id: int, amount: int, reference: str, what: str, detail: str) -> int:
+        """Holds ``amount`` micro-credits (``detail`` says what it pays for, in the 402)."""
 
         def work():
             with session_scope(self.engine) as session:
@@ -64,16 +70,19 @@ class Billing:
                 402,
                 f"Insufficient credits: account acct-{account_id} has {micro_to_credits(balance)} "
                 f"credits available and {what} may cost up to {micro_to_credits(amount)} credits "
-                f"({tokens} tokens at {micro_to_credits(self.price_per_token)} per token). Add "
+                f"({detail}). Add "
                 f"credit (Escrow.depositFor(<gateway address>, amount) from your linked address; on a "
                 f"devnet POST /v1/account/faucet) or ask for fewer tokens (max_tokens).",
                 code="insufficient_credits",
             )
         return hold_id
 
-    async def settle(self, *, hold_id: int, charge: Charge, kind: str, model: str, key_id: int | None) -> int:
-        """Charges what the request used (at most the hold) and frees the rest; returns the cost charged."""
-        cost = self.cost(charge.total_tokens)
+    async def settle(
+        self, *, hold_id: int, charge: Charge, kind: str, model: str, key_id: int | None, cost: int | None = None
+    ) -> int:
+        """Charges what the request used (``cost`` micro-credits, default its tokens at the flat price; at most the
+        hold) and frees the rest; returns the cost charged."""
+        cost = self.cost(charge.total_tokens) if cost is None else cost
 
         def work():
             with session_scope(self.engine) as session:

@@ -18,7 +18,7 @@ from nectar.wire.peers import initial_peers
 logger = logging.getLogger(__name__)
 
 COMMON = ("models", "initial_peers", "database_url", "broker_url", "deployment_path", "private_key")
-SERVE = ("host", "port", "ledger_url", "price_per_token")
+SERVE = ("host", "port", "ledger_url", "price_margin", "max_route_price", "price_per_token")
 OPTIONS = {  # Settings fields whose flag, shape or help differ from what the field gives
     "models": dict(help="built-in names, checkpoint folders or Hub ids (org/name[@revision]) to serve"),
     "initial_peers": dict(metavar="MULTIADDR", help="swarm peers (default: NECTAR_INITIAL_PEERS)"),
@@ -29,7 +29,9 @@ OPTIONS = {  # Settings fields whose flag, shape or help differ from what the fi
     "host": dict(help="address to listen on"),
     "port": dict(help="TCP port"),
     "ledger_url": dict(help="the ledger service, for node receipts, earnings and reputation"),
-    "price_per_token": dict(help="micro-credits charged per token"),
+    "price_per_token": dict(help="micro-credits charged per token at least (a floor under the route's price)"),
+    "price_margin": dict(help="share charged on top of what the route's nodes charge (0.2 = 20%%)"),
+    "max_route_price": dict(help="credit wei per token through every block: dearer routes are not taken"),
 }
 
 

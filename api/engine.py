@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from nectar.api.protocol import GenerationParams
-from nectar.client import ClientConfig, DistributedModelForCausalLM
+from nectar.client import ClientConfig, CostMeter, DistributedModelForCausalLM
 from nectar.wire.announce import ServerState
 
 logger = logging.getLogger(__name__)
@@ -154,6 +154,13 @@ class SwarmModel:
                 self._tuned.popitem(last=False)
         return tuned
 
+    # ---- pricing -----------------------------------------------------------------------------------------------
+
+    def quote(self, prompts: PromptSet | None = None, adapter: str | None = None, *, max_price: int | None = None):
+        """The route a generation of this variant would take now and its price per token (``nectar.client.Quote``);
+        ``RouteTooExpensiveError`` if every route costs more than ``max_price``. Blocking: call it off the loop."""
+        return self.variant(prompts, adapter).quote(max_price=max_price)
+
     # ---- generation --------------------------------------------------------------------------------------------
 
     async def stream(
@@ -163,6 +170,7 @@ class SwarmModel:
         *,
         prompts: PromptSet | None = None,
         adapter: str | None = None,
+        meter: CostMeter | None = None,
     ) -> AsyncIterator[list[int]]:
         """Yields, per generation step, the next token id of each of the ``params.n`` rows.
 
@@ -193,6 +201,7 @@ class SwarmModel:
                     tokenizer=self.tokenizer if params.stop else None,
                     seed=params.seed,
                     eos_token_id=self.eos_token_ids or None,
+                    meter=meter,  # counts what the nodes charge, within the request's budget
                 )
                 try:
                     for next_ids in steps:

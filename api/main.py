@@ -125,7 +125,8 @@ def create_app(settings: Settings | None = None, *, swarm: Engine | None = None)
         ]
         logger.info(
             f"Nectar API ready on {settings.base_url} serving {', '.join(engine.models)}; gateway wallet "
-            f"{engine.wallet_address}; {settings.price_per_token} micro-credits per token"
+            f"{engine.wallet_address}; priced at the route's price + {settings.price_margin:.0%} (at least "
+            f"{settings.price_per_token} micro-credits per token; up to {settings.max_route_price} wei per token)"
         )
         try:
             yield

@@ -63,7 +63,7 @@ class ErrorResponse(OpenAIBaseModel):
 
 # ---------------------------------------------------------------------------------------------------- usage, models
 class UsageInfo(OpenAIBaseModel):
-    """Tokens a request used; the account is charged ``total_tokens`` times the price per token."""
+    """Tokens a request used, and what it cost: its route's receipts plus the operator's margin (docs/economics.md)."""
 
     prompt_tokens: int = Field(description="Tokens of the prompt (counted once, whatever ``n`` is).")
     completion_tokens: int = Field(description="Tokens generated, over all choices.")

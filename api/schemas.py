@@ -44,7 +44,10 @@ class AccountPublic(BaseModel):
     balance_credits: str = Field(description="Spendable credits.")
     balance_micro: int = Field(description="Spendable micro-credits.")
     held_micro: int = Field(description="Micro-credits held by requests in flight.")
-    price_per_token_micro: int = Field(description="What one prompt or completion token costs, in micro-credits.")
+    price_per_token_micro: int = Field(
+        description="What one prompt or completion token costs at least, in micro-credits (generation is priced from "
+        "its route: what the nodes charge plus the operator's margin; see usage.cost)."
+    )
     requests: int = Field(description="Metered requests and jobs so far.")
     tokens: int = Field(description="Tokens charged so far.")
     spent_micro: int = Field(description="Micro-credits charged so far.")

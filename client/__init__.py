@@ -7,6 +7,7 @@
 - ``remote_sequential.py``  differentiable forward/backward through the swarm (prompt tuning)
 - ``routing/``              swarm view, route finding, price/reputation hook
 - ``payments.py``           receipt checks and cumulative vouchers
+- ``pricing.py``            route quotes, a generation's cost meter and budget
 - ``errors.py``             the named errors the client raises (no route, node error, bad receipt, ...)
 - ``generation.py``         sampling and stopping rules
 - ``config.py``             ClientConfig
@@ -25,9 +26,15 @@ from nectar.client.errors import (
 from nectar.client.inference_session import InferenceSession
 from nectar.client.model import DistributedModelForCausalLM
 from nectar.client.payments import ReceiptError, Wallet
+from nectar.client.pricing import BudgetExceededError, CostMeter, Quote, RouteTooExpensiveError, route_price
 from nectar.client.routing import MissingBlocksError, NoScorer, PeerScorer, RemoteSequenceManager
 
 __all__ = [
+    "BudgetExceededError",
+    "CostMeter",
+    "Quote",
+    "RouteTooExpensiveError",
+    "route_price",
     "ClientConfig",
     "DistributedModelForCausalLM",
     "InferenceFailedError",

@@ -35,6 +35,7 @@ from nectar.client.errors import (
 )
 from nectar.client.hop_stream import Fault, Hop, HopFailed, HopStream, Reply, bound_session
 from nectar.client.payments import ReceiptError, Wallet
+from nectar.client.pricing import BudgetExceededError, CostMeter, RouteTooExpensiveError, route_price
 from nectar.client.push_mode import PushMode
 from nectar.client.routing import MissingBlocksError, RemoteSequenceManager, RemoteSpan
 from nectar.wire.dht import ClientRuntime
@@ -54,6 +55,8 @@ class InferenceSession:
 
     :param max_length: total tokens (prompt + generated, prefix included) the session may hold
     :param streams: opens the stream of one hop (default: a ``HopStream`` through ``runtime``; tests pass others)
+    :param meter: counts what this session's accepted receipts cost and keeps it within the meter's budget and price
+        cap (``nectar.client.pricing``); several sessions may share one (default: a meter of its own, no budget)
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class InferenceSession:
         batch_size: int = 1,
         config: ClientConfig,
         streams: Callable[[RemoteSpan], HopStream] | None = None,
+        meter: CostMeter | None = None,
     ):
         self.manager, self.runtime, self.wallet, self.config = manager, runtime, wallet, config
         self.max_length, self.batch_size = max_length, batch_size
@@ -83,7 +87,10 @@ class InferenceSession:
         self.hops: list[Hop] = []
         self.failovers = 0
         self.push_mode = PushMode(self)
+        self.meter = meter if meter is not None else CostMeter()
+        self.max_price = self.meter.price_cap(batch_size * max_length)  # per token through every block
         self.hops = self._open_route(0, manager.num_blocks)
+        self.meter.opened()  # closed by close(): a settlement waits for the receipts of every open session
 
     @property
     def pushed_steps(self) -> int:
@@ -101,11 +108,26 @@ class InferenceSession:
         # nodes that refused for a reason of the moment or of this client (full cache, no credit) are skipped, not
         # banned: they are online and honest, and the session says why they refused
         errors, skipped = [], {}
+        max_price = None
+        if self.max_price is not None:  # what the rest of the route leaves of the session's price cap
+            kept = [hop.span for hop in self.hops if not (start <= hop.span.start and hop.span.end <= end)]
+            max_price = max(self.max_price - route_price(kept), 0)
         for attempt in range(self.config.max_retries + 1):
             try:
                 route = self.manager.make_inference_route(
-                    start, end, cache_tokens=self.max_length * self.batch_size, exclude=tuple(skipped)
+                    start,
+                    end,
+                    cache_tokens=self.max_length * self.batch_size,
+                    exclude=tuple(skipped),
+                    max_price=max_price,
                 )
+                if max_price is not None and route_price(route) > max_price:  # the manager's word is not enough
+                    raise RouteTooExpensiveError(
+                        f"The route {route} costs {route_price(route)} credit wei per token, above the "
+                        f"{max_price} this session may pay",
+                        price=route_price(route),
+                        cap=max_price,
+                    )
             except MissingBlocksError as e:
                 if skipped:
                     raise self._refused(skipped, errors, start, end) from e
@@ -248,7 +270,7 @@ class InferenceSession:
             span, pending, hop.unchecked = hop.span, hop.unchecked, []
             for receipt, step, descriptor, inputs, output in pending:
                 try:
-                    self.wallet.check_receipt(
+                    signed = self.wallet.check_receipt(
                         receipt,
                         node_address=span.info.eth_address,
                         price_per_block=span.info.price_per_token,
@@ -266,6 +288,7 @@ class InferenceSession:
                         kind=ReceiptKind.INFERENCE,
                         adapter=self.manager.active_adapter is not None,
                     )
+                    self.meter.accept(signed.receipt.amount)
                 except ReceiptError as e:
                     hop.fail(Fault(f"dishonest receipt: {e}", receipt=True))
                 except Exception as e:  # never let a check crash the loop: treat the hop as faulty
@@ -315,6 +338,13 @@ class InferenceSession:
         self.failovers += 1
         for attempt in range(self.config.max_retries + 1):
             new_hops = self._open_route(old.span.start, old.span.end)
+            try:  # a replay is paid work like any step: it counts against the budget before it is sent
+                replayed = sum(inputs.shape[0] * inputs.shape[1] for _, _, inputs in old.history)
+                self.meter.commit(replayed * route_price([hop.span for hop in new_hops]), "a failover's replay")
+            except BudgetExceededError:
+                for hop in new_hops:
+                    hop.close()
+                raise
             try:
                 for i, (step, position, inputs) in enumerate(old.history):
                     x = inputs
@@ -378,6 +408,8 @@ class InferenceSession:
         x = hidden_states.detach().float().cpu()
         index, failures = 0, 0
         while True:
+            # nothing is sent that would take the generation past its budget (the retry after a failover included)
+            self.meter.commit(x.shape[0] * x.shape[1] * route_price(self.route[index:]), f"step {step}")
             try:
                 if index == 0 and self.push_mode.usable(self.hops, position):
                     run = self.push_mode.run(x, step=step, position=position)
@@ -420,6 +452,8 @@ class InferenceSession:
             self.runtime.run(self._check_all(), timeout=30)
         except Exception:
             logger.debug("Could not check the last receipts", exc_info=True)
+        finally:
+            self.meter.closed()
         for hop in self.hops:
             voucher = self.wallet.voucher_for(hop.span.info.eth_address)
             try:

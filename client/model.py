@@ -15,6 +15,7 @@ from nectar.client.config import ClientConfig
 from nectar.client.generation import SamplingParams, StopStringMatcher, choose_next_tokens
 from nectar.client.inference_session import InferenceSession
 from nectar.client.payments import Wallet
+from nectar.client.pricing import BudgetExceededError, CostMeter, Quote, route_price
 from nectar.client.remote_sequential import RemoteCaller, RemoteSequential
 from nectar.client.routing import PeerScorer, RemoteSequenceManager
 from nectar.models import get_family, load_client_head, load_config, model_id_of, resolve_model
@@ -209,8 +210,11 @@ class DistributedModelForCausalLM(torch.nn.Module):
 
     # ---- generation -------------------------------------------------------------------------------------------
 
-    def inference_session(self, *, max_length: int, batch_size: int = 1) -> InferenceSession:
-        """Opens a session with server-side caches for ``max_length`` tokens (prompt tuning prefix included)."""
+    def inference_session(
+        self, *, max_length: int, batch_size: int = 1, meter: CostMeter | None = None
+    ) -> InferenceSession:
+        """Opens a session with server-side caches for ``max_length`` tokens (prompt tuning prefix included);
+        ``meter`` counts its cost and bounds it (``nectar.client.pricing``)."""
         return InferenceSession(
             self.sequence_manager,
             self.runtime,
@@ -218,7 +222,15 @@ class DistributedModelForCausalLM(torch.nn.Module):
             max_length=max_length,
             batch_size=batch_size,
             config=self.client_config,
+            meter=meter,
         )
+
+    def quote(self, *, max_price: int | None = None) -> Quote:
+        """The price per token (credit wei through every block) of the route a session would take now; with
+        ``max_price``, of the fastest route within it (``RouteTooExpensiveError`` if none is). Blocking: it may read
+        the DHT and ping nodes."""
+        route = self.sequence_manager.make_inference_route(max_price=max_price)
+        return Quote(tuple(route), route_price(route))
 
     def _sampling_params(
         self,
@@ -278,8 +290,15 @@ class DistributedModelForCausalLM(torch.nn.Module):
         pad_token_id=None,
         seed: int | None = None,
         session: InferenceSession | None = None,
+        meter: CostMeter | None = None,
+        max_cost_wei: int | None = None,
     ) -> Iterator[torch.Tensor]:
-        """Yields the next token ids [B] one step at a time (finished rows repeat ``pad_token_id``)."""
+        """Yields the next token ids [B] one step at a time (finished rows repeat ``pad_token_id``).
+
+        ``meter`` (or ``max_cost_wei``, a meter of its own) counts what the nodes' receipts charge and bounds it: the
+        generation stops early, as at ``max_new_tokens``, before a step that would take it past the budget (a prompt
+        the budget cannot pay for raises ``BudgetExceededError``), and takes no route dearer per token than the
+        budget spread over the session's tokens."""
         input_ids = torch.as_tensor(input_ids)
         if input_ids.ndim == 1:
             input_ids = input_ids.unsqueeze(0)
@@ -308,9 +327,11 @@ class DistributedModelForCausalLM(torch.nn.Module):
         stop_matcher = StopStringMatcher(tokenizer, params.stop_strings, prompt_length)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         own_session = session is None
+        if meter is None and max_cost_wei is not None:
+            meter = CostMeter(max_cost_wei)
         if own_session:
             session = self.inference_session(
-                max_length=self.pre_seq_len + prompt_length + params.max_new_tokens, batch_size=batch_size
+                max_length=self.pre_seq_len + prompt_length + params.max_new_tokens, batch_size=batch_size, meter=meter
             )
         try:
             with torch.no_grad():
@@ -340,7 +361,11 @@ class DistributedModelForCausalLM(torch.nn.Module):
                             return
                     if sequences.shape[1] - prompt_length >= params.max_new_tokens:
                         return
-                    hidden = session.step(self.head.embed(next_tokens[:, None]))
+                    try:
+                        hidden = session.step(self.head.embed(next_tokens[:, None]))
+                    except BudgetExceededError as e:  # what was generated is kept: the rows end as at max_new_tokens
+                        logger.info(f"Generation stopped at its budget: {e}")
+                        return
         finally:
             if own_session:
                 session.close()

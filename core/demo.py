@@ -24,7 +24,8 @@ from nectar.settings import configure
 
 logger = logging.getLogger(__name__)
 
-PRICE_PER_TOKEN = 10**12  # credit wei per token per block: a 30-block model costs 3e13 wei = 0.00003 credits/token
+PRICE_PER_TOKEN = 10**12  # credit wei per token per block: a 30-block model costs 3e13 wei = 30 micro-credits a token
+# at the nodes; the API charges what its requests' receipts add up to, plus its margin (docs/economics.md)
 DEPOSIT = 10 * 10**18
 RESERVE = 10**18  # per node: what a node serves the client against without trusting it (nodes check it, issue 20)
 
@@ -254,7 +255,8 @@ def main(argv: list[str]) -> int:
         ).json()
         print(
             f"[demo] the paid API answered: {reply['choices'][0]['message']['content']!r} "
-            f"(usage {reply['usage']['total_tokens']} tokens, debited from the API account)"
+            f"(usage {reply['usage']['total_tokens']} tokens, {reply['usage']['cost']} credits debited from the API "
+            "account: what the nodes' receipts charged + the gateway's margin)"
         )
         print(f"[demo] the paid API is at {api.url}/v1 (swarm monitor: {api.url}/monitor); with --keep-running, try:")
         print(example_request(api.url, api_account["api_key"], model_id_of(args.model)))

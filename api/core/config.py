@@ -57,7 +57,15 @@ class Settings(ServiceSettings):
     tuned_cache_size: int = 4  # fine-tuned prompt sets kept loaded
 
     # pricing and credit
-    price_per_token: int = 10  # micro-credits charged per prompt or completion token
+    # a request costs what its route's nodes charge (their price x blocks x the tokens each computed, n rows, soft
+    # prompts and failover replays included) x (1 + price_margin), rounded up to a micro-credit (docs/economics.md)
+    price_margin: float = 0.2  # the operator's share on top of what the nodes charge (0.2 = 20%)
+    max_route_price: int = 10**15  # credit wei per token through every block of a model: dearer routes are not taken
+    # (a request then gets 503); 0 = no cap
+    failover_reserve: float = 0.5  # share of a request's worst case added to its hold and budget for failover
+    # replays (a replay re-sends a span's history to the new node); past it, the generation stops ("length")
+    price_per_token: int = 10  # micro-credits per prompt or completion token charged at least (the gateway's own costs
+    # where nodes are free or cheap), and the price of fine-tuning tokens
     faucet_credits: Decimal = Decimal(10)  # credits one devnet faucet call adds to an account
     deposit_poll_seconds: float = 5.0  # how often the chain is scanned for deposits to the gateway's escrow
     deposit_confirmations: int = 0  # blocks to wait before crediting a deposit (0 on a devnet)
@@ -91,6 +99,10 @@ class Settings(ServiceSettings):
     def _check_ranges(self) -> Settings:
         if self.price_per_token < 0:
             raise ValueError("NECTAR_API_PRICE_PER_TOKEN must be >= 0 (micro-credits per token)")
+        if not (0 <= self.price_margin <= 100 and 0 <= self.failover_reserve <= 100):
+            raise ValueError("NECTAR_API_PRICE_MARGIN and NECTAR_API_FAILOVER_RESERVE are fractions from 0 to 100")
+        if self.max_route_price < 0:
+            raise ValueError("NECTAR_API_MAX_ROUTE_PRICE must be >= 0 (credit wei per token; 0 = no cap)")
         if self.reserve_per_node < 0 or self.reserve_max_nodes < 0:
             raise ValueError("NECTAR_API_RESERVE_PER_NODE and NECTAR_API_RESERVE_MAX_NODES must be >= 0")
         if self.max_concurrent_generations < 1:

@@ -1,9 +1,12 @@
-"""``GenerationServing``: the metered generation flow completions and chat share. It holds the worst case on the
-account, runs every prompt's ``n`` choices on the swarm, and settles exactly what was delivered, whole or streamed
-(SSE). Subclasses only build the prompts and format the answers."""
+"""``GenerationServing``: the metered generation flow completions and chat share. It quotes the route and holds the
+worst case on the account, runs every prompt's ``n`` choices on the swarm within that budget, and settles what the
+nodes' receipts cost plus the operator's margin (``nectar.api.pricing``), whole or streamed (SSE). Subclasses only
+build the prompts and format the answers."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
 import time
@@ -11,12 +14,16 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import anyio
+
 from nectar.api.billing import Charge
 from nectar.api.core.config import micro_to_credits
 from nectar.api.errors import ApiError, from_client_error
+from nectar.api.pricing import Hold, Pricing
 from nectar.api.protocol import ErrorInfo, ErrorResponse, GenerationParams, UsageInfo, random_id
 from nectar.api.serving.base import Auth, OpenAIServing, Target
 from nectar.api.text import ChoiceText
+from nectar.client import CostMeter, RouteTooExpensiveError
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +74,9 @@ class Generation:
     hold_id: int
     auth: Auth
     created: int = field(default_factory=lambda: int(time.time()))
+    hold: Hold | None = None  # the quote the hold was sized from
+    meter: CostMeter | None = None  # what the nodes' receipts cost, within the hold's budget
+    cost: int | None = None  # micro-credits charged, once priced
 
 
 class GenerationServing(OpenAIServing):
@@ -111,11 +121,12 @@ class GenerationServing(OpenAIServing):
             self.check_length(target, len(ids), max_new)
         params = request.to_generation_params(max_new)
         request_id = random_id(self.id_prefix)
-        worst = sum(len(ids) for ids in prompts) + len(prompts) * request.n * max_new
-        hold_id = await self.billing.reserve(
-            account_id=auth.account_id, tokens=worst, reference=request_id, what=self.what
+        hold = await self.quote(target, prompts, request.n, max_new)
+        hold_id = await self.billing.reserve_amount(
+            account_id=auth.account_id, amount=hold.amount, reference=request_id, what=self.what, detail=hold.describe()
         )
-        job = Generation(request, target, prompts, texts, params, request_id, hold_id, auth)
+        meter = CostMeter(hold.budget_wei, max_price=self.pricing.max_route_price)
+        job = Generation(request, target, prompts, texts, params, request_id, hold_id, auth, hold=hold, meter=meter)
         if request.stream:
             return await prime(self._stream(job))
         return await self._whole(job)
@@ -133,7 +144,7 @@ class GenerationServing(OpenAIServing):
             raise
         finally:
             await self.settle(job, charge)
-        return self.response(job, texts, reasons, self.usage(charge))
+        return self.response(job, texts, reasons, self.usage(charge, job))
 
     async def _stream(self, job: Generation) -> AsyncIterator[str]:
         charge, opened = Charge(0, 0), set()
@@ -158,9 +169,10 @@ class GenerationServing(OpenAIServing):
                 return
             options = job.request.stream_options
             if options and options.include_usage:
+                await self.price(job, charge)  # the usage chunk shows the cost the settlement charges
                 yield sse(
                     self.stream_response(
-                        id=job.id, created=job.created, model=job.target.name, choices=[], usage=self.usage(charge)
+                        id=job.id, created=job.created, model=job.target.name, choices=[], usage=self.usage(charge, job)
                     )
                 )
             yield SSE_DONE
@@ -173,10 +185,19 @@ class GenerationServing(OpenAIServing):
                 yield item
 
     def _run(self, job: Generation, prompt: int, ids: list[int], charge: Charge):
-        return self.run_choices(job.target, ids, job.params, first_index=prompt * job.request.n, charge=charge)
+        return self.run_choices(
+            job.target, ids, job.params, first_index=prompt * job.request.n, charge=charge, meter=job.meter
+        )
 
     async def run_choices(
-        self, target: Target, prompt_ids: list[int], params: GenerationParams, *, first_index: int, charge: Charge
+        self,
+        target: Target,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        *,
+        first_index: int,
+        charge: Charge,
+        meter: CostMeter | None = None,
     ) -> AsyncIterator[tuple[int, str, str | None]]:
         """Yields (choice index, new text, finish reason or None) as the swarm generates, counting tokens into
         ``charge``: the prompt once, every generated token of a choice until it finishes."""
@@ -186,7 +207,7 @@ class GenerationServing(OpenAIServing):
         ]
         charge.prompt_tokens += len(prompt_ids)
         if params.max_new_tokens > 0:
-            steps = target.model.stream(prompt_ids, params, prompts=target.prompts, adapter=target.adapter)
+            steps = target.model.stream(prompt_ids, params, prompts=target.prompts, adapter=target.adapter, meter=meter)
             try:
                 async for step in steps:
                     for row, token in enumerate(step):
@@ -210,13 +231,57 @@ class GenerationServing(OpenAIServing):
             if not choice.finished:
                 yield first_index + row, choice.finish("length"), "length"
 
-    def usage(self, charge: Charge) -> UsageInfo:
+    def usage(self, charge: Charge, job: Generation | None = None) -> UsageInfo:
+        cost = job.cost if job is not None and job.cost is not None else self.billing.cost(charge.total_tokens)
         return UsageInfo(
             prompt_tokens=charge.prompt_tokens,
             completion_tokens=charge.completion_tokens,
             total_tokens=charge.total_tokens,
-            cost=micro_to_credits(self.billing.cost(charge.total_tokens)),
+            cost=micro_to_credits(cost),
         )
+
+    # ---- pricing ------------------------------------------------------------------------------------------------
+
+    @functools.cached_property
+    def pricing(self) -> Pricing:
+        return Pricing.from_settings(self.settings)
+
+    async def quote(self, target: Target, prompts: list[list[int]], n: int, max_new: int) -> Hold:
+        """The hold for a request, from the price of the route it would take now (503 if every route costs more
+        than the operator's cap): every row computes the soft prompt, the prompt and ``max_new`` positions."""
+        pricing = self.pricing
+        billed_tokens = sum(len(ids) for ids in prompts) + len(prompts) * n * max_new
+        if max_new == 0:  # nothing runs on the swarm (the prompt is only echoed): no route to price
+            return pricing.hold(route_price=0, node_tokens=0, billed_tokens=billed_tokens)
+        quote_route = functools.partial(
+            target.model.quote, target.prompts, target.adapter, max_price=pricing.max_route_price
+        )
+        try:
+            quote = await anyio.to_thread.run_sync(quote_route)
+        except RouteTooExpensiveError as e:
+            raise ApiError(
+                503,
+                f"No route for {target.name} within this gateway's price cap, so nothing was charged: {e}",
+                code="route_too_expensive",
+            ) from e
+        except Exception as e:
+            raise from_client_error(e) from e
+        node_tokens = sum(n * (target.prefix_tokens + len(ids) + max_new) for ids in prompts)
+        return pricing.hold(route_price=quote.price, node_tokens=node_tokens, billed_tokens=billed_tokens)
+
+    async def price(self, job: Generation, charge: Charge) -> int:
+        """What the request is charged (micro-credits): the receipts its sessions accepted, with the margin, once
+        every session closed (the meter is sealed then: no later work is paid for); nothing if nothing was
+        delivered."""
+        if job.cost is None:
+            timeout = 2 * self.settings.step_timeout + 40  # a session's close waits at most this for last receipts
+            receipts = await anyio.to_thread.run_sync(job.meter.settle, timeout)
+            if charge.total_tokens == 0:
+                job.cost = 0
+            else:
+                job.cost = self.pricing.charge(receipts_wei=receipts, billed_tokens=charge.total_tokens, hold=job.hold)
+            logger.debug(f"{job.id}: nodes charged {receipts} wei in {job.meter.receipts} receipts; cost {job.cost}")
+        return job.cost
 
     @staticmethod
     def stream_error(error: ApiError) -> str:
@@ -224,9 +289,18 @@ class GenerationServing(OpenAIServing):
         return sse(ErrorResponse(error=ErrorInfo(**error.body.error.model_dump())))
 
     async def settle(self, job: Generation, charge: Charge) -> None:
+        # shielded as a whole: a client that goes away cancels the request task, but its charge must still land
+        await asyncio.shield(self._settle(job, charge))
+
+    async def _settle(self, job: Generation, charge: Charge) -> None:
         try:
             await self.billing.settle(
-                hold_id=job.hold_id, charge=charge, kind=self.kind, model=job.target.name, key_id=job.auth.key_id
+                hold_id=job.hold_id,
+                charge=charge,
+                kind=self.kind,
+                model=job.target.name,
+                key_id=job.auth.key_id,
+                cost=await self.price(job, charge),
             )
         except Exception:  # the hold stays; the stale-hold sweeper returns it, and the log tells the operator
             logger.exception(f"Could not settle hold {job.hold_id} ({charge})")

@@ -39,6 +39,7 @@ import time
 from hivemind.p2p import PeerID
 
 from nectar.client.config import ClientConfig
+from nectar.client.pricing import RouteTooExpensiveError, route_price
 from nectar.client.routing.scoring import NoScorer, PeerScorer
 from nectar.client.routing.spans import RemoteSpan
 from nectar.wire.announce import ServerInfo, ServerState
@@ -320,8 +321,16 @@ class RemoteSequenceManager:
         return (self.latency(peer_id, info) + compute + expected_loss) * self.scorer.cost_factor(peer_id, info)
 
     def make_inference_route(
-        self, start: int = 0, end: int | None = None, *, cache_tokens: int = 0, exclude: tuple = ()
+        self,
+        start: int = 0,
+        end: int | None = None,
+        *,
+        cache_tokens: int = 0,
+        exclude: tuple = (),
+        max_price: int | None = None,
     ) -> list[RemoteSpan]:
+        """The fastest route over blocks [start, end); with ``max_price`` (credit wei per token over these blocks),
+        the fastest one within it, else the cheapest one if that is (``RouteTooExpensiveError`` if none is)."""
         end = self.num_blocks if end is None else end
         self._begin_route()
         self._unstaked = {}
@@ -329,6 +338,8 @@ class RemoteSequenceManager:
             candidates = {p: i for p, i in self._candidates(start, end).items() if p not in exclude}
             usable = {p: i for p, i in candidates.items() if i.cache_tokens_left >= cache_tokens} or candidates
             route = self._shortest_path(start, end, usable)
+            if route is not None and max_price is not None and route_price(route) > max_price:
+                route = self._cheapest_within(start, end, usable, max_price)
             if route is not None:
                 if self.config.show_route:
                     logger.info(f"Route for blocks {start}:{end}: {route}")
@@ -337,8 +348,12 @@ class RemoteSequenceManager:
         missing = self._missing(start, end, candidates) or list(range(start, end))
         raise MissingBlocksError(missing, self.model_id, self._unstaked, self.active_adapter)
 
-    def _shortest_path(self, start: int, end: int, peers: dict[PeerID, ServerInfo]) -> list[RemoteSpan] | None:
+    def _shortest_path(
+        self, start: int, end: int, peers: dict[PeerID, ServerInfo], cost=None
+    ) -> list[RemoteSpan] | None:
+        """Dijkstra over block boundaries; a hop costs ``cost(peer_id, info, blocks)`` (default: its time)."""
         cap = self._unmeasured_cap(peers)
+        cost_of = cost or (lambda peer_id, info, blocks: self._hop_cost(peer_id, info, blocks, cap))
         costs: dict[tuple[PeerID, int], float] = {}  # one scorer call per (peer, length): the scorer may draw
         best = {start: 0.0}
         previous: dict[int, tuple[int, PeerID]] = {}
@@ -355,7 +370,7 @@ class RemoteSequenceManager:
                 for stop in range(block + 1, min(info.end, end) + 1):
                     key = (peer_id, stop - block)
                     if key not in costs:
-                        costs[key] = self._hop_cost(peer_id, info, stop - block, cap)
+                        costs[key] = cost_of(peer_id, info, stop - block)
                     new_cost = cost + costs[key]
                     if new_cost < best.get(stop, float("inf")) - 1e-12:
                         best[stop] = new_cost
@@ -369,6 +384,24 @@ class RemoteSequenceManager:
             route.append(RemoteSpan(peer_id, begin, block, peers[peer_id]))
             block = begin
         return route[::-1]
+
+    def _cheapest_within(self, start: int, end: int, peers: dict[PeerID, ServerInfo], max_price: int):
+        """The cheapest route over [start, end) (by announced price x blocks); raises ``RouteTooExpensiveError`` if
+        even that costs more than ``max_price`` per token."""
+        fastest = self._shortest_path(
+            start, end, peers, cost=lambda peer_id, info, blocks: max(int(info.price_per_token), 0) * blocks
+        )
+        price = route_price(fastest or [])
+        if fastest is None or price > max_price:
+            raise RouteTooExpensiveError(
+                f"The cheapest route over blocks {start}:{end} of {self.model_id} costs {price} credit wei per token "
+                f"(the sum of its nodes' announced price x blocks), above the {max_price} allowed (the operator's "
+                "cap, or the budget left per token). Retry when cheaper nodes serve these blocks (`nectar swarm` "
+                "lists prices), or allow a higher price.",
+                price=price,
+                cap=max_price,
+            )
+        return fastest
 
     def make_training_route(self, start: int = 0, end: int | None = None) -> list[RemoteSpan]:
         """Throughput-proportional random choice, hop by hop, each hop as long as its server allows."""

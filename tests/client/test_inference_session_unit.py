@@ -288,8 +288,8 @@ class FakeManager:
         self.ban_timeouts: list[float | None] = []
 
     def make_inference_route(
-        self, start: int, end: int, *, cache_tokens: int = 0, exclude: tuple = ()
-    ) -> list[RemoteSpan]:
+        self, start: int, end: int, *, cache_tokens: int = 0, exclude: tuple = (), max_price: int | None = None
+    ) -> list[RemoteSpan]:  # price caps are the session's to enforce here
         banned = {peer for peer, _ in self.bans} | set(exclude)
         route, at = [], start
         while at < end:
