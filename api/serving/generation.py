@@ -4,6 +4,7 @@ account, runs every prompt's ``n`` choices on the swarm, and settles exactly wha
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -13,7 +14,7 @@ from typing import Any, ClassVar
 
 from nectar.api.billing import Charge
 from nectar.api.core.config import micro_to_credits
-from nectar.api.errors import ApiError, from_client_error
+from nectar.api.errors import ApiError, bad_request, from_client_error
 from nectar.api.protocol import ErrorInfo, ErrorResponse, GenerationParams, UsageInfo, random_id
 from nectar.api.serving.base import Auth, OpenAIServing, Target
 from nectar.api.text import ChoiceText
@@ -67,6 +68,8 @@ class Generation:
     hold_id: int
     auth: Auth
     created: int = field(default_factory=lambda: int(time.time()))
+    choices: dict[int, ChoiceText] = field(default_factory=dict)  # by choice index, as they start
+    prompt_scores: dict[int, list] = field(default_factory=dict)  # by prompt: its tokens' TokenScores (echo)
 
 
 class GenerationServing(OpenAIServing):
@@ -110,6 +113,7 @@ class GenerationServing(OpenAIServing):
         for ids in prompts:
             self.check_length(target, len(ids), max_new)
         params = request.to_generation_params(max_new)
+        await self.check_options(params, target)
         request_id = random_id(self.id_prefix)
         worst = sum(len(ids) for ids in prompts) + len(prompts) * request.n * max_new
         hold_id = await self.billing.reserve(
@@ -119,6 +123,24 @@ class GenerationServing(OpenAIServing):
         if request.stream:
             return await prime(self._stream(job))
         return await self._whole(job)
+
+    async def check_options(self, params: GenerationParams, target: Target) -> None:
+        """400 for a logit_bias token outside the model's vocabulary or a JSON schema the sampler cannot enforce,
+        before anything is held or run."""
+        vocab = target.model.model.head.vocab_size
+        for token in params.logit_bias or {}:
+            if token >= vocab:
+                raise bad_request(
+                    f"logit_bias names token {token}, outside the vocabulary of {target.name} (0..{vocab - 1})",
+                    param="logit_bias",
+                )
+        if params.json_schema is not None:
+            from nectar.client.constrained import ConstraintError, json_schema_grammar
+
+            try:  # compiling can take a while for a large schema: off the event loop
+                await asyncio.to_thread(json_schema_grammar, target.model.tokenizer, params.json_schema)
+            except ConstraintError as e:
+                raise bad_request(f"{e}; fix response_format.json_schema.schema", param="response_format") from None
 
     async def _whole(self, job: Generation):
         charge = Charge(0, 0)
@@ -141,10 +163,13 @@ class GenerationServing(OpenAIServing):
         try:
             try:
                 for p, ids in enumerate(job.prompts):
-                    for event in self.prompt_events(job, p):
-                        started = True
-                        yield event
+                    echoed = False
                     async for index, text, reason in self._run(job, p, ids, charge):
+                        if not echoed:  # after the swarm's first answer, which brings the prompt's logprobs
+                            echoed = True
+                            for event in self.prompt_events(job, p):
+                                started = True
+                                yield event
                         first = index not in opened
                         opened.add(index)
                         started = True
@@ -173,28 +198,52 @@ class GenerationServing(OpenAIServing):
                 yield item
 
     def _run(self, job: Generation, prompt: int, ids: list[int], charge: Charge):
-        return self.run_choices(job.target, ids, job.params, first_index=prompt * job.request.n, charge=charge)
+        job.prompt_scores[prompt] = []
+        return self.run_choices(
+            job.target,
+            ids,
+            job.params,
+            first_index=prompt * job.request.n,
+            charge=charge,
+            choices_out=job.choices,
+            prompt_scores_out=job.prompt_scores[prompt],
+        )
 
     async def run_choices(
-        self, target: Target, prompt_ids: list[int], params: GenerationParams, *, first_index: int, charge: Charge
+        self,
+        target: Target,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        *,
+        first_index: int,
+        charge: Charge,
+        choices_out: dict[int, ChoiceText] | None = None,
+        prompt_scores_out: list | None = None,
     ) -> AsyncIterator[tuple[int, str, str | None]]:
         """Yields (choice index, new text, finish reason or None) as the swarm generates, counting tokens into
-        ``charge``: the prompt once, every generated token of a choice until it finishes."""
+        ``charge``: the prompt once, every generated token of a choice until it finishes. The choices (with their
+        tokens' scores) go into ``choices_out`` and the prompt's scores into ``prompt_scores_out``."""
         choices = [
             ChoiceText(target.model.tokenizer, stops=params.stop, eos_token_ids=target.model.eos_token_ids)
             for _ in range(params.n)
         ]
+        if choices_out is not None:
+            choices_out.update({first_index + row: choice for row, choice in enumerate(choices)})
         charge.prompt_tokens += len(prompt_ids)
-        if params.max_new_tokens > 0:
+        if params.max_new_tokens > 0 or params.prompt_logprobs is not None:  # the prompt's scores need its prefill
             steps = target.model.stream(prompt_ids, params, prompts=target.prompts, adapter=target.adapter)
             try:
                 async for step in steps:
-                    for row, token in enumerate(step):
+                    if step.prompt is not None:
+                        if prompt_scores_out is not None:
+                            prompt_scores_out.extend(step.prompt)
+                        continue
+                    for row, token in enumerate(step.tokens):
                         choice = choices[row]
                         if choice.finished:
                             continue
                         charge.completion_tokens += 1
-                        delta = choice.add(token)
+                        delta = choice.add(token, step.scores[row] if step.scores else None)
                         if delta or choice.finished:
                             yield first_index + row, delta, choice.finish_reason
                     if all(choice.finished for choice in choices):
