@@ -450,6 +450,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
         """Like ``transformers``' ``generate()``: returns prompt + new tokens [B, T + new].
 
         Supports max_new_tokens/max_length, do_sample, temperature, top_k, top_p, repetition_penalty,
+        presence_penalty, frequency_penalty, logit_bias, json_schema (with tokenizer=...),
         stop_strings (with tokenizer=...), eos_token_id, pad_token_id, seed, a ``streamer`` with put()/end()
         (e.g. ``transformers.TextStreamer``) and an open ``session`` to continue a conversation."""
         if input_ids is None:
