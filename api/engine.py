@@ -21,6 +21,7 @@ import torch
 
 from nectar.api.protocol import GenerationParams
 from nectar.client import ClientConfig, CostMeter, DistributedModelForCausalLM
+from nectar.client.generation import PromptLogprobs
 from nectar.wire.announce import ServerState
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,35 @@ class PromptSet:
     tuning_mode: str
     pre_seq_len: int
     prompts: bytes  # what DistributedModelForCausalLM.save_prompts wrote
+
+
+@dataclass
+class TokenScore:
+    """A token's logprob under the model's raw distribution and the likeliest tokens at its position."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), likeliest first
+
+
+@dataclass
+class SwarmStep:
+    """What ``SwarmModel.stream`` yields: the next token of each row (and their scores if logprobs were asked), or
+    once, first, the scores of the prompt's tokens after the first (``prompt``, rows share the prompt)."""
+
+    tokens: list[int]
+    scores: list[TokenScore] | None = None
+    prompt: list[TokenScore] | None = None
+
+
+def _scores(logprobs, row: int) -> list[TokenScore]:
+    """One row of the client's ``Logprobs`` as TokenScores."""
+    tokens, values = logprobs.token_ids[row].tolist(), logprobs.logprobs[row].tolist()
+    top_ids, top_values = logprobs.top_ids[row].tolist(), logprobs.top_logprobs[row].tolist()
+    return [
+        TokenScore(token, value, list(zip(ids, tops, strict=True)))
+        for token, value, ids, tops in zip(tokens, values, top_ids, top_values, strict=True)
+    ]
 
 
 class GenerationCancelled(Exception):
@@ -171,8 +201,9 @@ class SwarmModel:
         prompts: PromptSet | None = None,
         adapter: str | None = None,
         meter: CostMeter | None = None,
-    ) -> AsyncIterator[list[int]]:
-        """Yields, per generation step, the next token id of each of the ``params.n`` rows.
+    ) -> AsyncIterator[SwarmStep]:
+        """Yields, per generation step, the next token id of each of the ``params.n`` rows (after the prompt's
+        scores if ``params.prompt_logprobs`` is set).
 
         Closing the iterator (the client went away, or every choice finished) stops the generation after the
         current step and closes its swarm session."""
@@ -189,7 +220,8 @@ class SwarmModel:
                     raise GenerationCancelled()
                 model = self.variant(prompts, adapter)
                 input_ids = torch.tensor([prompt_ids] * params.n, dtype=torch.long)
-                steps = model.stream_generate(
+                constrained = params.json_schema is not None
+                steps = model.stream_generate_steps(
                     input_ids,
                     max_new_tokens=params.max_new_tokens,
                     do_sample=params.do_sample,
@@ -198,14 +230,27 @@ class SwarmModel:
                     top_p=params.top_p,
                     repetition_penalty=params.repetition_penalty,
                     stop_strings=params.stop or None,
-                    tokenizer=self.tokenizer if params.stop else None,
+                    tokenizer=self.tokenizer if params.stop or constrained else None,
                     seed=params.seed,
                     eos_token_id=self.eos_token_ids or None,
                     meter=meter,  # counts what the nodes charge, within the request's budget
+                    presence_penalty=params.presence_penalty,
+                    frequency_penalty=params.frequency_penalty,
+                    logit_bias=params.logit_bias,
+                    logprobs=params.logprobs,
+                    prompt_logprobs=params.prompt_logprobs,
+                    json_schema=params.json_schema,
                 )
                 try:
-                    for next_ids in steps:
-                        put(("tokens", next_ids.tolist()))
+                    for step in steps:
+                        if isinstance(step, PromptLogprobs):
+                            put(("tokens", SwarmStep([], prompt=_scores(step.logprobs, 0))))
+                            continue
+                        tokens = step.tokens.tolist()
+                        scores = None
+                        if step.logprobs is not None:
+                            scores = [_scores(step.logprobs, row)[0] for row in range(len(tokens))]
+                        put(("tokens", SwarmStep(tokens, scores)))
                         if stop.is_set():
                             break
                 finally:

@@ -93,14 +93,15 @@ def _field_path(location) -> str:
 
 
 def validation_error(exc: RequestValidationError) -> ApiError:
-    """A 422 that names every bad field (``param`` is the first one)."""
+    """A 400 that names every bad field (``param`` is the first one): OpenAI and vLLM answer a malformed body with
+    400, and the official client retries nothing on it."""
     problems, first = [], None
     for item in exc.errors():
         path = _field_path(item.get("loc", ()))
         first = first or path
         problems.append(f"'{path}': {item.get('msg', 'invalid')}")
     message = "Invalid request: " + "; ".join(problems[:10]) + (" ..." if len(problems) > 10 else "")
-    return ApiError(422, message, param=first, code="invalid_request_body")
+    return ApiError(400, message, param=first, code="invalid_request_body")
 
 
 def install_error_handlers(app: FastAPI) -> None:

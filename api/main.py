@@ -164,12 +164,17 @@ def _openapi(app: FastAPI) -> dict:
     ours = {"$ref": "#/components/schemas/ErrorResponse"}
     for path in schema.get("paths", {}).values():
         for operation in path.values():
-            answer = operation.get("responses", {}).get("422")
-            if answer and "HTTPValidationError" in str(answer):
-                operation["responses"]["422"] = {
-                    "description": "Malformed request: the message and ``param`` name the field.",
-                    "content": {"application/json": {"schema": ours}},
-                }
+            responses = operation.get("responses", {})
+            answer = responses.get("422")
+            if answer and "HTTPValidationError" in str(answer):  # answered 400, as OpenAI and vLLM do
+                del responses["422"]
+                responses.setdefault(
+                    "400",
+                    {
+                        "description": "Malformed request: the message and ``param`` name the field.",
+                        "content": {"application/json": {"schema": ours}},
+                    },
+                )
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)

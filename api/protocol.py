@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,12 @@ class GenerationParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    logprobs: int | None = None  # top alternatives per generated token (None: no logprobs)
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (completions' echo)
+    json_schema: dict | bool | None = None  # every choice is a JSON document valid under it
 
 
 class StreamOptions(OpenAIBaseModel):
@@ -112,6 +118,44 @@ class StreamOptions(OpenAIBaseModel):
 
 
 StopField = str | list[str] | None
+MAX_TOP_LOGPROBS = 20  # as vLLM's default max_logprobs
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias (OpenAI: 300)
+
+
+class JsonSchemaFormat(OpenAIBaseModel):
+    """The schema of ``response_format`` ``json_schema``."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str = Field(max_length=64, description="A name for the schema (letters, digits, _ and -).")
+    description: str | None = Field(default=None, max_length=4096, description="What the answer is for.")
+    schema_: dict[str, Any] | None = Field(
+        default=None, alias="schema", description="A JSON schema; the answer is a JSON document valid under it."
+    )
+    strict: bool | None = Field(default=None, description="Accepted; the schema is always enforced.")
+
+
+class ResponseFormat(OpenAIBaseModel):
+    """``text`` (free), ``json_object`` (any JSON object) or ``json_schema`` (valid under a schema), enforced by
+    constrained decoding in the gateway's sampler."""
+
+    type: Literal["text", "json_object", "json_schema"] = Field(description="What the answer must be.")
+    json_schema: JsonSchemaFormat | None = Field(default=None, description="The schema, for ``json_schema``.")
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('response_format of type "json_schema" needs a json_schema: {"name", "schema"}')
+        return self
+
+    def enforced_schema(self) -> dict | bool | None:
+        """The JSON schema the answer must satisfy, or None for free text."""
+        if self.type == "json_object":
+            return {"type": "object"}
+        if self.type == "json_schema":
+            schema = self.json_schema.schema_
+            return True if schema is None else schema  # no schema: any JSON document
+        return None
 
 
 class _SamplingFields(OpenAIBaseModel):
@@ -124,13 +168,20 @@ class _SamplingFields(OpenAIBaseModel):
     stream_options: StreamOptions | None = Field(default=None, description="Options of a streamed answer.")
     stop: StopField = Field(default=None, description="Up to 4 strings that end generation (not included).")
     seed: int | None = Field(default=None, description="Seed for sampling, for reproducible samples.")
-    presence_penalty: float = Field(
-        default=0.0, ge=-2, le=2, description="Only 0 is supported; see repetition_penalty."
+    presence_penalty: float | None = Field(
+        default=0.0, ge=-2, le=2, description="Subtracted from the logit of every token already generated."
     )
-    frequency_penalty: float = Field(
-        default=0.0, ge=-2, le=2, description="Only 0 is supported; see repetition_penalty."
+    frequency_penalty: float | None = Field(
+        default=0.0, ge=-2, le=2, description="Subtracted from a token's logit once per time it was generated."
     )
-    logit_bias: dict[str, float] | None = Field(default=None, description="Not supported (must be empty).")
+    logit_bias: dict[str, float] | None = Field(
+        default=None,
+        max_length=MAX_LOGIT_BIAS,
+        description="Token id (as a string) -> bias in [-100, 100] added to its logit: 100 forces it, -100 bans it.",
+    )
+    response_format: ResponseFormat | None = Field(
+        default=None, description='{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}.'
+    )
     user: str | None = Field(default=None, description="An end-user id, for the caller's own records.")
     top_k: int | None = Field(default=None, ge=0, description="Nectar extension: keep the k likeliest tokens.")
     repetition_penalty: float | None = Field(
@@ -141,15 +192,30 @@ class _SamplingFields(OpenAIBaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return [s for s in stops if s]
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, bias: dict[str, float] | None):
+        for key, value in (bias or {}).items():
+            if not (key.isascii() and key.isdigit()) or len(key) > 9:
+                raise ValueError(f"logit_bias keys are token ids (decimal strings), got {key[:20]!r}")
+            if not -100 <= value <= 100:  # NaN fails too
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {value} for token {key}")
+        return bias
+
+    def logit_bias_ids(self) -> dict[int, float]:
+        return {int(key): float(value) for key, value in (self.logit_bias or {}).items()}
+
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for a requested feature the swarm cannot honour, or None."""
         if len(self.stop_list()) > MAX_STOP_SEQUENCES:
             return "stop", f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed"
-        if self.presence_penalty or self.frequency_penalty:
-            name = "presence_penalty" if self.presence_penalty else "frequency_penalty"
-            return name, f"{name} is not supported; use repetition_penalty (e.g. 1.1) instead"
-        if self.logit_bias:
-            return "logit_bias", "logit_bias is not supported"
+        return None
+
+    def logprobs_count(self) -> int | None:
+        """Alternatives per generated token, or None for no logprobs."""
+        return None
+
+    def prompt_logprobs_count(self) -> int | None:
         return None
 
     def to_generation_params(self, max_new_tokens: int) -> GenerationParams:
@@ -165,6 +231,12 @@ class _SamplingFields(OpenAIBaseModel):
             stop=self.stop_list(),
             seed=self.seed,
             n=self.n,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=self.logit_bias_ids() or None,
+            logprobs=self.logprobs_count(),
+            prompt_logprobs=self.prompt_logprobs_count(),
+            json_schema=self.response_format.enforced_schema() if self.response_format else None,
         )
 
 
@@ -176,14 +248,25 @@ class CompletionRequest(_SamplingFields):
         description="A string, a list of strings, token ids, or a list of token-id lists."
     )
     max_tokens: int | None = Field(default=16, ge=0, description="Tokens to generate at most per choice.")
-    echo: bool = Field(default=False, description="Prepend the prompt to each choice's text.")
-    logprobs: int | None = Field(default=None, ge=0, le=5, description="Not supported (must be null).")
+    echo: bool = Field(
+        default=False, description="Prepend the prompt to each choice's text (with logprobs: the prompt's too)."
+    )
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="Return each token's logprob and this many likeliest alternatives (of the raw model logits).",
+    )
     best_of: int | None = Field(default=None, ge=1, description="Only null or equal to n is supported.")
     suffix: str | None = Field(default=None, description="Not supported (must be null).")
 
+    def logprobs_count(self) -> int | None:
+        return self.logprobs
+
+    def prompt_logprobs_count(self) -> int | None:
+        return self.logprobs if self.echo else None
+
     def unsupported(self) -> tuple[str, str] | None:
-        if self.logprobs is not None:
-            return "logprobs", "logprobs are not supported by the swarm"
         if self.best_of not in (None, self.n):
             return "best_of", "best_of is not supported (use n)"
         if self.suffix:
@@ -218,19 +301,24 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
     max_tokens: int | None = Field(default=None, ge=1, description="Tokens to generate at most (deprecated name).")
     max_completion_tokens: int | None = Field(default=None, ge=1, description="Tokens to generate at most.")
-    logprobs: bool | None = Field(default=None, description="Not supported (must be false).")
-    top_logprobs: int | None = Field(default=None, description="Not supported (must be null).")
+    logprobs: bool | None = Field(default=None, description="Return each reply token's logprob.")
+    top_logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="With logprobs: this many likeliest alternatives per token (of the raw model logits).",
+    )
     tools: list[dict[str, Any]] | None = Field(default=None, description="Not supported (must be empty).")
     tool_choice: Any = Field(default=None, description="Not supported.")
-    response_format: dict[str, Any] | None = Field(default=None, description='Only {"type": "text"}.')
+
+    def logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.logprobs or self.top_logprobs:
-            return "logprobs", "logprobs are not supported by the swarm"
+        if self.top_logprobs and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs: true"
         if self.tools:
             return "tools", "tool calls are not supported"
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            return "response_format", 'only response_format {"type": "text"} is supported'
         return super().unsupported()
 
     def requested_max_tokens(self) -> int | None:
@@ -240,12 +328,45 @@ class ChatCompletionRequest(_SamplingFields):
 FinishReason = Literal["stop", "length"]
 
 
+class CompletionLogprobs(OpenAIBaseModel):
+    """Logprobs of a completion's tokens, in the legacy completions shape (one entry per token)."""
+
+    tokens: list[str] = Field(default_factory=list, description="Each token's text.")
+    token_logprobs: list[float | None] = Field(
+        default_factory=list, description="Each token's logprob (null for the first prompt token with echo)."
+    )
+    top_logprobs: list[dict[str, float] | None] = Field(
+        default_factory=list, description="The likeliest tokens at each position (and the chosen one), text -> logprob."
+    )
+    text_offset: list[int] = Field(default_factory=list, description="Where each token starts in the choice text.")
+
+
+class TopLogprob(OpenAIBaseModel):
+    """An alternative token at one position."""
+
+    token: str = Field(description="The token's text.")
+    logprob: float = Field(description="Its logprob under the model's raw distribution.")
+    bytes: list[int] | None = Field(default=None, description="The token text's UTF-8 bytes.")
+
+
+class ChatTokenLogprob(TopLogprob):
+    """A reply token, its logprob and the likeliest alternatives."""
+
+    top_logprobs: list[TopLogprob] = Field(default_factory=list, description="The top_logprobs likeliest tokens.")
+
+
+class ChoiceLogprobs(OpenAIBaseModel):
+    """Logprobs of a chat reply's tokens."""
+
+    content: list[ChatTokenLogprob] | None = Field(default=None, description="One entry per reply token.")
+
+
 class CompletionChoice(OpenAIBaseModel):
     """One generated continuation."""
 
     index: int = Field(description="Position among the request's choices (prompt index * n + sample index).")
     text: str = Field(description="The generated text (after the prompt, unless echo).")
-    logprobs: None = Field(default=None, description="Always null.")
+    logprobs: CompletionLogprobs | None = Field(default=None, description="If logprobs was set.")
     finish_reason: FinishReason | None = Field(description="``stop`` (end of text or a stop string) or ``length``.")
 
 
@@ -266,7 +387,7 @@ class CompletionStreamChoice(OpenAIBaseModel):
 
     index: int = Field(description="Which choice this text belongs to.")
     text: str = Field(description="Text since the previous chunk.")
-    logprobs: None = Field(default=None, description="Always null.")
+    logprobs: CompletionLogprobs | None = Field(default=None, description="Of this chunk's tokens.")
     finish_reason: FinishReason | None = Field(default=None, description="Set on the choice's last chunk.")
 
 
@@ -293,7 +414,7 @@ class ChatCompletionChoice(OpenAIBaseModel):
 
     index: int = Field(description="Which of the n replies this is.")
     message: AssistantMessage = Field(description="The reply.")
-    logprobs: None = Field(default=None, description="Always null.")
+    logprobs: ChoiceLogprobs | None = Field(default=None, description="If logprobs was set.")
     finish_reason: FinishReason | None = Field(description="``stop`` or ``length``.")
 
 
@@ -321,7 +442,7 @@ class ChatCompletionStreamChoice(OpenAIBaseModel):
 
     index: int = Field(description="Which reply this belongs to.")
     delta: DeltaMessage = Field(description="The new part.")
-    logprobs: None = Field(default=None, description="Always null.")
+    logprobs: ChoiceLogprobs | None = Field(default=None, description="Of this chunk's tokens.")
     finish_reason: FinishReason | None = Field(default=None, description="Set on the reply's last chunk.")
 
 

@@ -40,14 +40,20 @@ class ChoiceText:
         self.text = ""  # final text so far (the stop string cut off once seen)
         self.emitted = 0  # characters of ``text`` already returned by add()
         self.finish_reason: str | None = None
+        self.scores: list[tuple[object, int]] = []  # (the client's score of each token, where it starts in text)
+        self.scores_taken = 0  # of ``scores``, how many take_scores() returned
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def add(self, token_id: int) -> str:
+    def add(self, token_id: int, score=None) -> str:
+        """The new text that ``token_id`` makes safe to emit; ``score`` (its logprobs, if asked) is kept for the
+        answer, with where the token starts in the text."""
         if self.finished:
             return ""
+        if score is not None:
+            self.scores.append((score, len(self.text)))
         self.num_tokens += 1
         if token_id in self.eos:
             self.finish_reason = "stop"
@@ -71,8 +77,41 @@ class ChoiceText:
         self.finish_reason = reason
         return self._flush(len(self.text))
 
+    def take_scores(self) -> list[tuple[object, int]]:
+        """The scores of the tokens added since the last call (what a streamed chunk carries)."""
+        taken = self.scores[self.scores_taken :]
+        self.scores_taken = len(self.scores)
+        return taken
+
     def _flush(self, upto: int) -> str:
         upto = max(upto, self.emitted)
         delta = self.text[self.emitted : upto]
         self.emitted = upto
         return delta
+
+
+class TokenTexts:
+    """Each token's own text (``decode([id])``, special tokens kept, as vLLM reports logprob tokens), cached for one
+    answer: top-k alternatives repeat the same few tokens."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.cache = tokenizer, {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self.cache.get(token_id)
+        if text is None:
+            text = self.cache[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def prefix_offsets(self, token_ids: Sequence[int]) -> list[int]:
+        """Where each token of a prompt starts in its decoded text (special tokens skipped, as echoed). Linear: each
+        token's length is what it adds to a decode of a few tokens before it (merged spaces and multi-byte
+        characters settle within them)."""
+        offsets, total = [], 0
+        ids = list(token_ids)
+        for i in range(len(ids)):
+            offsets.append(total)
+            low = max(0, i - 4)
+            added = len(self.tokenizer.decode(ids[low : i + 1], skip_special_tokens=True))
+            total += max(0, added - len(self.tokenizer.decode(ids[low:i], skip_special_tokens=True)))
+        return offsets

@@ -12,7 +12,14 @@ import torch
 from transformers import GenerationConfig
 
 from nectar.client.config import ClientConfig
-from nectar.client.generation import SamplingParams, StopStringMatcher, choose_next_tokens
+from nectar.client.generation import (
+    GenerationStep,
+    Logprobs,
+    PromptLogprobs,
+    SamplingParams,
+    StopStringMatcher,
+    choose_next_tokens,
+)
 from nectar.client.inference_session import InferenceSession
 from nectar.client.payments import Wallet
 from nectar.client.pricing import BudgetExceededError, CostMeter, Quote, route_price
@@ -246,6 +253,9 @@ class DistributedModelForCausalLM(torch.nn.Module):
         eos_token_id,
         pad_token_id,
         stop_strings,
+        presence_penalty=0.0,
+        frequency_penalty=0.0,
+        logit_bias=None,
     ) -> SamplingParams:
         g = self.generation_config
         if max_new_tokens is None:
@@ -268,11 +278,25 @@ class DistributedModelForCausalLM(torch.nn.Module):
             if pad_token_id is not None
             else (g.pad_token_id or (eos_ids[0] if eos_ids else 0)),
             stop_strings=[stop_strings] if isinstance(stop_strings, str) else list(stop_strings or []),
+            presence_penalty=presence_penalty or 0.0,
+            frequency_penalty=frequency_penalty or 0.0,
+            logit_bias={int(k): float(v) for k, v in logit_bias.items()} if logit_bias else None,
+            prompt_length=prompt_length,
         )
         params.validate()
         return params
 
-    def stream_generate(
+    def stream_generate(self, input_ids: torch.Tensor, **kwargs) -> Iterator[torch.Tensor]:
+        """Yields the next token ids [B] one step at a time (finished rows repeat ``pad_token_id``); takes the
+        arguments of ``stream_generate_steps`` except the logprob ones."""
+        steps = self.stream_generate_steps(input_ids, **kwargs)
+        try:
+            for step in steps:
+                yield step.tokens
+        finally:
+            steps.close()  # closes the session at once, not when the generator is collected
+
+    def stream_generate_steps(
         self,
         input_ids: torch.Tensor,
         *,
@@ -292,13 +316,28 @@ class DistributedModelForCausalLM(torch.nn.Module):
         session: InferenceSession | None = None,
         meter: CostMeter | None = None,
         max_cost_wei: int | None = None,
-    ) -> Iterator[torch.Tensor]:
-        """Yields the next token ids [B] one step at a time (finished rows repeat ``pad_token_id``).
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: dict[int, float] | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+        json_schema: dict | bool | None = None,
+    ) -> Iterator[GenerationStep | PromptLogprobs]:
+        """Yields a ``GenerationStep`` per generated token (the next token of every row, finished rows repeating
+        ``pad_token_id``), after a ``PromptLogprobs`` first if ``prompt_logprobs`` is set.
 
-        ``meter`` (or ``max_cost_wei``, a meter of its own) counts what the nodes' receipts charge and bounds it: the
-        generation stops early, as at ``max_new_tokens``, before a step that would take it past the budget (a prompt
-        the budget cannot pay for raises ``BudgetExceededError``), and takes no route dearer per token than the
-        budget spread over the session's tokens."""
+        :param meter: counts what the nodes' receipts charge and bounds it (``max_cost_wei``: a meter of its own):
+            the generation stops early, as at ``max_new_tokens``, before a step that would take it past the budget (a
+            prompt the budget cannot pay for raises ``BudgetExceededError``), and takes no route dearer per token than
+            the budget spread over the session's tokens
+        :param presence_penalty: OpenAI's, over generated tokens, in [-2, 2]
+        :param frequency_penalty: OpenAI's, over generated tokens, in [-2, 2]
+        :param logit_bias: token id -> bias in [-100, 100] added to its logit
+        :param logprobs: with each step, the chosen tokens' logprobs and the ``logprobs`` likeliest (at most 20)
+        :param prompt_logprobs: the prompt tokens' logprobs and as many likeliest tokens, even with no new token
+        :param json_schema: every row is a JSON document valid under this schema (needs ``tokenizer``)
+
+        Logprobs are those of the raw model distribution (before bias, penalties, mask and temperature)."""
         input_ids = torch.as_tensor(input_ids)
         if input_ids.ndim == 1:
             input_ids = input_ids.unsqueeze(0)
@@ -317,11 +356,24 @@ class DistributedModelForCausalLM(torch.nn.Module):
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
             stop_strings=stop_strings,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            logit_bias=logit_bias,
         )
-        if params.max_new_tokens == 0:
+        if params.max_new_tokens == 0 and prompt_logprobs is None:
             return
-        processors = params.processors()
-        greedy = not params.do_sample and not processors  # the largest logit alone decides: no logits needed
+        processors = params.processors(self.head.vocab_size)
+        mask = None
+        if json_schema is not None:
+            from nectar.client.constrained import GrammarMask, json_schema_grammar
+
+            if tokenizer is None:
+                raise ValueError("json_schema needs a tokenizer: pass tokenizer=...")
+            eos = params.eos_token_ids[0] if params.eos_token_ids else tokenizer.eos_token_id
+            grammar = json_schema_grammar(tokenizer, json_schema)
+            mask = GrammarMask(tokenizer, grammar, batch_size=batch_size, eos_token_id=eos)
+        # the largest logit alone decides: no logits needed
+        greedy = not params.do_sample and not processors and mask is None and logprobs is None
         stops = bool(params.eos_token_ids or params.stop_strings)
         eos_ids = torch.tensor(params.eos_token_ids)
         stop_matcher = StopStringMatcher(tokenizer, params.stop_strings, prompt_length)
@@ -339,20 +391,30 @@ class DistributedModelForCausalLM(torch.nn.Module):
                 unfinished = torch.ones(batch_size, dtype=torch.bool)
                 embeds = self.head.embed(input_ids)
                 prefix, deep = self._prefix(batch_size)
+                skip = 0
                 if prefix is not None and session.position == 0:
                     embeds = torch.cat([prefix.to(embeds.dtype), embeds], dim=1)
+                    skip = prefix.shape[1]
                 hidden = session.step(embeds, prompts=deep if session.position == 0 else None)
+                if prompt_logprobs is not None:
+                    yield PromptLogprobs(self._prompt_logprobs(hidden[:, skip:], input_ids, prompt_logprobs))
                 for _ in range(params.max_new_tokens):
+                    step_logprobs = None
                     if greedy:
                         next_tokens = self.head.greedy_tokens(hidden[:, -1:])
                     else:
-                        logits = self.head.logits(hidden[:, -1:])[:, -1]
-                        next_tokens = choose_next_tokens(logits, sequences, params, processors, generator)
+                        logits = self.head.logits(hidden[:, -1:])[:, -1].float()
+                        scores = mask.apply(logits, unfinished) if mask is not None else logits
+                        next_tokens = choose_next_tokens(scores, sequences, params, processors, generator)
+                        if logprobs is not None:
+                            step_logprobs = Logprobs.of(logits[:, None], next_tokens[:, None], logprobs)
+                        if mask is not None:
+                            mask.advance(next_tokens, unfinished)
                     if stops:
                         padding = torch.full_like(next_tokens, params.pad_token_id)
                         next_tokens = torch.where(unfinished, next_tokens, padding)
                     sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
-                    yield next_tokens
+                    yield GenerationStep(next_tokens, step_logprobs)
                     if stops:  # each small op costs a step tens of microseconds: none where nothing can stop a row
                         if params.eos_token_ids:
                             unfinished &= ~torch.isin(next_tokens, eos_ids)
@@ -370,6 +432,37 @@ class DistributedModelForCausalLM(torch.nn.Module):
             if own_session:
                 session.close()
 
+    PROMPT_LOGPROB_CHUNK = 64  # positions per LM-head pass: [chunk, vocab] floats at a time, not [prompt, vocab]
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, input_ids: torch.Tensor, top: int) -> Logprobs:
+        """Logprobs of tokens 1.. of each row from the hidden states of positions 0..T-2 (rows with the same
+        prompt, as the ``n`` rows of one request, are scored once)."""
+        rows = []
+        for row in range(input_ids.shape[0]):
+            if row and torch.equal(input_ids[row], input_ids[0]):
+                rows.append(rows[0])
+                continue
+            parts = []
+            for start in range(0, input_ids.shape[1] - 1, self.PROMPT_LOGPROB_CHUNK):
+                end = min(start + self.PROMPT_LOGPROB_CHUNK, input_ids.shape[1] - 1)
+                logits = self.head.logits(hidden[row : row + 1, start:end])
+                parts.append(Logprobs.of(logits, input_ids[row : row + 1, start + 1 : end + 1], top))
+            rows.append(parts)
+        k = min(top, 20)
+        empty = Logprobs(
+            torch.zeros(1, 0, dtype=torch.long),
+            torch.zeros(1, 0),
+            torch.zeros(1, 0, k, dtype=torch.long),
+            torch.zeros(1, 0, k),
+        )
+
+        def joined(parts: list[Logprobs]) -> Logprobs:
+            parts = parts or [empty]
+            return Logprobs(*(torch.cat([getattr(p, f) for p in parts], dim=1) for f in Logprobs.__dataclass_fields__))
+
+        whole = [joined(parts) for parts in rows]
+        return Logprobs(*(torch.cat([getattr(w, f) for w in whole]) for f in Logprobs.__dataclass_fields__))
+
     def generate(
         self,
         input_ids: torch.Tensor | None = None,
@@ -381,6 +474,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
         """Like ``transformers``' ``generate()``: returns prompt + new tokens [B, T + new].
 
         Supports max_new_tokens/max_length, do_sample, temperature, top_k, top_p, repetition_penalty,
+        presence_penalty, frequency_penalty, logit_bias, json_schema (with tokenizer=...),
         stop_strings (with tokenizer=...), eos_token_id, pad_token_id, seed, a ``streamer`` with put()/end()
         (e.g. ``transformers.TextStreamer``) and an open ``session`` to continue a conversation."""
         if input_ids is None:

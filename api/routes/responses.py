@@ -7,17 +7,17 @@ from nectar.api.protocol import ErrorResponse
 
 def errors(*statuses: int) -> dict:
     text = {
-        400: "Unsupported parameter or invalid value (the error names the field).",
+        400: "Malformed body, unsupported parameter or invalid value (the message and ``param`` name the field).",
         401: "Missing, unknown or revoked API key.",
         402: "Insufficient credits for the request's worst case; the message says how to add credit.",
         403: "Not allowed (e.g. the faucet outside a devnet, a signature by another address).",
         404: "No such model, file, job or node.",
         409: "Conflict with existing state.",
         413: "Body or file too large.",
-        422: "Malformed body: the message and ``param`` name the field.",
         429: "Rate limit of the key reached; see Retry-After.",
         503: "The swarm, chain, ledger or task broker is unavailable; nothing was charged.",
     }
+    statuses = tuple(sorted({400 if status == 422 else status for status in statuses}))  # malformed bodies: 400
     return {status: {"model": ErrorResponse, "description": text[status]} for status in statuses}
 
 

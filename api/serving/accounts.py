@@ -135,7 +135,7 @@ class AccountService:
         try:
             signer = EthAccount.recover_message(encode_defunct(text=message), signature=body.signature)
         except Exception as e:
-            raise ApiError(422, f"malformed signature ({e})", param="signature", code="bad_signature") from None
+            raise ApiError(400, f"malformed signature ({e})", param="signature", code="bad_signature") from None
         if signer != address:
             raise ApiError(
                 403,

@@ -12,11 +12,15 @@ from nectar.api.protocol import (
     ChatCompletionResponse,
     ChatCompletionStreamChoice,
     ChatCompletionStreamResponse,
+    ChatTokenLogprob,
+    ChoiceLogprobs,
     DeltaMessage,
+    TopLogprob,
     UsageInfo,
 )
 from nectar.api.serving.base import Auth, Target
 from nectar.api.serving.generation import Generation, GenerationServing, PrimedStream, sse
+from nectar.api.text import TokenTexts
 
 logger = logging.getLogger(__name__)
 
@@ -59,28 +63,59 @@ class OpenAIServingChat(GenerationServing):
     def response(
         self, job: Generation, texts: list[str], reasons: list[str | None], usage: UsageInfo
     ) -> ChatCompletionResponse:
-        choices = [
-            ChatCompletionChoice(index=i, message=AssistantMessage(content=text), finish_reason=reasons[i])
-            for i, text in enumerate(texts)
-        ]
+        choices = []
+        for i, text in enumerate(texts):
+            logprobs = None
+            if job.request.logprobs:
+                choice = job.choices.get(i)
+                logprobs = self._logprobs(job, choice.scores if choice else [])
+            choices.append(
+                ChatCompletionChoice(
+                    index=i, message=AssistantMessage(content=text), logprobs=logprobs, finish_reason=reasons[i]
+                )
+            )
         return ChatCompletionResponse(id=job.id, model=job.target.name, choices=choices, usage=usage)
 
+    @staticmethod
+    def _logprobs(job: Generation, scores) -> ChoiceLogprobs:
+        names = TokenTexts(job.target.model.tokenizer)
+
+        def entry(token: int, logprob: float) -> TopLogprob:
+            text = names(token)
+            return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+
+        content = []
+        for score, _ in scores:
+            chosen = entry(score.token, score.logprob)
+            top = [entry(token, logprob) for token, logprob in score.top]
+            content.append(ChatTokenLogprob(**chosen.model_dump(), top_logprobs=top))
+        return ChoiceLogprobs(content=content)
+
     def choice_event(self, job: Generation, index: int, text: str, reason: str | None, first: bool) -> str:
-        def chunk(delta: DeltaMessage, finish_reason: str | None = None) -> str:
+        def chunk(delta: DeltaMessage, finish_reason: str | None = None, logprobs=None) -> str:
             return sse(
                 ChatCompletionStreamResponse(
                     id=job.id,
                     created=job.created,
                     model=job.target.name,
-                    choices=[ChatCompletionStreamChoice(index=index, delta=delta, finish_reason=finish_reason)],
+                    choices=[
+                        ChatCompletionStreamChoice(
+                            index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason
+                        )
+                    ],
                 )
             )
 
+        logprobs = None
+        if job.request.logprobs:
+            choice = job.choices.get(index)
+            scores = choice.take_scores() if choice else []
+            logprobs = self._logprobs(job, scores) if scores else None
         events = []
         if first:  # every reply starts with a chunk naming the role
             events.append(chunk(DeltaMessage(role="assistant", content="")))
-        if text:
-            events.append(chunk(DeltaMessage(content=text)))
+        if text or logprobs:
+            events.append(chunk(DeltaMessage(content=text), logprobs=logprobs))
         if reason:
             events.append(chunk(DeltaMessage(), reason))
         return "".join(events)

@@ -18,7 +18,7 @@ import anyio
 
 from nectar.api.billing import Charge
 from nectar.api.core.config import micro_to_credits
-from nectar.api.errors import ApiError, from_client_error
+from nectar.api.errors import ApiError, bad_request, from_client_error
 from nectar.api.pricing import Hold, Pricing
 from nectar.api.protocol import ErrorInfo, ErrorResponse, GenerationParams, UsageInfo, random_id
 from nectar.api.serving.base import Auth, OpenAIServing, Target
@@ -77,6 +77,8 @@ class Generation:
     hold: Hold | None = None  # the quote the hold was sized from
     meter: CostMeter | None = None  # what the nodes' receipts cost, within the hold's budget
     cost: int | None = None  # micro-credits charged, once priced
+    choices: dict[int, ChoiceText] = field(default_factory=dict)  # by choice index, as they start
+    prompt_scores: dict[int, list] = field(default_factory=dict)  # by prompt: its tokens' TokenScores (echo)
 
 
 class GenerationServing(OpenAIServing):
@@ -120,8 +122,10 @@ class GenerationServing(OpenAIServing):
         for ids in prompts:
             self.check_length(target, len(ids), max_new)
         params = request.to_generation_params(max_new)
+        await self.check_options(params, target)
         request_id = random_id(self.id_prefix)
-        hold = await self.quote(target, prompts, request.n, max_new)
+        runs = max_new > 0 or params.prompt_logprobs is not None  # scoring a prompt runs its prefill
+        hold = await self.quote(target, prompts, request.n, max_new, runs=runs)
         hold_id = await self.billing.reserve_amount(
             account_id=auth.account_id, amount=hold.amount, reference=request_id, what=self.what, detail=hold.describe()
         )
@@ -130,6 +134,24 @@ class GenerationServing(OpenAIServing):
         if request.stream:
             return await prime(self._stream(job))
         return await self._whole(job)
+
+    async def check_options(self, params: GenerationParams, target: Target) -> None:
+        """400 for a logit_bias token outside the model's vocabulary or a JSON schema the sampler cannot enforce,
+        before anything is held or run."""
+        vocab = target.model.model.head.vocab_size
+        for token in params.logit_bias or {}:
+            if token >= vocab:
+                raise bad_request(
+                    f"logit_bias names token {token}, outside the vocabulary of {target.name} (0..{vocab - 1})",
+                    param="logit_bias",
+                )
+        if params.json_schema is not None:
+            from nectar.client.constrained import ConstraintError, json_schema_grammar
+
+            try:  # compiling can take a while for a large schema: off the event loop
+                await asyncio.to_thread(json_schema_grammar, target.model.tokenizer, params.json_schema)
+            except ConstraintError as e:
+                raise bad_request(f"{e}; fix response_format.json_schema.schema", param="response_format") from None
 
     async def _whole(self, job: Generation):
         charge = Charge(0, 0)
@@ -152,10 +174,13 @@ class GenerationServing(OpenAIServing):
         try:
             try:
                 for p, ids in enumerate(job.prompts):
-                    for event in self.prompt_events(job, p):
-                        started = True
-                        yield event
+                    echoed = False
                     async for index, text, reason in self._run(job, p, ids, charge):
+                        if not echoed:  # after the swarm's first answer, which brings the prompt's logprobs
+                            echoed = True
+                            for event in self.prompt_events(job, p):
+                                started = True
+                                yield event
                         first = index not in opened
                         opened.add(index)
                         started = True
@@ -185,8 +210,16 @@ class GenerationServing(OpenAIServing):
                 yield item
 
     def _run(self, job: Generation, prompt: int, ids: list[int], charge: Charge):
+        job.prompt_scores[prompt] = []
         return self.run_choices(
-            job.target, ids, job.params, first_index=prompt * job.request.n, charge=charge, meter=job.meter
+            job.target,
+            ids,
+            job.params,
+            first_index=prompt * job.request.n,
+            charge=charge,
+            meter=job.meter,
+            choices_out=job.choices,
+            prompt_scores_out=job.prompt_scores[prompt],
         )
 
     async def run_choices(
@@ -198,24 +231,33 @@ class GenerationServing(OpenAIServing):
         first_index: int,
         charge: Charge,
         meter: CostMeter | None = None,
+        choices_out: dict[int, ChoiceText] | None = None,
+        prompt_scores_out: list | None = None,
     ) -> AsyncIterator[tuple[int, str, str | None]]:
         """Yields (choice index, new text, finish reason or None) as the swarm generates, counting tokens into
-        ``charge``: the prompt once, every generated token of a choice until it finishes."""
+        ``charge``: the prompt once, every generated token of a choice until it finishes. The choices (with their
+        tokens' scores) go into ``choices_out`` and the prompt's scores into ``prompt_scores_out``."""
         choices = [
             ChoiceText(target.model.tokenizer, stops=params.stop, eos_token_ids=target.model.eos_token_ids)
             for _ in range(params.n)
         ]
+        if choices_out is not None:
+            choices_out.update({first_index + row: choice for row, choice in enumerate(choices)})
         charge.prompt_tokens += len(prompt_ids)
-        if params.max_new_tokens > 0:
+        if params.max_new_tokens > 0 or params.prompt_logprobs is not None:  # the prompt's scores need its prefill
             steps = target.model.stream(prompt_ids, params, prompts=target.prompts, adapter=target.adapter, meter=meter)
             try:
                 async for step in steps:
-                    for row, token in enumerate(step):
+                    if step.prompt is not None:
+                        if prompt_scores_out is not None:
+                            prompt_scores_out.extend(step.prompt)
+                        continue
+                    for row, token in enumerate(step.tokens):
                         choice = choices[row]
                         if choice.finished:
                             continue
                         charge.completion_tokens += 1
-                        delta = choice.add(token)
+                        delta = choice.add(token, step.scores[row] if step.scores else None)
                         if delta or choice.finished:
                             yield first_index + row, delta, choice.finish_reason
                     if all(choice.finished for choice in choices):
@@ -246,12 +288,12 @@ class GenerationServing(OpenAIServing):
     def pricing(self) -> Pricing:
         return Pricing.from_settings(self.settings)
 
-    async def quote(self, target: Target, prompts: list[list[int]], n: int, max_new: int) -> Hold:
+    async def quote(self, target: Target, prompts: list[list[int]], n: int, max_new: int, *, runs: bool) -> Hold:
         """The hold for a request, from the price of the route it would take now (503 if every route costs more
         than the operator's cap): every row computes the soft prompt, the prompt and ``max_new`` positions."""
         pricing = self.pricing
         billed_tokens = sum(len(ids) for ids in prompts) + len(prompts) * n * max_new
-        if max_new == 0:  # nothing runs on the swarm (the prompt is only echoed): no route to price
+        if not runs:  # nothing runs on the swarm (the prompt is only echoed, unscored): no route to price
             return pricing.hold(route_price=0, node_tokens=0, billed_tokens=billed_tokens)
         quote_route = functools.partial(
             target.model.quote, target.prompts, target.adapter, max_price=pricing.max_route_price

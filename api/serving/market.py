@@ -158,7 +158,7 @@ class MarketService:
 
         if not is_address(address):
             raise ApiError(
-                422,
+                400,
                 f"{address!r} is not an Ethereum address (0x + 40 hex digits)",
                 param="address",
                 code="invalid_address",

@@ -80,7 +80,7 @@ def test_the_gateway_pays_the_nodes_from_its_escrow(api, market, settled):
 
 
 def test_node_endpoints_reject_bad_addresses(api, settled):
-    assert httpx.get(f"{api.url}/v1/nodes/0x1234/earnings").status_code == 422
+    assert httpx.get(f"{api.url}/v1/nodes/0x1234/earnings").status_code == 400
     unknown = httpx.get(f"{api.url}/v1/nodes/0x{'12' * 20}/reputation")
     assert unknown.status_code == 404 and "no record" in unknown.json()["error"]["message"]
 
