@@ -15,6 +15,7 @@ import anyio
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
 from nectar.api.billing import Billing
 from nectar.api.chain_watch import ChainUnavailable, ChainWatcher
@@ -136,7 +137,10 @@ def create_app(settings: Settings | None = None, *, swarm: Engine | None = None)
             if swarm is None:
                 await anyio.to_thread.run_sync(engine.shutdown)
 
-    app = FastAPI(title="Nectar API", version="1", description=DESCRIPTION, lifespan=lifespan)
+    # /docs and /redoc with their assets served here (FastAPI's default loads them from a CDN: blank offline)
+    app = FastAPIOffline(
+        title="Nectar API", version="1", description=DESCRIPTION, lifespan=lifespan, static_url="/static/docs"
+    )
     install_error_handlers(app)
 
     def body_limit(scope) -> int:

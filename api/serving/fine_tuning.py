@@ -298,6 +298,8 @@ class OpenAIServingFineTuning(OpenAIServing):
         if after:
             try:
                 after_id = int(after.removeprefix("ftevent-"))
+                if not 0 <= after_id < 2**63:  # a 64-bit column
+                    raise ValueError(after)
             except ValueError:
                 raise bad_request(f"after must be an event id (ftevent-<n>), got {after!r}", param="after") from None
         rows = await self._tx(lambda s: crud.list_job_events(s, job_id=job_id, after=after_id, limit=limit + 1))

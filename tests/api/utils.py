@@ -98,7 +98,7 @@ def api_env(*, home: Path, database_url: str, broker_url: str, model: str, peers
         # the market fixture reserves for its nodes once, up front (nodes work only against checked escrow): a
         # reserve taken mid-test would move the gateway's free escrow that funding tests count to the wei
         reserve_per_node=0,
-        **extra,
+        **{"signups_per_hour": 100_000, **extra},  # the suite creates many accounts from one address
     )
 
 
