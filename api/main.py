@@ -152,11 +152,25 @@ def create_app(settings: Settings | None = None, *, swarm: Engine | None = None)
 
     # counts the bytes read, not Content-Length alone: a chunked body declares none (issue 22)
     app.add_middleware(BodyLimit, limit=body_limit, refusal=too_large)
+    app.add_middleware(RefuseNulInUrl)
 
     app.include_router(api_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.openapi = lambda: _openapi(app)
     return app
+
+
+class RefuseNulInUrl:
+    """400 for a NUL character in the path or query: PostgreSQL cannot compare one, so an id holding it gave 500."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and ("\x00" in scope["path"] or b"%00" in scope.get("query_string", b"")):
+            message = "The URL holds a NUL character (%00); ids and names never do"
+            return await ApiError(400, message, code="invalid_url").response()(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 def _openapi(app: FastAPI) -> dict:

@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,14 @@ NonNegativeInt64 = Annotated[int, Field(ge=0, le=2**63 - 1)]
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]  # checked against the model's vocabulary when served
 TokenCount = Annotated[int, Field(ge=0, le=1_000_000)]  # also checked against the model's context
 Seed = Int64
+
+
+def _no_nul(value: str) -> str:
+    refuse_nul(value)
+    return value
+
+
+Name = Annotated[str, AfterValidator(_no_nul), Field(max_length=512)]  # looked up in the database
 
 
 class UnknownFields:
@@ -59,6 +67,20 @@ class UnknownFields:
 
 
 UNKNOWN_FIELDS = UnknownFields()
+
+
+def refuse_nul(data, depth: int = 0) -> None:
+    """NUL characters are refused in every string (PostgreSQL cannot store one: it answered 500)."""
+    if isinstance(data, str):
+        if "\x00" in data:
+            raise ValueError("strings may not contain NUL (\\u0000) characters")
+    elif depth < 8 and isinstance(data, dict):
+        for key, value in data.items():
+            refuse_nul(key, depth + 1)
+            refuse_nul(value, depth + 1)
+    elif depth < 8 and isinstance(data, list):
+        for value in data:
+            refuse_nul(value, depth + 1)
 
 
 class OpenAIBaseModel(BaseModel):
@@ -218,7 +240,7 @@ class _SamplingFields(OpenAIBaseModel):
 class CompletionRequest(_SamplingFields):
     """``POST /v1/completions``: continue a text prompt."""
 
-    model: str = Field(description="A name from ``GET /v1/models``.")
+    model: Name = Field(description="A name from ``GET /v1/models``.")
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
         description="A string, a list of strings, token ids, or a list of token-id lists."
     )
@@ -261,7 +283,7 @@ class ChatMessage(OpenAIBaseModel):
 class ChatCompletionRequest(_SamplingFields):
     """``POST /v1/chat/completions``: answer a conversation, formatted with the model's chat template."""
 
-    model: str = Field(description="A name from ``GET /v1/models``.")
+    model: Name = Field(description="A name from ``GET /v1/models``.")
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
     max_tokens: TokenCount | None = Field(
         default=None, ge=1, description="Tokens to generate at most (deprecated name)."
@@ -441,8 +463,8 @@ class Hyperparameters(OpenAIBaseModel):
 class FineTuningJobCreate(OpenAIBaseModel):
     """``POST /v1/fine_tuning/jobs``: prompt-tune a swarm model on an uploaded JSONL file."""
 
-    model: str = Field(description="A swarm model from ``GET /v1/models`` (not a fine-tuned one).")
-    training_file: str = Field(
+    model: Name = Field(description="A swarm model from ``GET /v1/models`` (not a fine-tuned one).")
+    training_file: Name = Field(
         description='Id of a ``fine-tune`` file: JSONL of {"prompt", "completion"} or {"messages": [...]} examples.'
     )
     hyperparameters: Hyperparameters | None = Field(default=None, description="Training settings.")
@@ -452,7 +474,7 @@ class FineTuningJobCreate(OpenAIBaseModel):
         pattern=r"^[A-Za-z0-9_.-]*$",
         description="Up to 40 characters added to the fine-tuned model's name.",
     )
-    validation_file: str | None = Field(default=None, description="Not supported (must be null).")
+    validation_file: Name | None = Field(default=None, description="Not supported (must be null).")
     seed: int | None = Field(
         default=None, ge=0, le=2**31 - 1, description="Seed of the prompt initialisation and example order."
     )

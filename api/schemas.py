@@ -11,7 +11,9 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from nectar.api.protocol import refuse_nul
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +26,12 @@ class RequestModel(BaseModel):
     """Base of Nectar's request bodies: NaN and infinity are refused (every number is bounded)."""
 
     model_config = ConfigDict(allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data):
+        refuse_nul(data)
+        return data
 
 
 # SQLite hands timestamps back without a zone; every stored time is UTC

@@ -77,7 +77,11 @@ class OpenAIServingFiles(OpenAIServing):
             raise bad_request(f"Invalid fine-tuning file: {e}", param="file", code="invalid_file") from None
         row = await self._tx(
             lambda s: crud.create_file(
-                s, account_id=auth.account_id, filename=filename[:255], purpose=purpose, content=content
+                s,
+                account_id=auth.account_id,
+                filename=filename[:255].replace("\x00", ""),
+                purpose=purpose,
+                content=content,
             )
         )
         return self._public(row)

@@ -136,9 +136,9 @@ def test_a_forwarded_address_counts_only_from_a_trusted_proxy():
 
 def test_signup_is_closed_outside_a_devnet_unless_the_operator_opens_it():
     """Before: allow_signup defaulted to True in every environment."""
-    from nectar.api.core.config import Settings
-
     from eth_account import Account
+
+    from nectar.api.core.config import Settings
 
     secret = {"admin_token": "x" * 32, "environment": "production", "private_key": Account.create().key.hex()}
     assert Settings(**secret).signup_open is False
@@ -184,17 +184,22 @@ HOSTILE_BODIES = [
     ("/v1/fine_tuning/jobs", {"training_file": "file-x", "hyperparameters": {"n_epochs": HUGE}}),
     ("/v1/account/keys", {"rate_limit_per_minute": HUGE}),
     ("/v1/account/faucet", {"credits": "1e400"}),
+    # PostgreSQL cannot store or compare a NUL character: names and ids holding one gave 500 there
+    ("/v1/completions", {"model": "tiny\x00", "prompt": "x", "max_tokens": 1}),
+    ("/v1/fine_tuning/jobs", {"training_file": "file-\x00"}),
+    ("/v1/account/keys", {"name": "k\x00"}),
 ]
 
 
-def test_no_number_gives_a_server_error(api, market):
-    """Before: integers >= 2^63 reached 64-bit columns and torch and answered 500; NaN and 1e400 were floats."""
+def test_no_number_or_string_gives_a_server_error(api, market):
+    """Before: integers >= 2^63 reached 64-bit columns and torch and answered 500; NaN and 1e400 were floats; a NUL
+    character in a name or id answered 500 on PostgreSQL."""
     body, headers = admin_customer(api)
     account = body["account"]["id"].removeprefix("acct-")
     problems = []
     with httpx.Client(base_url=api.url, headers=headers, timeout=120) as h:
         for path, payload in HOSTILE_BODIES:
-            payload = {"model": market.model, **payload}
+            payload = {"model": market.model, **payload}  # the model, unless the case names one
             answer = h.post(path, json=payload)
             if answer.status_code not in (400, 402, 404, 422):
                 problems.append((path, payload, answer.status_code, answer.text[:200]))
@@ -208,6 +213,9 @@ def test_no_number_gives_a_server_error(api, market):
                 problems.append((path, content[:80], answer.status_code, answer.text[:200]))
         for method, path in (
             ("DELETE", f"/v1/account/keys/{HUGE}"),
+            ("GET", "/v1/files/file-%00"),
+            ("GET", "/v1/models/tiny%00"),
+            ("GET", "/v1/fine_tuning/jobs?after=ftjob-%00"),
             ("GET", "/v1/fine_tuning/jobs/ftjob-x/events?after=ftevent-99999999999999999999999"),
         ):
             answer = h.request(method, path)
