@@ -61,11 +61,15 @@ def test_no_operation_answers_5xx_or_breaks_its_schema(api, market):
     from schemathesis import GenerationMode
     from schemathesis.checks import not_a_server_error, response_schema_conformance
 
-    with httpx.Client(base_url=api.url, timeout=60) as h:
-        created = h.post("/v1/accounts", json={"name": "fuzz"}).json()
-        account = created["account"]["id"].removeprefix("acct-")
-        assert h.post(f"/v1/admin/accounts/{account}/credit", json={"credits": "100"}, headers=ADMIN).status_code == 200
-    user = {"Authorization": f"Bearer {created['api_key']}"}
+    def fresh_user() -> dict:
+        """A funded account of its own per operation: the fuzzer may revoke its key (DELETE /v1/account/keys/1)."""
+        with httpx.Client(base_url=api.url, timeout=60) as h:
+            created = h.post("/v1/accounts", json={"name": "fuzz"}).json()
+            account = created["account"]["id"].removeprefix("acct-")
+            granted = h.post(f"/v1/admin/accounts/{account}/credit", json={"credits": "100"}, headers=ADMIN)
+            assert granted.status_code == 200, granted.text
+        return {"Authorization": f"Bearer {created['api_key']}"}
+
     schema = schemathesis.openapi.from_url(f"{api.url}/openapi.json")
     failures: list[str] = []
     calls = 0
@@ -104,7 +108,7 @@ def test_no_operation_answers_5xx_or_breaks_its_schema(api, market):
             assert mode == GenerationMode.NEGATIVE, f"{operation.method} {operation.path}: no valid request"
 
     for operation in operations:
-        headers = ADMIN if operation.path.startswith(OPERATOR) else user
+        headers = ADMIN if operation.path.startswith(OPERATOR) else fresh_user()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             fuzz(operation, mode, headers)
     assert calls >= len(operations) * EXAMPLES // 2  # most operations got their examples
