@@ -92,6 +92,21 @@ def _too_many(retry_after: float, message: str, code: str) -> ApiError:
     return ApiError(429, message, code=code, headers={"Retry-After": str(max(1, int(retry_after + 0.999)))})
 
 
+async def _check_failures(request: Request, state: ApiState) -> str:
+    """429 while the caller's address is over its failed authentications (guessing keys or signatures costs the
+    guesser time, not us); else the counter's name, for the caller to count a failure on."""
+    settings = state.settings
+    failures = f"authfail:{client_address(request, settings.trusted_proxies)}"
+    blocked = await anyio.to_thread.run_sync(state.limiter.blocked, failures, settings.auth_failures_per_minute)
+    if blocked is not None:
+        raise _too_many(
+            blocked,
+            f"Too many failed authentications from your address; retry in {blocked:.0f}s with a valid key",
+            "too_many_auth_failures",
+        )
+    return failures
+
+
 async def get_auth(
     request: Request,
     state: StateDep,
@@ -105,15 +120,7 @@ async def get_auth(
         )
     secret = credentials.credentials
     settings, limiter = state.settings, state.limiter
-    # failed authentications are throttled per client address: guessing keys costs the guesser time, not us
-    failures = f"authfail:{client_address(request, settings.trusted_proxies)}"
-    blocked = await anyio.to_thread.run_sync(limiter.blocked, failures, settings.auth_failures_per_minute)
-    if blocked is not None:
-        raise _too_many(
-            blocked,
-            f"Too many failed authentications from your address; retry in {blocked:.0f}s with a valid key",
-            "too_many_auth_failures",
-        )
+    failures = await _check_failures(request, state)
 
     def lookup():  # keys are looked up by their SHA-256: no secret is compared character by character
         with session_scope(state.context.db) as session:
@@ -191,15 +198,20 @@ async def _signed_caller(request: Request, state: ApiState) -> str | None:
     """The node address that signed this request (``nectar.wire.request_auth``), None if unsigned; 401 if the
     signature is bad or replayed."""
     path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    if request.headers.get(request_auth.HEADER_SIGNATURE) is None:
+        return None
+    failures = await _check_failures(request, state)  # a bad signature counts as a failed authentication
     try:
         caller = request_auth.check(request.method, path, request.headers)
+        fresh = await anyio.to_thread.run_sync(
+            state.limiter.first_use, f"nonce:{caller.nonce}", 4 * request_auth.MAX_SKEW
+        )
+        if not fresh:
+            raise request_auth.BadSignature("this signed request was already used (a replay): sign each one anew")
     except request_auth.BadSignature as e:
-        raise ApiError(401, f"Bad signed request: {e}. Sign again (nectar node records does it)", code="bad_signature")
-    if caller is None:
-        return None
-    fresh = await anyio.to_thread.run_sync(state.limiter.first_use, f"nonce:{caller.nonce}", 4 * request_auth.MAX_SKEW)
-    if not fresh:
-        raise ApiError(401, "This signed request was already used (replay): sign each request anew", code="replayed")
+        await anyio.to_thread.run_sync(state.limiter.hit, failures, state.settings.auth_failures_per_minute)
+        code = "replayed" if "already used" in str(e) else "bad_signature"
+        raise ApiError(401, f"Bad signed request: {e}. `nectar operator records` signs them", code=code) from None
     return caller.address
 
 
