@@ -155,9 +155,11 @@ AuthDep = Annotated[Auth, Depends(get_auth)]
 
 
 async def require_admin(
-    state: StateDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    request: Request, state: StateDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> None:
+    failures = await _check_failures(request, state)
     if not _is_admin(state, credentials):
+        await anyio.to_thread.run_sync(state.limiter.hit, failures, state.settings.auth_failures_per_minute)
         raise ApiError(401, "Admin endpoint: send 'Authorization: Bearer <NECTAR_API_ADMIN_TOKEN>'", code="admin_only")
 
 
@@ -194,13 +196,12 @@ async def signup_allowed(
 SignupDep = Annotated[None, Depends(signup_allowed)]
 
 
-async def _signed_caller(request: Request, state: ApiState) -> str | None:
+async def _signed_caller(request: Request, state: ApiState, failures: str) -> str | None:
     """The node address that signed this request (``nectar.wire.request_auth``), None if unsigned; 401 if the
     signature is bad or replayed."""
     path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     if request.headers.get(request_auth.HEADER_SIGNATURE) is None:
         return None
-    failures = await _check_failures(request, state)  # a bad signature counts as a failed authentication
     try:
         caller = request_auth.check(request.method, path, request.headers)
         fresh = await anyio.to_thread.run_sync(
@@ -208,7 +209,7 @@ async def _signed_caller(request: Request, state: ApiState) -> str | None:
         )
         if not fresh:
             raise request_auth.BadSignature("this signed request was already used (a replay): sign each one anew")
-    except request_auth.BadSignature as e:
+    except request_auth.BadSignature as e:  # counts as a failed authentication
         await anyio.to_thread.run_sync(state.limiter.hit, failures, state.settings.auth_failures_per_minute)
         code = "replayed" if "already used" in str(e) else "bad_signature"
         raise ApiError(401, f"Bad signed request: {e}. `nectar operator records` signs them", code=code) from None
@@ -217,8 +218,23 @@ async def _signed_caller(request: Request, state: ApiState) -> str | None:
 
 OPERATOR_ONLY = (
     "Operator endpoint: send the admin token ('Authorization: Bearer <NECTAR_API_ADMIN_TOKEN>') or a request signed "
-    "by the node's own Ethereum key (`nectar node records --name NAME`, or nectar.wire.request_auth.sign_request)"
+    "by the node's own Ethereum key (`nectar operator records --name NAME`, or nectar.wire.request_auth.sign_request)"
 )
+
+
+async def _admin_or_signer(request: Request, state: ApiState, credentials) -> str | None:
+    """None for the admin, else the signing node's address; 401 (a counted failure) for a wrong token or
+    signature, 429 while the caller's address is over its failures."""
+    failures = await _check_failures(request, state)
+    if credentials is not None:
+        if _is_admin(state, credentials):
+            return None
+        await anyio.to_thread.run_sync(state.limiter.hit, failures, state.settings.auth_failures_per_minute)
+        raise ApiError(401, f"Wrong admin token. {OPERATOR_ONLY}", code="operator_only")
+    signer = await _signed_caller(request, state, failures)
+    if signer is None:
+        raise ApiError(401, OPERATOR_ONLY, code="operator_only")
+    return signer
 
 
 async def require_node_or_admin(
@@ -228,11 +244,9 @@ async def require_node_or_admin(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> None:
     """A node's records: the admin, or that node itself (signed)."""
-    if credentials is not None and _is_admin(state, credentials):
-        return
-    signer = await _signed_caller(request, state)
+    signer = await _admin_or_signer(request, state, credentials)
     if signer is None:
-        raise ApiError(401, OPERATOR_ONLY, code="operator_only")
+        return
     if signer.lower() != address.lower():
         raise ApiError(403, f"{signer} may read only its own records, not {address}'s", code="not_your_records")
 
@@ -243,11 +257,9 @@ async def require_member_or_admin(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> None:
     """Market-wide figures: the admin, or a node of the served swarm (signed)."""
-    if credentials is not None and _is_admin(state, credentials):
-        return
-    signer = await _signed_caller(request, state)
+    signer = await _admin_or_signer(request, state, credentials)
     if signer is None:
-        raise ApiError(401, OPERATOR_ONLY, code="operator_only")
+        return
     view = await state.market.swarm_view()
     if signer.lower() not in {(n.eth_address or "").lower() for n in view.nodes}:
         raise ApiError(403, f"{signer} is not a node of this gateway's swarm", code="not_a_member")

@@ -443,7 +443,7 @@ class FileDeleted(OpenAIBaseModel):
 class Hyperparameters(OpenAIBaseModel):
     """Training settings of a prompt-tuning job (``auto`` picks the gateway's default)."""
 
-    n_epochs: Annotated[int, Field(ge=1, le=100)] | Literal["auto"] = Field(
+    n_epochs: Annotated[int, Field(ge=1, le=10_000)] | Literal["auto"] = Field(  # steps: fine_tune_max_steps
         default="auto", description="Passes over the training file (auto: 3)."
     )
     batch_size: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(

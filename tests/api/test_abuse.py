@@ -107,6 +107,25 @@ def test_failed_authentications_are_throttled_per_client_address(api):
         assert h.get("/v1/account", headers=good).status_code == 200  # other addresses are not affected
 
 
+def test_admin_token_and_signature_guesses_are_throttled_too(api, market):
+    """Before: the admin token could be guessed as fast as requests came (and was compared with ==)."""
+    guesser = from_address()
+    with httpx.Client(base_url=api.url, timeout=60) as h:
+        answers = [
+            h.post(
+                "/v1/admin/accounts/1/credit",
+                json={"credits": "1"},
+                headers={"Authorization": f"Bearer x{i}", **guesser},
+            )
+            for i in range(AUTH_FAILURES - 1)
+        ]
+        assert [a.status_code for a in answers] == [401] * (AUTH_FAILURES - 1)
+        path = f"/v1/nodes/{market.swarm.nodes[0].eth_address}/earnings"
+        forged = {**sign_request(node_key(market, "beta"), "GET", "/elsewhere"), **guesser}
+        assert h.get(path, headers=forged).status_code == 401  # the fifth failure
+        assert h.get(path, headers={**ADMIN, **guesser}).status_code == 429  # even the right token, for a while
+
+
 def test_signups_are_throttled_per_client_address(api):
     """Before: POST /v1/accounts created accounts without end."""
     me, other = from_address(), from_address()
