@@ -86,6 +86,11 @@ def key_by_plaintext(session: Session, *, key: str) -> ApiKey | None:
     return session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)))
 
 
+def count_live_keys(session: Session, *, account_id: int) -> int:
+    query = select(func.count()).select_from(ApiKey)
+    return session.scalar(query.where(ApiKey.account_id == account_id, ApiKey.revoked_at.is_(None))) or 0
+
+
 def list_api_keys(session: Session, *, account_id: int) -> list[ApiKey]:
     return list(session.scalars(select(ApiKey).where(ApiKey.account_id == account_id).order_by(ApiKey.id)))
 

@@ -15,6 +15,7 @@ import anyio
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
 from nectar.api.billing import Billing
 from nectar.api.chain_watch import ChainUnavailable, ChainWatcher
@@ -137,7 +138,10 @@ def create_app(settings: Settings | None = None, *, swarm: Engine | None = None)
             if swarm is None:
                 await anyio.to_thread.run_sync(engine.shutdown)
 
-    app = FastAPI(title="Nectar API", version="1", description=DESCRIPTION, lifespan=lifespan)
+    # /docs and /redoc with their assets served here (FastAPI's default loads them from a CDN: blank offline)
+    app = FastAPIOffline(
+        title="Nectar API", version="1", description=DESCRIPTION, lifespan=lifespan, static_url="/static/docs"
+    )
     install_error_handlers(app)
 
     def body_limit(scope) -> int:
@@ -149,11 +153,25 @@ def create_app(settings: Settings | None = None, *, swarm: Engine | None = None)
 
     # counts the bytes read, not Content-Length alone: a chunked body declares none (issue 22)
     app.add_middleware(BodyLimit, limit=body_limit, refusal=too_large)
+    app.add_middleware(RefuseNulInUrl)
 
     app.include_router(api_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.openapi = lambda: _openapi(app)
     return app
+
+
+class RefuseNulInUrl:
+    """400 for a NUL character in the path or query: PostgreSQL cannot compare one, so an id holding it gave 500."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and ("\x00" in scope["path"] or b"%00" in scope.get("query_string", b"")):
+            message = "The URL holds a NUL character (%00); ids and names never do"
+            return await ApiError(400, message, code="invalid_url").response()(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 def _openapi(app: FastAPI) -> dict:

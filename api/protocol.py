@@ -1,40 +1,99 @@
 """OpenAI wire schemas (requests, responses, stream chunks, errors) as Pydantic models.
 
 Every model derives from ``OpenAIBaseModel``, which accepts fields it does not know (clients send newer or vendor
-fields) but logs them, so a silently ignored option shows up in the API's log. Requests translate themselves to the
-swarm's generation parameters with ``to_generation_params()``.
+fields) and counts them (``UNKNOWN_FIELDS``, one log line per model and field name at most), so a silently ignored
+option shows up without letting one request write thousands of log lines. Every number is bounded (the aliases
+below): no input reaches torch, a 64-bit column or the nodes unchecked, and NaN/infinity are refused. Requests
+translate themselves to the swarm's generation parameters with ``to_generation_params()``.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 logger = logging.getLogger(__name__)
 
 MAX_STOP_SEQUENCES = 4
-_WARNED: set[tuple[str, str]] = set()  # (model, field) pairs already logged
+MIN_TEMPERATURE = 1e-3  # below it (and above 0) logits / temperature overflow float32: use 0 for greedy
+MAX_WARNED_FIELDS = 100  # distinct (model, field) names logged once each; past it, only counted
+
+# Bounded numbers, shared by every schema (issue 24: an integer >= 2^63 reached a 64-bit column and answered 500).
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+NonNegativeInt64 = Annotated[int, Field(ge=0, le=2**63 - 1)]
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]  # checked against the model's vocabulary when served
+TokenCount = Annotated[int, Field(ge=0, le=1_000_000)]  # also checked against the model's context
+Seed = Int64
+
+
+def _no_nul(value: str) -> str:
+    refuse_nul(value)
+    return value
+
+
+Name = Annotated[str, AfterValidator(_no_nul), Field(max_length=512)]  # looked up in the database
+
+
+class UnknownFields:
+    """Counts the unknown request fields by model and name; logs each new name once, and at most
+    ``MAX_WARNED_FIELDS`` names (a request with 20,000 invented fields wrote 20,000 log lines, issue 24)."""
+
+    def __init__(self):
+        self.counts: Counter[tuple[str, str]] = Counter()
+        self.total = 0
+        self._lock = threading.Lock()
+
+    def add(self, model: str, names) -> None:
+        names = list(names)
+        with self._lock:
+            self.total += len(names)
+            new = [n for n in names if (model, n) not in self.counts]
+            room = MAX_WARNED_FIELDS - len(self.counts)
+            for name in new[: max(0, room)]:
+                self.counts[(model, name)] = 0
+            for name in names:
+                if (model, name) in self.counts:
+                    self.counts[(model, name)] += 1
+        if new and room > 0:
+            shown = ", ".join(repr(n[:40]) for n in new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
+            logger.warning(f"{model}: ignoring unknown field(s) {shown} (counted in UNKNOWN_FIELDS from now on)")
+
+
+UNKNOWN_FIELDS = UnknownFields()
+
+
+def refuse_nul(data, depth: int = 0) -> None:
+    """NUL characters are refused in every string (PostgreSQL cannot store one: it answered 500)."""
+    if isinstance(data, str):
+        if "\x00" in data:
+            raise ValueError("strings may not contain NUL (\\u0000) characters")
+    elif depth < 8 and isinstance(data, dict):
+        for key, value in data.items():
+            refuse_nul(key, depth + 1)
+            refuse_nul(value, depth + 1)
+    elif depth < 8 and isinstance(data, list):
+        for value in data:
+            refuse_nul(value, depth + 1)
 
 
 class OpenAIBaseModel(BaseModel):
-    """Base of every wire schema: unknown fields are accepted and logged (once per model and field name)."""
+    """Base of every wire schema: unknown fields are accepted and counted; NaN and infinity are refused."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     @model_validator(mode="wrap")
     @classmethod
-    def _log_unknown_fields(cls, data, handler):
+    def _count_unknown_fields(cls, data, handler):
         result = handler(data)
         if isinstance(data, dict) and result.model_extra:
-            for name in result.model_extra:
-                if (cls.__name__, name) not in _WARNED:
-                    _WARNED.add((cls.__name__, name))
-                    logger.warning(f"{cls.__name__}: ignoring unknown field {name!r}")
+            UNKNOWN_FIELDS.add(cls.__name__, result.model_extra)
         return result
 
 
@@ -167,7 +226,7 @@ class _SamplingFields(OpenAIBaseModel):
     stream: bool = Field(default=False, description="Answer with server-sent events, one per token.")
     stream_options: StreamOptions | None = Field(default=None, description="Options of a streamed answer.")
     stop: StopField = Field(default=None, description="Up to 4 strings that end generation (not included).")
-    seed: int | None = Field(default=None, description="Seed for sampling, for reproducible samples.")
+    seed: Seed | None = Field(default=None, description="Seed for sampling, for reproducible samples.")
     presence_penalty: float | None = Field(
         default=0.0, ge=-2, le=2, description="Subtracted from the logit of every token already generated."
     )
@@ -183,9 +242,11 @@ class _SamplingFields(OpenAIBaseModel):
         default=None, description='{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}.'
     )
     user: str | None = Field(default=None, description="An end-user id, for the caller's own records.")
-    top_k: int | None = Field(default=None, ge=0, description="Nectar extension: keep the k likeliest tokens.")
+    top_k: int | None = Field(
+        default=None, ge=0, le=2**31 - 1, description="Nectar extension: keep the k likeliest tokens."
+    )
     repetition_penalty: float | None = Field(
-        default=None, gt=0, description="Nectar extension: >1 discourages repeating tokens."
+        default=None, ge=0.01, le=100, description="Nectar extension: >1 discourages repeating tokens."
     )
 
     def stop_list(self) -> list[str]:
@@ -218,6 +279,12 @@ class _SamplingFields(OpenAIBaseModel):
     def prompt_logprobs_count(self) -> int | None:
         return None
 
+    def sampling_problem(self) -> tuple[str, str] | None:
+        """(field, message) for values that would make the sampler's probabilities NaN or infinite, or None."""
+        if self.temperature is not None and 0 < self.temperature < MIN_TEMPERATURE:
+            return "temperature", f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}"
+        return None
+
     def to_generation_params(self, max_new_tokens: int) -> GenerationParams:
         temperature = 1.0 if self.temperature is None else self.temperature
         do_sample = temperature > 0
@@ -243,11 +310,11 @@ class _SamplingFields(OpenAIBaseModel):
 class CompletionRequest(_SamplingFields):
     """``POST /v1/completions``: continue a text prompt."""
 
-    model: str = Field(description="A name from ``GET /v1/models``.")
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    model: Name = Field(description="A name from ``GET /v1/models``.")
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
         description="A string, a list of strings, token ids, or a list of token-id lists."
     )
-    max_tokens: int | None = Field(default=16, ge=0, description="Tokens to generate at most per choice.")
+    max_tokens: TokenCount | None = Field(default=16, description="Tokens to generate at most per choice.")
     echo: bool = Field(
         default=False, description="Prepend the prompt to each choice's text (with logprobs: the prompt's too)."
     )
@@ -257,7 +324,7 @@ class CompletionRequest(_SamplingFields):
         le=MAX_TOP_LOGPROBS,
         description="Return each token's logprob and this many likeliest alternatives (of the raw model logits).",
     )
-    best_of: int | None = Field(default=None, ge=1, description="Only null or equal to n is supported.")
+    best_of: int | None = Field(default=None, ge=1, le=8, description="Only null or equal to n is supported.")
     suffix: str | None = Field(default=None, description="Not supported (must be null).")
 
     def logprobs_count(self) -> int | None:
@@ -297,10 +364,12 @@ class ChatMessage(OpenAIBaseModel):
 class ChatCompletionRequest(_SamplingFields):
     """``POST /v1/chat/completions``: answer a conversation, formatted with the model's chat template."""
 
-    model: str = Field(description="A name from ``GET /v1/models``.")
+    model: Name = Field(description="A name from ``GET /v1/models``.")
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
-    max_tokens: int | None = Field(default=None, ge=1, description="Tokens to generate at most (deprecated name).")
-    max_completion_tokens: int | None = Field(default=None, ge=1, description="Tokens to generate at most.")
+    max_tokens: TokenCount | None = Field(
+        default=None, ge=1, description="Tokens to generate at most (deprecated name)."
+    )
+    max_completion_tokens: TokenCount | None = Field(default=None, ge=1, description="Tokens to generate at most.")
     logprobs: bool | None = Field(default=None, description="Return each reply token's logprob.")
     top_logprobs: int | None = Field(
         default=None,
@@ -493,12 +562,16 @@ class FileDeleted(OpenAIBaseModel):
 class Hyperparameters(OpenAIBaseModel):
     """Training settings of a prompt-tuning job (``auto`` picks the gateway's default)."""
 
-    n_epochs: int | Literal["auto"] = Field(default="auto", description="Passes over the training file (auto: 3).")
-    batch_size: int | Literal["auto"] = Field(default="auto", description="Examples per step (auto: 4).")
-    learning_rate_multiplier: float | Literal["auto"] = Field(
+    n_epochs: Annotated[int, Field(ge=1, le=10_000)] | Literal["auto"] = Field(  # steps: fine_tune_max_steps
+        default="auto", description="Passes over the training file (auto: 3)."
+    )
+    batch_size: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
+        default="auto", description="Examples per step (auto: 4)."
+    )
+    learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Literal["auto"] = Field(
         default="auto", description="Scales the gateway's base learning rate (auto: 1)."
     )
-    pre_seq_len: int | Literal["auto"] = Field(
+    pre_seq_len: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
         default="auto", description="Nectar: soft-prompt tokens learned (auto: the gateway's)."
     )
     tuning_mode: Literal["ptune", "deep_ptune"] = Field(
@@ -509,8 +582,8 @@ class Hyperparameters(OpenAIBaseModel):
 class FineTuningJobCreate(OpenAIBaseModel):
     """``POST /v1/fine_tuning/jobs``: prompt-tune a swarm model on an uploaded JSONL file."""
 
-    model: str = Field(description="A swarm model from ``GET /v1/models`` (not a fine-tuned one).")
-    training_file: str = Field(
+    model: Name = Field(description="A swarm model from ``GET /v1/models`` (not a fine-tuned one).")
+    training_file: Name = Field(
         description='Id of a ``fine-tune`` file: JSONL of {"prompt", "completion"} or {"messages": [...]} examples.'
     )
     hyperparameters: Hyperparameters | None = Field(default=None, description="Training settings.")
@@ -520,8 +593,10 @@ class FineTuningJobCreate(OpenAIBaseModel):
         pattern=r"^[A-Za-z0-9_.-]*$",
         description="Up to 40 characters added to the fine-tuned model's name.",
     )
-    validation_file: str | None = Field(default=None, description="Not supported (must be null).")
-    seed: int | None = Field(default=None, description="Seed of the prompt initialisation and example order.")
+    validation_file: Name | None = Field(default=None, description="Not supported (must be null).")
+    seed: int | None = Field(
+        default=None, ge=0, le=2**31 - 1, description="Seed of the prompt initialisation and example order."
+    )
 
 
 class FineTuningError(OpenAIBaseModel):

@@ -1,7 +1,8 @@
-"""Per-key request limits: a fixed one-minute window, in this process or shared through Redis.
+"""Request limits: a fixed window per counter name, in this process or shared through Redis.
 
+Counters are per API key (requests per minute), and per client address (failed authentications, sign-ups).
 ``MemoryRateLimiter`` suits one API process; with several behind a load balancer set ``NECTAR_API_RATE_LIMIT_URL``
-to a Redis URL so they count together (INCR + EXPIRE on one key per API key and minute).
+to a Redis URL so they count together (INCR + EXPIRE on one key per counter and window).
 """
 
 from __future__ import annotations
@@ -14,28 +15,61 @@ from abc import ABC, abstractmethod
 logger = logging.getLogger(__name__)
 
 WINDOW_SECONDS = 60
+MAX_COUNTERS = 100_000  # in memory: past it, counters of ended windows are dropped
 
 
 class RateLimiter(ABC):
     @abstractmethod
-    def hit(self, key_id: int, limit: int) -> float | None:
-        """Counts one request; None if allowed, else seconds until the window resets (answer 429)."""
+    def hit(self, name: int | str, limit: int, window: int = WINDOW_SECONDS) -> float | None:
+        """Counts one event; None if within ``limit`` per ``window`` seconds, else seconds until the window ends."""
+
+    @abstractmethod
+    def blocked(self, name: int | str, limit: int, window: int = WINDOW_SECONDS) -> float | None:
+        """Like ``hit`` without counting: whether ``limit`` events were already counted in this window."""
+
+    @abstractmethod
+    def first_use(self, name: str, ttl: int) -> bool:
+        """True the first time ``name`` is seen within ``ttl`` seconds (a signed request's nonce), else False."""
+
+
+def _window(window: int) -> tuple[float, int]:
+    now = time.time()
+    return now, int(now // window)
 
 
 class MemoryRateLimiter(RateLimiter):
     def __init__(self):
-        self._counts: dict[tuple[int, int], int] = {}
+        self._counts: dict[tuple[str, int, int], int] = {}
+        self._seen: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def hit(self, key_id: int, limit: int) -> float | None:
+    def first_use(self, name, ttl):
         now = time.time()
-        window = int(now // WINDOW_SECONDS)
         with self._lock:
-            if len(self._counts) > 100_000:  # drop old windows
-                self._counts = {k: v for k, v in self._counts.items() if k[1] == window}
-            count = self._counts.get((key_id, window), 0) + 1
-            self._counts[(key_id, window)] = count
-        return None if count <= limit else (window + 1) * WINDOW_SECONDS - now
+            if len(self._seen) > MAX_COUNTERS:
+                self._seen = {k: v for k, v in self._seen.items() if v > now}
+            if self._seen.get(name, 0) > now:
+                return False
+            self._seen[name] = now + ttl
+            return True
+
+    def _count(self, name, limit: int, window: int, add: int) -> float | None:
+        now, index = _window(window)
+        key = (str(name), window, index)
+        with self._lock:
+            if add and len(self._counts) > MAX_COUNTERS:  # drop ended windows
+                self._counts = {k: v for k, v in self._counts.items() if k[2] == int(now // k[1])}
+            count = self._counts.get(key, 0) + add
+            if add:
+                self._counts[key] = count
+        allowed = count <= limit if add else count < limit
+        return None if allowed else (index + 1) * window - now
+
+    def hit(self, name, limit, window=WINDOW_SECONDS):
+        return self._count(name, limit, window, 1)
+
+    def blocked(self, name, limit, window=WINDOW_SECONDS):
+        return self._count(name, limit, window, 0)
 
 
 class RedisRateLimiter(RateLimiter):
@@ -44,15 +78,22 @@ class RedisRateLimiter(RateLimiter):
 
         self.client, self.prefix = redis.Redis.from_url(url, socket_timeout=2), prefix
 
-    def hit(self, key_id: int, limit: int) -> float | None:
-        now = time.time()
-        window = int(now // WINDOW_SECONDS)
-        name = f"{self.prefix}:{key_id}:{window}"
+    def hit(self, name, limit, window=WINDOW_SECONDS):
+        now, index = _window(window)
+        key = f"{self.prefix}:{name}:{window}:{index}"
         pipe = self.client.pipeline()
-        pipe.incr(name)
-        pipe.expire(name, WINDOW_SECONDS * 2)
+        pipe.incr(key)
+        pipe.expire(key, window * 2)
         count = pipe.execute()[0]
-        return None if count <= limit else (window + 1) * WINDOW_SECONDS - now
+        return None if count <= limit else (index + 1) * window - now
+
+    def first_use(self, name, ttl):
+        return bool(self.client.set(f"{self.prefix}:once:{name}", 1, nx=True, ex=ttl))
+
+    def blocked(self, name, limit, window=WINDOW_SECONDS):
+        now, index = _window(window)
+        count = int(self.client.get(f"{self.prefix}:{name}:{window}:{index}") or 0)
+        return None if count < limit else (index + 1) * window - now
 
 
 def make_rate_limiter(url: str | None) -> RateLimiter:

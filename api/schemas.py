@@ -11,11 +11,28 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from nectar.api.protocol import refuse_nul
 
 logger = logging.getLogger(__name__)
 
 ADDRESS_PATTERN = r"^0x[0-9a-fA-F]{40}$"
+MAX_CREDITS = Decimal(10**9)  # one grant or faucet call: bounded, so micro-credits fit a 64-bit column
+RowId = Annotated[int, Field(ge=1, le=2**63 - 1)]  # a path id: a 64-bit column
+
+
+class RequestModel(BaseModel):
+    """Base of Nectar's request bodies: NaN and infinity are refused (every number is bounded)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data):
+        refuse_nul(data)
+        return data
+
 
 # SQLite hands timestamps back without a zone; every stored time is UTC
 UtcDatetime = Annotated[datetime, AfterValidator(lambda d: d if d.tzinfo else d.replace(tzinfo=UTC))]
@@ -27,7 +44,7 @@ def link_message(account_id: int, address: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- accounts
-class AccountCreate(BaseModel):
+class AccountCreate(RequestModel):
     """A new account (open on a devnet; otherwise it needs the admin token)."""
 
     name: str = Field(min_length=1, max_length=120, description="A label for the account.")
@@ -54,7 +71,7 @@ class AccountPublic(BaseModel):
     created_at: UtcDatetime = Field(description="When the account was created.")
 
 
-class ApiKeyCreate(BaseModel):
+class ApiKeyCreate(RequestModel):
     """Options of a new API key."""
 
     name: str = Field(default="", max_length=120, description="A label for the key.")
@@ -89,7 +106,7 @@ class AccountCreated(BaseModel):
     key: ApiKeyPublic = Field(description="The first key's listing.")
 
 
-class AddressLink(BaseModel):
+class AddressLink(RequestModel):
     """Proof that the caller controls an Ethereum address: a personal_sign of ``link_message``."""
 
     eth_address: str = Field(pattern=ADDRESS_PATTERN, description="The address to link.")
@@ -99,11 +116,15 @@ class AddressLink(BaseModel):
     )
 
 
-class FaucetRequest(BaseModel):
+class FaucetRequest(RequestModel):
     """Devnet faucet options."""
 
     credits: Decimal | None = Field(
-        default=None, gt=0, description="Credits to add (default and maximum: the gateway's faucet amount)."
+        default=None,
+        gt=0,
+        le=MAX_CREDITS,
+        decimal_places=6,
+        description="Credits to add (default and maximum: the gateway's faucet amount).",
     )
 
 
@@ -167,10 +188,10 @@ class UsageList(BaseModel):
     data: list[UsagePublic] = Field(description="The requests.")
 
 
-class AdminCredit(BaseModel):
+class AdminCredit(RequestModel):
     """An operator's grant of credit (promotions, refunds)."""
 
-    credits: Decimal = Field(gt=0, description="Credits to add.")
+    credits: Decimal = Field(gt=0, le=MAX_CREDITS, decimal_places=6, description="Credits to add.")
     note: str = Field(default="", max_length=200, description="Why.")
 
 
@@ -304,3 +325,6 @@ class Health(BaseModel):
     database: str = Field(description="Database backend.")
     chain: bool = Field(description="Whether a deployment file is present.")
     ledger: str | None = Field(description="Ledger URL.")
+    unknown_fields: int = Field(
+        default=0, description="Unknown request fields ignored since start (counted; each name is logged once at most)."
+    )

@@ -258,7 +258,14 @@ def main(argv: list[str]) -> int:
             f"(usage {reply['usage']['total_tokens']} tokens, {reply['usage']['cost']} credits debited from the API "
             "account: what the nodes' receipts charged + the gateway's margin)"
         )
-        print(f"[demo] the paid API is at {api.url}/v1 (swarm monitor: {api.url}/monitor); with --keep-running, try:")
+        from nectar.api.core.config import DEVNET_ADMIN_TOKEN
+
+        # the monitor's market series and the node endpoints are the operator's: the admin token, or a node's key
+        print(
+            f"[demo] swarm monitor: {api.url}/monitor#admin={DEVNET_ADMIN_TOKEN}; a node's own records: nectar "
+            f"operator records --key-dir {swarm.workdir / 'keys' / swarm.nodes[0].name} --api-url {api.url}"
+        )
+        print(f"[demo] the paid API is at {api.url}/v1; with --keep-running, try:")
         print(example_request(api.url, api_account["api_key"], model_id_of(args.model)))
         if args.keep_running:
             print(

@@ -280,7 +280,31 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("withdraw", parents=[common], help="take back matured unbonded stake and settled earnings")
     p.add_argument("--what", choices=("all", "stake", "earnings"), default="all", help="(default: all)")
     sub.add_parser("status", parents=[common], help="registration, stake, unbonding, earnings, open cases")
+    p = sub.add_parser(
+        "records", parents=[common], help="the node's own records at an API gateway (a request signed by its key)"
+    )
+    p.add_argument("--api-url", required=True, help="the gateway, e.g. http://127.0.0.1:8800")
+    p.add_argument("--what", choices=NODE_RECORDS, default="earnings", help="(default: earnings)")
     return parser
+
+
+NODE_RECORDS = ("receipts", "earnings", "settlements", "reputation")
+
+
+def node_records(api_url: str, private_key: str, what: str = "earnings", *, timeout: float = 30.0) -> dict:
+    """A node's ``what`` from an API gateway, asked with a request signed by the node's key (the gateway answers a
+    node only about itself)."""
+    import httpx
+    from eth_account import Account
+
+    from nectar.wire.request_auth import sign_request
+
+    path = f"/v1/nodes/{Account.from_key(private_key).address}/{what}"
+    headers = sign_request(private_key, "GET", path)
+    response = httpx.get(api_url.rstrip("/") + path, headers=headers, timeout=timeout)
+    if response.status_code != 200:
+        raise OperatorError(f"{api_url} answered {response.status_code}: {response.text[:500]}")
+    return response.json()
 
 
 def main(argv: list[str]) -> int:
@@ -297,6 +321,13 @@ def _run(args) -> int:
     from nectar.chain import Chain, ChainError, DeploymentNotFound
 
     key_dir = node_key_dir(args.key_dir, args.name)
+    if args.action == "records":  # the gateway, not the chain
+        if not (key_dir / "eth.json").exists():
+            raise OperatorError(f"no node key in {key_dir}: pass the node's --name or --key-dir")
+        import json
+
+        print(json.dumps(node_records(args.api_url, load_node_keys(key_dir).private_key, args.what), indent=2))
+        return 0
     try:
         chain = Chain.from_deployment(args.deployment, rpc_url=args.rpc_url)
         if not chain.is_connected():

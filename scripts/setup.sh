@@ -12,7 +12,7 @@ if ! python -c "import torch" 2>/dev/null; then
   echo "[setup] installing torch 2.13.0 (CPU)"
   pip install -q "torch==2.13.0"
 fi
-if ! python -c "import nectar.node, nectar.client, pytest, threadpoolctl, bitsandbytes, llguidance, lm_eval" 2>/dev/null || [[ "${NECTAR_REINSTALL:-0}" == 1 ]]; then
+if ! python -c "import nectar.node, nectar.client, pytest, threadpoolctl, bitsandbytes, llguidance, lm_eval, fastapi_offline, schemathesis" 2>/dev/null || [[ "${NECTAR_REINSTALL:-0}" == 1 ]]; then
   echo "[setup] installing nectar-swarm (editable) with test extras"
   pip install -q -c "$constraints" -e ".[test]"
 fi

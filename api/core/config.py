@@ -75,9 +75,14 @@ class Settings(ServiceSettings):
     # and such a reserve, beyond their own small unbacked limit (issue 20); 0 = reserve nothing
     reserve_max_nodes: int = 20  # reserve for at most this many nodes, the ledger's best ranked first
 
-    # requests
-    allow_signup: bool = True  # anyone may POST /v1/accounts (devnet); otherwise only with the admin token
-    rate_limit_per_minute: int = 600  # default per-key request limit
+    # requests and abuse limits
+    allow_signup: bool | None = None  # anyone may POST /v1/accounts; default: only on a devnet (else the admin token)
+    rate_limit_per_minute: int = 600  # per-key request limit: the default and the most a key may have
+    max_keys_per_account: int = 20  # unrevoked API keys one account may hold
+    auth_failures_per_minute: int = 20  # failed authentications per client address before 429
+    signups_per_hour: int = 10  # accounts created per client address (open sign-up; the admin token is exempt)
+    trusted_proxies: Annotated[list[str], NoDecode] = []  # addresses/CIDRs of reverse proxies whose
+    # X-Forwarded-For names the client; from anyone else the header is ignored (it would let a caller pick its address)
     rate_limit_url: str | None = None  # redis://... shares limits across API processes; default: in-process
     default_max_tokens: int = 256  # chat completions without max_tokens
     max_request_bytes: int = 1 * 1024 * 1024
@@ -90,7 +95,7 @@ class Settings(ServiceSettings):
     fine_tune_learning_rate: float = 0.05  # Adam learning rate at learning_rate_multiplier=1
     fine_tune_max_steps: int = 2000
 
-    @field_validator("models", "initial_peers", mode="before")
+    @field_validator("models", "initial_peers", "trusted_proxies", mode="before")
     @classmethod
     def _lists(cls, value):
         return _split_words(value)
@@ -105,9 +110,21 @@ class Settings(ServiceSettings):
             raise ValueError("NECTAR_API_MAX_ROUTE_PRICE must be >= 0 (credit wei per token; 0 = no cap)")
         if self.reserve_per_node < 0 or self.reserve_max_nodes < 0:
             raise ValueError("NECTAR_API_RESERVE_PER_NODE and NECTAR_API_RESERVE_MAX_NODES must be >= 0")
+        for name in ("rate_limit_per_minute", "max_keys_per_account", "auth_failures_per_minute", "signups_per_hour"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{self.env_name(name)} must be >= 1")
+        import ipaddress
+
+        for proxy in self.trusted_proxies:
+            ipaddress.ip_network(proxy, strict=False)  # a typo fails at startup, not silently
         if self.max_concurrent_generations < 1:
             raise ValueError("NECTAR_API_MAX_CONCURRENT_GENERATIONS must be >= 1")
         return self
+
+    @property
+    def signup_open(self) -> bool:
+        """Sign-up without the admin token: ``allow_signup`` if set, else only on a devnet."""
+        return self.allow_signup if self.allow_signup is not None else self.environment == "devnet"
 
     @property
     def base_url(self) -> str:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 
 from nectar.api.deps import AccountServiceDep, AdminDep, AuthDep, SignupDep
 from nectar.api.routes.responses import errors
@@ -21,6 +22,7 @@ from nectar.api.schemas import (
     DepositPublic,
     FaucetRequest,
     FundingInstructions,
+    RowId,
     ScanResultPublic,
     UsageList,
 )
@@ -64,7 +66,7 @@ async def list_keys(auth: AuthDep, service: AccountServiceDep) -> list[ApiKeyPub
 @router.delete(
     "/account/keys/{key_id}", response_model=ApiKeyPublic, summary="Revoke an API key", responses=errors(401, 404, 429)
 )
-async def revoke_key(key_id: int, auth: AuthDep, service: AccountServiceDep) -> ApiKeyPublic:
+async def revoke_key(key_id: Annotated[RowId, Path()], auth: AuthDep, service: AccountServiceDep) -> ApiKeyPublic:
     """Revoke a key at once (requests with it get 401)."""
     return await service.revoke_key(auth, key_id)
 
@@ -136,6 +138,8 @@ admin_router = APIRouter(prefix="/v1/admin", tags=["admin"])
     summary="Grant credit",
     responses=errors(401, 404, 422),
 )
-async def grant_credit(account_id: int, body: AdminCredit, _: AdminDep, service: AccountServiceDep) -> AccountPublic:
+async def grant_credit(
+    account_id: Annotated[RowId, Path()], body: AdminCredit, _: AdminDep, service: AccountServiceDep
+) -> AccountPublic:
     """Operator only (admin token): add credit to an account (promotions, refunds); recorded as a grant."""
     return await service.grant(account_id, body)

@@ -1,4 +1,6 @@
-"""The market: swarm view, series for the chart, and one node's receipts, earnings, settlements and reputation."""
+"""The market: swarm view (public), series for the chart, and one node's receipts, earnings, settlements and
+reputation. The last two are the operator's: they answer to the admin token or to a request signed by a node's own
+Ethereum key (``nectar.wire.request_auth``), a node seeing only its own records."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import logging
 
 from fastapi import APIRouter, Query
 
-from nectar.api.deps import MarketServiceDep
+from nectar.api.deps import MarketServiceDep, MemberOrAdminDep, NodeOrAdminDep
 from nectar.api.routes.responses import errors
 from nectar.api.schemas import MarketStats, NodeEarnings, NodeReceipts, NodeReputation, NodeSettlements, SwarmView
 
@@ -20,13 +22,15 @@ async def swarm(service: MarketServiceDep) -> SwarmView:
     return await service.swarm_view()
 
 
-@router.get("/market/stats", response_model=MarketStats, summary="Market series", responses=errors(422))
+@router.get("/market/stats", response_model=MarketStats, summary="Market series", responses=errors(401, 403, 422))
 async def stats(
+    _: MemberOrAdminDep,
     service: MarketServiceDep,
     window: int = Query(default=3600, ge=60, le=7 * 86400),
     bucket: int = Query(default=60, ge=1, le=86400),
 ) -> MarketStats:
-    """Tokens served to API users and credits settled on chain, per ``bucket`` seconds over ``window`` seconds."""
+    """Tokens served to API users and credits settled on chain, per ``bucket`` seconds over ``window`` seconds.
+    The admin's, or a swarm node's (signed request)."""
     return await service.stats(window_seconds=window, bucket_seconds=bucket)
 
 
@@ -34,10 +38,10 @@ async def stats(
     "/nodes/{address}/receipts",
     response_model=NodeReceipts,
     summary="A node's receipts",
-    responses=errors(404, 422, 503),
+    responses=errors(401, 403, 404, 422, 503),
 )
-async def node_receipts(address: str, service: MarketServiceDep) -> NodeReceipts:
-    """Receipts the node signed, as the ledger stored them."""
+async def node_receipts(address: str, _: NodeOrAdminDep, service: MarketServiceDep) -> NodeReceipts:
+    """Receipts the node signed, as the ledger stored them. The admin's, or the node's own (signed request)."""
     return await service.receipts(address)
 
 
@@ -45,10 +49,11 @@ async def node_receipts(address: str, service: MarketServiceDep) -> NodeReceipts
     "/nodes/{address}/earnings",
     response_model=NodeEarnings,
     summary="A node's earnings",
-    responses=errors(404, 422, 503),
+    responses=errors(401, 403, 404, 422, 503),
 )
-async def node_earnings(address: str, service: MarketServiceDep) -> NodeEarnings:
-    """Receipted earnings, amounts settled on chain, and what it can withdraw from the escrow."""
+async def node_earnings(address: str, _: NodeOrAdminDep, service: MarketServiceDep) -> NodeEarnings:
+    """Receipted earnings, amounts settled on chain, and what it can withdraw from the escrow. The admin's, or the
+    node's own (signed request)."""
     return await service.earnings(address)
 
 
@@ -56,10 +61,10 @@ async def node_earnings(address: str, service: MarketServiceDep) -> NodeEarnings
     "/nodes/{address}/settlements",
     response_model=NodeSettlements,
     summary="A node's settlements",
-    responses=errors(404, 422, 503),
+    responses=errors(401, 403, 404, 422, 503),
 )
-async def node_settlements(address: str, service: MarketServiceDep) -> NodeSettlements:
-    """Vouchers to the node included in settlement batches."""
+async def node_settlements(address: str, _: NodeOrAdminDep, service: MarketServiceDep) -> NodeSettlements:
+    """Vouchers to the node included in settlement batches. The admin's, or the node's own (signed request)."""
     return await service.settlements(address)
 
 
@@ -67,8 +72,8 @@ async def node_settlements(address: str, service: MarketServiceDep) -> NodeSettl
     "/nodes/{address}/reputation",
     response_model=NodeReputation,
     summary="A node's reputation",
-    responses=errors(404, 422, 503),
+    responses=errors(401, 403, 404, 422, 503),
 )
-async def node_reputation(address: str, service: MarketServiceDep) -> NodeReputation:
-    """The ledger's score and its components."""
+async def node_reputation(address: str, _: NodeOrAdminDep, service: MarketServiceDep) -> NodeReputation:
+    """The ledger's score and its components. The admin's, or the node's own (signed request)."""
     return await service.reputation(address)

@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 from nectar.api.deps import StateDep
+from nectar.api.protocol import UNKNOWN_FIELDS
 from nectar.api.schemas import Health
 
 logger = logging.getLogger(__name__)
@@ -39,4 +40,5 @@ async def health(state: StateDep) -> Health:
         database=state.context.db.dialect.name,
         chain=settings.deployment_path.exists(),
         ledger=settings.ledger_url,
+        unknown_fields=UNKNOWN_FIELDS.total,
     )

@@ -27,6 +27,28 @@ def sse_200(chunk_model: str) -> dict:
         200: {
             "description": f"The answer as JSON, or with ``stream: true`` a ``text/event-stream`` whose events are "
             f"``data: <{chunk_model}>`` lines, ending with ``data: [DONE]``.",
-            "content": {"text/event-stream": {"schema": {"$ref": f"#/components/schemas/{chunk_model}"}}},
+            # the schema of one event (OpenAPI 3.1 reads ``schema`` per event): its data is a JSON chunk, or [DONE]
+            "content": {
+                "text/event-stream": {
+                    "schema": {
+                        "type": "object",
+                        "description": f"One server-sent event: a {chunk_model} as JSON, or the last, ``[DONE]``.",
+                        "required": ["data"],
+                        "properties": {
+                            "data": {
+                                "description": f"A {chunk_model} as JSON, or ``[DONE]``.",
+                                "anyOf": [
+                                    {"const": "[DONE]"},
+                                    {
+                                        "type": "string",
+                                        "contentMediaType": "application/json",
+                                        "contentSchema": {"$ref": f"#/components/schemas/{chunk_model}"},
+                                    },
+                                ],
+                            }
+                        },
+                    }
+                }
+            },
         }
     }

@@ -12,7 +12,7 @@ from eth_utils import to_checksum_address
 from nectar.api import crud
 from nectar.api.chain_watch import ChainUnavailable, ChainWatcher
 from nectar.api.core.config import credits_to_micro, micro_to_credits
-from nectar.api.errors import ApiError, not_found, unavailable
+from nectar.api.errors import ApiError, bad_request, not_found, unavailable
 from nectar.api.models import Account, ApiKey, Deposit, Usage
 from nectar.api.schemas import (
     AccountCreate,
@@ -75,7 +75,7 @@ class AccountService:
             name=key.name,
             prefix=key.prefix,
             created_at=key.created_at,
-            rate_limit_per_minute=key.rate_limit_per_minute or self.settings.rate_limit_per_minute,
+            rate_limit_per_minute=min(key.rate_limit_per_minute or 10**9, self.settings.rate_limit_per_minute),
             revoked=key.revoked_at is not None,
         )
 
@@ -110,7 +110,22 @@ class AccountService:
         return await self._tx(lambda s: self._account_public(s, crud.get_account(s, account_id=auth.account_id)))
 
     async def create_key(self, auth: Auth, body: ApiKeyCreate) -> ApiKeyCreated:
+        cap = self.settings.rate_limit_per_minute
+        if body.rate_limit_per_minute is not None and body.rate_limit_per_minute > cap:  # lower, never raise
+            raise bad_request(
+                f"rate_limit_per_minute can be at most {cap} (the gateway's limit per key); ask the operator for more",
+                param="rate_limit_per_minute",
+                code="rate_limit_above_policy",
+            )
+
         def work(session):
+            keys = crud.count_live_keys(session, account_id=auth.account_id)
+            if keys >= self.settings.max_keys_per_account:
+                raise bad_request(
+                    f"This account already has {keys} API keys, the most allowed; revoke one first "
+                    "(DELETE /v1/account/keys/{key_id})",
+                    code="too_many_keys",
+                )
             key, secret = crud.create_api_key(
                 session, account_id=auth.account_id, name=body.name, rate_limit_per_minute=body.rate_limit_per_minute
             )

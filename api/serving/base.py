@@ -113,6 +113,9 @@ class OpenAIServing:
 
     @staticmethod
     def check_supported(request) -> None:
+        problem = request.sampling_problem()  # a 400, not the retryable 503 a NaN in the sampler gave (issue 24)
+        if problem is not None:
+            raise bad_request(problem[1], param=problem[0], code="invalid_sampling_parameter")
         problem = request.unsupported()
         if problem is not None:
             raise bad_request(problem[1], param=problem[0], code="unsupported_parameter")

@@ -77,7 +77,11 @@ class OpenAIServingFiles(OpenAIServing):
             raise bad_request(f"Invalid fine-tuning file: {e}", param="file", code="invalid_file") from None
         row = await self._tx(
             lambda s: crud.create_file(
-                s, account_id=auth.account_id, filename=filename[:255], purpose=purpose, content=content
+                s,
+                account_id=auth.account_id,
+                filename=filename[:255].replace("\x00", ""),
+                purpose=purpose,
+                content=content,
             )
         )
         return self._public(row)
@@ -298,6 +302,8 @@ class OpenAIServingFineTuning(OpenAIServing):
         if after:
             try:
                 after_id = int(after.removeprefix("ftevent-"))
+                if not 0 <= after_id < 2**63:  # a 64-bit column
+                    raise ValueError(after)
             except ValueError:
                 raise bad_request(f"after must be an event id (ftevent-<n>), got {after!r}", param="after") from None
         rows = await self._tx(lambda s: crud.list_job_events(s, job_id=job_id, after=after_id, limit=limit + 1))

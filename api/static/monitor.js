@@ -24,8 +24,18 @@ function svg(tag, attrs = {}, text) {
 
 const short = (address) => (address ? address.slice(0, 8) + "\u2026" + address.slice(-4) : "");
 
-async function getJSON(path) {
-  const response = await fetch(path, { cache: "no-store" });
+// The market series is the operator's: its admin token comes in the page's fragment (/monitor#admin=TOKEN, never
+// sent to the server in a URL) and is kept for this tab only.
+const fragment = new URLSearchParams(location.hash.slice(1));
+if (fragment.get("admin")) {
+  sessionStorage.setItem("nectar-admin", fragment.get("admin"));
+  history.replaceState(null, "", location.pathname);
+}
+const ADMIN = sessionStorage.getItem("nectar-admin");
+
+async function getJSON(path, token) {
+  const headers = token ? { Authorization: `Bearer ${token}` } : {};
+  const response = await fetch(path, { cache: "no-store", headers });
   if (!response.ok) throw new Error(`${path}: HTTP ${response.status}`);
   return response.json();
 }
@@ -134,10 +144,15 @@ function drawChart(stats) {
 async function refresh() {
   const error = document.getElementById("error");
   try {
-    const [view, stats] = await Promise.all([getJSON("/v1/market/swarm"), getJSON("/v1/market/stats?window=3600&bucket=60")]);
+    const [view, stats] = await Promise.all([
+      getJSON("/v1/market/swarm"),
+      ADMIN ? getJSON("/v1/market/stats?window=3600&bucket=60", ADMIN) : null,
+    ]);
     drawBlocks(view);
     drawNodes(view);
-    drawChart(stats);
+    if (stats) drawChart(stats);
+    else document.getElementById("totals").textContent =
+      "The market series is the operator's: open /monitor#admin=<NECTAR_API_ADMIN_TOKEN> to see it.";
     const online = view.nodes.filter((n) => n.state === "online").length;
     document.getElementById("meta").textContent =
       `${online} of ${view.nodes.length} nodes online \u00b7 gateway ${short(view.gateway_address)} \u00b7 ` +

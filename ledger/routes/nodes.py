@@ -11,7 +11,7 @@ from eth_utils import is_address, to_checksum_address
 from fastapi import APIRouter, Header, HTTPException
 
 from nectar.ledger import crud
-from nectar.ledger.deps import SessionDep, StateDep
+from nectar.ledger.deps import SessionDep, StateDep, is_admin
 from nectar.ledger.reputation import rank, score_node
 from nectar.ledger.schemas import ReportIn
 from nectar.wire.ledger_api import NODE, PREFIX, REPORTS, REPUTATION, report_message
@@ -37,7 +37,7 @@ def node_view(
     """A node's public record. Session ids (which link a user's steps, and name what an audit would fetch) are shown
     only with the admin token."""
     address = _address(address)
-    admin = authorization == f"Bearer {state.settings.admin_token}"
+    admin = is_admin(state, authorization)  # constant time
     node = crud.get_node(session, address=address)
     if node is None:
         raise HTTPException(404, f"the ledger has never seen node {address}")

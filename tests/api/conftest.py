@@ -119,6 +119,13 @@ def market(tmp_path_factory):
         devnet.stop()
 
 
+def node_key(market: Market, name: str) -> str:
+    """The private Ethereum key of the market's node ``name`` (its key folder, as `nectar node --name` keeps it)."""
+    from nectar.operator import load_node_keys
+
+    return load_node_keys(market.swarm.workdir / "keys" / name).private_key
+
+
 def _answers(url: str) -> bool:
     try:
         return httpx.get(url, timeout=2).status_code == 200

@@ -98,7 +98,8 @@ def api_env(*, home: Path, database_url: str, broker_url: str, model: str, peers
         # the market fixture reserves for its nodes once, up front (nodes work only against checked escrow): a
         # reserve taken mid-test would move the gateway's free escrow that funding tests count to the wei
         reserve_per_node=0,
-        **extra,
+        # the suite creates many accounts and keys from one address, and some keys ask for high limits
+        **{"signups_per_hour": 100_000, "rate_limit_per_minute": 100_000, **extra},
     )
 
 
