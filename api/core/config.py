@@ -53,7 +53,9 @@ class Settings(ServiceSettings):
     initial_peers: Annotated[list[str], NoDecode] = []  # default: NECTAR_INITIAL_PEERS
     private_key: str | None = None  # the gateway's wallet (signs vouchers, owns the escrow); devnet: a demo client
     step_timeout: float = 30.0  # s, one inference step at one hop
-    max_concurrent_generations: int = 1  # generations running at once per served model (others queue)
+    max_concurrent_generations: int = 16  # generations running at once per served model, each its own swarm
+    # session: the nodes batch their steps into one forward per round
+    max_queued_generations: int = 64  # requests waiting for a generation slot per model; past that, 503 + Retry-After
     tuned_cache_size: int = 4  # fine-tuned prompt sets kept loaded
 
     # pricing and credit
@@ -95,6 +97,8 @@ class Settings(ServiceSettings):
             raise ValueError("NECTAR_API_RESERVE_PER_NODE and NECTAR_API_RESERVE_MAX_NODES must be >= 0")
         if self.max_concurrent_generations < 1:
             raise ValueError("NECTAR_API_MAX_CONCURRENT_GENERATIONS must be >= 1")
+        if self.max_queued_generations < 0:
+            raise ValueError("NECTAR_API_MAX_QUEUED_GENERATIONS must be >= 0 (0: refuse whenever every slot is busy)")
         return self
 
     @property

@@ -16,7 +16,8 @@ def errors(*statuses: int) -> dict:
         413: "Body or file too large.",
         422: "Malformed body: the message and ``param`` name the field.",
         429: "Rate limit of the key reached; see Retry-After.",
-        503: "The swarm, chain, ledger or task broker is unavailable; nothing was charged.",
+        503: "The swarm, chain, ledger or task broker is unavailable, or every generation slot is busy (see "
+        "Retry-After); nothing was charged.",
     }
     return {status: {"model": ErrorResponse, "description": text[status]} for status in statuses}
 

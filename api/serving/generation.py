@@ -4,6 +4,7 @@ account, runs every prompt's ``n`` choices on the swarm, and settles exactly wha
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -110,6 +111,7 @@ class GenerationServing(OpenAIServing):
         for ids in prompts:
             self.check_length(target, len(ids), max_new)
         params = request.to_generation_params(max_new)
+        target.model.check_capacity()  # refuse (503 + Retry-After) before any hold when every slot is taken
         request_id = random_id(self.id_prefix)
         worst = sum(len(ids) for ids in prompts) + len(prompts) * request.n * max_new
         hold_id = await self.billing.reserve(
@@ -128,6 +130,8 @@ class GenerationServing(OpenAIServing):
             async for index, delta, reason in self._choices(job, charge):
                 texts[index] += delta
                 reasons[index] = reason or reasons[index]
+        except asyncio.CancelledError:  # the client went away (cancel_on_disconnect): the work done is charged
+            raise
         except BaseException:
             charge = Charge(0, 0)  # nothing was delivered: nothing is charged
             raise
