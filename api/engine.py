@@ -109,8 +109,7 @@ class SwarmModel:
         self._executor = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix=f"gen-{self.name[:12]}")
         self.max_concurrent, self.max_queued = max_concurrent, max_queued
         self._admitted = 0  # generations running or waiting for a worker (event loop only)
-        self._running = 0  # of them, those on a worker now (worker threads, under _count_lock)
-        self._count_lock = threading.Lock()
+        self._mean_lock = threading.Lock()
         self._mean_seconds = 1.0  # a generation's mean duration (moving average): sizes Retry-After
         self._stops: set[threading.Event] = set()  # of the generations in flight, for shutdown
         self._tuned: OrderedDict[tuple, DistributedModelForCausalLM] = OrderedDict()
@@ -207,9 +206,7 @@ class SwarmModel:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
         def work() -> None:
-            began = time.monotonic()
-            with self._count_lock:
-                self._running += 1
+            began, whole = time.monotonic(), False
             try:
                 if stop.is_set():
                     raise GenerationCancelled()
@@ -233,16 +230,16 @@ class SwarmModel:
                         put(("tokens", next_ids.tolist()))
                         if stop.is_set():
                             break
+                    else:
+                        whole = True
                 finally:
                     steps.close()  # closes the inference session at every node
                 put(("done", None))
             except BaseException as e:  # noqa: BLE001 - handed to the awaiting request
                 put(("error", e))
-            finally:
-                with self._count_lock:
-                    self._running -= 1
-                    if not stop.is_set():  # whole generations only: a cancelled one says nothing of the duration
-                        self._mean_seconds += 0.2 * (time.monotonic() - began - self._mean_seconds)
+            if whole:  # whole generations only: a cancelled one says nothing of the duration
+                with self._mean_lock:
+                    self._mean_seconds += 0.2 * (time.monotonic() - began - self._mean_seconds)
 
         self._admitted += 1
         self._stops.add(stop)
@@ -269,11 +266,6 @@ class SwarmModel:
         # the queue ahead drains max_concurrent at a time, each a mean generation long
         wait = self._mean_seconds * (queued // self.max_concurrent + 1)
         raise Overloaded(self.name, min(self._admitted, self.max_concurrent), queued, max(1, min(60, math.ceil(wait))))
-
-    @property
-    def load(self) -> dict:
-        """Generations running on workers and admitted in all (running or queued), for monitoring and tests."""
-        return {"running": self._running, "admitted": self._admitted, "max_concurrent": self.max_concurrent}
 
     def shutdown(self) -> None:
         for stop in list(self._stops):  # generations in flight stop after their step, so their threads end

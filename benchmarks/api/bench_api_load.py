@@ -153,6 +153,31 @@ def run_direct(model, sessions: int, work, tokens: int) -> dict:
     return summary
 
 
+def node_counters(model) -> dict:
+    """Decode rounds and steps so far, summed over the swarm's nodes (their info RPC)."""
+    from nectar.wire.protocol import RPC_INFO, make_request, unpack_metadata
+    from nectar.wire.stubs import call_unary
+
+    peers = {p: i for block in model.sequence_manager.servers().values() for p, i in block.items()}
+    total = {"inference_rounds": 0, "inference_steps": 0}
+    for peer, info in peers.items():
+        call = call_unary(model.runtime.p2p, peer, info, RPC_INFO, make_request("", [], {}), timeout=30)
+        compute = unpack_metadata(model.runtime.run(call, timeout=40).metadata)["compute"]
+        for key in total:
+            total[key] += compute.get(key, 0)
+    return total
+
+
+def with_rounds(model, run) -> dict:
+    """``run()``'s figures plus the nodes' mean steps per decode round while it ran (1.0: nothing was batched)."""
+    before = node_counters(model)
+    figures = run()
+    after = node_counters(model)
+    rounds = after["inference_rounds"] - before["inference_rounds"]
+    figures["steps_per_round"] = (after["inference_steps"] - before["inference_steps"]) / max(1, rounds)
+    return figures
+
+
 def funded_key(url: str) -> str:
     import httpx
 
@@ -210,7 +235,7 @@ def main() -> None:
         model = distributed_model(model_path, swarm)  # the client's head in float32 on the CPU, as the gateway's
         model.generate(torch.tensor([work[0][0]]), max_new_tokens=4, do_sample=False)  # warm-up: routes, caches
         log(f"direct: {args.direct} sessions")
-        figures["direct"].append(run_direct(model, args.direct, work, args.tokens))
+        figures["direct"].append(with_rounds(model, lambda: run_direct(model, args.direct, work, args.tokens)))
         settings = {"rate_limit_per_minute": 10**6, "max_queued_generations": 4 * max(args.users)}
         if args.max_concurrent:
             settings["max_concurrent_generations"] = args.max_concurrent
@@ -221,9 +246,11 @@ def main() -> None:
             run_api(api.url, key, name, 1, work, 4, workdir)  # warm-up
             for users in args.users:
                 log(f"api: {users} users")
-                figures["api"][users] = run_api(api.url, key, name, users, work, args.tokens, workdir)
+                figures["api"][users] = with_rounds(
+                    model, lambda users=users: run_api(api.url, key, name, users, work, args.tokens, workdir)
+                )
         log(f"direct: {args.direct} sessions, again")
-        figures["direct"].append(run_direct(model, args.direct, work, args.tokens))
+        figures["direct"].append(with_rounds(model, lambda: run_direct(model, args.direct, work, args.tokens)))
         model.shutdown()
 
     direct_tps = statistics.fmean(d["tokens_per_s"] for d in figures["direct"])
@@ -233,7 +260,8 @@ def main() -> None:
             (
                 f"API, {users} users",
                 f"{r['tokens_per_s']:.1f} tok/s; TTFT p50 {r['ttft_p50_ms']:.0f} ms, p95 {r['ttft_p95_ms']:.0f} ms; "
-                f"ITL {r['itl_mean_ms']:.1f} ms; {r['requests']} requests, load {r['load_before']:.1f}",
+                f"ITL {r['itl_mean_ms']:.1f} ms; {r['steps_per_round']:.1f} steps per node round; {r['requests']} "
+                f"requests, load {r['load_before']:.1f}",
             )
         )
     for i, d in enumerate(figures["direct"]):
@@ -241,7 +269,7 @@ def main() -> None:
             (
                 f"direct, {args.direct} sessions ({'before' if i == 0 else 'after'})",
                 f"{d['tokens_per_s']:.1f} tok/s; TTFT p50 {d['ttft_p50_ms']:.0f} ms; ITL {d['itl_mean_ms']:.1f} ms; "
-                f"load {d['load_before']:.1f}",
+                f"{d['steps_per_round']:.1f} steps per node round; load {d['load_before']:.1f}",
             )
         )
     if args.direct in figures["api"]:
