@@ -1,12 +1,12 @@
 """The gateway's side of the swarm: one ``DistributedModelForCausalLM`` per served model, shared by all requests.
 
-Generation is synchronous, so each runs in a worker thread (``max_concurrent_generations`` of them per model) with its
-own swarm session and streams token ids back to the event loop through an asyncio queue. Sessions of concurrent
-requests reach the nodes together, which batch their steps into one forward per round; past the workers, at most
-``max_queued_generations`` requests wait, and further ones are refused at once (``Overloaded``: 503 + Retry-After)
-rather than queue without bound. Every variant of a model (its fine-tuned soft prompts) shares the base model's swarm
-runtime and wallet, so the gateway has one DHT peer and one voucher channel per node, and pays every node from its own
-escrow.
+Generation is synchronous, so each runs in a worker thread (``max_concurrent_generations`` of them per model: 8, the
+nodes' default cap of sessions per client) with its own swarm session, and streams token ids back to the event loop
+through an asyncio queue. Sessions of concurrent requests reach the nodes together, which batch their steps into one
+forward per round; past the workers, at most ``max_queued_generations`` requests wait, and further ones are refused at
+once (``Overloaded``: 503 + Retry-After) rather than queue without bound. Every variant of a model (its fine-tuned soft
+prompts) shares the base model's swarm runtime and wallet, so the gateway has one DHT peer and one voucher channel per
+node, and pays every node from its own escrow.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class SwarmModel:
         initial_peers: Sequence[str],
         private_key: str | None,
         client_config: ClientConfig,
-        max_concurrent: int = 16,
+        max_concurrent: int = 8,
         max_queued: int = 64,
         tuned_cache_size: int = 4,
         scorer=None,
@@ -289,7 +289,7 @@ class Engine:
         initial_peers: Sequence[str],
         private_key: str | None,
         step_timeout: float = 30.0,
-        max_concurrent: int = 16,
+        max_concurrent: int = 8,
         max_queued: int = 64,
         tuned_cache_size: int = 4,
         ledger_url: str | None = None,
