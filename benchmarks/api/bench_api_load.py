@@ -243,7 +243,9 @@ def main() -> None:
             "max_concurrent_generations": args.max_concurrent,
         }
         env = api_environment(home=workdir, model=str(model_path), initial_peers=swarm.initial_peers, **settings)
-        env.update(common.node_env(args.threads))
+        env.update(
+            common.node_env(args.threads), PYTHONFAULTHANDLER="1"
+        )  # a crash leaves its threads' stacks in api.log
         with ApiProcess(env=env, log_dir=workdir) as api:
             key = funded_key(api.url)
             run_api(api.url, key, name, 1, work, 4, workdir)  # warm-up
