@@ -114,13 +114,27 @@ class GenerationServing(OpenAIServing):
         target.model.check_capacity()  # refuse (503 + Retry-After) before any hold when every slot is taken
         request_id = random_id(self.id_prefix)
         worst = sum(len(ids) for ids in prompts) + len(prompts) * request.n * max_new
-        hold_id = await self.billing.reserve(
-            account_id=auth.account_id, tokens=worst, reference=request_id, what=self.what
+        reserving = asyncio.ensure_future(
+            self.billing.reserve(account_id=auth.account_id, tokens=worst, reference=request_id, what=self.what)
         )
+        try:
+            hold_id = await asyncio.shield(reserving)
+        except asyncio.CancelledError:  # the client left while the hold was being placed: free it once it is
+            reserving.add_done_callback(lambda done: self._release(done, target.name, auth.key_id))
+            raise
         job = Generation(request, target, prompts, texts, params, request_id, hold_id, auth)
         if request.stream:
             return await prime(self._stream(job))
         return await self._whole(job)
+
+    def _release(self, reserving: asyncio.Future, model: str, key_id: int | None) -> None:
+        """Settles for nothing a hold placed after its request was cancelled (else it waits for the sweep)."""
+        if reserving.cancelled() or reserving.exception() is not None:
+            return
+        settling = self.billing.settle(
+            hold_id=reserving.result(), charge=Charge(0, 0), kind=self.kind, model=model, key_id=key_id
+        )
+        asyncio.ensure_future(settling).add_done_callback(lambda done: done.cancelled() or done.exception())
 
     async def _whole(self, job: Generation):
         charge = Charge(0, 0)
