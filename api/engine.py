@@ -1,9 +1,12 @@
 """The gateway's side of the swarm: one ``DistributedModelForCausalLM`` per served model, shared by all requests.
 
-Generation is synchronous and CPU-bound, so it runs in a small thread pool per model (``max_concurrent_generations``
-workers; further requests queue) and streams token ids back to the event loop through an asyncio queue. Every
-variant of a model (its fine-tuned soft prompts) shares the base model's swarm runtime and wallet, so the gateway has
-one DHT peer and one voucher channel per node, and pays every node from its own escrow.
+Generation is synchronous, so each runs in a worker thread (``max_concurrent_generations`` of them per model: 8, the
+nodes' default cap of sessions per client) with its own swarm session, and streams token ids back to the event loop
+through an asyncio queue. Sessions of concurrent requests reach the nodes together, which batch their steps into one
+forward per round; past the workers, at most ``max_queued_generations`` requests wait, and further ones are refused at
+once (``Overloaded``: 503 + Retry-After) rather than queue without bound. Every variant of a model (its fine-tuned soft
+prompts) shares the base model's swarm runtime and wallet, so the gateway has one DHT peer and one voucher channel per
+node, and pays every node from its own escrow.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import math
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nectar.api.errors import ApiError
 from nectar.api.protocol import GenerationParams
 from nectar.client import ClientConfig, CostMeter, DistributedModelForCausalLM
 from nectar.client.generation import PromptLogprobs
@@ -70,6 +76,20 @@ class GenerationCancelled(Exception):
     """The request went away before its generation started."""
 
 
+class Overloaded(ApiError):
+    """Every generation worker is busy and the queue is full: retry after ``retry_after`` seconds (503)."""
+
+    def __init__(self, model: str, running: int, queued: int, retry_after: int):
+        super().__init__(
+            503,
+            f"{model} is serving {running} generations with {queued} more waiting, its limit; retry in "
+            f"{retry_after}s (the Retry-After header), or ask the operator to raise NECTAR_API_MAX_QUEUED_GENERATIONS",
+            code="server_overloaded",
+            headers={"Retry-After": str(retry_after)},
+        )
+        self.retry_after = retry_after
+
+
 class SwarmModel:
     """One served base model: its client, tokenizer and generation workers. Built once at startup.
 
@@ -77,7 +97,8 @@ class SwarmModel:
     :param initial_peers: multiaddrs of the swarm
     :param private_key: the gateway's wallet key (vouchers to nodes are signed with it)
     :param client_config: timeouts and retries of the swarm client
-    :param max_concurrent: generations running at once (further requests queue)
+    :param max_concurrent: generations running at once, each its own swarm session (the nodes batch them)
+    :param max_queued: requests waiting for a worker beyond those; past that, ``Overloaded``
     :param tuned_cache_size: fine-tuned prompt sets kept loaded
     :param domain: EIP-712 domain of the gateway's vouchers (default: the deployment file's)
     """
@@ -89,7 +110,8 @@ class SwarmModel:
         initial_peers: Sequence[str],
         private_key: str | None,
         client_config: ClientConfig,
-        max_concurrent: int = 1,
+        max_concurrent: int = 8,
+        max_queued: int = 64,
         tuned_cache_size: int = 4,
         scorer=None,
         domain: dict | None = None,
@@ -115,6 +137,11 @@ class SwarmModel:
         self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos or [])
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
         self._executor = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix=f"gen-{self.name[:12]}")
+        self.max_concurrent, self.max_queued = max_concurrent, max_queued
+        self._admitted = 0  # generations running or waiting for a worker (event loop only)
+        self._mean_lock = threading.Lock()
+        self._mean_seconds = 1.0  # a generation's mean duration (moving average): sizes Retry-After
+        self._stops: set[threading.Event] = set()  # of the generations in flight, for shutdown
         self._tuned: OrderedDict[tuple, DistributedModelForCausalLM] = OrderedDict()
         self._tuned_lock = threading.Lock()
         self._tuned_cache_size = tuned_cache_size
@@ -205,16 +232,20 @@ class SwarmModel:
         """Yields, per generation step, the next token id of each of the ``params.n`` rows (after the prompt's
         scores if ``params.prompt_logprobs`` is set).
 
-        Closing the iterator (the client went away, or every choice finished) stops the generation after the
-        current step and closes its swarm session."""
+        Raises ``Overloaded`` at once if every worker is busy and the queue is full. Closing the iterator (the client
+        went away, or every choice finished) stops the generation after the current step, closes its swarm session and
+        frees its worker; a request still queued never starts."""
+        self.check_capacity()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
 
         def put(item) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(queue.put_nowait, item)
 
         def work() -> None:
+            began, whole = time.monotonic(), False
             try:
                 if stop.is_set():
                     raise GenerationCancelled()
@@ -253,14 +284,21 @@ class SwarmModel:
                         put(("tokens", SwarmStep(tokens, scores)))
                         if stop.is_set():
                             break
+                    else:
+                        whole = True
                 finally:
                     steps.close()  # closes the inference session at every node
                 put(("done", None))
             except BaseException as e:  # noqa: BLE001 - handed to the awaiting request
                 put(("error", e))
+            if whole:  # whole generations only: a cancelled one says nothing of the duration
+                with self._mean_lock:
+                    self._mean_seconds += 0.2 * (time.monotonic() - began - self._mean_seconds)
 
-        self._executor.submit(work)
+        self._admitted += 1
+        self._stops.add(stop)
         try:
+            self._executor.submit(work)
             while True:
                 kind, value = await queue.get()
                 if kind == "tokens":
@@ -270,9 +308,22 @@ class SwarmModel:
                 else:
                     raise value
         finally:
-            stop.set()
+            stop.set()  # the worker stops after its current step (or never starts): the client went away or is done
+            self._stops.discard(stop)
+            self._admitted -= 1
+
+    def check_capacity(self) -> None:
+        """Raises ``Overloaded`` if a new generation would find every worker busy and the queue full."""
+        if self._admitted < self.max_concurrent + self.max_queued:
+            return
+        queued = max(0, self._admitted - self.max_concurrent)
+        # the queue ahead drains max_concurrent at a time, each a mean generation long
+        wait = self._mean_seconds * (queued // self.max_concurrent + 1)
+        raise Overloaded(self.name, min(self._admitted, self.max_concurrent), queued, max(1, min(60, math.ceil(wait))))
 
     def shutdown(self) -> None:
+        for stop in list(self._stops):  # generations in flight stop after their step, so their threads end
+            stop.set()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.model.shutdown()
 
@@ -292,7 +343,8 @@ class Engine:
         initial_peers: Sequence[str],
         private_key: str | None,
         step_timeout: float = 30.0,
-        max_concurrent: int = 1,
+        max_concurrent: int = 8,
+        max_queued: int = 64,
         tuned_cache_size: int = 4,
         ledger_url: str | None = None,
         domain: dict | None = None,
@@ -321,6 +373,7 @@ class Engine:
                         private_key=private_key,
                         client_config=config,
                         max_concurrent=max_concurrent,
+                        max_queued=max_queued,
                         tuned_cache_size=tuned_cache_size,
                         scorer=scorer,
                         domain=domain,

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nectar.api.protocol import ErrorInfo, ErrorResponse
-from nectar.client.errors import InferenceFailedError, PaymentRequiredError
+from nectar.client.errors import InferenceFailedError, NodeBusyError, PaymentRequiredError
 from nectar.wire.protocol import ErrorCode
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,13 @@ def from_client_error(error: Exception) -> ApiError:
     if isinstance(error, InferenceFailedError) and error.code in (ErrorCode.BAD_REQUEST, ErrorCode.TOO_LARGE):
         return bad_request(
             f"The nodes refused this request ({what}): shorten it or lower n / max_tokens.", code=error.code.value
+        )
+    if isinstance(error, NodeBusyError):  # online nodes whose caches (or sessions per client) are full: back off
+        return ApiError(
+            503,
+            f"The nodes are busy ({what}). Retry after the Retry-After header's seconds; nothing was charged.",
+            code="nodes_busy",
+            headers={"Retry-After": "2"},
         )
     return unavailable(
         f"The swarm could not finish this generation ({what}). Retry shortly; only tokens already "

@@ -138,14 +138,19 @@ class ApiProcess:
 
     def stop(self, timeout: float = 20.0) -> None:
         for process in (self.worker_process, self.process):
-            if process is None or process.poll() is not None:
+            if process is None:
                 continue
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait(10)
+            try:  # what it started and left behind, e.g. if it crashed: its DHT process and p2pd daemons
                 os.killpg(process.pid, signal.SIGKILL)
-                process.wait(10)
+            except ProcessLookupError:
+                pass
 
     def __enter__(self) -> ApiProcess:
         return self

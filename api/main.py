@@ -109,6 +109,7 @@ def create_app(settings: Settings | None = None, *, swarm: Engine | None = None)
                     private_key=settings.gateway_key(),
                     step_timeout=settings.step_timeout,
                     max_concurrent=settings.max_concurrent_generations,
+                    max_queued=settings.max_queued_generations,
                     tuned_cache_size=settings.tuned_cache_size,
                     ledger_url=settings.ledger_url,
                     domain=domain,

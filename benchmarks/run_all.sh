@@ -15,3 +15,4 @@ run bench_training.py --model mid --threads 2 --nodes 2 --repeats 2 --json train
 run bench_petals.py --model tiny --threads 1 --repeats 3 --json petals_tiny.json
 run bench_petals.py --model mid --threads 2 --repeats 2 --json petals_mid.json
 run attacks/bench_swarm_attacks.py --json after.json  # honest generation under each attack of issue 22 (~9 min)
+run api/bench_api_load.py --model tiny --threads 1 --direct 16 --json api_load_tiny_cpu.json  # the gateway under 1-64 users vs 16 direct sessions (~5 min)

@@ -75,6 +75,7 @@ class Wallet:
         self._owed: dict[str, int] = {}
         self._partners: dict[str, str] = {}  # node -> the node whose channel shares its slot (itself by default)
         self.receipts: list[schema.SignedReceipt] = []
+        self.keep_receipts: int | None = None  # keep only about the last this many (a long-running gateway's bound)
         self._lock = threading.Lock()
 
     def check_receipt(
@@ -150,13 +151,17 @@ class Wallet:
         with self._lock:
             self._owed[receipt.node] = self._owed.get(receipt.node, 0) + receipt.amount
             self.receipts.append(signed)
+            if self.keep_receipts is not None and len(self.receipts) > 2 * self.keep_receipts:
+                del self.receipts[: -self.keep_receipts]  # amortized: one cut per keep_receipts receipts
         if self.ledger is not None and struct_hash is not None:  # only what was checked is vouched for
             digest = eip712.acceptance_digest(struct_hash, self.domain)
             self.ledger.on_receipt(signed, descriptor, eip712.sign_digest(digest, self.private_key))
         return signed
 
     def owed(self, node_address: str) -> int:
-        return self._owed.get(schema.checksum_address(node_address, "node"), 0)
+        node = schema.checksum_address(node_address, "node")
+        with self._lock:
+            return self._owed.get(node, 0)
 
     def pair(self, route: Sequence[str]) -> None:
         """Pairs the nodes of a route that have no partner yet, neighbours first: a pair's two channels share one
@@ -176,7 +181,8 @@ class Wallet:
     def voucher_for(self, node_address: str) -> dict | None:
         """A voucher covering everything received from this node so far (None if nothing is owed)."""
         node = schema.checksum_address(node_address, "node")
-        amount = self._owed.get(node, 0)
+        with self._lock:
+            amount = self._owed.get(node, 0)
         if amount <= 0:
             return None
         voucher = schema.Voucher(
@@ -190,7 +196,8 @@ class Wallet:
 
     @property
     def total_paid(self) -> int:
-        return sum(self._owed.values())
+        with self._lock:  # concurrent sessions add nodes to _owed: never iterate it while one does
+            return sum(self._owed.values())
 
 
 def _compute_problems(

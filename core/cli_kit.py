@@ -278,3 +278,14 @@ def swarm_file(explicit: str | Path | None = None, *, env: Mapping[str, str]):
     neither is set."""
     path = explicit or (env.get("NECTAR_SWARM") or "").strip()
     return read_swarm_file(path) if path else None
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does: the command's ``finally`` stops its child processes. Python's
+    default for SIGTERM ends the process at once, leaving every child it started running (issue 24)."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nectar.cli_kit import add_logging_options, setup_logging
+from nectar.cli_kit import add_logging_options, interrupt_on_sigterm, setup_logging
 from nectar.settings import configure
 
 logger = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ def main(argv: list[str]) -> int:
     add_logging_options(parser, default="WARNING")
     args = parser.parse_args(argv)
     setup_logging(args)
+    interrupt_on_sigterm()  # SIGTERM stops every child as Ctrl-C does (the finally below)
 
     from nectar.api.launch import ApiProcess, api_environment, demo_account, example_request
     from nectar.chain import Chain, free_port, start_devnet
@@ -108,27 +109,27 @@ def main(argv: list[str]) -> int:
 
     print("[demo] starting the devnet: Anvil + contracts ...", flush=True)
     devnet = start_devnet(port=free_port(), state_dir=workdir / "devnet")
-    deployment_path = workdir / "devnet" / "deployment.json"
-    chain = Chain.from_deployment(deployment_path)
-    deployment = json.loads(deployment_path.read_text())
-    accounts = {}
-    for account in deployment["accounts"]:
-        accounts.setdefault(account["role"], []).append(account)
-    env = {
-        **os.environ,
-        "NECTAR_DEPLOYMENT": str(deployment_path),
-        "NECTAR_LEDGER_DATABASE_URL": f"sqlite:///{workdir / 'ledger.db'}",
-        "NECTAR_LEDGER_BROKER_URL": f"sqla+sqlite:///{workdir / 'broker.db'}",
-        # the demo closes its epoch by hand; beat's epoch only has to stay under the unlock delay (3600 s), which
-        # the ledger checks: 2 epochs + the lease must settle before a client could withdraw (issue 20)
-        "NECTAR_LEDGER_EPOCH_SECONDS": "1500",
-    }  # for the child processes
-    configure(deployment=deployment_path)  # this process's client signs vouchers under the devnet's EIP-712 domain
-    ledger_port = free_port()
-    ledger_url = f"http://127.0.0.1:{ledger_port}"
     processes = []
     swarm = api = model = None
     try:
+        deployment_path = workdir / "devnet" / "deployment.json"
+        chain = Chain.from_deployment(deployment_path)
+        deployment = json.loads(deployment_path.read_text())
+        accounts = {}
+        for account in deployment["accounts"]:
+            accounts.setdefault(account["role"], []).append(account)
+        env = {
+            **os.environ,
+            "NECTAR_DEPLOYMENT": str(deployment_path),
+            "NECTAR_LEDGER_DATABASE_URL": f"sqlite:///{workdir / 'ledger.db'}",
+            "NECTAR_LEDGER_BROKER_URL": f"sqla+sqlite:///{workdir / 'broker.db'}",
+            # the demo closes its epoch by hand; beat's epoch only has to stay under the unlock delay (3600 s), which
+            # the ledger checks: 2 epochs + the lease must settle before a client could withdraw (issue 20)
+            "NECTAR_LEDGER_EPOCH_SECONDS": "1500",
+        }  # for the child processes
+        configure(deployment=deployment_path)  # this process's client signs vouchers under the devnet's EIP-712 domain
+        ledger_port = free_port()
+        ledger_url = f"http://127.0.0.1:{ledger_port}"
         print("[demo] starting the ledger service and its Celery worker (SQLite) ...", flush=True)
         processes.append(_spawn(["ledger", "serve", "--port", str(ledger_port)], workdir / "ledger.log", env))
         _wait_http(f"{ledger_url}/health")  # the ledger migrates the database first, then the worker may start
@@ -270,9 +271,13 @@ def main(argv: list[str]) -> int:
         if args.keep_running:
             print(
                 f"[demo] market is up: API {api.url}, ledger {ledger_url}, swarm {swarm.initial_peers[0]}, "
-                f"chain {chain.w3.provider.endpoint_uri}. Ctrl-C to stop."
+                f"chain {chain.w3.provider.endpoint_uri}. Ctrl-C (or SIGTERM) to stop."
             )
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop the market below
+                print("[demo] stopping every process ...", flush=True)
         return 0 if ok else 1
     finally:
         if model is not None:

@@ -89,7 +89,12 @@ class LocalSwarm:
             ready.set()
 
         threading.Thread(target=read_stdout, daemon=True).start()
-        if not ready.wait(self.start_timeout) or not proc.address:
+        try:
+            started = ready.wait(self.start_timeout)
+        except BaseException:  # interrupted (Ctrl-C, SIGTERM in nectar demo): not registered yet, so stop it here
+            self._kill(proc)
+            raise
+        if not started or not proc.address:
             tail = proc.log()[-3000:]
             self._kill(proc)
             raise RuntimeError(f"{name} did not start within {self.start_timeout}s; its log:\n{tail}")

@@ -53,7 +53,10 @@ class Settings(ServiceSettings):
     initial_peers: Annotated[list[str], NoDecode] = []  # default: NECTAR_INITIAL_PEERS
     private_key: str | None = None  # the gateway's wallet (signs vouchers, owns the escrow); devnet: a demo client
     step_timeout: float = 30.0  # s, one inference step at one hop
-    max_concurrent_generations: int = 1  # generations running at once per served model (others queue)
+    max_concurrent_generations: int = 8  # generations running at once per served model, each its own swarm
+    # session: the nodes batch their steps into one forward per round. A gateway is one client to the nodes, which
+    # hold at most --client-max-sessions (8 by default) sessions of one client each: raise both together
+    max_queued_generations: int = 64  # requests waiting for a generation slot per model; past that, 503 + Retry-After
     tuned_cache_size: int = 4  # fine-tuned prompt sets kept loaded
 
     # pricing and credit
@@ -119,6 +122,8 @@ class Settings(ServiceSettings):
             ipaddress.ip_network(proxy, strict=False)  # a typo fails at startup, not silently
         if self.max_concurrent_generations < 1:
             raise ValueError("NECTAR_API_MAX_CONCURRENT_GENERATIONS must be >= 1")
+        if self.max_queued_generations < 0:
+            raise ValueError("NECTAR_API_MAX_QUEUED_GENERATIONS must be >= 0 (0: refuse whenever every slot is busy)")
         return self
 
     @property

@@ -15,7 +15,8 @@ def errors(*statuses: int) -> dict:
         409: "Conflict with existing state.",
         413: "Body or file too large.",
         429: "Rate limit of the key reached; see Retry-After.",
-        503: "The swarm, chain, ledger or task broker is unavailable; nothing was charged.",
+        503: "The swarm, chain, ledger or task broker is unavailable, or every generation slot is busy (see "
+        "Retry-After); nothing was charged.",
     }
     statuses = tuple(sorted({400 if status == 422 else status for status in statuses}))  # malformed bodies: 400
     return {status: {"model": ErrorResponse, "description": text[status]} for status in statuses}

@@ -123,12 +123,24 @@ class GenerationServing(OpenAIServing):
             self.check_length(target, len(ids), max_new)
         params = request.to_generation_params(max_new)
         await self.check_options(params, target)
+        target.model.check_capacity()  # refuse (503 + Retry-After) before any hold when every slot is taken
         request_id = random_id(self.id_prefix)
         runs = max_new > 0 or params.prompt_logprobs is not None  # scoring a prompt runs its prefill
         hold = await self.quote(target, prompts, request.n, max_new, runs=runs)
-        hold_id = await self.billing.reserve_amount(
-            account_id=auth.account_id, amount=hold.amount, reference=request_id, what=self.what, detail=hold.describe()
+        reserving = asyncio.ensure_future(
+            self.billing.reserve_amount(
+                account_id=auth.account_id,
+                amount=hold.amount,
+                reference=request_id,
+                what=self.what,
+                detail=hold.describe(),
+            )
         )
+        try:
+            hold_id = await asyncio.shield(reserving)
+        except asyncio.CancelledError:  # the client left while the hold was being placed: free it once it is
+            reserving.add_done_callback(lambda done: self._release(done, target.name, auth.key_id))
+            raise
         meter = CostMeter(hold.budget_wei, max_price=self.pricing.max_route_price)
         job = Generation(request, target, prompts, texts, params, request_id, hold_id, auth, hold=hold, meter=meter)
         if request.stream:
@@ -153,6 +165,15 @@ class GenerationServing(OpenAIServing):
             except ConstraintError as e:
                 raise bad_request(f"{e}; fix response_format.json_schema.schema", param="response_format") from None
 
+    def _release(self, reserving: asyncio.Future, model: str, key_id: int | None) -> None:
+        """Settles for nothing a hold placed after its request was cancelled (else it waits for the sweep)."""
+        if reserving.cancelled() or reserving.exception() is not None:
+            return
+        settling = self.billing.settle(
+            hold_id=reserving.result(), charge=Charge(0, 0), kind=self.kind, model=model, key_id=key_id, cost=0
+        )
+        asyncio.ensure_future(settling).add_done_callback(lambda done: done.cancelled() or done.exception())
+
     async def _whole(self, job: Generation):
         charge = Charge(0, 0)
         texts = [""] * (len(job.prompts) * job.request.n)
@@ -161,6 +182,8 @@ class GenerationServing(OpenAIServing):
             async for index, delta, reason in self._choices(job, charge):
                 texts[index] += delta
                 reasons[index] = reason or reasons[index]
+        except asyncio.CancelledError:  # the client went away (cancel_on_disconnect): the work done is charged
+            raise
         except BaseException:
             charge = Charge(0, 0)  # nothing was delivered: nothing is charged
             raise

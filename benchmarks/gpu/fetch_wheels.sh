@@ -27,4 +27,9 @@ done
 for spec in prefetch-generator==1.0.3 varint==1.0.2 python-baseconv==1.2.2; do
   python -m pip wheel -q --no-deps -w "$dest" "$spec"
 done
+# --api: the gateway's dependencies and locust, for run_api_load.sh (pip resolves their dependencies for 3.12)
+if [[ "${1:-}" == "--api" ]]; then
+  python -m pip download -q --only-binary=:all: "${platform[@]}" -d "$dest" locust fastapi uvicorn sqlalchemy \
+    alembic "celery[redis]" pydantic-settings httpx python-multipart aiosqlite psycopg2-binary redis
+fi
 du -sh "$dest"
