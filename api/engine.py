@@ -113,6 +113,7 @@ class SwarmModel:
         max_concurrent: int = 8,
         max_queued: int = 64,
         tuned_cache_size: int = 4,
+        head_device: str = "cpu",
         scorer=None,
         domain: dict | None = None,
     ):
@@ -130,6 +131,7 @@ class SwarmModel:
             config=client_config,
             scorer=scorer,
             domain=domain,
+            head_device=head_device,
         )
         eos = self.model.generation_config.eos_token_id
         if eos is None:
@@ -201,6 +203,7 @@ class SwarmModel:
             pre_seq_len=prompts.pre_seq_len if prompts else 0,
             scorer=base.sequence_manager.scorer,
             active_adapter=adapter,
+            head_device=base.head.device,
         )
         if prompts is not None:
             tuned.load_prompts(io.BytesIO(prompts.prompts))
@@ -346,6 +349,7 @@ class Engine:
         max_concurrent: int = 8,
         max_queued: int = 64,
         tuned_cache_size: int = 4,
+        head_device: str = "cpu",
         ledger_url: str | None = None,
         domain: dict | None = None,
     ) -> Engine:
@@ -375,6 +379,7 @@ class Engine:
                         max_concurrent=max_concurrent,
                         max_queued=max_queued,
                         tuned_cache_size=tuned_cache_size,
+                        head_device=head_device,
                         scorer=scorer,
                         domain=domain,
                     )

@@ -111,6 +111,7 @@ def create_app(settings: Settings | None = None, *, swarm: Engine | None = None)
                     max_concurrent=settings.max_concurrent_generations,
                     max_queued=settings.max_queued_generations,
                     tuned_cache_size=settings.tuned_cache_size,
+                    head_device=settings.head_device,
                     ledger_url=settings.ledger_url,
                     domain=domain,
                 )

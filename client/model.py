@@ -54,6 +54,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
         pre_seq_len: int = 0,
         dtype: torch.dtype = torch.float32,
         active_adapter: str | None = None,
+        head_device: str | torch.device = "cpu",
     ):
         super().__init__()
         if tuning_mode not in TUNING_MODES:
@@ -64,7 +65,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
         self.config = load_config(model_path)
         self.num_blocks = get_family(self.config).num_blocks(self.config)
         self.runtime, self.wallet = runtime, wallet
-        self.head = load_client_head(model_path, dtype=dtype)
+        self.head = load_client_head(model_path, dtype=dtype, device=head_device)
         self.head.requires_grad_(False)
         self.sequence_manager = RemoteSequenceManager(
             runtime, model_id, self.num_blocks, config=config, scorer=scorer, active_adapter=active_adapter
@@ -101,6 +102,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
         dtype: torch.dtype = torch.float32,
         domain: dict | None = None,
         active_adapter: str | None = None,
+        head_device: str | torch.device = "cpu",
     ) -> DistributedModelForCausalLM:
         """:param model: built-in name (``nectar models``), a local Hugging Face checkpoint directory, or a Hub id
           (``org/name[@revision]``; only the embeddings' and head's shards are fetched)
@@ -110,6 +112,8 @@ class DistributedModelForCausalLM(torch.nn.Module):
         :param domain: EIP-712 domain of the vouchers (default: that of the deployment file, ``nectar.deployment``)
         :param active_adapter: a LoRA adapter's name as nodes announce it (``nectar swarm``); every block is computed
           with it, by nodes that serve it only
+        :param head_device: where the embeddings and LM head compute (e.g. ``cuda`` on a GPU host: each token reads
+          the whole head, which bounds a CPU client serving many sessions); the sampler stays on the CPU
 
         A failure releases everything this call started (the DHT process, the reputation scorer's thread)."""
         config = config or ClientConfig()
@@ -152,6 +156,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
                 pre_seq_len=pre_seq_len,
                 dtype=dtype,
                 active_adapter=active_adapter,
+                head_device=head_device,
             )
         except BaseException:
             for release in reversed(started):
@@ -205,7 +210,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
         embeds = self.head.embed(input_ids)
         prefix, deep = self._prefix(input_ids.shape[0])
         if prefix is not None:
-            embeds = torch.cat([prefix.to(embeds.dtype), embeds], dim=1)
+            embeds = torch.cat([prefix.to(embeds.device, embeds.dtype), embeds], dim=1)
         hidden = self.transformer(embeds, deep)
         logits = self.head.logits(hidden[:, self.pre_seq_len :])
         loss = None
@@ -393,7 +398,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
                 prefix, deep = self._prefix(batch_size)
                 skip = 0
                 if prefix is not None and session.position == 0:
-                    embeds = torch.cat([prefix.to(embeds.dtype), embeds], dim=1)
+                    embeds = torch.cat([prefix.to(embeds.device, embeds.dtype), embeds], dim=1)
                     skip = prefix.shape[1]
                 hidden = session.step(embeds, prompts=deep if session.position == 0 else None)
                 if prompt_logprobs is not None:
@@ -401,9 +406,9 @@ class DistributedModelForCausalLM(torch.nn.Module):
                 for _ in range(params.max_new_tokens):
                     step_logprobs = None
                     if greedy:
-                        next_tokens = self.head.greedy_tokens(hidden[:, -1:])
+                        next_tokens = self.head.greedy_tokens(hidden[:, -1:]).cpu()
                     else:
-                        logits = self.head.logits(hidden[:, -1:])[:, -1].float()
+                        logits = self.head.logits(hidden[:, -1:])[:, -1].float().cpu()
                         scores = mask.apply(logits, unfinished) if mask is not None else logits
                         next_tokens = choose_next_tokens(scores, sequences, params, processors, generator)
                         if logprobs is not None:
@@ -445,7 +450,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
             parts = []
             for start in range(0, input_ids.shape[1] - 1, self.PROMPT_LOGPROB_CHUNK):
                 end = min(start + self.PROMPT_LOGPROB_CHUNK, input_ids.shape[1] - 1)
-                logits = self.head.logits(hidden[row : row + 1, start:end])
+                logits = self.head.logits(hidden[row : row + 1, start:end]).float().cpu()
                 parts.append(Logprobs.of(logits, input_ids[row : row + 1, start + 1 : end + 1], top))
             rows.append(parts)
         k = min(top, 20)

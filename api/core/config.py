@@ -58,6 +58,8 @@ class Settings(ServiceSettings):
     # hold at most --client-max-sessions (8 by default) sessions of one client each: raise both together
     max_queued_generations: int = 64  # requests waiting for a generation slot per model; past that, 503 + Retry-After
     tuned_cache_size: int = 4  # fine-tuned prompt sets kept loaded
+    head_device: str = "cpu"  # where the gateway's embeddings and LM head compute ("cuda" on a GPU host: every token
+    # of every session reads the whole head, which bounds a CPU gateway at about memory bandwidth / head size)
 
     # pricing and credit
     # a request costs what its route's nodes charge (their price x blocks x the tokens each computed, n rows, soft
@@ -130,6 +132,15 @@ class Settings(ServiceSettings):
     def signup_open(self) -> bool:
         """Sign-up without the admin token: ``allow_signup`` if set, else only on a devnet."""
         return self.allow_signup if self.allow_signup is not None else self.environment == "devnet"
+
+    @field_validator("head_device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value != "cpu" and not value.startswith(("cuda", "mps", "xpu")):
+            raise ValueError(
+                f"NECTAR_API_HEAD_DEVICE must be cpu or a torch device such as cuda or cuda:1, not {value!r}"
+            )
+        return value
 
     @property
     def base_url(self) -> str:

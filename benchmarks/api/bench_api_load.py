@@ -202,6 +202,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="max_tokens per request")
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--max-concurrent", type=int, default=16, help="the gateway's generation slots")
+    parser.add_argument(
+        "--head-device", default="cpu", help="where the gateway's and the direct sessions' client head computes"
+    )
     args = parser.parse_args()
     common.set_threads(args.threads)
 
@@ -233,7 +236,8 @@ def main() -> None:
         device=args.device,
         dtype=args.dtype,
     ) as swarm:
-        model = distributed_model(model_path, swarm)  # the client's head in float32 on the CPU, as the gateway's
+        # the client's head in float32 on --head-device, as the gateway's
+        model = distributed_model(model_path, swarm, head_device=args.head_device)
         model.generate(torch.tensor([work[0][0]]), max_new_tokens=4, do_sample=False)  # warm-up: routes, caches
         log(f"direct: {args.direct} sessions")
         figures["direct"].append(with_rounds(model, lambda: run_direct(model, args.direct, work, args.tokens)))
@@ -241,6 +245,7 @@ def main() -> None:
             "rate_limit_per_minute": 10**6,
             "max_queued_generations": 4 * max(args.users),
             "max_concurrent_generations": args.max_concurrent,
+            "head_device": args.head_device,
         }
         env = api_environment(home=workdir, model=str(model_path), initial_peers=swarm.initial_peers, **settings)
         env.update(
