@@ -32,6 +32,8 @@ from nectar.wire.announce import ServerState
 
 logger = logging.getLogger(__name__)
 
+RECENT_RECEIPTS = 10_000  # checked receipts the gateway's wallet keeps in memory
+
 
 @dataclass(frozen=True)
 class PromptSet:
@@ -133,6 +135,9 @@ class SwarmModel:
             domain=domain,
             head_device=head_device,
         )
+        # the gateway pays from the wallet's totals and meters each request on its own: the list of checked receipts
+        # needs only a recent window, not every receipt of a process that runs for months
+        self.model.wallet.keep_receipts = RECENT_RECEIPTS
         eos = self.model.generation_config.eos_token_id
         if eos is None:
             eos = self.tokenizer.eos_token_id
