@@ -4,8 +4,9 @@ through that ledger, and only they may start earning.
 
 One staked node serves the model slowly; an unregistered node and a node whose stake is all unbonding announce ten
 times its speed at a hundredth of its price (started with --allow-unstaked, i.e. unpaid). Without the gate, routes
-go to those (the control); with it, every session goes to the staked node. The ledger refuses vouchers to the unstaked nodes and keeps their
-receipts. A node refuses to start earning unregistered (or with its stake unbonding), naming the command to run.
+go to those (the control); with it, every session goes to the staked node. The ledger refuses vouchers to the
+unstaked nodes and keeps their receipts. A node refuses to start earning unregistered (or with its stake unbonding),
+naming the command to run.
 """
 
 from __future__ import annotations
