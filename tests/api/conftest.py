@@ -20,9 +20,9 @@ from nectar.api.launch import ApiProcess
 from tests.api.utils import (
     REDIS_URL,
     NectarProcess,
-    api_env,
     free_port,
     make_chat_checkpoint,
+    market_api_env,
     wait_for,
 )
 from tests.ledger.utils import fresh_postgres_url  # one home for throwaway test databases
@@ -163,18 +163,7 @@ def backend(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def api_environment(market, backend, tmp_path_factory) -> dict:
-    extra = {"ledger_url": market.ledger_url}
-    if backend.rate_limit_url:
-        extra["rate_limit_url"] = backend.rate_limit_url
-    env = api_env(
-        home=market.home,
-        database_url=backend.database_url,
-        broker_url=backend.broker_url,
-        model=market.checkpoint,
-        peers=market.peers,
-        **extra,
-    )
-    return env
+    return market_api_env(market, backend)
 
 
 @pytest.fixture(scope="module")

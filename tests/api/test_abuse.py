@@ -18,7 +18,7 @@ import pytest
 
 from nectar.wire.request_auth import MAX_SKEW, sign_request
 from tests.api.conftest import ADMIN, new_customer, node_key
-from tests.api.utils import api_env, wait_for
+from tests.api.utils import market_api_env, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -30,21 +30,14 @@ SIGNUPS = 3
 
 @pytest.fixture(scope="module")
 def api_environment(market, backend) -> dict:
-    extra = {"ledger_url": market.ledger_url}
-    if backend.rate_limit_url:
-        extra["rate_limit_url"] = backend.rate_limit_url
-    return api_env(
-        home=market.home,
-        database_url=backend.database_url,
-        broker_url=backend.broker_url,
-        model=market.checkpoint,
-        peers=market.peers,
+    return market_api_env(
+        market,
+        backend,
         rate_limit_per_minute=RATE_CAP,
         max_keys_per_account=MAX_KEYS,
         auth_failures_per_minute=AUTH_FAILURES,
         signups_per_hour=SIGNUPS,
         trusted_proxies="127.0.0.1",
-        **extra,
     )
 
 

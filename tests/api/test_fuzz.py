@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.api.conftest import ADMIN
-from tests.api.utils import api_env
+from tests.api.utils import market_api_env
 
 pytestmark = pytest.mark.slow
 
@@ -27,18 +27,11 @@ OPERATOR = ("/v1/admin/", "/v1/nodes/", "/v1/market/stats")
 
 @pytest.fixture(scope="module")
 def api_environment(market, backend) -> dict:
-    extra = {"ledger_url": market.ledger_url}
-    if backend.rate_limit_url:
-        extra["rate_limit_url"] = backend.rate_limit_url
-    return api_env(
-        home=market.home,
-        database_url=backend.database_url,
-        broker_url=backend.broker_url,
-        model=market.checkpoint,
-        peers=market.peers,
+    return market_api_env(
+        market,
+        backend,
         rate_limit_per_minute=1_000_000,  # the fuzzer's pace is not what is tested here
         auth_failures_per_minute=1_000_000,
-        **extra,
     )
 
 

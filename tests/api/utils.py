@@ -138,3 +138,19 @@ def link_signature(account, account_id: int) -> str:
 
     signed = account.sign_message(encode_defunct(text=link_message(account_id, account.address)))
     return "0x" + bytes(signed.signature).hex()
+
+
+def market_api_env(market, backend, **settings) -> dict:
+    """A gateway's environment on the test market and ``backend``, with further Settings fields (``settings``)."""
+    extra = {"ledger_url": market.ledger_url}
+    if backend.rate_limit_url:
+        extra["rate_limit_url"] = backend.rate_limit_url
+    return api_env(
+        home=market.home,
+        database_url=backend.database_url,
+        broker_url=backend.broker_url,
+        model=market.checkpoint,
+        peers=market.peers,
+        **settings,
+        **extra,
+    )
