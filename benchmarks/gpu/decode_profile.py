@@ -41,20 +41,11 @@ def graph_time(fn, repeats: int = 20, rounds: int = 5) -> float:
     with torch.cuda.graph(graph):
         for _ in range(repeats):
             fn()
-    best = float("inf")
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) / 1000 / repeats)
-    return best
+    return min(replay_times(graph, rounds)) / repeats
 
 
-def replay_time(graph, rounds: int = 20) -> float:
-    """Seconds per replay of a recorded round (median of ``rounds``, timed on the GPU)."""
-    graph.replay()
+def replay_times(graph, rounds: int) -> list[float]:
+    """Seconds of each of ``rounds`` replays of ``graph``, timed on the GPU."""
     times = []
     for _ in range(rounds):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -63,7 +54,14 @@ def replay_time(graph, rounds: int = 20) -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1000)
-    return sorted(times)[len(times) // 2]
+    return times
+
+
+def replay_time(graph, rounds: int = 20) -> float:
+    """Seconds per replay of a recorded round (median of ``rounds``, after one warm replay)."""
+    graph.replay()
+    times = sorted(replay_times(graph, rounds))
+    return times[len(times) // 2]
 
 
 def products(runner, rows_list=(1, 16)) -> list[dict]:
