@@ -86,7 +86,11 @@ def key_by_plaintext(session: Session, *, key: str) -> ApiKey | None:
     return session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)))
 
 
-def count_live_keys(session: Session, *, account_id: int) -> int:
+def count_live_keys(session: Session, *, account_id: int, lock: bool = False) -> int:
+    """Unrevoked keys of the account. ``lock``: first lock the account's row until the transaction ends, so concurrent
+    key creations count one after another (PostgreSQL; SQLite transactions begin IMMEDIATE and are serial already)."""
+    if lock:
+        session.execute(select(Account.id).where(Account.id == account_id).with_for_update())
     query = select(func.count()).select_from(ApiKey)
     return session.scalar(query.where(ApiKey.account_id == account_id, ApiKey.revoked_at.is_(None))) or 0
 

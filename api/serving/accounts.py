@@ -119,7 +119,7 @@ class AccountService:
             )
 
         def work(session):
-            keys = crud.count_live_keys(session, account_id=auth.account_id)
+            keys = crud.count_live_keys(session, account_id=auth.account_id, lock=True)
             if keys >= self.settings.max_keys_per_account:
                 raise bad_request(
                     f"This account already has {keys} API keys, the most allowed; revoke one first "

@@ -6,6 +6,7 @@ The API here trusts 127.0.0.1 as a proxy, so each test speaks for its own client
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -82,6 +83,22 @@ def test_an_account_holds_at_most_max_keys(api):
         assert made[-1].json()["error"]["code"] == "too_many_keys"
         assert h.delete(f"/v1/account/keys/{made[0].json()['key']['id']}").status_code == 200
         assert h.post("/v1/account/keys", json={"name": "again"}).status_code == 201  # revoking frees a place
+
+
+def test_concurrent_key_creations_respect_the_cap(api):
+    """Before: each creation counted the keys, then inserted, in its own transaction: on PostgreSQL, requests racing
+    each other all saw room and the account ended above the cap."""
+    _, headers = admin_customer(api)
+
+    async def race() -> list[int]:
+        async with httpx.AsyncClient(base_url=api.url, headers=headers, timeout=60) as h:
+            made = await asyncio.gather(*(h.post("/v1/account/keys", json={"name": f"r{i}"}) for i in range(12)))
+            live = [k for k in (await h.get("/v1/account/keys")).json() if not k["revoked"]]
+        assert len(live) == MAX_KEYS, live
+        return [r.status_code for r in made]
+
+    codes = asyncio.run(race())
+    assert sorted(codes) == [201] * (MAX_KEYS - 1) + [400] * (12 - MAX_KEYS + 1), codes
 
 
 def test_failed_authentications_are_throttled_per_client_address(api):
