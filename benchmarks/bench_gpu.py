@@ -7,7 +7,9 @@ Measures, in one run on one GPU:
   3. aggregate decode tokens/s of 1 and 16 concurrent sessions through the same 2-node route, one client process
      per session, up to 16 (separate users; one process's GIL would otherwise be the bottleneck, see
      bench_concurrency.py);
-  4. the same on one node hosting all 32 blocks (the issue's "16 concurrent sessions on one node").
+  4. the same on one node hosting all 32 blocks (the issue's "16 concurrent sessions on one node");
+  5. transformers alone with a static cache (which ``generate()`` compiles on a GPU) at batch 1 and 16: what a user
+     has without any swarm, and what 16 sessions on one node are compared with.
 Runs unattended and prints every figure (see benchmarks/gpu/run_gpu.sh for the device command).
 
     python benchmarks/bench_gpu.py --model llama2-7b --device cuda --dtype float16
@@ -32,6 +34,7 @@ from bench_concurrency import (
 )
 from bench_decode import local_decode, swarm_decode
 from common import (
+    NEW_TOKENS,
     base_parser,
     best,
     checkpoint,
@@ -54,6 +57,46 @@ def head_on(model, device: str):
     logits = head.logits
     head.logits = lambda hidden: logits(hidden).float().cpu()
     return model
+
+
+def static_compiled_decode(path, *, batches: list[int], dtype, device: str, repeats: int) -> dict:
+    """transformers alone with a static cache, the baseline a user has without any swarm: ``generate()`` compiles
+    the forward itself for a static cache on a GPU (eager on a CPU). Decode tokens/s per batch size from two timed
+    generations, ``NEW_TOKENS`` and 1 new token (their difference leaves the prefill and the compile out)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.cache_implementation = "static"
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def timed_generate(input_ids, new_tokens: int) -> tuple[float, torch.Tensor]:
+        sync()
+        began = time.perf_counter()
+        out = model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        sync()
+        return time.perf_counter() - began, out
+
+    results = {}
+    with torch.inference_mode():
+        for batch in batches:
+            input_ids = prompt_ids(batch).to(device)
+            began = time.perf_counter()
+            for _ in range(2):  # the first compiles (a minute or so for 7B on an H100), the second settles
+                timed_generate(input_ids, NEW_TOKENS)
+            log(f"  static cache, batch {batch}: warmed up in {time.perf_counter() - began:.0f}s")
+            rates, tokens = [], None
+            for _ in range(repeats):
+                whole, tokens = timed_generate(input_ids, NEW_TOKENS)
+                first, _ = timed_generate(input_ids, 1)
+                rates.append(batch * (NEW_TOKENS - 1) / max(whole - first, 1e-9))
+            results[batch] = {
+                "aggregate_tps": max(rates),
+                "runs_tps": rates,
+                "tokens": tokens[:, -NEW_TOKENS:].tolist(),
+            }
+            log(f"  static cache, batch {batch}: {max(rates):.1f} tok/s")
+    return results  # the model goes with this frame; main() frees its memory before the nodes start
 
 
 def concurrent_sessions(model, path, swarm, args) -> dict:
@@ -113,6 +156,12 @@ def main() -> None:
     )
     parser.add_argument("--one-node-only", action="store_true", help="only the concurrent sessions on one node")
     parser.add_argument(
+        "--static-baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure transformers with a static (compiled on GPUs) cache at batch 1 and the largest --sessions",
+    )
+    parser.add_argument(
         "--client-processes",
         type=int,
         default=16,
@@ -140,6 +189,14 @@ def main() -> None:
     gc.collect()
     torch.cuda.empty_cache() if args.device.startswith("cuda") else None
     local_best = best(local)
+    static = {}
+    if args.static_baseline:
+        log("local transformers, static cache")
+        static = static_compiled_decode(
+            path, batches=sorted({1, max(args.sessions)}), dtype=dtype, device=args.device, repeats=args.repeats
+        )
+        gc.collect()
+        torch.cuda.empty_cache() if args.device.startswith("cuda") else None
 
     spans = even_spans(num_blocks, args.nodes)
     log(f"Nectar: {args.nodes} nodes {spans} on {args.device}")
@@ -185,6 +242,13 @@ def main() -> None:
         },
         "concurrency": concurrency,
         "concurrency_one_node": one_node,
+        "static_cache": {
+            str(b): {
+                **{k: v for k, v in r.items() if k != "tokens"},
+                "same_tokens_as_local": r["tokens"][0] == local_tokens[0, -NEW_TOKENS:].tolist(),
+            }
+            for b, r in static.items()
+        },
     }
     rows = [
         ("local transformers", f"{local_best.decode_tps:8.1f} tok/s  median {local_best.median_ms:6.2f} ms/token"),
@@ -195,6 +259,14 @@ def main() -> None:
         ),
         ("same greedy tokens", str(figures["nectar"]["same_tokens"])),
     ]
+    for batch, result in static.items():
+        rows.append((f"transformers static cache, batch {batch}", f"{result['aggregate_tps']:8.1f} tok/s"))
+    if static and one_node:  # the issue's comparison: 16 sessions on one node against the compiled batch of 16
+        largest = max(static)
+        if largest in one_node:
+            ratio16 = one_node[largest]["aggregate_tps"] / static[largest]["aggregate_tps"]
+            figures["one_node_vs_static"] = ratio16
+            rows.append((f"{largest} sessions on 1 node / static batch {largest}", f"{ratio16:5.2f}x"))
     for where, results in ((f"{args.nodes} nodes", concurrency), ("1 node", one_node)):
         rows += concurrency_rows(results, f"concurrent session(s), {where}") if results else []
     emit(
