@@ -3,7 +3,8 @@
 Storage and bookkeeping are split on purpose: ``SpanCache`` owns the buffers and the length, ``CacheWriter`` is the
 short-lived object handed to the layers as ``cache`` (they call ``update(key, value, layer_idx, ...)``). A later
 continuous-batching change can swap in a writer over a shared pool (one forward, many sessions) without touching
-the family code.
+the family code: ``PagedCache`` (``paged.py``) has the same interface over a node's page pool, and the writer takes
+either.
 """
 
 from __future__ import annotations
