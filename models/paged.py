@@ -18,6 +18,7 @@ decode rounds (``nectar.node.graphs.PagedDecoder``) use.
 
 from __future__ import annotations
 
+import collections
 import threading
 import weakref
 
@@ -62,7 +63,10 @@ class PagePool:
         )
         self._free = list(range(num_pages - 1, SCRATCH_PAGE, -1))  # pop() hands out low ids first
         self._reserved = 0
-        self._lock = threading.Lock()  # pages go back from garbage collection, on any thread
+        self._lock = threading.Lock()
+        # (pages, reservation) of ended sessions: appended by garbage collection (any thread, even one holding the
+        # lock), taken back under the lock by the next call
+        self._returned: collections.deque[tuple[list[int], int]] = collections.deque()
 
     @staticmethod
     def page_bytes_for(num_blocks: int, page_size: int, num_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -84,12 +88,16 @@ class PagePool:
 
     @property
     def reserved_pages(self) -> int:
-        return self._reserved
+        with self._lock:
+            self._drain()
+            return self._reserved
 
     @property
     def free_pages(self) -> int:
         """Pages not in any session's table now (reserved ones not yet taken included)."""
-        return len(self._free)
+        with self._lock:
+            self._drain()
+            return len(self._free)
 
     def pages_for(self, max_length: int) -> int:
         return -(-max_length // self.page_size)
@@ -108,6 +116,7 @@ class PagePool:
             )
         pages = self.pages_for(max_length)
         with self._lock:
+            self._drain()
             if self._reserved + pages > self.capacity:
                 raise CacheError(
                     f"the paged KV pool has {self.capacity - self._reserved} of {self.capacity} pages unreserved, "
@@ -120,12 +129,16 @@ class PagePool:
 
     def _take(self) -> int:
         with self._lock:
+            self._drain()
             return self._free.pop()  # never empty: every taken page is covered by a reservation
 
     def _release(self, pages: list[int], reserved: int) -> None:
-        with self._lock:
+        self._returned.append((pages, reserved))  # no lock: a finalizer may run inside a locked section
+
+    def _drain(self) -> None:
+        while self._returned:
+            pages, reserved = self._returned.popleft()
             self._free.extend(reversed(pages))
-            pages.clear()
             self._reserved -= reserved
 
 
