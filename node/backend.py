@@ -5,7 +5,9 @@ Pure compute, called on the compute thread only (see ``task_pool``); shapes are 
 ``InferenceTask`` is what the handler submits for one session's step; the compute thread gathers the tasks that are
 pending at once and hands each group to ``SpanBackend.run_inference``, which runs them through the model family's
 fast path (``ModelFamily.batch_runner``: several sessions' tokens in one forward, decode rounds replayed as CUDA
-graphs on GPUs, ``graphs``) or, for a family without one, through ``BlockSpan.forward`` one session at a time.
+graphs on GPUs, ``graphs``) or, for a family without one, through ``BlockSpan.forward`` one session at a time. With
+a page size (``kv_page_size``), one-sequence sessions keep their keys/values in one page pool (``nectar.models.paged``)
+and their decode rounds go through ``PagedDecoder``, whose recordings serve any sessions.
 """
 
 from __future__ import annotations

@@ -206,3 +206,34 @@ def test_sessions_of_several_rows_keep_their_own_caches_beside_paged_ones(tiny_l
         sessions.positions["one"] += 1
     assert paged.paged.replays == 0
     assert worst <= TOLERANCE, worst
+
+
+def test_paged_sub_spans_and_prompted_first_steps(tiny_llama):
+    """A session over a sub-span keeps its keys/values in its blocks' rows of the pool (the round replays over
+    those blocks only), and a prompted first step (``BlockSpan.forward``, one session alone) writes the same pages."""
+    paged, plain = _backend(tiny_llama, page_size=4, cache_bytes=MiB), _backend(tiny_llama, batching=False)
+    hidden = paged.hidden_size
+    generator = torch.Generator().manual_seed(2)
+    sub = [paged.new_caches(1, 3, 1, 30), plain.new_caches(1, 3, 1, 30)]
+    full = [paged.new_caches(0, 4, 1, 30), plain.new_caches(0, 4, 1, 30)]
+    assert [cache.block for cache in sub[0]] == [1, 2] and sub[0][0].table is sub[0][1].table
+    prompts = torch.randn(4, 1, 3, hidden, generator=generator) * 0.5
+    worst, position = 0.0, {"sub": 0, "full": 0}
+    for step in range(7):
+        tokens = 5 if step == 0 else 1
+        x_sub = torch.randn(1, tokens, hidden, generator=generator)
+        x_full = torch.randn(1, tokens, hidden, generator=generator)
+        first = prompts if step == 0 else None
+        for backend, index in ((paged, 0), (plain, 1)):
+            out_sub = backend.inference_step(x_sub, sub[index], start=1, end=3, position=position["sub"])
+            out_full = backend.inference_step(
+                x_full, full[index], start=0, end=4, position=position["full"], prompts=first
+            )
+            if index == 0:
+                got = (out_sub, out_full)
+            else:
+                worst = max(worst, (got[0] - out_sub).abs().max().item(), (got[1] - out_full).abs().max().item())
+        position["sub"] += tokens
+        position["full"] += tokens
+    assert {key[:2] for key in paged.paged._graphs} == {(1, 2), (0, 4)}
+    assert worst <= TOLERANCE, worst
