@@ -227,6 +227,8 @@ def churn_route(args, path, blocks: int, dtype, page_size: int) -> tuple[dict, l
         "total_s": sum(times),
         "sessions_opened": opened,
     }
+    if device == "cuda":  # the pool (paged) or the sessions' caches, plus every recording's private memory
+        row["cuda_reserved_mb"] = torch.cuda.memory_reserved() / 2**20
     graphs = getattr(decoder, "_graphs", {})
     if graphs:
         entry = max(graphs.values(), key=lambda entry: entry.input.shape[0])

@@ -112,6 +112,12 @@ def test_sessions_grow_across_page_boundaries(tiny_llama):
     assert not set(table.pages) & set(sessions.caches["short"][0][0].table.pages)
     # widths 1, 2, 4 and 8 pages, each recorded once for the round of two
     assert sorted(key[3] for key in paged.paged._graphs) == [1, 2, 4, 8] and paged.paged.recorded == 4
+    # a client rolls back 7 tokens (into an earlier page) and goes on: the cropped positions are rewritten
+    sessions.positions["long"] -= 7
+    for _ in range(3):
+        worst = max(worst, sessions.round({"long": 1, "short": 1}))
+    worst = max(worst, sessions.round({"long": 3}))  # and an eager step over the rewritten pages
+    assert len(table.pages) == 6  # the session keeps its pages
     assert worst <= TOLERANCE, worst
 
 
