@@ -9,6 +9,7 @@ Files:
 - ``span.py``        ``BlockSpan`` (blocks [start, end), with or without a KV cache) and ``load_span``
 - ``head.py``        ``ClientHead`` (embeddings, final norm, LM head) and ``load_client_head``
 - ``cache.py``       ``SpanCache``: preallocated KV buffers; the writer the transformers layers call
+- ``paged.py``       ``PagePool`` / ``PagedCache``: a node's keys/values in pages, a page table per session
 - ``attention.py``   absolute positions and causal masks of one step
 - ``family.py``      the ``ModelFamily`` / ``BlockRunner`` contract each architecture fulfils
 - ``fast_path.py``   ``BatchRunner`` / ``SpanStep``: what a node may call on a family's fast path (``batch_runner``)

@@ -3,7 +3,8 @@
 Storage and bookkeeping are split on purpose: ``SpanCache`` owns the buffers and the length, ``CacheWriter`` is the
 short-lived object handed to the layers as ``cache`` (they call ``update(key, value, layer_idx, ...)``). A later
 continuous-batching change can swap in a writer over a shared pool (one forward, many sessions) without touching
-the family code.
+the family code: ``PagedCache`` (``paged.py``) has the same interface over a node's page pool, and the writer takes
+either.
 """
 
 from __future__ import annotations
@@ -68,6 +69,28 @@ class SpanCache:
     def nbytes(self) -> int:
         return self.buffer.nbytes
 
+    @property
+    def num_heads(self) -> int:
+        return self.buffer.shape[3]
+
+    @property
+    def head_dim(self) -> int:
+        return self.buffer.shape[5]
+
+    @property
+    def is_inference(self) -> bool:
+        return self.buffer.is_inference()
+
+    def write(self, start: int, kv: torch.Tensor) -> None:
+        """Stores ``kv`` [key/value, batch, heads, T, head_dim] at positions [start, start + T) of the first block
+        (a node's caches hold one block each; ``PagedCache`` has the same method over pages)."""
+        self.buffer[0, :, :, :, start : start + kv.shape[3]].copy_(kv)
+
+    def read(self, end: int) -> torch.Tensor:
+        """The first block's keys and values of positions [0, end): [key/value, batch, heads, end, head_dim] (a
+        view)."""
+        return self.buffer[0, :, :, :, :end]
+
     def keys(self, block: int) -> torch.Tensor:
         """Block ``block``'s valid keys ``[batch, heads, length, head_dim]`` (a view)."""
         return self.buffer[block, 0, :, :, : self.length]
@@ -113,10 +136,14 @@ class CacheWriter:
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.start + key_states.shape[-2]
-        block = self.cache.buffer[layer_idx]
-        block[0, :, :, self.start : end].copy_(key_states)
-        block[1, :, :, self.start : end].copy_(value_states)
-        return block[0, :, :, :end], block[1, :, :, :end]
+        if isinstance(self.cache, SpanCache):
+            block = self.cache.buffer[layer_idx]
+            block[0, :, :, self.start : end].copy_(key_states)
+            block[1, :, :, self.start : end].copy_(value_states)
+            return block[0, :, :, :end], block[1, :, :, :end]
+        self.cache.write(self.start, torch.stack((key_states, value_states)))  # a PagedCache: one block
+        kv = self.cache.read(end)
+        return kv[0], kv[1]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.start

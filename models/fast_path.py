@@ -69,6 +69,23 @@ class BatchRunner(ABC):
         its row). Writes the new keys/values; leaves the caches' lengths to the caller. Returns [n, hidden]."""
         raise NotImplementedError(f"{type(self).__name__} has no static step: set static_positions = 0")
 
+    def paged_step(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        tables: torch.Tensor,
+        storage: torch.Tensor,
+        first_block: int,
+        num_blocks: int,
+    ) -> torch.Tensor:
+        """``static_step`` over a ``PagePool`` (``nectar.models.paged``): ``x`` [n, hidden], ``positions`` [n],
+        ``tables`` [n, width] each row's pages (the scratch page past its own and for rows of no session),
+        ``storage`` the pool's [blocks, pages, page_size, 2, kv_heads, head_dim]. Writes the new keys/values through
+        the tables and attends over the pages they list, masked past each row's position. Returns [n, hidden]."""
+        raise NotImplementedError(f"{type(self).__name__} has no paged step: set pages = False")
+
+    pages: bool = False  # whether ``paged_step`` is implemented
+
     def kernels(self) -> contextlib.AbstractContextManager:
         """The kernel choices (e.g. attention backends) a recorded step runs under, as ``run`` uses them."""
         return contextlib.nullcontext()

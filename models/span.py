@@ -100,7 +100,7 @@ class BlockSpan(nn.Module):
         step = AttentionStep(cache.length, hidden_states.shape[1])
         writer = cache.writer(step.query_length)
         # A cache allocated under inference_mode can only be written under it; any other cache just needs no autograd.
-        with torch.inference_mode() if cache.buffer.is_inference() else torch.no_grad():
+        with torch.inference_mode() if cache.is_inference else torch.no_grad():
             output = self._run(hidden_states, step, writer, prompts)
         cache.length = step.key_length
         return output
@@ -134,8 +134,8 @@ class BlockSpan(nn.Module):
         return prompts.to(device=self.device, dtype=self.dtype)
 
     def _check_cache(self, cache: SpanCache, batch_size: int) -> None:
-        expected = (self.num_blocks, 2, cache.batch_size, self.kv_layout.num_heads, cache.max_length)
-        if tuple(cache.buffer.shape[:5]) != expected or cache.buffer.shape[5] != self.kv_layout.head_dim:
+        layout = (cache.num_blocks, cache.num_heads, cache.head_dim)
+        if layout != (self.num_blocks, self.kv_layout.num_heads, self.kv_layout.head_dim):
             raise CacheError(f"{cache} was not made by this span's new_cache() ({self.extra_repr()})")
         if cache.dtype != self.dtype or cache.device != self.device:
             raise CacheError(f"cache is {cache.dtype} on {cache.device}, span is {self.dtype} on {self.device}")

@@ -5,7 +5,9 @@ Pure compute, called on the compute thread only (see ``task_pool``); shapes are 
 ``InferenceTask`` is what the handler submits for one session's step; the compute thread gathers the tasks that are
 pending at once and hands each group to ``SpanBackend.run_inference``, which runs them through the model family's
 fast path (``ModelFamily.batch_runner``: several sessions' tokens in one forward, decode rounds replayed as CUDA
-graphs on GPUs, ``graphs``) or, for a family without one, through ``BlockSpan.forward`` one session at a time.
+graphs on GPUs, ``graphs``) or, for a family without one, through ``BlockSpan.forward`` one session at a time. With
+a page size (``kv_page_size``), one-sequence sessions keep their keys/values in one page pool (``nectar.models.paged``)
+and their decode rounds go through ``PagedDecoder``, whose recordings serve any sessions.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from tqdm.auto import tqdm
 from nectar.models import load_config, load_span
 from nectar.models.adapters import load_span_adapters
 from nectar.models.fast_path import BatchRunner, SpanStep
-from nectar.node.graphs import GraphedDecoder
+from nectar.models.paged import PagePool
+from nectar.node.graphs import GraphedDecoder, PagedDecoder
 from nectar.node.task_pool import announce_round_started
 from nectar.node.training_cache import TrainingGraphCache
 from nectar.wire.protocol import MAX_ADAPTERS
@@ -78,6 +81,10 @@ class SpanBackend:
     """Holds blocks [start, end) of a model and runs inference steps, forward and backward through sub-spans.
 
     :param batching: run inference steps through the family's ``batch_runner`` where it has one (else one by one)
+    :param page_size: > 0: keep one-sequence sessions' keys/values in a page pool of ``cache_bytes`` (pages of this
+        many tokens) and run their decode rounds through ``PagedDecoder``, where the runner has a paged step;
+        0: each session its own ``SpanCache`` (rounds recorded per composition of sessions, ``GraphedDecoder``)
+    :param cache_bytes: the node's KV-cache budget: the page pool's size (allocated at load) when ``page_size`` > 0
     :param training_cache_bytes: activations kept between a forward and its backward (``TrainingGraphCache``)
     """
 
@@ -92,6 +99,8 @@ class SpanBackend:
         quantization: str = "none",
         show_progress=True,
         batching: bool = True,
+        page_size: int = 0,
+        cache_bytes: int = 0,
         training_cache_bytes: int = 1024**3,
         adapters: Sequence[str | Path] = (),
         base_names: set[str] = frozenset(),
@@ -120,6 +129,22 @@ class SpanBackend:
         self.decode_graphs: GraphedDecoder | None = None
         if self.batch_runner is not None and self.device.type == "cuda":
             self.decode_graphs = GraphedDecoder(self.batch_runner)
+        self.pages: PagePool | None = None
+        self.paged: PagedDecoder | None = None
+        if page_size > 0 and self.batch_runner is not None and getattr(self.batch_runner, "pages", False):
+            layout = self.blocks[0].kv_layout
+            page_bytes = PagePool.page_bytes_for(end - start, page_size, layout.num_heads, layout.head_dim, dtype)
+            # + the scratch page, so the budget's worth of pages serve sessions (MemoryCache counts those)
+            self.pages = PagePool(
+                num_blocks=end - start,
+                num_pages=cache_bytes // page_bytes + 1,
+                page_size=page_size,
+                num_heads=layout.num_heads,
+                head_dim=layout.head_dim,
+                dtype=dtype,
+                device=self.device,
+            )
+            self.paged = PagedDecoder(self.batch_runner, self.pages, capture=self.device.type == "cuda")
         self.graphs = TrainingGraphCache(max_bytes=training_cache_bytes)
         weights = "" if quantization == "none" else f", {quantization} weights"
         logger.info(f"Loaded blocks {start}:{end} in {time.perf_counter() - began:.2f}s ({dtype}, {device}{weights})")
@@ -131,6 +156,11 @@ class SpanBackend:
             return f"generic path, one session at a time through BlockSpan.forward ({why})"
         graphs = self.decode_graphs
         recorded = ", decode rounds recorded as CUDA graphs" if graphs is not None and graphs.enabled else ""
+        if self.pages is not None:
+            recorded += (
+                f", one-sequence sessions in a pool of {self.pages.capacity} pages of {self.pages.page_size} tokens"
+                + (" (decode rounds recorded per row count, any sessions)" if self.paged.capture else "")
+            )
         return f"{self.batch_runner.describe()}{recorded}"
 
     def _local(self, start: int, end: int) -> list:
@@ -139,7 +169,21 @@ class SpanBackend:
     def cache_bytes_per_token(self, start: int, end: int, batch_size: int = 1) -> int:
         return sum(block.cache_bytes_per_token(batch_size) for block in self._local(start, end))
 
+    def _paged(self, batch_size: int, max_length: int) -> bool:
+        """Whether a session of this shape keeps its keys/values in the page pool."""
+        return self.pages is not None and batch_size == 1 and max_length <= self.paged.max_positions
+
+    def session_cache_bytes(self, start: int, end: int, batch_size: int, max_length: int) -> int:
+        """What a session reserves of the node's KV-cache budget (``MemoryCache``): its own cache's bytes, or, in
+        the page pool, its whole pages across every block of the pool (a sub-span's session holds a page of each)."""
+        if self._paged(batch_size, max_length):
+            return self.pages.reservation_bytes(max_length)
+        return self.cache_bytes_per_token(start, end, batch_size) * max_length
+
     def new_caches(self, start: int, end: int, batch_size: int, max_length: int) -> list:
+        """One cache per block; in the page pool where it applies (CacheError when the pool is full)."""
+        if self._paged(batch_size, max_length):
+            return self.pages.open(max_length, start - self.start, end - start)
         return [block.new_cache(batch_size, max_length) for block in self._local(start, end)]
 
     def _run_blocks(
@@ -205,6 +249,17 @@ class SpanBackend:
 
     def _run_batched(self, tasks, first_block: int) -> list[torch.Tensor]:
         """Through the family's runner: a recorded round where one applies (``GraphedDecoder``), else eagerly."""
+        if self.paged is not None and self.paged.applies(tasks):
+            try:
+                return self.paged.run(tasks, first_block)
+            except Exception:
+                if not self.paged.capture:
+                    raise
+                # rerunning is safe: lengths advance only after a round, and rewriting a slot is idempotent
+                logger.warning("Paged CUDA graph decode failed; continuing with the paged step eagerly", exc_info=True)
+                self.paged.capture = False
+                self.paged._graphs.clear()
+                return self.paged.run(tasks, first_block)
         graphs = self.decode_graphs
         if graphs is not None and graphs.applies(tasks):
             try:

@@ -41,6 +41,10 @@ class NodeConfig:
     # per-row absmax) | nf4 (4-bit NormalFloat); announced, and committed to in every receipt (audits recompute in it)
     num_threads: int | None = None  # torch intra-op threads for compute; None = torch default
     cache_memory_bytes: int = 512 * 1024**2  # KV-cache budget in bytes across all sessions (--cache-mb: in MiB)
+    kv_page_size: int = 0  # > 0: one-sequence sessions keep their keys/values in a pool of pages of this many tokens
+    # (16 is a good size), allocated at load to the whole KV-cache budget, and their decode rounds replay one CUDA
+    # graph per round size for any sessions (Llama-shaped blocks; others keep their own caches); 0 = each session
+    # its own cache, rounds recorded per set of sessions
     session_timeout: float = 120.0  # seconds an inference session may stay idle before its cache is freed
     batch_wait: float = 0.0  # let a decode round wait for the last rounds' sessions: up to this share of the last
     # round's compute time, or 1.25x the last wait (at most 50 ms); 0 = start at once. Try 0.5 on a node that serves

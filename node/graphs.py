@@ -18,6 +18,9 @@ eager round of 14 sessions through 32 blocks took 103 ms on an H100, the recordi
 Rounds that are not recorded take the eager path, which writes the same cache layout, so a session may alternate
 freely. Graphs are kept in a small LRU and dropped once any of their sessions' caches is gone. ``capture=False``
 runs the same static step eagerly (how the CPU tests check it).
+
+``PagedDecoder`` is the route for sessions whose caches live in a node's page pool (``nectar.models.paged``): one
+recording per (sub-span, row bucket, table width) serves any sessions, so arrivals and departures record nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nectar.models.cache import SpanCache
 from nectar.models.fast_path import BatchRunner, SpanStep
 
 logger = logging.getLogger(__name__)
@@ -103,7 +107,12 @@ class GraphedDecoder:
     def _graphable(self, task: SpanStep) -> bool:
         """Whether the task's session could ever be in a recorded round: one row, batchable, positions in the table."""
         cache = task.caches[0]
-        return cache.batch_size == 1 and task.batchable and cache.max_length <= self.max_positions
+        return (
+            isinstance(cache, SpanCache)  # a PagedCache's round is ``PagedDecoder``'s
+            and cache.batch_size == 1
+            and task.batchable
+            and cache.max_length <= self.max_positions
+        )
 
     @torch.inference_mode()
     def run(self, tasks: Sequence[SpanStep], first_block: int) -> list[torch.Tensor] | None:
@@ -256,3 +265,131 @@ class GraphedDecoder:
                 session[local].buffer = pool[row]
             pools.append(pool.view(len(caches), *pool.shape[2:3], *pool.shape[4:]))
         return pools
+
+
+@dataclass
+class _PagedGraph:
+    graph: torch.cuda.CUDAGraph | None
+    input: torch.Tensor  # [bucket, hidden]
+    positions: torch.Tensor  # [bucket] int64
+    tables: torch.Tensor  # [bucket, width] int64 page ids
+    output: torch.Tensor | None  # [bucket, hidden], written by the replay
+
+
+class PagedDecoder:
+    """Records decode rounds over a ``PagePool`` once per (sub-span, row bucket, table width) and replays them for
+    any sessions that fit: the recording holds no session, only the pool, so sessions arriving and leaving cost no
+    recording (``GraphedDecoder`` records per composition of sessions, ~100 ms for 16 sessions on an H100).
+
+    A round of n sessions runs as the smallest bucket of ``BUCKETS`` >= n; the rows past n stand for no session
+    (input zeros, position 0, every page the scratch page, where their throwaway key/value goes). The table width is
+    the smallest power of two of pages that holds every row's next token (at most the pages of ``max_positions``
+    tokens): attention gathers width * page_size keys per row, so short sessions do not pay for the longest
+    possible one, at one more recording per bucket each time the longest session doubles. Eager rounds (prefills,
+    prompted first steps) write the same pages through ``PagedCache``, so sessions alternate freely.
+
+    :param runner: the family's batched runner (``pages``: it has a ``paged_step``)
+    :param pool: the node's page pool, which the sessions' ``PagedCache``s live in
+    :param capture: record CUDA graphs (False: run the paged step eagerly, e.g. on a CPU)
+    :param max_graphs: recordings kept (least recently used dropped first)
+    """
+
+    BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+    def __init__(self, runner: BatchRunner, pool, *, capture: bool = True, max_graphs: int = 64):
+        self.runner, self.pool, self.capture, self.max_graphs = runner, pool, capture, max_graphs
+        self.device, self.dtype, self.hidden_size = runner.device, runner.dtype, runner.hidden_size
+        self.max_positions = runner.static_positions
+        self.enabled = self.max_positions > 0 and getattr(runner, "pages", False)
+        self.max_width = pool.pages_for(self.max_positions) if self.enabled else 0
+        self.max_sessions = self.BUCKETS[-1]
+        self._graphs: collections.OrderedDict[tuple, _PagedGraph] = collections.OrderedDict()
+        self.replays = self.recorded = 0
+
+    def applies(self, tasks: Sequence[SpanStep]) -> bool:
+        """Whether these steps run as a paged round: one token of one sequence each, every cache in this pool with
+        room for the token, positions within the RoPE tables."""
+        if not self.enabled or not 1 <= len(tasks) <= self.max_sessions:
+            return False
+        for task in tasks:
+            cache = task.caches[0]
+            if (
+                tuple(task.hidden.shape[:2]) != (1, 1)
+                or not task.batchable
+                or getattr(cache, "pool", None) is not self.pool
+                or not cache.length < min(cache.max_length, self.max_positions)
+            ):
+                return False
+        return True
+
+    def width_for(self, pages: int) -> int:
+        """The table width a round whose longest row needs ``pages`` pages runs at."""
+        width = 1
+        while width < pages:
+            width *= 2
+        return min(width, self.max_width)
+
+    @torch.inference_mode()
+    def run(self, tasks: Sequence[SpanStep], first_block: int) -> list[torch.Tensor]:
+        """Each task's output [1, 1, hidden], advancing its caches by one token."""
+        n, num_blocks = len(tasks), len(tasks[0].caches)
+        bucket = next(size for size in self.BUCKETS if size >= n)
+        lengths = [task.caches[0].length for task in tasks]
+        tables = [task.caches[0].table for task in tasks]
+        for table, length in zip(tables, lengths):
+            table.ensure(length + 1)  # the page this token goes to (within the session's reservation)
+        width = self.width_for(max(len(table.pages) for table in tables))
+        key = (first_block, num_blocks, bucket, width)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._graphs[key] = self._record(key)
+            while len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+        self._graphs.move_to_end(key)
+        # one host tensor each, one copy each (few torch calls: each may wait for the GIL)
+        hidden = [task.hidden.reshape(1, -1).to(self.dtype) for task in tasks]
+        if bucket > n:
+            hidden.append(torch.zeros(bucket - n, self.hidden_size, dtype=self.dtype))
+        entry.input.copy_(hidden[0] if len(hidden) == 1 else torch.cat(hidden))
+        entry.positions.copy_(torch.tensor(lengths + [0] * (bucket - n)))
+        rows = [table.row(width) for table in tables] + [[0] * width] * (bucket - n)
+        entry.tables.copy_(torch.tensor(rows))
+        if entry.graph is not None:
+            entry.graph.replay()
+        else:
+            entry.output = self._step(entry, first_block, num_blocks)
+        self.replays += 1
+        for task, length in zip(tasks, lengths):
+            for cache in task.caches:
+                cache.length = length + 1
+        return [entry.output[row : row + 1].view(1, 1, self.hidden_size) for row in range(n)]
+
+    def _step(self, entry: _PagedGraph, first_block: int, num_blocks: int) -> torch.Tensor:
+        return self.runner.paged_step(
+            entry.input, entry.positions, entry.tables, self.pool.storage, first_block, num_blocks
+        )
+
+    def _record(self, key: tuple) -> _PagedGraph:
+        """Records the round of ``key``'s shape; its warm-up and capture write only the scratch page (all rows at
+        position 0 of tables of scratch pages)."""
+        first_block, num_blocks, bucket, width = key
+        entry = _PagedGraph(
+            None,
+            torch.zeros(bucket, self.hidden_size, device=self.device, dtype=self.dtype),
+            torch.zeros(bucket, dtype=torch.long, device=self.device),
+            torch.zeros(bucket, width, dtype=torch.long, device=self.device),
+            None,
+        )
+        self.recorded += 1
+        if not self.capture:
+            return entry
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), self.runner.kernels():
+            self._step(entry, first_block, num_blocks)  # warm-up: kernel choice
+        torch.cuda.current_stream().wait_stream(stream)
+        entry.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(entry.graph), self.runner.kernels():
+            entry.output = self._step(entry, first_block, num_blocks)
+        logger.debug(f"Recorded a paged decode round: blocks {first_block}:{first_block + num_blocks}, {bucket} rows")
+        return entry

@@ -118,7 +118,7 @@ class InferenceStream:
             self.state = State.CLOSED
             return
         batch_size, max_length = opening.batch_size, opening.max_length
-        nbytes = self.steps.backend.cache_bytes_per_token(self.start, self.end, batch_size) * max_length
+        nbytes = self.steps.backend.session_cache_bytes(self.start, self.end, batch_size, max_length)
         with self.steps.memory.reserve(nbytes, self.client, backed=self.backed, evict=self._evict):
             start, end = self.start, self.end
             self.caches = await self.steps.compute.submit(

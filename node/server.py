@@ -467,6 +467,8 @@ class Server:
             adapters=self.config.adapters,
             base_names={self.model_id, self.model_path.name, str(self.config.model)},
             quantization=self.config.quant,
+            page_size=self.config.kv_page_size,
+            cache_bytes=self.config.cache_memory_bytes,
         )
         if self.config.throughput is not None:
             inference_rps = forward_rps = float(self.config.throughput)
@@ -569,7 +571,13 @@ class Server:
 
     def _graph_counters(self) -> dict:
         graphs = self.backend.decode_graphs
-        return {"graph_rounds": graphs.replays, "graphs_recorded": graphs.recorded} if graphs is not None else {}
+        counters = {"graph_rounds": graphs.replays, "graphs_recorded": graphs.recorded} if graphs is not None else {}
+        paged = self.backend.paged
+        if paged is not None:  # paged rounds count with the others (graphs_recorded: both kinds' recordings)
+            counters["graph_rounds"] = counters.get("graph_rounds", 0) + paged.replays
+            counters["graphs_recorded"] = counters.get("graphs_recorded", 0) + paged.recorded
+            counters["kv_pages_reserved"] = self.backend.pages.reserved_pages
+        return counters
 
     def stop(self) -> None:
         if self.stop_event.is_set():

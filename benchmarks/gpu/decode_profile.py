@@ -10,6 +10,15 @@ On one GPU, for a Llama-shaped span (default: all 32 blocks of the 7B shape, flo
 Prints a table and writes --json.
 
     python3 benchmarks/gpu/decode_profile.py --model llama2-7b --json /tmp/profile.json
+
+``--churn N`` measures instead a churning mix of N sessions (one leaves and another arrives every few rounds, rounds
+split at random) through both ways a node records rounds: per composition of sessions (``GraphedDecoder``) and over
+the page pool (``PagedDecoder``, ``--page-size``): recordings, round times (median, p90, total), the replay time of
+the pool's largest round, and the largest difference between the two routes' outputs. ``--device cpu`` is a smoke
+run (no graphs: the composition route runs eagerly, the paged step without capture):
+
+    python3 benchmarks/gpu/decode_profile.py --churn 16 --model llama2-7b --json /tmp/churn.json
+    python3 benchmarks/gpu/decode_profile.py --churn 6 --model tiny --device cpu --dtype float32 --rounds 24
 """
 
 from __future__ import annotations
@@ -115,6 +124,120 @@ def kernel_table(fn, rounds: int = 5) -> tuple[list[dict], int, float]:
     return rows, count, total
 
 
+def churn(args) -> dict:
+    """The churning mix of ``args.churn`` sessions through the composition route and the paged route."""
+    import gc
+
+    dtype, device = getattr(torch, args.dtype), args.device
+    path = checkpoint(args.model, dtype=args.dtype, device=device)
+    blocks = args.blocks or common.llama_config(args.model).num_hidden_layers
+    report: dict = {
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "model": args.model,
+        "blocks": blocks,
+        "sessions": args.churn,
+        "rounds": args.rounds,
+        "page_size": args.page_size,
+        "routes": {},
+    }
+    outputs = {}
+    for route, page_size in (("composition", 0), ("paged", args.page_size)):
+        row, outputs[route] = churn_route(args, path, blocks, dtype, page_size)
+        gc.collect()  # the route's backend and caches go before the next loads
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        report["routes"][route] = row
+        replay = row.get("largest_replay_ms")
+        log(
+            f"[{route}] {row['recorded']} recordings, {row['replays']} replays of {row['round_times']} rounds; "
+            f"round median {row['round_ms_median']:.2f} ms, p90 {row['round_ms_p90']:.2f} ms, total "
+            f"{row['total_s']:.2f}s"
+            + (f"; a replay of {row['largest_replay_rows']} rows {replay:.2f} ms" if replay else "")
+        )
+    pairs = zip(outputs["composition"], outputs["paged"])
+    report["max_diff_paged_vs_composition"] = max((a.float() - b.float()).abs().max().item() for a, b in pairs)
+    log(f"largest difference between the routes' outputs: {report['max_diff_paged_vs_composition']:.3g}")
+    return report
+
+
+def churn_route(args, path, blocks: int, dtype, page_size: int) -> tuple[dict, list]:
+    """One route's run of the churning mix (the same arrivals, prompts, splits and inputs for every route)."""
+    import gc
+    import random
+
+    from nectar.node.backend import SpanBackend
+
+    device = args.device
+    backend = SpanBackend(
+        path, 0, blocks, dtype=dtype, device=device, show_progress=False, page_size=page_size,
+        cache_bytes=args.cache_mb * 2**20,
+    )  # fmt: skip
+    decoder = backend.paged if page_size else backend.decode_graphs
+    hidden = backend.hidden_size
+    rng = random.Random(0)
+    generator = torch.Generator().manual_seed(0)
+    sessions: dict[int, list] = {}  # name -> [caches, position]
+    outputs: list[torch.Tensor] = []
+    times: list[float] = []
+    opened = 0
+
+    def arrive() -> None:
+        nonlocal opened
+        caches = backend.new_caches(0, blocks, 1, args.max_length)
+        prompt = rng.randint(4, 32)
+        x = torch.randn(1, prompt, hidden, generator=generator)
+        backend.inference_step(x, caches, start=0, end=blocks, position=0)
+        sessions[opened] = [caches, prompt]
+        opened += 1
+
+    def leave(name: int) -> None:
+        del sessions[name]
+        gc.collect()  # the pool's pages go back now
+        arrive()
+
+    for _ in range(args.churn):
+        arrive()
+    for index in range(args.rounds):
+        if index and index % args.leave_every == 0:  # the oldest leaves, another arrives
+            leave(min(sessions))
+        for name in [n for n, (_, position) in sessions.items() if position + 1 >= args.max_length]:
+            leave(name)  # out of room
+        names = sorted(sessions)
+        cut = rng.randint(1, len(names)) if rng.random() < args.split else len(names)
+        for group in (names[:cut], names[cut:]):  # a round, or a round split in two (sessions late)
+            if not group:
+                continue
+            xs = [torch.randn(1, 1, hidden, generator=generator) for _ in group]
+            tasks = [
+                backend.inference_task(x, sessions[n][0], start=0, end=blocks, position=sessions[n][1])
+                for x, n in zip(xs, group)
+            ]
+            began = time.perf_counter()
+            outputs.extend(backend.run_inference(tasks))
+            times.append(time.perf_counter() - began)
+            for n in group:
+                sessions[n][1] += 1
+    ordered = sorted(times)
+    row = {
+        "recorded": decoder.recorded if decoder is not None else 0,
+        "replays": decoder.replays if decoder is not None else 0,
+        "round_times": len(times),
+        "round_ms_median": ordered[len(ordered) // 2] * 1e3,
+        "round_ms_p90": ordered[int(len(ordered) * 0.9)] * 1e3,
+        "total_s": sum(times),
+        "sessions_opened": opened,
+    }
+    if device == "cuda":  # the pool (paged) or the sessions' caches, plus every recording's private memory
+        row["cuda_reserved_mb"] = torch.cuda.memory_reserved() / 2**20
+    graphs = getattr(decoder, "_graphs", {})
+    if graphs:
+        entry = max(graphs.values(), key=lambda entry: entry.input.shape[0])
+        if entry.graph is not None:
+            row["largest_replay_rows"] = entry.input.shape[0]
+            row["largest_replay_ms"] = replay_time(entry.graph) * 1e3
+    return row, outputs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama2-7b")
@@ -124,8 +247,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--routes", nargs="+", default=["eager", "compiled"])
     parser.add_argument("--json")
+    parser.add_argument("--churn", type=int, default=0, help="sessions of a churning mix (0: the profile)")
+    parser.add_argument("--rounds", type=int, default=200, help="--churn: decode rounds")
+    parser.add_argument("--leave-every", type=int, default=8, help="--churn: rounds between departures")
+    parser.add_argument("--split", type=float, default=0.3, help="--churn: share of rounds split in two")
+    parser.add_argument("--page-size", type=int, default=16, help="--churn: tokens per page of the paged route")
+    parser.add_argument("--cache-mb", type=int, default=4096, help="--churn: the KV budget (the pool's size)")
+    parser.add_argument("--device", default="cuda", help="--churn: cpu for a smoke run")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
+    if args.churn:
+        report = churn(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+        return
     from nectar.node.backend import SpanBackend
 
     dtype = getattr(torch, args.dtype)

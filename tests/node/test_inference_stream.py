@@ -64,6 +64,9 @@ class FakeBackend:
     def cache_bytes_per_token(self, start, end, batch_size=1):
         return 16 * (end - start) * batch_size
 
+    def session_cache_bytes(self, start, end, batch_size, max_length):
+        return self.cache_bytes_per_token(start, end, batch_size) * max_length
+
     def new_caches(self, start, end, batch_size, max_length):
         return [object()]
 

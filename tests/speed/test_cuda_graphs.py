@@ -62,3 +62,52 @@ def test_graph_rounds_on_the_gpu_equal_eager_steps(tiny_llama, tiny_qwen, kind, 
     pooled = next(iter(decoder._graphs.values())).pools is not None  # equal cache sizes: one tensor per block
     assert pooled == (len(set(max_lengths)) == 1)
     assert worst <= 1e-4, worst
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_paged_rounds_record_once_and_replay_for_changing_sessions(tiny_llama, tiny_qwen, kind):
+    """The page pool's rounds (``PagedDecoder``): one recording per row bucket (pages of 64 tokens: one table width
+    here) serves every mix of sessions, arriving and leaving, and equals eager one-by-one steps."""
+    import gc
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    path = tiny_llama if kind == "llama" else tiny_qwen[kind]
+    paged = SpanBackend(
+        path, 0, 4, dtype=torch.float32, device="cuda", show_progress=False, page_size=64, cache_bytes=2**24
+    )
+    plain = _backend(path, batching=False)
+    decoder = paged.paged
+    assert decoder is not None and decoder.capture
+    torch.manual_seed(0)
+    hidden = paged.hidden_size
+    sessions: dict[int, list] = {}
+
+    def open_session(name: int, prefill: int) -> None:
+        caches = (paged.new_caches(0, 4, 1, 48), plain.new_caches(0, 4, 1, 48))
+        x = torch.randn(1, prefill, hidden)
+        paged.inference_step(x, caches[0], start=0, end=4, position=0)
+        plain.inference_step(x, caches[1], start=0, end=4, position=0)
+        sessions[name] = [caches, prefill]
+
+    for name, prefill in enumerate((5, 3, 7, 2)):
+        open_session(name, prefill)
+    worst = 0.0
+    for step in range(12):
+        if step % 3 == 2:  # one leaves, another arrives: the pool reuses its pages
+            del sessions[min(sessions)]
+            gc.collect()
+            open_session(max(sessions) + 1, 2 + step % 5)
+        names = sorted(sessions)
+        for group in (names, names[1:], names[:1]):  # 4 rows, 3 (bucket 4) and 1
+            xs = [torch.randn(1, 1, hidden) for _ in group]
+            tasks = [
+                paged.inference_task(x, sessions[n][0][0], start=0, end=4, position=sessions[n][1])
+                for x, n in zip(xs, group)
+            ]
+            outputs = paged.run_inference(tasks)
+            for x, output, n in zip(xs, outputs, group):
+                expected = plain.inference_step(x, sessions[n][0][1], start=0, end=4, position=sessions[n][1])
+                worst = max(worst, (output - expected).abs().max().item())
+                sessions[n][1] += 1
+    assert decoder.recorded == 2 and decoder.replays == 3 * 12  # buckets 4 and 1, whichever sessions
+    assert worst <= 1e-4, worst

@@ -52,6 +52,8 @@ class LlamaBatchRunner(FusedLlamaBlocks):
     step the node records as CUDA graphs.
     """
 
+    pages = True  # ``paged_step``: decode rounds over a node's page pool
+
     def __init__(self, spans: Sequence[nn.Module]):
         super().__init__(spans)
         self.native: NativeDecoder | None = None
@@ -159,10 +161,9 @@ class LlamaBatchRunner(FusedLlamaBlocks):
             return self.mlp(layer, x, self._decode_attention(q, kv, groups, caches, decode_mask))
         outputs = []
         for (begin, end, batch, tokens, length, mask), cache in zip(groups, caches):
-            buffer = cache.buffer[0]  # [key/value, batch, kv_heads, max_length, head_dim]
             new_kv = kv[begin:end].view(batch, tokens, 2, kv_heads, dim).permute(2, 0, 3, 1, 4)
-            buffer[:, :, :, length : length + tokens].copy_(new_kv)  # keys and values in one copy
-            keys, values = buffer[0, :, :, : length + tokens], buffer[1, :, :, : length + tokens]
+            cache.write(length, new_kv)  # keys and values in one copy (into pages for a PagedCache)
+            keys, values = cache.read(length + tokens)  # [batch, kv_heads, length, head_dim] each
             query = q[begin:end].view(batch, tokens, heads, dim).transpose(1, 2)
             outputs.append(self._attention(query, keys, values, mask, tokens))
         attention = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
@@ -178,10 +179,10 @@ class LlamaBatchRunner(FusedLlamaBlocks):
         new_kv = kv.view(n, 2, kv_heads, dim)
         keys, values = [], []
         for index, ((_, _, _, _, length, _), cache) in enumerate(zip(groups, caches)):
-            buffer = cache.buffer[0]  # [key/value, batch, kv_heads, max_length, head_dim]
-            buffer[:, 0, :, length].copy_(new_kv[index])
-            keys.append(buffer[0, 0, :, : length + 1].transpose(0, 1))  # [L, kv_heads, dim] views
-            values.append(buffer[1, 0, :, : length + 1].transpose(0, 1))
+            cache.write(length, new_kv[index][:, None, :, None])
+            stored = cache.read(length + 1)  # [key/value, 1, kv_heads, L, dim]: views (gathered pages if paged)
+            keys.append(stored[0, 0].transpose(0, 1))  # [L, kv_heads, dim]
+            values.append(stored[1, 0].transpose(0, 1))
         # [n, kv_heads, L, dim]; ``mask`` [n, 1, 1, L] lets each session attend to its own tokens only
         keys = nn.utils.rnn.pad_sequence(keys, batch_first=True).transpose(1, 2)
         values = nn.utils.rnn.pad_sequence(values, batch_first=True).transpose(1, 2)
@@ -215,3 +216,14 @@ class LlamaBatchRunner(FusedLlamaBlocks):
         self, x: torch.Tensor, positions: torch.Tensor, caches: list, first_block: int, pools: list | None = None
     ) -> torch.Tensor:
         return graphs.static_decode_step(self, x, positions, caches, first_block, pools)
+
+    def paged_step(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        tables: torch.Tensor,
+        storage: torch.Tensor,
+        first_block: int,
+        num_blocks: int,
+    ) -> torch.Tensor:
+        return graphs.paged_decode_step(self, x, positions, tables, storage, first_block, num_blocks)

@@ -3,7 +3,8 @@
 The node records it as a CUDA graph per round composition and replays it (``nectar.node.graphs``): positions are a
 device tensor, RoPE rows come from the precomputed tables, keys/values are written with ``index_copy_`` (or one
 indexed write into pooled caches) and each session attends over its whole preallocated cache under a mask of the
-positions not yet written. No host syncs, so it records as is.
+positions not yet written. No host syncs, so it records as is. ``paged_decode_step`` is the same step over a page
+pool, whose recording serves any sessions (``PagedDecoder``).
 """
 
 from __future__ import annotations
@@ -30,13 +31,55 @@ def static_decode_step(
 ) -> torch.Tensor:
     """``BatchRunner.static_step`` for Llama blocks: ``x`` [n, hidden], ``positions`` [n], ``caches[i]`` session
     i's SpanCaches (one per block); ``pools``: the same caches as one tensor per block."""
-    cos = blocks.cos_table.index_select(0, positions)[:, None]  # [n, 1, head_dim]
-    sin = blocks.signed_sin_table.index_select(0, positions)[:, None]
     attend = (
         _pooled_attention(blocks, positions, pools) if pools is not None else _own_attention(blocks, positions, caches)
     )
+    return _through_blocks(blocks, x, positions, first_block, len(caches[0]), attend)
+
+
+def paged_decode_step(
+    blocks: FusedLlamaBlocks,
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    tables: torch.Tensor,
+    storage: torch.Tensor,
+    first_block: int,
+    num_blocks: int,
+) -> torch.Tensor:
+    """``BatchRunner.paged_step`` for Llama blocks: the decode step over a page pool (``nectar.models.paged``).
+
+    Shapes depend only on the number of rows and the table width, never on which sessions the rows are, so one
+    recording serves any sessions that fit. Per block: one ``index_copy_`` of every row's new key/value into its
+    slot (table[position // page_size] * page_size + position % page_size), a gather of every row's ``width`` pages
+    (a copy of n * width * page_size keys and values: the price of the fixed shape, growing with the width the node
+    chose for the round, not with the pool) and one masked attention call."""
+    n, heads, kv_heads, dim = x.shape[0], blocks.num_heads, blocks.num_kv_heads, blocks.head_dim
+    page_size, width = storage.shape[2], tables.shape[1]
+    page = tables.gather(1, torch.div(positions, page_size, rounding_mode="floor")[:, None])[:, 0]
+    slots = page * page_size + positions % page_size
+    mask = _mask(blocks, positions, width * page_size)
+
+    def attend(local: int, qkv: torch.Tensor) -> torch.Tensor:
+        pool = storage[first_block + local]  # [pages, page_size, key/value, kv_heads, head_dim]
+        pool.view(-1, 2, kv_heads, dim).index_copy_(0, slots, qkv[:, heads:].reshape(n, 2, kv_heads, dim))
+        gathered = pool[tables].view(n, width * page_size, 2, kv_heads, dim)
+        keys, values = gathered[:, :, 0].transpose(1, 2), gathered[:, :, 1].transpose(1, 2)  # [n, kv_heads, L, d]
+        if heads != kv_heads:
+            keys = keys.repeat_interleave(heads // kv_heads, dim=1)
+            values = values.repeat_interleave(heads // kv_heads, dim=1)
+        query = qkv[:, :heads].unsqueeze(2)  # [n, heads, 1, head_dim]
+        attention = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=blocks.scaling)
+        return attention.reshape(n, heads * dim)
+
+    return _through_blocks(blocks, x, positions, first_block, num_blocks, attend)
+
+
+def _through_blocks(blocks: FusedLlamaBlocks, x, positions, first_block: int, num_blocks: int, attend):
+    """``x`` through blocks [first_block, first_block + num_blocks), each block's attention by ``attend``."""
+    cos = blocks.cos_table.index_select(0, positions)[:, None]  # [n, 1, head_dim]
+    sin = blocks.signed_sin_table.index_select(0, positions)[:, None]
     compiled = compiled_parts(x.shape[0]) if compiles(blocks) else None
-    for local in range(len(caches[0])):
+    for local in range(num_blocks):
         layer = blocks.layers[first_block + local]
         if compiled is None:
             x = blocks.mlp(layer, x, attend(local, blocks.qkv(layer, x, cos, sin)))

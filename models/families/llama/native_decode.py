@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from nectar.models.cache import SpanCache
 from nectar.models.cpu_blas import native_kernel
 from nectar.models.families.llama.fused import FusedLayer, FusedLlamaBlocks
 from nectar.models.fast_path import SpanStep
@@ -131,7 +132,10 @@ class NativeDecoder:
         if table is None or task.caches[0].length >= len(table):
             return False
         return all(
-            cache.buffer.dtype == torch.float32 and cache.buffer.is_contiguous() and cache.buffer.shape[2] == 1
+            isinstance(cache, SpanCache)  # not a PagedCache: the C layer reads one contiguous buffer
+            and cache.buffer.dtype == torch.float32
+            and cache.buffer.is_contiguous()
+            and cache.buffer.shape[2] == 1
             for cache in task.caches
         )
 
