@@ -190,3 +190,31 @@ def save_tiny_lora(
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
     model.save_pretrained(str(path))
     return path
+
+
+def save_prequantized_checkpoint(path: str | os.PathLike, float_path: str | os.PathLike, mode: str = "nf4") -> Path:
+    """The checkpoint at ``float_path`` quantized by transformers + bitsandbytes on the CPU (``nf4``: 4-bit NF4 with
+    double-quantized absmax, blocks of 64; ``int8``: weight rows and their scales) and saved with ``save_pretrained``:
+    the layout of published ``*-bnb-4bit`` checkpoints (``nectar.models.prequant``)."""
+    from transformers import BitsAndBytesConfig
+
+    if mode == "nf4":
+        spec = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+    elif mode == "int8":
+        spec = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        raise ValueError(f"pre-quantized checkpoints are nf4 or int8, not {mode!r}")
+    path = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(float_path), quantization_config=spec, device_map="cpu", dtype=torch.float32
+    )
+    model.save_pretrained(str(path))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(float_path) / name).is_file():
+            (path / name).write_bytes((Path(float_path) / name).read_bytes())
+    return path
