@@ -150,22 +150,27 @@ def save_tiny_sharded_checkpoint(
 ) -> Path:
     """A tiny random Llama saved in shards of about one block (blocks land in different files), with a word-level
     tokenizer ("w5 w6" -> [5, 6]): a stand-in for a Hub repo's files."""
-    from tokenizers import Tokenizer, pre_tokenizers
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
     path = Path(path)
     torch.manual_seed(seed)
     config = tiny_config("llama", **config_kwargs)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(
         str(path), max_shard_size=max_shard_size
     )
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, config.vocab_size)}
+    save_word_tokenizer(path, config.vocab_size)
+    return path
+
+
+def save_word_tokenizer(path: str | os.PathLike, vocab_size: int) -> None:
+    """A word-level tokenizer of ``vocab_size`` ids ("w5 w6" -> [5, 6]; 0-2 unk, bos, eos) saved into ``path``."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab_size)}
     backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     tokenizer.save_pretrained(str(path))
-    return path
 
 
 def save_tiny_lora(
