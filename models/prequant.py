@@ -59,11 +59,16 @@ def checkpoint_quantization(config) -> str | None:
     raise CheckpointError("the checkpoint's bitsandbytes quantization_config loads neither 4-bit nor 8-bit weights")
 
 
+class QuantizationMismatchError(CheckpointError):
+    """A pre-quantized checkpoint asked for with another quantization: no honest node computes so (a verifier asked
+    to recompute such a receipt fails the audit rather than calling it inconclusive)."""
+
+
 def check_requested(stored: str | None, requested: str, *, model: str) -> None:
     """A pre-quantized checkpoint is served only with its own mode (its float weights are gone; dequantizing to
     serve ``none`` would announce float weights that are not)."""
     if stored is not None and requested != stored:
-        raise CheckpointError(
+        raise QuantizationMismatchError(
             f"{model} holds {stored} weights (pre-quantized) but {requested!r} was asked: start the node with "
             f"--quant {stored} (a verifier loads it with quantization {stored!r})"
         )
@@ -282,4 +287,11 @@ def _move_float(block: nn.Module, dtype, device) -> nn.Module:
     return block
 
 
-__all__ = ["checkpoint_quantization", "check_requested", "load_prequantized_block", "nf4_linear", "int8_linear"]
+__all__ = [
+    "QuantizationMismatchError",
+    "checkpoint_quantization",
+    "check_requested",
+    "load_prequantized_block",
+    "nf4_linear",
+    "int8_linear",
+]

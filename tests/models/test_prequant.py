@@ -142,3 +142,25 @@ def test_a_layer_kept_in_float_is_quantized_at_load(stored, float_path, tmp_path
     span = load_span(_tampered(stored["nf4"], tmp_path, keep_float), 0, BLOCKS, quantization="nf4")
     with torch.no_grad():
         assert torch.equal(span(_inputs()), load_span(float_path, 0, BLOCKS, quantization="nf4")(_inputs()))
+
+
+def test_a_verifier_recomputes_a_prequantized_nodes_step_exactly(stored):
+    """Receipts commit to nf4 and the model id; a local verifier hosting that model loads the same stored codes."""
+    from types import SimpleNamespace
+
+    from nectar.ledger.spot_check import LocalVerifier
+    from nectar.wire.fingerprints import ComputeSpec
+    from nectar.wire.receipts import model_id_hash
+
+    node = load_span(stored["nf4"], 0, BLOCKS, quantization="nf4")
+    history = _inputs()
+    cache = node.new_cache(2, history.shape[1])
+    with torch.no_grad():
+        node(history[:, :4], cache=cache)
+        served = node(history[:, 4:], cache=cache)  # the audited step: 2 tokens per sequence
+    receipt = SimpleNamespace(model_id=model_id_hash("m"), block_start=0, block_end=BLOCKS, tokens=4)
+    verifier = LocalVerifier({"m": stored["nf4"]})
+    recomputed = verifier.execute(receipt, history, ComputeSpec("float32", "nf4"))
+    assert torch.allclose(recomputed, served, rtol=1e-5, atol=1e-5)
+    with pytest.raises(CheckpointError, match="--quant nf4"):  # a receipt claiming float weights is not recomputed
+        verifier.execute(receipt, history, ComputeSpec("float32", "none"))
