@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from nectar.models import load_span
 from nectar.models.errors import CheckpointError
+from nectar.models.prequant import checkpoint_quantization
 from nectar.models.tiny import save_prequantized_checkpoint, save_tiny_checkpoint
 
 BLOCKS, HIDDEN = 2, 64
@@ -164,3 +165,17 @@ def test_a_verifier_recomputes_a_prequantized_nodes_step_exactly(stored):
     assert torch.allclose(recomputed, served, rtol=1e-5, atol=1e-5)
     with pytest.raises(CheckpointError, match="--quant nf4"):  # a receipt claiming float weights is not recomputed
         verifier.execute(receipt, history, ComputeSpec("float32", "none"))
+
+
+def test_clients_of_a_prequantized_model_route_to_its_mode_only(stored):
+    """No honest node serves nf4-stored weights in another mode, so a client routes only to nodes announcing nf4."""
+    from nectar.client import ClientConfig
+    from nectar.client.model import stored_weights_only
+    from nectar.models.resolve import load_config
+
+    stored_mode = checkpoint_quantization(load_config(stored["nf4"]))
+    assert stored_weights_only(ClientConfig(), stored_mode, "m").quant == "nf4"
+    assert stored_weights_only(ClientConfig(quant="none,nf4"), stored_mode, "m").quant == "nf4"
+    assert stored_weights_only(ClientConfig(quant="none"), None, "m").quant == "none"  # float checkpoints: unchanged
+    with pytest.raises(ValueError, match="stores nf4 weights .* allow nf4"):
+        stored_weights_only(ClientConfig(quant="none,int8"), stored_mode, "m")

@@ -42,6 +42,7 @@ def test_generation_through_a_prequantized_node_equals_quantizing_at_load(swarm,
     model = DistributedModelForCausalLM.from_pretrained(
         prequantized, initial_peers=swarm.initial_peers, config=ClientConfig(max_retries=0, step_timeout=30)
     )
+    assert model.client_config.quant == "nf4"  # routes only to nodes announcing the stored mode
     try:
         input_ids = torch.tensor([[5, 17, 42, 99, 3]])
         with torch.no_grad():
