@@ -126,6 +126,7 @@ def nf4_linear(
     if (
         set(state) != allowed
         or state["quant_type"] != "nf4"
+        or type(blocksize) is not int
         or blocksize not in BLOCKSIZES
         or state["dtype"] not in FLOAT_DTYPES
         or state["shape"] != [out_features, in_features]
@@ -143,7 +144,8 @@ def nf4_linear(
     if nested:
         nested_blocksize, offset = state["nested_blocksize"], state["nested_offset"]
         if (
-            nested_blocksize not in BLOCKSIZES
+            type(nested_blocksize) is not int
+            or nested_blocksize not in BLOCKSIZES
             or state["nested_dtype"] != "float32"
             or not isinstance(offset, (int, float))
             or not math.isfinite(offset)
