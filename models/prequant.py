@@ -237,9 +237,10 @@ def load_prequantized_block(
         stored = {k.removeprefix(key + "."): v for k, v in raw.items()}
         bias = tensors.get(f"{name}.bias")
         if mode == "nf4":
-            missing = [
-                s for s in ("absmax", "quant_map", "quant_state.bitsandbytes__nf4") if f"weight.{s}" not in stored
-            ]
+            needed = ("absmax", "quant_map", "quant_state.bitsandbytes__nf4")
+            if "weight.nested_absmax" in stored:
+                needed += ("nested_quant_map",)
+            missing = [s for s in needed if f"weight.{s}" not in stored]
             if missing:
                 raise CheckpointError(f"{checkpoint.path} lacks {[f'{key}.weight.{s}' for s in missing]}")
             new = nf4_linear(

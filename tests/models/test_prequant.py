@@ -113,6 +113,7 @@ TAMPERINGS = {
         "at most",
     ),
     "a missing absmax": (lambda t, c: t.pop(f"{LAYER}.weight.absmax"), "lacks"),
+    "a missing nested map": (lambda t, c: t.pop(f"{LAYER}.weight.nested_quant_map"), "lacks"),
     "fp4 in the config": (lambda t, c: c["quantization_config"].update(bnb_4bit_quant_type="fp4"), "nf4 only"),
     "another quantization method": (lambda t, c: c["quantization_config"].update(quant_method="gptq"), "'gptq'"),
 }
