@@ -12,7 +12,13 @@ Measures, in one run on one GPU:
      has without any swarm, and what 16 sessions on one node are compared with.
 Runs unattended and prints every figure (see benchmarks/gpu/run_gpu.sh for the device command).
 
+With ``--quant nf4`` the nodes serve a random pre-quantized nf4 checkpoint (``prequantized.py``: the Llama-2-70B run
+of benchmarks/gpu/run_70b.sh, whose float checkpoint would not fit the disk) and the run also reports the weights'
+bandwidth floor: the bytes one decode step reads (every block's nf4 codes and scales plus the LM head) over the GPU's
+measured copy bandwidth, and the share of that ceiling each figure reaches.
+
     python benchmarks/bench_gpu.py --model llama2-7b --device cuda --dtype float16
+    python benchmarks/bench_gpu.py --model llama2-70b --quant nf4 --no-local --no-one-node
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from common import (
     prompt_ids,
     set_threads,
 )
+from prequantized import copy_bandwidth, nf4_checkpoint, weight_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -131,13 +138,30 @@ def sessions_on_one_node(path, num_blocks: int, args) -> dict:
         threads=args.threads,
         device=args.device,
         dtype=args.dtype,
-        extra_args=["--cache-mb", "16384", *args.node_args.split()],
+        extra_args=["--cache-mb", args.cache_mb, *args.node_args.split()],
     ) as swarm:
         model = head_on(distributed_model(path, swarm, dtype=getattr(torch, args.dtype)), args.device)
         try:
             return concurrent_sessions(model, path, swarm, args)
         finally:
             model.shutdown()
+
+
+def bandwidth_floor(path, device: str) -> dict:
+    """The weights' bandwidth floor of one decode step: every block's weights (nf4 codes and scales, or floats) and
+    the LM head are read once per step; ``ceiling_tps`` = copy bandwidth / those bytes (NaN off a GPU). Sessions
+    computed one at a time (the generic path) share that ceiling; a batched step would serve several at once."""
+    sizes = weight_bytes(path)
+    step = sizes["blocks"] + sizes["head"]
+    bandwidth = copy_bandwidth(device)
+    return {
+        "block_bytes": sizes["blocks"],
+        "head_bytes": sizes["head"],
+        "step_bytes": step,
+        "bandwidth": bandwidth,
+        "floor_ms": step / bandwidth * 1e3,
+        "ceiling_tps": bandwidth / step,
+    }
 
 
 def main() -> None:
@@ -148,6 +172,19 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--node-args", default="", help="extra arguments for every node (quoted)")
+    parser.add_argument(
+        "--quant",
+        choices=["none", "nf4"],
+        default="none",
+        help="nf4: serve a random pre-quantized nf4 checkpoint (built on --device by prequantized.py)",
+    )
+    parser.add_argument("--cache-mb", default="16384", help="each node's attention cache budget")
+    parser.add_argument(
+        "--local",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure local transformers generate() (the ratio's baseline)",
+    )
     parser.add_argument(
         "--one-node",
         action=argparse.BooleanOptionalAction,
@@ -171,7 +208,11 @@ def main() -> None:
     set_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     began = time.perf_counter()
-    path = checkpoint(args.model, dtype=args.dtype, device=args.device)
+    if args.quant == "nf4":
+        path = nf4_checkpoint(args.model, device=args.device)
+        args.node_args = f"--quant nf4 {args.node_args}"
+    else:
+        path = checkpoint(args.model, dtype=args.dtype, device=args.device)
     log(f"checkpoint ready in {time.perf_counter() - began:.0f}s: {path}")
     num_blocks = common.llama_config(args.model).num_hidden_layers
 
@@ -184,13 +225,15 @@ def main() -> None:
             args.json,
         )
         return
-    log("local transformers generate()")
-    local, local_tokens = local_decode(path, repeats=args.repeats, dtype=dtype, device=args.device)
-    gc.collect()
-    torch.cuda.empty_cache() if args.device.startswith("cuda") else None
-    local_best = best(local)
+    local = local_tokens = local_best = None
+    if args.local:
+        log("local transformers generate()")
+        local, local_tokens = local_decode(path, repeats=args.repeats, dtype=dtype, device=args.device)
+        gc.collect()
+        torch.cuda.empty_cache() if args.device.startswith("cuda") else None
+        local_best = best(local)
     static = {}
-    if args.static_baseline:
+    if args.static_baseline and args.quant != "nf4":  # transformers' static cache reads float weights
         log("local transformers, static cache")
         static = static_compiled_decode(
             path, batches=sorted({1, max(args.sessions)}), dtype=dtype, device=args.device, repeats=args.repeats
@@ -207,70 +250,102 @@ def main() -> None:
         threads=args.threads,
         device=args.device,
         dtype=args.dtype,
-        extra_args=["--cache-mb", "16384", *args.node_args.split()],
+        extra_args=["--cache-mb", args.cache_mb, *args.node_args.split()],
     ) as swarm:
         model = head_on(distributed_model(path, swarm, dtype=dtype), args.device)
         try:
             model.generate(prompt_ids(), max_new_tokens=4, do_sample=False, eos_token_id=[])
+            log("single-session decode")
             runs, tokens = swarm_decode(model, repeats=args.repeats)
+            log(f"  {best(runs).decode_tps:.1f} tok/s; concurrent sessions {args.sessions}")
             concurrency = concurrent_sessions(model, path, swarm, args)
         finally:
             model.shutdown()
     one_node = sessions_on_one_node(path, num_blocks, args) if args.one_node else {}
     top = best(runs)
-    ratio = top.decode_tps / local_best.decode_tps
-    overhead = top.median_ms - local_best.median_ms
     gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device
     figures = {
         "model": args.model,
         "device": gpu,
         "dtype": args.dtype,
+        "quant": args.quant,
         "nodes": args.nodes,
-        "local": {
-            "decode_tps": local_best.decode_tps,
-            "median_ms": local_best.median_ms,
-            "runs_tps": [t.decode_tps for t in local],
-        },
         "nectar": {
             "decode_tps": top.decode_tps,
             "median_ms": top.median_ms,
-            "ratio": ratio,
-            "overhead_ms": overhead,
             "median_run_tps": median_timing(runs).decode_tps,
             "runs_tps": [t.decode_tps for t in runs],
-            "same_tokens": tokens.tolist() == local_tokens.tolist(),
         },
         "concurrency": concurrency,
         "concurrency_one_node": one_node,
         "static_cache": {
             str(b): {
                 **{k: v for k, v in r.items() if k != "tokens"},
-                "same_tokens_as_local": r["tokens"][0] == local_tokens[0, -NEW_TOKENS:].tolist(),
+                **(
+                    {"same_tokens_as_local": r["tokens"][0] == local_tokens[0, -NEW_TOKENS:].tolist()}
+                    if local_tokens is not None
+                    else {}
+                ),
             }
             for b, r in static.items()
         },
     }
-    rows = [
-        ("local transformers", f"{local_best.decode_tps:8.1f} tok/s  median {local_best.median_ms:6.2f} ms/token"),
+    rows = []
+    versus = ""
+    if local_best is not None:
+        ratio = top.decode_tps / local_best.decode_tps
+        overhead = top.median_ms - local_best.median_ms
+        figures["local"] = {
+            "decode_tps": local_best.decode_tps,
+            "median_ms": local_best.median_ms,
+            "runs_tps": [t.decode_tps for t in local],
+        }
+        figures["nectar"] |= {
+            "ratio": ratio,
+            "overhead_ms": overhead,
+            "same_tokens": tokens.tolist() == local_tokens.tolist(),
+        }
+        rows.append(
+            ("local transformers", f"{local_best.decode_tps:8.1f} tok/s  median {local_best.median_ms:6.2f} ms/token")
+        )
+        versus = f"  {ratio:5.2f}x local  overhead {overhead:+.2f} ms/token"
+    rows.append(
+        (f"nectar, {args.nodes} nodes", f"{top.decode_tps:8.1f} tok/s  median {top.median_ms:6.2f} ms/token{versus}")
+    )
+    if local_best is not None:
+        rows.append(("same greedy tokens", str(figures["nectar"]["same_tokens"])))
+    figures["floor"] = floor = bandwidth_floor(path, args.device)
+    ceiling = "no bandwidth measured off a GPU"
+    if floor["ceiling_tps"] == floor["ceiling_tps"]:  # not NaN
+        ceiling = (
+            f"copy bandwidth {floor['bandwidth'] / 1e9:.0f} GB/s: floor {floor['floor_ms']:.2f} ms, "
+            f"ceiling {floor['ceiling_tps']:.1f} tok/s per step"
+        )
+    rows.append(
         (
-            f"nectar, {args.nodes} nodes",
-            f"{top.decode_tps:8.1f} tok/s  median {top.median_ms:6.2f} ms/token  "
-            f"{ratio:5.2f}x local  overhead {overhead:+.2f} ms/token",
-        ),
-        ("same greedy tokens", str(figures["nectar"]["same_tokens"])),
-    ]
+            "weights per decode step",
+            f"{floor['step_bytes'] / 1e9:.2f} GB (blocks {floor['block_bytes'] / 1e9:.2f} + head "
+            f"{floor['head_bytes'] / 1e9:.2f}); {ceiling}",
+        )
+    )
+    if floor["ceiling_tps"] == floor["ceiling_tps"]:  # not NaN (a CPU run measures no bandwidth)
+        shares = {"single session": top.decode_tps}
+        shares |= {f"{n} sessions (aggregate)": r["aggregate_tps"] for n, r in concurrency.items()}
+        floor["share"] = {name: tps / floor["ceiling_tps"] for name, tps in shares.items()}
+        rows += [(f"share of the ceiling, {name}", f"{share:6.1%}") for name, share in floor["share"].items()]
     for batch, result in static.items():
         rows.append((f"transformers static cache, batch {batch}", f"{result['aggregate_tps']:8.1f} tok/s"))
-    if static and one_node:  # the issue's comparison: 16 sessions on one node against the compiled batch of 16
+    if static and one_node and max(static) in one_node:  # the issue's comparison: 16 sessions on one node
         largest = max(static)
-        if largest in one_node:
-            ratio16 = one_node[largest]["aggregate_tps"] / static[largest]["aggregate_tps"]
-            figures["one_node_vs_static"] = ratio16
-            rows.append((f"{largest} sessions on 1 node / static batch {largest}", f"{ratio16:5.2f}x"))
+        figures["one_node_vs_static"] = one_node[largest]["aggregate_tps"] / static[largest]["aggregate_tps"]
+        rows.append(
+            (f"{largest} sessions on 1 node / static batch {largest}", f"{figures['one_node_vs_static']:5.2f}x")
+        )
     for where, results in ((f"{args.nodes} nodes", concurrency), ("1 node", one_node)):
         rows += concurrency_rows(results, f"concurrent session(s), {where}") if results else []
     emit(
-        f"GPU: {args.model} {args.dtype} on {gpu}, {args.nodes} nodes on one GPU, 16+64 tokens",
+        f"GPU: {args.model} {args.dtype}{'+nf4' if args.quant == 'nf4' else ''} on {gpu}, {args.nodes} nodes on one "
+        "device, 16+64 tokens",
         rows,
         figures,
         args.json,

@@ -44,6 +44,11 @@ SIZES = {
     "mid": dict(hidden_size=2048, intermediate_size=5504, num_attention_heads=16),
     # the GPU run: Llama-2-7B's shape (32 layers of hidden 4096), random float16 weights
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_hidden_layers=32),
+    # the 70B run (issue 25): Llama-2-70B's shape (80 layers of hidden 8192, 8 key-value heads), random nf4 weights
+    # (benchmarks/prequantized.py: never a float checkpoint on disk)
+    "llama2-70b": dict(
+        hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8, num_hidden_layers=80
+    ),
 }
 
 
@@ -58,9 +63,9 @@ def llama_config(size: str):
 
     spec = dict(SIZES[size])
     spec.setdefault("num_hidden_layers", NUM_LAYERS)
+    spec.setdefault("num_key_value_heads", spec["num_attention_heads"])
     return LlamaConfig(
         vocab_size=VOCAB,
-        num_key_value_heads=spec["num_attention_heads"],
         max_position_embeddings=2048,
         rms_norm_eps=1e-6,
         rope_theta=10000.0,

@@ -26,12 +26,28 @@ from nectar.client.pricing import BudgetExceededError, CostMeter, Quote, route_p
 from nectar.client.remote_sequential import RemoteCaller, RemoteSequential
 from nectar.client.routing import PeerScorer, RemoteSequenceManager
 from nectar.models import get_family, load_client_head, load_config, model_id_of, resolve_model
+from nectar.models.prequant import checkpoint_quantization
 from nectar.wire.dht import ClientRuntime
 from nectar.wire.peers import initial_peers as resolve_peers
 
 logger = logging.getLogger(__name__)
 
 TUNING_MODES = (None, "ptune", "deep_ptune")
+
+
+def stored_weights_only(config: ClientConfig, stored: str | None, model_id: str) -> ClientConfig:
+    """For a pre-quantized model (``stored``: its weights' mode), routes use only nodes announcing that mode: no
+    honest node serves those weights in another (``nectar.models.prequant``). ValueError if ``config.quant`` excludes
+    it."""
+    if stored is None:
+        return config
+    allowed = {q for q in config.quant.replace(" ", "").split(",") if q}
+    if allowed and stored not in allowed:
+        raise ValueError(
+            f"{model_id} stores {stored} weights (a pre-quantized checkpoint), which --quant {config.quant} excludes: "
+            f"allow {stored}"
+        )
+    return replace(config, quant=stored)
 
 
 class DistributedModelForCausalLM(torch.nn.Module):
@@ -61,8 +77,9 @@ class DistributedModelForCausalLM(torch.nn.Module):
             raise ValueError(f"tuning_mode must be one of {TUNING_MODES}, got {tuning_mode!r}")
         if tuning_mode and pre_seq_len <= 0:
             raise ValueError("prompt tuning needs pre_seq_len > 0")
-        self.model_path, self.model_id, self.client_config = Path(model_path), model_id, config
         self.config = load_config(model_path)
+        config = stored_weights_only(config, checkpoint_quantization(self.config), model_id)
+        self.model_path, self.model_id, self.client_config = Path(model_path), model_id, config
         self.num_blocks = get_family(self.config).num_blocks(self.config)
         self.runtime, self.wallet = runtime, wallet
         self.head = load_client_head(model_path, dtype=dtype, device=head_device)

@@ -198,6 +198,14 @@ def _malformed_adapter(error: Exception) -> bool:
     return isinstance(error, AdapterError)
 
 
+def _impossible_quantization(error: Exception) -> bool:
+    """Whether a verifier failed because the receipt claims a quantization the model's stored weights do not have
+    (a pre-quantized checkpoint: ``nectar.models.prequant``)."""
+    from nectar.models.prequant import QuantizationMismatchError
+
+    return isinstance(error, QuantizationMismatchError)
+
+
 def step_positions(receipt: WireReceipt, history: torch.Tensor) -> int:
     batch = history.shape[0]
     if batch == 0 or receipt.tokens % batch or not 0 < receipt.tokens // batch <= history.shape[1]:
@@ -440,6 +448,9 @@ class SpotChecker:
                 if compute.adapter and _malformed_adapter(e):
                     # the files hash to the digest the node signed, and no honest node computes with such files
                     return Verdict("failed", executions, f"the node's adapter cannot be computed with: {e}")
+                if _impossible_quantization(e):
+                    # the model's weights are stored quantized in another mode: no honest node signs this descriptor
+                    return Verdict("failed", executions, f"the receipt's quantization cannot be served: {e}")
                 return Verdict("inconclusive", executions, f"verifier {verifier.name} failed: {type(e).__name__}: {e}")
             outputs.append(output)
             if outputs_match(claimed, output, compute, blocks):

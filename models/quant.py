@@ -11,7 +11,8 @@ outputs from the same quantized weights (audits compare within the dtype's toler
   span's dtype; bitsandbytes' CUDA and CPU backends dequantize the same codes.
 
 Quantization always runs on the CPU (then the codes move to the device), so ties round the same on every machine.
-Every ``nn.Linear`` of a block is replaced; its norms keep the span's dtype.
+Every ``nn.Linear`` of a block is replaced; its norms keep the span's dtype. Checkpoints saved already quantized
+(``nectar.models.prequant``) load their stored codes into the same modules.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from nectar.models.cache import SpanCache
 from nectar.models.checkpoint import Checkpoint
 from nectar.models.errors import CacheError, CheckpointError, SpanRangeError
 from nectar.models.family import BlockRunner, ModelFamily
+from nectar.models.prequant import check_requested, checkpoint_quantization, load_prequantized_block
 from nectar.models.quant import check_quantization, quantize_block
 from nectar.models.registry import get_family
 
@@ -184,7 +185,10 @@ def load_blocks(
     quantization: str = "none",
 ) -> list[nn.Module]:
     """Build blocks ``[start, end)`` on the meta device and fill them with exactly their tensors from ``checkpoint``;
-    ``quantization`` (``nectar.models.quant``) then replaces their linear layers."""
+    ``quantization`` (``nectar.models.quant``) then replaces their linear layers. A pre-quantized checkpoint
+    (``nectar.models.prequant``) must be asked for with its own quantization; its codes load as stored."""
+    stored = checkpoint_quantization(config)
+    check_requested(stored, quantization, model=str(checkpoint.path))
     blocks = []
     for local_index, index in enumerate(range(start, end)):
         with torch.device("meta"):
@@ -195,6 +199,12 @@ def load_blocks(
                 f"{checkpoint.path} has no tensors for block {index} "
                 f"(looked for names starting with {' or '.join(family.block_prefixes(index))})"
             )
+        if stored is not None:
+            block = load_prequantized_block(
+                checkpoint, block, prefix, family=family, mode=stored, dtype=dtype, device=device
+            )
+            blocks.append(block.eval())
+            continue
         tensors = family.load_block_tensors(checkpoint, prefix, list(block.state_dict()), dtype=dtype, device=device)
         block.load_state_dict(tensors, strict=True, assign=True)
         block = quantize_block(block.to(device=device, dtype=dtype), quantization, dtype)
@@ -213,7 +223,8 @@ def load_span(
 ) -> BlockSpan:
     """Load blocks ``[start, end)`` of a model (built-in name or checkpoint folder), reading only their tensors.
 
-    :param quantization: ``none`` | ``int8`` | ``nf4``: the blocks' linear layers' weights (``nectar.models.quant``)
+    :param quantization: ``none`` | ``int8`` | ``nf4``: the blocks' linear layers' weights (``nectar.models.quant``);
+      a pre-quantized checkpoint's own mode (``nectar.models.prequant``), else CheckpointError
     """
     from nectar.models.resolve import load_config, resolve_model
 

@@ -150,22 +150,27 @@ def save_tiny_sharded_checkpoint(
 ) -> Path:
     """A tiny random Llama saved in shards of about one block (blocks land in different files), with a word-level
     tokenizer ("w5 w6" -> [5, 6]): a stand-in for a Hub repo's files."""
-    from tokenizers import Tokenizer, pre_tokenizers
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
     path = Path(path)
     torch.manual_seed(seed)
     config = tiny_config("llama", **config_kwargs)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(
         str(path), max_shard_size=max_shard_size
     )
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, config.vocab_size)}
+    save_word_tokenizer(path, config.vocab_size)
+    return path
+
+
+def save_word_tokenizer(path: str | os.PathLike, vocab_size: int) -> None:
+    """A word-level tokenizer of ``vocab_size`` ids ("w5 w6" -> [5, 6]; 0-2 unk, bos, eos) saved into ``path``."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab_size)}
     backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     tokenizer.save_pretrained(str(path))
-    return path
 
 
 def save_tiny_lora(
@@ -189,4 +194,32 @@ def save_tiny_lora(
             if "lora_" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
     model.save_pretrained(str(path))
+    return path
+
+
+def save_prequantized_checkpoint(path: str | os.PathLike, float_path: str | os.PathLike, mode: str = "nf4") -> Path:
+    """The checkpoint at ``float_path`` quantized by transformers + bitsandbytes on the CPU (``nf4``: 4-bit NF4 with
+    double-quantized absmax, blocks of 64; ``int8``: weight rows and their scales) and saved with ``save_pretrained``:
+    the layout of published ``*-bnb-4bit`` checkpoints (``nectar.models.prequant``)."""
+    from transformers import BitsAndBytesConfig
+
+    if mode == "nf4":
+        spec = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+    elif mode == "int8":
+        spec = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        raise ValueError(f"pre-quantized checkpoints are nf4 or int8, not {mode!r}")
+    path = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(float_path), quantization_config=spec, device_map="cpu", dtype=torch.float32
+    )
+    model.save_pretrained(str(path))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(float_path) / name).is_file():
+            (path / name).write_bytes((Path(float_path) / name).read_bytes())
     return path

@@ -38,7 +38,8 @@ class NodeConfig:
     dtype: str | None = None  # float32 | float16 | bfloat16; None = float32 on CPU, float16 on CUDA
     device: str | None = None  # cpu | cuda | cuda:N; None = cuda if available
     quant: str = "none"  # weight quantization of the blocks' linear layers (bitsandbytes): none | int8 (weight-only,
-    # per-row absmax) | nf4 (4-bit NormalFloat); announced, and committed to in every receipt (audits recompute in it)
+    # per-row absmax) | nf4 (4-bit NormalFloat); announced, and committed to in every receipt (audits recompute in it);
+    # a pre-quantized checkpoint (config.json's quantization_config) is served only with its own mode
     num_threads: int | None = None  # torch intra-op threads for compute; None = torch default
     cache_memory_bytes: int = 512 * 1024**2  # KV-cache budget in bytes across all sessions (--cache-mb: in MiB)
     kv_page_size: int = 0  # > 0: one-sequence sessions keep their keys/values in a pool of pages of this many tokens

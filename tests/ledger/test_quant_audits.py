@@ -23,7 +23,7 @@ from nectar.ledger.intake import check_receipt
 from nectar.ledger.migrations import run_migrations
 from nectar.ledger.spot_check import AuditedStep, AuditSource, LocalVerifier, SpotChecker
 from nectar.models import load_span
-from nectar.models.tiny import save_tiny_checkpoint
+from nectar.models.tiny import save_prequantized_checkpoint, save_tiny_checkpoint
 from nectar.node.audit import AuditLog
 from nectar.node.receipts import ReceiptSigner
 from nectar.service.db import get_engine, session_scope
@@ -32,6 +32,7 @@ from nectar.wire.receipts import ReceiptKind
 from tests.ledger.utils import Party
 
 MODEL = "tiny-quant-llama"
+PREQUANTIZED = "tiny-quant-llama-bnb-4bit"  # the same float weights, saved nf4 by transformers + bitsandbytes
 BLOCKS, HIDDEN, PREFILL, DECODE = 4, 64, 6, 4
 HONEST_SESSIONS = 5  # 25 audited steps per honest node
 CHEAT_SESSIONS = 2  # 10 audited steps per cheat
@@ -41,6 +42,7 @@ HONEST = {
     "honest float32 int8": ("float32", "int8", "int8"),
     "honest float32 nf4": ("float32", "nf4", "nf4"),
     "honest bfloat16 int8": ("bfloat16", "int8", "int8"),  # also scored by the pooled test (reference: float32 int8)
+    "honest pre-quantized nf4": ("float32", "nf4", "nf4", PREQUANTIZED),
 }
 CHEATS = {
     # the "claims one precision and serves another"
@@ -48,6 +50,8 @@ CHEATS = {
     "nf4 served, int8 claimed": ("float32", "nf4", "int8"),
     "full precision served, int8 claimed": ("float32", "none", "int8"),
     "nf4 served, full precision claimed": ("float32", "nf4", "none"),
+    # no float weights exist for this model: no honest node can sign such a receipt, so it fails without recomputing
+    "pre-quantized nf4 served, full precision claimed": ("float32", "nf4", "none", PREQUANTIZED),
 }
 
 
@@ -62,17 +66,17 @@ class NodeAudits(AuditSource):
         return None if found is None else AuditedStep(found[0], found[3])
 
 
-def serve(world, name, *, dtype: str, serves: str, claims: str, sessions: int) -> str:
+def serve(world, name, *, dtype: str, serves: str, claims: str, sessions: int, model: str = MODEL) -> str:
     party = Party()
     signer = ReceiptSigner(
         private_key=party.key,
-        model_id=MODEL,
+        model_id=model,
         price_per_token=1,
         domain=domain_from_deployment(),
         compute=ComputeSpec(dtype, claims),
     )
     torch_dtype = ComputeSpec(dtype).torch_dtype
-    span = load_span(world["path"], 0, BLOCKS, dtype=torch_dtype, quantization=serves)
+    span = load_span(world["paths"][model], 0, BLOCKS, dtype=torch_dtype, quantization=serves)
     log = world["audit"].logs[party.address] = AuditLog(max_bytes=1 << 30, retention_s=1e9)
     g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     for _ in range(sessions):
@@ -109,18 +113,29 @@ def world(tmp_path_factory):
         database_url=f"sqlite:///{root / 'ledger.db'}", spot_check_fraction=1.0, deployment_path=root / "none.json"
     )
     run_migrations(settings.database_url)
-    world = dict(path=path, audit=NodeAudits(), client=Party(), items=[], nodes={})
-    for name, (dtype, serves, claims) in HONEST.items():
-        serve(world, name, dtype=dtype, serves=serves, claims=claims, sessions=HONEST_SESSIONS)
-    for name, (dtype, serves, claims) in CHEATS.items():
-        serve(world, name, dtype=dtype, serves=serves, claims=claims, sessions=CHEAT_SESSIONS)
+    paths = {MODEL: path, PREQUANTIZED: save_prequantized_checkpoint(root / PREQUANTIZED, path, "nf4")}
+    world = dict(paths=paths, audit=NodeAudits(), client=Party(), items=[], nodes={})
+    for name, (dtype, serves, claims, *model) in HONEST.items():
+        serve(
+            world,
+            name,
+            dtype=dtype,
+            serves=serves,
+            claims=claims,
+            sessions=HONEST_SESSIONS,
+            model=(model or [MODEL])[0],
+        )
+    for name, (dtype, serves, claims, *model) in CHEATS.items():
+        serve(
+            world, name, dtype=dtype, serves=serves, claims=claims, sessions=CHEAT_SESSIONS, model=(model or [MODEL])[0]
+        )
     engine = get_engine(settings.database_url)
     with session_scope(engine) as session:
         checked = [check_receipt(signed, descriptor, domain_from_deployment()) for signed, descriptor in world["items"]]
         assert all(c.reason is None for c in checked), [c.message for c in checked if c.reason][:3]
         crud.store_receipts(session, checked=checked)
         epoch = crud.close_epoch(session).number
-    verifiers = [LocalVerifier({MODEL: path}, name="a"), LocalVerifier({MODEL: path}, name="b")]
+    verifiers = [LocalVerifier(paths, name="a"), LocalVerifier(paths, name="b")]
     checker = SpotChecker(settings=settings, engine=engine, verifiers=verifiers, audit=world["audit"])
     world["report"] = checker.check_epoch(epoch)
     with session_scope(engine) as session:
@@ -146,7 +161,8 @@ def test_a_node_serving_other_weights_than_it_claims_fails_every_audit(world, na
     assert len(statuses) == CHEAT_SESSIONS * (DECODE + 1)
     missed = [detail for status, detail in statuses if status != "failed"]
     assert not missed, missed[:3]
-    assert all("agree with each other and not with the node" in detail for _, detail in statuses)
+    why = "cannot be served" if PREQUANTIZED in CHEATS[name] else "agree with each other and not with the node"
+    assert all(why in detail for _, detail in statuses)
 
 
 def test_only_the_cheaters_are_reported(world):
