@@ -11,7 +11,7 @@ readings by step number (both read CLOCK_MONOTONIC). Stages:
   compute                  the forward through the span (one batch)
   compute -> handler exit  result back on the node's loop, response built (the step's receipt follows, signed
                            while the next step computes or once the stream goes quiet)
-  exit -> sent             writing the response to the node's P2P daemon
+  exit -> sent             writing the response (to the direct lane, or the node's P2P daemon)
   sent -> client loop      the transport back, the client reading it and checking the output
   loop -> main             back to the calling thread (receipts are checked after the step)
 
@@ -38,7 +38,6 @@ now = time.perf_counter_ns  # CLOCK_MONOTONIC on Linux: comparable across proces
 
 def serve(args) -> None:
     """The node side: a real Server with hooks around receive, handler step, compute and send."""
-    from hivemind.p2p import P2P
 
     from nectar.node import backend as backend_module
     from nectar.node import steps as steps_module
@@ -51,9 +50,9 @@ def serve(args) -> None:
     sending = [None]
     from nectar.wire import transport as transport_module
 
-    receive, send = P2P.receive_protobuf, transport_module.send_message
+    receive, send = transport_module.receive_frame, transport_module.send_message
 
-    async def timed_receive(*a, **k):
+    async def timed_receive(*a, **k):  # both lanes read requests through it
         result = await receive(*a, **k)
         last_receive[0] = now()
         return result
@@ -64,7 +63,7 @@ def serve(args) -> None:
             steps[sending[0]]["sent"], sending[0] = now(), None
         return result
 
-    P2P.receive_protobuf, transport_module.send_message = staticmethod(timed_receive), timed_send
+    transport_module.receive_frame, transport_module.send_message = timed_receive, timed_send
     submit_step, finish_step = steps_module.NodeSteps.submit_inference, steps_module.NodeSteps.finish_inference
 
     def timed_submit(self, message, *args, **kwargs):
