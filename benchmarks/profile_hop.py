@@ -15,6 +15,9 @@ readings by step number (both read CLOCK_MONOTONIC). Stages:
   sent -> client loop      the transport back, the client reading it and checking the output
   loop -> main             back to the calling thread (receipts are checked after the step)
 
+and the node event loop's CPU time (``thread_time``: barely moved by other processes' load) in the step's checks and
+hand-off (``submit``), and from the round's result to the output's reply (``result -> reply``).
+
     python benchmarks/profile_hop.py --model tiny --steps 300
 """
 
@@ -69,11 +72,20 @@ def serve(args) -> None:
     def timed_submit(self, message, *args, **kwargs):
         record = steps.setdefault(message.step, {})
         record["recv"], record["enter"] = last_receive[0], now()
-        return submit_step(self, message, *args, **kwargs)
+        cpu = time.thread_time_ns()
+        result = submit_step(self, message, *args, **kwargs)
+        record["submit_cpu"] = time.thread_time_ns() - cpu
+        return result
 
     async def timed_finish(self, work, **kwargs):
+        try:
+            await work.output
+        except BaseException:
+            pass  # raised again by the step's own finish
+        cpu = time.thread_time_ns()  # the loop's CPU time from the round's result to the output's reply: load-proof
         result = await finish_step(self, work, **kwargs)
-        steps.setdefault(work.step, {})["exit"] = now()
+        record = steps.setdefault(work.step, {})
+        record["exit"], record["finish_cpu"] = now(), time.thread_time_ns() - cpu
         sending[0] = work.step
         return result
 
@@ -233,6 +245,8 @@ def profile(args) -> None:
                 "sent -> client loop": record["loop_got"] - theirs["sent"],
                 "loop -> main": record["end"] - record["loop_got"],
                 "whole hop": record["end"] - record["start"],
+                "node CPU: submit": theirs["submit_cpu"],
+                "node CPU: result -> reply": theirs["finish_cpu"],
             }
         )
     print(
