@@ -115,6 +115,9 @@ def serve(args) -> None:
         direct_port=None if args.p2p else 0,
         receipt_signer=args.receipt_signer,
     )
+    from nectar.node.cli import node_parser
+
+    sys.setswitchinterval(node_parser().get_default("switch_interval") / 1000)  # as `nectar node` sets it
     server = Server(config)
     server.start()
     done = threading.Event()
