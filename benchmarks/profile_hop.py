@@ -11,9 +11,12 @@ readings by step number (both read CLOCK_MONOTONIC). Stages:
   compute                  the forward through the span (one batch)
   compute -> handler exit  result back on the node's loop, response built (the step's receipt follows, signed
                            while the next step computes or once the stream goes quiet)
-  exit -> sent             writing the response to the node's P2P daemon
+  exit -> sent             writing the response (to the direct lane, or the node's P2P daemon)
   sent -> client loop      the transport back, the client reading it and checking the output
   loop -> main             back to the calling thread (receipts are checked after the step)
+
+and the node event loop's CPU time (``thread_time``: barely moved by other processes' load) in the step's checks and
+hand-off (``submit``), and from the round's result to the output's reply (``result -> reply``).
 
     python benchmarks/profile_hop.py --model tiny --steps 300
 """
@@ -38,7 +41,6 @@ now = time.perf_counter_ns  # CLOCK_MONOTONIC on Linux: comparable across proces
 
 def serve(args) -> None:
     """The node side: a real Server with hooks around receive, handler step, compute and send."""
-    from hivemind.p2p import P2P
 
     from nectar.node import backend as backend_module
     from nectar.node import steps as steps_module
@@ -51,9 +53,9 @@ def serve(args) -> None:
     sending = [None]
     from nectar.wire import transport as transport_module
 
-    receive, send = P2P.receive_protobuf, transport_module.send_message
+    receive, send = transport_module.receive_frame, transport_module.send_message
 
-    async def timed_receive(*a, **k):
+    async def timed_receive(*a, **k):  # both lanes read requests through it
         result = await receive(*a, **k)
         last_receive[0] = now()
         return result
@@ -64,17 +66,26 @@ def serve(args) -> None:
             steps[sending[0]]["sent"], sending[0] = now(), None
         return result
 
-    P2P.receive_protobuf, transport_module.send_message = staticmethod(timed_receive), timed_send
+    transport_module.receive_frame, transport_module.send_message = timed_receive, timed_send
     submit_step, finish_step = steps_module.NodeSteps.submit_inference, steps_module.NodeSteps.finish_inference
 
     def timed_submit(self, message, *args, **kwargs):
         record = steps.setdefault(message.step, {})
         record["recv"], record["enter"] = last_receive[0], now()
-        return submit_step(self, message, *args, **kwargs)
+        cpu = time.thread_time_ns()
+        result = submit_step(self, message, *args, **kwargs)
+        record["submit_cpu"] = time.thread_time_ns() - cpu
+        return result
 
     async def timed_finish(self, work, **kwargs):
+        try:
+            await work.output
+        except BaseException:
+            pass  # raised again by the step's own finish
+        cpu = time.thread_time_ns()  # the loop's CPU time from the round's result to the output's reply: load-proof
         result = await finish_step(self, work, **kwargs)
-        steps.setdefault(work.step, {})["exit"] = now()
+        record = steps.setdefault(work.step, {})
+        record["exit"], record["finish_cpu"] = now(), time.thread_time_ns() - cpu
         sending[0] = work.step
         return result
 
@@ -104,6 +115,9 @@ def serve(args) -> None:
         direct_port=None if args.p2p else 0,
         receipt_signer=args.receipt_signer,
     )
+    from nectar.node.cli import node_parser
+
+    sys.setswitchinterval(node_parser().get_default("switch_interval") / 1000)  # as `nectar node` sets it
     server = Server(config)
     server.start()
     done = threading.Event()
@@ -234,6 +248,8 @@ def profile(args) -> None:
                 "sent -> client loop": record["loop_got"] - theirs["sent"],
                 "loop -> main": record["end"] - record["loop_got"],
                 "whole hop": record["end"] - record["start"],
+                "node CPU: submit": theirs["submit_cpu"],
+                "node CPU: result -> reply": theirs["finish_cpu"],
             }
         )
     print(

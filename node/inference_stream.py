@@ -14,7 +14,8 @@ out before the error). Each transition emits at most one message, which ``run`` 
 
 A separate receipt is signed while the session's next step computes (after that round has started), or once the
 stream has been quiet for ``receipt_delay``: signing is most of a step's event-loop time, and a node serving many
-sessions would otherwise sign between a round's outputs and its sessions' next requests.
+sessions would otherwise sign between a round's outputs and its sessions' next requests. A step that comes while a
+quiet receipt is being signed goes to the compute thread first; the receipt still goes out before its output.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class InferenceStream:
         self.link: PushLink | None = None  # this session's stream to the next hop (one at a time)
         self.work: InferenceWork | None = None  # the step on the compute thread (COMPUTING)
         self.waiting: Step | None = None  # the pushed step waiting for its input (AWAITING_PUSH)
-        self.receipt: FollowUp | None = None  # the last step's receipt, unsent
+        self.receipt: FollowUp | asyncio.Future | None = None  # the last step's receipt, unsent (a future: signing)
         self._push_output = None  # sends the computing step's output to the next hop, if it goes there
         self._sent_output = False
         self._answered = False  # a step's output went out (the first carries the nonce when the open had the step)
@@ -185,13 +186,28 @@ class InferenceStream:
 
     async def _receipt_pending(self) -> runtime_pb2.ExpertResponse | None:
         """RECEIPT_PENDING: the next step usually comes soon, and its round signs this receipt; if the client waits
-        instead (or left), sign it now."""
-        request = await self._next_or_quiet()
-        if request is _QUIET or request is None:
-            trace.event("quiet_receipt", id(self.caches))
-            message = await self._take_receipt()
+        instead (or left), sign it now. A request that comes while it is being signed is taken first: its step goes
+        to the compute thread, and the receipt goes out once the round has begun (as it would have)."""
+        if not isinstance(self.receipt, asyncio.Future):
+            request = await self._next_or_quiet()
             if request is None:
+                message = await self._take_receipt()
                 self.state = State.CLOSED
+                return message
+            if request is not _QUIET:
+                return await self._on_request(request)
+            trace.event("quiet_receipt", id(self.caches))
+            self.receipt = asyncio.ensure_future(self.receipt())
+        readable = self.requests.readable()
+        await asyncio.wait((self.receipt, readable), return_when=asyncio.FIRST_COMPLETED)
+        if self.evicted:  # ``run`` sends the receipt, then ends the stream
+            return None
+        if not readable.done():
+            return await self._take_receipt()
+        request = await self.requests.next()
+        if request is None:
+            message = await self._take_receipt()
+            self.state = State.CLOSED
             return message
         return await self._on_request(request)
 
@@ -320,11 +336,11 @@ class InferenceStream:
     # ---- helpers ----------------------------------------------------------------------------------------------
 
     def _take_receipt(self) -> Awaitable[runtime_pb2.ExpertResponse]:
-        """Signs the last step's receipt (await it for its message)."""
+        """Signs the last step's receipt, or takes the one being signed (await it for its message)."""
         receipt, self.receipt = self.receipt, None
         if self.state is State.RECEIPT_PENDING:
             self.state = State.IDLE
-        return receipt()
+        return receipt if isinstance(receipt, asyncio.Future) else receipt()
 
     async def _push(self, link: PushLink, token: bytes, step: int, packed) -> None:
         """Sends this step's output to the next hop; a failure is logged and left to the client's push timeout."""
@@ -392,4 +408,10 @@ class InferenceStream:
             self.node.inbox.close(self.open.session_id, self.slot)
         if self.link is not None:
             self.link.close()
-        self.caches = self.work = self._push_output = None
+        if isinstance(self.receipt, asyncio.Future):  # the stream ended while it was signed: nobody takes it
+            if self.receipt.done():
+                if not self.receipt.cancelled():
+                    self.receipt.exception()  # retrieved, so asyncio does not log it
+            else:
+                self.receipt.cancel()
+        self.caches = self.work = self._push_output = self.receipt = None

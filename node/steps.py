@@ -319,7 +319,10 @@ class NodeSteps:
 
         A separate receipt is signed (or handed to the signing process) only when the session's next step starts
         computing, or the stream goes quiet: between a round's end and the next round's start, the event loop's
-        time goes to sending outputs and taking next steps, one session after another.
+        time goes to sending outputs and taking next steps, one session after another. The step's audit record is
+        written then too, just before its receipt is signed (a receipt never leaves before its record; an output
+        whose receipt is never signed needs none). The next step's ``audit.admit`` does not count it yet: the
+        budget's slack for steps already computing covers one record per session.
 
         ``session_id`` is the bound one (``bind_session``); ``session_nonce`` goes with the session's first answer."""
         try:
@@ -335,9 +338,13 @@ class NodeSteps:
         packed = pack_tensors([outputs])
         if push is not None:  # before the receipt and the reply: the next hop computes while this node signs
             await push(packed)
-        if work.replay is None:  # a retry's input is recorded already; on disk, written before the receipt is signed
-            await _written(
-                self.audit.record(
+        new_length = work.position + work.hidden.shape[1]
+
+        def record():
+            """Keeps the step for audits (a retry's input is recorded already): before its receipt is signed, never
+            before its output is sent where the receipt follows (a small record is written on the loop: ~0.2 ms)."""
+            if work.replay is None:
+                return self.audit.record(
                     session_id,
                     work.step,
                     work.position,
@@ -347,8 +354,7 @@ class NodeSteps:
                     prompts=work.prompts if work.position == 0 else None,
                     outputs=outputs,  # as sent (after any corruption): what the receipt's output commitment hashes
                 )
-            )
-        new_length = work.position + work.hidden.shape[1]
+            return None
 
         pending = (
             None
@@ -372,7 +378,10 @@ class NodeSteps:
             # the voucher, too, is checked once the output is out (the credit check used the last one): a bad
             # voucher then ends the stream here, and the client fails over from this node
             self.settle_voucher(work.voucher, work.client)
+            written = record()
             waited = time.perf_counter()
+            if written is not None:  # on disk before the receipt is signed
+                await _written(written)
             receipt, fingerprint = await self._receipt_of(work, pending)
             began += time.perf_counter() - waited - (pending.loop_seconds if pending else 0)  # waiting for the
             message = ReceiptMessage(work.step, receipt, fingerprint).to_response()  # signer is not the loop's work
@@ -385,7 +394,10 @@ class NodeSteps:
                 receipt_message,
             )
         else:
+            written = record()
             waited = time.perf_counter()
+            if written is not None:
+                await _written(written)
             receipt, fingerprint = await self._receipt_of(work, pending)
             began += time.perf_counter() - waited - (pending.loop_seconds if pending else 0)
             reply = StepReply(outputs, receipt, fingerprint, cache_tokens_left=self.memory.tokens_left)

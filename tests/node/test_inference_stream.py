@@ -22,6 +22,7 @@ from nectar.node.config import NodeConfig
 from nectar.node.handler import NodeHandler
 from nectar.node.memory_cache import MemoryCache
 from nectar.node.receipts import CreditLedger, ReceiptSigner
+from nectar.node.signing import InlineSigning
 from nectar.node.steps import NodeSteps
 from nectar.wire import eip712, fingerprints
 from nectar.wire import receipts as schema
@@ -386,6 +387,122 @@ def test_the_last_receipt_comes_as_the_client_ends_the_stream():
 
     run(scenario)
     assert_released(node)
+
+
+class HeldSigning(InlineSigning):
+    """The node's own signer, whose signatures wait for ``release()`` (a busy signing process), noting for each
+    receipt whether its step's audit record was kept before it was signed."""
+
+    def __init__(self, node: NodeHandler):
+        super().__init__(node.steps.signer)
+        self.audit, self.gate, self.recorded = node.steps.audit, asyncio.Event(), []
+
+    def prepare(self, **fields):
+        pending = super().prepare(**fields)
+        sign = pending.result
+
+        async def held():
+            self.recorded.append((fields["step"], self.audit.history(fields["session_id"], fields["step"]) is not None))
+            await self.gate.wait()
+            return await sign()
+
+        pending.result = held
+        return pending
+
+    def release(self):
+        self.gate.set()
+
+
+def test_a_step_that_comes_while_a_quiet_receipt_is_signed_computes_meanwhile_and_its_output_follows_that_receipt():
+    node = make_node(receipt_delay=0.01)
+    signing = node.steps.signing = HeldSigning(node)
+    sid, x0, x1 = session_id(), hidden(2), hidden(1)
+
+    async def scenario():
+        talk = Conversation(node)
+        await talk.send(Open(UID, sid, max_length=8, separate_receipts=True))
+        opened = await talk.receive()
+        await talk.send(Step(sid, 0, hidden=x0))
+        first = await talk.receive()
+        assert isinstance(first, StepReply) and first.receipt_follows
+        await asyncio.sleep(0.05)  # quiet: receipt 0 is being signed (held)
+        assert [step for step, _ in signing.recorded] == [0] and talk.nothing_yet()
+        node.steps.compute.hold = True
+        await talk.send(Step(sid, 1, hidden=x1))
+        await asyncio.sleep(0.02)
+        assert len(node.steps.compute.held) == 1  # step 1 went to the compute thread while receipt 0 was signed
+        node.steps.compute.begin()
+        node.steps.compute.finish()
+        await asyncio.sleep(0.02)
+        assert talk.nothing_yet()  # step 1's output is ready, but receipt 0 goes first
+        signing.release()
+        receipt = await talk.receive()
+        assert isinstance(receipt, ReceiptMessage) and receipt.step == 0
+        check_receipt(node, receipt.receipt, x0, first.output, 0)
+        second = await talk.receive()
+        assert isinstance(second, StepReply) and second.receipt_follows and torch.equal(second.output, x1 * 2)
+        await talk.send(Flush(sid))
+        receipt = await talk.receive()
+        assert isinstance(receipt, ReceiptMessage) and receipt.step == 1
+        check_receipt(node, receipt.receipt, x1, second.output, 1)
+        await talk.end()
+        assert await talk.receive() == END
+        return opened.session_nonce
+
+    nonce = run(scenario)
+    assert signing.recorded == [(0, True), (1, True)]  # each step's audit record was kept before its receipt's signing
+    history, _, _, _ = node.steps.audit.history(schema.bind_session(sid, nonce), 1)
+    assert torch.equal(history, torch.cat([x0, x1], dim=1))
+    assert node.steps.credit.unpaid(DEFAULT_CLIENT.address) == 3 * 4 * PRICE  # both steps charged, once
+    assert_released(node)
+
+
+def test_a_stream_that_ends_while_its_quiet_receipt_is_signed_still_gets_it_first():
+    node = make_node(receipt_delay=0.01)
+    signing = node.steps.signing = HeldSigning(node)
+    sid, x = session_id(), hidden()
+
+    async def scenario():
+        talk = Conversation(node)
+        await talk.send(Open(UID, sid, max_length=8, separate_receipts=True))
+        await talk.receive()
+        await talk.send(Step(sid, 0, hidden=x))
+        output = await talk.receive()
+        await asyncio.sleep(0.05)
+        await talk.end()
+        await asyncio.sleep(0.02)
+        assert talk.nothing_yet()
+        signing.release()
+        receipt = await talk.receive()
+        assert isinstance(receipt, ReceiptMessage) and receipt.step == 0
+        check_receipt(node, receipt.receipt, x, output.output, 0)
+        assert await talk.receive() == END
+
+    run(scenario)
+    assert_released(node)
+
+
+def test_a_steps_audit_record_is_kept_after_its_output_leaves_and_before_its_separate_receipt_is_signed():
+    node = make_node(receipt_delay=10.0)
+    signing = node.steps.signing = HeldSigning(node)
+    signing.release()
+    sid, x = session_id(), hidden()
+
+    async def scenario():
+        talk = Conversation(node)
+        await talk.send(Open(UID, sid, max_length=8, separate_receipts=True))
+        bound = schema.bind_session(sid, (await talk.receive()).session_nonce)
+        await talk.send(Step(sid, 0, hidden=x))
+        assert isinstance(await talk.receive(), StepReply)
+        assert node.steps.audit.history(bound, 0) is None  # not on the way of the output
+        await talk.send(Flush(sid))
+        assert isinstance(await talk.receive(), ReceiptMessage)
+        assert node.steps.audit.history(bound, 0) is not None
+        await talk.end()
+        assert await talk.receive() == END
+
+    run(scenario)
+    assert signing.recorded == [(0, True)]
 
 
 def _voucher(client, node: NodeHandler, amount: int) -> dict:
