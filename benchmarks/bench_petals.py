@@ -152,6 +152,19 @@ class PetalsClient:
         stop_petals(self.process)
 
 
+def wait_for_servers(logs: list[Path], processes: list[subprocess.Popen], timeout: float = 600) -> None:
+    """Until every Petals server logs "Started" (its blocks loaded and announced): a client that asks earlier backs
+    off for up to a minute between its retries."""
+    deadline = time.monotonic() + timeout
+    while not all("[INFO] Started" in path.read_text(errors="replace") for path in logs):
+        for path, process in zip(logs, processes):
+            if process.poll() is not None:
+                raise RuntimeError(f"a Petals server exited with status {process.returncode}; see {path}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the Petals servers did not start in {timeout:.0f} s; see {logs}")
+        time.sleep(1)
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """User and system CPU time of these processes and all their descendants (p2pd daemons included)."""
     total = 0.0
@@ -210,7 +223,7 @@ def compare(args, nodes: int, path: Path, python: Path) -> tuple[dict, list]:
     }
 
     with ExitStack() as stack:
-        petals_servers = []
+        servers = []
         dht, address = stack.enter_context(
             petals_process(python, ["dht"], name="dht", env=env, workdir=workdir, wait_for="/p2p/")
         )
@@ -246,18 +259,20 @@ def compare(args, nodes: int, path: Path, python: Path) -> tuple[dict, list]:
                     workdir=workdir,
                 )
             )
-            petals_servers.append(server.pid)
+            servers.append(server)
+        petals_servers = [server.pid for server in servers]
         log(f"Petals: DHT at {address}, {nodes} servers loading {spans} (logs in {workdir})")
+        placement = {} if on_cpu else {"device": args.device, "dtype": args.dtype}
+        swarm = stack.enter_context(  # while Petals' servers load
+            local_swarm(path, spans, threads=args.threads, extra_args=args.node_args.split(), **placement)
+        )
+        log(f"Nectar: {nodes} nodes {spans} up")
+        wait_for_servers([workdir / f"server{i}.log" for i in range(len(spans))], servers)
         client_args = ["--model", str(path), "--peers", address, "--prefix", prefix, "--threads", str(args.threads)]
         client_args += ["--device", args.device, "--dtype", args.dtype] + (["--no-tuning"] if args.no_tuning else [])
         petals = PetalsClient(python, client_args, env=env, workdir=workdir)
         stack.callback(petals.close)
-        log("Petals' client is served")
-        placement = {} if on_cpu else {"device": args.device, "dtype": args.dtype}
-        swarm = stack.enter_context(
-            local_swarm(path, spans, threads=args.threads, extra_args=args.node_args.split(), **placement)
-        )
-        log(f"Nectar: {nodes} nodes {spans} up: the runs alternate")
+        log("Petals' client is served: the runs alternate")
         model = distributed_model(path, swarm, push=args.push, dtype=getattr(torch, args.dtype))
         stack.callback(model.shutdown)
         if args.device != "cpu":

@@ -11,8 +11,9 @@
 #   (saves 9 MB here; the CPU route does the same from the 1.1.12 wheel).
 # - petals itself is installed with --no-deps: its pin bitsandbytes==0.41.1 is left out on purpose, since Petals
 #   imports bitsandbytes only for quantization and LoRA adapters, and the benchmark runs servers with
-#   `--quant_type none` (float16) and no adapters. cpufeature (a Petals requirement on x86) is left out too:
-#   neither Petals 2.2 nor hivemind 1.1.10 imports it.
+#   `--quant_type none` (float16) and no adapters. cpufeature (a Petals requirement on x86) is left out too: PyPI has
+#   no wheel of it for Python 3.12, and Petals imports it only to decide whether to chunk a float16/bfloat16 LM head
+#   on the CPU, which run_petals.py's client, whose head is float32 or on the GPU, answers itself.
 # - torch, numpy, scipy, safetensors, msgpack, uvloop, protobuf, ... come from the image (the venv sees them through
 #   --system-site-packages); numpy 2 works with this stack (checked on CPU), so numpy<2 is not carried.
 set -euo pipefail
