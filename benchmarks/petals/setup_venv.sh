@@ -50,8 +50,15 @@ print(os.path.join(os.path.dirname(s.origin), 'hivemind_cli', 'p2pd') if s else 
   echo "[petals] offline from $offline: creating $venv (the machine's torch \
 $("$python_bin" -c "import torch; print(torch.__version__)"), p2pd from $p2pd)"
   "$python_bin" -m venv --system-site-packages "$venv"
+  site_dir=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
   # Python < 3.12 seeds a venv with an old setuptools that would shadow the machine's (grpcio-tools wants >= 77)
-  "$venv/bin/python" -m pip uninstall -q -y setuptools 2>/dev/null || true
+  if [[ -d "$site_dir/setuptools" ]]; then
+    "$venv/bin/python" -m pip uninstall -q -y setuptools
+  fi
+  # the GPU image's python3 is itself a venv (/opt/torch/.venv): --system-site-packages would show the base Python's
+  # packages, not its torch; a .pth after the new venv's own site-packages shows them (the new venv's still win)
+  "$python_bin" -c "import site, sys; print('\n'.join(site.getsitepackages()) if sys.prefix != sys.base_prefix else '')" \
+    >"$site_dir/_machine_site.pth"
   pip=("$venv/bin/python" -m pip install -q --no-index --find-links "$offline" --no-build-isolation)
   # numpy, scipy, safetensors, protobuf, ... stay the machine's (numpy 2 works with this stack)
   "${pip[@]}" hivemind==1.1.10.post2 transformers==4.34.1 tokenizers==0.14.1 huggingface-hub==0.17.3 \
