@@ -3,8 +3,10 @@
 # 1- and 2-server swarms of each, single-session decode and 1/16 concurrent sessions, runs alternating.
 #   here:  bash benchmarks/gpu/fetch_wheels.sh && bash benchmarks/gpu/fetch_petals_wheels.sh   # .whl/, .petalswhl/
 #   there: bash benchmarks/gpu/run_petals_gpu.sh OUT_DIR [NODES...]   # carry .whl and .petalswhl; NODES "1 2"
-# Both swarm sizes take about 8-9 minutes on an H100; to split over two back-to-back device calls (the warm machine
-# keeps the venv and the checkpoint), pass 2, then 1. Writes OUT_DIR/petals_gpu_nodes<N>.json and petals_gpu.log.
+# .whl (41 MiB) + .petalswhl (13 MiB) + the tree (5 MiB) fit the device tool's 64 MiB (not with fetch_wheels.sh --api).
+# Both swarm sizes in one call are estimated at 8-9 minutes on an H100 (not yet run there): to be safe, use two
+# back-to-back calls (the warm machine keeps the venv and the checkpoint), NODES 2, then 1.
+# Writes OUT_DIR/petals_gpu_nodes<N>.json and OUT_DIR/petals_gpu.log.
 set -euo pipefail
 out="${1:-${OUT:-/tmp/nectar-petals-gpu}}"
 shift || true
