@@ -8,7 +8,17 @@ environment (``run_petals.py client``). Both swarms stay up and their runs alter
 The idle swarm's CPU time during the other's runs is printed too (its share of the wall time). Prompt-tuning steps
 alternate the same way. Local transformers (5.x here, 4.34.1 in the Petals environment) is measured for reference.
 
+On a GPU (``--device cuda --dtype float16``): Petals' servers run with ``--torch_dtype float16 --device cuda
+--quant_type none`` and Nectar's nodes with ``--device cuda --dtype float16``, all on the one GPU, each side's client
+keeping its embeddings and LM head there too. ``--nodes 1 2`` measures a 1-server and a 2-server swarm of each, one
+after the other (only one pair of swarms holds the GPU at a time). ``--sessions 1 16`` adds the aggregate decode
+tokens/s of that many concurrent inference sessions, each from its own thread of one client process on both sides
+(Nectar: bench_concurrency.run_sessions; Petals: run_petals.py's ``sessions``), sending hidden states: a 16-token
+prefill, then ``--session-steps`` single-token steps, the same seeded inputs on both; their runs alternate too.
+
     python benchmarks/bench_petals.py --model tiny
+    python benchmarks/bench_petals.py --model llama2-7b --device cuda --dtype float16 --nodes 1 2 --sessions 1 16 \
+        --no-tuning --no-local     # benchmarks/gpu/run_petals_gpu.sh
 """
 
 from __future__ import annotations
@@ -27,10 +37,11 @@ from pathlib import Path
 
 import common  # noqa: F401  (sets the OpenMP wait policy before torch loads)
 import psutil
+from bench_concurrency import _summary, concurrency_rows, run_sessions
 from bench_decode import local_in_child, swarm_decode
 from bench_training import SwarmRunner
 from common import (
-    NUM_LAYERS,
+    NEW_TOKENS,
     DecodeTiming,
     base_parser,
     best,
@@ -38,6 +49,7 @@ from common import (
     distributed_model,
     emit,
     even_spans,
+    llama_config,
     local_swarm,
     log,
     node_env,
@@ -140,6 +152,19 @@ class PetalsClient:
         stop_petals(self.process)
 
 
+def wait_for_servers(logs: list[Path], processes: list[subprocess.Popen], timeout: float = 600) -> None:
+    """Until every Petals server logs "Started" (its blocks loaded and announced): a client that asks earlier backs
+    off for up to a minute between its retries."""
+    deadline = time.monotonic() + timeout
+    while not all("[INFO] Started" in path.read_text(errors="replace") for path in logs):
+        for path, process in zip(logs, processes):
+            if process.poll() is not None:
+                raise RuntimeError(f"a Petals server exited with status {process.returncode}; see {path}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the Petals servers did not start in {timeout:.0f} s; see {logs}")
+        time.sleep(1)
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """User and system CPU time of these processes and all their descendants (p2pd daemons included)."""
     total = 0.0
@@ -172,31 +197,34 @@ def alternate(
     return results, idle_share
 
 
-def main() -> None:
-    parser = base_parser(__doc__, results_group="petals")
-    parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="the Petals virtual environment")
-    parser.add_argument("--nodes", type=int, default=2, help="servers in each swarm")
-    parser.add_argument("--no-tuning", action="store_true", help="skip prompt tuning (decode only)")
-    parser.add_argument("--push", action="store_true", help="Nectar's client with server-to-server push")
-    args = parser.parse_args()
-    set_threads(args.threads)
-    path = checkpoint(args.model)
-    python = ensure_venv(args.venv)
-    spans = even_spans(NUM_LAYERS, args.nodes)
-    prefix = f"nectar-bench-{args.model}"
+def petals_sessions(petals: PetalsClient, num_sessions: int, steps: int) -> dict:
+    report = petals.ask({"sessions": num_sessions, "steps": steps})
+    # sessions Petals' client left to its finalizer so far (run_petals.py's _guard_session_finalizer)
+    return {**_summary(num_sessions, steps, report["began"], [report]), "unclosed": report["unclosed_sessions"]}
+
+
+def compare(args, nodes: int, path: Path, python: Path) -> tuple[dict, list]:
+    """Both swarms of ``nodes`` servers up together, their runs alternating; returns (figures, rows)."""
+    import torch
+
+    on_cpu = args.device == "cpu" and args.dtype == "float32"
+    spans = even_spans(llama_config(args.model).num_hidden_layers, nodes)
+    prefix = f"nectar-bench-{args.model}-{nodes}"
     env = {**os.environ, **node_env(args.threads), "PYTHONUNBUFFERED": "1"}
     env.pop("PYTHONPATH", None)
     workdir = Path(tempfile.mkdtemp(prefix="petals-bench-"))
     figures: dict = {
         "model": args.model,
         "threads": args.threads,
-        "nodes": args.nodes,
+        "nodes": nodes,
         "push": args.push,
+        "device": args.device,
+        "dtype": args.dtype,
         "protocol": "alternating",
     }
 
     with ExitStack() as stack:
-        petals_servers = []
+        servers = []
         dht, address = stack.enter_context(
             petals_process(python, ["dht"], name="dht", env=env, workdir=workdir, wait_for="/p2p/")
         )
@@ -217,9 +245,11 @@ def main() -> None:
                         "--throughput",
                         "1",
                         "--torch_dtype",
-                        "float32",
+                        args.dtype,
                         "--device",
-                        "cpu",
+                        args.device,
+                        "--quant_type",
+                        "none",  # float16 as Nectar's; bitsandbytes is not installed (fetch_petals_wheels.sh)
                         "--host_maddrs",
                         "/ip4/127.0.0.1/tcp/0",
                         "--identity_path",
@@ -230,19 +260,26 @@ def main() -> None:
                     workdir=workdir,
                 )
             )
-            petals_servers.append(server.pid)
-        log(f"Petals: DHT at {address}, {args.nodes} servers loading {spans} (logs in {workdir})")
-        petals = PetalsClient(
-            python,
-            ["--model", str(path), "--peers", address, "--prefix", prefix, "--threads", str(args.threads)],
-            env=env,
-            workdir=workdir,
+            servers.append(server)
+        petals_servers = [server.pid for server in servers]
+        log(f"Petals: DHT at {address}, {nodes} servers loading {spans} (logs in {workdir})")
+        placement = {} if on_cpu else {"device": args.device, "dtype": args.dtype}
+        swarm = stack.enter_context(  # while Petals' servers load
+            local_swarm(path, spans, threads=args.threads, extra_args=args.node_args.split(), **placement)
         )
+        log(f"Nectar: {nodes} nodes {spans} up")
+        wait_for_servers([workdir / f"server{i}.log" for i in range(len(spans))], servers)
+        client_args = ["--model", str(path), "--peers", address, "--prefix", prefix, "--threads", str(args.threads)]
+        client_args += ["--device", args.device, "--dtype", args.dtype] + (["--no-tuning"] if args.no_tuning else [])
+        petals = PetalsClient(python, client_args, env=env, workdir=workdir)
         stack.callback(petals.close)
-        swarm = stack.enter_context(local_swarm(path, spans, threads=args.threads))
-        log("both swarms up: their runs alternate")
-        model = distributed_model(path, swarm, push=args.push)
+        log("Petals' client is served: the runs alternate")
+        model = distributed_model(path, swarm, push=args.push, dtype=getattr(torch, args.dtype))
         stack.callback(model.shutdown)
+        if args.device != "cpu":
+            from bench_gpu import head_on
+
+            head_on(model, args.device)
         model.generate(prompt_ids(), max_new_tokens=4, do_sample=False, eos_token_id=[])
         idle_pids = {
             "petals": [dht.pid, *petals_servers, petals.process.pid],
@@ -260,6 +297,28 @@ def main() -> None:
         decodes, idle_share = alternate({"nectar": nectar_decode, "petals": petals_decode}, idle_pids, args.repeats)
         for name, runs in decodes.items():
             log(f"{name} decode runs: " + ", ".join(f"{run.decode_tps:.1f}" for run, _ in runs) + " tok/s")
+        concurrency = {"nectar": {}, "petals": {}}
+        if args.sessions:
+            steps = args.session_steps
+            run_sessions(model, 2, steps=4)  # warm-up of each side's batched path
+            petals_sessions(petals, 2, 4)
+            for count in args.sessions:
+                runs, _ = alternate(
+                    {
+                        "nectar": lambda count=count: run_sessions(model, count, steps=steps),
+                        "petals": lambda count=count: petals_sessions(petals, count, steps),
+                    },
+                    idle_pids,
+                    args.session_repeats,
+                )
+                for name, results in runs.items():
+                    concurrency[name][count] = max(results, key=lambda r: r["aggregate_tps"])
+                    concurrency[name][count]["runs_tps"] = [r["aggregate_tps"] for r in results]
+                log(
+                    f"  {count} sessions: nectar {concurrency['nectar'][count]['aggregate_tps']:.1f}, petals "
+                    f"{concurrency['petals'][count]['aggregate_tps']:.1f} tok/s aggregate (best of "
+                    f"{args.session_repeats})"
+                )
         tunes = {}
         if not args.no_tuning:
             runner = SwarmRunner(path, swarm)
@@ -270,13 +329,15 @@ def main() -> None:
                 idle_pids,
                 args.repeats,
             )
-        petals_local = petals.ask({"local": args.repeats})
-    local_runs, local_tokens = local_in_child(args.model, threads=args.threads, repeats=args.repeats, policy="PASSIVE")
+        petals_local = None if args.no_local else petals.ask({"local": args.repeats})
+    local_runs, local_tokens = (
+        (None, None)
+        if args.no_local
+        else local_in_child(args.model, threads=args.threads, repeats=args.repeats, policy="PASSIVE")
+    )
 
     nectar_tokens, petals_tokens = decodes["nectar"][-1][1], decodes["petals"][-1][1]
     ours, theirs = best([run for run, _ in decodes["nectar"]]), best([run for run, _ in decodes["petals"]])
-    here = best(local_runs)
-    there = best([DecodeTiming(t["first"], t["gaps"]) for t in petals_local["timings"]])
     figures.update(
         nectar={
             "decode_tps": ours.decode_tps,
@@ -291,14 +352,17 @@ def main() -> None:
             "tune_steps_s": 1 / min(tunes["petals"]) if tunes else None,
         },
         idle_cpu_share={"petals_during_nectar": idle_share["nectar"], "nectar_during_petals": idle_share["petals"]},
-        local_transformers5={"decode_tps": here.decode_tps},
-        local_transformers434={"decode_tps": there.decode_tps},
-        same_tokens={
-            "nectar_vs_petals": nectar_tokens == petals_tokens,
-            "nectar_vs_local": nectar_tokens == local_tokens.tolist(),
-        },
+        same_tokens={"nectar_vs_petals": nectar_tokens == petals_tokens},
         all_runs_same_tokens=all(tokens == nectar_tokens for side in decodes.values() for _, tokens in side),
     )
+    if local_runs is not None:
+        here = best(local_runs)
+        there = best([DecodeTiming(t["first"], t["gaps"]) for t in petals_local["timings"]])
+        figures.update(
+            local_transformers5={"decode_tps": here.decode_tps},
+            local_transformers434={"decode_tps": there.decode_tps},
+        )
+        figures["same_tokens"]["nectar_vs_local"] = nectar_tokens == local_tokens.tolist()
     figures["decode_ratio"] = ours.decode_tps / theirs.decode_tps
     figures["median_run_ratio"] = statistics.median(figures["nectar"]["runs_tps"]) / statistics.median(
         figures["petals"]["runs_tps"]
@@ -327,17 +391,31 @@ def main() -> None:
             f"nectar during petals' {idle_share['petals']:.1%}",
         ),
         (
-            "local transformers",
-            f"{here.decode_tps:8.1f} tok/s ({petals.ready['versions']['transformers']} in "
-            f"Petals' env: {there.decode_tps:.1f} tok/s)",
-        ),
-        (
             "same greedy tokens",
-            f"nectar = petals: {figures['same_tokens']['nectar_vs_petals']}, "
-            f"nectar = local: {figures['same_tokens']['nectar_vs_local']}, "
-            f"every run alike: {figures['all_runs_same_tokens']}",
+            ", ".join(f"{k.replace('_vs_', ' = ')}: {v}" for k, v in figures["same_tokens"].items())
+            + f", every run alike: {figures['all_runs_same_tokens']}",
         ),
     ]
+    if local_runs is not None:
+        rows.append(
+            (
+                "local transformers",
+                f"{here.decode_tps:8.1f} tok/s ({petals.ready['versions']['transformers']} in "
+                f"Petals' env: {there.decode_tps:.1f} tok/s)",
+            )
+        )
+    if args.sessions:
+        figures["concurrency"] = concurrency
+        figures["concurrency_ratio"] = {
+            count: concurrency["nectar"][count]["aggregate_tps"] / concurrency["petals"][count]["aggregate_tps"]
+            for count in args.sessions
+        }
+        for name in ("nectar", "petals"):
+            rows += concurrency_rows(concurrency[name], f"concurrent session(s), {name}")
+        rows += [
+            (f"{count} sessions nectar / petals", f"{ratio:8.2f}x aggregate (best runs, alternating)")
+            for count, ratio in figures["concurrency_ratio"].items()
+        ]
     if tunes:
         figures["tune_ratio"] = figures["nectar"]["tune_steps_s"] / figures["petals"]["tune_steps_s"]
         rows.append(
@@ -347,8 +425,36 @@ def main() -> None:
                 f"{figures['petals']['tune_steps_s']:.3f} steps/s: {figures['tune_ratio']:.2f}x",
             )
         )
+    return figures, rows
+
+
+def main() -> None:
+    parser = base_parser(__doc__, results_group="petals")
+    parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="the Petals virtual environment")
+    parser.add_argument("--nodes", type=int, nargs="+", default=[2], help="servers in each swarm (one pair per count)")
+    parser.add_argument("--device", default="cpu", help="cuda: servers, nodes and both clients' heads on the GPU")
+    parser.add_argument("--dtype", default="float32", help="float16 on a GPU")
+    parser.add_argument("--sessions", type=int, nargs="*", default=[], help="concurrent-session counts to measure")
+    parser.add_argument("--session-steps", type=int, default=NEW_TOKENS, help="decode steps of each session")
+    parser.add_argument("--session-repeats", type=int, default=2, help="alternating runs per session count")
+    parser.add_argument("--node-args", default="", help="extra arguments for Nectar's nodes (quoted)")
+    parser.add_argument("--no-tuning", action="store_true", help="skip prompt tuning (decode only)")
+    parser.add_argument("--no-local", action="store_true", help="skip the local transformers references")
+    parser.add_argument("--push", action="store_true", help="Nectar's client with server-to-server push")
+    args = parser.parse_args()
+    set_threads(args.threads)
+    path = checkpoint(args.model, dtype=args.dtype, device=args.device)
+    python = ensure_venv(args.venv)
+    results = {nodes: compare(args, nodes, path, python) for nodes in args.nodes}
+    if len(results) == 1:  # one swarm size: the figures as before (roofline.py reads them)
+        ((nodes, (figures, rows)),) = results.items()
+    else:
+        figures = {"by_nodes": {nodes: f for nodes, (f, _) in results.items()}}
+        rows = [(f"{nodes} node(s): {name}", value) for nodes, (_, r) in results.items() for name, value in r]
+    where = "float32 CPU" if args.device == "cpu" else f"{args.dtype} {args.device}"
     emit(
-        f"Nectar vs Petals 2.2.0.post1, {args.model}, {args.nodes} nodes, float32 CPU, {args.threads} thread(s)",
+        f"Nectar vs Petals 2.2.0.post1, {args.model}, {'/'.join(map(str, args.nodes))} nodes, {where}, "
+        f"{args.threads} thread(s)",
         rows,
         figures,
         args.json,

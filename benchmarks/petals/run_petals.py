@@ -3,13 +3,17 @@
     python run_petals.py check                      # patches, imports petals, prints versions
     python run_petals.py dht                        # a bootstrap DHT peer on 127.0.0.1; prints its address
     python run_petals.py server -- <petals run_server arguments>
-    python run_petals.py client --model PATH --peers ADDR --prefix P --threads T
+    python run_petals.py client --model PATH --peers ADDR --prefix P --threads T [--device cuda --dtype float16]
 
 ``client`` loads a Petals model and its prompt-tuning twin once, prints ``{"ready": true, ...}``, then answers one
 JSON line per JSON request line on stdin, so another process can interleave Petals' runs with its own:
 ``{"decode": N}``: N single-session greedy decodes (16-token prompt, 64 new tokens) through the Petals swarm;
 ``{"tune": N}``: N prompt-tuning steps (the workload of benchmarks/bench_training.py); ``{"local": N}``: N decodes
-with this environment's local transformers.
+with this environment's local transformers; ``{"sessions": N, "steps": S}``: N concurrent inference sessions, one
+client thread each, sending hidden states (embeddings of random tokens, seeded as benchmarks/bench_concurrency.py
+seeds Nectar's): a 16-token prefill each, then S single-token steps; answers the step latencies, each session's
+finish time and the common start (``time.perf_counter``). With ``--device cuda`` the client's embeddings and LM head
+run on the GPU (the servers get ``--device cuda`` themselves).
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as Nectar's nodes (benchmarks/common.py says why)
 
 import argparse
+import gc
 import json
 import logging
 import runpy
 import sys
+import threading
 import time
 
 logger = logging.getLogger(__name__)
@@ -32,19 +38,42 @@ TUNE_SHAPE, PREFIX = (4, 64), 16
 
 
 def patch() -> None:
-    """Makes hivemind 1.1.10 importable on torch 2.13 and keeps Petals from calling PyPI at start-up."""
+    """Makes hivemind 1.1.10 importable on torch >= 2.3 and keeps Petals from calling PyPI at start-up."""
     import torch.amp.grad_scaler as amp_scaler
     import torch.cuda.amp.grad_scaler as cuda_scaler
 
     for name in ("OptState", "_refresh_per_optimizer_state"):
-        if not hasattr(cuda_scaler, name):
+        if not hasattr(cuda_scaler, name) and hasattr(amp_scaler, name):
             setattr(cuda_scaler, name, getattr(amp_scaler, name))
     import petals.utils.version
 
     petals.utils.version.validate_version = lambda: None
+    _guard_session_finalizer()
     import petals.cli.run_server
 
     petals.cli.run_server.validate_version = lambda: None
+
+
+UNCLOSED = {"count": 0}
+
+
+def _guard_session_finalizer() -> None:
+    """Petals 2.2's ``_ServerInferenceSession.__del__`` closes a stream left open by waiting on hivemind's client event
+    loop; when the garbage collector runs it on that loop's own thread, it waits on itself forever (seen here with
+    concurrent sessions: the client hung). Such a finalizer now counts the session and leaves its stream to the
+    server's timeout; sessions closed in the usual way are untouched."""
+    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+    from petals.client.inference_session import _ServerInferenceSession
+
+    def finalize(session) -> None:
+        if getattr(session, "_outputs_stream", None) is None:
+            return
+        if threading.current_thread() is RemoteExpertWorker._event_thread:
+            UNCLOSED["count"] += 1
+            return
+        session.close()
+
+    _ServerInferenceSession.__del__ = finalize
 
 
 def set_threads(threads: int) -> None:
@@ -91,6 +120,10 @@ class TokenClock:
         self.times, self.start, self._prompt_seen = [], None, False
 
     def put(self, value) -> None:
+        if getattr(value, "is_cuda", False):
+            import torch
+
+            torch.cuda.synchronize()  # time the token, not the kernel launches
         if not self._prompt_seen:
             self._prompt_seen, self.start = True, time.perf_counter()
         else:
@@ -109,10 +142,10 @@ def _prompt(batch: int = 1, length: int = PROMPT_TOKENS, seed: int = 0):
     return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def _decode(model, repeats: int, *, warm_up: bool = True) -> tuple[list[dict], list]:
+def _decode(model, repeats: int, *, warm_up: bool = True, device: str = "cpu") -> tuple[list[dict], list]:
     import torch
 
-    ids = _prompt()
+    ids = _prompt().to(device)
     timings, tokens = [], None
     with torch.inference_mode():
         if warm_up:
@@ -126,12 +159,12 @@ def _decode(model, repeats: int, *, warm_up: bool = True) -> tuple[list[dict], l
     return timings, tokens.tolist() if tokens is not None else None
 
 
-def _wait_until_served(model, timeout: float = 600) -> None:
+def _wait_until_served(model, timeout: float = 600, device: str = "cpu") -> None:
     """Servers announce blocks before they finish loading them: retry a tiny generation until it goes through."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            model.generate(_prompt(length=2), max_new_tokens=1, do_sample=False)
+            model.generate(_prompt(length=2).to(device), max_new_tokens=1, do_sample=False)
             return
         except Exception as e:
             if time.monotonic() > deadline:
@@ -149,15 +182,22 @@ def client(args) -> None:
     from petals import AutoDistributedModelForCausalLM
     from transformers import AutoModelForCausalLM
 
-    common = dict(initial_peers=[args.peers], dht_prefix=args.prefix, torch_dtype=torch.float32)
-    model = AutoDistributedModelForCausalLM.from_pretrained(args.model, **common)
+    dtype, device = getattr(torch, args.dtype), args.device
+    common = dict(initial_peers=[args.peers], dht_prefix=args.prefix, torch_dtype=dtype)
+    if device != "cpu" or dtype == torch.float32:
+        # Petals' "auto" asks cpufeature (no wheel for Python 3.12) whether to chunk a float16/bfloat16 head on the
+        # CPU; a float32 or GPU head is never chunked, so saying so changes nothing and needs no cpufeature
+        common["use_chunked_forward"] = False
+    model = AutoDistributedModelForCausalLM.from_pretrained(args.model, **common).to(device)
     model.generation_config.eos_token_id = None
-    _wait_until_served(model)
-    _decode(model, 0)  # warm-up
-    tuned = AutoDistributedModelForCausalLM.from_pretrained(
-        args.model, tuning_mode="ptune", pre_seq_len=PREFIX, **common
-    )
-    tuning = _Tuning(tuned)
+    _wait_until_served(model, device=device)
+    _decode(model, 0, device=device)  # warm-up
+    tuning = None
+    if not args.no_tuning:
+        tuned = AutoDistributedModelForCausalLM.from_pretrained(
+            args.model, tuning_mode="ptune", pre_seq_len=PREFIX, **common
+        )
+        tuning = _Tuning(tuned)
     print(
         json.dumps({"ready": True, "versions": {"transformers": transformers.__version__, "torch": torch.__version__}}),
         flush=True,
@@ -165,18 +205,65 @@ def client(args) -> None:
     for line in sys.stdin:
         request = json.loads(line)
         if "decode" in request:
-            timings, tokens = _decode(model, request["decode"], warm_up=False)
+            timings, tokens = _decode(model, request["decode"], warm_up=False, device=device)
             answer = {"timings": timings, "tokens": tokens}
-        elif "tune" in request:
+        elif "sessions" in request:
+            answer = sessions(model, request["sessions"], request.get("steps", NEW_TOKENS), device)
+        elif "tune" in request and tuning is not None:
             answer = {"tune_s": [tuning.step() for _ in range(request["tune"])]}
         elif "local" in request:
-            local = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32).eval()
+            local = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=dtype).to(device).eval()
             local.generation_config.eos_token_id = None
-            timings, tokens = _decode(local, request["local"])
+            timings, tokens = _decode(local, request["local"], device=device)
             answer = {"timings": timings, "tokens": tokens}
+            del local
         else:
             answer = {"error": f"unknown request {request!r}"}
+        gc.collect()  # here, not on the event loop's thread (see _guard_session_finalizer)
+        answer["unclosed_sessions"] = UNCLOSED["count"]
         print(json.dumps(answer), flush=True)
+
+
+def sessions(model, num_sessions: int, steps: int, device: str) -> dict:
+    """``num_sessions`` concurrent inference sessions through the swarm, one thread each (the shape of
+    bench_concurrency.py's ``_drive`` on Nectar's side: same seeds, prefill first, then all step together)."""
+    import torch
+    from petals.client.inference_session import InferenceSession
+
+    embed, layers = model.get_input_embeddings(), model.transformer.h
+    opened, inputs = [], []
+    try:
+        with torch.inference_mode():
+            for index in range(num_sessions):
+                generator = torch.Generator().manual_seed(1000 + index)
+                prompt = embed(torch.randint(3, VOCAB, (1, PROMPT_TOKENS), generator=generator).to(device))
+                inputs.append(embed(torch.randint(3, VOCAB, (1, steps), generator=generator).to(device)))
+                session = InferenceSession(layers.sequence_manager, max_length=PROMPT_TOKENS + steps + 1)
+                opened.append(session)
+                session.step(prompt)
+        latencies, finished, errors = [], [], []
+
+        def client(index: int) -> None:
+            try:
+                with torch.inference_mode():  # thread-local
+                    for t in range(steps):
+                        began = time.perf_counter()
+                        opened[index].step(inputs[index][:, t : t + 1])
+                        latencies.append(time.perf_counter() - began)
+                finished.append(time.perf_counter())
+            except BaseException as e:  # reported to the caller
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(num_sessions)]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        for session in opened:
+            session.close()
+    return {"began": start, "latencies": latencies, "finished": finished, "errors": errors}
 
 
 class _Tuning:
@@ -208,6 +295,9 @@ def main() -> None:
     parser.add_argument("--peers")
     parser.add_argument("--prefix")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="where the client's embeddings and LM head run")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--no-tuning", action="store_true", help="skip loading the prompt-tuning twin")
     if len(sys.argv) > 1 and sys.argv[1] == "server":
         server(sys.argv[3:] if len(sys.argv) > 2 and sys.argv[2] == "--" else sys.argv[2:])
         return
