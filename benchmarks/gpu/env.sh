@@ -2,9 +2,11 @@
 # CUDA image lacks and makes `nectar` importable from the working tree, without a build step.
 python3 -m pip install -q --no-index --find-links .whl hivemind==1.1.12 eth-account==0.14.0 coincurve==21.0.0 \
   pycryptodome==3.24.1 safe-pysha3==1.0.7 eth-utils==6.0.0 threadpoolctl==3.8.0 2>&1 | grep -v "^WARNING: Running pip as" || true
-# bitsandbytes (quantized weights) when the image lacks it
-python3 -c "import bitsandbytes" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --find-links .whl \
-  bitsandbytes==0.50.2 2>&1 | grep -v "^WARNING: Running pip as" || true
+# bitsandbytes (quantized weights) when the image lacks it and a call carried .bnb/ (fetch_wheels.sh --bnb)
+if [[ -d .bnb ]] && ! python3 -c "import bitsandbytes" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --find-links .bnb bitsandbytes==0.50.2 2>&1 \
+    | grep -v "^WARNING: Running pip as" || true
+fi
 chmod +x "$(python3 -c 'import hivemind, os; print(os.path.dirname(hivemind.__file__))')/hivemind_cli/p2pd"
 
 # Nectar's import root (setup.py maps top-level folders onto `nectar`)

@@ -17,7 +17,7 @@ binary=(
   eth-typing==6.0.0 eth-utils==6.0.0 hexbytes==2.0.0 rlp==5.0.0 bitarray==3.12.3 ckzg==2.1.8 cytoolz==1.2.0
   parsimonious==0.10.0 py-ecc==8.0.0 coincurve==21.0.0 pycryptodome==3.24.1 safe-pysha3==1.0.7
   pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2
-  threadpoolctl==3.8.0 bitsandbytes==0.50.2  # quantized weights (--quant, pre-quantized checkpoints)
+  threadpoolctl==3.8.0
   py-spy==0.4.3 pytest==8.4.2 pluggy==1.6.0 iniconfig==2.1.0 pytest-timeout==2.4.0  # profiles, CUDA tests
 )
 for spec in "${binary[@]}"; do
@@ -27,6 +27,13 @@ done
 for spec in prefetch-generator==1.0.3 varint==1.0.2 python-baseconv==1.2.2; do
   python -m pip wheel -q --no-deps -w "$dest" "$spec"
 done
+# --bnb: bitsandbytes (quantized weights, the 70B run) into .bnb/ on its own: its 43 MB wheel and .whl's 41 MB do
+# not fit one call's 64 MiB, so a run carries .whl in one call and .bnb in the next (installs persist while warm)
+if [[ "${1:-}" == "--bnb" ]]; then
+  mkdir -p .bnb
+  python -m pip download -q --no-deps --only-binary=:all: "${platform[@]}" -d .bnb bitsandbytes==0.50.2
+  du -sh .bnb
+fi
 # --api: the gateway's dependencies and locust, for run_api_load.sh (pip resolves their dependencies for 3.12)
 if [[ "${1:-}" == "--api" ]]; then
   python -m pip download -q --only-binary=:all: "${platform[@]}" -d "$dest" locust fastapi uvicorn sqlalchemy \
