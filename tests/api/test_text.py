@@ -55,3 +55,84 @@ def test_eos_ends_the_choice_and_counts_as_a_token(tokenizer):
     ids = tokenizer("Done", add_special_tokens=False)["input_ids"]
     text = "".join(choice.add(t) for t in ids) + choice.add(tokenizer.eos_token_id) + choice.add(ids[0])
     assert text == "Done" and choice.finish_reason == "stop" and choice.num_tokens == len(ids) + 1
+
+
+class FullDecodeText:
+    """The reference: ChoiceText as it was before incremental decoding, decoding every token's whole answer."""
+
+    def __init__(self, tokenizer, stops=(), eos=()):
+        from nectar.api.text import REPLACEMENT_CHAR, _held_suffix
+
+        self.tokenizer, self.stops, self.eos = tokenizer, [s for s in stops if s], set(eos)
+        self.held, self.replacement = _held_suffix, REPLACEMENT_CHAR
+        self.tokens, self.text, self.emitted, self.finish_reason = [], "", 0, None
+
+    def add(self, token: int) -> str:
+        if self.finish_reason:
+            return ""
+        if token in self.eos:
+            self.finish_reason = "stop"
+            return self.flush(len(self.text))
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.finish_reason = text[:cut], "stop"
+            return self.flush(len(self.text))
+        self.text = text
+        safe = len(text) - self.held(text, self.stops)
+        while safe > self.emitted and text[safe - 1] == self.replacement:
+            safe -= 1
+        return self.flush(safe)
+
+    def flush(self, upto: int) -> str:
+        upto = max(upto, self.emitted)
+        delta, self.emitted = self.text[self.emitted : upto], upto
+        return delta
+
+
+SAMPLES = [
+    "Fondue 🧀 et crème brûlée 🍮, s'il vous plaît!",
+    "日本語のテキストと emoji 👩‍👩‍👧 mixed with ASCII; ÄÖÜ ß.",
+    "def f(x):\n    return x ** 2  # ¿qué?\n\n\tend",
+    "Ελληνικά, русский, עברית, العربية — “quotes” … and 𝔘𝔫𝔦𝔠𝔬𝔡𝔢.",
+]
+
+
+def sequences(tokenizer, rng, count: int):
+    """Random token sequences: uniform over the vocabulary (special tokens, fragments of multi-byte characters),
+    real multilingual text cut at random token boundaries, and real text with random tokens spliced in."""
+    vocab = len(tokenizer)
+    for i in range(count):
+        kind = i % 3
+        if kind == 0:
+            yield [rng.randrange(vocab) for _ in range(rng.randrange(1, 80))]
+            continue
+        ids = tokenizer(rng.choice(SAMPLES) + rng.choice(SAMPLES), add_special_tokens=False)["input_ids"]
+        if kind == 2:
+            for _ in range(rng.randrange(1, 6)):
+                ids.insert(rng.randrange(len(ids) + 1), rng.randrange(vocab))
+        yield ids[: rng.randrange(1, len(ids) + 1)]
+
+
+def test_incremental_decoding_equals_full_decoding_on_random_sequences(tokenizer):
+    """Every delta, the final text and the finish reason equal those of decoding the whole answer every token, with
+    and without stop strings (taken from the text itself, multi-byte ones included) and eos."""
+    import random
+
+    rng = random.Random(24)
+    eos = [tokenizer.eos_token_id]
+    for ids in sequences(tokenizer, rng, 600):
+        full = tokenizer.decode(ids, skip_special_tokens=True)
+        stops: list[str] = []
+        if full and rng.random() < 0.6:
+            for _ in range(rng.randrange(1, 3)):
+                start = rng.randrange(len(full))
+                stops.append(full[start : start + rng.randrange(1, 6)])
+        reference, choice = FullDecodeText(tokenizer, stops, eos), ChoiceText(tokenizer, stops=stops, eos_token_ids=eos)
+        for token in ids:
+            assert choice.add(token) == reference.add(token), (ids, stops)
+            assert choice.text == reference.text and choice.finish_reason == reference.finish_reason, (ids, stops)
+        if not choice.finished:
+            assert choice.text == full
+            assert choice.finish() == reference.flush(len(reference.text))
