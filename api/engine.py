@@ -76,6 +76,43 @@ def _scores(logprobs, row: int) -> list[TokenScore]:
     ]
 
 
+class Handoff:
+    """Items from worker threads to the event loop, in batches: ``put`` from any thread, ``await take()`` on the loop
+    for every item put since the last take. The loop is woken once per batch, not once per item."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.lock = loop, threading.Lock()
+        self.pending: collections.deque = collections.deque()
+        self.woken = asyncio.Event()
+        self.waking = False  # a wake-up is on its way to the loop: further items just join ``pending``
+        self.wakeups = 0  # how many the loop got (for tests and profiles)
+
+    def put(self, item) -> None:
+        with self.lock:
+            self.pending.append(item)
+            if self.waking:
+                return
+            self.waking = True
+            self.wakeups += 1
+        if not self.loop.is_closed():
+            try:
+                self.loop.call_soon_threadsafe(self.woken.set)
+            except RuntimeError:  # the loop closed meanwhile: nobody waits for these items
+                pass
+
+    async def take(self) -> list:
+        """Every item put since the last take (at least one), oldest first."""
+        while True:
+            await self.woken.wait()
+            with self.lock:
+                self.woken.clear()
+                items = list(self.pending)
+                self.pending.clear()
+                self.waking = False
+            if items:  # empty: a wake-up whose items an earlier take already got
+                return items
+
+
 class GenerationCancelled(Exception):
     """The request went away before its generation started."""
 
@@ -248,24 +285,9 @@ class SwarmModel:
         frees its worker; a request still queued never starts."""
         self.check_capacity()
         loop = asyncio.get_running_loop()
-        pending: collections.deque = collections.deque()  # (kind, value) from the worker, taken by the loop
-        lock = threading.Lock()
-        woken = asyncio.Event()
-        waking = False  # a wake-up is on its way to the loop: the worker's next items just join ``pending``
+        handoff = Handoff(loop)
+        put = handoff.put
         stop = threading.Event()
-
-        def put(item) -> None:
-            nonlocal waking
-            with lock:
-                pending.append(item)
-                if waking:
-                    return
-                waking = True
-            if not loop.is_closed():
-                try:
-                    loop.call_soon_threadsafe(woken.set)
-                except RuntimeError:  # the loop closed meanwhile: nobody waits for these items
-                    pass
 
         def work() -> None:
             began, whole = time.monotonic(), False
@@ -323,12 +345,7 @@ class SwarmModel:
         try:
             self._executor.submit(work)
             while True:
-                await woken.wait()
-                with lock:
-                    woken.clear()
-                    items = list(pending)
-                    pending.clear()
-                    waking = False
+                items = await handoff.take()
                 steps = [value for kind, value in items if kind == "tokens"]
                 if steps:
                     yield steps

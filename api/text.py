@@ -14,12 +14,12 @@ logger = logging.getLogger(__name__)
 REPLACEMENT_CHAR = "\ufffd"  # what the tokenizer decodes an incomplete multi-byte character to
 
 
-def _held_suffix(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of some stop string."""
+def _held_suffix(text: str, stops: Sequence[str], end: int) -> int:
+    """Length of the longest suffix of ``text[:end]`` that is a proper prefix of some stop string."""
     longest = 0
     for stop in stops:
-        for size in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:size]):
+        for size in range(min(len(stop) - 1, end), longest, -1):
+            if text.endswith(stop[:size], 0, end):
                 longest = size
                 break
     return longest
@@ -92,10 +92,10 @@ class ChoiceText:
                 self.text, self.finish_reason = text[:cut], "stop"
                 return self._flush(len(self.text))
         self.text = text
-        safe = len(text) - _held_suffix(text, self.stops)
-        while safe > self.emitted and text[safe - 1] == REPLACEMENT_CHAR:
-            safe -= 1
-        return self._flush(safe)
+        whole = len(text)  # without a half character at the end, which may yet complete a stop string's prefix
+        while whole > self.emitted and text[whole - 1] == REPLACEMENT_CHAR:
+            whole -= 1
+        return self._flush(whole - _held_suffix(text, self.stops, whole))
 
     def _decode(self) -> str:
         """The whole text of ``tokens``, decoding only the window since the last whole point."""

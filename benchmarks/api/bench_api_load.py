@@ -264,7 +264,11 @@ def main() -> None:
     # the gateway and the direct sessions are one client each to the nodes, which cap sessions per client (8)
     node_args = ["--client-max-sessions", str(2 * max(args.users + [args.direct, args.max_concurrent]))]
     node_args += args.node_args.split()
-    figures: dict = {"args": {k: v for k, v in vars(args).items() if k != "json"}, "api": {}, "direct": []}
+    figures: dict = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "json"},
+        "api": {},
+        "direct": [],
+    }
     with local_swarm(
         model_path,
         even_spans(blocks, args.nodes),
