@@ -180,7 +180,9 @@ def cpu_seconds(pid: int) -> float:
 
 def profiled(folder: Path | None, name: str, pid: int, run):
     """``run()``, with py-spy sampling process ``pid`` (every thread, idle ones left out) into ``folder/name.txt`` as
-    collapsed stacks (``flamegraph.pl`` or speedscope read them) if ``folder`` is given."""
+    collapsed stacks (``flamegraph.pl`` or speedscope read them) if ``folder`` is given. py-spy pauses the gateway for
+    each sample (its non-blocking mode did not attach here), so a profiled run's tokens/s are a little low; it needs
+    ptrace rights (without them, no file)."""
     if folder is None:
         return run()
     folder.mkdir(parents=True, exist_ok=True)
