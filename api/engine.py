@@ -1,17 +1,19 @@
 """The gateway's side of the swarm: one ``DistributedModelForCausalLM`` per served model, shared by all requests.
 
 Generation is synchronous, so each runs in a worker thread (``max_concurrent_generations`` of them per model: 8, the
-nodes' default cap of sessions per client) with its own swarm session, and streams token ids back to the event loop
-through an asyncio queue. Sessions of concurrent requests reach the nodes together, which batch their steps into one
-forward per round; past the workers, at most ``max_queued_generations`` requests wait, and further ones are refused at
-once (``Overloaded``: 503 + Retry-After) rather than queue without bound. Every variant of a model (its fine-tuned soft
-prompts) shares the base model's swarm runtime and wallet, so the gateway has one DHT peer and one voucher channel per
-node, and pays every node from its own escrow.
+nodes' default cap of sessions per client) with its own swarm session, and hands token ids back to the event loop in
+batches: a step waits in a queue, and the loop is woken once for all the steps it has not taken yet (fewer wake-ups,
+and fewer, larger SSE events, when the loop is behind). Sessions of concurrent requests reach the nodes together,
+which batch their steps into one forward per round; past the workers, at most ``max_queued_generations`` requests
+wait, and further ones are refused at once (``Overloaded``: 503 + Retry-After) rather than queue without bound. Every
+variant of a model (its fine-tuned soft prompts) shares the base model's swarm runtime and wallet, so the gateway has
+one DHT peer and one voucher channel per node, and pays every node from its own escrow.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import io
 import logging
 import math
@@ -72,6 +74,43 @@ def _scores(logprobs, row: int) -> list[TokenScore]:
         TokenScore(token, value, list(zip(ids, tops, strict=True)))
         for token, value, ids, tops in zip(tokens, values, top_ids, top_values, strict=True)
     ]
+
+
+class Handoff:
+    """Items from worker threads to the event loop, in batches: ``put`` from any thread, ``await take()`` on the loop
+    for every item put since the last take. The loop is woken once per batch, not once per item."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.lock = loop, threading.Lock()
+        self.pending: collections.deque = collections.deque()
+        self.woken = asyncio.Event()
+        self.waking = False  # a wake-up is on its way to the loop: further items just join ``pending``
+        self.wakeups = 0  # how many the loop got (for tests and profiles)
+
+    def put(self, item) -> None:
+        with self.lock:
+            self.pending.append(item)
+            if self.waking:
+                return
+            self.waking = True
+            self.wakeups += 1
+        if not self.loop.is_closed():
+            try:
+                self.loop.call_soon_threadsafe(self.woken.set)
+            except RuntimeError:  # the loop closed meanwhile: nobody waits for these items
+                pass
+
+    async def take(self) -> list:
+        """Every item put since the last take (at least one), oldest first."""
+        while True:
+            await self.woken.wait()
+            with self.lock:
+                self.woken.clear()
+                items = list(self.pending)
+                self.pending.clear()
+                self.waking = False
+            if items:  # empty: a wake-up whose items an earlier take already got
+                return items
 
 
 class GenerationCancelled(Exception):
@@ -236,21 +275,19 @@ class SwarmModel:
         prompts: PromptSet | None = None,
         adapter: str | None = None,
         meter: CostMeter | None = None,
-    ) -> AsyncIterator[SwarmStep]:
-        """Yields, per generation step, the next token id of each of the ``params.n`` rows (after the prompt's
-        scores if ``params.prompt_logprobs`` is set).
+    ) -> AsyncIterator[list[SwarmStep]]:
+        """Yields the generation's steps in order, in batches: every step generated since the event loop last took
+        some (one step each when it keeps up). A step has the next token id of each of the ``params.n`` rows; the
+        prompt's scores come first if ``params.prompt_logprobs`` is set.
 
         Raises ``Overloaded`` at once if every worker is busy and the queue is full. Closing the iterator (the client
         went away, or every choice finished) stops the generation after the current step, closes its swarm session and
         frees its worker; a request still queued never starts."""
         self.check_capacity()
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        handoff = Handoff(loop)
+        put = handoff.put
         stop = threading.Event()
-
-        def put(item) -> None:
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(queue.put_nowait, item)
 
         def work() -> None:
             began, whole = time.monotonic(), False
@@ -308,13 +345,15 @@ class SwarmModel:
         try:
             self._executor.submit(work)
             while True:
-                kind, value = await queue.get()
-                if kind == "tokens":
-                    yield value
-                elif kind == "done":
-                    return
-                else:
-                    raise value
+                items = await handoff.take()
+                steps = [value for kind, value in items if kind == "tokens"]
+                if steps:
+                    yield steps
+                for kind, value in items:
+                    if kind == "done":
+                        return
+                    if kind == "error":
+                        raise value
         finally:
             stop.set()  # the worker stops after its current step (or never starts): the client went away or is done
             self._stops.discard(stop)

@@ -19,7 +19,7 @@ from nectar.api.protocol import (
     UsageInfo,
 )
 from nectar.api.serving.base import Auth, Target
-from nectar.api.serving.generation import Generation, GenerationServing, PrimedStream, sse
+from nectar.api.serving.generation import Generation, GenerationServing, PrimedStream, sse, templated_sse
 from nectar.api.text import TokenTexts
 
 logger = logging.getLogger(__name__)
@@ -92,19 +92,18 @@ class OpenAIServingChat(GenerationServing):
         return ChoiceLogprobs(content=content)
 
     def choice_event(self, job: Generation, index: int, text: str, reason: str | None, first: bool) -> str:
-        def chunk(delta: DeltaMessage, finish_reason: str | None = None, logprobs=None) -> str:
-            return sse(
-                ChatCompletionStreamResponse(
-                    id=job.id,
-                    created=job.created,
-                    model=job.target.name,
-                    choices=[
-                        ChatCompletionStreamChoice(
-                            index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason
-                        )
-                    ],
-                )
+        def chunk_model(delta: DeltaMessage, finish_reason: str | None = None, logprobs=None):
+            return ChatCompletionStreamResponse(
+                id=job.id,
+                created=job.created,
+                model=job.target.name,
+                choices=[
+                    ChatCompletionStreamChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)
+                ],
             )
+
+        def chunk(delta: DeltaMessage, finish_reason: str | None = None, logprobs=None) -> str:
+            return sse(chunk_model(delta, finish_reason, logprobs))
 
         logprobs = None
         if job.request.logprobs:
@@ -114,8 +113,12 @@ class OpenAIServingChat(GenerationServing):
         events = []
         if first:  # every reply starts with a chunk naming the role
             events.append(chunk(DeltaMessage(role="assistant", content="")))
-        if text or logprobs:
+        if logprobs:
             events.append(chunk(DeltaMessage(content=text), logprobs=logprobs))
+        elif text:
+            events.append(
+                templated_sse(job.templates, index, lambda text: chunk_model(DeltaMessage(content=text)), text)
+            )
         if reason:
             events.append(chunk(DeltaMessage(), reason))
         return "".join(events)

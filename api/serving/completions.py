@@ -16,7 +16,7 @@ from nectar.api.protocol import (
     UsageInfo,
 )
 from nectar.api.serving.base import Auth, Target
-from nectar.api.serving.generation import Generation, GenerationServing, PrimedStream, sse
+from nectar.api.serving.generation import Generation, GenerationServing, PrimedStream, sse, templated_sse
 from nectar.api.text import TokenTexts
 
 logger = logging.getLogger(__name__)
@@ -135,11 +135,14 @@ class OpenAIServingCompletion(GenerationServing):
         return self._event(job, index, text, reason, logprobs)
 
     def _event(self, job: Generation, index: int, text: str, reason: str | None, logprobs) -> str:
-        return sse(
-            CompletionStreamResponse(
+        def build(text: str) -> CompletionStreamResponse:
+            return CompletionStreamResponse(
                 id=job.id,
                 created=job.created,
                 model=job.target.name,
                 choices=[CompletionStreamChoice(index=index, text=text, logprobs=logprobs, finish_reason=reason)],
             )
-        )
+
+        if logprobs is not None:
+            return sse(build(text))
+        return templated_sse(job.templates, (index, reason), build, text)

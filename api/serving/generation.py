@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import anyio
+from pydantic_core import to_json
 
 from nectar.api.billing import Charge
 from nectar.api.core.config import micro_to_credits
@@ -35,6 +36,19 @@ def sse(payload) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+
+TEXT_MARK = "\x00nectar:text\x00"  # stands for the text in a chunk template
+
+
+def templated_sse(templates: dict, key, build, text: str) -> str:
+    """``sse(build(text))`` without building and dumping a model per token: ``build(TEXT_MARK)`` is dumped once per
+    ``key`` (cached in ``templates``) and each event splices ``text`` in, JSON-encoded as Pydantic encodes it."""
+    parts = templates.get(key)
+    if parts is None:
+        parts = templates[key] = build(TEXT_MARK).model_dump_json().split(to_json(TEXT_MARK).decode())
+    if len(parts) != 2:  # the mark is also elsewhere (say, in a model name): no template
+        return sse(build(text))
+    return f"data: {parts[0]}{to_json(text).decode()}{parts[1]}\n\n"
 
 
 class PrimedStream:
@@ -79,6 +93,7 @@ class Generation:
     cost: int | None = None  # micro-credits charged, once priced
     choices: dict[int, ChoiceText] = field(default_factory=dict)  # by choice index, as they start
     prompt_scores: dict[int, list] = field(default_factory=dict)  # by prompt: its tokens' TokenScores (echo)
+    templates: dict = field(default_factory=dict)  # streamed chunks' templates (templated_sse)
 
 
 class GenerationServing(OpenAIServing):
@@ -257,7 +272,8 @@ class GenerationServing(OpenAIServing):
         choices_out: dict[int, ChoiceText] | None = None,
         prompt_scores_out: list | None = None,
     ) -> AsyncIterator[tuple[int, str, str | None]]:
-        """Yields (choice index, new text, finish reason or None) as the swarm generates, counting tokens into
+        """Yields (choice index, new text, finish reason or None) as the swarm generates (a choice's text of every
+        step the event loop takes at once in one item: fewer, larger events when it is behind), counting tokens into
         ``charge``: the prompt once, every generated token of a choice until it finishes. The choices (with their
         tokens' scores) go into ``choices_out`` and the prompt's scores into ``prompt_scores_out``."""
         choices = [
@@ -270,19 +286,23 @@ class GenerationServing(OpenAIServing):
         if params.max_new_tokens > 0 or params.prompt_logprobs is not None:  # the prompt's scores need its prefill
             steps = target.model.stream(prompt_ids, params, prompts=target.prompts, adapter=target.adapter, meter=meter)
             try:
-                async for step in steps:
-                    if step.prompt is not None:
-                        if prompt_scores_out is not None:
-                            prompt_scores_out.extend(step.prompt)
-                        continue
-                    for row, token in enumerate(step.tokens):
-                        choice = choices[row]
-                        if choice.finished:
+                async for batch in steps:
+                    news: dict[int, str] = {}  # by row: its text from every step of the batch, one event each
+                    for step in batch:
+                        if step.prompt is not None:
+                            if prompt_scores_out is not None:
+                                prompt_scores_out.extend(step.prompt)
                             continue
-                        charge.completion_tokens += 1
-                        delta = choice.add(token, step.scores[row] if step.scores else None)
-                        if delta or choice.finished:
-                            yield first_index + row, delta, choice.finish_reason
+                        for row, token in enumerate(step.tokens):
+                            choice = choices[row]
+                            if choice.finished:
+                                continue
+                            charge.completion_tokens += 1
+                            delta = choice.add(token, step.scores[row] if step.scores else None)
+                            if delta or choice.finished:
+                                news[row] = news.get(row, "") + delta
+                    for row, text in news.items():
+                        yield first_index + row, text, choices[row].finish_reason
                     if all(choice.finished for choice in choices):
                         break
             except ApiError:

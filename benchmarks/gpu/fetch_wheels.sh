@@ -37,6 +37,6 @@ fi
 # --api: the gateway's dependencies and locust, for run_api_load.sh (pip resolves their dependencies for 3.12)
 if [[ "${1:-}" == "--api" ]]; then
   python -m pip download -q --only-binary=:all: "${platform[@]}" -d "$dest" locust fastapi uvicorn sqlalchemy \
-    alembic "celery[redis]" pydantic-settings httpx python-multipart aiosqlite psycopg2-binary redis
+    alembic "celery[redis]" pydantic-settings httpx python-multipart aiosqlite psycopg2-binary redis py-spy
 fi
 du -sh "$dest"
