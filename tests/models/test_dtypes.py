@@ -16,7 +16,7 @@ def test_half_precision_span_tracks_float32(kind, tiny_paths, dtype):
     path = tiny_paths[kind]
     reference, span = load_span(path, 0, 4), load_span(path, 0, 4, dtype=dtype)
     assert span.dtype == dtype and all(p.dtype == dtype for p in span.parameters())
-    ids = torch.randint(3, 1000, (2, 8))
+    ids = torch.randint(3, 1000, (2, 8), generator=torch.Generator().manual_seed(0))  # not the suite's RNG state
     hidden = load_client_head(path).embed(ids)
     expected = reference(hidden)
     full = span(hidden)
@@ -39,7 +39,11 @@ def test_half_precision_span_tracks_float32(kind, tiny_paths, dtype):
     assert span.cache_bytes_per_token() * 2 == reference.cache_bytes_per_token()
     pieces = [span(hidden[:, :5], cache=cache)] + [span(hidden[:, i : i + 1], cache=cache) for i in (5, 6, 7)]
     steps = torch.cat(pieces, 1)
-    assert (steps.float() - full.float()).abs().max().item() < tolerance
+    moved = ((steps.float() - full.float()).abs().amax(-1) >= tolerance).sum().item()  # of the 16 token positions
+    # a half-precision router near a tie may pick another expert for a token in a cached step than in the full
+    # pass (other reduction order): that token moves, and rarely one after it (over 60 inputs at most 2 of 16); a
+    # broken cache moves most of them
+    assert moved <= (2 if kind in MIXTURES_OF_EXPERTS else 0), moved
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
