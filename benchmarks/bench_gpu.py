@@ -66,6 +66,13 @@ def head_on(model, device: str):
     return model
 
 
+def free_device_memory(device: str) -> None:
+    """Returns a finished baseline's memory before the next side loads (the nodes need the GPU's memory)."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def static_compiled_decode(path, *, batches: list[int], dtype, device: str, repeats: int) -> dict:
     """transformers alone with a static cache, the baseline a user has without any swarm: ``generate()`` compiles
     the forward itself for a static cache on a GPU (eager on a CPU). Decode tokens/s per batch size from two timed
@@ -229,8 +236,7 @@ def main() -> None:
     if args.local:
         log("local transformers generate()")
         local, local_tokens = local_decode(path, repeats=args.repeats, dtype=dtype, device=args.device)
-        gc.collect()
-        torch.cuda.empty_cache() if args.device.startswith("cuda") else None
+        free_device_memory(args.device)
         local_best = best(local)
     static = {}
     if args.static_baseline and args.quant != "nf4":  # transformers' static cache reads float weights
@@ -238,8 +244,7 @@ def main() -> None:
         static = static_compiled_decode(
             path, batches=sorted({1, max(args.sessions)}), dtype=dtype, device=args.device, repeats=args.repeats
         )
-        gc.collect()
-        torch.cuda.empty_cache() if args.device.startswith("cuda") else None
+        free_device_memory(args.device)
 
     spans = even_spans(num_blocks, args.nodes)
     log(f"Nectar: {args.nodes} nodes {spans} on {args.device}")
