@@ -25,6 +25,7 @@ from nectar.api.models import (
     File,
     FineTuningEvent,
     FineTuningJob,
+    GatewayValue,
     Hold,
     SettledBatch,
     TunedModel,
@@ -321,6 +322,25 @@ def get_cursor(session: Session, *, name: str, chain_id: int, escrow: str, start
         logger.info(f"New deployment (chain {chain_id}, escrow {escrow}): rescanning {name} from {start_block}")
         cursor.chain_id, cursor.escrow, cursor.next_block = chain_id, escrow, start_block
     return cursor
+
+
+# ---------------------------------------------------------------------------------------------------- gateway id
+GATEWAY_ID = "gateway_id"
+
+
+def gateway_id(session: Session) -> str:
+    """This deployment's id (32 hex digits), made on first use: operators' signed requests name it, so a request
+    signed for one gateway is refused by every other (``nectar.wire.request_auth``)."""
+    row = session.get(GatewayValue, GATEWAY_ID)
+    if row is not None:
+        return row.value
+    try:
+        with session.begin_nested():  # two processes of a new deployment may race here: the first one's id wins
+            session.add(GatewayValue(name=GATEWAY_ID, value=secrets.token_hex(16)))
+            session.flush()
+    except IntegrityError:
+        pass
+    return session.execute(select(GatewayValue.value).where(GatewayValue.name == GATEWAY_ID)).scalar_one()
 
 
 # ---------------------------------------------------------------------------------------------------- files

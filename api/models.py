@@ -128,6 +128,16 @@ class ChainCursor(Base):
     next_block: Mapped[int] = mapped_column(Integer, default=0)
 
 
+class GatewayValue(Base):
+    """One value of this deployment, shared by all its processes and kept across restarts (the gateway's id)."""
+
+    __tablename__ = "api_gateway_values"
+
+    name: Mapped[str] = mapped_column(String(40), primary_key=True)
+    value: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class SettledBatch(Base):
     """A ``BatchSettled`` event of the Settlement contract (any submitter), for the monitor's chart."""
 
@@ -225,6 +235,7 @@ __all__ = [
     "Usage",
     "Deposit",
     "ChainCursor",
+    "GatewayValue",
     "SettledBatch",
     "File",
     "JobStatus",

@@ -191,3 +191,25 @@ def test_the_sweep_keeps_the_holds_of_running_jobs(engine):
     with session_scope(engine) as session:
         crud.settle_hold(session, hold_id=hold.id, cost=120, kind="fine_tune", model="m", prompt_tokens=12)
     assert balances(engine, account_id) == (880, 0)
+
+
+def test_processes_starting_together_agree_on_the_gateway_id(engine):
+    """The deployment's id is made by whichever process starts first; racing first starts must not make two."""
+    barrier, ids, errors = threading.Barrier(8), [], []
+
+    def start():
+        try:
+            barrier.wait()
+            with session_scope(engine) as session:
+                ids.append(crud.gateway_id(session))
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=start) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(ids) == 8 and len(set(ids)) == 1, (errors, ids)
+    with session_scope(engine) as session:
+        assert crud.gateway_id(session) == ids[0]
