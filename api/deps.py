@@ -49,6 +49,7 @@ class ApiState:
     fine_tuning: OpenAIServingFineTuning
     accounts: AccountService
     market: MarketService
+    gateway_id: str  # this deployment's id (api_gateway_values): operators' signed requests name it
 
 
 def get_state(request: Request) -> ApiState:
@@ -203,7 +204,7 @@ async def _signed_caller(request: Request, state: ApiState, failures: str) -> st
     if request.headers.get(request_auth.HEADER_SIGNATURE) is None:
         return None
     try:
-        caller = request_auth.check(request.method, path, request.headers)
+        caller = request_auth.check(request.method, path, request.headers, gateway=state.gateway_id)
         fresh = await anyio.to_thread.run_sync(
             state.limiter.first_use, f"nonce:{caller.nonce}", 4 * request_auth.MAX_SKEW
         )

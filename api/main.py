@@ -17,6 +17,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
+from nectar.api import crud
 from nectar.api.billing import Billing
 from nectar.api.chain_watch import ChainUnavailable, ChainWatcher
 from nectar.api.core.config import Settings, get_settings
@@ -37,7 +38,7 @@ from nectar.api.serving.market import MarketService
 from nectar.api.serving.models import OpenAIServingModels
 from nectar.cli_kit import swarm_file
 from nectar.service.body_limit import BodyLimit
-from nectar.service.db import get_engine
+from nectar.service.db import get_engine, session_scope
 from nectar.wire.peers import initial_peers
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ def build_state(settings: Settings, swarm: Engine) -> ApiState:
     billing = Billing(db, price_per_token=settings.price_per_token, hold_timeout=settings.hold_timeout_seconds)
     context = ServingContext(settings=settings, db=db, swarm=swarm, billing=billing)
     watcher = ChainWatcher(settings, db, gateway_key=settings.gateway_key())
+    with session_scope(db) as session:  # made once per database: every process of the deployment reads the same
+        gateway_id = crud.gateway_id(session)
     ledger = None
     if settings.ledger_url:
         from nectar.wire.ledger_api import LedgerClient
@@ -72,6 +75,7 @@ def build_state(settings: Settings, swarm: Engine) -> ApiState:
         fine_tuning=OpenAIServingFineTuning(context),
         accounts=AccountService(context, watcher),
         market=MarketService(context, ledger=ledger, watcher=watcher),
+        gateway_id=gateway_id,
     )
 
 

@@ -234,6 +234,15 @@ class SwarmView(BaseModel):
     generated_at: UtcDatetime = Field(description="When this view was taken.")
 
 
+class GatewayInfo(BaseModel):
+    """Who this gateway is, for signers of operator requests."""
+
+    gateway_id: str = Field(
+        description="This deployment's id: a signed operator request names it (nectar.wire.request_auth), and no "
+        "other gateway accepts a request signed for it. Fixed for the deployment; read it before signing."
+    )
+
+
 class StatPoint(BaseModel):
     """One time bucket of the market chart."""
 

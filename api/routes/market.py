@@ -8,9 +8,17 @@ import logging
 
 from fastapi import APIRouter, Query
 
-from nectar.api.deps import MarketServiceDep, MemberOrAdminDep, NodeOrAdminDep
+from nectar.api.deps import MarketServiceDep, MemberOrAdminDep, NodeOrAdminDep, StateDep
 from nectar.api.routes.responses import errors
-from nectar.api.schemas import MarketStats, NodeEarnings, NodeReceipts, NodeReputation, NodeSettlements, SwarmView
+from nectar.api.schemas import (
+    GatewayInfo,
+    MarketStats,
+    NodeEarnings,
+    NodeReceipts,
+    NodeReputation,
+    NodeSettlements,
+    SwarmView,
+)
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["market"])
@@ -20,6 +28,12 @@ router = APIRouter(prefix="/v1", tags=["market"])
 async def swarm(service: MarketServiceDep) -> SwarmView:
     """Which nodes host which blocks of the served models, their state, throughput, price and reputation."""
     return await service.swarm_view()
+
+
+@router.get("/market/gateway", response_model=GatewayInfo, summary="Gateway id")
+async def gateway(state: StateDep) -> GatewayInfo:
+    """This deployment's id, which a node signs into its operator requests (public: it is no secret, only a name)."""
+    return GatewayInfo(gateway_id=state.gateway_id)
 
 
 @router.get("/market/stats", response_model=MarketStats, summary="Market series", responses=errors(401, 403, 422))

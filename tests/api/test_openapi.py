@@ -37,6 +37,7 @@ EXPECTED = {
     ("post", "/v1/admin/accounts/{account_id}/credit"),
     ("get", "/v1/market/swarm"),
     ("get", "/v1/market/stats"),
+    ("get", "/v1/market/gateway"),
     ("get", "/v1/nodes/{address}/receipts"),
     ("get", "/v1/nodes/{address}/earnings"),
     ("get", "/v1/nodes/{address}/settlements"),
