@@ -297,11 +297,25 @@ def node_records(api_url: str, private_key: str, what: str = "earnings", *, time
     import httpx
     from eth_account import Account
 
-    from nectar.wire.request_auth import sign_request
+    from nectar.wire.request_auth import GATEWAY_PATH, sign_request
 
+    base = api_url.rstrip("/")
+    try:  # the signature names the gateway, so no other deployment accepts it
+        found = httpx.get(base + GATEWAY_PATH, timeout=timeout)
+        gateway = found.json()["gateway_id"] if found.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+        raise OperatorError(f"could not read {base}{GATEWAY_PATH} ({e}): is --api-url a Nectar API gateway?") from None
+    if not isinstance(gateway, str):
+        raise OperatorError(
+            f"{base}{GATEWAY_PATH} answered {found.status_code}: {found.text[:300]}; is --api-url a Nectar API gateway "
+            "of this version?"
+        )
     path = f"/v1/nodes/{Account.from_key(private_key).address}/{what}"
-    headers = sign_request(private_key, "GET", path)
-    response = httpx.get(api_url.rstrip("/") + path, headers=headers, timeout=timeout)
+    try:
+        headers = sign_request(private_key, "GET", path, gateway=gateway)
+    except ValueError as e:
+        raise OperatorError(f"{base} gave a malformed gateway id: {e}") from None
+    response = httpx.get(base + path, headers=headers, timeout=timeout)
     if response.status_code != 200:
         raise OperatorError(f"{api_url} answered {response.status_code}: {response.text[:500]}")
     return response.json()

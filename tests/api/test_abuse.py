@@ -17,9 +17,9 @@ import uuid
 import httpx
 import pytest
 
-from nectar.wire.request_auth import MAX_SKEW, sign_request
+from nectar.wire.request_auth import MAX_SKEW
 from tests.api.conftest import ADMIN, new_customer, node_key
-from tests.api.utils import market_api_env, wait_for
+from tests.api.utils import market_api_env, signed_for, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -131,7 +131,7 @@ def test_admin_token_and_signature_guesses_are_throttled_too(api, market):
         ]
         assert [a.status_code for a in answers] == [401] * (AUTH_FAILURES - 1)
         path = f"/v1/nodes/{market.swarm.nodes[0].eth_address}/earnings"
-        forged = {**sign_request(node_key(market, "beta"), "GET", "/elsewhere"), **guesser}
+        forged = {**signed_for(api.url, node_key(market, "beta"), "GET", "/elsewhere"), **guesser}
         assert h.get(path, headers=forged).status_code == 401  # the fifth failure
         assert h.get(path, headers={**ADMIN, **guesser}).status_code == 429  # even the right token, for a while
 
@@ -287,25 +287,25 @@ def test_operator_endpoints_answer_only_to_the_admin_or_the_node_itself(api, mar
     wait_for(lambda: httpx.get(f"{api.url}{path}", headers=ADMIN).status_code == 200, 60, "the ledger to know the node")
     assert httpx.get(f"{api.url}{path}").status_code == 401
     assert httpx.get(f"{api.url}{path}", headers={"Authorization": f"Bearer {customer.key}"}).status_code == 401
-    signed = sign_request(key, "GET", path)
+    signed = signed_for(api.url, key, "GET", path)
     own = httpx.get(f"{api.url}{path}", headers=signed)
     assert own.status_code == 200 and own.json()["address"].lower() == alpha.lower()
     replay = httpx.get(f"{api.url}{path}", headers=signed)
     assert replay.status_code == 401 and replay.json()["error"]["code"] == "replayed"
     other = f"/v1/nodes/{beta}/earnings"
-    assert httpx.get(f"{api.url}{other}", headers=sign_request(key, "GET", other)).status_code == 403
-    moved = sign_request(key, "GET", f"/v1/nodes/{alpha}/earnings")  # signed for another path
+    assert httpx.get(f"{api.url}{other}", headers=signed_for(api.url, key, "GET", other)).status_code == 403
+    moved = signed_for(api.url, key, "GET", f"/v1/nodes/{alpha}/earnings")  # signed for another path
     assert httpx.get(f"{api.url}{path}", headers=moved).status_code == 401
-    stale = sign_request(key, "GET", path, now=time.time() - 3 * MAX_SKEW)
+    stale = signed_for(api.url, key, "GET", path, now=time.time() - 3 * MAX_SKEW)
     assert httpx.get(f"{api.url}{path}", headers=stale).status_code == 401
     stats = "/v1/market/stats?window=600&bucket=60"
     assert httpx.get(f"{api.url}{stats}").status_code == 401
     assert httpx.get(f"{api.url}{stats}", headers=ADMIN).status_code == 200
-    assert httpx.get(f"{api.url}{stats}", headers=sign_request(key, "GET", stats)).status_code == 200
+    assert httpx.get(f"{api.url}{stats}", headers=signed_for(api.url, key, "GET", stats)).status_code == 200
     from eth_account import Account
 
     stranger = Account.create().key.hex()
-    assert httpx.get(f"{api.url}{stats}", headers=sign_request(stranger, "GET", stats)).status_code == 403
+    assert httpx.get(f"{api.url}{stats}", headers=signed_for(api.url, stranger, "GET", stats)).status_code == 403
     # the operator's CLI signs with the node's key folder
     cli = subprocess.run(
         [

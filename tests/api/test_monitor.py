@@ -11,9 +11,8 @@ import httpx
 import pytest
 
 from nectar.operator import node_records
-from nectar.wire.request_auth import sign_request
 from tests.api.conftest import ADMIN, LEDGER_ADMIN, Backend, new_customer, node_key
-from tests.api.utils import wait_for
+from tests.api.utils import signed_for, wait_for
 
 pytestmark = pytest.mark.slow
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -71,7 +70,7 @@ def test_the_gateway_pays_the_nodes_from_its_escrow(api, market, settled):
 
         def get(what, address=address, key=key):
             path = f"/v1/nodes/{address}/{what}"
-            return httpx.get(f"{api.url}{path}", headers=sign_request(key, "GET", path)).json()
+            return httpx.get(f"{api.url}{path}", headers=signed_for(api.url, key, "GET", path)).json()
 
         receipts = get("receipts")
         assert receipts["receipts_count"] > 0 and receipts["recent"]

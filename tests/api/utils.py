@@ -140,6 +140,17 @@ def link_signature(account, account_id: int) -> str:
     return "0x" + bytes(signed.signature).hex()
 
 
+def signed_for(api_url: str, private_key: str, method: str, path: str, **kwargs) -> dict:
+    """Headers of an operator request signed by ``private_key`` for the gateway at ``api_url`` (its id read first)."""
+    import httpx
+
+    from nectar.wire.request_auth import GATEWAY_PATH, sign_request
+
+    found = httpx.get(f"{api_url}{GATEWAY_PATH}", timeout=60)
+    assert found.status_code == 200, found.text
+    return sign_request(private_key, method, path, gateway=found.json()["gateway_id"], **kwargs)
+
+
 def market_api_env(market, backend, **settings) -> dict:
     """A gateway's environment on the test market and ``backend``, with further Settings fields (``settings``)."""
     extra = {"ledger_url": market.ledger_url}
