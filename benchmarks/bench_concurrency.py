@@ -164,8 +164,8 @@ def compute_counters(model) -> dict:
 
 
 def counters_since(before: dict, after: dict) -> dict:
-    """The node's counters accumulated between two ``compute_counters`` readings (max_batch is not a sum)."""
-    return {k: after[k] - before.get(k, 0) for k in after if k != "max_batch"}
+    """The node's counters accumulated between two ``compute_counters`` readings (the max_* are not sums)."""
+    return {k: after[k] - before.get(k, 0) for k in after if not k.startswith("max_")}
 
 
 def concurrency_rows(results: dict, name: str = "session(s)") -> list[tuple[str, str]]:

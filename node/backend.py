@@ -146,6 +146,7 @@ class SpanBackend:
             )
             self.paged = PagedDecoder(self.batch_runner, self.pages, capture=self.device.type == "cuda")
         self.graphs = TrainingGraphCache(max_bytes=training_cache_bytes)
+        self.max_runner_batch = 0  # most sessions' steps in one forward of ``batch_runner`` (node info's counters)
         weights = "" if quantization == "none" else f", {quantization} weights"
         logger.info(f"Loaded blocks {start}:{end} in {time.perf_counter() - began:.2f}s ({dtype}, {device}{weights})")
         logger.info(f"Inference steps of {family.name} blocks: {self._describe_path(batching)}")
@@ -249,6 +250,7 @@ class SpanBackend:
 
     def _run_batched(self, tasks, first_block: int) -> list[torch.Tensor]:
         """Through the family's runner: a recorded round where one applies (``GraphedDecoder``), else eagerly."""
+        self.max_runner_batch = max(self.max_runner_batch, len(tasks))
         if self.paged is not None and self.paged.applies(tasks):
             try:
                 return self.paged.run(tasks, first_block)

@@ -554,6 +554,7 @@ class Server:
                 "inference_rounds": stats.batches,
                 "inference_steps": stats.steps,
                 "max_batch": stats.max_batch,
+                "max_runner_batch": self.backend.max_runner_batch,  # 0: the generic path, one step at a time
                 "training_requests": stats.training,
                 "inference_seconds": stats.inference_seconds,
                 "gather_seconds": stats.gather_seconds,

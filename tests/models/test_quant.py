@@ -1,5 +1,6 @@
 """Quantized weights on nodes (issue 23, item 3): ``load_span(..., quantization=)`` through bitsandbytes, the node's
-announcement and receipts carrying the mode, the fused fast path refused. The spot checks that re-execute in the
+announcement and receipts carrying the mode, batched rounds through the quantized layers (equality with the generic
+path: tests/speed/test_quant_batching.py). The spot checks that re-execute in the
 receipt's mode are in tests/ledger/test_quant_audits.py."""
 
 from __future__ import annotations
@@ -119,13 +120,14 @@ def test_unknown_mode_is_refused_with_the_choices(path):
         load_span(path, 0, 1, quantization="int4")
 
 
-def test_node_takes_the_generic_path_for_quantized_blocks(path, caplog):
+def test_node_batches_quantized_blocks_through_their_own_layers(path, caplog):
     plain = SpanBackend(path, 0, 2, dtype=torch.float32, device="cpu", show_progress=False)
-    assert plain.batch_runner is not None  # the fused fast path, which reads raw weight tensors
+    assert plain.batch_runner is not None and not plain.batch_runner.quantized
     with caplog.at_level("INFO", logger="nectar.node.backend"):
         quantized = SpanBackend(path, 0, 2, dtype=torch.float32, device="cpu", quantization="int8", show_progress=False)
-    assert quantized.batch_runner is None and not LlamaBatchRunner.supports(quantized.blocks)
-    assert "quantized weights: the fused kernels read raw weight tensors" in caplog.text
+    assert LlamaBatchRunner.supports(quantized.blocks) and quantized.batch_runner.quantized
+    assert "batched Llama runner (int8 weights through the blocks' own quantized layers" in caplog.text
+    assert all(isinstance(layer.o_proj, Int8WeightLinear) for layer in quantized.batch_runner.layers)
 
 
 def test_announcement_and_receipts_carry_the_mode():

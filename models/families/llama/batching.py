@@ -4,8 +4,9 @@ Every token of every session goes through one fused QKV, output, gate/up and dow
 stacked), RoPE at each row's absolute position, and attention per session against its own cache (a view, no copy).
 Sessions keep their own ``SpanCache`` (their own slots): a batch may mix prefills and decodes at any lengths and
 positions. It reproduces transformers' decoder layer operation for operation (``fused.py``), so a batched step
-equals the unbatched one to float32 rounding (tests/speed). Prompt-tuned first steps, and blocks the kernels do not
-compute (sliding windows, mixtures of experts: ``unsupported``), take the generic path
+equals the unbatched one to float32 rounding (tests/speed). Quantized blocks (nf4, int8) batch too, through their own
+quantized linears (rows stacked as well; rounds run eagerly: see ``LlamaBatchRunner``). Prompt-tuned first steps,
+and blocks the kernels do not compute (sliding windows, mixtures of experts: ``unsupported``), take the generic path
 (``BlockSpan.forward``, one session at a time).
 """
 
@@ -50,12 +51,18 @@ class LlamaBatchRunner(FusedLlamaBlocks):
     Routes: one session's single-token step through the C decode layer where it measured faster at load (CPU,
     ``native_decode.py``); otherwise the batched eager forward (``run``). ``static_step`` is the graph-safe decode
     step the node records as CUDA graphs.
+
+    Quantized blocks run every round eagerly (batched, through bitsandbytes' layers): no recorded rounds, page
+    pool, compiled route or C layer, whose steps read float weight matrices (recording bitsandbytes' kernels in
+    CUDA graphs is untested).
     """
 
     pages = True  # ``paged_step``: decode rounds over a node's page pool
 
     def __init__(self, spans: Sequence[nn.Module]):
         super().__init__(spans)
+        if self.quantized:
+            self.pages = False  # the paged step is recorded on GPUs: eager rounds over each session's own cache
         self.native: NativeDecoder | None = None
         self.native = NativeDecoder.build(self)  # one session's decode step in C on CPUs, where it measured faster
         self.compiled = graphs.compiles(self)
@@ -68,7 +75,17 @@ class LlamaBatchRunner(FusedLlamaBlocks):
         route = "the C layer" if self.native is not None else "PyTorch"
         if self.compiled:
             route = "PyTorch, decode rounds through torch.compile's fused kernels"
+        if self.quantized:
+            return (
+                f"batched Llama runner ({self.quantization} weights through the blocks' own quantized layers; "
+                "rounds eager: no CUDA graphs, page pool or C layer, which read float matrices)"
+            )
         return f"batched Llama runner (fused projections; one session's decode step through {route})"
+
+    @property
+    def static_positions(self) -> int:
+        """0 for quantized blocks: no recorded rounds (``GraphedDecoder`` and ``PagedDecoder`` stay off)."""
+        return 0 if self.quantized else super().static_positions
 
     @staticmethod
     def supports(spans: Sequence[nn.Module]) -> bool:
@@ -83,8 +100,8 @@ class LlamaBatchRunner(FusedLlamaBlocks):
                 return "the blocks are not single Llama-shaped blocks of one family"
             if span.runner.sliding_window is not None:
                 return "sliding-window attention is not in the fused kernels"
-            if getattr(span, "quantization", "none") != "none":
-                return "quantized weights: the fused kernels read raw weight tensors"
+            if getattr(span, "quantization", "none") != getattr(spans[0], "quantization", "none"):
+                return "the blocks mix weight quantizations"
             block = span.blocks[0]
             attention, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
             if hasattr(mlp, "experts"):

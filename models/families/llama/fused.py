@@ -42,10 +42,12 @@ class FusedLlamaBlocks(BatchRunner):
         self.num_kv_heads = getattr(first.config, "num_key_value_heads", None) or self.num_heads
         self.scaling = attention.scaling
         self.rotary = first.runner.rotary
-        self.layers = [FusedLayer(span.blocks[0]) for span in self.spans]
+        self.quantization = getattr(first, "quantization", "none")
+        self.quantized = self.quantization != "none"
+        self.layers = [FusedLayer(span.blocks[0], quantized=self.quantized) for span in self.spans]
         self.on_gpu = first.device.type == "cuda"
         self.matmul = CpuMatmul()  # PyTorch's products; on CPU in float32, the faster BLAS per row count
-        if first.device.type == "cpu" and first.dtype == torch.float32:
+        if first.device.type == "cpu" and first.dtype == torch.float32 and not self.quantized:
             self.matmul = CpuMatmul.calibrate([w for layer in self.layers for w in layer.matrices])
         self.cos_table, self.signed_sin_table = rotary_tables(self.rotary, first)
 
@@ -70,7 +72,11 @@ class FusedLlamaBlocks(BatchRunner):
     def qkv(self, layer: FusedLayer, x, cos, sin) -> torch.Tensor:
         """[n, heads + 2 * kv_heads, head_dim]: queries and keys rotated (RoPE), then values, side by side."""
         n, heads, kv_heads = x.shape[0], self.num_heads, self.num_kv_heads
-        qkv = self.matmul(layer.input_norm(x), layer.qkv_weight, layer.qkv_bias).view(n, heads + 2 * kv_heads, -1)
+        if layer.quantized:
+            normed = layer.input_norm(x)
+            qkv = torch.cat([linear(normed) for linear in layer.qkv_linears], dim=-1).view(n, heads + 2 * kv_heads, -1)
+        else:
+            qkv = self.matmul(layer.input_norm(x), layer.qkv_weight, layer.qkv_bias).view(n, heads + 2 * kv_heads, -1)
         if layer.q_norm is not None:  # Qwen3: each query and key head normalised before RoPE
             qkv[:, :heads] = layer.q_norm(qkv[:, :heads])
             qkv[:, heads : heads + kv_heads] = layer.k_norm(qkv[:, heads : heads + kv_heads])
@@ -79,6 +85,10 @@ class FusedLlamaBlocks(BatchRunner):
 
     def mlp(self, layer: FusedLayer, x, attention) -> torch.Tensor:
         """The attention's output projection and residual, then the MLP and its residual."""
+        if layer.quantized:  # the block's own linears, as its generic forward calls them
+            x = layer.o_proj(attention).add_(x)
+            normed = layer.post_norm(x)
+            return layer.down_proj(layer.act(layer.gate_proj(normed)).mul_(layer.up_proj(normed))).add_(x)
         x = self.matmul(attention, layer.o_weight, layer.o_bias).add_(x)  # the residual, into the fresh product
         gate_up = self.matmul(layer.post_norm(x), layer.gate_up_weight, layer.gate_up_bias)
         gate, up = gate_up.chunk(2, dim=-1)
@@ -98,14 +108,30 @@ class FusedLayer:
 
     Matrices are stored [in, out] (``x @ w``): MKL runs the small-batch products that batching produces 1.3-1.6x
     faster in this layout than with PyTorch's usual [out, in] weights, and single rows just as fast.
+
+    ``quantized``: the block's linears are quantized (bitsandbytes ``Linear4bit``, ``Int8WeightLinear``); they are
+    kept and called as they are (no fused matrices: fusing nf4 codes would regroup the double-quantized absmax, so
+    the codes would no longer be the checkpoint's that audits recompute from), and the ``*_weight`` are None.
     """
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, *, quantized: bool = False):
         attention, mlp = block.self_attn, block.mlp
-        self.qkv_weight, self.qkv_bias = _fuse(attention, ("q_proj", "k_proj", "v_proj"))
-        self.gate_up_weight, self.gate_up_bias = _fuse(mlp, ("gate_proj", "up_proj"))
-        self.o_weight, self.o_bias = store_in_out(attention.o_proj), attention.o_proj.bias
-        self.down_weight, self.down_bias = store_in_out(mlp.down_proj), mlp.down_proj.bias
+        self.quantized = quantized
+        if quantized:
+            self.qkv_linears = (attention.q_proj, attention.k_proj, attention.v_proj)
+            self.o_proj, self.gate_proj, self.up_proj, self.down_proj = (
+                attention.o_proj,
+                mlp.gate_proj,
+                mlp.up_proj,
+                mlp.down_proj,
+            )
+            self.qkv_weight = self.qkv_bias = self.gate_up_weight = self.gate_up_bias = None
+            self.o_weight = self.o_bias = self.down_weight = self.down_bias = None
+        else:
+            self.qkv_weight, self.qkv_bias = _fuse(attention, ("q_proj", "k_proj", "v_proj"))
+            self.gate_up_weight, self.gate_up_bias = _fuse(mlp, ("gate_proj", "up_proj"))
+            self.o_weight, self.o_bias = store_in_out(attention.o_proj), attention.o_proj.bias
+            self.down_weight, self.down_bias = store_in_out(mlp.down_proj), mlp.down_proj.bias
         # transformers' SiLU module only calls F.silu: called directly, a step skips a module call per block
         self.act = F.silu if type(mlp.act_fn).__name__ in ("SiLU", "SiLUActivation") else mlp.act_fn
         self.input_norm = RMSNorm(block.input_layernorm)
@@ -117,7 +143,9 @@ class FusedLayer:
 
     @property
     def matrices(self) -> list[torch.Tensor]:
-        """The [in, out] matrices in the order a step reads them."""
+        """The [in, out] matrices in the order a step reads them (none for quantized layers)."""
+        if self.quantized:
+            return []
         return [self.qkv_weight, self.o_weight, self.gate_up_weight, self.down_weight]
 
 

@@ -102,6 +102,8 @@ def compiles(blocks: FusedLlamaBlocks) -> bool:
 
 
 def _plain(layer: FusedLayer) -> bool:
+    if layer.quantized:  # the compiled functions multiply fused float matrices
+        return False
     biases = (layer.qkv_bias, layer.o_bias, layer.gate_up_bias, layer.down_bias)
     return all(b is None for b in biases) and layer.q_norm is None and layer.act is F.silu
 

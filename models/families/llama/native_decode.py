@@ -62,7 +62,8 @@ class NativeDecoder:
         if runner.num_heads % runner.num_kv_heads or len(runner.cos_table) <= TIMED_STEPS:
             return None
         if not all(
-            layer.act is F.silu
+            not layer.quantized  # the C layer reads float32 matrices
+            and layer.act is F.silu
             and layer.q_norm is None  # the C layer has no per-head norms
             and layer.input_norm.fused
             and layer.post_norm.fused
