@@ -23,7 +23,7 @@ from torch import nn
 
 from nectar.models.checkpoint import Checkpoint
 from nectar.models.errors import CheckpointError
-from nectar.models.quant import NF4_BLOCKSIZE, Int8WeightLinear, _bnb, quantize_block
+from nectar.models.quant import NF4_BLOCKSIZE, Int8WeightLinear, _bnb, keep_plain_cpu_layout, quantize_block
 
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' CUDA and CPU kernels both dequantize
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")
@@ -194,6 +194,7 @@ def nf4_linear(
     module.quant_state = quant_state
     if bias is not None:
         module.bias = nn.Parameter(bias, requires_grad=False)
+    keep_plain_cpu_layout(module)
     return module.to(device) if torch.device(device).type != "cpu" else module
 
 

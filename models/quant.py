@@ -121,7 +121,17 @@ def _nf4_linear(linear: nn.Linear, dtype: torch.dtype) -> nn.Module:
     )._quantize("cpu")
     if linear.bias is not None:
         module.bias = nn.Parameter(linear.bias.detach().to("cpu", dtype), requires_grad=False)
+    keep_plain_cpu_layout(module)
     return module.to(weight.device) if weight.device.type != "cpu" else module
+
+
+def keep_plain_cpu_layout(module: nn.Module) -> nn.Module:
+    """On AVX512-BF16 CPUs bitsandbytes repacks a ``Linear4bit``'s codes on its first forward, which fails for layers
+    whose input size is not a multiple of 64 or output size of 32 (e.g. an intermediate size of 1376: "shape
+    [512, 21] is invalid"). Such layers keep the plain layout, which every CPU computes."""
+    if module.in_features % 64 or module.out_features % 32:
+        module.support_avx512bf16_for_cpu = False
+    return module
 
 
 def quantize_block(block: nn.Module, mode: str, dtype: torch.dtype) -> nn.Module:
@@ -149,4 +159,11 @@ def module_bytes(module: nn.Module) -> int:
     return total
 
 
-__all__ = ["QUANT_MODES", "check_quantization", "Int8WeightLinear", "quantize_block", "module_bytes"]
+__all__ = [
+    "QUANT_MODES",
+    "check_quantization",
+    "Int8WeightLinear",
+    "keep_plain_cpu_layout",
+    "quantize_block",
+    "module_bytes",
+]

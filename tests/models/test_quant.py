@@ -194,3 +194,22 @@ def test_a_client_can_require_the_weights_it_is_served():
     servers.pop(full)
     with pytest.raises(MissingBlocksError, match=r"serves nf4 weights \(--quant allows none,int8\)"):
         manager("none,int8").make_inference_route()
+
+
+def test_nf4_layers_bitsandbytes_cannot_repack_keep_the_plain_cpu_layout(monkeypatch):
+    """On AVX512-BF16 CPUs bitsandbytes repacks nf4 codes on the first forward, which fails for an input size that is
+    not a multiple of 64 (a real intermediate size such as 1376): such layers must keep the layout every CPU runs."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    from nectar.models.quant import quantize_block
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)  # as on such a CPU, whatever this one is
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(1376, 64, bias=False))
+    reference = block[0].weight.detach().clone()
+    quantize_block(block, "nf4", torch.float32)
+    x = torch.randn(3, 1376)
+    with torch.inference_mode():
+        y = block(x)
+    assert y.shape == (3, 64) and torch.isfinite(y).all()
+    assert (y - x @ reference.t()).abs().max() < 0.35 * (x @ reference.t()).abs().max()
