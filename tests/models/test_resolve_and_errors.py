@@ -88,5 +88,10 @@ def test_missing_tokenizer_names_the_file(tiny_paths):
 
 def test_out_of_vocabulary_token_is_refused(tiny_paths):
     head = load_client_head(tiny_paths["bloom"])
-    with pytest.raises(ValueError, match=r"token ids must be in \[0, 1000\)"):
-        head.embed(torch.tensor([[1, 1000]]))
+    long_prompt = torch.arange(100)[None] % 1000
+    long_prompt[0, 50] = -3
+    # a decode step's few ids are checked in Python, a prompt's through a tensor op: both refuse
+    for ids, shown in (([[1, 1000]], "1..1000"), ([[-1]], "-1..-1"), (long_prompt, "-3..99")):
+        with pytest.raises(ValueError, match=rf"token ids must be in \[0, 1000\), got {shown}"):
+            head.embed(torch.as_tensor(ids))
+    assert head.embed(torch.tensor([[999]])).shape == (1, 1, head.embedding_dim)
