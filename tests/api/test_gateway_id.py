@@ -7,19 +7,16 @@ same swarm and ledger (so it would have answered with the node's records)."""
 from __future__ import annotations
 
 import re
-import secrets
 import time
 
 import httpx
 import pytest
-from eth_account import Account
-from eth_account.messages import encode_defunct
 
 from nectar.api.launch import ApiProcess
-from nectar.wire import request_auth
 from nectar.wire.request_auth import GATEWAY_PATH, sign_request
 from tests.api.conftest import ADMIN, Backend, new_customer, node_key
 from tests.api.utils import market_api_env, signed_for, wait_for
+from tests.wire.old_signatures import v1_signed_headers
 
 pytestmark = pytest.mark.slow
 
@@ -74,19 +71,7 @@ def test_a_request_signed_for_one_gateway_is_refused_by_another(api, market, oth
 def test_an_old_format_signature_is_refused_with_how_to_sign_anew(api, market, receipts):
     """Before: the gateway-less v1 text was the format, accepted by every gateway."""
     key = node_key(market, "alpha")
-    address, nonce = Account.from_key(key).address, secrets.token_hex(16)
-    timestamp = int(time.time())
-    old = (
-        f"Nectar operator request\nmethod: GET\npath: {receipts}\naddress: {address.lower()}\n"
-        f"timestamp: {timestamp}\nnonce: {nonce}"
-    )
-    signature = "0x" + Account.sign_message(encode_defunct(text=old), key).signature.hex().removeprefix("0x")
-    headers = {
-        request_auth.HEADER_ADDRESS: address,
-        request_auth.HEADER_TIMESTAMP: str(timestamp),
-        request_auth.HEADER_NONCE: nonce,
-        request_auth.HEADER_SIGNATURE: signature,
-    }
+    headers = v1_signed_headers(key, receipts, int(time.time()))
     answer = httpx.get(f"{api.url}{receipts}", headers=headers)
     assert answer.status_code == 401, answer.text
     message = answer.json()["error"]["message"]

@@ -8,10 +8,9 @@ import secrets
 
 import pytest
 from eth_account import Account
-from eth_account.messages import encode_defunct
 
-from nectar.wire import request_auth
 from nectar.wire.request_auth import HEADER_GATEWAY, BadSignature, check, sign_request
+from tests.wire.old_signatures import v1_signed_headers
 
 PATH = "/v1/nodes/0x0000000000000000000000000000000000000001/earnings"
 
@@ -34,18 +33,8 @@ def test_a_signature_is_accepted_by_its_gateway_only(key):
 
 def test_an_old_format_signature_is_refused_with_how_to_sign_anew(key):
     """The v1 text (no gateway) that signers made before: a valid signature of it is still refused."""
-    address, timestamp, nonce = Account.from_key(key).address, 1_800_000_000, secrets.token_hex(16)
-    old = (
-        f"Nectar operator request\nmethod: GET\npath: {PATH}\naddress: {address.lower()}\n"
-        f"timestamp: {timestamp}\nnonce: {nonce}"
-    )
-    signature = "0x" + Account.sign_message(encode_defunct(text=old), key).signature.hex().removeprefix("0x")
-    headers = {
-        request_auth.HEADER_ADDRESS: address,
-        request_auth.HEADER_TIMESTAMP: str(timestamp),
-        request_auth.HEADER_NONCE: nonce,
-        request_auth.HEADER_SIGNATURE: signature,
-    }
+    timestamp = 1_800_000_000
+    headers = v1_signed_headers(key, PATH, timestamp)
     with pytest.raises(BadSignature, match=r"old-format signature .*GET /v1/market/gateway.*gateway=ID"):
         check("GET", PATH, headers, gateway=secrets.token_hex(16), now=timestamp)
 
