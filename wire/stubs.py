@@ -120,9 +120,14 @@ async def _direct_else_p2p(tap: _Replayable, responses: AsyncIterator, p2p_strea
             async for response in responses:
                 tap.keep = False  # the node answered: no replay from here on
                 yield response
-            return
-        except DirectCallError as e:
-            if not tap.keep or NodeRPCError.code_of(e) != ErrorCode.LANE_FULL:
+            if not tap.keep:
+                return
+            # closed before any answer: a refusing lane's reset can swallow its lane_full frame (the client's write
+            # crossed the close), so treat it as that refusal
+            logger.info("The direct lane closed before answering; sending the same requests over P2P")
+        except (DirectCallError, OSError) as e:
+            refused = not isinstance(e, DirectCallError) or NodeRPCError.code_of(e) == ErrorCode.LANE_FULL
+            if not tap.keep or not refused:
                 raise
             logger.info(f"{e}; sending the same requests over P2P")
         tap.keep = False
