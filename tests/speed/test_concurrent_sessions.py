@@ -20,6 +20,7 @@ import torch
 from nectar.client import ClientConfig, DistributedModelForCausalLM
 from nectar.node.backend import SpanBackend
 from nectar.node.local_swarm import LocalSwarm
+from tests.swarm.info import node_compute_counters
 
 pytestmark = pytest.mark.slow
 TOLERANCE = 1e-5
@@ -129,18 +130,6 @@ def test_the_node_keeps_serving_after_concurrent_sessions(model):
     assert first.tolist() == model.generate(ids, max_new_tokens=6, do_sample=False).tolist()
 
 
-def _compute_counters(model) -> dict:
-    from nectar.wire.protocol import RPC_INFO, make_request, unpack_metadata
-    from nectar.wire.stubs import call_unary
-
-    model.sequence_manager.update(force=True)
-    ((peer, info),) = {p: i for block in model.sequence_manager.servers().values() for p, i in block.items()}.items()
-    response = model.runtime.run(
-        call_unary(model.runtime.p2p, peer, info, RPC_INFO, make_request("", [], {}), timeout=20), timeout=30
-    )
-    return unpack_metadata(response.metadata)["compute"]
-
-
 def _signing_children(swarm) -> list:
     import psutil
 
@@ -149,9 +138,9 @@ def _signing_children(swarm) -> list:
 
 
 def test_info_counts_steps_and_loop_time_and_a_child_process_signs(swarm, model):
-    before = _compute_counters(model)
+    before = node_compute_counters(model)
     model.generate(torch.randint(3, 1000, (1, 4)), max_new_tokens=5, do_sample=False)
-    after = _compute_counters(model)
+    after = node_compute_counters(model)
     assert after["inference_steps"] - before["inference_steps"] >= 5  # a prefill and four decodes at least
     assert after["loop_cpu_seconds"] > before["loop_cpu_seconds"] > 0
     signers = _signing_children(swarm)

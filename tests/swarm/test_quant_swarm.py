@@ -16,9 +16,8 @@ from nectar.client.errors import RouteUnavailableError
 from nectar.models import load_client_head, load_span
 from nectar.node.local_swarm import LocalSwarm
 from nectar.wire.dht import ClientRuntime
-from nectar.wire.protocol import RPC_INFO, make_request, unpack_metadata
-from nectar.wire.stubs import call_unary
 from nectar.wire.swarm import read_swarm
+from tests.swarm.info import node_compute_counters
 
 pytestmark = pytest.mark.slow
 
@@ -74,15 +73,6 @@ def test_generation_through_an_int8_node_equals_a_local_int8_span(swarm, tiny_ll
         assert not torch.equal(full(hidden), span(hidden))
 
 
-def _compute_counters(model) -> dict:
-    model.sequence_manager.update(force=True)
-    ((peer, info),) = {p: i for block in model.sequence_manager.servers().values() for p, i in block.items()}.items()
-    response = model.runtime.run(
-        call_unary(model.runtime.p2p, peer, info, RPC_INFO, make_request("", [], {}), timeout=20), timeout=30
-    )
-    return unpack_metadata(response.metadata)["compute"]
-
-
 def test_concurrent_generations_are_batched_and_each_equals_its_generation_alone(swarm, tiny_llama):
     model = DistributedModelForCausalLM.from_pretrained(
         tiny_llama, initial_peers=swarm.initial_peers, config=ClientConfig(max_retries=0, step_timeout=30)
@@ -112,7 +102,7 @@ def test_concurrent_generations_are_batched_and_each_equals_its_generation_alone
             thread.start()
         for thread in threads:
             thread.join(timeout=300)
-        counters = _compute_counters(model)
+        counters = node_compute_counters(model)
     finally:
         model.shutdown()
     assert not errors, errors
