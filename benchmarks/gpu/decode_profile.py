@@ -6,7 +6,8 @@ On one GPU, for a Llama-shaped span (default: all 32 blocks of the 7B shape, flo
   2. one session's decode round as the node runs it (a recorded round per step), per step and per replay;
   3. the per-kernel profile of one recorded round (kernels grouped by name: count and time per round);
   4. the same with each route of ``NECTAR_DECODE_ROUTE`` (eager, compiled), their replay time and their largest
-     difference from the eager static step's output.
+     difference from the eager static step's output;
+  ``--rows N`` profiles a round of N sessions (equal caches: the pooled recording) instead of one session's.
 Prints a table and writes --json.
 
     python3 benchmarks/gpu/decode_profile.py --model llama2-7b --json /tmp/profile.json
@@ -95,6 +96,17 @@ def products(runner, rows_list=(1, 16)) -> list[dict]:
                 }
             )
     return out
+
+
+def round_of(backend, sessions: list, inputs: list, position: int) -> list:
+    """One decode round of ``sessions`` (each a span's caches) at ``position``, as the node's compute thread runs it."""
+    blocks = len(sessions[0])
+    if len(sessions) == 1:
+        return [backend.inference_step(inputs[0], sessions[0], start=0, end=blocks, position=position)]
+    tasks = [
+        backend.inference_task(x, caches, start=0, end=blocks, position=position) for x, caches in zip(inputs, sessions)
+    ]
+    return backend.run_inference(tasks)
 
 
 def kernel_table(fn, rounds: int = 5) -> tuple[list[dict], int, float]:
@@ -245,6 +257,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=0, help="blocks to host (0: all)")
     parser.add_argument("--max-length", type=int, default=128, help="the session's cache (prompt + new tokens)")
     parser.add_argument("--steps", type=int, default=48)
+    parser.add_argument("--rows", type=int, default=1, help="sessions in the profiled round (one recording)")
     parser.add_argument("--routes", nargs="+", default=["eager", "compiled"])
     parser.add_argument("--json")
     parser.add_argument("--churn", type=int, default=0, help="sessions of a churning mix (0: the profile)")
@@ -285,28 +298,30 @@ def main() -> None:
                 )
         torch.manual_seed(0)
         hidden = backend.hidden_size
-        caches = backend.new_caches(0, blocks, 1, args.max_length)
-        backend.inference_step(torch.randn(1, 16, hidden), caches, start=0, end=blocks, position=0)
-        xs = [torch.randn(1, 1, hidden) for _ in range(args.steps)]
+        sessions = [backend.new_caches(0, blocks, 1, args.max_length) for _ in range(args.rows)]
+        for caches in sessions:
+            backend.inference_step(torch.randn(1, 16, hidden), caches, start=0, end=blocks, position=0)
+        xs = [[torch.randn(1, 1, hidden) for _ in sessions] for _ in range(args.steps)]
         began = time.perf_counter()
-        backend.inference_step(xs[0], caches, start=0, end=blocks, position=16)  # records the lone session
+        round_of(backend, sessions, xs[0], 16)  # records the round
         record_s = time.perf_counter() - began
         times, outputs = [], []
         for i, x in enumerate(xs[1:], start=17):
             began = time.perf_counter()
-            outputs.append(backend.inference_step(x, caches, start=0, end=blocks, position=i))
+            outputs.extend(round_of(backend, sessions, x, i))
             times.append(time.perf_counter() - began)
         times.sort()
         step_ms = times[len(times) // 2] * 1e3
         decoder = backend.decode_graphs
-        entry = next(iter(decoder._graphs.values()))
+        entry = max(decoder._graphs.values(), key=lambda e: e.input.shape[0])  # the round of every session
         replay = replay_time(entry.graph)
         kernels, count, total = kernel_table(entry.graph.replay)
         row = {
             "record_s": record_s,
             "step_ms_median": step_ms,
             "replay_ms": replay * 1e3,
-            "tok_s": 1e3 / step_ms,
+            "rows": args.rows,
+            "tok_s": args.rows * 1e3 / step_ms,
             "replay_bandwidth_gbs": weight_bytes / replay / 1e9,
             "kernels_per_round": count,
             "kernel_us_per_round": total,
@@ -325,14 +340,19 @@ def main() -> None:
                 row["max_abs_eager"] = max(b.abs().max().item() for b in ref)
         report["routes"][route] = row
         log(
-            f"[{route}] record {record_s:.2f}s, step {step_ms:.2f} ms ({1e3 / step_ms:.1f} tok/s), replay "
+            f"[{route}] {args.rows} session(s): record {record_s:.2f}s, step {step_ms:.2f} ms "
+            f"({args.rows * 1e3 / step_ms:.1f} tok/s), replay "
             f"{replay * 1e3:.2f} ms ({weight_bytes / replay / 1e9:.0f} GB/s of weights), {count} kernels "
             f"({total / 1e3:.2f} ms of kernel time)"
-            + (f", max diff vs eager {row['max_diff_vs_eager']:.3g}" if "max_diff_vs_eager" in row else "")
+            + (
+                f", max diff vs eager {row['max_diff_vs_eager']:.3g} (outputs up to {row['max_abs_eager']:.3g})"
+                if "max_diff_vs_eager" in row
+                else ""
+            )
         )
         for k in kernels[:12]:
             log(f"    {k['us_per_round']:8.1f} us  x{k['per_round']:5.0f}  {k['kernel']}")
-        del backend, runner, caches, decoder, entry
+        del backend, runner, sessions, decoder, entry
         torch.cuda.empty_cache()
     report.pop("reference_outputs", None)
     if args.json:

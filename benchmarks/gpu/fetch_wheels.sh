@@ -27,11 +27,13 @@ done
 for spec in prefetch-generator==1.0.3 varint==1.0.2 python-baseconv==1.2.2; do
   python -m pip wheel -q --no-deps -w "$dest" "$spec"
 done
-# --bnb: bitsandbytes (quantized weights, the 70B run) into .bnb/ on its own: its 43 MB wheel and .whl's 41 MB do
-# not fit one call's 64 MiB, so a run carries .whl in one call and .bnb in the next (installs persist while warm)
+# --bnb: bitsandbytes (quantized weights: the 70B run; Petals imports it too) into .bnb/, repacked with only the
+# CUDA 13.0 and CPU libraries the GPU image's torch loads (43 MB -> 3.4 MB), so .whl + .bnb + .petalswhl fit one call
 if [[ "${1:-}" == "--bnb" ]]; then
   mkdir -p .bnb
-  python -m pip download -q --no-deps --only-binary=:all: "${platform[@]}" -d .bnb bitsandbytes==0.50.2
+  python -m pip download -q --no-deps --only-binary=:all: "${platform[@]}" --platform manylinux_2_24_x86_64 \
+    -d .bnb bitsandbytes==0.50.2
+  python benchmarks/gpu/slim_wheel.py .bnb/bitsandbytes-0.50.2-*.whl '*_cuda130.so' '*_cpu.so'
   du -sh .bnb
 fi
 # --api: the gateway's dependencies and locust, for run_api_load.sh (pip resolves their dependencies for 3.12)

@@ -6,7 +6,7 @@
 # .whl (41 MiB) + .petalswhl (13 MiB) + the tree (5 MiB) fit the device tool's 64 MiB (not with fetch_wheels.sh --api).
 # Both swarm sizes in one call are estimated at 8-9 minutes on an H100 (not yet run there): to be safe, use two
 # back-to-back calls (the warm machine keeps the venv and the checkpoint), NODES 2, then 1.
-# Writes OUT_DIR/petals_gpu_nodes<N>.json and OUT_DIR/petals_gpu.log.
+# Writes OUT_DIR/petals_gpu_nodes<N>.json and OUT_DIR/petals_gpu.log. REPEATS / SESSION_REPEATS (3 / 2) shorten a run.
 set -euo pipefail
 out="${1:-${OUT:-/tmp/nectar-petals-gpu}}"
 shift || true
@@ -26,7 +26,7 @@ bash benchmarks/petals/setup_venv.sh --offline .petalswhl "$venv" 2>&1 \
 echo "[run_petals_gpu] venv ready after $((SECONDS - began)) s" | tee -a "$log"
 # threads: as bench_gpu.py; 64 new tokens per decode and per session (the Nectar GPU run's shapes)
 python3 benchmarks/bench_petals.py --model llama2-7b --device cuda --dtype float16 --threads 4 \
-  --nodes "${nodes[@]}" --sessions 1 16 --repeats 3 --session-repeats 2 --no-tuning --no-local --venv "$venv" \
+  --nodes "${nodes[@]}" --sessions 1 16 --repeats "${REPEATS:-3}" --session-repeats "${SESSION_REPEATS:-2}" --no-tuning --no-local --venv "$venv" \
   --json "$out/petals_gpu_nodes$(IFS=-; echo "${nodes[*]}").json" 2>&1 \
   | grep --line-buffered -v -i "warning" | tee -a "$log"
 echo "[run_petals_gpu] done in $((SECONDS - began)) s" | tee -a "$log"
