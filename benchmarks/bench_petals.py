@@ -443,6 +443,9 @@ def main() -> None:
     parser.add_argument("--push", action="store_true", help="Nectar's client with server-to-server push")
     args = parser.parse_args()
     set_threads(args.threads)
+    if args.sessions and max(args.sessions) > 8 and "--client-max-sessions" not in args.node_args:
+        # Nectar's sessions come from one client here, as Petals' do; nodes hold 8 of one client's by default
+        args.node_args = f"{args.node_args} --client-max-sessions {max(args.sessions)}".strip()
     path = checkpoint(args.model, dtype=args.dtype, device=args.device)
     python = ensure_venv(args.venv)
     results = {nodes: compare(args, nodes, path, python) for nodes in args.nodes}
