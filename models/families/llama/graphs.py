@@ -135,21 +135,28 @@ def _batch_dynamic(compiled, rows: tuple[int, ...]):
     return call
 
 
+@torch.inference_mode()
 def warm_up(blocks: FusedLlamaBlocks) -> None:
-    """Compiles both variants at load (tens of seconds once; cached on disk after), not in a client's first step."""
+    """Compiles both variants at load (tens of seconds once; cached on disk after), not in a client's first step.
+
+    Under inference mode and with arguments made as rounds make them: dynamo guards on both (a view of a table made
+    outside inference mode is another tensor to it), so the warm-up used to be compiled again in the first round of
+    each variant (likely the 0.24 s and 1.3 s "recordings" of the compiled route on an H100, stop 33)."""
     layer = blocks.layers[0]
     for rows in (1, 2):
         pre, post = compiled_parts(rows)
         x = torch.zeros(rows, blocks.hidden_size, device=blocks.device, dtype=blocks.dtype)
-        cos = blocks.cos_table[:rows, None]
-        sin = blocks.signed_sin_table[:rows, None]
+        positions = torch.arange(rows, device=blocks.device)  # the rounds, taken as they take them
+        cos = blocks.cos_table.index_select(0, positions)[:, None]
+        sin = blocks.signed_sin_table.index_select(0, positions)[:, None]
         heads, kv_heads = blocks.num_heads, blocks.num_kv_heads
         qkv = pre(x, layer.input_norm.weight, layer.qkv_weight, cos, sin, heads, kv_heads, layer.input_norm.eps)
         out = qkv[:, :heads].reshape(rows, -1).contiguous()
         post(
             x, out, layer.o_weight, layer.post_norm.weight, layer.gate_up_weight, layer.down_weight, layer.post_norm.eps
         )
-    torch.cuda.synchronize(blocks.device)
+    if blocks.on_gpu:
+        torch.cuda.synchronize(blocks.device)
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
