@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -46,14 +47,52 @@ def fake_int8(span) -> None:
                 p.copy_((p / scale).round().clamp(-127, 127) * scale)
 
 
+class ServedSpan:
+    """The node's own serving path for one span: ``SpanBackend`` rounds (the fused batch runner, on a GPU recorded
+    CUDA-graph rounds and the route ``NECTAR_DECODE_ROUTE`` picks, on a CPU the C layer where it applies): what an
+    honest node's audited outputs come from. Called like a span module with a cache."""
+
+    def __init__(self, path, start: int, end: int, *, dtype, device: str):
+        from nectar.node.backend import SpanBackend
+
+        self.backend = SpanBackend(path, start, end, dtype=dtype, device=device, show_progress=False, batching=True)
+        self.start, self.end, self.dtype, self.device = start, end, dtype, device
+
+    def new_cache(self, batch_size: int, max_length: int):
+        return [self.backend.new_caches(self.start, self.end, batch_size, max_length), 0]
+
+    def __call__(self, hidden, *, cache):
+        caches, position = cache
+        out = self.backend.inference_step(hidden, caches, start=self.start, end=self.end, position=position)
+        cache[1] = position + hidden.shape[1]
+        return out
+
+
 def run(
-    name, path, dtype_name, *, sessions, prefill, decode, start, end, embed=None, seed=0, cheat_every=1, device="cpu"
+    name,
+    path,
+    dtype_name,
+    *,
+    sessions,
+    prefill,
+    decode,
+    start,
+    end,
+    embed=None,
+    seed=0,
+    cheat_every=1,
+    device="cpu",
+    route="served",
 ):
-    """The node computes on ``device`` (KV-cached steps); the verifier recomputes on the CPU, in the node's dtype and
-    in float32. With ``embed`` and a span that ends at the model's last block, next tokens are compared too."""
+    """The node computes on ``device`` (KV-cached steps) through ``route`` ("served": ``ServedSpan``; "generic": the
+    blocks' own modules); the verifier recomputes on the CPU, in the node's dtype and in float32. With ``embed`` and a
+    span that ends at the model's last block, next tokens are compared too."""
     dtype, spec = DTYPES[dtype_name], ComputeSpec(dtype_name)
     span = load_span(path, start, end, dtype=dtype)
-    node = load_span(path, start, end, dtype=dtype, device=device) if device != "cpu" else span
+    if route == "served":
+        node = ServedSpan(path, start, end, dtype=dtype, device=device)
+    else:
+        node = load_span(path, start, end, dtype=dtype, device=device) if device != "cpu" else span
     final = embed is not None and end == span32_blocks(path)
     span32 = load_span(path, start, end, dtype=torch.float32)
     int8 = load_span(path, start, end, dtype=dtype)
@@ -118,6 +157,7 @@ def run(
         "dtype": dtype_name,
         "span": f"{start}:{end}",
         "device": device,
+        "route": route if route == "generic" else f"served ({os.environ.get('NECTAR_DECODE_ROUTE', 'eager')})",
         "honest": honest,
         "cheats": cheats,
         "next_tokens_changed": {k: float(np.mean(v)) for k, v in tokens.items()},
@@ -259,6 +299,12 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="where the node computes (the verifier is on the CPU)")
     parser.add_argument("--seed", type=int, default=0, help="another seed gives other sessions (more honest steps)")
+    parser.add_argument(
+        "--node-route",
+        choices=["served", "generic"],
+        default="served",
+        help="the node's outputs from its serving path (SpanBackend rounds) or the blocks' modules (before stop 33)",
+    )
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES))
     parser.add_argument("--builtin-spans", default="0:30,0:10,20:30")
     parser.add_argument("--json", default=None)
@@ -283,7 +329,7 @@ def main():
     if not (deep / "config.json").exists():
         save_tiny_checkpoint(deep, "llama", num_layers=16, hidden_size=64, seed=1)
     began, rows = time.time(), []
-    common = dict(prefill=args.prefill, decode=args.decode, device=args.device)
+    common = dict(prefill=args.prefill, decode=args.decode, device=args.device, route=args.node_route)
     torch.manual_seed(args.seed)
     for dtype_name in args.dtypes:
         for kind, path in tiny.items():

@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # The 70B run (issue 25, point 5), one GPU of 80 GB, 64 GiB disk, no internet, from the repository root:
 #   here:  bash benchmarks/gpu/fetch_wheels.sh && bash benchmarks/gpu/fetch_wheels.sh --bnb   # .whl/ and .bnb/
-#   there: back to back on one warm machine (each call carries at most 64 MiB; installs persist while it is warm):
-#          carrying .whl: `source benchmarks/gpu/env.sh`; then carrying .bnb: `run_70b.sh build OUT`;
-#          then `run_70b.sh bench OUT` (a fresh machine needs both folders installed again)
+#   there: carrying .whl and .bnb (44 MiB: --bnb repacks bitsandbytes with only the CUDA 13.0 and CPU libraries),
+#          `run_70b.sh build OUT`, then on the same warm machine `run_70b.sh bench OUT` (the checkpoint stays there)
 # build: a random Llama-2-70B-shaped nf4 checkpoint (~37 GB, drawn and quantized on the GPU tensor by tensor; the
 # 138 GB float16 checkpoint is never written) into $NECTAR_BENCH_DIR, reused by later calls on the same machine.
 # bench: 2 nodes of 40 blocks on that GPU (--quant nf4), single-session decode and 16 concurrent sessions, and the
