@@ -8,6 +8,8 @@ benchmarks/gpu/decode_profile.py (its outputs against the eager route's).
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -69,3 +71,31 @@ def test_compiled_rounds_compile_only_at_load_and_equal_plain_steps(tiny_llama, 
     # before the warm-up ran under inference mode, each variant compiled again in its first round
     assert counters["stats"]["unique_graphs"] == at_load
     assert worst < 1e-4
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="Inductor's CPU code needs a C++ compiler")
+def test_compiled_functions_round_as_the_eager_route_bit_for_bit(tiny_llama):
+    """Inductor's kernels (its CPU code here; Triton's on GPUs) with ``graphs.rounding_options()``: each block's
+    pre-attention (norm, products, RoPE) and post-attention (products, residuals, norm, SwiGLU) outputs equal the eager
+    fused route's, bit for bit, in bfloat16. Without the options most values differ (fused float32 intermediates,
+    products fused with their residual add)."""
+    backend = SpanBackend(tiny_llama, 0, 4, dtype=torch.bfloat16, device="cpu", show_progress=False, batching=True)
+    blocks, layer = backend.batch_runner, backend.batch_runner.layers[1]
+    heads, kv_heads = blocks.num_heads, blocks.num_kv_heads
+    options = graphs.rounding_options()
+    pre = torch.compile(graphs._pre_attention, fullgraph=True, dynamic=False, options=options)
+    post = torch.compile(graphs._post_attention, fullgraph=True, dynamic=False, options=options)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, blocks.hidden_size, generator=generator).mul(3).to(torch.bfloat16)
+    attention = torch.randn(3, heads * blocks.head_dim, generator=generator).to(torch.bfloat16)
+    with torch.inference_mode():
+        cos, sin = blocks.rotary_at(x, torch.tensor([2, 9, 30]), 31)
+        compiled_qkv = pre(
+            x, layer.input_norm.weight, layer.qkv_weight, cos, sin, heads, kv_heads, layer.input_norm.eps
+        )
+        compiled_out = post(
+            x, attention, layer.o_weight, layer.post_norm.weight, layer.gate_up_weight, layer.down_weight,
+            layer.post_norm.eps,
+        )  # fmt: skip
+        assert torch.equal(compiled_qkv, blocks.qkv(layer, x, cos, sin))
+        assert torch.equal(compiled_out, blocks.mlp(layer, x.clone(), attention))

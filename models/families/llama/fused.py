@@ -183,10 +183,13 @@ class RMSNorm:
 
 
 def rope_in_place(qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
-    """``qk = qk * cos + rotate_half(qk) * sin`` (transformers' RoPE) in three ops: ``rotate_half(x) * sin`` is
-    ``roll(x, half) * signed_sin``, the first half of sin negated (``signed_sin``), with the same rounding."""
-    rolled = qk.roll(qk.shape[-1] // 2, dims=-1)
-    qk.mul_(cos).addcmul_(rolled, signed_sin)
+    """``qk = qk * cos + rotate_half(qk) * sin`` (transformers' RoPE), rounded as transformers rounds it: each
+    product in ``qk``'s dtype, then their sum (``rotate_half(x) * sin`` is ``roll(x, half) * signed_sin``, the first
+    half of sin negated). A fused multiply-add rounding once is closer to float32, but audits score a node against a
+    verifier that rounds as transformers does: in bfloat16 and float16 it doubled the spread of honest nodes' audit
+    scores (sd of log z 0.156 against 0.072 on a tiny Llama), past what the pooled test's threshold was set for."""
+    rolled = qk.roll(qk.shape[-1] // 2, dims=-1).mul_(signed_sin)
+    qk.mul_(cos).add_(rolled)
 
 
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:

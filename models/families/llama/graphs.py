@@ -116,12 +116,25 @@ def compiled_parts(rows: int) -> tuple:
     whose batch size is symbolic, so new round sizes do not compile again)."""
     many = rows > 1
     if many not in _COMPILED:
-        pre = torch.compile(_pre_attention, fullgraph=True, dynamic=False if not many else None)
-        post = torch.compile(_post_attention, fullgraph=True, dynamic=False if not many else None)
+        dynamic, options = False if not many else None, rounding_options()
+        pre = torch.compile(_pre_attention, fullgraph=True, dynamic=dynamic, options=options)
+        post = torch.compile(_post_attention, fullgraph=True, dynamic=dynamic, options=options)
         if many:  # only the batch dimension is symbolic: every other size stays specialised, as for one row
             pre, post = _batch_dynamic(pre, (0, 3, 4)), _batch_dynamic(post, (0, 1))
         _COMPILED[many] = (pre, post)
     return _COMPILED[many]
+
+
+def rounding_options() -> dict:
+    """Inductor options under which the compiled functions round as the eager route does, bit for bit: every
+    intermediate rounded to its dtype where eager rounds it (Inductor otherwise keeps fused intermediates in
+    float32), and no product fused with the residual add that follows it (``addmm`` rounds once where eager rounds
+    the product, then the sum). Audits score a node against a verifier that rounds as transformers does (stop 33: on a
+    CPU, without these 58% of a bfloat16 RoPE output's values and 65% of an MLP's differed from eager)."""
+    import torch._inductor.config as inductor_config
+
+    wanted = {"emulate_precision_casts": True, "pattern_matcher": False}
+    return {name: value for name, value in wanted.items() if hasattr(inductor_config, name)}
 
 
 def _batch_dynamic(compiled, rows: tuple[int, ...]):
