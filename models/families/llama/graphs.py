@@ -159,7 +159,7 @@ def warm_up(blocks: FusedLlamaBlocks) -> None:
     for rows in (1, 2):
         pre, post = compiled_parts(rows)
         x = torch.zeros(rows, blocks.hidden_size, device=blocks.device, dtype=blocks.dtype)
-        positions = torch.arange(rows, device=blocks.device)  # the rounds, taken as they take them
+        positions = torch.arange(rows, device=blocks.device)  # table rows, indexed as rounds index them
         cos = blocks.cos_table.index_select(0, positions)[:, None]
         sin = blocks.signed_sin_table.index_select(0, positions)[:, None]
         heads, kv_heads = blocks.num_heads, blocks.num_kv_heads
