@@ -58,6 +58,8 @@ from common import (
     timed,
 )
 
+from nectar.node.config import NodeConfig
+
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
@@ -443,8 +445,9 @@ def main() -> None:
     parser.add_argument("--push", action="store_true", help="Nectar's client with server-to-server push")
     args = parser.parse_args()
     set_threads(args.threads)
-    if args.sessions and max(args.sessions) > 8 and "--client-max-sessions" not in args.node_args:
-        # Nectar's sessions come from one client here, as Petals' do; nodes hold 8 of one client's by default
+    cap = NodeConfig.client_max_sessions  # the most sessions a node holds for one client, by default
+    if args.sessions and max(args.sessions) > cap and "--client-max-sessions" not in args.node_args:
+        # Nectar's sessions come from one client here, as Petals' do
         args.node_args = f"{args.node_args} --client-max-sessions {max(args.sessions)}".strip()
     path = checkpoint(args.model, dtype=args.dtype, device=args.device)
     python = ensure_venv(args.venv)

@@ -56,7 +56,7 @@ class ServedSpan:
         from nectar.node.backend import SpanBackend
 
         self.backend = SpanBackend(path, start, end, dtype=dtype, device=device, show_progress=False, batching=True)
-        self.start, self.end, self.dtype, self.device = start, end, dtype, device
+        self.start, self.end = start, end
 
     def new_cache(self, batch_size: int, max_length: int):
         return [self.backend.new_caches(self.start, self.end, batch_size, max_length), 0]

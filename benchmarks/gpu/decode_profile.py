@@ -101,8 +101,6 @@ def products(runner, rows_list=(1, 16)) -> list[dict]:
 def round_of(backend, sessions: list, inputs: list, position: int) -> list:
     """One decode round of ``sessions`` (each a span's caches) at ``position``, as the node's compute thread runs it."""
     blocks = len(sessions[0])
-    if len(sessions) == 1:
-        return [backend.inference_step(inputs[0], sessions[0], start=0, end=blocks, position=position)]
     tasks = [
         backend.inference_task(x, caches, start=0, end=blocks, position=position) for x, caches in zip(inputs, sessions)
     ]

@@ -31,8 +31,8 @@ def compiled_on_cpu(monkeypatch):
     torch._dynamo.reset()
 
 
-def _backend(path: str, *, batching: bool) -> SpanBackend:
-    return SpanBackend(path, 0, 4, dtype=torch.float32, device="cpu", show_progress=False, batching=batching)
+def _backend(path: str, *, batching: bool, dtype: torch.dtype = torch.float32) -> SpanBackend:
+    return SpanBackend(path, 0, 4, dtype=dtype, device="cpu", show_progress=False, batching=batching)
 
 
 def test_compiled_rounds_compile_only_at_load_and_equal_plain_steps(tiny_llama, compiled_on_cpu):
@@ -79,7 +79,7 @@ def test_compiled_functions_round_as_the_eager_route_bit_for_bit(tiny_llama):
     pre-attention (norm, products, RoPE) and post-attention (products, residuals, norm, SwiGLU) outputs equal the eager
     fused route's, bit for bit, in bfloat16. Without the options most values differ (fused float32 intermediates,
     products fused with their residual add)."""
-    backend = SpanBackend(tiny_llama, 0, 4, dtype=torch.bfloat16, device="cpu", show_progress=False, batching=True)
+    backend = _backend(tiny_llama, batching=True, dtype=torch.bfloat16)
     blocks, layer = backend.batch_runner, backend.batch_runner.layers[1]
     heads, kv_heads = blocks.num_heads, blocks.num_kv_heads
     options = graphs.rounding_options()
