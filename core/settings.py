@@ -85,6 +85,7 @@ class RuntimeSettings:
     native: bool = True  # compile and use nectar's C kernels (auto/on/off; off = PyTorch everywhere)
     native_decode: str = "auto"  # the C decode layer for one-token steps on CPU: auto (where measured faster), on
     # or off
+    cuda_graphs: bool = True  # a GPU node records its decode rounds as CUDA graphs (off: eager rounds, to compare)
     kernel_cache: Path = field(default_factory=_default_kernel_cache, metadata={"default_text": _KERNELS})  # folder
     # of the compiled C kernels, shared by the processes of a machine
     compiler: str | None = field(default=None, metadata={"env": "CC"})  # C compiler for the kernels; none = cc,
@@ -123,11 +124,13 @@ class RuntimeSettings:
             if f.name in _CHOICES:
                 text = text.upper() if f.name == "log_level" else text.lower()
                 values[f.name] = _ALIASES.get(f.name, {}).get(text, text)
-            elif f.name == "native":
+            elif f.type in ("bool", bool):
                 if text.lower() in _TRUE + _FALSE:
                     values[f.name] = text.lower() in _TRUE
                 else:
-                    problems.append(f"NECTAR_NATIVE must be auto, on or off (or 1/0, true/false, yes/no), got {text!r}")
+                    problems.append(
+                        f"{env_name(f.name)} must be auto, on or off (or 1/0, true/false, yes/no), got {text!r}"
+                    )
             elif f.name == "initial_peers":
                 values[f.name] = _split_peers(text)
             else:

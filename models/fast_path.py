@@ -50,6 +50,7 @@ class BatchRunner(ABC):
     dtype: torch.dtype
     hidden_size: int
     static_positions: int = 0  # positions ``static_step`` can take (all below this); 0: it has none
+    static_max_rows: int | None = None  # the most sessions one recorded round may hold (None: the recorder's own cap)
 
     @abstractmethod
     def run(self, steps: Sequence[SpanStep], first_block: int) -> list[torch.Tensor]:

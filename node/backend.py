@@ -27,6 +27,7 @@ from nectar.models.paged import PagePool
 from nectar.node.graphs import GraphedDecoder, PagedDecoder
 from nectar.node.task_pool import announce_round_started
 from nectar.node.training_cache import TrainingGraphCache
+from nectar.settings import current
 from nectar.wire.protocol import MAX_ADAPTERS
 
 logger = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ class SpanBackend:
         self.batch_runner: BatchRunner | None = family.batch_runner(self.blocks) if batching else None
         # recorded decode rounds on GPUs (the runner's static step); eager rounds elsewhere
         self.decode_graphs: GraphedDecoder | None = None
-        if self.batch_runner is not None and self.device.type == "cuda":
+        if self.batch_runner is not None and self.device.type == "cuda" and current().cuda_graphs:
             self.decode_graphs = GraphedDecoder(self.batch_runner)
         self.pages: PagePool | None = None
         self.paged: PagedDecoder | None = None

@@ -80,7 +80,7 @@ class GraphedDecoder:
     ):
         self.runner, self.capture = runner, capture
         self.max_graphs, self.record_after, self.window = max_graphs, record_after, window
-        self.max_sessions, self.active_rounds = max_sessions, active_rounds
+        self.max_sessions, self.active_rounds = min(max_sessions, runner.static_max_rows or max_sessions), active_rounds
         self.device, self.dtype, self.hidden_size = runner.device, runner.dtype, runner.hidden_size
         self._graphs: collections.OrderedDict[tuple, _Graph] = collections.OrderedDict()
         self._sightings: collections.OrderedDict[tuple, int] = collections.OrderedDict()

@@ -36,9 +36,13 @@ if [[ "${1:-}" == "--bnb" ]]; then
   python benchmarks/gpu/slim_wheel.py .bnb/bitsandbytes-0.50.2-*.whl '*_cuda130.so' '*_cpu.so'
   du -sh .bnb
 fi
-# --api: the gateway's dependencies and locust, for run_api_load.sh (pip resolves their dependencies for 3.12)
+# --api: the gateway's dependencies and locust, for run_api_load.sh (pip resolves their dependencies for 3.12), into
+# .apiwhl/ (27 MiB): with .whl (41 MiB) they pass the device tool's 64 MiB, so that call follows one that carried .whl
 if [[ "${1:-}" == "--api" ]]; then
-  python -m pip download -q --only-binary=:all: "${platform[@]}" -d "$dest" locust fastapi uvicorn sqlalchemy \
+  mkdir -p .apiwhl
+  python -m pip download -q --only-binary=:all: "${platform[@]}" -d .apiwhl locust fastapi fastapi-offline uvicorn sqlalchemy \
     alembic "celery[redis]" pydantic-settings httpx python-multipart aiosqlite psycopg2-binary redis py-spy
+  for f in .apiwhl/*.whl; do if [[ -e "$dest/$(basename "$f")" ]]; then rm "$f"; fi; done  # .whl has these
+  du -sh .apiwhl
 fi
 du -sh "$dest"

@@ -20,7 +20,7 @@ log="$out/gpu_70b.log"
 
 if [[ "$step" == build || "$step" == all ]]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log"
-  df -h "$NECTAR_BENCH_DIR" | tail -1 | tee -a "$log"
+  mkdir -p "$NECTAR_BENCH_DIR" && df -h "$NECTAR_BENCH_DIR" | tail -1 | tee -a "$log"
   python3 -m pip install -q --no-index --find-links .whl pytest pytest-timeout 2>&1 | grep -v "^WARNING" || true
   # the builder's GPU codes read alike by a CUDA node, a CPU verifier and transformers (a tiny shape, seconds)
   python3 -m pytest -q -p no:cacheprovider tests/speed/test_nf4_cuda.py 2>&1 | tail -3 | tee -a "$log" || true

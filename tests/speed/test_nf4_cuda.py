@@ -55,3 +55,31 @@ def test_transformers_on_the_gpu_computes_the_built_checkpoint_as_nectar_does(bu
         hidden = reference(torch.tensor([[5, 6, 7, 8, 9]], device="cuda"), output_hidden_states=True).hidden_states
         output = span(hidden[0])
     assert torch.allclose(output.float(), hidden[3].float(), rtol=0.01, atol=0.01)  # hidden[4]: after the final norm
+
+
+def test_a_lone_nf4_sessions_recorded_rounds_equal_its_eager_steps(built):
+    """nf4 blocks record a lone session's decode rounds as CUDA graphs (bitsandbytes' one-row kernel inside the
+    recording); replays equal eager steps over the same codes, as an audit's recomputation expects."""
+    from nectar.node.backend import SpanBackend
+
+    def backend(batching: bool) -> SpanBackend:
+        return SpanBackend(
+            built, 0, 4, dtype=torch.float16, device="cuda", quantization="nf4", show_progress=False, batching=batching
+        )
+
+    graphed, plain = backend(True), backend(False)
+    decoder = graphed.decode_graphs
+    assert decoder is not None and decoder.enabled and decoder.capture and decoder.max_sessions == 1
+    generator = torch.Generator().manual_seed(2)
+    mine, theirs = graphed.new_caches(0, 4, 1, 48), plain.new_caches(0, 4, 1, 48)
+    prompt = torch.randn(1, 5, 256, generator=generator).half()
+    graphed.inference_step(prompt, mine, start=0, end=4, position=0)
+    plain.inference_step(prompt, theirs, start=0, end=4, position=0)
+    worst = 0.0
+    for position in range(5, 25):
+        x = torch.randn(1, 1, 256, generator=generator).half()
+        served = graphed.inference_step(x, mine, start=0, end=4, position=position)
+        eager = plain.inference_step(x, theirs, start=0, end=4, position=position)
+        worst = max(worst, float((served.float() - eager.float()).abs().max() / eager.float().abs().max()))
+    assert decoder.recorded == 1 and decoder.replays == 20, (decoder.recorded, decoder.replays)
+    assert worst < 5e-3, worst  # float16 rounding of a masked whole-cache attention against an exact-length one

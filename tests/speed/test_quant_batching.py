@@ -14,6 +14,7 @@ import torch
 from nectar.models.families.llama.batching import LlamaBatchRunner
 from nectar.models.tiny import save_prequantized_checkpoint
 from nectar.node.backend import SpanBackend
+from nectar.node.graphs import GraphedDecoder
 from nectar.wire.fingerprints import TOLERANCE_PER_SQRT_BLOCK, output_deviation
 
 TOLERANCE = 1e-5  # float32, as tests/speed
@@ -68,8 +69,10 @@ def test_quantized_rounds_equal_each_session_alone(tiny_llama, mode, dtype):
     plain = _backend(tiny_llama, mode, dtype, batching=False)
     runner = batched.batch_runner
     assert isinstance(runner, LlamaBatchRunner) and runner.quantization == mode
-    # the routes that read float matrices stay off: C layer, compiled route, recorded rounds, page pool
-    assert runner.native is None and not runner.compiled and runner.static_positions == 0
+    # the routes that read float matrices stay off: C layer, compiled route, page pool; and rounds of several
+    # sessions are never recorded (nf4 records a lone session's: test_a_lone_nf4_session_replays_its_recording)
+    assert runner.native is None and not runner.compiled and runner.static_max_rows == 1
+    assert (runner.static_positions > 0) == (mode == "nf4")
     assert batched.pages is None and batched.paged is None
     assert all(layer.quantized and layer.qkv_weight is None for layer in runner.layers)
     worst, deviation = _rounds_equal_sessions_alone(batched, plain, dtype)
@@ -102,3 +105,41 @@ def test_float_runner_keeps_its_fused_routes(tiny_llama):
     runner = _backend(tiny_llama, "none", batching=True).batch_runner
     assert not runner.quantized and runner.static_positions > 0 and runner.pages
     assert all(layer.qkv_weight is not None and not layer.quantized for layer in runner.layers)
+
+
+def test_a_lone_nf4_session_replays_its_recording_and_rounds_of_several_stay_eager(tiny_llama):
+    """A lone nf4 session's decode rounds go through the recorded-round path (here run eagerly: ``capture=False``;
+    tests/speed/test_nf4_cuda.py records them on a GPU) and equal its eager steps; a round of two sessions is never
+    recorded (it would dequantize every matrix inside the recording)."""
+    batched = _backend(tiny_llama, "nf4", batching=True)
+    plain = _backend(tiny_llama, "nf4", batching=False)
+    static = batched.decode_graphs = GraphedDecoder(batched.batch_runner, capture=False)
+    assert static.enabled and static.max_sessions == 1
+    hidden, generator = batched.hidden_size, torch.Generator().manual_seed(1)
+    caches = [(batched.new_caches(0, 4, 1, 40), plain.new_caches(0, 4, 1, 40)) for _ in range(2)]
+    for mine, theirs in caches:
+        prompt = torch.randn(1, 3, hidden, generator=generator)
+        batched.inference_step(prompt, mine, start=0, end=4, position=0)
+        plain.inference_step(prompt, theirs, start=0, end=4, position=0)
+    worst, position = 0.0, 3
+    for _ in range(4):
+        xs = [torch.randn(1, 1, hidden, generator=generator) for _ in caches]
+        tasks = [batched.inference_task(x, mine, start=0, end=4, position=position) for x, (mine, _) in zip(xs, caches)]
+        assert not static.applies(tasks)  # two sessions: eager
+        outputs = batched.run_inference(tasks)
+        alone = batched.inference_task(xs[0] * 0.5, caches[0][0], start=0, end=4, position=position + 1)
+        outputs.append(batched.run_inference([alone])[0])  # the first session alone: its recording
+        expected = [
+            plain.inference_step(x, theirs, start=0, end=4, position=position) for x, (_, theirs) in zip(xs, caches)
+        ]
+        expected.append(plain.inference_step(xs[0] * 0.5, caches[0][1], start=0, end=4, position=position + 1))
+        for output, reference in zip(outputs, expected):
+            worst = max(worst, (output - reference).abs().max().item())
+        position += 2
+        for mine, theirs in caches[1:]:  # the second session skipped a step: keep it level with a step of its own
+            x = torch.randn(1, 1, hidden, generator=generator)
+            batched.inference_step(x, mine, start=0, end=4, position=position - 1)
+            plain.inference_step(x, theirs, start=0, end=4, position=position - 1)
+    # one recording per session (each one's lone steps), replayed by every lone step; the rounds of two ran eagerly
+    assert static.recorded == 2 and static.replays == 8, (static.recorded, static.replays)
+    assert worst <= TOLERANCE, worst

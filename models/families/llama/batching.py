@@ -52,9 +52,8 @@ class LlamaBatchRunner(FusedLlamaBlocks):
     ``native_decode.py``); otherwise the batched eager forward (``run``). ``static_step`` is the graph-safe decode
     step the node records as CUDA graphs.
 
-    Quantized blocks run every round eagerly (batched, through bitsandbytes' layers): no recorded rounds, page
-    pool, compiled route or C layer, whose steps read float weight matrices (recording bitsandbytes' kernels in
-    CUDA graphs is untested).
+    Quantized blocks run rounds of several sessions eagerly (batched, through their own quantized layers); nf4 blocks
+    record a lone session's rounds. No page pool, compiled route or C layer, whose steps read float weight matrices.
     """
 
     pages = True  # ``paged_step``: decode rounds over a node's page pool
@@ -78,14 +77,24 @@ class LlamaBatchRunner(FusedLlamaBlocks):
         if self.quantized:
             return (
                 f"batched Llama runner ({self.quantization} weights through the blocks' own quantized layers; "
-                "rounds eager: no CUDA graphs, page pool or C layer, which read float matrices)"
+                "rounds of several sessions eager"
+                + (", a lone session's recorded on GPUs" if self.static_positions else "")
+                + "; no page pool or C layer, which read float matrices)"
             )
         return f"batched Llama runner (fused projections; one session's decode step through {route})"
 
     @property
     def static_positions(self) -> int:
-        """0 for quantized blocks: no recorded rounds (``GraphedDecoder`` and ``PagedDecoder`` stay off)."""
-        return 0 if self.quantized else super().static_positions
+        """0 for int8 blocks (no recorded rounds): their linears dequantize a whole matrix even for one row."""
+        return 0 if self.quantization == "int8" else super().static_positions
+
+    @property
+    def static_max_rows(self) -> int | None:
+        """1 for quantized blocks: a lone session's round reads the codes through bitsandbytes' one-row kernel
+        (launch-bound when eager: 80 nf4 blocks took 61 ms a token on an H100, whose ceiling is 12 ms), while a round
+        of several rows dequantizes each matrix into a float16 temporary, which every recording's private memory pool
+        would keep (a 70B MLP matrix: 470 MB)."""
+        return 1 if self.quantized else None
 
     @staticmethod
     def supports(spans: Sequence[nn.Module]) -> bool:
