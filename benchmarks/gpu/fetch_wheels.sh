@@ -37,7 +37,7 @@ if [[ "${1:-}" == "--bnb" ]]; then
   du -sh .bnb
 fi
 # --api: the gateway's dependencies and locust, for run_api_load.sh (pip resolves their dependencies for 3.12), into
-# .apiwhl/ (27 MiB): with .whl (41 MiB) they pass the device tool's 64 MiB, so that call follows one that carried .whl
+# .apiwhl/ (27 MiB): with .whl (41 MiB) they exceed the device tool's 64 MiB, so that call follows one that carried .whl
 if [[ "${1:-}" == "--api" ]]; then
   mkdir -p .apiwhl
   python -m pip download -q --only-binary=:all: "${platform[@]}" -d .apiwhl locust fastapi fastapi-offline uvicorn sqlalchemy \

@@ -3,7 +3,7 @@
 # repository root, through the device tool carrying .whl:
 #   here:  bash benchmarks/gpu/fetch_wheels.sh --api     # once: the gateway's and locust's wheels into .apiwhl/
 #   there: bash benchmarks/gpu/run_api_load.sh [OUT_DIR [BENCH_ARGS...]]
-# .whl + .apiwhl (68 MiB) pass the device tool's 64 MiB: carry .apiwhl in a call that follows, on the same warm
+# .whl + .apiwhl (68 MiB) exceed the device tool's 64 MiB: carry .apiwhl in a call that follows, on the same warm
 # machine, one that carried .whl (its wheels stay installed), or carry both where the limit allows.
 # 1/4/16/64 locust users streaming through `nectar api` against 16 direct client sessions on the same swarm (two
 # nodes on the one GPU). Writes OUT_DIR/api_load.json (with each side's CPU ms per token) and OUT_DIR/api_load.log.
