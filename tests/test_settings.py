@@ -33,6 +33,7 @@ def test_every_variable_is_parsed(tmp_path):
         "NECTAR_GREEDY_HEAD": "INT8",
         "NECTAR_NATIVE": "off",
         "NECTAR_NATIVE_DECODE": "on",
+        "NECTAR_CUDA_GRAPHS": "no",
         "XDG_CACHE_HOME": str(tmp_path / "xdg"),
         "CC": "/usr/bin/my-cc",
         "NECTAR_TRACE": "/tmp/trace-{pid}.jsonl",
@@ -49,6 +50,7 @@ def test_every_variable_is_parsed(tmp_path):
         "int8",
     )
     assert parsed.native is False and parsed.native_decode == "on" and parsed.compiler == "/usr/bin/my-cc"
+    assert parsed.cuda_graphs is False and RuntimeSettings().cuda_graphs is True
     assert parsed.kernel_cache == tmp_path / "xdg" / "nectar" / "kernels"  # XDG's cache folder when not set itself
     assert RuntimeSettings.from_env({**env, "NECTAR_KERNEL_CACHE": str(tmp_path / "k")}).kernel_cache == tmp_path / "k"
     assert parsed.trace == "/tmp/trace-{pid}.jsonl" and parsed.trace_path == Path(f"/tmp/trace-{os.getpid()}.jsonl")
@@ -74,6 +76,7 @@ def test_unset_or_empty_variables_keep_the_defaults():
         ("NECTAR_GREEDY_HEAD", "int4", "auto, bf16, int8 or off"),
         ("NECTAR_NATIVE_DECODE", "sometimes", "auto, on or off"),
         ("NECTAR_NATIVE", "maybe", "auto, on or off"),
+        ("NECTAR_CUDA_GRAPHS", "sometimes", "auto, on or off"),
         ("NECTAR_LOG_LEVEL", "loud", "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
     ],
 )
