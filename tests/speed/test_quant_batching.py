@@ -70,7 +70,7 @@ def test_quantized_rounds_equal_each_session_alone(tiny_llama, mode, dtype):
     runner = batched.batch_runner
     assert isinstance(runner, LlamaBatchRunner) and runner.quantization == mode
     # the routes that read float matrices stay off: C layer, compiled route, page pool; and rounds of several
-    # sessions are never recorded (nf4 records a lone session's: test_a_lone_nf4_session_replays_its_recording)
+    # sessions are never recorded (nf4 records a lone session's: the last test here)
     assert runner.native is None and not runner.compiled and runner.static_max_rows == 1
     assert (runner.static_positions > 0) == (mode == "nf4")
     assert batched.pages is None and batched.paged is None
