@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import httpx
@@ -77,6 +78,8 @@ class ApiProcess:
     :param start_timeout: seconds to wait for each process
     """
 
+    running: weakref.WeakSet[ApiProcess] = weakref.WeakSet()  # started and not stopped: what a failed test reports
+
     def __init__(
         self, *, env: dict, log_dir: Path, port: int | None = None, worker: bool = False, start_timeout: float = 120.0
     ):
@@ -108,6 +111,7 @@ class ApiProcess:
         except BaseException:
             self.stop()
             raise
+        ApiProcess.running.add(self)
 
     def _spawn(self, args: list[str], log_path: Path) -> subprocess.Popen:
         with open(log_path, "ab") as log:
@@ -136,7 +140,14 @@ class ApiProcess:
     def log(self) -> str:
         return (self.log_dir / "api.log").read_text(errors="replace")
 
+    def describe(self, tail: int = 6000) -> str:
+        """Whether it still runs (else its exit code, a negative one naming the signal) and the end of its log."""
+        code = self.process.poll()
+        state = "running" if code is None else f"exited with code {code}"
+        return f"nectar api on {self.url}, {state}; the end of {self.log_dir / 'api.log'}:\n{self.log()[-tail:]}"
+
     def stop(self, timeout: float = 20.0) -> None:
+        ApiProcess.running.discard(self)
         for process in (self.worker_process, self.process):
             if process is None:
                 continue

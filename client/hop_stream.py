@@ -227,6 +227,9 @@ class HopStream:
 # ---- the session's record of a hop -----------------------------------------------------------------------------
 
 
+MAX_REASON = 300  # characters of a fault's reason kept
+
+
 class HopState(enum.Enum):
     OPEN = "open"  # steps go through it
     FAILED = "failed"  # it misbehaved (dead, an error, a bad output or receipt): its next step fails over
@@ -240,6 +243,11 @@ class Fault:
     reason: str
     code: ErrorCode | None = None  # the node answered with this error
     receipt: bool = False  # the node's receipt failed the client's checks (or never came)
+
+    def __post_init__(self):  # a node writes its errors' text: cut before it reaches logs, bans and users' errors
+        if len(self.reason) > MAX_REASON:
+            cut = f"{self.reason[:MAX_REASON]}... ({len(self.reason) - MAX_REASON} more characters)"
+            object.__setattr__(self, "reason", cut)
 
     @classmethod
     def of(cls, error: BaseException, prefix: str = "") -> Fault:
@@ -276,6 +284,9 @@ class Hop:
     receipt_session: bytes = b""  # the session id its receipts carry: bound to the node's nonce (``bound_session``)
     pending: asyncio.Task | None = None  # the answer to a step sent ahead (push mode)
     receipt: asyncio.Task | None = None  # the last step's receipt, which the node sends after its output
+
+    def __repr__(self) -> str:  # the dataclass's would print every replayed input tensor into a log line
+        return f"Hop({self.span}, {self.state.value})"
 
     def fail(self, fault: Fault) -> None:
         """OPEN -> FAILED. The first fault is kept (a closed hop records one too: it must not be paid or marked ok)."""

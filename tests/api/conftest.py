@@ -35,6 +35,16 @@ GATEWAY_ESCROW = 1000 * 10**18  # the operator's own deposit into the gateway's 
 GATEWAY_RESERVE = 10 * 10**18  # of it, reserved for each node before any test (the tests keep reserve_per_node 0)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report ends with the state and log of every API it was talking to: CI keeps nothing else."""
+    report = yield
+    if report.failed:
+        for api in list(ApiProcess.running):
+            report.sections.append((f"nectar api {api.url}", api.describe()))
+    return report
+
+
 @dataclass
 class Market:
     home: Path

@@ -142,6 +142,7 @@ class FakeNode:
         unbound_at: tuple[int, ...] = (),
         binds: bool = True,
         error: ErrorCode | None = None,
+        error_text: str = "",
         hangs: bool = False,
         pushes: bool = True,
         forged_at: dict[int, str] | None = None,
@@ -174,6 +175,7 @@ class FakeNode:
         )
         self.dies_at, self.dies_after_push_at = dies_at, dies_after_push_at
         self.bad_receipt_at, self.error, self.pushes = bad_receipt_at, error, pushes
+        self.error_text = error_text
         self.unbound_at, self.binds = unbound_at, binds
         self.forged_at = forged_at or {}
         self.other_model = ReceiptSigner(private_key=self.key, model_id="other", price_per_token=1, domain=DOMAIN)
@@ -225,7 +227,7 @@ class FakeNode:
                 self.dead = True
                 raise ConnectionResetError(f"{self.name} died")
             if self.error is not None:
-                raise RuntimeError(f"{self.error.value}: {self.name} refuses this step")
+                raise RuntimeError(f"{self.error.value}: {self.error_text or self.name + ' refuses this step'}")
             if self.hangs:
                 await asyncio.sleep(3600)
             if metadata.get("pushed"):
@@ -411,15 +413,17 @@ def test_a_step_runs_through_every_hop_and_each_receipt_is_checked_and_paid(runt
         session.step(chunks[1])
 
 
-def test_a_hop_that_dies_is_replaced_and_its_history_replayed_in_the_original_steps(runtime):
+def test_a_hop_that_dies_is_replaced_and_its_history_replayed_in_the_original_steps(runtime, caplog):
     network = Network()
     network.add(FakeNode("a", 0, 2))
     victim = network.add(FakeNode("b", 2, 4, dies_at=3))
     spare = network.add(FakeNode("spare", 2, 4))
     session, manager = _session(runtime, network)
     chunks = _chunks(7)
-    with session:
+    with session, caplog.at_level("INFO", logger="nectar.client.inference_session"):
         outputs = _generate(session, chunks)
+    (moved,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Failover")]
+    assert len(moved) < 300 and "tensor" not in moved, moved  # it printed every replayed input once
     assert _same(outputs, reference(chunks))  # greedy decoding would pick the same tokens
     assert session.failovers == 1 and [s.peer_id for s in session.route][1] == spare.peer_id
     assert [peer for peer, _ in manager.bans] == [victim.peer_id]
@@ -664,6 +668,18 @@ def test_node_errors_raise_named_errors_once_every_retry_failed(runtime):
     with pytest.raises(PaymentRequiredError, match="credit_limit") as error:
         session.step(_chunks(1)[0])
     assert error.value.code is ErrorCode.CREDIT_LIMIT
+
+
+def test_a_nodes_error_text_is_cut_short_before_it_reaches_logs_bans_and_errors(runtime, caplog):
+    """A node chooses its error's text: a megabyte of it must not become a megabyte per log line, ban and API error."""
+    network = Network()
+    network.add(FakeNode("a", 0, 4, error=ErrorCode.BAD_REQUEST, error_text="x" * 2**20))
+    session, manager = _session(runtime, network, max_retries=0)
+    with caplog.at_level("WARNING"), pytest.raises(InferenceFailedError, match="bad_request") as error:
+        session.step(_chunks(1)[0])
+    assert len(str(error.value)) < 1000 and "more characters" in str(error.value)
+    assert len(manager.bans[0][1]) < 1000  # the ban's reason, which the real manager logs
+    assert all(len(record.getMessage()) < 1000 for record in caplog.records)
 
 
 def test_dead_or_missing_nodes_raise_route_unavailable_with_the_blocks(runtime):
