@@ -33,6 +33,7 @@ from common import (
     local_swarm,
     log,
     set_threads,
+    with_session_cap,
 )
 
 logger = logging.getLogger(__name__)
@@ -213,6 +214,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     set_threads(args.threads)
+    args.node_args = with_session_cap(args.node_args, args.sessions, args.client_processes)
     path = checkpoint(args.model)
     results = {}
     with local_swarm(path, [(0, 8)], threads=args.threads, extra_args=args.node_args.split()) as swarm:

@@ -56,9 +56,8 @@ from common import (
     prompt_ids,
     set_threads,
     timed,
+    with_session_cap,
 )
-
-from nectar.node.config import NodeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -445,10 +444,7 @@ def main() -> None:
     parser.add_argument("--push", action="store_true", help="Nectar's client with server-to-server push")
     args = parser.parse_args()
     set_threads(args.threads)
-    cap = NodeConfig.client_max_sessions  # the most sessions a node holds for one client, by default
-    if args.sessions and max(args.sessions) > cap and "--client-max-sessions" not in args.node_args:
-        # Nectar's sessions come from one client here, as Petals' do
-        args.node_args = f"{args.node_args} --client-max-sessions {max(args.sessions)}".strip()
+    args.node_args = with_session_cap(args.node_args, args.sessions)  # Nectar's sessions: one client, as Petals'
     path = checkpoint(args.model, dtype=args.dtype, device=args.device)
     python = ensure_venv(args.venv)
     results = {nodes: compare(args, nodes, path, python) for nodes in args.nodes}

@@ -127,6 +127,17 @@ def node_env(threads: int) -> dict:
     }
 
 
+def with_session_cap(node_args: str, sessions: Sequence[int], clients: int = 1) -> str:
+    """``node_args`` with ``--client-max-sessions`` raised where ``clients`` client keys open more ``sessions`` than
+    a node holds for one client by default (a benchmark's client is one client, as a gateway is)."""
+    from nectar.node.config import NodeConfig
+
+    most = -(-max(sessions, default=0) // max(clients, 1))
+    if most <= NodeConfig.client_max_sessions or "--client-max-sessions" in node_args:
+        return node_args
+    return f"{node_args} --client-max-sessions {most}".strip()
+
+
 def even_spans(num_blocks: int, num_nodes: int) -> list[tuple[int, int]]:
     bounds = [round(i * num_blocks / num_nodes) for i in range(num_nodes + 1)]
     return [(bounds[i], bounds[i + 1]) for i in range(num_nodes)]
