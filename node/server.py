@@ -44,7 +44,14 @@ from nectar.node.signing import InlineSigning, SigningWorker
 from nectar.node.steps import NodeSteps
 from nectar.node.task_pool import ComputeThread
 from nectar.paths import nectar_home
-from nectar.wire.announce import PROTOCOL_VERSION, AnnouncementValidator, ServerInfo, ServerState
+from nectar.wire.announce import (
+    MAX_PUBLIC_NAME,
+    PROTOCOL_VERSION,
+    AnnouncementValidator,
+    ServerInfo,
+    ServerState,
+    public_name_valid,
+)
 from nectar.wire.direct import DirectServer
 from nectar.wire.event_loop import new_event_loop
 from nectar.wire.fingerprints import ComputeSpec
@@ -250,6 +257,11 @@ class Server:
 
     def __init__(self, config: NodeConfig, *, payments: PaymentPolicy | None = None, domain: dict | None = None):
         self.config = config
+        if config.public_name and not public_name_valid(config.public_name):
+            raise ValueError(
+                f"--name must be at most {MAX_PUBLIC_NAME} printable characters (peers ignore the announcements of "
+                f"any other name), got {config.public_name[:80]!r}"
+            )
         model = with_revision(config.model, config.revision)
         self.model_path = resolve_model(model, token=config.hub_token)
         self.model_id = model_id_of(model)  # a Hub id: org/name@<commit>, so clients reach only these weights

@@ -48,6 +48,17 @@ MAX_CLOCK_SKEW = 30.0  # s: an announcement dated further ahead than this is ign
 MAX_RECORD_EXPIRY = MAX_RECORD_AGE + MAX_CLOCK_SKEW  # s ahead: DHT peers refuse to store or return a record expiring
 # later (readers ignore it after MAX_RECORD_AGE anyway; storing it longer only lets it outlive its signer)
 _ETH_PROOF_PREFIX = b"nectar/peer-address/1:"
+MAX_PUBLIC_NAME = 64  # characters: a name is printed in logs, errors, tables and the monitor page
+
+
+def public_name_valid(name: Any) -> bool:
+    """A node's announced name: at most MAX_PUBLIC_NAME printable characters (no newlines or terminal escapes that
+    would forge log lines or tables)."""
+    return isinstance(name, str) and len(name) <= MAX_PUBLIC_NAME and name.isprintable()
+
+
+def _shown(data: Any) -> str:
+    return str(data)[:300]  # a record's fields are the announcer's: its errors do not print them whole
 
 
 class ServerState(enum.IntEnum):
@@ -97,22 +108,24 @@ class ServerInfo:
         if not all(isinstance(x, int | float) and x == x for x in numbers) or not all(
             isinstance(x, int) for x in (info.start, info.end, info.cache_tokens_left, info.price_per_token)
         ):
-            raise ValueError(f"Non-numeric speed, span, cache or price in {data}")
+            raise ValueError(f"Non-numeric speed, span, cache or price in {_shown(data)}")
         if not all(isinstance(x, str) for x in (info.eth_address, info.direct_address, info.eth_proof, info.dtype)):
-            raise ValueError(f"Non-string address, proof or dtype in {data}")
+            raise ValueError(f"Non-string address, proof or dtype in {_shown(data)}")
         if not isinstance(info.relayed, bool):
-            raise ValueError(f"Non-boolean relayed in {data}")
+            raise ValueError(f"Non-boolean relayed in {_shown(data)}")
         if info.quant not in QUANTIZATIONS.values():
-            raise ValueError(f"Unknown weight quantization in {data}")
+            raise ValueError(f"Unknown weight quantization in {_shown(data)}")
+        if not public_name_valid(info.public_name):
+            raise ValueError(f"public_name must be at most {MAX_PUBLIC_NAME} printable characters in {_shown(data)}")
         if not (0 <= info.start < info.end) or info.state not in set(ServerState):
-            raise ValueError(f"Invalid span or state in {data}")
+            raise ValueError(f"Invalid span or state in {_shown(data)}")
         adapters = info.adapters
         if not (
             isinstance(adapters, list | tuple)
             and len(adapters) <= MAX_ADAPTERS
             and all(isinstance(a, str) and ADAPTER_NAME.match(a) for a in adapters)
         ):
-            raise ValueError(f"adapters must be a list of at most {MAX_ADAPTERS} adapter names in {data}"[:300])
+            raise ValueError(f"adapters must be a list of at most {MAX_ADAPTERS} adapter names in {_shown(data)}")
         info.adapters = list(adapters)
         return info
 
