@@ -49,6 +49,7 @@ MAX_RECORD_EXPIRY = MAX_RECORD_AGE + MAX_CLOCK_SKEW  # s ahead: DHT peers refuse
 # later (readers ignore it after MAX_RECORD_AGE anyway; storing it longer only lets it outlive its signer)
 _ETH_PROOF_PREFIX = b"nectar/peer-address/1:"
 MAX_PUBLIC_NAME = 64  # characters: a name is printed in logs, errors, tables and the monitor page
+MAX_FIELD = 256  # characters of an announced address, proof or dtype (a proof is 132, an address at most ~60)
 
 
 def public_name_valid(name: Any) -> bool:
@@ -109,8 +110,9 @@ class ServerInfo:
             isinstance(x, int) for x in (info.start, info.end, info.cache_tokens_left, info.price_per_token)
         ):
             raise ValueError(f"Non-numeric speed, span, cache or price in {_shown(data)}")
-        if not all(isinstance(x, str) for x in (info.eth_address, info.direct_address, info.eth_proof, info.dtype)):
-            raise ValueError(f"Non-string address, proof or dtype in {_shown(data)}")
+        texts = (info.eth_address, info.direct_address, info.eth_proof, info.dtype)
+        if not all(isinstance(x, str) and len(x) <= MAX_FIELD and x.isprintable() for x in texts):
+            raise ValueError(f"Non-string, oversized or unprintable address, proof or dtype in {_shown(data)}")
         if not isinstance(info.relayed, bool):
             raise ValueError(f"Non-boolean relayed in {_shown(data)}")
         if info.quant not in QUANTIZATIONS.values():

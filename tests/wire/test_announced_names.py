@@ -41,6 +41,13 @@ def test_plain_names_pass_and_print_as_announced():
     assert f"{RemoteSpan(PeerID(b'x' * 34), 0, 4, info)}" == "gamma[0:4]"  # how logs and errors name the hop
 
 
+@pytest.mark.parametrize("field", ["eth_address", "direct_address", "eth_proof", "dtype"])
+def test_other_announced_text_is_bounded_and_printable(field):
+    for bad in ("x" * 257, "1.2.3.4:5\nforged line", "\x1b[31m"):
+        with pytest.raises(ValueError, match="oversized or unprintable"):
+            ServerInfo.from_dict(_info(**{field: bad}))
+
+
 def test_a_malformed_records_error_is_short():
     for bad in (_info(throughput="x" * 2**20), _info(dtype=["x" * 2**20]), _info(public_name="x" * 2**20)):
         with pytest.raises(ValueError) as error:
