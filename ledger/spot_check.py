@@ -46,6 +46,7 @@ from nectar.wire.receipts import Receipt as WireReceipt
 from nectar.wire.receipts import ReceiptKind, keccak256, model_id_hash
 
 logger = logging.getLogger(__name__)
+MAX_DETAIL = 500  # characters of a spot check's detail kept
 
 CHECKABLE_KINDS = (ReceiptKind.INFERENCE, ReceiptKind.FORWARD)  # a backward step needs its gradients: not sampled
 POOLED_WINDOW = 64  # receipts of a run of excess kept (and cited) per node and descriptor
@@ -257,6 +258,10 @@ class Verdict:
     status: str  # passed / failed / inconclusive
     executions: int
     detail: str
+
+    def __post_init__(self):  # a detail may quote the audited node's own error text: kept short in rows and logs
+        if len(self.detail) > MAX_DETAIL:
+            self.detail = f"{self.detail[:MAX_DETAIL]}... ({len(self.detail) - MAX_DETAIL} more characters)"
 
 
 class SpotChecker:

@@ -16,6 +16,7 @@ from nectar.ledger.intake import check_receipt
 from nectar.ledger.migrations import run_migrations
 from nectar.ledger.spot_check import (
     AuditedStep,
+    AuditFailed,
     AuditSource,
     LocalVerifier,
     SpotChecker,
@@ -385,6 +386,22 @@ def test_an_output_withheld_or_swapped_at_audit_time_fails_the_step(world, swap)
     verdict = checker._judge(item.receipt, descriptor)
     assert verdict.status == "failed" and verdict.executions == 0
     assert ("output commitment" if swap else "not its output") in verdict.detail
+
+
+class ShoutingAudit(AuditSource):
+    """A node refusing its audit with a megabyte of error text (a failed audit quotes the node's answer)."""
+
+    def audited_step(self, receipt):
+        raise AuditFailed(f"node {receipt.node} answered the audit with bad_request: " + "x" * 2**20)
+
+
+def test_a_nodes_audit_answer_is_quoted_short_in_the_verdict_its_row_and_the_log(world):
+    item = next(item for item, _, _ in world["items"] if item.receipt.node == world["honest"][0])
+    checker = SpotChecker(
+        settings=world["settings"], engine=world["engine"], verifiers=world["verifiers"], audit=ShoutingAudit()
+    )
+    verdict = checker._judge(item.receipt, fingerprints.ComputeSpec("float32").encode())
+    assert verdict.status == "failed" and "more characters" in verdict.detail and len(verdict.detail) < 600
 
 
 def test_a_step_computed_with_a_lora_adapter_is_never_judged_against_the_base_model(world):
