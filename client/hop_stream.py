@@ -31,7 +31,7 @@ from nectar.wire.messages import (
     StepReply,
     decode_inference_reply,
 )
-from nectar.wire.protocol import RPC_INFERENCE, ErrorCode, NodeRPCError, module_uid
+from nectar.wire.protocol import RPC_INFERENCE, ErrorCode, NodeRPCError, module_uid, peer_text
 from nectar.wire.receipts import SESSION_NONCE_BYTES, bind_session
 from nectar.wire.stubs import open_stream
 
@@ -245,9 +245,7 @@ class Fault:
     receipt: bool = False  # the node's receipt failed the client's checks (or never came)
 
     def __post_init__(self):  # a node writes its errors' text: cut before it reaches logs, bans and users' errors
-        if len(self.reason) > MAX_REASON:
-            cut = f"{self.reason[:MAX_REASON]}... ({len(self.reason) - MAX_REASON} more characters)"
-            object.__setattr__(self, "reason", cut)
+        object.__setattr__(self, "reason", peer_text(self.reason, MAX_REASON))
 
     @classmethod
     def of(cls, error: BaseException, prefix: str = "") -> Fault:

@@ -42,6 +42,7 @@ from nectar.wire.fingerprints import (
     pooled_score,
     tolerance,
 )
+from nectar.wire.protocol import peer_text
 from nectar.wire.receipts import Receipt as WireReceipt
 from nectar.wire.receipts import ReceiptKind, keccak256, model_id_hash
 
@@ -260,8 +261,7 @@ class Verdict:
     detail: str
 
     def __post_init__(self):  # a detail may quote the audited node's own error text: kept short in rows and logs
-        if len(self.detail) > MAX_DETAIL:
-            self.detail = f"{self.detail[:MAX_DETAIL]}... ({len(self.detail) - MAX_DETAIL} more characters)"
+        self.detail = peer_text(self.detail, MAX_DETAIL)
 
 
 class SpotChecker:

@@ -30,7 +30,7 @@ from hivemind.proto import runtime_pb2
 
 from nectar.wire.announce import ServerInfo, ServerState
 from nectar.wire.direct import parse_address, send_hello
-from nectar.wire.protocol import RPC_PUSH, ErrorCode, NodeRPCError
+from nectar.wire.protocol import RPC_PUSH, ErrorCode, NodeRPCError, peer_text
 from nectar.wire.swarm import connected_hosts
 from nectar.wire.transport import receive_frame, send_message
 
@@ -177,8 +177,8 @@ class PushLink:
             while True:
                 _, error = await receive_frame(runtime_pb2.ExpertResponse, reader, ACK_FRAME_LIMIT)
                 if error is not None:
-                    self.error = error.message
-                    logger.warning(f"Push to {self.address} refused: {error.message}")
+                    self.error = peer_text(error.message)  # the next node's text
+                    logger.warning(f"Push to {self.address} refused: {self.error}")
                     break
         except (asyncio.IncompleteReadError, ConnectionError):
             pass

@@ -36,7 +36,7 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 from nectar.wire.eip712 import recover_digest_signer, sign_digest
 from nectar.wire.fingerprints import QUANTIZATIONS
 from nectar.wire.identity import peer_id_of, public_key_of_peer
-from nectar.wire.protocol import ADAPTER_NAME, MAX_ADAPTERS
+from nectar.wire.protocol import ADAPTER_NAME, MAX_ADAPTERS, peer_text
 from nectar.wire.receipts import keccak256
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def public_name_valid(name: Any) -> bool:
 
 
 def _shown(data: Any) -> str:
-    return str(data)[:300]  # a record's fields are the announcer's: its errors do not print them whole
+    return peer_text(str(data))  # a record's fields are the announcer's: its errors do not print them whole
 
 
 class ServerState(enum.IntEnum):

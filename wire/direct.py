@@ -22,7 +22,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.proto.p2pd_pb2 import RPCError
 from hivemind.utils import MSGPackSerializer
 
-from nectar.wire.protocol import ErrorCode
+from nectar.wire.protocol import ErrorCode, peer_text
 from nectar.wire.transport import (
     DEFAULT_MAX_FRAME_BYTES,
     RESPONSE_FRAME_LIMIT,
@@ -165,7 +165,7 @@ async def call_stream_direct(
     def fail(error: RPCError | FrameTooLarge) -> Exception:
         if isinstance(error, FrameTooLarge):
             return DirectCallError(f"{name} at {address} answered with {error}")
-        return DirectCallError(f"{name} at {address} failed: {error.message}")
+        return DirectCallError(f"{name} at {address} failed: {peer_text(error.message)}")
 
     async def write_requests() -> None:
         async for request in requests:

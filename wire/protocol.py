@@ -52,6 +52,13 @@ MAX_ADAPTERS = 16  # adapters one node announces (and serves)
 SUPPORTED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def peer_text(text: str, limit: int = 300) -> str:
+    """``text`` a peer chose (an error's message, a record's field), cut to ``limit`` characters before it reaches
+    logs, exceptions, database rows or users: a peer may send megabytes of it."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 class ErrorCode(str, enum.Enum):
     BAD_REQUEST = "bad_request"  # malformed message, wrong shape or dtype: fix the request
     TOO_LARGE = "too_large"  # over the node's limits: split the request

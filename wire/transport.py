@@ -18,7 +18,7 @@ from hivemind.p2p import P2P, P2PContext, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.proto.p2pd_pb2 import RPCError
 
-from nectar.wire.protocol import MAX_METADATA_BYTES, MAX_TOKENS_PER_REQUEST, ErrorCode, NodeRPCError
+from nectar.wire.protocol import MAX_METADATA_BYTES, MAX_TOKENS_PER_REQUEST, ErrorCode, NodeRPCError, peer_text
 from nectar.wire.request_stream import RequestStream
 
 logger = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ async def call_stream(
     def fail(error: RPCError | FrameTooLarge) -> Exception:
         if isinstance(error, FrameTooLarge):
             return AnswerTooLarge(f"{peer_id} answered {name} with {error}")
-        return P2PHandlerError(f"Failed to call handler `{name}` at {peer_id}: {error.message}")
+        return P2PHandlerError(f"Failed to call handler `{name}` at {peer_id}: {peer_text(error.message)}")
 
     async def write_requests() -> None:
         async for request in requests:

@@ -8,8 +8,10 @@ import os
 import pytest
 from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
+from hivemind.proto.p2pd_pb2 import RPCError
 
 from nectar.wire.direct import DirectCallError, call_stream_direct
+from nectar.wire.transport import send_message
 
 
 def test_a_caller_refuses_an_answer_declaring_more_than_its_limit():
@@ -40,6 +42,33 @@ def test_a_caller_refuses_an_answer_declaring_more_than_its_limit():
                 await asyncio.wait_for(responses.__anext__(), 5)
         finally:
             got.set_result(None)
+            server.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_nodes_error_text_is_cut_where_the_caller_reads_it():
+    """A node writes its errors' text: a megabyte of it (within the frame limit) becomes 300 characters in the
+    exception every caller (client, ledger audit, pushing node) logs or passes on."""
+
+    async def scenario():
+        async def shouting_node(reader, writer):
+            await reader.read(1024)
+            await send_message(RPCError(message="bad_request: " + "x" * 2**20), writer)
+            writer.close()
+
+        server = await asyncio.start_server(shouting_node, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+
+        async def requests():
+            yield runtime_pb2.ExpertRequest(uid="x")
+
+        try:
+            responses = await call_stream_direct(f"127.0.0.1:{port}", "nectar1.info", requests())
+            with pytest.raises(DirectCallError, match="bad_request") as error:
+                await asyncio.wait_for(responses.__anext__(), 5)
+            assert len(str(error.value)) < 500 and "more characters" in str(error.value)
+        finally:
             server.close()
 
     asyncio.run(scenario())
