@@ -227,7 +227,7 @@ class HopStream:
 # ---- the session's record of a hop -----------------------------------------------------------------------------
 
 
-MAX_REASON = 300  # characters of a fault's reason kept
+MAX_REASON = 1000  # characters of a fault's reason kept (an honest node's longest error is about 520)
 
 
 class HopState(enum.Enum):

@@ -47,7 +47,7 @@ from nectar.wire.receipts import Receipt as WireReceipt
 from nectar.wire.receipts import ReceiptKind, keccak256, model_id_hash
 
 logger = logging.getLogger(__name__)
-MAX_DETAIL = 500  # characters of a spot check's detail kept
+MAX_DETAIL = 1500  # characters of a spot check's detail kept (it may quote 1,000 of the node's)
 
 CHECKABLE_KINDS = (ReceiptKind.INFERENCE, ReceiptKind.FORWARD)  # a backward step needs its gradients: not sampled
 POOLED_WINDOW = 64  # receipts of a run of excess kept (and cited) per node and descriptor

@@ -52,9 +52,10 @@ MAX_ADAPTERS = 16  # adapters one node announces (and serves)
 SUPPORTED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def peer_text(text: str, limit: int = 300) -> str:
+def peer_text(text: str, limit: int = 1000) -> str:
     """``text`` a peer chose (an error's message, a record's field), cut to ``limit`` characters before it reaches
-    logs, exceptions, database rows or users: a peer may send megabytes of it."""
+    logs, exceptions, database rows or users: a peer may send megabytes of it. An honest node's longest error (a
+    payment refusal naming two addresses and the command to run) is about 520."""
     text = str(text)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
 

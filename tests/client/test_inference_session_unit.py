@@ -677,9 +677,17 @@ def test_a_nodes_error_text_is_cut_short_before_it_reaches_logs_bans_and_errors(
     session, manager = _session(runtime, network, max_retries=0)
     with caplog.at_level("WARNING"), pytest.raises(InferenceFailedError, match="bad_request") as error:
         session.step(_chunks(1)[0])
-    assert len(str(error.value)) < 1000 and "more characters" in str(error.value)
-    assert len(manager.bans[0][1]) < 1000  # the ban's reason, which the real manager logs
-    assert all(len(record.getMessage()) < 1000 for record in caplog.records)
+    assert len(str(error.value)) < 2000 and "more characters" in str(error.value)
+    assert len(manager.bans[0][1]) < 2000  # the ban's reason, which the real manager logs
+    assert all(len(record.getMessage()) < 2000 for record in caplog.records)
+
+    honest = "payment required: reserve escrow for this node, then retry: " + "y" * 540  # as long as a real one
+    network = Network()
+    network.add(FakeNode("a", 0, 4, error=ErrorCode.CREDIT_LIMIT, error_text=honest))
+    session, _ = _session(runtime, network, max_retries=0)
+    with pytest.raises(PaymentRequiredError) as error:
+        session.step(_chunks(1)[0])
+    assert honest in str(error.value)  # what to do next survives the cut
 
 
 def test_dead_or_missing_nodes_raise_route_unavailable_with_the_blocks(runtime):

@@ -52,7 +52,7 @@ def test_a_malformed_records_error_is_short():
     for bad in (_info(throughput="x" * 2**20), _info(dtype=["x" * 2**20]), _info(public_name="x" * 2**20)):
         with pytest.raises(ValueError) as error:
             ServerInfo.from_dict(bad)
-        assert len(str(error.value)) < 500
+        assert len(str(error.value)) < 1200
 
 
 def test_a_node_refuses_to_start_with_a_name_peers_would_ignore(tmp_path):
