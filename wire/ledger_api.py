@@ -7,6 +7,7 @@ their paths from the constants below, so the two sides cannot drift apart.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -17,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from nectar.wire.protocol import peer_text
 from nectar.wire.receipts import SignedReceipt, SignedVoucher
 
 logger = logging.getLogger(__name__)
@@ -230,6 +232,24 @@ class LedgerError(Exception):
         self.status, self.detail = status, detail
 
 
+MAX_ANSWER_BYTES = 16 << 20  # a ledger answer read at most (its largest, the reputation of every node, is far less)
+
+
+def _bounded_body(response: httpx.Response, limit: int) -> bytes:
+    """The body of a streamed ``response``, refused past ``limit`` bytes (declared or read) before more is spent:
+    whoever runs the ledger a node or client points at chooses what it answers."""
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise LedgerError(502, f"the ledger's answer declares {declared} bytes; at most {limit} are read")
+    chunks, size = [], 0
+    for chunk in response.iter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise LedgerError(502, f"the ledger's answer passed {limit} bytes; not read further")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class LedgerClient:
     """Thin synchronous client. Thread-safe (one httpx.Client).
 
@@ -253,14 +273,15 @@ class LedgerClient:
         self.close()
 
     def _request(self, method: str, path: str, **kwargs) -> dict | list:
-        response = self._http.request(method, path, **kwargs)
+        with self._http.stream(method, path, **kwargs) as response:
+            body = _bounded_body(response, MAX_ANSWER_BYTES)
         if response.status_code >= 400:
             try:
-                detail = response.json().get("detail", response.text)
-            except ValueError:
-                detail = response.text
-            raise LedgerError(response.status_code, detail)
-        return response.json()
+                detail = json.loads(body).get("detail", body.decode(errors="replace"))
+            except (ValueError, AttributeError):
+                detail = body.decode(errors="replace")
+            raise LedgerError(response.status_code, peer_text(detail if isinstance(detail, str) else str(detail)))
+        return json.loads(body)
 
     def submit_receipts(self, items: Sequence[tuple]) -> dict:
         """Post (signed receipt, fingerprint bytes[, client countersignature]) tuples; returns per-item verdicts."""
