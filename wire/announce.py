@@ -58,10 +58,6 @@ def public_name_valid(name: Any) -> bool:
     return isinstance(name, str) and len(name) <= MAX_PUBLIC_NAME and name.isprintable()
 
 
-def _shown(data: Any) -> str:
-    return peer_text(str(data))  # a record's fields are the announcer's: its errors do not print them whole
-
-
 class ServerState(enum.IntEnum):
     OFFLINE = 0
     JOINING = 1
@@ -109,25 +105,25 @@ class ServerInfo:
         if not all(isinstance(x, int | float) and x == x for x in numbers) or not all(
             isinstance(x, int) for x in (info.start, info.end, info.cache_tokens_left, info.price_per_token)
         ):
-            raise ValueError(f"Non-numeric speed, span, cache or price in {_shown(data)}")
+            raise ValueError(f"Non-numeric speed, span, cache or price in {peer_text(data)}")
         texts = (info.eth_address, info.direct_address, info.eth_proof, info.dtype)
         if not all(isinstance(x, str) and len(x) <= MAX_FIELD and x.isprintable() for x in texts):
-            raise ValueError(f"Non-string, oversized or unprintable address, proof or dtype in {_shown(data)}")
+            raise ValueError(f"Non-string, oversized or unprintable address, proof or dtype in {peer_text(data)}")
         if not isinstance(info.relayed, bool):
-            raise ValueError(f"Non-boolean relayed in {_shown(data)}")
+            raise ValueError(f"Non-boolean relayed in {peer_text(data)}")
         if info.quant not in QUANTIZATIONS.values():
-            raise ValueError(f"Unknown weight quantization in {_shown(data)}")
+            raise ValueError(f"Unknown weight quantization in {peer_text(data)}")
         if not public_name_valid(info.public_name):
-            raise ValueError(f"public_name must be at most {MAX_PUBLIC_NAME} printable characters in {_shown(data)}")
+            raise ValueError(f"public_name must be at most {MAX_PUBLIC_NAME} printable characters in {peer_text(data)}")
         if not (0 <= info.start < info.end) or info.state not in set(ServerState):
-            raise ValueError(f"Invalid span or state in {_shown(data)}")
+            raise ValueError(f"Invalid span or state in {peer_text(data)}")
         adapters = info.adapters
         if not (
             isinstance(adapters, list | tuple)
             and len(adapters) <= MAX_ADAPTERS
             and all(isinstance(a, str) and ADAPTER_NAME.match(a) for a in adapters)
         ):
-            raise ValueError(f"adapters must be a list of at most {MAX_ADAPTERS} adapter names in {_shown(data)}")
+            raise ValueError(f"adapters must be a list of at most {MAX_ADAPTERS} adapter names in {peer_text(data)}")
         info.adapters = list(adapters)
         return info
 

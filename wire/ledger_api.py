@@ -280,7 +280,7 @@ class LedgerClient:
                 detail = json.loads(body).get("detail", body.decode(errors="replace"))
             except (ValueError, AttributeError):
                 detail = body.decode(errors="replace")
-            raise LedgerError(response.status_code, peer_text(detail if isinstance(detail, str) else str(detail)))
+            raise LedgerError(response.status_code, peer_text(detail))
         return json.loads(body)
 
     def submit_receipts(self, items: Sequence[tuple]) -> dict:
