@@ -235,17 +235,25 @@ class LedgerError(Exception):
 MAX_ANSWER_BYTES = 16 << 20  # a ledger answer read at most (its largest, the reputation of every node, is far less)
 
 
-def _bounded_body(response: httpx.Response, limit: int) -> bytes:
-    """The body of a streamed ``response``, refused past ``limit`` bytes (declared or read) before more is spent:
-    whoever runs the ledger a node or client points at chooses what it answers."""
+def _bounded_body(response: httpx.Response, limit: int, seconds: float) -> bytes:
+    """The body of a streamed ``response``, refused past ``limit`` bytes (declared or read) or ``seconds`` in all
+    (each read's timeout restarts: a ledger sending a byte at a time would hold the call forever), before more is
+    spent. Only uncompressed answers are read (the client asks for them): a compressed one grows in memory before it
+    can be counted. Whoever runs the ledger a node or client points at chooses what it answers."""
+    encoding = response.headers.get("content-encoding", "identity").lower()
+    if encoding != "identity":
+        raise LedgerError(502, f"the ledger's answer is {peer_text(encoding, 40)}-encoded; it was asked for none")
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise LedgerError(502, f"the ledger's answer declares {declared} bytes; at most {limit} are read")
+    deadline = time.monotonic() + seconds
     chunks, size = [], 0
-    for chunk in response.iter_bytes():
+    for chunk in response.iter_raw():
         size += len(chunk)
         if size > limit:
             raise LedgerError(502, f"the ledger's answer passed {limit} bytes; not read further")
+        if time.monotonic() > deadline:
+            raise LedgerError(504, f"the ledger's answer took more than {seconds:g}s; not read further")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -261,7 +269,8 @@ class LedgerClient:
     def __init__(self, base_url: str, *, timeout: float = 30.0, admin_token: str | None = None):
         self.base_url = base_url.rstrip("/")
         self.admin_token = admin_token
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        self.timeout = timeout
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers={"Accept-Encoding": "identity"})
 
     def close(self) -> None:
         self._http.close()
@@ -274,7 +283,7 @@ class LedgerClient:
 
     def _request(self, method: str, path: str, **kwargs) -> dict | list:
         with self._http.stream(method, path, **kwargs) as response:
-            body = _bounded_body(response, MAX_ANSWER_BYTES)
+            body = _bounded_body(response, MAX_ANSWER_BYTES, self.timeout)
         if response.status_code >= 400:
             try:
                 detail = json.loads(body).get("detail", body.decode(errors="replace"))

@@ -3,6 +3,7 @@ refused before more of it is read, and an error's text is cut before it reaches 
 
 from __future__ import annotations
 
+import gzip
 import json
 import threading
 import time
@@ -32,6 +33,24 @@ class HostileLedger(BaseHTTPRequestHandler):
                 for _ in range(256):
                     self.wfile.write(b" " * (1 << 20))
                     SENT["endless"] += 1 << 20
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+        elif self.path.endswith("/verifiers"):  # a gzip bomb: 16 KiB that would grow to 16 MiB and more
+            body = gzip.compress(b" " * (64 << 20))
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif self.path.endswith("/stats"):  # a byte every 0.2 s, for ever
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            try:
+                for _ in range(300):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(0.2)
             except (BrokenPipeError, ConnectionResetError):
                 pass
         elif self.path.endswith("/reputation"):  # declares a terabyte
@@ -80,3 +99,15 @@ def test_an_errors_text_is_cut(ledger):
         ledger.node("0x" + "12" * 20)
     assert error.value.status == 404 and error.value.detail.startswith("not found: xxx")
     assert len(error.value.detail) < 1100 and len(str(error.value)) < 1200
+
+
+def test_a_compressed_or_trickling_answer_is_refused(ledger):
+    with pytest.raises(LedgerError, match="gzip-encoded") as error:
+        ledger._request("GET", "/v1/verifiers")
+    assert error.value.status == 502
+    slow = LedgerClient(ledger.base_url, timeout=2)  # each byte comes well within a read's timeout
+    began = time.monotonic()
+    with pytest.raises(LedgerError, match="took more than 2s") as error:
+        slow._request("GET", "/v1/stats")
+    assert error.value.status == 504 and time.monotonic() - began < 10
+    slow.close()
