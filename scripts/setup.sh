@@ -13,7 +13,7 @@ if ! python -c "import torch" 2>/dev/null; then
   pip install -q "torch==2.13.0"
 fi
 # locust is looked up, not imported: importing it patches the interpreter with gevent
-if ! python -c "import importlib.util as u, nectar.node, nectar.client, pytest, threadpoolctl, bitsandbytes, llguidance, lm_eval, fastapi_offline, schemathesis; assert u.find_spec('locust'); import shutil; assert shutil.which('py-spy')" 2>/dev/null || [[ "${NECTAR_REINSTALL:-0}" == 1 ]]; then
+if ! python -c "import importlib.util as u, nectar.node, nectar.client, pytest, threadpoolctl, bitsandbytes, llguidance, lm_eval, fastapi_offline, schemathesis, triton; assert u.find_spec('locust'); import shutil; assert shutil.which('py-spy')" 2>/dev/null || [[ "${NECTAR_REINSTALL:-0}" == 1 ]]; then
   echo "[setup] installing nectar-swarm (editable) with test extras"
   pip install -q -c "$constraints" -e ".[test]"
 fi

@@ -5,8 +5,8 @@ On one GPU, for a Llama-shaped span (default: all 32 blocks of the 7B shape, flo
      (``F.linear``), as achieved bandwidth, each recorded in a CUDA graph (no launch gaps);
   2. one session's decode round as the node runs it (a recorded round per step), per step and per replay;
   3. the per-kernel profile of one recorded round (kernels grouped by name: count and time per round);
-  4. the same with each route of ``NECTAR_DECODE_ROUTE`` (eager, compiled), their replay time and their largest
-     difference from the eager static step's output;
+  4. the same with each route of ``NECTAR_DECODE_ROUTE`` (eager, triton, compiled), their replay time, their
+     largest difference from the eager static step's output and the share of the first timed round's values equal to it;
   ``--rows N`` profiles a round of N sessions (equal caches: the pooled recording) instead of one session's.
 Prints a table and writes --json.
 
@@ -256,7 +256,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128, help="the session's cache (prompt + new tokens)")
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--rows", type=int, default=1, help="sessions in the profiled round (one recording)")
-    parser.add_argument("--routes", nargs="+", default=["eager", "compiled"])
+    parser.add_argument("--routes", nargs="+", default=["eager", "triton"])
     parser.add_argument("--json")
     parser.add_argument("--churn", type=int, default=0, help="sessions of a churning mix (0: the profile)")
     parser.add_argument("--rounds", type=int, default=200, help="--churn: decode rounds")
@@ -336,6 +336,11 @@ def main() -> None:
             if ref:
                 row["max_diff_vs_eager"] = max((a.float() - b).abs().max().item() for a, b in zip(outputs, ref))
                 row["max_abs_eager"] = max(b.abs().max().item() for b in ref)
+                # the first timed round (same inputs, caches as each route wrote them): values equal to eager's
+                first = len(sessions)
+                row["equal_share_first_timed_round"] = sum(
+                    (a.float() == b).sum().item() for a, b in zip(outputs[:first], ref[:first])
+                ) / sum(b.numel() for b in ref[:first])
         report["routes"][route] = row
         log(
             f"[{route}] {args.rows} session(s): record {record_s:.2f}s, step {step_ms:.2f} ms "
@@ -343,7 +348,8 @@ def main() -> None:
             f"{replay * 1e3:.2f} ms ({weight_bytes / replay / 1e9:.0f} GB/s of weights), {count} kernels "
             f"({total / 1e3:.2f} ms of kernel time)"
             + (
-                f", max diff vs eager {row['max_diff_vs_eager']:.3g} (outputs up to {row['max_abs_eager']:.3g})"
+                f", max diff vs eager {row['max_diff_vs_eager']:.3g} (outputs up to {row['max_abs_eager']:.3g}), "
+                f"{row['equal_share_first_timed_round']:.1%} of the first timed round's values equal to eager's"
                 if "max_diff_vs_eager" in row
                 else ""
             )

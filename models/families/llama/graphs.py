@@ -31,6 +31,16 @@ def static_decode_step(
 ) -> torch.Tensor:
     """``BatchRunner.static_step`` for Llama blocks: ``x`` [n, hidden], ``positions`` [n], ``caches[i]`` session
     i's SpanCaches (one per block); ``pools``: the same caches as one tensor per block."""
+    if fuses(blocks):
+        if pools is not None:
+            kv_pools = pools  # [n, key/value, kv_heads, max_length, head_dim] per block
+        else:  # per block, each session's buffer [key/value, 1, kv_heads, max_length, head_dim] as a pool of one
+            kv_pools = [
+                [session[local].buffer[0].transpose(0, 1) for session in caches] for local in range(len(caches[0]))
+            ]
+            if len(caches) == 1:
+                kv_pools = [own[0] for own in kv_pools]
+        return _through_blocks_fused(blocks, x, positions, first_block, len(caches[0]), kv_pools)
     attend = (
         _pooled_attention(blocks, positions, pools) if pools is not None else _own_attention(blocks, positions, caches)
     )
@@ -92,6 +102,59 @@ def _through_blocks(blocks: FusedLlamaBlocks, x, positions, first_block: int, nu
             x, out, layer.o_weight, layer.post_norm.weight, layer.gate_up_weight, layer.down_weight, layer.post_norm.eps
         )
     return x
+
+
+def _through_blocks_fused(blocks: FusedLlamaBlocks, x, positions, first_block: int, num_blocks: int, kv_pools):
+    """``_through_blocks`` in Triton kernels (``triton_decode``): per block the three products and five kernels,
+    each residual add fused with the norm that follows it."""
+    from nectar.models.families.llama import triton_decode as kernels
+
+    n, heads, kv_heads = x.shape[0], blocks.num_heads, blocks.num_kv_heads
+    residual, delta = x, None
+    for local in range(num_blocks):
+        layer = blocks.layers[first_block + local]
+        residual, normed = kernels.add_rms_norm(residual, layer.input_norm.weight, layer.input_norm.eps, delta)
+        qkv = (normed @ layer.qkv_weight).view(n, heads + 2 * kv_heads, blocks.head_dim)
+        pool = kv_pools[local]
+        if isinstance(pool, torch.Tensor):
+            kernels.rope_write(qkv, blocks.cos_table, blocks.signed_sin_table, positions, pool)
+            attention = kernels.attention(qkv, positions, pool, blocks.scaling)
+        else:  # sessions with caches of different lengths, each its own buffer: their own launches
+            outputs = []
+            for row, own in enumerate(pool):
+                kernels.rope_write(
+                    qkv[row : row + 1], blocks.cos_table, blocks.signed_sin_table, positions[row : row + 1], own
+                )
+                outputs.append(kernels.attention(qkv[row : row + 1], positions[row : row + 1], own, blocks.scaling))
+            attention = torch.cat(outputs)
+        residual, normed = kernels.add_rms_norm(
+            residual, layer.post_norm.weight, layer.post_norm.eps, attention @ layer.o_weight
+        )
+        delta = kernels.silu_mul(normed @ layer.gate_up_weight) @ layer.down_weight
+    return delta + residual
+
+
+def fuses(blocks: FusedLlamaBlocks) -> bool:
+    """The Triton route (``triton_decode``): asked for (the default where Triton imports), on a GPU (or Triton's
+    CPU interpreter), in float16 or bfloat16, for plain Llama layers whose head size is a power of two."""
+    if os.environ.get(DECODE_ROUTE_ENV, "triton") != "triton":
+        return False
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if not (blocks.on_gpu or interpreted) or blocks.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if blocks.cos_table is None or blocks.head_dim & (blocks.head_dim - 1):
+        return False
+    if not all(_plain(layer) for layer in blocks.layers):
+        return False
+    return _triton_available()
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def compiles(blocks: FusedLlamaBlocks) -> bool:

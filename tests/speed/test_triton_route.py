@@ -1,0 +1,160 @@
+"""The Triton decode route (``triton_decode``) through the node's recorded-round path, on a CPU.
+
+Triton's interpreter (``TRITON_INTERPRET=1``) runs the kernels' own code on CPU tensors, so what is checked here is
+what a GPU runs, less the compiler: each kernel rounds as the eager route does (bit for bit in float16 and bfloat16,
+attention to float32 accuracy), and whole decode rounds, one session's and a pooled round of several, equal the
+eager route's. The interpreter must be on before Triton is first imported, so each check runs in a fresh
+interpreter (this file, run as a script). On a GPU, benchmarks/gpu/decode_profile.py compares the compiled kernels
+with the eager route.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nectar.models.families.llama.fused import rope_in_place
+
+pytest.importorskip("triton")  # not imported here: in this process the interpreter would be off
+
+MODULE = "nectar.models.families.llama.triton_decode"
+
+
+def _check(name: str, *args: str) -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, __file__, name, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{name} {args} failed:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
+    assert f"{name} ok" in done.stdout
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_each_kernel_rounds_as_the_eager_route(dtype):
+    _check("kernels", dtype)
+
+
+@pytest.mark.parametrize("dtype,lone_length", [("float16", 40), ("bfloat16", 40), ("float16", 24)])
+def test_recorded_rounds_through_the_kernels_equal_the_eager_route(tiny_llama, dtype, lone_length):
+    """Rounds of five sessions and of subsets of them through ``GraphedDecoder`` (run eagerly on the CPU) against the
+    same rounds through the eager route, same caches and inputs: over pooled caches (equal lengths), and over each
+    session's own buffer (one session's cache shorter)."""
+    _check("rounds", dtype, str(tiny_llama), str(lone_length))
+
+
+def check_kernels(dtype: torch.dtype) -> None:
+    from nectar.models.families.llama import triton_decode as kernels
+
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(dtype)
+
+    n, hidden, eps = 3, 96, 1e-5
+    residual, delta, weight = randn(n, hidden, scale=3), randn(n, hidden), randn(hidden).abs() + 0.5
+    summed, normed = kernels.add_rms_norm(residual, weight, eps, delta)
+    expected = delta + residual
+    upcast = expected.float()
+    assert torch.equal(summed, expected)
+    assert torch.equal(normed, weight * (upcast * torch.rsqrt(upcast.pow(2).mean(-1, keepdim=True) + eps)).to(dtype))
+
+    gate_up = randn(64, 2048, scale=4)
+    gate, up = gate_up.chunk(2, dim=-1)
+    # exp differs between libraries by an ulp of float32 (CUDA's expf, which the kernel calls on GPUs, is PyTorch's
+    # there; here numpy's against Sleef's): a few float16 roundings in 10,000 go the other way, by one unit
+    fused, eager = kernels.silu_mul(gate_up), F.silu(gate).mul_(up)
+    differ = fused != eager
+    assert differ.float().mean().item() <= 1e-3
+    assert ((fused - eager).abs()[differ] <= eager.abs()[differ] * torch.finfo(dtype).eps).all()
+
+    heads, kv_heads, dim, max_length = 4, 2, 16, 300  # 300 > ATTENTION_CHUNK: two chunks and their combination
+    positions = torch.tensor([3, 17, 299])
+    cos, sin = randn(max_length, dim), randn(max_length, dim)
+    qkv = randn(n, heads + 2 * kv_heads, dim)
+    pool = randn(n, 2, kv_heads, max_length, dim)
+    expected_qkv, expected_pool = qkv.clone(), pool.clone()
+    rope_in_place(expected_qkv[:, : heads + kv_heads], cos[positions][:, None], sin[positions][:, None])
+    for row, position in enumerate(positions):
+        expected_pool[row, :, :, position] = expected_qkv[row, heads:].view(2, kv_heads, dim)
+    kernels.rope_write(qkv, cos, sin, positions, pool)
+    assert torch.equal(qkv[:, :heads], expected_qkv[:, :heads])
+    assert torch.equal(pool, expected_pool)
+
+    out = kernels.attention(qkv, positions, pool, 0.25)
+    for row, position in enumerate(positions):
+        keys = pool[row, 0, :, : position + 1].repeat_interleave(heads // kv_heads, dim=0).float()
+        values = pool[row, 1, :, : position + 1].repeat_interleave(heads // kv_heads, dim=0).float()
+        reference = F.scaled_dot_product_attention(qkv[row, :heads, None].float(), keys, values, scale=0.25)
+        # float32 throughout, one rounding at the end: within half a unit of the dtype's last place
+        ulp = torch.finfo(dtype).eps * reference.abs().clamp_min(2**-6)
+        assert ((out[row].view(heads, 1, dim).float() - reference).abs() <= ulp).all()
+
+
+def check_rounds(dtype: torch.dtype, tiny_llama: str, lone_length: str) -> None:
+    from nectar.models.families.llama import graphs
+    from nectar.node.backend import SpanBackend
+    from nectar.node.graphs import GraphedDecoder
+
+    routes = {}
+    for route in ("triton", "eager"):
+        os.environ[graphs.DECODE_ROUTE_ENV] = route
+        backend = SpanBackend(tiny_llama, 0, 4, dtype=dtype, device="cpu", show_progress=False, batching=True)
+        assert graphs.fuses(backend.batch_runner) == (route == "triton")
+        backend.decode_graphs = GraphedDecoder(backend.batch_runner, capture=False)
+        routes[route] = backend
+    generator = torch.Generator().manual_seed(0)
+    hidden = routes["eager"].hidden_size
+    sessions = []
+    for prefill in (3, 5, 8, 13, 2):
+        x = torch.randn(1, prefill, hidden, generator=generator)
+        caches = {}
+        for route, backend in routes.items():
+            caches[route] = backend.new_caches(0, 4, 1, 40 if prefill != 2 else int(lone_length))
+            backend.inference_step(x, caches[route], start=0, end=4, position=0)
+        sessions.append([caches, prefill])
+    calls = {"pooled": 0, "own": 0}
+    fused = graphs._through_blocks_fused
+
+    def counted(*args):
+        calls["pooled" if isinstance(args[-1][0], torch.Tensor) else "own"] += 1
+        return fused(*args)
+
+    graphs._through_blocks_fused = counted
+    worst = 0.0
+    for step in range(3):
+        # four sessions (a pooled round), one of them (the same recording), and the fifth session
+        for group in (sessions[:4], sessions[1:2], sessions[4:]):
+            xs = [torch.randn(1, 1, hidden, generator=generator) for _ in group]
+            outputs = {}
+            for route, backend in routes.items():
+                os.environ[graphs.DECODE_ROUTE_ENV] = route
+                tasks = [
+                    backend.inference_task(x, caches[route], start=0, end=4, position=position)
+                    for x, (caches, position) in zip(xs, group)
+                ]
+                outputs[route] = backend.run_inference(tasks)
+            for fused_out, eager_out in zip(outputs["triton"], outputs["eager"]):
+                worst = max(worst, (fused_out.float() - eager_out.float()).abs().max().item())
+            for session in group:
+                session[1] += 1
+    # the node records a round of all five (they are active together): pooled caches where their lengths are equal,
+    # else each session's own buffers
+    assert routes["triton"].decode_graphs.replays == 9
+    assert calls == ({"pooled": 9, "own": 0} if int(lone_length) == 40 else {"pooled": 0, "own": 9}), calls
+    # the only difference is attention's probabilities kept in float32 (SDPA rounds them): a few units in the last
+    # place of the outputs after 4 blocks
+    assert worst <= 64 * torch.finfo(dtype).eps, worst
+    for session in sessions:  # the caches hold the same keys and values
+        for fused_cache, eager_cache in zip(session[0]["triton"], session[0]["eager"]):
+            length = eager_cache.length
+            diff = (fused_cache.buffer[..., :length, :].float() - eager_cache.buffer[..., :length, :].float()).abs()
+            assert diff.max().item() <= 64 * torch.finfo(dtype).eps
+
+
+if __name__ == "__main__":
+    check, dtype_name, *rest = sys.argv[1:]
+    {"kernels": check_kernels, "rounds": check_rounds}[check](getattr(torch, dtype_name), *rest)
+    print(f"{check} ok")
