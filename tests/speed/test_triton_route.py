@@ -37,6 +37,10 @@ def test_each_kernel_rounds_as_the_eager_route(dtype):
     _check("kernels", dtype)
 
 
+def test_a_gpu_triton_cannot_build_for_falls_back_to_pytorch_kernels(tiny_llama):
+    _check("fallback", "float16", str(tiny_llama))
+
+
 @pytest.mark.parametrize("dtype,lone_length", [("float16", 40), ("bfloat16", 40), ("float16", 24)])
 def test_recorded_rounds_through_the_kernels_equal_the_eager_route(tiny_llama, dtype, lone_length):
     """Rounds of five sessions and of subsets of them through ``GraphedDecoder`` (run eagerly on the CPU) against the
@@ -154,7 +158,54 @@ def check_rounds(dtype: torch.dtype, tiny_llama: str, lone_length: str) -> None:
             assert diff.max().item() <= 64 * torch.finfo(dtype).eps
 
 
+def check_fallback(dtype: torch.dtype, tiny_llama: str) -> None:
+    """A GPU whose kernels Triton cannot build (its errors) falls back to PyTorch's kernels for good, with a warning;
+    any other error is the round's."""
+    from triton.runtime.errors import OutOfResources
+
+    from nectar.models.families.llama import graphs
+    from nectar.models.families.llama import triton_decode as kernels
+    from nectar.node.backend import SpanBackend
+
+    backend = SpanBackend(tiny_llama, 0, 4, dtype=dtype, device="cpu", show_progress=False, batching=True)
+    runner = backend.batch_runner
+    assert graphs.fuses(runner) and "Triton" in runner.describe()
+    generator = torch.Generator().manual_seed(0)
+    caches = backend.new_caches(0, 4, 1, 16)
+    backend.inference_step(
+        torch.randn(1, 3, backend.hidden_size, generator=generator), caches, start=0, end=4, position=0
+    )
+    x = torch.randn(1, backend.hidden_size, generator=generator).to(dtype)
+    positions = torch.tensor([3])
+
+    def step():
+        return runner.static_step(x, positions, [caches], 0)
+
+    fused = step()
+    original = kernels.attention
+    kernels.attention = lambda *args: (_ for _ in ()).throw(RuntimeError("not Triton's"))
+    try:
+        step()
+        raise AssertionError("an error of the round itself was swallowed")
+    except RuntimeError as error:
+        assert "not Triton's" in str(error)
+    assert graphs.fuses(runner)
+
+    def unbuildable(*args):
+        raise OutOfResources(1 << 20, 1 << 16, "shared memory")
+
+    kernels.attention = unbuildable
+    fallen = step()
+    kernels.attention = original
+    assert not graphs.fuses(runner) and "OutOfResources" in runner.fused_error
+    os.environ[graphs.DECODE_ROUTE_ENV] = "eager"
+    assert torch.equal(fallen, step())  # the fallback is the eager route
+    assert (fallen.float() - fused.float()).abs().max().item() <= 64 * torch.finfo(dtype).eps
+
+
 if __name__ == "__main__":
     check, dtype_name, *rest = sys.argv[1:]
-    {"kernels": check_kernels, "rounds": check_rounds}[check](getattr(torch, dtype_name), *rest)
+    {"kernels": check_kernels, "rounds": check_rounds, "fallback": check_fallback}[check](
+        getattr(torch, dtype_name), *rest
+    )
     print(f"{check} ok")

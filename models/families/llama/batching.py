@@ -74,6 +74,8 @@ class LlamaBatchRunner(FusedLlamaBlocks):
         route = "the C layer" if self.native is not None else "PyTorch"
         if self.compiled:
             route = "PyTorch, decode rounds through torch.compile's fused kernels"
+        elif graphs.fuses(self):
+            route = "PyTorch, decode rounds through Triton kernels"
         if self.quantized:
             return (
                 f"batched Llama runner ({self.quantization} weights through the blocks' own quantized layers; "

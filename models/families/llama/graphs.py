@@ -9,6 +9,7 @@ pool, whose recording serves any sessions (``PagedDecoder``).
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -16,8 +17,11 @@ import torch.nn.functional as F
 
 from nectar.models.families.llama.fused import FusedLayer, FusedLlamaBlocks
 
-# "compiled": each block's norms, products, RoPE and SwiGLU through torch.compile (fused elementwise kernels) inside
-# the recorded round; "eager": PyTorch's kernels one by one
+logger = logging.getLogger(__name__)
+
+# "triton" (the default where Triton imports): a block's norms, RoPE, cache writes, attention and SwiGLU in five Triton
+# kernels (``triton_decode``); "compiled": norms, products, RoPE and SwiGLU through torch.compile; "eager": PyTorch's
+# kernels one by one
 DECODE_ROUTE_ENV = "NECTAR_DECODE_ROUTE"
 
 
@@ -40,7 +44,13 @@ def static_decode_step(
             ]
             if len(caches) == 1:
                 kv_pools = [own[0] for own in kv_pools]
-        return _through_blocks_fused(blocks, x, positions, first_block, len(caches[0]), kv_pools)
+        try:
+            return _through_blocks_fused(blocks, x, positions, first_block, len(caches[0]), kv_pools)
+        except Exception as error:  # Triton could not build a kernel for this GPU: PyTorch's kernels instead
+            if not type(error).__module__.startswith("triton"):
+                raise
+            blocks.fused_error = f"{type(error).__name__}: {str(error)[:300]}"
+            logger.warning(f"The Triton decode kernels failed ({blocks.fused_error}); decode rounds use PyTorch's")
     attend = (
         _pooled_attention(blocks, positions, pools) if pools is not None else _own_attention(blocks, positions, caches)
     )
@@ -137,7 +147,7 @@ def _through_blocks_fused(blocks: FusedLlamaBlocks, x, positions, first_block: i
 def fuses(blocks: FusedLlamaBlocks) -> bool:
     """The Triton route (``triton_decode``): asked for (the default where Triton imports), on a GPU (or Triton's
     CPU interpreter), in float16 or bfloat16, for plain Llama layers whose head size is a power of two."""
-    if os.environ.get(DECODE_ROUTE_ENV, "triton") != "triton":
+    if os.environ.get(DECODE_ROUTE_ENV, "triton") != "triton" or getattr(blocks, "fused_error", None):
         return False
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if not (blocks.on_gpu or interpreted) or blocks.dtype not in (torch.float16, torch.bfloat16):
