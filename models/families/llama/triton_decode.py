@@ -68,7 +68,7 @@ def _add_rms_norm(
     delta_ptr, residual_ptr, weight_ptr, out_residual_ptr, out_ptr, hidden, eps, ADD: tl.constexpr, BLOCK: tl.constexpr
 ):
     """Row r: residual = delta + residual (rounded), then weight * rms_norm(residual) as LlamaRMSNorm rounds it."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # offsets in 64 bits: a pool of many long rows passes 2**31 elements
     cols = tl.arange(0, BLOCK)
     inside = cols < hidden
     x = tl.load(residual_ptr + row * hidden + cols, mask=inside, other=0.0)
@@ -101,7 +101,7 @@ def _rope_write(
     """Program (row, head) over qkv [n, heads + 2 * kv_heads, DIM]: RoPE on a query head (in place), or on a key
     head then its key and value into the cache at the row's position. Rounded as ``rope_in_place``: each product,
     then their sum."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # offsets in 64 bits: a pool of many long rows passes 2**31 elements
     head = tl.program_id(1)
     position = tl.load(positions_ptr + row)
     cols = tl.arange(0, DIM)
@@ -143,10 +143,10 @@ def _attention(
 ):
     """Program (row, head, chunk): softmax(q k^T * scale) v over the chunk's positions up to the row's own (float32
     throughout). One chunk writes the output; several write float32 partials and their (max, sum) for ``_combine``."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # offsets in 64 bits: a pool of many long rows passes 2**31 elements
     head = tl.program_id(1)
     chunk = tl.program_id(2)
-    position = tl.load(positions_ptr + row)
+    position = tl.load(positions_ptr + row).to(tl.int32)  # the loop's bounds in one type
     kv_head = head // (heads // kv_heads)
     cols = tl.arange(0, DIM)
     q = tl.load(qkv_ptr + (row * (heads + 2 * kv_heads) + head) * DIM + cols).to(tl.float32)
@@ -181,7 +181,7 @@ def _attention(
 @triton.jit
 def _combine(partial_ptr, stats_ptr, out_ptr, DIM: tl.constexpr, SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr):
     """Program (row * heads + head): the chunks' partial attentions weighted by their softmax sums."""
-    index = tl.program_id(0)
+    index = tl.program_id(0).to(tl.int64)
     chunks = tl.arange(0, SPLITS_POW2)
     inside = chunks < SPLITS
     cols = tl.arange(0, DIM)
@@ -197,7 +197,7 @@ def _combine(partial_ptr, stats_ptr, out_ptr, DIM: tl.constexpr, SPLITS: tl.cons
 @triton.jit
 def _silu_mul(gate_up_ptr, out_ptr, inner, BLOCK: tl.constexpr):
     """out = silu(gate) * up for gate_up [n, 2 * inner], each rounded as F.silu and then the product are."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # offsets in 64 bits: a pool of many long rows passes 2**31 elements
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = cols < inner
     gate = tl.load(gate_up_ptr + row * 2 * inner + cols, mask=inside, other=0.0)
