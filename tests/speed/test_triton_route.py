@@ -49,6 +49,52 @@ def test_recorded_rounds_through_the_kernels_equal_the_eager_route(tiny_llama, d
     _check("rounds", dtype, str(tiny_llama), str(lone_length))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels need a CUDA GPU (the device machine)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("max_lengths", [(40, 24, 300), (300, 300, 300)], ids=["own-caches", "pooled-caches"])
+def test_recorded_rounds_on_the_gpu_equal_the_eager_route(tiny_llama, monkeypatch, dtype, max_lengths):
+    """The compiled kernels in recorded rounds (CUDA graphs), against the eager route's recorded rounds: caches of
+    300 positions take two attention chunks and their combination."""
+    from nectar.models.families.llama import graphs
+    from nectar.node.backend import SpanBackend
+
+    backends = {}
+    for route in ("triton", "eager"):
+        monkeypatch.setenv(graphs.DECODE_ROUTE_ENV, route)
+        backend = SpanBackend(tiny_llama, 0, 4, dtype=dtype, device="cuda", show_progress=False, batching=True)
+        assert backend.decode_graphs is not None and backend.decode_graphs.capture
+        backends[route] = backend
+    assert backends["triton"].batch_runner.fused and not backends["eager"].batch_runner.fused
+    generator = torch.Generator().manual_seed(0)
+    hidden = backends["eager"].hidden_size
+    sessions = []
+    for max_length, prefill in zip(max_lengths, (5, 3, 7)):
+        x = torch.randn(1, prefill, hidden, generator=generator)
+        caches = {route: backend.new_caches(0, 4, 1, max_length) for route, backend in backends.items()}
+        for route, backend in backends.items():
+            backend.inference_step(x, caches[route], start=0, end=4, position=0)
+        sessions.append([caches, prefill])
+    worst = 0.0
+    for step in range(12):
+        for group in (sessions, sessions[:1]):
+            xs = [torch.randn(1, 1, hidden, generator=generator) for _ in group]
+            outputs = {}
+            for route, backend in backends.items():
+                tasks = [
+                    backend.inference_task(x, caches[route], start=0, end=4, position=position)
+                    for x, (caches, position) in zip(xs, group)
+                ]
+                outputs[route] = backend.run_inference(tasks)
+            for fused, eager in zip(outputs["triton"], outputs["eager"]):
+                worst = max(worst, (fused.float() - eager.float()).abs().max().item())
+            for session in group:
+                session[1] += 1
+    decoder = backends["triton"].decode_graphs
+    assert decoder.recorded == 1 and decoder.replays == 24
+    assert backends["triton"].batch_runner.fused_error is None
+    assert worst <= 64 * torch.finfo(dtype).eps, worst
+
+
 def check_kernels(dtype: torch.dtype) -> None:
     from nectar.models.families.llama import triton_decode as kernels
 
@@ -106,7 +152,7 @@ def check_rounds(dtype: torch.dtype, tiny_llama: str, lone_length: str) -> None:
     for route in ("triton", "eager"):
         os.environ[graphs.DECODE_ROUTE_ENV] = route
         backend = SpanBackend(tiny_llama, 0, 4, dtype=dtype, device="cpu", show_progress=False, batching=True)
-        assert graphs.fuses(backend.batch_runner) == (route == "triton")
+        assert backend.batch_runner.fused == (route == "triton")
         backend.decode_graphs = GraphedDecoder(backend.batch_runner, capture=False)
         routes[route] = backend
     generator = torch.Generator().manual_seed(0)
@@ -134,7 +180,6 @@ def check_rounds(dtype: torch.dtype, tiny_llama: str, lone_length: str) -> None:
             xs = [torch.randn(1, 1, hidden, generator=generator) for _ in group]
             outputs = {}
             for route, backend in routes.items():
-                os.environ[graphs.DECODE_ROUTE_ENV] = route
                 tasks = [
                     backend.inference_task(x, caches[route], start=0, end=4, position=position)
                     for x, (caches, position) in zip(xs, group)
@@ -163,13 +208,12 @@ def check_fallback(dtype: torch.dtype, tiny_llama: str) -> None:
     any other error is the round's."""
     from triton.runtime.errors import OutOfResources
 
-    from nectar.models.families.llama import graphs
     from nectar.models.families.llama import triton_decode as kernels
     from nectar.node.backend import SpanBackend
 
     backend = SpanBackend(tiny_llama, 0, 4, dtype=dtype, device="cpu", show_progress=False, batching=True)
     runner = backend.batch_runner
-    assert graphs.fuses(runner) and "Triton" in runner.describe()
+    assert runner.fused and "Triton" in runner.describe()
     generator = torch.Generator().manual_seed(0)
     caches = backend.new_caches(0, 4, 1, 16)
     backend.inference_step(
@@ -189,7 +233,7 @@ def check_fallback(dtype: torch.dtype, tiny_llama: str) -> None:
         raise AssertionError("an error of the round itself was swallowed")
     except RuntimeError as error:
         assert "not Triton's" in str(error)
-    assert graphs.fuses(runner)
+    assert runner.fused
 
     def unbuildable(*args):
         raise OutOfResources(1 << 20, 1 << 16, "shared memory")
@@ -197,9 +241,8 @@ def check_fallback(dtype: torch.dtype, tiny_llama: str) -> None:
     kernels.attention = unbuildable
     fallen = step()
     kernels.attention = original
-    assert not graphs.fuses(runner) and "OutOfResources" in runner.fused_error
-    os.environ[graphs.DECODE_ROUTE_ENV] = "eager"
-    assert torch.equal(fallen, step())  # the fallback is the eager route
+    assert not runner.fused and "OutOfResources" in runner.fused_error and "Triton" not in runner.describe()
+    assert torch.equal(fallen, step())  # for good: the eager route
     assert (fallen.float() - fused.float()).abs().max().item() <= 64 * torch.finfo(dtype).eps
 
 

@@ -65,6 +65,8 @@ class LlamaBatchRunner(FusedLlamaBlocks):
         self.native: NativeDecoder | None = None
         self.native = NativeDecoder.build(self)  # one session's decode step in C on CPUs, where it measured faster
         self.compiled = graphs.compiles(self)
+        self.fused = graphs.fuses(self)  # decode rounds in Triton kernels (the default on GPUs where Triton imports)
+        self.fused_error: str | None = None  # why they stopped: Triton could not build them for this GPU
         if self.compiled:  # NECTAR_DECODE_ROUTE=compiled on a GPU
             began = time.perf_counter()
             graphs.warm_up(self)
@@ -74,7 +76,7 @@ class LlamaBatchRunner(FusedLlamaBlocks):
         route = "the C layer" if self.native is not None else "PyTorch"
         if self.compiled:
             route = "PyTorch, decode rounds through torch.compile's fused kernels"
-        elif graphs.fuses(self):
+        elif self.fused:
             route = "PyTorch, decode rounds through Triton kernels"
         if self.quantized:
             return (

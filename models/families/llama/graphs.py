@@ -35,7 +35,7 @@ def static_decode_step(
 ) -> torch.Tensor:
     """``BatchRunner.static_step`` for Llama blocks: ``x`` [n, hidden], ``positions`` [n], ``caches[i]`` session
     i's SpanCaches (one per block); ``pools``: the same caches as one tensor per block."""
-    if fuses(blocks):
+    if getattr(blocks, "fused", False):  # chosen at load (``fuses``)
         if pools is not None:
             kv_pools = pools  # [n, key/value, kv_heads, max_length, head_dim] per block
         else:  # per block, each session's buffer [key/value, 1, kv_heads, max_length, head_dim] as a pool of one
@@ -49,7 +49,7 @@ def static_decode_step(
         except Exception as error:  # Triton could not build a kernel for this GPU: PyTorch's kernels instead
             if not type(error).__module__.startswith("triton"):
                 raise
-            blocks.fused_error = f"{type(error).__name__}: {str(error)[:300]}"
+            blocks.fused, blocks.fused_error = False, f"{type(error).__name__}: {str(error)[:300]}"
             logger.warning(f"The Triton decode kernels failed ({blocks.fused_error}); decode rounds use PyTorch's")
     attend = (
         _pooled_attention(blocks, positions, pools) if pools is not None else _own_attention(blocks, positions, caches)
@@ -147,7 +147,7 @@ def _through_blocks_fused(blocks: FusedLlamaBlocks, x, positions, first_block: i
 def fuses(blocks: FusedLlamaBlocks) -> bool:
     """The Triton route (``triton_decode``): asked for (the default where Triton imports), on a GPU (or Triton's
     CPU interpreter), in float16 or bfloat16, for plain Llama layers whose head size is a power of two."""
-    if os.environ.get(DECODE_ROUTE_ENV, "triton") != "triton" or getattr(blocks, "fused_error", None):
+    if os.environ.get(DECODE_ROUTE_ENV, "triton") != "triton":
         return False
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if not (blocks.on_gpu or interpreted) or blocks.dtype not in (torch.float16, torch.bfloat16):
