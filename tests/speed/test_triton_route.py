@@ -208,9 +208,11 @@ def check_fallback(dtype: torch.dtype, tiny_llama: str) -> None:
     any other error is the round's."""
     from triton.runtime.errors import OutOfResources
 
+    from nectar.models.families.llama import graphs
     from nectar.models.families.llama import triton_decode as kernels
     from nectar.node.backend import SpanBackend
 
+    os.environ[graphs.DECODE_ROUTE_ENV] = "triton"
     backend = SpanBackend(tiny_llama, 0, 4, dtype=dtype, device="cpu", show_progress=False, batching=True)
     runner = backend.batch_runner
     assert runner.fused and "Triton" in runner.describe()

@@ -65,7 +65,7 @@ class LlamaBatchRunner(FusedLlamaBlocks):
         self.native: NativeDecoder | None = None
         self.native = NativeDecoder.build(self)  # one session's decode step in C on CPUs, where it measured faster
         self.compiled = graphs.compiles(self)
-        self.fused = graphs.fuses(self)  # decode rounds in Triton kernels (the default on GPUs where Triton imports)
+        self.fused = graphs.fuses(self)  # decode rounds in Triton kernels (NECTAR_DECODE_ROUTE=triton)
         self.fused_error: str | None = None  # why they stopped: Triton could not build them for this GPU
         if self.compiled:  # NECTAR_DECODE_ROUTE=compiled on a GPU
             began = time.perf_counter()

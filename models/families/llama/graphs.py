@@ -19,10 +19,13 @@ from nectar.models.families.llama.fused import FusedLayer, FusedLlamaBlocks
 
 logger = logging.getLogger(__name__)
 
-# "triton" (the default where Triton imports): a block's norms, RoPE, cache writes, attention and SwiGLU in five Triton
+# "triton": a block's norms, RoPE, cache writes, attention and SwiGLU in five Triton
 # kernels (``triton_decode``); "compiled": norms, products, RoPE and SwiGLU through torch.compile; "eager": PyTorch's
 # kernels one by one
 DECODE_ROUTE_ENV = "NECTAR_DECODE_ROUTE"
+# eager until the Triton kernels are measured on a GPU: kernels that computed wrongly there would have honest nodes
+# convicted by audits
+DEFAULT_ROUTE = "eager"
 
 
 def static_decode_step(
@@ -145,9 +148,9 @@ def _through_blocks_fused(blocks: FusedLlamaBlocks, x, positions, first_block: i
 
 
 def fuses(blocks: FusedLlamaBlocks) -> bool:
-    """The Triton route (``triton_decode``): asked for (the default where Triton imports), on a GPU (or Triton's
+    """The Triton route (``triton_decode``): asked for, on a GPU (or Triton's
     CPU interpreter), in float16 or bfloat16, for plain Llama layers whose head size is a power of two."""
-    if os.environ.get(DECODE_ROUTE_ENV, "triton") != "triton":
+    if os.environ.get(DECODE_ROUTE_ENV, DEFAULT_ROUTE) != "triton":
         return False
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if not (blocks.on_gpu or interpreted) or blocks.dtype not in (torch.float16, torch.bfloat16):

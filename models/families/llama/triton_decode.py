@@ -10,8 +10,8 @@ float32 moved honest scores). What differs from eager: the order of float32 sums
 (as between any two GPUs' kernels), and attention's probabilities stay in float32 where SDPA's kernels round them
 to float16 before multiplying the values.
 
-Used by ``graphs.py`` for recorded rounds on CUDA (``NECTAR_DECODE_ROUTE=triton``, the default where Triton is
-installed); ``TRITON_INTERPRET=1`` runs the same kernels on a CPU (tests/speed).
+Used by ``graphs.py`` for recorded rounds on CUDA when a node starts with ``NECTAR_DECODE_ROUTE=triton``;
+``TRITON_INTERPRET=1`` runs the same kernels on a CPU (tests/speed).
 """
 
 from __future__ import annotations
