@@ -25,7 +25,18 @@ pytest.importorskip("triton")  # not imported here: in this process the interpre
 MODULE = "nectar.models.families.llama.triton_decode"
 
 
+def _interpreter_runs_the_kernels() -> bool:
+    """Triton's interpreter runs loops whose bounds are read from memory (attention's) from 3.9 on: the version CI
+    installs. The GPU machine's 3.6 compiles them for the GPU test but cannot interpret them."""
+    import importlib.metadata
+
+    major, minor = (int(part) for part in importlib.metadata.version("triton").split(".")[:2])
+    return (major, minor) >= (3, 9)
+
+
 def _check(name: str, *args: str) -> None:
+    if not _interpreter_runs_the_kernels():
+        pytest.skip("this Triton's interpreter cannot run the kernels (3.9 or later can): the GPU test covers them")
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, __file__, name, *args], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{name} {args} failed:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
@@ -228,6 +239,7 @@ def check_fallback(dtype: torch.dtype, tiny_llama: str) -> None:
         return runner.static_step(x, positions, [caches], 0)
 
     fused = step()
+    assert runner.fused, runner.fused_error  # the kernels ran
     original = kernels.attention
     kernels.attention = lambda *args: (_ for _ in ()).throw(RuntimeError("not Triton's"))
     try:
