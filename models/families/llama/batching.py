@@ -67,6 +67,10 @@ class LlamaBatchRunner(FusedLlamaBlocks):
         self.compiled = graphs.compiles(self)
         self.fused = graphs.fuses(self)  # decode rounds in Triton kernels (NECTAR_DECODE_ROUTE=triton)
         self.fused_error: str | None = None  # why they stopped: Triton could not build them for this GPU
+        if self.fused:
+            began = time.perf_counter()
+            graphs.warm_up_fused(self)
+            logger.info(f"Built the decode round's Triton kernels in {time.perf_counter() - began:.1f}s")
         if self.compiled:  # NECTAR_DECODE_ROUTE=compiled on a GPU
             began = time.perf_counter()
             graphs.warm_up(self)

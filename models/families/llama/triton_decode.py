@@ -121,7 +121,7 @@ def _rope_write(
         tl.store(slot + kv_stride, tl.load(base + kv_heads * DIM + cols))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["chunk", "splits"])  # one build whatever the cache's length
 def _attention(
     qkv_ptr,
     positions_ptr,
@@ -134,12 +134,12 @@ def _attention(
     head_stride,
     position_stride,
     scale,
+    chunk_size,
+    splits,
     heads: tl.constexpr,
     kv_heads: tl.constexpr,
     DIM: tl.constexpr,
-    CHUNK: tl.constexpr,
     TILE: tl.constexpr,
-    SPLITS: tl.constexpr,
 ):
     """Program (row, head, chunk): softmax(q k^T * scale) v over the chunk's positions up to the row's own (float32
     throughout). One chunk writes the output; several write float32 partials and their (max, sum) for ``_combine``."""
@@ -154,8 +154,8 @@ def _attention(
     best = -float("inf")
     total = 0.0
     acc = tl.zeros([DIM], dtype=tl.float32)
-    begin = chunk * CHUNK
-    end = tl.minimum(begin + CHUNK, position + 1)
+    begin = chunk * chunk_size
+    end = tl.minimum(begin + chunk_size, position + 1)
     for start in range(begin, end, TILE):
         at = start + tl.arange(0, TILE)
         valid = at < end
@@ -170,28 +170,30 @@ def _attention(
         total = total * shrink + tl.sum(p, axis=0)
         best = new_best
     index = row * heads + head
-    if SPLITS == 1:
+    if splits == 1:
         tl.store(out_ptr + index * DIM + cols, _round(acc / total, out_ptr.dtype.element_ty))
     else:
-        tl.store(partial_ptr + (index * SPLITS + chunk) * DIM + cols, acc)
-        tl.store(stats_ptr + (index * SPLITS + chunk) * 2, best)
-        tl.store(stats_ptr + (index * SPLITS + chunk) * 2 + 1, total)
+        tl.store(partial_ptr + (index * splits + chunk) * DIM + cols, acc)
+        tl.store(stats_ptr + (index * splits + chunk) * 2, best)
+        tl.store(stats_ptr + (index * splits + chunk) * 2 + 1, total)
 
 
-@triton.jit
-def _combine(partial_ptr, stats_ptr, out_ptr, DIM: tl.constexpr, SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr):
+@triton.jit(do_not_specialize=["splits"])
+def _combine(partial_ptr, stats_ptr, out_ptr, splits, DIM: tl.constexpr):
     """Program (row * heads + head): the chunks' partial attentions weighted by their softmax sums."""
     index = tl.program_id(0).to(tl.int64)
-    chunks = tl.arange(0, SPLITS_POW2)
-    inside = chunks < SPLITS
     cols = tl.arange(0, DIM)
-    best = tl.load(stats_ptr + (index * SPLITS + chunks) * 2, mask=inside, other=-float("inf"))
-    total = tl.load(stats_ptr + (index * SPLITS + chunks) * 2 + 1, mask=inside, other=0.0)
-    top = tl.max(best, axis=0)
-    weight = tl.where(best > -float("inf"), tl.exp(best - top), 0.0)
-    partial = tl.load(partial_ptr + (index * SPLITS + chunks[:, None]) * DIM + cols[None, :], mask=inside[:, None])
-    acc = tl.sum(partial * weight[:, None], axis=0)
-    tl.store(out_ptr + index * DIM + cols, _round(acc / tl.sum(total * weight, axis=0), out_ptr.dtype.element_ty))
+    top = -float("inf")
+    for part in range(0, splits):
+        top = tl.maximum(top, tl.load(stats_ptr + (index * splits + part) * 2))
+    acc = tl.zeros([DIM], dtype=tl.float32)
+    total = 0.0
+    for part in range(0, splits):
+        best = tl.load(stats_ptr + (index * splits + part) * 2)
+        weight = tl.where(best > -float("inf"), tl.exp(best - top), 0.0)  # a chunk past the position: no weight
+        total += tl.load(stats_ptr + (index * splits + part) * 2 + 1) * weight
+        acc += tl.load(partial_ptr + (index * splits + part) * DIM + cols) * weight
+    tl.store(out_ptr + index * DIM + cols, _round(acc / total, out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -249,7 +251,6 @@ def attention(qkv: torch.Tensor, positions: torch.Tensor, kv_pool: torch.Tensor,
     heads = total - 2 * kv_heads
     out = torch.empty(n, heads, dim, device=qkv.device, dtype=qkv.dtype)
     splits = triton.cdiv(max_length, ATTENTION_CHUNK)
-    chunk = ATTENTION_CHUNK if splits > 1 else triton.next_power_of_2(max_length)
     partial = stats = out
     if splits > 1:
         partial = torch.empty(n * heads * splits, dim, device=qkv.device, dtype=torch.float32)
@@ -263,18 +264,16 @@ def attention(qkv: torch.Tensor, positions: torch.Tensor, kv_pool: torch.Tensor,
         stats,
         *kv_pool.stride()[:4],
         scale,
+        ATTENTION_CHUNK,
+        splits,
         heads=heads,
         kv_heads=kv_heads,
         DIM=dim,
-        CHUNK=chunk,
         TILE=32,
-        SPLITS=splits,
         num_warps=4,
     )
     if splits > 1:
-        _combine[(n * heads,)](
-            partial, stats, out, DIM=dim, SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits), num_warps=4
-        )
+        _combine[(n * heads,)](partial, stats, out, splits, DIM=dim, num_warps=4)
     return out.view(n, heads * dim)
 
 
