@@ -180,7 +180,9 @@ def fuses(blocks: FusedLlamaBlocks) -> bool:
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if not (blocks.on_gpu or interpreted) or blocks.dtype not in (torch.float16, torch.bfloat16):
         return False
-    if blocks.cos_table is None or blocks.head_dim & (blocks.head_dim - 1):
+    if blocks.cos_table is None or blocks.cos_table.shape[-1] != blocks.head_dim:  # RoPE over whole heads only
+        return False
+    if blocks.head_dim & (blocks.head_dim - 1):
         return False
     if not all(_plain(layer) for layer in blocks.layers):
         return False
