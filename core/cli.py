@@ -5,6 +5,7 @@ reported up front. ``nectar ledger serve|worker`` and ``nectar api serve|worker`
 ``nectar api`` (= serve) and ``nectar worker`` (= ledger worker) are the older spellings, kept.
 """
 
+import faulthandler
 import importlib
 import os
 import sys
@@ -51,6 +52,12 @@ def resolve(argv: list[str]) -> tuple[str, list[str]] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # a crash in native code (SIGSEGV, SIGABRT) prints every thread's Python stack to stderr, which services log: CI
+    # saw `nectar api` end with -11 and nothing else
+    try:
+        faulthandler.enable()
+    except (AttributeError, ValueError, OSError):  # stderr is no file (captured or embedded): nothing to write to
+        pass
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print_help()

@@ -4,8 +4,8 @@ Triton's interpreter (``TRITON_INTERPRET=1``) runs the kernels' own code on CPU 
 what a GPU runs, less the compiler: each kernel rounds as the eager route does (bit for bit in float16 and bfloat16,
 attention to float32 accuracy), and whole decode rounds, one session's and a pooled round of several, equal the
 eager route's. The interpreter must be on before Triton is first imported, so each check runs in a fresh
-interpreter (this file, run as a script). On a GPU, benchmarks/gpu/decode_profile.py compares the compiled kernels
-with the eager route.
+interpreter (this file, run as a script). On a GPU, the compiled kernels' recorded rounds are checked against the
+eager route's (the GPU test below; benchmarks/gpu/decode_profile.py profiles both).
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ import torch.nn.functional as F
 from nectar.models.families.llama.fused import rope_in_place
 
 pytest.importorskip("triton")  # not imported here: in this process the interpreter would be off
-
-MODULE = "nectar.models.families.llama.triton_decode"
 
 
 def _interpreter_runs_the_kernels() -> bool:

@@ -16,16 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from nectar.models.families.llama.fused import FusedLayer, FusedLlamaBlocks
+from nectar.settings import current
 
 logger = logging.getLogger(__name__)
 
-# "triton": a block's norms, RoPE, cache writes, attention and SwiGLU in five Triton
-# kernels (``triton_decode``); "compiled": norms, products, RoPE and SwiGLU through torch.compile; "eager": PyTorch's
-# kernels one by one
+# ``current().decode_route`` (NECTAR_DECODE_ROUTE): "triton", a block's norms, RoPE, cache writes, attention and
+# SwiGLU in five Triton kernels (``triton_decode``); "compiled", norms, products, RoPE and SwiGLU through
+# torch.compile; "eager" (the default until the Triton kernels are checked on a GPU: kernels that computed wrongly
+# there would have honest nodes convicted by audits), PyTorch's kernels one by one
 DECODE_ROUTE_ENV = "NECTAR_DECODE_ROUTE"
-# eager until the Triton kernels are measured on a GPU: kernels that computed wrongly there would have honest nodes
-# convicted by audits
-DEFAULT_ROUTE = "eager"
 
 
 def static_decode_step(
@@ -175,7 +174,7 @@ def warm_up_fused(blocks: FusedLlamaBlocks) -> None:
 def fuses(blocks: FusedLlamaBlocks) -> bool:
     """The Triton route (``triton_decode``): asked for, on a GPU (or Triton's
     CPU interpreter), in float16 or bfloat16, for plain Llama layers whose head size is a power of two."""
-    if os.environ.get(DECODE_ROUTE_ENV, DEFAULT_ROUTE) != "triton":
+    if current().decode_route != "triton":
         return False
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if not (blocks.on_gpu or interpreted) or blocks.dtype not in (torch.float16, torch.bfloat16):
@@ -199,7 +198,7 @@ def _triton_available() -> bool:
 
 def compiles(blocks: FusedLlamaBlocks) -> bool:
     """The compiled route: asked for, on a GPU, and for plain Llama layers (no biases, head norms or other act)."""
-    if os.environ.get(DECODE_ROUTE_ENV, "eager") != "compiled" or not blocks.on_gpu:
+    if current().decode_route != "compiled" or not blocks.on_gpu:
         return False
     return all(_plain(layer) for layer in blocks.layers)
 
