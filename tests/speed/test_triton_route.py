@@ -19,8 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from nectar.models.families.llama.fused import rope_in_place
+from nectar.settings import env_name
 
 pytest.importorskip("triton")  # not imported here: in this process the interpreter would be off
+
+ROUTE_ENV = env_name("decode_route")
 
 
 def _interpreter_runs_the_kernels() -> bool:
@@ -64,12 +67,11 @@ def test_recorded_rounds_through_the_kernels_equal_the_eager_route(tiny_llama, d
 def test_recorded_rounds_on_the_gpu_equal_the_eager_route(tiny_llama, monkeypatch, dtype, max_lengths):
     """The compiled kernels in recorded rounds (CUDA graphs), against the eager route's recorded rounds: caches of
     300 positions take two attention chunks and their combination."""
-    from nectar.models.families.llama import graphs
     from nectar.node.backend import SpanBackend
 
     backends = {}
     for route in ("triton", "eager"):
-        monkeypatch.setenv(graphs.DECODE_ROUTE_ENV, route)
+        monkeypatch.setenv(ROUTE_ENV, route)
         backend = SpanBackend(tiny_llama, 0, 4, dtype=dtype, device="cuda", show_progress=False, batching=True)
         assert backend.decode_graphs is not None and backend.decode_graphs.capture
         backends[route] = backend
@@ -159,7 +161,7 @@ def check_rounds(dtype: torch.dtype, tiny_llama: str, lone_length: str) -> None:
 
     routes = {}
     for route in ("triton", "eager"):
-        os.environ[graphs.DECODE_ROUTE_ENV] = route
+        os.environ[ROUTE_ENV] = route
         backend = SpanBackend(tiny_llama, 0, 4, dtype=dtype, device="cpu", show_progress=False, batching=True)
         assert backend.batch_runner.fused == (route == "triton")
         backend.decode_graphs = GraphedDecoder(backend.batch_runner, capture=False)
@@ -217,11 +219,10 @@ def check_fallback(dtype: torch.dtype, tiny_llama: str) -> None:
     any other error is the round's."""
     from triton.runtime.errors import OutOfResources
 
-    from nectar.models.families.llama import graphs
     from nectar.models.families.llama import triton_decode as kernels
     from nectar.node.backend import SpanBackend
 
-    os.environ[graphs.DECODE_ROUTE_ENV] = "triton"
+    os.environ[ROUTE_ENV] = "triton"
     backend = SpanBackend(tiny_llama, 0, 4, dtype=dtype, device="cpu", show_progress=False, batching=True)
     runner = backend.batch_runner
     assert runner.fused and "Triton" in runner.describe()

@@ -24,7 +24,6 @@ logger = logging.getLogger(__name__)
 # SwiGLU in five Triton kernels (``triton_decode``); "compiled", norms, products, RoPE and SwiGLU through
 # torch.compile; "eager" (the default until the Triton kernels are checked on a GPU: kernels that computed wrongly
 # there would have honest nodes convicted by audits), PyTorch's kernels one by one
-DECODE_ROUTE_ENV = "NECTAR_DECODE_ROUTE"
 
 
 def static_decode_step(
