@@ -29,7 +29,7 @@ _CHOICES = {
     "cpu_blas": ("auto", "torch", "openblas", "native"),
     "greedy_head": ("auto", "bf16", "int8", "off"),
     "native_decode": ("auto", "on", "off"),
-    "decode_route": ("eager", "triton", "compiled"),
+    "decode_route": ("triton", "eager", "compiled"),
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
 }
 _ALIASES = {"cpu_blas": {"mkl": "torch"}}  # PyTorch's CPU products are MKL's
@@ -87,8 +87,9 @@ class RuntimeSettings:
     native_decode: str = "auto"  # the C decode layer for one-token steps on CPU: auto (where measured faster), on
     # or off
     cuda_graphs: bool = True  # a GPU node records its decode rounds as CUDA graphs (off: eager rounds, to compare)
-    decode_route: str = "eager"  # the kernels of a GPU node's recorded decode rounds: eager (PyTorch's), triton
-    # (fused Triton kernels; opt-in until checked on a GPU) or compiled (torch.compile)
+    decode_route: str = "triton"  # the kernels of a GPU node's recorded float16/bfloat16 decode rounds: triton
+    # (fused Triton kernels; PyTorch's where Triton is missing or cannot build them), eager (PyTorch's) or compiled
+    # (torch.compile)
     kernel_cache: Path = field(default_factory=_default_kernel_cache, metadata={"default_text": _KERNELS})  # folder
     # of the compiled C kernels, shared by the processes of a machine
     compiler: str | None = field(default=None, metadata={"env": "CC"})  # C compiler for the kernels; none = cc,

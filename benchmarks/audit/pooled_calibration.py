@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from nectar.ledger.core.config import Settings
 from nectar.ledger.spot_check import audit_rate
 from nectar.models import load_client_head, load_span
 from nectar.models.tiny import save_tiny_checkpoint
+from nectar.settings import current
 from nectar.wire.fingerprints import POOLED_CUSUM, POOLED_SCORE_CLIP, ComputeSpec, pooled_increment, pooled_score
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -157,7 +157,7 @@ def run(
         "dtype": dtype_name,
         "span": f"{start}:{end}",
         "device": device,
-        "route": route if route == "generic" else f"served ({os.environ.get('NECTAR_DECODE_ROUTE', 'eager')})",
+        "route": route if route == "generic" else f"served ({current().decode_route})",
         "honest": honest,
         "cheats": cheats,
         "next_tokens_changed": {k: float(np.mean(v)) for k, v in tokens.items()},

@@ -65,7 +65,7 @@ class LlamaBatchRunner(FusedLlamaBlocks):
         self.native: NativeDecoder | None = None
         self.native = NativeDecoder.build(self)  # one session's decode step in C on CPUs, where it measured faster
         self.compiled = graphs.compiles(self)
-        self.fused = graphs.fuses(self)  # decode rounds in Triton kernels (NECTAR_DECODE_ROUTE=triton)
+        self.fused = graphs.fuses(self)  # decode rounds in Triton kernels (decode_route, the default)
         self.fused_error: str | None = None  # why they stopped: Triton could not build them for this GPU
         if self.fused:
             began = time.perf_counter()

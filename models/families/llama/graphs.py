@@ -20,10 +20,10 @@ from nectar.settings import current
 
 logger = logging.getLogger(__name__)
 
-# ``current().decode_route`` (NECTAR_DECODE_ROUTE): "triton", a block's norms, RoPE, cache writes, attention and
-# SwiGLU in five Triton kernels (``triton_decode``); "compiled", norms, products, RoPE and SwiGLU through
-# torch.compile; "eager" (the default until the Triton kernels are checked on a GPU: kernels that computed wrongly
-# there would have honest nodes convicted by audits), PyTorch's kernels one by one
+# ``current().decode_route`` (NECTAR_DECODE_ROUTE): "triton" (the default since stop 37's H100 checks: its recorded
+# rounds against eager's, and honest nodes' audit scores on this route), a block's norms, RoPE, cache writes,
+# attention and SwiGLU in five Triton kernels (``triton_decode``); "compiled", norms, products, RoPE and SwiGLU
+# through torch.compile; "eager", PyTorch's kernels one by one
 
 
 def static_decode_step(
@@ -171,8 +171,8 @@ def warm_up_fused(blocks: FusedLlamaBlocks) -> None:
 
 
 def fuses(blocks: FusedLlamaBlocks) -> bool:
-    """The Triton route (``triton_decode``): asked for, on a GPU (or Triton's
-    CPU interpreter), in float16 or bfloat16, for plain Llama layers whose head size is a power of two."""
+    """The Triton route (``triton_decode``): asked for (the default), on a GPU (or Triton's CPU interpreter), in
+    float16 or bfloat16, for plain Llama layers whose head size is a power of two."""
     if current().decode_route != "triton":
         return False
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"

@@ -10,7 +10,7 @@ float32 moved honest scores). What differs from eager: the order of float32 sums
 (as between any two GPUs' kernels), and attention's probabilities stay in float32 where SDPA's kernels round them
 to float16 before multiplying the values.
 
-Used by ``graphs.py`` for recorded rounds on CUDA when a node starts with ``NECTAR_DECODE_ROUTE=triton``;
+Used by ``graphs.py`` for a GPU node's recorded float16/bfloat16 rounds (the default route, ``decode_route``);
 ``TRITON_INTERPRET=1`` runs the same kernels on a CPU (tests/speed).
 """
 
