@@ -39,6 +39,7 @@ TUNE_SHAPE, PREFIX = (4, 64), 16
 
 def patch() -> None:
     """Makes hivemind 1.1.10 importable on torch >= 2.3 and keeps Petals from calling PyPI at start-up."""
+    _hide_triton_without_ops()
     import torch.amp.grad_scaler as amp_scaler
     import torch.cuda.amp.grad_scaler as cuda_scaler
 
@@ -52,6 +53,23 @@ def patch() -> None:
     import petals.cli.run_server
 
     petals.cli.run_server.validate_version = lambda: None
+
+
+def _hide_triton_without_ops() -> None:
+    """bitsandbytes 0.41 (Petals' pin) imports ``triton.ops`` wherever Triton is installed; Triton 3 removed it, and
+    the machine's Triton (Nectar's test extras) shows through the venv. Petals uses no Triton kernel: hide it."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return
+    try:
+        ops = importlib.util.find_spec("triton.ops")
+    except ImportError:
+        ops = None
+    if ops is None:
+        for name in [name for name in sys.modules if name == "triton" or name.startswith("triton.")]:
+            del sys.modules[name]
+        sys.modules["triton"] = None  # find_spec answers None, import raises ImportError
 
 
 UNCLOSED = {"count": 0}
