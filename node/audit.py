@@ -42,7 +42,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from nectar.wire.protocol import ErrorCode, NodeRPCError
@@ -87,19 +86,6 @@ class _Write:
 
 _DONE: Future = Future()
 _DONE.set_result(None)
-_ABSENT = DESC.pack(-1, 0)
-_NUMPY_DTYPES = (torch.float32, torch.float16, torch.float64)
-
-
-def _payload(tensor: torch.Tensor) -> np.ndarray:
-    """A tensor's bytes as a flat uint8 array (no copy where it is contiguous on the CPU). Through numpy where it
-    can: each torch call on the event loop may hand the GIL to the compute thread (several per record)."""
-    if tensor.dtype in _NUMPY_DTYPES and tensor.is_cpu and not tensor.requires_grad:
-        array = tensor.numpy()
-        if not array.flags.c_contiguous:
-            array = np.ascontiguousarray(array)
-        return array.reshape(-1).view(np.uint8)
-    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 class AuditLog:
@@ -367,16 +353,16 @@ class AuditLog:
     def _append(self, session_id, step, position, start, end, now, tensors) -> _Write | tuple[int, int, int]:
         """Queues a step's record (its header and views of its tensors, checksummed and written by the writer), or
         writes a small one at once while the writer is idle: (segment, offset, size)."""
-        header = [META.pack(now, step, position, start, end, len(session_id)), bytes(session_id)]
+        parts = [META.pack(now, step, position, start, end, len(session_id)), bytes(session_id)]
         payloads = []
         for tensor in tensors:
             if tensor is None:
-                header.append(_ABSENT)
+                parts.append(DESC.pack(-1, 0))
                 continue
-            header.append(DESC.pack(CODES[tensor.dtype], tensor.ndim) + struct.pack(f"<{tensor.ndim}q", *tensor.shape))
-            payloads.append(_payload(tensor))
-        # the header as one part: one checksum call and one iovec, the same bytes on disk
-        write = self._enqueue(session_id, step, [b"".join(header), *payloads], now, raw=False, queue=False)
+            tensor = tensor.detach().cpu().contiguous()
+            parts.append(DESC.pack(CODES[tensor.dtype], tensor.ndim) + struct.pack(f"<{tensor.ndim}q", *tensor.shape))
+            payloads.append(tensor.reshape(-1).view(torch.uint8).numpy())
+        write = self._enqueue(session_id, step, parts + payloads, now, raw=False, queue=False)
         if write.size <= INLINE_BYTES and self._queued == write.size:  # only this one: the writer is idle
             try:
                 where = self._write(write)

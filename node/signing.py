@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import torch
 from hivemind.proto import runtime_pb2
 
@@ -140,7 +139,8 @@ class SigningWorker:
         job = self._next_job
         self._next_job += 1
         step = {name: value for name, value in fields.items() if name not in ("inputs", "outputs")}
-        self._write(pickle.dumps((job, step, _raw(fields["inputs"]), _raw(fields["outputs"]))))
+        tensors = [pack_tensor(fields[name]).SerializeToString() for name in ("inputs", "outputs")]
+        self._write(pickle.dumps((job, step, *tensors)))
         future = asyncio.get_running_loop().create_future()
         self._pending[job] = future
         return future
@@ -205,18 +205,6 @@ class SigningWorker:
                 future.exception()  # retrieved: a step whose stream ended may never await it
 
 
-_NUMPY_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.float64: "float64"}
-
-
-def _raw(tensor: torch.Tensor) -> tuple | bytes:
-    """A tensor for the child: (dtype, shape, its bytes) through numpy, with no torch call that may hand the GIL to
-    the compute thread; other tensors as a packed ``runtime_pb2.Tensor``."""
-    name = _NUMPY_DTYPES.get(tensor.dtype)
-    if name is None or not tensor.is_cpu or tensor.requires_grad:
-        return pack_tensor(tensor).SerializeToString()
-    return name, tuple(tensor.shape), tensor.numpy().tobytes()  # tobytes: C order, whatever the strides
-
-
 async def _read_frame(reader: asyncio.StreamReader) -> bytes:
     (size,) = _FRAME.unpack(await reader.readexactly(_FRAME.size))
     return await reader.readexactly(size)
@@ -243,11 +231,8 @@ def _send_frame(sock: socket.socket, payload: bytes) -> None:
     sock.sendall(_FRAME.pack(len(payload)) + payload)
 
 
-def _unpacked(message: tuple | bytes) -> torch.Tensor:
-    if isinstance(message, bytes):
-        return unpack_tensor(runtime_pb2.Tensor.FromString(message))
-    dtype, shape, data = message
-    return torch.from_numpy(np.frombuffer(bytearray(data), dtype=dtype).reshape(shape))
+def _unpacked(message: bytes) -> torch.Tensor:
+    return unpack_tensor(runtime_pb2.Tensor.FromString(message))
 
 
 def _answer(job: int, fields: dict, inputs: bytes, outputs: bytes, signer: ReceiptSigner) -> bytes:
