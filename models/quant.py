@@ -17,6 +17,7 @@ Every ``nn.Linear`` of a block is replaced; its norms keep the span's dtype. Che
 
 from __future__ import annotations
 
+import os
 import threading
 
 import torch
@@ -134,6 +135,27 @@ def keep_plain_cpu_layout(module: nn.Module) -> nn.Module:
     return module
 
 
+def few_row_product(linear: nn.Module):
+    """``linear`` itself, or for an nf4 layer on a GPU (Triton's interpreter: CPU tests) a callable that computes up
+    to ``nf4_triton.MAX_ROWS`` rows in one kernel reading the codes once (``nf4_triton``; more rows go through the
+    layer). Off where the decode route is not ``triton`` (``NECTAR_DECODE_ROUTE=eager``: bitsandbytes' kernels)."""
+    from nectar.settings import current
+
+    weight = getattr(linear, "weight", None)
+    if getattr(weight, "quant_state", None) is None or current().decode_route != "triton":
+        return linear
+    if weight.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return linear
+    try:
+        from nectar.models import nf4_triton
+    except ImportError:  # no Triton: bitsandbytes' kernels
+        return linear
+    if not nf4_triton.readable(linear) or linear.compute_dtype not in (torch.float16, torch.bfloat16):
+        return linear
+    product = nf4_triton.NF4Product(linear)
+    return product if product.warm(linear.compute_dtype) else linear
+
+
 def quantize_block(block: nn.Module, mode: str, dtype: torch.dtype) -> nn.Module:
     """Replace every ``nn.Linear`` of ``block`` with its ``mode`` version (in place; returns ``block``)."""
     if check_quantization(mode) == "none":
@@ -165,5 +187,6 @@ __all__ = [
     "Int8WeightLinear",
     "keep_plain_cpu_layout",
     "quantize_block",
+    "few_row_product",
     "module_bytes",
 ]

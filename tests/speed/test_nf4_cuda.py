@@ -57,10 +57,16 @@ def test_transformers_on_the_gpu_computes_the_built_checkpoint_as_nectar_does(bu
     assert torch.allclose(output.float(), hidden[3].float(), rtol=0.01, atol=0.01)  # hidden[4]: after the final norm
 
 
-def test_a_lone_nf4_sessions_recorded_rounds_equal_its_eager_steps(built):
-    """nf4 blocks record a lone session's decode rounds as CUDA graphs (bitsandbytes' one-row kernel inside the
-    recording); replays equal eager steps over the same codes, as an audit's recomputation expects."""
+@pytest.mark.parametrize("route", ["triton", "eager"])
+def test_nf4_sessions_recorded_rounds_equal_their_eager_steps(built, monkeypatch, route):
+    """nf4 blocks record decode rounds as CUDA graphs: on the Triton route rounds of up to ``nf4_triton.MAX_ROWS``
+    sessions (its kernel reads the codes once for every row), on the eager route a lone session's (bitsandbytes'
+    one-row kernel). Replays equal eager steps over the same codes, as an audit's recomputation expects."""
+    from nectar.models import nf4_triton
     from nectar.node.backend import SpanBackend
+    from nectar.settings import env_name
+
+    monkeypatch.setenv(env_name("decode_route"), route)
 
     def backend(batching: bool) -> SpanBackend:
         return SpanBackend(
@@ -69,17 +75,56 @@ def test_a_lone_nf4_sessions_recorded_rounds_equal_its_eager_steps(built):
 
     graphed, plain = backend(True), backend(False)
     decoder = graphed.decode_graphs
-    assert decoder is not None and decoder.enabled and decoder.capture and decoder.max_sessions == 1
+    rows = nf4_triton.MAX_ROWS if route == "triton" else 1
+    assert decoder is not None and decoder.enabled and decoder.capture and decoder.max_sessions == rows
     generator = torch.Generator().manual_seed(2)
-    mine, theirs = graphed.new_caches(0, 4, 1, 48), plain.new_caches(0, 4, 1, 48)
-    prompt = torch.randn(1, 5, 256, generator=generator).half()
-    graphed.inference_step(prompt, mine, start=0, end=4, position=0)
-    plain.inference_step(prompt, theirs, start=0, end=4, position=0)
+    sessions = []
+    for prefill in (5, 3, 7)[: 3 if route == "triton" else 1]:
+        mine, theirs = graphed.new_caches(0, 4, 1, 48), plain.new_caches(0, 4, 1, 48)
+        prompt = torch.randn(1, prefill, 256, generator=generator).half()
+        graphed.inference_step(prompt, mine, start=0, end=4, position=0)
+        plain.inference_step(prompt, theirs, start=0, end=4, position=0)
+        sessions.append([mine, theirs, prefill])
     worst = 0.0
-    for position in range(5, 25):
-        x = torch.randn(1, 1, 256, generator=generator).half()
-        served = graphed.inference_step(x, mine, start=0, end=4, position=position)
-        eager = plain.inference_step(x, theirs, start=0, end=4, position=position)
-        worst = max(worst, float((served.float() - eager.float()).abs().max() / eager.float().abs().max()))
-    assert decoder.recorded == 1 and decoder.replays == 20, (decoder.recorded, decoder.replays)
+    for _ in range(20):
+        xs = [torch.randn(1, 1, 256, generator=generator).half() for _ in sessions]
+        tasks = [graphed.inference_task(x, mine, start=0, end=4, position=p) for x, (mine, _, p) in zip(xs, sessions)]
+        served = graphed.run_inference(tasks)
+        for x, out, session in zip(xs, served, sessions):
+            eager = plain.inference_step(x, session[1], start=0, end=4, position=session[2])
+            worst = max(worst, float((out.float() - eager.float()).abs().max() / eager.float().abs().max()))
+            session[2] += 1
+    assert decoder.recorded >= 1 and decoder.replays == 20, (decoder.recorded, decoder.replays)
     assert worst < 5e-3, worst  # float16 rounding of a masked whole-cache attention against an exact-length one
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_nf4_kernel_equals_bitsandbytes_products_on_the_gpu(dtype):
+    """The compiled kernel (``nf4_triton``) against bitsandbytes' own products of the same codes, 1 to 16 rows, in
+    the shapes of a 7B block (a key/value matrix of a 70B block's width too)."""
+    from nectar.models import nf4_triton
+    from nectar.models.quant import _nf4_linear, few_row_product
+
+    generator = torch.Generator().manual_seed(0)
+    for in_features, out_features in [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 1024)]:
+        linear = torch.nn.Linear(in_features, out_features, bias=False)
+        with torch.no_grad():
+            linear.weight.copy_(torch.randn(out_features, in_features, generator=generator) * 0.02)
+        layer = _nf4_linear(linear.cuda(), dtype)
+        product = few_row_product(layer)
+        assert isinstance(product, nf4_triton.NF4Product), product
+        for rows in (1, 2, 7, 16):
+            x = torch.randn(rows, in_features, generator=generator).to("cuda", dtype)
+            with torch.inference_mode():
+                mine, theirs = product(x), layer(x)
+            reference = x.float() @ layer_weight(layer).float().t()
+            scale = reference.abs().max().item()
+            # both within a few units of the dtype's last place of the float32 product
+            assert (mine.float() - reference).abs().max().item() <= 8 * torch.finfo(dtype).eps * scale
+            assert (theirs.float() - reference).abs().max().item() <= 8 * torch.finfo(dtype).eps * scale
+
+
+def layer_weight(layer) -> torch.Tensor:
+    import bitsandbytes as bnb
+
+    return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)

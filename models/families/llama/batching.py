@@ -98,11 +98,18 @@ class LlamaBatchRunner(FusedLlamaBlocks):
 
     @property
     def static_max_rows(self) -> int | None:
-        """1 for quantized blocks: a lone session's round reads the codes through bitsandbytes' one-row kernel
-        (launch-bound when eager: 80 nf4 blocks took 61 ms a token on an H100, whose ceiling is 12 ms), while a round
-        of several rows dequantizes each matrix into a float16 temporary, which every recording's private memory pool
-        would keep (a 70B MLP matrix: 470 MB)."""
-        return 1 if self.quantized else None
+        """For quantized blocks, the rounds whose products read the codes without a float16 copy of each matrix,
+        which every recording's private memory pool would keep (a 70B MLP matrix: 470 MB): up to
+        ``nf4_triton.MAX_ROWS`` sessions where the nf4 layers go through its kernel (GPU nodes on the Triton route),
+        else a lone session's (bitsandbytes' one-row kernel; launch-bound when eager: 80 nf4 blocks took 61 ms a
+        token on an H100, whose ceiling is 12 ms)."""
+        if not self.quantized:
+            return None
+        if all(layer.few_rows for layer in self.layers):
+            from nectar.models.nf4_triton import MAX_ROWS
+
+            return MAX_ROWS
+        return 1
 
     @staticmethod
     def supports(spans: Sequence[nn.Module]) -> bool:

@@ -22,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from nectar.models.cpu_blas import CpuMatmul
 from nectar.models.fast_path import BatchRunner
 from nectar.models.layout import store_in_out
+from nectar.models.quant import few_row_product
 
 logger = logging.getLogger(__name__)
 
@@ -117,14 +118,14 @@ class FusedLayer:
     def __init__(self, block: nn.Module, *, quantized: bool = False):
         attention, mlp = block.self_attn, block.mlp
         self.quantized = quantized
+        self.few_rows = False  # products of a few rows through ``nf4_triton``
         if quantized:
-            self.qkv_linears = (attention.q_proj, attention.k_proj, attention.v_proj)
+            # nf4 layers on a GPU: few-row products in one Triton kernel each (``nf4_triton``)
+            self.qkv_linears = tuple(few_row_product(m) for m in (attention.q_proj, attention.k_proj, attention.v_proj))
             self.o_proj, self.gate_proj, self.up_proj, self.down_proj = (
-                attention.o_proj,
-                mlp.gate_proj,
-                mlp.up_proj,
-                mlp.down_proj,
+                few_row_product(m) for m in (attention.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
             )
+            self.few_rows = self.qkv_linears[0] is not attention.q_proj
             self.qkv_weight = self.qkv_bias = self.gate_up_weight = self.gate_up_bias = None
             self.o_weight = self.o_bias = self.down_weight = self.down_bias = None
         else:
