@@ -17,7 +17,6 @@ Every ``nn.Linear`` of a block is replaced; its norms keep the span's dtype. Che
 
 from __future__ import annotations
 
-import os
 import threading
 
 import torch
@@ -135,25 +134,61 @@ def keep_plain_cpu_layout(module: nn.Module) -> nn.Module:
     return module
 
 
-def few_row_product(linear: nn.Module):
-    """``linear`` itself, or for an nf4 layer on a GPU (Triton's interpreter: CPU tests) a callable that computes up
-    to ``nf4_triton.MAX_ROWS`` rows in one kernel reading the codes once (``nf4_triton``; more rows go through the
-    layer). Off where the decode route is not ``triton`` (``NECTAR_DECODE_ROUTE=eager``: bitsandbytes' kernels)."""
-    from nectar.settings import current
+FUSED_ROWS = 4  # rows bitsandbytes' fused 4-bit product always takes (no float copy of the matrix)
 
-    weight = getattr(linear, "weight", None)
-    if getattr(weight, "quant_state", None) is None or current().decode_route != "triton":
-        return linear
-    if weight.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return linear
-    try:
-        from nectar.models import nf4_triton
-    except ImportError:  # no Triton: bitsandbytes' kernels
-        return linear
-    if not nf4_triton.readable(linear) or linear.compute_dtype not in (torch.float16, torch.bfloat16):
-        return linear
-    product = nf4_triton.NF4Product(linear)
-    return product if product.warm(linear.compute_dtype) else linear
+
+class NF4Scratch:
+    """One float copy of a span's largest nf4 matrix (and its absmax) on the GPU, which every layer's products of more
+    than ``FUSED_ROWS`` rows dequantize into in turn. bitsandbytes allocates that copy afresh for each product, so a
+    recorded round's private memory pool would keep one per recording (a 70B MLP matrix: 470 MB each); this one is
+    allocated once, outside every pool. A span's products run one at a time on its compute thread, on one stream."""
+
+    def __init__(self, linears: list[nn.Module], dtype: torch.dtype, device: torch.device):
+        weights = max(m.out_features * m.in_features for m in linears)
+        blocks = max(m.weight.quant_state.absmax.numel() for m in linears)
+        self.weight = torch.empty(weights, dtype=dtype, device=device)
+        self.absmax = torch.empty(blocks, dtype=torch.float32, device=device)
+
+
+class NF4Rows:
+    """``linear(x)`` for an nf4 ``Linear4bit`` on a GPU: exactly bitsandbytes' products (its fused kernel up to
+    ``FUSED_ROWS`` rows, else its dequantize-then-``F.linear`` fallback), the float copy of the matrix in a shared
+    ``NF4Scratch`` instead of a fresh allocation, so rounds of several sessions can be recorded as CUDA graphs."""
+
+    def __init__(self, linear: nn.Module, scratch: NF4Scratch):
+        state = linear.weight.quant_state
+        self.linear, self.scratch, self.state = linear, scratch, state
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.offset = state.offset.to(scratch.absmax.device) if state.nested else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if rows <= FUSED_ROWS or torch.is_grad_enabled():
+            return self.linear(x)
+        state = self.state
+        absmax = state.absmax
+        if state.nested:
+            absmax = self.scratch.absmax[: absmax.numel()]
+            _bnb().functional.dequantize_blockwise(state.absmax, state.state2, out=absmax)
+            absmax.add_(self.offset)
+        weight = self.scratch.weight[: self.out_features * self.in_features].view(state.shape)
+        torch.ops.bitsandbytes.dequantize_4bit.out(
+            self.linear.weight.data, absmax, state.blocksize, state.quant_type, state.shape, x.dtype, out=weight
+        )
+        bias = None if self.linear.bias is None else self.linear.bias.to(x.dtype)
+        return F.linear(x, weight, bias)
+
+
+def nf4_on_gpu(linear: nn.Module) -> bool:
+    """An nf4 ``Linear4bit`` on a GPU that ``NF4Rows`` can compute (blocks along whole rows)."""
+    state = getattr(getattr(linear, "weight", None), "quant_state", None)
+    return (
+        state is not None
+        and linear.weight.device.type == "cuda"
+        and state.quant_type == "nf4"
+        and (not state.nested or state.state2.blocksize == 256)
+        and linear.compute_dtype in (torch.float16, torch.bfloat16)
+    )
 
 
 def quantize_block(block: nn.Module, mode: str, dtype: torch.dtype) -> nn.Module:
@@ -187,6 +222,9 @@ __all__ = [
     "Int8WeightLinear",
     "keep_plain_cpu_layout",
     "quantize_block",
-    "few_row_product",
+    "FUSED_ROWS",
+    "NF4Rows",
+    "NF4Scratch",
+    "nf4_on_gpu",
     "module_bytes",
 ]

@@ -57,16 +57,11 @@ def test_transformers_on_the_gpu_computes_the_built_checkpoint_as_nectar_does(bu
     assert torch.allclose(output.float(), hidden[3].float(), rtol=0.01, atol=0.01)  # hidden[4]: after the final norm
 
 
-@pytest.mark.parametrize("route", ["triton", "eager"])
-def test_nf4_sessions_recorded_rounds_equal_their_eager_steps(built, monkeypatch, route):
-    """nf4 blocks record decode rounds as CUDA graphs: on the Triton route rounds of up to ``nf4_triton.MAX_ROWS``
-    sessions (its kernel reads the codes once for every row), on the eager route a lone session's (bitsandbytes'
-    one-row kernel). Replays equal eager steps over the same codes, as an audit's recomputation expects."""
-    from nectar.models import nf4_triton
+def test_nf4_sessions_recorded_rounds_equal_their_eager_steps(built):
+    """nf4 blocks on a GPU record decode rounds of several sessions as CUDA graphs: products of more than
+    ``FUSED_ROWS`` rows dequantize into the span's one scratch matrix (no float copy in any recording's pool).
+    Replays equal eager steps over the same codes, as an audit's recomputation expects."""
     from nectar.node.backend import SpanBackend
-    from nectar.settings import env_name
-
-    monkeypatch.setenv(env_name("decode_route"), route)
 
     def backend(batching: bool) -> SpanBackend:
         return SpanBackend(
@@ -75,56 +70,62 @@ def test_nf4_sessions_recorded_rounds_equal_their_eager_steps(built, monkeypatch
 
     graphed, plain = backend(True), backend(False)
     decoder = graphed.decode_graphs
-    rows = nf4_triton.MAX_ROWS if route == "triton" else 1
-    assert decoder is not None and decoder.enabled and decoder.capture and decoder.max_sessions == rows
+    assert graphed.batch_runner.scratch is not None
+    assert decoder is not None and decoder.enabled and decoder.capture and decoder.max_sessions > 1
     generator = torch.Generator().manual_seed(2)
-    sessions = []
-    for prefill in (5, 3, 7)[: 3 if route == "triton" else 1]:
-        mine, theirs = graphed.new_caches(0, 4, 1, 48), plain.new_caches(0, 4, 1, 48)
-        prompt = torch.randn(1, prefill, 256, generator=generator).half()
-        graphed.inference_step(prompt, mine, start=0, end=4, position=0)
-        plain.inference_step(prompt, theirs, start=0, end=4, position=0)
-        sessions.append([mine, theirs, prefill])
-    worst = 0.0
-    for _ in range(20):
-        xs = [torch.randn(1, 1, 256, generator=generator).half() for _ in sessions]
-        tasks = [graphed.inference_task(x, mine, start=0, end=4, position=p) for x, (mine, _, p) in zip(xs, sessions)]
-        served = graphed.run_inference(tasks)
-        for x, out, session in zip(xs, served, sessions):
-            eager = plain.inference_step(x, session[1], start=0, end=4, position=session[2])
-            worst = max(worst, float((out.float() - eager.float()).abs().max() / eager.float().abs().max()))
-            session[2] += 1
-    assert decoder.recorded >= 1 and decoder.replays == 20, (decoder.recorded, decoder.replays)
-    assert worst < 5e-3, worst  # float16 rounding of a masked whole-cache attention against an exact-length one
+    for count in (1, 6):  # one session (bitsandbytes' fused kernel), then six (the scratch)
+        sessions = []
+        for prefill in range(3, 3 + count):
+            mine, theirs = graphed.new_caches(0, 4, 1, 48), plain.new_caches(0, 4, 1, 48)
+            prompt = torch.randn(1, prefill, 256, generator=generator).half()
+            graphed.inference_step(prompt, mine, start=0, end=4, position=0)
+            plain.inference_step(prompt, theirs, start=0, end=4, position=0)
+            sessions.append([mine, theirs, prefill])
+        replays, worst = decoder.replays, 0.0
+        for _ in range(20):
+            xs = [torch.randn(1, 1, 256, generator=generator).half() for _ in sessions]
+            tasks = [
+                graphed.inference_task(x, mine, start=0, end=4, position=p) for x, (mine, _, p) in zip(xs, sessions)
+            ]
+            served = graphed.run_inference(tasks)
+            for x, out, session in zip(xs, served, sessions):
+                eager = plain.inference_step(x, session[1], start=0, end=4, position=session[2])
+                worst = max(worst, float((out.float() - eager.float()).abs().max() / eager.float().abs().max()))
+                session[2] += 1
+        assert decoder.replays - replays == 20, (count, decoder.recorded, decoder.replays)
+        assert worst < 5e-3, (count, worst)  # float16 rounding of a masked whole-cache attention vs an exact one
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_the_nf4_kernel_equals_bitsandbytes_products_on_the_gpu(dtype):
-    """The compiled kernel (``nf4_triton``) against bitsandbytes' own products of the same codes, 1 to 16 rows, in
-    the shapes of a 7B block (a key/value matrix of a 70B block's width too)."""
-    from nectar.models import nf4_triton
-    from nectar.models.quant import _nf4_linear, few_row_product
+def test_products_through_the_scratch_are_bitsandbytes_own(dtype):
+    """``NF4Rows`` computes bitsandbytes' dequantize-then-linear products bit for bit, the float matrix in the shared
+    scratch; up to ``FUSED_ROWS`` rows it calls the layer (bitsandbytes' fused kernel)."""
+    from nectar.models.quant import FUSED_ROWS, NF4Rows, NF4Scratch, _nf4_linear
 
     generator = torch.Generator().manual_seed(0)
+    layers = []
     for in_features, out_features in [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 1024)]:
         linear = torch.nn.Linear(in_features, out_features, bias=False)
         with torch.no_grad():
             linear.weight.copy_(torch.randn(out_features, in_features, generator=generator) * 0.02)
-        layer = _nf4_linear(linear.cuda(), dtype)
-        product = few_row_product(layer)
-        assert isinstance(product, nf4_triton.NF4Product), product
-        for rows in (1, 2, 7, 16):
-            x = torch.randn(rows, in_features, generator=generator).to("cuda", dtype)
+        layers.append(_nf4_linear(linear.cuda(), dtype))
+    scratch = NF4Scratch(layers, dtype, torch.device("cuda"))
+    assert scratch.weight.numel() == 4096 * 11008
+    for layer in layers:
+        product = NF4Rows(layer, scratch)
+        weight = bnb_weight(layer).to(dtype)
+        for rows in (1, FUSED_ROWS, FUSED_ROWS + 1, 16, 64):
+            x = torch.randn(rows, layer.in_features, generator=generator).to("cuda", dtype)
             with torch.inference_mode():
                 mine, theirs = product(x), layer(x)
-            reference = x.float() @ layer_weight(layer).float().t()
-            scale = reference.abs().max().item()
-            # both within a few units of the dtype's last place of the float32 product
-            assert (mine.float() - reference).abs().max().item() <= 8 * torch.finfo(dtype).eps * scale
-            assert (theirs.float() - reference).abs().max().item() <= 8 * torch.finfo(dtype).eps * scale
+            if rows <= FUSED_ROWS:
+                assert torch.equal(mine, theirs)
+            else:
+                assert torch.equal(mine, torch.nn.functional.linear(x, weight))
+                assert (mine.float() - theirs.float()).abs().max() <= 8 * torch.finfo(dtype).eps * theirs.abs().max()
 
 
-def layer_weight(layer) -> torch.Tensor:
+def bnb_weight(layer) -> torch.Tensor:
     import bitsandbytes as bnb
 
     return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)

@@ -52,8 +52,9 @@ class LlamaBatchRunner(FusedLlamaBlocks):
     ``native_decode.py``); otherwise the batched eager forward (``run``). ``static_step`` is the graph-safe decode
     step the node records as CUDA graphs.
 
-    Quantized blocks run rounds of several sessions eagerly (batched, through their own quantized layers); nf4 blocks
-    record a lone session's rounds. No page pool, compiled route or C layer, whose steps read float weight matrices.
+    Quantized blocks run rounds batched through their own quantized layers; on GPUs nf4 blocks record rounds of any
+    number of sessions (dequantizing into one shared scratch), int8 blocks none. No page pool, compiled route or C
+    layer, whose steps read float weight matrices.
     """
 
     pages = True  # ``paged_step``: decode rounds over a node's page pool
@@ -85,8 +86,12 @@ class LlamaBatchRunner(FusedLlamaBlocks):
         if self.quantized:
             return (
                 f"batched Llama runner ({self.quantization} weights through the blocks' own quantized layers; "
-                "rounds of several sessions eager"
-                + (", a lone session's recorded on GPUs" if self.static_positions else "")
+                + (
+                    "rounds recorded, several rows dequantized into one shared scratch"
+                    if self.scratch is not None
+                    else "rounds of several sessions eager"
+                    + (", a lone session's recorded on GPUs" if self.static_positions else "")
+                )
                 + "; no page pool or C layer, which read float matrices)"
             )
         return f"batched Llama runner (fused projections; one session's decode step through {route})"
@@ -98,17 +103,12 @@ class LlamaBatchRunner(FusedLlamaBlocks):
 
     @property
     def static_max_rows(self) -> int | None:
-        """For quantized blocks, the rounds whose products read the codes without a float16 copy of each matrix,
-        which every recording's private memory pool would keep (a 70B MLP matrix: 470 MB): up to
-        ``nf4_triton.MAX_ROWS`` sessions where the nf4 layers go through its kernel (GPU nodes on the Triton route),
-        else a lone session's (bitsandbytes' one-row kernel; launch-bound when eager: 80 nf4 blocks took 61 ms a
-        token on an H100, whose ceiling is 12 ms)."""
-        if not self.quantized:
+        """For quantized blocks, the rounds whose products allocate no float copy of a matrix, which every
+        recording's private memory pool would keep (a 70B MLP matrix: 470 MB): any number of rows where nf4 layers
+        dequantize into the span's shared scratch (GPU nodes, ``NF4Rows``), else a lone session's (bitsandbytes' fused
+        kernel; eager, 80 nf4 blocks were launch-bound at 61 ms a token on an H100, whose ceiling is 12 ms)."""
+        if not self.quantized or self.scratch is not None:
             return None
-        if all(layer.few_rows for layer in self.layers):
-            from nectar.models.nf4_triton import MAX_ROWS
-
-            return MAX_ROWS
         return 1
 
     @staticmethod

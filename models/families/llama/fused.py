@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from nectar.models.cpu_blas import CpuMatmul
 from nectar.models.fast_path import BatchRunner
 from nectar.models.layout import store_in_out
-from nectar.models.quant import few_row_product
+from nectar.models.quant import NF4Rows, NF4Scratch, nf4_on_gpu
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,10 @@ class FusedLlamaBlocks(BatchRunner):
         self.rotary = first.runner.rotary
         self.quantization = getattr(first, "quantization", "none")
         self.quantized = self.quantization != "none"
-        self.layers = [FusedLayer(span.blocks[0], quantized=self.quantized) for span in self.spans]
+        self.scratch = _nf4_scratch(self.spans, self.dtype, first.device) if self.quantization == "nf4" else None
+        self.layers = [
+            FusedLayer(span.blocks[0], quantized=self.quantized, scratch=self.scratch) for span in self.spans
+        ]
         self.on_gpu = first.device.type == "cuda"
         self.matmul = CpuMatmul()  # PyTorch's products; on CPU in float32, the faster BLAS per row count
         if first.device.type == "cpu" and first.dtype == torch.float32 and not self.quantized:
@@ -96,6 +99,21 @@ class FusedLlamaBlocks(BatchRunner):
         return self.matmul(layer.act(gate).mul_(up), layer.down_weight, layer.down_bias).add_(x)
 
 
+def _mlp_linears(mlp: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+    return mlp.gate_proj, mlp.up_proj, mlp.down_proj
+
+
+def _nf4_scratch(spans: Sequence[nn.Module], dtype: torch.dtype, device: torch.device) -> NF4Scratch | None:
+    """The span's shared dequantization scratch (``NF4Scratch``), where every linear is nf4 on a GPU."""
+    linears = []
+    for span in spans:
+        attention, mlp = span.blocks[0].self_attn, span.blocks[0].mlp
+        linears += [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, *_mlp_linears(mlp)]
+    if device.type != "cuda" or not all(nf4_on_gpu(m) for m in linears):
+        return None
+    return NF4Scratch(linears, dtype, device)
+
+
 def attention_backends(on_gpu: bool):
     """On GPUs, SDPA without cuDNN: cuDNN builds a new plan for every key length, which a decode step changes each
     time (measured on an H100: 60 ms per call instead of 0.14 ms, benchmarks/gpu/sdpa_probe.py)."""
@@ -115,17 +133,15 @@ class FusedLayer:
     the codes would no longer be the checkpoint's that audits recompute from), and the ``*_weight`` are None.
     """
 
-    def __init__(self, block: nn.Module, *, quantized: bool = False):
+    def __init__(self, block: nn.Module, *, quantized: bool = False, scratch: NF4Scratch | None = None):
         attention, mlp = block.self_attn, block.mlp
         self.quantized = quantized
-        self.few_rows = False  # products of a few rows through ``nf4_triton``
         if quantized:
-            # nf4 layers on a GPU: few-row products in one Triton kernel each (``nf4_triton``)
-            self.qkv_linears = tuple(few_row_product(m) for m in (attention.q_proj, attention.k_proj, attention.v_proj))
-            self.o_proj, self.gate_proj, self.up_proj, self.down_proj = (
-                few_row_product(m) for m in (attention.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-            )
-            self.few_rows = self.qkv_linears[0] is not attention.q_proj
+            # nf4 on a GPU: products of several rows dequantize into the span's one scratch matrix (``NF4Rows``)
+            own = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, *_mlp_linears(mlp))
+            calls = [m if scratch is None else NF4Rows(m, scratch) for m in own]
+            self.qkv_linears = tuple(calls[:3])
+            self.o_proj, self.gate_proj, self.up_proj, self.down_proj = calls[3:]
             self.qkv_weight = self.qkv_bias = self.gate_up_weight = self.gate_up_bias = None
             self.o_weight = self.o_bias = self.down_weight = self.down_bias = None
         else:

@@ -16,16 +16,16 @@ Used by ``graphs.py`` for a GPU node's recorded float16/bfloat16 rounds (the def
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from nectar.models.triton_rounding import PRECISE as _PRECISE
-from nectar.models.triton_rounding import round_to as _round
-
 # CUDA's precise expf and rsqrtf, as PyTorch's kernels call them (tl.exp is an approximation); the interpreter
 # (TRITON_INTERPRET=1, CPU tests) has no libdevice, and numpy's are precise
+_PRECISE = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 
 
 @triton.jit
@@ -48,6 +48,19 @@ def _rsqrt(x):
 
 # positions one attention program reads; a longer cache is split into chunks combined by a second kernel
 ATTENTION_CHUNK = 256
+
+
+@triton.jit
+def _round(x, dtype: tl.constexpr):
+    """To ``dtype`` (float16 or bfloat16), to nearest even as PyTorch casts. The interpreter's float32 -> bfloat16
+    cast truncates whatever the rounding asked, so there the bits are rounded by hand."""
+    if not _PRECISE and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        y = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        y = x.to(dtype, fp_downcast_rounding="rtne")
+    return y
 
 
 @triton.jit
