@@ -49,6 +49,12 @@ def test_each_kernel_rounds_as_the_eager_route(dtype):
     _check("kernels", dtype)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_nf4_rounds_through_the_kernels_equal_the_eager_route(tiny_llama, dtype):
+    pytest.importorskip("bitsandbytes")
+    _check("nf4", dtype, str(tiny_llama))
+
+
 def test_a_gpu_triton_cannot_build_for_falls_back_to_pytorch_kernels(tiny_llama):
     _check("fallback", "float16", str(tiny_llama))
 
@@ -214,6 +220,42 @@ def check_rounds(dtype: torch.dtype, tiny_llama: str, lone_length: str) -> None:
             assert diff.max().item() <= 64 * torch.finfo(dtype).eps
 
 
+def check_nf4_rounds(dtype: torch.dtype, tiny_llama: str) -> None:
+    """nf4 blocks: the kernels around the layers' own products (bitsandbytes') against the eager route's rounds."""
+    from nectar.models.families.llama import graphs
+    from nectar.node.backend import SpanBackend
+    from nectar.node.graphs import GraphedDecoder
+
+    routes = {}
+    for route in ("triton", "eager"):
+        os.environ[ROUTE_ENV] = route
+        backend = SpanBackend(
+            tiny_llama, 0, 4, dtype=dtype, device="cpu", quantization="nf4", show_progress=False, batching=True
+        )
+        assert backend.batch_runner.fused == (route == "triton")
+        backend.decode_graphs = GraphedDecoder(backend.batch_runner, capture=False)
+        routes[route] = backend
+    calls = []
+    fused = graphs._through_blocks_fused
+    graphs._through_blocks_fused = lambda *args: calls.append(1) or fused(*args)
+    generator = torch.Generator().manual_seed(0)
+    hidden = routes["eager"].hidden_size
+    prompt = torch.randn(1, 6, hidden, generator=generator)
+    caches = {route: backend.new_caches(0, 4, 1, 40) for route, backend in routes.items()}
+    for route, backend in routes.items():
+        backend.inference_step(prompt, caches[route], start=0, end=4, position=0)
+    worst = 0.0
+    for position in range(6, 12):
+        x = torch.randn(1, 1, hidden, generator=generator)
+        outputs = {
+            route: backend.run_inference([backend.inference_task(x, caches[route], start=0, end=4, position=position)])
+            for route, backend in routes.items()
+        }
+        worst = max(worst, (outputs["triton"][0].float() - outputs["eager"][0].float()).abs().max().item())
+    assert len(calls) == 6 and routes["triton"].decode_graphs.replays == 6
+    assert worst <= 64 * torch.finfo(dtype).eps, worst
+
+
 def check_fallback(dtype: torch.dtype, tiny_llama: str) -> None:
     """A GPU whose kernels Triton cannot build (its errors) falls back to PyTorch's kernels for good, with a warning;
     any other error is the round's."""
@@ -261,7 +303,7 @@ def check_fallback(dtype: torch.dtype, tiny_llama: str) -> None:
 
 if __name__ == "__main__":
     check, dtype_name, *rest = sys.argv[1:]
-    {"kernels": check_kernels, "rounds": check_rounds, "fallback": check_fallback}[check](
+    {"kernels": check_kernels, "rounds": check_rounds, "nf4": check_nf4_rounds, "fallback": check_fallback}[check](
         getattr(torch, dtype_name), *rest
     )
     print(f"{check} ok")

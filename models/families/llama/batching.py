@@ -88,6 +88,7 @@ class LlamaBatchRunner(FusedLlamaBlocks):
                 f"batched Llama runner ({self.quantization} weights through the blocks' own quantized layers; "
                 + (
                     "rounds recorded, several rows dequantized into one shared scratch"
+                    + (", norms, RoPE, attention and SwiGLU in Triton kernels" if self.fused else "")
                     if self.scratch is not None
                     else "rounds of several sessions eager"
                     + (", a lone session's recorded on GPUs" if self.static_positions else "")

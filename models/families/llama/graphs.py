@@ -122,7 +122,11 @@ def _through_blocks_fused(blocks: FusedLlamaBlocks, x, positions, first_block: i
     for local in range(num_blocks):
         layer = blocks.layers[first_block + local]
         residual, normed = kernels.add_rms_norm(residual, layer.input_norm.weight, layer.input_norm.eps, delta)
-        qkv = (normed @ layer.qkv_weight).view(n, heads + 2 * kv_heads, blocks.head_dim)
+        if layer.quantized:  # nf4: the layers' own products (bitsandbytes'), the rest in the kernels
+            qkv = torch.cat([linear(normed) for linear in layer.qkv_linears], dim=-1)
+        else:
+            qkv = normed @ layer.qkv_weight
+        qkv = qkv.view(n, heads + 2 * kv_heads, blocks.head_dim)
         pool = kv_pools[local]
         if isinstance(pool, torch.Tensor):
             kernels.rope_write(qkv, blocks.cos_table, blocks.signed_sin_table, positions, pool)
@@ -135,6 +139,12 @@ def _through_blocks_fused(blocks: FusedLlamaBlocks, x, positions, first_block: i
                 )
                 outputs.append(kernels.attention(qkv[row : row + 1], positions[row : row + 1], own, blocks.scaling))
             attention = torch.cat(outputs)
+        if layer.quantized:
+            projected = layer.o_proj(attention)
+            residual, normed = kernels.add_rms_norm(residual, layer.post_norm.weight, layer.post_norm.eps, projected)
+            gate_up = torch.cat([layer.gate_proj(normed), layer.up_proj(normed)], dim=-1)
+            delta = layer.down_proj(kernels.silu_mul(gate_up))
+            continue
         residual, normed = kernels.add_rms_norm(
             residual, layer.post_norm.weight, layer.post_norm.eps, attention @ layer.o_weight
         )
@@ -182,7 +192,7 @@ def fuses(blocks: FusedLlamaBlocks) -> bool:
         return False
     if blocks.head_dim & (blocks.head_dim - 1):
         return False
-    if not all(_plain(layer) for layer in blocks.layers):
+    if not all(_plain(layer, nf4=blocks.quantization == "nf4") for layer in blocks.layers):
         return False
     return _triton_available()
 
@@ -202,10 +212,16 @@ def compiles(blocks: FusedLlamaBlocks) -> bool:
     return all(_plain(layer) for layer in blocks.layers)
 
 
-def _plain(layer: FusedLayer) -> bool:
-    if layer.quantized:  # the compiled functions multiply fused float matrices
-        return False
-    biases = (layer.qkv_bias, layer.o_bias, layer.gate_up_bias, layer.down_bias)
+def _plain(layer: FusedLayer, *, nf4: bool = False) -> bool:
+    """No biases, head norms or other activation; quantized layers only where ``nf4`` (the Triton route calls
+    their own products; the compiled functions multiply fused float matrices)."""
+    if layer.quantized:
+        linears = (*layer.qkv_linears, layer.o_proj, layer.gate_proj, layer.up_proj, layer.down_proj)
+        biases = tuple(getattr(getattr(m, "linear", m), "bias", None) for m in linears)
+        if not nf4:
+            return False
+    else:
+        biases = (layer.qkv_bias, layer.o_bias, layer.gate_up_bias, layer.down_bias)
     return all(b is None for b in biases) and layer.q_norm is None and layer.act is F.silu
 
 
