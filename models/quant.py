@@ -17,6 +17,7 @@ Every ``nn.Linear`` of a block is replaced; its norms keep the span's dtype. Che
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 
 QUANT_MODES = ("none", "int8", "nf4")
 NF4_BLOCKSIZE = 64
+logger = logging.getLogger(__name__)
 
 
 def check_quantization(mode: str) -> str:
@@ -160,11 +162,22 @@ class NF4Rows:
         self.linear, self.scratch, self.state = linear, scratch, state
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.offset = state.offset.to(scratch.absmax.device) if state.nested else None
+        self.error: str | None = None  # why the scratch was given up for this layer
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows <= FUSED_ROWS or torch.is_grad_enabled():
+        if rows <= FUSED_ROWS or torch.is_grad_enabled() or x.dtype != self.scratch.weight.dtype or self.error:
             return self.linear(x)
+        try:
+            return self._through_scratch(x)
+        except (RuntimeError, ValueError) as error:  # a bitsandbytes whose ops take other arguments: its own path
+            if x.is_cuda and torch.cuda.is_current_stream_capturing():  # not inside a recording: its error
+                raise
+            self.error = f"{type(error).__name__}: {str(error)[:200]}"
+            logger.warning(f"nf4 products through the shared scratch failed ({self.error}); using bitsandbytes' own")
+            return self.linear(x)
+
+    def _through_scratch(self, x: torch.Tensor) -> torch.Tensor:
         state = self.state
         absmax = state.absmax
         if state.nested:

@@ -213,3 +213,23 @@ def test_nf4_layers_bitsandbytes_cannot_repack_keep_the_plain_cpu_layout(monkeyp
         y = block(x)
     assert y.shape == (3, 64) and torch.isfinite(y).all()
     assert (y - x @ reference.t()).abs().max() < 0.35 * (x @ reference.t()).abs().max()
+
+
+def test_nf4_products_through_the_scratch_fall_back_to_bitsandbytes_when_its_ops_refuse(caplog):
+    """``NF4Rows`` calls bitsandbytes' dequantize ops into a shared scratch (GPU nodes); where they refuse the call
+    (here: the CPU has no ``out=`` kernels, as an incompatible bitsandbytes would refuse), the layer keeps answering
+    through bitsandbytes' own product, with one warning, and few-row products never touch the scratch."""
+    from nectar.models.quant import FUSED_ROWS, NF4Rows, NF4Scratch, _nf4_linear
+
+    torch.manual_seed(0)
+    layer = _nf4_linear(torch.nn.Linear(256, 192, bias=False), torch.float16)
+    scratch = NF4Scratch([layer], torch.float16, torch.device("cpu"))
+    product = NF4Rows(layer, scratch)
+    with torch.inference_mode():
+        few = torch.randn(FUSED_ROWS, 256).half()
+        assert torch.equal(product(few), layer(few)) and product.error is None
+        many = torch.randn(9, 256).half()
+        with caplog.at_level("WARNING"):
+            assert torch.equal(product(many), layer(many))
+            assert torch.equal(product(many), layer(many))
+    assert product.error and sum("shared scratch failed" in r.message for r in caplog.records) == 1
