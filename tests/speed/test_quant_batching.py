@@ -109,8 +109,9 @@ def test_float_runner_keeps_its_fused_routes(tiny_llama):
 
 def test_a_lone_nf4_session_replays_its_recording_and_rounds_of_several_stay_eager(tiny_llama):
     """A lone nf4 session's decode rounds go through the recorded-round path (here run eagerly: ``capture=False``;
-    tests/speed/test_nf4_cuda.py records them on a GPU) and equal its eager steps; a round of two sessions is never
-    recorded (it would dequantize every matrix inside the recording)."""
+    tests/speed/test_nf4_cuda.py records them on a GPU) and equal its eager steps. On a CPU node a round of two
+    sessions is not recorded (no shared scratch there: each product would dequantize its matrix inside the
+    recording); GPU nodes record those too (test_nf4_cuda.py)."""
     batched = _backend(tiny_llama, "nf4", batching=True)
     plain = _backend(tiny_llama, "nf4", batching=False)
     static = batched.decode_graphs = GraphedDecoder(batched.batch_runner, capture=False)
