@@ -216,10 +216,10 @@ def _plain(layer: FusedLayer, *, nf4: bool = False) -> bool:
     """No biases, head norms or other activation; quantized layers only where ``nf4`` (the Triton route calls
     their own products; the compiled functions multiply fused float matrices)."""
     if layer.quantized:
-        linears = (*layer.qkv_linears, layer.o_proj, layer.gate_proj, layer.up_proj, layer.down_proj)
-        biases = tuple(getattr(getattr(m, "linear", m), "bias", None) for m in linears)
         if not nf4:
             return False
+        linears = (*layer.qkv_linears, layer.o_proj, layer.gate_proj, layer.up_proj, layer.down_proj)
+        biases = tuple(getattr(getattr(m, "linear", m), "bias", None) for m in linears)  # NF4Rows wraps the layer
     else:
         biases = (layer.qkv_bias, layer.o_bias, layer.gate_up_bias, layer.down_bias)
     return all(b is None for b in biases) and layer.q_norm is None and layer.act is F.silu
