@@ -99,16 +99,23 @@ class FusedLlamaBlocks(BatchRunner):
         return self.matmul(layer.act(gate).mul_(up), layer.down_weight, layer.down_bias).add_(x)
 
 
-def _mlp_linears(mlp: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
-    return mlp.gate_proj, mlp.up_proj, mlp.down_proj
+def _block_linears(block: nn.Module) -> tuple[nn.Module, ...]:
+    """A Llama block's seven linears: q, k, v, o, gate, up, down."""
+    attention, mlp = block.self_attn, block.mlp
+    return (
+        attention.q_proj,
+        attention.k_proj,
+        attention.v_proj,
+        attention.o_proj,
+        mlp.gate_proj,
+        mlp.up_proj,
+        mlp.down_proj,
+    )
 
 
 def _nf4_scratch(spans: Sequence[nn.Module], dtype: torch.dtype, device: torch.device) -> NF4Scratch | None:
     """The span's shared dequantization scratch (``NF4Scratch``), where every linear is nf4 on a GPU."""
-    linears = []
-    for span in spans:
-        attention, mlp = span.blocks[0].self_attn, span.blocks[0].mlp
-        linears += [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, *_mlp_linears(mlp)]
+    linears = [linear for span in spans for linear in _block_linears(span.blocks[0])]
     if device.type != "cuda" or not all(nf4_on_gpu(m) for m in linears):
         return None
     return NF4Scratch(linears, dtype, device)
@@ -138,8 +145,7 @@ class FusedLayer:
         self.quantized = quantized
         if quantized:
             # nf4 on a GPU: products of several rows dequantize into the span's one scratch matrix (``NF4Rows``)
-            own = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, *_mlp_linears(mlp))
-            calls = [m if scratch is None else NF4Rows(m, scratch) for m in own]
+            calls = [m if scratch is None else NF4Rows(m, scratch) for m in _block_linears(block)]
             self.qkv_linears = tuple(calls[:3])
             self.o_proj, self.gate_proj, self.up_proj, self.down_proj = calls[3:]
             self.qkv_weight = self.qkv_bias = self.gate_up_weight = self.gate_up_bias = None
