@@ -139,6 +139,21 @@ def keep_plain_cpu_layout(module: nn.Module) -> nn.Module:
 FUSED_ROWS = 4  # rows bitsandbytes' fused 4-bit product always takes (no float copy of the matrix)
 
 
+def _bnb_fuses(x: torch.Tensor, rows: int, out_features: int, in_features: int, blocksize: int) -> bool | None:
+    """Whether bitsandbytes' own product of ``rows`` rows runs its fused 4-bit kernel (True) or dequantizes the matrix
+    into a fresh copy, then ``F.linear`` (False), as its CUDA dispatch chooses per GPU and shape (0.50: fused up to
+    16-64 rows for the wide matrices on an H100); None where this bitsandbytes does not say (its older versions
+    always dequantize past one row)."""
+    try:
+        from bitsandbytes.backends.cuda import ops
+
+        if rows > ops._gemm_4bit_custom_max_m or in_features % blocksize:
+            return False
+        return bool(ops._gemm_4bit_use_custom_fn(x.device.index, x.dtype, rows, out_features, in_features))
+    except Exception:  # another version's private names: the scratch, as for older versions
+        return None
+
+
 class NF4Scratch:
     """One float copy of a span's largest nf4 matrix (and its absmax) on the GPU, which every layer's products of more
     than ``FUSED_ROWS`` rows dequantize into in turn. bitsandbytes allocates that copy afresh for each product, so a
@@ -153,9 +168,10 @@ class NF4Scratch:
 
 
 class NF4Rows:
-    """``linear(x)`` for an nf4 ``Linear4bit`` on a GPU: exactly bitsandbytes' products (its fused kernel up to
-    ``FUSED_ROWS`` rows, else its dequantize-then-``F.linear`` fallback), the float copy of the matrix in a shared
-    ``NF4Scratch`` instead of a fresh allocation, so rounds of several sessions can be recorded as CUDA graphs."""
+    """``linear(x)`` for an nf4 ``Linear4bit`` on a GPU: exactly bitsandbytes' products, with the kernel it chooses
+    (its fused kernel up to ``FUSED_ROWS`` rows, and beyond where its dispatch says so; else its
+    dequantize-then-``F.linear`` fallback), the float copy of the matrix in a shared ``NF4Scratch`` instead of a fresh
+    allocation, so rounds of several sessions can be recorded as CUDA graphs."""
 
     def __init__(self, linear: nn.Module, scratch: NF4Scratch):
         state = linear.weight.quant_state
@@ -163,11 +179,22 @@ class NF4Rows:
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.offset = state.offset.to(scratch.absmax.device) if state.nested else None
         self.error: str | None = None  # why the scratch was given up for this layer
+        self._fuses: dict[tuple, bool] = {}  # (rows, dtype) -> bitsandbytes' own product needs no float copy
+        self.through_scratch = 0  # products computed through the scratch (a recorded round counts once)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if rows <= FUSED_ROWS or torch.is_grad_enabled() or x.dtype != self.scratch.weight.dtype or self.error:
             return self.linear(x)
+        if x.is_cuda:
+            key = (rows, x.dtype)
+            fuses = self._fuses.get(key)
+            if fuses is None:
+                fuses = self._fuses[key] = bool(
+                    _bnb_fuses(x, rows, self.out_features, self.in_features, self.state.blocksize)
+                )
+            if fuses:
+                return self.linear(x)
         try:
             return self._through_scratch(x)
         except (RuntimeError, ValueError) as error:  # a bitsandbytes whose ops take other arguments: its own path
@@ -189,6 +216,7 @@ class NF4Rows:
             self.linear.weight.data, absmax, state.blocksize, state.quant_type, state.shape, x.dtype, out=weight
         )
         bias = None if self.linear.bias is None else self.linear.bias.to(x.dtype)
+        self.through_scratch += 1
         return F.linear(x, weight, bias)
 
 

@@ -58,9 +58,9 @@ def test_transformers_on_the_gpu_computes_the_built_checkpoint_as_nectar_does(bu
 
 
 def test_nf4_sessions_recorded_rounds_equal_their_eager_steps(built):
-    """nf4 blocks on a GPU record decode rounds of several sessions as CUDA graphs: products of more than
-    ``FUSED_ROWS`` rows dequantize into the span's one scratch matrix (no float copy in any recording's pool).
-    Replays equal eager steps over the same codes, as an audit's recomputation expects."""
+    """nf4 blocks on a GPU record decode rounds of several sessions as CUDA graphs (products that bitsandbytes
+    computes by dequantizing go through the span's one scratch matrix: the next test). Replays equal eager steps
+    over the same codes, as an audit's recomputation expects."""
     from nectar.node.backend import SpanBackend
 
     def backend(batching: bool) -> SpanBackend:
@@ -73,7 +73,7 @@ def test_nf4_sessions_recorded_rounds_equal_their_eager_steps(built):
     assert graphed.batch_runner.scratch is not None
     assert decoder is not None and decoder.enabled and decoder.capture and decoder.max_sessions > 1
     generator = torch.Generator().manual_seed(2)
-    for count in (1, 6):  # one session (bitsandbytes' fused kernel), then six (the scratch)
+    for count in (1, 6):  # one session (bitsandbytes' one-row kernel), then six
         sessions = []
         for prefill in range(3, 3 + count):
             mine, theirs = graphed.new_caches(0, 4, 1, 48), plain.new_caches(0, 4, 1, 48)
@@ -98,8 +98,9 @@ def test_nf4_sessions_recorded_rounds_equal_their_eager_steps(built):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_products_through_the_scratch_are_bitsandbytes_own(dtype):
-    """``NF4Rows`` computes bitsandbytes' dequantize-then-linear products bit for bit, the float matrix in the shared
-    scratch; up to ``FUSED_ROWS`` rows it calls the layer (bitsandbytes' fused kernel)."""
+    """``NF4Rows`` computes bitsandbytes' own products bit for bit, with the kernel bitsandbytes chooses: its fused
+    kernel up to ``FUSED_ROWS`` rows and where its dispatch fuses more, else its dequantize-then-linear, the float
+    matrix in the shared scratch."""
     from nectar.models.quant import FUSED_ROWS, NF4Rows, NF4Scratch, _nf4_linear
 
     generator = torch.Generator().manual_seed(0)
@@ -111,18 +112,62 @@ def test_products_through_the_scratch_are_bitsandbytes_own(dtype):
         layers.append(_nf4_linear(linear.cuda(), dtype))
     scratch = NF4Scratch(layers, dtype, torch.device("cuda"))
     assert scratch.weight.numel() == 4096 * 11008
+    through_scratch = 0
     for layer in layers:
         product = NF4Rows(layer, scratch)
         weight = bnb_weight(layer).to(dtype)
         for rows in (1, FUSED_ROWS, FUSED_ROWS + 1, 16, 64):
             x = torch.randn(rows, layer.in_features, generator=generator).to("cuda", dtype)
+            before = product.through_scratch
             with torch.inference_mode():
                 mine, theirs = product(x), layer(x)
-            if rows <= FUSED_ROWS:
-                assert torch.equal(mine, theirs)
-            else:
+            assert torch.equal(mine, theirs), (layer, rows)  # whichever kernel bitsandbytes chose
+            if product.through_scratch > before:
+                through_scratch += 1
+                assert rows > FUSED_ROWS
                 assert torch.equal(mine, torch.nn.functional.linear(x, weight))
-                assert (mine.float() - theirs.float()).abs().max() <= 8 * torch.finfo(dtype).eps * theirs.abs().max()
+    assert through_scratch  # bitsandbytes dequantizes some of them (a 4096x4096 matrix at 64 rows, on an H100)
+
+
+def test_products_through_the_scratch_record_as_cuda_graphs():
+    """A recorded product that bitsandbytes computes by dequantizing (a 4096x4096 matrix at 16 rows on an H100)
+    replays through the shared scratch: the recording's pool keeps no float copy of the matrix, and replays equal
+    eager products on new inputs, also where the next product is bitsandbytes' fused kernel."""
+    from nectar.models.quant import NF4Rows, NF4Scratch, _nf4_linear
+
+    generator = torch.Generator().manual_seed(1)
+    layers = []
+    for in_features, out_features in [(4096, 4096), (4096, 11008)]:
+        linear = torch.nn.Linear(in_features, out_features, bias=False)
+        with torch.no_grad():
+            linear.weight.copy_(torch.randn(out_features, in_features, generator=generator) * 0.02)
+        layers.append(_nf4_linear(linear.cuda(), torch.float16))
+    scratch = NF4Scratch(layers, torch.float16, torch.device("cuda"))
+    square, wide = (NF4Rows(layer, scratch) for layer in layers)
+    static = torch.randn(16, 4096, generator=generator).to("cuda", torch.float16)
+    with torch.inference_mode():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            wide(square(static))  # warm-up: kernel choice, lazy state
+        torch.cuda.current_stream().wait_stream(stream)
+        if not square.through_scratch:
+            pytest.skip("this GPU's bitsandbytes computes a 4096x4096 product of 16 rows in its fused kernel")
+        torch.cuda.synchronize()
+        reserved = torch.cuda.memory_reserved()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = wide(square(static))
+        kept = torch.cuda.memory_reserved() - reserved  # the recording's private pool
+        assert kept < 4096 * 4096 * 2 // 2, kept  # its outputs only: no float16 copy of the 32 MB matrix
+        for _ in range(3):
+            x = torch.randn(16, 4096, generator=generator).to("cuda", torch.float16)
+            static.copy_(x)
+            graph.replay()
+            eager = layers[1](layers[0](x))
+            assert (output.float() - eager.float()).abs().max() <= 8 * torch.finfo(
+                torch.float16
+            ).eps * eager.abs().max()
 
 
 def bnb_weight(layer) -> torch.Tensor:
