@@ -155,10 +155,11 @@ def _bnb_fuses(x: torch.Tensor, rows: int, out_features: int, in_features: int, 
 
 
 class NF4Scratch:
-    """One float copy of a span's largest nf4 matrix (and its absmax) on the GPU, which every layer's products of more
-    than ``FUSED_ROWS`` rows dequantize into in turn. bitsandbytes allocates that copy afresh for each product, so a
-    recorded round's private memory pool would keep one per recording (a 70B MLP matrix: 470 MB each); this one is
-    allocated once, outside every pool. A span's products run one at a time on its compute thread, on one stream."""
+    """One float copy of a span's largest nf4 matrix (and its absmax) on the GPU, which every layer's products that
+    bitsandbytes computes by dequantizing (past ``FUSED_ROWS`` rows) dequantize into in turn. bitsandbytes allocates
+    that copy afresh for each product, so a recorded round's private memory pool would keep one per recording (a 70B
+    MLP matrix: 470 MB each); this one is allocated once, outside every pool. A span's products run one at a time on
+    its compute thread, on one stream."""
 
     def __init__(self, linears: list[nn.Module], dtype: torch.dtype, device: torch.device):
         weights = max(m.out_features * m.in_features for m in linears)
@@ -179,7 +180,7 @@ class NF4Rows:
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.offset = state.offset.to(scratch.absmax.device) if state.nested else None
         self.error: str | None = None  # why the scratch was given up for this layer
-        self._fuses: dict[tuple, bool] = {}  # (rows, dtype) -> bitsandbytes' own product needs no float copy
+        self._fuses: dict[int, bool] = {}  # rows -> bitsandbytes' own product needs no float copy
         self.through_scratch = 0  # products computed through the scratch (a recorded round counts once)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,10 +188,9 @@ class NF4Rows:
         if rows <= FUSED_ROWS or torch.is_grad_enabled() or x.dtype != self.scratch.weight.dtype or self.error:
             return self.linear(x)
         if x.is_cuda:
-            key = (rows, x.dtype)
-            fuses = self._fuses.get(key)
+            fuses = self._fuses.get(rows)
             if fuses is None:
-                fuses = self._fuses[key] = bool(
+                fuses = self._fuses[rows] = bool(
                     _bnb_fuses(x, rows, self.out_features, self.in_features, self.state.blocksize)
                 )
             if fuses:
