@@ -139,11 +139,11 @@ def keep_plain_cpu_layout(module: nn.Module) -> nn.Module:
 FUSED_ROWS = 4  # rows bitsandbytes' fused 4-bit product always takes (no float copy of the matrix)
 
 
-def _bnb_fuses(x: torch.Tensor, rows: int, out_features: int, in_features: int, blocksize: int) -> bool | None:
-    """Whether bitsandbytes' own product of ``rows`` rows runs its fused 4-bit kernel (True) or dequantizes the matrix
-    into a fresh copy, then ``F.linear`` (False), as its CUDA dispatch chooses per GPU and shape (0.50: fused up to
-    16-64 rows for the wide matrices on an H100); None where this bitsandbytes does not say (its older versions
-    always dequantize past one row)."""
+def _bnb_fuses(x: torch.Tensor, rows: int, out_features: int, in_features: int, blocksize: int) -> bool:
+    """Whether bitsandbytes' own product of ``rows`` rows runs its fused 4-bit kernel (no float copy of the matrix)
+    rather than dequantizing into a fresh copy, then ``F.linear``, as its CUDA dispatch chooses per GPU and shape
+    (0.50: fused up to 16-64 rows for the wide matrices on an H100). False where this bitsandbytes does not say: its
+    older versions always dequantize past one row."""
     try:
         from bitsandbytes.backends.cuda import ops
 
@@ -151,7 +151,7 @@ def _bnb_fuses(x: torch.Tensor, rows: int, out_features: int, in_features: int, 
             return False
         return bool(ops._gemm_4bit_use_custom_fn(x.device.index, x.dtype, rows, out_features, in_features))
     except Exception:  # another version's private names: the scratch, as for older versions
-        return None
+        return False
 
 
 class NF4Scratch:
@@ -190,8 +190,8 @@ class NF4Rows:
         if x.is_cuda:
             fuses = self._fuses.get(rows)
             if fuses is None:
-                fuses = self._fuses[rows] = bool(
-                    _bnb_fuses(x, rows, self.out_features, self.in_features, self.state.blocksize)
+                fuses = self._fuses[rows] = _bnb_fuses(
+                    x, rows, self.out_features, self.in_features, self.state.blocksize
                 )
             if fuses:
                 return self.linear(x)
