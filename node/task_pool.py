@@ -200,8 +200,9 @@ class ComputeThread:
         back together), or after ``gather_share`` of the last round's compute time or 1.25 times what the last
         gathering took, whichever is longer (at most ``max_gather_wait``), so a session that went quiet costs little.
         The second bound matters where rounds are cheap (a recorded GPU round) while replies still take a while to
-        reach every session. Off by default (``--batch-wait``): on a route of several nodes, rounds that split let the
-        nodes work as a pipeline.
+        reach every session. A node sets it with ``--batch-wait``, by default 0.5 on a GPU (a round there costs about
+        one read of the weights however many rows it holds) and off on a CPU (rounds that split let a route's nodes
+        work as a pipeline).
         """
         queue = self._queues[Priority.INFERENCE]
         expected = len(self._round_sessions[0] | self._round_sessions[1])

@@ -191,3 +191,15 @@ def test_batch_wait_gathers_the_last_rounds_sessions(gather_share, expected_roun
         compute.shutdown()
     rounds = [r for r in _Step.runs if r and r[0].startswith("c")]
     assert rounds[0] == expected_round
+
+
+def test_a_gpu_node_gathers_its_rounds_by_default_and_a_cpu_node_does_not():
+    """Unset, --batch-wait follows the device: a GPU round reads the weights once however many sessions it holds
+    (rounds that split waste whole reads), a CPU round's cost grows with its rows."""
+    from nectar.node.cli import node_config, node_parser
+    from nectar.node.server import default_batch_wait
+
+    assert node_config(node_parser().parse_args([])).batch_wait is None
+    assert default_batch_wait("cuda") == default_batch_wait("cuda:1") == 0.5
+    assert default_batch_wait("cpu") == 0.0
+    assert node_config(node_parser().parse_args(["--batch-wait", "0"])).batch_wait == 0.0  # a GPU node may opt out
