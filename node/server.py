@@ -622,6 +622,11 @@ class Server:
                 logger.debug("The signing process did not stop cleanly", exc_info=True)
         elif isinstance(self.signing, SigningWorker):  # the node failed before its loop ran
             self.signing.kill()
+        if getattr(self, "p2p", None) is not None and self._loop_thread.is_alive():
+            try:  # its reader tasks end now, not as "destroyed but pending" errors once the loop is gone
+                asyncio.run_coroutine_threadsafe(self.p2p.shutdown(), self.loop).result(timeout=10)
+            except Exception:
+                logger.debug("The P2P handle did not close cleanly", exc_info=True)
         if self.dht is not None:
             self.dht.shutdown()
         self.loop.call_soon_threadsafe(self.loop.stop)
