@@ -18,8 +18,11 @@ binary=(
   parsimonious==0.10.0 py-ecc==8.0.0 coincurve==21.0.0 pycryptodome==3.24.1 safe-pysha3==1.0.7
   pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2
   threadpoolctl==3.8.0
-  py-spy==0.4.3 pytest==8.4.2 pluggy==1.6.0 iniconfig==2.1.0 pytest-timeout==2.4.0  # profiles, CUDA tests
+  pytest==8.4.2 pluggy==1.6.0 iniconfig==2.1.0 pytest-timeout==2.4.0  # the CUDA tests
 )
+# py-spy (2.9 MB) only with --spy (spy_node.sh, debug_gpu.sh): without it .whl + .bnb + .petalswhl + the tree fit the
+# device tool's 64 MiB for run_petals_gpu.sh with 3 MiB to spare (with it, 63.9 MiB at stop 40)
+if [[ " $* " == *" --spy "* ]]; then binary+=(py-spy==0.4.3); fi
 for spec in "${binary[@]}"; do
   python -m pip download -q --no-deps --only-binary=:all: "${platform[@]}" -d "$dest" "$spec"
 done
@@ -29,7 +32,7 @@ for spec in prefetch-generator==1.0.3 varint==1.0.2 python-baseconv==1.2.2; do
 done
 # --bnb: bitsandbytes (quantized weights: the 70B run; Petals imports it too) into .bnb/, repacked with only the
 # CUDA 13.0 and CPU libraries the GPU image's torch loads (43 MB -> 3.4 MB), so .whl + .bnb + .petalswhl fit one call
-if [[ "${1:-}" == "--bnb" ]]; then
+if [[ " $* " == *" --bnb "* ]]; then
   mkdir -p .bnb
   python -m pip download -q --no-deps --only-binary=:all: "${platform[@]}" --platform manylinux_2_24_x86_64 \
     -d .bnb bitsandbytes==0.50.2
@@ -37,8 +40,8 @@ if [[ "${1:-}" == "--bnb" ]]; then
   du -sh .bnb
 fi
 # --api: the gateway's dependencies and locust, for run_api_load.sh (pip resolves their dependencies for 3.12), into
-# .apiwhl/ (27 MiB): with .whl (41 MiB) they exceed the device tool's 64 MiB, so that call follows one that carried .whl
-if [[ "${1:-}" == "--api" ]]; then
+# .apiwhl/ (27 MiB): with .whl (38 MiB) they exceed the device tool's 64 MiB, so that call follows one that carried .whl
+if [[ " $* " == *" --api "* ]]; then
   mkdir -p .apiwhl
   python -m pip download -q --only-binary=:all: "${platform[@]}" -d .apiwhl locust fastapi fastapi-offline uvicorn sqlalchemy \
     alembic "celery[redis]" pydantic-settings httpx python-multipart aiosqlite psycopg2-binary redis py-spy

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Nectar vs Petals 2.2.0.post1 on one NVIDIA GPU (no internet): Llama-2-7B-shaped random float16 checkpoint,
 # 1- and 2-server swarms of each, single-session decode and 1/16 concurrent sessions, runs alternating.
-#   here:  bash benchmarks/gpu/fetch_wheels.sh && bash benchmarks/gpu/fetch_petals_wheels.sh   # .whl/, .petalswhl/
-#   there: bash benchmarks/gpu/run_petals_gpu.sh OUT_DIR [NODES...]   # carry .whl and .petalswhl; NODES "1 2"
-# .whl (41 MiB) + .petalswhl (13 MiB) + the tree (5 MiB) fit the device tool's 64 MiB (not with fetch_wheels.sh --api).
+#   here:  bash benchmarks/gpu/fetch_wheels.sh --bnb && bash benchmarks/gpu/fetch_petals_wheels.sh
+#   there: bash benchmarks/gpu/run_petals_gpu.sh OUT_DIR [NODES...]   # carry .whl, .bnb, .petalswhl; NODES "1 2"
+# .whl (38 MiB) + .bnb (3.4 MiB) + .petalswhl (13 MiB) + the tree (8 MiB) fit the device tool's 64 MiB (not with
+# fetch_wheels.sh --api or --spy).
 # Both swarm sizes in one call are estimated at 8-9 minutes on an H100 (not yet run there): to be safe, use two
 # back-to-back calls (the warm machine keeps the venv and the checkpoint), NODES 2, then 1.
 # Writes OUT_DIR/petals_gpu_nodes<N>.json and OUT_DIR/petals_gpu.log. REPEATS / SESSION_REPEATS (3 / 2) shorten a run.

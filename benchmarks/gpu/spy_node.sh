@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Where a GPU node's threads spend their CPU while it serves 16 concurrent sessions: bench_gpu.py's one-node runs
 # (several runs of 16 sessions) under py-spy, native frames included, so system calls and uvloop show up.
+#   here:  bash benchmarks/gpu/fetch_wheels.sh --spy   # .whl/ with py-spy
 #   there: bash benchmarks/gpu/spy_node.sh OUT_DIR [BENCH_ARGS...]   # through the device tool, carrying .whl
 # Writes OUT_DIR/spy.log (the runs' figures), OUT_DIR/node.raw (py-spy's collapsed stacks) and OUT_DIR/node.txt
 # (benchmarks/spy_summary.py's table per thread).
@@ -10,6 +11,7 @@ shift || true
 mkdir -p "$out"
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 python3 -m pip install -q --no-index --find-links .whl py-spy 2>&1 | grep -v "^WARNING" || true
+command -v py-spy > /dev/null || { echo "py-spy is missing: bash benchmarks/gpu/fetch_wheels.sh --spy, then carry .whl" >&2; exit 1; }
 
 python3 benchmarks/bench_gpu.py --model llama2-7b --device cuda --dtype float16 --one-node-only \
   --sessions 1 16 16 16 16 16 16 "$@" > "$out/spy.log" 2>&1 &
