@@ -21,6 +21,13 @@ logger = logging.getLogger(__name__)
 FINAL_ANNOUNCE_TIMEOUT = 5.0  # s a stopping node spends telling the swarm it is going offline
 
 
+def record_lifetime(period: float) -> float:
+    """Seconds an announcement made every ``period`` s stays in the DHT. Every record a node writes lives this long,
+    OFFLINE ones too: the DHT keeps whichever of a peer's values expires last, so a shorter-lived OFFLINE record was
+    dropped and a stopped node stayed ONLINE until its last record expired."""
+    return min(max(3 * period, 15), MAX_RECORD_AGE)
+
+
 def announce(
     dht: hivemind.DHT,
     model_id: str,
@@ -95,7 +102,7 @@ class Announcer(threading.Thread):
                     self.model_id,
                     self.num_model_blocks,
                     self.make_info(),
-                    expiration=min(max(3 * self.period, 15), MAX_RECORD_AGE),
+                    expiration=record_lifetime(self.period),
                 )
             except Exception:
                 logger.warning("Announcement failed (will retry)", exc_info=True)
@@ -117,7 +124,7 @@ class Announcer(threading.Thread):
                     self.model_id,
                     self.num_model_blocks,
                     final_info,
-                    expiration=self.period,
+                    expiration=record_lifetime(self.period),
                     timeout=FINAL_ANNOUNCE_TIMEOUT,
                 )
             except Exception:
