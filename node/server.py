@@ -390,8 +390,6 @@ class Server:
             self.payments = self._payment_policy()
         start, end = self._choose_span()
         batch_wait = config.batch_wait if config.batch_wait is not None else default_batch_wait(self.device)
-        if batch_wait < 0:
-            raise ValueError(f"batch_wait must be >= 0 (a share of a round's compute time), got {batch_wait}")
         self.compute = ComputeThread(num_threads=config.num_threads, gather_share=batch_wait)
         use_threads(config.num_threads)  # loading times the CPU's matmul libraries with the compute thread's count
         self._load(start, end)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Diagnostics for the GPU run: per-stage latency of one hop on the GPU node, and a py-spy profile of that node.
-# Same set-up as run_gpu.sh (wheels in .whl; py-spy there with fetch_wheels.sh --spy). Usage: bash benchmarks/gpu/debug_gpu.sh OUT
+# Same set-up as run_gpu.sh (wheels in .whl; py-spy there with fetch_wheels.sh --spy).
+# Usage: bash benchmarks/gpu/debug_gpu.sh OUT
 set -euo pipefail
 out="${1:-${OUT:-/tmp/nectar-gpu}}"
 mkdir -p "$out"

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def stopped(tiny_llama, tmp_path_factory):
-    """(the node's announced states before and after it stopped, its P2P tasks after it stopped)."""
+    """(the node's announced state before and after it stopped, its P2P tasks that ran before, the stopped node)."""
     bootstrap = hivemind.DHT(
         start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=[AnnouncementValidator()]
     )
