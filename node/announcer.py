@@ -112,20 +112,18 @@ class Announcer(threading.Thread):
     def announce_now(self) -> None:
         self.wake_event.set()
 
+    def withdraw(self, info: ServerInfo, *, timeout: float = 60.0) -> bool:
+        """Announces ``info``'s blocks OFFLINE (signed like every record, and as long-lived: ``record_lifetime``)."""
+        info.state = int(ServerState.OFFLINE)
+        info.eth_proof = self.proof
+        expiration = record_lifetime(self.period)
+        return announce(self.dht, self.model_id, self.num_model_blocks, info, expiration=expiration, timeout=timeout)
+
     def stop(self, final_info: ServerInfo | None = None) -> None:
         self.stop_event.set()
         self.wake_event.set()
         if final_info is not None:
-            final_info.state = int(ServerState.OFFLINE)
-            final_info.eth_proof = self.proof
             try:
-                announce(
-                    self.dht,
-                    self.model_id,
-                    self.num_model_blocks,
-                    final_info,
-                    expiration=record_lifetime(self.period),
-                    timeout=FINAL_ANNOUNCE_TIMEOUT,
-                )
+                self.withdraw(final_info, timeout=FINAL_ANNOUNCE_TIMEOUT)
             except Exception:
                 logger.debug("Could not announce OFFLINE", exc_info=True)

@@ -698,15 +698,7 @@ class Server:
                     f"Re-balancing: moving from blocks {self.backend.start}:{self.backend.end} "
                     f"to {better}:{better + self._span_length()}"
                 )
-                from nectar.node.announcer import announce, record_lifetime
-
-                announce(
-                    self.dht,
-                    self.model_id,
-                    self.num_model_blocks,
-                    self.server_info(ServerState.OFFLINE),
-                    expiration=record_lifetime(self.config.announce_period),
-                )
+                self.announcer.withdraw(self.server_info(ServerState.OFFLINE))
                 self._load(better, better + self._span_length())
                 self.announcer.announce_now()
             except Exception:
