@@ -30,6 +30,7 @@ _CHOICES = {
     "greedy_head": ("auto", "bf16", "int8", "off"),
     "native_decode": ("auto", "on", "off"),
     "decode_route": ("triton", "eager", "compiled"),
+    "nf4_kernel": ("triton", "bitsandbytes"),
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
 }
 _ALIASES = {"cpu_blas": {"mkl": "torch"}}  # PyTorch's CPU products are MKL's
@@ -90,6 +91,8 @@ class RuntimeSettings:
     decode_route: str = "triton"  # the kernels of a GPU node's recorded float16/bfloat16 decode rounds: triton
     # (fused Triton kernels; PyTorch's where Triton is missing or cannot build them), eager (PyTorch's) or compiled
     # (torch.compile)
+    nf4_kernel: str = "bitsandbytes"  # a GPU node's nf4 products of up to 16 rows: bitsandbytes (its kernels) or
+    # triton (one Triton kernel reading the same codes; PyTorch's path where Triton cannot build it)
     kernel_cache: Path = field(default_factory=_default_kernel_cache, metadata={"default_text": _KERNELS})  # folder
     # of the compiled C kernels, shared by the processes of a machine
     compiler: str | None = field(default=None, metadata={"env": "CC"})  # C compiler for the kernels; none = cc,

@@ -182,9 +182,21 @@ class NF4Rows:
         self.error: str | None = None  # why the scratch was given up for this layer
         self._fuses: dict[int, bool] = {}  # rows -> bitsandbytes' own product needs no float copy
         self.through_scratch = 0  # products computed through the scratch (a recorded round counts once)
+        self.kernel = _nf4_kernel(linear) if scratch.weight.is_cuda else None  # ``nf4_kernel``: "triton"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
+        if self.kernel is not None and rows <= self.kernel.max_rows and x.is_cuda and not torch.is_grad_enabled():
+            try:
+                return self.kernel(x)
+            except Exception as error:  # a GPU Triton cannot build for: bitsandbytes' products from now on
+                if torch.cuda.is_current_stream_capturing():
+                    raise
+                logger.warning(
+                    f"The nf4 Triton kernel failed ({type(error).__name__}: {str(error)[:200]}); "
+                    "computing nf4 products with bitsandbytes"
+                )
+                self.kernel = None
         if rows <= FUSED_ROWS or torch.is_grad_enabled() or x.dtype != self.scratch.weight.dtype or self.error:
             return self.linear(x)
         if x.is_cuda:
@@ -218,6 +230,21 @@ class NF4Rows:
         bias = None if self.linear.bias is None else self.linear.bias.to(x.dtype)
         self.through_scratch += 1
         return F.linear(x, weight, bias)
+
+
+def _nf4_kernel(linear: nn.Module):
+    """The Triton product for this layer where ``nf4_kernel`` asks for it and Triton imports, else None."""
+    from nectar.settings import current
+
+    if current().nf4_kernel != "triton":
+        return None
+    try:
+        from nectar.models.nf4_triton import NF4Kernel
+
+        return NF4Kernel(linear)
+    except (ImportError, ValueError) as error:  # no Triton here, or codes it does not take
+        logger.warning(f"nf4 products through bitsandbytes: the Triton kernel is unavailable ({error})")
+        return None
 
 
 def nf4_on_gpu(linear: nn.Module) -> bool:
