@@ -47,6 +47,7 @@ def _nf4_product(
     BLOCK_N: tl.constexpr,
     BLOCK_J: tl.constexpr,  # bytes of codes per output feature per iteration (a multiple of GROUP)
     BLOCK_R: tl.constexpr,  # 1: one row, reduced on the CUDA cores; 16: up to 16 rows through tl.dot
+    PAIRED_X: tl.constexpr = False,  # one row: read x's (even, odd) pairs in one load (else two strided ones)
 ):
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     groups: tl.constexpr = BLOCK_J // 32
@@ -80,8 +81,13 @@ def _nf4_product(
         high = _round(tl.load(lut_ptr + (packed >> 4)) * scale, DTYPE)  # element 2j: bitsandbytes' high nibble
         low = _round(tl.load(lut_ptr + (packed & 15)) * scale, DTYPE)  # element 2j + 1
         if BLOCK_R == 1:
-            x_even = tl.load(x_ptr + 2 * j, mask=j_ok, other=0.0).to(tl.float32)
-            x_odd = tl.load(x_ptr + 2 * j + 1, mask=j_ok, other=0.0).to(tl.float32)
+            if PAIRED_X:  # one contiguous load of the pairs, split in registers
+                pair = tl.arange(0, 2)
+                xs = tl.load(x_ptr + 2 * j[:, :, None] + pair[None, None, :], mask=j_ok[:, :, None], other=0.0)
+                x_even, x_odd = tl.split(xs.to(tl.float32))
+            else:
+                x_even = tl.load(x_ptr + 2 * j, mask=j_ok, other=0.0).to(tl.float32)
+                x_odd = tl.load(x_ptr + 2 * j + 1, mask=j_ok, other=0.0).to(tl.float32)
             part = high.to(tl.float32) * x_even[None, :, :] + low.to(tl.float32) * x_odd[None, :, :]
             acc += tl.sum(tl.sum(part, axis=2), axis=1)
         else:
@@ -102,8 +108,8 @@ def _nf4_product(
         tl.store(out + r[None, :] * stride_out + n[:, None], acc, mask=n_ok[:, None] & (r[None, :] < rows))
 
 
-# (BLOCK_N, BLOCK_J, warps) per path; the splits of K are chosen per shape so that every SM gets programs
-ONE_ROW = (16, 128, 4)
+# (BLOCK_N, BLOCK_J, warps[, paired x]) per path; the splits of K are chosen per shape so that every SM gets programs
+ONE_ROW = (16, 128, 4, False)
 SEVERAL_ROWS = (64, 64, 4)
 TARGET_PROGRAMS = 264  # about two programs per SM of an H100 (132 SMs)
 
@@ -144,7 +150,7 @@ class NF4Kernel:
 
     def splits(self, block_r: int) -> tuple[int, int]:
         """(splits of the K axis, bytes each reads): enough programs for the GPU, each at least one tile long."""
-        block_n, block_j, _ = self.configs[block_r]
+        block_n, block_j = self.configs[block_r][:2]
         half_k = self.in_features // 2
         tiles = triton.cdiv(half_k, block_j)
         splits = max(1, min(tiles, self.target_programs // triton.cdiv(self.out_features, block_n)))
@@ -160,7 +166,7 @@ class NF4Kernel:
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         block_r = 1 if rows == 1 else MAX_ROWS
-        block_n, block_j, warps = self.configs[block_r]
+        block_n, block_j, warps, *paired = self.configs[block_r]
         splits, split_bytes = self.splits(block_r)
         partial = torch.empty(splits, rows, self.out_features, dtype=torch.float32, device=x.device)
         grid = (triton.cdiv(self.out_features, block_n), splits)
@@ -185,6 +191,7 @@ class NF4Kernel:
             BLOCK_N=block_n,
             BLOCK_J=block_j,
             BLOCK_R=block_r,
+            PAIRED_X=bool(paired and paired[0]),
             num_warps=warps,
         )
         out = partial[0] if splits == 1 else partial.sum(0)

@@ -22,7 +22,11 @@ SHAPES = {  # name -> (in_features, out_features) per matrix of a block
     "llama2-70b": {"q/o": (8192, 8192), "k/v": (8192, 1024), "gate/up": (8192, 28672), "down": (28672, 8192)},
 }
 PER_BLOCK = {"q/k/v/o": 4, "gate/up": 2, "down": 1, "q/o": 2, "k/v": 2}
-ONE_ROW = [(8, 128, 2), (16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 8), (16, 64, 2), (64, 64, 4)]
+ONE_ROW = [
+    (block_n, block_j, warps, paired)
+    for block_n, block_j, warps in [(8, 128, 2), (16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 8), (16, 64, 2)]
+    for paired in (False, True)
+]
 SEVERAL = [(32, 64, 4), (64, 64, 4), (64, 128, 4), (128, 64, 8), (32, 128, 4), (128, 128, 8)]
 PROGRAMS = [132, 264, 528]
 
