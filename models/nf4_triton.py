@@ -59,8 +59,8 @@ def _nf4_product(
     blocks_per_feature = half_k // 32
     begin = pid_s * split_bytes
     end = tl.minimum(begin + split_bytes, half_k)
-    if BLOCK_R == 1:
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if BLOCK_R == 1:  # per-thread partial sums, reduced across threads once after the loop
+        acc = tl.zeros([BLOCK_N, groups, 32], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
         r = tl.arange(0, BLOCK_R)
@@ -88,8 +88,7 @@ def _nf4_product(
             else:
                 x_even = tl.load(x_ptr + 2 * j, mask=j_ok, other=0.0).to(tl.float32)
                 x_odd = tl.load(x_ptr + 2 * j + 1, mask=j_ok, other=0.0).to(tl.float32)
-            part = high.to(tl.float32) * x_even[None, :, :] + low.to(tl.float32) * x_odd[None, :, :]
-            acc += tl.sum(tl.sum(part, axis=2), axis=1)
+            acc += high.to(tl.float32) * x_even[None, :, :] + low.to(tl.float32) * x_odd[None, :, :]
         else:
             jj = j0 + tl.arange(0, BLOCK_J)
             xm = (jj[:, None] < end) & (r[None, :] < rows)
@@ -103,7 +102,7 @@ def _nf4_product(
             acc = tl.dot(low, x_odd, acc)
     out = out_ptr + pid_s * stride_out_split
     if BLOCK_R == 1:
-        tl.store(out + n, acc, mask=n_ok)
+        tl.store(out + n, tl.sum(tl.sum(acc, axis=2), axis=1), mask=n_ok)
     else:
         tl.store(out + r[None, :] * stride_out + n[:, None], acc, mask=n_ok[:, None] & (r[None, :] < rows))
 
