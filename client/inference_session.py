@@ -202,7 +202,8 @@ class InferenceSession:
         began = time.perf_counter()
         try:
             hop.stream.send_step(tensors, step=step, position=position, voucher=self._take_voucher(hop))
-            reply = await asyncio.wait_for(self._receive_answer(hop), self.config.step_timeout)
+            async with asyncio.timeout(self.config.step_timeout):  # not wait_for: on 3.11 a task a step
+                reply = await self._receive_answer(hop)
         except HopFailed:
             raise
         except Exception as e:
@@ -241,7 +242,8 @@ class InferenceSession:
 
     async def _receive_receipt(self, hop: Hop, step: int, inputs: torch.Tensor, output: torch.Tensor) -> None:
         try:
-            message = await asyncio.wait_for(hop.stream.receive(), self.config.step_timeout)
+            async with asyncio.timeout(self.config.step_timeout):
+                message = await hop.stream.receive()
         except Exception as e:
             hop.fail(Fault.of(e, f"sent no receipt for step {step}: "))
             return

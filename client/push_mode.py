@@ -79,7 +79,8 @@ class PushMode:
             try:
                 if i > 0:
                     await self._await_push(hop, step)
-                reply = await asyncio.wait_for(hop.pending, self.config.step_timeout)
+                async with asyncio.timeout(self.config.step_timeout):  # not wait_for: on 3.11 a task a step
+                    reply = await hop.pending
                 hop.pending = None
                 if reply.push_missing:
                     await self._cancel_pushes(hops[i + 1 :], step)  # nothing came to them either: hop i never ran
