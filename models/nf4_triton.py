@@ -26,6 +26,26 @@ NESTED_BLOCKS = 256  # absmax values that share one second-level scale (bitsandb
 
 
 @triton.jit
+def _nf4_value(
+    code, lut_ptr, SELECT: tl.constexpr, v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15
+):
+    """The float32 value of each 4-bit code: a gather from the 16-entry table, or (SELECT) a tree of selects among
+    the same 16 constants, which costs ALU work instead of a load per weight."""
+    if SELECT:
+        b = (code & 1) != 0
+        a0, a1, a2, a3 = tl.where(b, v1, v0), tl.where(b, v3, v2), tl.where(b, v5, v4), tl.where(b, v7, v6)
+        a4, a5, a6, a7 = tl.where(b, v9, v8), tl.where(b, v11, v10), tl.where(b, v13, v12), tl.where(b, v15, v14)
+        b = (code & 2) != 0
+        c0, c1, c2, c3 = tl.where(b, a1, a0), tl.where(b, a3, a2), tl.where(b, a5, a4), tl.where(b, a7, a6)
+        b = (code & 4) != 0
+        d0, d1 = tl.where(b, c1, c0), tl.where(b, c3, c2)
+        value = tl.where((code & 8) != 0, d1, d0)
+    else:
+        value = tl.load(lut_ptr + code)
+    return value
+
+
+@triton.jit
 def _nf4_product(
     x_ptr,
     codes_ptr,
@@ -47,7 +67,24 @@ def _nf4_product(
     BLOCK_N: tl.constexpr,
     BLOCK_J: tl.constexpr,  # bytes of codes per output feature per iteration (a multiple of GROUP)
     BLOCK_R: tl.constexpr,  # 1: one row, reduced on the CUDA cores; 16: up to 16 rows through tl.dot
-    PAIRED_X: tl.constexpr = False,  # one row: read x's (even, odd) pairs in one load (else two strided ones)
+    PAIRED_X: tl.constexpr,  # one row: read x's (even, odd) pairs in one load (else two strided ones)
+    SELECT: tl.constexpr,  # codes to values by selects among the table's constants (else a gather per weight)
+    v0,
+    v1,
+    v2,
+    v3,
+    v4,
+    v5,
+    v6,
+    v7,
+    v8,
+    v9,
+    v10,
+    v11,
+    v12,
+    v13,
+    v14,
+    v15,
 ):
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     groups: tl.constexpr = BLOCK_J // 32
@@ -78,8 +115,9 @@ def _nf4_product(
         else:
             scale = tl.load(absmax_ptr + block, mask=block_ok, other=0.0)
         scale = scale[:, :, None]
-        high = _round(tl.load(lut_ptr + (packed >> 4)) * scale, DTYPE)  # element 2j: bitsandbytes' high nibble
-        low = _round(tl.load(lut_ptr + (packed & 15)) * scale, DTYPE)  # element 2j + 1
+        table = (v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15)
+        high = _round(_nf4_value(packed >> 4, lut_ptr, SELECT, *table) * scale, DTYPE)  # element 2j: the high nibble
+        low = _round(_nf4_value(packed & 15, lut_ptr, SELECT, *table) * scale, DTYPE)  # element 2j + 1
         if BLOCK_R == 1:
             if PAIRED_X:  # one contiguous load of the pairs, split in registers
                 pair = tl.arange(0, 2)
@@ -107,9 +145,10 @@ def _nf4_product(
         tl.store(out + r[None, :] * stride_out + n[:, None], acc, mask=n_ok[:, None] & (r[None, :] < rows))
 
 
-# (BLOCK_N, BLOCK_J, warps[, paired x]) per path; the splits of K are chosen per shape so that every SM gets programs
-ONE_ROW = (16, 128, 4, False)
-SEVERAL_ROWS = (64, 64, 4)
+# (BLOCK_N, BLOCK_J, warps, paired x, select) per path; the splits of K are chosen per shape so that every SM gets
+# programs
+ONE_ROW = (16, 128, 4, False, False)
+SEVERAL_ROWS = (64, 64, 4, False, False)
 TARGET_PROGRAMS = 264  # about two programs per SM of an H100 (132 SMs)
 
 
@@ -131,6 +170,8 @@ class NF4Kernel:
         device = linear.weight.device
         self.codes = linear.weight.data.view(-1)
         self.lut = state.code.to(device, torch.float32).contiguous()
+        # the same float32 values as kernel arguments v0..v15 (exact as Python floats), for the select tree
+        self.table = {f"v{i}": float(v) for i, v in enumerate(state.code.float().tolist())}
         if state.nested:
             self.absmax = state.absmax.contiguous()
             self.code2 = state.state2.code.to(device, torch.float32).contiguous()
@@ -165,7 +206,7 @@ class NF4Kernel:
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         block_r = 1 if rows == 1 else MAX_ROWS
-        block_n, block_j, warps, *paired = self.configs[block_r]
+        block_n, block_j, warps, paired, select = self.configs[block_r]
         splits, split_bytes = self.splits(block_r)
         partial = torch.empty(splits, rows, self.out_features, dtype=torch.float32, device=x.device)
         grid = (triton.cdiv(self.out_features, block_n), splits)
@@ -190,7 +231,9 @@ class NF4Kernel:
             BLOCK_N=block_n,
             BLOCK_J=block_j,
             BLOCK_R=block_r,
-            PAIRED_X=bool(paired and paired[0]),
+            PAIRED_X=paired,
+            SELECT=select,
+            **self.table,
             num_warps=warps,
         )
         out = partial[0] if splits == 1 else partial.sum(0)

@@ -22,13 +22,18 @@ SHAPES = {  # name -> (in_features, out_features) per matrix of a block
     "llama2-70b": {"q/o": (8192, 8192), "k/v": (8192, 1024), "gate/up": (8192, 28672), "down": (28672, 8192)},
 }
 PER_BLOCK = {"q/k/v/o": 4, "gate/up": 2, "down": 1, "q/o": 2, "k/v": 2}
-ONE_ROW = [
-    (block_n, block_j, warps, paired)
-    for block_n, block_j, warps in [(8, 128, 2), (16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 8), (16, 64, 2)]
+ONE_ROW = [  # (BLOCK_N, BLOCK_J, warps, x's pairs in one load, codes to values by selects)
+    (block_n, block_j, warps, paired, select)
+    for block_n, block_j, warps in [(8, 128, 2), (16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 8)]
     for paired in (False, True)
+    for select in (False, True)
 ]
-SEVERAL = [(32, 64, 4), (64, 64, 4), (64, 128, 4), (128, 64, 8), (32, 128, 4), (128, 128, 8)]
-PROGRAMS = [132, 264, 528]
+SEVERAL = [
+    (block_n, block_j, warps, False, select)
+    for block_n, block_j, warps in [(32, 64, 4), (64, 64, 4), (64, 128, 4), (128, 64, 8), (32, 128, 4)]
+    for select in (False, True)
+]
+PROGRAMS = [132, 264]
 
 
 def timed(fn, calls: int, repeats: int = 5) -> float:

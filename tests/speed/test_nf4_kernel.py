@@ -58,8 +58,10 @@ def check_products(dtype: torch.dtype, device: str = "cpu") -> None:
         for in_features, out_features, rows in CASES:
             layer = _layer(in_features, out_features, dtype, nested=nested, bias=rows % 2 == 1, device=device)
             weight = bf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
-            for programs, paired in ((1, False), (8, True), (264, False)):  # K split across programs, or not
-                kernel = NF4Kernel(layer, target_programs=programs, one_row=(16, 128, 4, paired))
+            # K split across programs, or not; x's pairs in one load or two; codes to values by gather or selects
+            for programs, paired, select in ((1, False, False), (8, True, True), (264, False, True)):
+                tiles = {"one_row": (16, 128, 4, paired, select), "several_rows": (64, 64, 4, False, select)}
+                kernel = NF4Kernel(layer, target_programs=programs, **tiles)
                 x = torch.randn(rows, in_features, generator=generator).to(device, dtype)
                 y = kernel(x)
                 expected = x.float() @ weight.float().t()
@@ -72,7 +74,7 @@ def check_products(dtype: torch.dtype, device: str = "cpu") -> None:
                 columns = torch.randint(0, in_features, (rows,), generator=generator)
                 one_hot = torch.zeros(rows, in_features, dtype=dtype, device=device)
                 one_hot[torch.arange(rows), columns] = 1
-                exact = NF4Kernel(layer, target_programs=programs, one_row=(16, 128, 4, paired))
+                exact = NF4Kernel(layer, target_programs=programs, **tiles)
                 exact.bias = None
                 assert torch.equal(exact(one_hot), weight[:, columns].t()), (nested, in_features, rows, programs)
 
