@@ -186,7 +186,13 @@ class NF4Rows:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if self.kernel is not None and rows <= self.kernel.max_rows and x.is_cuda and not torch.is_grad_enabled():
+        if (
+            self.kernel is not None
+            and rows <= self.kernel.max_rows
+            and x.is_cuda
+            and x.dtype in (torch.float16, torch.bfloat16)
+            and not torch.is_grad_enabled()
+        ):
             try:
                 return self.kernel(x)
             except Exception as error:  # a GPU Triton cannot build for: bitsandbytes' products from now on
