@@ -93,6 +93,8 @@ class RuntimeSettings:
     # (torch.compile)
     nf4_kernel: str = "bitsandbytes"  # a GPU node's nf4 products of up to 16 rows: bitsandbytes (its kernels) or
     # triton (one Triton kernel reading the same codes; PyTorch's path where Triton cannot build it)
+    nf4_tiles: str | None = None  # the nf4 Triton kernel's tiles as JSON, as benchmarks/quant/bench_nf4_kernel.py
+    # prints the fastest for a GPU; none = the built-in ones
     kernel_cache: Path = field(default_factory=_default_kernel_cache, metadata={"default_text": _KERNELS})  # folder
     # of the compiled C kernels, shared by the processes of a machine
     compiler: str | None = field(default=None, metadata={"env": "CC"})  # C compiler for the kernels; none = cc,

@@ -14,11 +14,14 @@ order of float32 sums differs (as between any two GPUs' kernels; audits allow fo
 
 from __future__ import annotations
 
+import json
+
 import torch
 import triton
 import triton.language as tl
 
 from nectar.models.families.llama.triton_decode import _PRECISE, _round
+from nectar.settings import current
 
 MAX_ROWS = 16  # rows one product takes here (the tensor-core tile); more go to bitsandbytes' path
 GROUP = 32  # bytes (64 codes) that share one absmax: bitsandbytes' nf4 blocksize of 64
@@ -145,11 +148,32 @@ def _nf4_product(
         tl.store(out + r[None, :] * stride_out + n[:, None], acc, mask=n_ok[:, None] & (r[None, :] < rows))
 
 
-# (BLOCK_N, BLOCK_J, warps, paired x, select) per path; the splits of K are chosen per shape so that every SM gets
-# programs
-ONE_ROW = (16, 128, 4, False, False)
-SEVERAL_ROWS = (64, 64, 4, False, False)
-TARGET_PROGRAMS = 264  # about two programs per SM of an H100 (132 SMs)
+# (BLOCK_N, BLOCK_J, warps, paired x, select, programs) per path: programs is about how many the K axis is split into
+# for each matrix (264: two per SM of an H100), so that narrow matrices too spread over every SM
+ONE_ROW = (16, 128, 4, False, False, 264)
+SEVERAL_ROWS = (64, 64, 4, False, False, 264)
+
+
+def configured_tiles() -> dict[str, tuple]:
+    """The tiles of each path: ``nf4_tiles`` (JSON, as benchmarks/quant/bench_nf4_kernel.py prints the fastest) over
+    the built-in ones."""
+    tiles = {"one_row": ONE_ROW, "several_rows": SEVERAL_ROWS}
+    text = current().nf4_tiles
+    if text:
+        try:
+            chosen = json.loads(text)
+            for path, default in tiles.items():
+                if path in chosen:
+                    value = tuple(chosen[path])
+                    if len(value) != len(default):
+                        raise ValueError(f"{path} takes {len(default)} values")
+                    tiles[path] = value
+        except (ValueError, TypeError) as error:
+            raise ValueError(
+                f"NECTAR_NF4_TILES is not valid ({error}): give JSON such as "
+                '{"one_row": [16, 128, 4, false, false, 264], "several_rows": [64, 64, 4, false, false, 264]}'
+            ) from None
+    return tiles
 
 
 class NF4Kernel:
@@ -159,7 +183,7 @@ class NF4Kernel:
     call launches only the product (and a sum of the K splits, where there are several) and records in CUDA graphs.
     """
 
-    def __init__(self, linear, *, one_row=ONE_ROW, several_rows=SEVERAL_ROWS, target_programs=TARGET_PROGRAMS):
+    def __init__(self, linear, *, one_row: tuple | None = None, several_rows: tuple | None = None):
         state = linear.weight.quant_state
         self.linear, self.state = linear, state
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -181,8 +205,8 @@ class NF4Kernel:
             self.absmax = state.absmax.to(torch.float32).contiguous()
             self.code2 = self.absmax2 = self.absmax
             self.offset = 0.0
-        self.configs = {1: one_row, MAX_ROWS: several_rows}
-        self.target_programs = target_programs
+        tiles = configured_tiles()
+        self.configs = {1: one_row or tiles["one_row"], MAX_ROWS: several_rows or tiles["several_rows"]}
         self.max_rows = MAX_ROWS
         if self.out_features * self.in_features >= 2**31:  # the kernel indexes codes and scales in int32
             raise ValueError("a matrix of 2^31 weights or more")
@@ -190,10 +214,10 @@ class NF4Kernel:
 
     def splits(self, block_r: int) -> tuple[int, int]:
         """(splits of the K axis, bytes each reads): enough programs for the GPU, each at least one tile long."""
-        block_n, block_j = self.configs[block_r][:2]
+        block_n, block_j, *_, programs = self.configs[block_r]
         half_k = self.in_features // 2
         tiles = triton.cdiv(half_k, block_j)
-        splits = max(1, min(tiles, self.target_programs // triton.cdiv(self.out_features, block_n)))
+        splits = max(1, min(tiles, programs // triton.cdiv(self.out_features, block_n)))
         split_bytes = triton.cdiv(tiles, splits) * block_j
         return triton.cdiv(half_k, split_bytes), split_bytes
 
@@ -206,7 +230,7 @@ class NF4Kernel:
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         block_r = 1 if rows == 1 else MAX_ROWS
-        block_n, block_j, warps, paired, select = self.configs[block_r]
+        block_n, block_j, warps, paired, select, _ = self.configs[block_r]
         splits, split_bytes = self.splits(block_r)
         partial = torch.empty(splits, rows, self.out_features, dtype=torch.float32, device=x.device)
         grid = (triton.cdiv(self.out_features, block_n), splits)

@@ -112,9 +112,7 @@ def main() -> None:
                     for config in configs:
                         for programs in PROGRAMS:
                             key = "one_row" if rows == 1 else "several_rows"
-                            kernels = [
-                                nf4_triton.NF4Kernel(m, **{key: config}, target_programs=programs) for m in layers
-                            ]
+                            kernels = [nf4_triton.NF4Kernel(m, **{key: (*config, programs)}) for m in layers]
                             try:
                                 error = (kernels[0](x).float() - reference).abs().max().item()
                                 us = timed(lambda i, f=kernels, c=copies, x=x: f[i % c](x), args.calls)
@@ -169,9 +167,30 @@ def main() -> None:
                 f" {bnb_us / one[0]:.2f}x",
                 flush=True,
             )
+    tiles = {}  # per path, the one config fastest over every block measured (7B and 70B weighted alike)
+    for path, wanted in (("one_row", lambda rows: rows == 1), ("several_rows", lambda rows: rows > 1)):
+        totals: dict = {}
+        mine = [r for r in results if wanted(r["rows"])]
+        for r in mine:
+            block_us = sum(
+                x["bitsandbytes_us"] * PER_BLOCK[x["matrix"]]
+                for x in results
+                if x["model"] == r["model"] and x["rows"] == r["rows"]
+            )
+            for k in r["kernel"]:  # as a share of bitsandbytes' block: each model and row count counts alike
+                key = (*k["config"], k["programs"])
+                totals.setdefault(key, []).append(k["us"] * PER_BLOCK[r["matrix"]] / block_us)
+        complete = {key: sum(v) for key, v in totals.items() if len(v) == len(mine)}
+        if complete:
+            tiles[path] = list(min(complete, key=complete.get))
+    print(f"NF4_TILES={json.dumps(tiles)}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "rows": results, "blocks": summary}, f, indent=1)
+            json.dump(
+                {"device": torch.cuda.get_device_name(), "rows": results, "blocks": summary, "tiles": tiles},
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

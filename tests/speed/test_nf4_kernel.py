@@ -60,8 +60,11 @@ def check_products(dtype: torch.dtype, device: str = "cpu") -> None:
             weight = bf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
             # K split across programs, or not; x's pairs in one load or two; codes to values by gather or selects
             for programs, paired, select in ((1, False, False), (8, True, True), (264, False, True)):
-                tiles = {"one_row": (16, 128, 4, paired, select), "several_rows": (64, 64, 4, False, select)}
-                kernel = NF4Kernel(layer, target_programs=programs, **tiles)
+                tiles = {
+                    "one_row": (16, 128, 4, paired, select, programs),
+                    "several_rows": (64, 64, 4, False, select, programs),
+                }
+                kernel = NF4Kernel(layer, **tiles)
                 x = torch.randn(rows, in_features, generator=generator).to(device, dtype)
                 y = kernel(x)
                 expected = x.float() @ weight.float().t()
@@ -74,7 +77,7 @@ def check_products(dtype: torch.dtype, device: str = "cpu") -> None:
                 columns = torch.randint(0, in_features, (rows,), generator=generator)
                 one_hot = torch.zeros(rows, in_features, dtype=dtype, device=device)
                 one_hot[torch.arange(rows), columns] = 1
-                exact = NF4Kernel(layer, target_programs=programs, **tiles)
+                exact = NF4Kernel(layer, **tiles)
                 exact.bias = None
                 assert torch.equal(exact(one_hot), weight[:, columns].t()), (nested, in_features, rows, programs)
 
