@@ -73,6 +73,58 @@ def layer(in_features: int, out_features: int):
     return module
 
 
+def summarize(results: list, models: list, row_counts: list) -> tuple[list, dict]:
+    """Per model and row count, one block's products; and per path the one config fastest over every block."""
+    # per block and rows: bitsandbytes against the kernel's best single config over all matrices
+    summary = []
+    for model in models:
+        for rows in row_counts:
+            mine = [r for r in results if r["model"] == model and r["rows"] == rows]
+            bnb_us = sum(r["bitsandbytes_us"] * PER_BLOCK[r["matrix"]] for r in mine)
+            best_us = sum(r["best"]["us"] * PER_BLOCK[r["matrix"]] for r in mine)
+            totals: dict = {}
+            for r in mine:
+                for k in r["kernel"]:
+                    key = (tuple(k["config"]), k["programs"])
+                    totals.setdefault(key, []).append(k["us"] * PER_BLOCK[r["matrix"]])
+            one = min((sum(v), k) for k, v in totals.items() if len(v) == len(mine))
+            block_bytes = sum(r["bytes"] * PER_BLOCK[r["matrix"]] for r in mine)
+            line = {
+                "model": model,
+                "rows": rows,
+                "bitsandbytes_us": round(bnb_us, 1),
+                "kernel_best_each_us": round(best_us, 1),
+                "kernel_one_config_us": round(one[0], 1),
+                "one_config": [list(one[1][0]), one[1][1]],
+                "speedup": round(bnb_us / one[0], 2),
+            }
+            summary.append(line)
+            print(
+                f"{model} one block, rows {rows:2}: bitsandbytes {bnb_us / 1e3:.3f} ms"
+                f" ({block_bytes / bnb_us / 1e3:.0f} GB/s), kernel {one[0] / 1e3:.3f} ms"
+                f" ({block_bytes / one[0] / 1e3:.0f} GB/s) with {one[1]}:"
+                f" {bnb_us / one[0]:.2f}x",
+                flush=True,
+            )
+    tiles = {}  # per path, the one config fastest over every block measured (7B and 70B weighted alike)
+    for path, wanted in (("one_row", lambda rows: rows == 1), ("several_rows", lambda rows: rows > 1)):
+        totals: dict = {}
+        mine = [r for r in results if wanted(r["rows"])]
+        for r in mine:
+            block_us = sum(
+                x["bitsandbytes_us"] * PER_BLOCK[x["matrix"]]
+                for x in results
+                if x["model"] == r["model"] and x["rows"] == r["rows"]
+            )
+            for k in r["kernel"]:  # as a share of bitsandbytes' block: each model and row count counts alike
+                key = (*k["config"], k["programs"])
+                totals.setdefault(key, []).append(k["us"] * PER_BLOCK[r["matrix"]] / block_us)
+        complete = {key: sum(v) for key, v in totals.items() if len(v) == len(mine)}
+        if complete:
+            tiles[path] = list(min(complete, key=complete.get))
+    return summary, tiles
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(SHAPES))
@@ -124,6 +176,9 @@ def main() -> None:
                             )
                             if best is None or us < best[0]:
                                 best = (us, config, programs, error)
+                if best is None:
+                    print(f"{model} {name} rows {rows}: no tile built", flush=True)
+                    continue
                 row["best"] = {"us": round(best[0], 2), "config": list(best[1]), "programs": best[2], "error": best[3]}
                 print(
                     f"{model:>10} {name:>7} [{in_f}x{out_f}] rows {rows:2}:"
@@ -136,53 +191,7 @@ def main() -> None:
                 results.append(row)
             layers = bnb_rows = scratch = weight = None
             torch.cuda.empty_cache()
-    # per block and rows: bitsandbytes against the kernel's best single config over all matrices
-    summary = []
-    for model in args.models:
-        for rows in args.rows:
-            mine = [r for r in results if r["model"] == model and r["rows"] == rows]
-            bnb_us = sum(r["bitsandbytes_us"] * PER_BLOCK[r["matrix"]] for r in mine)
-            best_us = sum(r["best"]["us"] * PER_BLOCK[r["matrix"]] for r in mine)
-            totals: dict = {}
-            for r in mine:
-                for k in r["kernel"]:
-                    key = (tuple(k["config"]), k["programs"])
-                    totals.setdefault(key, []).append(k["us"] * PER_BLOCK[r["matrix"]])
-            one = min((sum(v), k) for k, v in totals.items() if len(v) == len(mine))
-            block_bytes = sum(r["bytes"] * PER_BLOCK[r["matrix"]] for r in mine)
-            line = {
-                "model": model,
-                "rows": rows,
-                "bitsandbytes_us": round(bnb_us, 1),
-                "kernel_best_each_us": round(best_us, 1),
-                "kernel_one_config_us": round(one[0], 1),
-                "one_config": [list(one[1][0]), one[1][1]],
-                "speedup": round(bnb_us / one[0], 2),
-            }
-            summary.append(line)
-            print(
-                f"{model} one block, rows {rows:2}: bitsandbytes {bnb_us / 1e3:.3f} ms"
-                f" ({block_bytes / bnb_us / 1e3:.0f} GB/s), kernel {one[0] / 1e3:.3f} ms"
-                f" ({block_bytes / one[0] / 1e3:.0f} GB/s) with {one[1]}:"
-                f" {bnb_us / one[0]:.2f}x",
-                flush=True,
-            )
-    tiles = {}  # per path, the one config fastest over every block measured (7B and 70B weighted alike)
-    for path, wanted in (("one_row", lambda rows: rows == 1), ("several_rows", lambda rows: rows > 1)):
-        totals: dict = {}
-        mine = [r for r in results if wanted(r["rows"])]
-        for r in mine:
-            block_us = sum(
-                x["bitsandbytes_us"] * PER_BLOCK[x["matrix"]]
-                for x in results
-                if x["model"] == r["model"] and x["rows"] == r["rows"]
-            )
-            for k in r["kernel"]:  # as a share of bitsandbytes' block: each model and row count counts alike
-                key = (*k["config"], k["programs"])
-                totals.setdefault(key, []).append(k["us"] * PER_BLOCK[r["matrix"]] / block_us)
-        complete = {key: sum(v) for key, v in totals.items() if len(v) == len(mine)}
-        if complete:
-            tiles[path] = list(min(complete, key=complete.get))
+    summary, tiles = summarize(results, args.models, args.rows)
     print(f"NF4_TILES={json.dumps(tiles)}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
