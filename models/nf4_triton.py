@@ -19,6 +19,7 @@ import json
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from nectar.models.families.llama.triton_decode import _PRECISE, _round
 from nectar.settings import current
@@ -46,6 +47,17 @@ def _nf4_value(
     else:
         value = tl.load(lut_ptr + code)
     return value
+
+
+@triton.jit
+def _scale(code, absmax2, offset):
+    """A nested absmax as bitsandbytes computes it: the product rounded to float32, then the offset added (not one
+    fused multiply-add, which the compiler would otherwise make of it and which rounds once)."""
+    if _PRECISE:
+        y = libdevice.add_rn(libdevice.mul_rn(code, absmax2), offset)
+    else:
+        y = code * absmax2 + offset
+    return y
 
 
 @triton.jit
@@ -113,8 +125,9 @@ def _nf4_product(
         block_ok = n_ok[:, None] & (j0 // 32 + g[None, :] < end // 32)
         if NESTED:
             q = tl.load(absmax_ptr + block, mask=block_ok, other=0).to(tl.int32)
-            scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // 256, mask=block_ok, other=0.0)
-            scale = scale + offset
+            scale = _scale(
+                tl.load(code2_ptr + q), tl.load(absmax2_ptr + block // 256, mask=block_ok, other=0.0), offset
+            )
         else:
             scale = tl.load(absmax_ptr + block, mask=block_ok, other=0.0)
         scale = scale[:, :, None]
