@@ -5,7 +5,8 @@
 # In order of what matters if the call is cut short: its CUDA tests (and the nf4 node tests with the kernel on),
 # its products against bitsandbytes' per matrix of a 7B and a 70B block (tile sizes swept), then the Llama-2-7B-shaped
 # nf4 checkpoint on one node, 1 and 16 sessions, with the kernel and with bitsandbytes' products, alternating.
-# Writes OUT_DIR/nf4_kernel.log, nf4_kernel.json and gpu_nf4_7b_<kernel>.json.
+# Writes OUT_DIR/nf4_kernel.log, nf4_kernel.json and gpu_nf4_7b_<kernel>.json. QUICK=1 sweeps fewer tiles; KERNELS
+# names the node runs (default "triton bitsandbytes").
 set -uo pipefail
 out="${1:-${OUT:-/tmp/nectar-gpu}}"
 mkdir -p "$out"
@@ -19,7 +20,7 @@ timeout 120 python3 -m pytest -q -p no:cacheprovider -rfEs tests/speed/test_nf4_
 NECTAR_NF4_KERNEL=triton timeout 120 python3 -m pytest -q -p no:cacheprovider -rfEs tests/speed/test_nf4_cuda.py \
   -k "recorded_rounds" 2>&1 | tail -8 | tee -a "$log"
 echo "[nf4_kernel] tests done after $((SECONDS - began)) s" | tee -a "$log"
-timeout "${SWEEP_TIMEOUT:-240}" python3 benchmarks/quant/bench_nf4_kernel.py --json "$out/nf4_kernel.json" 2>&1 \
+timeout "${SWEEP_TIMEOUT:-240}" python3 benchmarks/quant/bench_nf4_kernel.py ${QUICK:+--quick} --json "$out/nf4_kernel.json" 2>&1 \
   | grep --line-buffered -v -i warning | tee -a "$log"
 echo "[nf4_kernel] sweep done after $((SECONDS - began)) s" | tee -a "$log"
 # the node runs with the tiles the sweep found fastest here

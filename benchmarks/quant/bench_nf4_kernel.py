@@ -34,6 +34,11 @@ SEVERAL = [
     for select in (False, True)
 ]
 PROGRAMS = [132, 264]
+QUICK = {  # --quick: fewer tiles, for a call short of device time
+    "one_row": [c for c in ONE_ROW if c[:3] in ((16, 128, 4), (32, 128, 4), (16, 256, 4))],
+    "several_rows": [c for c in SEVERAL if c[:3] in ((64, 64, 4), (32, 128, 4), (128, 64, 8))],
+    "programs": [264],
+}
 
 
 def timed(fn, calls: int, repeats: int = 5) -> float:
@@ -131,6 +136,7 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 4, 16])
     parser.add_argument("--calls", type=int, default=24)
     parser.add_argument("--json")
+    parser.add_argument("--quick", action="store_true", help="sweep fewer tiles (about a third of the time)")
     args = parser.parse_args()
 
     from nectar.models import nf4_triton
@@ -159,10 +165,13 @@ def main() -> None:
 
                         weight = bf.dequantize_4bit(layers[0].weight.data, layers[0].weight.quant_state).float()
                     reference = x.float() @ weight.t()
-                    configs = ONE_ROW if rows == 1 else SEVERAL
+                    if args.quick:
+                        configs = QUICK["one_row" if rows == 1 else "several_rows"]
+                    else:
+                        configs = ONE_ROW if rows == 1 else SEVERAL
                     best = None
                     for config in configs:
-                        for programs in PROGRAMS:
+                        for programs in QUICK["programs"] if args.quick else PROGRAMS:
                             key = "one_row" if rows == 1 else "several_rows"
                             kernels = [nf4_triton.NF4Kernel(m, **{key: (*config, programs)}) for m in layers]
                             try:
