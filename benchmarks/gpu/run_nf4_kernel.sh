@@ -6,7 +6,7 @@
 # its products against bitsandbytes' per matrix of a 7B and a 70B block (tile sizes swept), then the Llama-2-7B-shaped
 # nf4 checkpoint on one node, 1 and 16 sessions, with the kernel and with bitsandbytes' products, alternating.
 # Writes OUT_DIR/nf4_kernel.log, nf4_kernel.json and gpu_nf4_7b_<kernel>.json. QUICK=1 sweeps fewer tiles; KERNELS
-# names the node runs (default "triton bitsandbytes").
+# names the node runs (default "triton bitsandbytes"; none: no node runs).
 set -uo pipefail
 out="${1:-${OUT:-/tmp/nectar-gpu}}"
 mkdir -p "$out"
@@ -25,6 +25,7 @@ echo "[nf4_kernel] tests done after $((SECONDS - began)) s" | tee -a "$log"
 timeout "${SWEEP_TIMEOUT:-240}" python3 benchmarks/quant/bench_nf4_kernel.py ${QUICK:+--quick} --json "$out/nf4_kernel.json" 2>&1 \
   | grep --line-buffered -v -i warning | tee -a "$log"
 echo "[nf4_kernel] sweep done after $((SECONDS - began)) s" | tee -a "$log"
+[[ "${KERNELS:-}" == none ]] && exit 0  # the kernel's tests and sweep only
 # the node runs with the tiles the sweep found fastest here
 tiles=$(python3 -c "import json; print(json.dumps(json.load(open('$out/nf4_kernel.json'))['tiles']))" 2>/dev/null || true)
 [[ -n "$tiles" ]] && export NECTAR_NF4_TILES="$tiles" && echo "[nf4_kernel] NECTAR_NF4_TILES=$tiles" | tee -a "$log"
