@@ -82,6 +82,18 @@ def check_products(dtype: torch.dtype, device: str = "cpu") -> None:
                 assert torch.equal(exact(one_hot), weight[:, columns].t()), (nested, in_features, rows, programs)
 
 
+def test_the_tiles_setting_replaces_the_built_in_tiles_and_bad_json_says_what_to_give():
+    from nectar.models import nf4_triton
+    from nectar.settings import configured
+
+    with configured(nf4_tiles='{"one_row": [32, 256, 8, true, true, 132]}'):
+        tiles = nf4_triton.configured_tiles()
+    assert tiles == {"one_row": (32, 256, 8, True, True, 132), "several_rows": nf4_triton.SEVERAL_ROWS}
+    for bad in ('{"one_row": [32, 256]}', "one_row=32"):
+        with configured(nf4_tiles=bad), pytest.raises(ValueError, match="NECTAR_NF4_TILES is not valid.*give JSON"):
+            nf4_triton.configured_tiles()
+
+
 def _interpreter_runs_the_kernel() -> bool:
     import importlib.metadata
 
