@@ -218,8 +218,10 @@ class NF4Kernel:
             self.absmax = state.absmax.to(torch.float32).contiguous()
             self.code2 = self.absmax2 = self.absmax
             self.offset = 0.0
-        tiles = configured_tiles()
-        self.configs = {1: one_row or tiles["one_row"], MAX_ROWS: several_rows or tiles["several_rows"]}
+        if one_row is None or several_rows is None:
+            tiles = configured_tiles()
+            one_row, several_rows = one_row or tiles["one_row"], several_rows or tiles["several_rows"]
+        self.configs = {1: one_row, MAX_ROWS: several_rows}
         self.max_rows = MAX_ROWS
         if self.out_features * self.in_features >= 2**31:  # the kernel indexes codes and scales in int32
             raise ValueError("a matrix of 2^31 weights or more")

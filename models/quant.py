@@ -198,9 +198,10 @@ class NF4Rows:
             except Exception as error:  # a GPU Triton cannot build for: bitsandbytes' products from now on
                 if torch.cuda.is_current_stream_capturing():
                     raise
-                logger.warning(
+                _warn_once(
+                    "failed",
                     f"The nf4 Triton kernel failed ({type(error).__name__}: {str(error)[:200]}); "
-                    "computing nf4 products with bitsandbytes"
+                    "computing nf4 products with bitsandbytes",
                 )
                 self.kernel = None
         if rows <= FUSED_ROWS or torch.is_grad_enabled() or x.dtype != self.scratch.weight.dtype or self.error:
@@ -238,18 +239,33 @@ class NF4Rows:
         return F.linear(x, weight, bias)
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(kind: str, message: str) -> None:
+    """One warning of each kind per process: a span's hundreds of nf4 layers would each say the same."""
+    if kind not in _warned:
+        _warned.add(kind)
+        logger.warning(message)
+
+
 def _nf4_kernel(linear: nn.Module):
-    """The Triton product for this layer where ``nf4_kernel`` asks for it and Triton imports, else None."""
+    """The Triton product for this layer where ``nf4_kernel`` asks for it and Triton imports, else None. A bad
+    ``nf4_tiles`` raises (the node does not start), naming what to give."""
     from nectar.settings import current
 
     if current().nf4_kernel != "triton":
         return None
     try:
-        from nectar.models.nf4_triton import NF4Kernel
-
-        return NF4Kernel(linear)
-    except (ImportError, ValueError) as error:  # no Triton here, or codes it does not take
-        logger.warning(f"nf4 products through bitsandbytes: the Triton kernel is unavailable ({error})")
+        from nectar.models import nf4_triton
+    except ImportError as error:
+        _warn_once("import", f"nf4 products through bitsandbytes: Triton does not import here ({error})")
+        return None
+    tiles = nf4_triton.configured_tiles()
+    try:
+        return nf4_triton.NF4Kernel(linear, **tiles)
+    except ValueError as error:  # codes it does not take
+        _warn_once("layout", f"some nf4 products through bitsandbytes: the Triton kernel does not take them ({error})")
         return None
 
 
