@@ -225,7 +225,7 @@ class NF4Kernel:
         self.max_rows = MAX_ROWS
         if self.out_features * self.in_features >= 2**31:  # the kernel indexes codes and scales in int32
             raise ValueError("a matrix of 2^31 weights or more")
-        self.bias = None if linear.bias is None else linear.bias
+        self.bias = linear.bias
 
     def splits(self, block_r: int) -> tuple[int, int]:
         """(splits of the K axis, bytes each reads): enough programs for the GPU, each at least one tile long."""

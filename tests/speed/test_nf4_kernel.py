@@ -7,8 +7,6 @@ is imported); on a GPU, the compiled kernel, eagerly and replayed in a CUDA grap
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
 import pytest
@@ -94,21 +92,11 @@ def test_the_tiles_setting_replaces_the_built_in_tiles_and_bad_json_says_what_to
             nf4_triton.configured_tiles()
 
 
-def _interpreter_runs_the_kernel() -> bool:
-    import importlib.metadata
-
-    major, minor = (int(part) for part in importlib.metadata.version("triton").split(".")[:2])
-    return (major, minor) >= (3, 9)
-
-
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_the_kernel_multiplies_bitsandbytes_weights_on_the_interpreter(dtype):
-    if not _interpreter_runs_the_kernel():
-        pytest.skip("this Triton's interpreter cannot run the kernel (3.9 or later can): the GPU test covers it")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, __file__, dtype], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"failed:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
-    assert "products ok" in done.stdout
+    from tests.speed.utils import run_interpreted  # here, not at the top: this file also runs as a script
+
+    run_interpreted(__file__, dtype, expect="products ok")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel needs a CUDA GPU (the device machine)")

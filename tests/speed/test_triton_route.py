@@ -11,7 +11,6 @@ eager route's (the GPU test below; benchmarks/gpu/decode_profile.py profiles bot
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -26,22 +25,10 @@ pytest.importorskip("triton")  # not imported here: in this process the interpre
 ROUTE_ENV = env_name("decode_route")
 
 
-def _interpreter_runs_the_kernels() -> bool:
-    """Triton's interpreter runs loops whose bounds are read from memory (attention's) from 3.9 on: the version CI
-    installs. The GPU machine's 3.6 compiles them for the GPU test but cannot interpret them."""
-    import importlib.metadata
-
-    major, minor = (int(part) for part in importlib.metadata.version("triton").split(".")[:2])
-    return (major, minor) >= (3, 9)
-
-
 def _check(name: str, *args: str) -> None:
-    if not _interpreter_runs_the_kernels():
-        pytest.skip("this Triton's interpreter cannot run the kernels (3.9 or later can): the GPU test covers them")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, __file__, name, *args], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"{name} {args} failed:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
-    assert f"{name} ok" in done.stdout
+    from tests.speed.utils import run_interpreted  # here, not at the top: this file also runs as a script
+
+    run_interpreted(__file__, name, *args, expect=f"{name} ok")
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
