@@ -9,6 +9,14 @@ if [[ -d .bnb ]] && ! python3 -c "import bitsandbytes" 2>/dev/null; then
 fi
 chmod +x "$(python3 -c 'import hivemind, os; print(os.path.dirname(hivemind.__file__))')/hivemind_cli/p2pd"
 
+# for the scripts that need them: bitsandbytes (nf4 runs stop without it), pytest (the CUDA tests)
+require_bitsandbytes() {
+  python3 -c "import bitsandbytes" || { echo "bitsandbytes is missing: carry .bnb/ (fetch_wheels.sh --bnb)" >&2; exit 1; }
+}
+install_test_tools() {
+  python3 -m pip install -q --no-index --find-links .whl pytest pytest-timeout 2>&1 | grep -v "^WARNING" || true
+}
+
 # Nectar's import root (setup.py maps top-level folders onto `nectar`)
 root=/tmp/nectar-root/nectar
 rm -rf /tmp/nectar-root && mkdir -p "$root"

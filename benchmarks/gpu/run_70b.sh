@@ -16,13 +16,13 @@ out="${1:-${OUT:-/tmp/nectar-gpu}}"
 shift || true
 mkdir -p "$out"
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-python3 -c "import bitsandbytes" || { echo "bitsandbytes is missing: carry .bnb/ (fetch_wheels.sh --bnb)" >&2; exit 1; }
+require_bitsandbytes
 log="$out/gpu_70b.log"
 
 if [[ "$step" == build || "$step" == all ]]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log"
   mkdir -p "$NECTAR_BENCH_DIR" && df -h "$NECTAR_BENCH_DIR" | tail -1 | tee -a "$log"
-  python3 -m pip install -q --no-index --find-links .whl pytest pytest-timeout 2>&1 | grep -v "^WARNING" || true
+  install_test_tools
   # the builder's GPU codes read alike by a CUDA node, a CPU verifier and transformers (a tiny shape, seconds)
   python3 -m pytest -q -p no:cacheprovider tests/speed/test_nf4_cuda.py 2>&1 | tail -3 | tee -a "$log" || true
   python3 benchmarks/prequantized.py --model llama2-70b --device cuda 2>&1 | tee -a "$log"

@@ -11,7 +11,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.log"
 python3 -c "import torch, transformers, hivemind; print('torch', torch.__version__, 'transformers', transformers.__version__, 'hivemind', hivemind.__version__)" | tee -a "$out/gpu.log"
-python3 -m pip install -q --no-index --find-links .whl pytest pytest-timeout 2>&1 | grep -v "^WARNING" || true
+install_test_tools
 # the CUDA-graph decode rounds against eager steps, on this GPU
 python3 -m pytest -q -p no:cacheprovider tests/speed/test_cuda_graphs.py 2>&1 | tail -3 | tee -a "$out/gpu.log" || true
 python3 benchmarks/bench_gpu.py --model llama2-7b --device cuda --dtype float16 --repeats 5 --sessions 1 16 \

@@ -12,8 +12,8 @@ out="${1:-${OUT:-/tmp/nectar-gpu}}"
 mkdir -p "$out"
 log="$out/nf4_kernel.log"
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-python3 -c "import bitsandbytes" || { echo "bitsandbytes is missing: carry .bnb/ (fetch_wheels.sh --bnb)" >&2; exit 1; }
-python3 -m pip install -q --no-index --find-links .whl pytest pytest-timeout 2>&1 | grep -v "^WARNING" || true
+require_bitsandbytes
+install_test_tools
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log"
 began=$SECONDS
 timeout 120 python3 -m pytest -q -p no:cacheprovider -rfEs tests/speed/test_nf4_kernel.py 2>&1 | tail -8 | tee -a "$log"
