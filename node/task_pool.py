@@ -15,6 +15,7 @@ import asyncio
 import collections
 import enum
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -198,26 +199,29 @@ class ComputeThread:
         their way; starting at once would split the sessions into rounds that each pay for reading all weights.
         The wait ends when as many steps are pending as the last two rounds had sessions (so rounds that split come
         back together), or after ``gather_share`` of the last round's compute time or 1.25 times what the last
-        gathering took, whichever is longer (at most ``max_gather_wait``), so a session that went quiet costs little.
-        The second bound matters where rounds are cheap (a recorded GPU round) while replies still take a while to
-        reach every session. A node sets it with ``--batch-wait``, by default 0.5 on a GPU (a round there costs about
-        one read of the weights however many rows it holds) and off on a CPU (rounds that split let a route's nodes
-        work as a pipeline).
+        gathering took, whichever is longer (at most ``max_gather_wait`` or two rounds), so a session that went quiet
+        costs little. The second bound matters where rounds are cheap (a recorded GPU round) while replies still take
+        a while to reach every session. The cap grows with the round because where two nodes share one GPU, a split
+        group is away for a whole round of the other node (a 70B shape: 50-100 ms). The wait is drawn between one and
+        two bounds: two nodes each holding one group and waiting for the other would otherwise time out together
+        and stay split (four rounds a token instead of two); by chance one runs while the other still waits. A node
+        sets it with ``--batch-wait``, by default 0.5 on a GPU (a round there costs about one read of the weights
+        however many rows it holds) and off on a CPU (rounds that split let a route's nodes work as a pipeline).
         """
         queue = self._queues[Priority.INFERENCE]
         expected = len(self._round_sessions[0] | self._round_sessions[1])
         if self.gather_share <= 0 or expected <= 1 or len(queue) >= expected:
             return
         began = time.monotonic()
-        deadline = began + min(
-            self.max_gather_wait, max(self.gather_share * self._last_round_s, 1.25 * self._last_spread)
-        )
+        limit = max(self.max_gather_wait, 2 * self._last_round_s)
+        bound = min(limit, max(self.gather_share * self._last_round_s, 1.25 * self._last_spread))
+        deadline = began + bound * random.uniform(1.0, 2.0)  # not a secret: chance only breaks ties
         self._gathering = True
         try:
             while not self._stopped and len(queue) < expected:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:  # someone left, or replies now take longer: allow more next time
-                    self._last_spread = min(self.max_gather_wait, 2 * max(self._last_spread, 1e-3))
+                    self._last_spread = min(limit, 2 * max(self._last_spread, 1e-3))
                     return
                 self._condition.wait(remaining)
             self._last_spread = time.monotonic() - began

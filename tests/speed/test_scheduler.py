@@ -203,3 +203,42 @@ def test_a_gpu_node_gathers_its_rounds_by_default_and_a_cpu_node_does_not():
     assert default_batch_wait("cuda") == default_batch_wait("cuda:1") == 0.5
     assert default_batch_wait("cpu") == 0.0
     assert node_config(node_parser().parse_args(["--batch-wait", "0"])).batch_wait == 0.0  # a GPU node may opt out
+
+
+def test_two_nodes_sharing_one_device_bring_split_rounds_back_together():
+    """Two nodes on one GPU (each round costs one read of its weights, whatever its rows) with their sessions split
+    into two groups in opposite phase: each node holds one group and waits for the other, which waits at the other
+    node. Equal waits time out together and the split lasts (each token then costs four rounds instead of two);
+    waits that scale with the round and differ by chance let one node run while the other still waits."""
+    device = threading.Lock()
+
+    class _DeviceStep(_Step):
+        def __init__(self, name, session):
+            super().__init__(name)
+            self.session = session
+
+        @staticmethod
+        def run_batch(steps):
+            with device:  # the GPU time-slices the two processes: their rounds take turns
+                time.sleep(0.04)
+            return [step.name for step in steps]
+
+    first, second = (ComputeThread(gather_share=0.5, max_gather_wait=0.05) for _ in range(2))
+    sessions, steps = 8, 24
+
+    async def client(session: int, nodes: tuple) -> None:
+        for step in range(steps):
+            for node in nodes:
+                await node.submit(_DeviceStep(f"s{session}", session), Priority.INFERENCE)
+
+    async def scenario():
+        # half the sessions start at the first node, half at the second: opposite phases from the first step
+        await asyncio.gather(*(client(s, (first, second) if s % 2 else (second, first)) for s in range(sessions)))
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        first.shutdown(), second.shutdown()
+    # 2 * 24 steps of 8 sessions: 48 rounds of 8 if they merge, about twice as many rounds of 4 if they stay split
+    rounds = first.stats.batches + second.stats.batches
+    assert rounds <= 1.5 * 2 * steps, f"{rounds} rounds: the split groups never merged"
