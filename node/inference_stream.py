@@ -408,6 +408,8 @@ class InferenceStream:
             self.node.inbox.close(self.open.session_id, self.slot)
         if self.link is not None:
             self.link.close()
+        if self.caches:  # the compute thread's rounds know a session by its first cache (``InferenceTask.session``)
+            self.steps.compute.forget(id(self.caches[0]))
         if isinstance(self.receipt, asyncio.Future):  # the stream ended while it was signed: nobody takes it
             if self.receipt.done():
                 if not self.receipt.cancelled():

@@ -132,6 +132,13 @@ class ComputeThread:
             self._condition.notify()
         return work.future
 
+    def forget(self, session: int) -> None:
+        """A session ended (its stream closed): later rounds stop waiting for its next step."""
+        with self._condition:
+            for sessions in self._round_sessions:
+                sessions.discard(session)
+            self._condition.notify()  # a gathering round may now have all it waits for
+
     def shutdown(self) -> None:
         with self._condition:
             self._stopped = True
@@ -209,8 +216,7 @@ class ComputeThread:
         however many rows it holds) and off on a CPU (rounds that split let a route's nodes work as a pipeline).
         """
         queue = self._queues[Priority.INFERENCE]
-        expected = len(self._round_sessions[0] | self._round_sessions[1])
-        if self.gather_share <= 0 or expected <= 1 or len(queue) >= expected:
+        if self.gather_share <= 0 or self._expected() <= 1 or len(queue) >= self._expected():
             return
         began = time.monotonic()
         limit = max(self.max_gather_wait, 2 * self._last_round_s)
@@ -218,7 +224,7 @@ class ComputeThread:
         deadline = began + bound * random.uniform(1.0, 2.0)  # not a secret: chance only breaks ties
         self._gathering = True
         try:
-            while not self._stopped and len(queue) < expected:
+            while not self._stopped and len(queue) < self._expected():  # ``forget`` may lower it meanwhile
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:  # someone left, or replies now take longer: allow more next time
                     self._last_spread = min(limit, 2 * max(self._last_spread, 1e-3))
@@ -227,6 +233,10 @@ class ComputeThread:
             self._last_spread = time.monotonic() - began
         finally:
             self._gathering = False
+
+    def _expected(self) -> int:
+        """How many sessions a round waits for: those of the last two rounds that have not ended."""
+        return len(self._round_sessions[0] | self._round_sessions[1])
 
     def _take_inference_round(self) -> list[_Work]:
         queue = self._queues[Priority.INFERENCE]

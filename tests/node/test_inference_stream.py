@@ -89,6 +89,10 @@ class FakeCompute:
         self.gathering = False
         self.hold = False
         self.held: list = []
+        self.forgotten: list = []  # sessions whose streams ended (the real thread's rounds stop waiting for them)
+
+    def forget(self, session):
+        self.forgotten.append(session)
 
     def submit(self, function, priority, *, started=None):
         future = asyncio.get_running_loop().create_future()
@@ -262,6 +266,7 @@ def test_open_without_a_step_is_acked_and_the_end_releases_everything():
 
     run(scenario)
     assert_released(node)
+    assert len(node.steps.compute.forgotten) == 1  # rounds stop waiting for the session that ended
 
 
 def test_inline_receipts_ride_with_each_output_and_charge_the_client():

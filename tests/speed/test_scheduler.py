@@ -242,3 +242,37 @@ def test_two_nodes_sharing_one_device_bring_split_rounds_back_together():
     # 2 * 24 steps of 8 sessions: 48 rounds of 8 if they merge, about twice as many rounds of 4 if they stay split
     rounds = first.stats.batches + second.stats.batches
     assert rounds <= 1.5 * 2 * steps, f"{rounds} rounds: the split groups never merged"
+
+
+def test_a_round_does_not_wait_for_a_session_that_ended():
+    """A closed stream tells the compute thread (``forget``): the next round starts with the sessions still there
+    instead of waiting out the gather window for a step that will never come."""
+    _Step.runs = []
+    compute = ComputeThread(gather_share=5.0, max_gather_wait=5.0)  # a window of seconds after a 0.4 s round
+
+    async def scenario():
+        gate, blocker = _blocked(compute)
+        await asyncio.sleep(0.05)
+        first = [compute.submit(_SessionStep(f"r{i}", session=i), Priority.INFERENCE) for i in range(3)]
+        gate.set()
+        await asyncio.gather(blocker, *first)
+        # a second round of the three, so the last two rounds hold only them
+        await asyncio.gather(*(compute.submit(_SessionStep(f"s{i}", session=i), Priority.INFERENCE) for i in range(3)))
+        compute.forget(2)  # the third session's stream closed
+        began = time.monotonic()
+        late = [compute.submit(_SessionStep(f"c{i}", session=i), Priority.INFERENCE) for i in (0, 1)]
+        await asyncio.gather(*late)
+        return time.monotonic() - began
+
+    try:
+        elapsed = asyncio.run(scenario())
+    finally:
+        compute.shutdown()
+    # 0.4 s of compute; waiting for the ended session would add at least 2 s (the window is 5 x 0.4 s)
+    assert elapsed < 1.5, f"the round waited {elapsed:.1f} s for a session that had ended"
+
+
+class _SessionStep(_SlowStep):
+    def __init__(self, name: str, session: int):
+        super().__init__(name)
+        self.session = session
