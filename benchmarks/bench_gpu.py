@@ -206,6 +206,12 @@ def main() -> None:
         help="also measure transformers with a static (compiled on GPUs) cache at batch 1 and the largest --sessions",
     )
     parser.add_argument(
+        "--push",
+        action="store_true",
+        help="with --nodes > 1, also a client whose nodes push each step's output to the next node (ClientConfig.push),"
+        " its single-session runs alternating with the relaying client's",
+    )
+    parser.add_argument(
         "--client-processes",
         type=int,
         default=16,
@@ -258,14 +264,29 @@ def main() -> None:
         extra_args=["--cache-mb", args.cache_mb, *args.node_args.split()],
     ) as swarm:
         model = head_on(distributed_model(path, swarm, dtype=dtype), args.device)
+        pushing = None
+        if args.push and args.nodes > 1:
+            pushing = head_on(distributed_model(path, swarm, dtype=dtype, push=True), args.device)
         try:
-            model.generate(prompt_ids(), max_new_tokens=4, do_sample=False, eos_token_id=[])
-            log("single-session decode")
-            runs, tokens = swarm_decode(model, repeats=args.repeats)
+            for client in (model, pushing) if pushing is not None else (model,):
+                client.generate(prompt_ids(), max_new_tokens=4, do_sample=False, eos_token_id=[])
+            log("single-session decode" + (", relaying and pushing clients alternating" if pushing else ""))
+            runs, push_runs, tokens = [], [], None
+            for _ in range(args.repeats):  # alternating, so both sides see the same machine
+                timings, tokens = swarm_decode(model, repeats=1)
+                runs += timings
+                if pushing is not None:
+                    timings, pushed = swarm_decode(pushing, repeats=1)
+                    push_runs += timings
+                    push_same = pushed.tolist() == tokens.tolist()
             log(f"  {best(runs).decode_tps:.1f} tok/s; concurrent sessions {args.sessions}")
+            if push_runs:
+                log(f"  push: {best(push_runs).decode_tps:.1f} tok/s, same tokens: {push_same}")
             concurrency = concurrent_sessions(model, path, swarm, args)
         finally:
             model.shutdown()
+            if pushing is not None:
+                pushing.shutdown()
     one_node = sessions_on_one_node(path, num_blocks, args) if args.one_node else {}
     top = best(runs)
     gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device
@@ -317,6 +338,22 @@ def main() -> None:
     rows.append(
         (f"nectar, {args.nodes} nodes", f"{top.decode_tps:8.1f} tok/s  median {top.median_ms:6.2f} ms/token{versus}")
     )
+    if push_runs:
+        pushed_top = best(push_runs)
+        figures["push"] = {
+            "decode_tps": pushed_top.decode_tps,
+            "median_ms": pushed_top.median_ms,
+            "runs_tps": [t.decode_tps for t in push_runs],
+            "vs_relay": pushed_top.decode_tps / top.decode_tps,
+            "same_tokens_as_relay": push_same,
+        }
+        rows.append(
+            (
+                f"nectar, {args.nodes} nodes, push",
+                f"{pushed_top.decode_tps:8.1f} tok/s  median {pushed_top.median_ms:6.2f} ms/token  "
+                f"{figures['push']['vs_relay']:5.2f}x relaying, same tokens: {push_same}",
+            )
+        )
     if local_best is not None:
         rows.append(("same greedy tokens", str(figures["nectar"]["same_tokens"])))
     figures["floor"] = floor = bandwidth_floor(path, args.device)

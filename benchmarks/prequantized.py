@@ -162,9 +162,11 @@ def weight_bytes(path: str | os.PathLike) -> dict[str, int]:
     """Bytes of the checkpoint's tensors from its shards' headers (nothing is read): ``blocks`` (every block tensor:
     nf4 codes, their scales, norms) and ``head`` (final norm and LM head), what one decode step reads."""
     path = Path(path)
-    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    indexed = path / "model.safetensors.index.json"
+    # a small checkpoint is one file with no index
+    files = set(json.loads(indexed.read_text())["weight_map"].values()) if indexed.exists() else {"model.safetensors"}
     sizes: dict[str, int] = {}
-    for filename in set(index.values()):
+    for filename in files:
         with open(path / filename, "rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
             header = json.loads(handle.read(length))

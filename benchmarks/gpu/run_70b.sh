@@ -32,7 +32,7 @@ if [[ "$step" == bench || "$step" == all ]]; then
   # one node of 80 blocks). The nodes gather each round's sessions (--batch-wait): an nf4 round of 16 rows costs
   # nearly what one row does, so rounds that split cost a weight read each (stop 40: 42.5 tok/s without, 2 nodes)
   python3 benchmarks/bench_gpu.py --model llama2-70b --quant nf4 --device cuda --dtype float16 --no-local \
-    --no-one-node --nodes "${NODES:-2}" --repeats 3 --sessions 1 16 --cache-mb 4096 \
+    --no-one-node --nodes "${NODES:-2}" --repeats 3 --sessions 1 16 --cache-mb 4096 --push \
     --node-args "${NODE_ARGS:---batch-wait 0.5}" --json "$out/gpu_70b_nodes${NODES:-2}.json" "$@" 2>&1 \
     | grep --line-buffered -v -i "warning" | tee -a "$log"
 fi

@@ -14,5 +14,5 @@ python3 -c "import torch, transformers, hivemind; print('torch', torch.__version
 install_test_tools
 # the CUDA-graph decode rounds against eager steps, on this GPU
 python3 -m pytest -q -p no:cacheprovider tests/speed/test_cuda_graphs.py 2>&1 | tail -3 | tee -a "$out/gpu.log" || true
-python3 benchmarks/bench_gpu.py --model llama2-7b --device cuda --dtype float16 --repeats 5 --sessions 1 16 \
+python3 benchmarks/bench_gpu.py --model llama2-7b --device cuda --dtype float16 --repeats 5 --sessions 1 16 --push \
   --json "$out/gpu.json" "$@" 2>&1 | grep --line-buffered -v -i "warning" | tee -a "$out/gpu.log"

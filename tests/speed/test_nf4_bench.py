@@ -66,7 +66,19 @@ def test_bench_gpu_with_nf4_runs_end_to_end_on_a_cpu(tmp_path):
     out = tmp_path / "smoke.json"
     env = {**os.environ, "NECTAR_BENCH_DIR": str(tmp_path / "bench")}
     args = ["--model", "tiny", "--device", "cpu", "--dtype", "float32", "--quant", "nf4", "--no-local"]
-    args += ["--no-one-node", "--sessions", "1", "2", "--client-processes", "0", "--repeats", "1", "--threads", "1"]
+    args += [
+        "--no-one-node",
+        "--sessions",
+        "1",
+        "2",
+        "--client-processes",
+        "0",
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+        "--push",
+    ]
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / "bench_gpu.py"), *args, "--cache-mb", "256", "--json", str(out)],
         capture_output=True,
@@ -80,3 +92,5 @@ def test_bench_gpu_with_nf4_runs_end_to_end_on_a_cpu(tmp_path):
     assert set(figures["concurrency"]) == {"1", "2"}
     assert figures["floor"]["block_bytes"] > 0 and figures["floor"]["step_bytes"] > figures["floor"]["block_bytes"]
     assert "weights per decode step" in done.stdout
+    # --push: a pushing client's runs alternate with the relaying one's, and its tokens are the same
+    assert figures["push"]["decode_tps"] > 0 and figures["push"]["same_tokens_as_relay"] is True
