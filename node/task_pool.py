@@ -107,6 +107,7 @@ class ComputeThread:
         self._last_round_s = 0.0
         self._round_sessions: list[set] = [set(), set()]  # sessions of the last two rounds
         self._last_spread = 0.0  # how long the last gathering took to bring every session back
+        self._timed_out = False  # the last gathering ended at its deadline, not with every session back
         self._gathering = False  # waiting for a round's sessions (read by the event loop, see ``gathering``)
         self._queues: dict[Priority, collections.deque[_Work]] = {p: collections.deque() for p in Priority}
         self._condition = threading.Condition()
@@ -209,9 +210,10 @@ class ComputeThread:
         gathering took, whichever is longer (at most ``max_gather_wait`` or two rounds), so a session that went quiet
         costs little. The second bound matters where rounds are cheap (a recorded GPU round) while replies still take
         a while to reach every session. The cap grows with the round because where two nodes share one GPU, a split
-        group is away for a whole round of the other node (a 70B shape: 50-100 ms). The wait is drawn between one and
-        two bounds: two nodes each holding one group and waiting for the other would otherwise time out together
-        and stay split (four rounds a token instead of two); by chance one runs while the other still waits. A node
+        group is away for a whole round of the other node (a 70B shape: 50-100 ms). After a wait that timed out, the
+        next is drawn between one and two bounds: two nodes each holding one group and waiting for the other would
+        otherwise time out together and stay split (four rounds a token instead of two); by chance one runs while the
+        other still waits. A node
         sets it with ``--batch-wait``, by default 0.5 on a GPU (a round there costs about one read of the weights
         however many rows it holds) and off on a CPU (rounds that split let a route's nodes work as a pipeline).
         """
@@ -221,16 +223,20 @@ class ComputeThread:
         began = time.monotonic()
         limit = max(self.max_gather_wait, 2 * self._last_round_s)
         bound = min(limit, max(self.gather_share * self._last_round_s, 1.25 * self._last_spread))
-        deadline = began + bound * random.uniform(1.0, 2.0)  # not a secret: chance only breaks ties
+        if self._timed_out:  # rounds split lately: a chance longer wait breaks a tie with another node's
+            bound *= random.uniform(1.0, 2.0)  # not a secret: it only needs to differ between nodes
+        deadline = began + bound
         self._gathering = True
         try:
             while not self._stopped and len(queue) < self._expected():  # ``forget`` may lower it meanwhile
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:  # someone left, or replies now take longer: allow more next time
                     self._last_spread = min(limit, 2 * max(self._last_spread, 1e-3))
+                    self._timed_out = True
                     return
                 self._condition.wait(remaining)
             self._last_spread = time.monotonic() - began
+            self._timed_out = False
         finally:
             self._gathering = False
 
