@@ -271,14 +271,14 @@ def main() -> None:
             for client in (model, pushing) if pushing is not None else (model,):
                 client.generate(prompt_ids(), max_new_tokens=4, do_sample=False, eos_token_id=[])
             log("single-session decode" + (", relaying and pushing clients alternating" if pushing else ""))
-            runs, push_runs, tokens = [], [], None
+            runs, push_runs, tokens, push_same = [], [], None, True
             for _ in range(args.repeats):  # alternating, so both sides see the same machine
                 timings, tokens = swarm_decode(model, repeats=1)
                 runs += timings
                 if pushing is not None:
                     timings, pushed = swarm_decode(pushing, repeats=1)
                     push_runs += timings
-                    push_same = pushed.tolist() == tokens.tolist()
+                    push_same &= pushed.tolist() == tokens.tolist()  # in every run
             log(f"  {best(runs).decode_tps:.1f} tok/s; concurrent sessions {args.sessions}")
             if push_runs:
                 log(f"  push: {best(push_runs).decode_tps:.1f} tok/s, same tokens: {push_same}")

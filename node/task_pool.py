@@ -203,29 +203,30 @@ class ComputeThread:
     def _gather_inference(self) -> None:
         """Waits briefly for the sessions of the last round to send their next steps (caller holds the lock).
 
-        Replies to a round reach clients one after another, so the first next step arrives while most are still on
-        their way; starting at once would split the sessions into rounds that each pay for reading all weights.
-        The wait ends when as many steps are pending as the last two rounds had sessions (so rounds that split come
-        back together), or after ``gather_share`` of the last round's compute time or 1.25 times what the last
-        gathering took, whichever is longer (at most ``max_gather_wait`` or two rounds), so a session that went quiet
-        costs little. The second bound matters where rounds are cheap (a recorded GPU round) while replies still take
-        a while to reach every session. The cap grows with the round because where two nodes share one GPU, a split
-        group is away for a whole round of the other node (a 70B shape: 50-100 ms). After a wait that timed out, the
-        next is drawn between one and two bounds: two nodes each holding one group and waiting for the other would
-        otherwise time out together and stay split (four rounds a token instead of two); by chance one runs while the
-        other still waits. A node
-        sets it with ``--batch-wait``, by default 0.5 on a GPU (a round there costs about one read of the weights
-        however many rows it holds) and off on a CPU (rounds that split let a route's nodes work as a pipeline).
+        Replies to a round reach clients one after another, so the first next step arrives while most are still on their
+        way; starting at once would split the sessions into rounds that each pay for reading all weights. The wait ends
+        when as many steps are pending as the last two rounds had sessions (so rounds that split come back together), or
+        after ``gather_share`` of the last round's compute time or 1.25 times what the last gathering took, whichever is
+        longer (at most ``max_gather_wait`` or two rounds), so a session that went quiet costs little. The second bound
+        matters where rounds are cheap (a recorded GPU round) while replies still take a while to reach every session.
+        The cap grows with the round because where two nodes share one GPU, a split group is away for a whole round of
+        the other node (a 70B shape: 50-100 ms). After a wait that timed out, the next is drawn between one and two
+        bounds (never past the cap): two nodes each holding one group and
+        waiting for the other would otherwise time out together and stay split (four rounds a token instead of two); by
+        chance one runs while the other still waits. A node sets it with ``--batch-wait``, by default 0.5 on a GPU (a
+        round there costs about one read of the weights however many rows it holds) and off on a CPU (rounds that split
+        let a route's nodes work as a pipeline).
         """
         queue = self._queues[Priority.INFERENCE]
-        if self.gather_share <= 0 or self._expected() <= 1 or len(queue) >= self._expected():
+        expected = self._expected()
+        if self.gather_share <= 0 or expected <= 1 or len(queue) >= expected:
             return
         began = time.monotonic()
         limit = max(self.max_gather_wait, 2 * self._last_round_s)
-        bound = min(limit, max(self.gather_share * self._last_round_s, 1.25 * self._last_spread))
+        bound = max(self.gather_share * self._last_round_s, 1.25 * self._last_spread)
         if self._timed_out:  # rounds split lately: a chance longer wait breaks a tie with another node's
             bound *= random.uniform(1.0, 2.0)  # not a secret: it only needs to differ between nodes
-        deadline = began + bound
+        deadline = began + min(limit, bound)
         self._gathering = True
         try:
             while not self._stopped and len(queue) < self._expected():  # ``forget`` may lower it meanwhile
