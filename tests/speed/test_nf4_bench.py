@@ -66,19 +66,7 @@ def test_bench_gpu_with_nf4_runs_end_to_end_on_a_cpu(tmp_path):
     out = tmp_path / "smoke.json"
     env = {**os.environ, "NECTAR_BENCH_DIR": str(tmp_path / "bench")}
     args = ["--model", "tiny", "--device", "cpu", "--dtype", "float32", "--quant", "nf4", "--no-local"]
-    args += [
-        "--no-one-node",
-        "--sessions",
-        "1",
-        "2",
-        "--client-processes",
-        "0",
-        "--repeats",
-        "1",
-        "--threads",
-        "1",
-        "--push",
-    ]
+    args += "--no-one-node --sessions 1 2 --client-processes 0 --repeats 1 --threads 1 --push".split()
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / "bench_gpu.py"), *args, "--cache-mb", "256", "--json", str(out)],
         capture_output=True,

@@ -167,6 +167,14 @@ class _SlowStep(_Step):
         return _Step.run_batch(steps)
 
 
+class _SessionStep(_SlowStep):
+    """A slow step of a named session (the compute thread tells rounds' sessions apart by ``session``)."""
+
+    def __init__(self, name: str, session: int):
+        super().__init__(name)
+        self.session = session
+
+
 @pytest.mark.parametrize("gather_share, expected_round", [(0.0, ("c0",)), (1.0, ("c0", "c1", "c2"))])
 def test_batch_wait_gathers_the_last_rounds_sessions(gather_share, expected_round):
     """With --batch-wait, a round waits (up to a share of the last round's time) until as many steps are pending
@@ -212,11 +220,7 @@ def test_two_nodes_sharing_one_device_bring_split_rounds_back_together():
     waits that scale with the round and differ by chance let one node run while the other still waits."""
     device = threading.Lock()
 
-    class _DeviceStep(_Step):
-        def __init__(self, name, session):
-            super().__init__(name)
-            self.session = session
-
+    class _DeviceStep(_SessionStep):
         @staticmethod
         def run_batch(steps):
             with device:  # the GPU time-slices the two processes: their rounds take turns
@@ -270,9 +274,3 @@ def test_a_round_does_not_wait_for_a_session_that_ended():
         compute.shutdown()
     # 0.4 s of compute; waiting for the ended session would add at least 2 s (the window is 5 x 0.4 s)
     assert elapsed < 1.5, f"the round waited {elapsed:.1f} s for a session that had ended"
-
-
-class _SessionStep(_SlowStep):
-    def __init__(self, name: str, session: int):
-        super().__init__(name)
-        self.session = session
