@@ -100,10 +100,10 @@ class ComputeThread:
         max_batch_tokens: int = 4096,
         training_max_wait: float = 1.0,
         gather_share: float = 0.0,
-        max_gather_wait: float = 0.05,
+        max_gather_rounds: float = 2.0,
     ):
         self.max_batch_tokens, self.training_max_wait = max_batch_tokens, training_max_wait
-        self.gather_share, self.max_gather_wait = gather_share, max_gather_wait
+        self.gather_share, self.max_gather_rounds = gather_share, max_gather_rounds
         self._last_round_s = 0.0
         self._round_sessions: list[set] = [set(), set()]  # sessions of the last two rounds
         self._last_spread = 0.0  # how long the last gathering took to bring every session back
@@ -207,22 +207,23 @@ class ComputeThread:
         way; starting at once would split the sessions into rounds that each pay for reading all weights. The wait ends
         when as many steps are pending as the last two rounds had sessions (so rounds that split come back together), or
         after ``gather_share`` of the last round's compute time or 1.25 times what the last gathering took, whichever is
-        longer (at most ``max_gather_wait`` or two rounds), so a session that went quiet costs little. The second bound
+        longer (at most ``max_gather_rounds`` rounds), so a session that went quiet costs little. The second bound
         matters where rounds are cheap (a recorded GPU round) while replies still take a while to reach every session.
-        The cap grows with the round because where two nodes share one GPU, a split group is away for a whole round of
-        the other node (a 70B shape: 50-100 ms). After a wait that timed out, the next is drawn between one and two
-        bounds (never past the cap): two nodes each holding one group and
-        waiting for the other would otherwise time out together and stay split (four rounds a token instead of two); by
-        chance one runs while the other still waits. A node sets it with ``--batch-wait``, by default 0.5 on a GPU (a
-        round there costs about one read of the weights however many rows it holds) and off on a CPU (rounds that split
-        let a route's nodes work as a pipeline).
+        The cap is counted in rounds, never in fixed time: where two nodes share one GPU, a split group is away for a
+        whole round of the other node (a 70B shape: 50-100 ms), while a 7B shape's rounds take 3 ms and a fixed 50 ms
+        cap let the waits of two nodes in a route grow to it (16 sessions: 146.8 tok/s against 638.8 without waiting,
+        stop 43). After a wait that timed out, the next is drawn between one and two bounds (never past the cap): two
+        nodes each holding one group and waiting for the other would otherwise time out together and stay split (four
+        rounds a token instead of two); by chance one runs while the other still waits. A node sets it with
+        ``--batch-wait``, by default 0.5 on a GPU (a round there costs about one read of the weights however many rows
+        it holds) and off on a CPU (rounds that split let a route's nodes work as a pipeline).
         """
         queue = self._queues[Priority.INFERENCE]
         expected = self._expected()
         if self.gather_share <= 0 or expected <= 1 or len(queue) >= expected:
             return
         began = time.monotonic()
-        limit = max(self.max_gather_wait, 2 * self._last_round_s)
+        limit = self.max_gather_rounds * self._last_round_s
         bound = max(self.gather_share * self._last_round_s, 1.25 * self._last_spread)
         if self._timed_out:  # rounds split lately: a chance longer wait breaks a tie with another node's
             bound *= random.uniform(1.0, 2.0)  # not a secret: it only needs to differ between nodes
