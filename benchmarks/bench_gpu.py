@@ -41,6 +41,7 @@ from bench_concurrency import (
 from bench_decode import local_decode, swarm_decode
 from common import (
     NEW_TOKENS,
+    agreeing_tokens,
     base_parser,
     best,
     checkpoint,
@@ -308,7 +309,10 @@ def main() -> None:
             str(b): {
                 **{k: v for k, v in r.items() if k != "tokens"},
                 **(
-                    {"same_tokens_as_local": r["tokens"][0] == local_tokens[0, -NEW_TOKENS:].tolist()}
+                    {
+                        "same_tokens_as_local": r["tokens"][0] == local_tokens[0, -NEW_TOKENS:].tolist(),
+                        "tokens_agreeing_with_local": agreeing_tokens(r["tokens"][0], local_tokens[0, -NEW_TOKENS:]),
+                    }
                     if local_tokens is not None
                     else {}
                 ),
@@ -330,6 +334,7 @@ def main() -> None:
             "ratio": ratio,
             "overhead_ms": overhead,
             "same_tokens": tokens.tolist() == local_tokens.tolist(),
+            "new_tokens_agreeing": agreeing_tokens(tokens[0, -NEW_TOKENS:], local_tokens[0, -NEW_TOKENS:]),
         }
         rows.append(
             ("local transformers", f"{local_best.decode_tps:8.1f} tok/s  median {local_best.median_ms:6.2f} ms/token")
@@ -355,7 +360,13 @@ def main() -> None:
             )
         )
     if local_best is not None:
-        rows.append(("same greedy tokens", str(figures["nectar"]["same_tokens"])))
+        agree = figures["nectar"]["new_tokens_agreeing"]
+        rows.append(
+            (
+                "same greedy tokens",
+                f"{figures['nectar']['same_tokens']} ({agree} of {NEW_TOKENS} new tokens agree first)",
+            )
+        )
     figures["floor"] = floor = bandwidth_floor(path, args.device)
     ceiling = "no bandwidth measured off a GPU"
     if floor["ceiling_tps"] == floor["ceiling_tps"]:  # not NaN
