@@ -333,10 +333,9 @@ def compare_client_heads(args, names: tuple[str, str], prepare: Callable[[dict],
 
 
 def agreeing_tokens(tokens, reference) -> int:
-    """How many leading tokens two greedy sequences share (lists or tensors of ids): where random weights leave the
+    """How many leading ids two greedy sequences (lists or 1-D tensors) share: where random weights leave the
     next-token logits nearly flat, two paths' roundings part at some token, and this says where."""
-    tokens, reference = (t.tolist() if hasattr(t, "tolist") else list(t) for t in (tokens, reference))
-    tokens, reference = (t[0] if t and isinstance(t[0], list) else t for t in (tokens, reference))
+    tokens, reference = list(tokens), list(reference)
     return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
 
 
