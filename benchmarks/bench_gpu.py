@@ -172,6 +172,11 @@ def bandwidth_floor(path, device: str) -> dict:
     }
 
 
+def _agreement(agreeing: int, suffix: str = "") -> dict:
+    """Whether two greedy runs of NEW_TOKENS agree, and for how many tokens before they part."""
+    return {f"same_tokens{suffix}": agreeing == NEW_TOKENS, f"tokens_agreeing{suffix}": agreeing}
+
+
 def main() -> None:
     parser = base_parser(__doc__, results_group="gpu")
     parser.set_defaults(model="llama2-7b", threads=4)
@@ -309,10 +314,7 @@ def main() -> None:
             str(b): {
                 **{k: v for k, v in r.items() if k != "tokens"},
                 **(
-                    {
-                        "same_tokens_as_local": r["tokens"][0] == local_tokens[0, -NEW_TOKENS:].tolist(),
-                        "tokens_agreeing_with_local": agreeing_tokens(r["tokens"][0], local_tokens[0, -NEW_TOKENS:]),
-                    }
+                    _agreement(agreeing_tokens(r["tokens"][0], local_tokens[0, -NEW_TOKENS:].tolist()), "_as_local")
                     if local_tokens is not None
                     else {}
                 ),
@@ -333,8 +335,7 @@ def main() -> None:
         figures["nectar"] |= {
             "ratio": ratio,
             "overhead_ms": overhead,
-            "same_tokens": tokens.tolist() == local_tokens.tolist(),
-            "new_tokens_agreeing": agreeing_tokens(tokens[0, -NEW_TOKENS:], local_tokens[0, -NEW_TOKENS:]),
+            **_agreement(agreeing_tokens(tokens[0, -NEW_TOKENS:].tolist(), local_tokens[0, -NEW_TOKENS:].tolist())),
         }
         rows.append(
             ("local transformers", f"{local_best.decode_tps:8.1f} tok/s  median {local_best.median_ms:6.2f} ms/token")
@@ -360,13 +361,9 @@ def main() -> None:
             )
         )
     if local_best is not None:
-        agree = figures["nectar"]["new_tokens_agreeing"]
-        rows.append(
-            (
-                "same greedy tokens",
-                f"{figures['nectar']['same_tokens']} ({agree} of {NEW_TOKENS} new tokens agree first)",
-            )
-        )
+        nectar = figures["nectar"]
+        agreed = f"{nectar['same_tokens']} ({nectar['tokens_agreeing']} of {NEW_TOKENS} new tokens agree first)"
+        rows.append(("same greedy tokens", agreed))
     figures["floor"] = floor = bandwidth_floor(path, args.device)
     ceiling = "no bandwidth measured off a GPU"
     if floor["ceiling_tps"] == floor["ceiling_tps"]:  # not NaN

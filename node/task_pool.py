@@ -209,14 +209,14 @@ class ComputeThread:
         after ``gather_share`` of the last round's compute time or 1.25 times what the last gathering took, whichever is
         longer (at most ``max_gather_rounds`` rounds), so a session that went quiet costs little. The second bound
         matters where rounds are cheap (a recorded GPU round) while replies still take a while to reach every session.
-        The cap is counted in rounds, never in fixed time: where two nodes share one GPU, a split group is away for a
-        whole round of the other node (a 70B shape: 50-100 ms), while a 7B shape's rounds take 3 ms and a fixed 50 ms
-        cap let the waits of two nodes in a route grow to it (16 sessions: 146.8 tok/s against 638.8 without waiting,
-        stop 43). After a wait that timed out, the next is drawn between one and two bounds (never past the cap): two
-        nodes each holding one group and waiting for the other would otherwise time out together and stay split (four
-        rounds a token instead of two); by chance one runs while the other still waits. A node sets it with
-        ``--batch-wait``, by default 0.5 on a GPU (a round there costs about one read of the weights however many rows
-        it holds) and off on a CPU (rounds that split let a route's nodes work as a pipeline).
+        The cap is counted in rounds, never in fixed time: a split group is away for a whole round of the other node
+        sharing the GPU (a 70B shape: 50-100 ms), while a fixed cap far above short rounds (a 7B shape's 3 ms) lets two
+        nodes' waits grow to it (docs/performance.md, "Fuller rounds"). After a wait that timed out, the next is drawn
+        between one and two bounds (never past the cap): two nodes each holding one group and waiting for the other
+        would otherwise time out together and stay split (four rounds a token instead of two); by chance one runs while
+        the other still waits. A node sets it with ``--batch-wait``, by default 0.5 on a GPU (a round there costs about
+        one read of the weights however many rows it holds) and off on a CPU (rounds that split let a route's nodes work
+        as a pipeline).
         """
         queue = self._queues[Priority.INFERENCE]
         expected = self._expected()
