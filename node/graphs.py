@@ -305,6 +305,16 @@ class PagedDecoder:
         self.max_sessions = self.BUCKETS[-1]
         self._graphs: collections.OrderedDict[tuple, _PagedGraph] = collections.OrderedDict()
         self.replays = self.recorded = 0
+        if self.enabled and capture:  # builds the round's kernels now (Triton's take seconds), not in a first round
+            scratch = _PagedGraph(
+                None,
+                torch.zeros(1, self.hidden_size, device=self.device, dtype=self.dtype),
+                torch.zeros(1, dtype=torch.long, device=self.device),
+                torch.zeros(1, 1, dtype=torch.long, device=self.device),
+                None,
+            )
+            with torch.inference_mode(), self.runner.kernels():
+                self._step(scratch, 0, 1)  # position 0 of the scratch page: no session's keys
 
     def applies(self, tasks: Sequence[SpanStep]) -> bool:
         """Whether these steps run as a paged round: one token of one sequence each, every cache in this pool with

@@ -54,6 +54,14 @@ def test_recorded_rounds_through_the_kernels_equal_the_eager_route(tiny_llama, d
     _check("rounds", dtype, str(tiny_llama), str(lone_length))
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_paged_rounds_through_the_kernels_equal_rounds_over_own_caches(tiny_llama, dtype):
+    """Sessions in a page pool (pages of 4 tokens: they cross pages, and rows of no session fill the round's
+    bucket) through ``PagedDecoder``, against the same sessions over their own caches on the same route: the same
+    kernels, addressed through page tables, give the same bits (the eager paged route only within rounding)."""
+    _check("paged", dtype, str(tiny_llama))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels need a CUDA GPU (the device machine)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("max_lengths", [(40, 24, 300), (300, 300, 300)], ids=["own-caches", "pooled-caches"])
@@ -96,6 +104,58 @@ def test_recorded_rounds_on_the_gpu_equal_the_eager_route(tiny_llama, monkeypatc
     decoder = backends["triton"].decode_graphs
     assert decoder.recorded == 1 and decoder.replays == 24
     assert backends["triton"].batch_runner.fused_error is None
+    assert worst <= 64 * torch.finfo(dtype).eps, worst
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels need a CUDA GPU (the device machine)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_recorded_paged_rounds_on_the_gpu_equal_rounds_over_own_caches(tiny_llama, monkeypatch, dtype):
+    """A page pool's recorded rounds (``PagedDecoder``: one recording per bucket and width, whichever sessions)
+    against recorded rounds over the sessions' own caches, both on the Triton route; sessions of 300 positions take
+    two attention chunks. cuBLAS may pick other kernels for a bucket's padded rows, so within rounding."""
+    from nectar.node.backend import SpanBackend
+
+    monkeypatch.setenv(ROUTE_ENV, "triton")
+    paged = SpanBackend(
+        tiny_llama,
+        0,
+        4,
+        dtype=dtype,
+        device="cuda",
+        show_progress=False,
+        batching=True,
+        page_size=16,
+        cache_bytes=64 << 20,
+    )
+    own = SpanBackend(tiny_llama, 0, 4, dtype=dtype, device="cuda", show_progress=False, batching=True)
+    assert paged.paged is not None and paged.paged.capture and paged.batch_runner.fused
+    generator = torch.Generator().manual_seed(0)
+    hidden = own.hidden_size
+    sessions = []
+    for prefill in (5, 250, 7):
+        x = torch.randn(1, prefill, hidden, generator=generator)
+        caches = {"paged": paged.new_caches(0, 4, 1, 300), "own": own.new_caches(0, 4, 1, 300)}
+        paged.inference_step(x, caches["paged"], start=0, end=4, position=0)
+        own.inference_step(x, caches["own"], start=0, end=4, position=0)
+        sessions.append([caches, prefill])
+    worst = 0.0
+    for step in range(12):
+        for group in (sessions, sessions[:1]):
+            xs = [torch.randn(1, 1, hidden, generator=generator) for _ in group]
+            outputs = {}
+            for name, backend in (("paged", paged), ("own", own)):
+                tasks = [
+                    backend.inference_task(x, caches[name], start=0, end=4, position=position)
+                    for x, (caches, position) in zip(xs, group)
+                ]
+                outputs[name] = backend.run_inference(tasks)
+            for a, b in zip(outputs["paged"], outputs["own"]):
+                worst = max(worst, (a.float() - b.float()).abs().max().item())
+            for session in group:
+                session[1] += 1
+    assert paged.paged.replays == 24 and paged.batch_runner.fused_error is None
+    # buckets 4 and 1, one recording each time the round's longest session doubles its pages
+    assert {key[2] for key in paged.paged._graphs} == {1, 4}, list(paged.paged._graphs)
     assert worst <= 64 * torch.finfo(dtype).eps, worst
 
 
@@ -145,6 +205,92 @@ def check_kernels(dtype: torch.dtype) -> None:
         # float32 throughout, one rounding at the end: within half a unit of the dtype's last place
         ulp = torch.finfo(dtype).eps * reference.abs().clamp_min(2**-6)
         assert ((out[row].view(heads, 1, dim).float() - reference).abs() <= ulp).all()
+    check_paged_kernels(dtype, generator)
+
+
+def check_paged_kernels(dtype: torch.dtype, generator: torch.Generator) -> None:
+    """``rope_write`` and ``attention`` through page tables equal the same over each row's own stretch, bit for bit:
+    the pages hold the rows' positions in a scattered order, 300 positions take two attention chunks."""
+    from nectar.models.families.llama import triton_decode as kernels
+
+    n, heads, kv_heads, dim, page_size, width = 3, 4, 2, 16, 8, 38  # 38 pages of 8: 304 positions a row
+    positions = torch.tensor([3, 17, 299])
+    cos, sin = (torch.randn(width * page_size, dim, generator=generator).to(dtype) for _ in range(2))
+    qkv = torch.randn(n, heads + 2 * kv_heads, dim, generator=generator).to(dtype)
+    own = torch.randn(n, 2, kv_heads, width * page_size, dim, generator=generator).to(dtype)
+    order = torch.randperm(n * width, generator=generator) + 1  # page 0 is scratch
+    tables = order.view(n, width)
+    pages = torch.zeros(n * width + 1, page_size, 2, kv_heads, dim, dtype=dtype)
+    for row in range(n):  # row's position p lives in page tables[row, p // page_size], slot p % page_size
+        pages[tables[row]] = own[row].permute(2, 0, 1, 3).reshape(width, page_size, 2, kv_heads, dim)
+    paged_qkv = qkv.clone()
+    kernels.rope_write(qkv, cos, sin, positions, own)
+    kernels.rope_write(paged_qkv, cos, sin, positions, pages, tables)
+    assert torch.equal(qkv, paged_qkv)
+    for row in range(n):
+        laid_out = pages[tables[row]].reshape(width * page_size, 2, kv_heads, dim).permute(1, 2, 0, 3)
+        assert torch.equal(laid_out, own[row])
+    expected = kernels.attention(qkv, positions, own, 0.25)
+    assert torch.equal(kernels.attention(paged_qkv, positions, pages, 0.25, tables), expected)
+
+
+def check_paged_rounds(dtype: torch.dtype, tiny_llama: str) -> None:
+    """A page pool's decode rounds on the Triton route (``PagedDecoder``, run eagerly on the CPU) against rounds
+    over the sessions' own caches on the same route: bit for bit; the eager paged route within rounding."""
+    from nectar.models.families.llama import graphs
+    from nectar.node.backend import SpanBackend
+    from nectar.node.graphs import GraphedDecoder
+
+    backends = {}
+    for name, route, page_size in (("paged", "triton", 4), ("own", "triton", 0), ("eager", "eager", 4)):
+        os.environ[ROUTE_ENV] = route
+        backend = SpanBackend(
+            tiny_llama,
+            0,
+            4,
+            dtype=dtype,
+            device="cpu",
+            show_progress=False,
+            batching=True,
+            page_size=page_size,
+            cache_bytes=1 << 20,
+        )
+        if page_size == 0:
+            backend.decode_graphs = GraphedDecoder(backend.batch_runner, capture=False)
+        else:
+            assert backend.paged is not None and backend.paged.enabled
+        backends[name] = backend
+    assert backends["paged"].batch_runner.fused and not backends["eager"].batch_runner.fused
+    calls = []
+    fused = graphs._through_blocks_fused
+    graphs._through_blocks_fused = lambda *args: calls.append(isinstance(args[-1][0], tuple)) or fused(*args)
+    generator = torch.Generator().manual_seed(0)
+    hidden = backends["own"].hidden_size
+    sessions = []
+    for prefill in (3, 6, 9):
+        x = torch.randn(1, prefill, hidden, generator=generator)
+        caches = {name: backend.new_caches(0, 4, 1, 40) for name, backend in backends.items()}
+        for name, backend in backends.items():
+            backend.inference_step(x, caches[name], start=0, end=4, position=0)
+        sessions.append([caches, prefill])
+    worst = 0.0
+    for step in range(6):  # a bucket of 4 for three sessions (a row of no session), then one alone
+        for group in (sessions, sessions[1:2]):
+            xs = [torch.randn(1, 1, hidden, generator=generator) for _ in group]
+            outputs = {}
+            for name, backend in backends.items():
+                tasks = [
+                    backend.inference_task(x, caches[name], start=0, end=4, position=position)
+                    for x, (caches, position) in zip(xs, group)
+                ]
+                outputs[name] = backend.run_inference(tasks)
+            for paged, own, eager in zip(outputs["paged"], outputs["own"], outputs["eager"]):
+                assert torch.equal(paged, own)
+                worst = max(worst, (paged.float() - eager.float()).abs().max().item())
+            for session in group:
+                session[1] += 1
+    assert backends["paged"].paged.replays == 12 and sum(calls) == 12, calls  # every round through the pages
+    assert worst <= 64 * torch.finfo(dtype).eps, worst
 
 
 def check_rounds(dtype: torch.dtype, tiny_llama: str, lone_length: str) -> None:
@@ -290,7 +436,12 @@ def check_fallback(dtype: torch.dtype, tiny_llama: str) -> None:
 
 if __name__ == "__main__":
     check, dtype_name, *rest = sys.argv[1:]
-    {"kernels": check_kernels, "rounds": check_rounds, "nf4": check_nf4_rounds, "fallback": check_fallback}[check](
-        getattr(torch, dtype_name), *rest
-    )
+    checks = {
+        "kernels": check_kernels,
+        "rounds": check_rounds,
+        "paged": check_paged_rounds,
+        "nf4": check_nf4_rounds,
+        "fallback": check_fallback,
+    }
+    checks[check](getattr(torch, dtype_name), *rest)
     print(f"{check} ok")

@@ -70,9 +70,17 @@ def paged_decode_step(
     recording serves any sessions that fit. Per block: one ``index_copy_`` of every row's new key/value into its
     slot (table[position // page_size] * page_size + position % page_size), a gather of every row's ``width`` pages
     (a copy of n * width * page_size keys and values: the price of the fixed shape, growing with the width the node
-    chose for the round, not with the pool) and one masked attention call."""
+    chose for the round, not with the pool) and one masked attention call. On the Triton route (``fuses``) the
+    kernels write and read the pages through the tables instead: no gather, no mask, the same values as its rounds
+    over a session's own cache."""
     n, heads, kv_heads, dim = x.shape[0], blocks.num_heads, blocks.num_kv_heads, blocks.head_dim
     page_size, width = storage.shape[2], tables.shape[1]
+    if getattr(blocks, "fused", False):  # the Triton kernels read and write the pages through the tables
+        try:
+            pages = [(storage[first_block + local], tables) for local in range(num_blocks)]
+            return _through_blocks_fused(blocks, x, positions, first_block, num_blocks, pages)
+        except Exception as error:
+            _unfuse(blocks, error)
     page = tables.gather(1, torch.div(positions, page_size, rounding_mode="floor")[:, None])[:, 0]
     slots = page * page_size + positions % page_size
     mask = _mask(blocks, positions, width * page_size)
@@ -128,7 +136,11 @@ def _through_blocks_fused(blocks: FusedLlamaBlocks, x, positions, first_block: i
             qkv = normed @ layer.qkv_weight
         qkv = qkv.view(n, heads + 2 * kv_heads, blocks.head_dim)
         pool = kv_pools[local]
-        if isinstance(pool, torch.Tensor):
+        if isinstance(pool, tuple):  # a block's pages and the rows' page tables (``paged_decode_step``)
+            pages, tables = pool
+            kernels.rope_write(qkv, blocks.cos_table, blocks.signed_sin_table, positions, pages, tables)
+            attention = kernels.attention(qkv, positions, pages, blocks.scaling, tables)
+        elif isinstance(pool, torch.Tensor):
             kernels.rope_write(qkv, blocks.cos_table, blocks.signed_sin_table, positions, pool)
             attention = kernels.attention(qkv, positions, pool, blocks.scaling)
         else:  # sessions with caches of different lengths, each its own buffer: their own launches

@@ -84,12 +84,26 @@ def _add_rms_norm(
 
 
 @triton.jit
+def _slot(tables_ptr, table_width, row, position, row_stride, position_stride, PAGE: tl.constexpr):
+    """Offset of ``position`` (a scalar or a vector) of ``row``'s cache: in the row's own stretch of the pool, or
+    (``PAGE`` > 0) in the page its table lists for it."""
+    if PAGE > 0:
+        page = tl.load(tables_ptr + row * table_width + position // PAGE).to(tl.int64)
+        offset = page * row_stride + (position % PAGE) * position_stride
+    else:
+        offset = row * row_stride + position * position_stride
+    return offset
+
+
+@triton.jit(do_not_specialize=["table_width"])  # one build whatever the tables' width
 def _rope_write(
     qkv_ptr,
     cos_ptr,
     sin_ptr,
     positions_ptr,
     cache_ptr,
+    tables_ptr,
+    table_width,
     row_stride,
     kv_stride,
     head_stride,
@@ -97,10 +111,12 @@ def _rope_write(
     heads: tl.constexpr,
     kv_heads: tl.constexpr,
     DIM: tl.constexpr,
+    PAGE: tl.constexpr,
 ):
     """Program (row, head) over qkv [n, heads + 2 * kv_heads, DIM]: RoPE on a query head (in place), or on a key
     head then its key and value into the cache at the row's position. Rounded as ``rope_in_place``: each product,
-    then their sum."""
+    then their sum. ``PAGE`` > 0: the cache is a page pool, the row's position in page tables[row, position // PAGE]
+    (``row_stride`` then steps pages, ``position_stride`` slots within one)."""
     row = tl.program_id(0).to(tl.int64)  # offsets in 64 bits: a pool of many long rows passes 2**31 elements
     head = tl.program_id(1)
     position = tl.load(positions_ptr + row)
@@ -116,16 +132,19 @@ def _rope_write(
     if head < heads:
         tl.store(base + cols, rotated)
     else:
-        slot = cache_ptr + row * row_stride + (head - heads) * head_stride + position * position_stride + cols
+        slot = cache_ptr + _slot(tables_ptr, table_width, row, position, row_stride, position_stride, PAGE)
+        slot += (head - heads) * head_stride + cols
         tl.store(slot, rotated)
         tl.store(slot + kv_stride, tl.load(base + kv_heads * DIM + cols))
 
 
-@triton.jit(do_not_specialize=["chunk", "splits"])  # one build whatever the cache's length
+@triton.jit(do_not_specialize=["chunk", "splits", "table_width"])  # one build whatever the cache's length
 def _attention(
     qkv_ptr,
     positions_ptr,
     cache_ptr,
+    tables_ptr,
+    table_width,
     out_ptr,
     partial_ptr,
     stats_ptr,
@@ -140,9 +159,11 @@ def _attention(
     kv_heads: tl.constexpr,
     DIM: tl.constexpr,
     TILE: tl.constexpr,
+    PAGE: tl.constexpr,
 ):
     """Program (row, head, chunk): softmax(q k^T * scale) v over the chunk's positions up to the row's own (float32
-    throughout). One chunk writes the output; several write float32 partials and their (max, sum) for ``_combine``."""
+    throughout). One chunk writes the output; several write float32 partials and their (max, sum) for ``_combine``.
+    ``PAGE`` > 0: positions are found through the row's page table, as in ``_rope_write``."""
     row = tl.program_id(0).to(tl.int64)  # offsets in 64 bits: a pool of many long rows passes 2**31 elements
     head = tl.program_id(1)
     chunk = tl.program_id(2)
@@ -150,7 +171,7 @@ def _attention(
     kv_head = head // (heads // kv_heads)
     cols = tl.arange(0, DIM)
     q = tl.load(qkv_ptr + (row * (heads + 2 * kv_heads) + head) * DIM + cols).to(tl.float32)
-    keys = cache_ptr + row * row_stride + kv_head * head_stride
+    keys = cache_ptr + kv_head * head_stride
     best = -float("inf")
     total = 0.0
     acc = tl.zeros([DIM], dtype=tl.float32)
@@ -159,13 +180,14 @@ def _attention(
     for start in range(begin, end, TILE):
         at = start + tl.arange(0, TILE)
         valid = at < end
-        k = tl.load(keys + at[:, None] * position_stride + cols[None, :], mask=valid[:, None], other=0.0)
+        slots = _slot(tables_ptr, table_width, row, tl.where(valid, at, 0), row_stride, position_stride, PAGE)
+        k = tl.load(keys + slots[:, None] + cols[None, :], mask=valid[:, None], other=0.0)
         scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * scale
         scores = tl.where(valid, scores, -float("inf"))
         new_best = tl.maximum(best, tl.max(scores, axis=0))
         shrink = tl.exp(best - new_best)
         p = tl.exp(scores - new_best)
-        v = tl.load(keys + kv_stride + at[:, None] * position_stride + cols[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(keys + kv_stride + slots[:, None] + cols[None, :], mask=valid[:, None], other=0.0)
         acc = acc * shrink + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         total = total * shrink + tl.sum(p, axis=0)
         best = new_best
@@ -232,22 +254,49 @@ def add_rms_norm(
     return summed, out
 
 
-def rope_write(qkv: torch.Tensor, cos_table, sin_table, positions, kv_pool: torch.Tensor) -> None:
+def _layout(kv_pool: torch.Tensor, tables: torch.Tensor | None) -> tuple:
+    """(kv_heads, positions a row can hold, strides as the kernels take them: row or page, key/value, head,
+    position or slot, and the page size or 0) of a pool [n, key/value, kv_heads, max_length, dim] or, with
+    ``tables`` [n, width] of page ids, of one block's pages [pages, page_size, key/value, kv_heads, dim]."""
+    if tables is None:
+        return kv_pool.shape[2], kv_pool.shape[3], kv_pool.stride()[:4], 0
+    page, slot, kv, head = kv_pool.stride()[:4]
+    page_size = kv_pool.shape[1]
+    return kv_pool.shape[3], tables.shape[1] * page_size, (page, kv, head, slot), page_size
+
+
+def rope_write(
+    qkv: torch.Tensor, cos_table, sin_table, positions, kv_pool: torch.Tensor, tables: torch.Tensor | None = None
+) -> None:
     """RoPE on qkv [n, heads + 2 * kv_heads, dim]'s queries and keys (queries in place), keys and values into
     ``kv_pool`` [n, key/value, kv_heads, max_length, dim] (any strides, the last dimension contiguous) at each row's
-    position."""
+    position, or into the pages of ``tables`` (``_layout``)."""
     n, total, dim = qkv.shape
-    kv_heads = kv_pool.shape[2]
+    kv_heads, _, strides, page_size = _layout(kv_pool, tables)
     heads = total - 2 * kv_heads
     _rope_write[(n, heads + kv_heads)](
-        qkv, cos_table, sin_table, positions, kv_pool, *kv_pool.stride()[:4], heads=heads, kv_heads=kv_heads, DIM=dim
+        qkv,
+        cos_table,
+        sin_table,
+        positions,
+        kv_pool,
+        tables if tables is not None else positions,
+        tables.shape[1] if tables is not None else 0,
+        *strides,
+        heads=heads,
+        kv_heads=kv_heads,
+        DIM=dim,
+        PAGE=page_size,
     )
 
 
-def attention(qkv: torch.Tensor, positions: torch.Tensor, kv_pool: torch.Tensor, scale: float) -> torch.Tensor:
-    """[n, heads * dim]: each row's rotated query heads (in qkv) over its cache's positions up to its own."""
+def attention(
+    qkv: torch.Tensor, positions: torch.Tensor, kv_pool: torch.Tensor, scale: float, tables: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[n, heads * dim]: each row's rotated query heads (in qkv) over its cache's positions up to its own (a pool,
+    or pages as in ``rope_write``)."""
     n, total, dim = qkv.shape
-    kv_heads, max_length = kv_pool.shape[2], kv_pool.shape[3]
+    kv_heads, max_length, strides, page_size = _layout(kv_pool, tables)
     heads = total - 2 * kv_heads
     out = torch.empty(n, heads, dim, device=qkv.device, dtype=qkv.dtype)
     splits = triton.cdiv(max_length, ATTENTION_CHUNK)
@@ -259,10 +308,12 @@ def attention(qkv: torch.Tensor, positions: torch.Tensor, kv_pool: torch.Tensor,
         qkv,
         positions,
         kv_pool,
+        tables if tables is not None else positions,
+        tables.shape[1] if tables is not None else 0,
         out,
         partial,
         stats,
-        *kv_pool.stride()[:4],
+        *strides,
         scale,
         ATTENTION_CHUNK,
         splits,
@@ -270,6 +321,7 @@ def attention(qkv: torch.Tensor, positions: torch.Tensor, kv_pool: torch.Tensor,
         kv_heads=kv_heads,
         DIM=dim,
         TILE=32,
+        PAGE=page_size,
         num_warps=4,
     )
     if splits > 1:
