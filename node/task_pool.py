@@ -72,6 +72,7 @@ class ComputeStats:
         return self.steps / self.batches if self.batches else 0.0
 
 
+_FORGET_S = 10.0  # a session unseen this long is no longer expected back soon: its timings are dropped
 _round = threading.local()  # the compute thread's current round, until it is announced
 
 
@@ -106,6 +107,9 @@ class ComputeThread:
         self.gather_share, self.max_gather_rounds = gather_share, max_gather_rounds
         self._last_round_s = 0.0
         self._round_sessions: list[set] = [set(), set()]  # sessions of the last two rounds
+        self._left: dict = {}  # session -> when the round with its last step ended (monotonic)
+        self._away: dict = {}  # session -> how long it was away before its next step came, lately (a moving mean)
+        self._pruned_at = 0.0
         self._last_spread = 0.0  # how long the last gathering took to bring every session back
         self._timed_out = False  # the last gathering ended at its deadline, not with every session back
         self._gathering = False  # waiting for a round's sessions (read by the event loop, see ``gathering``)
@@ -138,6 +142,8 @@ class ComputeThread:
         with self._condition:
             for sessions in self._round_sessions:
                 sessions.discard(session)
+            self._left.pop(session, None)
+            self._away.pop(session, None)
             self._condition.notify()  # a gathering round may now have all it waits for
 
     def shutdown(self) -> None:
@@ -188,7 +194,9 @@ class ComputeThread:
             trace.event("round_end", value=len(batch))
             if training is None:
                 self._last_round_s = time.perf_counter() - began
-                self._round_sessions = [self._round_sessions[1], {work.session for work in batch}]
+                with self._condition:
+                    self._round_sessions = [self._round_sessions[1], {work.session for work in batch}]
+                    self._note_left(batch)
                 self.stats.inference_seconds += self._last_round_s
 
     def _training_due(self) -> _Work | None:
@@ -214,7 +222,9 @@ class ComputeThread:
         nodes' waits grow to it (docs/performance.md, "Fuller rounds"). After a wait that timed out, the next is drawn
         between one and two bounds (never past the cap): two nodes each holding one group and waiting for the other
         would otherwise time out together and stay split (four rounds a token instead of two); by chance one runs while
-        the other still waits. A node sets it with ``--batch-wait``, by default 0.5 on a GPU (a round there costs about
+        the other still waits. Only sessions expected back within the cap are waited for (``_due``): where a
+        route's other node holds them longer than this node's rounds take, starting at once costs less. A node sets
+        it with ``--batch-wait``, by default 0.5 on a GPU (a round there costs about
         one read of the weights however many rows it holds) and off on a CPU (rounds that split let a route's nodes work
         as a pipeline).
         """
@@ -224,13 +234,16 @@ class ComputeThread:
             return
         began = time.monotonic()
         limit = self.max_gather_rounds * self._last_round_s
+        waited_for = self._due(began + limit)
+        if not waited_for:  # every missing session is away for longer than the round a wait would save
+            return
         bound = max(self.gather_share * self._last_round_s, 1.25 * self._last_spread)
         if self._timed_out:  # rounds split lately: a chance longer wait breaks a tie with another node's
             bound *= random.uniform(1.0, 2.0)  # not a secret: it only needs to differ between nodes
         deadline = began + min(limit, bound)
         self._gathering = True
         try:
-            while not self._stopped and len(queue) < self._expected():  # ``forget`` may lower it meanwhile
+            while not self._stopped and not self._arrived(waited_for):  # ``forget`` may end a wait meanwhile
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:  # someone left, or replies now take longer: allow more next time
                     self._last_spread = min(limit, 2 * max(self._last_spread, 1e-3))
@@ -243,8 +256,44 @@ class ComputeThread:
             self._gathering = False
 
     def _expected(self) -> int:
-        """How many sessions a round waits for: those of the last two rounds that have not ended."""
+        """How many sessions a round may wait for: those of the last two rounds that have not ended."""
         return len(self._round_sessions[0] | self._round_sessions[1])
+
+    def _due(self, horizon: float) -> set:
+        """The sessions of the last two rounds with no step pending that should be back by ``horizon``: each is
+        expected when its last round ended plus how long it was away lately (a session not yet seen twice is
+        expected). A session held elsewhere for longer (at another node of its route, whose rounds take longer than
+        this node's cap) is not waited for: the wait would cost more than the round it saves."""
+        pending = {work.session for work in self._queues[Priority.INFERENCE]}
+        due = set()
+        for session in (self._round_sessions[0] | self._round_sessions[1]) - pending:
+            left, away = self._left.get(session), self._away.get(session)
+            if left is None or away is None or left + away <= horizon:
+                due.add(session)
+        return due
+
+    def _arrived(self, waited_for: set) -> bool:
+        """Whether every session a gathering waits for has a step pending or has ended (caller holds the lock)."""
+        live = (self._round_sessions[0] | self._round_sessions[1]) & waited_for
+        return live <= {work.session for work in self._queues[Priority.INFERENCE]}
+
+    def _note_left(self, batch: list[_Work]) -> None:
+        """Records when the round's sessions left and, for those seen before, how long they were away (the time
+        from the end of their previous round to their step's submission; caller holds the lock). Bounded: a session
+        not seen for ``_FORGET_S`` is dropped (an ended stream's at once, ``forget``)."""
+        now = time.monotonic()
+        for work in batch:
+            left = self._left.get(work.session)
+            if left is not None:
+                away = max(0.0, work.submitted - left)
+                last = self._away.get(work.session)
+                self._away[work.session] = away if last is None else 0.5 * (last + away)
+            self._left[work.session] = now
+        if now - self._pruned_at > 1.0:
+            self._pruned_at = now
+            for session in [s for s, left in self._left.items() if now - left > _FORGET_S]:
+                del self._left[session]
+                self._away.pop(session, None)
 
     def _take_inference_round(self) -> list[_Work]:
         queue = self._queues[Priority.INFERENCE]
