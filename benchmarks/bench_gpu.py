@@ -130,7 +130,13 @@ def concurrent_sessions(model, path, swarm, args) -> dict:
             counters = compute_counters(model)
             result.update(counters_since(before, counters))
             before = counters
-        results[num_sessions] = result
+        # a count named twice (``--sessions 1 16 16``: the second run finds its recordings made) keeps its best run
+        earlier = results.get(num_sessions)
+        result["runs_tps"] = (earlier["runs_tps"] if earlier else []) + [result["aggregate_tps"]]
+        if earlier is None or result["aggregate_tps"] >= earlier["aggregate_tps"]:
+            results[num_sessions] = result
+        else:
+            earlier["runs_tps"] = result["runs_tps"]
         log(
             f"  {num_sessions} sessions: {result['aggregate_tps']:.1f} tok/s"
             + (node_time(result) if len(swarm.nodes) == 1 else "")

@@ -49,7 +49,8 @@ class NodeConfig:
     session_timeout: float = 120.0  # seconds an inference session may stay idle before its cache is freed
     batch_wait: float | None = None  # let a decode round wait for the last rounds' sessions: up to this share of the
     # last round's compute time, or 1.25x the last wait (at most two rounds; after a wait that timed out, up to twice
-    # that by chance within the cap, so two nodes sharing a GPU do not time out together); 0 = start at once;
+    # that by chance within the cap, so two nodes sharing a GPU do not time out together), and only for sessions
+    # expected back within the cap (from how long each was away lately); 0 = start at once;
     # None = 0.5 on a GPU (a round there costs about one read of the weights however many sessions it holds), 0 on a CPU
     receipt_delay: float = 0.01  # quiet seconds after which a separate receipt is signed without a next step
     receipt_signer: str = "process"  # where receipts are signed: process (a child process; keeps the event loop free
