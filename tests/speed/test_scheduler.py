@@ -276,64 +276,22 @@ def test_a_round_does_not_wait_for_a_session_that_ended():
     assert elapsed < 1.5, f"the round waited {elapsed:.1f} s for a session that had ended"
 
 
-def test_a_short_round_never_waits_longer_than_two_rounds():
-    """The wait is capped in rounds, not in fixed time: a 7B shape's recorded rounds take 3 ms, and where a session
-    comes back only now and then (it is away at another node of its route), a 50 ms cap let every round wait up to
-    it (two nodes on an H100, 16 sessions: 146.8 tok/s against 638.8 without waiting, stop 43)."""
+class _ShortStep(_SessionStep):
+    """A 4 ms round, as a recorded round of a 7B shape's half takes about 3 ms."""
 
-    class _ShortStep(_SessionStep):
-        def __call__(self):
-            return self.run_batch([self])[0]
+    def __call__(self):
+        return self.run_batch([self])[0]
 
-        @staticmethod
-        def run_batch(steps):
-            time.sleep(0.004)
-            return [step.name for step in steps]
-
-    compute = ComputeThread(gather_share=0.5)
-    steps, done = 40, asyncio.Event()
-
-    async def steady() -> float:
-        began = time.monotonic()
-        for _ in range(steps):
-            await compute.submit(_ShortStep("a", 0), Priority.INFERENCE)
-        done.set()
-        return (time.monotonic() - began) / steps
-
-    async def now_and_then() -> None:
-        while not done.is_set():  # in a round, then away for several of the steady session's rounds
-            await compute.submit(_ShortStep("b", 1), Priority.INFERENCE)
-            await asyncio.sleep(0.03)
-
-    async def scenario() -> float:
-        step, _ = await asyncio.gather(steady(), now_and_then())
-        return step
-
-    try:
-        step = asyncio.run(scenario())
-    finally:
-        compute.shutdown()
-    # a 4 ms round and at most two rounds' wait: 12 ms a step at worst; a 50 ms cap let the waits grow to it
-    assert step < 0.025, f"{step * 1e3:.1f} ms a step: rounds of 4 ms waited longer than two rounds"
+    @staticmethod
+    def run_batch(steps):
+        time.sleep(0.004)
+        return [step.name for step in steps]
 
 
-def test_a_round_does_not_wait_for_a_session_away_for_longer_than_the_cap():
-    """A session held elsewhere for longer than the rounds a wait may cost (at the other node of a 7B pair: its
-    rounds and two more replies) is not waited for: the steady session's rounds start at once, and the away session
-    joins whichever round is gathering when it comes back (two nodes on an H100, 16 sessions: 450.7 tok/s with the
-    wait against 596.2 without, stop 44)."""
-
-    class _ShortStep(_SessionStep):
-        def __call__(self):
-            return self.run_batch([self])[0]
-
-        @staticmethod
-        def run_batch(steps):
-            time.sleep(0.004)
-            return [step.name for step in steps]
-
-    compute = ComputeThread(gather_share=0.5)
-    steps, done = 40, asyncio.Event()
+def _steady_and_away(compute: ComputeThread, steps: int = 40, away_s: float = 0.03) -> float:
+    """Session 0 steps back to back while session 1 comes for one round, then stays away ``away_s`` (at another
+    node of its route); returns how long session 0's steps took."""
+    done = asyncio.Event()
 
     async def steady() -> float:
         began = time.monotonic()
@@ -343,18 +301,36 @@ def test_a_round_does_not_wait_for_a_session_away_for_longer_than_the_cap():
         return time.monotonic() - began
 
     async def away() -> None:
-        while not done.is_set():  # in a round, then away for several of the steady session's rounds
+        while not done.is_set():
             await compute.submit(_ShortStep("b", 1), Priority.INFERENCE)
-            await asyncio.sleep(0.03)
+            await asyncio.sleep(away_s)
 
     async def scenario() -> float:
         elapsed, _ = await asyncio.gather(steady(), away())
         return elapsed
 
     try:
-        elapsed = asyncio.run(scenario())
+        return asyncio.run(scenario())
     finally:
         compute.shutdown()
+
+
+def test_a_short_round_never_waits_longer_than_two_rounds():
+    """The wait is capped in rounds, not in fixed time: a 7B shape's recorded rounds take 3 ms, and where a session
+    comes back only now and then (it is away at another node of its route), a 50 ms cap let every round wait up to
+    it (two nodes on an H100, 16 sessions: 146.8 tok/s against 638.8 without waiting, stop 43)."""
+    step = _steady_and_away(ComputeThread(gather_share=0.5)) / 40
+    # a 4 ms round and at most two rounds' wait: 12 ms a step at worst; a 50 ms cap let the waits grow to it
+    assert step < 0.025, f"{step * 1e3:.1f} ms a step: rounds of 4 ms waited longer than two rounds"
+
+
+def test_a_round_does_not_wait_for_a_session_away_for_longer_than_the_cap():
+    """A session held elsewhere for longer than the rounds a wait may cost (at the other node of a 7B pair: its
+    rounds and two more replies) is not waited for: the steady session's rounds start at once, and the away session
+    joins whichever round is gathering when it comes back (two nodes on an H100, 16 sessions: 450.7 tok/s with the
+    wait against 596.2 without, stop 44)."""
+    compute = ComputeThread(gather_share=0.5)
+    elapsed = _steady_and_away(compute)
     # waiting up to two 4 ms rounds each time the away session is missing: most of the time goes to gathering
     gathered = compute.stats.gather_seconds
     assert gathered < 0.25 * elapsed, f"{gathered * 1e3:.0f} of {elapsed * 1e3:.0f} ms waiting for the away session"
