@@ -31,6 +31,23 @@ def _check(name: str, *args: str) -> None:
     run_interpreted(__file__, name, *args, expect=f"{name} ok")
 
 
+def _decode_round(backends: dict, group: list, generator: torch.Generator) -> dict:
+    """One decode step of each session in ``group`` ([caches by backend name, position]) on every backend, the
+    same random input for each: the outputs by backend name; the sessions' positions advance."""
+    hidden = next(iter(backends.values())).hidden_size
+    xs = [torch.randn(1, 1, hidden, generator=generator) for _ in group]
+    outputs = {}
+    for name, backend in backends.items():
+        tasks = [
+            backend.inference_task(x, caches[name], start=0, end=4, position=position)
+            for x, (caches, position) in zip(xs, group)
+        ]
+        outputs[name] = backend.run_inference(tasks)
+    for session in group:
+        session[1] += 1
+    return outputs
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_each_kernel_rounds_as_the_eager_route(dtype):
     _check("kernels", dtype)
@@ -89,18 +106,9 @@ def test_recorded_rounds_on_the_gpu_equal_the_eager_route(tiny_llama, monkeypatc
     worst = 0.0
     for step in range(12):
         for group in (sessions, sessions[:1]):
-            xs = [torch.randn(1, 1, hidden, generator=generator) for _ in group]
-            outputs = {}
-            for route, backend in backends.items():
-                tasks = [
-                    backend.inference_task(x, caches[route], start=0, end=4, position=position)
-                    for x, (caches, position) in zip(xs, group)
-                ]
-                outputs[route] = backend.run_inference(tasks)
+            outputs = _decode_round(backends, group, generator)
             for fused, eager in zip(outputs["triton"], outputs["eager"]):
                 worst = max(worst, (fused.float() - eager.float()).abs().max().item())
-            for session in group:
-                session[1] += 1
     decoder = backends["triton"].decode_graphs
     assert decoder.recorded == 1 and decoder.replays == 24
     assert backends["triton"].batch_runner.fused_error is None
@@ -141,18 +149,9 @@ def test_recorded_paged_rounds_on_the_gpu_equal_rounds_over_own_caches(tiny_llam
     worst = 0.0
     for step in range(12):
         for group in (sessions, sessions[:1]):
-            xs = [torch.randn(1, 1, hidden, generator=generator) for _ in group]
-            outputs = {}
-            for name, backend in (("paged", paged), ("own", own)):
-                tasks = [
-                    backend.inference_task(x, caches[name], start=0, end=4, position=position)
-                    for x, (caches, position) in zip(xs, group)
-                ]
-                outputs[name] = backend.run_inference(tasks)
+            outputs = _decode_round({"paged": paged, "own": own}, group, generator)
             for a, b in zip(outputs["paged"], outputs["own"]):
                 worst = max(worst, (a.float() - b.float()).abs().max().item())
-            for session in group:
-                session[1] += 1
     assert paged.paged.replays == 24 and paged.batch_runner.fused_error is None
     # buckets 4 and 1, one recording each time the round's longest session doubles its pages
     assert {key[2] for key in paged.paged._graphs} == {1, 4}, list(paged.paged._graphs)
@@ -276,19 +275,10 @@ def check_paged_rounds(dtype: torch.dtype, tiny_llama: str) -> None:
     worst = 0.0
     for step in range(6):  # a bucket of 4 for three sessions (a row of no session), then one alone
         for group in (sessions, sessions[1:2]):
-            xs = [torch.randn(1, 1, hidden, generator=generator) for _ in group]
-            outputs = {}
-            for name, backend in backends.items():
-                tasks = [
-                    backend.inference_task(x, caches[name], start=0, end=4, position=position)
-                    for x, (caches, position) in zip(xs, group)
-                ]
-                outputs[name] = backend.run_inference(tasks)
+            outputs = _decode_round(backends, group, generator)
             for paged, own, eager in zip(outputs["paged"], outputs["own"], outputs["eager"]):
                 assert torch.equal(paged, own)
                 worst = max(worst, (paged.float() - eager.float()).abs().max().item())
-            for session in group:
-                session[1] += 1
     assert backends["paged"].paged.replays == 12 and sum(calls) == 12, calls  # every round through the pages
     assert worst <= 64 * torch.finfo(dtype).eps, worst
 
@@ -327,18 +317,9 @@ def check_rounds(dtype: torch.dtype, tiny_llama: str, lone_length: str) -> None:
     for step in range(3):
         # four sessions (a pooled round), one of them (the same recording), and the fifth session
         for group in (sessions[:4], sessions[1:2], sessions[4:]):
-            xs = [torch.randn(1, 1, hidden, generator=generator) for _ in group]
-            outputs = {}
-            for route, backend in routes.items():
-                tasks = [
-                    backend.inference_task(x, caches[route], start=0, end=4, position=position)
-                    for x, (caches, position) in zip(xs, group)
-                ]
-                outputs[route] = backend.run_inference(tasks)
+            outputs = _decode_round(routes, group, generator)
             for fused_out, eager_out in zip(outputs["triton"], outputs["eager"]):
                 worst = max(worst, (fused_out.float() - eager_out.float()).abs().max().item())
-            for session in group:
-                session[1] += 1
     # the node records a round of all five (they are active together): pooled caches where their lengths are equal,
     # else each session's own buffers
     assert routes["triton"].decode_graphs.replays == 9
