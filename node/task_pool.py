@@ -107,8 +107,9 @@ class ComputeThread:
         self.gather_share, self.max_gather_rounds = gather_share, max_gather_rounds
         self._last_round_s = 0.0
         self._round_sessions: list[set] = [set(), set()]  # sessions of the last two rounds
-        self._left: dict = {}  # session -> when the round with its last step ended (monotonic)
-        self._away: dict = {}  # session -> how long it was away before its next step came, lately (a moving mean)
+        # session -> (when the round with its last step ended, how long it was away before its next step came
+        # lately: a moving mean, None until it came back once); monotonic seconds
+        self._seen: dict = {}
         self._pruned_at = 0.0
         self._last_spread = 0.0  # how long the last gathering took to bring every session back
         self._timed_out = False  # the last gathering ended at its deadline, not with every session back
@@ -142,8 +143,7 @@ class ComputeThread:
         with self._condition:
             for sessions in self._round_sessions:
                 sessions.discard(session)
-            self._left.pop(session, None)
-            self._away.pop(session, None)
+            self._seen.pop(session, None)
             self._condition.notify()  # a gathering round may now have all it waits for
 
     def shutdown(self) -> None:
@@ -222,11 +222,10 @@ class ComputeThread:
         nodes' waits grow to it (docs/performance.md, "Fuller rounds"). After a wait that timed out, the next is drawn
         between one and two bounds (never past the cap): two nodes each holding one group and waiting for the other
         would otherwise time out together and stay split (four rounds a token instead of two); by chance one runs while
-        the other still waits. Only sessions expected back within the cap are waited for (``_due``): where a
-        route's other node holds them longer than this node's rounds take, starting at once costs less. A node sets
-        it with ``--batch-wait``, by default 0.5 on a GPU (a round there costs about
-        one read of the weights however many rows it holds) and off on a CPU (rounds that split let a route's nodes work
-        as a pipeline).
+        the other still waits. Only sessions expected back within the cap are waited for (``_due``): where a route's
+        other node holds them longer than this node's rounds take, starting at once costs less. A node sets it with
+        ``--batch-wait``, by default 0.5 on a GPU (a round there costs about one read of the weights however many rows
+        it holds) and off on a CPU (rounds that split let a route's nodes work as a pipeline).
         """
         queue = self._queues[Priority.INFERENCE]
         expected = self._expected()
@@ -255,27 +254,31 @@ class ComputeThread:
         finally:
             self._gathering = False
 
+    def _live(self) -> set:
+        """The sessions a round may wait for: those of the last two rounds that have not ended."""
+        return self._round_sessions[0] | self._round_sessions[1]
+
     def _expected(self) -> int:
-        """How many sessions a round may wait for: those of the last two rounds that have not ended."""
-        return len(self._round_sessions[0] | self._round_sessions[1])
+        return len(self._live())
+
+    def _pending(self) -> set:
+        return {work.session for work in self._queues[Priority.INFERENCE]}
 
     def _due(self, horizon: float) -> set:
         """The sessions of the last two rounds with no step pending that should be back by ``horizon``: each is
         expected when its last round ended plus how long it was away lately (a session not yet seen twice is
         expected). A session held elsewhere for longer (at another node of its route, whose rounds take longer than
         this node's cap) is not waited for: the wait would cost more than the round it saves."""
-        pending = {work.session for work in self._queues[Priority.INFERENCE]}
         due = set()
-        for session in (self._round_sessions[0] | self._round_sessions[1]) - pending:
-            left, away = self._left.get(session), self._away.get(session)
-            if left is None or away is None or left + away <= horizon:
+        for session in self._live() - self._pending():
+            left, away = self._seen.get(session, (None, None))
+            if away is None or left + away <= horizon:
                 due.add(session)
         return due
 
     def _arrived(self, waited_for: set) -> bool:
         """Whether every session a gathering waits for has a step pending or has ended (caller holds the lock)."""
-        live = (self._round_sessions[0] | self._round_sessions[1]) & waited_for
-        return live <= {work.session for work in self._queues[Priority.INFERENCE]}
+        return (self._live() & waited_for) <= self._pending()
 
     def _note_left(self, batch: list[_Work]) -> None:
         """Records when the round's sessions left and, for those seen before, how long they were away (the time
@@ -283,17 +286,16 @@ class ComputeThread:
         not seen for ``_FORGET_S`` is dropped (an ended stream's at once, ``forget``)."""
         now = time.monotonic()
         for work in batch:
-            left = self._left.get(work.session)
-            if left is not None:
+            away = None
+            if work.session in self._seen:
+                left, last = self._seen[work.session]
                 away = max(0.0, work.submitted - left)
-                last = self._away.get(work.session)
-                self._away[work.session] = away if last is None else 0.5 * (last + away)
-            self._left[work.session] = now
+                away = away if last is None else 0.5 * (last + away)
+            self._seen[work.session] = (now, away)
         if now - self._pruned_at > 1.0:
             self._pruned_at = now
-            for session in [s for s, left in self._left.items() if now - left > _FORGET_S]:
-                del self._left[session]
-                self._away.pop(session, None)
+            for session in [s for s, (left, _) in self._seen.items() if now - left > _FORGET_S]:
+                del self._seen[session]
 
     def _take_inference_round(self) -> list[_Work]:
         queue = self._queues[Priority.INFERENCE]

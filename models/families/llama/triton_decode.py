@@ -254,15 +254,17 @@ def add_rms_norm(
     return summed, out
 
 
-def _layout(kv_pool: torch.Tensor, tables: torch.Tensor | None) -> tuple:
-    """(kv_heads, positions a row can hold, strides as the kernels take them: row or page, key/value, head,
-    position or slot, and the page size or 0) of a pool [n, key/value, kv_heads, max_length, dim] or, with
-    ``tables`` [n, width] of page ids, of one block's pages [pages, page_size, key/value, kv_heads, dim]."""
+def _layout(kv_pool: torch.Tensor, tables: torch.Tensor | None, positions: torch.Tensor) -> tuple:
+    """(kv_heads, positions a row can hold, the kernels' table arguments (pointer and width; ``positions`` stands in
+    where there is none), strides as they take them: row or page, key/value, head, position or slot, and the page
+    size or 0) of a pool [n, key/value, kv_heads, max_length, dim] or, with ``tables`` [n, width] of page ids, of one
+    block's pages [pages, page_size, key/value, kv_heads, dim]."""
     if tables is None:
-        return kv_pool.shape[2], kv_pool.shape[3], kv_pool.stride()[:4], 0
+        return kv_pool.shape[2], kv_pool.shape[3], (positions, 0), kv_pool.stride()[:4], 0
     page, slot, kv, head = kv_pool.stride()[:4]
     page_size = kv_pool.shape[1]
-    return kv_pool.shape[3], tables.shape[1] * page_size, (page, kv, head, slot), page_size
+    width = tables.shape[1]
+    return kv_pool.shape[3], width * page_size, (tables, width), (page, kv, head, slot), page_size
 
 
 def rope_write(
@@ -272,7 +274,7 @@ def rope_write(
     ``kv_pool`` [n, key/value, kv_heads, max_length, dim] (any strides, the last dimension contiguous) at each row's
     position, or into the pages of ``tables`` (``_layout``)."""
     n, total, dim = qkv.shape
-    kv_heads, _, strides, page_size = _layout(kv_pool, tables)
+    kv_heads, _, table_args, strides, page_size = _layout(kv_pool, tables, positions)
     heads = total - 2 * kv_heads
     _rope_write[(n, heads + kv_heads)](
         qkv,
@@ -280,8 +282,7 @@ def rope_write(
         sin_table,
         positions,
         kv_pool,
-        tables if tables is not None else positions,
-        tables.shape[1] if tables is not None else 0,
+        *table_args,
         *strides,
         heads=heads,
         kv_heads=kv_heads,
@@ -296,7 +297,7 @@ def attention(
     """[n, heads * dim]: each row's rotated query heads (in qkv) over its cache's positions up to its own (a pool,
     or pages as in ``rope_write``)."""
     n, total, dim = qkv.shape
-    kv_heads, max_length, strides, page_size = _layout(kv_pool, tables)
+    kv_heads, max_length, table_args, strides, page_size = _layout(kv_pool, tables, positions)
     heads = total - 2 * kv_heads
     out = torch.empty(n, heads, dim, device=qkv.device, dtype=qkv.dtype)
     splits = triton.cdiv(max_length, ATTENTION_CHUNK)
@@ -308,8 +309,7 @@ def attention(
         qkv,
         positions,
         kv_pool,
-        tables if tables is not None else positions,
-        tables.shape[1] if tables is not None else 0,
+        *table_args,
         out,
         partial,
         stats,
