@@ -97,8 +97,8 @@ class ClientRuntime:
         return get_many(self.dht, keys, latest=latest)
 
     def shutdown(self) -> None:
-        """Closes the P2P handle and the DHT, then stops the loop (idempotent)."""
-        if not self.loop.is_running():
+        """Closes the P2P handle and the DHT, then stops and closes the loop (idempotent)."""
+        if self.loop.is_closed() or not self.loop.is_running():
             return
         p2p = getattr(self, "p2p", None)
         try:
@@ -111,6 +111,8 @@ class ClientRuntime:
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=5)
+            if not self._thread.is_alive():  # a stopped loop left open keeps its handles and fds for good
+                self.loop.close()
 
     def _stop_dht_process(self) -> None:
         dht = self.dht
