@@ -23,4 +23,14 @@ check "Run 'ruff check --fix .', then fix the rest by hand ('ruff rule CODE' exp
 check "Run 'python scripts/check_layers.py' to see them; its docstring lists which package may import which." \
   python scripts/check_layers.py
 
-exec python -m pytest tests -q -ra --durations=25 "$@"
+# pytest's stderr is kept too: if a native fault kills it, the faulting thread's stack is printed last, where the tail
+# of a long CI log keeps it (faulthandler lists every thread, and a log cut in the middle loses which one faulted).
+stderr_log=$(mktemp -t nectar-pytest-stderr.XXXXXX)
+status=0
+python -m pytest tests -q -ra --durations=25 "$@" 2> >(tee "$stderr_log" >&2) || status=$?
+wait || true # the tee of the process substitution has written everything
+if ((status > 128)); then
+  python scripts/fault_summary.py "$stderr_log" $((status - 128)) >&2 || true
+fi
+rm -f "$stderr_log"
+exit "$status"
