@@ -98,7 +98,7 @@ class ClientRuntime:
 
     def shutdown(self) -> None:
         """Closes the P2P handle and the DHT, then stops and closes the loop (idempotent)."""
-        if self.loop.is_closed() or not self.loop.is_running():
+        if not self.loop.is_running():  # stopped (and closed) already
             return
         p2p = getattr(self, "p2p", None)
         try:
