@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import hivemind
@@ -135,9 +136,8 @@ def test_a_node_whose_dht_process_died_still_stops_on_sigterm(swarm, tiny_llama)
 
 @pytest.mark.parametrize("in_process", [False, True], ids=["dht-process", "in-process"])
 def test_a_shut_down_client_runtime_gives_back_its_file_descriptors(swarm, in_process):
-    """The ledger and the API open a runtime per swarm view; each one shut down must not keep its event loop's
-    descriptors (epoll, wake-up pipes: six per runtime before the loop was closed)."""
-    import os
+    """The ledger's swarm view, every client model and ``LocalSwarm`` open a runtime; each one shut down must not keep
+    its event loop's descriptors (epoll, wake-up pipes: six per runtime before the loop was closed)."""
 
     def open_fds() -> int:
         return len(os.listdir("/proc/self/fd"))
