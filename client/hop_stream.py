@@ -82,9 +82,19 @@ class Reply:
         """A pushed step that the client cancelled before its push came: the node did not compute it."""
         return isinstance(self.message, PushMissing)
 
-    def is_receipt_for(self, step: int) -> bool:
+    def receipt_for(self, step: int) -> ReceiptMessage | None:
+        """The receipt of ``step`` this message is or carries (a step answer's riding receipt), if it is one."""
         message = self.message
-        return isinstance(message, ReceiptMessage) and message.step == step and message.receipt is not None
+        if isinstance(message, StepReply):
+            message = message.previous
+        if isinstance(message, ReceiptMessage) and message.step == step and message.receipt is not None:
+            return message
+        return None
+
+    @property
+    def is_answer(self) -> bool:
+        """An answer to a step (its output or ``PushMissing``), not a receipt alone."""
+        return not isinstance(self.message, ReceiptMessage)
 
     def describe(self) -> str:
         return type(self.message).__name__
@@ -136,6 +146,7 @@ class HopStream:
             batch_size,
             client,
             separate_receipts=True,
+            receipts_ride=True,
             push_token=push_token,
             adapter=self.adapter,
         )

@@ -240,33 +240,39 @@ class InferenceSession:
             hop.receipt = asyncio.ensure_future(self._receive_receipt(hop, step, inputs, outputs[0]))
         return outputs[0]
 
-    async def _receive_receipt(self, hop: Hop, step: int, inputs: torch.Tensor, output: torch.Tensor) -> None:
+    async def _receive_receipt(self, hop: Hop, step: int, inputs: torch.Tensor, output: torch.Tensor) -> Reply | None:
+        """Reads the receipt of the hop's ``step``: a message of its own, or riding in the answer to the next step
+        (``Open.receipts_ride``), which is returned then (it was read early); checks it as soon as it comes."""
         try:
             async with asyncio.timeout(self.config.step_timeout):
                 message = await hop.stream.receive()
         except Exception as e:
             hop.fail(Fault.of(e, f"sent no receipt for step {step}: "))
-            return
-        if not message.is_receipt_for(step):
+            return None
+        early = message if message.is_answer else None
+        receipt = message.receipt_for(step)
+        if receipt is None:
             if self.config.verify_receipts:
                 hop.fail(Fault(f"sent {message.describe()} where the receipt of step {step} was due", receipt=True))
-            return
-        hop.unchecked.append((message.receipt, step, message.descriptor, inputs, output))
+            return early
+        hop.unchecked.append((receipt.receipt, step, receipt.fingerprint, inputs, output))
         self._check_receipts([hop])
+        return early
 
-    async def _take_receipt(self, hop: Hop) -> None:
+    async def _take_receipt(self, hop: Hop) -> Reply | None:
         """Waits for the receipt of the hop's last step (the node signs it while the next step computes, or once the
-        stream is quiet)."""
-        if hop.receipt is not None:
-            receipt, hop.receipt = hop.receipt, None
-            await receipt
+        stream is quiet); returns the next step's answer where the receipt rode in it."""
+        if hop.receipt is None:
+            return None
+        receipt, hop.receipt = hop.receipt, None
+        return await receipt
 
     async def _receive_answer(self, hop: Hop) -> Reply:
-        """The answer to the request just sent, which comes after the receipt of the hop's previous step. (The
-        request leaves first: writing to a node that died fails at once, where a read may wait for a timeout.)"""
-        await self._take_receipt(hop)
+        """The answer to the request just sent, which comes after (or with) the receipt of the hop's previous step.
+        (The request leaves first: writing to a node that died fails at once, where a read may wait for a timeout.)"""
+        early = await self._take_receipt(hop)
         hop.check()  # the previous step's receipt failed its checks: fail over now, trust no answer after it
-        return await hop.stream.receive()
+        return early if early is not None else await hop.stream.receive()
 
     def _check_receipts(self, hops: list[Hop]) -> None:
         """Checks the receipts of the steps just returned and signs each node's next voucher (on the loop, while

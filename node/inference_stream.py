@@ -317,15 +317,26 @@ class InferenceStream:
         self.state = State.COMPUTING
 
     async def _computing(self) -> runtime_pb2.ExpertResponse:
-        """COMPUTING: the last step's receipt is signed once this step's round has begun; then this step's output
-        goes out -> RECEIPT_PENDING (its receipt follows) or IDLE (the receipt rode along)."""
+        """COMPUTING: the last step's receipt is signed once this step's round has begun, and goes out then, or,
+        where the client takes riding receipts and the round serves other sessions too (the loop is what bounds
+        such a node), with this step's output; then this step's output goes out -> RECEIPT_PENDING (its receipt
+        follows) or IDLE (the receipt rode along)."""
+        riding = None
         if self.receipt is not None:
-            await self.work.started
-            return await self._take_receipt()
+            steps_in_round = await self.work.started
+            if not (self.open.receipts_ride and steps_in_round > 1):
+                return await self._take_receipt()
+            if not isinstance(self.receipt, asyncio.Future):
+                self.receipt = asyncio.ensure_future(self.receipt())
+            riding = self.receipt  # still ours to send alone, should this step fail
         work, self.work = self.work, None
         first = self.open.first_step is not None and not self._answered
         response, self.length, self.receipt = await self.steps.finish_inference(
-            work, session_id=self.session_id, push=self._push_output, session_nonce=self.nonce if first else None
+            work,
+            session_id=self.session_id,
+            push=self._push_output,
+            session_nonce=self.nonce if first else None,
+            previous=riding,
         )
         self._answered = True
         self._push_output = None
@@ -335,12 +346,13 @@ class InferenceStream:
 
     # ---- helpers ----------------------------------------------------------------------------------------------
 
-    def _take_receipt(self) -> Awaitable[runtime_pb2.ExpertResponse]:
-        """Signs the last step's receipt, or takes the one being signed (await it for its message)."""
+    async def _take_receipt(self) -> runtime_pb2.ExpertResponse:
+        """Signs the last step's receipt, or takes the one being signed: its message."""
         receipt, self.receipt = self.receipt, None
         if self.state is State.RECEIPT_PENDING:
             self.state = State.IDLE
-        return receipt if isinstance(receipt, asyncio.Future) else receipt()
+        message = await (receipt if isinstance(receipt, asyncio.Future) else receipt())
+        return message.to_response()
 
     async def _push(self, link: PushLink, token: bytes, step: int, packed) -> None:
         """Sends this step's output to the next hop; a failure is logged and left to the client's push timeout."""

@@ -40,7 +40,7 @@ from nectar.wire.protocol import (
     parse_module_uid,
 )
 
-FollowUp = Callable[[], Awaitable[runtime_pb2.ExpertResponse]]  # signs a step's separate receipt: its message
+FollowUp = Callable[[], Awaitable[ReceiptMessage]]  # signs a step's separate receipt
 
 
 async def _written(future) -> None:
@@ -55,7 +55,7 @@ class InferenceWork:
     """An inference step on its way through the compute thread."""
 
     output: asyncio.Future
-    started: asyncio.Future  # its round began
+    started: asyncio.Future  # its round began: how many steps the round has
     hidden: torch.Tensor
     prompts: torch.Tensor | None
     voucher: dict | None
@@ -313,9 +313,11 @@ class NodeSteps:
         session_id: bytes,
         push: Callable[[list], Awaitable[None]] | None = None,
         session_nonce: bytes | None = None,
+        previous: Awaitable[ReceiptMessage] | None = None,
     ) -> tuple[runtime_pb2.ExpertResponse, int, FollowUp | None]:
         """(the step's reply, new cache length, None) or, for a separate receipt, (the output without its receipt,
-        new length, a coroutine function that signs the receipt and returns its own message).
+        new length, a coroutine function that signs the receipt and returns its message). ``previous``: the session's
+        last receipt, being signed, to ride in this reply (``Open.receipts_ride``).
 
         A separate receipt is signed (or handed to the signing process) only when the session's next step starts
         computing, or the stream goes quiet: between a round's end and the next round's start, the event loop's
@@ -373,7 +375,7 @@ class NodeSteps:
             )
         )
 
-        async def receipt_message() -> runtime_pb2.ExpertResponse:
+        async def receipt_message() -> ReceiptMessage:
             began = time.perf_counter()
             # the voucher, too, is checked once the output is out (the credit check used the last one): a bad
             # voucher then ends the stream here, and the client fails over from this node
@@ -383,16 +385,14 @@ class NodeSteps:
             if written is not None:  # on disk before the receipt is signed
                 await _written(written)
             receipt, fingerprint = await self._receipt_of(work, pending)
-            began += time.perf_counter() - waited - (pending.loop_seconds if pending else 0)  # waiting for the
-            message = ReceiptMessage(work.step, receipt, fingerprint).to_response()  # signer is not the loop's work
+            # waiting for the record and the signer is not the loop's work
+            began += time.perf_counter() - waited - (pending.loop_seconds if pending else 0)
             self.step_seconds += time.perf_counter() - began
-            return message
+            return ReceiptMessage(work.step, receipt, fingerprint)
 
         if work.separate_receipt:
-            reply, follow_up = (
-                StepReply(outputs, receipt_follows=True, cache_tokens_left=self.memory.tokens_left),
-                receipt_message,
-            )
+            receipt = fingerprint = None
+            follow_up = receipt_message
         else:
             written = record()
             waited = time.perf_counter()
@@ -400,12 +400,20 @@ class NodeSteps:
                 await _written(written)
             receipt, fingerprint = await self._receipt_of(work, pending)
             began += time.perf_counter() - waited - (pending.loop_seconds if pending else 0)
-            reply = StepReply(outputs, receipt, fingerprint, cache_tokens_left=self.memory.tokens_left)
             follow_up = None
-        if session_nonce is not None:  # the answer to an open that carried this step
-            reply = StepReply(
-                outputs, reply.receipt, reply.fingerprint, reply.receipt_follows, reply.cache_tokens_left, session_nonce
-            )
+        if previous is not None:  # signed on the loop while this round ran: mostly done by now
+            waited = time.perf_counter()
+            previous = await previous
+            began += time.perf_counter() - waited
+        reply = StepReply(
+            outputs,
+            receipt,
+            fingerprint,
+            follow_up is not None,
+            self.memory.tokens_left,
+            session_nonce,  # in the answer to an open that carried this step
+            previous,
+        )
         response = reply.to_response(packed)
         self.step_seconds += time.perf_counter() - began
         return response, new_length, follow_up

@@ -38,7 +38,7 @@ class _Work:
     function: Callable[[], Any]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
-    started: asyncio.Future | None = None  # resolved when the round with this work begins
+    started: asyncio.Future | None = None  # resolved when the round with this work begins (to its number of works)
     submitted: float = field(default_factory=time.monotonic)
 
     @property
@@ -346,8 +346,9 @@ class ComputeThread:
 
 
 def _notify_started(works: list[_Work]) -> None:
-    """Resolves the ``started`` futures of the round's works that asked to know when it begins."""
-    _resolve([(work.loop, work.started, None) for work in works if work.started is not None])
+    """Resolves the ``started`` futures of the round's works that asked to know when it begins, to the number of
+    steps in the round."""
+    _resolve([(work.loop, work.started, len(works)) for work in works if work.started is not None])
 
 
 def _deliver(work: _Work, *, result: Any = None, error: BaseException | None = None) -> None:

@@ -349,6 +349,9 @@ class Open:
 
     :param separate_receipts: each step's receipt comes as a message of its own (``ReceiptMessage``), signed while
         the session's next step computes or once the stream goes quiet
+    :param receipts_ride: with ``separate_receipts`` ("receipts": "next"): where the session's next step shares its
+        round with other sessions, the receipt rides in that step's answer (``StepReply.previous``) instead of a
+        message of its own; a node serving many sessions then sends one message a step instead of two
     :param push_token: 16-32 random bytes; the hop before this one shows it to push inputs here
     :param adapter: the LoRA adapter (a name the node announces) the session's steps are computed with; None: none
     """
@@ -363,6 +366,7 @@ class Open:
     first_step: Step | None = None
     auth: ClientAuth | None = None  # the client's signature (``signed``): the node bills its signer
     adapter: str | None = None
+    receipts_ride: bool = False
 
     def signed(self, private_key: bytes | str, *, node: str, peer_id: str, timestamp: int | None = None) -> Open:
         """This open signed with the client's paying key for the node ``node`` (its receipt address) at
@@ -391,6 +395,7 @@ class Open:
             self.first_step,
             auth,
             self.adapter,
+            self.receipts_ride,
         )
 
     def signer(self, *, node: str, peer_id: str) -> str:
@@ -413,7 +418,7 @@ class Open:
             "client": self.client,
         }
         if self.separate_receipts:
-            metadata["receipts"] = "separate"
+            metadata["receipts"] = "next" if self.receipts_ride else "separate"
         _put(metadata, "push_token", self.push_token)
         _put(metadata, "adapter", self.adapter)
         if self.auth is not None:
@@ -445,17 +450,19 @@ class Open:
         first = None
         if request.tensors or metadata.get("pushed") is True:  # the open carries its session's first step
             first = Step._from(request, metadata, session_id)
+        receipts = metadata.get("receipts")
         return cls(
             request.uid,
             session_id,
             max_length,
             batch_size,
             client,
-            metadata.get("receipts") == "separate",
+            receipts in ("separate", "next"),
             token,
             first,
             ClientAuth.decode(metadata),
             adapter_name(metadata.get("adapter")),
+            receipts == "next",
         )
 
 
@@ -566,7 +573,10 @@ class Opened:
 class StepReply:
     """A step's output: tensors [output [B, T, H]], metadata {"receipt", "fingerprint", "cache_tokens_left"}, or
     with separate receipts {"receipt_follows": true, "cache_tokens_left"} (a ``ReceiptMessage`` comes later). The
-    answer to an open that carried its first step also has the session's ``session_nonce`` (as ``Opened``)."""
+    answer to an open that carried its first step also has the session's ``session_nonce`` (as ``Opened``). With
+    riding receipts (``Open.receipts_ride``) it may carry the session's previous step's receipt too,
+    {"previous_receipt": {"step", "receipt", "fingerprint"}} (``previous``), which then comes in no message of its
+    own."""
 
     output: torch.Tensor
     receipt: dict | None = None
@@ -574,6 +584,7 @@ class StepReply:
     receipt_follows: bool = False
     cache_tokens_left: int | None = None
     session_nonce: bytes | None = None
+    previous: ReceiptMessage | None = None
 
     def to_response(self, packed: Packed | None = None) -> runtime_pb2.ExpertResponse:
         """``packed``: the output, packed already (it is not packed again)."""
@@ -586,6 +597,8 @@ class StepReply:
         metadata["cache_tokens_left"] = self.cache_tokens_left
         if self.session_nonce is not None:
             metadata["session_nonce"] = self.session_nonce
+        if self.previous is not None:
+            metadata["previous_receipt"] = self.previous.fields()
         return runtime_pb2.ExpertResponse(
             tensors=packed if packed is not None else pack_tensors([self.output]), metadata=pack_metadata(metadata)
         )
@@ -601,6 +614,7 @@ class StepReply:
             metadata.get("receipt_follows") is True,
             metadata.get("cache_tokens_left"),
             metadata.get("session_nonce"),
+            _previous_receipt(metadata),
         )
 
 
@@ -613,16 +627,26 @@ class ReceiptMessage:
     receipt: dict | None
     fingerprint: bytes | None = None
 
+    def fields(self) -> dict:
+        return {"step": self.step, "receipt": self.receipt, "fingerprint": self.fingerprint}
+
     def to_response(self) -> runtime_pb2.ExpertResponse:
-        return runtime_pb2.ExpertResponse(
-            metadata=pack_metadata(
-                {"type": "receipt", "step": self.step, "receipt": self.receipt, "fingerprint": self.fingerprint}
-            )
-        )
+        return runtime_pb2.ExpertResponse(metadata=pack_metadata({"type": "receipt", **self.fields()}))
 
     @classmethod
     def _from(cls, metadata: dict, tensors: list) -> ReceiptMessage:
         return cls(metadata.get("step"), metadata.get("receipt"), metadata.get("fingerprint"))
+
+
+def _previous_receipt(metadata: dict) -> ReceiptMessage | None:
+    """A step answer's riding receipt (``StepReply.previous``); its fields are the client's to judge, as a
+    ``ReceiptMessage``'s are."""
+    previous = metadata.get("previous_receipt")
+    if previous is None:
+        return None
+    if not isinstance(previous, dict):
+        raise ValueError(f"a step answer's previous_receipt must be a map, not {type(previous).__name__}")
+    return ReceiptMessage._from(previous, [])
 
 
 @message
@@ -655,6 +679,7 @@ def decode_inference_reply(response: runtime_pb2.ExpertResponse) -> InferenceRep
                 get("receipt_follows") is True,
                 get("cache_tokens_left"),
                 get("session_nonce"),
+                _previous_receipt(metadata),
             )
     tensors = unpack_tensors(packed) if packed else []
     if kind == "receipt":

@@ -13,7 +13,9 @@ Inference stream (``rpc_inference``), one long-lived stream per hop and session:
               tensors  [hidden_states [B, T, H]] (+ [prompts [n_blocks, B, P, H]] on the first step)
   response k  metadata {"receipt"?, "cache_tokens_left"} tensors [hidden_states [B, T, H]]
               (with "receipts": "separate" in the open: {"receipt_follows": true, ...}, and receipt k comes as a
-              message of its own, {"type": "receipt", "step", "receipt", "fingerprint"}, before response k+1)
+              message of its own, {"type": "receipt", "step", "receipt", "fingerprint"}, before response k+1;
+              with "receipts": "next", where step k+1 shares its round with other sessions, it rides in response
+              k+1 instead, as {"previous_receipt": {"step", "receipt", "fingerprint"}, ...})
   also        {"type": "pay", "session_id", "voucher"}; {"type": "flush", "session_id"} (the pending receipt now)
   error       an RPC error whose text starts with one of ``ErrorCode`` (e.g. "cache_full: ...")
 

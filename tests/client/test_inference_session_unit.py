@@ -124,6 +124,8 @@ class FakeNode:
     :param forged_at: step number -> the receipt field it signs wrong there: "model" (another model id), "step" (the
         next step's number), "kind" (a forward's receipt), "old" (dated an hour ago)
     :param compute: the compute descriptor its receipts commit to (the one it announces by default)
+    :param rides: where the open asks for riding receipts, each step's answer carries the last step's receipt (as a
+        node does when the step's round served other sessions too), which then comes in no message of its own
     :param corrupt_at: step number -> what it answers there instead of its output (given the output, returns the
         response)
     """
@@ -148,8 +150,11 @@ class FakeNode:
         forged_at: dict[int, str] | None = None,
         compute: ComputeSpec | None = None,
         corrupt_at: dict | None = None,
+        rides: bool = False,
     ):
         FakeNode.count += 1
+        self.rides = rides
+        self.lone_receipts = 0  # receipts sent as messages of their own
         self.corrupt_at = corrupt_at or {}
         self.name, self.start, self.end = name, start, end
         self.hangs = hangs
@@ -197,7 +202,8 @@ class FakeNode:
     async def serve(self, span: RemoteSpan, requests):
         requests = requests.__aiter__()
         opening = unpack_metadata((await requests.__anext__()).metadata)
-        assert opening["type"] == "open" and opening["receipts"] == "separate"
+        assert opening["type"] == "open" and opening["receipts"] in ("separate", "next")
+        rides = self.rides and opening["receipts"] == "next"
         session_id, client = opening["session_id"], opening["client"]
         if "push_token" in opening:
             self.inbox[session_id] = (opening["push_token"], {})
@@ -205,18 +211,23 @@ class FakeNode:
         bound = schema.bind_session(session_id, nonce) if self.binds else session_id.rjust(32, b"\0")
         yield make_response([], {"type": "opened", **({"session_nonce": nonce} if self.binds else {})})
         caches = {b: {} for b in range(span.start, span.end)}
-        receipt = None  # the last step's receipt message, sent before the next answer or on a flush
+        receipt = None  # the last step's receipt, sent before (or in) the next answer or on a flush
+
+        def alone(receipt: dict):
+            self.lone_receipts += 1
+            return make_response([], {"type": "receipt", **receipt})
+
         following = asyncio.ensure_future(anext(requests, None))
         while True:
             request = await following
             if request is None:
                 if receipt is not None:
-                    yield receipt
+                    yield alone(receipt)
                 return
             following = asyncio.ensure_future(anext(requests, None))
             metadata = unpack_metadata(request.metadata)
             if metadata["type"] == "flush" and receipt is not None:
-                yield receipt
+                yield alone(receipt)
                 receipt = None
             if metadata["type"] == "pay":
                 self.vouchers.append(metadata["voucher"])
@@ -232,7 +243,7 @@ class FakeNode:
                 await asyncio.sleep(3600)
             if metadata.get("pushed"):
                 if receipt is not None:
-                    yield receipt
+                    yield alone(receipt)
                     receipt = None
                 pushed = self._slot(session_id, step)
                 await asyncio.wait({pushed, following}, return_when=asyncio.FIRST_COMPLETED)
@@ -256,10 +267,13 @@ class FakeNode:
                 if step == self.dies_after_push_at:
                     self.dead = True
                     raise ConnectionResetError(f"{self.name} died")
-            if receipt is not None:
-                yield receipt
+            answer = {"receipt_follows": True}
+            if receipt is not None and rides:
+                answer["previous_receipt"] = receipt
+            elif receipt is not None:
+                yield alone(receipt)
             corrupt = self.corrupt_at.get(step)
-            yield corrupt(out) if corrupt else make_response([out], {"receipt_follows": True})
+            yield corrupt(out) if corrupt else make_response([out], answer)
             committed = out + 1 if step in self.bad_receipt_at else out
             forged = self.forged_at.get(step)
             signed, descriptor = (self.other_model if forged == "model" else self.signer).sign(
@@ -277,9 +291,7 @@ class FakeNode:
                 signed = eip712.sign_receipt(
                     dataclasses.replace(signed.receipt, timestamp=signed.receipt.timestamp - 3600), self.key, DOMAIN
                 )
-            receipt = make_response(
-                [], {"type": "receipt", "step": step, "receipt": signed.to_json(), "fingerprint": descriptor}
-            )
+            receipt = {"step": step, "receipt": signed.to_json(), "fingerprint": descriptor}
 
 
 class FakeManager:
@@ -393,9 +405,11 @@ def _history(node: FakeNode, steps: int | None = None) -> list[tuple[int, int, l
     return [(step, position, x.tolist()) for step, position, x in node.steps[:steps]]
 
 
-def test_a_step_runs_through_every_hop_and_each_receipt_is_checked_and_paid(runtime):
+@pytest.mark.parametrize("rides", [False, True])
+def test_a_step_runs_through_every_hop_and_each_receipt_is_checked_and_paid(runtime, rides):
+    """Receipts come as messages of their own or (``rides``) in the next step's answer, and are paid either way."""
     network = Network()
-    first, second = network.add(FakeNode("a", 0, 2)), network.add(FakeNode("b", 2, 4))
+    first, second = network.add(FakeNode("a", 0, 2, rides=rides)), network.add(FakeNode("b", 2, 4, rides=rides))
     session, manager = _session(runtime, network)
     chunks = _chunks(6)
     with session:
@@ -405,6 +419,8 @@ def test_a_step_runs_through_every_hop_and_each_receipt_is_checked_and_paid(runt
     assert [(step, position) for step, position, _ in second.steps] == [(0, 0)] + [(i, 4 + i) for i in range(1, 6)]
     assert all(torch.equal(x, y) for (_, _, x), y in zip(second.steps, run_blocks(chunks, range(2))))
     assert len(session.wallet.receipts) == 12 and manager.ok == {first.peer_id, second.peer_id}
+    # riding, only the last step's receipt came alone (flushed at the close)
+    assert [first.lone_receipts, second.lone_receipts] == ([1, 1] if rides else [6, 6])
     # the close pays for everything, the last step included
     for node in (first, second):
         _eventually(lambda node=node: node.vouchers)
@@ -467,10 +483,12 @@ def test_a_non_finite_output_fails_the_hop_over_before_it_is_used(runtime, corru
     assert [peer for peer, _ in manager.bans] == [liar.peer_id] and "malformed output" in manager.bans[0][1]
 
 
-def test_a_dishonest_receipt_fails_the_hop_over_and_bans_its_node(runtime):
+@pytest.mark.parametrize("rides", [False, True])
+def test_a_dishonest_receipt_fails_the_hop_over_and_bans_its_node(runtime, rides):
+    """Riding in the next step's answer, a bad receipt fails the hop over before that answer is used."""
     network = Network()
     network.add(FakeNode("a", 0, 2))
-    liar = network.add(FakeNode("b", 2, 4, bad_receipt_at=(1,)))
+    liar = network.add(FakeNode("b", 2, 4, bad_receipt_at=(1,), rides=rides))
     spare = network.add(FakeNode("spare", 2, 4))
     session, manager = _session(runtime, network)
     chunks = _chunks(6)
@@ -600,10 +618,11 @@ def test_a_node_from_before_session_nonces_still_serves(runtime):
     assert _same(outputs, reference(chunks)) and session.failovers == 0 and len(session.wallet.receipts) == 6
 
 
-def test_push_mode_pushes_and_relays_a_step_whose_push_went_missing(runtime):
+@pytest.mark.parametrize("rides", [False, True])
+def test_push_mode_pushes_and_relays_a_step_whose_push_went_missing(runtime, rides):
     network = Network()
-    first = network.add(FakeNode("a", 0, 2))
-    second = network.add(FakeNode("b", 2, 4))
+    first = network.add(FakeNode("a", 0, 2, rides=rides))
+    second = network.add(FakeNode("b", 2, 4, rides=rides))
     session, _ = _session(runtime, network, push=True, push_timeout=0.05)
     chunks = _chunks(5)
     outputs = _generate(session, chunks[:3])

@@ -105,15 +105,16 @@ class FakeCompute:
     @staticmethod
     def _run(function, future, started):
         if started is not None and not started.done():
-            started.set_result(None)
+            started.set_result(1)  # a round of its own
         try:
             future.set_result(function())
         except Exception as e:
             future.set_exception(e)
 
     def begin(self):
+        """Every held step's round begins: one round of them all."""
         for _, _, started in self.held:
-            started.set_result(None)
+            started.set_result(len(self.held))
 
     def finish(self):
         held, self.held = self.held, []
@@ -309,6 +310,65 @@ def test_an_open_may_carry_the_first_step():
         assert await talk.receive() == END
 
     run(scenario)
+
+
+@pytest.mark.parametrize("sessions", [1, 2])
+def test_a_riding_receipt_comes_in_the_next_answer_where_the_round_serves_other_sessions_too(sessions):
+    """With riding receipts ("receipts": "next"), the last step's receipt is signed once the next step's round has
+    begun and goes out in that step's answer when the round has other sessions' steps (one message a step instead of
+    two, on a loop that bounds such a node), and alone, as soon as it is signed, when the session has the round to
+    itself (the loop is free then, and the client checks it before the answer comes)."""
+    node = make_node(receipt_delay=10.0)
+    ids = [session_id() for _ in range(sessions)]
+    inputs = {sid: (hidden(3), hidden(1)) for sid in ids}
+
+    async def scenario():
+        talks = {sid: Conversation(node) for sid in ids}
+        firsts, nonces = {}, {}
+        for sid, talk in talks.items():
+            await talk.send(Open(UID, sid, max_length=8, separate_receipts=True, receipts_ride=True))
+            nonces[sid] = (await talk.receive()).session_nonce
+            await talk.send(Step(sid, 0, position=0, hidden=inputs[sid][0]))
+            firsts[sid] = await talk.receive()
+            assert firsts[sid].receipt_follows
+        node.steps.compute.hold = True
+        for sid, talk in talks.items():
+            await talk.send(Step(sid, 1, hidden=inputs[sid][1]))
+        await asyncio.sleep(0.05)
+        node.steps.compute.begin()
+        await asyncio.sleep(0.05)
+        for sid, talk in talks.items():
+            if sessions == 1:  # alone in its round: the receipt goes out while the round computes
+                receipt = await talk.receive()
+                assert isinstance(receipt, ReceiptMessage) and receipt.step == 0
+            else:
+                assert talk.nothing_yet()  # it waits for the answer it rides in
+        node.steps.compute.finish()
+        for sid, talk in talks.items():
+            second = await talk.receive()
+            assert isinstance(second, StepReply) and second.receipt_follows
+            assert torch.equal(second.output, inputs[sid][1] * 2)
+            if sessions == 1:
+                assert second.previous is None
+            else:
+                receipt = second.previous
+                assert isinstance(receipt, ReceiptMessage) and receipt.step == 0
+            check_receipt(
+                node,
+                receipt.receipt,
+                inputs[sid][0],
+                firsts[sid].output,
+                0,
+                session=schema.bind_session(sid, nonces[sid]),
+            )
+            await talk.send(Flush(sid))  # the last receipt still comes alone
+            last = await talk.receive(timeout=1.0)
+            assert isinstance(last, ReceiptMessage) and last.step == 1
+            await talk.end()
+            assert await talk.receive() == END
+
+    run(scenario)
+    assert_released(node)
 
 
 def test_a_separate_receipt_is_signed_once_the_next_steps_round_has_begun():

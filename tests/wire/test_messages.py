@@ -37,6 +37,7 @@ from nectar.wire.protocol import (
     make_response,
     pack_metadata,
     pack_tensors,
+    unpack_metadata,
 )
 
 UID = "model[0:4]"
@@ -163,6 +164,29 @@ def test_replies_are_byte_identical_and_decode_back():
     assert replies[2].receipt_follows and replies[3].step == 1
     with pytest.raises(ValueError):
         decode_inference_reply(make_response([], {"cache_tokens_left": 3}))  # a step answer without its output
+
+
+def test_a_riding_receipt_decodes_with_its_answer_and_a_malformed_one_is_refused():
+    y = torch.randn(1, 1, 8)
+    riding = ReceiptMessage(4, {"receipt": {"step": 4}, "signature": "0x01"}, b"fp")
+    answer = StepReply(y, receipt_follows=True, cache_tokens_left=9, previous=riding).to_response()
+    assert _bytes(answer) == _bytes(
+        make_response([y], {"receipt_follows": True, "cache_tokens_left": 9, "previous_receipt": riding.fields()})
+    )
+    decoded = decode_inference_reply(answer)
+    assert decoded.previous == riding and decoded.receipt_follows and torch.equal(decoded.output, y)
+    assert decode_inference_reply(StepReply(y, receipt_follows=True).to_response()).previous is None
+    for bad in (7, [4, {}, b"fp"], "receipt"):
+        with pytest.raises(ValueError, match="previous_receipt must be a map"):
+            decode_inference_reply(make_response([y], {"receipt_follows": True, "previous_receipt": bad}))
+    opened = Open.decode(Open(UID, SID, max_length=16, separate_receipts=True, receipts_ride=True).to_request())
+    assert opened.separate_receipts and opened.receipts_ride
+    assert (
+        unpack_metadata(Open(UID, SID, 16, separate_receipts=True, receipts_ride=True).to_request().metadata)[
+            "receipts"
+        ]
+        == "next"
+    )
 
 
 def test_requests_decode_to_what_was_encoded_with_the_session_id_padded():
