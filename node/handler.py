@@ -82,6 +82,11 @@ class NodeHandler:
         """Event-loop time of inference steps outside compute (checks, receipts, packing)."""
         return self.steps.step_seconds
 
+    @property
+    def receipts_riding(self) -> int:
+        """Receipts that went out in the next step's answer, not as messages of their own."""
+        return self.steps.receipts_riding
+
     def handlers(self) -> dict:
         """RPC name -> stream handler: served over P2P and, where enabled, over the direct TCP lane."""
         return {

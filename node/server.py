@@ -579,6 +579,7 @@ class Server:
                 "inference_seconds": stats.inference_seconds,
                 "gather_seconds": stats.gather_seconds,
                 "step_handling_seconds": self.handler.step_seconds,
+                "receipts_riding": self.handler.receipts_riding,
                 "loop_cpu_seconds": self._loop_cpu_seconds(),
                 **self._graph_counters(),
             },

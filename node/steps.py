@@ -96,6 +96,7 @@ class NodeSteps:
         self.signing = signing or InlineSigning(signer)  # the default signs on the event loop
         self.signed_work = signed_work if signed_work is not None else SignedWork(None)  # in memory by default
         self.step_seconds = 0.0  # event-loop time of inference steps outside compute (checks, receipts, packing)
+        self.receipts_riding = 0  # receipts sent in the next step's answer (``Open.receipts_ride``)
         self.evaded: set[tuple[bytes, int]] = set()  # testing only (evade_audits): corrupted steps it will not audit
         self.gate = ClientGate(signer.address)  # who signed an open or call: the only client it bills (issue 22)
 
@@ -405,6 +406,7 @@ class NodeSteps:
             waited = time.perf_counter()
             previous = await previous
             began += time.perf_counter() - waited
+            self.receipts_riding += 1
         reply = StepReply(
             outputs,
             receipt,

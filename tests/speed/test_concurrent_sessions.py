@@ -84,6 +84,7 @@ def test_concurrent_sessions_are_batched_and_exact(swarm, model, tiny_llama):
     outputs: list[list[torch.Tensor]] = [[] for _ in specs]
     errors: list[BaseException] = []
     barrier = threading.Barrier(len(specs))
+    receipts_before, counters_before = len(model.wallet.receipts), node_compute_counters(model)
 
     def client(index: int) -> None:
         try:
@@ -121,6 +122,10 @@ def test_concurrent_sessions_are_batched_and_exact(swarm, model, tiny_llama):
 
     batch_sizes = [int(n) for n in re.findall(r"Batched (\d+) inference steps", swarm.nodes[0].log())]
     assert batch_sizes and max(batch_sizes) >= 2, "the node never batched concurrent steps"
+    # every step's receipt came and passed the client's checks; in shared rounds, riding in the next answer
+    assert len(model.wallet.receipts) - receipts_before == sum(len(steps) for steps in outputs)
+    riding = node_compute_counters(model)["receipts_riding"] - counters_before["receipts_riding"]
+    assert 0 < riding < sum(len(steps) for steps in outputs)
 
 
 def test_the_node_keeps_serving_after_concurrent_sessions(model):
