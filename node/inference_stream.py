@@ -45,6 +45,7 @@ from nectar.wire.messages import (
     Pay,
     Push,
     PushMissing,
+    ReceiptMessage,
     Step,
     decode_inference_request,
 )
@@ -102,6 +103,7 @@ class InferenceStream:
         self.work: InferenceWork | None = None  # the step on the compute thread (COMPUTING)
         self.waiting: Step | None = None  # the pushed step waiting for its input (AWAITING_PUSH)
         self.receipt: FollowUp | asyncio.Future | None = None  # the last step's receipt, unsent (a future: signing)
+        self.riding: ReceiptMessage | None = None  # the last step's receipt, signed, to ride in this step's answer
         self._push_output = None  # sends the computing step's output to the next hop, if it goes there
         self._sent_output = False
         self._answered = False  # a step's output went out (the first carries the nonce when the open had the step)
@@ -136,9 +138,12 @@ class InferenceStream:
                         raise self._evicted()
                     try:
                         message = await self._transitions[self.state]()
-                    except NodeRPCError:
-                        if self.receipt is not None:  # work done before a bad request is still signed for
-                            yield await self._take_receipt()
+                    except Exception as e:
+                        if self.riding is not None:  # signed to ride in an answer that never came: it goes alone
+                            riding, self.riding = self.riding, None
+                            yield riding.to_response()
+                        if isinstance(e, NodeRPCError) and self.receipt is not None:
+                            yield await self._take_receipt()  # work done before a bad request is still signed for
                         raise
                     if message is not None:
                         yield message
@@ -321,14 +326,11 @@ class InferenceStream:
         where the client takes riding receipts and the round serves other sessions too (the loop is what bounds
         such a node), with this step's output; then this step's output goes out -> RECEIPT_PENDING (its receipt
         follows) or IDLE (the receipt rode along)."""
-        riding = None
         if self.receipt is not None:
             steps_in_round = await self.work.started
             if not (self.open.receipts_ride and steps_in_round > 1):
                 return await self._take_receipt()
-            if not isinstance(self.receipt, asyncio.Future):
-                self.receipt = asyncio.ensure_future(self.receipt())
-            riding = self.receipt  # still ours to send alone, should this step fail
+            self.riding = await self._take_receipt_message()  # sent alone instead, should this step fail
         work, self.work = self.work, None
         first = self.open.first_step is not None and not self._answered
         response, self.length, self.receipt = await self.steps.finish_inference(
@@ -336,8 +338,9 @@ class InferenceStream:
             session_id=self.session_id,
             push=self._push_output,
             session_nonce=self.nonce if first else None,
-            previous=riding,
+            previous=self.riding,
         )
+        self.riding = None
         self._answered = True
         self._push_output = None
         self.state = State.RECEIPT_PENDING if self.receipt is not None else State.IDLE
@@ -348,11 +351,13 @@ class InferenceStream:
 
     async def _take_receipt(self) -> runtime_pb2.ExpertResponse:
         """Signs the last step's receipt, or takes the one being signed: its message."""
+        return (await self._take_receipt_message()).to_response()
+
+    async def _take_receipt_message(self) -> ReceiptMessage:
         receipt, self.receipt = self.receipt, None
         if self.state is State.RECEIPT_PENDING:
             self.state = State.IDLE
-        message = await (receipt if isinstance(receipt, asyncio.Future) else receipt())
-        return message.to_response()
+        return await (receipt if isinstance(receipt, asyncio.Future) else receipt())
 
     async def _push(self, link: PushLink, token: bytes, step: int, packed) -> None:
         """Sends this step's output to the next hop; a failure is logged and left to the client's push timeout."""

@@ -314,11 +314,11 @@ class NodeSteps:
         session_id: bytes,
         push: Callable[[list], Awaitable[None]] | None = None,
         session_nonce: bytes | None = None,
-        previous: Awaitable[ReceiptMessage] | None = None,
+        previous: ReceiptMessage | None = None,
     ) -> tuple[runtime_pb2.ExpertResponse, int, FollowUp | None]:
         """(the step's reply, new cache length, None) or, for a separate receipt, (the output without its receipt,
         new length, a coroutine function that signs the receipt and returns its message). ``previous``: the session's
-        last receipt, being signed, to ride in this reply (``Open.receipts_ride``).
+        last receipt, to ride in this reply (``Open.receipts_ride``).
 
         A separate receipt is signed (or handed to the signing process) only when the session's next step starts
         computing, or the stream goes quiet: between a round's end and the next round's start, the event loop's
@@ -402,10 +402,7 @@ class NodeSteps:
             receipt, fingerprint = await self._receipt_of(work, pending)
             began += time.perf_counter() - waited - (pending.loop_seconds if pending else 0)
             follow_up = None
-        if previous is not None:  # signed on the loop while this round ran: mostly done by now
-            waited = time.perf_counter()
-            previous = await previous
-            began += time.perf_counter() - waited
+        if previous is not None:
             self.receipts_riding += 1
         reply = StepReply(
             outputs,

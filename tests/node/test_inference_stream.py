@@ -194,7 +194,7 @@ class Conversation:
         try:
             async for response in self.node.rpc_inference(self.requests, None):
                 await self.replies.put(decode_inference_reply(response))
-        except NodeRPCError as e:
+        except Exception as e:  # the stream's error (a NodeRPCError, or what broke the node)
             await self.replies.put(e)
         await self.replies.put(END)
 
@@ -369,6 +369,55 @@ def test_a_riding_receipt_comes_in_the_next_answer_where_the_round_serves_other_
 
     run(scenario)
     assert_released(node)
+
+
+def test_a_riding_receipt_goes_out_alone_when_the_answer_it_rides_in_fails():
+    """The last step's receipt, signed to ride in the next answer, still reaches the client when that step's
+    compute fails: the node did that work and is paid for it."""
+    node = make_node(receipt_delay=10.0)
+    failing, other = session_id(), session_id()
+    x0, y0, y1 = hidden(2), hidden(2), hidden(1)
+    compute = node.steps.backend.inference_task
+
+    def inference_task(hidden_states, caches, **kwargs):
+        if not hidden_states.any():  # the failing session's second step
+
+            def fail():
+                raise RuntimeError("the device failed")
+
+            return fail
+        return compute(hidden_states, caches, **kwargs)
+
+    node.steps.backend.inference_task = inference_task
+
+    async def scenario():
+        talks, firsts, nonces = {}, {}, {}
+        for sid, x in ((failing, x0), (other, y0)):
+            talks[sid] = talk = Conversation(node)
+            await talk.send(Open(UID, sid, max_length=8, separate_receipts=True, receipts_ride=True))
+            nonces[sid] = (await talk.receive()).session_nonce
+            await talk.send(Step(sid, 0, position=0, hidden=x))
+            firsts[sid] = await talk.receive()
+        node.steps.compute.hold = True
+        await talks[failing].send(Step(failing, 1, hidden=torch.zeros(1, 1, HIDDEN)))
+        await talks[other].send(Step(other, 1, hidden=y1))
+        await asyncio.sleep(0.05)
+        node.steps.compute.begin()
+        await asyncio.sleep(0.05)
+        node.steps.compute.finish()
+        receipt = await talks[failing].receive()
+        assert isinstance(receipt, ReceiptMessage) and receipt.step == 0
+        check_receipt(
+            node, receipt.receipt, x0, firsts[failing].output, 0, session=schema.bind_session(failing, nonces[failing])
+        )
+        error = await talks[failing].receive()
+        assert isinstance(error, RuntimeError) and await talks[failing].receive() == END
+        answer = await talks[other].receive()
+        assert answer.previous is not None and answer.previous.step == 0 and torch.equal(answer.output, y1 * 2)
+        await talks[other].end()
+
+    run(scenario)
+    assert node.steps.receipts_riding == 1
 
 
 def test_a_separate_receipt_is_signed_once_the_next_steps_round_has_begun():
