@@ -14,6 +14,7 @@ its compute counters are printed too.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import re
 import statistics
@@ -97,13 +98,20 @@ def run_sessions(model, num_sessions: int, *, steps: int = NEW_TOKENS) -> dict:
 
 
 def _client_process(
-    path: str, initial_peers: list, session_indices: list, steps: int, threads: int, barrier, results
+    path: str,
+    initial_peers: list,
+    session_indices: list,
+    steps: int,
+    threads: int,
+    barrier,
+    results,
+    receipts_ride: bool = True,
 ) -> None:
     """One load-generating client process (like one user's machine): its own DHT client, sessions and GIL."""
     from nectar.client import ClientConfig, DistributedModelForCausalLM
 
     set_threads(threads)
-    config = ClientConfig(step_timeout=120, request_timeout=300, connect_timeout=30)
+    config = ClientConfig(step_timeout=120, request_timeout=300, connect_timeout=30, receipts_ride=receipts_ride)
     model = DistributedModelForCausalLM.from_pretrained(
         path, initial_peers=initial_peers, config=config, dtype=torch.float32
     )
@@ -117,7 +125,14 @@ def _client_process(
 
 
 def run_sessions_in_processes(
-    path, swarm, num_sessions: int, *, processes: int, threads: int, steps: int = NEW_TOKENS
+    path,
+    swarm,
+    num_sessions: int,
+    *,
+    processes: int,
+    threads: int,
+    steps: int = NEW_TOKENS,
+    receipts_ride: bool = True,
 ) -> dict:
     """``num_sessions`` sessions spread over ``processes`` client processes (threads inside each): the clients'
     own Python work then runs in parallel, as separate users' machines would, instead of behind one GIL."""
@@ -138,6 +153,7 @@ def run_sessions_in_processes(
                 threads,
                 barrier,
                 results,
+                receipts_ride,
             ),
         )
         for p in range(processes)
@@ -213,13 +229,19 @@ def main() -> None:
         default=0,
         help="spread the sessions over this many client processes (0 = one process, threads only)",
     )
+    parser.add_argument(
+        "--receipts-ride",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="clients let the node send each receipt in the next step's answer (ClientConfig.receipts_ride)",
+    )
     args = parser.parse_args()
     set_threads(args.threads)
     args.node_args = with_session_cap(args.node_args, args.sessions, args.client_processes)
     path = checkpoint(args.model)
     results = {}
     with local_swarm(path, [(0, 8)], threads=args.threads, extra_args=args.node_args.split()) as swarm:
-        model = distributed_model(path, swarm)
+        model = distributed_model(path, swarm, receipts_ride=args.receipts_ride)
         try:
             run_sessions(model, 1, steps=4)  # warm-up: route, connections
             for repeat in range(args.repeats):  # alternate sizes, so the machine's load hits each alike
@@ -227,7 +249,12 @@ def main() -> None:
                     before = compute_counters(model)
                     if args.client_processes:
                         result = run_sessions_in_processes(
-                            path, swarm, num_sessions, threads=args.threads, processes=args.client_processes
+                            path,
+                            swarm,
+                            num_sessions,
+                            threads=args.threads,
+                            processes=args.client_processes,
+                            receipts_ride=args.receipts_ride,
                         )
                     else:
                         result = run_sessions(model, num_sessions)

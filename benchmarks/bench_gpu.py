@@ -122,7 +122,12 @@ def concurrent_sessions(model, path, swarm, args) -> dict:
     for num_sessions in args.sessions:
         if args.client_processes:
             result = run_sessions_in_processes(
-                path, swarm, num_sessions, threads=args.threads, processes=args.client_processes
+                path,
+                swarm,
+                num_sessions,
+                threads=args.threads,
+                processes=args.client_processes,
+                receipts_ride=args.receipts_ride,
             )
         else:
             result = run_sessions(model, num_sessions)
@@ -154,7 +159,10 @@ def sessions_on_one_node(path, num_blocks: int, args) -> dict:
         dtype=args.dtype,
         extra_args=["--cache-mb", args.cache_mb, *args.node_args.split()],
     ) as swarm:
-        model = head_on(distributed_model(path, swarm, dtype=getattr(torch, args.dtype)), args.device)
+        model = head_on(
+            distributed_model(path, swarm, dtype=getattr(torch, args.dtype), receipts_ride=args.receipts_ride),
+            args.device,
+        )
         try:
             return concurrent_sessions(model, path, swarm, args)
         finally:
@@ -229,6 +237,13 @@ def main() -> None:
         default=16,
         help="load-generating client processes for the concurrent sessions (0 = threads of this one)",
     )
+    parser.add_argument(
+        "--receipts-ride",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="clients let a node send each receipt in the next step's answer where its round serves other sessions"
+        " (ClientConfig.receipts_ride); --no-receipts-ride: every receipt alone, as before stop 46",
+    )
     args = parser.parse_args()
     set_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -275,7 +290,7 @@ def main() -> None:
         dtype=args.dtype,
         extra_args=["--cache-mb", args.cache_mb, *args.node_args.split()],
     ) as swarm:
-        model = head_on(distributed_model(path, swarm, dtype=dtype), args.device)
+        model = head_on(distributed_model(path, swarm, dtype=dtype, receipts_ride=args.receipts_ride), args.device)
         pushing = None
         if args.push and args.nodes > 1:
             pushing = head_on(distributed_model(path, swarm, dtype=dtype, push=True), args.device)

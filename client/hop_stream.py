@@ -113,12 +113,14 @@ class HopStream:
         direct: bool = True,
         connect: Connect = None,
         adapter: str | None = None,
+        receipts_ride: bool = True,
     ):
         """:param connect: opens the stream given the requests (default: the node's direct lane or P2P, through
         ``runtime``; tests connect in-memory nodes)
-        :param adapter: the LoRA adapter the node computes this session with (``Open.adapter``)"""
+        :param adapter: the LoRA adapter the node computes this session with (``Open.adapter``)
+        :param receipts_ride: whether the node may send a receipt in the next step's answer (``Open.receipts_ride``)"""
         self.runtime, self.span, self.model_id, self.direct = runtime, span, model_id, direct
-        self.adapter = adapter
+        self.adapter, self.receipts_ride = adapter, receipts_ride
         self.connect = connect or self._connect
         self.uid = module_uid(model_id, span.start, span.end)
         self.state = StreamState.NEW
@@ -146,7 +148,7 @@ class HopStream:
             batch_size,
             client,
             separate_receipts=True,
-            receipts_ride=True,
+            receipts_ride=self.receipts_ride,
             push_token=push_token,
             adapter=self.adapter,
         )

@@ -78,7 +78,12 @@ class InferenceSession:
         self.max_length, self.batch_size = max_length, batch_size
         self._streams = streams or (
             lambda span: HopStream(
-                runtime, span, manager.model_id, direct=config.direct, adapter=manager.active_adapter
+                runtime,
+                span,
+                manager.model_id,
+                direct=config.direct,
+                adapter=manager.active_adapter,
+                receipts_ride=config.receipts_ride,
             )
         )
         self.session_id = os.urandom(16)
