@@ -168,6 +168,21 @@ def run_sessions_in_processes(
     return {**_summary(num_sessions, steps, began, reports), "client_processes": processes}
 
 
+def run_load(model, path, swarm, num_sessions: int, args) -> dict:
+    """``num_sessions`` sessions as the command line asks: over ``--client-processes`` processes (with
+    ``--receipts-ride`` as each client's setting), or as threads of ``model``'s process when that is 0."""
+    if not args.client_processes:
+        return run_sessions(model, num_sessions)
+    return run_sessions_in_processes(
+        path,
+        swarm,
+        num_sessions,
+        threads=args.threads,
+        processes=args.client_processes,
+        receipts_ride=args.receipts_ride,
+    )
+
+
 def compute_counters(model) -> dict:
     """The node's compute counters (rounds and steps so far), from its info RPC."""
     from nectar.wire.protocol import RPC_INFO, make_request, unpack_metadata
@@ -247,17 +262,7 @@ def main() -> None:
             for repeat in range(args.repeats):  # alternate sizes, so the machine's load hits each alike
                 for num_sessions in args.sessions:
                     before = compute_counters(model)
-                    if args.client_processes:
-                        result = run_sessions_in_processes(
-                            path,
-                            swarm,
-                            num_sessions,
-                            threads=args.threads,
-                            processes=args.client_processes,
-                            receipts_ride=args.receipts_ride,
-                        )
-                    else:
-                        result = run_sessions(model, num_sessions)
+                    result = run_load(model, path, swarm, num_sessions, args)
                     after = compute_counters(model)
                     result.update(counters_since(before, after))
                     result["mean_batch"] = result["inference_steps"] / max(result["inference_rounds"], 1)

@@ -35,8 +35,8 @@ from bench_concurrency import (
     concurrency_rows,
     counters_since,
     node_time,
+    run_load,
     run_sessions,
-    run_sessions_in_processes,
 )
 from bench_decode import local_decode, swarm_decode
 from common import (
@@ -120,17 +120,7 @@ def concurrent_sessions(model, path, swarm, args) -> dict:
     results = {}
     before = compute_counters(model) if len(swarm.nodes) == 1 else {}
     for num_sessions in args.sessions:
-        if args.client_processes:
-            result = run_sessions_in_processes(
-                path,
-                swarm,
-                num_sessions,
-                threads=args.threads,
-                processes=args.client_processes,
-                receipts_ride=args.receipts_ride,
-            )
-        else:
-            result = run_sessions(model, num_sessions)
+        result = run_load(model, path, swarm, num_sessions, args)
         if len(swarm.nodes) == 1:  # the node's own counters: how many steps shared a forward, how many replayed
             counters = compute_counters(model)
             result.update(counters_since(before, counters))
@@ -293,7 +283,9 @@ def main() -> None:
         model = head_on(distributed_model(path, swarm, dtype=dtype, receipts_ride=args.receipts_ride), args.device)
         pushing = None
         if args.push and args.nodes > 1:
-            pushing = head_on(distributed_model(path, swarm, dtype=dtype, push=True), args.device)
+            pushing = head_on(
+                distributed_model(path, swarm, dtype=dtype, push=True, receipts_ride=args.receipts_ride), args.device
+            )
         try:
             for client in (model, pushing) if pushing is not None else (model,):
                 client.generate(prompt_ids(), max_new_tokens=4, do_sample=False, eos_token_id=[])
