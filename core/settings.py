@@ -87,6 +87,8 @@ class RuntimeSettings:
     native: bool = True  # compile and use nectar's C kernels (auto/on/off; off = PyTorch everywhere)
     native_decode: str = "auto"  # the C decode layer for one-token steps on CPU: auto (where measured faster), on
     # or off
+    native_attention: bool = True  # a CPU node's decode rounds of several sessions attend in C over each session's
+    # own cache (off: PyTorch's attention over the caches padded into one batch)
     cuda_graphs: bool = True  # a GPU node records its decode rounds as CUDA graphs (off: eager rounds, to compare)
     decode_route: str = "triton"  # the kernels of a GPU node's recorded float16/bfloat16 decode rounds: triton
     # (fused Triton kernels; PyTorch's where Triton is missing or cannot build them), eager (PyTorch's) or compiled

@@ -52,6 +52,7 @@ class SpanCache:
         self.buffer = torch.zeros(
             (num_blocks, 2, batch_size, num_heads, max_length, head_dim), dtype=dtype, device=device
         )
+        self._native: tuple | None = None  # (buffer, native_pointers()) once asked
 
     @property
     def num_blocks(self) -> int:
@@ -90,6 +91,20 @@ class SpanCache:
         """The first block's keys and values of positions [0, end): [key/value, batch, heads, end, head_dim] (a
         view)."""
         return self.buffer[0, :, :, :, :end]
+
+    def native_pointers(self) -> tuple[int, int, int] | None:
+        """(keys, values, head stride) of the first block's one row, for the C decode kernels
+        (``nectar_decode_attention_f32``), or None where they cannot read it (not float32 on the CPU, several rows)."""
+        buffer = self.buffer
+        if self._native is not None and self._native[0] is buffer:  # (a GPU node's graphs may swap the buffer)
+            return self._native[1]
+        pointers = None
+        if buffer.device.type == "cpu" and buffer.dtype == torch.float32 and buffer.shape[2] == 1:
+            if buffer.is_contiguous():
+                size = buffer.element_size()
+                pointers = (buffer.data_ptr(), buffer.data_ptr() + buffer.stride(1) * size, buffer.stride(3))
+        self._native = (buffer, pointers)
+        return pointers
 
     def keys(self, block: int) -> torch.Tensor:
         """Block ``block``'s valid keys ``[batch, heads, length, head_dim]`` (a view)."""

@@ -226,6 +226,10 @@ class PagedCache:
     def _flat(self) -> torch.Tensor:
         return self.pool.storage[self.block].view(-1, 2, self.pool.num_heads, self.pool.head_dim)
 
+    def native_pointers(self) -> None:
+        """The C decode kernels read one contiguous buffer a session (``SpanCache``), not pages."""
+        return None
+
     def write(self, start: int, kv: torch.Tensor) -> None:
         """Stores ``kv`` [key/value, 1, kv_heads, T, head_dim] at positions [start, start + T)."""
         end = start + kv.shape[3]

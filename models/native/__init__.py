@@ -39,6 +39,12 @@ SIGNATURES = {  # library -> function -> argument types (every function returns 
             + [_POINTER, _POINTER, _LONG, _LONG, _LONG, _FLOAT]  # keys, values, strides, length, scale
             + [_POINTER]  # scratch
         ),
+        "nectar_decode_attention_f32": (
+            [_POINTER]
+            + [_LONG] * 5  # qkv, its row stride, sessions, heads, kv heads, head dim
+            + [_POINTER] * 4  # keys, values (pointer arrays), head strides, lengths
+            + [_FLOAT, _POINTER, _POINTER]  # scale, out, scratch
+        ),
     },
 }
 FLAG_SETS = (["-O3", "-march=native"], ["-O3"])  # -march=native is unknown to some compilers (e.g. on arm64 macOS)

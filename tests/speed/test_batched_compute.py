@@ -94,17 +94,40 @@ def test_rotary_rows_from_the_tables_equal_the_rotary_module(tiny_llama):
     assert worst <= TOLERANCE, worst
 
 
-def test_single_token_rounds_share_one_padded_attention(tiny_llama):
-    """Decode rounds (every session one new token, batch 1) take the padded single-SDPA path: still exact."""
+@pytest.mark.parametrize("native", [True, False], ids=["c-kernel", "padded-sdpa"])
+def test_single_token_rounds_share_one_attention(tiny_llama, monkeypatch, native):
+    """Decode rounds (every session one new token, batch 1) take one attention call for all sessions: in C over each
+    session's own cache (CPU, float32), or one padded SDPA (NECTAR_NATIVE_ATTENTION=off). Both exact, GQA included
+    (the tiny model has 4 query heads on 2 key/value heads), and each writes every session's new key and value."""
+    monkeypatch.setenv("NECTAR_NATIVE_ATTENTION", "on" if native else "off")
     batched, plain = _backend(tiny_llama, batching=True), _backend(tiny_llama, batching=False)
+    runner = batched.batch_runner
+    assert (runner.native_attention is not None) is native
+    routes = {"c": 0, "padded": 0}
+    for route, name in (("c", "_native_decode_attention"), ("padded", "_decode_attention")):
+        original = getattr(runner, name)
+
+        def counted(*args, _original=original, _route=route):
+            answer = _original(*args)
+            routes[_route] += answer is not None
+            return answer
+
+        monkeypatch.setattr(runner, name, counted)
     hidden = batched.hidden_size
     torch.manual_seed(1)
     sessions = [_Session(batched, plain, batch_size=1, start=0, end=4) for _ in range(5)]
     worst = _round(batched, plain, sessions, [torch.randn(1, t, hidden) for t in (5, 3, 9, 1, 2)])
-    for _ in range(4):  # caches of five different lengths, padded to the longest in each round
+    for _ in range(4):  # caches of five different lengths in each round
         worst = max(worst, _round(batched, plain, sessions, [torch.randn(1, 1, hidden) for _ in sessions]))
     assert [s.position for s in sessions] == [9, 7, 13, 5, 6]
     assert worst <= TOLERANCE, worst
+    blocks = 4
+    assert routes == ({"c": 4 * blocks, "padded": 0} if native else {"c": 0, "padded": 4 * blocks})
+    for session in sessions:  # each block's cache holds what one-by-one steps wrote there
+        assert len(session.batched_caches) == len(session.plain_caches) == blocks
+        for mine, theirs in zip(session.batched_caches, session.plain_caches):
+            assert mine.length == theirs.length == session.position
+            assert (mine.read(mine.length) - theirs.read(theirs.length)).abs().max().item() <= TOLERANCE
 
 
 def test_batched_sub_spans_and_prompted_first_steps(tiny_llama):

@@ -21,11 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from nectar.models.attention import AttentionStep
+from nectar.models.cpu_blas import native_kernel
 from nectar.models.errors import CacheError
 from nectar.models.families.llama import graphs
 from nectar.models.families.llama.fused import FusedLayer, FusedLlamaBlocks, attention_backends
 from nectar.models.families.llama.native_decode import NativeDecoder
 from nectar.models.fast_path import SpanStep
+from nectar.settings import current
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,18 @@ def _parts(module: nn.Module | None) -> frozenset[str]:
 
 def _head_norms(attention: nn.Module) -> tuple[nn.Module, ...]:
     return (attention.q_norm, attention.k_norm) if hasattr(attention, "q_norm") else ()
+
+
+def native_attention(runner: FusedLlamaBlocks):
+    """The C kernel for a CPU node's decode rounds' attention (``nectar_decode_attention_f32``), or None: float32
+    blocks on the CPU only, and not with ``NECTAR_NATIVE_ATTENTION=off`` (or ``NECTAR_NATIVE=off``)."""
+    first = runner.spans[0]
+    if not current().native_attention or first.device.type != "cpu" or first.dtype != torch.float32:
+        return None
+    if runner.quantized or runner.num_heads % runner.num_kv_heads:
+        return None
+    kernel = native_kernel()
+    return kernel.nectar_decode_attention_f32 if kernel is not None else None
 
 
 class LlamaBatchRunner(FusedLlamaBlocks):
@@ -65,6 +79,7 @@ class LlamaBatchRunner(FusedLlamaBlocks):
             self.pages = False  # the paged step is recorded on GPUs: eager rounds over each session's own cache
         self.native: NativeDecoder | None = None
         self.native = NativeDecoder.build(self)  # one session's decode step in C on CPUs, where it measured faster
+        self.native_attention = native_attention(self)  # decode rounds' attention in C on CPUs, with no padding
         self.compiled = graphs.compiles(self)
         self.fused = graphs.fuses(self)  # decode rounds in Triton kernels (decode_route, the default)
         self.fused_error: str | None = None  # why they stopped: Triton could not build them for this GPU
@@ -200,7 +215,10 @@ class LlamaBatchRunner(FusedLlamaBlocks):
         qkv = self.qkv(layer, x, cos, sin)
         q, kv = qkv[:, :heads], qkv[:, heads:]
         if decode_mask is not None:
-            return self.mlp(layer, x, self._decode_attention(q, kv, groups, caches, decode_mask))
+            attention = self._native_decode_attention(qkv, groups, caches) if self.native_attention else None
+            if attention is None:
+                attention = self._decode_attention(q, kv, groups, caches, decode_mask)
+            return self.mlp(layer, x, attention)
         outputs = []
         for (begin, end, batch, tokens, length, mask), cache in zip(groups, caches):
             new_kv = kv[begin:end].view(batch, tokens, 2, kv_heads, dim).permute(2, 0, 3, 1, 4)
@@ -234,6 +252,36 @@ class LlamaBatchRunner(FusedLlamaBlocks):
         query = q.view(n, 1, heads, dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=self.scaling)
         return out.transpose(1, 2).reshape(n, heads * dim)
+
+    def _native_decode_attention(self, qkv: torch.Tensor, groups, caches) -> torch.Tensor | None:
+        """``_decode_attention`` in C (``nectar_decode_attention_f32``): each session's new key and value into its
+        cache, and its query against that cache where it lies, so no cache is copied into a padded batch. None where
+        the kernel cannot read the caches (pages, several rows) or the rows."""
+        pointers = [cache.native_pointers() for cache in caches]
+        if None in pointers or qkv.dtype != torch.float32 or qkv.stride()[1:] != (self.head_dim, 1):
+            return None
+        n = len(caches)
+        lengths = [group[4] for group in groups]
+        table = torch.tensor([pointer for column in zip(*pointers) for pointer in column] + lengths)
+        address = table.data_ptr()
+        out = torch.empty(n, self.num_heads * self.head_dim)
+        scratch = torch.empty(max(lengths) + 1)
+        self.native_attention(  # ctypes lets go of the GIL meanwhile: the node's event loop runs on
+            qkv.data_ptr(),
+            qkv.stride(0),
+            n,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            address,
+            address + 8 * n,
+            address + 16 * n,
+            address + 24 * n,
+            self.scaling,
+            out.data_ptr(),
+            scratch.data_ptr(),
+        )
+        return out
 
     def _attention(self, query, keys, values, mask, tokens) -> torch.Tensor:
         """SDPA as transformers calls it for this step (GQA natively without a mask, repeated heads with one)."""
