@@ -8,6 +8,7 @@ run() { echo "+ python $*" >&2; python "$@"; }
 run bench_decode.py --model tiny --threads 1 --nodes 1 2 3 --repeats 3 --json decode_tiny.json
 run bench_decode.py --model mid --threads 2 --nodes 1 2 3 --repeats 2 --json decode_mid.json
 run profile_hop.py --model tiny --threads 1 --steps 300
+run bench_decode_rounds.py --model tiny --threads 1 --sessions 1 4 16 64 --repeats 3 --json decode_rounds_tiny.json
 run bench_concurrency.py --model tiny --threads 1 --repeats 2 --json concurrency_tiny.json
 run bench_concurrency.py --model mid --threads 2 --repeats 1 --json concurrency_mid.json
 run bench_training.py --model tiny --threads 1 --nodes 2 --repeats 2 --json training_tiny.json
