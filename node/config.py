@@ -42,10 +42,10 @@ class NodeConfig:
     # a pre-quantized checkpoint (config.json's quantization_config) is served only with its own mode
     num_threads: int | None = None  # torch intra-op threads for compute; None = torch default
     cache_memory_bytes: int = 512 * 1024**2  # KV-cache budget in bytes across all sessions (--cache-mb: in MiB)
-    kv_page_size: int = 0  # > 0: one-sequence sessions keep their keys/values in a pool of pages of this many tokens
-    # (16 is a good size), allocated at load to the whole KV-cache budget, and their decode rounds replay one CUDA
-    # graph per round size for any sessions (Llama-shaped blocks; others keep their own caches); 0 = each session
-    # its own cache, rounds recorded per set of sessions
+    kv_page_size: int | None = None  # > 0: one-sequence sessions keep their keys/values in a pool of pages of this
+    # many tokens, allocated at load to the whole KV-cache budget, and their decode rounds replay one CUDA graph per
+    # round size for any sessions (Llama-shaped blocks; others keep their own caches); 0 = each session its own
+    # cache, rounds recorded per set of sessions; None = 16 on a GPU, 0 on a CPU
     session_timeout: float = 120.0  # seconds an inference session may stay idle before its cache is freed
     batch_wait: float | None = None  # let a decode round wait for the last rounds' sessions: up to this share of the
     # last round's compute time, or 1.25x the last wait (at most two rounds; after a wait that timed out, up to twice

@@ -334,3 +334,15 @@ def test_a_round_does_not_wait_for_a_session_away_for_longer_than_the_cap():
     # waiting up to two 4 ms rounds each time the away session is missing: most of the time goes to gathering
     gathered = compute.stats.gather_seconds
     assert gathered < 0.25 * elapsed, f"{gathered * 1e3:.0f} of {elapsed * 1e3:.0f} ms waiting for the away session"
+
+
+def test_a_gpu_node_keeps_caches_in_pages_by_default_and_a_cpu_node_does_not():
+    """Unset, --kv-page-size follows the device: pages on a GPU (one recording per round size serves any sessions),
+    each session its own cache on a CPU (the decode rounds' C attention reads it where it lies); either may opt out."""
+    from nectar.node.cli import node_config, node_parser
+    from nectar.node.server import default_kv_page_size
+
+    assert node_config(node_parser().parse_args([])).kv_page_size is None
+    assert default_kv_page_size("cuda") == default_kv_page_size("cuda:1") == 16
+    assert default_kv_page_size("cpu") == 0
+    assert node_config(node_parser().parse_args(["--kv-page-size", "0"])).kv_page_size == 0
