@@ -15,7 +15,7 @@ import time
 
 import common  # noqa: F401  (sets the OpenMP wait policy before torch loads)
 import torch
-from common import NEW_TOKENS, PROMPT_TOKENS, base_parser, checkpoint, emit, log, set_threads
+from common import NEW_TOKENS, NUM_LAYERS, PROMPT_TOKENS, base_parser, checkpoint, emit, log, set_threads
 
 from nectar.node.backend import SpanBackend
 
@@ -67,10 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     set_threads(args.threads)
     path = checkpoint(args.model)
-    config = __import__("json").loads((path / "config.json").read_text())
-    backend = SpanBackend(
-        str(path), 0, config["num_hidden_layers"], dtype=torch.float32, device="cpu", show_progress=False
-    )
+    backend = SpanBackend(str(path), 0, NUM_LAYERS, dtype=torch.float32, device="cpu", show_progress=False)
     generator = torch.Generator().manual_seed(0)
     rows, figures = [], {}
     for count in args.sessions:
