@@ -84,6 +84,7 @@ class InferenceStream:
         self.node, self.steps, self.requests = node, node.steps, requests
         self.peer_id = peer_id  # this node's, as the client dialled it: its open is signed for it
         self.client = ""  # the open's verified signer: the session's only billed client (issue 22)
+        self.vouchers = None  # the session's (``StreamVouchers``), once the open's client is known
         self.backed = True  # whether it pays on credit of its own; else its cache gives way to backed clients'
         self.evicted = False
         self._wake: asyncio.Future | None = None  # what _evict woke
@@ -162,6 +163,7 @@ class InferenceStream:
             return None
         self.open = opening = Open.decode(request)
         self.client = self.steps.authenticate(opening, self.peer_id)
+        self.vouchers = self.steps.stream_vouchers(self.client)
         self.start, self.end = self.steps.check_span(opening.uid)
         self.steps.check_adapter(opening.adapter)  # before any cache is reserved
         # cache is reserved only for a client that could pay for a step here (backed escrow, or trusted vouchers)
@@ -230,8 +232,9 @@ class InferenceStream:
             )
         if message.__class__ is Step:
             return await self._begin_step(message)
-        if message.__class__ is Pay:
-            self.steps.settle_voucher(message.voucher, self.client)  # the client's last voucher before it leaves
+        if message.__class__ is Pay:  # the client's last voucher before it leaves
+            self.vouchers.offer(message.voucher)
+            self.vouchers.settle()
         elif message.__class__ is Flush and self.receipt is not None:  # the client waits for it: no next step
             return await self._take_receipt()
         # a Cancel here came after its push was served: nothing to do
@@ -315,6 +318,7 @@ class InferenceStream:
             length=self.length,
             client=self.client,
             separate_receipt=opening.separate_receipts,
+            vouchers=self.vouchers,
             adapter=opening.adapter,
         )
         self._push_output = push
@@ -420,6 +424,7 @@ class InferenceStream:
 
     def _close(self) -> None:
         self.state = State.CLOSED
+        self.vouchers.close()  # its last voucher still counts
         self.node.active_sessions -= 1
         if self.slot is not None:
             self.node.inbox.close(self.open.session_id, self.slot)

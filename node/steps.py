@@ -24,7 +24,7 @@ from nectar.node.backend import SpanBackend
 from nectar.node.config import NodeConfig
 from nectar.node.memory_cache import MemoryCache
 from nectar.node.payments import NoPaymentPolicy, PaymentPolicy
-from nectar.node.receipts import ClientGate, CreditLedger, ReceiptSigner
+from nectar.node.receipts import ClientGate, CreditLedger, ReceiptSigner, StreamVouchers
 from nectar.node.signed_work import JournalFull, SignedWork, State
 from nectar.node.signing import InlineSigning, PendingReceipt, SigningWorker
 from nectar.node.task_pool import ComputeThread, Priority
@@ -67,6 +67,7 @@ class InferenceWork:
     tokens: int
     separate_receipt: bool
     key: bytes  # its work key (``nectar.node.signed_work``)
+    vouchers: StreamVouchers  # its session's
     replay: tuple | None = None  # (receipt JSON, fingerprint, position) signed before for this key: sent again
     adapter: str | None = None  # the LoRA adapter it is computed with
 
@@ -179,6 +180,12 @@ class NodeSteps:
 
     # ---- payment ----------------------------------------------------------------------------------------------
 
+    def stream_vouchers(self, client: str) -> StreamVouchers:
+        """A session's vouchers, their signatures checked lazily (``StreamVouchers``)."""
+        return StreamVouchers(
+            self.credit, client, interval=self.config.voucher_check_interval, accepted=self.payments.on_voucher
+        )
+
     def settle_voucher(self, voucher: dict | None, client: str) -> None:
         if voucher is not None:
             signed = self.credit.accept_voucher(voucher, client)
@@ -259,6 +266,7 @@ class NodeSteps:
         length: int,
         client: str,
         separate_receipt: bool,
+        vouchers: StreamVouchers,
         adapter: str | None = None,
     ) -> InferenceWork:
         """Checks a step against the session and queues it on the compute thread (it shares a forward with other
@@ -275,9 +283,9 @@ class NodeSteps:
                 f"tokens {position}..{position + hidden.shape[1]} exceed the session's max_length {max_length}",
             )
         if not separate_receipt:
-            self.settle_voucher(message.voucher, client)
+            vouchers.offer(message.voucher)
         tokens = hidden.shape[0] * hidden.shape[1]
-        self.check_credit(client, tokens, start, end)
+        vouchers.check_credit(tokens * self.signer.price_for(start, end))
         # refused (cache_full) rather than served if its audit record could not be kept for the retention
         self.audit.admit(_record_bytes(hidden, prompts), new=False)
         key = schema.work_key(session_id, start, end, schema.ReceiptKind.INFERENCE, message.step)
@@ -303,6 +311,7 @@ class NodeSteps:
             tokens,
             separate_receipt,
             key,
+            vouchers,
             replay,
             adapter,
         )
@@ -380,7 +389,7 @@ class NodeSteps:
             began = time.perf_counter()
             # the voucher, too, is checked once the output is out (the credit check used the last one): a bad
             # voucher then ends the stream here, and the client fails over from this node
-            self.settle_voucher(work.voucher, work.client)
+            work.vouchers.offer(work.voucher)
             written = record()
             waited = time.perf_counter()
             if written is not None:  # on disk before the receipt is signed

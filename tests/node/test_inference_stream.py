@@ -674,6 +674,71 @@ def test_a_steps_voucher_is_settled_before_its_credit_check_inline_and_once_its_
     assert_released(node)
 
 
+def _forged(client, node: NodeHandler, amount: int) -> dict:
+    """A voucher naming ``client`` but signed by another key."""
+    voucher = schema.Voucher(
+        client=client.address, node=node.steps.signer.address, channel_id=1, cumulative_amount=amount
+    )
+    return eip712.sign_voucher(voucher, Account.create().key.hex(), DOMAIN).to_json()
+
+
+def test_a_sessions_vouchers_are_verified_lazily_yet_the_last_one_counts():
+    """Each step carries the client's newest voucher; the node recovers a signer once per interval (or when credit
+    needs it), not once a step, and the session's last voucher still pays when it ends."""
+    node, client = make_node(voucher_check_interval=60.0), new_client()
+    sid = session_id()
+    streams = []
+    original = node.steps.stream_vouchers
+    node.steps.stream_vouchers = lambda c: streams.append(original(c)) or streams[-1]
+
+    async def scenario():
+        talk = Conversation(node)
+        await talk.send(Open(UID, sid, max_length=40, client=client.address))
+        await talk.receive()
+        for step in range(30):  # each step costs 4 (1 token x 4 blocks) and pays what the last ones cost
+            voucher = _voucher(client, node, 4 * step) if step else None
+            await talk.send(Step(sid, step, hidden=hidden(1), voucher=voucher))
+            assert isinstance(await talk.receive(), StepReply)
+        assert node.steps.credit.unpaid(client.address) == 4 * 30  # 29 vouchers came, none checked yet
+        await talk.send(Step(sid, 30, hidden=hidden(1), voucher=_voucher(client, node, 4 * 30)))
+        await talk.receive()
+        await talk.end()
+        assert await talk.receive() == END
+
+    run(scenario)
+    assert streams[0].verified == 1  # the last, at the session's end: 30 came
+    assert node.steps.credit.unpaid(client.address) == 4  # only step 30 is unpaid: its voucher comes next
+
+
+def test_a_voucher_not_yet_verified_grants_no_credit_and_a_forged_one_is_refused_when_needed():
+    """Lazy checks must not let a forged voucher buy credit: with a limit of two steps, the third step needs the
+    kept voucher, whose signature is checked then, and the step is refused. An honest one pays for the step."""
+    node = make_node(credit_limit=8, voucher_check_interval=60.0)
+
+    async def scenario():
+        for forged in (True, False):
+            sid, client = session_id(), new_client()
+            talk = Conversation(node)
+            await talk.send(Open(UID, sid, max_length=8, client=client.address))
+            await talk.receive()
+            for step in range(2):
+                await talk.send(Step(sid, step, hidden=hidden(1)))
+                assert isinstance(await talk.receive(), StepReply)
+            make = _forged if forged else _voucher
+            await talk.send(Step(sid, 2, hidden=hidden(1), voucher=make(client, node, 8)))
+            if forged:
+                error = await talk.error()
+                assert error.code == ErrorCode.BAD_REQUEST and "signature" in str(error)
+                assert node.steps.credit.unpaid(client.address) == 8  # nothing counted as paid
+            else:
+                assert isinstance(await talk.receive(), StepReply)
+                assert node.steps.credit.unpaid(client.address) == 4  # 8 paid, then step 2's 4
+                await talk.end()
+
+    run(scenario)
+    assert_released(node)
+
+
 def test_work_before_a_bad_request_is_still_signed_for():
     node = make_node(receipt_delay=10.0)
     sid, x = session_id(), hidden()
