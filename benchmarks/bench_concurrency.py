@@ -106,12 +106,19 @@ def _client_process(
     barrier,
     results,
     receipts_ride: bool = True,
+    voucher_interval: float = 0.25,
 ) -> None:
     """One load-generating client process (like one user's machine): its own DHT client, sessions and GIL."""
     from nectar.client import ClientConfig, DistributedModelForCausalLM
 
     set_threads(threads)
-    config = ClientConfig(step_timeout=120, request_timeout=300, connect_timeout=30, receipts_ride=receipts_ride)
+    config = ClientConfig(
+        step_timeout=120,
+        request_timeout=300,
+        connect_timeout=30,
+        receipts_ride=receipts_ride,
+        voucher_interval=voucher_interval,
+    )
     model = DistributedModelForCausalLM.from_pretrained(
         path, initial_peers=initial_peers, config=config, dtype=torch.float32
     )
@@ -133,6 +140,7 @@ def run_sessions_in_processes(
     threads: int,
     steps: int = NEW_TOKENS,
     receipts_ride: bool = True,
+    voucher_interval: float = 0.25,
 ) -> dict:
     """``num_sessions`` sessions spread over ``processes`` client processes (threads inside each): the clients'
     own Python work then runs in parallel, as separate users' machines would, instead of behind one GIL."""
@@ -154,6 +162,7 @@ def run_sessions_in_processes(
                 barrier,
                 results,
                 receipts_ride,
+                voucher_interval,
             ),
         )
         for p in range(processes)
@@ -180,6 +189,7 @@ def run_load(model, path, swarm, num_sessions: int, args) -> dict:
         threads=args.threads,
         processes=args.client_processes,
         receipts_ride=args.receipts_ride,
+        voucher_interval=getattr(args, "voucher_interval", 0.25),
     )
 
 
@@ -250,13 +260,28 @@ def main() -> None:
         default=True,
         help="clients let the node send each receipt in the next step's answer (ClientConfig.receipts_ride)",
     )
+    parser.add_argument(
+        "--paid",
+        action="store_true",
+        help="the node charges 1 credit wei a token and block, from a free allowance, so clients pay with vouchers",
+    )
+    parser.add_argument(
+        "--every-step-vouchers",
+        action="store_true",
+        help="with --paid: clients sign and the node checks a voucher every step (as before stop 48)",
+    )
     args = parser.parse_args()
     set_threads(args.threads)
+    args.voucher_interval = 0.0 if args.every_step_vouchers else 0.25
+    if args.paid:
+        args.node_args += " --price 1 --free-credit-per-hour 1000000000000000"
+        if args.every_step_vouchers:
+            args.node_args += " --voucher-check-interval 0"
     args.node_args = with_session_cap(args.node_args, args.sessions, args.client_processes)
     path = checkpoint(args.model)
     results = {}
     with local_swarm(path, [(0, 8)], threads=args.threads, extra_args=args.node_args.split()) as swarm:
-        model = distributed_model(path, swarm, receipts_ride=args.receipts_ride)
+        model = distributed_model(path, swarm, receipts_ride=args.receipts_ride, voucher_interval=args.voucher_interval)
         try:
             run_sessions(model, 1, steps=4)  # warm-up: route, connections
             for repeat in range(args.repeats):  # alternate sizes, so the machine's load hits each alike

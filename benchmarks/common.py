@@ -179,13 +179,27 @@ def local_swarm(
         yield swarm
 
 
-def distributed_model(model_path: Path, swarm, *, dtype=None, push: bool = False, receipts_ride: bool = True, **kwargs):
+def distributed_model(
+    model_path: Path,
+    swarm,
+    *,
+    dtype=None,
+    push: bool = False,
+    receipts_ride: bool = True,
+    voucher_interval: float = 0.25,
+    **kwargs,
+):
     import torch
 
     from nectar.client import ClientConfig, DistributedModelForCausalLM
 
     config = ClientConfig(
-        step_timeout=120, request_timeout=300, connect_timeout=30, push=push, receipts_ride=receipts_ride
+        step_timeout=120,
+        request_timeout=300,
+        connect_timeout=30,
+        push=push,
+        receipts_ride=receipts_ride,
+        voucher_interval=voucher_interval,
     )
     return DistributedModelForCausalLM.from_pretrained(
         str(model_path), initial_peers=swarm.initial_peers, config=config, dtype=dtype or torch.float32, **kwargs

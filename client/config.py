@@ -23,6 +23,9 @@ class ClientConfig:
     push_timeout: float = 1.0  # s a pushed hop may take to answer after the previous hop did before the client relays
     push_misses: int = 3  # consecutive steps relayed for a missing push before a session stops asking for pushes
     verify_receipts: bool = True  # check each receipt's signer, commitments and amount
+    voucher_interval: float = 0.25  # s a voucher to a node may be reused while what it leaves unpaid stays under a
+    # quarter of the node's announced credit limit (signing costs ~0.1 ms a step, and as much to check); 0 = a fresh
+    # voucher whenever more is owed
     receipts_ride: bool = True  # a node may send a step's receipt in the next step's answer where that round serves
     # other sessions (one message a step instead of two); else each comes alone
     show_route: bool = False  # log the route chosen for each session

@@ -227,7 +227,7 @@ class InferenceSession:
         what is owed if no receipt waits for its check."""
         voucher, hop.voucher = hop.voucher, None
         if voucher is None and not hop.unchecked:
-            voucher = self.wallet.voucher_for(hop.span.info.eth_address)
+            voucher = self.wallet.voucher_for(hop.span.info.eth_address, credit_limit=hop.span.info.credit_limit)
         return voucher
 
     def _accept(self, hop: Hop, inputs: torch.Tensor, reply: Reply, *, step: int, position: int) -> torch.Tensor:
@@ -311,7 +311,7 @@ class InferenceSession:
                     logger.warning(f"Checking a receipt from {span} failed", exc_info=True)
                     hop.fail(Fault(f"unreadable receipt: {e}", receipt=True))
             if pending and hop.fault is None:
-                hop.voucher = self.wallet.voucher_for(span.info.eth_address)
+                hop.voucher = self.wallet.voucher_for(span.info.eth_address, credit_limit=span.info.credit_limit)
                 self.manager.mark_ok(span.peer_id)
 
     async def _run_hops(self, x: torch.Tensor, index: int, *, step: int, position: int) -> torch.Tensor:
@@ -475,7 +475,7 @@ class InferenceSession:
         finally:
             self.meter.closed()
         for hop in self.hops:
-            voucher = self.wallet.voucher_for(hop.span.info.eth_address)
+            voucher = self.wallet.voucher_for(hop.span.info.eth_address, fresh=True)
             try:
                 if voucher is not None:  # settle the last step before leaving
                     self.runtime.loop.call_soon_threadsafe(hop.stream.pay, voucher)

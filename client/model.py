@@ -141,7 +141,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
             from nectar.deployment import domain_from_deployment
 
             domain = domain_from_deployment()
-        wallet = Wallet(private_key or config.private_key, domain=domain)
+        wallet = Wallet(private_key or config.private_key, domain=domain, voucher_interval=config.voucher_interval)
         started = []  # what this call started, released again if it fails
         if config.ledger_url and config.countersign:
             from nectar.wire.ledger_api import LedgerPaymentPolicy

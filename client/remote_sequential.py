@@ -42,7 +42,7 @@ class RemoteCaller:
             client=self.wallet.address,
             session_id=self.session_id,
             step=step,
-            voucher=self.wallet.voucher_for(span.info.eth_address),
+            voucher=self.wallet.voucher_for(span.info.eth_address, credit_limit=span.info.credit_limit),
             adapter=self.manager.active_adapter,
         )
         self.step += 1

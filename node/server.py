@@ -45,6 +45,7 @@ from nectar.node.steps import NodeSteps
 from nectar.node.task_pool import ComputeThread
 from nectar.paths import nectar_home
 from nectar.wire.announce import (
+    MAX_ANNOUNCED_CREDIT,
     MAX_PUBLIC_NAME,
     PROTOCOL_VERSION,
     AnnouncementValidator,
@@ -565,6 +566,7 @@ class Server:
             quant=self.config.quant,
             cache_tokens_left=self.handler.memory.tokens_left,
             price_per_token=self.config.price_per_token,
+            credit_limit=min(self.config.credit_limit, MAX_ANNOUNCED_CREDIT),
             eth_address=self.signer.address,
             public_name=self.public_name,
             direct_address=self.direct_address,

@@ -49,6 +49,7 @@ MAX_RECORD_EXPIRY = MAX_RECORD_AGE + MAX_CLOCK_SKEW  # s ahead: DHT peers refuse
 # later (readers ignore it after MAX_RECORD_AGE anyway; storing it longer only lets it outlive its signer)
 _ETH_PROOF_PREFIX = b"nectar/peer-address/1:"
 MAX_PUBLIC_NAME = 64  # characters: a name is printed in logs, errors, tables and the monitor page
+MAX_ANNOUNCED_CREDIT = 2**63 - 1  # msgpack's integers: a larger credit limit is announced as this
 MAX_FIELD = 256  # characters of an announced address, proof or dtype (a proof is 132, an address at most ~60)
 
 
@@ -89,6 +90,8 @@ class ServerInfo:
     relayed: bool = False  # reachable only through a circuit relay (behind NAT): an extra hop, no direct lane
     adapters: list[str] = field(default_factory=list)  # LoRA adapters it serves on these blocks (requests name one)
     quant: str = "none"  # weight quantization (fingerprints.QUANTIZATIONS); its receipts commit to the same
+    credit_limit: int = 0  # credit wei a client may owe it beyond its checked vouchers: a client that owes it less
+    # than a quarter of this since its last voucher may reuse that voucher for a while (0: sign one every step)
     version: str = PROTOCOL_VERSION
     timestamp: float = field(default_factory=time.time)
 
@@ -103,9 +106,12 @@ class ServerInfo:
         info = cls(**{k: v for k, v in data.items() if k in known})
         numbers = (info.throughput, info.inference_rps, info.forward_rps, info.network_rps, info.timestamp)
         if not all(isinstance(x, int | float) and x == x for x in numbers) or not all(
-            isinstance(x, int) for x in (info.start, info.end, info.cache_tokens_left, info.price_per_token)
+            isinstance(x, int)
+            for x in (info.start, info.end, info.cache_tokens_left, info.price_per_token, info.credit_limit)
         ):
             raise ValueError(f"Non-numeric speed, span, cache or price in {peer_text(data)}")
+        if not 0 <= info.credit_limit <= MAX_ANNOUNCED_CREDIT:
+            raise ValueError(f"credit_limit out of range in {peer_text(data)}")
         texts = (info.eth_address, info.direct_address, info.eth_proof, info.dtype)
         if not all(isinstance(x, str) and len(x) <= MAX_FIELD and x.isprintable() for x in texts):
             raise ValueError(f"Non-string, oversized or unprintable address, proof or dtype in {peer_text(data)}")
