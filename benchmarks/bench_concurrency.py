@@ -234,7 +234,8 @@ def node_time(result: dict) -> str:
         f"{1e3 * result['gather_seconds'] / rounds:.1f} ms; per step: event loop "
         f"{1e3 * result['step_handling_seconds'] / steps:.2f} ms in handlers, "
         f"{1e3 * result['loop_cpu_seconds'] / steps:.2f} ms of its CPU, "
-        f"{100 * result.get('receipts_riding', 0) / steps:.0f}% of receipts riding in the next answer"
+        f"{100 * result.get('receipts_riding', 0) / steps:.0f}% of receipts riding in the next answer, "
+        f"{result.get('vouchers_checked', 0) / steps:.2f} voucher signatures checked"
     )
 
 

@@ -271,6 +271,7 @@ class CreditLedger:
         self._paid: dict[tuple[str, str, int], int] = {}  # (client, partner, channel id) -> cumulative paid
         self._best_voucher: dict[tuple[str, str, int], schema.SignedVoucher] = {}
         self._lock = threading.Lock()
+        self.vouchers_checked = 0  # signers recovered (the info RPC reports it)
 
     def vouched(self, client: str) -> int:
         return sum(v for (c, *_), v in self._paid.items() if c == client)
@@ -387,6 +388,7 @@ class CreditLedger:
     def verify_voucher(self, signed: schema.SignedVoucher, expected_client: str) -> schema.SignedVoucher | None:
         """Recovers a parsed voucher's signer; counts it as paid if the session's client signed it (else raises).
         Returns it if it raised the paid amount."""
+        self.vouchers_checked += 1
         try:
             signer = eip712.recover_voucher_signer(signed, self.domain)
         except Exception as e:

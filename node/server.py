@@ -592,6 +592,7 @@ class Server:
                 "gather_seconds": stats.gather_seconds,
                 "step_handling_seconds": self.handler.step_seconds,
                 "receipts_riding": self.handler.receipts_riding,
+                "vouchers_checked": self.handler.steps.credit.vouchers_checked,
                 "loop_cpu_seconds": self._loop_cpu_seconds(),
                 **self._graph_counters(),
             },
