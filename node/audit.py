@@ -357,11 +357,10 @@ class AuditLog:
         payloads = []
         for tensor in tensors:
             if tensor is None:
-                parts.append(DESC.pack(-1, 0))
+                parts.append(_ABSENT)
                 continue
-            tensor = tensor.detach().cpu().contiguous()
             parts.append(DESC.pack(CODES[tensor.dtype], tensor.ndim) + struct.pack(f"<{tensor.ndim}q", *tensor.shape))
-            payloads.append(tensor.reshape(-1).view(torch.uint8).numpy())
+            payloads.append(_payload(tensor))
         write = self._enqueue(session_id, step, parts + payloads, now, raw=False, queue=False)
         if write.size <= INLINE_BYTES and self._queued == write.size:  # only this one: the writer is idle
             try:
@@ -530,6 +529,18 @@ def _lock_folder(folder: Path) -> int:
             f"the audit folder {folder} is in use by another live node: give each node its own --audit-dir"
         ) from None
     return fd
+
+
+_ABSENT = DESC.pack(-1, 0)
+_NUMPY_DTYPES = (torch.float32, torch.float16, torch.float64)  # numpy holds these as they are (bfloat16 it cannot)
+
+
+def _payload(tensor: torch.Tensor):
+    """A tensor's bytes as a buffer ``writev`` and ``crc32`` take: a CPU step's own tensor as it lies (a decode step's
+    record is written on the event loop, where each torch call costs microseconds), anything else copied."""
+    if tensor.dtype in _NUMPY_DTYPES and tensor.is_cpu and not tensor.requires_grad and tensor.is_contiguous():
+        return tensor.numpy()
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def _copy(tensor: torch.Tensor | None) -> torch.Tensor | None:
