@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import pickle
+import select
 import signal
 import socket
 import struct
@@ -32,6 +33,7 @@ from nectar.wire.protocol import pack_tensor, unpack_tensor
 logger = logging.getLogger(__name__)
 
 _FRAME = struct.Struct("<I")
+MAX_JOBS_AT_ONCE = 16  # the child answers at most this many receipts in one message (the first waits for the rest)
 START_TIMEOUT = 45.0  # s for the child to import torch and answer (within the node's 60 s to start serving)
 
 Signed = tuple[schema.SignedReceipt, bytes, dict]  # the receipt, its fingerprint bytes, its JSON for the wire
@@ -98,6 +100,7 @@ class SigningWorker:
         self._reading: asyncio.Task | None = None
         self._pending: dict[int, asyncio.Future] = {}
         self._next_job = 0
+        self._outbox: list[bytes] = []  # jobs handed over in this turn of the loop: written together after it
 
     def spawn(self) -> None:
         self._socket, child = socket.socketpair()
@@ -140,8 +143,12 @@ class SigningWorker:
         self._next_job += 1
         step = {name: value for name, value in fields.items() if name not in ("inputs", "outputs")}
         tensors = [pack_tensor(fields[name]).SerializeToString() for name in ("inputs", "outputs")]
-        self._write(pickle.dumps((job, step, *tensors)))
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        payload = pickle.dumps((job, step, *tensors))
+        self._outbox.append(_FRAME.pack(len(payload)) + payload)
+        if len(self._outbox) == 1:  # a round's sessions hand theirs over in one turn: one write for them all
+            loop.call_soon(self._flush)
+        future = loop.create_future()
         self._pending[job] = future
         return future
 
@@ -169,17 +176,22 @@ class SigningWorker:
     def _write(self, payload: bytes) -> None:
         self._writer.write(_FRAME.pack(len(payload)) + payload)
 
+    def _flush(self) -> None:
+        frames, self._outbox = self._outbox, []
+        if self.failed is None and self._writer is not None and not self._writer.is_closing():
+            self._writer.write(b"".join(frames))
+
     async def _read_results(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
-                job, result, error = pickle.loads(await _read_frame(reader))
-                future = self._pending.pop(job, None)
-                if future is None or future.done():
-                    continue
-                if error is not None:
-                    future.set_exception(error)
-                else:
-                    future.set_result(result)
+                for job, result, error in pickle.loads(await _read_frame(reader)):  # what the child signed in a row
+                    future = self._pending.pop(job, None)
+                    if future is None or future.done():
+                        continue
+                    if error is not None:
+                        future.set_exception(error)
+                    else:
+                        future.set_result(result)
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -235,15 +247,28 @@ def _unpacked(message: bytes) -> torch.Tensor:
     return unpack_tensor(runtime_pb2.Tensor.FromString(message))
 
 
-def _answer(job: int, fields: dict, inputs: bytes, outputs: bytes, signer: ReceiptSigner) -> bytes:
+def _answer(job: int, fields: dict, inputs: bytes, outputs: bytes, signer: ReceiptSigner) -> tuple:
     try:
         signed, fingerprint = signer.sign(**fields, inputs=_unpacked(inputs), outputs=_unpacked(outputs))
-        return pickle.dumps((job, (signed, fingerprint, signed.to_json()), None))
+        return job, (signed, fingerprint, signed.to_json()), None
     except Exception as e:
         try:
-            return pickle.dumps((job, None, e))
+            pickle.dumps(e)
+            return job, None, e
         except Exception:
-            return pickle.dumps((job, None, RuntimeError(f"{type(e).__name__}: {e}")))
+            return job, None, RuntimeError(f"{type(e).__name__}: {e}")
+
+
+def _jobs(sock: socket.socket, first: bytes) -> list[bytes]:
+    """``first`` and the jobs already waiting behind it (at most ``MAX_JOBS_AT_ONCE``): signed, then answered in one
+    frame, so the node's loop reads one message for a round's receipts instead of one each."""
+    jobs = [first]
+    while len(jobs) < MAX_JOBS_AT_ONCE and select.select([sock], [], [], 0)[0]:
+        frame = _recv_frame(sock)
+        if frame is None:
+            break
+        jobs.append(frame)
+    return jobs
 
 
 def serve(fd: int) -> None:
@@ -262,7 +287,7 @@ def serve(fd: int) -> None:
     )
     _send_frame(sock, pickle.dumps(signer.address))
     while (frame := _recv_frame(sock)) is not None:
-        _send_frame(sock, _answer(*pickle.loads(frame), signer))
+        _send_frame(sock, pickle.dumps([_answer(*pickle.loads(job), signer) for job in _jobs(sock, frame)]))
 
 
 if __name__ == "__main__":
