@@ -53,9 +53,9 @@ class NodeConfig:
     # expected back within the cap (from how long each was away lately); 0 = start at once;
     # None = 0.5 on a GPU (a round there costs about one read of the weights however many sessions it holds), 0 on a CPU
     receipt_delay: float = 0.01  # quiet seconds after which a separate receipt is signed without a next step
-    voucher_check_interval: float = 0.5  # a session's newest voucher has its signature checked at most this many
-    # seconds after the last check (sooner where credit needs it, and when the session ends); until then it counts
-    # for nothing. 0 = every voucher as it comes
+    voucher_check_interval: float = 0.5  # a client's newest vouchers have their signatures checked at most this many
+    # seconds after the last check (sooner where credit needs it, and as its sessions end); until then they count for
+    # nothing. 0 = every voucher as it comes
     receipt_signer: str = "process"  # where receipts are signed: process (a child process; keeps the event loop free
     # for other sessions' steps) or loop (the event loop itself; one process less)
     step_timeout: float = 300.0  # seconds a forward/backward request may wait in the queue

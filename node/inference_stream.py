@@ -84,7 +84,7 @@ class InferenceStream:
         self.node, self.steps, self.requests = node, node.steps, requests
         self.peer_id = peer_id  # this node's, as the client dialled it: its open is signed for it
         self.client = ""  # the open's verified signer: the session's only billed client (issue 22)
-        self.vouchers = None  # the session's (``StreamVouchers``), once the open's client is known
+        self.vouchers = None  # its client's (``ClientVouchers``), once the open is taken
         self.backed = True  # whether it pays on credit of its own; else its cache gives way to backed clients'
         self.evicted = False
         self._wake: asyncio.Future | None = None  # what _evict woke
@@ -131,6 +131,7 @@ class InferenceStream:
             self.node.active_sessions += 1
             if opening.push_token is not None:
                 self.slot = self.node.inbox.open(opening.session_id, opening.push_token, batch_size)
+            self.vouchers = self.steps.session_vouchers(self.client)  # forgotten in ``_close``
             try:
                 while self.state is not State.CLOSED:
                     if self.evicted:
@@ -163,7 +164,6 @@ class InferenceStream:
             return None
         self.open = opening = Open.decode(request)
         self.client = self.steps.authenticate(opening, self.peer_id)
-        self.vouchers = self.steps.stream_vouchers(self.client)
         self.start, self.end = self.steps.check_span(opening.uid)
         self.steps.check_adapter(opening.adapter)  # before any cache is reserved
         # cache is reserved only for a client that could pay for a step here (backed escrow, or trusted vouchers)
@@ -424,7 +424,7 @@ class InferenceStream:
 
     def _close(self) -> None:
         self.state = State.CLOSED
-        self.vouchers.close()  # its last voucher still counts
+        self.steps.session_ended(self.vouchers)  # its client's last voucher still counts
         self.node.active_sessions -= 1
         if self.slot is not None:
             self.node.inbox.close(self.open.session_id, self.slot)

@@ -412,17 +412,21 @@ def _channel(voucher: schema.Voucher) -> tuple[str, str, int]:
     return voucher.client, voucher.partner, voucher.channel_id  # the partner is part of the channel
 
 
-class StreamVouchers:
-    """One session's vouchers, their signatures checked lazily. A client sends its newest cumulative voucher with
-    every step, and recovering a voucher's signer costs about 0.1 ms of the event loop's CPU: a tenth of a busy node's
-    loop time per step, though only the newest voucher of a channel ever matters. So each voucher's fields are
-    checked as it comes (a malformed one, or one for another node or client, is refused at once), and only the newest
-    is kept; its signature is checked when credit needs it (a step that the verified payments would refuse), at most
-    ``interval`` s after the last check, when the client pays on leaving, and when the session ends.
+class ClientVouchers:
+    """A client's vouchers at this node, their signatures checked lazily (shared by its sessions: ``NodeSteps``).
 
-    Until its signature is checked a voucher counts for nothing: credit is granted on verified vouchers only, so a
-    client gets no more than before (``credit_limit`` beyond what is verified and backed). A voucher whose signature
-    fails ends the session when it is checked, as it did when checked on arrival."""
+    A client sends its newest cumulative voucher with every step, and recovering a voucher's signer costs about 0.1 ms
+    of the event loop's CPU: a tenth of a busy node's loop time per step, though only the newest voucher of a channel
+    ever matters. So each voucher's fields are checked as it comes (a malformed one, or one for another node or
+    client, is refused at once), and only the newest per channel is kept (at most ``MAX_CHANNELS``); their signatures
+    are checked when credit needs them (a step that the checked vouchers would refuse), at most ``interval`` s after
+    the last check, when the client pays on leaving, and when one of its sessions ends.
+
+    Until its signature is checked a voucher counts for nothing: credit is granted on checked vouchers only, so a
+    client gets no more than before (``credit_limit`` beyond what is checked and backed). A voucher whose signature
+    fails ends the session it came in (or the one that needed it) when it is checked."""
+
+    MAX_CHANNELS = 4  # vouchers kept unchecked per client: one more channel has them all checked first
 
     def __init__(
         self,
@@ -434,52 +438,58 @@ class StreamVouchers:
         clock: Callable[[], float] = time.monotonic,
     ):
         self.credit, self.client, self.interval, self.accepted, self.clock = credit, client, interval, accepted, clock
-        self.pending: schema.SignedVoucher | None = None
+        self.pending: dict[tuple[str, str, int], schema.SignedVoucher] = {}  # channel -> its newest, unchecked
         self._checked_at = clock()
-        self.verified = 0  # signatures recovered (tests and benchmarks read it)
+        self.verified = 0  # signatures recovered (tests read it)
+        self.sessions = 0  # its open sessions here (``NodeSteps`` forgets it at 0)
 
     def offer(self, data: dict | None) -> None:
-        """A voucher from the session's stream: kept if it pays more than the one kept; checked now if the last check
-        is ``interval`` old. Raises ``BAD_REQUEST`` for a malformed voucher (or a bad signature, when checked)."""
+        """A voucher from one of the client's streams: kept if it pays more than the one kept for its channel; the
+        kept ones are checked now if the last check is ``interval`` old. Raises ``BAD_REQUEST`` for a malformed
+        voucher (or a bad signature, when checked)."""
         if data is None:
             return
         signed = self.credit.parse_voucher(data, self.client)
         if signed is not None:
-            pending = self.pending
-            if pending is not None and _channel(pending.voucher) != _channel(signed.voucher):
-                self.settle()  # another channel: the kept one is checked now (one voucher is kept, never more)
-                pending = None
-            if pending is None or signed.voucher.cumulative_amount > pending.voucher.cumulative_amount:
-                self.pending = signed
-        if self.pending is not None and self.clock() - self._checked_at >= self.interval:
+            channel = _channel(signed.voucher)
+            kept = self.pending.get(channel)
+            if kept is None and len(self.pending) >= self.MAX_CHANNELS:
+                self.settle()  # bounded: the kept ones are checked now, never dropped
+            if kept is None or signed.voucher.cumulative_amount > kept.voucher.cumulative_amount:
+                self.pending[channel] = signed
+        if self.pending and self.clock() - self._checked_at >= self.interval:
             self.settle()
 
     def settle(self) -> bool:
-        """Checks the kept voucher's signature and counts it as paid; raises ``BAD_REQUEST`` if its signer is not
-        the session's client. Returns whether there was one."""
-        signed, self.pending = self.pending, None
-        if signed is None:
+        """Checks the kept vouchers' signatures and counts them as paid; raises ``BAD_REQUEST`` at the first whose
+        signer is not the client (the others stay kept). Returns whether there was one."""
+        if not self.pending:
             return False
         self._checked_at = self.clock()
-        self.verified += 1
-        accepted = self.credit.verify_voucher(signed, self.client)
-        if accepted is not None:
-            self.accepted(accepted)
+        while self.pending:
+            signed = self.pending.pop(next(iter(self.pending)))
+            self.verified += 1
+            accepted = self.credit.verify_voucher(signed, self.client)
+            if accepted is not None:
+                self.accepted(accepted)
         return True
 
     def check_credit(self, cost: int) -> bool:
-        """``CreditLedger.check_credit`` for a step of the session, the kept voucher checked first if the verified
-        payments leave too little credit for it (before any refresh from the ledger or draw on the free allowance)."""
-        if self.pending is not None and self.credit.owes_past_limit(self.client, cost):
+        """``CreditLedger.check_credit`` for a step of one of its sessions, the kept vouchers checked first if the
+        checked ones leave too little credit for it (before any refresh from the ledger or draw on the free
+        allowance)."""
+        if self.pending and self.credit.owes_past_limit(self.client, cost):
             self.settle()
         return self.credit.check_credit(self.client, cost)
 
-    def close(self) -> None:
-        """The session ended: its last voucher is counted if it checks out (nothing to answer any more)."""
+    def session_ended(self) -> None:
+        """One of its sessions ended: the kept vouchers are counted if they check out (nothing to answer any more)."""
+        self.sessions -= 1
         try:
             self.settle()
         except NodeRPCError as e:
-            logger.info(f"Client {self.client}'s last voucher in a session was refused: {e}")
+            logger.info(f"Client {self.client}'s last voucher was refused as a session ended: {e}")
+            self.pending.clear()
 
 
 class ClientGate:

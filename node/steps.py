@@ -24,7 +24,7 @@ from nectar.node.backend import SpanBackend
 from nectar.node.config import NodeConfig
 from nectar.node.memory_cache import MemoryCache
 from nectar.node.payments import NoPaymentPolicy, PaymentPolicy
-from nectar.node.receipts import ClientGate, CreditLedger, ReceiptSigner, StreamVouchers
+from nectar.node.receipts import ClientGate, ClientVouchers, CreditLedger, ReceiptSigner
 from nectar.node.signed_work import JournalFull, SignedWork, State
 from nectar.node.signing import InlineSigning, PendingReceipt, SigningWorker
 from nectar.node.task_pool import ComputeThread, Priority
@@ -67,7 +67,7 @@ class InferenceWork:
     tokens: int
     separate_receipt: bool
     key: bytes  # its work key (``nectar.node.signed_work``)
-    vouchers: StreamVouchers  # its session's
+    vouchers: ClientVouchers  # its client's
     replay: tuple | None = None  # (receipt JSON, fingerprint, position) signed before for this key: sent again
     adapter: str | None = None  # the LoRA adapter it is computed with
 
@@ -100,6 +100,7 @@ class NodeSteps:
         self.receipts_riding = 0  # receipts sent in the next step's answer (``Open.receipts_ride``)
         self.evaded: set[tuple[bytes, int]] = set()  # testing only (evade_audits): corrupted steps it will not audit
         self.gate = ClientGate(signer.address)  # who signed an open or call: the only client it bills (issue 22)
+        self.vouchers: dict[str, ClientVouchers] = {}  # clients with open sessions -> their unchecked vouchers
 
     def authenticate(self, message, peer_id: str) -> str:
         """The verified client of an open or forward/backward call (``ClientGate``)."""
@@ -180,11 +181,21 @@ class NodeSteps:
 
     # ---- payment ----------------------------------------------------------------------------------------------
 
-    def stream_vouchers(self, client: str) -> StreamVouchers:
-        """A session's vouchers, their signatures checked lazily (``StreamVouchers``)."""
-        return StreamVouchers(
-            self.credit, client, interval=self.config.voucher_check_interval, accepted=self.payments.on_voucher
-        )
+    def session_vouchers(self, client: str) -> ClientVouchers:
+        """The vouchers of a client opening a session, their signatures checked lazily (``ClientVouchers``, shared by
+        its sessions; forgotten when its last one ends: ``ClientVouchers.session_ended``)."""
+        vouchers = self.vouchers.get(client)
+        if vouchers is None:
+            vouchers = self.vouchers[client] = ClientVouchers(
+                self.credit, client, interval=self.config.voucher_check_interval, accepted=self.payments.on_voucher
+            )
+        vouchers.sessions += 1
+        return vouchers
+
+    def session_ended(self, vouchers: ClientVouchers) -> None:
+        vouchers.session_ended()
+        if vouchers.sessions <= 0 and self.vouchers.get(vouchers.client) is vouchers:
+            del self.vouchers[vouchers.client]
 
     def settle_voucher(self, voucher: dict | None, client: str) -> None:
         if voucher is not None:
@@ -266,7 +277,7 @@ class NodeSteps:
         length: int,
         client: str,
         separate_receipt: bool,
-        vouchers: StreamVouchers,
+        vouchers: ClientVouchers,
         adapter: str | None = None,
     ) -> InferenceWork:
         """Checks a step against the session and queues it on the compute thread (it shares a forward with other

@@ -687,9 +687,9 @@ def test_a_sessions_vouchers_are_verified_lazily_yet_the_last_one_counts():
     needs it), not once a step, and the session's last voucher still pays when it ends."""
     node, client = make_node(voucher_check_interval=60.0), new_client()
     sid = session_id()
-    streams = []
-    original = node.steps.stream_vouchers
-    node.steps.stream_vouchers = lambda c: streams.append(original(c)) or streams[-1]
+    kept = []
+    original = node.steps.session_vouchers
+    node.steps.session_vouchers = lambda c: kept.append(original(c)) or kept[-1]
 
     async def scenario():
         talk = Conversation(node)
@@ -706,8 +706,36 @@ def test_a_sessions_vouchers_are_verified_lazily_yet_the_last_one_counts():
         assert await talk.receive() == END
 
     run(scenario)
-    assert streams[0].verified == 1  # the last, at the session's end: 30 came
+    assert kept[0].verified == 1  # the last, at the session's end: 30 came
+    assert node.steps.vouchers == {}  # forgotten with the client's last session
     assert node.steps.credit.unpaid(client.address) == 4  # only step 30 is unpaid: its voucher comes next
+
+
+def test_a_voucher_that_came_in_one_session_pays_for_the_clients_other_sessions():
+    """The unchecked vouchers are the client's, not a session's: one session's step that needs credit has the voucher
+    another session carried checked (as when every voucher was checked on arrival)."""
+    node, client = make_node(credit_limit=12, voucher_check_interval=60.0), new_client()
+    a, b = session_id(), session_id()
+
+    async def scenario():
+        first, second = Conversation(node), Conversation(node)
+        for talk, sid in ((first, a), (second, b)):
+            await talk.send(Open(UID, sid, max_length=8, client=client.address))
+            await talk.receive()
+            await talk.send(Step(sid, 0, hidden=hidden(1)))  # 4 each
+            assert isinstance(await talk.receive(), StepReply)
+        await first.send(Step(a, 1, hidden=hidden(1), voucher=_voucher(client, node, 8)))  # 8 + 4: no need yet
+        assert isinstance(await first.receive(), StepReply)
+        assert node.steps.credit.unpaid(client.address) == 12
+        await second.send(Step(b, 1, hidden=hidden(1)))  # 12 + 4 > 12: the voucher session a carried pays
+        assert isinstance(await second.receive(), StepReply)
+        assert node.steps.credit.unpaid(client.address) == 8
+        for talk in (first, second):
+            await talk.end()
+
+    run(scenario)
+    assert_released(node)
+    assert node.steps.vouchers == {}
 
 
 def test_a_voucher_not_yet_verified_grants_no_credit_and_a_forged_one_is_refused_when_needed():

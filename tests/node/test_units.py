@@ -9,7 +9,7 @@ from eth_account import Account
 from nectar.node.audit import AuditLog
 from nectar.node.block_selection import block_throughputs, choose_best_start, should_move
 from nectar.node.memory_cache import MemoryCache
-from nectar.node.receipts import CreditLedger, FreeAllowance, ReceiptSigner, StreamVouchers, TrustedClients
+from nectar.node.receipts import ClientVouchers, CreditLedger, FreeAllowance, ReceiptSigner, TrustedClients
 from nectar.wire import eip712, fingerprints
 from nectar.wire import receipts as schema
 from nectar.wire.protocol import ErrorCode, NodeRPCError, parse_module_uid
@@ -69,14 +69,13 @@ def test_credit_ledger_limits_unpaid_work_and_accepts_only_valid_vouchers():
     credit.check_credit(client.address, 100)
 
 
-def test_a_sessions_vouchers_are_checked_once_an_interval_and_count_only_once_checked():
+def test_a_clients_vouchers_are_checked_once_an_interval_and_count_only_once_checked():
     node, client = Account.create(), Account.create()
     domain = eip712.make_domain(31337, "0x" + "11" * 20)
-    credit = CreditLedger(
-        node_address=node.address, credit_limit=10**6, domain=domain, trusted=TrustedClients([client.address])
-    )
+    trusted = TrustedClients([client.address])
+    credit = CreditLedger(node_address=node.address, credit_limit=10**6, domain=domain, trusted=trusted)
     now, accepted = [100.0], []
-    vouchers = StreamVouchers(credit, client.address, interval=0.5, accepted=accepted.append, clock=lambda: now[0])
+    vouchers = ClientVouchers(credit, client.address, interval=0.5, accepted=accepted.append, clock=lambda: now[0])
 
     def voucher(amount, channel=1, signer=client):
         v = schema.Voucher(client=client.address, node=node.address, channel_id=channel, cumulative_amount=amount)
@@ -86,28 +85,29 @@ def test_a_sessions_vouchers_are_checked_once_an_interval_and_count_only_once_ch
         vouchers.offer(voucher(amount))
     assert vouchers.verified == 0 and credit.vouched(client.address) == 0  # kept, not counted
     vouchers.offer(voucher(3))  # older than the kept one: ignored
-    assert vouchers.pending.voucher.cumulative_amount == 10
+    assert [v.voucher.cumulative_amount for v in vouchers.pending.values()] == [10]
     now[0] += 0.5
     vouchers.offer(voucher(11))
-    assert (
-        vouchers.verified == 1 and credit.vouched(client.address) == 11 and accepted[-1].voucher.cumulative_amount == 11
-    )
-    vouchers.offer(voucher(12))
-    vouchers.offer(voucher(5, channel=2))  # another channel: the kept voucher is checked first, never dropped
-    assert vouchers.verified == 2 and credit.vouched(client.address) == 12
-    assert vouchers.pending.voucher.channel_id == 2
+    assert vouchers.verified == 1 and credit.vouched(client.address) == 11
+    assert accepted[-1].voucher.cumulative_amount == 11
+    for channel in (1, 2, 3, 4):  # one kept per channel, at most four channels
+        vouchers.offer(voucher(11 + channel, channel=channel))
+    assert vouchers.verified == 1 and len(vouchers.pending) == 4
+    vouchers.offer(voucher(7, channel=5))  # a fifth: the kept ones are checked first, never dropped
+    assert vouchers.verified == 5 and credit.vouched(client.address) == 12 + 13 + 14 + 15
     with pytest.raises(NodeRPCError, match="voucher is for node"):  # its fields are checked as it comes
         v = schema.Voucher(client=client.address, node=client.address, channel_id=1, cumulative_amount=99)
         vouchers.offer(eip712.sign_voucher(v, client.key.hex(), domain).to_json())
-    vouchers.close()
-    assert credit.vouched(client.address) == 17
+    vouchers.sessions = 1
+    vouchers.session_ended()
+    assert credit.vouched(client.address) == 12 + 13 + 14 + 15 + 7
     vouchers.offer(voucher(40, signer=Account.create()))  # forged: kept, counts for nothing
     with pytest.raises(NodeRPCError, match="signature"):
         vouchers.settle()
-    assert credit.vouched(client.address) == 17
+    assert credit.vouched(client.address) == 61
     vouchers.offer(voucher(50, signer=Account.create()))
-    vouchers.close()  # the session ended: a forged last voucher is refused quietly
-    assert credit.vouched(client.address) == 17
+    vouchers.session_ended()  # a session ended: a forged voucher is refused quietly
+    assert credit.vouched(client.address) == 61 and not vouchers.pending
 
 
 def test_without_a_ledger_only_trusted_clients_get_credit_and_strangers_share_the_free_allowance():
