@@ -259,11 +259,11 @@ def _answer(job: int, fields: dict, inputs: bytes, outputs: bytes, signer: Recei
             return job, None, RuntimeError(f"{type(e).__name__}: {e}")
 
 
-def _jobs(sock: socket.socket, first: bytes) -> list[bytes]:
+def _jobs(sock: socket.socket, waiting: select.poll, first: bytes) -> list[bytes]:
     """``first`` and the jobs already waiting behind it (at most ``MAX_JOBS_AT_ONCE``): signed, then answered in one
     frame, so the node's loop reads one message for a round's receipts instead of one each."""
     jobs = [first]
-    while len(jobs) < MAX_JOBS_AT_ONCE and select.select([sock], [], [], 0)[0]:
+    while len(jobs) < MAX_JOBS_AT_ONCE and waiting.poll(0):
         frame = _recv_frame(sock)
         if frame is None:
             break
@@ -286,8 +286,10 @@ def serve(fd: int) -> None:
         private_key=private_key, model_id=model_id, price_per_token=price_per_token, domain=domain, compute=compute
     )
     _send_frame(sock, pickle.dumps(signer.address))
+    waiting = select.poll()  # (not select.select: the inherited descriptor's number may pass FD_SETSIZE)
+    waiting.register(sock, select.POLLIN)
     while (frame := _recv_frame(sock)) is not None:
-        _send_frame(sock, pickle.dumps([_answer(*pickle.loads(job), signer) for job in _jobs(sock, frame)]))
+        _send_frame(sock, pickle.dumps([_answer(*pickle.loads(job), signer) for job in _jobs(sock, waiting, frame)]))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pickle
 
 import pytest
 import torch
@@ -95,6 +96,44 @@ def test_an_error_in_the_child_reaches_the_caller_and_the_child_keeps_signing(si
 
     signed, failed = asyncio.run(_with_worker(signer, body))
     assert failed is None and signed.receipt.step == 1
+
+
+def test_a_turns_jobs_go_over_together_and_come_back_in_few_messages_each_to_its_own_step(signer, monkeypatch):
+    """A round's sessions hand their receipts over in one turn of the loop: one write, and the child answers the jobs
+    waiting together (at most 16 a message). Every answer still reaches its own step, a bad job's error its own."""
+    from nectar.node import signing
+
+    messages = []
+    read_frame = signing._read_frame
+
+    async def counted(reader):
+        frame = await read_frame(reader)
+        messages.append(len(pickle.loads(frame)))
+        return frame
+
+    monkeypatch.setattr(signing, "_read_frame", counted)
+    x = torch.randn(1, 1, 16)
+
+    async def body(worker):
+        await worker.prepare(**_fields(0, x, x)).result()  # the child is up and idle
+        messages.clear()
+        bad = 17
+        pending = [
+            worker.prepare(**_fields(step, x, x, **({"client": "0xnot-an-address"} if step == bad else {}))).start()
+            for step in range(1, 41)
+        ]
+        results = []
+        for step, p in enumerate(pending, start=1):
+            if step == bad:
+                with pytest.raises(ValueError, match="client"):
+                    await p.result()
+            else:
+                results.append((step, (await p.result())[0].receipt.step))
+        return results, worker.failed
+
+    results, failed = asyncio.run(_with_worker(signer, body))
+    assert failed is None and all(step == signed for step, signed in results) and len(results) == 39
+    assert sum(messages) == 40 and len(messages) < 40 and max(messages) <= signing.MAX_JOBS_AT_ONCE
 
 
 def test_once_the_child_dies_receipts_are_signed_on_the_loop(signer, caplog):
