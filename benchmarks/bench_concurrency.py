@@ -109,19 +109,8 @@ def _client_process(
     voucher_interval: float = 0.25,
 ) -> None:
     """One load-generating client process (like one user's machine): its own DHT client, sessions and GIL."""
-    from nectar.client import ClientConfig, DistributedModelForCausalLM
-
     set_threads(threads)
-    config = ClientConfig(
-        step_timeout=120,
-        request_timeout=300,
-        connect_timeout=30,
-        receipts_ride=receipts_ride,
-        voucher_interval=voucher_interval,
-    )
-    model = DistributedModelForCausalLM.from_pretrained(
-        path, initial_peers=initial_peers, config=config, dtype=torch.float32
-    )
+    model = distributed_model(path, list(initial_peers), receipts_ride=receipts_ride, voucher_interval=voucher_interval)
     try:
         results.put(_drive(model, session_indices, steps, start=lambda: barrier.wait(timeout=600)))
     except BaseException as e:

@@ -189,10 +189,12 @@ def distributed_model(
     voucher_interval: float = 0.25,
     **kwargs,
 ):
+    """A client of ``swarm`` (a local swarm, or its initial peers' multiaddrs) with the benchmarks' timeouts."""
     import torch
 
     from nectar.client import ClientConfig, DistributedModelForCausalLM
 
+    peers = swarm if isinstance(swarm, list | tuple) else swarm.initial_peers
     config = ClientConfig(
         step_timeout=120,
         request_timeout=300,
@@ -202,7 +204,7 @@ def distributed_model(
         voucher_interval=voucher_interval,
     )
     return DistributedModelForCausalLM.from_pretrained(
-        str(model_path), initial_peers=swarm.initial_peers, config=config, dtype=dtype or torch.float32, **kwargs
+        str(model_path), initial_peers=peers, config=config, dtype=dtype or torch.float32, **kwargs
     )
 
 
