@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from nectar.wire.protocol import ErrorCode, NodeRPCError
+from nectar.wire.protocol import NUMPY_DTYPES, ErrorCode, NodeRPCError
 
 logger = logging.getLogger(__name__)
 
@@ -532,13 +532,12 @@ def _lock_folder(folder: Path) -> int:
 
 
 _ABSENT = DESC.pack(-1, 0)
-_NUMPY_DTYPES = (torch.float32, torch.float16, torch.float64)  # numpy holds these as they are (bfloat16 it cannot)
 
 
 def _payload(tensor: torch.Tensor):
     """A tensor's bytes as a buffer ``writev`` and ``crc32`` take: a CPU step's own tensor as it lies (a decode step's
     record is written on the event loop, where each torch call costs microseconds), anything else copied."""
-    if tensor.dtype in _NUMPY_DTYPES and tensor.is_cpu and not tensor.requires_grad and tensor.is_contiguous():
+    if tensor.dtype in NUMPY_DTYPES and tensor.is_cpu and not tensor.requires_grad and tensor.is_contiguous():
         return tensor.numpy()
     return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 

@@ -138,7 +138,7 @@ _DTYPES = {
     )
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
-_NUMPY_DTYPES = {
+NUMPY_DTYPES = {  # torch dtypes numpy holds as they are (bfloat16 it cannot)
     torch.float32: np.float32,
     torch.float16: np.float16,
     torch.float64: np.float64,
@@ -159,7 +159,7 @@ def pack_tensor(tensor: torch.Tensor) -> runtime_pb2.Tensor:
     tensor = tensor.contiguous()
     if not tensor.numel():
         buffer = b""
-    elif tensor.dtype in _NUMPY_DTYPES:  # the same bytes, 1.4 us faster than through a uint8 view
+    elif tensor.dtype in NUMPY_DTYPES:  # the same bytes, 1.4 us faster than through a uint8 view
         buffer = tensor.numpy().tobytes()
     else:
         buffer = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
@@ -186,8 +186,8 @@ def unpack_tensor(message: runtime_pb2.Tensor) -> torch.Tensor:
         raise ValueError(f"{len(buffer)} bytes cannot hold a {message.dtype} tensor of shape {list(shape)}")
     elif numel == 0:
         tensor = torch.empty(shape, dtype=dtype)
-    elif dtype in _NUMPY_DTYPES:  # a copy (the message's bytes are read-only), shaped by numpy: 0.5 us faster
-        tensor = torch.from_numpy(np.frombuffer(bytearray(buffer), dtype=_NUMPY_DTYPES[dtype]).reshape(shape))
+    elif dtype in NUMPY_DTYPES:  # a copy (the message's bytes are read-only), shaped by numpy: 0.5 us faster
+        tensor = torch.from_numpy(np.frombuffer(bytearray(buffer), dtype=NUMPY_DTYPES[dtype]).reshape(shape))
     else:
         tensor = torch.frombuffer(bytearray(buffer), dtype=dtype).reshape(shape)
     return tensor.requires_grad_(True) if message.requires_grad else tensor
